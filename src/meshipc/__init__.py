@@ -1,0 +1,58 @@
+"""meshipc: a secure inter-process mesh for Python on Linux.
+
+Typed channels and RPC between processes over Unix domain sockets, ports
+that travel between processes, file descriptors passed with messages, worker
+processes that join at spawn, and already-running processes that attach to a
+running mesh at runtime. See README.md.
+"""
+
+from ._channel import Call, Port, Receiver, Sender, channel
+from ._errors import (
+    AuthenticationError,
+    ChannelClosed,
+    ConnectError,
+    HandshakeError,
+    InvitationDecodeError,
+    InvitationExpired,
+    InvitationReadError,
+    InvitationTooLarge,
+    JoinError,
+    MeshError,
+    MeshNameInUse,
+    MessageError,
+    NodeFailure,
+    PortFailed,
+    ProtocolError,
+    RemoteError,
+)
+from ._fd import Fd
+from ._ids import NodeId, PortId
+
+__version__ = "0.1.0"
+
+__all__ = (
+    "AuthenticationError",
+    "Call",
+    "ChannelClosed",
+    "ConnectError",
+    "Fd",
+    "HandshakeError",
+    "InvitationDecodeError",
+    "InvitationExpired",
+    "InvitationReadError",
+    "InvitationTooLarge",
+    "JoinError",
+    "MeshError",
+    "MeshNameInUse",
+    "MessageError",
+    "NodeFailure",
+    "NodeId",
+    "Port",
+    "PortFailed",
+    "PortId",
+    "ProtocolError",
+    "Receiver",
+    "RemoteError",
+    "Sender",
+    "channel",
+)

@@ -1,0 +1,134 @@
+"""The meshipc exception tree (layer 2).
+
+Every exception that carries attributes defines ``__reduce__`` so it survives
+pickling by code that reports errors across processes (for instance
+``concurrent.futures``); meshipc itself never unpickles peer data.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class MeshError(Exception):
+    """Root of every error meshipc raises."""
+
+
+class ChannelClosed(MeshError):
+    """Raised by ``recv``/``call`` when the other side closed normally, or when
+    using an end that this process already closed or sent away."""
+
+
+class PortFailed(MeshError):
+    """Raised by ``recv``/``call`` when the other side is gone abnormally: it
+    failed explicitly (``Port.fail``) or its node died. ``cause`` says why."""
+
+    def __init__(self, cause: str = "peer failed") -> None:
+        super().__init__(cause)
+        self.cause = cause
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.cause,))
+
+
+class NodeFailure(PortFailed):
+    """The node holding the peer died, or broke the protocol, or could not be
+    reached. Raised where ``PortFailed`` is; ``node`` is its id (hex)."""
+
+    def __init__(self, node: str, reason: str) -> None:
+        super().__init__(f"node {node[:12]} failed: {reason}")
+        self.node = node
+        self.reason = reason
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.node, self.reason))
+
+
+class RemoteError(MeshError):
+    """Raised by ``Sender.call`` when the callee failed the call
+    (``Call.fail`` or an exception in a served handler)."""
+
+    def __init__(self, type_name: str, message: str, traceback: str = "") -> None:
+        super().__init__(f"{type_name}: {message}")
+        self.type_name = type_name
+        self.message = message
+        self.traceback = traceback
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.type_name, self.message, self.traceback))
+
+
+class ProtocolError(MeshError):
+    """Malformed bytes from a peer. Raised by the wire decoder; the node that
+    reads them drops that connection and keeps running."""
+
+
+class MessageError(MeshError, ValueError):
+    """Raised by ``recv`` for one message that could not be decoded or did not
+    match the receiver's type; the channel stays usable."""
+
+
+class HandshakeError(ProtocolError):
+    """A node-to-node connection failed its handshake (wrong version, wrong
+    mesh secret, or unexpected peer uid). Logged by the accepting node."""
+
+
+class JoinError(MeshError):
+    """A process could not join a mesh (base of the ``connect``/``join`` errors;
+    raised itself for a failure while joining after the invitation was read)."""
+
+
+class ConnectError(JoinError):
+    """``connect`` could not reach the listener: no such path, refused, or
+    permission denied. ``path`` is the address tried."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"cannot connect to mesh listener {path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.path, self.reason))
+
+
+class InvitationReadError(JoinError):
+    """``connect`` reached the listener, but the stream ended or broke before a
+    whole invitation arrived."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"listener {path} closed before sending a whole invitation: {reason}")
+        self.path = path
+        self.reason = reason
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.path, self.reason))
+
+
+class InvitationTooLarge(JoinError):
+    """The listener announced an invitation longer than the cap
+    (``length`` is the announced size)."""
+
+    def __init__(self, path: str, length: int, limit: int) -> None:
+        super().__init__(f"listener {path} announced a {length}-byte invitation (limit {limit})")
+        self.path = path
+        self.length = length
+        self.limit = limit
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.path, self.length, self.limit))
+
+
+class InvitationDecodeError(JoinError):
+    """The invitation bytes were not a valid invitation."""
+
+
+class AuthenticationError(JoinError):
+    """The listener runs as an unexpected uid, or the node rejected the secret."""
+
+
+class MeshNameInUse(JoinError):
+    """``Mesh(name=...)``: a live mesh of this user already holds the name."""
+
+
+class InvitationExpired(JoinError):
+    """The invitation was already used, or expired before it was used."""

@@ -1,0 +1,641 @@
+"""The port engine (layer 4, sans-IO).
+
+Rules of this module:
+
+* Everything that changes a port's state lives here; the node layer only
+  feeds events in (:meth:`Engine.receive`, :meth:`Engine.node_failed`) and
+  ships what :attr:`Engine.transmit` hands it. No socket, no event loop.
+* Each port end has a stream of *sequenced items* towards its peer: messages,
+  ``CLOSE`` (the last item) and ``CHANGE_PEER``. Items carry per-port sequence
+  numbers starting at 1 and are processed strictly in order through a reorder
+  buffer, so items that took different paths (directly, or through a proxy)
+  are never reordered, lost or duplicated.
+* Moving a port (sending it inside a message to another node) works as in
+  Mojo ports / openvmm ``mesh_node``: the old end becomes ``SENDING`` (it
+  buffers what arrives), the receiving node materializes the new end, tells
+  the old end where it is (``ARRIVED``) and tells the peer, as a sequenced
+  item, to send there from now on (``CHANGE_PEER``). The peer answers the old
+  end with the last sequence number it sent it (``PROXY_ACK``); the old end
+  forwards everything up to that number (``PROXY``) and disappears.
+* Every node that receives a message materializes the ports inside it, even
+  when it only forwards the message: so each hop of a port in transit is a
+  direct link, and a node that dies while holding a port in transit fails it
+  (its sender sees the link break).
+* A closed end stays in the table (a tombstone that discards messages and
+  still answers ``CHANGE_PEER``) until the peer's ``CLOSE`` comes back: each
+  side closes its half, so nothing is left behind on either node.
+
+Port modes, and what each sequenced item does in it:
+
+============  =========================  ===================  =================
+item          OWNED                      SENDING              PROXY
+============  =========================  ===================  =================
+message       queue for the user         buffer               forward
+CLOSE         peer closed; close back    buffer               forward; remove
+CHANGE_PEER   repoint; PROXY_ACK old     buffer               forward
+============  =========================  ===================  =================
+
+Unsequenced events: ``ARRIVED`` (SENDING -> PROXY, flush the buffer),
+``PROXY_ACK`` (a proxy may go once it has forwarded up to the given seq),
+``FAIL`` (OWNED: failed; SENDING: remember; PROXY: forward and remove).
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from collections.abc import Callable
+from typing import Any, Final, Protocol
+
+from ._errors import ChannelClosed, MeshError, NodeFailure, PortFailed, ProtocolError
+from ._ids import PortId
+from ._wire import (
+    D_DEAD,
+    D_PEER_CLOSED,
+    K_ERROR,
+    MAX_REORDER,
+    ArrivedEvent,
+    ChangePeerEvent,
+    CloseEvent,
+    Event,
+    FailEvent,
+    MsgEvent,
+    PortDesc,
+    ProxyAckEvent,
+)
+
+OWNED: Final = 0
+SENDING: Final = 1
+PROXY: Final = 2
+
+_FIRST_SEQ: Final = 1
+_NO_ID: Final = bytes(16)
+
+
+class Message:
+    """One message as the engine holds it.
+
+    Local messages keep the sender's object (``obj``) untouched: nothing is
+    serialized inside a process. Messages from another node hold ``body``
+    bytes plus the ports and descriptors that arrived with them.
+    """
+
+    __slots__ = ("kind", "obj", "body", "ports", "fds")
+
+    def __init__(
+        self,
+        kind: int,
+        obj: Any = None,
+        body: bytes | None = None,
+        ports: list[PortState] | None = None,
+        fds: list[Any] | None = None,
+    ) -> None:
+        self.kind = kind
+        self.obj = obj
+        self.body = body
+        self.ports = ports
+        self.fds = fds
+
+
+class _Close:
+    __slots__ = ()
+
+
+_CLOSE: Final = _Close()
+
+
+class _Change:
+    __slots__ = ("new_node", "new_port", "old_node", "old_port")
+
+    def __init__(self, new_node: bytes, new_port: bytes, old_node: bytes, old_port: bytes) -> None:
+        self.new_node = new_node
+        self.new_port = new_port
+        self.old_node = old_node
+        self.old_port = old_port
+
+
+Item = Message | _Close | _Change
+
+
+class Codec(Protocol):
+    """What the engine needs from the channel layer to ship local objects."""
+
+    def encode(self, engine: Engine, obj: Any) -> tuple[bytes, list[PortState], list[Any]]: ...
+
+    def dispose(self, obj: Any) -> None: ...
+
+    def encode_error(self, exc: BaseException) -> bytes: ...
+
+
+class PortState:
+    """One port end as its engine knows it."""
+
+    __slots__ = (
+        "id",
+        "engine",
+        "mode",
+        "peer_node",
+        "peer_port",
+        "send_seq",
+        "recv_seq",
+        "pending",
+        "queue",
+        "waker",
+        "closed",
+        "close_sent",
+        "peer_closed",
+        "error",
+        "target_node",
+        "target_port",
+        "first_hop",
+        "buffer",
+        "proxy_last",
+        "pending_fail",
+        "__weakref__",
+    )
+
+    def __init__(self, engine: Engine, id: bytes, peer_node: bytes, peer_port: bytes) -> None:
+        self.id = id
+        self.engine = engine
+        self.mode = OWNED
+        self.peer_node = peer_node
+        self.peer_port = peer_port
+        self.send_seq = _FIRST_SEQ
+        self.recv_seq = _FIRST_SEQ
+        self.pending: dict[int, Item] | None = None
+        self.queue: deque[Message] = deque()
+        self.waker: Callable[[], None] | None = None
+        self.closed = False  # the user closed this end
+        self.close_sent = False  # our CLOSE is on its way to the peer
+        self.peer_closed = False  # the peer's CLOSE was processed
+        self.error: PortFailed | None = None
+        self.target_node = _NO_ID
+        self.target_port = _NO_ID
+        self.first_hop = _NO_ID
+        self.buffer: list[tuple[int, Item]] | None = None
+        self.proxy_last: int | None = None
+        self.pending_fail: str | None = None
+
+    @property
+    def readable_end(self) -> bool:
+        """True when no further message can ever be queued here."""
+        return self.peer_closed or self.error is not None or self.closed or self.mode != OWNED
+
+    def __repr__(self) -> str:
+        mode = ("OWNED", "SENDING", "PROXY")[self.mode]
+        return f"<PortState {self.id.hex()[:8]} {mode} peer={self.peer_node.hex()[:6]}/{self.peer_port.hex()[:6]}>"
+
+
+def _no_transmit(node: bytes, event: Event, fds: list[Any]) -> None:
+    raise MeshError("this engine has no connections; the port must first join a mesh node")
+
+
+class _NullCodec:
+    def encode(self, engine: Engine, obj: Any) -> tuple[bytes, list[PortState], list[Any]]:
+        raise MeshError("no codec")
+
+    def dispose(self, obj: Any) -> None:
+        pass
+
+    def encode_error(self, exc: BaseException) -> bytes:
+        return b""
+
+
+class Engine:
+    """A node's table of ports and the port protocol.
+
+    ``transmit(node, event, fds)`` ships an event to another node, in order
+    per destination. ``watch(node)`` is called when a port starts depending on
+    ``node`` (so the node layer connects to it and notices if it dies).
+    """
+
+    def __init__(
+        self,
+        node_id: bytes,
+        transmit: Callable[[bytes, Event, list[Any]], None] = _no_transmit,
+        codec: Codec | None = None,
+        watch: Callable[[bytes], None] | None = None,
+    ) -> None:
+        self.node_id = node_id
+        self.transmit = transmit
+        self.codec: Codec = codec if codec is not None else _NullCodec()
+        self.watch = watch
+        self.ports: dict[bytes, PortState] = {}
+        self._work: deque[tuple[bytes, int, Item]] = deque()
+        self._running = False
+
+    # ------------------------------------------------------------------ user side
+
+    def new_pair(self) -> tuple[PortState, PortState]:
+        a = PortState(self, PortId.random(), self.node_id, b"")
+        b = PortState(self, PortId.random(), self.node_id, a.id)
+        a.peer_port = b.id
+        self.ports[a.id] = a
+        self.ports[b.id] = b
+        return a, b
+
+    def new_bound(self, port_id: bytes, peer_node: bytes, peer_port: bytes) -> PortState:
+        """One end of a pair whose other end another node creates with the
+        ids swapped (how a spawned child or an invited node gets its first
+        port: both sides learn the three ids from the invitation)."""
+        if port_id in self.ports:
+            raise MeshError("port id already in use")
+        st = PortState(self, port_id, peer_node, peer_port)
+        self.ports[port_id] = st
+        if peer_node != self.node_id and self.watch is not None:
+            self.watch(peer_node)
+        return st
+
+    def send(self, st: PortState, msg: Message) -> None:
+        """Send ``msg`` from the end ``st``. Dropped silently once the peer is
+        gone (as a socket write to a closed peer would be); raises
+        ``ChannelClosed`` if this end was closed or sent away."""
+        if st.closed or st.mode != OWNED:
+            self.dispose(msg)
+            raise ChannelClosed("send on a port that was closed or sent away")
+        if st.peer_closed or st.error is not None:
+            self.dispose(msg)
+            return
+        seq = st.send_seq
+        node = st.peer_node
+        if node != self.node_id:
+            # encode before taking the sequence number: a value that cannot be
+            # encoded raises here and leaves no gap in the stream
+            ev, fds = self._event_for(node, st.peer_port, seq, msg, strict=True)
+            st.send_seq = seq + 1
+            self.transmit(node, ev, fds)
+            return
+        st.send_seq = seq + 1
+        target = self.ports.get(st.peer_port)
+        if (
+            target is not None
+            and target.mode == OWNED
+            and not target.closed
+            and seq == target.recv_seq
+            and not target.pending
+        ):
+            # hot path: a local peer waiting in order
+            target.recv_seq = seq + 1
+            target.queue.append(msg)
+            if target.waker is not None:
+                target.waker()
+            return
+        self._route(node, st.peer_port, seq, msg)
+
+    def close(self, st: PortState) -> None:
+        """Close this end: the peer reads what is queued, then ``ChannelClosed``."""
+        if st.closed:
+            return
+        st.closed = True
+        self._drop_queue(st)
+        if st.mode != OWNED or st.error is not None:
+            return
+        if not st.close_sent:
+            st.close_sent = True
+            self._route(st.peer_node, st.peer_port, st.send_seq, _CLOSE)
+            st.send_seq += 1
+        if st.peer_closed:
+            self._remove(st)
+
+    def fail(self, st: PortState, reason: str) -> None:
+        """Close this end abnormally: the peer gets ``PortFailed(reason)``."""
+        if st.closed or st.mode != OWNED:
+            return
+        st.closed = True
+        self._drop_queue(st)
+        if st.error is None and not st.peer_closed:
+            self._unsequenced(st.peer_node, FailEvent(st.peer_port, reason))
+        self._remove(st)
+
+    def adopt(self, st: PortState) -> None:
+        """Move a local pair from another engine (the process's default one)
+        into this engine, so one end can be sent to another node."""
+        old = st.engine
+        if old is self:
+            return
+        if st.mode != OWNED or st.peer_node != old.node_id:
+            raise MeshError("a port already bound to another mesh node cannot be sent through this one")
+        peer = old.ports.get(st.peer_port)
+        for s in (st, peer):
+            if s is None:
+                continue
+            s.engine = self
+            if s.peer_node == old.node_id:
+                s.peer_node = self.node_id
+            if old.ports.pop(s.id, None) is not None:
+                self.ports[s.id] = s
+
+    # ------------------------------------------------------------------ wire side
+
+    def receive(self, src: bytes, ev: Event, fds: list[Any] | None = None) -> None:
+        """Handle one event that arrived from node ``src``.
+
+        Raises ``ProtocolError`` for events no correct peer sends; the caller
+        then drops that connection.
+        """
+        if isinstance(ev, MsgEvent):
+            ports = [self._materialize(src, d) for d in ev.ports] if ev.ports else None
+            msg = Message(ev.kind, None, ev.body, ports, fds)
+            st = self.ports.get(ev.port)
+            if st is None:
+                self.dispose(msg)
+                return
+            if st.mode == OWNED and ev.seq == st.recv_seq and not st.pending and not st.closed:
+                st.recv_seq += 1
+                st.queue.append(msg)
+                if st.waker is not None:
+                    st.waker()
+                return
+            self._work.append((ev.port, ev.seq, msg))
+        elif isinstance(ev, CloseEvent):
+            self._work.append((ev.port, ev.seq, _CLOSE))
+        elif isinstance(ev, ChangePeerEvent):
+            self._work.append((ev.port, ev.seq, _Change(ev.new_node, ev.new_port, ev.old_node, ev.old_port)))
+        elif isinstance(ev, ArrivedEvent):
+            self._on_arrived(src, ev.port, ev.new_port)
+            return
+        elif isinstance(ev, ProxyAckEvent):
+            self._on_proxy_ack(ev.port, ev.last_seq)
+            return
+        elif isinstance(ev, FailEvent):
+            self._on_fail(ev.port, PortFailed(ev.reason))
+            return
+        self._run()
+
+    def node_failed(self, node: bytes, reason: str) -> None:
+        """``node`` is gone: fail every port that depends on it."""
+        if node == self.node_id:
+            return
+        err = NodeFailure(node.hex(), reason)
+        for st in list(self.ports.values()):
+            if st.mode == OWNED:
+                if st.peer_node == node:
+                    self._fail_local(st, err)
+            elif st.mode == SENDING:
+                if st.first_hop == node:
+                    # the message carrying this port died with that node
+                    if st.peer_node != node:
+                        self._unsequenced(st.peer_node, FailEvent(st.peer_port, err.cause))
+                    self._drop_buffer(st)
+                    self._remove(st)
+                elif st.peer_node == node:
+                    st.pending_fail = err.cause
+            else:
+                if st.target_node == node:
+                    if st.peer_node != node:
+                        self._unsequenced(st.peer_node, FailEvent(st.peer_port, err.cause))
+                    self._remove(st)
+                elif st.peer_node == node:
+                    self._unsequenced(st.target_node, FailEvent(st.target_port, err.cause))
+                    self._remove(st)
+        self._run()
+
+    # ------------------------------------------------------------------ internals
+
+    def dispose(self, msg: Message) -> None:
+        """Drop a message nobody will read, closing the ports and fds in it."""
+        if msg.obj is not None:
+            self.codec.dispose(msg.obj)
+            return
+        if msg.ports:
+            for ps in msg.ports:
+                ps.engine.close(ps)
+        if msg.fds:
+            for fd in msg.fds:
+                fd.close()
+
+    def _drop_queue(self, st: PortState) -> None:
+        while st.queue:
+            self.dispose(st.queue.popleft())
+
+    def _drop_buffer(self, st: PortState) -> None:
+        if st.buffer:
+            for _, item in st.buffer:
+                if isinstance(item, Message):
+                    self.dispose(item)
+        st.buffer = None
+
+    def _remove(self, st: PortState) -> None:
+        if self.ports.get(st.id) is st:
+            del self.ports[st.id]
+
+    def _fail_local(self, st: PortState, err: PortFailed) -> None:
+        if st.error is None and not st.peer_closed:
+            st.error = err
+        self._remove(st)
+        if st.waker is not None:
+            st.waker()
+
+    def _unsequenced(self, node: bytes, ev: Event) -> None:
+        if node == self.node_id:
+            if isinstance(ev, FailEvent):
+                self._on_fail(ev.port, PortFailed(ev.reason))
+            elif isinstance(ev, ProxyAckEvent):
+                self._on_proxy_ack(ev.port, ev.last_seq)
+            return
+        self.transmit(node, ev, [])
+
+    def _route(self, node: bytes, port: bytes, seq: int, item: Item) -> None:
+        """Ship one sequenced item to (node, port)."""
+        if node == self.node_id:
+            self._work.append((port, seq, item))
+            self._run()
+            return
+        ev, fds = self._event_for(node, port, seq, item, strict=False)
+        self.transmit(node, ev, fds)
+
+    def _event_for(
+        self, node: bytes, port: bytes, seq: int, item: Item, strict: bool
+    ) -> tuple[Event, list[Any]]:
+        fds: list[Any] = []
+        if isinstance(item, Message):
+            kind = item.kind
+            if item.body is None:
+                try:
+                    body, states, fds = self.codec.encode(self, item.obj)
+                except (TypeError, ValueError, OverflowError, MeshError, NotImplementedError) as exc:
+                    if strict:
+                        raise
+                    # a local message forwarded after its port moved: keep the
+                    # sequence intact and let the receiver see the error
+                    kind, body, states = K_ERROR, self.codec.encode_error(exc), []
+            else:
+                body, states, fds = item.body, item.ports or [], item.fds or []
+            descs = [self._send_port(ps, node) for ps in states]
+            return MsgEvent(port, seq, kind, 0, descs, len(fds), body), fds
+        if isinstance(item, _Close):
+            return CloseEvent(port, seq), fds
+        return ChangePeerEvent(port, seq, item.new_node, item.new_port, item.old_node, item.old_port), fds
+
+    def _run(self) -> None:
+        if self._running:
+            return
+        self._running = True
+        try:
+            work = self._work
+            while work:
+                port, seq, item = work.popleft()
+                st = self.ports.get(port)
+                if st is None:
+                    if isinstance(item, Message):
+                        self.dispose(item)
+                    continue
+                self._receive_item(st, seq, item)
+        finally:
+            self._running = False
+
+    def _receive_item(self, st: PortState, seq: int, item: Item) -> None:
+        if seq != st.recv_seq:
+            if seq < st.recv_seq:
+                if isinstance(item, Message):
+                    self.dispose(item)
+                raise ProtocolError(f"duplicate sequence number {seq} on port {st.id.hex()[:8]}")
+            if st.pending is None:
+                st.pending = {}
+            if seq in st.pending or len(st.pending) >= MAX_REORDER:
+                if isinstance(item, Message):
+                    self.dispose(item)
+                raise ProtocolError(f"out-of-order item {seq} rejected on port {st.id.hex()[:8]}")
+            st.pending[seq] = item
+            return
+        while True:
+            st.recv_seq = seq + 1
+            self._process(st, seq, item)
+            pending = st.pending
+            if not pending or st.recv_seq not in pending:
+                return
+            seq = st.recv_seq
+            item = pending.pop(seq)
+
+    def _process(self, st: PortState, seq: int, item: Item) -> None:
+        mode = st.mode
+        if mode == OWNED:
+            if isinstance(item, Message):
+                if st.closed or st.error is not None:
+                    self.dispose(item)
+                    return
+                st.queue.append(item)
+            elif isinstance(item, _Close):
+                st.peer_closed = True
+                if not st.close_sent:
+                    st.close_sent = True
+                    self._route(st.peer_node, st.peer_port, st.send_seq, _CLOSE)
+                    st.send_seq += 1
+                self._remove(st)
+            else:
+                st.peer_node = item.new_node
+                st.peer_port = item.new_port
+                self._unsequenced(item.old_node, ProxyAckEvent(item.old_port, st.send_seq - 1))
+                if item.new_node != self.node_id and self.watch is not None:
+                    self.watch(item.new_node)
+                return
+            if st.waker is not None:
+                st.waker()
+        elif mode == SENDING:
+            if isinstance(item, _Change):
+                st.peer_node = item.new_node
+                st.peer_port = item.new_port
+            if st.buffer is None:
+                st.buffer = []
+            st.buffer.append((seq, item))
+        else:
+            if isinstance(item, _Change):
+                st.peer_node = item.new_node
+                st.peer_port = item.new_port
+            self._route(st.target_node, st.target_port, seq, item)
+            if isinstance(item, _Close) or (st.proxy_last is not None and seq >= st.proxy_last):
+                self._remove(st)
+
+    def _send_port(self, ps: PortState, dest: bytes) -> PortDesc:
+        """Turn the end ``ps`` into a descriptor bound for node ``dest``."""
+        if ps.engine is not self:
+            self.adopt(ps)
+        new_id = os.urandom(16)
+        if ps.mode != OWNED or ps.closed:
+            return PortDesc(new_id, _NO_ID, _NO_ID, _NO_ID, 0, 0, D_DEAD)
+        if ps.error is not None:
+            self._drop_queue(ps)
+            return PortDesc(new_id, _NO_ID, _NO_ID, _NO_ID, 0, 0, D_DEAD | D_PEER_CLOSED)
+        ps.waker = None
+        unread = list(ps.queue)
+        ps.queue.clear()
+        extra = 1 if ps.peer_closed else 0
+        base = ps.recv_seq - len(unread) - extra
+        buffer: list[tuple[int, Item]] = [(base + i, m) for i, m in enumerate(unread)]
+        flags = 0
+        if ps.peer_closed:
+            buffer.append((ps.recv_seq - 1, _CLOSE))
+            flags = D_PEER_CLOSED
+        desc = PortDesc(new_id, ps.peer_node, ps.peer_port, ps.id, ps.send_seq, base, flags)
+        ps.mode = SENDING
+        ps.first_hop = dest
+        ps.buffer = buffer
+        ps.send_seq += 1
+        self.ports[ps.id] = ps
+        return desc
+
+    def _materialize(self, src: bytes, d: PortDesc) -> PortState:
+        if d.flags & D_DEAD:
+            st = PortState(self, d.id, _NO_ID, _NO_ID)
+            st.closed = False
+            st.close_sent = True
+            if d.flags & D_PEER_CLOSED:
+                st.error = PortFailed("the port was failed before it was sent")
+            else:
+                st.peer_closed = True
+            return st
+        if d.id in self.ports:
+            raise ProtocolError("port descriptor reuses a live port id")
+        st = PortState(self, d.id, d.peer_node, d.peer_port)
+        st.recv_seq = d.recv_seq
+        st.send_seq = d.send_seq + 1
+        self.ports[st.id] = st
+        self.transmit(src, ArrivedEvent(d.origin, st.id), [])
+        if d.flags & D_PEER_CLOSED:
+            st.close_sent = True
+        else:
+            self._route(d.peer_node, d.peer_port, d.send_seq, _Change(self.node_id, st.id, src, d.origin))
+            if d.peer_node != self.node_id and self.watch is not None:
+                self.watch(d.peer_node)
+        return st
+
+    def _on_arrived(self, src: bytes, port: bytes, new_port: bytes) -> None:
+        st = self.ports.get(port)
+        if st is None or st.mode != SENDING:
+            return
+        st.mode = PROXY
+        st.target_node = src
+        st.target_port = new_port
+        buffer = st.buffer or []
+        st.buffer = None
+        for seq, item in buffer:
+            self._route(src, new_port, seq, item)
+            if isinstance(item, _Close):
+                self._remove(st)
+                return
+        if st.pending_fail is not None:
+            self._unsequenced(src, FailEvent(new_port, st.pending_fail))
+            self._remove(st)
+        elif st.proxy_last is not None and st.recv_seq - 1 >= st.proxy_last:
+            self._remove(st)
+        self._run()
+
+    def _on_proxy_ack(self, port: bytes, last: int) -> None:
+        st = self.ports.get(port)
+        if st is None or st.mode == OWNED:
+            return
+        st.proxy_last = last
+        if st.mode == PROXY and st.recv_seq - 1 >= last:
+            self._remove(st)
+
+    def _on_fail(self, port: bytes, err: PortFailed) -> None:
+        st = self.ports.get(port)
+        if st is None:
+            return
+        if st.mode == OWNED:
+            self._fail_local(st, err)
+        elif st.mode == SENDING:
+            st.pending_fail = err.cause
+        else:
+            self._unsequenced(st.target_node, FailEvent(st.target_port, err.cause))
+            self._remove(st)

@@ -1,0 +1,390 @@
+"""Wire format of node-to-node traffic (layer 3, sans-IO).
+
+Everything here is pure: bytes in, events out, and events in, bytes out. No
+socket, no event loop. :class:`FrameDecoder` is the only reader of peer bytes;
+if it raises anything but :class:`ProtocolError`, that is a bug (and the fuzz
+tests hold it to that).
+
+A connection carries a handshake (fixed-size records, see ``HELLO_*``) and
+then frames::
+
+    frame := u32-le length | u8 type | payload[length - 1]
+
+File descriptors travel beside the bytes (``SCM_RIGHTS``); a MSG frame says
+how many of the received descriptors are its own, in order.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Final
+
+from ._errors import ProtocolError
+
+# --- limits: every length read from a peer is checked against one of these ---
+
+#: Largest frame accepted inline. Senders switch to an out-of-band memfd body
+#: far below this (OOB_THRESHOLD); the slack covers port descriptors.
+MAX_FRAME: Final = 4 * 1024 * 1024
+#: Bodies at or above this size travel in a sealed memfd: one copy instead of
+#: the several a large socket write costs, and no huge receive buffers.
+OOB_THRESHOLD: Final = 256 * 1024
+#: Largest out-of-band body accepted (the memfd size is checked before mmap).
+MAX_OOB_BODY: Final = 1024 * 1024 * 1024
+#: Ports carried by one message; each costs a table entry at the receiver.
+MAX_PORTS_PER_MESSAGE: Final = 4096
+#: Descriptors owned by one message; a process has a limited fd table and
+#: Linux passes at most 253 per sendmsg (SCM_MAX_FD).
+MAX_FDS_PER_MESSAGE: Final = 128
+#: Failure reasons are text for humans; longer ones are truncated by senders.
+MAX_REASON: Final = 1024
+#: Out-of-order items held for one port before the peer is deemed broken.
+MAX_REORDER: Final = 65536
+
+PROTOCOL_VERSION: Final = 1
+
+# --- frame types ---
+T_MSG: Final = 1
+T_CLOSE: Final = 2
+T_CHANGE_PEER: Final = 3
+T_ARRIVED: Final = 4
+T_PROXY_ACK: Final = 5
+T_FAIL: Final = 6
+
+#: MSG flag: the body is in the message's last fd (a sealed memfd).
+F_OOB: Final = 1
+
+# MSG kinds (what the channel layer makes of the body)
+K_DATA: Final = 0
+K_ADD_SENDER: Final = 1
+K_CALL: Final = 2
+K_ERROR: Final = 3
+K_MAX: Final = 3
+
+# descriptor flags
+D_PEER_CLOSED: Final = 1
+D_DEAD: Final = 2
+
+_LEN = struct.Struct("<I")
+_MSG = struct.Struct("<B16sQBBHH")  # type port seq kind flags nports nfds
+_DESC = struct.Struct("<16s16s16s16sQQB")  # id peer_node peer_port origin send recv flags
+_CLOSE = struct.Struct("<B16sQ")
+_CHANGE = struct.Struct("<B16sQ16s16s16s16s")
+_ARRIVED = struct.Struct("<B16s16s")
+_ACK = struct.Struct("<B16sQ")
+_FAIL = struct.Struct("<B16s")
+_OOB = struct.Struct("<Q")
+_MAX_SEQ = (1 << 64) - 1
+
+
+class PortDesc:
+    """A port in transit inside a message."""
+
+    __slots__ = ("id", "peer_node", "peer_port", "origin", "send_seq", "recv_seq", "flags")
+
+    def __init__(
+        self,
+        id: bytes,
+        peer_node: bytes,
+        peer_port: bytes,
+        origin: bytes,
+        send_seq: int,
+        recv_seq: int,
+        flags: int,
+    ) -> None:
+        self.id = id
+        self.peer_node = peer_node
+        self.peer_port = peer_port
+        self.origin = origin
+        self.send_seq = send_seq
+        self.recv_seq = recv_seq
+        self.flags = flags
+
+    def _key(self) -> tuple[object, ...]:
+        return (
+            self.id,
+            self.peer_node,
+            self.peer_port,
+            self.origin,
+            self.send_seq,
+            self.recv_seq,
+            self.flags,
+        )
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, PortDesc) and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        return f"PortDesc({self.id.hex()[:8]} peer={self.peer_node.hex()[:8]}/{self.peer_port.hex()[:8]})"
+
+
+class MsgEvent:
+    """A message on a port. ``nfds`` descriptors belong to it; with ``F_OOB``
+    the last one holds the body and ``body`` is empty until the node reads it."""
+
+    __slots__ = ("port", "seq", "kind", "flags", "ports", "nfds", "body")
+
+    def __init__(
+        self, port: bytes, seq: int, kind: int, flags: int, ports: list[PortDesc], nfds: int, body: bytes
+    ) -> None:
+        self.port = port
+        self.seq = seq
+        self.kind = kind
+        self.flags = flags
+        self.ports = ports
+        self.nfds = nfds
+        self.body = body
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, MsgEvent) and all(
+            getattr(self, k) == getattr(other, k) for k in self.__slots__
+        )
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+class CloseEvent:
+    """The sender closed its end; ``seq`` is the last item of its stream."""
+
+    __slots__ = ("port", "seq")
+
+    def __init__(self, port: bytes, seq: int) -> None:
+        self.port = port
+        self.seq = seq
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, CloseEvent) and (self.port, self.seq) == (other.port, other.seq)
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+class ChangePeerEvent:
+    """Sequenced: from ``seq`` on, the peer lives at (new_node, new_port);
+    acknowledge to the proxy (old_node, old_port) with the last seq sent to it."""
+
+    __slots__ = ("port", "seq", "new_node", "new_port", "old_node", "old_port")
+
+    def __init__(
+        self, port: bytes, seq: int, new_node: bytes, new_port: bytes, old_node: bytes, old_port: bytes
+    ) -> None:
+        self.port = port
+        self.seq = seq
+        self.new_node = new_node
+        self.new_port = new_port
+        self.old_node = old_node
+        self.old_port = old_port
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ChangePeerEvent) and all(
+            getattr(self, k) == getattr(other, k) for k in self.__slots__
+        )
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+class ArrivedEvent:
+    """The port ``port`` sent from the receiving node arrived as ``new_port``
+    on the node that sends this event."""
+
+    __slots__ = ("port", "new_port")
+
+    def __init__(self, port: bytes, new_port: bytes) -> None:
+        self.port = port
+        self.new_port = new_port
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ArrivedEvent) and (self.port, self.new_port) == (other.port, other.new_port)
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+class ProxyAckEvent:
+    """To a proxy: the peer sent it every item up to ``last_seq``, no more."""
+
+    __slots__ = ("port", "last_seq")
+
+    def __init__(self, port: bytes, last_seq: int) -> None:
+        self.port = port
+        self.last_seq = last_seq
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ProxyAckEvent) and (self.port, self.last_seq) == (other.port, other.last_seq)
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+class FailEvent:
+    """Unsequenced: the other side of this port is gone abnormally."""
+
+    __slots__ = ("port", "reason")
+
+    def __init__(self, port: bytes, reason: str) -> None:
+        self.port = port
+        self.reason = reason
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, FailEvent) and (self.port, self.reason) == (other.port, other.reason)
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+Event = MsgEvent | CloseEvent | ChangePeerEvent | ArrivedEvent | ProxyAckEvent | FailEvent
+
+
+def _check_seq(seq: int) -> None:
+    if not 0 <= seq <= _MAX_SEQ:
+        raise ValueError("sequence number out of range")
+
+
+def encode_msg_header(
+    port: bytes, seq: int, kind: int, flags: int, ports: list[PortDesc], nfds: int, body_len: int
+) -> bytes:
+    """The bytes of a MSG frame up to (not including) its body."""
+    parts = [_MSG.pack(T_MSG, port, seq, kind, flags, len(ports), nfds)]
+    for d in ports:
+        parts.append(_DESC.pack(d.id, d.peer_node, d.peer_port, d.origin, d.send_seq, d.recv_seq, d.flags))
+    head = b"".join(parts)
+    return _LEN.pack(len(head) + body_len) + head
+
+
+def encode_event(ev: Event) -> bytes:
+    """One frame for one event (MSG bodies inline; see ``encode_msg_header``)."""
+    if isinstance(ev, MsgEvent):
+        return (
+            encode_msg_header(ev.port, ev.seq, ev.kind, ev.flags, ev.ports, ev.nfds, len(ev.body)) + ev.body
+        )
+    if isinstance(ev, CloseEvent):
+        payload = _CLOSE.pack(T_CLOSE, ev.port, ev.seq)
+    elif isinstance(ev, ChangePeerEvent):
+        payload = _CHANGE.pack(
+            T_CHANGE_PEER, ev.port, ev.seq, ev.new_node, ev.new_port, ev.old_node, ev.old_port
+        )
+    elif isinstance(ev, ArrivedEvent):
+        payload = _ARRIVED.pack(T_ARRIVED, ev.port, ev.new_port)
+    elif isinstance(ev, ProxyAckEvent):
+        payload = _ACK.pack(T_PROXY_ACK, ev.port, ev.last_seq)
+    elif isinstance(ev, FailEvent):
+        payload = _FAIL.pack(T_FAIL, ev.port) + ev.reason.encode("utf-8", "replace")[:MAX_REASON]
+    else:
+        raise TypeError(f"not an event: {ev!r}")
+    return _LEN.pack(len(payload)) + payload
+
+
+def oob_body_length(body: bytes) -> int:
+    """Length of an out-of-band MSG body (its inline body is this u64)."""
+    if len(body) != _OOB.size:
+        raise ProtocolError("out-of-band message without its length")
+    (n,) = _OOB.unpack(body)
+    if n > MAX_OOB_BODY:
+        raise ProtocolError(f"out-of-band body of {n} bytes exceeds {MAX_OOB_BODY}")
+    return int(n)
+
+
+def oob_body_marker(length: int) -> bytes:
+    return _OOB.pack(length)
+
+
+def _decode_frame(frame: memoryview) -> Event:
+    t = frame[0]
+    n = len(frame)
+    if t == T_MSG:
+        if n < _MSG.size:
+            raise ProtocolError("short MSG frame")
+        _, port, seq, kind, flags, nports, nfds = _MSG.unpack_from(frame)
+        if kind > K_MAX:
+            raise ProtocolError(f"unknown message kind {kind}")
+        if flags & ~F_OOB:
+            raise ProtocolError(f"unknown message flags {flags:#x}")
+        if nports > MAX_PORTS_PER_MESSAGE:
+            raise ProtocolError(f"{nports} ports in one message (limit {MAX_PORTS_PER_MESSAGE})")
+        if nfds > MAX_FDS_PER_MESSAGE:
+            raise ProtocolError(f"{nfds} fds in one message (limit {MAX_FDS_PER_MESSAGE})")
+        if flags & F_OOB and nfds == 0:
+            raise ProtocolError("out-of-band message without a descriptor")
+        off = _MSG.size
+        end = off + nports * _DESC.size
+        if end > n:
+            raise ProtocolError("MSG frame shorter than its port descriptors")
+        descs = []
+        for i in range(nports):
+            pid, pn, pp, origin, ss, rs, df = _DESC.unpack_from(frame, off + i * _DESC.size)
+            if df & ~(D_PEER_CLOSED | D_DEAD):
+                raise ProtocolError(f"unknown port descriptor flags {df:#x}")
+            descs.append(PortDesc(pid, pn, pp, origin, ss, rs, df))
+        body = bytes(frame[end:])
+        if flags & F_OOB:
+            oob_body_length(body)
+        return MsgEvent(port, seq, kind, flags, descs, nfds, body)
+    if t == T_CLOSE:
+        if n != _CLOSE.size:
+            raise ProtocolError("bad CLOSE frame size")
+        _, port, seq = _CLOSE.unpack_from(frame)
+        return CloseEvent(port, seq)
+    if t == T_CHANGE_PEER:
+        if n != _CHANGE.size:
+            raise ProtocolError("bad CHANGE_PEER frame size")
+        _, port, seq, nn, np_, on, op = _CHANGE.unpack_from(frame)
+        return ChangePeerEvent(port, seq, nn, np_, on, op)
+    if t == T_ARRIVED:
+        if n != _ARRIVED.size:
+            raise ProtocolError("bad ARRIVED frame size")
+        _, port, new_port = _ARRIVED.unpack_from(frame)
+        return ArrivedEvent(port, new_port)
+    if t == T_PROXY_ACK:
+        if n != _ACK.size:
+            raise ProtocolError("bad PROXY_ACK frame size")
+        _, port, last = _ACK.unpack_from(frame)
+        return ProxyAckEvent(port, last)
+    if t == T_FAIL:
+        if n < _FAIL.size or n > _FAIL.size + MAX_REASON:
+            raise ProtocolError("bad FAIL frame size")
+        _, port = _FAIL.unpack_from(frame)
+        return FailEvent(port, bytes(frame[_FAIL.size :]).decode("utf-8", "replace"))
+    raise ProtocolError(f"unknown frame type {t}")
+
+
+class FrameDecoder:
+    """Incremental frame reader: ``feed`` bytes as they come, get whole events.
+
+    Never raises anything but :class:`ProtocolError`; after one, the decoder
+    is spent (the connection must be dropped).
+    """
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._broken = False
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf)
+
+    def feed(self, data: bytes | bytearray | memoryview) -> list[Event]:
+        if self._broken:
+            raise ProtocolError("decoder already failed")
+        buf = self._buf
+        buf += data
+        out: list[Event] = []
+        pos = 0
+        total = len(buf)
+        try:
+            with memoryview(buf) as mv:
+                while total - pos >= 4:
+                    (length,) = _LEN.unpack_from(mv, pos)
+                    if length == 0 or length > MAX_FRAME:
+                        raise ProtocolError(f"frame length {length} outside 1..{MAX_FRAME}")
+                    if total - pos - 4 < length:
+                        break
+                    out.append(_decode_frame(mv[pos + 4 : pos + 4 + length]))
+                    pos += 4 + length
+        except ProtocolError:
+            self._broken = True
+            raise
+        except (struct.error, ValueError, IndexError) as exc:  # defensive: any slip is the peer's fault
+            self._broken = True
+            raise ProtocolError(f"malformed frame: {exc}") from exc
+        if pos:
+            del buf[:pos]
+        return out

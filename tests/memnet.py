@@ -1,0 +1,82 @@
+"""Several port engines wired together in memory (no sockets).
+
+Every event goes through the real wire encoder and decoder, so the engines
+see exactly what a socket would give them. Delivery order across links is
+chosen by the test; within one link it is FIFO, as on a connection.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import deque
+from typing import Any
+
+from meshipc import Port
+from meshipc._channel import CODEC
+from meshipc._ids import NodeId, PortId
+from meshipc._ports import Engine
+from meshipc._wire import Event, FrameDecoder, encode_event
+
+
+class Net:
+    def __init__(self, n: int) -> None:
+        self.engines: list[Engine] = []
+        self.links: dict[tuple[int, int], deque[tuple[Event, list[Any]]]] = {}
+        self.dead: set[int] = set()
+        for _ in range(n):
+            self.engines.append(Engine(NodeId.random(), codec=CODEC))
+        self.index = {e.node_id: i for i, e in enumerate(self.engines)}
+        for i, e in enumerate(self.engines):
+            e.transmit = self._make_tx(i)
+
+    def _make_tx(self, src: int) -> Any:
+        def tx(node: bytes, ev: Event, fds: list[Any]) -> None:
+            dst = self.index[node]
+            if src in self.dead or dst in self.dead:
+                for fd in fds:
+                    fd.close()
+                return
+            self.links.setdefault((src, dst), deque()).append((ev, fds))
+
+        return tx
+
+    def pair(self, a: int, b: int) -> tuple[Port, Port]:
+        """A port on engine a peered with a port on engine b."""
+        pa, pb = PortId.random(), PortId.random()
+        ea, eb = self.engines[a], self.engines[b]
+        sa = ea.new_bound(pa, eb.node_id, pb)
+        sb = eb.new_bound(pb, ea.node_id, pa)
+        return Port._wrap([sa]), Port._wrap([sb])
+
+    def pending(self) -> list[tuple[int, int]]:
+        return [k for k, q in self.links.items() if q]
+
+    def deliver(self, key: tuple[int, int]) -> None:
+        ev, fds = self.links[key].popleft()
+        src, dst = key
+        dec = FrameDecoder()
+        (ev2,) = dec.feed(encode_event(ev))
+        self.engines[dst].receive(self.engines[src].node_id, ev2, fds)
+
+    def run(self, rng: random.Random | None = None, limit: int = 1_000_000) -> None:
+        """Deliver until quiet; in random link order if ``rng`` is given."""
+        for _ in range(limit):
+            keys = self.pending()
+            if not keys:
+                return
+            self.deliver(rng.choice(keys) if rng else keys[0])
+        raise AssertionError("network did not settle")
+
+    def kill(self, i: int, reason: str = "killed") -> None:
+        """Engine i dies: its links vanish, the others are told."""
+        self.dead.add(i)
+        for k in list(self.links):
+            if i in k:
+                del self.links[k]
+        nid = self.engines[i].node_id
+        for j, e in enumerate(self.engines):
+            if j not in self.dead:
+                e.node_failed(nid, reason)
+
+    def live_ports(self) -> int:
+        return sum(len(e.ports) for j, e in enumerate(self.engines) if j not in self.dead)

@@ -1,0 +1,359 @@
+"""The port engine, several engines wired in memory (no sockets)."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from memnet import Net
+
+from meshipc import ChannelClosed, NodeFailure, Port, PortFailed
+
+
+def drain(p: Port) -> list[Any]:
+    out = []
+    while True:
+        try:
+            out.append(p.try_recv())
+        except (asyncio.QueueEmpty, ChannelClosed, PortFailed):
+            return out
+
+
+def end_of(p: Port) -> type[BaseException] | None:
+    """What the port raises after its queue: None if it is still open."""
+    try:
+        v = p.try_recv()
+    except asyncio.QueueEmpty:
+        return None
+    except (ChannelClosed, PortFailed) as exc:
+        return type(exc)
+    raise AssertionError(f"unexpected message {v!r}")
+
+
+def test_local_pair_delivers_and_leaves_nothing():
+    a, b = Port.pair()
+    eng = a._states[0].engine
+    a.send(1)
+    a.send("two")
+    assert drain(b) == [1, "two"]
+    a.close()
+    assert end_of(b) is ChannelClosed
+    b.close()
+    assert not eng.ports
+
+
+def test_two_engines_deliver_then_close():
+    net = Net(2)
+    a, b = net.pair(0, 1)
+    for i in range(100):
+        a.send({"i": i})
+    a.close()
+    net.run()
+    assert drain(b) == [{"i": i} for i in range(100)]
+    assert end_of(b) is ChannelClosed
+    b.close()
+    net.run()
+    assert net.live_ports() == 0
+
+
+def test_close_from_receiving_side_drops_later_sends():
+    net = Net(2)
+    a, b = net.pair(0, 1)
+    b.close()
+    net.run()
+    a.send("lost")  # silently dropped, like a write to a closed peer
+    net.run()
+    assert end_of(a) is ChannelClosed
+    a.close()
+    net.run()
+    assert net.live_ports() == 0
+
+
+@pytest.mark.parametrize("hops", [[1], [1, 2], [1, 2, 0], [1, 0]])
+def test_send_port_keeps_order(hops: list[int]):
+    """A port moves along ``hops`` while its peer on engine 0 keeps sending."""
+    net = Net(3)
+    peer, moving = Port.pair()  # local pair on the default engine
+    carriers = []
+    where = 0
+    n = 0
+    peer_side = None
+    for h in hops:
+        src, dst = net.pair(where, h)
+        carriers.append((src, dst))
+        for _ in range(5):
+            (peer if peer_side is None else peer).send(n)
+            n += 1
+        src.send(moving)
+        for _ in range(5):
+            peer.send(n)
+            n += 1
+        net.run()
+        (moving,) = drain(dst)
+        where = h
+    for _ in range(5):
+        peer.send(n)
+        n += 1
+    net.run()
+    assert drain(moving) == list(range(n))
+    # and back the other way
+    moving.send("back")
+    net.run()
+    assert drain(peer) == ["back"]
+    moving.close()
+    peer.close()
+    for s, d in carriers:
+        s.close()
+        d.close()
+    net.run()
+    assert net.live_ports() == 0
+
+
+def test_port_bounced_back_to_origin():
+    net = Net(2)
+    x0, x1 = net.pair(0, 1)
+    p, q = net.engines[0].new_pair()
+    p, q = Port._wrap([p]), Port._wrap([q])
+    q.send("before")
+    x0.send(p)
+    q.send("during")
+    net.run()
+    (p,) = drain(x1)
+    x1.send(p)  # straight back to engine 0, where its peer lives
+    q.send("after")
+    net.run()
+    (p,) = drain(x0)
+    assert drain(p) == ["before", "during", "after"]
+    p.send("reply")
+    net.run()
+    assert drain(q) == ["reply"]
+    for h in (p, q, x0, x1):
+        h.close()
+    net.run()
+    assert net.live_ports() == 0
+
+
+def test_sent_port_whose_peer_closed_arrives_closed():
+    net = Net(2)
+    x0, x1 = net.pair(0, 1)
+    p, q = Port.pair()
+    q.send("last words")
+    q.close()
+    x0.send(p)
+    net.run()
+    (p,) = drain(x1)
+    assert drain(p) == ["last words"]
+    assert end_of(p) is ChannelClosed
+    p.close()
+    x0.close()
+    x1.close()
+    net.run()
+    assert net.live_ports() == 0
+
+
+def test_closed_port_sent_is_refused_and_dead_port_arrives_closed():
+    net = Net(2)
+    x0, x1 = net.pair(0, 1)
+    p, q = Port.pair()
+    p.close()
+    with pytest.raises(ChannelClosed):
+        x0.send(p)
+    # a port whose peer closed while it was in transit
+    p, q = Port.pair()
+    x0.send(p)
+    q.close()
+    net.run()
+    (p,) = drain(x1)
+    assert end_of(p) is ChannelClosed
+
+
+def test_dropping_port_with_queued_ports_closes_them():
+    net = Net(2)
+    x0, x1 = net.pair(0, 1)
+    inner_keep, inner_sent = Port.pair()
+    x0.send([inner_sent])
+    net.run()
+    x1.close()  # never read: the port inside the queued message is closed
+    net.run()
+    assert end_of(inner_keep) is ChannelClosed
+    # same thing within one process
+    a, b = Port.pair()
+    k, s = Port.pair()
+    a.send({"p": s})
+    del s
+    b.close()
+    assert end_of(k) is ChannelClosed
+
+
+def test_send_port_to_dropped_peer_closes_it():
+    net = Net(2)
+    x0, x1 = net.pair(0, 1)
+    x1.close()
+    net.run()
+    keep, sent = Port.pair()
+    x0.send(sent)
+    net.run()
+    assert end_of(keep) is ChannelClosed
+
+
+def test_node_failure_fails_peered_ports():
+    net = Net(3)
+    a, b = net.pair(0, 1)
+    c, d = net.pair(0, 2)
+    b.send("queued")
+    net.run()
+    net.kill(1)
+    assert drain(a) == ["queued"]
+    with pytest.raises(NodeFailure):
+        a.try_recv()
+    # the other engine is untouched
+    c.send("alive")
+    net.run()
+    assert drain(d) == ["alive"]
+
+
+def test_port_sent_to_node_that_then_fails():
+    net = Net(3)
+    x0, x1 = net.pair(0, 1)
+    keep, sent = Port.pair()
+    x0.send(sent)
+    net.kill(1)  # the carrying message died in transit
+    err = end_of(keep)
+    assert err is not None and issubclass(err, PortFailed)
+
+
+def test_port_arrived_then_node_fails():
+    net = Net(3)
+    x0, x1 = net.pair(0, 1)
+    keep, sent = Port.pair()
+    x0.send(sent)
+    net.run()
+    net.kill(1)
+    err = end_of(keep)
+    assert err is not None and issubclass(err, PortFailed)
+
+
+def test_failure_through_a_proxy():
+    """Peer on engine 0; port moved 0 -> 1 -> 2 and the messages settle;
+    then engine 2 dies: engine 0 learns through direct link failure."""
+    net = Net(3)
+    x01, x10 = net.pair(0, 1)
+    x12, x21 = net.pair(1, 2)
+    keep, sent = Port.pair()
+    x01.send(sent)
+    net.run()
+    (p,) = drain(x10)
+    x12.send(p)
+    # kill engine 1 while the port is still proxied through it
+    net.kill(1)
+    assert end_of(keep) in (NodeFailure, PortFailed)
+
+
+def test_explicit_fail_propagates():
+    net = Net(2)
+    a, b = net.pair(0, 1)
+    a._states[0].engine.fail(a._states[0], "gave up")
+    net.run()
+    with pytest.raises(PortFailed, match="gave up"):
+        b.try_recv()
+
+
+def test_port_in_message_to_failed_node_arrives_failed():
+    net = Net(3)
+    a, b = net.pair(0, 1)
+    x0, x2 = net.pair(0, 2)
+    net.kill(1)
+    x0.send(a)  # a's peer is dead
+    net.run()
+    (a2,) = drain(x2)
+    assert end_of(a2) is PortFailed
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    moves=st.lists(st.tuples(st.integers(0, 2), st.booleans()), min_size=1, max_size=12),
+)
+def test_ordering_under_arbitrary_interleavings(seed: int, moves: list[tuple[int, bool]]):
+    """Both ends of a channel wander between three engines, messages flow
+    both ways all along, and events are delivered in random link order.
+    Every message arrives exactly once, in order, and nothing leaks."""
+    rng = random.Random(seed)
+    net = Net(3)
+    # one carrier channel per (side, link) so each pick-up is unambiguous
+    carriers = {(s, i, j): net.pair(i, j) for s in (0, 1) for i in range(3) for j in range(3) if i != j}
+
+    def carrier(side: int, i: int, j: int) -> tuple[Port, Port]:
+        return carriers[(side, i, j)]
+
+    e0, e1 = net.engines[0].new_pair()
+    ends = [Port._wrap([e0]), Port._wrap([e1])]
+    where = [0, 0]
+    sent = [0, 0]
+    got: list[list[Any]] = [[], []]
+    in_flight: list[tuple[int, int] | None] = [None, None]
+
+    def step_random(k: int) -> None:
+        for _ in range(k):
+            keys = net.pending()
+            if not keys:
+                return
+            net.deliver(rng.choice(keys))
+
+    def settle_end(side: int) -> None:
+        # deliver until the moving end has arrived, then pick it up
+        src, dst = in_flight[side]  # type: ignore[misc]
+        _, rx = carrier(side, src, dst)
+        while True:
+            got_ports = drain(rx)
+            if got_ports:
+                (ends[side],) = got_ports
+                where[side] = dst
+                in_flight[side] = None
+                return
+            keys = net.pending()
+            if not keys:
+                raise AssertionError("moving port never arrived")
+            net.deliver(rng.choice(keys))
+
+    for dest, which in moves:
+        side = int(which)
+        for s in (0, 1):
+            if in_flight[s] is None:
+                for _ in range(rng.randint(0, 3)):
+                    ends[s].send((s, sent[s]))
+                    sent[s] += 1
+                got[s].extend(drain(ends[s]))
+        if in_flight[side] is None and dest != where[side]:
+            tx, _ = carrier(side, where[side], dest)
+            tx.send(ends[side])
+            in_flight[side] = (where[side], dest)
+        step_random(rng.randint(0, 6))
+        for s in (0, 1):
+            if in_flight[s] is not None and rng.random() < 0.5:
+                settle_end(s)
+    for s in (0, 1):
+        if in_flight[s] is not None:
+            settle_end(s)
+    for s in (0, 1):
+        ends[s].send((s, sent[s]))
+        sent[s] += 1
+    net.run(rng)
+    for s in (0, 1):
+        got[s].extend(drain(ends[s]))
+    # values that crossed an engine come back as lists (msgpack arrays)
+    assert [tuple(x) for x in got[1]] == [(0, i) for i in range(sent[0])]
+    assert [tuple(x) for x in got[0]] == [(1, i) for i in range(sent[1])]
+    ends[0].close()
+    net.run(rng)
+    assert end_of(ends[1]) is ChannelClosed
+    ends[1].close()
+    for a, b in carriers.values():
+        a.close()
+        b.close()
+    net.run(rng)
+    assert net.live_ports() == 0
