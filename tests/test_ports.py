@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from memnet import Net
 
+from memnet import Net
 from meshipc import ChannelClosed, NodeFailure, Port, PortFailed
 
 
@@ -81,12 +81,11 @@ def test_send_port_keeps_order(hops: list[int]):
     carriers = []
     where = 0
     n = 0
-    peer_side = None
     for h in hops:
         src, dst = net.pair(where, h)
         carriers.append((src, dst))
         for _ in range(5):
-            (peer if peer_side is None else peer).send(n)
+            peer.send(n)
             n += 1
         src.send(moving)
         for _ in range(5):
@@ -218,7 +217,7 @@ def test_node_failure_fails_peered_ports():
 
 def test_port_sent_to_node_that_then_fails():
     net = Net(3)
-    x0, x1 = net.pair(0, 1)
+    x0, _x1 = net.pair(0, 1)
     keep, sent = Port.pair()
     x0.send(sent)
     net.kill(1)  # the carrying message died in transit
@@ -228,7 +227,7 @@ def test_port_sent_to_node_that_then_fails():
 
 def test_port_arrived_then_node_fails():
     net = Net(3)
-    x0, x1 = net.pair(0, 1)
+    x0, _x1 = net.pair(0, 1)
     keep, sent = Port.pair()
     x0.send(sent)
     net.run()
@@ -242,7 +241,7 @@ def test_failure_through_a_proxy():
     then engine 2 dies: engine 0 learns through direct link failure."""
     net = Net(3)
     x01, x10 = net.pair(0, 1)
-    x12, x21 = net.pair(1, 2)
+    x12, _x21 = net.pair(1, 2)
     keep, sent = Port.pair()
     x01.send(sent)
     net.run()
@@ -264,7 +263,7 @@ def test_explicit_fail_propagates():
 
 def test_port_in_message_to_failed_node_arrives_failed():
     net = Net(3)
-    a, b = net.pair(0, 1)
+    a, _b = net.pair(0, 1)
     x0, x2 = net.pair(0, 2)
     net.kill(1)
     x0.send(a)  # a's peer is dead

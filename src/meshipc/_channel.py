@@ -23,7 +23,7 @@ from typing import Any, Generic, TypeVar
 
 import msgspec
 
-from ._errors import ChannelClosed, MeshError, MessageError, PortFailed, RemoteError
+from ._errors import ChannelClosed, MeshError, MessageError, RemoteError
 from ._fd import Fd
 from ._ids import NodeId, PortId
 from ._ports import Engine, Message, PortState
@@ -66,15 +66,16 @@ def _take_states(engine: Engine, handle: _Handle) -> list[PortState]:
 def _enc_hook(obj: Any) -> Any:
     r = _res
     if isinstance(obj, (Port, Sender)):
-        (st,) = _take_states(r.engine, obj) or [None]  # type: ignore[arg-type]
-        if st is None:
+        if r.engine is None or not obj._states:
             raise ChannelClosed(f"cannot send a closed or already sent {type(obj).__name__}")
-        r.ports.append(st)
+        r.ports.extend(_take_states(r.engine, obj))
         return msgspec.msgpack.Ext(
             EXT_PORT if isinstance(obj, Port) else EXT_SENDER, _U32.pack(len(r.ports) - 1)
         )
     if isinstance(obj, Receiver):
-        states = _take_states(r.engine, obj)  # type: ignore[arg-type]
+        if r.engine is None:
+            raise ChannelClosed("no engine")
+        states = _take_states(r.engine, obj)
         idx = []
         for st in states:
             r.ports.append(st)
@@ -221,8 +222,8 @@ def walk_resources(obj: Any, _depth: int = 0) -> list[Any]:
             out.extend(walk_resources(k, _depth + 1))
             out.extend(walk_resources(v, _depth + 1))
     elif isinstance(obj, msgspec.Struct):
-        for f in obj.__struct_fields__:
-            out.extend(walk_resources(getattr(obj, f), _depth + 1))
+        for name in obj.__struct_fields__:
+            out.extend(walk_resources(getattr(obj, name), _depth + 1))
     elif isinstance(obj, _CallMsg):
         out.extend(walk_resources(obj.request, _depth + 1))
         out.append(obj.reply)
@@ -243,7 +244,8 @@ def default_engine() -> Engine:
 class _Handle:
     """Common base of Port, Sender and Receiver: owns port states."""
 
-    __slots__ = ("_states", "__weakref__")
+    __slots__ = ("__weakref__", "_states")
+    _states: list[PortState]
 
     def __init__(self) -> None:
         raise TypeError(f"use meshipc.channel() or Port.pair() to make a {type(self).__name__}")
@@ -289,7 +291,7 @@ _H = TypeVar("_H", bound=_Handle)
 class _Inbox(_Handle):
     """Receiving side: one or more port states, one queue of readiness."""
 
-    __slots__ = ("_ready", "_sched", "_fut", "_type", "_error")
+    __slots__ = ("_error", "_fut", "_ready", "_sched", "_type")
 
     def _init_inbox(self, states: list[PortState], tp: Any) -> None:
         self._states = []
@@ -469,7 +471,7 @@ class Sender(_Handle, Generic[T]):
         st = self._states[0]
         a, b = st.engine.new_pair()
         _send(self, K_ADD_SENDER, Sender._wrap([b]))
-        return Sender._wrap([a])  # type: ignore[return-value]
+        return Sender._wrap([a])
 
     async def call(self, request: Any) -> Any:
         """Send ``request`` as a ``Call`` and wait for the reply.
@@ -523,7 +525,7 @@ class Receiver(_Inbox, Generic[T]):
         self._init_inbox(states, tp)
         return self
 
-    async def recv(self) -> T:  # noqa: D102 - documented on _Inbox
+    async def recv(self) -> T:
         return await super().recv()  # type: ignore[no-any-return]
 
     def __aiter__(self) -> Receiver[T]:
@@ -546,7 +548,7 @@ def channel(tp: Any = Any) -> tuple[Sender[Any], Receiver[Any]]:
 
 
 class _CallMsg:
-    __slots__ = ("request", "reply")
+    __slots__ = ("reply", "request")
 
     def __init__(self, request: Any, reply: Port) -> None:
         self.request = request
@@ -557,7 +559,7 @@ class Call(Generic[T]):
     """One RPC request as the server sees it. Answer it once with ``reply`` or
     ``fail``; dropping it unanswered gives the caller ``ChannelClosed``."""
 
-    __slots__ = ("request", "_port")
+    __slots__ = ("_port", "request")
 
     def __init__(self, request: T, port: Port) -> None:
         self.request = request

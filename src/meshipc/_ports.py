@@ -80,7 +80,7 @@ class Message:
     bytes plus the ports and descriptors that arrived with them.
     """
 
-    __slots__ = ("kind", "obj", "body", "ports", "fds")
+    __slots__ = ("body", "fds", "kind", "obj", "ports")
 
     def __init__(
         self,
@@ -131,27 +131,27 @@ class PortState:
     """One port end as its engine knows it."""
 
     __slots__ = (
-        "id",
+        "__weakref__",
+        "buffer",
+        "close_sent",
+        "closed",
         "engine",
+        "error",
+        "first_hop",
+        "id",
         "mode",
+        "peer_closed",
         "peer_node",
         "peer_port",
-        "send_seq",
-        "recv_seq",
         "pending",
+        "pending_fail",
+        "proxy_last",
         "queue",
-        "waker",
-        "closed",
-        "close_sent",
-        "peer_closed",
-        "error",
+        "recv_seq",
+        "send_seq",
         "target_node",
         "target_port",
-        "first_hop",
-        "buffer",
-        "proxy_last",
-        "pending_fail",
-        "__weakref__",
+        "waker",
     )
 
     def __init__(self, engine: Engine, id: bytes, peer_node: bytes, peer_port: bytes) -> None:
@@ -183,7 +183,8 @@ class PortState:
 
     def __repr__(self) -> str:
         mode = ("OWNED", "SENDING", "PROXY")[self.mode]
-        return f"<PortState {self.id.hex()[:8]} {mode} peer={self.peer_node.hex()[:6]}/{self.peer_port.hex()[:6]}>"
+        peer = f"{self.peer_node.hex()[:6]}/{self.peer_port.hex()[:6]}"
+        return f"<PortState {self.id.hex()[:8]} {mode} peer={peer}>"
 
 
 def _no_transmit(node: bytes, event: Event, fds: list[Any]) -> None:

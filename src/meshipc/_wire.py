@@ -80,7 +80,7 @@ _MAX_SEQ = (1 << 64) - 1
 class PortDesc:
     """A port in transit inside a message."""
 
-    __slots__ = ("id", "peer_node", "peer_port", "origin", "send_seq", "recv_seq", "flags")
+    __slots__ = ("flags", "id", "origin", "peer_node", "peer_port", "recv_seq", "send_seq")
 
     def __init__(
         self,
@@ -125,7 +125,7 @@ class MsgEvent:
     """A message on a port. ``nfds`` descriptors belong to it; with ``F_OOB``
     the last one holds the body and ``body`` is empty until the node reads it."""
 
-    __slots__ = ("port", "seq", "kind", "flags", "ports", "nfds", "body")
+    __slots__ = ("body", "flags", "kind", "nfds", "port", "ports", "seq")
 
     def __init__(
         self, port: bytes, seq: int, kind: int, flags: int, ports: list[PortDesc], nfds: int, body: bytes
@@ -165,7 +165,7 @@ class ChangePeerEvent:
     """Sequenced: from ``seq`` on, the peer lives at (new_node, new_port);
     acknowledge to the proxy (old_node, old_port) with the last seq sent to it."""
 
-    __slots__ = ("port", "seq", "new_node", "new_port", "old_node", "old_port")
+    __slots__ = ("new_node", "new_port", "old_node", "old_port", "port", "seq")
 
     def __init__(
         self, port: bytes, seq: int, new_node: bytes, new_port: bytes, old_node: bytes, old_port: bytes
@@ -189,7 +189,7 @@ class ArrivedEvent:
     """The port ``port`` sent from the receiving node arrived as ``new_port``
     on the node that sends this event."""
 
-    __slots__ = ("port", "new_port")
+    __slots__ = ("new_port", "port")
 
     def __init__(self, port: bytes, new_port: bytes) -> None:
         self.port = port
@@ -204,7 +204,7 @@ class ArrivedEvent:
 class ProxyAckEvent:
     """To a proxy: the peer sent it every item up to ``last_seq``, no more."""
 
-    __slots__ = ("port", "last_seq")
+    __slots__ = ("last_seq", "port")
 
     def __init__(self, port: bytes, last_seq: int) -> None:
         self.port = port
