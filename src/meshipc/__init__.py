@@ -27,6 +27,8 @@ from ._errors import (
 )
 from ._fd import Fd
 from ._ids import NodeId, PortId
+from ._mesh import Mesh
+from ._process import Process
 
 __version__ = "0.1.0"
 
@@ -42,6 +44,7 @@ __all__ = (
     "InvitationReadError",
     "InvitationTooLarge",
     "JoinError",
+    "Mesh",
     "MeshError",
     "MeshNameInUse",
     "MessageError",
@@ -50,6 +53,7 @@ __all__ = (
     "Port",
     "PortFailed",
     "PortId",
+    "Process",
     "ProtocolError",
     "Receiver",
     "RemoteError",

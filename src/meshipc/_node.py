@@ -1,0 +1,434 @@
+"""A node: port engine + its socket in the mesh directory + its connections
+(layer 6).
+
+Nodes reach each other directly by path (``<directory>/<node id>.sock``):
+no broker. A connection is made on demand when a port first needs a node, and
+every connection is authenticated before any port event is read:
+
+1. the accepting side checks the peer's uid (``SO_PEERCRED``);
+2. HELLO (initiator): version, its node id, the node id it wants, a nonce;
+3. CHALLENGE (acceptor): version, its node id, a nonce, and an HMAC-SHA256 of
+   both nonces and ids under the mesh secret — the initiator checks it;
+4. AUTH (initiator): its own HMAC — the acceptor checks it (constant time);
+5. VERDICT (acceptor): accepted, or "duplicate" when both sides connected at
+   once (the connection started by the smaller node id wins).
+
+The secret itself never goes on the wire, so a socket planted in the
+directory learns nothing from a node that connects to it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import hashlib
+import hmac
+import logging
+import os
+import secrets
+import socket
+import stat
+import struct
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, Final
+
+from ._channel import CODEC
+from ._errors import HandshakeError, MeshError
+from ._ids import NodeId
+from ._ports import PROXY, SENDING, Engine
+from ._transport import Connection
+from ._wire import PROTOCOL_VERSION, Event
+
+log = logging.getLogger("meshipc")
+
+#: Seconds a connecting peer gets to finish the handshake; a silent or slow
+#: peer never holds up anyone else (each handshake is its own task).
+HANDSHAKE_TIMEOUT: Final = 10.0
+SECRET_LEN: Final = 32
+
+_MAGIC = b"MSH1"
+_HELLO = struct.Struct("<4sHH16s16s32s")
+_CHALLENGE = struct.Struct("<4sHH16s32s32s")
+_AUTH = struct.Struct("<32s")
+_VERDICT = struct.Struct("<B")
+V_ACCEPT, V_DUPLICATE, V_DENIED = 1, 2, 3
+S_OK, S_WRONG_NODE, S_BAD_VERSION = 0, 1, 2
+_CRED = struct.Struct("3i")
+
+
+class MeshSecret:
+    """The 256-bit mesh secret. Its repr never shows the value."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: bytes | None = None) -> None:
+        if value is None:
+            value = secrets.token_bytes(SECRET_LEN)
+        if len(value) != SECRET_LEN:
+            raise ValueError("a mesh secret is 32 bytes")
+        self._value = bytes(value)
+
+    def reveal(self) -> bytes:
+        return self._value
+
+    def mac(self, *parts: bytes) -> bytes:
+        return hmac.new(self._value, b"".join(parts), hashlib.sha256).digest()
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, MeshSecret) and hmac.compare_digest(self._value, other._value)
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+    def __repr__(self) -> str:
+        return "MeshSecret(<redacted>)"
+
+    __str__ = __repr__
+
+    def __reduce__(self) -> Any:
+        raise TypeError("a mesh secret is not pickled")
+
+
+class PeerCred:
+    """Credentials of the process at the other end of a Unix socket, from the kernel."""
+
+    __slots__ = ("gid", "pid", "uid")
+
+    def __init__(self, pid: int, uid: int, gid: int) -> None:
+        self.pid = pid
+        self.uid = uid
+        self.gid = gid
+
+    @classmethod
+    def of(cls, sock: socket.socket) -> PeerCred:
+        if hasattr(socket, "SO_PEERCRED"):
+            pid, uid, gid = _CRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CRED.size))
+            return cls(pid, uid, gid)
+        uid, gid = os.getpeereid(sock.fileno())  # type: ignore[attr-defined]  # macOS
+        return cls(0, uid, gid)
+
+    def __repr__(self) -> str:
+        return f"PeerCred(pid={self.pid}, uid={self.uid}, gid={self.gid})"
+
+
+async def _recv_exact(loop: asyncio.AbstractEventLoop, sock: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = await loop.sock_recv(sock, n - len(buf))
+        if not chunk:
+            raise HandshakeError(f"peer closed the connection after {len(buf)} of {n} handshake bytes")
+        buf += chunk
+    return bytes(buf)
+
+
+def check_private_dir(path: Path) -> None:
+    """Refuse a directory that is not ours alone (owner, mode 0700, no symlink)."""
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode):
+        raise MeshError(f"{path} exists and is not a directory (refusing to use it)")
+    if st.st_uid != os.getuid():
+        raise MeshError(f"{path} is owned by uid {st.st_uid}, not by us (refusing to use it)")
+    if stat.S_IMODE(st.st_mode) & 0o077:
+        raise MeshError(f"{path} has mode {stat.S_IMODE(st.st_mode):o}; a mesh directory must be 0700")
+
+
+def node_path(directory: Path, node: bytes) -> Path:
+    return directory / f"{node.hex()}.sock"
+
+
+class Node:
+    """One node: a port engine, a listening socket, connections to peers."""
+
+    def __init__(
+        self,
+        directory: Path,
+        secret: MeshSecret,
+        node_id: bytes | None = None,
+        *,
+        allowed_uids: Iterable[int] | None = None,
+    ) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.id = NodeId(node_id) if node_id is not None else NodeId.random()
+        self.directory = Path(directory)
+        self._secret = secret
+        self.allowed_uids = set(allowed_uids) if allowed_uids is not None else {os.getuid()}
+        self.engine = Engine(self.id, transmit=self._transmit, codec=CODEC, watch=self._watch)
+        self.path = node_path(self.directory, self.id)
+        self._conns: dict[bytes, Connection] = {}
+        self._connecting: dict[bytes, asyncio.Task[None]] = {}
+        self._pending: dict[bytes, list[tuple[Event, list[Any]]]] = {}
+        self._dead: dict[bytes, str] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._lsock: socket.socket | None = None
+        self.closed = False
+        self.rejected = 0  # connections refused (bad secret, uid, garbage)
+
+    # ------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            s.bind(os.fspath(self.path))
+            os.chmod(self.path, 0o600)
+            s.listen(512)
+            s.setblocking(False)
+        except OSError as exc:
+            s.close()
+            raise MeshError(f"cannot bind node socket {self.path}: {exc}") from exc
+        self._lsock = s
+        self.loop.add_reader(s.fileno(), self._on_accept)
+
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        t = self.loop.create_task(coro)
+        self._tasks.add(t)
+        t.add_done_callback(self._tasks.discard)
+        return t
+
+    @property
+    def busy(self) -> bool:
+        """Ports in transit, or bytes not yet written."""
+        if any(st.mode in (SENDING, PROXY) for st in self.engine.ports.values()):
+            return True
+        return bool(self._connecting) or not all(c.idle for c in self._conns.values())
+
+    async def close(self, linger: float = 5.0) -> None:
+        """Let ports in transit settle and buffers drain, then close everything."""
+        if self.closed:
+            return
+        if self._lsock is not None:
+            self.loop.remove_reader(self._lsock.fileno())
+        try:
+            async with asyncio.timeout(linger):
+                while self.busy:
+                    await asyncio.sleep(0.005)
+        except TimeoutError:
+            log.debug("node %s closing with work in flight", self.id)
+        self.closed = True
+        if self._lsock is not None:
+            self._lsock.close()
+            self._lsock = None
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+        for t in list(self._tasks):
+            t.cancel()
+        for conn in list(self._conns.values()):
+            conn.flush()
+            conn.close()
+        self._conns.clear()
+        for evs in self._pending.values():
+            for _, fds in evs:
+                for f in fds:
+                    f.close()
+        self._pending.clear()
+        # every port still here is orphaned: fail them for any local holder
+        for st in list(self.engine.ports.values()):
+            self.engine.node_failed(st.peer_node, "local node closed")
+
+    # ------------------------------------------------------------ routing
+
+    def _transmit(self, node: bytes, ev: Event, fds: list[Any]) -> None:
+        conn = self._conns.get(node)
+        if conn is not None:
+            conn.write_event(ev, fds)
+            return
+        if node in self._dead or self.closed:
+            for f in fds:
+                f.close()
+            reason = self._dead.get(node, "local node closed")
+            self.loop.call_soon(self.engine.node_failed, node, reason)
+            return
+        self._pending.setdefault(node, []).append((ev, fds))
+        self._watch(node)
+
+    def _watch(self, node: bytes) -> None:
+        if node in self._conns or node in self._connecting or node == self.id or self.closed:
+            return
+        if node in self._dead:
+            self.loop.call_soon(self.engine.node_failed, node, self._dead[node])
+            return
+        self._connecting[node] = self._spawn(self._connect(node))
+
+    def _on_event(self, src: bytes, ev: Event, fds: list[Any]) -> None:
+        self.engine.receive(src, ev, fds)
+
+    def _established(self, sock: socket.socket, peer: bytes) -> None:
+        conn = Connection(self.loop, sock, peer, self._on_event, self._on_lost)
+        self._conns[peer] = conn
+        for ev, fds in self._pending.pop(peer, []):
+            conn.write_event(ev, fds)
+
+    def _on_lost(self, conn: Connection, reason: str) -> None:
+        if self._conns.get(conn.peer) is conn:
+            del self._conns[conn.peer]
+        self._mark_dead(conn.peer, reason)
+
+    def _mark_dead(self, peer: bytes, reason: str) -> None:
+        if self.closed:
+            return
+        self._dead[peer] = reason
+        for _, fds in self._pending.pop(peer, []):
+            for f in fds:
+                f.close()
+        log.debug("node %s: peer %s failed: %s", self.id, peer.hex()[:12], reason)
+        self.engine.node_failed(peer, reason)
+
+    # ------------------------------------------------------------ handshakes
+
+    def _on_accept(self) -> None:
+        if self._lsock is None:
+            return
+        for _ in range(64):
+            try:
+                sock, _ = self._lsock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                log.warning("node %s: accept failed: %s", self.id, exc)
+                return
+            sock.setblocking(False)
+            self._spawn(self.accept_connection(sock))
+
+    def _refuse(self, sock: socket.socket, why: str, cred: PeerCred | None) -> None:
+        self.rejected += 1
+        who = f"pid {cred.pid} uid {cred.uid}" if cred else "unknown peer"
+        log.warning("node %s refused a connection from %s: %s", self.id, who, why)
+        sock.close()
+
+    async def accept_connection(self, sock: socket.socket, expect: bytes | None = None) -> None:
+        """Run the acceptor side of the handshake on ``sock`` (takes ownership)."""
+        cred: PeerCred | None = None
+        me = asyncio.current_task()
+        if expect is not None and me is not None:
+            self._connecting[expect] = me  # no connect by path meanwhile
+        try:
+            cred = PeerCred.of(sock)
+            if cred.uid not in self.allowed_uids:
+                self._refuse(sock, f"uid {cred.uid} is not allowed", cred)
+                return
+            async with asyncio.timeout(HANDSHAKE_TIMEOUT):
+                magic, ver, _, peer, want, nonce_i = _HELLO.unpack(
+                    await _recv_exact(self.loop, sock, _HELLO.size)
+                )
+                if magic != _MAGIC:
+                    raise HandshakeError("not a meshipc node")
+                status = S_OK
+                if ver != PROTOCOL_VERSION:
+                    status = S_BAD_VERSION
+                elif want != self.id or (expect is not None and peer != expect):
+                    status = S_WRONG_NODE
+                nonce_a = secrets.token_bytes(32)
+                mac_a = self._secret.mac(b"meshipc-acceptor", nonce_i, nonce_a, peer, self.id)
+                await self.loop.sock_sendall(
+                    sock, _CHALLENGE.pack(_MAGIC, PROTOCOL_VERSION, status, self.id, nonce_a, mac_a)
+                )
+                if status != S_OK:
+                    raise HandshakeError(f"handshake status {status} (version {ver})")
+                (mac_i,) = _AUTH.unpack(await _recv_exact(self.loop, sock, _AUTH.size))
+                want_mac = self._secret.mac(b"meshipc-initiator", nonce_i, nonce_a, peer, self.id)
+                if not hmac.compare_digest(mac_i, want_mac):
+                    await self.loop.sock_sendall(sock, _VERDICT.pack(V_DENIED))
+                    raise HandshakeError("wrong mesh secret")
+                verdict = V_ACCEPT
+                if peer in self._conns or peer in self._dead or self.closed or peer == self.id:
+                    verdict = V_DUPLICATE
+                elif peer in self._connecting and self._connecting[peer] is not me:
+                    if self.id < peer:
+                        verdict = V_DUPLICATE  # our own connection wins
+                    else:
+                        self._connecting.pop(peer).cancel()
+                await self.loop.sock_sendall(sock, _VERDICT.pack(verdict))
+                if verdict != V_ACCEPT:
+                    sock.close()
+                    return
+        except (HandshakeError, OSError, TimeoutError, struct.error) as exc:
+            self._refuse(sock, str(exc) or type(exc).__name__, cred)
+            if expect is not None and self._connecting.get(expect) is me:
+                del self._connecting[expect]
+                self._mark_dead(expect, f"handshake failed: {exc}")
+            return
+        finally:
+            if expect is not None and self._connecting.get(expect) is me:
+                del self._connecting[expect]
+        self._established(sock, peer)
+
+    def connect_via(self, peer: bytes, sock: socket.socket) -> None:
+        """Connect to ``peer`` over an already connected socket (inherited)."""
+        self._connecting[peer] = self._spawn(self._connect(peer, sock))
+
+    async def _connect(self, peer: bytes, sock: socket.socket | None = None) -> None:
+        try:
+            await self.connect_to(peer, sock)
+        except asyncio.CancelledError:
+            if self._connecting.get(peer) is asyncio.current_task():
+                del self._connecting[peer]
+            raise
+        except (HandshakeError, OSError, TimeoutError) as exc:
+            self._connecting.pop(peer, None)
+            self._mark_dead(peer, f"cannot connect: {exc}")
+            return
+        self._connecting.pop(peer, None)
+
+    async def connect_to(self, peer: bytes, sock: socket.socket | None = None) -> None:
+        """Initiator side of the handshake to node ``peer``."""
+        own = sock is None
+        if sock is None:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            sock.setblocking(False)
+        try:
+            async with asyncio.timeout(HANDSHAKE_TIMEOUT):
+                if own:
+                    await self.loop.sock_connect(sock, os.fspath(node_path(self.directory, peer)))
+                nonce_i = secrets.token_bytes(32)
+                await self.loop.sock_sendall(
+                    sock, _HELLO.pack(_MAGIC, PROTOCOL_VERSION, 0, self.id, peer, nonce_i)
+                )
+                magic, _ver, status, got, nonce_a, mac_a = _CHALLENGE.unpack(
+                    await _recv_exact(self.loop, sock, _CHALLENGE.size)
+                )
+                if magic != _MAGIC or status != S_OK or got != peer:
+                    raise HandshakeError(f"node {peer.hex()[:12]} refused the handshake (status {status})")
+                want_mac = self._secret.mac(b"meshipc-acceptor", nonce_i, nonce_a, self.id, peer)
+                if not hmac.compare_digest(mac_a, want_mac):
+                    raise HandshakeError("the node did not prove it holds the mesh secret")
+                mac_i = self._secret.mac(b"meshipc-initiator", nonce_i, nonce_a, self.id, peer)
+                await self.loop.sock_sendall(sock, _AUTH.pack(mac_i))
+                (verdict,) = _VERDICT.unpack(await _recv_exact(self.loop, sock, _VERDICT.size))
+        except BaseException:
+            sock.close()
+            raise
+        if verdict == V_ACCEPT:
+            if peer in self._conns:  # lost a race we could not see coming
+                sock.close()
+                return
+            self._established(sock, peer)
+        elif verdict == V_DUPLICATE:
+            sock.close()
+            # the peer's own connection to us carries the traffic; give it time
+            self._spawn(self._await_inbound(peer))
+        else:
+            sock.close()
+            raise HandshakeError(f"node {peer.hex()[:12]} rejected the mesh secret")
+
+    async def _await_inbound(self, peer: bytes) -> None:
+        try:
+            async with asyncio.timeout(HANDSHAKE_TIMEOUT):
+                while peer not in self._conns and peer not in self._dead:
+                    await asyncio.sleep(0.01)
+        except TimeoutError:
+            self._mark_dead(peer, "no connection after a simultaneous connect")
+
+
+def is_socket_alive(path: Path) -> bool:
+    """Whether something accepts connections on the Unix socket ``path``."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        s.settimeout(1.0)
+        s.connect(os.fspath(path))
+        return True
+    except OSError as exc:
+        return exc.errno not in (errno.ECONNREFUSED, errno.ENOENT, errno.ENOTSOCK)
+    finally:
+        s.close()

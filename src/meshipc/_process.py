@@ -1,0 +1,164 @@
+"""Spawned worker processes that join the mesh at start (layer 9).
+
+The parent makes a socket pair, passes one end to a fresh interpreter
+(``python -m meshipc._child``) together with an invitation in the
+environment, and runs the acceptor side of the node handshake on its end.
+The child removes the invitation from its environment first thing, creates
+its own node in the mesh directory, and receives the spawn argument as the
+first message on its bootstrap port. The bootstrap port stays open while the
+child lives: the parent reads the child's outcome on it, and the child
+learns on it that its parent died or the mesh is shutting down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from ._channel import Port
+from ._errors import ChannelClosed, MeshError, PortFailed, RemoteError
+from ._ids import NodeId, PortId
+
+if TYPE_CHECKING:
+    from ._mesh import Mesh
+
+log = logging.getLogger("meshipc")
+
+ENV_INVITATION = "MESHIPC_CHILD_INVITATION"
+_TARGET = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+class ChildInvitation(msgspec.Struct, frozen=True):
+    """What a spawned child needs to join (travels in its environment)."""
+
+    directory: str
+    parent: bytes
+    node: bytes
+    port: bytes
+    peer_port: bytes
+    secret: bytes
+    fd: int
+    target: str
+    name: str
+
+    def __repr__(self) -> str:  # never show the secret
+        return f"ChildInvitation(name={self.name!r}, target={self.target!r}, directory={self.directory!r})"
+
+
+class Process:
+    """A worker process in the mesh. ``await wait()`` gives its exit code."""
+
+    def __init__(self, popen: subprocess.Popen[bytes], name: str, port: Port) -> None:
+        self._popen = popen
+        self.pid = popen.pid
+        self.name = name
+        self._port = port
+        self.returncode: int | None = None
+        #: the child's function raised: its error as ``RemoteError`` (also logged)
+        self.error: RemoteError | None = None
+        self._exited = asyncio.get_running_loop().create_future()
+        self._status_task = asyncio.get_running_loop().create_task(self._read_status())
+        self._watch_exit()
+
+    def _watch_exit(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            pidfd = os.pidfd_open(self.pid)
+        except (AttributeError, OSError):
+            # no pidfd (old kernel, macOS): wait in a thread
+            fut = loop.run_in_executor(None, self._popen.wait)
+            fut.add_done_callback(lambda f: self._set_exit(f.result()))
+            return
+
+        def on_exit() -> None:
+            loop.remove_reader(pidfd)
+            os.close(pidfd)
+            self._set_exit(self._popen.wait())
+
+        loop.add_reader(pidfd, on_exit)
+
+    def _set_exit(self, code: int) -> None:
+        self.returncode = code
+        if not self._exited.done():
+            self._exited.set_result(code)
+        # the child is gone: its bootstrap port is of no more use
+        self._port.close()
+
+    async def _read_status(self) -> None:
+        try:
+            status = await self._port.recv()
+        except (ChannelClosed, PortFailed):
+            return
+        except MeshError as exc:
+            log.warning("worker %s sent an unreadable status: %s", self.name, exc)
+            return
+        if isinstance(status, list) and status and status[0] == "error" and len(status) == 4:
+            self.error = RemoteError(str(status[1]), str(status[2]), str(status[3]))
+            log.error("worker %s (pid %d) failed: %s\n%s", self.name, self.pid, self.error, status[3])
+
+    async def wait(self) -> int:
+        """Wait for the process to exit; its exit code (negative: killed by signal)."""
+        return await asyncio.shield(self._exited)
+
+    def kill(self) -> None:
+        """SIGKILL the process (no-op once it has exited)."""
+        if self.returncode is None:
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def terminate(self) -> None:
+        """Ask the worker to stop: its function is cancelled and it exits."""
+        self._port.close()
+
+    def __repr__(self) -> str:
+        state = "running" if self.returncode is None else f"exited {self.returncode}"
+        return f"<Process {self.name!r} pid={self.pid} {state}>"
+
+
+async def spawn(mesh: Mesh, target: str, arg: Any, name: str | None) -> Process:
+    if not _TARGET.match(target):
+        raise ValueError(f"target must look like 'package.module:function', got {target!r}")
+    node = mesh._node
+    name = name or target.rsplit(":", 1)[1]
+    parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    child_id, pport, cport = NodeId.random(), PortId.random(), PortId.random()
+    inv = ChildInvitation(
+        directory=os.fspath(node.directory),
+        parent=bytes(node.id),
+        node=bytes(child_id),
+        port=bytes(cport),
+        peer_port=bytes(pport),
+        secret=node._secret.reveal(),
+        fd=child_sock.fileno(),
+        target=target,
+        name=name,
+    )
+    env = dict(os.environ)
+    env[ENV_INVITATION] = base64.b64encode(msgspec.msgpack.encode(inv)).decode()
+    # same interpreter, same import path (including the caller's own modules)
+    env["PYTHONPATH"] = os.pathsep.join(p or os.getcwd() for p in sys.path)
+    try:
+        popen = subprocess.Popen(
+            [sys.executable, "-m", "meshipc._child"],
+            env=env,
+            pass_fds=[child_sock.fileno()],
+            close_fds=True,
+        )
+    finally:
+        child_sock.close()
+    node._spawn(node.accept_connection(parent_sock, expect=child_id))
+    port = Port._wrap([node.engine.new_bound(pport, child_id, cport)])
+    port.send(arg)
+    return Process(popen, name, port)

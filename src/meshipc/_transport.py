@@ -1,0 +1,292 @@
+"""One authenticated connection between two nodes (layer 5, asyncio).
+
+Reads and writes go straight to a non-blocking AF_UNIX socket with
+``recvmsg``/``sendmsg`` (asyncio transports cannot carry descriptors):
+
+* reads land in one reused buffer (``recvmsg_into``) and go to the sans-IO
+  :class:`FrameDecoder`; received descriptors queue in a FIFO and each MSG
+  frame takes the number it declares;
+* writes are coalesced: frames collect in a batch and are written once per
+  loop iteration, with the batch's descriptors riding on the first byte;
+* bodies of ``OOB_THRESHOLD`` bytes or more travel in a sealed memfd.
+
+The connection makes no protocol decisions: it hands events to its node.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import fcntl
+import logging
+import mmap
+import os
+import socket
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from ._errors import ProtocolError
+from ._fd import Fd
+from ._wire import (
+    F_OOB,
+    MAX_FDS_PER_MESSAGE,
+    OOB_THRESHOLD,
+    Event,
+    FrameDecoder,
+    MsgEvent,
+    encode_event,
+    encode_msg_header,
+    oob_body_length,
+    oob_body_marker,
+)
+
+log = logging.getLogger("meshipc")
+
+#: Linux passes at most this many descriptors in one sendmsg (SCM_MAX_FD).
+SCM_MAX_FD = 253
+#: Size of the reused read buffer. Small enough to stay out of glibc's mmap
+#: threshold trap (a fresh 256 KiB allocation per read), big enough for
+#: hundreds of small frames per syscall.
+READ_SIZE = 128 * 1024
+#: Most descriptors queued on one connection before the peer is deemed broken.
+MAX_QUEUED_FDS = 4 * MAX_FDS_PER_MESSAGE
+_ANC = socket.CMSG_SPACE(SCM_MAX_FD * 4)
+_SEALS = (
+    getattr(fcntl, "F_SEAL_SEAL", 1)
+    | getattr(fcntl, "F_SEAL_SHRINK", 2)
+    | getattr(fcntl, "F_SEAL_GROW", 4)
+    | getattr(fcntl, "F_SEAL_WRITE", 8)
+)
+_HAVE_MEMFD = hasattr(os, "memfd_create") and hasattr(fcntl, "F_ADD_SEALS")
+
+
+def _make_memfd(body: bytes | memoryview) -> Fd:
+    fd = os.memfd_create("meshipc-msg", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        view = memoryview(body)
+        while view:
+            n = os.write(fd, view)
+            view = view[n:]
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
+    except BaseException:
+        os.close(fd)
+        raise
+    return Fd(fd)
+
+
+def _read_memfd(fd: Fd, length: int) -> bytes:
+    n = fd.fileno()
+    try:
+        size = os.fstat(n).st_size
+        if size != length:
+            raise ProtocolError(f"out-of-band body is {size} bytes, frame said {length}")
+        if _HAVE_MEMFD:
+            seals = fcntl.fcntl(n, fcntl.F_GET_SEALS)
+            need = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK
+            if seals & need != need:
+                raise ProtocolError("out-of-band body is not sealed")
+        if length == 0:
+            return b""
+        with mmap.mmap(n, length, prot=mmap.PROT_READ) as m:
+            return m[:]
+    except OSError as exc:
+        raise ProtocolError(f"unreadable out-of-band body: {exc}") from exc
+    finally:
+        fd.close()
+
+
+class Connection:
+    """Framed, fd-carrying, coalescing I/O on one connected socket."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        sock: socket.socket,
+        peer: bytes,
+        on_event: Callable[[bytes, Event, list[Any]], None],
+        on_lost: Callable[[Connection, str], None],
+    ) -> None:
+        self.loop = loop
+        self.sock = sock
+        self.peer = peer
+        self._on_event = on_event
+        self._on_lost = on_lost
+        self._decoder = FrameDecoder()
+        self._rbuf = bytearray(READ_SIZE)
+        self._rview = memoryview(self._rbuf)
+        self._fds: deque[Fd] = deque()
+        # batches of (chunks, fds); a batch carries at most SCM_MAX_FD fds
+        self._chunks: list[bytes] = []
+        self._batch_fds: list[Fd] = []
+        self._batches: deque[tuple[bytes | memoryview, list[Fd]]] = deque()
+        self._flush_scheduled = False
+        self._writing = False
+        self.closed = False
+        self.frames_in = 0
+        self.frames_out = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
+        sock.setblocking(False)
+        loop.add_reader(sock.fileno(), self._on_readable)
+
+    # ---------------------------------------------------------------- writing
+
+    def write_event(self, ev: Event, fds: list[Any]) -> None:
+        if self.closed:
+            for f in fds:
+                f.close()
+            return
+        if isinstance(ev, MsgEvent):
+            body = ev.body
+            if len(body) >= OOB_THRESHOLD and _HAVE_MEMFD:
+                fds = [*fds, _make_memfd(body)]
+                frame_head = encode_msg_header(ev.port, ev.seq, ev.kind, F_OOB, ev.ports, len(fds), 8)
+                self._add(frame_head + oob_body_marker(len(body)), fds)
+            else:
+                head = encode_msg_header(ev.port, ev.seq, ev.kind, ev.flags, ev.ports, len(fds), len(body))
+                self._add(head + body if len(body) < 4096 else head, fds)
+                if len(body) >= 4096:
+                    self._chunks.append(body)
+        else:
+            self._add(encode_event(ev), fds)
+
+    def _add(self, data: bytes, fds: list[Any]) -> None:
+        if fds:
+            if len(self._batch_fds) + len(fds) > SCM_MAX_FD:
+                self._seal_batch()
+            self._batch_fds.extend(fds)
+        self._chunks.append(data)
+        self.frames_out += 1
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self.flush)
+
+    def _seal_batch(self) -> None:
+        if self._chunks:
+            self._batches.append((b"".join(self._chunks), self._batch_fds))
+            self._chunks = []
+            self._batch_fds = []
+
+    def flush(self) -> None:
+        self._flush_scheduled = False
+        self._seal_batch()
+        if self._writing or self.closed:
+            return
+        self._write_batches()
+
+    def _write_batches(self) -> None:
+        batches = self._batches
+        while batches:
+            data, fds = batches[0]
+            try:
+                if fds:
+                    arr = array.array("i", [f.fileno() for f in fds])
+                    anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, arr)]
+                    n = self.sock.sendmsg([data], anc)
+                else:
+                    n = self.sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                n = 0
+            except OSError as exc:
+                self._lost(f"write failed: {exc}")
+                return
+            if fds and n > 0:
+                # delivered with the first byte: never send them again
+                for f in fds:
+                    f.close()
+                fds = []
+            self.bytes_out += n
+            if n < len(data):
+                batches[0] = (memoryview(data)[n:], fds)
+                if not self._writing:
+                    self._writing = True
+                    self.loop.add_writer(self.sock.fileno(), self._on_writable)
+                return
+            batches.popleft()
+        if self._writing:
+            self._writing = False
+            self.loop.remove_writer(self.sock.fileno())
+
+    def _on_writable(self) -> None:
+        self._write_batches()
+
+    @property
+    def idle(self) -> bool:
+        return not (self._batches or self._chunks or self._writing)
+
+    # ---------------------------------------------------------------- reading
+
+    def _on_readable(self) -> None:
+        try:
+            n, anc, flags, _ = self.sock.recvmsg_into([self._rview], _ANC, socket.MSG_CMSG_CLOEXEC)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._lost(f"read failed: {exc}")
+            return
+        try:
+            for level, kind, data in anc:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    arr = array.array("i")
+                    arr.frombytes(data[: len(data) - (len(data) % arr.itemsize)])
+                    self._fds.extend(Fd(x) for x in arr)
+            if flags & socket.MSG_CTRUNC:
+                raise ProtocolError("descriptors were truncated (peer sent too many)")
+            if len(self._fds) > MAX_QUEUED_FDS:
+                raise ProtocolError("peer sent descriptors that no frame claims")
+            if n == 0:
+                self._lost("connection closed by peer")
+                return
+            self.bytes_in += n
+            events = self._decoder.feed(self._rview[:n])
+            for ev in events:
+                self.frames_in += 1
+                fds: list[Any] = []
+                if isinstance(ev, MsgEvent):
+                    if ev.nfds:
+                        if ev.nfds > len(self._fds):
+                            raise ProtocolError("frame claims descriptors that did not arrive")
+                        fds = [self._fds.popleft() for _ in range(ev.nfds)]
+                    if ev.flags & F_OOB:
+                        ev.body = _read_memfd(fds.pop(), oob_body_length(ev.body))
+                        ev.nfds -= 1
+                        ev.flags = 0
+                self._on_event(self.peer, ev, fds)
+        except ProtocolError as exc:
+            log.warning("dropping connection to node %s: protocol error: %s", self.peer.hex()[:12], exc)
+            self._lost(f"protocol error: {exc}")
+            return
+        # answer a batch of reads right away instead of waiting a loop turn
+        if self._flush_scheduled and not self.closed:
+            self.flush()
+
+    # ---------------------------------------------------------------- closing
+
+    def _lost(self, reason: str) -> None:
+        if self.closed:
+            return
+        self.close()
+        self._on_lost(self, reason)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        fd = self.sock.fileno()
+        if fd >= 0:
+            self.loop.remove_reader(fd)
+            if self._writing:
+                self.loop.remove_writer(fd)
+        self.sock.close()
+        for f in self._fds:
+            f.close()
+        self._fds.clear()
+        for _, fds in self._batches:
+            for f in fds:
+                f.close()
+        for f in self._batch_fds:
+            f.close()
+        self._batches.clear()
+        self._chunks = []
+        self._batch_fds = []
