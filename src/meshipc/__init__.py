@@ -27,12 +27,22 @@ from ._errors import (
 )
 from ._fd import Fd
 from ._ids import NodeId, PortId
+from ._invitation import ClientConnection, Connection, Invitation, Inviter, Listener, connect, join
 from ._mesh import Mesh
+from ._node import PeerCred
 from ._process import Process
 
 __version__ = "0.1.0"
 
 __all__ = (
+    "PeerCred",
+    "join",
+    "connect",
+    "Listener",
+    "Inviter",
+    "Invitation",
+    "Connection",
+    "ClientConnection",
     "AuthenticationError",
     "Call",
     "ChannelClosed",

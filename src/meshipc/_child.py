@@ -65,11 +65,11 @@ async def _run(inv: ChildInvitation) -> int:
                 pass
             return 0 if watch.exception() is None or isinstance(watch.exception(), MeshError) else 1
         watch.cancel()
-        exc = work.exception()
-        if exc is not None:
-            port.send(["error", type(exc).__qualname__, str(exc), "".join(traceback.format_exception(exc))])
+        err = work.exception()
+        if err is not None:
+            port.send(["error", type(err).__qualname__, str(err), "".join(traceback.format_exception(err))])
             print(f"meshipc worker {inv.name} failed:", file=sys.stderr)
-            traceback.print_exception(exc)
+            traceback.print_exception(err)
             port.close()
             return 1
         port.send(["ok"])

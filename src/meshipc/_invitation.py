@@ -1,18 +1,512 @@
-"""Named meshes, listeners, invitations and ``connect`` (layer 8)."""
+"""Named meshes, listeners, invitations, ``connect`` and ``join`` (layer 8).
+
+An invitation admits one new node to a running mesh, once, for a limited
+time. It holds the mesh directory, the inviting node's id, the id the new
+node must use, the port it receives first (a port descriptor: the port is in
+transit to the new node, exactly as if it had been sent in a message), and
+the mesh secret. The listener socket carries nothing but invitations::
+
+    [u32 little-endian length][msgpack invitation]
+
+after which the client joins as a full node by connecting node to node,
+authenticated by the secret like every other connection.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import shutil
+import socket
+import stat
+import struct
+import threading
+import time
+from collections.abc import AsyncIterator
 from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Final
 
-from ._errors import MeshNameInUse
-from ._node import check_private_dir
+import msgspec
+
+from ._channel import Port
+from ._errors import (
+    AuthenticationError,
+    ConnectError,
+    HandshakeError,
+    InvitationDecodeError,
+    InvitationExpired,
+    InvitationReadError,
+    InvitationTooLarge,
+    JoinError,
+    MeshError,
+    MeshNameInUse,
+)
+from ._ids import NodeId
+from ._node import V_DUPLICATE, PeerCred, is_socket_alive
+from ._wire import _DESC, PortDesc
+
+if TYPE_CHECKING:
+    from ._mesh import Mesh
+
+log = logging.getLogger("meshipc")
+
+#: Largest invitation a client reads (checked before allocating). Real ones
+#: are a few hundred bytes; the cap is the reference design's.
+MAX_INVITATION: Final = 64 * 1024
+#: Seconds an invitation stays valid by default.
+INVITATION_TTL: Final = 10.0
+#: Seconds a listener client gets to take its invitation.
+CLIENT_TIMEOUT: Final = 5.0
+LISTENER_NAME: Final = "listen.sock"
+_LEN = struct.Struct("<I")
+_INVITATION_VERSION = 1
 
 
-def claim_name(root: Path, name: str) -> Path:
-    directory = root / f"mesh-{name}"
+# --------------------------------------------------------------------- names
+
+
+def claim_name(root: Path, name: str) -> tuple[Path, int]:
+    """Take the name ``name`` under ``root``: returns the (fresh) mesh
+    directory and the lock fd to hold while the mesh lives.
+
+    A lock file held with ``flock`` tells a live mesh from a dead one: the
+    kernel drops the lock when its process dies, whatever way it died."""
+    lock_path = root / f"mesh-{name}.lock"
     try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise MeshError(f"cannot open lock file {lock_path}: {exc}") from exc
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid():
+            raise MeshError(f"{lock_path} is not a regular file of ours (refusing to use it)")
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise MeshNameInUse(f"a live mesh named {name!r} already runs (lock {lock_path})") from None
+        directory = root / f"mesh-{name}"
+        if os.path.lexists(directory):
+            from ._node import check_private_dir
+
+            check_private_dir(directory)  # anything not ours is refused, never deleted
+            log.info("replacing stale directory %s of a dead mesh %r", directory, name)
+            shutil.rmtree(directory)
         directory.mkdir(mode=0o700)
-    except FileExistsError:
-        check_private_dir(directory)
-        raise MeshNameInUse(f"a mesh named {name!r} already exists at {directory}") from None
-    return directory
+        return directory, fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def listener_path(name_or_path: str | os.PathLike[str], runtime_dir: str | os.PathLike[str] | None) -> Path:
+    s = os.fspath(name_or_path)
+    if "/" in s:
+        return Path(s)
+    from ._mesh import runtime_root
+
+    return runtime_root(runtime_dir) / f"mesh-{s}" / LISTENER_NAME
+
+
+# --------------------------------------------------------------- invitation
+
+
+class _Wire(msgspec.Struct, array_like=True, forbid_unknown_fields=True):
+    version: int
+    directory: str
+    inviter: bytes
+    node: bytes
+    port: bytes
+    secret: bytes
+    expires: float
+
+
+class Invitation:
+    """Admits one new node to a mesh, once, before it expires.
+
+    ``bytes(inv)`` serializes it (it contains the mesh secret: carry it only
+    over channels as private as the mesh itself);
+    ``Invitation.from_bytes(data)`` reads one back (raises
+    ``InvitationDecodeError``). The repr never shows the secret."""
+
+    __slots__ = ("_w",)
+
+    def __init__(self, w: _Wire) -> None:
+        self._w = w
+
+    @property
+    def directory(self) -> str:
+        return self._w.directory
+
+    @property
+    def inviter(self) -> NodeId:
+        return NodeId(self._w.inviter)
+
+    @property
+    def node(self) -> NodeId:
+        return NodeId(self._w.node)
+
+    @property
+    def expires(self) -> float:
+        return self._w.expires
+
+    def __bytes__(self) -> bytes:
+        return msgspec.msgpack.encode(self._w)
+
+    @classmethod
+    def from_bytes(cls, data: bytes | bytearray | memoryview) -> Invitation:
+        if len(data) > MAX_INVITATION:
+            raise InvitationDecodeError(f"invitation of {len(data)} bytes exceeds {MAX_INVITATION}")
+        try:
+            w = msgspec.msgpack.decode(data, type=_Wire)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise InvitationDecodeError(f"not a meshipc invitation: {exc}") from None
+        if w.version != _INVITATION_VERSION:
+            raise InvitationDecodeError(f"unsupported invitation version {w.version}")
+        if len(w.inviter) != 16 or len(w.node) != 16 or len(w.secret) != 32 or len(w.port) != _DESC.size:
+            raise InvitationDecodeError("invitation fields have the wrong sizes")
+        if not w.directory.startswith("/") or "\0" in w.directory:
+            raise InvitationDecodeError("invitation directory is not an absolute path")
+        return cls(w)
+
+    def __repr__(self) -> str:
+        return f"Invitation(directory={self.directory!r}, node={self.node!r}, secret=<redacted>)"
+
+
+class Inviter:
+    """Makes invitations for one mesh; safe to use from any task or thread.
+
+    The work runs on the mesh's own event loop, so holders need not own the
+    ``Mesh``."""
+
+    def __init__(self, mesh: Mesh, ttl: float = INVITATION_TTL) -> None:
+        self._mesh = mesh
+        self._loop = mesh._node.loop
+        self.ttl = ttl
+
+    def _invite_now(self, port: Port, ttl: float | None) -> Invitation:
+        node = self._mesh._node
+        if node.closed:
+            raise MeshError("the mesh is closed")
+        if not isinstance(port, Port) or len(port._states) != 1:
+            raise ChannelClosedOrType(port)
+        (st,) = port._detach()
+        new_node = NodeId.random()
+        ttl = self.ttl if ttl is None else ttl
+        desc = node.engine._send_port(st, new_node)
+        node.expect_invited(new_node, ttl)
+        packed = _DESC.pack(
+            desc.id, desc.peer_node, desc.peer_port, desc.origin, desc.send_seq, desc.recv_seq, desc.flags
+        )
+        return Invitation(
+            _Wire(
+                _INVITATION_VERSION,
+                os.fspath(node.directory),
+                bytes(node.id),
+                bytes(new_node),
+                packed,
+                node._secret.reveal(),
+                time.time() + ttl,
+            )
+        )
+
+    async def invite(self, port: Port, *, ttl: float | None = None) -> Invitation:
+        """An invitation whose new node receives ``port`` as its first port
+        (keep the other end). Unused, it expires after ``ttl`` seconds and the
+        kept end fails."""
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is self._loop:
+            return self._invite_now(port, ttl)
+        cf = asyncio.run_coroutine_threadsafe(self._async_invite(port, ttl), self._loop)
+        return await asyncio.wrap_future(cf)
+
+    async def _async_invite(self, port: Port, ttl: float | None) -> Invitation:
+        return self._invite_now(port, ttl)
+
+    def invite_blocking(self, port: Port, *, ttl: float | None = None, timeout: float = 10.0) -> Invitation:
+        """``invite`` for plain threads (not the mesh's loop thread)."""
+        if threading.current_thread() is getattr(self._loop, "_thread", None):
+            raise MeshError("invite_blocking called on the mesh's own loop; use await invite()")
+        cf = asyncio.run_coroutine_threadsafe(self._async_invite(port, ttl), self._loop)
+        return cf.result(timeout)
+
+
+def ChannelClosedOrType(port: Any) -> MeshError:
+    if isinstance(port, Port):
+        return MeshError("the port is closed or was sent away")
+    return MeshError(f"invite() takes a meshipc.Port, got {type(port).__name__}")
+
+
+# ----------------------------------------------------------------- listener
+
+
+class Connection:
+    """One attached client as the server sees it: ``port`` (its peer is in the
+    client) and ``peer`` (pid, uid, gid of the client process, from the kernel)."""
+
+    __slots__ = ("peer", "port")
+
+    def __init__(self, port: Port, peer: PeerCred) -> None:
+        self.port = port
+        self.peer = peer
+
+    def __repr__(self) -> str:
+        return f"<Connection peer={self.peer!r}>"
+
+
+class Listener:
+    """Hands one invitation to each client that connects to ``path``.
+
+    ``await accept()`` / ``async for conn in listener`` give a ``Connection``
+    per client. Only clients running as an allowed uid (default: ours) get an
+    invitation; others are closed and logged."""
+
+    def __init__(self, mesh: Mesh, path: Path, allowed_uids: set[int], ttl: float) -> None:
+        self._mesh = mesh
+        self.path = path
+        self.allowed_uids = allowed_uids
+        self._inviter = Inviter(mesh, ttl)
+        self._loop = mesh._node.loop
+        self._sock: socket.socket | None = None
+        self._queue: asyncio.Queue[Connection | None] = asyncio.Queue()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.closed = False
+        self.refused = 0
+
+    def start(self) -> None:
+        path = self.path
+        if os.path.lexists(path):
+            st = os.lstat(path)
+            if not stat.S_ISSOCK(st.st_mode) or st.st_uid != os.getuid():
+                raise MeshError(f"{path} exists and is not a socket of ours (refusing to replace it)")
+            if is_socket_alive(path):
+                raise MeshNameInUse(f"a listener already runs at {path}")
+            os.unlink(path)  # stale socket of a dead mesh of ours
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            s.bind(os.fspath(path))
+            os.chmod(path, 0o600)
+            s.listen(1024)
+            s.setblocking(False)
+        except OSError as exc:
+            s.close()
+            raise MeshError(f"cannot listen on {path}: {exc}") from exc
+        self._sock = s
+        self._loop.add_reader(s.fileno(), self._on_accept)
+
+    def _on_accept(self) -> None:
+        for _ in range(128):
+            if self._sock is None:
+                return
+            try:
+                sock, _ = self._sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                log.warning("listener %s: accept failed: %s", self.path, exc)
+                return
+            sock.setblocking(False)
+            t = self._loop.create_task(self._serve(sock))
+            self._tasks.add(t)
+            t.add_done_callback(self._tasks.discard)
+
+    async def _serve(self, sock: socket.socket) -> None:
+        with sock:
+            try:
+                cred = PeerCred.of(sock)
+            except OSError as exc:
+                log.warning("listener %s: no peer credentials: %s", self.path, exc)
+                return
+            if cred.uid not in self.allowed_uids:
+                self.refused += 1
+                log.warning(
+                    "listener %s refused pid %d uid %d: uid not allowed", self.path, cred.pid, cred.uid
+                )
+                return
+            mine, theirs = Port.pair()
+            inv = self._inviter._invite_now(theirs, None)
+            data = bytes(inv)
+            try:
+                async with asyncio.timeout(CLIENT_TIMEOUT):
+                    await self._loop.sock_sendall(sock, _LEN.pack(len(data)) + data)
+            except (OSError, TimeoutError) as exc:
+                log.info(
+                    "listener %s: client pid %d uid %d left early: %s", self.path, cred.pid, cred.uid, exc
+                )
+                mine.close()
+                return
+            log.info("listener %s: invitation sent to pid %d uid %d", self.path, cred.pid, cred.uid)
+            self._queue.put_nowait(Connection(mine, cred))
+
+    async def accept(self) -> Connection:
+        """The next client. Raises ``MeshError`` once the listener is closed."""
+        if self.closed and self._queue.empty():
+            raise MeshError("listener closed")
+        conn = await self._queue.get()
+        if conn is None:
+            self._queue.put_nowait(None)
+            raise MeshError("listener closed")
+        return conn
+
+    def __aiter__(self) -> Listener:
+        return self
+
+    async def __anext__(self) -> Connection:
+        try:
+            return await self.accept()
+        except MeshError:
+            raise StopAsyncIteration from None
+
+    def close(self) -> None:
+        """Stop accepting and remove the socket file (idempotent)."""
+        if self.closed:
+            return
+        self.closed = True
+        if self._sock is not None:
+            self._loop.remove_reader(self._sock.fileno())
+            self._sock.close()
+            self._sock = None
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+        for t in self._tasks:
+            t.cancel()
+        self._queue.put_nowait(None)
+
+    async def __aenter__(self) -> Listener:
+        return self
+
+    async def __aexit__(
+        self, t: type[BaseException] | None, v: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<Listener {self.path}>"
+
+
+# ------------------------------------------------------------------- client
+
+
+class ClientConnection:
+    """An attached client's side: ``port`` is peered with the server's
+    ``Connection.port``; ``mesh`` is this process's new node."""
+
+    __slots__ = ("mesh", "port")
+
+    def __init__(self, port: Port, mesh: Mesh) -> None:
+        self.port = port
+        self.mesh = mesh
+
+    def __repr__(self) -> str:
+        return f"<ClientConnection node={self.mesh.node_id!r}>"
+
+
+async def read_invitation(path: Path, expected_uid: int | None = None) -> Invitation:
+    """Connect to the listener at ``path`` and read one invitation."""
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    sock.setblocking(False)
+    with sock:
+        try:
+            await loop.sock_connect(sock, os.fspath(path))
+        except OSError as exc:
+            reason = os.strerror(exc.errno) if exc.errno else str(exc)
+            raise ConnectError(os.fspath(path), reason) from None
+        want = os.getuid() if expected_uid is None else expected_uid
+        cred = PeerCred.of(sock)
+        if cred.uid != want:
+            raise AuthenticationError(
+                f"listener {path} runs as uid {cred.uid}, expected uid {want} (not taking its invitation)"
+            )
+        head = await _read(loop, sock, _LEN.size, path)
+        (length,) = _LEN.unpack(head)
+        if length > MAX_INVITATION:
+            raise InvitationTooLarge(os.fspath(path), length, MAX_INVITATION)
+        data = await _read(loop, sock, length, path)
+    try:
+        return Invitation.from_bytes(data)
+    except InvitationDecodeError as exc:
+        raise InvitationDecodeError(f"listener {path}: {exc}") from None
+
+
+async def _read(loop: asyncio.AbstractEventLoop, sock: socket.socket, n: int, path: Path) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        try:
+            chunk = await loop.sock_recv(sock, n - len(buf))
+        except OSError as exc:
+            raise InvitationReadError(os.fspath(path), f"read failed: {exc}") from None
+        if not chunk:
+            raise InvitationReadError(os.fspath(path), f"stream ended after {len(buf)} of {n} bytes")
+        buf += chunk
+    return bytes(buf)
+
+
+@contextlib.asynccontextmanager
+async def join(invitation: Invitation) -> AsyncIterator[ClientConnection]:
+    """Join the mesh an invitation is for, as a new node of this process.
+
+    Raises ``AuthenticationError`` if the inviting node rejects the secret,
+    ``InvitationExpired`` if the invitation was used or expired, and
+    ``JoinError`` for any other failure while joining."""
+    from ._mesh import Mesh
+
+    w = invitation._w
+    if w.expires < time.time():
+        raise InvitationExpired("the invitation has expired")
+    try:
+        ctx = Mesh._joined(w.directory, w.secret, w.node)
+        mesh = await ctx.__aenter__()
+    except (OSError, MeshError) as exc:
+        if isinstance(exc, JoinError):
+            raise
+        raise JoinError(f"cannot join the mesh in {w.directory}: {exc}") from exc
+    try:
+        node = mesh._node
+        try:
+            verdict = await node.connect_to(w.inviter)
+        except HandshakeError as exc:
+            raise AuthenticationError(f"the inviting node rejected us: {exc}") from None
+        except (OSError, TimeoutError) as exc:
+            if isinstance(exc, OSError) and exc.errno in (errno.ENOENT, errno.ECONNREFUSED):
+                raise JoinError(f"the inviting node in {w.directory} is gone") from None
+            raise JoinError(f"cannot reach the inviting node: {exc}") from None
+        if verdict == V_DUPLICATE:
+            raise InvitationExpired("the inviting node refused us: invitation used or expired")
+        d = PortDesc(*_DESC.unpack(w.port))
+        st = node.engine._materialize(w.inviter, d)
+        conn = ClientConnection(Port._wrap([st]), mesh)
+    except BaseException:
+        await ctx.__aexit__(None, None, None)
+        raise
+    try:
+        yield conn
+    finally:
+        conn.port.close()
+        await ctx.__aexit__(None, None, None)
+
+
+@contextlib.asynccontextmanager
+async def connect(
+    name_or_path: str | os.PathLike[str],
+    *,
+    runtime_dir: str | os.PathLike[str] | None = None,
+    expected_uid: int | None = None,
+) -> AsyncIterator[ClientConnection]:
+    """Attach this process to a running mesh by name or listener path.
+
+    Raises ``ConnectError`` (no such path, refused, permission denied),
+    ``InvitationReadError``, ``InvitationTooLarge``, ``InvitationDecodeError``,
+    ``AuthenticationError`` (listener of an unexpected uid, or secret
+    rejected) or ``JoinError``."""
+    path = listener_path(name_or_path, runtime_dir)
+    inv = await read_invitation(path, expected_uid)
+    async with join(inv) as conn:
+        yield conn

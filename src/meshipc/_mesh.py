@@ -12,12 +12,15 @@ import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._errors import MeshError
 from ._ids import NodeId
 from ._node import MeshSecret, Node, check_private_dir
 from ._process import Process, spawn
+
+if TYPE_CHECKING:
+    from ._invitation import Inviter, Listener
 
 log = logging.getLogger("meshipc")
 
@@ -76,10 +79,11 @@ class Mesh:
         self._children: list[Process] = []
         self._closed = False
         self._extras: list[Any] = []  # listeners and other things closed with the mesh
+        self._lock_fd = -1
 
     @property
     def node_id(self) -> NodeId:
-        return self._node.id
+        return NodeId(self._node.id)
 
     @property
     def directory(self) -> Path:
@@ -91,7 +95,7 @@ class Mesh:
         if self.name is not None:
             from ._invitation import claim_name
 
-            directory = claim_name(root, self.name)
+            directory, self._lock_fd = claim_name(root, self.name)
         else:
             directory = mesh_directory(root, os.urandom(8).hex())
             directory.mkdir(mode=0o700)
@@ -146,6 +150,38 @@ class Mesh:
         await self._node.close()
         if self._owns_directory:
             shutil.rmtree(self._node.directory, ignore_errors=True)
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)  # the name is free again
+            self._lock_fd = -1
+
+    async def listen(
+        self,
+        path: str | os.PathLike[str] | None = None,
+        *,
+        allowed_uids: set[int] | None = None,
+        invitation_ttl: float | None = None,
+    ) -> Listener:
+        """Start handing out invitations on a Unix socket: by default
+        ``<mesh directory>/listen.sock`` (where ``connect(name)`` looks).
+        Raises ``MeshNameInUse`` if a live listener holds the path and
+        ``MeshError`` if the path holds something that is not ours."""
+        from ._invitation import INVITATION_TTL, LISTENER_NAME, Listener
+
+        if self._closed:
+            raise MeshError("the mesh is closed")
+        p = Path(path) if path is not None else self.directory / LISTENER_NAME
+        uids = set(allowed_uids) if allowed_uids is not None else {os.getuid()}
+        listener = Listener(self, p, uids, INVITATION_TTL if invitation_ttl is None else invitation_ttl)
+        listener.start()
+        self._extras.append(listener)
+        return listener
+
+    def inviter(self, *, ttl: float | None = None) -> Inviter:
+        """A handle that makes invitations (``await inviter.invite(port)``),
+        usable from any task or thread."""
+        from ._invitation import INVITATION_TTL, Inviter
+
+        return Inviter(self, INVITATION_TTL if ttl is None else ttl)
 
     async def spawn(self, target: str, arg: Any = None, *, name: str | None = None) -> Process:
         """Start a worker process running ``async def function(arg)`` from

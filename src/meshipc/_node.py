@@ -163,6 +163,8 @@ class Node:
         self._lsock: socket.socket | None = None
         self.closed = False
         self.rejected = 0  # connections refused (bad secret, uid, garbage)
+        self.attached = 0  # invited nodes that joined
+        self._invited: dict[bytes, asyncio.TimerHandle] = {}
 
     # ------------------------------------------------------------ lifecycle
 
@@ -214,6 +216,9 @@ class Node:
                 pass
         for t in list(self._tasks):
             t.cancel()
+        for timer in self._invited.values():
+            timer.cancel()
+        self._invited.clear()
         for conn in list(self._conns.values()):
             conn.flush()
             conn.close()
@@ -341,8 +346,26 @@ class Node:
                         self._connecting.pop(peer).cancel()
                 await self.loop.sock_sendall(sock, _VERDICT.pack(verdict))
                 if verdict != V_ACCEPT:
+                    log.info(
+                        "node %s: node %s (pid %d uid %d) refused: already joined, expired or duplicate",
+                        self.id,
+                        peer.hex()[:12],
+                        cred.pid,
+                        cred.uid,
+                    )
                     sock.close()
                     return
+                timer = self._invited.pop(peer, None)
+                if timer is not None:
+                    timer.cancel()
+                    self.attached += 1
+                    log.info(
+                        "node %s: invited node %s attached (pid %d uid %d)",
+                        self.id,
+                        peer.hex()[:12],
+                        cred.pid,
+                        cred.uid,
+                    )
         except (HandshakeError, OSError, TimeoutError, struct.error) as exc:
             self._refuse(sock, str(exc) or type(exc).__name__, cred)
             if expect is not None and self._connecting.get(expect) is me:
@@ -354,13 +377,26 @@ class Node:
                 del self._connecting[expect]
         self._established(sock, peer)
 
+    def expect_invited(self, node: bytes, ttl: float) -> None:
+        """Node ``node`` was invited: if it has not joined within ``ttl``
+        seconds, it never will (its ports fail, a late join is refused)."""
+        self._invited[node] = self.loop.call_later(ttl, self._invite_expired, node)
+
+    def _invite_expired(self, node: bytes) -> None:
+        if self._invited.pop(node, None) is not None and node not in self._conns:
+            log.info("node %s: invitation for node %s expired unused", self.id, node.hex()[:12])
+            self._mark_dead(node, "invitation expired unused")
+
     def connect_via(self, peer: bytes, sock: socket.socket) -> None:
         """Connect to ``peer`` over an already connected socket (inherited)."""
         self._connecting[peer] = self._spawn(self._connect(peer, sock))
 
     async def _connect(self, peer: bytes, sock: socket.socket | None = None) -> None:
         try:
-            await self.connect_to(peer, sock)
+            verdict = await self.connect_to(peer, sock)
+            if verdict == V_DUPLICATE:
+                # the peer's own connection to us carries the traffic; give it time
+                self._spawn(self._await_inbound(peer))
         except asyncio.CancelledError:
             if self._connecting.get(peer) is asyncio.current_task():
                 del self._connecting[peer]
@@ -371,8 +407,10 @@ class Node:
             return
         self._connecting.pop(peer, None)
 
-    async def connect_to(self, peer: bytes, sock: socket.socket | None = None) -> None:
-        """Initiator side of the handshake to node ``peer``."""
+    async def connect_to(self, peer: bytes, sock: socket.socket | None = None) -> int:
+        """Initiator side of the handshake to node ``peer``; returns the
+        verdict (``V_ACCEPT`` or ``V_DUPLICATE``), raises ``HandshakeError``
+        if the node refused us and ``OSError`` if it cannot be reached."""
         own = sock is None
         if sock is None:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
@@ -402,15 +440,13 @@ class Node:
         if verdict == V_ACCEPT:
             if peer in self._conns:  # lost a race we could not see coming
                 sock.close()
-                return
+                return V_DUPLICATE
             self._established(sock, peer)
-        elif verdict == V_DUPLICATE:
-            sock.close()
-            # the peer's own connection to us carries the traffic; give it time
-            self._spawn(self._await_inbound(peer))
-        else:
-            sock.close()
-            raise HandshakeError(f"node {peer.hex()[:12]} rejected the mesh secret")
+            return V_ACCEPT
+        sock.close()
+        if verdict == V_DUPLICATE:
+            return V_DUPLICATE
+        raise HandshakeError(f"node {peer.hex()[:12]} rejected the mesh secret")
 
     async def _await_inbound(self, peer: bytes) -> None:
         try:

@@ -1,0 +1,652 @@
+"""The sans-IO wire layer, ids and the exception tree (no sockets, no loop)."""
+
+from __future__ import annotations
+
+import inspect
+import os
+import pickle
+import random
+import struct
+import types
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import meshipc
+from meshipc import NodeId, PortId, ProtocolError
+from meshipc._wire import (
+    D_DEAD,
+    D_PEER_CLOSED,
+    F_OOB,
+    K_ADD_SENDER,
+    K_CALL,
+    K_DATA,
+    K_ERROR,
+    K_MAX,
+    MAX_FDS_PER_MESSAGE,
+    MAX_FRAME,
+    MAX_OOB_BODY,
+    MAX_PORTS_PER_MESSAGE,
+    MAX_REASON,
+    T_ARRIVED,
+    T_CHANGE_PEER,
+    T_CLOSE,
+    T_FAIL,
+    T_MSG,
+    T_PROXY_ACK,
+    ArrivedEvent,
+    ChangePeerEvent,
+    CloseEvent,
+    Event,
+    FailEvent,
+    FrameDecoder,
+    MsgEvent,
+    PortDesc,
+    ProxyAckEvent,
+    encode_event,
+    encode_msg_header,
+    oob_body_length,
+    oob_body_marker,
+)
+
+MAX_U64 = (1 << 64) - 1
+
+
+def rid(n: int) -> bytes:
+    """A recognisable 16-byte id."""
+    return bytes([n]) * 16
+
+
+def frame(payload: bytes) -> bytes:
+    """``u32-le length | payload`` (payload starts with the type byte)."""
+    return struct.pack("<I", len(payload)) + payload
+
+
+def payload_of(ev: Event) -> bytes:
+    data = encode_event(ev)
+    (n,) = struct.unpack_from("<I", data)
+    assert n == len(data) - 4
+    return data[4:]
+
+
+def desc(n: int, flags: int = 0) -> PortDesc:
+    return PortDesc(rid(n), rid(n + 1), rid(n + 2), rid(n + 3), n * 1000 + 1, MAX_U64 - n, flags)
+
+
+SAMPLES: dict[str, Event] = {
+    "msg-plain": MsgEvent(rid(1), 1, K_DATA, 0, [], 0, b"hello"),
+    "msg-empty-body": MsgEvent(rid(1), 2, K_ADD_SENDER, 0, [], 0, b""),
+    "msg-ports-fds": MsgEvent(
+        rid(2),
+        MAX_U64,
+        K_CALL,
+        0,
+        [desc(10), desc(20, D_PEER_CLOSED), desc(30, D_DEAD), desc(40, D_DEAD | D_PEER_CLOSED)],
+        3,
+        bytes(range(256)) * 3,
+    ),
+    "msg-error": MsgEvent(rid(3), 7, K_ERROR, 0, [], 0, b"\x93\xa1a\xa1b\xa0"),
+    "msg-oob": MsgEvent(rid(4), 9, K_DATA, F_OOB, [desc(50)], 2, oob_body_marker(10**9)),
+    "close": CloseEvent(rid(5), 42),
+    "close-max-seq": CloseEvent(rid(5), MAX_U64),
+    "change-peer": ChangePeerEvent(rid(6), 3, rid(7), rid(8), rid(9), rid(10)),
+    "arrived": ArrivedEvent(rid(11), rid(12)),
+    "proxy-ack": ProxyAckEvent(rid(13), 0),
+    "proxy-ack-max": ProxyAckEvent(rid(13), MAX_U64),
+    "fail": FailEvent(rid(14), "peer went away: d\u00e9j\u00e0 vu \u2603"),
+    "fail-empty": FailEvent(rid(15), ""),
+    "fail-max-reason": FailEvent(rid(16), "r" * MAX_REASON),
+}
+
+
+def feed_chunks(data: bytes, sizes: list[int]) -> tuple[list[Event], bool]:
+    """Feed ``data`` cut into pieces of the given sizes (cycled); returns the
+    events decoded before any error and whether a ``ProtocolError`` came."""
+    dec = FrameDecoder()
+    out: list[Event] = []
+    pos = 0
+    i = 0
+    while pos < len(data):
+        n = max(1, sizes[i % len(sizes)]) if sizes else len(data)
+        i += 1
+        try:
+            out.extend(dec.feed(data[pos : pos + n]))
+        except ProtocolError:
+            with pytest.raises(ProtocolError):
+                dec.feed(b"")
+            return out, True
+        pos += n
+    return out, False
+
+
+# ---------------------------------------------------------------- round trips
+
+
+@pytest.mark.parametrize("name", list(SAMPLES))
+def test_round_trip_whole(name: str):
+    ev = SAMPLES[name]
+    dec = FrameDecoder()
+    assert dec.feed(encode_event(ev)) == [ev]
+    assert dec.buffered == 0
+
+
+@pytest.mark.parametrize("name", list(SAMPLES))
+def test_round_trip_byte_at_a_time(name: str):
+    ev = SAMPLES[name]
+    data = encode_event(ev)
+    dec = FrameDecoder()
+    for i in range(len(data) - 1):
+        assert dec.feed(data[i : i + 1]) == []
+        assert dec.buffered == i + 1
+    assert dec.feed(data[-1:]) == [ev]
+    assert dec.buffered == 0
+
+
+def test_decoded_fields_and_types():
+    ev = SAMPLES["msg-ports-fds"]
+    (got,) = FrameDecoder().feed(encode_event(ev))
+    assert isinstance(got, MsgEvent)
+    assert (got.port, got.seq, got.kind, got.flags, got.nfds) == (rid(2), MAX_U64, K_CALL, 0, 3)
+    assert got.body == bytes(range(256)) * 3
+    assert [d.flags for d in got.ports] == [0, D_PEER_CLOSED, D_DEAD, D_DEAD | D_PEER_CLOSED]
+    d = got.ports[0]
+    assert (d.id, d.peer_node, d.peer_port, d.origin) == (rid(10), rid(11), rid(12), rid(13))
+    assert (d.send_seq, d.recv_seq) == (10001, MAX_U64 - 10)
+    assert isinstance(got.body, bytes)
+    assert got.ports == ev.ports and got != SAMPLES["msg-plain"]
+
+
+def test_several_frames_concatenated():
+    evs = list(SAMPLES.values()) * 2
+    data = b"".join(encode_event(e) for e in evs)
+    assert FrameDecoder().feed(data) == evs
+    assert feed_chunks(data, [1]) == (evs, False)
+    rng = random.Random(1234)
+    for _ in range(20):
+        sizes = [rng.randint(1, 300) for _ in range(10)]
+        assert feed_chunks(data, sizes) == (evs, False)
+
+
+def test_partial_frame_is_kept_between_feeds():
+    a, b = encode_event(SAMPLES["close"]), encode_event(SAMPLES["fail"])
+    dec = FrameDecoder()
+    assert dec.feed(a + b[:5]) == [SAMPLES["close"]]
+    assert dec.buffered == 5
+    assert dec.feed(memoryview(b[5:])) == [SAMPLES["fail"]]
+    assert dec.feed(bytearray()) == []
+    assert dec.buffered == 0
+
+
+def test_msg_header_plus_body_equals_encode_event():
+    ev = SAMPLES["msg-ports-fds"]
+    head = encode_msg_header(ev.port, ev.seq, ev.kind, ev.flags, ev.ports, ev.nfds, len(ev.body))
+    assert head + ev.body == encode_event(ev)
+
+
+def test_fail_reason_truncated_by_encoder():
+    ev = FailEvent(rid(1), "x" * (MAX_REASON * 3))
+    (got,) = FrameDecoder().feed(encode_event(ev))
+    assert got == FailEvent(rid(1), "x" * MAX_REASON)
+
+
+def test_oob_marker_round_trip():
+    for n in (0, 1, 300 * 1024, MAX_OOB_BODY):
+        assert oob_body_length(oob_body_marker(n)) == n
+    with pytest.raises(ProtocolError):
+        oob_body_length(oob_body_marker(MAX_OOB_BODY + 1))
+    with pytest.raises(ProtocolError):
+        oob_body_length(b"1234567")
+
+
+def test_encode_rejects_non_events():
+    with pytest.raises(TypeError):
+        encode_event("not an event")  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------- caps and malformed frames
+
+
+def msg_payload(
+    *, kind: int = K_DATA, flags: int = 0, ports: list[PortDesc] | None = None, nfds: int = 0, body: bytes = b""
+) -> bytes:
+    return payload_of(MsgEvent(rid(1), 1, kind, flags, ports or [], nfds, body))
+
+
+GOOD_PAYLOADS = {
+    "fds-at-limit": msg_payload(nfds=MAX_FDS_PER_MESSAGE),
+    "kind-max": msg_payload(kind=K_MAX),
+    "oob-at-limit": msg_payload(flags=F_OOB, nfds=1, body=oob_body_marker(MAX_OOB_BODY)),
+    "fail-reason-at-limit": bytes([T_FAIL]) + rid(1) + b"r" * MAX_REASON,
+    "fail-no-reason": bytes([T_FAIL]) + rid(1),
+}
+
+
+def _too_many_ports_header() -> bytes:
+    p = bytearray(msg_payload())
+    # nports is the u16 right after type(1) port(16) seq(8) kind(1) flags(1)
+    struct.pack_into("<H", p, 27, MAX_PORTS_PER_MESSAGE + 1)
+    return bytes(p)
+
+
+def _bad_desc_flags() -> bytes:
+    p = bytearray(msg_payload(ports=[desc(1)]))
+    p[-1] = 4  # the descriptor's flags byte: unknown bit
+    return bytes(p)
+
+
+BAD_PAYLOADS = {
+    "unknown-type-0": bytes([0]) + rid(1) + bytes(8),
+    "unknown-type-7": bytes([7]) + rid(1) + bytes(8),
+    "unknown-type-255": bytes([255]) * 40,
+    "unknown-kind": msg_payload(kind=K_MAX + 1),
+    "unknown-kind-255": msg_payload(kind=255),
+    "unknown-flags": msg_payload(flags=2),
+    "unknown-flags-high": msg_payload(flags=0x80 | F_OOB, nfds=1, body=oob_body_marker(1)),
+    "too-many-ports": payload_of(
+        MsgEvent(rid(1), 1, K_DATA, 0, [desc(1)] * (MAX_PORTS_PER_MESSAGE + 1), 0, b"")
+    ),
+    "too-many-ports-header-only": _too_many_ports_header(),
+    "too-many-fds": msg_payload(nfds=MAX_FDS_PER_MESSAGE + 1),
+    "too-many-fds-u16-max": msg_payload(nfds=0xFFFF),
+    "oob-without-fd": msg_payload(flags=F_OOB, nfds=0, body=oob_body_marker(10)),
+    "oob-too-long": msg_payload(flags=F_OOB, nfds=1, body=oob_body_marker(MAX_OOB_BODY + 1)),
+    "oob-u64-max": msg_payload(flags=F_OOB, nfds=1, body=oob_body_marker(MAX_U64)),
+    "oob-no-length": msg_payload(flags=F_OOB, nfds=1, body=b""),
+    "oob-short-length": msg_payload(flags=F_OOB, nfds=1, body=b"\x01\x02\x03"),
+    "oob-long-length": msg_payload(flags=F_OOB, nfds=1, body=oob_body_marker(5) + b"x"),
+    "bad-desc-flags": _bad_desc_flags(),
+    "msg-short": msg_payload()[:-1],
+    "msg-type-only": bytes([T_MSG]),
+    "msg-ports-truncated": msg_payload(ports=[desc(1), desc(2)])[:-1],
+    "fail-reason-too-long": bytes([T_FAIL]) + rid(1) + b"r" * (MAX_REASON + 1),
+    "fail-short": bytes([T_FAIL]) + rid(1)[:15],
+    "close-short": payload_of(SAMPLES["close"])[:-1],
+    "close-long": payload_of(SAMPLES["close"]) + b"\0",
+    "change-short": payload_of(SAMPLES["change-peer"])[:-1],
+    "change-long": payload_of(SAMPLES["change-peer"]) + b"\0",
+    "arrived-short": payload_of(SAMPLES["arrived"])[:-1],
+    "arrived-long": payload_of(SAMPLES["arrived"]) + b"\0",
+    "ack-short": payload_of(SAMPLES["proxy-ack"])[:-1],
+    "ack-long": payload_of(SAMPLES["proxy-ack"]) + b"\0",
+    "close-type-only": bytes([T_CLOSE]),
+    "change-type-only": bytes([T_CHANGE_PEER]),
+    "arrived-type-only": bytes([T_ARRIVED]),
+    "ack-type-only": bytes([T_PROXY_ACK]),
+    "fail-type-only": bytes([T_FAIL]),
+}
+
+
+@pytest.mark.parametrize("name", list(GOOD_PAYLOADS))
+def test_limits_are_inclusive(name: str):
+    (ev,) = FrameDecoder().feed(frame(GOOD_PAYLOADS[name]))
+    assert encode_event(ev) == frame(GOOD_PAYLOADS[name])
+
+
+def test_ports_at_limit_accepted():
+    ev = MsgEvent(rid(1), 1, K_DATA, 0, [desc(1)] * MAX_PORTS_PER_MESSAGE, 0, b"b")
+    data = encode_event(ev)
+    assert len(data) <= MAX_FRAME
+    assert FrameDecoder().feed(data) == [ev]
+
+
+@pytest.mark.parametrize("name", list(BAD_PAYLOADS))
+def test_malformed_frame_rejected(name: str):
+    data = frame(BAD_PAYLOADS[name])
+    dec = FrameDecoder()
+    with pytest.raises(ProtocolError):
+        dec.feed(data)
+    # the decoder is spent: even good bytes are refused now
+    with pytest.raises(ProtocolError):
+        dec.feed(encode_event(SAMPLES["close"]))
+    with pytest.raises(ProtocolError):
+        dec.feed(b"")
+    # same verdict when the bad frame follows a good one and arrives bytewise
+    assert feed_chunks(encode_event(SAMPLES["arrived"]) + data, [1]) == ([SAMPLES["arrived"]], True)
+
+
+@pytest.mark.parametrize("length", [0, MAX_FRAME + 1, 0xFFFFFFFF])
+def test_frame_length_outside_limits(length: int):
+    dec = FrameDecoder()
+    # the length alone is enough to refuse: nothing of that size is awaited
+    with pytest.raises(ProtocolError):
+        dec.feed(struct.pack("<I", length))
+    with pytest.raises(ProtocolError):
+        dec.feed(encode_event(SAMPLES["close"]))
+
+
+def test_frame_length_at_limit_is_awaited():
+    dec = FrameDecoder()
+    assert dec.feed(struct.pack("<I", MAX_FRAME) + bytes([T_MSG])) == []
+    assert dec.buffered == 5
+
+
+def test_short_length_prefix_is_awaited():
+    dec = FrameDecoder()
+    assert dec.feed(b"\x00\x00\x00") == []
+    with pytest.raises(ProtocolError):
+        dec.feed(b"\x00")
+
+
+def test_error_after_good_frames_in_one_feed():
+    dec = FrameDecoder()
+    with pytest.raises(ProtocolError):
+        dec.feed(encode_event(SAMPLES["close"]) + frame(BAD_PAYLOADS["unknown-kind"]))
+    with pytest.raises(ProtocolError):
+        dec.feed(encode_event(SAMPLES["close"]))
+
+
+# ---------------------------------------------------------------- fuzzing
+
+FUZZ = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+ids16 = st.binary(min_size=16, max_size=16)
+u64 = st.integers(0, MAX_U64)
+descs = st.builds(
+    PortDesc,
+    ids16,
+    ids16,
+    ids16,
+    ids16,
+    u64,
+    u64,
+    st.sampled_from([0, D_PEER_CLOSED, D_DEAD, D_DEAD | D_PEER_CLOSED]),
+)
+inline_msgs = st.builds(
+    MsgEvent,
+    ids16,
+    u64,
+    st.integers(0, K_MAX),
+    st.just(0),
+    st.lists(descs, max_size=4),
+    st.integers(0, MAX_FDS_PER_MESSAGE),
+    st.binary(max_size=300),
+)
+oob_msgs = st.builds(
+    MsgEvent,
+    ids16,
+    u64,
+    st.integers(0, K_MAX),
+    st.just(F_OOB),
+    st.lists(descs, max_size=2),
+    st.integers(1, MAX_FDS_PER_MESSAGE),
+    st.integers(0, MAX_OOB_BODY).map(oob_body_marker),
+)
+events = st.one_of(
+    inline_msgs,
+    oob_msgs,
+    st.builds(CloseEvent, ids16, u64),
+    st.builds(ChangePeerEvent, ids16, u64, ids16, ids16, ids16, ids16),
+    st.builds(ArrivedEvent, ids16, ids16),
+    st.builds(ProxyAckEvent, ids16, u64),
+    st.builds(FailEvent, ids16, st.text(max_size=200)),
+)
+chunk_sizes = st.lists(st.integers(1, 64), min_size=1, max_size=8)
+
+
+@FUZZ
+@given(data=st.binary(max_size=2048))
+def test_fuzz_arbitrary_bytes(data: bytes):
+    dec = FrameDecoder()
+    try:
+        out = dec.feed(data)
+    except ProtocolError:
+        with pytest.raises(ProtocolError):
+            dec.feed(data)
+        return
+    assert isinstance(out, list)
+    assert all(isinstance(e, (MsgEvent, CloseEvent, ChangePeerEvent, ArrivedEvent, ProxyAckEvent, FailEvent)) for e in out)
+
+
+@FUZZ
+@given(pieces=st.lists(st.binary(max_size=64), max_size=20))
+def test_fuzz_arbitrary_chunks(pieces: list[bytes]):
+    dec = FrameDecoder()
+    for p in pieces:
+        try:
+            dec.feed(p)
+        except ProtocolError:
+            with pytest.raises(ProtocolError):
+                dec.feed(p)
+            return
+
+
+@FUZZ
+@given(data=st.binary(max_size=512), type_byte=st.integers(0, 255))
+def test_fuzz_plausible_frames(data: bytes, type_byte: int):
+    """Correct length prefix, any type, any payload: the decoder must judge
+    every payload without tripping over it."""
+    try:
+        FrameDecoder().feed(frame(bytes([type_byte]) + data))
+    except ProtocolError:
+        pass
+
+
+@FUZZ
+@given(evs=st.lists(events, min_size=1, max_size=6), sizes=chunk_sizes)
+def test_fuzz_valid_frames_any_chunking(evs: list[Event], sizes: list[int]):
+    data = b"".join(encode_event(e) for e in evs)
+    assert FrameDecoder().feed(data) == evs
+    assert feed_chunks(data, sizes) == (evs, False)
+
+
+@FUZZ
+@given(
+    evs=st.lists(events, min_size=1, max_size=5),
+    mutations=st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), max_size=6),
+    cut=st.one_of(st.none(), st.integers(0, 10**6)),
+    insert=st.one_of(st.none(), st.tuples(st.integers(0, 10**6), st.binary(min_size=1, max_size=8))),
+    sizes=chunk_sizes,
+)
+def test_fuzz_mutated_frames(
+    evs: list[Event],
+    mutations: list[tuple[int, int]],
+    cut: int | None,
+    insert: tuple[int, bytes] | None,
+    sizes: list[int],
+):
+    """Valid frames with bytes changed, inserted or cut off: events or
+    ProtocolError, and the same verdict however the bytes are chunked."""
+    data = bytearray(b"".join(encode_event(e) for e in evs))
+    for pos, value in mutations:
+        data[pos % len(data)] = value
+    if insert is not None:
+        pos, extra = insert
+        data[pos % (len(data) + 1) : pos % (len(data) + 1)] = extra
+    if cut is not None:
+        del data[cut % (len(data) + 1) :]
+    raw = bytes(data)
+    chunked = feed_chunks(raw, sizes)
+    bytewise = feed_chunks(raw, [1])
+    # a feed that ends in an error returns nothing, so bigger chunks may lose
+    # the events decoded just before it; fed bytewise, every one comes out
+    assert chunked[1] == bytewise[1]
+    assert chunked[0] == bytewise[0][: len(chunked[0])]
+    try:
+        whole = FrameDecoder().feed(raw)
+    except ProtocolError:
+        assert chunked[1]
+    else:
+        assert chunked == bytewise == (whole, False)
+
+
+# ---------------------------------------------------------------- ids
+
+
+@pytest.mark.parametrize("cls", [NodeId, PortId])
+def test_ids(cls: type[NodeId] | type[PortId]):
+    a, b = cls.random(), cls.random()
+    assert type(a) is cls and isinstance(a, bytes)
+    assert len(a) == len(b) == 16
+    assert a != b
+    # usable wherever the raw bytes are (table keys off the wire)
+    assert a == bytes(a) and hash(a) == hash(bytes(a)) and {bytes(a): 1}[a] == 1
+    r = repr(a)
+    assert a.hex()[:8] in r and a.hex() not in r and len(r) <= 40
+    assert a.hex() not in str(a) and str(a) and a.hex().startswith(str(a))
+    c = cls.from_hex(a.hex())
+    assert c == a and type(c) is cls
+    assert cls.from_hex(a.hex().upper()) == a
+
+
+@pytest.mark.parametrize("cls", [NodeId, PortId])
+@pytest.mark.parametrize("text", ["", "ab", "ab" * 15, "ab" * 17, "zz" * 16, "abc", "g" + "0" * 31, "0" * 33])
+def test_id_from_bad_hex(cls: type[NodeId], text: str):
+    with pytest.raises(ValueError):
+        cls.from_hex(text)
+
+
+def test_ids_are_random_enough():
+    ids = {NodeId.random() for _ in range(1000)} | {PortId.random() for _ in range(1000)}
+    assert len(ids) == 2000
+
+
+# ---------------------------------------------------------------- errors and public names
+
+
+def _exception_classes() -> list[type[BaseException]]:
+    out = []
+    for name in meshipc.__all__:
+        obj = getattr(meshipc, name)
+        if isinstance(obj, type) and issubclass(obj, BaseException):
+            out.append(obj)
+    return out
+
+
+EXCEPTIONS = _exception_classes()
+
+
+def _sample_args(cls: type[BaseException]) -> dict[str, Any]:
+    """Distinct, recognisable values for every constructor parameter."""
+    kwargs: dict[str, Any] = {}
+    sig = inspect.signature(cls.__init__)
+    for i, (name, p) in enumerate(list(sig.parameters.items())[1:]):
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        ann = p.annotation if isinstance(p.annotation, str) else getattr(p.annotation, "__name__", "")
+        kwargs[name] = 1000 + i if ann == "int" else f"{name}-value-{i}"
+    return kwargs
+
+
+def test_exception_classes_found():
+    names = {c.__name__ for c in EXCEPTIONS}
+    assert {
+        "MeshError",
+        "ChannelClosed",
+        "PortFailed",
+        "NodeFailure",
+        "RemoteError",
+        "ProtocolError",
+        "MessageError",
+        "JoinError",
+        "ConnectError",
+        "InvitationReadError",
+        "InvitationTooLarge",
+        "InvitationDecodeError",
+        "AuthenticationError",
+        "MeshNameInUse",
+    } <= names
+
+
+@pytest.mark.parametrize("cls", EXCEPTIONS, ids=lambda c: c.__name__)
+def test_exception_pickles_with_attributes(cls: type[BaseException]):
+    kwargs = _sample_args(cls)
+    exc = cls(**kwargs)
+    for proto in range(pickle.HIGHEST_PROTOCOL + 1):
+        back = pickle.loads(pickle.dumps(exc, protocol=proto))
+        assert type(back) is cls
+        assert str(back) == str(exc)
+        assert back.args == exc.args
+        for name, value in kwargs.items():
+            if hasattr(exc, name):
+                assert getattr(back, name) == value == getattr(exc, name)
+        assert {k: v for k, v in vars(back).items() if not k.startswith("__")} == {
+            k: v for k, v in vars(exc).items() if not k.startswith("__")
+        }
+
+
+@pytest.mark.parametrize("cls", EXCEPTIONS, ids=lambda c: c.__name__)
+def test_exception_has_docstring_and_root(cls: type[BaseException]):
+    doc = cls.__dict__.get("__doc__")
+    assert doc and doc.strip(), f"{cls.__name__} has no docstring of its own"
+    assert issubclass(cls, meshipc.MeshError)
+
+
+def test_exception_attributes():
+    e: Any = pickle.loads(pickle.dumps(meshipc.RemoteError("ValueError", "bad x", "Traceback...\nValueError")))
+    assert (e.type_name, e.message, e.traceback) == ("ValueError", "bad x", "Traceback...\nValueError")
+    assert "ValueError" in str(e) and "bad x" in str(e)
+    assert meshipc.RemoteError("KeyError", "k").traceback == ""
+
+    node = NodeId.random().hex()
+    e = pickle.loads(pickle.dumps(meshipc.NodeFailure(node, "connection reset")))
+    assert (e.node, e.reason) == (node, "connection reset")
+    assert isinstance(e, meshipc.PortFailed) and "connection reset" in e.cause
+
+    e = pickle.loads(pickle.dumps(meshipc.PortFailed("gave up")))
+    assert e.cause == "gave up"
+    assert meshipc.PortFailed().cause
+
+    e = pickle.loads(pickle.dumps(meshipc.ConnectError("/run/x.sock", "refused")))
+    assert (e.path, e.reason) == ("/run/x.sock", "refused")
+    assert "/run/x.sock" in str(e)
+
+    e = pickle.loads(pickle.dumps(meshipc.InvitationReadError("/run/x.sock", "eof")))
+    assert (e.path, e.reason) == ("/run/x.sock", "eof")
+
+    e = pickle.loads(pickle.dumps(meshipc.InvitationTooLarge("/run/x.sock", 70000, 65536)))
+    assert (e.path, e.length, e.limit) == ("/run/x.sock", 70000, 65536)
+    assert "70000" in str(e)
+
+
+def test_exception_hierarchy():
+    m = meshipc
+    assert issubclass(m.NodeFailure, m.PortFailed)
+    assert issubclass(m.MessageError, ValueError)
+    assert issubclass(m.HandshakeError, m.ProtocolError)
+    for name in (
+        "ConnectError",
+        "InvitationReadError",
+        "InvitationTooLarge",
+        "InvitationDecodeError",
+        "AuthenticationError",
+        "MeshNameInUse",
+        "InvitationExpired",
+    ):
+        assert issubclass(getattr(m, name), m.JoinError), name
+    # "could not connect" and "connected, then the stream broke" are told apart
+    assert not issubclass(m.InvitationReadError, m.ConnectError)
+    assert not issubclass(m.ConnectError, m.InvitationReadError)
+    for a in (m.ChannelClosed, m.PortFailed, m.RemoteError, m.ProtocolError, m.JoinError):
+        for b in (m.ChannelClosed, m.PortFailed, m.RemoteError, m.ProtocolError, m.JoinError):
+            assert (a is b) == issubclass(a, b), (a, b)
+
+
+def test_all_matches_public_names():
+    names = meshipc.__all__
+    assert len(set(names)) == len(names), "duplicates in __all__"
+    missing = [n for n in names if not hasattr(meshipc, n)]
+    assert not missing, f"in __all__ but not defined: {missing}"
+    public = {
+        n
+        for n, v in vars(meshipc).items()
+        if not n.startswith("_") and not isinstance(v, types.ModuleType) and n != "__version__"
+    }
+    assert public - set(names) == set(), "public but not in __all__"
+    assert isinstance(meshipc.__version__, str)
+
+
+def test_star_import_gives_exactly_all():
+    ns: dict[str, Any] = {}
+    exec("from meshipc import *", ns)
+    assert {n for n in ns if n != "__builtins__"} == set(meshipc.__all__)
+
+
+def test_wire_module_is_sans_io():
+    import meshipc._wire as wire
+
+    src = inspect.getsource(wire)
+    for mod in ("socket", "asyncio", "selectors"):
+        assert f"import {mod}" not in src
+    assert os.path.basename(wire.__file__ or "") == "_wire.py"
