@@ -73,8 +73,8 @@ def _enc_hook(obj: Any) -> Any:
             EXT_PORT if isinstance(obj, Port) else EXT_SENDER, _U32.pack(len(r.ports) - 1)
         )
     if isinstance(obj, Receiver):
-        if r.engine is None:
-            raise ChannelClosed("no engine")
+        if r.engine is None or not obj._states:
+            raise ChannelClosed("cannot send a closed or already sent Receiver")
         states = _take_states(r.engine, obj)
         idx = []
         for st in states:
@@ -126,6 +126,12 @@ def _ext_hook(code: int, data: memoryview) -> Any:
 def _dec_hook(tp: Any, obj: Any) -> Any:
     origin = typing.get_origin(tp) or tp
     if isinstance(origin, type) and isinstance(obj, origin):
+        if isinstance(obj, _Inbox):
+            # the element type is not on the wire: the receiving side's
+            # annotation (a field typed Receiver[Point]) says what to validate
+            args = typing.get_args(tp)
+            if args:
+                obj._type = args[0]
         return obj
     if origin in (NodeId, PortId) and isinstance(obj, bytes) and len(obj) == 16:
         return origin(obj)
@@ -328,7 +334,25 @@ class _Inbox(_Handle):
     def _detach(self) -> list[PortState]:
         self._ready.clear()
         self._sched.clear()
+        fut = self._fut
+        if fut is not None and not fut.done():
+            fut.set_result(None)  # a task blocked in recv() sees the close
         return super()._detach()
+
+    async def _wait(self) -> None:
+        """Wait until something may be readable. Several tasks may wait on one
+        end: they share the future (shielded, so one cancelled waiter does not
+        cancel the others)."""
+        fut = self._fut
+        if fut is None or fut.done():
+            fut = self._fut = asyncio.get_running_loop().create_future()
+            try:
+                await fut
+            finally:
+                if self._fut is fut:
+                    self._fut = None
+        else:
+            await asyncio.shield(fut)
 
     def _next_message(self) -> Message | None:
         """A queued message, or None; raises at the end of the stream."""
@@ -390,12 +414,7 @@ class _Inbox(_Handle):
         while True:
             msg = self._next_message()
             if msg is None:
-                loop = asyncio.get_running_loop()
-                fut = self._fut = loop.create_future()
-                try:
-                    await fut
-                finally:
-                    self._fut = None
+                await self._wait()
                 continue
             value = self._take(msg)
             if value is not _SKIP:
@@ -495,11 +514,7 @@ class Sender(_Handle, Generic[T]):
             while msg is None:
                 msg = reply._next_message()
                 if msg is None:
-                    fut = reply._fut = asyncio.get_running_loop().create_future()
-                    try:
-                        await fut
-                    finally:
-                        reply._fut = None
+                    await reply._wait()
         except ChannelClosed:
             raise ChannelClosed("the call was dropped without a reply") from None
         finally:
@@ -603,11 +618,7 @@ class Call(Generic[T]):
         """Return when the caller stops waiting (for servers doing long work)."""
         p = self._port
         while not self.cancelled and not p.closed:
-            fut = p._fut = asyncio.get_running_loop().create_future()
-            try:
-                await fut
-            finally:
-                p._fut = None
+            await p._wait()
 
     def __repr__(self) -> str:
         return f"<Call {self.request!r}>"

@@ -19,6 +19,7 @@ class Fd:
 
     def __init__(self, fd: int) -> None:
         """Take ownership of ``fd`` (it is closed with this object)."""
+        self._fd = -1
         if not isinstance(fd, int) or fd < 0:
             raise ValueError(f"not a file descriptor: {fd!r}")
         self._fd = fd

@@ -1,0 +1,66 @@
+"""The ``meshipc`` command."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import fcntl
+import os
+import sys
+
+from . import __version__
+
+
+def _ls(runtime_dir: str | None) -> int:
+    from ._mesh import runtime_root
+
+    root = runtime_root(runtime_dir)
+    found = False
+    for entry in sorted(os.listdir(root)):
+        if not (entry.startswith("mesh-") and entry.endswith(".lock")):
+            continue
+        name = entry[len("mesh-") : -len(".lock")]
+        fd = os.open(root / entry, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            state = "stale"
+        except BlockingIOError:
+            state = "live"
+        finally:
+            os.close(fd)
+        listener = root / f"mesh-{name}" / "listen.sock"
+        extra = f"  listener {listener}" if state == "live" and listener.exists() else ""
+        print(f"{name}\t{state}{extra}")
+        found = True
+    if not found:
+        print(f"no named meshes in {root}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="meshipc", description="secure inter-process mesh for Python")
+    p.add_argument("--version", action="version", version=f"meshipc {__version__}")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("demo", help="run the end-to-end demo: service, worker, attaching control client")
+    dc = sub.add_parser("demo-client", help=argparse.SUPPRESS)
+    dc.add_argument("name")
+    dc.add_argument("--runtime-dir")
+    ls = sub.add_parser("ls", help="list this user's named meshes")
+    ls.add_argument("--runtime-dir")
+    args = p.parse_args(argv)
+    if args.cmd == "demo":
+        from ._demo import service
+
+        return asyncio.run(service())
+    if args.cmd == "demo-client":
+        from ._demo import client
+
+        asyncio.run(client(args.name, args.runtime_dir))
+        return 0
+    if args.cmd == "ls":
+        return _ls(args.runtime_dir)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
