@@ -356,3 +356,101 @@ def test_ordering_under_arbitrary_interleavings(seed: int, moves: list[tuple[int
         b.close()
     net.run(rng)
     assert net.live_ports() == 0
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    moves=st.lists(st.tuples(st.integers(0, 3), st.booleans()), min_size=1, max_size=10),
+    kill_at=st.integers(0, 10),
+    victim=st.integers(1, 3),
+)
+def test_failures_never_hang_reorder_or_leak(
+    seed: int, moves: list[tuple[int, bool]], kill_at: int, victim: int
+):
+    """As above, over four engines, and one engine (not 0) dies at a random
+    point. Afterwards every surviving end has received an in-order prefix of
+    what its peer sent, then either keeps working or reports the failure; and
+    once everything is closed, no surviving engine holds a port."""
+    rng = random.Random(seed)
+    net = Net(4)
+    carriers = {(s, i, j): net.pair(i, j) for s in (0, 1) for i in range(4) for j in range(4) if i != j}
+    e0, e1 = net.engines[0].new_pair()
+    ends: list[Port | None] = [Port._wrap([e0]), Port._wrap([e1])]
+    where = [0, 0]
+    sent = [0, 0]
+    got: list[list[Any]] = [[], []]
+    ended: list[type[BaseException] | None] = [None, None]
+    in_flight: list[tuple[int, int] | None] = [None, None]
+
+    def pick_up(s: int) -> None:
+        src, dst = in_flight[s]  # type: ignore[misc]
+        if dst in net.dead:
+            ends[s], in_flight[s] = None, None
+            return
+        arrived = drain(carriers[(s, src, dst)][1])
+        if arrived:
+            (ends[s],) = arrived
+            where[s], in_flight[s] = dst, None
+
+    def read(s: int) -> None:
+        p = ends[s]
+        if p is None or ended[s]:
+            return
+        got[s].extend(drain(p))
+        ended[s] = end_of(p)
+
+    for step, (dest, which) in enumerate(moves):
+        if step == kill_at:
+            net.kill(victim)
+        side = int(which)
+        for s in (0, 1):
+            if in_flight[s] is not None:
+                pick_up(s)
+            p = ends[s]
+            if p is not None and in_flight[s] is None and where[s] not in net.dead:
+                for _ in range(rng.randint(0, 3)):
+                    p.send((s, sent[s]))
+                    sent[s] += 1
+                read(s)
+        p = ends[side]
+        if p is not None and in_flight[side] is None and dest != where[side] and where[side] not in net.dead:
+            if dest not in net.dead:
+                carriers[(side, where[side], dest)][0].send(p)
+                in_flight[side] = (where[side], dest)
+        for _ in range(rng.randint(0, 8)):
+            keys = net.pending()
+            if keys:
+                net.deliver(rng.choice(keys))
+    if kill_at >= len(moves):
+        net.kill(victim)
+    net.run(rng)
+    for s in (0, 1):
+        if in_flight[s] is not None:
+            pick_up(s)
+            if in_flight[s] is not None:
+                ends[s] = None  # the carrying message died with the victim
+        if ends[s] is not None and where[s] in net.dead:
+            ends[s] = None
+        read(s)
+    net.run(rng)
+    for s in (0, 1):
+        read(s)
+        other = 1 - s
+        values = [tuple(x) for x in got[s]]
+        # an in-order prefix, nothing duplicated or reordered
+        assert values == [(other, i) for i in range(len(values))]
+        if ends[s] is not None and ends[other] is not None and not ended[s]:
+            # both ends alive: everything arrived
+            assert len(values) == sent[other]
+        if ends[s] is not None and ends[other] is None:
+            # the peer died: this end must learn it (no silent hang)
+            assert ended[s] is not None and issubclass(ended[s], (PortFailed, ChannelClosed))
+    for p in ends:
+        if p is not None:
+            p.close()
+    for a, b in carriers.values():
+        a.close()
+        b.close()
+    net.run(rng)
+    assert net.live_ports() == 0

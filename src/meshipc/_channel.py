@@ -297,6 +297,9 @@ _H = TypeVar("_H", bound=_Handle)
 class _Inbox(_Handle):
     """Receiving side: one or more port states, one queue of readiness."""
 
+    #: a Receiver merges many senders' ports; a Port is one end of one pair
+    _merges = True
+
     __slots__ = ("_error", "_fut", "_ready", "_sched", "_type")
 
     def _init_inbox(self, states: list[PortState], tp: Any) -> None:
@@ -367,12 +370,24 @@ class _Inbox(_Handle):
                 return msg
             ready.popleft()
             self._sched.discard(st)
-            if st.readable_end and st in self._states:
+            if st.readable_end and st in self._states and self._merges:
+                # one of several senders is gone: drop it, report a failure once
                 self._states.remove(st)
                 st.waker = None
                 if st.error is not None:
                     self._error = st.error
                     raise st.error
+        if not self._merges:
+            # a single port keeps its state until closed: the end is sticky and
+            # later sends are dropped, as on a socket whose peer has gone
+            if not self._states:
+                raise ChannelClosed("the port was closed or sent away")
+            st = self._states[0]
+            if st.readable_end and not st.queue:
+                if st.error is not None:
+                    raise st.error
+                raise ChannelClosed("the peer port is closed")
+            return None
         if not self._states:
             if self._error is not None:
                 raise self._error
@@ -437,6 +452,7 @@ class Port(_Inbox):
     """A raw bidirectional port: one end of a pair. ``send`` never blocks."""
 
     __slots__ = ()
+    _merges = False
 
     @staticmethod
     def pair() -> tuple[Port, Port]:

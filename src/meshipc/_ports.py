@@ -62,6 +62,7 @@ from ._wire import (
     MsgEvent,
     PortDesc,
     ProxyAckEvent,
+    ProxyDoneEvent,
 )
 
 OWNED: Final = 0
@@ -145,6 +146,8 @@ class PortState:
         "peer_port",
         "pending",
         "pending_fail",
+        "proxy_from",
+        "relayed",
         "proxy_last",
         "queue",
         "recv_seq",
@@ -175,6 +178,11 @@ class PortState:
         self.buffer: list[tuple[int, Item]] | None = None
         self.proxy_last: int | None = None
         self.pending_fail: str | None = None
+        # node of the proxy still forwarding items to this end (until PROXY_DONE)
+        self.proxy_from: bytes | None = None
+        # proxies of the other side whose CHANGE_PEER this end passed on
+        # (they wait for an acknowledgement that a failure may swallow)
+        self.relayed: list[tuple[bytes, bytes]] | None = None
 
     @property
     def readable_end(self) -> bool:
@@ -361,6 +369,11 @@ class Engine:
         elif isinstance(ev, FailEvent):
             self._on_fail(ev.port, PortFailed(ev.reason))
             return
+        elif isinstance(ev, ProxyDoneEvent):
+            st = self.ports.get(ev.port)
+            if st is not None and st.proxy_from == src:
+                st.proxy_from = None
+            return
         self._run()
 
     def node_failed(self, node: bytes, reason: str) -> None:
@@ -369,22 +382,38 @@ class Engine:
             return
         err = NodeFailure(node.hex(), reason)
         for st in list(self.ports.values()):
+            if st.proxy_from == node:
+                # items forwarded to this end through that node are lost: the
+                # stream has a hole that can never fill, so both sides fail
+                lost = f"messages in transit were lost: {err.cause}"
+                if st.mode == OWNED:
+                    if st.peer_node != node and not st.peer_closed:
+                        self._unsequenced(st.peer_node, FailEvent(st.peer_port, lost))
+                    self._fail_local(st, NodeFailure(node.hex(), lost))
+                elif st.mode == SENDING:
+                    self._fail_other_side(st, node, lost)
+                    if st.first_hop == node:
+                        self._remove(st)
+                    else:
+                        st.pending_fail = lost
+                else:
+                    self._unsequenced(st.target_node, FailEvent(st.target_port, lost))
+                    self._fail_other_side(st, node, lost)
+                    self._remove(st)
+                continue
             if st.mode == OWNED:
                 if st.peer_node == node:
                     self._fail_local(st, err)
             elif st.mode == SENDING:
                 if st.first_hop == node:
                     # the message carrying this port died with that node
-                    if st.peer_node != node:
-                        self._unsequenced(st.peer_node, FailEvent(st.peer_port, err.cause))
-                    self._drop_buffer(st)
+                    self._fail_other_side(st, node, err.cause)
                     self._remove(st)
                 elif st.peer_node == node:
                     st.pending_fail = err.cause
             else:
                 if st.target_node == node:
-                    if st.peer_node != node:
-                        self._unsequenced(st.peer_node, FailEvent(st.peer_port, err.cause))
+                    self._fail_other_side(st, node, err.cause)
                     self._remove(st)
                 elif st.peer_node == node:
                     self._unsequenced(st.target_node, FailEvent(st.target_port, err.cause))
@@ -409,16 +438,46 @@ class Engine:
         while st.queue:
             self.dispose(st.queue.popleft())
 
-    def _drop_buffer(self, st: PortState) -> None:
-        if st.buffer:
-            for _, item in st.buffer:
-                if isinstance(item, Message):
-                    self.dispose(item)
-        st.buffer = None
-
     def _remove(self, st: PortState) -> None:
         if self.ports.get(st.id) is st:
             del self.ports[st.id]
+        # items that can no longer be processed (only left on failure paths)
+        left: list[Item] = []
+        if st.pending:
+            left.extend(st.pending.values())
+        if st.buffer:
+            left.extend(item for _, item in st.buffer)
+        st.pending = None
+        st.buffer = None
+        for item in left:
+            self._abandon(item)
+
+    @staticmethod
+    def _note_relayed(st: PortState, item: _Change) -> None:
+        if st.relayed is None:
+            st.relayed = []
+        st.relayed.append((item.old_node, item.old_port))
+
+    def _fail_other_side(self, st: PortState, dead: bytes, reason: str) -> None:
+        """This end in transit or proxying broke: tell the peer, and every
+        proxy of the peer's side still waiting on an acknowledgement."""
+        targets = [(st.peer_node, st.peer_port), *(st.relayed or ())]
+        for node, port in dict.fromkeys(targets):
+            if node != dead:
+                self._unsequenced(node, FailEvent(port, reason))
+
+    def _abandon(self, item: Item) -> None:
+        """Drop a sequenced item whose port is gone for good."""
+        if isinstance(item, Message):
+            self.dispose(item)
+        elif isinstance(item, _Change):
+            # the proxy waiting for our acknowledgement would wait forever
+            self._unsequenced(item.old_node, FailEvent(item.old_port, "the peer port is gone"))
+
+    def _proxy_done(self, st: PortState) -> None:
+        """A proxy has forwarded all it owed: tell its target, and go."""
+        self._remove(st)
+        self._unsequenced(st.target_node, ProxyDoneEvent(st.target_port))
 
     def _fail_local(self, st: PortState, err: PortFailed) -> None:
         if st.error is None and not st.peer_closed:
@@ -433,6 +492,10 @@ class Engine:
                 self._on_fail(ev.port, PortFailed(ev.reason))
             elif isinstance(ev, ProxyAckEvent):
                 self._on_proxy_ack(ev.port, ev.last_seq)
+            elif isinstance(ev, ProxyDoneEvent):
+                st = self.ports.get(ev.port)
+                if st is not None and st.proxy_from == node:
+                    st.proxy_from = None
             return
         self.transmit(node, ev, [])
 
@@ -478,8 +541,7 @@ class Engine:
                 port, seq, item = work.popleft()
                 st = self.ports.get(port)
                 if st is None:
-                    if isinstance(item, Message):
-                        self.dispose(item)
+                    self._abandon(item)
                     continue
                 self._receive_item(st, seq, item)
         finally:
@@ -536,6 +598,7 @@ class Engine:
             if isinstance(item, _Change):
                 st.peer_node = item.new_node
                 st.peer_port = item.new_port
+                self._note_relayed(st, item)
             if st.buffer is None:
                 st.buffer = []
             st.buffer.append((seq, item))
@@ -543,9 +606,10 @@ class Engine:
             if isinstance(item, _Change):
                 st.peer_node = item.new_node
                 st.peer_port = item.new_port
+                self._note_relayed(st, item)
             self._route(st.target_node, st.target_port, seq, item)
             if isinstance(item, _Close) or (st.proxy_last is not None and seq >= st.proxy_last):
-                self._remove(st)
+                self._proxy_done(st)
 
     def _send_port(self, ps: PortState, dest: bytes) -> PortDesc:
         """Turn the end ``ps`` into a descriptor bound for node ``dest``."""
@@ -590,6 +654,7 @@ class Engine:
         st = PortState(self, d.id, d.peer_node, d.peer_port)
         st.recv_seq = d.recv_seq
         st.send_seq = d.send_seq + 1
+        st.proxy_from = src
         self.ports[st.id] = st
         self.transmit(src, ArrivedEvent(d.origin, st.id), [])
         if d.flags & D_PEER_CLOSED:
@@ -612,13 +677,13 @@ class Engine:
         for seq, item in buffer:
             self._route(src, new_port, seq, item)
             if isinstance(item, _Close):
-                self._remove(st)
+                self._proxy_done(st)
                 return
         if st.pending_fail is not None:
             self._unsequenced(src, FailEvent(new_port, st.pending_fail))
             self._remove(st)
         elif st.proxy_last is not None and st.recv_seq - 1 >= st.proxy_last:
-            self._remove(st)
+            self._proxy_done(st)
         self._run()
 
     def _on_proxy_ack(self, port: bytes, last: int) -> None:
@@ -627,7 +692,7 @@ class Engine:
             return
         st.proxy_last = last
         if st.mode == PROXY and st.recv_seq - 1 >= last:
-            self._remove(st)
+            self._proxy_done(st)
 
     def _on_fail(self, port: bytes, err: PortFailed) -> None:
         st = self.ports.get(port)

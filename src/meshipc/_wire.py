@@ -50,6 +50,7 @@ T_CHANGE_PEER: Final = 3
 T_ARRIVED: Final = 4
 T_PROXY_ACK: Final = 5
 T_FAIL: Final = 6
+T_PROXY_DONE: Final = 7
 
 #: MSG flag: the body is in the message's last fd (a sealed memfd).
 F_OOB: Final = 1
@@ -73,6 +74,7 @@ _CHANGE = struct.Struct("<B16sQ16s16s16s16s")
 _ARRIVED = struct.Struct("<B16s16s")
 _ACK = struct.Struct("<B16sQ")
 _FAIL = struct.Struct("<B16s")
+_DONE = struct.Struct("<B16s")
 _OOB = struct.Struct("<Q")
 _MAX_SEQ = (1 << 64) - 1
 
@@ -231,7 +233,22 @@ class FailEvent:
     __hash__ = None  # type: ignore[assignment]
 
 
-Event = MsgEvent | CloseEvent | ChangePeerEvent | ArrivedEvent | ProxyAckEvent | FailEvent
+class ProxyDoneEvent:
+    """To a port that arrived through a proxy: the proxy has forwarded its
+    last item (everything it owed is now ahead of this event on the link)."""
+
+    __slots__ = ("port",)
+
+    def __init__(self, port: bytes) -> None:
+        self.port = port
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ProxyDoneEvent) and self.port == other.port
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+Event = MsgEvent | CloseEvent | ChangePeerEvent | ArrivedEvent | ProxyAckEvent | FailEvent | ProxyDoneEvent
 
 
 def _check_seq(seq: int) -> None:
@@ -268,6 +285,8 @@ def encode_event(ev: Event) -> bytes:
         payload = _ACK.pack(T_PROXY_ACK, ev.port, ev.last_seq)
     elif isinstance(ev, FailEvent):
         payload = _FAIL.pack(T_FAIL, ev.port) + ev.reason.encode("utf-8", "replace")[:MAX_REASON]
+    elif isinstance(ev, ProxyDoneEvent):
+        payload = _DONE.pack(T_PROXY_DONE, ev.port)
     else:
         raise TypeError(f"not an event: {ev!r}")
     return _LEN.pack(len(payload)) + payload
@@ -343,6 +362,11 @@ def _decode_frame(frame: memoryview) -> Event:
             raise ProtocolError("bad FAIL frame size")
         _, port = _FAIL.unpack_from(frame)
         return FailEvent(port, bytes(frame[_FAIL.size :]).decode("utf-8", "replace"))
+    if t == T_PROXY_DONE:
+        if n != _DONE.size:
+            raise ProtocolError("bad PROXY_DONE frame size")
+        _, port = _DONE.unpack_from(frame)
+        return ProxyDoneEvent(port)
     raise ProtocolError(f"unknown frame type {t}")
 
 
