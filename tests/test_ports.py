@@ -272,12 +272,7 @@ def test_port_in_message_to_failed_node_arrives_failed():
     assert end_of(a2) is PortFailed
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(
-    seed=st.integers(0, 2**32 - 1),
-    moves=st.lists(st.tuples(st.integers(0, 2), st.booleans()), min_size=1, max_size=12),
-)
-def test_ordering_under_arbitrary_interleavings(seed: int, moves: list[tuple[int, bool]]):
+def check_ordering(seed: int, moves: list[tuple[int, bool]]) -> None:
     """Both ends of a channel wander between three engines, messages flow
     both ways all along, and events are delivered in random link order.
     Every message arrives exactly once, in order, and nothing leaks."""
@@ -358,16 +353,7 @@ def test_ordering_under_arbitrary_interleavings(seed: int, moves: list[tuple[int
     assert net.live_ports() == 0
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(
-    seed=st.integers(0, 2**32 - 1),
-    moves=st.lists(st.tuples(st.integers(0, 3), st.booleans()), min_size=1, max_size=10),
-    kill_at=st.integers(0, 10),
-    victim=st.integers(1, 3),
-)
-def test_failures_never_hang_reorder_or_leak(
-    seed: int, moves: list[tuple[int, bool]], kill_at: int, victim: int
-):
+def check_failures(seed: int, moves: list[tuple[int, bool]], kill_at: int, victim: int) -> None:
     """As above, over four engines, and one engine (not 0) dies at a random
     point. Afterwards every surviving end has received an in-order prefix of
     what its peer sent, then either keeps working or reports the failure; and
@@ -454,3 +440,37 @@ def test_failures_never_hang_reorder_or_leak(
         b.close()
     net.run(rng)
     assert net.live_ports() == 0
+
+
+_moves3 = st.lists(st.tuples(st.integers(0, 2), st.booleans()), min_size=1, max_size=12)
+_moves4 = st.lists(st.tuples(st.integers(0, 3), st.booleans()), min_size=1, max_size=10)
+_fast = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+_soak = settings(max_examples=20_000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@_fast
+@given(seed=st.integers(0, 2**32 - 1), moves=_moves3)
+def test_ordering_under_arbitrary_interleavings(seed: int, moves: list[tuple[int, bool]]) -> None:
+    check_ordering(seed, moves)
+
+
+@_fast
+@given(seed=st.integers(0, 2**32 - 1), moves=_moves4, kill_at=st.integers(0, 10), victim=st.integers(1, 3))
+def test_failures_never_hang_reorder_or_leak(
+    seed: int, moves: list[tuple[int, bool]], kill_at: int, victim: int
+) -> None:
+    check_failures(seed, moves, kill_at, victim)
+
+
+@pytest.mark.soak
+@_soak
+@given(seed=st.integers(0, 2**32 - 1), moves=_moves3)
+def test_soak_ordering(seed: int, moves: list[tuple[int, bool]]) -> None:
+    check_ordering(seed, moves)
+
+
+@pytest.mark.soak
+@_soak
+@given(seed=st.integers(0, 2**32 - 1), moves=_moves4, kill_at=st.integers(0, 10), victim=st.integers(1, 3))
+def test_soak_failures(seed: int, moves: list[tuple[int, bool]], kill_at: int, victim: int) -> None:
+    check_failures(seed, moves, kill_at, victim)

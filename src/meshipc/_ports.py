@@ -53,6 +53,8 @@ from ._wire import (
     D_DEAD,
     D_PEER_CLOSED,
     K_ERROR,
+    MAX_FDS_PER_MESSAGE,
+    MAX_PORTS_PER_MESSAGE,
     MAX_REORDER,
     ArrivedEvent,
     ChangePeerEvent,
@@ -525,6 +527,22 @@ class Engine:
                     kind, body, states = K_ERROR, self.codec.encode_error(exc), []
             else:
                 body, states, fds = item.body, item.ports or [], item.fds or []
+            if len(fds) > MAX_FDS_PER_MESSAGE or len(states) > MAX_PORTS_PER_MESSAGE:
+                for f in fds:
+                    f.close()
+                for ps in states:
+                    ps.engine.close(ps)
+                if strict:
+                    raise MeshError(
+                        f"a message may carry at most {MAX_FDS_PER_MESSAGE} fds and "
+                        f"{MAX_PORTS_PER_MESSAGE} ports (got {len(fds)} and {len(states)})"
+                    )
+                kind, body, states, fds = (
+                    K_ERROR,
+                    self.codec.encode_error(MeshError("too many resources")),
+                    [],
+                    [],
+                )
             descs = [self._send_port(ps, node) for ps in states]
             return MsgEvent(port, seq, kind, 0, descs, len(fds), body), fds
         if isinstance(item, _Close):

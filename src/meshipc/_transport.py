@@ -126,6 +126,7 @@ class Connection:
         self.frames_in = 0
         self.frames_out = 0
         self.bytes_in = 0
+        self.writes = 0  # send/sendmsg calls: coalescing keeps this far below frames_out
         self.bytes_out = 0
         sock.setblocking(False)
         loop.add_reader(sock.fileno(), self._on_readable)
@@ -197,6 +198,7 @@ class Connection:
                     f.close()
                 fds = []
             self.bytes_out += n
+            self.writes += 1
             if n < len(data):
                 batches[0] = (memoryview(data)[n:], fds)
                 if not self._writing:

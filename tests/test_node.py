@@ -1,0 +1,178 @@
+"""Nodes and connections in one process: two or more real nodes on real
+sockets in one event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import meshipc
+from meshipc import Fd, Port
+from meshipc._ids import PortId
+from meshipc._node import HandshakeError, MeshSecret, Node
+from meshipc._wire import MAX_FDS_PER_MESSAGE
+
+
+@pytest.fixture
+def mesh_dir() -> Iterator[Path]:
+    d = tempfile.mkdtemp(prefix="n", dir="/tmp")  # short: AF_UNIX paths are limited
+    os.chmod(d, 0o700)
+    yield Path(d)
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def nodes(d: Path, n: int, secret: MeshSecret | None = None) -> list[Node]:
+    secret = secret or MeshSecret()
+    out = []
+    for _ in range(n):
+        node = Node(d, secret)
+        node.start()
+        out.append(node)
+    return out
+
+
+def link(a: Node, b: Node) -> tuple[Port, Port]:
+    """A port on node a peered with one on node b (ids agreed up front)."""
+    pa, pb = PortId.random(), PortId.random()
+    sa = a.engine.new_bound(pa, b.id, pb)
+    sb = b.engine.new_bound(pb, a.id, pa)
+    return Port._wrap([sa]), Port._wrap([sb])
+
+
+async def close_all(*ns: Node) -> None:
+    for n in ns:
+        await n.close(linger=1.0)
+
+
+async def test_simultaneous_connects_resolve_to_one_connection(mesh_dir: Path):
+    for _ in range(10):
+        a, b = nodes(mesh_dir, 2)
+        try:
+            pa, pb = link(a, b)  # both sides start connecting at the same moment
+            pa.send("from a")
+            pb.send("from b")
+            assert await asyncio.wait_for(pb.recv(), 10) == "from a"
+            assert await asyncio.wait_for(pa.recv(), 10) == "from b"
+            assert list(a._conns) == [b.id] and list(b._conns) == [a.id]
+            # the two ends of one socket, not two sockets
+            ca, cb = a._conns[b.id], b._conns[a.id]
+            assert os.fstat(ca.sock.fileno()).st_ino != os.fstat(cb.sock.fileno()).st_ino
+            assert not a._connecting and not b._connecting
+            for i in range(100):
+                pa.send(i)
+            assert [await asyncio.wait_for(pb.recv(), 10) for _ in range(100)] == list(range(100))
+        finally:
+            await close_all(a, b)
+
+
+async def test_small_messages_are_coalesced(mesh_dir: Path):
+    a, b = nodes(mesh_dir, 2)
+    try:
+        pa, pb = link(a, b)
+        pa.send("warm up")
+        await asyncio.wait_for(pb.recv(), 10)
+        conn = a._conns[b.id]
+        writes0, frames0 = conn.writes, conn.frames_out
+        for i in range(10_000):
+            pa.send(i)
+        for i in range(10_000):
+            assert await asyncio.wait_for(pb.recv(), 10) == i
+        frames = conn.frames_out - frames0
+        writes = conn.writes - writes0
+        assert frames == 10_000
+        assert writes < 100, f"{writes} writes for {frames} frames"
+    finally:
+        await close_all(a, b)
+
+
+async def test_malformed_frames_drop_only_that_connection(mesh_dir: Path, caplog: pytest.LogCaptureFixture):
+    a, bad, good = nodes(mesh_dir, 3)
+    try:
+        pa, pbad = link(a, bad)
+        qa, qgood = link(a, good)
+        pbad.send("hello")
+        assert await asyncio.wait_for(pa.recv(), 10) == "hello"
+        # an authenticated peer goes mad: garbage on its connection
+        bad._conns[a.id].sock.send(b"\xff\xff\xff\x7f" + b"garbage" * 10)
+        with caplog.at_level(logging.WARNING, logger="meshipc"):
+            with pytest.raises(meshipc.PortFailed):
+                await asyncio.wait_for(pa.recv(), 10)
+        assert any("protocol error" in r.getMessage() for r in caplog.records)
+        assert bad.id not in a._conns
+        # the node lives on and keeps serving its other peers
+        qgood.send("still here")
+        assert await asyncio.wait_for(qa.recv(), 10) == "still here"
+        qa.send("and back")
+        assert await asyncio.wait_for(qgood.recv(), 10) == "and back"
+    finally:
+        await close_all(a, bad, good)
+
+
+async def test_wrong_secret_is_rejected_before_any_event(mesh_dir: Path):
+    (a,) = nodes(mesh_dir, 1)
+    (intruder,) = nodes(mesh_dir, 1, MeshSecret())
+    try:
+        with pytest.raises(HandshakeError):
+            await asyncio.wait_for(intruder.connect_to(a.id), 10)
+        # the acceptor's handshake task ends when the intruder hangs up
+        await asyncio.wait(set(a._tasks), timeout=10)
+        assert a.rejected == 1
+        assert intruder.id not in a._conns
+    finally:
+        await close_all(a, intruder)
+
+
+async def test_too_many_fds_in_one_message_is_refused_at_send(mesh_dir: Path):
+    a, b = nodes(mesh_dir, 2)
+    r, w = os.pipe()
+    try:
+        pa, pb = link(a, b)
+        fds = [Fd.dup(w) for _ in range(MAX_FDS_PER_MESSAGE + 1)]
+        with pytest.raises(meshipc.MeshError):
+            pa.send(fds)
+        # the channel still works, and a message at the cap goes through
+        pa.send([Fd.dup(w) for _ in range(MAX_FDS_PER_MESSAGE)])
+        got = await asyncio.wait_for(pb.recv(), 10)
+        assert len(got) == MAX_FDS_PER_MESSAGE and all(isinstance(f, Fd) for f in got)
+        for f in got:
+            f.close()
+    finally:
+        os.close(r)
+        os.close(w)
+        await close_all(a, b)
+
+
+async def test_port_moves_between_three_nodes_over_sockets(mesh_dir: Path):
+    a, b, c = nodes(mesh_dir, 3)
+    try:
+        ab, ba = link(a, b)
+        bc, cb = link(b, c)
+        keep, moving = Port.pair()
+        n = 0
+        for _ in range(100):
+            keep.send(n)
+            n += 1
+        ab.send(moving)
+        for _ in range(100):
+            keep.send(n)
+            n += 1
+        moved = await asyncio.wait_for(ba.recv(), 10)
+        bc.send(moved)
+        for _ in range(100):
+            keep.send(n)
+            n += 1
+        final = await asyncio.wait_for(cb.recv(), 10)
+        assert [await asyncio.wait_for(final.recv(), 10) for _ in range(n)] == list(range(n))
+        # b and c connected directly to a's node when the port settled at c
+        final.send("direct")
+        assert await asyncio.wait_for(keep.recv(), 10) == "direct"
+        assert a.id in c._conns
+    finally:
+        await close_all(a, b, c)
