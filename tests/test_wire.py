@@ -8,6 +8,7 @@ import pickle
 import random
 import struct
 import types
+import typing
 from typing import Any
 
 import pytest
@@ -15,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import meshipc
+import meshipc._wire as wire
 from meshipc import NodeId, PortId, ProtocolError
 from meshipc._wire import (
     D_DEAD,
@@ -30,12 +32,8 @@ from meshipc._wire import (
     MAX_OOB_BODY,
     MAX_PORTS_PER_MESSAGE,
     MAX_REASON,
-    T_ARRIVED,
-    T_CHANGE_PEER,
-    T_CLOSE,
     T_FAIL,
     T_MSG,
-    T_PROXY_ACK,
     ArrivedEvent,
     ChangePeerEvent,
     CloseEvent,
@@ -75,6 +73,7 @@ def desc(n: int, flags: int = 0) -> PortDesc:
     return PortDesc(rid(n), rid(n + 1), rid(n + 2), rid(n + 3), n * 1000 + 1, MAX_U64 - n, flags)
 
 
+EVENT_TYPES = typing.get_args(Event)
 SAMPLES: dict[str, Event] = {
     "msg-plain": MsgEvent(rid(1), 1, K_DATA, 0, [], 0, b"hello"),
     "msg-empty-body": MsgEvent(rid(1), 2, K_ADD_SENDER, 0, [], 0, b""),
@@ -99,6 +98,12 @@ SAMPLES: dict[str, Event] = {
     "fail-empty": FailEvent(rid(15), ""),
     "fail-max-reason": FailEvent(rid(16), "r" * MAX_REASON),
 }
+if hasattr(wire, "ProxyDoneEvent"):  # added to the protocol later
+    SAMPLES["proxy-done"] = wire.ProxyDoneEvent(rid(17))
+
+
+def test_every_event_type_has_a_sample():
+    assert {type(e) for e in SAMPLES.values()} == set(EVENT_TYPES)
 
 
 def feed_chunks(data: bytes, sizes: list[int]) -> tuple[list[Event], bool]:
@@ -209,7 +214,12 @@ def test_encode_rejects_non_events():
 
 
 def msg_payload(
-    *, kind: int = K_DATA, flags: int = 0, ports: list[PortDesc] | None = None, nfds: int = 0, body: bytes = b""
+    *,
+    kind: int = K_DATA,
+    flags: int = 0,
+    ports: list[PortDesc] | None = None,
+    nfds: int = 0,
+    body: bytes = b"",
 ) -> bytes:
     return payload_of(MsgEvent(rid(1), 1, kind, flags, ports or [], nfds, body))
 
@@ -238,7 +248,7 @@ def _bad_desc_flags() -> bytes:
 
 BAD_PAYLOADS = {
     "unknown-type-0": bytes([0]) + rid(1) + bytes(8),
-    "unknown-type-7": bytes([7]) + rid(1) + bytes(8),
+    "unknown-type-99": bytes([99]) + rid(1) + bytes(8),
     "unknown-type-255": bytes([255]) * 40,
     "unknown-kind": msg_payload(kind=K_MAX + 1),
     "unknown-kind-255": msg_payload(kind=255),
@@ -262,20 +272,15 @@ BAD_PAYLOADS = {
     "msg-ports-truncated": msg_payload(ports=[desc(1), desc(2)])[:-1],
     "fail-reason-too-long": bytes([T_FAIL]) + rid(1) + b"r" * (MAX_REASON + 1),
     "fail-short": bytes([T_FAIL]) + rid(1)[:15],
-    "close-short": payload_of(SAMPLES["close"])[:-1],
-    "close-long": payload_of(SAMPLES["close"]) + b"\0",
-    "change-short": payload_of(SAMPLES["change-peer"])[:-1],
-    "change-long": payload_of(SAMPLES["change-peer"]) + b"\0",
-    "arrived-short": payload_of(SAMPLES["arrived"])[:-1],
-    "arrived-long": payload_of(SAMPLES["arrived"]) + b"\0",
-    "ack-short": payload_of(SAMPLES["proxy-ack"])[:-1],
-    "ack-long": payload_of(SAMPLES["proxy-ack"]) + b"\0",
-    "close-type-only": bytes([T_CLOSE]),
-    "change-type-only": bytes([T_CHANGE_PEER]),
-    "arrived-type-only": bytes([T_ARRIVED]),
-    "ack-type-only": bytes([T_PROXY_ACK]),
     "fail-type-only": bytes([T_FAIL]),
 }
+# every fixed-size event: one byte short, one byte long, type byte alone
+for _name, _ev in SAMPLES.items():
+    if not isinstance(_ev, (MsgEvent, FailEvent)):
+        _p = payload_of(_ev)
+        BAD_PAYLOADS[f"{_name}-short"] = _p[:-1]
+        BAD_PAYLOADS[f"{_name}-long"] = _p + b"\0"
+        BAD_PAYLOADS[f"{_name}-type-only"] = _p[:1]
 
 
 @pytest.mark.parametrize("name", list(GOOD_PAYLOADS))
@@ -381,6 +386,7 @@ events = st.one_of(
     st.builds(ArrivedEvent, ids16, ids16),
     st.builds(ProxyAckEvent, ids16, u64),
     st.builds(FailEvent, ids16, st.text(max_size=200)),
+    *([st.builds(wire.ProxyDoneEvent, ids16)] if hasattr(wire, "ProxyDoneEvent") else []),
 )
 chunk_sizes = st.lists(st.integers(1, 64), min_size=1, max_size=8)
 
@@ -396,7 +402,7 @@ def test_fuzz_arbitrary_bytes(data: bytes):
             dec.feed(data)
         return
     assert isinstance(out, list)
-    assert all(isinstance(e, (MsgEvent, CloseEvent, ChangePeerEvent, ArrivedEvent, ProxyAckEvent, FailEvent)) for e in out)
+    assert all(isinstance(e, EVENT_TYPES) for e in out)
 
 
 @FUZZ
@@ -574,7 +580,9 @@ def test_exception_has_docstring_and_root(cls: type[BaseException]):
 
 
 def test_exception_attributes():
-    e: Any = pickle.loads(pickle.dumps(meshipc.RemoteError("ValueError", "bad x", "Traceback...\nValueError")))
+    e: Any = pickle.loads(
+        pickle.dumps(meshipc.RemoteError("ValueError", "bad x", "Traceback...\nValueError"))
+    )
     assert (e.type_name, e.message, e.traceback) == ("ValueError", "bad x", "Traceback...\nValueError")
     assert "ValueError" in str(e) and "bad x" in str(e)
     assert meshipc.RemoteError("KeyError", "k").traceback == ""

@@ -300,13 +300,14 @@ class _Inbox(_Handle):
     #: a Receiver merges many senders' ports; a Port is one end of one pair
     _merges = True
 
-    __slots__ = ("_error", "_fut", "_ready", "_sched", "_type")
+    __slots__ = ("_error", "_fut", "_more", "_ready", "_sched", "_type")
 
     def _init_inbox(self, states: list[PortState], tp: Any) -> None:
         self._states = []
         self._ready: deque[PortState] = deque()
         self._sched: set[PortState] = set()
         self._fut: asyncio.Future[None] | None = None
+        self._more: list[asyncio.Future[None]] | None = None
         self._type = tp
         self._error: MeshError | None = None
         for st in states:
@@ -330,32 +331,43 @@ class _Inbox(_Handle):
         if st not in self._sched:
             self._sched.add(st)
             self._ready.append(st)
+        self._wake_waiters()
+
+    def _wake_waiters(self) -> None:
         fut = self._fut
         if fut is not None and not fut.done():
             fut.set_result(None)
+        more = self._more
+        if more:
+            self._more = None
+            for f in more:
+                if not f.done():
+                    f.set_result(None)
 
     def _detach(self) -> list[PortState]:
         self._ready.clear()
         self._sched.clear()
-        fut = self._fut
-        if fut is not None and not fut.done():
-            fut.set_result(None)  # a task blocked in recv() sees the close
+        self._wake_waiters()  # a task blocked in recv() sees the close
         return super()._detach()
 
     async def _wait(self) -> None:
         """Wait until something may be readable. Several tasks may wait on one
-        end: they share the future (shielded, so one cancelled waiter does not
-        cancel the others)."""
-        fut = self._fut
-        if fut is None or fut.done():
-            fut = self._fut = asyncio.get_running_loop().create_future()
-            try:
-                await fut
-            finally:
-                if self._fut is fut:
-                    self._fut = None
+        end; each has its own future, so cancelling one leaves the others."""
+        fut = asyncio.get_running_loop().create_future()
+        cur = self._fut
+        if cur is None or cur.done():
+            self._fut = fut
         else:
-            await asyncio.shield(fut)
+            if self._more is None:
+                self._more = []
+            self._more.append(fut)
+        try:
+            await fut
+        finally:
+            if self._fut is fut:
+                self._fut = None
+            elif self._more is not None and fut in self._more:
+                self._more.remove(fut)
 
     def _next_message(self) -> Message | None:
         """A queued message, or None; raises at the end of the stream."""

@@ -1,0 +1,1217 @@
+"""Channels, raw ports and RPC: within one process (the default engine) and
+across engines wired in memory (``memnet``).
+
+Values that cross engines are msgpack-decoded: tuples come back as lists and
+untyped structs as dicts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+import pickle
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import msgspec
+import pytest
+
+import meshipc
+from memnet import Net
+from meshipc import (
+    Call,
+    ChannelClosed,
+    Fd,
+    MeshError,
+    MessageError,
+    NodeFailure,
+    Port,
+    PortFailed,
+    Receiver,
+    RemoteError,
+    Sender,
+)
+from meshipc._channel import default_engine
+
+TIMEOUT = 5.0
+
+
+class Point(msgspec.Struct):
+    x: int
+    y: int
+
+
+class Bundle(msgspec.Struct):
+    port: Port
+    tx: Sender[Any]
+    rx: Receiver[Any]
+    more: list[Port]
+    by_name: dict[str, Sender[Any]]
+
+
+# ---------------------------------------------------------------- helpers
+
+
+@pytest.fixture(autouse=True)
+def _no_leak_in_default_engine() -> Iterator[None]:
+    """Ports a test creates in the process's default engine are gone at its end."""
+    gc.collect()
+    before = set(default_engine().ports)
+    yield
+    gc.collect()
+    leaked = [st for pid, st in default_engine().ports.items() if pid not in before]
+    assert not leaked, f"ports left in the default engine: {leaked}"
+
+
+def drain(p: Any) -> list[Any]:
+    """Everything queued on ``p`` (stops at empty or at the end of the stream)."""
+    out = []
+    while True:
+        try:
+            out.append(p.try_recv())
+        except (asyncio.QueueEmpty, ChannelClosed, PortFailed):
+            return out
+
+
+def end_of(p: Any) -> type[BaseException] | None:
+    """What ``p`` raises once read: None while it is still open."""
+    try:
+        v = p.try_recv()
+    except asyncio.QueueEmpty:
+        return None
+    except (ChannelClosed, PortFailed) as exc:
+        return type(exc)
+    raise AssertionError(f"unexpected message {v!r}")
+
+
+def move(net: Net, handle: Any, src: int = 0, dst: int = 1) -> Any:
+    """Send ``handle`` from engine ``src`` to engine ``dst``; return what arrives."""
+    a, b = net.pair(src, dst)
+    a.send(handle)
+    net.run()
+    (got,) = drain(b)
+    a.close()
+    b.close()
+    net.run()
+    return got
+
+
+def close_all(net: Net, *handles: Any) -> None:
+    for h in handles:
+        h.close()
+    net.run()
+    assert net.live_ports() == 0
+
+
+def autopump(net: Net) -> None:
+    """Deliver the network's events from the running loop as soon as they
+    are sent, so ``await`` works across engines."""
+    loop = asyncio.get_running_loop()
+    scheduled = False
+
+    def flush() -> None:
+        nonlocal scheduled
+        scheduled = False
+        net.run()
+
+    for e in net.engines:
+        inner = e.transmit
+
+        def tx(node: bytes, ev: Any, fds: list[Any], inner: Any = inner) -> None:
+            nonlocal scheduled
+            inner(node, ev, fds)
+            if not scheduled and not loop.is_closed():
+                scheduled = True
+                loop.call_soon(flush)
+
+        e.transmit = tx
+
+
+async def within(aw: Any) -> Any:
+    return await asyncio.wait_for(aw, TIMEOUT)
+
+
+# ---------------------------------------------------------------- one process
+
+
+async def test_send_recv_local_passes_objects_untouched():
+    tx, rx = meshipc.channel()
+    obj = {"a": [1, 2], "t": (3, 4)}
+    tx.send(obj)
+    tx.send(("tuple", 1))
+    tx.send(None)
+    got = await within(rx.recv())
+    assert got is obj
+    assert await rx.recv() == ("tuple", 1)
+    assert await rx.recv() is None
+    tx.close()
+    with pytest.raises(ChannelClosed):
+        await rx.recv()
+    with pytest.raises(ChannelClosed):
+        await rx.recv()  # stays at the end
+    rx.close()
+
+
+async def test_async_for_ends_when_sender_closed():
+    tx, rx = meshipc.channel()
+    for i in range(10):
+        tx.send(i)
+    tx.close()
+    assert [x async for x in rx] == list(range(10))
+    rx.close()
+
+
+async def test_recv_waits_for_send_and_close():
+    tx, rx = meshipc.channel()
+    got: list[Any] = []
+    first = asyncio.Event()
+
+    async def consume() -> None:
+        async for x in rx:
+            got.append(x)
+            first.set()
+
+    task = asyncio.create_task(consume())
+    await asyncio.sleep(0)  # let it block in recv
+    tx.send("a")
+    await within(first.wait())
+    tx.send("b")
+    tx.close()
+    await within(task)
+    assert got == ["a", "b"]
+    rx.close()
+
+
+async def test_waiting_recv_raises_when_sender_closes():
+    tx, rx = meshipc.channel()
+    task = asyncio.create_task(rx.recv())
+    await asyncio.sleep(0)
+    assert not task.done()
+    tx.close()
+    with pytest.raises(ChannelClosed):
+        await within(task)
+    rx.close()
+
+
+async def test_concurrent_recv_on_one_receiver():
+    tx, rx = meshipc.channel()
+    t1 = asyncio.create_task(rx.recv())
+    t2 = asyncio.create_task(rx.recv())
+    await asyncio.sleep(0)  # both block in recv
+    tx.send(1)
+    tx.send(2)
+    try:
+        done, _ = await asyncio.wait({t1, t2}, timeout=1.0)
+        assert len(done) == 2
+        assert sorted([t1.result(), t2.result()]) == [1, 2]
+    finally:
+        for t in (t1, t2):
+            t.cancel()
+        tx.close()
+        rx.close()
+
+
+async def test_cancelling_one_waiter_leaves_the_others_waiting():
+    tx, rx = meshipc.channel()
+    first = asyncio.create_task(rx.recv())
+    await asyncio.sleep(0)  # first blocks in recv
+    second = asyncio.create_task(rx.recv())
+    await asyncio.sleep(0)  # second blocks too
+    first.cancel()  # e.g. a wait_for(rx.recv(), timeout) that timed out
+    await asyncio.wait({first})
+    tx.send("for the second")
+    try:
+        done, _ = await asyncio.wait({second}, timeout=1.0)
+        assert not second.cancelled(), "a recv() nobody cancelled raised CancelledError"
+        assert done and second.result() == "for the second"
+    finally:
+        second.cancel()
+        tx.close()
+        rx.close()
+
+
+async def test_close_wakes_waiting_recv():
+    tx, rx = meshipc.channel()
+    task = asyncio.create_task(rx.recv())
+    await asyncio.sleep(0)
+    rx.close()  # e.g. another task shutting a server down
+    try:
+        done, _ = await asyncio.wait({task}, timeout=1.0)
+        assert done, "recv still blocked after its receiver was closed"
+        assert isinstance(task.exception(), ChannelClosed)
+    finally:
+        task.cancel()
+        tx.close()
+
+
+def test_try_recv():
+    tx, rx = meshipc.channel()
+    with pytest.raises(asyncio.QueueEmpty):
+        rx.try_recv()
+    tx.send(1)
+    assert rx.try_recv() == 1
+    with pytest.raises(asyncio.QueueEmpty):
+        rx.try_recv()
+    tx.send(2)
+    tx.close()
+    assert rx.try_recv() == 2
+    with pytest.raises(ChannelClosed):
+        rx.try_recv()
+    rx.close()
+    with pytest.raises(ChannelClosed):
+        rx.try_recv()
+
+
+async def test_closed_ends():
+    tx, rx = meshipc.channel()
+    tx.close()
+    tx.close()  # idempotent
+    assert tx.closed
+    with pytest.raises(ChannelClosed):
+        tx.send(1)
+    with pytest.raises(ChannelClosed):
+        tx.clone()
+    with pytest.raises(ChannelClosed):
+        await tx.call(1)
+    rx.close()
+    rx.close()
+    assert rx.closed
+    with pytest.raises(ChannelClosed):
+        await rx.recv()
+    a, b = Port.pair()
+    a.close()
+    with pytest.raises(ChannelClosed):
+        a.send(1)
+    with pytest.raises(ChannelClosed):
+        await b.recv()
+    b.close()
+
+
+def test_send_to_closed_receiver_is_dropped():
+    tx, rx = meshipc.channel()
+    rx.close()
+    tx.send("nobody listens")  # no error, like a write to a closed peer
+    inner_keep, inner_sent = Port.pair()
+    tx.send([inner_sent])  # a port in a dropped message is closed
+    del inner_sent
+    gc.collect()
+    assert end_of(inner_keep) is ChannelClosed
+    inner_keep.close()
+    tx.close()
+
+
+async def test_context_managers():
+    with meshipc.channel()[0] as tx:
+        pass
+    assert tx.closed
+    tx, rx = meshipc.channel()
+    with tx, rx as r:
+        assert r is rx
+        tx.send(1)
+        assert await rx.recv() == 1
+    assert tx.closed and rx.closed
+    a, b = Port.pair()
+    with a, b:
+        a.send("x")
+        assert await b.recv() == "x"
+    assert a.closed and b.closed
+
+
+async def test_port_pair_is_bidirectional():
+    a, b = Port.pair()
+    a.send(1)
+    b.send(2)
+    assert await within(b.recv()) == 1
+    assert await within(a.recv()) == 2
+    a.close()
+    b.send("dropped")  # peer gone: dropped silently
+    with pytest.raises(ChannelClosed):
+        await b.recv()
+    b.close()
+
+
+def test_handles_refuse_pickle_and_direct_construction():
+    tx, rx = meshipc.channel()
+    a, b = Port.pair()
+    for h in (tx, rx, a):
+        with pytest.raises(TypeError):
+            pickle.dumps(h)
+    for cls in (Port, Sender, Receiver):
+        with pytest.raises(TypeError):
+            cls()
+    for h in (tx, rx, a, b):
+        h.close()
+
+
+# ---------------------------------------------------------------- clones, one process
+
+
+async def test_clones_many_senders_one_receiver():
+    tx, rx = meshipc.channel()
+    senders = [tx] + [tx.clone() for _ in range(4)]
+    for i in range(20):
+        for k, s in enumerate(senders):
+            s.send((k, i))
+    tx.close()  # the original goes first; the clones keep the channel open
+    for s in senders[1:-1]:
+        s.close()
+    got = drain(rx)
+    with pytest.raises(asyncio.QueueEmpty):
+        rx.try_recv()  # one clone is still open
+    senders[-1].send((4, 20))
+    senders[-1].close()
+    got += [x async for x in rx]
+    for k in range(5):
+        mine = [i for kk, i in got if kk == k]
+        assert mine == list(range(21 if k == 4 else 20)), k
+    rx.close()
+
+
+async def test_clone_of_a_clone_and_waiting_receiver():
+    tx, rx = meshipc.channel()
+    t2 = tx.clone()
+    t3 = t2.clone()
+    tx.close()
+    t2.close()
+    task = asyncio.create_task(rx.recv())
+    await asyncio.sleep(0)
+    t3.send("from t3")
+    assert await within(task) == "from t3"
+    t3.close()
+    with pytest.raises(ChannelClosed):
+        await within(rx.recv())
+    rx.close()
+
+
+def test_dropped_clone_counts_as_closed():
+    tx, rx = meshipc.channel()
+    t2 = tx.clone()
+    t2.send("x")
+    tx.close()
+    del t2
+    gc.collect()
+    assert drain(rx) == ["x"]
+    assert end_of(rx) is ChannelClosed
+    rx.close()
+
+
+def test_clone_to_closed_receiver():
+    tx, rx = meshipc.channel()
+    rx.close()
+    t2 = tx.clone()
+    t2.send("dropped")
+    tx.close()
+    t2.close()
+
+
+# ---------------------------------------------------------------- across engines
+
+
+def test_send_recv_across_engines():
+    net = Net(2)
+    tx, rx = meshipc.channel()
+    rx = move(net, rx)
+    values: list[Any] = [1, "two", b"three", 4.5, None, True, {"k": [1, {"n": None}]}, (1, 2), [3, (4, 5)]]
+    for v in values:
+        tx.send(v)
+    tx.close()
+    net.run()
+    got = drain(rx)
+    assert got == [1, "two", b"three", 4.5, None, True, {"k": [1, {"n": None}]}, [1, 2], [3, [4, 5]]]
+    assert end_of(rx) is ChannelClosed
+    close_all(net, rx)
+
+
+async def test_async_for_across_engines():
+    net = Net(2)
+    autopump(net)
+    tx, rx = meshipc.channel()
+    rx = move(net, rx)
+    got: list[Any] = []
+
+    async def consume() -> None:
+        async for x in rx:
+            got.append(x)
+
+    task = asyncio.create_task(consume())
+    for i in range(50):
+        tx.send(i)
+        if i % 10 == 0:
+            await asyncio.sleep(0)
+    tx.close()
+    await within(task)
+    assert got == list(range(50))
+    close_all(net, rx)
+
+
+def test_raw_port_pair_across_engines():
+    net = Net(2)
+    a, b = Port.pair()
+    b = move(net, b)
+    a.send("ping")
+    net.run()
+    assert drain(b) == ["ping"]
+    b.send(("pong", 1))
+    net.run()
+    assert drain(a) == [["pong", 1]]
+    b.close()
+    net.run()
+    assert end_of(a) is ChannelClosed
+    close_all(net, a)
+
+
+@pytest.mark.parametrize("path", [[1], [1, 2], [1, 2, 0], [1, 0]])
+def test_receiver_moved_with_queue_while_sending(path: list[int]):
+    """A receiver holding unread messages travels along ``path`` while its
+    sender keeps sending: every message arrives once, in order."""
+    net = Net(3)
+    tx, rx = meshipc.channel()
+    n = 0
+    for _ in range(5):
+        tx.send(n)
+        n += 1
+    got = [rx.try_recv()]  # read some, leave some queued
+    where = 0
+    carriers = []
+    for dst in path:
+        a, b = net.pair(where, dst)
+        carriers += [a, b]
+        for _ in range(3):
+            tx.send(n)
+            n += 1
+        a.send(rx)
+        for _ in range(3):
+            tx.send(n)
+            n += 1
+        # deliver part of the traffic, send more, then the rest
+        for _ in range(2):
+            keys = net.pending()
+            if keys:
+                net.deliver(keys[0])
+        tx.send(n)
+        n += 1
+        net.run()
+        (rx,) = drain(b)
+        got += [rx.try_recv(), rx.try_recv()]  # read a little on each stop
+        where = dst
+    for _ in range(3):
+        tx.send(n)
+        n += 1
+    tx.close()
+    net.run()
+    got += drain(rx)
+    assert got == list(range(n))
+    assert end_of(rx) is ChannelClosed
+    close_all(net, rx, *carriers)
+
+
+def test_receiver_with_clones_moved():
+    """Messages from two senders (one a clone whose existence the receiver
+    has not read yet) are queued when the receiver moves."""
+    net = Net(2)
+    tx, rx = meshipc.channel()
+    t2 = tx.clone()
+    for i in range(5):
+        tx.send(("a", i))
+        t2.send(("b", i))
+    rx = move(net, rx)
+    for i in range(5, 10):
+        tx.send(("a", i))
+        t2.send(("b", i))
+    tx.close()
+    net.run()
+    got = drain(rx)
+    assert end_of(rx) is None  # t2 is still open
+    t2.send(("b", 10))
+    t2.close()
+    net.run()
+    got += drain(rx)
+    assert [i for k, i in got if k == "a"] == list(range(10))
+    assert [i for k, i in got if k == "b"] == list(range(11))
+    assert end_of(rx) is ChannelClosed
+    close_all(net, rx)
+
+
+def test_clones_across_engines():
+    """Receiver on engine 1; the original sender stays on engine 0, one clone
+    is made there after the move and another travels to engine 2."""
+    net = Net(3)
+    tx, rx = meshipc.channel()
+    rx = move(net, rx, 0, 1)
+    t2 = tx.clone()
+    t3 = move(net, tx.clone(), 0, 2)
+    t4 = t3.clone()  # a clone of a clone, made on engine 2
+    senders = {"tx": tx, "t2": t2, "t3": t3, "t4": t4}
+    for i in range(10):
+        for name, s in senders.items():
+            s.send([name, i])
+    net.run()
+    got = drain(rx)
+    for name in senders:
+        assert [i for n, i in got if n == name] == list(range(10)), name
+    for name in ("tx", "t2", "t3"):
+        senders[name].close()
+    net.run()
+    assert end_of(rx) is None  # t4 is still open
+    t4.send("last")
+    t4.close()
+    net.run()
+    assert drain(rx) == ["last"]
+    assert end_of(rx) is ChannelClosed
+    close_all(net, rx)
+
+
+def test_sender_moved_receiver_stays():
+    net = Net(2)
+    tx, rx = meshipc.channel()
+    tx = move(net, tx)
+    tx.send((1, 2))
+    net.run()
+    assert drain(rx) == [[1, 2]]
+    tx.close()
+    net.run()
+    assert end_of(rx) is ChannelClosed
+    close_all(net, rx)
+
+
+def test_node_failure_reaches_receiver():
+    net = Net(2)
+    tx, rx = meshipc.channel()
+    tx = move(net, tx)  # the sender lives on engine 1
+    tx.send("before")
+    net.run()
+    net.kill(1, "crashed")
+    assert drain(rx) == ["before"]
+    with pytest.raises(NodeFailure, match="crashed"):
+        rx.try_recv()
+    rx.close()
+
+
+# ---------------------------------------------------------------- typed channels
+
+
+async def test_typed_channel_local_passes_objects_untouched():
+    tx, rx = meshipc.channel(Point)
+    p = Point(1, 2)
+    tx.send(p)
+    assert await within(rx.recv()) is p
+    tx.close()
+    rx.close()
+
+
+def test_typed_channel_validates_messages_from_other_engines():
+    net = Net(2)
+    tx, rx = meshipc.channel(Point)
+    tx = move(net, tx)  # the typed receiver stays; messages come from engine 1
+    tx.send(Point(1, 2))
+    tx.send(Point("one", 2))  # type: ignore[arg-type]  # wrong field type
+    tx.send({"x": 3, "y": 4})  # same shape: becomes a Point
+    tx.send([5])  # not a Point at all
+    tx.send(Point(5, 6))
+    net.run()
+    first = rx.try_recv()
+    assert type(first) is Point and first == Point(1, 2)
+    with pytest.raises(MessageError):
+        rx.try_recv()
+    assert rx.try_recv() == Point(3, 4)
+    with pytest.raises(MessageError):
+        rx.try_recv()
+    assert rx.try_recv() == Point(5, 6)
+    with pytest.raises(asyncio.QueueEmpty):
+        rx.try_recv()
+    tx.close()
+    net.run()
+    assert end_of(rx) is ChannelClosed
+    close_all(net, rx)
+
+
+def test_typed_channel_with_clone_on_other_engine():
+    net = Net(2)
+    tx, rx = meshipc.channel(Point)
+    tx = move(net, tx)
+    t2 = tx.clone()  # made on engine 1
+    tx.send(Point(1, 1))
+    t2.send(Point(2, 2))
+    t2.send({"x": "bad"})
+    t2.send(Point(3, 3))
+    tx.close()
+    t2.close()
+    net.run()
+    got = []
+    errors = 0
+    while True:
+        try:
+            got.append(rx.try_recv())
+        except MessageError:
+            errors += 1
+        except ChannelClosed:
+            break
+    assert errors == 1
+    assert sorted(p.x for p in got) == [1, 2, 3] and all(type(p) is Point for p in got)
+    close_all(net, rx)
+
+
+async def test_typed_call_with_invalid_request():
+    net = Net(2)
+    autopump(net)
+    tx, rx = meshipc.channel(Point)
+    tx = move(net, tx)  # the caller is on engine 1
+    caller = asyncio.create_task(tx.call({"x": "bad", "y": 0}))
+    with pytest.raises(MessageError):
+        await within(rx.recv())  # the server sees the bad call...
+    with pytest.raises(ChannelClosed):
+        await within(caller)  # ...the caller is not left hanging
+    caller = asyncio.create_task(tx.call(Point(1, 2)))
+    call = await within(rx.recv())
+    assert type(call.request) is Point
+    call.reply(call.request.x + call.request.y)
+    assert await within(caller) == 3
+    close_all(net, tx, rx)
+
+
+def test_invalid_message_closes_its_ports():
+    net = Net(2)
+    tx, rx = meshipc.channel(Point)
+    tx = move(net, tx)
+    keep, inner = Port.pair()
+    inner = move(net, inner, 0, 1)  # so it is sent from engine 1
+    tx.send({"x": inner, "y": 1})
+    tx.send(Point(7, 8))
+    net.run()
+    with pytest.raises(MessageError):
+        rx.try_recv()
+    assert rx.try_recv() == Point(7, 8)
+    net.run()
+    assert end_of(keep) is ChannelClosed
+    close_all(net, tx, rx, keep)
+
+
+class Holder(msgspec.Struct):
+    rx: Receiver[Point]
+
+
+@pytest.mark.parametrize("slot", ["channel", "struct-field"])
+def test_typed_receiver_moved_through_typed_slot(slot: str):
+    """The element type is not on the wire: a Receiver that arrives in a slot
+    annotated ``Receiver[Point]`` validates against Point."""
+    net = Net(2)
+    ctx, crx = meshipc.channel(Receiver[Point] if slot == "channel" else Holder)
+    ctx = move(net, ctx)  # the carrier sends from engine 1 to engine 0
+    tx, rx = meshipc.channel(Point)
+    ctx.send(rx if slot == "channel" else Holder(rx))
+    net.run()
+    got = crx.try_recv()
+    rx = got if slot == "channel" else got.rx
+    assert type(rx) is Receiver
+    tx.send(Point(1, 2))  # tx went to engine 1 with its peer
+    tx.send(Point("bad", 2))  # type: ignore[arg-type]
+    tx.send({"x": 3, "y": 4})
+    net.run()
+    assert type(rx.try_recv()) is Point
+    with pytest.raises(MessageError):
+        rx.try_recv()
+    assert rx.try_recv() == Point(3, 4)
+    close_all(net, ctx, crx, tx, rx)
+
+
+def _check_handles_work(net: Net, pairs: list[tuple[Any, Any]]) -> None:
+    """Each (kept, arrived) pair: the kept end on engine 1, the arrived one on 0."""
+    for i, (kept, arrived) in enumerate(pairs):
+        if isinstance(arrived, Receiver):
+            kept.send(i)
+            net.run()
+            assert drain(arrived) == [i]
+        elif isinstance(arrived, Sender):
+            arrived.send([i])
+            net.run()
+            assert drain(kept) == [[i]]
+        else:
+            assert isinstance(arrived, Port)
+            arrived.send(i)
+            kept.send(-i)
+            net.run()
+            assert drain(kept) == [i]
+            assert drain(arrived) == [-i]
+
+
+def test_handles_nested_anywhere_untyped():
+    net = Net(2)
+    tx, rx = meshipc.channel()
+    tx = move(net, tx)  # send from engine 1 to the receiver on engine 0
+    p_keep, p_sent = Port.pair()
+    s_sent, s_keep = meshipc.channel()  # send the sender, keep the receiver
+    r_keep, r_sent = meshipc.channel()  # keep the sender, send the receiver
+    q_keep, q_sent = Port.pair()
+    tx.send({"deep": [{"port": p_sent}, ("tx", s_sent)], "rx": r_sent, "struct": Point(1, 2), "ps": [q_sent]})
+    net.run()
+    (msg,) = drain(rx)
+    assert msg["struct"] == {"x": 1, "y": 2}
+    port = msg["deep"][0]["port"]
+    sender = msg["deep"][1][1]
+    receiver = msg["rx"]
+    (q,) = msg["ps"]
+    assert (type(port), type(sender), type(receiver), type(q)) == (Port, Sender, Receiver, Port)
+    assert p_sent.closed and s_sent.closed and r_sent.closed  # handed over
+    _check_handles_work(net, [(p_keep, port), (s_keep, sender), (r_keep, receiver), (q_keep, q)])
+    close_all(net, tx, rx, p_keep, s_keep, r_keep, q_keep, port, sender, receiver, q)
+
+
+def test_handles_nested_in_typed_struct():
+    net = Net(2)
+    tx, rx = meshipc.channel(Bundle)
+    tx = move(net, tx)
+    p_keep, p_sent = Port.pair()
+    s_sent, s_keep = meshipc.channel()
+    r_keep, r_sent = meshipc.channel()
+    m_keep, m_sent = Port.pair()
+    n_sent, n_keep = meshipc.channel()
+    tx.send(Bundle(p_sent, s_sent, r_sent, [m_sent], {"n": n_sent}))
+    net.run()
+    b = rx.try_recv()
+    assert type(b) is Bundle
+    assert type(b.port) is Port and type(b.tx) is Sender and type(b.rx) is Receiver
+    _check_handles_work(
+        net, [(p_keep, b.port), (s_keep, b.tx), (r_keep, b.rx), (m_keep, b.more[0]), (n_keep, b.by_name["n"])]
+    )
+    close_all(
+        net, tx, rx, p_keep, s_keep, r_keep, m_keep, n_keep, b.port, b.tx, b.rx, b.more[0], b.by_name["n"]
+    )
+
+
+def test_struct_expecting_handle_rejects_plain_value():
+    net = Net(2)
+    tx, rx = meshipc.channel(Bundle)
+    tx = move(net, tx)
+    tx.send({"port": 1, "tx": 2, "rx": 3, "more": [], "by_name": {}})
+    tx.send("next")
+    net.run()
+    with pytest.raises(MessageError):
+        rx.try_recv()
+    with pytest.raises(MessageError):
+        rx.try_recv()  # "next" is not a Bundle either, but it is read
+    close_all(net, tx, rx)
+
+
+# ---------------------------------------------------------------- sending what cannot be sent
+
+
+def test_sending_closed_handles_across_engines():
+    net = Net(2)
+    a, b = net.pair(0, 1)
+    for make in (Port.pair, meshipc.channel):
+        x, y = make()
+        x.close()
+        with pytest.raises(ChannelClosed):
+            a.send(x)
+        with pytest.raises(ChannelClosed):
+            a.send({"nested": [x]})
+        y.close()
+    # a handle already sent away is closed too
+    p, q = Port.pair()
+    t, r = meshipc.channel()
+    a.send(p)
+    a.send(t)
+    with pytest.raises(ChannelClosed):
+        a.send(p)
+    with pytest.raises(ChannelClosed):
+        a.send([t])
+    a.send("still works")
+    net.run()
+    (p2, t2, msg) = drain(b)
+    assert msg == "still works"
+    close_all(net, a, b, p2, q, t2, r)
+
+
+def test_sending_closed_receiver_across_engines():
+    net = Net(2)
+    a, b = net.pair(0, 1)
+    tx, rx = meshipc.channel()
+    rx.close()
+    try:
+        with pytest.raises(ChannelClosed):
+            a.send(rx)
+        tx2, rx2 = meshipc.channel()
+        a.send(rx2)
+        with pytest.raises(ChannelClosed):
+            a.send(rx2)  # already sent away
+        tx2.close()
+    finally:
+        net.run()
+        close_all(net, a, b, tx, *drain(b))
+
+
+@pytest.mark.parametrize(
+    "bad", [lambda: 1, object(), 1j, {"nested": [print]}], ids=["lambda", "object", "complex", "nested"]
+)
+def test_unencodable_value_raises_at_send(bad: Any):
+    net = Net(2)
+    tx, rx = meshipc.channel()
+    rx = move(net, rx)
+    tx.send("before")
+    with pytest.raises((TypeError, NotImplementedError, MeshError)):
+        tx.send(bad)
+    tx.send("after")
+    net.run()
+    assert drain(rx) == ["before", "after"]
+    tx.close()
+    net.run()
+    assert end_of(rx) is ChannelClosed
+    close_all(net, rx)
+
+
+def test_unencodable_value_queued_locally_then_receiver_moves():
+    """The value was fine within the process; when its receiver moves it can
+    no longer be encoded: that one message becomes a MessageError."""
+    net = Net(2)
+    tx, rx = meshipc.channel()
+    tx.send(1)
+    tx.send(lambda: 2)
+    tx.send(3)
+    rx = move(net, rx)
+    net.run()
+    assert rx.try_recv() == 1
+    with pytest.raises(MessageError):
+        rx.try_recv()
+    assert rx.try_recv() == 3
+    close_all(net, tx, rx)
+
+
+# ---------------------------------------------------------------- RPC
+
+
+async def _serve(rx: Receiver[Any], handler: Any) -> None:
+    async for call in rx:
+        assert isinstance(call, Call)
+        handler(call)
+
+
+def _double(call: Call[Any]) -> None:
+    call.reply(call.request * 2)
+
+
+async def test_rpc_local():
+    tx, rx = meshipc.channel()
+    server = asyncio.create_task(_serve(rx, _double))
+    assert await within(tx.call(21)) == 42
+    results = await within(asyncio.gather(*(tx.call(i) for i in range(20))))
+    assert results == [i * 2 for i in range(20)]
+    tx.close()
+    await within(server)
+    rx.close()
+
+
+async def test_rpc_across_engines():
+    net = Net(2)
+    autopump(net)
+    tx, rx = meshipc.channel()
+    rx = move(net, rx)
+    server = asyncio.create_task(_serve(rx, _double))
+    assert await within(tx.call(21)) == 42
+    assert await within(tx.call((1, "a"))) == [1, "a", 1, "a"]
+    results = await within(asyncio.gather(*(tx.call(i) for i in range(20))))
+    assert results == [i * 2 for i in range(20)]
+    # a clone calls the same server
+    t2 = tx.clone()
+    assert await within(t2.call("x")) == "xx"
+    t2.close()
+    tx.close()
+    await within(server)
+    close_all(net, rx)
+
+
+async def test_rpc_caller_on_other_engine():
+    net = Net(2)
+    autopump(net)
+    tx, rx = meshipc.channel()
+    tx = move(net, tx)  # the caller is on engine 1, the server on engine 0
+    server = asyncio.create_task(_serve(rx, _double))
+    assert await within(tx.call([1])) == [1, 1]
+    tx.close()
+    await within(server)
+    close_all(net, rx)
+
+
+async def test_rpc_reply_carries_handles():
+    net = Net(2)
+    autopump(net)
+    tx, rx = meshipc.channel()
+    rx = move(net, rx)
+
+    def handler(call: Call[Any]) -> None:
+        s, r = meshipc.channel()
+        s.send(call.request)
+        s.close()
+        call.reply({"stream": r})
+
+    server = asyncio.create_task(_serve(rx, handler))
+    out = await within(tx.call("hello"))
+    assert [x async for x in out["stream"]] == ["hello"]
+    out["stream"].close()
+    tx.close()
+    await within(server)
+    close_all(net, rx)
+
+
+@pytest.mark.parametrize("cross", [False, True], ids=["local", "cross"])
+async def test_rpc_fail_gives_remote_error(cross: bool):
+    net = Net(2)
+    autopump(net)
+    tx, rx = meshipc.channel()
+    if cross:
+        rx = move(net, rx)
+
+    def raising_helper() -> None:
+        raise KeyError("deep")
+
+    def handler(call: Call[Any]) -> None:
+        if call.request == "plain":
+            call.fail(ValueError("x"))
+            return
+        try:
+            raising_helper()
+        except KeyError as exc:
+            call.fail(exc)
+
+    server = asyncio.create_task(_serve(rx, handler))
+    with pytest.raises(RemoteError) as info:
+        await within(tx.call("plain"))
+    err = info.value
+    assert err.type_name == "ValueError"
+    assert err.message == "x"
+    assert "ValueError" in err.traceback
+    with pytest.raises(RemoteError) as info:
+        await within(tx.call("raised"))
+    assert info.value.type_name == "KeyError"
+    assert "raising_helper" in info.value.traceback
+    # the channel keeps working after failed calls
+    (again,) = await within(asyncio.gather(tx.call("plain"), return_exceptions=True))
+    assert isinstance(again, RemoteError)
+    tx.close()
+    await within(server)
+    close_all(net, rx)
+
+
+@pytest.mark.parametrize("cross", [False, True], ids=["local", "cross"])
+async def test_rpc_dropped_call_gives_channel_closed(cross: bool):
+    net = Net(2)
+    autopump(net)
+    tx, rx = meshipc.channel()
+    if cross:
+        rx = move(net, rx)
+
+    async def server() -> None:
+        call = await rx.recv()
+        del call  # dropped unanswered
+        call = await rx.recv()
+        call.reply("answered")
+
+    task = asyncio.create_task(server())
+    with pytest.raises(ChannelClosed):
+        await within(tx.call("ignored"))
+    assert await within(tx.call("second")) == "answered"
+    await within(task)
+    close_all(net, tx, rx)
+
+
+@pytest.mark.parametrize("cross", [False, True], ids=["local", "cross"])
+async def test_rpc_caller_cancelled_reaches_callee(cross: bool):
+    net = Net(2)
+    autopump(net)
+    tx, rx = meshipc.channel()
+    if cross:
+        rx = move(net, rx)
+    got_call = asyncio.Event()
+    calls: list[Call[Any]] = []
+
+    async def server() -> None:
+        call = await rx.recv()
+        calls.append(call)
+        got_call.set()
+        await call.wait_cancelled()
+
+    srv = asyncio.create_task(server())
+    caller = asyncio.create_task(tx.call("long job"))
+    await within(got_call.wait())
+    assert not calls[0].cancelled
+    caller.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await caller
+    await within(srv)
+    assert calls[0].cancelled
+    calls[0].reply("too late")  # nobody waits: no error
+    close_all(net, tx, rx)
+
+
+@pytest.mark.parametrize("cross", [False, True], ids=["local", "cross"])
+async def test_rpc_receiver_closed(cross: bool):
+    net = Net(2)
+    autopump(net)
+    tx, rx = meshipc.channel()
+    if cross:
+        rx = move(net, rx)
+    rx.close()
+    net.run()
+    with pytest.raises(ChannelClosed):
+        await within(tx.call(1))
+    close_all(net, tx)
+
+
+@pytest.mark.parametrize("cross", [False, True], ids=["local", "cross"])
+async def test_rpc_receiver_closes_with_call_unread(cross: bool):
+    net = Net(2)  # delivered by hand here
+    tx, rx = meshipc.channel()
+    if cross:
+        rx = move(net, rx)
+    caller = asyncio.create_task(tx.call("never read"))
+    await asyncio.sleep(0)  # one loop turn: the call is sent
+    assert not caller.done()
+    net.run()  # the call is queued at the receiver, unread
+    rx.close()  # ...which drops it, and the reply port inside
+    net.run()
+    with pytest.raises(ChannelClosed):
+        await within(caller)
+    close_all(net, tx)
+
+
+async def test_rpc_callee_node_dies():
+    net = Net(2)
+    autopump(net)
+    tx, rx = meshipc.channel()
+    rx = move(net, rx)  # the server lives on engine 1
+    caller = asyncio.create_task(tx.call("work"))
+    call = await within(rx.recv())
+    net.kill(1, "server crashed")
+    with pytest.raises(PortFailed, match="server crashed"):
+        await within(caller)
+    del call
+    tx.close()
+    rx.close()
+
+
+async def test_rpc_reply_that_cannot_be_encoded():
+    net = Net(2)
+    autopump(net)
+    tx, rx = meshipc.channel()
+    rx = move(net, rx)
+    caller = asyncio.create_task(tx.call("give me a lambda"))
+    call = await within(rx.recv())
+    with pytest.raises((TypeError, NotImplementedError, MeshError)):
+        call.reply(lambda: 1)
+    with pytest.raises(ChannelClosed):
+        await within(caller)  # the reply port was closed: no hang
+    close_all(net, tx, rx)
+
+
+async def test_rpc_fail_with_remote_error_passes_it_through():
+    net = Net(2)
+    autopump(net)
+    tx, rx = meshipc.channel()
+    rx = move(net, rx)
+
+    def handler(call: Call[Any]) -> None:
+        call.fail(RemoteError("CustomError", "from further away", "remote tb text"))
+
+    server = asyncio.create_task(_serve(rx, handler))
+    with pytest.raises(RemoteError) as info:
+        await within(tx.call(None))
+    assert (info.value.type_name, info.value.message, info.value.traceback) == (
+        "CustomError",
+        "from further away",
+        "remote tb text",
+    )
+    tx.close()
+    await within(server)
+    close_all(net, rx)
+
+
+async def test_call_answered_twice():
+    tx, rx = meshipc.channel()
+    caller = asyncio.create_task(tx.call(1))
+    call = await within(rx.recv())
+    assert call.request == 1 and "1" in repr(call)
+    call.reply(2)
+    with pytest.raises(ChannelClosed):
+        call.reply(3)
+    with pytest.raises(ChannelClosed):
+        call.fail(ValueError("late"))
+    assert await within(caller) == 2
+    tx.close()
+    rx.close()
+
+
+# ---------------------------------------------------------------- Fd
+
+
+def test_fd_dup_fileno_detach_close():
+    r, w = os.pipe()
+    try:
+        fd = Fd.dup(r)
+        n = fd.fileno()
+        assert n not in (r, w) and not fd.closed
+        assert not os.get_inheritable(n)
+        os.write(w, b"hi")
+        assert os.read(n, 2) == b"hi"  # same pipe
+        fd.close()
+        assert fd.closed
+        fd.close()  # idempotent
+        with pytest.raises(ValueError):
+            fd.fileno()
+        with pytest.raises(ValueError):
+            fd.detach()
+        with pytest.raises(OSError):
+            os.fstat(n)  # really closed
+
+        with open(w, "wb", closefd=False) as f, Fd.dup(f) as fd2:
+            assert fd2.fileno() != w
+        assert fd2.closed
+
+        fd3 = Fd.dup(r)
+        raw = fd3.detach()
+        assert fd3.closed and "closed" in repr(fd3)
+        fd3.close()  # does not close what was detached
+        os.fstat(raw)
+        os.close(raw)
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.parametrize("bad", [-1, "3", 1.5, None])
+def test_fd_rejects_non_descriptors(bad: Any):
+    with pytest.raises(ValueError):
+        Fd(bad)
+
+
+def test_fd_failed_construction_is_quiet():
+    seen: list[Any] = []
+    old = sys.unraisablehook
+    sys.unraisablehook = seen.append
+    try:
+        with pytest.raises(ValueError):
+            Fd(-1)
+        gc.collect()
+    finally:
+        sys.unraisablehook = old
+    assert not seen, [u.exc_value for u in seen]
+
+
+def test_fd_travels_across_engines():
+    net = Net(2)
+    tx, rx = meshipc.channel()
+    rx = move(net, rx)
+    r, w = os.pipe()
+    fd = Fd(w)
+    tx.send({"out": fd})
+    assert fd.closed  # handed over
+    net.run()
+    (msg,) = drain(rx)
+    got = msg["out"]
+    assert isinstance(got, Fd)
+    os.write(got.fileno(), b"through the mesh")
+    assert os.read(r, 100) == b"through the mesh"
+    got.close()
+    os.close(r)
+    close_all(net, tx, rx)
