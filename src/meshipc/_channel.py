@@ -92,6 +92,9 @@ def _enc_hook(obj: Any) -> Any:
 
 
 _encoder = msgspec.msgpack.Encoder(enc_hook=_enc_hook)
+# values without ports or fds (the common case) need no hook and no
+# per-message resource lists; it raises TypeError for anything it cannot take
+_plain_encoder = msgspec.msgpack.Encoder()
 
 
 def _use(kind: int, index: int, limit: int) -> int:
@@ -145,6 +148,15 @@ def _decoder(tp: Any) -> msgspec.msgpack.Decoder[Any]:
     return msgspec.msgpack.Decoder(tp, ext_hook=_ext_hook, dec_hook=_dec_hook)
 
 
+def _no_resources(code: int, data: memoryview) -> Any:
+    raise MessageError(f"message refers to a resource (extension type {code}) it does not carry")
+
+
+@functools.lru_cache(maxsize=256)
+def _plain_decoder(tp: Any) -> msgspec.msgpack.Decoder[Any]:
+    return msgspec.msgpack.Decoder(tp, ext_hook=_no_resources, dec_hook=_dec_hook)
+
+
 class _Codec:
     """Bridges message objects and bytes for the engine (see ``ports.Codec``)."""
 
@@ -166,6 +178,9 @@ class _Codec:
         finally:
             r.engine, r.ports, r.fds = None, [], []
 
+    def encode_plain(self, obj: Any) -> bytes:
+        return _plain_encoder.encode(obj)
+
     def encode_error(self, exc: BaseException) -> bytes:
         return _encoder.encode(("MessageError", f"message could not be encoded: {exc}", ""))
 
@@ -181,8 +196,13 @@ def decode(msg: Message, tp: Any) -> Any:
     """The value of a message from another node, validated against ``tp``.
 
     Raises ``MessageError`` (the resources of the message are closed)."""
-    r = _res
     body = msg.body if msg.body is not None else b""
+    if not msg.ports and not msg.fds:
+        try:
+            return _plain_decoder(tp).decode(body)
+        except (msgspec.DecodeError, msgspec.ValidationError, MessageError) as exc:
+            raise MessageError(f"invalid message: {exc}") from None
+    r = _res
     r.in_states = msg.ports or []
     r.in_fds = list(msg.fds or [])
     r.used = set()

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import hashlib
 import hmac
 import logging
@@ -38,7 +39,7 @@ from ._errors import HandshakeError, MeshError
 from ._ids import NodeId
 from ._ports import PROXY, SENDING, Engine
 from ._transport import Connection
-from ._wire import PROTOCOL_VERSION, Event
+from ._wire import PROTOCOL_VERSION, Event, MsgEvent
 
 log = logging.getLogger("meshipc")
 
@@ -153,7 +154,13 @@ class Node:
         self.directory = Path(directory)
         self._secret = secret
         self.allowed_uids = set(allowed_uids) if allowed_uids is not None else {os.getuid()}
-        self.engine = Engine(self.id, transmit=self._transmit, codec=CODEC, watch=self._watch)
+        self.engine = Engine(
+            self.id,
+            transmit=self._transmit,
+            codec=CODEC,
+            watch=self._watch,
+            transmit_data=self._transmit_data,
+        )
         self.path = node_path(self.directory, self.id)
         self._conns: dict[bytes, Connection] = {}
         self._connecting: dict[bytes, asyncio.Task[None]] = {}
@@ -248,6 +255,13 @@ class Node:
         self._pending.setdefault(node, []).append((ev, fds))
         self._watch(node)
 
+    def _transmit_data(self, node: bytes, port: bytes, seq: int, kind: int, body: bytes) -> None:
+        conn = self._conns.get(node)
+        if conn is not None:
+            conn.write_data(port, seq, kind, body)
+        else:
+            self._transmit(node, MsgEvent(port, seq, kind, 0, [], 0, body), [])
+
     def _watch(self, node: bytes) -> None:
         if node in self._conns or node in self._connecting or node == self.id or self.closed:
             return
@@ -260,7 +274,14 @@ class Node:
         self.engine.receive(src, ev, fds)
 
     def _established(self, sock: socket.socket, peer: bytes) -> None:
-        conn = Connection(self.loop, sock, peer, self._on_event, self._on_lost)
+        conn = Connection(
+            self.loop,
+            sock,
+            peer,
+            self._on_event,
+            self._on_lost,
+            functools.partial(self.engine.receive_data, peer),
+        )
         self._conns[peer] = conn
         for ev, fds in self._pending.pop(peer, []):
             conn.write_event(ev, fds)

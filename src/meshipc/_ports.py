@@ -129,6 +129,10 @@ class Codec(Protocol):
 
     def encode_error(self, exc: BaseException) -> bytes: ...
 
+    def encode_plain(self, obj: Any) -> bytes:
+        """Encode a value without ports or fds; ``TypeError`` if it has any."""
+        ...
+
 
 class PortState:
     """One port end as its engine knows it."""
@@ -211,6 +215,9 @@ class _NullCodec:
     def encode_error(self, exc: BaseException) -> bytes:
         return b""
 
+    def encode_plain(self, obj: Any) -> bytes:
+        raise TypeError("no codec")
+
 
 class Engine:
     """A node's table of ports and the port protocol.
@@ -226,9 +233,12 @@ class Engine:
         transmit: Callable[[bytes, Event, list[Any]], None] = _no_transmit,
         codec: Codec | None = None,
         watch: Callable[[bytes], None] | None = None,
+        transmit_data: Callable[[bytes, bytes, int, int, bytes], None] | None = None,
     ) -> None:
         self.node_id = node_id
         self.transmit = transmit
+        #: fast path for a plain message (no ports, no fds): (node, port, seq, kind, body)
+        self.transmit_data = transmit_data
         self.codec: Codec = codec if codec is not None else _NullCodec()
         self.watch = watch
         self.ports: dict[bytes, PortState] = {}
@@ -270,6 +280,15 @@ class Engine:
         seq = st.send_seq
         node = st.peer_node
         if node != self.node_id:
+            if self.transmit_data is not None and msg.body is None:
+                try:
+                    body = self.codec.encode_plain(msg.obj)
+                except TypeError:
+                    pass  # ports, fds or an unsupported type inside: the full path says which
+                else:
+                    st.send_seq = seq + 1
+                    self.transmit_data(node, st.peer_port, seq, msg.kind, body)
+                    return
             # encode before taking the sequence number: a value that cannot be
             # encoded raises here and leaves no gap in the stream
             ev, fds = self._event_for(node, st.peer_port, seq, msg, strict=True)
@@ -377,6 +396,17 @@ class Engine:
                 st.proxy_from = None
             return
         self._run()
+
+    def receive_data(self, src: bytes, port: bytes, seq: int, kind: int, body: bytes) -> None:
+        """``receive`` for a plain message (no ports, no fds): the hot path."""
+        st = self.ports.get(port)
+        if st is not None and st.mode == OWNED and seq == st.recv_seq and not st.pending and not st.closed:
+            st.recv_seq = seq + 1
+            st.queue.append(Message(kind, None, body))
+            if st.waker is not None:
+                st.waker()
+            return
+        self.receive(src, MsgEvent(port, seq, kind, 0, [], 0, body))
 
     def node_failed(self, node: bytes, reason: str) -> None:
         """``node`` is gone: fail every port that depends on it."""

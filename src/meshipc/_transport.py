@@ -22,6 +22,7 @@ import logging
 import mmap
 import os
 import socket
+import struct
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -32,6 +33,7 @@ from ._wire import (
     F_OOB,
     MAX_FDS_PER_MESSAGE,
     OOB_THRESHOLD,
+    T_MSG,
     Event,
     FrameDecoder,
     MsgEvent,
@@ -58,6 +60,8 @@ _SEALS = (
     | getattr(fcntl, "F_SEAL_GROW", 4)
     | getattr(fcntl, "F_SEAL_WRITE", 8)
 )
+_DATA_HEAD = struct.Struct("<IB16sQBBHH")  # length + MSG header without ports or fds
+_DATA_HEAD_LEN = _DATA_HEAD.size - 4
 _HAVE_MEMFD = hasattr(os, "memfd_create") and hasattr(fcntl, "F_ADD_SEALS")
 
 
@@ -106,12 +110,14 @@ class Connection:
         peer: bytes,
         on_event: Callable[[bytes, Event, list[Any]], None],
         on_lost: Callable[[Connection, str], None],
+        on_data: Callable[[bytes, int, int, bytes], None],
     ) -> None:
         self.loop = loop
         self.sock = sock
         self.peer = peer
         self._on_event = on_event
         self._on_lost = on_lost
+        self._on_data = on_data  # plain messages: (port, seq, kind, body)
         self._decoder = FrameDecoder()
         self._rbuf = bytearray(READ_SIZE)
         self._rview = memoryview(self._rbuf)
@@ -123,7 +129,6 @@ class Connection:
         self._flush_scheduled = False
         self._writing = False
         self.closed = False
-        self.frames_in = 0
         self.frames_out = 0
         self.bytes_in = 0
         self.writes = 0  # send/sendmsg calls: coalescing keeps this far below frames_out
@@ -151,6 +156,18 @@ class Connection:
                     self._chunks.append(body)
         else:
             self._add(encode_event(ev), fds)
+
+    def write_data(self, port: bytes, seq: int, kind: int, body: bytes) -> None:
+        """A plain message (no ports, no fds): the hot path of ``write_event``."""
+        n = len(body)
+        if n >= 4096 or self.closed:
+            self.write_event(MsgEvent(port, seq, kind, 0, [], 0, body), [])
+            return
+        self._chunks.append(_DATA_HEAD.pack(n + _DATA_HEAD_LEN, T_MSG, port, seq, kind, 0, 0, 0) + body)
+        self.frames_out += 1
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self.flush)
 
     def _add(self, data: bytes, fds: list[Any]) -> None:
         if fds:
@@ -241,20 +258,7 @@ class Connection:
                 self._lost("connection closed by peer")
                 return
             self.bytes_in += n
-            events = self._decoder.feed(self._rview[:n])
-            for ev in events:
-                self.frames_in += 1
-                fds: list[Any] = []
-                if isinstance(ev, MsgEvent):
-                    if ev.nfds:
-                        if ev.nfds > len(self._fds):
-                            raise ProtocolError("frame claims descriptors that did not arrive")
-                        fds = [self._fds.popleft() for _ in range(ev.nfds)]
-                    if ev.flags & F_OOB:
-                        ev.body = _read_memfd(fds.pop(), oob_body_length(ev.body))
-                        ev.nfds -= 1
-                        ev.flags = 0
-                self._on_event(self.peer, ev, fds)
+            self._decoder.feed_each(self._rview[:n], self._on_data, self._event_in)
         except ProtocolError as exc:
             log.warning("dropping connection to node %s: protocol error: %s", self.peer.hex()[:12], exc)
             self._lost(f"protocol error: {exc}")
@@ -262,6 +266,19 @@ class Connection:
         # answer a batch of reads right away instead of waiting a loop turn
         if self._flush_scheduled and not self.closed:
             self.flush()
+
+    def _event_in(self, ev: Event) -> None:
+        fds: list[Any] = []
+        if isinstance(ev, MsgEvent):
+            if ev.nfds:
+                if ev.nfds > len(self._fds):
+                    raise ProtocolError("frame claims descriptors that did not arrive")
+                fds = [self._fds.popleft() for _ in range(ev.nfds)]
+            if ev.flags & F_OOB:
+                ev.body = _read_memfd(fds.pop(), oob_body_length(ev.body))
+                ev.nfds -= 1
+                ev.flags = 0
+        self._on_event(self.peer, ev, fds)
 
     # ---------------------------------------------------------------- closing
 

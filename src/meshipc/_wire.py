@@ -17,6 +17,7 @@ how many of the received descriptors are its own, in order.
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from typing import Final
 
 from ._errors import ProtocolError
@@ -386,29 +387,69 @@ class FrameDecoder:
         return len(self._buf)
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[Event]:
+        """Decode what ``data`` completes; returns whole events in order."""
+        out: list[Event] = []
+
+        def on_data(port: bytes, seq: int, kind: int, body: bytes) -> None:
+            out.append(MsgEvent(port, seq, kind, 0, [], 0, body))
+
+        self.feed_each(data, on_data, out.append)
+        return out
+
+    def feed_each(
+        self,
+        data: bytes | bytearray | memoryview,
+        on_data: Callable[[bytes, int, int, bytes], None],
+        on_event: Callable[[Event], None],
+    ) -> None:
+        """Like ``feed``, but hands each event over as soon as it is decoded.
+
+        The common frame, a message without ports, fds or flags, goes to
+        ``on_data(port, seq, kind, body)`` without an event object: on the
+        hot path every Python object per message counts. An exception from
+        a callback leaves the decoder spent, like a ``ProtocolError``."""
         if self._broken:
             raise ProtocolError("decoder already failed")
         buf = self._buf
-        buf += data
-        out: list[Event] = []
+        if buf:
+            buf += data
+            mv = memoryview(buf)
+        else:
+            mv = memoryview(data)
         pos = 0
-        total = len(buf)
+        total = len(mv)
+        msg_size = _MSG.size
         try:
-            with memoryview(buf) as mv:
-                while total - pos >= 4:
-                    (length,) = _LEN.unpack_from(mv, pos)
-                    if length == 0 or length > MAX_FRAME:
-                        raise ProtocolError(f"frame length {length} outside 1..{MAX_FRAME}")
-                    if total - pos - 4 < length:
-                        break
-                    out.append(_decode_frame(mv[pos + 4 : pos + 4 + length]))
-                    pos += 4 + length
+            while total - pos >= 4:
+                (length,) = _LEN.unpack_from(mv, pos)
+                if length == 0 or length > MAX_FRAME:
+                    raise ProtocolError(f"frame length {length} outside 1..{MAX_FRAME}")
+                start = pos + 4
+                end = start + length
+                if end > total:
+                    break
+                if mv[start] == T_MSG and length >= msg_size:
+                    _, port, seq, kind, flags, nports, nfds = _MSG.unpack_from(mv, start)
+                    if not (flags or nports or nfds) and kind <= K_MAX:
+                        pos = end
+                        on_data(port, seq, kind, bytes(mv[start + msg_size : end]))
+                        continue
+                ev = _decode_frame(mv[start:end])
+                pos = end
+                on_event(ev)
         except ProtocolError:
             self._broken = True
             raise
         except (struct.error, ValueError, IndexError) as exc:  # defensive: any slip is the peer's fault
             self._broken = True
             raise ProtocolError(f"malformed frame: {exc}") from exc
-        if pos:
+        except BaseException:
+            self._broken = True
+            raise
+        finally:
+            rest = bytes(mv[pos:]) if not buf and pos < total else b""
+            mv.release()
+        if buf:
             del buf[:pos]
-        return out
+        elif rest:
+            buf += rest
