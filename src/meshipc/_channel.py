@@ -19,7 +19,7 @@ import typing
 import weakref
 from collections import deque
 from types import TracebackType
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import msgspec
 
@@ -443,41 +443,51 @@ class _Inbox(_Handle):
         # K_ERROR where data was expected: a peer bug, reported on this message only
         raise MessageError("unexpected error message on a data channel")
 
-    def try_recv(self) -> Any:
-        """The next message if one is queued; raises ``asyncio.QueueEmpty`` if
-        none is, ``ChannelClosed``/``PortFailed`` at the end of the stream."""
+    def _poll(self) -> Any:
+        """The next value, or ``_EMPTY``; raises at the end of the stream."""
         while True:
             msg = self._next_message()
             if msg is None:
-                raise asyncio.QueueEmpty
+                return _EMPTY
             value = self._take(msg)
             if value is not _SKIP:
                 return value
+
+    def try_recv(self) -> Any:
+        """The next message if one is queued; raises ``asyncio.QueueEmpty`` if
+        none is, ``ChannelClosed``/``PortFailed`` at the end of the stream."""
+        value = self._poll()
+        if value is _EMPTY:
+            raise asyncio.QueueEmpty
+        return value
 
     async def recv(self) -> Any:
         """The next message. Raises ``ChannelClosed`` once every sender is
         closed, ``PortFailed`` if one failed, ``MessageError`` for a message
         that does not decode or validate (the channel stays usable)."""
         while True:
-            msg = self._next_message()
-            if msg is None:
-                await self._wait()
-                continue
-            value = self._take(msg)
-            if value is not _SKIP:
+            value = self._poll()
+            if value is not _EMPTY:
                 return value
+            await self._wait()
 
     def __aiter__(self) -> _Inbox:
         return self
 
     async def __anext__(self) -> Any:
-        try:
-            return await self.recv()
-        except ChannelClosed:
-            raise StopAsyncIteration from None
+        # recv() inlined: one coroutine per message instead of two
+        while True:
+            try:
+                value = self._poll()
+            except ChannelClosed:
+                raise StopAsyncIteration from None
+            if value is not _EMPTY:
+                return value
+            await self._wait()
 
 
 _SKIP = object()
+_EMPTY = object()
 
 
 class Port(_Inbox):
@@ -511,7 +521,7 @@ def _send(h: _Handle, kind: int, value: Any) -> None:
         CODEC.dispose(value)
         raise ChannelClosed(f"send on a closed or sent {type(h).__name__}")
     st = h._states[0]
-    st.engine.send(st, Message(kind, value))
+    st.engine.send_value(st, kind, value)
 
 
 class Sender(_Handle, Generic[T]):
@@ -529,7 +539,12 @@ class Sender(_Handle, Generic[T]):
     def send(self, value: T) -> None:
         """Queue ``value`` for the receiver. Raises ``ChannelClosed`` if this
         sender was closed or sent away."""
-        _send(self, K_DATA, value)
+        states = self._states
+        if states:
+            st = states[0]
+            st.engine.send_value(st, K_DATA, value)
+        else:
+            _send(self, K_DATA, value)
 
     def clone(self) -> Sender[T]:
         """Another sender to the same receiver (closed independently)."""
@@ -588,14 +603,15 @@ class Receiver(_Inbox, Generic[T]):
         self._init_inbox(states, tp)
         return self
 
-    async def recv(self) -> T:
-        return await super().recv()  # type: ignore[no-any-return]
+    if TYPE_CHECKING:  # the inherited methods, typed for T (no wrapper at run time)
 
-    def __aiter__(self) -> Receiver[T]:
-        return self
+        async def recv(self) -> T: ...
 
-    async def __anext__(self) -> T:
-        return await super().__anext__()  # type: ignore[no-any-return]
+        def try_recv(self) -> T: ...
+
+        def __aiter__(self) -> Receiver[T]: ...
+
+        async def __anext__(self) -> T: ...
 
     def __repr__(self) -> str:
         return f"<Receiver ports={len(self._states)}>"

@@ -173,6 +173,8 @@ class PortState:
         self.recv_seq = _FIRST_SEQ
         self.pending: dict[int, Item] | None = None
         self.queue: deque[Message] = deque()
+        # called when the queue turns non-empty and when the stream ends
+        # (not per message: a holder drains the queue once woken)
         self.waker: Callable[[], None] | None = None
         self.closed = False  # the user closed this end
         self.close_sent = False  # our CLOSE is on its way to the peer
@@ -267,6 +269,27 @@ class Engine:
             self.watch(peer_node)
         return st
 
+    def send_value(self, st: PortState, kind: int, obj: Any) -> None:
+        """``send(st, Message(kind, obj))``; a plain value to another node
+        goes straight to the wire without a Message object."""
+        node = st.peer_node
+        if (
+            node != self.node_id
+            and st.mode == OWNED
+            and not (st.closed or st.peer_closed or st.error is not None)
+            and self.transmit_data is not None
+        ):
+            try:
+                body = self.codec.encode_plain(obj)
+            except TypeError:
+                pass  # ports, fds or an unsupported type inside: the full path says which
+            else:
+                seq = st.send_seq
+                st.send_seq = seq + 1
+                self.transmit_data(node, st.peer_port, seq, kind, body)
+                return
+        self.send(st, Message(kind, obj))
+
     def send(self, st: PortState, msg: Message) -> None:
         """Send ``msg`` from the end ``st``. Dropped silently once the peer is
         gone (as a socket write to a closed peer would be); raises
@@ -306,8 +329,9 @@ class Engine:
         ):
             # hot path: a local peer waiting in order
             target.recv_seq = seq + 1
-            target.queue.append(msg)
-            if target.waker is not None:
+            q = target.queue
+            q.append(msg)
+            if len(q) == 1 and target.waker is not None:
                 target.waker()
             return
         self._route(node, st.peer_port, seq, msg)
@@ -372,8 +396,9 @@ class Engine:
                 return
             if st.mode == OWNED and ev.seq == st.recv_seq and not st.pending and not st.closed:
                 st.recv_seq += 1
-                st.queue.append(msg)
-                if st.waker is not None:
+                q = st.queue
+                q.append(msg)
+                if len(q) == 1 and st.waker is not None:
                     st.waker()
                 return
             self._work.append((ev.port, ev.seq, msg))
@@ -402,8 +427,9 @@ class Engine:
         st = self.ports.get(port)
         if st is not None and st.mode == OWNED and seq == st.recv_seq and not st.pending and not st.closed:
             st.recv_seq = seq + 1
-            st.queue.append(Message(kind, None, body))
-            if st.waker is not None:
+            q = st.queue
+            q.append(Message(kind, None, body))
+            if len(q) == 1 and st.waker is not None:
                 st.waker()
             return
         self.receive(src, MsgEvent(port, seq, kind, 0, [], 0, body))

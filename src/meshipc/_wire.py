@@ -69,6 +69,7 @@ D_DEAD: Final = 2
 
 _LEN = struct.Struct("<I")
 _MSG = struct.Struct("<B16sQBBHH")  # type port seq kind flags nports nfds
+_LEN_MSG = struct.Struct("<IB16sQBBHH")  # length prefix + MSG header
 _DESC = struct.Struct("<16s16s16s16sQQB")  # id peer_node peer_port origin send recv flags
 _CLOSE = struct.Struct("<B16sQ")
 _CHANGE = struct.Struct("<B16sQ16s16s16s16s")
@@ -418,9 +419,19 @@ class FrameDecoder:
             mv = memoryview(data)
         pos = 0
         total = len(mv)
-        msg_size = _MSG.size
+        head = _LEN_MSG.size
+        unpack_head = _LEN_MSG.unpack_from
         try:
             while total - pos >= 4:
+                if total - pos >= head:
+                    # one unpack for the length and a MSG header, the common frame
+                    length, t, port, seq, kind, flags, nports, nfds = unpack_head(mv, pos)
+                    if t == T_MSG and not (flags or nports or nfds) and kind <= K_MAX:
+                        end = pos + 4 + length
+                        if head <= end <= total and length <= MAX_FRAME:
+                            on_data(port, seq, kind, bytes(mv[pos + head : end]))
+                            pos = end
+                            continue
                 (length,) = _LEN.unpack_from(mv, pos)
                 if length == 0 or length > MAX_FRAME:
                     raise ProtocolError(f"frame length {length} outside 1..{MAX_FRAME}")
@@ -428,12 +439,6 @@ class FrameDecoder:
                 end = start + length
                 if end > total:
                     break
-                if mv[start] == T_MSG and length >= msg_size:
-                    _, port, seq, kind, flags, nports, nfds = _MSG.unpack_from(mv, start)
-                    if not (flags or nports or nfds) and kind <= K_MAX:
-                        pos = end
-                        on_data(port, seq, kind, bytes(mv[start + msg_size : end]))
-                        continue
                 ev = _decode_frame(mv[start:end])
                 pos = end
                 on_event(ev)
