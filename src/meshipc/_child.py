@@ -32,12 +32,26 @@ def _die_with_parent() -> None:
         pass
 
 
+def _read_secret(sock: socket.socket) -> bytes:
+    """The mesh secret: the first 32 bytes the parent wrote on our socket."""
+    sock.settimeout(30)
+    buf = b""
+    while len(buf) < 32:
+        chunk = sock.recv(32 - len(buf))
+        if not chunk:
+            raise MeshError("the parent closed the bootstrap socket before sending the secret")
+        buf += chunk
+    sock.setblocking(False)
+    return buf
+
+
 async def _run(inv: ChildInvitation) -> int:
     from ._channel import Port
     from ._mesh import Mesh
 
     sock = socket.socket(fileno=inv.fd)
-    async with Mesh._joined(inv.directory, inv.secret, inv.node) as mesh:
+    secret = _read_secret(sock)
+    async with Mesh._joined(inv.directory, secret, inv.node) as mesh:
         node = mesh._node
         node.connect_via(inv.parent, sock)
         port = Port._wrap([node.engine.new_bound(inv.port, inv.parent, inv.peer_port)])

@@ -327,8 +327,6 @@ class Node:
         """Run the acceptor side of the handshake on ``sock`` (takes ownership)."""
         cred: PeerCred | None = None
         me = asyncio.current_task()
-        if expect is not None and me is not None:
-            self._connecting[expect] = me  # no connect by path meanwhile
         try:
             cred = PeerCred.of(sock)
             if cred.uid not in self.allowed_uids:
@@ -407,6 +405,11 @@ class Node:
         if self._invited.pop(node, None) is not None and node not in self._conns:
             log.info("node %s: invitation for node %s expired unused", self.id, node.hex()[:12])
             self._mark_dead(node, "invitation expired unused")
+
+    def accept_via(self, peer: bytes, sock: socket.socket) -> None:
+        """Expect node ``peer`` to connect over ``sock`` (an end of a socket
+        pair given to a child); no connection by path is tried meanwhile."""
+        self._connecting[peer] = self._spawn(self.accept_connection(sock, expect=peer))
 
     def connect_via(self, peer: bytes, sock: socket.socket) -> None:
         """Connect to ``peer`` over an already connected socket (inherited)."""

@@ -3,7 +3,10 @@
 The parent makes a socket pair, passes one end to a fresh interpreter
 (``python -m meshipc._child``) together with an invitation in the
 environment, and runs the acceptor side of the node handshake on its end.
-The child removes the invitation from its environment first thing, creates
+The mesh secret is not in the environment (``/proc/<pid>/environ`` keeps
+the initial environment whatever the child does): it is the first 32 bytes
+the parent writes on the socket pair. The child removes the invitation from
+its environment first thing, reads the secret, creates
 its own node in the mesh directory, and receives the spawn argument as the
 first message on its bootstrap port. The bootstrap port stays open while the
 child lives: the parent reads the child's outcome on it, and the child
@@ -46,12 +49,11 @@ class ChildInvitation(msgspec.Struct, frozen=True):
     node: bytes
     port: bytes
     peer_port: bytes
-    secret: bytes
     fd: int
     target: str
     name: str
 
-    def __repr__(self) -> str:  # never show the secret
+    def __repr__(self) -> str:
         return f"ChildInvitation(name={self.name!r}, target={self.target!r}, directory={self.directory!r})"
 
 
@@ -140,7 +142,6 @@ async def spawn(mesh: Mesh, target: str, arg: Any, name: str | None) -> Process:
         node=bytes(child_id),
         port=bytes(cport),
         peer_port=bytes(pport),
-        secret=node._secret.reveal(),
         fd=child_sock.fileno(),
         target=target,
         name=name,
@@ -158,7 +159,10 @@ async def spawn(mesh: Mesh, target: str, arg: Any, name: str | None) -> Process:
         )
     finally:
         child_sock.close()
-    node._spawn(node.accept_connection(parent_sock, expect=child_id))
+    # 32 bytes always fit in an empty socket buffer: this never blocks
+    parent_sock.sendall(node._secret.reveal())
+    parent_sock.setblocking(False)
+    node.accept_via(child_id, parent_sock)
     port = Port._wrap([node.engine.new_bound(pport, child_id, cport)])
     port.send(arg)
     return Process(popen, name, port)
