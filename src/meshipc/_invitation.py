@@ -24,7 +24,6 @@ import shutil
 import socket
 import stat
 import struct
-import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -232,7 +231,11 @@ class Inviter:
 
     def invite_blocking(self, port: Port, *, ttl: float | None = None, timeout: float = 10.0) -> Invitation:
         """``invite`` for plain threads (not the mesh's loop thread)."""
-        if threading.current_thread() is getattr(self._loop, "_thread", None):
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is self._loop:
             raise MeshError("invite_blocking called on the mesh's own loop; use await invite()")
         cf = asyncio.run_coroutine_threadsafe(self._async_invite(port, ttl), self._loop)
         return cf.result(timeout)

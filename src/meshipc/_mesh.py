@@ -106,6 +106,9 @@ class Mesh:
             self._node.start()
         except BaseException:
             shutil.rmtree(directory, ignore_errors=True)
+            if self._lock_fd >= 0:
+                os.close(self._lock_fd)
+                self._lock_fd = -1
             raise
         return self
 

@@ -197,8 +197,14 @@ class Node:
     @property
     def busy(self) -> bool:
         """Ports in transit, or bytes not yet written."""
-        if any(st.mode in (SENDING, PROXY) for st in self.engine.ports.values()):
-            return True
+        live = self._conns
+        for st in self.engine.ports.values():
+            # only ports in transit over a live connection can still settle
+            # (not, say, the port of an invitation nobody has used yet)
+            if st.mode == SENDING and (st.first_hop in live or st.first_hop in self._connecting):
+                return True
+            if st.mode == PROXY and st.target_node in live:
+                return True
         return bool(self._connecting) or not all(c.idle for c in self._conns.values())
 
     async def close(self, linger: float = 5.0) -> None:
