@@ -403,11 +403,13 @@ class _Inbox(_Handle):
             ready.popleft()
             self._sched.discard(st)
             if st.readable_end and st in self._states and self._merges:
-                # one of several senders is gone: drop it, report a failure once
+                # one of several senders is gone: drop it. A failure is
+                # reported only when it ends the stream (the last sender):
+                # one client dying must not end a server's loop over many
                 self._states.remove(st)
                 st.waker = None
-                if st.error is not None:
-                    self._error = st.error
+                self._error = st.error
+                if st.error is not None and not self._states:
                     raise st.error
         if not self._merges:
             # a single port keeps its state until closed: the end is sticky and

@@ -37,9 +37,9 @@ def runtime_root(runtime_dir: str | os.PathLike[str] | None = None) -> Path:
     existing folder must be a real directory owned by us with mode 0700."""
     if runtime_dir is not None:
         root = Path(runtime_dir)
-        if not root.exists():
+        if not os.path.lexists(root):
             root.mkdir(mode=0o700, parents=True)
-        check_private_dir(root)
+        check_private_dir(root)  # lstat: a symlink, dangling or not, is refused
         return root
     xdg = os.environ.get("XDG_RUNTIME_DIR")
     if xdg:

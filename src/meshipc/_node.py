@@ -37,7 +37,7 @@ from typing import Any, Final
 from ._channel import CODEC
 from ._errors import HandshakeError, MeshError
 from ._ids import NodeId
-from ._ports import PROXY, SENDING, Engine
+from ._ports import OWNED, PROXY, SENDING, Engine
 from ._transport import Connection
 from ._wire import PROTOCOL_VERSION, Event, MsgEvent
 
@@ -208,17 +208,27 @@ class Node:
         return bool(self._connecting) or not all(c.idle for c in self._conns.values())
 
     async def close(self, linger: float = 5.0) -> None:
-        """Let ports in transit settle and buffers drain, then close everything."""
+        """Shut down in order: ends still open towards other nodes are closed
+        (their peers see ``ChannelClosed``, not a failure), ports in transit
+        settle and buffers drain (at most ``linger`` seconds), then every
+        connection closes and whatever still depends on one fails."""
         if self.closed:
             return
         if self._lsock is not None:
             self.loop.remove_reader(self._lsock.fileno())
+        engine = self.engine
+        for st in list(engine.ports.values()):
+            if st.mode == OWNED and not st.closed and st.peer_node != self.id:
+                engine.close(st)
         try:
             async with asyncio.timeout(linger):
                 while self.busy:
                     await asyncio.sleep(0.005)
         except TimeoutError:
             log.debug("node %s closing with work in flight", self.id)
+        for conn in list(self._conns.values()):
+            conn.flush()
+        others = set(self._conns) | set(self._invited) | set(self._pending) | set(self._connecting)
         self.closed = True
         if self._lsock is not None:
             self._lsock.close()
@@ -233,7 +243,6 @@ class Node:
             timer.cancel()
         self._invited.clear()
         for conn in list(self._conns.values()):
-            conn.flush()
             conn.close()
         self._conns.clear()
         for evs in self._pending.values():
@@ -241,9 +250,13 @@ class Node:
                 for f in fds:
                     f.close()
         self._pending.clear()
-        # every port still here is orphaned: fail them for any local holder
-        for st in list(self.engine.ports.values()):
-            self.engine.node_failed(st.peer_node, "local node closed")
+        # whatever still waits on another node (an unused invitation, a port
+        # in transit) fails now for its local holder instead of hanging
+        for node in others:
+            engine.node_failed(node, "the local node closed")
+        for st in list(engine.ports.values()):
+            if st.peer_node != self.id:
+                engine.node_failed(st.peer_node, "the local node closed")
 
     # ------------------------------------------------------------ routing
 
@@ -411,6 +424,13 @@ class Node:
         if self._invited.pop(node, None) is not None and node not in self._conns:
             log.info("node %s: invitation for node %s expired unused", self.id, node.hex()[:12])
             self._mark_dead(node, "invitation expired unused")
+
+    def forget(self, peer: bytes, reason: str) -> None:
+        """Node ``peer`` will never connect: stop waiting, fail its ports."""
+        task = self._connecting.pop(peer, None)
+        if task is not None:
+            task.cancel()
+        self._mark_dead(peer, reason)
 
     def accept_via(self, peer: bytes, sock: socket.socket) -> None:
         """Expect node ``peer`` to connect over ``sock`` (an end of a socket

@@ -38,6 +38,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("meshipc")
 
 ENV_INVITATION = "MESHIPC_CHILD_INVITATION"
+#: Seconds the parent waits, after a worker exited, for its status message.
+STATUS_GRACE = 2.0
 _TARGET = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 
@@ -91,9 +93,15 @@ class Process:
 
     def _set_exit(self, code: int) -> None:
         self.returncode = code
+        # the child's last words (its status) may still be in the socket: the
+        # status reader ends once they are read, or when the connection to the
+        # child breaks (EOF comes after the data); only then is the exit final
+        self._status_task.add_done_callback(lambda _: self._finish_exit(code))
+        asyncio.get_running_loop().call_later(STATUS_GRACE, self._status_task.cancel)
+
+    def _finish_exit(self, code: int) -> None:
         if not self._exited.done():
             self._exited.set_result(code)
-        # the child is gone: its bootstrap port is of no more use
         self._port.close()
 
     async def _read_status(self) -> None:
@@ -150,19 +158,27 @@ async def spawn(mesh: Mesh, target: str, arg: Any, name: str | None) -> Process:
     env[ENV_INVITATION] = base64.b64encode(msgspec.msgpack.encode(inv)).decode()
     # same interpreter, same import path (including the caller's own modules)
     env["PYTHONPATH"] = os.pathsep.join(p or os.getcwd() for p in sys.path)
+    # 32 bytes always fit in an empty socket buffer: this never blocks
+    parent_sock.sendall(node._secret.reveal())
+    parent_sock.setblocking(False)
+    # expect the child on our end of the pair before any port names it
+    node.accept_via(child_id, parent_sock)
+    port = Port._wrap([node.engine.new_bound(pport, child_id, cport)])
     try:
+        # encode the argument before a process exists: an unsendable value
+        # raises here and leaves nothing behind
+        port.send(arg)
         popen = subprocess.Popen(
             [sys.executable, "-m", "meshipc._child"],
             env=env,
             pass_fds=[child_sock.fileno()],
             close_fds=True,
         )
+    except BaseException:
+        node.forget(child_id, "the worker process was not started")
+        port.close()
+        parent_sock.close()
+        raise
     finally:
         child_sock.close()
-    # 32 bytes always fit in an empty socket buffer: this never blocks
-    parent_sock.sendall(node._secret.reveal())
-    parent_sock.setblocking(False)
-    node.accept_via(child_id, parent_sock)
-    port = Port._wrap([node.engine.new_bound(pport, child_id, cport)])
-    port.send(arg)
     return Process(popen, name, port)

@@ -321,7 +321,7 @@ def _decode_frame(frame: memoryview) -> Event:
             raise ProtocolError(f"unknown message flags {flags:#x}")
         if nports > MAX_PORTS_PER_MESSAGE:
             raise ProtocolError(f"{nports} ports in one message (limit {MAX_PORTS_PER_MESSAGE})")
-        if nfds > MAX_FDS_PER_MESSAGE:
+        if nfds > MAX_FDS_PER_MESSAGE + (1 if flags & F_OOB else 0):  # + the body's memfd
             raise ProtocolError(f"{nfds} fds in one message (limit {MAX_FDS_PER_MESSAGE})")
         if flags & F_OOB and nfds == 0:
             raise ProtocolError("out-of-band message without a descriptor")
