@@ -377,11 +377,10 @@ class Node:
                 verdict = V_ACCEPT
                 if peer in self._conns or peer in self._dead or self.closed or peer == self.id:
                     verdict = V_DUPLICATE
-                elif peer in self._connecting and self._connecting[peer] is not me:
-                    if self.id < peer:
-                        verdict = V_DUPLICATE  # our own connection wins
-                    else:
-                        self._connecting.pop(peer).cancel()
+                elif peer in self._connecting and self._connecting[peer] is not me and self.id < peer:
+                    verdict = V_DUPLICATE  # our own connection wins
+                # else: ours, if any, finishes its handshake and is told "duplicate"
+                # (cancelling it midway would look like an attack to the peer)
                 await self.loop.sock_sendall(sock, _VERDICT.pack(verdict))
                 if verdict != V_ACCEPT:
                     log.info(

@@ -207,7 +207,9 @@ class Connection:
             except (BlockingIOError, InterruptedError):
                 n = 0
             except OSError as exc:
-                self._lost(f"write failed: {exc}")
+                # the peer may have exited after sending its last words: read
+                # what it left in the socket before declaring it gone
+                self._drain_then_lose(f"write failed: {exc}")
                 return
             if fds and n > 0:
                 # delivered with the first byte: never send them again
@@ -236,14 +238,29 @@ class Connection:
 
     # ---------------------------------------------------------------- reading
 
+    def _drain_then_lose(self, reason: str) -> None:
+        for _ in range(1024):
+            if self.closed:
+                return
+            if not self._read_once():
+                break
+        self._lost(reason)
+
     def _on_readable(self) -> None:
+        self._read_once()
+        # answer a batch of reads right away instead of waiting a loop turn
+        if self._flush_scheduled and not self.closed:
+            self.flush()
+
+    def _read_once(self) -> bool:
+        """One read; False when nothing more is to be read now."""
         try:
             n, anc, flags, _ = self.sock.recvmsg_into([self._rview], _ANC, socket.MSG_CMSG_CLOEXEC)
         except (BlockingIOError, InterruptedError):
-            return
+            return False
         except OSError as exc:
             self._lost(f"read failed: {exc}")
-            return
+            return False
         try:
             for level, kind, data in anc:
                 if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
@@ -256,16 +273,14 @@ class Connection:
                 raise ProtocolError("peer sent descriptors that no frame claims")
             if n == 0:
                 self._lost("connection closed by peer")
-                return
+                return False
             self.bytes_in += n
             self._decoder.feed_each(self._rview[:n], self._on_data, self._event_in)
         except ProtocolError as exc:
             log.warning("dropping connection to node %s: protocol error: %s", self.peer.hex()[:12], exc)
             self._lost(f"protocol error: {exc}")
-            return
-        # answer a batch of reads right away instead of waiting a loop turn
-        if self._flush_scheduled and not self.closed:
-            self.flush()
+            return False
+        return True
 
     def _event_in(self, ev: Event) -> None:
         fds: list[Any] = []

@@ -1,0 +1,1171 @@
+"""External attach: named meshes, listeners, invitations, ``connect``/``join``.
+
+Clients are real processes (``attach_client.py``) or real sockets: fake
+listeners are plain asyncio Unix servers, silent clients are raw sockets.
+Every wait is bounded by ``asyncio.wait_for`` and fails loudly; nothing
+synchronizes by sleeping. Socket paths live in a short private folder under
+``/tmp`` (AF_UNIX paths are limited to 108 bytes, ``tmp_path`` is too long).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import pwd
+import shutil
+import socket
+import stat
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+
+import meshipc
+from attach_client import read_all
+from meshipc import (
+    AuthenticationError,
+    ChannelClosed,
+    ConnectError,
+    Fd,
+    Invitation,
+    InvitationDecodeError,
+    InvitationExpired,
+    InvitationReadError,
+    InvitationTooLarge,
+    JoinError,
+    Mesh,
+    MeshError,
+    MeshNameInUse,
+    Port,
+    PortFailed,
+    Sender,
+)
+from meshipc._wire import _DESC
+
+CLIENT = Path(__file__).with_name("attach_client.py").resolve()
+SRC = Path(meshipc.__file__).resolve().parent.parent
+#: Bound on any single step (a process start, a reply, a failure to show).
+T = 10.0
+#: Index of each field in the array-like msgpack invitation (``_Wire``).
+F_VERSION, F_DIRECTORY, F_INVITER, F_NODE, F_PORT, F_SECRET, F_EXPIRES = range(7)
+#: TTL for invitations that a test leaves unused on purpose (they fail their
+#: kept port and are forgotten soon after the test is done with them).
+SHORT_TTL = 1.0
+OTHER_USER = "meshipc-test"
+_LEN = struct.Struct("<I")
+
+
+# ------------------------------------------------------------------ helpers
+
+
+@pytest.fixture
+def rd() -> Iterator[Path]:
+    """A short private runtime folder (mode 0700), removed afterwards."""
+    d = tempfile.mkdtemp(prefix="m", dir="/tmp")
+    os.chmod(d, 0o700)
+    try:
+        yield Path(d)
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+class Client:
+    """A client process: JSON events on its stdout, stderr collected."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+        self.pid = proc.pid
+        self.stderr = b""
+        self._stderr_task = asyncio.create_task(self._drain())
+
+    async def _drain(self) -> None:
+        assert self.proc.stderr is not None
+        self.stderr = await self.proc.stderr.read()
+
+    async def event(self, timeout: float = T) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        line = await asyncio.wait_for(self.proc.stdout.readline(), timeout)
+        if not line:
+            code = await asyncio.wait_for(self.proc.wait(), timeout)
+            await asyncio.wait_for(self._stderr_task, timeout)
+            raise AssertionError(
+                f"client {self.pid} exited ({code}) without an event:\n{self.stderr.decode()}"
+            )
+        ev: dict[str, Any] = json.loads(line)
+        return ev
+
+    async def exit_code(self, timeout: float = T) -> int:
+        code = await asyncio.wait_for(self.proc.wait(), timeout)
+        await asyncio.wait_for(self._stderr_task, timeout)
+        return code
+
+    def kill(self) -> None:
+        if self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
+
+
+@contextlib.asynccontextmanager
+async def client(
+    *args: str,
+    stdin: bytes | None = None,
+    env: dict[str, str] | None = None,
+    python: str = sys.executable,
+    **kw: Any,
+) -> AsyncIterator[Client]:
+    """Run ``attach_client.py ARGS``; killed and reaped on the way out."""
+    proc = await asyncio.create_subprocess_exec(
+        python,
+        os.fspath(CLIENT),
+        *args,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
+        **kw,
+    )
+    c = Client(proc)
+    try:
+        assert proc.stdin is not None
+        if stdin is not None:
+            proc.stdin.write(stdin)
+            await proc.stdin.drain()
+        proc.stdin.close()
+        yield c
+    finally:
+        c.kill()
+        await proc.wait()
+        with contextlib.suppress(BaseException):
+            await asyncio.wait_for(c._stderr_task, T)
+
+
+async def ask(port: Port, cmd: dict[str, Any]) -> Any:
+    """Send a command to a client's session and wait for its answer."""
+    port.send(cmd)
+    return await asyncio.wait_for(port.recv(), T)
+
+
+async def accept_from(listener: meshipc.Listener, pid: int) -> meshipc.Connection:
+    """The connection of process ``pid`` (others, e.g. silent sockets, skipped)."""
+
+    async def find() -> meshipc.Connection:
+        async for conn in listener:
+            if conn.peer.pid == pid:
+                return conn
+        raise AssertionError("listener closed before the client arrived")
+
+    return await asyncio.wait_for(find(), T)
+
+
+def serve_calls(rx: meshipc.Receiver[Any]) -> asyncio.Task[None]:
+    async def serve() -> None:
+        async for call in rx:
+            call.reply({"served_by": os.getpid(), "request": call.request})
+
+    return asyncio.create_task(serve())
+
+
+def hook_refusals(node: Any) -> asyncio.Queue[None]:
+    """A queue that gets an item each time ``node`` refuses a connection
+    (so tests wait for the refusal instead of polling its counter)."""
+    q: asyncio.Queue[None] = asyncio.Queue()
+    original = node._refuse
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        original(*args, **kwargs)
+        q.put_nowait(None)
+
+    node._refuse = refuse
+    return q
+
+
+def reencode(inv: Invitation, **changes: Any) -> Invitation:
+    """``inv`` with some wire fields replaced (as a forger would)."""
+    fields = msgspec.msgpack.decode(bytes(inv))
+    for name, value in changes.items():
+        fields[globals()[f"F_{name.upper()}"]] = value
+    return Invitation.from_bytes(msgspec.msgpack.encode(fields))
+
+
+def secret_needles(secret: bytes) -> list[str]:
+    return [secret.hex(), secret.hex().upper(), repr(secret), str(secret)]
+
+
+def assert_no_secret(text: str, secret: bytes, what: str) -> None:
+    for needle in secret_needles(secret):
+        assert needle not in text, f"the mesh secret appears in {what}: {text!r}"
+
+
+async def exercise(conn: meshipc.Connection, pid: int) -> Sender[Any]:
+    """RPC both ways, a Port and an Fd each way, with the client ``pid``.
+
+    Returns the Sender whose calls the client serves (still open)."""
+    # the server sends a channel end and serves the client's calls on it
+    tx, rx = meshipc.channel()
+    server = serve_calls(rx)
+    try:
+        got = await ask(conn.port, {"op": "call", "tx": tx, "request": {"n": 1}})
+        assert got == {"result": {"served_by": os.getpid(), "request": {"n": 1}}}
+    finally:
+        server.cancel()
+        rx.close()
+
+    # the client sends a channel end and serves the server's calls on it
+    got = await ask(conn.port, {"op": "serve"})
+    client_tx = got["tx"]
+    assert isinstance(client_tx, Sender)
+    for i in range(3):
+        assert await asyncio.wait_for(client_tx.call([i, "x"]), T) == {
+            "served_by": pid,
+            "request": [i, "x"],
+        }
+
+    # a raw Port travels to the client; the client answers on it and closes it
+    mine, theirs = Port.pair()
+    conn.port.send({"op": "port", "port": theirs})
+    mine.send(41)
+    assert await asyncio.wait_for(mine.recv(), T) == 42
+    with pytest.raises(ChannelClosed):
+        await asyncio.wait_for(mine.recv(), T)
+    assert await asyncio.wait_for(conn.port.recv(), T) == {"port": "done"}
+
+    # an Fd to the client: the write end of our pipe; the client writes
+    r, w = os.pipe()
+    data = b"written by the client " + os.urandom(8).hex().encode()
+    got = await ask(conn.port, {"op": "fd_write", "fd": Fd(w), "data": data})
+    assert got == {"written": len(data)}
+    # sending the Fd closed our copy of the write end, so EOF follows the data
+    assert await asyncio.wait_for(read_all(r), T) == data
+
+    # an Fd from the client: the write end of its pipe; we write, it reads
+    got = await ask(conn.port, {"op": "fd_give"})
+    fd = got["fd"]
+    assert isinstance(fd, Fd)
+    back = b"written by the server " + os.urandom(8).hex().encode()
+    with fd:
+        os.write(fd.fileno(), back)
+    assert await asyncio.wait_for(conn.port.recv(), T) == {"read": back}
+    return client_tx
+
+
+# --------------------------------------------------------- attach end to end
+
+
+async def test_attach_by_name_rpc_both_ways_then_leave(rd: Path) -> None:
+    async with Mesh(name="a", runtime_dir=rd) as mesh:
+        listener = await mesh.listen()
+        assert listener.path == mesh.directory / "listen.sock"
+        async with client("session", "a", os.fspath(rd)) as c:
+            conn = await asyncio.wait_for(listener.accept(), T)
+            assert conn.peer.pid == c.pid
+            assert conn.peer.uid == os.getuid()
+            assert conn.peer.gid == os.getgid()
+            assert await c.event() == {"attached": c.pid}
+            assert await ask(conn.port, {"op": "whoami"}) == {"pid": c.pid, "uid": os.getuid()}
+            client_tx = await exercise(conn, c.pid)
+
+            # the client leaves its `async with connect(...)`: a normal close
+            conn.port.send({"op": "leave"})
+            with pytest.raises(ChannelClosed) as ei:
+                await asyncio.wait_for(conn.port.recv(), T)
+            assert not isinstance(ei.value, PortFailed)
+            assert await c.event() == {"left": "leave"}
+            assert await c.exit_code() == 0, c.stderr.decode()
+            # the client's own served channel closed with it
+            with pytest.raises(ChannelClosed):
+                await asyncio.wait_for(client_tx.call("late"), T)
+        assert mesh._node.attached == 1
+
+
+async def test_attach_by_path_to_unnamed_mesh_then_sigkill(rd: Path) -> None:
+    async with Mesh(runtime_dir=rd) as mesh:
+        assert mesh.name is None
+        path = rd / "l.sock"
+        listener = await mesh.listen(path=path)
+        assert listener.path == path
+        async with client("session", os.fspath(path), "-") as c:
+            conn = await asyncio.wait_for(listener.accept(), T)
+            assert conn.peer.pid == c.pid
+            assert conn.peer.uid == os.getuid()
+            assert await c.event() == {"attached": c.pid}
+            client_tx = await exercise(conn, c.pid)
+
+            assert await ask(conn.port, {"op": "hang"}) == {"hanging": c.pid}
+            c.kill()
+            with pytest.raises(PortFailed):
+                await asyncio.wait_for(conn.port.recv(), T)
+            # everything else peered with the dead node fails too
+            with pytest.raises(PortFailed):
+                await asyncio.wait_for(client_tx.call("after death"), T)
+            assert await c.exit_code() < 0
+
+
+async def test_hundred_concurrent_clients(rd: Path) -> None:
+    async with Mesh(runtime_dir=rd) as mesh:
+        listener = await mesh.listen()
+        tx, rx = meshipc.channel()
+        seen: set[tuple[int, int]] = set()
+        conns: list[meshipc.Connection] = []
+
+        async def serve() -> None:
+            while True:
+                try:
+                    call = await rx.recv()
+                except PortFailed:
+                    # one sender's node went away with it open: that
+                    # fails that sender only, the others keep calling
+                    continue
+                pid, i = call.request
+                seen.add((pid, i))
+                call.reply([pid, i, "ok"])
+
+        async def hand_out() -> None:
+            async for conn in listener:
+                conns.append(conn)  # keep the server ends open
+                conn.port.send(tx.clone())
+
+        tasks = [asyncio.create_task(serve()), asyncio.create_task(hand_out())]
+        sizes = [100, 5, 5, 5]
+        try:
+            async with contextlib.AsyncExitStack() as stack:
+                clients = [
+                    await stack.enter_async_context(client("many", os.fspath(listener.path), str(n)))
+                    for n in sizes
+                ]
+                for c, n in zip(clients, sizes, strict=True):
+                    assert await c.event(timeout=30) == {"ok": n}, c.stderr.decode()
+                    assert await c.exit_code() == 0, c.stderr.decode()
+        finally:
+            for t in tasks:
+                t.cancel()
+        assert len(seen) == sum(sizes)
+        assert {pid for pid, _ in seen} == {c.pid for c in clients}
+        assert len(conns) == sum(sizes)
+        by_pid = {c.pid: n for c, n in zip(clients, sizes, strict=True)}
+        for pid, n in by_pid.items():
+            assert sum(1 for conn in conns if conn.peer.pid == pid) == n
+        assert mesh._node.attached == sum(sizes)
+
+
+# ----------------------------------------------- join errors, from fake peers
+
+
+@contextlib.asynccontextmanager
+async def fake_listener(
+    path: Path, handler: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+) -> AsyncIterator[None]:
+    server = await asyncio.start_unix_server(handler, path=os.fspath(path))
+    try:
+        yield
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+def sends(data: bytes, *, then_close: bool) -> Any:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            writer.write(data)
+            await writer.drain()
+            if not then_close:
+                await reader.read()  # until the client hangs up
+        except OSError:
+            pass
+        finally:
+            writer.close()
+
+    return handler
+
+
+async def expect_join_error(path: Path, cls: type[JoinError], **kw: Any) -> JoinError:
+    with pytest.raises(cls) as ei:
+        async with meshipc.connect(path, **kw):
+            pass
+    exc = ei.value
+    assert isinstance(exc, JoinError)
+    assert isinstance(exc, MeshError)
+    assert os.fspath(path) in str(exc), f"{type(exc).__name__} does not name the path: {exc}"
+    return exc
+
+
+async def test_invitation_too_large(rd: Path) -> None:
+    path = rd / "big.sock"
+    async with fake_listener(path, sends(_LEN.pack(1 << 20), then_close=False)):
+        exc = await asyncio.wait_for(expect_join_error(path, InvitationTooLarge), T)
+    assert isinstance(exc, InvitationTooLarge)
+    assert exc.length == 1 << 20
+    assert exc.limit < exc.length
+    assert exc.path == os.fspath(path)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"", b"\x01\x00", _LEN.pack(300) + b"x" * 10],
+    ids=["nothing", "two-bytes", "short-body"],
+)
+async def test_invitation_read_error(rd: Path, data: bytes) -> None:
+    path = rd / "short.sock"
+    async with fake_listener(path, sends(data, then_close=True)):
+        exc = await asyncio.wait_for(expect_join_error(path, InvitationReadError), T)
+    assert isinstance(exc, InvitationReadError)
+    assert not isinstance(exc, ConnectError)
+    assert exc.path == os.fspath(path)
+
+
+def _valid_fields() -> list[Any]:
+    return [1, "/tmp/x", os.urandom(16), os.urandom(16), bytes(_DESC.size), os.urandom(32), 0.0]
+
+
+def _wire(**changes: Any) -> bytes:
+    fields = _valid_fields()
+    for name, value in changes.items():
+        fields[globals()[f"F_{name.upper()}"]] = value
+    return msgspec.msgpack.encode(fields)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"\xc1" * 16,
+        b"",
+        msgspec.msgpack.encode([1, 2, 3]),
+        msgspec.msgpack.encode({"version": 1}),
+        _wire(version=2),
+        _wire(secret=os.urandom(31)),
+        _wire(directory="relative/dir"),
+        _wire(directory="/nul\0byte"),
+        _wire()[:-1],
+    ],
+    ids=["garbage", "empty", "short-array", "map", "version", "secret-size", "relative", "nul", "truncated"],
+)
+async def test_invitation_decode_error(rd: Path, payload: bytes) -> None:
+    path = rd / "junk.sock"
+    async with fake_listener(path, sends(_LEN.pack(len(payload)) + payload, then_close=False)):
+        await asyncio.wait_for(expect_join_error(path, InvitationDecodeError), T)
+
+
+async def test_connect_error(rd: Path) -> None:
+    missing = rd / "nothing-here.sock"
+    exc = await asyncio.wait_for(expect_join_error(missing, ConnectError), T)
+    assert isinstance(exc, ConnectError)
+    assert exc.path == os.fspath(missing)
+
+    not_a_socket = rd / "file.sock"
+    not_a_socket.write_bytes(b"")
+    await asyncio.wait_for(expect_join_error(not_a_socket, ConnectError), T)
+
+    stale = rd / "stale.sock"  # bound, then its owner went away
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.bind(os.fspath(stale))
+    s.close()
+    await asyncio.wait_for(expect_join_error(stale, ConnectError), T)
+
+    # by name: the path derived from the name is the one reported
+    with pytest.raises(ConnectError) as ei:
+        async with meshipc.connect("no-such-mesh", runtime_dir=rd):
+            pass
+    assert os.fspath(rd / "mesh-no-such-mesh") in str(ei.value)
+
+
+async def test_listener_of_unexpected_uid_is_not_trusted(rd: Path) -> None:
+    async with Mesh(runtime_dir=rd) as mesh:
+        listener = await mesh.listen(invitation_ttl=SHORT_TTL)
+        other = 65534 if os.getuid() != 65534 else 65533
+        exc = await asyncio.wait_for(
+            expect_join_error(listener.path, AuthenticationError, expected_uid=other), T
+        )
+        assert str(other) in str(exc)
+        assert_no_secret(str(exc), mesh._node._secret.reveal(), "AuthenticationError")
+        # and the expected uid, given explicitly, is accepted
+        async with meshipc.connect(listener.path, expected_uid=os.getuid()) as cc:
+            conn = await asyncio.wait_for(listener.accept(), T)
+            conn.port.send("hello")
+            assert await asyncio.wait_for(cc.port.recv(), T) == "hello"
+
+
+async def test_forged_invitation_to_missing_node_is_join_error(rd: Path) -> None:
+    """A listener of our uid hands out a well-formed invitation for a mesh
+    directory that holds no inviting node: a plain ``JoinError``."""
+    directory = rd / "mesh-empty"
+    directory.mkdir(mode=0o700)
+    forged_secret = os.urandom(32)
+    payload = _wire(directory=os.fspath(directory), secret=forged_secret, expires=time.time() + 60)
+    path = rd / "forger.sock"
+    async with fake_listener(path, sends(_LEN.pack(len(payload)) + payload, then_close=False)):
+        with pytest.raises(JoinError) as ei:
+            await asyncio.wait_for(_connect_and_leave(path), T)
+    exc = ei.value
+    assert type(exc) is JoinError, repr(exc)
+    assert os.fspath(directory) in str(exc)
+    assert_no_secret(str(exc), forged_secret, "JoinError")
+    assert list(directory.iterdir()) == []  # the joining node cleaned up its socket
+
+
+async def _connect_and_leave(path: Path) -> None:
+    async with meshipc.connect(path):
+        pass
+
+
+# -------------------------------------------------------- silent and stalling
+
+
+async def test_silent_and_stalling_clients_do_not_block_a_real_one(rd: Path) -> None:
+    async with Mesh(runtime_dir=rd) as mesh:
+        listener = await mesh.listen(invitation_ttl=SHORT_TTL)
+        held: list[socket.socket] = []
+        try:
+            for _ in range(20):  # connect to the listener, never read
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                s.connect(os.fspath(listener.path))
+                held.append(s)
+            for _ in range(20):  # connect and close at once
+                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                    s.connect(os.fspath(listener.path))
+            for i in range(10):  # the node socket itself: silent, or half a HELLO
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                s.connect(os.fspath(mesh._node.path))
+                if i % 2:
+                    s.sendall(b"MSH1\x01")
+                held.append(s)
+
+            async with client("session", os.fspath(listener.path), "-") as c:
+                conn = await accept_from(listener, c.pid)
+                assert await c.event() == {"attached": c.pid}
+                assert await ask(conn.port, {"op": "whoami"}) == {"pid": c.pid, "uid": os.getuid()}
+                conn.port.send({"op": "leave"})
+                with pytest.raises(ChannelClosed):
+                    await asyncio.wait_for(conn.port.recv(), T)
+                assert await c.exit_code() == 0, c.stderr.decode()
+        finally:
+            for s in held:
+                s.close()
+
+
+# ------------------------------------------------------------------ names
+
+
+async def test_mesh_name_in_use_then_free(rd: Path) -> None:
+    async with Mesh(name="x", runtime_dir=rd) as first:
+        with pytest.raises(MeshNameInUse) as ei:
+            async with Mesh(name="x", runtime_dir=rd):
+                pass
+        assert isinstance(ei.value, MeshError)
+        assert "'x'" in str(ei.value)
+        # the refused attempt disturbed nothing
+        assert first.directory.is_dir()
+        listener = await first.listen()
+        async with meshipc.connect("x", runtime_dir=rd) as cc:
+            conn = await asyncio.wait_for(listener.accept(), T)
+            cc.port.send("still here")
+            assert await asyncio.wait_for(conn.port.recv(), T) == "still here"
+    assert not (rd / "mesh-x").exists()
+    async with Mesh(name="x", runtime_dir=rd) as again:
+        assert again.directory == rd / "mesh-x"
+
+
+async def test_mesh_name_held_by_another_process(rd: Path) -> None:
+    async with client("named", os.fspath(rd), "held") as owner:
+        ready = await owner.event()
+        assert ready["pid"] == owner.pid
+        with pytest.raises(MeshNameInUse):
+            async with Mesh(name="held", runtime_dir=rd):
+                pass
+        owner.proc.terminate()
+        await owner.exit_code()
+    async with Mesh(name="held", runtime_dir=rd) as mesh:
+        assert mesh.directory == rd / "mesh-held"
+
+
+async def test_stale_directory_of_a_killed_mesh_is_replaced(rd: Path) -> None:
+    async with client("named", os.fspath(rd), "y") as owner:
+        ready = await owner.event()
+        directory = Path(ready["directory"])
+        assert directory == rd / "mesh-y"
+        owner.kill()
+        assert await owner.exit_code() < 0
+    leftovers = sorted(p.name for p in directory.iterdir())
+    assert "listen.sock" in leftovers and len(leftovers) == 2, leftovers  # node socket + listener
+
+    async with Mesh(name="y", runtime_dir=rd) as mesh:
+        assert mesh.directory == directory
+        assert sorted(p.name for p in directory.iterdir()) == [mesh._node.path.name]
+        listener = await mesh.listen()
+        async with client("session", "y", os.fspath(rd)) as c:
+            conn = await asyncio.wait_for(listener.accept(), T)
+            assert conn.peer.pid == c.pid
+            assert await ask(conn.port, {"op": "whoami"}) == {"pid": c.pid, "uid": os.getuid()}
+            conn.port.send({"op": "leave"})
+            assert await c.exit_code() == 0, c.stderr.decode()
+
+
+@pytest.mark.parametrize("kind", ["other-owner", "mode-0755", "symlink", "regular-file"])
+async def test_directory_not_ours_is_refused_and_kept(rd: Path, kind: str) -> None:
+    d = rd / "mesh-z"
+    marker = None
+    if kind == "other-owner":
+        if os.getuid() != 0:
+            pytest.skip("chown to another uid needs root")
+        d.mkdir(mode=0o700)
+        marker = d / "marker"
+        marker.write_text("keep me")
+        os.chown(d, 65534, 65534)
+    elif kind == "mode-0755":
+        d.mkdir()
+        os.chmod(d, 0o755)
+        marker = d / "marker"
+        marker.write_text("keep me")
+    elif kind == "symlink":
+        target = rd / "elsewhere"
+        target.mkdir(mode=0o700)
+        marker = target / "marker"
+        marker.write_text("keep me")
+        d.symlink_to(target)
+    else:
+        d.write_text("keep me")
+
+    before = os.lstat(d)
+    with pytest.raises(MeshError) as ei:
+        async with Mesh(name="z", runtime_dir=rd):
+            pass
+    assert not isinstance(ei.value, MeshNameInUse)
+    assert os.fspath(d) in str(ei.value)
+    after = os.lstat(d)
+    assert (after.st_ino, after.st_mode, after.st_uid) == (before.st_ino, before.st_mode, before.st_uid)
+    if marker is not None:
+        assert marker.read_text() == "keep me"
+    # the refusal does not hold the name
+    with pytest.raises(MeshError) as again:
+        async with Mesh(name="z", runtime_dir=rd):
+            pass
+    assert not isinstance(again.value, MeshNameInUse)
+
+
+async def test_failed_start_does_not_hold_the_name(rd: Path) -> None:
+    """A named mesh whose node cannot start releases the name's lock."""
+    too_long = rd / ("d" * 80)  # the node socket path exceeds the AF_UNIX limit
+    for _ in range(2):
+        with pytest.raises(MeshError) as ei:
+            async with Mesh(name="n", runtime_dir=too_long):
+                pass
+        assert not isinstance(ei.value, MeshNameInUse), ei.value
+    assert not (too_long / "mesh-n").exists()
+
+
+async def test_close_with_unused_invitation_is_prompt(rd: Path) -> None:
+    """The port of an invitation nobody used cannot settle: closing the mesh
+    does not wait for it (a liveness bound, far above a normal close and below
+    the 5 s linger it once fell into)."""
+    mesh = Mesh(runtime_dir=rd)
+    await mesh.__aenter__()
+    try:
+        _mine, theirs = Port.pair()
+        await mesh.inviter(ttl=60).invite(theirs)
+        await asyncio.wait_for(mesh.aclose(), 2.5)
+    finally:
+        await mesh._node.close(linger=0)
+
+
+async def test_kept_end_of_unused_invitation_fails_when_mesh_closes(rd: Path) -> None:
+    async with Mesh(runtime_dir=rd) as mesh:
+        mine, theirs = Port.pair()
+        await mesh.inviter(ttl=60).invite(theirs)
+    # the mesh is closed: nothing can ever reach the kept end any more
+    with pytest.raises(PortFailed):
+        await asyncio.wait_for(mine.recv(), 2.0)
+
+
+# -------------------------------------------------------------- other uid
+
+
+@pytest.fixture
+def other_user() -> Iterator[dict[str, Any]]:
+    """A system user other than us, and a Python it can run meshipc with."""
+    if os.getuid() != 0:
+        pytest.skip("running a client as another uid needs root")
+    try:
+        pw = pwd.getpwnam(OTHER_USER)
+    except KeyError:
+        if shutil.which("useradd") is None:
+            pytest.skip("useradd is missing; cannot create a second user")
+        made = subprocess.run(
+            ["useradd", "--system", "--no-create-home", OTHER_USER], capture_output=True, timeout=30
+        )
+        if made.returncode != 0:
+            pytest.skip(f"useradd {OTHER_USER} failed: {made.stderr.decode().strip()}")
+        pw = pwd.getpwnam(OTHER_USER)
+    shared = Path(tempfile.mkdtemp(prefix="mu", dir="/tmp"))
+    try:
+        os.chmod(shared, 0o755)
+        # our interpreter may live where the other user cannot read (/root):
+        # offer a copy of msgspec for a system Python of the same version
+        lib = shared / "lib"
+        shutil.copytree(Path(msgspec.__file__).parent, lib / "msgspec")
+        for p in [shared, *shared.rglob("*")]:
+            os.chmod(p, 0o755 if p.is_dir() else 0o644)
+        v = sys.version_info
+        candidates = [
+            sys.executable,
+            f"/usr/bin/python{v.major}.{v.minor}",
+            f"/usr/local/bin/python{v.major}.{v.minor}",
+        ]
+        env = {"PATH": "/usr/bin:/bin", "HOME": "/", "PYTHONDONTWRITEBYTECODE": "1"}
+        user = {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": [], "cwd": "/"}
+        why = []
+        for python in candidates:
+            for path in (os.fspath(SRC), f"{SRC}{os.pathsep}{lib}"):
+                env["PYTHONPATH"] = path
+                try:
+                    probe = subprocess.run(
+                        [python, os.fspath(CLIENT), "no-such-mode"],
+                        env=env,
+                        capture_output=True,
+                        timeout=30,
+                        **user,
+                    )
+                except OSError as exc:
+                    why.append(f"{python}: {exc}")
+                    break
+                if probe.returncode == 2 and b"unknown mode" in probe.stderr:
+                    yield {"python": python, "env": dict(env), "uid": pw.pw_uid, **user}
+                    return
+                why.append(f"{python} with PYTHONPATH={path}: {probe.stderr.decode().strip()[-200:]}")
+        pytest.skip(f"user {OTHER_USER} cannot run attach_client.py with meshipc: {why}")
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
+
+
+async def test_client_of_another_uid_is_refused(rd: Path, other_user: dict[str, Any]) -> None:
+    public = Path(tempfile.mkdtemp(prefix="mp", dir="/tmp"))
+    try:
+        os.chmod(public, 0o755)
+        async with Mesh(runtime_dir=rd) as mesh:
+            path = public / "l.sock"
+            listener = await mesh.listen(path=path)
+            os.chmod(path, 0o666)  # reachable by the other user; refused by uid
+            ou = dict(other_user)
+            python, env = ou.pop("python"), ou.pop("env")
+            other_uid = ou.pop("uid")
+            assert other_uid != os.getuid()
+
+            # trusting our uid explicitly, the client is refused by the listener
+            async with client(
+                "connect-only", os.fspath(path), str(os.getuid()), python=python, env=env, **ou
+            ) as c:
+                ev = await c.event()
+                assert ev["error"] in ("InvitationReadError", "ConnectError"), ev
+                assert os.fspath(path) in ev["message"]
+                assert await c.exit_code() == 3
+            assert listener.refused == 1
+
+            # expecting its own uid (the default), the client distrusts the
+            # listener before reading; the listener refuses it all the same
+            async with client(
+                "connect-only", os.fspath(path), str(other_uid), python=python, env=env, **ou
+            ) as c:
+                ev = await c.event()
+                assert ev["error"] == "AuthenticationError", ev
+                assert await c.exit_code() == 3
+
+            # a client of ours still attaches, and is the first connection
+            async with client("session", os.fspath(path), "-") as c:
+                conn = await asyncio.wait_for(listener.accept(), T)
+                # the listener serves clients in the order they arrived, so
+                # the one that hung up on it was refused by now
+                assert listener.refused == 2
+                assert conn.peer.pid == c.pid
+                assert conn.peer.uid == os.getuid()
+                assert await ask(conn.port, {"op": "whoami"}) == {"pid": c.pid, "uid": os.getuid()}
+                conn.port.send({"op": "leave"})
+                assert await c.exit_code() == 0, c.stderr.decode()
+            assert listener.refused == 2
+            assert mesh._node.attached == 1
+    finally:
+        shutil.rmtree(public, ignore_errors=True)
+
+
+# -------------------------------------------------------------- invitations
+
+
+async def test_tampered_secret_is_rejected_by_the_node(rd: Path) -> None:
+    async with Mesh(runtime_dir=rd) as mesh:
+        node = mesh._node
+        refusals = hook_refusals(node)
+        secret = node._secret.reveal()
+        mine, theirs = Port.pair()
+        inv = await mesh.inviter().invite(theirs)
+        assert msgspec.msgpack.decode(bytes(inv))[F_SECRET] == secret
+        flipped = bytes([secret[0] ^ 0x01]) + secret[1:]
+        bad = reencode(inv, secret=flipped)
+
+        rejected = node.rejected
+        with pytest.raises(AuthenticationError) as ei:
+            async with meshipc.join(bad):
+                pass
+        await asyncio.wait_for(refusals.get(), T)
+        assert node.rejected == rejected + 1
+        assert node.attached == 0
+        for s in (secret, flipped):
+            assert_no_secret(str(ei.value), s, "AuthenticationError")
+
+        # the real holder of the invitation is not locked out by the forger
+        async with meshipc.join(inv) as cc:
+            mine.send("hi")
+            assert await asyncio.wait_for(cc.port.recv(), T) == "hi"
+        assert node.attached == 1
+
+        # and the mesh still serves fresh invitations, to another process
+        mine2, theirs2 = Port.pair()
+        inv2 = await mesh.inviter().invite(theirs2)
+        async with client("join", stdin=bytes(inv2).hex().encode() + b"\n") as c:
+            assert await c.event() == {"attached": c.pid}
+            assert await ask(mine2, {"op": "whoami"}) == {"pid": c.pid, "uid": os.getuid()}
+            mine2.send({"op": "leave"})
+            with pytest.raises(ChannelClosed):
+                await asyncio.wait_for(mine2.recv(), T)
+            assert await c.exit_code() == 0, c.stderr.decode()
+        assert node.attached == 2
+
+
+async def test_wrong_secret_in_raw_handshake_is_denied(rd: Path) -> None:
+    """A peer that ignores the node's proof and answers with a wrong MAC gets
+    a DENIED verdict and is counted as rejected; the node keeps serving."""
+    from meshipc import _node as nodemod
+    from meshipc._wire import PROTOCOL_VERSION
+
+    async with Mesh(runtime_dir=rd) as mesh:
+        node = mesh._node
+        refusals = hook_refusals(node)
+        loop = asyncio.get_running_loop()
+        rejected = node.rejected
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.setblocking(False)
+            await loop.sock_connect(s, os.fspath(node.path))
+            hello = nodemod._HELLO.pack(
+                nodemod._MAGIC, PROTOCOL_VERSION, 0, os.urandom(16), bytes(node.id), os.urandom(32)
+            )
+            await loop.sock_sendall(s, hello)
+            await asyncio.wait_for(_recv_exact(loop, s, nodemod._CHALLENGE.size), T)
+            await loop.sock_sendall(s, os.urandom(nodemod._AUTH.size))
+            verdict = await asyncio.wait_for(_recv_exact(loop, s, 1), T)
+            assert verdict[0] == nodemod.V_DENIED
+            assert await asyncio.wait_for(loop.sock_recv(s, 1), T) == b""
+        await asyncio.wait_for(refusals.get(), T)
+        assert node.rejected == rejected + 1
+
+        mine, theirs = Port.pair()
+        async with meshipc.join(await mesh.inviter().invite(theirs)) as cc:
+            cc.port.send("ok")
+            assert await asyncio.wait_for(mine.recv(), T) == "ok"
+
+
+async def _recv_exact(loop: asyncio.AbstractEventLoop, s: socket.socket, n: int) -> bytes:
+    buf = b""
+    while len(buf) < n:
+        chunk = await loop.sock_recv(s, n - len(buf))
+        if not chunk:
+            raise AssertionError(f"stream ended after {len(buf)} of {n} bytes")
+        buf += chunk
+    return buf
+
+
+async def test_invitation_used_twice(rd: Path) -> None:
+    async with Mesh(runtime_dir=rd) as mesh:
+        mine, theirs = Port.pair()
+        inv = await mesh.inviter().invite(theirs)
+        data = bytes(inv).hex().encode() + b"\n"
+        async with client("join", stdin=data) as c:
+            assert await c.event() == {"attached": c.pid}
+            assert await ask(mine, {"op": "whoami"}) == {"pid": c.pid, "uid": os.getuid()}
+
+            # a second use while the first node is attached: another process…
+            async with client("join", stdin=data) as c2:
+                ev = await c2.event()
+                assert ev["error"] in ("InvitationExpired", "JoinError"), ev
+                assert await c2.exit_code() == 3
+            # …and this one
+            with pytest.raises(JoinError):
+                async with meshipc.join(inv):
+                    pass
+            # the first one is unharmed
+            assert await ask(mine, {"op": "whoami"}) == {"pid": c.pid, "uid": os.getuid()}
+            mine.send({"op": "leave"})
+            with pytest.raises(ChannelClosed):
+                await asyncio.wait_for(mine.recv(), T)
+            assert await c.exit_code() == 0, c.stderr.decode()
+
+        # a use after the first node has left
+        with pytest.raises(InvitationExpired):
+            async with meshipc.join(inv):
+                pass
+        assert mesh._node.attached == 1
+
+
+async def test_unused_invitation_expires(rd: Path) -> None:
+    async with Mesh(runtime_dir=rd) as mesh:
+        inviter = mesh.inviter(ttl=0.3)
+        mine, theirs = Port.pair()
+        t0 = time.time()
+        inv = await inviter.invite(theirs)
+        assert t0 < inv.expires <= time.time() + 0.3
+        # the kept end fails once nobody joined in time
+        with pytest.raises(PortFailed):
+            await asyncio.wait_for(mine.recv(), T)
+        # a late join is refused by the client's own check…
+        with pytest.raises(InvitationExpired):
+            async with meshipc.join(inv):
+                pass
+        # …and by the inviting node, even if the expiry time is forged
+        late = reencode(inv, expires=time.time() + 60)
+        with pytest.raises(InvitationExpired):
+            async with meshipc.join(late):
+                pass
+        assert mesh._node.attached == 0
+
+
+async def test_inviter_from_other_threads(rd: Path) -> None:
+    async with Mesh(runtime_dir=rd) as mesh:
+        inviter = mesh.inviter()
+        loop = asyncio.get_running_loop()
+
+        def plain_thread(port: Port, out: asyncio.Future[Invitation]) -> None:
+            try:
+                inv = inviter.invite_blocking(port)
+            except BaseException as exc:
+                loop.call_soon_threadsafe(out.set_exception, exc)
+            else:
+                loop.call_soon_threadsafe(out.set_result, inv)
+
+        def other_loop(port: Port, out: asyncio.Future[Invitation]) -> None:
+            try:
+                inv = asyncio.run(inviter.invite(port))
+            except BaseException as exc:
+                loop.call_soon_threadsafe(out.set_exception, exc)
+            else:
+                loop.call_soon_threadsafe(out.set_result, inv)
+
+        for target in (plain_thread, other_loop):
+            mine, theirs = Port.pair()
+            out: asyncio.Future[Invitation] = loop.create_future()
+            th = threading.Thread(target=target, args=(theirs, out), name=target.__name__)
+            th.start()
+            try:
+                inv = await asyncio.wait_for(out, T)
+            finally:
+                th.join(T)
+            assert isinstance(inv, Invitation)
+            async with client("join", stdin=bytes(inv).hex().encode() + b"\n") as c:
+                assert await c.event() == {"attached": c.pid}, target.__name__
+                assert await ask(mine, {"op": "whoami"}) == {"pid": c.pid, "uid": os.getuid()}
+                mine.send({"op": "leave"})
+                with pytest.raises(ChannelClosed):
+                    await asyncio.wait_for(mine.recv(), T)
+                assert await c.exit_code() == 0, c.stderr.decode()
+        assert mesh._node.attached == 2
+
+        # many threads at once: every invitation is for a distinct new node
+        invs: list[Invitation] = []
+        lock = threading.Lock()
+        ports = [Port.pair() for _ in range(20)]
+
+        def many(chunk: list[Port]) -> None:
+            for p in chunk:
+                inv = inviter.invite_blocking(p, ttl=SHORT_TTL)
+                with lock:
+                    invs.append(inv)
+
+        threads = [threading.Thread(target=many, args=([b for _, b in ports[i::4]],)) for i in range(4)]
+        for th in threads:
+            th.start()
+        await asyncio.wait_for(asyncio.to_thread(lambda: [th.join(T) for th in threads]), T + 1)
+        assert len(invs) == 20
+        assert len({bytes(i.node) for i in invs}) == 20
+
+
+async def test_invite_blocking_on_the_mesh_loop_is_refused(rd: Path) -> None:
+    """On the mesh's own loop it would deadlock until ``timeout``: refused at once."""
+    async with Mesh(runtime_dir=rd) as mesh:
+        _, theirs = Port.pair()
+        with pytest.raises(MeshError):
+            mesh.inviter().invite_blocking(theirs, timeout=0.5)
+
+
+# ------------------------------------------------------------ secret hygiene
+
+
+async def test_secret_never_appears(rd: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="meshipc")
+    async with Mesh(name="s", runtime_dir=rd) as mesh:
+        node = mesh._node
+        secret = node._secret.reveal()
+        listener = await mesh.listen(invitation_ttl=SHORT_TTL)
+        mine, theirs = Port.pair()
+        inv = await mesh.inviter().invite(theirs)
+        texts = {
+            "repr(inv)": repr(inv),
+            "str(inv)": str(inv),
+            "repr(secret)": repr(node._secret),
+            "str(secret)": str(node._secret),
+            "repr(mesh)": repr(mesh),
+            "repr(listener)": repr(listener),
+        }
+        with pytest.raises(TypeError):
+            import pickle
+
+            pickle.dumps(node._secret)
+
+        # an attach, with the client logging at DEBUG too
+        env = dict(os.environ, ATTACH_CLIENT_LOG="1")
+        async with client("session", "s", os.fspath(rd), env=env) as c:
+            conn = await asyncio.wait_for(listener.accept(), T)
+            texts["repr(conn)"] = repr(conn)
+            assert await ask(conn.port, {"op": "whoami"}) == {"pid": c.pid, "uid": os.getuid()}
+            conn.port.send({"op": "leave"})
+            with pytest.raises(ChannelClosed):
+                await asyncio.wait_for(conn.port.recv(), T)
+            assert await c.exit_code() == 0, c.stderr.decode()
+        assert b"DEBUG" in c.stderr or b"INFO" in c.stderr, "the client logged nothing"
+        texts["client stderr"] = c.stderr.decode(errors="replace")
+
+        # failures, logged and raised
+        bad = reencode(inv, secret=os.urandom(32))
+        with pytest.raises(AuthenticationError) as ei:
+            async with meshipc.join(bad):
+                pass
+        texts["AuthenticationError"] = str(ei.value)
+        with pytest.raises(AuthenticationError) as ei2:
+            async with meshipc.connect("s", runtime_dir=rd, expected_uid=os.getuid() + 1):
+                pass
+        texts["AuthenticationError(uid)"] = str(ei2.value)
+        async with meshipc.join(inv) as cc:
+            texts["repr(client conn)"] = repr(cc)
+            mine.send(1)
+            assert await asyncio.wait_for(cc.port.recv(), T) == 1
+        with pytest.raises(InvitationExpired) as ei3:
+            async with meshipc.join(inv):
+                pass
+        texts["InvitationExpired"] = str(ei3.value)
+
+    assert caplog.records, "nothing was logged during an attach"
+    for i, rec in enumerate(caplog.records):
+        texts[f"log record {i} message"] = rec.getMessage()
+        texts[f"log record {i} args"] = repr(rec.args)
+        texts[f"log record {i} exc"] = rec.exc_text or ""
+    for what, text in texts.items():
+        assert_no_secret(text, secret, what)
+
+
+async def test_join_error_messages_carry_no_secret(rd: Path) -> None:
+    """Every JoinError raised while a real mesh is involved, checked at once."""
+    async with Mesh(name="e", runtime_dir=rd) as mesh:
+        secret = mesh._node._secret.reveal()
+        listener = await mesh.listen(invitation_ttl=SHORT_TTL)
+        errors: list[BaseException] = []
+        mine, theirs = Port.pair()
+        inv = await mesh.inviter(ttl=0.05).invite(theirs)
+        with pytest.raises(PortFailed):  # expired unused
+            await asyncio.wait_for(mine.recv(), T)
+        for attempt in (
+            meshipc.join(reencode(inv, secret=os.urandom(32), expires=time.time() + 60)),
+            meshipc.join(inv),  # expired
+            meshipc.join(reencode(inv, expires=time.time() + 60)),  # refused by the node as expired
+            meshipc.connect(listener.path, expected_uid=os.getuid() + 1),
+            meshipc.connect(rd / "missing.sock"),
+            meshipc.join(reencode(inv, directory=os.fspath(rd / "gone"), expires=time.time() + 60)),
+        ):
+            with pytest.raises(JoinError) as ei:
+                async with attempt:
+                    pass
+            errors.append(ei.value)
+        assert len({type(e) for e in errors}) >= 4, errors
+        for e in errors:
+            assert_no_secret(str(e), secret, type(e).__name__)
+            assert_no_secret(repr(e), secret, type(e).__name__)
+
+
+# ---------------------------------------------------------------- listener
+
+
+async def test_listener_socket_mode_close_and_iteration(rd: Path) -> None:
+    async with Mesh(runtime_dir=rd) as mesh:
+        path = rd / "l.sock"
+        listener = await mesh.listen(path=path, invitation_ttl=SHORT_TTL)
+        default = await mesh.listen()
+        for p in (path, default.path):
+            st = os.lstat(p)
+            assert stat.S_ISSOCK(st.st_mode)
+            assert stat.S_IMODE(st.st_mode) == 0o600
+            assert st.st_uid == os.getuid()
+
+        # a second listener on a live path is refused, and the first one kept
+        with pytest.raises(MeshNameInUse):
+            await mesh.listen(path=default.path)
+        assert stat.S_ISSOCK(os.lstat(default.path).st_mode)
+        # a path holding something else is refused and kept
+        other = rd / "other"
+        other.write_text("keep")
+        with pytest.raises(MeshError):
+            await mesh.listen(path=other)
+        assert other.read_text() == "keep"
+
+        got: list[meshipc.Connection] = []
+        first = asyncio.Event()
+
+        async def collect() -> None:
+            async for conn in listener:
+                got.append(conn)
+                first.set()
+
+        it = asyncio.create_task(collect())
+        async with meshipc.connect(path) as cc:
+            await asyncio.wait_for(first.wait(), T)
+            assert got[0].peer.pid == os.getpid()
+            cc.port.send("x")
+            assert await asyncio.wait_for(got[0].port.recv(), T) == "x"
+
+        listener.close()
+        assert not os.path.lexists(path)
+        await asyncio.wait_for(it, T)  # `async for` ended
+        assert len(got) == 1
+        listener.close()  # idempotent
+        with pytest.raises(MeshError):
+            await asyncio.wait_for(listener.accept(), T)
+        with pytest.raises(ConnectError):
+            async with meshipc.connect(path):
+                pass
+
+        # a stale socket of ours at the path is replaced by a new listener
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.bind(os.fspath(path))
+        s.close()
+        again = await mesh.listen(path=path)
+        assert stat.S_IMODE(os.lstat(path).st_mode) == 0o600
+        again.close()
+        assert not os.path.lexists(path)
+
+        default_path = default.path
+    # closing the mesh closes its listeners
+    assert not os.path.lexists(default_path)
+    assert not os.path.lexists(mesh.directory)
+
+
+async def test_listener_closed_while_accept_waits(rd: Path) -> None:
+    async with Mesh(runtime_dir=rd) as mesh:
+        listener = await mesh.listen()
+        waiting = asyncio.create_task(listener.accept())
+        iterating = asyncio.create_task(anext(aiter(listener), None))
+        await asyncio.sleep(0)  # one loop pass: both tasks now wait in the queue
+        listener.close()
+        with pytest.raises(MeshError):
+            await asyncio.wait_for(waiting, T)
+        assert await asyncio.wait_for(iterating, T) is None

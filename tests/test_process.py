@@ -1,0 +1,732 @@
+"""Real processes, real sockets: spawned workers in a mesh.
+
+Every test runs its mesh in a short private runtime directory under /tmp
+(AF_UNIX paths are limited to 108 bytes). The ``Mesh`` context stops and
+reaps the workers even when a test fails; tests that kill a worker on purpose
+also kill it in ``finally``. No sleep stands in for synchronization: every
+wait is on an event or a message, bounded by ``asyncio.timeout``/``wait_for``,
+and fails loudly (``sleep(0)`` only yields one loop turn; ``wait_until`` polls
+the one counter that has no event; ``block_until_exited`` blocks the loop on
+purpose, to line events up).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+import secrets
+import shutil
+import socket
+import stat
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import msgspec
+import pytest
+
+import meshipc
+import meshipc._mesh
+from meshipc import ChannelClosed, Fd, HandshakeError, MeshError, PortFailed, RemoteError
+from meshipc._node import _AUTH, _CHALLENGE, _HELLO, _MAGIC, _VERDICT, V_DENIED, MeshSecret, Node
+from meshipc._wire import OOB_THRESHOLD, PROTOCOL_VERSION
+
+T = TypeVar("T")
+
+#: Bound on any single wait in these tests.
+STEP = 10.0
+
+
+@pytest.fixture
+def rdir() -> Iterator[Path]:
+    """A short, private (0700) runtime directory, removed afterwards."""
+    d = tempfile.mkdtemp(prefix="m", dir="/tmp")
+    try:
+        yield Path(d)
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+async def within(aw: Awaitable[T], timeout: float = STEP) -> T:
+    """``aw``, or ``TimeoutError`` after ``timeout`` seconds."""
+    return await asyncio.wait_for(aw, timeout)
+
+
+async def wait_until(pred: Callable[[], bool], what: str, timeout: float = STEP) -> None:
+    """Poll ``pred`` (for state with no event to wait on); fail after ``timeout``."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not pred():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.005)
+
+
+async def read_to_eof(fd: int, timeout: float = STEP) -> bytes:
+    """Everything readable from ``fd`` until end of file, without blocking the loop."""
+    loop = asyncio.get_running_loop()
+    os.set_blocking(fd, False)
+    chunks: list[bytes] = []
+    done: asyncio.Future[None] = loop.create_future()
+
+    def on_readable() -> None:
+        while True:
+            try:
+                chunk = os.read(fd, 1 << 20)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                if not done.done():
+                    done.set_exception(exc)
+                return
+            if not chunk:
+                if not done.done():
+                    done.set_result(None)
+                return
+            chunks.append(chunk)
+
+    loop.add_reader(fd, on_readable)
+    try:
+        await within(done, timeout)
+    finally:
+        loop.remove_reader(fd)
+    return b"".join(chunks)
+
+
+def parent_bytes(mesh: meshipc.Mesh) -> int:
+    """Bytes the parent node has sent and received on all its connections."""
+    return sum(c.bytes_in + c.bytes_out for c in mesh._node._conns.values())
+
+
+def open_fds() -> dict[int, str]:
+    out = {}
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            out[int(name)] = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:
+            pass  # the descriptor listdir itself used
+    return out
+
+
+def block_until_exited(proc: meshipc.Process) -> None:
+    """Keep the event loop busy (blocked) until ``proc`` has exited, without
+    reaping it: whatever it sent and its exit are then all pending at once."""
+    deadline = time.monotonic() + STEP
+    while os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT | os.WNOHANG) is None:
+        assert time.monotonic() < deadline, f"{proc} did not exit"
+        time.sleep(0.005)  # blocking on purpose: the loop must not run
+
+
+def child_processes() -> dict[int, str]:
+    """Our child processes, zombies included: pid -> state letter."""
+    out = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                data = f.read()
+        except OSError:
+            continue
+        state, ppid = data[data.rindex(")") + 2 :].split()[:2]
+        if int(ppid) == os.getpid():
+            out[int(name)] = state
+    return out
+
+
+# --------------------------------------------------------------------------- RPC
+
+
+async def test_rpc_to_spawned_worker(rdir: Path) -> None:
+    async with meshipc.Mesh(runtime_dir=rdir) as mesh:
+        tx, rx = meshipc.channel()
+        proc = await mesh.spawn("workers:echo", rx, name="echo")
+        assert proc.name == "echo"
+        assert proc.pid != os.getpid()
+        values: list[Any] = [
+            None,
+            True,
+            -(2**63),
+            2**64 - 1,
+            1.5,
+            "héllo ✓",
+            b"\x00\xff" * 10,
+            [1, [2, [3]]],
+            {"k": {"nested": [b"x", None]}},
+        ]
+        for v in values:
+            assert await within(tx.call(v)) == v
+        # many calls in flight at once, answered in any order
+        got = await within(asyncio.gather(*(tx.call(i) for i in range(200))))
+        assert got == list(range(200))
+        tx.close()  # the worker's loop ends, its function returns
+        assert await within(proc.wait()) == 0
+        assert proc.returncode == 0
+        assert proc.error is None
+
+
+async def test_three_processes_workers_talk_directly(rdir: Path) -> None:
+    """The parent makes a channel and hands its ends to two workers: A sends,
+    B receives, B reports to the parent. After the ends have settled, A's
+    traffic to B does not pass through the parent."""
+    async with meshipc.Mesh(runtime_dir=rdir) as mesh:
+        tx, rx = meshipc.channel()
+        go_tx, go_rx = meshipc.channel()
+        rep_tx, rep_rx = meshipc.channel()
+        b = await mesh.spawn("workers:talk_receiver", {"rx": rx, "report": rep_tx}, name="B")
+        a = await mesh.spawn("workers:talk_sender", {"tx": tx, "go": go_rx}, name="A")
+
+        go_tx.send(1)
+        assert await within(rep_rx.recv()) == ["round", 1, 1, True, [a.pid], b.pid]
+
+        before = parent_bytes(mesh)
+        go_tx.send(2000)
+        assert await within(rep_rx.recv()) == ["round", 2, 2000, True, [a.pid], b.pid]
+        through_parent = parent_bytes(mesh) - before
+        # the go message and B's report, not the 2001 frames (> 100 kB) of
+        # A's round, which a relaying parent would have read and written
+        assert through_parent < 2000, f"{through_parent} bytes of A->B traffic went through the parent"
+
+        go_tx.close()  # A closes its sender, B sees the end of the stream
+        assert await within(rep_rx.recv()) == ["done", 2001]
+        assert await within(a.wait()) == 0
+        assert await within(b.wait()) == 0
+
+
+async def test_rpc_chain_through_relay_worker(rdir: Path) -> None:
+    """parent -> relay worker -> whoami worker, with the relay holding a
+    Sender whose receiver lives in the other worker."""
+    async with meshipc.Mesh(runtime_dir=rdir) as mesh:
+        wtx, wrx = meshipc.channel()
+        rtx, rrx = meshipc.channel()
+        who = await mesh.spawn("workers:whoami", wrx, name="whoami")
+        rel = await mesh.spawn("workers:relay", {"rx": rrx, "to": wtx}, name="relay")
+        for i in range(20):
+            assert await within(rtx.call({"i": i})) == [rel.pid, [who.pid, {"i": i}]]
+        rtx.close()
+        assert await within(rel.wait()) == 0  # its Sender to whoami closes with it
+        assert await within(who.wait()) == 0
+
+
+# ------------------------------------------------------------------ moving ports
+
+
+async def test_port_moves_parent_to_b_to_c_while_peer_keeps_sending(rdir: Path) -> None:
+    """A port made in the parent goes to worker B, which reads a few messages
+    and sends it on to worker C, while the parent keeps sending on the peer
+    end throughout: every message arrives exactly once, in order."""
+    n, keep = 10_000, 100
+    async with meshipc.Mesh(runtime_dir=rdir) as mesh:
+        to_b, b_ports = meshipc.channel()
+        to_c, c_ports = meshipc.channel()
+        rep_b_tx, rep_b = meshipc.channel()
+        rep_c_tx, rep_c = meshipc.channel()
+        c = await mesh.spawn("workers:collect_port", {"ports": c_ports, "report": rep_c_tx}, name="C")
+        b = await mesh.spawn(
+            "workers:forward_port",
+            {"ports": b_ports, "to": to_c, "keep": keep, "report": rep_b_tx},
+            name="B",
+        )
+        here, moving = meshipc.Port.pair()
+        sent = 0
+
+        def send(k: int) -> None:
+            nonlocal sent
+            for _ in range(k):
+                here.send(sent)
+                sent += 1
+
+        send(10)  # queued at `moving` before it leaves
+        to_b.send(moving)
+        forwarded = asyncio.ensure_future(rep_b.recv())
+        sent_when_forwarded = None
+        try:
+            while sent < n:
+                send(min(25, n - sent))
+                await asyncio.sleep(0)  # let the loop move bytes
+                if forwarded.done() and sent_when_forwarded is None:
+                    sent_when_forwarded = sent
+                if sent >= n // 2 and sent_when_forwarded is None:
+                    # make sure the B -> C move starts while we still send
+                    await within(asyncio.shield(forwarded))
+                    sent_when_forwarded = sent
+            here.close()
+            report_b = await within(forwarded)
+        finally:
+            forwarded.cancel()
+        assert report_b == ["forwarded", b.pid, list(range(keep))]
+        assert sent_when_forwarded is not None and sent_when_forwarded < n
+
+        kind, pid, values, end = await within(rep_c.recv())
+        assert (kind, pid, end) == ("collected", c.pid, "closed")
+        assert len(values) == n - keep
+        first_bad = next((i for i, v in enumerate(values, keep) if v != i), None)
+        assert first_bad is None, f"C got {values[first_bad - keep]} where {first_bad} was due"
+        to_b.close()  # B may go now
+        assert await within(b.wait()) == 0
+        assert await within(c.wait()) == 0
+
+
+# ------------------------------------------------------------------ descriptors
+
+
+async def test_fd_passing_pipe_write_end_to_worker(rdir: Path) -> None:
+    data = b"written by the worker into a pipe it received\n"
+    r, w = os.pipe()
+    try:
+        async with meshipc.Mesh(runtime_dir=rdir) as mesh:
+            fd = Fd(w)  # owns w from here
+            proc = await mesh.spawn("workers:write_fd", {"fd": fd, "data": data})
+            assert fd.closed, "sending an Fd hands it over"
+            # EOF only comes once every write end is closed: the worker's, and
+            # the parent's copy that travelled (closed after sendmsg)
+            assert await read_to_eof(r) == data
+            assert await within(proc.wait()) == 0
+    finally:
+        os.close(r)
+
+
+async def test_fd_passing_in_calls_small_and_out_of_band(rdir: Path) -> None:
+    """Fds inside RPC requests, including one in a body big enough to travel in
+    a memfd (which is itself a descriptor riding with the message)."""
+    async with meshipc.Mesh(runtime_dir=rdir) as mesh:
+        tx, rx = meshipc.channel()
+        await mesh.spawn("workers:fd_writer", rx)
+        for size in (5, 70_000, OOB_THRESHOLD + 1):
+            data = secrets.token_bytes(size)
+            r, w = os.pipe()
+            try:
+                call = asyncio.ensure_future(tx.call({"fd": Fd(w), "data": data}))
+                got = await read_to_eof(r)
+                assert await within(call) == size
+                assert got == data, f"size {size}: pipe contents differ"
+            finally:
+                os.close(r)
+
+
+# ------------------------------------------------------------------ message sizes
+
+
+def _sizes() -> list[int]:
+    t = OOB_THRESHOLD
+    # bytes payloads: msgpack adds a small header; the reply body is the
+    # encoded payload, the call body adds the reply port (an ext) and a tuple
+    reply_overhead = len(msgspec.msgpack.encode(b"\0" * t)) - t
+    call_overhead = reply_overhead + 1 + 6
+    around = {t + d - o for d in (-1, 0, 1) for o in (0, reply_overhead, call_overhead)}
+    return sorted({0, 1, 100, 4095, 4096, 65536, 1 << 20, 16 << 20} | around)
+
+
+async def test_message_sizes_round_trip(rdir: Path) -> None:
+    async with meshipc.Mesh(runtime_dir=rdir) as mesh:
+        tx, rx = meshipc.channel()
+        await mesh.spawn("workers:echo", rx)
+        bad = []
+        for size in _sizes():
+            payload = os.urandom(size)
+            got = await within(tx.call(payload))
+            if got != payload:
+                bad.append((size, len(got) if isinstance(got, bytes) else type(got).__name__))
+        assert not bad, f"(size sent, what came back): {bad}"
+        # the worker is still fine after all that
+        assert await within(tx.call("still there")) == "still there"
+
+
+# ------------------------------------------------------------------ failures
+
+
+async def test_kill_9_mid_stream(rdir: Path) -> None:
+    """A worker streaming to the parent is SIGKILLed: the stream fails with
+    PortFailed in bounded time, a call pending on it fails, new calls fail at
+    once, and another worker keeps serving."""
+    async with meshipc.Mesh(runtime_dir=rdir) as mesh:
+        out_tx, out_rx = meshipc.channel()
+        calls_tx, calls_rx = meshipc.channel()
+        streamer = await mesh.spawn(
+            "workers:stream_and_serve", {"out": out_tx, "calls": calls_rx}, name="streamer"
+        )
+        etx, erx = meshipc.channel()
+        other = await mesh.spawn("workers:echo", erx, name="other")
+        try:
+            assert await within(calls_tx.call("ping")) == "pong"
+            assert await within(etx.call("before")) == "before"
+            expected = 0
+
+            async def next_item() -> Any:
+                nonlocal expected
+                v = await within(out_rx.recv())
+                if isinstance(v, int):
+                    assert v == expected, "stream out of order"
+                    expected += 1
+                return v
+
+            while expected < 1000:
+                await next_item()
+            pending = asyncio.ensure_future(calls_tx.call("hold this"))
+            while await next_item() != ["held", "hold this"]:
+                pass
+            assert not pending.done()
+
+            streamer.kill()
+            loop = asyncio.get_running_loop()
+            t0 = loop.time()
+            with pytest.raises(PortFailed):
+                async with asyncio.timeout(STEP):
+                    while True:
+                        await next_item()
+            assert loop.time() - t0 < STEP
+            # the pending call fails at the same time as the stream
+            with pytest.raises((PortFailed, ChannelClosed)):
+                await within(pending, 1.0)
+            # and a new one fails at once
+            with pytest.raises((PortFailed, ChannelClosed)):
+                await within(calls_tx.call("ping"), 1.0)
+            # the stream stays failed
+            with pytest.raises(PortFailed):
+                await within(out_rx.recv(), 1.0)
+
+            assert await within(streamer.wait()) == -9
+            for i in range(10):
+                assert await within(etx.call(i)) == i
+            assert other.returncode is None
+        finally:
+            streamer.kill()
+
+
+async def test_worker_that_raises(rdir: Path) -> None:
+    async with meshipc.Mesh(runtime_dir=rdir) as mesh:
+        procs = await asyncio.gather(
+            mesh.spawn("workers:fail", 42),
+            mesh.spawn("workers:no_such_function"),
+            mesh.spawn("no_such_module_for_meshipc:main"),
+        )
+        codes = await within(asyncio.gather(*(p.wait() for p in procs)))
+        assert all(c != 0 for c in codes), codes
+        errors = [p.error for p in procs]
+        assert all(isinstance(e, RemoteError) for e in errors), errors
+        raised, missing_func, missing_mod = errors
+        assert raised.type_name == "ValueError"
+        assert raised.message == "worker refused 42"
+        assert "ValueError" in str(raised)
+        assert "workers.py" in raised.traceback and "raise ValueError" in raised.traceback
+        assert missing_func.type_name == "AttributeError"
+        assert "no_such_function" in missing_func.message
+        assert missing_mod.type_name == "ModuleNotFoundError"
+
+
+async def test_worker_error_survives_a_busy_parent_loop(rdir: Path) -> None:
+    """Same as above, but the parent's loop is busy while the child fails and
+    exits, so the status message and the exit arrive together."""
+    async with meshipc.Mesh(runtime_dir=rdir) as mesh:
+        tx, rx = meshipc.channel()
+        proc = await mesh.spawn("workers:fail_later", rx)
+        assert await within(tx.call("ready?")) == "ready"
+        tx.send("boom")
+        await asyncio.sleep(0)  # one loop turn: the message is written
+        # its status message and its exit are then seen in the same iteration
+        block_until_exited(proc)
+        assert await within(proc.wait()) == 1
+        assert isinstance(proc.error, RemoteError), proc.error
+        assert proc.error.type_name == "ValueError"
+
+
+async def test_messages_sent_before_a_worker_exits_are_delivered(rdir: Path) -> None:
+    """A worker sends a message and exits while the parent is busy; then the
+    parent writes to it before reading. What the worker sent must still be
+    delivered (before any failure)."""
+    async with meshipc.Mesh(runtime_dir=rdir) as mesh:
+        out_tx, out_rx = meshipc.channel()
+        go_tx, go_rx = meshipc.channel()
+        proc = await mesh.spawn("workers:last_words", {"out": out_tx, "go": go_rx})
+        assert await within(out_rx.recv()) == "hello"
+        go_tx.send("go")
+        await asyncio.sleep(0)  # one loop turn: "go" is written
+        block_until_exited(proc)
+        go_tx.send("too late")  # a write to the dead worker, due before any read
+        assert await within(out_rx.recv()) == "last words"
+
+
+async def test_worker_returning_closes_the_ports_it_was_given(rdir: Path) -> None:
+    async with meshipc.Mesh(runtime_dir=rdir) as mesh:
+        tx, rx = meshipc.channel()
+        proc = await mesh.spawn("workers:noop", {"tx": tx})
+        assert await within(proc.wait()) == 0
+        with pytest.raises(ChannelClosed) as info:
+            await within(rx.recv())
+        assert not isinstance(info.value, PortFailed)
+
+
+@pytest.mark.parametrize(
+    ("nfds", "body"),
+    [
+        (129, 10),
+        (128, OOB_THRESHOLD),
+    ],
+    ids=["129fds", "128fds+oob"],
+)
+async def test_too_many_fds_in_one_message_fail_only_that_message(rdir: Path, nfds: int, body: int) -> None:
+    async with meshipc.Mesh(runtime_dir=rdir) as mesh:
+        tx, rx = meshipc.channel()
+        proc = await mesh.spawn("workers:echo", rx)
+        assert await within(tx.call("up")) == "up"
+        r, w = os.pipe()
+        try:
+            fds = [Fd.dup(w) for _ in range(nfds)]
+            try:
+                got = await within(tx.call([b"x" * body, fds]))
+                for f in got[1]:
+                    f.close()
+            except (MeshError, ValueError) as exc:
+                # refusing the message is fine, breaking the connection is not
+                assert not isinstance(exc, PortFailed), exc
+        finally:
+            os.close(r)
+            os.close(w)
+        assert await within(tx.call("still connected")) == "still connected"
+        assert proc.returncode is None
+
+
+async def test_spawn_with_unsendable_argument_leaves_no_process(rdir: Path) -> None:
+    before = child_processes()
+    try:
+        async with meshipc.Mesh(runtime_dir=rdir) as mesh:
+            with pytest.raises((TypeError, ValueError, NotImplementedError, MeshError)):
+                await mesh.spawn("workers:echo", object())
+            assert mesh._children == []
+        left = {pid: st for pid, st in child_processes().items() if pid not in before}
+        assert not left, f"processes left behind by a failed spawn (pid: state): {left}"
+    finally:
+        for pid in child_processes().keys() - before.keys():
+            try:
+                os.kill(pid, 9)
+                os.waitpid(pid, 0)
+            except (ProcessLookupError, ChildProcessError):
+                pass
+
+
+# ------------------------------------------------------------------ authentication
+
+
+async def test_garbage_and_wrong_secret_are_rejected(rdir: Path) -> None:
+    loop = asyncio.get_running_loop()
+    async with meshipc.Mesh(runtime_dir=rdir) as mesh:
+        node = mesh._node
+        tx, rx = meshipc.channel()
+        proc = await mesh.spawn("workers:echo", rx)
+        assert await within(tx.call("before")) == "before"
+        rejected = node.rejected
+
+        async def raw_connect() -> socket.socket:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.setblocking(False)
+            await within(loop.sock_connect(s, os.fspath(node.path)))
+            return s
+
+        async def hung_up(s: socket.socket) -> bool:
+            """True once the node closed the connection (EOF or reset)."""
+            try:
+                while await within(loop.sock_recv(s, 4096)):
+                    pass
+            except ConnectionResetError:
+                pass
+            return True
+
+        # 1. garbage the size of a HELLO, 2. lots of garbage, 3. a few bytes then EOF
+        for garbage, eof in (
+            (b"\xff" * _HELLO.size, False),
+            (b"GET / HTTP/1.1\r\n" * 500, False),
+            (b"MS", True),
+        ):
+            s = await raw_connect()
+            try:
+                await within(loop.sock_sendall(s, garbage))
+                if eof:
+                    s.shutdown(socket.SHUT_WR)
+                assert await hung_up(s)
+            finally:
+                s.close()
+            rejected += 1
+            assert node.rejected == rejected, garbage[:16]
+
+        # 4. a HELLO with an unknown protocol version
+        s = await raw_connect()
+        try:
+            hello = _HELLO.pack(_MAGIC, PROTOCOL_VERSION + 1, 0, os.urandom(16), node.id, os.urandom(32))
+            await within(loop.sock_sendall(s, hello))
+            assert await hung_up(s)
+        finally:
+            s.close()
+        rejected += 1
+        assert node.rejected == rejected
+
+        # 5. a real handshake under a wrong secret, from the acceptor's side:
+        #    the AUTH is refused with V_DENIED
+        wrong = MeshSecret()
+        me = os.urandom(16)
+        s = await raw_connect()
+        try:
+            nonce_i = os.urandom(32)
+            await within(loop.sock_sendall(s, _HELLO.pack(_MAGIC, PROTOCOL_VERSION, 0, me, node.id, nonce_i)))
+            buf = b""
+            while len(buf) < _CHALLENGE.size:
+                chunk = await within(loop.sock_recv(s, _CHALLENGE.size - len(buf)))
+                assert chunk, "node hung up before its challenge"
+                buf += chunk
+            _magic, _ver, status, their_id, nonce_a, _mac = _CHALLENGE.unpack(buf)
+            assert (status, their_id) == (0, node.id)
+            mac = wrong.mac(b"meshipc-initiator", nonce_i, nonce_a, me, node.id)
+            await within(loop.sock_sendall(s, _AUTH.pack(mac)))
+            assert await within(loop.sock_recv(s, 1)) == _VERDICT.pack(V_DENIED)
+            assert await hung_up(s)
+        finally:
+            s.close()
+        rejected += 1
+        assert node.rejected == rejected
+
+        # 6. a whole Node with a wrong secret connecting by path: it finds
+        #    out the mesh node does not share its secret, and the node
+        #    refuses it when it hangs up
+        intruder = Node(mesh.directory, MeshSecret())
+        try:
+            with pytest.raises(HandshakeError):
+                await within(intruder.connect_to(node.id))
+        finally:
+            await within(intruder.close())
+        rejected += 1
+        await wait_until(lambda: node.rejected >= rejected, "the node to refuse the intruder")
+        assert node.rejected == rejected
+        assert intruder.id not in node._conns
+
+        # the mesh still serves, old and new workers alike
+        for i in range(5):
+            assert await within(tx.call(i)) == i
+        tx2, rx2 = meshipc.channel()
+        await mesh.spawn("workers:echo", rx2)
+        assert await within(tx2.call("after")) == "after"
+        assert proc.returncode is None
+
+
+# ------------------------------------------------------------------ permissions
+
+
+async def test_directory_and_socket_modes(rdir: Path) -> None:
+    async with meshipc.Mesh(runtime_dir=rdir) as mesh:
+        tx, rx = meshipc.channel()
+        await mesh.spawn("workers:echo", rx)
+        assert await within(tx.call(1)) == 1  # the worker's node socket exists
+        st = os.lstat(mesh.directory)
+        assert stat.S_ISDIR(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o700
+        assert st.st_uid == os.getuid()
+        assert stat.S_IMODE(os.lstat(rdir).st_mode) == 0o700
+        node_st = os.lstat(mesh._node.path)
+        assert stat.S_ISSOCK(node_st.st_mode) and stat.S_IMODE(node_st.st_mode) == 0o600
+        socks = [p for p in mesh.directory.iterdir() if p.name.endswith(".sock")]
+        assert len(socks) == 2, socks  # parent and worker
+        for p in socks:
+            m = os.lstat(p).st_mode
+            assert stat.S_ISSOCK(m) and stat.S_IMODE(m) == 0o600, (p, oct(m))
+        directory = mesh.directory
+    assert not directory.exists(), "the mesh's first node removes its directory"
+
+
+def _unsafe_root(base: Path, kind: str) -> Path:
+    root = base / "rt"
+    if kind.startswith("mode"):
+        root.mkdir()
+        os.chmod(root, int(kind[4:], 8))
+    elif kind == "other_uid":
+        root.mkdir(mode=0o700)
+        os.chown(root, 65534, 65534)
+    elif kind == "symlink":
+        target = base / "real"
+        target.mkdir(mode=0o700)
+        root.symlink_to(target)
+    elif kind == "dangling_symlink":
+        root.symlink_to(base / "nothing-here")
+    elif kind == "file":
+        root.write_bytes(b"")
+    else:
+        raise ValueError(kind)
+    return root
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "mode755",
+        "mode750",
+        "mode701",
+        "mode1777",
+        pytest.param(
+            "other_uid",
+            marks=pytest.mark.skipif(os.geteuid() != 0, reason="chown to another uid needs root"),
+        ),
+        "symlink",
+        "dangling_symlink",
+        "file",
+    ],
+)
+async def test_unsafe_runtime_dir_is_refused(rdir: Path, kind: str) -> None:
+    root = _unsafe_root(rdir, kind)
+    before = sorted(os.listdir(rdir))
+    with pytest.raises(MeshError):
+        async with meshipc.Mesh(runtime_dir=root):
+            pass
+    assert sorted(os.listdir(rdir)) == before
+    if kind == "symlink":
+        assert os.listdir(rdir / "real") == [], "nothing may be created through the symlink"
+
+
+# ------------------------------------------------------------------ resources
+
+
+async def test_no_fd_leak_over_spawn_cycles(rdir: Path) -> None:
+    async with meshipc.Mesh(runtime_dir=rdir) as mesh:
+
+        async def cycle(i: int) -> None:
+            tx, rx = meshipc.channel()
+            proc = await mesh.spawn("workers:echo", rx)
+            assert await within(tx.call(i)) == i
+            tx.close()
+            assert await within(proc.wait()) == 0
+
+        await cycle(-1)  # warm-up: lazy imports, executor threads
+        gc.collect()
+        before = open_fds()
+        ports_before = len(mesh._node.engine.ports)
+        for i in range(20):
+            await cycle(i)
+        gc.collect()
+        after = open_fds()
+        new = {fd: target for fd, target in after.items() if fd not in before}
+        assert len(after) - len(before) <= 3, f"{len(after) - len(before)} more open fds: {new}"
+        assert len(mesh._node.engine.ports) <= ports_before + 3, mesh._node.engine.ports
+
+
+async def test_mesh_exit_reaps_children(rdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(meshipc._mesh, "CHILD_GRACE", 1.0)
+    async with meshipc.Mesh(runtime_dir=rdir) as mesh:
+        pid_tx, pid_rx = meshipc.channel()
+        idle = [await mesh.spawn("workers:idle", pid_tx.clone()) for _ in range(2)]
+        stubborn = await mesh.spawn("workers:stubborn", pid_tx.clone())
+        pid_tx.close()
+        procs = [*idle, stubborn]
+        try:
+            pids = {await within(pid_rx.recv()) for _ in procs}
+            assert pids == {p.pid for p in procs}
+            assert all(p.returncode is None for p in procs)
+            directory = mesh.directory
+        except BaseException:
+            for p in procs:
+                p.kill()
+            raise
+    for p in procs:
+        assert p.returncode is not None, p
+        with pytest.raises(ProcessLookupError):
+            os.kill(p.pid, 0)  # reaped: not even a zombie is left
+    assert [p.returncode for p in idle] == [0, 0]  # stopped by the mesh, cleanly
+    assert stubborn.returncode == -9  # ignored the stop, killed after the grace time
+    assert not directory.exists()

@@ -1,0 +1,205 @@
+"""Worker functions run in spawned processes by ``test_process.py``.
+
+Every function here is an ``async def func(arg)`` started by
+``Mesh.spawn("workers:func", arg)``. Children import this module through the
+parent's ``sys.path`` (``tests/`` is on it via ``conftest.py``). Workers talk
+back to the test only through mesh messages, never through files or sleeps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Any
+
+from meshipc import Call, ChannelClosed, Fd, Port, Receiver, Sender
+
+
+async def echo(rx: Receiver[Call[Any]]) -> None:
+    """Serve calls on ``rx``: reply with the request, unchanged."""
+    async for call in rx:
+        call.reply(call.request)
+
+
+async def whoami(rx: Receiver[Call[Any]]) -> None:
+    """Serve calls on ``rx``: reply with ``[pid, request]``."""
+    async for call in rx:
+        call.reply([os.getpid(), call.request])
+
+
+async def relay(arg: dict[str, Any]) -> None:
+    """Serve calls on ``arg["rx"]`` by calling ``arg["to"]`` (another worker)
+    and replying with ``[pid, its answer]``."""
+    rx: Receiver[Call[Any]] = arg["rx"]
+    with arg["to"] as to:
+        async for call in rx:
+            call.reply([os.getpid(), await to.call(call.request)])
+
+
+async def write_fd(arg: dict[str, Any]) -> None:
+    """Write ``arg["data"]`` into the received descriptor ``arg["fd"]``."""
+    fd: Fd = arg["fd"]
+    if not isinstance(fd, Fd):
+        raise TypeError(f"expected a meshipc.Fd, got {type(fd).__name__}")
+    with fd:
+        view = memoryview(arg["data"])
+        while view:
+            view = view[os.write(fd.fileno(), view) :]
+
+
+async def fd_writer(rx: Receiver[Call[Any]]) -> None:
+    """Serve calls whose request is ``{"fd": Fd, "data": bytes}``: write the
+    data into the fd, close it, reply with the number of bytes written."""
+    async for call in rx:
+        await write_fd(call.request)
+        call.reply(len(call.request["data"]))
+
+
+async def noop(arg: Any) -> None:
+    """Return at once, without touching ``arg``."""
+
+
+async def fail(arg: Any) -> None:
+    """A worker whose function raises."""
+    raise ValueError(f"worker refused {arg!r}")
+
+
+async def talk_sender(arg: dict[str, Any]) -> None:
+    """Worker A of the three-process test: for each ``n`` read from
+    ``arg["go"]``, send ``n`` messages then an end-of-round marker on
+    ``arg["tx"]`` (whose receiver is in worker B); close ``tx`` at the end."""
+    tx: Sender[Any] = arg["tx"]
+    go: Receiver[int] = arg["go"]
+    pid = os.getpid()
+    rounds = 0
+    with tx:
+        async for n in go:
+            rounds += 1
+            for i in range(n):
+                tx.send(["msg", pid, rounds, i])
+            tx.send(["end", pid, rounds, n])
+
+
+async def talk_receiver(arg: dict[str, Any]) -> None:
+    """Worker B of the three-process test: read ``arg["rx"]`` (fed by worker
+    A); at each end-of-round marker report ``["round", round, count, ok,
+    sender pids]`` on ``arg["report"]``; at the end report ``["done", total]``."""
+    rx: Receiver[Any] = arg["rx"]
+    report: Sender[Any] = arg["report"]
+    total = 0
+    count = 0
+    ok = True
+    pids: set[int] = set()
+    async for kind, pid, rnd, i in rx:
+        pids.add(pid)
+        if kind == "msg":
+            ok = ok and i == count
+            count += 1
+            total += 1
+        else:
+            report.send(["round", rnd, count, ok and i == count, sorted(pids), os.getpid()])
+            count = 0
+            ok = True
+    report.send(["done", total])
+    report.close()
+
+
+async def forward_port(arg: dict[str, Any]) -> None:
+    """Receive a port on ``arg["ports"]``, read ``arg["keep"]`` messages from
+    it, then send the port on to ``arg["to"]`` (another worker) and report the
+    messages read on ``arg["report"]``; return once ``arg["ports"]`` closes."""
+    ports: Receiver[Port] = arg["ports"]
+    port = await ports.recv()
+    got = [await port.recv() for _ in range(arg["keep"])]
+    arg["to"].send(port)
+    arg["to"].close()
+    arg["report"].send(["forwarded", os.getpid(), got])
+    arg["report"].close()
+    # stay until the parent closes ``ports``: exiting while the moved port
+    # still proxies through us is test_messages_sent_before_a_worker_exits...
+    async for _ in ports:
+        pass
+
+
+async def collect_port(arg: dict[str, Any]) -> None:
+    """Receive a port on ``arg["ports"]``, read it to its end and report
+    ``["collected", pid, values, end]`` on ``arg["report"]``."""
+    ports: Receiver[Port] = arg["ports"]
+    port = await ports.recv()
+    values = []
+    end = "open"
+    try:
+        while True:
+            values.append(await port.recv())
+    except ChannelClosed:
+        end = "closed"
+    except Exception as exc:
+        end = f"{type(exc).__name__}: {exc}"
+    arg["report"].send(["collected", os.getpid(), values, end])
+    arg["report"].close()
+
+
+async def stream_and_serve(arg: dict[str, Any]) -> None:
+    """Stream increasing ints on ``arg["out"]`` forever, paced, while serving
+    calls on ``arg["calls"]``: ``"ping"`` is answered with ``"pong"``; any
+    other request is held unanswered (and ``["held", request]`` is put in the
+    stream so the caller knows it arrived)."""
+    out: Sender[Any] = arg["out"]
+    calls: Receiver[Call[Any]] = arg["calls"]
+    held: list[Call[Any]] = []
+
+    async def serve() -> None:
+        async for call in calls:
+            if call.request == "ping":
+                call.reply("pong")
+            else:
+                held.append(call)
+                out.send(["held", call.request])
+
+    server = asyncio.ensure_future(serve())
+    try:
+        i = 0
+        while True:
+            for _ in range(100):
+                out.send(i)
+                i += 1
+            await asyncio.sleep(0.001)  # pacing, not synchronization
+    finally:
+        server.cancel()
+
+
+async def stubborn(arg: Sender[Any]) -> None:
+    """Ignore cancellation: the mesh must kill this one on exit. Tells the
+    parent it is running by sending its pid on ``arg``."""
+    arg.send(os.getpid())
+    while True:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            pass
+
+
+async def idle(arg: Sender[Any]) -> None:
+    """Report the pid on ``arg``, then wait until the mesh stops us."""
+    arg.send(os.getpid())
+    await asyncio.Event().wait()
+
+
+async def fail_later(rx: Receiver[Any]) -> None:
+    """Serve calls on ``rx`` (reply ``"ready"``) until a plain message comes;
+    then raise ``ValueError`` naming it."""
+    while True:
+        msg = await rx.recv()
+        if isinstance(msg, Call):
+            msg.reply("ready")
+            continue
+        raise ValueError(f"told to fail: {msg!r}")
+
+
+async def last_words(arg: dict[str, Any]) -> None:
+    """Say ``"hello"`` on ``arg["out"]``; when ``arg["go"]`` says so, send
+    ``"last words"`` and return (the process exits)."""
+    out: Sender[Any] = arg["out"]
+    out.send("hello")
+    await arg["go"].recv()
+    out.send("last words")
