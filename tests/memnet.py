@@ -7,11 +7,12 @@ chosen by the test; within one link it is FIFO, as on a connection.
 
 from __future__ import annotations
 
+import asyncio
 import random
 from collections import deque
 from typing import Any
 
-from meshipc import Port
+from meshipc import ChannelClosed, Port, PortFailed
 from meshipc._channel import CODEC
 from meshipc._ids import NodeId, PortId
 from meshipc._ports import Engine
@@ -80,3 +81,24 @@ class Net:
 
     def live_ports(self) -> int:
         return sum(len(e.ports) for j, e in enumerate(self.engines) if j not in self.dead)
+
+
+def drain(p: Any) -> list[Any]:
+    """Everything queued on ``p`` (stops at empty or at the end of the stream)."""
+    out = []
+    while True:
+        try:
+            out.append(p.try_recv())
+        except (asyncio.QueueEmpty, ChannelClosed, PortFailed):
+            return out
+
+
+def end_of(p: Any) -> type[BaseException] | None:
+    """What ``p`` raises once read: None while it is still open."""
+    try:
+        v = p.try_recv()
+    except asyncio.QueueEmpty:
+        return None
+    except (ChannelClosed, PortFailed) as exc:
+        return type(exc)
+    raise AssertionError(f"unexpected message {v!r}")

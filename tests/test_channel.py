@@ -19,7 +19,7 @@ import msgspec
 import pytest
 
 import meshipc
-from memnet import Net
+from memnet import Net, drain, end_of
 from meshipc import (
     Call,
     ChannelClosed,
@@ -63,27 +63,6 @@ def _no_leak_in_default_engine() -> Iterator[None]:
     gc.collect()
     leaked = [st for pid, st in default_engine().ports.items() if pid not in before]
     assert not leaked, f"ports left in the default engine: {leaked}"
-
-
-def drain(p: Any) -> list[Any]:
-    """Everything queued on ``p`` (stops at empty or at the end of the stream)."""
-    out = []
-    while True:
-        try:
-            out.append(p.try_recv())
-        except (asyncio.QueueEmpty, ChannelClosed, PortFailed):
-            return out
-
-
-def end_of(p: Any) -> type[BaseException] | None:
-    """What ``p`` raises once read: None while it is still open."""
-    try:
-        v = p.try_recv()
-    except asyncio.QueueEmpty:
-        return None
-    except (ChannelClosed, PortFailed) as exc:
-        return type(exc)
-    raise AssertionError(f"unexpected message {v!r}")
 
 
 def move(net: Net, handle: Any, src: int = 0, dst: int = 1) -> Any:

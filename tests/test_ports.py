@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import random
 from typing import Any
 
@@ -10,28 +9,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from memnet import Net
+from memnet import Net, drain, end_of
 from meshipc import ChannelClosed, NodeFailure, Port, PortFailed
-
-
-def drain(p: Port) -> list[Any]:
-    out = []
-    while True:
-        try:
-            out.append(p.try_recv())
-        except (asyncio.QueueEmpty, ChannelClosed, PortFailed):
-            return out
-
-
-def end_of(p: Port) -> type[BaseException] | None:
-    """What the port raises after its queue: None if it is still open."""
-    try:
-        v = p.try_recv()
-    except asyncio.QueueEmpty:
-        return None
-    except (ChannelClosed, PortFailed) as exc:
-        return type(exc)
-    raise AssertionError(f"unexpected message {v!r}")
 
 
 def test_local_pair_delivers_and_leaves_nothing():

@@ -46,7 +46,7 @@ from ._errors import (
     MeshNameInUse,
 )
 from ._ids import NodeId
-from ._node import V_DUPLICATE, PeerCred, is_socket_alive
+from ._node import V_DUPLICATE, PeerCred, accept_ready, is_socket_alive
 from ._wire import _DESC, PortDesc
 
 if TYPE_CHECKING:
@@ -305,20 +305,13 @@ class Listener:
         self._loop.add_reader(s.fileno(), self._on_accept)
 
     def _on_accept(self) -> None:
-        for _ in range(128):
-            if self._sock is None:
-                return
-            try:
-                sock, _ = self._sock.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                log.warning("listener %s: accept failed: %s", self.path, exc)
-                return
-            sock.setblocking(False)
-            t = self._loop.create_task(self._serve(sock))
-            self._tasks.add(t)
-            t.add_done_callback(self._tasks.discard)
+        if self._sock is not None:
+            accept_ready(self._sock, self._start_serving, f"listener {self.path}")
+
+    def _start_serving(self, sock: socket.socket) -> None:
+        t = self._loop.create_task(self._serve(sock))
+        self._tasks.add(t)
+        t.add_done_callback(self._tasks.discard)
 
     async def _serve(self, sock: socket.socket) -> None:
         with sock:

@@ -30,7 +30,7 @@ import secrets
 import socket
 import stat
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Final
 
@@ -323,18 +323,10 @@ class Node:
     # ------------------------------------------------------------ handshakes
 
     def _on_accept(self) -> None:
-        if self._lsock is None:
-            return
-        for _ in range(64):
-            try:
-                sock, _ = self._lsock.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                log.warning("node %s: accept failed: %s", self.id, exc)
-                return
-            sock.setblocking(False)
-            self._spawn(self.accept_connection(sock))
+        if self._lsock is not None:
+            accept_ready(
+                self._lsock, lambda sock: self._spawn(self.accept_connection(sock)), f"node {self.id}"
+            )
 
     def _refuse(self, sock: socket.socket, why: str, cred: PeerCred | None) -> None:
         self.rejected += 1
@@ -504,6 +496,22 @@ class Node:
                     await asyncio.sleep(0.01)
         except TimeoutError:
             self._mark_dead(peer, "no connection after a simultaneous connect")
+
+
+def accept_ready(lsock: socket.socket, handle: Callable[[socket.socket], object], label: str) -> None:
+    """Accept the connections waiting on a listening socket (a bounded batch,
+    so one busy listener cannot starve the loop); each goes to ``handle``,
+    which must not block (it starts a task)."""
+    for _ in range(128):
+        try:
+            sock, _ = lsock.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            log.warning("%s: accept failed: %s", label, exc)
+            return
+        sock.setblocking(False)
+        handle(sock)
 
 
 def is_socket_alive(path: Path) -> bool:
