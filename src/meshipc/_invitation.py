@@ -196,8 +196,8 @@ class Inviter:
         (st,) = port._detach()
         new_node = NodeId.random()
         ttl = self.ttl if ttl is None else ttl
+        node.expect_invited(new_node, ttl)  # first: nothing may try to connect to it
         desc = node.engine._send_port(st, new_node)
-        node.expect_invited(new_node, ttl)
         packed = _DESC.pack(
             desc.id, desc.peer_node, desc.peer_port, desc.origin, desc.send_seq, desc.recv_seq, desc.flags
         )

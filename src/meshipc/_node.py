@@ -284,6 +284,8 @@ class Node:
     def _watch(self, node: bytes) -> None:
         if node in self._conns or node in self._connecting or node == self.id or self.closed:
             return
+        if node in self._invited:
+            return  # it will connect to us (or its invitation expires)
         if node in self._dead:
             self.loop.call_soon(self.engine.node_failed, node, self._dead[node])
             return
