@@ -103,6 +103,9 @@ def main() -> None:
         print(f"meshipc worker: bad invitation: {exc}", file=sys.stderr)
         sys.exit(2)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    # Ctrl-C in a terminal reaches the whole process group: the parent decides
+    # when its workers stop (it closes their bootstrap port on mesh exit)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     sys.exit(asyncio.run(_run(inv)))
 
 

@@ -1,0 +1,70 @@
+"""The README's examples, run as a new user would: a service in one process,
+control clients attaching from others."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+@pytest.fixture
+def runtime_dir() -> Iterator[str]:
+    d = tempfile.mkdtemp(prefix="x", dir="/tmp")
+    os.chmod(d, 0o700)
+    yield d
+    import shutil
+
+    shutil.rmtree(d, ignore_errors=True)
+
+
+async def run(env: dict[str, str], *args: str) -> tuple[int, str]:
+    p = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(EXAMPLES / "control.py"),
+        *args,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await asyncio.wait_for(p.communicate(), 30)
+    assert p.returncode is not None
+    return p.returncode, out.decode()
+
+
+async def test_service_and_control_examples(runtime_dir: str):
+    env = dict(os.environ, XDG_RUNTIME_DIR=runtime_dir)
+    code, out = await run(env, "list")
+    assert code == 1 and "is the service running?" in out
+    svc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(EXAMPLES / "service.py"),
+        env=env,
+        cwd=EXAMPLES,
+        stdout=asyncio.subprocess.PIPE,
+        start_new_session=True,
+    )
+    try:
+        assert svc.stdout is not None
+        line = await asyncio.wait_for(svc.stdout.readline(), 30)
+        assert b"service ready" in line
+        assert await run(env, "submit", "build") == (0, "queued as job 1\n")
+        assert await run(env, "submit", "test") == (0, "queued as job 2\n")
+        code, out = await run(env, "list")
+        assert code == 0 and "'jobs': ['build', 'test']" in out
+        # Ctrl-C in the terminal: the whole process group gets SIGINT
+        os.killpg(svc.pid, signal.SIGINT)
+        await asyncio.wait_for(svc.wait(), 30)
+        assert not (Path(runtime_dir) / "mesh-jobs").exists()
+    finally:
+        if svc.returncode is None:
+            os.killpg(svc.pid, signal.SIGKILL)
+            await svc.wait()
