@@ -203,3 +203,11 @@ async def last_words(arg: dict[str, Any]) -> None:
     out.send("hello")
     await arg["go"].recv()
     out.send("last words")
+
+
+async def report_environment(arg: Sender[Any]) -> None:
+    """Report whether the invitation is still in our environment, and our
+    initial environment block as the kernel shows it."""
+    with open("/proc/self/environ", "rb") as f:
+        initial = f.read()
+    arg.send({"env": sorted(os.environ), "proc_environ": initial})
