@@ -176,3 +176,35 @@ async def test_port_moves_between_three_nodes_over_sockets(mesh_dir: Path):
         assert a.id in c._conns
     finally:
         await close_all(a, b, c)
+
+
+def test_deeply_nested_peer_data_is_a_message_error_not_a_crash():
+    from typing import Any
+
+    from meshipc._channel import decode
+    from meshipc._ports import Message
+    from meshipc._wire import K_DATA
+
+    bomb = b"\x91" * 200_000 + b"\xc0"  # 200,000 nested one-element arrays
+    with pytest.raises(meshipc.MessageError):
+        decode(Message(K_DATA, None, bomb), Any)
+    with pytest.raises(meshipc.InvitationDecodeError):
+        meshipc.Invitation.from_bytes(b"\x91" * 60_000 + b"\xc0")
+
+
+async def test_deeply_nested_message_over_a_socket_leaves_the_channel_usable(mesh_dir: Path):
+    a, b = nodes(mesh_dir, 2)
+    try:
+        pa, pb = link(a, b)
+        pa.send("first")
+        assert await asyncio.wait_for(pb.recv(), 10) == "first"
+        st = pa._states[0]
+        # a peer's raw bytes, bypassing the encoder
+        a._transmit_data(b.id, st.peer_port, st.send_seq, 0, b"\x91" * 200_000 + b"\xc0")
+        st.send_seq += 1
+        with pytest.raises(meshipc.MessageError):
+            await asyncio.wait_for(pb.recv(), 10)
+        pa.send("after")
+        assert await asyncio.wait_for(pb.recv(), 10) == "after"
+    finally:
+        await close_all(a, b)

@@ -200,7 +200,7 @@ def decode(msg: Message, tp: Any) -> Any:
     if not msg.ports and not msg.fds:
         try:
             return _plain_decoder(tp).decode(body)
-        except (msgspec.DecodeError, msgspec.ValidationError, MessageError) as exc:
+        except (msgspec.DecodeError, msgspec.ValidationError, MessageError, RecursionError) as exc:
             raise MessageError(f"invalid message: {exc}") from None
     r = _res
     r.in_states = msg.ports or []
@@ -208,7 +208,7 @@ def decode(msg: Message, tp: Any) -> Any:
     r.used = set()
     try:
         value = _decoder(tp).decode(body)
-    except (msgspec.DecodeError, msgspec.ValidationError, MessageError, struct.error) as exc:
+    except (msgspec.DecodeError, msgspec.ValidationError, MessageError, struct.error, RecursionError) as exc:
         for i, st in enumerate(r.in_states):
             if (0, i) not in r.used:
                 st.engine.close(st)
