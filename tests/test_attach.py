@@ -122,12 +122,13 @@ async def client(
     stdin: bytes | None = None,
     env: dict[str, str] | None = None,
     python: str = sys.executable,
+    script: Path = CLIENT,
     **kw: Any,
 ) -> AsyncIterator[Client]:
     """Run ``attach_client.py ARGS``; killed and reaped on the way out."""
     proc = await asyncio.create_subprocess_exec(
         python,
-        os.fspath(CLIENT),
+        os.fspath(script),
         *args,
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
@@ -711,6 +712,10 @@ def other_user() -> Iterator[dict[str, Any]]:
         # offer a copy of msgspec for a system Python of the same version
         lib = shared / "lib"
         shutil.copytree(Path(msgspec.__file__).parent, lib / "msgspec")
+        # and of meshipc and the client script: the checkout may be unreadable to that user
+        shutil.copytree(SRC / "meshipc", lib / "meshipc")
+        client = shared / CLIENT.name
+        shutil.copy(CLIENT, client)
         for p in [shared, *shared.rglob("*")]:
             os.chmod(p, 0o755 if p.is_dir() else 0o644)
         v = sys.version_info
@@ -723,11 +728,11 @@ def other_user() -> Iterator[dict[str, Any]]:
         user = {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": [], "cwd": "/"}
         why = []
         for python in candidates:
-            for path in (os.fspath(SRC), f"{SRC}{os.pathsep}{lib}"):
+            for path in (os.fspath(lib), os.fspath(SRC), f"{SRC}{os.pathsep}{lib}"):
                 env["PYTHONPATH"] = path
                 try:
                     probe = subprocess.run(
-                        [python, os.fspath(CLIENT), "no-such-mode"],
+                        [python, os.fspath(client), "no-such-mode"],
                         env=env,
                         capture_output=True,
                         timeout=30,
@@ -737,7 +742,7 @@ def other_user() -> Iterator[dict[str, Any]]:
                     why.append(f"{python}: {exc}")
                     break
                 if probe.returncode == 2 and b"unknown mode" in probe.stderr:
-                    yield {"python": python, "env": dict(env), "uid": pw.pw_uid, **user}
+                    yield {"python": python, "env": dict(env), "uid": pw.pw_uid, "client": client, **user}
                     return
                 why.append(f"{python} with PYTHONPATH={path}: {probe.stderr.decode().strip()[-200:]}")
         pytest.skip(f"user {OTHER_USER} cannot run attach_client.py with meshipc: {why}")
@@ -756,6 +761,7 @@ async def test_client_of_another_uid_is_refused(rd: Path, other_user: dict[str, 
             ou = dict(other_user)
             python, env = ou.pop("python"), ou.pop("env")
             other_uid = ou.pop("uid")
+            ou["script"] = ou.pop("client")
             assert other_uid != os.getuid()
 
             # trusting our uid explicitly, the client is refused by the listener
