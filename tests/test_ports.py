@@ -453,3 +453,14 @@ def test_soak_ordering(seed: int, moves: list[tuple[int, bool]]) -> None:
 @given(seed=st.integers(0, 2**32 - 1), moves=_moves4, kill_at=st.integers(0, 10), victim=st.integers(1, 3))
 def test_soak_failures(seed: int, moves: list[tuple[int, bool]], kill_at: int, victim: int) -> None:
     check_failures(seed, moves, kill_at, victim)
+
+
+def test_explicit_fail_between_local_ports_terminates():
+    a, b = Port.pair()
+    st = a._states[0]
+    st.engine._on_fail(st.id, PortFailed("boom"))  # as if a Fail event arrived for a
+    with pytest.raises(PortFailed):
+        a.try_recv()
+    with pytest.raises(PortFailed):
+        b.try_recv()
+    assert st.id not in st.engine.ports and b._states[0].id not in st.engine.ports

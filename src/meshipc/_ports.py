@@ -773,7 +773,14 @@ class Engine:
         if st is None:
             return
         if st.mode == OWNED:
-            self._fail_local(st, err)
+            echo = not st.peer_closed
+            self._fail_local(st, err)  # first: out of the table, so an echo cannot come back
+            if echo:
+                # echo it to where the peer lives now: a failure detected in
+                # the middle of the path (items lost at a dead forwarder) must
+                # reach both ends, and the forwarder's own target may be long
+                # gone by the time its notice arrives; a dead peer ignores it
+                self._unsequenced(st.peer_node, FailEvent(st.peer_port, err.cause))
         elif st.mode == SENDING:
             st.pending_fail = err.cause
         else:
