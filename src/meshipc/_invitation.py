@@ -46,7 +46,7 @@ from ._errors import (
     MeshNameInUse,
 )
 from ._ids import NodeId
-from ._node import V_DUPLICATE, PeerCred, accept_ready, is_socket_alive
+from ._node import V_DUPLICATE, PeerCred, accept_ready, is_socket_alive, listen_private
 from ._wire import _DESC, PortDesc
 
 if TYPE_CHECKING:
@@ -292,15 +292,7 @@ class Listener:
             if is_socket_alive(path):
                 raise MeshNameInUse(f"a listener already runs at {path}")
             os.unlink(path)  # stale socket of a dead mesh of ours
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        try:
-            s.bind(os.fspath(path))
-            os.chmod(path, 0o600)
-            s.listen(1024)
-            s.setblocking(False)
-        except OSError as exc:
-            s.close()
-            raise MeshError(f"cannot listen on {path}: {exc}") from exc
+        s = listen_private(path, "listener")
         self._sock = s
         self._loop.add_reader(s.fileno(), self._on_accept)
 

@@ -176,15 +176,7 @@ class Node:
     # ------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        try:
-            s.bind(os.fspath(self.path))
-            os.chmod(self.path, 0o600)
-            s.listen(512)
-            s.setblocking(False)
-        except OSError as exc:
-            s.close()
-            raise MeshError(f"cannot bind node socket {self.path}: {exc}") from exc
+        s = listen_private(self.path, "node socket")
         self._lsock = s
         self.loop.add_reader(s.fileno(), self._on_accept)
 
@@ -498,6 +490,20 @@ class Node:
                     await asyncio.sleep(0.01)
         except TimeoutError:
             self._mark_dead(peer, "no connection after a simultaneous connect")
+
+
+def listen_private(path: Path, what: str, backlog: int = 1024) -> socket.socket:
+    """A non-blocking Unix socket listening at ``path``, mode 0600."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        s.bind(os.fspath(path))
+        os.chmod(path, 0o600)
+        s.listen(backlog)
+        s.setblocking(False)
+    except OSError as exc:
+        s.close()
+        raise MeshError(f"cannot listen on {what} {path}: {exc}") from exc
+    return s
 
 
 def accept_ready(lsock: socket.socket, handle: Callable[[socket.socket], object], label: str) -> None:
