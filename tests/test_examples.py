@@ -68,3 +68,53 @@ async def test_service_and_control_examples(runtime_dir: str):
         if svc.returncode is None:
             os.killpg(svc.pid, signal.SIGKILL)
             await svc.wait()
+
+
+async def test_readme_demo_command_runs():
+    """The README's first command: ``meshipc demo`` (here via ``python -m``)."""
+    p = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "meshipc",
+        "demo",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    try:
+        out, _ = await asyncio.wait_for(p.communicate(), 120)
+    finally:
+        if p.returncode is None:
+            p.kill()
+            await p.wait()
+    text = out.decode()
+    assert p.returncode == 0, text
+    for expected in (
+        "control client attached",
+        "client: pause ->",
+        "written by worker pid",
+        "a bad request fails remotely: ValueError",
+        "control client detached",
+        "still running after the client left",
+        "demo done",
+    ):
+        assert expected in text, text
+
+
+async def test_cli_version_and_ls(runtime_dir: str):
+    async def cli(*args: str) -> str:
+        p = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "meshipc", *args, stdout=asyncio.subprocess.PIPE
+        )
+        out, _ = await asyncio.wait_for(p.communicate(), 30)
+        assert p.returncode == 0
+        return out.decode()
+
+    assert (await cli("--version")).startswith("meshipc ")
+    assert "no named meshes" in await cli("ls", "--runtime-dir", runtime_dir)
+    import meshipc
+
+    async with meshipc.Mesh(name="listed", runtime_dir=runtime_dir) as mesh:
+        await mesh.listen()
+        out = await cli("ls", "--runtime-dir", runtime_dir)
+        assert out.startswith("listed\tlive") and "listen.sock" in out
+    assert (await cli("ls", "--runtime-dir", runtime_dir)).startswith("listed\tstale")

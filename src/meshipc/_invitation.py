@@ -319,7 +319,12 @@ class Listener:
                 )
                 return
             mine, theirs = Port.pair()
-            inv = self._inviter._invite_now(theirs, None)
+            try:
+                inv = self._inviter._invite_now(theirs, None)
+            except MeshError as exc:  # the mesh is shutting down
+                log.info("listener %s: no invitation for pid %d: %s", self.path, cred.pid, exc)
+                mine.close()
+                return
             data = bytes(inv)
             try:
                 async with asyncio.timeout(CLIENT_TIMEOUT):
@@ -328,6 +333,7 @@ class Listener:
                 log.info(
                     "listener %s: client pid %d uid %d left early: %s", self.path, cred.pid, cred.uid, exc
                 )
+                self._mesh._node.forget(inv._w.node, "the client left before taking its invitation")
                 mine.close()
                 return
             log.info("listener %s: invitation sent to pid %d uid %d", self.path, cred.pid, cred.uid)

@@ -415,6 +415,9 @@ class Node:
         task = self._connecting.pop(peer, None)
         if task is not None:
             task.cancel()
+        timer = self._invited.pop(peer, None)
+        if timer is not None:
+            timer.cancel()
         self._mark_dead(peer, reason)
 
     def accept_via(self, peer: bytes, sock: socket.socket) -> None:
