@@ -54,6 +54,9 @@ READ_SIZE = 128 * 1024
 #: Most descriptors queued on one connection before the peer is deemed broken.
 MAX_QUEUED_FDS = 4 * MAX_FDS_PER_MESSAGE
 _ANC = socket.CMSG_SPACE(SCM_MAX_FD * 4)
+# plain ints: the socket module's IntFlag members cost an enum operation per read
+_CLOEXEC = int(socket.MSG_CMSG_CLOEXEC)
+_CTRUNC = int(socket.MSG_CTRUNC)
 _SEALS = (
     getattr(fcntl, "F_SEAL_SEAL", 1)
     | getattr(fcntl, "F_SEAL_SHRINK", 2)
@@ -255,7 +258,7 @@ class Connection:
     def _read_once(self) -> bool:
         """One read; False when nothing more is to be read now."""
         try:
-            n, anc, flags, _ = self.sock.recvmsg_into([self._rview], _ANC, socket.MSG_CMSG_CLOEXEC)
+            n, anc, flags, _ = self.sock.recvmsg_into([self._rview], _ANC, _CLOEXEC)
         except (BlockingIOError, InterruptedError):
             return False
         except OSError as exc:
@@ -267,7 +270,7 @@ class Connection:
                     arr = array.array("i")
                     arr.frombytes(data[: len(data) - (len(data) % arr.itemsize)])
                     self._fds.extend(Fd(x) for x in arr)
-            if flags & socket.MSG_CTRUNC:
+            if flags & _CTRUNC:
                 raise ProtocolError("descriptors were truncated (peer sent too many)")
             if len(self._fds) > MAX_QUEUED_FDS:
                 raise ProtocolError("peer sent descriptors that no frame claims")
