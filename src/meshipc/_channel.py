@@ -439,8 +439,12 @@ class _Inbox(_Handle):
             req, reply = decode(msg, tuple[self._type, Port])  # type: ignore[name-defined]
             return Call(req, reply)
         if kind == K_ADD_SENDER:
-            st = msg.obj._detach()[0] if msg.body is None else decode(msg, Sender)._detach()[0]
-            st.engine.close(st) if not isinstance(self, Receiver) else self._add(st)
+            sender = msg.obj if msg.body is None else decode(msg, Sender)
+            if isinstance(self, Receiver):
+                for st in sender._detach():
+                    self._add(st)  # one more sender merged into this receiver
+            else:
+                sender.close()  # a raw port has no use for it
             return _SKIP
         # K_ERROR where data was expected: a peer bug, reported on this message only
         raise MessageError("unexpected error message on a data channel")
