@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 from typing import Any
 
@@ -464,3 +465,67 @@ def test_explicit_fail_between_local_ports_terminates():
     with pytest.raises(PortFailed):
         b.try_recv()
     assert st.id not in st.engine.ports and b._states[0].id not in st.engine.ports
+
+
+@pytest.mark.parametrize("seed", range(30))
+async def test_calls_answered_while_the_server_moves(seed: int):
+    """RPC reply ports travel without proxies when they can (they are
+    pinned to the call); here the server's receiver wanders between engines,
+    so calls reach it through proxies, in random delivery order. Every call
+    gets its own answer, and nothing is left behind."""
+    import meshipc
+
+    rng = random.Random(seed)
+    net = Net(3)
+    carriers = {(i, j): net.pair(i, j) for i in range(3) for j in range(3) if i != j}
+    tx, rx = meshipc.channel()
+    where = 0
+    carriers[(0, 1)][0].send(rx)  # the server starts on engine 1, the caller stays on 0
+    in_flight: tuple[int, int] | None = (0, 1)
+    server: Any = None
+    results: dict[int, Any] = {}
+    moves = 0
+
+    async def caller(i: int) -> None:
+        results[i] = await tx.call(i)
+
+    tasks = [asyncio.create_task(caller(i)) for i in range(20)]
+    for _ in range(100_000):
+        if all(t.done() for t in tasks):
+            break
+        await asyncio.sleep(0)  # let callers run
+        if in_flight is not None:
+            got = drain(carriers[in_flight][1])
+            if got:
+                (server,) = got
+                where, in_flight = in_flight[1], None
+        r = rng.random()
+        if server is not None and r < 0.3:
+            for call in drain(server):
+                call.reply(["answer", call.request])
+        elif server is not None and r < 0.35 and moves < 8:
+            moves += 1
+            dest = rng.choice([e for e in range(3) if e != where])
+            carriers[(where, dest)][0].send(server)
+            server, in_flight = None, (where, dest)
+        else:
+            keys = net.pending()
+            if keys:
+                net.deliver(rng.choice(keys))
+    else:
+        raise AssertionError("calls did not finish")
+    for t in tasks:
+        t.result()
+    assert results == {i: ["answer", i] for i in range(20)}
+    tx.close()
+    if server is not None:
+        server.close()
+    net.run(rng)
+    if in_flight is not None:
+        for p in drain(carriers[in_flight][1]):
+            p.close()
+    for a, b in carriers.values():
+        a.close()
+        b.close()
+    net.run(rng)
+    assert net.live_ports() == 0

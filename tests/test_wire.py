@@ -242,7 +242,7 @@ def _too_many_ports_header() -> bytes:
 
 def _bad_desc_flags() -> bytes:
     p = bytearray(msg_payload(ports=[desc(1)]))
-    p[-1] = 4  # the descriptor's flags byte: unknown bit
+    p[-1] = 8  # the descriptor's flags byte: unknown bit
     return bytes(p)
 
 

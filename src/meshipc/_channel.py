@@ -576,6 +576,7 @@ class Sender(_Handle, Generic[T]):
         if st.error is not None:
             raise st.error
         a, b = st.engine.new_pair()
+        a.pinned = True  # never leaves this call: b may travel without a proxy
         reply = Port._wrap([a])
         try:
             _send(self, K_CALL, _CallMsg(request, Port._wrap([b])))

@@ -51,6 +51,7 @@ from ._errors import ChannelClosed, MeshError, NodeFailure, PortFailed, Protocol
 from ._ids import PortId
 from ._wire import (
     D_DEAD,
+    D_DIRECT,
     D_PEER_CLOSED,
     K_ERROR,
     MAX_FDS_PER_MESSAGE,
@@ -152,6 +153,7 @@ class PortState:
         "peer_port",
         "pending",
         "pending_fail",
+        "pinned",
         "proxy_from",
         "proxy_last",
         "queue",
@@ -186,6 +188,8 @@ class PortState:
         self.buffer: list[tuple[int, Item]] | None = None
         self.proxy_last: int | None = None
         self.pending_fail: str | None = None
+        # an end the library never moves (RPC reply ports): see _send_port
+        self.pinned = False
         # node of the proxy still forwarding items to this end (until PROXY_DONE)
         self.proxy_from: bytes | None = None
         # proxies of the other side whose CHANGE_PEER this end passed on
@@ -696,6 +700,26 @@ class Engine:
             self._drop_queue(ps)
             return PortDesc(new_id, _NO_ID, _NO_ID, _NO_ID, 0, 0, D_DEAD | D_PEER_CLOSED)
         ps.waker = None
+        peer = self.ports.get(ps.peer_port) if ps.peer_node == self.node_id else None
+        if (
+            peer is not None
+            and peer.pinned
+            and peer.mode == OWNED
+            and not (peer.closed or peer.peer_closed or peer.error is not None)
+            and not (ps.queue or ps.pending or peer.pending or ps.peer_closed)
+            and ps.recv_seq == peer.send_seq
+            and peer.recv_seq == ps.send_seq
+        ):
+            # The peer is a pinned end here (an RPC reply port: it never moves,
+            # so nobody else can learn the new address before the carrying
+            # message is delivered): point it at the new end now. No proxy,
+            # no ARRIVED, no CHANGE_PEER; its own later items follow the
+            # carrying message on the same link.
+            peer.peer_node = dest
+            peer.peer_port = new_id
+            ps.mode = SENDING  # gone from here; any stale use fails
+            self._remove(ps)
+            return PortDesc(new_id, self.node_id, peer.id, ps.id, ps.send_seq, ps.recv_seq, D_DIRECT)
         unread = list(ps.queue)
         ps.queue.clear()
         extra = 1 if ps.peer_closed else 0
@@ -727,6 +751,12 @@ class Engine:
             raise ProtocolError("port descriptor reuses a live port id")
         st = PortState(self, d.id, d.peer_node, d.peer_port)
         st.recv_seq = d.recv_seq
+        if d.flags & D_DIRECT:
+            st.send_seq = d.send_seq  # no CHANGE_PEER to number
+            self.ports[st.id] = st
+            if d.peer_node != self.node_id and self.watch is not None:
+                self.watch(d.peer_node)
+            return st
         st.send_seq = d.send_seq + 1
         st.proxy_from = src
         self.ports[st.id] = st

@@ -66,6 +66,9 @@ K_MAX: Final = 3
 # descriptor flags
 D_PEER_CLOSED: Final = 1
 D_DEAD: Final = 2
+#: the sender already pointed the peer at the new end (its peer is pinned):
+#: no ARRIVED, no CHANGE_PEER
+D_DIRECT: Final = 4
 
 _LEN = struct.Struct("<I")
 _MSG = struct.Struct("<B16sQBBHH")  # type port seq kind flags nports nfds
@@ -332,7 +335,7 @@ def _decode_frame(frame: memoryview) -> Event:
         descs = []
         for i in range(nports):
             pid, pn, pp, origin, ss, rs, df = _DESC.unpack_from(frame, off + i * _DESC.size)
-            if df & ~(D_PEER_CLOSED | D_DEAD):
+            if df & ~(D_PEER_CLOSED | D_DEAD | D_DIRECT):
                 raise ProtocolError(f"unknown port descriptor flags {df:#x}")
             descs.append(PortDesc(pid, pn, pp, origin, ss, rs, df))
         body = bytes(frame[end:])
