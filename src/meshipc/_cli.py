@@ -28,7 +28,10 @@ def _ls(runtime_dir: str | None) -> int:
             state = "live"
         finally:
             os.close(fd)
-        listener = root / f"mesh-{name}" / "listen.sock"
+        directory = root / f"mesh-{name}"
+        if state == "stale" and not os.path.lexists(directory):
+            continue  # a lock file between a clean exit and its removal
+        listener = directory / "listen.sock"
         extra = f"  listener {listener}" if state == "live" and listener.exists() else ""
         print(f"{name}\t{state}{extra}")
         found = True

@@ -74,32 +74,50 @@ def claim_name(root: Path, name: str) -> tuple[Path, int]:
     directory and the lock fd to hold while the mesh lives.
 
     A lock file held with ``flock`` tells a live mesh from a dead one: the
-    kernel drops the lock when its process dies, whatever way it died."""
+    kernel drops the lock when its process dies, whatever way it died. A mesh
+    that closes cleanly removes the file while still holding the lock, so a
+    lock taken here counts only if the path still names the locked file."""
     lock_path = root / f"mesh-{name}.lock"
-    try:
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    except OSError as exc:
-        raise MeshError(f"cannot open lock file {lock_path}: {exc}") from exc
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid():
-            raise MeshError(f"{lock_path} is not a regular file of ours (refusing to use it)")
+    for _ in range(100):
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise MeshNameInUse(f"a live mesh named {name!r} already runs (lock {lock_path})") from None
-        directory = root / f"mesh-{name}"
-        if os.path.lexists(directory):
-            from ._node import check_private_dir
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise MeshError(f"cannot open lock file {lock_path}: {exc}") from exc
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid():
+                raise MeshError(f"{lock_path} is not a regular file of ours (refusing to use it)")
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise MeshNameInUse(f"a live mesh named {name!r} already runs (lock {lock_path})") from None
+            try:
+                current = os.stat(lock_path, follow_symlinks=False)
+            except FileNotFoundError:
+                current = None
+            if current is None or current.st_ino != st.st_ino or current.st_dev != st.st_dev:
+                os.close(fd)  # its owner removed it as we locked it: take the new one
+                continue
+            directory = root / f"mesh-{name}"
+            if os.path.lexists(directory):
+                from ._node import check_private_dir
 
-            check_private_dir(directory)  # anything not ours is refused, never deleted
-            log.info("replacing stale directory %s of a dead mesh %r", directory, name)
-            shutil.rmtree(directory)
-        directory.mkdir(mode=0o700)
-        return directory, fd
-    except BaseException:
-        os.close(fd)
-        raise
+                check_private_dir(directory)  # anything not ours is refused, never deleted
+                log.info("replacing stale directory %s of a dead mesh %r", directory, name)
+                shutil.rmtree(directory)
+            directory.mkdir(mode=0o700)
+            return directory, fd
+        except BaseException:
+            os.close(fd)
+            raise
+    raise MeshError(f"could not take the lock {lock_path}: it keeps changing")
+
+
+def release_name(root: Path, name: str, fd: int) -> None:
+    """Give the name back: remove the lock file, then drop the lock."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(root / f"mesh-{name}.lock")
+    os.close(fd)
 
 
 def listener_path(name_or_path: str | os.PathLike[str], runtime_dir: str | os.PathLike[str] | None) -> Path:

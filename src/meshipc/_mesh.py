@@ -153,8 +153,10 @@ class Mesh:
         await self._node.close()
         if self._owns_directory:
             shutil.rmtree(self._node.directory, ignore_errors=True)
-        if self._lock_fd >= 0:
-            os.close(self._lock_fd)  # the name is free again
+        if self._lock_fd >= 0 and self.name is not None:
+            from ._invitation import release_name
+
+            release_name(self._node.directory.parent, self.name, self._lock_fd)  # the name is free again
             self._lock_fd = -1
 
     async def listen(
