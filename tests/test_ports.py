@@ -529,3 +529,68 @@ async def test_calls_answered_while_the_server_moves(seed: int):
         b.close()
     net.run(rng)
     assert net.live_ports() == 0
+
+
+@pytest.mark.parametrize("seed", range(100))
+async def test_pending_calls_never_hang_when_a_node_dies(seed: int):
+    """As above over four engines, and one engine other than the caller's dies
+    at a random moment (perhaps the server's, perhaps one its calls pass
+    through). Every call still ends: with its own answer, or with
+    ``PortFailed``/``ChannelClosed``; never a hang."""
+    import meshipc
+
+    rng = random.Random(seed)
+    net = Net(4)
+    carriers = {(i, j): net.pair(i, j) for i in range(4) for j in range(4) if i != j}
+    tx, rx = meshipc.channel()
+    where = 0
+    carriers[(0, 1)][0].send(rx)
+    in_flight: tuple[int, int] | None = (0, 1)
+    server: Any = None
+    outcome: dict[int, Any] = {}
+    kill_at, victim = rng.randint(0, 60), rng.randint(1, 3)
+    moves = 0
+
+    async def caller(i: int) -> None:
+        try:
+            outcome[i] = await tx.call(i)
+        except (PortFailed, ChannelClosed) as exc:
+            outcome[i] = type(exc)
+
+    tasks = [asyncio.create_task(caller(i)) for i in range(20)]
+    for step in range(100_000):
+        if all(t.done() for t in tasks):
+            break
+        await asyncio.sleep(0)
+        if step == kill_at:
+            net.kill(victim)
+            if (server is not None and where == victim) or (in_flight is not None and victim in in_flight):
+                server, in_flight = None, None  # the server died, or its carrying message did
+        if in_flight is not None:
+            got = drain(carriers[in_flight][1])
+            if got:
+                (server,) = got
+                where, in_flight = in_flight[1], None
+        r = rng.random()
+        if server is not None and r < 0.3:
+            for call in drain(server):
+                call.reply(["answer", call.request])
+            if server.closed:
+                server = None  # its stream ended (the caller's side failed)
+        elif server is not None and r < 0.35 and moves < 8:
+            dest = rng.choice([e for e in range(4) if e != where and e not in net.dead])
+            moves += 1
+            carriers[(where, dest)][0].send(server)
+            server, in_flight = None, (where, dest)
+        else:
+            keys = net.pending()
+            if keys:
+                net.deliver(rng.choice(keys))
+            elif server is None and in_flight is None:
+                await asyncio.sleep(0)  # nothing left to deliver: the calls must end by themselves
+    else:
+        raise AssertionError(f"calls did not finish: {sorted(outcome)}")
+    for t in tasks:
+        t.result()
+    for i, got in outcome.items():
+        assert got == ["answer", i] or got in (PortFailed, meshipc.NodeFailure, ChannelClosed), got
