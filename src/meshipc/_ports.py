@@ -37,7 +37,26 @@ CHANGE_PEER   repoint; PROXY_ACK old     buffer               forward
 
 Unsequenced events: ``ARRIVED`` (SENDING -> PROXY, flush the buffer),
 ``PROXY_ACK`` (a proxy may go once it has forwarded up to the given seq),
-``FAIL`` (OWNED: failed; SENDING: remember; PROXY: forward and remove).
+``PROXY_DONE`` (to the new end: its proxy owes it nothing more), ``FAIL``
+(OWNED: failed, and echoed to the peer; SENDING: remember; PROXY: forward
+and remove).
+
+Failures (a node dies, so its links break):
+
+* an end whose peer lived there fails;
+* an end still fed by a proxy there (``proxy_from``, until ``PROXY_DONE``)
+  has a hole in its stream that can never fill: it fails, and so does its
+  peer;
+* a port in transit through it, or a proxy forwarding to it, fails its peer
+  and every peer-side proxy whose ``CHANGE_PEER`` it passed on (``relayed``),
+  so none of them waits forever for an acknowledgement;
+* a proxy whose peer lived there forwards the failure to its target.
+
+A shortcut: an end whose peer is *pinned* (an RPC reply port, which never
+moves) travels as ``D_DIRECT``: the peer is repointed at once and the new
+end needs no proxy, ``ARRIVED`` or ``CHANGE_PEER``. It is safe only because
+nobody but the pinned peer can learn the new address before the carrying
+message arrives, and the peer's own items follow it on the same link.
 """
 
 from __future__ import annotations
