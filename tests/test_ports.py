@@ -467,88 +467,25 @@ def test_explicit_fail_between_local_ports_terminates():
     assert st.id not in st.engine.ports and b._states[0].id not in st.engine.ports
 
 
-@pytest.mark.parametrize("seed", range(30))
-async def test_calls_answered_while_the_server_moves(seed: int):
-    """RPC reply ports travel without proxies when they can (they are
-    pinned to the call); here the server's receiver wanders between engines,
-    so calls reach it through proxies, in random delivery order. Every call
-    gets its own answer, and nothing is left behind."""
+async def drive_calls(seed: int, engines: int, kill: bool) -> tuple[Net, dict[int, Any], list[Any]]:
+    """20 calls from engine 0 to a server whose receiver wanders between
+    engines, events delivered in random order; with ``kill``, one engine
+    other than the caller's dies at a random moment. Returns each call's
+    outcome (its answer, or the type of the error it raised) once all ended,
+    and the handles still to close."""
     import meshipc
 
     rng = random.Random(seed)
-    net = Net(3)
-    carriers = {(i, j): net.pair(i, j) for i in range(3) for j in range(3) if i != j}
+    net = Net(engines)
+    carriers = {(i, j): net.pair(i, j) for i in range(engines) for j in range(engines) if i != j}
     tx, rx = meshipc.channel()
     where = 0
     carriers[(0, 1)][0].send(rx)  # the server starts on engine 1, the caller stays on 0
     in_flight: tuple[int, int] | None = (0, 1)
     server: Any = None
-    results: dict[int, Any] = {}
-    moves = 0
-
-    async def caller(i: int) -> None:
-        results[i] = await tx.call(i)
-
-    tasks = [asyncio.create_task(caller(i)) for i in range(20)]
-    for _ in range(100_000):
-        if all(t.done() for t in tasks):
-            break
-        await asyncio.sleep(0)  # let callers run
-        if in_flight is not None:
-            got = drain(carriers[in_flight][1])
-            if got:
-                (server,) = got
-                where, in_flight = in_flight[1], None
-        r = rng.random()
-        if server is not None and r < 0.3:
-            for call in drain(server):
-                call.reply(["answer", call.request])
-        elif server is not None and r < 0.35 and moves < 8:
-            moves += 1
-            dest = rng.choice([e for e in range(3) if e != where])
-            carriers[(where, dest)][0].send(server)
-            server, in_flight = None, (where, dest)
-        else:
-            keys = net.pending()
-            if keys:
-                net.deliver(rng.choice(keys))
-    else:
-        raise AssertionError("calls did not finish")
-    for t in tasks:
-        t.result()
-    assert results == {i: ["answer", i] for i in range(20)}
-    tx.close()
-    if server is not None:
-        server.close()
-    net.run(rng)
-    if in_flight is not None:
-        for p in drain(carriers[in_flight][1]):
-            p.close()
-    for a, b in carriers.values():
-        a.close()
-        b.close()
-    net.run(rng)
-    assert net.live_ports() == 0
-
-
-@pytest.mark.parametrize("seed", range(100))
-async def test_pending_calls_never_hang_when_a_node_dies(seed: int):
-    """As above over four engines, and one engine other than the caller's dies
-    at a random moment (perhaps the server's, perhaps one its calls pass
-    through). Every call still ends: with its own answer, or with
-    ``PortFailed``/``ChannelClosed``; never a hang."""
-    import meshipc
-
-    rng = random.Random(seed)
-    net = Net(4)
-    carriers = {(i, j): net.pair(i, j) for i in range(4) for j in range(4) if i != j}
-    tx, rx = meshipc.channel()
-    where = 0
-    carriers[(0, 1)][0].send(rx)
-    in_flight: tuple[int, int] | None = (0, 1)
-    server: Any = None
     outcome: dict[int, Any] = {}
-    kill_at, victim = rng.randint(0, 60), rng.randint(1, 3)
+    kill_at = rng.randint(0, 60) if kill else -1
+    victim = rng.randint(1, engines - 1)
     moves = 0
 
     async def caller(i: int) -> None:
@@ -561,7 +498,7 @@ async def test_pending_calls_never_hang_when_a_node_dies(seed: int):
     for step in range(100_000):
         if all(t.done() for t in tasks):
             break
-        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # let callers run
         if step == kill_at:
             net.kill(victim)
             if (server is not None and where == victim) or (in_flight is not None and victim in in_flight):
@@ -578,19 +515,46 @@ async def test_pending_calls_never_hang_when_a_node_dies(seed: int):
             if server.closed:
                 server = None  # its stream ended (the caller's side failed)
         elif server is not None and r < 0.35 and moves < 8:
-            dest = rng.choice([e for e in range(4) if e != where and e not in net.dead])
             moves += 1
+            dest = rng.choice([e for e in range(engines) if e != where and e not in net.dead])
             carriers[(where, dest)][0].send(server)
             server, in_flight = None, (where, dest)
         else:
             keys = net.pending()
             if keys:
                 net.deliver(rng.choice(keys))
-            elif server is None and in_flight is None:
-                await asyncio.sleep(0)  # nothing left to deliver: the calls must end by themselves
     else:
         raise AssertionError(f"calls did not finish: {sorted(outcome)}")
     for t in tasks:
         t.result()
+    leftovers: list[Any] = [tx, server, *(p for pair in carriers.values() for p in pair)]
+    if in_flight is not None:
+        leftovers.extend(drain(carriers[in_flight][1]))
+    return net, outcome, leftovers
+
+
+@pytest.mark.parametrize("seed", range(30))
+async def test_calls_answered_while_the_server_moves(seed: int):
+    """RPC reply ports travel without proxies when they can (they are pinned
+    to the call), while calls reach the wandering server through proxies.
+    Every call gets its own answer, and nothing is left behind."""
+    net, outcome, leftovers = await drive_calls(seed, 3, kill=False)
+    assert outcome == {i: ["answer", i] for i in range(20)}
+    for h in leftovers:
+        if h is not None:
+            h.close()
+    net.run(random.Random(seed))
+    assert net.live_ports() == 0
+
+
+@pytest.mark.parametrize("seed", range(100))
+async def test_pending_calls_never_hang_when_a_node_dies(seed: int):
+    """Over four engines, one other than the caller's dies at a random moment
+    (perhaps the server's, perhaps one its calls pass through). Every call
+    still ends: with its own answer, or with ``PortFailed``/``ChannelClosed``."""
+    import meshipc
+
+    _, outcome, _ = await drive_calls(seed, 4, kill=True)
+    assert sorted(outcome) == list(range(20))
     for i, got in outcome.items():
         assert got == ["answer", i] or got in (PortFailed, meshipc.NodeFailure, ChannelClosed), got
