@@ -6,12 +6,14 @@ import asyncio
 import base64
 import ctypes
 import importlib
+import inspect
 import logging
 import os
 import signal
 import socket
 import sys
 import traceback
+import typing
 from typing import Any
 
 import msgspec
@@ -45,24 +47,39 @@ def _read_secret(sock: socket.socket) -> bytes:
     return buf
 
 
+def _arg_type(func: Any) -> Any:
+    """The annotation of ``func``'s first parameter, or ``Any``."""
+    try:
+        params = list(inspect.signature(func).parameters)
+        hints = typing.get_type_hints(func)
+    except Exception:  # unresolvable annotations: validate nothing
+        return Any
+    return hints.get(params[0], Any) if params else Any
+
+
 async def _run(inv: ChildInvitation) -> int:
     from ._channel import Port
     from ._mesh import Mesh
+    from ._ports import Limits
 
     sock = socket.socket(fileno=inv.fd)
     secret = _read_secret(sock)
-    async with Mesh._joined(inv.directory, secret, inv.node) as mesh:
+    limits = Limits(*inv.limits) if inv.limits is not None else None
+    async with Mesh._joined(inv.directory, secret, inv.node, limits) as mesh:
         node = mesh._node
         node.connect_via(inv.parent, sock)
         port = Port._wrap([node.engine.new_bound(inv.port, inv.parent, inv.peer_port)])
-        try:
-            arg = await port.recv()
-        except MeshError as exc:
-            print(f"meshipc worker {inv.name}: no start message: {exc}", file=sys.stderr)
-            return 1
         mod_name, func_name = inv.target.split(":")
         try:
             func = getattr(importlib.import_module(mod_name), func_name)
+            # the argument is validated against the function's annotation (a
+            # `rx: Receiver[int]` validates what later arrives on rx)
+            port._type = _arg_type(func)
+            try:
+                arg = await port.recv()
+            except MeshError as exc:
+                print(f"meshipc worker {inv.name}: no start message: {exc}", file=sys.stderr)
+                return 1
             work: asyncio.Task[Any] = asyncio.ensure_future(func(arg))
         except Exception as exc:
             port.send(["error", type(exc).__qualname__, str(exc), "".join(traceback.format_exception(exc))])

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from ._errors import MeshError
 from ._ids import NodeId
 from ._node import MeshSecret, Node, check_private_dir
+from ._ports import DEFAULT_LIMITS, Limits
 from ._process import Process, spawn
 
 if TYPE_CHECKING:
@@ -69,10 +70,18 @@ class Mesh:
     runtime folder is not safe to use, ``MeshNameInUse`` if a live mesh holds
     the name."""
 
-    def __init__(self, name: str | None = None, *, runtime_dir: str | os.PathLike[str] | None = None) -> None:
+    def __init__(
+        self,
+        name: str | None = None,
+        *,
+        runtime_dir: str | os.PathLike[str] | None = None,
+        limits: Limits | None = None,
+    ) -> None:
         if name is not None and not _NAME.match(name):
             raise ValueError(f"mesh names are 1-64 letters, digits, '.', '_' or '-', got {name!r}")
         self.name = name
+        #: flow-control bounds of this node's ports (spawned workers inherit them)
+        self.limits = limits if limits is not None else DEFAULT_LIMITS
         self._runtime_dir = runtime_dir
         self._node: Node = None  # type: ignore[assignment]  # set on enter
         self._owns_directory = False
@@ -102,7 +111,7 @@ class Mesh:
         self._owns_directory = True
         try:
             check_private_dir(directory)
-            self._node = Node(directory, MeshSecret())
+            self._node = Node(directory, MeshSecret(), limits=self.limits)
             self._node.start()
         except BaseException:
             shutil.rmtree(directory, ignore_errors=True)
@@ -114,12 +123,14 @@ class Mesh:
 
     @classmethod
     @contextlib.asynccontextmanager
-    async def _joined(cls, directory: str, secret: bytes, node_id: bytes) -> AsyncIterator[Mesh]:
+    async def _joined(
+        cls, directory: str, secret: bytes, node_id: bytes, limits: Limits | None = None
+    ) -> AsyncIterator[Mesh]:
         """A node joining an existing mesh (spawned child or invited process)."""
-        self = cls()
+        self = cls(limits=limits)
         d = Path(directory)
         check_private_dir(d)
-        self._node = Node(d, MeshSecret(secret), node_id)
+        self._node = Node(d, MeshSecret(secret), node_id, limits=self.limits)
         self._node.start()
         try:
             yield self

@@ -30,6 +30,7 @@ import secrets
 import socket
 import stat
 import struct
+import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Final
@@ -37,7 +38,7 @@ from typing import Any, Final
 from ._channel import CODEC
 from ._errors import HandshakeError, MeshError
 from ._ids import NodeId
-from ._ports import OWNED, PROXY, SENDING, Engine
+from ._ports import DEFAULT_LIMITS, OWNED, PROXY, SENDING, Engine, Limits
 from ._transport import Connection
 from ._wire import PROTOCOL_VERSION, Event, MsgEvent
 
@@ -148,6 +149,7 @@ class Node:
         node_id: bytes | None = None,
         *,
         allowed_uids: Iterable[int] | None = None,
+        limits: Limits = DEFAULT_LIMITS,
     ) -> None:
         self.loop = asyncio.get_running_loop()
         self.id = NodeId(node_id) if node_id is not None else NodeId.random()
@@ -160,7 +162,11 @@ class Node:
             codec=CODEC,
             watch=self._watch,
             transmit_data=self._transmit_data,
+            limits=limits,
         )
+        # handles used from other threads hand their sends to this loop
+        self.engine.thread = threading.get_ident()
+        self.engine.post = self.loop.call_soon_threadsafe
         self.path = node_path(self.directory, self.id)
         self._conns: dict[bytes, Connection] = {}
         self._connecting: dict[bytes, asyncio.Task[None]] = {}

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import logging
 import os
 import re
@@ -54,6 +55,8 @@ class ChildInvitation(msgspec.Struct, frozen=True):
     fd: int
     target: str
     name: str
+    #: the parent's flow-control limits (Limits fields, in order)
+    limits: tuple[int, int, int, int] | None = None
 
     def __repr__(self) -> str:
         return f"ChildInvitation(name={self.name!r}, target={self.target!r}, directory={self.directory!r})"
@@ -153,6 +156,7 @@ async def spawn(mesh: Mesh, target: str, arg: Any, name: str | None) -> Process:
         fd=child_sock.fileno(),
         target=target,
         name=name,
+        limits=dataclasses.astuple(mesh.limits),
     )
     env = dict(os.environ)
     env[ENV_INVITATION] = base64.b64encode(msgspec.msgpack.encode(inv)).decode()
