@@ -139,22 +139,13 @@ def _dec_hook(tp: Any, obj: Any) -> Any:
             # annotation (a field typed Receiver[Point]) says what to validate
             args = typing.get_args(tp)
             if args:
-                obj._type = _element_type(args[0])
+                obj._set_type(args[0])
         return obj
     if origin in (NodeId, PortId) and isinstance(obj, bytes) and len(obj) == 16:
         return origin(obj)
     raise msgspec.ValidationError(
         f"Expected `{getattr(origin, '__name__', origin)}`, got `{type(obj).__name__}`"
     )
-
-
-def _element_type(tp: Any) -> Any:
-    """What a receiver validates: for ``Call[T]`` (a server's receiver) the
-    request type ``T``, else ``tp`` itself."""
-    if tp is Call or typing.get_origin(tp) is Call:
-        args = typing.get_args(tp)
-        return args[0] if args else Any
-    return tp
 
 
 @functools.lru_cache(maxsize=256)
@@ -200,9 +191,13 @@ class _Codec:
     def encode_error(self, exc: BaseException) -> bytes:
         return _encoder.encode(("MessageError", f"message could not be encoded: {exc}", ""))
 
-    def dispose(self, obj: Any) -> None:
+    def dispose(self, obj: Any, reason: str | None = None) -> None:
         for res in walk_resources(obj):
-            res.close()
+            if reason is not None and isinstance(res, _Handle):
+                for st in res._detach():
+                    st.engine.fail(st, reason)
+            else:
+                res.close()
 
 
 CODEC = _Codec()
@@ -449,6 +444,7 @@ class _Inbox(_Handle):
 
     __slots__ = (
         "_call_type",
+        "_calls_only",
         "_error",
         "_foreign",
         "_from",
@@ -468,8 +464,7 @@ class _Inbox(_Handle):
         self._sched: set[PortState] = set()
         self._fut: asyncio.Future[None] | None = None
         self._more: list[asyncio.Future[None]] | None = None
-        self._type = tp
-        self._call_type: Any = None
+        self._set_type(tp)
         self._error: MeshError | None = None
         # the loop this end waits on, and its thread: a wake from any other
         # thread is handed to that loop
@@ -482,6 +477,16 @@ class _Inbox(_Handle):
         self.bad_messages = 0
         for st in states:
             self._add(st)
+
+    def _set_type(self, tp: Any) -> None:
+        """What this end validates messages from other processes against; a
+        ``Call[T]`` receiver (a server's) takes calls only, with ``T`` requests."""
+        self._calls_only = tp is Call or typing.get_origin(tp) is Call
+        if self._calls_only:
+            args = typing.get_args(tp)
+            tp = args[0] if args else Any
+        self._type = tp
+        self._call_type: Any = None
 
     def _add(self, st: PortState) -> None:
         self._states.append(st)
@@ -640,6 +645,9 @@ class _Inbox(_Handle):
     def _take(self, msg: Message) -> Any:
         kind = msg.kind
         if kind == K_DATA:
+            if self._calls_only:
+                _local_engine.dispose(msg)
+                return self._bad(MessageError("a plain message on a channel of calls"))
             if msg.body is None:
                 return msg.obj
             try:
@@ -870,7 +878,7 @@ def channel(tp: Any = Any) -> tuple[Sender[Any], Receiver[Any]]:
     ``tp`` is what the receiver validates messages from other processes
     against (messages within the process are passed as they are)."""
     a, b = _local_engine.new_pair()
-    return Sender._wrap([a]), Receiver._wrap([b], _element_type(tp))
+    return Sender._wrap([a]), Receiver._wrap([b], tp)
 
 
 class _CallMsg:

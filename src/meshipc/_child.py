@@ -19,7 +19,7 @@ from typing import Any
 import msgspec
 
 from ._errors import MeshError
-from ._process import ENV_INVITATION, ChildInvitation
+from ._process import ENV_INVITATION, ChildInvitation, apply_receiver_types
 
 log = logging.getLogger("meshipc")
 
@@ -74,12 +74,13 @@ async def _run(inv: ChildInvitation) -> int:
             func = getattr(importlib.import_module(mod_name), func_name)
             # the argument is validated against the function's annotation (a
             # `rx: Receiver[int]` validates what later arrives on rx)
-            port._type = _arg_type(func)
+            port._set_type(_arg_type(func))
             try:
                 arg = await port.recv()
             except MeshError as exc:
                 print(f"meshipc worker {inv.name}: no start message: {exc}", file=sys.stderr)
                 return 1
+            apply_receiver_types(arg, inv.arg_types)
             work: asyncio.Task[Any] = asyncio.ensure_future(func(arg))
         except Exception as exc:
             port.send(["error", type(exc).__qualname__, str(exc), "".join(traceback.format_exception(exc))])

@@ -53,7 +53,7 @@ HANDSHAKE_TIMEOUT: Final = 10.0
 RETRY_MAX_WAIT: Final = 1.0
 #: Nodes remembered as dead (so traffic to them fails at once); the oldest
 #: are forgotten beyond this, which costs at most a refused connect later.
-MAX_DEAD_NODES: Final = 1024
+MAX_DEAD_NODES: Final = 128
 SECRET_LEN: Final = 32
 
 _MAGIC = b"MSH1"

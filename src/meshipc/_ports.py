@@ -196,7 +196,10 @@ class Codec(Protocol):
         it must not contain (``MessageError``)."""
         ...
 
-    def dispose(self, obj: Any) -> None: ...
+    def dispose(self, obj: Any, reason: str | None = None) -> None:
+        """Close the resources in a local value (fail its ports with
+        ``reason`` if one is given)."""
+        ...
 
     def encode_error(self, exc: BaseException) -> bytes: ...
 
@@ -301,7 +304,7 @@ class _NullCodec:
     ) -> tuple[bytes, list[PortState], list[Any]]:
         raise MeshError("no codec")
 
-    def dispose(self, obj: Any) -> None:
+    def dispose(self, obj: Any, reason: str | None = None) -> None:
         pass
 
     def encode_error(self, exc: BaseException) -> bytes:
@@ -414,7 +417,7 @@ class Engine:
             self.dispose(msg)
             raise ChannelClosed("send on a port that was closed or sent away")
         if st.peer_closed or st.error is not None:
-            self.dispose(msg)
+            self.dispose(msg, None if st.error is None else st.error.cause)
             return
         node = st.peer_node
         if node != self.node_id:
@@ -746,14 +749,19 @@ class Engine:
 
     # ------------------------------------------------------------------ internals
 
-    def dispose(self, msg: Message) -> None:
-        """Drop a message nobody will read, closing the ports and fds in it."""
+    def dispose(self, msg: Message, reason: str | None = None) -> None:
+        """Drop a message nobody will read, closing the ports and fds in it
+        (failing the ports with ``reason``, if given: they went to a peer
+        that is gone abnormally, which is not an orderly close)."""
         if msg.obj is not None:
-            self.codec.dispose(msg.obj)
+            self.codec.dispose(msg.obj, reason)
             return
         if msg.ports:
             for ps in msg.ports:
-                ps.engine.close(ps)
+                if reason is None:
+                    ps.engine.close(ps)
+                else:
+                    ps.engine.fail(ps, reason)
         if msg.fds:
             for fd in msg.fds:
                 fd.close()
