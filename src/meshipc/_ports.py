@@ -126,8 +126,8 @@ class Limits:
     credit traffic is one small frame per quarter window.
     """
 
-    window_messages: int = 16384
-    window_bytes: int = 4 * 1024 * 1024
+    window_messages: int = 2048
+    window_bytes: int = 2 * 1024 * 1024
     max_messages: int = 262144
     max_bytes: int = 64 * 1024 * 1024
 
@@ -694,13 +694,29 @@ class Engine:
     def receive_data(self, src: bytes, port: bytes, seq: int, kind: int, body: bytes) -> None:
         """``receive`` for a plain message (no ports, no fds): the hot path."""
         st = self.ports.get(port)
-        if st is not None and st.mode == OWNED and seq == st.recv_seq and not st.pending and not st.closed:
-            st.recv_seq = seq + 1
-            q = st.queue
-            q.append(Message(kind, None, body))
-            if len(q) == 1 and st.waker is not None:
-                st.waker()
-            return
+        if st is not None and seq == st.recv_seq and not st.pending:
+            mode = st.mode
+            if mode == OWNED and not st.closed:
+                st.recv_seq = seq + 1
+                q = st.queue
+                q.append(Message(kind, None, body))
+                if len(q) == 1 and st.waker is not None:
+                    st.waker()
+                return
+            # a port on the move: buffer or forward without event objects (a
+            # moving port's backlog comes through here item by item)
+            if mode == SENDING:
+                st.recv_seq = seq + 1
+                if st.buffer is None:
+                    st.buffer = []
+                st.buffer.append((seq, Message(kind, None, body)))
+                return
+            if mode == PROXY and st.target_node != self.node_id and self.transmit_data is not None:
+                st.recv_seq = seq + 1
+                self.transmit_data(st.target_node, st.target_port, seq, kind, body)
+                if st.proxy_last is not None and seq >= st.proxy_last:
+                    self._proxy_done(st)
+                return
         self.receive(src, MsgEvent(port, seq, kind, 0, [], 0, body))
 
     def node_failed(self, node: bytes, reason: str) -> None:
@@ -1071,7 +1087,12 @@ class Engine:
         st.target_port = new_port
         buffer = st.buffer or []
         st.buffer = None
+        data = self.transmit_data if src != self.node_id else None
         for seq, item in buffer:
+            if data is not None and type(item) is Message and item.body is not None and not item.ports:
+                if not item.fds:
+                    data(src, new_port, seq, item.kind, item.body)  # no event object per item
+                    continue
             self._route(src, new_port, seq, item)
             if isinstance(item, _Close):
                 self._proxy_done(st)
