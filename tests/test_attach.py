@@ -596,11 +596,12 @@ async def test_stale_directory_of_a_killed_mesh_is_replaced(rd: Path) -> None:
         owner.kill()
         assert await owner.exit_code() < 0
     leftovers = sorted(p.name for p in directory.iterdir())
-    assert "listen.sock" in leftovers and len(leftovers) == 2, leftovers  # node socket + listener
+    # node socket + listener + control socket
+    assert "listen.sock" in leftovers and len(leftovers) == 3, leftovers
 
     async with Mesh(name="y", runtime_dir=rd) as mesh:
         assert mesh.directory == directory
-        assert sorted(p.name for p in directory.iterdir()) == [mesh._node.path.name]
+        assert sorted(p.name for p in directory.iterdir()) == sorted([mesh._node.path.name, "control.sock"])
         listener = await mesh.listen()
         async with client("session", "y", os.fspath(rd)) as c:
             conn = await asyncio.wait_for(listener.accept(), T)

@@ -7,6 +7,7 @@ running mesh at runtime. See README.md.
 """
 
 from ._channel import Call, Port, Receiver, Sender, channel
+from ._control import Service, ServiceCall, ServiceNameInUse, ServiceNotFound
 from ._errors import (
     AuthenticationError,
     BufferFull,
@@ -29,7 +30,7 @@ from ._errors import (
 from ._fd import Fd
 from ._ids import NodeId, PortId
 from ._invitation import ClientConnection, Connection, Invitation, Inviter, Listener, connect, join
-from ._mesh import Mesh
+from ._mesh import Mesh, current_mesh
 from ._node import PeerCred
 from ._ports import Limits
 from ._process import Process
@@ -73,4 +74,9 @@ __all__ = (
     "RemoteError",
     "Sender",
     "channel",
+    "current_mesh",
+    "Service",
+    "ServiceCall",
+    "ServiceNameInUse",
+    "ServiceNotFound",
 )

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import msgspec
 
-from ._channel import Port
+from ._channel import Port, Sender
 from ._errors import (
     AuthenticationError,
     ConnectError,
@@ -416,6 +416,33 @@ class ClientConnection:
         self.port = port
         self.mesh = mesh
 
+    # the control plane (see ``_control``)
+
+    async def services(self) -> dict[str, Any]:
+        """The mesh's services: name -> ``{"node", "request_type", "reply_type", "since"}``."""
+        return await self.mesh._control.services()
+
+    async def call(self, service: str, request: Any, timeout: float | None = None) -> Any:
+        """Call the service ``service``; the callee sees the deadline
+        (``call.deadline``) and, if we give up, ``call.cancelled``. Raises
+        ``ServiceNotFound``, ``NodeFailure`` (its node died), ``RemoteError``
+        (the handler raised), ``TimeoutError`` (after ``timeout`` seconds)."""
+        return await self.mesh._control.call(service, request, timeout)
+
+    async def open(self, service: str) -> Sender[Any]:
+        """A ``Sender`` to the service for many calls (``await tx.call(r)``).
+        Raises ``ServiceNotFound`` or ``NodeFailure``."""
+        return await self.mesh._control.open(service)
+
+    async def inspect(
+        self, path: str = "", depth: int | None = None, timeout: float = 1.0, *, sensitive: bool = False
+    ) -> Any:
+        """The mesh's live inspect tree (plain data), or the part at
+        ``path`` (``"nodes/<id prefix>/connections"``), cut at ``depth``
+        levels. Each node answers for itself within ``timeout`` seconds; one
+        that does not shows as ``{"$unresolved": reason}``."""
+        return await self.mesh._control.inspect(path, depth, timeout, sensitive)
+
     def __repr__(self) -> str:
         return f"<ClientConnection node={self.mesh.node_id!r}>"
 
@@ -476,6 +503,7 @@ async def join(invitation: Invitation) -> AsyncIterator[ClientConnection]:
     try:
         ctx = Mesh._joined(w.directory, w.secret, w.node)
         mesh = await ctx.__aenter__()
+        mesh._control.joining()  # its session waits until we have joined
     except (OSError, MeshError) as exc:
         if isinstance(exc, JoinError):
             raise
@@ -495,6 +523,7 @@ async def join(invitation: Invitation) -> AsyncIterator[ClientConnection]:
         d = PortDesc(*_DESC.unpack(w.port))
         st = node.engine._materialize(w.inviter, d)
         conn = ClientConnection(Port._wrap([st]), mesh)
+        mesh._control.joined()
     except BaseException:
         await ctx.__aexit__(None, None, None)
         raise

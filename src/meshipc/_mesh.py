@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import os
 import re
@@ -21,6 +22,10 @@ from ._ports import DEFAULT_LIMITS, Limits
 from ._process import Process, spawn
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
+    from ._channel import Receiver, Sender
+    from ._control import Control, Service
     from ._invitation import Inviter, Listener
 
 log = logging.getLogger("meshipc")
@@ -28,6 +33,20 @@ log = logging.getLogger("meshipc")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 #: Seconds workers get to exit after the mesh closes their bootstrap port.
 CHILD_GRACE = 5.0
+
+
+_current: contextvars.ContextVar[Mesh | None] = contextvars.ContextVar("meshipc_mesh", default=None)
+
+
+def current_mesh() -> Mesh:
+    """The ``Mesh`` this task runs in: in a spawned worker, the worker's own
+    node (its function can ``serve`` services); elsewhere the innermost
+    ``async with Mesh()`` / ``connect()`` of this task. Raises ``MeshError``
+    if there is none."""
+    mesh = _current.get()
+    if mesh is None or mesh._closed:
+        raise MeshError("no mesh is running in this task")
+    return mesh
 
 
 def runtime_root(runtime_dir: str | os.PathLike[str] | None = None) -> Path:
@@ -89,6 +108,14 @@ class Mesh:
         self._closed = False
         self._extras: list[Any] = []  # listeners and other things closed with the mesh
         self._lock_fd = -1
+        self._control: Control = None  # type: ignore[assignment]  # set on enter
+
+    def _start_control(self, root: bool) -> None:
+        from ._control import Control
+
+        self._control = Control(self, root)
+        self._extras.append(self._control)
+        _current.set(self)
 
     @property
     def node_id(self) -> NodeId:
@@ -113,6 +140,7 @@ class Mesh:
             check_private_dir(directory)
             self._node = Node(directory, MeshSecret(), limits=self.limits)
             self._node.start()
+            self._start_control(root=True)
         except BaseException:
             shutil.rmtree(directory, ignore_errors=True)
             if self._lock_fd >= 0:
@@ -132,6 +160,7 @@ class Mesh:
         check_private_dir(d)
         self._node = Node(d, MeshSecret(secret), node_id, limits=self.limits)
         self._node.start()
+        self._start_control(root=False)
         try:
             yield self
         finally:
@@ -149,6 +178,8 @@ class Mesh:
         if self._closed or self._node is None:
             return
         self._closed = True
+        if _current.get() is self:
+            _current.set(None)
         for extra in self._extras:
             extra.close()
         for proc in self._children:
@@ -210,6 +241,50 @@ class Mesh:
         proc = await spawn(self, target, arg, name)
         self._children.append(proc)
         return proc
+
+    # ------------------------------------------------------------ control plane
+
+    def serve(
+        self,
+        name: str,
+        handler: Callable[[Any], Awaitable[Any]] | Receiver[Any],
+        request_type: Any = None,
+        reply_type: Any = None,
+    ) -> Service:
+        """Register the service ``name`` for the whole mesh: ``handler`` is
+        ``async def handler(request) -> reply`` (an exception becomes
+        ``RemoteError`` at the caller; a caller that gives up cancels it) or
+        a ``Receiver`` the application drains itself (it gets
+        ``ServiceCall`` objects: a ``Call`` with ``deadline``).
+        ``request_type``/``reply_type`` (msgspec types) are checked on the
+        serving side. Raises ``ServiceNameInUse`` at once for a name this node
+        or (on the mesh's first node) the mesh already serves; elsewhere
+        ``await`` the returned ``Service`` to learn the registry's verdict."""
+        return self._control.serve(name, handler, request_type, reply_type)
+
+    def inspect_add(self, name: str, fn: Callable[[], Any], sensitive: bool = False) -> None:
+        """Add the entry ``name`` to this node's inspect subtree: ``fn()``
+        returns plain data (or an awaitable of it) when someone inspects.
+        ``sensitive`` entries show only when asked for (``sensitive=True``)."""
+        self._control.inspect_add(name, fn, sensitive)
+
+    async def services(self) -> dict[str, Any]:
+        """The mesh's services: name -> node, request and reply type names."""
+        return await self._control.services()
+
+    async def call(self, service: str, request: Any, timeout: float | None = None) -> Any:
+        """Call a service by name (see ``ClientConnection.call``)."""
+        return await self._control.call(service, request, timeout)
+
+    async def open(self, service: str) -> Sender[Any]:
+        """A ``Sender`` to a service, for many calls (see ``ClientConnection.open``)."""
+        return await self._control.open(service)
+
+    async def inspect(
+        self, path: str = "", depth: int | None = None, timeout: float = 1.0, *, sensitive: bool = False
+    ) -> Any:
+        """The live inspect tree of the mesh (see ``ClientConnection.inspect``)."""
+        return await self._control.inspect(path, depth, timeout, sensitive)
 
     def __repr__(self) -> str:
         return f"<Mesh name={self.name!r} node={self._node.id if self._node else None}>"

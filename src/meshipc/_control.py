@@ -1,0 +1,1109 @@
+"""The control plane: services by name and the live inspect tree (layer 10).
+
+Every node of a mesh keeps one *session* with the mesh's root node (the one
+that created the mesh directory). The session is a port pair set up through
+``<mesh directory>/control.sock``, a socket only our uid can reach::
+
+    node -> root:  b"MCT1" + node id (16)
+    root -> node:  b"MCT1" + status (1) + root id (16) + root port (16) + node port (16)
+
+after which both sides bind their end with ``Engine.new_bound`` (exactly how
+a spawned child gets its bootstrap port) and everything else is ordinary
+mesh messages over authenticated node connections: the node sends ``Hello``
+(who it is, and a ``Sender`` to its own control server), the root answers
+``Welcome`` (a ``Sender`` to the registry). The session port breaking tells
+the root that the node is gone (its services go with it).
+
+The root keeps the registry of services: a name maps to a ``Sender`` whose
+receiver is on the serving node. A client asks the root once (``Lookup``)
+and then calls the service directly. Requests carry their deadline in an
+envelope (``_Req``); the serving side unwraps it into a ``ServiceCall``.
+
+``inspect`` asks the root, which answers for the mesh and fans out to the
+nodes in parallel, each answering for its own subtree, with a timeout: a
+node that does not answer in time shows as ``{"$unresolved": reason}``.
+Counters are ``{"$counter": n}``; subtrees cut by ``depth`` are
+``{"$more": number of entries}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect as _inspect
+import logging
+import os
+import socket
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Final
+
+import msgspec
+
+from ._channel import Call, Port, Receiver, Sender, channel
+from ._errors import ChannelClosed, MeshError, MessageError, NodeFailure, PortFailed
+from ._ids import PortId
+from ._node import PeerCred, accept_ready, listen_private
+
+if TYPE_CHECKING:
+    from ._mesh import Mesh
+
+log = logging.getLogger("meshipc")
+
+CONTROL_NAME: Final = "control.sock"
+#: Seconds a node gets to finish the control socket exchange and say hello.
+SESSION_TIMEOUT: Final = 10.0
+#: Services of dead nodes remembered (to answer NodeFailure, not "unknown").
+MAX_TOMBSTONES: Final = 256
+_MAGIC = b"MCT1"
+_ST_OK, _ST_DUPLICATE = 0, 1
+
+# ------------------------------------------------------------------ errors
+
+
+class ServiceNotFound(MeshError, LookupError):
+    """No live service of that name in the mesh (``service`` is the name)."""
+
+    def __init__(self, service: str) -> None:
+        super().__init__(f"no service named {service!r} in this mesh")
+        self.service = service
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.service,))
+
+
+class ServiceNameInUse(MeshError):
+    """``serve``: a live service of the mesh already has that name."""
+
+    def __init__(self, service: str, node: str = "") -> None:
+        where = f" (on node {node[:12]})" if node else ""
+        super().__init__(f"a service named {service!r} is already registered{where}")
+        self.service = service
+        self.node = node
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.service, self.node))
+
+
+# ------------------------------------------------------------------ messages
+
+
+class _Req(msgspec.Struct, array_like=True, tag="meshipc.req"):
+    """A service request with its deadline (``time.monotonic()`` seconds)."""
+
+    deadline: float | None
+    request: Any
+
+
+class Hello(msgspec.Struct, tag=True):
+    node: bytes
+    pid: int
+    uid: int
+    role: str
+    name: str
+    started: float
+    ctl: Sender[Any]
+
+
+class Welcome(msgspec.Struct, tag=True):
+    registry: Sender[Any]
+
+
+SessionMsg = Hello | Welcome
+
+
+class Register(msgspec.Struct, tag=True):
+    name: str
+    token: bytes
+    node: bytes
+    sender: Sender[Any]
+    request_type: str | None = None
+    reply_type: str | None = None
+
+
+class Unregister(msgspec.Struct, tag=True):
+    name: str
+    token: bytes
+
+
+class Lookup(msgspec.Struct, tag=True):
+    name: str
+
+
+class ListServices(msgspec.Struct, tag=True):
+    pass
+
+
+class InspectMesh(msgspec.Struct, tag=True):
+    path: str = ""
+    depth: int | None = None
+    timeout: float = 1.0
+    sensitive: bool = False
+
+
+RegistryMsg = Register | Unregister | Lookup | ListServices | InspectMesh
+
+
+class InspectNode(msgspec.Struct, tag=True):
+    path: str = ""
+    depth: int | None = None
+    sensitive: bool = False
+
+
+NodeMsg = InspectNode
+
+
+# ------------------------------------------------------------------ tree helpers
+
+
+def counter(n: int) -> dict[str, int]:
+    """An inspect value that only grows: clients may show it as a rate."""
+    return {"$counter": n}
+
+
+def _split(path: str) -> list[str]:
+    return [p for p in path.strip("/").split("/") if p]
+
+
+def _prune(value: Any, depth: int | None) -> Any:
+    """``value`` with dict nesting cut after ``depth`` levels."""
+    if depth is None or not isinstance(value, dict) or _is_leaf(value):
+        return value
+    if depth <= 0:
+        return {"$more": len(value)}
+    return {k: _prune(v, depth - 1) for k, v in value.items()}
+
+
+def _is_leaf(value: dict[str, Any]) -> bool:
+    return len(value) == 1 and next(iter(value)) in ("$counter", "$unresolved", "$more")
+
+
+def _select(tree: Any, parts: list[str]) -> Any:
+    for i, p in enumerate(parts):
+        if not isinstance(tree, dict) or _is_leaf(tree):
+            raise KeyError("/".join(parts[: i + 1]))
+        if p in tree:
+            tree = tree[p]
+            continue
+        matches = [k for k in tree if isinstance(k, str) and k.startswith(p)]
+        if len(matches) != 1:
+            raise KeyError("/".join(parts[: i + 1]))
+        tree = tree[matches[0]]
+    return tree
+
+
+def _jsonable(value: Any, _depth: int = 0) -> Any:
+    """Plain data only: anything else becomes its repr (never a handle)."""
+    if _depth > 32:
+        return "..."
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, bytes):
+        return value.hex()
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v, _depth + 1) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [_jsonable(v, _depth + 1) for v in value]
+    if isinstance(value, msgspec.Struct):
+        return _jsonable(msgspec.structs.asdict(value), _depth + 1)
+    return repr(value)
+
+
+def _type_name(tp: Any) -> str | None:
+    if tp is None:
+        return None
+    return getattr(tp, "__name__", None) or repr(tp)
+
+
+def _accept_objects(tp: Any, obj: Any) -> Any:
+    origin = getattr(tp, "__origin__", None) or tp
+    if isinstance(origin, type) and isinstance(obj, origin):
+        return obj
+    raise msgspec.ValidationError(f"Expected `{getattr(origin, '__name__', origin)}`")
+
+
+def _sender_dead(s: Sender[Any]) -> bool:
+    states = s._states
+    return not states or states[0].peer_closed or states[0].error is not None
+
+
+# ------------------------------------------------------------------ services
+
+
+class ServiceCall(Call[Any]):
+    """A ``meshipc.Call`` made through a named service: also ``deadline``
+    (``time.monotonic()`` seconds, or None; the clock is system-wide on
+    Linux) and ``remaining`` (seconds left, or None)."""
+
+    __slots__ = ("deadline",)
+
+    def __init__(self, request: Any, port: Port, deadline: float | None) -> None:
+        super().__init__(request, port)
+        self.deadline = deadline
+
+    @property
+    def remaining(self) -> float | None:
+        return None if self.deadline is None else self.deadline - time.monotonic()
+
+
+class Service:
+    """A registered service (from ``mesh.serve``).
+
+    ``await service`` returns once the mesh's registry has confirmed the
+    name (raises ``ServiceNameInUse`` if another node holds it);
+    ``close()`` withdraws it; ``await wait_closed()`` waits for that."""
+
+    def __init__(
+        self,
+        control: Control,
+        name: str,
+        handler: Callable[[Any], Awaitable[Any]] | None,
+        target: Sender[Any] | None,
+        request_type: Any,
+        reply_type: Any,
+    ) -> None:
+        self.name = name
+        self._control = control
+        self._handler = handler
+        self._target = target  # Receiver mode: feeds the application's receiver
+        self.request_type = request_type
+        self.reply_type = reply_type
+        self.token = os.urandom(16)
+        self._tx, self._rx = channel()
+        loop = asyncio.get_running_loop()
+        self._registered: asyncio.Future[None] = loop.create_future()
+        self._registered.add_done_callback(_consume)
+        self._done: asyncio.Future[None] = loop.create_future()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._active: dict[int, float] = {}
+        self.calls = 0
+        self.errors = 0
+        self.closed = False
+        self._pump = loop.create_task(self._run())
+
+    def __await__(self) -> Any:
+        return asyncio.shield(self._registered).__await__()
+
+    async def wait_closed(self) -> None:
+        await asyncio.shield(self._done)
+
+    def close(self) -> None:
+        """Withdraw the service (idempotent); calls in progress are cancelled."""
+        if self.closed:
+            return
+        self.closed = True
+        self._pump.cancel()
+        for t in list(self._tasks):
+            t.cancel()
+        self._rx.close()
+        self._tx.close()
+        if self._target is not None:
+            self._target.close()
+        if not self._registered.done():
+            self._registered.set_exception(MeshError(f"service {self.name!r} was closed"))
+        if not self._done.done():
+            self._done.set_result(None)
+        self._control._service_closed(self)
+
+    def _unwrap(self, call: Call[Any]) -> ServiceCall | None:
+        req = call.request
+        deadline: float | None = None
+        if isinstance(req, _Req):
+            deadline, req = req.deadline, req.request
+        elif isinstance(req, list) and len(req) == 3 and req[0] == "meshipc.req":
+            deadline, req = req[1], req[2]
+            if deadline is not None and not isinstance(deadline, (int, float)):
+                deadline = None
+        sc = ServiceCall(req, call._port, deadline)
+        if self.request_type is not None:
+            try:
+                sc.request = msgspec.convert(req, self.request_type, dec_hook=_accept_objects)
+            except (msgspec.ValidationError, TypeError) as exc:
+                self.errors += 1
+                sc.fail(MessageError(f"service {self.name!r}: invalid request: {exc}"))
+                return None
+        return sc
+
+    async def _run(self) -> None:
+        async for call in self._rx:
+            if not isinstance(call, Call):
+                continue
+            self.calls += 1
+            sc = self._unwrap(call)
+            if sc is None:
+                continue
+            if self._target is not None:
+                try:
+                    self._target.send(sc)
+                except ChannelClosed:
+                    self.close()
+                    return
+                continue
+            t = asyncio.get_running_loop().create_task(self._handle(sc))
+            self._tasks.add(t)
+            t.add_done_callback(self._tasks.discard)
+
+    async def _handle(self, call: ServiceCall) -> None:
+        key = id(call)
+        self._active[key] = time.monotonic()
+        loop = asyncio.get_running_loop()
+        work = loop.create_task(self._invoke(call))
+        gone = loop.create_task(call.wait_cancelled())
+        try:
+            done, _ = await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if work not in done:
+                work.cancel()  # the caller gave up: stop working for it
+                with contextlib.suppress(BaseException):
+                    await work
+                return
+            exc = work.exception()
+            if exc is not None:
+                self.errors += 1
+                with contextlib.suppress(ChannelClosed):
+                    call.fail(exc)
+                return
+            with contextlib.suppress(ChannelClosed):
+                call.reply(work.result())
+        finally:
+            gone.cancel()
+            if not work.done():
+                work.cancel()
+            self._active.pop(key, None)
+
+    async def _invoke(self, call: ServiceCall) -> Any:
+        handler = self._handler
+        if handler is None:
+            raise MeshError("this service has no handler")
+        if call.deadline is not None:
+            loop = asyncio.get_running_loop()
+            async with asyncio.timeout_at(loop.time() + (call.deadline - time.monotonic())):
+                result = await handler(call.request)
+        else:
+            result = await handler(call.request)
+        if self.reply_type is not None:
+            try:
+                result = msgspec.convert(
+                    result, self.reply_type, dec_hook=_accept_objects, from_attributes=True
+                )
+            except (msgspec.ValidationError, TypeError) as exc:
+                raise MessageError(f"service {self.name!r}: invalid reply: {exc}") from None
+        return result
+
+    def snapshot(self) -> dict[str, Any]:
+        now = time.monotonic()
+        return {
+            "request_type": _type_name(self.request_type),
+            "reply_type": _type_name(self.reply_type),
+            "mode": "receiver" if self._target is not None else "handler",
+            "calls": counter(self.calls),
+            "errors": counter(self.errors),
+            "active": len(self._active) if self._target is None else None,
+            "oldest_active_age": round(now - min(self._active.values()), 6) if self._active else None,
+        }
+
+    def __repr__(self) -> str:
+        return f"<Service {self.name!r}{' closed' if self.closed else ''}>"
+
+
+def _consume(fut: asyncio.Future[None]) -> None:
+    if not fut.cancelled():
+        fut.exception()  # marked retrieved: a failure is logged where it happens
+
+
+class _Entry:
+    __slots__ = ("node", "reply_type", "request_type", "sender", "since", "token")
+
+    def __init__(self, r: Register) -> None:
+        self.node = r.node
+        self.sender = r.sender
+        self.token = r.token
+        self.request_type = r.request_type
+        self.reply_type = r.reply_type
+        self.since = time.time()
+
+
+class _Session:
+    """The root's view of one node."""
+
+    __slots__ = ("hello", "port", "task")
+
+    def __init__(self, port: Port) -> None:
+        self.port = port
+        self.hello: Hello | None = None
+        self.task: asyncio.Task[None] | None = None
+
+
+# ------------------------------------------------------------------ the control object
+
+
+class Control:
+    """The control plane of one ``Mesh`` (one node)."""
+
+    def __init__(self, mesh: Mesh, root: bool) -> None:
+        self.mesh = mesh
+        self.node = mesh._node
+        self.root = root
+        self.loop = self.node.loop
+        self.started = time.time()
+        self._t0 = time.monotonic()
+        self.closed = False
+        self.role = "service" if root else "worker"
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._services: dict[str, Service] = {}
+        self._entries: dict[str, tuple[str, str | None, str | None]] = {}
+        self._app: dict[str, tuple[Callable[[], Any], bool]] = {}
+        # the node's own control server (inspect requests from the root)
+        self._ctl_tx, self._ctl_rx = channel(NodeMsg)
+        self._spawn(self._serve_node())
+        # root: registry and sessions; others: the session
+        self._registry: Sender[Any] | None = None
+        self._ready: asyncio.Future[None] = self.loop.create_future()
+        self._ready.add_done_callback(_consume)
+        self._session_port: Port | None = None
+        self._gate = asyncio.Event()
+        self._gate.set()
+        self._lsock: socket.socket | None = None
+        self._clients: dict[bytes, _Session] = {}
+        self._services_reg: dict[str, _Entry] = {}
+        self._tombstones: dict[str, tuple[str, str]] = {}
+        self._senders: dict[str, Sender[Any]] = {}
+        if root:
+            self._reg_tx, self._reg_rx = channel(RegistryMsg)
+            self._registry = self._reg_tx
+            self._spawn(self._serve_registry())
+            self.path = self.node.directory / CONTROL_NAME
+            self._lsock = listen_private(self.path, "control socket")
+            self.loop.add_reader(self._lsock.fileno(), self._on_accept)
+            self._ready.set_result(None)
+        else:
+            self._spawn(self._session())
+
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        t = self.loop.create_task(coro)
+        self._tasks.add(t)
+        t.add_done_callback(self._tasks.discard)
+        return t
+
+    @property
+    def uptime(self) -> float:
+        return time.monotonic() - self._t0
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        for svc in list(self._services.values()):
+            svc.close()
+        if self._lsock is not None:
+            self.loop.remove_reader(self._lsock.fileno())
+            self._lsock.close()
+            self._lsock = None
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+        for t in list(self._tasks):
+            t.cancel()
+        for s in self._clients.values():
+            s.port.close()
+        self._clients.clear()
+        for sender in self._senders.values():
+            sender.close()
+        self._senders.clear()
+        for e in self._services_reg.values():
+            e.sender.close()
+        self._services_reg.clear()
+        if self._session_port is not None:
+            self._session_port.close()
+        if self._registry is not None:
+            self._registry.close()
+        self._ctl_rx.close()
+        self._ctl_tx.close()
+        if not self._ready.done():
+            self._ready.set_exception(MeshError("the mesh is closed"))
+
+    # -------------------------------------------------------------- session (non-root)
+
+    def joining(self) -> None:
+        """``join`` is handshaking with its inviter (maybe the root): binding
+        the session port now would start a second connection to the root
+        that could beat the invitation's own (and be refused as a
+        duplicate). The session waits for ``joined()``."""
+        self.role = "client"
+        self._gate.clear()
+
+    def joined(self) -> None:
+        self._gate.set()
+
+    async def _session(self) -> None:
+        path = self.node.directory / CONTROL_NAME
+        try:
+            async with asyncio.timeout(SESSION_TIMEOUT):
+                port = await self._open_session(path)
+                self._session_port = port
+                port.send(
+                    Hello(
+                        bytes(self.node.id),
+                        os.getpid(),
+                        os.getuid(),
+                        self.role,
+                        _process_name(),
+                        self.started,
+                        self._ctl_tx.clone(),
+                    )
+                )
+                welcome = await port.recv()
+            if not isinstance(welcome, Welcome):
+                raise MeshError("the root node sent no welcome")
+        except (OSError, TimeoutError, MeshError) as exc:
+            log.debug("node %s: no control session with the mesh root: %s", self.node.id, exc)
+            if not self._ready.done():
+                self._ready.set_exception(MeshError(f"no control plane: the mesh root did not answer: {exc}"))
+            return
+        self._registry = welcome.registry
+        self._ready.set_result(None)
+        try:
+            while True:
+                await port.recv()
+        except MeshError as exc:
+            log.debug("node %s: control session ended: %s", self.node.id, exc)
+
+    async def _open_session(self, path: Any) -> Port:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        sock.setblocking(False)
+        with sock:
+            await self.loop.sock_connect(sock, os.fspath(path))
+            cred = PeerCred.of(sock)
+            if cred.uid != os.getuid():
+                raise MeshError(f"control socket {path} runs as uid {cred.uid}")
+            await self.loop.sock_sendall(sock, _MAGIC + bytes(self.node.id))
+            data = await _recv_exact(self.loop, sock, 4 + 1 + 48)
+        if data[:4] != _MAGIC or data[4] != _ST_OK:
+            raise MeshError(f"the mesh root refused a control session (status {data[4]})")
+        root, rport, mine = data[5:21], data[21:37], data[37:53]
+        await self._gate.wait()
+        st = self.node.engine.new_bound(mine, root, rport)
+        return Port._wrap([st], SessionMsg)
+
+    # -------------------------------------------------------------- sessions (root)
+
+    def _on_accept(self) -> None:
+        if self._lsock is not None:
+            accept_ready(self._lsock, lambda s: self._spawn(self._accept(s)), f"control {self.path}")
+
+    async def _accept(self, sock: socket.socket) -> None:
+        with sock:
+            try:
+                cred = PeerCred.of(sock)
+                if cred.uid not in self.node.allowed_uids:
+                    log.warning("control socket refused pid %d uid %d", cred.pid, cred.uid)
+                    return
+                async with asyncio.timeout(SESSION_TIMEOUT):
+                    data = await _recv_exact(self.loop, sock, 4 + 16)
+                    if data[:4] != _MAGIC:
+                        return
+                    peer = data[4:20]
+                    if peer in self._clients or peer == bytes(self.node.id) or self.closed:
+                        await self.loop.sock_sendall(sock, _MAGIC + bytes([_ST_DUPLICATE]) + bytes(48))
+                        return
+                    mine, theirs = bytes(PortId.random()), bytes(PortId.random())
+                    st = self.node.engine.new_bound(mine, peer, theirs)
+                    port = Port._wrap([st], SessionMsg)
+                    session = _Session(port)
+                    self._clients[peer] = session
+                    try:
+                        await self.loop.sock_sendall(
+                            sock, _MAGIC + bytes([_ST_OK]) + bytes(self.node.id) + mine + theirs
+                        )
+                    except OSError:
+                        self._clients.pop(peer, None)
+                        port.close()
+                        raise
+            except (OSError, TimeoutError, MeshError) as exc:
+                log.info("control socket: a node left during its session setup: %s", exc)
+                return
+        session.task = self._spawn(self._run_session(peer, session))
+
+    async def _run_session(self, peer: bytes, s: _Session) -> None:
+        reason: str | None = None
+        try:
+            async with asyncio.timeout(SESSION_TIMEOUT):
+                hello = await s.port.recv()
+            if not isinstance(hello, Hello) or hello.node != peer:
+                raise MeshError("bad hello")
+            s.hello = hello
+            s.port.send(Welcome(self._reg_tx.clone()))
+            while True:
+                await s.port.recv()
+        except ChannelClosed:
+            pass
+        except PortFailed as exc:
+            reason = exc.cause
+        except (MeshError, TimeoutError) as exc:
+            reason = str(exc) or type(exc).__name__
+        finally:
+            if self._clients.get(peer) is s:
+                del self._clients[peer]
+            s.port.close()
+            if s.hello is not None:
+                s.hello.ctl.close()
+            self._node_gone(peer, reason)
+
+    def _node_gone(self, peer: bytes, reason: str | None) -> None:
+        for name, e in list(self._services_reg.items()):
+            if e.node == peer:
+                del self._services_reg[name]
+                e.sender.close()
+                if reason is not None:
+                    self._tombstones[name] = (peer.hex(), reason)
+                    while len(self._tombstones) > MAX_TOMBSTONES:
+                        del self._tombstones[next(iter(self._tombstones))]
+
+    # -------------------------------------------------------------- registry (root)
+
+    async def _serve_registry(self) -> None:
+        async for msg in self._reg_rx:
+            if isinstance(msg, Call):
+                req = msg.request
+                if isinstance(req, InspectMesh):
+                    self._spawn(self._answer_inspect(msg, req))
+                    continue
+                try:
+                    msg.reply(self._registry_op(req))
+                except ChannelClosed:
+                    pass
+                except MeshError as exc:
+                    with contextlib.suppress(ChannelClosed):
+                        msg.fail(exc)
+            elif isinstance(msg, Unregister):
+                self._registry_op(msg)
+
+    def _registry_op(self, req: Any) -> Any:
+        if isinstance(req, Register):
+            cur = self._services_reg.get(req.name)
+            if cur is not None:
+                req.sender.close()
+                return {"error": "in_use", "node": cur.node.hex()}
+            self._services_reg[req.name] = _Entry(req)
+            self._tombstones.pop(req.name, None)
+            return {"ok": True}
+        if isinstance(req, Unregister):
+            cur = self._services_reg.get(req.name)
+            if cur is not None and cur.token == req.token:
+                del self._services_reg[req.name]
+                cur.sender.close()
+            return {"ok": True}
+        if isinstance(req, Lookup):
+            e = self._services_reg.get(req.name)
+            if e is not None and not _sender_dead(e.sender):
+                return {"status": "ok", "sender": e.sender.clone()}
+            dead = self._tombstones.get(req.name)
+            if dead is not None:
+                return {"status": "failed", "node": dead[0], "reason": dead[1]}
+            return {"status": "unknown"}
+        if isinstance(req, ListServices):
+            return self._service_list()
+        raise MeshError(f"unknown registry request {type(req).__name__}")
+
+    def _service_list(self) -> dict[str, Any]:
+        return {
+            name: {
+                "node": e.node.hex(),
+                "request_type": e.request_type,
+                "reply_type": e.reply_type,
+                "since": e.since,
+            }
+            for name, e in sorted(self._services_reg.items())
+        }
+
+    async def _registry_call(self, req: Any) -> Any:
+        if self.closed:
+            raise MeshError("the mesh is closed")
+        if self.root:
+            if isinstance(req, InspectMesh):
+                return await self._inspect_mesh(req)
+            return self._registry_op(req)
+        await asyncio.shield(self._ready)
+        if self._registry is None:
+            raise MeshError("no control plane")
+        return await self._registry.call(req)
+
+    # -------------------------------------------------------------- serving
+
+    def serve(
+        self,
+        name: str,
+        handler: Callable[[Any], Awaitable[Any]] | Receiver[Any],
+        request_type: Any = None,
+        reply_type: Any = None,
+    ) -> Service:
+        if self.closed:
+            raise MeshError("the mesh is closed")
+        if not isinstance(name, str) or not name or len(name) > 200:
+            raise ValueError("a service name is a non-empty string of at most 200 characters")
+        if name in self._services:
+            raise ServiceNameInUse(name, self.node.id.hex())
+        target: Sender[Any] | None = None
+        fn: Callable[[Any], Awaitable[Any]] | None = None
+        if isinstance(handler, Receiver):
+            if not handler._states:
+                raise ChannelClosed("serve() was given a closed receiver")
+            ftx, frx = channel()
+            for st in frx._detach():
+                handler._add(st)  # calls arrive on the application's receiver
+            target = ftx
+        elif callable(handler):
+            fn = handler
+        else:
+            raise TypeError("serve() takes an async function or a Receiver of meshipc.Call")
+        svc = Service(self, name, fn, target, request_type, reply_type)
+        reg = Register(
+            name,
+            svc.token,
+            bytes(self.node.id),
+            svc._tx.clone(),
+            _type_name(request_type),
+            _type_name(reply_type),
+        )
+        if self.root:
+            result = self._registry_op(reg)
+            if "error" in result:
+                svc.close()
+                raise ServiceNameInUse(name, result["node"])
+            svc._registered.set_result(None)
+        else:
+            self._spawn(self._register(svc, reg))
+        self._services[name] = svc
+        return svc
+
+    async def _register(self, svc: Service, reg: Register) -> None:
+        try:
+            result = await self._registry_call(reg)
+        except MeshError as exc:
+            if not svc._registered.done():
+                svc._registered.set_exception(exc)
+            log.warning("service %r could not be registered: %s", svc.name, exc)
+            return
+        if isinstance(result, dict) and "error" in result:
+            err = ServiceNameInUse(svc.name, str(result.get("node", "")))
+            if not svc._registered.done():
+                svc._registered.set_exception(err)
+            log.warning("%s", err)
+            svc.close()
+            return
+        if not svc._registered.done():
+            svc._registered.set_result(None)
+
+    def _service_closed(self, svc: Service) -> None:
+        if self._services.get(svc.name) is svc:
+            del self._services[svc.name]
+        if self.closed:
+            return
+        if self.root:
+            self._registry_op(Unregister(svc.name, svc.token))
+        elif self._registry is not None:
+            with contextlib.suppress(MeshError):
+                self._registry.send(Unregister(svc.name, svc.token))
+
+    # -------------------------------------------------------------- client side
+
+    async def services(self) -> dict[str, Any]:
+        result = await self._registry_call(ListServices())
+        return dict(result)
+
+    async def open(self, service: str) -> Sender[Any]:
+        result = await self._registry_call(Lookup(service))
+        status = result.get("status") if isinstance(result, dict) else None
+        if status == "ok":
+            sender = result["sender"]
+            if isinstance(sender, Sender):
+                return sender
+        if status == "failed":
+            raise NodeFailure(str(result["node"]), f"service {service!r} was on it: {result['reason']}")
+        raise ServiceNotFound(service)
+
+    async def call(self, service: str, request: Any, timeout: float | None = None) -> Any:
+        sender = self._senders.get(service)
+        if sender is None or _sender_dead(sender):
+            if sender is not None:
+                sender.close()
+                del self._senders[service]
+            sender = await self.open(service)
+            if service in self._senders:  # another task opened it meanwhile
+                sender.close()
+                sender = self._senders[service]
+            else:
+                self._senders[service] = sender
+        if timeout is None:
+            return await sender.call(_Req(None, request))
+        async with asyncio.timeout(timeout):
+            return await sender.call(_Req(time.monotonic() + timeout, request))
+
+    # -------------------------------------------------------------- inspect
+
+    def inspect_add(self, name: str, fn: Callable[[], Any], sensitive: bool = False) -> None:
+        if not isinstance(name, str) or not name or "/" in name or name.startswith("$"):
+            raise ValueError("an inspect entry name is a non-empty string without '/' or a leading '$'")
+        if name in _BUILTIN_KEYS or name in self._app:
+            raise ValueError(f"inspect entry {name!r} already exists")
+        if not callable(fn):
+            raise TypeError("inspect_add() takes a function returning plain data (or awaiting it)")
+        self._app[name] = (fn, sensitive)
+
+    async def inspect(
+        self, path: str = "", depth: int | None = None, timeout: float = 1.0, sensitive: bool = False
+    ) -> Any:
+        req = InspectMesh(path, depth, timeout, sensitive)
+        if self.root:
+            return await self._inspect_mesh(req)
+        # the root bounds its fan-out by ``timeout``; this bound covers the root itself
+        try:
+            async with asyncio.timeout(timeout + 2.0):
+                return await self._registry_call(req)
+        except TimeoutError:
+            raise MeshError(f"the mesh root did not answer inspect within {timeout + 2.0:.1f} s") from None
+
+    async def _answer_inspect(self, call: Call[Any], req: InspectMesh) -> None:
+        try:
+            result = await self._inspect_mesh(req)
+        except KeyError as exc:
+            with contextlib.suppress(ChannelClosed):
+                call.fail(LookupError(f"no inspect entry {exc.args[0]!r}"))
+            return
+        except Exception as exc:
+            with contextlib.suppress(ChannelClosed):
+                call.fail(exc)
+            return
+        with contextlib.suppress(ChannelClosed):
+            call.reply(result)
+
+    async def _inspect_mesh(self, req: InspectMesh) -> Any:
+        parts = _split(req.path)
+        depth = req.depth
+        sessions = {peer: s for peer, s in self._clients.items() if s.hello is not None}
+        node_ids = [bytes(self.node.id).hex(), *(p.hex() for p in sessions)]
+        tree: dict[str, Any] = {
+            "mesh": {
+                "name": self.mesh.name,
+                "directory": os.fspath(self.node.directory),
+                "root": bytes(self.node.id).hex(),
+                "pid": os.getpid(),
+                "uid": os.getuid(),
+                "executable": sys.executable,
+                "started": self.started,
+                "uptime": round(self.uptime, 3),
+                "nodes": len(node_ids),
+            },
+            "services": self._service_list(),
+            "nodes": {},
+        }
+        # which nodes to ask, and for what part of their subtree
+        want: list[str] = node_ids
+        sub_parts: list[str] = []
+        if parts and parts[0] == "nodes" and len(parts) > 1:
+            matches = [n for n in node_ids if n.startswith(parts[1])]
+            if len(matches) != 1:
+                raise KeyError("/".join(parts[:2]))
+            want = matches
+            sub_parts = parts[2:]
+        elif parts and parts[0] != "nodes":
+            want = []
+        # depth below the node level: root(0) -> nodes(1) -> <id>(2) -> ...
+        if parts[:1] == ["nodes"] and len(parts) > 1:
+            node_depth = depth
+        elif depth is None:
+            node_depth = None
+        else:
+            node_depth = depth - (2 - len(parts))
+        nodes: dict[str, Any] = tree["nodes"]
+        if node_depth is not None and node_depth < 0:
+            for n in want:
+                nodes[n] = {"$more": 0}
+            want = []
+
+        async def ask(n: str) -> Any:
+            sub = "/".join(sub_parts)
+            if n == node_ids[0]:
+                return await self._inspect_node(InspectNode(sub, node_depth, req.sensitive))
+            hello = sessions[bytes.fromhex(n)].hello
+            if hello is None:
+                return {"$unresolved": "the node has not said hello"}
+            try:
+                async with asyncio.timeout(req.timeout):
+                    return await hello.ctl.call(InspectNode(sub, node_depth, req.sensitive))
+            except TimeoutError:
+                return {"$unresolved": f"no answer within {req.timeout:g} s"}
+            except MeshError as exc:
+                return {"$unresolved": str(exc)}
+
+        results = await asyncio.gather(*(ask(n) for n in want))
+        for n, r in zip(want, results, strict=True):
+            nodes[n] = r
+        self._name_workers(nodes, sessions)
+        if parts:
+            if parts[0] == "nodes" and len(parts) > 1:
+                out = nodes[want[0]]
+                return out  # already cut to the node's path and depth
+            return _prune(_select(tree, parts), depth)
+        return _prune(tree, depth)
+
+    def _name_workers(self, nodes: dict[str, Any], sessions: dict[bytes, _Session]) -> None:
+        """Workers know no name of their own: their parent's list has it."""
+        names: dict[int, str] = {}
+        for info in nodes.values():
+            if isinstance(info, dict) and isinstance(info.get("workers"), dict):
+                for w in info["workers"].values():
+                    if isinstance(w, dict) and isinstance(w.get("pid"), int):
+                        names[w["pid"]] = str(w.get("name"))
+        for peer, s in sessions.items():
+            info = nodes.get(peer.hex())
+            if isinstance(info, dict) and s.hello is not None and "$unresolved" in info:
+                # what the root knows without an answer
+                info.update(
+                    id=peer.hex(),
+                    pid=s.hello.pid,
+                    uid=s.hello.uid,
+                    role=s.hello.role,
+                    name=names.get(s.hello.pid, s.hello.name),
+                )
+            elif isinstance(info, dict) and info.get("pid") in names:
+                info["name"] = names[info["pid"]]
+
+    async def _serve_node(self) -> None:
+        async for call in self._ctl_rx:
+            if isinstance(call, Call):
+                self._spawn(self._answer_node(call))
+
+    async def _answer_node(self, call: Call[Any]) -> None:
+        req = call.request
+        try:
+            result = await self._inspect_node(req)
+        except KeyError as exc:
+            with contextlib.suppress(ChannelClosed):
+                call.fail(LookupError(f"no inspect entry {exc.args[0]!r}"))
+            return
+        except Exception as exc:
+            with contextlib.suppress(ChannelClosed):
+                call.fail(exc)
+            return
+        with contextlib.suppress(ChannelClosed):
+            call.reply(result)
+
+    async def _inspect_node(self, req: InspectNode) -> Any:
+        parts = _split(req.path)
+        tree = self.node_tree()
+        for name, (fn, sensitive) in self._app.items():
+            if parts and parts[0] != name:
+                continue
+            if sensitive and not req.sensitive:
+                tree[name] = "<sensitive: ask with sensitive=True>"
+                continue
+            try:
+                value = fn()
+                if _inspect.isawaitable(value):
+                    value = await value
+                tree[name] = _jsonable(value)
+            except Exception as exc:
+                tree[name] = {"$unresolved": f"{type(exc).__name__}: {exc}"}
+        return _prune(_select(tree, parts), req.depth)
+
+    def node_tree(self) -> dict[str, Any]:
+        node = self.node
+        mesh = self.mesh
+        from ._ports import OWNED, PROXY, SENDING
+
+        conns: dict[str, Any] = {}
+        for peer, c in list(node._conns.items()):
+            queued = sum(len(x) for x in c._chunks) + sum(len(d) for d, _ in c._batches)
+            conns[peer.hex()] = {
+                "bytes_in": counter(c.bytes_in),
+                "bytes_out": counter(c.bytes_out),
+                "messages_out": counter(c.frames_out),
+                "writes": counter(c.writes),
+                "queued_bytes": queued,
+            }
+        modes = {OWNED: "owned", SENDING: "sending", PROXY: "proxy"}
+        by_state: dict[str, int] = {}
+        by_peer: dict[str, int] = {}
+        queued_msgs = queued_bytes = 0
+        for st in list(node.engine.ports.values()):
+            state = modes.get(st.mode, str(st.mode))
+            if st.mode == OWNED:
+                if st.error is not None:
+                    state = "failed"
+                elif st.closed:
+                    state = "closing"
+                elif st.peer_closed:
+                    state = "peer_closed"
+            by_state[state] = by_state.get(state, 0) + 1
+            where = "local" if st.peer_node == node.id else bytes(st.peer_node).hex()
+            by_peer[where] = by_peer.get(where, 0) + 1
+            queued_msgs += len(st.queue)
+            queued_bytes += sum(len(m.body) for m in st.queue if m.body is not None)
+        workers = {
+            f"{p.name}-{p.pid}": {
+                "name": p.name,
+                "pid": p.pid,
+                "state": "running" if p.returncode is None else "exited",
+                "returncode": p.returncode,
+            }
+            for p in mesh._children
+        }
+        tasks = asyncio.all_tasks(self.loop)
+        return {
+            "id": bytes(node.id).hex(),
+            "pid": os.getpid(),
+            "uid": os.getuid(),
+            "name": mesh.name if self.root and mesh.name else _process_name(),
+            "role": self.role,
+            "uptime": round(self.uptime, 3),
+            "connections": conns,
+            "ports": {
+                "total": len(node.engine.ports),
+                "by_state": by_state,
+                "by_peer": by_peer,
+                "queued_messages": queued_msgs,
+                "queued_bytes": queued_bytes,
+            },
+            "services": {name: s.snapshot() for name, s in sorted(self._services.items())},
+            "workers": workers,
+            "tasks": {"total": len(tasks)},
+            "rejected": counter(node.rejected),
+            "attached": counter(node.attached),
+        }
+
+
+_BUILTIN_KEYS = frozenset(
+    (
+        "id",
+        "pid",
+        "uid",
+        "name",
+        "role",
+        "uptime",
+        "connections",
+        "ports",
+        "services",
+        "workers",
+        "tasks",
+        "rejected",
+        "attached",
+    )
+)
+
+
+def _process_name() -> str:
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    if spec is not None and spec.name:
+        return str(spec.name)
+    return os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "python"
+
+
+async def _recv_exact(loop: asyncio.AbstractEventLoop, sock: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = await loop.sock_recv(sock, n - len(buf))
+        if not chunk:
+            raise MeshError(f"control socket closed after {len(buf)} of {n} bytes")
+        buf += chunk
+    return bytes(buf)

@@ -1,0 +1,342 @@
+"""The control plane: services by name, inspect, across real processes.
+
+Clients are real attached processes (``ctl_client.py``), services are served
+by the test's mesh, by spawned workers (``ctl_workers.py``) and by attached
+clients. Every wait is bounded; nothing synchronizes by sleeping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+
+import meshipc
+from meshipc import Mesh
+
+CLIENT = Path(__file__).with_name("ctl_client.py").resolve()
+T = 10.0
+
+
+@pytest.fixture
+def rd() -> Iterator[Path]:
+    d = tempfile.mkdtemp(prefix="c", dir="/tmp")
+    os.chmod(d, 0o700)
+    try:
+        yield Path(d)
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@contextlib.asynccontextmanager
+async def client(rd: Path, name: str, *args: str) -> AsyncIterator[asyncio.subprocess.Process]:
+    """``ctl_client.py RD NAME ARGS``; killed and reaped on the way out."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        os.fspath(CLIENT),
+        os.fspath(rd),
+        name,
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        yield proc
+    finally:
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+        await proc.wait()
+
+
+async def line(proc: asyncio.subprocess.Process) -> dict[str, Any]:
+    assert proc.stdout is not None and proc.stderr is not None
+    raw = await asyncio.wait_for(proc.stdout.readline(), T)
+    if not raw:
+        err = await asyncio.wait_for(proc.stderr.read(), T)
+        raise AssertionError(f"client exited without output:\n{err.decode()}")
+    out: dict[str, Any] = json.loads(raw)
+    return out
+
+
+async def run_client(rd: Path, name: str, *args: str) -> dict[str, Any]:
+    """Run a one-shot client mode and return its one result line."""
+    async with client(rd, name, *args) as proc:
+        out = await line(proc)
+        await asyncio.wait_for(proc.wait(), T)
+        return out
+
+
+async def double(request: Any) -> Any:
+    return request * 2
+
+
+async def fails(request: Any) -> Any:
+    raise ValueError(f"bad request {request!r}")
+
+
+# ------------------------------------------------------------------ services
+
+
+async def test_call_service_from_attached_process(rd: Path) -> None:
+    async with Mesh(name="s1", runtime_dir=rd) as mesh:
+        await mesh.listen()
+        mesh.serve("double", double, request_type=int)
+        out = await run_client(rd, "s1", "call", "double", "21", "5")
+        assert out == {"reply": 42}
+        out = await run_client(rd, "s1", "services")
+        assert out["reply"]["double"]["node"] == bytes(mesh.node_id).hex()
+        assert out["reply"]["double"]["request_type"] == "int"
+        # a request of the wrong type is refused on arrival
+        out = await run_client(rd, "s1", "call", "double", '"x"')
+        assert out["error"] == "RemoteError" and out["type_name"] == "MessageError"
+        # many calls over one opened sender
+        out = await run_client(rd, "s1", "calls", "double", "4", "50")
+        assert out == {"reply": 8}
+
+
+async def test_unknown_service_and_handler_error(rd: Path) -> None:
+    async with Mesh(name="s2", runtime_dir=rd) as mesh:
+        await mesh.listen()
+        mesh.serve("fails", fails)
+        out = await run_client(rd, "s2", "call", "nope", "1")
+        assert out["error"] == "ServiceNotFound" and out["service"] == "nope"
+        assert "'nope'" in out["message"]
+        out = await run_client(rd, "s2", "call", "fails", "7")
+        assert out["error"] == "RemoteError" and out["type_name"] == "ValueError"
+        assert "bad request 7" in out["message"]
+        # in process too
+        with pytest.raises(meshipc.ServiceNotFound):
+            await mesh.call("nope", 1)
+        with pytest.raises(meshipc.RemoteError):
+            await mesh.call("fails", 1)
+
+
+async def test_names_are_unique_per_mesh(rd: Path) -> None:
+    async with Mesh(name="s3", runtime_dir=rd) as mesh:
+        await mesh.listen()
+        mesh.serve("one", double)
+        with pytest.raises(meshipc.ServiceNameInUse):
+            mesh.serve("one", double)
+        async with meshipc.connect("s3", runtime_dir=rd) as conn:
+            svc = conn.mesh.serve("one", double)
+            with pytest.raises(meshipc.ServiceNameInUse):
+                await asyncio.wait_for(svc, T)
+            # a free name registered by the attached node, called from the root
+            svc2 = conn.mesh.serve("two", double)
+            await asyncio.wait_for(svc2, T)
+            assert await mesh.call("two", 5) == 10
+            svc2.close()
+            await asyncio.wait_for(svc2.wait_closed(), T)
+        # the client left: its name is free again
+        with pytest.raises(meshipc.ServiceNotFound):
+            await asyncio.wait_for(mesh.call("two", 5), T)
+        mesh.serve("two", double)
+        assert await mesh.call("two", 1) == 2
+
+
+async def test_worker_service_reached_by_attached_client_then_node_dies(rd: Path) -> None:
+    async with Mesh(name="s4", runtime_dir=rd) as mesh:
+        await mesh.listen()
+        ready_tx, ready_rx = meshipc.channel()
+        proc = await mesh.spawn("ctl_workers:serve_named", {"name": "w", "ready": ready_tx}, name="svc")
+        try:
+            assert await asyncio.wait_for(ready_rx.recv(), T) is True
+            out = await run_client(rd, "s4", "call", "w", '{"x": 1}', "5")
+            assert out == {"reply": {"from": proc.pid, "request": {"x": 1}}}
+            assert (await mesh.services())["w"]["node"] != bytes(mesh.node_id).hex()
+            # a second worker may not take the name
+            ready2_tx, ready2_rx = meshipc.channel()
+            proc2 = await mesh.spawn("ctl_workers:serve_named", {"name": "w", "ready": ready2_tx})
+            assert "ServiceNameInUse" in await asyncio.wait_for(ready2_rx.recv(), T)
+            assert await asyncio.wait_for(proc2.wait(), T) == 0
+            proc.kill()
+            await asyncio.wait_for(proc.wait(), T)
+            with pytest.raises(meshipc.NodeFailure):
+                await asyncio.wait_for(mesh.call("w", 1), T)
+            out = await run_client(rd, "s4", "call", "w", "1")
+            assert out["error"] == "NodeFailure", out
+        finally:
+            proc.kill()
+
+
+async def test_deadline_travels_and_giving_up_reaches_the_callee(rd: Path) -> None:
+    async with Mesh(name="s5", runtime_dir=rd) as mesh:
+        await mesh.listen()
+        tx, rx = meshipc.channel()
+        mesh.serve("slow", rx)
+        async with client(rd, "s5", "call", "slow", '"hi"', "5") as proc:
+            call = await asyncio.wait_for(rx.recv(), T)
+            assert isinstance(call, meshipc.ServiceCall) and call.request == "hi"
+            assert call.deadline is not None and 0 < call.deadline - time.monotonic() <= 5
+            call.reply(call.remaining)
+            out = await line(proc)
+            assert 0 < out["reply"] <= 5
+        async with client(rd, "s5", "call", "slow", '"late"', "0.3") as proc:
+            call = await asyncio.wait_for(rx.recv(), T)
+            assert call.deadline is not None and call.deadline - time.monotonic() <= 0.3
+            await asyncio.wait_for(call.wait_cancelled(), T)  # the caller gave up
+            assert call.cancelled
+            out = await line(proc)
+            assert out["error"] == "TimeoutError"
+        # without a timeout there is no deadline
+        async with client(rd, "s5", "call", "slow", "1") as proc:
+            call = await asyncio.wait_for(rx.recv(), T)
+            assert call.deadline is None and call.remaining is None
+            call.reply("ok")
+            assert await line(proc) == {"reply": "ok"}
+        tx.close()
+
+
+async def test_handler_is_cancelled_when_the_caller_gives_up(rd: Path) -> None:
+    started, stopped = asyncio.Event(), asyncio.Event()
+
+    async def hang(request: Any) -> Any:
+        started.set()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            stopped.set()
+
+    async with Mesh(name="s6", runtime_dir=rd) as mesh:
+        await mesh.listen()
+        mesh.serve("hang", hang)
+        async with client(rd, "s6", "call", "hang", "1", "0.3") as proc:
+            await asyncio.wait_for(started.wait(), T)
+            assert (await line(proc))["error"] == "TimeoutError"
+            await asyncio.wait_for(stopped.wait(), T)
+
+
+async def test_service_registered_by_attached_client_called_by_another(rd: Path) -> None:
+    async with Mesh(name="s7", runtime_dir=rd) as mesh:
+        await mesh.listen()
+        async with client(rd, "s7", "serve", "hello") as server:
+            assert await line(server) == {"ready": True}
+            out = await run_client(rd, "s7", "call", "hello", "[1, 2]", "5")
+            assert out == {"reply": {"from": server.pid, "request": [1, 2]}}
+
+
+# ------------------------------------------------------------------ inspect
+
+
+async def test_inspect_after_known_activity(rd: Path) -> None:
+    async with Mesh(name="i1", runtime_dir=rd) as mesh:
+        await mesh.listen()
+        mesh.serve("double", double)
+        out = await run_client(rd, "i1", "calls", "double", "3", "25")
+        assert out == {"reply": 6}
+        tree = await mesh.inspect()
+        json.dumps(tree)  # plain data
+        me = bytes(mesh.node_id).hex()
+        assert tree["mesh"]["name"] == "i1" and tree["mesh"]["root"] == me
+        node = tree["nodes"][me]
+        assert node["pid"] == os.getpid() and node["role"] == "service"
+        assert node["services"]["double"]["calls"] == {"$counter": 25}
+        assert node["attached"] == {"$counter": 1}
+        assert tree["services"]["double"]["node"] == me
+        # the same tree from an attached client: nodes, path, depth
+        out = await run_client(rd, "i1", "inspect", f"nodes/{me[:8]}/services/double", "-", "1")
+        assert out["reply"]["calls"] == {"$counter": 25}
+        out = await run_client(rd, "i1", "inspect", "", "1", "1")
+        assert out["reply"]["nodes"] == {"$more": 2}  # the root and this client
+        assert "$more" in out["reply"]["mesh"]
+        out = await run_client(rd, "i1", "inspect", "", "2", "1")
+        assert out["reply"]["mesh"]["name"] == "i1" and len(out["reply"]["nodes"]) == 2
+        out = await run_client(rd, "i1", "inspect", "", "-", "1")
+        nodes = out["reply"]["nodes"]
+        clients = [n for n in nodes.values() if n.get("role") == "client"]
+        assert len(clients) == 1 and clients[0]["name"] == "ctl_client.py"
+        conn = nodes[me]["connections"][clients[0]["id"]]
+        assert conn["bytes_in"]["$counter"] > 0 and conn["messages_out"]["$counter"] > 0
+
+
+async def test_inspect_with_a_stopped_worker_is_partial_and_bounded(rd: Path) -> None:
+    async with Mesh(name="i2", runtime_dir=rd) as mesh:
+        await mesh.listen()
+        ready_tx, ready_rx = meshipc.channel()
+        proc = await mesh.spawn("ctl_workers:idle", ready_tx, name="sleepy")
+        stopped = False
+        try:
+            assert await asyncio.wait_for(ready_rx.recv(), T) == proc.pid
+            tree = await mesh.inspect(timeout=T)
+            worker = [n for n in tree["nodes"].values() if n["pid"] == proc.pid]
+            assert len(worker) == 1 and worker[0]["mood"] == {"calm": True}
+            assert worker[0]["role"] == "worker" and worker[0]["name"] == "sleepy"
+            os.kill(proc.pid, signal.SIGSTOP)
+            stopped = True
+            t0 = time.monotonic()
+            tree = await asyncio.wait_for(mesh.inspect(timeout=0.3), T)
+            elapsed = time.monotonic() - t0
+            assert elapsed < 2.0, elapsed
+            (wid,) = [k for k, n in tree["nodes"].items() if n["pid"] == proc.pid]
+            entry = tree["nodes"][wid]
+            assert "no answer within 0.3 s" in entry["$unresolved"]
+            assert entry["name"] == "sleepy" and entry["role"] == "worker"
+            assert (
+                tree["nodes"][bytes(mesh.node_id).hex()]["workers"][f"sleepy-{proc.pid}"]["state"]
+                == "running"
+            )
+            # the same from an attached client
+            out = await run_client(rd, "i2", "inspect", "", "-", "0.3")
+            assert "$unresolved" in out["reply"]["nodes"][wid] and out["elapsed"] < 2.0
+        finally:
+            if stopped:
+                os.kill(proc.pid, signal.SIGCONT)
+            proc.kill()
+
+
+async def test_sensitive_entries_are_hidden_and_the_secret_never_shows(rd: Path) -> None:
+    async with Mesh(name="i3", runtime_dir=rd) as mesh:
+        await mesh.listen()
+        mesh.inspect_add("jobs", lambda: {"queued": 3})
+
+        async def token() -> str:
+            return "hunter2"
+
+        mesh.inspect_add("token", token, sensitive=True)
+        with pytest.raises(ValueError):
+            mesh.inspect_add("jobs", lambda: 1)
+        me = bytes(mesh.node_id).hex()
+        tree = await mesh.inspect()
+        assert tree["nodes"][me]["jobs"] == {"queued": 3}
+        assert "hunter2" not in json.dumps(tree)
+        assert await mesh.inspect(f"nodes/{me}/token", sensitive=True) == "hunter2"
+        secret = mesh._node._secret.reveal()
+        dumped = json.dumps(await mesh.inspect(sensitive=True))
+        assert secret.hex() not in dumped and "hunter2" in dumped
+        with pytest.raises(LookupError):
+            await mesh.inspect("nodes/zzzz")
+
+
+class Point(msgspec.Struct):
+    x: int
+    y: int
+
+
+async def test_typed_service_checks_its_reply(rd: Path) -> None:
+    async def good(p: Point) -> Point:
+        return Point(p.y, p.x)
+
+    async def bad(p: Point) -> Any:
+        return "not a point"
+
+    async with Mesh(name="t1", runtime_dir=rd) as mesh:
+        await mesh.listen()
+        mesh.serve("swap", good, request_type=Point, reply_type=Point)
+        mesh.serve("bad", bad, request_type=Point, reply_type=Point)
+        out = await run_client(rd, "t1", "call", "swap", '{"x": 1, "y": 2}', "5")
+        assert out == {"reply": {"x": 2, "y": 1}}
+        out = await run_client(rd, "t1", "call", "bad", '{"x": 1, "y": 2}', "5")
+        assert out["error"] == "RemoteError" and "invalid reply" in out["message"]
