@@ -340,3 +340,66 @@ async def test_typed_service_checks_its_reply(rd: Path) -> None:
         assert out == {"reply": {"x": 2, "y": 1}}
         out = await run_client(rd, "t1", "call", "bad", '{"x": 1, "y": 2}', "5")
         assert out["error"] == "RemoteError" and "invalid reply" in out["message"]
+
+
+# ------------------------------------------------------------------ blocking API
+
+
+async def test_blocking_client_in_another_process(rd: Path) -> None:
+    async with Mesh(name="b1", runtime_dir=rd) as mesh:
+        await mesh.listen()
+        mesh.serve("double", double)
+        mesh.serve("fails", fails)
+        assert await run_client(rd, "b1", "sync-call", "double", "[1]") == {"reply": [1, 1]}
+        out = await run_client(rd, "b1", "sync-call", "fails", "1")
+        assert out["error"] == "RemoteError" and out["type_name"] == "ValueError"
+        out = await run_client(rd, "b1", "sync-call", "nope", "1")
+        assert out["error"] == "ServiceNotFound"
+
+
+def _hammer(conn: meshipc.sync.SyncConnection, k: int) -> list[int]:
+    return [conn.call("double", k * 100 + i, timeout=T) for i in range(20)]
+
+
+def _inside_a_running_loop(rd: Path) -> Any:
+    """What a Jupyter cell does: blocking calls while this thread's loop runs."""
+
+    async def cell() -> Any:
+        asyncio.get_running_loop()  # a loop runs in this thread
+        with meshipc.sync.connect("b2", runtime_dir=rd) as conn:
+            with conn.open("double") as tx:
+                many = [tx.call(i) for i in range(5)]
+            conn.port.send("hello from a cell")
+            return conn.call("double", 21), many, sorted(conn.services()), conn.inspect("mesh/name")
+
+    return asyncio.run(cell())
+
+
+async def test_blocking_client_from_four_threads_and_inside_a_running_loop(rd: Path) -> None:
+    async with Mesh(name="b2", runtime_dir=rd) as mesh:
+        listener = await mesh.listen()
+        mesh.serve("double", double)
+        conn = await asyncio.to_thread(meshipc.sync.connect, "b2", runtime_dir=rd)
+        try:
+            results = await asyncio.wait_for(
+                asyncio.gather(*(asyncio.to_thread(_hammer, conn, k) for k in range(4))), T * 3
+            )
+            for k, r in enumerate(results):
+                assert r == [2 * (k * 100 + i) for i in range(20)]
+        finally:
+            await asyncio.to_thread(conn.close)
+        conn.close()  # twice is fine
+        with pytest.raises(meshipc.MeshError):
+            conn.call("double", 1)
+        reply, many, names, name = await asyncio.wait_for(asyncio.to_thread(_inside_a_running_loop, rd), T)
+        assert reply == 42 and many == [0, 2, 4, 6, 8] and names == ["double"] and name == "b2"
+        # the port of the second client carried its message to the listener's side
+        await asyncio.wait_for(listener.accept(), T)  # the first client's
+        second = await asyncio.wait_for(listener.accept(), T)
+        assert await asyncio.wait_for(second.port.recv(), T) == "hello from a cell"
+
+
+async def test_blocking_connect_to_a_missing_mesh_raises(rd: Path) -> None:
+    with pytest.raises(meshipc.ConnectError):
+        await asyncio.to_thread(meshipc.sync.connect, "missing", runtime_dir=rd)
+    assert not [t for t in __import__("threading").enumerate() if t.name == "meshipc-portal"]

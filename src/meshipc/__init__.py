@@ -6,6 +6,7 @@ processes that join at spawn, and already-running processes that attach to a
 running mesh at runtime. See README.md.
 """
 
+from . import sync  # the blocking API: meshipc.sync.connect
 from ._channel import Call, Port, Receiver, Sender, channel
 from ._control import Service, ServiceCall, ServiceNameInUse, ServiceNotFound
 from ._errors import (
@@ -75,6 +76,7 @@ __all__ = (
     "Sender",
     "channel",
     "current_mesh",
+    "sync",
     "Service",
     "ServiceCall",
     "ServiceNameInUse",
