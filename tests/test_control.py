@@ -403,3 +403,115 @@ async def test_blocking_connect_to_a_missing_mesh_raises(rd: Path) -> None:
     with pytest.raises(meshipc.ConnectError):
         await asyncio.to_thread(meshipc.sync.connect, "missing", runtime_dir=rd)
     assert not [t for t in __import__("threading").enumerate() if t.name == "meshipc-portal"]
+
+
+# ------------------------------------------------------------------ the meshipc command
+
+
+async def cli(rd: Path, *args: str) -> tuple[int, str, str]:
+    """``python -m meshipc ARGS --runtime-dir RD``: exit code, stdout, stderr."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "meshipc",
+        *args,
+        "--runtime-dir",
+        os.fspath(rd),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), T)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_cli_status_inspect_call_against_a_live_mesh(rd: Path) -> None:
+    async with Mesh(name="c1", runtime_dir=rd) as mesh:
+        await mesh.listen()
+        mesh.serve("double", double, request_type=int)
+        mesh.serve("fails", fails)
+        mesh.inspect_add("jobs", lambda: {"queued": 2})
+        ready_tx, ready_rx = meshipc.channel()
+        proc = await mesh.spawn("ctl_workers:idle", ready_tx, name="idler")
+        try:
+            await asyncio.wait_for(ready_rx.recv(), T)
+            me = bytes(mesh.node_id).hex()
+
+            code, out, err = await cli(rd, "status", "c1")
+            assert code == 0, err
+            assert "mesh       c1" in out and f"pid        {os.getpid()}" in out
+            assert f"idler  pid {proc.pid}  running" in out
+            assert "double  on c1" in out and "int -> any" in out
+            code, out, _ = await cli(rd, "status", "c1", "--json")
+            status = json.loads(out)
+            assert code == 0 and status["nodes"] == 2 and set(status["services"]) == {"double", "fails"}
+            assert status["roles"] == {"service": 1, "worker": 1}
+
+            code, out, _ = await cli(rd, "inspect", "c1")
+            assert code == 0 and "nodes: {3 more" in out  # the root, the worker and this client
+            code, out, _ = await cli(rd, "inspect", "c1", f"nodes/{me[:10]}", "-r")
+            assert code == 0 and "jobs:\n  queued: 2" in out and "role: service" in out
+            code, out, _ = await cli(rd, "inspect", "c1", "-j", "-l", "3")
+            tree = json.loads(out)
+            assert code == 0 and tree["nodes"][me]["jobs"] == {"$more": 1}
+            code, out, _ = await cli(rd, "inspect", "c1", f"nodes/{me}/services/double", "-j", "-t", "2")
+            assert code == 0 and json.loads(out)["calls"] == {"$counter": 0}
+            code, out, _ = await cli(
+                rd, "inspect", "c1", f"nodes/{me}", "-r", "-p", "--period", "0.05", "--count", "2", "-j"
+            )
+            polls = [json.loads(x) for x in out.splitlines()]
+            assert code == 0 and len(polls) == 2 and polls[0]["rates"] is None
+            assert "bytes_in" in json.dumps(polls[1]["rates"])  # counters became rates
+            code, out, err = await cli(rd, "inspect", "c1", "nodes/nothere")
+            assert (
+                code == 1
+                and out == ""
+                and err.strip() == "meshipc inspect: no inspect entry 'nodes/nothere' in mesh 'c1'"
+            )
+
+            code, out, _ = await cli(rd, "call", "c1", "double", "21")
+            assert code == 0 and json.loads(out) == 42
+            code, out, err = await cli(rd, "call", "c1", "nope", "1")
+            assert code == 1 and out == "" and len(err.splitlines()) == 1 and "no service named 'nope'" in err
+            code, _, err = await cli(rd, "call", "c1", "fails", "1")
+            assert code == 1 and "ValueError: bad request 1" in err and "Traceback" not in err
+            code, _, err = await cli(rd, "call", "c1", "double", "{oops")
+            assert code == 2 and "not valid JSON" in err
+            code, _, err = await cli(rd, "call", "c1", "nope", "1", "--debug")
+            assert code != 0 and "Traceback" in err
+        finally:
+            proc.kill()
+
+
+async def test_cli_missing_and_stale_mesh(rd: Path) -> None:
+    code, out, err = await cli(rd, "status", "ghost")
+    assert code == 1 and out == ""
+    assert err.strip() == (
+        f"meshipc status: no mesh named 'ghost' is running for uid {os.getuid()} (runtime dir {rd}); "
+        "see `meshipc ls`"
+    )
+    for cmd in (["inspect", "ghost"], ["call", "ghost", "svc"]):
+        code, _, err = await cli(rd, *cmd)
+        assert code == 1 and "no mesh named 'ghost'" in err and "Traceback" not in err
+    # a mesh that was killed leaves its directory behind
+    owner = await asyncio.create_subprocess_exec(
+        sys.executable,
+        os.fspath(Path(__file__).with_name("attach_client.py")),
+        "named",
+        os.fspath(rd),
+        "stale",
+        stdout=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert owner.stdout is not None
+        assert b"directory" in await asyncio.wait_for(owner.stdout.readline(), T)
+    finally:
+        owner.kill()
+        await owner.wait()
+    code, _, err = await cli(rd, "status", "stale")
+    assert code == 1 and "mesh 'stale' is not accepting clients" in err and "meshipc ls" in err

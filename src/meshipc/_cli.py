@@ -50,7 +50,12 @@ def main(argv: list[str] | None = None) -> int:
     dc.add_argument("--runtime-dir")
     ls = sub.add_parser("ls", help="list this user's named meshes")
     ls.add_argument("--runtime-dir")
+    from ._ctlcli import COMMANDS, add_commands, run
+
+    add_commands(sub)  # status, inspect, call
     args = p.parse_args(argv)
+    if args.cmd in COMMANDS:
+        return run(args)
     if args.cmd == "demo":
         from ._demo import service
 

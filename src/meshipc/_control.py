@@ -168,7 +168,7 @@ def _split(path: str) -> list[str]:
 
 def _prune(value: Any, depth: int | None) -> Any:
     """``value`` with dict nesting cut after ``depth`` levels."""
-    if depth is None or not isinstance(value, dict) or _is_leaf(value):
+    if depth is None or not isinstance(value, dict) or not value or _is_leaf(value):
         return value
     if depth <= 0:
         return {"$more": len(value)}
@@ -948,7 +948,7 @@ class Control:
 
     def _name_workers(self, nodes: dict[str, Any], sessions: dict[bytes, _Session]) -> None:
         """Workers know no name of their own: their parent's list has it."""
-        names: dict[int, str] = {}
+        names: dict[int, str] = {p.pid: p.name for p in self.mesh._children}
         for info in nodes.values():
             if isinstance(info, dict) and isinstance(info.get("workers"), dict):
                 for w in info["workers"].values():
