@@ -197,6 +197,15 @@ async def test_deadline_travels_and_giving_up_reaches_the_callee(rd: Path) -> No
             assert call.deadline is None and call.remaining is None
             call.reply("ok")
             assert await line(proc) == {"reply": "ok"}
+        # a sender from open() carries deadlines too
+        svc = await mesh.open("slow")
+        assert isinstance(svc, meshipc.ServiceSender)
+        pending = asyncio.create_task(svc.call("again", timeout=5))
+        call = await asyncio.wait_for(rx.recv(), T)
+        assert call.request == "again" and call.deadline is not None
+        call.reply(1)
+        assert await asyncio.wait_for(pending, T) == 1
+        svc.close()
         tx.close()
 
 

@@ -8,7 +8,7 @@ running mesh at runtime. See README.md.
 
 from . import sync  # the blocking API: meshipc.sync.connect
 from ._channel import Call, Port, Receiver, Sender, channel
-from ._control import Service, ServiceCall, ServiceNameInUse, ServiceNotFound
+from ._control import Service, ServiceCall, ServiceNameInUse, ServiceNotFound, ServiceSender
 from ._errors import (
     AuthenticationError,
     BufferFull,
@@ -81,4 +81,5 @@ __all__ = (
     "ServiceCall",
     "ServiceNameInUse",
     "ServiceNotFound",
+    "ServiceSender",
 )

@@ -37,7 +37,7 @@ import socket
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, cast
 
 import msgspec
 
@@ -245,6 +245,21 @@ class ServiceCall(Call[Any]):
     @property
     def remaining(self) -> float | None:
         return None if self.deadline is None else self.deadline - time.monotonic()
+
+
+class ServiceSender(Sender[Any]):
+    """A ``Sender`` to a named service (from ``open``): ``call`` also takes
+    ``timeout``, and the callee sees the deadline. Sent to another process,
+    it arrives as a plain ``Sender`` (its calls carry no deadline)."""
+
+    __slots__ = ()
+
+    async def call(self, request: Any, *, timeout: float | None = None) -> Any:
+        """As ``Sender.call``; ``TimeoutError`` after ``timeout`` seconds."""
+        if timeout is None:
+            return await super().call(_Req(None, request))
+        async with asyncio.timeout(timeout):
+            return await super().call(_Req(time.monotonic() + timeout, request))
 
 
 class Service:
@@ -467,7 +482,7 @@ class Control:
         self._clients: dict[bytes, _Session] = {}
         self._services_reg: dict[str, _Entry] = {}
         self._tombstones: dict[str, tuple[str, str]] = {}
-        self._senders: dict[str, Sender[Any]] = {}
+        self._senders: dict[str, ServiceSender] = {}
         if root:
             self._reg_tx, self._reg_rx = channel(RegistryMsg)
             self._registry = self._reg_tx
@@ -810,13 +825,13 @@ class Control:
         result = await self._registry_call(ListServices())
         return dict(result)
 
-    async def open(self, service: str) -> Sender[Any]:
+    async def open(self, service: str) -> ServiceSender:
         result = await self._registry_call(Lookup(service))
         status = result.get("status") if isinstance(result, dict) else None
         if status == "ok":
             sender = result["sender"]
             if isinstance(sender, Sender):
-                return sender
+                return cast(ServiceSender, ServiceSender._wrap(sender._detach()))
         if status == "failed":
             raise NodeFailure(str(result["node"]), f"service {service!r} was on it: {result['reason']}")
         raise ServiceNotFound(service)
@@ -833,10 +848,7 @@ class Control:
                 sender = self._senders[service]
             else:
                 self._senders[service] = sender
-        if timeout is None:
-            return await sender.call(_Req(None, request))
-        async with asyncio.timeout(timeout):
-            return await sender.call(_Req(time.monotonic() + timeout, request))
+        return await sender.call(request, timeout=timeout)
 
     # -------------------------------------------------------------- inspect
 

@@ -27,6 +27,7 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 from ._channel import Port, Sender
+from ._control import ServiceSender
 from ._errors import MeshError
 from ._invitation import ClientConnection
 from ._invitation import connect as _aconnect
@@ -132,6 +133,8 @@ class SyncSender:
         ``TimeoutError`` after ``timeout`` seconds."""
 
         async def call() -> Any:
+            if isinstance(self._sender, ServiceSender):
+                return await self._sender.call(request, timeout=timeout)  # the deadline travels
             async with asyncio.timeout(timeout):
                 return await self._sender.call(request)
 
