@@ -90,7 +90,11 @@ async def test_readme_demo_command_runs():
     assert p.returncode == 0, text
     for expected in (
         "control client attached",
+        "client: services: ticker",
+        "client: inspect: 3 nodes (service pid",
         "client: pause ->",
+        "ticks stay at",
+        "client: resumed: ticks",
         "written by worker pid",
         "a bad request fails remotely: ValueError",
         "control client detached",

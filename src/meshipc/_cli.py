@@ -44,7 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="meshipc", description="secure inter-process mesh for Python")
     p.add_argument("--version", action="version", version=f"meshipc {__version__}")
     sub = p.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("demo", help="run the end-to-end demo: service, worker, attaching control client")
+    demo = sub.add_parser("demo", help="run the end-to-end demo: service, worker, attaching control client")
+    demo.add_argument(
+        "--hold", action="store_true", help="keep the demo mesh running at the end (for the CLI) until Ctrl-C"
+    )
     dc = sub.add_parser("demo-client", help=argparse.SUPPRESS)
     dc.add_argument("name")
     dc.add_argument("--runtime-dir")
@@ -59,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "demo":
         from ._demo import service
 
-        return asyncio.run(service())
+        return asyncio.run(service(args.hold))
     if args.cmd == "demo-client":
         from ._demo import client
 

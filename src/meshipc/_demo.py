@@ -1,34 +1,34 @@
 """``meshipc demo``: the seed scenario end to end.
 
-A named service mesh starts a worker process; a separate control client
-process attaches to the running mesh, inspects and drives the worker
-(pause / resume / status), hands it a file descriptor to write into, and
-detaches; the service keeps running until the demo ends it.
+A named service mesh starts a worker process that registers the service
+``ticker``; a separate control client process attaches to the running mesh,
+lists the services, inspects the mesh, drives the worker through the
+service (pause / resume with numbers that show it), hands it a file
+descriptor to write into, calls a request that fails on purpose, and
+detaches; the service keeps running until the demo ends it. Each step is
+one line with its timing; the exit status is 0 only if every step worked.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
 from typing import Any
 
-import msgspec
-
 import meshipc
 
-
-class Status(msgspec.Struct):
-    pid: int
-    paused: bool
-    ticks: int
+#: Seconds the client watches the ticker while paused, and after resuming.
+WATCH = 0.3
 
 
-async def worker(control: meshipc.Receiver[Any]) -> None:
-    """Counts ticks while not paused; answers control calls."""
+async def worker(ready: meshipc.Sender[Any]) -> None:
+    """Counts ticks while not paused; serves ``ticker`` for the whole mesh."""
     paused = False
     ticks = 0
     resumed = asyncio.Event()
@@ -41,67 +41,112 @@ async def worker(control: meshipc.Receiver[Any]) -> None:
             ticks += 1
             await asyncio.sleep(0.01)
 
+    def status() -> dict[str, Any]:
+        return {"pid": os.getpid(), "paused": paused, "ticks": ticks}
+
+    async def handle(req: Any) -> Any:
+        nonlocal paused
+        op = req.get("op") if isinstance(req, dict) else None
+        if op == "status":
+            return status()
+        if op == "pause":
+            paused = True
+            resumed.clear()
+            return status()
+        if op == "resume":
+            paused = False
+            resumed.set()
+            return status()
+        if op == "write" and isinstance(req.get("fd"), meshipc.Fd):
+            with req["fd"] as fd:
+                os.write(
+                    fd.fileno(),
+                    f"    (written by worker pid {os.getpid()} into the client's fd)\n".encode(),
+                )
+            return "written"
+        raise ValueError(f"unknown request {req!r}")
+
     ticker = asyncio.create_task(tick())
+    mesh = meshipc.current_mesh()
+    mesh.inspect_add("ticker", status)
+    svc = mesh.serve("ticker", handle)
     try:
-        async for call in control:
-            req = call.request
-            op = req.get("op") if isinstance(req, dict) else None
-            if op == "status":
-                call.reply(Status(os.getpid(), paused, ticks))
-            elif op == "pause":
-                paused = True
-                resumed.clear()
-                call.reply(Status(os.getpid(), paused, ticks))
-            elif op == "resume":
-                paused = False
-                resumed.set()
-                call.reply(Status(os.getpid(), paused, ticks))
-            elif op == "write" and isinstance(req.get("fd"), meshipc.Fd):
-                with req["fd"] as fd:
-                    os.write(
-                        fd.fileno(),
-                        f"    (written by worker pid {os.getpid()} into the client's fd)\n".encode(),
-                    )
-                call.reply("written")
-            else:
-                call.fail(ValueError(f"unknown request {req!r}"))
+        await svc
+        ready.send(True)
+        await svc.wait_closed()
     finally:
         ticker.cancel()
 
 
+class _Steps:
+    """Prints one line per step with its duration."""
+
+    def __init__(self) -> None:
+        self.t = time.perf_counter()
+
+    def done(self, text: str) -> None:
+        now = time.perf_counter()
+        print(f"  client: {text}  [{(now - self.t) * 1000:.1f} ms]", flush=True)
+        self.t = now
+
+
 async def client(name: str, runtime_dir: str) -> None:
-    """The control client: attaches by name, drives the worker, detaches."""
-    t0 = time.perf_counter()
+    """The control client: attaches by name, uses services and inspect, detaches."""
+    step = _Steps()
     async with meshipc.connect(name, runtime_dir=runtime_dir) as conn:
-        ctl: meshipc.Sender[Any] = await conn.port.recv()
-        st = await ctl.call({"op": "status"})
-        attach_ms = (time.perf_counter() - t0) * 1000
-        print(f"  client pid {os.getpid()}: attached to mesh {name!r} as node {conn.mesh.node_id}")
-        print(f"  client: connect -> first reply took {attach_ms:.1f} ms")
-        print(f"  client: worker status {st}")
-        print(f"  client: pause -> {await ctl.call({'op': 'pause'})}")
-        before = (await ctl.call({"op": "status"}))["ticks"]
-        after = (await ctl.call({"op": "status"}))["ticks"]
-        print(f"  client: paused, ticks stay at {before} -> {after}")
-        print(f"  client: resume -> {await ctl.call({'op': 'resume'})}")
+        step.done(f"pid {os.getpid()} attached to mesh {name!r} as node {conn.mesh.node_id}")
+        services = await conn.services()
+        if "ticker" not in services:
+            raise RuntimeError(f"the ticker service is missing: {services}")
+        listed = ", ".join(f"{n} (node {s['node'][:12]})" for n, s in services.items())
+        step.done(f"services: {listed}")
+        tree = await conn.inspect(timeout=1.0)
+        nodes = tree["nodes"]
+        roles = ", ".join(f"{n.get('role')} pid {n.get('pid')}" for n in nodes.values())
+        worker_node = nodes[services["ticker"]["node"]]
+        step.done(f"inspect: {len(nodes)} nodes ({roles}); worker's own entry {worker_node['ticker']}")
+
+        st = await conn.call("ticker", {"op": "status"}, timeout=5)
+        step.done(f"worker status {st}")
+        print(f"  client: pause -> {await conn.call('ticker', {'op': 'pause'}, timeout=5)}")
+        before = (await conn.call("ticker", {"op": "status"}))["ticks"]
+        await asyncio.sleep(WATCH)  # the interval being demonstrated
+        after = (await conn.call("ticker", {"op": "status"}))["ticks"]
+        if after != before:
+            raise RuntimeError(f"ticks moved while paused: {before} -> {after}")
+        step.done(f"paused for {WATCH:.1f} s: ticks stay at {before} -> {after}")
+        await conn.call("ticker", {"op": "resume"}, timeout=5)
+        await asyncio.sleep(WATCH)
+        moved = (await conn.call("ticker", {"op": "status"}))["ticks"]
+        if moved <= after:
+            raise RuntimeError(f"ticks did not move after resume: {after} -> {moved}")
+        step.done(f"resumed: ticks {after} -> {moved} in {WATCH:.1f} s")
         sys.stdout.flush()
-        await ctl.call({"op": "write", "fd": meshipc.Fd.dup(sys.stdout)})
+        await conn.call("ticker", {"op": "write", "fd": meshipc.Fd.dup(sys.stdout)}, timeout=5)
+        step.done("passed our stdout to the worker, which wrote the line above")
         try:
-            await ctl.call({"op": "reboot"})
+            await conn.call("ticker", {"op": "reboot"}, timeout=5)
         except meshipc.RemoteError as exc:
-            print(f"  client: a bad request fails remotely: {exc.type_name}: {exc.message}")
-        ctl.close()
-    print("  client: detached")
+            step.done(f"a bad request fails remotely: {exc.type_name}: {exc.message}")
+        else:
+            raise RuntimeError("the bad request did not fail")
+        tree = await conn.inspect(f"nodes/{services['ticker']['node']}/services/ticker")
+        step.done(f"the worker counted {tree['calls']['$counter']} calls, {tree['errors']['$counter']} error")
+    step.done("detached")
 
 
-async def service() -> int:
+async def service(hold: bool = False) -> int:
     runtime_dir = tempfile.mkdtemp(prefix="meshipc-demo-")
     name = f"demo-{os.getpid()}"
+    code = 1
     async with meshipc.Mesh(name=name, runtime_dir=runtime_dir) as mesh:
         print(f"service pid {os.getpid()}: mesh {name!r} in {mesh.directory}")
-        ctl_tx, ctl_rx = meshipc.channel()
-        proc = await mesh.spawn("meshipc._demo:worker", ctl_rx, name="ticker")
-        print(f"service: worker {proc.name!r} running as pid {proc.pid}")
+        ready_tx, ready_rx = meshipc.channel()
+        proc = await mesh.spawn("meshipc._demo:worker", ready_tx, name="ticker")
+        await asyncio.wait_for(ready_rx.recv(), 30)
+        print(f"service: worker {proc.name!r} running as pid {proc.pid}, serving 'ticker'")
+        clients = 0
+        mesh.inspect_add("demo", lambda: {"clients_seen": clients})
         listener = await mesh.listen()
         print(f"service: listening for control clients on {listener.path}")
         cp = await asyncio.create_subprocess_exec(
@@ -109,21 +154,28 @@ async def service() -> int:
         )
         try:
             conn = await asyncio.wait_for(listener.accept(), 30)
+            clients += 1
             print(f"service: control client attached (pid {conn.peer.pid}, uid {conn.peer.uid})")
-            conn.port.send(ctl_tx.clone())  # the client drives the worker directly
-            try:
+            with contextlib.suppress(meshipc.ChannelClosed):
                 await conn.port.recv()
-            except meshipc.ChannelClosed:
-                print("service: control client detached")
+            print("service: control client detached")
             code = await asyncio.wait_for(cp.wait(), 30)
         finally:
             if cp.returncode is None:
                 cp.kill()
                 await cp.wait()
-        st = await ctl_tx.call({"op": "status"})
+        st = await mesh.call("ticker", {"op": "status"}, timeout=5)
         print(f"service: still running after the client left: {st}")
-        ctl_tx.close()
-        print(f"service: worker exited with code {await asyncio.wait_for(proc.wait(), 10)}")
+        if hold:
+            print("service: holding; try in another terminal (Ctrl-C to end):")
+            for cmd, extra in (("status", ""), ("inspect", " -r"), ("call", ' ticker \'{"op": "status"}\'')):
+                print(f"  meshipc {cmd} {name}{extra} --runtime-dir {runtime_dir}")
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            loop.add_signal_handler(signal.SIGINT, stop.set)
+            await stop.wait()
+            loop.remove_signal_handler(signal.SIGINT)
+    print(f"service: worker exited with code {proc.returncode}")
     shutil.rmtree(runtime_dir, ignore_errors=True)
     print("service: mesh closed, demo done" if code == 0 else f"service: client failed ({code})")
     return code
