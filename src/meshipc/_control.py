@@ -56,6 +56,8 @@ CONTROL_NAME: Final = "control.sock"
 SESSION_TIMEOUT: Final = 10.0
 #: Services of dead nodes remembered (to answer NodeFailure, not "unknown").
 MAX_TOMBSTONES: Final = 256
+#: Seconds a handler runs before a task starts watching for its caller to give up.
+WATCH_AFTER: Final = 0.05
 _MAGIC = b"MCT1"
 _ST_OK, _ST_DUPLICATE = 0, 1
 
@@ -363,28 +365,39 @@ class Service:
         key = id(call)
         self._active[key] = time.monotonic()
         loop = asyncio.get_running_loop()
-        work = loop.create_task(self._invoke(call))
-        gone = loop.create_task(call.wait_cancelled())
+        me = asyncio.current_task()
+        # most calls end quickly: a task that watches the caller is started
+        # only for a call still running after WATCH_AFTER seconds
+        watcher: list[asyncio.Task[None]] = []
+        timer = loop.call_later(WATCH_AFTER, self._watch_caller, call, me, watcher)
         try:
-            done, _ = await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
-            if work not in done:
-                work.cancel()  # the caller gave up: stop working for it
-                with contextlib.suppress(BaseException):
-                    await work
-                return
-            exc = work.exception()
-            if exc is not None:
-                self.errors += 1
-                with contextlib.suppress(ChannelClosed):
-                    call.fail(exc)
-                return
+            result = await self._invoke(call)
+        except asyncio.CancelledError:
+            if self.closed or call.cancelled:
+                return  # the caller gave up (or the service closed): nobody to answer
+            raise
+        except Exception as exc:
+            self.errors += 1
             with contextlib.suppress(ChannelClosed):
-                call.reply(work.result())
+                call.fail(exc)
+        else:
+            with contextlib.suppress(ChannelClosed):
+                call.reply(result)
         finally:
-            gone.cancel()
-            if not work.done():
-                work.cancel()
+            timer.cancel()
+            for t in watcher:
+                t.cancel()
             self._active.pop(key, None)
+
+    def _watch_caller(
+        self, call: ServiceCall, work: asyncio.Task[Any] | None, watcher: list[asyncio.Task[None]]
+    ) -> None:
+        async def watch() -> None:
+            await call.wait_cancelled()
+            if work is not None and not work.done():
+                work.cancel()  # the caller gave up: stop working for it
+
+        watcher.append(asyncio.get_running_loop().create_task(watch()))
 
     async def _invoke(self, call: ServiceCall) -> Any:
         handler = self._handler
