@@ -524,3 +524,16 @@ async def test_cli_missing_and_stale_mesh(rd: Path) -> None:
         await owner.wait()
     code, _, err = await cli(rd, "status", "stale")
     assert code == 1 and "mesh 'stale' is not accepting clients" in err and "meshipc ls" in err
+
+
+async def test_cli_help_has_text_for_every_command_and_option(rd: Path) -> None:
+    for cmd in ([], ["status"], ["inspect"], ["call"], ["demo"]):
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "meshipc", *cmd, "--help", stdout=asyncio.subprocess.PIPE
+        )
+        out, _ = await asyncio.wait_for(proc.communicate(), T)
+        text = out.decode()
+        assert proc.returncode == 0 and "usage: meshipc" in text
+        assert "SUPPRESS" not in text and "demo-client" not in text, text
+        options = [ln for ln in text.splitlines() if ln.startswith("  -")]
+        assert all(len(ln.split("  ")) > 2 or ln.rstrip().endswith(",") for ln in options), text

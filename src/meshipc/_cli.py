@@ -48,9 +48,6 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument(
         "--hold", action="store_true", help="keep the demo mesh running at the end (for the CLI) until Ctrl-C"
     )
-    dc = sub.add_parser("demo-client", help=argparse.SUPPRESS)
-    dc.add_argument("name")
-    dc.add_argument("--runtime-dir")
     ls = sub.add_parser("ls", help="list this user's named meshes")
     ls.add_argument("--runtime-dir")
     from ._ctlcli import COMMANDS, add_commands, run
@@ -63,11 +60,6 @@ def main(argv: list[str] | None = None) -> int:
         from ._demo import service
 
         return asyncio.run(service(args.hold))
-    if args.cmd == "demo-client":
-        from ._demo import client
-
-        asyncio.run(client(args.name, args.runtime_dir))
-        return 0
     if args.cmd == "ls":
         return _ls(args.runtime_dir)
     return 2

@@ -722,8 +722,12 @@ class Control:
             return {"ok": True}
         if isinstance(req, Lookup):
             e = self._services_reg.get(req.name)
-            if e is not None and not _sender_dead(e.sender):
-                return {"status": "ok", "sender": e.sender.clone()}
+            if e is not None:
+                if not _sender_dead(e.sender):
+                    return {"status": "ok", "sender": e.sender.clone()}
+                err = e.sender._states[0].error if e.sender._states else None
+                if err is not None:  # its node died; the session has not noticed yet
+                    return {"status": "failed", "node": e.node.hex(), "reason": str(err)}
             dead = self._tombstones.get(req.name)
             if dead is not None:
                 return {"status": "failed", "node": dead[0], "reason": dead[1]}

@@ -149,9 +149,7 @@ async def service(hold: bool = False) -> int:
         mesh.inspect_add("demo", lambda: {"clients_seen": clients})
         listener = await mesh.listen()
         print(f"service: listening for control clients on {listener.path}")
-        cp = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "meshipc", "demo-client", name, "--runtime-dir", runtime_dir
-        )
+        cp = await asyncio.create_subprocess_exec(sys.executable, "-m", "meshipc._demo", name, runtime_dir)
         try:
             conn = await asyncio.wait_for(listener.accept(), 30)
             clients += 1
@@ -179,3 +177,7 @@ async def service(hold: bool = False) -> int:
     shutil.rmtree(runtime_dir, ignore_errors=True)
     print("service: mesh closed, demo done" if code == 0 else f"service: client failed ({code})")
     return code
+
+
+if __name__ == "__main__":  # the demo's control client: python -m meshipc._demo NAME RUNTIME_DIR
+    asyncio.run(client(sys.argv[1], sys.argv[2]))

@@ -213,18 +213,13 @@ class SyncConnection:
         return f"<SyncConnection node={self._conn.mesh.node_id!r}>"
 
 
-def connect(
-    name_or_path: str | os.PathLike[str],
-    *,
-    runtime_dir: str | os.PathLike[str] | None = None,
-    expected_uid: int | None = None,
-) -> SyncConnection:
-    """Attach to a running mesh (as ``meshipc.connect``) without ``async``.
-
-    Raises what ``meshipc.connect`` raises."""
+def connect(name_or_path: str | os.PathLike[str], **options: Any) -> SyncConnection:
+    """Attach to a running mesh without ``async``: the same arguments as
+    ``meshipc.connect`` (``runtime_dir=``, ``expected_uid=`` …), and raises
+    what it raises."""
     portal = Portal()
     try:
-        cm = _aconnect(name_or_path, runtime_dir=runtime_dir, expected_uid=expected_uid)
+        cm = _aconnect(name_or_path, **options)
         conn = portal.call(cm.__aenter__)
     except BaseException:
         portal.stop()
