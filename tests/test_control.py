@@ -537,3 +537,33 @@ async def test_cli_help_has_text_for_every_command_and_option(rd: Path) -> None:
         assert "SUPPRESS" not in text and "demo-client" not in text, text
         options = [ln for ln in text.splitlines() if ln.startswith("  -")]
         assert all(len(ln.split("  ")) > 2 or ln.rstrip().endswith(",") for ln in options), text
+
+
+async def test_inspect_counts_what_was_sent_and_not_read(rd: Path) -> None:
+    async with Mesh(name="i4", runtime_dir=rd) as mesh:
+        listener = await mesh.listen()
+        async with meshipc.connect("i4", runtime_dir=rd) as conn:
+            server = await asyncio.wait_for(listener.accept(), T)
+            await asyncio.wait_for(conn.services(), T)  # its control session is up
+            me, them = bytes(mesh.node_id).hex(), bytes(conn.mesh.node_id).hex()
+            before = (await mesh.inspect(f"nodes/{them}/ports", timeout=T))["unconsumed_out_messages"]
+            for _ in range(10):
+                conn.port.send(b"x" * 1000)
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + T
+            while True:  # no event says "arrived but unread": poll the tree, bounded
+                tree = await mesh.inspect(timeout=T)
+                if tree["nodes"][me]["ports"]["queued_messages"] >= 10 or loop.time() > deadline:
+                    break
+                await asyncio.sleep(0.01)
+            mine, theirs = tree["nodes"][me], tree["nodes"][them]
+            assert mine["ports"]["queued_messages"] == 10
+            assert mine["ports"]["queued_bytes"] >= 10 * 1000
+            assert theirs["ports"]["unconsumed_out_messages"] == before + 10
+            assert theirs["ports"]["unconsumed_out_bytes"] >= 10 * 1000
+            assert mine["connections"][them]["bytes_in"]["$counter"] >= 10 * 1000
+            assert theirs["connections"][me]["bytes_out"]["$counter"] >= 10 * 1000
+            for _ in range(10):
+                assert await asyncio.wait_for(server.port.recv(), T) == b"x" * 1000
+            tree = await mesh.inspect(f"nodes/{me}/ports")
+            assert tree["queued_messages"] == 0

@@ -1053,7 +1053,7 @@ class Control:
         modes = {OWNED: "owned", SENDING: "sending", PROXY: "proxy"}
         by_state: dict[str, int] = {}
         by_peer: dict[str, int] = {}
-        queued_msgs = queued_bytes = 0
+        queued_msgs = queued_bytes = unacked_msgs = unacked_bytes = 0
         for st in list(node.engine.ports.values()):
             state = modes.get(st.mode, str(st.mode))
             if st.mode == OWNED:
@@ -1068,6 +1068,11 @@ class Control:
             by_peer[where] = by_peer.get(where, 0) + 1
             queued_msgs += len(st.queue)
             queued_bytes += sum(len(m.body) for m in st.queue if m.body is not None)
+            # flow control: sent to another node, not yet reported consumed
+            unacked = getattr(st, "unacked", None)
+            if unacked:
+                unacked_msgs += len(unacked)
+                unacked_bytes += getattr(st, "out_bytes", 0)
         workers = {
             f"{p.name}-{p.pid}": {
                 "name": p.name,
@@ -1092,6 +1097,8 @@ class Control:
                 "by_peer": by_peer,
                 "queued_messages": queued_msgs,
                 "queued_bytes": queued_bytes,
+                "unconsumed_out_messages": unacked_msgs,
+                "unconsumed_out_bytes": unacked_bytes,
             },
             "services": {name: s.snapshot() for name, s in sorted(self._services.items())},
             "workers": workers,
