@@ -1,4 +1,4 @@
-"""Attach to the running `jobs` service, drive its worker, detach.
+"""Attach to the running `jobs` mesh, call its `jobs` service, detach.
 
 python examples/control.py submit "build the kernel"
 python examples/control.py list
@@ -15,12 +15,10 @@ import meshipc
 async def main(argv: list[str]) -> int:
     try:
         async with meshipc.connect("jobs") as conn:
-            jobs = await conn.port.recv()  # a Sender to the service's worker
             if argv[:1] == ["submit"] and len(argv) == 2:
-                print("queued as job", await jobs.call(["submit", argv[1]]))
+                print("queued as job", await conn.call("jobs", ["submit", argv[1]], timeout=5))
             else:
-                print(await jobs.call(["list"]))
-            jobs.close()
+                print(await conn.call("jobs", ["list"], timeout=5))
     except meshipc.ConnectError as exc:
         print(f"is the service running? {exc}", file=sys.stderr)
         return 1

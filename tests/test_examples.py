@@ -4,6 +4,7 @@ control clients attaching from others."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import sys
@@ -26,10 +27,10 @@ def runtime_dir() -> Iterator[str]:
     shutil.rmtree(d, ignore_errors=True)
 
 
-async def run(env: dict[str, str], *args: str) -> tuple[int, str]:
+async def run(env: dict[str, str], *args: str, script: str | None = "control.py") -> tuple[int, str]:
     p = await asyncio.create_subprocess_exec(
         sys.executable,
-        str(EXAMPLES / "control.py"),
+        *([str(EXAMPLES / script)] if script else []),
         *args,
         env=env,
         stdout=asyncio.subprocess.PIPE,
@@ -60,6 +61,13 @@ async def test_service_and_control_examples(runtime_dir: str):
         assert await run(env, "submit", "test") == (0, "queued as job 2\n")
         code, out = await run(env, "list")
         assert code == 0 and "'jobs': ['build', 'test']" in out
+        # the same service through the blocking API and the CLI
+        code, out = await run(env, "submit", "deploy", script="control_sync.py")
+        assert (code, out) == (0, "queued as job 3\n")
+        code, out = await run(env, "-m", "meshipc", "call", "jobs", "jobs", '["list"]', script=None)
+        assert code == 0 and json.loads(out)["jobs"] == ["build", "test", "deploy"]
+        code, out = await run(env, "-m", "meshipc", "status", "jobs", script=None)
+        assert code == 0 and "jobs-worker  pid" in out and "jobs  on jobs-worker" in out
         # Ctrl-C in the terminal: the whole process group gets SIGINT
         os.killpg(svc.pid, signal.SIGINT)
         await asyncio.wait_for(svc.wait(), 30)
