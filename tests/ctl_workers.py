@@ -33,6 +33,14 @@ async def idle(arg: meshipc.Sender[Any]) -> None:
     until stopped (for inspect tests)."""
     mesh = meshipc.current_mesh()
     mesh.inspect_add("mood", lambda: {"calm": True})
+    level = ["info"]
+
+    async def set_level(value: Any) -> None:
+        if value not in ("debug", "info", "warning"):
+            raise ValueError(f"not a level: {value!r}")
+        level[0] = value
+
+    mesh.inspect_add("level", lambda: level[0], update=set_level)
     await mesh.services()  # needs the session with the root
     arg.send(os.getpid())
     await asyncio.Event().wait()  # until the worker is stopped

@@ -535,8 +535,12 @@ async def test_cli_help_has_text_for_every_command_and_option(rd: Path) -> None:
         text = out.decode()
         assert proc.returncode == 0 and "usage: meshipc" in text
         assert "SUPPRESS" not in text and "demo-client" not in text, text
-        options = [ln for ln in text.splitlines() if ln.startswith("  -")]
-        assert all(len(ln.split("  ")) > 2 or ln.rstrip().endswith(",") for ln in options), text
+        lines = text.splitlines()
+        for i, ln in enumerate(lines):
+            if ln.startswith("  -"):  # an option: its help on the same line or the next
+                same = len([p for p in ln.strip().split("  ") if p]) > 1
+                nxt = lines[i + 1] if i + 1 < len(lines) else ""
+                assert same or (nxt.startswith(" " * 10) and nxt.strip()), (ln, text)
 
 
 async def test_inspect_counts_what_was_sent_and_not_read(rd: Path) -> None:
@@ -567,3 +571,29 @@ async def test_inspect_counts_what_was_sent_and_not_read(rd: Path) -> None:
                 assert await asyncio.wait_for(server.port.recv(), T) == b"x" * 1000
             tree = await mesh.inspect(f"nodes/{me}/ports")
             assert tree["queued_messages"] == 0
+
+
+async def test_inspect_update_of_updatable_entries(rd: Path) -> None:
+    async with Mesh(name="u1", runtime_dir=rd) as mesh:
+        await mesh.listen()
+        ready_tx, ready_rx = meshipc.channel()
+        proc = await mesh.spawn("ctl_workers:idle", ready_tx, name="levels")
+        try:
+            await asyncio.wait_for(ready_rx.recv(), T)
+            tree = await mesh.inspect(timeout=T)
+            (wid,) = [k for k, n in tree["nodes"].items() if n["pid"] == proc.pid]
+            assert tree["nodes"][wid]["level"] == "info"
+            assert await mesh.inspect_update(f"nodes/{wid[:8]}/level", "debug") == "debug"
+            assert await mesh.inspect(f"nodes/{wid}/level") == "debug"
+            with pytest.raises(meshipc.RemoteError, match="not a level"):
+                await mesh.inspect_update(f"nodes/{wid}/level", "loud")
+            with pytest.raises(LookupError, match="no updatable inspect entry 'mood'"):
+                await mesh.inspect_update(f"nodes/{wid}/mood", 1)
+            code, out, _ = await cli(rd, "inspect", "u1", f"nodes/{wid}/level", "-u", "warning")
+            assert code == 0 and out.strip() == "warning"
+            code, out, _ = await cli(rd, "inspect", "u1", f"nodes/{wid}/level", "-j")
+            assert code == 0 and json.loads(out) == "warning"
+            code, _, err = await cli(rd, "inspect", "u1", f"nodes/{wid}/mood", "-u", "1")
+            assert code == 1 and "no updatable inspect entry 'mood'" in err
+        finally:
+            proc.kill()

@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any, Final, cast
 import msgspec
 
 from ._channel import Call, Port, Receiver, Sender, channel
-from ._errors import ChannelClosed, MeshError, MessageError, NodeFailure, PortFailed
+from ._errors import ChannelClosed, MeshError, MessageError, NodeFailure, PortFailed, RemoteError
 from ._ids import PortId
 from ._node import PeerCred, accept_ready, listen_private
 
@@ -144,7 +144,13 @@ class InspectMesh(msgspec.Struct, tag=True):
     sensitive: bool = False
 
 
-RegistryMsg = Register | Unregister | Lookup | ListServices | InspectMesh
+class UpdateMesh(msgspec.Struct, tag=True):
+    path: str
+    value: Any
+    timeout: float = 1.0
+
+
+RegistryMsg = Register | Unregister | Lookup | ListServices | InspectMesh | UpdateMesh
 
 
 class InspectNode(msgspec.Struct, tag=True):
@@ -153,7 +159,12 @@ class InspectNode(msgspec.Struct, tag=True):
     sensitive: bool = False
 
 
-NodeMsg = InspectNode
+class UpdateNode(msgspec.Struct, tag=True):
+    name: str
+    value: Any
+
+
+NodeMsg = InspectNode | UpdateNode
 
 
 # ------------------------------------------------------------------ tree helpers
@@ -480,7 +491,7 @@ class Control:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._services: dict[str, Service] = {}
         self._entries: dict[str, tuple[str, str | None, str | None]] = {}
-        self._app: dict[str, tuple[Callable[[], Any], bool]] = {}
+        self._app: dict[str, tuple[Callable[[], Any], bool, Callable[[Any], Any] | None]] = {}
         # the node's own control server (inspect requests from the root)
         self._ctl_tx, self._ctl_rx = channel(NodeMsg)
         self._spawn(self._serve_node())
@@ -692,7 +703,7 @@ class Control:
         async for msg in self._reg_rx:
             if isinstance(msg, Call):
                 req = msg.request
-                if isinstance(req, InspectMesh):
+                if isinstance(req, (InspectMesh, UpdateMesh)):
                     self._spawn(self._answer_inspect(msg, req))
                     continue
                 try:
@@ -753,6 +764,8 @@ class Control:
         if self.root:
             if isinstance(req, InspectMesh):
                 return await self._inspect_mesh(req)
+            if isinstance(req, UpdateMesh):
+                return await self._update_mesh(req)
             return self._registry_op(req)
         await asyncio.shield(self._ready)
         if self._registry is None:
@@ -869,14 +882,66 @@ class Control:
 
     # -------------------------------------------------------------- inspect
 
-    def inspect_add(self, name: str, fn: Callable[[], Any], sensitive: bool = False) -> None:
+    def inspect_add(
+        self,
+        name: str,
+        fn: Callable[[], Any],
+        sensitive: bool = False,
+        update: Callable[[Any], Any] | None = None,
+    ) -> None:
         if not isinstance(name, str) or not name or "/" in name or name.startswith("$"):
             raise ValueError("an inspect entry name is a non-empty string without '/' or a leading '$'")
         if name in _BUILTIN_KEYS or name in self._app:
             raise ValueError(f"inspect entry {name!r} already exists")
-        if not callable(fn):
+        if not callable(fn) or (update is not None and not callable(update)):
             raise TypeError("inspect_add() takes a function returning plain data (or awaiting it)")
-        self._app[name] = (fn, sensitive)
+        self._app[name] = (fn, sensitive, update)
+
+    async def inspect_update(self, path: str, value: Any, timeout: float = 1.0) -> Any:
+        req = UpdateMesh(path, value, timeout)
+        try:
+            async with asyncio.timeout(timeout + 2.0):
+                return await self._registry_call(req)
+        except TimeoutError:
+            raise MeshError(f"no answer to the update of {path!r} within {timeout + 2.0:.1f} s") from None
+
+    async def _update_mesh(self, req: UpdateMesh) -> Any:
+        parts = _split(req.path)
+        if len(parts) != 3 or parts[0] != "nodes":
+            raise LookupError(f"{req.path!r} is not an updatable entry (nodes/<node id>/<entry>)")
+        me = bytes(self.node.id).hex()
+        sessions = {p.hex(): s for p, s in self._clients.items() if s.hello is not None}
+        matches = [n for n in (me, *sessions) if n.startswith(parts[1])]
+        if len(matches) != 1:
+            raise LookupError(f"no node {parts[1]!r} in this mesh")
+        msg = UpdateNode(parts[2], req.value)
+        if matches[0] == me:
+            return await self._update_node(msg)
+        hello = sessions[matches[0]].hello
+        if hello is None:
+            raise LookupError(f"node {parts[1]!r} has not said hello")
+        try:
+            async with asyncio.timeout(req.timeout):
+                return await hello.ctl.call(msg)
+        except TimeoutError:
+            raise MeshError(f"node {parts[1]} did not answer within {req.timeout:g} s") from None
+        except RemoteError as exc:
+            if exc.type_name == "LookupError":
+                raise LookupError(exc.message) from None
+            raise
+
+    async def _update_node(self, req: UpdateNode) -> Any:
+        entry = self._app.get(req.name)
+        if entry is None or entry[2] is None:
+            raise LookupError(f"no updatable inspect entry {req.name!r}")
+        fn, _, update = entry
+        done = update(req.value) if update is not None else None
+        if _inspect.isawaitable(done):
+            await done
+        value = fn()
+        if _inspect.isawaitable(value):
+            value = await value
+        return _jsonable(value)
 
     async def inspect(
         self, path: str = "", depth: int | None = None, timeout: float = 1.0, sensitive: bool = False
@@ -891,9 +956,12 @@ class Control:
         except TimeoutError:
             raise MeshError(f"the mesh root did not answer inspect within {timeout + 2.0:.1f} s") from None
 
-    async def _answer_inspect(self, call: Call[Any], req: InspectMesh) -> None:
+    async def _answer_inspect(self, call: Call[Any], req: InspectMesh | UpdateMesh) -> None:
         try:
-            result = await self._inspect_mesh(req)
+            if isinstance(req, UpdateMesh):
+                result = await self._update_mesh(req)
+            else:
+                result = await self._inspect_mesh(req)
         except KeyError as exc:
             with contextlib.suppress(ChannelClosed):
                 call.fail(LookupError(f"no inspect entry {exc.args[0]!r}"))
@@ -1005,7 +1073,10 @@ class Control:
     async def _answer_node(self, call: Call[Any]) -> None:
         req = call.request
         try:
-            result = await self._inspect_node(req)
+            if isinstance(req, UpdateNode):
+                result = await self._update_node(req)
+            else:
+                result = await self._inspect_node(req)
         except KeyError as exc:
             with contextlib.suppress(ChannelClosed):
                 call.fail(LookupError(f"no inspect entry {exc.args[0]!r}"))
@@ -1020,7 +1091,7 @@ class Control:
     async def _inspect_node(self, req: InspectNode) -> Any:
         parts = _split(req.path)
         tree = self.node_tree()
-        for name, (fn, sensitive) in self._app.items():
+        for name, (fn, sensitive, _) in self._app.items():
             if parts and parts[0] != name:
                 continue
             if sensitive and not req.sensitive:

@@ -80,6 +80,12 @@ def add_commands(sub: Any) -> None:
         "--period", type=float, default=1.0, metavar="S", help="seconds between polls (default: %(default)s)"
     )
     ins.add_argument("--count", type=int, metavar="N", help="stop after N polls (default: until Ctrl-C)")
+    ins.add_argument(
+        "-u",
+        "--update",
+        metavar="VALUE",
+        help="set the updatable entry at PATH (nodes/<id>/<entry>) to VALUE (JSON, else a string)",
+    )
 
     ca = sub.add_parser(
         "call",
@@ -203,6 +209,19 @@ async def _fetch(conn: Any, args: argparse.Namespace, path: str, depth: int | No
 
 
 async def _inspect(conn: Any, args: argparse.Namespace) -> int:
+    if args.update is not None:
+        try:
+            value = json.loads(args.update)
+        except json.JSONDecodeError:
+            value = args.update
+        try:
+            new = await conn.inspect_update(args.path, value, args.timeout)
+        except RemoteError as exc:
+            raise CliError(f"cannot update {args.path!r}: {exc.message}") from None
+        except MeshError as exc:
+            raise CliError(f"cannot update {args.path!r}: {exc}") from None
+        print(json.dumps(new, indent=2) if args.json else render(new))
+        return 0
     if args.limit is not None:
         depth: int | None = args.limit
     elif args.recursive:

@@ -443,6 +443,13 @@ class ClientConnection:
         that does not shows as ``{"$unresolved": reason}``."""
         return await self.mesh._control.inspect(path, depth, timeout, sensitive)
 
+    async def inspect_update(self, path: str, value: Any, timeout: float = 1.0) -> Any:
+        """Set the entry at ``path`` (``"nodes/<id prefix>/<entry>"``) that
+        its node registered as updatable (``inspect_add(..., update=fn)``);
+        returns the entry's new value. The root answers ``RemoteError``
+        (``LookupError``) for a path that is not updatable."""
+        return await self.mesh._control.inspect_update(path, value, timeout)
+
     def __repr__(self) -> str:
         return f"<ClientConnection node={self.mesh.node_id!r}>"
 

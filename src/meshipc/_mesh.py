@@ -262,11 +262,25 @@ class Mesh:
         ``await`` the returned ``Service`` to learn the registry's verdict."""
         return self._control.serve(name, handler, request_type, reply_type)
 
-    def inspect_add(self, name: str, fn: Callable[[], Any], sensitive: bool = False) -> None:
+    def inspect_add(
+        self,
+        name: str,
+        fn: Callable[[], Any],
+        sensitive: bool = False,
+        *,
+        update: Callable[[Any], Any] | None = None,
+    ) -> None:
         """Add the entry ``name`` to this node's inspect subtree: ``fn()``
         returns plain data (or an awaitable of it) when someone inspects.
-        ``sensitive`` entries show only when asked for (``sensitive=True``)."""
-        self._control.inspect_add(name, fn, sensitive)
+        ``sensitive`` entries show only when asked for (``sensitive=True``).
+        With ``update``, ``inspect_update("nodes/<id>/<name>", value)`` calls
+        ``update(value)`` (may be async). Raises ``ValueError`` for a name
+        that is taken or malformed."""
+        self._control.inspect_add(name, fn, sensitive, update)
+
+    async def inspect_update(self, path: str, value: Any, timeout: float = 1.0) -> Any:
+        """Update an updatable entry (see ``ClientConnection.inspect_update``)."""
+        return await self._control.inspect_update(path, value, timeout)
 
     async def services(self) -> dict[str, Any]:
         """The mesh's services: name -> node, request and reply type names."""

@@ -191,6 +191,9 @@ class SyncConnection:
     ) -> Any:
         return self._portal.call(self._conn.inspect, path, depth, timeout, sensitive=sensitive)
 
+    def inspect_update(self, path: str, value: Any, timeout: float = 1.0) -> Any:
+        return self._portal.call(self._conn.inspect_update, path, value, timeout)
+
     def close(self) -> None:
         """Detach from the mesh and stop the portal thread (idempotent)."""
         with self._lock:
