@@ -315,15 +315,23 @@ async def test_sensitive_entries_are_hidden_and_the_secret_never_shows(rd: Path)
             return "hunter2"
 
         mesh.inspect_add("token", token, sensitive=True)
+
+        async def stuck() -> None:
+            await asyncio.Event().wait()
+
+        mesh.inspect_add("stuck", stuck)
         with pytest.raises(ValueError):
             mesh.inspect_add("jobs", lambda: 1)
         me = bytes(mesh.node_id).hex()
-        tree = await mesh.inspect()
+        t0 = time.monotonic()
+        tree = await asyncio.wait_for(mesh.inspect(timeout=0.5), T)
+        assert time.monotonic() - t0 < 2.0
         assert tree["nodes"][me]["jobs"] == {"queued": 3}
+        assert "no answer within" in tree["nodes"][me]["stuck"]["$unresolved"]
         assert "hunter2" not in json.dumps(tree)
         assert await mesh.inspect(f"nodes/{me}/token", sensitive=True) == "hunter2"
         secret = mesh._node._secret.reveal()
-        dumped = json.dumps(await mesh.inspect(sensitive=True))
+        dumped = json.dumps(await mesh.inspect(sensitive=True, timeout=0.2))
         assert secret.hex() not in dumped and "hunter2" in dumped
         with pytest.raises(LookupError):
             await mesh.inspect("nodes/zzzz")
@@ -349,6 +357,17 @@ async def test_typed_service_checks_its_reply(rd: Path) -> None:
         assert out == {"reply": {"x": 2, "y": 1}}
         out = await run_client(rd, "t1", "call", "bad", '{"x": 1, "y": 2}', "5")
         assert out["error"] == "RemoteError" and "invalid reply" in out["message"]
+        # a Call[T] receiver: its calls are checked against T and carry the deadline
+        tx, rx = meshipc.channel(meshipc.Call[Point])
+        mesh.serve("typed", rx)
+        async with client(rd, "t1", "call", "typed", '{"x": 3, "y": 4}', "5") as proc:
+            call = await asyncio.wait_for(rx.recv(), T)
+            assert call.request == Point(3, 4) and call.deadline is not None
+            call.reply(call.request.x + call.request.y)
+            assert await line(proc) == {"reply": 7}
+        out = await run_client(rd, "t1", "call", "typed", '{"x": "no"}', "5")
+        assert out["error"] == "RemoteError" and "invalid request" in out["message"]
+        tx.close()
 
 
 # ------------------------------------------------------------------ blocking API

@@ -157,6 +157,7 @@ class InspectNode(msgspec.Struct, tag=True):
     path: str = ""
     depth: int | None = None
     sensitive: bool = False
+    timeout: float = 1.0
 
 
 class UpdateNode(msgspec.Struct, tag=True):
@@ -367,6 +368,10 @@ class Service:
                 except ChannelClosed:
                     self.close()
                     return
+                except MeshError as exc:  # e.g. the application stopped draining (BufferFull)
+                    self.errors += 1
+                    with contextlib.suppress(ChannelClosed):
+                        sc.fail(exc)
                 continue
             t = asyncio.get_running_loop().create_task(self._handle(sc))
             self._tasks.add(t)
@@ -792,6 +797,12 @@ class Control:
         if isinstance(handler, Receiver):
             if not handler._states:
                 raise ChannelClosed("serve() was given a closed receiver")
+            if getattr(handler, "_calls_only", False):
+                # a Call[T] receiver takes only calls; ours arrive as local
+                # ServiceCall objects (with the deadline), validated against T here
+                if request_type is None and handler._type is not Any:
+                    request_type = handler._type
+                handler._calls_only = False
             ftx, frx = channel()
             for st in frx._detach():
                 handler._add(st)  # calls arrive on the application's receiver
@@ -1019,14 +1030,19 @@ class Control:
 
         async def ask(n: str) -> Any:
             sub = "/".join(sub_parts)
+            ask_node = InspectNode(sub, node_depth, req.sensitive, req.timeout)
             if n == node_ids[0]:
-                return await self._inspect_node(InspectNode(sub, node_depth, req.sensitive))
+                try:
+                    async with asyncio.timeout(req.timeout):
+                        return await self._inspect_node(ask_node)
+                except TimeoutError:
+                    return {"$unresolved": f"no answer within {req.timeout:g} s"}
             hello = sessions[bytes.fromhex(n)].hello
             if hello is None:
                 return {"$unresolved": "the node has not said hello"}
             try:
                 async with asyncio.timeout(req.timeout):
-                    return await hello.ctl.call(InspectNode(sub, node_depth, req.sensitive))
+                    return await hello.ctl.call(ask_node)
             except TimeoutError:
                 return {"$unresolved": f"no answer within {req.timeout:g} s"}
             except MeshError as exc:
@@ -1100,8 +1116,11 @@ class Control:
             try:
                 value = fn()
                 if _inspect.isawaitable(value):
-                    value = await value
+                    # one slow entry must not cost the node its whole answer
+                    value = await asyncio.wait_for(value, req.timeout * 0.8)
                 tree[name] = _jsonable(value)
+            except TimeoutError:
+                tree[name] = {"$unresolved": f"no answer within {req.timeout * 0.8:g} s"}
             except Exception as exc:
                 tree[name] = {"$unresolved": f"{type(exc).__name__}: {exc}"}
         return _prune(_select(tree, parts), req.depth)

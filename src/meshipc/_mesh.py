@@ -109,12 +109,14 @@ class Mesh:
         self._extras: list[Any] = []  # listeners and other things closed with the mesh
         self._lock_fd = -1
         self._control: Control = None  # type: ignore[assignment]  # set on enter
+        self._outer: Mesh | None = None
 
     def _start_control(self, root: bool) -> None:
         from ._control import Control
 
         self._control = Control(self, root)
         self._extras.append(self._control)
+        self._outer = _current.get()
         _current.set(self)
 
     @property
@@ -179,7 +181,7 @@ class Mesh:
             return
         self._closed = True
         if _current.get() is self:
-            _current.set(None)
+            _current.set(self._outer)  # e.g. a worker that attached to another mesh
         for extra in self._extras:
             extra.close()
         for proc in self._children:
