@@ -545,6 +545,32 @@ async def test_cli_missing_and_stale_mesh(rd: Path) -> None:
     assert code == 1 and "mesh 'stale' is not accepting clients" in err and "meshipc ls" in err
 
 
+async def test_cli_against_a_stopped_mesh_gives_up_in_time(rd: Path) -> None:
+    owner = await asyncio.create_subprocess_exec(
+        sys.executable,
+        os.fspath(Path(__file__).with_name("attach_client.py")),
+        "named",
+        os.fspath(rd),
+        "frozen",
+        stdout=asyncio.subprocess.PIPE,
+    )
+    stopped = False
+    try:
+        assert owner.stdout is not None
+        assert b"directory" in await asyncio.wait_for(owner.stdout.readline(), T)
+        os.kill(owner.pid, signal.SIGSTOP)
+        stopped = True
+        t0 = time.monotonic()
+        code, out, err = await cli(rd, "status", "frozen", "-t", "0.5")
+        assert code == 1 and out == "" and "did not let us attach within 2 s" in err, err
+        assert time.monotonic() - t0 < 8
+    finally:
+        if stopped:
+            os.kill(owner.pid, signal.SIGCONT)
+        owner.kill()
+        await owner.wait()
+
+
 async def test_cli_help_has_text_for_every_command_and_option(rd: Path) -> None:
     for cmd in ([], ["status"], ["inspect"], ["call"], ["demo"]):
         proc = await asyncio.create_subprocess_exec(

@@ -878,6 +878,14 @@ class Control:
         raise ServiceNotFound(service)
 
     async def call(self, service: str, request: Any, timeout: float | None = None) -> Any:
+        if timeout is None:
+            return await self._call(service, request, None)
+        # the timeout covers finding the service too
+        deadline = time.monotonic() + timeout
+        async with asyncio.timeout(timeout):
+            return await self._call(service, request, deadline)
+
+    async def _call(self, service: str, request: Any, deadline: float | None) -> Any:
         sender = self._senders.get(service)
         if sender is None or _sender_dead(sender):
             if sender is not None:
@@ -889,7 +897,7 @@ class Control:
                 sender = self._senders[service]
             else:
                 self._senders[service] = sender
-        return await sender.call(request, timeout=timeout)
+        return await Sender.call(sender, _Req(deadline, request))
 
     # -------------------------------------------------------------- inspect
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import sys
@@ -19,6 +20,8 @@ from typing import Any
 from ._errors import ConnectError, JoinError, MeshError, NodeFailure, RemoteError
 
 DEFAULT_TIMEOUT = 1.0
+#: Seconds to attach to the mesh before giving up (at least the -t timeout).
+ATTACH_TIMEOUT = 2.0
 
 
 class CliError(Exception):
@@ -126,8 +129,18 @@ def run(args: argparse.Namespace) -> int:
 async def _run(args: argparse.Namespace) -> int:
     from ._invitation import connect
 
+    # attaching has its own bound: a stopped or hung mesh must not hang the command
+    bound = max(ATTACH_TIMEOUT, args.timeout)
     try:
-        async with connect(args.name, runtime_dir=args.runtime_dir) as conn:
+        async with contextlib.AsyncExitStack() as stack:
+            try:
+                async with asyncio.timeout(bound):
+                    conn = await stack.enter_async_context(connect(args.name, runtime_dir=args.runtime_dir))
+            except TimeoutError:
+                raise CliError(
+                    f"mesh {args.name!r} did not let us attach within {bound:g} s "
+                    "(is its process stopped or overloaded?)"
+                ) from None
             if args.cmd == "status":
                 return await _status(conn, args)
             if args.cmd == "inspect":
