@@ -642,3 +642,33 @@ async def test_inspect_update_of_updatable_entries(rd: Path) -> None:
             assert code == 1 and "no updatable inspect entry 'mood'" in err
         finally:
             proc.kill()
+
+
+async def test_concurrent_calls_show_as_active_then_all_answer(rd: Path) -> None:
+    release = asyncio.Event()
+    arrived = 0
+    all_in = asyncio.Event()
+
+    async def gated(request: Any) -> Any:
+        nonlocal arrived
+        arrived += 1
+        if arrived == 30:
+            all_in.set()
+        await release.wait()
+        return request
+
+    async with Mesh(name="p1", runtime_dir=rd) as mesh:
+        listener = await mesh.listen()
+        mesh.serve("gated", gated)
+        async with meshipc.connect("p1", runtime_dir=rd) as conn:
+            await asyncio.wait_for(listener.accept(), T)
+            calls = [asyncio.create_task(conn.call("gated", i, timeout=T)) for i in range(30)]
+            await asyncio.wait_for(all_in.wait(), T)
+            me = bytes(mesh.node_id).hex()
+            svc = await conn.inspect(f"nodes/{me}/services/gated", timeout=T)
+            assert svc["active"] == 30 and svc["calls"] == {"$counter": 30}
+            assert svc["oldest_active_age"] >= 0
+            release.set()
+            assert await asyncio.wait_for(asyncio.gather(*calls), T) == list(range(30))
+            svc = await conn.inspect(f"nodes/{me}/services/gated", timeout=T)
+            assert svc["active"] == 0 and svc["oldest_active_age"] is None

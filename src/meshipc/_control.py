@@ -495,7 +495,6 @@ class Control:
         self.role = "service" if root else "worker"
         self._tasks: set[asyncio.Task[Any]] = set()
         self._services: dict[str, Service] = {}
-        self._entries: dict[str, tuple[str, str | None, str | None]] = {}
         self._app: dict[str, tuple[Callable[[], Any], bool, Callable[[Any], Any] | None]] = {}
         # the node's own control server (inspect requests from the root)
         self._ctl_tx, self._ctl_rx = channel(NodeMsg)
