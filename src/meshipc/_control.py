@@ -56,6 +56,9 @@ CONTROL_NAME: Final = "control.sock"
 SESSION_TIMEOUT: Final = 10.0
 #: Services of dead nodes remembered (to answer NodeFailure, not "unknown").
 MAX_TOMBSTONES: Final = 256
+#: Seconds after joining that a node starts its session with the root
+#: (at once if it uses the control plane first).
+SESSION_DELAY: Final = 0.05
 #: Seconds a handler runs before a task starts watching for its caller to give up.
 WATCH_AFTER: Final = 0.05
 _MAGIC = b"MCT1"
@@ -520,7 +523,20 @@ class Control:
             self.loop.add_reader(self._lsock.fileno(), self._on_accept)
             self._ready.set_result(None)
         else:
-            self._spawn(self._session())
+            # not at once: a node's first messages (a worker's first reply, a
+            # client's first call) should not queue behind the session setup
+            self._session_task: asyncio.Task[None] | None = None
+            self._session_timer: asyncio.TimerHandle | None = self.loop.call_later(
+                SESSION_DELAY, self._start_session
+            )
+
+    def _start_session(self) -> None:
+        """Start the session with the root now, if not yet started."""
+        if self._session_timer is not None:
+            self._session_timer.cancel()
+            self._session_timer = None
+        if self._session_task is None and not self.closed:
+            self._session_task = self._spawn(self._session())
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         t = self.loop.create_task(coro)
@@ -536,6 +552,8 @@ class Control:
         if self.closed:
             return
         self.closed = True
+        if not self.root and self._session_timer is not None:
+            self._session_timer.cancel()
         for svc in list(self._services.values()):
             svc.close()
         if self._lsock is not None:
@@ -771,6 +789,7 @@ class Control:
             if isinstance(req, UpdateMesh):
                 return await self._update_mesh(req)
             return self._registry_op(req)
+        self._start_session()
         await asyncio.shield(self._ready)
         if self._registry is None:
             raise MeshError("no control plane")
