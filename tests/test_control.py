@@ -672,3 +672,20 @@ async def test_concurrent_calls_show_as_active_then_all_answer(rd: Path) -> None
             assert await asyncio.wait_for(asyncio.gather(*calls), T) == list(range(30))
             svc = await conn.inspect(f"nodes/{me}/services/gated", timeout=T)
             assert svc["active"] == 0 and svc["oldest_active_age"] is None
+
+
+async def test_blocking_port_recv_with_timeout(rd: Path) -> None:
+    async with Mesh(name="b3", runtime_dir=rd) as mesh:
+        listener = await mesh.listen()
+        conn = await asyncio.to_thread(meshipc.sync.connect, "b3", runtime_dir=rd)
+        try:
+            server = await asyncio.wait_for(listener.accept(), T)
+            with pytest.raises(TimeoutError):
+                await asyncio.to_thread(conn.port.recv, 0.05)
+            server.port.send({"hello": 1})
+            assert await asyncio.to_thread(conn.port.recv, T) == {"hello": 1}
+            server.port.close()
+            with pytest.raises(meshipc.ChannelClosed):
+                await asyncio.to_thread(conn.port.recv, T)
+        finally:
+            await asyncio.to_thread(conn.close)
