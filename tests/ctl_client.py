@@ -79,7 +79,7 @@ async def run(rd: str, name: str, mode: str, args: list[str]) -> int:
             else:
                 emit(error="usage", message=f"unknown mode {mode}")
                 return 2
-        except (meshipc.MeshError, TimeoutError) as exc:
+        except (meshipc.MeshError, TimeoutError, LookupError) as exc:
             emit_error(exc)
             return 1
     return 0

@@ -258,6 +258,8 @@ async def test_inspect_after_known_activity(rd: Path) -> None:
         # the same tree from an attached client: nodes, path, depth
         out = await run_client(rd, "i1", "inspect", f"nodes/{me[:8]}/services/double", "-", "1")
         assert out["reply"]["calls"] == {"$counter": 25}
+        out = await run_client(rd, "i1", "inspect", "nodes/nothere", "-", "1")
+        assert out["error"] == "LookupError" and out["message"] == "no inspect entry 'nodes/nothere'"
         out = await run_client(rd, "i1", "inspect", "", "1", "1")
         assert out["reply"]["nodes"] == {"$more": 2}  # the root and this client
         assert "$more" in out["reply"]["mesh"]

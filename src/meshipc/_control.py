@@ -941,6 +941,10 @@ class Control:
                 return await self._registry_call(req)
         except TimeoutError:
             raise MeshError(f"no answer to the update of {path!r} within {timeout + 2.0:.1f} s") from None
+        except RemoteError as exc:
+            if exc.type_name in ("LookupError", "KeyError"):
+                raise LookupError(exc.message) from None
+            raise
 
     async def _update_mesh(self, req: UpdateMesh) -> Any:
         parts = _split(req.path)
@@ -985,13 +989,20 @@ class Control:
     ) -> Any:
         req = InspectMesh(path, depth, timeout, sensitive)
         if self.root:
-            return await self._inspect_mesh(req)
+            try:
+                return await self._inspect_mesh(req)
+            except KeyError as exc:
+                raise LookupError(f"no inspect entry {exc.args[0]!r}") from None
         # the root bounds its fan-out by ``timeout``; this bound covers the root itself
         try:
             async with asyncio.timeout(timeout + 2.0):
                 return await self._registry_call(req)
         except TimeoutError:
             raise MeshError(f"the mesh root did not answer inspect within {timeout + 2.0:.1f} s") from None
+        except RemoteError as exc:
+            if exc.type_name in ("LookupError", "KeyError"):
+                raise LookupError(exc.message) from None
+            raise
 
     async def _answer_inspect(self, call: Call[Any], req: InspectMesh | UpdateMesh) -> None:
         try:

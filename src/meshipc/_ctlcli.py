@@ -213,10 +213,8 @@ def _default(o: Any) -> Any:
 async def _fetch(conn: Any, args: argparse.Namespace, path: str, depth: int | None) -> Any:
     try:
         return await conn.inspect(path, depth, args.timeout, sensitive=getattr(args, "sensitive", False))
-    except RemoteError as exc:
-        if exc.type_name in ("LookupError", "KeyError"):
-            raise CliError(f"no inspect entry {path!r} in mesh {args.name!r}") from None
-        raise CliError(f"inspect failed: {exc}") from None
+    except LookupError:
+        raise CliError(f"no inspect entry {path!r} in mesh {args.name!r}") from None
     except MeshError as exc:
         raise CliError(f"inspect failed: {exc}") from None
 
@@ -229,6 +227,8 @@ async def _inspect(conn: Any, args: argparse.Namespace) -> int:
             value = args.update
         try:
             new = await conn.inspect_update(args.path, value, args.timeout)
+        except LookupError as exc:
+            raise CliError(f"cannot update {args.path!r}: {exc}") from None
         except RemoteError as exc:
             raise CliError(f"cannot update {args.path!r}: {exc.message}") from None
         except MeshError as exc:

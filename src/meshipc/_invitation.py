@@ -440,14 +440,15 @@ class ClientConnection:
         """The mesh's live inspect tree (plain data), or the part at
         ``path`` (``"nodes/<id prefix>/connections"``), cut at ``depth``
         levels. Each node answers for itself within ``timeout`` seconds; one
-        that does not shows as ``{"$unresolved": reason}``."""
+        that does not shows as ``{"$unresolved": reason}``. Raises
+        ``LookupError`` for a path that does not exist."""
         return await self.mesh._control.inspect(path, depth, timeout, sensitive)
 
     async def inspect_update(self, path: str, value: Any, timeout: float = 1.0) -> Any:
         """Set the entry at ``path`` (``"nodes/<id prefix>/<entry>"``) that
         its node registered as updatable (``inspect_add(..., update=fn)``);
-        returns the entry's new value. The root answers ``RemoteError``
-        (``LookupError``) for a path that is not updatable."""
+        returns the entry's new value. Raises ``LookupError`` for a path that
+        is not updatable, ``RemoteError`` if the entry's setter raised."""
         return await self.mesh._control.inspect_update(path, value, timeout)
 
     def __repr__(self) -> str:
