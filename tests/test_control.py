@@ -28,6 +28,9 @@ from meshipc import Mesh
 
 CLIENT = Path(__file__).with_name("ctl_client.py").resolve()
 T = 10.0
+#: Bound on a client process's answer (a Python start, an attach and a request:
+#: well under a second normally, several seconds on a machine at full load).
+PROC_T = 30.0
 
 
 @pytest.fixture
@@ -63,7 +66,7 @@ async def client(rd: Path, name: str, *args: str) -> AsyncIterator[asyncio.subpr
 
 async def line(proc: asyncio.subprocess.Process) -> dict[str, Any]:
     assert proc.stdout is not None and proc.stderr is not None
-    raw = await asyncio.wait_for(proc.stdout.readline(), T)
+    raw = await asyncio.wait_for(proc.stdout.readline(), PROC_T)
     if not raw:
         err = await asyncio.wait_for(proc.stderr.read(), T)
         raise AssertionError(f"client exited without output:\n{err.decode()}")
@@ -75,7 +78,7 @@ async def run_client(rd: Path, name: str, *args: str) -> dict[str, Any]:
     """Run a one-shot client mode and return its one result line."""
     async with client(rd, name, *args) as proc:
         out = await line(proc)
-        await asyncio.wait_for(proc.wait(), T)
+        await asyncio.wait_for(proc.wait(), PROC_T)
         return out
 
 
