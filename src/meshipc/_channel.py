@@ -28,7 +28,7 @@ from ._errors import ChannelClosed, MeshError, MessageError, RemoteError
 from ._fd import Fd
 from ._ids import NodeId, PortId
 from ._ports import Engine, Message, PortState
-from ._wire import K_ADD_SENDER, K_CALL, K_DATA, K_ERROR
+from ._wire import K_ADD_SENDER, K_CALL, K_DATA, K_ERROR, K_REPLY, K_REPLY_ERROR
 
 T = TypeVar("T")
 log = logging.getLogger("meshipc")
@@ -644,6 +644,10 @@ class _Inbox(_Handle):
 
     def _take(self, msg: Message) -> Any:
         kind = msg.kind
+        if kind == K_REPLY:
+            kind = K_DATA  # a peer's last message; the end follows
+        elif kind == K_REPLY_ERROR:
+            kind = K_ERROR
         if kind == K_DATA:
             if self._calls_only:
                 _local_engine.dispose(msg)
@@ -833,7 +837,7 @@ class Sender(_Handle, Generic[T]):
             raise ChannelClosed("the call was dropped without a reply") from None
         finally:
             reply.close()
-        if msg.kind == K_ERROR:
+        if msg.kind == K_REPLY_ERROR or msg.kind == K_ERROR:
             tn, text, tb = msg.obj if msg.body is None else decode(msg, tuple[str, str, str])
             raise RemoteError(tn, text, tb)
         return msg.obj if msg.body is None else decode(msg, Any)
@@ -889,6 +893,21 @@ class _CallMsg:
         self.reply = reply
 
 
+def _engine_final(eng: Engine, st: PortState, kind: int, value: Any) -> None:
+    eng.send_final(st, kind, value)
+
+
+def _answer(p: Port, kind: int, value: Any) -> None:
+    """The one answer to a call: a final message (one frame, no CLOSE)."""
+    if p.closed:
+        raise ChannelClosed("this call was already answered")
+    (st,) = p._detach()
+    if _on_engine_thread(st.engine):
+        st.engine.send_final(st, kind, value)
+    else:
+        _from_thread(st, _engine_final, st, kind, value)
+
+
 class Call(Generic[T]):
     """One RPC request as the server sees it. Answer it once with ``reply`` or
     ``fail``; dropping it unanswered gives the caller ``ChannelClosed``."""
@@ -901,13 +920,7 @@ class Call(Generic[T]):
 
     def reply(self, value: Any) -> None:
         """Send the result to the caller (no-op if it has gone away)."""
-        p = self._port
-        if p.closed:
-            raise ChannelClosed("this call was already answered")
-        try:
-            p.send(value)
-        finally:
-            p.close()
+        _answer(self._port, K_REPLY, value)
 
     def fail(self, exc: BaseException) -> None:
         """Answer with an error: the caller gets ``RemoteError``."""
@@ -919,10 +932,7 @@ class Call(Generic[T]):
         else:
             tb = "".join(traceback.format_exception(exc))
             parts = (type(exc).__qualname__, str(exc), tb)
-        try:
-            _send(p, K_ERROR, parts)
-        finally:
-            p.close()
+        _answer(p, K_REPLY_ERROR, parts)
 
     @property
     def cancelled(self) -> bool:

@@ -83,6 +83,7 @@ from ._wire import (
     D_DIRECT,
     D_PEER_CLOSED,
     K_ERROR,
+    K_REPLY,
     MAX_FDS_PER_MESSAGE,
     MAX_OOB_BODY,
     MAX_PORTS_PER_MESSAGE,
@@ -451,7 +452,9 @@ class Engine:
                 target.recv_seq = seq + 1
                 q = target.queue
                 q.append(msg)
-                if len(q) == 1 and target.waker is not None:
+                if msg.kind >= K_REPLY:
+                    self._finished(target)
+                elif len(q) == 1 and target.waker is not None:
                     target.waker()
                 return
         elif msg.body is None and msg.obj is not None:
@@ -461,6 +464,31 @@ class Engine:
         seq = st.send_seq
         st.send_seq = seq + 1
         self._route(node, st.peer_port, seq, msg)
+
+    def send_final(self, st: PortState, kind: int, obj: Any) -> None:
+        """Send the last message of this end (a final kind, an RPC reply)
+        and let the end go at once: the peer ends its stream on that message,
+        so no CLOSE is sent and none comes back."""
+        try:
+            self.send_value(st, kind, obj)
+        except BaseException:
+            self.close(st)  # the peer learns the end the usual way
+            raise
+        if not st.closed:
+            st.closed = True
+            st.close_sent = True
+            self._drop_queue(st)
+            self._fire_credit(st)
+            if st.mode == OWNED:
+                self._remove(st)
+
+    def _finished(self, st: PortState) -> None:
+        """A final message was queued on ``st``: its peer is gone, in order."""
+        st.peer_closed = True
+        st.close_sent = True  # nothing to answer: the peer let go already
+        self._remove(st)
+        if st.waker is not None:
+            st.waker()
 
     def encode_message(self, msg: Message, carrier: PortState | None = None) -> Message:
         """``msg`` with its value encoded for another process. Raises
@@ -664,7 +692,9 @@ class Engine:
                 st.recv_seq += 1
                 q = st.queue
                 q.append(msg)
-                if len(q) == 1 and st.waker is not None:
+                if msg.kind >= K_REPLY:
+                    self._finished(st)
+                elif len(q) == 1 and st.waker is not None:
                     st.waker()
                 return
             self._work.append((ev.port, ev.seq, msg))
@@ -700,7 +730,9 @@ class Engine:
                 st.recv_seq = seq + 1
                 q = st.queue
                 q.append(Message(kind, None, body))
-                if len(q) == 1 and st.waker is not None:
+                if kind >= K_REPLY:
+                    self._finished(st)
+                elif len(q) == 1 and st.waker is not None:
                     st.waker()
                 return
             # a port on the move: buffer or forward without event objects (a
@@ -714,7 +746,7 @@ class Engine:
             if mode == PROXY and st.target_node != self.node_id and self.transmit_data is not None:
                 st.recv_seq = seq + 1
                 self.transmit_data(st.target_node, st.target_port, seq, kind, body)
-                if st.proxy_last is not None and seq >= st.proxy_last:
+                if kind >= K_REPLY or (st.proxy_last is not None and seq >= st.proxy_last):
                     self._proxy_done(st)
                 return
         self.receive(src, MsgEvent(port, seq, kind, 0, [], 0, body))
@@ -944,10 +976,14 @@ class Engine:
             if isinstance(item, Message):
                 if st.closed or st.error is not None:
                     self.dispose(item)
+                    if item.kind >= K_REPLY and st.error is None:
+                        self._finished(st)  # the peer let go: no tombstone left waiting
                     return
                 q = st.queue
                 q.append(item)
-                if len(q) == 1 and st.waker is not None:
+                if item.kind >= K_REPLY:
+                    self._finished(st)
+                elif len(q) == 1 and st.waker is not None:
                     st.waker()  # not per message: a holder drains the queue once woken
                 return
             elif isinstance(item, _Close):
@@ -981,7 +1017,11 @@ class Engine:
                 st.peer_port = item.new_port
                 self._note_relayed(st, item)
             self._route(st.target_node, st.target_port, seq, item)
-            if isinstance(item, _Close) or (st.proxy_last is not None and seq >= st.proxy_last):
+            if (
+                isinstance(item, _Close)
+                or (isinstance(item, Message) and item.kind >= K_REPLY)
+                or (st.proxy_last is not None and seq >= st.proxy_last)
+            ):
                 self._proxy_done(st)
 
     def _send_port(self, ps: PortState, dest: bytes) -> PortDesc:
