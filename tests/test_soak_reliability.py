@@ -181,6 +181,8 @@ async def _circulate(
             try:
                 await _drain(a)
             except (PortFailed, ChannelClosed) as exc:
+                if isinstance(exc, ChannelClosed) and sent >= total:
+                    break  # the holder read it all and closed: its report decides
                 # the port broke under the producer (drain reports it): the
                 # round's end says whether a killed worker was on its path
                 producer_failed.append(f"{type(exc).__name__}: {exc}")

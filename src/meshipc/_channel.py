@@ -97,9 +97,24 @@ def _enc_hook(obj: Any) -> Any:
 
 
 _encoder = msgspec.msgpack.Encoder(enc_hook=_enc_hook)
-# values without ports or fds (the common case) need no hook and no
-# per-message resource lists; it raises TypeError for anything it cannot take
-_plain_encoder = msgspec.msgpack.Encoder()
+
+
+class _Flag(threading.local):
+    needs_full = False
+
+
+_flag = _Flag()
+
+
+def _plain_hook(obj: Any) -> None:
+    # only called for what msgspec cannot encode by itself: a handle, an fd
+    # or an unsupported type; the full encoder deals with it (or says why not)
+    _flag.needs_full = True
+
+
+# values without ports or fds (the common case) need no per-message resource
+# lists; anything else is noted by the hook (no exception on the hot path)
+_plain_encoder = msgspec.msgpack.Encoder(enc_hook=_plain_hook)
 
 
 def _use(kind: int, index: int, limit: int) -> int:
@@ -185,8 +200,17 @@ class _Codec:
         finally:
             r.engine, r.ports, r.fds, r.carrier = None, [], [], None
 
-    def encode_plain(self, obj: Any) -> bytes:
-        return _plain_encoder.encode(obj)
+    def encode_plain(self, obj: Any) -> bytes | None:
+        try:
+            body = _plain_encoder.encode(obj)
+        except BaseException:
+            _flag.needs_full = False
+            raise
+        f = _flag
+        if f.needs_full:
+            f.needs_full = False
+            return None
+        return body
 
     def encode_error(self, exc: BaseException) -> bytes:
         return _encoder.encode(("MessageError", f"message could not be encoded: {exc}", ""))
@@ -429,9 +453,13 @@ def _send(h: _Handle, kind: int, value: Any) -> None:
         if eng.over_hard_limit(st):
             raise eng._full(st)
         try:
-            CODEC.encode_plain(value)
-        except (TypeError, RecursionError) as exc:
-            if not walk_resources(value):
+            plain = CODEC.encode_plain(value)
+        except RecursionError:
+            raise MessageError("this value cannot be sent to another process: nested too deep") from None
+        if plain is None and not walk_resources(value):
+            try:  # no handle inside: the full encoder only says what it cannot take
+                _encoder.encode(value)
+            except (TypeError, ValueError, OverflowError, NotImplementedError) as exc:
                 raise MessageError(f"this value cannot be sent to another process: {exc}") from None
         _from_thread(st, _engine_send, st, kind, value, True)
 

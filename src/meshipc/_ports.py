@@ -61,7 +61,6 @@ message arrives, and the peer's own items follow it on the same link.
 
 from __future__ import annotations
 
-import os
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -77,7 +76,7 @@ from ._errors import (
     PortFailed,
     ProtocolError,
 )
-from ._ids import PortId
+from ._ids import PortId, random_id
 from ._wire import (
     D_DEAD,
     D_DIRECT,
@@ -204,8 +203,9 @@ class Codec(Protocol):
 
     def encode_error(self, exc: BaseException) -> bytes: ...
 
-    def encode_plain(self, obj: Any) -> bytes:
-        """Encode a value without ports or fds; ``TypeError`` if it has any."""
+    def encode_plain(self, obj: Any) -> bytes | None:
+        """Encode a value without ports or fds; None if it has any (or a
+        type only the full encoder can judge)."""
         ...
 
 
@@ -311,8 +311,8 @@ class _NullCodec:
     def encode_error(self, exc: BaseException) -> bytes:
         return b""
 
-    def encode_plain(self, obj: Any) -> bytes:
-        raise TypeError("no codec")
+    def encode_plain(self, obj: Any) -> bytes | None:
+        return None
 
 
 class Engine:
@@ -387,9 +387,9 @@ class Engine:
         ):
             try:
                 body = self.codec.encode_plain(obj)
-            except (TypeError, RecursionError):
-                pass  # ports, fds or an unsupported type inside: the full path says which
-            else:
+            except RecursionError:
+                raise MessageError("this value cannot be sent to another process: nested too deep") from None
+            if body is not None:  # else ports, fds or an unsupported type: the full path says which
                 n = len(body)
                 if n > MAX_OOB_BODY:
                     raise MessageError(f"a message of {n} bytes exceeds the limit of {MAX_OOB_BODY}")
@@ -1028,7 +1028,7 @@ class Engine:
         """Turn the end ``ps`` into a descriptor bound for node ``dest``."""
         if ps.engine is not self:
             self.adopt(ps)
-        new_id = os.urandom(16)
+        new_id = random_id()
         if ps.mode != OWNED or ps.closed:
             return PortDesc(new_id, _NO_ID, _NO_ID, _NO_ID, 0, 0, D_DEAD)
         if ps.error is not None:
