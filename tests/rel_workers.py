@@ -254,3 +254,9 @@ async def collect_threads(arg: dict[str, Any]) -> None:
     except MeshError as exc:
         how = f"{type(exc).__name__}: {exc}"
     report.send(["done", {str(k): v for k, v in nxt.items()}, ok, how])
+
+
+async def loop_kind(rx: Receiver[Call[Any]]) -> None:
+    """Answer every call with the module of the running event loop's class."""
+    async for call in rx:
+        call.reply(type(asyncio.get_running_loop()).__module__.split(".")[0])

@@ -750,6 +750,7 @@ def other_user() -> Iterator[dict[str, Any]]:
         shutil.rmtree(shared, ignore_errors=True)
 
 
+@pytest.mark.stock_loop  # uvloop cannot start a process as another user
 async def test_client_of_another_uid_is_refused(rd: Path, other_user: dict[str, Any]) -> None:
     public = Path(tempfile.mkdtemp(prefix="mp", dir="/tmp"))
     try:

@@ -29,6 +29,7 @@ from ._errors import (
 from ._fd import Fd
 from ._ids import NodeId, PortId
 from ._invitation import ClientConnection, Connection, Invitation, Inviter, Listener, connect, join
+from ._loop import run
 from ._mesh import Mesh
 from ._node import PeerCred
 from ._ports import Limits
@@ -73,4 +74,5 @@ __all__ = (
     "RemoteError",
     "Sender",
     "channel",
+    "run",
 )

@@ -19,6 +19,7 @@ from typing import Any
 import msgspec
 
 from ._errors import MeshError
+from ._loop import run
 from ._process import ENV_INVITATION, ChildInvitation, apply_receiver_types
 
 log = logging.getLogger("meshipc")
@@ -124,7 +125,7 @@ def main() -> None:
     # Ctrl-C in a terminal reaches the whole process group: the parent decides
     # when its workers stop (it closes their bootstrap port on mesh exit)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    sys.exit(asyncio.run(_run(inv)))
+    sys.exit(run(_run(inv)))
 
 
 if __name__ == "__main__":
