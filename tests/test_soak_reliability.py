@@ -198,6 +198,16 @@ async def _circulate(
                     await r.progress.wait()
         except TimeoutError:
             raise AssertionError(f"the stream did not end within 60 s: {r.describe(kill)}") from None
+        if producer_failed:
+            # reports travel on other links than the failure: a holder reports
+            # where it sends the port before sending it, but that report may
+            # still be on its way. Take what arrives until a quiet second.
+            while True:
+                r.progress.clear()
+                try:
+                    await asyncio.wait_for(r.progress.wait(), 1.0)
+                except TimeoutError:
+                    break
     finally:
         for t in tasks:
             t.cancel()

@@ -577,16 +577,14 @@ class Engine:
         when the port ends or moves); the caller re-checks ``over_window``."""
         holder = st
         if st.peer_node == self.node_id:
+            # a local receiver's queue is the window; it fires on reads, on its
+            # removal (which our own close or failure also causes) and on moving
             t = self.ports.get(st.peer_port)
             if t is not None:
                 holder = t
         if holder.credit is None:
             holder.credit = []
         holder.credit.append(fn)
-        if holder is not st:  # the sender's own end may end too
-            if st.credit is None:
-                st.credit = []
-            st.credit.append(fn)
 
     @staticmethod
     def _fire_credit(st: PortState) -> None:
