@@ -52,6 +52,23 @@ Failures (a node dies, so its links break):
   so none of them waits forever for an acknowledgement;
 * a proxy whose peer lived there forwards the failure to its target.
 
+An end whose ``CLOSE`` already went to its peer (it answered the peer's
+close, or arrived flagged ``D_PEER_CLOSED`` with that close still on its way)
+moves on as peer-closed too: it must not send a ``CHANGE_PEER`` to a peer
+that is being removed (the peer's table would no longer know it, and the
+"peer port is gone" notice would fail the end with its whole backlog).
+
+Final messages (``K_REPLY``, ``K_REPLY_ERROR``) are the last item of their
+port: the sender lets its end go as it sends one, the receiver treats it as
+message + ``CLOSE`` and echoes nothing. An RPC answer is one frame.
+
+Flow control (``Limits``): a sending end keeps (seq, bytes) of what it sent
+to another node until the receiver reports it consumed (``CONSUMED``,
+unsequenced, a cumulative sequence number, every quarter window); a local
+receiver's queue length is the count itself. ``drain`` waits while over the
+window; ``send`` raises ``BufferFull`` at the hard limit. A reorder buffer
+beyond the hard limit plus ``MAX_REORDER`` fails that port, not the link.
+
 A shortcut: an end whose peer is *pinned* (an RPC reply port, which never
 moves) travels as ``D_DIRECT``: the peer is repointed at once and the new
 end needs no proxy, ``ARRIVED`` or ``CHANGE_PEER``. It is safe only because

@@ -22,7 +22,6 @@ import logging
 import mmap
 import os
 import socket
-import struct
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -30,6 +29,8 @@ from typing import Any
 from ._errors import ProtocolError
 from ._fd import Fd
 from ._wire import (
+    DATA_HEAD,
+    DATA_HEAD_LEN,
     F_OOB,
     MAX_FDS_PER_MESSAGE,
     OOB_THRESHOLD,
@@ -63,8 +64,6 @@ _SEALS = (
     | getattr(fcntl, "F_SEAL_GROW", 4)
     | getattr(fcntl, "F_SEAL_WRITE", 8)
 )
-_DATA_HEAD = struct.Struct("<IB16sQBBHH")  # length + MSG header without ports or fds
-_DATA_HEAD_LEN = _DATA_HEAD.size - 4
 _HAVE_MEMFD = hasattr(os, "memfd_create") and hasattr(fcntl, "F_ADD_SEALS")
 
 
@@ -167,7 +166,7 @@ class Connection:
         if n >= 4096 or self.closed:
             self.write_event(MsgEvent(port, seq, kind, 0, [], 0, body), [])
             return
-        frame = _DATA_HEAD.pack(n + _DATA_HEAD_LEN, T_MSG, port, seq, kind, 0, 0, 0) + body
+        frame = DATA_HEAD.pack(n + DATA_HEAD_LEN, T_MSG, port, seq, kind, 0, 0, 0) + body
         self.frames_out += 1
         if not self._flush_scheduled:
             if not (self._batches or self._writing or self._reading):

@@ -81,6 +81,11 @@ D_DIRECT: Final = 4
 _LEN = struct.Struct("<I")
 _MSG = struct.Struct("<B16sQBBHH")  # type port seq kind flags nports nfds
 _LEN_MSG = struct.Struct("<IB16sQBBHH")  # length prefix + MSG header
+#: The whole head of the common frame, a message without ports, fds or flags:
+#: ``DATA_HEAD.pack(len(body) + DATA_HEAD_LEN, T_MSG, port, seq, kind, 0, 0, 0) + body``
+#: (the transport's hot path packs it itself: one call per message, not two).
+DATA_HEAD: Final = _LEN_MSG
+DATA_HEAD_LEN: Final = _LEN_MSG.size - 4
 _DESC = struct.Struct("<16s16s16s16sQQB")  # id peer_node peer_port origin send recv flags
 _CLOSE = struct.Struct("<B16sQ")
 _CHANGE = struct.Struct("<B16sQ16s16s16s16s")
