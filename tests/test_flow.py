@@ -266,3 +266,38 @@ async def test_threads_send_through_one_sender_to_worker(rdir: Path) -> None:
         done = await within(rep_rx.recv())
         want = {"99": 1, "4": n} | {str(t): n + tail for t in range(4)}
         assert done == ["done", want, True, "closed"]
+
+
+async def test_a_flooded_port_does_not_hold_back_calls_on_the_same_link(rdir: Path) -> None:
+    """A producer floods a port the worker never reads, draining as it goes:
+    it stops at the window. A call to the same worker over the same
+    connection is answered meanwhile (it waits behind at most one window,
+    not behind an unbounded flood)."""
+    async with meshipc.Mesh(runtime_dir=rdir) as mesh, reaped(mesh) as procs:
+        ports_tx, ports_rx = meshipc.channel()
+        calls_tx, calls_rx = meshipc.channel()
+        procs.append(await mesh.spawn("rel_workers:hold_and_serve", {"ports": ports_rx, "calls": calls_rx}))
+        assert await within(calls_tx.call("ready")) == "ready"
+        a, b = meshipc.Port.pair()
+        ports_tx.send(b)
+        payload = b"x" * 1000
+
+        async def flood() -> int:
+            sent = 0
+            while True:
+                a.send(payload)
+                sent += 1
+                await a.drain()
+
+        producer = asyncio.ensure_future(flood())
+        try:
+            # the producer blocks once the window is full; calls still go through
+            for i in range(20):
+                assert await within(calls_tx.call(i)) == i
+            assert not producer.done(), "the flood ended by itself"
+        finally:
+            producer.cancel()
+        st = a._states[0]
+        window = mesh.limits.window_messages
+        assert len(st.unacked or ()) <= window + 1  # what the flood may have in flight: one window
+        a.close()

@@ -474,10 +474,25 @@ class Engine:
                 elif len(q) == 1 and target.waker is not None:
                     target.waker()
                 return
-        elif msg.body is None and msg.obj is not None:
+        elif target is not None:
             # the peer is on its way to another process: whatever goes there
-            # is encoded here, so an unsendable value fails this send
-            msg = self.encode_message(msg, st)
+            # is encoded here, so an unsendable value fails this send, and
+            # counts towards the window (the peer's new end reports to us)
+            u = st.unacked
+            if not force and self.over_hard_limit(st):
+                self.dispose(msg)
+                raise self._full(st)
+            if msg.body is None and msg.obj is not None:
+                msg = self.encode_message(msg, st)
+            seq = st.send_seq
+            st.send_seq = seq + 1
+            if u is None:
+                u = st.unacked = deque()
+            n = len(msg.body or b"")
+            u.append((seq, n))
+            st.out_bytes += n
+            self._route(node, st.peer_port, seq, msg)
+            return
         seq = st.send_seq
         st.send_seq = seq + 1
         self._route(node, st.peer_port, seq, msg)
@@ -575,7 +590,8 @@ class Engine:
         lim = self.limits
         if st.peer_node == self.node_id:
             t = self.ports.get(st.peer_port)
-            return t is not None and t.mode == OWNED and not t.closed and len(t.queue) >= lim.max_messages
+            if t is not None and t.mode == OWNED:
+                return not t.closed and len(t.queue) >= lim.max_messages
         u = st.unacked
         return u is not None and (len(u) >= lim.max_messages or st.out_bytes >= lim.max_bytes)
 
@@ -585,7 +601,8 @@ class Engine:
         lim = self.limits
         if st.peer_node == self.node_id:
             t = self.ports.get(st.peer_port)
-            return t is not None and t.mode == OWNED and len(t.queue) > lim.window_messages
+            if t is not None and t.mode == OWNED:
+                return len(t.queue) > lim.window_messages
         u = st.unacked
         return u is not None and (len(u) > lim.window_messages or st.out_bytes > lim.window_bytes)
 
@@ -597,7 +614,7 @@ class Engine:
             # a local receiver's queue is the window; it fires on reads, on its
             # removal (which our own close or failure also causes) and on moving
             t = self.ports.get(st.peer_port)
-            if t is not None:
+            if t is not None and t.mode == OWNED:
                 holder = t
         if holder.credit is None:
             holder.credit = []
