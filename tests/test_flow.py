@@ -301,3 +301,28 @@ async def test_a_flooded_port_does_not_hold_back_calls_on_the_same_link(rdir: Pa
         window = mesh.limits.window_messages
         assert len(st.unacked or ()) <= window + 1  # what the flood may have in flight: one window
         a.close()
+
+
+async def test_a_receiver_in_use_on_one_loop_refuses_another_threads_loop() -> None:
+    """recv/drain belong to the loop a handle is used on: another thread's
+    running loop gets a clear MeshError, never a silent hang or loss."""
+    tx, rx = meshipc.channel()
+    waiting = asyncio.ensure_future(rx.recv())  # bound to this loop now
+    await asyncio.sleep(0)
+    errors: list[BaseException] = []
+
+    def other_thread() -> None:
+        try:
+            asyncio.run(rx.recv())
+        except BaseException as exc:
+            errors.append(exc)
+
+    t = threading.Thread(target=other_thread)
+    t.start()
+    await asyncio.to_thread(t.join, STEP)
+    assert len(errors) == 1 and isinstance(errors[0], meshipc.MeshError), errors
+    assert "another thread" in str(errors[0])
+    tx.send("still fine")  # and the loop that owns it still gets its message
+    assert await within(waiting) == "still fine"
+    tx.close()
+    rx.close()
