@@ -99,21 +99,20 @@ def _enc_hook(obj: Any) -> Any:
 _encoder = msgspec.msgpack.Encoder(enc_hook=_enc_hook)
 
 
-class _Flag(threading.local):
-    needs_full = False
-
-
-_flag = _Flag()
+# Values without ports or fds (the common case) need no per-message resource
+# lists. The plain encoder's hook is only called for what msgspec cannot
+# encode by itself (a handle, an fd, an unsupported type): it notes that the
+# full encoder must judge (no exception on the hot path). Only the threads
+# that drive engines use it, one encode at a time per thread; the note is a
+# per-thread slot keyed by thread id.
+_needs_full: dict[int, bool] = {}
+_get_ident = threading.get_ident
 
 
 def _plain_hook(obj: Any) -> None:
-    # only called for what msgspec cannot encode by itself: a handle, an fd
-    # or an unsupported type; the full encoder deals with it (or says why not)
-    _flag.needs_full = True
+    _needs_full[_get_ident()] = True
 
 
-# values without ports or fds (the common case) need no per-message resource
-# lists; anything else is noted by the hook (no exception on the hot path)
 _plain_encoder = msgspec.msgpack.Encoder(enc_hook=_plain_hook)
 
 
@@ -204,11 +203,9 @@ class _Codec:
         try:
             body = _plain_encoder.encode(obj)
         except BaseException:
-            _flag.needs_full = False
+            _needs_full.pop(_get_ident(), None)
             raise
-        f = _flag
-        if f.needs_full:
-            f.needs_full = False
+        if _needs_full and _needs_full.pop(_get_ident(), False):
             return None
         return body
 
@@ -479,6 +476,7 @@ class _Inbox(_Handle):
         "_fut",
         "_loop",
         "_more",
+        "_plain_dec",
         "_ready",
         "_sched",
         "_thread",
@@ -515,6 +513,7 @@ class _Inbox(_Handle):
             tp = args[0] if args else Any
         self._type = tp
         self._call_type: Any = None
+        self._plain_dec = _plain_decoder(tp)  # built once, not looked up per message
 
     def _add(self, st: PortState) -> None:
         self._states.append(st)
@@ -680,8 +679,14 @@ class _Inbox(_Handle):
             if self._calls_only:
                 _local_engine.dispose(msg)
                 return self._bad(MessageError("a plain message on a channel of calls"))
-            if msg.body is None:
+            body = msg.body
+            if body is None:
                 return msg.obj
+            if msg.ports is None and msg.fds is None:
+                try:  # the common message: decode inline with this end's decoder
+                    return self._plain_dec.decode(body)
+                except (msgspec.DecodeError, msgspec.ValidationError, MessageError, RecursionError) as exc:
+                    return self._bad(MessageError(f"invalid message: {exc}"))
             try:
                 return decode(msg, self._type)
             except MessageError as exc:

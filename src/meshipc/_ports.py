@@ -156,6 +156,9 @@ class Limits:
 
 
 DEFAULT_LIMITS: Final = Limits()
+#: A sender notes how many bytes it had sent every this many messages (or
+#: window/8 bytes): consumption reports are matched against these notes.
+CK_MESSAGES: Final = 64
 
 
 class Message:
@@ -233,7 +236,12 @@ class PortState:
         "__weakref__",
         "ack_bytes",
         "ack_n",
+        "acked_b",
+        "acked_seq",
         "buffer",
+        "ck",
+        "ck_b",
+        "ck_seq",
         "close_sent",
         "closed",
         "credit",
@@ -242,7 +250,6 @@ class PortState:
         "first_hop",
         "id",
         "mode",
-        "out_bytes",
         "peer_closed",
         "peer_node",
         "peer_port",
@@ -255,9 +262,9 @@ class PortState:
         "recv_seq",
         "relayed",
         "send_seq",
+        "sent_b",
         "target_node",
         "target_port",
-        "unacked",
         "waker",
     )
 
@@ -291,10 +298,17 @@ class PortState:
         # proxies of the other side whose CHANGE_PEER this end passed on
         # (they wait for an acknowledgement that a failure may swallow)
         self.relayed: list[tuple[bytes, bytes]] | None = None
-        # flow control, sending side: (seq, body bytes) of each message sent to
-        # another node and not yet reported consumed, and their byte total
-        self.unacked: deque[tuple[int, int]] | None = None
-        self.out_bytes = 0
+        # flow control, sending side, towards another node: sequence numbers
+        # count messages (acked_seq: the last one reported consumed); bytes
+        # are cumulative (sent_b), known consumed at checkpoints (ck: deque of
+        # (seq, sent_b before it)) taken every CK_MESSAGES or window/8 bytes,
+        # so a send costs an addition and a comparison. ck None: not tracking.
+        self.ck: deque[tuple[int, int]] | None = None
+        self.acked_seq = 0
+        self.sent_b = 0
+        self.acked_b = 0
+        self.ck_seq = 0  # next checkpoint at this seq...
+        self.ck_b = 0  # ...or once sent_b reaches this
         # flow control, receiving side: consumed since the last CONSUMED report
         self.ack_n = 0
         self.ack_bytes = 0
@@ -354,6 +368,9 @@ class Engine:
         #: consumption reported to a remote sender in batches of a quarter window
         self.ack_every_n = max(1, limits.window_messages // 4)
         self.ack_every_bytes = max(1, limits.window_bytes // 4)
+        self._max_n = limits.max_messages  # read per checkpoint: plain attributes
+        self._max_b = limits.max_bytes
+        self._ck_bytes = max(1, limits.window_bytes // 8)
         #: the thread that drives this engine, and how to run a call there;
         #: None for an engine no event loop drives (then ``lock`` serializes
         #: every change made through the handles, from any thread)
@@ -410,17 +427,11 @@ class Engine:
                 n = len(body)
                 if n > MAX_OOB_BODY:
                     raise MessageError(f"a message of {n} bytes exceeds the limit of {MAX_OOB_BODY}")
-                u = st.unacked
-                if u is None:
-                    u = st.unacked = deque()
-                elif not force and (
-                    len(u) >= self.limits.max_messages or (st.out_bytes + n > self.limits.max_bytes and u)
-                ):
-                    raise self._full(st)
                 seq = st.send_seq
+                if seq >= st.ck_seq or st.sent_b + n >= st.ck_b:
+                    self._checkpoint(st, seq, n, force)  # may raise BufferFull
                 st.send_seq = seq + 1
-                u.append((seq, n))
-                st.out_bytes += n
+                st.sent_b += n
                 self.transmit_data(node, st.peer_port, seq, kind, body)
                 return
         self.send(st, Message(kind, obj), force)
@@ -439,7 +450,6 @@ class Engine:
             return
         node = st.peer_node
         if node != self.node_id:
-            u = st.unacked
             if not force and self.over_hard_limit(st):
                 self.dispose(msg)
                 raise self._full(st)
@@ -449,12 +459,11 @@ class Engine:
             if msg.body is None:
                 msg = self.encode_message(msg, st)
             ev, fds = self._event_for(node, st.peer_port, seq, msg, strict=True)
-            st.send_seq = seq + 1
             n = len(msg.body or b"")
-            if u is None:
-                u = st.unacked = deque()
-            u.append((seq, n))
-            st.out_bytes += n
+            if seq >= st.ck_seq or st.sent_b + n >= st.ck_b:
+                self._checkpoint(st, seq, n, True)
+            st.send_seq = seq + 1
+            st.sent_b += n
             self.transmit(node, ev, fds)
             return
         target = self.ports.get(st.peer_port)
@@ -478,19 +487,17 @@ class Engine:
             # the peer is on its way to another process: whatever goes there
             # is encoded here, so an unsendable value fails this send, and
             # counts towards the window (the peer's new end reports to us)
-            u = st.unacked
             if not force and self.over_hard_limit(st):
                 self.dispose(msg)
                 raise self._full(st)
             if msg.body is None and msg.obj is not None:
                 msg = self.encode_message(msg, st)
             seq = st.send_seq
-            st.send_seq = seq + 1
-            if u is None:
-                u = st.unacked = deque()
             n = len(msg.body or b"")
-            u.append((seq, n))
-            st.out_bytes += n
+            if seq >= st.ck_seq or st.sent_b + n >= st.ck_b:
+                self._checkpoint(st, seq, n, True)
+            st.send_seq = seq + 1
+            st.sent_b += n
             self._route(node, st.peer_port, seq, msg)
             return
         seq = st.send_seq
@@ -569,16 +576,16 @@ class Engine:
                     ps.pending[seq] = self.encode_message(item, ps)
 
     def _full(self, st: PortState) -> BufferFull:
-        u = st.unacked
-        if st.peer_node == self.node_id or u is None:
+        if st.ck is None:
             t = self.ports.get(st.peer_port)
             n = len(t.queue) if t is not None else 0
             return BufferFull(
                 f"the receiver holds {n} unread messages (limit {self.limits.max_messages}); "
                 "await drain() before sending more"
             )
+        n, b = self.in_flight(st)
         return BufferFull(
-            f"{len(u)} messages ({st.out_bytes} bytes) sent to node {st.peer_node.hex()[:12]} are not "
+            f"{n} messages ({b} bytes) sent to node {st.peer_node.hex()[:12]} are not "
             f"consumed yet (limits {self.limits.max_messages} messages, {self.limits.max_bytes} bytes); "
             "await drain() before sending more"
         )
@@ -592,8 +599,9 @@ class Engine:
             t = self.ports.get(st.peer_port)
             if t is not None and t.mode == OWNED:
                 return not t.closed and len(t.queue) >= lim.max_messages
-        u = st.unacked
-        return u is not None and (len(u) >= lim.max_messages or st.out_bytes >= lim.max_bytes)
+        if st.ck is None:
+            return False
+        return st.send_seq - 1 - st.acked_seq >= lim.max_messages or st.sent_b - st.acked_b >= lim.max_bytes
 
     def over_window(self, st: PortState) -> bool:
         """Whether ``st`` has more unconsumed messages or bytes in flight than
@@ -603,8 +611,36 @@ class Engine:
             t = self.ports.get(st.peer_port)
             if t is not None and t.mode == OWNED:
                 return len(t.queue) > lim.window_messages
-        u = st.unacked
-        return u is not None and (len(u) > lim.window_messages or st.out_bytes > lim.window_bytes)
+        if st.ck is None:
+            return False
+        return (
+            st.send_seq - 1 - st.acked_seq > lim.window_messages or st.sent_b - st.acked_b > lim.window_bytes
+        )
+
+    def in_flight(self, st: PortState) -> tuple[int, int]:
+        """Messages (sequenced items, to be exact) and bytes sent from ``st``
+        to another node and not reported consumed yet."""
+        if st.ck is None:
+            return 0, 0
+        return st.send_seq - 1 - st.acked_seq, st.sent_b - st.acked_b
+
+    def _checkpoint(self, st: PortState, seq: int, n: int, force: bool) -> None:
+        """Before sending item ``seq`` of ``n`` bytes: start tracking, check
+        the hard limit, note what "consumed through seq - 1" will mean in
+        bytes."""
+        ck = st.ck
+        if ck is None:  # first send to another node (or first after a local spell)
+            ck = st.ck = deque()
+            st.acked_seq = seq - 1
+            st.acked_b = st.sent_b
+        elif not force:
+            out_n = seq - 1 - st.acked_seq
+            out_b = st.sent_b - st.acked_b
+            if out_n >= self._max_n or (out_b + n > self._max_b and out_n):
+                raise self._full(st)
+        ck.append((seq - 1, st.sent_b))
+        st.ck_seq = seq + CK_MESSAGES
+        st.ck_b = st.sent_b + n + self._ck_bytes
 
     def watch_credit(self, st: PortState, fn: Callable[[], None]) -> None:
         """Call ``fn`` once when the window of ``st`` may have opened (also
@@ -650,13 +686,14 @@ class Engine:
         st = self.ports.get(port)
         if st is None or st.mode != OWNED:
             return  # the sender moved on: its new end counts from its own first send
-        u = st.unacked
-        if not u:
+        ck = st.ck
+        if ck is None or seq <= st.acked_seq:
             return
-        b = st.out_bytes
-        while u and u[0][0] <= seq:
-            b -= u.popleft()[1]
-        st.out_bytes = b
+        st.acked_seq = min(seq, st.send_seq - 1)
+        b = st.acked_b
+        while ck and ck[0][0] <= seq:
+            b = ck.popleft()[1]
+        st.acked_b = b
         if st.credit is not None and not self.over_window(st):
             self._fire_credit(st)
 
@@ -861,8 +898,7 @@ class Engine:
             left.extend(item for _, item in st.buffer)
         st.pending = None
         st.buffer = None
-        st.unacked = None
-        st.out_bytes = 0
+        st.ck = None
         for item in left:
             self._abandon(item)
         self._fire_credit(st)
@@ -1031,6 +1067,9 @@ class Engine:
                 self._unsequenced(item.old_node, ProxyAckEvent(item.old_port, st.send_seq - 1))
                 if item.new_node != self.node_id and self.watch is not None:
                     self.watch(item.new_node)
+                elif item.new_node == self.node_id:
+                    st.ck = None  # a local peer's queue is the count now
+                    st.ck_seq = 0
                 self._fire_credit(st)  # a drain() waiting on the old peer re-checks
                 return
             if st.waker is not None:
