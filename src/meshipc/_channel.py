@@ -186,7 +186,11 @@ class _Codec:
         r.engine, r.ports, r.fds, r.carrier = engine, [], [], carrier
         try:
             if isinstance(obj, _CallMsg):
-                body = _encoder.encode((obj.request, obj.reply))
+                # the request; its reply port goes last, after the request's own
+                body = _encoder.encode(obj.request)
+                if not obj.reply._states:
+                    raise ChannelClosed("the reply port of this call is closed")
+                r.ports.extend(_take_states(engine, obj.reply))
             else:
                 body = _encoder.encode(obj)
             return body, r.ports, r.fds
@@ -224,24 +228,16 @@ class _Codec:
 CODEC = _Codec()
 
 
-class _BadMessage(MessageError):
-    """A message from another node that did not decode; ``kept`` is the port
-    ``decode`` was asked to keep open (an RPC request's reply port)."""
-
-    kept: PortState | None = None
-
-
-def decode(msg: Message, tp: Any, keep_last: bool = False) -> Any:
+def decode(msg: Message, tp: Any) -> Any:
     """The value of a message from another node, validated against ``tp``.
 
-    Raises ``MessageError`` (the resources of the message are closed, but the
-    last port if ``keep_last``: it is the exception's ``kept``)."""
+    Raises ``MessageError`` (the resources of the message are closed)."""
     body = msg.body if msg.body is not None else b""
     if not msg.ports and not msg.fds:
         try:
             return _plain_decoder(tp).decode(body)
         except (msgspec.DecodeError, msgspec.ValidationError, MessageError, RecursionError) as exc:
-            raise _BadMessage(f"invalid message: {exc}") from None
+            raise MessageError(f"invalid message: {exc}") from None
     r = _res
     r.in_states = msg.ports or []
     r.in_fds = list(msg.fds or [])
@@ -249,16 +245,11 @@ def decode(msg: Message, tp: Any, keep_last: bool = False) -> Any:
     try:
         value = _decoder(tp).decode(body)
     except (msgspec.DecodeError, msgspec.ValidationError, MessageError, struct.error, RecursionError) as exc:
-        bad = _BadMessage(f"invalid message: {exc}")
-        last = len(r.in_states) - 1
         for i, st in enumerate(r.in_states):
             if (0, i) not in r.used:
-                if keep_last and i == last:
-                    bad.kept = st
-                else:
-                    st.engine.close(st)
+                st.engine.close(st)
         _close_fds(r.in_fds)
-        raise bad from None
+        raise MessageError(f"invalid message: {exc}") from None
     finally:
         states, fds = r.in_states, r.in_fds
         r.in_states, r.in_fds = [], []
@@ -468,7 +459,6 @@ class _Inbox(_Handle):
     _merges = True
 
     __slots__ = (
-        "_call_type",
         "_calls_only",
         "_error",
         "_foreign",
@@ -512,7 +502,6 @@ class _Inbox(_Handle):
             args = typing.get_args(tp)
             tp = args[0] if args else Any
         self._type = tp
-        self._call_type: Any = None
         self._plain_dec = _plain_decoder(tp)  # built once, not looked up per message
 
     def _add(self, st: PortState) -> None:
@@ -695,13 +684,21 @@ class _Inbox(_Handle):
             if msg.body is None:
                 cm: _CallMsg = msg.obj
                 return Call(cm.request, cm.reply)
-            if self._call_type is None:
-                self._call_type = tuple[self._type, Port]  # type: ignore[name-defined]
+            ports = msg.ports
+            if not ports:
+                _local_engine.dispose(msg)
+                return self._bad(MessageError("a call without its reply port"))
+            reply = Port._wrap([ports[-1]])  # the reply port comes last
             try:
-                req, reply = decode(msg, self._call_type, keep_last=True)
-            except _BadMessage as exc:
-                if exc.kept is not None:  # tell the caller why, instead of hanging up
-                    Call(None, Port._wrap([exc.kept])).fail(exc)
+                if len(ports) == 1 and not msg.fds:
+                    try:  # the common request: decode inline with this end's decoder
+                        req = self._plain_dec.decode(msg.body)
+                    except (msgspec.DecodeError, msgspec.ValidationError, MessageError, RecursionError) as e:
+                        raise MessageError(f"invalid message: {e}") from None
+                else:
+                    req = decode(Message(K_CALL, None, msg.body, ports[:-1], msg.fds), self._type)
+            except MessageError as exc:
+                Call(None, reply).fail(exc)  # tell the caller why, instead of hanging up
                 return self._bad(exc)
             return Call(req, reply)
         if kind == K_ADD_SENDER:
@@ -856,11 +853,29 @@ class Sender(_Handle, Generic[T]):
             raise ChannelClosed("the receiver is closed")
         if st.error is not None:
             raise st.error
-        a, b = st.engine.new_pair()
-        a.pinned = True  # never leaves this call: b may travel without a proxy
-        reply = Port._wrap([a])
+        eng = st.engine
+        a = None
+        if eng.thread == _get_ident() and request is not self:
+            # the common call: a plain request to another process, one frame
+            # that names its reply port (no second port, no descriptor)
+            try:
+                body = CODEC.encode_plain(request)
+            except RecursionError:
+                raise MessageError("this value cannot be sent to another process: nested too deep") from None
+            if body is not None:
+                a = eng.call_plain(st, body)
+        if a is None:
+            a, b = eng.new_pair()
+            a.pinned = True  # never leaves this call: b may travel without a proxy
+            reply = Port._wrap([a])
+            try:
+                _send(self, K_CALL, _CallMsg(request, Port._wrap([b])))
+            except BaseException:
+                reply.close()
+                raise
+        else:
+            reply = Port._wrap([a])
         try:
-            _send(self, K_CALL, _CallMsg(request, Port._wrap([b])))
             msg = None
             while msg is None:
                 msg = reply._next_message()

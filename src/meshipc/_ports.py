@@ -95,9 +95,11 @@ from ._errors import (
 )
 from ._ids import PortId, random_id
 from ._wire import (
+    CALL_HEAD,
     D_DEAD,
     D_DIRECT,
     D_PEER_CLOSED,
+    K_CALL,
     K_ERROR,
     K_REPLY,
     MAX_FDS_PER_MESSAGE,
@@ -504,6 +506,47 @@ class Engine:
         st.send_seq = seq + 1
         self._route(node, st.peer_port, seq, msg)
 
+    def call_plain(self, st: PortState, body: bytes) -> PortState | None:
+        """Send an RPC request whose encoded value is ``body`` from ``st`` to
+        its peer on another node, in one frame that names the reply port by
+        id (no port descriptor). Returns the caller's reply end (pinned: it
+        never moves), or None when this shortcut does not apply (the peer is
+        local, moving, or gone; the caller then takes the general path)."""
+        node = st.peer_node
+        if (
+            node == self.node_id
+            or st.mode != OWNED
+            or st.closed
+            or st.peer_closed
+            or st.error is not None
+            or self.transmit_data is None
+        ):
+            return None
+        n = len(body)
+        if n > MAX_OOB_BODY:
+            raise MessageError(f"a message of {n} bytes exceeds the limit of {MAX_OOB_BODY}")
+        seq = st.send_seq
+        if seq >= st.ck_seq or st.sent_b + n >= st.ck_b:
+            self._checkpoint(st, seq, n, False)
+        reply = PortState(self, random_id(), node, random_id())
+        reply.pinned = True
+        self.ports[reply.id] = reply
+        st.send_seq = seq + 1
+        st.sent_b += n
+        self.transmit_data(node, st.peer_port, seq, K_CALL, reply.peer_port + reply.id + body)
+        return reply
+
+    def _call_in(self, src: bytes, body: bytes) -> Message:
+        """A compact RPC request from ``src``: make the callee's reply end."""
+        if len(body) < CALL_HEAD:
+            raise ProtocolError("RPC request without its reply port")
+        new_id, caller_port = body[:16], body[16:CALL_HEAD]
+        if new_id in self.ports:
+            raise ProtocolError("RPC request reuses a live port id")
+        reply = PortState(self, new_id, src, caller_port)
+        self.ports[new_id] = reply
+        return Message(K_CALL, None, body[CALL_HEAD:], [reply])
+
     def send_final(self, st: PortState, kind: int, obj: Any) -> None:
         """Send the last message of this end (a final kind, an RPC reply)
         and let the end go at once: the peer ends its stream on that message,
@@ -752,21 +795,12 @@ class Engine:
         """
         if isinstance(ev, MsgEvent):
             ports = [self._materialize(src, d) for d in ev.ports] if ev.ports else None
-            msg = Message(ev.kind, None, ev.body, ports, fds)
-            st = self.ports.get(ev.port)
-            if st is None:
-                self.dispose(msg)
-                return
-            if st.mode == OWNED and ev.seq == st.recv_seq and not st.pending and not st.closed:
-                st.recv_seq += 1
-                q = st.queue
-                q.append(msg)
-                if msg.kind >= K_REPLY:
-                    self._finished(st)
-                elif len(q) == 1 and st.waker is not None:
-                    st.waker()
-                return
-            self._work.append((ev.port, ev.seq, msg))
+            if ev.kind == K_CALL and not ports and not fds:
+                msg = self._call_in(src, ev.body)
+            else:
+                msg = Message(ev.kind, None, ev.body, ports, fds)
+            self._deliver(src, ev.port, ev.seq, msg)
+            return
         elif isinstance(ev, CloseEvent):
             self._work.append((ev.port, ev.seq, _CLOSE))
         elif isinstance(ev, ChangePeerEvent):
@@ -790,8 +824,29 @@ class Engine:
             return
         self._run()
 
+    def _deliver(self, src: bytes, port: bytes, seq: int, msg: Message) -> None:
+        st = self.ports.get(port)
+        if st is None:
+            self.dispose(msg)
+            return
+        if st.mode == OWNED and seq == st.recv_seq and not st.pending and not st.closed:
+            st.recv_seq = seq + 1
+            q = st.queue
+            q.append(msg)
+            if msg.kind >= K_REPLY:
+                self._finished(st)
+            elif len(q) == 1 and st.waker is not None:
+                st.waker()
+            return
+        self._work.append((port, seq, msg))
+        self._run()
+
     def receive_data(self, src: bytes, port: bytes, seq: int, kind: int, body: bytes) -> None:
         """``receive`` for a plain message (no ports, no fds): the hot path."""
+        if kind == K_CALL:
+            msg = self._call_in(src, body)
+            self._deliver(src, port, seq, msg)
+            return
         st = self.ports.get(port)
         if st is not None and seq == st.recv_seq and not st.pending:
             mode = st.mode

@@ -63,6 +63,10 @@ F_OOB: Final = 1
 # MSG kinds (what the channel layer makes of the body)
 K_DATA: Final = 0
 K_ADD_SENDER: Final = 1
+#: an RPC request: the body is the request; the reply port is the message's
+#: last port, or, in a frame without ports, named by the first 32 bytes of
+#: the body (CALL_HEAD: the id the callee gives its reply end, then the
+#: caller's reply port id; the caller is the sending node)
 K_CALL: Final = 2
 K_ERROR: Final = 3
 #: final kinds: the last item on their port, which the sender has already
@@ -95,6 +99,7 @@ _FAIL = struct.Struct("<B16s")
 _DONE = struct.Struct("<B16s")
 _CONSUMED = struct.Struct("<B16sQ")
 _OOB = struct.Struct("<Q")
+CALL_HEAD: Final = 32
 
 
 class PortDesc:
