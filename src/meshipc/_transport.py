@@ -131,6 +131,7 @@ class Connection:
         self._flush_scheduled = False
         self._writing = False
         self._reading = False  # in a read batch: replies coalesce until it ends
+        self._busy = False  # the last flush had frames to write (a stream)
         self.closed = False
         self.frames_out = 0
         self.bytes_in = 0
@@ -169,9 +170,10 @@ class Connection:
         frame = DATA_HEAD.pack(n + DATA_HEAD_LEN, T_MSG, port, seq, kind, 0, 0, 0) + body
         self.frames_out += 1
         if not self._flush_scheduled:
-            if not (self._batches or self._writing or self._reading):
-                # nothing queued: out now, no loop turn (a call's request or
-                # reply); what follows in this turn coalesces behind it
+            if not (self._busy or self._batches or self._writing or self._reading):
+                # nothing queued and no stream going: out now, no loop turn (a
+                # call's request or reply); what follows in this turn
+                # coalesces behind it
                 self._send_now(frame)
                 return
             self._flush_scheduled = True
@@ -216,6 +218,9 @@ class Connection:
 
     def flush(self) -> None:
         self._flush_scheduled = False
+        # several frames queued in one turn mean a stream: keep coalescing
+        # (one write per loop turn) until a turn brings one frame or none
+        self._busy = len(self._chunks) > 1
         self._seal_batch()
         if self._writing or self.closed:
             return
