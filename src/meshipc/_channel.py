@@ -376,7 +376,7 @@ class _Handle:
         if getattr(self, "_states", None):
             try:
                 self.close()
-            except MeshError:
+            except (MeshError, RuntimeError):  # RuntimeError: its event loop is closed
                 pass
 
     def __enter__(self: _H) -> _H:
