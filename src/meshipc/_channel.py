@@ -236,7 +236,7 @@ def decode(msg: Message, tp: Any) -> Any:
     if not msg.ports and not msg.fds:
         try:
             return _plain_decoder(tp).decode(body)
-        except (msgspec.DecodeError, msgspec.ValidationError, MessageError, RecursionError) as exc:
+        except (msgspec.DecodeError, msgspec.ValidationError, ValueError, RecursionError) as exc:
             raise MessageError(f"invalid message: {exc}") from None
     r = _res
     r.in_states = msg.ports or []
@@ -244,7 +244,7 @@ def decode(msg: Message, tp: Any) -> Any:
     r.used = set()
     try:
         value = _decoder(tp).decode(body)
-    except (msgspec.DecodeError, msgspec.ValidationError, MessageError, struct.error, RecursionError) as exc:
+    except (msgspec.DecodeError, msgspec.ValidationError, ValueError, struct.error, RecursionError) as exc:
         for i, st in enumerate(r.in_states):
             if (0, i) not in r.used:
                 st.engine.close(st)
@@ -674,7 +674,7 @@ class _Inbox(_Handle):
             if msg.ports is None and msg.fds is None:
                 try:  # the common message: decode inline with this end's decoder
                     return self._plain_dec.decode(body)
-                except (msgspec.DecodeError, msgspec.ValidationError, MessageError, RecursionError) as exc:
+                except (msgspec.DecodeError, msgspec.ValidationError, ValueError, RecursionError) as exc:
                     return self._bad(MessageError(f"invalid message: {exc}"))
             try:
                 return decode(msg, self._type)
@@ -693,7 +693,7 @@ class _Inbox(_Handle):
                 if len(ports) == 1 and not msg.fds:
                     try:  # the common request: decode inline with this end's decoder
                         req = self._plain_dec.decode(msg.body)
-                    except (msgspec.DecodeError, msgspec.ValidationError, MessageError, RecursionError) as e:
+                    except (msgspec.DecodeError, msgspec.ValidationError, ValueError, RecursionError) as e:
                         raise MessageError(f"invalid message: {e}") from None
                 else:
                     req = decode(Message(K_CALL, None, msg.body, ports[:-1], msg.fds), self._type)
