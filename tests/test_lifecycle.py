@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import signal
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import meshipc
-from meshipc._process import ENV_INVITATION
+from meshipc._process import ENV_INVITATION, worker_command
 
 TESTS = Path(__file__).resolve().parent
 
@@ -82,3 +83,75 @@ async def test_worker_exits_when_its_parent_is_killed(rdir: Path):
                 except ProcessLookupError:
                     pass
             os.close(pidfd)
+
+
+# ------------------------------------------------------------ import path
+
+PLANTED = """
+import os
+open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "IMPORTED-" + __name__), "w").close()
+raise ImportError("a planted module was imported: " + __name__)
+"""
+
+REPORTER = """
+import asyncio, json, sys, meshipc
+async def main():
+    async with meshipc.Mesh(runtime_dir=sys.argv[1]) as mesh:
+        tx, rx = meshipc.channel()
+        proc = await mesh.spawn("workers:report_imports", tx)
+        report = await asyncio.wait_for(rx.recv(), 30)
+        report["code"] = await asyncio.wait_for(proc.wait(), 30)
+        report["parent_path"] = sys.path
+        print(json.dumps(report), flush=True)
+asyncio.run(main())
+"""
+
+
+async def test_worker_never_imports_from_the_directory_it_runs_in(rdir: Path, tmp_path: Path):
+    """A service started by its script's absolute path from a shared,
+    world-writable folder: modules planted there (a dependency, meshipc
+    itself, the worker's own module) are not imported by its workers, whose
+    import path is exactly the parent's."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o1777)
+    for mod in ("msgspec", "meshipc", "workers"):
+        (shared / f"{mod}.py").write_text(PLANTED)
+    scripts = tmp_path / "scripts"
+    scripts.mkdir()
+    (scripts / "service.py").write_text(REPORTER)
+    env = dict(os.environ, PYTHONPATH=str(TESTS))
+    parent = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(scripts / "service.py"),
+        str(rdir),
+        env=env,
+        cwd=shared,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        out, err = await asyncio.wait_for(parent.communicate(), 60)
+    finally:
+        if parent.returncode is None:
+            parent.kill()
+            await parent.wait()
+    assert sorted(p.name for p in shared.iterdir() if p.name.startswith("IMPORTED")) == []
+    assert parent.returncode == 0, err.decode()
+    report = json.loads(out)
+    assert report["code"] == 0
+    assert report["path"] == report["parent_path"]
+    assert str(shared) not in report["path"] and "" not in report["path"]
+    assert report["files"]["workers"] == str(TESTS / "workers.py")
+    for mod in ("msgspec", "meshipc"):
+        assert not report["files"][mod].startswith(str(shared)), report["files"]
+
+
+def test_worker_command_path_is_the_parents(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    """The parent's path, relative entries (``''`` included: the parent had
+    its current directory) made absolute; the interpreter adds nothing."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", ["", "rel", "/abs/lib"])
+    cmd = worker_command()
+    assert cmd[:3] == [sys.executable, "-P", "-c"]
+    assert cmd[4:] == [str(tmp_path), str(tmp_path / "rel"), "/abs/lib"]

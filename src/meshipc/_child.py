@@ -1,4 +1,4 @@
-"""Entry point of a spawned worker: ``python -m meshipc._child``."""
+"""Entry point of a spawned worker (started by ``_process.worker_command``)."""
 
 from __future__ import annotations
 

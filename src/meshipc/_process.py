@@ -1,8 +1,8 @@
 """Spawned worker processes that join the mesh at start (layer 9).
 
 The parent makes a socket pair, passes one end to a fresh interpreter
-(``python -m meshipc._child``) together with an invitation in the
-environment, and runs the acceptor side of the node handshake on its end.
+(``python -P -c <bootstrap> <parent's sys.path>``, see ``worker_command``)
+together with an invitation in the environment, and runs the acceptor side of the node handshake on its end.
 The mesh secret is not in the environment (``/proc/<pid>/environ`` keeps
 the initial environment whatever the child does): it is the first 32 bytes
 the parent writes on the socket pair. The child removes the invitation from
@@ -137,6 +137,28 @@ class Process:
         return f"<Process {self.name!r} pid={self.pid} {state}>"
 
 
+#: Run by the worker interpreter before anything else: the import path
+#: becomes exactly the one given on the command line, then the worker starts.
+_BOOTSTRAP = (
+    "import sys; sys.path[:] = sys.argv[1:]; del sys.argv[1:]; from meshipc._child import main; main()"
+)
+
+
+def worker_command() -> list[str]:
+    """The command line of a worker: this interpreter, and this process's
+    import path exactly (relative entries made absolute against our current
+    directory, which the worker inherits).
+
+    ``-P`` keeps the interpreter from putting the directory it runs in (or
+    ``''``) first on its path, so a module planted where the worker happens
+    to run is never imported; the bootstrap then replaces the startup path
+    with ours before importing meshipc. The path goes on the command line
+    rather than in ``PYTHONPATH`` so that the worker's environment is the
+    parent's, unchanged."""
+    path = [os.path.abspath(p) for p in sys.path]  # '' is the current directory
+    return [sys.executable, "-P", "-c", _BOOTSTRAP, *path]
+
+
 async def spawn(mesh: Mesh, target: str, arg: Any, name: str | None) -> Process:
     if not _TARGET.match(target):
         raise ValueError(f"target must look like 'package.module:function', got {target!r}")
@@ -156,8 +178,6 @@ async def spawn(mesh: Mesh, target: str, arg: Any, name: str | None) -> Process:
     )
     env = dict(os.environ)
     env[ENV_INVITATION] = base64.b64encode(msgspec.msgpack.encode(inv)).decode()
-    # same interpreter, same import path (including the caller's own modules)
-    env["PYTHONPATH"] = os.pathsep.join(p or os.getcwd() for p in sys.path)
     # 32 bytes always fit in an empty socket buffer: this never blocks
     parent_sock.sendall(node._secret.reveal())
     parent_sock.setblocking(False)
@@ -169,7 +189,7 @@ async def spawn(mesh: Mesh, target: str, arg: Any, name: str | None) -> Process:
         # raises here and leaves nothing behind
         port.send(arg)
         popen = subprocess.Popen(
-            [sys.executable, "-m", "meshipc._child"],
+            worker_command(),
             env=env,
             pass_fds=[child_sock.fileno()],
             close_fds=True,
