@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import json
 import logging
 import os
+import pickle
 import pwd
 import shutil
+import signal
 import socket
 import stat
 import struct
@@ -44,6 +47,7 @@ from meshipc import (
     InvitationReadError,
     InvitationTooLarge,
     JoinError,
+    JoinTimeout,
     Mesh,
     MeshError,
     MeshNameInUse,
@@ -51,6 +55,7 @@ from meshipc import (
     PortFailed,
     Sender,
 )
+from meshipc._invitation import JOIN_TIMEOUT, read_invitation
 from meshipc._wire import _DESC
 
 CLIENT = Path(__file__).with_name("attach_client.py").resolve()
@@ -513,8 +518,8 @@ async def test_forged_invitation_to_missing_node_is_join_error(rd: Path) -> None
     assert list(directory.iterdir()) == []  # the joining node cleaned up its socket
 
 
-async def _connect_and_leave(path: Path) -> None:
-    async with meshipc.connect(path):
+async def _connect_and_leave(path: Path, **kw: Any) -> None:
+    async with meshipc.connect(path, **kw):
         pass
 
 
@@ -551,6 +556,79 @@ async def test_silent_and_stalling_clients_do_not_block_a_real_one(rd: Path) -> 
         finally:
             for s in held:
                 s.close()
+
+
+# ------------------------------------------------------------- bounded waits
+
+
+@contextlib.contextmanager
+def stopped(pid: int) -> Iterator[None]:
+    """Process ``pid`` SIGSTOPped for the block, continued afterwards."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+
+
+async def test_connect_and_join_to_a_stopped_service_time_out(rd: Path) -> None:
+    async with client("named", os.fspath(rd), "svc") as svc:
+        ev = await svc.event()
+        listener = Path(ev["listener"])
+        # an invitation taken while the service ran, used once it is stopped
+        inv = await asyncio.wait_for(read_invitation(listener), T)
+        with stopped(svc.pid):
+            with pytest.raises(JoinTimeout) as ei:
+                async with meshipc.connect("svc", runtime_dir=rd, timeout=0.5):
+                    pass  # pragma: no cover
+            exc = ei.value
+            assert isinstance(exc, JoinError) and isinstance(exc, TimeoutError)
+            assert str(exc) == (
+                f"the mesh at {listener} did not answer in time (timed out after 0.5 s)"
+            )
+            assert (exc.path, exc.timeout) == (os.fspath(listener), 0.5)
+
+            with pytest.raises(JoinTimeout) as ei:
+                async with meshipc.join(inv, timeout=0.3):
+                    pass  # pragma: no cover
+            inviter = Path(ev["directory"]) / f"{bytes(inv.inviter).hex()}.sock"
+            assert str(ei.value) == f"the mesh at {inviter} did not answer in time (timed out after 0.3 s)"
+            # the joining node cleaned up after itself
+            assert not (Path(ev["directory"]) / f"{bytes(inv.node).hex()}.sock").exists()
+        # continued, the same service answers within the default bound
+        async with meshipc.connect("svc", runtime_dir=rd) as conn:
+            assert conn.mesh.directory == Path(ev["directory"])
+
+
+async def test_listener_that_never_answers_times_out(rd: Path) -> None:
+    path = rd / "mute.sock"
+    hung_up = asyncio.Event()
+
+    async def mute(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # accept, say nothing, until the client hangs up
+        hung_up.set()
+        writer.close()
+
+    async with fake_listener(path, mute):
+        with pytest.raises(JoinTimeout) as ei:
+            await asyncio.wait_for(_connect_and_leave(path, timeout=0.2), T)
+        assert str(ei.value) == f"the mesh at {path} did not answer in time (timed out after 0.2 s)"
+        await asyncio.wait_for(hung_up.wait(), T)  # the client closed its socket
+
+
+def test_join_timeout_default_and_validation() -> None:
+    for f in (meshipc.connect, meshipc.join):
+        assert inspect.signature(f).parameters["timeout"].default == JOIN_TIMEOUT == 10.0
+    exc = JoinTimeout("/p", 2.5)
+    assert pickle.loads(pickle.dumps(exc)).args == exc.args
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, float("nan")])
+async def test_join_timeout_must_be_positive(rd: Path, bad: float) -> None:
+    with pytest.raises(ValueError, match="timeout"):
+        async with meshipc.connect(rd / "x.sock", timeout=bad):
+            pass  # pragma: no cover
 
 
 # ------------------------------------------------------------------ names

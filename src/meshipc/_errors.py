@@ -132,3 +132,18 @@ class MeshNameInUse(JoinError):
 
 class InvitationExpired(JoinError):
     """The invitation was already used, or expired before it was used."""
+
+
+class JoinTimeout(JoinError, TimeoutError):
+    """``connect``/``join``: the mesh did not answer in time (a stopped or
+    overloaded service, a listener that never speaks). ``path`` is the socket
+    that did not answer, ``timeout`` the bound in seconds."""
+
+    def __init__(self, path: str, timeout: float) -> None:
+        n = f"{timeout:g}" if isinstance(timeout, int | float) else timeout
+        super().__init__(f"the mesh at {path} did not answer in time (timed out after {n} s)")
+        self.path = path
+        self.timeout = timeout
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.path, self.timeout))

@@ -42,11 +42,20 @@ from ._errors import (
     InvitationReadError,
     InvitationTooLarge,
     JoinError,
+    JoinTimeout,
     MeshError,
     MeshNameInUse,
 )
 from ._ids import NodeId
-from ._node import V_DUPLICATE, PeerCred, accept_ready, is_socket_alive, listen_private
+from ._node import (
+    HANDSHAKE_TIMEOUT,
+    V_DUPLICATE,
+    PeerCred,
+    accept_ready,
+    is_socket_alive,
+    listen_private,
+    node_path,
+)
 from ._wire import _DESC, PortDesc
 
 if TYPE_CHECKING:
@@ -61,6 +70,11 @@ MAX_INVITATION: Final = 64 * 1024
 INVITATION_TTL: Final = 10.0
 #: Seconds a listener client gets to take its invitation.
 CLIENT_TIMEOUT: Final = 5.0
+#: Default bound, in seconds, on ``connect``/``join`` reaching a mesh:
+#: connecting to the listener, reading the invitation and the handshake with
+#: the inviting node, all together. A live mesh answers in milliseconds; the
+#: bound is for a stopped, wedged or hostile one.
+JOIN_TIMEOUT: Final = 10.0
 LISTENER_NAME: Final = "listen.sock"
 _LEN = struct.Struct("<I")
 _INVITATION_VERSION = 1
@@ -462,17 +476,28 @@ async def _read(loop: asyncio.AbstractEventLoop, sock: socket.socket, n: int, pa
 
 
 @contextlib.asynccontextmanager
-async def join(invitation: Invitation) -> AsyncIterator[ClientConnection]:
-    """Join the mesh an invitation is for, as a new node of this process.
+async def _deadline(deadline: float | None, timeout: float | None, path: Path) -> AsyncIterator[None]:
+    """Bound the block by ``deadline`` (loop time); past it, ``JoinTimeout``
+    (also when the handshake's own, shorter bound fired first)."""
+    cm = asyncio.timeout_at(deadline)
+    try:
+        async with cm:
+            yield
+    except TimeoutError:
+        took = timeout if cm.expired() and timeout is not None else HANDSHAKE_TIMEOUT
+        raise JoinTimeout(os.fspath(path), took) from None
 
-    Raises ``AuthenticationError`` if the inviting node rejects the secret,
-    ``InvitationExpired`` if the invitation was used or expired, and
-    ``JoinError`` for any other failure while joining."""
+
+async def _enter(
+    invitation: Invitation, deadline: float | None, timeout: float | None
+) -> tuple[contextlib.AbstractAsyncContextManager[Mesh], ClientConnection]:
+    """Join as a new node: the node's context (to exit when done) and the connection."""
     from ._mesh import Mesh
 
     w = invitation._w
-    if w.expires < time.time():
+    if not w.expires >= time.time():  # also refuses NaN
         raise InvitationExpired("the invitation has expired")
+    inviter_path = node_path(Path(w.directory), w.inviter)
     try:
         ctx = Mesh._joined(w.directory, w.secret, w.node)
         mesh = await ctx.__aenter__()
@@ -482,22 +507,45 @@ async def join(invitation: Invitation) -> AsyncIterator[ClientConnection]:
         raise JoinError(f"cannot join the mesh in {w.directory}: {exc}") from exc
     try:
         node = mesh._node
-        try:
-            verdict = await node.connect_to(w.inviter)
-        except HandshakeError as exc:
-            raise AuthenticationError(f"the inviting node rejected us: {exc}") from None
-        except (OSError, TimeoutError) as exc:
-            if isinstance(exc, OSError) and exc.errno in (errno.ENOENT, errno.ECONNREFUSED):
-                raise JoinError(f"the inviting node in {w.directory} is gone") from None
-            raise JoinError(f"cannot reach the inviting node: {exc}") from None
+        async with _deadline(deadline, timeout, inviter_path):
+            try:
+                verdict = await node.connect_to(w.inviter)
+            except HandshakeError as exc:
+                raise AuthenticationError(f"the inviting node rejected us: {exc}") from None
+            except OSError as exc:
+                if exc.errno in (errno.ENOENT, errno.ECONNREFUSED):
+                    raise JoinError(f"the inviting node in {w.directory} is gone") from None
+                raise JoinError(f"cannot reach the inviting node {inviter_path}: {exc}") from None
         if verdict == V_DUPLICATE:
             raise InvitationExpired("the inviting node refused us: invitation used or expired")
         d = PortDesc(*_DESC.unpack(w.port))
         st = node.engine._materialize(w.inviter, d)
-        conn = ClientConnection(Port._wrap([st]), mesh)
+        return ctx, ClientConnection(Port._wrap([st]), mesh)
     except BaseException:
         await ctx.__aexit__(None, None, None)
         raise
+
+
+def _deadline_after(timeout: float | None) -> float | None:
+    if timeout is None:
+        return None
+    if not timeout > 0:  # also refuses NaN
+        raise ValueError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
+    return asyncio.get_running_loop().time() + timeout
+
+
+@contextlib.asynccontextmanager
+async def join(
+    invitation: Invitation, *, timeout: float | None = JOIN_TIMEOUT
+) -> AsyncIterator[ClientConnection]:
+    """Join the mesh an invitation is for, as a new node of this process.
+
+    Raises ``JoinTimeout`` if the inviting node does not answer within
+    ``timeout`` seconds (default ``JOIN_TIMEOUT``, 10 s; ``None``: no bound
+    but the handshake's own), ``AuthenticationError`` if the inviting node
+    rejects the secret, ``InvitationExpired`` if the invitation was used or
+    expired, and ``JoinError`` for any other failure while joining."""
+    ctx, conn = await _enter(invitation, _deadline_after(timeout), timeout)
     try:
         yield conn
     finally:
@@ -511,14 +559,24 @@ async def connect(
     *,
     runtime_dir: str | os.PathLike[str] | None = None,
     expected_uid: int | None = None,
+    timeout: float | None = JOIN_TIMEOUT,
 ) -> AsyncIterator[ClientConnection]:
     """Attach this process to a running mesh by name or listener path.
 
-    Raises ``ConnectError`` (no such path, refused, permission denied),
-    ``InvitationReadError``, ``InvitationTooLarge``, ``InvitationDecodeError``,
-    ``AuthenticationError`` (listener of an unexpected uid, or secret
-    rejected) or ``JoinError``."""
+    ``timeout`` bounds everything up to the attached connection (reaching
+    the listener, its invitation, the handshake); default ``JOIN_TIMEOUT``
+    (10 s), ``None`` for no bound. Raises ``JoinTimeout`` (the mesh did not
+    answer in time), ``ConnectError`` (no such path, refused, permission
+    denied), ``InvitationReadError``, ``InvitationTooLarge``,
+    ``InvitationDecodeError``, ``AuthenticationError`` (listener of an
+    unexpected uid, or secret rejected) or ``JoinError``."""
     path = listener_path(name_or_path, runtime_dir)
-    inv = await read_invitation(path, expected_uid)
-    async with join(inv) as conn:
+    deadline = _deadline_after(timeout)
+    async with _deadline(deadline, timeout, path):
+        inv = await read_invitation(path, expected_uid)
+    ctx, conn = await _enter(inv, deadline, timeout)
+    try:
         yield conn
+    finally:
+        conn.port.close()
+        await ctx.__aexit__(None, None, None)
