@@ -227,3 +227,8 @@ async def report_imports(arg: Sender[Any]) -> None:
             "files": {"msgspec": msgspec.__file__, "meshipc": meshipc.__file__, "workers": __file__},
         }
     )
+
+
+def not_async(arg: Any) -> int:
+    """A plain function: not something a worker can run."""
+    return 1

@@ -25,6 +25,7 @@ from ._errors import (
     PortFailed,
     ProtocolError,
     RemoteError,
+    SpawnError,
 )
 from ._fd import Fd
 from ._ids import NodeId, PortId
@@ -70,5 +71,6 @@ __all__ = (
     "Receiver",
     "RemoteError",
     "Sender",
+    "SpawnError",
     "channel",
 )

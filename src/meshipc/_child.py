@@ -6,17 +6,19 @@ import asyncio
 import base64
 import ctypes
 import importlib
+import inspect
 import logging
 import os
 import signal
 import socket
 import sys
 import traceback
+from collections.abc import Awaitable
 from typing import Any
 
 import msgspec
 
-from ._errors import MeshError
+from ._errors import ChannelClosed, MeshError
 from ._process import ENV_INVITATION, ChildInvitation
 
 log = logging.getLogger("meshipc")
@@ -45,6 +47,29 @@ def _read_secret(sock: socket.socket) -> bytes:
     return buf
 
 
+#: Exit status of a worker whose link to its parent broke (the parent died
+#: or the connection failed) before its function finished.
+EXIT_PARENT_LOST = 3
+
+
+def _format(exc: BaseException) -> str:
+    return "".join(traceback.format_exception(exc))
+
+
+def _start(target: str, arg: Any) -> Awaitable[Any]:
+    """Import ``module:function`` and call it; raises whatever import or call raises."""
+    mod_name, func_name = target.split(":")
+    module = importlib.import_module(mod_name)
+    try:
+        func = getattr(module, func_name)
+    except AttributeError:
+        raise AttributeError(f"module {mod_name!r} has no function {func_name!r}") from None
+    result = func(arg)
+    if not inspect.isawaitable(result):
+        raise TypeError(f"{target} returned {type(result).__name__}, not an awaitable (make it an async def)")
+    return result
+
+
 async def _run(inv: ChildInvitation) -> int:
     from ._channel import Port
     from ._mesh import Mesh
@@ -60,14 +85,14 @@ async def _run(inv: ChildInvitation) -> int:
         except MeshError as exc:
             print(f"meshipc worker {inv.name}: no start message: {exc}", file=sys.stderr)
             return 1
-        mod_name, func_name = inv.target.split(":")
         try:
-            func = getattr(importlib.import_module(mod_name), func_name)
-            work: asyncio.Task[Any] = asyncio.ensure_future(func(arg))
+            work: asyncio.Task[Any] = asyncio.ensure_future(_start(inv.target, arg))
         except Exception as exc:
-            port.send(["error", type(exc).__qualname__, str(exc), "".join(traceback.format_exception(exc))])
-            traceback.print_exc()
+            # reported once, to the parent, whose spawn() raises it
+            port.send(["start_failed", type(exc).__qualname__, str(exc), _format(exc)])
+            port.close()
             return 1
+        port.send(["started"])
         # the bootstrap port says when the parent is gone or wants us to stop
         watch = asyncio.ensure_future(port.recv())
         done, _ = await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
@@ -77,13 +102,17 @@ async def _run(inv: ChildInvitation) -> int:
                 await work
             except BaseException:
                 pass
-            return 0 if watch.exception() is None or isinstance(watch.exception(), MeshError) else 1
+            lost = watch.exception()
+            if lost is None or isinstance(lost, ChannelClosed):
+                return 0  # the parent asked us to stop
+            # the link to the parent broke: nobody hears our outcome
+            print(f"meshipc worker {inv.name}: lost the link to its parent: {lost}", file=sys.stderr)
+            return EXIT_PARENT_LOST
         watch.cancel()
         err = work.exception()
         if err is not None:
-            port.send(["error", type(err).__qualname__, str(err), "".join(traceback.format_exception(err))])
-            print(f"meshipc worker {inv.name} failed:", file=sys.stderr)
-            traceback.print_exception(err)
+            # the parent logs it, with this traceback: not printed here too
+            port.send(["error", type(err).__qualname__, str(err), _format(err)])
             port.close()
             return 1
         port.send(["ok"])

@@ -147,3 +147,23 @@ class JoinTimeout(JoinError, TimeoutError):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.path, self.timeout))
+
+
+class SpawnError(MeshError):
+    """``Mesh.spawn``: the worker could not start ``target`` (module or
+    function missing, an error while importing it, or the process died
+    before starting it). ``reason`` says why; ``traceback`` is the worker's
+    own traceback text when it had one (also attached as a note, so an
+    uncaught ``SpawnError`` shows it once)."""
+
+    def __init__(self, name: str, target: str, reason: str, traceback: str = "") -> None:
+        super().__init__(f"worker {name!r} could not start {target!r}: {reason}")
+        self.name = name
+        self.target = target
+        self.reason = reason
+        self.traceback = traceback
+        if traceback:
+            self.add_note(f"traceback in the worker:\n{traceback.rstrip()}")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.name, self.target, self.reason, self.traceback))

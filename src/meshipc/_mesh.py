@@ -191,9 +191,13 @@ class Mesh:
     async def spawn(self, target: str, arg: Any = None, *, name: str | None = None) -> Process:
         """Start a worker process running ``async def function(arg)`` from
         ``"package.module:function"``; ``arg`` is any message value (typically
-        a ``Receiver``, ``Sender`` or ``Port``). Raises ``ValueError`` for a
-        malformed target; a failure inside the child is reported by
-        ``Process.wait()``'s exit code and ``Process.error``."""
+        a ``Receiver``, ``Sender`` or ``Port``). Returns once the function
+        runs in the worker. Raises ``ValueError`` for a malformed target and
+        ``SpawnError`` if the worker cannot start it (module or function
+        missing, an error while importing, the process dying first; the
+        worker's traceback attached). A later failure of the function is
+        reported by ``Process.wait()``'s exit code and ``Process.error``; a
+        worker whose link to this process broke exits with status 3."""
         if self._closed:
             raise MeshError("the mesh is closed")
         proc = await spawn(self, target, arg, name)

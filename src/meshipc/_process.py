@@ -11,6 +11,16 @@ its own node in the mesh directory, and receives the spawn argument as the
 first message on its bootstrap port. The bootstrap port stays open while the
 child lives: the parent reads the child's outcome on it, and the child
 learns on it that its parent died or the mesh is shutting down.
+
+What the child says on the bootstrap port, in order::
+
+    ["started"]                                  target imported, function running
+    ["start_failed", type, message, traceback]   instead of "started"; the child exits 1
+    ["ok"] | ["error", type, message, traceback] the function returned / raised
+
+``spawn`` returns once "started" arrives and raises ``SpawnError`` for
+anything else (including the process dying first). A traceback travels once,
+on the port: the child does not print it as well.
 """
 
 from __future__ import annotations
@@ -29,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from ._channel import Port
-from ._errors import ChannelClosed, MeshError, PortFailed, RemoteError
+from ._errors import ChannelClosed, MeshError, PortFailed, RemoteError, SpawnError
 from ._ids import NodeId, PortId
 
 if TYPE_CHECKING:
@@ -62,16 +72,21 @@ class ChildInvitation(msgspec.Struct, frozen=True):
 class Process:
     """A worker process in the mesh. ``await wait()`` gives its exit code."""
 
-    def __init__(self, popen: subprocess.Popen[bytes], name: str, port: Port) -> None:
+    def __init__(self, popen: subprocess.Popen[bytes], name: str, target: str, port: Port) -> None:
         self._popen = popen
         self.pid = popen.pid
         self.name = name
+        self.target = target
         self._port = port
         self.returncode: int | None = None
         #: the child's function raised: its error as ``RemoteError`` (also logged)
         self.error: RemoteError | None = None
-        self._exited = asyncio.get_running_loop().create_future()
-        self._status_task = asyncio.get_running_loop().create_task(self._read_status())
+        loop = asyncio.get_running_loop()
+        self._exited: asyncio.Future[int] = loop.create_future()
+        #: None once the target runs; else why it did not start (the
+        #: child's own report, or None when it died without one)
+        self._started: asyncio.Future[SpawnError | None] = loop.create_future()
+        self._status_task = loop.create_task(self._read_status())
         self._watch_exit()
 
     def _watch_exit(self) -> None:
@@ -106,15 +121,47 @@ class Process:
 
     async def _read_status(self) -> None:
         try:
+            await self._read_statuses()
+        finally:
+            if not self._started.done():
+                self._started.set_result(SpawnError(self.name, self.target, "no start report"))
+
+    async def _read_statuses(self) -> None:
+        try:
+            status = await self._port.recv()
+            if _is_error(status, "start_failed"):
+                why = f"{status[1]}: {status[2]}"
+                self._started.set_result(SpawnError(self.name, self.target, why, str(status[3])))
+                return
+            if status != ["started"]:
+                raise MeshError(f"unexpected start report {str(status)[:100]!r}")
+            self._started.set_result(None)
             status = await self._port.recv()
         except (ChannelClosed, PortFailed):
             return
         except MeshError as exc:
             log.warning("worker %s sent an unreadable status: %s", self.name, exc)
             return
-        if isinstance(status, list) and status and status[0] == "error" and len(status) == 4:
+        if _is_error(status, "error"):
             self.error = RemoteError(str(status[1]), str(status[2]), str(status[3]))
             log.error("worker %s (pid %d) failed: %s\n%s", self.name, self.pid, self.error, status[3])
+
+    async def _wait_started(self) -> None:
+        """Return once the target runs; else reap the process and raise
+        ``SpawnError``. Cancelled meanwhile, the process is killed."""
+        try:
+            failed = await asyncio.shield(self._started)
+        except asyncio.CancelledError:
+            self.kill()
+            self._port.close()
+            raise
+        if failed is None:
+            return
+        code = await self.wait()
+        if failed.reason == "no start report":
+            how = f"killed by signal {-code}" if code < 0 else f"exited with code {code}"
+            failed = SpawnError(self.name, self.target, f"the worker process {how} before starting it")
+        raise failed
 
     async def wait(self) -> int:
         """Wait for the process to exit; its exit code (negative: killed by signal)."""
@@ -159,6 +206,10 @@ def worker_command() -> list[str]:
     return [sys.executable, "-P", "-c", _BOOTSTRAP, *path]
 
 
+def _is_error(status: Any, tag: str) -> bool:
+    return isinstance(status, list) and len(status) == 4 and status[0] == tag
+
+
 async def spawn(mesh: Mesh, target: str, arg: Any, name: str | None) -> Process:
     if not _TARGET.match(target):
         raise ValueError(f"target must look like 'package.module:function', got {target!r}")
@@ -201,4 +252,6 @@ async def spawn(mesh: Mesh, target: str, arg: Any, name: str | None) -> Process:
         raise
     finally:
         child_sock.close()
-    return Process(popen, name, port)
+    proc = Process(popen, name, target, port)
+    await proc._wait_started()
+    return proc
