@@ -56,6 +56,7 @@ from meshipc import (
     Sender,
 )
 from meshipc._invitation import JOIN_TIMEOUT, read_invitation
+from meshipc._node import node_path
 from meshipc._wire import _DESC
 
 CLIENT = Path(__file__).with_name("attach_client.py").resolve()
@@ -592,10 +593,10 @@ async def test_connect_and_join_to_a_stopped_service_time_out(rd: Path) -> None:
             with pytest.raises(JoinTimeout) as ei:
                 async with meshipc.join(inv, timeout=0.3):
                     pass  # pragma: no cover
-            inviter = Path(ev["directory"]) / f"{bytes(inv.inviter).hex()}.sock"
+            inviter = node_path(Path(ev["directory"]), bytes(inv.inviter))
             assert str(ei.value) == f"the mesh at {inviter} did not answer in time (timed out after 0.3 s)"
             # the joining node cleaned up after itself
-            assert not (Path(ev["directory"]) / f"{bytes(inv.node).hex()}.sock").exists()
+            assert not node_path(Path(ev["directory"]), bytes(inv.node)).exists()
         # continued, the same service answers within the default bound
         async with meshipc.connect("svc", runtime_dir=rd) as conn:
             assert conn.mesh.directory == Path(ev["directory"])

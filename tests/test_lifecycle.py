@@ -155,3 +155,21 @@ def test_worker_command_path_is_the_parents(monkeypatch: pytest.MonkeyPatch, tmp
     cmd = worker_command()
     assert cmd[:3] == [sys.executable, "-P", "-c"]
     assert cmd[4:] == [str(tmp_path), str(tmp_path / "rel"), "/abs/lib"]
+
+
+# ------------------------------------------------------------ re-entering
+
+
+async def test_a_mesh_is_entered_once(rdir: Path):
+    mesh = meshipc.Mesh(name="once", runtime_dir=rdir)
+    async with mesh:
+        with pytest.raises(meshipc.MeshError, match="already entered"):
+            await mesh.__aenter__()
+    assert list(rdir.iterdir()) == []
+    # re-entering a closed mesh would leak a node, its folder and its lock
+    with pytest.raises(meshipc.MeshError, match="already entered"):
+        async with mesh:
+            pass  # pragma: no cover
+    assert list(rdir.iterdir()) == []
+    async with meshipc.Mesh(name="once", runtime_dir=rdir):  # a new one is fine
+        pass

@@ -12,9 +12,9 @@ from . import __version__
 
 
 def _ls(runtime_dir: str | None) -> int:
-    from ._mesh import runtime_root
+    from ._mesh import runtime_location
 
-    root = runtime_root(runtime_dir)
+    root, why = runtime_location(runtime_dir)
     found = False
     for entry in sorted(os.listdir(root)):
         if not (entry.startswith("mesh-") and entry.endswith(".lock")):
@@ -37,6 +37,7 @@ def _ls(runtime_dir: str | None) -> int:
         found = True
     if not found:
         print(f"no named meshes in {root}")
+    print(f"(runtime dir {root}: {why})")
     return 0
 
 
@@ -61,7 +62,13 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(client(args.name, args.runtime_dir))
         return 0
     if args.cmd == "ls":
-        return _ls(args.runtime_dir)
+        from ._errors import MeshError
+
+        try:
+            return _ls(args.runtime_dir)
+        except MeshError as exc:
+            print(f"meshipc ls: {exc}", file=sys.stderr)
+            return 1
     return 2
 
 

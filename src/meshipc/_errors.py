@@ -82,6 +82,9 @@ class ConnectError(JoinError):
     """``connect`` could not reach the listener: no such path, refused, or
     permission denied. ``path`` is the address tried."""
 
+    #: the OS error number of the failed connect, when there was one
+    errno: int | None = None
+
     def __init__(self, path: str, reason: str) -> None:
         super().__init__(f"cannot connect to mesh listener {path}: {reason}")
         self.path = path

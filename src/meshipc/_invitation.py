@@ -138,9 +138,53 @@ def listener_path(name_or_path: str | os.PathLike[str], runtime_dir: str | os.Pa
     s = os.fspath(name_or_path)
     if "/" in s:
         return Path(s)
-    from ._mesh import runtime_root
+    from ._mesh import mesh_directory, runtime_root
 
-    return runtime_root(runtime_dir) / f"mesh-{s}" / LISTENER_NAME
+    return mesh_directory(runtime_root(runtime_dir), s) / LISTENER_NAME
+
+
+def lock_is_held(path: Path) -> bool | None:
+    """Whether some process holds a ``flock`` on the file ``path`` (a live
+    mesh holds its name's lock); ``None`` when that cannot be told. Reads
+    ``/proc/locks`` instead of trying the lock, so that looking never makes
+    a mesh starting at that moment fail to take its name."""
+    try:
+        st = os.stat(path, follow_symlinks=False)
+        with open("/proc/locks") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    want = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    for line in lines:
+        fields = line.split()
+        # "1: FLOCK  ADVISORY  WRITE 1234 00:2a:5678 0 EOF"; waiters are marked "->"
+        if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5] == want:
+            return True
+    return False
+
+
+def not_running_reason(root: Path, why: str, name: str) -> str:
+    """Why nothing answers at the listener of mesh ``name``, for an error."""
+    from ._mesh import mesh_directory
+
+    lock = root / f"mesh-{name}.lock"
+    directory = mesh_directory(root, name)
+    if lock_is_held(lock):
+        return f"mesh {name!r} is running but not listening (no listener at {directory / LISTENER_NAME})"
+    if not os.path.lexists(directory):
+        return f"no mesh named {name!r} is running (runtime dir {root}, {why})"
+    stamps = []
+    for p in (directory, lock, directory / LISTENER_NAME):
+        with contextlib.suppress(OSError):
+            stamps.append(os.lstat(p).st_mtime)
+    if not stamps:
+        return f"no mesh named {name!r} is running (runtime dir {root}, {why})"
+    last = max(stamps)
+    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(last))
+    return (
+        f"mesh {name!r} is not running any more (stale since {since}; "
+        "a new mesh of that name or `meshipc ls --prune` clears it)"
+    )
 
 
 # --------------------------------------------------------------- invitation
@@ -443,8 +487,7 @@ async def read_invitation(path: Path, expected_uid: int | None = None) -> Invita
         try:
             await loop.sock_connect(sock, os.fspath(path))
         except OSError as exc:
-            reason = os.strerror(exc.errno) if exc.errno else str(exc)
-            raise ConnectError(os.fspath(path), reason) from None
+            raise _connect_error(path, exc) from None
         want = os.getuid() if expected_uid is None else expected_uid
         cred = PeerCred.of(sock)
         if cred.uid != want:
@@ -460,6 +503,18 @@ async def read_invitation(path: Path, expected_uid: int | None = None) -> Invita
         return Invitation.from_bytes(data)
     except InvitationDecodeError as exc:
         raise InvitationDecodeError(f"listener {path}: {exc}") from None
+
+
+def _connect_error(path: Path, exc: OSError) -> ConnectError:
+    if exc.errno == errno.ENOENT:
+        reason = "nothing there (no such socket)"
+    elif exc.errno == errno.ECONNREFUSED:
+        reason = "nothing listens there any more (a stale socket of a mesh that is gone)"
+    else:
+        reason = os.strerror(exc.errno) if exc.errno else str(exc) or type(exc).__name__
+    err = ConnectError(os.fspath(path), reason)
+    err.errno = exc.errno
+    return err
 
 
 async def _read(loop: asyncio.AbstractEventLoop, sock: socket.socket, n: int, path: Path) -> bytes:
@@ -572,8 +627,17 @@ async def connect(
     unexpected uid, or secret rejected) or ``JoinError``."""
     path = listener_path(name_or_path, runtime_dir)
     deadline = _deadline_after(timeout)
-    async with _deadline(deadline, timeout, path):
-        inv = await read_invitation(path, expected_uid)
+    try:
+        async with _deadline(deadline, timeout, path):
+            inv = await read_invitation(path, expected_uid)
+    except ConnectError as exc:
+        name = os.fspath(name_or_path)
+        if "/" in name or exc.errno not in (errno.ENOENT, errno.ECONNREFUSED):
+            raise
+        from ._mesh import runtime_location
+
+        root, why = runtime_location(runtime_dir)
+        raise ConnectError(exc.path, not_running_reason(root, why, name)) from None
     ctx, conn = await _enter(inv, deadline, timeout)
     try:
         yield conn

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._errors import MeshError
 from ._ids import NodeId
-from ._node import MeshSecret, Node, check_private_dir
+from ._node import MeshSecret, Node, check_private_dir, node_path
 from ._process import Process, spawn
 
 if TYPE_CHECKING:
@@ -29,36 +29,77 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 CHILD_GRACE = 5.0
 
 
-def runtime_root(runtime_dir: str | os.PathLike[str] | None = None) -> Path:
-    """The folder holding this user's mesh directories.
+#: Longest AF_UNIX socket path Linux accepts (``sun_path`` is 108 bytes with its NUL).
+MAX_SOCKET_PATH = 107
+_HOW_ELSEWHERE = "set XDG_RUNTIME_DIR to a private folder of yours (mode 0700) or pass runtime_dir="
 
-    ``runtime_dir`` if given, else ``$XDG_RUNTIME_DIR`` (when it is a private
-    directory of ours), else ``<tmp>/meshipc-<uid>``, created 0700. An
-    existing folder must be a real directory owned by us with mode 0700."""
+
+def runtime_location(runtime_dir: str | os.PathLike[str] | None = None) -> tuple[Path, str]:
+    """The folder holding this user's mesh directories, and why that one.
+
+    ``runtime_dir`` if given (created 0700 if missing), else
+    ``$XDG_RUNTIME_DIR`` if set, else ``<tmp>/meshipc-<uid>`` (created 0700).
+    The folder must be a real directory owned by us with mode 0700; one that
+    is not is refused with ``MeshError`` saying which folder and why, never
+    silently replaced by another (a service and its clients must look in the
+    same place)."""
     if runtime_dir is not None:
         root = Path(runtime_dir)
         if not os.path.lexists(root):
             root.mkdir(mode=0o700, parents=True)
         check_private_dir(root)  # lstat: a symlink, dangling or not, is refused
-        return root
+        return root, "given as runtime_dir"
     xdg = os.environ.get("XDG_RUNTIME_DIR")
     if xdg:
+        root = Path(xdg)
         try:
-            check_private_dir(Path(xdg))
-            return Path(xdg)
-        except (OSError, MeshError):
-            log.debug("ignoring XDG_RUNTIME_DIR=%s (not a private directory of ours)", xdg)
+            if not root.is_absolute():
+                raise MeshError("it is not an absolute path")
+            check_private_dir(root)
+        except FileNotFoundError:
+            raise MeshError(
+                f"XDG_RUNTIME_DIR={xdg} does not exist; {_HOW_ELSEWHERE}, or unset XDG_RUNTIME_DIR"
+            ) from None
+        except MeshError as exc:
+            raise MeshError(
+                f"XDG_RUNTIME_DIR={xdg} cannot hold meshes: {exc}; {_HOW_ELSEWHERE}, or unset XDG_RUNTIME_DIR"
+            ) from None
+        return root, "from XDG_RUNTIME_DIR"
     root = Path(tempfile.gettempdir()) / f"meshipc-{os.getuid()}"
     try:
         root.mkdir(mode=0o700)
     except FileExistsError:
         pass
-    check_private_dir(root)
-    return root
+    try:
+        check_private_dir(root)
+    except MeshError as exc:
+        raise MeshError(
+            f"{exc}; someone else may have made it to block or watch your meshes: {_HOW_ELSEWHERE}"
+        ) from None
+    return root, "XDG_RUNTIME_DIR is not set"
+
+
+def runtime_root(runtime_dir: str | os.PathLike[str] | None = None) -> Path:
+    """The folder holding this user's mesh directories (see ``runtime_location``)."""
+    return runtime_location(runtime_dir)[0]
 
 
 def mesh_directory(root: Path, name: str) -> Path:
     return root / f"mesh-{name}"
+
+
+def check_socket_room(directory: Path) -> None:
+    """Refuse (``MeshError``) a mesh directory whose sockets' paths would
+    not fit in an AF_UNIX address; checked before anything is created."""
+    from ._invitation import LISTENER_NAME
+
+    longest = max((node_path(directory, bytes(16)), directory / LISTENER_NAME), key=lambda p: len(bytes(p)))
+    n = len(bytes(longest))
+    if n > MAX_SOCKET_PATH:
+        raise MeshError(
+            f"socket path {longest} would be {n} bytes, over the AF_UNIX limit of {MAX_SOCKET_PATH}: "
+            "use a shorter runtime folder (runtime_dir= or XDG_RUNTIME_DIR)"
+        )
 
 
 class Mesh:
@@ -78,6 +119,7 @@ class Mesh:
         self._owns_directory = False
         self._children: list[Process] = []
         self._closed = False
+        self._entered = False
         self._extras: list[Any] = []  # listeners and other things closed with the mesh
         self._lock_fd = -1
 
@@ -91,7 +133,11 @@ class Mesh:
         return self._node.directory
 
     async def __aenter__(self) -> Mesh:
+        if self._entered:
+            raise MeshError("this Mesh was already entered; a Mesh is used once (make a new one)")
+        self._entered = True
         root = runtime_root(self._runtime_dir)
+        check_socket_room(mesh_directory(root, self.name or "0" * 16))
         if self.name is not None:
             from ._invitation import claim_name
 
@@ -105,10 +151,14 @@ class Mesh:
             self._node = Node(directory, MeshSecret())
             self._node.start()
         except BaseException:
+            # a failed start leaves nothing behind: directory, lock file, lock
             shutil.rmtree(directory, ignore_errors=True)
-            if self._lock_fd >= 0:
-                os.close(self._lock_fd)
+            if self._lock_fd >= 0 and self.name is not None:
+                from ._invitation import release_name
+
+                release_name(root, self.name, self._lock_fd)
                 self._lock_fd = -1
+            self._closed = True
             raise
         return self
 
@@ -117,6 +167,7 @@ class Mesh:
     async def _joined(cls, directory: str, secret: bytes, node_id: bytes) -> AsyncIterator[Mesh]:
         """A node joining an existing mesh (spawned child or invited process)."""
         self = cls()
+        self._entered = True
         d = Path(directory)
         check_private_dir(d)
         self._node = Node(d, MeshSecret(secret), node_id)

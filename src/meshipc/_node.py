@@ -1,7 +1,7 @@
 """A node: port engine + its socket in the mesh directory + its connections
 (layer 6).
 
-Nodes reach each other directly by path (``<directory>/<node id>.sock``):
+Nodes reach each other directly by path (``node_path``: ``<directory>/<node id prefix>``):
 no broker. A connection is made on demand when a port first needs a node, and
 every connection is authenticated before any port event is read:
 
@@ -123,6 +123,13 @@ async def _recv_exact(loop: asyncio.AbstractEventLoop, sock: socket.socket, n: i
     return bytes(buf)
 
 
+def _why(exc: BaseException) -> str:
+    """An error's text for a log line or a failure reason: never empty."""
+    if isinstance(exc, TimeoutError) and not str(exc):
+        return f"the handshake timed out after {HANDSHAKE_TIMEOUT:g} s"
+    return str(exc) or type(exc).__name__
+
+
 def check_private_dir(path: Path) -> None:
     """Refuse a directory that is not ours alone (owner, mode 0700, no symlink)."""
     st = os.lstat(path)
@@ -135,7 +142,10 @@ def check_private_dir(path: Path) -> None:
 
 
 def node_path(directory: Path, node: bytes) -> Path:
-    return directory / f"{node.hex()}.sock"
+    """Where node ``node`` listens: the first 48 bits of its (random) id in
+    hex, short so that any mesh name fits an AF_UNIX address; a clash is
+    refused at bind and the handshake checks the whole id."""
+    return directory / node.hex()[:12]
 
 
 class Node:
@@ -390,10 +400,10 @@ class Node:
                         cred.uid,
                     )
         except (HandshakeError, OSError, TimeoutError, struct.error) as exc:
-            self._refuse(sock, str(exc) or type(exc).__name__, cred)
+            self._refuse(sock, _why(exc), cred)
             if expect is not None and self._connecting.get(expect) is me:
                 del self._connecting[expect]
-                self._mark_dead(expect, f"handshake failed: {exc}")
+                self._mark_dead(expect, f"handshake failed: {_why(exc)}")
             return
         finally:
             if expect is not None and self._connecting.get(expect) is me:
@@ -441,7 +451,7 @@ class Node:
             raise
         except (HandshakeError, OSError, TimeoutError) as exc:
             self._connecting.pop(peer, None)
-            self._mark_dead(peer, f"cannot connect: {exc}")
+            self._mark_dead(peer, f"cannot connect: {_why(exc)}")
             return
         self._connecting.pop(peer, None)
 
