@@ -462,6 +462,16 @@ async def test_invitation_decode_error(rd: Path, payload: bytes) -> None:
         await asyncio.wait_for(expect_join_error(path, InvitationDecodeError), T)
 
 
+@pytest.mark.parametrize("expires", [float("nan"), float("inf"), float("-inf")])
+async def test_invitation_with_a_non_finite_expiry_is_refused(rd: Path, expires: float) -> None:
+    async with Mesh(runtime_dir=rd) as mesh:
+        mine, theirs = Port.pair()
+        inv = await mesh.inviter(ttl=SHORT_TTL).invite(theirs)
+        with pytest.raises(InvitationDecodeError, match="expiry is not a finite time"):
+            reencode(inv, expires=expires)
+        mine.close()
+
+
 async def test_connect_error(rd: Path) -> None:
     missing = rd / "nothing-here.sock"
     exc = await asyncio.wait_for(expect_join_error(missing, ConnectError), T)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import select
 import shutil
 import signal
 import sys
@@ -173,3 +175,73 @@ async def test_a_mesh_is_entered_once(rdir: Path):
     assert list(rdir.iterdir()) == []
     async with meshipc.Mesh(name="once", runtime_dir=rdir):  # a new one is fine
         pass
+
+
+# ------------------------------------------------------------ SIGTERM
+
+SERVICE = """
+import asyncio, json, signal, sys, meshipc
+async def main():
+    own = sys.argv[2] == "own"
+    if own:  # the application handles SIGTERM itself
+        got = asyncio.Event()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, got.set)
+    async with meshipc.Mesh(name="svc", runtime_dir=sys.argv[1]) as mesh:
+        await mesh.listen()
+        tx, rx = meshipc.channel()
+        await mesh.spawn("workers:idle", tx)
+        print(json.dumps({"worker": await rx.recv()}), flush=True)
+        if own:
+            await got.wait()
+            print(json.dumps({"handled": "by the application"}), flush=True)
+        else:
+            await asyncio.Event().wait()
+    print(json.dumps({"after": "the mesh"}), flush=True)
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("handler", ["default", "own"])
+async def test_sigterm_closes_the_mesh_cleanly(rdir: Path, handler: str):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), *sys.path]))
+    svc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", SERVICE, str(rdir), handler, env=env, stdout=asyncio.subprocess.PIPE
+    )
+    pidfd = -1
+    try:
+        assert svc.stdout is not None
+        ready = json.loads(await asyncio.wait_for(svc.stdout.readline(), 30))
+        pidfd = os.pidfd_open(ready["worker"])
+        assert sorted(p.name for p in rdir.iterdir()) == ["mesh-svc", "mesh-svc.lock"]
+        svc.terminate()  # SIGTERM, what `kill` sends
+        out = await asyncio.wait_for(svc.stdout.read(), 30)
+        code = await asyncio.wait_for(svc.wait(), 30)
+        lines = [json.loads(line) for line in out.splitlines()]
+        if handler == "default":
+            # closed by the mesh, then the process ends as SIGTERM would end it
+            assert code == 143 and lines == []
+        else:
+            # the application's own handler was left alone
+            assert code == 0
+            assert lines == [{"handled": "by the application"}, {"after": "the mesh"}]
+        # either way: nothing left behind, the worker stopped with its parent
+        assert list(rdir.iterdir()) == []
+        assert select.select([pidfd], [], [], 10)[0] == [pidfd], "the worker is still running"
+    finally:
+        if svc.returncode is None:
+            svc.kill()
+            await svc.wait()
+        if pidfd >= 0:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            os.close(pidfd)
+
+
+async def test_sigterm_handler_is_ours_only_while_a_mesh_is_open(rdir: Path):
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    async with meshipc.Mesh(runtime_dir=rdir):
+        assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+        async with meshipc.Mesh(runtime_dir=rdir):
+            pass
+        assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL

@@ -197,3 +197,38 @@ async def test_connect_by_name_says_why_nothing_answers(base: Path) -> None:
     reason = await attach("dead")
     assert reason.startswith("mesh 'dead' is not running any more (stale since 20"), reason
     assert "`meshipc ls --prune`" in reason
+
+
+async def test_ls_prune_removes_what_a_killed_mesh_left_and_nothing_else(base: Path) -> None:
+    client = Path(__file__).with_name("attach_client.py")
+    owner = await asyncio.create_subprocess_exec(
+        sys.executable, str(client), "named", str(base), "dead", stdout=asyncio.subprocess.PIPE
+    )
+    try:
+        assert owner.stdout is not None
+        assert b"listener" in await asyncio.wait_for(owner.stdout.readline(), T)
+    finally:
+        owner.kill()  # SIGKILL: no cleanup runs
+        await owner.wait()
+
+    async def cli(*args: str) -> str:
+        p = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "meshipc", *args, "--runtime-dir", str(base), stdout=asyncio.subprocess.PIPE
+        )
+        out, _ = await asyncio.wait_for(p.communicate(), T)
+        assert p.returncode == 0
+        return out.decode()
+
+    async with Mesh(name="alive", runtime_dir=base) as mesh:
+        listener = await mesh.listen()
+        assert (await cli("ls")).splitlines()[:2] == [f"alive\tlive  listener {listener.path}", "dead\tstale"]
+        assert (await cli("ls", "--prune")).splitlines()[:2] == [
+            "dead\tpruned",
+            f"alive\tlive  listener {listener.path}",
+        ]
+        assert sorted(p.name for p in base.iterdir()) == ["mesh-alive", "mesh-alive.lock"]
+        async with meshipc.connect("alive", runtime_dir=base) as cc:  # untouched
+            conn = await asyncio.wait_for(listener.accept(), T)
+            cc.port.send("still here")
+            assert await asyncio.wait_for(conn.port.recv(), T) == "still here"
+    assert list(base.iterdir()) == []

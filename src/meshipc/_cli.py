@@ -11,10 +11,15 @@ import sys
 from . import __version__
 
 
-def _ls(runtime_dir: str | None) -> int:
+def _ls(runtime_dir: str | None, prune: bool = False) -> int:
     from ._mesh import runtime_location
 
     root, why = runtime_location(runtime_dir)
+    if prune:
+        from ._invitation import prune_stale
+
+        for name in prune_stale(root):
+            print(f"{name}\tpruned")
     found = False
     for entry in sorted(os.listdir(root)):
         if not (entry.startswith("mesh-") and entry.endswith(".lock")):
@@ -51,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     dc.add_argument("--runtime-dir")
     ls = sub.add_parser("ls", help="list this user's named meshes")
     ls.add_argument("--runtime-dir")
+    ls.add_argument("--prune", action="store_true", help="remove what dead named meshes left behind")
     args = p.parse_args(argv)
     if args.cmd == "demo":
         from ._demo import service
@@ -65,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         from ._errors import MeshError
 
         try:
-            return _ls(args.runtime_dir)
+            return _ls(args.runtime_dir, args.prune)
         except MeshError as exc:
             print(f"meshipc ls: {exc}", file=sys.stderr)
             return 1

@@ -19,6 +19,7 @@ import contextlib
 import errno
 import fcntl
 import logging
+import math
 import os
 import shutil
 import socket
@@ -83,7 +84,7 @@ _INVITATION_VERSION = 1
 # --------------------------------------------------------------------- names
 
 
-def claim_name(root: Path, name: str) -> tuple[Path, int]:
+def claim_name(root: Path, name: str, *, fresh: bool = True) -> tuple[Path, int]:
     """Take the name ``name`` under ``root``: returns the (fresh) mesh
     directory and the lock fd to hold while the mesh lives.
 
@@ -119,7 +120,8 @@ def claim_name(root: Path, name: str) -> tuple[Path, int]:
                 check_private_dir(directory)  # anything not ours is refused, never deleted
                 log.info("replacing stale directory %s of a dead mesh %r", directory, name)
                 shutil.rmtree(directory)
-            directory.mkdir(mode=0o700)
+            if fresh:
+                directory.mkdir(mode=0o700)
             return directory, fd
         except BaseException:
             os.close(fd)
@@ -132,6 +134,32 @@ def release_name(root: Path, name: str, fd: int) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(root / f"mesh-{name}.lock")
     os.close(fd)
+
+
+def prune_stale(root: Path) -> list[str]:
+    """Remove what dead named meshes left under ``root`` (lock file and
+    directory); returns their names. A name is taken exactly as a new mesh
+    would take it (its lock, then the inode check), so a live mesh, or one
+    starting at that moment, is never touched; anything not ours is kept."""
+    from ._mesh import _NAME
+
+    pruned = []
+    for entry in sorted(os.listdir(root)):
+        if not (entry.startswith("mesh-") and entry.endswith(".lock")):
+            continue
+        name = entry[len("mesh-") : -len(".lock")]
+        if not _NAME.match(name):
+            continue
+        try:
+            directory, fd = claim_name(root, name, fresh=False)
+        except MeshError as exc:  # live, or not ours
+            log.debug("prune: keeping %r: %s", name, exc)
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            shutil.rmtree(directory)
+        release_name(root, name, fd)
+        pruned.append(name)
+    return pruned
 
 
 def listener_path(name_or_path: str | os.PathLike[str], runtime_dir: str | os.PathLike[str] | None) -> Path:
@@ -242,6 +270,8 @@ class Invitation:
             raise InvitationDecodeError(f"not a meshipc invitation: {exc}") from None
         if w.version != _INVITATION_VERSION:
             raise InvitationDecodeError(f"unsupported invitation version {w.version}")
+        if not math.isfinite(w.expires):
+            raise InvitationDecodeError("invitation expiry is not a finite time")
         if len(w.inviter) != 16 or len(w.node) != 16 or len(w.secret) != 32 or len(w.port) != _DESC.size:
             raise InvitationDecodeError("invitation fields have the wrong sizes")
         if not w.directory.startswith("/") or "\0" in w.directory:

@@ -8,11 +8,13 @@ import logging
 import os
 import re
 import shutil
+import signal
 import tempfile
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from ._errors import MeshError
 from ._ids import NodeId
@@ -102,13 +104,70 @@ def check_socket_room(directory: Path) -> None:
         )
 
 
+class _Sigterm:
+    """SIGTERM closes the meshes of a process whose application left SIGTERM
+    at its default action (killed at once, cleaning nothing up).
+
+    While such a mesh is open, SIGTERM cancels the task that entered it;
+    the mesh closes as on any exit (workers stopped, sockets, folder and name
+    removed) and its ``async with`` then raises ``SystemExit(143)`` (128 +
+    SIGTERM, the status a shell shows for a SIGTERM death). An application
+    with its own SIGTERM handler (``signal.signal`` or
+    ``loop.add_signal_handler``) keeps it, untouched; so does code that is
+    not on the main thread."""
+
+    meshes: ClassVar[dict[Mesh, asyncio.Task[Any]]] = {}
+    loop: ClassVar[asyncio.AbstractEventLoop | None] = None
+
+    @classmethod
+    def watch(cls, mesh: Mesh) -> None:
+        task = asyncio.current_task()
+        if task is None:
+            return
+        loop = asyncio.get_running_loop()
+        if cls.loop is not None and cls.loop.is_closed():
+            cls.meshes.clear()  # a loop closed with meshes never closed (it removed our handler)
+            cls.loop = None
+        if cls.loop is None:
+            if threading.current_thread() is not threading.main_thread():
+                return
+            if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+                return  # the application decides what SIGTERM does
+            try:
+                loop.add_signal_handler(signal.SIGTERM, cls._fire)
+            except (NotImplementedError, RuntimeError, ValueError):
+                return
+            cls.loop = loop
+        elif cls.loop is not loop:
+            return
+        cls.meshes[mesh] = task
+
+    @classmethod
+    def unwatch(cls, mesh: Mesh) -> None:
+        if cls.meshes.pop(mesh, None) is not None and not cls.meshes and cls.loop is not None:
+            if not cls.loop.is_closed():
+                cls.loop.remove_signal_handler(signal.SIGTERM)  # back to the default action
+            cls.loop = None
+
+    @classmethod
+    def _fire(cls) -> None:
+        log.info("SIGTERM: closing %d mesh(es) before exiting", len(cls.meshes))
+        cancelled: set[asyncio.Task[Any]] = set()
+        for mesh, task in list(cls.meshes.items()):
+            mesh._terminated = True
+            if not mesh._closed and task not in cancelled and not task.done():
+                task.cancel()
+                cancelled.add(task)
+
+
 class Mesh:
     """A node of a mesh, in this process. Use as ``async with Mesh() as mesh``.
 
     ``Mesh()`` starts a new private mesh; ``Mesh(name="vmm")`` starts one that
     other processes of this user can find by name. Raises ``MeshError`` if the
     runtime folder is not safe to use, ``MeshNameInUse`` if a live mesh holds
-    the name."""
+    the name. While it is open, SIGTERM closes it cleanly if the application
+    left SIGTERM at its default action (see ``_Sigterm``)."""
 
     def __init__(self, name: str | None = None, *, runtime_dir: str | os.PathLike[str] | None = None) -> None:
         if name is not None and not _NAME.match(name):
@@ -120,6 +179,7 @@ class Mesh:
         self._children: list[Process] = []
         self._closed = False
         self._entered = False
+        self._terminated = False  # closed because of SIGTERM
         self._extras: list[Any] = []  # listeners and other things closed with the mesh
         self._lock_fd = -1
 
@@ -160,6 +220,7 @@ class Mesh:
                 self._lock_fd = -1
             self._closed = True
             raise
+        _Sigterm.watch(self)
         return self
 
     @classmethod
@@ -181,6 +242,8 @@ class Mesh:
         self, t: type[BaseException] | None, v: BaseException | None, tb: TracebackType | None
     ) -> None:
         await self.aclose()
+        if self._terminated and isinstance(v, asyncio.CancelledError):
+            raise SystemExit(128 + signal.SIGTERM)
 
     async def aclose(self) -> None:
         """Shut down: stop listeners, stop and reap workers, let ports in
@@ -189,6 +252,12 @@ class Mesh:
         if self._closed or self._node is None:
             return
         self._closed = True
+        try:
+            await self._shut_down()
+        finally:
+            _Sigterm.unwatch(self)
+
+    async def _shut_down(self) -> None:
         for extra in self._extras:
             extra.close()
         for proc in self._children:
