@@ -51,8 +51,8 @@ from ._ids import NodeId
 from ._node import (
     HANDSHAKE_TIMEOUT,
     V_DUPLICATE,
+    Acceptor,
     PeerCred,
-    accept_ready,
     is_socket_alive,
     listen_private,
     node_path,
@@ -384,6 +384,7 @@ class Listener:
         self._inviter = Inviter(mesh, ttl)
         self._loop = mesh._node.loop
         self._sock: socket.socket | None = None
+        self._acceptor: Acceptor | None = None
         self._queue: asyncio.Queue[Connection | None] = asyncio.Queue()
         self._tasks: set[asyncio.Task[None]] = set()
         self.closed = False
@@ -400,16 +401,14 @@ class Listener:
             os.unlink(path)  # stale socket of a dead mesh of ours
         s = listen_private(path, "listener")
         self._sock = s
-        self._loop.add_reader(s.fileno(), self._on_accept)
+        self._acceptor = Acceptor(self._loop, s, self._start_serving, f"listener {self.path}")
+        self._acceptor.start()
 
-    def _on_accept(self) -> None:
-        if self._sock is not None:
-            accept_ready(self._sock, self._start_serving, f"listener {self.path}")
-
-    def _start_serving(self, sock: socket.socket) -> None:
+    def _start_serving(self, sock: socket.socket) -> asyncio.Task[None]:
         t = self._loop.create_task(self._serve(sock))
         self._tasks.add(t)
         t.add_done_callback(self._tasks.discard)
+        return t
 
     async def _serve(self, sock: socket.socket) -> None:
         with sock:
@@ -470,7 +469,8 @@ class Listener:
             return
         self.closed = True
         if self._sock is not None:
-            self._loop.remove_reader(self._sock.fileno())
+            if self._acceptor is not None:
+                self._acceptor.close()
             self._sock.close()
             self._sock = None
             with contextlib.suppress(FileNotFoundError):
@@ -598,6 +598,8 @@ async def _enter(
             except HandshakeError as exc:
                 raise AuthenticationError(f"the inviting node rejected us: {exc}") from None
             except OSError as exc:
+                if isinstance(exc, TimeoutError):
+                    raise  # the handshake's own bound: reported by _deadline
                 if exc.errno in (errno.ENOENT, errno.ECONNREFUSED):
                     raise JoinError(f"the inviting node in {w.directory} is gone") from None
                 raise JoinError(f"cannot reach the inviting node {inviter_path}: {exc}") from None
