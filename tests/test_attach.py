@@ -839,6 +839,15 @@ def other_user() -> Iterator[dict[str, Any]]:
         shutil.rmtree(shared, ignore_errors=True)
 
 
+async def test_listen_has_no_option_to_invite_other_uids(rd: Path) -> None:
+    """Other users' processes could never join (the node sockets are ours
+    alone): the listener offers no way to hand them the secret."""
+    async with Mesh(runtime_dir=rd) as mesh:
+        with pytest.raises(TypeError):
+            await mesh.listen(allowed_uids={os.getuid() + 1})  # type: ignore[call-arg]
+        assert not (mesh.directory / "listen.sock").exists()
+
+
 async def test_client_of_another_uid_is_refused(rd: Path, other_user: dict[str, Any]) -> None:
     public = Path(tempfile.mkdtemp(prefix="mp", dir="/tmp"))
     try:
@@ -862,6 +871,7 @@ async def test_client_of_another_uid_is_refused(rd: Path, other_user: dict[str, 
                 assert os.fspath(path) in ev["message"]
                 assert await c.exit_code() == 3
             assert listener.refused == 1
+            assert mesh._node._invited == {}  # refused before any invitation existed
 
             # expecting its own uid (the default), the client distrusts the
             # listener before reading; the listener refuses it all the same

@@ -53,6 +53,7 @@ from ._node import (
     V_DUPLICATE,
     Acceptor,
     PeerCred,
+    RateLimitedLog,
     is_socket_alive,
     listen_private,
     node_path,
@@ -374,17 +375,17 @@ class Listener:
     """Hands one invitation to each client that connects to ``path``.
 
     ``await accept()`` / ``async for conn in listener`` give a ``Connection``
-    per client. Only clients running as an allowed uid (default: ours) get an
-    invitation; others are closed and logged."""
+    per client. Only clients running as our own uid get an invitation (no
+    other uid could use one); others are closed and logged."""
 
-    def __init__(self, mesh: Mesh, path: Path, allowed_uids: set[int], ttl: float) -> None:
+    def __init__(self, mesh: Mesh, path: Path, ttl: float) -> None:
         self._mesh = mesh
         self.path = path
-        self.allowed_uids = allowed_uids
         self._inviter = Inviter(mesh, ttl)
         self._loop = mesh._node.loop
         self._sock: socket.socket | None = None
         self._acceptor: Acceptor | None = None
+        self._log = RateLimitedLog()
         self._queue: asyncio.Queue[Connection | None] = asyncio.Queue()
         self._tasks: set[asyncio.Task[None]] = set()
         self.closed = False
@@ -417,10 +418,14 @@ class Listener:
             except OSError as exc:
                 log.warning("listener %s: no peer credentials: %s", self.path, exc)
                 return
-            if cred.uid not in self.allowed_uids:
+            if cred.uid != os.getuid():
                 self.refused += 1
-                log.warning(
-                    "listener %s refused pid %d uid %d: uid not allowed", self.path, cred.pid, cred.uid
+                self._log.warning(
+                    "uid",
+                    "listener %s refused pid %d uid %d: not our uid (it could not join)",
+                    self.path,
+                    cred.pid,
+                    cred.uid,
                 )
                 return
             mine, theirs = Port.pair()

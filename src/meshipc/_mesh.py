@@ -283,11 +283,13 @@ class Mesh:
         self,
         path: str | os.PathLike[str] | None = None,
         *,
-        allowed_uids: set[int] | None = None,
         invitation_ttl: float | None = None,
     ) -> Listener:
         """Start handing out invitations on a Unix socket: by default
         ``<mesh directory>/listen.sock`` (where ``connect(name)`` looks).
+        Only processes of our own uid get one: a process of another user
+        could not use it (the mesh's node sockets refuse other uids), so it
+        is refused at the listener, before any invitation exists.
         Raises ``MeshNameInUse`` if a live listener holds the path and
         ``MeshError`` if the path holds something that is not ours."""
         from ._invitation import INVITATION_TTL, LISTENER_NAME, Listener
@@ -295,8 +297,7 @@ class Mesh:
         if self._closed:
             raise MeshError("the mesh is closed")
         p = Path(path) if path is not None else self.directory / LISTENER_NAME
-        uids = set(allowed_uids) if allowed_uids is not None else {os.getuid()}
-        listener = Listener(self, p, uids, INVITATION_TTL if invitation_ttl is None else invitation_ttl)
+        listener = Listener(self, p, INVITATION_TTL if invitation_ttl is None else invitation_ttl)
         listener.start()
         self._extras.append(listener)
         return listener
