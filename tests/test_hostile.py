@@ -9,12 +9,16 @@ polls a counter that has no event)."""
 
 from __future__ import annotations
 
+import array
 import asyncio
 import contextlib
 import json
+import logging
 import os
+import resource
 import shutil
 import socket
+import struct
 import sys
 import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -26,6 +30,8 @@ import pytest
 import meshipc
 import meshipc._node
 from meshipc import Mesh
+from meshipc._node import _AUTH, _CHALLENGE, _HELLO, _MAGIC, _VERDICT, V_ACCEPT
+from meshipc._wire import PROTOCOL_VERSION
 
 CLIENT = Path(__file__).with_name("attach_client.py").resolve()
 T = 10.0
@@ -200,3 +206,186 @@ async def test_out_of_fds_pauses_accepting_and_recovers(rd: Path) -> None:
     assert 1 <= sum("accept failed (Too many open files)" in line for line in lines) <= 2, err
     assert len(lines) <= 10, err
     assert list(rd.iterdir()) == []
+
+
+# ------------------------------------------------------- hostile peers
+
+
+async def recv_exact(s: socket.socket, n: int) -> bytes:
+    loop = asyncio.get_running_loop()
+    buf = b""
+    while len(buf) < n:
+        chunk = await asyncio.wait_for(loop.sock_recv(s, n - len(buf)), T)
+        if not chunk:
+            raise EOFError(f"stream ended after {len(buf)} of {n} bytes")
+        buf += chunk
+    return buf
+
+
+async def raw_connect(path: Path) -> socket.socket:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.setblocking(False)
+    await asyncio.wait_for(asyncio.get_running_loop().sock_connect(s, os.fspath(path)), T)
+    return s
+
+
+async def until_closed(s: socket.socket) -> None:
+    """Read (and discard) until the node hangs up on us."""
+    loop = asyncio.get_running_loop()
+    with contextlib.suppress(ConnectionResetError):
+        while await asyncio.wait_for(loop.sock_recv(s, 65536), T):
+            pass
+
+
+async def handshake(node: meshipc._node.Node, me: bytes) -> tuple[socket.socket, bytes]:
+    """A full, valid initiator handshake as node ``me`` (the test holds the
+    secret, as an authenticated peer gone bad would); returns the socket
+    and the bytes it sent (HELLO + AUTH), for a replay."""
+    loop = asyncio.get_running_loop()
+    s = await raw_connect(node.path)
+    nonce_i = os.urandom(32)
+    hello = _HELLO.pack(_MAGIC, PROTOCOL_VERSION, 0, me, bytes(node.id), nonce_i)
+    await loop.sock_sendall(s, hello)
+    _m, _v, status, _got, nonce_a, _mac = _CHALLENGE.unpack(await recv_exact(s, _CHALLENGE.size))
+    assert status == 0
+    auth = _AUTH.pack(node._secret.mac(b"meshipc-initiator", nonce_i, nonce_a, me, bytes(node.id)))
+    await loop.sock_sendall(s, auth)
+    assert (await recv_exact(s, _VERDICT.size))[0] == V_ACCEPT
+    return s, hello + auth
+
+
+def hook_refusals(node: meshipc._node.Node) -> asyncio.Queue[str]:
+    """Each reason ``node`` gives for refusing a connection."""
+    q: asyncio.Queue[str] = asyncio.Queue()
+    original = node._refuse
+
+    def refuse(sock: socket.socket, why: str, cred: Any) -> None:
+        original(sock, why, cred)
+        q.put_nowait(why)
+
+    node._refuse = refuse  # type: ignore[method-assign]
+    return q
+
+
+async def test_hostile_handshakes_are_refused_and_the_node_serves_on(
+    rd: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(meshipc._node, "HANDSHAKE_TIMEOUT", 1.0)  # for the peer that stalls
+    async with Mesh(runtime_dir=rd) as mesh:
+        node = mesh._node
+        listener = await mesh.listen()
+        refusals = hook_refusals(node)
+        loop = asyncio.get_running_loop()
+        baseline = open_fds()
+
+        async def refused(send: bytes, close: bool = True) -> str:
+            s = await raw_connect(node.path)
+            with s:
+                await loop.sock_sendall(s, send)
+                if close:
+                    s.shutdown(socket.SHUT_WR)
+                await until_closed(s)
+            return await asyncio.wait_for(refusals.get(), T)
+
+        # random bytes, short and long; a half HELLO; a HELLO for another node
+        assert (await refused(os.urandom(7))).startswith("peer closed the connection after 7 of")
+        assert await refused(b"GET / HTTP/1.1\r\n" * 200) == "not a meshipc node"
+        assert (await refused(_MAGIC + b"\x01")).startswith("peer closed the connection after 5 of")
+        other = _HELLO.pack(_MAGIC, PROTOCOL_VERSION, 0, os.urandom(16), os.urandom(16), os.urandom(32))
+        assert await refused(other) == "handshake status 1 (version 1)"
+
+        # a valid HELLO, then a wrong secret's AUTH
+        s = await raw_connect(node.path)
+        with s:
+            hello = _HELLO.pack(_MAGIC, PROTOCOL_VERSION, 0, os.urandom(16), bytes(node.id), os.urandom(32))
+            await loop.sock_sendall(s, hello)
+            await recv_exact(s, _CHALLENGE.size)
+            await loop.sock_sendall(s, os.urandom(_AUTH.size))
+            assert (await recv_exact(s, 1))[0] == meshipc._node.V_DENIED
+        assert await asyncio.wait_for(refusals.get(), T) == "wrong mesh secret"
+
+        # a replay of a valid handshake: the node's fresh nonce makes the old AUTH worthless
+        me = os.urandom(16)
+        good, sent = await handshake(node, me)
+        good.close()
+        s = await raw_connect(node.path)
+        with s:
+            await loop.sock_sendall(s, sent)
+            await until_closed(s)
+        assert await asyncio.wait_for(refusals.get(), T) == "wrong mesh secret"
+
+        # a peer that sends HELLO and then nothing: dropped at the deadline
+        assert await refused(hello, close=False) == "the handshake timed out after 1 s"
+        assert node.rejected == 7
+
+        # the listener: random bytes at it change nothing (it only writes)
+        s = await raw_connect(listener.path)
+        with s:
+            await loop.sock_sendall(s, os.urandom(4096))
+            await until_closed(s)
+
+        await serve_one_client(listener, os.fspath(listener.path))
+        await wait_until(lambda: open_fds() <= baseline, "fds back to their baseline")
+
+
+async def test_authenticated_peer_gone_bad_is_dropped_and_the_node_serves_on(
+    rd: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A peer that holds the secret (trusted to join, not to be sane): a
+    frame announcing 4 GiB, descriptors no frame claims, descriptors with a
+    frame never finished. Each drops that one connection with a logged
+    reason, nothing is allocated for the announced size, every descriptor
+    it sent is closed, and the node goes on serving."""
+    caplog.set_level(logging.WARNING, logger="meshipc")
+    async with Mesh(runtime_dir=rd) as mesh:
+        node = mesh._node
+        listener = await mesh.listen()
+        loop = asyncio.get_running_loop()
+        baseline = open_fds()
+        rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+        async def dropped(attack: Callable[[socket.socket], Any]) -> str:
+            me = os.urandom(16)
+            s, _ = await handshake(node, me)
+            with s:
+                await wait_until(lambda: me in node._conns, "the peer to be connected")
+                await attack(s)
+                await until_closed(s)  # the node hung up on us
+            await wait_until(lambda: me not in node._conns, "the peer to be dropped")
+            return caplog.records[-1].getMessage()
+
+        async def huge(s: socket.socket) -> None:
+            await loop.sock_sendall(s, struct.pack("<IB", 0xFFFFFFFF, 1) + os.urandom(64))
+
+        why = await dropped(huge)
+        assert why.endswith(f"protocol error: frame length {0xFFFFFFFF} outside 1..{4 * 1024 * 1024}"), why
+        # (ru_maxrss is in KiB) nothing near 4 GiB was ever allocated
+        assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before < 64 * 1024
+
+        r, w = os.pipe()
+        try:
+
+            async def unclaimed_fds(s: socket.socket) -> None:
+                fds = array.array("i", [r, w] * 50)
+                await loop.sock_sendall(s, struct.pack("<I", 1 << 20))  # a frame that never ends
+                for _ in range(6):  # 600 descriptors, each batch with one byte of its body
+                    try:
+                        s.sendmsg([b"\x00"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+                    except OSError:  # dropped already (a small write never blocks)
+                        break
+
+            why = await dropped(unclaimed_fds)
+            assert why.endswith("protocol error: peer sent descriptors that no frame claims"), why
+
+            async def fds_then_leave(s: socket.socket) -> None:
+                fds = array.array("i", [r, w] * 10)
+                s.sendmsg([b"\x05\x00"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+                s.shutdown(socket.SHUT_WR)  # the frame is never finished
+
+            await dropped(fds_then_leave)
+        finally:
+            os.close(r)
+            os.close(w)
+        # every descriptor the peers sent was closed by the node
+        await wait_until(lambda: open_fds() <= baseline, "fds back to their baseline")
+        await serve_one_client(listener, os.fspath(listener.path))
