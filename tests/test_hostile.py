@@ -28,8 +28,10 @@ from typing import Any
 import pytest
 
 import meshipc
+import meshipc._invitation
 import meshipc._node
 from meshipc import Mesh
+from meshipc._invitation import read_invitation
 from meshipc._node import _AUTH, _CHALLENGE, _HELLO, _MAGIC, _VERDICT, V_ACCEPT
 from meshipc._wire import PROTOCOL_VERSION
 
@@ -388,4 +390,28 @@ async def test_authenticated_peer_gone_bad_is_dropped_and_the_node_serves_on(
             os.close(w)
         # every descriptor the peers sent was closed by the node
         await wait_until(lambda: open_fds() <= baseline, "fds back to their baseline")
+        await serve_one_client(listener, os.fspath(listener.path))
+
+
+async def test_clients_that_take_invitations_and_never_join_cannot_pile_them_up(
+    rd: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(meshipc._invitation, "MAX_OUTSTANDING", 4)
+    async with Mesh(runtime_dir=rd) as mesh:
+        listener = await mesh.listen(invitation_ttl=60)
+        taken = [await asyncio.wait_for(read_invitation(listener.path), T) for _ in range(10)]
+        assert len(mesh._node._invited) == 4
+        assert listener.withdrawn == 6
+        # the oldest were withdrawn: too late to use them
+        with pytest.raises(meshipc.InvitationExpired):
+            async with meshipc.join(taken[0]):
+                pass  # pragma: no cover
+        # the server's ends, in the order the invitations were taken
+        conns = [await asyncio.wait_for(listener.accept(), T) for _ in range(10)]
+        with pytest.raises(meshipc.PortFailed, match="withdrawn"):
+            await asyncio.wait_for(conns[0].port.recv(), T)
+        # the newest still work
+        async with meshipc.join(taken[-1]) as cc:
+            cc.port.send("late but fine")
+            assert await asyncio.wait_for(conns[-1].port.recv(), T) == "late but fine"
         await serve_one_client(listener, os.fspath(listener.path))

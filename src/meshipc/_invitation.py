@@ -77,6 +77,11 @@ CLIENT_TIMEOUT: Final = 5.0
 #: the inviting node, all together. A live mesh answers in milliseconds; the
 #: bound is for a stopped, wedged or hostile one.
 JOIN_TIMEOUT: Final = 10.0
+#: Invitations one listener keeps outstanding (handed out, not yet used or
+#: expired). Beyond it the oldest is withdrawn: a real client uses its
+#: invitation within milliseconds, so clients that take one and never join
+#: cannot pile up invitations (and their ports) faster than they expire.
+MAX_OUTSTANDING: Final = 256
 LISTENER_NAME: Final = "listen.sock"
 _LEN = struct.Struct("<I")
 _INVITATION_VERSION = 1
@@ -390,6 +395,9 @@ class Listener:
         self._tasks: set[asyncio.Task[None]] = set()
         self.closed = False
         self.refused = 0
+        #: invitations withdrawn to stay under MAX_OUTSTANDING
+        self.withdrawn = 0
+        self._outstanding: dict[bytes, None] = {}  # invited node ids, oldest first
 
     def start(self) -> None:
         path = self.path
@@ -435,19 +443,40 @@ class Listener:
                 log.info("listener %s: no invitation for pid %d: %s", self.path, cred.pid, exc)
                 mine.close()
                 return
+            self._keep_outstanding(inv._w.node)
             data = bytes(inv)
             try:
                 async with asyncio.timeout(CLIENT_TIMEOUT):
                     await self._loop.sock_sendall(sock, _LEN.pack(len(data)) + data)
             except (OSError, TimeoutError) as exc:
+                why = f"not taken within {CLIENT_TIMEOUT:g} s" if isinstance(exc, TimeoutError) else str(exc)
                 log.info(
-                    "listener %s: client pid %d uid %d left early: %s", self.path, cred.pid, cred.uid, exc
+                    "listener %s: client pid %d uid %d left early: %s", self.path, cred.pid, cred.uid, why
                 )
                 self._mesh._node.forget(inv._w.node, "the client left before taking its invitation")
                 mine.close()
                 return
             log.info("listener %s: invitation sent to pid %d uid %d", self.path, cred.pid, cred.uid)
             self._queue.put_nowait(Connection(mine, cred))
+
+    def _keep_outstanding(self, node_id: bytes) -> None:
+        self._outstanding[node_id] = None
+        if len(self._outstanding) <= MAX_OUTSTANDING:
+            return
+        invited = self._mesh._node._invited  # neither used nor expired yet
+        self._outstanding = {n: None for n in self._outstanding if n in invited}
+        while len(self._outstanding) > MAX_OUTSTANDING:
+            oldest = next(iter(self._outstanding))
+            del self._outstanding[oldest]
+            if oldest in invited:
+                self.withdrawn += 1
+                self._log.warning(
+                    "withdrawn",
+                    "listener %s: %d invitations outstanding; withdrew the oldest",
+                    self.path,
+                    MAX_OUTSTANDING,
+                )
+                self._mesh._node.forget(oldest, "invitation withdrawn: too many outstanding")
 
     async def accept(self) -> Connection:
         """The next client. Raises ``MeshError`` once the listener is closed."""

@@ -647,8 +647,7 @@ class Acceptor:
         if wait > 0:
             return wait
         del self._running[task]
-        task.add_done_callback(lambda _: self._resume())
-        task.cancel()
+        task.cancel()  # its _release resumes accepting once its fd is closed
         self.evicted += 1
         self._log.warning(
             "evicted",
