@@ -272,7 +272,7 @@ class Invitation:
             raise InvitationDecodeError(f"invitation of {len(data)} bytes exceeds {MAX_INVITATION}")
         try:
             w = msgspec.msgpack.decode(data, type=_Wire)
-        except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:
+        except (ValueError, RecursionError) as exc:  # msgspec's errors, and bad UTF-8 in a str
             raise InvitationDecodeError(f"not a meshipc invitation: {exc}") from None
         if w.version != _INVITATION_VERSION:
             raise InvitationDecodeError(f"unsupported invitation version {w.version}")
