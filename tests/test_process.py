@@ -787,6 +787,7 @@ async def test_no_fd_leak_over_spawn_cycles(rdir: Path) -> None:
         for i in range(20):
             await cycle(i)
         gc.collect()
+        assert mesh._children == []  # exited workers are not kept by the mesh
         after = open_fds()
         new = {fd: target for fd, target in after.items() if fd not in before}
         assert len(after) - len(before) <= 3, f"{len(after) - len(before)} more open fds: {new}"

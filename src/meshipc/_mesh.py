@@ -260,9 +260,10 @@ class Mesh:
     async def _shut_down(self) -> None:
         for extra in self._extras:
             extra.close()
-        for proc in self._children:
+        children = list(self._children)  # each leaves the list as it exits
+        for proc in children:
             proc.terminate()
-        for proc in self._children:
+        for proc in children:
             try:
                 async with asyncio.timeout(CHILD_GRACE):
                     await proc.wait()
@@ -323,7 +324,13 @@ class Mesh:
             raise MeshError("the mesh is closed")
         proc = await spawn(self, target, arg, name)
         self._children.append(proc)
+        # a long-lived mesh spawning many workers keeps only the running ones
+        proc._exited.add_done_callback(lambda _: self._forget_child(proc))
         return proc
+
+    def _forget_child(self, proc: Process) -> None:
+        if proc in self._children:
+            self._children.remove(proc)
 
     def __repr__(self) -> str:
         return f"<Mesh name={self.name!r} node={self._node.id if self._node else None}>"
