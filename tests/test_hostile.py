@@ -294,7 +294,7 @@ async def test_hostile_handshakes_are_refused_and_the_node_serves_on(
         assert await refused(b"GET / HTTP/1.1\r\n" * 200) == "not a meshipc node"
         assert (await refused(_MAGIC + b"\x01")).startswith("peer closed the connection after 5 of")
         other = _HELLO.pack(_MAGIC, PROTOCOL_VERSION, 0, os.urandom(16), os.urandom(16), os.urandom(32))
-        assert await refused(other) == "handshake status 1 (version 1)"
+        assert await refused(other) == f"handshake status 1 (version {PROTOCOL_VERSION})"
 
         # a valid HELLO, then a wrong secret's AUTH
         s = await raw_connect(node.path)

@@ -434,7 +434,7 @@ async def test_worker_that_raises(rdir: Path, capfd: pytest.CaptureFixture[str])
         (
             "workers:not_async",
             "TypeError: workers:not_async returned int, not an awaitable (make it an async def)",
-            "in _start",
+            "in _call",
         ),
         ("dying_workers:main", "the worker process exited with code 7 before starting it", None),
     ],

@@ -98,8 +98,9 @@ SAMPLES: dict[str, Event] = {
     "fail-empty": FailEvent(rid(15), ""),
     "fail-max-reason": FailEvent(rid(16), "r" * MAX_REASON),
 }
-if hasattr(wire, "ProxyDoneEvent"):  # added to the protocol later
-    SAMPLES["proxy-done"] = wire.ProxyDoneEvent(rid(17))
+SAMPLES["proxy-done"] = wire.ProxyDoneEvent(rid(17))
+SAMPLES["consumed"] = wire.ConsumedEvent(rid(18), 7)
+SAMPLES["consumed-max"] = wire.ConsumedEvent(rid(18), MAX_U64)
 
 
 def test_every_event_type_has_a_sample():
@@ -386,7 +387,8 @@ events = st.one_of(
     st.builds(ArrivedEvent, ids16, ids16),
     st.builds(ProxyAckEvent, ids16, u64),
     st.builds(FailEvent, ids16, st.text(max_size=200)),
-    *([st.builds(wire.ProxyDoneEvent, ids16)] if hasattr(wire, "ProxyDoneEvent") else []),
+    st.builds(wire.ProxyDoneEvent, ids16),
+    st.builds(wire.ConsumedEvent, ids16, u64),
 )
 chunk_sizes = st.lists(st.integers(1, 64), min_size=1, max_size=8)
 

@@ -9,6 +9,7 @@ running mesh at runtime. See README.md.
 from ._channel import Call, Port, Receiver, Sender, channel
 from ._errors import (
     AuthenticationError,
+    BufferFull,
     ChannelClosed,
     ConnectError,
     HandshakeError,
@@ -32,6 +33,7 @@ from ._ids import NodeId, PortId
 from ._invitation import ClientConnection, Connection, Invitation, Inviter, Listener, connect, join
 from ._mesh import Mesh
 from ._node import PeerCred
+from ._ports import Limits
 from ._process import Process
 
 __version__ = "0.1.0"
@@ -46,6 +48,8 @@ __all__ = (
     "Connection",
     "ClientConnection",
     "AuthenticationError",
+    "BufferFull",
+    "Limits",
     "Call",
     "ChannelClosed",
     "ConnectError",

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
+import logging
 import struct
 import threading
 import traceback
@@ -30,6 +31,7 @@ from ._ports import Engine, Message, PortState
 from ._wire import K_ADD_SENDER, K_CALL, K_DATA, K_ERROR
 
 T = TypeVar("T")
+log = logging.getLogger("meshipc")
 
 # extension type codes for resources inside message bodies
 EXT_PORT = 1
@@ -47,6 +49,7 @@ class _Res(threading.local):
         self.ports: list[PortState] = []
         self.fds: list[Any] = []
         self.engine: Engine | None = None
+        self.carrier: PortState | None = None
         self.in_states: list[PortState] = []
         self.in_fds: list[Any] = []
         self.used: set[tuple[int, int]] = set()
@@ -65,6 +68,8 @@ def _take_states(engine: Engine, handle: _Handle) -> list[PortState]:
 
 def _enc_hook(obj: Any) -> Any:
     r = _res
+    if isinstance(obj, _Handle) and r.carrier is not None and r.carrier in obj._states:
+        raise MessageError(f"a {type(obj).__name__} cannot be sent through itself")
     if isinstance(obj, (Port, Sender)):
         if r.engine is None or not obj._states:
             raise ChannelClosed(f"cannot send a closed or already sent {type(obj).__name__}")
@@ -134,7 +139,7 @@ def _dec_hook(tp: Any, obj: Any) -> Any:
             # annotation (a field typed Receiver[Point]) says what to validate
             args = typing.get_args(tp)
             if args:
-                obj._type = args[0]
+                obj._set_type(args[0])
         return obj
     if origin in (NodeId, PortId) and isinstance(obj, bytes) and len(obj) == 16:
         return origin(obj)
@@ -160,9 +165,11 @@ def _plain_decoder(tp: Any) -> msgspec.msgpack.Decoder[Any]:
 class _Codec:
     """Bridges message objects and bytes for the engine (see ``ports.Codec``)."""
 
-    def encode(self, engine: Engine, obj: Any) -> tuple[bytes, list[PortState], list[Any]]:
+    def encode(
+        self, engine: Engine, obj: Any, carrier: PortState | None = None
+    ) -> tuple[bytes, list[PortState], list[Any]]:
         r = _res
-        r.engine, r.ports, r.fds = engine, [], []
+        r.engine, r.ports, r.fds, r.carrier = engine, [], [], carrier
         try:
             if isinstance(obj, _CallMsg):
                 body = _encoder.encode((obj.request, obj.reply))
@@ -176,7 +183,7 @@ class _Codec:
                 fd.close()
             raise
         finally:
-            r.engine, r.ports, r.fds = None, [], []
+            r.engine, r.ports, r.fds, r.carrier = None, [], [], None
 
     def encode_plain(self, obj: Any) -> bytes:
         return _plain_encoder.encode(obj)
@@ -184,24 +191,36 @@ class _Codec:
     def encode_error(self, exc: BaseException) -> bytes:
         return _encoder.encode(("MessageError", f"message could not be encoded: {exc}", ""))
 
-    def dispose(self, obj: Any) -> None:
+    def dispose(self, obj: Any, reason: str | None = None) -> None:
         for res in walk_resources(obj):
-            res.close()
+            if reason is not None and isinstance(res, _Handle):
+                for st in res._detach():
+                    st.engine.fail(st, reason)
+            else:
+                res.close()
 
 
 CODEC = _Codec()
 
 
-def decode(msg: Message, tp: Any) -> Any:
+class _BadMessage(MessageError):
+    """A message from another node that did not decode; ``kept`` is the port
+    ``decode`` was asked to keep open (an RPC request's reply port)."""
+
+    kept: PortState | None = None
+
+
+def decode(msg: Message, tp: Any, keep_last: bool = False) -> Any:
     """The value of a message from another node, validated against ``tp``.
 
-    Raises ``MessageError`` (the resources of the message are closed)."""
+    Raises ``MessageError`` (the resources of the message are closed, but the
+    last port if ``keep_last``: it is the exception's ``kept``)."""
     body = msg.body if msg.body is not None else b""
     if not msg.ports and not msg.fds:
         try:
             return _plain_decoder(tp).decode(body)
         except (msgspec.DecodeError, msgspec.ValidationError, MessageError, RecursionError) as exc:
-            raise MessageError(f"invalid message: {exc}") from None
+            raise _BadMessage(f"invalid message: {exc}") from None
     r = _res
     r.in_states = msg.ports or []
     r.in_fds = list(msg.fds or [])
@@ -209,11 +228,16 @@ def decode(msg: Message, tp: Any) -> Any:
     try:
         value = _decoder(tp).decode(body)
     except (msgspec.DecodeError, msgspec.ValidationError, MessageError, struct.error, RecursionError) as exc:
+        bad = _BadMessage(f"invalid message: {exc}")
+        last = len(r.in_states) - 1
         for i, st in enumerate(r.in_states):
             if (0, i) not in r.used:
-                st.engine.close(st)
+                if keep_last and i == last:
+                    bad.kept = st
+                else:
+                    st.engine.close(st)
         _close_fds(r.in_fds)
-        raise MessageError(f"invalid message: {exc}") from None
+        raise bad from None
     finally:
         states, fds = r.in_states, r.in_fds
         r.in_states, r.in_fds = [], []
@@ -267,6 +291,47 @@ def default_engine() -> Engine:
     return _local_engine
 
 
+def _on_engine_thread(eng: Engine) -> bool:
+    return eng.thread == threading.get_ident()
+
+
+def _from_thread(st: PortState, fn: Any, *args: Any) -> None:
+    """Run an engine call for ``st`` from a thread that does not drive its
+    engine: under the engine's lock when no loop drives it, else on the
+    loop's thread (in order per calling thread)."""
+    while True:
+        eng = st.engine
+        if eng.post is None:
+            with eng.lock:
+                if st.engine is not eng:
+                    continue  # adopted by a mesh node meanwhile
+                fn(eng, *args)
+            return
+        if _on_engine_thread(eng):
+            fn(eng, *args)
+            return
+        try:
+            eng.post(_posted, st, fn, args)
+        except RuntimeError:
+            raise ChannelClosed("the event loop of this port's mesh is closed") from None
+        return
+
+
+def _posted(st: PortState, fn: Any, args: tuple[Any, ...]) -> None:
+    try:
+        fn(st.engine, *args)
+    except MeshError as exc:  # raised in the caller's thread had it been on the loop
+        log.warning("a send from another thread was dropped: %s", exc)
+
+
+def _engine_send(eng: Engine, st: PortState, kind: int, value: Any, force: bool = False) -> None:
+    eng.send_value(st, kind, value, force)
+
+
+def _engine_close(eng: Engine, st: PortState) -> None:
+    eng.close(st)
+
+
 class _Handle:
     """Common base of Port, Sender and Receiver: owns port states."""
 
@@ -283,10 +348,13 @@ class _Handle:
         return states
 
     def close(self) -> None:
-        """Close this end (idempotent). The other side sees ``ChannelClosed``
-        once it has read what was already sent."""
+        """Close this end (idempotent, from any thread). The other side sees
+        ``ChannelClosed`` once it has read what was already sent."""
         for st in self._detach():
-            st.engine.close(st)
+            if _on_engine_thread(st.engine):
+                st.engine.close(st)
+            else:
+                _from_thread(st, _engine_close, st)
 
     @property
     def closed(self) -> bool:
@@ -310,8 +378,62 @@ class _Handle:
     def __reduce__(self) -> Any:
         raise TypeError(f"{type(self).__name__} cannot be pickled; send it in a mesh message instead")
 
+    async def drain(self) -> None:
+        """Return once this end is back under its flow-control window (what
+        the receiver has not consumed yet, see ``meshipc.Limits``); at once if
+        it is. A producer that awaits ``drain()`` after sends never gets
+        ``BufferFull``: it waits for a slow or stopped consumer. Raises
+        ``ChannelClosed`` if this end was closed or the receiver closed,
+        ``PortFailed`` if the receiver is gone abnormally."""
+        while True:
+            if not self._states:
+                raise ChannelClosed(f"drain on a closed or sent {type(self).__name__}")
+            st = self._states[0]
+            eng = st.engine
+            if not _on_engine_thread(eng) and eng.post is not None:
+                raise MeshError("drain() must run on the event loop thread of the port's mesh")
+            if st.error is not None:
+                raise st.error
+            if st.peer_closed:
+                raise ChannelClosed("the receiver is closed")
+            if not eng.over_window(st):
+                return
+            fut = asyncio.get_running_loop().create_future()
+
+            def wake(fut: asyncio.Future[None] = fut) -> None:
+                if not fut.done():
+                    fut.set_result(None)
+
+            eng.watch_credit(st, wake)
+            await fut
+
 
 _H = TypeVar("_H", bound=_Handle)
+
+
+def _send(h: _Handle, kind: int, value: Any) -> None:
+    if not h._states:
+        CODEC.dispose(value)
+        raise ChannelClosed(f"send on a closed or sent {type(h).__name__}")
+    st = h._states[0]
+    if value is h:
+        raise MessageError(f"a {type(h).__name__} cannot be sent through itself")
+    eng = st.engine
+    if _on_engine_thread(eng):
+        eng.send_value(st, kind, value)
+    elif eng.post is None:
+        _from_thread(st, _engine_send, st, kind, value)
+    else:
+        # another thread: check what can be checked here, so the error is
+        # raised to this caller, then hand the send to the loop (in order)
+        if eng.over_hard_limit(st):
+            raise eng._full(st)
+        try:
+            CODEC.encode_plain(value)
+        except (TypeError, RecursionError) as exc:
+            if not walk_resources(value):
+                raise MessageError(f"this value cannot be sent to another process: {exc}") from None
+        _from_thread(st, _engine_send, st, kind, value, True)
 
 
 class _Inbox(_Handle):
@@ -320,7 +442,21 @@ class _Inbox(_Handle):
     #: a Receiver merges many senders' ports; a Port is one end of one pair
     _merges = True
 
-    __slots__ = ("_error", "_fut", "_more", "_ready", "_sched", "_type")
+    __slots__ = (
+        "_call_type",
+        "_calls_only",
+        "_error",
+        "_foreign",
+        "_from",
+        "_fut",
+        "_loop",
+        "_more",
+        "_ready",
+        "_sched",
+        "_thread",
+        "_type",
+        "bad_messages",
+    )
 
     def _init_inbox(self, states: list[PortState], tp: Any) -> None:
         self._states = []
@@ -328,10 +464,29 @@ class _Inbox(_Handle):
         self._sched: set[PortState] = set()
         self._fut: asyncio.Future[None] | None = None
         self._more: list[asyncio.Future[None]] | None = None
-        self._type = tp
+        self._set_type(tp)
         self._error: MeshError | None = None
+        # the loop this end waits on, and its thread: a wake from any other
+        # thread is handed to that loop
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread = threading.get_ident()
+        self._foreign = False  # woken from another thread at least once
+        self._from = b""  # node of the last message taken (for bad-message reports)
+        #: messages from other processes dropped because they did not decode
+        #: or validate (each is logged with the node that sent it)
+        self.bad_messages = 0
         for st in states:
             self._add(st)
+
+    def _set_type(self, tp: Any) -> None:
+        """What this end validates messages from other processes against; a
+        ``Call[T]`` receiver (a server's) takes calls only, with ``T`` requests."""
+        self._calls_only = tp is Call or typing.get_origin(tp) is Call
+        if self._calls_only:
+            args = typing.get_args(tp)
+            tp = args[0] if args else Any
+        self._type = tp
+        self._call_type: Any = None
 
     def _add(self, st: PortState) -> None:
         self._states.append(st)
@@ -340,8 +495,20 @@ class _Inbox(_Handle):
 
         def waker() -> None:
             h = ref()
-            if h is not None:
+            if h is None:
+                return
+            if h._thread == threading.get_ident():
                 h._wake(st)
+                return
+            h._foreign = True
+            loop = h._loop
+            if loop is None:
+                h._wake(st)  # nobody waits yet; _next_message rescans
+            else:
+                try:
+                    loop.call_soon_threadsafe(h._wake, st)
+                except RuntimeError:
+                    pass  # that loop is closed: a later wait rebinds and rescans
 
         st.waker = waker
         if st.queue or st.readable_end:
@@ -370,10 +537,28 @@ class _Inbox(_Handle):
         self._wake_waiters()  # a task blocked in recv() sees the close
         return super()._detach()
 
+    def _rescan(self) -> bool:
+        """After wakes from other threads: schedule every end with something
+        to read (a wake racing with ``_next_message`` may have been missed)."""
+        found = False
+        for st in self._states:
+            if (st.queue or st.readable_end) and st not in self._sched:
+                self._sched.add(st)
+                self._ready.append(st)
+                found = True
+        return found
+
     async def _wait(self) -> None:
         """Wait until something may be readable. Several tasks may wait on one
         end; each has its own future, so cancelling one leaves the others."""
-        fut = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:
+            old = self._loop
+            if old is not None and old.is_running() and self._thread != threading.get_ident():
+                raise MeshError(f"this {type(self).__name__} is in use on another thread's event loop")
+            self._loop = loop
+            self._thread = threading.get_ident()
+        fut = loop.create_future()
         cur = self._fut
         if cur is None or cur.done():
             self._fut = fut
@@ -381,6 +566,8 @@ class _Inbox(_Handle):
             if self._more is None:
                 self._more = []
             self._more.append(fut)
+        if self._foreign and self._rescan():
+            fut.set_result(None)
         try:
             await fut
         finally:
@@ -392,13 +579,27 @@ class _Inbox(_Handle):
     def _next_message(self) -> Message | None:
         """A queued message, or None; raises at the end of the stream."""
         ready = self._ready
+        if not ready and self._foreign:
+            self._rescan()
         while ready:
             st = ready[0]
-            if st.queue:
-                msg = st.queue.popleft()
-                if not st.queue and not st.readable_end:
+            q = st.queue
+            if q:
+                msg = q.popleft()
+                if not q and not st.readable_end:
                     ready.popleft()
                     self._sched.discard(st)
+                body = msg.body
+                if body is not None:
+                    # flow control: a remote sender counts this off its window
+                    self._from = st.peer_node
+                    st.ack_n += 1
+                    st.ack_bytes += len(body)
+                    eng = st.engine
+                    if st.ack_n >= eng.ack_every_n or st.ack_bytes >= eng.ack_every_bytes:
+                        eng.consumed(st)
+                if st.credit is not None:
+                    st.engine.consumed(st)  # a local sender waits in drain()
                 return msg
             ready.popleft()
             self._sched.discard(st)
@@ -428,26 +629,68 @@ class _Inbox(_Handle):
             raise ChannelClosed("every sender is closed")
         return None
 
+    def _bad(self, exc: MessageError) -> Any:
+        """A message from another process that does not decode or validate:
+        logged with its node, counted, dropped; the stream goes on."""
+        self.bad_messages += 1
+        log.warning(
+            "dropped a bad message from node %s on %r (%d so far): %s",
+            self._from.hex()[:12],
+            self,
+            self.bad_messages,
+            exc,
+        )
+        return _SKIP
+
     def _take(self, msg: Message) -> Any:
         kind = msg.kind
         if kind == K_DATA:
-            return msg.obj if msg.body is None else decode(msg, self._type)
+            if self._calls_only:
+                _local_engine.dispose(msg)
+                return self._bad(MessageError("a plain message on a channel of calls"))
+            if msg.body is None:
+                return msg.obj
+            try:
+                return decode(msg, self._type)
+            except MessageError as exc:
+                return self._bad(exc)
         if kind == K_CALL:
             if msg.body is None:
                 cm: _CallMsg = msg.obj
                 return Call(cm.request, cm.reply)
-            req, reply = decode(msg, tuple[self._type, Port])  # type: ignore[name-defined]
+            if self._call_type is None:
+                self._call_type = tuple[self._type, Port]  # type: ignore[name-defined]
+            try:
+                req, reply = decode(msg, self._call_type, keep_last=True)
+            except _BadMessage as exc:
+                if exc.kept is not None:  # tell the caller why, instead of hanging up
+                    Call(None, Port._wrap([exc.kept])).fail(exc)
+                return self._bad(exc)
             return Call(req, reply)
         if kind == K_ADD_SENDER:
-            sender = msg.obj if msg.body is None else decode(msg, Sender)
+            if msg.body is None:
+                sender = msg.obj
+            else:
+                try:
+                    sender = decode(msg, Sender)
+                except MessageError as exc:
+                    return self._bad(exc)
             if isinstance(self, Receiver):
                 for st in sender._detach():
                     self._add(st)  # one more sender merged into this receiver
             else:
                 sender.close()  # a raw port has no use for it
             return _SKIP
-        # K_ERROR where data was expected: a peer bug, reported on this message only
-        raise MessageError("unexpected error message on a data channel")
+        if msg.body is None:
+            tn, text, _ = msg.obj
+            raise MessageError(f"{tn}: {text}")
+        # K_ERROR where data was expected: a value that could not be encoded
+        # when its port moved, or a peer bug; this message only
+        try:
+            tn, text, _ = decode(msg, tuple[str, str, str])
+        except MessageError as exc:
+            return self._bad(exc)
+        raise MessageError(f"{tn}: {text}")
 
     def _poll(self) -> Any:
         """The next value, or ``_EMPTY``; raises at the end of the stream."""
@@ -469,8 +712,9 @@ class _Inbox(_Handle):
 
     async def recv(self) -> Any:
         """The next message. Raises ``ChannelClosed`` once every sender is
-        closed, ``PortFailed`` if one failed, ``MessageError`` for a message
-        that does not decode or validate (the channel stays usable)."""
+        closed, ``PortFailed`` if one failed. A message from another process
+        that does not decode or validate is dropped and logged (counted in
+        ``bad_messages``); the channel goes on."""
         while True:
             value = self._poll()
             if value is not _EMPTY:
@@ -515,19 +759,13 @@ class Port(_Inbox):
         return self
 
     def send(self, value: Any) -> None:
-        """Send ``value`` (any message value) to the peer port."""
+        """Send ``value`` (any message value) to the peer port; safe from any
+        thread. Raises ``MessageError`` for a value that cannot go to another
+        process, ``BufferFull`` at the flow-control hard limit."""
         _send(self, K_DATA, value)
 
     def __repr__(self) -> str:
         return f"<Port {self._states[0].id.hex()[:8]}>" if self._states else "<Port closed>"
-
-
-def _send(h: _Handle, kind: int, value: Any) -> None:
-    if not h._states:
-        CODEC.dispose(value)
-        raise ChannelClosed(f"send on a closed or sent {type(h).__name__}")
-    st = h._states[0]
-    st.engine.send_value(st, kind, value)
 
 
 class Sender(_Handle, Generic[T]):
@@ -543,14 +781,19 @@ class Sender(_Handle, Generic[T]):
         return self
 
     def send(self, value: T) -> None:
-        """Queue ``value`` for the receiver. Raises ``ChannelClosed`` if this
-        sender was closed or sent away."""
+        """Queue ``value`` for the receiver; safe from any thread (each
+        thread's messages keep their order). Raises ``ChannelClosed`` if this
+        sender was closed or sent away, ``MessageError`` for a value that
+        cannot go to another process (nothing is sent), ``BufferFull`` at the
+        flow-control hard limit (see ``drain``)."""
         states = self._states
         if states:
             st = states[0]
-            st.engine.send_value(st, K_DATA, value)
-        else:
-            _send(self, K_DATA, value)
+            eng = st.engine
+            if eng.thread == threading.get_ident() and value is not self:
+                eng.send_value(st, K_DATA, value)
+                return
+        _send(self, K_DATA, value)
 
     def clone(self) -> Sender[T]:
         """Another sender to the same receiver (closed independently)."""
@@ -566,8 +809,9 @@ class Sender(_Handle, Generic[T]):
 
         Raises ``RemoteError`` if the callee failed it, ``ChannelClosed`` if the
         call was dropped unanswered or the receiver is gone, ``PortFailed`` if
-        the callee's node died. Cancelling the caller closes the reply port,
-        which the callee sees as ``call.cancelled``."""
+        the callee's node died, ``MessageError`` (nothing sent) if the request
+        cannot go to the callee's process. Cancelling the caller closes the
+        reply port, which the callee sees as ``call.cancelled``."""
         if not self._states:
             raise ChannelClosed("call on a closed sender")
         st = self._states[0]
@@ -619,6 +863,10 @@ class Receiver(_Inbox, Generic[T]):
         def __aiter__(self) -> Receiver[T]: ...
 
         async def __anext__(self) -> T: ...
+
+    async def drain(self) -> None:
+        """A receiver has nothing to drain: ``MeshError``."""
+        raise MeshError("drain() is for the sending end of a channel")
 
     def __repr__(self) -> str:
         return f"<Receiver ports={len(self._states)}>"

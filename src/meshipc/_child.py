@@ -13,13 +13,14 @@ import signal
 import socket
 import sys
 import traceback
+import typing
 from collections.abc import Awaitable
 from typing import Any
 
 import msgspec
 
-from ._errors import ChannelClosed, MeshError
-from ._process import ENV_INVITATION, ChildInvitation
+from ._errors import ChannelClosed, MeshError, PortFailed
+from ._process import ENV_INVITATION, ChildInvitation, apply_receiver_types
 
 log = logging.getLogger("meshipc")
 
@@ -56,37 +57,57 @@ def _format(exc: BaseException) -> str:
     return "".join(traceback.format_exception(exc))
 
 
-def _start(target: str, arg: Any) -> Awaitable[Any]:
-    """Import ``module:function`` and call it; raises whatever import or call raises."""
+def _find(target: str) -> Any:
+    """The function ``module:function`` names; raises whatever importing raises."""
     mod_name, func_name = target.split(":")
     module = importlib.import_module(mod_name)
     try:
-        func = getattr(module, func_name)
+        return getattr(module, func_name)
     except AttributeError:
         raise AttributeError(f"module {mod_name!r} has no function {func_name!r}") from None
+
+
+def _call(target: str, func: Any, arg: Any) -> Awaitable[Any]:
     result = func(arg)
     if not inspect.isawaitable(result):
         raise TypeError(f"{target} returned {type(result).__name__}, not an awaitable (make it an async def)")
     return result
 
 
+def _arg_type(func: Any) -> Any:
+    """The annotation of ``func``'s first parameter, or ``Any``."""
+    try:
+        params = list(inspect.signature(func).parameters)
+        hints = typing.get_type_hints(func)
+    except Exception:  # unresolvable annotations: validate nothing
+        return Any
+    return hints.get(params[0], Any) if params else Any
+
+
 async def _run(inv: ChildInvitation) -> int:
     from ._channel import Port
     from ._mesh import Mesh
+    from ._ports import Limits
 
     sock = socket.socket(fileno=inv.fd)
     secret = _read_secret(sock)
-    async with Mesh._joined(inv.directory, secret, inv.node) as mesh:
+    limits = Limits(*inv.limits) if inv.limits is not None else None
+    async with Mesh._joined(inv.directory, secret, inv.node, limits) as mesh:
         node = mesh._node
         node.connect_via(inv.parent, sock)
         port = Port._wrap([node.engine.new_bound(inv.port, inv.parent, inv.peer_port)])
         try:
-            arg = await port.recv()
-        except MeshError as exc:
-            print(f"meshipc worker {inv.name}: no start message: {exc}", file=sys.stderr)
-            return 1
-        try:
-            work: asyncio.Task[Any] = asyncio.ensure_future(_start(inv.target, arg))
+            func = _find(inv.target)
+            # the argument is validated against the function's annotation (a
+            # `rx: Receiver[int]` validates what later arrives on rx)
+            port._set_type(_arg_type(func))
+            try:
+                arg = await port.recv()
+            except (ChannelClosed, PortFailed) as exc:
+                print(f"meshipc worker {inv.name}: no start message: {exc}", file=sys.stderr)
+                return 1
+            apply_receiver_types(arg, inv.arg_types)
+            work: asyncio.Task[Any] = asyncio.ensure_future(_call(inv.target, func, arg))
         except Exception as exc:
             # reported once, to the parent, whose spawn() raises it
             port.send(["start_failed", type(exc).__qualname__, str(exc), _format(exc)])

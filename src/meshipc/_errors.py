@@ -64,8 +64,18 @@ class ProtocolError(MeshError):
 
 
 class MessageError(MeshError, ValueError):
-    """Raised by ``recv`` for one message that could not be decoded or did not
-    match the receiver's type; the channel stays usable."""
+    """A value that cannot travel: raised by ``send``/``call`` (in the caller,
+    before anything is queued) for a value that cannot be encoded, is nested
+    too deep or is too large; the channel stays usable. Messages from other
+    processes that do not decode or validate are dropped and logged by the
+    receiver instead (see ``Receiver.bad_messages``)."""
+
+
+class BufferFull(MeshError):
+    """Raised by ``send`` when the port already holds its hard limit of
+    messages or bytes that the receiver has not consumed
+    (``Limits.max_messages``/``Limits.max_bytes``). Nothing was queued; a
+    producer that awaits ``drain()`` never sees this."""
 
 
 class HandshakeError(ProtocolError):

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from ._errors import MeshError
 from ._ids import NodeId
 from ._node import MeshSecret, Node, check_private_dir, node_path
+from ._ports import DEFAULT_LIMITS, Limits
 from ._process import Process, spawn
 
 if TYPE_CHECKING:
@@ -169,10 +170,18 @@ class Mesh:
     the name. While it is open, SIGTERM closes it cleanly if the application
     left SIGTERM at its default action (see ``_Sigterm``)."""
 
-    def __init__(self, name: str | None = None, *, runtime_dir: str | os.PathLike[str] | None = None) -> None:
+    def __init__(
+        self,
+        name: str | None = None,
+        *,
+        runtime_dir: str | os.PathLike[str] | None = None,
+        limits: Limits | None = None,
+    ) -> None:
         if name is not None and not _NAME.match(name):
             raise ValueError(f"mesh names are 1-64 letters, digits, '.', '_' or '-', got {name!r}")
         self.name = name
+        #: flow-control bounds of this node's ports (spawned workers inherit them)
+        self.limits = limits if limits is not None else DEFAULT_LIMITS
         self._runtime_dir = runtime_dir
         self._node: Node = None  # type: ignore[assignment]  # set on enter
         self._owns_directory = False
@@ -208,7 +217,7 @@ class Mesh:
         self._owns_directory = True
         try:
             check_private_dir(directory)
-            self._node = Node(directory, MeshSecret())
+            self._node = Node(directory, MeshSecret(), limits=self.limits)
             self._node.start()
         except BaseException:
             # a failed start leaves nothing behind: directory, lock file, lock
@@ -225,13 +234,15 @@ class Mesh:
 
     @classmethod
     @contextlib.asynccontextmanager
-    async def _joined(cls, directory: str, secret: bytes, node_id: bytes) -> AsyncIterator[Mesh]:
+    async def _joined(
+        cls, directory: str, secret: bytes, node_id: bytes, limits: Limits | None = None
+    ) -> AsyncIterator[Mesh]:
         """A node joining an existing mesh (spawned child or invited process)."""
-        self = cls()
+        self = cls(limits=limits)
         self._entered = True
         d = Path(directory)
         check_private_dir(d)
-        self._node = Node(d, MeshSecret(secret), node_id)
+        self._node = Node(d, MeshSecret(secret), node_id, limits=self.limits)
         self._node.start()
         try:
             yield self

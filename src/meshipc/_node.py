@@ -30,7 +30,9 @@ import secrets
 import socket
 import stat
 import struct
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Final
@@ -38,7 +40,7 @@ from typing import Any, Final
 from ._channel import CODEC
 from ._errors import HandshakeError, MeshError
 from ._ids import NodeId
-from ._ports import OWNED, PROXY, SENDING, Engine
+from ._ports import DEFAULT_LIMITS, OWNED, PROXY, SENDING, Engine, Limits
 from ._transport import Connection
 from ._wire import PROTOCOL_VERSION, Event, MsgEvent
 
@@ -47,6 +49,12 @@ log = logging.getLogger("meshipc")
 #: Seconds a connecting peer gets to finish the handshake; a silent or slow
 #: peer never holds up anyone else (each handshake is its own task).
 HANDSHAKE_TIMEOUT: Final = 10.0
+#: A node that does not finish the handshake in time is not dead (it may be
+#: stopped or busy): the connection is retried, with waits growing to this.
+RETRY_MAX_WAIT: Final = 1.0
+#: Nodes remembered as dead (so traffic to them fails at once); the oldest
+#: are forgotten beyond this, which costs at most a refused connect later.
+MAX_DEAD_NODES: Final = 128
 #: Seconds a peer accepted on a listening socket gets to send its HELLO. A
 #: real node sends it the moment it connects; a silent peer frees its slot
 #: (see ``MAX_PENDING``) this soon.
@@ -182,6 +190,7 @@ class Node:
         node_id: bytes | None = None,
         *,
         allowed_uids: Iterable[int] | None = None,
+        limits: Limits = DEFAULT_LIMITS,
     ) -> None:
         self.loop = asyncio.get_running_loop()
         self.id = NodeId(node_id) if node_id is not None else NodeId.random()
@@ -194,12 +203,16 @@ class Node:
             codec=CODEC,
             watch=self._watch,
             transmit_data=self._transmit_data,
+            limits=limits,
         )
+        # handles used from other threads hand their sends to this loop
+        self.engine.thread = threading.get_ident()
+        self.engine.post = self.loop.call_soon_threadsafe
         self.path = node_path(self.directory, self.id)
         self._conns: dict[bytes, Connection] = {}
         self._connecting: dict[bytes, asyncio.Task[None]] = {}
         self._pending: dict[bytes, list[tuple[Event, list[Any]]]] = {}
-        self._dead: dict[bytes, str] = {}
+        self._dead: OrderedDict[bytes, str] = OrderedDict()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._lsock: socket.socket | None = None
         self._acceptor: Acceptor | None = None
@@ -350,6 +363,8 @@ class Node:
         if self.closed:
             return
         self._dead[peer] = reason
+        while len(self._dead) > MAX_DEAD_NODES:
+            self._dead.popitem(last=False)
         for _, fds in self._pending.pop(peer, []):
             for f in fds:
                 f.close()
@@ -476,16 +491,38 @@ class Node:
         self._connecting[peer] = self._spawn(self._connect(peer, sock))
 
     async def _connect(self, peer: bytes, sock: socket.socket | None = None) -> None:
+        wait = 0.05
         try:
-            verdict = await self.connect_to(peer, sock)
-            if verdict == V_DUPLICATE:
-                # the peer's own connection to us carries the traffic; give it time
-                self._spawn(self._await_inbound(peer))
+            while True:
+                try:
+                    verdict = await self.connect_to(peer, sock)
+                except TimeoutError:
+                    # stopped or busy is not dead: dead is a socket that is gone
+                    # or refuses (its process exited), or a broken handshake
+                    if sock is not None or self.closed:
+                        raise
+                    log.info(
+                        "node %s: node %s did not answer within %.0f s; retrying",
+                        self.id,
+                        peer.hex()[:12],
+                        HANDSHAKE_TIMEOUT,
+                    )
+                    await asyncio.sleep(wait)
+                    wait = min(wait * 2, RETRY_MAX_WAIT)
+                    continue
+                if verdict == V_DUPLICATE:
+                    # the peer's own connection to us carries the traffic; give it time
+                    self._spawn(self._await_inbound(peer))
+                break
         except asyncio.CancelledError:
             if self._connecting.get(peer) is asyncio.current_task():
                 del self._connecting[peer]
             raise
-        except (HandshakeError, OSError, TimeoutError) as exc:
+        except TimeoutError:
+            self._connecting.pop(peer, None)
+            self._mark_dead(peer, f"cannot connect: no handshake within {HANDSHAKE_TIMEOUT:.0f} s")
+            return
+        except (HandshakeError, OSError) as exc:
             self._connecting.pop(peer, None)
             self._mark_dead(peer, f"cannot connect: {_why(exc)}")
             return

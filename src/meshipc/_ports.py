@@ -62,11 +62,21 @@ message arrives, and the peer's own items follow it on the same link.
 from __future__ import annotations
 
 import os
+import threading
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
-from ._errors import ChannelClosed, MeshError, NodeFailure, PortFailed, ProtocolError
+from ._errors import (
+    BufferFull,
+    ChannelClosed,
+    MeshError,
+    MessageError,
+    NodeFailure,
+    PortFailed,
+    ProtocolError,
+)
 from ._ids import PortId
 from ._wire import (
     D_DEAD,
@@ -74,11 +84,13 @@ from ._wire import (
     D_PEER_CLOSED,
     K_ERROR,
     MAX_FDS_PER_MESSAGE,
+    MAX_OOB_BODY,
     MAX_PORTS_PER_MESSAGE,
     MAX_REORDER,
     ArrivedEvent,
     ChangePeerEvent,
     CloseEvent,
+    ConsumedEvent,
     Event,
     FailEvent,
     MsgEvent,
@@ -93,6 +105,40 @@ PROXY: Final = 2
 
 _FIRST_SEQ: Final = 1
 _NO_ID: Final = bytes(16)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Flow-control bounds of one port end, per direction.
+
+    A sending end counts what it sent that the receiver has not consumed yet
+    (read by the application, or held unread in the receiver's queue):
+
+    * ``drain()`` waits while that exceeds ``window_messages`` or
+      ``window_bytes``;
+    * ``send`` raises :class:`BufferFull` once it reaches ``max_messages`` or
+      ``max_bytes`` (a producer that never drains gets an error, never
+      unbounded memory).
+
+    Bytes are encoded body bytes and count only towards another process (a
+    local message is not serialized); messages count everywhere. The
+    receiver reports consumption in batches of a quarter window, so the
+    credit traffic is one small frame per quarter window.
+    """
+
+    window_messages: int = 16384
+    window_bytes: int = 4 * 1024 * 1024
+    max_messages: int = 262144
+    max_bytes: int = 64 * 1024 * 1024
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.window_messages <= self.max_messages:
+            raise ValueError("need 1 <= window_messages <= max_messages")
+        if not 1 <= self.window_bytes <= self.max_bytes:
+            raise ValueError("need 1 <= window_bytes <= max_bytes")
+
+
+DEFAULT_LIMITS: Final = Limits()
 
 
 class Message:
@@ -143,9 +189,17 @@ Item = Message | _Close | _Change
 class Codec(Protocol):
     """What the engine needs from the channel layer to ship local objects."""
 
-    def encode(self, engine: Engine, obj: Any) -> tuple[bytes, list[PortState], list[Any]]: ...
+    def encode(
+        self, engine: Engine, obj: Any, carrier: PortState | None = None
+    ) -> tuple[bytes, list[PortState], list[Any]]:
+        """Encode a local value; ``carrier`` is the port it is sent on, which
+        it must not contain (``MessageError``)."""
+        ...
 
-    def dispose(self, obj: Any) -> None: ...
+    def dispose(self, obj: Any, reason: str | None = None) -> None:
+        """Close the resources in a local value (fail its ports with
+        ``reason`` if one is given)."""
+        ...
 
     def encode_error(self, exc: BaseException) -> bytes: ...
 
@@ -159,14 +213,18 @@ class PortState:
 
     __slots__ = (
         "__weakref__",
+        "ack_bytes",
+        "ack_n",
         "buffer",
         "close_sent",
         "closed",
+        "credit",
         "engine",
         "error",
         "first_hop",
         "id",
         "mode",
+        "out_bytes",
         "peer_closed",
         "peer_node",
         "peer_port",
@@ -181,6 +239,7 @@ class PortState:
         "send_seq",
         "target_node",
         "target_port",
+        "unacked",
         "waker",
     )
 
@@ -214,6 +273,15 @@ class PortState:
         # proxies of the other side whose CHANGE_PEER this end passed on
         # (they wait for an acknowledgement that a failure may swallow)
         self.relayed: list[tuple[bytes, bytes]] | None = None
+        # flow control, sending side: (seq, body bytes) of each message sent to
+        # another node and not yet reported consumed, and their byte total
+        self.unacked: deque[tuple[int, int]] | None = None
+        self.out_bytes = 0
+        # flow control, receiving side: consumed since the last CONSUMED report
+        self.ack_n = 0
+        self.ack_bytes = 0
+        # called when this end's window may have opened (or the port ended)
+        self.credit: list[Callable[[], None]] | None = None
 
     @property
     def readable_end(self) -> bool:
@@ -231,10 +299,12 @@ def _no_transmit(node: bytes, event: Event, fds: list[Any]) -> None:
 
 
 class _NullCodec:
-    def encode(self, engine: Engine, obj: Any) -> tuple[bytes, list[PortState], list[Any]]:
+    def encode(
+        self, engine: Engine, obj: Any, carrier: PortState | None = None
+    ) -> tuple[bytes, list[PortState], list[Any]]:
         raise MeshError("no codec")
 
-    def dispose(self, obj: Any) -> None:
+    def dispose(self, obj: Any, reason: str | None = None) -> None:
         pass
 
     def encode_error(self, exc: BaseException) -> bytes:
@@ -259,8 +329,19 @@ class Engine:
         codec: Codec | None = None,
         watch: Callable[[bytes], None] | None = None,
         transmit_data: Callable[[bytes, bytes, int, int, bytes], None] | None = None,
+        limits: Limits = DEFAULT_LIMITS,
     ) -> None:
         self.node_id = node_id
+        self.limits = limits
+        #: consumption reported to a remote sender in batches of a quarter window
+        self.ack_every_n = max(1, limits.window_messages // 4)
+        self.ack_every_bytes = max(1, limits.window_bytes // 4)
+        #: the thread that drives this engine, and how to run a call there;
+        #: None for an engine no event loop drives (then ``lock`` serializes
+        #: every change made through the handles, from any thread)
+        self.thread: int | None = None
+        self.post: Callable[..., object] | None = None
+        self.lock = threading.RLock()
         self.transmit = transmit
         #: fast path for a plain message (no ports, no fds): (node, port, seq, kind, body)
         self.transmit_data = transmit_data
@@ -292,9 +373,10 @@ class Engine:
             self.watch(peer_node)
         return st
 
-    def send_value(self, st: PortState, kind: int, obj: Any) -> None:
+    def send_value(self, st: PortState, kind: int, obj: Any, force: bool = False) -> None:
         """``send(st, Message(kind, obj))``; a plain value to another node
-        goes straight to the wire without a Message object."""
+        goes straight to the wire without a Message object. ``force`` skips
+        the hard limit (a send from another thread, admitted there)."""
         node = st.peer_node
         if (
             node != self.node_id
@@ -304,60 +386,219 @@ class Engine:
         ):
             try:
                 body = self.codec.encode_plain(obj)
-            except TypeError:
+            except (TypeError, RecursionError):
                 pass  # ports, fds or an unsupported type inside: the full path says which
             else:
+                n = len(body)
+                if n > MAX_OOB_BODY:
+                    raise MessageError(f"a message of {n} bytes exceeds the limit of {MAX_OOB_BODY}")
+                u = st.unacked
+                if u is None:
+                    u = st.unacked = deque()
+                elif not force and (
+                    len(u) >= self.limits.max_messages or (st.out_bytes + n > self.limits.max_bytes and u)
+                ):
+                    raise self._full(st)
                 seq = st.send_seq
                 st.send_seq = seq + 1
+                u.append((seq, n))
+                st.out_bytes += n
                 self.transmit_data(node, st.peer_port, seq, kind, body)
                 return
-        self.send(st, Message(kind, obj))
+        self.send(st, Message(kind, obj), force)
 
-    def send(self, st: PortState, msg: Message) -> None:
+    def send(self, st: PortState, msg: Message, force: bool = False) -> None:
         """Send ``msg`` from the end ``st``. Dropped silently once the peer is
         gone (as a socket write to a closed peer would be); raises
-        ``ChannelClosed`` if this end was closed or sent away."""
+        ``ChannelClosed`` if this end was closed or sent away, ``BufferFull``
+        at the flow-control hard limit, ``MessageError`` for a value that
+        cannot go to another process (nothing is queued then)."""
         if st.closed or st.mode != OWNED:
             self.dispose(msg)
             raise ChannelClosed("send on a port that was closed or sent away")
         if st.peer_closed or st.error is not None:
-            self.dispose(msg)
+            self.dispose(msg, None if st.error is None else st.error.cause)
             return
-        seq = st.send_seq
         node = st.peer_node
         if node != self.node_id:
-            if self.transmit_data is not None and msg.body is None:
-                try:
-                    body = self.codec.encode_plain(msg.obj)
-                except TypeError:
-                    pass  # ports, fds or an unsupported type inside: the full path says which
-                else:
-                    st.send_seq = seq + 1
-                    self.transmit_data(node, st.peer_port, seq, msg.kind, body)
-                    return
+            u = st.unacked
+            if not force and self.over_hard_limit(st):
+                self.dispose(msg)
+                raise self._full(st)
             # encode before taking the sequence number: a value that cannot be
             # encoded raises here and leaves no gap in the stream
+            seq = st.send_seq
+            if msg.body is None:
+                msg = self.encode_message(msg, st)
             ev, fds = self._event_for(node, st.peer_port, seq, msg, strict=True)
             st.send_seq = seq + 1
+            n = len(msg.body or b"")
+            if u is None:
+                u = st.unacked = deque()
+            u.append((seq, n))
+            st.out_bytes += n
             self.transmit(node, ev, fds)
             return
-        st.send_seq = seq + 1
         target = self.ports.get(st.peer_port)
-        if (
-            target is not None
-            and target.mode == OWNED
-            and not target.closed
-            and seq == target.recv_seq
-            and not target.pending
-        ):
-            # hot path: a local peer waiting in order
-            target.recv_seq = seq + 1
-            q = target.queue
-            q.append(msg)
-            if len(q) == 1 and target.waker is not None:
-                target.waker()
-            return
+        if target is not None and target.mode == OWNED:
+            if not force and len(target.queue) >= self.limits.max_messages and not target.closed:
+                self.dispose(msg)
+                raise self._full(st)
+            seq = st.send_seq
+            if not target.closed and seq == target.recv_seq and not target.pending:
+                # hot path: a local peer waiting in order
+                st.send_seq = seq + 1
+                target.recv_seq = seq + 1
+                q = target.queue
+                q.append(msg)
+                if len(q) == 1 and target.waker is not None:
+                    target.waker()
+                return
+        elif msg.body is None and msg.obj is not None:
+            # the peer is on its way to another process: whatever goes there
+            # is encoded here, so an unsendable value fails this send
+            msg = self.encode_message(msg, st)
+        seq = st.send_seq
+        st.send_seq = seq + 1
         self._route(node, st.peer_port, seq, msg)
+
+    def encode_message(self, msg: Message, carrier: PortState | None = None) -> Message:
+        """``msg`` with its value encoded for another process. Raises
+        ``MessageError`` (the value's own resources are closed) for a value
+        that cannot be encoded, is nested too deep, is too large, carries too
+        many resources or carries ``carrier``, the port it is sent on."""
+        try:
+            body, states, fds = self.codec.encode(self, msg.obj, carrier)
+        except MeshError:
+            raise
+        except (TypeError, ValueError, OverflowError, NotImplementedError, RecursionError) as exc:
+            what = "nested too deep" if isinstance(exc, RecursionError) else str(exc)
+            raise MessageError(f"this value cannot be sent to another process: {what}") from None
+        problem = None
+        if len(body) > MAX_OOB_BODY:
+            problem = f"a message of {len(body)} bytes exceeds the limit of {MAX_OOB_BODY}"
+        elif len(fds) > MAX_FDS_PER_MESSAGE or len(states) > MAX_PORTS_PER_MESSAGE:
+            problem = (
+                f"a message may carry at most {MAX_FDS_PER_MESSAGE} fds and "
+                f"{MAX_PORTS_PER_MESSAGE} ports (got {len(fds)} and {len(states)})"
+            )
+        else:
+            try:
+                for ps in states:
+                    self._encode_queued(ps)
+            except MessageError as exc:
+                problem = f"a port in this message holds a message that cannot move: {exc}"
+        if problem is not None:
+            for f in fds:
+                f.close()
+            for ps in states:
+                ps.engine.close(ps)
+            raise MessageError(problem)
+        return Message(msg.kind, None, body, states or None, fds or None)
+
+    def _encode_queued(self, ps: PortState) -> None:
+        """Encode the local messages queued on ``ps`` before it leaves this
+        process (raises ``MessageError`` for one that cannot go)."""
+        q = ps.queue
+        for i, m in enumerate(q):
+            if m.body is None:
+                q[i] = self.encode_message(m, ps)
+        if ps.pending:
+            for seq, item in list(ps.pending.items()):
+                if isinstance(item, Message) and item.body is None:
+                    ps.pending[seq] = self.encode_message(item, ps)
+
+    def _full(self, st: PortState) -> BufferFull:
+        u = st.unacked
+        if st.peer_node == self.node_id or u is None:
+            t = self.ports.get(st.peer_port)
+            n = len(t.queue) if t is not None else 0
+            return BufferFull(
+                f"the receiver holds {n} unread messages (limit {self.limits.max_messages}); "
+                "await drain() before sending more"
+            )
+        return BufferFull(
+            f"{len(u)} messages ({st.out_bytes} bytes) sent to node {st.peer_node.hex()[:12]} are not "
+            f"consumed yet (limits {self.limits.max_messages} messages, {self.limits.max_bytes} bytes); "
+            "await drain() before sending more"
+        )
+
+    # ------------------------------------------------------------ flow control
+
+    def over_hard_limit(self, st: PortState) -> bool:
+        """Whether a send on ``st`` now would raise ``BufferFull``."""
+        lim = self.limits
+        if st.peer_node == self.node_id:
+            t = self.ports.get(st.peer_port)
+            return t is not None and t.mode == OWNED and not t.closed and len(t.queue) >= lim.max_messages
+        u = st.unacked
+        return u is not None and (len(u) >= lim.max_messages or st.out_bytes >= lim.max_bytes)
+
+    def over_window(self, st: PortState) -> bool:
+        """Whether ``st`` has more unconsumed messages or bytes in flight than
+        its window (``drain`` waits while this is true)."""
+        lim = self.limits
+        if st.peer_node == self.node_id:
+            t = self.ports.get(st.peer_port)
+            return t is not None and t.mode == OWNED and len(t.queue) > lim.window_messages
+        u = st.unacked
+        return u is not None and (len(u) > lim.window_messages or st.out_bytes > lim.window_bytes)
+
+    def watch_credit(self, st: PortState, fn: Callable[[], None]) -> None:
+        """Call ``fn`` once when the window of ``st`` may have opened (also
+        when the port ends or moves); the caller re-checks ``over_window``."""
+        holder = st
+        if st.peer_node == self.node_id:
+            t = self.ports.get(st.peer_port)
+            if t is not None:
+                holder = t
+        if holder.credit is None:
+            holder.credit = []
+        holder.credit.append(fn)
+        if holder is not st:  # the sender's own end may end too
+            if st.credit is None:
+                st.credit = []
+            st.credit.append(fn)
+
+    @staticmethod
+    def _fire_credit(st: PortState) -> None:
+        fns = st.credit
+        if fns:
+            st.credit = None
+            for fn in fns:
+                fn()
+
+    def consumed(self, st: PortState) -> None:
+        """The application took messages from ``st``'s queue: report it to a
+        remote sender once a quarter window has gone, wake a local one."""
+        if st.credit is not None and len(st.queue) <= self.limits.window_messages:
+            self._fire_credit(st)
+        if st.ack_n >= self.ack_every_n or st.ack_bytes >= self.ack_every_bytes:
+            self._report_consumed(st)
+
+    def _report_consumed(self, st: PortState) -> None:
+        st.ack_n = st.ack_bytes = 0
+        if (
+            st.peer_node != self.node_id
+            and st.mode == OWNED
+            and not (st.closed or st.peer_closed or st.error is not None)
+        ):
+            # every item before the unread ones has been taken (or was not a message)
+            self.transmit(st.peer_node, ConsumedEvent(st.peer_port, st.recv_seq - 1 - len(st.queue)), [])
+
+    def _on_consumed(self, port: bytes, seq: int) -> None:
+        st = self.ports.get(port)
+        if st is None or st.mode != OWNED:
+            return  # the sender moved on: its new end counts from its own first send
+        u = st.unacked
+        if not u:
+            return
+        b = st.out_bytes
+        while u and u[0][0] <= seq:
+            b -= u.popleft()[1]
+        st.out_bytes = b
+        if st.credit is not None and not self.over_window(st):
+            self._fire_credit(st)
 
     def close(self, st: PortState) -> None:
         """Close this end: the peer reads what is queued, then ``ChannelClosed``."""
@@ -365,6 +606,7 @@ class Engine:
             return
         st.closed = True
         self._drop_queue(st)
+        self._fire_credit(st)
         if st.mode != OWNED or st.error is not None:
             return
         if not st.close_sent:
@@ -390,17 +632,18 @@ class Engine:
         old = st.engine
         if old is self:
             return
-        if st.mode != OWNED or st.peer_node != old.node_id:
-            raise MeshError("a port already bound to another mesh node cannot be sent through this one")
-        peer = old.ports.get(st.peer_port)
-        for s in (st, peer):
-            if s is None:
-                continue
-            s.engine = self
-            if s.peer_node == old.node_id:
-                s.peer_node = self.node_id
-            if old.ports.pop(s.id, None) is not None:
-                self.ports[s.id] = s
+        with old.lock:
+            if st.mode != OWNED or st.peer_node != old.node_id:
+                raise MeshError("a port already bound to another mesh node cannot be sent through this one")
+            peer = old.ports.get(st.peer_port)
+            for s in (st, peer):
+                if s is None:
+                    continue
+                s.engine = self
+                if s.peer_node == old.node_id:
+                    s.peer_node = self.node_id
+                if old.ports.pop(s.id, None) is not None:
+                    self.ports[s.id] = s
 
     # ------------------------------------------------------------------ wire side
 
@@ -442,6 +685,9 @@ class Engine:
             st = self.ports.get(ev.port)
             if st is not None and st.proxy_from == src:
                 st.proxy_from = None
+            return
+        elif isinstance(ev, ConsumedEvent):
+            self._on_consumed(ev.port, ev.seq)
             return
         self._run()
 
@@ -503,14 +749,19 @@ class Engine:
 
     # ------------------------------------------------------------------ internals
 
-    def dispose(self, msg: Message) -> None:
-        """Drop a message nobody will read, closing the ports and fds in it."""
+    def dispose(self, msg: Message, reason: str | None = None) -> None:
+        """Drop a message nobody will read, closing the ports and fds in it
+        (failing the ports with ``reason``, if given: they went to a peer
+        that is gone abnormally, which is not an orderly close)."""
         if msg.obj is not None:
-            self.codec.dispose(msg.obj)
+            self.codec.dispose(msg.obj, reason)
             return
         if msg.ports:
             for ps in msg.ports:
-                ps.engine.close(ps)
+                if reason is None:
+                    ps.engine.close(ps)
+                else:
+                    ps.engine.fail(ps, reason)
         if msg.fds:
             for fd in msg.fds:
                 fd.close()
@@ -530,8 +781,11 @@ class Engine:
             left.extend(item for _, item in st.buffer)
         st.pending = None
         st.buffer = None
+        st.unacked = None
+        st.out_bytes = 0
         for item in left:
             self._abandon(item)
+        self._fire_credit(st)
 
     @staticmethod
     def _note_relayed(st: PortState, item: _Change) -> None:
@@ -566,6 +820,7 @@ class Engine:
         self._remove(st)
         if st.waker is not None:
             st.waker()
+        self._fire_credit(st)
 
     def _unsequenced(self, node: bytes, ev: Event) -> None:
         if node == self.node_id:
@@ -592,41 +847,25 @@ class Engine:
     def _event_for(
         self, node: bytes, port: bytes, seq: int, item: Item, strict: bool
     ) -> tuple[Event, list[Any]]:
-        fds: list[Any] = []
         if isinstance(item, Message):
-            kind = item.kind
             if item.body is None:
                 try:
-                    body, states, fds = self.codec.encode(self, item.obj)
-                except (TypeError, ValueError, OverflowError, MeshError, NotImplementedError) as exc:
+                    item = self.encode_message(item)
+                except MessageError as exc:
                     if strict:
                         raise
-                    # a local message forwarded after its port moved: keep the
-                    # sequence intact and let the receiver see the error
-                    kind, body, states = K_ERROR, self.codec.encode_error(exc), []
-            else:
-                body, states, fds = item.body, item.ports or [], item.fds or []
-            if len(fds) > MAX_FDS_PER_MESSAGE or len(states) > MAX_PORTS_PER_MESSAGE:
-                for f in fds:
-                    f.close()
-                for ps in states:
-                    ps.engine.close(ps)
-                if strict:
-                    raise MeshError(
-                        f"a message may carry at most {MAX_FDS_PER_MESSAGE} fds and "
-                        f"{MAX_PORTS_PER_MESSAGE} ports (got {len(fds)} and {len(states)})"
-                    )
-                kind, body, states, fds = (
-                    K_ERROR,
-                    self.codec.encode_error(MeshError("too many resources")),
-                    [],
-                    [],
-                )
+                    # a local message forwarded after its port moved (queued
+                    # messages are encoded when the port leaves, so this is a
+                    # value that changed since): keep the sequence intact and
+                    # let the receiver see the error
+                    item = Message(K_ERROR, None, self.codec.encode_error(exc))
+            states = item.ports or []
+            fds = item.fds or []
             descs = [self._send_port(ps, node) for ps in states]
-            return MsgEvent(port, seq, kind, 0, descs, len(fds), body), fds
+            return MsgEvent(port, seq, item.kind, 0, descs, len(fds), item.body or b""), fds
         if isinstance(item, _Close):
-            return CloseEvent(port, seq), fds
-        return ChangePeerEvent(port, seq, item.new_node, item.new_port, item.old_node, item.old_port), fds
+            return CloseEvent(port, seq), []
+        return ChangePeerEvent(port, seq, item.new_node, item.new_port, item.old_node, item.old_port), []
 
     def _run(self) -> None:
         if self._running:
@@ -652,11 +891,15 @@ class Engine:
                 raise ProtocolError(f"duplicate sequence number {seq} on port {st.id.hex()[:8]}")
             if st.pending is None:
                 st.pending = {}
-            if seq in st.pending or len(st.pending) >= MAX_REORDER:
+            if seq in st.pending:
                 if isinstance(item, Message):
                     self.dispose(item)
-                raise ProtocolError(f"out-of-order item {seq} rejected on port {st.id.hex()[:8]}")
+                raise ProtocolError(f"duplicate sequence number {seq} on port {st.id.hex()[:8]}")
             st.pending[seq] = item
+            if len(st.pending) > self.limits.max_messages + MAX_REORDER:
+                # more than any flow-controlled sender may have in flight: this
+                # port's peer is broken, not the link (other ports go on)
+                self._overrun(st)
             return
         while True:
             st.recv_seq = seq + 1
@@ -667,6 +910,18 @@ class Engine:
             seq = st.recv_seq
             item = pending.pop(seq)
 
+    def _overrun(self, st: PortState) -> None:
+        reason = (
+            f"the peer sent more than {self.limits.max_messages + MAX_REORDER} items "
+            "beyond what this end consumed (flow-control limit)"
+        )
+        if st.mode == OWNED:
+            self._unsequenced(st.peer_node, FailEvent(st.peer_port, reason))
+            self._fail_local(st, PortFailed(reason))
+        else:
+            self._fail_other_side(st, _NO_ID, reason)
+            self._remove(st)
+
     def _process(self, st: PortState, seq: int, item: Item) -> None:
         mode = st.mode
         if mode == OWNED:
@@ -674,7 +929,11 @@ class Engine:
                 if st.closed or st.error is not None:
                     self.dispose(item)
                     return
-                st.queue.append(item)
+                q = st.queue
+                q.append(item)
+                if len(q) == 1 and st.waker is not None:
+                    st.waker()  # not per message: a holder drains the queue once woken
+                return
             elif isinstance(item, _Close):
                 st.peer_closed = True
                 if not st.close_sent:
@@ -688,6 +947,7 @@ class Engine:
                 self._unsequenced(item.old_node, ProxyAckEvent(item.old_port, st.send_seq - 1))
                 if item.new_node != self.node_id and self.watch is not None:
                     self.watch(item.new_node)
+                self._fire_credit(st)  # a drain() waiting on the old peer re-checks
                 return
             if st.waker is not None:
                 st.waker()
@@ -719,6 +979,15 @@ class Engine:
             self._drop_queue(ps)
             return PortDesc(new_id, _NO_ID, _NO_ID, _NO_ID, 0, 0, D_DEAD | D_PEER_CLOSED)
         ps.waker = None
+        if ps.ack_n:
+            self._report_consumed(ps)  # the new end counts from zero
+        self._fire_credit(ps)
+        for i, m in enumerate(ps.queue):
+            if m.body is None:  # not encoded by a send (an invitation's port)
+                try:
+                    ps.queue[i] = self.encode_message(m, ps)
+                except MessageError as exc:
+                    ps.queue[i] = Message(K_ERROR, None, self.codec.encode_error(exc))
         peer = self.ports.get(ps.peer_port) if ps.peer_node == self.node_id else None
         if (
             peer is not None

@@ -27,18 +27,24 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
+import functools
+import importlib
 import logging
+import operator
 import os
 import re
 import signal
 import socket
 import subprocess
 import sys
+import types
+import typing
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from ._channel import Port
+from ._channel import Call, Port, Receiver, walk_resources
 from ._errors import ChannelClosed, MeshError, PortFailed, RemoteError, SpawnError
 from ._ids import NodeId, PortId
 
@@ -64,9 +70,87 @@ class ChildInvitation(msgspec.Struct, frozen=True):
     fd: int
     target: str
     name: str
+    #: the parent's flow-control limits (Limits fields, in order)
+    limits: tuple[int, int, int, int] | None = None
+    #: element types of the typed receivers in the argument: (index among the
+    #: argument's handles, type reference); see ``type_ref``
+    arg_types: list[tuple[int, Any]] = []
 
     def __repr__(self) -> str:
         return f"ChildInvitation(name={self.name!r}, target={self.target!r}, directory={self.directory!r})"
+
+
+# A receiver's element type does not travel in messages (no pickle, and a
+# peer must not make us import things). A worker's parent is trusted, though,
+# and names the worker's module anyway: so spawn passes the types of the typed
+# receivers in its argument by name, and the worker imports them.
+
+
+def type_ref(tp: Any) -> Any:
+    """A plain-data name for ``tp`` (a class, or a generic or union of
+    them), or None if it has none."""
+    if tp is Any:
+        return None
+    origin = typing.get_origin(tp)
+    if origin is not None:
+        args = [type_ref(a) if a is not Any else "any" for a in typing.get_args(tp)]
+        if None in args:
+            return None
+        if origin is types.UnionType or origin is typing.Union:
+            return ["union", args]
+        head = type_ref(origin)
+        return None if head is None else ["generic", head, args]
+    if tp is None or tp is type(None):
+        return "none"
+    if isinstance(tp, type) and "<locals>" not in tp.__qualname__:
+        return f"{tp.__module__}:{tp.__qualname__}"
+    return None
+
+
+def resolve_type_ref(ref: Any) -> Any:
+    """The type named by ``type_ref``; ``Any`` if it cannot be resolved."""
+    try:
+        if ref == "any":
+            return Any
+        if ref == "none":
+            return None
+        if isinstance(ref, str):
+            mod, _, qual = ref.partition(":")
+            obj: Any = importlib.import_module(mod)
+            for part in qual.split("."):
+                obj = getattr(obj, part)
+            return obj
+        if ref[0] == "union":
+            return functools.reduce(operator.or_, [resolve_type_ref(a) for a in ref[1]])
+        if ref[0] == "generic":
+            head = resolve_type_ref(ref[1])
+            args = tuple(resolve_type_ref(a) for a in ref[2])
+            return head[args if len(args) != 1 else args[0]]
+    except (ImportError, AttributeError, TypeError, IndexError, ValueError) as exc:
+        log.warning("cannot resolve the receiver type %r: %s", ref, exc)
+    return Any
+
+
+def receiver_types(arg: Any) -> list[tuple[int, Any]]:
+    out = []
+    for i, h in enumerate(walk_resources(arg)):
+        if isinstance(h, Receiver):
+            call: Any = Call
+            tp = h._type if not h._calls_only else (call if h._type is Any else call[h._type])
+            ref = type_ref(tp)
+            if ref is not None:
+                out.append((i, ref))
+    return out
+
+
+def apply_receiver_types(arg: Any, refs: list[tuple[int, Any]]) -> None:
+    """In the worker: type the receivers of ``arg`` that arrived untyped."""
+    if not refs:
+        return
+    handles = walk_resources(arg)
+    for i, ref in refs:
+        if i < len(handles) and isinstance(handles[i], Receiver) and handles[i]._type is Any:
+            handles[i]._set_type(resolve_type_ref(ref))
 
 
 class Process:
@@ -226,6 +310,8 @@ async def spawn(mesh: Mesh, target: str, arg: Any, name: str | None) -> Process:
         fd=child_sock.fileno(),
         target=target,
         name=name,
+        limits=dataclasses.astuple(mesh.limits),
+        arg_types=receiver_types(arg),
     )
     env = dict(os.environ)
     env[ENV_INVITATION] = base64.b64encode(msgspec.msgpack.encode(inv)).decode()

@@ -39,10 +39,13 @@ MAX_PORTS_PER_MESSAGE: Final = 4096
 MAX_FDS_PER_MESSAGE: Final = 128
 #: Failure reasons are text for humans; longer ones are truncated by senders.
 MAX_REASON: Final = 1024
-#: Out-of-order items held for one port before the peer is deemed broken.
+#: Out-of-order items one port holds beyond its flow-control bound before the
+#: peer is deemed broken (the port fails; the link stays). A correct peer never
+#: sends more than the receiver's ``Limits.max_messages`` ahead of what was read.
 MAX_REORDER: Final = 65536
 
-PROTOCOL_VERSION: Final = 1
+#: 2: CONSUMED (flow-control credit).
+PROTOCOL_VERSION: Final = 2
 
 # --- frame types ---
 T_MSG: Final = 1
@@ -52,6 +55,7 @@ T_ARRIVED: Final = 4
 T_PROXY_ACK: Final = 5
 T_FAIL: Final = 6
 T_PROXY_DONE: Final = 7
+T_CONSUMED: Final = 8
 
 #: MSG flag: the body is in the message's last fd (a sealed memfd).
 F_OOB: Final = 1
@@ -80,8 +84,8 @@ _ARRIVED = struct.Struct("<B16s16s")
 _ACK = struct.Struct("<B16sQ")
 _FAIL = struct.Struct("<B16s")
 _DONE = struct.Struct("<B16s")
+_CONSUMED = struct.Struct("<B16sQ")
 _OOB = struct.Struct("<Q")
-_MAX_SEQ = (1 << 64) - 1
 
 
 class PortDesc:
@@ -253,12 +257,33 @@ class ProxyDoneEvent:
     __hash__ = None  # type: ignore[assignment]
 
 
-Event = MsgEvent | CloseEvent | ChangePeerEvent | ArrivedEvent | ProxyAckEvent | FailEvent | ProxyDoneEvent
+class ConsumedEvent:
+    """Flow-control credit, unsequenced, to the sending end of a port: the
+    receiver has consumed every item up to ``seq`` (so the sender may count
+    them off its window)."""
+
+    __slots__ = ("port", "seq")
+
+    def __init__(self, port: bytes, seq: int) -> None:
+        self.port = port
+        self.seq = seq
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ConsumedEvent) and (self.port, self.seq) == (other.port, other.seq)
+
+    __hash__ = None  # type: ignore[assignment]
 
 
-def _check_seq(seq: int) -> None:
-    if not 0 <= seq <= _MAX_SEQ:
-        raise ValueError("sequence number out of range")
+Event = (
+    MsgEvent
+    | CloseEvent
+    | ChangePeerEvent
+    | ArrivedEvent
+    | ProxyAckEvent
+    | FailEvent
+    | ProxyDoneEvent
+    | ConsumedEvent
+)
 
 
 def encode_msg_header(
@@ -292,6 +317,8 @@ def encode_event(ev: Event) -> bytes:
         payload = _FAIL.pack(T_FAIL, ev.port) + ev.reason.encode("utf-8", "replace")[:MAX_REASON]
     elif isinstance(ev, ProxyDoneEvent):
         payload = _DONE.pack(T_PROXY_DONE, ev.port)
+    elif isinstance(ev, ConsumedEvent):
+        payload = _CONSUMED.pack(T_CONSUMED, ev.port, ev.seq)
     else:
         raise TypeError(f"not an event: {ev!r}")
     return _LEN.pack(len(payload)) + payload
@@ -372,6 +399,11 @@ def _decode_frame(frame: memoryview) -> Event:
             raise ProtocolError("bad PROXY_DONE frame size")
         _, port = _DONE.unpack_from(frame)
         return ProxyDoneEvent(port)
+    if t == T_CONSUMED:
+        if n != _CONSUMED.size:
+            raise ProtocolError("bad CONSUMED frame size")
+        _, port, seq = _CONSUMED.unpack_from(frame)
+        return ConsumedEvent(port, seq)
     raise ProtocolError(f"unknown frame type {t}")
 
 
