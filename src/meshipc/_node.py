@@ -67,7 +67,7 @@ MAX_PENDING: Final = 128
 #: At the cap, a connection still unauthenticated after this many seconds
 #: gives its slot to the next one waiting (a real peer finishes in
 #: milliseconds): silent peers cannot keep real ones waiting in the backlog.
-EVICT_AFTER: Final = 0.5
+EVICT_AFTER: Final = 0.25
 #: Seconds between two log lines about the same kind of trouble on one
 #: socket (refused peers, failed accepts); the next line says how many
 #: were held back.
