@@ -232,3 +232,29 @@ async def test_ls_prune_removes_what_a_killed_mesh_left_and_nothing_else(base: P
             cc.port.send("still here")
             assert await asyncio.wait_for(conn.port.recv(), T) == "still here"
     assert list(base.iterdir()) == []
+
+
+async def test_ls_tells_live_from_stale_without_taking_any_lock(
+    base: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Trying a name's lock, even shared and for a moment, could make a mesh
+    starting then fail with MeshNameInUse: ``ls`` reads /proc/locks."""
+    import fcntl
+
+    from meshipc import _cli
+    from meshipc._invitation import lock_is_held
+
+    def no_flock(fd: int, op: int) -> None:
+        raise AssertionError("ls tried a lock")
+
+    (base / "mesh-dead.lock").touch(mode=0o600)
+    (base / "mesh-dead").mkdir(mode=0o700)
+    assert lock_is_held(base / "mesh-dead.lock") is False
+    assert lock_is_held(base / "mesh-absent.lock") is None
+    async with Mesh(name="alive", runtime_dir=base):
+        assert lock_is_held(base / "mesh-alive.lock") is True
+        monkeypatch.setattr(fcntl, "flock", no_flock)
+        assert _cli.main(["ls", "--runtime-dir", str(base)]) == 0
+        monkeypatch.undo()
+    out = capsys.readouterr().out.splitlines()
+    assert out == ["alive\tlive", "dead\tstale", f"(runtime dir {base}: given as runtime_dir)"]

@@ -15,9 +15,9 @@ def _ls(runtime_dir: str | None, prune: bool = False) -> int:
     from ._mesh import runtime_location
 
     root, why = runtime_location(runtime_dir)
-    if prune:
-        from ._invitation import prune_stale
+    from ._invitation import lock_is_held, prune_stale
 
+    if prune:
         for name in prune_stale(root):
             print(f"{name}\tpruned")
     found = False
@@ -25,14 +25,19 @@ def _ls(runtime_dir: str | None, prune: bool = False) -> int:
         if not (entry.startswith("mesh-") and entry.endswith(".lock")):
             continue
         name = entry[len("mesh-") : -len(".lock")]
-        fd = os.open(root / entry, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            state = "stale"
-        except BlockingIOError:
-            state = "live"
-        finally:
-            os.close(fd)
+        # read from /proc/locks: trying the lock could make a mesh starting
+        # at this moment believe its name is taken
+        held = lock_is_held(root / entry)
+        if held is None:
+            fd = os.open(root / entry, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                held = False
+            except BlockingIOError:
+                held = True
+            finally:
+                os.close(fd)
+        state = "live" if held else "stale"
         directory = root / f"mesh-{name}"
         if state == "stale" and not os.path.lexists(directory):
             continue  # a lock file between a clean exit and its removal
