@@ -33,7 +33,7 @@ import meshipc._node
 from meshipc import Mesh
 from meshipc._invitation import read_invitation
 from meshipc._node import _AUTH, _CHALLENGE, _HELLO, _MAGIC, _VERDICT, V_ACCEPT
-from meshipc._wire import PROTOCOL_VERSION
+from meshipc._wire import PROTOCOL_VERSION, CloseEvent, MsgEvent, encode_event
 
 CLIENT = Path(__file__).with_name("attach_client.py").resolve()
 T = 10.0
@@ -415,3 +415,32 @@ async def test_clients_that_take_invitations_and_never_join_cannot_pile_them_up(
             cc.port.send("late but fine")
             assert await asyncio.wait_for(conns[-1].port.recv(), T) == "late but fine"
         await serve_one_client(listener, os.fspath(listener.path))
+
+
+async def test_flood_of_tiny_frames_leaves_no_state_and_others_are_served(rd: Path) -> None:
+    """An authenticated peer streams 200,000 tiny frames (closes of, and
+    messages to, ports that do not exist) while a real client attaches and
+    talks: the client is served during the flood, the frames leave nothing
+    behind, and the flooder's connection stays usable (they are valid)."""
+    async with Mesh(runtime_dir=rd) as mesh:
+        node = mesh._node
+        listener = await mesh.listen()
+        me = os.urandom(16)
+        s, _ = await handshake(node, me)
+        loop = asyncio.get_running_loop()
+        ports_before = len(node.engine.ports)
+        frames = b"".join(
+            encode_event(CloseEvent(os.urandom(16), i))
+            + encode_event(MsgEvent(os.urandom(16), i, 0, 0, [], 0, b"x"))
+            for i in range(100_000)
+        )
+        with s:
+            flood = asyncio.create_task(loop.sock_sendall(s, frames))
+            try:
+                await serve_one_client(listener, os.fspath(listener.path))
+                await asyncio.wait_for(flood, T)
+            finally:
+                flood.cancel()
+            await wait_until(lambda: node._conns[me].bytes_in >= len(frames), "the flood to be read")
+            assert me in node._conns
+        assert len(node.engine.ports) == ports_before
