@@ -198,6 +198,19 @@ async def test_connect_by_name_says_why_nothing_answers(base: Path) -> None:
     assert reason.startswith("mesh 'dead' is not running any more (stale since 20"), reason
     assert "`meshipc ls --prune`" in reason
 
+    # by path: the socket's state, in words
+    for path, want in (
+        (base / "nothing.sock", "nothing there (no such socket)"),
+        (
+            base / "mesh-dead" / "listen.sock",
+            "nothing listens there any more (a stale socket of a mesh that is gone)",
+        ),
+    ):
+        with pytest.raises(ConnectError) as ei:
+            async with meshipc.connect(path, timeout=T):
+                pass  # pragma: no cover
+        assert str(ei.value) == f"cannot connect to mesh listener {path}: {want}"
+
 
 async def test_ls_prune_removes_what_a_killed_mesh_left_and_nothing_else(base: Path) -> None:
     client = Path(__file__).with_name("attach_client.py")
