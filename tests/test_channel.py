@@ -8,9 +8,11 @@ untyped structs as dicts.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import os
 import pickle
+import random
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -1188,3 +1190,51 @@ def test_fd_travels_across_engines():
     got.close()
     os.close(r)
     close_all(net, tx, rx)
+
+
+# ---------------------------------------------------------------- close while a port moves
+
+
+def _forward_at_once(seed: int, n: int = 5) -> tuple[list[Any], str]:
+    """A port rides in a local message whose receiver is itself in transit;
+    its peer sends ``n`` values and closes meanwhile (so the port answers the
+    close while still here), then the next node forwards it at once."""
+    rng = random.Random(seed)
+    net = Net(3)
+    c0, c1 = net.pair(0, 1)
+    d1, d2 = net.pair(1, 2)
+    tx, rx = meshipc.channel()
+    c0.send(rx)  # in transit: what tx sends waits in its buffer
+    a, b = Port.pair()
+    tx.send(b)
+    for i in range(n):
+        a.send(i)
+    a.close()
+    rx1: Any = None
+    forwarded = False
+    for _ in range(10_000):
+        if rx1 is None:
+            with contextlib.suppress(asyncio.QueueEmpty):
+                rx1 = c1.try_recv()
+        elif not forwarded:
+            with contextlib.suppress(asyncio.QueueEmpty):
+                d1.send(rx1.try_recv())  # the next hop, before it read anything
+                forwarded = True
+        keys = net.pending()
+        if not keys and forwarded:
+            break
+        if keys:
+            net.deliver(rng.choice(keys))
+    (last,) = drain(d2)
+    got = drain(last)
+    end = end_of(last)
+    close_all(net, c0, c1, d1, d2, tx, rx1, last)
+    return got, end.__name__ if end else "open"
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_backlog_survives_close_while_its_port_is_forwarded_at_once(seed: int):
+    """Regression (real processes lost the whole backlog): the forwarded end
+    used to announce itself to the closed peer, whose table no longer had it,
+    and the "peer port is gone" notice failed the final holder."""
+    assert _forward_at_once(seed) == ([0, 1, 2, 3, 4], "ChannelClosed")

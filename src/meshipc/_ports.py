@@ -1017,6 +1017,11 @@ class Engine:
         if ps.peer_closed:
             buffer.append((ps.recv_seq - 1, _CLOSE))
             flags = D_PEER_CLOSED
+        elif ps.close_sent:
+            # our CLOSE (or a predecessor's) went to the peer, which is going
+            # away: the new end must not send it a CHANGE_PEER, and the peer's
+            # own CLOSE is still to come through this end as it proxies
+            flags = D_PEER_CLOSED
         desc = PortDesc(new_id, ps.peer_node, ps.peer_port, ps.id, ps.send_seq, base, flags)
         ps.mode = SENDING
         ps.first_hop = dest
