@@ -62,7 +62,7 @@ def test_runtime_dir_comes_from_xdg_or_says_why_not(base: Path, monkeypatch: pyt
     # the same folder is refused by name, not silently replaced, at every entry point
     with pytest.raises(MeshError, match="XDG_RUNTIME_DIR="):
         asyncio.run(Mesh(name="x").__aenter__())
-    with pytest.raises(MeshError, match="XDG_RUNTIME_DIR="):
+    with pytest.raises(ConnectError, match="XDG_RUNTIME_DIR="):  # what clients catch
 
         async def attach() -> None:
             async with meshipc.connect("x"):

@@ -691,7 +691,10 @@ async def connect(
     denied), ``InvitationReadError``, ``InvitationTooLarge``,
     ``InvitationDecodeError``, ``AuthenticationError`` (listener of an
     unexpected uid, or secret rejected) or ``JoinError``."""
-    path = listener_path(name_or_path, runtime_dir)
+    try:
+        path = listener_path(name_or_path, runtime_dir)
+    except MeshError as exc:  # the runtime folder is unusable: say which and why
+        raise ConnectError(os.fspath(name_or_path), str(exc)) from None
     deadline = _deadline_after(timeout)
     try:
         async with _deadline(deadline, timeout, path):
