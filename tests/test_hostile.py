@@ -204,9 +204,10 @@ async def test_out_of_fds_pauses_accepting_and_recovers(rd: Path) -> None:
             svc.kill()
             await svc.wait()
     lines = err.splitlines()
-    # rate-limited: at most one line per kind per LOG_INTERVAL (10 s)
-    assert 1 <= sum("accept failed (Too many open files)" in line for line in lines) <= 2, err
-    assert len(lines) <= 10, err
+    # rate-limited: one line per kind per LOG_INTERVAL (10 s); the test takes
+    # a few seconds (a slow machine: some more), the old busy loop wrote megabytes
+    assert 1 <= sum("accept failed (Too many open files)" in line for line in lines) <= 3, err
+    assert len(lines) <= 15, err
     assert list(rd.iterdir()) == []
 
 

@@ -688,7 +688,8 @@ async def connect(
     the listener, its invitation, the handshake); default ``JOIN_TIMEOUT``
     (10 s), ``None`` for no bound. Raises ``JoinTimeout`` (the mesh did not
     answer in time), ``ConnectError`` (no such path, refused, permission
-    denied), ``InvitationReadError``, ``InvitationTooLarge``,
+    denied, an unusable runtime folder; for a name, the reason says whether
+    no such mesh runs, it is not listening, or it is stale), ``InvitationReadError``, ``InvitationTooLarge``,
     ``InvitationDecodeError``, ``AuthenticationError`` (listener of an
     unexpected uid, or secret rejected) or ``JoinError``."""
     try:
