@@ -488,7 +488,7 @@ async def test_spawn_cancelled_while_the_worker_starts_kills_it(rdir: Path) -> N
         with pytest.raises(asyncio.CancelledError):
             await task
         await wait_until(lambda: child_processes() == {}, "the cancelled worker to be reaped")
-        assert mesh._children == []
+        await wait_until(lambda: mesh._children == [], "the mesh to forget it")
 
 
 async def test_worker_whose_link_to_its_parent_broke_exits_nonzero(
@@ -818,3 +818,22 @@ async def test_mesh_exit_reaps_children(rdir: Path, monkeypatch: pytest.MonkeyPa
     assert [p.returncode for p in idle] == [0, 0]  # stopped by the mesh, cleanly
     assert stubborn.returncode == -9  # ignored the stop, killed after the grace time
     assert not directory.exists()
+
+
+async def test_closing_the_mesh_stops_a_worker_still_starting(
+    rdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(meshipc._mesh, "CHILD_GRACE", 0.5)
+    async with meshipc.Mesh(runtime_dir=rdir) as mesh:
+        spawning = asyncio.create_task(mesh.spawn("slow_workers:main", None, name="slow"))
+        try:
+            await wait_until(lambda: len(mesh._children) == 1, "the worker process to exist")
+            assert not spawning.done()
+        except BaseException:
+            for p in mesh._children:
+                p.kill()
+            raise
+    # closing the mesh stopped it (killed after the grace time: it could not listen)
+    with pytest.raises(meshipc.SpawnError, match="'slow' could not start 'slow_workers:main'"):
+        await within(spawning)
+    await wait_until(lambda: child_processes() == {}, "the worker to be reaped")

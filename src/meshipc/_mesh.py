@@ -334,9 +334,12 @@ class Mesh:
         if self._closed:
             raise MeshError("the mesh is closed")
         proc = await spawn(self, target, arg, name)
+        # one of ours from now on (closing the mesh stops it even while it
+        # starts); a long-lived mesh spawning many workers keeps only the
+        # running ones
         self._children.append(proc)
-        # a long-lived mesh spawning many workers keeps only the running ones
         proc._exited.add_done_callback(lambda _: self._forget_child(proc))
+        await proc._wait_started()
         return proc
 
     def _forget_child(self, proc: Process) -> None:

@@ -338,6 +338,4 @@ async def spawn(mesh: Mesh, target: str, arg: Any, name: str | None) -> Process:
         raise
     finally:
         child_sock.close()
-    proc = Process(popen, name, target, port)
-    await proc._wait_started()
-    return proc
+    return Process(popen, name, target, port)
