@@ -2,7 +2,8 @@
 
 The parent makes a socket pair, passes one end to a fresh interpreter
 (``python -P -c <bootstrap> <parent's sys.path>``, see ``worker_command``)
-together with an invitation in the environment, and runs the acceptor side of the node handshake on its end.
+together with an invitation in the environment, and runs the acceptor side
+of the node handshake on its end.
 The mesh secret is not in the environment (``/proc/<pid>/environ`` keeps
 the initial environment whatever the child does): it is the first 32 bytes
 the parent writes on the socket pair. The child removes the invitation from
@@ -54,6 +55,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("meshipc")
 
 ENV_INVITATION = "MESHIPC_CHILD_INVITATION"
+#: Why a worker did not start when it said nothing: replaced by its exit status.
+_NO_REPORT = "no start report"
 #: Seconds the parent waits, after a worker exited, for its status message.
 STATUS_GRACE = 2.0
 _TARGET = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
@@ -208,7 +211,7 @@ class Process:
             await self._read_statuses()
         finally:
             if not self._started.done():
-                self._started.set_result(SpawnError(self.name, self.target, "no start report"))
+                self._started.set_result(SpawnError(self.name, self.target, _NO_REPORT))
 
     async def _read_statuses(self) -> None:
         try:
@@ -218,7 +221,10 @@ class Process:
                 self._started.set_result(SpawnError(self.name, self.target, why, str(status[3])))
                 return
             if status != ["started"]:
-                raise MeshError(f"unexpected start report {str(status)[:100]!r}")
+                self.kill()  # not a worker of ours: it gets no chance to run
+                why = f"unexpected start report {str(status)[:100]!r}"
+                self._started.set_result(SpawnError(self.name, self.target, why))
+                return
             self._started.set_result(None)
             status = await self._port.recv()
         except (ChannelClosed, PortFailed):
@@ -242,7 +248,7 @@ class Process:
         if failed is None:
             return
         code = await self.wait()
-        if failed.reason == "no start report":
+        if failed.reason == _NO_REPORT:
             how = f"killed by signal {-code}" if code < 0 else f"exited with code {code}"
             failed = SpawnError(self.name, self.target, f"the worker process {how} before starting it")
         raise failed
