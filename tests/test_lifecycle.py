@@ -245,3 +245,87 @@ async def test_sigterm_handler_is_ours_only_while_a_mesh_is_open(rdir: Path):
             pass
         assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+ORPHANED = """
+import asyncio, sys, meshipc
+async def main():
+    async def open_mesh():  # enters the mesh in a task that then ends
+        return await meshipc.Mesh(runtime_dir=sys.argv[1]).__aenter__()
+    mesh = await asyncio.create_task(open_mesh())
+    print(mesh.name, flush=True)
+    await asyncio.Event().wait()
+asyncio.run(main())
+"""
+
+
+async def test_sigterm_with_no_task_to_unwind_still_ends_the_process(rdir: Path):
+    """A mesh whose entering task is gone cannot be closed by cancelling it:
+    SIGTERM must then end the process as it would without meshipc, never be
+    swallowed."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", ORPHANED, str(rdir), stdout=asyncio.subprocess.PIPE
+    )
+    try:
+        assert proc.stdout is not None
+        assert await asyncio.wait_for(proc.stdout.readline(), 30) == b"None\n"
+        proc.terminate()
+        assert await asyncio.wait_for(proc.wait(), 30) == -signal.SIGTERM
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+STUBBORN_SERVICE = """
+import asyncio, logging, sys, meshipc
+logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+async def main():
+    async with meshipc.Mesh(runtime_dir=sys.argv[1]) as mesh:
+        tx, rx = meshipc.channel()
+        await mesh.spawn("workers:stubborn", tx)  # ignores being stopped: closing waits 5 s
+        print(await rx.recv(), flush=True)
+        await asyncio.Event().wait()
+asyncio.run(main())
+"""
+
+
+async def test_second_sigterm_while_closing_ends_the_process_at_once(rdir: Path, tmp_path: Path):
+    """And the worker it leaves behind, which ignores being cancelled, still
+    exits (within the child's TERM_GRACE) when its parent is gone."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), *sys.path]))
+    out, err = tmp_path / "out", tmp_path / "err"
+    # files, not pipes: the orphaned worker inherits them, and a pipe it holds
+    # open would keep asyncio's wait() waiting
+    with open(out, "wb") as fo, open(err, "wb") as fe:
+        svc = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", STUBBORN_SERVICE, str(rdir), env=env, stdout=fo, stderr=fe
+        )
+    pidfd = -1
+    try:
+        await wait_for_text(out, "\n")
+        pidfd = os.pidfd_open(int(out.read_text()))
+        svc.terminate()
+        await wait_for_text(err, "SIGTERM: closing")
+        svc.terminate()  # impatient: the second one is not swallowed
+        assert await asyncio.wait_for(svc.wait(), 30) == -signal.SIGTERM
+        assert "nothing left to close cleanly" in err.read_text()
+        assert select.select([pidfd], [], [], 15)[0] == [pidfd], "the orphaned worker lives on"
+    finally:
+        if svc.returncode is None:
+            svc.kill()
+            await svc.wait()
+        if pidfd >= 0:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            os.close(pidfd)
+
+
+async def wait_for_text(path: Path, text: str, timeout: float = 30) -> None:
+    """Poll a file a child process writes (no event to wait on) for ``text``."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while text not in path.read_text():
+        if loop.time() > deadline:
+            raise AssertionError(f"{text!r} never appeared in {path}: {path.read_text()!r}")
+        await asyncio.sleep(0.01)

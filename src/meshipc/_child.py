@@ -35,6 +35,18 @@ def _die_with_parent() -> None:
         pass
 
 
+#: Seconds a worker told to stop by SIGTERM (its parent died, or someone
+#: sent it) gets to unwind; code that ignores cancellation cannot keep it
+#: alive past this.
+TERM_GRACE = 5
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    signal.signal(signal.SIGALRM, signal.SIG_DFL)  # the alarm ends the process
+    signal.alarm(TERM_GRACE)
+    sys.exit(143)
+
+
 def _read_secret(sock: socket.socket) -> bytes:
     """The mesh secret: the first 32 bytes the parent wrote on our socket."""
     sock.settimeout(30)
@@ -152,7 +164,7 @@ def main() -> None:
     except (ValueError, msgspec.DecodeError) as exc:
         print(f"meshipc worker: bad invitation: {exc}", file=sys.stderr)
         sys.exit(2)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    signal.signal(signal.SIGTERM, _on_sigterm)
     # Ctrl-C in a terminal reaches the whole process group: the parent decides
     # when its workers stop (it closes their bootstrap port on mesh exit)
     signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -112,7 +112,9 @@ class _Sigterm:
     While such a mesh is open, SIGTERM cancels the task that entered it;
     the mesh closes as on any exit (workers stopped, sockets, folder and name
     removed) and its ``async with`` then raises ``SystemExit(143)`` (128 +
-    SIGTERM, the status a shell shows for a SIGTERM death). An application
+    SIGTERM, the status a shell shows for a SIGTERM death). A second SIGTERM
+    while closing, or one with no task to unwind, ends the process as if
+    meshipc were not there. An application
     with its own SIGTERM handler (``signal.signal`` or
     ``loop.add_signal_handler``) keeps it, untouched; so does code that is
     not on the main thread."""
@@ -159,6 +161,12 @@ class _Sigterm:
             if not mesh._closed and task not in cancelled and not task.done():
                 task.cancel()
                 cancelled.add(task)
+        if not cancelled:
+            # nothing to unwind (already closing: a second SIGTERM; or the task
+            # that entered the mesh is gone): SIGTERM does what it would have
+            log.info("SIGTERM: nothing left to close cleanly; exiting")
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
 
 
 class Mesh:
