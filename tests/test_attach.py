@@ -848,6 +848,7 @@ async def test_listen_has_no_option_to_invite_other_uids(rd: Path) -> None:
         assert not (mesh.directory / "listen.sock").exists()
 
 
+@pytest.mark.stock_loop  # uvloop cannot start a process as another user
 async def test_client_of_another_uid_is_refused(rd: Path, other_user: dict[str, Any]) -> None:
     public = Path(tempfile.mkdtemp(prefix="mp", dir="/tmp"))
     try:

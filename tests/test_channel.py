@@ -1238,3 +1238,46 @@ def test_backlog_survives_close_while_its_port_is_forwarded_at_once(seed: int):
     used to announce itself to the closed peer, whose table no longer had it,
     and the "peer port is gone" notice failed the final holder."""
     assert _forward_at_once(seed) == ([0, 1, 2, 3, 4], "ChannelClosed")
+
+
+# ---------------------------------------------------------------- flow control in one process
+
+
+async def test_local_drain_waits_for_the_reader_and_the_hard_limit_refuses():
+    from meshipc._ports import DEFAULT_LIMITS
+
+    tx, rx = meshipc.channel()
+    window, hard = DEFAULT_LIMITS.window_messages, DEFAULT_LIMITS.max_messages
+    for i in range(window):
+        tx.send(i)
+    await asyncio.wait_for(tx.drain(), 5)  # at the window, not over it: returns
+    tx.send(window)
+    drain = asyncio.ensure_future(tx.drain())
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert not drain.done()  # over the window: waits for the reader
+    assert await rx.recv() == 0  # one read brings it back to the window
+    await asyncio.wait_for(drain, 5)
+    for i in range(window + 1, hard + 1):
+        tx.send(i)
+    with pytest.raises(meshipc.BufferFull, match="unread"):
+        tx.send("one too many")
+    got = [rx.try_recv() for _ in range(hard)]
+    assert got == list(range(1, hard + 1))  # nothing lost, nothing extra
+    tx.send("room again")
+    assert rx.try_recv() == "room again"
+    tx.close()
+    with pytest.raises(ChannelClosed):
+        await tx.drain()
+    rx.close()
+
+
+async def test_drain_raises_when_the_receiver_goes():
+    tx, rx = meshipc.channel()
+    for i in range(3000):
+        tx.send(i)
+    drain = asyncio.ensure_future(tx.drain())
+    await asyncio.sleep(0)
+    rx.close()
+    with pytest.raises(ChannelClosed):
+        await asyncio.wait_for(drain, 5)

@@ -31,6 +31,7 @@ from ._errors import (
 from ._fd import Fd
 from ._ids import NodeId, PortId
 from ._invitation import ClientConnection, Connection, Invitation, Inviter, Listener, connect, join
+from ._loop import run
 from ._mesh import Mesh
 from ._node import PeerCred
 from ._ports import Limits
@@ -77,4 +78,5 @@ __all__ = (
     "Sender",
     "SpawnError",
     "channel",
+    "run",
 )

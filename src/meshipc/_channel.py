@@ -28,7 +28,7 @@ from ._errors import ChannelClosed, MeshError, MessageError, RemoteError
 from ._fd import Fd
 from ._ids import NodeId, PortId
 from ._ports import Engine, Message, PortState
-from ._wire import K_ADD_SENDER, K_CALL, K_DATA, K_ERROR
+from ._wire import K_ADD_SENDER, K_CALL, K_DATA, K_ERROR, K_REPLY, K_REPLY_ERROR
 
 T = TypeVar("T")
 log = logging.getLogger("meshipc")
@@ -97,9 +97,24 @@ def _enc_hook(obj: Any) -> Any:
 
 
 _encoder = msgspec.msgpack.Encoder(enc_hook=_enc_hook)
-# values without ports or fds (the common case) need no hook and no
-# per-message resource lists; it raises TypeError for anything it cannot take
-_plain_encoder = msgspec.msgpack.Encoder()
+
+
+class _Flag(threading.local):
+    needs_full = False
+
+
+_flag = _Flag()
+
+
+def _plain_hook(obj: Any) -> None:
+    # only called for what msgspec cannot encode by itself: a handle, an fd
+    # or an unsupported type; the full encoder deals with it (or says why not)
+    _flag.needs_full = True
+
+
+# values without ports or fds (the common case) need no per-message resource
+# lists; anything else is noted by the hook (no exception on the hot path)
+_plain_encoder = msgspec.msgpack.Encoder(enc_hook=_plain_hook)
 
 
 def _use(kind: int, index: int, limit: int) -> int:
@@ -185,8 +200,17 @@ class _Codec:
         finally:
             r.engine, r.ports, r.fds, r.carrier = None, [], [], None
 
-    def encode_plain(self, obj: Any) -> bytes:
-        return _plain_encoder.encode(obj)
+    def encode_plain(self, obj: Any) -> bytes | None:
+        try:
+            body = _plain_encoder.encode(obj)
+        except BaseException:
+            _flag.needs_full = False
+            raise
+        f = _flag
+        if f.needs_full:
+            f.needs_full = False
+            return None
+        return body
 
     def encode_error(self, exc: BaseException) -> bytes:
         return _encoder.encode(("MessageError", f"message could not be encoded: {exc}", ""))
@@ -429,9 +453,13 @@ def _send(h: _Handle, kind: int, value: Any) -> None:
         if eng.over_hard_limit(st):
             raise eng._full(st)
         try:
-            CODEC.encode_plain(value)
-        except (TypeError, RecursionError) as exc:
-            if not walk_resources(value):
+            plain = CODEC.encode_plain(value)
+        except RecursionError:
+            raise MessageError("this value cannot be sent to another process: nested too deep") from None
+        if plain is None and not walk_resources(value):
+            try:  # no handle inside: the full encoder only says what it cannot take
+                _encoder.encode(value)
+            except (TypeError, ValueError, OverflowError, NotImplementedError) as exc:
                 raise MessageError(f"this value cannot be sent to another process: {exc}") from None
         _from_thread(st, _engine_send, st, kind, value, True)
 
@@ -644,6 +672,10 @@ class _Inbox(_Handle):
 
     def _take(self, msg: Message) -> Any:
         kind = msg.kind
+        if kind == K_REPLY:
+            kind = K_DATA  # a peer's last message; the end follows
+        elif kind == K_REPLY_ERROR:
+            kind = K_ERROR
         if kind == K_DATA:
             if self._calls_only:
                 _local_engine.dispose(msg)
@@ -833,7 +865,7 @@ class Sender(_Handle, Generic[T]):
             raise ChannelClosed("the call was dropped without a reply") from None
         finally:
             reply.close()
-        if msg.kind == K_ERROR:
+        if msg.kind == K_REPLY_ERROR or msg.kind == K_ERROR:
             tn, text, tb = msg.obj if msg.body is None else decode(msg, tuple[str, str, str])
             raise RemoteError(tn, text, tb)
         return msg.obj if msg.body is None else decode(msg, Any)
@@ -889,6 +921,21 @@ class _CallMsg:
         self.reply = reply
 
 
+def _engine_final(eng: Engine, st: PortState, kind: int, value: Any) -> None:
+    eng.send_final(st, kind, value)
+
+
+def _answer(p: Port, kind: int, value: Any) -> None:
+    """The one answer to a call: a final message (one frame, no CLOSE)."""
+    if p.closed:
+        raise ChannelClosed("this call was already answered")
+    (st,) = p._detach()
+    if _on_engine_thread(st.engine):
+        st.engine.send_final(st, kind, value)
+    else:
+        _from_thread(st, _engine_final, st, kind, value)
+
+
 class Call(Generic[T]):
     """One RPC request as the server sees it. Answer it once with ``reply`` or
     ``fail``; dropping it unanswered gives the caller ``ChannelClosed``."""
@@ -901,13 +948,7 @@ class Call(Generic[T]):
 
     def reply(self, value: Any) -> None:
         """Send the result to the caller (no-op if it has gone away)."""
-        p = self._port
-        if p.closed:
-            raise ChannelClosed("this call was already answered")
-        try:
-            p.send(value)
-        finally:
-            p.close()
+        _answer(self._port, K_REPLY, value)
 
     def fail(self, exc: BaseException) -> None:
         """Answer with an error: the caller gets ``RemoteError``."""
@@ -919,10 +960,7 @@ class Call(Generic[T]):
         else:
             tb = "".join(traceback.format_exception(exc))
             parts = (type(exc).__qualname__, str(exc), tb)
-        try:
-            _send(p, K_ERROR, parts)
-        finally:
-            p.close()
+        _answer(p, K_REPLY_ERROR, parts)
 
     @property
     def cancelled(self) -> bool:

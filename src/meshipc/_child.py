@@ -20,6 +20,7 @@ from typing import Any
 import msgspec
 
 from ._errors import ChannelClosed, MeshError, PortFailed
+from ._loop import run
 from ._process import ENV_INVITATION, ChildInvitation, apply_receiver_types
 
 log = logging.getLogger("meshipc")
@@ -168,7 +169,7 @@ def main() -> None:
     # Ctrl-C in a terminal reaches the whole process group: the parent decides
     # when its workers stop (it closes their bootstrap port on mesh exit)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    sys.exit(asyncio.run(_run(inv)))
+    sys.exit(run(_run(inv)))
 
 
 if __name__ == "__main__":

@@ -52,6 +52,23 @@ Failures (a node dies, so its links break):
   so none of them waits forever for an acknowledgement;
 * a proxy whose peer lived there forwards the failure to its target.
 
+An end whose ``CLOSE`` already went to its peer (it answered the peer's
+close, or arrived flagged ``D_PEER_CLOSED`` with that close still on its way)
+moves on as peer-closed too: it must not send a ``CHANGE_PEER`` to a peer
+that is being removed (the peer's table would no longer know it, and the
+"peer port is gone" notice would fail the end with its whole backlog).
+
+Final messages (``K_REPLY``, ``K_REPLY_ERROR``) are the last item of their
+port: the sender lets its end go as it sends one, the receiver treats it as
+message + ``CLOSE`` and echoes nothing. An RPC answer is one frame.
+
+Flow control (``Limits``): a sending end keeps (seq, bytes) of what it sent
+to another node until the receiver reports it consumed (``CONSUMED``,
+unsequenced, a cumulative sequence number, every quarter window); a local
+receiver's queue length is the count itself. ``drain`` waits while over the
+window; ``send`` raises ``BufferFull`` at the hard limit. A reorder buffer
+beyond the hard limit plus ``MAX_REORDER`` fails that port, not the link.
+
 A shortcut: an end whose peer is *pinned* (an RPC reply port, which never
 moves) travels as ``D_DIRECT``: the peer is repointed at once and the new
 end needs no proxy, ``ARRIVED`` or ``CHANGE_PEER``. It is safe only because
@@ -61,7 +78,6 @@ message arrives, and the peer's own items follow it on the same link.
 
 from __future__ import annotations
 
-import os
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -77,12 +93,13 @@ from ._errors import (
     PortFailed,
     ProtocolError,
 )
-from ._ids import PortId
+from ._ids import PortId, random_id
 from ._wire import (
     D_DEAD,
     D_DIRECT,
     D_PEER_CLOSED,
     K_ERROR,
+    K_REPLY,
     MAX_FDS_PER_MESSAGE,
     MAX_OOB_BODY,
     MAX_PORTS_PER_MESSAGE,
@@ -126,8 +143,8 @@ class Limits:
     credit traffic is one small frame per quarter window.
     """
 
-    window_messages: int = 16384
-    window_bytes: int = 4 * 1024 * 1024
+    window_messages: int = 2048
+    window_bytes: int = 2 * 1024 * 1024
     max_messages: int = 262144
     max_bytes: int = 64 * 1024 * 1024
 
@@ -203,8 +220,9 @@ class Codec(Protocol):
 
     def encode_error(self, exc: BaseException) -> bytes: ...
 
-    def encode_plain(self, obj: Any) -> bytes:
-        """Encode a value without ports or fds; ``TypeError`` if it has any."""
+    def encode_plain(self, obj: Any) -> bytes | None:
+        """Encode a value without ports or fds; None if it has any (or a
+        type only the full encoder can judge)."""
         ...
 
 
@@ -310,8 +328,8 @@ class _NullCodec:
     def encode_error(self, exc: BaseException) -> bytes:
         return b""
 
-    def encode_plain(self, obj: Any) -> bytes:
-        raise TypeError("no codec")
+    def encode_plain(self, obj: Any) -> bytes | None:
+        return None
 
 
 class Engine:
@@ -386,9 +404,9 @@ class Engine:
         ):
             try:
                 body = self.codec.encode_plain(obj)
-            except (TypeError, RecursionError):
-                pass  # ports, fds or an unsupported type inside: the full path says which
-            else:
+            except RecursionError:
+                raise MessageError("this value cannot be sent to another process: nested too deep") from None
+            if body is not None:  # else ports, fds or an unsupported type: the full path says which
                 n = len(body)
                 if n > MAX_OOB_BODY:
                     raise MessageError(f"a message of {n} bytes exceeds the limit of {MAX_OOB_BODY}")
@@ -451,7 +469,9 @@ class Engine:
                 target.recv_seq = seq + 1
                 q = target.queue
                 q.append(msg)
-                if len(q) == 1 and target.waker is not None:
+                if msg.kind >= K_REPLY:
+                    self._finished(target)
+                elif len(q) == 1 and target.waker is not None:
                     target.waker()
                 return
         elif msg.body is None and msg.obj is not None:
@@ -461,6 +481,31 @@ class Engine:
         seq = st.send_seq
         st.send_seq = seq + 1
         self._route(node, st.peer_port, seq, msg)
+
+    def send_final(self, st: PortState, kind: int, obj: Any) -> None:
+        """Send the last message of this end (a final kind, an RPC reply)
+        and let the end go at once: the peer ends its stream on that message,
+        so no CLOSE is sent and none comes back."""
+        try:
+            self.send_value(st, kind, obj)
+        except BaseException:
+            self.close(st)  # the peer learns the end the usual way
+            raise
+        if not st.closed:
+            st.closed = True
+            st.close_sent = True
+            self._drop_queue(st)
+            self._fire_credit(st)
+            if st.mode == OWNED:
+                self._remove(st)
+
+    def _finished(self, st: PortState) -> None:
+        """A final message was queued on ``st``: its peer is gone, in order."""
+        st.peer_closed = True
+        st.close_sent = True  # nothing to answer: the peer let go already
+        self._remove(st)
+        if st.waker is not None:
+            st.waker()
 
     def encode_message(self, msg: Message, carrier: PortState | None = None) -> Message:
         """``msg`` with its value encoded for another process. Raises
@@ -549,16 +594,14 @@ class Engine:
         when the port ends or moves); the caller re-checks ``over_window``."""
         holder = st
         if st.peer_node == self.node_id:
+            # a local receiver's queue is the window; it fires on reads, on its
+            # removal (which our own close or failure also causes) and on moving
             t = self.ports.get(st.peer_port)
             if t is not None:
                 holder = t
         if holder.credit is None:
             holder.credit = []
         holder.credit.append(fn)
-        if holder is not st:  # the sender's own end may end too
-            if st.credit is None:
-                st.credit = []
-            st.credit.append(fn)
 
     @staticmethod
     def _fire_credit(st: PortState) -> None:
@@ -664,7 +707,9 @@ class Engine:
                 st.recv_seq += 1
                 q = st.queue
                 q.append(msg)
-                if len(q) == 1 and st.waker is not None:
+                if msg.kind >= K_REPLY:
+                    self._finished(st)
+                elif len(q) == 1 and st.waker is not None:
                     st.waker()
                 return
             self._work.append((ev.port, ev.seq, msg))
@@ -694,13 +739,31 @@ class Engine:
     def receive_data(self, src: bytes, port: bytes, seq: int, kind: int, body: bytes) -> None:
         """``receive`` for a plain message (no ports, no fds): the hot path."""
         st = self.ports.get(port)
-        if st is not None and st.mode == OWNED and seq == st.recv_seq and not st.pending and not st.closed:
-            st.recv_seq = seq + 1
-            q = st.queue
-            q.append(Message(kind, None, body))
-            if len(q) == 1 and st.waker is not None:
-                st.waker()
-            return
+        if st is not None and seq == st.recv_seq and not st.pending:
+            mode = st.mode
+            if mode == OWNED and not st.closed:
+                st.recv_seq = seq + 1
+                q = st.queue
+                q.append(Message(kind, None, body))
+                if kind >= K_REPLY:
+                    self._finished(st)
+                elif len(q) == 1 and st.waker is not None:
+                    st.waker()
+                return
+            # a port on the move: buffer or forward without event objects (a
+            # moving port's backlog comes through here item by item)
+            if mode == SENDING:
+                st.recv_seq = seq + 1
+                if st.buffer is None:
+                    st.buffer = []
+                st.buffer.append((seq, Message(kind, None, body)))
+                return
+            if mode == PROXY and st.target_node != self.node_id and self.transmit_data is not None:
+                st.recv_seq = seq + 1
+                self.transmit_data(st.target_node, st.target_port, seq, kind, body)
+                if kind >= K_REPLY or (st.proxy_last is not None and seq >= st.proxy_last):
+                    self._proxy_done(st)
+                return
         self.receive(src, MsgEvent(port, seq, kind, 0, [], 0, body))
 
     def node_failed(self, node: bytes, reason: str) -> None:
@@ -928,10 +991,14 @@ class Engine:
             if isinstance(item, Message):
                 if st.closed or st.error is not None:
                     self.dispose(item)
+                    if item.kind >= K_REPLY and st.error is None:
+                        self._finished(st)  # the peer let go: no tombstone left waiting
                     return
                 q = st.queue
                 q.append(item)
-                if len(q) == 1 and st.waker is not None:
+                if item.kind >= K_REPLY:
+                    self._finished(st)
+                elif len(q) == 1 and st.waker is not None:
                     st.waker()  # not per message: a holder drains the queue once woken
                 return
             elif isinstance(item, _Close):
@@ -965,14 +1032,18 @@ class Engine:
                 st.peer_port = item.new_port
                 self._note_relayed(st, item)
             self._route(st.target_node, st.target_port, seq, item)
-            if isinstance(item, _Close) or (st.proxy_last is not None and seq >= st.proxy_last):
+            if (
+                isinstance(item, _Close)
+                or (isinstance(item, Message) and item.kind >= K_REPLY)
+                or (st.proxy_last is not None and seq >= st.proxy_last)
+            ):
                 self._proxy_done(st)
 
     def _send_port(self, ps: PortState, dest: bytes) -> PortDesc:
         """Turn the end ``ps`` into a descriptor bound for node ``dest``."""
         if ps.engine is not self:
             self.adopt(ps)
-        new_id = os.urandom(16)
+        new_id = random_id()
         if ps.mode != OWNED or ps.closed:
             return PortDesc(new_id, _NO_ID, _NO_ID, _NO_ID, 0, 0, D_DEAD)
         if ps.error is not None:
@@ -1071,7 +1142,12 @@ class Engine:
         st.target_port = new_port
         buffer = st.buffer or []
         st.buffer = None
+        data = self.transmit_data if src != self.node_id else None
         for seq, item in buffer:
+            if data is not None and type(item) is Message and item.body is not None and not item.ports:
+                if not item.fds:
+                    data(src, new_port, seq, item.kind, item.body)  # no event object per item
+                    continue
             self._route(src, new_port, seq, item)
             if isinstance(item, _Close):
                 self._proxy_done(st)

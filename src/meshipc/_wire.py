@@ -44,7 +44,7 @@ MAX_REASON: Final = 1024
 #: sends more than the receiver's ``Limits.max_messages`` ahead of what was read.
 MAX_REORDER: Final = 65536
 
-#: 2: CONSUMED (flow-control credit).
+#: 2: CONSUMED (flow-control credit), final message kinds.
 PROTOCOL_VERSION: Final = 2
 
 # --- frame types ---
@@ -65,7 +65,11 @@ K_DATA: Final = 0
 K_ADD_SENDER: Final = 1
 K_CALL: Final = 2
 K_ERROR: Final = 3
-K_MAX: Final = 3
+#: final kinds: the last item on their port, which the sender has already
+#: let go (no CLOSE follows, none is echoed): an RPC reply is one frame
+K_REPLY: Final = 4
+K_REPLY_ERROR: Final = 5
+K_MAX: Final = 5
 
 # descriptor flags
 D_PEER_CLOSED: Final = 1
@@ -77,6 +81,11 @@ D_DIRECT: Final = 4
 _LEN = struct.Struct("<I")
 _MSG = struct.Struct("<B16sQBBHH")  # type port seq kind flags nports nfds
 _LEN_MSG = struct.Struct("<IB16sQBBHH")  # length prefix + MSG header
+#: The whole head of the common frame, a message without ports, fds or flags:
+#: ``DATA_HEAD.pack(len(body) + DATA_HEAD_LEN, T_MSG, port, seq, kind, 0, 0, 0) + body``
+#: (the transport's hot path packs it itself: one call per message, not two).
+DATA_HEAD: Final = _LEN_MSG
+DATA_HEAD_LEN: Final = _LEN_MSG.size - 4
 _DESC = struct.Struct("<16s16s16s16sQQB")  # id peer_node peer_port origin send recv flags
 _CLOSE = struct.Struct("<B16sQ")
 _CHANGE = struct.Struct("<B16sQ16s16s16s16s")

@@ -1,0 +1,82 @@
+"""Helpers shared by the reliability, flow-control and soak tests (real
+processes; see ``rel_workers.py`` for what runs in the children)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any, TypeVar
+
+import meshipc
+
+T = TypeVar("T")
+
+#: Bound on any single wait.
+STEP = 10.0
+
+
+async def within(aw: Awaitable[T], timeout: float = STEP) -> T:
+    """``aw``, or ``TimeoutError`` after ``timeout`` seconds."""
+    return await asyncio.wait_for(aw, timeout)
+
+
+def vmrss_kb(pid: int | str = "self") -> int:
+    """Resident set size of a process in KiB (0 if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def signal_proc(proc: meshipc.Process, sig: int) -> None:
+    if proc.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, sig)
+
+
+@contextlib.asynccontextmanager
+async def reaped(mesh: meshipc.Mesh) -> AsyncIterator[list[meshipc.Process]]:
+    """A list to put the test's workers in: on the way out, however the test
+    ended, each is resumed (if stopped) and killed, so the mesh closes fast
+    and no process outlives the test."""
+    procs: list[meshipc.Process] = []
+    try:
+        yield procs
+    finally:
+        for p in procs:
+            signal_proc(p, signal.SIGKILL)
+        for p in procs:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(p.wait(), STEP)
+
+
+async def spawn_ring(
+    mesh: meshipc.Mesh, procs: list[meshipc.Process], n: int, report: meshipc.Sender[Any]
+) -> list[meshipc.Sender[Any]]:
+    """``n`` ``rel_workers:hop`` workers that can all reach each other's
+    inbox; returns the senders to their inboxes (index = worker index)."""
+    inboxes = [meshipc.channel() for _ in range(n)]
+    for i in range(n):
+        peers = [tx.clone() for tx, _ in inboxes]
+        arg = {"idx": i, "inbox": inboxes[i][1], "peers": peers, "report": report.clone()}
+        procs.append(await mesh.spawn("rel_workers:hop", arg, name=f"hop{i}"))
+    return [tx for tx, _ in inboxes]
+
+
+async def next_report(rx: meshipc.Receiver[Any], kind: str, timeout: float = STEP) -> list[Any]:
+    """The next report of ``kind`` (``"hop"``, ``"end"``) on ``rx``; hop
+    reports with a bad ordering flag fail at once."""
+    async with asyncio.timeout(timeout):
+        while True:
+            r = await rx.recv()
+            if r[0] == "hop":
+                assert r[5], f"hop worker saw values out of order: {r}"
+            if r[0] == kind:
+                return r

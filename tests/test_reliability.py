@@ -1,0 +1,479 @@
+"""Regression tests for issue 7, items 1-9: the data path keeps its promise.
+
+Real processes and real sockets, public API only (except where a test says
+otherwise). Each test asserts the behaviour the issue expects; on the code of
+the day the issue was filed most of them fail, and that is their purpose.
+Workers live in ``rel_workers.py``; every test kills its workers on the way
+out (``relutil.reaped``), and every wait is bounded and fails loudly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import shutil
+import signal
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+
+import meshipc
+from meshipc import MeshError, MessageError, NodeFailure, Port, PortFailed
+from relutil import STEP, next_report, reaped, signal_proc, spawn_ring, within
+
+
+@pytest.fixture
+def rdir() -> Iterator[Path]:
+    """A short, private (0700) runtime directory, removed afterwards."""
+    d = tempfile.mkdtemp(prefix="m", dir="/tmp")
+    try:
+        yield Path(d)
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def _assert_end(r: list[Any], total: int) -> None:
+    _, rnd, idx, seen, ok, how = r
+    assert ok, f"round {rnd}: worker {idx} saw values out of order"
+    assert (seen, how) == (total, "closed"), (
+        f"round {rnd}: the last holder (worker {idx}) read {seen} of {total} values, then {how}"
+    )
+
+
+# ----------------------------------------------------------------- item 1
+
+
+async def test_item1_backlog_survives_close_while_port_moves_twice(rdir: Path) -> None:
+    """X -> Y -> Z with X and Y forwarding at once, the producer (the parent)
+    sending a burst and closing: Z reads every message, then ChannelClosed.
+
+    Every ordered route through three workers, in two orders: the producer
+    closes before the port leaves (the close handshake with the local end
+    completes first, so the port leaves as "peer closed" with its backlog,
+    and X forwards it before the proxied CLOSE reaches X: the case that
+    fails deterministically today), and the producer closes after the port
+    left (in bursts, while it moves)."""
+    n = 600
+    async with meshipc.Mesh(runtime_dir=rdir) as mesh, reaped(mesh) as procs:
+        rep_tx, rep_rx = meshipc.channel()
+        inbox = await spawn_ring(mesh, procs, 3, rep_tx)
+        # each close-first round loses the race that shows the bug ~30% of
+        # the time today: 24 of them fail the test all but every 10,000th run
+        routes = list(itertools.permutations(range(3))) * 4
+        for rnd, ((x, y, z), close_first) in enumerate(itertools.product(routes, (True, False))):
+            a, b = Port.pair()
+            hop = {"port": b, "seen": 0, "round": rnd, "reads": [0, 0], "route": [y, z]}
+            if not close_first:
+                inbox[x].send(hop)
+            for i in range(n):
+                a.send(i)
+                if not close_first and i % 100 == 99:
+                    await asyncio.sleep(0)  # let the moves progress between bursts
+            a.close()
+            if close_first:
+                inbox[x].send(hop)
+            _assert_end(await next_report(rep_rx, "end"), n)
+
+
+async def test_item1_random_ring_close_while_moving(rdir: Path) -> None:
+    """The issue's reproduction, smaller: a 3-process ring with random hops
+    (reading 0-40 values at each), the producer streaming then closing."""
+    n = 2000
+    async with meshipc.Mesh(runtime_dir=rdir) as mesh, reaped(mesh) as procs:
+        rep_tx, rep_rx = meshipc.channel()
+        inbox = await spawn_ring(mesh, procs, 3, rep_tx)
+        for rnd in range(8):
+            a, b = Port.pair()
+            inbox[rnd % 3].send({"port": b, "seen": 0, "round": rnd, "take": [0, 40], "seed": rnd})
+            for i in range(n):
+                a.send(i)
+                if i % 200 == 199:
+                    await asyncio.sleep(0)
+            a.close()
+            _assert_end(await next_report(rep_rx, "end", 30), n)
+
+
+# ----------------------------------------------------------------- item 2
+
+
+async def _drain(port: Port) -> None:
+    """``await port.drain()`` where flow control exists, else one loop turn."""
+    drain = getattr(port, "drain", None)
+    if drain is not None:
+        await drain()
+    else:
+        await asyncio.sleep(0)
+
+
+def _proc_state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as f:
+        data = f.read()
+    return data[data.rindex(")") + 2]
+
+
+async def test_item2_backlog_over_65536_moves_intact(rdir: Path) -> None:
+    """Worker X holds a port with 70,000 unread values and moves it to Y; X
+    stops itself right after the move, so its backlog is still in transit
+    when the producer (the parent, now pointed at Y) streams 70,000 more
+    straight to Y. After SIGCONT, Y reads all 140,000 in order, then
+    ChannelClosed; a new port to Y's process still works. (Today Y
+    rejects the 65,537th early item with ProtocolError and drops the link.)
+
+    The producer drains where ``drain`` exists: a window must be enforced by
+    waiting, so it may block while X is stopped; it is given 3 s to either
+    finish or block, then X resumes."""
+    backlog = more = 70_000
+    async with meshipc.Mesh(runtime_dir=rdir) as mesh, reaped(mesh) as procs:
+        rep_tx, rep_rx = meshipc.channel()
+        inbox = await spawn_ring(mesh, procs, 1, rep_tx)  # Y
+        ports_tx, ports_rx = meshipc.channel()
+        ctl_tx, ctl_rx = meshipc.channel()
+        hold_rep_tx, hold_rep_rx = meshipc.channel()
+        x = await mesh.spawn(
+            "rel_workers:hold_then_move",
+            {"ports": ports_rx, "ctl": ctl_rx, "to": inbox[0].clone(), "report": hold_rep_tx},
+            name="X",
+        )
+        procs.append(x)
+        a, b = Port.pair()
+        ports_tx.send(b)
+        assert (await within(hold_rep_rx.recv()))[0] == "have"  # our a now sends to X directly
+        for i in range(backlog):
+            # X never reads: no drain here (it would wait for X forever, which
+            # is flow control working); the backlog stays under the hard limit
+            a.send(i)
+            if i % 1000 == 999:
+                await asyncio.sleep(0)  # let the bytes out
+        ctl_tx.send("move-and-stop")
+        assert await within(hold_rep_rx.recv()) == ["moved"]
+        # Y has the port and told us where it is (its CHANGE_PEER precedes this report)
+        assert (await next_report(rep_rx, "got"))[0] == "got"
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + STEP
+        while _proc_state(x.pid) != "T":  # state with no event: poll it
+            assert loop.time() < deadline, "X did not stop"
+            await asyncio.sleep(0.005)
+
+        async def produce() -> None:
+            for i in range(backlog, backlog + more):
+                a.send(i)
+                if i % 1000 == 999:
+                    await _drain(a)
+
+        producer = asyncio.ensure_future(produce())
+        try:
+            try:
+                await asyncio.wait_for(asyncio.shield(producer), 3.0)
+            except TimeoutError:
+                pass  # blocked in drain() while X is stopped: fine
+        finally:
+            signal_proc(x, signal.SIGCONT)
+        await within(producer)
+        a.close()
+        try:
+            end = await next_report(rep_rx, "end", 10)
+        except TimeoutError:
+            raise AssertionError("Y never reported the end of the stream (its link to us dropped?)") from None
+        _assert_end(end, backlog + more)
+        # the link to Y is intact: a new port to it works
+        a2, b2 = Port.pair()
+        inbox[0].send({"port": b2, "seen": 0, "round": 1})
+        a2.send(0)
+        a2.send(1)
+        a2.close()
+        assert await next_report(rep_rx, "end") == ["end", 1, 0, 2, True, "closed"]
+        ctl_tx.close()
+
+
+# ----------------------------------------------------------------- item 3
+
+
+async def test_item3_port_circulating_under_load_keeps_up(rdir: Path) -> None:
+    """A port circulates through three workers (each reads 200 values, then
+    forwards it) while 40,000 values stream in as fast as the producer may
+    send (draining): all arrive, in order. A move costs what the port holds,
+    which flow control bounds by the window, not by everything sent so far:
+    before, every hop re-forwarded the whole unread backlog item by item,
+    ~n^2/400 forwards (4 M here, ~18 s; 100,000 values took minutes). The
+    60 s bound only turns a hang into a failure (it takes a few seconds)."""
+    n = 40_000
+    async with meshipc.Mesh(runtime_dir=rdir) as mesh, reaped(mesh) as procs:
+        rep_tx, rep_rx = meshipc.channel()
+        inbox = await spawn_ring(mesh, procs, 3, rep_tx)
+        a, b = Port.pair()
+        inbox[0].send({"port": b, "seen": 0, "take": [200, 200], "seed": 3})
+        try:
+            async with asyncio.timeout(60):
+                for i in range(n):
+                    a.send(i)
+                    if i % 500 == 499:
+                        await _drain(a)
+                a.close()
+                end = await next_report(rep_rx, "end", 12)
+        except TimeoutError:
+            raise AssertionError(f"{n} values through a circulating port took over 60 s") from None
+        _assert_end(end, n)
+
+
+# ----------------------------------------------------------------- item 4
+
+
+async def test_item4_peer_stalled_at_first_contact_is_not_cut_off_for_good(rdir: Path) -> None:
+    """Worker A first contacts worker B while B is SIGSTOPped for longer than
+    A's handshake timeout. After SIGCONT, a fresh port from A to B works.
+
+    Stopping a process for the real HANDSHAKE_TIMEOUT (10 s) is too slow for
+    CI: A sets ``meshipc._node.HANDSHAKE_TIMEOUT`` to 0.3 s in its own
+    process before it learns of B (the connecting side is the one whose
+    handshake times out), and the parent keeps B stopped until A's first
+    call has either failed (today: the handshake timed out and B went into
+    A's dead-node table) or 1.5 s have passed (a fixed node retries within
+    the caller's deadline). The first call may then succeed late or fail;
+    what must hold is that B is not partitioned from A for good."""
+    async with meshipc.Mesh(runtime_dir=rdir) as mesh, reaped(mesh) as procs:
+        tx, rx = meshipc.channel()
+        b = await mesh.spawn("rel_workers:echo", rx, name="B")
+        procs.append(b)
+        assert await within(tx.call("up")) == "up"  # B is running and connected to us
+        in_tx, in_rx = meshipc.channel()
+        rep_tx, rep_rx = meshipc.channel()
+        procs.append(
+            await mesh.spawn(
+                "rel_workers:stall_probe",
+                {"inbox": in_rx, "report": rep_tx, "timeout": 0.3, "call_timeout": 8.0},
+                name="A",
+            )
+        )
+        assert await within(rep_rx.recv()) == ["ready"]
+        # a second sender to B, settled (its peer is B's end) before B stops
+        fresh = tx.clone()
+        assert await within(fresh.call("up")) == "up"
+        signal_proc(b, signal.SIGSTOP)
+        try:
+            # tx's peer is in B (settled by the call above): A contacts B first
+            in_tx.send(tx)
+            first: list[Any] | None = None
+            try:
+                first = await asyncio.wait_for(rep_rx.recv(), 1.5)
+            except TimeoutError:
+                pass  # A is still waiting for B: fine, B resumes now
+        finally:
+            signal_proc(b, signal.SIGCONT)
+        if first is None:
+            first = await within(rep_rx.recv())
+        assert first[:2] == ["call", 1]
+        # after SIGCONT: a fresh port from A to B must work
+        in_tx.send(fresh)
+        second = await within(rep_rx.recv())
+        assert second == ["call", 2, 2], f"first call: {first[2]!r}; fresh port after SIGCONT: {second[2]!r}"
+
+
+async def test_item4_dead_node_table_is_bounded(rdir: Path) -> None:
+    """300 attach cycles (in-process ``join``, each leaving cleanly) must not
+    leave 300 entries in the mesh node's dead-node table. Uses the internal
+    ``Node._dead`` (no public view of it); skipped if it is renamed."""
+    cycles = 300
+    async with meshipc.Mesh(runtime_dir=rdir) as mesh:
+        node = mesh._node
+        if not hasattr(node, "_dead"):
+            pytest.skip("Node._dead is gone: the dead-node table was redesigned")
+        inviter = mesh.inviter()
+        for i in range(cycles):
+            ours, theirs = Port.pair()
+            async with meshipc.join(await inviter.invite(theirs)) as cc:
+                ours.send(i)
+                assert await within(cc.port.recv()) == i
+            with pytest.raises(MeshError):
+                await within(ours.recv())
+        left = len(node._dead)
+        assert left < cycles // 2, f"{left} dead-node entries after {cycles} clean joins"
+
+
+# ----------------------------------------------------------------- item 5
+
+
+@pytest.mark.parametrize("noticed", [False, True], ids=["just-killed", "death-noticed"])
+async def test_item5_port_sent_to_dead_process_fails(rdir: Path, noticed: bool) -> None:
+    """A port sent to a worker that was just SIGKILLed ends with
+    PortFailed/NodeFailure at the kept end, not ChannelClosed (an orderly
+    close), whether or not the parent noticed the death before sending."""
+    async with meshipc.Mesh(runtime_dir=rdir) as mesh, reaped(mesh) as procs:
+        in_tx, in_rx = meshipc.channel()
+        rep_tx, rep_rx = meshipc.channel()
+        w = await mesh.spawn("rel_workers:hold_inbox", {"inbox": in_rx, "report": rep_tx})
+        procs.append(w)
+        assert await within(rep_rx.recv()) == w.pid
+        signal_proc(w, signal.SIGKILL)
+        if noticed:
+            await within(w.wait())
+        a, b = Port.pair()
+        try:
+            in_tx.send(b)
+        except PortFailed:
+            return  # refused at send with the cause: also acceptable
+        with pytest.raises(PortFailed) as info:
+            await within(a.recv())
+        assert isinstance(info.value, NodeFailure) or "fail" in str(info.value).lower()
+
+
+# ----------------------------------------------------------------- item 6
+
+
+async def test_item6_unencodable_call_right_after_spawn_fails_in_caller(rdir: Path) -> None:
+    """``await tx.call(object())`` right after spawn (the receiver is still
+    in transit) raises MessageError in the caller; the worker lives on and
+    the channel still works."""
+    async with meshipc.Mesh(runtime_dir=rdir) as mesh, reaped(mesh) as procs:
+        tx, rx = meshipc.channel()
+        w = await mesh.spawn("rel_workers:echo", rx)
+        procs.append(w)
+        with pytest.raises(MessageError):
+            await within(tx.call(object()))
+        assert await within(tx.call(5)) == 5
+        assert w.returncode is None
+
+
+async def test_item6_unencodable_send_to_remote_fails_at_send(rdir: Path) -> None:
+    """The same on an established link, with ``send``: MessageError at
+    ``send``, and the channel still works."""
+    async with meshipc.Mesh(runtime_dir=rdir) as mesh, reaped(mesh) as procs:
+        tx, rx = meshipc.channel()
+        procs.append(await mesh.spawn("rel_workers:echo", rx))
+        assert await within(tx.call(1)) == 1
+        with pytest.raises(MessageError):
+            await within(tx.call({"x": object()}))
+        assert await within(tx.call(2)) == 2
+
+
+def _deep(depth: int) -> list[Any]:
+    v: list[Any] = []
+    for _ in range(depth):
+        v = [v]
+    return v
+
+
+async def test_item6_too_deep_value_fails_at_call(rdir: Path) -> None:
+    """A list nested 2,000 deep raises MessageError at ``call`` (today it
+    raises RecursionError in the worker's read callback and the call hangs);
+    the channel and the link are untouched."""
+    async with meshipc.Mesh(runtime_dir=rdir) as mesh, reaped(mesh) as procs:
+        tx, rx = meshipc.channel()
+        w = await mesh.spawn("rel_workers:echo", rx)
+        procs.append(w)
+        assert await within(tx.call(1)) == 1
+        with pytest.raises(MessageError):
+            await within(tx.call(_deep(2000)), 5)
+        assert await within(tx.call(2)) == 2
+        assert w.returncode is None
+
+
+async def test_item6_oversized_message_fails_at_send(rdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A message over the size cap raises MessageError at ``send`` (before,
+    the receiver dropped the whole connection). The cap is 1 GiB; building
+    such a value is too slow for CI, so the test lowers it in this process
+    (the sender checks its own cap, which is the point)."""
+    import meshipc._ports as ports
+
+    monkeypatch.setattr(ports, "MAX_OOB_BODY", 1024 * 1024)
+    async with meshipc.Mesh(runtime_dir=rdir) as mesh, reaped(mesh) as procs:
+        tx, rx = meshipc.channel()
+        w = await mesh.spawn("rel_workers:echo", rx)
+        procs.append(w)
+        assert await within(tx.call(1)) == 1
+        with pytest.raises(MessageError, match="exceeds the limit"):
+            tx.send(b"x" * (2 * 1024 * 1024))
+        with pytest.raises(MessageError, match="exceeds the limit"):
+            await within(tx.call({"big": b"x" * (2 * 1024 * 1024)}))
+        assert await within(tx.call(b"y" * 1000)) == b"y" * 1000
+        assert w.returncode is None
+
+
+# ----------------------------------------------------------------- item 7
+
+
+async def test_item7_sender_sent_through_itself_is_refused(rdir: Path) -> None:
+    """``tx.send(tx)`` (its receiver in a worker) is refused at send with a
+    MeshError; the sender, and an unrelated channel on the same connection,
+    keep working (today: 'duplicate sequence number' drops the link)."""
+    async with meshipc.Mesh(runtime_dir=rdir) as mesh, reaped(mesh) as procs:
+        tx, rx = meshipc.channel()
+        procs.append(await mesh.spawn("rel_workers:echo", rx))
+        other_tx, other_rx = meshipc.channel()
+        procs.append(await mesh.spawn("rel_workers:echo", other_rx))
+        assert await within(tx.call(1)) == 1
+        assert await within(other_tx.call(1)) == 1
+        with pytest.raises(MeshError):
+            tx.send(tx)
+        assert not tx.closed
+        assert await within(tx.call(2)) == 2
+        assert await within(other_tx.call(2)) == 2
+
+
+async def test_item7_port_sent_through_itself_is_refused(rdir: Path) -> None:
+    """The same with a raw ``Port`` whose peer is in a worker: ``a.send(a)``
+    is refused; unrelated traffic on the connection is unaffected."""
+    async with meshipc.Mesh(runtime_dir=rdir) as mesh, reaped(mesh) as procs:
+        tx, rx = meshipc.channel()
+        procs.append(await mesh.spawn("rel_workers:echo", rx))
+        assert await within(tx.call(1)) == 1
+        a, b = Port.pair()
+        tx.send(b)  # b goes to the worker (its echo loop ignores it: not a Call)
+        a.send("hello")
+        with pytest.raises(MeshError):
+            a.send(a)
+        assert await within(tx.call(2)) == 2
+
+
+# ----------------------------------------------------------------- item 8
+
+
+async def _typed_server(mesh: meshipc.Mesh, procs: list[meshipc.Process], which: str) -> Any:
+    rep_tx, rep_rx = meshipc.channel()
+    w = await mesh.spawn(f"rel_workers:{which}", rep_tx)
+    procs.append(w)
+    return w, await within(rep_rx.recv())
+
+
+@pytest.mark.parametrize(
+    "which,bad",
+    [
+        ("typed_server", "not an int"),
+        ("typed_server", msgspec.msgpack.Ext(99, b"?")),
+        ("untyped_server", msgspec.msgpack.Ext(99, b"?")),
+    ],
+    ids=["mistyped", "unknown-ext-typed", "unknown-ext-untyped"],
+)
+async def test_item8_bad_message_does_not_end_a_server(rdir: Path, which: str, bad: Any) -> None:
+    """A worker serving ``async for call in rx`` gets a mistyped value or an
+    unknown msgpack extension from one client: the bad call ends for that
+    client (any MeshError, not a hang), and the worker keeps serving another
+    client."""
+    async with meshipc.Mesh(runtime_dir=rdir) as mesh, reaped(mesh) as procs:
+        w, tx = await _typed_server(mesh, procs, which)
+        good = tx.clone()
+        assert await within(good.call(21)) in (42, 21)
+        with pytest.raises(MeshError):
+            await within(tx.call(bad))
+        assert await within(good.call(4)) in (8, 4), "the server stopped serving after one bad message"
+        assert w.returncode is None
+
+
+# ----------------------------------------------------------------- item 9
+
+
+async def test_item9_typed_receiver_given_to_spawn_validates_in_worker(rdir: Path) -> None:
+    """``spawn(..., rx)`` with ``rx`` from ``channel(int)``: in the worker a
+    string is a MessageError (the call fails), an int goes through."""
+    async with meshipc.Mesh(runtime_dir=rdir) as mesh, reaped(mesh) as procs:
+        tx, rx = meshipc.channel(int)
+        procs.append(await mesh.spawn("rel_workers:validate_probe", rx))
+        try:
+            got: Any = await within(tx.call("not an int"))
+        except MeshError as exc:
+            got = exc
+        assert isinstance(got, MeshError), f"the worker accepted a str on a Receiver[int]: {got!r}"
+        assert await within(tx.call(7)) == ["int", 1]
