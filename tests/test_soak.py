@@ -66,7 +66,19 @@ async def run_cycles(target: str, n: int) -> None:
             await proc.wait()
 
 
-async def test_soak_attach_detach(rd: Path) -> None:
+#: Bound on one soak test (the default 60 s per async test is for the quick suite).
+SOAK_TIMEOUT = 900
+
+
+def test_soak_attach_detach(rd: Path) -> None:
+    meshipc.run(asyncio.wait_for(attach_detach(rd), SOAK_TIMEOUT))
+
+
+def test_soak_spawn_exit(rd: Path) -> None:
+    meshipc.run(asyncio.wait_for(spawn_exit(rd), SOAK_TIMEOUT))
+
+
+async def attach_detach(rd: Path) -> None:
     async with Mesh(runtime_dir=rd) as mesh:
         listener = await mesh.listen()
         tx, rx = meshipc.channel()
@@ -107,7 +119,7 @@ async def test_soak_attach_detach(rd: Path) -> None:
         assert rss1 - rss0 < RSS_SLACK_KIB
 
 
-async def test_soak_spawn_exit(rd: Path) -> None:
+async def spawn_exit(rd: Path) -> None:
     async with Mesh(runtime_dir=rd) as mesh:
 
         async def cycle(i: int) -> None:
