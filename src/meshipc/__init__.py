@@ -18,6 +18,7 @@ from ._errors import (
     InvitationReadError,
     InvitationTooLarge,
     JoinError,
+    JoinTimeout,
     MeshError,
     MeshNameInUse,
     MessageError,
@@ -25,6 +26,7 @@ from ._errors import (
     PortFailed,
     ProtocolError,
     RemoteError,
+    SpawnError,
 )
 from ._fd import Fd
 from ._ids import NodeId, PortId
@@ -59,6 +61,7 @@ __all__ = (
     "InvitationReadError",
     "InvitationTooLarge",
     "JoinError",
+    "JoinTimeout",
     "Mesh",
     "MeshError",
     "MeshNameInUse",
@@ -73,6 +76,7 @@ __all__ = (
     "Receiver",
     "RemoteError",
     "Sender",
+    "SpawnError",
     "channel",
     "run",
 )
