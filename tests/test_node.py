@@ -239,3 +239,40 @@ async def test_a_call_is_one_frame_each_way(mesh_dir: Path):
         tx.close()
     finally:
         await close_all(a, b)
+
+
+async def test_a_node_that_hangs_up_mid_handshake_is_retried_then_given_up(mesh_dir: Path):
+    """A node under a flood sheds connections (EOF mid-handshake): that is
+    retried; only a node that keeps hanging up is deemed gone."""
+    import socket
+
+    from meshipc._ids import NodeId
+    from meshipc._node import MAX_EARLY_CLOSES, node_path
+
+    (a,) = nodes(mesh_dir, 1)
+    ghost = NodeId.random()
+    lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    lsock.bind(os.fspath(node_path(mesh_dir, ghost)))
+    lsock.listen(16)
+    lsock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    accepted = 0
+
+    async def shed() -> None:
+        nonlocal accepted
+        while True:
+            conn, _ = await loop.sock_accept(lsock)
+            accepted += 1
+            conn.close()  # hang up before answering the HELLO
+
+    shedder = asyncio.ensure_future(shed())
+    try:
+        st = a.engine.new_bound(PortId.random(), ghost, PortId.random())
+        p = Port._wrap([st])
+        with pytest.raises(meshipc.NodeFailure, match="closed the connection|reset|pipe"):
+            await asyncio.wait_for(p.recv(), 20)
+        assert accepted == MAX_EARLY_CLOSES
+    finally:
+        shedder.cancel()
+        lsock.close()
+        await close_all(a)

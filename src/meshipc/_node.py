@@ -145,12 +145,22 @@ class PeerCred:
         return f"PeerCred(pid={self.pid}, uid={self.uid}, gid={self.gid})"
 
 
+class _ClosedEarly(HandshakeError):
+    """The other side hung up mid-handshake (a node under a flood of
+    connections sheds the oldest; a dying one closes): worth a retry."""
+
+
+#: Connection attempts to a node that hangs up mid-handshake before it is
+#: deemed gone.
+MAX_EARLY_CLOSES: Final = 5
+
+
 async def _recv_exact(loop: asyncio.AbstractEventLoop, sock: socket.socket, n: int) -> bytes:
     buf = bytearray()
     while len(buf) < n:
         chunk = await loop.sock_recv(sock, n - len(buf))
         if not chunk:
-            raise HandshakeError(f"peer closed the connection after {len(buf)} of {n} handshake bytes")
+            raise _ClosedEarly(f"peer closed the connection after {len(buf)} of {n} handshake bytes")
         buf += chunk
     return bytes(buf)
 
@@ -492,10 +502,18 @@ class Node:
 
     async def _connect(self, peer: bytes, sock: socket.socket | None = None) -> None:
         wait = 0.05
+        early = 0
         try:
             while True:
                 try:
                     verdict = await self.connect_to(peer, sock)
+                except (_ClosedEarly, ConnectionResetError, BrokenPipeError):
+                    early += 1
+                    if sock is not None or self.closed or early >= MAX_EARLY_CLOSES:
+                        raise
+                    await asyncio.sleep(wait)  # a shed connection: try again, once it breathes
+                    wait = min(wait * 2, RETRY_MAX_WAIT)
+                    continue
                 except TimeoutError:
                     # stopped or busy is not dead: dead is a socket that is gone
                     # or refuses (its process exited), or a broken handshake
