@@ -17,6 +17,9 @@ Modes:
     ``N`` concurrent ``connect`` contexts (``asyncio.gather``); each receives
     a ``Sender`` on its port and makes one call ``[pid, i]``; prints
     ``{"ok": N}`` when all succeeded.
+``cycles TARGET N``
+    ``N`` times in a row: ``connect``, receive a ``Sender``, make one call
+    ``[pid, i]``, leave; prints ``{"ok": N}`` (soak tests).
 ``connect-only TARGET EXPECTED_UID``
     try ``connect``; print the outcome (used for refused clients).
 ``named RUNTIME_DIR NAME``
@@ -159,6 +162,20 @@ async def main_many(target: str, n: int) -> int:
     return 0
 
 
+async def main_cycles(target: str, n: int) -> int:
+    try:
+        for i in range(n):
+            async with meshipc.connect(target) as conn:
+                with await conn.port.recv() as tx:
+                    answer = await tx.call([os.getpid(), i])
+                if answer != [os.getpid(), i, "ok"]:
+                    raise RuntimeError(f"cycle {i}: unexpected answer {answer!r}")
+    except meshipc.JoinError as exc:
+        return join_failed(exc)
+    emit(ok=n)
+    return 0
+
+
 async def main_connect_only(target: str, expected_uid: int) -> int:
     try:
         async with meshipc.connect(target, expected_uid=expected_uid):
@@ -186,6 +203,8 @@ def main(argv: list[str]) -> int:
         return asyncio.run(main_join())
     if mode == "many":
         return asyncio.run(main_many(args[0], int(args[1])))
+    if mode == "cycles":
+        return asyncio.run(main_cycles(args[0], int(args[1])))
     if mode == "connect-only":
         return asyncio.run(main_connect_only(args[0], int(args[1])))
     if mode == "named":

@@ -8,6 +8,8 @@ from typing import Any
 
 import pytest
 
+import meshipc
+
 sys.path.insert(0, str(Path(__file__).parent))
 
 
@@ -17,6 +19,9 @@ def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> Any:
     if inspect.iscoroutinefunction(pyfuncitem.obj):
         names = pyfuncitem._fixtureinfo.argnames
         kwargs = {n: pyfuncitem.funcargs[n] for n in names}
-        asyncio.run(asyncio.wait_for(pyfuncitem.obj(**kwargs), 60))
+        # the loop meshipc.run picks: uvloop if installed unless MESHIPC_UVLOOP=0;
+        # a test marked stock_loop needs what only asyncio's own loop has
+        stock = pyfuncitem.get_closest_marker("stock_loop") is not None
+        meshipc.run(asyncio.wait_for(pyfuncitem.obj(**kwargs), 60), uvloop=False if stock else None)
         return True
     return None

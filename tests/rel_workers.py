@@ -254,3 +254,25 @@ async def collect_threads(arg: dict[str, Any]) -> None:
     except MeshError as exc:
         how = f"{type(exc).__name__}: {exc}"
     report.send(["done", {str(k): v for k, v in nxt.items()}, ok, how])
+
+
+async def loop_kind(rx: Receiver[Call[Any]]) -> None:
+    """Answer every call with the module of the running event loop's class."""
+    async for call in rx:
+        call.reply(type(asyncio.get_running_loop()).__module__.split(".")[0])
+
+
+async def hold_and_serve(arg: dict[str, Any]) -> None:
+    """Keep the ports that arrive on ``arg["ports"]`` unread; answer calls on
+    ``arg["calls"]`` (with their request) meanwhile."""
+    held = []
+    ports: Receiver[Any] = arg["ports"]
+
+    async def keep() -> None:
+        async for p in ports:
+            held.append(p)
+
+    keeper = asyncio.ensure_future(keep())
+    async for call in arg["calls"]:
+        call.reply(call.request)
+    keeper.cancel()

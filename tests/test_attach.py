@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import json
 import logging
 import os
+import pickle
 import pwd
 import shutil
+import signal
 import socket
 import stat
 import struct
@@ -44,6 +47,7 @@ from meshipc import (
     InvitationReadError,
     InvitationTooLarge,
     JoinError,
+    JoinTimeout,
     Mesh,
     MeshError,
     MeshNameInUse,
@@ -51,6 +55,8 @@ from meshipc import (
     PortFailed,
     Sender,
 )
+from meshipc._invitation import JOIN_TIMEOUT, read_invitation
+from meshipc._node import node_path
 from meshipc._wire import _DESC
 
 CLIENT = Path(__file__).with_name("attach_client.py").resolve()
@@ -456,6 +462,16 @@ async def test_invitation_decode_error(rd: Path, payload: bytes) -> None:
         await asyncio.wait_for(expect_join_error(path, InvitationDecodeError), T)
 
 
+@pytest.mark.parametrize("expires", [float("nan"), float("inf"), float("-inf")])
+async def test_invitation_with_a_non_finite_expiry_is_refused(rd: Path, expires: float) -> None:
+    async with Mesh(runtime_dir=rd) as mesh:
+        mine, theirs = Port.pair()
+        inv = await mesh.inviter(ttl=SHORT_TTL).invite(theirs)
+        with pytest.raises(InvitationDecodeError, match="expiry is not a finite time"):
+            reencode(inv, expires=expires)
+        mine.close()
+
+
 async def test_connect_error(rd: Path) -> None:
     missing = rd / "nothing-here.sock"
     exc = await asyncio.wait_for(expect_join_error(missing, ConnectError), T)
@@ -513,8 +529,8 @@ async def test_forged_invitation_to_missing_node_is_join_error(rd: Path) -> None
     assert list(directory.iterdir()) == []  # the joining node cleaned up its socket
 
 
-async def _connect_and_leave(path: Path) -> None:
-    async with meshipc.connect(path):
+async def _connect_and_leave(path: Path, **kw: Any) -> None:
+    async with meshipc.connect(path, **kw):
         pass
 
 
@@ -551,6 +567,79 @@ async def test_silent_and_stalling_clients_do_not_block_a_real_one(rd: Path) -> 
         finally:
             for s in held:
                 s.close()
+
+
+# ------------------------------------------------------------- bounded waits
+
+
+@contextlib.contextmanager
+def stopped(pid: int) -> Iterator[None]:
+    """Process ``pid`` SIGSTOPped for the block, continued afterwards."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+
+
+async def test_connect_and_join_to_a_stopped_service_time_out(rd: Path) -> None:
+    async with client("named", os.fspath(rd), "svc") as svc:
+        ev = await svc.event()
+        listener = Path(ev["listener"])
+        # an invitation taken while the service ran, used once it is stopped
+        inv = await asyncio.wait_for(read_invitation(listener), T)
+        with stopped(svc.pid):
+            with pytest.raises(JoinTimeout) as ei:
+                async with meshipc.connect("svc", runtime_dir=rd, timeout=0.5):
+                    pass  # pragma: no cover
+            exc = ei.value
+            assert isinstance(exc, JoinError) and isinstance(exc, TimeoutError)
+            assert str(exc) == (
+                f"the mesh at {listener} did not answer in time (timed out after 0.5 s)"
+            )
+            assert (exc.path, exc.timeout) == (os.fspath(listener), 0.5)
+
+            with pytest.raises(JoinTimeout) as ei:
+                async with meshipc.join(inv, timeout=0.3):
+                    pass  # pragma: no cover
+            inviter = node_path(Path(ev["directory"]), bytes(inv.inviter))
+            assert str(ei.value) == f"the mesh at {inviter} did not answer in time (timed out after 0.3 s)"
+            # the joining node cleaned up after itself
+            assert not node_path(Path(ev["directory"]), bytes(inv.node)).exists()
+        # continued, the same service answers within the default bound
+        async with meshipc.connect("svc", runtime_dir=rd) as conn:
+            assert conn.mesh.directory == Path(ev["directory"])
+
+
+async def test_listener_that_never_answers_times_out(rd: Path) -> None:
+    path = rd / "mute.sock"
+    hung_up = asyncio.Event()
+
+    async def mute(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # accept, say nothing, until the client hangs up
+        hung_up.set()
+        writer.close()
+
+    async with fake_listener(path, mute):
+        with pytest.raises(JoinTimeout) as ei:
+            await asyncio.wait_for(_connect_and_leave(path, timeout=0.2), T)
+        assert str(ei.value) == f"the mesh at {path} did not answer in time (timed out after 0.2 s)"
+        await asyncio.wait_for(hung_up.wait(), T)  # the client closed its socket
+
+
+def test_join_timeout_default_and_validation() -> None:
+    for f in (meshipc.connect, meshipc.join):
+        assert inspect.signature(f).parameters["timeout"].default == JOIN_TIMEOUT == 10.0
+    exc = JoinTimeout("/p", 2.5)
+    assert pickle.loads(pickle.dumps(exc)).args == exc.args
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, float("nan")])
+async def test_join_timeout_must_be_positive(rd: Path, bad: float) -> None:
+    with pytest.raises(ValueError, match="timeout"):
+        async with meshipc.connect(rd / "x.sock", timeout=bad):
+            pass  # pragma: no cover
 
 
 # ------------------------------------------------------------------ names
@@ -751,6 +840,16 @@ def other_user() -> Iterator[dict[str, Any]]:
         shutil.rmtree(shared, ignore_errors=True)
 
 
+async def test_listen_has_no_option_to_invite_other_uids(rd: Path) -> None:
+    """Other users' processes could never join (the node sockets are ours
+    alone): the listener offers no way to hand them the secret."""
+    async with Mesh(runtime_dir=rd) as mesh:
+        with pytest.raises(TypeError):
+            await mesh.listen(allowed_uids={os.getuid() + 1})  # type: ignore[call-arg]
+        assert not (mesh.directory / "listen.sock").exists()
+
+
+@pytest.mark.stock_loop  # uvloop cannot start a process as another user
 async def test_client_of_another_uid_is_refused(rd: Path, other_user: dict[str, Any]) -> None:
     public = Path(tempfile.mkdtemp(prefix="mp", dir="/tmp"))
     try:
@@ -774,6 +873,7 @@ async def test_client_of_another_uid_is_refused(rd: Path, other_user: dict[str, 
                 assert os.fspath(path) in ev["message"]
                 assert await c.exit_code() == 3
             assert listener.refused == 1
+            assert mesh._node._invited == {}  # refused before any invitation existed
 
             # expecting its own uid (the default), the client distrusts the
             # listener before reading; the listener refuses it all the same

@@ -266,3 +266,63 @@ async def test_threads_send_through_one_sender_to_worker(rdir: Path) -> None:
         done = await within(rep_rx.recv())
         want = {"99": 1, "4": n} | {str(t): n + tail for t in range(4)}
         assert done == ["done", want, True, "closed"]
+
+
+async def test_a_flooded_port_does_not_hold_back_calls_on_the_same_link(rdir: Path) -> None:
+    """A producer floods a port the worker never reads, draining as it goes:
+    it stops at the window. A call to the same worker over the same
+    connection is answered meanwhile (it waits behind at most one window,
+    not behind an unbounded flood)."""
+    async with meshipc.Mesh(runtime_dir=rdir) as mesh, reaped(mesh) as procs:
+        ports_tx, ports_rx = meshipc.channel()
+        calls_tx, calls_rx = meshipc.channel()
+        procs.append(await mesh.spawn("rel_workers:hold_and_serve", {"ports": ports_rx, "calls": calls_rx}))
+        assert await within(calls_tx.call("ready")) == "ready"
+        a, b = meshipc.Port.pair()
+        ports_tx.send(b)
+        payload = b"x" * 1000
+
+        async def flood() -> int:
+            sent = 0
+            while True:
+                a.send(payload)
+                sent += 1
+                await a.drain()
+
+        producer = asyncio.ensure_future(flood())
+        try:
+            # the producer blocks once the window is full; calls still go through
+            for i in range(20):
+                assert await within(calls_tx.call(i)) == i
+            assert not producer.done(), "the flood ended by itself"
+        finally:
+            producer.cancel()
+        st = a._states[0]
+        window = mesh.limits.window_messages
+        assert st.engine.in_flight(st)[0] <= window + 1  # what the flood may have in flight: one window
+        a.close()
+
+
+async def test_a_receiver_in_use_on_one_loop_refuses_another_threads_loop() -> None:
+    """recv/drain belong to the loop a handle is used on: another thread's
+    running loop gets a clear MeshError, never a silent hang or loss."""
+    tx, rx = meshipc.channel()
+    waiting = asyncio.ensure_future(rx.recv())  # bound to this loop now
+    await asyncio.sleep(0)
+    errors: list[BaseException] = []
+
+    def other_thread() -> None:
+        try:
+            asyncio.run(rx.recv())
+        except BaseException as exc:
+            errors.append(exc)
+
+    t = threading.Thread(target=other_thread)
+    t.start()
+    await asyncio.to_thread(t.join, STEP)
+    assert len(errors) == 1 and isinstance(errors[0], meshipc.MeshError), errors
+    assert "another thread" in str(errors[0])
+    tx.send("still fine")  # and the loop that owns it still gets its message
+    assert await within(waiting) == "still fine"
+    tx.close()
+    rx.close()

@@ -207,3 +207,72 @@ async def test_deeply_nested_message_over_a_socket_leaves_the_channel_usable(mes
         assert pb.bad_messages == 1
     finally:
         await close_all(a, b)
+
+
+async def test_a_call_is_one_frame_each_way(mesh_dir: Path):
+    """Over a real connection: the request, then a final reply that closes
+    the reply path (no CLOSE frames, no echo)."""
+    a, b = nodes(mesh_dir, 2)
+    try:
+        pa, pb = link(a, b)
+        tx, rx = meshipc.channel()
+        pa.send(rx)
+        srx = await asyncio.wait_for(pb.recv(), 10)
+
+        async def serve() -> None:
+            async for call in srx:
+                call.reply(call.request + 1)
+
+        server = asyncio.ensure_future(serve())
+        assert await asyncio.wait_for(tx.call(1), 10) == 2  # warm up: the receiver settles
+        for _ in range(20):
+            await asyncio.sleep(0)  # let the move's bookkeeping frames go out
+        ca, cb = a._conns[b.id], b._conns[a.id]
+        before = ca.frames_out, cb.frames_out
+        for i in range(10):
+            assert await asyncio.wait_for(tx.call(i), 10) == i + 1
+        for _ in range(20):
+            await asyncio.sleep(0)  # anything a call still owed would go out now
+        assert (ca.frames_out - before[0], cb.frames_out - before[1]) == (10, 10)
+        assert len(a.engine.ports) + len(b.engine.ports) == 4  # pa, pb, tx, rx: no reply port left
+        server.cancel()
+        tx.close()
+    finally:
+        await close_all(a, b)
+
+
+async def test_a_node_that_hangs_up_mid_handshake_is_retried_then_given_up(mesh_dir: Path):
+    """A node under a flood sheds connections (EOF mid-handshake): that is
+    retried; only a node that keeps hanging up is deemed gone."""
+    import socket
+
+    from meshipc._ids import NodeId
+    from meshipc._node import MAX_EARLY_CLOSES, node_path
+
+    (a,) = nodes(mesh_dir, 1)
+    ghost = NodeId.random()
+    lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    lsock.bind(os.fspath(node_path(mesh_dir, ghost)))
+    lsock.listen(16)
+    lsock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    accepted = 0
+
+    async def shed() -> None:
+        nonlocal accepted
+        while True:
+            conn, _ = await loop.sock_accept(lsock)
+            accepted += 1
+            conn.close()  # hang up before answering the HELLO
+
+    shedder = asyncio.ensure_future(shed())
+    try:
+        st = a.engine.new_bound(PortId.random(), ghost, PortId.random())
+        p = Port._wrap([st])
+        with pytest.raises(meshipc.NodeFailure, match=r"closed the connection|reset|pipe"):
+            await asyncio.wait_for(p.recv(), 20)
+        assert accepted == MAX_EARLY_CLOSES
+    finally:
+        shedder.cancel()
+        lsock.close()
+        await close_all(a)

@@ -252,10 +252,12 @@ def test_port_in_message_to_failed_node_arrives_failed():
     assert end_of(a2) is PortFailed
 
 
-def check_ordering(seed: int, moves: list[tuple[int, bool]]) -> None:
+def check_ordering(seed: int, moves: list[tuple[int, bool]], close_at: int | None = None) -> None:
     """Both ends of a channel wander between three engines, messages flow
     both ways all along, and events are delivered in random link order.
-    Every message arrives exactly once, in order, and nothing leaks."""
+    Every message arrives exactly once, in order, and nothing leaks. With
+    ``close_at``, end 0 closes at that step while end 1 goes on moving: end 1
+    still reads everything, then ``ChannelClosed``."""
     rng = random.Random(seed)
     net = Net(3)
     # one carrier channel per (side, link) so each pick-up is unambiguous
@@ -294,9 +296,20 @@ def check_ordering(seed: int, moves: list[tuple[int, bool]]) -> None:
                 raise AssertionError("moving port never arrived")
             net.deliver(rng.choice(keys))
 
-    for dest, which in moves:
+    closed = False
+    for step, (dest, which) in enumerate(moves):
         side = int(which)
+        if step == close_at:
+            if in_flight[0] is not None:
+                settle_end(0)
+            got[0].extend(drain(ends[0]))
+            ends[0].close()
+            closed = True
+        if closed:
+            side = 1
         for s in (0, 1):
+            if closed and s == 0:
+                continue
             if in_flight[s] is None:
                 for _ in range(rng.randint(0, 3)):
                     ends[s].send((s, sent[s]))
@@ -313,6 +326,18 @@ def check_ordering(seed: int, moves: list[tuple[int, bool]]) -> None:
     for s in (0, 1):
         if in_flight[s] is not None:
             settle_end(s)
+    if closed:
+        net.run(rng)
+        got[1].extend(drain(ends[1]))
+        assert [tuple(x) for x in got[1]] == [(0, i) for i in range(sent[0])]
+        assert end_of(ends[1]) is ChannelClosed
+        ends[1].close()
+        for a, b in carriers.values():
+            a.close()
+            b.close()
+        net.run(rng)
+        assert net.live_ports() == 0
+        return
     for s in (0, 1):
         ends[s].send((s, sent[s]))
         sent[s] += 1
@@ -444,6 +469,11 @@ def test_failures_never_hang_reorder_or_leak(
 
 @pytest.mark.soak
 @_soak
+@given(seed=st.integers(0, 2**32 - 1), moves=_moves3, close_at=st.integers(0, 11))
+def test_close_while_the_other_end_moves(seed: int, moves: list[tuple[int, bool]], close_at: int) -> None:
+    check_ordering(seed, moves, close_at)
+
+
 @given(seed=st.integers(0, 2**32 - 1), moves=_moves3)
 def test_soak_ordering(seed: int, moves: list[tuple[int, bool]]) -> None:
     check_ordering(seed, moves)

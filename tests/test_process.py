@@ -30,7 +30,9 @@ import pytest
 
 import meshipc
 import meshipc._mesh
+import meshipc._process
 from meshipc import ChannelClosed, Fd, HandshakeError, MeshError, PortFailed, RemoteError
+from meshipc._child import EXIT_PARENT_LOST
 from meshipc._node import _AUTH, _CHALLENGE, _HELLO, _MAGIC, _VERDICT, V_DENIED, MeshSecret, Node
 from meshipc._wire import OOB_THRESHOLD, PROTOCOL_VERSION
 
@@ -396,25 +398,110 @@ async def test_kill_9_mid_stream(rdir: Path) -> None:
             streamer.kill()
 
 
-async def test_worker_that_raises(rdir: Path) -> None:
+async def test_worker_that_raises(rdir: Path, capfd: pytest.CaptureFixture[str]) -> None:
     async with meshipc.Mesh(runtime_dir=rdir) as mesh:
-        procs = await asyncio.gather(
-            mesh.spawn("workers:fail", 42),
-            mesh.spawn("workers:no_such_function"),
-            mesh.spawn("no_such_module_for_meshipc:main"),
-        )
-        codes = await within(asyncio.gather(*(p.wait() for p in procs)))
-        assert all(c != 0 for c in codes), codes
-        errors = [p.error for p in procs]
-        assert all(isinstance(e, RemoteError) for e in errors), errors
-        raised, missing_func, missing_mod = errors
+        proc = await mesh.spawn("workers:fail", 42)
+        assert await within(proc.wait()) == 1
+        raised = proc.error
+        assert isinstance(raised, RemoteError)
         assert raised.type_name == "ValueError"
         assert raised.message == "worker refused 42"
         assert "ValueError" in str(raised)
         assert "workers.py" in raised.traceback and "raise ValueError" in raised.traceback
-        assert missing_func.type_name == "AttributeError"
-        assert "no_such_function" in missing_func.message
-        assert missing_mod.type_name == "ModuleNotFoundError"
+    # the traceback reached us on the port (and is logged by the parent); the
+    # worker did not print it to its stderr as well
+    assert "raise ValueError" not in capfd.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("target", "reason", "in_traceback"),
+    [
+        (
+            "no_such_module_for_meshipc:main",
+            "ModuleNotFoundError: No module named 'no_such_module_for_meshipc'",
+            "import_module",
+        ),
+        (
+            "workers:no_such_function",
+            "AttributeError: module 'workers' has no function 'no_such_function'",
+            "has no function",
+        ),
+        (
+            "broken_workers:main",
+            "RuntimeError: broken_workers refuses to be imported (planted failure 8d1f)",
+            'broken_workers.py", line 6',
+        ),
+        (
+            "workers:not_async",
+            "TypeError: workers:not_async returned int, not an awaitable (make it an async def)",
+            "in _call",
+        ),
+        ("dying_workers:main", "the worker process exited with code 7 before starting it", None),
+    ],
+)
+async def test_spawn_raises_when_the_worker_cannot_start(
+    rdir: Path, capfd: pytest.CaptureFixture[str], target: str, reason: str, in_traceback: str | None
+) -> None:
+    async with meshipc.Mesh(runtime_dir=rdir) as mesh:
+        with pytest.raises(meshipc.SpawnError) as ei:
+            await within(mesh.spawn(target, None, name="w"))
+        exc = ei.value
+        assert isinstance(exc, MeshError)
+        assert str(exc) == f"worker 'w' could not start {target!r}: {reason}"
+        assert (exc.name, exc.target, exc.reason) == ("w", target, reason)
+        if in_traceback is None:
+            assert exc.traceback == "" and not getattr(exc, "__notes__", [])
+        else:
+            assert in_traceback in exc.traceback
+            assert exc.__notes__ == [f"traceback in the worker:\n{exc.traceback.rstrip()}"]
+        # the failed worker is reaped, not kept as a child of the mesh
+        assert mesh._children == []
+        assert child_processes() == {}
+        # and the mesh is as good as before
+        tx, rx = meshipc.channel()
+        proc = await mesh.spawn("workers:echo", rx)
+        assert await within(tx.call("still fine")) == "still fine"
+        tx.close()
+        assert await within(proc.wait()) == 0
+    # the child's traceback was not printed by the child (nor logged by us)
+    err = capfd.readouterr().err
+    if in_traceback is not None:
+        assert "Traceback" not in err, err
+
+
+async def test_spawn_cancelled_while_the_worker_starts_kills_it(rdir: Path) -> None:
+    async with meshipc.Mesh(runtime_dir=rdir) as mesh:
+        started = asyncio.Event()
+        original = meshipc._process.Process._wait_started
+
+        async def observed(self: meshipc.Process) -> None:
+            started.set()
+            await original(self)
+
+        task = asyncio.create_task(mesh.spawn("workers:echo", None))
+        try:
+            meshipc._process.Process._wait_started = observed  # type: ignore[method-assign]
+            await within(started.wait())
+        finally:
+            meshipc._process.Process._wait_started = original  # type: ignore[method-assign]
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await wait_until(lambda: child_processes() == {}, "the cancelled worker to be reaped")
+        await wait_until(lambda: mesh._children == [], "the mesh to forget it")
+
+
+async def test_worker_whose_link_to_its_parent_broke_exits_nonzero(
+    rdir: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    async with meshipc.Mesh(runtime_dir=rdir) as mesh:
+        tx, rx = meshipc.channel()
+        proc = await mesh.spawn("workers:idle", tx)
+        assert await within(rx.recv()) == proc.pid
+        (conn,) = mesh._node._conns.values()  # the only peer: the worker
+        conn.sock.shutdown(socket.SHUT_RDWR)  # the link breaks; both processes live on
+        assert await within(proc.wait()) == EXIT_PARENT_LOST != 0
+    assert "meshipc worker idle: lost the link to its parent" in capfd.readouterr().err
 
 
 async def test_worker_error_survives_a_busy_parent_loop(rdir: Path) -> None:
@@ -623,7 +710,7 @@ async def test_directory_and_socket_modes(rdir: Path) -> None:
         assert stat.S_IMODE(os.lstat(rdir).st_mode) == 0o700
         node_st = os.lstat(mesh._node.path)
         assert stat.S_ISSOCK(node_st.st_mode) and stat.S_IMODE(node_st.st_mode) == 0o600
-        socks = [p for p in mesh.directory.iterdir() if p.name.endswith(".sock")]
+        socks = list(mesh.directory.iterdir())
         assert len(socks) == 3, socks  # parent, worker and the control socket
         for p in socks:
             m = os.lstat(p).st_mode
@@ -700,6 +787,7 @@ async def test_no_fd_leak_over_spawn_cycles(rdir: Path) -> None:
         for i in range(20):
             await cycle(i)
         gc.collect()
+        assert mesh._children == []  # exited workers are not kept by the mesh
         after = open_fds()
         new = {fd: target for fd, target in after.items() if fd not in before}
         assert len(after) - len(before) <= 3, f"{len(after) - len(before)} more open fds: {new}"
@@ -730,3 +818,22 @@ async def test_mesh_exit_reaps_children(rdir: Path, monkeypatch: pytest.MonkeyPa
     assert [p.returncode for p in idle] == [0, 0]  # stopped by the mesh, cleanly
     assert stubborn.returncode == -9  # ignored the stop, killed after the grace time
     assert not directory.exists()
+
+
+async def test_closing_the_mesh_stops_a_worker_still_starting(
+    rdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(meshipc._mesh, "CHILD_GRACE", 0.5)
+    async with meshipc.Mesh(runtime_dir=rdir) as mesh:
+        spawning = asyncio.create_task(mesh.spawn("slow_workers:main", None, name="slow"))
+        try:
+            await wait_until(lambda: len(mesh._children) == 1, "the worker process to exist")
+            assert not spawning.done()
+        except BaseException:
+            for p in mesh._children:
+                p.kill()
+            raise
+    # closing the mesh stopped it (killed after the grace time: it could not listen)
+    with pytest.raises(meshipc.SpawnError, match="'slow' could not start 'slow_workers:main'"):
+        await within(spawning)
+    await wait_until(lambda: child_processes() == {}, "the worker to be reaped")

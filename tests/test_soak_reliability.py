@@ -166,7 +166,7 @@ async def _circulate(
 
     tasks = [asyncio.ensure_future(read_reports()), asyncio.ensure_future(watch_producer_end())]
     try:
-        sent = 0
+        sent = total if close_first else 0
         while sent < total and not producer_failed and r.end is None:
             if sent - r.acked >= WINDOW:
                 r.progress.clear()
@@ -178,7 +178,16 @@ async def _circulate(
             for i in range(sent, min(total, sent + BATCH)):
                 a.send(i)
             sent = min(total, sent + BATCH)
-            await _drain(a)
+            try:
+                await _drain(a)
+            except (PortFailed, ChannelClosed) as exc:
+                if isinstance(exc, ChannelClosed) and sent >= total:
+                    break  # the holder read it all and closed: its report decides
+                # the port broke under the producer (drain reports it): the
+                # round's end says whether a killed worker was on its path
+                producer_failed.append(f"{type(exc).__name__}: {exc}")
+                r.progress.set()
+                break
             await asyncio.sleep(0)
         if not kill:
             a.close()  # the end of the stream (with kills: the holder ends it)
@@ -189,6 +198,16 @@ async def _circulate(
                     await r.progress.wait()
         except TimeoutError:
             raise AssertionError(f"the stream did not end within 60 s: {r.describe(kill)}") from None
+        if producer_failed:
+            # reports travel on other links than the failure: a holder reports
+            # where it sends the port before sending it, but that report may
+            # still be on its way. Take what arrives until a quiet second.
+            while True:
+                r.progress.clear()
+                try:
+                    await asyncio.wait_for(r.progress.wait(), 1.0)
+                except TimeoutError:
+                    break
     finally:
         for t in tasks:
             t.cancel()

@@ -660,3 +660,49 @@ def test_wire_module_is_sans_io():
     for mod in ("socket", "asyncio", "selectors"):
         assert f"import {mod}" not in src
     assert os.path.basename(wire.__file__ or "") == "_wire.py"
+
+
+# ---------------------------------------------------------------- protocol 2: calls, replies, credit
+
+
+def test_final_kinds_decode_and_unknown_kinds_do_not():
+    from meshipc._wire import K_MAX, K_REPLY, K_REPLY_ERROR
+
+    for kind in (K_REPLY, K_REPLY_ERROR):
+        frame = encode_event(MsgEvent(rid(1), 3, kind, 0, [], 0, b"\x01"))
+        (ev,) = FrameDecoder().feed(frame)
+        assert (ev.kind, ev.body) == (kind, b"\x01")
+    bad = bytearray(encode_event(MsgEvent(rid(1), 3, K_REPLY, 0, [], 0, b"\x01")))
+    bad[4 + 1 + 16 + 8] = K_MAX + 1  # the kind byte
+    with pytest.raises(ProtocolError, match="kind"):
+        FrameDecoder().feed(bytes(bad))
+
+
+def test_consumed_frame_truncated_or_padded_is_refused():
+    frame = encode_event(wire.ConsumedEvent(rid(2), 9))
+    for broken in (frame[:4] + bytes([frame[4]]) + frame[5:-1], frame + b"\x00"):
+        body = broken[4:]
+        with pytest.raises(ProtocolError, match="CONSUMED"):
+            FrameDecoder().feed(struct.pack("<I", len(body)) + body)
+
+
+def test_compact_call_request_is_checked_by_the_engine():
+    """A K_CALL frame without ports names its reply port in its first 32
+    bytes: shorter, or reusing a live port id, is a protocol error."""
+    from meshipc._channel import CODEC
+    from meshipc._ids import NodeId, PortId
+    from meshipc._ports import Engine
+    from meshipc._wire import K_CALL
+
+    eng = Engine(NodeId.random(), codec=CODEC, transmit=lambda *a: None)
+    src = NodeId.random()
+    st = eng.new_bound(PortId.random(), src, PortId.random())
+    with pytest.raises(ProtocolError, match="reply port"):
+        eng.receive_data(src, st.id, 1, K_CALL, b"\x00" * 31)
+    with pytest.raises(ProtocolError, match="reuses a live port id"):
+        eng.receive_data(src, st.id, 1, K_CALL, st.id + bytes(16) + b"\xc0")
+    reply_id, caller_port = PortId.random(), PortId.random()
+    eng.receive_data(src, st.id, 1, K_CALL, reply_id + caller_port + b"\x07")
+    (msg,) = st.queue
+    (reply,) = msg.ports
+    assert (msg.body, reply.id, reply.peer_node, reply.peer_port) == (b"\x07", reply_id, src, caller_port)

@@ -211,3 +211,24 @@ async def report_environment(arg: Sender[Any]) -> None:
     with open("/proc/self/environ", "rb") as f:
         initial = f.read()
     arg.send({"env": sorted(os.environ), "proc_environ": initial})
+
+
+async def report_imports(arg: Sender[Any]) -> None:
+    """Report our import path and where msgspec, meshipc and this module came from."""
+    import sys
+
+    import msgspec
+
+    import meshipc
+
+    arg.send(
+        {
+            "path": sys.path,
+            "files": {"msgspec": msgspec.__file__, "meshipc": meshipc.__file__, "workers": __file__},
+        }
+    )
+
+
+def not_async(arg: Any) -> int:
+    """A plain function: not something a worker can run."""
+    return 1

@@ -20,6 +20,7 @@ from ._errors import (
     InvitationReadError,
     InvitationTooLarge,
     JoinError,
+    JoinTimeout,
     MeshError,
     MeshNameInUse,
     MessageError,
@@ -27,10 +28,12 @@ from ._errors import (
     PortFailed,
     ProtocolError,
     RemoteError,
+    SpawnError,
 )
 from ._fd import Fd
 from ._ids import NodeId, PortId
 from ._invitation import ClientConnection, Connection, Invitation, Inviter, Listener, connect, join
+from ._loop import run
 from ._mesh import Mesh, current_mesh
 from ._node import PeerCred
 from ._ports import Limits
@@ -60,6 +63,7 @@ __all__ = (
     "InvitationReadError",
     "InvitationTooLarge",
     "JoinError",
+    "JoinTimeout",
     "Mesh",
     "MeshError",
     "MeshNameInUse",
@@ -74,7 +78,9 @@ __all__ = (
     "Receiver",
     "RemoteError",
     "Sender",
+    "SpawnError",
     "channel",
+    "run",
     "current_mesh",
     "sync",
     "Service",

@@ -28,7 +28,7 @@ from ._errors import ChannelClosed, MeshError, MessageError, RemoteError
 from ._fd import Fd
 from ._ids import NodeId, PortId
 from ._ports import Engine, Message, PortState
-from ._wire import K_ADD_SENDER, K_CALL, K_DATA, K_ERROR
+from ._wire import K_ADD_SENDER, K_CALL, K_DATA, K_ERROR, K_REPLY, K_REPLY_ERROR
 
 T = TypeVar("T")
 log = logging.getLogger("meshipc")
@@ -97,9 +97,23 @@ def _enc_hook(obj: Any) -> Any:
 
 
 _encoder = msgspec.msgpack.Encoder(enc_hook=_enc_hook)
-# values without ports or fds (the common case) need no hook and no
-# per-message resource lists; it raises TypeError for anything it cannot take
-_plain_encoder = msgspec.msgpack.Encoder()
+
+
+# Values without ports or fds (the common case) need no per-message resource
+# lists. The plain encoder's hook is only called for what msgspec cannot
+# encode by itself (a handle, an fd, an unsupported type): it notes that the
+# full encoder must judge (no exception on the hot path). Only the threads
+# that drive engines use it, one encode at a time per thread; the note is a
+# per-thread slot keyed by thread id.
+_needs_full: dict[int, bool] = {}
+_get_ident = threading.get_ident
+
+
+def _plain_hook(obj: Any) -> None:
+    _needs_full[_get_ident()] = True
+
+
+_plain_encoder = msgspec.msgpack.Encoder(enc_hook=_plain_hook)
 
 
 def _use(kind: int, index: int, limit: int) -> int:
@@ -172,7 +186,11 @@ class _Codec:
         r.engine, r.ports, r.fds, r.carrier = engine, [], [], carrier
         try:
             if isinstance(obj, _CallMsg):
-                body = _encoder.encode((obj.request, obj.reply))
+                # the request; its reply port goes last, after the request's own
+                body = _encoder.encode(obj.request)
+                if not obj.reply._states:
+                    raise ChannelClosed("the reply port of this call is closed")
+                r.ports.extend(_take_states(engine, obj.reply))
             else:
                 body = _encoder.encode(obj)
             return body, r.ports, r.fds
@@ -185,8 +203,15 @@ class _Codec:
         finally:
             r.engine, r.ports, r.fds, r.carrier = None, [], [], None
 
-    def encode_plain(self, obj: Any) -> bytes:
-        return _plain_encoder.encode(obj)
+    def encode_plain(self, obj: Any) -> bytes | None:
+        try:
+            body = _plain_encoder.encode(obj)
+        except BaseException:
+            _needs_full.pop(_get_ident(), None)
+            raise
+        if _needs_full and _needs_full.pop(_get_ident(), False):
+            return None
+        return body
 
     def encode_error(self, exc: BaseException) -> bytes:
         return _encoder.encode(("MessageError", f"message could not be encoded: {exc}", ""))
@@ -203,41 +228,28 @@ class _Codec:
 CODEC = _Codec()
 
 
-class _BadMessage(MessageError):
-    """A message from another node that did not decode; ``kept`` is the port
-    ``decode`` was asked to keep open (an RPC request's reply port)."""
-
-    kept: PortState | None = None
-
-
-def decode(msg: Message, tp: Any, keep_last: bool = False) -> Any:
+def decode(msg: Message, tp: Any) -> Any:
     """The value of a message from another node, validated against ``tp``.
 
-    Raises ``MessageError`` (the resources of the message are closed, but the
-    last port if ``keep_last``: it is the exception's ``kept``)."""
+    Raises ``MessageError`` (the resources of the message are closed)."""
     body = msg.body if msg.body is not None else b""
     if not msg.ports and not msg.fds:
         try:
             return _plain_decoder(tp).decode(body)
-        except (msgspec.DecodeError, msgspec.ValidationError, MessageError, RecursionError) as exc:
-            raise _BadMessage(f"invalid message: {exc}") from None
+        except (msgspec.DecodeError, msgspec.ValidationError, ValueError, RecursionError) as exc:
+            raise MessageError(f"invalid message: {exc}") from None
     r = _res
     r.in_states = msg.ports or []
     r.in_fds = list(msg.fds or [])
     r.used = set()
     try:
         value = _decoder(tp).decode(body)
-    except (msgspec.DecodeError, msgspec.ValidationError, MessageError, struct.error, RecursionError) as exc:
-        bad = _BadMessage(f"invalid message: {exc}")
-        last = len(r.in_states) - 1
+    except (msgspec.DecodeError, msgspec.ValidationError, ValueError, struct.error, RecursionError) as exc:
         for i, st in enumerate(r.in_states):
             if (0, i) not in r.used:
-                if keep_last and i == last:
-                    bad.kept = st
-                else:
-                    st.engine.close(st)
+                st.engine.close(st)
         _close_fds(r.in_fds)
-        raise bad from None
+        raise MessageError(f"invalid message: {exc}") from None
     finally:
         states, fds = r.in_states, r.in_fds
         r.in_states, r.in_fds = [], []
@@ -364,7 +376,7 @@ class _Handle:
         if getattr(self, "_states", None):
             try:
                 self.close()
-            except MeshError:
+            except (MeshError, RuntimeError):  # RuntimeError: its event loop is closed
                 pass
 
     def __enter__(self: _H) -> _H:
@@ -429,9 +441,13 @@ def _send(h: _Handle, kind: int, value: Any) -> None:
         if eng.over_hard_limit(st):
             raise eng._full(st)
         try:
-            CODEC.encode_plain(value)
-        except (TypeError, RecursionError) as exc:
-            if not walk_resources(value):
+            plain = CODEC.encode_plain(value)
+        except RecursionError:
+            raise MessageError("this value cannot be sent to another process: nested too deep") from None
+        if plain is None and not walk_resources(value):
+            try:  # no handle inside: the full encoder only says what it cannot take
+                _encoder.encode(value)
+            except (TypeError, ValueError, OverflowError, NotImplementedError) as exc:
                 raise MessageError(f"this value cannot be sent to another process: {exc}") from None
         _from_thread(st, _engine_send, st, kind, value, True)
 
@@ -443,7 +459,6 @@ class _Inbox(_Handle):
     _merges = True
 
     __slots__ = (
-        "_call_type",
         "_calls_only",
         "_error",
         "_foreign",
@@ -451,6 +466,7 @@ class _Inbox(_Handle):
         "_fut",
         "_loop",
         "_more",
+        "_plain_dec",
         "_ready",
         "_sched",
         "_thread",
@@ -486,7 +502,7 @@ class _Inbox(_Handle):
             args = typing.get_args(tp)
             tp = args[0] if args else Any
         self._type = tp
-        self._call_type: Any = None
+        self._plain_dec = _plain_decoder(tp)  # built once, not looked up per message
 
     def _add(self, st: PortState) -> None:
         self._states.append(st)
@@ -644,12 +660,22 @@ class _Inbox(_Handle):
 
     def _take(self, msg: Message) -> Any:
         kind = msg.kind
+        if kind == K_REPLY:
+            kind = K_DATA  # a peer's last message; the end follows
+        elif kind == K_REPLY_ERROR:
+            kind = K_ERROR
         if kind == K_DATA:
             if self._calls_only:
                 _local_engine.dispose(msg)
                 return self._bad(MessageError("a plain message on a channel of calls"))
-            if msg.body is None:
+            body = msg.body
+            if body is None:
                 return msg.obj
+            if msg.ports is None and msg.fds is None:
+                try:  # the common message: decode inline with this end's decoder
+                    return self._plain_dec.decode(body)
+                except (msgspec.DecodeError, msgspec.ValidationError, ValueError, RecursionError) as exc:
+                    return self._bad(MessageError(f"invalid message: {exc}"))
             try:
                 return decode(msg, self._type)
             except MessageError as exc:
@@ -658,13 +684,21 @@ class _Inbox(_Handle):
             if msg.body is None:
                 cm: _CallMsg = msg.obj
                 return Call(cm.request, cm.reply)
-            if self._call_type is None:
-                self._call_type = tuple[self._type, Port]  # type: ignore[name-defined]
+            ports = msg.ports
+            if not ports:
+                _local_engine.dispose(msg)
+                return self._bad(MessageError("a call without its reply port"))
+            reply = Port._wrap([ports[-1]])  # the reply port comes last
             try:
-                req, reply = decode(msg, self._call_type, keep_last=True)
-            except _BadMessage as exc:
-                if exc.kept is not None:  # tell the caller why, instead of hanging up
-                    Call(None, Port._wrap([exc.kept])).fail(exc)
+                if len(ports) == 1 and not msg.fds:
+                    try:  # the common request: decode inline with this end's decoder
+                        req = self._plain_dec.decode(msg.body)
+                    except (msgspec.DecodeError, msgspec.ValidationError, ValueError, RecursionError) as e:
+                        raise MessageError(f"invalid message: {e}") from None
+                else:
+                    req = decode(Message(K_CALL, None, msg.body, ports[:-1], msg.fds), self._type)
+            except MessageError as exc:
+                Call(None, reply).fail(exc)  # tell the caller why, instead of hanging up
                 return self._bad(exc)
             return Call(req, reply)
         if kind == K_ADD_SENDER:
@@ -819,11 +853,29 @@ class Sender(_Handle, Generic[T]):
             raise ChannelClosed("the receiver is closed")
         if st.error is not None:
             raise st.error
-        a, b = st.engine.new_pair()
-        a.pinned = True  # never leaves this call: b may travel without a proxy
-        reply = Port._wrap([a])
+        eng = st.engine
+        a = None
+        if eng.thread == _get_ident() and request is not self:
+            # the common call: a plain request to another process, one frame
+            # that names its reply port (no second port, no descriptor)
+            try:
+                body = CODEC.encode_plain(request)
+            except RecursionError:
+                raise MessageError("this value cannot be sent to another process: nested too deep") from None
+            if body is not None:
+                a = eng.call_plain(st, body)
+        if a is None:
+            a, b = eng.new_pair()
+            a.pinned = True  # never leaves this call: b may travel without a proxy
+            reply = Port._wrap([a])
+            try:
+                _send(self, K_CALL, _CallMsg(request, Port._wrap([b])))
+            except BaseException:
+                reply.close()
+                raise
+        else:
+            reply = Port._wrap([a])
         try:
-            _send(self, K_CALL, _CallMsg(request, Port._wrap([b])))
             msg = None
             while msg is None:
                 msg = reply._next_message()
@@ -833,7 +885,7 @@ class Sender(_Handle, Generic[T]):
             raise ChannelClosed("the call was dropped without a reply") from None
         finally:
             reply.close()
-        if msg.kind == K_ERROR:
+        if msg.kind == K_REPLY_ERROR or msg.kind == K_ERROR:
             tn, text, tb = msg.obj if msg.body is None else decode(msg, tuple[str, str, str])
             raise RemoteError(tn, text, tb)
         return msg.obj if msg.body is None else decode(msg, Any)
@@ -889,6 +941,21 @@ class _CallMsg:
         self.reply = reply
 
 
+def _engine_final(eng: Engine, st: PortState, kind: int, value: Any) -> None:
+    eng.send_final(st, kind, value)
+
+
+def _answer(p: Port, kind: int, value: Any) -> None:
+    """The one answer to a call: a final message (one frame, no CLOSE)."""
+    if p.closed:
+        raise ChannelClosed("this call was already answered")
+    (st,) = p._detach()
+    if _on_engine_thread(st.engine):
+        st.engine.send_final(st, kind, value)
+    else:
+        _from_thread(st, _engine_final, st, kind, value)
+
+
 class Call(Generic[T]):
     """One RPC request as the server sees it. Answer it once with ``reply`` or
     ``fail``; dropping it unanswered gives the caller ``ChannelClosed``."""
@@ -901,13 +968,7 @@ class Call(Generic[T]):
 
     def reply(self, value: Any) -> None:
         """Send the result to the caller (no-op if it has gone away)."""
-        p = self._port
-        if p.closed:
-            raise ChannelClosed("this call was already answered")
-        try:
-            p.send(value)
-        finally:
-            p.close()
+        _answer(self._port, K_REPLY, value)
 
     def fail(self, exc: BaseException) -> None:
         """Answer with an error: the caller gets ``RemoteError``."""
@@ -919,10 +980,7 @@ class Call(Generic[T]):
         else:
             tb = "".join(traceback.format_exception(exc))
             parts = (type(exc).__qualname__, str(exc), tb)
-        try:
-            _send(p, K_ERROR, parts)
-        finally:
-            p.close()
+        _answer(p, K_REPLY_ERROR, parts)
 
     @property
     def cancelled(self) -> bool:

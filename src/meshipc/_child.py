@@ -1,4 +1,4 @@
-"""Entry point of a spawned worker: ``python -m meshipc._child``."""
+"""Entry point of a spawned worker (started by ``_process.worker_command``)."""
 
 from __future__ import annotations
 
@@ -14,11 +14,13 @@ import socket
 import sys
 import traceback
 import typing
+from collections.abc import Awaitable
 from typing import Any
 
 import msgspec
 
-from ._errors import MeshError
+from ._errors import ChannelClosed, MeshError, PortFailed
+from ._loop import run
 from ._process import ENV_INVITATION, ChildInvitation, apply_receiver_types
 
 log = logging.getLogger("meshipc")
@@ -34,6 +36,18 @@ def _die_with_parent() -> None:
         pass
 
 
+#: Seconds a worker told to stop by SIGTERM (its parent died, or someone
+#: sent it) gets to unwind; code that ignores cancellation cannot keep it
+#: alive past this.
+TERM_GRACE = 5
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    signal.signal(signal.SIGALRM, signal.SIG_DFL)  # the alarm ends the process
+    signal.alarm(TERM_GRACE)
+    sys.exit(143)
+
+
 def _read_secret(sock: socket.socket) -> bytes:
     """The mesh secret: the first 32 bytes the parent wrote on our socket."""
     sock.settimeout(30)
@@ -45,6 +59,32 @@ def _read_secret(sock: socket.socket) -> bytes:
         buf += chunk
     sock.setblocking(False)
     return buf
+
+
+#: Exit status of a worker whose link to its parent broke (the parent died
+#: or the connection failed) before its function finished.
+EXIT_PARENT_LOST = 3
+
+
+def _format(exc: BaseException) -> str:
+    return "".join(traceback.format_exception(exc))
+
+
+def _find(target: str) -> Any:
+    """The function ``module:function`` names; raises whatever importing raises."""
+    mod_name, func_name = target.split(":")
+    module = importlib.import_module(mod_name)
+    try:
+        return getattr(module, func_name)
+    except AttributeError:
+        raise AttributeError(f"module {mod_name!r} has no function {func_name!r}") from None
+
+
+def _call(target: str, func: Any, arg: Any) -> Awaitable[Any]:
+    result = func(arg)
+    if not inspect.isawaitable(result):
+        raise TypeError(f"{target} returned {type(result).__name__}, not an awaitable (make it an async def)")
+    return result
 
 
 def _arg_type(func: Any) -> Any:
@@ -69,23 +109,24 @@ async def _run(inv: ChildInvitation) -> int:
         node = mesh._node
         node.connect_via(inv.parent, sock)
         port = Port._wrap([node.engine.new_bound(inv.port, inv.parent, inv.peer_port)])
-        mod_name, func_name = inv.target.split(":")
         try:
-            func = getattr(importlib.import_module(mod_name), func_name)
+            func = _find(inv.target)
             # the argument is validated against the function's annotation (a
             # `rx: Receiver[int]` validates what later arrives on rx)
             port._set_type(_arg_type(func))
             try:
                 arg = await port.recv()
-            except MeshError as exc:
+            except (ChannelClosed, PortFailed) as exc:
                 print(f"meshipc worker {inv.name}: no start message: {exc}", file=sys.stderr)
                 return 1
             apply_receiver_types(arg, inv.arg_types)
-            work: asyncio.Task[Any] = asyncio.ensure_future(func(arg))
+            work: asyncio.Task[Any] = asyncio.ensure_future(_call(inv.target, func, arg))
         except Exception as exc:
-            port.send(["error", type(exc).__qualname__, str(exc), "".join(traceback.format_exception(exc))])
-            traceback.print_exc()
+            # reported once, to the parent, whose spawn() raises it
+            port.send(["start_failed", type(exc).__qualname__, str(exc), _format(exc)])
+            port.close()
             return 1
+        port.send(["started"])
         # the bootstrap port says when the parent is gone or wants us to stop
         watch = asyncio.ensure_future(port.recv())
         done, _ = await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
@@ -95,13 +136,17 @@ async def _run(inv: ChildInvitation) -> int:
                 await work
             except BaseException:
                 pass
-            return 0 if watch.exception() is None or isinstance(watch.exception(), MeshError) else 1
+            lost = watch.exception()
+            if lost is None or isinstance(lost, ChannelClosed):
+                return 0  # the parent asked us to stop
+            # the link to the parent broke: nobody hears our outcome
+            print(f"meshipc worker {inv.name}: lost the link to its parent: {lost}", file=sys.stderr)
+            return EXIT_PARENT_LOST
         watch.cancel()
         err = work.exception()
         if err is not None:
-            port.send(["error", type(err).__qualname__, str(err), "".join(traceback.format_exception(err))])
-            print(f"meshipc worker {inv.name} failed:", file=sys.stderr)
-            traceback.print_exception(err)
+            # the parent logs it, with this traceback: not printed here too
+            port.send(["error", type(err).__qualname__, str(err), _format(err)])
             port.close()
             return 1
         port.send(["ok"])
@@ -120,11 +165,11 @@ def main() -> None:
     except (ValueError, msgspec.DecodeError) as exc:
         print(f"meshipc worker: bad invitation: {exc}", file=sys.stderr)
         sys.exit(2)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    signal.signal(signal.SIGTERM, _on_sigterm)
     # Ctrl-C in a terminal reaches the whole process group: the parent decides
     # when its workers stop (it closes their bootstrap port on mesh exit)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    sys.exit(asyncio.run(_run(inv)))
+    sys.exit(run(_run(inv)))
 
 
 if __name__ == "__main__":

@@ -11,23 +11,33 @@ import sys
 from . import __version__
 
 
-def _ls(runtime_dir: str | None) -> int:
-    from ._mesh import runtime_root
+def _ls(runtime_dir: str | None, prune: bool = False) -> int:
+    from ._mesh import runtime_location
 
-    root = runtime_root(runtime_dir)
+    root, why = runtime_location(runtime_dir)
+    from ._invitation import lock_is_held, prune_stale
+
+    if prune:
+        for name in prune_stale(root):
+            print(f"{name}\tpruned")
     found = False
     for entry in sorted(os.listdir(root)):
         if not (entry.startswith("mesh-") and entry.endswith(".lock")):
             continue
         name = entry[len("mesh-") : -len(".lock")]
-        fd = os.open(root / entry, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            state = "stale"
-        except BlockingIOError:
-            state = "live"
-        finally:
-            os.close(fd)
+        # read from /proc/locks: trying the lock could make a mesh starting
+        # at this moment believe its name is taken
+        held = lock_is_held(root / entry)
+        if held is None:
+            fd = os.open(root / entry, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                held = False
+            except BlockingIOError:
+                held = True
+            finally:
+                os.close(fd)
+        state = "live" if held else "stale"
         directory = root / f"mesh-{name}"
         if state == "stale" and not os.path.lexists(directory):
             continue  # a lock file between a clean exit and its removal
@@ -37,6 +47,7 @@ def _ls(runtime_dir: str | None) -> int:
         found = True
     if not found:
         print(f"no named meshes in {root}")
+    print(f"(runtime dir {root}: {why})")
     return 0
 
 
@@ -50,18 +61,26 @@ def main(argv: list[str] | None = None) -> int:
     )
     ls = sub.add_parser("ls", help="list this user's named meshes")
     ls.add_argument("--runtime-dir")
-    from ._ctlcli import COMMANDS, add_commands, run
+    ls.add_argument("--prune", action="store_true", help="remove what dead named meshes left behind")
+    from ._ctlcli import COMMANDS, add_commands
+    from ._ctlcli import run as run_control
 
     add_commands(sub)  # status, inspect, call
     args = p.parse_args(argv)
     if args.cmd in COMMANDS:
-        return run(args)
+        return run_control(args)
     if args.cmd == "demo":
         from ._demo import service
 
         return asyncio.run(service(args.hold))
     if args.cmd == "ls":
-        return _ls(args.runtime_dir)
+        from ._errors import MeshError
+
+        try:
+            return _ls(args.runtime_dir, args.prune)
+        except MeshError as exc:
+            print(f"meshipc ls: {exc}", file=sys.stderr)
+            return 1
     return 2
 
 

@@ -44,7 +44,7 @@ import msgspec
 from ._channel import Call, Port, Receiver, Sender, channel
 from ._errors import ChannelClosed, MeshError, MessageError, NodeFailure, PortFailed, RemoteError
 from ._ids import PortId
-from ._node import PeerCred, accept_ready, listen_private
+from ._node import Acceptor, PeerCred, listen_private
 
 if TYPE_CHECKING:
     from ._mesh import Mesh
@@ -520,7 +520,10 @@ class Control:
             self._spawn(self._serve_registry())
             self.path = self.node.directory / CONTROL_NAME
             self._lsock = listen_private(self.path, "control socket")
-            self.loop.add_reader(self._lsock.fileno(), self._on_accept)
+            self._acceptor = Acceptor(
+                self.loop, self._lsock, lambda s: self._spawn(self._accept(s)), f"control {self.path}"
+            )
+            self._acceptor.start()
             self._ready.set_result(None)
         else:
             # not at once: a node's first messages (a worker's first reply, a
@@ -557,7 +560,7 @@ class Control:
         for svc in list(self._services.values()):
             svc.close()
         if self._lsock is not None:
-            self.loop.remove_reader(self._lsock.fileno())
+            self._acceptor.close()
             self._lsock.close()
             self._lsock = None
             with contextlib.suppress(FileNotFoundError):
@@ -646,10 +649,6 @@ class Control:
         return Port._wrap([st], SessionMsg)
 
     # -------------------------------------------------------------- sessions (root)
-
-    def _on_accept(self) -> None:
-        if self._lsock is not None:
-            accept_ready(self._lsock, lambda s: self._spawn(self._accept(s)), f"control {self.path}")
 
     async def _accept(self, sock: socket.socket) -> None:
         with sock:
@@ -1181,6 +1180,7 @@ class Control:
         by_state: dict[str, int] = {}
         by_peer: dict[str, int] = {}
         queued_msgs = queued_bytes = unacked_msgs = unacked_bytes = 0
+        in_flight = getattr(node.engine, "in_flight", None)
         for st in list(node.engine.ports.values()):
             state = modes.get(st.mode, str(st.mode))
             if st.mode == OWNED:
@@ -1196,10 +1196,10 @@ class Control:
             queued_msgs += len(st.queue)
             queued_bytes += sum(len(m.body) for m in st.queue if m.body is not None)
             # flow control: sent to another node, not yet reported consumed
-            unacked = getattr(st, "unacked", None)
-            if unacked:
-                unacked_msgs += len(unacked)
-                unacked_bytes += getattr(st, "out_bytes", 0)
+            if in_flight is not None and st.mode == OWNED:
+                n_out, b_out = in_flight(st)
+                unacked_msgs += n_out
+                unacked_bytes += b_out
         workers = {
             f"{p.name}-{p.pid}": {
                 "name": p.name,

@@ -92,6 +92,9 @@ class ConnectError(JoinError):
     """``connect`` could not reach the listener: no such path, refused, or
     permission denied. ``path`` is the address tried."""
 
+    #: the OS error number of the failed connect, when there was one
+    errno: int | None = None
+
     def __init__(self, path: str, reason: str) -> None:
         super().__init__(f"cannot connect to mesh listener {path}: {reason}")
         self.path = path
@@ -142,3 +145,38 @@ class MeshNameInUse(JoinError):
 
 class InvitationExpired(JoinError):
     """The invitation was already used, or expired before it was used."""
+
+
+class JoinTimeout(JoinError, TimeoutError):
+    """``connect``/``join``: the mesh did not answer in time (a stopped or
+    overloaded service, a listener that never speaks). ``path`` is the socket
+    that did not answer, ``timeout`` the bound in seconds."""
+
+    def __init__(self, path: str, timeout: float) -> None:
+        n = f"{timeout:g}" if isinstance(timeout, int | float) else timeout
+        super().__init__(f"the mesh at {path} did not answer in time (timed out after {n} s)")
+        self.path = path
+        self.timeout = timeout
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.path, self.timeout))
+
+
+class SpawnError(MeshError):
+    """``Mesh.spawn``: the worker could not start ``target`` (module or
+    function missing, an error while importing it, or the process died
+    before starting it). ``reason`` says why; ``traceback`` is the worker's
+    own traceback text when it had one (also attached as a note, so an
+    uncaught ``SpawnError`` shows it once)."""
+
+    def __init__(self, name: str, target: str, reason: str, traceback: str = "") -> None:
+        super().__init__(f"worker {name!r} could not start {target!r}: {reason}")
+        self.name = name
+        self.target = target
+        self.reason = reason
+        self.traceback = traceback
+        if traceback:
+            self.add_note(f"traceback in the worker:\n{traceback.rstrip()}")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.name, self.target, self.reason, self.traceback))

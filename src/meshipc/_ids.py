@@ -3,8 +3,28 @@
 from __future__ import annotations
 
 import os
+from collections import deque
 
 ID_LEN = 16
+#: Ids drawn per read of the OS random source. Ids stay unguessable (a port
+#: id is what a peer addresses); one getrandom per this many ports instead
+#: of one per port (an RPC call makes two).
+_POOL_IDS = 256
+_pool: deque[bytes] = deque()
+
+
+def random_id() -> bytes:
+    """16 fresh random bytes (from a pool refilled from ``os.urandom``)."""
+    try:
+        return _pool.popleft()  # atomic: safe from any thread
+    except IndexError:
+        raw = os.urandom(ID_LEN * _POOL_IDS)
+        _pool.extend(raw[i : i + ID_LEN] for i in range(ID_LEN, len(raw), ID_LEN))
+        return raw[:ID_LEN]
+
+
+# a forked child must not hand out the ids its parent will also use
+os.register_at_fork(after_in_child=_pool.clear)
 
 
 class _Id(bytes):
@@ -18,7 +38,7 @@ class _Id(bytes):
 
     @classmethod
     def random(cls) -> _Id:
-        return cls(os.urandom(ID_LEN))
+        return cls(random_id())
 
     @classmethod
     def from_hex(cls, text: str) -> _Id:

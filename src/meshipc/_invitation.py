@@ -19,6 +19,7 @@ import contextlib
 import errno
 import fcntl
 import logging
+import math
 import os
 import shutil
 import socket
@@ -42,11 +43,21 @@ from ._errors import (
     InvitationReadError,
     InvitationTooLarge,
     JoinError,
+    JoinTimeout,
     MeshError,
     MeshNameInUse,
 )
 from ._ids import NodeId
-from ._node import V_DUPLICATE, PeerCred, accept_ready, is_socket_alive, listen_private
+from ._node import (
+    HANDSHAKE_TIMEOUT,
+    V_DUPLICATE,
+    Acceptor,
+    PeerCred,
+    RateLimitedLog,
+    is_socket_alive,
+    listen_private,
+    node_path,
+)
 from ._wire import _DESC, PortDesc
 
 if TYPE_CHECKING:
@@ -61,6 +72,16 @@ MAX_INVITATION: Final = 64 * 1024
 INVITATION_TTL: Final = 10.0
 #: Seconds a listener client gets to take its invitation.
 CLIENT_TIMEOUT: Final = 5.0
+#: Default bound, in seconds, on ``connect``/``join`` reaching a mesh:
+#: connecting to the listener, reading the invitation and the handshake with
+#: the inviting node, all together. A live mesh answers in milliseconds; the
+#: bound is for a stopped, wedged or hostile one.
+JOIN_TIMEOUT: Final = 10.0
+#: Invitations one listener keeps outstanding (handed out, not yet used or
+#: expired). Beyond it the oldest is withdrawn: a real client uses its
+#: invitation within milliseconds, so clients that take one and never join
+#: cannot pile up invitations (and their ports) faster than they expire.
+MAX_OUTSTANDING: Final = 256
 LISTENER_NAME: Final = "listen.sock"
 _LEN = struct.Struct("<I")
 _INVITATION_VERSION = 1
@@ -69,7 +90,7 @@ _INVITATION_VERSION = 1
 # --------------------------------------------------------------------- names
 
 
-def claim_name(root: Path, name: str) -> tuple[Path, int]:
+def claim_name(root: Path, name: str, *, fresh: bool = True) -> tuple[Path, int]:
     """Take the name ``name`` under ``root``: returns the (fresh) mesh
     directory and the lock fd to hold while the mesh lives.
 
@@ -105,7 +126,8 @@ def claim_name(root: Path, name: str) -> tuple[Path, int]:
                 check_private_dir(directory)  # anything not ours is refused, never deleted
                 log.info("replacing stale directory %s of a dead mesh %r", directory, name)
                 shutil.rmtree(directory)
-            directory.mkdir(mode=0o700)
+            if fresh:
+                directory.mkdir(mode=0o700)
             return directory, fd
         except BaseException:
             os.close(fd)
@@ -120,13 +142,83 @@ def release_name(root: Path, name: str, fd: int) -> None:
     os.close(fd)
 
 
+def prune_stale(root: Path) -> list[str]:
+    """Remove what dead named meshes left under ``root`` (lock file and
+    directory); returns their names. A name is taken exactly as a new mesh
+    would take it (its lock, then the inode check), so a live mesh, or one
+    starting at that moment, is never touched; anything not ours is kept."""
+    from ._mesh import _NAME
+
+    pruned = []
+    for entry in sorted(os.listdir(root)):
+        if not (entry.startswith("mesh-") and entry.endswith(".lock")):
+            continue
+        name = entry[len("mesh-") : -len(".lock")]
+        if not _NAME.match(name):
+            continue
+        try:
+            directory, fd = claim_name(root, name, fresh=False)
+        except MeshError as exc:  # live, or not ours
+            log.debug("prune: keeping %r: %s", name, exc)
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            shutil.rmtree(directory)
+        release_name(root, name, fd)
+        pruned.append(name)
+    return pruned
+
+
 def listener_path(name_or_path: str | os.PathLike[str], runtime_dir: str | os.PathLike[str] | None) -> Path:
     s = os.fspath(name_or_path)
     if "/" in s:
         return Path(s)
-    from ._mesh import runtime_root
+    from ._mesh import mesh_directory, runtime_root
 
-    return runtime_root(runtime_dir) / f"mesh-{s}" / LISTENER_NAME
+    return mesh_directory(runtime_root(runtime_dir), s) / LISTENER_NAME
+
+
+def lock_is_held(path: Path) -> bool | None:
+    """Whether some process holds a ``flock`` on the file ``path`` (a live
+    mesh holds its name's lock); ``None`` when that cannot be told. Reads
+    ``/proc/locks`` instead of trying the lock, so that looking never makes
+    a mesh starting at that moment fail to take its name."""
+    try:
+        st = os.stat(path, follow_symlinks=False)
+        with open("/proc/locks") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    want = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    for line in lines:
+        fields = line.split()
+        # "1: FLOCK  ADVISORY  WRITE 1234 00:2a:5678 0 EOF"; waiters are marked "->"
+        if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5] == want:
+            return True
+    return False
+
+
+def not_running_reason(root: Path, why: str, name: str) -> str:
+    """Why nothing answers at the listener of mesh ``name``, for an error."""
+    from ._mesh import mesh_directory
+
+    lock = root / f"mesh-{name}.lock"
+    directory = mesh_directory(root, name)
+    if lock_is_held(lock):
+        return f"mesh {name!r} is running but not listening (no listener at {directory / LISTENER_NAME})"
+    if not os.path.lexists(directory):
+        return f"no mesh named {name!r} is running (runtime dir {root}, {why})"
+    stamps = []
+    for p in (directory, lock, directory / LISTENER_NAME):
+        with contextlib.suppress(OSError):
+            stamps.append(os.lstat(p).st_mtime)
+    if not stamps:
+        return f"no mesh named {name!r} is running (runtime dir {root}, {why})"
+    last = max(stamps)
+    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(last))
+    return (
+        f"mesh {name!r} is not running any more (stale since {since}; "
+        "a new mesh of that name or `meshipc ls --prune` clears it)"
+    )
 
 
 # --------------------------------------------------------------- invitation
@@ -180,10 +272,12 @@ class Invitation:
             raise InvitationDecodeError(f"invitation of {len(data)} bytes exceeds {MAX_INVITATION}")
         try:
             w = msgspec.msgpack.decode(data, type=_Wire)
-        except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:
+        except (ValueError, RecursionError) as exc:  # msgspec's errors, and bad UTF-8 in a str
             raise InvitationDecodeError(f"not a meshipc invitation: {exc}") from None
         if w.version != _INVITATION_VERSION:
             raise InvitationDecodeError(f"unsupported invitation version {w.version}")
+        if not math.isfinite(w.expires):
+            raise InvitationDecodeError("invitation expiry is not a finite time")
         if len(w.inviter) != 16 or len(w.node) != 16 or len(w.secret) != 32 or len(w.port) != _DESC.size:
             raise InvitationDecodeError("invitation fields have the wrong sizes")
         if not w.directory.startswith("/") or "\0" in w.directory:
@@ -286,20 +380,24 @@ class Listener:
     """Hands one invitation to each client that connects to ``path``.
 
     ``await accept()`` / ``async for conn in listener`` give a ``Connection``
-    per client. Only clients running as an allowed uid (default: ours) get an
-    invitation; others are closed and logged."""
+    per client. Only clients running as our own uid get an invitation (no
+    other uid could use one); others are closed and logged."""
 
-    def __init__(self, mesh: Mesh, path: Path, allowed_uids: set[int], ttl: float) -> None:
+    def __init__(self, mesh: Mesh, path: Path, ttl: float) -> None:
         self._mesh = mesh
         self.path = path
-        self.allowed_uids = allowed_uids
         self._inviter = Inviter(mesh, ttl)
         self._loop = mesh._node.loop
         self._sock: socket.socket | None = None
+        self._acceptor: Acceptor | None = None
+        self._log = RateLimitedLog()
         self._queue: asyncio.Queue[Connection | None] = asyncio.Queue()
         self._tasks: set[asyncio.Task[None]] = set()
         self.closed = False
         self.refused = 0
+        #: invitations withdrawn to stay under MAX_OUTSTANDING
+        self.withdrawn = 0
+        self._outstanding: dict[bytes, None] = {}  # invited node ids, oldest first
 
     def start(self) -> None:
         path = self.path
@@ -312,16 +410,14 @@ class Listener:
             os.unlink(path)  # stale socket of a dead mesh of ours
         s = listen_private(path, "listener")
         self._sock = s
-        self._loop.add_reader(s.fileno(), self._on_accept)
+        self._acceptor = Acceptor(self._loop, s, self._start_serving, f"listener {self.path}")
+        self._acceptor.start()
 
-    def _on_accept(self) -> None:
-        if self._sock is not None:
-            accept_ready(self._sock, self._start_serving, f"listener {self.path}")
-
-    def _start_serving(self, sock: socket.socket) -> None:
+    def _start_serving(self, sock: socket.socket) -> asyncio.Task[None]:
         t = self._loop.create_task(self._serve(sock))
         self._tasks.add(t)
         t.add_done_callback(self._tasks.discard)
+        return t
 
     async def _serve(self, sock: socket.socket) -> None:
         with sock:
@@ -330,10 +426,14 @@ class Listener:
             except OSError as exc:
                 log.warning("listener %s: no peer credentials: %s", self.path, exc)
                 return
-            if cred.uid not in self.allowed_uids:
+            if cred.uid != os.getuid():
                 self.refused += 1
-                log.warning(
-                    "listener %s refused pid %d uid %d: uid not allowed", self.path, cred.pid, cred.uid
+                self._log.warning(
+                    "uid",
+                    "listener %s refused pid %d uid %d: not our uid (it could not join)",
+                    self.path,
+                    cred.pid,
+                    cred.uid,
                 )
                 return
             mine, theirs = Port.pair()
@@ -343,19 +443,40 @@ class Listener:
                 log.info("listener %s: no invitation for pid %d: %s", self.path, cred.pid, exc)
                 mine.close()
                 return
+            self._keep_outstanding(inv._w.node)
             data = bytes(inv)
             try:
                 async with asyncio.timeout(CLIENT_TIMEOUT):
                     await self._loop.sock_sendall(sock, _LEN.pack(len(data)) + data)
             except (OSError, TimeoutError) as exc:
+                why = f"not taken within {CLIENT_TIMEOUT:g} s" if isinstance(exc, TimeoutError) else str(exc)
                 log.info(
-                    "listener %s: client pid %d uid %d left early: %s", self.path, cred.pid, cred.uid, exc
+                    "listener %s: client pid %d uid %d left early: %s", self.path, cred.pid, cred.uid, why
                 )
                 self._mesh._node.forget(inv._w.node, "the client left before taking its invitation")
                 mine.close()
                 return
             log.info("listener %s: invitation sent to pid %d uid %d", self.path, cred.pid, cred.uid)
             self._queue.put_nowait(Connection(mine, cred))
+
+    def _keep_outstanding(self, node_id: bytes) -> None:
+        self._outstanding[node_id] = None
+        if len(self._outstanding) <= MAX_OUTSTANDING:
+            return
+        invited = self._mesh._node._invited  # neither used nor expired yet
+        self._outstanding = {n: None for n in self._outstanding if n in invited}
+        while len(self._outstanding) > MAX_OUTSTANDING:
+            oldest = next(iter(self._outstanding))
+            del self._outstanding[oldest]
+            if oldest in invited:
+                self.withdrawn += 1
+                self._log.warning(
+                    "withdrawn",
+                    "listener %s: %d invitations outstanding; withdrew the oldest",
+                    self.path,
+                    MAX_OUTSTANDING,
+                )
+                self._mesh._node.forget(oldest, "invitation withdrawn: too many outstanding")
 
     async def accept(self) -> Connection:
         """The next client. Raises ``MeshError`` once the listener is closed."""
@@ -382,7 +503,8 @@ class Listener:
             return
         self.closed = True
         if self._sock is not None:
-            self._loop.remove_reader(self._sock.fileno())
+            if self._acceptor is not None:
+                self._acceptor.close()
             self._sock.close()
             self._sock = None
             with contextlib.suppress(FileNotFoundError):
@@ -464,8 +586,7 @@ async def read_invitation(path: Path, expected_uid: int | None = None) -> Invita
         try:
             await loop.sock_connect(sock, os.fspath(path))
         except OSError as exc:
-            reason = os.strerror(exc.errno) if exc.errno else str(exc)
-            raise ConnectError(os.fspath(path), reason) from None
+            raise _connect_error(path, exc) from None
         want = os.getuid() if expected_uid is None else expected_uid
         cred = PeerCred.of(sock)
         if cred.uid != want:
@@ -483,6 +604,18 @@ async def read_invitation(path: Path, expected_uid: int | None = None) -> Invita
         raise InvitationDecodeError(f"listener {path}: {exc}") from None
 
 
+def _connect_error(path: Path, exc: OSError) -> ConnectError:
+    if exc.errno == errno.ENOENT:
+        reason = "nothing there (no such socket)"
+    elif exc.errno == errno.ECONNREFUSED:
+        reason = "nothing listens there any more (a stale socket of a mesh that is gone)"
+    else:
+        reason = os.strerror(exc.errno) if exc.errno else str(exc) or type(exc).__name__
+    err = ConnectError(os.fspath(path), reason)
+    err.errno = exc.errno
+    return err
+
+
 async def _read(loop: asyncio.AbstractEventLoop, sock: socket.socket, n: int, path: Path) -> bytes:
     buf = bytearray()
     while len(buf) < n:
@@ -497,17 +630,28 @@ async def _read(loop: asyncio.AbstractEventLoop, sock: socket.socket, n: int, pa
 
 
 @contextlib.asynccontextmanager
-async def join(invitation: Invitation) -> AsyncIterator[ClientConnection]:
-    """Join the mesh an invitation is for, as a new node of this process.
+async def _deadline(deadline: float | None, timeout: float | None, path: Path) -> AsyncIterator[None]:
+    """Bound the block by ``deadline`` (loop time); past it, ``JoinTimeout``
+    (also when the handshake's own, shorter bound fired first)."""
+    cm = asyncio.timeout_at(deadline)
+    try:
+        async with cm:
+            yield
+    except TimeoutError:
+        took = timeout if cm.expired() and timeout is not None else HANDSHAKE_TIMEOUT
+        raise JoinTimeout(os.fspath(path), took) from None
 
-    Raises ``AuthenticationError`` if the inviting node rejects the secret,
-    ``InvitationExpired`` if the invitation was used or expired, and
-    ``JoinError`` for any other failure while joining."""
+
+async def _enter(
+    invitation: Invitation, deadline: float | None, timeout: float | None
+) -> tuple[contextlib.AbstractAsyncContextManager[Mesh], ClientConnection]:
+    """Join as a new node: the node's context (to exit when done) and the connection."""
     from ._mesh import Mesh
 
     w = invitation._w
-    if w.expires < time.time():
+    if not w.expires >= time.time():  # also refuses NaN
         raise InvitationExpired("the invitation has expired")
+    inviter_path = node_path(Path(w.directory), w.inviter)
     try:
         ctx = Mesh._joined(w.directory, w.secret, w.node)
         mesh = await ctx.__aenter__()
@@ -518,23 +662,48 @@ async def join(invitation: Invitation) -> AsyncIterator[ClientConnection]:
         raise JoinError(f"cannot join the mesh in {w.directory}: {exc}") from exc
     try:
         node = mesh._node
-        try:
-            verdict = await node.connect_to(w.inviter)
-        except HandshakeError as exc:
-            raise AuthenticationError(f"the inviting node rejected us: {exc}") from None
-        except (OSError, TimeoutError) as exc:
-            if isinstance(exc, OSError) and exc.errno in (errno.ENOENT, errno.ECONNREFUSED):
-                raise JoinError(f"the inviting node in {w.directory} is gone") from None
-            raise JoinError(f"cannot reach the inviting node: {exc}") from None
+        async with _deadline(deadline, timeout, inviter_path):
+            try:
+                verdict = await node.connect_to(w.inviter)
+            except HandshakeError as exc:
+                raise AuthenticationError(f"the inviting node rejected us: {exc}") from None
+            except OSError as exc:
+                if isinstance(exc, TimeoutError):
+                    raise  # the handshake's own bound: reported by _deadline
+                if exc.errno in (errno.ENOENT, errno.ECONNREFUSED):
+                    raise JoinError(f"the inviting node in {w.directory} is gone") from None
+                raise JoinError(f"cannot reach the inviting node {inviter_path}: {exc}") from None
         if verdict == V_DUPLICATE:
             raise InvitationExpired("the inviting node refused us: invitation used or expired")
         d = PortDesc(*_DESC.unpack(w.port))
         st = node.engine._materialize(w.inviter, d)
-        conn = ClientConnection(Port._wrap([st]), mesh)
         mesh._control.joined()
+        return ctx, ClientConnection(Port._wrap([st]), mesh)
     except BaseException:
         await ctx.__aexit__(None, None, None)
         raise
+
+
+def _deadline_after(timeout: float | None) -> float | None:
+    if timeout is None:
+        return None
+    if not timeout > 0:  # also refuses NaN
+        raise ValueError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
+    return asyncio.get_running_loop().time() + timeout
+
+
+@contextlib.asynccontextmanager
+async def join(
+    invitation: Invitation, *, timeout: float | None = JOIN_TIMEOUT
+) -> AsyncIterator[ClientConnection]:
+    """Join the mesh an invitation is for, as a new node of this process.
+
+    Raises ``JoinTimeout`` if the inviting node does not answer within
+    ``timeout`` seconds (default ``JOIN_TIMEOUT``, 10 s; ``None``: no bound
+    but the handshake's own), ``AuthenticationError`` if the inviting node
+    rejects the secret, ``InvitationExpired`` if the invitation was used or
+    expired, and ``JoinError`` for any other failure while joining."""
+    ctx, conn = await _enter(invitation, _deadline_after(timeout), timeout)
     try:
         yield conn
     finally:
@@ -548,14 +717,37 @@ async def connect(
     *,
     runtime_dir: str | os.PathLike[str] | None = None,
     expected_uid: int | None = None,
+    timeout: float | None = JOIN_TIMEOUT,
 ) -> AsyncIterator[ClientConnection]:
     """Attach this process to a running mesh by name or listener path.
 
-    Raises ``ConnectError`` (no such path, refused, permission denied),
-    ``InvitationReadError``, ``InvitationTooLarge``, ``InvitationDecodeError``,
-    ``AuthenticationError`` (listener of an unexpected uid, or secret
-    rejected) or ``JoinError``."""
-    path = listener_path(name_or_path, runtime_dir)
-    inv = await read_invitation(path, expected_uid)
-    async with join(inv) as conn:
+    ``timeout`` bounds everything up to the attached connection (reaching
+    the listener, its invitation, the handshake); default ``JOIN_TIMEOUT``
+    (10 s), ``None`` for no bound. Raises ``JoinTimeout`` (the mesh did not
+    answer in time), ``ConnectError`` (no such path, refused, permission
+    denied, an unusable runtime folder; for a name, the reason says whether
+    no such mesh runs, it is not listening, or it is stale), ``InvitationReadError``, ``InvitationTooLarge``,
+    ``InvitationDecodeError``, ``AuthenticationError`` (listener of an
+    unexpected uid, or secret rejected) or ``JoinError``."""
+    try:
+        path = listener_path(name_or_path, runtime_dir)
+    except MeshError as exc:  # the runtime folder is unusable: say which and why
+        raise ConnectError(os.fspath(name_or_path), str(exc)) from None
+    deadline = _deadline_after(timeout)
+    try:
+        async with _deadline(deadline, timeout, path):
+            inv = await read_invitation(path, expected_uid)
+    except ConnectError as exc:
+        name = os.fspath(name_or_path)
+        if "/" in name or exc.errno not in (errno.ENOENT, errno.ECONNREFUSED):
+            raise
+        from ._mesh import runtime_location
+
+        root, why = runtime_location(runtime_dir)
+        raise ConnectError(exc.path, not_running_reason(root, why, name)) from None
+    ctx, conn = await _enter(inv, deadline, timeout)
+    try:
         yield conn
+    finally:
+        conn.port.close()
+        await ctx.__aexit__(None, None, None)

@@ -9,15 +9,17 @@ import logging
 import os
 import re
 import shutil
+import signal
 import tempfile
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from ._errors import MeshError
 from ._ids import NodeId
-from ._node import MeshSecret, Node, check_private_dir
+from ._node import MeshSecret, Node, check_private_dir, node_path
 from ._ports import DEFAULT_LIMITS, Limits
 from ._process import Process, spawn
 
@@ -49,36 +51,141 @@ def current_mesh() -> Mesh:
     return mesh
 
 
-def runtime_root(runtime_dir: str | os.PathLike[str] | None = None) -> Path:
-    """The folder holding this user's mesh directories.
+#: Longest AF_UNIX socket path Linux accepts (``sun_path`` is 108 bytes with its NUL).
+MAX_SOCKET_PATH = 107
+_HOW_ELSEWHERE = "set XDG_RUNTIME_DIR to a private folder of yours (mode 0700) or pass runtime_dir="
 
-    ``runtime_dir`` if given, else ``$XDG_RUNTIME_DIR`` (when it is a private
-    directory of ours), else ``<tmp>/meshipc-<uid>``, created 0700. An
-    existing folder must be a real directory owned by us with mode 0700."""
+
+def runtime_location(runtime_dir: str | os.PathLike[str] | None = None) -> tuple[Path, str]:
+    """The folder holding this user's mesh directories, and why that one.
+
+    ``runtime_dir`` if given (created 0700 if missing), else
+    ``$XDG_RUNTIME_DIR`` if set, else ``<tmp>/meshipc-<uid>`` (created 0700).
+    The folder must be a real directory owned by us with mode 0700; one that
+    is not is refused with ``MeshError`` saying which folder and why, never
+    silently replaced by another (a service and its clients must look in the
+    same place)."""
     if runtime_dir is not None:
         root = Path(runtime_dir)
         if not os.path.lexists(root):
             root.mkdir(mode=0o700, parents=True)
         check_private_dir(root)  # lstat: a symlink, dangling or not, is refused
-        return root
+        return root, "given as runtime_dir"
     xdg = os.environ.get("XDG_RUNTIME_DIR")
     if xdg:
+        root = Path(xdg)
         try:
-            check_private_dir(Path(xdg))
-            return Path(xdg)
-        except (OSError, MeshError):
-            log.debug("ignoring XDG_RUNTIME_DIR=%s (not a private directory of ours)", xdg)
+            if not root.is_absolute():
+                raise MeshError("it is not an absolute path")
+            check_private_dir(root)
+        except FileNotFoundError:
+            raise MeshError(
+                f"XDG_RUNTIME_DIR={xdg} does not exist; {_HOW_ELSEWHERE}, or unset XDG_RUNTIME_DIR"
+            ) from None
+        except MeshError as exc:
+            raise MeshError(
+                f"XDG_RUNTIME_DIR={xdg} cannot hold meshes: {exc}; {_HOW_ELSEWHERE}, or unset XDG_RUNTIME_DIR"
+            ) from None
+        return root, "from XDG_RUNTIME_DIR"
     root = Path(tempfile.gettempdir()) / f"meshipc-{os.getuid()}"
     try:
         root.mkdir(mode=0o700)
     except FileExistsError:
         pass
-    check_private_dir(root)
-    return root
+    try:
+        check_private_dir(root)
+    except MeshError as exc:
+        raise MeshError(
+            f"{exc}; someone else may have made it to block or watch your meshes: {_HOW_ELSEWHERE}"
+        ) from None
+    return root, "XDG_RUNTIME_DIR is not set"
+
+
+def runtime_root(runtime_dir: str | os.PathLike[str] | None = None) -> Path:
+    """The folder holding this user's mesh directories (see ``runtime_location``)."""
+    return runtime_location(runtime_dir)[0]
 
 
 def mesh_directory(root: Path, name: str) -> Path:
     return root / f"mesh-{name}"
+
+
+def check_socket_room(directory: Path) -> None:
+    """Refuse (``MeshError``) a mesh directory whose sockets' paths would
+    not fit in an AF_UNIX address; checked before anything is created."""
+    from ._invitation import LISTENER_NAME
+
+    longest = max((node_path(directory, bytes(16)), directory / LISTENER_NAME), key=lambda p: len(bytes(p)))
+    n = len(bytes(longest))
+    if n > MAX_SOCKET_PATH:
+        raise MeshError(
+            f"socket path {longest} would be {n} bytes, over the AF_UNIX limit of {MAX_SOCKET_PATH}: "
+            "use a shorter runtime folder (runtime_dir= or XDG_RUNTIME_DIR)"
+        )
+
+
+class _Sigterm:
+    """SIGTERM closes the meshes of a process whose application left SIGTERM
+    at its default action (killed at once, cleaning nothing up).
+
+    While such a mesh is open, SIGTERM cancels the task that entered it;
+    the mesh closes as on any exit (workers stopped, sockets, folder and name
+    removed) and its ``async with`` then raises ``SystemExit(143)`` (128 +
+    SIGTERM, the status a shell shows for a SIGTERM death). A second SIGTERM
+    while closing, or one with no task to unwind, ends the process as if
+    meshipc were not there. An application
+    with its own SIGTERM handler (``signal.signal`` or
+    ``loop.add_signal_handler``) keeps it, untouched; so does code that is
+    not on the main thread."""
+
+    meshes: ClassVar[dict[Mesh, asyncio.Task[Any]]] = {}
+    loop: ClassVar[asyncio.AbstractEventLoop | None] = None
+
+    @classmethod
+    def watch(cls, mesh: Mesh) -> None:
+        task = asyncio.current_task()
+        if task is None:
+            return
+        loop = asyncio.get_running_loop()
+        if cls.loop is not None and cls.loop.is_closed():
+            cls.meshes.clear()  # a loop closed with meshes never closed (it removed our handler)
+            cls.loop = None
+        if cls.loop is None:
+            if threading.current_thread() is not threading.main_thread():
+                return
+            if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+                return  # the application decides what SIGTERM does
+            try:
+                loop.add_signal_handler(signal.SIGTERM, cls._fire)
+            except (NotImplementedError, RuntimeError, ValueError):
+                return
+            cls.loop = loop
+        elif cls.loop is not loop:
+            return
+        cls.meshes[mesh] = task
+
+    @classmethod
+    def unwatch(cls, mesh: Mesh) -> None:
+        if cls.meshes.pop(mesh, None) is not None and not cls.meshes and cls.loop is not None:
+            if not cls.loop.is_closed():
+                cls.loop.remove_signal_handler(signal.SIGTERM)  # back to the default action
+            cls.loop = None
+
+    @classmethod
+    def _fire(cls) -> None:
+        log.info("SIGTERM: closing %d mesh(es) before exiting", len(cls.meshes))
+        cancelled: set[asyncio.Task[Any]] = set()
+        for mesh, task in list(cls.meshes.items()):
+            mesh._terminated = True
+            if not mesh._closed and task not in cancelled and not task.done():
+                task.cancel()
+                cancelled.add(task)
+        if not cancelled:
+            # nothing to unwind (already closing: a second SIGTERM; or the task
+            # that entered the mesh is gone): SIGTERM does what it would have
+            log.info("SIGTERM: nothing left to close cleanly; exiting")
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
 
 
 class Mesh:
@@ -87,7 +194,8 @@ class Mesh:
     ``Mesh()`` starts a new private mesh; ``Mesh(name="vmm")`` starts one that
     other processes of this user can find by name. Raises ``MeshError`` if the
     runtime folder is not safe to use, ``MeshNameInUse`` if a live mesh holds
-    the name."""
+    the name. While it is open, SIGTERM closes it cleanly if the application
+    left SIGTERM at its default action (see ``_Sigterm``)."""
 
     def __init__(
         self,
@@ -106,6 +214,8 @@ class Mesh:
         self._owns_directory = False
         self._children: list[Process] = []
         self._closed = False
+        self._entered = False
+        self._terminated = False  # closed because of SIGTERM
         self._extras: list[Any] = []  # listeners and other things closed with the mesh
         self._lock_fd = -1
         self._control: Control = None  # type: ignore[assignment]  # set on enter
@@ -129,7 +239,11 @@ class Mesh:
         return self._node.directory
 
     async def __aenter__(self) -> Mesh:
+        if self._entered:
+            raise MeshError("this Mesh was already entered; a Mesh is used once (make a new one)")
+        self._entered = True
         root = runtime_root(self._runtime_dir)
+        check_socket_room(mesh_directory(root, self.name or "0" * 16))
         if self.name is not None:
             from ._invitation import claim_name
 
@@ -144,11 +258,16 @@ class Mesh:
             self._node.start()
             self._start_control(root=True)
         except BaseException:
+            # a failed start leaves nothing behind: directory, lock file, lock
             shutil.rmtree(directory, ignore_errors=True)
-            if self._lock_fd >= 0:
-                os.close(self._lock_fd)
+            if self._lock_fd >= 0 and self.name is not None:
+                from ._invitation import release_name
+
+                release_name(root, self.name, self._lock_fd)
                 self._lock_fd = -1
+            self._closed = True
             raise
+        _Sigterm.watch(self)
         return self
 
     @classmethod
@@ -158,6 +277,7 @@ class Mesh:
     ) -> AsyncIterator[Mesh]:
         """A node joining an existing mesh (spawned child or invited process)."""
         self = cls(limits=limits)
+        self._entered = True
         d = Path(directory)
         check_private_dir(d)
         self._node = Node(d, MeshSecret(secret), node_id, limits=self.limits)
@@ -172,6 +292,8 @@ class Mesh:
         self, t: type[BaseException] | None, v: BaseException | None, tb: TracebackType | None
     ) -> None:
         await self.aclose()
+        if self._terminated and isinstance(v, asyncio.CancelledError):
+            raise SystemExit(128 + signal.SIGTERM)
 
     async def aclose(self) -> None:
         """Shut down: stop listeners, stop and reap workers, let ports in
@@ -182,11 +304,18 @@ class Mesh:
         self._closed = True
         if _current.get() is self:
             _current.set(self._outer)  # e.g. a worker that attached to another mesh
+        try:
+            await self._shut_down()
+        finally:
+            _Sigterm.unwatch(self)
+
+    async def _shut_down(self) -> None:
         for extra in self._extras:
             extra.close()
-        for proc in self._children:
+        children = list(self._children)  # each leaves the list as it exits
+        for proc in children:
             proc.terminate()
-        for proc in self._children:
+        for proc in children:
             try:
                 async with asyncio.timeout(CHILD_GRACE):
                     await proc.wait()
@@ -207,11 +336,13 @@ class Mesh:
         self,
         path: str | os.PathLike[str] | None = None,
         *,
-        allowed_uids: set[int] | None = None,
         invitation_ttl: float | None = None,
     ) -> Listener:
         """Start handing out invitations on a Unix socket: by default
         ``<mesh directory>/listen.sock`` (where ``connect(name)`` looks).
+        Only processes of our own uid get one: a process of another user
+        could not use it (the mesh's node sockets refuse other uids), so it
+        is refused at the listener, before any invitation exists.
         Raises ``MeshNameInUse`` if a live listener holds the path and
         ``MeshError`` if the path holds something that is not ours."""
         from ._invitation import INVITATION_TTL, LISTENER_NAME, Listener
@@ -219,8 +350,7 @@ class Mesh:
         if self._closed:
             raise MeshError("the mesh is closed")
         p = Path(path) if path is not None else self.directory / LISTENER_NAME
-        uids = set(allowed_uids) if allowed_uids is not None else {os.getuid()}
-        listener = Listener(self, p, uids, INVITATION_TTL if invitation_ttl is None else invitation_ttl)
+        listener = Listener(self, p, INVITATION_TTL if invitation_ttl is None else invitation_ttl)
         listener.start()
         self._extras.append(listener)
         return listener
@@ -235,14 +365,27 @@ class Mesh:
     async def spawn(self, target: str, arg: Any = None, *, name: str | None = None) -> Process:
         """Start a worker process running ``async def function(arg)`` from
         ``"package.module:function"``; ``arg`` is any message value (typically
-        a ``Receiver``, ``Sender`` or ``Port``). Raises ``ValueError`` for a
-        malformed target; a failure inside the child is reported by
-        ``Process.wait()``'s exit code and ``Process.error``."""
+        a ``Receiver``, ``Sender`` or ``Port``). Returns once the function
+        runs in the worker. Raises ``ValueError`` for a malformed target and
+        ``SpawnError`` if the worker cannot start it (module or function
+        missing, an error while importing, the process dying first; the
+        worker's traceback attached). A later failure of the function is
+        reported by ``Process.wait()``'s exit code and ``Process.error``; a
+        worker whose link to this process broke exits with status 3."""
         if self._closed:
             raise MeshError("the mesh is closed")
         proc = await spawn(self, target, arg, name)
+        # one of ours from now on (closing the mesh stops it even while it
+        # starts); a long-lived mesh spawning many workers keeps only the
+        # running ones
         self._children.append(proc)
+        proc._exited.add_done_callback(lambda _: self._forget_child(proc))
+        await proc._wait_started()
         return proc
+
+    def _forget_child(self, proc: Process) -> None:
+        if proc in self._children:
+            self._children.remove(proc)
 
     # ------------------------------------------------------------ control plane
 

@@ -1,7 +1,7 @@
 """A node: port engine + its socket in the mesh directory + its connections
 (layer 6).
 
-Nodes reach each other directly by path (``<directory>/<node id>.sock``):
+Nodes reach each other directly by path (``node_path``: ``<directory>/<node id prefix>``):
 no broker. A connection is made on demand when a port first needs a node, and
 every connection is authenticated before any port event is read:
 
@@ -31,6 +31,7 @@ import socket
 import stat
 import struct
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -54,6 +55,29 @@ RETRY_MAX_WAIT: Final = 1.0
 #: Nodes remembered as dead (so traffic to them fails at once); the oldest
 #: are forgotten beyond this, which costs at most a refused connect later.
 MAX_DEAD_NODES: Final = 128
+#: Seconds a peer accepted on a listening socket gets to send its HELLO. A
+#: real node sends it the moment it connects; a silent peer frees its slot
+#: (see ``MAX_PENDING``) this soon.
+HELLO_TIMEOUT: Final = 2.0
+#: Connections one listening socket serves at once before they are
+#: authenticated (node handshakes; listener clients until their invitation
+#: is sent). At the cap, accepting pauses and the rest wait in the kernel's
+#: backlog: silent or slow peers cost at most this many fds per socket.
+MAX_PENDING: Final = 128
+#: At the cap, a connection still unauthenticated after this many seconds
+#: gives its slot to the next one waiting (a real peer finishes in
+#: milliseconds): silent peers cannot keep real ones waiting in the backlog.
+EVICT_AFTER: Final = 0.25
+#: Seconds between two log lines about the same kind of trouble on one
+#: socket (refused peers, failed accepts); the next line says how many
+#: were held back.
+LOG_INTERVAL: Final = 10.0
+#: ``accept`` errors meaning "out of descriptors or memory". The listening
+#: socket stays readable, so accepting pauses (no busy loop) and resumes
+#: after a backoff from ``_PAUSE_FIRST`` to ``_PAUSE_MAX`` seconds, or as soon
+#: as a connection of this socket ends and gives back its fd.
+_OUT_OF_FDS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+_PAUSE_FIRST, _PAUSE_MAX = 0.05, 1.0
 SECRET_LEN: Final = 32
 
 _MAGIC = b"MSH1"
@@ -121,14 +145,31 @@ class PeerCred:
         return f"PeerCred(pid={self.pid}, uid={self.uid}, gid={self.gid})"
 
 
+class _ClosedEarly(HandshakeError):
+    """The other side hung up mid-handshake (a node under a flood of
+    connections sheds the oldest; a dying one closes): worth a retry."""
+
+
+#: Connection attempts to a node that hangs up mid-handshake before it is
+#: deemed gone.
+MAX_EARLY_CLOSES: Final = 5
+
+
 async def _recv_exact(loop: asyncio.AbstractEventLoop, sock: socket.socket, n: int) -> bytes:
     buf = bytearray()
     while len(buf) < n:
         chunk = await loop.sock_recv(sock, n - len(buf))
         if not chunk:
-            raise HandshakeError(f"peer closed the connection after {len(buf)} of {n} handshake bytes")
+            raise _ClosedEarly(f"peer closed the connection after {len(buf)} of {n} handshake bytes")
         buf += chunk
     return bytes(buf)
+
+
+def _why(exc: BaseException) -> str:
+    """An error's text for a log line or a failure reason: never empty."""
+    if isinstance(exc, TimeoutError) and not str(exc):
+        return f"the handshake timed out after {HANDSHAKE_TIMEOUT:g} s"
+    return str(exc) or type(exc).__name__
 
 
 def check_private_dir(path: Path) -> None:
@@ -143,7 +184,10 @@ def check_private_dir(path: Path) -> None:
 
 
 def node_path(directory: Path, node: bytes) -> Path:
-    return directory / f"{node.hex()}.sock"
+    """Where node ``node`` listens: the first 48 bits of its (random) id in
+    hex, short so that any mesh name fits an AF_UNIX address; a clash is
+    refused at bind and the handshake checks the whole id."""
+    return directory / node.hex()[:12]
 
 
 class Node:
@@ -181,6 +225,8 @@ class Node:
         self._dead: OrderedDict[bytes, str] = OrderedDict()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._lsock: socket.socket | None = None
+        self._acceptor: Acceptor | None = None
+        self._log = RateLimitedLog()
         self.closed = False
         self.rejected = 0  # connections refused (bad secret, uid, garbage)
         self.attached = 0  # invited nodes that joined
@@ -191,7 +237,13 @@ class Node:
     def start(self) -> None:
         s = listen_private(self.path, "node socket")
         self._lsock = s
-        self.loop.add_reader(s.fileno(), self._on_accept)
+        self._acceptor = Acceptor(
+            self.loop,
+            s,
+            lambda sock: self._spawn(self.accept_connection(sock, hello_timeout=HELLO_TIMEOUT)),
+            f"node {self.id}",
+        )
+        self._acceptor.start()
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         t = self.loop.create_task(coro)
@@ -219,8 +271,8 @@ class Node:
         connection closes and whatever still depends on one fails."""
         if self.closed:
             return
-        if self._lsock is not None:
-            self.loop.remove_reader(self._lsock.fileno())
+        if self._acceptor is not None:
+            self._acceptor.close()
         engine = self.engine
         for st in list(engine.ports.values()):
             if st.mode == OWNED and not st.closed and st.peer_node != self.id:
@@ -331,20 +383,18 @@ class Node:
 
     # ------------------------------------------------------------ handshakes
 
-    def _on_accept(self) -> None:
-        if self._lsock is not None:
-            accept_ready(
-                self._lsock, lambda sock: self._spawn(self.accept_connection(sock)), f"node {self.id}"
-            )
-
     def _refuse(self, sock: socket.socket, why: str, cred: PeerCred | None) -> None:
         self.rejected += 1
         who = f"pid {cred.pid} uid {cred.uid}" if cred else "unknown peer"
-        log.warning("node %s refused a connection from %s: %s", self.id, who, why)
+        kind = why.split(":")[0][:40]
+        self._log.warning(kind, "node %s refused a connection from %s: %s", self.id, who, why)
         sock.close()
 
-    async def accept_connection(self, sock: socket.socket, expect: bytes | None = None) -> None:
-        """Run the acceptor side of the handshake on ``sock`` (takes ownership)."""
+    async def accept_connection(
+        self, sock: socket.socket, expect: bytes | None = None, *, hello_timeout: float = HANDSHAKE_TIMEOUT
+    ) -> None:
+        """Run the acceptor side of the handshake on ``sock`` (takes ownership);
+        the peer's HELLO must arrive within ``hello_timeout`` seconds."""
         cred: PeerCred | None = None
         me = asyncio.current_task()
         try:
@@ -353,9 +403,12 @@ class Node:
                 self._refuse(sock, f"uid {cred.uid} is not allowed", cred)
                 return
             async with asyncio.timeout(HANDSHAKE_TIMEOUT):
-                magic, ver, _, peer, want, nonce_i = _HELLO.unpack(
-                    await _recv_exact(self.loop, sock, _HELLO.size)
-                )
+                try:
+                    async with asyncio.timeout(hello_timeout):
+                        hello = await _recv_exact(self.loop, sock, _HELLO.size)
+                except TimeoutError:
+                    raise HandshakeError(f"no handshake within {hello_timeout:g} s") from None
+                magic, ver, _, peer, want, nonce_i = _HELLO.unpack(hello)
                 if magic != _MAGIC:
                     raise HandshakeError("not a meshipc node")
                 status = S_OK
@@ -404,11 +457,14 @@ class Node:
                         cred.pid,
                         cred.uid,
                     )
+        except asyncio.CancelledError:
+            sock.close()  # node closing, or the connection gave its slot away
+            raise
         except (HandshakeError, OSError, TimeoutError, struct.error) as exc:
-            self._refuse(sock, str(exc) or type(exc).__name__, cred)
+            self._refuse(sock, _why(exc), cred)
             if expect is not None and self._connecting.get(expect) is me:
                 del self._connecting[expect]
-                self._mark_dead(expect, f"handshake failed: {exc}")
+                self._mark_dead(expect, f"handshake failed: {_why(exc)}")
             return
         finally:
             if expect is not None and self._connecting.get(expect) is me:
@@ -446,10 +502,18 @@ class Node:
 
     async def _connect(self, peer: bytes, sock: socket.socket | None = None) -> None:
         wait = 0.05
+        early = 0
         try:
             while True:
                 try:
                     verdict = await self.connect_to(peer, sock)
+                except (_ClosedEarly, ConnectionResetError, BrokenPipeError):
+                    early += 1
+                    if sock is not None or self.closed or early >= MAX_EARLY_CLOSES:
+                        raise
+                    await asyncio.sleep(wait)  # a shed connection: try again, once it breathes
+                    wait = min(wait * 2, RETRY_MAX_WAIT)
+                    continue
                 except TimeoutError:
                     # stopped or busy is not dead: dead is a socket that is gone
                     # or refuses (its process exited), or a broken handshake
@@ -478,7 +542,7 @@ class Node:
             return
         except (HandshakeError, OSError) as exc:
             self._connecting.pop(peer, None)
-            self._mark_dead(peer, f"cannot connect: {exc}")
+            self._mark_dead(peer, f"cannot connect: {_why(exc)}")
             return
         self._connecting.pop(peer, None)
 
@@ -546,20 +610,165 @@ def listen_private(path: Path, what: str, backlog: int = 1024) -> socket.socket:
     return s
 
 
-def accept_ready(lsock: socket.socket, handle: Callable[[socket.socket], object], label: str) -> None:
-    """Accept the connections waiting on a listening socket (a bounded batch,
-    so one busy listener cannot starve the loop); each goes to ``handle``,
-    which must not block (it starts a task)."""
-    for _ in range(128):
-        try:
-            sock, _ = lsock.accept()
-        except (BlockingIOError, InterruptedError):
+class RateLimitedLog:
+    """Warnings, at most one per ``interval`` seconds per kind; the next
+    line of a kind says how many of it were held back."""
+
+    def __init__(self, interval: float = LOG_INTERVAL) -> None:
+        self.interval = interval
+        self._last: dict[str, float] = {}
+        self._held: dict[str, int] = {}
+
+    def warning(self, kind: str, msg: str, *args: Any) -> None:
+        now = time.monotonic()
+        last = self._last.get(kind)
+        if last is not None and now - last < self.interval:
+            self._held[kind] = self._held.get(kind, 0) + 1
             return
-        except OSError as exc:
-            log.warning("%s: accept failed: %s", label, exc)
-            return
-        sock.setblocking(False)
-        handle(sock)
+        self._last[kind] = now
+        held = self._held.pop(kind, 0)
+        if held:
+            msg += " (and %d more like this in the last %.0f s)"
+            args = (*args, held, now - (last or now))
+        log.warning(msg, *args)
+
+
+class Acceptor:
+    """Accepts the connections of one listening socket and hands each to
+    ``handle``, which starts a task for it (and must not block).
+
+    At most ``limit`` of those tasks run at once. At the cap, the oldest one
+    still running after ``EVICT_AFTER`` seconds is cancelled to make room
+    (its peer is silent or too slow); if none is that old, accepting stops
+    until one ends or gets that old (the kernel's backlog holds the rest). Out of fds or
+    memory (``EMFILE``, ``ENFILE`` …), accepting pauses with a growing
+    backoff instead of spinning on a socket that stays readable, and
+    resumes as soon as one of its own connections ends. Failures are
+    logged at most once per ``LOG_INTERVAL`` per kind."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        lsock: socket.socket,
+        handle: Callable[[socket.socket], asyncio.Future[Any]],
+        label: str,
+        limit: int = MAX_PENDING,
+    ) -> None:
+        self.loop = loop
+        self.lsock = lsock
+        self.handle = handle
+        self.label = label
+        self.limit = limit
+        self._running: dict[asyncio.Future[Any], float] = {}  # task -> accepted at (loop time)
+        #: times accepting paused for lack of fds or memory
+        self.out_of_fds = 0
+        #: connections cancelled at the cap to make room
+        self.evicted = 0
+        self.closed = False
+        self._reading = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._pause = _PAUSE_FIRST
+        self._log = RateLimitedLog()
+
+    def start(self) -> None:
+        self._resume()
+
+    def close(self) -> None:
+        self.closed = True
+        self._stop_reading()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    @property
+    def pending(self) -> int:
+        """Connections accepted and not yet done with."""
+        return len(self._running)
+
+    def _resume(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if not self.closed and not self._reading:
+            self.loop.add_reader(self.lsock.fileno(), self._on_readable)
+            self._reading = True
+
+    def _evict_oldest(self) -> float:
+        """Cancel the oldest connection if it has had ``EVICT_AFTER`` seconds
+        (0.0); else the seconds until it has. Its fd is freed, and accepting
+        resumes, when its task ends."""
+        task, since = next(iter(self._running.items()))
+        wait = since + EVICT_AFTER - self.loop.time()
+        if wait > 0:
+            return wait
+        del self._running[task]
+        task.cancel()  # its _release resumes accepting once its fd is closed
+        self.evicted += 1
+        self._log.warning(
+            "evicted",
+            "%s: %d connections pending; dropped one silent for %.1f s",
+            self.label,
+            len(self._running) + 1,
+            EVICT_AFTER - wait,
+        )
+        return 0.0
+
+    def _make_room(self) -> bool:
+        """At the cap: evict the oldest connection, or stop accepting until
+        one ends or the oldest may be evicted."""
+        wait = self._evict_oldest()
+        if wait > 0:
+            self._pause_for(wait)
+            return False
+        return True
+
+    def _pause_for(self, seconds: float) -> None:
+        self._stop_reading()
+        if self._timer is None:
+            self._timer = self.loop.call_later(seconds, self._resume)
+
+    def _stop_reading(self) -> None:
+        if self._reading:
+            self.loop.remove_reader(self.lsock.fileno())
+            self._reading = False
+
+    def _on_readable(self) -> None:
+        for _ in range(64):  # a bounded batch: one busy socket cannot starve the loop
+            if self.pending >= self.limit and not self._make_room():
+                return
+            try:
+                sock, _ = self.lsock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in _OUT_OF_FDS:
+                    self.out_of_fds += 1
+                    self._log.warning(
+                        "out of fds", "%s: accept failed (%s): pausing accepts", self.label, exc.strerror
+                    )
+                    self._stop_reading()
+                    # our oldest silent peer gives its fd back, if it has had its time;
+                    # else try again after a backoff (fds may be freed elsewhere)
+                    wait = self._evict_oldest() if self._running else self._pause
+                    if wait > 0:
+                        self._pause_for(min(wait, self._pause))
+                        self._pause = min(self._pause * 2, _PAUSE_MAX)
+                    return
+                self._log.warning("accept", "%s: accept failed: %s", self.label, exc)
+                continue  # ECONNABORTED and the like: that one connection
+            self._pause = _PAUSE_FIRST
+            sock.setblocking(False)
+            try:
+                task = self.handle(sock)
+            except BaseException:
+                sock.close()
+                raise
+            self._running[task] = self.loop.time()
+            task.add_done_callback(self._release)
+
+    def _release(self, task: asyncio.Future[Any]) -> None:
+        self._running.pop(task, None)
+        self._resume()  # also ends a pause for fds: one of ours was just freed
 
 
 def is_socket_alive(path: Path) -> bool:

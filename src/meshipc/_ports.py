@@ -52,6 +52,23 @@ Failures (a node dies, so its links break):
   so none of them waits forever for an acknowledgement;
 * a proxy whose peer lived there forwards the failure to its target.
 
+An end whose ``CLOSE`` already went to its peer (it answered the peer's
+close, or arrived flagged ``D_PEER_CLOSED`` with that close still on its way)
+moves on as peer-closed too: it must not send a ``CHANGE_PEER`` to a peer
+that is being removed (the peer's table would no longer know it, and the
+"peer port is gone" notice would fail the end with its whole backlog).
+
+Final messages (``K_REPLY``, ``K_REPLY_ERROR``) are the last item of their
+port: the sender lets its end go as it sends one, the receiver treats it as
+message + ``CLOSE`` and echoes nothing. An RPC answer is one frame.
+
+Flow control (``Limits``): a sending end keeps (seq, bytes) of what it sent
+to another node until the receiver reports it consumed (``CONSUMED``,
+unsequenced, a cumulative sequence number, every quarter window); a local
+receiver's queue length is the count itself. ``drain`` waits while over the
+window; ``send`` raises ``BufferFull`` at the hard limit. A reorder buffer
+beyond the hard limit plus ``MAX_REORDER`` fails that port, not the link.
+
 A shortcut: an end whose peer is *pinned* (an RPC reply port, which never
 moves) travels as ``D_DIRECT``: the peer is repointed at once and the new
 end needs no proxy, ``ARRIVED`` or ``CHANGE_PEER``. It is safe only because
@@ -61,7 +78,6 @@ message arrives, and the peer's own items follow it on the same link.
 
 from __future__ import annotations
 
-import os
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -77,12 +93,15 @@ from ._errors import (
     PortFailed,
     ProtocolError,
 )
-from ._ids import PortId
+from ._ids import PortId, random_id
 from ._wire import (
+    CALL_HEAD,
     D_DEAD,
     D_DIRECT,
     D_PEER_CLOSED,
+    K_CALL,
     K_ERROR,
+    K_REPLY,
     MAX_FDS_PER_MESSAGE,
     MAX_OOB_BODY,
     MAX_PORTS_PER_MESSAGE,
@@ -139,6 +158,9 @@ class Limits:
 
 
 DEFAULT_LIMITS: Final = Limits()
+#: A sender notes how many bytes it had sent every this many messages (or
+#: window/8 bytes): consumption reports are matched against these notes.
+CK_MESSAGES: Final = 64
 
 
 class Message:
@@ -203,8 +225,9 @@ class Codec(Protocol):
 
     def encode_error(self, exc: BaseException) -> bytes: ...
 
-    def encode_plain(self, obj: Any) -> bytes:
-        """Encode a value without ports or fds; ``TypeError`` if it has any."""
+    def encode_plain(self, obj: Any) -> bytes | None:
+        """Encode a value without ports or fds; None if it has any (or a
+        type only the full encoder can judge)."""
         ...
 
 
@@ -215,7 +238,12 @@ class PortState:
         "__weakref__",
         "ack_bytes",
         "ack_n",
+        "acked_b",
+        "acked_seq",
         "buffer",
+        "ck",
+        "ck_b",
+        "ck_seq",
         "close_sent",
         "closed",
         "credit",
@@ -224,7 +252,6 @@ class PortState:
         "first_hop",
         "id",
         "mode",
-        "out_bytes",
         "peer_closed",
         "peer_node",
         "peer_port",
@@ -237,9 +264,9 @@ class PortState:
         "recv_seq",
         "relayed",
         "send_seq",
+        "sent_b",
         "target_node",
         "target_port",
-        "unacked",
         "waker",
     )
 
@@ -273,10 +300,17 @@ class PortState:
         # proxies of the other side whose CHANGE_PEER this end passed on
         # (they wait for an acknowledgement that a failure may swallow)
         self.relayed: list[tuple[bytes, bytes]] | None = None
-        # flow control, sending side: (seq, body bytes) of each message sent to
-        # another node and not yet reported consumed, and their byte total
-        self.unacked: deque[tuple[int, int]] | None = None
-        self.out_bytes = 0
+        # flow control, sending side, towards another node: sequence numbers
+        # count messages (acked_seq: the last one reported consumed); bytes
+        # are cumulative (sent_b), known consumed at checkpoints (ck: deque of
+        # (seq, sent_b before it)) taken every CK_MESSAGES or window/8 bytes,
+        # so a send costs an addition and a comparison. ck None: not tracking.
+        self.ck: deque[tuple[int, int]] | None = None
+        self.acked_seq = 0
+        self.sent_b = 0
+        self.acked_b = 0
+        self.ck_seq = 0  # next checkpoint at this seq...
+        self.ck_b = 0  # ...or once sent_b reaches this
         # flow control, receiving side: consumed since the last CONSUMED report
         self.ack_n = 0
         self.ack_bytes = 0
@@ -310,8 +344,8 @@ class _NullCodec:
     def encode_error(self, exc: BaseException) -> bytes:
         return b""
 
-    def encode_plain(self, obj: Any) -> bytes:
-        raise TypeError("no codec")
+    def encode_plain(self, obj: Any) -> bytes | None:
+        return None
 
 
 class Engine:
@@ -336,6 +370,9 @@ class Engine:
         #: consumption reported to a remote sender in batches of a quarter window
         self.ack_every_n = max(1, limits.window_messages // 4)
         self.ack_every_bytes = max(1, limits.window_bytes // 4)
+        self._max_n = limits.max_messages  # read per checkpoint: plain attributes
+        self._max_b = limits.max_bytes
+        self._ck_bytes = max(1, limits.window_bytes // 8)
         #: the thread that drives this engine, and how to run a call there;
         #: None for an engine no event loop drives (then ``lock`` serializes
         #: every change made through the handles, from any thread)
@@ -386,23 +423,17 @@ class Engine:
         ):
             try:
                 body = self.codec.encode_plain(obj)
-            except (TypeError, RecursionError):
-                pass  # ports, fds or an unsupported type inside: the full path says which
-            else:
+            except RecursionError:
+                raise MessageError("this value cannot be sent to another process: nested too deep") from None
+            if body is not None:  # else ports, fds or an unsupported type: the full path says which
                 n = len(body)
                 if n > MAX_OOB_BODY:
                     raise MessageError(f"a message of {n} bytes exceeds the limit of {MAX_OOB_BODY}")
-                u = st.unacked
-                if u is None:
-                    u = st.unacked = deque()
-                elif not force and (
-                    len(u) >= self.limits.max_messages or (st.out_bytes + n > self.limits.max_bytes and u)
-                ):
-                    raise self._full(st)
                 seq = st.send_seq
+                if seq >= st.ck_seq or st.sent_b + n >= st.ck_b:
+                    self._checkpoint(st, seq, n, force)  # may raise BufferFull
                 st.send_seq = seq + 1
-                u.append((seq, n))
-                st.out_bytes += n
+                st.sent_b += n
                 self.transmit_data(node, st.peer_port, seq, kind, body)
                 return
         self.send(st, Message(kind, obj), force)
@@ -421,7 +452,6 @@ class Engine:
             return
         node = st.peer_node
         if node != self.node_id:
-            u = st.unacked
             if not force and self.over_hard_limit(st):
                 self.dispose(msg)
                 raise self._full(st)
@@ -431,12 +461,11 @@ class Engine:
             if msg.body is None:
                 msg = self.encode_message(msg, st)
             ev, fds = self._event_for(node, st.peer_port, seq, msg, strict=True)
-            st.send_seq = seq + 1
             n = len(msg.body or b"")
-            if u is None:
-                u = st.unacked = deque()
-            u.append((seq, n))
-            st.out_bytes += n
+            if seq >= st.ck_seq or st.sent_b + n >= st.ck_b:
+                self._checkpoint(st, seq, n, True)
+            st.send_seq = seq + 1
+            st.sent_b += n
             self.transmit(node, ev, fds)
             return
         target = self.ports.get(st.peer_port)
@@ -451,16 +480,97 @@ class Engine:
                 target.recv_seq = seq + 1
                 q = target.queue
                 q.append(msg)
-                if len(q) == 1 and target.waker is not None:
+                if msg.kind >= K_REPLY:
+                    self._finished(target)
+                elif len(q) == 1 and target.waker is not None:
                     target.waker()
                 return
-        elif msg.body is None and msg.obj is not None:
+        elif target is not None:
             # the peer is on its way to another process: whatever goes there
-            # is encoded here, so an unsendable value fails this send
-            msg = self.encode_message(msg, st)
+            # is encoded here, so an unsendable value fails this send, and
+            # counts towards the window (the peer's new end reports to us)
+            if not force and self.over_hard_limit(st):
+                self.dispose(msg)
+                raise self._full(st)
+            if msg.body is None and msg.obj is not None:
+                msg = self.encode_message(msg, st)
+            seq = st.send_seq
+            n = len(msg.body or b"")
+            if seq >= st.ck_seq or st.sent_b + n >= st.ck_b:
+                self._checkpoint(st, seq, n, True)
+            st.send_seq = seq + 1
+            st.sent_b += n
+            self._route(node, st.peer_port, seq, msg)
+            return
         seq = st.send_seq
         st.send_seq = seq + 1
         self._route(node, st.peer_port, seq, msg)
+
+    def call_plain(self, st: PortState, body: bytes) -> PortState | None:
+        """Send an RPC request whose encoded value is ``body`` from ``st`` to
+        its peer on another node, in one frame that names the reply port by
+        id (no port descriptor). Returns the caller's reply end (pinned: it
+        never moves), or None when this shortcut does not apply (the peer is
+        local, moving, or gone; the caller then takes the general path)."""
+        node = st.peer_node
+        if (
+            node == self.node_id
+            or st.mode != OWNED
+            or st.closed
+            or st.peer_closed
+            or st.error is not None
+            or self.transmit_data is None
+        ):
+            return None
+        n = len(body)
+        if n > MAX_OOB_BODY:
+            raise MessageError(f"a message of {n} bytes exceeds the limit of {MAX_OOB_BODY}")
+        seq = st.send_seq
+        if seq >= st.ck_seq or st.sent_b + n >= st.ck_b:
+            self._checkpoint(st, seq, n, False)
+        reply = PortState(self, random_id(), node, random_id())
+        reply.pinned = True
+        self.ports[reply.id] = reply
+        st.send_seq = seq + 1
+        st.sent_b += n
+        self.transmit_data(node, st.peer_port, seq, K_CALL, reply.peer_port + reply.id + body)
+        return reply
+
+    def _call_in(self, src: bytes, body: bytes) -> Message:
+        """A compact RPC request from ``src``: make the callee's reply end."""
+        if len(body) < CALL_HEAD:
+            raise ProtocolError("RPC request without its reply port")
+        new_id, caller_port = body[:16], body[16:CALL_HEAD]
+        if new_id in self.ports:
+            raise ProtocolError("RPC request reuses a live port id")
+        reply = PortState(self, new_id, src, caller_port)
+        self.ports[new_id] = reply
+        return Message(K_CALL, None, body[CALL_HEAD:], [reply])
+
+    def send_final(self, st: PortState, kind: int, obj: Any) -> None:
+        """Send the last message of this end (a final kind, an RPC reply)
+        and let the end go at once: the peer ends its stream on that message,
+        so no CLOSE is sent and none comes back."""
+        try:
+            self.send_value(st, kind, obj)
+        except BaseException:
+            self.close(st)  # the peer learns the end the usual way
+            raise
+        if not st.closed:
+            st.closed = True
+            st.close_sent = True
+            self._drop_queue(st)
+            self._fire_credit(st)
+            if st.mode == OWNED:
+                self._remove(st)
+
+    def _finished(self, st: PortState) -> None:
+        """A final message was queued on ``st``: its peer is gone, in order."""
+        st.peer_closed = True
+        st.close_sent = True  # nothing to answer: the peer let go already
+        self._remove(st)
+        if st.waker is not None:
+            st.waker()
 
     def encode_message(self, msg: Message, carrier: PortState | None = None) -> Message:
         """``msg`` with its value encoded for another process. Raises
@@ -509,16 +619,16 @@ class Engine:
                     ps.pending[seq] = self.encode_message(item, ps)
 
     def _full(self, st: PortState) -> BufferFull:
-        u = st.unacked
-        if st.peer_node == self.node_id or u is None:
+        if st.ck is None:
             t = self.ports.get(st.peer_port)
             n = len(t.queue) if t is not None else 0
             return BufferFull(
                 f"the receiver holds {n} unread messages (limit {self.limits.max_messages}); "
                 "await drain() before sending more"
             )
+        n, b = self.in_flight(st)
         return BufferFull(
-            f"{len(u)} messages ({st.out_bytes} bytes) sent to node {st.peer_node.hex()[:12]} are not "
+            f"{n} messages ({b} bytes) sent to node {st.peer_node.hex()[:12]} are not "
             f"consumed yet (limits {self.limits.max_messages} messages, {self.limits.max_bytes} bytes); "
             "await drain() before sending more"
         )
@@ -530,9 +640,11 @@ class Engine:
         lim = self.limits
         if st.peer_node == self.node_id:
             t = self.ports.get(st.peer_port)
-            return t is not None and t.mode == OWNED and not t.closed and len(t.queue) >= lim.max_messages
-        u = st.unacked
-        return u is not None and (len(u) >= lim.max_messages or st.out_bytes >= lim.max_bytes)
+            if t is not None and t.mode == OWNED:
+                return not t.closed and len(t.queue) >= lim.max_messages
+        if st.ck is None:
+            return False
+        return st.send_seq - 1 - st.acked_seq >= lim.max_messages or st.sent_b - st.acked_b >= lim.max_bytes
 
     def over_window(self, st: PortState) -> bool:
         """Whether ``st`` has more unconsumed messages or bytes in flight than
@@ -540,25 +652,52 @@ class Engine:
         lim = self.limits
         if st.peer_node == self.node_id:
             t = self.ports.get(st.peer_port)
-            return t is not None and t.mode == OWNED and len(t.queue) > lim.window_messages
-        u = st.unacked
-        return u is not None and (len(u) > lim.window_messages or st.out_bytes > lim.window_bytes)
+            if t is not None and t.mode == OWNED:
+                return len(t.queue) > lim.window_messages
+        if st.ck is None:
+            return False
+        return (
+            st.send_seq - 1 - st.acked_seq > lim.window_messages or st.sent_b - st.acked_b > lim.window_bytes
+        )
+
+    def in_flight(self, st: PortState) -> tuple[int, int]:
+        """Messages (sequenced items, to be exact) and bytes sent from ``st``
+        to another node and not reported consumed yet."""
+        if st.ck is None:
+            return 0, 0
+        return st.send_seq - 1 - st.acked_seq, st.sent_b - st.acked_b
+
+    def _checkpoint(self, st: PortState, seq: int, n: int, force: bool) -> None:
+        """Before sending item ``seq`` of ``n`` bytes: start tracking, check
+        the hard limit, note what "consumed through seq - 1" will mean in
+        bytes."""
+        ck = st.ck
+        if ck is None:  # first send to another node (or first after a local spell)
+            ck = st.ck = deque()
+            st.acked_seq = seq - 1
+            st.acked_b = st.sent_b
+        elif not force:
+            out_n = seq - 1 - st.acked_seq
+            out_b = st.sent_b - st.acked_b
+            if out_n >= self._max_n or (out_b + n > self._max_b and out_n):
+                raise self._full(st)
+        ck.append((seq - 1, st.sent_b))
+        st.ck_seq = seq + CK_MESSAGES
+        st.ck_b = st.sent_b + n + self._ck_bytes
 
     def watch_credit(self, st: PortState, fn: Callable[[], None]) -> None:
         """Call ``fn`` once when the window of ``st`` may have opened (also
         when the port ends or moves); the caller re-checks ``over_window``."""
         holder = st
         if st.peer_node == self.node_id:
+            # a local receiver's queue is the window; it fires on reads, on its
+            # removal (which our own close or failure also causes) and on moving
             t = self.ports.get(st.peer_port)
-            if t is not None:
+            if t is not None and t.mode == OWNED:
                 holder = t
         if holder.credit is None:
             holder.credit = []
         holder.credit.append(fn)
-        if holder is not st:  # the sender's own end may end too
-            if st.credit is None:
-                st.credit = []
-            st.credit.append(fn)
 
     @staticmethod
     def _fire_credit(st: PortState) -> None:
@@ -590,13 +729,14 @@ class Engine:
         st = self.ports.get(port)
         if st is None or st.mode != OWNED:
             return  # the sender moved on: its new end counts from its own first send
-        u = st.unacked
-        if not u:
+        ck = st.ck
+        if ck is None or seq <= st.acked_seq:
             return
-        b = st.out_bytes
-        while u and u[0][0] <= seq:
-            b -= u.popleft()[1]
-        st.out_bytes = b
+        st.acked_seq = min(seq, st.send_seq - 1)
+        b = st.acked_b
+        while ck and ck[0][0] <= seq:
+            b = ck.popleft()[1]
+        st.acked_b = b
         if st.credit is not None and not self.over_window(st):
             self._fire_credit(st)
 
@@ -655,19 +795,12 @@ class Engine:
         """
         if isinstance(ev, MsgEvent):
             ports = [self._materialize(src, d) for d in ev.ports] if ev.ports else None
-            msg = Message(ev.kind, None, ev.body, ports, fds)
-            st = self.ports.get(ev.port)
-            if st is None:
-                self.dispose(msg)
-                return
-            if st.mode == OWNED and ev.seq == st.recv_seq and not st.pending and not st.closed:
-                st.recv_seq += 1
-                q = st.queue
-                q.append(msg)
-                if len(q) == 1 and st.waker is not None:
-                    st.waker()
-                return
-            self._work.append((ev.port, ev.seq, msg))
+            if ev.kind == K_CALL and not ports and not fds:
+                msg = self._call_in(src, ev.body)
+            else:
+                msg = Message(ev.kind, None, ev.body, ports, fds)
+            self._deliver(src, ev.port, ev.seq, msg)
+            return
         elif isinstance(ev, CloseEvent):
             self._work.append((ev.port, ev.seq, _CLOSE))
         elif isinstance(ev, ChangePeerEvent):
@@ -691,8 +824,29 @@ class Engine:
             return
         self._run()
 
+    def _deliver(self, src: bytes, port: bytes, seq: int, msg: Message) -> None:
+        st = self.ports.get(port)
+        if st is None:
+            self.dispose(msg)
+            return
+        if st.mode == OWNED and seq == st.recv_seq and not st.pending and not st.closed:
+            st.recv_seq = seq + 1
+            q = st.queue
+            q.append(msg)
+            if msg.kind >= K_REPLY:
+                self._finished(st)
+            elif len(q) == 1 and st.waker is not None:
+                st.waker()
+            return
+        self._work.append((port, seq, msg))
+        self._run()
+
     def receive_data(self, src: bytes, port: bytes, seq: int, kind: int, body: bytes) -> None:
         """``receive`` for a plain message (no ports, no fds): the hot path."""
+        if kind == K_CALL:
+            msg = self._call_in(src, body)
+            self._deliver(src, port, seq, msg)
+            return
         st = self.ports.get(port)
         if st is not None and seq == st.recv_seq and not st.pending:
             mode = st.mode
@@ -700,7 +854,9 @@ class Engine:
                 st.recv_seq = seq + 1
                 q = st.queue
                 q.append(Message(kind, None, body))
-                if len(q) == 1 and st.waker is not None:
+                if kind >= K_REPLY:
+                    self._finished(st)
+                elif len(q) == 1 and st.waker is not None:
                     st.waker()
                 return
             # a port on the move: buffer or forward without event objects (a
@@ -714,7 +870,7 @@ class Engine:
             if mode == PROXY and st.target_node != self.node_id and self.transmit_data is not None:
                 st.recv_seq = seq + 1
                 self.transmit_data(st.target_node, st.target_port, seq, kind, body)
-                if st.proxy_last is not None and seq >= st.proxy_last:
+                if kind >= K_REPLY or (st.proxy_last is not None and seq >= st.proxy_last):
                     self._proxy_done(st)
                 return
         self.receive(src, MsgEvent(port, seq, kind, 0, [], 0, body))
@@ -797,8 +953,7 @@ class Engine:
             left.extend(item for _, item in st.buffer)
         st.pending = None
         st.buffer = None
-        st.unacked = None
-        st.out_bytes = 0
+        st.ck = None
         for item in left:
             self._abandon(item)
         self._fire_credit(st)
@@ -944,10 +1099,14 @@ class Engine:
             if isinstance(item, Message):
                 if st.closed or st.error is not None:
                     self.dispose(item)
+                    if item.kind >= K_REPLY and st.error is None:
+                        self._finished(st)  # the peer let go: no tombstone left waiting
                     return
                 q = st.queue
                 q.append(item)
-                if len(q) == 1 and st.waker is not None:
+                if item.kind >= K_REPLY:
+                    self._finished(st)
+                elif len(q) == 1 and st.waker is not None:
                     st.waker()  # not per message: a holder drains the queue once woken
                 return
             elif isinstance(item, _Close):
@@ -963,6 +1122,9 @@ class Engine:
                 self._unsequenced(item.old_node, ProxyAckEvent(item.old_port, st.send_seq - 1))
                 if item.new_node != self.node_id and self.watch is not None:
                     self.watch(item.new_node)
+                elif item.new_node == self.node_id:
+                    st.ck = None  # a local peer's queue is the count now
+                    st.ck_seq = 0
                 self._fire_credit(st)  # a drain() waiting on the old peer re-checks
                 return
             if st.waker is not None:
@@ -981,14 +1143,18 @@ class Engine:
                 st.peer_port = item.new_port
                 self._note_relayed(st, item)
             self._route(st.target_node, st.target_port, seq, item)
-            if isinstance(item, _Close) or (st.proxy_last is not None and seq >= st.proxy_last):
+            if (
+                isinstance(item, _Close)
+                or (isinstance(item, Message) and item.kind >= K_REPLY)
+                or (st.proxy_last is not None and seq >= st.proxy_last)
+            ):
                 self._proxy_done(st)
 
     def _send_port(self, ps: PortState, dest: bytes) -> PortDesc:
         """Turn the end ``ps`` into a descriptor bound for node ``dest``."""
         if ps.engine is not self:
             self.adopt(ps)
-        new_id = os.urandom(16)
+        new_id = random_id()
         if ps.mode != OWNED or ps.closed:
             return PortDesc(new_id, _NO_ID, _NO_ID, _NO_ID, 0, 0, D_DEAD)
         if ps.error is not None:

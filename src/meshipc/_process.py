@@ -1,8 +1,9 @@
 """Spawned worker processes that join the mesh at start (layer 9).
 
 The parent makes a socket pair, passes one end to a fresh interpreter
-(``python -m meshipc._child``) together with an invitation in the
-environment, and runs the acceptor side of the node handshake on its end.
+(``python -P -c <bootstrap> <parent's sys.path>``, see ``worker_command``)
+together with an invitation in the environment, and runs the acceptor side
+of the node handshake on its end.
 The mesh secret is not in the environment (``/proc/<pid>/environ`` keeps
 the initial environment whatever the child does): it is the first 32 bytes
 the parent writes on the socket pair. The child removes the invitation from
@@ -11,6 +12,16 @@ its own node in the mesh directory, and receives the spawn argument as the
 first message on its bootstrap port. The bootstrap port stays open while the
 child lives: the parent reads the child's outcome on it, and the child
 learns on it that its parent died or the mesh is shutting down.
+
+What the child says on the bootstrap port, in order::
+
+    ["started"]                                  target imported, function running
+    ["start_failed", type, message, traceback]   instead of "started"; the child exits 1
+    ["ok"] | ["error", type, message, traceback] the function returned / raised
+
+``spawn`` returns once "started" arrives and raises ``SpawnError`` for
+anything else (including the process dying first). A traceback travels once,
+on the port: the child does not print it as well.
 """
 
 from __future__ import annotations
@@ -35,7 +46,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from ._channel import Call, Port, Receiver, walk_resources
-from ._errors import ChannelClosed, MeshError, PortFailed, RemoteError
+from ._errors import ChannelClosed, MeshError, PortFailed, RemoteError, SpawnError
 from ._ids import NodeId, PortId
 
 if TYPE_CHECKING:
@@ -44,6 +55,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("meshipc")
 
 ENV_INVITATION = "MESHIPC_CHILD_INVITATION"
+#: Why a worker did not start when it said nothing: replaced by its exit status.
+_NO_REPORT = "no start report"
 #: Seconds the parent waits, after a worker exited, for its status message.
 STATUS_GRACE = 2.0
 _TARGET = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
@@ -146,16 +159,21 @@ def apply_receiver_types(arg: Any, refs: list[tuple[int, Any]]) -> None:
 class Process:
     """A worker process in the mesh. ``await wait()`` gives its exit code."""
 
-    def __init__(self, popen: subprocess.Popen[bytes], name: str, port: Port) -> None:
+    def __init__(self, popen: subprocess.Popen[bytes], name: str, target: str, port: Port) -> None:
         self._popen = popen
         self.pid = popen.pid
         self.name = name
+        self.target = target
         self._port = port
         self.returncode: int | None = None
         #: the child's function raised: its error as ``RemoteError`` (also logged)
         self.error: RemoteError | None = None
-        self._exited = asyncio.get_running_loop().create_future()
-        self._status_task = asyncio.get_running_loop().create_task(self._read_status())
+        loop = asyncio.get_running_loop()
+        self._exited: asyncio.Future[int] = loop.create_future()
+        #: None once the target runs; else why it did not start (the
+        #: child's own report, or None when it died without one)
+        self._started: asyncio.Future[SpawnError | None] = loop.create_future()
+        self._status_task = loop.create_task(self._read_status())
         self._watch_exit()
 
     def _watch_exit(self) -> None:
@@ -190,15 +208,50 @@ class Process:
 
     async def _read_status(self) -> None:
         try:
+            await self._read_statuses()
+        finally:
+            if not self._started.done():
+                self._started.set_result(SpawnError(self.name, self.target, _NO_REPORT))
+
+    async def _read_statuses(self) -> None:
+        try:
+            status = await self._port.recv()
+            if _is_error(status, "start_failed"):
+                why = f"{status[1]}: {status[2]}"
+                self._started.set_result(SpawnError(self.name, self.target, why, str(status[3])))
+                return
+            if status != ["started"]:
+                self.kill()  # not a worker of ours: it gets no chance to run
+                why = f"unexpected start report {str(status)[:100]!r}"
+                self._started.set_result(SpawnError(self.name, self.target, why))
+                return
+            self._started.set_result(None)
             status = await self._port.recv()
         except (ChannelClosed, PortFailed):
             return
         except MeshError as exc:
             log.warning("worker %s sent an unreadable status: %s", self.name, exc)
             return
-        if isinstance(status, list) and status and status[0] == "error" and len(status) == 4:
+        if _is_error(status, "error"):
             self.error = RemoteError(str(status[1]), str(status[2]), str(status[3]))
             log.error("worker %s (pid %d) failed: %s\n%s", self.name, self.pid, self.error, status[3])
+
+    async def _wait_started(self) -> None:
+        """Return once the target runs; else reap the process and raise
+        ``SpawnError``. Cancelled meanwhile, the process is killed."""
+        try:
+            failed = await asyncio.shield(self._started)
+        except asyncio.CancelledError:
+            self.kill()
+            self._port.close()
+            raise
+        if failed is None:
+            return
+        code = await self.wait()
+        if failed.reason == _NO_REPORT:
+            how = f"killed by signal {-code}" if code < 0 else f"exited with code {code}"
+            failed = SpawnError(self.name, self.target, f"the worker process {how} before starting it")
+        raise failed
 
     async def wait(self) -> int:
         """Wait for the process to exit; its exit code (negative: killed by signal)."""
@@ -219,6 +272,32 @@ class Process:
     def __repr__(self) -> str:
         state = "running" if self.returncode is None else f"exited {self.returncode}"
         return f"<Process {self.name!r} pid={self.pid} {state}>"
+
+
+#: Run by the worker interpreter before anything else: the import path
+#: becomes exactly the one given on the command line, then the worker starts.
+_BOOTSTRAP = (
+    "import sys; sys.path[:] = sys.argv[1:]; del sys.argv[1:]; from meshipc._child import main; main()"
+)
+
+
+def worker_command() -> list[str]:
+    """The command line of a worker: this interpreter, and this process's
+    import path exactly (relative entries made absolute against our current
+    directory, which the worker inherits).
+
+    ``-P`` keeps the interpreter from putting the directory it runs in (or
+    ``''``) first on its path, so a module planted where the worker happens
+    to run is never imported; the bootstrap then replaces the startup path
+    with ours before importing meshipc. The path goes on the command line
+    rather than in ``PYTHONPATH`` so that the worker's environment is the
+    parent's, unchanged."""
+    path = [os.path.abspath(p) for p in sys.path]  # '' is the current directory
+    return [sys.executable, "-P", "-c", _BOOTSTRAP, *path]
+
+
+def _is_error(status: Any, tag: str) -> bool:
+    return isinstance(status, list) and len(status) == 4 and status[0] == tag
 
 
 async def spawn(mesh: Mesh, target: str, arg: Any, name: str | None) -> Process:
@@ -242,8 +321,6 @@ async def spawn(mesh: Mesh, target: str, arg: Any, name: str | None) -> Process:
     )
     env = dict(os.environ)
     env[ENV_INVITATION] = base64.b64encode(msgspec.msgpack.encode(inv)).decode()
-    # same interpreter, same import path (including the caller's own modules)
-    env["PYTHONPATH"] = os.pathsep.join(p or os.getcwd() for p in sys.path)
     # 32 bytes always fit in an empty socket buffer: this never blocks
     parent_sock.sendall(node._secret.reveal())
     parent_sock.setblocking(False)
@@ -255,7 +332,7 @@ async def spawn(mesh: Mesh, target: str, arg: Any, name: str | None) -> Process:
         # raises here and leaves nothing behind
         port.send(arg)
         popen = subprocess.Popen(
-            [sys.executable, "-m", "meshipc._child"],
+            worker_command(),
             env=env,
             pass_fds=[child_sock.fileno()],
             close_fds=True,
@@ -267,4 +344,4 @@ async def spawn(mesh: Mesh, target: str, arg: Any, name: str | None) -> Process:
         raise
     finally:
         child_sock.close()
-    return Process(popen, name, port)
+    return Process(popen, name, target, port)

@@ -22,7 +22,6 @@ import logging
 import mmap
 import os
 import socket
-import struct
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -30,6 +29,8 @@ from typing import Any
 from ._errors import ProtocolError
 from ._fd import Fd
 from ._wire import (
+    DATA_HEAD,
+    DATA_HEAD_LEN,
     F_OOB,
     MAX_FDS_PER_MESSAGE,
     OOB_THRESHOLD,
@@ -63,8 +64,6 @@ _SEALS = (
     | getattr(fcntl, "F_SEAL_GROW", 4)
     | getattr(fcntl, "F_SEAL_WRITE", 8)
 )
-_DATA_HEAD = struct.Struct("<IB16sQBBHH")  # length + MSG header without ports or fds
-_DATA_HEAD_LEN = _DATA_HEAD.size - 4
 _HAVE_MEMFD = hasattr(os, "memfd_create") and hasattr(fcntl, "F_ADD_SEALS")
 
 
@@ -131,6 +130,8 @@ class Connection:
         self._batches: deque[tuple[bytes | memoryview, list[Fd]]] = deque()
         self._flush_scheduled = False
         self._writing = False
+        self._reading = False  # in a read batch: replies coalesce until it ends
+        self._busy = False  # the last flush had frames to write (a stream)
         self.closed = False
         self.frames_out = 0
         self.bytes_in = 0
@@ -166,9 +167,35 @@ class Connection:
         if n >= 4096 or self.closed:
             self.write_event(MsgEvent(port, seq, kind, 0, [], 0, body), [])
             return
-        self._chunks.append(_DATA_HEAD.pack(n + _DATA_HEAD_LEN, T_MSG, port, seq, kind, 0, 0, 0) + body)
+        frame = DATA_HEAD.pack(n + DATA_HEAD_LEN, T_MSG, port, seq, kind, 0, 0, 0) + body
         self.frames_out += 1
         if not self._flush_scheduled:
+            if not (self._busy or self._batches or self._writing or self._reading):
+                # nothing queued and no stream going: out now, no loop turn (a
+                # call's request or reply); what follows in this turn
+                # coalesces behind it
+                self._send_now(frame)
+                return
+            self._flush_scheduled = True
+            self.loop.call_soon(self.flush)
+        self._chunks.append(frame)
+
+    def _send_now(self, data: bytes) -> None:
+        try:
+            n = self.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            n = 0
+        except OSError as exc:
+            self._drain_then_lose(f"write failed: {exc}")
+            return
+        self.writes += 1
+        self.bytes_out += n
+        if n < len(data):
+            self._batches.append((memoryview(data)[n:], []))
+            self._writing = True
+            self.loop.add_writer(self.sock.fileno(), self._on_writable)
+        else:
+            # later frames of this loop turn go out together, once
             self._flush_scheduled = True
             self.loop.call_soon(self.flush)
 
@@ -191,6 +218,9 @@ class Connection:
 
     def flush(self) -> None:
         self._flush_scheduled = False
+        # several frames queued in one turn mean a stream: keep coalescing
+        # (one write per loop turn) until a turn brings one frame or none
+        self._busy = len(self._chunks) > 1
         self._seal_batch()
         if self._writing or self.closed:
             return
@@ -250,7 +280,11 @@ class Connection:
         self._lost(reason)
 
     def _on_readable(self) -> None:
-        self._read_once()
+        self._reading = True
+        try:
+            self._read_once()
+        finally:
+            self._reading = False
         # answer a batch of reads right away instead of waiting a loop turn
         if self._flush_scheduled and not self.closed:
             self.flush()

@@ -44,7 +44,7 @@ MAX_REASON: Final = 1024
 #: sends more than the receiver's ``Limits.max_messages`` ahead of what was read.
 MAX_REORDER: Final = 65536
 
-#: 2: CONSUMED (flow-control credit).
+#: 2: CONSUMED (flow-control credit), final message kinds.
 PROTOCOL_VERSION: Final = 2
 
 # --- frame types ---
@@ -63,9 +63,17 @@ F_OOB: Final = 1
 # MSG kinds (what the channel layer makes of the body)
 K_DATA: Final = 0
 K_ADD_SENDER: Final = 1
+#: an RPC request: the body is the request; the reply port is the message's
+#: last port, or, in a frame without ports, named by the first 32 bytes of
+#: the body (CALL_HEAD: the id the callee gives its reply end, then the
+#: caller's reply port id; the caller is the sending node)
 K_CALL: Final = 2
 K_ERROR: Final = 3
-K_MAX: Final = 3
+#: final kinds: the last item on their port, which the sender has already
+#: let go (no CLOSE follows, none is echoed): an RPC reply is one frame
+K_REPLY: Final = 4
+K_REPLY_ERROR: Final = 5
+K_MAX: Final = 5
 
 # descriptor flags
 D_PEER_CLOSED: Final = 1
@@ -77,6 +85,11 @@ D_DIRECT: Final = 4
 _LEN = struct.Struct("<I")
 _MSG = struct.Struct("<B16sQBBHH")  # type port seq kind flags nports nfds
 _LEN_MSG = struct.Struct("<IB16sQBBHH")  # length prefix + MSG header
+#: The whole head of the common frame, a message without ports, fds or flags:
+#: ``DATA_HEAD.pack(len(body) + DATA_HEAD_LEN, T_MSG, port, seq, kind, 0, 0, 0) + body``
+#: (the transport's hot path packs it itself: one call per message, not two).
+DATA_HEAD: Final = _LEN_MSG
+DATA_HEAD_LEN: Final = _LEN_MSG.size - 4
 _DESC = struct.Struct("<16s16s16s16sQQB")  # id peer_node peer_port origin send recv flags
 _CLOSE = struct.Struct("<B16sQ")
 _CHANGE = struct.Struct("<B16sQ16s16s16s16s")
@@ -86,6 +99,7 @@ _FAIL = struct.Struct("<B16s")
 _DONE = struct.Struct("<B16s")
 _CONSUMED = struct.Struct("<B16sQ")
 _OOB = struct.Struct("<Q")
+CALL_HEAD: Final = 32
 
 
 class PortDesc:

@@ -1,0 +1,48 @@
+"""Which event loop meshipc runs on: uvloop when installed (the ``fast``
+extra), the stock asyncio loop otherwise or when asked.
+
+``MESHIPC_UVLOOP=0`` in the environment (inherited by spawned workers)
+turns uvloop off; ``MESHIPC_UVLOOP=1`` insists on it (an error if missing).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+from ._errors import MeshError
+
+T = TypeVar("T")
+ENV_UVLOOP = "MESHIPC_UVLOOP"
+
+
+def want_uvloop(choice: bool | None = None) -> bool:
+    """Whether to run on uvloop: ``choice`` if given, else the environment,
+    else whether uvloop is installed."""
+    if choice is None:
+        env = os.environ.get(ENV_UVLOOP, "").strip().lower()
+        if env in ("0", "no", "false", "off"):
+            return False
+        if env in ("1", "yes", "true", "on"):
+            choice = True
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        if choice:
+            raise MeshError(
+                "uvloop was asked for but is not installed: pip install 'meshipc[fast]'"
+            ) from None
+        return False
+    return True if choice is None else choice
+
+
+def run(main: Coroutine[Any, Any, T], *, uvloop: bool | None = None) -> T:
+    """``asyncio.run(main)`` on uvloop when installed (see ``want_uvloop``);
+    spawned workers make the same choice."""
+    if want_uvloop(uvloop):
+        import uvloop as _uvloop
+
+        return _uvloop.run(main)
+    return asyncio.run(main)

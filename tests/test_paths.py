@@ -1,0 +1,273 @@
+"""Where meshes live: the runtime folder, name lengths, socket paths, what a
+failed start leaves behind, and the errors that say which folder and why.
+
+Real meshes on real sockets under short private folders in /tmp; every test
+removes what it made."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import meshipc
+from meshipc import ConnectError, Mesh, MeshError
+from meshipc._mesh import MAX_SOCKET_PATH, runtime_location
+
+T = 10.0
+
+
+@pytest.fixture
+def base() -> Iterator[Path]:
+    d = Path(tempfile.mkdtemp(prefix="p", dir="/tmp"))
+    os.chmod(d, 0o700)
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def root_of_length(base: Path, n: int) -> Path:
+    """A private folder whose path is exactly ``n`` characters."""
+    root = base / ("r" * (n - len(str(base)) - 1))
+    root.mkdir(mode=0o700)
+    assert len(str(root)) == n
+    return root
+
+
+# ------------------------------------------------------------- runtime dir
+
+
+def test_runtime_dir_comes_from_xdg_or_says_why_not(base: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    xdg = base / "xdg"
+    xdg.mkdir(mode=0o700)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(xdg))
+    assert runtime_location() == (xdg, "from XDG_RUNTIME_DIR")
+    assert runtime_location(base) == (base, "given as runtime_dir")
+
+    os.chmod(xdg, 0o755)  # unusable: not private
+    with pytest.raises(MeshError) as ei:
+        runtime_location()
+    msg = str(ei.value)
+    assert msg.startswith(f"XDG_RUNTIME_DIR={xdg} cannot hold meshes: {xdg} has mode 755")
+    assert "pass runtime_dir=" in msg and "unset XDG_RUNTIME_DIR" in msg
+    # the same folder is refused by name, not silently replaced, at every entry point
+    with pytest.raises(MeshError, match="XDG_RUNTIME_DIR="):
+        asyncio.run(Mesh(name="x").__aenter__())
+    with pytest.raises(ConnectError, match="XDG_RUNTIME_DIR="):  # what clients catch
+
+        async def attach() -> None:
+            async with meshipc.connect("x"):
+                pass  # pragma: no cover
+
+        asyncio.run(attach())
+
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(base / "missing"))
+    with pytest.raises(MeshError, match=r"XDG_RUNTIME_DIR=.*/missing does not exist"):
+        runtime_location()
+    assert not (base / "missing").exists()
+    monkeypatch.setenv("XDG_RUNTIME_DIR", "relative/dir")
+    with pytest.raises(MeshError, match="not an absolute path"):
+        runtime_location()
+
+
+def test_squatted_tmp_folder_says_how_to_get_out(base: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
+    monkeypatch.setattr(tempfile, "tempdir", str(base))
+    squat = base / f"meshipc-{os.getuid()}"
+    squat.mkdir(mode=0o777)
+    os.chmod(squat, 0o777)  # what another user could have made before us
+    if os.getuid() == 0:
+        os.chown(squat, 65534, 65534)
+    with pytest.raises(MeshError) as ei:
+        runtime_location()
+    msg = str(ei.value)
+    assert str(squat) in msg and "refusing to use it" in msg
+    assert "set XDG_RUNTIME_DIR to a private folder of yours (mode 0700) or pass runtime_dir=" in msg
+    assert list(squat.iterdir()) == []  # nothing created in it
+    shutil.rmtree(squat)
+    assert runtime_location() == (squat, "XDG_RUNTIME_DIR is not set")  # now ours, 0700
+
+
+def test_ls_says_which_runtime_dir_and_why(base: Path) -> None:
+    env = dict(os.environ, XDG_RUNTIME_DIR=str(base))
+    out = subprocess.run(
+        [sys.executable, "-m", "meshipc", "ls"], env=env, capture_output=True, text=True, timeout=30
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[-1] == f"(runtime dir {base}: from XDG_RUNTIME_DIR)"
+    os.chmod(base, 0o750)
+    try:
+        out = subprocess.run(
+            [sys.executable, "-m", "meshipc", "ls"], env=env, capture_output=True, text=True, timeout=30
+        )
+    finally:
+        os.chmod(base, 0o700)
+    assert out.returncode == 1 and out.stdout == ""
+    assert out.stderr.startswith(f"meshipc ls: XDG_RUNTIME_DIR={base} cannot hold meshes"), out.stderr
+    assert "Traceback" not in out.stderr
+
+
+# ------------------------------------------------------------- names, paths
+
+
+@pytest.mark.parametrize("length", [1, 50, 63, 64])
+async def test_every_documented_name_works_under_a_default_length_root(base: Path, length: int) -> None:
+    """The longest default root is ``/tmp/meshipc-<10-digit uid>`` (23
+    characters; ``/run/user/<uid>`` is shorter): a mesh with a name of any
+    documented length starts there, spawns, listens and is attached to by
+    name, and leaves nothing behind."""
+    root = root_of_length(base, len("/tmp/meshipc-4294967294"))
+    name = ("n" * length)[:length]
+    async with Mesh(name=name, runtime_dir=root) as mesh:
+        listener = await mesh.listen()
+        tx, rx = meshipc.channel()
+        proc = await mesh.spawn("workers:echo", rx)
+        assert await asyncio.wait_for(tx.call(length), T) == length
+        async with meshipc.connect(name, runtime_dir=root) as cc:
+            conn = await asyncio.wait_for(listener.accept(), T)
+            cc.port.send("hi")
+            assert await asyncio.wait_for(conn.port.recv(), T) == "hi"
+        tx.close()
+        assert await asyncio.wait_for(proc.wait(), T) == 0
+        assert max(len(bytes(p)) for p in mesh.directory.iterdir()) <= MAX_SOCKET_PATH
+    assert list(root.iterdir()) == []
+
+
+async def test_failed_start_leaves_nothing_behind(base: Path) -> None:
+    """A root too long for the sockets: refused before anything is made,
+    with the path, the limit and what to do."""
+    for length, name in ((60, "n" * 64), (90, None)):
+        root = root_of_length(base, length)
+        with pytest.raises(MeshError) as ei:
+            async with Mesh(name=name, runtime_dir=root):
+                pass  # pragma: no cover
+        msg = str(ei.value)
+        assert f"over the AF_UNIX limit of {MAX_SOCKET_PATH}" in msg
+        assert str(root) in msg and "use a shorter runtime folder" in msg
+        assert list(root.iterdir()) == []
+
+
+async def test_start_failing_at_bind_releases_the_lock_file(
+    base: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import meshipc._node
+
+    def no_listen(path: Path, what: str, backlog: int = 1024) -> socket.socket:
+        raise MeshError(f"cannot listen on {what} {path}: planted failure")
+
+    monkeypatch.setattr(meshipc._node, "listen_private", no_listen)
+    with pytest.raises(MeshError, match="planted failure"):
+        async with Mesh(name="fails", runtime_dir=base):
+            pass  # pragma: no cover
+    assert list(base.iterdir()) == []
+
+
+# ------------------------------------------------------------- not running
+
+
+async def test_connect_by_name_says_why_nothing_answers(base: Path) -> None:
+    async def attach(name: str) -> str:
+        with pytest.raises(ConnectError) as ei:
+            async with meshipc.connect(name, runtime_dir=base, timeout=T):
+                pass  # pragma: no cover
+        assert str(base / f"mesh-{name}" / "listen.sock") in str(ei.value)
+        return ei.value.reason
+
+    assert await attach("absent") == (
+        f"no mesh named 'absent' is running (runtime dir {base}, given as runtime_dir)"
+    )
+    async with Mesh(name="quiet", runtime_dir=base) as mesh:
+        assert await attach("quiet") == (
+            f"mesh 'quiet' is running but not listening (no listener at {mesh.directory / 'listen.sock'})"
+        )
+    # what a SIGKILLed service leaves: its lock file (unlocked), its folder, its listener socket
+    (base / "mesh-dead.lock").touch(mode=0o600)
+    (base / "mesh-dead").mkdir(mode=0o700)
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(base / "mesh-dead" / "listen.sock"))
+    reason = await attach("dead")
+    assert reason.startswith("mesh 'dead' is not running any more (stale since 20"), reason
+    assert "`meshipc ls --prune`" in reason
+
+    # by path: the socket's state, in words
+    for path, want in (
+        (base / "nothing.sock", "nothing there (no such socket)"),
+        (
+            base / "mesh-dead" / "listen.sock",
+            "nothing listens there any more (a stale socket of a mesh that is gone)",
+        ),
+    ):
+        with pytest.raises(ConnectError) as ei:
+            async with meshipc.connect(path, timeout=T):
+                pass  # pragma: no cover
+        assert str(ei.value) == f"cannot connect to mesh listener {path}: {want}"
+
+
+async def test_ls_prune_removes_what_a_killed_mesh_left_and_nothing_else(base: Path) -> None:
+    client = Path(__file__).with_name("attach_client.py")
+    owner = await asyncio.create_subprocess_exec(
+        sys.executable, str(client), "named", str(base), "dead", stdout=asyncio.subprocess.PIPE
+    )
+    try:
+        assert owner.stdout is not None
+        assert b"listener" in await asyncio.wait_for(owner.stdout.readline(), T)
+    finally:
+        owner.kill()  # SIGKILL: no cleanup runs
+        await owner.wait()
+
+    async def cli(*args: str) -> str:
+        p = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "meshipc", *args, "--runtime-dir", str(base), stdout=asyncio.subprocess.PIPE
+        )
+        out, _ = await asyncio.wait_for(p.communicate(), T)
+        assert p.returncode == 0
+        return out.decode()
+
+    async with Mesh(name="alive", runtime_dir=base) as mesh:
+        listener = await mesh.listen()
+        assert (await cli("ls")).splitlines()[:2] == [f"alive\tlive  listener {listener.path}", "dead\tstale"]
+        assert (await cli("ls", "--prune")).splitlines()[:2] == [
+            "dead\tpruned",
+            f"alive\tlive  listener {listener.path}",
+        ]
+        assert sorted(p.name for p in base.iterdir()) == ["mesh-alive", "mesh-alive.lock"]
+        async with meshipc.connect("alive", runtime_dir=base) as cc:  # untouched
+            conn = await asyncio.wait_for(listener.accept(), T)
+            cc.port.send("still here")
+            assert await asyncio.wait_for(conn.port.recv(), T) == "still here"
+    assert list(base.iterdir()) == []
+
+
+async def test_ls_tells_live_from_stale_without_taking_any_lock(
+    base: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Trying a name's lock, even shared and for a moment, could make a mesh
+    starting then fail with MeshNameInUse: ``ls`` reads /proc/locks."""
+    import fcntl
+
+    from meshipc import _cli
+    from meshipc._invitation import lock_is_held
+
+    def no_flock(fd: int, op: int) -> None:
+        raise AssertionError("ls tried a lock")
+
+    (base / "mesh-dead.lock").touch(mode=0o600)
+    (base / "mesh-dead").mkdir(mode=0o700)
+    assert lock_is_held(base / "mesh-dead.lock") is False
+    assert lock_is_held(base / "mesh-absent.lock") is None
+    async with Mesh(name="alive", runtime_dir=base):
+        assert lock_is_held(base / "mesh-alive.lock") is True
+        monkeypatch.setattr(fcntl, "flock", no_flock)
+        assert _cli.main(["ls", "--runtime-dir", str(base)]) == 0
+        monkeypatch.undo()
+    out = capsys.readouterr().out.splitlines()
+    assert out == ["alive\tlive", "dead\tstale", f"(runtime dir {base}: given as runtime_dir)"]
