@@ -706,3 +706,19 @@ def test_compact_call_request_is_checked_by_the_engine():
     (msg,) = st.queue
     (reply,) = msg.ports
     assert (msg.body, reply.id, reply.peer_node, reply.peer_port) == (b"\x07", reply_id, src, caller_port)
+
+
+def test_a_frame_shorter_than_its_header_is_refused_whatever_the_chunking():
+    """Regression (found by the mutation fuzzer): the fast path compared the
+    header size with an absolute offset, so past the first frame a MSG frame
+    shorter than its own header was accepted when fed in one piece and
+    refused when fed byte by byte."""
+    first = encode_event(MsgEvent(rid(9), 3, 0, 0, [], 0, b"x"))
+    short = struct.pack("<I", 5) + bytes([1]) + bytes(4)  # a 5-byte "MSG frame"
+    raw = first + short + bytes(40)
+    with pytest.raises(ProtocolError, match="short MSG frame"):
+        FrameDecoder().feed(raw)
+    d = FrameDecoder()
+    with pytest.raises(ProtocolError, match="short MSG frame"):
+        for i in range(len(raw)):
+            d.feed(raw[i : i + 1])

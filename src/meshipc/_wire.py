@@ -477,7 +477,7 @@ class FrameDecoder:
                     length, t, port, seq, kind, flags, nports, nfds = unpack_head(mv, pos)
                     if t == T_MSG and not (flags or nports or nfds) and kind <= K_MAX:
                         end = pos + 4 + length
-                        if head <= end <= total and length <= MAX_FRAME:
+                        if pos + head <= end <= total and length <= MAX_FRAME:
                             on_data(port, seq, kind, bytes(mv[pos + head : end]))
                             pos = end
                             continue
