@@ -2,7 +2,11 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import os
+import shutil
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,3 +29,25 @@ def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> Any:
         meshipc.run(asyncio.wait_for(pyfuncitem.obj(**kwargs), 60), uvloop=False if stock else None)
         return True
     return None
+
+
+@pytest.fixture
+def rdir() -> Iterator[Path]:
+    """A short (AF_UNIX paths are limited), private (0700) runtime folder,
+    removed afterwards."""
+    d = tempfile.mkdtemp(prefix="m", dir="/tmp")
+    os.chmod(d, 0o700)
+    try:
+        yield Path(d)
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def rd(rdir: Path) -> Path:
+    return rdir
+
+
+@pytest.fixture
+def mesh_dir(rdir: Path) -> Path:
+    return rdir

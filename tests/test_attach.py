@@ -75,17 +75,6 @@ _LEN = struct.Struct("<I")
 # ------------------------------------------------------------------ helpers
 
 
-@pytest.fixture
-def rd() -> Iterator[Path]:
-    """A short private runtime folder (mode 0700), removed afterwards."""
-    d = tempfile.mkdtemp(prefix="m", dir="/tmp")
-    os.chmod(d, 0o700)
-    try:
-        yield Path(d)
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
-
-
 class Client:
     """A client process: JSON events on its stdout, stderr collected."""
 

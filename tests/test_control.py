@@ -11,12 +11,10 @@ import asyncio
 import contextlib
 import json
 import os
-import shutil
 import signal
 import sys
-import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -31,16 +29,6 @@ T = 10.0
 #: Bound on a client process's answer (a Python start, an attach and a request:
 #: well under a second normally, several seconds on a machine at full load).
 PROC_T = 30.0
-
-
-@pytest.fixture
-def rd() -> Iterator[Path]:
-    d = tempfile.mkdtemp(prefix="c", dir="/tmp")
-    os.chmod(d, 0o700)
-    try:
-        yield Path(d)
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
 
 
 @contextlib.asynccontextmanager

@@ -12,13 +12,10 @@ fail with ``AttributeError``/``TypeError``: that is expected.
 from __future__ import annotations
 
 import asyncio
-import shutil
 import signal
 import sys
-import tempfile
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,15 +25,6 @@ import meshipc
 from relutil import STEP, reaped, signal_proc, vmrss_kb, within
 
 MiB = 1024 * 1024
-
-
-@pytest.fixture
-def rdir() -> Iterator[Path]:
-    d = tempfile.mkdtemp(prefix="m", dir="/tmp")
-    try:
-        yield Path(d)
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
 
 
 def _limits(**kw: int) -> Any:

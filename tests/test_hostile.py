@@ -16,12 +16,10 @@ import json
 import logging
 import os
 import resource
-import shutil
 import socket
 import struct
 import sys
-import tempfile
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,16 +35,6 @@ from meshipc._wire import PROTOCOL_VERSION, CloseEvent, MsgEvent, encode_event
 
 CLIENT = Path(__file__).with_name("attach_client.py").resolve()
 T = 10.0
-
-
-@pytest.fixture
-def rd() -> Iterator[Path]:
-    d = tempfile.mkdtemp(prefix="h", dir="/tmp")
-    os.chmod(d, 0o700)
-    try:
-        yield Path(d)
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
 
 
 async def wait_until(pred: Callable[[], bool], what: str, timeout: float = T) -> None:

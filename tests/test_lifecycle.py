@@ -7,11 +7,8 @@ import contextlib
 import json
 import os
 import select
-import shutil
 import signal
 import sys
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,13 +17,6 @@ import meshipc
 from meshipc._process import ENV_INVITATION, worker_command
 
 TESTS = Path(__file__).resolve().parent
-
-
-@pytest.fixture
-def rdir() -> Iterator[Path]:
-    d = tempfile.mkdtemp(prefix="l", dir="/tmp")
-    yield Path(d)
-    shutil.rmtree(d, ignore_errors=True)
 
 
 async def test_invitation_and_secret_not_in_the_worker_environment(rdir: Path):

@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
-import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,15 +14,6 @@ from meshipc._loop import want_uvloop
 from relutil import reaped, within
 
 HAVE_UVLOOP = importlib.util.find_spec("uvloop") is not None
-
-
-@pytest.fixture
-def rdir() -> Iterator[Path]:
-    d = tempfile.mkdtemp(prefix="m", dir="/tmp")
-    try:
-        yield Path(d)
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
 
 
 def test_choice_follows_argument_then_environment(monkeypatch: pytest.MonkeyPatch) -> None:

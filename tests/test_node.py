@@ -6,9 +6,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,14 +15,6 @@ from meshipc import Fd, Port
 from meshipc._ids import PortId
 from meshipc._node import HandshakeError, MeshSecret, Node
 from meshipc._wire import MAX_FDS_PER_MESSAGE
-
-
-@pytest.fixture
-def mesh_dir() -> Iterator[Path]:
-    d = tempfile.mkdtemp(prefix="n", dir="/tmp")  # short: AF_UNIX paths are limited
-    os.chmod(d, 0o700)
-    yield Path(d)
-    shutil.rmtree(d, ignore_errors=True)
 
 
 def nodes(d: Path, n: int, secret: MeshSecret | None = None) -> list[Node]:

@@ -16,12 +16,10 @@ import asyncio
 import gc
 import os
 import secrets
-import shutil
 import socket
 import stat
-import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -40,16 +38,6 @@ T = TypeVar("T")
 
 #: Bound on any single wait in these tests.
 STEP = 10.0
-
-
-@pytest.fixture
-def rdir() -> Iterator[Path]:
-    """A short, private (0700) runtime directory, removed afterwards."""
-    d = tempfile.mkdtemp(prefix="m", dir="/tmp")
-    try:
-        yield Path(d)
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
 
 
 async def within(aw: Awaitable[T], timeout: float = STEP) -> T:

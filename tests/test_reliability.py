@@ -11,10 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import shutil
 import signal
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,16 +21,6 @@ import pytest
 import meshipc
 from meshipc import MeshError, MessageError, NodeFailure, Port, PortFailed
 from relutil import STEP, next_report, reaped, signal_proc, spawn_ring, within
-
-
-@pytest.fixture
-def rdir() -> Iterator[Path]:
-    """A short, private (0700) runtime directory, removed afterwards."""
-    d = tempfile.mkdtemp(prefix="m", dir="/tmp")
-    try:
-        yield Path(d)
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
 
 
 def _assert_end(r: list[Any], total: int) -> None:

@@ -10,10 +10,7 @@ import asyncio
 import gc
 import json
 import os
-import shutil
 import sys
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,16 +25,6 @@ SPAWN_CYCLES = int(os.environ.get("MESHIPC_SOAK_SPAWN", "300"))
 RSS_SLACK_KIB = 16 * 1024
 
 pytestmark = pytest.mark.soak
-
-
-@pytest.fixture
-def rd() -> Iterator[Path]:
-    d = tempfile.mkdtemp(prefix="s", dir="/tmp")
-    os.chmod(d, 0o700)
-    try:
-        yield Path(d)
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
 
 
 def fds() -> int:

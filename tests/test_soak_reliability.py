@@ -34,10 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-import shutil
 import signal
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -51,15 +48,6 @@ WINDOW = 50_000
 BATCH = 1000
 
 pytestmark = pytest.mark.soak
-
-
-@pytest.fixture
-def rdir() -> Iterator[Path]:
-    d = tempfile.mkdtemp(prefix="m", dir="/tmp")
-    try:
-        yield Path(d)
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
 
 
 class Round:
