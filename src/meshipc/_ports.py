@@ -478,12 +478,7 @@ class Engine:
                 # hot path: a local peer waiting in order
                 st.send_seq = seq + 1
                 target.recv_seq = seq + 1
-                q = target.queue
-                q.append(msg)
-                if msg.kind >= K_REPLY:
-                    self._finished(target)
-                elif len(q) == 1 and target.waker is not None:
-                    target.waker()
+                self._enqueue(target, msg)
                 return
         elif target is not None:
             # the peer is on its way to another process: whatever goes there
@@ -831,15 +826,20 @@ class Engine:
             return
         if st.mode == OWNED and seq == st.recv_seq and not st.pending and not st.closed:
             st.recv_seq = seq + 1
-            q = st.queue
-            q.append(msg)
-            if msg.kind >= K_REPLY:
-                self._finished(st)
-            elif len(q) == 1 and st.waker is not None:
-                st.waker()
+            self._enqueue(st, msg)
             return
         self._work.append((port, seq, msg))
         self._run()
+
+    def _enqueue(self, st: PortState, msg: Message) -> None:
+        """Queue an in-order message for the holder of ``st`` (the one place
+        but ``receive_data``'s inlined hot path)."""
+        q = st.queue
+        q.append(msg)
+        if msg.kind >= K_REPLY:
+            self._finished(st)
+        elif len(q) == 1 and st.waker is not None:
+            st.waker()  # not per message: a holder drains the queue once woken
 
     def receive_data(self, src: bytes, port: bytes, seq: int, kind: int, body: bytes) -> None:
         """``receive`` for a plain message (no ports, no fds): the hot path."""
@@ -851,6 +851,7 @@ class Engine:
         if st is not None and seq == st.recv_seq and not st.pending:
             mode = st.mode
             if mode == OWNED and not st.closed:
+                # _enqueue, inlined: this is the path of every plain message
                 st.recv_seq = seq + 1
                 q = st.queue
                 q.append(Message(kind, None, body))
@@ -1102,12 +1103,7 @@ class Engine:
                     if item.kind >= K_REPLY and st.error is None:
                         self._finished(st)  # the peer let go: no tombstone left waiting
                     return
-                q = st.queue
-                q.append(item)
-                if item.kind >= K_REPLY:
-                    self._finished(st)
-                elif len(q) == 1 and st.waker is not None:
-                    st.waker()  # not per message: a holder drains the queue once woken
+                self._enqueue(st, item)
                 return
             elif isinstance(item, _Close):
                 st.peer_closed = True
