@@ -179,6 +179,23 @@ def counter(n: int) -> dict[str, int]:
     return {"$counter": n}
 
 
+async def _answer(call: Call[Any], work: Any) -> None:
+    """Answer an inspect call with what ``work`` returns: a missing entry
+    becomes ``LookupError`` at the caller, any other error ``RemoteError``."""
+    try:
+        result = await work
+    except KeyError as exc:
+        with contextlib.suppress(ChannelClosed):
+            call.fail(LookupError(f"no inspect entry {exc.args[0]!r}"))
+        return
+    except Exception as exc:
+        with contextlib.suppress(ChannelClosed):
+            call.fail(exc)
+        return
+    with contextlib.suppress(ChannelClosed):
+        call.reply(result)
+
+
 def _split(path: str) -> list[str]:
     return [p for p in path.strip("/").split("/") if p]
 
@@ -1004,21 +1021,10 @@ class Control:
             raise
 
     async def _answer_inspect(self, call: Call[Any], req: InspectMesh | UpdateMesh) -> None:
-        try:
-            if isinstance(req, UpdateMesh):
-                result = await self._update_mesh(req)
-            else:
-                result = await self._inspect_mesh(req)
-        except KeyError as exc:
-            with contextlib.suppress(ChannelClosed):
-                call.fail(LookupError(f"no inspect entry {exc.args[0]!r}"))
-            return
-        except Exception as exc:
-            with contextlib.suppress(ChannelClosed):
-                call.fail(exc)
-            return
-        with contextlib.suppress(ChannelClosed):
-            call.reply(result)
+        if isinstance(req, UpdateMesh):
+            await _answer(call, self._update_mesh(req))
+        else:
+            await _answer(call, self._inspect_mesh(req))
 
     async def _inspect_mesh(self, req: InspectMesh) -> Any:
         parts = _split(req.path)
@@ -1124,21 +1130,10 @@ class Control:
 
     async def _answer_node(self, call: Call[Any]) -> None:
         req = call.request
-        try:
-            if isinstance(req, UpdateNode):
-                result = await self._update_node(req)
-            else:
-                result = await self._inspect_node(req)
-        except KeyError as exc:
-            with contextlib.suppress(ChannelClosed):
-                call.fail(LookupError(f"no inspect entry {exc.args[0]!r}"))
-            return
-        except Exception as exc:
-            with contextlib.suppress(ChannelClosed):
-                call.fail(exc)
-            return
-        with contextlib.suppress(ChannelClosed):
-            call.reply(result)
+        if isinstance(req, UpdateNode):
+            await _answer(call, self._update_node(req))
+        else:
+            await _answer(call, self._inspect_node(req))
 
     async def _inspect_node(self, req: InspectNode) -> Any:
         parts = _split(req.path)
