@@ -262,6 +262,7 @@ async def test_inspect_after_known_activity(rd: Path) -> None:
         assert len(clients) == 1 and clients[0]["name"] == "ctl_client.py"
         conn = nodes[me]["connections"][clients[0]["id"]]
         assert conn["bytes_in"]["$counter"] > 0 and conn["messages_out"]["$counter"] > 0
+        assert conn["messages_in"]["$counter"] > 0
 
 
 async def test_inspect_with_a_stopped_worker_is_partial_and_bounded(rd: Path) -> None:

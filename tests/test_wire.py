@@ -722,3 +722,13 @@ def test_a_frame_shorter_than_its_header_is_refused_whatever_the_chunking():
     with pytest.raises(ProtocolError, match="short MSG frame"):
         for i in range(len(raw)):
             d.feed(raw[i : i + 1])
+
+
+def test_the_decoder_counts_whole_frames_however_they_arrive():
+    raw = b"".join(encode_event(e) for e in SAMPLES.values() if not isinstance(e, MsgEvent) or not e.nfds)
+    n = len(FrameDecoder().feed(raw))
+    for size in (1, 7, len(raw)):
+        d = FrameDecoder()
+        for i in range(0, len(raw), size):
+            d.feed(raw[i : i + size])
+        assert d.frames == n

@@ -1167,6 +1167,7 @@ class Control:
             conns[peer.hex()] = {
                 "bytes_in": counter(c.bytes_in),
                 "bytes_out": counter(c.bytes_out),
+                "messages_in": counter(c.frames_in),
                 "messages_out": counter(c.frames_out),
                 "writes": counter(c.writes),
                 "queued_bytes": queued,

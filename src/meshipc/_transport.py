@@ -142,6 +142,11 @@ class Connection:
 
     # ---------------------------------------------------------------- writing
 
+    @property
+    def frames_in(self) -> int:
+        """Frames received and decoded on this connection."""
+        return self._decoder.frames
+
     def write_event(self, ev: Event, fds: list[Any]) -> None:
         if self.closed:
             for f in fds:

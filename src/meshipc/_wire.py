@@ -431,6 +431,8 @@ class FrameDecoder:
     def __init__(self) -> None:
         self._buf = bytearray()
         self._broken = False
+        #: whole frames decoded so far
+        self.frames = 0
 
     @property
     def buffered(self) -> int:
@@ -467,6 +469,7 @@ class FrameDecoder:
         else:
             mv = memoryview(data)
         pos = 0
+        frames = 0
         total = len(mv)
         head = _LEN_MSG.size
         unpack_head = _LEN_MSG.unpack_from
@@ -480,6 +483,7 @@ class FrameDecoder:
                         if pos + head <= end <= total and length <= MAX_FRAME:
                             on_data(port, seq, kind, bytes(mv[pos + head : end]))
                             pos = end
+                            frames += 1
                             continue
                 (length,) = _LEN.unpack_from(mv, pos)
                 if length == 0 or length > MAX_FRAME:
@@ -490,6 +494,7 @@ class FrameDecoder:
                     break
                 ev = _decode_frame(mv[start:end])
                 pos = end
+                frames += 1
                 on_event(ev)
         except ProtocolError:
             self._broken = True
@@ -501,6 +506,7 @@ class FrameDecoder:
             self._broken = True
             raise
         finally:
+            self.frames += frames
             rest = bytes(mv[pos:]) if not buf and pos < total else b""
             mv.release()
         if buf:
