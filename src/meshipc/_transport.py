@@ -191,7 +191,9 @@ class Connection:
         except (BlockingIOError, InterruptedError):
             n = 0
         except OSError as exc:
-            self._drain_then_lose(f"write failed: {exc}")
+            # not from here: this runs inside a send (or the engine's own
+            # processing), which must not see the peer fail under it
+            self.loop.call_soon(self._drain_then_lose, f"write failed: {exc}")
             return
         self.writes += 1
         self.bytes_out += n
