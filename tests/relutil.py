@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import os
 import signal
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import meshipc
@@ -21,6 +21,17 @@ STEP = 10.0
 async def within(aw: Awaitable[T], timeout: float = STEP) -> T:
     """``aw``, or ``TimeoutError`` after ``timeout`` seconds."""
     return await asyncio.wait_for(aw, timeout)
+
+
+async def wait_until(pred: Callable[[], bool], what: str, timeout: float = STEP) -> None:
+    """Poll ``pred`` for state that has no event to wait on (a process's
+    state, an fd count, a counter); fail loudly after ``timeout``."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not pred():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.005)
 
 
 def vmrss_kb(pid: int | str = "self") -> int:

@@ -1277,7 +1277,6 @@ async def test_drain_raises_when_the_receiver_goes():
     for i in range(3000):
         tx.send(i)
     drain = asyncio.ensure_future(tx.drain())
-    await asyncio.sleep(0)
     rx.close()
     with pytest.raises(ChannelClosed):
         await asyncio.wait_for(drain, 5)

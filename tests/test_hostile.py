@@ -32,18 +32,10 @@ from meshipc import Mesh
 from meshipc._invitation import read_invitation
 from meshipc._node import _AUTH, _CHALLENGE, _HELLO, _MAGIC, _VERDICT, V_ACCEPT
 from meshipc._wire import PROTOCOL_VERSION, CloseEvent, MsgEvent, encode_event
+from relutil import wait_until
 
 CLIENT = Path(__file__).with_name("attach_client.py").resolve()
 T = 10.0
-
-
-async def wait_until(pred: Callable[[], bool], what: str, timeout: float = T) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not pred():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.005)
 
 
 def open_fds() -> set[int]:

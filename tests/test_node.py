@@ -214,15 +214,22 @@ async def test_a_call_is_one_frame_each_way(mesh_dir: Path):
 
         server = asyncio.ensure_future(serve())
         assert await asyncio.wait_for(tx.call(1), 10) == 2  # warm up: the receiver settles
-        for _ in range(20):
-            await asyncio.sleep(0)  # let the move's bookkeeping frames go out
+        async def barrier() -> None:
+            # one frame each way on the same connection: whatever either side
+            # owed before it (bookkeeping, a CLOSE, an echo) is written first
+            pa.send("ping")
+            assert await asyncio.wait_for(pb.recv(), 10) == "ping"
+            pb.send("pong")
+            assert await asyncio.wait_for(pa.recv(), 10) == "pong"
+
+        await barrier()
         ca, cb = a._conns[b.id], b._conns[a.id]
         before = ca.frames_out, cb.frames_out
         for i in range(10):
             assert await asyncio.wait_for(tx.call(i), 10) == i + 1
-        for _ in range(20):
-            await asyncio.sleep(0)  # anything a call still owed would go out now
-        assert (ca.frames_out - before[0], cb.frames_out - before[1]) == (10, 10)
+        await barrier()
+        # 10 requests and 10 replies, plus the barrier's own frame each way
+        assert (ca.frames_out - before[0], cb.frames_out - before[1]) == (11, 11)
         assert len(a.engine.ports) + len(b.engine.ports) == 4  # pa, pb, tx, rx: no reply port left
         server.cancel()
         tx.close()

@@ -19,7 +19,7 @@ import secrets
 import socket
 import stat
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -33,6 +33,7 @@ from meshipc import ChannelClosed, Fd, HandshakeError, MeshError, PortFailed, Re
 from meshipc._child import EXIT_PARENT_LOST
 from meshipc._node import _AUTH, _CHALLENGE, _HELLO, _MAGIC, _VERDICT, V_DENIED, MeshSecret, Node
 from meshipc._wire import OOB_THRESHOLD, PROTOCOL_VERSION
+from relutil import wait_until
 
 T = TypeVar("T")
 
@@ -43,16 +44,6 @@ STEP = 10.0
 async def within(aw: Awaitable[T], timeout: float = STEP) -> T:
     """``aw``, or ``TimeoutError`` after ``timeout`` seconds."""
     return await asyncio.wait_for(aw, timeout)
-
-
-async def wait_until(pred: Callable[[], bool], what: str, timeout: float = STEP) -> None:
-    """Poll ``pred`` (for state with no event to wait on); fail after ``timeout``."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not pred():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.005)
 
 
 async def read_to_eof(fd: int, timeout: float = STEP) -> bytes:

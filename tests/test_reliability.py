@@ -20,7 +20,7 @@ import pytest
 
 import meshipc
 from meshipc import MeshError, MessageError, NodeFailure, Port, PortFailed
-from relutil import STEP, next_report, reaped, signal_proc, spawn_ring, within
+from relutil import next_report, reaped, signal_proc, spawn_ring, wait_until, within
 
 
 def _assert_end(r: list[Any], total: int) -> None:
@@ -139,11 +139,7 @@ async def test_item2_backlog_over_65536_moves_intact(rdir: Path) -> None:
         assert await within(hold_rep_rx.recv()) == ["moved"]
         # Y has the port and told us where it is (its CHANGE_PEER precedes this report)
         assert (await next_report(rep_rx, "got"))[0] == "got"
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + STEP
-        while _proc_state(x.pid) != "T":  # state with no event: poll it
-            assert loop.time() < deadline, "X did not stop"
-            await asyncio.sleep(0.005)
+        await wait_until(lambda: _proc_state(x.pid) == "T", "X to stop itself")
 
         async def produce() -> None:
             for i in range(backlog, backlog + more):
