@@ -16,7 +16,30 @@ from meshipc import ChannelClosed, Port, PortFailed
 from meshipc._channel import CODEC
 from meshipc._ids import NodeId, PortId
 from meshipc._ports import Engine
-from meshipc._wire import Event, FrameDecoder, encode_event
+from meshipc._wire import Event, FrameDecoder, MsgEvent, encode_event
+
+
+class _Outbox:
+    """Engine ``src``'s outbox: a FIFO link per destination."""
+
+    def __init__(self, net: Net, src: int) -> None:
+        self.net = net
+        self.src = src
+
+    def send_event(self, node: bytes, ev: Event, fds: list[Any]) -> None:
+        net = self.net
+        dst = net.index[node]
+        if self.src in net.dead or dst in net.dead:
+            for fd in fds:
+                fd.close()
+            return
+        net.links.setdefault((self.src, dst), deque()).append((ev, fds))
+
+    def send_data(self, node: bytes, port: bytes, seq: int, kind: int, body: bytes) -> None:
+        self.send_event(node, MsgEvent(port, seq, kind, 0, [], 0, body), [])
+
+    def watch(self, node: bytes) -> None:
+        pass
 
 
 class Net:
@@ -28,18 +51,7 @@ class Net:
             self.engines.append(Engine(NodeId.random(), codec=CODEC))
         self.index = {e.node_id: i for i, e in enumerate(self.engines)}
         for i, e in enumerate(self.engines):
-            e.transmit = self._make_tx(i)
-
-    def _make_tx(self, src: int) -> Any:
-        def tx(node: bytes, ev: Event, fds: list[Any]) -> None:
-            dst = self.index[node]
-            if src in self.dead or dst in self.dead:
-                for fd in fds:
-                    fd.close()
-                return
-            self.links.setdefault((src, dst), deque()).append((ev, fds))
-
-        return tx
+            e.out = _Outbox(self, i)
 
     def pair(self, a: int, b: int) -> tuple[Port, Port]:
         """A port on engine a peered with a port on engine b."""

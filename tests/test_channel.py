@@ -97,17 +97,29 @@ def autopump(net: Net) -> None:
         scheduled = False
         net.run()
 
+    def schedule() -> None:
+        nonlocal scheduled
+        if not scheduled and not loop.is_closed():
+            scheduled = True
+            loop.call_soon(flush)
+
+    class Outbox:
+        def __init__(self, inner: Any) -> None:
+            self.inner = inner
+
+        def send_event(self, node: bytes, ev: Any, fds: list[Any]) -> None:
+            self.inner.send_event(node, ev, fds)
+            schedule()
+
+        def send_data(self, node: bytes, port: bytes, seq: int, kind: int, body: bytes) -> None:
+            self.inner.send_data(node, port, seq, kind, body)
+            schedule()
+
+        def watch(self, node: bytes) -> None:
+            pass
+
     for e in net.engines:
-        inner = e.transmit
-
-        def tx(node: bytes, ev: Any, fds: list[Any], inner: Any = inner) -> None:
-            nonlocal scheduled
-            inner(node, ev, fds)
-            if not scheduled and not loop.is_closed():
-                scheduled = True
-                loop.call_soon(flush)
-
-        e.transmit = tx
+        e.out = Outbox(e.out)
 
 
 async def within(aw: Any) -> Any:

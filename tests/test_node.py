@@ -189,7 +189,7 @@ async def test_deeply_nested_message_over_a_socket_leaves_the_channel_usable(mes
         assert await asyncio.wait_for(pb.recv(), 10) == "first"
         st = pa._states[0]
         # a peer's raw bytes, bypassing the encoder
-        a._transmit_data(b.id, st.peer_port, st.send_seq, 0, b"\x91" * 200_000 + b"\xc0")
+        a.send_data(b.id, st.peer_port, st.send_seq, 0, b"\x91" * 200_000 + b"\xc0")
         st.send_seq += 1
         pa.send("after")
         assert await asyncio.wait_for(pb.recv(), 10) == "after"  # the bad one was dropped

@@ -694,7 +694,7 @@ def test_compact_call_request_is_checked_by_the_engine():
     from meshipc._ports import Engine
     from meshipc._wire import K_CALL
 
-    eng = Engine(NodeId.random(), codec=CODEC, transmit=lambda *a: None)
+    eng = Engine(NodeId.random(), codec=CODEC)
     src = NodeId.random()
     st = eng.new_bound(PortId.random(), src, PortId.random())
     with pytest.raises(ProtocolError, match="reply port"):

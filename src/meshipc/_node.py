@@ -209,10 +209,8 @@ class Node:
         self.allowed_uids = set(allowed_uids) if allowed_uids is not None else {os.getuid()}
         self.engine = Engine(
             self.id,
-            transmit=self._transmit,
+            outbox=self,
             codec=CODEC,
-            watch=self._watch,
-            transmit_data=self._transmit_data,
             limits=limits,
         )
         # handles used from other threads hand their sends to this loop
@@ -315,9 +313,11 @@ class Node:
             if st.peer_node != self.id:
                 engine.node_failed(st.peer_node, "the local node closed")
 
-    # ------------------------------------------------------------ routing
+    # ------------------------------------------------------------ routing (the engine's Outbox)
 
-    def _transmit(self, node: bytes, ev: Event, fds: list[Any]) -> None:
+    def send_event(self, node: bytes, ev: Event, fds: list[Any]) -> None:
+        """Write ``ev`` on the link to ``node``; queued while connecting,
+        failed back to the engine (next turn) once ``node`` is known dead."""
         conn = self._conns.get(node)
         if conn is not None:
             conn.write_event(ev, fds)
@@ -329,16 +329,18 @@ class Node:
             self.loop.call_soon(self.engine.node_failed, node, reason)
             return
         self._pending.setdefault(node, []).append((ev, fds))
-        self._watch(node)
+        self.watch(node)
 
-    def _transmit_data(self, node: bytes, port: bytes, seq: int, kind: int, body: bytes) -> None:
+    def send_data(self, node: bytes, port: bytes, seq: int, kind: int, body: bytes) -> None:
+        """``send_event`` for a plain message, without an event object."""
         conn = self._conns.get(node)
         if conn is not None:
             conn.write_data(port, seq, kind, body)
         else:
-            self._transmit(node, MsgEvent(port, seq, kind, 0, [], 0, body), [])
+            self.send_event(node, MsgEvent(port, seq, kind, 0, [], 0, body), [])
 
-    def _watch(self, node: bytes) -> None:
+    def watch(self, node: bytes) -> None:
+        """Connect to ``node`` unless linked, connecting or expected."""
         if node in self._conns or node in self._connecting or node == self.id or self.closed:
             return
         if node in self._invited:

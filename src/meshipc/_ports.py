@@ -3,8 +3,9 @@
 Rules of this module:
 
 * Everything that changes a port's state lives here; the node layer only
-  feeds events in (:meth:`Engine.receive`, :meth:`Engine.node_failed`) and
-  ships what :attr:`Engine.transmit` hands it. No socket, no event loop.
+  feeds events in (:meth:`Engine.receive`, :meth:`Engine.receive_data`,
+  :meth:`Engine.node_failed`) and ships what the engine hands its
+  :class:`Outbox`. No socket, no event loop.
 * Each port end has a stream of *sequenced items* towards its peer: messages,
   ``CLOSE`` (the last item) and ``CHANGE_PEER``. Items carry per-port sequence
   numbers starting at 1 and are processed strictly in order through a reorder
@@ -328,8 +329,37 @@ class PortState:
         return f"<PortState {self.id.hex()[:8]} {mode} peer={peer}>"
 
 
-def _no_transmit(node: bytes, event: Event, fds: list[Any]) -> None:
-    raise MeshError("this engine has no connections; the port must first join a mesh node")
+class Outbox(Protocol):
+    """Where the engine hands what must go to other nodes: the one interface
+    between the port protocol and the node layer (which implements it).
+    Frames for one destination must leave in the order they are handed."""
+
+    def send_event(self, node: bytes, ev: Event, fds: list[Any]) -> None:
+        """Ship any event to ``node``; ``fds`` travel with it."""
+        ...
+
+    def send_data(self, node: bytes, port: bytes, seq: int, kind: int, body: bytes) -> None:
+        """Ship a plain message (no ports, no fds) to ``node``: the hot path,
+        no event object."""
+        ...
+
+    def watch(self, node: bytes) -> None:
+        """A port now depends on ``node``: connect to it (if not yet) and
+        report its death through :meth:`Engine.node_failed`."""
+        ...
+
+
+class _NoOutbox:
+    """The outbox of an engine with no node: nothing can leave it."""
+
+    def send_event(self, node: bytes, ev: Event, fds: list[Any]) -> None:
+        raise MeshError("this engine has no connections; the port must first join a mesh node")
+
+    def send_data(self, node: bytes, port: bytes, seq: int, kind: int, body: bytes) -> None:
+        raise MeshError("this engine has no connections; the port must first join a mesh node")
+
+    def watch(self, node: bytes) -> None:
+        pass
 
 
 class _NullCodec:
@@ -351,18 +381,15 @@ class _NullCodec:
 class Engine:
     """A node's table of ports and the port protocol.
 
-    ``transmit(node, event, fds)`` ships an event to another node, in order
-    per destination. ``watch(node)`` is called when a port starts depending on
-    ``node`` (so the node layer connects to it and notices if it dies).
+    What must reach another node goes to ``outbox`` (see :class:`Outbox`);
+    an engine without one only serves ports whose both ends it holds.
     """
 
     def __init__(
         self,
         node_id: bytes,
-        transmit: Callable[[bytes, Event, list[Any]], None] = _no_transmit,
+        outbox: Outbox | None = None,
         codec: Codec | None = None,
-        watch: Callable[[bytes], None] | None = None,
-        transmit_data: Callable[[bytes, bytes, int, int, bytes], None] | None = None,
         limits: Limits = DEFAULT_LIMITS,
     ) -> None:
         self.node_id = node_id
@@ -379,14 +406,21 @@ class Engine:
         self.thread: int | None = None
         self.post: Callable[..., object] | None = None
         self.lock = threading.RLock()
-        self.transmit = transmit
-        #: fast path for a plain message (no ports, no fds): (node, port, seq, kind, body)
-        self.transmit_data = transmit_data
+        self.out: Outbox = outbox if outbox is not None else _NoOutbox()
         self.codec: Codec = codec if codec is not None else _NullCodec()
-        self.watch = watch
         self.ports: dict[bytes, PortState] = {}
         self._work: deque[tuple[bytes, int, Item]] = deque()
         self._running = False
+        self._handlers: dict[type, Callable[[bytes, Any, list[Any] | None], None]] = {
+            MsgEvent: self._msg_in,
+            CloseEvent: self._close_in,
+            ChangePeerEvent: self._change_in,
+            ArrivedEvent: self._arrived_in,
+            ProxyAckEvent: self._proxy_ack_in,
+            FailEvent: self._fail_in,
+            ProxyDoneEvent: self._proxy_done_in,
+            ConsumedEvent: self._consumed_in,
+        }
 
     # ------------------------------------------------------------------ user side
 
@@ -406,8 +440,8 @@ class Engine:
             raise MeshError("port id already in use")
         st = PortState(self, port_id, peer_node, peer_port)
         self.ports[port_id] = st
-        if peer_node != self.node_id and self.watch is not None:
-            self.watch(peer_node)
+        if peer_node != self.node_id:
+            self.out.watch(peer_node)
         return st
 
     def send_value(self, st: PortState, kind: int, obj: Any, force: bool = False) -> None:
@@ -419,7 +453,6 @@ class Engine:
             node != self.node_id
             and st.mode == OWNED
             and not (st.closed or st.peer_closed or st.error is not None)
-            and self.transmit_data is not None
         ):
             try:
                 body = self.codec.encode_plain(obj)
@@ -434,7 +467,7 @@ class Engine:
                     self._checkpoint(st, seq, n, force)  # may raise BufferFull
                 st.send_seq = seq + 1
                 st.sent_b += n
-                self.transmit_data(node, st.peer_port, seq, kind, body)
+                self.out.send_data(node, st.peer_port, seq, kind, body)
                 return
         self.send(st, Message(kind, obj), force)
 
@@ -466,7 +499,7 @@ class Engine:
                 self._checkpoint(st, seq, n, True)
             st.send_seq = seq + 1
             st.sent_b += n
-            self.transmit(node, ev, fds)
+            self.out.send_event(node, ev, fds)
             return
         target = self.ports.get(st.peer_port)
         if target is not None and target.mode == OWNED:
@@ -514,7 +547,6 @@ class Engine:
             or st.closed
             or st.peer_closed
             or st.error is not None
-            or self.transmit_data is None
         ):
             return None
         n = len(body)
@@ -528,7 +560,7 @@ class Engine:
         self.ports[reply.id] = reply
         st.send_seq = seq + 1
         st.sent_b += n
-        self.transmit_data(node, st.peer_port, seq, K_CALL, reply.peer_port + reply.id + body)
+        self.out.send_data(node, st.peer_port, seq, K_CALL, reply.peer_port + reply.id + body)
         return reply
 
     def _call_in(self, src: bytes, body: bytes) -> Message:
@@ -718,7 +750,8 @@ class Engine:
             and not (st.closed or st.peer_closed or st.error is not None)
         ):
             # every item before the unread ones has been taken (or was not a message)
-            self.transmit(st.peer_node, ConsumedEvent(st.peer_port, st.recv_seq - 1 - len(st.queue)), [])
+            consumed = st.recv_seq - 1 - len(st.queue)
+            self.out.send_event(st.peer_node, ConsumedEvent(st.peer_port, consumed), [])
 
     def _on_consumed(self, port: bytes, seq: int) -> None:
         st = self.ports.get(port)
@@ -788,36 +821,45 @@ class Engine:
         Raises ``ProtocolError`` for events no correct peer sends; the caller
         then drops that connection.
         """
-        if isinstance(ev, MsgEvent):
-            ports = [self._materialize(src, d) for d in ev.ports] if ev.ports else None
-            if ev.kind == K_CALL and not ports and not fds:
-                msg = self._call_in(src, ev.body)
-            else:
-                msg = Message(ev.kind, None, ev.body, ports, fds)
-            self._deliver(src, ev.port, ev.seq, msg)
-            return
-        elif isinstance(ev, CloseEvent):
-            self._work.append((ev.port, ev.seq, _CLOSE))
-        elif isinstance(ev, ChangePeerEvent):
-            self._work.append((ev.port, ev.seq, _Change(ev.new_node, ev.new_port, ev.old_node, ev.old_port)))
-        elif isinstance(ev, ArrivedEvent):
-            self._on_arrived(src, ev.port, ev.new_port)
-            return
-        elif isinstance(ev, ProxyAckEvent):
-            self._on_proxy_ack(ev.port, ev.last_seq)
-            return
-        elif isinstance(ev, FailEvent):
-            self._on_fail(ev.port, PortFailed(ev.reason))
-            return
-        elif isinstance(ev, ProxyDoneEvent):
-            st = self.ports.get(ev.port)
-            if st is not None and st.proxy_from == src:
-                st.proxy_from = None
-            return
-        elif isinstance(ev, ConsumedEvent):
-            self._on_consumed(ev.port, ev.seq)
-            return
+        handler = self._handlers.get(type(ev))
+        if handler is None:
+            raise ProtocolError(f"unexpected event {type(ev).__name__}")
+        handler(src, ev, fds)
+
+    # one handler per event type (a dict lookup, not an isinstance chain)
+
+    def _msg_in(self, src: bytes, ev: MsgEvent, fds: list[Any] | None) -> None:
+        ports = [self._materialize(src, d) for d in ev.ports] if ev.ports else None
+        if ev.kind == K_CALL and not ports and not fds:
+            msg = self._call_in(src, ev.body)
+        else:
+            msg = Message(ev.kind, None, ev.body, ports, fds)
+        self._deliver(src, ev.port, ev.seq, msg)
+
+    def _close_in(self, src: bytes, ev: CloseEvent, fds: list[Any] | None) -> None:
+        self._work.append((ev.port, ev.seq, _CLOSE))
         self._run()
+
+    def _change_in(self, src: bytes, ev: ChangePeerEvent, fds: list[Any] | None) -> None:
+        self._work.append((ev.port, ev.seq, _Change(ev.new_node, ev.new_port, ev.old_node, ev.old_port)))
+        self._run()
+
+    def _arrived_in(self, src: bytes, ev: ArrivedEvent, fds: list[Any] | None) -> None:
+        self._on_arrived(src, ev.port, ev.new_port)
+
+    def _proxy_ack_in(self, src: bytes, ev: ProxyAckEvent, fds: list[Any] | None) -> None:
+        self._on_proxy_ack(ev.port, ev.last_seq)
+
+    def _fail_in(self, src: bytes, ev: FailEvent, fds: list[Any] | None) -> None:
+        self._on_fail(ev.port, PortFailed(ev.reason))
+
+    def _proxy_done_in(self, src: bytes, ev: ProxyDoneEvent, fds: list[Any] | None) -> None:
+        st = self.ports.get(ev.port)
+        if st is not None and st.proxy_from == src:
+            st.proxy_from = None
+
+    def _consumed_in(self, src: bytes, ev: ConsumedEvent, fds: list[Any] | None) -> None:
+        self._on_consumed(ev.port, ev.seq)
 
     def _deliver(self, src: bytes, port: bytes, seq: int, msg: Message) -> None:
         st = self.ports.get(port)
@@ -868,9 +910,9 @@ class Engine:
                     st.buffer = []
                 st.buffer.append((seq, Message(kind, None, body)))
                 return
-            if mode == PROXY and st.target_node != self.node_id and self.transmit_data is not None:
+            if mode == PROXY and st.target_node != self.node_id:
                 st.recv_seq = seq + 1
-                self.transmit_data(st.target_node, st.target_port, seq, kind, body)
+                self.out.send_data(st.target_node, st.target_port, seq, kind, body)
                 if kind >= K_REPLY or (st.proxy_last is not None and seq >= st.proxy_last):
                     self._proxy_done(st)
                 return
@@ -1005,7 +1047,7 @@ class Engine:
                 if st is not None and st.proxy_from == node:
                     st.proxy_from = None
             return
-        self.transmit(node, ev, [])
+        self.out.send_event(node, ev, [])
 
     def _route(self, node: bytes, port: bytes, seq: int, item: Item) -> None:
         """Ship one sequenced item to (node, port)."""
@@ -1014,7 +1056,7 @@ class Engine:
             self._run()
             return
         ev, fds = self._event_for(node, port, seq, item, strict=False)
-        self.transmit(node, ev, fds)
+        self.out.send_event(node, ev, fds)
 
     def _event_for(
         self, node: bytes, port: bytes, seq: int, item: Item, strict: bool
@@ -1116,8 +1158,8 @@ class Engine:
                 st.peer_node = item.new_node
                 st.peer_port = item.new_port
                 self._unsequenced(item.old_node, ProxyAckEvent(item.old_port, st.send_seq - 1))
-                if item.new_node != self.node_id and self.watch is not None:
-                    self.watch(item.new_node)
+                if item.new_node != self.node_id:
+                    self.out.watch(item.new_node)
                 elif item.new_node == self.node_id:
                     st.ck = None  # a local peer's queue is the count now
                     st.ck_seq = 0
@@ -1225,19 +1267,19 @@ class Engine:
         if d.flags & D_DIRECT:
             st.send_seq = d.send_seq  # no CHANGE_PEER to number
             self.ports[st.id] = st
-            if d.peer_node != self.node_id and self.watch is not None:
-                self.watch(d.peer_node)
+            if d.peer_node != self.node_id:
+                self.out.watch(d.peer_node)
             return st
         st.send_seq = d.send_seq + 1
         st.proxy_from = src
         self.ports[st.id] = st
-        self.transmit(src, ArrivedEvent(d.origin, st.id), [])
+        self.out.send_event(src, ArrivedEvent(d.origin, st.id), [])
         if d.flags & D_PEER_CLOSED:
             st.close_sent = True
         else:
             self._route(d.peer_node, d.peer_port, d.send_seq, _Change(self.node_id, st.id, src, d.origin))
-            if d.peer_node != self.node_id and self.watch is not None:
-                self.watch(d.peer_node)
+            if d.peer_node != self.node_id:
+                self.out.watch(d.peer_node)
         return st
 
     def _on_arrived(self, src: bytes, port: bytes, new_port: bytes) -> None:
@@ -1249,7 +1291,7 @@ class Engine:
         st.target_port = new_port
         buffer = st.buffer or []
         st.buffer = None
-        data = self.transmit_data if src != self.node_id else None
+        data = self.out.send_data if src != self.node_id else None
         for seq, item in buffer:
             if data is not None and type(item) is Message and item.body is not None and not item.ports:
                 if not item.fds:
