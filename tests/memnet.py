@@ -64,20 +64,42 @@ class Net:
     def pending(self) -> list[tuple[int, int]]:
         return [k for k, q in self.links.items() if q]
 
-    def deliver(self, key: tuple[int, int]) -> None:
-        ev, fds = self.links[key].popleft()
+    def deliver(self, key: tuple[int, int], count: int = 1) -> None:
+        """Deliver the next ``count`` events of a link as one read would:
+        their frames go through one decoder call, which hands runs of plain
+        messages to ``receive_run`` and the descriptors of each frame from
+        one FIFO, exactly as the socket transport does."""
+        link = self.links[key]
+        events = [link.popleft() for _ in range(min(count, len(link)))]
         src, dst = key
-        dec = FrameDecoder()
-        (ev2,) = dec.feed(encode_event(ev))
-        self.engines[dst].receive(self.engines[src].node_id, ev2, fds)
+        eng = self.engines[dst]
+        node = self.engines[src].node_id
+        fifo: deque[Any] = deque(f for _, fds in events for f in fds)
+
+        def on_event(ev: Event) -> None:
+            fds = [fifo.popleft() for _ in range(ev.nfds)] if isinstance(ev, MsgEvent) else []
+            eng.receive(node, ev, fds)
+
+        def on_data(port: bytes, seq: int, kind: int, body: bytes) -> None:
+            eng.receive_data(node, port, seq, kind, body)
+
+        def on_run(port: bytes, seq: int, bodies: list[bytes]) -> None:
+            eng.receive_run(node, port, seq, bodies)
+
+        FrameDecoder().feed_each(b"".join(encode_event(ev) for ev, _ in events), on_data, on_event, on_run)
+        assert not fifo
 
     def run(self, rng: random.Random | None = None, limit: int = 1_000_000) -> None:
-        """Deliver until quiet; in random link order if ``rng`` is given."""
+        """Deliver until quiet: whole links in order, or with ``rng`` a link
+        at random and a random number of its events at a time."""
         for _ in range(limit):
             keys = self.pending()
             if not keys:
                 return
-            self.deliver(rng.choice(keys) if rng else keys[0])
+            if rng is None:
+                self.deliver(keys[0], len(self.links[keys[0]]))
+            else:
+                self.deliver(rng.choice(keys), rng.choice((1, 1, 2, 5, 40)))
         raise AssertionError("network did not settle")
 
     def kill(self, i: int, reason: str = "killed") -> None:

@@ -7,6 +7,7 @@ import asyncio
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -272,3 +273,30 @@ async def test_a_node_that_hangs_up_mid_handshake_is_retried_then_given_up(mesh_
         shedder.cancel()
         lsock.close()
         await close_all(a)
+
+
+async def test_streams_on_interleaved_ports_arrive_whole_and_in_order(mesh_dir: Path):
+    """Reads bring runs of frames for one port (delivered in one step) cut
+    by frames of another port and by partial frames: every value still
+    arrives once, in order, on its own port, over a real socket."""
+    a, b = nodes(mesh_dir, 2)
+    try:
+        (p1, q1), (p2, q2) = link(a, b), link(a, b)
+        n = 20_000
+
+        async def read(q: Port, count: int) -> list[Any]:
+            return [await q.recv() for _ in range(count)]
+
+        reader1 = asyncio.ensure_future(read(q1, n))
+        for i in range(n):
+            p1.send(i)
+            if i % 3 == 0:
+                p2.send(("x" * (i % 200), i))  # varying sizes cut reads mid-frame
+            if i % 1000 == 999:
+                await asyncio.wait_for(p1.drain(), 10)
+        got1 = await asyncio.wait_for(reader1, 10)
+        got2 = await asyncio.wait_for(read(q2, len(range(0, n, 3))), 10)
+        assert got1 == list(range(n))
+        assert got2 == [["x" * (i % 200), i] for i in range(0, n, 3)]
+    finally:
+        await close_all(a, b)

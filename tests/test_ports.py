@@ -588,3 +588,60 @@ async def test_pending_calls_never_hang_when_a_node_dies(seed: int):
     assert sorted(outcome) == list(range(20))
     for i, got in outcome.items():
         assert got == ["answer", i] or got in (PortFailed, meshipc.NodeFailure, ChannelClosed), got
+
+
+def _bodies(values: list[Any]) -> list[bytes]:
+    from meshipc._channel import CODEC
+
+    return [CODEC.encode_plain(v) or b"" for v in values]
+
+
+def test_a_run_is_queued_in_one_step_and_wakes_the_holder_once():
+    net = Net(2)
+    _a, b = net.pair(0, 1)
+    eb, src = net.engines[1], net.engines[0].node_id
+    st = b._states[0]
+    wakes = []
+    inner = st.waker
+    assert inner is not None
+
+    def waker() -> None:
+        wakes.append(len(st.queue))
+        inner()
+
+    st.waker = waker
+    eb.receive_run(src, st.id, 1, _bodies([1, 2, 3]))
+    assert wakes == [3]  # woken once, with the whole run queued
+    eb.receive_run(src, st.id, 4, _bodies([4, 5]))
+    assert wakes == [3]  # the queue was not empty: no second wakeup
+    assert drain(b) == [1, 2, 3, 4, 5]
+
+
+def test_a_run_out_of_order_waits_for_the_gap_then_comes_in_order():
+    net = Net(2)
+    _a, b = net.pair(0, 1)
+    eb, src = net.engines[1], net.engines[0].node_id
+    st = b._states[0]
+    eb.receive_run(src, st.id, 3, _bodies([3, 4, 5]))  # 1 and 2 took a slower path
+    assert drain(b) == []
+    eb.receive_run(src, st.id, 1, _bodies([1, 2]))
+    assert drain(b) == [1, 2, 3, 4, 5]
+
+
+def test_a_run_for_a_moving_port_is_buffered_and_forwarded():
+    net = Net(3)
+    _a, b = net.pair(0, 1)
+    c_tx, c_rx = net.pair(1, 2)
+    st = b._states[0]
+    c_tx.send(b)  # b moves from engine 1 to engine 2
+    net.engines[1].receive_run(net.engines[0].node_id, st.id, 1, _bodies(["x", "y", "z"]))
+    net.run()
+    (moved,) = drain(c_rx)
+    assert drain(moved) == ["x", "y", "z"]
+
+
+def test_a_run_for_an_unknown_port_is_dropped():
+    net = Net(2)
+    eb = net.engines[1]
+    eb.receive_run(net.engines[0].node_id, bytes(16), 1, _bodies([1, 2]))
+    assert not eb.ports

@@ -732,3 +732,91 @@ def test_the_decoder_counts_whole_frames_however_they_arrive():
         for i in range(0, len(raw), size):
             d.feed(raw[i : i + size])
         assert d.frames == n
+
+
+def _feed_each_log(chunks: list[bytes]) -> tuple[list[tuple[Any, ...]], list[tuple[bytes, int, int, bytes]]]:
+    """Feed ``chunks``; returns the calls made (in order) and the messages
+    they amount to, each as (port, seq, kind, body)."""
+    calls: list[tuple[Any, ...]] = []
+    flat: list[tuple[bytes, int, int, bytes]] = []
+
+    def on_data(port: bytes, seq: int, kind: int, body: bytes) -> None:
+        calls.append(("data", port, seq))
+        flat.append((port, seq, kind, body))
+
+    def on_run(port: bytes, seq: int, bodies: list[bytes]) -> None:
+        calls.append(("run", port, seq, len(bodies)))
+        flat.extend((port, seq + i, K_DATA, b) for i, b in enumerate(bodies))
+
+    def on_event(ev: Event) -> None:
+        calls.append(("event", type(ev).__name__))
+        if isinstance(ev, MsgEvent):
+            flat.append((ev.port, ev.seq, ev.kind, ev.body))
+
+    d = FrameDecoder()
+    for c in chunks:
+        d.feed_each(c, on_data, on_event, on_run)
+    return calls, flat
+
+
+def _data(port: bytes, seq: int, body: bytes = b"\xc0", kind: int = K_DATA) -> MsgEvent:
+    return MsgEvent(port, seq, kind, 0, [], 0, body)
+
+
+def test_a_run_of_plain_messages_on_one_port_is_handed_over_in_one_call():
+    p, q = rid(1), rid(2)
+    evs: list[Event] = [
+        *(_data(p, s) for s in range(1, 6)),  # a run of 5
+        _data(q, 1),  # another port: the run ends
+        _data(q, 2),
+        _data(q, 4),  # a gap: a new run
+        _data(q, 5, kind=K_CALL, body=bytes(32) + b"\xc0"),  # not K_DATA: on its own
+        CloseEvent(p, 6),  # any other frame ends the run before it
+        _data(p, 7),
+    ]
+    calls, flat = _feed_each_log([b"".join(encode_event(e) for e in evs)])
+    assert calls == [
+        ("run", p, 1, 5),
+        ("run", q, 1, 2),
+        ("data", q, 4),
+        ("data", q, 5),
+        ("event", "CloseEvent"),
+        ("data", p, 7),
+    ]
+    assert [(port, seq) for port, seq, _, _ in flat] == [(p, s) for s in range(1, 6)] + [
+        (q, 1),
+        (q, 2),
+        (q, 4),
+        (q, 5),
+        (p, 7),
+    ]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(0, 2), st.integers(0, 3), st.binary(max_size=40)), max_size=40),
+    st.lists(st.integers(1, 64), max_size=10),
+)
+def test_runs_keep_the_wire_order_whatever_the_chunking(
+    spec: list[tuple[int, int, bytes]], cuts: list[int]
+) -> None:
+    """Every message comes out once, in wire order, with its own seq, kind and
+    body, however the bytes are split between reads."""
+    seqs = [1, 1, 1]
+    evs: list[Event] = []
+    for port_i, kind_i, body in spec:
+        port = rid(port_i + 1)
+        if kind_i == 3:
+            evs.append(ProxyAckEvent(port, seqs[port_i]))
+            continue
+        seqs[port_i] += 1 if kind_i else random.Random(len(evs)).choice((1, 1, 2))
+        kind = (K_DATA, K_ERROR, K_DATA)[kind_i]
+        evs.append(_data(port, seqs[port_i], b"\xc4" + bytes([len(body)]) + body, kind))
+    raw = b"".join(encode_event(e) for e in evs)
+    chunks, pos = [], 0
+    for c in cuts:
+        chunks.append(raw[pos : pos + c])
+        pos += c
+    chunks.append(raw[pos:])
+    _, flat = _feed_each_log(chunks)
+    assert flat == [(e.port, e.seq, e.kind, e.body) for e in evs if isinstance(e, MsgEvent)]

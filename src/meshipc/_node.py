@@ -361,6 +361,7 @@ class Node:
             self._on_event,
             self._on_lost,
             functools.partial(self.engine.receive_data, peer),
+            functools.partial(self.engine.receive_run, peer),
         )
         self._conns[peer] = conn
         for ev, fds in self._pending.pop(peer, []):

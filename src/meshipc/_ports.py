@@ -79,6 +79,7 @@ message arrives, and the peer's own items follow it on the same link.
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -101,6 +102,7 @@ from ._wire import (
     D_DIRECT,
     D_PEER_CLOSED,
     K_CALL,
+    K_DATA,
     K_ERROR,
     K_REPLY,
     MAX_FDS_PER_MESSAGE,
@@ -187,6 +189,10 @@ class Message:
         self.body = body
         self.ports = ports
         self.fds = fds
+
+
+#: a received plain K_DATA message (a C-level call per message in a run)
+_data_message: Final = functools.partial(Message, K_DATA, None)
 
 
 class _Close:
@@ -917,6 +923,24 @@ class Engine:
                     self._proxy_done(st)
                 return
         self.receive(src, MsgEvent(port, seq, kind, 0, [], 0, body))
+
+    def receive_run(self, src: bytes, port: bytes, seq: int, bodies: list[bytes]) -> None:
+        """Plain ``K_DATA`` messages ``seq``, ``seq + 1``, ... for one port
+        (what one read of a stream brings): queued in one step, the holder
+        woken once; anything but an in-order owned end takes them one by one."""
+        st = self.ports.get(port)
+        if st is not None and seq == st.recv_seq and st.mode == OWNED and not st.pending and not st.closed:
+            st.recv_seq = seq + len(bodies)
+            q = st.queue
+            woke = not q
+            q.extend(map(_data_message, bodies))
+            if woke and st.waker is not None:
+                st.waker()
+            return
+        receive_data = self.receive_data
+        for body in bodies:
+            receive_data(src, port, seq, K_DATA, body)
+            seq += 1
 
     def node_failed(self, node: bytes, reason: str) -> None:
         """``node`` is gone: fail every port that depends on it."""

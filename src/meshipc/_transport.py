@@ -113,6 +113,7 @@ class Connection:
         on_event: Callable[[bytes, Event, list[Any]], None],
         on_lost: Callable[[Connection, str], None],
         on_data: Callable[[bytes, int, int, bytes], None],
+        on_run: Callable[[bytes, int, list[bytes]], None] | None = None,
     ) -> None:
         self.loop = loop
         self.sock = sock
@@ -120,6 +121,7 @@ class Connection:
         self._on_event = on_event
         self._on_lost = on_lost
         self._on_data = on_data  # plain messages: (port, seq, kind, body)
+        self._on_run = on_run  # runs of them on one port: (port, first seq, bodies)
         self._decoder = FrameDecoder()
         self._rbuf = bytearray(READ_SIZE)
         self._rview = memoryview(self._rbuf)
@@ -319,7 +321,7 @@ class Connection:
                 self._lost("connection closed by peer")
                 return False
             self.bytes_in += n
-            self._decoder.feed_each(self._rview[:n], self._on_data, self._event_in)
+            self._decoder.feed_each(self._rview[:n], self._on_data, self._event_in, self._on_run)
         except ProtocolError as exc:
             log.warning("dropping connection to node %s: protocol error: %s", self.peer.hex()[:12], exc)
             self._lost(f"protocol error: {exc}")

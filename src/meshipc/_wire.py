@@ -453,13 +453,18 @@ class FrameDecoder:
         data: bytes | bytearray | memoryview,
         on_data: Callable[[bytes, int, int, bytes], None],
         on_event: Callable[[Event], None],
+        on_run: Callable[[bytes, int, list[bytes]], None] | None = None,
     ) -> None:
         """Like ``feed``, but hands each event over as soon as it is decoded.
 
         The common frame, a message without ports, fds or flags, goes to
         ``on_data(port, seq, kind, body)`` without an event object: on the
-        hot path every Python object per message counts. An exception from
-        a callback leaves the decoder spent, like a ``ProtocolError``."""
+        hot path every Python object per message counts. With ``on_run``,
+        consecutive ``K_DATA`` frames for one port with consecutive sequence
+        numbers go as one ``on_run(port, first_seq, bodies)`` (a stream is
+        delivered a read at a time, not a frame at a time); a run is handed
+        over before any other frame, so the order is the wire's. An exception
+        from a callback leaves the decoder spent, like a ``ProtocolError``."""
         if self._broken:
             raise ProtocolError("decoder already failed")
         buf = self._buf
@@ -473,6 +478,9 @@ class FrameDecoder:
         total = len(mv)
         head = _LEN_MSG.size
         unpack_head = _LEN_MSG.unpack_from
+        run: list[bytes] = []  # bodies of the pending run
+        run_port = b""
+        run_seq = run_next = 0
         try:
             while total - pos >= 4:
                 if total - pos >= head:
@@ -481,10 +489,29 @@ class FrameDecoder:
                     if t == T_MSG and not (flags or nports or nfds) and kind <= K_MAX:
                         end = pos + 4 + length
                         if pos + head <= end <= total and length <= MAX_FRAME:
-                            on_data(port, seq, kind, bytes(mv[pos + head : end]))
+                            body = bytes(mv[pos + head : end])
                             pos = end
                             frames += 1
+                            if on_run is not None and kind == K_DATA:
+                                if run and seq == run_next and port == run_port:
+                                    run.append(body)
+                                    run_next += 1
+                                    continue
+                                if run:
+                                    _hand_run(run_port, run_seq, run, on_data, on_run)
+                                run = [body]
+                                run_port = port
+                                run_seq = seq
+                                run_next = seq + 1
+                                continue
+                            if run:
+                                _hand_run(run_port, run_seq, run, on_data, on_run)
+                                run = []
+                            on_data(port, seq, kind, body)
                             continue
+                if run:
+                    _hand_run(run_port, run_seq, run, on_data, on_run)
+                    run = []
                 (length,) = _LEN.unpack_from(mv, pos)
                 if length == 0 or length > MAX_FRAME:
                     raise ProtocolError(f"frame length {length} outside 1..{MAX_FRAME}")
@@ -496,6 +523,8 @@ class FrameDecoder:
                 pos = end
                 frames += 1
                 on_event(ev)
+            if run:
+                _hand_run(run_port, run_seq, run, on_data, on_run)
         except ProtocolError:
             self._broken = True
             raise
@@ -513,3 +542,17 @@ class FrameDecoder:
             del buf[:pos]
         elif rest:
             buf += rest
+
+
+def _hand_run(
+    port: bytes,
+    seq: int,
+    run: list[bytes],
+    on_data: Callable[[bytes, int, int, bytes], None],
+    on_run: Callable[[bytes, int, list[bytes]], None] | None,
+) -> None:
+    """Hand a run of K_DATA bodies over (one body goes as plain data)."""
+    if len(run) == 1 or on_run is None:
+        on_data(port, seq, K_DATA, run[0])
+    else:
+        on_run(port, seq, run)
