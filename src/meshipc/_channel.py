@@ -176,6 +176,9 @@ def _plain_decoder(tp: Any) -> msgspec.msgpack.Decoder[Any]:
     return msgspec.msgpack.Decoder(tp, ext_hook=_no_resources, dec_hook=_dec_hook)
 
 
+_any_dec = _plain_decoder(Any)  # a call's reply (no cache lookup per call)
+
+
 class _Codec:
     """Bridges message objects and bytes for the engine (see ``ports.Codec``)."""
 
@@ -864,7 +867,9 @@ class Sender(_Handle, Generic[T]):
                 raise MessageError("this value cannot be sent to another process: nested too deep") from None
             if body is not None:
                 a = eng.call_plain(st, body)
-        if a is None:
+        if a is not None:
+            msg = await _reply_to(a)
+        else:
             a, b = eng.new_pair()
             a.pinned = True  # never leaves this call: b may travel without a proxy
             reply = Port._wrap([a])
@@ -873,25 +878,56 @@ class Sender(_Handle, Generic[T]):
             except BaseException:
                 reply.close()
                 raise
-        else:
-            reply = Port._wrap([a])
-        try:
-            msg = None
-            while msg is None:
-                msg = reply._next_message()
-                if msg is None:
+            try:
+                got = reply._next_message()
+                while got is None:
                     await reply._wait()
-        except ChannelClosed:
-            raise ChannelClosed("the call was dropped without a reply") from None
-        finally:
-            reply.close()
+                    got = reply._next_message()
+                msg = got
+            except ChannelClosed:
+                raise ChannelClosed("the call was dropped without a reply") from None
+            finally:
+                reply.close()
         if msg.kind == K_REPLY_ERROR or msg.kind == K_ERROR:
             tn, text, tb = msg.obj if msg.body is None else decode(msg, tuple[str, str, str])
             raise RemoteError(tn, text, tb)
-        return msg.obj if msg.body is None else decode(msg, Any)
+        if msg.body is None:
+            return msg.obj
+        if msg.ports is None and msg.fds is None:
+            try:  # the common reply: a plain value
+                return _any_dec.decode(msg.body)
+            except (msgspec.DecodeError, msgspec.ValidationError, ValueError, RecursionError) as exc:
+                raise MessageError(f"invalid message: {exc}") from None
+        return decode(msg, Any)
 
     def __repr__(self) -> str:
         return f"<Sender {self._states[0].id.hex()[:8]}>" if self._states else "<Sender closed>"
+
+
+async def _reply_to(st: PortState) -> Message:
+    """The answer on the reply end of a call this loop's thread made (see
+    ``Engine.call_plain``): waited for on one future, with no handle object.
+    The end is closed whatever happens, which a callee sees as
+    ``call.cancelled`` if the caller gave up first."""
+    q = st.queue
+    try:
+        if not q and not st.readable_end:
+            fut = asyncio.get_running_loop().create_future()
+
+            def wake() -> None:  # the engine runs on this thread (call_plain's rule)
+                if not fut.done():
+                    fut.set_result(None)
+
+            st.waker = wake
+            await fut
+        if q:
+            return q.popleft()
+        if st.error is not None:
+            raise st.error
+        raise ChannelClosed("the call was dropped without a reply")
+    finally:
+        st.waker = None
+        st.engine.close(st)
 
 
 class Receiver(_Inbox, Generic[T]):
