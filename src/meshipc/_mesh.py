@@ -57,7 +57,7 @@ VERBATIM_NAME = 40
 #: Longest mesh directory name: a longer mesh name is cut to 23 characters
 #: and followed by ``~`` and 16 hex digits of its SHA-256 (``~`` is not in
 #: a name, so no verbatim name can look like a cut one).
-MAX_DIRECTORY_NAME = len("mesh-") + VERBATIM_NAME + 5
+MAX_DIRECTORY_NAME = len("mesh-") + VERBATIM_NAME
 #: Longest runtime root with room for every mesh name: ``<root>/<mesh
 #: directory>/<socket>`` stays within ``MAX_SOCKET_PATH`` (41 bytes; the
 #: default roots, ``/run/user/<uid>`` and ``/tmp/meshipc-<uid>``, are at
