@@ -21,6 +21,7 @@ import pytest
 import meshipc
 from meshipc import ConnectError, Mesh, MeshError
 from meshipc._mesh import MAX_SOCKET_PATH, runtime_location
+from meshipc._platform import PLATFORM
 
 T = 10.0
 
@@ -82,6 +83,8 @@ def test_runtime_dir_comes_from_xdg_or_says_why_not(base: Path, monkeypatch: pyt
 def test_squatted_tmp_folder_says_how_to_get_out(base: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
     monkeypatch.setattr(tempfile, "tempdir", str(base))
+    if PLATFORM.tmp_base is not None:  # /tmp, not the temporary folder
+        monkeypatch.setattr(PLATFORM, "tmp_base", str(base))
     squat = base / f"meshipc-{os.getuid()}"
     squat.mkdir(mode=0o777)
     os.chmod(squat, 0o777)  # what another user could have made before us

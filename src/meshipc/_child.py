@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import ctypes
 import importlib
 import inspect
 import logging
@@ -21,19 +20,10 @@ import msgspec
 
 from ._errors import ChannelClosed, MeshError, PortFailed
 from ._loop import run
+from ._platform import PLATFORM
 from ._process import ENV_INVITATION, ChildInvitation, apply_receiver_types
 
 log = logging.getLogger("meshipc")
-
-
-def _die_with_parent() -> None:
-    """Ask the kernel to SIGTERM us if the parent dies (Linux)."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        pr_set_pdeathsig = 1
-        libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
 
 
 #: Seconds a worker told to stop by SIGTERM (its parent died, or someone
@@ -159,13 +149,15 @@ def main() -> None:
     if raw is None:
         print("meshipc._child is started by Mesh.spawn, not by hand", file=sys.stderr)
         sys.exit(2)
-    _die_with_parent()
     try:
         inv = msgspec.msgpack.decode(base64.b64decode(raw), type=ChildInvitation)
     except (ValueError, msgspec.DecodeError) as exc:
         print(f"meshipc worker: bad invitation: {exc}", file=sys.stderr)
         sys.exit(2)
     signal.signal(signal.SIGTERM, _on_sigterm)
+    # SIGTERM when the parent dies (the kernel on Linux; elsewhere a thread
+    # that sees the parent's end of the watch pipe close)
+    PLATFORM.die_with_parent(inv.watch_fd)
     # Ctrl-C in a terminal reaches the whole process group: the parent decides
     # when its workers stop (it closes their bootstrap port on mesh exit)
     signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -12,7 +12,7 @@ from . import __version__
 
 
 def _ls(runtime_dir: str | None, prune: bool = False) -> int:
-    from ._mesh import runtime_location
+    from ._mesh import mesh_directory, runtime_location
 
     root, why = runtime_location(runtime_dir)
     from ._invitation import lock_is_held, prune_stale
@@ -38,7 +38,7 @@ def _ls(runtime_dir: str | None, prune: bool = False) -> int:
             finally:
                 os.close(fd)
         state = "live" if held else "stale"
-        directory = root / f"mesh-{name}"
+        directory = mesh_directory(root, name)
         if state == "stale" and not os.path.lexists(directory):
             continue  # a lock file between a clean exit and its removal
         listener = directory / "listen.sock"

@@ -45,6 +45,7 @@ from ._channel import Call, Port, Receiver, Sender, channel
 from ._errors import ChannelClosed, MeshError, MessageError, NodeFailure, PortFailed, RemoteError
 from ._ids import PortId
 from ._node import Acceptor, PeerCred, listen_private
+from ._platform import PLATFORM
 
 if TYPE_CHECKING:
     from ._mesh import Mesh
@@ -649,7 +650,7 @@ class Control:
             log.debug("node %s: control session ended: %s", self.node.id, exc)
 
     async def _open_session(self, path: Any) -> Port:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        sock = PLATFORM.unix_socket()
         sock.setblocking(False)
         with sock:
             await self.loop.sock_connect(sock, os.fspath(path))

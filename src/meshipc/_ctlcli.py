@@ -157,7 +157,7 @@ async def _run(args: argparse.Namespace) -> int:
 
 
 def _not_running(args: argparse.Namespace, exc: ConnectError) -> str:
-    from ._mesh import runtime_root
+    from ._mesh import mesh_directory, runtime_root
 
     try:
         root = runtime_root(args.runtime_dir)
@@ -166,7 +166,7 @@ def _not_running(args: argparse.Namespace, exc: ConnectError) -> str:
     if "/" in args.name:
         return f"cannot reach the listener {args.name}: {exc.reason}"
     where = f" (runtime dir {root})" if root is not None else ""
-    if root is not None and (root / f"mesh-{args.name}").exists():
+    if root is not None and mesh_directory(root, args.name).exists():
         return (
             f"mesh {args.name!r} is not accepting clients{where}: {exc.reason}; "
             "it may have died or have no listener (see `meshipc ls`)"

@@ -83,6 +83,42 @@ class HandshakeError(ProtocolError):
     mesh secret, or unexpected peer uid). Logged by the accepting node."""
 
 
+class PeerCredentialsError(HandshakeError, OSError):
+    """The kernel's record of a socket peer's credentials could not be read
+    or did not parse (wrong size, unknown version, group count out of
+    range). The connection is refused."""
+
+
+class DescriptorsTruncated(ProtocolError):
+    """A read from a peer came with its descriptors cut short (the kernel
+    set ``MSG_CTRUNC``). The descriptors that did arrive are closed and the
+    connection dropped."""
+
+
+class PlatformError(MeshError):
+    """This system lacks something meshipc needs (for instance peer
+    credentials on an unsupported system)."""
+
+
+class SocketPathTooLong(MeshError):
+    """A socket of the mesh would have a path longer than meshipc's budget
+    (``limit`` bytes, below every supported system's AF_UNIX limit):
+    raised by ``Mesh()`` before anything is created. ``path`` is the
+    longest socket path, ``length`` its size in bytes."""
+
+    def __init__(self, path: str, length: int, limit: int) -> None:
+        super().__init__(
+            f"socket path {path} would be {length} bytes, over the AF_UNIX limit of {limit}: "
+            "use a shorter runtime folder (runtime_dir= or XDG_RUNTIME_DIR)"
+        )
+        self.path = path
+        self.length = length
+        self.limit = limit
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.path, self.length, self.limit))
+
+
 class JoinError(MeshError):
     """A process could not join a mesh (base of the ``connect``/``join`` errors;
     raised itself for a failure while joining after the invitation was read)."""

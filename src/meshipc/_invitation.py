@@ -58,6 +58,7 @@ from ._node import (
     listen_private,
     node_path,
 )
+from ._platform import PLATFORM
 from ._wire import _DESC, PortDesc
 
 if TYPE_CHECKING:
@@ -119,7 +120,9 @@ def claim_name(root: Path, name: str, *, fresh: bool = True) -> tuple[Path, int]
             if current is None or current.st_ino != st.st_ino or current.st_dev != st.st_dev:
                 os.close(fd)  # its owner removed it as we locked it: take the new one
                 continue
-            directory = root / f"mesh-{name}"
+            from ._mesh import mesh_directory
+
+            directory = mesh_directory(root, name)
             if os.path.lexists(directory):
                 from ._node import check_private_dir
 
@@ -580,7 +583,7 @@ class ClientConnection:
 async def read_invitation(path: Path, expected_uid: int | None = None) -> Invitation:
     """Connect to the listener at ``path`` and read one invitation."""
     loop = asyncio.get_running_loop()
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    sock = PLATFORM.unix_socket()
     sock.setblocking(False)
     with sock:
         try:

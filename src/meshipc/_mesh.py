@@ -5,21 +5,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import hashlib
 import logging
 import os
 import re
 import shutil
 import signal
-import tempfile
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from ._errors import MeshError
+from ._errors import MeshError, SocketPathTooLong
 from ._ids import NodeId
 from ._node import MeshSecret, Node, check_private_dir, node_path
+from ._platform import MAX_SOCKET_NAME, MAX_SOCKET_PATH, PLATFORM
 from ._ports import DEFAULT_LIMITS, Limits
 from ._process import Process, spawn
 
@@ -51,8 +52,17 @@ def current_mesh() -> Mesh:
     return mesh
 
 
-#: Longest AF_UNIX socket path Linux accepts (``sun_path`` is 108 bytes with its NUL).
-MAX_SOCKET_PATH = 107
+#: Mesh names up to this long name their directory verbatim (``mesh-<name>``).
+VERBATIM_NAME = 40
+#: Longest mesh directory name: a longer mesh name is cut to 23 characters
+#: and followed by ``~`` and 16 hex digits of its SHA-256 (``~`` is not in
+#: a name, so no verbatim name can look like a cut one).
+MAX_DIRECTORY_NAME = len("mesh-") + VERBATIM_NAME
+#: Longest runtime root with room for every mesh name: ``<root>/<mesh
+#: directory>/<socket>`` stays within ``MAX_SOCKET_PATH`` (41 bytes; the
+#: default roots, ``/run/user/<uid>`` and ``/tmp/meshipc-<uid>``, are at
+#: most 23).
+MAX_ROOT_FOR_ANY_NAME = MAX_SOCKET_PATH - (1 + MAX_DIRECTORY_NAME + 1 + MAX_SOCKET_NAME)
 _HOW_ELSEWHERE = "set XDG_RUNTIME_DIR to a private folder of yours (mode 0700) or pass runtime_dir="
 
 
@@ -60,7 +70,9 @@ def runtime_location(runtime_dir: str | os.PathLike[str] | None = None) -> tuple
     """The folder holding this user's mesh directories, and why that one.
 
     ``runtime_dir`` if given (created 0700 if missing), else
-    ``$XDG_RUNTIME_DIR`` if set, else ``<tmp>/meshipc-<uid>`` (created 0700).
+    ``$XDG_RUNTIME_DIR`` if set, else ``<base>/meshipc-<uid>`` (created
+    0700; ``Platform.default_runtime_root``: the interpreter's temporary
+    folder on Linux, ``/tmp`` elsewhere, where ``$TMPDIR`` is too long).
     The folder must be a real directory owned by us with mode 0700; one that
     is not is refused with ``MeshError`` saying which folder and why, never
     silently replaced by another (a service and its clients must look in the
@@ -87,7 +99,7 @@ def runtime_location(runtime_dir: str | os.PathLike[str] | None = None) -> tuple
                 f"XDG_RUNTIME_DIR={xdg} cannot hold meshes: {exc}; {_HOW_ELSEWHERE}, or unset XDG_RUNTIME_DIR"
             ) from None
         return root, "from XDG_RUNTIME_DIR"
-    root = Path(tempfile.gettempdir()) / f"meshipc-{os.getuid()}"
+    root = PLATFORM.default_runtime_root()
     try:
         root.mkdir(mode=0o700)
     except FileExistsError:
@@ -107,21 +119,29 @@ def runtime_root(runtime_dir: str | os.PathLike[str] | None = None) -> Path:
 
 
 def mesh_directory(root: Path, name: str) -> Path:
-    return root / f"mesh-{name}"
+    """The directory of mesh ``name``: its name is at most
+    ``MAX_DIRECTORY_NAME`` bytes whatever the mesh name's length."""
+    if len(name) <= VERBATIM_NAME:
+        return root / f"mesh-{name}"
+    digest = hashlib.sha256(name.encode()).hexdigest()[:16]
+    return root / f"mesh-{name[:23]}~{digest}"
 
 
 def check_socket_room(directory: Path) -> None:
-    """Refuse (``MeshError``) a mesh directory whose sockets' paths would
-    not fit in an AF_UNIX address; checked before anything is created."""
+    """Refuse (``SocketPathTooLong``) a mesh directory whose sockets' paths
+    would exceed ``MAX_SOCKET_PATH``; checked before anything is created.
+    Every socket of a mesh is ``<directory>/<name>`` with a name of at most
+    ``MAX_SOCKET_NAME`` bytes (node sockets, the listener, the control
+    socket), so this one check bounds them all."""
+    from ._control import CONTROL_NAME
     from ._invitation import LISTENER_NAME
 
-    longest = max((node_path(directory, bytes(16)), directory / LISTENER_NAME), key=lambda p: len(bytes(p)))
-    n = len(bytes(longest))
+    names = (node_path(directory, bytes(16)).name, LISTENER_NAME, CONTROL_NAME)
+    assert max(len(n) for n in names) <= MAX_SOCKET_NAME
+    longest = directory / max(names, key=len)
+    n = len(os.fsencode(longest))
     if n > MAX_SOCKET_PATH:
-        raise MeshError(
-            f"socket path {longest} would be {n} bytes, over the AF_UNIX limit of {MAX_SOCKET_PATH}: "
-            "use a shorter runtime folder (runtime_dir= or XDG_RUNTIME_DIR)"
-        )
+        raise SocketPathTooLong(os.fspath(longest), n, MAX_SOCKET_PATH)
 
 
 class _Sigterm:

@@ -5,7 +5,8 @@ Nodes reach each other directly by path (``node_path``: ``<directory>/<node id p
 no broker. A connection is made on demand when a port first needs a node, and
 every connection is authenticated before any port event is read:
 
-1. the accepting side checks the peer's uid (``SO_PEERCRED``);
+1. the accepting side checks the peer's uid (the kernel's peer
+   credentials, ``PLATFORM.peer_cred``);
 2. HELLO (initiator): version, its node id, the node id it wants, a nonce;
 3. CHALLENGE (acceptor): version, its node id, a nonce, and an HMAC-SHA256 of
    both nonces and ids under the mesh secret — the initiator checks it;
@@ -40,6 +41,7 @@ from typing import Any, Final
 from ._channel import CODEC
 from ._errors import HandshakeError, MeshError
 from ._ids import NodeId
+from ._platform import PLATFORM
 from ._ports import DEFAULT_LIMITS, OWNED, PROXY, SENDING, Engine, Limits
 from ._transport import Connection
 from ._wire import PROTOCOL_VERSION, Event, MsgEvent
@@ -87,7 +89,6 @@ _AUTH = struct.Struct("<32s")
 _VERDICT = struct.Struct("<B")
 V_ACCEPT, V_DUPLICATE, V_DENIED = 1, 2, 3
 S_OK, S_WRONG_NODE, S_BAD_VERSION = 0, 1, 2
-_CRED = struct.Struct("3i")
 
 
 class MeshSecret:
@@ -135,11 +136,9 @@ class PeerCred:
 
     @classmethod
     def of(cls, sock: socket.socket) -> PeerCred:
-        if hasattr(socket, "SO_PEERCRED"):
-            pid, uid, gid = _CRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CRED.size))
-            return cls(pid, uid, gid)
-        uid, gid = os.getpeereid(sock.fileno())  # type: ignore[attr-defined]  # macOS
-        return cls(0, uid, gid)
+        """The peer of ``sock``; ``PeerCredentialsError`` (an ``OSError``
+        and a ``HandshakeError``) when the kernel gives no usable record."""
+        return cls(*PLATFORM.peer_cred(sock))
 
     def __repr__(self) -> str:
         return f"PeerCred(pid={self.pid}, uid={self.uid}, gid={self.gid})"
@@ -555,7 +554,7 @@ class Node:
         if the node refused us and ``OSError`` if it cannot be reached."""
         own = sock is None
         if sock is None:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            sock = PLATFORM.unix_socket()
             sock.setblocking(False)
         try:
             async with asyncio.timeout(HANDSHAKE_TIMEOUT):
@@ -601,7 +600,7 @@ class Node:
 
 def listen_private(path: Path, what: str, backlog: int = 1024) -> socket.socket:
     """A non-blocking Unix socket listening at ``path``, mode 0600."""
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    s = PLATFORM.unix_socket()
     try:
         s.bind(os.fspath(path))
         os.chmod(path, 0o600)
@@ -776,7 +775,7 @@ class Acceptor:
 
 def is_socket_alive(path: Path) -> bool:
     """Whether something accepts connections on the Unix socket ``path``."""
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    s = PLATFORM.unix_socket()
     try:
         s.settimeout(1.0)
         s.connect(os.fspath(path))

@@ -48,6 +48,7 @@ import msgspec
 from ._channel import Call, Port, Receiver, walk_resources
 from ._errors import ChannelClosed, MeshError, PortFailed, RemoteError, SpawnError
 from ._ids import NodeId, PortId
+from ._platform import PLATFORM
 
 if TYPE_CHECKING:
     from ._mesh import Mesh
@@ -78,6 +79,8 @@ class ChildInvitation(msgspec.Struct, frozen=True):
     #: element types of the typed receivers in the argument: (index among the
     #: argument's handles, type reference); see ``type_ref``
     arg_types: list[tuple[int, Any]] = []
+    #: read end of the parent-death pipe (``Platform.parent_pipe``), or -1
+    watch_fd: int = -1
 
     def __repr__(self) -> str:
         return f"ChildInvitation(name={self.name!r}, target={self.target!r}, directory={self.directory!r})"
@@ -156,11 +159,27 @@ def apply_receiver_types(arg: Any, refs: list[tuple[int, Any]]) -> None:
             handles[i]._set_type(resolve_type_ref(ref))
 
 
+def _wait_exited(popen: subprocess.Popen[bytes]) -> None:
+    """Block until the child has exited, leaving it to be reaped where
+    ``waitid`` exists (else reaping it here)."""
+    try:
+        os.waitid(os.P_PID, popen.pid, os.WEXITED | os.WNOWAIT)
+    except AttributeError:
+        popen.wait()
+    except OSError:
+        pass  # reaped elsewhere: the caller's wait() settles it
+
+
 class Process:
     """A worker process in the mesh. ``await wait()`` gives its exit code."""
 
-    def __init__(self, popen: subprocess.Popen[bytes], name: str, target: str, port: Port) -> None:
+    def __init__(
+        self, popen: subprocess.Popen[bytes], name: str, target: str, port: Port, watch_fd: int = -1
+    ) -> None:
         self._popen = popen
+        # our end of the worker's parent-death pipe: open while the worker
+        # lives (the kernel closes it if we die), closed once it exited
+        self._watch_fd = watch_fd
         self.pid = popen.pid
         self.name = name
         self.target = target
@@ -178,12 +197,12 @@ class Process:
 
     def _watch_exit(self) -> None:
         loop = asyncio.get_running_loop()
-        try:
-            pidfd = os.pidfd_open(self.pid)
-        except (AttributeError, OSError):
-            # no pidfd (old kernel, macOS): wait in a thread
-            fut = loop.run_in_executor(None, self._popen.wait)
-            fut.add_done_callback(lambda f: self._set_exit(f.result()))
+        pidfd = PLATFORM.exit_fd(self.pid)
+        if pidfd is None:
+            # no pidfd (old kernel, macOS): wait in a thread, without reaping;
+            # the loop's thread reaps, as with a pidfd
+            fut = loop.run_in_executor(None, _wait_exited, self._popen)
+            fut.add_done_callback(lambda _: self._set_exit(self._popen.wait()))
             return
 
         def on_exit() -> None:
@@ -195,6 +214,9 @@ class Process:
 
     def _set_exit(self, code: int) -> None:
         self.returncode = code
+        if self._watch_fd >= 0:
+            os.close(self._watch_fd)
+            self._watch_fd = -1
         # the child's last words (its status) may still be in the socket: the
         # status reader ends once they are read, or when the connection to the
         # child breaks (EOF comes after the data); only then is the exit final
@@ -306,6 +328,7 @@ async def spawn(mesh: Mesh, target: str, arg: Any, name: str | None) -> Process:
     node = mesh._node
     name = name or target.rsplit(":", 1)[1]
     parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    pipe = PLATFORM.parent_pipe()
     child_id, pport, cport = NodeId.random(), PortId.random(), PortId.random()
     inv = ChildInvitation(
         directory=os.fspath(node.directory),
@@ -318,6 +341,7 @@ async def spawn(mesh: Mesh, target: str, arg: Any, name: str | None) -> Process:
         name=name,
         limits=dataclasses.astuple(mesh.limits),
         arg_types=receiver_types(arg),
+        watch_fd=pipe[0] if pipe else -1,
     )
     env = dict(os.environ)
     env[ENV_INVITATION] = base64.b64encode(msgspec.msgpack.encode(inv)).decode()
@@ -334,14 +358,18 @@ async def spawn(mesh: Mesh, target: str, arg: Any, name: str | None) -> Process:
         popen = subprocess.Popen(
             worker_command(),
             env=env,
-            pass_fds=[child_sock.fileno()],
+            pass_fds=[child_sock.fileno(), *pipe[:1]] if pipe else [child_sock.fileno()],
             close_fds=True,
         )
     except BaseException:
         node.forget(child_id, "the worker process was not started")
         port.close()
         parent_sock.close()
+        if pipe:
+            os.close(pipe[1])
         raise
     finally:
         child_sock.close()
-    return Process(popen, name, target, port)
+        if pipe:
+            os.close(pipe[0])
+    return Process(popen, name, target, port, pipe[1] if pipe else -1)

@@ -8,7 +8,11 @@ Reads and writes go straight to a non-blocking AF_UNIX socket with
   frame takes the number it declares;
 * writes are coalesced: frames collect in a batch and are written once per
   loop iteration, with the batch's descriptors riding on the first byte;
-* bodies of ``OOB_THRESHOLD`` bytes or more travel in a sealed memfd.
+* bodies of ``OOB_THRESHOLD`` bytes or more travel out of band, in a
+  descriptor ``PLATFORM.make_body`` fills (a sealed memfd on Linux, an
+  unlinked temporary file elsewhere);
+* a write whose descriptors the receiver has no room for yet
+  (``PLATFORM.fd_send_retry``) is retried later, not taken as a failure.
 
 The connection makes no protocol decisions: it hands events to its node.
 """
@@ -17,17 +21,15 @@ from __future__ import annotations
 
 import array
 import asyncio
-import fcntl
 import logging
-import mmap
-import os
 import socket
 from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from ._errors import ProtocolError
+from ._errors import DescriptorsTruncated, ProtocolError
 from ._fd import Fd
+from ._platform import PLATFORM
 from ._wire import (
     DATA_HEAD,
     DATA_HEAD_LEN,
@@ -56,48 +58,16 @@ READ_SIZE = 128 * 1024
 MAX_QUEUED_FDS = 4 * MAX_FDS_PER_MESSAGE
 _ANC = socket.CMSG_SPACE(SCM_MAX_FD * 4)
 # plain ints: the socket module's IntFlag members cost an enum operation per read
-_CLOEXEC = int(socket.MSG_CMSG_CLOEXEC)
+_RECV_FLAGS = PLATFORM.recv_flags
 _CTRUNC = int(socket.MSG_CTRUNC)
-_SEALS = (
-    getattr(fcntl, "F_SEAL_SEAL", 1)
-    | getattr(fcntl, "F_SEAL_SHRINK", 2)
-    | getattr(fcntl, "F_SEAL_GROW", 4)
-    | getattr(fcntl, "F_SEAL_WRITE", 8)
-)
-_HAVE_MEMFD = hasattr(os, "memfd_create") and hasattr(fcntl, "F_ADD_SEALS")
+#: Seconds between retries of a write whose descriptors the receiver had no
+#: room for yet (``Platform.fd_send_retry``): doubling from the first to the last.
+RETRY_FIRST, RETRY_MAX = 0.001, 0.1
 
 
-def _make_memfd(body: bytes | memoryview) -> Fd:
-    fd = os.memfd_create("meshipc-msg", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+def _read_body(fd: Fd, length: int) -> bytes:
     try:
-        view = memoryview(body)
-        while view:
-            n = os.write(fd, view)
-            view = view[n:]
-        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
-    except BaseException:
-        os.close(fd)
-        raise
-    return Fd(fd)
-
-
-def _read_memfd(fd: Fd, length: int) -> bytes:
-    n = fd.fileno()
-    try:
-        size = os.fstat(n).st_size
-        if size != length:
-            raise ProtocolError(f"out-of-band body is {size} bytes, frame said {length}")
-        if _HAVE_MEMFD:
-            seals = fcntl.fcntl(n, fcntl.F_GET_SEALS)
-            need = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK
-            if seals & need != need:
-                raise ProtocolError("out-of-band body is not sealed")
-        if length == 0:
-            return b""
-        with mmap.mmap(n, length, prot=mmap.PROT_READ) as m:
-            return m[:]
-    except OSError as exc:
-        raise ProtocolError(f"unreadable out-of-band body: {exc}") from exc
+        return PLATFORM.read_body(fd.fileno(), length)
     finally:
         fd.close()
 
@@ -131,7 +101,10 @@ class Connection:
         self._batch_fds: list[Fd] = []
         self._batches: deque[tuple[bytes | memoryview, list[Fd]]] = deque()
         self._flush_scheduled = False
-        self._writing = False
+        self._writing = False  # a write is pending: later frames queue behind it
+        self._writer_on = False  # the loop watches the socket for room
+        self._retry: asyncio.TimerHandle | None = None
+        self._retry_wait = 0.0
         self._reading = False  # in a read batch: replies coalesce until it ends
         self._busy = False  # the last flush had frames to write (a stream)
         self.closed = False
@@ -139,6 +112,7 @@ class Connection:
         self.bytes_in = 0
         self.writes = 0  # send/sendmsg calls: coalescing keeps this far below frames_out
         self.bytes_out = 0
+        self.retries = 0  # writes retried because the receiver had no room for descriptors
         sock.setblocking(False)
         loop.add_reader(sock.fileno(), self._on_readable)
 
@@ -156,8 +130,8 @@ class Connection:
             return
         if isinstance(ev, MsgEvent):
             body = ev.body
-            if len(body) >= OOB_THRESHOLD and _HAVE_MEMFD:
-                fds = [*fds, _make_memfd(body)]
+            if len(body) >= OOB_THRESHOLD:
+                fds = [*fds, Fd(PLATFORM.make_body(body))]
                 frame_head = encode_msg_header(ev.port, ev.seq, ev.kind, F_OOB, ev.ports, len(fds), 8)
                 self._add(frame_head + oob_body_marker(len(body)), fds)
             else:
@@ -202,6 +176,7 @@ class Connection:
         if n < len(data):
             self._batches.append((memoryview(data)[n:], []))
             self._writing = True
+            self._writer_on = True
             self.loop.add_writer(self.sock.fileno(), self._on_writable)
         else:
             # later frames of this loop turn go out together, once
@@ -249,6 +224,11 @@ class Connection:
             except (BlockingIOError, InterruptedError):
                 n = 0
             except OSError as exc:
+                if fds and exc.errno in PLATFORM.fd_send_retry:
+                    # the receiver has no room for descriptors yet (macOS):
+                    # the socket may well poll writable, so wait a while
+                    self._retry_later()
+                    return
                 # the peer may have exited after sending its last words: read
                 # what it left in the socket before declaring it gone
                 self._drain_then_lose(f"write failed: {exc}")
@@ -260,16 +240,36 @@ class Connection:
                 fds = []
             self.bytes_out += n
             self.writes += 1
+            if n > 0:
+                self._retry_wait = 0.0
             if n < len(data):
                 batches[0] = (memoryview(data)[n:], fds)
-                if not self._writing:
-                    self._writing = True
+                self._writing = True
+                if not self._writer_on:
+                    self._writer_on = True
                     self.loop.add_writer(self.sock.fileno(), self._on_writable)
                 return
             batches.popleft()
-        if self._writing:
-            self._writing = False
+        self._writing = False
+        if self._writer_on:
+            self._writer_on = False
             self.loop.remove_writer(self.sock.fileno())
+
+    def _retry_later(self) -> None:
+        """Write the first batch again after a pause (doubling from
+        ``RETRY_FIRST`` to ``RETRY_MAX``); frames queued meanwhile wait."""
+        self._writing = True
+        if self._writer_on:
+            self._writer_on = False
+            self.loop.remove_writer(self.sock.fileno())
+        self._retry_wait = min(RETRY_MAX, self._retry_wait * 2) if self._retry_wait else RETRY_FIRST
+        self.retries += 1
+        self._retry = self.loop.call_later(self._retry_wait, self._retry_write)
+
+    def _retry_write(self) -> None:
+        self._retry = None
+        if not self.closed:
+            self._write_batches()
 
     def _on_writable(self) -> None:
         self._write_batches()
@@ -301,20 +301,31 @@ class Connection:
     def _read_once(self) -> bool:
         """One read; False when nothing more is to be read now."""
         try:
-            n, anc, flags, _ = self.sock.recvmsg_into([self._rview], _ANC, _CLOEXEC)
+            n, anc, flags, _ = self.sock.recvmsg_into([self._rview], _ANC, _RECV_FLAGS)
         except (BlockingIOError, InterruptedError):
             return False
         except OSError as exc:
             self._lost(f"read failed: {exc}")
             return False
         try:
-            for level, kind, data in anc:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                    arr = array.array("i")
-                    arr.frombytes(data[: len(data) - (len(data) % arr.itemsize)])
-                    self._fds.extend(Fd(x) for x in arr)
-            if flags & _CTRUNC:
-                raise ProtocolError("descriptors were truncated (peer sent too many)")
+            if anc:
+                arrived: list[Fd] = []
+                for level, kind, data in anc:
+                    if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                        arr = array.array("i")
+                        arr.frombytes(data[: len(data) - (len(data) % arr.itemsize)])
+                        arrived.extend(Fd(x) for x in arr)
+                PLATFORM.adopt_received(f.fileno() for f in arrived)
+                if flags & _CTRUNC:
+                    # what did arrive is closed here: nothing leaks
+                    for f in arrived:
+                        f.close()
+                    raise DescriptorsTruncated(
+                        f"descriptors were truncated ({len(arrived)} arrived; the peer sent more)"
+                    )
+                self._fds.extend(arrived)
+            elif flags & _CTRUNC:
+                raise DescriptorsTruncated("descriptors were truncated (none arrived; the peer sent some)")
             if len(self._fds) > MAX_QUEUED_FDS:
                 raise ProtocolError("peer sent descriptors that no frame claims")
             if n == 0:
@@ -336,7 +347,7 @@ class Connection:
                     raise ProtocolError("frame claims descriptors that did not arrive")
                 fds = [self._fds.popleft() for _ in range(ev.nfds)]
             if ev.flags & F_OOB:
-                ev.body = _read_memfd(fds.pop(), oob_body_length(ev.body))
+                ev.body = _read_body(fds.pop(), oob_body_length(ev.body))
                 ev.nfds -= 1
                 ev.flags = 0
         self._on_event(self.peer, ev, fds)
@@ -356,8 +367,11 @@ class Connection:
         fd = self.sock.fileno()
         if fd >= 0:
             self.loop.remove_reader(fd)
-            if self._writing:
+            if self._writer_on:
                 self.loop.remove_writer(fd)
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
         self.sock.close()
         for f in self._fds:
             f.close()

@@ -24,13 +24,14 @@ from ._errors import ProtocolError
 
 # --- limits: every length read from a peer is checked against one of these ---
 
-#: Largest frame accepted inline. Senders switch to an out-of-band memfd body
+#: Largest frame accepted inline. Senders switch to an out-of-band body
 #: far below this (OOB_THRESHOLD); the slack covers port descriptors.
 MAX_FRAME: Final = 4 * 1024 * 1024
-#: Bodies at or above this size travel in a sealed memfd: one copy instead of
+#: Bodies at or above this size travel in a descriptor (a sealed memfd on
+#: Linux, an unlinked temporary file elsewhere: see _platform): one copy instead of
 #: the several a large socket write costs, and no huge receive buffers.
 OOB_THRESHOLD: Final = 256 * 1024
-#: Largest out-of-band body accepted (the memfd size is checked before mmap).
+#: Largest out-of-band body accepted (the descriptor's size is checked before reading).
 MAX_OOB_BODY: Final = 1024 * 1024 * 1024
 #: Ports carried by one message; each costs a table entry at the receiver.
 MAX_PORTS_PER_MESSAGE: Final = 4096
@@ -57,7 +58,7 @@ T_FAIL: Final = 6
 T_PROXY_DONE: Final = 7
 T_CONSUMED: Final = 8
 
-#: MSG flag: the body is in the message's last fd (a sealed memfd).
+#: MSG flag: the body is in the message's last fd (see _platform).
 F_OOB: Final = 1
 
 # MSG kinds (what the channel layer makes of the body)
@@ -365,7 +366,7 @@ def _decode_frame(frame: memoryview) -> Event:
             raise ProtocolError(f"unknown message flags {flags:#x}")
         if nports > MAX_PORTS_PER_MESSAGE:
             raise ProtocolError(f"{nports} ports in one message (limit {MAX_PORTS_PER_MESSAGE})")
-        if nfds > MAX_FDS_PER_MESSAGE + (1 if flags & F_OOB else 0):  # + the body's memfd
+        if nfds > MAX_FDS_PER_MESSAGE + (1 if flags & F_OOB else 0):  # + the body's descriptor
             raise ProtocolError(f"{nfds} fds in one message (limit {MAX_FDS_PER_MESSAGE})")
         if flags & F_OOB and nfds == 0:
             raise ProtocolError("out-of-band message without a descriptor")

@@ -1,0 +1,380 @@
+"""Every operating-system-specific call meshipc makes (layer 1).
+
+The rest of the package never tests ``sys.platform`` and never reads a
+constant that only one system defines: it asks ``PLATFORM``, chosen once at
+import by :func:`select`:
+
+``Linux``
+    ``SO_PEERCRED`` (pid, uid, gid), ``MSG_CMSG_CLOEXEC`` on every read,
+    bodies of ``OOB_THRESHOLD`` bytes or more in a sealed memfd,
+    ``PR_SET_PDEATHSIG``, exit watched through a pidfd, runtime root
+    ``<tmp>/meshipc-<uid>``.
+``MacOS``
+    ``LOCAL_PEERCRED`` (``struct xucred``: uid, groups) and
+    ``LOCAL_PEERPID``; close-on-exec set on each received descriptor; large
+    bodies in an unlinked 0600 temporary file passed as a descriptor; the
+    parent's death seen as end-of-file on a pipe only the parent writes to;
+    ``EMSGSIZE``/``ENOBUFS`` from a ``sendmsg`` carrying descriptors means
+    "the receiver's buffer is full, try later"; runtime root
+    ``/tmp/meshipc-<uid>`` (``$TMPDIR`` is too long for socket paths).
+``Portable`` (``MESHIPC_PORTABLE=1`` on Linux)
+    the macOS code paths on a Linux kernel, so that they run in the test
+    suite: everything as ``MacOS`` except where the kernel itself differs
+    (credentials come from ``SO_PEERCRED``, through the same interface).
+
+Everything a peer hands us here is untrusted: credential records are
+length- and version-checked, body files are checked for type and size and
+copied with ``pread`` (a file the sender truncates under us gives a short
+read, never a fault).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import socket
+import stat
+import struct
+import sys
+import tempfile
+import threading
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Final
+
+from ._errors import PeerCredentialsError, PlatformError, ProtocolError
+
+#: Environment variable that selects the portable mode on Linux (``1``).
+ENV_PORTABLE: Final = "MESHIPC_PORTABLE"
+
+#: Budget for every AF_UNIX socket path meshipc binds or connects to, in
+#: bytes: below Linux's 107 and macOS's 103 usable bytes of ``sun_path``.
+MAX_SOCKET_PATH: Final = 100
+#: Longest socket file name inside a mesh directory (node sockets are 12 hex
+#: digits; ``listen.sock`` and ``control.sock`` are no longer).
+MAX_SOCKET_NAME: Final = 12
+
+# ---- macOS <sys/un.h>, <sys/ucred.h> (documented system interface)
+SOL_LOCAL: Final = 0
+LOCAL_PEERCRED: Final = 1
+LOCAL_PEERPID: Final = 2
+XUCRED_VERSION: Final = 0
+XUCRED_NGROUPS: Final = 16
+#: ``struct xucred {u_int cr_version; uid_t cr_uid; short cr_ngroups;
+#: gid_t cr_groups[16];}`` (76 bytes: two bytes of padding after cr_ngroups)
+XUCRED: Final = struct.Struct("=IIh2x16I")
+_XUCRED_HEAD: Final = struct.Struct("=IIh2x")
+_PID: Final = struct.Struct("=i")
+_LINUX_CRED: Final = struct.Struct("=3i")
+
+
+def parse_xucred(data: bytes) -> tuple[int, int]:
+    """``(uid, gid)`` from a macOS ``struct xucred`` as ``LOCAL_PEERCRED``
+    returns it; the gid is ``cr_groups[0]`` (the effective group), -1 when
+    the record lists no group. Raises ``PeerCredentialsError`` for a record
+    that is short, too long, of another version or with a bad group count."""
+    if not _XUCRED_HEAD.size <= len(data) <= XUCRED.size:
+        raise PeerCredentialsError(
+            f"peer credentials record is {len(data)} bytes, expected {_XUCRED_HEAD.size}..{XUCRED.size}"
+        )
+    version, uid, ngroups = _XUCRED_HEAD.unpack_from(data)
+    if version != XUCRED_VERSION:
+        raise PeerCredentialsError(f"peer credentials record has version {version}, not {XUCRED_VERSION}")
+    if not 0 <= ngroups <= XUCRED_NGROUPS:
+        raise PeerCredentialsError(
+            f"peer credentials record lists {ngroups} groups (at most {XUCRED_NGROUPS})"
+        )
+    if len(data) < _XUCRED_HEAD.size + 4 * ngroups:
+        raise PeerCredentialsError(
+            f"peer credentials record is cut short: {ngroups} groups in {len(data)} bytes"
+        )
+    gid: int = struct.unpack_from("=I", data, _XUCRED_HEAD.size)[0] if ngroups else -1
+    return uid, gid
+
+
+def parse_peerpid(data: bytes) -> int:
+    """The pid from a macOS ``LOCAL_PEERPID`` answer (a ``pid_t``)."""
+    if len(data) != _PID.size:
+        raise PeerCredentialsError(f"peer pid record is {len(data)} bytes, expected {_PID.size}")
+    pid: int = _PID.unpack(data)[0]
+    if pid < 0:
+        raise PeerCredentialsError(f"peer pid record says {pid}")
+    return pid
+
+
+class Platform:
+    """The portable implementation; ``Linux`` and ``MacOS`` override what
+    their kernels do better or differently."""
+
+    #: short name, shown by ``meshipc`` and in logs
+    name = "posix"
+    #: flags for ``recvmsg``; 0 where received descriptors need
+    #: ``adopt_received`` to become close-on-exec
+    recv_flags = 0
+    #: ``sendmsg`` errors that, with descriptors attached, mean "the
+    #: receiver's buffer is full: retry later" rather than a broken peer
+    fd_send_retry: frozenset[int] = frozenset({errno.EMSGSIZE, errno.ENOBUFS})
+    #: how bodies of ``OOB_THRESHOLD`` bytes or more travel ("memfd" or "file")
+    oob = "file"
+    #: whether a spawned worker needs the parent-death pipe
+    needs_parent_pipe = True
+    #: folder holding ``meshipc-<uid>`` when ``XDG_RUNTIME_DIR`` is unset;
+    #: None: the interpreter's temporary folder
+    tmp_base: str | None = "/tmp"
+
+    # ------------------------------------------------------------ sockets
+
+    def unix_socket(self) -> socket.socket:
+        """A close-on-exec AF_UNIX stream socket (CPython makes every
+        socket non-inheritable, atomically where the system can)."""
+        return socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+
+    def adopt_received(self, fds: Iterable[int]) -> None:
+        """Make descriptors that just arrived close-on-exec (where
+        ``recv_flags`` could not). A thread that forks and execs between the
+        read and this call can leak them into its child; meshipc starts its
+        own workers with ``close_fds``."""
+        for fd in fds:
+            try:
+                os.set_inheritable(fd, False)
+            except OSError:
+                pass  # not a valid descriptor: its user finds out
+
+    def peer_cred(self, sock: socket.socket) -> tuple[int, int, int]:
+        """``(pid, uid, gid)`` of the process at the other end of ``sock``
+        (pid 0 where the kernel does not say)."""
+        raise PlatformError(f"meshipc cannot read peer credentials on {sys.platform}")
+
+    # ------------------------------------------------- out-of-band bodies
+
+    def make_body(self, body: bytes | memoryview) -> int:
+        """A new descriptor holding ``body`` (the caller owns it): an
+        unlinked 0600 temporary file."""
+        fd, path = tempfile.mkstemp(prefix="meshipc-body-")
+        try:
+            os.unlink(path)
+            _write_all(fd, body)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def read_body(self, fd: int, length: int) -> bytes:
+        """The ``length`` bytes of a body descriptor from a peer (the caller
+        closes it). ``ProtocolError`` unless it is a regular file of exactly
+        that size; read with ``pread``, so a sender that changes the file
+        meanwhile gets a short read refused, never a fault in this process."""
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise ProtocolError("out-of-band body is not a regular file")
+            if st.st_size != length:
+                raise ProtocolError(f"out-of-band body is {st.st_size} bytes, frame said {length}")
+            return _pread_all(fd, length)
+        except OSError as exc:
+            raise ProtocolError(f"unreadable out-of-band body: {exc}") from exc
+
+    # -------------------------------------------------------- processes
+
+    def parent_pipe(self) -> tuple[int, int] | None:
+        """``(read end, write end)`` of the parent-death pipe for a new
+        worker, or None where the kernel tells the worker itself. The parent
+        keeps the write end (close-on-exec, never written) until the worker
+        exits; the worker gets the read end."""
+        return os.pipe() if self.needs_parent_pipe else None
+
+    def die_with_parent(self, watch_fd: int) -> None:
+        """In a worker: SIGTERM ourselves when the parent dies. A daemon
+        thread blocks in ``read`` on the pipe's read end (``watch_fd``),
+        which ends with end-of-file when the last write end closes: when the
+        parent exits, however it exits. No polling."""
+        if watch_fd < 0:
+            return
+        os.set_inheritable(watch_fd, False)
+
+        def watch() -> None:
+            try:
+                while os.read(watch_fd, 1):
+                    pass  # the parent never writes; ignore it if it does
+            except OSError:
+                pass
+            os.kill(os.getpid(), signal.SIGTERM)
+
+        threading.Thread(target=watch, name="meshipc-parent-watch", daemon=True).start()
+
+    def exit_fd(self, pid: int) -> int | None:
+        """A descriptor that becomes readable when child ``pid`` exits, or
+        None (the caller then waits in a thread)."""
+        return None
+
+    # ---------------------------------------------------- the runtime root
+
+    def default_runtime_root(self) -> Path:
+        """``<base>/meshipc-<uid>``: where meshes live when neither
+        ``runtime_dir=`` nor ``XDG_RUNTIME_DIR`` says."""
+        base = self.tmp_base if self.tmp_base is not None else tempfile.gettempdir()
+        return Path(base) / f"meshipc-{os.getuid()}"
+
+    def __repr__(self) -> str:
+        return f"<meshipc platform {self.name}>"
+
+
+class Linux(Platform):
+    """Linux: the kernel does it (memfd, ``MSG_CMSG_CLOEXEC``, pdeathsig, pidfd)."""
+
+    name = "linux"
+    fd_send_retry: frozenset[int] = frozenset()
+    oob = "memfd"
+    needs_parent_pipe = False
+    tmp_base: str | None = None
+
+    def __init__(self) -> None:
+        import fcntl
+
+        self.recv_flags = int(socket.MSG_CMSG_CLOEXEC)
+        self._fcntl = fcntl
+        self._need_seals = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK
+        self._seals = self._need_seals | fcntl.F_SEAL_SEAL | fcntl.F_SEAL_GROW
+
+    def unix_socket(self) -> socket.socket:
+        flags = socket.SOCK_STREAM | socket.SOCK_CLOEXEC
+        return socket.socket(socket.AF_UNIX, flags)
+
+    def adopt_received(self, fds: Iterable[int]) -> None:
+        pass  # MSG_CMSG_CLOEXEC did it atomically
+
+    def peer_cred(self, sock: socket.socket) -> tuple[int, int, int]:
+        return linux_peer_cred(sock)
+
+    def make_body(self, body: bytes | memoryview) -> int:
+        """A sealed memfd: one copy, and the receiver can map it safely."""
+        fd = os.memfd_create("meshipc-msg", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        try:
+            _write_all(fd, body)
+            self._fcntl.fcntl(fd, self._fcntl.F_ADD_SEALS, self._seals)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def read_body(self, fd: int, length: int) -> bytes:
+        """A sealed memfd is mapped (it cannot shrink under us); anything
+        else goes the portable way (a peer in portable mode sends files)."""
+        import mmap
+
+        try:
+            seals = self._fcntl.fcntl(fd, self._fcntl.F_GET_SEALS)
+        except OSError:
+            seals = 0
+        if seals & self._need_seals != self._need_seals:
+            return super().read_body(fd, length)
+        try:
+            size = os.fstat(fd).st_size
+            if size != length:
+                raise ProtocolError(f"out-of-band body is {size} bytes, frame said {length}")
+            if length == 0:
+                return b""
+            with mmap.mmap(fd, length, prot=mmap.PROT_READ) as m:
+                return m[:]
+        except OSError as exc:
+            raise ProtocolError(f"unreadable out-of-band body: {exc}") from exc
+
+    def die_with_parent(self, watch_fd: int) -> None:
+        """``PR_SET_PDEATHSIG``: the kernel sends SIGTERM when the parent dies."""
+        import ctypes
+
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            pr_set_pdeathsig = 1
+            libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+        except (OSError, AttributeError):
+            pass
+        super().die_with_parent(watch_fd)
+
+    def exit_fd(self, pid: int) -> int | None:
+        try:
+            return int(os.pidfd_open(pid))
+        except (AttributeError, OSError):
+            return None
+
+
+def linux_peer_cred(sock: socket.socket) -> tuple[int, int, int]:
+    """``SO_PEERCRED``: ``struct ucred {pid_t pid; uid_t uid; gid_t gid;}``."""
+    opt = getattr(socket, "SO_PEERCRED", 17)
+    try:
+        data = sock.getsockopt(socket.SOL_SOCKET, opt, _LINUX_CRED.size)
+    except OSError as exc:
+        raise PeerCredentialsError(f"no peer credentials: {exc}") from exc
+    if len(data) != _LINUX_CRED.size:
+        raise PeerCredentialsError(
+            f"peer credentials record is {len(data)} bytes, expected {_LINUX_CRED.size}"
+        )
+    pid, uid, gid = _LINUX_CRED.unpack(data)
+    return pid, uid, gid
+
+
+class MacOS(Platform):
+    """macOS: ``LOCAL_PEERCRED``/``LOCAL_PEERPID``, file bodies, the parent pipe."""
+
+    name = "macos"
+
+    def peer_cred(self, sock: socket.socket) -> tuple[int, int, int]:
+        try:
+            cred = sock.getsockopt(SOL_LOCAL, LOCAL_PEERCRED, XUCRED.size)
+            pid_data = sock.getsockopt(SOL_LOCAL, LOCAL_PEERPID, _PID.size)
+        except OSError as exc:
+            raise PeerCredentialsError(f"no peer credentials: {exc}") from exc
+        uid, gid = parse_xucred(cred)
+        return parse_peerpid(pid_data), uid, gid
+
+
+class Portable(Platform):
+    """The macOS code paths on Linux (``MESHIPC_PORTABLE=1``), so they are
+    tested where the suite runs. Credentials still come from the kernel's
+    only interface for them, ``SO_PEERCRED``."""
+
+    name = "portable"
+
+    def peer_cred(self, sock: socket.socket) -> tuple[int, int, int]:
+        return linux_peer_cred(sock)
+
+
+def select(system: str | None = None, environ: Mapping[str, str] | None = None) -> Platform:
+    """The implementation for ``system`` (default ``sys.platform``) under
+    ``environ`` (default ``os.environ``)."""
+    system = sys.platform if system is None else system
+    env: Mapping[str, Any] = os.environ if environ is None else environ
+    if system.startswith("linux"):
+        if env.get(ENV_PORTABLE, "").strip() == "1":
+            return Portable()
+        return Linux()
+    if system == "darwin":
+        return MacOS()
+    return Platform()
+
+
+def _write_all(fd: int, body: bytes | memoryview) -> None:
+    view = memoryview(body).cast("B")
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+def _pread_all(fd: int, length: int) -> bytes:
+    data = os.pread(fd, length, 0)  # one allocation, nearly always one call
+    if len(data) == length:
+        return data
+    parts = [data]
+    got = len(data)
+    while got < length:
+        chunk = os.pread(fd, length - got, got)
+        if not chunk:
+            raise ProtocolError(f"out-of-band body ended after {got} of {length} bytes")
+        parts.append(chunk)
+        got += len(chunk)
+    return b"".join(parts)
+
+
+#: The implementation this process uses.
+PLATFORM: Final[Platform] = select()
