@@ -55,8 +55,19 @@ from meshipc import (
     PortFailed,
     Sender,
 )
+from meshipc._handshake import (
+    CHALLENGE_LEN,
+    PROOF_LEN,
+    V_DENIED,
+    VERDICT_LEN,
+    build_auth,
+    build_hello,
+    build_verdict,
+    new_hello,
+)
 from meshipc._invitation import JOIN_TIMEOUT, read_invitation
 from meshipc._node import node_path
+from meshipc._sockets import recv_exact
 from meshipc._wire import _DESC
 
 CLIENT = Path(__file__).with_name("attach_client.py").resolve()
@@ -936,9 +947,6 @@ async def test_tampered_secret_is_rejected_by_the_node(rd: Path) -> None:
 async def test_wrong_secret_in_raw_handshake_is_denied(rd: Path) -> None:
     """A peer that ignores the node's proof and answers with a wrong MAC gets
     a DENIED verdict and is counted as rejected; the node keeps serving."""
-    from meshipc import _node as nodemod
-    from meshipc._wire import PROTOCOL_VERSION
-
     async with Mesh(runtime_dir=rd) as mesh:
         node = mesh._node
         refusals = hook_refusals(node)
@@ -947,14 +955,11 @@ async def test_wrong_secret_in_raw_handshake_is_denied(rd: Path) -> None:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             s.setblocking(False)
             await loop.sock_connect(s, os.fspath(node.path))
-            hello = nodemod._HELLO.pack(
-                nodemod._MAGIC, PROTOCOL_VERSION, 0, os.urandom(16), bytes(node.id), os.urandom(32)
-            )
-            await loop.sock_sendall(s, hello)
-            await asyncio.wait_for(_recv_exact(loop, s, nodemod._CHALLENGE.size), T)
-            await loop.sock_sendall(s, os.urandom(nodemod._AUTH.size))
-            verdict = await asyncio.wait_for(_recv_exact(loop, s, 1), T)
-            assert verdict[0] == nodemod.V_DENIED
+            await loop.sock_sendall(s, build_hello(new_hello(os.urandom(16), node.id)))
+            await asyncio.wait_for(recv_exact(loop, s, CHALLENGE_LEN), T)
+            await loop.sock_sendall(s, build_auth(os.urandom(PROOF_LEN)))
+            verdict = await asyncio.wait_for(recv_exact(loop, s, VERDICT_LEN), T)
+            assert verdict == build_verdict(V_DENIED)
             assert await asyncio.wait_for(loop.sock_recv(s, 1), T) == b""
         await asyncio.wait_for(refusals.get(), T)
         assert node.rejected == rejected + 1
@@ -963,16 +968,6 @@ async def test_wrong_secret_in_raw_handshake_is_denied(rd: Path) -> None:
         async with meshipc.join(await mesh.inviter().invite(theirs)) as cc:
             cc.port.send("ok")
             assert await asyncio.wait_for(mine.recv(), T) == "ok"
-
-
-async def _recv_exact(loop: asyncio.AbstractEventLoop, s: socket.socket, n: int) -> bytes:
-    buf = b""
-    while len(buf) < n:
-        chunk = await loop.sock_recv(s, n - len(buf))
-        if not chunk:
-            raise AssertionError(f"stream ended after {len(buf)} of {n} bytes")
-        buf += chunk
-    return buf
 
 
 async def test_invitation_used_twice(rd: Path) -> None:

@@ -20,8 +20,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from meshipc import InvitationDecodeError, MeshError
+from meshipc._channel import CODEC
+from meshipc._handshake import CHALLENGE_LEN, V_DENIED, Hello, MeshSecret, build_hello
 from meshipc._invitation import _INVITATION_VERSION, MAX_INVITATION, Invitation, _Wire
-from meshipc._node import _CHALLENGE, _HELLO, _MAGIC, V_DENIED, MeshSecret, Node
+from meshipc._node import Node
 from meshipc._wire import _DESC, PROTOCOL_VERSION
 
 BOUNDED = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -107,7 +109,7 @@ def test_invitation_decoder_size_cap() -> None:
 async def _feed_acceptor(directory: Path, data: bytes) -> tuple[int, bytes]:
     """Feed ``data`` to a node's acceptor over a socket pair, then hang up;
     returns the node's refusal count and what it wrote back."""
-    node = Node(directory, MeshSecret())  # not started: no socket file needed
+    node = Node(directory, MeshSecret(), codec=CODEC)  # not started: no socket file needed
     ours, theirs = socket.socketpair()
     ours.setblocking(False)
     theirs.setblocking(False)
@@ -121,7 +123,7 @@ async def _feed_acceptor(directory: Path, data: bytes) -> tuple[int, bytes]:
             while chunk := await asyncio.wait_for(loop.sock_recv(theirs, 4096), 5):
                 got += chunk
         await asyncio.wait_for(task, 5)  # it ends, and raises nothing
-        assert not node._conns, "a peer without the secret was admitted"
+        assert not node.links, "a peer without the secret was admitted"
         return node.rejected, got
     finally:
         theirs.close()
@@ -131,9 +133,8 @@ async def _feed_acceptor(directory: Path, data: bytes) -> tuple[int, bytes]:
 
 def hellos() -> st.SearchStrategy[bytes]:
     good = st.builds(
-        lambda ver, flags, peer, want, nonce: _HELLO.pack(_MAGIC, ver, flags, peer, want, nonce),
+        lambda ver, peer, want, nonce: build_hello(Hello(ver, peer, want, nonce)),
         st.sampled_from([PROTOCOL_VERSION, 0, 2, 65535]),
-        st.integers(0, 65535),
         st.binary(min_size=16, max_size=16),
         st.binary(min_size=16, max_size=16),
         st.binary(min_size=32, max_size=32),
@@ -153,6 +154,6 @@ def test_handshake_acceptor_any_bytes(data: bytes) -> None:
         shutil.rmtree(d, ignore_errors=True)
     assert rejected == 1
     # at most a CHALLENGE (and a DENIED verdict) went back; never an acceptance
-    assert len(reply) in (0, _CHALLENGE.size, _CHALLENGE.size + 1), len(reply)
-    if len(reply) == _CHALLENGE.size + 1:
+    assert len(reply) in (0, CHALLENGE_LEN, CHALLENGE_LEN + 1), len(reply)
+    if len(reply) == CHALLENGE_LEN + 1:
         assert reply[-1] == V_DENIED

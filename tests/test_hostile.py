@@ -28,9 +28,24 @@ import pytest
 import meshipc
 import meshipc._invitation
 import meshipc._node
+import meshipc._sockets
 from meshipc import Mesh
+from meshipc._handshake import (
+    CHALLENGE_LEN,
+    MAGIC,
+    PROOF_LEN,
+    V_ACCEPT,
+    V_DENIED,
+    VERDICT_LEN,
+    build_auth,
+    build_hello,
+    initiator_proof,
+    new_hello,
+    parse_challenge,
+    parse_verdict,
+)
 from meshipc._invitation import read_invitation
-from meshipc._node import _AUTH, _CHALLENGE, _HELLO, _MAGIC, _VERDICT, V_ACCEPT
+from meshipc._sockets import recv_exact as recv_exact_on
 from meshipc._wire import PROTOCOL_VERSION, CloseEvent, MsgEvent, encode_event
 from relutil import wait_until
 
@@ -112,9 +127,9 @@ async def test_silent_flood_is_capped_and_a_real_client_gets_through(
     async with Mesh(runtime_dir=rd) as mesh:
         listener = await mesh.listen()
         acceptor = mesh._node._acceptor
-        assert acceptor is not None and acceptor.limit == meshipc._node.MAX_PENDING
+        assert acceptor is not None and acceptor.limit == meshipc._sockets.MAX_PENDING
         acceptor.limit = 8  # the same logic as the default 128, with fewer sockets
-        monkeypatch.setattr(meshipc._node, "EVICT_AFTER", 0.1)  # and less waiting
+        monkeypatch.setattr(meshipc._sockets, "EVICT_AFTER", 0.1)  # and less waiting
         # warm-up: the event loop opens some fds of its own at its first subprocess
         await serve_one_client(listener, os.fspath(listener.path))
         baseline = open_fds()
@@ -197,14 +212,7 @@ async def test_out_of_fds_pauses_accepting_and_recovers(rd: Path) -> None:
 
 
 async def recv_exact(s: socket.socket, n: int) -> bytes:
-    loop = asyncio.get_running_loop()
-    buf = b""
-    while len(buf) < n:
-        chunk = await asyncio.wait_for(loop.sock_recv(s, n - len(buf)), T)
-        if not chunk:
-            raise EOFError(f"stream ended after {len(buf)} of {n} bytes")
-        buf += chunk
-    return buf
+    return await asyncio.wait_for(recv_exact_on(asyncio.get_running_loop(), s, n), T)
 
 
 async def raw_connect(path: Path) -> socket.socket:
@@ -228,14 +236,13 @@ async def handshake(node: meshipc._node.Node, me: bytes) -> tuple[socket.socket,
     and the bytes it sent (HELLO + AUTH), for a replay."""
     loop = asyncio.get_running_loop()
     s = await raw_connect(node.path)
-    nonce_i = os.urandom(32)
-    hello = _HELLO.pack(_MAGIC, PROTOCOL_VERSION, 0, me, bytes(node.id), nonce_i)
+    greeting = new_hello(me, node.id)
+    hello = build_hello(greeting)
     await loop.sock_sendall(s, hello)
-    _m, _v, status, _got, nonce_a, _mac = _CHALLENGE.unpack(await recv_exact(s, _CHALLENGE.size))
-    assert status == 0
-    auth = _AUTH.pack(node._secret.mac(b"meshipc-initiator", nonce_i, nonce_a, me, bytes(node.id)))
+    challenge = parse_challenge(await recv_exact(s, CHALLENGE_LEN), node.id)
+    auth = build_auth(initiator_proof(node._secret, greeting, node.id, challenge.nonce))
     await loop.sock_sendall(s, auth)
-    assert (await recv_exact(s, _VERDICT.size))[0] == V_ACCEPT
+    assert parse_verdict(await recv_exact(s, VERDICT_LEN), node.id) == V_ACCEPT
     return s, hello + auth
 
 
@@ -275,18 +282,17 @@ async def test_hostile_handshakes_are_refused_and_the_node_serves_on(
         # random bytes, short and long; a half HELLO; a HELLO for another node
         assert (await refused(os.urandom(7))).startswith("peer closed the connection after 7 of")
         assert await refused(b"GET / HTTP/1.1\r\n" * 200) == "not a meshipc node"
-        assert (await refused(_MAGIC + b"\x01")).startswith("peer closed the connection after 5 of")
-        other = _HELLO.pack(_MAGIC, PROTOCOL_VERSION, 0, os.urandom(16), os.urandom(16), os.urandom(32))
+        assert (await refused(MAGIC + b"\x01")).startswith("peer closed the connection after 5 of")
+        other = build_hello(new_hello(os.urandom(16), os.urandom(16)))
         assert await refused(other) == f"handshake status 1 (version {PROTOCOL_VERSION})"
 
         # a valid HELLO, then a wrong secret's AUTH
         s = await raw_connect(node.path)
         with s:
-            hello = _HELLO.pack(_MAGIC, PROTOCOL_VERSION, 0, os.urandom(16), bytes(node.id), os.urandom(32))
-            await loop.sock_sendall(s, hello)
-            await recv_exact(s, _CHALLENGE.size)
-            await loop.sock_sendall(s, os.urandom(_AUTH.size))
-            assert (await recv_exact(s, 1))[0] == meshipc._node.V_DENIED
+            await loop.sock_sendall(s, build_hello(new_hello(os.urandom(16), node.id)))
+            await recv_exact(s, CHALLENGE_LEN)
+            await loop.sock_sendall(s, build_auth(os.urandom(PROOF_LEN)))
+            assert (await recv_exact(s, VERDICT_LEN))[0] == V_DENIED
         assert await asyncio.wait_for(refusals.get(), T) == "wrong mesh secret"
 
         # a replay of a valid handshake: the node's fresh nonce makes the old AUTH worthless
@@ -300,6 +306,7 @@ async def test_hostile_handshakes_are_refused_and_the_node_serves_on(
         assert await asyncio.wait_for(refusals.get(), T) == "wrong mesh secret"
 
         # a peer that sends HELLO and then nothing: dropped at the deadline
+        hello = build_hello(new_hello(os.urandom(16), node.id))
         assert await refused(hello, close=False) == "the handshake timed out after 1 s"
         assert node.rejected == 7
 
@@ -334,10 +341,10 @@ async def test_authenticated_peer_gone_bad_is_dropped_and_the_node_serves_on(
             me = os.urandom(16)
             s, _ = await handshake(node, me)
             with s:
-                await wait_until(lambda: me in node._conns, "the peer to be connected")
+                await wait_until(lambda: me in node.links, "the peer to be connected")
                 await attack(s)
                 await until_closed(s)  # the node hung up on us
-            await wait_until(lambda: me not in node._conns, "the peer to be dropped")
+            await wait_until(lambda: me not in node.links, "the peer to be dropped")
             return caplog.records[-1].getMessage()
 
         async def huge(s: socket.socket) -> None:
@@ -425,6 +432,6 @@ async def test_flood_of_tiny_frames_leaves_no_state_and_others_are_served(rd: Pa
                 await asyncio.wait_for(flood, T)
             finally:
                 flood.cancel()
-            await wait_until(lambda: node._conns[me].bytes_in >= len(frames), "the flood to be read")
-            assert me in node._conns
+            await wait_until(lambda: node.links[me].bytes_in >= len(frames), "the flood to be read")
+            assert me in node.links
         assert len(node.engine.ports) == ports_before

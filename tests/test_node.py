@@ -13,8 +13,11 @@ import pytest
 
 import meshipc
 from meshipc import Fd, Port
+from meshipc._channel import CODEC
+from meshipc._errors import HandshakeError
+from meshipc._handshake import MeshSecret
 from meshipc._ids import PortId
-from meshipc._node import HandshakeError, MeshSecret, Node
+from meshipc._node import Node
 from meshipc._wire import MAX_FDS_PER_MESSAGE
 
 
@@ -22,7 +25,7 @@ def nodes(d: Path, n: int, secret: MeshSecret | None = None) -> list[Node]:
     secret = secret or MeshSecret()
     out = []
     for _ in range(n):
-        node = Node(d, secret)
+        node = Node(d, secret, codec=CODEC)
         node.start()
         out.append(node)
     return out
@@ -50,9 +53,9 @@ async def test_simultaneous_connects_resolve_to_one_connection(mesh_dir: Path):
             pb.send("from b")
             assert await asyncio.wait_for(pb.recv(), 10) == "from a"
             assert await asyncio.wait_for(pa.recv(), 10) == "from b"
-            assert list(a._conns) == [b.id] and list(b._conns) == [a.id]
+            assert list(a.links) == [b.id] and list(b.links) == [a.id]
             # the two ends of one socket, not two sockets
-            ca, cb = a._conns[b.id], b._conns[a.id]
+            ca, cb = a.links[b.id], b.links[a.id]
             assert os.fstat(ca.sock.fileno()).st_ino != os.fstat(cb.sock.fileno()).st_ino
             assert not a._connecting and not b._connecting
             for i in range(100):
@@ -68,7 +71,7 @@ async def test_small_messages_are_coalesced(mesh_dir: Path):
         pa, pb = link(a, b)
         pa.send("warm up")
         await asyncio.wait_for(pb.recv(), 10)
-        conn = a._conns[b.id]
+        conn = a.links[b.id]
         writes0, frames0 = conn.writes, conn.frames_out
         for i in range(10_000):
             pa.send(i)
@@ -90,12 +93,12 @@ async def test_malformed_frames_drop_only_that_connection(mesh_dir: Path, caplog
         pbad.send("hello")
         assert await asyncio.wait_for(pa.recv(), 10) == "hello"
         # an authenticated peer goes mad: garbage on its connection
-        bad._conns[a.id].sock.send(b"\xff\xff\xff\x7f" + b"garbage" * 10)
+        bad.links[a.id].sock.send(b"\xff\xff\xff\x7f" + b"garbage" * 10)
         with caplog.at_level(logging.WARNING, logger="meshipc"):
             with pytest.raises(meshipc.PortFailed):
                 await asyncio.wait_for(pa.recv(), 10)
         assert any("protocol error" in r.getMessage() for r in caplog.records)
-        assert bad.id not in a._conns
+        assert bad.id not in a.links
         # the node lives on and keeps serving its other peers
         qgood.send("still here")
         assert await asyncio.wait_for(qa.recv(), 10) == "still here"
@@ -114,7 +117,7 @@ async def test_wrong_secret_is_rejected_before_any_event(mesh_dir: Path):
         # the acceptor's handshake task ends when the intruder hangs up
         await asyncio.wait(set(a._tasks), timeout=10)
         assert a.rejected == 1
-        assert intruder.id not in a._conns
+        assert intruder.id not in a.links
     finally:
         await close_all(a, intruder)
 
@@ -163,7 +166,7 @@ async def test_port_moves_between_three_nodes_over_sockets(mesh_dir: Path):
         # b and c connected directly to a's node when the port settled at c
         final.send("direct")
         assert await asyncio.wait_for(keep.recv(), 10) == "direct"
-        assert a.id in c._conns
+        assert a.id in c.links
     finally:
         await close_all(a, b, c)
 
@@ -224,7 +227,7 @@ async def test_a_call_is_one_frame_each_way(mesh_dir: Path):
             assert await asyncio.wait_for(pa.recv(), 10) == "pong"
 
         await barrier()
-        ca, cb = a._conns[b.id], b._conns[a.id]
+        ca, cb = a.links[b.id], b.links[a.id]
         before = ca.frames_out, cb.frames_out
         for i in range(10):
             assert await asyncio.wait_for(tx.call(i), 10) == i + 1

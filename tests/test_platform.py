@@ -56,7 +56,7 @@ from meshipc._platform import (
     parse_xucred,
     select,
 )
-from meshipc._transport import Connection
+from meshipc._transport import Link
 from meshipc._wire import MsgEvent
 
 T = 10.0
@@ -285,20 +285,20 @@ class FlakySocket:
         return getattr(self._real, name)
 
 
-def pair(loop: asyncio.AbstractEventLoop, a: Any, b: socket.socket) -> tuple[Connection, Connection, Any]:
+def pair(loop: asyncio.AbstractEventLoop, a: Any, b: socket.socket) -> tuple[Link, Link, Any]:
     got: asyncio.Queue[Any] = asyncio.Queue()
 
     def on_event(peer: bytes, ev: Any, fds: list[Any]) -> None:
         got.put_nowait((ev, fds))
 
-    def on_lost(conn: Connection, reason: str) -> None:
+    def on_lost(link: Link, reason: str) -> None:
         got.put_nowait(("lost", reason))
 
     def on_data(*args: Any) -> None:
         got.put_nowait(args)
 
-    ca = Connection(loop, a, b"A" * 16, on_event, on_lost, on_data)
-    cb = Connection(loop, b, b"B" * 16, on_event, on_lost, on_data)
+    ca = Link(loop, a, b"A" * 16, on_event, on_lost, on_data)
+    cb = Link(loop, b, b"B" * 16, on_event, on_lost, on_data)
     return ca, cb, got
 
 
@@ -350,7 +350,8 @@ async def test_truncated_descriptors_are_closed_and_refused(monkeypatch: pytest.
     buffer (``MSG_CTRUNC``): the ones that did arrive are closed, nothing
     leaks, and the connection ends with ``DescriptorsTruncated``."""
     assert issubclass(DescriptorsTruncated, ProtocolError)
-    monkeypatch.setattr(_transport, "_ANC", socket.CMSG_SPACE(4))  # room for one or two (alignment)
+    # room for one or two (alignment)
+    monkeypatch.setattr(_transport, "_ANCILLARY_SPACE", socket.CMSG_SPACE(4))
     loop = asyncio.get_running_loop()
     a, b = socket.socketpair()
     r, w = os.pipe()

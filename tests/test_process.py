@@ -30,8 +30,22 @@ import meshipc
 import meshipc._mesh
 import meshipc._process
 from meshipc import ChannelClosed, Fd, HandshakeError, MeshError, PortFailed, RemoteError
+from meshipc._channel import CODEC
 from meshipc._child import EXIT_PARENT_LOST
-from meshipc._node import _AUTH, _CHALLENGE, _HELLO, _MAGIC, _VERDICT, V_DENIED, MeshSecret, Node
+from meshipc._handshake import (
+    CHALLENGE_LEN,
+    HELLO_LEN,
+    V_DENIED,
+    Hello,
+    MeshSecret,
+    build_auth,
+    build_hello,
+    build_verdict,
+    initiator_proof,
+    new_hello,
+    parse_challenge,
+)
+from meshipc._node import Node
 from meshipc._wire import OOB_THRESHOLD, PROTOCOL_VERSION
 from relutil import wait_until
 
@@ -79,7 +93,7 @@ async def read_to_eof(fd: int, timeout: float = STEP) -> bytes:
 
 def parent_bytes(mesh: meshipc.Mesh) -> int:
     """Bytes the parent node has sent and received on all its connections."""
-    return sum(c.bytes_in + c.bytes_out for c in mesh._node._conns.values())
+    return sum(c.bytes_in + c.bytes_out for c in mesh._node.links.values())
 
 
 def open_fds() -> dict[int, str]:
@@ -477,7 +491,7 @@ async def test_worker_whose_link_to_its_parent_broke_exits_nonzero(
         tx, rx = meshipc.channel()
         proc = await mesh.spawn("workers:idle", tx)
         assert await within(rx.recv()) == proc.pid
-        (conn,) = mesh._node._conns.values()  # the only peer: the worker
+        (conn,) = mesh._node.links.values()  # the only peer: the worker
         conn.sock.shutdown(socket.SHUT_RDWR)  # the link breaks; both processes live on
         assert await within(proc.wait()) == EXIT_PARENT_LOST != 0
     assert "meshipc worker idle: lost the link to its parent" in capfd.readouterr().err
@@ -602,7 +616,7 @@ async def test_garbage_and_wrong_secret_are_rejected(rdir: Path) -> None:
 
         # 1. garbage the size of a HELLO, 2. lots of garbage, 3. a few bytes then EOF
         for garbage, eof in (
-            (b"\xff" * _HELLO.size, False),
+            (b"\xff" * HELLO_LEN, False),
             (b"GET / HTTP/1.1\r\n" * 500, False),
             (b"MS", True),
         ):
@@ -620,7 +634,7 @@ async def test_garbage_and_wrong_secret_are_rejected(rdir: Path) -> None:
         # 4. a HELLO with an unknown protocol version
         s = await raw_connect()
         try:
-            hello = _HELLO.pack(_MAGIC, PROTOCOL_VERSION + 1, 0, os.urandom(16), node.id, os.urandom(32))
+            hello = build_hello(Hello(PROTOCOL_VERSION + 1, os.urandom(16), node.id, os.urandom(32)))
             await within(loop.sock_sendall(s, hello))
             assert await hung_up(s)
         finally:
@@ -634,18 +648,17 @@ async def test_garbage_and_wrong_secret_are_rejected(rdir: Path) -> None:
         me = os.urandom(16)
         s = await raw_connect()
         try:
-            nonce_i = os.urandom(32)
-            await within(loop.sock_sendall(s, _HELLO.pack(_MAGIC, PROTOCOL_VERSION, 0, me, node.id, nonce_i)))
+            hello = new_hello(me, node.id)
+            await within(loop.sock_sendall(s, build_hello(hello)))
             buf = b""
-            while len(buf) < _CHALLENGE.size:
-                chunk = await within(loop.sock_recv(s, _CHALLENGE.size - len(buf)))
+            while len(buf) < CHALLENGE_LEN:
+                chunk = await within(loop.sock_recv(s, CHALLENGE_LEN - len(buf)))
                 assert chunk, "node hung up before its challenge"
                 buf += chunk
-            _magic, _ver, status, their_id, nonce_a, _mac = _CHALLENGE.unpack(buf)
-            assert (status, their_id) == (0, node.id)
-            mac = wrong.mac(b"meshipc-initiator", nonce_i, nonce_a, me, node.id)
-            await within(loop.sock_sendall(s, _AUTH.pack(mac)))
-            assert await within(loop.sock_recv(s, 1)) == _VERDICT.pack(V_DENIED)
+            challenge = parse_challenge(buf, node.id)  # status OK, from the node we asked for
+            proof = initiator_proof(wrong, hello, node.id, challenge.nonce)
+            await within(loop.sock_sendall(s, build_auth(proof)))
+            assert await within(loop.sock_recv(s, 1)) == build_verdict(V_DENIED)
             assert await hung_up(s)
         finally:
             s.close()
@@ -655,7 +668,7 @@ async def test_garbage_and_wrong_secret_are_rejected(rdir: Path) -> None:
         # 6. a whole Node with a wrong secret connecting by path: it finds
         #    out the mesh node does not share its secret, and the node
         #    refuses it when it hangs up
-        intruder = Node(mesh.directory, MeshSecret())
+        intruder = Node(mesh.directory, MeshSecret(), codec=CODEC)
         try:
             with pytest.raises(HandshakeError):
                 await within(intruder.connect_to(node.id))
@@ -664,7 +677,7 @@ async def test_garbage_and_wrong_secret_are_rejected(rdir: Path) -> None:
         rejected += 1
         await wait_until(lambda: node.rejected >= rejected, "the node to refuse the intruder")
         assert node.rejected == rejected
-        assert intruder.id not in node._conns
+        assert intruder.id not in node.links
 
         # the mesh still serves, old and new workers alike
         for i in range(5):

@@ -39,9 +39,9 @@ from ._ids import NodeId, PortId
 from ._invitation import ClientConnection, Connection, Invitation, Inviter, Listener, connect, join
 from ._loop import run
 from ._mesh import Mesh, current_mesh
-from ._node import PeerCred
 from ._ports import Limits
 from ._process import Process
+from ._sockets import PeerCred
 
 __version__ = "0.1.0"
 

@@ -44,8 +44,8 @@ import msgspec
 from ._channel import Call, Port, Receiver, Sender, channel
 from ._errors import ChannelClosed, MeshError, MessageError, NodeFailure, PortFailed, RemoteError
 from ._ids import PortId
-from ._node import Acceptor, PeerCred, listen_private
 from ._platform import PLATFORM
+from ._sockets import Acceptor, PeerCred, listen_private, recv_exact
 
 if TYPE_CHECKING:
     from ._mesh import Mesh
@@ -658,7 +658,7 @@ class Control:
             if cred.uid != os.getuid():
                 raise MeshError(f"control socket {path} runs as uid {cred.uid}")
             await self.loop.sock_sendall(sock, _MAGIC + bytes(self.node.id))
-            data = await _recv_exact(self.loop, sock, 4 + 1 + 48)
+            data = await recv_exact(self.loop, sock, 4 + 1 + 48)
         if data[:4] != _MAGIC or data[4] != _ST_OK:
             raise MeshError(f"the mesh root refused a control session (status {data[4]})")
         root, rport, mine = data[5:21], data[21:37], data[37:53]
@@ -676,7 +676,7 @@ class Control:
                     log.warning("control socket refused pid %d uid %d", cred.pid, cred.uid)
                     return
                 async with asyncio.timeout(SESSION_TIMEOUT):
-                    data = await _recv_exact(self.loop, sock, 4 + 16)
+                    data = await recv_exact(self.loop, sock, 4 + 16)
                     if data[:4] != _MAGIC:
                         return
                     peer = data[4:20]
@@ -1163,15 +1163,14 @@ class Control:
         from ._ports import OWNED, PROXY, SENDING
 
         conns: dict[str, Any] = {}
-        for peer, c in list(node._conns.items()):
-            queued = sum(len(x) for x in c._chunks) + sum(len(d) for d, _ in c._batches)
+        for peer, c in list(node.links.items()):
             conns[peer.hex()] = {
                 "bytes_in": counter(c.bytes_in),
                 "bytes_out": counter(c.bytes_out),
                 "messages_in": counter(c.frames_in),
                 "messages_out": counter(c.frames_out),
                 "writes": counter(c.writes),
-                "queued_bytes": queued,
+                "queued_bytes": c.queued_bytes,
             }
         modes = {OWNED: "owned", SENDING: "sending", PROXY: "proxy"}
         by_state: dict[str, int] = {}
@@ -1257,13 +1256,3 @@ def _process_name() -> str:
     if spec is not None and spec.name:
         return str(spec.name)
     return os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "python"
-
-
-async def _recv_exact(loop: asyncio.AbstractEventLoop, sock: socket.socket, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = await loop.sock_recv(sock, n - len(buf))
-        if not chunk:
-            raise MeshError(f"control socket closed after {len(buf)} of {n} bytes")
-        buf += chunk
-    return bytes(buf)

@@ -47,18 +47,11 @@ from ._errors import (
     MeshError,
     MeshNameInUse,
 )
+from ._handshake import V_DUPLICATE
 from ._ids import NodeId
-from ._node import (
-    HANDSHAKE_TIMEOUT,
-    V_DUPLICATE,
-    Acceptor,
-    PeerCred,
-    RateLimitedLog,
-    is_socket_alive,
-    listen_private,
-    node_path,
-)
+from ._node import HANDSHAKE_TIMEOUT, node_path
 from ._platform import PLATFORM
+from ._sockets import Acceptor, PeerCred, RateLimitedLog, is_socket_alive, listen_private
 from ._wire import _DESC, PortDesc
 
 if TYPE_CHECKING:

@@ -17,9 +17,11 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from ._channel import CODEC
 from ._errors import MeshError, SocketPathTooLong
+from ._handshake import MeshSecret
 from ._ids import NodeId
-from ._node import MeshSecret, Node, check_private_dir, node_path
+from ._node import Node, check_private_dir, node_path
 from ._platform import MAX_SOCKET_NAME, MAX_SOCKET_PATH, PLATFORM
 from ._ports import DEFAULT_LIMITS, Limits
 from ._process import Process, spawn
@@ -274,7 +276,7 @@ class Mesh:
         self._owns_directory = True
         try:
             check_private_dir(directory)
-            self._node = Node(directory, MeshSecret(), limits=self.limits)
+            self._node = Node(directory, MeshSecret(), codec=CODEC, limits=self.limits)
             self._node.start()
             self._start_control(root=True)
         except BaseException:
@@ -300,7 +302,7 @@ class Mesh:
         self._entered = True
         d = Path(directory)
         check_private_dir(d)
-        self._node = Node(d, MeshSecret(secret), node_id, limits=self.limits)
+        self._node = Node(d, MeshSecret(secret), node_id, codec=CODEC, limits=self.limits)
         self._node.start()
         self._start_control(root=False)
         try:

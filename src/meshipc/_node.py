@@ -1,50 +1,63 @@
-"""A node: port engine + its socket in the mesh directory + its connections
-(layer 6).
+"""A node: it owns one port engine, its listening socket in the mesh
+directory and its links to other nodes, and routes what the engine sends
+(it is the engine's ``Outbox``).
 
-Nodes reach each other directly by path (``node_path``: ``<directory>/<node id prefix>``):
-no broker. A connection is made on demand when a port first needs a node, and
-every connection is authenticated before any port event is read:
-
-1. the accepting side checks the peer's uid (the kernel's peer
-   credentials, ``PLATFORM.peer_cred``);
-2. HELLO (initiator): version, its node id, the node id it wants, a nonce;
-3. CHALLENGE (acceptor): version, its node id, a nonce, and an HMAC-SHA256 of
-   both nonces and ids under the mesh secret — the initiator checks it;
-4. AUTH (initiator): its own HMAC — the acceptor checks it (constant time);
-5. VERDICT (acceptor): accepted, or "duplicate" when both sides connected at
-   once (the connection started by the smaller node id wins).
-
-The secret itself never goes on the wire, so a socket planted in the
-directory learns nothing from a node that connects to it.
+Nodes reach each other directly by path (``node_path``: ``<directory>/<node
+id prefix>``): no broker. A link is made on demand when a port first needs a
+node, and is authenticated before any port event is read: the accepting side
+checks the peer's uid (``PeerCred``, from the kernel), then both sides run
+the handshake of ``_handshake`` over the socket. A node that dies (its link
+breaks, or it cannot be reached) is remembered, so traffic to it fails at
+once. See docs/architecture.md.
 """
 
 from __future__ import annotations
 
 import asyncio
-import errno
 import functools
-import hashlib
-import hmac
 import logging
 import os
-import secrets
 import socket
 import stat
-import struct
 import threading
-import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Final
 
-from ._channel import CODEC
 from ._errors import HandshakeError, MeshError
+from ._handshake import (
+    AUTH_LEN,
+    CHALLENGE_LEN,
+    HELLO_LEN,
+    V_ACCEPT,
+    V_DENIED,
+    V_DUPLICATE,
+    VERDICT_LEN,
+    MeshSecret,
+    acceptor_proof,
+    build_auth,
+    build_challenge,
+    build_hello,
+    build_verdict,
+    check_status,
+    hello_status,
+    initiator_proof,
+    new_hello,
+    new_nonce,
+    parse_auth,
+    parse_challenge,
+    parse_hello,
+    parse_verdict,
+    verify_acceptor_proof,
+    verify_initiator_proof,
+)
 from ._ids import NodeId
 from ._platform import PLATFORM
-from ._ports import DEFAULT_LIMITS, OWNED, PROXY, SENDING, Engine, Limits
-from ._transport import Connection
-from ._wire import PROTOCOL_VERSION, Event, MsgEvent
+from ._ports import DEFAULT_LIMITS, OWNED, PROXY, SENDING, Codec, Engine, Limits
+from ._sockets import Acceptor, PeerCred, RateLimitedLog, StreamEnded, listen_private, recv_exact
+from ._transport import Link
+from ._wire import Event, MsgEvent
 
 log = logging.getLogger("meshipc")
 
@@ -52,96 +65,29 @@ log = logging.getLogger("meshipc")
 #: peer never holds up anyone else (each handshake is its own task).
 HANDSHAKE_TIMEOUT: Final = 10.0
 #: A node that does not finish the handshake in time is not dead (it may be
-#: stopped or busy): the connection is retried, with waits growing to this.
+#: stopped or busy): the connection is retried, with waits doubling from
+#: ``RETRY_FIRST_WAIT`` to ``RETRY_MAX_WAIT`` seconds.
+RETRY_FIRST_WAIT: Final = 0.05
 RETRY_MAX_WAIT: Final = 1.0
 #: Nodes remembered as dead (so traffic to them fails at once); the oldest
 #: are forgotten beyond this, which costs at most a refused connect later.
 MAX_DEAD_NODES: Final = 128
 #: Seconds a peer accepted on a listening socket gets to send its HELLO. A
 #: real node sends it the moment it connects; a silent peer frees its slot
-#: (see ``MAX_PENDING``) this soon.
+#: (see ``_sockets.MAX_PENDING``) this soon.
 HELLO_TIMEOUT: Final = 2.0
-#: Connections one listening socket serves at once before they are
-#: authenticated (node handshakes; listener clients until their invitation
-#: is sent). At the cap, accepting pauses and the rest wait in the kernel's
-#: backlog: silent or slow peers cost at most this many fds per socket.
-MAX_PENDING: Final = 128
-#: At the cap, a connection still unauthenticated after this many seconds
-#: gives its slot to the next one waiting (a real peer finishes in
-#: milliseconds): silent peers cannot keep real ones waiting in the backlog.
-EVICT_AFTER: Final = 0.25
-#: Seconds between two log lines about the same kind of trouble on one
-#: socket (refused peers, failed accepts); the next line says how many
-#: were held back.
-LOG_INTERVAL: Final = 10.0
-#: ``accept`` errors meaning "out of descriptors or memory". The listening
-#: socket stays readable, so accepting pauses (no busy loop) and resumes
-#: after a backoff from ``_PAUSE_FIRST`` to ``_PAUSE_MAX`` seconds, or as soon
-#: as a connection of this socket ends and gives back its fd.
-_OUT_OF_FDS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
-_PAUSE_FIRST, _PAUSE_MAX = 0.05, 1.0
-SECRET_LEN: Final = 32
-
-_MAGIC = b"MSH1"
-_HELLO = struct.Struct("<4sHH16s16s32s")
-_CHALLENGE = struct.Struct("<4sHH16s32s32s")
-_AUTH = struct.Struct("<32s")
-_VERDICT = struct.Struct("<B")
-V_ACCEPT, V_DUPLICATE, V_DENIED = 1, 2, 3
-S_OK, S_WRONG_NODE, S_BAD_VERSION = 0, 1, 2
-
-
-class MeshSecret:
-    """The 256-bit mesh secret. Its repr never shows the value."""
-
-    __slots__ = ("_value",)
-
-    def __init__(self, value: bytes | None = None) -> None:
-        if value is None:
-            value = secrets.token_bytes(SECRET_LEN)
-        if len(value) != SECRET_LEN:
-            raise ValueError("a mesh secret is 32 bytes")
-        self._value = bytes(value)
-
-    def reveal(self) -> bytes:
-        return self._value
-
-    def mac(self, *parts: bytes) -> bytes:
-        return hmac.new(self._value, b"".join(parts), hashlib.sha256).digest()
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, MeshSecret) and hmac.compare_digest(self._value, other._value)
-
-    def __hash__(self) -> int:
-        return hash(self._value)
-
-    def __repr__(self) -> str:
-        return "MeshSecret(<redacted>)"
-
-    __str__ = __repr__
-
-    def __reduce__(self) -> Any:
-        raise TypeError("a mesh secret is not pickled")
-
-
-class PeerCred:
-    """Credentials of the process at the other end of a Unix socket, from the kernel."""
-
-    __slots__ = ("gid", "pid", "uid")
-
-    def __init__(self, pid: int, uid: int, gid: int) -> None:
-        self.pid = pid
-        self.uid = uid
-        self.gid = gid
-
-    @classmethod
-    def of(cls, sock: socket.socket) -> PeerCred:
-        """The peer of ``sock``; ``PeerCredentialsError`` (an ``OSError``
-        and a ``HandshakeError``) when the kernel gives no usable record."""
-        return cls(*PLATFORM.peer_cred(sock))
-
-    def __repr__(self) -> str:
-        return f"PeerCred(pid={self.pid}, uid={self.uid}, gid={self.gid})"
+#: Connection attempts to a node that hangs up mid-handshake before it is
+#: deemed gone.
+MAX_EARLY_CLOSES: Final = 5
+#: Seconds ``Node.close`` lets ports in transit settle and buffers drain.
+CLOSE_LINGER: Final = 5.0
+#: Seconds between two looks at ``Node.busy`` while closing: transit and
+#: buffers settle inside the engine and the links, which signal no event.
+CLOSE_POLL: Final = 0.005
+#: Hex digits of a node id shown in log lines and reasons (its socket name).
+SHORT_ID: Final = 12
+#: Characters of a refusal reason that make its kind, for rate-limited logging.
+REFUSAL_KIND_LEN: Final = 40
 
 
 class _ClosedEarly(HandshakeError):
@@ -149,19 +95,14 @@ class _ClosedEarly(HandshakeError):
     connections sheds the oldest; a dying one closes): worth a retry."""
 
 
-#: Connection attempts to a node that hangs up mid-handshake before it is
-#: deemed gone.
-MAX_EARLY_CLOSES: Final = 5
-
-
-async def _recv_exact(loop: asyncio.AbstractEventLoop, sock: socket.socket, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = await loop.sock_recv(sock, n - len(buf))
-        if not chunk:
-            raise _ClosedEarly(f"peer closed the connection after {len(buf)} of {n} handshake bytes")
-        buf += chunk
-    return bytes(buf)
+async def _recv_handshake(loop: asyncio.AbstractEventLoop, sock: socket.socket, n: int) -> bytes:
+    """One handshake message of ``n`` bytes; ``_ClosedEarly`` on a hang-up."""
+    try:
+        return await recv_exact(loop, sock, n)
+    except StreamEnded as exc:
+        raise _ClosedEarly(
+            f"peer closed the connection after {exc.received} of {exc.expected} handshake bytes"
+        ) from None
 
 
 def _why(exc: BaseException) -> str:
@@ -169,6 +110,10 @@ def _why(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError) and not str(exc):
         return f"the handshake timed out after {HANDSHAKE_TIMEOUT:g} s"
     return str(exc) or type(exc).__name__
+
+
+def _short(node: bytes) -> str:
+    return node.hex()[:SHORT_ID]
 
 
 def check_private_dir(path: Path) -> None:
@@ -190,7 +135,10 @@ def node_path(directory: Path, node: bytes) -> Path:
 
 
 class Node:
-    """One node: a port engine, a listening socket, connections to peers."""
+    """One node: a port engine, a listening socket, links to peers.
+
+    ``codec`` turns the engine's message objects into bytes and back (the
+    channel layer's ``CODEC``): the node ships bytes and never looks inside."""
 
     def __init__(
         self,
@@ -198,6 +146,7 @@ class Node:
         secret: MeshSecret,
         node_id: bytes | None = None,
         *,
+        codec: Codec,
         allowed_uids: Iterable[int] | None = None,
         limits: Limits = DEFAULT_LIMITS,
     ) -> None:
@@ -206,22 +155,19 @@ class Node:
         self.directory = Path(directory)
         self._secret = secret
         self.allowed_uids = set(allowed_uids) if allowed_uids is not None else {os.getuid()}
-        self.engine = Engine(
-            self.id,
-            outbox=self,
-            codec=CODEC,
-            limits=limits,
-        )
+        self.engine = Engine(self.id, outbox=self, codec=codec, limits=limits)
         # handles used from other threads hand their sends to this loop
         self.engine.thread = threading.get_ident()
         self.engine.post = self.loop.call_soon_threadsafe
         self.path = node_path(self.directory, self.id)
-        self._conns: dict[bytes, Connection] = {}
+        self._links: dict[bytes, Link] = {}
         self._connecting: dict[bytes, asyncio.Task[None]] = {}
         self._pending: dict[bytes, list[tuple[Event, list[Any]]]] = {}
         self._dead: OrderedDict[bytes, str] = OrderedDict()
+        # set when a node waited for is linked or known dead
+        self._settled: dict[bytes, asyncio.Event] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._lsock: socket.socket | None = None
+        self._listening: socket.socket | None = None
         self._acceptor: Acceptor | None = None
         self._log = RateLimitedLog()
         self.closed = False
@@ -229,11 +175,16 @@ class Node:
         self.attached = 0  # invited nodes that joined
         self._invited: dict[bytes, asyncio.TimerHandle] = {}
 
+    @property
+    def links(self) -> Mapping[bytes, Link]:
+        """The established links, by peer node id."""
+        return self._links
+
     # ------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
         s = listen_private(self.path, "node socket")
-        self._lsock = s
+        self._listening = s
         self._acceptor = Acceptor(
             self.loop,
             s,
@@ -251,21 +202,21 @@ class Node:
     @property
     def busy(self) -> bool:
         """Ports in transit, or bytes not yet written."""
-        live = self._conns
+        live = self._links
         for st in self.engine.ports.values():
-            # only ports in transit over a live connection can still settle
+            # only ports in transit over a live link can still settle
             # (not, say, the port of an invitation nobody has used yet)
             if st.mode == SENDING and (st.first_hop in live or st.first_hop in self._connecting):
                 return True
             if st.mode == PROXY and st.target_node in live:
                 return True
-        return bool(self._connecting) or not all(c.idle for c in self._conns.values())
+        return bool(self._connecting) or not all(link.idle for link in self._links.values())
 
-    async def close(self, linger: float = 5.0) -> None:
+    async def close(self, linger: float = CLOSE_LINGER) -> None:
         """Shut down in order: ends still open towards other nodes are closed
         (their peers see ``ChannelClosed``, not a failure), ports in transit
         settle and buffers drain (at most ``linger`` seconds), then every
-        connection closes and whatever still depends on one fails."""
+        link closes and whatever still depends on one fails."""
         if self.closed:
             return
         if self._acceptor is not None:
@@ -277,16 +228,16 @@ class Node:
         try:
             async with asyncio.timeout(linger):
                 while self.busy:
-                    await asyncio.sleep(0.005)
+                    await asyncio.sleep(CLOSE_POLL)
         except TimeoutError:
             log.debug("node %s closing with work in flight", self.id)
-        for conn in list(self._conns.values()):
-            conn.flush()
-        others = set(self._conns) | set(self._invited) | set(self._pending) | set(self._connecting)
+        for link in list(self._links.values()):
+            link.flush()
+        others = set(self._links) | set(self._invited) | set(self._pending) | set(self._connecting)
         self.closed = True
-        if self._lsock is not None:
-            self._lsock.close()
-            self._lsock = None
+        if self._listening is not None:
+            self._listening.close()
+            self._listening = None
             try:
                 os.unlink(self.path)
             except FileNotFoundError:
@@ -296,9 +247,9 @@ class Node:
         for timer in self._invited.values():
             timer.cancel()
         self._invited.clear()
-        for conn in list(self._conns.values()):
-            conn.close()
-        self._conns.clear()
+        for link in list(self._links.values()):
+            link.close()
+        self._links.clear()
         for evs in self._pending.values():
             for _, fds in evs:
                 for f in fds:
@@ -317,9 +268,9 @@ class Node:
     def send_event(self, node: bytes, ev: Event, fds: list[Any]) -> None:
         """Write ``ev`` on the link to ``node``; queued while connecting,
         failed back to the engine (next turn) once ``node`` is known dead."""
-        conn = self._conns.get(node)
-        if conn is not None:
-            conn.write_event(ev, fds)
+        link = self._links.get(node)
+        if link is not None:
+            link.write_event(ev, fds)
             return
         if node in self._dead or self.closed:
             for f in fds:
@@ -332,15 +283,15 @@ class Node:
 
     def send_data(self, node: bytes, port: bytes, seq: int, kind: int, body: bytes) -> None:
         """``send_event`` for a plain message, without an event object."""
-        conn = self._conns.get(node)
-        if conn is not None:
-            conn.write_data(port, seq, kind, body)
+        link = self._links.get(node)
+        if link is not None:
+            link.write_data(port, seq, kind, body)
         else:
             self.send_event(node, MsgEvent(port, seq, kind, 0, [], 0, body), [])
 
     def watch(self, node: bytes) -> None:
         """Connect to ``node`` unless linked, connecting or expected."""
-        if node in self._conns or node in self._connecting or node == self.id or self.closed:
+        if node in self._links or node in self._connecting or node == self.id or self.closed:
             return
         if node in self._invited:
             return  # it will connect to us (or its invitation expires)
@@ -353,7 +304,7 @@ class Node:
         self.engine.receive(src, ev, fds)
 
     def _established(self, sock: socket.socket, peer: bytes) -> None:
-        conn = Connection(
+        link = Link(
             self.loop,
             sock,
             peer,
@@ -362,14 +313,20 @@ class Node:
             functools.partial(self.engine.receive_data, peer),
             functools.partial(self.engine.receive_run, peer),
         )
-        self._conns[peer] = conn
+        self._links[peer] = link
+        self._settle(peer)
         for ev, fds in self._pending.pop(peer, []):
-            conn.write_event(ev, fds)
+            link.write_event(ev, fds)
 
-    def _on_lost(self, conn: Connection, reason: str) -> None:
-        if self._conns.get(conn.peer) is conn:
-            del self._conns[conn.peer]
-        self._mark_dead(conn.peer, reason)
+    def _settle(self, peer: bytes) -> None:
+        settled = self._settled.pop(peer, None)
+        if settled is not None:
+            settled.set()
+
+    def _on_lost(self, link: Link, reason: str) -> None:
+        if self._links.get(link.peer) is link:
+            del self._links[link.peer]
+        self._mark_dead(link.peer, reason)
 
     def _mark_dead(self, peer: bytes, reason: str) -> None:
         if self.closed:
@@ -377,10 +334,11 @@ class Node:
         self._dead[peer] = reason
         while len(self._dead) > MAX_DEAD_NODES:
             self._dead.popitem(last=False)
+        self._settle(peer)
         for _, fds in self._pending.pop(peer, []):
             for f in fds:
                 f.close()
-        log.debug("node %s: peer %s failed: %s", self.id, peer.hex()[:12], reason)
+        log.debug("node %s: peer %s failed: %s", self.id, _short(peer), reason)
         self.engine.node_failed(peer, reason)
 
     # ------------------------------------------------------------ handshakes
@@ -388,9 +346,19 @@ class Node:
     def _refuse(self, sock: socket.socket, why: str, cred: PeerCred | None) -> None:
         self.rejected += 1
         who = f"pid {cred.pid} uid {cred.uid}" if cred else "unknown peer"
-        kind = why.split(":")[0][:40]
+        kind = why.split(":")[0][:REFUSAL_KIND_LEN]
         self._log.warning(kind, "node %s refused a connection from %s: %s", self.id, who, why)
         sock.close()
+
+    def _verdict_for(self, peer: bytes, me: asyncio.Task[Any] | None) -> int:
+        """Acceptor side, once ``peer`` proved the secret: take this link or not."""
+        if peer in self._links or peer in self._dead or self.closed or peer == self.id:
+            return V_DUPLICATE
+        if peer in self._connecting and self._connecting[peer] is not me and self.id < peer:
+            return V_DUPLICATE  # our own connection wins
+        # else: ours, if any, finishes its handshake and is told "duplicate"
+        # (cancelling it midway would look like an attack to the peer)
+        return V_ACCEPT
 
     async def accept_connection(
         self, sock: socket.socket, expect: bytes | None = None, *, hello_timeout: float = HANDSHAKE_TIMEOUT
@@ -399,6 +367,7 @@ class Node:
         the peer's HELLO must arrive within ``hello_timeout`` seconds."""
         cred: PeerCred | None = None
         me = asyncio.current_task()
+        loop = self.loop
         try:
             cred = PeerCred.of(sock)
             if cred.uid not in self.allowed_uids:
@@ -407,42 +376,29 @@ class Node:
             async with asyncio.timeout(HANDSHAKE_TIMEOUT):
                 try:
                     async with asyncio.timeout(hello_timeout):
-                        hello = await _recv_exact(self.loop, sock, _HELLO.size)
+                        data = await _recv_handshake(loop, sock, HELLO_LEN)
                 except TimeoutError:
                     raise HandshakeError(f"no handshake within {hello_timeout:g} s") from None
-                magic, ver, _, peer, want, nonce_i = _HELLO.unpack(hello)
-                if magic != _MAGIC:
-                    raise HandshakeError("not a meshipc node")
-                status = S_OK
-                if ver != PROTOCOL_VERSION:
-                    status = S_BAD_VERSION
-                elif want != self.id or (expect is not None and peer != expect):
-                    status = S_WRONG_NODE
-                nonce_a = secrets.token_bytes(32)
-                mac_a = self._secret.mac(b"meshipc-acceptor", nonce_i, nonce_a, peer, self.id)
-                await self.loop.sock_sendall(
-                    sock, _CHALLENGE.pack(_MAGIC, PROTOCOL_VERSION, status, self.id, nonce_a, mac_a)
-                )
-                if status != S_OK:
-                    raise HandshakeError(f"handshake status {status} (version {ver})")
-                (mac_i,) = _AUTH.unpack(await _recv_exact(self.loop, sock, _AUTH.size))
-                want_mac = self._secret.mac(b"meshipc-initiator", nonce_i, nonce_a, peer, self.id)
-                if not hmac.compare_digest(mac_i, want_mac):
-                    await self.loop.sock_sendall(sock, _VERDICT.pack(V_DENIED))
-                    raise HandshakeError("wrong mesh secret")
-                verdict = V_ACCEPT
-                if peer in self._conns or peer in self._dead or self.closed or peer == self.id:
-                    verdict = V_DUPLICATE
-                elif peer in self._connecting and self._connecting[peer] is not me and self.id < peer:
-                    verdict = V_DUPLICATE  # our own connection wins
-                # else: ours, if any, finishes its handshake and is told "duplicate"
-                # (cancelling it midway would look like an attack to the peer)
-                await self.loop.sock_sendall(sock, _VERDICT.pack(verdict))
+                hello = parse_hello(data)
+                peer = hello.node
+                status = hello_status(hello, self.id, expect)
+                nonce = new_nonce()
+                proof = acceptor_proof(self._secret, hello, self.id, nonce)
+                await loop.sock_sendall(sock, build_challenge(status, self.id, nonce, proof))
+                check_status(hello, status)
+                auth = parse_auth(await _recv_handshake(loop, sock, AUTH_LEN))
+                try:
+                    verify_initiator_proof(self._secret, hello, self.id, nonce, auth)
+                except HandshakeError:
+                    await loop.sock_sendall(sock, build_verdict(V_DENIED))
+                    raise
+                verdict = self._verdict_for(peer, me)
+                await loop.sock_sendall(sock, build_verdict(verdict))
                 if verdict != V_ACCEPT:
                     log.info(
                         "node %s: node %s (pid %d uid %d) refused: already joined, expired or duplicate",
                         self.id,
-                        peer.hex()[:12],
+                        _short(peer),
                         cred.pid,
                         cred.uid,
                     )
@@ -455,14 +411,14 @@ class Node:
                     log.info(
                         "node %s: invited node %s attached (pid %d uid %d)",
                         self.id,
-                        peer.hex()[:12],
+                        _short(peer),
                         cred.pid,
                         cred.uid,
                     )
         except asyncio.CancelledError:
             sock.close()  # node closing, or the connection gave its slot away
             raise
-        except (HandshakeError, OSError, TimeoutError, struct.error) as exc:
+        except (HandshakeError, OSError, TimeoutError) as exc:
             self._refuse(sock, _why(exc), cred)
             if expect is not None and self._connecting.get(expect) is me:
                 del self._connecting[expect]
@@ -479,8 +435,8 @@ class Node:
         self._invited[node] = self.loop.call_later(ttl, self._invite_expired, node)
 
     def _invite_expired(self, node: bytes) -> None:
-        if self._invited.pop(node, None) is not None and node not in self._conns:
-            log.info("node %s: invitation for node %s expired unused", self.id, node.hex()[:12])
+        if self._invited.pop(node, None) is not None and node not in self._links:
+            log.info("node %s: invitation for node %s expired unused", self.id, _short(node))
             self._mark_dead(node, "invitation expired unused")
 
     def forget(self, peer: bytes, reason: str) -> None:
@@ -503,7 +459,7 @@ class Node:
         self._connecting[peer] = self._spawn(self._connect(peer, sock))
 
     async def _connect(self, peer: bytes, sock: socket.socket | None = None) -> None:
-        wait = 0.05
+        wait = RETRY_FIRST_WAIT
         early = 0
         try:
             while True:
@@ -524,7 +480,7 @@ class Node:
                     log.info(
                         "node %s: node %s did not answer within %.0f s; retrying",
                         self.id,
-                        peer.hex()[:12],
+                        _short(peer),
                         HANDSHAKE_TIMEOUT,
                     )
                     await asyncio.sleep(wait)
@@ -556,231 +512,38 @@ class Node:
         if sock is None:
             sock = PLATFORM.unix_socket()
             sock.setblocking(False)
+        loop = self.loop
         try:
             async with asyncio.timeout(HANDSHAKE_TIMEOUT):
                 if own:
-                    await self.loop.sock_connect(sock, os.fspath(node_path(self.directory, peer)))
-                nonce_i = secrets.token_bytes(32)
-                await self.loop.sock_sendall(
-                    sock, _HELLO.pack(_MAGIC, PROTOCOL_VERSION, 0, self.id, peer, nonce_i)
-                )
-                magic, _ver, status, got, nonce_a, mac_a = _CHALLENGE.unpack(
-                    await _recv_exact(self.loop, sock, _CHALLENGE.size)
-                )
-                if magic != _MAGIC or status != S_OK or got != peer:
-                    raise HandshakeError(f"node {peer.hex()[:12]} refused the handshake (status {status})")
-                want_mac = self._secret.mac(b"meshipc-acceptor", nonce_i, nonce_a, self.id, peer)
-                if not hmac.compare_digest(mac_a, want_mac):
-                    raise HandshakeError("the node did not prove it holds the mesh secret")
-                mac_i = self._secret.mac(b"meshipc-initiator", nonce_i, nonce_a, self.id, peer)
-                await self.loop.sock_sendall(sock, _AUTH.pack(mac_i))
-                (verdict,) = _VERDICT.unpack(await _recv_exact(self.loop, sock, _VERDICT.size))
+                    await loop.sock_connect(sock, os.fspath(node_path(self.directory, peer)))
+                hello = new_hello(self.id, peer)
+                await loop.sock_sendall(sock, build_hello(hello))
+                challenge = parse_challenge(await _recv_handshake(loop, sock, CHALLENGE_LEN), peer)
+                verify_acceptor_proof(self._secret, hello, challenge)
+                proof = initiator_proof(self._secret, hello, peer, challenge.nonce)
+                await loop.sock_sendall(sock, build_auth(proof))
+                verdict = parse_verdict(await _recv_handshake(loop, sock, VERDICT_LEN), peer)
         except BaseException:
             sock.close()
             raise
-        if verdict == V_ACCEPT:
-            if peer in self._conns:  # lost a race we could not see coming
-                sock.close()
-                return V_DUPLICATE
+        if verdict == V_ACCEPT and peer not in self._links:
             self._established(sock, peer)
             return V_ACCEPT
+        # told "duplicate", or lost a race we could not see coming
         sock.close()
-        if verdict == V_DUPLICATE:
-            return V_DUPLICATE
-        raise HandshakeError(f"node {peer.hex()[:12]} rejected the mesh secret")
+        return V_DUPLICATE
 
     async def _await_inbound(self, peer: bytes) -> None:
+        """After a "duplicate" verdict: the peer's own connection should
+        arrive; if it neither arrives nor fails in time, the peer is dead."""
+        if peer in self._links or peer in self._dead:
+            return
+        settled = self._settled.setdefault(peer, asyncio.Event())
         try:
             async with asyncio.timeout(HANDSHAKE_TIMEOUT):
-                while peer not in self._conns and peer not in self._dead:
-                    await asyncio.sleep(0.01)
+                await settled.wait()
         except TimeoutError:
+            if self._settled.get(peer) is settled:
+                del self._settled[peer]
             self._mark_dead(peer, "no connection after a simultaneous connect")
-
-
-def listen_private(path: Path, what: str, backlog: int = 1024) -> socket.socket:
-    """A non-blocking Unix socket listening at ``path``, mode 0600."""
-    s = PLATFORM.unix_socket()
-    try:
-        s.bind(os.fspath(path))
-        os.chmod(path, 0o600)
-        s.listen(backlog)
-        s.setblocking(False)
-    except OSError as exc:
-        s.close()
-        raise MeshError(f"cannot listen on {what} {path}: {exc}") from exc
-    return s
-
-
-class RateLimitedLog:
-    """Warnings, at most one per ``interval`` seconds per kind; the next
-    line of a kind says how many of it were held back."""
-
-    def __init__(self, interval: float = LOG_INTERVAL) -> None:
-        self.interval = interval
-        self._last: dict[str, float] = {}
-        self._held: dict[str, int] = {}
-
-    def warning(self, kind: str, msg: str, *args: Any) -> None:
-        now = time.monotonic()
-        last = self._last.get(kind)
-        if last is not None and now - last < self.interval:
-            self._held[kind] = self._held.get(kind, 0) + 1
-            return
-        self._last[kind] = now
-        held = self._held.pop(kind, 0)
-        if held:
-            msg += " (and %d more like this in the last %.0f s)"
-            args = (*args, held, now - (last or now))
-        log.warning(msg, *args)
-
-
-class Acceptor:
-    """Accepts the connections of one listening socket and hands each to
-    ``handle``, which starts a task for it (and must not block).
-
-    At most ``limit`` of those tasks run at once. At the cap, the oldest one
-    still running after ``EVICT_AFTER`` seconds is cancelled to make room
-    (its peer is silent or too slow); if none is that old, accepting stops
-    until one ends or gets that old (the kernel's backlog holds the rest). Out of fds or
-    memory (``EMFILE``, ``ENFILE`` …), accepting pauses with a growing
-    backoff instead of spinning on a socket that stays readable, and
-    resumes as soon as one of its own connections ends. Failures are
-    logged at most once per ``LOG_INTERVAL`` per kind."""
-
-    def __init__(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        lsock: socket.socket,
-        handle: Callable[[socket.socket], asyncio.Future[Any]],
-        label: str,
-        limit: int = MAX_PENDING,
-    ) -> None:
-        self.loop = loop
-        self.lsock = lsock
-        self.handle = handle
-        self.label = label
-        self.limit = limit
-        self._running: dict[asyncio.Future[Any], float] = {}  # task -> accepted at (loop time)
-        #: times accepting paused for lack of fds or memory
-        self.out_of_fds = 0
-        #: connections cancelled at the cap to make room
-        self.evicted = 0
-        self.closed = False
-        self._reading = False
-        self._timer: asyncio.TimerHandle | None = None
-        self._pause = _PAUSE_FIRST
-        self._log = RateLimitedLog()
-
-    def start(self) -> None:
-        self._resume()
-
-    def close(self) -> None:
-        self.closed = True
-        self._stop_reading()
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-
-    @property
-    def pending(self) -> int:
-        """Connections accepted and not yet done with."""
-        return len(self._running)
-
-    def _resume(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if not self.closed and not self._reading:
-            self.loop.add_reader(self.lsock.fileno(), self._on_readable)
-            self._reading = True
-
-    def _evict_oldest(self) -> float:
-        """Cancel the oldest connection if it has had ``EVICT_AFTER`` seconds
-        (0.0); else the seconds until it has. Its fd is freed, and accepting
-        resumes, when its task ends."""
-        task, since = next(iter(self._running.items()))
-        wait = since + EVICT_AFTER - self.loop.time()
-        if wait > 0:
-            return wait
-        del self._running[task]
-        task.cancel()  # its _release resumes accepting once its fd is closed
-        self.evicted += 1
-        self._log.warning(
-            "evicted",
-            "%s: %d connections pending; dropped one silent for %.1f s",
-            self.label,
-            len(self._running) + 1,
-            EVICT_AFTER - wait,
-        )
-        return 0.0
-
-    def _make_room(self) -> bool:
-        """At the cap: evict the oldest connection, or stop accepting until
-        one ends or the oldest may be evicted."""
-        wait = self._evict_oldest()
-        if wait > 0:
-            self._pause_for(wait)
-            return False
-        return True
-
-    def _pause_for(self, seconds: float) -> None:
-        self._stop_reading()
-        if self._timer is None:
-            self._timer = self.loop.call_later(seconds, self._resume)
-
-    def _stop_reading(self) -> None:
-        if self._reading:
-            self.loop.remove_reader(self.lsock.fileno())
-            self._reading = False
-
-    def _on_readable(self) -> None:
-        for _ in range(64):  # a bounded batch: one busy socket cannot starve the loop
-            if self.pending >= self.limit and not self._make_room():
-                return
-            try:
-                sock, _ = self.lsock.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                if exc.errno in _OUT_OF_FDS:
-                    self.out_of_fds += 1
-                    self._log.warning(
-                        "out of fds", "%s: accept failed (%s): pausing accepts", self.label, exc.strerror
-                    )
-                    self._stop_reading()
-                    # our oldest silent peer gives its fd back, if it has had its time;
-                    # else try again after a backoff (fds may be freed elsewhere)
-                    wait = self._evict_oldest() if self._running else self._pause
-                    if wait > 0:
-                        self._pause_for(min(wait, self._pause))
-                        self._pause = min(self._pause * 2, _PAUSE_MAX)
-                    return
-                self._log.warning("accept", "%s: accept failed: %s", self.label, exc)
-                continue  # ECONNABORTED and the like: that one connection
-            self._pause = _PAUSE_FIRST
-            sock.setblocking(False)
-            try:
-                task = self.handle(sock)
-            except BaseException:
-                sock.close()
-                raise
-            self._running[task] = self.loop.time()
-            task.add_done_callback(self._release)
-
-    def _release(self, task: asyncio.Future[Any]) -> None:
-        self._running.pop(task, None)
-        self._resume()  # also ends a pause for fds: one of ours was just freed
-
-
-def is_socket_alive(path: Path) -> bool:
-    """Whether something accepts connections on the Unix socket ``path``."""
-    s = PLATFORM.unix_socket()
-    try:
-        s.settimeout(1.0)
-        s.connect(os.fspath(path))
-        return True
-    except OSError as exc:
-        return exc.errno not in (errno.ECONNREFUSED, errno.ENOENT, errno.ENOTSOCK)
-    finally:
-        s.close()

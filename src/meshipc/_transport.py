@@ -1,4 +1,6 @@
-"""One authenticated connection between two nodes (layer 5, asyncio).
+"""A link: the framed I/O of one authenticated connection between two nodes,
+on asyncio's event loop. It makes no protocol decisions: it hands what it
+reads to its node and writes what its node gives it.
 
 Reads and writes go straight to a non-blocking AF_UNIX socket with
 ``recvmsg``/``sendmsg`` (asyncio transports cannot carry descriptors):
@@ -13,8 +15,6 @@ Reads and writes go straight to a non-blocking AF_UNIX socket with
   unlinked temporary file elsewhere);
 * a write whose descriptors the receiver has no room for yet
   (``PLATFORM.fd_send_retry``) is retried later, not taken as a failure.
-
-The connection makes no protocol decisions: it hands events to its node.
 """
 
 from __future__ import annotations
@@ -54,9 +54,18 @@ SCM_MAX_FD = 253
 #: threshold trap (a fresh 256 KiB allocation per read), big enough for
 #: hundreds of small frames per syscall.
 READ_SIZE = 128 * 1024
-#: Most descriptors queued on one connection before the peer is deemed broken.
+#: Most descriptors queued on one link before the peer is deemed broken.
 MAX_QUEUED_FDS = 4 * MAX_FDS_PER_MESSAGE
-_ANC = socket.CMSG_SPACE(SCM_MAX_FD * 4)
+#: Bytes of a descriptor in an SCM_RIGHTS record (a C int).
+FD_SIZE = array.array("i").itemsize
+#: Ancillary buffer of one read: room for the most descriptors one sendmsg carries.
+_ANCILLARY_SPACE = socket.CMSG_SPACE(SCM_MAX_FD * FD_SIZE)
+#: Bodies from this size on are written as their own chunk, after their
+#: header, instead of being copied onto it.
+COPY_BODY_MAX = 4096
+#: Most reads of what a peer left in the socket before its link is declared
+#: lost (after a failed write): bounds the work for a peer that keeps writing.
+DRAIN_READS_MAX = 1024
 # plain ints: the socket module's IntFlag members cost an enum operation per read
 _RECV_FLAGS = PLATFORM.recv_flags
 _CTRUNC = int(socket.MSG_CTRUNC)
@@ -72,8 +81,8 @@ def _read_body(fd: Fd, length: int) -> bytes:
         fd.close()
 
 
-class Connection:
-    """Framed, fd-carrying, coalescing I/O on one connected socket."""
+class Link:
+    """Framed, fd-carrying, coalescing I/O on one connected socket to node ``peer``."""
 
     def __init__(
         self,
@@ -81,7 +90,7 @@ class Connection:
         sock: socket.socket,
         peer: bytes,
         on_event: Callable[[bytes, Event, list[Any]], None],
-        on_lost: Callable[[Connection, str], None],
+        on_lost: Callable[[Link, str], None],
         on_data: Callable[[bytes, int, int, bytes], None],
         on_run: Callable[[bytes, int, list[bytes]], None] | None = None,
     ) -> None:
@@ -93,8 +102,7 @@ class Connection:
         self._on_data = on_data  # plain messages: (port, seq, kind, body)
         self._on_run = on_run  # runs of them on one port: (port, first seq, bodies)
         self._decoder = FrameDecoder()
-        self._rbuf = bytearray(READ_SIZE)
-        self._rview = memoryview(self._rbuf)
+        self._read_buffer = memoryview(bytearray(READ_SIZE))
         self._fds: deque[Fd] = deque()
         # batches of (chunks, fds); a batch carries at most SCM_MAX_FD fds
         self._chunks: list[bytes] = []
@@ -120,7 +128,7 @@ class Connection:
 
     @property
     def frames_in(self) -> int:
-        """Frames received and decoded on this connection."""
+        """Frames received and decoded on this link."""
         return self._decoder.frames
 
     def write_event(self, ev: Event, fds: list[Any]) -> None:
@@ -132,12 +140,15 @@ class Connection:
             body = ev.body
             if len(body) >= OOB_THRESHOLD:
                 fds = [*fds, Fd(PLATFORM.make_body(body))]
-                frame_head = encode_msg_header(ev.port, ev.seq, ev.kind, F_OOB, ev.ports, len(fds), 8)
-                self._add(frame_head + oob_body_marker(len(body)), fds)
+                marker = oob_body_marker(len(body))
+                head = encode_msg_header(ev.port, ev.seq, ev.kind, F_OOB, ev.ports, len(fds), len(marker))
+                self._add(head + marker, fds)
             else:
                 head = encode_msg_header(ev.port, ev.seq, ev.kind, ev.flags, ev.ports, len(fds), len(body))
-                self._add(head + body if len(body) < 4096 else head, fds)
-                if len(body) >= 4096:
+                if len(body) < COPY_BODY_MAX:
+                    self._add(head + body, fds)
+                else:
+                    self._add(head, fds)
                     self._chunks.append(body)
         else:
             self._add(encode_event(ev), fds)
@@ -145,7 +156,7 @@ class Connection:
     def write_data(self, port: bytes, seq: int, kind: int, body: bytes) -> None:
         """A plain message (no ports, no fds): the hot path of ``write_event``."""
         n = len(body)
-        if n >= 4096 or self.closed:
+        if n >= COPY_BODY_MAX or self.closed:
             self.write_event(MsgEvent(port, seq, kind, 0, [], 0, body), [])
             return
         frame = DATA_HEAD.pack(n + DATA_HEAD_LEN, T_MSG, port, seq, kind, 0, 0, 0) + body
@@ -276,12 +287,18 @@ class Connection:
 
     @property
     def idle(self) -> bool:
+        """Nothing queued and no write pending."""
         return not (self._batches or self._chunks or self._writing)
+
+    @property
+    def queued_bytes(self) -> int:
+        """Bytes handed to the link and not yet written."""
+        return sum(len(c) for c in self._chunks) + sum(len(data) for data, _ in self._batches)
 
     # ---------------------------------------------------------------- reading
 
     def _drain_then_lose(self, reason: str) -> None:
-        for _ in range(1024):
+        for _ in range(DRAIN_READS_MAX):
             if self.closed:
                 return
             if not self._read_once():
@@ -301,7 +318,7 @@ class Connection:
     def _read_once(self) -> bool:
         """One read; False when nothing more is to be read now."""
         try:
-            n, anc, flags, _ = self.sock.recvmsg_into([self._rview], _ANC, _RECV_FLAGS)
+            n, anc, flags, _ = self.sock.recvmsg_into([self._read_buffer], _ANCILLARY_SPACE, _RECV_FLAGS)
         except (BlockingIOError, InterruptedError):
             return False
         except OSError as exc:
@@ -332,7 +349,7 @@ class Connection:
                 self._lost("connection closed by peer")
                 return False
             self.bytes_in += n
-            self._decoder.feed_each(self._rview[:n], self._on_data, self._event_in, self._on_run)
+            self._decoder.feed_each(self._read_buffer[:n], self._on_data, self._event_in, self._on_run)
         except ProtocolError as exc:
             log.warning("dropping connection to node %s: protocol error: %s", self.peer.hex()[:12], exc)
             self._lost(f"protocol error: {exc}")
