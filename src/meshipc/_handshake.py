@@ -30,6 +30,7 @@ import struct
 from typing import Any, Final, NamedTuple
 
 from ._errors import HandshakeError
+from ._ids import NodeId
 from ._wire import PROTOCOL_VERSION
 
 #: Bytes in a mesh secret (256 bits).
@@ -221,7 +222,7 @@ def parse_challenge(data: bytes, peer: bytes) -> Challenge:
     it is not one, refuses (status), or comes from another node."""
     magic, version, status, node, nonce, proof = _unpack(_CHALLENGE, data, "CHALLENGE")
     if magic != MAGIC or status != S_OK or node != peer:
-        raise HandshakeError(f"node {peer.hex()[:12]} refused the handshake (status {status})")
+        raise HandshakeError(f"node {NodeId(peer)} refused the handshake (status {status})")
     return Challenge(version, status, node, nonce, proof)
 
 
@@ -250,4 +251,4 @@ def parse_verdict(data: bytes, peer: bytes) -> int:
     (verdict,) = _unpack(_VERDICT, data, "VERDICT")
     if verdict in (V_ACCEPT, V_DUPLICATE):
         return int(verdict)
-    raise HandshakeError(f"node {peer.hex()[:12]} rejected the mesh secret")
+    raise HandshakeError(f"node {NodeId(peer)} rejected the mesh secret")

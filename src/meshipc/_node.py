@@ -84,8 +84,6 @@ CLOSE_LINGER: Final = 5.0
 #: Seconds between two looks at ``Node.busy`` while closing: transit and
 #: buffers settle inside the engine and the links, which signal no event.
 CLOSE_POLL: Final = 0.005
-#: Hex digits of a node id shown in log lines and reasons (its socket name).
-SHORT_ID: Final = 12
 #: Characters of a refusal reason that make its kind, for rate-limited logging.
 REFUSAL_KIND_LEN: Final = 40
 
@@ -110,10 +108,6 @@ def _why(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError) and not str(exc):
         return f"the handshake timed out after {HANDSHAKE_TIMEOUT:g} s"
     return str(exc) or type(exc).__name__
-
-
-def _short(node: bytes) -> str:
-    return node.hex()[:SHORT_ID]
 
 
 def check_private_dir(path: Path) -> None:
@@ -162,7 +156,8 @@ class Node:
         self.path = node_path(self.directory, self.id)
         self._links: dict[bytes, Link] = {}
         self._connecting: dict[bytes, asyncio.Task[None]] = {}
-        self._pending: dict[bytes, list[tuple[Event, list[Any]]]] = {}
+        # events for nodes being connected to, written once the link is up
+        self._queued: dict[bytes, list[tuple[Event, list[Any]]]] = {}
         self._dead: OrderedDict[bytes, str] = OrderedDict()
         # set when a node waited for is linked or known dead
         self._settled: dict[bytes, asyncio.Event] = {}
@@ -233,7 +228,7 @@ class Node:
             log.debug("node %s closing with work in flight", self.id)
         for link in list(self._links.values()):
             link.flush()
-        others = set(self._links) | set(self._invited) | set(self._pending) | set(self._connecting)
+        others = set(self._links) | set(self._invited) | set(self._queued) | set(self._connecting)
         self.closed = True
         if self._listening is not None:
             self._listening.close()
@@ -250,11 +245,11 @@ class Node:
         for link in list(self._links.values()):
             link.close()
         self._links.clear()
-        for evs in self._pending.values():
+        for evs in self._queued.values():
             for _, fds in evs:
                 for f in fds:
                     f.close()
-        self._pending.clear()
+        self._queued.clear()
         # whatever still waits on another node (an unused invitation, a port
         # in transit) fails now for its local holder instead of hanging
         for node in others:
@@ -278,7 +273,7 @@ class Node:
             reason = self._dead.get(node, "local node closed")
             self.loop.call_soon(self.engine.node_failed, node, reason)
             return
-        self._pending.setdefault(node, []).append((ev, fds))
+        self._queued.setdefault(node, []).append((ev, fds))
         self.watch(node)
 
     def send_data(self, node: bytes, port: bytes, seq: int, kind: int, body: bytes) -> None:
@@ -315,7 +310,7 @@ class Node:
         )
         self._links[peer] = link
         self._settle(peer)
-        for ev, fds in self._pending.pop(peer, []):
+        for ev, fds in self._queued.pop(peer, []):
             link.write_event(ev, fds)
 
     def _settle(self, peer: bytes) -> None:
@@ -335,10 +330,10 @@ class Node:
         while len(self._dead) > MAX_DEAD_NODES:
             self._dead.popitem(last=False)
         self._settle(peer)
-        for _, fds in self._pending.pop(peer, []):
+        for _, fds in self._queued.pop(peer, []):
             for f in fds:
                 f.close()
-        log.debug("node %s: peer %s failed: %s", self.id, _short(peer), reason)
+        log.debug("node %s: peer %s failed: %s", self.id, NodeId(peer), reason)
         self.engine.node_failed(peer, reason)
 
     # ------------------------------------------------------------ handshakes
@@ -398,7 +393,7 @@ class Node:
                     log.info(
                         "node %s: node %s (pid %d uid %d) refused: already joined, expired or duplicate",
                         self.id,
-                        _short(peer),
+                        NodeId(peer),
                         cred.pid,
                         cred.uid,
                     )
@@ -411,7 +406,7 @@ class Node:
                     log.info(
                         "node %s: invited node %s attached (pid %d uid %d)",
                         self.id,
-                        _short(peer),
+                        NodeId(peer),
                         cred.pid,
                         cred.uid,
                     )
@@ -436,7 +431,7 @@ class Node:
 
     def _invite_expired(self, node: bytes) -> None:
         if self._invited.pop(node, None) is not None and node not in self._links:
-            log.info("node %s: invitation for node %s expired unused", self.id, _short(node))
+            log.info("node %s: invitation for node %s expired unused", self.id, NodeId(node))
             self._mark_dead(node, "invitation expired unused")
 
     def forget(self, peer: bytes, reason: str) -> None:
@@ -480,7 +475,7 @@ class Node:
                     log.info(
                         "node %s: node %s did not answer within %.0f s; retrying",
                         self.id,
-                        _short(peer),
+                        NodeId(peer),
                         HANDSHAKE_TIMEOUT,
                     )
                     await asyncio.sleep(wait)

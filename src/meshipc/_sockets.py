@@ -185,7 +185,7 @@ class Acceptor:
         #: connections cancelled at the cap to make room
         self.evicted = 0
         self.closed = False
-        self._reading = False
+        self._watching = False  # the loop watches the listening socket
         self._timer: asyncio.TimerHandle | None = None
         self._pause = PAUSE_FIRST
         self._log = RateLimitedLog()
@@ -209,9 +209,9 @@ class Acceptor:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if not self.closed and not self._reading:
+        if not self.closed and not self._watching:
             self.loop.add_reader(self.lsock.fileno(), self._on_readable)
-            self._reading = True
+            self._watching = True
 
     def _evict_oldest(self) -> float:
         """Cancel the oldest connection if it has had ``EVICT_AFTER`` seconds
@@ -248,9 +248,9 @@ class Acceptor:
             self._timer = self.loop.call_later(seconds, self._resume)
 
     def _stop_reading(self) -> None:
-        if self._reading:
+        if self._watching:
             self.loop.remove_reader(self.lsock.fileno())
-            self._reading = False
+            self._watching = False  # the loop watches the listening socket
 
     def _on_readable(self) -> None:
         for _ in range(ACCEPT_BATCH):

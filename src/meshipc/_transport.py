@@ -29,6 +29,7 @@ from typing import Any
 
 from ._errors import DescriptorsTruncated, ProtocolError
 from ._fd import Fd
+from ._ids import NodeId
 from ._platform import PLATFORM
 from ._wire import (
     DATA_HEAD,
@@ -103,18 +104,18 @@ class Link:
         self._on_run = on_run  # runs of them on one port: (port, first seq, bodies)
         self._decoder = FrameDecoder()
         self._read_buffer = memoryview(bytearray(READ_SIZE))
-        self._fds: deque[Fd] = deque()
+        self._received_fds: deque[Fd] = deque()
         # batches of (chunks, fds); a batch carries at most SCM_MAX_FD fds
         self._chunks: list[bytes] = []
         self._batch_fds: list[Fd] = []
         self._batches: deque[tuple[bytes | memoryview, list[Fd]]] = deque()
         self._flush_scheduled = False
         self._writing = False  # a write is pending: later frames queue behind it
-        self._writer_on = False  # the loop watches the socket for room
+        self._watching_writable = False  # the loop watches the socket for room
         self._retry: asyncio.TimerHandle | None = None
         self._retry_wait = 0.0
-        self._reading = False  # in a read batch: replies coalesce until it ends
-        self._busy = False  # the last flush had frames to write (a stream)
+        self._in_read_batch = False  # in a read batch: replies coalesce until it ends
+        self._streaming = False  # the last flush had several frames to write
         self.closed = False
         self.frames_out = 0
         self.bytes_in = 0
@@ -162,7 +163,7 @@ class Link:
         frame = DATA_HEAD.pack(n + DATA_HEAD_LEN, T_MSG, port, seq, kind, 0, 0, 0) + body
         self.frames_out += 1
         if not self._flush_scheduled:
-            if not (self._busy or self._batches or self._writing or self._reading):
+            if not (self._streaming or self._batches or self._writing or self._in_read_batch):
                 # nothing queued and no stream going: out now, no loop turn (a
                 # call's request or reply); what follows in this turn
                 # coalesces behind it
@@ -187,7 +188,7 @@ class Link:
         if n < len(data):
             self._batches.append((memoryview(data)[n:], []))
             self._writing = True
-            self._writer_on = True
+            self._watching_writable = True
             self.loop.add_writer(self.sock.fileno(), self._on_writable)
         else:
             # later frames of this loop turn go out together, once
@@ -215,7 +216,7 @@ class Link:
         self._flush_scheduled = False
         # several frames queued in one turn mean a stream: keep coalescing
         # (one write per loop turn) until a turn brings one frame or none
-        self._busy = len(self._chunks) > 1
+        self._streaming = len(self._chunks) > 1
         self._seal_batch()
         if self._writing or self.closed:
             return
@@ -256,22 +257,22 @@ class Link:
             if n < len(data):
                 batches[0] = (memoryview(data)[n:], fds)
                 self._writing = True
-                if not self._writer_on:
-                    self._writer_on = True
+                if not self._watching_writable:
+                    self._watching_writable = True
                     self.loop.add_writer(self.sock.fileno(), self._on_writable)
                 return
             batches.popleft()
         self._writing = False
-        if self._writer_on:
-            self._writer_on = False
+        if self._watching_writable:
+            self._watching_writable = False
             self.loop.remove_writer(self.sock.fileno())
 
     def _retry_later(self) -> None:
         """Write the first batch again after a pause (doubling from
         ``RETRY_FIRST`` to ``RETRY_MAX``); frames queued meanwhile wait."""
         self._writing = True
-        if self._writer_on:
-            self._writer_on = False
+        if self._watching_writable:
+            self._watching_writable = False
             self.loop.remove_writer(self.sock.fileno())
         self._retry_wait = min(RETRY_MAX, self._retry_wait * 2) if self._retry_wait else RETRY_FIRST
         self.retries += 1
@@ -306,11 +307,11 @@ class Link:
         self._lost(reason)
 
     def _on_readable(self) -> None:
-        self._reading = True
+        self._in_read_batch = True
         try:
             self._read_once()
         finally:
-            self._reading = False
+            self._in_read_batch = False
         # answer a batch of reads right away instead of waiting a loop turn
         if self._flush_scheduled and not self.closed:
             self.flush()
@@ -340,10 +341,10 @@ class Link:
                     raise DescriptorsTruncated(
                         f"descriptors were truncated ({len(arrived)} arrived; the peer sent more)"
                     )
-                self._fds.extend(arrived)
+                self._received_fds.extend(arrived)
             elif flags & _CTRUNC:
                 raise DescriptorsTruncated("descriptors were truncated (none arrived; the peer sent some)")
-            if len(self._fds) > MAX_QUEUED_FDS:
+            if len(self._received_fds) > MAX_QUEUED_FDS:
                 raise ProtocolError("peer sent descriptors that no frame claims")
             if n == 0:
                 self._lost("connection closed by peer")
@@ -351,7 +352,7 @@ class Link:
             self.bytes_in += n
             self._decoder.feed_each(self._read_buffer[:n], self._on_data, self._event_in, self._on_run)
         except ProtocolError as exc:
-            log.warning("dropping connection to node %s: protocol error: %s", self.peer.hex()[:12], exc)
+            log.warning("dropping connection to node %s: protocol error: %s", NodeId(self.peer), exc)
             self._lost(f"protocol error: {exc}")
             return False
         return True
@@ -360,9 +361,9 @@ class Link:
         fds: list[Any] = []
         if isinstance(ev, MsgEvent):
             if ev.nfds:
-                if ev.nfds > len(self._fds):
+                if ev.nfds > len(self._received_fds):
                     raise ProtocolError("frame claims descriptors that did not arrive")
-                fds = [self._fds.popleft() for _ in range(ev.nfds)]
+                fds = [self._received_fds.popleft() for _ in range(ev.nfds)]
             if ev.flags & F_OOB:
                 ev.body = _read_body(fds.pop(), oob_body_length(ev.body))
                 ev.nfds -= 1
@@ -384,15 +385,15 @@ class Link:
         fd = self.sock.fileno()
         if fd >= 0:
             self.loop.remove_reader(fd)
-            if self._writer_on:
+            if self._watching_writable:
                 self.loop.remove_writer(fd)
         if self._retry is not None:
             self._retry.cancel()
             self._retry = None
         self.sock.close()
-        for f in self._fds:
+        for f in self._received_fds:
             f.close()
-        self._fds.clear()
+        self._received_fds.clear()
         for _, fds in self._batches:
             for f in fds:
                 f.close()
