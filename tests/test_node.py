@@ -1,5 +1,6 @@
-"""Nodes and connections in one process: two or more real nodes on real
-sockets in one event loop."""
+"""Nodes in one process: two or more real nodes on real sockets in one
+event loop (links on their own: ``test_transport.py``; the handshake:
+``test_handshake.py``)."""
 
 from __future__ import annotations
 
@@ -62,26 +63,6 @@ async def test_simultaneous_connects_resolve_to_one_connection(mesh_dir: Path):
             assert [await asyncio.wait_for(pb.recv(), 10) for _ in range(100)] == list(range(100))
         finally:
             await close_all(a, b)
-
-
-async def test_small_messages_are_coalesced(mesh_dir: Path):
-    a, b = nodes(mesh_dir, 2)
-    try:
-        pa, pb = link(a, b)
-        pa.send("warm up")
-        await asyncio.wait_for(pb.recv(), 10)
-        conn = a.links[b.id]
-        writes0, frames0 = conn.writes, conn.frames_out
-        for i in range(10_000):
-            pa.send(i)
-        for i in range(10_000):
-            assert await asyncio.wait_for(pb.recv(), 10) == i
-        frames = conn.frames_out - frames0
-        writes = conn.writes - writes0
-        assert frames == 10_000
-        assert writes < 100, f"{writes} writes for {frames} frames"
-    finally:
-        await close_all(a, b)
 
 
 async def test_malformed_frames_drop_only_that_connection(mesh_dir: Path, caplog: pytest.LogCaptureFixture):

@@ -1,0 +1,162 @@
+"""``meshipc._transport.Link`` on its own, over a real socket pair: write
+coalescing, partial writes, descriptor batches, out-of-band bodies, bodies
+written as their own chunk, and a peer hanging up."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import stat
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from meshipc._fd import Fd
+from meshipc._transport import COPY_BODY_MAX, SCM_MAX_FD, Link
+from meshipc._wire import K_DATA, MAX_FDS_PER_MESSAGE, OOB_THRESHOLD, MsgEvent
+from relutil import wait_until
+
+PORT = b"P" * 16
+
+
+class Inbox:
+    """What one link hands its node."""
+
+    def __init__(self) -> None:
+        self.bodies: list[bytes] = []  # plain messages, in order (single or in runs)
+        self.seqs: list[int] = []
+        self.events: list[tuple[MsgEvent, list[Any]]] = []
+        self.lost: list[str] = []
+
+    def on_data(self, port: bytes, seq: int, kind: int, body: bytes) -> None:
+        self.seqs.append(seq)
+        self.bodies.append(bytes(body))
+
+    def on_run(self, port: bytes, first: int, bodies: list[bytes]) -> None:
+        self.seqs.extend(range(first, first + len(bodies)))
+        self.bodies.extend(bytes(b) for b in bodies)
+
+    def on_event(self, peer: bytes, ev: Any, fds: list[Any]) -> None:
+        self.events.append((ev, fds))
+
+    def on_lost(self, link: Link, reason: str) -> None:
+        self.lost.append(reason)
+
+
+def make_link(sock: socket.socket, peer: bytes, inbox: Inbox) -> Link:
+    loop = asyncio.get_running_loop()
+    return Link(loop, sock, peer, inbox.on_event, inbox.on_lost, inbox.on_data, inbox.on_run)
+
+
+@asynccontextmanager
+async def linked() -> AsyncIterator[tuple[Link, Link, Inbox, Inbox]]:
+    """Two links on the ends of a socket pair, and what each received."""
+    a, b = socket.socketpair()
+    ia, ib = Inbox(), Inbox()
+    la, lb = make_link(a, b"B" * 16, ia), make_link(b, b"A" * 16, ib)
+    try:
+        yield la, lb, ia, ib
+    finally:
+        la.close()
+        lb.close()
+
+
+async def test_the_first_message_goes_out_at_once_and_the_rest_of_the_turn_coalesces() -> None:
+    async with linked() as (a, _b, _, got):
+        a.write_data(PORT, 0, K_DATA, b"first")
+        assert a.writes == 1  # written inside the call, no loop turn
+        for i in range(1, 1000):
+            a.write_data(PORT, i, K_DATA, b"x%d" % i)
+        assert a.queued_bytes > 0 and not a.idle
+        await wait_until(lambda: len(got.bodies) == 1000, "every message")
+        assert got.bodies == [b"first"] + [b"x%d" % i for i in range(1, 1000)]
+        assert got.seqs == list(range(1000))
+        assert a.frames_out == 1000
+        assert a.writes <= 3, f"{a.writes} writes for 1000 frames"
+        assert a.idle and a.queued_bytes == 0
+
+
+async def test_a_stream_keeps_coalescing_one_write_per_turn() -> None:
+    async with linked() as (a, _b, _, got):
+        n = 0
+        for _ in range(50):  # 50 loop turns of 100 frames each
+            for _ in range(100):
+                a.write_data(PORT, n, K_DATA, b"%d" % n)
+                n += 1
+            await asyncio.sleep(0)
+        await wait_until(lambda: len(got.bodies) == n, "every message")
+        assert got.seqs == list(range(n))
+        assert a.writes < 200, f"{a.writes} writes for {n} frames"
+
+
+async def test_partial_writes_resume_in_order_once_the_peer_reads() -> None:
+    a_sock, b_sock = socket.socketpair()
+    a_sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    b_sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    a = make_link(a_sock, b"B" * 16, Inbox())  # and nobody reads b_sock yet
+    try:
+        bodies = [bytes([i % 251]) * 1000 for i in range(2000)]  # about 2 MB
+        for i, body in enumerate(bodies):
+            a.write_data(PORT, i, K_DATA, body)
+        await asyncio.sleep(0.05)
+        assert not a.idle, "2 MB cannot fit a socket nobody reads"
+        assert a.bytes_out < sum(len(b) for b in bodies)
+        got = Inbox()
+        b = make_link(b_sock, b"A" * 16, got)  # now the peer reads
+        await wait_until(lambda: len(got.bodies) == len(bodies), "every message")
+        assert got.bodies == bodies and got.seqs == list(range(len(bodies)))
+        await wait_until(lambda: a.idle, "the writer to drain")
+        b.close()
+    finally:
+        a.close()
+        b_sock.close()
+
+
+async def test_descriptors_beyond_one_sendmsg_go_in_batches_and_each_message_gets_its_own() -> None:
+    r, w = os.pipe()
+    per_message = [MAX_FDS_PER_MESSAGE, MAX_FDS_PER_MESSAGE, 50]
+    assert sum(per_message) > SCM_MAX_FD  # more than one sendmsg can carry
+    try:
+        async with linked() as (a, _b, _, got):
+            sent: list[list[Fd]] = []
+            for seq, n in enumerate(per_message):
+                fds = [Fd.dup(w) for _ in range(n)]
+                sent.append(fds)
+                a.write_event(MsgEvent(PORT, seq, K_DATA, 0, [], n, b"m%d" % seq), fds)
+            await wait_until(lambda: len(got.events) == len(per_message), "every message")
+            assert a.writes >= 2
+            for seq, (ev, fds) in enumerate(got.events):
+                assert (ev.seq, ev.body, len(fds)) == (seq, b"m%d" % seq, per_message[seq])
+                for f in fds:
+                    assert stat.S_ISFIFO(os.fstat(f.fileno()).st_mode)
+                    f.close()
+            # the sender's copies were closed once delivered
+            assert all(f.closed for fds in sent for f in fds)
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+async def test_a_large_body_travels_out_of_band_and_a_medium_one_as_its_own_chunk() -> None:
+    big = os.urandom(OOB_THRESHOLD)
+    medium = os.urandom(COPY_BODY_MAX + 1)
+    async with linked() as (a, _b, _, got):
+        a.write_event(MsgEvent(PORT, 0, K_DATA, 0, [], 0, big), [])
+        a.write_data(PORT, 1, K_DATA, medium)
+        await wait_until(lambda: len(got.events) + len(got.bodies) == 2, "both messages")
+        ((ev, fds),) = got.events
+        assert (ev.seq, ev.flags, ev.nfds, fds) == (0, 0, 0, [])
+        assert ev.body == big
+        assert got.bodies == [medium]
+
+
+async def test_the_peer_hanging_up_is_reported_once() -> None:
+    async with linked() as (a, b, mine, theirs):
+        b.close()
+        await wait_until(lambda: bool(mine.lost), "the link to be lost")
+        assert mine.lost == ["connection closed by peer"]
+        assert a.closed
+        a.write_data(PORT, 0, K_DATA, b"into the void")  # dropped, no error
+        await asyncio.sleep(0.01)
+        assert mine.lost == ["connection closed by peer"] and theirs.lost == []
