@@ -350,14 +350,14 @@ class Link:
                 self._lost("connection closed by peer")
                 return False
             self.bytes_in += n
-            self._decoder.feed_each(self._read_buffer[:n], self._on_data, self._event_in, self._on_run)
+            self._decoder.feed_each(self._read_buffer[:n], self._on_data, self._deliver_event, self._on_run)
         except ProtocolError as exc:
             log.warning("dropping connection to node %s: protocol error: %s", NodeId(self.peer), exc)
             self._lost(f"protocol error: {exc}")
             return False
         return True
 
-    def _event_in(self, ev: Event) -> None:
+    def _deliver_event(self, ev: Event) -> None:
         fds: list[Any] = []
         if isinstance(ev, MsgEvent):
             if ev.nfds:
