@@ -12,8 +12,9 @@ import pickle
 import shutil
 import socket
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -210,7 +211,7 @@ def test_the_secret_never_shows() -> None:
 
 @contextlib.asynccontextmanager
 async def acceptor(
-    directory: Path, secret: MeshSecret
+    directory: Path, secret: MeshSecret, expect: bytes | None = None, hello_timeout: float = 2.0
 ) -> AsyncIterator[tuple[Node, socket.socket, asyncio.Task[None]]]:
     """A node (not started: no socket file) accepting on one end of a
     socket pair; yields the node, the other end, and the accept task."""
@@ -218,7 +219,7 @@ async def acceptor(
     ours, theirs = socket.socketpair()
     ours.setblocking(False)
     theirs.setblocking(False)
-    task = asyncio.create_task(node.accept_connection(ours, hello_timeout=2.0))
+    task = asyncio.create_task(node.accept_connection(ours, expect, hello_timeout=hello_timeout))
     try:
         yield node, theirs, task
     finally:
@@ -240,6 +241,99 @@ async def test_a_forged_peer_holding_the_secret_is_linked(mesh_dir: Path) -> Non
         assert parse_verdict(verdict, node.id) == V_ACCEPT
         await asyncio.wait_for(task, T)
         assert list(node.links) == [A] and node.rejected == 0
+
+
+Send = Callable[[Node], bytes]
+
+
+def raw(data: bytes) -> Send:
+    return lambda node: data
+
+
+def hello_to(version: int = PROTOCOL_VERSION, want: bytes | None = None) -> Send:
+    """A HELLO from a random node to this node (or to ``want``)."""
+    return lambda node: build_hello(Hello(version, os.urandom(16), want or node.id, new_nonce()))
+
+
+async def refusal(
+    directory: Path,
+    send: Send,
+    *,
+    eof: bool = True,
+    expect: bytes | None = None,
+    auth: Callable[[Hello, Challenge], bytes] | None = None,
+    secret: MeshSecret | None = None,
+) -> tuple[str, bytes]:
+    """Why a node refuses a peer that sends ``send(node)`` and, given
+    ``auth``, then ``auth(hello, challenge)``; and every byte the node wrote
+    back to it."""
+    loop = asyncio.get_running_loop()
+    secret = secret or MeshSecret()
+    async with acceptor(directory, secret, expect, hello_timeout=0.2) as (node, s, task):
+        reasons: list[str] = []
+        original = node._refuse
+
+        def refuse(sock: socket.socket, why: str, cred: Any) -> None:
+            reasons.append(why)
+            original(sock, why, cred)
+
+        node._refuse = refuse  # type: ignore[method-assign]
+        data = send(node)
+        await loop.sock_sendall(s, data)
+        reply = b""
+        if auth is not None:
+            reply = await asyncio.wait_for(recv_exact(loop, s, CHALLENGE_LEN), T)
+            await loop.sock_sendall(s, auth(parse_hello(data), parse_challenge(reply, node.id)))
+        if eof:
+            s.shutdown(socket.SHUT_WR)
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := await asyncio.wait_for(loop.sock_recv(s, 4096), T):
+                reply += chunk
+        await asyncio.wait_for(task, T)
+        assert not node.links and node.rejected == 1
+        (reason,) = reasons
+        return reason, reply
+
+
+async def test_each_refusal_says_what_was_wrong(mesh_dir: Path) -> None:
+    async def why(send: Send, **kw: Any) -> str:
+        return (await refusal(mesh_dir, send, **kw))[0]
+
+    short = f"of {HELLO_LEN} handshake bytes"
+    assert await why(raw(os.urandom(7))) == f"peer closed the connection after 7 {short}"
+    assert await why(raw(MAGIC + b"\x01")) == f"peer closed the connection after 5 {short}"
+    assert await why(raw(b"GET / HTTP/1.1\r\n" * 200)) == "not a meshipc node"
+    assert await why(raw(b""), eof=False) == "no handshake within 0.2 s"
+    v = PROTOCOL_VERSION
+    assert await why(hello_to(want=os.urandom(16))) == f"handshake status {S_WRONG_NODE} (version {v})"
+    assert await why(hello_to(), expect=os.urandom(16)) == f"handshake status {S_WRONG_NODE} (version {v})"
+    assert await why(hello_to(v + 1)) == f"handshake status {S_BAD_VERSION} (version {v + 1})"
+
+
+async def test_a_refused_hello_still_gets_a_challenge_saying_why(mesh_dir: Path) -> None:
+    _, reply = await refusal(mesh_dir, hello_to(PROTOCOL_VERSION + 1))
+    assert len(reply) == CHALLENGE_LEN
+    with pytest.raises(HandshakeError, match=rf"refused the handshake \(status {S_BAD_VERSION}\)"):
+        parse_challenge(reply, reply[8:24])
+
+
+async def test_a_wrong_or_replayed_auth_is_denied(mesh_dir: Path) -> None:
+    secret, another_mesh = MeshSecret(), MeshSecret()
+
+    def wrong(hello: Hello, challenge: Challenge) -> bytes:
+        return build_auth(initiator_proof(another_mesh, hello, challenge.node, challenge.nonce))
+
+    def replayed(hello: Hello, challenge: Challenge) -> bytes:
+        # the right secret, proved against an older acceptor nonce
+        return build_auth(initiator_proof(secret, hello, challenge.node, new_nonce()))
+
+    def garbage(hello: Hello, challenge: Challenge) -> bytes:
+        return os.urandom(AUTH_LEN)
+
+    for auth in (wrong, replayed, garbage):
+        reason, reply = await refusal(mesh_dir, hello_to(), auth=auth, secret=secret)
+        assert reason == "wrong mesh secret"
+        assert reply[CHALLENGE_LEN:] == build_verdict(V_DENIED)
 
 
 async def _feed_acceptor(directory: Path, data: bytes) -> tuple[int, bytes]:
