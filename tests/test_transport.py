@@ -13,7 +13,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from meshipc._fd import Fd
-from meshipc._transport import COPY_BODY_MAX, SCM_MAX_FD, Link
+from meshipc._transport import SCM_MAX_FD, SEPARATE_BODY_MIN, Link
 from meshipc._wire import K_DATA, MAX_FDS_PER_MESSAGE, OOB_THRESHOLD, MsgEvent
 from relutil import wait_until
 
@@ -140,7 +140,7 @@ async def test_descriptors_beyond_one_sendmsg_go_in_batches_and_each_message_get
 
 async def test_a_large_body_travels_out_of_band_and_a_medium_one_as_its_own_chunk() -> None:
     big = os.urandom(OOB_THRESHOLD)
-    medium = os.urandom(COPY_BODY_MAX + 1)
+    medium = os.urandom(SEPARATE_BODY_MIN + 1)
     async with linked() as (a, _b, _, got):
         a.write_event(MsgEvent(PORT, 0, K_DATA, 0, [], 0, big), [])
         a.write_data(PORT, 1, K_DATA, medium)

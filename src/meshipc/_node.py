@@ -103,7 +103,7 @@ async def _recv_handshake(loop: asyncio.AbstractEventLoop, sock: socket.socket, 
         ) from None
 
 
-def _why(exc: BaseException) -> str:
+def _describe(exc: BaseException) -> str:
     """An error's text for a log line or a failure reason: never empty."""
     if isinstance(exc, TimeoutError) and not str(exc):
         return f"the handshake timed out after {HANDSHAKE_TIMEOUT:g} s"
@@ -414,10 +414,10 @@ class Node:
             sock.close()  # node closing, or the connection gave its slot away
             raise
         except (HandshakeError, OSError, TimeoutError) as exc:
-            self._refuse(sock, _why(exc), cred)
+            self._refuse(sock, _describe(exc), cred)
             if expect is not None and self._connecting.get(expect) is me:
                 del self._connecting[expect]
-                self._mark_dead(expect, f"handshake failed: {_why(exc)}")
+                self._mark_dead(expect, f"handshake failed: {_describe(exc)}")
             return
         finally:
             if expect is not None and self._connecting.get(expect) is me:
@@ -495,7 +495,7 @@ class Node:
             return
         except (HandshakeError, OSError) as exc:
             self._connecting.pop(peer, None)
-            self._mark_dead(peer, f"cannot connect: {_why(exc)}")
+            self._mark_dead(peer, f"cannot connect: {_describe(exc)}")
             return
         self._connecting.pop(peer, None)
 

@@ -61,9 +61,9 @@ MAX_QUEUED_FDS = 4 * MAX_FDS_PER_MESSAGE
 FD_SIZE = array.array("i").itemsize
 #: Ancillary buffer of one read: room for the most descriptors one sendmsg carries.
 _ANCILLARY_SPACE = socket.CMSG_SPACE(SCM_MAX_FD * FD_SIZE)
-#: Bodies from this size on are written as their own chunk, after their
+#: Bodies of this size or more are written as their own chunk, after their
 #: header, instead of being copied onto it.
-COPY_BODY_MAX = 4096
+SEPARATE_BODY_MIN = 4096
 #: Most reads of what a peer left in the socket before its link is declared
 #: lost (after a failed write): bounds the work for a peer that keeps writing.
 DRAIN_READS_MAX = 1024
@@ -146,7 +146,7 @@ class Link:
                 self._add(head + marker, fds)
             else:
                 head = encode_msg_header(ev.port, ev.seq, ev.kind, ev.flags, ev.ports, len(fds), len(body))
-                if len(body) < COPY_BODY_MAX:
+                if len(body) < SEPARATE_BODY_MIN:
                     self._add(head + body, fds)
                 else:
                     self._add(head, fds)
@@ -157,7 +157,7 @@ class Link:
     def write_data(self, port: bytes, seq: int, kind: int, body: bytes) -> None:
         """A plain message (no ports, no fds): the hot path of ``write_event``."""
         n = len(body)
-        if n >= COPY_BODY_MAX or self.closed:
+        if n >= SEPARATE_BODY_MIN or self.closed:
             self.write_event(MsgEvent(port, seq, kind, 0, [], 0, body), [])
             return
         frame = DATA_HEAD.pack(n + DATA_HEAD_LEN, T_MSG, port, seq, kind, 0, 0, 0) + body
