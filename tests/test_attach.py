@@ -56,7 +56,7 @@ from meshipc import (
     Sender,
 )
 from meshipc._invitation import JOIN_TIMEOUT, read_invitation
-from meshipc._node import node_path
+from meshipc._names import node_path
 from meshipc._wire import _DESC
 
 CLIENT = Path(__file__).with_name("attach_client.py").resolve()

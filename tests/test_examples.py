@@ -145,7 +145,7 @@ def test_name_claim_retries_when_the_lock_file_is_replaced(runtime_dir: str, mon
     the name (another claimant may hold the new file)."""
     import fcntl
 
-    from meshipc import _invitation
+    from meshipc import _names
 
     root = Path(runtime_dir)
     lock_path = root / "mesh-racy.lock"
@@ -159,12 +159,12 @@ def test_name_claim_retries_when_the_lock_file_is_replaced(runtime_dir: str, mon
         calls.append(fd)
         real_flock(fd, op)
 
-    monkeypatch.setattr(_invitation.fcntl, "flock", flock_after_swap)
-    directory, fd = _invitation.claim_name(root, "racy")
+    monkeypatch.setattr(_names.fcntl, "flock", flock_after_swap)
+    directory, fd = _names.claim_name(root, "racy")
     try:
         assert len(calls) == 2  # the stale inode was dropped and the new file taken
         assert os.fstat(fd).st_ino == os.stat(lock_path).st_ino
         assert directory == root / "mesh-racy"
     finally:
-        _invitation.release_name(root, "racy", fd)
+        _names.release_name(root, "racy", fd)
     assert not lock_path.exists()

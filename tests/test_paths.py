@@ -20,8 +20,8 @@ import pytest
 
 import meshipc
 from meshipc import ConnectError, Mesh, MeshError
-from meshipc._mesh import MAX_SOCKET_PATH, runtime_location
-from meshipc._platform import PLATFORM
+from meshipc._names import runtime_location
+from meshipc._platform import MAX_SOCKET_PATH, PLATFORM
 
 T = 10.0
 
@@ -258,7 +258,7 @@ async def test_ls_tells_live_from_stale_without_taking_any_lock(
     import fcntl
 
     from meshipc import _cli
-    from meshipc._invitation import lock_is_held
+    from meshipc._names import lock_is_held
 
     def no_flock(fd: int, op: int) -> None:
         raise AssertionError("ls tried a lock")

@@ -9,27 +9,30 @@ import os
 import sys
 
 from . import __version__
+from ._names import (
+    LISTENER_NAME,
+    lock_is_held,
+    lock_path,
+    mesh_directory,
+    named_meshes,
+    prune_stale,
+    runtime_location,
+)
 
 
 def _ls(runtime_dir: str | None, prune: bool = False) -> int:
-    from ._mesh import mesh_directory, runtime_location
-
     root, why = runtime_location(runtime_dir)
-    from ._invitation import lock_is_held, prune_stale
-
     if prune:
         for name in prune_stale(root):
             print(f"{name}\tpruned")
     found = False
-    for entry in sorted(os.listdir(root)):
-        if not (entry.startswith("mesh-") and entry.endswith(".lock")):
-            continue
-        name = entry[len("mesh-") : -len(".lock")]
+    for name in named_meshes(root):
+        lock = lock_path(root, name)
         # read from /proc/locks: trying the lock could make a mesh starting
         # at this moment believe its name is taken
-        held = lock_is_held(root / entry)
+        held = lock_is_held(lock)
         if held is None:
-            fd = os.open(root / entry, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+            fd = os.open(lock, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
             try:
                 fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
                 held = False
@@ -41,7 +44,7 @@ def _ls(runtime_dir: str | None, prune: bool = False) -> int:
         directory = mesh_directory(root, name)
         if state == "stale" and not os.path.lexists(directory):
             continue  # a lock file between a clean exit and its removal
-        listener = directory / "listen.sock"
+        listener = directory / LISTENER_NAME
         extra = f"  listener {listener}" if state == "live" and listener.exists() else ""
         print(f"{name}\t{state}{extra}")
         found = True

@@ -44,6 +44,7 @@ import msgspec
 from ._channel import Call, Port, Receiver, Sender, channel
 from ._errors import ChannelClosed, MeshError, MessageError, NodeFailure, PortFailed, RemoteError
 from ._ids import PortId
+from ._names import CONTROL_NAME
 from ._node import Acceptor, PeerCred, listen_private
 from ._platform import PLATFORM
 
@@ -52,7 +53,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("meshipc")
 
-CONTROL_NAME: Final = "control.sock"
 #: Seconds a node gets to finish the control socket exchange and say hello.
 SESSION_TIMEOUT: Final = 10.0
 #: Services of dead nodes remembered (to answer NodeFailure, not "unknown").

@@ -17,7 +17,10 @@ import sys
 import time
 from typing import Any
 
+from ._control import ServiceNotFound
 from ._errors import ConnectError, JoinError, MeshError, NodeFailure, RemoteError
+from ._invitation import connect
+from ._names import mesh_directory, runtime_root
 
 DEFAULT_TIMEOUT = 1.0
 #: Seconds to attach to the mesh before giving up (at least the -t timeout).
@@ -127,8 +130,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _run(args: argparse.Namespace) -> int:
-    from ._invitation import connect
-
     # attaching has its own bound: a stopped or hung mesh must not hang the command
     bound = max(ATTACH_TIMEOUT, args.timeout)
     try:
@@ -157,8 +158,6 @@ async def _run(args: argparse.Namespace) -> int:
 
 
 def _not_running(args: argparse.Namespace, exc: ConnectError) -> str:
-    from ._mesh import mesh_directory, runtime_root
-
     try:
         root = runtime_root(args.runtime_dir)
     except (OSError, MeshError):
@@ -178,8 +177,6 @@ def _not_running(args: argparse.Namespace, exc: ConnectError) -> str:
 
 
 async def _call(conn: Any, args: argparse.Namespace) -> int:
-    from ._control import ServiceNotFound
-
     try:
         request = json.loads(args.request)
     except json.JSONDecodeError as exc:

@@ -17,11 +17,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import fcntl
 import logging
 import math
 import os
-import shutil
 import socket
 import stat
 import struct
@@ -48,6 +46,7 @@ from ._errors import (
     MeshNameInUse,
 )
 from ._ids import NodeId
+from ._names import listener_path, node_path, not_running_reason, runtime_location
 from ._node import (
     HANDSHAKE_TIMEOUT,
     V_DUPLICATE,
@@ -56,7 +55,6 @@ from ._node import (
     RateLimitedLog,
     is_socket_alive,
     listen_private,
-    node_path,
 )
 from ._platform import PLATFORM
 from ._wire import _DESC, PortDesc
@@ -83,145 +81,8 @@ JOIN_TIMEOUT: Final = 10.0
 #: invitation within milliseconds, so clients that take one and never join
 #: cannot pile up invitations (and their ports) faster than they expire.
 MAX_OUTSTANDING: Final = 256
-LISTENER_NAME: Final = "listen.sock"
 _LEN = struct.Struct("<I")
 _INVITATION_VERSION = 1
-
-
-# --------------------------------------------------------------------- names
-
-
-def claim_name(root: Path, name: str, *, fresh: bool = True) -> tuple[Path, int]:
-    """Take the name ``name`` under ``root``: returns the (fresh) mesh
-    directory and the lock fd to hold while the mesh lives.
-
-    A lock file held with ``flock`` tells a live mesh from a dead one: the
-    kernel drops the lock when its process dies, whatever way it died. A mesh
-    that closes cleanly removes the file while still holding the lock, so a
-    lock taken here counts only if the path still names the locked file."""
-    lock_path = root / f"mesh-{name}.lock"
-    for _ in range(100):
-        try:
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        except OSError as exc:
-            raise MeshError(f"cannot open lock file {lock_path}: {exc}") from exc
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid():
-                raise MeshError(f"{lock_path} is not a regular file of ours (refusing to use it)")
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise MeshNameInUse(f"a live mesh named {name!r} already runs (lock {lock_path})") from None
-            try:
-                current = os.stat(lock_path, follow_symlinks=False)
-            except FileNotFoundError:
-                current = None
-            if current is None or current.st_ino != st.st_ino or current.st_dev != st.st_dev:
-                os.close(fd)  # its owner removed it as we locked it: take the new one
-                continue
-            from ._mesh import mesh_directory
-
-            directory = mesh_directory(root, name)
-            if os.path.lexists(directory):
-                from ._node import check_private_dir
-
-                check_private_dir(directory)  # anything not ours is refused, never deleted
-                log.info("replacing stale directory %s of a dead mesh %r", directory, name)
-                shutil.rmtree(directory)
-            if fresh:
-                directory.mkdir(mode=0o700)
-            return directory, fd
-        except BaseException:
-            os.close(fd)
-            raise
-    raise MeshError(f"could not take the lock {lock_path}: it keeps changing")
-
-
-def release_name(root: Path, name: str, fd: int) -> None:
-    """Give the name back: remove the lock file, then drop the lock."""
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(root / f"mesh-{name}.lock")
-    os.close(fd)
-
-
-def prune_stale(root: Path) -> list[str]:
-    """Remove what dead named meshes left under ``root`` (lock file and
-    directory); returns their names. A name is taken exactly as a new mesh
-    would take it (its lock, then the inode check), so a live mesh, or one
-    starting at that moment, is never touched; anything not ours is kept."""
-    from ._mesh import _NAME
-
-    pruned = []
-    for entry in sorted(os.listdir(root)):
-        if not (entry.startswith("mesh-") and entry.endswith(".lock")):
-            continue
-        name = entry[len("mesh-") : -len(".lock")]
-        if not _NAME.match(name):
-            continue
-        try:
-            directory, fd = claim_name(root, name, fresh=False)
-        except MeshError as exc:  # live, or not ours
-            log.debug("prune: keeping %r: %s", name, exc)
-            continue
-        with contextlib.suppress(FileNotFoundError):
-            shutil.rmtree(directory)
-        release_name(root, name, fd)
-        pruned.append(name)
-    return pruned
-
-
-def listener_path(name_or_path: str | os.PathLike[str], runtime_dir: str | os.PathLike[str] | None) -> Path:
-    s = os.fspath(name_or_path)
-    if "/" in s:
-        return Path(s)
-    from ._mesh import mesh_directory, runtime_root
-
-    return mesh_directory(runtime_root(runtime_dir), s) / LISTENER_NAME
-
-
-def lock_is_held(path: Path) -> bool | None:
-    """Whether some process holds a ``flock`` on the file ``path`` (a live
-    mesh holds its name's lock); ``None`` when that cannot be told. Reads
-    ``/proc/locks`` instead of trying the lock, so that looking never makes
-    a mesh starting at that moment fail to take its name."""
-    try:
-        st = os.stat(path, follow_symlinks=False)
-        with open("/proc/locks") as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return None
-    want = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
-    for line in lines:
-        fields = line.split()
-        # "1: FLOCK  ADVISORY  WRITE 1234 00:2a:5678 0 EOF"; waiters are marked "->"
-        if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5] == want:
-            return True
-    return False
-
-
-def not_running_reason(root: Path, why: str, name: str) -> str:
-    """Why nothing answers at the listener of mesh ``name``, for an error."""
-    from ._mesh import mesh_directory
-
-    lock = root / f"mesh-{name}.lock"
-    directory = mesh_directory(root, name)
-    if lock_is_held(lock):
-        return f"mesh {name!r} is running but not listening (no listener at {directory / LISTENER_NAME})"
-    if not os.path.lexists(directory):
-        return f"no mesh named {name!r} is running (runtime dir {root}, {why})"
-    stamps = []
-    for p in (directory, lock, directory / LISTENER_NAME):
-        with contextlib.suppress(OSError):
-            stamps.append(os.lstat(p).st_mtime)
-    if not stamps:
-        return f"no mesh named {name!r} is running (runtime dir {root}, {why})"
-    last = max(stamps)
-    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(last))
-    return (
-        f"mesh {name!r} is not running any more (stale since {since}; "
-        "a new mesh of that name or `meshipc ls --prune` clears it)"
-    )
 
 
 # --------------------------------------------------------------- invitation
@@ -744,8 +605,6 @@ async def connect(
         name = os.fspath(name_or_path)
         if "/" in name or exc.errno not in (errno.ENOENT, errno.ECONNREFUSED):
             raise
-        from ._mesh import runtime_location
-
         root, why = runtime_location(runtime_dir)
         raise ConnectError(exc.path, not_running_reason(root, why, name)) from None
     ctx, conn = await _enter(inv, deadline, timeout)

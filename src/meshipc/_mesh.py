@@ -5,10 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
-import hashlib
 import logging
 import os
-import re
 import shutil
 import signal
 import threading
@@ -17,10 +15,19 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from ._errors import MeshError, SocketPathTooLong
+from ._errors import MeshError
 from ._ids import NodeId
-from ._node import MeshSecret, Node, check_private_dir, node_path
-from ._platform import MAX_SOCKET_NAME, MAX_SOCKET_PATH, PLATFORM
+from ._names import (
+    LISTENER_NAME,
+    NAME,
+    check_private_dir,
+    check_socket_room,
+    claim_name,
+    mesh_directory,
+    release_name,
+    runtime_root,
+)
+from ._node import MeshSecret, Node
 from ._ports import DEFAULT_LIMITS, Limits
 from ._process import Process, spawn
 
@@ -33,7 +40,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("meshipc")
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 #: Seconds workers get to exit after the mesh closes their bootstrap port.
 CHILD_GRACE = 5.0
 
@@ -50,98 +56,6 @@ def current_mesh() -> Mesh:
     if mesh is None or mesh._closed:
         raise MeshError("no mesh is running in this task")
     return mesh
-
-
-#: Mesh names up to this long name their directory verbatim (``mesh-<name>``).
-VERBATIM_NAME = 40
-#: Longest mesh directory name: a longer mesh name is cut to 23 characters
-#: and followed by ``~`` and 16 hex digits of its SHA-256 (``~`` is not in
-#: a name, so no verbatim name can look like a cut one).
-MAX_DIRECTORY_NAME = len("mesh-") + VERBATIM_NAME
-#: Longest runtime root with room for every mesh name: ``<root>/<mesh
-#: directory>/<socket>`` stays within ``MAX_SOCKET_PATH`` (41 bytes; the
-#: default roots, ``/run/user/<uid>`` and ``/tmp/meshipc-<uid>``, are at
-#: most 23).
-MAX_ROOT_FOR_ANY_NAME = MAX_SOCKET_PATH - (1 + MAX_DIRECTORY_NAME + 1 + MAX_SOCKET_NAME)
-_HOW_ELSEWHERE = "set XDG_RUNTIME_DIR to a private folder of yours (mode 0700) or pass runtime_dir="
-
-
-def runtime_location(runtime_dir: str | os.PathLike[str] | None = None) -> tuple[Path, str]:
-    """The folder holding this user's mesh directories, and why that one.
-
-    ``runtime_dir`` if given (created 0700 if missing), else
-    ``$XDG_RUNTIME_DIR`` if set, else ``<base>/meshipc-<uid>`` (created
-    0700; ``Platform.default_runtime_root``: the interpreter's temporary
-    folder on Linux, ``/tmp`` elsewhere, where ``$TMPDIR`` is too long).
-    The folder must be a real directory owned by us with mode 0700; one that
-    is not is refused with ``MeshError`` saying which folder and why, never
-    silently replaced by another (a service and its clients must look in the
-    same place)."""
-    if runtime_dir is not None:
-        root = Path(runtime_dir)
-        if not os.path.lexists(root):
-            root.mkdir(mode=0o700, parents=True)
-        check_private_dir(root)  # lstat: a symlink, dangling or not, is refused
-        return root, "given as runtime_dir"
-    xdg = os.environ.get("XDG_RUNTIME_DIR")
-    if xdg:
-        root = Path(xdg)
-        try:
-            if not root.is_absolute():
-                raise MeshError("it is not an absolute path")
-            check_private_dir(root)
-        except FileNotFoundError:
-            raise MeshError(
-                f"XDG_RUNTIME_DIR={xdg} does not exist; {_HOW_ELSEWHERE}, or unset XDG_RUNTIME_DIR"
-            ) from None
-        except MeshError as exc:
-            raise MeshError(
-                f"XDG_RUNTIME_DIR={xdg} cannot hold meshes: {exc}; {_HOW_ELSEWHERE}, or unset XDG_RUNTIME_DIR"
-            ) from None
-        return root, "from XDG_RUNTIME_DIR"
-    root = PLATFORM.default_runtime_root()
-    try:
-        root.mkdir(mode=0o700)
-    except FileExistsError:
-        pass
-    try:
-        check_private_dir(root)
-    except MeshError as exc:
-        raise MeshError(
-            f"{exc}; someone else may have made it to block or watch your meshes: {_HOW_ELSEWHERE}"
-        ) from None
-    return root, "XDG_RUNTIME_DIR is not set"
-
-
-def runtime_root(runtime_dir: str | os.PathLike[str] | None = None) -> Path:
-    """The folder holding this user's mesh directories (see ``runtime_location``)."""
-    return runtime_location(runtime_dir)[0]
-
-
-def mesh_directory(root: Path, name: str) -> Path:
-    """The directory of mesh ``name``: its name is at most
-    ``MAX_DIRECTORY_NAME`` bytes whatever the mesh name's length."""
-    if len(name) <= VERBATIM_NAME:
-        return root / f"mesh-{name}"
-    digest = hashlib.sha256(name.encode()).hexdigest()[:16]
-    return root / f"mesh-{name[:23]}~{digest}"
-
-
-def check_socket_room(directory: Path) -> None:
-    """Refuse (``SocketPathTooLong``) a mesh directory whose sockets' paths
-    would exceed ``MAX_SOCKET_PATH``; checked before anything is created.
-    Every socket of a mesh is ``<directory>/<name>`` with a name of at most
-    ``MAX_SOCKET_NAME`` bytes (node sockets, the listener, the control
-    socket), so this one check bounds them all."""
-    from ._control import CONTROL_NAME
-    from ._invitation import LISTENER_NAME
-
-    names = (node_path(directory, bytes(16)).name, LISTENER_NAME, CONTROL_NAME)
-    assert max(len(n) for n in names) <= MAX_SOCKET_NAME
-    longest = directory / max(names, key=len)
-    n = len(os.fsencode(longest))
-    if n > MAX_SOCKET_PATH:
-        raise SocketPathTooLong(os.fspath(longest), n, MAX_SOCKET_PATH)
 
 
 class _Sigterm:
@@ -224,7 +138,7 @@ class Mesh:
         runtime_dir: str | os.PathLike[str] | None = None,
         limits: Limits | None = None,
     ) -> None:
-        if name is not None and not _NAME.match(name):
+        if name is not None and not NAME.match(name):
             raise ValueError(f"mesh names are 1-64 letters, digits, '.', '_' or '-', got {name!r}")
         self.name = name
         #: flow-control bounds of this node's ports (spawned workers inherit them)
@@ -265,8 +179,6 @@ class Mesh:
         root = runtime_root(self._runtime_dir)
         check_socket_room(mesh_directory(root, self.name or "0" * 16))
         if self.name is not None:
-            from ._invitation import claim_name
-
             directory, self._lock_fd = claim_name(root, self.name)
         else:
             directory = mesh_directory(root, os.urandom(8).hex())
@@ -281,8 +193,6 @@ class Mesh:
             # a failed start leaves nothing behind: directory, lock file, lock
             shutil.rmtree(directory, ignore_errors=True)
             if self._lock_fd >= 0 and self.name is not None:
-                from ._invitation import release_name
-
                 release_name(root, self.name, self._lock_fd)
                 self._lock_fd = -1
             self._closed = True
@@ -347,8 +257,6 @@ class Mesh:
         if self._owns_directory:
             shutil.rmtree(self._node.directory, ignore_errors=True)
         if self._lock_fd >= 0 and self.name is not None:
-            from ._invitation import release_name
-
             release_name(self._node.directory.parent, self.name, self._lock_fd)  # the name is free again
             self._lock_fd = -1
 
@@ -365,7 +273,7 @@ class Mesh:
         is refused at the listener, before any invitation exists.
         Raises ``MeshNameInUse`` if a live listener holds the path and
         ``MeshError`` if the path holds something that is not ours."""
-        from ._invitation import INVITATION_TTL, LISTENER_NAME, Listener
+        from ._invitation import INVITATION_TTL, Listener
 
         if self._closed:
             raise MeshError("the mesh is closed")
