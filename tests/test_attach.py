@@ -55,7 +55,7 @@ from meshipc import (
     PortFailed,
     Sender,
 )
-from meshipc._invitation import JOIN_TIMEOUT, read_invitation
+from meshipc._join import JOIN_TIMEOUT, read_invitation
 from meshipc._names import node_path
 from meshipc._wire import _DESC
 
@@ -63,7 +63,7 @@ CLIENT = Path(__file__).with_name("attach_client.py").resolve()
 SRC = Path(meshipc.__file__).resolve().parent.parent
 #: Bound on any single step (a process start, a reply, a failure to show).
 T = 10.0
-#: Index of each field in the array-like msgpack invitation (``_Wire``).
+#: Index of each field in the array-like msgpack invitation (``_InvitationRecord``).
 F_VERSION, F_DIRECTORY, F_INVITER, F_NODE, F_PORT, F_SECRET, F_EXPIRES = range(7)
 #: TTL for invitations that a test leaves unused on purpose (they fail their
 #: kept port and are forgotten soon after the test is done with them).
@@ -152,10 +152,10 @@ async def ask(port: Port, cmd: dict[str, Any]) -> Any:
     return await asyncio.wait_for(port.recv(), T)
 
 
-async def accept_from(listener: meshipc.Listener, pid: int) -> meshipc.Connection:
+async def accept_from(listener: meshipc.Listener, pid: int) -> meshipc.Admission:
     """The connection of process ``pid`` (others, e.g. silent sockets, skipped)."""
 
-    async def find() -> meshipc.Connection:
+    async def find() -> meshipc.Admission:
         async for conn in listener:
             if conn.peer.pid == pid:
                 return conn
@@ -203,7 +203,7 @@ def assert_no_secret(text: str, secret: bytes, what: str) -> None:
         assert needle not in text, f"the mesh secret appears in {what}: {text!r}"
 
 
-async def exercise(conn: meshipc.Connection, pid: int) -> Sender[Any]:
+async def exercise(conn: meshipc.Admission, pid: int) -> Sender[Any]:
     """RPC both ways, a Port and an Fd each way, with the client ``pid``.
 
     Returns the Sender whose calls the client serves (still open)."""
@@ -312,7 +312,7 @@ async def test_hundred_concurrent_clients(rd: Path) -> None:
         listener = await mesh.listen()
         tx, rx = meshipc.channel()
         seen: set[tuple[int, int]] = set()
-        conns: list[meshipc.Connection] = []
+        conns: list[meshipc.Admission] = []
 
         async def serve() -> None:
             while True:
@@ -1214,7 +1214,7 @@ async def test_listener_socket_mode_close_and_iteration(rd: Path) -> None:
             await mesh.listen(path=other)
         assert other.read_text() == "keep"
 
-        got: list[meshipc.Connection] = []
+        got: list[meshipc.Admission] = []
         first = asyncio.Event()
 
         async def collect() -> None:

@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from meshipc import InvitationDecodeError, MeshError
-from meshipc._invitation import _INVITATION_VERSION, MAX_INVITATION, Invitation, _Wire
+from meshipc._invitation import _INVITATION_VERSION, MAX_INVITATION, Invitation, _InvitationRecord
 from meshipc._node import _CHALLENGE, _HELLO, _MAGIC, V_DENIED, MeshSecret, Node
 from meshipc._wire import _DESC, PROTOCOL_VERSION
 
@@ -29,7 +29,7 @@ BOUNDED = settings(max_examples=300, deadline=None, suppress_health_check=[Healt
 
 def valid_invitation() -> bytes:
     return msgspec.msgpack.encode(
-        _Wire(
+        _InvitationRecord(
             _INVITATION_VERSION,
             "/tmp/some-mesh",
             os.urandom(16),
@@ -53,7 +53,7 @@ def decode(data: bytes) -> Invitation | None:
 def test_invitation_decoder_any_bytes(data: bytes) -> None:
     inv = decode(data)
     if inv is not None:
-        assert bytes(inv) == msgspec.msgpack.encode(msgspec.msgpack.decode(data, type=_Wire))
+        assert bytes(inv) == msgspec.msgpack.encode(msgspec.msgpack.decode(data, type=_InvitationRecord))
 
 
 @BOUNDED

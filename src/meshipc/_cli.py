@@ -9,6 +9,10 @@ import os
 import sys
 
 from . import __version__
+from ._ctlcli import COMMANDS, add_commands
+from ._ctlcli import run as run_control
+from ._demo import service
+from ._errors import MeshError
 from ._names import (
     LISTENER_NAME,
     lock_is_held,
@@ -65,20 +69,14 @@ def main(argv: list[str] | None = None) -> int:
     ls = sub.add_parser("ls", help="list this user's named meshes")
     ls.add_argument("--runtime-dir")
     ls.add_argument("--prune", action="store_true", help="remove what dead named meshes left behind")
-    from ._ctlcli import COMMANDS, add_commands
-    from ._ctlcli import run as run_control
 
     add_commands(sub)  # status, inspect, call
     args = p.parse_args(argv)
     if args.cmd in COMMANDS:
         return run_control(args)
     if args.cmd == "demo":
-        from ._demo import service
-
         return asyncio.run(service(args.hold))
     if args.cmd == "ls":
-        from ._errors import MeshError
-
         try:
             return _ls(args.runtime_dir, args.prune)
         except MeshError as exc:

@@ -19,7 +19,7 @@ from typing import Any
 
 from ._control import ServiceNotFound
 from ._errors import ConnectError, JoinError, MeshError, NodeFailure, RemoteError
-from ._invitation import connect
+from ._mesh import connect
 from ._names import mesh_directory, runtime_root
 
 DEFAULT_TIMEOUT = 1.0

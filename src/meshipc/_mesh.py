@@ -1,4 +1,10 @@
-"""``meshipc.Mesh``: a node of a mesh in this process, and its directory."""
+"""``meshipc.Mesh``: a node of a mesh in this process, and what puts the
+pieces together around it: its directory and name, its workers, its
+listener and invitations, its control plane, and ``connect``/``join``
+(attaching this process to a running mesh as a new ``Mesh``).
+
+Every other module sits below this one: none imports it at run time.
+"""
 
 from __future__ import annotations
 
@@ -15,8 +21,19 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from ._errors import MeshError
+from ._control import Control, Service
+from ._errors import JoinError, MeshError
 from ._ids import NodeId
+from ._invitation import INVITATION_TTL, Invitation, Inviter
+from ._join import (
+    JOIN_TIMEOUT,
+    Attachment,
+    admitted_node,
+    deadline_after,
+    reach_inviter,
+    take_invitation,
+)
+from ._listener import Listener
 from ._names import (
     LISTENER_NAME,
     NAME,
@@ -35,8 +52,6 @@ if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
     from ._channel import Receiver, Sender
-    from ._control import Control, Service
-    from ._invitation import Inviter, Listener
 
 log = logging.getLogger("meshipc")
 
@@ -156,8 +171,6 @@ class Mesh:
         self._outer: Mesh | None = None
 
     def _start_control(self, root: bool) -> None:
-        from ._control import Control
-
         self._control = Control(self, root)
         self._extras.append(self._control)
         self._outer = _current.get()
@@ -273,8 +286,6 @@ class Mesh:
         is refused at the listener, before any invitation exists.
         Raises ``MeshNameInUse`` if a live listener holds the path and
         ``MeshError`` if the path holds something that is not ours."""
-        from ._invitation import INVITATION_TTL, Listener
-
         if self._closed:
             raise MeshError("the mesh is closed")
         p = Path(path) if path is not None else self.directory / LISTENER_NAME
@@ -286,8 +297,6 @@ class Mesh:
     def inviter(self, *, ttl: float | None = None) -> Inviter:
         """A handle that makes invitations (``await inviter.invite(port)``),
         usable from any task or thread."""
-        from ._invitation import INVITATION_TTL, Inviter
-
         return Inviter(self, INVITATION_TTL if ttl is None else ttl)
 
     async def spawn(self, target: str, arg: Any = None, *, name: str | None = None) -> Process:
@@ -352,7 +361,7 @@ class Mesh:
         self._control.inspect_add(name, fn, sensitive, update)
 
     async def inspect_update(self, path: str, value: Any, timeout: float = 1.0) -> Any:
-        """Update an updatable entry (see ``ClientConnection.inspect_update``)."""
+        """Update an updatable entry (see ``Attachment.inspect_update``)."""
         return await self._control.inspect_update(path, value, timeout)
 
     async def services(self) -> dict[str, Any]:
@@ -360,18 +369,85 @@ class Mesh:
         return await self._control.services()
 
     async def call(self, service: str, request: Any, timeout: float | None = None) -> Any:
-        """Call a service by name (see ``ClientConnection.call``)."""
+        """Call a service by name (see ``Attachment.call``)."""
         return await self._control.call(service, request, timeout)
 
     async def open(self, service: str) -> Sender[Any]:
-        """A ``Sender`` to a service, for many calls (see ``ClientConnection.open``)."""
+        """A ``Sender`` to a service, for many calls (see ``Attachment.open``)."""
         return await self._control.open(service)
 
     async def inspect(
         self, path: str = "", depth: int | None = None, timeout: float = 1.0, *, sensitive: bool = False
     ) -> Any:
-        """The live inspect tree of the mesh (see ``ClientConnection.inspect``)."""
+        """The live inspect tree of the mesh (see ``Attachment.inspect``)."""
         return await self._control.inspect(path, depth, timeout, sensitive)
 
     def __repr__(self) -> str:
         return f"<Mesh name={self.name!r} node={self._node.id if self._node else None}>"
+
+
+# ------------------------------------------------------------------ attaching
+
+
+@contextlib.asynccontextmanager
+async def _attached(
+    invitation: Invitation, deadline: float | None, timeout: float | None
+) -> AsyncIterator[Attachment]:
+    """This process as the new node ``invitation`` admits, attached until the block ends."""
+    directory, secret, node_id = admitted_node(invitation)
+    try:
+        ctx = Mesh._joined(directory, secret, node_id)
+        mesh = await ctx.__aenter__()
+        mesh._control.joining()  # its session waits until we have joined
+    except (OSError, MeshError) as exc:
+        if isinstance(exc, JoinError):
+            raise
+        raise JoinError(f"cannot join the mesh in {directory}: {exc}") from exc
+    try:
+        port = await reach_inviter(mesh._node, invitation, deadline, timeout)
+        mesh._control.joined()
+        conn = Attachment(port, mesh)
+    except BaseException:
+        await ctx.__aexit__(None, None, None)
+        raise
+    try:
+        yield conn
+    finally:
+        conn.port.close()
+        await ctx.__aexit__(None, None, None)
+
+
+@contextlib.asynccontextmanager
+async def join(invitation: Invitation, *, timeout: float | None = JOIN_TIMEOUT) -> AsyncIterator[Attachment]:
+    """Join the mesh an invitation is for, as a new node of this process.
+
+    Raises ``JoinTimeout`` if the inviting node does not answer within
+    ``timeout`` seconds (default ``JOIN_TIMEOUT``, 10 s; ``None``: no bound
+    but the handshake's own), ``AuthenticationError`` if the inviting node
+    rejects the secret, ``InvitationExpired`` if the invitation was used or
+    expired, and ``JoinError`` for any other failure while joining."""
+    async with _attached(invitation, deadline_after(timeout), timeout) as conn:
+        yield conn
+
+
+@contextlib.asynccontextmanager
+async def connect(
+    name_or_path: str | os.PathLike[str],
+    *,
+    runtime_dir: str | os.PathLike[str] | None = None,
+    expected_uid: int | None = None,
+    timeout: float | None = JOIN_TIMEOUT,
+) -> AsyncIterator[Attachment]:
+    """Attach this process to a running mesh by name or listener path.
+
+    ``timeout`` bounds everything up to the attached connection (reaching
+    the listener, its invitation, the handshake); default ``JOIN_TIMEOUT``
+    (10 s), ``None`` for no bound. Raises ``JoinTimeout`` (the mesh did not
+    answer in time), ``ConnectError`` (no such path, refused, permission
+    denied, an unusable runtime folder; for a name, the reason says whether
+    no such mesh runs, it is not listening, or it is stale), ``InvitationReadError``, ``InvitationTooLarge``,
+    ``InvitationDecodeError``, ``AuthenticationError`` (listener of an
+    unexpected uid, or secret rejected) or ``JoinError``."""
+    invitation, deadline = await take_invitation(name_or_path, runtime_dir, expected_uid, timeout)
+    async with _attached(invitation, deadline, timeout) as conn:
+        yield conn
