@@ -427,3 +427,12 @@ def test_check_private_dir_refuses_a_shared_folder(rd: Path) -> None:
     os.chmod(shared, 0o750)
     with pytest.raises(MeshError, match="0700"):
         check_private_dir(shared)
+
+
+async def test_name_is_live_without_proc_locks(rd: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where ``/proc/locks`` cannot be read, liveness is told by trying a shared lock."""
+    monkeypatch.setattr(_names, "lock_is_held", lambda path: None)
+    lock_path(rd, "gone").touch(mode=0o600)
+    assert not _names.name_is_live(rd, "gone")
+    async with Mesh(name="here", runtime_dir=rd):
+        assert _names.name_is_live(rd, "here")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import fcntl
 import os
 import sys
 
@@ -15,9 +14,8 @@ from ._demo import service
 from ._errors import MeshError
 from ._names import (
     LISTENER_NAME,
-    lock_is_held,
-    lock_path,
     mesh_directory,
+    name_is_live,
     named_meshes,
     prune_stale,
     runtime_location,
@@ -31,20 +29,7 @@ def _ls(runtime_dir: str | None, prune: bool = False) -> int:
             print(f"{name}\tpruned")
     found = False
     for name in named_meshes(root):
-        lock = lock_path(root, name)
-        # read from /proc/locks: trying the lock could make a mesh starting
-        # at this moment believe its name is taken
-        held = lock_is_held(lock)
-        if held is None:
-            fd = os.open(lock, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-                held = False
-            except BlockingIOError:
-                held = True
-            finally:
-                os.close(fd)
-        state = "live" if held else "stale"
+        state = "live" if name_is_live(root, name) else "stale"
         directory = mesh_directory(root, name)
         if state == "stale" and not os.path.lexists(directory):
             continue  # a lock file between a clean exit and its removal

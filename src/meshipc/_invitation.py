@@ -34,6 +34,9 @@ if TYPE_CHECKING:
 MAX_INVITATION: Final = 64 * 1024
 #: Seconds an invitation stays valid by default.
 INVITATION_TTL: Final = 10.0
+#: Default seconds ``invite_blocking`` waits for the mesh's loop to make the
+#: invitation (it takes microseconds on a loop that is not blocked).
+INVITE_BLOCKING_TIMEOUT: Final = 10.0
 #: The length prefix of an invitation on the listener socket.
 FRAME: Final = struct.Struct("<I")
 #: Format version inside every invitation; a reader refuses any other.
@@ -168,7 +171,9 @@ class Inviter:
     async def _async_invite(self, port: Port, ttl: float | None) -> Invitation:
         return self.invite_now(port, ttl)
 
-    def invite_blocking(self, port: Port, *, ttl: float | None = None, timeout: float = 10.0) -> Invitation:
+    def invite_blocking(
+        self, port: Port, *, ttl: float | None = None, timeout: float = INVITE_BLOCKING_TIMEOUT
+    ) -> Invitation:
         """``invite`` for plain threads (not the mesh's loop thread)."""
         try:
             running = asyncio.get_running_loop()

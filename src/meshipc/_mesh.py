@@ -3,7 +3,10 @@ pieces together around it: its directory and name, its workers, its
 listener and invitations, its control plane, and ``connect``/``join``
 (attaching this process to a running mesh as a new ``Mesh``).
 
-Every other module sits below this one: none imports it at run time.
+Every library module sits below this one and none imports it at run time
+(``TYPE_CHECKING`` only, for annotations); only what is built on top of it
+imports it: the package itself, ``sync``, the worker entry point
+``_child`` and the command line (``_ctlcli``).
 """
 
 from __future__ import annotations

@@ -280,6 +280,25 @@ def lock_is_held(path: Path) -> bool | None:
     return False
 
 
+def name_is_live(root: Path, name: str) -> bool:
+    """Whether a live mesh holds the name ``name``: read from ``/proc/locks``
+    (``lock_is_held``), because trying the lock could make a mesh starting at
+    this moment believe its name is taken; where that cannot be read, by
+    trying a shared lock."""
+    lock = lock_path(root, name)
+    held = lock_is_held(lock)
+    if held is not None:
+        return held
+    fd = os.open(lock, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
 def not_running_reason(root: Path, why: str, name: str) -> str:
     """Why nothing answers at the listener of mesh ``name``, for an error."""
     lock = lock_path(root, name)
