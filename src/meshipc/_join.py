@@ -124,6 +124,7 @@ async def read_invitation(path: Path, expected_uid: int | None = None) -> Invita
 
 
 def _connect_error(path: Path, exc: OSError) -> ConnectError:
+    """A failed connect to the listener at ``path``, with a reason a person can act on."""
     if exc.errno == errno.ENOENT:
         reason = "nothing there (no such socket)"
     elif exc.errno == errno.ECONNREFUSED:
