@@ -47,6 +47,7 @@ from ._ids import PortId
 from ._names import CONTROL_NAME
 from ._node import Acceptor, PeerCred, listen_private
 from ._platform import PLATFORM
+from ._ports import OWNED, PROXY, SENDING
 from ._tasks import TaskSet
 
 if TYPE_CHECKING:
@@ -1151,8 +1152,6 @@ class Control:
     def node_tree(self) -> dict[str, Any]:
         node = self.node
         mesh = self.mesh
-        from ._ports import OWNED, PROXY, SENDING
-
         conns: dict[str, Any] = {}
         for peer, c in list(node._conns.items()):
             queued = sum(len(x) for x in c._chunks) + sum(len(d) for d, _ in c._batches)
