@@ -40,8 +40,9 @@ MAX_OUTSTANDING: Final = 256
 
 
 class Admission:
-    """One client the listener admitted, as the server sees it: ``port`` (its peer is in the
-    client) and ``peer`` (pid, uid, gid of the client process, from the kernel)."""
+    """One client the listener admitted, as the server sees it: ``port``
+    (its peer is in the client) and ``peer`` (pid, uid, gid of the client
+    process, from the kernel)."""
 
     __slots__ = ("peer", "port")
 
@@ -56,7 +57,7 @@ class Admission:
 class Listener:
     """Hands one invitation to each client that connects to ``path``.
 
-    ``await accept()`` / ``async for conn in listener`` give a ``Admission``
+    ``await accept()`` / ``async for conn in listener`` give an ``Admission``
     per client. Only clients running as our own uid get an invitation (no
     other uid could use one); others are closed and logged."""
 
@@ -77,6 +78,7 @@ class Listener:
         self._outstanding: dict[bytes, None] = {}  # invited node ids, oldest first
 
     def start(self) -> None:
+        """Bind the socket (replacing a stale one of ours) and start accepting."""
         path = self.path
         if os.path.lexists(path):
             st = os.lstat(path)
