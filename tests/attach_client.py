@@ -64,7 +64,7 @@ async def serve(rx: meshipc.Receiver[Any]) -> None:
         call.reply({"served_by": os.getpid(), "request": call.request})
 
 
-async def session(conn: meshipc.ClientConnection) -> str:
+async def session(conn: meshipc.Attachment) -> str:
     """Obey commands ``{"op": ...}`` from the server until told to leave.
 
     Replies go back on ``conn.port``. Returns why the loop ended."""

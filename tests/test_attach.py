@@ -11,23 +11,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import json
 import logging
 import os
-import pickle
 import pwd
 import shutil
 import signal
 import socket
-import stat
-import struct
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,41 +32,32 @@ import pytest
 
 import meshipc
 from attach_client import read_all
+from attachutil import FIELD, assert_no_secret, reencode
 from meshipc import (
     AuthenticationError,
     ChannelClosed,
-    ConnectError,
     Fd,
     Invitation,
-    InvitationDecodeError,
     InvitationExpired,
-    InvitationReadError,
-    InvitationTooLarge,
     JoinError,
     JoinTimeout,
     Mesh,
-    MeshError,
     MeshNameInUse,
     Port,
     PortFailed,
     Sender,
 )
-from meshipc._invitation import JOIN_TIMEOUT, read_invitation
-from meshipc._node import node_path
-from meshipc._wire import _DESC
+from meshipc._join import read_invitation
+from meshipc._names import node_path
 
 CLIENT = Path(__file__).with_name("attach_client.py").resolve()
 SRC = Path(meshipc.__file__).resolve().parent.parent
 #: Bound on any single step (a process start, a reply, a failure to show).
 T = 10.0
-#: Index of each field in the array-like msgpack invitation (``_Wire``).
-F_VERSION, F_DIRECTORY, F_INVITER, F_NODE, F_PORT, F_SECRET, F_EXPIRES = range(7)
 #: TTL for invitations that a test leaves unused on purpose (they fail their
 #: kept port and are forgotten soon after the test is done with them).
 SHORT_TTL = 1.0
 OTHER_USER = "meshipc-test"
-_LEN = struct.Struct("<I")
-
 
 # ------------------------------------------------------------------ helpers
 
@@ -152,10 +139,10 @@ async def ask(port: Port, cmd: dict[str, Any]) -> Any:
     return await asyncio.wait_for(port.recv(), T)
 
 
-async def accept_from(listener: meshipc.Listener, pid: int) -> meshipc.Connection:
+async def accept_from(listener: meshipc.Listener, pid: int) -> meshipc.Admission:
     """The connection of process ``pid`` (others, e.g. silent sockets, skipped)."""
 
-    async def find() -> meshipc.Connection:
+    async def find() -> meshipc.Admission:
         async for conn in listener:
             if conn.peer.pid == pid:
                 return conn
@@ -186,24 +173,7 @@ def hook_refusals(node: Any) -> asyncio.Queue[None]:
     return q
 
 
-def reencode(inv: Invitation, **changes: Any) -> Invitation:
-    """``inv`` with some wire fields replaced (as a forger would)."""
-    fields = msgspec.msgpack.decode(bytes(inv))
-    for name, value in changes.items():
-        fields[globals()[f"F_{name.upper()}"]] = value
-    return Invitation.from_bytes(msgspec.msgpack.encode(fields))
-
-
-def secret_needles(secret: bytes) -> list[str]:
-    return [secret.hex(), secret.hex().upper(), repr(secret), str(secret)]
-
-
-def assert_no_secret(text: str, secret: bytes, what: str) -> None:
-    for needle in secret_needles(secret):
-        assert needle not in text, f"the mesh secret appears in {what}: {text!r}"
-
-
-async def exercise(conn: meshipc.Connection, pid: int) -> Sender[Any]:
+async def exercise(conn: meshipc.Admission, pid: int) -> Sender[Any]:
     """RPC both ways, a Port and an Fd each way, with the client ``pid``.
 
     Returns the Sender whose calls the client serves (still open)."""
@@ -312,7 +282,7 @@ async def test_hundred_concurrent_clients(rd: Path) -> None:
         listener = await mesh.listen()
         tx, rx = meshipc.channel()
         seen: set[tuple[int, int]] = set()
-        conns: list[meshipc.Connection] = []
+        conns: list[meshipc.Admission] = []
 
         async def serve() -> None:
             while True:
@@ -352,175 +322,6 @@ async def test_hundred_concurrent_clients(rd: Path) -> None:
         for pid, n in by_pid.items():
             assert sum(1 for conn in conns if conn.peer.pid == pid) == n
         assert mesh._node.attached == sum(sizes)
-
-
-# ----------------------------------------------- join errors, from fake peers
-
-
-@contextlib.asynccontextmanager
-async def fake_listener(
-    path: Path, handler: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
-) -> AsyncIterator[None]:
-    server = await asyncio.start_unix_server(handler, path=os.fspath(path))
-    try:
-        yield
-    finally:
-        server.close()
-        await server.wait_closed()
-
-
-def sends(data: bytes, *, then_close: bool) -> Any:
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            writer.write(data)
-            await writer.drain()
-            if not then_close:
-                await reader.read()  # until the client hangs up
-        except OSError:
-            pass
-        finally:
-            writer.close()
-
-    return handler
-
-
-async def expect_join_error(path: Path, cls: type[JoinError], **kw: Any) -> JoinError:
-    with pytest.raises(cls) as ei:
-        async with meshipc.connect(path, **kw):
-            pass
-    exc = ei.value
-    assert isinstance(exc, JoinError)
-    assert isinstance(exc, MeshError)
-    assert os.fspath(path) in str(exc), f"{type(exc).__name__} does not name the path: {exc}"
-    return exc
-
-
-async def test_invitation_too_large(rd: Path) -> None:
-    path = rd / "big.sock"
-    async with fake_listener(path, sends(_LEN.pack(1 << 20), then_close=False)):
-        exc = await asyncio.wait_for(expect_join_error(path, InvitationTooLarge), T)
-    assert isinstance(exc, InvitationTooLarge)
-    assert exc.length == 1 << 20
-    assert exc.limit < exc.length
-    assert exc.path == os.fspath(path)
-
-
-@pytest.mark.parametrize(
-    "data",
-    [b"", b"\x01\x00", _LEN.pack(300) + b"x" * 10],
-    ids=["nothing", "two-bytes", "short-body"],
-)
-async def test_invitation_read_error(rd: Path, data: bytes) -> None:
-    path = rd / "short.sock"
-    async with fake_listener(path, sends(data, then_close=True)):
-        exc = await asyncio.wait_for(expect_join_error(path, InvitationReadError), T)
-    assert isinstance(exc, InvitationReadError)
-    assert not isinstance(exc, ConnectError)
-    assert exc.path == os.fspath(path)
-
-
-def _valid_fields() -> list[Any]:
-    return [1, "/tmp/x", os.urandom(16), os.urandom(16), bytes(_DESC.size), os.urandom(32), 0.0]
-
-
-def _wire(**changes: Any) -> bytes:
-    fields = _valid_fields()
-    for name, value in changes.items():
-        fields[globals()[f"F_{name.upper()}"]] = value
-    return msgspec.msgpack.encode(fields)
-
-
-@pytest.mark.parametrize(
-    "payload",
-    [
-        b"\xc1" * 16,
-        b"",
-        msgspec.msgpack.encode([1, 2, 3]),
-        msgspec.msgpack.encode({"version": 1}),
-        _wire(version=2),
-        _wire(secret=os.urandom(31)),
-        _wire(directory="relative/dir"),
-        _wire(directory="/nul\0byte"),
-        _wire()[:-1],
-    ],
-    ids=["garbage", "empty", "short-array", "map", "version", "secret-size", "relative", "nul", "truncated"],
-)
-async def test_invitation_decode_error(rd: Path, payload: bytes) -> None:
-    path = rd / "junk.sock"
-    async with fake_listener(path, sends(_LEN.pack(len(payload)) + payload, then_close=False)):
-        await asyncio.wait_for(expect_join_error(path, InvitationDecodeError), T)
-
-
-@pytest.mark.parametrize("expires", [float("nan"), float("inf"), float("-inf")])
-async def test_invitation_with_a_non_finite_expiry_is_refused(rd: Path, expires: float) -> None:
-    async with Mesh(runtime_dir=rd) as mesh:
-        mine, theirs = Port.pair()
-        inv = await mesh.inviter(ttl=SHORT_TTL).invite(theirs)
-        with pytest.raises(InvitationDecodeError, match="expiry is not a finite time"):
-            reencode(inv, expires=expires)
-        mine.close()
-
-
-async def test_connect_error(rd: Path) -> None:
-    missing = rd / "nothing-here.sock"
-    exc = await asyncio.wait_for(expect_join_error(missing, ConnectError), T)
-    assert isinstance(exc, ConnectError)
-    assert exc.path == os.fspath(missing)
-
-    not_a_socket = rd / "file.sock"
-    not_a_socket.write_bytes(b"")
-    await asyncio.wait_for(expect_join_error(not_a_socket, ConnectError), T)
-
-    stale = rd / "stale.sock"  # bound, then its owner went away
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.bind(os.fspath(stale))
-    s.close()
-    await asyncio.wait_for(expect_join_error(stale, ConnectError), T)
-
-    # by name: the path derived from the name is the one reported
-    with pytest.raises(ConnectError) as ei:
-        async with meshipc.connect("no-such-mesh", runtime_dir=rd):
-            pass
-    assert os.fspath(rd / "mesh-no-such-mesh") in str(ei.value)
-
-
-async def test_listener_of_unexpected_uid_is_not_trusted(rd: Path) -> None:
-    async with Mesh(runtime_dir=rd) as mesh:
-        listener = await mesh.listen(invitation_ttl=SHORT_TTL)
-        other = 65534 if os.getuid() != 65534 else 65533
-        exc = await asyncio.wait_for(
-            expect_join_error(listener.path, AuthenticationError, expected_uid=other), T
-        )
-        assert str(other) in str(exc)
-        assert_no_secret(str(exc), mesh._node._secret.reveal(), "AuthenticationError")
-        # and the expected uid, given explicitly, is accepted
-        async with meshipc.connect(listener.path, expected_uid=os.getuid()) as cc:
-            conn = await asyncio.wait_for(listener.accept(), T)
-            conn.port.send("hello")
-            assert await asyncio.wait_for(cc.port.recv(), T) == "hello"
-
-
-async def test_forged_invitation_to_missing_node_is_join_error(rd: Path) -> None:
-    """A listener of our uid hands out a well-formed invitation for a mesh
-    directory that holds no inviting node: a plain ``JoinError``."""
-    directory = rd / "mesh-empty"
-    directory.mkdir(mode=0o700)
-    forged_secret = os.urandom(32)
-    payload = _wire(directory=os.fspath(directory), secret=forged_secret, expires=time.time() + 60)
-    path = rd / "forger.sock"
-    async with fake_listener(path, sends(_LEN.pack(len(payload)) + payload, then_close=False)):
-        with pytest.raises(JoinError) as ei:
-            await asyncio.wait_for(_connect_and_leave(path), T)
-    exc = ei.value
-    assert type(exc) is JoinError, repr(exc)
-    assert os.fspath(directory) in str(exc)
-    assert_no_secret(str(exc), forged_secret, "JoinError")
-    assert list(directory.iterdir()) == []  # the joining node cleaned up its socket
-
-
-async def _connect_and_leave(path: Path, **kw: Any) -> None:
-    async with meshipc.connect(path, **kw):
-        pass
 
 
 # -------------------------------------------------------- silent and stalling
@@ -584,9 +385,7 @@ async def test_connect_and_join_to_a_stopped_service_time_out(rd: Path) -> None:
                     pass  # pragma: no cover
             exc = ei.value
             assert isinstance(exc, JoinError) and isinstance(exc, TimeoutError)
-            assert str(exc) == (
-                f"the mesh at {listener} did not answer in time (timed out after 0.5 s)"
-            )
+            assert str(exc) == (f"the mesh at {listener} did not answer in time (timed out after 0.5 s)")
             assert (exc.path, exc.timeout) == (os.fspath(listener), 0.5)
 
             with pytest.raises(JoinTimeout) as ei:
@@ -601,56 +400,7 @@ async def test_connect_and_join_to_a_stopped_service_time_out(rd: Path) -> None:
             assert conn.mesh.directory == Path(ev["directory"])
 
 
-async def test_listener_that_never_answers_times_out(rd: Path) -> None:
-    path = rd / "mute.sock"
-    hung_up = asyncio.Event()
-
-    async def mute(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.read()  # accept, say nothing, until the client hangs up
-        hung_up.set()
-        writer.close()
-
-    async with fake_listener(path, mute):
-        with pytest.raises(JoinTimeout) as ei:
-            await asyncio.wait_for(_connect_and_leave(path, timeout=0.2), T)
-        assert str(ei.value) == f"the mesh at {path} did not answer in time (timed out after 0.2 s)"
-        await asyncio.wait_for(hung_up.wait(), T)  # the client closed its socket
-
-
-def test_join_timeout_default_and_validation() -> None:
-    for f in (meshipc.connect, meshipc.join):
-        assert inspect.signature(f).parameters["timeout"].default == JOIN_TIMEOUT == 10.0
-    exc = JoinTimeout("/p", 2.5)
-    assert pickle.loads(pickle.dumps(exc)).args == exc.args
-
-
-@pytest.mark.parametrize("bad", [0, -1.0, float("nan")])
-async def test_join_timeout_must_be_positive(rd: Path, bad: float) -> None:
-    with pytest.raises(ValueError, match="timeout"):
-        async with meshipc.connect(rd / "x.sock", timeout=bad):
-            pass  # pragma: no cover
-
-
 # ------------------------------------------------------------------ names
-
-
-async def test_mesh_name_in_use_then_free(rd: Path) -> None:
-    async with Mesh(name="x", runtime_dir=rd) as first:
-        with pytest.raises(MeshNameInUse) as ei:
-            async with Mesh(name="x", runtime_dir=rd):
-                pass
-        assert isinstance(ei.value, MeshError)
-        assert "'x'" in str(ei.value)
-        # the refused attempt disturbed nothing
-        assert first.directory.is_dir()
-        listener = await first.listen()
-        async with meshipc.connect("x", runtime_dir=rd) as cc:
-            conn = await asyncio.wait_for(listener.accept(), T)
-            cc.port.send("still here")
-            assert await asyncio.wait_for(conn.port.recv(), T) == "still here"
-    assert not (rd / "mesh-x").exists()
-    async with Mesh(name="x", runtime_dir=rd) as again:
-        assert again.directory == rd / "mesh-x"
 
 
 async def test_mesh_name_held_by_another_process(rd: Path) -> None:
@@ -687,59 +437,6 @@ async def test_stale_directory_of_a_killed_mesh_is_replaced(rd: Path) -> None:
             assert await ask(conn.port, {"op": "whoami"}) == {"pid": c.pid, "uid": os.getuid()}
             conn.port.send({"op": "leave"})
             assert await c.exit_code() == 0, c.stderr.decode()
-
-
-@pytest.mark.parametrize("kind", ["other-owner", "mode-0755", "symlink", "regular-file"])
-async def test_directory_not_ours_is_refused_and_kept(rd: Path, kind: str) -> None:
-    d = rd / "mesh-z"
-    marker = None
-    if kind == "other-owner":
-        if os.getuid() != 0:
-            pytest.skip("chown to another uid needs root")
-        d.mkdir(mode=0o700)
-        marker = d / "marker"
-        marker.write_text("keep me")
-        os.chown(d, 65534, 65534)
-    elif kind == "mode-0755":
-        d.mkdir()
-        os.chmod(d, 0o755)
-        marker = d / "marker"
-        marker.write_text("keep me")
-    elif kind == "symlink":
-        target = rd / "elsewhere"
-        target.mkdir(mode=0o700)
-        marker = target / "marker"
-        marker.write_text("keep me")
-        d.symlink_to(target)
-    else:
-        d.write_text("keep me")
-
-    before = os.lstat(d)
-    with pytest.raises(MeshError) as ei:
-        async with Mesh(name="z", runtime_dir=rd):
-            pass
-    assert not isinstance(ei.value, MeshNameInUse)
-    assert os.fspath(d) in str(ei.value)
-    after = os.lstat(d)
-    assert (after.st_ino, after.st_mode, after.st_uid) == (before.st_ino, before.st_mode, before.st_uid)
-    if marker is not None:
-        assert marker.read_text() == "keep me"
-    # the refusal does not hold the name
-    with pytest.raises(MeshError) as again:
-        async with Mesh(name="z", runtime_dir=rd):
-            pass
-    assert not isinstance(again.value, MeshNameInUse)
-
-
-async def test_failed_start_does_not_hold_the_name(rd: Path) -> None:
-    """A named mesh whose node cannot start releases the name's lock."""
-    too_long = rd / ("d" * 80)  # the node socket path exceeds the AF_UNIX limit
-    for _ in range(2):
-        with pytest.raises(MeshError) as ei:
-            async with Mesh(name="n", runtime_dir=too_long):
-                pass
-        assert not isinstance(ei.value, MeshNameInUse), ei.value
-    assert not (too_long / "mesh-n").exists()
 
 
 async def test_close_with_unused_invitation_is_prompt(rd: Path) -> None:
@@ -829,15 +526,6 @@ def other_user() -> Iterator[dict[str, Any]]:
         shutil.rmtree(shared, ignore_errors=True)
 
 
-async def test_listen_has_no_option_to_invite_other_uids(rd: Path) -> None:
-    """Other users' processes could never join (the node sockets are ours
-    alone): the listener offers no way to hand them the secret."""
-    async with Mesh(runtime_dir=rd) as mesh:
-        with pytest.raises(TypeError):
-            await mesh.listen(allowed_uids={os.getuid() + 1})  # type: ignore[call-arg]
-        assert not (mesh.directory / "listen.sock").exists()
-
-
 @pytest.mark.stock_loop  # uvloop cannot start a process as another user
 async def test_client_of_another_uid_is_refused(rd: Path, other_user: dict[str, Any]) -> None:
     public = Path(tempfile.mkdtemp(prefix="mp", dir="/tmp"))
@@ -900,7 +588,7 @@ async def test_tampered_secret_is_rejected_by_the_node(rd: Path) -> None:
         secret = node._secret.reveal()
         mine, theirs = Port.pair()
         inv = await mesh.inviter().invite(theirs)
-        assert msgspec.msgpack.decode(bytes(inv))[F_SECRET] == secret
+        assert msgspec.msgpack.decode(bytes(inv))[FIELD["secret"]] == secret
         flipped = bytes([secret[0] ^ 0x01]) + secret[1:]
         bad = reencode(inv, secret=flipped)
 
@@ -985,76 +673,6 @@ async def test_unused_invitation_expires(rd: Path) -> None:
             async with meshipc.join(late):
                 pass
         assert mesh._node.attached == 0
-
-
-async def test_inviter_from_other_threads(rd: Path) -> None:
-    async with Mesh(runtime_dir=rd) as mesh:
-        inviter = mesh.inviter()
-        loop = asyncio.get_running_loop()
-
-        def plain_thread(port: Port, out: asyncio.Future[Invitation]) -> None:
-            try:
-                inv = inviter.invite_blocking(port)
-            except BaseException as exc:
-                loop.call_soon_threadsafe(out.set_exception, exc)
-            else:
-                loop.call_soon_threadsafe(out.set_result, inv)
-
-        def other_loop(port: Port, out: asyncio.Future[Invitation]) -> None:
-            try:
-                inv = asyncio.run(inviter.invite(port))
-            except BaseException as exc:
-                loop.call_soon_threadsafe(out.set_exception, exc)
-            else:
-                loop.call_soon_threadsafe(out.set_result, inv)
-
-        for target in (plain_thread, other_loop):
-            mine, theirs = Port.pair()
-            out: asyncio.Future[Invitation] = loop.create_future()
-            th = threading.Thread(target=target, args=(theirs, out), name=target.__name__)
-            th.start()
-            try:
-                inv = await asyncio.wait_for(out, T)
-            finally:
-                th.join(T)
-            assert isinstance(inv, Invitation)
-            async with client("join", stdin=bytes(inv).hex().encode() + b"\n") as c:
-                assert await c.event() == {"attached": c.pid}, target.__name__
-                assert await ask(mine, {"op": "whoami"}) == {"pid": c.pid, "uid": os.getuid()}
-                mine.send({"op": "leave"})
-                with pytest.raises(ChannelClosed):
-                    await asyncio.wait_for(mine.recv(), T)
-                assert await c.exit_code() == 0, c.stderr.decode()
-        assert mesh._node.attached == 2
-
-        # many threads at once: every invitation is for a distinct new node
-        invs: list[Invitation] = []
-        lock = threading.Lock()
-        ports = [Port.pair() for _ in range(20)]
-
-        def many(chunk: list[Port]) -> None:
-            for p in chunk:
-                inv = inviter.invite_blocking(p, ttl=SHORT_TTL)
-                with lock:
-                    invs.append(inv)
-
-        threads = [threading.Thread(target=many, args=([b for _, b in ports[i::4]],)) for i in range(4)]
-        for th in threads:
-            th.start()
-        await asyncio.wait_for(asyncio.to_thread(lambda: [th.join(T) for th in threads]), T + 1)
-        assert len(invs) == 20
-        assert len({bytes(i.node) for i in invs}) == 20
-
-
-async def test_invite_blocking_on_the_mesh_loop_is_refused(rd: Path) -> None:
-    """On the mesh's own loop it would deadlock until ``timeout``: refused at once."""
-    async with Mesh(runtime_dir=rd) as mesh:
-        _, theirs = Port.pair()
-        with pytest.raises(MeshError):
-            mesh.inviter().invite_blocking(theirs, timeout=0.5)
-
-
-# ------------------------------------------------------------ secret hygiene
 
 
 async def test_secret_never_appears(rd: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -1150,76 +768,60 @@ async def test_join_error_messages_carry_no_secret(rd: Path) -> None:
 # ---------------------------------------------------------------- listener
 
 
-async def test_listener_socket_mode_close_and_iteration(rd: Path) -> None:
+async def test_inviter_from_other_threads(rd: Path) -> None:
     async with Mesh(runtime_dir=rd) as mesh:
-        path = rd / "l.sock"
-        listener = await mesh.listen(path=path, invitation_ttl=SHORT_TTL)
-        default = await mesh.listen()
-        for p in (path, default.path):
-            st = os.lstat(p)
-            assert stat.S_ISSOCK(st.st_mode)
-            assert stat.S_IMODE(st.st_mode) == 0o600
-            assert st.st_uid == os.getuid()
+        inviter = mesh.inviter()
+        loop = asyncio.get_running_loop()
 
-        # a second listener on a live path is refused, and the first one kept
-        with pytest.raises(MeshNameInUse):
-            await mesh.listen(path=default.path)
-        assert stat.S_ISSOCK(os.lstat(default.path).st_mode)
-        # a path holding something else is refused and kept
-        other = rd / "other"
-        other.write_text("keep")
-        with pytest.raises(MeshError):
-            await mesh.listen(path=other)
-        assert other.read_text() == "keep"
+        def plain_thread(port: Port, out: asyncio.Future[Invitation]) -> None:
+            try:
+                inv = inviter.invite_blocking(port)
+            except BaseException as exc:
+                loop.call_soon_threadsafe(out.set_exception, exc)
+            else:
+                loop.call_soon_threadsafe(out.set_result, inv)
 
-        got: list[meshipc.Connection] = []
-        first = asyncio.Event()
+        def other_loop(port: Port, out: asyncio.Future[Invitation]) -> None:
+            try:
+                inv = asyncio.run(inviter.invite(port))
+            except BaseException as exc:
+                loop.call_soon_threadsafe(out.set_exception, exc)
+            else:
+                loop.call_soon_threadsafe(out.set_result, inv)
 
-        async def collect() -> None:
-            async for conn in listener:
-                got.append(conn)
-                first.set()
+        for target in (plain_thread, other_loop):
+            mine, theirs = Port.pair()
+            out: asyncio.Future[Invitation] = loop.create_future()
+            th = threading.Thread(target=target, args=(theirs, out), name=target.__name__)
+            th.start()
+            try:
+                inv = await asyncio.wait_for(out, T)
+            finally:
+                th.join(T)
+            assert isinstance(inv, Invitation)
+            async with client("join", stdin=bytes(inv).hex().encode() + b"\n") as c:
+                assert await c.event() == {"attached": c.pid}, target.__name__
+                assert await ask(mine, {"op": "whoami"}) == {"pid": c.pid, "uid": os.getuid()}
+                mine.send({"op": "leave"})
+                with pytest.raises(ChannelClosed):
+                    await asyncio.wait_for(mine.recv(), T)
+                assert await c.exit_code() == 0, c.stderr.decode()
+        assert mesh._node.attached == 2
 
-        it = asyncio.create_task(collect())
-        async with meshipc.connect(path) as cc:
-            await asyncio.wait_for(first.wait(), T)
-            assert got[0].peer.pid == os.getpid()
-            cc.port.send("x")
-            assert await asyncio.wait_for(got[0].port.recv(), T) == "x"
+        # many threads at once: every invitation is for a distinct new node
+        invs: list[Invitation] = []
+        lock = threading.Lock()
+        ports = [Port.pair() for _ in range(20)]
 
-        listener.close()
-        assert not os.path.lexists(path)
-        await asyncio.wait_for(it, T)  # `async for` ended
-        assert len(got) == 1
-        listener.close()  # idempotent
-        with pytest.raises(MeshError):
-            await asyncio.wait_for(listener.accept(), T)
-        with pytest.raises(ConnectError):
-            async with meshipc.connect(path):
-                pass
+        def many(chunk: list[Port]) -> None:
+            for p in chunk:
+                inv = inviter.invite_blocking(p, ttl=SHORT_TTL)
+                with lock:
+                    invs.append(inv)
 
-        # a stale socket of ours at the path is replaced by a new listener
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.bind(os.fspath(path))
-        s.close()
-        again = await mesh.listen(path=path)
-        assert stat.S_IMODE(os.lstat(path).st_mode) == 0o600
-        again.close()
-        assert not os.path.lexists(path)
-
-        default_path = default.path
-    # closing the mesh closes its listeners
-    assert not os.path.lexists(default_path)
-    assert not os.path.lexists(mesh.directory)
-
-
-async def test_listener_closed_while_accept_waits(rd: Path) -> None:
-    async with Mesh(runtime_dir=rd) as mesh:
-        listener = await mesh.listen()
-        waiting = asyncio.create_task(listener.accept())
-        iterating = asyncio.create_task(anext(aiter(listener), None))
-        await asyncio.sleep(0)  # one loop pass: both tasks now wait in the queue
-        listener.close()
-        with pytest.raises(MeshError):
-            await asyncio.wait_for(waiting, T)
-        assert await asyncio.wait_for(iterating, T) is None
+        threads = [threading.Thread(target=many, args=([b for _, b in ports[i::4]],)) for i in range(4)]
+        for th in threads:
+            th.start()
+        await asyncio.wait_for(asyncio.to_thread(lambda: [th.join(T) for th in threads]), T + 1)
+        assert len(invs) == 20
+        assert len({bytes(i.node) for i in invs}) == 20

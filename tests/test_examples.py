@@ -137,34 +137,3 @@ async def test_cli_version_and_ls(runtime_dir: str):
     assert (await cli("ls", "--runtime-dir", runtime_dir)).startswith("crashed\tstale")
     async with meshipc.Mesh(name="crashed", runtime_dir=runtime_dir):
         assert (await cli("ls", "--runtime-dir", runtime_dir)).startswith("crashed\tlive")
-
-
-def test_name_claim_retries_when_the_lock_file_is_replaced(runtime_dir: str, monkeypatch: pytest.MonkeyPatch):
-    """A clean exit removes the lock file while holding the lock: a claimant
-    that opened the old file and locks it just after must not believe it holds
-    the name (another claimant may hold the new file)."""
-    import fcntl
-
-    from meshipc import _invitation
-
-    root = Path(runtime_dir)
-    lock_path = root / "mesh-racy.lock"
-    real_flock = fcntl.flock
-    calls = []
-
-    def flock_after_swap(fd: int, op: int) -> None:
-        if not calls:  # the owner releases between our open() and our flock()
-            os.unlink(lock_path)
-            lock_path.touch(mode=0o600)
-        calls.append(fd)
-        real_flock(fd, op)
-
-    monkeypatch.setattr(_invitation.fcntl, "flock", flock_after_swap)
-    directory, fd = _invitation.claim_name(root, "racy")
-    try:
-        assert len(calls) == 2  # the stale inode was dropped and the new file taken
-        assert os.fstat(fd).st_ino == os.stat(lock_path).st_ino
-        assert directory == root / "mesh-racy"
-    finally:
-        _invitation.release_name(root, "racy", fd)
-    assert not lock_path.exists()

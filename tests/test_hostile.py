@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 
 import meshipc
-import meshipc._invitation
+import meshipc._listener
 import meshipc._node
 import meshipc._sockets
 from meshipc import Mesh
@@ -44,7 +44,7 @@ from meshipc._handshake import (
     parse_challenge,
     parse_verdict,
 )
-from meshipc._invitation import read_invitation
+from meshipc._join import read_invitation
 from meshipc._sockets import recv_exact as recv_exact_on
 from meshipc._wire import PROTOCOL_VERSION, CloseEvent, MsgEvent, encode_event
 from relutil import wait_until
@@ -88,7 +88,7 @@ async def event(proc: asyncio.subprocess.Process) -> dict[str, Any]:
 async def serve_one_client(listener: meshipc.Listener, target: str) -> None:
     """A real client process attaches, answers a call and leaves."""
     async with real_client(target) as c:
-        async def find() -> meshipc.Connection:
+        async def find() -> meshipc.Admission:
             async for conn in listener:
                 if conn.peer.pid == c.pid:
                     return conn
@@ -387,7 +387,7 @@ async def test_authenticated_peer_gone_bad_is_dropped_and_the_node_serves_on(
 async def test_clients_that_take_invitations_and_never_join_cannot_pile_them_up(
     rd: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(meshipc._invitation, "MAX_OUTSTANDING", 4)
+    monkeypatch.setattr(meshipc._listener, "MAX_OUTSTANDING", 4)
     async with Mesh(runtime_dir=rd) as mesh:
         listener = await mesh.listen(invitation_ttl=60)
         taken = [await asyncio.wait_for(read_invitation(listener.path), T) for _ in range(10)]

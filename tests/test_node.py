@@ -213,7 +213,8 @@ async def test_a_node_that_hangs_up_mid_handshake_is_retried_then_given_up(mesh_
     import socket
 
     from meshipc._ids import NodeId
-    from meshipc._node import MAX_EARLY_CLOSES, node_path
+    from meshipc._names import node_path
+    from meshipc._node import MAX_EARLY_CLOSES
 
     (a,) = nodes(mesh_dir, 1)
     ghost = NodeId.random()

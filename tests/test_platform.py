@@ -39,7 +39,7 @@ from meshipc import (
     _platform,
     _transport,
 )
-from meshipc._mesh import MAX_DIRECTORY_NAME, MAX_ROOT_FOR_ANY_NAME, mesh_directory
+from meshipc._names import MAX_DIRECTORY_NAME, MAX_ROOT_FOR_ANY_NAME, mesh_directory
 from meshipc._platform import (
     LOCAL_PEERCRED,
     LOCAL_PEERPID,
@@ -109,7 +109,7 @@ def test_import_works_with_every_linux_only_attribute_gone() -> None:
         sys.platform = "darwin"
         import meshipc, meshipc.sync
         from meshipc import _platform
-        from meshipc._mesh import mesh_directory
+        from meshipc._names import mesh_directory
         p = _platform.PLATFORM
         assert type(p) is _platform.MacOS, p
         assert p.recv_flags == 0 and p.oob == "file" and p.needs_parent_pipe

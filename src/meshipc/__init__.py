@@ -36,12 +36,18 @@ from ._errors import (
 )
 from ._fd import Fd
 from ._ids import NodeId, PortId
-from ._invitation import ClientConnection, Connection, Invitation, Inviter, Listener, connect, join
+from ._invitation import Invitation, Inviter
+from ._join import Attachment
+from ._listener import Admission, Listener
 from ._loop import run
-from ._mesh import Mesh, current_mesh
+from ._mesh import Mesh, connect, current_mesh, join
 from ._ports import Limits
 from ._process import Process
 from ._sockets import PeerCred
+
+#: Earlier names of ``Admission`` and ``Attachment``, kept for existing code.
+Connection = Admission
+ClientConnection = Attachment
 
 __version__ = "0.1.0"
 
@@ -52,6 +58,8 @@ __all__ = (
     "Listener",
     "Inviter",
     "Invitation",
+    "Admission",
+    "Attachment",
     "Connection",
     "ClientConnection",
     "AuthenticationError",

@@ -18,9 +18,12 @@ from typing import Any
 
 import msgspec
 
+from ._channel import Port
 from ._errors import ChannelClosed, MeshError, PortFailed
 from ._loop import run
+from ._mesh import Mesh
 from ._platform import PLATFORM
+from ._ports import Limits
 from ._process import ENV_INVITATION, ChildInvitation, apply_receiver_types
 
 log = logging.getLogger("meshipc")
@@ -88,10 +91,6 @@ def _arg_type(func: Any) -> Any:
 
 
 async def _run(inv: ChildInvitation) -> int:
-    from ._channel import Port
-    from ._mesh import Mesh
-    from ._ports import Limits
-
     sock = socket.socket(fileno=inv.fd)
     secret = _read_secret(sock)
     limits = Limits(*inv.limits) if inv.limits is not None else None

@@ -4,44 +4,36 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import fcntl
 import os
 import sys
 
 from . import __version__
+from ._ctlcli import COMMANDS, add_commands
+from ._ctlcli import run as run_control
+from ._demo import service
+from ._errors import MeshError
+from ._names import (
+    LISTENER_NAME,
+    mesh_directory,
+    name_is_live,
+    named_meshes,
+    prune_stale,
+    runtime_location,
+)
 
 
 def _ls(runtime_dir: str | None, prune: bool = False) -> int:
-    from ._mesh import mesh_directory, runtime_location
-
     root, why = runtime_location(runtime_dir)
-    from ._invitation import lock_is_held, prune_stale
-
     if prune:
         for name in prune_stale(root):
             print(f"{name}\tpruned")
     found = False
-    for entry in sorted(os.listdir(root)):
-        if not (entry.startswith("mesh-") and entry.endswith(".lock")):
-            continue
-        name = entry[len("mesh-") : -len(".lock")]
-        # read from /proc/locks: trying the lock could make a mesh starting
-        # at this moment believe its name is taken
-        held = lock_is_held(root / entry)
-        if held is None:
-            fd = os.open(root / entry, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-                held = False
-            except BlockingIOError:
-                held = True
-            finally:
-                os.close(fd)
-        state = "live" if held else "stale"
+    for name in named_meshes(root):
+        state = "live" if name_is_live(root, name) else "stale"
         directory = mesh_directory(root, name)
         if state == "stale" and not os.path.lexists(directory):
             continue  # a lock file between a clean exit and its removal
-        listener = directory / "listen.sock"
+        listener = directory / LISTENER_NAME
         extra = f"  listener {listener}" if state == "live" and listener.exists() else ""
         print(f"{name}\t{state}{extra}")
         found = True
@@ -62,20 +54,14 @@ def main(argv: list[str] | None = None) -> int:
     ls = sub.add_parser("ls", help="list this user's named meshes")
     ls.add_argument("--runtime-dir")
     ls.add_argument("--prune", action="store_true", help="remove what dead named meshes left behind")
-    from ._ctlcli import COMMANDS, add_commands
-    from ._ctlcli import run as run_control
 
     add_commands(sub)  # status, inspect, call
     args = p.parse_args(argv)
     if args.cmd in COMMANDS:
         return run_control(args)
     if args.cmd == "demo":
-        from ._demo import service
-
         return asyncio.run(service(args.hold))
     if args.cmd == "ls":
-        from ._errors import MeshError
-
         try:
             return _ls(args.runtime_dir, args.prune)
         except MeshError as exc:

@@ -44,15 +44,17 @@ import msgspec
 from ._channel import Call, Port, Receiver, Sender, channel
 from ._errors import ChannelClosed, MeshError, MessageError, NodeFailure, PortFailed, RemoteError
 from ._ids import PortId
+from ._names import CONTROL_NAME
 from ._platform import PLATFORM
+from ._ports import OWNED, PROXY, SENDING
 from ._sockets import Acceptor, PeerCred, listen_private, recv_exact
+from ._tasks import TaskSet
 
 if TYPE_CHECKING:
     from ._mesh import Mesh
 
 log = logging.getLogger("meshipc")
 
-CONTROL_NAME: Final = "control.sock"
 #: Seconds a node gets to finish the control socket exchange and say hello.
 SESSION_TIMEOUT: Final = 10.0
 #: Services of dead nodes remembered (to answer NodeFailure, not "unknown").
@@ -325,7 +327,7 @@ class Service:
         self._registered: asyncio.Future[None] = loop.create_future()
         self._registered.add_done_callback(_consume)
         self._done: asyncio.Future[None] = loop.create_future()
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks = TaskSet(loop)
         self._active: dict[int, float] = {}
         self.calls = 0
         self.errors = 0
@@ -344,8 +346,7 @@ class Service:
             return
         self.closed = True
         self._pump.cancel()
-        for t in list(self._tasks):
-            t.cancel()
+        self._tasks.cancel_all()
         self._rx.close()
         self._tx.close()
         if self._target is not None:
@@ -394,9 +395,7 @@ class Service:
                     with contextlib.suppress(ChannelClosed):
                         sc.fail(exc)
                 continue
-            t = asyncio.get_running_loop().create_task(self._handle(sc))
-            self._tasks.add(t)
-            t.add_done_callback(self._tasks.discard)
+            self._tasks.spawn(self._handle(sc))
 
     async def _handle(self, call: ServiceCall) -> None:
         key = id(call)
@@ -514,12 +513,12 @@ class Control:
         self._t0 = time.monotonic()
         self.closed = False
         self.role = "service" if root else "worker"
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks = TaskSet(self.loop)
         self._services: dict[str, Service] = {}
         self._app: dict[str, tuple[Callable[[], Any], bool, Callable[[Any], Any] | None]] = {}
         # the node's own control server (inspect requests from the root)
         self._ctl_tx, self._ctl_rx = channel(NodeMsg)
-        self._spawn(self._serve_node())
+        self._tasks.spawn(self._serve_node())
         # root: registry and sessions; others: the session
         self._registry: Sender[Any] | None = None
         self._ready: asyncio.Future[None] = self.loop.create_future()
@@ -535,11 +534,11 @@ class Control:
         if root:
             self._reg_tx, self._reg_rx = channel(RegistryMsg)
             self._registry = self._reg_tx
-            self._spawn(self._serve_registry())
+            self._tasks.spawn(self._serve_registry())
             self.path = self.node.directory / CONTROL_NAME
             self._lsock = listen_private(self.path, "control socket")
             self._acceptor = Acceptor(
-                self.loop, self._lsock, lambda s: self._spawn(self._accept(s)), f"control {self.path}"
+                self.loop, self._lsock, lambda s: self._tasks.spawn(self._accept(s)), f"control {self.path}"
             )
             self._acceptor.start()
             self._ready.set_result(None)
@@ -557,13 +556,7 @@ class Control:
             self._session_timer.cancel()
             self._session_timer = None
         if self._session_task is None and not self.closed:
-            self._session_task = self._spawn(self._session())
-
-    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
-        t = self.loop.create_task(coro)
-        self._tasks.add(t)
-        t.add_done_callback(self._tasks.discard)
-        return t
+            self._session_task = self._tasks.spawn(self._session())
 
     @property
     def uptime(self) -> float:
@@ -583,8 +576,7 @@ class Control:
             self._lsock = None
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path)
-        for t in list(self._tasks):
-            t.cancel()
+        self._tasks.cancel_all()
         for s in self._clients.values():
             s.port.close()
         self._clients.clear()
@@ -699,7 +691,7 @@ class Control:
             except (OSError, TimeoutError, MeshError) as exc:
                 log.info("control socket: a node left during its session setup: %s", exc)
                 return
-        session.task = self._spawn(self._run_session(peer, session))
+        session.task = self._tasks.spawn(self._run_session(peer, session))
 
     async def _run_session(self, peer: bytes, s: _Session) -> None:
         reason: str | None = None
@@ -743,7 +735,7 @@ class Control:
             if isinstance(msg, Call):
                 req = msg.request
                 if isinstance(req, (InspectMesh, UpdateMesh)):
-                    self._spawn(self._answer_inspect(msg, req))
+                    self._tasks.spawn(self._answer_inspect(msg, req))
                     continue
                 try:
                     msg.reply(self._registry_op(req))
@@ -862,7 +854,7 @@ class Control:
                 raise ServiceNameInUse(name, result["node"])
             svc._registered.set_result(None)
         else:
-            self._spawn(self._register(svc, reg))
+            self._tasks.spawn(self._register(svc, reg))
         self._services[name] = svc
         return svc
 
@@ -1127,7 +1119,7 @@ class Control:
     async def _serve_node(self) -> None:
         async for call in self._ctl_rx:
             if isinstance(call, Call):
-                self._spawn(self._answer_node(call))
+                self._tasks.spawn(self._answer_node(call))
 
     async def _answer_node(self, call: Call[Any]) -> None:
         req = call.request
@@ -1160,8 +1152,6 @@ class Control:
     def node_tree(self) -> dict[str, Any]:
         node = self.node
         mesh = self.mesh
-        from ._ports import OWNED, PROXY, SENDING
-
         conns: dict[str, Any] = {}
         for peer, c in list(node.links.items()):
             conns[peer.hex()] = {

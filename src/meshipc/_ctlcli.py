@@ -17,9 +17,15 @@ import sys
 import time
 from typing import Any
 
+from ._control import ServiceNotFound
 from ._errors import ConnectError, JoinError, MeshError, NodeFailure, RemoteError
+from ._mesh import connect
+from ._names import mesh_directory, runtime_root
 
+#: Default seconds each node gets to answer ``status`` and ``inspect``.
 DEFAULT_TIMEOUT = 1.0
+#: Default seconds ``call`` waits for the service's reply.
+CALL_TIMEOUT = 10.0
 #: Seconds to attach to the mesh before giving up (at least the -t timeout).
 ATTACH_TIMEOUT = 2.0
 
@@ -34,49 +40,41 @@ class CliError(Exception):
 
 def add_commands(sub: Any) -> None:
     """Add the control-plane subcommands to the ``meshipc`` parser."""
-    common = argparse.ArgumentParser(add_help=False)
+    common = argparse.ArgumentParser(add_help=False)  # every command
     common.add_argument(
         "--runtime-dir", metavar="DIR", help="runtime folder holding the meshes (default: as Mesh)"
     )
     common.add_argument("--debug", action="store_true", help="show tracebacks on errors")
-
-    st = sub.add_parser(
-        "status",
-        parents=[common],
-        help="one screen about a running mesh: pid, uptime, nodes, workers, services, clients",
-        description="Attach to the mesh NAME and summarize it.",
-    )
-    st.add_argument("name", metavar="NAME", help="name of a running mesh (see `meshipc ls`)")
-    st.add_argument(
+    common.add_argument("name", metavar="NAME", help="name of a running mesh (see `meshipc ls`)")
+    asks_nodes = argparse.ArgumentParser(add_help=False)  # status and inspect
+    asks_nodes.add_argument(
         "-t",
         "--timeout",
         type=float,
         default=DEFAULT_TIMEOUT,
         metavar="S",
         help="seconds each node gets to answer (default: %(default)s)",
+    )
+
+    st = sub.add_parser(
+        "status",
+        parents=[common, asks_nodes],
+        help="one screen about a running mesh: pid, uptime, nodes, workers, services, clients",
+        description="Attach to the mesh NAME and summarize it.",
     )
     st.add_argument("-j", "--json", action="store_true", help="print the summary as JSON")
 
     ins = sub.add_parser(
         "inspect",
-        parents=[common],
+        parents=[common, asks_nodes],
         help="show the live inspect tree of a running mesh",
         description="Attach to the mesh NAME and print its inspect tree (or the part at PATH, "
         "e.g. nodes/<id prefix>/connections). Counters are marked; with -p they show as rates.",
     )
-    ins.add_argument("name", metavar="NAME", help="name of a running mesh (see `meshipc ls`)")
     ins.add_argument("path", metavar="PATH", nargs="?", default="", help="part of the tree, '/'-separated")
     ins.add_argument("-r", "--recursive", action="store_true", help="the whole subtree (default: one level)")
     ins.add_argument("-l", "--limit", type=int, metavar="N", help="show N levels (implies -r up to N)")
     ins.add_argument("-j", "--json", action="store_true", help='print JSON (counters as {"$counter": n})')
-    ins.add_argument(
-        "-t",
-        "--timeout",
-        type=float,
-        default=DEFAULT_TIMEOUT,
-        metavar="S",
-        help="seconds each node gets to answer (default: %(default)s)",
-    )
     ins.add_argument("-s", "--sensitive", action="store_true", help="include entries marked sensitive")
     ins.add_argument("-p", "--poll", action="store_true", help="repeat, showing counters as rates per second")
     ins.add_argument(
@@ -96,7 +94,6 @@ def add_commands(sub: Any) -> None:
         help="call a service of a running mesh and print the reply as JSON",
         description="Attach to the mesh NAME, call SERVICE with the JSON request and print the reply.",
     )
-    ca.add_argument("name", metavar="NAME", help="name of a running mesh (see `meshipc ls`)")
     ca.add_argument("service", metavar="SERVICE", help="service name (see `meshipc status NAME`)")
     ca.add_argument(
         "request", metavar="JSON", nargs="?", default="null", help="the request as JSON (default: null)"
@@ -105,7 +102,7 @@ def add_commands(sub: Any) -> None:
         "-t",
         "--timeout",
         type=float,
-        default=10.0,
+        default=CALL_TIMEOUT,
         metavar="S",
         help="seconds to wait for the reply (default: %(default)s)",
     )
@@ -127,8 +124,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _run(args: argparse.Namespace) -> int:
-    from ._invitation import connect
-
     # attaching has its own bound: a stopped or hung mesh must not hang the command
     bound = max(ATTACH_TIMEOUT, args.timeout)
     try:
@@ -157,8 +152,6 @@ async def _run(args: argparse.Namespace) -> int:
 
 
 def _not_running(args: argparse.Namespace, exc: ConnectError) -> str:
-    from ._mesh import mesh_directory, runtime_root
-
     try:
         root = runtime_root(args.runtime_dir)
     except (OSError, MeshError):
@@ -178,8 +171,6 @@ def _not_running(args: argparse.Namespace, exc: ConnectError) -> str:
 
 
 async def _call(conn: Any, args: argparse.Namespace) -> int:
-    from ._control import ServiceNotFound
-
     try:
         request = json.loads(args.request)
     except json.JSONDecodeError as exc:

@@ -1,14 +1,21 @@
-"""``meshipc.Mesh``: a node of a mesh in this process, and its directory."""
+"""``meshipc.Mesh``: a node of a mesh in this process, and what puts the
+pieces together around it: its directory and name, its workers, its
+listener and invitations, its control plane, and ``connect``/``join``
+(attaching this process to a running mesh as a new ``Mesh``).
+
+Every library module sits below this one and none imports it at run time
+(``TYPE_CHECKING`` only, for annotations); only what is built on top of it
+imports it: the package itself, ``sync``, the worker entry point
+``_child`` and the command line (``_ctlcli``).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import contextvars
-import hashlib
 import logging
 import os
-import re
 import shutil
 import signal
 import threading
@@ -18,11 +25,31 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from ._channel import CODEC
-from ._errors import MeshError, SocketPathTooLong
+from ._control import Control, Service
+from ._errors import JoinError, MeshError
 from ._handshake import MeshSecret
 from ._ids import NodeId
-from ._node import Node, check_private_dir, node_path
-from ._platform import MAX_SOCKET_NAME, MAX_SOCKET_PATH, PLATFORM
+from ._invitation import INVITATION_TTL, Invitation, Inviter
+from ._join import (
+    JOIN_TIMEOUT,
+    Attachment,
+    admitted_node,
+    deadline_after,
+    reach_inviter,
+    take_invitation,
+)
+from ._listener import Listener
+from ._names import (
+    LISTENER_NAME,
+    NAME,
+    check_private_dir,
+    check_socket_room,
+    claim_name,
+    mesh_directory,
+    release_name,
+    runtime_root,
+)
+from ._node import Node
 from ._ports import DEFAULT_LIMITS, Limits
 from ._process import Process, spawn
 
@@ -30,12 +57,9 @@ if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
     from ._channel import Receiver, Sender
-    from ._control import Control, Service
-    from ._invitation import Inviter, Listener
 
 log = logging.getLogger("meshipc")
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 #: Seconds workers get to exit after the mesh closes their bootstrap port.
 CHILD_GRACE = 5.0
 
@@ -52,98 +76,6 @@ def current_mesh() -> Mesh:
     if mesh is None or mesh._closed:
         raise MeshError("no mesh is running in this task")
     return mesh
-
-
-#: Mesh names up to this long name their directory verbatim (``mesh-<name>``).
-VERBATIM_NAME = 40
-#: Longest mesh directory name: a longer mesh name is cut to 23 characters
-#: and followed by ``~`` and 16 hex digits of its SHA-256 (``~`` is not in
-#: a name, so no verbatim name can look like a cut one).
-MAX_DIRECTORY_NAME = len("mesh-") + VERBATIM_NAME
-#: Longest runtime root with room for every mesh name: ``<root>/<mesh
-#: directory>/<socket>`` stays within ``MAX_SOCKET_PATH`` (41 bytes; the
-#: default roots, ``/run/user/<uid>`` and ``/tmp/meshipc-<uid>``, are at
-#: most 23).
-MAX_ROOT_FOR_ANY_NAME = MAX_SOCKET_PATH - (1 + MAX_DIRECTORY_NAME + 1 + MAX_SOCKET_NAME)
-_HOW_ELSEWHERE = "set XDG_RUNTIME_DIR to a private folder of yours (mode 0700) or pass runtime_dir="
-
-
-def runtime_location(runtime_dir: str | os.PathLike[str] | None = None) -> tuple[Path, str]:
-    """The folder holding this user's mesh directories, and why that one.
-
-    ``runtime_dir`` if given (created 0700 if missing), else
-    ``$XDG_RUNTIME_DIR`` if set, else ``<base>/meshipc-<uid>`` (created
-    0700; ``Platform.default_runtime_root``: the interpreter's temporary
-    folder on Linux, ``/tmp`` elsewhere, where ``$TMPDIR`` is too long).
-    The folder must be a real directory owned by us with mode 0700; one that
-    is not is refused with ``MeshError`` saying which folder and why, never
-    silently replaced by another (a service and its clients must look in the
-    same place)."""
-    if runtime_dir is not None:
-        root = Path(runtime_dir)
-        if not os.path.lexists(root):
-            root.mkdir(mode=0o700, parents=True)
-        check_private_dir(root)  # lstat: a symlink, dangling or not, is refused
-        return root, "given as runtime_dir"
-    xdg = os.environ.get("XDG_RUNTIME_DIR")
-    if xdg:
-        root = Path(xdg)
-        try:
-            if not root.is_absolute():
-                raise MeshError("it is not an absolute path")
-            check_private_dir(root)
-        except FileNotFoundError:
-            raise MeshError(
-                f"XDG_RUNTIME_DIR={xdg} does not exist; {_HOW_ELSEWHERE}, or unset XDG_RUNTIME_DIR"
-            ) from None
-        except MeshError as exc:
-            raise MeshError(
-                f"XDG_RUNTIME_DIR={xdg} cannot hold meshes: {exc}; {_HOW_ELSEWHERE}, or unset XDG_RUNTIME_DIR"
-            ) from None
-        return root, "from XDG_RUNTIME_DIR"
-    root = PLATFORM.default_runtime_root()
-    try:
-        root.mkdir(mode=0o700)
-    except FileExistsError:
-        pass
-    try:
-        check_private_dir(root)
-    except MeshError as exc:
-        raise MeshError(
-            f"{exc}; someone else may have made it to block or watch your meshes: {_HOW_ELSEWHERE}"
-        ) from None
-    return root, "XDG_RUNTIME_DIR is not set"
-
-
-def runtime_root(runtime_dir: str | os.PathLike[str] | None = None) -> Path:
-    """The folder holding this user's mesh directories (see ``runtime_location``)."""
-    return runtime_location(runtime_dir)[0]
-
-
-def mesh_directory(root: Path, name: str) -> Path:
-    """The directory of mesh ``name``: its name is at most
-    ``MAX_DIRECTORY_NAME`` bytes whatever the mesh name's length."""
-    if len(name) <= VERBATIM_NAME:
-        return root / f"mesh-{name}"
-    digest = hashlib.sha256(name.encode()).hexdigest()[:16]
-    return root / f"mesh-{name[:23]}~{digest}"
-
-
-def check_socket_room(directory: Path) -> None:
-    """Refuse (``SocketPathTooLong``) a mesh directory whose sockets' paths
-    would exceed ``MAX_SOCKET_PATH``; checked before anything is created.
-    Every socket of a mesh is ``<directory>/<name>`` with a name of at most
-    ``MAX_SOCKET_NAME`` bytes (node sockets, the listener, the control
-    socket), so this one check bounds them all."""
-    from ._control import CONTROL_NAME
-    from ._invitation import LISTENER_NAME
-
-    names = (node_path(directory, bytes(16)).name, LISTENER_NAME, CONTROL_NAME)
-    assert max(len(n) for n in names) <= MAX_SOCKET_NAME
-    longest = directory / max(names, key=len)
-    n = len(os.fsencode(longest))
-    if n > MAX_SOCKET_PATH:
-        raise SocketPathTooLong(os.fspath(longest), n, MAX_SOCKET_PATH)
 
 
 class _Sigterm:
@@ -226,7 +158,7 @@ class Mesh:
         runtime_dir: str | os.PathLike[str] | None = None,
         limits: Limits | None = None,
     ) -> None:
-        if name is not None and not _NAME.match(name):
+        if name is not None and not NAME.match(name):
             raise ValueError(f"mesh names are 1-64 letters, digits, '.', '_' or '-', got {name!r}")
         self.name = name
         #: flow-control bounds of this node's ports (spawned workers inherit them)
@@ -244,8 +176,6 @@ class Mesh:
         self._outer: Mesh | None = None
 
     def _start_control(self, root: bool) -> None:
-        from ._control import Control
-
         self._control = Control(self, root)
         self._extras.append(self._control)
         self._outer = _current.get()
@@ -267,8 +197,6 @@ class Mesh:
         root = runtime_root(self._runtime_dir)
         check_socket_room(mesh_directory(root, self.name or "0" * 16))
         if self.name is not None:
-            from ._invitation import claim_name
-
             directory, self._lock_fd = claim_name(root, self.name)
         else:
             directory = mesh_directory(root, os.urandom(8).hex())
@@ -283,8 +211,6 @@ class Mesh:
             # a failed start leaves nothing behind: directory, lock file, lock
             shutil.rmtree(directory, ignore_errors=True)
             if self._lock_fd >= 0 and self.name is not None:
-                from ._invitation import release_name
-
                 release_name(root, self.name, self._lock_fd)
                 self._lock_fd = -1
             self._closed = True
@@ -349,8 +275,6 @@ class Mesh:
         if self._owns_directory:
             shutil.rmtree(self._node.directory, ignore_errors=True)
         if self._lock_fd >= 0 and self.name is not None:
-            from ._invitation import release_name
-
             release_name(self._node.directory.parent, self.name, self._lock_fd)  # the name is free again
             self._lock_fd = -1
 
@@ -367,8 +291,6 @@ class Mesh:
         is refused at the listener, before any invitation exists.
         Raises ``MeshNameInUse`` if a live listener holds the path and
         ``MeshError`` if the path holds something that is not ours."""
-        from ._invitation import INVITATION_TTL, LISTENER_NAME, Listener
-
         if self._closed:
             raise MeshError("the mesh is closed")
         p = Path(path) if path is not None else self.directory / LISTENER_NAME
@@ -380,8 +302,6 @@ class Mesh:
     def inviter(self, *, ttl: float | None = None) -> Inviter:
         """A handle that makes invitations (``await inviter.invite(port)``),
         usable from any task or thread."""
-        from ._invitation import INVITATION_TTL, Inviter
-
         return Inviter(self, INVITATION_TTL if ttl is None else ttl)
 
     async def spawn(self, target: str, arg: Any = None, *, name: str | None = None) -> Process:
@@ -446,7 +366,7 @@ class Mesh:
         self._control.inspect_add(name, fn, sensitive, update)
 
     async def inspect_update(self, path: str, value: Any, timeout: float = 1.0) -> Any:
-        """Update an updatable entry (see ``ClientConnection.inspect_update``)."""
+        """Update an updatable entry (see ``Attachment.inspect_update``)."""
         return await self._control.inspect_update(path, value, timeout)
 
     async def services(self) -> dict[str, Any]:
@@ -454,18 +374,85 @@ class Mesh:
         return await self._control.services()
 
     async def call(self, service: str, request: Any, timeout: float | None = None) -> Any:
-        """Call a service by name (see ``ClientConnection.call``)."""
+        """Call a service by name (see ``Attachment.call``)."""
         return await self._control.call(service, request, timeout)
 
     async def open(self, service: str) -> Sender[Any]:
-        """A ``Sender`` to a service, for many calls (see ``ClientConnection.open``)."""
+        """A ``Sender`` to a service, for many calls (see ``Attachment.open``)."""
         return await self._control.open(service)
 
     async def inspect(
         self, path: str = "", depth: int | None = None, timeout: float = 1.0, *, sensitive: bool = False
     ) -> Any:
-        """The live inspect tree of the mesh (see ``ClientConnection.inspect``)."""
+        """The live inspect tree of the mesh (see ``Attachment.inspect``)."""
         return await self._control.inspect(path, depth, timeout, sensitive)
 
     def __repr__(self) -> str:
         return f"<Mesh name={self.name!r} node={self._node.id if self._node else None}>"
+
+
+# ------------------------------------------------------------------ attaching
+
+
+@contextlib.asynccontextmanager
+async def _attached(
+    invitation: Invitation, deadline: float | None, timeout: float | None
+) -> AsyncIterator[Attachment]:
+    """This process as the new node ``invitation`` admits, attached until the block ends."""
+    directory, secret, node_id = admitted_node(invitation)
+    try:
+        ctx = Mesh._joined(directory, secret, node_id)
+        mesh = await ctx.__aenter__()
+        mesh._control.joining()  # its session waits until we have joined
+    except (OSError, MeshError) as exc:
+        if isinstance(exc, JoinError):
+            raise
+        raise JoinError(f"cannot join the mesh in {directory}: {exc}") from exc
+    try:
+        port = await reach_inviter(mesh._node, invitation, deadline, timeout)
+        mesh._control.joined()
+        conn = Attachment(port, mesh)
+    except BaseException:
+        await ctx.__aexit__(None, None, None)
+        raise
+    try:
+        yield conn
+    finally:
+        conn.port.close()
+        await ctx.__aexit__(None, None, None)
+
+
+@contextlib.asynccontextmanager
+async def join(invitation: Invitation, *, timeout: float | None = JOIN_TIMEOUT) -> AsyncIterator[Attachment]:
+    """Join the mesh an invitation is for, as a new node of this process.
+
+    Raises ``JoinTimeout`` if the inviting node does not answer within
+    ``timeout`` seconds (default ``JOIN_TIMEOUT``, 10 s; ``None``: no bound
+    but the handshake's own), ``AuthenticationError`` if the inviting node
+    rejects the secret, ``InvitationExpired`` if the invitation was used or
+    expired, and ``JoinError`` for any other failure while joining."""
+    async with _attached(invitation, deadline_after(timeout), timeout) as conn:
+        yield conn
+
+
+@contextlib.asynccontextmanager
+async def connect(
+    name_or_path: str | os.PathLike[str],
+    *,
+    runtime_dir: str | os.PathLike[str] | None = None,
+    expected_uid: int | None = None,
+    timeout: float | None = JOIN_TIMEOUT,
+) -> AsyncIterator[Attachment]:
+    """Attach this process to a running mesh by name or listener path.
+
+    ``timeout`` bounds everything up to the attached connection (reaching
+    the listener, its invitation, the handshake); default ``JOIN_TIMEOUT``
+    (10 s), ``None`` for no bound. Raises ``JoinTimeout`` (the mesh did not
+    answer in time), ``ConnectError`` (no such path, refused, permission
+    denied, an unusable runtime folder; for a name, the reason says whether
+    no such mesh runs, it is not listening, or it is stale), ``InvitationReadError``, ``InvitationTooLarge``,
+    ``InvitationDecodeError``, ``AuthenticationError`` (listener of an
+    unexpected uid, or secret rejected) or ``JoinError``."""
+    invitation, deadline = await take_invitation(name_or_path, runtime_dir, expected_uid, timeout)
+    async with _attached(invitation, deadline, timeout) as conn:
+        yield conn

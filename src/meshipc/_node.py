@@ -18,14 +18,13 @@ import functools
 import logging
 import os
 import socket
-import stat
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Final
 
-from ._errors import HandshakeError, MeshError
+from ._errors import HandshakeError
 from ._handshake import (
     AUTH_LEN,
     CHALLENGE_LEN,
@@ -53,6 +52,7 @@ from ._handshake import (
     verify_initiator_proof,
 )
 from ._ids import NodeId
+from ._names import node_path
 from ._platform import PLATFORM
 from ._ports import DEFAULT_LIMITS, OWNED, PROXY, SENDING, Codec, Engine, Limits
 from ._sockets import Acceptor, PeerCred, RateLimitedLog, StreamEnded, listen_private, recv_exact
@@ -108,24 +108,6 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError) and not str(exc):
         return f"the handshake timed out after {HANDSHAKE_TIMEOUT:g} s"
     return str(exc) or type(exc).__name__
-
-
-def check_private_dir(path: Path) -> None:
-    """Refuse a directory that is not ours alone (owner, mode 0700, no symlink)."""
-    st = os.lstat(path)
-    if not stat.S_ISDIR(st.st_mode):
-        raise MeshError(f"{path} exists and is not a directory (refusing to use it)")
-    if st.st_uid != os.getuid():
-        raise MeshError(f"{path} is owned by uid {st.st_uid}, not by us (refusing to use it)")
-    if stat.S_IMODE(st.st_mode) & 0o077:
-        raise MeshError(f"{path} has mode {stat.S_IMODE(st.st_mode):o}; a mesh directory must be 0700")
-
-
-def node_path(directory: Path, node: bytes) -> Path:
-    """Where node ``node`` listens: the first 48 bits of its (random) id in
-    hex, short so that any mesh name fits an AF_UNIX address; a clash is
-    refused at bind and the handshake checks the whole id."""
-    return directory / node.hex()[:12]
 
 
 class Node:

@@ -29,8 +29,8 @@ from typing import Any, TypeVar
 from ._channel import Port, Sender
 from ._control import ServiceSender
 from ._errors import MeshError
-from ._invitation import ClientConnection
-from ._invitation import connect as _aconnect
+from ._join import Attachment
+from ._mesh import connect as _aconnect
 
 __all__ = ("Portal", "SyncConnection", "SyncPort", "SyncSender", "connect")
 
@@ -163,10 +163,10 @@ class SyncSender:
 
 
 class SyncConnection:
-    """A blocking attached client; see ``ClientConnection`` for the methods.
+    """A blocking attached client; see ``Attachment`` for the methods.
     Use as a context manager, or call ``close()``."""
 
-    def __init__(self, portal: Portal, cm: Any, conn: ClientConnection) -> None:
+    def __init__(self, portal: Portal, cm: Any, conn: Attachment) -> None:
         self._portal = portal
         self._cm = cm
         self._conn = conn

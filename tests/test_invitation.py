@@ -1,27 +1,36 @@
-"""Property tests (hypothesis, bounded for CI) for what reads peer bytes
-outside the frame decoder (which ``test_wire.py`` covers) and the node
-handshake (``test_handshake.py``): the invitation decoder. Any input gives
-a result or a meshipc exception, never another exception."""
+"""``_invitation``: the invitation format (any bytes give an invitation or
+``InvitationDecodeError``; hypothesis, bounded for CI) and ``Inviter``
+(from the mesh's loop and from other threads)."""
 
 from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 import msgspec
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from meshipc import InvitationDecodeError
-from meshipc._invitation import _INVITATION_VERSION, MAX_INVITATION, Invitation, _Wire
+from attachutil import reencode
+from meshipc import InvitationDecodeError, Mesh, MeshError, Port
+from meshipc._invitation import _INVITATION_VERSION, MAX_INVITATION, Invitation, _InvitationRecord
 from meshipc._wire import _DESC
 
 BOUNDED = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+#: Bound on any single step.
+T = 10.0
+#: TTL for invitations that a test leaves unused on purpose.
+SHORT_TTL = 1.0
+
+
+# ------------------------------------------------------------------ format
 
 
 def valid_invitation() -> bytes:
     return msgspec.msgpack.encode(
-        _Wire(
+        _InvitationRecord(
             _INVITATION_VERSION,
             "/tmp/some-mesh",
             os.urandom(16),
@@ -45,7 +54,7 @@ def decode(data: bytes) -> Invitation | None:
 def test_invitation_decoder_any_bytes(data: bytes) -> None:
     inv = decode(data)
     if inv is not None:
-        assert bytes(inv) == msgspec.msgpack.encode(msgspec.msgpack.decode(data, type=_Wire))
+        assert bytes(inv) == msgspec.msgpack.encode(msgspec.msgpack.decode(data, type=_InvitationRecord))
 
 
 @BOUNDED
@@ -91,3 +100,39 @@ def test_invitation_decoder_size_cap() -> None:
         assert str(MAX_INVITATION) in str(exc)
     else:
         raise AssertionError("an oversized invitation was decoded")
+
+
+@pytest.mark.parametrize("expires", [float("nan"), float("inf"), float("-inf")])
+async def test_invitation_with_a_non_finite_expiry_is_refused(rd: Path, expires: float) -> None:
+    async with Mesh(runtime_dir=rd) as mesh:
+        mine, theirs = Port.pair()
+        inv = await mesh.inviter(ttl=SHORT_TTL).invite(theirs)
+        with pytest.raises(InvitationDecodeError, match="expiry is not a finite time"):
+            reencode(inv, expires=expires)
+        mine.close()
+
+
+# ----------------------------------------------------------------- inviter
+
+
+async def test_invite_takes_an_open_port_only(rd: Path) -> None:
+    async with Mesh(runtime_dir=rd) as mesh:
+        inviter = mesh.inviter()
+        with pytest.raises(MeshError, match=r"takes a meshipc\.Port, got int"):
+            await inviter.invite(3)  # type: ignore[arg-type]
+        mine, theirs = Port.pair()
+        theirs.close()
+        with pytest.raises(MeshError, match="closed or was sent away"):
+            await inviter.invite(theirs)
+        mine.close()
+
+
+async def test_invite_blocking_on_the_mesh_loop_is_refused(rd: Path) -> None:
+    """On the mesh's own loop it would deadlock until ``timeout``: refused at once."""
+    async with Mesh(runtime_dir=rd) as mesh:
+        _, theirs = Port.pair()
+        with pytest.raises(MeshError):
+            mesh.inviter().invite_blocking(theirs, timeout=0.5)
+
+
+# ------------------------------------------------------------ secret hygiene

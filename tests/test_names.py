@@ -1,5 +1,6 @@
-"""Where meshes live: the runtime folder, name lengths, socket paths, what a
-failed start leaves behind, and the errors that say which folder and why.
+"""``_names``: where meshes live. The runtime folder, name lengths, socket
+paths, the name locks, what a failed start leaves behind, and the errors
+that say which folder and why.
 
 Real meshes on real sockets under short private folders in /tmp; every test
 removes what it made."""
@@ -7,6 +8,7 @@ removes what it made."""
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 import shutil
 import socket
@@ -19,9 +21,21 @@ from pathlib import Path
 import pytest
 
 import meshipc
-from meshipc import ConnectError, Mesh, MeshError
-from meshipc._mesh import MAX_SOCKET_PATH, runtime_location
-from meshipc._platform import PLATFORM
+from meshipc import ConnectError, Mesh, MeshError, MeshNameInUse, SocketPathTooLong, _names
+from meshipc._names import (
+    CONTROL_NAME,
+    LISTENER_NAME,
+    MAX_DIRECTORY_NAME,
+    check_private_dir,
+    check_socket_room,
+    listener_path,
+    lock_path,
+    mesh_directory,
+    named_meshes,
+    node_path,
+    runtime_location,
+)
+from meshipc._platform import MAX_SOCKET_PATH, PLATFORM
 
 T = 10.0
 
@@ -258,7 +272,7 @@ async def test_ls_tells_live_from_stale_without_taking_any_lock(
     import fcntl
 
     from meshipc import _cli
-    from meshipc._invitation import lock_is_held
+    from meshipc._names import lock_is_held
 
     def no_flock(fd: int, op: int) -> None:
         raise AssertionError("ls tried a lock")
@@ -274,3 +288,151 @@ async def test_ls_tells_live_from_stale_without_taking_any_lock(
         monkeypatch.undo()
     out = capsys.readouterr().out.splitlines()
     assert out == ["alive\tlive", "dead\tstale", f"(runtime dir {base}: given as runtime_dir)"]
+
+
+# ------------------------------------------------------------- name locks
+
+
+async def test_mesh_name_in_use_then_free(rd: Path) -> None:
+    async with Mesh(name="x", runtime_dir=rd) as first:
+        with pytest.raises(MeshNameInUse) as ei:
+            async with Mesh(name="x", runtime_dir=rd):
+                pass
+        assert isinstance(ei.value, MeshError)
+        assert "'x'" in str(ei.value)
+        # the refused attempt disturbed nothing
+        assert first.directory.is_dir()
+        listener = await first.listen()
+        async with meshipc.connect("x", runtime_dir=rd) as cc:
+            conn = await asyncio.wait_for(listener.accept(), T)
+            cc.port.send("still here")
+            assert await asyncio.wait_for(conn.port.recv(), T) == "still here"
+    assert not (rd / "mesh-x").exists()
+    async with Mesh(name="x", runtime_dir=rd) as again:
+        assert again.directory == rd / "mesh-x"
+
+
+@pytest.mark.parametrize("kind", ["other-owner", "mode-0755", "symlink", "regular-file"])
+async def test_directory_not_ours_is_refused_and_kept(rd: Path, kind: str) -> None:
+    d = rd / "mesh-z"
+    marker = None
+    if kind == "other-owner":
+        if os.getuid() != 0:
+            pytest.skip("chown to another uid needs root")
+        d.mkdir(mode=0o700)
+        marker = d / "marker"
+        marker.write_text("keep me")
+        os.chown(d, 65534, 65534)
+    elif kind == "mode-0755":
+        d.mkdir()
+        os.chmod(d, 0o755)
+        marker = d / "marker"
+        marker.write_text("keep me")
+    elif kind == "symlink":
+        target = rd / "elsewhere"
+        target.mkdir(mode=0o700)
+        marker = target / "marker"
+        marker.write_text("keep me")
+        d.symlink_to(target)
+    else:
+        d.write_text("keep me")
+
+    before = os.lstat(d)
+    with pytest.raises(MeshError) as ei:
+        async with Mesh(name="z", runtime_dir=rd):
+            pass
+    assert not isinstance(ei.value, MeshNameInUse)
+    assert os.fspath(d) in str(ei.value)
+    after = os.lstat(d)
+    assert (after.st_ino, after.st_mode, after.st_uid) == (before.st_ino, before.st_mode, before.st_uid)
+    if marker is not None:
+        assert marker.read_text() == "keep me"
+    # the refusal does not hold the name
+    with pytest.raises(MeshError) as again:
+        async with Mesh(name="z", runtime_dir=rd):
+            pass
+    assert not isinstance(again.value, MeshNameInUse)
+
+
+async def test_failed_start_does_not_hold_the_name(rd: Path) -> None:
+    """A named mesh whose node cannot start releases the name's lock."""
+    too_long = rd / ("d" * 80)  # the node socket path exceeds the AF_UNIX limit
+    for _ in range(2):
+        with pytest.raises(MeshError) as ei:
+            async with Mesh(name="n", runtime_dir=too_long):
+                pass
+        assert not isinstance(ei.value, MeshNameInUse), ei.value
+    assert not (too_long / "mesh-n").exists()
+
+
+def test_name_claim_retries_when_the_lock_file_is_replaced(rd: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A clean exit removes the lock file while holding the lock: a claimant
+    that opened the old file and locks it just after must not believe it holds
+    the name (another claimant may hold the new file)."""
+    root = rd
+    lock_path = root / "mesh-racy.lock"
+    real_flock = fcntl.flock
+    calls: list[int] = []
+
+    def flock_after_swap(fd: int, op: int) -> None:
+        if not calls:  # the owner releases between our open() and our flock()
+            os.unlink(lock_path)
+            lock_path.touch(mode=0o600)
+        calls.append(fd)
+        real_flock(fd, op)
+
+    monkeypatch.setattr(_names.fcntl, "flock", flock_after_swap)
+    directory, fd = _names.claim_name(root, "racy")
+    try:
+        assert len(calls) == 2  # the stale inode was dropped and the new file taken
+        assert os.fstat(fd).st_ino == os.stat(lock_path).st_ino
+        assert directory == root / "mesh-racy"
+    finally:
+        _names.release_name(root, "racy", fd)
+    assert not lock_path.exists()
+
+
+# ------------------------------------------------------------------- paths
+
+
+def test_every_mesh_path_is_built_from_the_name(rd: Path) -> None:
+    assert mesh_directory(rd, "vmm") == rd / "mesh-vmm"
+    assert lock_path(rd, "vmm") == rd / "mesh-vmm.lock"
+    long = "n" * 64
+    cut = mesh_directory(rd, long)
+    assert cut.name.startswith("mesh-" + "n" * 23 + "~") and len(cut.name) <= MAX_DIRECTORY_NAME
+    assert mesh_directory(rd, long[:-1]) != cut  # the digest tells cut names apart
+    assert listener_path("vmm", rd) == rd / "mesh-vmm" / LISTENER_NAME
+    assert listener_path(rd / "x.sock", None) == rd / "x.sock"  # a path is taken as given
+    assert node_path(rd, bytes(range(16))) == rd / "000102030405"
+
+
+def test_named_meshes_lists_lock_files_only(rd: Path) -> None:
+    for entry in ("mesh-a.lock", "mesh-b.lock", "other.lock", "mesh-c"):
+        (rd / entry).touch(mode=0o600)
+    assert named_meshes(rd) == ["a", "b"]
+
+
+def test_socket_room_is_checked_against_the_longest_socket_name(rd: Path) -> None:
+    directory = rd / ("d" * (MAX_SOCKET_PATH - len(os.fsencode(rd)) - 2 - len(CONTROL_NAME)))  # two slashes
+    check_socket_room(directory)  # exactly at the budget
+    with pytest.raises(SocketPathTooLong):
+        check_socket_room(Path(os.fspath(directory) + "d"))
+
+
+def test_check_private_dir_refuses_a_shared_folder(rd: Path) -> None:
+    shared = rd / "shared"
+    shared.mkdir(mode=0o700)
+    check_private_dir(shared)
+    os.chmod(shared, 0o750)
+    with pytest.raises(MeshError, match="0700"):
+        check_private_dir(shared)
+
+
+async def test_name_is_live_without_proc_locks(rd: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where ``/proc/locks`` cannot be read, liveness is told by trying a shared lock."""
+    monkeypatch.setattr(_names, "lock_is_held", lambda path: None)
+    lock_path(rd, "gone").touch(mode=0o600)
+    assert not _names.name_is_live(rd, "gone")
+    async with Mesh(name="here", runtime_dir=rd):
+        assert _names.name_is_live(rd, "here")

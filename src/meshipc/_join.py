@@ -1,0 +1,235 @@
+"""The client side of attaching: read an invitation from a listener, join
+the mesh it is for as a new node, and ``Attachment``, what the client holds
+while attached.
+
+``_mesh.connect``/``_mesh.join`` put these steps together with the new
+node's ``Mesh``: this module never builds one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import os
+import socket
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final
+
+from ._channel import Port, Sender
+from ._errors import (
+    AuthenticationError,
+    ConnectError,
+    HandshakeError,
+    InvitationDecodeError,
+    InvitationExpired,
+    InvitationReadError,
+    InvitationTooLarge,
+    JoinError,
+    JoinTimeout,
+    MeshError,
+)
+from ._handshake import V_DUPLICATE
+from ._invitation import FRAME, MAX_INVITATION, Invitation
+from ._names import listener_path, node_path, not_running_reason, runtime_location
+from ._node import HANDSHAKE_TIMEOUT, Node
+from ._platform import PLATFORM
+from ._sockets import PeerCred, StreamEnded, recv_exact
+from ._wire import _DESC, PortDesc
+
+if TYPE_CHECKING:
+    from ._mesh import Mesh
+
+#: Default bound, in seconds, on ``connect``/``join`` reaching a mesh:
+#: connecting to the listener, reading the invitation and the handshake with
+#: the inviting node, all together. A live mesh answers in milliseconds; the
+#: bound is for a stopped, wedged or hostile one.
+JOIN_TIMEOUT: Final = 10.0
+
+
+class Attachment:
+    """This process attached to a running mesh: ``port`` is peered with the
+    server's ``Admission.port``; ``mesh`` is this process's new node."""
+
+    __slots__ = ("mesh", "port")
+
+    def __init__(self, port: Port, mesh: Mesh) -> None:
+        self.port = port
+        self.mesh = mesh
+
+    # the control plane (see ``_control``)
+
+    async def services(self) -> dict[str, Any]:
+        """The mesh's services: name -> ``{"node", "request_type", "reply_type", "since"}``."""
+        return await self.mesh._control.services()
+
+    async def call(self, service: str, request: Any, timeout: float | None = None) -> Any:
+        """Call the service ``service``; the callee sees the deadline
+        (``call.deadline``) and, if we give up, ``call.cancelled``. Raises
+        ``ServiceNotFound``, ``NodeFailure`` (its node died), ``RemoteError``
+        (the handler raised), ``TimeoutError`` (after ``timeout`` seconds)."""
+        return await self.mesh._control.call(service, request, timeout)
+
+    async def open(self, service: str) -> Sender[Any]:
+        """A ``Sender`` to the service for many calls (``await tx.call(r)``).
+        Raises ``ServiceNotFound`` or ``NodeFailure``."""
+        return await self.mesh._control.open(service)
+
+    async def inspect(
+        self, path: str = "", depth: int | None = None, timeout: float = 1.0, *, sensitive: bool = False
+    ) -> Any:
+        """The mesh's live inspect tree (plain data), or the part at
+        ``path`` (``"nodes/<id prefix>/connections"``), cut at ``depth``
+        levels. Each node answers for itself within ``timeout`` seconds; one
+        that does not shows as ``{"$unresolved": reason}``. Raises
+        ``LookupError`` for a path that does not exist."""
+        return await self.mesh._control.inspect(path, depth, timeout, sensitive)
+
+    async def inspect_update(self, path: str, value: Any, timeout: float = 1.0) -> Any:
+        """Set the entry at ``path`` (``"nodes/<id prefix>/<entry>"``) that
+        its node registered as updatable (``inspect_add(..., update=fn)``);
+        returns the entry's new value. Raises ``LookupError`` for a path that
+        is not updatable, ``RemoteError`` if the entry's setter raised."""
+        return await self.mesh._control.inspect_update(path, value, timeout)
+
+    def __repr__(self) -> str:
+        return f"<Attachment node={self.mesh.node_id!r}>"
+
+
+async def read_invitation(path: Path, expected_uid: int | None = None) -> Invitation:
+    """Connect to the listener at ``path`` and read one invitation."""
+    loop = asyncio.get_running_loop()
+    sock = PLATFORM.unix_socket()
+    sock.setblocking(False)
+    with sock:
+        try:
+            await loop.sock_connect(sock, os.fspath(path))
+        except OSError as exc:
+            raise _connect_error(path, exc) from None
+        want = os.getuid() if expected_uid is None else expected_uid
+        cred = PeerCred.of(sock)
+        if cred.uid != want:
+            raise AuthenticationError(
+                f"listener {path} runs as uid {cred.uid}, expected uid {want} (not taking its invitation)"
+            )
+        head = await _read_exact(loop, sock, FRAME.size, path)
+        (length,) = FRAME.unpack(head)
+        if length > MAX_INVITATION:
+            raise InvitationTooLarge(os.fspath(path), length, MAX_INVITATION)
+        data = await _read_exact(loop, sock, length, path)
+    try:
+        return Invitation.from_bytes(data)
+    except InvitationDecodeError as exc:
+        raise InvitationDecodeError(f"listener {path}: {exc}") from None
+
+
+def _connect_error(path: Path, exc: OSError) -> ConnectError:
+    """A failed connect to the listener at ``path``, with a reason a person can act on."""
+    if exc.errno == errno.ENOENT:
+        reason = "nothing there (no such socket)"
+    elif exc.errno == errno.ECONNREFUSED:
+        reason = "nothing listens there any more (a stale socket of a mesh that is gone)"
+    else:
+        reason = os.strerror(exc.errno) if exc.errno else str(exc) or type(exc).__name__
+    err = ConnectError(os.fspath(path), reason)
+    err.errno = exc.errno
+    return err
+
+
+async def _read_exact(loop: asyncio.AbstractEventLoop, sock: socket.socket, n: int, path: Path) -> bytes:
+    """Exactly ``n`` bytes from the listener at ``path`` (``InvitationReadError`` if it cannot give them)."""
+    try:
+        return await recv_exact(loop, sock, n)
+    except StreamEnded as exc:  # before OSError: it is a ConnectionError
+        raise InvitationReadError(
+            os.fspath(path), f"stream ended after {exc.received} of {exc.expected} bytes"
+        ) from None
+    except OSError as exc:
+        raise InvitationReadError(os.fspath(path), f"read failed: {exc}") from None
+
+
+def deadline_after(timeout: float | None) -> float | None:
+    """The loop time ``timeout`` seconds from now (``None``: no deadline);
+    ``ValueError`` for a timeout that is not positive."""
+    if timeout is None:
+        return None
+    if not timeout > 0:  # also refuses NaN
+        raise ValueError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
+    return asyncio.get_running_loop().time() + timeout
+
+
+@contextlib.asynccontextmanager
+async def within_deadline(deadline: float | None, timeout: float | None, path: Path) -> AsyncIterator[None]:
+    """Bound the block by ``deadline`` (loop time); past it, ``JoinTimeout``
+    (also when the handshake's own, shorter bound fired first)."""
+    cm = asyncio.timeout_at(deadline)
+    try:
+        async with cm:
+            yield
+    except TimeoutError:
+        took = timeout if cm.expired() and timeout is not None else HANDSHAKE_TIMEOUT
+        raise JoinTimeout(os.fspath(path), took) from None
+
+
+def admitted_node(invitation: Invitation) -> tuple[str, bytes, bytes]:
+    """The mesh directory, the mesh secret and the node id of the node
+    ``invitation`` admits. Raises ``InvitationExpired`` past its expiry."""
+    record = invitation._record
+    if not record.expires >= time.time():  # also refuses NaN
+        raise InvitationExpired("the invitation has expired")
+    return record.directory, record.secret, record.node
+
+
+async def reach_inviter(
+    node: Node, invitation: Invitation, deadline: float | None, timeout: float | None
+) -> Port:
+    """Connect the new ``node`` to the inviting node and take the port the
+    invitation carries (peered with the server's ``Admission.port``). Raises
+    ``JoinTimeout`` past ``deadline``, ``AuthenticationError`` if the inviting
+    node rejects the secret, ``InvitationExpired`` if it refuses the
+    invitation (used or expired), ``JoinError`` if it cannot be reached."""
+    record = invitation._record
+    inviter_path = node_path(Path(record.directory), record.inviter)
+    async with within_deadline(deadline, timeout, inviter_path):
+        try:
+            verdict = await node.connect_to(record.inviter)
+        except HandshakeError as exc:
+            raise AuthenticationError(f"the inviting node rejected us: {exc}") from None
+        except OSError as exc:
+            if isinstance(exc, TimeoutError):
+                raise  # the handshake's own bound: reported by within_deadline
+            if exc.errno in (errno.ENOENT, errno.ECONNREFUSED):
+                raise JoinError(f"the inviting node in {record.directory} is gone") from None
+            raise JoinError(f"cannot reach the inviting node {inviter_path}: {exc}") from None
+    if verdict == V_DUPLICATE:
+        raise InvitationExpired("the inviting node refused us: invitation used or expired")
+    d = PortDesc(*_DESC.unpack(record.port))
+    return Port._wrap([node.engine._materialize(record.inviter, d)])
+
+
+async def take_invitation(
+    name_or_path: str | os.PathLike[str],
+    runtime_dir: str | os.PathLike[str] | None,
+    expected_uid: int | None,
+    timeout: float | None,
+) -> tuple[Invitation, float | None]:
+    """The invitation of the listener ``name_or_path`` names (see
+    ``connect``), and the deadline (loop time) ``timeout`` sets for the whole
+    attach. For a mesh name that nothing answers for, the ``ConnectError``
+    says whether no such mesh runs, it is not listening, or it is stale."""
+    try:
+        path = listener_path(name_or_path, runtime_dir)
+    except MeshError as exc:  # the runtime folder is unusable: say which and why
+        raise ConnectError(os.fspath(name_or_path), str(exc)) from None
+    deadline = deadline_after(timeout)
+    try:
+        async with within_deadline(deadline, timeout, path):
+            return await read_invitation(path, expected_uid), deadline
+    except ConnectError as exc:
+        name = os.fspath(name_or_path)
+        if "/" in name or exc.errno not in (errno.ENOENT, errno.ECONNREFUSED):
+            raise
+        root, why = runtime_location(runtime_dir)
+        raise ConnectError(exc.path, not_running_reason(root, why, name)) from None

@@ -1,0 +1,199 @@
+"""The listener: a Unix socket that hands one invitation to each process of
+our uid that connects, and ``Admission``, the server's view of each client
+it admitted.
+
+The socket carries nothing but invitations (``_invitation.FRAME``), after
+which the client joins as a full node by connecting node to node,
+authenticated by the mesh secret like every other connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import stat
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Final
+
+from ._channel import Port
+from ._errors import MeshError, MeshNameInUse
+from ._invitation import FRAME, Inviter
+from ._sockets import Acceptor, PeerCred, RateLimitedLog, is_socket_alive, listen_private
+from ._tasks import TaskSet
+
+if TYPE_CHECKING:
+    from ._mesh import Mesh
+
+log = logging.getLogger("meshipc")
+
+#: Seconds a listener client gets to take its invitation.
+CLIENT_TIMEOUT: Final = 5.0
+#: Invitations one listener keeps outstanding (handed out, not yet used or
+#: expired). Beyond it the oldest is withdrawn: a real client uses its
+#: invitation within milliseconds, so clients that take one and never join
+#: cannot pile up invitations (and their ports) faster than they expire.
+MAX_OUTSTANDING: Final = 256
+
+
+class Admission:
+    """One client the listener admitted, as the server sees it: ``port``
+    (its peer is in the client) and ``peer`` (pid, uid, gid of the client
+    process, from the kernel)."""
+
+    __slots__ = ("peer", "port")
+
+    def __init__(self, port: Port, peer: PeerCred) -> None:
+        self.port = port
+        self.peer = peer
+
+    def __repr__(self) -> str:
+        return f"<Admission peer={self.peer!r}>"
+
+
+class Listener:
+    """Hands one invitation to each client that connects to ``path``.
+
+    ``await accept()`` / ``async for conn in listener`` give an ``Admission``
+    per client. Only clients running as our own uid get an invitation (no
+    other uid could use one); others are closed and logged."""
+
+    def __init__(self, mesh: Mesh, path: Path, ttl: float) -> None:
+        self._mesh = mesh
+        self.path = path
+        self._inviter = Inviter(mesh, ttl)
+        self._loop = mesh._node.loop
+        self._sock: socket.socket | None = None
+        self._acceptor: Acceptor | None = None
+        self._log = RateLimitedLog()
+        self._queue: asyncio.Queue[Admission | None] = asyncio.Queue()
+        self._tasks = TaskSet(self._loop)
+        self.closed = False
+        self.refused = 0
+        #: invitations withdrawn to stay under MAX_OUTSTANDING
+        self.withdrawn = 0
+        self._outstanding: dict[bytes, None] = {}  # invited node ids, oldest first
+
+    def start(self) -> None:
+        """Bind the socket (replacing a stale one of ours) and start accepting."""
+        path = self.path
+        if os.path.lexists(path):
+            st = os.lstat(path)
+            if not stat.S_ISSOCK(st.st_mode) or st.st_uid != os.getuid():
+                raise MeshError(f"{path} exists and is not a socket of ours (refusing to replace it)")
+            if is_socket_alive(path):
+                raise MeshNameInUse(f"a listener already runs at {path}")
+            os.unlink(path)  # stale socket of a dead mesh of ours
+        s = listen_private(path, "listener")
+        self._sock = s
+        self._acceptor = Acceptor(
+            self._loop, s, lambda sock: self._tasks.spawn(self._serve(sock)), f"listener {self.path}"
+        )
+        self._acceptor.start()
+
+    async def _serve(self, sock: socket.socket) -> None:
+        with sock:
+            try:
+                cred = PeerCred.of(sock)
+            except OSError as exc:
+                log.warning("listener %s: no peer credentials: %s", self.path, exc)
+                return
+            if cred.uid != os.getuid():
+                self.refused += 1
+                self._log.warning(
+                    "uid",
+                    "listener %s refused pid %d uid %d: not our uid (it could not join)",
+                    self.path,
+                    cred.pid,
+                    cred.uid,
+                )
+                return
+            mine, theirs = Port.pair()
+            try:
+                inv = self._inviter.invite_now(theirs, None)
+            except MeshError as exc:  # the mesh is shutting down
+                log.info("listener %s: no invitation for pid %d: %s", self.path, cred.pid, exc)
+                mine.close()
+                return
+            self._keep_outstanding(bytes(inv.node))
+            data = bytes(inv)
+            try:
+                async with asyncio.timeout(CLIENT_TIMEOUT):
+                    await self._loop.sock_sendall(sock, FRAME.pack(len(data)) + data)
+            except (OSError, TimeoutError) as exc:
+                why = f"not taken within {CLIENT_TIMEOUT:g} s" if isinstance(exc, TimeoutError) else str(exc)
+                log.info(
+                    "listener %s: client pid %d uid %d left early: %s", self.path, cred.pid, cred.uid, why
+                )
+                self._mesh._node.forget(bytes(inv.node), "the client left before taking its invitation")
+                mine.close()
+                return
+            log.info("listener %s: invitation sent to pid %d uid %d", self.path, cred.pid, cred.uid)
+            self._queue.put_nowait(Admission(mine, cred))
+
+    def _keep_outstanding(self, node_id: bytes) -> None:
+        self._outstanding[node_id] = None
+        if len(self._outstanding) <= MAX_OUTSTANDING:
+            return
+        invited = self._mesh._node._invited  # neither used nor expired yet
+        self._outstanding = {n: None for n in self._outstanding if n in invited}
+        while len(self._outstanding) > MAX_OUTSTANDING:
+            oldest = next(iter(self._outstanding))
+            del self._outstanding[oldest]
+            if oldest in invited:
+                self.withdrawn += 1
+                self._log.warning(
+                    "withdrawn",
+                    "listener %s: %d invitations outstanding; withdrew the oldest",
+                    self.path,
+                    MAX_OUTSTANDING,
+                )
+                self._mesh._node.forget(oldest, "invitation withdrawn: too many outstanding")
+
+    async def accept(self) -> Admission:
+        """The next client. Raises ``MeshError`` once the listener is closed."""
+        if self.closed and self._queue.empty():
+            raise MeshError("listener closed")
+        conn = await self._queue.get()
+        if conn is None:
+            self._queue.put_nowait(None)
+            raise MeshError("listener closed")
+        return conn
+
+    def __aiter__(self) -> Listener:
+        return self
+
+    async def __anext__(self) -> Admission:
+        try:
+            return await self.accept()
+        except MeshError:
+            raise StopAsyncIteration from None
+
+    def close(self) -> None:
+        """Stop accepting and remove the socket file (idempotent)."""
+        if self.closed:
+            return
+        self.closed = True
+        if self._sock is not None:
+            if self._acceptor is not None:
+                self._acceptor.close()
+            self._sock.close()
+            self._sock = None
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+        self._tasks.cancel_all()
+        self._queue.put_nowait(None)
+
+    async def __aenter__(self) -> Listener:
+        return self
+
+    async def __aexit__(
+        self, t: type[BaseException] | None, v: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<Listener {self.path}>"

@@ -1,0 +1,33 @@
+"""Background tasks an object starts and owns: kept referenced while they run
+(the event loop holds only weak references) and cancelled together when
+their owner closes."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+class TaskSet:
+    """The running tasks one owner started on ``loop``."""
+
+    __slots__ = ("_loop", "_tasks")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def spawn(self, coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
+        """Run ``coro`` as a task kept here until it ends."""
+        t = self._loop.create_task(coro)
+        self._tasks.add(t)
+        t.add_done_callback(self._tasks.discard)
+        return t
+
+    def cancel_all(self) -> None:
+        """Cancel every task still running (each leaves the set as it ends)."""
+        for t in list(self._tasks):
+            t.cancel()

@@ -1,0 +1,233 @@
+"""The client side of attaching (``_join``): what ``connect``/``join`` say
+when the listener or the inviting node misbehaves, and their time bounds.
+Peers are fakes: plain asyncio Unix servers and raw sockets. Socket paths
+live in a short private folder under ``/tmp`` (the ``rd`` fixture).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import os
+import pickle
+import socket
+import struct
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+
+import meshipc
+from attachutil import FIELD, assert_no_secret
+from meshipc import (
+    AuthenticationError,
+    ConnectError,
+    InvitationDecodeError,
+    InvitationReadError,
+    InvitationTooLarge,
+    JoinError,
+    JoinTimeout,
+    Mesh,
+    MeshError,
+)
+from meshipc._join import JOIN_TIMEOUT
+from meshipc._wire import _DESC
+
+#: Bound on any single step.
+T = 10.0
+#: TTL for invitations that a test leaves unused on purpose.
+SHORT_TTL = 1.0
+_LEN = struct.Struct("<I")
+
+
+# ----------------------------------------------- join errors, from fake peers
+
+
+@contextlib.asynccontextmanager
+async def fake_listener(
+    path: Path, handler: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+) -> AsyncIterator[None]:
+    server = await asyncio.start_unix_server(handler, path=os.fspath(path))
+    try:
+        yield
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+def sends(data: bytes, *, then_close: bool) -> Any:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            writer.write(data)
+            await writer.drain()
+            if not then_close:
+                await reader.read()  # until the client hangs up
+        except OSError:
+            pass
+        finally:
+            writer.close()
+
+    return handler
+
+
+async def expect_join_error(path: Path, cls: type[JoinError], **kw: Any) -> JoinError:
+    with pytest.raises(cls) as ei:
+        async with meshipc.connect(path, **kw):
+            pass
+    exc = ei.value
+    assert isinstance(exc, JoinError)
+    assert isinstance(exc, MeshError)
+    assert os.fspath(path) in str(exc), f"{type(exc).__name__} does not name the path: {exc}"
+    return exc
+
+
+async def test_invitation_too_large(rd: Path) -> None:
+    path = rd / "big.sock"
+    async with fake_listener(path, sends(_LEN.pack(1 << 20), then_close=False)):
+        exc = await asyncio.wait_for(expect_join_error(path, InvitationTooLarge), T)
+    assert isinstance(exc, InvitationTooLarge)
+    assert exc.length == 1 << 20
+    assert exc.limit < exc.length
+    assert exc.path == os.fspath(path)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"", b"\x01\x00", _LEN.pack(300) + b"x" * 10],
+    ids=["nothing", "two-bytes", "short-body"],
+)
+async def test_invitation_read_error(rd: Path, data: bytes) -> None:
+    path = rd / "short.sock"
+    async with fake_listener(path, sends(data, then_close=True)):
+        exc = await asyncio.wait_for(expect_join_error(path, InvitationReadError), T)
+    assert isinstance(exc, InvitationReadError)
+    assert not isinstance(exc, ConnectError)
+    assert exc.path == os.fspath(path)
+
+
+def _valid_fields() -> list[Any]:
+    return [1, "/tmp/x", os.urandom(16), os.urandom(16), bytes(_DESC.size), os.urandom(32), 0.0]
+
+
+def _wire(**changes: Any) -> bytes:
+    fields = _valid_fields()
+    for name, value in changes.items():
+        fields[FIELD[name]] = value
+    return msgspec.msgpack.encode(fields)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"\xc1" * 16,
+        b"",
+        msgspec.msgpack.encode([1, 2, 3]),
+        msgspec.msgpack.encode({"version": 1}),
+        _wire(version=2),
+        _wire(secret=os.urandom(31)),
+        _wire(directory="relative/dir"),
+        _wire(directory="/nul\0byte"),
+        _wire()[:-1],
+    ],
+    ids=["garbage", "empty", "short-array", "map", "version", "secret-size", "relative", "nul", "truncated"],
+)
+async def test_invitation_decode_error(rd: Path, payload: bytes) -> None:
+    path = rd / "junk.sock"
+    async with fake_listener(path, sends(_LEN.pack(len(payload)) + payload, then_close=False)):
+        await asyncio.wait_for(expect_join_error(path, InvitationDecodeError), T)
+
+
+async def test_connect_error(rd: Path) -> None:
+    missing = rd / "nothing-here.sock"
+    exc = await asyncio.wait_for(expect_join_error(missing, ConnectError), T)
+    assert isinstance(exc, ConnectError)
+    assert exc.path == os.fspath(missing)
+
+    not_a_socket = rd / "file.sock"
+    not_a_socket.write_bytes(b"")
+    await asyncio.wait_for(expect_join_error(not_a_socket, ConnectError), T)
+
+    stale = rd / "stale.sock"  # bound, then its owner went away
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.bind(os.fspath(stale))
+    s.close()
+    await asyncio.wait_for(expect_join_error(stale, ConnectError), T)
+
+    # by name: the path derived from the name is the one reported
+    with pytest.raises(ConnectError) as ei:
+        async with meshipc.connect("no-such-mesh", runtime_dir=rd):
+            pass
+    assert os.fspath(rd / "mesh-no-such-mesh") in str(ei.value)
+
+
+async def test_listener_of_unexpected_uid_is_not_trusted(rd: Path) -> None:
+    async with Mesh(runtime_dir=rd) as mesh:
+        listener = await mesh.listen(invitation_ttl=SHORT_TTL)
+        other = 65534 if os.getuid() != 65534 else 65533
+        exc = await asyncio.wait_for(
+            expect_join_error(listener.path, AuthenticationError, expected_uid=other), T
+        )
+        assert str(other) in str(exc)
+        assert_no_secret(str(exc), mesh._node._secret.reveal(), "AuthenticationError")
+        # and the expected uid, given explicitly, is accepted
+        async with meshipc.connect(listener.path, expected_uid=os.getuid()) as cc:
+            conn = await asyncio.wait_for(listener.accept(), T)
+            conn.port.send("hello")
+            assert await asyncio.wait_for(cc.port.recv(), T) == "hello"
+
+
+async def test_forged_invitation_to_missing_node_is_join_error(rd: Path) -> None:
+    """A listener of our uid hands out a well-formed invitation for a mesh
+    directory that holds no inviting node: a plain ``JoinError``."""
+    directory = rd / "mesh-empty"
+    directory.mkdir(mode=0o700)
+    forged_secret = os.urandom(32)
+    payload = _wire(directory=os.fspath(directory), secret=forged_secret, expires=time.time() + 60)
+    path = rd / "forger.sock"
+    async with fake_listener(path, sends(_LEN.pack(len(payload)) + payload, then_close=False)):
+        with pytest.raises(JoinError) as ei:
+            await asyncio.wait_for(_connect_and_leave(path), T)
+    exc = ei.value
+    assert type(exc) is JoinError, repr(exc)
+    assert os.fspath(directory) in str(exc)
+    assert_no_secret(str(exc), forged_secret, "JoinError")
+    assert list(directory.iterdir()) == []  # the joining node cleaned up its socket
+
+
+async def _connect_and_leave(path: Path, **kw: Any) -> None:
+    async with meshipc.connect(path, **kw):
+        pass
+
+
+async def test_listener_that_never_answers_times_out(rd: Path) -> None:
+    path = rd / "mute.sock"
+    hung_up = asyncio.Event()
+
+    async def mute(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # accept, say nothing, until the client hangs up
+        hung_up.set()
+        writer.close()
+
+    async with fake_listener(path, mute):
+        with pytest.raises(JoinTimeout) as ei:
+            await asyncio.wait_for(_connect_and_leave(path, timeout=0.2), T)
+        assert str(ei.value) == f"the mesh at {path} did not answer in time (timed out after 0.2 s)"
+        await asyncio.wait_for(hung_up.wait(), T)  # the client closed its socket
+
+
+def test_join_timeout_default_and_validation() -> None:
+    for f in (meshipc.connect, meshipc.join):
+        assert inspect.signature(f).parameters["timeout"].default == JOIN_TIMEOUT == 10.0
+    exc = JoinTimeout("/p", 2.5)
+    assert pickle.loads(pickle.dumps(exc)).args == exc.args
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, float("nan")])
+async def test_join_timeout_must_be_positive(rd: Path, bad: float) -> None:
+    with pytest.raises(ValueError, match="timeout"):
+        async with meshipc.connect(rd / "x.sock", timeout=bad):
+            pass  # pragma: no cover
