@@ -121,10 +121,9 @@ async def _run(inv: ChildInvitation) -> int:
         done, _ = await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
         if work not in done:
             work.cancel()
-            try:
-                await work
-            except BaseException:
-                pass
+            await asyncio.wait({work})  # let it unwind; its outcome no longer matters
+            if not work.cancelled():
+                work.exception()  # retrieved: asyncio would log it as never retrieved
             lost = watch.exception()
             if lost is None or isinstance(lost, ChannelClosed):
                 return 0  # the parent asked us to stop

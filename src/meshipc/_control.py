@@ -1,4 +1,4 @@
-"""The control plane: services by name and the live inspect tree (layer 10).
+"""The control plane: services by name and the live inspect tree.
 
 Every node of a mesh keeps one *session* with the mesh's root node (the one
 that created the mesh directory). The session is a port pair set up through

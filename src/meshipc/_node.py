@@ -56,6 +56,7 @@ from ._names import node_path
 from ._platform import PLATFORM
 from ._ports import DEFAULT_LIMITS, OWNED, PROXY, SENDING, Codec, Engine, Limits
 from ._sockets import Acceptor, PeerCred, RateLimitedLog, StreamEnded, listen_private, recv_exact
+from ._tasks import TaskSet
 from ._transport import Link
 from ._wire import Event, MsgEvent
 
@@ -143,7 +144,7 @@ class Node:
         self._dead: OrderedDict[bytes, str] = OrderedDict()
         # set when a node waited for is linked or known dead
         self._settled: dict[bytes, asyncio.Event] = {}
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks = TaskSet(self.loop)
         self._listening: socket.socket | None = None
         self._acceptor: Acceptor | None = None
         self._log = RateLimitedLog()
@@ -165,16 +166,10 @@ class Node:
         self._acceptor = Acceptor(
             self.loop,
             s,
-            lambda sock: self._spawn(self.accept_connection(sock, hello_timeout=HELLO_TIMEOUT)),
+            lambda sock: self._tasks.spawn(self.accept_connection(sock, hello_timeout=HELLO_TIMEOUT)),
             f"node {self.id}",
         )
         self._acceptor.start()
-
-    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
-        t = self.loop.create_task(coro)
-        self._tasks.add(t)
-        t.add_done_callback(self._tasks.discard)
-        return t
 
     @property
     def busy(self) -> bool:
@@ -219,8 +214,7 @@ class Node:
                 os.unlink(self.path)
             except FileNotFoundError:
                 pass
-        for t in list(self._tasks):
-            t.cancel()
+        self._tasks.cancel_all()
         for timer in self._invited.values():
             timer.cancel()
         self._invited.clear()
@@ -275,7 +269,7 @@ class Node:
         if node in self._dead:
             self.loop.call_soon(self.engine.node_failed, node, self._dead[node])
             return
-        self._connecting[node] = self._spawn(self._connect(node))
+        self._connecting[node] = self._tasks.spawn(self._connect(node))
 
     def _on_event(self, src: bytes, ev: Event, fds: list[Any]) -> None:
         self.engine.receive(src, ev, fds)
@@ -429,11 +423,11 @@ class Node:
     def accept_via(self, peer: bytes, sock: socket.socket) -> None:
         """Expect node ``peer`` to connect over ``sock`` (an end of a socket
         pair given to a child); no connection by path is tried meanwhile."""
-        self._connecting[peer] = self._spawn(self.accept_connection(sock, expect=peer))
+        self._connecting[peer] = self._tasks.spawn(self.accept_connection(sock, expect=peer))
 
     def connect_via(self, peer: bytes, sock: socket.socket) -> None:
         """Connect to ``peer`` over an already connected socket (inherited)."""
-        self._connecting[peer] = self._spawn(self._connect(peer, sock))
+        self._connecting[peer] = self._tasks.spawn(self._connect(peer, sock))
 
     async def _connect(self, peer: bytes, sock: socket.socket | None = None) -> None:
         wait = RETRY_FIRST_WAIT
@@ -465,7 +459,7 @@ class Node:
                     continue
                 if verdict == V_DUPLICATE:
                     # the peer's own connection to us carries the traffic; give it time
-                    self._spawn(self._await_inbound(peer))
+                    self._tasks.spawn(self._await_inbound(peer))
                 break
         except asyncio.CancelledError:
             if self._connecting.get(peer) is asyncio.current_task():

@@ -1,4 +1,4 @@
-"""Every operating-system-specific call meshipc makes (layer 1).
+"""Every operating-system-specific call meshipc makes.
 
 The rest of the package never tests ``sys.platform`` and never reads a
 constant that only one system defines: it asks ``PLATFORM``, chosen once at

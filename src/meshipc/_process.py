@@ -1,4 +1,4 @@
-"""Spawned worker processes that join the mesh at start (layer 9).
+"""Spawned worker processes that join the mesh at start.
 
 The parent makes a socket pair, passes one end to a fresh interpreter
 (``python -P -c <bootstrap> <parent's sys.path>``, see ``worker_command``)
