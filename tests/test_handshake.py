@@ -392,7 +392,7 @@ async def test_wrong_secret_is_rejected_before_any_event(mesh_dir: Path) -> None
         with pytest.raises(HandshakeError):
             await asyncio.wait_for(intruder.connect_to(a.id), T)
         # the acceptor's handshake task ends when the intruder hangs up
-        await asyncio.wait(set(a._tasks), timeout=T)
+        await asyncio.wait(a._tasks.running(), timeout=T)
         assert a.rejected == 1
         assert intruder.id not in a.links
     finally:

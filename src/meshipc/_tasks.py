@@ -27,6 +27,10 @@ class TaskSet:
         t.add_done_callback(self._tasks.discard)
         return t
 
+    def running(self) -> set[asyncio.Task[Any]]:
+        """The tasks still running (a copy)."""
+        return set(self._tasks)
+
     def cancel_all(self) -> None:
         """Cancel every task still running (each leaves the set as it ends)."""
         for t in list(self._tasks):
