@@ -171,7 +171,12 @@ class PipeFail:
 class ListenerFail(PipeFail):
     def failure(self, bound: float) -> float:
         tmp = short_tmp()
-        path, key, ready, got = os.path.join(tmp, "l.sock"), secrets.token_bytes(32), ctx().Event(), ctx().Event()
+        path, key, ready, got = (
+            os.path.join(tmp, "l.sock"),
+            secrets.token_bytes(32),
+            ctx().Event(),
+            ctx().Event(),
+        )
         proc = ctx().Process(target=hang_listener, args=(path, key, ready, got), daemon=True)
         proc.start()
         try:

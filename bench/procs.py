@@ -75,7 +75,7 @@ def mpc_service(path: str, key: bytes, ready: Any) -> None:
 def _raise_nofile() -> None:
     import resource
 
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     with contextlib.suppress(ValueError, OSError):
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
@@ -112,7 +112,7 @@ class Services:
         rmtree(self.tmp)
 
 
-# --------------------------------------------------------------- attach: timed inside an already-running client
+# --------------------------------------------------------------- attach: timed inside a running client
 
 ATTACH_MESH = r"""
 import asyncio, sys, time, meshipc
@@ -187,7 +187,9 @@ def attach_paths(s: Services) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if "meshipc" in s.procs:
         out["meshipc.connect + call"] = lambda: _inside([py, "-c", ATTACH_MESH, s.name, s.tmp, "call"])
-        out["meshipc.connect + port message"] = lambda: _inside([py, "-c", ATTACH_MESH, s.name, s.tmp, "port"])
+        out["meshipc.connect + port message"] = lambda: _inside(
+            [py, "-c", ATTACH_MESH, s.name, s.tmp, "port"]
+        )
     if "mpc" in s.procs:
         out["multiprocessing.connection"] = lambda: _inside([py, "-c", ATTACH_MPC, s.mpc_path, s.key.hex()])
     if "pyro" in s.procs:
@@ -249,7 +251,9 @@ async def main():
         await asyncio.to_thread(sys.stdin.readline)
         t = time.perf_counter()
         async def one():
-            conn = await stack.enter_async_context(meshipc.connect(sys.argv[1], runtime_dir=sys.argv[2], timeout=60))
+            conn = await stack.enter_async_context(
+                meshipc.connect(sys.argv[1], runtime_dir=sys.argv[2], timeout=60)
+            )
             conn.port.send(b"x")
             await conn.port.recv()
         await asyncio.gather(*(one() for _ in range(k)))
@@ -283,7 +287,7 @@ def attach_many(kind: str, n: int) -> tuple[float, float]:
     growth per client in KiB once they idle)."""
     import resource
 
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     with contextlib.suppress(ValueError, OSError):
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # inherited by the holders
     s = Services({kind})
@@ -424,5 +428,3 @@ class ScalePath:
 
 def inspect_cli(name: str, rd: str) -> float:
     return _wall([*meshipc_cli(), "inspect", name, "-r", "-j", "--runtime-dir", rd])
-
-
