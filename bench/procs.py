@@ -114,8 +114,11 @@ class Services:
 
 # --------------------------------------------------------------- attach: timed inside a running client
 
+# (meshipc loads its submodules on first use: load them all before timing,
+# as the peers' clients have imported theirs)
 ATTACH_MESH = r"""
 import asyncio, sys, time, meshipc
+[getattr(meshipc, n) for n in meshipc.__all__]
 async def main():
     t = time.perf_counter()
     async with meshipc.connect(sys.argv[1], runtime_dir=sys.argv[2]) as conn:
@@ -227,6 +230,7 @@ def cold_paths(s: Services) -> dict[str, Any]:
 
 IMPORTS = {
     "import meshipc": "import meshipc",
+    "import meshipc, load all": "import meshipc; [getattr(meshipc, n) for n in meshipc.__all__]",
     "import zmq": "import zmq",
     "import multiprocessing.connection": "import multiprocessing.connection",
     "import Pyro5.api": "import Pyro5.api",
@@ -244,6 +248,7 @@ def import_paths(available: set[str]) -> dict[str, Any]:
 
 HOLD_MESH = r"""
 import asyncio, contextlib, sys, time, meshipc
+[getattr(meshipc, n) for n in meshipc.__all__]
 async def main():
     k = int(sys.argv[3])
     async with contextlib.AsyncExitStack() as stack:
