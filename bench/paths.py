@@ -234,6 +234,46 @@ class MeshSyncPath:
         rmtree(self.tmp)
 
 
+class MeshServicePath:
+    """``meshipc.connect`` to a service process, then ``await conn.call("echo", msg)``
+    (by name: the registry is asked on the first call only)."""
+
+    is_async = True
+
+    async def start(self) -> None:
+        self.tmp = short_tmp()
+        name = f"bench-{os.getpid()}"
+        ready = ctx().Event()
+        self.proc = ctx().Process(target=sync_service, args=(name, self.tmp, ready), daemon=True)
+        self.proc.start()
+        await asyncio.to_thread(_wait_ready, ready, "meshipc")
+        self.stack = contextlib.AsyncExitStack()
+        self.conn = await self.stack.enter_async_context(meshipc.connect(name, runtime_dir=self.tmp))
+        await self.conn.call("echo", MSG)
+
+    async def rtt(self, n: int) -> float:
+        call = self.conn.call
+        t0 = time.perf_counter()
+        for _ in range(n):
+            await call("echo", MSG)
+        return (time.perf_counter() - t0) / n * 1e6
+
+    async def idle(self, n: int, gap: float) -> float:
+        times = []
+        for _ in range(n):
+            await asyncio.sleep(gap)
+            t0 = time.perf_counter()
+            await self.conn.call("echo", MSG)
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times) * 1e6
+
+    async def stop(self) -> None:
+        await self.stack.aclose()
+        self.proc.terminate()
+        await asyncio.to_thread(_stop_proc, self.proc)
+        rmtree(self.tmp)
+
+
 # --------------------------------------------------------------- multiprocessing.Pipe / connection
 
 

@@ -133,6 +133,7 @@ GROUPS = {
 }
 
 M_STOCK, M_UV, M_SYNC = "meshipc (stock loop)", "meshipc (uvloop)", "meshipc.sync"
+M_SVC = "meshipc conn.call (service)"
 PIPE, MPC, RED = "multiprocessing.Pipe", "multiprocessing.connection (authkey)", "multiprocessing.reduction"
 ST_STOCK, ST_UV = "asyncio streams (stock loop)", "asyncio streams (uvloop)"
 ZMQ, PYRO, GRPC = "pyzmq ipc://", "Pyro5 (Unix socket)", "gRPC aio (Unix socket)"
@@ -142,6 +143,7 @@ IPC_PATHS: dict[str, tuple[str, dict[str, Any], str | None, bool, str | None]] =
     M_STOCK: ("bench.paths:MeshPath", {}, "asyncio", True, None),
     M_UV: ("bench.paths:MeshPath", {}, "uvloop", True, "uvloop"),
     M_SYNC: ("bench.paths:MeshSyncPath", {}, "asyncio", True, None),
+    M_SVC: ("bench.paths:MeshServicePath", {}, "asyncio", True, None),
     PIPE: ("bench.paths:PipePath", {}, None, False, None),
     MPC: ("bench.paths:ListenerPath", {}, None, False, None),
     ST_STOCK: ("bench.paths:StreamPath", {"loop": "asyncio"}, "asyncio", False, None),
@@ -151,7 +153,7 @@ IPC_PATHS: dict[str, tuple[str, dict[str, Any], str | None, bool, str | None]] =
     GRPC: ("bench.paths:GrpcPath", {}, "asyncio", False, "grpc"),
     RED: ("bench.paths:ReductionPath", {}, None, False, None),
 }
-RPC_SET = [M_STOCK, M_UV, M_SYNC, PIPE, MPC, ST_STOCK, ST_UV, ZMQ, PYRO, GRPC]
+RPC_SET = [M_STOCK, M_UV, M_SYNC, M_SVC, PIPE, MPC, ST_STOCK, ST_UV, ZMQ, PYRO, GRPC]
 RPC_PAIRS = [
     *((M_STOCK, p) for p in (PIPE, MPC, ST_STOCK, ZMQ, PYRO, GRPC)),
     (M_UV, ST_UV),
@@ -159,6 +161,8 @@ RPC_PAIRS = [
     (M_SYNC, PIPE),
     (M_SYNC, MPC),
     (M_SYNC, PYRO),
+    (M_SVC, PIPE),
+    (M_SVC, ST_STOCK),
 ]
 TP_SET = [M_STOCK, M_UV, PIPE, ZMQ, ST_STOCK, ST_UV]
 TP_PAIRS = [(M_STOCK, PIPE), (M_STOCK, ZMQ), (M_STOCK, ST_STOCK), (M_UV, ZMQ), (M_UV, ST_UV)]
@@ -382,7 +386,8 @@ def group_ipc(cfg: dict[str, Any], args: argparse.Namespace, res: Results, keys:
         res.bench("rtt")["notes"].append(
             "pyzmq: REQ/REP, blocking calls on both sides; Pyro5: marshal serializer; "
             "gRPC: grpc.aio, generic handler, bytes; meshipc: tx.call() to a spawned worker, "
-            "meshipc.sync: a service in another process through conn.open()"
+            "meshipc.sync: a service in another process through conn.open(); meshipc conn.call: "
+            "await conn.call('echo', msg) by name from meshipc.connect to that service"
         )
     if "throughput" in keys:
         res.bench("throughput")["notes"].append(
@@ -730,8 +735,14 @@ def print_table(data: dict[str, Any], file: Any = None) -> None:
         )
     print(file=file)
     print("targets (one run):", file=file)
+    unmeasured = 0
     for t in data["targets"]:
-        print(f"  [{t['status']:>12}] {t['target']}: {t.get('detail', '—')}", file=file)
+        if t["status"] == "not measured":
+            unmeasured += 1
+            continue
+        print(f"  [{t['status']:>6}] {t['target']}: {t.get('detail', '—')}", file=file)
+    if unmeasured:
+        print(f"  ({unmeasured} target(s) not measured in this run)", file=file)
     if data["notes"]:
         print("\nnotes:", file=file)
         for n in data["notes"]:
