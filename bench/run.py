@@ -57,15 +57,15 @@ PEER_MODULES = {
 # ------------------------------------------------------------------ configuration
 
 FULL = {
-    "runs": 5,
+    "runs": 9,
     "rtt_n": 3000,
     "idle_n": 30,
     "tp_n": 100_000,
     "large": {1 << 20: 64, 16 << 20: 8},
     "fd_n": 20_000,
-    "fail_trials": 5,
-    "attach_runs": 9,
-    "import_runs": 11,
+    "fail_trials": 7,
+    "attach_runs": 15,
+    "import_runs": 15,
     "many": (1, 10, 100, 1000),
     "workers": (1, 2, 4, 8, 16),
     "workers_runs": 3,
@@ -516,9 +516,10 @@ def group_many(cfg: dict[str, Any], args: argparse.Namespace, res: Results, keys
             )
     for key in ("many_time", "many_mem"):
         res.bench(key)["notes"].append(
-            f"one run; clients attach concurrently from up to {procs.HOLDERS} client processes "
+            f"one run; clients attach concurrently from up to {procs.HOLDERS} client processes, "
+            "at most 32 at a time each "
             "(meshipc: connect + a port message each; multiprocessing.connection: Client + a message, "
-            "served by a thread per client); memory: service RSS after they idle 0.5 s minus before "
+            "served by a thread per client); memory: service RSS after they idle 1 s minus before "
             "(after one warm-up client came and went), divided by N"
         )
     if 1000 not in cfg["many"]:
