@@ -397,8 +397,9 @@ def group_ipc(cfg: dict[str, Any], args: argparse.Namespace, res: Results, keys:
     for key in ("large_1m", "large_16m"):
         if key in keys:
             res.bench(key)["notes"].append(
-                "meshipc keeps 2 messages in flight with acks from the worker (drain() hangs after "
-                "a message larger than the byte window: see the report)"
+                "meshipc keeps 2 messages in flight with acks from the worker, not drain(): drain() "
+                "after a message larger than the byte window (2 MiB) does not return until another "
+                "message is sent"
             )
 
 
@@ -686,9 +687,12 @@ def rows(data: dict[str, Any]) -> list[list[str]]:
                     verdict(b, r),
                 ]
             )
+        peers = {p for _, p in b["pairs"]}
         for name, pth in b["paths"].items():
             if pth["meshipc"] and name not in paired:
                 out.append([title, name, figure(pth), "", "", "", ""])
+            elif not pth["meshipc"] and name not in peers:  # a reference (python -c pass)
+                out.append([title, "", "", name, figure(pth), "", ""])
     return out
 
 
@@ -782,6 +786,66 @@ def markdown(data: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+#: The headline rows of ``--summary`` (the README's table): (label, bench, meshipc path, peer).
+SUMMARY = [
+    ("RPC round trip, 64 B (µs)", "rtt", M_STOCK, ST_STOCK),
+    ("", "rtt", M_STOCK, ZMQ),
+    ("", "rtt", M_STOCK, PIPE),
+    ("", "rtt", M_STOCK, PYRO),
+    ("", "rtt", M_STOCK, GRPC),
+    ("", "rtt", M_UV, ZMQ),
+    ("", "rtt", M_SYNC, PIPE),
+    ("round trip after 10 ms idle (µs)", "idle", M_STOCK, ZMQ),
+    ("one-way 64 B (msg/s)", "throughput", M_STOCK, PIPE),
+    ("", "throughput", M_STOCK, ZMQ),
+    ("16 MiB messages (MB/s)", "large_16m", M_STOCK, PIPE),
+    ("fd passing (msg/s)", "fd", M_STOCK, RED),
+    ("failure detection (ms)", "failure", M_STOCK, PIPE),
+    ("", "failure", M_STOCK, ZMQ),
+    ("attach, connect to first reply (ms)", "attach", "meshipc.connect + call", "multiprocessing.connection"),
+    ("cold `meshipc call` (ms)", "cold", "meshipc call NAME echo", "multiprocessing.connection"),
+    ("`python -c 'import ...'` (ms)", "startup", "import meshipc", "import zmq"),
+    ("", "startup", "import meshipc, load all", "import zmq"),
+    ("service RSS per idle client (KiB)", "many_mem", "@largest", "@largest"),
+    ("RPC, 16 workers (calls/s)", "workers", "meshipc, 16 workers", "ProcessPoolExecutor, 16 workers"),
+]
+
+
+def summary_md(data: dict[str, Any]) -> str:
+    """The headline rows and the targets, as markdown (for the README)."""
+    m = data["machine"]
+    lines = [
+        f"{m['cpus']} x {m['cpu_model']}, Python {m['python']}, "
+        + ", ".join(f"{k} {v}" for k, v in m["libraries"].items() if v and k != "matplotlib")
+        + f"; load average {m['loadavg_start'][0]:.1f}-{data.get('loadavg_end', [0])[0]:.1f}",
+        "",
+        "| | meshipc | | peer | | meshipc / peer |",
+        "|---|---|---|---|---|---|",
+    ]
+    for label, key, mname, pname in SUMMARY:
+        b = data["benches"].get(key)
+        if b is None:
+            continue
+        if mname == "@largest":
+            ms = [n for n, v in b["paths"].items() if v["meshipc"]]
+            if not ms:
+                continue
+            mname = max(ms, key=lambda n: int(n.split(", ")[1].split()[0]))
+            pname = mname.replace("meshipc", "multiprocessing.connection")
+        if mname not in b["paths"] or pname not in b["paths"]:
+            continue
+        r = ratio(b, mname, pname)
+        lines.append(
+            f"| {label} | {mname} | {figure(b['paths'][mname])} | {pname} | {figure(b['paths'][pname])} "
+            f"| {'—' if r is None else f'{r:.2f}x'} |"
+        )
+    lines += ["", "| target | | |", "|---|---|---|"]
+    for t in data["targets"]:
+        if t["status"] != "not measured":
+            lines.append(f"| {t['target']} | **{t['status']}** | {t.get('detail', '—')} |")
+    return "\n".join(lines) + "\n"
+
+
 def chart(data: dict[str, Any], path: str) -> None:
     import matplotlib
 
@@ -866,6 +930,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--json", metavar="FILE", help="write the results as JSON")
     ap.add_argument("--chart", metavar="FILE.png", help="write a chart (matplotlib)")
     ap.add_argument("--markdown", metavar="FILE", help="write a markdown table ('-': print it)")
+    ap.add_argument("--summary", metavar="FILE", help="write the README's short table ('-': print it)")
     ap.add_argument("--from-json", metavar="FILE", help="do not measure: render a saved --json file")
     ap.add_argument("--list", action="store_true", help="list the benchmark keys and exit")
     args = ap.parse_args(argv)
@@ -948,6 +1013,12 @@ def main(argv: list[str] | None = None) -> int:
             print(md)
         else:
             Path(args.markdown).write_text(md)
+    if args.summary:
+        sm = summary_md(data)
+        if args.summary == "-":
+            print(sm)
+        else:
+            Path(args.summary).write_text(sm)
     if args.chart:
         if have("matplotlib"):
             chart(data, args.chart)
