@@ -761,7 +761,8 @@ def markdown(data: dict[str, Any]) -> str:
         "# meshipc benchmark results",
         "",
         f"`python -m bench{' --quick' if data['quick'] else ''}` on {m['cpus']} x {m['cpu_model']}, "
-        f"{m['platform']}, Python {m['python']}; {libs}; meshipc commit {m['meshipc_commit'] or '?'}; "
+        f"{m['platform']}, Python {m['python']}; loops: {m['loops']}; {libs}; "
+        f"meshipc commit {m['meshipc_commit'] or '?'}; "
         f"load average {m['loadavg_start'][0]:.2f} at the start, "
         f"{data.get('loadavg_end', [0])[0]:.2f} at the end; "
         f"{data['elapsed_s']:.0f} s in all.",
