@@ -20,6 +20,7 @@ import cProfile
 import io
 import os
 import pstats
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -143,6 +144,7 @@ async def profile_two_sides(what: str) -> None:
             for t in (tx, ctl_tx):
                 t.close()
         await proc.wait()
+    shutil.rmtree(tmp, ignore_errors=True)
     show(pr, f"{what}: this process (caller / sender)")
     show(pstats.Stats(stats), f"{what}: the worker (callee / receiver)")
     os.unlink(stats)
@@ -253,6 +255,7 @@ def memory(n: int) -> None:
             for h in holders:
                 await h.wait()
             task.cancel()
+        shutil.rmtree(tmp, ignore_errors=True)
 
     asyncio.run(main())
 
