@@ -6,48 +6,112 @@ processes that join at spawn, and already-running processes that attach to a
 running mesh at runtime. See README.md.
 """
 
-from . import sync  # the blocking API: meshipc.sync.connect
-from ._channel import Call, Port, Receiver, Sender, channel
-from ._control import Service, ServiceCall, ServiceNameInUse, ServiceNotFound, ServiceSender
-from ._errors import (
-    AuthenticationError,
-    BufferFull,
-    ChannelClosed,
-    ConnectError,
-    DescriptorsTruncated,
-    HandshakeError,
-    InvitationDecodeError,
-    InvitationExpired,
-    InvitationReadError,
-    InvitationTooLarge,
-    JoinError,
-    JoinTimeout,
-    MeshError,
-    MeshNameInUse,
-    MessageError,
-    NodeFailure,
-    PeerCredentialsError,
-    PlatformError,
-    PortFailed,
-    ProtocolError,
-    RemoteError,
-    SocketPathTooLong,
-    SpawnError,
-)
-from ._fd import Fd
-from ._ids import NodeId, PortId
-from ._invitation import Invitation, Inviter
-from ._join import Attachment
-from ._listener import Admission, Listener
-from ._loop import run
-from ._mesh import Mesh, connect, current_mesh, join
-from ._ports import Limits
-from ._process import Process
-from ._sockets import PeerCred
+import importlib
 
-#: Earlier names of ``Admission`` and ``Attachment``, kept for existing code.
-Connection = Admission
-ClientConnection = Attachment
+TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing costs more than the rest
+if TYPE_CHECKING:
+    from typing import Any
+
+    from . import sync
+    from ._channel import Call, Port, Receiver, Sender, channel
+    from ._control import Service, ServiceCall, ServiceNameInUse, ServiceNotFound, ServiceSender
+    from ._errors import (
+        AuthenticationError,
+        BufferFull,
+        ChannelClosed,
+        ConnectError,
+        DescriptorsTruncated,
+        HandshakeError,
+        InvitationDecodeError,
+        InvitationExpired,
+        InvitationReadError,
+        InvitationTooLarge,
+        JoinError,
+        JoinTimeout,
+        MeshError,
+        MeshNameInUse,
+        MessageError,
+        NodeFailure,
+        PeerCredentialsError,
+        PlatformError,
+        PortFailed,
+        ProtocolError,
+        RemoteError,
+        SocketPathTooLong,
+        SpawnError,
+    )
+    from ._fd import Fd
+    from ._ids import NodeId, PortId
+    from ._invitation import Invitation, Inviter
+    from ._join import Attachment
+    from ._listener import Admission, Listener
+    from ._loop import run
+    from ._mesh import Mesh, connect, current_mesh, join
+    from ._ports import Limits
+    from ._process import Process
+    from ._sockets import PeerCred
+
+    Connection = Admission
+    ClientConnection = Attachment
+del TYPE_CHECKING
+
+# Public names are loaded on first use (module __getattr__, PEP 562), so
+# ``import meshipc`` stays cheap for a command that does not need all of
+# it; ``meshipc.sync`` is the blocking API, a submodule.
+#: public name -> (module, attribute)
+_LAZY: dict[str, tuple[str, str]] = {
+    "Call": ("._channel", "Call"),
+    "Port": ("._channel", "Port"),
+    "Receiver": ("._channel", "Receiver"),
+    "Sender": ("._channel", "Sender"),
+    "channel": ("._channel", "channel"),
+    "Service": ("._control", "Service"),
+    "ServiceCall": ("._control", "ServiceCall"),
+    "ServiceNameInUse": ("._control", "ServiceNameInUse"),
+    "ServiceNotFound": ("._control", "ServiceNotFound"),
+    "ServiceSender": ("._control", "ServiceSender"),
+    "AuthenticationError": ("._errors", "AuthenticationError"),
+    "BufferFull": ("._errors", "BufferFull"),
+    "ChannelClosed": ("._errors", "ChannelClosed"),
+    "ConnectError": ("._errors", "ConnectError"),
+    "DescriptorsTruncated": ("._errors", "DescriptorsTruncated"),
+    "HandshakeError": ("._errors", "HandshakeError"),
+    "InvitationDecodeError": ("._errors", "InvitationDecodeError"),
+    "InvitationExpired": ("._errors", "InvitationExpired"),
+    "InvitationReadError": ("._errors", "InvitationReadError"),
+    "InvitationTooLarge": ("._errors", "InvitationTooLarge"),
+    "JoinError": ("._errors", "JoinError"),
+    "JoinTimeout": ("._errors", "JoinTimeout"),
+    "MeshError": ("._errors", "MeshError"),
+    "MeshNameInUse": ("._errors", "MeshNameInUse"),
+    "MessageError": ("._errors", "MessageError"),
+    "NodeFailure": ("._errors", "NodeFailure"),
+    "PeerCredentialsError": ("._errors", "PeerCredentialsError"),
+    "PlatformError": ("._errors", "PlatformError"),
+    "PortFailed": ("._errors", "PortFailed"),
+    "ProtocolError": ("._errors", "ProtocolError"),
+    "RemoteError": ("._errors", "RemoteError"),
+    "SocketPathTooLong": ("._errors", "SocketPathTooLong"),
+    "SpawnError": ("._errors", "SpawnError"),
+    "Fd": ("._fd", "Fd"),
+    "NodeId": ("._ids", "NodeId"),
+    "PortId": ("._ids", "PortId"),
+    "Invitation": ("._invitation", "Invitation"),
+    "Inviter": ("._invitation", "Inviter"),
+    "Attachment": ("._join", "Attachment"),
+    "Admission": ("._listener", "Admission"),
+    "Listener": ("._listener", "Listener"),
+    "run": ("._loop", "run"),
+    "Mesh": ("._mesh", "Mesh"),
+    "connect": ("._mesh", "connect"),
+    "current_mesh": ("._mesh", "current_mesh"),
+    "join": ("._mesh", "join"),
+    "Limits": ("._ports", "Limits"),
+    "Process": ("._process", "Process"),
+    "PeerCred": ("._sockets", "PeerCred"),
+    "Connection": ("._listener", "Admission"),  # earlier name
+    "ClientConnection": ("._join", "Attachment"),  # earlier name
+}
 
 __version__ = "0.1.0"
 
@@ -105,3 +169,18 @@ __all__ = (
     "ServiceNotFound",
     "ServiceSender",
 )
+
+
+def __getattr__(name: str) -> "Any":
+    if name == "sync":
+        return importlib.import_module(".sync", __name__)
+    where = _LAZY.get(name)
+    if where is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(where[0], __name__), where[1])
+    globals()[name] = value  # next time without __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
