@@ -591,7 +591,7 @@ async def test_pending_calls_never_hang_when_a_node_dies(seed: int):
 
 
 def _bodies(values: list[Any]) -> list[bytes]:
-    from meshipc._channel import CODEC
+    from meshipc._codec import CODEC
 
     return [CODEC.encode_plain(v) or b"" for v in values]
 

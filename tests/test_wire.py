@@ -689,7 +689,7 @@ def test_consumed_frame_truncated_or_padded_is_refused():
 def test_compact_call_request_is_checked_by_the_engine():
     """A K_CALL frame without ports names its reply port in its first 32
     bytes: shorter, or reusing a live port id, is a protocol error."""
-    from meshipc._channel import CODEC
+    from meshipc._codec import CODEC
     from meshipc._ids import NodeId, PortId
     from meshipc._ports import Engine
     from meshipc._wire import K_CALL

@@ -38,7 +38,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Final
 
-from ._channel import CODEC
+from ._codec import CODEC
 from ._errors import HandshakeError, MeshError
 from ._ids import NodeId
 from ._platform import PLATFORM
