@@ -8,7 +8,7 @@ running mesh at runtime. See README.md.
 
 from . import sync  # the blocking API: meshipc.sync.connect
 from ._channel import Call, Port, Receiver, Sender, channel
-from ._control import Service, ServiceCall, ServiceNameInUse, ServiceNotFound, ServiceSender
+from ._control import Service, ServiceCall, ServiceSender
 from ._errors import (
     AuthenticationError,
     BufferFull,
@@ -31,6 +31,8 @@ from ._errors import (
     PortFailed,
     ProtocolError,
     RemoteError,
+    ServiceNameInUse,
+    ServiceNotFound,
     SocketPathTooLong,
     SpawnError,
 )

@@ -178,7 +178,7 @@ def _not_running(args: argparse.Namespace, exc: ConnectError) -> str:
 
 
 async def _call(conn: Any, args: argparse.Namespace) -> int:
-    from ._control import ServiceNotFound
+    from ._errors import ServiceNotFound
 
     try:
         request = json.loads(args.request)
