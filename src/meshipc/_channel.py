@@ -277,7 +277,7 @@ class _Inbox(_Handle):
                     pass  # that loop is closed: a later wait rebinds and rescans
 
         st.waker = waker
-        if st.queue or st.readable_end:
+        if st.queue or st.ended:
             self._wake(st)
 
     def _wake(self, st: PortState) -> None:
@@ -308,7 +308,7 @@ class _Inbox(_Handle):
         to read (a wake racing with ``_next_message`` may have been missed)."""
         found = False
         for st in self._states:
-            if (st.queue or st.readable_end) and st not in self._sched:
+            if (st.queue or st.ended) and st not in self._sched:
                 self._sched.add(st)
                 self._ready.append(st)
                 found = True
@@ -352,7 +352,7 @@ class _Inbox(_Handle):
             q = st.queue
             if q:
                 msg = q.popleft()
-                if not q and not st.readable_end:
+                if not q and not st.ended:
                     ready.popleft()
                     self._sched.discard(st)
                 body = msg.body
@@ -369,7 +369,7 @@ class _Inbox(_Handle):
                 return msg
             ready.popleft()
             self._sched.discard(st)
-            if st.readable_end and st in self._states and self._merges:
+            if st.ended and st in self._states and self._merges:
                 # one of several senders is gone: drop it. A failure is
                 # reported only when it ends the stream (the last sender):
                 # one client dying must not end a server's loop over many
@@ -384,7 +384,7 @@ class _Inbox(_Handle):
             if not self._states:
                 raise ChannelClosed("the port was closed or sent away")
             st = self._states[0]
-            if st.readable_end and not st.queue:
+            if st.ended and not st.queue:
                 if st.error is not None:
                     raise st.error
                 raise ChannelClosed("the peer port is closed")
@@ -658,7 +658,7 @@ async def _reply_to(st: PortState) -> Message:
     ``call.cancelled`` if the caller gave up first."""
     q = st.queue
     try:
-        if not q and not st.readable_end:
+        if not q and not st.ended:
             fut = asyncio.get_running_loop().create_future()
 
             def wake() -> None:  # the engine runs on this thread (call_plain's rule)

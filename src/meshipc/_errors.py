@@ -1,4 +1,6 @@
-"""The meshipc exception tree (layer 2).
+"""The meshipc exception tree, rooted at ``MeshError``.
+
+This module's one job is the exceptions meshipc raises, with no logic.
 
 Every exception that carries attributes defines ``__reduce__`` so it survives
 pickling by code that reports errors across processes (for instance

@@ -1,8 +1,14 @@
-"""The port engine (layer 4, sans-IO).
+"""The port engine: every port's state and the port protocol, sans-IO.
+
+This module's one job is the state machine of port ends: sequencing,
+moving ports between nodes, failure rules and flow control (``Limits``).
+It reads and writes no socket and runs no event loop: a node feeds it
+decoded events and ships what it hands its ``Outbox``; values are turned
+into bytes by a ``Codec`` it is given.
 
 Rules of this module:
 
-* Everything that changes a port's state lives here; the node layer only
+* Everything that changes a port's state lives here; the node only
   feeds events in (:meth:`Engine.receive`, :meth:`Engine.receive_data`,
   :meth:`Engine.node_failed`) and ships what the engine hands its
   :class:`Outbox`. No socket, no event loop.
@@ -79,6 +85,7 @@ message arrives, and the peer's own items follow it on the same link.
 
 from __future__ import annotations
 
+import enum
 import functools
 import threading
 from collections import deque
@@ -95,7 +102,7 @@ from ._errors import (
     PortFailed,
     ProtocolError,
 )
-from ._ids import PortId, random_id
+from ._ids import ID_LEN, PortId, random_id
 from ._wire import (
     CALL_HEAD,
     D_DEAD,
@@ -121,12 +128,31 @@ from ._wire import (
     ProxyDoneEvent,
 )
 
-OWNED: Final = 0
-SENDING: Final = 1
-PROXY: Final = 2
 
+class PortMode(enum.IntEnum):
+    """Where a port end is in its life (see the table above). An ``IntEnum``:
+    the hot paths compare modes as plain ints."""
+
+    #: held here: messages are queued for the user
+    OWNED = 0
+    #: sent inside a message, not yet arrived: what comes is buffered
+    SENDING = 1
+    #: arrived elsewhere: what comes is forwarded to the new end
+    PROXY = 2
+
+
+OWNED: Final = PortMode.OWNED
+SENDING: Final = PortMode.SENDING
+PROXY: Final = PortMode.PROXY
+
+#: the first sequence number of each direction of a port
 _FIRST_SEQ: Final = 1
-_NO_ID: Final = bytes(16)
+#: "no node / no port": an id no random id equals
+_NO_ID: Final = bytes(ID_LEN)
+#: consumption is reported to a remote sender every this fraction of a window
+ACK_FRACTION: Final = 4
+#: a sender notes its byte count every this fraction of the byte window
+CHECKPOINT_FRACTION: Final = 8
 
 
 @dataclass(frozen=True)
@@ -280,7 +306,7 @@ class PortState:
     def __init__(self, engine: Engine, id: bytes, peer_node: bytes, peer_port: bytes) -> None:
         self.id = id
         self.engine = engine
-        self.mode = OWNED
+        self.mode: PortMode = OWNED
         self.peer_node = peer_node
         self.peer_port = peer_port
         self.send_seq = _FIRST_SEQ
@@ -325,12 +351,12 @@ class PortState:
         self.credit: list[Callable[[], None]] | None = None
 
     @property
-    def readable_end(self) -> bool:
+    def ended(self) -> bool:
         """True when no further message can ever be queued here."""
         return self.peer_closed or self.error is not None or self.closed or self.mode != OWNED
 
     def __repr__(self) -> str:
-        mode = ("OWNED", "SENDING", "PROXY")[self.mode]
+        mode = PortMode(self.mode).name
         peer = f"{self.peer_node.hex()[:6]}/{self.peer_port.hex()[:6]}"
         return f"<PortState {self.id.hex()[:8]} {mode} peer={peer}>"
 
@@ -401,11 +427,11 @@ class Engine:
         self.node_id = node_id
         self.limits = limits
         #: consumption reported to a remote sender in batches of a quarter window
-        self.ack_every_n = max(1, limits.window_messages // 4)
-        self.ack_every_bytes = max(1, limits.window_bytes // 4)
+        self.ack_every_n = max(1, limits.window_messages // ACK_FRACTION)
+        self.ack_every_bytes = max(1, limits.window_bytes // ACK_FRACTION)
         self._max_n = limits.max_messages  # read per checkpoint: plain attributes
         self._max_b = limits.max_bytes
-        self._ck_bytes = max(1, limits.window_bytes // 8)
+        self._ck_bytes = max(1, limits.window_bytes // CHECKPOINT_FRACTION)
         #: the thread that drives this engine, and how to run a call there;
         #: None for an engine no event loop drives (then ``lock`` serializes
         #: every change made through the handles, from any thread)
@@ -573,7 +599,7 @@ class Engine:
         """A compact RPC request from ``src``: make the callee's reply end."""
         if len(body) < CALL_HEAD:
             raise ProtocolError("RPC request without its reply port")
-        new_id, caller_port = body[:16], body[16:CALL_HEAD]
+        new_id, caller_port = body[:ID_LEN], body[ID_LEN:CALL_HEAD]
         if new_id in self.ports:
             raise ProtocolError("RPC request reuses a live port id")
         reply = PortState(self, new_id, src, caller_port)
