@@ -211,19 +211,6 @@ def _plain_hook(obj: Any) -> None:
 _plain_encoder = msgspec.msgpack.Encoder(enc_hook=_plain_hook)
 
 
-def encode_plain(obj: Any) -> bytes | None:
-    """The bytes of a value without ports or fds; None if it has any (or a
-    type only the full encoder can judge)."""
-    try:
-        body = _plain_encoder.encode(obj)
-    except BaseException:
-        _needs_full.pop(_get_ident(), None)  # forget the note, then re-raise
-        raise
-    if _needs_full and _needs_full.pop(_get_ident(), False):
-        return None
-    return body
-
-
 def check_encodable(value: Any) -> None:
     """Raise ``MessageError`` for a value that has no handle or fd inside and
     that the encoder would still refuse (called where the real encode happens
@@ -388,8 +375,17 @@ class MsgpackCodec:
         finally:
             r.engine, r.ports, r.fds, r.carrier = None, [], [], None
 
-    # the module function itself: no extra call on the hot path
-    encode_plain = staticmethod(encode_plain)
+    def encode_plain(self, obj: Any) -> bytes | None:
+        """The bytes of a value without ports or fds; None if it has any (or
+        a type only the full encoder can judge)."""
+        try:
+            body = _plain_encoder.encode(obj)
+        except BaseException:
+            _needs_full.pop(_get_ident(), None)  # forget the note, then re-raise
+            raise
+        if _needs_full and _needs_full.pop(_get_ident(), False):
+            return None
+        return body
 
     def encode_error(self, exc: BaseException) -> bytes:
         return _encoder.encode(("MessageError", f"message could not be encoded: {exc}", ""))
@@ -405,6 +401,8 @@ class MsgpackCodec:
 
 
 CODEC: Final = MsgpackCodec()
+#: a bound method, as the engine calls it (the hot path of every plain send)
+encode_plain: Final = CODEC.encode_plain
 
 
 def check_sendable(states: list[PortState], what: str) -> None:
