@@ -1326,3 +1326,24 @@ def test_backlog_beyond_any_reorder_window_moves_intact():
     got = drain(moved)
     assert got == list(range(2 * n))
     close_all(net, a, moved, c1, c2)
+
+
+def test_send_encoded_ships_the_bytes_to_another_node_and_the_object_locally():
+    """``Engine.send_encoded`` (a send from another thread, encoded there):
+    the bytes go to a remote peer; a local peer gets the object itself."""
+    from meshipc._codec import CODEC
+    from meshipc._wire import K_DATA
+
+    net = Net(2)
+    a, b = net.pair(0, 1)
+    st = a._states[0]
+    value = {"n": [1, 2]}
+    st.engine.send_encoded(st, K_DATA, value, CODEC.encode_plain(value) or b"")
+    net.run()
+    assert drain(b) == [value]
+    x, y = Port.pair()
+    sx = x._states[0]
+    obj = Point(1, 2)
+    sx.engine.send_encoded(sx, K_DATA, obj, b"not used")
+    assert y.try_recv() is obj
+    close_all(net, a, b, x, y)

@@ -89,8 +89,19 @@ def _posted(st: PortState, fn: Any, args: tuple[Any, ...]) -> None:
         log.warning("a send from another thread was dropped: %s", exc)
 
 
-def _engine_send(eng: Engine, st: PortState, kind: int, value: Any, force: bool = False) -> None:
-    eng.send_value(st, kind, value, force)
+def _engine_send(eng: Engine, st: PortState, kind: int, value: Any) -> None:
+    eng.send_value(st, kind, value)
+
+
+# sends from another thread, admitted there (``force``: past the hard limit)
+
+
+def _engine_send_encoded(eng: Engine, st: PortState, kind: int, value: Any, body: bytes) -> None:
+    eng.send_encoded(st, kind, value, body, force=True)
+
+
+def _engine_send_message(eng: Engine, st: PortState, kind: int, value: Any) -> None:
+    eng.send(st, Message(kind, value), force=True)
 
 
 def _engine_close(eng: Engine, st: PortState) -> None:
@@ -197,9 +208,13 @@ def _send(h: _Handle, kind: int, value: Any) -> None:
             plain = _codec.encode_plain(value)
         except RecursionError:
             raise MessageError("this value cannot be sent to another process: nested too deep") from None
+        # encoded once, here: the loop ships these bytes (or, for a value with
+        # ports or fds, goes straight to the full encoder)
         if plain is None:
             check_encodable(value)
-        _from_thread(st, _engine_send, st, kind, value, True)
+            _from_thread(st, _engine_send_message, st, kind, value)
+        else:
+            _from_thread(st, _engine_send_encoded, st, kind, value, plain)
 
 
 class _Inbox(_Handle):

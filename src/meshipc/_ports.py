@@ -491,6 +491,7 @@ class Engine:
             except RecursionError:
                 raise MessageError("this value cannot be sent to another process: nested too deep") from None
             if body is not None:  # else ports, fds or an unsupported type: the full path says which
+                # send_encoded's shipping, inlined: the path of every plain send
                 n = len(body)
                 if n > MAX_OOB_BODY:
                     raise MessageError(f"a message of {n} bytes exceeds the limit of {MAX_OOB_BODY}")
@@ -501,6 +502,29 @@ class Engine:
                 st.sent_b += n
                 self.out.send_data(node, st.peer_port, seq, kind, body)
                 return
+        self.send(st, Message(kind, obj), force)
+
+    def send_encoded(self, st: PortState, kind: int, obj: Any, body: bytes, force: bool = False) -> None:
+        """``send_value`` for a value its caller already encoded without ports
+        or fds (``body``, from ``Codec.encode_plain``; a send from another
+        thread encodes there): shipped as it is when the peer is on another
+        node, else the object goes as a local message."""
+        node = st.peer_node
+        if (
+            node != self.node_id
+            and st.mode == OWNED
+            and not (st.closed or st.peer_closed or st.error is not None)
+        ):
+            n = len(body)
+            if n > MAX_OOB_BODY:
+                raise MessageError(f"a message of {n} bytes exceeds the limit of {MAX_OOB_BODY}")
+            seq = st.send_seq
+            if seq >= st.ck_seq or st.sent_b + n >= st.ck_b:
+                self._checkpoint(st, seq, n, force)  # may raise BufferFull
+            st.send_seq = seq + 1
+            st.sent_b += n
+            self.out.send_data(node, st.peer_port, seq, kind, body)
+            return
         self.send(st, Message(kind, obj), force)
 
     def send(self, st: PortState, msg: Message, force: bool = False) -> None:
@@ -906,8 +930,8 @@ class Engine:
         self._run()
 
     def _enqueue(self, st: PortState, msg: Message) -> None:
-        """Queue an in-order message for the holder of ``st`` (the one place
-        but ``receive_data``'s inlined hot path)."""
+        """Queue an in-order message for the holder of ``st``: the one place,
+        but for ``receive_run``'s batch form of it."""
         q = st.queue
         q.append(msg)
         if msg.kind >= K_REPLY:
@@ -925,14 +949,8 @@ class Engine:
         if st is not None and seq == st.recv_seq and not st.pending:
             mode = st.mode
             if mode == OWNED and not st.closed:
-                # _enqueue, inlined: this is the path of every plain message
                 st.recv_seq = seq + 1
-                q = st.queue
-                q.append(Message(kind, None, body))
-                if kind >= K_REPLY:
-                    self._finished(st)
-                elif len(q) == 1 and st.waker is not None:
-                    st.waker()
+                self._enqueue(st, Message(kind, None, body))
                 return
             # a port on the move: buffer or forward without event objects (a
             # moving port's backlog comes through here item by item)
@@ -956,6 +974,8 @@ class Engine:
         woken once; anything but an in-order owned end takes them one by one."""
         st = self.ports.get(port)
         if st is not None and seq == st.recv_seq and st.mode == OWNED and not st.pending and not st.closed:
+            # _enqueue for a whole run, inlined (the path of a stream): K_DATA
+            # is never final, so only the wakeup is left, once per run
             st.recv_seq = seq + len(bodies)
             q = st.queue
             woke = not q
