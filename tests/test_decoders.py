@@ -9,9 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import shutil
 import socket
-import tempfile
 import time
 from pathlib import Path
 
@@ -23,6 +21,7 @@ from meshipc import InvitationDecodeError, MeshError
 from meshipc._invitation import _INVITATION_VERSION, MAX_INVITATION, Invitation, _Wire
 from meshipc._node import _CHALLENGE, _HELLO, _MAGIC, V_DENIED, MeshSecret, Node
 from meshipc._wire import _DESC, PROTOCOL_VERSION
+from relutil import private_dir, within
 
 BOUNDED = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -118,9 +117,9 @@ async def _feed_acceptor(directory: Path, data: bytes) -> tuple[int, bytes]:
         theirs.shutdown(socket.SHUT_WR)
         got = b""
         with contextlib.suppress(ConnectionResetError):  # it hung up with our bytes unread
-            while chunk := await asyncio.wait_for(loop.sock_recv(theirs, 4096), 5):
+            while chunk := await within(loop.sock_recv(theirs, 4096), 5):
                 got += chunk
-        await asyncio.wait_for(task, 5)  # it ends, and raises nothing
+        await within(task, 5)  # it ends, and raises nothing
         assert not node._conns, "a peer without the secret was admitted"
         return node.rejected, got
     finally:
@@ -144,13 +143,11 @@ def hellos() -> st.SearchStrategy[bytes]:
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=hellos())
 def test_handshake_acceptor_any_bytes(data: bytes) -> None:
-    d = Path(tempfile.mkdtemp(prefix="d", dir="/tmp"))
-    try:
-        rejected, reply = asyncio.run(_feed_acceptor(d, data))
-    except MeshError as exc:  # pragma: no cover - would be a finding
-        raise AssertionError(f"the acceptor raised {exc!r}") from exc
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
+    with private_dir("d") as d:
+        try:
+            rejected, reply = asyncio.run(_feed_acceptor(d, data))
+        except MeshError as exc:  # pragma: no cover - would be a finding
+            raise AssertionError(f"the acceptor raised {exc!r}") from exc
     assert rejected == 1
     # at most a CHALLENGE (and a DENIED verdict) went back; never an acceptance
     assert len(reply) in (0, _CHALLENGE.size, _CHALLENGE.size + 1), len(reply)
