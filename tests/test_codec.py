@@ -170,3 +170,13 @@ def test_any_bytes_decode_to_a_value_or_a_message_error(data: bytes) -> None:
             decode(message(data), tp)
         except MessageError:
             pass
+
+
+def test_codec_imports_nothing_above_ports_and_no_io() -> None:
+    import inspect
+
+    import meshipc._codec as codec
+
+    src = inspect.getsource(codec)
+    for mod in ("socket", "asyncio", "selectors", "._channel", "._node", "._transport"):
+        assert f"import {mod}" not in src and f"from {mod} import" not in src

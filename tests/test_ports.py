@@ -645,3 +645,14 @@ def test_a_run_for_an_unknown_port_is_dropped():
     eb = net.engines[1]
     eb.receive_run(net.engines[0].node_id, bytes(16), 1, _bodies([1, 2]))
     assert not eb.ports
+
+
+def test_ports_module_is_sans_io() -> None:
+    import inspect
+
+    import meshipc._ports as ports
+
+    src = inspect.getsource(ports)
+    for mod in ("socket", "asyncio", "selectors"):
+        assert f"import {mod}" not in src
+    assert ports.PortMode.OWNED == 0 and ports.OWNED is ports.PortMode.OWNED

@@ -76,13 +76,13 @@ def _from_thread(st: PortState, fn: Any, *args: Any) -> None:
             fn(eng, *args)
             return
         try:
-            eng.post(_posted, st, fn, args)
+            eng.post(_run_posted, st, fn, args)
         except RuntimeError:
             raise ChannelClosed("the event loop of this port's mesh is closed") from None
         return
 
 
-def _posted(st: PortState, fn: Any, args: tuple[Any, ...]) -> None:
+def _run_posted(st: PortState, fn: Any, args: tuple[Any, ...]) -> None:
     try:
         fn(st.engine, *args)
     except MeshError as exc:  # raised in the caller's thread had it been on the loop
@@ -227,8 +227,8 @@ class _Inbox(_Handle):
         "_calls_only",
         "_error",
         "_foreign",
-        "_from",
         "_fut",
+        "_last_node",
         "_loop",
         "_more",
         "_plain_dec",
@@ -252,7 +252,7 @@ class _Inbox(_Handle):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread = threading.get_ident()
         self._foreign = False  # woken from another thread at least once
-        self._from = b""  # node of the last message taken (for bad-message reports)
+        self._last_node = b""  # node of the last message taken (for bad-message reports)
         #: messages from other processes dropped because they did not decode
         #: or validate (each is logged with the node that sent it)
         self.bad_messages = 0
@@ -373,11 +373,11 @@ class _Inbox(_Handle):
                 body = msg.body
                 if body is not None:
                     # flow control: a remote sender counts this off its window
-                    self._from = st.peer_node
-                    st.ack_n += 1
-                    st.ack_bytes += len(body)
+                    self._last_node = st.peer_node
+                    st.unreported_n += 1
+                    st.unreported_bytes += len(body)
                     eng = st.engine
-                    if st.ack_n >= eng.ack_every_n or st.ack_bytes >= eng.ack_every_bytes:
+                    if st.unreported_n >= eng.ack_every_n or st.unreported_bytes >= eng.ack_every_bytes:
                         eng.consumed(st)
                 if st.credit is not None:
                     st.engine.consumed(st)  # a local sender waits in drain()
@@ -410,20 +410,20 @@ class _Inbox(_Handle):
             raise ChannelClosed("every sender is closed")
         return None
 
-    def _bad(self, exc: MessageError) -> Any:
+    def _drop_bad(self, exc: MessageError) -> Any:
         """A message from another process that does not decode or validate:
         logged with its node, counted, dropped; the stream goes on."""
         self.bad_messages += 1
         log.warning(
             "dropped a bad message from node %s on %r (%d so far): %s",
-            self._from.hex()[:12],
+            self._last_node.hex()[:12],
             self,
             self.bad_messages,
             exc,
         )
         return _SKIP
 
-    def _take(self, msg: Message) -> Any:
+    def _value_of(self, msg: Message) -> Any:
         kind = msg.kind
         if kind == K_REPLY:
             kind = K_DATA  # a peer's last message; the end follows
@@ -432,7 +432,7 @@ class _Inbox(_Handle):
         if kind == K_DATA:
             if self._calls_only:
                 _local_engine.dispose(msg)
-                return self._bad(MessageError("a plain message on a channel of calls"))
+                return self._drop_bad(MessageError("a plain message on a channel of calls"))
             body = msg.body
             if body is None:
                 return msg.obj
@@ -440,11 +440,11 @@ class _Inbox(_Handle):
                 try:  # the common message: decode inline with this end's decoder
                     return self._plain_dec.decode(body)
                 except DECODE_ERRORS as exc:
-                    return self._bad(MessageError(f"invalid message: {exc}"))
+                    return self._drop_bad(MessageError(f"invalid message: {exc}"))
             try:
                 return decode(msg, self._type)
             except MessageError as exc:
-                return self._bad(exc)
+                return self._drop_bad(exc)
         if kind == K_CALL:
             if msg.body is None:
                 cm: _CallMsg = msg.obj
@@ -452,7 +452,7 @@ class _Inbox(_Handle):
             ports = msg.ports
             if not ports:
                 _local_engine.dispose(msg)
-                return self._bad(MessageError("a call without its reply port"))
+                return self._drop_bad(MessageError("a call without its reply port"))
             reply = Port._wrap([ports[-1]])  # the reply port comes last
             try:
                 if len(ports) == 1 and not msg.fds:
@@ -464,7 +464,7 @@ class _Inbox(_Handle):
                     req = decode(Message(K_CALL, None, msg.body, ports[:-1], msg.fds), self._type)
             except MessageError as exc:
                 Call(None, reply).fail(exc)  # tell the caller why, instead of hanging up
-                return self._bad(exc)
+                return self._drop_bad(exc)
             return Call(req, reply)
         if kind == K_ADD_SENDER:
             if msg.body is None:
@@ -473,7 +473,7 @@ class _Inbox(_Handle):
                 try:
                     sender = decode(msg, Sender)
                 except MessageError as exc:
-                    return self._bad(exc)
+                    return self._drop_bad(exc)
             if isinstance(self, Receiver):
                 for st in sender._detach():
                     self._add(st)  # one more sender merged into this receiver
@@ -488,7 +488,7 @@ class _Inbox(_Handle):
         try:
             tn, text, _ = decode(msg, tuple[str, str, str])
         except MessageError as exc:
-            return self._bad(exc)
+            return self._drop_bad(exc)
         raise MessageError(f"{tn}: {text}")
 
     def _poll(self) -> Any:
@@ -497,7 +497,7 @@ class _Inbox(_Handle):
             msg = self._next_message()
             if msg is None:
                 return _EMPTY
-            value = self._take(msg)
+            value = self._value_of(msg)
             if value is not _SKIP:
                 return value
 

@@ -189,7 +189,7 @@ class Limits:
 DEFAULT_LIMITS: Final = Limits()
 #: A sender notes how many bytes it had sent every this many messages (or
 #: window/8 bytes): consumption reports are matched against these notes.
-CK_MESSAGES: Final = 64
+CHECKPOINT_MESSAGES: Final = 64
 
 
 class Message:
@@ -221,14 +221,14 @@ class Message:
 _data_message: Final = functools.partial(Message, K_DATA, None)
 
 
-class _Close:
+class _CloseItem:
     __slots__ = ()
 
 
-_CLOSE: Final = _Close()
+_CLOSE: Final = _CloseItem()
 
 
-class _Change:
+class _ChangePeer:
     __slots__ = ("new_node", "new_port", "old_node", "old_port")
 
     def __init__(self, new_node: bytes, new_port: bytes, old_node: bytes, old_port: bytes) -> None:
@@ -238,7 +238,7 @@ class _Change:
         self.old_port = old_port
 
 
-Item = Message | _Close | _Change
+Item = Message | _CloseItem | _ChangePeer
 
 
 class Codec(Protocol):
@@ -269,14 +269,10 @@ class PortState:
 
     __slots__ = (
         "__weakref__",
-        "ack_bytes",
-        "ack_n",
-        "acked_b",
+        "acked_bytes",
         "acked_seq",
         "buffer",
-        "ck",
-        "ck_b",
-        "ck_seq",
+        "checkpoints",
         "close_sent",
         "closed",
         "credit",
@@ -285,6 +281,8 @@ class PortState:
         "first_hop",
         "id",
         "mode",
+        "next_checkpoint_bytes",
+        "next_checkpoint_seq",
         "peer_closed",
         "peer_node",
         "peer_port",
@@ -297,9 +295,11 @@ class PortState:
         "recv_seq",
         "relayed",
         "send_seq",
-        "sent_b",
+        "sent_bytes",
         "target_node",
         "target_port",
+        "unreported_bytes",
+        "unreported_n",
         "waker",
     )
 
@@ -335,18 +335,18 @@ class PortState:
         self.relayed: list[tuple[bytes, bytes]] | None = None
         # flow control, sending side, towards another node: sequence numbers
         # count messages (acked_seq: the last one reported consumed); bytes
-        # are cumulative (sent_b), known consumed at checkpoints (ck: deque of
-        # (seq, sent_b before it)) taken every CK_MESSAGES or window/8 bytes,
-        # so a send costs an addition and a comparison. ck None: not tracking.
-        self.ck: deque[tuple[int, int]] | None = None
+        # are cumulative (sent_bytes), known consumed at checkpoints (checkpoints: deque of
+        # (seq, sent_bytes before it)) taken every CHECKPOINT_MESSAGES or window/8 bytes,
+        # so a send costs an addition and a comparison. checkpoints None: not tracking.
+        self.checkpoints: deque[tuple[int, int]] | None = None
         self.acked_seq = 0
-        self.sent_b = 0
-        self.acked_b = 0
-        self.ck_seq = 0  # next checkpoint at this seq...
-        self.ck_b = 0  # ...or once sent_b reaches this
+        self.sent_bytes = 0
+        self.acked_bytes = 0
+        self.next_checkpoint_seq = 0  # next checkpoint at this seq...
+        self.next_checkpoint_bytes = 0  # ...or once sent_bytes reaches this
         # flow control, receiving side: consumed since the last CONSUMED report
-        self.ack_n = 0
-        self.ack_bytes = 0
+        self.unreported_n = 0
+        self.unreported_bytes = 0
         # called when this end's window may have opened (or the port ended)
         self.credit: list[Callable[[], None]] | None = None
 
@@ -431,7 +431,7 @@ class Engine:
         self.ack_every_bytes = max(1, limits.window_bytes // ACK_FRACTION)
         self._max_n = limits.max_messages  # read per checkpoint: plain attributes
         self._max_b = limits.max_bytes
-        self._ck_bytes = max(1, limits.window_bytes // CHECKPOINT_FRACTION)
+        self._checkpoint_every_bytes = max(1, limits.window_bytes // CHECKPOINT_FRACTION)
         #: the thread that drives this engine, and how to run a call there;
         #: None for an engine no event loop drives (then ``lock`` serializes
         #: every change made through the handles, from any thread)
@@ -496,10 +496,10 @@ class Engine:
                 if n > MAX_OOB_BODY:
                     raise MessageError(f"a message of {n} bytes exceeds the limit of {MAX_OOB_BODY}")
                 seq = st.send_seq
-                if seq >= st.ck_seq or st.sent_b + n >= st.ck_b:
+                if seq >= st.next_checkpoint_seq or st.sent_bytes + n >= st.next_checkpoint_bytes:
                     self._checkpoint(st, seq, n, force)  # may raise BufferFull
                 st.send_seq = seq + 1
-                st.sent_b += n
+                st.sent_bytes += n
                 self.out.send_data(node, st.peer_port, seq, kind, body)
                 return
         self.send(st, Message(kind, obj), force)
@@ -519,10 +519,10 @@ class Engine:
             if n > MAX_OOB_BODY:
                 raise MessageError(f"a message of {n} bytes exceeds the limit of {MAX_OOB_BODY}")
             seq = st.send_seq
-            if seq >= st.ck_seq or st.sent_b + n >= st.ck_b:
+            if seq >= st.next_checkpoint_seq or st.sent_bytes + n >= st.next_checkpoint_bytes:
                 self._checkpoint(st, seq, n, force)  # may raise BufferFull
             st.send_seq = seq + 1
-            st.sent_b += n
+            st.sent_bytes += n
             self.out.send_data(node, st.peer_port, seq, kind, body)
             return
         self.send(st, Message(kind, obj), force)
@@ -551,10 +551,10 @@ class Engine:
                 msg = self.encode_message(msg, st)
             ev, fds = self._event_for(node, st.peer_port, seq, msg, strict=True)
             n = len(msg.body or b"")
-            if seq >= st.ck_seq or st.sent_b + n >= st.ck_b:
+            if seq >= st.next_checkpoint_seq or st.sent_bytes + n >= st.next_checkpoint_bytes:
                 self._checkpoint(st, seq, n, True)
             st.send_seq = seq + 1
-            st.sent_b += n
+            st.sent_bytes += n
             self.out.send_event(node, ev, fds)
             return
         target = self.ports.get(st.peer_port)
@@ -580,10 +580,10 @@ class Engine:
                 msg = self.encode_message(msg, st)
             seq = st.send_seq
             n = len(msg.body or b"")
-            if seq >= st.ck_seq or st.sent_b + n >= st.ck_b:
+            if seq >= st.next_checkpoint_seq or st.sent_bytes + n >= st.next_checkpoint_bytes:
                 self._checkpoint(st, seq, n, True)
             st.send_seq = seq + 1
-            st.sent_b += n
+            st.sent_bytes += n
             self._route(node, st.peer_port, seq, msg)
             return
         seq = st.send_seq
@@ -609,13 +609,13 @@ class Engine:
         if n > MAX_OOB_BODY:
             raise MessageError(f"a message of {n} bytes exceeds the limit of {MAX_OOB_BODY}")
         seq = st.send_seq
-        if seq >= st.ck_seq or st.sent_b + n >= st.ck_b:
+        if seq >= st.next_checkpoint_seq or st.sent_bytes + n >= st.next_checkpoint_bytes:
             self._checkpoint(st, seq, n, False)
         reply = PortState(self, random_id(), node, random_id())
         reply.pinned = True
         self.ports[reply.id] = reply
         st.send_seq = seq + 1
-        st.sent_b += n
+        st.sent_bytes += n
         self.out.send_data(node, st.peer_port, seq, K_CALL, reply.peer_port + reply.id + body)
         return reply
 
@@ -702,7 +702,7 @@ class Engine:
                     ps.pending[seq] = self.encode_message(item, ps)
 
     def _full(self, st: PortState) -> BufferFull:
-        if st.ck is None:
+        if st.checkpoints is None:
             t = self.ports.get(st.peer_port)
             n = len(t.queue) if t is not None else 0
             return BufferFull(
@@ -725,9 +725,12 @@ class Engine:
             t = self.ports.get(st.peer_port)
             if t is not None and t.mode == OWNED:
                 return not t.closed and len(t.queue) >= lim.max_messages
-        if st.ck is None:
+        if st.checkpoints is None:
             return False
-        return st.send_seq - 1 - st.acked_seq >= lim.max_messages or st.sent_b - st.acked_b >= lim.max_bytes
+        return (
+            st.send_seq - 1 - st.acked_seq >= lim.max_messages
+            or st.sent_bytes - st.acked_bytes >= lim.max_bytes
+        )
 
     def over_window(self, st: PortState) -> bool:
         """Whether ``st`` has more unconsumed messages or bytes in flight than
@@ -737,36 +740,37 @@ class Engine:
             t = self.ports.get(st.peer_port)
             if t is not None and t.mode == OWNED:
                 return len(t.queue) > lim.window_messages
-        if st.ck is None:
+        if st.checkpoints is None:
             return False
         return (
-            st.send_seq - 1 - st.acked_seq > lim.window_messages or st.sent_b - st.acked_b > lim.window_bytes
+            st.send_seq - 1 - st.acked_seq > lim.window_messages
+            or st.sent_bytes - st.acked_bytes > lim.window_bytes
         )
 
     def in_flight(self, st: PortState) -> tuple[int, int]:
         """Messages (sequenced items, to be exact) and bytes sent from ``st``
         to another node and not reported consumed yet."""
-        if st.ck is None:
+        if st.checkpoints is None:
             return 0, 0
-        return st.send_seq - 1 - st.acked_seq, st.sent_b - st.acked_b
+        return st.send_seq - 1 - st.acked_seq, st.sent_bytes - st.acked_bytes
 
     def _checkpoint(self, st: PortState, seq: int, n: int, force: bool) -> None:
         """Before sending item ``seq`` of ``n`` bytes: start tracking, check
         the hard limit, note what "consumed through seq - 1" will mean in
         bytes."""
-        ck = st.ck
+        ck = st.checkpoints
         if ck is None:  # first send to another node (or first after a local spell)
-            ck = st.ck = deque()
+            ck = st.checkpoints = deque()
             st.acked_seq = seq - 1
-            st.acked_b = st.sent_b
+            st.acked_bytes = st.sent_bytes
         elif not force:
             out_n = seq - 1 - st.acked_seq
-            out_b = st.sent_b - st.acked_b
+            out_b = st.sent_bytes - st.acked_bytes
             if out_n >= self._max_n or (out_b + n > self._max_b and out_n):
                 raise self._full(st)
-        ck.append((seq - 1, st.sent_b))
-        st.ck_seq = seq + CK_MESSAGES
-        st.ck_b = st.sent_b + n + self._ck_bytes
+        ck.append((seq - 1, st.sent_bytes))
+        st.next_checkpoint_seq = seq + CHECKPOINT_MESSAGES
+        st.next_checkpoint_bytes = st.sent_bytes + n + self._checkpoint_every_bytes
 
     def watch_credit(self, st: PortState, fn: Callable[[], None]) -> None:
         """Call ``fn`` once when the window of ``st`` may have opened (also
@@ -795,11 +799,11 @@ class Engine:
         remote sender once a quarter window has gone, wake a local one."""
         if st.credit is not None and len(st.queue) <= self.limits.window_messages:
             self._fire_credit(st)
-        if st.ack_n >= self.ack_every_n or st.ack_bytes >= self.ack_every_bytes:
+        if st.unreported_n >= self.ack_every_n or st.unreported_bytes >= self.ack_every_bytes:
             self._report_consumed(st)
 
     def _report_consumed(self, st: PortState) -> None:
-        st.ack_n = st.ack_bytes = 0
+        st.unreported_n = st.unreported_bytes = 0
         if (
             st.peer_node != self.node_id
             and st.mode == OWNED
@@ -813,14 +817,14 @@ class Engine:
         st = self.ports.get(port)
         if st is None or st.mode != OWNED:
             return  # the sender moved on: its new end counts from its own first send
-        ck = st.ck
+        ck = st.checkpoints
         if ck is None or seq <= st.acked_seq:
             return
         st.acked_seq = min(seq, st.send_seq - 1)
-        b = st.acked_b
+        b = st.acked_bytes
         while ck and ck[0][0] <= seq:
             b = ck.popleft()[1]
-        st.acked_b = b
+        st.acked_bytes = b
         if st.credit is not None and not self.over_window(st):
             self._fire_credit(st)
 
@@ -897,7 +901,7 @@ class Engine:
         self._run()
 
     def _change_in(self, src: bytes, ev: ChangePeerEvent, fds: list[Any] | None) -> None:
-        self._work.append((ev.port, ev.seq, _Change(ev.new_node, ev.new_port, ev.old_node, ev.old_port)))
+        self._work.append((ev.port, ev.seq, _ChangePeer(ev.new_node, ev.new_port, ev.old_node, ev.old_port)))
         self._run()
 
     def _arrived_in(self, src: bytes, ev: ArrivedEvent, fds: list[Any] | None) -> None:
@@ -1066,13 +1070,13 @@ class Engine:
             left.extend(item for _, item in st.buffer)
         st.pending = None
         st.buffer = None
-        st.ck = None
+        st.checkpoints = None
         for item in left:
             self._abandon(item)
         self._fire_credit(st)
 
     @staticmethod
-    def _note_relayed(st: PortState, item: _Change) -> None:
+    def _note_relayed(st: PortState, item: _ChangePeer) -> None:
         if st.relayed is None:
             st.relayed = []
         st.relayed.append((item.old_node, item.old_port))
@@ -1089,7 +1093,7 @@ class Engine:
         """Drop a sequenced item whose port is gone for good."""
         if isinstance(item, Message):
             self.dispose(item)
-        elif isinstance(item, _Change):
+        elif isinstance(item, _ChangePeer):
             # the proxy waiting for our acknowledgement would wait forever
             self._unsequenced(item.old_node, FailEvent(item.old_port, "the peer port is gone"))
 
@@ -1147,7 +1151,7 @@ class Engine:
             fds = item.fds or []
             descs = [self._send_port(ps, node) for ps in states]
             return MsgEvent(port, seq, item.kind, 0, descs, len(fds), item.body or b""), fds
-        if isinstance(item, _Close):
+        if isinstance(item, _CloseItem):
             return CloseEvent(port, seq), []
         return ChangePeerEvent(port, seq, item.new_node, item.new_port, item.old_node, item.old_port), []
 
@@ -1217,7 +1221,7 @@ class Engine:
                     return
                 self._enqueue(st, item)
                 return
-            elif isinstance(item, _Close):
+            elif isinstance(item, _CloseItem):
                 st.peer_closed = True
                 if not st.close_sent:
                     st.close_sent = True
@@ -1231,14 +1235,14 @@ class Engine:
                 if item.new_node != self.node_id:
                     self.out.watch(item.new_node)
                 elif item.new_node == self.node_id:
-                    st.ck = None  # a local peer's queue is the count now
-                    st.ck_seq = 0
+                    st.checkpoints = None  # a local peer's queue is the count now
+                    st.next_checkpoint_seq = 0
                 self._fire_credit(st)  # a drain() waiting on the old peer re-checks
                 return
             if st.waker is not None:
                 st.waker()
         elif mode == SENDING:
-            if isinstance(item, _Change):
+            if isinstance(item, _ChangePeer):
                 st.peer_node = item.new_node
                 st.peer_port = item.new_port
                 self._note_relayed(st, item)
@@ -1246,13 +1250,13 @@ class Engine:
                 st.buffer = []
             st.buffer.append((seq, item))
         else:
-            if isinstance(item, _Change):
+            if isinstance(item, _ChangePeer):
                 st.peer_node = item.new_node
                 st.peer_port = item.new_port
                 self._note_relayed(st, item)
             self._route(st.target_node, st.target_port, seq, item)
             if (
-                isinstance(item, _Close)
+                isinstance(item, _CloseItem)
                 or (isinstance(item, Message) and item.kind >= K_REPLY)
                 or (st.proxy_last is not None and seq >= st.proxy_last)
             ):
@@ -1269,7 +1273,7 @@ class Engine:
             self._drop_queue(ps)
             return PortDesc(new_id, _NO_ID, _NO_ID, _NO_ID, 0, 0, D_DEAD | D_PEER_CLOSED)
         ps.waker = None
-        if ps.ack_n:
+        if ps.unreported_n:
             self._report_consumed(ps)  # the new end counts from zero
         self._fire_credit(ps)
         for i, m in enumerate(ps.queue):
@@ -1347,7 +1351,7 @@ class Engine:
         if d.flags & D_PEER_CLOSED:
             st.close_sent = True
         else:
-            self._route(d.peer_node, d.peer_port, d.send_seq, _Change(self.node_id, st.id, src, d.origin))
+            self._route(d.peer_node, d.peer_port, d.send_seq, _ChangePeer(self.node_id, st.id, src, d.origin))
             if d.peer_node != self.node_id:
                 self.out.watch(d.peer_node)
         return st
@@ -1368,7 +1372,7 @@ class Engine:
                     data(src, new_port, seq, item.kind, item.body)  # no event object per item
                     continue
             self._route(src, new_port, seq, item)
-            if isinstance(item, _Close):
+            if isinstance(item, _CloseItem):
                 self._proxy_done(st)
                 return
         if st.pending_fail is not None:
