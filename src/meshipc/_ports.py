@@ -130,8 +130,11 @@ from ._wire import (
 
 
 class PortMode(enum.IntEnum):
-    """Where a port end is in its life (see the table above). An ``IntEnum``:
-    the hot paths compare modes as plain ints."""
+    """Where a port end is in its life (see the table above). An ``IntEnum``
+    (modes compare as ints elsewhere); every mode a ``PortState`` holds is a
+    member, so this module tests modes by identity (``is``): on the hot
+    paths that is cheaper than ``==``, which Python does not specialize for
+    an int subclass."""
 
     #: held here: messages are queued for the user
     OWNED = 0
@@ -353,7 +356,7 @@ class PortState:
     @property
     def ended(self) -> bool:
         """True when no further message can ever be queued here."""
-        return self.peer_closed or self.error is not None or self.closed or self.mode != OWNED
+        return self.peer_closed or self.error is not None or self.closed or self.mode is not OWNED
 
     def __repr__(self) -> str:
         mode = PortMode(self.mode).name
@@ -483,7 +486,7 @@ class Engine:
         node = st.peer_node
         if (
             node != self.node_id
-            and st.mode == OWNED
+            and st.mode is OWNED
             and not (st.closed or st.peer_closed or st.error is not None)
         ):
             try:
@@ -512,7 +515,7 @@ class Engine:
         node = st.peer_node
         if (
             node != self.node_id
-            and st.mode == OWNED
+            and st.mode is OWNED
             and not (st.closed or st.peer_closed or st.error is not None)
         ):
             n = len(body)
@@ -533,7 +536,7 @@ class Engine:
         ``ChannelClosed`` if this end was closed or sent away, ``BufferFull``
         at the flow-control hard limit, ``MessageError`` for a value that
         cannot go to another process (nothing is queued then)."""
-        if st.closed or st.mode != OWNED:
+        if st.closed or st.mode is not OWNED:
             self.dispose(msg)
             raise ChannelClosed("send on a port that was closed or sent away")
         if st.peer_closed or st.error is not None:
@@ -558,7 +561,7 @@ class Engine:
             self.out.send_event(node, ev, fds)
             return
         target = self.ports.get(st.peer_port)
-        if target is not None and target.mode == OWNED:
+        if target is not None and target.mode is OWNED:
             if not force and len(target.queue) >= self.limits.max_messages and not target.closed:
                 self.dispose(msg)
                 raise self._full(st)
@@ -599,7 +602,7 @@ class Engine:
         node = st.peer_node
         if (
             node == self.node_id
-            or st.mode != OWNED
+            or st.mode is not OWNED
             or st.closed
             or st.peer_closed
             or st.error is not None
@@ -644,7 +647,7 @@ class Engine:
             st.close_sent = True
             self._drop_queue(st)
             self._fire_credit(st)
-            if st.mode == OWNED:
+            if st.mode is OWNED:
                 self._remove(st)
 
     def _finished(self, st: PortState) -> None:
@@ -723,7 +726,7 @@ class Engine:
         lim = self.limits
         if st.peer_node == self.node_id:
             t = self.ports.get(st.peer_port)
-            if t is not None and t.mode == OWNED:
+            if t is not None and t.mode is OWNED:
                 return not t.closed and len(t.queue) >= lim.max_messages
         if st.checkpoints is None:
             return False
@@ -738,7 +741,7 @@ class Engine:
         lim = self.limits
         if st.peer_node == self.node_id:
             t = self.ports.get(st.peer_port)
-            if t is not None and t.mode == OWNED:
+            if t is not None and t.mode is OWNED:
                 return len(t.queue) > lim.window_messages
         if st.checkpoints is None:
             return False
@@ -780,7 +783,7 @@ class Engine:
             # a local receiver's queue is the window; it fires on reads, on its
             # removal (which our own close or failure also causes) and on moving
             t = self.ports.get(st.peer_port)
-            if t is not None and t.mode == OWNED:
+            if t is not None and t.mode is OWNED:
                 holder = t
         if holder.credit is None:
             holder.credit = []
@@ -806,7 +809,7 @@ class Engine:
         st.unreported_n = st.unreported_bytes = 0
         if (
             st.peer_node != self.node_id
-            and st.mode == OWNED
+            and st.mode is OWNED
             and not (st.closed or st.peer_closed or st.error is not None)
         ):
             # every item before the unread ones has been taken (or was not a message)
@@ -815,7 +818,7 @@ class Engine:
 
     def _on_consumed(self, port: bytes, seq: int) -> None:
         st = self.ports.get(port)
-        if st is None or st.mode != OWNED:
+        if st is None or st.mode is not OWNED:
             return  # the sender moved on: its new end counts from its own first send
         ck = st.checkpoints
         if ck is None or seq <= st.acked_seq:
@@ -835,7 +838,7 @@ class Engine:
         st.closed = True
         self._drop_queue(st)
         self._fire_credit(st)
-        if st.mode != OWNED or st.error is not None:
+        if st.mode is not OWNED or st.error is not None:
             return
         if not st.close_sent:
             st.close_sent = True
@@ -846,7 +849,7 @@ class Engine:
 
     def fail(self, st: PortState, reason: str) -> None:
         """Close this end abnormally: the peer gets ``PortFailed(reason)``."""
-        if st.closed or st.mode != OWNED:
+        if st.closed or st.mode is not OWNED:
             return
         st.closed = True
         self._drop_queue(st)
@@ -861,7 +864,7 @@ class Engine:
         if old is self:
             return
         with old.lock:
-            if st.mode != OWNED or st.peer_node != old.node_id:
+            if st.mode is not OWNED or st.peer_node != old.node_id:
                 raise MeshError("a port already bound to another mesh node cannot be sent through this one")
             peer = old.ports.get(st.peer_port)
             for s in (st, peer):
@@ -926,7 +929,7 @@ class Engine:
         if st is None:
             self.dispose(msg)
             return
-        if st.mode == OWNED and seq == st.recv_seq and not st.pending and not st.closed:
+        if st.mode is OWNED and seq == st.recv_seq and not st.pending and not st.closed:
             st.recv_seq = seq + 1
             self._enqueue(st, msg)
             return
@@ -952,19 +955,19 @@ class Engine:
         st = self.ports.get(port)
         if st is not None and seq == st.recv_seq and not st.pending:
             mode = st.mode
-            if mode == OWNED and not st.closed:
+            if mode is OWNED and not st.closed:
                 st.recv_seq = seq + 1
                 self._enqueue(st, Message(kind, None, body))
                 return
             # a port on the move: buffer or forward without event objects (a
             # moving port's backlog comes through here item by item)
-            if mode == SENDING:
+            if mode is SENDING:
                 st.recv_seq = seq + 1
                 if st.buffer is None:
                     st.buffer = []
                 st.buffer.append((seq, Message(kind, None, body)))
                 return
-            if mode == PROXY and st.target_node != self.node_id:
+            if mode is PROXY and st.target_node != self.node_id:
                 st.recv_seq = seq + 1
                 self.out.send_data(st.target_node, st.target_port, seq, kind, body)
                 if kind >= K_REPLY or (st.proxy_last is not None and seq >= st.proxy_last):
@@ -977,7 +980,7 @@ class Engine:
         (what one read of a stream brings): queued in one step, the holder
         woken once; anything but an in-order owned end takes them one by one."""
         st = self.ports.get(port)
-        if st is not None and seq == st.recv_seq and st.mode == OWNED and not st.pending and not st.closed:
+        if st is not None and seq == st.recv_seq and st.mode is OWNED and not st.pending and not st.closed:
             # _enqueue for a whole run, inlined (the path of a stream): K_DATA
             # is never final, so only the wakeup is left, once per run
             st.recv_seq = seq + len(bodies)
@@ -1002,11 +1005,11 @@ class Engine:
                 # items forwarded to this end through that node are lost: the
                 # stream has a hole that can never fill, so both sides fail
                 lost = f"messages in transit were lost: {err.cause}"
-                if st.mode == OWNED:
+                if st.mode is OWNED:
                     if st.peer_node != node and not st.peer_closed:
                         self._unsequenced(st.peer_node, FailEvent(st.peer_port, lost))
                     self._fail_local(st, NodeFailure(node.hex(), lost))
-                elif st.mode == SENDING:
+                elif st.mode is SENDING:
                     self._fail_other_side(st, node, lost)
                     if st.first_hop == node:
                         self._remove(st)
@@ -1017,10 +1020,10 @@ class Engine:
                     self._fail_other_side(st, node, lost)
                     self._remove(st)
                 continue
-            if st.mode == OWNED:
+            if st.mode is OWNED:
                 if st.peer_node == node:
                     self._fail_local(st, err)
-            elif st.mode == SENDING:
+            elif st.mode is SENDING:
                 if st.first_hop == node:
                     # the message carrying this port died with that node
                     self._fail_other_side(st, node, err.cause)
@@ -1203,7 +1206,7 @@ class Engine:
             f"the peer sent more than {self.limits.max_messages + MAX_REORDER} items "
             "beyond what this end consumed (flow-control limit)"
         )
-        if st.mode == OWNED:
+        if st.mode is OWNED:
             self._unsequenced(st.peer_node, FailEvent(st.peer_port, reason))
             self._fail_local(st, PortFailed(reason))
         else:
@@ -1212,7 +1215,7 @@ class Engine:
 
     def _process(self, st: PortState, seq: int, item: Item) -> None:
         mode = st.mode
-        if mode == OWNED:
+        if mode is OWNED:
             if isinstance(item, Message):
                 if st.closed or st.error is not None:
                     self.dispose(item)
@@ -1241,7 +1244,7 @@ class Engine:
                 return
             if st.waker is not None:
                 st.waker()
-        elif mode == SENDING:
+        elif mode is SENDING:
             if isinstance(item, _ChangePeer):
                 st.peer_node = item.new_node
                 st.peer_port = item.new_port
@@ -1267,7 +1270,7 @@ class Engine:
         if ps.engine is not self:
             self.adopt(ps)
         new_id = random_id()
-        if ps.mode != OWNED or ps.closed:
+        if ps.mode is not OWNED or ps.closed:
             return PortDesc(new_id, _NO_ID, _NO_ID, _NO_ID, 0, 0, D_DEAD)
         if ps.error is not None:
             self._drop_queue(ps)
@@ -1286,7 +1289,7 @@ class Engine:
         if (
             peer is not None
             and peer.pinned
-            and peer.mode == OWNED
+            and peer.mode is OWNED
             and not (peer.closed or peer.peer_closed or peer.error is not None)
             and not (ps.queue or ps.pending or peer.pending or ps.peer_closed)
             and ps.recv_seq == peer.send_seq
@@ -1358,7 +1361,7 @@ class Engine:
 
     def _on_arrived(self, src: bytes, port: bytes, new_port: bytes) -> None:
         st = self.ports.get(port)
-        if st is None or st.mode != SENDING:
+        if st is None or st.mode is not SENDING:
             return
         st.mode = PROXY
         st.target_node = src
@@ -1384,17 +1387,17 @@ class Engine:
 
     def _on_proxy_ack(self, port: bytes, last: int) -> None:
         st = self.ports.get(port)
-        if st is None or st.mode == OWNED:
+        if st is None or st.mode is OWNED:
             return
         st.proxy_last = last
-        if st.mode == PROXY and st.recv_seq - 1 >= last:
+        if st.mode is PROXY and st.recv_seq - 1 >= last:
             self._proxy_done(st)
 
     def _on_fail(self, port: bytes, err: PortFailed) -> None:
         st = self.ports.get(port)
         if st is None:
             return
-        if st.mode == OWNED:
+        if st.mode is OWNED:
             echo = not st.peer_closed
             self._fail_local(st, err)  # first: out of the table, so an echo cannot come back
             if echo:
@@ -1403,7 +1406,7 @@ class Engine:
                 # reach both ends, and the forwarder's own target may be long
                 # gone by the time its notice arrives; a dead peer ignores it
                 self._unsequenced(st.peer_node, FailEvent(st.peer_port, err.cause))
-        elif st.mode == SENDING:
+        elif st.mode is SENDING:
             st.pending_fail = err.cause
         else:
             self._unsequenced(st.target_node, FailEvent(st.target_port, err.cause))
