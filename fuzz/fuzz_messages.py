@@ -11,7 +11,8 @@ import atheris
 with atheris.instrument_imports():
     import msgspec
 
-    from meshipc._channel import Port, Receiver, Sender, decode
+    from meshipc._channel import Port, Receiver, Sender
+    from meshipc._codec import decode
     from meshipc._errors import MessageError
     from meshipc._fd import Fd
     from meshipc._ports import Message

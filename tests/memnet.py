@@ -13,7 +13,7 @@ from collections import deque
 from typing import Any
 
 from meshipc import ChannelClosed, Port, PortFailed
-from meshipc._channel import CODEC
+from meshipc._codec import CODEC
 from meshipc._ids import NodeId, PortId
 from meshipc._ports import Engine
 from meshipc._wire import Event, FrameDecoder, MsgEvent, encode_event

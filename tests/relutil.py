@@ -1,26 +1,45 @@
-"""Helpers shared by the reliability, flow-control and soak tests (real
-processes; see ``rel_workers.py`` for what runs in the children)."""
+"""Helpers shared by the tests: the one bounded wait (``within``, and
+``wait_until`` for state without an event), the private runtime folder
+(``private_dir``; the ``runtime_dir`` fixture in ``conftest.py``), and what
+the reliability, flow-control and soak tests use with real processes (see
+``rel_workers.py`` for what runs in the children)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
-from collections.abc import AsyncIterator, Awaitable, Callable
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any, TypeVar
 
 import meshipc
 
 T = TypeVar("T")
 
-#: Bound on any single wait.
+#: Bound on any single wait (pytest-timeout bounds a whole test, far above).
 STEP = 10.0
 
 
 async def within(aw: Awaitable[T], timeout: float = STEP) -> T:
-    """``aw``, or ``TimeoutError`` after ``timeout`` seconds."""
+    """``aw``, or ``TimeoutError`` after ``timeout`` seconds: the one bounded
+    wait of the tests (a test's own deadline, not pytest-timeout's)."""
     return await asyncio.wait_for(aw, timeout)
+
+
+@contextlib.contextmanager
+def private_dir(prefix: str = "m") -> Iterator[Path]:
+    """A short (AF_UNIX paths are limited, ``tmp_path`` is too long) and
+    private (0700) folder under /tmp, removed afterwards."""
+    d = tempfile.mkdtemp(prefix=prefix, dir="/tmp")
+    os.chmod(d, 0o700)
+    try:
+        yield Path(d)
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 async def wait_until(pred: Callable[[], bool], what: str, timeout: float = STEP) -> None:

@@ -36,8 +36,7 @@ from meshipc import (
     Sender,
 )
 from meshipc._channel import default_engine
-
-TIMEOUT = 5.0
+from relutil import within
 
 
 class Point(msgspec.Struct):
@@ -120,10 +119,6 @@ def autopump(net: Net) -> None:
 
     for e in net.engines:
         e.out = Outbox(e.out)
-
-
-async def within(aw: Any) -> Any:
-    return await asyncio.wait_for(aw, TIMEOUT)
 
 
 # ---------------------------------------------------------------- one process
@@ -1262,14 +1257,14 @@ async def test_local_drain_waits_for_the_reader_and_the_hard_limit_refuses():
     window, hard = DEFAULT_LIMITS.window_messages, DEFAULT_LIMITS.max_messages
     for i in range(window):
         tx.send(i)
-    await asyncio.wait_for(tx.drain(), 5)  # at the window, not over it: returns
+    await within(tx.drain(), 5)  # at the window, not over it: returns
     tx.send(window)
     drain = asyncio.ensure_future(tx.drain())
     for _ in range(5):
         await asyncio.sleep(0)
     assert not drain.done()  # over the window: waits for the reader
     assert await rx.recv() == 0  # one read brings it back to the window
-    await asyncio.wait_for(drain, 5)
+    await within(drain, 5)
     for i in range(window + 1, hard + 1):
         tx.send(i)
     with pytest.raises(meshipc.BufferFull, match="unread"):
@@ -1291,7 +1286,7 @@ async def test_drain_raises_when_the_receiver_goes():
     drain = asyncio.ensure_future(tx.drain())
     rx.close()
     with pytest.raises(ChannelClosed):
-        await asyncio.wait_for(drain, 5)
+        await within(drain, 5)
 
 
 def test_backlog_beyond_any_reorder_window_moves_intact():
@@ -1328,13 +1323,22 @@ def test_backlog_beyond_any_reorder_window_moves_intact():
     close_all(net, a, moved, c1, c2)
 
 
-def test_invalid_utf8_from_a_peer_is_a_message_error():
-    """msgspec raises UnicodeDecodeError for a bad string: still one
-    MessageError for that message, whatever the receiver's type."""
-    from meshipc._channel import decode
-    from meshipc._ports import Message
+def test_send_encoded_ships_the_bytes_to_another_node_and_the_object_locally():
+    """``Engine.send_encoded`` (a send from another thread, encoded there):
+    the bytes go to a remote peer; a local peer gets the object itself."""
+    from meshipc._codec import CODEC
     from meshipc._wire import K_DATA
 
-    for tp in (Any, str, list[str]):
-        with pytest.raises(MessageError):
-            decode(Message(K_DATA, None, b"\xa2\xff\xfe"), tp)
+    net = Net(2)
+    a, b = net.pair(0, 1)
+    st = a._states[0]
+    value = {"n": [1, 2]}
+    st.engine.send_encoded(st, K_DATA, value, CODEC.encode_plain(value) or b"")
+    net.run()
+    assert drain(b) == [value]
+    x, y = Port.pair()
+    sx = x._states[0]
+    obj = Point(1, 2)
+    sx.engine.send_encoded(sx, K_DATA, obj, b"not used")
+    assert y.try_recv() is obj
+    close_all(net, a, b, x, y)

@@ -8,23 +8,11 @@ import json
 import os
 import signal
 import sys
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
+from relutil import within
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-
-
-@pytest.fixture
-def runtime_dir() -> Iterator[str]:
-    d = tempfile.mkdtemp(prefix="x", dir="/tmp")
-    os.chmod(d, 0o700)
-    yield d
-    import shutil
-
-    shutil.rmtree(d, ignore_errors=True)
 
 
 async def run(env: dict[str, str], *args: str, script: str | None = "control.py") -> tuple[int, str]:
@@ -36,13 +24,13 @@ async def run(env: dict[str, str], *args: str, script: str | None = "control.py"
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
     )
-    out, _ = await asyncio.wait_for(p.communicate(), 30)
+    out, _ = await within(p.communicate(), 30)
     assert p.returncode is not None
     return p.returncode, out.decode()
 
 
-async def test_service_and_control_examples(runtime_dir: str):
-    env = dict(os.environ, XDG_RUNTIME_DIR=runtime_dir)
+async def test_service_and_control_examples(runtime_dir: Path):
+    env = dict(os.environ, XDG_RUNTIME_DIR=str(runtime_dir))
     code, out = await run(env, "list")
     assert code == 1 and "is the service running?" in out
     svc = await asyncio.create_subprocess_exec(
@@ -55,7 +43,7 @@ async def test_service_and_control_examples(runtime_dir: str):
     )
     try:
         assert svc.stdout is not None
-        line = await asyncio.wait_for(svc.stdout.readline(), 30)
+        line = await within(svc.stdout.readline(), 30)
         assert b"service ready" in line
         assert await run(env, "submit", "build") == (0, "queued as job 1\n")
         assert await run(env, "submit", "test") == (0, "queued as job 2\n")
@@ -70,8 +58,8 @@ async def test_service_and_control_examples(runtime_dir: str):
         assert code == 0 and "jobs-worker  pid" in out and "jobs  on jobs-worker" in out
         # Ctrl-C in the terminal: the whole process group gets SIGINT
         os.killpg(svc.pid, signal.SIGINT)
-        await asyncio.wait_for(svc.wait(), 30)
-        assert not (Path(runtime_dir) / "mesh-jobs").exists()
+        await within(svc.wait(), 30)
+        assert not (runtime_dir / "mesh-jobs").exists()
     finally:
         if svc.returncode is None:
             os.killpg(svc.pid, signal.SIGKILL)
@@ -89,7 +77,7 @@ async def test_readme_demo_command_runs():
         stderr=asyncio.subprocess.STDOUT,
     )
     try:
-        out, _ = await asyncio.wait_for(p.communicate(), 120)
+        out, _ = await within(p.communicate(), 120)
     finally:
         if p.returncode is None:
             p.kill()
@@ -112,28 +100,28 @@ async def test_readme_demo_command_runs():
         assert expected in text, text
 
 
-async def test_cli_version_and_ls(runtime_dir: str):
+async def test_cli_version_and_ls(runtime_dir: Path):
     async def cli(*args: str) -> str:
         p = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "meshipc", *args, stdout=asyncio.subprocess.PIPE
         )
-        out, _ = await asyncio.wait_for(p.communicate(), 30)
+        out, _ = await within(p.communicate(), 30)
         assert p.returncode == 0
         return out.decode()
 
     assert (await cli("--version")).startswith("meshipc ")
-    assert "no named meshes" in await cli("ls", "--runtime-dir", runtime_dir)
+    assert "no named meshes" in await cli("ls", "--runtime-dir", str(runtime_dir))
     import meshipc
 
     async with meshipc.Mesh(name="listed", runtime_dir=runtime_dir) as mesh:
         await mesh.listen()
-        out = await cli("ls", "--runtime-dir", runtime_dir)
+        out = await cli("ls", "--runtime-dir", str(runtime_dir))
         assert out.startswith("listed\tlive") and "listen.sock" in out
     # a clean exit gives the name back entirely
-    assert "no named meshes" in await cli("ls", "--runtime-dir", runtime_dir)
+    assert "no named meshes" in await cli("ls", "--runtime-dir", str(runtime_dir))
     # what a crashed mesh leaves: its lock file (unlocked) and its directory
-    (Path(runtime_dir) / "mesh-crashed.lock").touch(mode=0o600)
-    (Path(runtime_dir) / "mesh-crashed").mkdir(mode=0o700)
-    assert (await cli("ls", "--runtime-dir", runtime_dir)).startswith("crashed\tstale")
+    (runtime_dir / "mesh-crashed.lock").touch(mode=0o600)
+    (runtime_dir / "mesh-crashed").mkdir(mode=0o700)
+    assert (await cli("ls", "--runtime-dir", str(runtime_dir))).startswith("crashed\tstale")
     async with meshipc.Mesh(name="crashed", runtime_dir=runtime_dir):
-        assert (await cli("ls", "--runtime-dir", runtime_dir)).startswith("crashed\tlive")
+        assert (await cli("ls", "--runtime-dir", str(runtime_dir))).startswith("crashed\tlive")

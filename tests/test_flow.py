@@ -45,7 +45,7 @@ async def _stopped_consumer(
     return tx, rep_rx, w
 
 
-async def test_stalled_consumer_drain_waits_memory_bounded_then_all_delivered(rdir: Path) -> None:
+async def test_stalled_consumer_drain_waits_memory_bounded_then_all_delivered(runtime_dir: Path) -> None:
     """A SIGSTOPped consumer: a producer that drains after every 1 MiB
     message blocks in ``drain`` (it does not finish 1 GiB worth of attempts),
     its RSS grows by less than 200 MB while blocked; after SIGCONT every
@@ -53,7 +53,7 @@ async def test_stalled_consumer_drain_waits_memory_bounded_then_all_delivered(rd
     total = 1024  # 1 GiB in 1 MiB messages
     blob = b"x" * MiB
     limits = _limits(window_bytes=8 * MiB, window_messages=4096, max_bytes=64 * MiB, max_messages=65536)
-    async with meshipc.Mesh(runtime_dir=rdir, limits=limits) as mesh, reaped(mesh) as procs:  # type: ignore[call-arg]
+    async with meshipc.Mesh(runtime_dir=runtime_dir, limits=limits) as mesh, reaped(mesh) as procs:  # type: ignore[call-arg]
         tx, rep_rx, w = await _stopped_consumer(mesh, procs)
         consumer_before = vmrss_kb(w.pid)
         before = vmrss_kb()
@@ -64,7 +64,7 @@ async def test_stalled_consumer_drain_waits_memory_bounded_then_all_delivered(rd
                 tx.send([sent, blob])
                 sent += 1
                 try:
-                    await asyncio.wait_for(tx.drain(), 1.0)  # type: ignore[attr-defined]
+                    await within(tx.drain(), 1.0)  # type: ignore[attr-defined]
                 except TimeoutError:
                     blocked = True
                     break
@@ -86,10 +86,10 @@ async def test_stalled_consumer_drain_waits_memory_bounded_then_all_delivered(rd
         assert consumer_grew < 200, f"consumer RSS grew by {consumer_grew:.0f} MB"
 
 
-async def test_port_drain_waits_for_stalled_peer(rdir: Path) -> None:
+async def test_port_drain_waits_for_stalled_peer(runtime_dir: Path) -> None:
     """``Port.drain`` too: a raw port whose peer is in a stopped worker."""
     limits = _limits(window_bytes=1 * MiB, window_messages=1024, max_bytes=64 * MiB, max_messages=65536)
-    async with meshipc.Mesh(runtime_dir=rdir, limits=limits) as mesh, reaped(mesh) as procs:  # type: ignore[call-arg]
+    async with meshipc.Mesh(runtime_dir=runtime_dir, limits=limits) as mesh, reaped(mesh) as procs:  # type: ignore[call-arg]
         rep_tx, rep_rx = meshipc.channel()
         a, b = meshipc.Port.pair()
         w = await mesh.spawn("rel_workers:consumer", {"rx": b, "report": rep_tx}, name="consumer")
@@ -102,7 +102,7 @@ async def test_port_drain_waits_for_stalled_peer(rdir: Path) -> None:
             for i in range(1, 4096):
                 a.send([i, b"y" * 4096])
                 try:
-                    await asyncio.wait_for(a.drain(), 1.0)  # type: ignore[attr-defined]
+                    await within(a.drain(), 1.0)  # type: ignore[attr-defined]
                 except TimeoutError:
                     blocked = True
                     break
@@ -115,14 +115,14 @@ async def test_port_drain_waits_for_stalled_peer(rdir: Path) -> None:
         assert done[:4] == ["done", i + 1, True, "closed"]
 
 
-async def test_never_draining_producer_gets_buffer_full(rdir: Path) -> None:
+async def test_never_draining_producer_gets_buffer_full(runtime_dir: Path) -> None:
     """A producer that never drains, to a SIGSTOPped consumer, gets
     ``BufferFull`` (a MeshError) from ``send`` once past the hard limit,
     long before 1 GiB, and its RSS stays bounded."""
     assert issubclass(meshipc.BufferFull, meshipc.MeshError)  # type: ignore[attr-defined]
     limits = _limits(window_bytes=1 * MiB, window_messages=1024, max_bytes=16 * MiB, max_messages=65536)
     blob = b"z" * (64 * 1024)
-    async with meshipc.Mesh(runtime_dir=rdir, limits=limits) as mesh, reaped(mesh) as procs:  # type: ignore[call-arg]
+    async with meshipc.Mesh(runtime_dir=runtime_dir, limits=limits) as mesh, reaped(mesh) as procs:  # type: ignore[call-arg]
         tx, _rep_rx, w = await _stopped_consumer(mesh, procs)
         before = vmrss_kb()
         try:
@@ -233,12 +233,12 @@ async def test_threads_send_through_one_sender_to_local_receiver() -> None:
     assert lag < 3.0, f"messages sent from other threads were seen only {lag:.1f} s later"
 
 
-async def test_threads_send_through_one_sender_to_worker(rdir: Path) -> None:
+async def test_threads_send_through_one_sender_to_worker(runtime_dir: Path) -> None:
     """The same with the receiver in a spawned worker: each thread's
     messages arrive in its order, nothing lost, the link survives (and the
     tail sent while the loop thread is idle is written without help)."""
     n, tail = 20_000, 100
-    async with meshipc.Mesh(runtime_dir=rdir) as mesh, reaped(mesh) as procs:
+    async with meshipc.Mesh(runtime_dir=runtime_dir) as mesh, reaped(mesh) as procs:
         tx, rx = meshipc.channel()
         rep_tx, rep_rx = meshipc.channel()
         procs.append(await mesh.spawn("rel_workers:collect_threads", {"rx": rx, "report": rep_tx}))
@@ -256,12 +256,12 @@ async def test_threads_send_through_one_sender_to_worker(rdir: Path) -> None:
         assert done == ["done", want, True, "closed"]
 
 
-async def test_a_flooded_port_does_not_hold_back_calls_on_the_same_link(rdir: Path) -> None:
+async def test_a_flooded_port_does_not_hold_back_calls_on_the_same_link(runtime_dir: Path) -> None:
     """A producer floods a port the worker never reads, draining as it goes:
     it stops at the window. A call to the same worker over the same
     connection is answered meanwhile (it waits behind at most one window,
     not behind an unbounded flood)."""
-    async with meshipc.Mesh(runtime_dir=rdir) as mesh, reaped(mesh) as procs:
+    async with meshipc.Mesh(runtime_dir=runtime_dir) as mesh, reaped(mesh) as procs:
         ports_tx, ports_rx = meshipc.channel()
         calls_tx, calls_rx = meshipc.channel()
         procs.append(await mesh.spawn("rel_workers:hold_and_serve", {"ports": ports_rx, "calls": calls_rx}))

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 import meshipc
 from meshipc import HandshakeError, Mesh, MeshError, Port
 from meshipc import _handshake as hs
-from meshipc._channel import CODEC
+from meshipc._codec import CODEC
 from meshipc._handshake import (
     AUTH_LEN,
     CHALLENGE_LEN,

@@ -15,21 +15,22 @@ import pytest
 
 import meshipc
 from meshipc._process import ENV_INVITATION, worker_command
+from relutil import within
 
 TESTS = Path(__file__).resolve().parent
 
 
-async def test_invitation_and_secret_not_in_the_worker_environment(rdir: Path):
-    async with meshipc.Mesh(runtime_dir=rdir) as mesh:
+async def test_invitation_and_secret_not_in_the_worker_environment(runtime_dir: Path):
+    async with meshipc.Mesh(runtime_dir=runtime_dir) as mesh:
         tx, rx = meshipc.channel()
         proc = await mesh.spawn("workers:report_environment", tx)
-        report = await asyncio.wait_for(rx.recv(), 30)
+        report = await within(rx.recv(), 30)
         assert ENV_INVITATION not in report["env"]
         secret = mesh._node._secret.reveal()
         # not even in the initial environment block other tools can read
         for form in (secret, secret.hex().encode(), secret.hex().upper().encode()):
             assert form not in report["proc_environ"]
-        assert await asyncio.wait_for(proc.wait(), 30) == 0
+        assert await within(proc.wait(), 30) == 0
 
 
 PARENT = """
@@ -44,16 +45,16 @@ asyncio.run(main())
 """
 
 
-async def test_worker_exits_when_its_parent_is_killed(rdir: Path):
+async def test_worker_exits_when_its_parent_is_killed(runtime_dir: Path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), *sys.path]))
     parent = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", PARENT, str(rdir), env=env, stdout=asyncio.subprocess.PIPE
+        sys.executable, "-c", PARENT, str(runtime_dir), env=env, stdout=asyncio.subprocess.PIPE
     )
     worker_pid = None
     pidfd = -1
     try:
         assert parent.stdout is not None
-        worker_pid = int(await asyncio.wait_for(parent.stdout.readline(), 30))
+        worker_pid = int(await within(parent.stdout.readline(), 30))
         pidfd = os.pidfd_open(worker_pid)
         parent.kill()  # SIGKILL: no cleanup code runs in the parent
         await parent.wait()
@@ -61,7 +62,7 @@ async def test_worker_exits_when_its_parent_is_killed(rdir: Path):
         loop = asyncio.get_running_loop()
         loop.add_reader(pidfd, exited.set)  # a pidfd turns readable when its process exits
         try:
-            await asyncio.wait_for(exited.wait(), 15)
+            await within(exited.wait(), 15)
         finally:
             loop.remove_reader(pidfd)
     finally:
@@ -99,7 +100,7 @@ asyncio.run(main())
 """
 
 
-async def test_worker_never_imports_from_the_directory_it_runs_in(rdir: Path, tmp_path: Path):
+async def test_worker_never_imports_from_the_directory_it_runs_in(runtime_dir: Path, tmp_path: Path):
     """A service started by its script's absolute path from a shared,
     world-writable folder: modules planted there (a dependency, meshipc
     itself, the worker's own module) are not imported by its workers, whose
@@ -116,14 +117,14 @@ async def test_worker_never_imports_from_the_directory_it_runs_in(rdir: Path, tm
     parent = await asyncio.create_subprocess_exec(
         sys.executable,
         str(scripts / "service.py"),
-        str(rdir),
+        str(runtime_dir),
         env=env,
         cwd=shared,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
     try:
-        out, err = await asyncio.wait_for(parent.communicate(), 60)
+        out, err = await within(parent.communicate(), 60)
     finally:
         if parent.returncode is None:
             parent.kill()
@@ -152,18 +153,18 @@ def test_worker_command_path_is_the_parents(monkeypatch: pytest.MonkeyPatch, tmp
 # ------------------------------------------------------------ re-entering
 
 
-async def test_a_mesh_is_entered_once(rdir: Path):
-    mesh = meshipc.Mesh(name="once", runtime_dir=rdir)
+async def test_a_mesh_is_entered_once(runtime_dir: Path):
+    mesh = meshipc.Mesh(name="once", runtime_dir=runtime_dir)
     async with mesh:
         with pytest.raises(meshipc.MeshError, match="already entered"):
             await mesh.__aenter__()
-    assert list(rdir.iterdir()) == []
+    assert list(runtime_dir.iterdir()) == []
     # re-entering a closed mesh would leak a node, its folder and its lock
     with pytest.raises(meshipc.MeshError, match="already entered"):
         async with mesh:
             pass  # pragma: no cover
-    assert list(rdir.iterdir()) == []
-    async with meshipc.Mesh(name="once", runtime_dir=rdir):  # a new one is fine
+    assert list(runtime_dir.iterdir()) == []
+    async with meshipc.Mesh(name="once", runtime_dir=runtime_dir):  # a new one is fine
         pass
 
 
@@ -192,20 +193,20 @@ asyncio.run(main())
 
 
 @pytest.mark.parametrize("handler", ["default", "own"])
-async def test_sigterm_closes_the_mesh_cleanly(rdir: Path, handler: str):
+async def test_sigterm_closes_the_mesh_cleanly(runtime_dir: Path, handler: str):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), *sys.path]))
     svc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", SERVICE, str(rdir), handler, env=env, stdout=asyncio.subprocess.PIPE
+        sys.executable, "-c", SERVICE, str(runtime_dir), handler, env=env, stdout=asyncio.subprocess.PIPE
     )
     pidfd = -1
     try:
         assert svc.stdout is not None
-        ready = json.loads(await asyncio.wait_for(svc.stdout.readline(), 30))
+        ready = json.loads(await within(svc.stdout.readline(), 30))
         pidfd = os.pidfd_open(ready["worker"])
-        assert sorted(p.name for p in rdir.iterdir()) == ["mesh-svc", "mesh-svc.lock"]
+        assert sorted(p.name for p in runtime_dir.iterdir()) == ["mesh-svc", "mesh-svc.lock"]
         svc.terminate()  # SIGTERM, what `kill` sends
-        out = await asyncio.wait_for(svc.stdout.read(), 30)
-        code = await asyncio.wait_for(svc.wait(), 30)
+        out = await within(svc.stdout.read(), 30)
+        code = await within(svc.wait(), 30)
         lines = [json.loads(line) for line in out.splitlines()]
         if handler == "default":
             # closed by the mesh, then the process ends as SIGTERM would end it
@@ -215,7 +216,7 @@ async def test_sigterm_closes_the_mesh_cleanly(rdir: Path, handler: str):
             assert code == 0
             assert lines == [{"handled": "by the application"}, {"after": "the mesh"}]
         # either way: nothing left behind, the worker stopped with its parent
-        assert list(rdir.iterdir()) == []
+        assert list(runtime_dir.iterdir()) == []
         assert select.select([pidfd], [], [], 10)[0] == [pidfd], "the worker is still running"
     finally:
         if svc.returncode is None:
@@ -227,11 +228,11 @@ async def test_sigterm_closes_the_mesh_cleanly(rdir: Path, handler: str):
             os.close(pidfd)
 
 
-async def test_sigterm_handler_is_ours_only_while_a_mesh_is_open(rdir: Path):
+async def test_sigterm_handler_is_ours_only_while_a_mesh_is_open(runtime_dir: Path):
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
-    async with meshipc.Mesh(runtime_dir=rdir):
+    async with meshipc.Mesh(runtime_dir=runtime_dir):
         assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
-        async with meshipc.Mesh(runtime_dir=rdir):
+        async with meshipc.Mesh(runtime_dir=runtime_dir):
             pass
         assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
@@ -249,18 +250,18 @@ asyncio.run(main())
 """
 
 
-async def test_sigterm_with_no_task_to_unwind_still_ends_the_process(rdir: Path):
+async def test_sigterm_with_no_task_to_unwind_still_ends_the_process(runtime_dir: Path):
     """A mesh whose entering task is gone cannot be closed by cancelling it:
     SIGTERM must then end the process as it would without meshipc, never be
     swallowed."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", ORPHANED, str(rdir), stdout=asyncio.subprocess.PIPE
+        sys.executable, "-c", ORPHANED, str(runtime_dir), stdout=asyncio.subprocess.PIPE
     )
     try:
         assert proc.stdout is not None
-        assert await asyncio.wait_for(proc.stdout.readline(), 30) == b"None\n"
+        assert await within(proc.stdout.readline(), 30) == b"None\n"
         proc.terminate()
-        assert await asyncio.wait_for(proc.wait(), 30) == -signal.SIGTERM
+        assert await within(proc.wait(), 30) == -signal.SIGTERM
     finally:
         if proc.returncode is None:
             proc.kill()
@@ -280,7 +281,7 @@ asyncio.run(main())
 """
 
 
-async def test_second_sigterm_while_closing_ends_the_process_at_once(rdir: Path, tmp_path: Path):
+async def test_second_sigterm_while_closing_ends_the_process_at_once(runtime_dir: Path, tmp_path: Path):
     """And the worker it leaves behind, which ignores being cancelled, still
     exits (within the child's TERM_GRACE) when its parent is gone."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), *sys.path]))
@@ -289,7 +290,7 @@ async def test_second_sigterm_while_closing_ends_the_process_at_once(rdir: Path,
     # open would keep asyncio's wait() waiting
     with open(out, "wb") as fo, open(err, "wb") as fe:
         svc = await asyncio.create_subprocess_exec(
-            sys.executable, "-c", STUBBORN_SERVICE, str(rdir), env=env, stdout=fo, stderr=fe
+            sys.executable, "-c", STUBBORN_SERVICE, str(runtime_dir), env=env, stdout=fo, stderr=fe
         )
     pidfd = -1
     try:
@@ -298,7 +299,7 @@ async def test_second_sigterm_while_closing_ends_the_process_at_once(rdir: Path,
         svc.terminate()
         await wait_for_text(err, "SIGTERM: closing")
         svc.terminate()  # impatient: the second one is not swallowed
-        assert await asyncio.wait_for(svc.wait(), 30) == -signal.SIGTERM
+        assert await within(svc.wait(), 30) == -signal.SIGTERM
         assert "nothing left to close cleanly" in err.read_text()
         assert select.select([pidfd], [], [], 15)[0] == [pidfd], "the orphaned worker lives on"
     finally:

@@ -39,9 +39,9 @@ def test_run_uses_the_chosen_loop() -> None:
         assert meshipc.run(kind(), uvloop=True) == "uvloop"
 
 
-async def test_workers_run_on_the_loop_the_environment_picks(rdir: Path) -> None:
+async def test_workers_run_on_the_loop_the_environment_picks(runtime_dir: Path) -> None:
     expected = "uvloop" if want_uvloop() else "asyncio"
-    async with meshipc.Mesh(runtime_dir=rdir) as mesh, reaped(mesh) as procs:
+    async with meshipc.Mesh(runtime_dir=runtime_dir) as mesh, reaped(mesh) as procs:
         tx, rx = meshipc.channel()
         procs.append(await mesh.spawn("rel_workers:loop_kind", rx))
         assert await within(tx.call(None)) == expected

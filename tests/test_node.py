@@ -14,7 +14,7 @@ import pytest
 
 import meshipc
 from meshipc import Fd, Port
-from meshipc._channel import CODEC
+from meshipc._codec import CODEC
 from meshipc._handshake import MeshSecret
 from meshipc._ids import PortId
 from meshipc._node import Node
@@ -140,7 +140,7 @@ async def test_port_moves_between_three_nodes_over_sockets(mesh_dir: Path):
 def test_deeply_nested_peer_data_is_a_message_error_not_a_crash():
     from typing import Any
 
-    from meshipc._channel import decode
+    from meshipc._codec import decode
     from meshipc._ports import Message
     from meshipc._wire import K_DATA
 

@@ -591,7 +591,7 @@ async def test_pending_calls_never_hang_when_a_node_dies(seed: int):
 
 
 def _bodies(values: list[Any]) -> list[bytes]:
-    from meshipc._channel import CODEC
+    from meshipc._codec import CODEC
 
     return [CODEC.encode_plain(v) or b"" for v in values]
 
@@ -645,3 +645,14 @@ def test_a_run_for_an_unknown_port_is_dropped():
     eb = net.engines[1]
     eb.receive_run(net.engines[0].node_id, bytes(16), 1, _bodies([1, 2]))
     assert not eb.ports
+
+
+def test_ports_module_is_sans_io() -> None:
+    import inspect
+
+    import meshipc._ports as ports
+
+    src = inspect.getsource(ports)
+    for mod in ("socket", "asyncio", "selectors"):
+        assert f"import {mod}" not in src
+    assert ports.PortMode.OWNED == 0 and ports.OWNED is ports.PortMode.OWNED

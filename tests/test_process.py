@@ -19,9 +19,8 @@ import secrets
 import socket
 import stat
 import time
-from collections.abc import Awaitable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import msgspec
 import pytest
@@ -30,8 +29,8 @@ import meshipc
 import meshipc._mesh
 import meshipc._process
 from meshipc import ChannelClosed, Fd, HandshakeError, MeshError, PortFailed, RemoteError
-from meshipc._channel import CODEC
 from meshipc._child import EXIT_PARENT_LOST
+from meshipc._codec import CODEC
 from meshipc._handshake import (
     CHALLENGE_LEN,
     HELLO_LEN,
@@ -47,17 +46,7 @@ from meshipc._handshake import (
 )
 from meshipc._node import Node
 from meshipc._wire import OOB_THRESHOLD, PROTOCOL_VERSION
-from relutil import wait_until
-
-T = TypeVar("T")
-
-#: Bound on any single wait in these tests.
-STEP = 10.0
-
-
-async def within(aw: Awaitable[T], timeout: float = STEP) -> T:
-    """``aw``, or ``TimeoutError`` after ``timeout`` seconds."""
-    return await asyncio.wait_for(aw, timeout)
+from relutil import STEP, wait_until, within
 
 
 async def read_to_eof(fd: int, timeout: float = STEP) -> bytes:
@@ -135,8 +124,8 @@ def child_processes() -> dict[int, str]:
 # --------------------------------------------------------------------------- RPC
 
 
-async def test_rpc_to_spawned_worker(rdir: Path) -> None:
-    async with meshipc.Mesh(runtime_dir=rdir) as mesh:
+async def test_rpc_to_spawned_worker(runtime_dir: Path) -> None:
+    async with meshipc.Mesh(runtime_dir=runtime_dir) as mesh:
         tx, rx = meshipc.channel()
         proc = await mesh.spawn("workers:echo", rx, name="echo")
         assert proc.name == "echo"
@@ -163,11 +152,11 @@ async def test_rpc_to_spawned_worker(rdir: Path) -> None:
         assert proc.error is None
 
 
-async def test_three_processes_workers_talk_directly(rdir: Path) -> None:
+async def test_three_processes_workers_talk_directly(runtime_dir: Path) -> None:
     """The parent makes a channel and hands its ends to two workers: A sends,
     B receives, B reports to the parent. After the ends have settled, A's
     traffic to B does not pass through the parent."""
-    async with meshipc.Mesh(runtime_dir=rdir) as mesh:
+    async with meshipc.Mesh(runtime_dir=runtime_dir) as mesh:
         tx, rx = meshipc.channel()
         go_tx, go_rx = meshipc.channel()
         rep_tx, rep_rx = meshipc.channel()
@@ -191,10 +180,10 @@ async def test_three_processes_workers_talk_directly(rdir: Path) -> None:
         assert await within(b.wait()) == 0
 
 
-async def test_rpc_chain_through_relay_worker(rdir: Path) -> None:
+async def test_rpc_chain_through_relay_worker(runtime_dir: Path) -> None:
     """parent -> relay worker -> whoami worker, with the relay holding a
     Sender whose receiver lives in the other worker."""
-    async with meshipc.Mesh(runtime_dir=rdir) as mesh:
+    async with meshipc.Mesh(runtime_dir=runtime_dir) as mesh:
         wtx, wrx = meshipc.channel()
         rtx, rrx = meshipc.channel()
         who = await mesh.spawn("workers:whoami", wrx, name="whoami")
@@ -209,12 +198,12 @@ async def test_rpc_chain_through_relay_worker(rdir: Path) -> None:
 # ------------------------------------------------------------------ moving ports
 
 
-async def test_port_moves_parent_to_b_to_c_while_peer_keeps_sending(rdir: Path) -> None:
+async def test_port_moves_parent_to_b_to_c_while_peer_keeps_sending(runtime_dir: Path) -> None:
     """A port made in the parent goes to worker B, which reads a few messages
     and sends it on to worker C, while the parent keeps sending on the peer
     end throughout: every message arrives exactly once, in order."""
     n, keep = 10_000, 100
-    async with meshipc.Mesh(runtime_dir=rdir) as mesh:
+    async with meshipc.Mesh(runtime_dir=runtime_dir) as mesh:
         to_b, b_ports = meshipc.channel()
         to_c, c_ports = meshipc.channel()
         rep_b_tx, rep_b = meshipc.channel()
@@ -268,11 +257,11 @@ async def test_port_moves_parent_to_b_to_c_while_peer_keeps_sending(rdir: Path) 
 # ------------------------------------------------------------------ descriptors
 
 
-async def test_fd_passing_pipe_write_end_to_worker(rdir: Path) -> None:
+async def test_fd_passing_pipe_write_end_to_worker(runtime_dir: Path) -> None:
     data = b"written by the worker into a pipe it received\n"
     r, w = os.pipe()
     try:
-        async with meshipc.Mesh(runtime_dir=rdir) as mesh:
+        async with meshipc.Mesh(runtime_dir=runtime_dir) as mesh:
             fd = Fd(w)  # owns w from here
             proc = await mesh.spawn("workers:write_fd", {"fd": fd, "data": data})
             assert fd.closed, "sending an Fd hands it over"
@@ -284,10 +273,10 @@ async def test_fd_passing_pipe_write_end_to_worker(rdir: Path) -> None:
         os.close(r)
 
 
-async def test_fd_passing_in_calls_small_and_out_of_band(rdir: Path) -> None:
+async def test_fd_passing_in_calls_small_and_out_of_band(runtime_dir: Path) -> None:
     """Fds inside RPC requests, including one in a body big enough to travel in
     a memfd (which is itself a descriptor riding with the message)."""
-    async with meshipc.Mesh(runtime_dir=rdir) as mesh:
+    async with meshipc.Mesh(runtime_dir=runtime_dir) as mesh:
         tx, rx = meshipc.channel()
         await mesh.spawn("workers:fd_writer", rx)
         for size in (5, 70_000, OOB_THRESHOLD + 1):
@@ -315,8 +304,8 @@ def _sizes() -> list[int]:
     return sorted({0, 1, 100, 4095, 4096, 65536, 1 << 20, 16 << 20} | around)
 
 
-async def test_message_sizes_round_trip(rdir: Path) -> None:
-    async with meshipc.Mesh(runtime_dir=rdir) as mesh:
+async def test_message_sizes_round_trip(runtime_dir: Path) -> None:
+    async with meshipc.Mesh(runtime_dir=runtime_dir) as mesh:
         tx, rx = meshipc.channel()
         await mesh.spawn("workers:echo", rx)
         bad = []
@@ -333,11 +322,11 @@ async def test_message_sizes_round_trip(rdir: Path) -> None:
 # ------------------------------------------------------------------ failures
 
 
-async def test_kill_9_mid_stream(rdir: Path) -> None:
+async def test_kill_9_mid_stream(runtime_dir: Path) -> None:
     """A worker streaming to the parent is SIGKILLed: the stream fails with
     PortFailed in bounded time, a call pending on it fails, new calls fail at
     once, and another worker keeps serving."""
-    async with meshipc.Mesh(runtime_dir=rdir) as mesh:
+    async with meshipc.Mesh(runtime_dir=runtime_dir) as mesh:
         out_tx, out_rx = meshipc.channel()
         calls_tx, calls_rx = meshipc.channel()
         streamer = await mesh.spawn(
@@ -391,8 +380,8 @@ async def test_kill_9_mid_stream(rdir: Path) -> None:
             streamer.kill()
 
 
-async def test_worker_that_raises(rdir: Path, capfd: pytest.CaptureFixture[str]) -> None:
-    async with meshipc.Mesh(runtime_dir=rdir) as mesh:
+async def test_worker_that_raises(runtime_dir: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    async with meshipc.Mesh(runtime_dir=runtime_dir) as mesh:
         proc = await mesh.spawn("workers:fail", 42)
         assert await within(proc.wait()) == 1
         raised = proc.error
@@ -433,9 +422,9 @@ async def test_worker_that_raises(rdir: Path, capfd: pytest.CaptureFixture[str])
     ],
 )
 async def test_spawn_raises_when_the_worker_cannot_start(
-    rdir: Path, capfd: pytest.CaptureFixture[str], target: str, reason: str, in_traceback: str | None
+    runtime_dir: Path, capfd: pytest.CaptureFixture[str], target: str, reason: str, in_traceback: str | None
 ) -> None:
-    async with meshipc.Mesh(runtime_dir=rdir) as mesh:
+    async with meshipc.Mesh(runtime_dir=runtime_dir) as mesh:
         with pytest.raises(meshipc.SpawnError) as ei:
             await within(mesh.spawn(target, None, name="w"))
         exc = ei.value
@@ -462,8 +451,8 @@ async def test_spawn_raises_when_the_worker_cannot_start(
         assert "Traceback" not in err, err
 
 
-async def test_spawn_cancelled_while_the_worker_starts_kills_it(rdir: Path) -> None:
-    async with meshipc.Mesh(runtime_dir=rdir) as mesh:
+async def test_spawn_cancelled_while_the_worker_starts_kills_it(runtime_dir: Path) -> None:
+    async with meshipc.Mesh(runtime_dir=runtime_dir) as mesh:
         started = asyncio.Event()
         original = meshipc._process.Process._wait_started
 
@@ -485,9 +474,9 @@ async def test_spawn_cancelled_while_the_worker_starts_kills_it(rdir: Path) -> N
 
 
 async def test_worker_whose_link_to_its_parent_broke_exits_nonzero(
-    rdir: Path, capfd: pytest.CaptureFixture[str]
+    runtime_dir: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
-    async with meshipc.Mesh(runtime_dir=rdir) as mesh:
+    async with meshipc.Mesh(runtime_dir=runtime_dir) as mesh:
         tx, rx = meshipc.channel()
         proc = await mesh.spawn("workers:idle", tx)
         assert await within(rx.recv()) == proc.pid
@@ -497,10 +486,10 @@ async def test_worker_whose_link_to_its_parent_broke_exits_nonzero(
     assert "meshipc worker idle: lost the link to its parent" in capfd.readouterr().err
 
 
-async def test_worker_error_survives_a_busy_parent_loop(rdir: Path) -> None:
+async def test_worker_error_survives_a_busy_parent_loop(runtime_dir: Path) -> None:
     """Same as above, but the parent's loop is busy while the child fails and
     exits, so the status message and the exit arrive together."""
-    async with meshipc.Mesh(runtime_dir=rdir) as mesh:
+    async with meshipc.Mesh(runtime_dir=runtime_dir) as mesh:
         tx, rx = meshipc.channel()
         proc = await mesh.spawn("workers:fail_later", rx)
         assert await within(tx.call("ready?")) == "ready"
@@ -513,11 +502,11 @@ async def test_worker_error_survives_a_busy_parent_loop(rdir: Path) -> None:
         assert proc.error.type_name == "ValueError"
 
 
-async def test_messages_sent_before_a_worker_exits_are_delivered(rdir: Path) -> None:
+async def test_messages_sent_before_a_worker_exits_are_delivered(runtime_dir: Path) -> None:
     """A worker sends a message and exits while the parent is busy; then the
     parent writes to it before reading. What the worker sent must still be
     delivered (before any failure)."""
-    async with meshipc.Mesh(runtime_dir=rdir) as mesh:
+    async with meshipc.Mesh(runtime_dir=runtime_dir) as mesh:
         out_tx, out_rx = meshipc.channel()
         go_tx, go_rx = meshipc.channel()
         proc = await mesh.spawn("workers:last_words", {"out": out_tx, "go": go_rx})
@@ -529,8 +518,8 @@ async def test_messages_sent_before_a_worker_exits_are_delivered(rdir: Path) -> 
         assert await within(out_rx.recv()) == "last words"
 
 
-async def test_worker_returning_closes_the_ports_it_was_given(rdir: Path) -> None:
-    async with meshipc.Mesh(runtime_dir=rdir) as mesh:
+async def test_worker_returning_closes_the_ports_it_was_given(runtime_dir: Path) -> None:
+    async with meshipc.Mesh(runtime_dir=runtime_dir) as mesh:
         tx, rx = meshipc.channel()
         proc = await mesh.spawn("workers:noop", {"tx": tx})
         assert await within(proc.wait()) == 0
@@ -547,8 +536,10 @@ async def test_worker_returning_closes_the_ports_it_was_given(rdir: Path) -> Non
     ],
     ids=["129fds", "128fds+oob"],
 )
-async def test_too_many_fds_in_one_message_fail_only_that_message(rdir: Path, nfds: int, body: int) -> None:
-    async with meshipc.Mesh(runtime_dir=rdir) as mesh:
+async def test_too_many_fds_in_one_message_fail_only_that_message(
+    runtime_dir: Path, nfds: int, body: int
+) -> None:
+    async with meshipc.Mesh(runtime_dir=runtime_dir) as mesh:
         tx, rx = meshipc.channel()
         proc = await mesh.spawn("workers:echo", rx)
         assert await within(tx.call("up")) == "up"
@@ -569,10 +560,10 @@ async def test_too_many_fds_in_one_message_fail_only_that_message(rdir: Path, nf
         assert proc.returncode is None
 
 
-async def test_spawn_with_unsendable_argument_leaves_no_process(rdir: Path) -> None:
+async def test_spawn_with_unsendable_argument_leaves_no_process(runtime_dir: Path) -> None:
     before = child_processes()
     try:
-        async with meshipc.Mesh(runtime_dir=rdir) as mesh:
+        async with meshipc.Mesh(runtime_dir=runtime_dir) as mesh:
             with pytest.raises((TypeError, ValueError, NotImplementedError, MeshError)):
                 await mesh.spawn("workers:echo", object())
             assert mesh._children == []
@@ -590,9 +581,9 @@ async def test_spawn_with_unsendable_argument_leaves_no_process(rdir: Path) -> N
 # ------------------------------------------------------------------ authentication
 
 
-async def test_garbage_and_wrong_secret_are_rejected(rdir: Path) -> None:
+async def test_garbage_and_wrong_secret_are_rejected(runtime_dir: Path) -> None:
     loop = asyncio.get_running_loop()
-    async with meshipc.Mesh(runtime_dir=rdir) as mesh:
+    async with meshipc.Mesh(runtime_dir=runtime_dir) as mesh:
         node = mesh._node
         tx, rx = meshipc.channel()
         proc = await mesh.spawn("workers:echo", rx)
@@ -691,15 +682,15 @@ async def test_garbage_and_wrong_secret_are_rejected(rdir: Path) -> None:
 # ------------------------------------------------------------------ permissions
 
 
-async def test_directory_and_socket_modes(rdir: Path) -> None:
-    async with meshipc.Mesh(runtime_dir=rdir) as mesh:
+async def test_directory_and_socket_modes(runtime_dir: Path) -> None:
+    async with meshipc.Mesh(runtime_dir=runtime_dir) as mesh:
         tx, rx = meshipc.channel()
         await mesh.spawn("workers:echo", rx)
         assert await within(tx.call(1)) == 1  # the worker's node socket exists
         st = os.lstat(mesh.directory)
         assert stat.S_ISDIR(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o700
         assert st.st_uid == os.getuid()
-        assert stat.S_IMODE(os.lstat(rdir).st_mode) == 0o700
+        assert stat.S_IMODE(os.lstat(runtime_dir).st_mode) == 0o700
         node_st = os.lstat(mesh._node.path)
         assert stat.S_ISSOCK(node_st.st_mode) and stat.S_IMODE(node_st.st_mode) == 0o600
         socks = list(mesh.directory.iterdir())
@@ -748,22 +739,22 @@ def _unsafe_root(base: Path, kind: str) -> Path:
         "file",
     ],
 )
-async def test_unsafe_runtime_dir_is_refused(rdir: Path, kind: str) -> None:
-    root = _unsafe_root(rdir, kind)
-    before = sorted(os.listdir(rdir))
+async def test_unsafe_runtime_dir_is_refused(runtime_dir: Path, kind: str) -> None:
+    root = _unsafe_root(runtime_dir, kind)
+    before = sorted(os.listdir(runtime_dir))
     with pytest.raises(MeshError):
         async with meshipc.Mesh(runtime_dir=root):
             pass
-    assert sorted(os.listdir(rdir)) == before
+    assert sorted(os.listdir(runtime_dir)) == before
     if kind == "symlink":
-        assert os.listdir(rdir / "real") == [], "nothing may be created through the symlink"
+        assert os.listdir(runtime_dir / "real") == [], "nothing may be created through the symlink"
 
 
 # ------------------------------------------------------------------ resources
 
 
-async def test_no_fd_leak_over_spawn_cycles(rdir: Path) -> None:
-    async with meshipc.Mesh(runtime_dir=rdir) as mesh:
+async def test_no_fd_leak_over_spawn_cycles(runtime_dir: Path) -> None:
+    async with meshipc.Mesh(runtime_dir=runtime_dir) as mesh:
 
         async def cycle(i: int) -> None:
             tx, rx = meshipc.channel()
@@ -786,9 +777,9 @@ async def test_no_fd_leak_over_spawn_cycles(rdir: Path) -> None:
         assert len(mesh._node.engine.ports) <= ports_before + 3, mesh._node.engine.ports
 
 
-async def test_mesh_exit_reaps_children(rdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_mesh_exit_reaps_children(runtime_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(meshipc._mesh, "CHILD_GRACE", 1.0)
-    async with meshipc.Mesh(runtime_dir=rdir) as mesh:
+    async with meshipc.Mesh(runtime_dir=runtime_dir) as mesh:
         pid_tx, pid_rx = meshipc.channel()
         idle = [await mesh.spawn("workers:idle", pid_tx.clone()) for _ in range(2)]
         stubborn = await mesh.spawn("workers:stubborn", pid_tx.clone())
@@ -813,10 +804,10 @@ async def test_mesh_exit_reaps_children(rdir: Path, monkeypatch: pytest.MonkeyPa
 
 
 async def test_closing_the_mesh_stops_a_worker_still_starting(
-    rdir: Path, monkeypatch: pytest.MonkeyPatch
+    runtime_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(meshipc._mesh, "CHILD_GRACE", 0.5)
-    async with meshipc.Mesh(runtime_dir=rdir) as mesh:
+    async with meshipc.Mesh(runtime_dir=runtime_dir) as mesh:
         spawning = asyncio.create_task(mesh.spawn("slow_workers:main", None, name="slow"))
         try:
             await wait_until(lambda: len(mesh._children) == 1, "the worker process to exist")

@@ -34,7 +34,7 @@ def _assert_end(r: list[Any], total: int) -> None:
 # ----------------------------------------------------------------- item 1
 
 
-async def test_item1_backlog_survives_close_while_port_moves_twice(rdir: Path) -> None:
+async def test_item1_backlog_survives_close_while_port_moves_twice(runtime_dir: Path) -> None:
     """X -> Y -> Z with X and Y forwarding at once, the producer (the parent)
     sending a burst and closing: Z reads every message, then ChannelClosed.
 
@@ -45,7 +45,7 @@ async def test_item1_backlog_survives_close_while_port_moves_twice(rdir: Path) -
     fails deterministically today), and the producer closes after the port
     left (in bursts, while it moves)."""
     n = 600
-    async with meshipc.Mesh(runtime_dir=rdir) as mesh, reaped(mesh) as procs:
+    async with meshipc.Mesh(runtime_dir=runtime_dir) as mesh, reaped(mesh) as procs:
         rep_tx, rep_rx = meshipc.channel()
         inbox = await spawn_ring(mesh, procs, 3, rep_tx)
         # each close-first round loses the race that shows the bug ~30% of
@@ -66,11 +66,11 @@ async def test_item1_backlog_survives_close_while_port_moves_twice(rdir: Path) -
             _assert_end(await next_report(rep_rx, "end"), n)
 
 
-async def test_item1_random_ring_close_while_moving(rdir: Path) -> None:
+async def test_item1_random_ring_close_while_moving(runtime_dir: Path) -> None:
     """The issue's reproduction, smaller: a 3-process ring with random hops
     (reading 0-40 values at each), the producer streaming then closing."""
     n = 2000
-    async with meshipc.Mesh(runtime_dir=rdir) as mesh, reaped(mesh) as procs:
+    async with meshipc.Mesh(runtime_dir=runtime_dir) as mesh, reaped(mesh) as procs:
         rep_tx, rep_rx = meshipc.channel()
         inbox = await spawn_ring(mesh, procs, 3, rep_tx)
         for rnd in range(8):
@@ -102,7 +102,7 @@ def _proc_state(pid: int) -> str:
     return data[data.rindex(")") + 2]
 
 
-async def test_item2_backlog_over_65536_moves_intact(rdir: Path) -> None:
+async def test_item2_backlog_over_65536_moves_intact(runtime_dir: Path) -> None:
     """Worker X holds a port with 70,000 unread values and moves it to Y; X
     stops itself right after the move, so its backlog is still in transit
     when the producer (the parent, now pointed at Y) streams 70,000 more
@@ -114,7 +114,7 @@ async def test_item2_backlog_over_65536_moves_intact(rdir: Path) -> None:
     waiting, so it may block while X is stopped; it is given 3 s to either
     finish or block, then X resumes."""
     backlog = more = 70_000
-    async with meshipc.Mesh(runtime_dir=rdir) as mesh, reaped(mesh) as procs:
+    async with meshipc.Mesh(runtime_dir=runtime_dir) as mesh, reaped(mesh) as procs:
         rep_tx, rep_rx = meshipc.channel()
         inbox = await spawn_ring(mesh, procs, 1, rep_tx)  # Y
         ports_tx, ports_rx = meshipc.channel()
@@ -150,7 +150,7 @@ async def test_item2_backlog_over_65536_moves_intact(rdir: Path) -> None:
         producer = asyncio.ensure_future(produce())
         try:
             try:
-                await asyncio.wait_for(asyncio.shield(producer), 3.0)
+                await within(asyncio.shield(producer), 3.0)
             except TimeoutError:
                 pass  # blocked in drain() while X is stopped: fine
         finally:
@@ -175,7 +175,7 @@ async def test_item2_backlog_over_65536_moves_intact(rdir: Path) -> None:
 # ----------------------------------------------------------------- item 3
 
 
-async def test_item3_port_circulating_under_load_keeps_up(rdir: Path) -> None:
+async def test_item3_port_circulating_under_load_keeps_up(runtime_dir: Path) -> None:
     """A port circulates through three workers (each reads 200 values, then
     forwards it) while 40,000 values stream in as fast as the producer may
     send (draining): all arrive, in order. A move costs what the port holds,
@@ -184,7 +184,7 @@ async def test_item3_port_circulating_under_load_keeps_up(rdir: Path) -> None:
     ~n^2/400 forwards (4 M here, ~18 s; 100,000 values took minutes). The
     60 s bound only turns a hang into a failure (it takes a few seconds)."""
     n = 40_000
-    async with meshipc.Mesh(runtime_dir=rdir) as mesh, reaped(mesh) as procs:
+    async with meshipc.Mesh(runtime_dir=runtime_dir) as mesh, reaped(mesh) as procs:
         rep_tx, rep_rx = meshipc.channel()
         inbox = await spawn_ring(mesh, procs, 3, rep_tx)
         a, b = Port.pair()
@@ -205,7 +205,7 @@ async def test_item3_port_circulating_under_load_keeps_up(rdir: Path) -> None:
 # ----------------------------------------------------------------- item 4
 
 
-async def test_item4_peer_stalled_at_first_contact_is_not_cut_off_for_good(rdir: Path) -> None:
+async def test_item4_peer_stalled_at_first_contact_is_not_cut_off_for_good(runtime_dir: Path) -> None:
     """Worker A first contacts worker B while B is SIGSTOPped for longer than
     A's handshake timeout. After SIGCONT, a fresh port from A to B works.
 
@@ -217,7 +217,7 @@ async def test_item4_peer_stalled_at_first_contact_is_not_cut_off_for_good(rdir:
     A's dead-node table) or 1.5 s have passed (a fixed node retries within
     the caller's deadline). The first call may then succeed late or fail;
     what must hold is that B is not partitioned from A for good."""
-    async with meshipc.Mesh(runtime_dir=rdir) as mesh, reaped(mesh) as procs:
+    async with meshipc.Mesh(runtime_dir=runtime_dir) as mesh, reaped(mesh) as procs:
         tx, rx = meshipc.channel()
         b = await mesh.spawn("rel_workers:echo", rx, name="B")
         procs.append(b)
@@ -241,7 +241,7 @@ async def test_item4_peer_stalled_at_first_contact_is_not_cut_off_for_good(rdir:
             in_tx.send(tx)
             first: list[Any] | None = None
             try:
-                first = await asyncio.wait_for(rep_rx.recv(), 1.5)
+                first = await within(rep_rx.recv(), 1.5)
             except TimeoutError:
                 pass  # A is still waiting for B: fine, B resumes now
         finally:
@@ -255,12 +255,12 @@ async def test_item4_peer_stalled_at_first_contact_is_not_cut_off_for_good(rdir:
         assert second == ["call", 2, 2], f"first call: {first[2]!r}; fresh port after SIGCONT: {second[2]!r}"
 
 
-async def test_item4_dead_node_table_is_bounded(rdir: Path) -> None:
+async def test_item4_dead_node_table_is_bounded(runtime_dir: Path) -> None:
     """300 attach cycles (in-process ``join``, each leaving cleanly) must not
     leave 300 entries in the mesh node's dead-node table. Uses the internal
     ``Node._dead`` (no public view of it); skipped if it is renamed."""
     cycles = 300
-    async with meshipc.Mesh(runtime_dir=rdir) as mesh:
+    async with meshipc.Mesh(runtime_dir=runtime_dir) as mesh:
         node = mesh._node
         if not hasattr(node, "_dead"):
             pytest.skip("Node._dead is gone: the dead-node table was redesigned")
@@ -280,11 +280,11 @@ async def test_item4_dead_node_table_is_bounded(rdir: Path) -> None:
 
 
 @pytest.mark.parametrize("noticed", [False, True], ids=["just-killed", "death-noticed"])
-async def test_item5_port_sent_to_dead_process_fails(rdir: Path, noticed: bool) -> None:
+async def test_item5_port_sent_to_dead_process_fails(runtime_dir: Path, noticed: bool) -> None:
     """A port sent to a worker that was just SIGKILLed ends with
     PortFailed/NodeFailure at the kept end, not ChannelClosed (an orderly
     close), whether or not the parent noticed the death before sending."""
-    async with meshipc.Mesh(runtime_dir=rdir) as mesh, reaped(mesh) as procs:
+    async with meshipc.Mesh(runtime_dir=runtime_dir) as mesh, reaped(mesh) as procs:
         in_tx, in_rx = meshipc.channel()
         rep_tx, rep_rx = meshipc.channel()
         w = await mesh.spawn("rel_workers:hold_inbox", {"inbox": in_rx, "report": rep_tx})
@@ -306,11 +306,11 @@ async def test_item5_port_sent_to_dead_process_fails(rdir: Path, noticed: bool) 
 # ----------------------------------------------------------------- item 6
 
 
-async def test_item6_unencodable_call_right_after_spawn_fails_in_caller(rdir: Path) -> None:
+async def test_item6_unencodable_call_right_after_spawn_fails_in_caller(runtime_dir: Path) -> None:
     """``await tx.call(object())`` right after spawn (the receiver is still
     in transit) raises MessageError in the caller; the worker lives on and
     the channel still works."""
-    async with meshipc.Mesh(runtime_dir=rdir) as mesh, reaped(mesh) as procs:
+    async with meshipc.Mesh(runtime_dir=runtime_dir) as mesh, reaped(mesh) as procs:
         tx, rx = meshipc.channel()
         w = await mesh.spawn("rel_workers:echo", rx)
         procs.append(w)
@@ -320,10 +320,10 @@ async def test_item6_unencodable_call_right_after_spawn_fails_in_caller(rdir: Pa
         assert w.returncode is None
 
 
-async def test_item6_unencodable_send_to_remote_fails_at_send(rdir: Path) -> None:
+async def test_item6_unencodable_send_to_remote_fails_at_send(runtime_dir: Path) -> None:
     """The same on an established link, with ``send``: MessageError at
     ``send``, and the channel still works."""
-    async with meshipc.Mesh(runtime_dir=rdir) as mesh, reaped(mesh) as procs:
+    async with meshipc.Mesh(runtime_dir=runtime_dir) as mesh, reaped(mesh) as procs:
         tx, rx = meshipc.channel()
         procs.append(await mesh.spawn("rel_workers:echo", rx))
         assert await within(tx.call(1)) == 1
@@ -339,11 +339,11 @@ def _deep(depth: int) -> list[Any]:
     return v
 
 
-async def test_item6_too_deep_value_fails_at_call(rdir: Path) -> None:
+async def test_item6_too_deep_value_fails_at_call(runtime_dir: Path) -> None:
     """A list nested 2,000 deep raises MessageError at ``call`` (today it
     raises RecursionError in the worker's read callback and the call hangs);
     the channel and the link are untouched."""
-    async with meshipc.Mesh(runtime_dir=rdir) as mesh, reaped(mesh) as procs:
+    async with meshipc.Mesh(runtime_dir=runtime_dir) as mesh, reaped(mesh) as procs:
         tx, rx = meshipc.channel()
         w = await mesh.spawn("rel_workers:echo", rx)
         procs.append(w)
@@ -354,7 +354,9 @@ async def test_item6_too_deep_value_fails_at_call(rdir: Path) -> None:
         assert w.returncode is None
 
 
-async def test_item6_oversized_message_fails_at_send(rdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_item6_oversized_message_fails_at_send(
+    runtime_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A message over the size cap raises MessageError at ``send`` (before,
     the receiver dropped the whole connection). The cap is 1 GiB; building
     such a value is too slow for CI, so the test lowers it in this process
@@ -362,7 +364,7 @@ async def test_item6_oversized_message_fails_at_send(rdir: Path, monkeypatch: py
     import meshipc._ports as ports
 
     monkeypatch.setattr(ports, "MAX_OOB_BODY", 1024 * 1024)
-    async with meshipc.Mesh(runtime_dir=rdir) as mesh, reaped(mesh) as procs:
+    async with meshipc.Mesh(runtime_dir=runtime_dir) as mesh, reaped(mesh) as procs:
         tx, rx = meshipc.channel()
         w = await mesh.spawn("rel_workers:echo", rx)
         procs.append(w)
@@ -378,11 +380,11 @@ async def test_item6_oversized_message_fails_at_send(rdir: Path, monkeypatch: py
 # ----------------------------------------------------------------- item 7
 
 
-async def test_item7_sender_sent_through_itself_is_refused(rdir: Path) -> None:
+async def test_item7_sender_sent_through_itself_is_refused(runtime_dir: Path) -> None:
     """``tx.send(tx)`` (its receiver in a worker) is refused at send with a
     MeshError; the sender, and an unrelated channel on the same connection,
     keep working (today: 'duplicate sequence number' drops the link)."""
-    async with meshipc.Mesh(runtime_dir=rdir) as mesh, reaped(mesh) as procs:
+    async with meshipc.Mesh(runtime_dir=runtime_dir) as mesh, reaped(mesh) as procs:
         tx, rx = meshipc.channel()
         procs.append(await mesh.spawn("rel_workers:echo", rx))
         other_tx, other_rx = meshipc.channel()
@@ -396,10 +398,10 @@ async def test_item7_sender_sent_through_itself_is_refused(rdir: Path) -> None:
         assert await within(other_tx.call(2)) == 2
 
 
-async def test_item7_port_sent_through_itself_is_refused(rdir: Path) -> None:
+async def test_item7_port_sent_through_itself_is_refused(runtime_dir: Path) -> None:
     """The same with a raw ``Port`` whose peer is in a worker: ``a.send(a)``
     is refused; unrelated traffic on the connection is unaffected."""
-    async with meshipc.Mesh(runtime_dir=rdir) as mesh, reaped(mesh) as procs:
+    async with meshipc.Mesh(runtime_dir=runtime_dir) as mesh, reaped(mesh) as procs:
         tx, rx = meshipc.channel()
         procs.append(await mesh.spawn("rel_workers:echo", rx))
         assert await within(tx.call(1)) == 1
@@ -430,12 +432,12 @@ async def _typed_server(mesh: meshipc.Mesh, procs: list[meshipc.Process], which:
     ],
     ids=["mistyped", "unknown-ext-typed", "unknown-ext-untyped"],
 )
-async def test_item8_bad_message_does_not_end_a_server(rdir: Path, which: str, bad: Any) -> None:
+async def test_item8_bad_message_does_not_end_a_server(runtime_dir: Path, which: str, bad: Any) -> None:
     """A worker serving ``async for call in rx`` gets a mistyped value or an
     unknown msgpack extension from one client: the bad call ends for that
     client (any MeshError, not a hang), and the worker keeps serving another
     client."""
-    async with meshipc.Mesh(runtime_dir=rdir) as mesh, reaped(mesh) as procs:
+    async with meshipc.Mesh(runtime_dir=runtime_dir) as mesh, reaped(mesh) as procs:
         w, tx = await _typed_server(mesh, procs, which)
         good = tx.clone()
         assert await within(good.call(21)) in (42, 21)
@@ -448,10 +450,10 @@ async def test_item8_bad_message_does_not_end_a_server(rdir: Path, which: str, b
 # ----------------------------------------------------------------- item 9
 
 
-async def test_item9_typed_receiver_given_to_spawn_validates_in_worker(rdir: Path) -> None:
+async def test_item9_typed_receiver_given_to_spawn_validates_in_worker(runtime_dir: Path) -> None:
     """``spawn(..., rx)`` with ``rx`` from ``channel(int)``: in the worker a
     string is a MessageError (the call fails), an int goes through."""
-    async with meshipc.Mesh(runtime_dir=rdir) as mesh, reaped(mesh) as procs:
+    async with meshipc.Mesh(runtime_dir=runtime_dir) as mesh, reaped(mesh) as procs:
         tx, rx = meshipc.channel(int)
         procs.append(await mesh.spawn("rel_workers:validate_probe", rx))
         try:

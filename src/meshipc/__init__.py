@@ -14,7 +14,7 @@ if TYPE_CHECKING:
 
     from . import sync
     from ._channel import Call, Port, Receiver, Sender, channel
-    from ._control import Service, ServiceCall, ServiceNameInUse, ServiceNotFound, ServiceSender
+    from ._control import Service, ServiceCall, ServiceSender
     from ._errors import (
         AuthenticationError,
         BufferFull,
@@ -37,6 +37,8 @@ if TYPE_CHECKING:
         PortFailed,
         ProtocolError,
         RemoteError,
+        ServiceNameInUse,
+        ServiceNotFound,
         SocketPathTooLong,
         SpawnError,
     )
@@ -67,8 +69,8 @@ _LAZY: dict[str, tuple[str, str]] = {
     "channel": ("._channel", "channel"),
     "Service": ("._control", "Service"),
     "ServiceCall": ("._control", "ServiceCall"),
-    "ServiceNameInUse": ("._control", "ServiceNameInUse"),
-    "ServiceNotFound": ("._control", "ServiceNotFound"),
+    "ServiceNameInUse": ("._errors", "ServiceNameInUse"),
+    "ServiceNotFound": ("._errors", "ServiceNotFound"),
     "ServiceSender": ("._control", "ServiceSender"),
     "AuthenticationError": ("._errors", "AuthenticationError"),
     "BufferFull": ("._errors", "BufferFull"),

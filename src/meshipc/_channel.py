@@ -1,302 +1,52 @@
-"""Typed channels, raw ports and RPC (layer 7).
+"""Handles and RPC: ``Port``, ``Sender``, ``Receiver``, ``channel()`` and ``Call``.
 
-Handles (``Port``, ``Sender``, ``Receiver``) sit on port states of an engine.
-Ports created outside any mesh live in the process's default engine; they
-join a mesh node (``Engine.adopt``) the first time one of them is sent
-through it. Within one process nothing is serialized: the object you send is
-the object the receiver gets.
+This module's one job is what the application holds: handles that sit on
+port states of an engine, and RPC on top of them. Ports created outside any
+mesh live in the process's default engine; they join a mesh node
+(``Engine.adopt``) the first time one of them is sent through it. Within one
+process nothing is serialized: the object you send is the object the
+receiver gets. What a handle becomes inside a message to another process is
+registered here with the codec (``_codec.register_handle``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-import functools
 import logging
-import struct
 import threading
 import traceback
 import typing
 import weakref
 from collections import deque
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar
 
-import msgspec
-
+from . import _codec
+from ._codec import (
+    ANY_PLAIN_DECODER,
+    CODEC,
+    DECODE_ERRORS,
+    ResourceTables,
+    check_encodable,
+    decode,
+    plain_decoder,
+)
 from ._errors import ChannelClosed, MeshError, MessageError, RemoteError
-from ._fd import Fd
-from ._ids import NodeId, PortId
+from ._ids import NodeId
 from ._ports import Engine, Message, PortState
 from ._wire import K_ADD_SENDER, K_CALL, K_DATA, K_ERROR, K_REPLY, K_REPLY_ERROR
 
 T = TypeVar("T")
 log = logging.getLogger("meshipc")
 
-# extension type codes for resources inside message bodies
-EXT_PORT = 1
-EXT_SENDER = 2
-EXT_RECEIVER = 3
-EXT_FD = 4
+# Extension type codes of the handles inside message bodies (registered with
+# the codec at the end of this module). Part of the wire format: never
+# renumber; _codec.EXT_FD is 4.
+EXT_PORT: Final = 1
+EXT_SENDER: Final = 2
+EXT_RECEIVER: Final = 3
 
-_U32 = struct.Struct("<I")
-
-
-class _Res(threading.local):
-    """Resource lists of the message being encoded or decoded on this thread."""
-
-    def __init__(self) -> None:
-        self.ports: list[PortState] = []
-        self.fds: list[Any] = []
-        self.engine: Engine | None = None
-        self.carrier: PortState | None = None
-        self.in_states: list[PortState] = []
-        self.in_fds: list[Any] = []
-        self.used: set[tuple[int, int]] = set()
-
-
-_res = _Res()
-
-
-def _take_states(engine: Engine, handle: _Handle) -> list[PortState]:
-    states = handle._detach()
-    for st in states:
-        if st.engine is not engine:
-            engine.adopt(st)
-    return states
-
-
-def _enc_hook(obj: Any) -> Any:
-    r = _res
-    if isinstance(obj, _Handle) and r.carrier is not None and r.carrier in obj._states:
-        raise MessageError(f"a {type(obj).__name__} cannot be sent through itself")
-    if isinstance(obj, (Port, Sender)):
-        if r.engine is None or not obj._states:
-            raise ChannelClosed(f"cannot send a closed or already sent {type(obj).__name__}")
-        r.ports.extend(_take_states(r.engine, obj))
-        return msgspec.msgpack.Ext(
-            EXT_PORT if isinstance(obj, Port) else EXT_SENDER, _U32.pack(len(r.ports) - 1)
-        )
-    if isinstance(obj, Receiver):
-        if r.engine is None or not obj._states:
-            raise ChannelClosed("cannot send a closed or already sent Receiver")
-        states = _take_states(r.engine, obj)
-        idx = []
-        for st in states:
-            r.ports.append(st)
-            idx.append(len(r.ports) - 1)
-        return msgspec.msgpack.Ext(EXT_RECEIVER, struct.pack(f"<{len(idx)}I", *idx))
-    if isinstance(obj, Fd):
-        r.fds.append(Fd(obj.detach()))
-        return msgspec.msgpack.Ext(EXT_FD, _U32.pack(len(r.fds) - 1))
-    if isinstance(obj, (NodeId, PortId)):
-        return bytes(obj)
-    if isinstance(obj, BaseException):
-        return f"{type(obj).__name__}: {obj}"
-    raise NotImplementedError(f"cannot send objects of type {type(obj).__name__}")
-
-
-_encoder = msgspec.msgpack.Encoder(enc_hook=_enc_hook)
-
-
-# Values without ports or fds (the common case) need no per-message resource
-# lists. The plain encoder's hook is only called for what msgspec cannot
-# encode by itself (a handle, an fd, an unsupported type): it notes that the
-# full encoder must judge (no exception on the hot path). Only the threads
-# that drive engines use it, one encode at a time per thread; the note is a
-# per-thread slot keyed by thread id.
-_needs_full: dict[int, bool] = {}
 _get_ident = threading.get_ident
-
-
-def _plain_hook(obj: Any) -> None:
-    _needs_full[_get_ident()] = True
-
-
-_plain_encoder = msgspec.msgpack.Encoder(enc_hook=_plain_hook)
-
-
-def _use(kind: int, index: int, limit: int) -> int:
-    if not 0 <= index < limit or (kind, index) in _res.used:
-        raise MessageError(f"message refers to resource {index} that is missing or used twice")
-    _res.used.add((kind, index))
-    return index
-
-
-def _ext_hook(code: int, data: memoryview) -> Any:
-    r = _res
-    if code in (EXT_PORT, EXT_SENDER):
-        if len(data) != 4:
-            raise MessageError("bad port reference")
-        st = r.in_states[_use(0, _U32.unpack(data)[0], len(r.in_states))]
-        return Port._wrap([st]) if code == EXT_PORT else Sender._wrap([st])
-    if code == EXT_RECEIVER:
-        if len(data) % 4:
-            raise MessageError("bad receiver reference")
-        idx = struct.unpack(f"<{len(data) // 4}I", data)
-        return Receiver._wrap([r.in_states[_use(0, i, len(r.in_states))] for i in idx])
-    if code == EXT_FD:
-        if len(data) != 4:
-            raise MessageError("bad fd reference")
-        i = _use(1, _U32.unpack(data)[0], len(r.in_fds))
-        fd = r.in_fds[i]
-        r.in_fds[i] = None
-        return fd
-    raise MessageError(f"unknown extension type {code}")
-
-
-def _dec_hook(tp: Any, obj: Any) -> Any:
-    origin = typing.get_origin(tp) or tp
-    if isinstance(origin, type) and isinstance(obj, origin):
-        if isinstance(obj, _Inbox):
-            # the element type is not on the wire: the receiving side's
-            # annotation (a field typed Receiver[Point]) says what to validate
-            args = typing.get_args(tp)
-            if args:
-                obj._set_type(args[0])
-        return obj
-    if origin in (NodeId, PortId) and isinstance(obj, bytes) and len(obj) == 16:
-        return origin(obj)
-    raise msgspec.ValidationError(
-        f"Expected `{getattr(origin, '__name__', origin)}`, got `{type(obj).__name__}`"
-    )
-
-
-@functools.lru_cache(maxsize=256)
-def _decoder(tp: Any) -> msgspec.msgpack.Decoder[Any]:
-    return msgspec.msgpack.Decoder(tp, ext_hook=_ext_hook, dec_hook=_dec_hook)
-
-
-def _no_resources(code: int, data: memoryview) -> Any:
-    raise MessageError(f"message refers to a resource (extension type {code}) it does not carry")
-
-
-@functools.lru_cache(maxsize=256)
-def _plain_decoder(tp: Any) -> msgspec.msgpack.Decoder[Any]:
-    return msgspec.msgpack.Decoder(tp, ext_hook=_no_resources, dec_hook=_dec_hook)
-
-
-_any_dec = _plain_decoder(Any)  # a call's reply (no cache lookup per call)
-
-
-class _Codec:
-    """Bridges message objects and bytes for the engine (see ``ports.Codec``)."""
-
-    def encode(
-        self, engine: Engine, obj: Any, carrier: PortState | None = None
-    ) -> tuple[bytes, list[PortState], list[Any]]:
-        r = _res
-        r.engine, r.ports, r.fds, r.carrier = engine, [], [], carrier
-        try:
-            if isinstance(obj, _CallMsg):
-                # the request; its reply port goes last, after the request's own
-                body = _encoder.encode(obj.request)
-                if not obj.reply._states:
-                    raise ChannelClosed("the reply port of this call is closed")
-                r.ports.extend(_take_states(engine, obj.reply))
-            else:
-                body = _encoder.encode(obj)
-            return body, r.ports, r.fds
-        except BaseException:
-            for st in r.ports:
-                st.engine.close(st)
-            for fd in r.fds:
-                fd.close()
-            raise
-        finally:
-            r.engine, r.ports, r.fds, r.carrier = None, [], [], None
-
-    def encode_plain(self, obj: Any) -> bytes | None:
-        try:
-            body = _plain_encoder.encode(obj)
-        except BaseException:
-            _needs_full.pop(_get_ident(), None)
-            raise
-        if _needs_full and _needs_full.pop(_get_ident(), False):
-            return None
-        return body
-
-    def encode_error(self, exc: BaseException) -> bytes:
-        return _encoder.encode(("MessageError", f"message could not be encoded: {exc}", ""))
-
-    def dispose(self, obj: Any, reason: str | None = None) -> None:
-        for res in walk_resources(obj):
-            if reason is not None and isinstance(res, _Handle):
-                for st in res._detach():
-                    st.engine.fail(st, reason)
-            else:
-                res.close()
-
-
-CODEC = _Codec()
-
-
-def decode(msg: Message, tp: Any) -> Any:
-    """The value of a message from another node, validated against ``tp``.
-
-    Raises ``MessageError`` (the resources of the message are closed)."""
-    body = msg.body if msg.body is not None else b""
-    if not msg.ports and not msg.fds:
-        try:
-            return _plain_decoder(tp).decode(body)
-        except (msgspec.DecodeError, msgspec.ValidationError, ValueError, RecursionError) as exc:
-            raise MessageError(f"invalid message: {exc}") from None
-    r = _res
-    r.in_states = msg.ports or []
-    r.in_fds = list(msg.fds or [])
-    r.used = set()
-    try:
-        value = _decoder(tp).decode(body)
-    except (msgspec.DecodeError, msgspec.ValidationError, ValueError, struct.error, RecursionError) as exc:
-        for i, st in enumerate(r.in_states):
-            if (0, i) not in r.used:
-                st.engine.close(st)
-        _close_fds(r.in_fds)
-        raise MessageError(f"invalid message: {exc}") from None
-    finally:
-        states, fds = r.in_states, r.in_fds
-        r.in_states, r.in_fds = [], []
-    # anything the body did not refer to would leak otherwise
-    for i, st in enumerate(states):
-        if (0, i) not in r.used:
-            st.engine.close(st)
-    _close_fds(fds)
-    return value
-
-
-def _close_fds(fds: list[Any]) -> None:
-    for fd in fds:
-        if fd is not None:
-            fd.close()
-
-
-def walk_resources(obj: Any, _depth: int = 0) -> list[Any]:
-    """Ports, senders, receivers and fds inside a local message value."""
-    out: list[Any] = []
-    if _depth > 64:
-        return out
-    if isinstance(obj, (_Handle, Fd)):
-        out.append(obj)
-    elif isinstance(obj, (str, bytes, int, float, bool, type(None))):
-        pass
-    elif isinstance(obj, (list, tuple, set, frozenset)):
-        for x in obj:
-            out.extend(walk_resources(x, _depth + 1))
-    elif isinstance(obj, dict):
-        for k, v in obj.items():
-            out.extend(walk_resources(k, _depth + 1))
-            out.extend(walk_resources(v, _depth + 1))
-    elif isinstance(obj, msgspec.Struct):
-        for name in obj.__struct_fields__:
-            out.extend(walk_resources(getattr(obj, name), _depth + 1))
-    elif isinstance(obj, _CallMsg):
-        out.extend(walk_resources(obj.request, _depth + 1))
-        out.append(obj.reply)
-    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        for f in dataclasses.fields(obj):
-            out.extend(walk_resources(getattr(obj, f.name), _depth + 1))
-    return out
-
 
 # the process's default engine: ports that never left this process
 _local_engine = Engine(NodeId.random(), codec=CODEC)
@@ -326,21 +76,32 @@ def _from_thread(st: PortState, fn: Any, *args: Any) -> None:
             fn(eng, *args)
             return
         try:
-            eng.post(_posted, st, fn, args)
+            eng.post(_run_posted, st, fn, args)
         except RuntimeError:
             raise ChannelClosed("the event loop of this port's mesh is closed") from None
         return
 
 
-def _posted(st: PortState, fn: Any, args: tuple[Any, ...]) -> None:
+def _run_posted(st: PortState, fn: Any, args: tuple[Any, ...]) -> None:
     try:
         fn(st.engine, *args)
     except MeshError as exc:  # raised in the caller's thread had it been on the loop
         log.warning("a send from another thread was dropped: %s", exc)
 
 
-def _engine_send(eng: Engine, st: PortState, kind: int, value: Any, force: bool = False) -> None:
-    eng.send_value(st, kind, value, force)
+def _engine_send(eng: Engine, st: PortState, kind: int, value: Any) -> None:
+    eng.send_value(st, kind, value)
+
+
+# sends from another thread, admitted there (``force``: past the hard limit)
+
+
+def _engine_send_encoded(eng: Engine, st: PortState, kind: int, value: Any, body: bytes) -> None:
+    eng.send_encoded(st, kind, value, body, force=True)
+
+
+def _engine_send_message(eng: Engine, st: PortState, kind: int, value: Any) -> None:
+    eng.send(st, Message(kind, value), force=True)
 
 
 def _engine_close(eng: Engine, st: PortState) -> None:
@@ -444,15 +205,16 @@ def _send(h: _Handle, kind: int, value: Any) -> None:
         if eng.over_hard_limit(st):
             raise eng._full(st)
         try:
-            plain = CODEC.encode_plain(value)
+            plain = _codec.encode_plain(value)
         except RecursionError:
             raise MessageError("this value cannot be sent to another process: nested too deep") from None
-        if plain is None and not walk_resources(value):
-            try:  # no handle inside: the full encoder only says what it cannot take
-                _encoder.encode(value)
-            except (TypeError, ValueError, OverflowError, NotImplementedError) as exc:
-                raise MessageError(f"this value cannot be sent to another process: {exc}") from None
-        _from_thread(st, _engine_send, st, kind, value, True)
+        # encoded once, here: the loop ships these bytes (or, for a value with
+        # ports or fds, goes straight to the full encoder)
+        if plain is None:
+            check_encodable(value)
+            _from_thread(st, _engine_send_message, st, kind, value)
+        else:
+            _from_thread(st, _engine_send_encoded, st, kind, value, plain)
 
 
 class _Inbox(_Handle):
@@ -465,8 +227,8 @@ class _Inbox(_Handle):
         "_calls_only",
         "_error",
         "_foreign",
-        "_from",
         "_fut",
+        "_last_node",
         "_loop",
         "_more",
         "_plain_dec",
@@ -490,7 +252,7 @@ class _Inbox(_Handle):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread = threading.get_ident()
         self._foreign = False  # woken from another thread at least once
-        self._from = b""  # node of the last message taken (for bad-message reports)
+        self._last_node = b""  # node of the last message taken (for bad-message reports)
         #: messages from other processes dropped because they did not decode
         #: or validate (each is logged with the node that sent it)
         self.bad_messages = 0
@@ -505,7 +267,7 @@ class _Inbox(_Handle):
             args = typing.get_args(tp)
             tp = args[0] if args else Any
         self._type = tp
-        self._plain_dec = _plain_decoder(tp)  # built once, not looked up per message
+        self._plain_dec = plain_decoder(tp)  # built once, not looked up per message
 
     def _add(self, st: PortState) -> None:
         self._states.append(st)
@@ -530,7 +292,7 @@ class _Inbox(_Handle):
                     pass  # that loop is closed: a later wait rebinds and rescans
 
         st.waker = waker
-        if st.queue or st.readable_end:
+        if st.queue or st.ended:
             self._wake(st)
 
     def _wake(self, st: PortState) -> None:
@@ -561,7 +323,7 @@ class _Inbox(_Handle):
         to read (a wake racing with ``_next_message`` may have been missed)."""
         found = False
         for st in self._states:
-            if (st.queue or st.readable_end) and st not in self._sched:
+            if (st.queue or st.ended) and st not in self._sched:
                 self._sched.add(st)
                 self._ready.append(st)
                 found = True
@@ -605,24 +367,24 @@ class _Inbox(_Handle):
             q = st.queue
             if q:
                 msg = q.popleft()
-                if not q and not st.readable_end:
+                if not q and not st.ended:
                     ready.popleft()
                     self._sched.discard(st)
                 body = msg.body
                 if body is not None:
                     # flow control: a remote sender counts this off its window
-                    self._from = st.peer_node
-                    st.ack_n += 1
-                    st.ack_bytes += len(body)
+                    self._last_node = st.peer_node
+                    st.unreported_n += 1
+                    st.unreported_bytes += len(body)
                     eng = st.engine
-                    if st.ack_n >= eng.ack_every_n or st.ack_bytes >= eng.ack_every_bytes:
+                    if st.unreported_n >= eng.ack_every_n or st.unreported_bytes >= eng.ack_every_bytes:
                         eng.consumed(st)
                 if st.credit is not None:
                     st.engine.consumed(st)  # a local sender waits in drain()
                 return msg
             ready.popleft()
             self._sched.discard(st)
-            if st.readable_end and st in self._states and self._merges:
+            if st.ended and st in self._states and self._merges:
                 # one of several senders is gone: drop it. A failure is
                 # reported only when it ends the stream (the last sender):
                 # one client dying must not end a server's loop over many
@@ -637,7 +399,7 @@ class _Inbox(_Handle):
             if not self._states:
                 raise ChannelClosed("the port was closed or sent away")
             st = self._states[0]
-            if st.readable_end and not st.queue:
+            if st.ended and not st.queue:
                 if st.error is not None:
                     raise st.error
                 raise ChannelClosed("the peer port is closed")
@@ -648,20 +410,20 @@ class _Inbox(_Handle):
             raise ChannelClosed("every sender is closed")
         return None
 
-    def _bad(self, exc: MessageError) -> Any:
+    def _drop_bad(self, exc: MessageError) -> Any:
         """A message from another process that does not decode or validate:
         logged with its node, counted, dropped; the stream goes on."""
         self.bad_messages += 1
         log.warning(
             "dropped a bad message from node %s on %r (%d so far): %s",
-            self._from.hex()[:12],
+            self._last_node.hex()[:12],
             self,
             self.bad_messages,
             exc,
         )
         return _SKIP
 
-    def _take(self, msg: Message) -> Any:
+    def _value_of(self, msg: Message) -> Any:
         kind = msg.kind
         if kind == K_REPLY:
             kind = K_DATA  # a peer's last message; the end follows
@@ -670,19 +432,19 @@ class _Inbox(_Handle):
         if kind == K_DATA:
             if self._calls_only:
                 _local_engine.dispose(msg)
-                return self._bad(MessageError("a plain message on a channel of calls"))
+                return self._drop_bad(MessageError("a plain message on a channel of calls"))
             body = msg.body
             if body is None:
                 return msg.obj
             if msg.ports is None and msg.fds is None:
                 try:  # the common message: decode inline with this end's decoder
                     return self._plain_dec.decode(body)
-                except (msgspec.DecodeError, msgspec.ValidationError, ValueError, RecursionError) as exc:
-                    return self._bad(MessageError(f"invalid message: {exc}"))
+                except DECODE_ERRORS as exc:
+                    return self._drop_bad(MessageError(f"invalid message: {exc}"))
             try:
                 return decode(msg, self._type)
             except MessageError as exc:
-                return self._bad(exc)
+                return self._drop_bad(exc)
         if kind == K_CALL:
             if msg.body is None:
                 cm: _CallMsg = msg.obj
@@ -690,19 +452,19 @@ class _Inbox(_Handle):
             ports = msg.ports
             if not ports:
                 _local_engine.dispose(msg)
-                return self._bad(MessageError("a call without its reply port"))
+                return self._drop_bad(MessageError("a call without its reply port"))
             reply = Port._wrap([ports[-1]])  # the reply port comes last
             try:
                 if len(ports) == 1 and not msg.fds:
                     try:  # the common request: decode inline with this end's decoder
                         req = self._plain_dec.decode(msg.body)
-                    except (msgspec.DecodeError, msgspec.ValidationError, ValueError, RecursionError) as e:
+                    except DECODE_ERRORS as e:
                         raise MessageError(f"invalid message: {e}") from None
                 else:
                     req = decode(Message(K_CALL, None, msg.body, ports[:-1], msg.fds), self._type)
             except MessageError as exc:
                 Call(None, reply).fail(exc)  # tell the caller why, instead of hanging up
-                return self._bad(exc)
+                return self._drop_bad(exc)
             return Call(req, reply)
         if kind == K_ADD_SENDER:
             if msg.body is None:
@@ -711,7 +473,7 @@ class _Inbox(_Handle):
                 try:
                     sender = decode(msg, Sender)
                 except MessageError as exc:
-                    return self._bad(exc)
+                    return self._drop_bad(exc)
             if isinstance(self, Receiver):
                 for st in sender._detach():
                     self._add(st)  # one more sender merged into this receiver
@@ -726,7 +488,7 @@ class _Inbox(_Handle):
         try:
             tn, text, _ = decode(msg, tuple[str, str, str])
         except MessageError as exc:
-            return self._bad(exc)
+            return self._drop_bad(exc)
         raise MessageError(f"{tn}: {text}")
 
     def _poll(self) -> Any:
@@ -735,7 +497,7 @@ class _Inbox(_Handle):
             msg = self._next_message()
             if msg is None:
                 return _EMPTY
-            value = self._take(msg)
+            value = self._value_of(msg)
             if value is not _SKIP:
                 return value
 
@@ -862,7 +624,7 @@ class Sender(_Handle, Generic[T]):
             # the common call: a plain request to another process, one frame
             # that names its reply port (no second port, no descriptor)
             try:
-                body = CODEC.encode_plain(request)
+                body = _codec.encode_plain(request)
             except RecursionError:
                 raise MessageError("this value cannot be sent to another process: nested too deep") from None
             if body is not None:
@@ -895,8 +657,8 @@ class Sender(_Handle, Generic[T]):
             return msg.obj
         if msg.ports is None and msg.fds is None:
             try:  # the common reply: a plain value
-                return _any_dec.decode(msg.body)
-            except (msgspec.DecodeError, msgspec.ValidationError, ValueError, RecursionError) as exc:
+                return ANY_PLAIN_DECODER.decode(msg.body)
+            except DECODE_ERRORS as exc:
                 raise MessageError(f"invalid message: {exc}") from None
         return decode(msg, Any)
 
@@ -911,7 +673,7 @@ async def _reply_to(st: PortState) -> Message:
     ``call.cancelled`` if the caller gave up first."""
     q = st.queue
     try:
-        if not q and not st.readable_end:
+        if not q and not st.ended:
             fut = asyncio.get_running_loop().create_future()
 
             def wake() -> None:  # the engine runs on this thread (call_plain's rule)
@@ -1035,3 +797,67 @@ class Call(Generic[T]):
 
     def __repr__(self) -> str:
         return f"<Call {self.request!r}>"
+
+
+# ------------------------------------------------ what handles are in a message
+
+
+def _take_states(engine: Engine, handle: _Handle) -> list[PortState]:
+    """The handle's port states, given up and moved into ``engine``."""
+    states = handle._detach()
+    for st in states:
+        if st.engine is not engine:
+            engine.adopt(st)
+    return states
+
+
+def _encode_one(h: Port | Sender[Any], tables: ResourceTables) -> bytes:
+    _codec.check_sendable(h._states, type(h).__name__)
+    assert tables.engine is not None  # check_sendable's rule
+    return _codec.pack_indices(tables.add_ports(_take_states(tables.engine, h))[-1:])
+
+
+def _encode_receiver(h: Receiver[Any], tables: ResourceTables) -> bytes:
+    _codec.check_sendable(h._states, "Receiver")
+    assert tables.engine is not None
+    return _codec.pack_indices(tables.add_ports(_take_states(tables.engine, h)))
+
+
+def _decode_port(data: memoryview, tables: ResourceTables) -> Port:
+    (i,) = _codec.unpack_indices(data, exactly_one=True)
+    return Port._wrap([tables.take_port(i)])
+
+
+def _decode_sender(data: memoryview, tables: ResourceTables) -> Sender[Any]:
+    (i,) = _codec.unpack_indices(data, exactly_one=True)
+    return Sender._wrap([tables.take_port(i)])
+
+
+def _decode_receiver(data: memoryview, tables: ResourceTables) -> Receiver[Any]:
+    indices = _codec.unpack_indices(data, exactly_one=False)
+    return Receiver._wrap([tables.take_port(i) for i in indices])
+
+
+def _retype(h: _Inbox, args: tuple[Any, ...]) -> None:
+    h._set_type(args[0])
+
+
+def _detach(h: _Handle) -> list[PortState]:
+    return h._detach()
+
+
+def _split_call(cm: _CallMsg) -> tuple[Any, Port]:
+    return cm.request, cm.reply
+
+
+def _check_call(cm: _CallMsg) -> None:
+    if not cm.reply._states:
+        raise ChannelClosed("the reply port of this call is closed")
+
+
+_codec.register_handle(Port, EXT_PORT, _encode_one, _decode_port, detach=_detach, retype=_retype)
+_codec.register_handle(Sender, EXT_SENDER, _encode_one, _decode_sender, detach=_detach)
+_codec.register_handle(
+    Receiver, EXT_RECEIVER, _encode_receiver, _decode_receiver, detach=_detach, retype=_retype
+)
+_codec.register_envelope(_CallMsg, _split_call, _check_call)

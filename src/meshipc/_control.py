@@ -42,7 +42,16 @@ from typing import TYPE_CHECKING, Any, Final, cast
 import msgspec
 
 from ._channel import Call, Port, Receiver, Sender, channel
-from ._errors import ChannelClosed, MeshError, MessageError, NodeFailure, PortFailed, RemoteError
+from ._errors import (
+    ChannelClosed,
+    MeshError,
+    MessageError,
+    NodeFailure,
+    PortFailed,
+    RemoteError,
+    ServiceNameInUse,
+    ServiceNotFound,
+)
 from ._ids import PortId
 from ._names import CONTROL_NAME
 from ._platform import PLATFORM
@@ -66,33 +75,6 @@ SESSION_DELAY: Final = 0.05
 WATCH_AFTER: Final = 0.05
 _MAGIC = b"MCT1"
 _ST_OK, _ST_DUPLICATE = 0, 1
-
-# ------------------------------------------------------------------ errors
-
-
-class ServiceNotFound(MeshError, LookupError):
-    """No live service of that name in the mesh (``service`` is the name)."""
-
-    def __init__(self, service: str) -> None:
-        super().__init__(f"no service named {service!r} in this mesh")
-        self.service = service
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.service,))
-
-
-class ServiceNameInUse(MeshError):
-    """``serve``: a live service of the mesh already has that name."""
-
-    def __init__(self, service: str, node: str = "") -> None:
-        where = f" (on node {node[:12]})" if node else ""
-        super().__init__(f"a service named {service!r} is already registered{where}")
-        self.service = service
-        self.node = node
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.service, self.node))
-
 
 # ------------------------------------------------------------------ messages
 

@@ -17,8 +17,7 @@ import sys
 import time
 from typing import Any
 
-from ._control import ServiceNotFound
-from ._errors import ConnectError, JoinError, MeshError, NodeFailure, RemoteError
+from ._errors import ConnectError, JoinError, MeshError, NodeFailure, RemoteError, ServiceNotFound
 from ._mesh import connect
 from ._names import mesh_directory, runtime_root
 

@@ -1,4 +1,6 @@
-"""The meshipc exception tree (layer 2).
+"""The meshipc exception tree, rooted at ``MeshError``.
+
+This module's one job is the exceptions meshipc raises, with no logic.
 
 Every exception that carries attributes defines ``__reduce__`` so it survives
 pickling by code that reports errors across processes (for instance
@@ -216,3 +218,30 @@ class SpawnError(MeshError):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.name, self.target, self.reason, self.traceback))
+
+
+# ------------------------------------------------------------------ control plane
+
+
+class ServiceNotFound(MeshError, LookupError):
+    """No live service of that name in the mesh (``service`` is the name)."""
+
+    def __init__(self, service: str) -> None:
+        super().__init__(f"no service named {service!r} in this mesh")
+        self.service = service
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.service,))
+
+
+class ServiceNameInUse(MeshError):
+    """``serve``: a live service of the mesh already has that name."""
+
+    def __init__(self, service: str, node: str = "") -> None:
+        where = f" (on node {node[:12]})" if node else ""
+        super().__init__(f"a service named {service!r} is already registered{where}")
+        self.service = service
+        self.node = node
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.service, self.node))

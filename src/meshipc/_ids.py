@@ -1,4 +1,4 @@
-"""Node and port identities: 16 random bytes each (layer 1)."""
+"""Node and port identities: 16 random bytes each, drawn from a pool."""
 
 from __future__ import annotations
 

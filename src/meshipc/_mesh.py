@@ -24,7 +24,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from ._channel import CODEC
+from ._codec import CODEC
 from ._control import Control, Service
 from ._errors import JoinError, MeshError
 from ._handshake import MeshSecret

@@ -1,8 +1,14 @@
-"""The port engine (layer 4, sans-IO).
+"""The port engine: every port's state and the port protocol, sans-IO.
+
+This module's one job is the state machine of port ends: sequencing,
+moving ports between nodes, failure rules and flow control (``Limits``).
+It reads and writes no socket and runs no event loop: a node feeds it
+decoded events and ships what it hands its ``Outbox``; values are turned
+into bytes by a ``Codec`` it is given.
 
 Rules of this module:
 
-* Everything that changes a port's state lives here; the node layer only
+* Everything that changes a port's state lives here; the node only
   feeds events in (:meth:`Engine.receive`, :meth:`Engine.receive_data`,
   :meth:`Engine.node_failed`) and ships what the engine hands its
   :class:`Outbox`. No socket, no event loop.
@@ -79,6 +85,7 @@ message arrives, and the peer's own items follow it on the same link.
 
 from __future__ import annotations
 
+import enum
 import functools
 import threading
 from collections import deque
@@ -95,7 +102,7 @@ from ._errors import (
     PortFailed,
     ProtocolError,
 )
-from ._ids import PortId, random_id
+from ._ids import ID_LEN, PortId, random_id
 from ._wire import (
     CALL_HEAD,
     D_DEAD,
@@ -121,12 +128,34 @@ from ._wire import (
     ProxyDoneEvent,
 )
 
-OWNED: Final = 0
-SENDING: Final = 1
-PROXY: Final = 2
 
+class PortMode(enum.IntEnum):
+    """Where a port end is in its life (see the table above). An ``IntEnum``
+    (modes compare as ints elsewhere); every mode a ``PortState`` holds is a
+    member, so this module tests modes by identity (``is``): on the hot
+    paths that is cheaper than ``==``, which Python does not specialize for
+    an int subclass."""
+
+    #: held here: messages are queued for the user
+    OWNED = 0
+    #: sent inside a message, not yet arrived: what comes is buffered
+    SENDING = 1
+    #: arrived elsewhere: what comes is forwarded to the new end
+    PROXY = 2
+
+
+OWNED: Final = PortMode.OWNED
+SENDING: Final = PortMode.SENDING
+PROXY: Final = PortMode.PROXY
+
+#: the first sequence number of each direction of a port
 _FIRST_SEQ: Final = 1
-_NO_ID: Final = bytes(16)
+#: "no node / no port": an id no random id equals
+_NO_ID: Final = bytes(ID_LEN)
+#: consumption is reported to a remote sender every this fraction of a window
+ACK_FRACTION: Final = 4
+#: a sender notes its byte count every this fraction of the byte window
+CHECKPOINT_FRACTION: Final = 8
 
 
 @dataclass(frozen=True)
@@ -163,7 +192,7 @@ class Limits:
 DEFAULT_LIMITS: Final = Limits()
 #: A sender notes how many bytes it had sent every this many messages (or
 #: window/8 bytes): consumption reports are matched against these notes.
-CK_MESSAGES: Final = 64
+CHECKPOINT_MESSAGES: Final = 64
 
 
 class Message:
@@ -195,14 +224,14 @@ class Message:
 _data_message: Final = functools.partial(Message, K_DATA, None)
 
 
-class _Close:
+class _CloseItem:
     __slots__ = ()
 
 
-_CLOSE: Final = _Close()
+_CLOSE: Final = _CloseItem()
 
 
-class _Change:
+class _ChangePeer:
     __slots__ = ("new_node", "new_port", "old_node", "old_port")
 
     def __init__(self, new_node: bytes, new_port: bytes, old_node: bytes, old_port: bytes) -> None:
@@ -212,7 +241,7 @@ class _Change:
         self.old_port = old_port
 
 
-Item = Message | _Close | _Change
+Item = Message | _CloseItem | _ChangePeer
 
 
 class Codec(Protocol):
@@ -243,14 +272,10 @@ class PortState:
 
     __slots__ = (
         "__weakref__",
-        "ack_bytes",
-        "ack_n",
-        "acked_b",
+        "acked_bytes",
         "acked_seq",
         "buffer",
-        "ck",
-        "ck_b",
-        "ck_seq",
+        "checkpoints",
         "close_sent",
         "closed",
         "credit",
@@ -259,6 +284,8 @@ class PortState:
         "first_hop",
         "id",
         "mode",
+        "next_checkpoint_bytes",
+        "next_checkpoint_seq",
         "peer_closed",
         "peer_node",
         "peer_port",
@@ -271,16 +298,18 @@ class PortState:
         "recv_seq",
         "relayed",
         "send_seq",
-        "sent_b",
+        "sent_bytes",
         "target_node",
         "target_port",
+        "unreported_bytes",
+        "unreported_n",
         "waker",
     )
 
     def __init__(self, engine: Engine, id: bytes, peer_node: bytes, peer_port: bytes) -> None:
         self.id = id
         self.engine = engine
-        self.mode = OWNED
+        self.mode: PortMode = OWNED
         self.peer_node = peer_node
         self.peer_port = peer_port
         self.send_seq = _FIRST_SEQ
@@ -309,28 +338,28 @@ class PortState:
         self.relayed: list[tuple[bytes, bytes]] | None = None
         # flow control, sending side, towards another node: sequence numbers
         # count messages (acked_seq: the last one reported consumed); bytes
-        # are cumulative (sent_b), known consumed at checkpoints (ck: deque of
-        # (seq, sent_b before it)) taken every CK_MESSAGES or window/8 bytes,
-        # so a send costs an addition and a comparison. ck None: not tracking.
-        self.ck: deque[tuple[int, int]] | None = None
+        # are cumulative (sent_bytes), known consumed at checkpoints (checkpoints: deque of
+        # (seq, sent_bytes before it)) taken every CHECKPOINT_MESSAGES or window/8 bytes,
+        # so a send costs an addition and a comparison. checkpoints None: not tracking.
+        self.checkpoints: deque[tuple[int, int]] | None = None
         self.acked_seq = 0
-        self.sent_b = 0
-        self.acked_b = 0
-        self.ck_seq = 0  # next checkpoint at this seq...
-        self.ck_b = 0  # ...or once sent_b reaches this
+        self.sent_bytes = 0
+        self.acked_bytes = 0
+        self.next_checkpoint_seq = 0  # next checkpoint at this seq...
+        self.next_checkpoint_bytes = 0  # ...or once sent_bytes reaches this
         # flow control, receiving side: consumed since the last CONSUMED report
-        self.ack_n = 0
-        self.ack_bytes = 0
+        self.unreported_n = 0
+        self.unreported_bytes = 0
         # called when this end's window may have opened (or the port ended)
         self.credit: list[Callable[[], None]] | None = None
 
     @property
-    def readable_end(self) -> bool:
+    def ended(self) -> bool:
         """True when no further message can ever be queued here."""
-        return self.peer_closed or self.error is not None or self.closed or self.mode != OWNED
+        return self.peer_closed or self.error is not None or self.closed or self.mode is not OWNED
 
     def __repr__(self) -> str:
-        mode = ("OWNED", "SENDING", "PROXY")[self.mode]
+        mode = PortMode(self.mode).name
         peer = f"{self.peer_node.hex()[:6]}/{self.peer_port.hex()[:6]}"
         return f"<PortState {self.id.hex()[:8]} {mode} peer={peer}>"
 
@@ -401,11 +430,11 @@ class Engine:
         self.node_id = node_id
         self.limits = limits
         #: consumption reported to a remote sender in batches of a quarter window
-        self.ack_every_n = max(1, limits.window_messages // 4)
-        self.ack_every_bytes = max(1, limits.window_bytes // 4)
+        self.ack_every_n = max(1, limits.window_messages // ACK_FRACTION)
+        self.ack_every_bytes = max(1, limits.window_bytes // ACK_FRACTION)
         self._max_n = limits.max_messages  # read per checkpoint: plain attributes
         self._max_b = limits.max_bytes
-        self._ck_bytes = max(1, limits.window_bytes // 8)
+        self._checkpoint_every_bytes = max(1, limits.window_bytes // CHECKPOINT_FRACTION)
         #: the thread that drives this engine, and how to run a call there;
         #: None for an engine no event loop drives (then ``lock`` serializes
         #: every change made through the handles, from any thread)
@@ -457,7 +486,7 @@ class Engine:
         node = st.peer_node
         if (
             node != self.node_id
-            and st.mode == OWNED
+            and st.mode is OWNED
             and not (st.closed or st.peer_closed or st.error is not None)
         ):
             try:
@@ -465,16 +494,40 @@ class Engine:
             except RecursionError:
                 raise MessageError("this value cannot be sent to another process: nested too deep") from None
             if body is not None:  # else ports, fds or an unsupported type: the full path says which
+                # send_encoded's shipping, inlined: the path of every plain send
                 n = len(body)
                 if n > MAX_OOB_BODY:
                     raise MessageError(f"a message of {n} bytes exceeds the limit of {MAX_OOB_BODY}")
                 seq = st.send_seq
-                if seq >= st.ck_seq or st.sent_b + n >= st.ck_b:
+                if seq >= st.next_checkpoint_seq or st.sent_bytes + n >= st.next_checkpoint_bytes:
                     self._checkpoint(st, seq, n, force)  # may raise BufferFull
                 st.send_seq = seq + 1
-                st.sent_b += n
+                st.sent_bytes += n
                 self.out.send_data(node, st.peer_port, seq, kind, body)
                 return
+        self.send(st, Message(kind, obj), force)
+
+    def send_encoded(self, st: PortState, kind: int, obj: Any, body: bytes, force: bool = False) -> None:
+        """``send_value`` for a value its caller already encoded without ports
+        or fds (``body``, from ``Codec.encode_plain``; a send from another
+        thread encodes there): shipped as it is when the peer is on another
+        node, else the object goes as a local message."""
+        node = st.peer_node
+        if (
+            node != self.node_id
+            and st.mode is OWNED
+            and not (st.closed or st.peer_closed or st.error is not None)
+        ):
+            n = len(body)
+            if n > MAX_OOB_BODY:
+                raise MessageError(f"a message of {n} bytes exceeds the limit of {MAX_OOB_BODY}")
+            seq = st.send_seq
+            if seq >= st.next_checkpoint_seq or st.sent_bytes + n >= st.next_checkpoint_bytes:
+                self._checkpoint(st, seq, n, force)  # may raise BufferFull
+            st.send_seq = seq + 1
+            st.sent_bytes += n
+            self.out.send_data(node, st.peer_port, seq, kind, body)
+            return
         self.send(st, Message(kind, obj), force)
 
     def send(self, st: PortState, msg: Message, force: bool = False) -> None:
@@ -483,7 +536,7 @@ class Engine:
         ``ChannelClosed`` if this end was closed or sent away, ``BufferFull``
         at the flow-control hard limit, ``MessageError`` for a value that
         cannot go to another process (nothing is queued then)."""
-        if st.closed or st.mode != OWNED:
+        if st.closed or st.mode is not OWNED:
             self.dispose(msg)
             raise ChannelClosed("send on a port that was closed or sent away")
         if st.peer_closed or st.error is not None:
@@ -501,14 +554,14 @@ class Engine:
                 msg = self.encode_message(msg, st)
             ev, fds = self._event_for(node, st.peer_port, seq, msg, strict=True)
             n = len(msg.body or b"")
-            if seq >= st.ck_seq or st.sent_b + n >= st.ck_b:
+            if seq >= st.next_checkpoint_seq or st.sent_bytes + n >= st.next_checkpoint_bytes:
                 self._checkpoint(st, seq, n, True)
             st.send_seq = seq + 1
-            st.sent_b += n
+            st.sent_bytes += n
             self.out.send_event(node, ev, fds)
             return
         target = self.ports.get(st.peer_port)
-        if target is not None and target.mode == OWNED:
+        if target is not None and target.mode is OWNED:
             if not force and len(target.queue) >= self.limits.max_messages and not target.closed:
                 self.dispose(msg)
                 raise self._full(st)
@@ -530,10 +583,10 @@ class Engine:
                 msg = self.encode_message(msg, st)
             seq = st.send_seq
             n = len(msg.body or b"")
-            if seq >= st.ck_seq or st.sent_b + n >= st.ck_b:
+            if seq >= st.next_checkpoint_seq or st.sent_bytes + n >= st.next_checkpoint_bytes:
                 self._checkpoint(st, seq, n, True)
             st.send_seq = seq + 1
-            st.sent_b += n
+            st.sent_bytes += n
             self._route(node, st.peer_port, seq, msg)
             return
         seq = st.send_seq
@@ -549,7 +602,7 @@ class Engine:
         node = st.peer_node
         if (
             node == self.node_id
-            or st.mode != OWNED
+            or st.mode is not OWNED
             or st.closed
             or st.peer_closed
             or st.error is not None
@@ -559,13 +612,13 @@ class Engine:
         if n > MAX_OOB_BODY:
             raise MessageError(f"a message of {n} bytes exceeds the limit of {MAX_OOB_BODY}")
         seq = st.send_seq
-        if seq >= st.ck_seq or st.sent_b + n >= st.ck_b:
+        if seq >= st.next_checkpoint_seq or st.sent_bytes + n >= st.next_checkpoint_bytes:
             self._checkpoint(st, seq, n, False)
         reply = PortState(self, random_id(), node, random_id())
         reply.pinned = True
         self.ports[reply.id] = reply
         st.send_seq = seq + 1
-        st.sent_b += n
+        st.sent_bytes += n
         self.out.send_data(node, st.peer_port, seq, K_CALL, reply.peer_port + reply.id + body)
         return reply
 
@@ -573,7 +626,7 @@ class Engine:
         """A compact RPC request from ``src``: make the callee's reply end."""
         if len(body) < CALL_HEAD:
             raise ProtocolError("RPC request without its reply port")
-        new_id, caller_port = body[:16], body[16:CALL_HEAD]
+        new_id, caller_port = body[:ID_LEN], body[ID_LEN:CALL_HEAD]
         if new_id in self.ports:
             raise ProtocolError("RPC request reuses a live port id")
         reply = PortState(self, new_id, src, caller_port)
@@ -594,7 +647,7 @@ class Engine:
             st.close_sent = True
             self._drop_queue(st)
             self._fire_credit(st)
-            if st.mode == OWNED:
+            if st.mode is OWNED:
                 self._remove(st)
 
     def _finished(self, st: PortState) -> None:
@@ -652,7 +705,7 @@ class Engine:
                     ps.pending[seq] = self.encode_message(item, ps)
 
     def _full(self, st: PortState) -> BufferFull:
-        if st.ck is None:
+        if st.checkpoints is None:
             t = self.ports.get(st.peer_port)
             n = len(t.queue) if t is not None else 0
             return BufferFull(
@@ -673,11 +726,14 @@ class Engine:
         lim = self.limits
         if st.peer_node == self.node_id:
             t = self.ports.get(st.peer_port)
-            if t is not None and t.mode == OWNED:
+            if t is not None and t.mode is OWNED:
                 return not t.closed and len(t.queue) >= lim.max_messages
-        if st.ck is None:
+        if st.checkpoints is None:
             return False
-        return st.send_seq - 1 - st.acked_seq >= lim.max_messages or st.sent_b - st.acked_b >= lim.max_bytes
+        return (
+            st.send_seq - 1 - st.acked_seq >= lim.max_messages
+            or st.sent_bytes - st.acked_bytes >= lim.max_bytes
+        )
 
     def over_window(self, st: PortState) -> bool:
         """Whether ``st`` has more unconsumed messages or bytes in flight than
@@ -685,38 +741,39 @@ class Engine:
         lim = self.limits
         if st.peer_node == self.node_id:
             t = self.ports.get(st.peer_port)
-            if t is not None and t.mode == OWNED:
+            if t is not None and t.mode is OWNED:
                 return len(t.queue) > lim.window_messages
-        if st.ck is None:
+        if st.checkpoints is None:
             return False
         return (
-            st.send_seq - 1 - st.acked_seq > lim.window_messages or st.sent_b - st.acked_b > lim.window_bytes
+            st.send_seq - 1 - st.acked_seq > lim.window_messages
+            or st.sent_bytes - st.acked_bytes > lim.window_bytes
         )
 
     def in_flight(self, st: PortState) -> tuple[int, int]:
         """Messages (sequenced items, to be exact) and bytes sent from ``st``
         to another node and not reported consumed yet."""
-        if st.ck is None:
+        if st.checkpoints is None:
             return 0, 0
-        return st.send_seq - 1 - st.acked_seq, st.sent_b - st.acked_b
+        return st.send_seq - 1 - st.acked_seq, st.sent_bytes - st.acked_bytes
 
     def _checkpoint(self, st: PortState, seq: int, n: int, force: bool) -> None:
         """Before sending item ``seq`` of ``n`` bytes: start tracking, check
         the hard limit, note what "consumed through seq - 1" will mean in
         bytes."""
-        ck = st.ck
+        ck = st.checkpoints
         if ck is None:  # first send to another node (or first after a local spell)
-            ck = st.ck = deque()
+            ck = st.checkpoints = deque()
             st.acked_seq = seq - 1
-            st.acked_b = st.sent_b
+            st.acked_bytes = st.sent_bytes
         elif not force:
             out_n = seq - 1 - st.acked_seq
-            out_b = st.sent_b - st.acked_b
+            out_b = st.sent_bytes - st.acked_bytes
             if out_n >= self._max_n or (out_b + n > self._max_b and out_n):
                 raise self._full(st)
-        ck.append((seq - 1, st.sent_b))
-        st.ck_seq = seq + CK_MESSAGES
-        st.ck_b = st.sent_b + n + self._ck_bytes
+        ck.append((seq - 1, st.sent_bytes))
+        st.next_checkpoint_seq = seq + CHECKPOINT_MESSAGES
+        st.next_checkpoint_bytes = st.sent_bytes + n + self._checkpoint_every_bytes
 
     def watch_credit(self, st: PortState, fn: Callable[[], None]) -> None:
         """Call ``fn`` once when the window of ``st`` may have opened (also
@@ -726,7 +783,7 @@ class Engine:
             # a local receiver's queue is the window; it fires on reads, on its
             # removal (which our own close or failure also causes) and on moving
             t = self.ports.get(st.peer_port)
-            if t is not None and t.mode == OWNED:
+            if t is not None and t.mode is OWNED:
                 holder = t
         if holder.credit is None:
             holder.credit = []
@@ -745,14 +802,14 @@ class Engine:
         remote sender once a quarter window has gone, wake a local one."""
         if st.credit is not None and len(st.queue) <= self.limits.window_messages:
             self._fire_credit(st)
-        if st.ack_n >= self.ack_every_n or st.ack_bytes >= self.ack_every_bytes:
+        if st.unreported_n >= self.ack_every_n or st.unreported_bytes >= self.ack_every_bytes:
             self._report_consumed(st)
 
     def _report_consumed(self, st: PortState) -> None:
-        st.ack_n = st.ack_bytes = 0
+        st.unreported_n = st.unreported_bytes = 0
         if (
             st.peer_node != self.node_id
-            and st.mode == OWNED
+            and st.mode is OWNED
             and not (st.closed or st.peer_closed or st.error is not None)
         ):
             # every item before the unread ones has been taken (or was not a message)
@@ -761,16 +818,16 @@ class Engine:
 
     def _on_consumed(self, port: bytes, seq: int) -> None:
         st = self.ports.get(port)
-        if st is None or st.mode != OWNED:
+        if st is None or st.mode is not OWNED:
             return  # the sender moved on: its new end counts from its own first send
-        ck = st.ck
+        ck = st.checkpoints
         if ck is None or seq <= st.acked_seq:
             return
         st.acked_seq = min(seq, st.send_seq - 1)
-        b = st.acked_b
+        b = st.acked_bytes
         while ck and ck[0][0] <= seq:
             b = ck.popleft()[1]
-        st.acked_b = b
+        st.acked_bytes = b
         if st.credit is not None and not self.over_window(st):
             self._fire_credit(st)
 
@@ -781,7 +838,7 @@ class Engine:
         st.closed = True
         self._drop_queue(st)
         self._fire_credit(st)
-        if st.mode != OWNED or st.error is not None:
+        if st.mode is not OWNED or st.error is not None:
             return
         if not st.close_sent:
             st.close_sent = True
@@ -792,7 +849,7 @@ class Engine:
 
     def fail(self, st: PortState, reason: str) -> None:
         """Close this end abnormally: the peer gets ``PortFailed(reason)``."""
-        if st.closed or st.mode != OWNED:
+        if st.closed or st.mode is not OWNED:
             return
         st.closed = True
         self._drop_queue(st)
@@ -807,7 +864,7 @@ class Engine:
         if old is self:
             return
         with old.lock:
-            if st.mode != OWNED or st.peer_node != old.node_id:
+            if st.mode is not OWNED or st.peer_node != old.node_id:
                 raise MeshError("a port already bound to another mesh node cannot be sent through this one")
             peer = old.ports.get(st.peer_port)
             for s in (st, peer):
@@ -847,7 +904,7 @@ class Engine:
         self._run()
 
     def _change_in(self, src: bytes, ev: ChangePeerEvent, fds: list[Any] | None) -> None:
-        self._work.append((ev.port, ev.seq, _Change(ev.new_node, ev.new_port, ev.old_node, ev.old_port)))
+        self._work.append((ev.port, ev.seq, _ChangePeer(ev.new_node, ev.new_port, ev.old_node, ev.old_port)))
         self._run()
 
     def _arrived_in(self, src: bytes, ev: ArrivedEvent, fds: list[Any] | None) -> None:
@@ -872,7 +929,7 @@ class Engine:
         if st is None:
             self.dispose(msg)
             return
-        if st.mode == OWNED and seq == st.recv_seq and not st.pending and not st.closed:
+        if st.mode is OWNED and seq == st.recv_seq and not st.pending and not st.closed:
             st.recv_seq = seq + 1
             self._enqueue(st, msg)
             return
@@ -880,8 +937,8 @@ class Engine:
         self._run()
 
     def _enqueue(self, st: PortState, msg: Message) -> None:
-        """Queue an in-order message for the holder of ``st`` (the one place
-        but ``receive_data``'s inlined hot path)."""
+        """Queue an in-order message for the holder of ``st``: the one place,
+        but for ``receive_run``'s batch form of it."""
         q = st.queue
         q.append(msg)
         if msg.kind >= K_REPLY:
@@ -898,25 +955,19 @@ class Engine:
         st = self.ports.get(port)
         if st is not None and seq == st.recv_seq and not st.pending:
             mode = st.mode
-            if mode == OWNED and not st.closed:
-                # _enqueue, inlined: this is the path of every plain message
+            if mode is OWNED and not st.closed:
                 st.recv_seq = seq + 1
-                q = st.queue
-                q.append(Message(kind, None, body))
-                if kind >= K_REPLY:
-                    self._finished(st)
-                elif len(q) == 1 and st.waker is not None:
-                    st.waker()
+                self._enqueue(st, Message(kind, None, body))
                 return
             # a port on the move: buffer or forward without event objects (a
             # moving port's backlog comes through here item by item)
-            if mode == SENDING:
+            if mode is SENDING:
                 st.recv_seq = seq + 1
                 if st.buffer is None:
                     st.buffer = []
                 st.buffer.append((seq, Message(kind, None, body)))
                 return
-            if mode == PROXY and st.target_node != self.node_id:
+            if mode is PROXY and st.target_node != self.node_id:
                 st.recv_seq = seq + 1
                 self.out.send_data(st.target_node, st.target_port, seq, kind, body)
                 if kind >= K_REPLY or (st.proxy_last is not None and seq >= st.proxy_last):
@@ -929,7 +980,9 @@ class Engine:
         (what one read of a stream brings): queued in one step, the holder
         woken once; anything but an in-order owned end takes them one by one."""
         st = self.ports.get(port)
-        if st is not None and seq == st.recv_seq and st.mode == OWNED and not st.pending and not st.closed:
+        if st is not None and seq == st.recv_seq and st.mode is OWNED and not st.pending and not st.closed:
+            # _enqueue for a whole run, inlined (the path of a stream): K_DATA
+            # is never final, so only the wakeup is left, once per run
             st.recv_seq = seq + len(bodies)
             q = st.queue
             woke = not q
@@ -952,11 +1005,11 @@ class Engine:
                 # items forwarded to this end through that node are lost: the
                 # stream has a hole that can never fill, so both sides fail
                 lost = f"messages in transit were lost: {err.cause}"
-                if st.mode == OWNED:
+                if st.mode is OWNED:
                     if st.peer_node != node and not st.peer_closed:
                         self._unsequenced(st.peer_node, FailEvent(st.peer_port, lost))
                     self._fail_local(st, NodeFailure(node.hex(), lost))
-                elif st.mode == SENDING:
+                elif st.mode is SENDING:
                     self._fail_other_side(st, node, lost)
                     if st.first_hop == node:
                         self._remove(st)
@@ -967,10 +1020,10 @@ class Engine:
                     self._fail_other_side(st, node, lost)
                     self._remove(st)
                 continue
-            if st.mode == OWNED:
+            if st.mode is OWNED:
                 if st.peer_node == node:
                     self._fail_local(st, err)
-            elif st.mode == SENDING:
+            elif st.mode is SENDING:
                 if st.first_hop == node:
                     # the message carrying this port died with that node
                     self._fail_other_side(st, node, err.cause)
@@ -1020,13 +1073,13 @@ class Engine:
             left.extend(item for _, item in st.buffer)
         st.pending = None
         st.buffer = None
-        st.ck = None
+        st.checkpoints = None
         for item in left:
             self._abandon(item)
         self._fire_credit(st)
 
     @staticmethod
-    def _note_relayed(st: PortState, item: _Change) -> None:
+    def _note_relayed(st: PortState, item: _ChangePeer) -> None:
         if st.relayed is None:
             st.relayed = []
         st.relayed.append((item.old_node, item.old_port))
@@ -1043,7 +1096,7 @@ class Engine:
         """Drop a sequenced item whose port is gone for good."""
         if isinstance(item, Message):
             self.dispose(item)
-        elif isinstance(item, _Change):
+        elif isinstance(item, _ChangePeer):
             # the proxy waiting for our acknowledgement would wait forever
             self._unsequenced(item.old_node, FailEvent(item.old_port, "the peer port is gone"))
 
@@ -1101,7 +1154,7 @@ class Engine:
             fds = item.fds or []
             descs = [self._send_port(ps, node) for ps in states]
             return MsgEvent(port, seq, item.kind, 0, descs, len(fds), item.body or b""), fds
-        if isinstance(item, _Close):
+        if isinstance(item, _CloseItem):
             return CloseEvent(port, seq), []
         return ChangePeerEvent(port, seq, item.new_node, item.new_port, item.old_node, item.old_port), []
 
@@ -1153,7 +1206,7 @@ class Engine:
             f"the peer sent more than {self.limits.max_messages + MAX_REORDER} items "
             "beyond what this end consumed (flow-control limit)"
         )
-        if st.mode == OWNED:
+        if st.mode is OWNED:
             self._unsequenced(st.peer_node, FailEvent(st.peer_port, reason))
             self._fail_local(st, PortFailed(reason))
         else:
@@ -1162,7 +1215,7 @@ class Engine:
 
     def _process(self, st: PortState, seq: int, item: Item) -> None:
         mode = st.mode
-        if mode == OWNED:
+        if mode is OWNED:
             if isinstance(item, Message):
                 if st.closed or st.error is not None:
                     self.dispose(item)
@@ -1171,7 +1224,7 @@ class Engine:
                     return
                 self._enqueue(st, item)
                 return
-            elif isinstance(item, _Close):
+            elif isinstance(item, _CloseItem):
                 st.peer_closed = True
                 if not st.close_sent:
                     st.close_sent = True
@@ -1185,14 +1238,14 @@ class Engine:
                 if item.new_node != self.node_id:
                     self.out.watch(item.new_node)
                 elif item.new_node == self.node_id:
-                    st.ck = None  # a local peer's queue is the count now
-                    st.ck_seq = 0
+                    st.checkpoints = None  # a local peer's queue is the count now
+                    st.next_checkpoint_seq = 0
                 self._fire_credit(st)  # a drain() waiting on the old peer re-checks
                 return
             if st.waker is not None:
                 st.waker()
-        elif mode == SENDING:
-            if isinstance(item, _Change):
+        elif mode is SENDING:
+            if isinstance(item, _ChangePeer):
                 st.peer_node = item.new_node
                 st.peer_port = item.new_port
                 self._note_relayed(st, item)
@@ -1200,13 +1253,13 @@ class Engine:
                 st.buffer = []
             st.buffer.append((seq, item))
         else:
-            if isinstance(item, _Change):
+            if isinstance(item, _ChangePeer):
                 st.peer_node = item.new_node
                 st.peer_port = item.new_port
                 self._note_relayed(st, item)
             self._route(st.target_node, st.target_port, seq, item)
             if (
-                isinstance(item, _Close)
+                isinstance(item, _CloseItem)
                 or (isinstance(item, Message) and item.kind >= K_REPLY)
                 or (st.proxy_last is not None and seq >= st.proxy_last)
             ):
@@ -1217,13 +1270,13 @@ class Engine:
         if ps.engine is not self:
             self.adopt(ps)
         new_id = random_id()
-        if ps.mode != OWNED or ps.closed:
+        if ps.mode is not OWNED or ps.closed:
             return PortDesc(new_id, _NO_ID, _NO_ID, _NO_ID, 0, 0, D_DEAD)
         if ps.error is not None:
             self._drop_queue(ps)
             return PortDesc(new_id, _NO_ID, _NO_ID, _NO_ID, 0, 0, D_DEAD | D_PEER_CLOSED)
         ps.waker = None
-        if ps.ack_n:
+        if ps.unreported_n:
             self._report_consumed(ps)  # the new end counts from zero
         self._fire_credit(ps)
         for i, m in enumerate(ps.queue):
@@ -1236,7 +1289,7 @@ class Engine:
         if (
             peer is not None
             and peer.pinned
-            and peer.mode == OWNED
+            and peer.mode is OWNED
             and not (peer.closed or peer.peer_closed or peer.error is not None)
             and not (ps.queue or ps.pending or peer.pending or ps.peer_closed)
             and ps.recv_seq == peer.send_seq
@@ -1301,14 +1354,14 @@ class Engine:
         if d.flags & D_PEER_CLOSED:
             st.close_sent = True
         else:
-            self._route(d.peer_node, d.peer_port, d.send_seq, _Change(self.node_id, st.id, src, d.origin))
+            self._route(d.peer_node, d.peer_port, d.send_seq, _ChangePeer(self.node_id, st.id, src, d.origin))
             if d.peer_node != self.node_id:
                 self.out.watch(d.peer_node)
         return st
 
     def _on_arrived(self, src: bytes, port: bytes, new_port: bytes) -> None:
         st = self.ports.get(port)
-        if st is None or st.mode != SENDING:
+        if st is None or st.mode is not SENDING:
             return
         st.mode = PROXY
         st.target_node = src
@@ -1322,7 +1375,7 @@ class Engine:
                     data(src, new_port, seq, item.kind, item.body)  # no event object per item
                     continue
             self._route(src, new_port, seq, item)
-            if isinstance(item, _Close):
+            if isinstance(item, _CloseItem):
                 self._proxy_done(st)
                 return
         if st.pending_fail is not None:
@@ -1334,17 +1387,17 @@ class Engine:
 
     def _on_proxy_ack(self, port: bytes, last: int) -> None:
         st = self.ports.get(port)
-        if st is None or st.mode == OWNED:
+        if st is None or st.mode is OWNED:
             return
         st.proxy_last = last
-        if st.mode == PROXY and st.recv_seq - 1 >= last:
+        if st.mode is PROXY and st.recv_seq - 1 >= last:
             self._proxy_done(st)
 
     def _on_fail(self, port: bytes, err: PortFailed) -> None:
         st = self.ports.get(port)
         if st is None:
             return
-        if st.mode == OWNED:
+        if st.mode is OWNED:
             echo = not st.peer_closed
             self._fail_local(st, err)  # first: out of the table, so an echo cannot come back
             if echo:
@@ -1353,7 +1406,7 @@ class Engine:
                 # reach both ends, and the forwarder's own target may be long
                 # gone by the time its notice arrives; a dead peer ignores it
                 self._unsequenced(st.peer_node, FailEvent(st.peer_port, err.cause))
-        elif st.mode == SENDING:
+        elif st.mode is SENDING:
             st.pending_fail = err.cause
         else:
             self._unsequenced(st.target_node, FailEvent(st.target_port, err.cause))

@@ -45,7 +45,8 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from ._channel import Call, Port, Receiver, walk_resources
+from ._channel import Call, Port, Receiver
+from ._codec import walk_resources
 from ._errors import ChannelClosed, MeshError, PortFailed, RemoteError, SpawnError
 from ._ids import NodeId, PortId
 from ._platform import PLATFORM

@@ -32,15 +32,13 @@ from ._fd import Fd
 from ._ids import NodeId
 from ._platform import PLATFORM
 from ._wire import (
-    DATA_HEAD,
-    DATA_HEAD_LEN,
     F_OOB,
     MAX_FDS_PER_MESSAGE,
     OOB_THRESHOLD,
-    T_MSG,
     Event,
     FrameDecoder,
     MsgEvent,
+    data_frame,
     encode_event,
     encode_msg_header,
     oob_body_length,
@@ -160,7 +158,7 @@ class Link:
         if n >= SEPARATE_BODY_MIN or self.closed:
             self.write_event(MsgEvent(port, seq, kind, 0, [], 0, body), [])
             return
-        frame = DATA_HEAD.pack(n + DATA_HEAD_LEN, T_MSG, port, seq, kind, 0, 0, 0) + body
+        frame = data_frame(port, seq, kind, body)
         self.frames_out += 1
         if not self._flush_scheduled:
             if not (self._streaming or self._batches or self._writing or self._in_read_batch):

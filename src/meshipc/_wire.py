@@ -1,5 +1,8 @@
-"""Wire format of node-to-node traffic (layer 3, sans-IO).
+"""Wire format of node-to-node traffic: frames and events, sans-IO.
 
+This module's one job is the bytes on a link: the frame and event formats,
+every size limit a peer is held to, and the incremental ``FrameDecoder``.
+It is the only place that builds frame headers and port descriptors.
 Everything here is pure: bytes in, events out, and events in, bytes out. No
 socket, no event loop. :class:`FrameDecoder` is the only reader of peer bytes;
 if it raises anything but :class:`ProtocolError`, that is a bug (and the fuzz
@@ -21,6 +24,7 @@ from collections.abc import Callable
 from typing import Final
 
 from ._errors import ProtocolError
+from ._ids import ID_LEN
 
 # --- limits: every length read from a peer is checked against one of these ---
 
@@ -86,12 +90,13 @@ D_DIRECT: Final = 4
 _LEN = struct.Struct("<I")
 _MSG = struct.Struct("<B16sQBBHH")  # type port seq kind flags nports nfds
 _LEN_MSG = struct.Struct("<IB16sQBBHH")  # length prefix + MSG header
-#: The whole head of the common frame, a message without ports, fds or flags:
-#: ``DATA_HEAD.pack(len(body) + DATA_HEAD_LEN, T_MSG, port, seq, kind, 0, 0, 0) + body``
-#: (the transport's hot path packs it itself: one call per message, not two).
+#: The whole head of the common frame, a message without ports, fds or flags
+#: (see ``data_frame``).
 DATA_HEAD: Final = _LEN_MSG
 DATA_HEAD_LEN: Final = _LEN_MSG.size - 4
 _DESC = struct.Struct("<16s16s16s16sQQB")  # id peer_node peer_port origin send recv flags
+#: bytes of one packed port descriptor (``encode_port_desc``)
+PORT_DESC_SIZE: Final = _DESC.size
 _CLOSE = struct.Struct("<B16sQ")
 _CHANGE = struct.Struct("<B16sQ16s16s16s16s")
 _ARRIVED = struct.Struct("<B16s16s")
@@ -100,7 +105,8 @@ _FAIL = struct.Struct("<B16s")
 _DONE = struct.Struct("<B16s")
 _CONSUMED = struct.Struct("<B16sQ")
 _OOB = struct.Struct("<Q")
-CALL_HEAD: Final = 32
+#: the head of a compact RPC request's body: two port ids (see ``K_CALL``)
+CALL_HEAD: Final = 2 * ID_LEN
 
 
 class PortDesc:
@@ -301,15 +307,31 @@ Event = (
 )
 
 
+def encode_port_desc(d: PortDesc) -> bytes:
+    """The ``PORT_DESC_SIZE`` bytes of a port descriptor."""
+    return _DESC.pack(d.id, d.peer_node, d.peer_port, d.origin, d.send_seq, d.recv_seq, d.flags)
+
+
+def decode_port_desc(data: bytes | memoryview, offset: int = 0) -> PortDesc:
+    """The port descriptor packed at ``offset`` (``struct.error`` if short;
+    its flags are not checked here)."""
+    return PortDesc(*_DESC.unpack_from(data, offset))
+
+
 def encode_msg_header(
     port: bytes, seq: int, kind: int, flags: int, ports: list[PortDesc], nfds: int, body_len: int
 ) -> bytes:
     """The bytes of a MSG frame up to (not including) its body."""
     parts = [_MSG.pack(T_MSG, port, seq, kind, flags, len(ports), nfds)]
-    for d in ports:
-        parts.append(_DESC.pack(d.id, d.peer_node, d.peer_port, d.origin, d.send_seq, d.recv_seq, d.flags))
+    parts.extend(map(encode_port_desc, ports))
     head = b"".join(parts)
     return _LEN.pack(len(head) + body_len) + head
+
+
+def data_frame(port: bytes, seq: int, kind: int, body: bytes) -> bytes:
+    """The whole frame of a message without ports, fds or flags (the common
+    frame; ``encode_msg_header`` builds the same head, one call slower)."""
+    return _LEN_MSG.pack(len(body) + DATA_HEAD_LEN, T_MSG, port, seq, kind, 0, 0, 0) + body
 
 
 def encode_event(ev: Event) -> bytes:
@@ -376,10 +398,10 @@ def _decode_frame(frame: memoryview) -> Event:
             raise ProtocolError("MSG frame shorter than its port descriptors")
         descs = []
         for i in range(nports):
-            pid, pn, pp, origin, ss, rs, df = _DESC.unpack_from(frame, off + i * _DESC.size)
-            if df & ~(D_PEER_CLOSED | D_DEAD | D_DIRECT):
-                raise ProtocolError(f"unknown port descriptor flags {df:#x}")
-            descs.append(PortDesc(pid, pn, pp, origin, ss, rs, df))
+            d = decode_port_desc(frame, off + i * _DESC.size)
+            if d.flags & ~(D_PEER_CLOSED | D_DEAD | D_DIRECT):
+                raise ProtocolError(f"unknown port descriptor flags {d.flags:#x}")
+            descs.append(d)
         body = bytes(frame[end:])
         if flags & F_OOB:
             oob_body_length(body)

@@ -1,0 +1,182 @@
+"""The codec alone (``meshipc._codec``): values <-> msgpack bytes, extension
+payloads and resource tables, without a network. Handles inside messages
+across engines are in ``test_channel.py``."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import msgspec
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import meshipc
+from meshipc import Fd, MessageError, NodeId, Port, PortId, Receiver, Sender
+from meshipc._codec import (
+    CODEC,
+    EXT_FD,
+    check_encodable,
+    decode,
+    encode_plain,
+    pack_indices,
+    plain_decoder,
+    register_handle,
+    unpack_indices,
+    walk_resources,
+)
+from meshipc._ports import Engine, Message
+from meshipc._wire import K_DATA
+
+
+class Point(msgspec.Struct):
+    x: int
+    y: int
+
+
+def message(body: bytes, ports: Any = None, fds: Any = None) -> Message:
+    return Message(K_DATA, None, body, ports, fds)
+
+
+# ---------------------------------------------------------------- plain values
+
+
+@pytest.mark.parametrize("value", [1, "s", b"b", [1, 2], {"k": [None, 1.5]}, Point(1, 2)])
+def test_plain_round_trip(value: Any) -> None:
+    body = encode_plain(value)
+    assert body is not None
+    got = decode(message(body), type(value) if isinstance(value, Point) else Any)
+    assert got == (value if not isinstance(value, Point) else Point(1, 2))
+
+
+def test_plain_encoder_defers_resources_and_unknown_types() -> None:
+    r, w = os.pipe()
+    os.close(r)
+    fd = Fd(w)
+    try:
+        assert encode_plain({"fd": fd}) is None
+        assert encode_plain(object()) is None
+        assert encode_plain("fine after a deferral") is not None
+    finally:
+        fd.close()
+
+
+def test_ids_travel_as_bytes_and_come_back_typed() -> None:
+    n, p = NodeId.random(), PortId.random()
+    body = CODEC.encode(Engine(NodeId.random()), [n, p])[0]
+    got = decode(message(body), tuple[NodeId, PortId])
+    assert got == (n, p) and type(got[0]) is NodeId and type(got[1]) is PortId
+
+
+def test_decode_validates_against_the_type() -> None:
+    body = encode_plain({"x": 1, "y": "no"})
+    assert body is not None
+    with pytest.raises(MessageError, match="invalid message"):
+        decode(message(body), Point)
+
+
+def test_invalid_utf8_from_a_peer_is_a_message_error() -> None:
+    """msgspec raises UnicodeDecodeError for a bad string: still one
+    MessageError for that message, whatever the receiver's type."""
+    for tp in (Any, str, list[str]):
+        with pytest.raises(MessageError):
+            decode(message(b"\xa2\xff\xfe"), tp)
+
+
+def test_plain_decoder_refuses_resources() -> None:
+    body = msgspec.msgpack.encode(msgspec.msgpack.Ext(EXT_FD, pack_indices([0])))
+    with pytest.raises(MessageError, match="does not carry"):
+        plain_decoder(Any).decode(body)
+
+
+def test_check_encodable() -> None:
+    check_encodable({"a": [1, 2]})
+    with pytest.raises(MessageError, match="cannot be sent"):
+        check_encodable({"a": 1j})
+
+
+# ---------------------------------------------------------------- resources
+
+
+def test_fd_reference_out_of_range_or_used_twice() -> None:
+    r, w = os.pipe()
+    os.close(w)
+    ext = msgspec.msgpack.Ext(EXT_FD, pack_indices([0]))
+    with pytest.raises(MessageError, match="missing or used twice"):
+        decode(message(msgspec.msgpack.encode([ext, ext]), fds=[Fd(r)]), Any)
+    r2, w2 = os.pipe()
+    os.close(w2)
+    missing = msgspec.msgpack.Ext(EXT_FD, pack_indices([3]))
+    with pytest.raises(MessageError):
+        decode(message(msgspec.msgpack.encode(missing), fds=[Fd(r2)]), Any)
+
+
+def test_unreferenced_fds_are_closed() -> None:
+    r, w = os.pipe()
+    os.close(w)
+    fd = Fd(r)
+    assert decode(message(encode_plain("no fd") or b"", fds=[fd]), str) == "no fd"
+    assert fd.closed
+
+
+def test_unknown_extension_type() -> None:
+    r, w = os.pipe()
+    os.close(w)
+    body = msgspec.msgpack.encode(msgspec.msgpack.Ext(99, b""))
+    with pytest.raises(MessageError):
+        decode(message(body, fds=[Fd(r)]), Any)
+
+
+def test_index_payloads() -> None:
+    assert unpack_indices(memoryview(pack_indices([7])), exactly_one=True) == (7,)
+    assert unpack_indices(memoryview(pack_indices([1, 2, 3])), exactly_one=False) == (1, 2, 3)
+    with pytest.raises(MessageError, match="bad port reference"):
+        unpack_indices(memoryview(b"\0" * 5), exactly_one=True)
+    with pytest.raises(MessageError, match="bad receiver reference"):
+        unpack_indices(memoryview(b"\0" * 5), exactly_one=False)
+
+
+def test_walk_resources_finds_handles_and_fds() -> None:
+    tx, rx = meshipc.channel()
+    a, b = Port.pair()
+    r, w = os.pipe()
+    os.close(r)
+    fd = Fd(w)
+    try:
+        found = walk_resources({"x": [tx, (a,)], "p": Point(1, 2), "fd": fd, "s": "text"})
+        assert {type(x) for x in found} == {Sender, Port, Fd}
+        assert walk_resources(rx) == [rx] and isinstance(rx, Receiver)
+    finally:
+        for h in (tx, rx, a, b, fd):
+            h.close()
+
+
+def test_extension_codes_cannot_be_taken_twice() -> None:
+    class Other:
+        pass
+
+    with pytest.raises(ValueError, match="taken"):
+        register_handle(Other, EXT_FD, lambda h, t: b"", lambda d, t: None, detach=lambda h: [])
+    with pytest.raises(ValueError, match="taken"):
+        register_handle(Other, 1, lambda h, t: b"", lambda d, t: None, detach=lambda h: [])
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.binary(max_size=256))
+def test_any_bytes_decode_to_a_value_or_a_message_error(data: bytes) -> None:
+    for tp in (Any, Point, list[int]):
+        try:
+            decode(message(data), tp)
+        except MessageError:
+            pass
+
+
+def test_codec_imports_nothing_above_ports_and_no_io() -> None:
+    import inspect
+
+    import meshipc._codec as codec
+
+    src = inspect.getsource(codec)
+    for mod in ("socket", "asyncio", "selectors", "._channel", "._node", "._transport"):
+        assert f"import {mod}" not in src and f"from {mod} import" not in src
