@@ -314,3 +314,21 @@ async def test_a_receiver_in_use_on_one_loop_refuses_another_threads_loop() -> N
     assert await within(waiting) == "still fine"
     tx.close()
     rx.close()
+
+
+async def test_drain_returns_after_a_message_larger_than_the_window(runtime_dir: Path) -> None:
+    """Regression: a single message larger than the byte window kept
+    ``drain`` waiting forever after the consumer had read it."""
+    limits = _limits(window_bytes=1 * MiB, window_messages=1024, max_bytes=64 * MiB, max_messages=65536)
+    async with meshipc.Mesh(runtime_dir=runtime_dir, limits=limits) as mesh, reaped(mesh) as procs:  # type: ignore[call-arg]
+        tx, rx = meshipc.channel()
+        rep_tx, rep_rx = meshipc.channel()
+        w = await mesh.spawn("rel_workers:consumer", {"rx": rx, "report": rep_tx}, name="consumer")
+        procs.append(w)
+        assert (await within(rep_rx.recv()))[0] == "ready"
+        for i in range(3):
+            tx.send([i, b"b" * (3 * MiB)])
+            await within(tx.drain())  # type: ignore[attr-defined]
+        tx.close()
+        done = await within(rep_rx.recv())
+        assert done[:4] == ["done", 3, True, "closed"], done[:4]

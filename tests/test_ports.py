@@ -656,3 +656,21 @@ def test_ports_module_is_sans_io() -> None:
     for mod in ("socket", "asyncio", "selectors"):
         assert f"import {mod}" not in src
     assert ports.PortMode.OWNED == 0 and ports.OWNED is ports.PortMode.OWNED
+
+
+def test_a_message_larger_than_the_window_is_counted_off_once_consumed():
+    """Regression: the byte count was only known at checkpoints taken before
+    a send, so a last message larger than the byte window stayed "in flight"
+    after it was read and ``drain`` never returned."""
+    net = Net(2)
+    a, b = net.pair(0, 1)
+    ea = net.engines[0]
+    st = a._states[0]
+    big = b"x" * (ea.limits.window_bytes + 1024)
+    a.send(big)
+    assert ea.over_window(st)
+    net.run()
+    assert drain(b) == [big]
+    net.run()  # the CONSUMED report goes back
+    assert not ea.over_window(st)
+    assert ea.in_flight(st) == (0, 0)

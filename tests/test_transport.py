@@ -14,7 +14,7 @@ from typing import Any
 
 from meshipc._fd import Fd
 from meshipc._transport import SCM_MAX_FD, SEPARATE_BODY_MIN, Link
-from meshipc._wire import K_DATA, MAX_FDS_PER_MESSAGE, OOB_THRESHOLD, MsgEvent
+from meshipc._wire import K_CALL, K_DATA, MAX_FDS_PER_MESSAGE, OOB_THRESHOLD, MsgEvent
 from relutil import wait_until
 
 PORT = b"P" * 16
@@ -160,3 +160,43 @@ async def test_the_peer_hanging_up_is_reported_once() -> None:
         a.write_data(PORT, 0, K_DATA, b"into the void")  # dropped, no error
         await asyncio.sleep(0.01)
         assert mine.lost == ["connection closed by peer"] and theirs.lost == []
+
+
+async def test_links_of_one_node_share_one_read_buffer_even_when_a_read_reenters() -> None:
+    """Two links reading into one ``ReadBuffer``: each gets its own bytes;
+    a read started from inside another link's callback (re-entered while the
+    shared buffer still holds frames being decoded) reads into a buffer of
+    its own, and neither stream is corrupted."""
+    from meshipc._transport import ReadBuffer
+    from meshipc._wire import data_frame
+
+    loop = asyncio.get_running_loop()
+    reads = ReadBuffer()
+    (a1, b1), (a2, b2) = socket.socketpair(), socket.socketpair()
+    one = [b"one%d" % i for i in range(500)]
+    two = [b"two%d" % i * 20 for i in range(500)]
+    # link 1's whole stream waits in its socket: one read takes it all
+    a1.sendall(b"".join(data_frame(PORT, i, K_CALL, b) for i, b in enumerate(one)))
+    got1, got2 = Inbox(), Inbox()
+    reentered: list[bool] = []
+    r2 = Link(loop, b2, b"A" * 16, got2.on_event, got2.on_lost, got2.on_data, got2.on_run, reads)
+
+    def on_data1(port: bytes, seq: int, kind: int, body: bytes) -> None:
+        got1.on_data(port, seq, kind, body)
+        if not reentered:
+            reentered.append(reads.busy)
+            a2.sendall(b"".join(data_frame(PORT, i, K_DATA, b) for i, b in enumerate(two)))
+            r2._read_once()  # link 2 reads while link 1's frames sit in the shared buffer
+
+    r1 = Link(loop, b1, b"A" * 16, got1.on_event, got1.on_lost, on_data1, got1.on_run, reads)
+    try:
+        await wait_until(lambda: len(got1.bodies) == 500 and len(got2.bodies) == 500, "both streams")
+        assert reentered == [True]
+        assert got1.bodies == one
+        assert got2.bodies == two
+        assert not reads.busy and not got1.lost and not got2.lost
+    finally:
+        for link in (r1, r2):
+            link.close()
+        a1.close()
+        a2.close()

@@ -57,7 +57,7 @@ from ._platform import PLATFORM
 from ._ports import DEFAULT_LIMITS, OWNED, PROXY, SENDING, Codec, Engine, Limits
 from ._sockets import Acceptor, PeerCred, RateLimitedLog, StreamEnded, listen_private, recv_exact
 from ._tasks import TaskSet
-from ._transport import Link
+from ._transport import Link, ReadBuffer
 from ._wire import Event, MsgEvent
 
 log = logging.getLogger("meshipc")
@@ -138,6 +138,7 @@ class Node:
         self.engine.post = self.loop.call_soon_threadsafe
         self.path = node_path(self.directory, self.id)
         self._links: dict[bytes, Link] = {}
+        self._reads = ReadBuffer()  # one for all links: they read one at a time
         self._connecting: dict[bytes, asyncio.Task[None]] = {}
         # events for nodes being connected to, written once the link is up
         self._queued: dict[bytes, list[tuple[Event, list[Any]]]] = {}
@@ -283,6 +284,7 @@ class Node:
             self._on_lost,
             functools.partial(self.engine.receive_data, peer),
             functools.partial(self.engine.receive_run, peer),
+            self._reads,
         )
         self._links[peer] = link
         self._settle(peer)

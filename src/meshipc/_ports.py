@@ -824,10 +824,17 @@ class Engine:
         if ck is None or seq <= st.acked_seq:
             return
         st.acked_seq = min(seq, st.send_seq - 1)
-        b = st.acked_bytes
-        while ck and ck[0][0] <= seq:
-            b = ck.popleft()[1]
-        st.acked_bytes = b
+        if st.acked_seq == st.send_seq - 1:
+            # everything sent was consumed: so were all its bytes (the
+            # checkpoints only know the bytes *before* the last one, which
+            # would keep a message larger than the window counted forever)
+            ck.clear()
+            st.acked_bytes = st.sent_bytes
+        else:
+            b = st.acked_bytes
+            while ck and ck[0][0] <= seq:
+                b = ck.popleft()[1]
+            st.acked_bytes = b
         if st.credit is not None and not self.over_window(st):
             self._fire_credit(st)
 

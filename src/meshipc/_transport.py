@@ -80,6 +80,21 @@ def _read_body(fd: Fd, length: int) -> bytes:
         fd.close()
 
 
+class ReadBuffer:
+    """The read buffer of the links of one node. They read one at a time, on
+    the node's loop, and the decoder copies out whatever it keeps, so the
+    bytes of a read are dead once it is handled: one buffer serves every link
+    (an idle attached client costs no buffer of its own). A read that starts
+    while another is being handled (re-entered from a callback) takes a
+    buffer of its own."""
+
+    __slots__ = ("busy", "view")
+
+    def __init__(self, size: int = READ_SIZE) -> None:
+        self.view = memoryview(bytearray(size))
+        self.busy = False
+
+
 class Link:
     """Framed, fd-carrying, coalescing I/O on one connected socket to node ``peer``."""
 
@@ -92,6 +107,7 @@ class Link:
         on_lost: Callable[[Link, str], None],
         on_data: Callable[[bytes, int, int, bytes], None],
         on_run: Callable[[bytes, int, list[bytes]], None] | None = None,
+        reads: ReadBuffer | None = None,
     ) -> None:
         self.loop = loop
         self.sock = sock
@@ -101,7 +117,7 @@ class Link:
         self._on_data = on_data  # plain messages: (port, seq, kind, body)
         self._on_run = on_run  # runs of them on one port: (port, first seq, bodies)
         self._decoder = FrameDecoder()
-        self._read_buffer = memoryview(bytearray(READ_SIZE))
+        self._reads = reads if reads is not None else ReadBuffer()
         self._received_fds: deque[Fd] = deque()
         # batches of (chunks, fds); a batch carries at most SCM_MAX_FD fds
         self._chunks: list[bytes] = []
@@ -316,8 +332,19 @@ class Link:
 
     def _read_once(self) -> bool:
         """One read; False when nothing more is to be read now."""
+        reads = self._reads
+        if reads.busy:  # re-entered from a callback: not the shared buffer
+            return self._read_into(memoryview(bytearray(READ_SIZE)))
+        reads.busy = True
         try:
-            n, anc, flags, _ = self.sock.recvmsg_into([self._read_buffer], _ANCILLARY_SPACE, _RECV_FLAGS)
+            return self._read_into(reads.view)
+        finally:
+            reads.busy = False
+
+    def _read_into(self, buf: memoryview) -> bool:
+        """One read into ``buf``, decoded before returning (nothing keeps a view of it)."""
+        try:
+            n, anc, flags, _ = self.sock.recvmsg_into([buf], _ANCILLARY_SPACE, _RECV_FLAGS)
         except (BlockingIOError, InterruptedError):
             return False
         except OSError as exc:
@@ -348,7 +375,7 @@ class Link:
                 self._lost("connection closed by peer")
                 return False
             self.bytes_in += n
-            self._decoder.feed_each(self._read_buffer[:n], self._on_data, self._deliver_event, self._on_run)
+            self._decoder.feed_each(buf[:n], self._on_data, self._deliver_event, self._on_run)
         except ProtocolError as exc:
             log.warning("dropping connection to node %s: protocol error: %s", NodeId(self.peer), exc)
             self._lost(f"protocol error: {exc}")
