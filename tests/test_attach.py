@@ -825,3 +825,41 @@ async def test_inviter_from_other_threads(rd: Path) -> None:
         await asyncio.wait_for(asyncio.to_thread(lambda: [th.join(T) for th in threads]), T + 1)
         assert len(invs) == 20
         assert len({bytes(i.node) for i in invs}) == 20
+
+
+async def test_more_clients_at_once_than_outstanding_invitations_all_attach(
+    rd: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A burst of clients larger than the listener's cap on outstanding
+    invitations: the oldest invitations are withdrawn before their clients
+    use them, and ``connect`` takes a fresh one instead of failing with
+    ``InvitationExpired``."""
+    import meshipc._listener
+
+    monkeypatch.setattr(meshipc._listener, "MAX_OUTSTANDING", 2)
+    n = 8
+    async with meshipc.Mesh(name="burst", runtime_dir=rd) as mesh:
+        listener = await mesh.listen()
+
+        async def client(i: int) -> Any:
+            async with meshipc.connect("burst", runtime_dir=rd, timeout=T) as conn:
+                conn.port.send(i)
+                return await conn.port.recv()
+
+        async def echo(c: Any) -> None:
+            with contextlib.suppress(meshipc.PortFailed):  # a withdrawn invitation's end
+                c.port.send(await c.port.recv())
+
+        async def server() -> None:
+            async with asyncio.TaskGroup() as tg:
+                while True:
+                    tg.create_task(echo(await listener.accept()))
+
+        srv = asyncio.ensure_future(server())
+        try:
+            got = await asyncio.wait_for(asyncio.gather(*(client(i) for i in range(n))), 3 * T)
+        finally:
+            srv.cancel()
+            await asyncio.gather(srv, return_exceptions=True)
+        assert sorted(got) == list(range(n))
+        assert listener.withdrawn > 0  # the burst did overflow the cap

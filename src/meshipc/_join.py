@@ -213,20 +213,21 @@ async def take_invitation(
     name_or_path: str | os.PathLike[str],
     runtime_dir: str | os.PathLike[str] | None,
     expected_uid: int | None,
+    deadline: float | None,
     timeout: float | None,
-) -> tuple[Invitation, float | None]:
+) -> Invitation:
     """The invitation of the listener ``name_or_path`` names (see
-    ``connect``), and the deadline (loop time) ``timeout`` sets for the whole
-    attach. For a mesh name that nothing answers for, the ``ConnectError``
-    says whether no such mesh runs, it is not listening, or it is stale."""
+    ``connect``), taken before ``deadline`` (loop time, which ``timeout``
+    set for the whole attach). For a mesh name that nothing answers for, the
+    ``ConnectError`` says whether no such mesh runs, it is not listening, or
+    it is stale."""
     try:
         path = listener_path(name_or_path, runtime_dir)
     except MeshError as exc:  # the runtime folder is unusable: say which and why
         raise ConnectError(os.fspath(name_or_path), str(exc)) from None
-    deadline = deadline_after(timeout)
     try:
         async with within_deadline(deadline, timeout, path):
-            return await read_invitation(path, expected_uid), deadline
+            return await read_invitation(path, expected_uid)
     except ConnectError as exc:
         name = os.fspath(name_or_path)
         if "/" in name or exc.errno not in (errno.ENOENT, errno.ECONNREFUSED):

@@ -22,11 +22,11 @@ import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Final
 
 from ._codec import CODEC
 from ._control import Control, Service
-from ._errors import JoinError, MeshError
+from ._errors import InvitationExpired, JoinError, MeshError
 from ._handshake import MeshSecret
 from ._ids import NodeId
 from ._invitation import INVITATION_TTL, Invitation, Inviter
@@ -435,6 +435,12 @@ async def join(invitation: Invitation, *, timeout: float | None = JOIN_TIMEOUT) 
         yield conn
 
 
+#: Invitations ``connect`` takes before giving up when each is withdrawn
+#: before it is used (many clients attaching at once overflow a listener's
+#: outstanding invitations, oldest first).
+CONNECT_ATTEMPTS: Final = 5
+
+
 @contextlib.asynccontextmanager
 async def connect(
     name_or_path: str | os.PathLike[str],
@@ -453,6 +459,16 @@ async def connect(
     no such mesh runs, it is not listening, or it is stale), ``InvitationReadError``, ``InvitationTooLarge``,
     ``InvitationDecodeError``, ``AuthenticationError`` (listener of an
     unexpected uid, or secret rejected) or ``JoinError``."""
-    invitation, deadline = await take_invitation(name_or_path, runtime_dir, expected_uid, timeout)
-    async with _attached(invitation, deadline, timeout) as conn:
+    deadline = deadline_after(timeout)
+    async with contextlib.AsyncExitStack() as stack:
+        for attempt in range(1, CONNECT_ATTEMPTS + 1):
+            invitation = await take_invitation(name_or_path, runtime_dir, expected_uid, deadline, timeout)
+            try:
+                conn = await stack.enter_async_context(_attached(invitation, deadline, timeout))
+                break
+            except InvitationExpired:
+                # withdrawn before we used it (a listener keeps a bounded
+                # number outstanding, oldest first out): take a fresh one
+                if attempt == CONNECT_ATTEMPTS:
+                    raise
         yield conn
