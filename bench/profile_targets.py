@@ -156,7 +156,7 @@ def large_copies() -> None:
 
     import msgspec
 
-    from meshipc._transport import _make_memfd, _read_memfd
+    from meshipc._platform import PLATFORM
 
     size, k = 16 << 20, 10
     blob = os.urandom(size)
@@ -168,12 +168,12 @@ def large_copies() -> None:
             fn()
         return (time.perf_counter() - t0) / k * 1e3
 
-    memfds = [_make_memfd(enc) for _ in range(k)]
+    memfds = [PLATFORM.make_body(enc) for _ in range(k)]
     it = iter(memfds)
     print("=== large: one 16 MiB message, ms per step (alone, this process)")
     print(f"  msgspec encode (bytes -> msgpack)  {t(lambda: msgspec.msgpack.encode(blob)):7.2f}")
-    print(f"  memfd_create + write + seal        {t(lambda: _make_memfd(enc).close()):7.2f}")
-    print(f"  mmap + copy out (_read_memfd)      {t(lambda: _read_memfd(next(it), len(enc))):7.2f}")
+    print(f"  make_body (memfd + write + seal)   {t(lambda: os.close(PLATFORM.make_body(enc))):7.2f}")
+    print(f"  read_body (pread, checked)         {t(lambda: PLATFORM.read_body(next(it), len(enc))):7.2f}")
     print(f"  msgspec decode (msgpack -> bytes)  {t(lambda: msgspec.msgpack.decode(enc)):7.2f}")
     print(f"  bytes copy (memcpy reference)      {t(lambda: bytearray(blob)):7.2f}")
     fd = os.memfd_create("x")
@@ -181,6 +181,8 @@ def large_copies() -> None:
     with mmap.mmap(fd, size) as m:
         print(f"  memcpy into a reused mapping       {t(lambda: m.__setitem__(slice(0, size), blob)):7.2f}")
     os.close(fd)
+    for body_fd in memfds:
+        os.close(body_fd)
 
 
 def memory(n: int) -> None:

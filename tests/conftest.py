@@ -36,23 +36,3 @@ def runtime_dir() -> Iterator[Path]:
     limited), private (0700), removed afterwards."""
     with private_dir() as d:
         yield d
-
-
-# Old names of ``runtime_dir``, kept as thin aliases only for test files other
-# branches own (test_node, test_attach, test_control, test_hostile, test_soak*,
-# test_platform); new tests take ``runtime_dir``.
-
-
-@pytest.fixture
-def rdir(runtime_dir: Path) -> Path:
-    return runtime_dir
-
-
-@pytest.fixture
-def rd(runtime_dir: Path) -> Path:
-    return runtime_dir
-
-
-@pytest.fixture
-def mesh_dir(runtime_dir: Path) -> Path:
-    return runtime_dir

@@ -228,11 +228,11 @@ async def exercise(conn: meshipc.Admission, pid: int) -> Sender[Any]:
 # --------------------------------------------------------- attach end to end
 
 
-async def test_attach_by_name_rpc_both_ways_then_leave(rd: Path) -> None:
-    async with Mesh(name="a", runtime_dir=rd) as mesh:
+async def test_attach_by_name_rpc_both_ways_then_leave(runtime_dir: Path) -> None:
+    async with Mesh(name="a", runtime_dir=runtime_dir) as mesh:
         listener = await mesh.listen()
         assert listener.path == mesh.directory / "listen.sock"
-        async with client("session", "a", os.fspath(rd)) as c:
+        async with client("session", "a", os.fspath(runtime_dir)) as c:
             conn = await asyncio.wait_for(listener.accept(), T)
             assert conn.peer.pid == c.pid
             assert conn.peer.uid == os.getuid()
@@ -254,10 +254,10 @@ async def test_attach_by_name_rpc_both_ways_then_leave(rd: Path) -> None:
         assert mesh._node.attached == 1
 
 
-async def test_attach_by_path_to_unnamed_mesh_then_sigkill(rd: Path) -> None:
-    async with Mesh(runtime_dir=rd) as mesh:
+async def test_attach_by_path_to_unnamed_mesh_then_sigkill(runtime_dir: Path) -> None:
+    async with Mesh(runtime_dir=runtime_dir) as mesh:
         assert mesh.name is None
-        path = rd / "l.sock"
+        path = runtime_dir / "l.sock"
         listener = await mesh.listen(path=path)
         assert listener.path == path
         async with client("session", os.fspath(path), "-") as c:
@@ -277,8 +277,8 @@ async def test_attach_by_path_to_unnamed_mesh_then_sigkill(rd: Path) -> None:
             assert await c.exit_code() < 0
 
 
-async def test_hundred_concurrent_clients(rd: Path) -> None:
-    async with Mesh(runtime_dir=rd) as mesh:
+async def test_hundred_concurrent_clients(runtime_dir: Path) -> None:
+    async with Mesh(runtime_dir=runtime_dir) as mesh:
         listener = await mesh.listen()
         tx, rx = meshipc.channel()
         seen: set[tuple[int, int]] = set()
@@ -327,8 +327,8 @@ async def test_hundred_concurrent_clients(rd: Path) -> None:
 # -------------------------------------------------------- silent and stalling
 
 
-async def test_silent_and_stalling_clients_do_not_block_a_real_one(rd: Path) -> None:
-    async with Mesh(runtime_dir=rd) as mesh:
+async def test_silent_and_stalling_clients_do_not_block_a_real_one(runtime_dir: Path) -> None:
+    async with Mesh(runtime_dir=runtime_dir) as mesh:
         listener = await mesh.listen(invitation_ttl=SHORT_TTL)
         held: list[socket.socket] = []
         try:
@@ -373,15 +373,15 @@ def stopped(pid: int) -> Iterator[None]:
             os.kill(pid, signal.SIGCONT)
 
 
-async def test_connect_and_join_to_a_stopped_service_time_out(rd: Path) -> None:
-    async with client("named", os.fspath(rd), "svc") as svc:
+async def test_connect_and_join_to_a_stopped_service_time_out(runtime_dir: Path) -> None:
+    async with client("named", os.fspath(runtime_dir), "svc") as svc:
         ev = await svc.event()
         listener = Path(ev["listener"])
         # an invitation taken while the service ran, used once it is stopped
         inv = await asyncio.wait_for(read_invitation(listener), T)
         with stopped(svc.pid):
             with pytest.raises(JoinTimeout) as ei:
-                async with meshipc.connect("svc", runtime_dir=rd, timeout=0.5):
+                async with meshipc.connect("svc", runtime_dir=runtime_dir, timeout=0.5):
                     pass  # pragma: no cover
             exc = ei.value
             assert isinstance(exc, JoinError) and isinstance(exc, TimeoutError)
@@ -396,42 +396,42 @@ async def test_connect_and_join_to_a_stopped_service_time_out(rd: Path) -> None:
             # the joining node cleaned up after itself
             assert not node_path(Path(ev["directory"]), bytes(inv.node)).exists()
         # continued, the same service answers within the default bound
-        async with meshipc.connect("svc", runtime_dir=rd) as conn:
+        async with meshipc.connect("svc", runtime_dir=runtime_dir) as conn:
             assert conn.mesh.directory == Path(ev["directory"])
 
 
 # ------------------------------------------------------------------ names
 
 
-async def test_mesh_name_held_by_another_process(rd: Path) -> None:
-    async with client("named", os.fspath(rd), "held") as owner:
+async def test_mesh_name_held_by_another_process(runtime_dir: Path) -> None:
+    async with client("named", os.fspath(runtime_dir), "held") as owner:
         ready = await owner.event()
         assert ready["pid"] == owner.pid
         with pytest.raises(MeshNameInUse):
-            async with Mesh(name="held", runtime_dir=rd):
+            async with Mesh(name="held", runtime_dir=runtime_dir):
                 pass
         owner.proc.terminate()
         await owner.exit_code()
-    async with Mesh(name="held", runtime_dir=rd) as mesh:
-        assert mesh.directory == rd / "mesh-held"
+    async with Mesh(name="held", runtime_dir=runtime_dir) as mesh:
+        assert mesh.directory == runtime_dir / "mesh-held"
 
 
-async def test_stale_directory_of_a_killed_mesh_is_replaced(rd: Path) -> None:
-    async with client("named", os.fspath(rd), "y") as owner:
+async def test_stale_directory_of_a_killed_mesh_is_replaced(runtime_dir: Path) -> None:
+    async with client("named", os.fspath(runtime_dir), "y") as owner:
         ready = await owner.event()
         directory = Path(ready["directory"])
-        assert directory == rd / "mesh-y"
+        assert directory == runtime_dir / "mesh-y"
         owner.kill()
         assert await owner.exit_code() < 0
     leftovers = sorted(p.name for p in directory.iterdir())
     # node socket + listener + control socket
     assert "listen.sock" in leftovers and len(leftovers) == 3, leftovers
 
-    async with Mesh(name="y", runtime_dir=rd) as mesh:
+    async with Mesh(name="y", runtime_dir=runtime_dir) as mesh:
         assert mesh.directory == directory
         assert sorted(p.name for p in directory.iterdir()) == sorted([mesh._node.path.name, "control.sock"])
         listener = await mesh.listen()
-        async with client("session", "y", os.fspath(rd)) as c:
+        async with client("session", "y", os.fspath(runtime_dir)) as c:
             conn = await asyncio.wait_for(listener.accept(), T)
             assert conn.peer.pid == c.pid
             assert await ask(conn.port, {"op": "whoami"}) == {"pid": c.pid, "uid": os.getuid()}
@@ -439,11 +439,11 @@ async def test_stale_directory_of_a_killed_mesh_is_replaced(rd: Path) -> None:
             assert await c.exit_code() == 0, c.stderr.decode()
 
 
-async def test_close_with_unused_invitation_is_prompt(rd: Path) -> None:
+async def test_close_with_unused_invitation_is_prompt(runtime_dir: Path) -> None:
     """The port of an invitation nobody used cannot settle: closing the mesh
     does not wait for it (a liveness bound, far above a normal close and below
     the 5 s linger it once fell into)."""
-    mesh = Mesh(runtime_dir=rd)
+    mesh = Mesh(runtime_dir=runtime_dir)
     await mesh.__aenter__()
     try:
         _mine, theirs = Port.pair()
@@ -453,8 +453,8 @@ async def test_close_with_unused_invitation_is_prompt(rd: Path) -> None:
         await mesh._node.close(linger=0)
 
 
-async def test_kept_end_of_unused_invitation_fails_when_mesh_closes(rd: Path) -> None:
-    async with Mesh(runtime_dir=rd) as mesh:
+async def test_kept_end_of_unused_invitation_fails_when_mesh_closes(runtime_dir: Path) -> None:
+    async with Mesh(runtime_dir=runtime_dir) as mesh:
         mine, theirs = Port.pair()
         await mesh.inviter(ttl=60).invite(theirs)
     # the mesh is closed: nothing can ever reach the kept end any more
@@ -527,11 +527,11 @@ def other_user() -> Iterator[dict[str, Any]]:
 
 
 @pytest.mark.stock_loop  # uvloop cannot start a process as another user
-async def test_client_of_another_uid_is_refused(rd: Path, other_user: dict[str, Any]) -> None:
+async def test_client_of_another_uid_is_refused(runtime_dir: Path, other_user: dict[str, Any]) -> None:
     public = Path(tempfile.mkdtemp(prefix="mp", dir="/tmp"))
     try:
         os.chmod(public, 0o755)
-        async with Mesh(runtime_dir=rd) as mesh:
+        async with Mesh(runtime_dir=runtime_dir) as mesh:
             path = public / "l.sock"
             listener = await mesh.listen(path=path)
             os.chmod(path, 0o666)  # reachable by the other user; refused by uid
@@ -581,8 +581,8 @@ async def test_client_of_another_uid_is_refused(rd: Path, other_user: dict[str, 
 # -------------------------------------------------------------- invitations
 
 
-async def test_tampered_secret_is_rejected_by_the_node(rd: Path) -> None:
-    async with Mesh(runtime_dir=rd) as mesh:
+async def test_tampered_secret_is_rejected_by_the_node(runtime_dir: Path) -> None:
+    async with Mesh(runtime_dir=runtime_dir) as mesh:
         node = mesh._node
         refusals = hook_refusals(node)
         secret = node._secret.reveal()
@@ -621,8 +621,8 @@ async def test_tampered_secret_is_rejected_by_the_node(rd: Path) -> None:
         assert node.attached == 2
 
 
-async def test_invitation_used_twice(rd: Path) -> None:
-    async with Mesh(runtime_dir=rd) as mesh:
+async def test_invitation_used_twice(runtime_dir: Path) -> None:
+    async with Mesh(runtime_dir=runtime_dir) as mesh:
         mine, theirs = Port.pair()
         inv = await mesh.inviter().invite(theirs)
         data = bytes(inv).hex().encode() + b"\n"
@@ -653,8 +653,8 @@ async def test_invitation_used_twice(rd: Path) -> None:
         assert mesh._node.attached == 1
 
 
-async def test_unused_invitation_expires(rd: Path) -> None:
-    async with Mesh(runtime_dir=rd) as mesh:
+async def test_unused_invitation_expires(runtime_dir: Path) -> None:
+    async with Mesh(runtime_dir=runtime_dir) as mesh:
         inviter = mesh.inviter(ttl=0.3)
         mine, theirs = Port.pair()
         t0 = time.time()
@@ -675,9 +675,9 @@ async def test_unused_invitation_expires(rd: Path) -> None:
         assert mesh._node.attached == 0
 
 
-async def test_secret_never_appears(rd: Path, caplog: pytest.LogCaptureFixture) -> None:
+async def test_secret_never_appears(runtime_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG, logger="meshipc")
-    async with Mesh(name="s", runtime_dir=rd) as mesh:
+    async with Mesh(name="s", runtime_dir=runtime_dir) as mesh:
         node = mesh._node
         secret = node._secret.reveal()
         listener = await mesh.listen(invitation_ttl=SHORT_TTL)
@@ -698,7 +698,7 @@ async def test_secret_never_appears(rd: Path, caplog: pytest.LogCaptureFixture) 
 
         # an attach, with the client logging at DEBUG too
         env = dict(os.environ, ATTACH_CLIENT_LOG="1")
-        async with client("session", "s", os.fspath(rd), env=env) as c:
+        async with client("session", "s", os.fspath(runtime_dir), env=env) as c:
             conn = await asyncio.wait_for(listener.accept(), T)
             texts["repr(conn)"] = repr(conn)
             assert await ask(conn.port, {"op": "whoami"}) == {"pid": c.pid, "uid": os.getuid()}
@@ -716,7 +716,7 @@ async def test_secret_never_appears(rd: Path, caplog: pytest.LogCaptureFixture) 
                 pass
         texts["AuthenticationError"] = str(ei.value)
         with pytest.raises(AuthenticationError) as ei2:
-            async with meshipc.connect("s", runtime_dir=rd, expected_uid=os.getuid() + 1):
+            async with meshipc.connect("s", runtime_dir=runtime_dir, expected_uid=os.getuid() + 1):
                 pass
         texts["AuthenticationError(uid)"] = str(ei2.value)
         async with meshipc.join(inv) as cc:
@@ -737,9 +737,9 @@ async def test_secret_never_appears(rd: Path, caplog: pytest.LogCaptureFixture) 
         assert_no_secret(text, secret, what)
 
 
-async def test_join_error_messages_carry_no_secret(rd: Path) -> None:
+async def test_join_error_messages_carry_no_secret(runtime_dir: Path) -> None:
     """Every JoinError raised while a real mesh is involved, checked at once."""
-    async with Mesh(name="e", runtime_dir=rd) as mesh:
+    async with Mesh(name="e", runtime_dir=runtime_dir) as mesh:
         secret = mesh._node._secret.reveal()
         listener = await mesh.listen(invitation_ttl=SHORT_TTL)
         errors: list[BaseException] = []
@@ -752,8 +752,8 @@ async def test_join_error_messages_carry_no_secret(rd: Path) -> None:
             meshipc.join(inv),  # expired
             meshipc.join(reencode(inv, expires=time.time() + 60)),  # refused by the node as expired
             meshipc.connect(listener.path, expected_uid=os.getuid() + 1),
-            meshipc.connect(rd / "missing.sock"),
-            meshipc.join(reencode(inv, directory=os.fspath(rd / "gone"), expires=time.time() + 60)),
+            meshipc.connect(runtime_dir / "missing.sock"),
+            meshipc.join(reencode(inv, directory=os.fspath(runtime_dir / "gone"), expires=time.time() + 60)),
         ):
             with pytest.raises(JoinError) as ei:
                 async with attempt:
@@ -768,8 +768,8 @@ async def test_join_error_messages_carry_no_secret(rd: Path) -> None:
 # ---------------------------------------------------------------- listener
 
 
-async def test_inviter_from_other_threads(rd: Path) -> None:
-    async with Mesh(runtime_dir=rd) as mesh:
+async def test_inviter_from_other_threads(runtime_dir: Path) -> None:
+    async with Mesh(runtime_dir=runtime_dir) as mesh:
         inviter = mesh.inviter()
         loop = asyncio.get_running_loop()
 
@@ -828,7 +828,7 @@ async def test_inviter_from_other_threads(rd: Path) -> None:
 
 
 async def test_more_clients_at_once_than_outstanding_invitations_all_attach(
-    rd: Path, monkeypatch: pytest.MonkeyPatch
+    runtime_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A burst of clients larger than the listener's cap on outstanding
     invitations: the oldest invitations are withdrawn before their clients
@@ -838,11 +838,11 @@ async def test_more_clients_at_once_than_outstanding_invitations_all_attach(
 
     monkeypatch.setattr(meshipc._listener, "MAX_OUTSTANDING", 2)
     n = 8
-    async with meshipc.Mesh(name="burst", runtime_dir=rd) as mesh:
+    async with meshipc.Mesh(name="burst", runtime_dir=runtime_dir) as mesh:
         listener = await mesh.listen()
 
         async def client(i: int) -> Any:
-            async with meshipc.connect("burst", runtime_dir=rd, timeout=T) as conn:
+            async with meshipc.connect("burst", runtime_dir=runtime_dir, timeout=T) as conn:
                 conn.port.send(i)
                 return await conn.port.recv()
 

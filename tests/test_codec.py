@@ -84,6 +84,14 @@ def test_invalid_utf8_from_a_peer_is_a_message_error() -> None:
             decode(message(b"\xa2\xff\xfe"), tp)
 
 
+def test_deeply_nested_peer_data_is_a_message_error_not_a_crash() -> None:
+    """msgspec's RecursionError on a too-deep body is one MessageError for
+    that message (over a socket, the channel stays usable: ``test_node.py``)."""
+    bomb = b"\x91" * 200_000 + b"\xc0"  # 200,000 nested one-element arrays
+    with pytest.raises(MessageError):
+        decode(message(bomb), Any)
+
+
 def test_plain_decoder_refuses_resources() -> None:
     body = msgspec.msgpack.encode(msgspec.msgpack.Ext(EXT_FD, pack_indices([0])))
     with pytest.raises(MessageError, match="does not carry"):

@@ -81,31 +81,31 @@ async def fails(request: Any) -> Any:
 # ------------------------------------------------------------------ services
 
 
-async def test_call_service_from_attached_process(rd: Path) -> None:
-    async with Mesh(name="s1", runtime_dir=rd) as mesh:
+async def test_call_service_from_attached_process(runtime_dir: Path) -> None:
+    async with Mesh(name="s1", runtime_dir=runtime_dir) as mesh:
         await mesh.listen()
         mesh.serve("double", double, request_type=int)
-        out = await run_client(rd, "s1", "call", "double", "21", "5")
+        out = await run_client(runtime_dir, "s1", "call", "double", "21", "5")
         assert out == {"reply": 42}
-        out = await run_client(rd, "s1", "services")
+        out = await run_client(runtime_dir, "s1", "services")
         assert out["reply"]["double"]["node"] == bytes(mesh.node_id).hex()
         assert out["reply"]["double"]["request_type"] == "int"
         # a request of the wrong type is refused on arrival
-        out = await run_client(rd, "s1", "call", "double", '"x"')
+        out = await run_client(runtime_dir, "s1", "call", "double", '"x"')
         assert out["error"] == "RemoteError" and out["type_name"] == "MessageError"
         # many calls over one opened sender
-        out = await run_client(rd, "s1", "calls", "double", "4", "50")
+        out = await run_client(runtime_dir, "s1", "calls", "double", "4", "50")
         assert out == {"reply": 8}
 
 
-async def test_unknown_service_and_handler_error(rd: Path) -> None:
-    async with Mesh(name="s2", runtime_dir=rd) as mesh:
+async def test_unknown_service_and_handler_error(runtime_dir: Path) -> None:
+    async with Mesh(name="s2", runtime_dir=runtime_dir) as mesh:
         await mesh.listen()
         mesh.serve("fails", fails)
-        out = await run_client(rd, "s2", "call", "nope", "1")
+        out = await run_client(runtime_dir, "s2", "call", "nope", "1")
         assert out["error"] == "ServiceNotFound" and out["service"] == "nope"
         assert "'nope'" in out["message"]
-        out = await run_client(rd, "s2", "call", "fails", "7")
+        out = await run_client(runtime_dir, "s2", "call", "fails", "7")
         assert out["error"] == "RemoteError" and out["type_name"] == "ValueError"
         assert "bad request 7" in out["message"]
         # in process too
@@ -115,13 +115,13 @@ async def test_unknown_service_and_handler_error(rd: Path) -> None:
             await mesh.call("fails", 1)
 
 
-async def test_names_are_unique_per_mesh(rd: Path) -> None:
-    async with Mesh(name="s3", runtime_dir=rd) as mesh:
+async def test_names_are_unique_per_mesh(runtime_dir: Path) -> None:
+    async with Mesh(name="s3", runtime_dir=runtime_dir) as mesh:
         await mesh.listen()
         mesh.serve("one", double)
         with pytest.raises(meshipc.ServiceNameInUse):
             mesh.serve("one", double)
-        async with meshipc.connect("s3", runtime_dir=rd) as conn:
+        async with meshipc.connect("s3", runtime_dir=runtime_dir) as conn:
             svc = conn.mesh.serve("one", double)
             with pytest.raises(meshipc.ServiceNameInUse):
                 await asyncio.wait_for(svc, T)
@@ -138,14 +138,14 @@ async def test_names_are_unique_per_mesh(rd: Path) -> None:
         assert await mesh.call("two", 1) == 2
 
 
-async def test_worker_service_reached_by_attached_client_then_node_dies(rd: Path) -> None:
-    async with Mesh(name="s4", runtime_dir=rd) as mesh:
+async def test_worker_service_reached_by_attached_client_then_node_dies(runtime_dir: Path) -> None:
+    async with Mesh(name="s4", runtime_dir=runtime_dir) as mesh:
         await mesh.listen()
         ready_tx, ready_rx = meshipc.channel()
         proc = await mesh.spawn("ctl_workers:serve_named", {"name": "w", "ready": ready_tx}, name="svc")
         try:
             assert await asyncio.wait_for(ready_rx.recv(), T) is True
-            out = await run_client(rd, "s4", "call", "w", '{"x": 1}', "5")
+            out = await run_client(runtime_dir, "s4", "call", "w", '{"x": 1}', "5")
             assert out == {"reply": {"from": proc.pid, "request": {"x": 1}}}
             assert (await mesh.services())["w"]["node"] != bytes(mesh.node_id).hex()
             # a second worker may not take the name
@@ -157,25 +157,25 @@ async def test_worker_service_reached_by_attached_client_then_node_dies(rd: Path
             await asyncio.wait_for(proc.wait(), T)
             with pytest.raises(meshipc.NodeFailure):
                 await asyncio.wait_for(mesh.call("w", 1), T)
-            out = await run_client(rd, "s4", "call", "w", "1")
+            out = await run_client(runtime_dir, "s4", "call", "w", "1")
             assert out["error"] == "NodeFailure", out
         finally:
             proc.kill()
 
 
-async def test_deadline_travels_and_giving_up_reaches_the_callee(rd: Path) -> None:
-    async with Mesh(name="s5", runtime_dir=rd) as mesh:
+async def test_deadline_travels_and_giving_up_reaches_the_callee(runtime_dir: Path) -> None:
+    async with Mesh(name="s5", runtime_dir=runtime_dir) as mesh:
         await mesh.listen()
         tx, rx = meshipc.channel()
         mesh.serve("slow", rx)
-        async with client(rd, "s5", "call", "slow", '"hi"', "5") as proc:
+        async with client(runtime_dir, "s5", "call", "slow", '"hi"', "5") as proc:
             call = await asyncio.wait_for(rx.recv(), T)
             assert isinstance(call, meshipc.ServiceCall) and call.request == "hi"
             assert call.deadline is not None and 0 < call.deadline - time.monotonic() <= 5
             call.reply(call.remaining)
             out = await line(proc)
             assert 0 < out["reply"] <= 5
-        async with client(rd, "s5", "call", "slow", '"late"', "0.3") as proc:
+        async with client(runtime_dir, "s5", "call", "slow", '"late"', "0.3") as proc:
             call = await asyncio.wait_for(rx.recv(), T)
             assert call.deadline is not None and call.deadline - time.monotonic() <= 0.3
             await asyncio.wait_for(call.wait_cancelled(), T)  # the caller gave up
@@ -183,7 +183,7 @@ async def test_deadline_travels_and_giving_up_reaches_the_callee(rd: Path) -> No
             out = await line(proc)
             assert out["error"] == "TimeoutError"
         # without a timeout there is no deadline
-        async with client(rd, "s5", "call", "slow", "1") as proc:
+        async with client(runtime_dir, "s5", "call", "slow", "1") as proc:
             call = await asyncio.wait_for(rx.recv(), T)
             assert call.deadline is None and call.remaining is None
             call.reply("ok")
@@ -200,7 +200,7 @@ async def test_deadline_travels_and_giving_up_reaches_the_callee(rd: Path) -> No
         tx.close()
 
 
-async def test_handler_is_cancelled_when_the_caller_gives_up(rd: Path) -> None:
+async def test_handler_is_cancelled_when_the_caller_gives_up(runtime_dir: Path) -> None:
     started, stopped = asyncio.Event(), asyncio.Event()
 
     async def hang(request: Any) -> Any:
@@ -210,32 +210,32 @@ async def test_handler_is_cancelled_when_the_caller_gives_up(rd: Path) -> None:
         finally:
             stopped.set()
 
-    async with Mesh(name="s6", runtime_dir=rd) as mesh:
+    async with Mesh(name="s6", runtime_dir=runtime_dir) as mesh:
         await mesh.listen()
         mesh.serve("hang", hang)
-        async with client(rd, "s6", "call", "hang", "1", "0.3") as proc:
+        async with client(runtime_dir, "s6", "call", "hang", "1", "0.3") as proc:
             await asyncio.wait_for(started.wait(), T)
             assert (await line(proc))["error"] == "TimeoutError"
             await asyncio.wait_for(stopped.wait(), T)
 
 
-async def test_service_registered_by_attached_client_called_by_another(rd: Path) -> None:
-    async with Mesh(name="s7", runtime_dir=rd) as mesh:
+async def test_service_registered_by_attached_client_called_by_another(runtime_dir: Path) -> None:
+    async with Mesh(name="s7", runtime_dir=runtime_dir) as mesh:
         await mesh.listen()
-        async with client(rd, "s7", "serve", "hello") as server:
+        async with client(runtime_dir, "s7", "serve", "hello") as server:
             assert await line(server) == {"ready": True}
-            out = await run_client(rd, "s7", "call", "hello", "[1, 2]", "5")
+            out = await run_client(runtime_dir, "s7", "call", "hello", "[1, 2]", "5")
             assert out == {"reply": {"from": server.pid, "request": [1, 2]}}
 
 
 # ------------------------------------------------------------------ inspect
 
 
-async def test_inspect_after_known_activity(rd: Path) -> None:
-    async with Mesh(name="i1", runtime_dir=rd) as mesh:
+async def test_inspect_after_known_activity(runtime_dir: Path) -> None:
+    async with Mesh(name="i1", runtime_dir=runtime_dir) as mesh:
         await mesh.listen()
         mesh.serve("double", double)
-        out = await run_client(rd, "i1", "calls", "double", "3", "25")
+        out = await run_client(runtime_dir, "i1", "calls", "double", "3", "25")
         assert out == {"reply": 6}
         tree = await mesh.inspect()
         json.dumps(tree)  # plain data
@@ -247,16 +247,16 @@ async def test_inspect_after_known_activity(rd: Path) -> None:
         assert node["attached"] == {"$counter": 1}
         assert tree["services"]["double"]["node"] == me
         # the same tree from an attached client: nodes, path, depth
-        out = await run_client(rd, "i1", "inspect", f"nodes/{me[:8]}/services/double", "-", "1")
+        out = await run_client(runtime_dir, "i1", "inspect", f"nodes/{me[:8]}/services/double", "-", "1")
         assert out["reply"]["calls"] == {"$counter": 25}
-        out = await run_client(rd, "i1", "inspect", "nodes/nothere", "-", "1")
+        out = await run_client(runtime_dir, "i1", "inspect", "nodes/nothere", "-", "1")
         assert out["error"] == "LookupError" and out["message"] == "no inspect entry 'nodes/nothere'"
-        out = await run_client(rd, "i1", "inspect", "", "1", "1")
+        out = await run_client(runtime_dir, "i1", "inspect", "", "1", "1")
         assert out["reply"]["nodes"] == {"$more": 2}  # the root and this client
         assert "$more" in out["reply"]["mesh"]
-        out = await run_client(rd, "i1", "inspect", "", "2", "1")
+        out = await run_client(runtime_dir, "i1", "inspect", "", "2", "1")
         assert out["reply"]["mesh"]["name"] == "i1" and len(out["reply"]["nodes"]) == 2
-        out = await run_client(rd, "i1", "inspect", "", "-", "1")
+        out = await run_client(runtime_dir, "i1", "inspect", "", "-", "1")
         nodes = out["reply"]["nodes"]
         clients = [n for n in nodes.values() if n.get("role") == "client"]
         assert len(clients) == 1 and clients[0]["name"] == "ctl_client.py"
@@ -265,8 +265,8 @@ async def test_inspect_after_known_activity(rd: Path) -> None:
         assert conn["messages_in"]["$counter"] > 0
 
 
-async def test_inspect_with_a_stopped_worker_is_partial_and_bounded(rd: Path) -> None:
-    async with Mesh(name="i2", runtime_dir=rd) as mesh:
+async def test_inspect_with_a_stopped_worker_is_partial_and_bounded(runtime_dir: Path) -> None:
+    async with Mesh(name="i2", runtime_dir=runtime_dir) as mesh:
         await mesh.listen()
         ready_tx, ready_rx = meshipc.channel()
         proc = await mesh.spawn("ctl_workers:idle", ready_tx, name="sleepy")
@@ -292,7 +292,7 @@ async def test_inspect_with_a_stopped_worker_is_partial_and_bounded(rd: Path) ->
                 == "running"
             )
             # the same from an attached client
-            out = await run_client(rd, "i2", "inspect", "", "-", "0.3")
+            out = await run_client(runtime_dir, "i2", "inspect", "", "-", "0.3")
             assert "$unresolved" in out["reply"]["nodes"][wid] and out["elapsed"] < 2.0
         finally:
             if stopped:
@@ -300,8 +300,8 @@ async def test_inspect_with_a_stopped_worker_is_partial_and_bounded(rd: Path) ->
             proc.kill()
 
 
-async def test_sensitive_entries_are_hidden_and_the_secret_never_shows(rd: Path) -> None:
-    async with Mesh(name="i3", runtime_dir=rd) as mesh:
+async def test_sensitive_entries_are_hidden_and_the_secret_never_shows(runtime_dir: Path) -> None:
+    async with Mesh(name="i3", runtime_dir=runtime_dir) as mesh:
         await mesh.listen()
         mesh.inspect_add("jobs", lambda: {"queued": 3})
 
@@ -336,30 +336,30 @@ class Point(msgspec.Struct):
     y: int
 
 
-async def test_typed_service_checks_its_reply(rd: Path) -> None:
+async def test_typed_service_checks_its_reply(runtime_dir: Path) -> None:
     async def good(p: Point) -> Point:
         return Point(p.y, p.x)
 
     async def bad(p: Point) -> Any:
         return "not a point"
 
-    async with Mesh(name="t1", runtime_dir=rd) as mesh:
+    async with Mesh(name="t1", runtime_dir=runtime_dir) as mesh:
         await mesh.listen()
         mesh.serve("swap", good, request_type=Point, reply_type=Point)
         mesh.serve("bad", bad, request_type=Point, reply_type=Point)
-        out = await run_client(rd, "t1", "call", "swap", '{"x": 1, "y": 2}', "5")
+        out = await run_client(runtime_dir, "t1", "call", "swap", '{"x": 1, "y": 2}', "5")
         assert out == {"reply": {"x": 2, "y": 1}}
-        out = await run_client(rd, "t1", "call", "bad", '{"x": 1, "y": 2}', "5")
+        out = await run_client(runtime_dir, "t1", "call", "bad", '{"x": 1, "y": 2}', "5")
         assert out["error"] == "RemoteError" and "invalid reply" in out["message"]
         # a Call[T] receiver: its calls are checked against T and carry the deadline
         tx, rx = meshipc.channel(meshipc.Call[Point])
         mesh.serve("typed", rx)
-        async with client(rd, "t1", "call", "typed", '{"x": 3, "y": 4}', "5") as proc:
+        async with client(runtime_dir, "t1", "call", "typed", '{"x": 3, "y": 4}', "5") as proc:
             call = await asyncio.wait_for(rx.recv(), T)
             assert call.request == Point(3, 4) and call.deadline is not None
             call.reply(call.request.x + call.request.y)
             assert await line(proc) == {"reply": 7}
-        out = await run_client(rd, "t1", "call", "typed", '{"x": "no"}', "5")
+        out = await run_client(runtime_dir, "t1", "call", "typed", '{"x": "no"}', "5")
         assert out["error"] == "RemoteError" and "invalid request" in out["message"]
         tx.close()
 
@@ -367,15 +367,15 @@ async def test_typed_service_checks_its_reply(rd: Path) -> None:
 # ------------------------------------------------------------------ blocking API
 
 
-async def test_blocking_client_in_another_process(rd: Path) -> None:
-    async with Mesh(name="b1", runtime_dir=rd) as mesh:
+async def test_blocking_client_in_another_process(runtime_dir: Path) -> None:
+    async with Mesh(name="b1", runtime_dir=runtime_dir) as mesh:
         await mesh.listen()
         mesh.serve("double", double)
         mesh.serve("fails", fails)
-        assert await run_client(rd, "b1", "sync-call", "double", "[1]") == {"reply": [1, 1]}
-        out = await run_client(rd, "b1", "sync-call", "fails", "1")
+        assert await run_client(runtime_dir, "b1", "sync-call", "double", "[1]") == {"reply": [1, 1]}
+        out = await run_client(runtime_dir, "b1", "sync-call", "fails", "1")
         assert out["error"] == "RemoteError" and out["type_name"] == "ValueError"
-        out = await run_client(rd, "b1", "sync-call", "nope", "1")
+        out = await run_client(runtime_dir, "b1", "sync-call", "nope", "1")
         assert out["error"] == "ServiceNotFound"
 
 
@@ -397,11 +397,11 @@ def _inside_a_running_loop(rd: Path) -> Any:
     return asyncio.run(cell())
 
 
-async def test_blocking_client_from_four_threads_and_inside_a_running_loop(rd: Path) -> None:
-    async with Mesh(name="b2", runtime_dir=rd) as mesh:
+async def test_blocking_client_from_four_threads_and_inside_a_running_loop(runtime_dir: Path) -> None:
+    async with Mesh(name="b2", runtime_dir=runtime_dir) as mesh:
         listener = await mesh.listen()
         mesh.serve("double", double)
-        conn = await asyncio.to_thread(meshipc.sync.connect, "b2", runtime_dir=rd)
+        conn = await asyncio.to_thread(meshipc.sync.connect, "b2", runtime_dir=runtime_dir)
         try:
             results = await asyncio.wait_for(
                 asyncio.gather(*(asyncio.to_thread(_hammer, conn, k) for k in range(4))), T * 3
@@ -413,7 +413,9 @@ async def test_blocking_client_from_four_threads_and_inside_a_running_loop(rd: P
         conn.close()  # twice is fine
         with pytest.raises(meshipc.MeshError):
             conn.call("double", 1)
-        reply, many, names, name = await asyncio.wait_for(asyncio.to_thread(_inside_a_running_loop, rd), T)
+        reply, many, names, name = await asyncio.wait_for(
+            asyncio.to_thread(_inside_a_running_loop, runtime_dir), T
+        )
         assert reply == 42 and many == [0, 2, 4, 6, 8] and names == ["double"] and name == "b2"
         # the port of the second client carried its message to the listener's side
         await asyncio.wait_for(listener.accept(), T)  # the first client's
@@ -421,9 +423,9 @@ async def test_blocking_client_from_four_threads_and_inside_a_running_loop(rd: P
         assert await asyncio.wait_for(second.port.recv(), T) == "hello from a cell"
 
 
-async def test_blocking_connect_to_a_missing_mesh_raises(rd: Path) -> None:
+async def test_blocking_connect_to_a_missing_mesh_raises(runtime_dir: Path) -> None:
     with pytest.raises(meshipc.ConnectError):
-        await asyncio.to_thread(meshipc.sync.connect, "missing", runtime_dir=rd)
+        await asyncio.to_thread(meshipc.sync.connect, "missing", runtime_dir=runtime_dir)
     assert not [t for t in __import__("threading").enumerate() if t.name == "meshipc-portal"]
 
 
@@ -452,8 +454,8 @@ async def cli(rd: Path, *args: str) -> tuple[int, str, str]:
     return proc.returncode, out.decode(), err.decode()
 
 
-async def test_cli_status_inspect_call_against_a_live_mesh(rd: Path) -> None:
-    async with Mesh(name="c1", runtime_dir=rd) as mesh:
+async def test_cli_status_inspect_call_against_a_live_mesh(runtime_dir: Path) -> None:
+    async with Mesh(name="c1", runtime_dir=runtime_dir) as mesh:
         await mesh.listen()
         mesh.serve("double", double, request_type=int)
         mesh.serve("fails", fails)
@@ -464,68 +466,80 @@ async def test_cli_status_inspect_call_against_a_live_mesh(rd: Path) -> None:
             await asyncio.wait_for(ready_rx.recv(), T)
             me = bytes(mesh.node_id).hex()
 
-            code, out, err = await cli(rd, "status", "c1")
+            code, out, err = await cli(runtime_dir, "status", "c1")
             assert code == 0, err
             assert "mesh       c1" in out and f"pid        {os.getpid()}" in out
             assert f"idler  pid {proc.pid}  running" in out
             assert "double  on c1" in out and "int -> any" in out
-            code, out, _ = await cli(rd, "status", "c1", "--json")
+            code, out, _ = await cli(runtime_dir, "status", "c1", "--json")
             status = json.loads(out)
             assert code == 0 and status["nodes"] == 2 and set(status["services"]) == {"double", "fails"}
             assert status["roles"] == {"service": 1, "worker": 1}
 
-            code, out, _ = await cli(rd, "inspect", "c1")
+            code, out, _ = await cli(runtime_dir, "inspect", "c1")
             assert code == 0 and "nodes: {3 more" in out  # the root, the worker and this client
-            code, out, _ = await cli(rd, "inspect", "c1", f"nodes/{me[:10]}", "-r")
+            code, out, _ = await cli(runtime_dir, "inspect", "c1", f"nodes/{me[:10]}", "-r")
             assert code == 0 and "jobs:\n  queued: 2" in out and "role: service" in out
-            code, out, _ = await cli(rd, "inspect", "c1", "-j", "-l", "3")
+            code, out, _ = await cli(runtime_dir, "inspect", "c1", "-j", "-l", "3")
             tree = json.loads(out)
             assert code == 0 and tree["nodes"][me]["jobs"] == {"$more": 1}
-            code, out, _ = await cli(rd, "inspect", "c1", f"nodes/{me}/services/double", "-j", "-t", "2")
+            code, out, _ = await cli(
+                runtime_dir, "inspect", "c1", f"nodes/{me}/services/double", "-j", "-t", "2"
+            )
             assert code == 0 and json.loads(out)["calls"] == {"$counter": 0}
             code, out, _ = await cli(
-                rd, "inspect", "c1", f"nodes/{me}", "-r", "-p", "--period", "0.05", "--count", "2", "-j"
+                runtime_dir,
+                "inspect",
+                "c1",
+                f"nodes/{me}",
+                "-r",
+                "-p",
+                "--period",
+                "0.05",
+                "--count",
+                "2",
+                "-j",
             )
             polls = [json.loads(x) for x in out.splitlines()]
             assert code == 0 and len(polls) == 2 and polls[0]["rates"] is None
             assert "bytes_in" in json.dumps(polls[1]["rates"])  # counters became rates
-            code, out, err = await cli(rd, "inspect", "c1", "nodes/nothere")
+            code, out, err = await cli(runtime_dir, "inspect", "c1", "nodes/nothere")
             assert (
                 code == 1
                 and out == ""
                 and err.strip() == "meshipc inspect: no inspect entry 'nodes/nothere' in mesh 'c1'"
             )
 
-            code, out, _ = await cli(rd, "call", "c1", "double", "21")
+            code, out, _ = await cli(runtime_dir, "call", "c1", "double", "21")
             assert code == 0 and json.loads(out) == 42
-            code, out, err = await cli(rd, "call", "c1", "nope", "1")
+            code, out, err = await cli(runtime_dir, "call", "c1", "nope", "1")
             assert code == 1 and out == "" and len(err.splitlines()) == 1 and "no service named 'nope'" in err
-            code, _, err = await cli(rd, "call", "c1", "fails", "1")
+            code, _, err = await cli(runtime_dir, "call", "c1", "fails", "1")
             assert code == 1 and "ValueError: bad request 1" in err and "Traceback" not in err
-            code, _, err = await cli(rd, "call", "c1", "double", "{oops")
+            code, _, err = await cli(runtime_dir, "call", "c1", "double", "{oops")
             assert code == 2 and "not valid JSON" in err
-            code, _, err = await cli(rd, "call", "c1", "nope", "1", "--debug")
+            code, _, err = await cli(runtime_dir, "call", "c1", "nope", "1", "--debug")
             assert code != 0 and "Traceback" in err
         finally:
             proc.kill()
 
 
-async def test_cli_missing_and_stale_mesh(rd: Path) -> None:
-    code, out, err = await cli(rd, "status", "ghost")
+async def test_cli_missing_and_stale_mesh(runtime_dir: Path) -> None:
+    code, out, err = await cli(runtime_dir, "status", "ghost")
     assert code == 1 and out == ""
     assert err.strip() == (
-        f"meshipc status: no mesh named 'ghost' is running for uid {os.getuid()} (runtime dir {rd}); "
-        "see `meshipc ls`"
+        f"meshipc status: no mesh named 'ghost' is running for uid {os.getuid()} "
+        f"(runtime dir {runtime_dir}); see `meshipc ls`"
     )
     for cmd in (["inspect", "ghost"], ["call", "ghost", "svc"]):
-        code, _, err = await cli(rd, *cmd)
+        code, _, err = await cli(runtime_dir, *cmd)
         assert code == 1 and "no mesh named 'ghost'" in err and "Traceback" not in err
     # a mesh that was killed leaves its directory behind
     owner = await asyncio.create_subprocess_exec(
         sys.executable,
         os.fspath(Path(__file__).with_name("attach_client.py")),
         "named",
-        os.fspath(rd),
+        os.fspath(runtime_dir),
         "stale",
         stdout=asyncio.subprocess.PIPE,
     )
@@ -535,16 +549,16 @@ async def test_cli_missing_and_stale_mesh(rd: Path) -> None:
     finally:
         owner.kill()
         await owner.wait()
-    code, _, err = await cli(rd, "status", "stale")
+    code, _, err = await cli(runtime_dir, "status", "stale")
     assert code == 1 and "mesh 'stale' is not accepting clients" in err and "meshipc ls" in err
 
 
-async def test_cli_against_a_stopped_mesh_gives_up_in_time(rd: Path) -> None:
+async def test_cli_against_a_stopped_mesh_gives_up_in_time(runtime_dir: Path) -> None:
     owner = await asyncio.create_subprocess_exec(
         sys.executable,
         os.fspath(Path(__file__).with_name("attach_client.py")),
         "named",
-        os.fspath(rd),
+        os.fspath(runtime_dir),
         "frozen",
         stdout=asyncio.subprocess.PIPE,
     )
@@ -555,7 +569,7 @@ async def test_cli_against_a_stopped_mesh_gives_up_in_time(rd: Path) -> None:
         os.kill(owner.pid, signal.SIGSTOP)
         stopped = True
         t0 = time.monotonic()
-        code, out, err = await cli(rd, "status", "frozen", "-t", "0.5")
+        code, out, err = await cli(runtime_dir, "status", "frozen", "-t", "0.5")
         assert code == 1 and out == "" and "did not let us attach within 2 s" in err, err
         assert time.monotonic() - t0 < 8
     finally:
@@ -565,7 +579,7 @@ async def test_cli_against_a_stopped_mesh_gives_up_in_time(rd: Path) -> None:
         await owner.wait()
 
 
-async def test_cli_help_has_text_for_every_command_and_option(rd: Path) -> None:
+async def test_cli_help_has_text_for_every_command_and_option(runtime_dir: Path) -> None:
     for cmd in ([], ["status"], ["inspect"], ["call"], ["demo"]):
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "meshipc", *cmd, "--help", stdout=asyncio.subprocess.PIPE
@@ -582,10 +596,10 @@ async def test_cli_help_has_text_for_every_command_and_option(rd: Path) -> None:
                 assert same or (nxt.startswith(" " * 10) and nxt.strip()), (ln, text)
 
 
-async def test_inspect_counts_what_was_sent_and_not_read(rd: Path) -> None:
-    async with Mesh(name="i4", runtime_dir=rd) as mesh:
+async def test_inspect_counts_what_was_sent_and_not_read(runtime_dir: Path) -> None:
+    async with Mesh(name="i4", runtime_dir=runtime_dir) as mesh:
         listener = await mesh.listen()
-        async with meshipc.connect("i4", runtime_dir=rd) as conn:
+        async with meshipc.connect("i4", runtime_dir=runtime_dir) as conn:
             server = await asyncio.wait_for(listener.accept(), T)
             await asyncio.wait_for(conn.services(), T)  # its control session is up
             me, them = bytes(mesh.node_id).hex(), bytes(conn.mesh.node_id).hex()
@@ -612,8 +626,8 @@ async def test_inspect_counts_what_was_sent_and_not_read(rd: Path) -> None:
             assert tree["queued_messages"] == 0
 
 
-async def test_inspect_update_of_updatable_entries(rd: Path) -> None:
-    async with Mesh(name="u1", runtime_dir=rd) as mesh:
+async def test_inspect_update_of_updatable_entries(runtime_dir: Path) -> None:
+    async with Mesh(name="u1", runtime_dir=runtime_dir) as mesh:
         await mesh.listen()
         ready_tx, ready_rx = meshipc.channel()
         proc = await mesh.spawn("ctl_workers:idle", ready_tx, name="levels")
@@ -628,17 +642,17 @@ async def test_inspect_update_of_updatable_entries(rd: Path) -> None:
                 await mesh.inspect_update(f"nodes/{wid}/level", "loud")
             with pytest.raises(LookupError, match="no updatable inspect entry 'mood'"):
                 await mesh.inspect_update(f"nodes/{wid}/mood", 1)
-            code, out, _ = await cli(rd, "inspect", "u1", f"nodes/{wid}/level", "-u", "warning")
+            code, out, _ = await cli(runtime_dir, "inspect", "u1", f"nodes/{wid}/level", "-u", "warning")
             assert code == 0 and out.strip() == "warning"
-            code, out, _ = await cli(rd, "inspect", "u1", f"nodes/{wid}/level", "-j")
+            code, out, _ = await cli(runtime_dir, "inspect", "u1", f"nodes/{wid}/level", "-j")
             assert code == 0 and json.loads(out) == "warning"
-            code, _, err = await cli(rd, "inspect", "u1", f"nodes/{wid}/mood", "-u", "1")
+            code, _, err = await cli(runtime_dir, "inspect", "u1", f"nodes/{wid}/mood", "-u", "1")
             assert code == 1 and "no updatable inspect entry 'mood'" in err
         finally:
             proc.kill()
 
 
-async def test_concurrent_calls_show_as_active_then_all_answer(rd: Path) -> None:
+async def test_concurrent_calls_show_as_active_then_all_answer(runtime_dir: Path) -> None:
     release = asyncio.Event()
     arrived = 0
     all_in = asyncio.Event()
@@ -651,10 +665,10 @@ async def test_concurrent_calls_show_as_active_then_all_answer(rd: Path) -> None
         await release.wait()
         return request
 
-    async with Mesh(name="p1", runtime_dir=rd) as mesh:
+    async with Mesh(name="p1", runtime_dir=runtime_dir) as mesh:
         listener = await mesh.listen()
         mesh.serve("gated", gated)
-        async with meshipc.connect("p1", runtime_dir=rd) as conn:
+        async with meshipc.connect("p1", runtime_dir=runtime_dir) as conn:
             await asyncio.wait_for(listener.accept(), T)
             calls = [asyncio.create_task(conn.call("gated", i, timeout=T)) for i in range(30)]
             await asyncio.wait_for(all_in.wait(), T)
@@ -668,10 +682,10 @@ async def test_concurrent_calls_show_as_active_then_all_answer(rd: Path) -> None
             assert svc["active"] == 0 and svc["oldest_active_age"] is None
 
 
-async def test_blocking_port_recv_with_timeout(rd: Path) -> None:
-    async with Mesh(name="b3", runtime_dir=rd) as mesh:
+async def test_blocking_port_recv_with_timeout(runtime_dir: Path) -> None:
+    async with Mesh(name="b3", runtime_dir=runtime_dir) as mesh:
         listener = await mesh.listen()
-        conn = await asyncio.to_thread(meshipc.sync.connect, "b3", runtime_dir=rd)
+        conn = await asyncio.to_thread(meshipc.sync.connect, "b3", runtime_dir=runtime_dir)
         try:
             server = await asyncio.wait_for(listener.accept(), T)
             with pytest.raises(TimeoutError):

@@ -228,10 +228,10 @@ async def acceptor(
         await node.close(linger=0)
 
 
-async def test_a_forged_peer_holding_the_secret_is_linked(mesh_dir: Path) -> None:
+async def test_a_forged_peer_holding_the_secret_is_linked(runtime_dir: Path) -> None:
     secret = MeshSecret()
     loop = asyncio.get_running_loop()
-    async with acceptor(mesh_dir, secret) as (node, s, task):
+    async with acceptor(runtime_dir, secret) as (node, s, task):
         hello = new_hello(A, node.id)
         await loop.sock_sendall(s, build_hello(hello))
         challenge = parse_challenge(await asyncio.wait_for(recv_exact(loop, s, CHALLENGE_LEN), T), node.id)
@@ -295,9 +295,9 @@ async def refusal(
         return reason, reply
 
 
-async def test_each_refusal_says_what_was_wrong(mesh_dir: Path) -> None:
+async def test_each_refusal_says_what_was_wrong(runtime_dir: Path) -> None:
     async def why(send: Send, **kw: Any) -> str:
-        return (await refusal(mesh_dir, send, **kw))[0]
+        return (await refusal(runtime_dir, send, **kw))[0]
 
     short = f"of {HELLO_LEN} handshake bytes"
     assert await why(raw(os.urandom(7))) == f"peer closed the connection after 7 {short}"
@@ -310,14 +310,14 @@ async def test_each_refusal_says_what_was_wrong(mesh_dir: Path) -> None:
     assert await why(hello_to(v + 1)) == f"handshake status {S_BAD_VERSION} (version {v + 1})"
 
 
-async def test_a_refused_hello_still_gets_a_challenge_saying_why(mesh_dir: Path) -> None:
-    _, reply = await refusal(mesh_dir, hello_to(PROTOCOL_VERSION + 1))
+async def test_a_refused_hello_still_gets_a_challenge_saying_why(runtime_dir: Path) -> None:
+    _, reply = await refusal(runtime_dir, hello_to(PROTOCOL_VERSION + 1))
     assert len(reply) == CHALLENGE_LEN
     with pytest.raises(HandshakeError, match=rf"refused the handshake \(status {S_BAD_VERSION}\)"):
         parse_challenge(reply, reply[8:24])
 
 
-async def test_a_wrong_or_replayed_auth_is_denied(mesh_dir: Path) -> None:
+async def test_a_wrong_or_replayed_auth_is_denied(runtime_dir: Path) -> None:
     secret, another_mesh = MeshSecret(), MeshSecret()
 
     def wrong(hello: Hello, challenge: Challenge) -> bytes:
@@ -331,7 +331,7 @@ async def test_a_wrong_or_replayed_auth_is_denied(mesh_dir: Path) -> None:
         return os.urandom(AUTH_LEN)
 
     for auth in (wrong, replayed, garbage):
-        reason, reply = await refusal(mesh_dir, hello_to(), auth=auth, secret=secret)
+        reason, reply = await refusal(runtime_dir, hello_to(), auth=auth, secret=secret)
         assert reason == "wrong mesh secret"
         assert reply[CHALLENGE_LEN:] == build_verdict(V_DENIED)
 
@@ -381,11 +381,11 @@ def test_handshake_acceptor_any_bytes(data: bytes) -> None:
         assert reply[-1:] == build_verdict(V_DENIED)
 
 
-async def test_wrong_secret_is_rejected_before_any_event(mesh_dir: Path) -> None:
+async def test_wrong_secret_is_rejected_before_any_event(runtime_dir: Path) -> None:
     """A whole node with another secret: it finds out the node it connects
     to does not share its secret; that node counts a refusal."""
-    a = Node(mesh_dir, MeshSecret(), codec=CODEC)
-    intruder = Node(mesh_dir, MeshSecret(), codec=CODEC)
+    a = Node(runtime_dir, MeshSecret(), codec=CODEC)
+    intruder = Node(runtime_dir, MeshSecret(), codec=CODEC)
     a.start()
     intruder.start()
     try:
@@ -400,10 +400,10 @@ async def test_wrong_secret_is_rejected_before_any_event(mesh_dir: Path) -> None
         await intruder.close(linger=1.0)
 
 
-async def test_wrong_secret_in_raw_handshake_is_denied(rd: Path) -> None:
+async def test_wrong_secret_in_raw_handshake_is_denied(runtime_dir: Path) -> None:
     """A peer that ignores the node's proof and answers with a wrong MAC gets
     a DENIED verdict and is counted as rejected; the node keeps serving."""
-    async with Mesh(runtime_dir=rd) as mesh:
+    async with Mesh(runtime_dir=runtime_dir) as mesh:
         node = mesh._node
         loop = asyncio.get_running_loop()
         rejected = node.rejected

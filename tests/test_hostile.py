@@ -118,13 +118,13 @@ def silent(path: Path, n: int) -> list[socket.socket]:
 
 
 async def test_silent_flood_is_capped_and_a_real_client_gets_through(
-    rd: Path, monkeypatch: pytest.MonkeyPatch
+    runtime_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Many silent connections to the node socket: at most ``limit`` are
     held at once (the rest wait in the kernel's backlog), the oldest give
     their slot away, a real client attaches during the noise, and fds come
     back once it stops."""
-    async with Mesh(runtime_dir=rd) as mesh:
+    async with Mesh(runtime_dir=runtime_dir) as mesh:
         listener = await mesh.listen()
         acceptor = mesh._node._acceptor
         assert acceptor is not None and acceptor.limit == meshipc._sockets.MAX_PENDING
@@ -165,7 +165,7 @@ asyncio.run(main())
 """
 
 
-async def test_out_of_fds_pauses_accepting_and_recovers(rd: Path) -> None:
+async def test_out_of_fds_pauses_accepting_and_recovers(runtime_dir: Path) -> None:
     """A service whose fd limit silent peers exhaust: accepting pauses (a
     handful of log lines, not a busy loop writing megabytes), the oldest
     silent peers give their fds back, a real client is served during the
@@ -174,7 +174,7 @@ async def test_out_of_fds_pauses_accepting_and_recovers(rd: Path) -> None:
         sys.executable,
         "-c",
         FD_SERVICE,
-        os.fspath(rd),
+        os.fspath(runtime_dir),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
@@ -183,7 +183,7 @@ async def test_out_of_fds_pauses_accepting_and_recovers(rd: Path) -> None:
         node = Path((await event(svc))["node"])
         held = silent(node, 100)
         for _ in range(2):  # during the noise, then once it stopped
-            async with meshipc.connect("fds", runtime_dir=rd, timeout=T) as cc:
+            async with meshipc.connect("fds", runtime_dir=runtime_dir, timeout=T) as cc:
                 assert await asyncio.wait_for(cc.port.recv(), T) == "served"
             stats = await event(svc)
             for s in held:
@@ -205,7 +205,7 @@ async def test_out_of_fds_pauses_accepting_and_recovers(rd: Path) -> None:
     # a few seconds (a slow machine: some more), the old busy loop wrote megabytes
     assert 1 <= sum("accept failed (Too many open files)" in line for line in lines) <= 3, err
     assert len(lines) <= 15, err
-    assert list(rd.iterdir()) == []
+    assert list(runtime_dir.iterdir()) == []
 
 
 # ------------------------------------------------------- hostile peers
@@ -260,10 +260,10 @@ def hook_refusals(node: meshipc._node.Node) -> asyncio.Queue[str]:
 
 
 async def test_hostile_handshakes_are_refused_and_the_node_serves_on(
-    rd: Path, monkeypatch: pytest.MonkeyPatch
+    runtime_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(meshipc._node, "HANDSHAKE_TIMEOUT", 1.0)  # for the peer that stalls
-    async with Mesh(runtime_dir=rd) as mesh:
+    async with Mesh(runtime_dir=runtime_dir) as mesh:
         node = mesh._node
         listener = await mesh.listen()
         refusals = hook_refusals(node)
@@ -322,7 +322,7 @@ async def test_hostile_handshakes_are_refused_and_the_node_serves_on(
 
 
 async def test_authenticated_peer_gone_bad_is_dropped_and_the_node_serves_on(
-    rd: Path, caplog: pytest.LogCaptureFixture
+    runtime_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A peer that holds the secret (trusted to join, not to be sane): a
     frame announcing 4 GiB, descriptors no frame claims, descriptors with a
@@ -330,7 +330,7 @@ async def test_authenticated_peer_gone_bad_is_dropped_and_the_node_serves_on(
     reason, nothing is allocated for the announced size, every descriptor
     it sent is closed, and the node goes on serving."""
     caplog.set_level(logging.WARNING, logger="meshipc")
-    async with Mesh(runtime_dir=rd) as mesh:
+    async with Mesh(runtime_dir=runtime_dir) as mesh:
         node = mesh._node
         listener = await mesh.listen()
         loop = asyncio.get_running_loop()
@@ -385,10 +385,10 @@ async def test_authenticated_peer_gone_bad_is_dropped_and_the_node_serves_on(
 
 
 async def test_clients_that_take_invitations_and_never_join_cannot_pile_them_up(
-    rd: Path, monkeypatch: pytest.MonkeyPatch
+    runtime_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(meshipc._listener, "MAX_OUTSTANDING", 4)
-    async with Mesh(runtime_dir=rd) as mesh:
+    async with Mesh(runtime_dir=runtime_dir) as mesh:
         listener = await mesh.listen(invitation_ttl=60)
         taken = [await asyncio.wait_for(read_invitation(listener.path), T) for _ in range(10)]
         assert len(mesh._node._invited) == 4
@@ -408,12 +408,12 @@ async def test_clients_that_take_invitations_and_never_join_cannot_pile_them_up(
         await serve_one_client(listener, os.fspath(listener.path))
 
 
-async def test_flood_of_tiny_frames_leaves_no_state_and_others_are_served(rd: Path) -> None:
+async def test_flood_of_tiny_frames_leaves_no_state_and_others_are_served(runtime_dir: Path) -> None:
     """An authenticated peer streams 200,000 tiny frames (closes of, and
     messages to, ports that do not exist) while a real client attaches and
     talks: the client is served during the flood, the frames leave nothing
     behind, and the flooder's connection stays usable (they are valid)."""
-    async with Mesh(runtime_dir=rd) as mesh:
+    async with Mesh(runtime_dir=runtime_dir) as mesh:
         node = mesh._node
         listener = await mesh.listen()
         me = os.urandom(16)

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from attachutil import reencode
 from meshipc import InvitationDecodeError, Mesh, MeshError, Port
 from meshipc._invitation import _INVITATION_VERSION, MAX_INVITATION, Invitation, _InvitationRecord
-from meshipc._wire import _DESC
+from meshipc._wire import D_DEAD, PORT_DESC_SIZE, decode_port_desc
 
 BOUNDED = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 #: Bound on any single step.
@@ -35,7 +35,7 @@ def valid_invitation() -> bytes:
             "/tmp/some-mesh",
             os.urandom(16),
             os.urandom(16),
-            os.urandom(_DESC.size),
+            os.urandom(PORT_DESC_SIZE),
             os.urandom(32),
             time.time() + 60,
         )
@@ -102,9 +102,14 @@ def test_invitation_decoder_size_cap() -> None:
         raise AssertionError("an oversized invitation was decoded")
 
 
+def test_deeply_nested_invitation_is_a_decode_error_not_a_crash() -> None:
+    with pytest.raises(InvitationDecodeError):
+        Invitation.from_bytes(b"\x91" * 60_000 + b"\xc0")  # 60,000 nested one-element arrays
+
+
 @pytest.mark.parametrize("expires", [float("nan"), float("inf"), float("-inf")])
-async def test_invitation_with_a_non_finite_expiry_is_refused(rd: Path, expires: float) -> None:
-    async with Mesh(runtime_dir=rd) as mesh:
+async def test_invitation_with_a_non_finite_expiry_is_refused(runtime_dir: Path, expires: float) -> None:
+    async with Mesh(runtime_dir=runtime_dir) as mesh:
         mine, theirs = Port.pair()
         inv = await mesh.inviter(ttl=SHORT_TTL).invite(theirs)
         with pytest.raises(InvitationDecodeError, match="expiry is not a finite time"):
@@ -115,8 +120,20 @@ async def test_invitation_with_a_non_finite_expiry_is_refused(rd: Path, expires:
 # ----------------------------------------------------------------- inviter
 
 
-async def test_invite_takes_an_open_port_only(rd: Path) -> None:
-    async with Mesh(runtime_dir=rd) as mesh:
+async def test_an_invitation_carries_its_port_as_a_wire_descriptor(runtime_dir: Path) -> None:
+    """The port field is exactly what ``_wire`` packs: a live descriptor whose
+    peer is the kept end, on the inviting node."""
+    async with Mesh(runtime_dir=runtime_dir) as mesh:
+        mine, theirs = Port.pair()
+        inv = await mesh.inviter(ttl=SHORT_TTL).invite(theirs)
+        d = decode_port_desc(inv._record.port)
+        assert not d.flags & D_DEAD
+        assert d.peer_node == bytes(inv.inviter)
+        mine.close()
+
+
+async def test_invite_takes_an_open_port_only(runtime_dir: Path) -> None:
+    async with Mesh(runtime_dir=runtime_dir) as mesh:
         inviter = mesh.inviter()
         with pytest.raises(MeshError, match=r"takes a meshipc\.Port, got int"):
             await inviter.invite(3)  # type: ignore[arg-type]
@@ -127,9 +144,9 @@ async def test_invite_takes_an_open_port_only(rd: Path) -> None:
         mine.close()
 
 
-async def test_invite_blocking_on_the_mesh_loop_is_refused(rd: Path) -> None:
+async def test_invite_blocking_on_the_mesh_loop_is_refused(runtime_dir: Path) -> None:
     """On the mesh's own loop it would deadlock until ``timeout``: refused at once."""
-    async with Mesh(runtime_dir=rd) as mesh:
+    async with Mesh(runtime_dir=runtime_dir) as mesh:
         _, theirs = Port.pair()
         with pytest.raises(MeshError):
             mesh.inviter().invite_blocking(theirs, timeout=0.5)

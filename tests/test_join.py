@@ -1,7 +1,7 @@
 """The client side of attaching (``_join``): what ``connect``/``join`` say
 when the listener or the inviting node misbehaves, and their time bounds.
 Peers are fakes: plain asyncio Unix servers and raw sockets. Socket paths
-live in a short private folder under ``/tmp`` (the ``rd`` fixture).
+live in a short private folder under ``/tmp`` (the ``runtime_dir`` fixture).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from meshipc import (
     MeshError,
 )
 from meshipc._join import JOIN_TIMEOUT
-from meshipc._wire import _DESC
+from meshipc._wire import PORT_DESC_SIZE
 
 #: Bound on any single step.
 T = 10.0
@@ -85,8 +85,8 @@ async def expect_join_error(path: Path, cls: type[JoinError], **kw: Any) -> Join
     return exc
 
 
-async def test_invitation_too_large(rd: Path) -> None:
-    path = rd / "big.sock"
+async def test_invitation_too_large(runtime_dir: Path) -> None:
+    path = runtime_dir / "big.sock"
     async with fake_listener(path, sends(_LEN.pack(1 << 20), then_close=False)):
         exc = await asyncio.wait_for(expect_join_error(path, InvitationTooLarge), T)
     assert isinstance(exc, InvitationTooLarge)
@@ -100,8 +100,8 @@ async def test_invitation_too_large(rd: Path) -> None:
     [b"", b"\x01\x00", _LEN.pack(300) + b"x" * 10],
     ids=["nothing", "two-bytes", "short-body"],
 )
-async def test_invitation_read_error(rd: Path, data: bytes) -> None:
-    path = rd / "short.sock"
+async def test_invitation_read_error(runtime_dir: Path, data: bytes) -> None:
+    path = runtime_dir / "short.sock"
     async with fake_listener(path, sends(data, then_close=True)):
         exc = await asyncio.wait_for(expect_join_error(path, InvitationReadError), T)
     assert isinstance(exc, InvitationReadError)
@@ -110,7 +110,7 @@ async def test_invitation_read_error(rd: Path, data: bytes) -> None:
 
 
 def _valid_fields() -> list[Any]:
-    return [1, "/tmp/x", os.urandom(16), os.urandom(16), bytes(_DESC.size), os.urandom(32), 0.0]
+    return [1, "/tmp/x", os.urandom(16), os.urandom(16), bytes(PORT_DESC_SIZE), os.urandom(32), 0.0]
 
 
 def _wire(**changes: Any) -> bytes:
@@ -135,23 +135,23 @@ def _wire(**changes: Any) -> bytes:
     ],
     ids=["garbage", "empty", "short-array", "map", "version", "secret-size", "relative", "nul", "truncated"],
 )
-async def test_invitation_decode_error(rd: Path, payload: bytes) -> None:
-    path = rd / "junk.sock"
+async def test_invitation_decode_error(runtime_dir: Path, payload: bytes) -> None:
+    path = runtime_dir / "junk.sock"
     async with fake_listener(path, sends(_LEN.pack(len(payload)) + payload, then_close=False)):
         await asyncio.wait_for(expect_join_error(path, InvitationDecodeError), T)
 
 
-async def test_connect_error(rd: Path) -> None:
-    missing = rd / "nothing-here.sock"
+async def test_connect_error(runtime_dir: Path) -> None:
+    missing = runtime_dir / "nothing-here.sock"
     exc = await asyncio.wait_for(expect_join_error(missing, ConnectError), T)
     assert isinstance(exc, ConnectError)
     assert exc.path == os.fspath(missing)
 
-    not_a_socket = rd / "file.sock"
+    not_a_socket = runtime_dir / "file.sock"
     not_a_socket.write_bytes(b"")
     await asyncio.wait_for(expect_join_error(not_a_socket, ConnectError), T)
 
-    stale = rd / "stale.sock"  # bound, then its owner went away
+    stale = runtime_dir / "stale.sock"  # bound, then its owner went away
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.bind(os.fspath(stale))
     s.close()
@@ -159,13 +159,13 @@ async def test_connect_error(rd: Path) -> None:
 
     # by name: the path derived from the name is the one reported
     with pytest.raises(ConnectError) as ei:
-        async with meshipc.connect("no-such-mesh", runtime_dir=rd):
+        async with meshipc.connect("no-such-mesh", runtime_dir=runtime_dir):
             pass
-    assert os.fspath(rd / "mesh-no-such-mesh") in str(ei.value)
+    assert os.fspath(runtime_dir / "mesh-no-such-mesh") in str(ei.value)
 
 
-async def test_listener_of_unexpected_uid_is_not_trusted(rd: Path) -> None:
-    async with Mesh(runtime_dir=rd) as mesh:
+async def test_listener_of_unexpected_uid_is_not_trusted(runtime_dir: Path) -> None:
+    async with Mesh(runtime_dir=runtime_dir) as mesh:
         listener = await mesh.listen(invitation_ttl=SHORT_TTL)
         other = 65534 if os.getuid() != 65534 else 65533
         exc = await asyncio.wait_for(
@@ -180,14 +180,14 @@ async def test_listener_of_unexpected_uid_is_not_trusted(rd: Path) -> None:
             assert await asyncio.wait_for(cc.port.recv(), T) == "hello"
 
 
-async def test_forged_invitation_to_missing_node_is_join_error(rd: Path) -> None:
+async def test_forged_invitation_to_missing_node_is_join_error(runtime_dir: Path) -> None:
     """A listener of our uid hands out a well-formed invitation for a mesh
     directory that holds no inviting node: a plain ``JoinError``."""
-    directory = rd / "mesh-empty"
+    directory = runtime_dir / "mesh-empty"
     directory.mkdir(mode=0o700)
     forged_secret = os.urandom(32)
     payload = _wire(directory=os.fspath(directory), secret=forged_secret, expires=time.time() + 60)
-    path = rd / "forger.sock"
+    path = runtime_dir / "forger.sock"
     async with fake_listener(path, sends(_LEN.pack(len(payload)) + payload, then_close=False)):
         with pytest.raises(JoinError) as ei:
             await asyncio.wait_for(_connect_and_leave(path), T)
@@ -203,8 +203,8 @@ async def _connect_and_leave(path: Path, **kw: Any) -> None:
         pass
 
 
-async def test_listener_that_never_answers_times_out(rd: Path) -> None:
-    path = rd / "mute.sock"
+async def test_listener_that_never_answers_times_out(runtime_dir: Path) -> None:
+    path = runtime_dir / "mute.sock"
     hung_up = asyncio.Event()
 
     async def mute(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -227,7 +227,7 @@ def test_join_timeout_default_and_validation() -> None:
 
 
 @pytest.mark.parametrize("bad", [0, -1.0, float("nan")])
-async def test_join_timeout_must_be_positive(rd: Path, bad: float) -> None:
+async def test_join_timeout_must_be_positive(runtime_dir: Path, bad: float) -> None:
     with pytest.raises(ValueError, match="timeout"):
-        async with meshipc.connect(rd / "x.sock", timeout=bad):
+        async with meshipc.connect(runtime_dir / "x.sock", timeout=bad):
             pass  # pragma: no cover

@@ -26,18 +26,18 @@ def test_earlier_names_still_work() -> None:
     assert meshipc.ClientConnection is meshipc.Attachment
 
 
-async def test_listen_has_no_option_to_invite_other_uids(rd: Path) -> None:
+async def test_listen_has_no_option_to_invite_other_uids(runtime_dir: Path) -> None:
     """Other users' processes could never join (the node sockets are ours
     alone): the listener offers no way to hand them the secret."""
-    async with Mesh(runtime_dir=rd) as mesh:
+    async with Mesh(runtime_dir=runtime_dir) as mesh:
         with pytest.raises(TypeError):
             await mesh.listen(allowed_uids={os.getuid() + 1})  # type: ignore[call-arg]
         assert not (mesh.directory / "listen.sock").exists()
 
 
-async def test_listener_socket_mode_close_and_iteration(rd: Path) -> None:
-    async with Mesh(runtime_dir=rd) as mesh:
-        path = rd / "l.sock"
+async def test_listener_socket_mode_close_and_iteration(runtime_dir: Path) -> None:
+    async with Mesh(runtime_dir=runtime_dir) as mesh:
+        path = runtime_dir / "l.sock"
         listener = await mesh.listen(path=path, invitation_ttl=SHORT_TTL)
         default = await mesh.listen()
         for p in (path, default.path):
@@ -51,7 +51,7 @@ async def test_listener_socket_mode_close_and_iteration(rd: Path) -> None:
             await mesh.listen(path=default.path)
         assert stat.S_ISSOCK(os.lstat(default.path).st_mode)
         # a path holding something else is refused and kept
-        other = rd / "other"
+        other = runtime_dir / "other"
         other.write_text("keep")
         with pytest.raises(MeshError):
             await mesh.listen(path=other)
@@ -98,8 +98,8 @@ async def test_listener_socket_mode_close_and_iteration(rd: Path) -> None:
     assert not os.path.lexists(mesh.directory)
 
 
-async def test_listener_closed_while_accept_waits(rd: Path) -> None:
-    async with Mesh(runtime_dir=rd) as mesh:
+async def test_listener_closed_while_accept_waits(runtime_dir: Path) -> None:
+    async with Mesh(runtime_dir=runtime_dir) as mesh:
         listener = await mesh.listen()
         waiting = asyncio.create_task(listener.accept())
         iterating = asyncio.create_task(anext(aiter(listener), None))

@@ -293,28 +293,28 @@ async def test_ls_tells_live_from_stale_without_taking_any_lock(
 # ------------------------------------------------------------- name locks
 
 
-async def test_mesh_name_in_use_then_free(rd: Path) -> None:
-    async with Mesh(name="x", runtime_dir=rd) as first:
+async def test_mesh_name_in_use_then_free(runtime_dir: Path) -> None:
+    async with Mesh(name="x", runtime_dir=runtime_dir) as first:
         with pytest.raises(MeshNameInUse) as ei:
-            async with Mesh(name="x", runtime_dir=rd):
+            async with Mesh(name="x", runtime_dir=runtime_dir):
                 pass
         assert isinstance(ei.value, MeshError)
         assert "'x'" in str(ei.value)
         # the refused attempt disturbed nothing
         assert first.directory.is_dir()
         listener = await first.listen()
-        async with meshipc.connect("x", runtime_dir=rd) as cc:
+        async with meshipc.connect("x", runtime_dir=runtime_dir) as cc:
             conn = await asyncio.wait_for(listener.accept(), T)
             cc.port.send("still here")
             assert await asyncio.wait_for(conn.port.recv(), T) == "still here"
-    assert not (rd / "mesh-x").exists()
-    async with Mesh(name="x", runtime_dir=rd) as again:
-        assert again.directory == rd / "mesh-x"
+    assert not (runtime_dir / "mesh-x").exists()
+    async with Mesh(name="x", runtime_dir=runtime_dir) as again:
+        assert again.directory == runtime_dir / "mesh-x"
 
 
 @pytest.mark.parametrize("kind", ["other-owner", "mode-0755", "symlink", "regular-file"])
-async def test_directory_not_ours_is_refused_and_kept(rd: Path, kind: str) -> None:
-    d = rd / "mesh-z"
+async def test_directory_not_ours_is_refused_and_kept(runtime_dir: Path, kind: str) -> None:
+    d = runtime_dir / "mesh-z"
     marker = None
     if kind == "other-owner":
         if os.getuid() != 0:
@@ -329,7 +329,7 @@ async def test_directory_not_ours_is_refused_and_kept(rd: Path, kind: str) -> No
         marker = d / "marker"
         marker.write_text("keep me")
     elif kind == "symlink":
-        target = rd / "elsewhere"
+        target = runtime_dir / "elsewhere"
         target.mkdir(mode=0o700)
         marker = target / "marker"
         marker.write_text("keep me")
@@ -339,7 +339,7 @@ async def test_directory_not_ours_is_refused_and_kept(rd: Path, kind: str) -> No
 
     before = os.lstat(d)
     with pytest.raises(MeshError) as ei:
-        async with Mesh(name="z", runtime_dir=rd):
+        async with Mesh(name="z", runtime_dir=runtime_dir):
             pass
     assert not isinstance(ei.value, MeshNameInUse)
     assert os.fspath(d) in str(ei.value)
@@ -349,14 +349,14 @@ async def test_directory_not_ours_is_refused_and_kept(rd: Path, kind: str) -> No
         assert marker.read_text() == "keep me"
     # the refusal does not hold the name
     with pytest.raises(MeshError) as again:
-        async with Mesh(name="z", runtime_dir=rd):
+        async with Mesh(name="z", runtime_dir=runtime_dir):
             pass
     assert not isinstance(again.value, MeshNameInUse)
 
 
-async def test_failed_start_does_not_hold_the_name(rd: Path) -> None:
+async def test_failed_start_does_not_hold_the_name(runtime_dir: Path) -> None:
     """A named mesh whose node cannot start releases the name's lock."""
-    too_long = rd / ("d" * 80)  # the node socket path exceeds the AF_UNIX limit
+    too_long = runtime_dir / ("d" * 80)  # the node socket path exceeds the AF_UNIX limit
     for _ in range(2):
         with pytest.raises(MeshError) as ei:
             async with Mesh(name="n", runtime_dir=too_long):
@@ -365,11 +365,13 @@ async def test_failed_start_does_not_hold_the_name(rd: Path) -> None:
     assert not (too_long / "mesh-n").exists()
 
 
-def test_name_claim_retries_when_the_lock_file_is_replaced(rd: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_name_claim_retries_when_the_lock_file_is_replaced(
+    runtime_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A clean exit removes the lock file while holding the lock: a claimant
     that opened the old file and locks it just after must not believe it holds
     the name (another claimant may hold the new file)."""
-    root = rd
+    root = runtime_dir
     lock_path = root / "mesh-racy.lock"
     real_flock = fcntl.flock
     calls: list[int] = []
@@ -395,33 +397,35 @@ def test_name_claim_retries_when_the_lock_file_is_replaced(rd: Path, monkeypatch
 # ------------------------------------------------------------------- paths
 
 
-def test_every_mesh_path_is_built_from_the_name(rd: Path) -> None:
-    assert mesh_directory(rd, "vmm") == rd / "mesh-vmm"
-    assert lock_path(rd, "vmm") == rd / "mesh-vmm.lock"
+def test_every_mesh_path_is_built_from_the_name(runtime_dir: Path) -> None:
+    assert mesh_directory(runtime_dir, "vmm") == runtime_dir / "mesh-vmm"
+    assert lock_path(runtime_dir, "vmm") == runtime_dir / "mesh-vmm.lock"
     long = "n" * 64
-    cut = mesh_directory(rd, long)
+    cut = mesh_directory(runtime_dir, long)
     assert cut.name.startswith("mesh-" + "n" * 23 + "~") and len(cut.name) <= MAX_DIRECTORY_NAME
-    assert mesh_directory(rd, long[:-1]) != cut  # the digest tells cut names apart
-    assert listener_path("vmm", rd) == rd / "mesh-vmm" / LISTENER_NAME
-    assert listener_path(rd / "x.sock", None) == rd / "x.sock"  # a path is taken as given
-    assert node_path(rd, bytes(range(16))) == rd / "000102030405"
+    assert mesh_directory(runtime_dir, long[:-1]) != cut  # the digest tells cut names apart
+    assert listener_path("vmm", runtime_dir) == runtime_dir / "mesh-vmm" / LISTENER_NAME
+    assert listener_path(runtime_dir / "x.sock", None) == runtime_dir / "x.sock"  # a path is taken as given
+    assert node_path(runtime_dir, bytes(range(16))) == runtime_dir / "000102030405"
 
 
-def test_named_meshes_lists_lock_files_only(rd: Path) -> None:
+def test_named_meshes_lists_lock_files_only(runtime_dir: Path) -> None:
     for entry in ("mesh-a.lock", "mesh-b.lock", "other.lock", "mesh-c"):
-        (rd / entry).touch(mode=0o600)
-    assert named_meshes(rd) == ["a", "b"]
+        (runtime_dir / entry).touch(mode=0o600)
+    assert named_meshes(runtime_dir) == ["a", "b"]
 
 
-def test_socket_room_is_checked_against_the_longest_socket_name(rd: Path) -> None:
-    directory = rd / ("d" * (MAX_SOCKET_PATH - len(os.fsencode(rd)) - 2 - len(CONTROL_NAME)))  # two slashes
+def test_socket_room_is_checked_against_the_longest_socket_name(runtime_dir: Path) -> None:
+    directory = runtime_dir / (
+        "d" * (MAX_SOCKET_PATH - len(os.fsencode(runtime_dir)) - 2 - len(CONTROL_NAME))
+    )  # two slashes
     check_socket_room(directory)  # exactly at the budget
     with pytest.raises(SocketPathTooLong):
         check_socket_room(Path(os.fspath(directory) + "d"))
 
 
-def test_check_private_dir_refuses_a_shared_folder(rd: Path) -> None:
-    shared = rd / "shared"
+def test_check_private_dir_refuses_a_shared_folder(runtime_dir: Path) -> None:
+    shared = runtime_dir / "shared"
     shared.mkdir(mode=0o700)
     check_private_dir(shared)
     os.chmod(shared, 0o750)
@@ -429,10 +433,10 @@ def test_check_private_dir_refuses_a_shared_folder(rd: Path) -> None:
         check_private_dir(shared)
 
 
-async def test_name_is_live_without_proc_locks(rd: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_name_is_live_without_proc_locks(runtime_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Where ``/proc/locks`` cannot be read, liveness is told by trying a shared lock."""
     monkeypatch.setattr(_names, "lock_is_held", lambda path: None)
-    lock_path(rd, "gone").touch(mode=0o600)
-    assert not _names.name_is_live(rd, "gone")
-    async with Mesh(name="here", runtime_dir=rd):
-        assert _names.name_is_live(rd, "here")
+    lock_path(runtime_dir, "gone").touch(mode=0o600)
+    assert not _names.name_is_live(runtime_dir, "gone")
+    async with Mesh(name="here", runtime_dir=runtime_dir):
+        assert _names.name_is_live(runtime_dir, "here")

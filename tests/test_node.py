@@ -44,9 +44,9 @@ async def close_all(*ns: Node) -> None:
         await n.close(linger=1.0)
 
 
-async def test_simultaneous_connects_resolve_to_one_connection(mesh_dir: Path):
+async def test_simultaneous_connects_resolve_to_one_connection(runtime_dir: Path):
     for _ in range(10):
-        a, b = nodes(mesh_dir, 2)
+        a, b = nodes(runtime_dir, 2)
         try:
             pa, pb = link(a, b)  # both sides start connecting at the same moment
             pa.send("from a")
@@ -65,8 +65,10 @@ async def test_simultaneous_connects_resolve_to_one_connection(mesh_dir: Path):
             await close_all(a, b)
 
 
-async def test_malformed_frames_drop_only_that_connection(mesh_dir: Path, caplog: pytest.LogCaptureFixture):
-    a, bad, good = nodes(mesh_dir, 3)
+async def test_malformed_frames_drop_only_that_connection(
+    runtime_dir: Path, caplog: pytest.LogCaptureFixture
+):
+    a, bad, good = nodes(runtime_dir, 3)
     try:
         pa, pbad = link(a, bad)
         qa, qgood = link(a, good)
@@ -88,8 +90,8 @@ async def test_malformed_frames_drop_only_that_connection(mesh_dir: Path, caplog
         await close_all(a, bad, good)
 
 
-async def test_too_many_fds_in_one_message_is_refused_at_send(mesh_dir: Path):
-    a, b = nodes(mesh_dir, 2)
+async def test_too_many_fds_in_one_message_is_refused_at_send(runtime_dir: Path):
+    a, b = nodes(runtime_dir, 2)
     r, w = os.pipe()
     try:
         pa, pb = link(a, b)
@@ -108,8 +110,8 @@ async def test_too_many_fds_in_one_message_is_refused_at_send(mesh_dir: Path):
         await close_all(a, b)
 
 
-async def test_port_moves_between_three_nodes_over_sockets(mesh_dir: Path):
-    a, b, c = nodes(mesh_dir, 3)
+async def test_port_moves_between_three_nodes_over_sockets(runtime_dir: Path):
+    a, b, c = nodes(runtime_dir, 3)
     try:
         ab, ba = link(a, b)
         bc, cb = link(b, c)
@@ -137,22 +139,8 @@ async def test_port_moves_between_three_nodes_over_sockets(mesh_dir: Path):
         await close_all(a, b, c)
 
 
-def test_deeply_nested_peer_data_is_a_message_error_not_a_crash():
-    from typing import Any
-
-    from meshipc._codec import decode
-    from meshipc._ports import Message
-    from meshipc._wire import K_DATA
-
-    bomb = b"\x91" * 200_000 + b"\xc0"  # 200,000 nested one-element arrays
-    with pytest.raises(meshipc.MessageError):
-        decode(Message(K_DATA, None, bomb), Any)
-    with pytest.raises(meshipc.InvitationDecodeError):
-        meshipc.Invitation.from_bytes(b"\x91" * 60_000 + b"\xc0")
-
-
-async def test_deeply_nested_message_over_a_socket_leaves_the_channel_usable(mesh_dir: Path):
-    a, b = nodes(mesh_dir, 2)
+async def test_deeply_nested_message_over_a_socket_leaves_the_channel_usable(runtime_dir: Path):
+    a, b = nodes(runtime_dir, 2)
     try:
         pa, pb = link(a, b)
         pa.send("first")
@@ -168,10 +156,10 @@ async def test_deeply_nested_message_over_a_socket_leaves_the_channel_usable(mes
         await close_all(a, b)
 
 
-async def test_a_call_is_one_frame_each_way(mesh_dir: Path):
+async def test_a_call_is_one_frame_each_way(runtime_dir: Path):
     """Over a real connection: the request, then a final reply that closes
     the reply path (no CLOSE frames, no echo)."""
-    a, b = nodes(mesh_dir, 2)
+    a, b = nodes(runtime_dir, 2)
     try:
         pa, pb = link(a, b)
         tx, rx = meshipc.channel()
@@ -207,7 +195,7 @@ async def test_a_call_is_one_frame_each_way(mesh_dir: Path):
         await close_all(a, b)
 
 
-async def test_a_node_that_hangs_up_mid_handshake_is_retried_then_given_up(mesh_dir: Path):
+async def test_a_node_that_hangs_up_mid_handshake_is_retried_then_given_up(runtime_dir: Path):
     """A node under a flood sheds connections (EOF mid-handshake): that is
     retried; only a node that keeps hanging up is deemed gone."""
     import socket
@@ -216,10 +204,10 @@ async def test_a_node_that_hangs_up_mid_handshake_is_retried_then_given_up(mesh_
     from meshipc._names import node_path
     from meshipc._node import MAX_EARLY_CLOSES
 
-    (a,) = nodes(mesh_dir, 1)
+    (a,) = nodes(runtime_dir, 1)
     ghost = NodeId.random()
     lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    lsock.bind(os.fspath(node_path(mesh_dir, ghost)))
+    lsock.bind(os.fspath(node_path(runtime_dir, ghost)))
     lsock.listen(16)
     lsock.setblocking(False)
     loop = asyncio.get_running_loop()
@@ -245,11 +233,11 @@ async def test_a_node_that_hangs_up_mid_handshake_is_retried_then_given_up(mesh_
         await close_all(a)
 
 
-async def test_streams_on_interleaved_ports_arrive_whole_and_in_order(mesh_dir: Path):
+async def test_streams_on_interleaved_ports_arrive_whole_and_in_order(runtime_dir: Path):
     """Reads bring runs of frames for one port (delivered in one step) cut
     by frames of another port and by partial frames: every value still
     arrives once, in order, on its own port, over a real socket."""
-    a, b = nodes(mesh_dir, 2)
+    a, b = nodes(runtime_dir, 2)
     try:
         (p1, q1), (p2, q2) = link(a, b), link(a, b)
         n = 20_000

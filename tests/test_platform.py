@@ -483,10 +483,10 @@ def test_macos_runtime_root_ignores_a_long_tmpdir(monkeypatch: pytest.MonkeyPatc
 # --------------------------------------------------- big bodies end to end
 
 
-async def test_large_messages_through_a_worker(rdir: Path) -> None:
+async def test_large_messages_through_a_worker(runtime_dir: Path) -> None:
     """16 MiB each way through a worker, by whichever body path this mode uses."""
     big = os.urandom(16 * 1024 * 1024)
-    async with Mesh(runtime_dir=rdir) as mesh:
+    async with Mesh(runtime_dir=runtime_dir) as mesh:
         tx, rx = meshipc.channel()
         proc = await mesh.spawn("workers:echo", rx)
         assert await asyncio.wait_for(tx.call(big), 30) == big

@@ -57,12 +57,12 @@ async def run_cycles(target: str, n: int) -> None:
 SOAK_TIMEOUT = 900
 
 
-def test_soak_attach_detach(rd: Path) -> None:
-    meshipc.run(asyncio.wait_for(attach_detach(rd), SOAK_TIMEOUT))
+def test_soak_attach_detach(runtime_dir: Path) -> None:
+    meshipc.run(asyncio.wait_for(attach_detach(runtime_dir), SOAK_TIMEOUT))
 
 
-def test_soak_spawn_exit(rd: Path) -> None:
-    meshipc.run(asyncio.wait_for(spawn_exit(rd), SOAK_TIMEOUT))
+def test_soak_spawn_exit(runtime_dir: Path) -> None:
+    meshipc.run(asyncio.wait_for(spawn_exit(runtime_dir), SOAK_TIMEOUT))
 
 
 async def attach_detach(rd: Path) -> None:

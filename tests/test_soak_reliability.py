@@ -256,13 +256,13 @@ async def _soak_with_kills(rdir: Path) -> None:
 
 
 @pytest.mark.timeout(900)
-def test_soak_million_messages_port_circulating_among_three_processes(rdir: Path) -> None:
-    asyncio.run(_soak_no_kills(rdir))
+def test_soak_million_messages_port_circulating_among_three_processes(runtime_dir: Path) -> None:
+    asyncio.run(_soak_no_kills(runtime_dir))
 
 
 @pytest.mark.timeout(900)
-def test_soak_circulating_port_with_random_sigkills(rdir: Path) -> None:
-    asyncio.run(_soak_with_kills(rdir))
+def test_soak_circulating_port_with_random_sigkills(runtime_dir: Path) -> None:
+    asyncio.run(_soak_with_kills(runtime_dir))
 
 
 def test_error_types_are_the_documented_ones() -> None:

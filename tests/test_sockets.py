@@ -73,21 +73,21 @@ async def test_recv_exact_says_how_much_came_before_the_peer_left() -> None:
 # ---------------------------------------------------------------- listening, probing
 
 
-async def test_listen_private_is_owner_only_and_non_blocking(rdir: Path) -> None:
-    path = rdir / "s"
+async def test_listen_private_is_owner_only_and_non_blocking(runtime_dir: Path) -> None:
+    path = runtime_dir / "s"
     s = listen_private(path, "test socket")
     with s:
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
         assert not s.getblocking()
         assert is_socket_alive(path)
     assert not is_socket_alive(path)  # a stale socket file: refused
-    assert not is_socket_alive(rdir / "missing")
+    assert not is_socket_alive(runtime_dir / "missing")
 
 
-def test_listen_private_failing_says_where_and_leaks_nothing(rdir: Path) -> None:
+def test_listen_private_failing_says_where_and_leaks_nothing(runtime_dir: Path) -> None:
     before = set(os.listdir("/dev/fd"))
     with pytest.raises(MeshError, match=r"cannot listen on test socket .*/nowhere/s: "):
-        listen_private(rdir / "nowhere" / "s", "test socket")
+        listen_private(runtime_dir / "nowhere" / "s", "test socket")
     assert set(os.listdir("/dev/fd")) == before
 
 
@@ -109,9 +109,9 @@ async def connect(path: Path) -> socket.socket:
     return s
 
 
-async def test_each_connection_is_handed_over_and_released(rdir: Path) -> None:
+async def test_each_connection_is_handed_over_and_released(runtime_dir: Path) -> None:
     loop = asyncio.get_running_loop()
-    lsock = listen_private(rdir / "s", "test socket")
+    lsock = listen_private(runtime_dir / "s", "test socket")
     served: list[bytes] = []
 
     async def serve(sock: socket.socket) -> None:
@@ -120,7 +120,7 @@ async def test_each_connection_is_handed_over_and_released(rdir: Path) -> None:
 
     acceptor = Acceptor(loop, lsock, lambda s: loop.create_task(serve(s)), "test")
     acceptor.start()
-    clients = [await connect(rdir / "s") for _ in range(5)]
+    clients = [await connect(runtime_dir / "s") for _ in range(5)]
     try:
         for i, c in enumerate(clients):
             await loop.sock_sendall(c, b"%02d" % i)
@@ -135,11 +135,11 @@ async def test_each_connection_is_handed_over_and_released(rdir: Path) -> None:
 
 
 async def test_at_the_cap_the_oldest_silent_connection_gives_way(
-    rdir: Path, monkeypatch: pytest.MonkeyPatch
+    runtime_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(meshipc._sockets, "EVICT_AFTER", 0.05)
     loop = asyncio.get_running_loop()
-    lsock = listen_private(rdir / "s", "test socket")
+    lsock = listen_private(runtime_dir / "s", "test socket")
     handed: list[asyncio.Task[None]] = []
 
     async def silent(sock: socket.socket) -> None:
@@ -152,7 +152,7 @@ async def test_at_the_cap_the_oldest_silent_connection_gives_way(
 
     acceptor = Acceptor(loop, lsock, handle, "test", limit=2)
     acceptor.start()
-    clients = [await connect(rdir / "s") for _ in range(5)]
+    clients = [await connect(runtime_dir / "s") for _ in range(5)]
     try:
         await wait_until(lambda: len(handed) == 5, "every connection accepted in turn")
         assert acceptor.pending <= 2

@@ -29,6 +29,7 @@ from meshipc._wire import (
     MAX_OOB_BODY,
     MAX_PORTS_PER_MESSAGE,
     MAX_REASON,
+    PORT_DESC_SIZE,
     T_FAIL,
     T_MSG,
     ArrivedEvent,
@@ -40,8 +41,10 @@ from meshipc._wire import (
     MsgEvent,
     PortDesc,
     ProxyAckEvent,
+    decode_port_desc,
     encode_event,
     encode_msg_header,
+    encode_port_desc,
     oob_body_length,
     oob_body_marker,
 )
@@ -192,6 +195,18 @@ def test_fail_reason_truncated_by_encoder():
     ev = FailEvent(rid(1), "x" * (MAX_REASON * 3))
     (got,) = FrameDecoder().feed(encode_event(ev))
     assert got == FailEvent(rid(1), "x" * MAX_REASON)
+
+
+def test_port_desc_round_trip():
+    """One descriptor is PORT_DESC_SIZE bytes; it reads back from any offset,
+    and a short one is a struct.error (FrameDecoder makes that a ProtocolError)."""
+    d = desc(60, D_DEAD | D_PEER_CLOSED)
+    data = encode_port_desc(d)
+    assert len(data) == PORT_DESC_SIZE == 81
+    assert decode_port_desc(data) == d
+    assert decode_port_desc(memoryview(b"xyz" + data + b"tail"), 3) == d
+    with pytest.raises(struct.error):
+        decode_port_desc(data[:-1])
 
 
 def test_oob_marker_round_trip():

@@ -24,7 +24,7 @@ import msgspec
 from ._channel import Port
 from ._errors import InvitationDecodeError, MeshError
 from ._ids import NodeId
-from ._wire import _DESC
+from ._wire import PORT_DESC_SIZE, encode_port_desc
 
 if TYPE_CHECKING:
     from ._mesh import Mesh
@@ -106,7 +106,7 @@ class Invitation:
             len(w.inviter) != _ID_SIZE
             or len(w.node) != _ID_SIZE
             or len(w.secret) != _SECRET_SIZE
-            or len(w.port) != _DESC.size
+            or len(w.port) != PORT_DESC_SIZE
         ):
             raise InvitationDecodeError("invitation fields have the wrong sizes")
         if not w.directory.startswith("/") or "\0" in w.directory:
@@ -139,10 +139,7 @@ class Inviter:
         new_node = NodeId.random()
         ttl = self.ttl if ttl is None else ttl
         node.expect_invited(new_node, ttl)  # first: nothing may try to connect to it
-        desc = node.engine._send_port(st, new_node)
-        packed = _DESC.pack(
-            desc.id, desc.peer_node, desc.peer_port, desc.origin, desc.send_seq, desc.recv_seq, desc.flags
-        )
+        packed = encode_port_desc(node.engine._send_port(st, new_node))
         return Invitation(
             _InvitationRecord(
                 _INVITATION_VERSION,

@@ -37,7 +37,7 @@ from ._names import listener_path, node_path, not_running_reason, runtime_locati
 from ._node import HANDSHAKE_TIMEOUT, Node
 from ._platform import PLATFORM
 from ._sockets import PeerCred, StreamEnded, recv_exact
-from ._wire import _DESC, PortDesc
+from ._wire import decode_port_desc
 
 if TYPE_CHECKING:
     from ._mesh import Mesh
@@ -205,7 +205,7 @@ async def reach_inviter(
             raise JoinError(f"cannot reach the inviting node {inviter_path}: {exc}") from None
     if verdict == V_DUPLICATE:
         raise InvitationExpired("the inviting node refused us: invitation used or expired")
-    d = PortDesc(*_DESC.unpack(record.port))
+    d = decode_port_desc(record.port)
     return Port._wrap([node.engine._materialize(record.inviter, d)])
 
 
