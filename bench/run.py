@@ -43,7 +43,11 @@ INF = float("inf")
 
 
 def have(mod: str) -> bool:
-    return importlib.util.find_spec(mod) is not None
+    """Whether ``mod`` can be imported (``a.b`` with ``a`` missing: no)."""
+    try:
+        return importlib.util.find_spec(mod) is not None
+    except ModuleNotFoundError:
+        return False
 
 
 PEER_MODULES = {
