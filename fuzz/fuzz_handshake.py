@@ -10,14 +10,16 @@ import tempfile
 import atheris
 
 with atheris.instrument_imports():
-    from meshipc._node import MeshSecret, Node
+    from meshipc._codec import CODEC
+    from meshipc._handshake import MeshSecret
+    from meshipc._node import Node
 
 LOOP = asyncio.new_event_loop()
 DIRECTORY = tempfile.mkdtemp(prefix="fz")
 
 
 async def feed(data: bytes) -> None:
-    node = Node(DIRECTORY, MeshSecret())  # not started: no socket file
+    node = Node(DIRECTORY, MeshSecret(), codec=CODEC)  # not started: no socket file
     ours, theirs = socket.socketpair()
     ours.setblocking(False)
     theirs.setblocking(False)
@@ -31,8 +33,8 @@ async def feed(data: bytes) -> None:
         except ConnectionResetError:
             pass
         await asyncio.wait_for(task, 5)
-        if node._conns or node.rejected != 1:
-            raise AssertionError(f"admitted={bool(node._conns)} rejected={node.rejected} for {data!r}")
+        if node.links or node.rejected != 1:
+            raise AssertionError(f"admitted={bool(node.links)} rejected={node.rejected} for {data!r}")
     finally:
         theirs.close()
         task.cancel()
