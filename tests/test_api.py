@@ -26,3 +26,20 @@ def test_star_import_gives_exactly_all():
     ns: dict[str, Any] = {}
     exec("from meshipc import *", ns)
     assert {n for n in ns if n != "__builtins__"} == set(meshipc.__all__)
+
+
+def test_the_lazy_table_and_all_agree_and_import_loads_nothing_else():
+    """Every public name is in the lazy table (or is the ``sync`` submodule)
+    and resolves to what its module defines; ``import meshipc`` alone loads
+    none of the submodules (checked in a fresh interpreter)."""
+    import subprocess
+    import sys
+
+    lazy = meshipc._LAZY  # type: ignore[attr-defined]
+    assert set(lazy) | {"sync"} == set(meshipc.__all__)
+    for name, (module, attr) in lazy.items():
+        mod = __import__(f"meshipc{module}", fromlist=[attr])
+        assert getattr(meshipc, name) is getattr(mod, attr), name
+    code = "import sys, meshipc; print(sorted(m for m in sys.modules if m.startswith('meshipc.')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out
