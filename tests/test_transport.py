@@ -200,3 +200,26 @@ async def test_links_of_one_node_share_one_read_buffer_even_when_a_read_reenters
             link.close()
         a1.close()
         a2.close()
+
+
+async def test_messages_apart_go_out_at_once_and_a_burst_waits_for_one_write(monkeypatch: Any) -> None:
+    """A message sent a while after the last immediate one (a call's next
+    request or reply) is written at once, with no loop turn; one following
+    within ``BURST_GAP`` joins the turn's single coalesced write."""
+    import meshipc._transport as transport
+
+    now = [100.0]
+    monkeypatch.setattr(transport, "_monotonic", lambda: now[0])
+    async with linked() as (a, _b, _, got):
+        a.write_data(PORT, 0, K_DATA, b"first")
+        assert a.writes == 1 and a.idle
+        now[0] += 1.0  # a round trip later
+        a.write_data(PORT, 1, K_DATA, b"second")
+        assert a.writes == 2 and a.idle  # out inside the call again
+        now[0] += transport.BURST_GAP / 10  # right behind it: a burst
+        a.write_data(PORT, 2, K_DATA, b"third")
+        a.write_data(PORT, 3, K_DATA, b"fourth")
+        assert a.writes == 2 and not a.idle  # queued for the turn's write
+        await wait_until(lambda: len(got.bodies) == 4, "every message")
+        assert a.writes == 3
+        assert got.bodies == [b"first", b"second", b"third", b"fourth"]

@@ -23,9 +23,10 @@ import array
 import asyncio
 import logging
 import socket
+import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final
 
 from ._errors import DescriptorsTruncated, ProtocolError
 from ._fd import Fd
@@ -49,6 +50,14 @@ log = logging.getLogger("meshipc")
 
 #: Linux passes at most this many descriptors in one sendmsg (SCM_MAX_FD).
 SCM_MAX_FD = 253
+#: Seconds after an immediate write during which the next plain message is
+#: taken as part of a burst: it waits for the turn's one coalesced write
+#: instead of a syscall of its own. A stream's messages come microseconds
+#: apart; a call's request and reply, a round trip apart (tens of µs or
+#: more), so they still go out at once, with no extra loop turn.
+BURST_GAP: Final = 10e-6
+_monotonic = time.monotonic
+
 #: Size of the reused read buffer. Small enough to stay out of glibc's mmap
 #: threshold trap (a fresh 256 KiB allocation per read), big enough for
 #: hundreds of small frames per syscall.
@@ -130,6 +139,7 @@ class Link:
         self._retry_wait = 0.0
         self._in_read_batch = False  # in a read batch: replies coalesce until it ends
         self._streaming = False  # the last flush had several frames to write
+        self._last_immediate = 0.0  # when the last message went out at once
         self.closed = False
         self.frames_out = 0
         self.bytes_in = 0
@@ -178,11 +188,14 @@ class Link:
         self.frames_out += 1
         if not self._flush_scheduled:
             if not (self._streaming or self._batches or self._writing or self._in_read_batch):
-                # nothing queued and no stream going: out now, no loop turn (a
-                # call's request or reply); what follows in this turn
-                # coalesces behind it
-                self._send_now(frame)
-                return
+                now = _monotonic()
+                if now - self._last_immediate >= BURST_GAP:
+                    # nothing queued, no stream going, nothing sent just now:
+                    # out at once, no loop turn (a call's request or reply)
+                    self._last_immediate = now
+                    self._send_now(frame)
+                    return
+            # a burst: this and what follows in the turn go out in one write
             self._flush_scheduled = True
             self.loop.call_soon(self.flush)
         self._chunks.append(frame)
@@ -204,10 +217,6 @@ class Link:
             self._writing = True
             self._watching_writable = True
             self.loop.add_writer(self.sock.fileno(), self._on_writable)
-        else:
-            # later frames of this loop turn go out together, once
-            self._flush_scheduled = True
-            self.loop.call_soon(self.flush)
 
     def _add(self, data: bytes, fds: list[Any]) -> None:
         if fds:
