@@ -447,7 +447,6 @@ class Engine:
         self._work: deque[tuple[bytes, int, Item]] = deque()
         self._running = False
         self._handlers: dict[type, Callable[[bytes, Any, list[Any] | None], None]] = {
-            MsgEvent: self._msg_in,
             CloseEvent: self._close_in,
             ChangePeerEvent: self._change_in,
             ArrivedEvent: self._arrived_in,
@@ -891,6 +890,9 @@ class Engine:
         Raises ``ProtocolError`` for events no correct peer sends; the caller
         then drops that connection.
         """
+        if type(ev) is MsgEvent:  # the common event (plain data never gets here)
+            self._msg_in(src, ev, fds)
+            return
         handler = self._handlers.get(type(ev))
         if handler is None:
             raise ProtocolError(f"unexpected event {type(ev).__name__}")
