@@ -440,3 +440,14 @@ async def test_name_is_live_without_proc_locks(runtime_dir: Path, monkeypatch: p
     assert not _names.name_is_live(runtime_dir, "gone")
     async with Mesh(name="here", runtime_dir=runtime_dir):
         assert _names.name_is_live(runtime_dir, "here")
+
+
+def test_every_socket_name_fits_the_budget_check_socket_room_assumes() -> None:
+    """``check_socket_room`` bounds every socket of a mesh by its longest
+    name: node sockets, the listener and the control socket must all stay
+    within ``MAX_SOCKET_NAME`` bytes."""
+    from meshipc._names import CONTROL_NAME, LISTENER_NAME, node_path
+    from meshipc._platform import MAX_SOCKET_NAME
+
+    names = [node_path(Path("/x"), bytes([i]) * 16).name for i in (0, 255)] + [LISTENER_NAME, CONTROL_NAME]
+    assert max(len(n.encode()) for n in names) <= MAX_SOCKET_NAME, names

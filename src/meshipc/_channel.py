@@ -812,15 +812,13 @@ def _take_states(engine: Engine, handle: _Handle) -> list[PortState]:
 
 
 def _encode_one(h: Port | Sender[Any], tables: ResourceTables) -> bytes:
-    _codec.check_sendable(h._states, type(h).__name__)
-    assert tables.engine is not None  # check_sendable's rule
-    return _codec.pack_indices(tables.add_ports(_take_states(tables.engine, h))[-1:])
+    engine = _codec.check_sendable(h._states, type(h).__name__)
+    return _codec.pack_indices(tables.add_ports(_take_states(engine, h))[-1:])
 
 
 def _encode_receiver(h: Receiver[Any], tables: ResourceTables) -> bytes:
-    _codec.check_sendable(h._states, "Receiver")
-    assert tables.engine is not None
-    return _codec.pack_indices(tables.add_ports(_take_states(tables.engine, h)))
+    engine = _codec.check_sendable(h._states, "Receiver")
+    return _codec.pack_indices(tables.add_ports(_take_states(engine, h)))
 
 
 def _decode_port(data: memoryview, tables: ResourceTables) -> Port:

@@ -405,11 +405,13 @@ CODEC: Final = MsgpackCodec()
 encode_plain: Final = CODEC.encode_plain
 
 
-def check_sendable(states: list[PortState], what: str) -> None:
+def check_sendable(states: list[PortState], what: str) -> Engine:
     """For handle encoders: refuse a handle that holds the port the message
-    is sent on, or one with no port left (closed or sent already)."""
+    is sent on, or one with no port left (closed or sent already); else the
+    engine the message leaves from."""
     r = _res
     if r.carrier is not None and r.carrier in states:
         raise MessageError(f"a {what} cannot be sent through itself")
     if r.engine is None or not states:
         raise ChannelClosed(f"cannot send a closed or already sent {what}")
+    return r.engine
