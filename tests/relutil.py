@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import os
 import shutil
 import signal
@@ -42,12 +43,18 @@ def private_dir(prefix: str = "m") -> Iterator[Path]:
         shutil.rmtree(d, ignore_errors=True)
 
 
-async def wait_until(pred: Callable[[], bool], what: str, timeout: float = STEP) -> None:
-    """Poll ``pred`` for state that has no event to wait on (a process's
-    state, an fd count, a counter); fail loudly after ``timeout``."""
+async def wait_until(pred: Callable[[], Any], what: str, timeout: float = STEP) -> None:
+    """Poll ``pred`` (a function, or a coroutine function) for state that has
+    no event to wait on (a process's state, an fd count, a counter, an inspect
+    tree); fail loudly after ``timeout``."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
-    while not pred():
+
+    async def check() -> bool:
+        got = pred()
+        return bool(await got if inspect.isawaitable(got) else got)
+
+    while not await check():
         if loop.time() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         await asyncio.sleep(0.005)

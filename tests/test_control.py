@@ -23,6 +23,7 @@ import pytest
 
 import meshipc
 from meshipc import Mesh
+from relutil import wait_until
 
 CLIENT = Path(__file__).with_name("ctl_client.py").resolve()
 T = 10.0
@@ -606,13 +607,14 @@ async def test_inspect_counts_what_was_sent_and_not_read(runtime_dir: Path) -> N
             before = (await mesh.inspect(f"nodes/{them}/ports", timeout=T))["unconsumed_out_messages"]
             for _ in range(10):
                 conn.port.send(b"x" * 1000)
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + T
-            while True:  # no event says "arrived but unread": poll the tree, bounded
+            tree: dict[str, Any] = {}
+
+            async def all_queued() -> bool:  # no event says "arrived but unread"
+                nonlocal tree
                 tree = await mesh.inspect(timeout=T)
-                if tree["nodes"][me]["ports"]["queued_messages"] >= 10 or loop.time() > deadline:
-                    break
-                await asyncio.sleep(0.01)
+                return bool(tree["nodes"][me]["ports"]["queued_messages"] >= 10)
+
+            await wait_until(all_queued, "10 messages queued on the service's node", T)
             mine, theirs = tree["nodes"][me], tree["nodes"][them]
             assert mine["ports"]["queued_messages"] == 10
             assert mine["ports"]["queued_bytes"] >= 10 * 1000

@@ -15,7 +15,7 @@ import pytest
 
 import meshipc
 from meshipc._process import ENV_INVITATION, worker_command
-from relutil import within
+from relutil import wait_until, within
 
 TESTS = Path(__file__).resolve().parent
 
@@ -313,10 +313,5 @@ async def test_second_sigterm_while_closing_ends_the_process_at_once(runtime_dir
 
 
 async def wait_for_text(path: Path, text: str, timeout: float = 30) -> None:
-    """Poll a file a child process writes (no event to wait on) for ``text``."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while text not in path.read_text():
-        if loop.time() > deadline:
-            raise AssertionError(f"{text!r} never appeared in {path}: {path.read_text()!r}")
-        await asyncio.sleep(0.01)
+    """Wait for ``text`` in a file a child process writes (no event to wait on)."""
+    await wait_until(lambda: text in path.read_text(), f"{text!r} in {path}", timeout)

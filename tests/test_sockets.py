@@ -9,7 +9,7 @@ import logging
 import os
 import socket
 import stat
-import time
+import types
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +49,7 @@ async def test_recv_exact_gathers_pieces_and_leaves_the_rest() -> None:
         async def dribble() -> None:
             for piece in (b"ab", b"cde", b"fgh"):
                 await loop.sock_sendall(b, piece)
-                await asyncio.sleep(0.01)
+                await asyncio.sleep(0)  # let the reader take this piece alone
 
         writer = asyncio.ensure_future(dribble())
         assert await asyncio.wait_for(recv_exact(loop, a, 6), T) == b"abcdef"
@@ -170,7 +170,11 @@ async def test_at_the_cap_the_oldest_silent_connection_gives_way(
 # ---------------------------------------------------------------- RateLimitedLog
 
 
-def test_repeated_warnings_are_held_back_and_counted(caplog: pytest.LogCaptureFixture) -> None:
+def test_repeated_warnings_are_held_back_and_counted(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    now = [1000.0]
+    monkeypatch.setattr(meshipc._sockets, "time", types.SimpleNamespace(monotonic=lambda: now[0]))
     rl = RateLimitedLog(interval=0.05)
 
     def lines() -> list[Any]:
@@ -181,6 +185,6 @@ def test_repeated_warnings_are_held_back_and_counted(caplog: pytest.LogCaptureFi
             rl.warning("refused", "refused %d", i)
         rl.warning("other", "another kind")
         assert lines() == ["refused 0", "another kind"]
-        time.sleep(0.06)
+        now[0] += 0.06  # the interval has passed
         rl.warning("refused", "refused %d", 5)
     assert lines()[-1].startswith("refused 5 (and 4 more like this in the last ")

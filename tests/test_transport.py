@@ -99,7 +99,7 @@ async def test_partial_writes_resume_in_order_once_the_peer_reads() -> None:
         bodies = [bytes([i % 251]) * 1000 for i in range(2000)]  # about 2 MB
         for i, body in enumerate(bodies):
             a.write_data(PORT, i, K_DATA, body)
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0)  # the turn's flush writes what the socket takes
         assert not a.idle, "2 MB cannot fit a socket nobody reads"
         assert a.bytes_out < sum(len(b) for b in bodies)
         got = Inbox()
@@ -158,7 +158,7 @@ async def test_the_peer_hanging_up_is_reported_once() -> None:
         assert mine.lost == ["connection closed by peer"]
         assert a.closed
         a.write_data(PORT, 0, K_DATA, b"into the void")  # dropped, no error
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0)  # a loop turn for anything it might have scheduled
         assert mine.lost == ["connection closed by peer"] and theirs.lost == []
 
 
