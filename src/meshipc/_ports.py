@@ -493,16 +493,7 @@ class Engine:
             except RecursionError:
                 raise MessageError("this value cannot be sent to another process: nested too deep") from None
             if body is not None:  # else ports, fds or an unsupported type: the full path says which
-                # send_encoded's shipping, inlined: the path of every plain send
-                n = len(body)
-                if n > MAX_OOB_BODY:
-                    raise MessageError(f"a message of {n} bytes exceeds the limit of {MAX_OOB_BODY}")
-                seq = st.send_seq
-                if seq >= st.next_checkpoint_seq or st.sent_bytes + n >= st.next_checkpoint_bytes:
-                    self._checkpoint(st, seq, n, force)  # may raise BufferFull
-                st.send_seq = seq + 1
-                st.sent_bytes += n
-                self.out.send_data(node, st.peer_port, seq, kind, body)
+                self._ship(st, node, kind, body, force)
                 return
         self.send(st, Message(kind, obj), force)
 
@@ -517,17 +508,23 @@ class Engine:
             and st.mode is OWNED
             and not (st.closed or st.peer_closed or st.error is not None)
         ):
-            n = len(body)
-            if n > MAX_OOB_BODY:
-                raise MessageError(f"a message of {n} bytes exceeds the limit of {MAX_OOB_BODY}")
-            seq = st.send_seq
-            if seq >= st.next_checkpoint_seq or st.sent_bytes + n >= st.next_checkpoint_bytes:
-                self._checkpoint(st, seq, n, force)  # may raise BufferFull
-            st.send_seq = seq + 1
-            st.sent_bytes += n
-            self.out.send_data(node, st.peer_port, seq, kind, body)
+            self._ship(st, node, kind, body, force)
             return
         self.send(st, Message(kind, obj), force)
+
+    def _ship(self, st: PortState, node: bytes, kind: int, body: bytes, force: bool) -> None:
+        """Send an encoded plain message from the owned, open end ``st`` to
+        its peer on ``node``: size limit, flow-control count, next sequence
+        number, the outbox."""
+        n = len(body)
+        if n > MAX_OOB_BODY:
+            raise MessageError(f"a message of {n} bytes exceeds the limit of {MAX_OOB_BODY}")
+        seq = st.send_seq
+        if seq >= st.next_checkpoint_seq or st.sent_bytes + n >= st.next_checkpoint_bytes:
+            self._checkpoint(st, seq, n, force)  # may raise BufferFull
+        st.send_seq = seq + 1
+        st.sent_bytes += n
+        self.out.send_data(node, st.peer_port, seq, kind, body)
 
     def send(self, st: PortState, msg: Message, force: bool = False) -> None:
         """Send ``msg`` from the end ``st``. Dropped silently once the peer is
@@ -607,18 +604,12 @@ class Engine:
             or st.error is not None
         ):
             return None
-        n = len(body)
-        if n > MAX_OOB_BODY:
-            raise MessageError(f"a message of {n} bytes exceeds the limit of {MAX_OOB_BODY}")
-        seq = st.send_seq
-        if seq >= st.next_checkpoint_seq or st.sent_bytes + n >= st.next_checkpoint_bytes:
-            self._checkpoint(st, seq, n, False)
-        reply = PortState(self, random_id(), node, random_id())
+        reply_id, callee_end = random_id(), random_id()
+        # the head names both reply ends; if the send raises, nothing is registered
+        self._ship(st, node, K_CALL, callee_end + reply_id + body, False)
+        reply = PortState(self, reply_id, node, callee_end)
         reply.pinned = True
-        self.ports[reply.id] = reply
-        st.send_seq = seq + 1
-        st.sent_bytes += n
-        self.out.send_data(node, st.peer_port, seq, K_CALL, reply.peer_port + reply.id + body)
+        self.ports[reply_id] = reply
         return reply
 
     def _call_in(self, src: bytes, body: bytes) -> Message:
