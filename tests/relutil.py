@@ -43,6 +43,15 @@ def private_dir(prefix: str = "m") -> Iterator[Path]:
         shutil.rmtree(d, ignore_errors=True)
 
 
+def root_of_length(base: Path, n: int) -> Path:
+    """A private (0700) folder inside ``base`` whose path is exactly ``n``
+    bytes (for path-budget tests)."""
+    root = base / ("r" * (n - len(os.fsencode(base)) - 1))
+    root.mkdir(mode=0o700)
+    assert len(os.fsencode(root)) == n
+    return root
+
+
 async def wait_until(pred: Callable[[], Any], what: str, timeout: float = STEP) -> None:
     """Poll ``pred`` (a function, or a coroutine function) for state that has
     no event to wait on (a process's state, an fd count, a counter, an inspect

@@ -15,7 +15,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -36,37 +35,22 @@ from meshipc._names import (
     runtime_location,
 )
 from meshipc._platform import MAX_SOCKET_PATH, PLATFORM
+from relutil import root_of_length
 
 T = 10.0
-
-
-@pytest.fixture
-def base() -> Iterator[Path]:
-    d = Path(tempfile.mkdtemp(prefix="p", dir="/tmp"))
-    os.chmod(d, 0o700)
-    try:
-        yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
-
-
-def root_of_length(base: Path, n: int) -> Path:
-    """A private folder whose path is exactly ``n`` characters."""
-    root = base / ("r" * (n - len(str(base)) - 1))
-    root.mkdir(mode=0o700)
-    assert len(str(root)) == n
-    return root
 
 
 # ------------------------------------------------------------- runtime dir
 
 
-def test_runtime_dir_comes_from_xdg_or_says_why_not(base: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    xdg = base / "xdg"
+def test_runtime_dir_comes_from_xdg_or_says_why_not(
+    runtime_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    xdg = runtime_dir / "xdg"
     xdg.mkdir(mode=0o700)
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(xdg))
     assert runtime_location() == (xdg, "from XDG_RUNTIME_DIR")
-    assert runtime_location(base) == (base, "given as runtime_dir")
+    assert runtime_location(runtime_dir) == (runtime_dir, "given as runtime_dir")
 
     os.chmod(xdg, 0o755)  # unusable: not private
     with pytest.raises(MeshError) as ei:
@@ -85,21 +69,21 @@ def test_runtime_dir_comes_from_xdg_or_says_why_not(base: Path, monkeypatch: pyt
 
         asyncio.run(attach())
 
-    monkeypatch.setenv("XDG_RUNTIME_DIR", str(base / "missing"))
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime_dir / "missing"))
     with pytest.raises(MeshError, match=r"XDG_RUNTIME_DIR=.*/missing does not exist"):
         runtime_location()
-    assert not (base / "missing").exists()
+    assert not (runtime_dir / "missing").exists()
     monkeypatch.setenv("XDG_RUNTIME_DIR", "relative/dir")
     with pytest.raises(MeshError, match="not an absolute path"):
         runtime_location()
 
 
-def test_squatted_tmp_folder_says_how_to_get_out(base: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_squatted_tmp_folder_says_how_to_get_out(runtime_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
-    monkeypatch.setattr(tempfile, "tempdir", str(base))
+    monkeypatch.setattr(tempfile, "tempdir", str(runtime_dir))
     if PLATFORM.tmp_base is not None:  # /tmp, not the temporary folder
-        monkeypatch.setattr(PLATFORM, "tmp_base", str(base))
-    squat = base / f"meshipc-{os.getuid()}"
+        monkeypatch.setattr(PLATFORM, "tmp_base", str(runtime_dir))
+    squat = runtime_dir / f"meshipc-{os.getuid()}"
     squat.mkdir(mode=0o777)
     os.chmod(squat, 0o777)  # what another user could have made before us
     if os.getuid() == 0:
@@ -114,22 +98,22 @@ def test_squatted_tmp_folder_says_how_to_get_out(base: Path, monkeypatch: pytest
     assert runtime_location() == (squat, "XDG_RUNTIME_DIR is not set")  # now ours, 0700
 
 
-def test_ls_says_which_runtime_dir_and_why(base: Path) -> None:
-    env = dict(os.environ, XDG_RUNTIME_DIR=str(base))
+def test_ls_says_which_runtime_dir_and_why(runtime_dir: Path) -> None:
+    env = dict(os.environ, XDG_RUNTIME_DIR=str(runtime_dir))
     out = subprocess.run(
         [sys.executable, "-m", "meshipc", "ls"], env=env, capture_output=True, text=True, timeout=30
     )
     assert out.returncode == 0, out.stderr
-    assert out.stdout.splitlines()[-1] == f"(runtime dir {base}: from XDG_RUNTIME_DIR)"
-    os.chmod(base, 0o750)
+    assert out.stdout.splitlines()[-1] == f"(runtime dir {runtime_dir}: from XDG_RUNTIME_DIR)"
+    os.chmod(runtime_dir, 0o750)
     try:
         out = subprocess.run(
             [sys.executable, "-m", "meshipc", "ls"], env=env, capture_output=True, text=True, timeout=30
         )
     finally:
-        os.chmod(base, 0o700)
+        os.chmod(runtime_dir, 0o700)
     assert out.returncode == 1 and out.stdout == ""
-    assert out.stderr.startswith(f"meshipc ls: XDG_RUNTIME_DIR={base} cannot hold meshes"), out.stderr
+    assert out.stderr.startswith(f"meshipc ls: XDG_RUNTIME_DIR={runtime_dir} cannot hold meshes"), out.stderr
     assert "Traceback" not in out.stderr
 
 
@@ -137,12 +121,14 @@ def test_ls_says_which_runtime_dir_and_why(base: Path) -> None:
 
 
 @pytest.mark.parametrize("length", [1, 50, 63, 64])
-async def test_every_documented_name_works_under_a_default_length_root(base: Path, length: int) -> None:
+async def test_every_documented_name_works_under_a_default_length_root(
+    runtime_dir: Path, length: int
+) -> None:
     """The longest default root is ``/tmp/meshipc-<10-digit uid>`` (23
     characters; ``/run/user/<uid>`` is shorter): a mesh with a name of any
     documented length starts there, spawns, listens and is attached to by
     name, and leaves nothing behind."""
-    root = root_of_length(base, len("/tmp/meshipc-4294967294"))
+    root = root_of_length(runtime_dir, len("/tmp/meshipc-4294967294"))
     name = ("n" * length)[:length]
     async with Mesh(name=name, runtime_dir=root) as mesh:
         listener = await mesh.listen()
@@ -159,11 +145,11 @@ async def test_every_documented_name_works_under_a_default_length_root(base: Pat
     assert list(root.iterdir()) == []
 
 
-async def test_failed_start_leaves_nothing_behind(base: Path) -> None:
+async def test_failed_start_leaves_nothing_behind(runtime_dir: Path) -> None:
     """A root too long for the sockets: refused before anything is made,
     with the path, the limit and what to do."""
     for length, name in ((60, "n" * 64), (90, None)):
-        root = root_of_length(base, length)
+        root = root_of_length(runtime_dir, length)
         with pytest.raises(MeshError) as ei:
             async with Mesh(name=name, runtime_dir=root):
                 pass  # pragma: no cover
@@ -174,7 +160,7 @@ async def test_failed_start_leaves_nothing_behind(base: Path) -> None:
 
 
 async def test_start_failing_at_bind_releases_the_lock_file(
-    base: Path, monkeypatch: pytest.MonkeyPatch
+    runtime_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import meshipc._node
 
@@ -183,43 +169,43 @@ async def test_start_failing_at_bind_releases_the_lock_file(
 
     monkeypatch.setattr(meshipc._node, "listen_private", no_listen)
     with pytest.raises(MeshError, match="planted failure"):
-        async with Mesh(name="fails", runtime_dir=base):
+        async with Mesh(name="fails", runtime_dir=runtime_dir):
             pass  # pragma: no cover
-    assert list(base.iterdir()) == []
+    assert list(runtime_dir.iterdir()) == []
 
 
 # ------------------------------------------------------------- not running
 
 
-async def test_connect_by_name_says_why_nothing_answers(base: Path) -> None:
+async def test_connect_by_name_says_why_nothing_answers(runtime_dir: Path) -> None:
     async def attach(name: str) -> str:
         with pytest.raises(ConnectError) as ei:
-            async with meshipc.connect(name, runtime_dir=base, timeout=T):
+            async with meshipc.connect(name, runtime_dir=runtime_dir, timeout=T):
                 pass  # pragma: no cover
-        assert str(base / f"mesh-{name}" / "listen.sock") in str(ei.value)
+        assert str(runtime_dir / f"mesh-{name}" / "listen.sock") in str(ei.value)
         return ei.value.reason
 
     assert await attach("absent") == (
-        f"no mesh named 'absent' is running (runtime dir {base}, given as runtime_dir)"
+        f"no mesh named 'absent' is running (runtime dir {runtime_dir}, given as runtime_dir)"
     )
-    async with Mesh(name="quiet", runtime_dir=base) as mesh:
+    async with Mesh(name="quiet", runtime_dir=runtime_dir) as mesh:
         assert await attach("quiet") == (
             f"mesh 'quiet' is running but not listening (no listener at {mesh.directory / 'listen.sock'})"
         )
     # what a SIGKILLed service leaves: its lock file (unlocked), its folder, its listener socket
-    (base / "mesh-dead.lock").touch(mode=0o600)
-    (base / "mesh-dead").mkdir(mode=0o700)
+    (runtime_dir / "mesh-dead.lock").touch(mode=0o600)
+    (runtime_dir / "mesh-dead").mkdir(mode=0o700)
     with socket.socket(socket.AF_UNIX) as s:
-        s.bind(str(base / "mesh-dead" / "listen.sock"))
+        s.bind(str(runtime_dir / "mesh-dead" / "listen.sock"))
     reason = await attach("dead")
     assert reason.startswith("mesh 'dead' is not running any more (stale since 20"), reason
     assert "`meshipc ls --prune`" in reason
 
     # by path: the socket's state, in words
     for path, want in (
-        (base / "nothing.sock", "nothing there (no such socket)"),
+        (runtime_dir / "nothing.sock", "nothing there (no such socket)"),
         (
-            base / "mesh-dead" / "listen.sock",
+            runtime_dir / "mesh-dead" / "listen.sock",
             "nothing listens there any more (a stale socket of a mesh that is gone)",
         ),
     ):
@@ -229,10 +215,10 @@ async def test_connect_by_name_says_why_nothing_answers(base: Path) -> None:
         assert str(ei.value) == f"cannot connect to mesh listener {path}: {want}"
 
 
-async def test_ls_prune_removes_what_a_killed_mesh_left_and_nothing_else(base: Path) -> None:
+async def test_ls_prune_removes_what_a_killed_mesh_left_and_nothing_else(runtime_dir: Path) -> None:
     client = Path(__file__).with_name("attach_client.py")
     owner = await asyncio.create_subprocess_exec(
-        sys.executable, str(client), "named", str(base), "dead", stdout=asyncio.subprocess.PIPE
+        sys.executable, str(client), "named", str(runtime_dir), "dead", stdout=asyncio.subprocess.PIPE
     )
     try:
         assert owner.stdout is not None
@@ -243,29 +229,35 @@ async def test_ls_prune_removes_what_a_killed_mesh_left_and_nothing_else(base: P
 
     async def cli(*args: str) -> str:
         p = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "meshipc", *args, "--runtime-dir", str(base), stdout=asyncio.subprocess.PIPE
+            sys.executable,
+            "-m",
+            "meshipc",
+            *args,
+            "--runtime-dir",
+            str(runtime_dir),
+            stdout=asyncio.subprocess.PIPE,
         )
         out, _ = await asyncio.wait_for(p.communicate(), T)
         assert p.returncode == 0
         return out.decode()
 
-    async with Mesh(name="alive", runtime_dir=base) as mesh:
+    async with Mesh(name="alive", runtime_dir=runtime_dir) as mesh:
         listener = await mesh.listen()
         assert (await cli("ls")).splitlines()[:2] == [f"alive\tlive  listener {listener.path}", "dead\tstale"]
         assert (await cli("ls", "--prune")).splitlines()[:2] == [
             "dead\tpruned",
             f"alive\tlive  listener {listener.path}",
         ]
-        assert sorted(p.name for p in base.iterdir()) == ["mesh-alive", "mesh-alive.lock"]
-        async with meshipc.connect("alive", runtime_dir=base) as cc:  # untouched
+        assert sorted(p.name for p in runtime_dir.iterdir()) == ["mesh-alive", "mesh-alive.lock"]
+        async with meshipc.connect("alive", runtime_dir=runtime_dir) as cc:  # untouched
             conn = await asyncio.wait_for(listener.accept(), T)
             cc.port.send("still here")
             assert await asyncio.wait_for(conn.port.recv(), T) == "still here"
-    assert list(base.iterdir()) == []
+    assert list(runtime_dir.iterdir()) == []
 
 
 async def test_ls_tells_live_from_stale_without_taking_any_lock(
-    base: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    runtime_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Trying a name's lock, even shared and for a moment, could make a mesh
     starting then fail with MeshNameInUse: ``ls`` reads /proc/locks."""
@@ -277,17 +269,17 @@ async def test_ls_tells_live_from_stale_without_taking_any_lock(
     def no_flock(fd: int, op: int) -> None:
         raise AssertionError("ls tried a lock")
 
-    (base / "mesh-dead.lock").touch(mode=0o600)
-    (base / "mesh-dead").mkdir(mode=0o700)
-    assert lock_is_held(base / "mesh-dead.lock") is False
-    assert lock_is_held(base / "mesh-absent.lock") is None
-    async with Mesh(name="alive", runtime_dir=base):
-        assert lock_is_held(base / "mesh-alive.lock") is True
+    (runtime_dir / "mesh-dead.lock").touch(mode=0o600)
+    (runtime_dir / "mesh-dead").mkdir(mode=0o700)
+    assert lock_is_held(runtime_dir / "mesh-dead.lock") is False
+    assert lock_is_held(runtime_dir / "mesh-absent.lock") is None
+    async with Mesh(name="alive", runtime_dir=runtime_dir):
+        assert lock_is_held(runtime_dir / "mesh-alive.lock") is True
         monkeypatch.setattr(fcntl, "flock", no_flock)
-        assert _cli.main(["ls", "--runtime-dir", str(base)]) == 0
+        assert _cli.main(["ls", "--runtime-dir", str(runtime_dir)]) == 0
         monkeypatch.undo()
     out = capsys.readouterr().out.splitlines()
-    assert out == ["alive\tlive", "dead\tstale", f"(runtime dir {base}: given as runtime_dir)"]
+    assert out == ["alive\tlive", "dead\tstale", f"(runtime dir {runtime_dir}: given as runtime_dir)"]
 
 
 # ------------------------------------------------------------- name locks

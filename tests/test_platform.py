@@ -12,7 +12,6 @@ import asyncio
 import errno
 import os
 import re
-import shutil
 import signal
 import socket
 import stat
@@ -21,7 +20,6 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +56,7 @@ from meshipc._platform import (
 )
 from meshipc._transport import Link
 from meshipc._wire import MsgEvent
+from relutil import root_of_length
 
 T = 10.0
 #: the implementations this kernel can run for real
@@ -409,23 +408,6 @@ def test_parent_death_pipe_ends_a_blocked_worker(plat: Platform) -> None:
 # ------------------------------------------------------------- path budget
 
 
-@pytest.fixture
-def base() -> Iterator[Path]:
-    d = Path(tempfile.mkdtemp(prefix="q", dir="/tmp"))
-    os.chmod(d, 0o700)
-    try:
-        yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
-
-
-def root_of_length(base: Path, n: int) -> Path:
-    root = base / ("r" * (n - len(str(base)) - 1))
-    root.mkdir(mode=0o700)
-    assert len(os.fsencode(root)) == n
-    return root
-
-
 def test_directory_names_are_bounded_whatever_the_mesh_name() -> None:
     root = Path("/x")
     names = ["a", "n" * 40, "n" * 41, "n" * 64, "n" * 63 + "m", "a.b-c_d" * 9]
@@ -438,13 +420,13 @@ def test_directory_names_are_bounded_whatever_the_mesh_name() -> None:
         assert len(default) <= MAX_ROOT_FOR_ANY_NAME
 
 
-async def test_longest_name_under_the_longest_root_that_has_room(base: Path) -> None:
+async def test_longest_name_under_the_longest_root_that_has_room(runtime_dir: Path) -> None:
     """The longest documented name (64 characters) under a runtime root of
     the longest length with room for any name: every socket fits the budget;
     one byte more and ``Mesh()`` refuses, naming the path, before creating
     anything."""
     name = "L" * 64
-    root = root_of_length(base, MAX_ROOT_FOR_ANY_NAME)
+    root = root_of_length(runtime_dir, MAX_ROOT_FOR_ANY_NAME)
     async with Mesh(name=name, runtime_dir=root) as mesh:
         await mesh.listen()
         tx, rx = meshipc.channel()
@@ -459,7 +441,7 @@ async def test_longest_name_under_the_longest_root_that_has_room(base: Path) -> 
         assert max(len(os.fsencode(p)) for p in socks) == MAX_SOCKET_PATH
     assert list(root.iterdir()) == []
 
-    longer = root_of_length(base, MAX_ROOT_FOR_ANY_NAME + 1)
+    longer = root_of_length(runtime_dir, MAX_ROOT_FOR_ANY_NAME + 1)
     with pytest.raises(SocketPathTooLong) as ei:
         async with Mesh(name=name, runtime_dir=longer):
             pass  # pragma: no cover
