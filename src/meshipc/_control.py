@@ -73,6 +73,9 @@ MAX_TOMBSTONES: Final = 256
 SESSION_DELAY: Final = 0.05
 #: Seconds a handler runs before a task starts watching for its caller to give up.
 WATCH_AFTER: Final = 0.05
+#: Seconds an inspect request waits for the root beyond its own timeout
+#: (which bounds the root's fan-out to the nodes).
+ROOT_GRACE: Final = 2.0
 _MAGIC = b"MCT1"
 _ST_OK, _ST_DUPLICATE = 0, 1
 
@@ -771,6 +774,20 @@ class Control:
             for name, e in sorted(self._services_reg.items())
         }
 
+    async def _ask_root(self, req: InspectMesh | UpdateMesh, timeout: float, silent: str) -> Any:
+        """An inspect request to the root, which bounds its own fan-out by
+        ``timeout``; ``ROOT_GRACE`` more covers the root itself (then
+        ``MeshError(silent ...)``). A missing entry is a ``LookupError``."""
+        try:
+            async with asyncio.timeout(timeout + ROOT_GRACE):
+                return await self._registry_call(req)
+        except TimeoutError:
+            raise MeshError(f"{silent} within {timeout + ROOT_GRACE:.1f} s") from None
+        except RemoteError as exc:
+            if exc.type_name in ("LookupError", "KeyError"):
+                raise LookupError(exc.message) from None
+            raise
+
     async def _registry_call(self, req: Any) -> Any:
         if self.closed:
             raise MeshError("the mesh is closed")
@@ -927,15 +944,7 @@ class Control:
 
     async def inspect_update(self, path: str, value: Any, timeout: float = 1.0) -> Any:
         req = UpdateMesh(path, value, timeout)
-        try:
-            async with asyncio.timeout(timeout + 2.0):
-                return await self._registry_call(req)
-        except TimeoutError:
-            raise MeshError(f"no answer to the update of {path!r} within {timeout + 2.0:.1f} s") from None
-        except RemoteError as exc:
-            if exc.type_name in ("LookupError", "KeyError"):
-                raise LookupError(exc.message) from None
-            raise
+        return await self._ask_root(req, timeout, f"no answer to the update of {path!r}")
 
     async def _update_mesh(self, req: UpdateMesh) -> Any:
         parts = _split(req.path)
@@ -984,16 +993,7 @@ class Control:
                 return await self._inspect_mesh(req)
             except KeyError as exc:
                 raise LookupError(f"no inspect entry {exc.args[0]!r}") from None
-        # the root bounds its fan-out by ``timeout``; this bound covers the root itself
-        try:
-            async with asyncio.timeout(timeout + 2.0):
-                return await self._registry_call(req)
-        except TimeoutError:
-            raise MeshError(f"the mesh root did not answer inspect within {timeout + 2.0:.1f} s") from None
-        except RemoteError as exc:
-            if exc.type_name in ("LookupError", "KeyError"):
-                raise LookupError(exc.message) from None
-            raise
+        return await self._ask_root(req, timeout, "the mesh root did not answer inspect")
 
     async def _answer_inspect(self, call: Call[Any], req: InspectMesh | UpdateMesh) -> None:
         if isinstance(req, UpdateMesh):
