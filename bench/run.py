@@ -1012,18 +1012,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(_json_safe(data), indent=1) + "\n")
     print_table(data)
-    if args.markdown:
-        md = markdown(data)
-        if args.markdown == "-":
-            print(md)
-        else:
-            Path(args.markdown).write_text(md)
-    if args.summary:
-        sm = summary_md(data)
-        if args.summary == "-":
-            print(sm)
-        else:
-            Path(args.summary).write_text(sm)
+    for dest, render in ((args.markdown, markdown), (args.summary, summary_md)):
+        if dest:
+            text = render(data)
+            if dest == "-":
+                print(text)
+            else:
+                Path(dest).write_text(text)
     if args.chart:
         if have("matplotlib"):
             chart(data, args.chart)

@@ -219,13 +219,7 @@ async def test_sigterm_closes_the_mesh_cleanly(runtime_dir: Path, handler: str):
         assert list(runtime_dir.iterdir()) == []
         assert select.select([pidfd], [], [], 10)[0] == [pidfd], "the worker is still running"
     finally:
-        if svc.returncode is None:
-            svc.kill()
-            await svc.wait()
-        if pidfd >= 0:
-            with contextlib.suppress(ProcessLookupError):
-                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-            os.close(pidfd)
+        await _kill_leftovers(svc, pidfd)
 
 
 async def test_sigterm_handler_is_ours_only_while_a_mesh_is_open(runtime_dir: Path):
@@ -303,13 +297,18 @@ async def test_second_sigterm_while_closing_ends_the_process_at_once(runtime_dir
         assert "nothing left to close cleanly" in err.read_text()
         assert select.select([pidfd], [], [], 15)[0] == [pidfd], "the orphaned worker lives on"
     finally:
-        if svc.returncode is None:
-            svc.kill()
-            await svc.wait()
-        if pidfd >= 0:
-            with contextlib.suppress(ProcessLookupError):
-                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-            os.close(pidfd)
+        await _kill_leftovers(svc, pidfd)
+
+
+async def _kill_leftovers(svc: asyncio.subprocess.Process, pidfd: int) -> None:
+    """Whatever a failed test left running: the service, and its worker."""
+    if svc.returncode is None:
+        svc.kill()
+        await svc.wait()
+    if pidfd >= 0:
+        with contextlib.suppress(ProcessLookupError):
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        os.close(pidfd)
 
 
 async def wait_for_text(path: Path, text: str, timeout: float = 30) -> None:
