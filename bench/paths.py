@@ -24,6 +24,7 @@ import secrets
 import statistics
 import struct
 import time
+from collections.abc import Awaitable, Callable
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -56,6 +57,29 @@ def _stop_proc(proc: Any) -> None:
 
 
 # --------------------------------------------------------------- meshipc
+
+
+
+def idle_median(one: Callable[[], Any], n: int, gap: float) -> float:
+    """Median µs of ``one()`` (a round trip) when calls are ``gap`` s apart."""
+    times = []
+    for _ in range(n):
+        time.sleep(gap)
+        t0 = time.perf_counter()
+        one()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e6
+
+
+async def idle_median_async(one: Callable[[], Awaitable[Any]], n: int, gap: float) -> float:
+    """``idle_median`` for an awaitable round trip, the loop idle in between."""
+    times = []
+    for _ in range(n):
+        await asyncio.sleep(gap)
+        t0 = time.perf_counter()
+        await one()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e6
 
 
 class SinkArgs(msgspec.Struct):
@@ -123,13 +147,8 @@ class MeshPath:
         return (time.perf_counter() - t0) / n * 1e6
 
     async def idle(self, n: int, gap: float) -> float:
-        tx, times = self.call_tx, []
-        for _ in range(n):
-            await asyncio.sleep(gap)
-            t0 = time.perf_counter()
-            await tx.call(MSG)
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times) * 1e6
+        tx = self.call_tx
+        return await idle_median_async(lambda: tx.call(MSG), n, gap)
 
     async def throughput(self, n: int, size: int) -> float:
         tx, blob = self.data_tx, _blob(size)
@@ -218,13 +237,7 @@ class MeshSyncPath:
         return (time.perf_counter() - t0) / n * 1e6
 
     def idle(self, n: int, gap: float) -> float:
-        times = []
-        for _ in range(n):
-            time.sleep(gap)
-            t0 = time.perf_counter()
-            self.tx.call(MSG)
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times) * 1e6
+        return idle_median(lambda: self.tx.call(MSG), n, gap)
 
     def stop(self) -> None:
         self.tx.close()
@@ -259,13 +272,7 @@ class MeshServicePath:
         return (time.perf_counter() - t0) / n * 1e6
 
     async def idle(self, n: int, gap: float) -> float:
-        times = []
-        for _ in range(n):
-            await asyncio.sleep(gap)
-            t0 = time.perf_counter()
-            await self.conn.call("echo", MSG)
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times) * 1e6
+        return await idle_median_async(lambda: self.conn.call("echo", MSG), n, gap)
 
     async def stop(self) -> None:
         await self.stack.aclose()
@@ -319,15 +326,14 @@ class _ConnPath:
         return (time.perf_counter() - t0) / n * 1e6
 
     def idle(self, n: int, gap: float) -> float:
-        conn, times = self.conn, []
+        conn = self.conn
         conn.send_bytes(b"echo:%d" % n)
-        for _ in range(n):
-            time.sleep(gap)
-            t0 = time.perf_counter()
+
+        def one() -> None:
             conn.send_bytes(MSG)
             conn.recv_bytes()
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times) * 1e6
+
+        return idle_median(one, n, gap)
 
     def throughput(self, n: int, size: int) -> float:
         conn, blob = self.conn, _blob(size)
@@ -441,15 +447,14 @@ class StreamPath:
         return (time.perf_counter() - t0) / n * 1e6
 
     async def idle(self, n: int, gap: float) -> float:
-        reader, writer, frame, times = self.reader, self.writer, _frame(MSG), []
+        reader, writer, frame = self.reader, self.writer, _frame(MSG)
         writer.write(_frame(b"echo:%d" % n))
-        for _ in range(n):
-            await asyncio.sleep(gap)
-            t0 = time.perf_counter()
+
+        async def one() -> None:
             writer.write(frame)
             await _read_frame(reader)
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times) * 1e6
+
+        return await idle_median_async(one, n, gap)
 
     async def throughput(self, n: int, size: int) -> float:
         reader, writer, blob = self.reader, self.writer, _blob(size)
@@ -533,14 +538,13 @@ class ZmqPath:
         return (time.perf_counter() - t0) / n * 1e6
 
     def idle(self, n: int, gap: float) -> float:
-        req, times = self.req, []
-        for _ in range(n):
-            time.sleep(gap)
-            t0 = time.perf_counter()
+        req = self.req
+
+        def one() -> None:
             req.send(MSG)
             req.recv()
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times) * 1e6
+
+        return idle_median(one, n, gap)
 
     def throughput(self, n: int, size: int) -> float:
         req, push, blob = self.req, self.push, _blob(size)
@@ -614,13 +618,7 @@ class PyroPath:
         return (time.perf_counter() - t0) / n * 1e6
 
     def idle(self, n: int, gap: float) -> float:
-        times = []
-        for _ in range(n):
-            time.sleep(gap)
-            t0 = time.perf_counter()
-            self.proxy.echo(MSG)
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times) * 1e6
+        return idle_median(lambda: self.proxy.echo(MSG), n, gap)
 
     def stop(self) -> None:
         self.proxy._pyroRelease()
@@ -680,13 +678,7 @@ class GrpcPath:
         return (time.perf_counter() - t0) / n * 1e6
 
     async def idle(self, n: int, gap: float) -> float:
-        times = []
-        for _ in range(n):
-            await asyncio.sleep(gap)
-            t0 = time.perf_counter()
-            await self.echo(MSG)
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times) * 1e6
+        return await idle_median_async(lambda: self.echo(MSG), n, gap)
 
     async def stop(self) -> None:
         await self.channel.close()
