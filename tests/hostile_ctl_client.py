@@ -45,7 +45,11 @@ def emit(**obj: Any) -> None:
 def outcome(exc: BaseException | None, value: Any = None) -> dict[str, Any]:
     if exc is None:
         return {"ok": value}
-    return {"error": type(exc).__name__, "type_name": getattr(exc, "type_name", None), "message": str(exc)[:200]}
+    return {
+        "error": type(exc).__name__,
+        "type_name": getattr(exc, "type_name", None),
+        "message": str(exc)[:200],
+    }
 
 
 class ForgedRegister(msgspec.Struct, tag="Register"):

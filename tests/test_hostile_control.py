@@ -93,7 +93,9 @@ async def test_inspect_flood_from_one_client_is_bounded(runtime_dir: Path) -> No
         async with attacker(runtime_dir, "hi1", "inspect-flood", "3000") as a:
             assert (await a.line()) == {"sent": 3000}
             ctl = mesh._control
-            await wait_until(lambda: ctl._inspects == limits.client_inspects, "the attacker's inspects running")
+            await wait_until(
+                lambda: ctl._inspects == limits.client_inspects, "the attacker's inspects running"
+            )
             peak = root_tasks()
             # per running inspect: its task and one fan-out per node; a few per session
             assert peak - base < 20 + 3 * limits.client_inspects, (base, peak)
@@ -222,7 +224,9 @@ async def test_control_sessions_cannot_be_squatted(runtime_dir: Path) -> None:
     async with Mesh(name="hs2", runtime_dir=runtime_dir) as mesh:
         await mesh.listen()
         mesh.serve("double", double)
-        assert sorted(p.name for p in mesh.directory.iterdir()) == sorted([mesh._node.path.name, "listen.sock"])
+        assert sorted(p.name for p in mesh.directory.iterdir()) == sorted(
+            [mesh._node.path.name, "listen.sock"]
+        )
         async with attacker(runtime_dir, "hs2", "hellos") as a:
             out = await a.line()
             assert [x.get("error") for x in out["answers"]] == ["ChannelClosed", "ChannelClosed"]
