@@ -290,3 +290,18 @@ async def test_api_refuses_nan_infinite_and_negative_timeouts() -> None:
             with pytest.raises(ValueError):
                 await mesh.inspect_update("nodes/x/y", 1, timeout=bad)  # type: ignore[arg-type]
         assert await mesh.call("double", 2, timeout=0.5e3) == 4
+
+
+async def test_a_nested_worker_is_redirected_to_the_root() -> None:
+    """A worker's own worker says hello to its parent, which is not the
+    root: it is redirected, and its service is registered with the root
+    under its own node."""
+    async with Mesh() as mesh:
+        ready_tx, ready_rx = meshipc.channel()
+        await mesh.spawn("ctl_workers:spawn_server", {"name": "deep", "ready": ready_tx}, name="middle")
+        assert await within(ready_rx.recv(), PROC_T) is True
+        entry = (await mesh.services())["deep"]
+        assert entry["node"] in {p.hex() for p in mesh._control._clients}
+        out = await within(mesh.call("deep", 5, timeout=PROC_T))
+        assert out["request"] == 5 and out["from"] != os.getpid()
+        assert len(mesh._control._clients) == 2  # the middle worker and the nested one
