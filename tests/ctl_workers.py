@@ -44,3 +44,11 @@ async def idle(arg: meshipc.Sender[Any]) -> None:
     await mesh.services()  # needs the session with the root
     arg.send(os.getpid())
     await asyncio.Event().wait()  # until the worker is stopped
+
+
+async def spawn_server(arg: dict[str, Any]) -> None:
+    """Spawn a worker of our own that runs ``serve_named(arg)``: its inviter
+    is this worker, not the root, so its control session starts with a
+    redirect. Wait until stopped (stopping us stops it)."""
+    await meshipc.current_mesh().spawn("ctl_workers:serve_named", arg, name="nested")
+    await asyncio.Event().wait()

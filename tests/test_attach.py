@@ -424,12 +424,12 @@ async def test_stale_directory_of_a_killed_mesh_is_replaced(runtime_dir: Path) -
         owner.kill()
         assert await owner.exit_code() < 0
     leftovers = sorted(p.name for p in directory.iterdir())
-    # node socket + listener + control socket
-    assert "listen.sock" in leftovers and len(leftovers) == 3, leftovers
+    # node socket + listener (no control socket: sessions go over the node links)
+    assert "listen.sock" in leftovers and len(leftovers) == 2, leftovers
 
     async with Mesh(name="y", runtime_dir=runtime_dir) as mesh:
         assert mesh.directory == directory
-        assert sorted(p.name for p in directory.iterdir()) == sorted([mesh._node.path.name, "control.sock"])
+        assert sorted(p.name for p in directory.iterdir()) == [mesh._node.path.name]
         listener = await mesh.listen()
         async with client("session", "y", os.fspath(runtime_dir)) as c:
             conn = await asyncio.wait_for(listener.accept(), T)

@@ -694,7 +694,7 @@ async def test_directory_and_socket_modes(runtime_dir: Path) -> None:
         node_st = os.lstat(mesh._node.path)
         assert stat.S_ISSOCK(node_st.st_mode) and stat.S_IMODE(node_st.st_mode) == 0o600
         socks = list(mesh.directory.iterdir())
-        assert len(socks) == 3, socks  # parent, worker and the control socket
+        assert len(socks) == 2, socks  # parent and worker (no control socket)
         for p in socks:
             m = os.lstat(p).st_mode
             assert stat.S_ISSOCK(m) and stat.S_IMODE(m) == 0o600, (p, oct(m))

@@ -14,7 +14,7 @@ if TYPE_CHECKING:
 
     from . import sync
     from ._channel import Call, Port, Receiver, Sender, channel
-    from ._control import Service, ServiceCall, ServiceSender
+    from ._control import ControlLimits, Service, ServiceCall, ServiceSender
     from ._errors import (
         AuthenticationError,
         BufferFull,
@@ -37,6 +37,7 @@ if TYPE_CHECKING:
         PortFailed,
         ProtocolError,
         RemoteError,
+        ServiceBusy,
         ServiceNameInUse,
         ServiceNotFound,
         SocketPathTooLong,
@@ -69,6 +70,7 @@ _LAZY: dict[str, tuple[str, str]] = {
     "channel": ("._channel", "channel"),
     "Service": ("._control", "Service"),
     "ServiceCall": ("._control", "ServiceCall"),
+    "ServiceBusy": ("._errors", "ServiceBusy"),
     "ServiceNameInUse": ("._errors", "ServiceNameInUse"),
     "ServiceNotFound": ("._errors", "ServiceNotFound"),
     "ServiceSender": ("._control", "ServiceSender"),
@@ -109,6 +111,7 @@ _LAZY: dict[str, tuple[str, str]] = {
     "current_mesh": ("._mesh", "current_mesh"),
     "join": ("._mesh", "join"),
     "Limits": ("._ports", "Limits"),
+    "ControlLimits": ("._control", "ControlLimits"),
     "Process": ("._process", "Process"),
     "PeerCred": ("._sockets", "PeerCred"),
     "Connection": ("._listener", "Admission"),  # earlier name
@@ -131,6 +134,7 @@ __all__ = (
     "AuthenticationError",
     "BufferFull",
     "Limits",
+    "ControlLimits",
     "Call",
     "ChannelClosed",
     "ConnectError",
@@ -167,6 +171,7 @@ __all__ = (
     "sync",
     "Service",
     "ServiceCall",
+    "ServiceBusy",
     "ServiceNameInUse",
     "ServiceNotFound",
     "ServiceSender",

@@ -94,7 +94,7 @@ async def _run(inv: ChildInvitation) -> int:
     sock = socket.socket(fileno=inv.fd)
     secret = _read_secret(sock)
     limits = Limits(*inv.limits) if inv.limits is not None else None
-    async with Mesh._joined(inv.directory, secret, inv.node, limits) as mesh:
+    async with Mesh._joined(inv.directory, secret, inv.node, limits, inviter=inv.parent) as mesh:
         node = mesh._node
         node.connect_via(inv.parent, sock)
         port = Port._wrap([node.engine.new_bound(inv.port, inv.parent, inv.peer_port)])

@@ -1,29 +1,38 @@
 """The control plane: services by name and the live inspect tree.
 
 Every node of a mesh keeps one *session* with the mesh's root node (the one
-that created the mesh directory). The session is a port pair set up through
-``<mesh directory>/control.sock``, a socket only our uid can reach::
-
-    node -> root:  b"MCT1" + node id (16)
-    root -> node:  b"MCT1" + status (1) + root id (16) + root port (16) + node port (16)
-
-after which both sides bind their end with ``Engine.new_bound`` (exactly how
-a spawned child gets its bootstrap port) and everything else is ordinary
-mesh messages over authenticated node connections: the node sends ``Hello``
-(who it is, and a ``Sender`` to its own control server), the root answers
-``Welcome`` (a ``Sender`` to the registry). The session port breaking tells
-the root that the node is gone (its services go with it).
+that created the mesh directory), opened with an ordinary mesh message over
+the node's authenticated link: the node sends one final message, ``Hello``,
+to the well-known port id ``CONTROL_PORT`` of its inviter (its parent, for a
+spawned worker). The engine hands a message to a port it does not hold to
+``Engine.unknown_port`` with the sending node's id, which the link
+authenticated: that id, never a claim inside a message, is who the session
+is with. ``Hello`` carries the node's end of the session port and a
+``Sender`` to its own control server. The root answers ``Welcome`` (a
+``Sender`` to a registry channel of that session alone); any other node
+answers ``Redirect`` (the root's id, which it learned the same way from its
+own inviter) and the node says hello to the root. One session per node id:
+a second hello from the same node is refused. The session port breaking
+tells the root that the node is gone (its services go with it).
 
 The root keeps the registry of services: a name maps to a ``Sender`` whose
-receiver is on the serving node. A client asks the root once (``Lookup``)
-and then calls the service directly. Requests carry their deadline in an
-envelope (``_Req``); the serving side unwraps it into a ``ServiceCall``.
+receiver is on the serving node, and to the node of the session that
+registered it. A client asks the root once (``Lookup``) and then calls the
+service directly. Requests carry their deadline in an envelope (``_Req``);
+the serving side checks it and unwraps it into a ``ServiceCall``.
 
 ``inspect`` asks the root, which answers for the mesh and fans out to the
 nodes in parallel, each answering for its own subtree, with a timeout: a
 node that does not answer in time shows as ``{"$unresolved": reason}``.
 Counters are ``{"$counter": n}``; subtrees cut by ``depth`` are
 ``{"$more": number of entries}``.
+
+The work one client can make a service or the root do is bounded
+(``ControlLimits``): calls a service runs at once, per client and in all;
+inspect requests in progress, per client and in all; the timeouts and
+deadlines a server grants. Timeouts are checked on both sides: the API
+raises ``ValueError`` for a NaN, infinite or negative one; a server answers
+a malformed one from a peer with ``ValueError``/``MessageError``.
 """
 
 from __future__ import annotations
@@ -32,16 +41,20 @@ import asyncio
 import contextlib
 import inspect as _inspect
 import logging
+import math
 import os
-import socket
+import re
 import sys
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, Final, cast
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Annotated, Any, Final, cast
 
 import msgspec
 
 from ._channel import Call, Port, Receiver, Sender, channel
+from ._codec import decode
 from ._errors import (
     ChannelClosed,
     MeshError,
@@ -49,22 +62,21 @@ from ._errors import (
     NodeFailure,
     PortFailed,
     RemoteError,
+    ServiceBusy,
     ServiceNameInUse,
     ServiceNotFound,
 )
 from ._ids import PortId
-from ._names import CONTROL_NAME
-from ._platform import PLATFORM
-from ._ports import OWNED, PROXY, SENDING
-from ._sockets import Acceptor, PeerCred, listen_private, recv_exact
+from ._ports import OWNED, PROXY, SENDING, Message
 from ._tasks import TaskSet
+from ._wire import K_REPLY
 
 if TYPE_CHECKING:
     from ._mesh import Mesh
 
 log = logging.getLogger("meshipc")
 
-#: Seconds a node gets to finish the control socket exchange and say hello.
+#: Seconds a node gets to open its control session (hello, maybe a redirect, welcome).
 SESSION_TIMEOUT: Final = 10.0
 #: Services of dead nodes remembered (to answer NodeFailure, not "unknown").
 MAX_TOMBSTONES: Final = 256
@@ -76,10 +88,111 @@ WATCH_AFTER: Final = 0.05
 #: Seconds an inspect request waits for the root beyond its own timeout
 #: (which bounds the root's fan-out to the nodes).
 ROOT_GRACE: Final = 2.0
-_MAGIC = b"MCT1"
-_ST_OK, _ST_DUPLICATE = 0, 1
+#: The port id at which every node's control plane takes a ``Hello``: never
+#: a random port id (those are 16 random bytes), never held by an engine.
+CONTROL_PORT: Final = b"meshipc:control\x00"
+#: Hellos a node that is not the root holds while its own session opens (it
+#: redirects them once it knows the root); more are refused. A node's
+#: invitees say hello once each: this is many more than a node invites at once.
+MAX_PENDING_REDIRECTS: Final = 64
+#: A service name: 1-128 letters, digits, ``.``, ``_``, ``-``, ``:``, ``@``
+#: or ``+``, not starting with punctuation but ``_`` (printable and shell-safe;
+#: no ``/``, which separates inspect paths). Checked by ``serve`` and by the root.
+SERVICE_NAME: Final = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._:@+-]{0,127}")
+MAX_SERVICE_NAME: Final = 128
+#: Longest inspect path, type name, process name or role a peer may send (characters).
+MAX_INSPECT_PATH: Final = 1024
+_MAX_LABEL: Final = 256
+#: Bytes of a service's withdrawal token.
+_TOKEN_LEN: Final = 16
+
+
+@dataclass(frozen=True)
+class ControlLimits:
+    """Bounds on the work one client (one node) can make the control plane
+    do, so that no client can starve the others or grow a node without
+    bound. ``Mesh(control_limits=...)`` sets them for that node's services
+    and, on the mesh's first node, for the root.
+
+    A *client* is the node a call or request came from (its link's
+    authenticated id). Raises ``ValueError`` for a bound below 1.
+    """
+
+    #: Handler calls one service runs at once (one task each). Beyond it the
+    #: service stops reading its receiver: calls wait in its port queue and
+    #: flow control pushes back on callers (``drain()`` waits, ``BufferFull``
+    #: at the hard limit). 256: far above the concurrency a handler usually
+    #: has a use for, far below the 50,000 tasks one client could start.
+    service_calls: int = 256
+    #: Handler calls of one client one service runs at once; its further calls
+    #: wait, in order, in a queue of that client's (others are not held up by
+    #: it). 32: one client cannot take more than an eighth of ``service_calls``.
+    client_calls: int = 32
+    #: Calls of one client waiting beyond ``client_calls`` in one service;
+    #: further calls of that client are refused at once with ``ServiceBusy``
+    #: (each waiting call holds its request: about a kilobyte).
+    client_queued: int = 1024
+    #: Inspect and update requests of one client in progress on the root.
+    #: Beyond it the root stops reading that client's registry channel (its
+    #: requests wait; flow control pushes back). 4: a tool rarely needs more.
+    client_inspects: int = 4
+    #: Inspect and update requests in progress on the root from all clients;
+    #: beyond it a request is refused at once with ``ServiceBusy``. Each one
+    #: asks every node: 64 bounds the fan-out to 64 requests per node.
+    total_inspects: int = 64
+    #: Longest inspect/update timeout the root and each node grant, seconds
+    #: (a longer one is cut to it): nobody holds a request for an hour.
+    max_inspect_timeout: float = 60.0
+    #: Farthest call deadline a service grants, seconds from now (a farther
+    #: one is cut to it). A call without a deadline has none.
+    max_call_timeout: float = 24 * 3600.0
+
+    def __post_init__(self) -> None:
+        for f in ("service_calls", "client_calls", "client_queued", "client_inspects", "total_inspects"):
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"ControlLimits.{f} must be an int >= 1, got {v!r}")
+        for f in ("max_inspect_timeout", "max_call_timeout"):
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf:
+                raise ValueError(f"ControlLimits.{f} must be a finite number > 0, got {v!r}")
+
+
+DEFAULT_CONTROL_LIMITS: Final = ControlLimits()
+
+
+def check_timeout(timeout: Any, what: str = "timeout") -> float:
+    """``timeout`` as seconds; ``ValueError`` unless a finite number >= 0
+    (NaN, infinities, negatives, booleans and non-numbers are refused)."""
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise ValueError(f"{what} must be a number of seconds, got {type(timeout).__name__}")
+    try:
+        t = float(timeout)
+    except OverflowError:
+        raise ValueError(f"{what} is out of range") from None
+    if not 0.0 <= t < math.inf:  # also refuses NaN
+        raise ValueError(f"{what} must be finite and >= 0, got {timeout!r}")
+    return t
+
+
+def check_service_name(name: Any) -> str:
+    """``name`` if it is a valid service name, else ``ValueError``."""
+    if not isinstance(name, str) or not SERVICE_NAME.fullmatch(name):
+        shown = repr(name[:40]) + "..." if isinstance(name, str) and len(name) > 40 else repr(name)
+        raise ValueError(
+            f"a service name is 1-{MAX_SERVICE_NAME} letters, digits, '.', '_', '-', ':', '@' or '+' "
+            f"(not starting with punctuation other than '_'), got {shown}"
+        )
+    return name
+
 
 # ------------------------------------------------------------------ messages
+
+_ServiceName = Annotated[str, msgspec.Meta(pattern=f"^{SERVICE_NAME.pattern}$")]
+_Label = Annotated[str, msgspec.Meta(max_length=_MAX_LABEL)]
+_Path = Annotated[str, msgspec.Meta(max_length=MAX_INSPECT_PATH)]
+_Token = Annotated[bytes, msgspec.Meta(max_length=_TOKEN_LEN)]
+_NodeId = Annotated[bytes, msgspec.Meta(min_length=16, max_length=16)]
 
 
 class _Req(msgspec.Struct, array_like=True, tag="meshipc.req"):
@@ -90,38 +203,46 @@ class _Req(msgspec.Struct, array_like=True, tag="meshipc.req"):
 
 
 class Hello(msgspec.Struct, tag=True):
-    node: bytes
+    """A node's first message to its inviter's ``CONTROL_PORT`` (final: the
+    port it left goes with it). Who it comes from is the link's business."""
+
+    session: Port
+    ctl: Sender[Any]
     pid: int
     uid: int
-    role: str
-    name: str
+    role: _Label
+    name: _Label
     started: float
-    ctl: Sender[Any]
 
 
 class Welcome(msgspec.Struct, tag=True):
     registry: Sender[Any]
 
 
-SessionMsg = Hello | Welcome
+class Redirect(msgspec.Struct, tag=True):
+    """From a node that is not the root: say hello to ``root`` instead."""
+
+    root: _NodeId
+
+
+SessionMsg = Welcome | Redirect
 
 
 class Register(msgspec.Struct, tag=True):
-    name: str
-    token: bytes
-    node: bytes
+    name: _ServiceName
+    token: _Token
     sender: Sender[Any]
-    request_type: str | None = None
-    reply_type: str | None = None
+    request_type: _Label | None = None
+    reply_type: _Label | None = None
 
 
 class Unregister(msgspec.Struct, tag=True):
-    name: str
-    token: bytes
+    name: _ServiceName
+    token: _Token
 
 
 class Lookup(msgspec.Struct, tag=True):
-    name: str
+    name: _ServiceName
 
 
 class ListServices(msgspec.Struct, tag=True):
@@ -129,14 +250,14 @@ class ListServices(msgspec.Struct, tag=True):
 
 
 class InspectMesh(msgspec.Struct, tag=True):
-    path: str = ""
+    path: _Path = ""
     depth: int | None = None
     timeout: float = 1.0
     sensitive: bool = False
 
 
 class UpdateMesh(msgspec.Struct, tag=True):
-    path: str
+    path: _Path
     value: Any
     timeout: float = 1.0
 
@@ -145,14 +266,14 @@ RegistryMsg = Register | Unregister | Lookup | ListServices | InspectMesh | Upda
 
 
 class InspectNode(msgspec.Struct, tag=True):
-    path: str = ""
+    path: _Path = ""
     depth: int | None = None
     sensitive: bool = False
     timeout: float = 1.0
 
 
 class UpdateNode(msgspec.Struct, tag=True):
-    name: str
+    name: _Label
     value: Any
 
 
@@ -277,11 +398,32 @@ class ServiceSender(Sender[Any]):
     __slots__ = ()
 
     async def call(self, request: Any, *, timeout: float | None = None) -> Any:
-        """As ``Sender.call``; ``TimeoutError`` after ``timeout`` seconds."""
+        """As ``Sender.call``; ``TimeoutError`` after ``timeout`` seconds,
+        ``ValueError`` for a NaN, infinite or negative ``timeout``,
+        ``ServiceBusy`` if the service refused the call (this client has
+        too many waiting there)."""
         if timeout is None:
-            return await super().call(_Req(None, request))
+            return await _busy_call(super().call(_Req(None, request)))
+        timeout = check_timeout(timeout)
         async with asyncio.timeout(timeout):
-            return await super().call(_Req(time.monotonic() + timeout, request))
+            return await _busy_call(super().call(_Req(time.monotonic() + timeout, request)))
+
+
+async def _busy_call(work: Awaitable[Any]) -> Any:
+    """``await work``, a service's ``ServiceBusy`` refusal raised as itself."""
+    try:
+        return await work
+    except RemoteError as exc:
+        if exc.type_name == "ServiceBusy":
+            raise ServiceBusy(exc.message.removeprefix("busy: ")) from None
+        raise
+
+
+def _caller(call: Call[Any]) -> bytes:
+    """The node a call came from: its reply port's peer (for a call from
+    another node, the link's authenticated id that sent it)."""
+    states = call._port._states
+    return states[0].peer_node if states else b""
 
 
 class Service:
@@ -314,6 +456,14 @@ class Service:
         self._done: asyncio.Future[None] = loop.create_future()
         self._tasks = TaskSet(loop)
         self._active: dict[int, float] = {}
+        self._limits = control.limits
+        # handler calls running, in all and per client; calls of a client at
+        # its bound wait in its queue (see ControlLimits)
+        self._running = 0
+        self._per_client: dict[bytes, int] = {}
+        self._waiting: dict[bytes, deque[ServiceCall]] = {}
+        self._slot: asyncio.Future[None] | None = None
+        self.refused = 0
         self.calls = 0
         self.errors = 0
         self.closed = False
@@ -332,6 +482,10 @@ class Service:
         self.closed = True
         self._pump.cancel()
         self._tasks.cancel_all()
+        for q in self._waiting.values():
+            for sc in q:
+                sc._port.close()  # the caller learns the call was dropped
+        self._waiting.clear()
         self._rx.close()
         self._tx.close()
         if self._target is not None:
@@ -343,14 +497,28 @@ class Service:
         self._control._service_closed(self)
 
     def _unwrap(self, call: Call[Any]) -> ServiceCall | None:
+        """The ``ServiceCall`` of a call, or None once it was failed: a
+        deadline that is not a finite number (a peer's doing) or a request
+        of the wrong type. A deadline is cut to ``max_call_timeout`` from now."""
         req = call.request
-        deadline: float | None = None
+        deadline: Any = None
         if isinstance(req, _Req):
             deadline, req = req.deadline, req.request
         elif isinstance(req, list) and len(req) == 3 and req[0] == "meshipc.req":
             deadline, req = req[1], req[2]
-            if deadline is not None and not isinstance(deadline, (int, float)):
-                deadline = None
+        if deadline is not None:
+            try:
+                deadline = float(deadline) if not isinstance(deadline, bool) else math.nan
+            except (TypeError, ValueError, OverflowError):
+                deadline = math.nan
+            if not math.isfinite(deadline):
+                self.errors += 1
+                with contextlib.suppress(ChannelClosed):
+                    call.fail(
+                        MessageError(f"service {self.name!r}: the call's deadline is not a finite time")
+                    )
+                return None
+            deadline = min(deadline, time.monotonic() + self._limits.max_call_timeout)
         sc = ServiceCall(req, call._port, deadline)
         if self.request_type is not None:
             try:
@@ -362,6 +530,7 @@ class Service:
         return sc
 
     async def _run(self) -> None:
+        limits = self._limits
         async for call in self._rx:
             if not isinstance(call, Call):
                 continue
@@ -380,9 +549,58 @@ class Service:
                     with contextlib.suppress(ChannelClosed):
                         sc.fail(exc)
                 continue
-            self._tasks.spawn(self._handle(sc))
+            self._admit(_caller(call), sc)
+            while self._running >= limits.service_calls:
+                # stop reading: further calls wait in the port's queue, and
+                # flow control pushes back on their callers
+                self._slot = asyncio.get_running_loop().create_future()
+                await self._slot
 
-    async def _handle(self, call: ServiceCall) -> None:
+    def _admit(self, client: bytes, sc: ServiceCall) -> None:
+        """Run ``sc`` now, queue it behind its client's running calls, or
+        refuse it (``ServiceBusy``) when that queue is full."""
+        if self._per_client.get(client, 0) < self._limits.client_calls:
+            self._running += 1
+            self._per_client[client] = self._per_client.get(client, 0) + 1
+            self._tasks.spawn(self._handle(sc, client))
+            return
+        q = self._waiting.setdefault(client, deque())
+        if len(q) >= self._limits.client_queued:
+            self.refused += 1
+            with contextlib.suppress(ChannelClosed):
+                sc.fail(
+                    ServiceBusy(
+                        f"service {self.name!r} already has {self._limits.client_calls} calls running "
+                        f"and {len(q)} waiting from this client"
+                    )
+                )
+            return
+        q.append(sc)
+
+    def _call_done(self, client: bytes) -> None:
+        """A call of ``client`` ended: its next waiting call takes the slot."""
+        q = self._waiting.get(client)
+        while q:
+            sc = q.popleft()
+            if not q:
+                del self._waiting[client]
+            if sc.cancelled:
+                sc._port.close()
+                continue
+            self._tasks.spawn(self._handle(sc, client))
+            return
+        self._waiting.pop(client, None)
+        self._running -= 1
+        n = self._per_client.get(client, 1) - 1
+        if n > 0:
+            self._per_client[client] = n
+        else:
+            self._per_client.pop(client, None)
+        slot = self._slot
+        if slot is not None and not slot.done():
+            slot.set_result(None)
+
+    async def _handle(self, call: ServiceCall, client: bytes) -> None:
         key = id(call)
         self._active[key] = time.monotonic()
         loop = asyncio.get_running_loop()
@@ -409,6 +627,8 @@ class Service:
             for t in watcher:
                 t.cancel()
             self._active.pop(key, None)
+            if not self.closed:
+                self._call_done(client)
 
     def _watch_caller(
         self, call: ServiceCall, work: asyncio.Task[Any] | None, watcher: list[asyncio.Task[None]]
@@ -448,11 +668,18 @@ class Service:
             "calls": counter(self.calls),
             "errors": counter(self.errors),
             "active": len(self._active) if self._target is None else None,
+            "waiting": sum(map(len, self._waiting.values())),
+            "refused": counter(self.refused),
             "oldest_active_age": round(now - min(self._active.values()), 6) if self._active else None,
         }
 
     def __repr__(self) -> str:
         return f"<Service {self.name!r}{' closed' if self.closed else ''}>"
+
+
+def _close_hello(hello: Hello) -> None:
+    hello.session.close()
+    hello.ctl.close()
 
 
 def _consume(fut: asyncio.Future[None]) -> None:
@@ -463,8 +690,8 @@ def _consume(fut: asyncio.Future[None]) -> None:
 class _Entry:
     __slots__ = ("node", "reply_type", "request_type", "sender", "since", "token")
 
-    def __init__(self, r: Register) -> None:
-        self.node = r.node
+    def __init__(self, r: Register, node: bytes) -> None:
+        self.node = node  # the session's node: never a claim in the message
         self.sender = r.sender
         self.token = r.token
         self.request_type = r.request_type
@@ -473,14 +700,18 @@ class _Entry:
 
 
 class _Session:
-    """The root's view of one node."""
+    """The root's view of one node: its session port, its hello, and the
+    registry channel that is its alone (so every request on it is that node's)."""
 
-    __slots__ = ("hello", "port", "task")
+    __slots__ = ("hello", "inspects", "port", "registry", "slot", "task")
 
-    def __init__(self, port: Port) -> None:
-        self.port = port
-        self.hello: Hello | None = None
+    def __init__(self, hello: Hello, registry: Receiver[Any]) -> None:
+        self.port = hello.session
+        self.hello = hello
+        self.registry = registry
         self.task: asyncio.Task[None] | None = None
+        self.inspects = 0  # inspect/update requests in progress
+        self.slot: asyncio.Future[None] | None = None  # set when one ends
 
 
 # ------------------------------------------------------------------ the control object
@@ -489,10 +720,13 @@ class _Session:
 class Control:
     """The control plane of one ``Mesh`` (one node)."""
 
-    def __init__(self, mesh: Mesh, root: bool) -> None:
+    def __init__(
+        self, mesh: Mesh, root: bool, inviter: bytes | None = None, limits: ControlLimits | None = None
+    ) -> None:
         self.mesh = mesh
         self.node = mesh._node
         self.root = root
+        self.limits = limits if limits is not None else DEFAULT_CONTROL_LIMITS
         self.loop = self.node.loop
         self.started = time.time()
         self._t0 = time.monotonic()
@@ -503,44 +737,40 @@ class Control:
         self._app: dict[str, tuple[Callable[[], Any], bool, Callable[[Any], Any] | None]] = {}
         # the node's own control server (inspect requests from the root)
         self._ctl_tx, self._ctl_rx = channel(NodeMsg)
+        self._node_answers = 0
+        self._node_slot: asyncio.Future[None] | None = None
         self._tasks.spawn(self._serve_node())
         # root: registry and sessions; others: the session
+        self._inviter = inviter
+        self._root_id: bytes | None = bytes(self.node.id) if root else None
         self._registry: Sender[Any] | None = None
         self._ready: asyncio.Future[None] = self.loop.create_future()
         self._ready.add_done_callback(_consume)
         self._session_port: Port | None = None
         self._gate = asyncio.Event()
         self._gate.set()
-        self._lsock: socket.socket | None = None
         self._clients: dict[bytes, _Session] = {}
+        self._inspects = 0  # inspect/update requests in progress on the root, from all clients
         self._services_reg: dict[str, _Entry] = {}
         self._tombstones: dict[str, tuple[str, str]] = {}
         self._senders: dict[str, ServiceSender] = {}
+        self._redirects: list[Hello] = []
+        self._session_task: asyncio.Task[None] | None = None
+        self._session_timer: asyncio.TimerHandle | None = None
+        self.node.engine.unknown_port = self._on_control_port
         if root:
-            self._reg_tx, self._reg_rx = channel(RegistryMsg)
-            self._registry = self._reg_tx
-            self._tasks.spawn(self._serve_registry())
-            self.path = self.node.directory / CONTROL_NAME
-            self._lsock = listen_private(self.path, "control socket")
-            self._acceptor = Acceptor(
-                self.loop, self._lsock, lambda s: self._tasks.spawn(self._accept(s)), f"control {self.path}"
-            )
-            self._acceptor.start()
             self._ready.set_result(None)
         else:
             # not at once: a node's first messages (a worker's first reply, a
             # client's first call) should not queue behind the session setup
-            self._session_task: asyncio.Task[None] | None = None
-            self._session_timer: asyncio.TimerHandle | None = self.loop.call_later(
-                SESSION_DELAY, self._start_session
-            )
+            self._session_timer = self.loop.call_later(SESSION_DELAY, self._start_session)
 
     def _start_session(self) -> None:
         """Start the session with the root now, if not yet started."""
         if self._session_timer is not None:
             self._session_timer.cancel()
             self._session_timer = None
-        if self._session_task is None and not self.closed:
+        if self._session_task is None and not self.closed and not self.root:
             self._session_task = self._tasks.spawn(self._session())
 
     @property
@@ -551,20 +781,18 @@ class Control:
         if self.closed:
             return
         self.closed = True
-        if not self.root and self._session_timer is not None:
+        if self.node.engine.unknown_port == self._on_control_port:
+            self.node.engine.unknown_port = None
+        if self._session_timer is not None:
             self._session_timer.cancel()
         for svc in list(self._services.values()):
             svc.close()
-        if self._lsock is not None:
-            self._acceptor.close()
-            self._lsock.close()
-            self._lsock = None
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.path)
         self._tasks.cancel_all()
         for s in self._clients.values():
             s.port.close()
+            s.registry.close()
         self._clients.clear()
+        self._refuse_redirects()
         for sender in self._senders.values():
             sender.close()
         self._senders.clear()
@@ -580,13 +808,56 @@ class Control:
         if not self._ready.done():
             self._ready.set_exception(MeshError("the mesh is closed"))
 
+    # -------------------------------------------------------------- the control port (every node)
+
+    def _on_control_port(self, src: bytes, port: bytes, seq: int, msg: Message) -> bool:
+        """The engine's ``unknown_port`` hook: a ``Hello`` from node ``src``
+        (authenticated by its link) opens its session (root) or is
+        redirected to the root (any other node). Anything else is dropped."""
+        if port != CONTROL_PORT or self.closed:
+            return False
+        if seq != 1 or msg.kind != K_REPLY:
+            log.info("node %s: dropped a malformed control hello from node %s", self.node.id, src.hex()[:12])
+            return False
+        try:
+            hello = decode(msg, Hello)  # closes what the message carried if it is malformed
+        except MessageError as exc:
+            log.info(
+                "node %s: dropped a malformed control hello from node %s: %s",
+                self.node.id,
+                src.hex()[:12],
+                exc,
+            )
+            return True
+        if self.root:
+            self._open_session(src, hello)
+        else:
+            self._redirect(hello)
+        return True
+
+    def _redirect(self, hello: Hello) -> None:
+        if self._root_id is not None:
+            with contextlib.suppress(MeshError):
+                hello.session.send(Redirect(self._root_id))
+            _close_hello(hello)
+            return
+        if len(self._redirects) >= MAX_PENDING_REDIRECTS:
+            _close_hello(hello)  # refused: the newcomer's session says so
+            return
+        self._redirects.append(hello)
+        self._start_session()
+
+    def _refuse_redirects(self) -> None:
+        for hello in self._redirects:
+            _close_hello(hello)
+        self._redirects.clear()
+
     # -------------------------------------------------------------- session (non-root)
 
     def joining(self) -> None:
-        """``join`` is handshaking with its inviter (maybe the root): binding
-        the session port now would start a second connection to the root
-        that could beat the invitation's own (and be refused as a
-        duplicate). The session waits for ``joined()``."""
+        """``join`` is handshaking with its inviter: saying hello now would
+        start a second connection to it that could beat the invitation's own
+        (and be refused as a duplicate). The session waits for ``joined()``."""
         self.role = "client"
         self._gate.clear()
 
@@ -594,113 +865,96 @@ class Control:
         self._gate.set()
 
     async def _session(self) -> None:
-        path = self.node.directory / CONTROL_NAME
         try:
+            if self._inviter is None:
+                raise MeshError("this node knows no inviter to ask for the mesh root")
             async with asyncio.timeout(SESSION_TIMEOUT):
-                port = await self._open_session(path)
-                self._session_port = port
-                port.send(
-                    Hello(
-                        bytes(self.node.id),
-                        os.getpid(),
-                        os.getuid(),
-                        self.role,
-                        _process_name(),
-                        self.started,
-                        self._ctl_tx.clone(),
-                    )
-                )
-                welcome = await port.recv()
-            if not isinstance(welcome, Welcome):
-                raise MeshError("the root node sent no welcome")
+                await self._gate.wait()
+                target = self._inviter
+                while True:
+                    port = self._say_hello(target)
+                    self._session_port = port
+                    try:
+                        answer = await port.recv()
+                    except ChannelClosed:
+                        raise MeshError("the mesh root refused a control session") from None
+                    if isinstance(answer, Welcome):
+                        break
+                    port.close()
+                    self._session_port = None
+                    # one redirect, from our inviter, to another node: no loops
+                    if target != self._inviter or answer.root in (target, bytes(self.node.id)):
+                        raise MeshError("the mesh root sent no welcome")
+                    target = answer.root
         except (OSError, TimeoutError, MeshError) as exc:
             log.debug("node %s: no control session with the mesh root: %s", self.node.id, exc)
             if not self._ready.done():
                 self._ready.set_exception(MeshError(f"no control plane: the mesh root did not answer: {exc}"))
+            self._refuse_redirects()
             return
-        self._registry = welcome.registry
+        self._root_id = target
+        self._registry = answer.registry
         self._ready.set_result(None)
+        for hello in self._redirects:
+            self._redirect(hello)
+        self._redirects.clear()
         try:
             while True:
                 await port.recv()
         except MeshError as exc:
             log.debug("node %s: control session ended: %s", self.node.id, exc)
 
-    async def _open_session(self, path: Any) -> Port:
-        sock = PLATFORM.unix_socket()
-        sock.setblocking(False)
-        with sock:
-            await self.loop.sock_connect(sock, os.fspath(path))
-            cred = PeerCred.of(sock)
-            if cred.uid != os.getuid():
-                raise MeshError(f"control socket {path} runs as uid {cred.uid}")
-            await self.loop.sock_sendall(sock, _MAGIC + bytes(self.node.id))
-            data = await recv_exact(self.loop, sock, 4 + 1 + 48)
-        if data[:4] != _MAGIC or data[4] != _ST_OK:
-            raise MeshError(f"the mesh root refused a control session (status {data[4]})")
-        root, rport, mine = data[5:21], data[21:37], data[37:53]
-        await self._gate.wait()
-        st = self.node.engine.new_bound(mine, root, rport)
-        return Port._wrap([st], SessionMsg)
+    def _say_hello(self, target: bytes) -> Port:
+        """Send ``Hello`` to ``target``'s control port; our session end."""
+        engine = self.node.engine
+        mine, theirs = engine.new_pair()
+        hello = Hello(
+            Port._wrap([theirs]),
+            self._ctl_tx.clone(),
+            os.getpid(),
+            os.getuid(),
+            self.role,
+            _process_name()[:_MAX_LABEL],
+            self.started,
+        )
+        st = engine.new_bound(bytes(PortId.random()), target, CONTROL_PORT)
+        engine.send_final(st, K_REPLY, hello)  # one message; the port goes with it
+        return Port._wrap([mine], SessionMsg)
 
     # -------------------------------------------------------------- sessions (root)
 
-    async def _accept(self, sock: socket.socket) -> None:
-        with sock:
-            try:
-                cred = PeerCred.of(sock)
-                if cred.uid not in self.node.allowed_uids:
-                    log.warning("control socket refused pid %d uid %d", cred.pid, cred.uid)
-                    return
-                async with asyncio.timeout(SESSION_TIMEOUT):
-                    data = await recv_exact(self.loop, sock, 4 + 16)
-                    if data[:4] != _MAGIC:
-                        return
-                    peer = data[4:20]
-                    if peer in self._clients or peer == bytes(self.node.id) or self.closed:
-                        await self.loop.sock_sendall(sock, _MAGIC + bytes([_ST_DUPLICATE]) + bytes(48))
-                        return
-                    mine, theirs = bytes(PortId.random()), bytes(PortId.random())
-                    st = self.node.engine.new_bound(mine, peer, theirs)
-                    port = Port._wrap([st], SessionMsg)
-                    session = _Session(port)
-                    self._clients[peer] = session
-                    try:
-                        await self.loop.sock_sendall(
-                            sock, _MAGIC + bytes([_ST_OK]) + bytes(self.node.id) + mine + theirs
-                        )
-                    except OSError:
-                        self._clients.pop(peer, None)
-                        port.close()
-                        raise
-            except (OSError, TimeoutError, MeshError) as exc:
-                log.info("control socket: a node left during its session setup: %s", exc)
-                return
-        session.task = self._tasks.spawn(self._run_session(peer, session))
+    def _open_session(self, peer: bytes, hello: Hello) -> None:
+        if peer in self._clients or peer == bytes(self.node.id):
+            log.warning("node %s: refused a second control session of node %s", self.node.id, peer.hex()[:12])
+            _close_hello(hello)
+            return
+        tx, rx = channel(RegistryMsg)
+        s = _Session(hello, rx)
+        self._clients[peer] = s
+        try:
+            s.port.send(Welcome(tx))
+        except MeshError:
+            pass  # the session port is already gone: _run_session sees it
+        s.task = self._tasks.spawn(self._run_session(peer, s))
 
     async def _run_session(self, peer: bytes, s: _Session) -> None:
         reason: str | None = None
+        registry = self._tasks.spawn(self._serve_registry(peer, s))
         try:
-            async with asyncio.timeout(SESSION_TIMEOUT):
-                hello = await s.port.recv()
-            if not isinstance(hello, Hello) or hello.node != peer:
-                raise MeshError("bad hello")
-            s.hello = hello
-            s.port.send(Welcome(self._reg_tx.clone()))
             while True:
                 await s.port.recv()
         except ChannelClosed:
             pass
         except PortFailed as exc:
             reason = exc.cause
-        except (MeshError, TimeoutError) as exc:
+        except MeshError as exc:
             reason = str(exc) or type(exc).__name__
         finally:
+            registry.cancel()
             if self._clients.get(peer) is s:
                 del self._clients[peer]
-            s.port.close()
-            if s.hello is not None:
-                s.hello.ctl.close()
+            _close_hello(s.hello)
+            s.registry.close()
             self._node_gone(peer, reason)
 
     def _node_gone(self, peer: bytes, reason: str | None) -> None:
@@ -715,35 +969,54 @@ class Control:
 
     # -------------------------------------------------------------- registry (root)
 
-    async def _serve_registry(self) -> None:
-        async for msg in self._reg_rx:
+    async def _serve_registry(self, peer: bytes, s: _Session) -> None:
+        """The registry channel of node ``peer``'s session: every request on
+        it is that node's. Inspect requests are bounded per node (the channel
+        is not read meanwhile) and in all (refused with ``ServiceBusy``)."""
+        limits = self.limits
+        async for msg in s.registry:
             if isinstance(msg, Call):
                 req = msg.request
                 if isinstance(req, (InspectMesh, UpdateMesh)):
-                    self._tasks.spawn(self._answer_inspect(msg, req))
+                    if self._inspects >= limits.total_inspects:
+                        with contextlib.suppress(ChannelClosed):
+                            msg.fail(
+                                ServiceBusy(
+                                    f"the mesh root has {self._inspects} inspect requests in progress"
+                                )
+                            )
+                        continue
+                    s.inspects += 1
+                    self._inspects += 1
+                    self._tasks.spawn(self._answer_inspect(msg, req, s))
+                    while s.inspects >= limits.client_inspects:
+                        s.slot = self.loop.create_future()
+                        await s.slot
                     continue
                 try:
-                    msg.reply(self._registry_op(req))
+                    msg.reply(self._registry_op(req, peer))
                 except ChannelClosed:
                     pass
-                except MeshError as exc:
+                except (MeshError, ValueError) as exc:
                     with contextlib.suppress(ChannelClosed):
                         msg.fail(exc)
             elif isinstance(msg, Unregister):
-                self._registry_op(msg)
+                self._registry_op(msg, peer)
 
-    def _registry_op(self, req: Any) -> Any:
+    def _registry_op(self, req: Any, node: bytes) -> Any:
+        """One registry request of ``node`` (the root's own, or the session's)."""
         if isinstance(req, Register):
+            check_service_name(req.name)
             cur = self._services_reg.get(req.name)
             if cur is not None:
                 req.sender.close()
                 return {"error": "in_use", "node": cur.node.hex()}
-            self._services_reg[req.name] = _Entry(req)
+            self._services_reg[req.name] = _Entry(req, node)
             self._tombstones.pop(req.name, None)
             return {"ok": True}
         if isinstance(req, Unregister):
             cur = self._services_reg.get(req.name)
-            if cur is not None and cur.token == req.token:
+            if cur is not None and cur.node == node and cur.token == req.token:
                 del self._services_reg[req.name]
                 cur.sender.close()
             return {"ok": True}
@@ -777,10 +1050,11 @@ class Control:
     async def _ask_root(self, req: InspectMesh | UpdateMesh, timeout: float, silent: str) -> Any:
         """An inspect request to the root, which bounds its own fan-out by
         ``timeout``; ``ROOT_GRACE`` more covers the root itself (then
-        ``MeshError(silent ...)``). A missing entry is a ``LookupError``."""
+        ``MeshError(silent ...)``). A missing entry is a ``LookupError``;
+        the root at its bound raises ``ServiceBusy``."""
         try:
             async with asyncio.timeout(timeout + ROOT_GRACE):
-                return await self._registry_call(req)
+                return await _busy_call(self._registry_call(req))
         except TimeoutError:
             raise MeshError(f"{silent} within {timeout + ROOT_GRACE:.1f} s") from None
         except RemoteError as exc:
@@ -796,7 +1070,7 @@ class Control:
                 return await self._inspect_mesh(req)
             if isinstance(req, UpdateMesh):
                 return await self._update_mesh(req)
-            return self._registry_op(req)
+            return self._registry_op(req, bytes(self.node.id))
         self._start_session()
         await asyncio.shield(self._ready)
         if self._registry is None:
@@ -814,8 +1088,7 @@ class Control:
     ) -> Service:
         if self.closed:
             raise MeshError("the mesh is closed")
-        if not isinstance(name, str) or not name or len(name) > 200:
-            raise ValueError("a service name is a non-empty string of at most 200 characters")
+        check_service_name(name)
         if name in self._services:
             raise ServiceNameInUse(name, self.node.id.hex())
         target: Sender[Any] | None = None
@@ -841,13 +1114,12 @@ class Control:
         reg = Register(
             name,
             svc.token,
-            bytes(self.node.id),
             svc._tx.clone(),
             _type_name(request_type),
             _type_name(reply_type),
         )
         if self.root:
-            result = self._registry_op(reg)
+            result = self._registry_op(reg, bytes(self.node.id))
             if "error" in result:
                 svc.close()
                 raise ServiceNameInUse(name, result["node"])
@@ -881,7 +1153,7 @@ class Control:
         if self.closed:
             return
         if self.root:
-            self._registry_op(Unregister(svc.name, svc.token))
+            self._registry_op(Unregister(svc.name, svc.token), bytes(self.node.id))
         elif self._registry is not None:
             with contextlib.suppress(MeshError):
                 self._registry.send(Unregister(svc.name, svc.token))
@@ -893,6 +1165,8 @@ class Control:
         return dict(result)
 
     async def open(self, service: str) -> ServiceSender:
+        if not isinstance(service, str) or not SERVICE_NAME.fullmatch(service):
+            raise ServiceNotFound(service if isinstance(service, str) else repr(service))
         result = await self._registry_call(Lookup(service))
         status = result.get("status") if isinstance(result, dict) else None
         if status == "ok":
@@ -906,6 +1180,7 @@ class Control:
     async def call(self, service: str, request: Any, timeout: float | None = None) -> Any:
         if timeout is None:
             return await self._call(service, request, None)
+        timeout = check_timeout(timeout)
         # the timeout covers finding the service too
         deadline = time.monotonic() + timeout
         async with asyncio.timeout(timeout):
@@ -923,7 +1198,7 @@ class Control:
                 sender = self._senders[service]
             else:
                 self._senders[service] = sender
-        return await Sender.call(sender, _Req(deadline, request))
+        return await _busy_call(Sender.call(sender, _Req(deadline, request)))
 
     # -------------------------------------------------------------- inspect
 
@@ -943,6 +1218,7 @@ class Control:
         self._app[name] = (fn, sensitive, update)
 
     async def inspect_update(self, path: str, value: Any, timeout: float = 1.0) -> Any:
+        timeout = min(check_timeout(timeout), self.limits.max_inspect_timeout)
         req = UpdateMesh(path, value, timeout)
         return await self._ask_root(req, timeout, f"no answer to the update of {path!r}")
 
@@ -987,6 +1263,7 @@ class Control:
     async def inspect(
         self, path: str = "", depth: int | None = None, timeout: float = 1.0, sensitive: bool = False
     ) -> Any:
+        timeout = min(check_timeout(timeout), self.limits.max_inspect_timeout)
         req = InspectMesh(path, depth, timeout, sensitive)
         if self.root:
             try:
@@ -995,11 +1272,25 @@ class Control:
                 raise LookupError(f"no inspect entry {exc.args[0]!r}") from None
         return await self._ask_root(req, timeout, "the mesh root did not answer inspect")
 
-    async def _answer_inspect(self, call: Call[Any], req: InspectMesh | UpdateMesh) -> None:
-        if isinstance(req, UpdateMesh):
-            await _answer(call, self._update_mesh(req))
-        else:
-            await _answer(call, self._inspect_mesh(req))
+    async def _answer_inspect(self, call: Call[Any], req: InspectMesh | UpdateMesh, s: _Session) -> None:
+        """Answer a session's inspect or update request; the request's
+        timeout (a peer's number) is checked and cut to ``max_inspect_timeout``."""
+        try:
+            try:
+                timeout = min(check_timeout(req.timeout), self.limits.max_inspect_timeout)
+            except ValueError as exc:
+                with contextlib.suppress(ChannelClosed):
+                    call.fail(exc)
+                return
+            if isinstance(req, UpdateMesh):
+                await _answer(call, self._update_mesh(msgspec.structs.replace(req, timeout=timeout)))
+            else:
+                await _answer(call, self._inspect_mesh(msgspec.structs.replace(req, timeout=timeout)))
+        finally:
+            s.inspects -= 1
+            self._inspects -= 1
+            if s.slot is not None and not s.slot.done():
+                s.slot.set_result(None)
 
     async def _inspect_mesh(self, req: InspectMesh) -> Any:
         parts = _split(req.path)
@@ -1099,20 +1390,46 @@ class Control:
                 info["name"] = names[info["pid"]]
 
     async def _serve_node(self) -> None:
+        """The root's inspect requests to this node: at most
+        ``total_inspects`` at once (the channel is not read meanwhile)."""
         async for call in self._ctl_rx:
             if isinstance(call, Call):
+                self._node_answers += 1
                 self._tasks.spawn(self._answer_node(call))
+                while self._node_answers >= self.limits.total_inspects:
+                    self._node_slot = self.loop.create_future()
+                    await self._node_slot
 
     async def _answer_node(self, call: Call[Any]) -> None:
+        try:
+            await self._answer_node_now(call)
+        finally:
+            self._node_answers -= 1
+            if self._node_slot is not None and not self._node_slot.done():
+                self._node_slot.set_result(None)
+
+    async def _answer_node_now(self, call: Call[Any]) -> None:
         req = call.request
         if isinstance(req, UpdateNode):
             await _answer(call, self._update_node(req))
-        else:
-            await _answer(call, self._inspect_node(req))
+            return
+        try:
+            timeout = min(check_timeout(req.timeout), self.limits.max_inspect_timeout)
+        except ValueError as exc:
+            with contextlib.suppress(ChannelClosed):
+                call.fail(exc)
+            return
+        await _answer(call, self._inspect_node(msgspec.structs.replace(req, timeout=timeout)))
 
     async def _inspect_node(self, req: InspectNode) -> Any:
         parts = _split(req.path)
-        tree = self.node_tree()
+        section: str | None = None
+        if parts:
+            keys = [*_BUILTIN_KEYS, *self._app]
+            matches = [k for k in keys if k == parts[0]] or [k for k in keys if k.startswith(parts[0])]
+            if len(matches) == 1:
+                section = matches[0]
+        tree = self.node_tree(section)
         for name, (fn, sensitive, _) in self._app.items():
             if parts and parts[0] != name:
                 continue
@@ -1131,12 +1448,45 @@ class Control:
                 tree[name] = {"$unresolved": f"{type(exc).__name__}: {exc}"}
         return _prune(_select(tree, parts), req.depth)
 
-    def node_tree(self) -> dict[str, Any]:
+    def node_tree(self, section: str | None = None) -> dict[str, Any]:
+        """This node's inspect subtree; with ``section``, only that entry is
+        computed among the costly ones (a request for ``services`` does not
+        walk every port: each request costs what it shows)."""
         node = self.node
         mesh = self.mesh
-        conns: dict[str, Any] = {}
-        for peer, c in list(node.links.items()):
-            conns[peer.hex()] = {
+        costly: dict[str, Callable[[], Any]] = {
+            "connections": self._connection_stats,
+            "ports": self._port_stats,
+            "services": lambda: {name: s.snapshot() for name, s in sorted(self._services.items())},
+            "workers": lambda: {
+                f"{p.name}-{p.pid}": {
+                    "name": p.name,
+                    "pid": p.pid,
+                    "state": "running" if p.returncode is None else "exited",
+                    "returncode": p.returncode,
+                }
+                for p in mesh._children
+            },
+            "tasks": lambda: {"total": len(asyncio.all_tasks(self.loop))},
+        }
+        tree: dict[str, Any] = {
+            "id": bytes(node.id).hex(),
+            "pid": os.getpid(),
+            "uid": os.getuid(),
+            "name": mesh.name if self.root and mesh.name else _process_name(),
+            "role": self.role,
+            "uptime": round(self.uptime, 3),
+        }
+        for key, fn in costly.items():
+            if section is None or section == key:
+                tree[key] = fn()
+        tree["rejected"] = counter(node.rejected)
+        tree["attached"] = counter(node.attached)
+        return tree
+
+    def _connection_stats(self) -> dict[str, Any]:
+        return {
+            peer.hex(): {
                 "bytes_in": counter(c.bytes_in),
                 "bytes_out": counter(c.bytes_out),
                 "messages_in": counter(c.frames_in),
@@ -1144,6 +1494,12 @@ class Control:
                 "writes": counter(c.writes),
                 "queued_bytes": c.queued_bytes,
             }
+            for peer, c in list(self.node.links.items())
+        }
+
+    def _port_stats(self) -> dict[str, Any]:
+        """One walk over this node's ports."""
+        node = self.node
         modes = {OWNED: "owned", SENDING: "sending", PROXY: "proxy"}
         by_state: dict[str, int] = {}
         by_peer: dict[str, int] = {}
@@ -1168,38 +1524,14 @@ class Control:
                 n_out, b_out = in_flight(st)
                 unacked_msgs += n_out
                 unacked_bytes += b_out
-        workers = {
-            f"{p.name}-{p.pid}": {
-                "name": p.name,
-                "pid": p.pid,
-                "state": "running" if p.returncode is None else "exited",
-                "returncode": p.returncode,
-            }
-            for p in mesh._children
-        }
-        tasks = asyncio.all_tasks(self.loop)
         return {
-            "id": bytes(node.id).hex(),
-            "pid": os.getpid(),
-            "uid": os.getuid(),
-            "name": mesh.name if self.root and mesh.name else _process_name(),
-            "role": self.role,
-            "uptime": round(self.uptime, 3),
-            "connections": conns,
-            "ports": {
-                "total": len(node.engine.ports),
-                "by_state": by_state,
-                "by_peer": by_peer,
-                "queued_messages": queued_msgs,
-                "queued_bytes": queued_bytes,
-                "unconsumed_out_messages": unacked_msgs,
-                "unconsumed_out_bytes": unacked_bytes,
-            },
-            "services": {name: s.snapshot() for name, s in sorted(self._services.items())},
-            "workers": workers,
-            "tasks": {"total": len(tasks)},
-            "rejected": counter(node.rejected),
-            "attached": counter(node.attached),
+            "total": len(node.engine.ports),
+            "by_state": by_state,
+            "by_peer": by_peer,
+            "queued_messages": queued_msgs,
+            "queued_bytes": queued_bytes,
+            "unconsumed_out_messages": unacked_msgs,
+            "unconsumed_out_bytes": unacked_bytes,
         }
 
 

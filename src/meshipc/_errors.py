@@ -245,3 +245,15 @@ class ServiceNameInUse(MeshError):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.service, self.node))
+
+
+class ServiceBusy(MeshError):
+    """The serving side is at one of its per-client bounds (``ControlLimits``)
+    and refused this request instead of queueing it: try again later."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(f"busy: {what}")
+        self.what = what
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.what,))

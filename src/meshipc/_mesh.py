@@ -25,7 +25,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, ClassVar, Final
 
 from ._codec import CODEC
-from ._control import Control, Service
+from ._control import DEFAULT_CONTROL_LIMITS, Control, ControlLimits, Service
 from ._errors import InvitationExpired, JoinError, MeshError
 from ._handshake import MeshSecret
 from ._ids import NodeId
@@ -157,12 +157,16 @@ class Mesh:
         *,
         runtime_dir: str | os.PathLike[str] | None = None,
         limits: Limits | None = None,
+        control_limits: ControlLimits | None = None,
     ) -> None:
         if name is not None and not NAME.match(name):
             raise ValueError(f"mesh names are 1-64 letters, digits, '.', '_' or '-', got {name!r}")
         self.name = name
         #: flow-control bounds of this node's ports (spawned workers inherit them)
         self.limits = limits if limits is not None else DEFAULT_LIMITS
+        #: bounds on the work one client can make this node's services (and,
+        #: on the mesh's first node, the root) do; see ``ControlLimits``
+        self.control_limits = control_limits if control_limits is not None else DEFAULT_CONTROL_LIMITS
         self._runtime_dir = runtime_dir
         self._node: Node = None  # type: ignore[assignment]  # set on enter
         self._owns_directory = False
@@ -175,8 +179,8 @@ class Mesh:
         self._control: Control = None  # type: ignore[assignment]  # set on enter
         self._outer: Mesh | None = None
 
-    def _start_control(self, root: bool) -> None:
-        self._control = Control(self, root)
+    def _start_control(self, root: bool, inviter: bytes | None = None) -> None:
+        self._control = Control(self, root, inviter, self.control_limits)
         self._extras.append(self._control)
         self._outer = _current.get()
         _current.set(self)
@@ -221,16 +225,23 @@ class Mesh:
     @classmethod
     @contextlib.asynccontextmanager
     async def _joined(
-        cls, directory: str, secret: bytes, node_id: bytes, limits: Limits | None = None
+        cls,
+        directory: str,
+        secret: bytes,
+        node_id: bytes,
+        limits: Limits | None = None,
+        inviter: bytes | None = None,
     ) -> AsyncIterator[Mesh]:
-        """A node joining an existing mesh (spawned child or invited process)."""
+        """A node joining an existing mesh (spawned child or invited process),
+        invited by node ``inviter`` (whom its control plane first asks for
+        the mesh root)."""
         self = cls(limits=limits)
         self._entered = True
         d = Path(directory)
         check_private_dir(d)
         self._node = Node(d, MeshSecret(secret), node_id, codec=CODEC, limits=self.limits)
         self._node.start()
-        self._start_control(root=False)
+        self._start_control(root=False, inviter=inviter)
         try:
             yield self
         finally:
@@ -401,7 +412,7 @@ async def _attached(
     """This process as the new node ``invitation`` admits, attached until the block ends."""
     directory, secret, node_id = admitted_node(invitation)
     try:
-        ctx = Mesh._joined(directory, secret, node_id)
+        ctx = Mesh._joined(directory, secret, node_id, inviter=bytes(invitation.inviter))
         mesh = await ctx.__aenter__()
         mesh._control.joining()  # its session waits until we have joined
     except (OSError, MeshError) as exc:

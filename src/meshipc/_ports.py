@@ -446,6 +446,12 @@ class Engine:
         self.ports: dict[bytes, PortState] = {}
         self._work: deque[tuple[bytes, int, Item]] = deque()
         self._running = False
+        #: called as ``unknown_port(src, port, seq, msg)`` for a message from
+        #: node ``src`` (authenticated by its link) to a port id this engine
+        #: does not hold; True if it took ``msg`` (its ports and fds), else the
+        #: message is dropped. How a node opens its control session with the
+        #: mesh root (``_control``): off the hot path, only for unknown ids.
+        self.unknown_port: Callable[[bytes, bytes, int, Message], bool] | None = None
         self._handlers: dict[type, Callable[[bytes, Any, list[Any] | None], None]] = {
             CloseEvent: self._close_in,
             ChangePeerEvent: self._change_in,
@@ -927,7 +933,9 @@ class Engine:
     def _deliver(self, src: bytes, port: bytes, seq: int, msg: Message) -> None:
         st = self.ports.get(port)
         if st is None:
-            self.dispose(msg)
+            hook = self.unknown_port
+            if hook is None or not hook(src, port, seq, msg):
+                self.dispose(msg)
             return
         if st.mode is OWNED and seq == st.recv_seq and not st.pending and not st.closed:
             st.recv_seq = seq + 1
