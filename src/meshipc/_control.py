@@ -68,7 +68,7 @@ from ._errors import (
 )
 from ._ids import PortId
 from ._ports import OWNED, PROXY, SENDING, Message
-from ._tasks import TaskSet
+from ._tasks import TaskSet, answer_within
 from ._wire import K_REPLY
 
 if TYPE_CHECKING:
@@ -405,7 +405,7 @@ class ServiceSender(Sender[Any]):
         if timeout is None:
             return await _busy_call(super().call(_Req(None, request)))
         timeout = check_timeout(timeout)
-        async with asyncio.timeout(timeout):
+        async with answer_within(timeout, "the service"):
             return await _busy_call(super().call(_Req(time.monotonic() + timeout, request)))
 
 
@@ -1183,7 +1183,7 @@ class Control:
         timeout = check_timeout(timeout)
         # the timeout covers finding the service too
         deadline = time.monotonic() + timeout
-        async with asyncio.timeout(timeout):
+        async with answer_within(timeout, f"service {service!r}"):
             return await self._call(service, request, deadline)
 
     async def _call(self, service: str, request: Any, deadline: float | None) -> Any:

@@ -1,11 +1,13 @@
 """Background tasks an object starts and owns: kept referenced while they run
 (the event loop holds only weak references) and cancelled together when
-their owner closes."""
+their owner closes; and ``answer_within``, a timeout whose error says what timed
+out."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine
+import contextlib
+from collections.abc import AsyncIterator, Coroutine
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -35,3 +37,14 @@ class TaskSet:
         """Cancel every task still running (each leaves the set as it ends)."""
         for t in list(self._tasks):
             t.cancel()
+
+
+@contextlib.asynccontextmanager
+async def answer_within(timeout: float | None, what: str) -> AsyncIterator[None]:
+    """``asyncio.timeout(timeout)``, whose ``TimeoutError`` says what did not
+    happen in time (``"<what> within <timeout> s"``) instead of nothing."""
+    try:
+        async with asyncio.timeout(timeout):
+            yield
+    except TimeoutError:
+        raise TimeoutError(f"no answer from {what} within {timeout:g} s") from None

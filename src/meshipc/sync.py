@@ -31,6 +31,7 @@ from ._control import ServiceSender
 from ._errors import MeshError
 from ._join import Attachment
 from ._mesh import connect as _aconnect
+from ._tasks import answer_within
 
 __all__ = ("Portal", "SyncConnection", "SyncPort", "SyncSender", "connect")
 
@@ -108,7 +109,7 @@ class SyncPort:
         ``ChannelClosed``/``PortFailed`` at the end of the stream."""
 
         async def recv() -> Any:
-            async with asyncio.timeout(timeout):
+            async with answer_within(timeout, "the port"):
                 return await self._port.recv()
 
         return self._portal.call(recv)
@@ -135,7 +136,7 @@ class SyncSender:
         async def call() -> Any:
             if isinstance(self._sender, ServiceSender):
                 return await self._sender.call(request, timeout=timeout)  # the deadline travels
-            async with asyncio.timeout(timeout):
+            async with answer_within(timeout, "the service"):
                 return await self._sender.call(request)
 
         return self._portal.call(call)
