@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from attachutil import reencode
+from attachutil import foreign_credential, reencode
 from meshipc import InvitationDecodeError, Mesh, MeshError, Port
 from meshipc._invitation import _INVITATION_VERSION, MAX_INVITATION, Invitation, _InvitationRecord
 from meshipc._wire import D_DEAD, PORT_DESC_SIZE, decode_port_desc
@@ -29,14 +29,15 @@ SHORT_TTL = 1.0
 
 
 def valid_invitation() -> bytes:
+    node = os.urandom(16)
     return msgspec.msgpack.encode(
         _InvitationRecord(
             _INVITATION_VERSION,
             "/tmp/some-mesh",
             os.urandom(16),
-            os.urandom(16),
+            node,
             os.urandom(PORT_DESC_SIZE),
-            os.urandom(32),
+            foreign_credential(node),
             time.time() + 60,
         )
     )
