@@ -32,7 +32,7 @@ import pytest
 
 import meshipc
 from attach_client import read_all
-from attachutil import FIELD, assert_no_secret, reencode
+from attachutil import FIELD, assert_no_secret, foreign_credential, invitation_key, key_material, reencode
 from meshipc import (
     AuthenticationError,
     ChannelClosed,
@@ -159,15 +159,15 @@ def serve_calls(rx: meshipc.Receiver[Any]) -> asyncio.Task[None]:
     return asyncio.create_task(serve())
 
 
-def hook_refusals(node: Any) -> asyncio.Queue[None]:
-    """A queue that gets an item each time ``node`` refuses a connection
+def hook_refusals(node: Any) -> asyncio.Queue[str]:
+    """A queue that gets the reason each time ``node`` refuses a connection
     (so tests wait for the refusal instead of polling its counter)."""
-    q: asyncio.Queue[None] = asyncio.Queue()
+    q: asyncio.Queue[str] = asyncio.Queue()
     original = node._refuse
 
-    def refuse(*args: Any, **kwargs: Any) -> None:
-        original(*args, **kwargs)
-        q.put_nowait(None)
+    def refuse(sock: Any, why: str, cred: Any) -> None:
+        original(sock, why, cred)
+        q.put_nowait(why)
 
     node._refuse = refuse
     return q
@@ -581,25 +581,25 @@ async def test_client_of_another_uid_is_refused(runtime_dir: Path, other_user: d
 # -------------------------------------------------------------- invitations
 
 
-async def test_tampered_secret_is_rejected_by_the_node(runtime_dir: Path) -> None:
+async def test_forged_credential_is_rejected_by_the_node(runtime_dir: Path) -> None:
     async with Mesh(runtime_dir=runtime_dir) as mesh:
         node = mesh._node
         refusals = hook_refusals(node)
-        secret = node._secret.reveal()
         mine, theirs = Port.pair()
         inv = await mesh.inviter().invite(theirs)
-        assert msgspec.msgpack.decode(bytes(inv))[FIELD["secret"]] == secret
-        flipped = bytes([secret[0] ^ 0x01]) + secret[1:]
-        bad = reencode(inv, secret=flipped)
+        assert msgspec.msgpack.decode(bytes(inv))[FIELD["credential"]] == inv._identity.to_bytes()
+        # the invited id, vouched for by a root the forger made itself
+        forged = foreign_credential(bytes(inv.node))
+        bad = reencode(inv, credential=forged)
 
         rejected = node.rejected
-        with pytest.raises(AuthenticationError) as ei:
+        with pytest.raises(AuthenticationError, match="refused our credential") as ei:
             async with meshipc.join(bad):
                 pass
-        await asyncio.wait_for(refusals.get(), T)
+        assert await asyncio.wait_for(refusals.get(), T) == "certificate of another mesh"
         assert node.rejected == rejected + 1
         assert node.attached == 0
-        for s in (secret, flipped):
+        for s in (*key_material(mesh), invitation_key(inv), forged[:32]):
             assert_no_secret(str(ei.value), s, "AuthenticationError")
 
         # the real holder of the invitation is not locked out by the forger
@@ -675,26 +675,29 @@ async def test_unused_invitation_expires(runtime_dir: Path) -> None:
         assert mesh._node.attached == 0
 
 
-async def test_secret_never_appears(runtime_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+async def test_private_keys_never_appear(runtime_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG, logger="meshipc")
     async with Mesh(name="s", runtime_dir=runtime_dir) as mesh:
         node = mesh._node
-        secret = node._secret.reveal()
+        keys = key_material(mesh)
         listener = await mesh.listen(invitation_ttl=SHORT_TTL)
         mine, theirs = Port.pair()
         inv = await mesh.inviter().invite(theirs)
+        keys.append(invitation_key(inv))
         texts = {
             "repr(inv)": repr(inv),
             "str(inv)": str(inv),
-            "repr(secret)": repr(node._secret),
-            "str(secret)": str(node._secret),
+            "repr(identity)": repr(node.identity),
+            "str(identity)": str(node.identity),
+            "repr(authority)": repr(mesh._authority),
             "repr(mesh)": repr(mesh),
             "repr(listener)": repr(listener),
         }
-        with pytest.raises(TypeError):
-            import pickle
+        import pickle
 
-            pickle.dumps(node._secret)
+        for holder in (node.identity, mesh._authority, inv):
+            with pytest.raises(TypeError):
+                pickle.dumps(holder)
 
         # an attach, with the client logging at DEBUG too
         env = dict(os.environ, ATTACH_CLIENT_LOG="1")
@@ -710,7 +713,7 @@ async def test_secret_never_appears(runtime_dir: Path, caplog: pytest.LogCapture
         texts["client stderr"] = c.stderr.decode(errors="replace")
 
         # failures, logged and raised
-        bad = reencode(inv, secret=os.urandom(32))
+        bad = reencode(inv, credential=foreign_credential(bytes(inv.node)))
         with pytest.raises(AuthenticationError) as ei:
             async with meshipc.join(bad):
                 pass
@@ -734,21 +737,24 @@ async def test_secret_never_appears(runtime_dir: Path, caplog: pytest.LogCapture
         texts[f"log record {i} args"] = repr(rec.args)
         texts[f"log record {i} exc"] = rec.exc_text or ""
     for what, text in texts.items():
-        assert_no_secret(text, secret, what)
+        for key in keys:
+            assert_no_secret(text, key, what)
 
 
-async def test_join_error_messages_carry_no_secret(runtime_dir: Path) -> None:
+async def test_join_error_messages_carry_no_private_key(runtime_dir: Path) -> None:
     """Every JoinError raised while a real mesh is involved, checked at once."""
     async with Mesh(name="e", runtime_dir=runtime_dir) as mesh:
-        secret = mesh._node._secret.reveal()
+        keys = key_material(mesh)
         listener = await mesh.listen(invitation_ttl=SHORT_TTL)
         errors: list[BaseException] = []
         mine, theirs = Port.pair()
         inv = await mesh.inviter(ttl=0.05).invite(theirs)
+        keys.append(invitation_key(inv))
         with pytest.raises(PortFailed):  # expired unused
             await asyncio.wait_for(mine.recv(), T)
+        forged = foreign_credential(bytes(inv.node))
         for attempt in (
-            meshipc.join(reencode(inv, secret=os.urandom(32), expires=time.time() + 60)),
+            meshipc.join(reencode(inv, credential=forged, expires=time.time() + 60)),
             meshipc.join(inv),  # expired
             meshipc.join(reencode(inv, expires=time.time() + 60)),  # refused by the node as expired
             meshipc.connect(listener.path, expected_uid=os.getuid() + 1),
@@ -761,8 +767,9 @@ async def test_join_error_messages_carry_no_secret(runtime_dir: Path) -> None:
             errors.append(ei.value)
         assert len({type(e) for e in errors}) >= 4, errors
         for e in errors:
-            assert_no_secret(str(e), secret, type(e).__name__)
-            assert_no_secret(repr(e), secret, type(e).__name__)
+            for key in keys:
+                assert_no_secret(str(e), key, type(e).__name__)
+                assert_no_secret(repr(e), key, type(e).__name__)
 
 
 # ---------------------------------------------------------------- listener

@@ -1,6 +1,8 @@
-"""The node handshake (``meshipc._handshake``): its byte format and each step
-as pure functions, then a ``Node`` driving it over sockets against peers
-forged with the same functions (any bytes, a wrong secret, a replay)."""
+"""Node identity and the handshake (``meshipc._handshake``): certificates,
+credentials, the byte format and each step as pure functions, then a
+``Node`` driving it over sockets against peers forged with the same
+functions (any bytes, another mesh's credential, a replay). Impersonation
+over real processes: ``test_identity.py``."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import pickle
 import shutil
 import socket
 import tempfile
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -26,38 +29,39 @@ from meshipc import _handshake as hs
 from meshipc._codec import CODEC
 from meshipc._handshake import (
     AUTH_LEN,
+    CERT_LEN,
     CHALLENGE_LEN,
+    CREDENTIAL_LEN,
     HELLO_LEN,
     MAGIC,
+    MAX_VERIFIED_CERTS,
     NONCE_LEN,
     PROOF_LEN,
+    ROLE_CLIENT,
+    ROLE_ROOT,
+    ROLE_WORKER,
     S_BAD_VERSION,
     S_OK,
-    S_WRONG_NODE,
-    SECRET_LEN,
     V_ACCEPT,
     V_DENIED,
     V_DUPLICATE,
     VERDICT_LEN,
+    Authority,
     Challenge,
     Hello,
-    MeshSecret,
-    acceptor_proof,
-    build_auth,
+    Identity,
     build_challenge,
     build_hello,
     build_verdict,
     check_status,
     hello_status,
-    initiator_proof,
     new_hello,
     new_nonce,
     parse_auth,
+    parse_certificate,
     parse_challenge,
     parse_hello,
     parse_verdict,
-    verify_acceptor_proof,
-    verify_initiator_proof,
 )
 from meshipc._node import Node
 from meshipc._sockets import recv_exact
@@ -65,7 +69,8 @@ from meshipc._wire import PROTOCOL_VERSION
 from relutil import wait_until
 
 T = 10.0
-A, B = b"A" * 16, b"B" * 16  # initiator, acceptor
+MESH = Authority()
+A, B = MESH.issue(ROLE_WORKER), MESH.issue(ROLE_WORKER)  # initiator, acceptor
 
 
 # ---------------------------------------------------------------- format
@@ -79,25 +84,31 @@ def test_the_module_does_no_io() -> None:
 
 
 def test_message_layouts_are_fixed() -> None:
-    assert (SECRET_LEN, NONCE_LEN, PROOF_LEN) == (32, 32, 32)
-    assert (HELLO_LEN, CHALLENGE_LEN, AUTH_LEN, VERDICT_LEN) == (72, 88, 32, 1)
-    hello = build_hello(Hello(1, A, B, b"n" * 32))
-    assert hello == MAGIC + b"\x01\x00" + b"\x00\x00" + A + B + b"n" * 32
-    challenge = build_challenge(S_WRONG_NODE, B, b"m" * 32, b"p" * 32, version=1)
-    assert challenge == MAGIC + b"\x01\x00" + b"\x01\x00" + B + b"m" * 32 + b"p" * 32
-    assert build_auth(b"p" * 32) == b"p" * 32
+    assert NONCE_LEN == 32 and CERT_LEN == 138
+    assert (HELLO_LEN, CHALLENGE_LEN, AUTH_LEN, VERDICT_LEN, PROOF_LEN) == (40, 40, 218, 1, 202)
+    assert CREDENTIAL_LEN == 32 + CERT_LEN + 32
+    # HELLO and CHALLENGE carry no id: nothing about either side shows before AUTH
+    assert build_hello(Hello(1, b"n" * 32)) == MAGIC + b"\x01\x00" + b"\x00\x00" + b"n" * 32
+    assert build_challenge(S_BAD_VERSION, b"m" * 32, version=1) == MAGIC + b"\x01\x00\x02\x00" + b"m" * 32
     assert [build_verdict(v) for v in (V_ACCEPT, V_DUPLICATE, V_DENIED)] == [b"\x01", b"\x02", b"\x03"]
+    cert = A.cert_bytes
+    assert cert[:2] == b"\x01\x02" and cert[2:18] == MESH.mesh and cert[18:34] == A.node
+    assert len(A.to_bytes()) == CREDENTIAL_LEN
 
 
 def test_every_message_parses_back() -> None:
-    hello = new_hello(A, B)
+    hello = new_hello()
     assert hello.version == PROTOCOL_VERSION and len(hello.nonce) == NONCE_LEN
     assert parse_hello(build_hello(hello)) == hello
-    data = build_challenge(S_OK, B, b"m" * 32, b"p" * 32)
-    assert parse_challenge(data, B) == Challenge(PROTOCOL_VERSION, S_OK, B, b"m" * 32, b"p" * 32)
-    assert parse_auth(build_auth(b"p" * 32)) == b"p" * 32
-    assert parse_verdict(build_verdict(V_ACCEPT), B) == V_ACCEPT
-    assert parse_verdict(build_verdict(V_DUPLICATE), B) == V_DUPLICATE
+    assert parse_challenge(build_challenge(S_OK, b"m" * 32), B.node) == Challenge(
+        PROTOCOL_VERSION, S_OK, b"m" * 32
+    )
+    challenge = Challenge(PROTOCOL_VERSION, S_OK, new_nonce())
+    auth = parse_auth(A.build_auth(hello, challenge, B.node))
+    assert (auth.cert, auth.want) == (A.cert_bytes, B.node)
+    assert parse_certificate(A.cert_bytes) == A.cert
+    assert parse_verdict(build_verdict(V_ACCEPT), B.node) == V_ACCEPT
+    assert parse_verdict(build_verdict(V_DUPLICATE), B.node) == V_DUPLICATE
     assert new_nonce() != new_nonce()
 
 
@@ -108,13 +119,10 @@ def test_a_hello_that_is_not_one_is_refused() -> None:
         parse_hello(MAGIC + b"\x01")
 
 
-def test_the_acceptor_judges_version_and_wanted_node() -> None:
-    assert hello_status(new_hello(A, B), B) == S_OK
-    assert hello_status(new_hello(A, B), B, expect=A) == S_OK
-    assert hello_status(new_hello(A, b"C" * 16), B) == S_WRONG_NODE
-    assert hello_status(new_hello(A, B), B, expect=b"C" * 16) == S_WRONG_NODE
-    old = Hello(PROTOCOL_VERSION + 1, A, B, new_nonce())
-    assert hello_status(old, B) == S_BAD_VERSION
+def test_the_acceptor_judges_the_version() -> None:
+    assert hello_status(new_hello()) == S_OK
+    old = Hello(PROTOCOL_VERSION + 1, new_nonce())
+    assert hello_status(old) == S_BAD_VERSION
     check_status(old, S_OK)
     with pytest.raises(HandshakeError, match=rf"handshake status 2 \(version {PROTOCOL_VERSION + 1}\)"):
         check_status(old, S_BAD_VERSION)
@@ -123,87 +131,152 @@ def test_the_acceptor_judges_version_and_wanted_node() -> None:
 @pytest.mark.parametrize(
     "data",
     [
-        build_challenge(S_WRONG_NODE, B, b"m" * 32, b"p" * 32),  # refused
-        build_challenge(S_OK, b"C" * 16, b"m" * 32, b"p" * 32),  # another node answered
-        b"XXXX" + build_challenge(S_OK, B, b"m" * 32, b"p" * 32)[4:],  # not a meshipc node
+        build_challenge(S_BAD_VERSION, b"m" * 32),  # refused
+        b"XXXX" + build_challenge(S_OK, b"m" * 32)[4:],  # not a meshipc node
     ],
 )
 def test_a_refusing_or_foreign_challenge_is_refused(data: bytes) -> None:
     with pytest.raises(HandshakeError, match=r"refused the handshake \(status"):
-        parse_challenge(data, B)
+        parse_challenge(data, B.node)
 
 
 def test_a_denied_or_unknown_verdict_is_refused() -> None:
     for verdict in (V_DENIED, 0, 99):
-        with pytest.raises(HandshakeError, match="rejected the mesh secret"):
-            parse_verdict(build_verdict(verdict), B)
+        with pytest.raises(HandshakeError, match="refused our credential"):
+            parse_verdict(build_verdict(verdict), B.node)
 
 
-# ---------------------------------------------------------------- proofs
+# ---------------------------------------------------------------- certificates and credentials
 
 
-def run_handshake(initiator_secret: MeshSecret, acceptor_secret: MeshSecret) -> int:
-    """Both sides in memory, through the bytes; returns the verdict."""
-    hello = new_hello(A, B)
+def test_a_certificate_is_checked_against_the_root_mesh_and_clock() -> None:
+    assert B.verify_certificate(A.cert_bytes) == A.cert
+    forged = bytearray(A.cert_bytes)
+    forged[-1] ^= 1
+    other = Authority().issue(ROLE_WORKER, A.node)  # same id, another mesh's root
+    late = MESH.issue(ROLE_CLIENT, lifetime=-1)
+    role = bytearray(A.cert_bytes)
+    role[1] = 9
+    version = bytearray(A.cert_bytes)
+    version[0] = 2
+    fresh = Identity.from_bytes(B.to_bytes())  # nothing verified yet
+    for data, why in (
+        (bytes(forged), r"not signed by this mesh's root \(forged\)"),
+        (other.cert_bytes, "certificate of another mesh"),
+        (late.cert_bytes, "expired"),
+        (bytes(role), "unknown role 9"),
+        (bytes(version), "unsupported certificate version 2"),
+        (A.cert_bytes[:-1], f"a certificate is {CERT_LEN} bytes, got {CERT_LEN - 1}"),
+    ):
+        with pytest.raises(HandshakeError, match=why):
+            fresh.verify_certificate(data)
+    # a remembered certificate still expires
+    with pytest.raises(HandshakeError, match="expired"):
+        B.verify_certificate(A.cert_bytes, now=A.cert.expires + 1)
+
+
+def test_node_certificates_last_the_mesh_s_life() -> None:
+    years = (A.cert.expires - time.time()) / (365 * 24 * 3600)
+    assert years > 9, years
+
+
+def test_verified_certificates_are_remembered_within_a_bound() -> None:
+    authority = Authority()
+    me = Identity.from_bytes(authority.issue(ROLE_WORKER).to_bytes())
+    for _ in range(MAX_VERIFIED_CERTS + 5):
+        me.verify_certificate(authority.issue(ROLE_CLIENT).cert_bytes)
+    assert len(me._verified) == MAX_VERIFIED_CERTS
+
+
+def test_a_credential_travels_and_checks_its_parts() -> None:
+    again = Identity.from_bytes(A.to_bytes())
+    assert (again.node, again.role, again.cert, again.mesh) == (A.node, ROLE_WORKER, A.cert, MESH.mesh)
+    seed, cert, root = A.to_bytes()[:32], A.cert_bytes, MESH.public
+    with pytest.raises(HandshakeError, match="for another key"):
+        Identity.from_bytes(B.to_bytes()[:32] + cert + root)
+    with pytest.raises(HandshakeError, match="of another mesh"):
+        Identity.from_bytes(seed + cert + Authority().public)
+    with pytest.raises(HandshakeError, match=f"a credential is {CREDENTIAL_LEN} bytes"):
+        Identity.from_bytes(A.to_bytes() + b"x")
+    with pytest.raises(ValueError, match="unknown role"):
+        MESH.issue(7)
+
+
+def test_private_keys_never_show() -> None:
+    for holder in (A, MESH):
+        text = repr(holder) + str(holder)
+        assert "redacted" in text
+        for key in (A._key.private_bytes_raw(), MESH._key.private_bytes_raw()):
+            assert key.hex() not in text and repr(key) not in text
+        with pytest.raises(TypeError):
+            pickle.dumps(holder)
+    assert "role=worker" in repr(A)
+
+
+# ---------------------------------------------------------------- signatures
+
+
+def run_handshake(initiator: Identity, acceptor: Identity, want: bytes | None = None) -> tuple[int, bytes]:
+    """Both sides in memory, through the bytes; the verdict and the
+    certificate node id each side learned of the other (they must agree)."""
+    want = acceptor.node if want is None else want
+    hello = new_hello()
     got = parse_hello(build_hello(hello))
-    status = hello_status(got, B)
     nonce = new_nonce()
-    challenge_bytes = build_challenge(status, B, nonce, acceptor_proof(acceptor_secret, got, B, nonce))
-    check_status(got, status)
-    challenge = parse_challenge(challenge_bytes, B)
-    verify_acceptor_proof(initiator_secret, hello, challenge)
-    auth = build_auth(initiator_proof(initiator_secret, hello, B, challenge.nonce))
-    verify_initiator_proof(acceptor_secret, got, B, nonce, parse_auth(auth))
-    return parse_verdict(build_verdict(V_ACCEPT), B)
+    challenge = parse_challenge(build_challenge(hello_status(got), nonce), want)
+    auth = parse_auth(initiator.build_auth(hello, challenge, want))
+    peer = acceptor.check_auth(got, nonce, auth)
+    proof = acceptor.build_proof(V_ACCEPT, got, nonce, peer.node)
+    verdict = parse_verdict(build_verdict(V_ACCEPT), want)
+    seen = initiator.check_verdict(hello, challenge, want, verdict, proof)
+    assert seen.node == acceptor.node
+    return verdict, peer.node
 
 
-def test_a_full_exchange_under_one_secret_is_accepted() -> None:
-    secret = MeshSecret()
-    assert run_handshake(secret, MeshSecret(secret.reveal())) == V_ACCEPT
+def test_a_full_exchange_between_two_nodes_of_one_mesh_is_accepted() -> None:
+    assert run_handshake(A, B) == (V_ACCEPT, A.node)
+    assert run_handshake(B, A) == (V_ACCEPT, B.node)
+    root = MESH.issue(ROLE_ROOT)
+    assert run_handshake(Identity.from_bytes(A.to_bytes()), root) == (V_ACCEPT, A.node)
 
 
-def test_each_side_refuses_a_peer_without_the_secret() -> None:
-    # the initiator checks the acceptor's proof first: a planted socket learns nothing
-    with pytest.raises(HandshakeError, match="did not prove it holds the mesh secret"):
-        run_handshake(MeshSecret(), MeshSecret())
-    # an initiator that ignores the acceptor's proof is caught at its AUTH
-    secret = MeshSecret()
-    hello = new_hello(A, B)
-    nonce = new_nonce()
-    forged = initiator_proof(MeshSecret(), hello, B, nonce)
-    with pytest.raises(HandshakeError, match="wrong mesh secret"):
-        verify_initiator_proof(secret, hello, B, nonce, forged)
+def test_each_side_refuses_a_node_of_another_mesh() -> None:
+    stranger = Authority().issue(ROLE_WORKER)
+    with pytest.raises(HandshakeError, match="certificate of another mesh"):
+        run_handshake(stranger, B)
+    with pytest.raises(HandshakeError, match="certificate of another mesh"):
+        run_handshake(A, stranger)
 
 
-def test_proofs_are_bound_to_direction_nonces_and_ids() -> None:
-    secret = MeshSecret()
-    hello = new_hello(A, B)
-    nonce = new_nonce()
-    proof = initiator_proof(secret, hello, B, nonce)
-    assert len(proof) == PROOF_LEN
-    # the acceptor's own proof cannot stand for the initiator's (reflection)
-    assert acceptor_proof(secret, hello, B, nonce) != proof
+def test_signatures_are_bound_to_direction_nonces_ids_and_verdict() -> None:
+    hello, nonce = new_hello(), new_nonce()
+    challenge = Challenge(PROTOCOL_VERSION, S_OK, nonce)
+    auth = parse_auth(A.build_auth(hello, challenge, B.node))
+    B.check_auth(hello, nonce, auth)
     # a replayed AUTH meets a fresh acceptor nonce
+    with pytest.raises(HandshakeError, match="bad signature"):
+        B.check_auth(hello, new_nonce(), auth)
+    # nor does it pass at another node (relayed), or for another initiator's certificate
+    with pytest.raises(HandshakeError, match="asked for another node"):
+        MESH.issue(ROLE_WORKER).check_auth(hello, nonce, auth)
+    c = MESH.issue(ROLE_WORKER)
+    with pytest.raises(HandshakeError, match="bad signature"):
+        B.check_auth(hello, nonce, auth._replace(cert=c.cert_bytes))
+    # a child expected on a socket pair must be that child
+    with pytest.raises(HandshakeError, match="not the node expected here"):
+        B.check_auth(hello, nonce, auth, expect=c.node)
+    # the acceptor's proof cannot stand for the initiator's (reflection) …
+    proof = B.build_proof(V_ACCEPT, hello, nonce, A.node)
     with pytest.raises(HandshakeError):
-        verify_initiator_proof(secret, hello, B, new_nonce(), proof)
-    # nor does it pass for another initiator or another acceptor
-    with pytest.raises(HandshakeError):
-        verify_initiator_proof(secret, hello._replace(node=b"C" * 16), B, nonce, proof)
-    with pytest.raises(HandshakeError):
-        verify_initiator_proof(secret, hello, b"C" * 16, nonce, proof)
-    verify_initiator_proof(secret, hello, B, nonce, proof)
-
-
-def test_the_secret_never_shows() -> None:
-    secret = MeshSecret()
-    assert len(secret.reveal()) == SECRET_LEN
-    assert repr(secret) == str(secret) == "MeshSecret(<redacted>)"
-    assert secret == MeshSecret(secret.reveal()) and hash(secret) == hash(MeshSecret(secret.reveal()))
-    assert secret != MeshSecret()
-    with pytest.raises(TypeError):
-        pickle.dumps(secret)
-    with pytest.raises(ValueError, match="32 bytes"):
-        MeshSecret(b"short")
+        B.check_auth(hello, nonce, auth._replace(cert=B.cert_bytes, signature=proof[CERT_LEN:]))
+    # … nor a "duplicate" proof for an "accept"
+    dup = B.build_proof(V_DUPLICATE, hello, nonce, A.node)
+    with pytest.raises(HandshakeError, match="did not prove its identity"):
+        A.check_verdict(hello, challenge, B.node, V_ACCEPT, dup)
+    A.check_verdict(hello, challenge, B.node, V_DUPLICATE, dup)
+    # the node that answers must be the one we asked for
+    with pytest.raises(HandshakeError, match="answered for node"):
+        A.check_verdict(hello, challenge, c.node, V_ACCEPT, proof)
 
 
 # ---------------------------------------------------------------- a node driving it
@@ -211,11 +284,11 @@ def test_the_secret_never_shows() -> None:
 
 @contextlib.asynccontextmanager
 async def acceptor(
-    directory: Path, secret: MeshSecret, expect: bytes | None = None, hello_timeout: float = 2.0
+    directory: Path, identity: Identity | None = None, expect: bytes | None = None, hello_timeout: float = 2.0
 ) -> AsyncIterator[tuple[Node, socket.socket, asyncio.Task[None]]]:
     """A node (not started: no socket file) accepting on one end of a
     socket pair; yields the node, the other end, and the accept task."""
-    node = Node(directory, secret, codec=CODEC)
+    node = Node(directory, identity or MESH.issue(ROLE_WORKER), codec=CODEC)
     ours, theirs = socket.socketpair()
     ours.setblocking(False)
     theirs.setblocking(False)
@@ -228,19 +301,20 @@ async def acceptor(
         await node.close(linger=0)
 
 
-async def test_a_forged_peer_holding_the_secret_is_linked(runtime_dir: Path) -> None:
-    secret = MeshSecret()
+async def test_a_forged_peer_holding_a_credential_is_linked(runtime_dir: Path) -> None:
     loop = asyncio.get_running_loop()
-    async with acceptor(runtime_dir, secret) as (node, s, task):
-        hello = new_hello(A, node.id)
+    async with acceptor(runtime_dir) as (node, s, task):
+        hello = new_hello()
         await loop.sock_sendall(s, build_hello(hello))
         challenge = parse_challenge(await asyncio.wait_for(recv_exact(loop, s, CHALLENGE_LEN), T), node.id)
-        verify_acceptor_proof(secret, hello, challenge)
-        await loop.sock_sendall(s, build_auth(initiator_proof(secret, hello, node.id, challenge.nonce)))
-        verdict = await asyncio.wait_for(recv_exact(loop, s, VERDICT_LEN), T)
-        assert parse_verdict(verdict, node.id) == V_ACCEPT
+        await loop.sock_sendall(s, A.build_auth(hello, challenge, node.id))
+        verdict = parse_verdict(await asyncio.wait_for(recv_exact(loop, s, VERDICT_LEN), T), node.id)
+        assert verdict == V_ACCEPT
+        proof = await asyncio.wait_for(recv_exact(loop, s, PROOF_LEN), T)
+        assert A.check_verdict(hello, challenge, node.id, verdict, proof).node == node.id
         await asyncio.wait_for(task, T)
-        assert list(node.links) == [A] and node.rejected == 0
+        assert list(node.links) == [A.node] and node.rejected == 0
+        assert node.peer_certificate(A.node) == A.cert
 
 
 Send = Callable[[Node], bytes]
@@ -250,9 +324,8 @@ def raw(data: bytes) -> Send:
     return lambda node: data
 
 
-def hello_to(version: int = PROTOCOL_VERSION, want: bytes | None = None) -> Send:
-    """A HELLO from a random node to this node (or to ``want``)."""
-    return lambda node: build_hello(Hello(version, os.urandom(16), want or node.id, new_nonce()))
+def hello_of(version: int = PROTOCOL_VERSION) -> Send:
+    return lambda node: build_hello(Hello(version, new_nonce()))
 
 
 async def refusal(
@@ -261,15 +334,13 @@ async def refusal(
     *,
     eof: bool = True,
     expect: bytes | None = None,
-    auth: Callable[[Hello, Challenge], bytes] | None = None,
-    secret: MeshSecret | None = None,
+    auth: Callable[[Node, Hello, Challenge], bytes] | None = None,
 ) -> tuple[str, bytes]:
     """Why a node refuses a peer that sends ``send(node)`` and, given
-    ``auth``, then ``auth(hello, challenge)``; and every byte the node wrote
-    back to it."""
+    ``auth``, then ``auth(node, hello, challenge)``; and every byte the node
+    wrote back to it."""
     loop = asyncio.get_running_loop()
-    secret = secret or MeshSecret()
-    async with acceptor(directory, secret, expect, hello_timeout=0.2) as (node, s, task):
+    async with acceptor(directory, None, expect, hello_timeout=0.2) as (node, s, task):
         reasons: list[str] = []
         original = node._refuse
 
@@ -283,7 +354,7 @@ async def refusal(
         reply = b""
         if auth is not None:
             reply = await asyncio.wait_for(recv_exact(loop, s, CHALLENGE_LEN), T)
-            await loop.sock_sendall(s, auth(parse_hello(data), parse_challenge(reply, node.id)))
+            await loop.sock_sendall(s, auth(node, parse_hello(data), parse_challenge(reply, node.id)))
         if eof:
             s.shutdown(socket.SHUT_WR)
         with contextlib.suppress(ConnectionResetError):
@@ -305,34 +376,46 @@ async def test_each_refusal_says_what_was_wrong(runtime_dir: Path) -> None:
     assert await why(raw(b"GET / HTTP/1.1\r\n" * 200)) == "not a meshipc node"
     assert await why(raw(b""), eof=False) == "no handshake within 0.2 s"
     v = PROTOCOL_VERSION
-    assert await why(hello_to(want=os.urandom(16))) == f"handshake status {S_WRONG_NODE} (version {v})"
-    assert await why(hello_to(), expect=os.urandom(16)) == f"handshake status {S_WRONG_NODE} (version {v})"
-    assert await why(hello_to(v + 1)) == f"handshake status {S_BAD_VERSION} (version {v + 1})"
+    assert await why(hello_of(v + 1)) == f"handshake status {S_BAD_VERSION} (version {v + 1})"
+
+    def honest(node: Node, hello: Hello, challenge: Challenge) -> bytes:
+        return A.build_auth(hello, challenge, node.id)
+
+    def to_another(node: Node, hello: Hello, challenge: Challenge) -> bytes:
+        return A.build_auth(hello, challenge, os.urandom(16))
+
+    assert await why(hello_of(), auth=honest, expect=B.node) == f"node {A.node} is not the node expected here"
+    assert await why(hello_of(), auth=to_another) == f"node {A.node} asked for another node"
 
 
 async def test_a_refused_hello_still_gets_a_challenge_saying_why(runtime_dir: Path) -> None:
-    _, reply = await refusal(runtime_dir, hello_to(PROTOCOL_VERSION + 1))
+    _, reply = await refusal(runtime_dir, hello_of(PROTOCOL_VERSION + 1))
     assert len(reply) == CHALLENGE_LEN
     with pytest.raises(HandshakeError, match=rf"refused the handshake \(status {S_BAD_VERSION}\)"):
-        parse_challenge(reply, reply[8:24])
+        parse_challenge(reply, B.node)
 
 
-async def test_a_wrong_or_replayed_auth_is_denied(runtime_dir: Path) -> None:
-    secret, another_mesh = MeshSecret(), MeshSecret()
+async def test_a_foreign_forged_or_replayed_auth_is_denied_with_one_byte(runtime_dir: Path) -> None:
+    stranger = Authority().issue(ROLE_WORKER)
 
-    def wrong(hello: Hello, challenge: Challenge) -> bytes:
-        return build_auth(initiator_proof(another_mesh, hello, challenge.node, challenge.nonce))
+    def foreign(node: Node, hello: Hello, challenge: Challenge) -> bytes:
+        return stranger.build_auth(hello, challenge, node.id)
 
-    def replayed(hello: Hello, challenge: Challenge) -> bytes:
-        # the right secret, proved against an older acceptor nonce
-        return build_auth(initiator_proof(secret, hello, challenge.node, new_nonce()))
+    def replayed(node: Node, hello: Hello, challenge: Challenge) -> bytes:
+        # a real credential, signed against an older acceptor nonce
+        return A.build_auth(hello, challenge._replace(nonce=new_nonce()), node.id)
 
-    def garbage(hello: Hello, challenge: Challenge) -> bytes:
+    def garbage(node: Node, hello: Hello, challenge: Challenge) -> bytes:
         return os.urandom(AUTH_LEN)
 
-    for auth in (wrong, replayed, garbage):
-        reason, reply = await refusal(runtime_dir, hello_to(), auth=auth, secret=secret)
-        assert reason == "wrong mesh secret"
+    for auth, reason in (
+        (foreign, "certificate of another mesh"),
+        (replayed, f"bad signature from node {A.node} (forged or replayed)"),
+        (garbage, "unsupported certificate version"),
+    ):
+        got, reply = await refusal(runtime_dir, hello_of(), auth=auth)
+        assert got.startswith(reason)
+        # denied, and nothing about the node: one byte, then it hangs up
         assert reply[CHALLENGE_LEN:] == build_verdict(V_DENIED)
 
 
@@ -340,7 +423,7 @@ async def _feed_acceptor(directory: Path, data: bytes) -> tuple[int, bytes]:
     """Feed ``data`` to a node's acceptor over a socket pair, then hang up;
     returns the node's refusal count and what it wrote back."""
     loop = asyncio.get_running_loop()
-    async with acceptor(directory, MeshSecret()) as (node, theirs, task):
+    async with acceptor(directory) as (node, theirs, task):
         await loop.sock_sendall(theirs, data)
         theirs.shutdown(socket.SHUT_WR)
         got = b""
@@ -348,19 +431,22 @@ async def _feed_acceptor(directory: Path, data: bytes) -> tuple[int, bytes]:
             while chunk := await asyncio.wait_for(loop.sock_recv(theirs, 4096), 5):
                 got += chunk
         await asyncio.wait_for(task, 5)  # it ends, and raises nothing
-        assert not node.links, "a peer without the secret was admitted"
+        assert not node.links, "a peer without a credential was admitted"
         return node.rejected, got
 
 
 def hellos() -> st.SearchStrategy[bytes]:
     good = st.builds(
-        lambda ver, peer, want, nonce: build_hello(Hello(ver, peer, want, nonce)),
+        lambda ver, nonce: build_hello(Hello(ver, nonce)),
         st.sampled_from([PROTOCOL_VERSION, 0, 2, 65535]),
-        st.binary(min_size=16, max_size=16),
-        st.binary(min_size=16, max_size=16),
         st.binary(min_size=32, max_size=32),
     )
-    return st.one_of(st.binary(max_size=200), st.tuples(good, st.binary(max_size=64)).map(b"".join))
+    auth = st.one_of(
+        st.binary(max_size=AUTH_LEN + 8),
+        # a real certificate of the mesh, with a signature that cannot be right
+        st.builds(lambda sig: A.cert_bytes + bytes(16) + sig, st.binary(min_size=64, max_size=64)),
+    )
+    return st.one_of(st.binary(max_size=200), st.tuples(good, auth).map(b"".join))
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -381,28 +467,30 @@ def test_handshake_acceptor_any_bytes(data: bytes) -> None:
         assert reply[-1:] == build_verdict(V_DENIED)
 
 
-async def test_wrong_secret_is_rejected_before_any_event(runtime_dir: Path) -> None:
-    """A whole node with another secret: it finds out the node it connects
-    to does not share its secret; that node counts a refusal."""
-    a = Node(runtime_dir, MeshSecret(), codec=CODEC)
-    intruder = Node(runtime_dir, MeshSecret(), codec=CODEC)
+async def test_a_node_of_another_mesh_is_rejected_before_any_event(runtime_dir: Path) -> None:
+    """A whole node of another mesh: it is told "denied" and learns nothing
+    of the node it connected to; that node counts a refusal."""
+    a = Node(runtime_dir, MESH.issue(ROLE_WORKER), codec=CODEC)
+    intruder = Node(runtime_dir, Authority().issue(ROLE_WORKER), codec=CODEC)
     a.start()
     intruder.start()
     try:
-        with pytest.raises(HandshakeError):
+        with pytest.raises(HandshakeError, match="refused our credential"):
             await asyncio.wait_for(intruder.connect_to(a.id), T)
-        # the acceptor's handshake task ends when the intruder hangs up
-        await asyncio.wait(a._tasks.running(), timeout=T)
-        assert a.rejected == 1
+        await wait_until(lambda: a.rejected == 1, "the node to count the refusal")
         assert intruder.id not in a.links
+        # and the other way round: the intruder refuses the mesh node
+        with pytest.raises(HandshakeError):
+            await asyncio.wait_for(a.connect_to(intruder.id), T)
+        assert not a.links and not intruder.links
     finally:
         await a.close(linger=1.0)
         await intruder.close(linger=1.0)
 
 
-async def test_wrong_secret_in_raw_handshake_is_denied(runtime_dir: Path) -> None:
-    """A peer that ignores the node's proof and answers with a wrong MAC gets
-    a DENIED verdict and is counted as rejected; the node keeps serving."""
+async def test_a_forged_auth_at_a_mesh_is_denied_and_the_mesh_serves_on(runtime_dir: Path) -> None:
+    """A peer that answers with random bytes gets a DENIED verdict and is
+    counted as rejected; the node keeps serving."""
     async with Mesh(runtime_dir=runtime_dir) as mesh:
         node = mesh._node
         loop = asyncio.get_running_loop()
@@ -410,9 +498,9 @@ async def test_wrong_secret_in_raw_handshake_is_denied(runtime_dir: Path) -> Non
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             s.setblocking(False)
             await loop.sock_connect(s, os.fspath(node.path))
-            await loop.sock_sendall(s, build_hello(new_hello(os.urandom(16), node.id)))
+            await loop.sock_sendall(s, build_hello(new_hello()))
             await asyncio.wait_for(recv_exact(loop, s, CHALLENGE_LEN), T)
-            await loop.sock_sendall(s, build_auth(os.urandom(PROOF_LEN)))
+            await loop.sock_sendall(s, os.urandom(AUTH_LEN))
             verdict = await asyncio.wait_for(recv_exact(loop, s, VERDICT_LEN), T)
             assert verdict == build_verdict(V_DENIED)
             assert await asyncio.wait_for(loop.sock_recv(s, 1), T) == b""

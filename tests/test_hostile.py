@@ -1,5 +1,5 @@
 """Hostile and careless peers on real sockets: floods of silent connections,
-running out of descriptors, garbage, wrong secrets, oversized frames, fds
+running out of descriptors, garbage, foreign credentials, oversized frames, fds
 without a frame, peers that never read. Each is dropped (with a logged
 reason) and the node keeps serving real clients — separate processes
 running ``attach_client.py`` — throughout.
@@ -31,15 +31,15 @@ import meshipc._node
 import meshipc._sockets
 from meshipc import Mesh
 from meshipc._handshake import (
+    AUTH_LEN,
     CHALLENGE_LEN,
     MAGIC,
     PROOF_LEN,
+    ROLE_CLIENT,
     V_ACCEPT,
     V_DENIED,
     VERDICT_LEN,
-    build_auth,
     build_hello,
-    initiator_proof,
     new_hello,
     parse_challenge,
     parse_verdict,
@@ -230,19 +230,24 @@ async def until_closed(s: socket.socket) -> None:
             pass
 
 
-async def handshake(node: meshipc._node.Node, me: bytes) -> tuple[socket.socket, bytes]:
-    """A full, valid initiator handshake as node ``me`` (the test holds the
-    secret, as an authenticated peer gone bad would); returns the socket
-    and the bytes it sent (HELLO + AUTH), for a replay."""
+async def handshake(mesh: Mesh, me: bytes) -> tuple[socket.socket, bytes]:
+    """A full, valid initiator handshake as node ``me`` with a credential
+    the mesh's root issued (as an admitted peer gone bad would hold);
+    returns the socket and the bytes it sent (HELLO + AUTH), for a replay."""
+    node = mesh._node
+    assert mesh._authority is not None
+    identity = mesh._authority.issue(ROLE_CLIENT, me)
     loop = asyncio.get_running_loop()
     s = await raw_connect(node.path)
-    greeting = new_hello(me, node.id)
+    greeting = new_hello()
     hello = build_hello(greeting)
     await loop.sock_sendall(s, hello)
     challenge = parse_challenge(await recv_exact(s, CHALLENGE_LEN), node.id)
-    auth = build_auth(initiator_proof(node._secret, greeting, node.id, challenge.nonce))
+    auth = identity.build_auth(greeting, challenge, node.id)
     await loop.sock_sendall(s, auth)
-    assert parse_verdict(await recv_exact(s, VERDICT_LEN), node.id) == V_ACCEPT
+    verdict = parse_verdict(await recv_exact(s, VERDICT_LEN), node.id)
+    identity.check_verdict(greeting, challenge, node.id, verdict, await recv_exact(s, PROOF_LEN))
+    assert verdict == V_ACCEPT
     return s, hello + auth
 
 
@@ -283,30 +288,31 @@ async def test_hostile_handshakes_are_refused_and_the_node_serves_on(
         assert (await refused(os.urandom(7))).startswith("peer closed the connection after 7 of")
         assert await refused(b"GET / HTTP/1.1\r\n" * 200) == "not a meshipc node"
         assert (await refused(MAGIC + b"\x01")).startswith("peer closed the connection after 5 of")
-        other = build_hello(new_hello(os.urandom(16), os.urandom(16)))
-        assert await refused(other) == f"handshake status 1 (version {PROTOCOL_VERSION})"
+        old = build_hello(new_hello()._replace(version=PROTOCOL_VERSION - 1))
+        assert await refused(old) == f"handshake status 2 (version {PROTOCOL_VERSION - 1})"
 
-        # a valid HELLO, then a wrong secret's AUTH
+        # a valid HELLO, then an AUTH of random bytes
         s = await raw_connect(node.path)
         with s:
-            await loop.sock_sendall(s, build_hello(new_hello(os.urandom(16), node.id)))
+            await loop.sock_sendall(s, build_hello(new_hello()))
             await recv_exact(s, CHALLENGE_LEN)
-            await loop.sock_sendall(s, build_auth(os.urandom(PROOF_LEN)))
+            await loop.sock_sendall(s, os.urandom(AUTH_LEN))
             assert (await recv_exact(s, VERDICT_LEN))[0] == V_DENIED
-        assert await asyncio.wait_for(refusals.get(), T) == "wrong mesh secret"
+        assert (await asyncio.wait_for(refusals.get(), T)).startswith("unsupported certificate version")
 
         # a replay of a valid handshake: the node's fresh nonce makes the old AUTH worthless
         me = os.urandom(16)
-        good, sent = await handshake(node, me)
+        good, sent = await handshake(mesh, me)
         good.close()
+        await wait_until(lambda: me not in node.links, "the node to drop the first link")
         s = await raw_connect(node.path)
         with s:
             await loop.sock_sendall(s, sent)
             await until_closed(s)
-        assert await asyncio.wait_for(refusals.get(), T) == "wrong mesh secret"
+        assert (await asyncio.wait_for(refusals.get(), T)).startswith("bad signature from node")
 
         # a peer that sends HELLO and then nothing: dropped at the deadline
-        hello = build_hello(new_hello(os.urandom(16), node.id))
+        hello = build_hello(new_hello())
         assert await refused(hello, close=False) == "the handshake timed out after 1 s"
         assert node.rejected == 7
 
@@ -324,7 +330,7 @@ async def test_hostile_handshakes_are_refused_and_the_node_serves_on(
 async def test_authenticated_peer_gone_bad_is_dropped_and_the_node_serves_on(
     runtime_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A peer that holds the secret (trusted to join, not to be sane): a
+    """A peer holding a credential the root issued (trusted to join, not to be sane): a
     frame announcing 4 GiB, descriptors no frame claims, descriptors with a
     frame never finished. Each drops that one connection with a logged
     reason, nothing is allocated for the announced size, every descriptor
@@ -339,7 +345,7 @@ async def test_authenticated_peer_gone_bad_is_dropped_and_the_node_serves_on(
 
         async def dropped(attack: Callable[[socket.socket], Any]) -> str:
             me = os.urandom(16)
-            s, _ = await handshake(node, me)
+            s, _ = await handshake(mesh, me)
             with s:
                 await wait_until(lambda: me in node.links, "the peer to be connected")
                 await attack(s)
@@ -417,7 +423,7 @@ async def test_flood_of_tiny_frames_leaves_no_state_and_others_are_served(runtim
         node = mesh._node
         listener = await mesh.listen()
         me = os.urandom(16)
-        s, _ = await handshake(node, me)
+        s, _ = await handshake(mesh, me)
         loop = asyncio.get_running_loop()
         ports_before = len(node.engine.ports)
         frames = b"".join(

@@ -13,8 +13,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from attachutil import reencode
+from attachutil import foreign_credential, key_material, reencode
 from meshipc import InvitationDecodeError, Mesh, MeshError, Port
+from meshipc._handshake import ROLE_CLIENT
 from meshipc._invitation import _INVITATION_VERSION, MAX_INVITATION, Invitation, _InvitationRecord
 from meshipc._wire import D_DEAD, PORT_DESC_SIZE, decode_port_desc
 
@@ -29,14 +30,15 @@ SHORT_TTL = 1.0
 
 
 def valid_invitation() -> bytes:
+    node = os.urandom(16)
     return msgspec.msgpack.encode(
         _InvitationRecord(
             _INVITATION_VERSION,
             "/tmp/some-mesh",
             os.urandom(16),
-            os.urandom(16),
+            node,
             os.urandom(PORT_DESC_SIZE),
-            os.urandom(32),
+            foreign_credential(node),
             time.time() + 60,
         )
     )
@@ -153,3 +155,18 @@ async def test_invite_blocking_on_the_mesh_loop_is_refused(runtime_dir: Path) ->
 
 
 # ------------------------------------------------------------ secret hygiene
+
+
+async def test_an_invitation_carries_a_client_credential_and_no_key_that_mints(runtime_dir: Path) -> None:
+    async with Mesh(runtime_dir=runtime_dir) as mesh:
+        assert mesh._authority is not None
+        mine, theirs = Port.pair()
+        inv = await mesh.inviter(ttl=SHORT_TTL).invite(theirs)
+        identity = Invitation.from_bytes(bytes(inv))._identity
+        assert identity.node == inv.node and identity.role == ROLE_CLIENT
+        assert identity.authority_key == mesh._authority.public
+        data = bytes(inv)
+        for key in key_material(mesh):  # neither the root's signing key nor its node's key
+            assert key not in data
+        assert "key=<redacted>" in repr(inv)
+        mine.close()

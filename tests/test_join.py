@@ -22,7 +22,7 @@ import msgspec
 import pytest
 
 import meshipc
-from attachutil import FIELD, assert_no_secret
+from attachutil import FIELD, assert_no_secret, foreign_credential, key_material
 from meshipc import (
     AuthenticationError,
     ConnectError,
@@ -34,6 +34,8 @@ from meshipc import (
     Mesh,
     MeshError,
 )
+from meshipc._handshake import CREDENTIAL_LEN
+from meshipc._invitation import _INVITATION_VERSION
 from meshipc._join import JOIN_TIMEOUT
 from meshipc._wire import PORT_DESC_SIZE
 
@@ -110,7 +112,9 @@ async def test_invitation_read_error(runtime_dir: Path, data: bytes) -> None:
 
 
 def _valid_fields() -> list[Any]:
-    return [1, "/tmp/x", os.urandom(16), os.urandom(16), bytes(PORT_DESC_SIZE), os.urandom(32), 0.0]
+    node = os.urandom(16)
+    credential = foreign_credential(node)
+    return [_INVITATION_VERSION, "/tmp/x", os.urandom(16), node, bytes(PORT_DESC_SIZE), credential, 0.0]
 
 
 def _wire(**changes: Any) -> bytes:
@@ -127,13 +131,29 @@ def _wire(**changes: Any) -> bytes:
         b"",
         msgspec.msgpack.encode([1, 2, 3]),
         msgspec.msgpack.encode({"version": 1}),
-        _wire(version=2),
-        _wire(secret=os.urandom(31)),
+        _wire(version=1),
+        _wire(credential=os.urandom(31)),
+        _wire(credential=os.urandom(CREDENTIAL_LEN)),
+        _wire(node=os.urandom(16)),
+        _wire(directory="/" + "d" * 200),
         _wire(directory="relative/dir"),
         _wire(directory="/nul\0byte"),
         _wire()[:-1],
     ],
-    ids=["garbage", "empty", "short-array", "map", "version", "secret-size", "relative", "nul", "truncated"],
+    ids=[
+        "garbage",
+        "empty",
+        "short-array",
+        "map",
+        "version",
+        "credential-size",
+        "credential-garbage",
+        "credential-of-another-node",
+        "long-directory",
+        "relative",
+        "nul",
+        "truncated",
+    ],
 )
 async def test_invitation_decode_error(runtime_dir: Path, payload: bytes) -> None:
     path = runtime_dir / "junk.sock"
@@ -172,7 +192,8 @@ async def test_listener_of_unexpected_uid_is_not_trusted(runtime_dir: Path) -> N
             expect_join_error(listener.path, AuthenticationError, expected_uid=other), T
         )
         assert str(other) in str(exc)
-        assert_no_secret(str(exc), mesh._node._secret.reveal(), "AuthenticationError")
+        for key in key_material(mesh):
+            assert_no_secret(str(exc), key, "AuthenticationError")
         # and the expected uid, given explicitly, is accepted
         async with meshipc.connect(listener.path, expected_uid=os.getuid()) as cc:
             conn = await asyncio.wait_for(listener.accept(), T)
@@ -185,8 +206,8 @@ async def test_forged_invitation_to_missing_node_is_join_error(runtime_dir: Path
     directory that holds no inviting node: a plain ``JoinError``."""
     directory = runtime_dir / "mesh-empty"
     directory.mkdir(mode=0o700)
-    forged_secret = os.urandom(32)
-    payload = _wire(directory=os.fspath(directory), secret=forged_secret, expires=time.time() + 60)
+    payload = _wire(directory=os.fspath(directory), expires=time.time() + 60)
+    forged_key = msgspec.msgpack.decode(payload)[FIELD["credential"]][:32]
     path = runtime_dir / "forger.sock"
     async with fake_listener(path, sends(_LEN.pack(len(payload)) + payload, then_close=False)):
         with pytest.raises(JoinError) as ei:
@@ -194,7 +215,7 @@ async def test_forged_invitation_to_missing_node_is_join_error(runtime_dir: Path
     exc = ei.value
     assert type(exc) is JoinError, repr(exc)
     assert os.fspath(directory) in str(exc)
-    assert_no_secret(str(exc), forged_secret, "JoinError")
+    assert_no_secret(str(exc), forged_key, "JoinError")
     assert list(directory.iterdir()) == []  # the joining node cleaned up its socket
 
 

@@ -10,26 +10,40 @@ import select
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 import meshipc
+from attachutil import key_material
+from meshipc._handshake import ROLE_ROOT, ROLE_WORKER, Authority, Identity
 from meshipc._process import ENV_INVITATION, worker_command
 from relutil import wait_until, within
 
 TESTS = Path(__file__).resolve().parent
 
 
-async def test_invitation_and_secret_not_in_the_worker_environment(runtime_dir: Path):
+async def test_invitation_and_private_keys_not_in_the_worker_environment(
+    runtime_dir: Path, monkeypatch: pytest.MonkeyPatch
+):
+    issued: list[Identity] = []
+    issue = Authority.issue
+
+    def recording(self: Authority, *args: Any, **kw: Any) -> Identity:
+        issued.append(issue(self, *args, **kw))
+        return issued[-1]
+
+    monkeypatch.setattr(Authority, "issue", recording)
     async with meshipc.Mesh(runtime_dir=runtime_dir) as mesh:
         tx, rx = meshipc.channel()
         proc = await mesh.spawn("workers:report_environment", tx)
         report = await within(rx.recv(), 30)
         assert ENV_INVITATION not in report["env"]
-        secret = mesh._node._secret.reveal()
+        assert [i.role for i in issued] == [ROLE_ROOT, ROLE_WORKER]  # the root's, the worker's
         # not even in the initial environment block other tools can read
-        for form in (secret, secret.hex().encode(), secret.hex().upper().encode()):
-            assert form not in report["proc_environ"]
+        for key in (*key_material(mesh), issued[1]._key.private_bytes_raw()):
+            for form in (key, key.hex().encode(), key.hex().upper().encode()):
+                assert form not in report["proc_environ"]
         assert await within(proc.wait(), 30) == 0
 
 

@@ -15,17 +15,18 @@ import pytest
 import meshipc
 from meshipc import Fd, Port
 from meshipc._codec import CODEC
-from meshipc._handshake import MeshSecret
+from meshipc._handshake import ROLE_WORKER, Authority
 from meshipc._ids import PortId
 from meshipc._node import Node
 from meshipc._wire import MAX_FDS_PER_MESSAGE
 
 
-def nodes(d: Path, n: int, secret: MeshSecret | None = None) -> list[Node]:
-    secret = secret or MeshSecret()
+def nodes(d: Path, n: int, authority: Authority | None = None) -> list[Node]:
+    """``n`` started nodes of one mesh (of ``authority``'s, or a new one)."""
+    authority = authority or Authority()
     out = []
     for _ in range(n):
-        node = Node(d, secret, codec=CODEC)
+        node = Node(d, authority.issue(ROLE_WORKER), codec=CODEC)
         node.start()
         out.append(node)
     return out

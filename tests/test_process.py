@@ -34,13 +34,13 @@ from meshipc._codec import CODEC
 from meshipc._handshake import (
     CHALLENGE_LEN,
     HELLO_LEN,
+    ROLE_CLIENT,
+    ROLE_WORKER,
     V_DENIED,
+    Authority,
     Hello,
-    MeshSecret,
-    build_auth,
     build_hello,
     build_verdict,
-    initiator_proof,
     new_hello,
     parse_challenge,
 )
@@ -581,7 +581,7 @@ async def test_spawn_with_unsendable_argument_leaves_no_process(runtime_dir: Pat
 # ------------------------------------------------------------------ authentication
 
 
-async def test_garbage_and_wrong_secret_are_rejected(runtime_dir: Path) -> None:
+async def test_garbage_and_foreign_credentials_are_rejected(runtime_dir: Path) -> None:
     loop = asyncio.get_running_loop()
     async with meshipc.Mesh(runtime_dir=runtime_dir) as mesh:
         node = mesh._node
@@ -625,7 +625,7 @@ async def test_garbage_and_wrong_secret_are_rejected(runtime_dir: Path) -> None:
         # 4. a HELLO with an unknown protocol version
         s = await raw_connect()
         try:
-            hello = build_hello(Hello(PROTOCOL_VERSION + 1, os.urandom(16), node.id, os.urandom(32)))
+            hello = build_hello(Hello(PROTOCOL_VERSION + 1, os.urandom(32)))
             await within(loop.sock_sendall(s, hello))
             assert await hung_up(s)
         finally:
@@ -633,22 +633,20 @@ async def test_garbage_and_wrong_secret_are_rejected(runtime_dir: Path) -> None:
         rejected += 1
         assert node.rejected == rejected
 
-        # 5. a real handshake under a wrong secret, from the acceptor's side:
-        #    the AUTH is refused with V_DENIED
-        wrong = MeshSecret()
-        me = os.urandom(16)
+        # 5. a real handshake with a credential of another mesh, from the
+        #    acceptor's side: the AUTH is refused with V_DENIED
+        wrong = Authority().issue(ROLE_CLIENT)
         s = await raw_connect()
         try:
-            hello = new_hello(me, node.id)
+            hello = new_hello()
             await within(loop.sock_sendall(s, build_hello(hello)))
             buf = b""
             while len(buf) < CHALLENGE_LEN:
                 chunk = await within(loop.sock_recv(s, CHALLENGE_LEN - len(buf)))
                 assert chunk, "node hung up before its challenge"
                 buf += chunk
-            challenge = parse_challenge(buf, node.id)  # status OK, from the node we asked for
-            proof = initiator_proof(wrong, hello, node.id, challenge.nonce)
-            await within(loop.sock_sendall(s, build_auth(proof)))
+            challenge = parse_challenge(buf, node.id)  # status OK
+            await within(loop.sock_sendall(s, wrong.build_auth(hello, challenge, node.id)))
             assert await within(loop.sock_recv(s, 1)) == build_verdict(V_DENIED)
             assert await hung_up(s)
         finally:
@@ -656,10 +654,9 @@ async def test_garbage_and_wrong_secret_are_rejected(runtime_dir: Path) -> None:
         rejected += 1
         assert node.rejected == rejected
 
-        # 6. a whole Node with a wrong secret connecting by path: it finds
-        #    out the mesh node does not share its secret, and the node
-        #    refuses it when it hangs up
-        intruder = Node(mesh.directory, MeshSecret(), codec=CODEC)
+        # 6. a whole Node of another mesh connecting by path: the mesh node
+        #    denies its certificate
+        intruder = Node(mesh.directory, Authority().issue(ROLE_WORKER), codec=CODEC)
         try:
             with pytest.raises(HandshakeError):
                 await within(intruder.connect_to(node.id))

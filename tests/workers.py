@@ -9,9 +9,11 @@ back to the test only through mesh messages, never through files or sleeps.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 from typing import Any
 
+import meshipc
 from meshipc import Call, ChannelClosed, Fd, Port, Receiver, Sender
 
 
@@ -232,3 +234,28 @@ async def report_imports(arg: Sender[Any]) -> None:
 def not_async(arg: Any) -> int:
     """A plain function: not something a worker can run."""
     return 1
+
+
+async def relay_later(arg: dict[str, Any]) -> None:
+    """``relay``, but the worker to call arrives later, on ``arg["to"]``
+    (a Receiver of one Sender): this worker links to it only then."""
+    rx: Receiver[Call[Any]] = arg["rx"]
+    with await arg["to"].recv() as to:
+        async for call in rx:
+            call.reply([os.getpid(), await to.call(call.request)])
+
+
+async def try_to_admit(report: Sender[Any]) -> None:
+    """Try to spawn, listen and invite from a worker (not the mesh's root);
+    report what each raised."""
+    mesh = meshipc.current_mesh()
+    errors = []
+    for attempt in (lambda: mesh.spawn("workers:noop"), mesh.listen, mesh.inviter):
+        try:
+            result = attempt()
+            if inspect.isawaitable(result):
+                await result
+            errors.append(None)
+        except meshipc.MeshError as exc:
+            errors.append(f"{type(exc).__name__}: {exc}")
+    report.send(errors)

@@ -20,6 +20,7 @@ import msgspec
 
 from ._channel import Port
 from ._errors import ChannelClosed, MeshError, PortFailed
+from ._handshake import CREDENTIAL_LEN, Identity
 from ._loop import run
 from ._mesh import Mesh
 from ._platform import PLATFORM
@@ -41,17 +42,21 @@ def _on_sigterm(signum: int, frame: object) -> None:
     sys.exit(143)
 
 
-def _read_secret(sock: socket.socket) -> bytes:
-    """The mesh secret: the first 32 bytes the parent wrote on our socket."""
+def _read_credential(sock: socket.socket, node: bytes) -> Identity:
+    """Our credential: the first ``CREDENTIAL_LEN`` bytes the parent wrote
+    on our socket, for the node id our invitation names."""
     sock.settimeout(30)
     buf = b""
-    while len(buf) < 32:
-        chunk = sock.recv(32 - len(buf))
+    while len(buf) < CREDENTIAL_LEN:
+        chunk = sock.recv(CREDENTIAL_LEN - len(buf))
         if not chunk:
-            raise MeshError("the parent closed the bootstrap socket before sending the secret")
+            raise MeshError("the parent closed the bootstrap socket before sending our credential")
         buf += chunk
     sock.setblocking(False)
-    return buf
+    identity = Identity.from_bytes(buf)
+    if identity.node != node:
+        raise MeshError("the parent sent a credential for another node")
+    return identity
 
 
 #: Exit status of a worker whose link to its parent broke (the parent died
@@ -92,9 +97,9 @@ def _arg_type(func: Any) -> Any:
 
 async def _run(inv: ChildInvitation) -> int:
     sock = socket.socket(fileno=inv.fd)
-    secret = _read_secret(sock)
+    identity = _read_credential(sock, inv.node)
     limits = Limits(*inv.limits) if inv.limits is not None else None
-    async with Mesh._joined(inv.directory, secret, inv.node, limits, inviter=inv.parent) as mesh:
+    async with Mesh._joined(inv.directory, identity, limits, inviter=inv.parent) as mesh:
         node = mesh._node
         node.connect_via(inv.parent, sock)
         port = Port._wrap([node.engine.new_bound(inv.port, inv.parent, inv.peer_port)])

@@ -57,6 +57,7 @@ from ._channel import Call, Port, Receiver, Sender, channel
 from ._codec import decode
 from ._errors import (
     ChannelClosed,
+    HandshakeError,
     MeshError,
     MessageError,
     NodeFailure,
@@ -66,6 +67,7 @@ from ._errors import (
     ServiceNameInUse,
     ServiceNotFound,
 )
+from ._handshake import ROLE_WORKER, Identity
 from ._ids import PortId
 from ._ports import OWNED, PROXY, SENDING, Message
 from ._tasks import TaskSet, answer_within
@@ -249,6 +251,12 @@ class ListServices(msgspec.Struct, tag=True):
     pass
 
 
+class Mint(msgspec.Struct, tag=True):
+    """A worker asks the root for a new worker's credential (to spawn one):
+    the root draws the id; only a node whose certificate says "worker" gets
+    one."""
+
+
 class InspectMesh(msgspec.Struct, tag=True):
     path: _Path = ""
     depth: int | None = None
@@ -262,7 +270,7 @@ class UpdateMesh(msgspec.Struct, tag=True):
     timeout: float = 1.0
 
 
-RegistryMsg = Register | Unregister | Lookup | ListServices | InspectMesh | UpdateMesh
+RegistryMsg = Register | Unregister | Lookup | ListServices | Mint | InspectMesh | UpdateMesh
 
 
 class InspectNode(msgspec.Struct, tag=True):
@@ -1034,6 +1042,11 @@ class Control:
             return {"status": "unknown"}
         if isinstance(req, ListServices):
             return self._service_list()
+        if isinstance(req, Mint):
+            cert = self.node.peer_certificate(node)
+            if cert is None or cert.role != ROLE_WORKER:
+                return {"error": "only a worker may ask for a worker's credential"}
+            return {"credential": self.mesh._admit(ROLE_WORKER).to_bytes()}
         raise MeshError(f"unknown registry request {type(req).__name__}")
 
     def _service_list(self) -> dict[str, Any]:
@@ -1061,6 +1074,23 @@ class Control:
             if exc.type_name in ("LookupError", "KeyError"):
                 raise LookupError(exc.message) from None
             raise
+
+    async def mint(self) -> Identity:
+        """A credential for a new worker, issued by the root (this node is a
+        worker: it holds no key that issues one). ``MeshError`` if the root
+        refuses or sends something that is not a credential of this mesh."""
+        result = await self._registry_call(Mint())
+        cred = result.get("credential") if isinstance(result, dict) else None
+        if not isinstance(cred, bytes):
+            why = result.get("error") if isinstance(result, dict) else None
+            raise MeshError(f"the mesh root issued no credential: {why or 'no answer'}")
+        try:
+            identity = Identity.from_bytes(cred)
+        except HandshakeError as exc:
+            raise MeshError(f"the mesh root sent a bad credential: {exc}") from None
+        if identity.authority_key != self.node.identity.authority_key or identity.role != ROLE_WORKER:
+            raise MeshError("the mesh root sent a credential that is not a worker's of this mesh")
+        return identity
 
     async def _registry_call(self, req: Any) -> Any:
         if self.closed:

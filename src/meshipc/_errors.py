@@ -81,8 +81,9 @@ class BufferFull(MeshError):
 
 
 class HandshakeError(ProtocolError):
-    """A node-to-node connection failed its handshake (wrong version, wrong
-    mesh secret, or unexpected peer uid). Logged by the accepting node."""
+    """A node-to-node connection failed its handshake (wrong version, a
+    certificate or signature that does not prove the claimed node, or
+    unexpected peer uid). Logged by the accepting node."""
 
 
 class PeerCredentialsError(HandshakeError, OSError):
@@ -174,7 +175,8 @@ class InvitationDecodeError(JoinError):
 
 
 class AuthenticationError(JoinError):
-    """The listener runs as an unexpected uid, or the node rejected the secret."""
+    """The listener runs as an unexpected uid, or the inviting node refused
+    our credential (or could not prove its own)."""
 
 
 class MeshNameInUse(JoinError):

@@ -1,51 +1,93 @@
-"""The node handshake, sans-IO: the mesh secret, the byte format of the four
-handshake messages, and the pure steps that build, parse and check them.
-No sockets and no event loop: ``_node`` drives these steps over a socket,
-tests forge handshakes with the same functions.
+"""Node identity and the node handshake, sans-IO: certificates the mesh's
+root issues, each node's credential, the byte format of the four handshake
+messages, and the pure steps that build, parse and check them. No sockets
+and no event loop: ``_node`` drives these steps over a socket, tests forge
+handshakes with the same functions.
+
+Identity. The mesh's first node (the root) makes an Ed25519 **authority**
+key when it starts; its private half never leaves the root's memory. The
+mesh id is derived from its public half (``mesh_id``), so a mesh that
+restarts under the same name is another mesh. When the root admits a node
+(spawn or invitation) it draws the node's id itself, makes the node a key
+pair and signs a **certificate** (mesh id, node id, the node's public key,
+role, expiry). The node receives a **credential**: its private key, its
+certificate and the authority's public key (``Identity``) — nothing that
+can sign a certificate, so no node can obtain an id it was not given.
+Certificates are valid for the mesh's life (``CERT_LIFETIME``, longer than
+any service runs; the authority key dies with the mesh anyway).
 
 Every connection between nodes is authenticated before any port event is
 read (the acceptor has already checked the peer's uid from the kernel):
 
-1. HELLO (initiator): version, its node id, the node id it wants, a nonce;
-2. CHALLENGE (acceptor): version, a status, its node id, a nonce, and its
-   proof: an HMAC-SHA256 of both nonces and ids under the mesh secret —
-   the initiator checks it (``verify_acceptor_proof``);
-3. AUTH (initiator): its own proof — the acceptor checks it, in constant
-   time (``verify_initiator_proof``);
+1. HELLO (initiator): magic, version, a nonce — nothing else;
+2. CHALLENGE (acceptor): magic, version, a status (version accepted or
+   not), its own nonce — nothing about who it is;
+3. AUTH (initiator): its certificate, the full id of the node it wants,
+   and its signature over both nonces, both ids and a direction label;
+   the acceptor checks the certificate against the authority's key, the
+   signature, that it is the node wanted (and, for a child on a socket
+   pair, that it is the node expected) — ``Identity.check_auth``;
 4. VERDICT (acceptor): accepted, "duplicate" (both sides connected at once;
    the connection started by the smaller node id wins, or the peer is
-   already linked, gone or expected no more), or denied.
+   already linked, gone or expected no more) or denied; unless denied,
+   followed by the acceptor's certificate and its signature over the
+   verdict, both nonces, both ids and the other direction's label —
+   ``Identity.check_verdict``.
 
-The secret itself never goes on the wire, so a socket planted in the
-directory learns nothing from a node that connects to it. Every failure is
-a ``HandshakeError`` whose text says what was wrong.
+One signature each way. Who reveals what to whom: the acceptor — which any
+process of our uid can connect to — shows nothing about itself (not even
+the prefix its socket path already shows) before the initiator proved a
+certificate of this mesh and a signature over the acceptor's fresh nonce.
+The initiator shows its certificate (public: an id and a public key, which
+prove nothing without the private key) only to whatever listens at the
+path of the node it wants — a socket in the 0700 mesh directory. Fresh
+nonces on both sides make every signature good for one connection only: a
+replayed AUTH or VERDICT fails. Every failure is a ``HandshakeError`` whose
+text says what was wrong.
 """
 
 from __future__ import annotations
 
 import hashlib
-import hmac
 import secrets
 import struct
+import time
+from collections import OrderedDict
 from typing import Any, Final, NamedTuple
 
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
 from ._errors import HandshakeError
-from ._ids import NodeId
+from ._ids import ID_LEN, NodeId
 from ._wire import PROTOCOL_VERSION
 
-#: Bytes in a mesh secret (256 bits).
-SECRET_LEN: Final = 32
-#: Bytes in each side's nonce: fresh per handshake, so no proof can be replayed.
+#: Bytes in each side's nonce: fresh per handshake, so no signature can be replayed.
 NONCE_LEN: Final = 32
-#: Bytes in a proof (an HMAC-SHA256).
-PROOF_LEN: Final = 32
+#: Bytes in an Ed25519 public key, private key (its seed) and signature.
+KEY_LEN: Final = 32
+SEED_LEN: Final = 32
+SIG_LEN: Final = 64
 #: First bytes of HELLO and CHALLENGE: tells a meshipc node from anything else.
 MAGIC: Final = b"MSH1"
+#: Format version of a certificate; a reader refuses any other.
+CERT_VERSION: Final = 1
+#: Seconds a node certificate stays valid: the life of the mesh (the
+#: authority key that signs it lives only in the root's memory and dies with
+#: the mesh), so a service never outlives its certificate. Ten years.
+CERT_LIFETIME: Final = 10 * 365 * 24 * 3600
+#: Certificates a node remembers as verified (their authority signature is
+#: not checked again when the same peer connects again); bounded, oldest out.
+MAX_VERIFIED_CERTS: Final = 1024
+
+#: Roles a certificate grants (the root's own, a spawned worker, an attached client).
+ROLE_ROOT: Final = 1
+ROLE_WORKER: Final = 2
+ROLE_CLIENT: Final = 3
+ROLE_NAMES: Final = {ROLE_ROOT: "root", ROLE_WORKER: "worker", ROLE_CLIENT: "client"}
 
 #: CHALLENGE status: the acceptor will go on.
 S_OK: Final = 0
-#: CHALLENGE status: the HELLO asked for another node (or not the one expected).
-S_WRONG_NODE: Final = 1
 #: CHALLENGE status: the HELLO's protocol version is not ours.
 S_BAD_VERSION: Final = 2
 
@@ -54,83 +96,39 @@ V_ACCEPT: Final = 1
 #: VERDICT: not this connection (a simultaneous connect lost, the peer is
 #: already linked or known dead, or the acceptor is closing).
 V_DUPLICATE: Final = 2
-#: VERDICT: the initiator's proof is wrong (it does not hold the secret).
+#: VERDICT: the initiator did not prove an identity this node takes.
 V_DENIED: Final = 3
 
-# the proofs are bound to their direction, so one cannot stand for the other
-_ACCEPTOR_LABEL = b"meshipc-acceptor"
-_INITIATOR_LABEL = b"meshipc-initiator"
+# domain labels: a signature made for one purpose cannot stand for another
+_CERT_LABEL = b"meshipc-cert-v1"
+_MESH_LABEL = b"meshipc-mesh-v1"
+_INITIATOR_LABEL = b"meshipc-initiator-v1"
+_ACCEPTOR_LABEL = b"meshipc-acceptor-v1"
 
-# magic, version, flags (always 0), initiator id, wanted id, initiator nonce
-_HELLO = struct.Struct("<4sHH16s16s32s")
-# magic, version, status, acceptor id, acceptor nonce, acceptor proof
-_CHALLENGE = struct.Struct("<4sHH16s32s32s")
-_AUTH = struct.Struct("<32s")
+# certificate: version, role, mesh id, node id, node public key, expiry (unix s), signature
+_CERT_BODY = struct.Struct("<BB16s16s32sQ")
+#: Bytes in a certificate.
+CERT_LEN: Final = _CERT_BODY.size + SIG_LEN
+# magic, version, flags (always 0), initiator nonce
+_HELLO = struct.Struct("<4sHH32s")
+# magic, version, status, acceptor nonce
+_CHALLENGE = struct.Struct("<4sHH32s")
+# initiator certificate, wanted node id, signature
+_AUTH = struct.Struct(f"<{CERT_LEN}s16s{SIG_LEN}s")
 _VERDICT = struct.Struct("<B")
+# acceptor certificate, signature (after an accept or duplicate verdict)
+_PROOF = struct.Struct(f"<{CERT_LEN}s{SIG_LEN}s")
+# a credential: node private key (seed), its certificate, the authority's public key
+_CREDENTIAL = struct.Struct(f"<{SEED_LEN}s{CERT_LEN}s{KEY_LEN}s")
 
-#: Sizes of the four messages, for the reader of each.
+#: Sizes of the handshake messages, for the reader of each.
 HELLO_LEN: Final = _HELLO.size
 CHALLENGE_LEN: Final = _CHALLENGE.size
 AUTH_LEN: Final = _AUTH.size
 VERDICT_LEN: Final = _VERDICT.size
-
-
-class MeshSecret:
-    """The 256-bit mesh secret. Its repr never shows the value."""
-
-    __slots__ = ("_value",)
-
-    def __init__(self, value: bytes | None = None) -> None:
-        if value is None:
-            value = secrets.token_bytes(SECRET_LEN)
-        if len(value) != SECRET_LEN:
-            raise ValueError("a mesh secret is 32 bytes")
-        self._value = bytes(value)
-
-    def reveal(self) -> bytes:
-        return self._value
-
-    def mac(self, *parts: bytes) -> bytes:
-        """HMAC-SHA256 of the concatenated ``parts`` under the secret."""
-        return hmac.new(self._value, b"".join(parts), hashlib.sha256).digest()
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, MeshSecret) and hmac.compare_digest(self._value, other._value)
-
-    def __hash__(self) -> int:
-        return hash(self._value)
-
-    def __repr__(self) -> str:
-        return "MeshSecret(<redacted>)"
-
-    __str__ = __repr__
-
-    def __reduce__(self) -> Any:
-        raise TypeError("a mesh secret is not pickled")
-
-
-class Hello(NamedTuple):
-    """The initiator's opening: who it is, whom it wants, its nonce."""
-
-    version: int
-    node: bytes
-    want: bytes
-    nonce: bytes
-
-
-class Challenge(NamedTuple):
-    """The acceptor's answer: its status, id, nonce and proof."""
-
-    version: int
-    status: int
-    node: bytes
-    nonce: bytes
-    proof: bytes
-
-
-def new_nonce() -> bytes:
-    """A fresh random nonce for one handshake."""
-    return secrets.token_bytes(NONCE_LEN)
+PROOF_LEN: Final = _PROOF.size
+#: Bytes in a serialized credential (``Identity.to_bytes``).
+CREDENTIAL_LEN: Final = _CREDENTIAL.size
 
 
 def _unpack(layout: struct.Struct, data: bytes, what: str) -> tuple[Any, ...]:
@@ -139,66 +137,320 @@ def _unpack(layout: struct.Struct, data: bytes, what: str) -> tuple[Any, ...]:
     return layout.unpack(data)
 
 
-# ---------------------------------------------------------------- proofs
+def new_nonce() -> bytes:
+    """A fresh random nonce for one handshake."""
+    return secrets.token_bytes(NONCE_LEN)
 
 
-def acceptor_proof(secret: MeshSecret, hello: Hello, acceptor: bytes, acceptor_nonce: bytes) -> bytes:
-    """The acceptor's proof that it holds ``secret``, bound to both nonces and ids."""
-    return secret.mac(_ACCEPTOR_LABEL, hello.nonce, acceptor_nonce, hello.node, acceptor)
+def mesh_id(authority_key: bytes) -> bytes:
+    """The id of the mesh whose authority has public key ``authority_key``."""
+    return hashlib.sha256(_MESH_LABEL + authority_key).digest()[:ID_LEN]
 
 
-def initiator_proof(secret: MeshSecret, hello: Hello, acceptor: bytes, acceptor_nonce: bytes) -> bytes:
-    """The initiator's proof that it holds ``secret``, bound to both nonces and ids."""
-    return secret.mac(_INITIATOR_LABEL, hello.nonce, acceptor_nonce, hello.node, acceptor)
+# ---------------------------------------------------------------- certificates
 
 
-def verify_acceptor_proof(secret: MeshSecret, hello: Hello, challenge: Challenge) -> None:
-    """Initiator side: ``HandshakeError`` unless the CHALLENGE's proof is right."""
-    want = acceptor_proof(secret, hello, challenge.node, challenge.nonce)
-    if not hmac.compare_digest(challenge.proof, want):
-        raise HandshakeError("the node did not prove it holds the mesh secret")
+class Certificate(NamedTuple):
+    """What the root vouches for: node ``node`` of mesh ``mesh`` holds the
+    private half of ``key``, in role ``role``, until ``expires`` (unix s)."""
+
+    version: int
+    role: int
+    mesh: bytes
+    node: bytes
+    key: bytes
+    expires: int
+    signature: bytes
+
+    def body(self) -> bytes:
+        """The signed part."""
+        return _CERT_BODY.pack(self.version, self.role, self.mesh, self.node, self.key, self.expires)
+
+    def __bytes__(self) -> bytes:
+        return self.body() + self.signature
+
+    @property
+    def role_name(self) -> str:
+        return ROLE_NAMES.get(self.role, f"role {self.role}")
 
 
-def verify_initiator_proof(
-    secret: MeshSecret, hello: Hello, acceptor: bytes, acceptor_nonce: bytes, proof: bytes
-) -> None:
-    """Acceptor side: ``HandshakeError`` unless the AUTH's proof is right (constant time)."""
-    if not hmac.compare_digest(proof, initiator_proof(secret, hello, acceptor, acceptor_nonce)):
-        raise HandshakeError("wrong mesh secret")
+def parse_certificate(data: bytes) -> Certificate:
+    """A certificate's fields, format checked (not its signature: see
+    ``Identity.verify_certificate``); ``HandshakeError`` if malformed."""
+    if len(data) != CERT_LEN:
+        raise HandshakeError(f"a certificate is {CERT_LEN} bytes, got {len(data)}")
+    version, role, mesh, node, key, expires = _CERT_BODY.unpack(data[: _CERT_BODY.size])
+    if version != CERT_VERSION:
+        raise HandshakeError(f"unsupported certificate version {version}")
+    if role not in ROLE_NAMES:
+        raise HandshakeError(f"certificate with unknown role {role}")
+    return Certificate(version, role, mesh, node, key, expires, bytes(data[_CERT_BODY.size :]))
+
+
+def _verify(key: Ed25519PublicKey, signature: bytes, message: bytes) -> bool:
+    try:
+        key.verify(signature, message)
+    except InvalidSignature:
+        return False
+    return True
+
+
+def _public(raw: bytes) -> Ed25519PublicKey:
+    try:
+        return Ed25519PublicKey.from_public_bytes(raw)
+    except ValueError:
+        raise HandshakeError("not an Ed25519 public key") from None
+
+
+class Authority:
+    """The root's signing key: issues every node's credential. It exists in
+    the root's process only (never serialized, never pickled, redacted in
+    its repr)."""
+
+    __slots__ = ("_key", "_verified", "mesh", "public")
+
+    def __init__(self) -> None:
+        self._key = Ed25519PrivateKey.generate()
+        self.public = self._key.public_key().public_bytes_raw()
+        self.mesh = mesh_id(self.public)
+        # shared with the root's own Identity: certificates issued here need
+        # no signature check when their holder connects to the root
+        self._verified: OrderedDict[bytes, Certificate] = OrderedDict()
+
+    def issue(
+        self,
+        role: int,
+        node: bytes | None = None,
+        *,
+        lifetime: float = CERT_LIFETIME,
+        now: float | None = None,
+    ) -> Identity:
+        """A credential for a new node: a fresh key pair, and a certificate
+        for ``node`` (default: a fresh random id) in ``role``."""
+        if role not in ROLE_NAMES:
+            raise ValueError(f"unknown role {role}")
+        node = bytes(NodeId.random() if node is None else node)
+        if len(node) != ID_LEN:
+            raise ValueError(f"a node id is {ID_LEN} bytes")
+        key = Ed25519PrivateKey.generate()
+        expires = max(0, int((time.time() if now is None else now) + lifetime))
+        unsigned = Certificate(
+            CERT_VERSION, role, self.mesh, node, key.public_key().public_bytes_raw(), expires, b""
+        )
+        cert = unsigned._replace(signature=self._key.sign(_CERT_LABEL + unsigned.body()))
+        _remember(self._verified, bytes(cert), cert)
+        return Identity(key, cert, self.public, self._verified)
+
+    def __repr__(self) -> str:
+        return f"Authority(mesh={self.mesh.hex()[:12]}, key=<redacted>)"
+
+    def __reduce__(self) -> Any:
+        raise TypeError("a mesh authority is not pickled")
+
+
+def _remember(cache: OrderedDict[bytes, Certificate], raw: bytes, cert: Certificate) -> None:
+    cache[raw] = cert
+    cache.move_to_end(raw)
+    while len(cache) > MAX_VERIFIED_CERTS:
+        cache.popitem(last=False)
+
+
+# ---------------------------------------------------------------- records
+
+
+class Hello(NamedTuple):
+    """The initiator's opening: its version and nonce."""
+
+    version: int
+    nonce: bytes
+
+
+class Challenge(NamedTuple):
+    """The acceptor's answer: its status and nonce."""
+
+    version: int
+    status: int
+    nonce: bytes
+
+
+class Auth(NamedTuple):
+    """The initiator's proof: its certificate (raw), the node it wants, its signature."""
+
+    cert: bytes
+    want: bytes
+    signature: bytes
+
+
+def _initiator_message(hello: Hello, acceptor_nonce: bytes, initiator: bytes, acceptor: bytes) -> bytes:
+    return b"".join((_INITIATOR_LABEL, hello.nonce, acceptor_nonce, initiator, acceptor))
+
+
+def _acceptor_message(
+    verdict: int, hello: Hello, acceptor_nonce: bytes, initiator: bytes, acceptor: bytes
+) -> bytes:
+    return b"".join((_ACCEPTOR_LABEL, bytes((verdict,)), hello.nonce, acceptor_nonce, initiator, acceptor))
+
+
+# ---------------------------------------------------------------- a node's credential
+
+
+class Identity:
+    """One node's credential: its private key, its certificate and the
+    authority's public key; signs its side of a handshake and checks the
+    other's. Its repr never shows the private key; it is not pickled.
+    ``to_bytes``/``from_bytes`` carry it to the node it was issued for
+    (``CREDENTIAL_LEN`` bytes; they contain the private key)."""
+
+    __slots__ = ("_authority", "_key", "_verified", "authority_key", "cert", "cert_bytes", "mesh")
+
+    def __init__(
+        self,
+        key: Ed25519PrivateKey,
+        cert: Certificate,
+        authority_key: bytes,
+        verified: OrderedDict[bytes, Certificate] | None = None,
+    ) -> None:
+        self._key = key
+        self.cert = cert
+        self.cert_bytes = bytes(cert)
+        self.authority_key = authority_key
+        self._authority = _public(authority_key)
+        self.mesh = mesh_id(authority_key)
+        self._verified: OrderedDict[bytes, Certificate] = OrderedDict() if verified is None else verified
+
+    @property
+    def node(self) -> NodeId:
+        return NodeId(self.cert.node)
+
+    @property
+    def role(self) -> int:
+        return self.cert.role
+
+    def to_bytes(self) -> bytes:
+        """The credential as it travels to its node (holds the private key)."""
+        return _CREDENTIAL.pack(self._key.private_bytes_raw(), self.cert_bytes, self.authority_key)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Identity:
+        """A credential read back; ``HandshakeError`` if its parts do not
+        fit together (a certificate of another mesh or for another key)."""
+        seed, cert_bytes, authority_key = _unpack(_CREDENTIAL, bytes(data), "credential")
+        cert = parse_certificate(cert_bytes)
+        key = Ed25519PrivateKey.from_private_bytes(seed)
+        if key.public_key().public_bytes_raw() != cert.key:
+            raise HandshakeError("the credential's certificate is for another key")
+        identity = cls(key, cert, authority_key)
+        if cert.mesh != identity.mesh:
+            raise HandshakeError("the credential's certificate is of another mesh")
+        return identity
+
+    def verify_certificate(self, data: bytes, now: float | None = None) -> Certificate:
+        """A peer's certificate, checked: this mesh's, signed by its
+        authority, not expired. ``HandshakeError`` saying what is wrong."""
+        cert = self._verified.get(data)
+        if cert is None:
+            cert = parse_certificate(data)
+            if cert.mesh != self.mesh:
+                raise HandshakeError("certificate of another mesh")
+            if not _verify(self._authority, cert.signature, _CERT_LABEL + cert.body()):
+                raise HandshakeError("certificate not signed by this mesh's root (forged)")
+            _remember(self._verified, bytes(data), cert)
+        if cert.expires < (time.time() if now is None else now):
+            raise HandshakeError(f"certificate of node {NodeId(cert.node)} expired")
+        return cert
+
+    # -------------------------------------------------------- initiator side
+
+    def build_auth(self, hello: Hello, challenge: Challenge, want: bytes) -> bytes:
+        """AUTH for node ``want``: our certificate and signature."""
+        sig = self._key.sign(_initiator_message(hello, challenge.nonce, self.cert.node, want))
+        return _AUTH.pack(self.cert_bytes, bytes(want), sig)
+
+    def check_verdict(
+        self,
+        hello: Hello,
+        challenge: Challenge,
+        want: bytes,
+        verdict: int,
+        data: bytes,
+        now: float | None = None,
+    ) -> Certificate:
+        """The acceptor's proof after ``verdict``: its certificate must be
+        node ``want``'s, its signature over this very handshake. Returns the
+        acceptor's certificate; ``HandshakeError`` otherwise."""
+        cert_bytes, sig = _unpack(_PROOF, data, "VERDICT proof")
+        cert = self.verify_certificate(cert_bytes, now)
+        if cert.node != want:
+            raise HandshakeError(f"node {NodeId(cert.node)} answered for node {NodeId(want)}")
+        message = _acceptor_message(verdict, hello, challenge.nonce, self.cert.node, want)
+        if not _verify(_public(cert.key), sig, message):
+            raise HandshakeError(f"node {NodeId(want)} did not prove its identity (bad signature)")
+        return cert
+
+    # -------------------------------------------------------- acceptor side
+
+    def check_auth(
+        self,
+        hello: Hello,
+        acceptor_nonce: bytes,
+        auth: Auth,
+        expect: bytes | None = None,
+        now: float | None = None,
+    ) -> Certificate:
+        """The initiator's certificate, once its AUTH proved it: a
+        certificate of this mesh, asking for this node (and from ``expect``
+        when one is expected), signed over this handshake's nonces.
+        ``HandshakeError`` saying what was wrong."""
+        cert = self.verify_certificate(auth.cert, now)
+        me = self.cert.node
+        if auth.want != me:
+            raise HandshakeError(f"node {NodeId(cert.node)} asked for another node")
+        if expect is not None and cert.node != expect:
+            raise HandshakeError(f"node {NodeId(cert.node)} is not the node expected here")
+        message = _initiator_message(hello, acceptor_nonce, cert.node, me)
+        if not _verify(_public(cert.key), auth.signature, message):
+            raise HandshakeError(f"bad signature from node {NodeId(cert.node)} (forged or replayed)")
+        return cert
+
+    def build_proof(self, verdict: int, hello: Hello, acceptor_nonce: bytes, initiator: bytes) -> bytes:
+        """What follows an accept or duplicate VERDICT: our certificate and signature."""
+        sig = self._key.sign(_acceptor_message(verdict, hello, acceptor_nonce, initiator, self.cert.node))
+        return _PROOF.pack(self.cert_bytes, sig)
+
+    def __repr__(self) -> str:
+        return f"Identity(node={self.node!r}, role={self.cert.role_name}, key=<redacted>)"
+
+    __str__ = __repr__
+
+    def __reduce__(self) -> Any:
+        raise TypeError("a node credential is not pickled")
 
 
 # ---------------------------------------------------------------- HELLO
 
 
-def new_hello(node: bytes, want: bytes) -> Hello:
-    """Initiator side: the HELLO of ``node`` asking for node ``want``, with
-    our protocol version and a fresh nonce."""
-    return Hello(PROTOCOL_VERSION, bytes(node), bytes(want), new_nonce())
+def new_hello() -> Hello:
+    """Initiator side: a HELLO with our protocol version and a fresh nonce."""
+    return Hello(PROTOCOL_VERSION, new_nonce())
 
 
 def build_hello(hello: Hello) -> bytes:
     """The bytes of ``hello``."""
-    return _HELLO.pack(MAGIC, hello.version, 0, hello.node, hello.want, hello.nonce)
+    return _HELLO.pack(MAGIC, hello.version, 0, hello.nonce)
 
 
 def parse_hello(data: bytes) -> Hello:
     """A HELLO's fields; ``HandshakeError`` if it is not one (checks the magic
     only: the version is judged by ``hello_status``)."""
-    magic, version, _flags, node, want, nonce = _unpack(_HELLO, data, "HELLO")
+    magic, version, _flags, nonce = _unpack(_HELLO, data, "HELLO")
     if magic != MAGIC:
         raise HandshakeError("not a meshipc node")
-    return Hello(version, node, want, nonce)
+    return Hello(version, nonce)
 
 
-def hello_status(hello: Hello, acceptor: bytes, expect: bytes | None = None) -> int:
-    """The acceptor's status for ``hello``: ``S_BAD_VERSION``, ``S_WRONG_NODE``
-    (not asking for ``acceptor``, or not from ``expect`` when one is
-    expected) or ``S_OK``."""
-    if hello.version != PROTOCOL_VERSION:
-        return S_BAD_VERSION
-    if hello.want != acceptor or (expect is not None and hello.node != expect):
-        return S_WRONG_NODE
-    return S_OK
+def hello_status(hello: Hello) -> int:
+    """The acceptor's status for ``hello``: ``S_BAD_VERSION`` or ``S_OK``."""
+    return S_OK if hello.version == PROTOCOL_VERSION else S_BAD_VERSION
 
 
 def check_status(hello: Hello, status: int) -> None:
@@ -210,34 +462,27 @@ def check_status(hello: Hello, status: int) -> None:
 # ---------------------------------------------------------------- CHALLENGE
 
 
-def build_challenge(
-    status: int, node: bytes, nonce: bytes, proof: bytes, version: int = PROTOCOL_VERSION
-) -> bytes:
-    """CHALLENGE from acceptor ``node``."""
-    return _CHALLENGE.pack(MAGIC, version, status, node, nonce, proof)
+def build_challenge(status: int, nonce: bytes, version: int = PROTOCOL_VERSION) -> bytes:
+    """CHALLENGE: our status and nonce, nothing about who we are."""
+    return _CHALLENGE.pack(MAGIC, version, status, nonce)
 
 
 def parse_challenge(data: bytes, peer: bytes) -> Challenge:
-    """Initiator side: the CHALLENGE of node ``peer``; ``HandshakeError`` if
-    it is not one, refuses (status), or comes from another node."""
-    magic, version, status, node, nonce, proof = _unpack(_CHALLENGE, data, "CHALLENGE")
-    if magic != MAGIC or status != S_OK or node != peer:
+    """Initiator side: the CHALLENGE from the socket of node ``peer``;
+    ``HandshakeError`` if it is not one or refuses (status)."""
+    magic, version, status, nonce = _unpack(_CHALLENGE, data, "CHALLENGE")
+    if magic != MAGIC or status != S_OK:
         raise HandshakeError(f"node {NodeId(peer)} refused the handshake (status {status})")
-    return Challenge(version, status, node, nonce, proof)
+    return Challenge(version, status, nonce)
 
 
 # ---------------------------------------------------------------- AUTH, VERDICT
 
 
-def build_auth(proof: bytes) -> bytes:
-    """AUTH carrying the initiator's proof."""
-    return _AUTH.pack(proof)
-
-
-def parse_auth(data: bytes) -> bytes:
-    """The proof an AUTH carries."""
-    (proof,) = _unpack(_AUTH, data, "AUTH")
-    return bytes(proof)
+def parse_auth(data: bytes) -> Auth:
+    """An AUTH's parts (format only: ``Identity.check_auth`` judges them)."""
+    cert, want, sig = _unpack(_AUTH, data, "AUTH")
+    return Auth(bytes(cert), bytes(want), bytes(sig))
 
 
 def build_verdict(verdict: int) -> bytes:
@@ -246,9 +491,9 @@ def build_verdict(verdict: int) -> bytes:
 
 
 def parse_verdict(data: bytes, peer: bytes) -> int:
-    """Initiator side: ``V_ACCEPT`` or ``V_DUPLICATE``; ``HandshakeError``
-    when node ``peer`` denied us (or sent no known verdict)."""
+    """Initiator side: ``V_ACCEPT`` or ``V_DUPLICATE`` (a proof follows);
+    ``HandshakeError`` when node ``peer`` denied us (or sent no known verdict)."""
     (verdict,) = _unpack(_VERDICT, data, "VERDICT")
     if verdict in (V_ACCEPT, V_DUPLICATE):
         return int(verdict)
-    raise HandshakeError(f"node {NodeId(peer)} rejected the mesh secret")
+    raise HandshakeError(f"node {NodeId(peer)} refused our credential")

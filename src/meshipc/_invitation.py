@@ -4,10 +4,13 @@ its wire format, and ``Inviter``, which makes them.
 An invitation admits one new node, once, for a limited time. It holds the
 mesh directory, the inviting node's id, the id the new node must use, the
 port it receives first (a port descriptor: the port is in transit to the
-new node, exactly as if it had been sent in a message), and the mesh
-secret. Serialized it is a msgpack array (``_InvitationRecord``); the
-listener (``_listener``) frames it as ``[u32 little-endian length][record]``
-(``FRAME``) and the client (``_join``) reads it back and joins.
+new node, exactly as if it had been sent in a message), and the new node's
+credential (``_handshake.Identity``: its own private key, the certificate
+the mesh's root issued for its id in the client role, and the root's public
+key) — nothing that lets its holder vouch for any other id. Serialized it
+is a msgpack array (``_InvitationRecord``); the listener (``_listener``)
+frames it as ``[u32 little-endian length][record]`` (``FRAME``) and the
+client (``_join``) reads it back and joins.
 """
 
 from __future__ import annotations
@@ -22,8 +25,10 @@ from typing import TYPE_CHECKING, Any, Final
 import msgspec
 
 from ._channel import Port
-from ._errors import InvitationDecodeError, MeshError
+from ._errors import HandshakeError, InvitationDecodeError, MeshError
+from ._handshake import CREDENTIAL_LEN, ROLE_CLIENT, Identity
 from ._ids import NodeId
+from ._platform import MAX_SOCKET_PATH
 from ._wire import PORT_DESC_SIZE, encode_port_desc
 
 if TYPE_CHECKING:
@@ -40,10 +45,13 @@ INVITE_BLOCKING_TIMEOUT: Final = 10.0
 #: The length prefix of an invitation on the listener socket.
 FRAME: Final = struct.Struct("<I")
 #: Format version inside every invitation; a reader refuses any other.
-_INVITATION_VERSION: Final = 1
-#: Sizes of the ids and of the mesh secret an invitation carries.
+#: 2: a credential issued by the mesh's root instead of the mesh secret.
+_INVITATION_VERSION: Final = 2
+#: Size of the ids an invitation carries.
 _ID_SIZE: Final = 16
-_SECRET_SIZE: Final = 32
+#: Longest mesh directory an invitation names: every node socket in it must
+#: fit an AF_UNIX address.
+MAX_DIRECTORY: Final = MAX_SOCKET_PATH
 
 
 class _InvitationRecord(msgspec.Struct, array_like=True, forbid_unknown_fields=True):
@@ -54,22 +62,23 @@ class _InvitationRecord(msgspec.Struct, array_like=True, forbid_unknown_fields=T
     inviter: bytes
     node: bytes
     port: bytes
-    secret: bytes
+    credential: bytes
     expires: float
 
 
 class Invitation:
     """Admits one new node to a mesh, once, before it expires.
 
-    ``bytes(inv)`` serializes it (it contains the mesh secret: carry it only
-    over channels as private as the mesh itself);
+    ``bytes(inv)`` serializes it (it contains the new node's private key:
+    carry it only over channels as private as the mesh itself);
     ``Invitation.from_bytes(data)`` reads one back (raises
-    ``InvitationDecodeError``). The repr never shows the secret."""
+    ``InvitationDecodeError``). The repr never shows the key."""
 
-    __slots__ = ("_record",)
+    __slots__ = ("_identity", "_record")
 
-    def __init__(self, record: _InvitationRecord) -> None:
+    def __init__(self, record: _InvitationRecord, identity: Identity) -> None:
         self._record = record
+        self._identity = identity
 
     @property
     def directory(self) -> str:
@@ -105,16 +114,27 @@ class Invitation:
         if (
             len(w.inviter) != _ID_SIZE
             or len(w.node) != _ID_SIZE
-            or len(w.secret) != _SECRET_SIZE
+            or len(w.credential) != CREDENTIAL_LEN
             or len(w.port) != PORT_DESC_SIZE
         ):
             raise InvitationDecodeError("invitation fields have the wrong sizes")
+        if len(w.directory) > MAX_DIRECTORY:
+            raise InvitationDecodeError(f"invitation directory longer than {MAX_DIRECTORY} characters")
         if not w.directory.startswith("/") or "\0" in w.directory:
             raise InvitationDecodeError("invitation directory is not an absolute path")
-        return cls(w)
+        try:
+            identity = Identity.from_bytes(w.credential)
+        except HandshakeError as exc:
+            raise InvitationDecodeError(f"invitation credential: {exc}") from None
+        if identity.node != w.node:
+            raise InvitationDecodeError("invitation credential is for another node")
+        return cls(w, identity)
 
     def __repr__(self) -> str:
-        return f"Invitation(directory={self.directory!r}, node={self.node!r}, secret=<redacted>)"
+        return f"Invitation(directory={self.directory!r}, node={self.node!r}, key=<redacted>)"
+
+    def __reduce__(self) -> Any:
+        raise TypeError("an invitation is not pickled (use bytes(inv), privately)")
 
 
 class Inviter:
@@ -135,8 +155,9 @@ class Inviter:
             raise MeshError("the mesh is closed")
         if not isinstance(port, Port) or len(port._states) != 1:
             raise _uninvitable(port)
+        identity = self._mesh._admit(ROLE_CLIENT)
         (st,) = port._detach()
-        new_node = NodeId.random()
+        new_node = identity.node
         ttl = self.ttl if ttl is None else ttl
         node.expect_invited(new_node, ttl)  # first: nothing may try to connect to it
         packed = encode_port_desc(node.engine._send_port(st, new_node))
@@ -147,9 +168,10 @@ class Inviter:
                 bytes(node.id),
                 bytes(new_node),
                 packed,
-                node._secret.reveal(),
+                identity.to_bytes(),
                 time.time() + ttl,
-            )
+            ),
+            identity,
         )
 
     async def invite(self, port: Port, *, ttl: float | None = None) -> Invitation:

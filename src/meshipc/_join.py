@@ -31,7 +31,7 @@ from ._errors import (
     JoinTimeout,
     MeshError,
 )
-from ._handshake import V_DUPLICATE
+from ._handshake import V_DUPLICATE, Identity
 from ._invitation import FRAME, MAX_INVITATION, Invitation
 from ._names import listener_path, node_path, not_running_reason, runtime_location
 from ._node import HANDSHAKE_TIMEOUT, Node
@@ -173,13 +173,13 @@ async def within_deadline(deadline: float | None, timeout: float | None, path: P
         raise JoinTimeout(os.fspath(path), took) from None
 
 
-def admitted_node(invitation: Invitation) -> tuple[str, bytes, bytes]:
-    """The mesh directory, the mesh secret and the node id of the node
-    ``invitation`` admits. Raises ``InvitationExpired`` past its expiry."""
+def admitted_node(invitation: Invitation) -> tuple[str, Identity]:
+    """The mesh directory and the credential of the node ``invitation``
+    admits. Raises ``InvitationExpired`` past its expiry."""
     record = invitation._record
     if not record.expires >= time.time():  # also refuses NaN
         raise InvitationExpired("the invitation has expired")
-    return record.directory, record.secret, record.node
+    return record.directory, invitation._identity
 
 
 async def reach_inviter(
@@ -188,7 +188,7 @@ async def reach_inviter(
     """Connect the new ``node`` to the inviting node and take the port the
     invitation carries (peered with the server's ``Admission.port``). Raises
     ``JoinTimeout`` past ``deadline``, ``AuthenticationError`` if the inviting
-    node rejects the secret, ``InvitationExpired`` if it refuses the
+    node rejects our credential or cannot prove its own, ``InvitationExpired`` if it refuses the
     invitation (used or expired), ``JoinError`` if it cannot be reached."""
     record = invitation._record
     inviter_path = node_path(Path(record.directory), record.inviter)

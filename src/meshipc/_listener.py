@@ -4,7 +4,7 @@ it admitted.
 
 The socket carries nothing but invitations (``_invitation.FRAME``), after
 which the client joins as a full node by connecting node to node,
-authenticated by the mesh secret like every other connection.
+authenticated by the credential in its invitation like every other connection.
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Final
 from ._codec import CODEC
 from ._control import DEFAULT_CONTROL_LIMITS, Control, ControlLimits, Service
 from ._errors import InvitationExpired, JoinError, MeshError
-from ._handshake import MeshSecret
+from ._handshake import ROLE_ROOT, ROLE_WORKER, Authority, Identity
 from ._ids import NodeId
 from ._invitation import INVITATION_TTL, Invitation, Inviter
 from ._join import (
@@ -62,6 +62,11 @@ log = logging.getLogger("meshipc")
 
 #: Seconds workers get to exit after the mesh closes their bootstrap port.
 CHILD_GRACE = 5.0
+#: Why a worker or an attached client cannot spawn, listen or invite.
+NOT_ROOT: Final = (
+    "only the mesh's first node can admit new nodes (listen or invite; its workers may spawn): "
+    "it alone holds the key that issues node identities"
+)
 
 
 _current: contextvars.ContextVar[Mesh | None] = contextvars.ContextVar("meshipc_mesh", default=None)
@@ -176,6 +181,8 @@ class Mesh:
         self._terminated = False  # closed because of SIGTERM
         self._extras: list[Any] = []  # listeners and other things closed with the mesh
         self._lock_fd = -1
+        #: the key that issues node credentials: only on the mesh's first node
+        self._authority: Authority | None = None
         self._control: Control = None  # type: ignore[assignment]  # set on enter
         self._outer: Mesh | None = None
 
@@ -208,7 +215,8 @@ class Mesh:
         self._owns_directory = True
         try:
             check_private_dir(directory)
-            self._node = Node(directory, MeshSecret(), codec=CODEC, limits=self.limits)
+            self._authority = Authority()
+            self._node = Node(directory, self._authority.issue(ROLE_ROOT), codec=CODEC, limits=self.limits)
             self._node.start()
             self._start_control(root=True)
         except BaseException:
@@ -227,25 +235,44 @@ class Mesh:
     async def _joined(
         cls,
         directory: str,
-        secret: bytes,
-        node_id: bytes,
+        identity: Identity,
         limits: Limits | None = None,
         inviter: bytes | None = None,
     ) -> AsyncIterator[Mesh]:
-        """A node joining an existing mesh (spawned child or invited process),
-        invited by node ``inviter`` (whom its control plane first asks for
-        the mesh root)."""
+        """A node joining an existing mesh (spawned child or invited process)
+        with the credential the mesh's root issued it, invited by node
+        ``inviter`` (whom its control plane first asks for the mesh root)."""
         self = cls(limits=limits)
         self._entered = True
         d = Path(directory)
         check_private_dir(d)
-        self._node = Node(d, MeshSecret(secret), node_id, codec=CODEC, limits=self.limits)
+        self._node = Node(d, identity, codec=CODEC, limits=self.limits)
         self._node.start()
         self._start_control(root=False, inviter=inviter)
         try:
             yield self
         finally:
             await self.aclose()
+
+    def _admit(self, role: int) -> Identity:
+        """A credential for a new node of ``role``: a fresh id, key pair and
+        certificate. Raises ``MeshError`` on a node that is not the mesh's
+        root (it holds no key that can vouch for a new node)."""
+        if self._closed:
+            raise MeshError("the mesh is closed")
+        if self._authority is None:
+            raise MeshError(NOT_ROOT)
+        return self._authority.issue(role)
+
+    async def _admit_worker(self) -> Identity:
+        """A credential for a new worker: issued here on the mesh's root,
+        else asked of the root (only a worker may ask; an attached client
+        cannot spawn)."""
+        if self._authority is not None or self._node.identity.role != ROLE_WORKER:
+            return self._admit(ROLE_WORKER)
+        if self._closed:
+            raise MeshError("the mesh is closed")
+        return await self._control.mint()
 
     async def __aexit__(
         self, t: type[BaseException] | None, v: BaseException | None, tb: TracebackType | None
@@ -304,6 +331,7 @@ class Mesh:
         ``MeshError`` if the path holds something that is not ours."""
         if self._closed:
             raise MeshError("the mesh is closed")
+        self._check_root()
         p = Path(path) if path is not None else self.directory / LISTENER_NAME
         listener = Listener(self, p, INVITATION_TTL if invitation_ttl is None else invitation_ttl)
         listener.start()
@@ -312,7 +340,9 @@ class Mesh:
 
     def inviter(self, *, ttl: float | None = None) -> Inviter:
         """A handle that makes invitations (``await inviter.invite(port)``),
-        usable from any task or thread."""
+        usable from any task or thread. Raises ``MeshError`` on a node that
+        is not the mesh's first (see ``spawn``)."""
+        self._check_root()
         return Inviter(self, INVITATION_TTL if ttl is None else ttl)
 
     async def spawn(self, target: str, arg: Any = None, *, name: str | None = None) -> Process:
@@ -324,7 +354,10 @@ class Mesh:
         missing, an error while importing, the process dying first; the
         worker's traceback attached). A later failure of the function is
         reported by ``Process.wait()``'s exit code and ``Process.error``; a
-        worker whose link to this process broke exits with status 3."""
+        worker whose link to this process broke exits with status 3.
+        Only the mesh's first node issues node identities: a worker asks it
+        for its child's; an attached client cannot spawn (``MeshError``).
+        Listening and inviting are the first node's alone."""
         if self._closed:
             raise MeshError("the mesh is closed")
         proc = await spawn(self, target, arg, name)
@@ -335,6 +368,10 @@ class Mesh:
         proc._exited.add_done_callback(lambda _: self._forget_child(proc))
         await proc._wait_started()
         return proc
+
+    def _check_root(self) -> None:
+        if self._authority is None:
+            raise MeshError(NOT_ROOT)
 
     def _forget_child(self, proc: Process) -> None:
         if proc in self._children:
@@ -410,9 +447,9 @@ async def _attached(
     invitation: Invitation, deadline: float | None, timeout: float | None
 ) -> AsyncIterator[Attachment]:
     """This process as the new node ``invitation`` admits, attached until the block ends."""
-    directory, secret, node_id = admitted_node(invitation)
+    directory, identity = admitted_node(invitation)
     try:
-        ctx = Mesh._joined(directory, secret, node_id, inviter=bytes(invitation.inviter))
+        ctx = Mesh._joined(directory, identity, inviter=bytes(invitation.inviter))
         mesh = await ctx.__aenter__()
         mesh._control.joining()  # its session waits until we have joined
     except (OSError, MeshError) as exc:
@@ -440,8 +477,9 @@ async def join(invitation: Invitation, *, timeout: float | None = JOIN_TIMEOUT) 
     Raises ``JoinTimeout`` if the inviting node does not answer within
     ``timeout`` seconds (default ``JOIN_TIMEOUT``, 10 s; ``None``: no bound
     but the handshake's own), ``AuthenticationError`` if the inviting node
-    rejects the secret, ``InvitationExpired`` if the invitation was used or
-    expired, and ``JoinError`` for any other failure while joining."""
+    rejects the invitation's credential (or cannot prove its own),
+    ``InvitationExpired`` if the invitation was used or expired, and
+    ``JoinError`` for any other failure while joining."""
     async with _attached(invitation, deadline_after(timeout), timeout) as conn:
         yield conn
 
@@ -469,7 +507,7 @@ async def connect(
     denied, an unusable runtime folder; for a name, the reason says whether
     no such mesh runs, it is not listening, or it is stale), ``InvitationReadError``, ``InvitationTooLarge``,
     ``InvitationDecodeError``, ``AuthenticationError`` (listener of an
-    unexpected uid, or secret rejected) or ``JoinError``."""
+    unexpected uid, or a credential refused) or ``JoinError``."""
     deadline = deadline_after(timeout)
     async with contextlib.AsyncExitStack() as stack:
         for attempt in range(1, CONNECT_ATTEMPTS + 1):

@@ -29,27 +29,24 @@ from ._handshake import (
     AUTH_LEN,
     CHALLENGE_LEN,
     HELLO_LEN,
+    PROOF_LEN,
     V_ACCEPT,
     V_DENIED,
     V_DUPLICATE,
     VERDICT_LEN,
-    MeshSecret,
-    acceptor_proof,
-    build_auth,
+    Certificate,
+    Identity,
     build_challenge,
     build_hello,
     build_verdict,
     check_status,
     hello_status,
-    initiator_proof,
     new_hello,
     new_nonce,
     parse_auth,
     parse_challenge,
     parse_hello,
     parse_verdict,
-    verify_acceptor_proof,
-    verify_initiator_proof,
 )
 from ._ids import NodeId
 from ._names import node_path
@@ -114,23 +111,24 @@ def _describe(exc: BaseException) -> str:
 class Node:
     """One node: a port engine, a listening socket, links to peers.
 
-    ``codec`` turns the engine's message objects into bytes and back (the
-    channel layer's ``CODEC``): the node ships bytes and never looks inside."""
+    ``identity`` is the credential the mesh's root issued to this node (its
+    id is the one its certificate names). ``codec`` turns the engine's
+    message objects into bytes and back (the channel layer's ``CODEC``): the
+    node ships bytes and never looks inside."""
 
     def __init__(
         self,
         directory: Path,
-        secret: MeshSecret,
-        node_id: bytes | None = None,
+        identity: Identity,
         *,
         codec: Codec,
         allowed_uids: Iterable[int] | None = None,
         limits: Limits = DEFAULT_LIMITS,
     ) -> None:
         self.loop = asyncio.get_running_loop()
-        self.id = NodeId(node_id) if node_id is not None else NodeId.random()
+        self.id = identity.node
         self.directory = Path(directory)
-        self._secret = secret
+        self.identity = identity
         self.allowed_uids = set(allowed_uids) if allowed_uids is not None else {os.getuid()}
         self.engine = Engine(self.id, outbox=self, codec=codec, limits=limits)
         # handles used from other threads hand their sends to this loop
@@ -138,6 +136,8 @@ class Node:
         self.engine.post = self.loop.call_soon_threadsafe
         self.path = node_path(self.directory, self.id)
         self._links: dict[bytes, Link] = {}
+        #: the certificate each linked peer proved in its handshake
+        self._peers: dict[bytes, Certificate] = {}
         self._reads = ReadBuffer()  # one for all links: they read one at a time
         self._connecting: dict[bytes, asyncio.Task[None]] = {}
         # events for nodes being connected to, written once the link is up
@@ -150,7 +150,7 @@ class Node:
         self._acceptor: Acceptor | None = None
         self._log = RateLimitedLog()
         self.closed = False
-        self.rejected = 0  # connections refused (bad secret, uid, garbage)
+        self.rejected = 0  # connections refused (bad credential, uid, garbage)
         self.attached = 0  # invited nodes that joined
         self._invited: dict[bytes, asyncio.TimerHandle] = {}
 
@@ -158,6 +158,11 @@ class Node:
     def links(self) -> Mapping[bytes, Link]:
         """The established links, by peer node id."""
         return self._links
+
+    def peer_certificate(self, peer: bytes) -> Certificate | None:
+        """The certificate node ``peer`` proved when its link was made (its
+        id, role and key, vouched for by the mesh's root), while linked."""
+        return self._peers.get(peer)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -222,6 +227,7 @@ class Node:
         for link in list(self._links.values()):
             link.close()
         self._links.clear()
+        self._peers.clear()
         for evs in self._queued.values():
             for _, fds in evs:
                 for f in fds:
@@ -275,7 +281,8 @@ class Node:
     def _on_event(self, src: bytes, ev: Event, fds: list[Any]) -> None:
         self.engine.receive(src, ev, fds)
 
-    def _established(self, sock: socket.socket, peer: bytes) -> None:
+    def _established(self, sock: socket.socket, cert: Certificate) -> None:
+        peer = cert.node
         link = Link(
             self.loop,
             sock,
@@ -287,6 +294,7 @@ class Node:
             self._reads,
         )
         self._links[peer] = link
+        self._peers[peer] = cert
         self._settle(peer)
         for ev, fds in self._queued.pop(peer, []):
             link.write_event(ev, fds)
@@ -299,6 +307,7 @@ class Node:
     def _on_lost(self, link: Link, reason: str) -> None:
         if self._links.get(link.peer) is link:
             del self._links[link.peer]
+            self._peers.pop(link.peer, None)
         self._mark_dead(link.peer, reason)
 
     def _mark_dead(self, peer: bytes, reason: str) -> None:
@@ -324,7 +333,7 @@ class Node:
         sock.close()
 
     def _verdict_for(self, peer: bytes, me: asyncio.Task[Any] | None) -> int:
-        """Acceptor side, once ``peer`` proved the secret: take this link or not."""
+        """Acceptor side, once ``peer`` proved its identity: take this link or not."""
         if peer in self._links or peer in self._dead or self.closed or peer == self.id:
             return V_DUPLICATE
         if peer in self._connecting and self._connecting[peer] is not me and self.id < peer:
@@ -353,20 +362,20 @@ class Node:
                 except TimeoutError:
                     raise HandshakeError(f"no handshake within {hello_timeout:g} s") from None
                 hello = parse_hello(data)
-                peer = hello.node
-                status = hello_status(hello, self.id, expect)
+                status = hello_status(hello)
                 nonce = new_nonce()
-                proof = acceptor_proof(self._secret, hello, self.id, nonce)
-                await loop.sock_sendall(sock, build_challenge(status, self.id, nonce, proof))
+                await loop.sock_sendall(sock, build_challenge(status, nonce))
                 check_status(hello, status)
                 auth = parse_auth(await _recv_handshake(loop, sock, AUTH_LEN))
                 try:
-                    verify_initiator_proof(self._secret, hello, self.id, nonce, auth)
+                    cert = self.identity.check_auth(hello, nonce, auth, expect)
                 except HandshakeError:
                     await loop.sock_sendall(sock, build_verdict(V_DENIED))
                     raise
+                peer = cert.node
                 verdict = self._verdict_for(peer, me)
-                await loop.sock_sendall(sock, build_verdict(verdict))
+                proof = self.identity.build_proof(verdict, hello, nonce, peer)
+                await loop.sock_sendall(sock, build_verdict(verdict) + proof)
                 if verdict != V_ACCEPT:
                     log.info(
                         "node %s: node %s (pid %d uid %d) refused: already joined, expired or duplicate",
@@ -400,7 +409,7 @@ class Node:
         finally:
             if expect is not None and self._connecting.get(expect) is me:
                 del self._connecting[expect]
-        self._established(sock, peer)
+        self._established(sock, cert)
 
     def expect_invited(self, node: bytes, ttl: float) -> None:
         """Node ``node`` was invited: if it has not joined within ``ttl``
@@ -490,18 +499,18 @@ class Node:
             async with asyncio.timeout(HANDSHAKE_TIMEOUT):
                 if own:
                     await loop.sock_connect(sock, os.fspath(node_path(self.directory, peer)))
-                hello = new_hello(self.id, peer)
+                hello = new_hello()
                 await loop.sock_sendall(sock, build_hello(hello))
                 challenge = parse_challenge(await _recv_handshake(loop, sock, CHALLENGE_LEN), peer)
-                verify_acceptor_proof(self._secret, hello, challenge)
-                proof = initiator_proof(self._secret, hello, peer, challenge.nonce)
-                await loop.sock_sendall(sock, build_auth(proof))
+                await loop.sock_sendall(sock, self.identity.build_auth(hello, challenge, peer))
                 verdict = parse_verdict(await _recv_handshake(loop, sock, VERDICT_LEN), peer)
+                proof = await _recv_handshake(loop, sock, PROOF_LEN)
+                cert = self.identity.check_verdict(hello, challenge, peer, verdict, proof)
         except BaseException:
             sock.close()
             raise
         if verdict == V_ACCEPT and peer not in self._links:
-            self._established(sock, peer)
+            self._established(sock, cert)
             return V_ACCEPT
         # told "duplicate", or lost a race we could not see coming
         sock.close()

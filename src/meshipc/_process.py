@@ -4,12 +4,14 @@ The parent makes a socket pair, passes one end to a fresh interpreter
 (``python -P -c <bootstrap> <parent's sys.path>``, see ``worker_command``)
 together with an invitation in the environment, and runs the acceptor side
 of the node handshake on its end.
-The mesh secret is not in the environment (``/proc/<pid>/environ`` keeps
-the initial environment whatever the child does): it is the first 32 bytes
-the parent writes on the socket pair. The child removes the invitation from
-its environment first thing, reads the secret, creates
-its own node in the mesh directory, and receives the spawn argument as the
-first message on its bootstrap port. The bootstrap port stays open while the
+The child's credential (its private key, the certificate the mesh's root
+issued it and the root's public key: ``_handshake.Identity``) is not in the
+environment (``/proc/<pid>/environ`` keeps the initial environment whatever
+the child does): it is the first ``CREDENTIAL_LEN`` bytes the parent writes
+on the socket pair. The child removes the invitation from its environment
+first thing, reads its credential, creates its own node in the mesh
+directory, and receives the spawn argument as the first message on its
+bootstrap port. The bootstrap port stays open while the
 child lives: the parent reads the child's outcome on it, and the child
 learns on it that its parent died or the mesh is shutting down.
 
@@ -48,7 +50,7 @@ import msgspec
 from ._channel import Call, Port, Receiver
 from ._codec import walk_resources
 from ._errors import ChannelClosed, MeshError, PortFailed, RemoteError, SpawnError
-from ._ids import NodeId, PortId
+from ._ids import PortId
 from ._platform import PLATFORM
 
 if TYPE_CHECKING:
@@ -328,9 +330,10 @@ async def spawn(mesh: Mesh, target: str, arg: Any, name: str | None) -> Process:
         raise ValueError(f"target must look like 'package.module:function', got {target!r}")
     node = mesh._node
     name = name or target.rsplit(":", 1)[1]
+    identity = await mesh._admit_worker()
     parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     pipe = PLATFORM.parent_pipe()
-    child_id, pport, cport = NodeId.random(), PortId.random(), PortId.random()
+    child_id, pport, cport = identity.node, PortId.random(), PortId.random()
     inv = ChildInvitation(
         directory=os.fspath(node.directory),
         parent=bytes(node.id),
@@ -346,8 +349,9 @@ async def spawn(mesh: Mesh, target: str, arg: Any, name: str | None) -> Process:
     )
     env = dict(os.environ)
     env[ENV_INVITATION] = base64.b64encode(msgspec.msgpack.encode(inv)).decode()
-    # 32 bytes always fit in an empty socket buffer: this never blocks
-    parent_sock.sendall(node._secret.reveal())
+    # a credential (a few hundred bytes) always fits in an empty socket
+    # buffer: this never blocks
+    parent_sock.sendall(identity.to_bytes())
     parent_sock.setblocking(False)
     # expect the child on our end of the pair before any port names it
     node.accept_via(child_id, parent_sock)

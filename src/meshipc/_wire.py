@@ -49,8 +49,9 @@ MAX_REASON: Final = 1024
 #: sends more than the receiver's ``Limits.max_messages`` ahead of what was read.
 MAX_REORDER: Final = 65536
 
-#: 2: CONSUMED (flow-control credit), final message kinds.
-PROTOCOL_VERSION: Final = 2
+#: 2: CONSUMED (flow-control credit), final message kinds. 3: the node
+#: handshake proves certificates the mesh's root issued (``_handshake``).
+PROTOCOL_VERSION: Final = 3
 
 # --- frame types ---
 T_MSG: Final = 1
