@@ -89,8 +89,15 @@ class Listener:
             os.unlink(path)  # stale socket of a dead mesh of ours
         s = listen_private(path, "listener")
         self._sock = s
+        # its clients never speak (they wait for their invitation), and each
+        # task ends as soon as it runs (an invitation fits in the socket's
+        # buffer): eviction would only ever drop real clients of a busy loop
         self._acceptor = Acceptor(
-            self._loop, s, lambda sock: self._tasks.spawn(self._serve(sock)), f"listener {self.path}"
+            self._loop,
+            s,
+            lambda sock: self._tasks.spawn(self._serve(sock)),
+            f"listener {self.path}",
+            evict_after=None,
         )
         self._acceptor.start()
 

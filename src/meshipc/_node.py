@@ -55,7 +55,15 @@ from ._ids import NodeId
 from ._names import node_path
 from ._platform import PLATFORM
 from ._ports import DEFAULT_LIMITS, OWNED, PROXY, SENDING, Codec, Engine, Limits
-from ._sockets import Acceptor, PeerCred, RateLimitedLog, StreamEnded, listen_private, recv_exact
+from ._sockets import (
+    Acceptor,
+    PeerCred,
+    RateLimitedLog,
+    StreamEnded,
+    connect_unix,
+    listen_private,
+    recv_exact,
+)
 from ._tasks import TaskSet
 from ._transport import Link, ReadBuffer
 from ._wire import Event, MsgEvent
@@ -352,6 +360,8 @@ class Node:
                         data = await _recv_handshake(loop, sock, HELLO_LEN)
                 except TimeoutError:
                     raise HandshakeError(f"no handshake within {hello_timeout:g} s") from None
+                if self._acceptor is not None:
+                    self._acceptor.heard(sock)  # mid-handshake now: never evicted as silent
                 hello = parse_hello(data)
                 peer = hello.node
                 status = hello_status(hello, self.id, expect)
@@ -489,7 +499,7 @@ class Node:
         try:
             async with asyncio.timeout(HANDSHAKE_TIMEOUT):
                 if own:
-                    await loop.sock_connect(sock, os.fspath(node_path(self.directory, peer)))
+                    await connect_unix(loop, sock, os.fspath(node_path(self.directory, peer)))
                 hello = new_hello(self.id, peer)
                 await loop.sock_sendall(sock, build_hello(hello))
                 challenge = parse_challenge(await _recv_handshake(loop, sock, CHALLENGE_LEN), peer)
