@@ -52,7 +52,7 @@ from ._handshake import (
     verify_initiator_proof,
 )
 from ._ids import NodeId
-from ._names import node_path
+from ._names import node_path, remove_dead_socket
 from ._platform import PLATFORM
 from ._ports import DEFAULT_LIMITS, OWNED, PROXY, SENDING, Codec, Engine, Limits
 from ._sockets import (
@@ -61,6 +61,7 @@ from ._sockets import (
     RateLimitedLog,
     StreamEnded,
     connect_unix,
+    is_socket_alive,
     listen_private,
     recv_exact,
 )
@@ -313,6 +314,12 @@ class Node:
         if self._links.get(link.peer) is link:
             del self._links[link.peer]
         self._mark_dead(link.peer, reason)
+        if not self.closed:
+            # a peer killed without closing left its socket file behind; the
+            # probe (a connect) runs off the loop, in case it takes a while
+            self._tasks.spawn(
+                asyncio.to_thread(remove_dead_socket, self.directory, link.peer, is_socket_alive)
+            )
 
     def _mark_dead(self, peer: bytes, reason: str) -> None:
         if self.closed:
