@@ -134,7 +134,7 @@ async def test_killed_clients_sockets_are_removed_by_the_service(runtime_dir: Pa
                 conns.append(await asyncio.wait_for(listener.accept(), T))  # kept open
                 assert p.stdout is not None
                 assert b"attached" in await asyncio.wait_for(p.stdout.readline(), T)
-            await wait_until(lambda: len(os.listdir(mesh.directory)) == len(before) + 3, "client sockets")
+            await wait_until(lambda: len(os.listdir(mesh.directory)) >= len(before) + 3, "client sockets", 30)
             for p in procs:
                 p.send_signal(signal.SIGKILL)
                 await p.wait()

@@ -79,14 +79,9 @@ HANDSHAKE_TIMEOUT: Final = 10.0
 #: ``RETRY_FIRST_WAIT`` to ``RETRY_MAX_WAIT`` seconds.
 RETRY_FIRST_WAIT: Final = 0.05
 RETRY_MAX_WAIT: Final = 1.0
-#: Nodes remembered as dead (so traffic to them fails at once, and a node
-#: whose invitation was withdrawn or expired is told "duplicate" when it
-#: comes late, so its ``connect`` takes a fresh one); the oldest are
-#: forgotten beyond this. A burst of attaching clients withdraws hundreds of
-#: invitations within seconds: a withdrawn one forgotten too soon would be
-#: accepted as a plain node whose invitation port no longer exists (the
-#: client waits forever). About 100 bytes each.
-MAX_DEAD_NODES: Final = 4096
+#: Nodes remembered as dead (so traffic to them fails at once); the oldest
+#: are forgotten beyond this, which costs at most a refused connect later.
+MAX_DEAD_NODES: Final = 128
 #: Seconds a peer accepted on a listening socket gets to send its HELLO. A
 #: real node sends it the moment it connects; a silent peer frees its slot
 #: (see ``_sockets.MAX_PENDING``) this soon.
