@@ -13,15 +13,24 @@ Modes:
     ``-`` for no runtime dir), then run the command loop (see ``session``).
 ``join``
     read an invitation as hex from stdin, ``join`` it, run the command loop.
-``many TARGET N``
-    ``N`` concurrent ``connect`` contexts (``asyncio.gather``); each receives
-    a ``Sender`` on its port and makes one call ``[pid, i]``; prints
-    ``{"ok": N}`` when all succeeded.
+``many TARGET N [TIMEOUT]``
+    ``N`` concurrent ``connect`` contexts (``asyncio.gather``; ``TIMEOUT``
+    for each, default ``JOIN_TIMEOUT``); each receives a ``Sender`` on its
+    port and makes one call ``[pid, i]``; prints ``{"ok": N}`` when all
+    succeeded, else ``{"ok": <how many did>, "errors": {<error>: count}}``
+    and exits with status 3.
 ``cycles TARGET N``
     ``N`` times in a row: ``connect``, receive a ``Sender``, make one call
     ``[pid, i]``, leave; prints ``{"ok": N}`` (soak tests).
 ``connect-only TARGET EXPECTED_UID``
     try ``connect``; print the outcome (used for refused clients).
+``burst-service RUNTIME_DIR NAME NOFILE BACKLOG``
+    own ``Mesh(name=NAME)`` with a listener (kernel backlog ``BACKLOG`` for
+    every socket it listens on, ``RLIMIT_NOFILE`` lowered to ``NOFILE``;
+    0 leaves either as is); each client it admits gets a ``Sender`` whose
+    calls ``[pid, i]`` it answers ``[pid, i, "ok"]``. Prints
+    ``{"listener": path}`` once ready, then for each line on stdin its
+    figures ``{"attached", "evicted", "out_of_fds"}``.
 ``named RUNTIME_DIR NAME``
     own ``Mesh(name=NAME)`` with a listener and wait forever (to be killed).
 
@@ -40,6 +49,7 @@ import sys
 from typing import Any
 
 import meshipc
+from meshipc._join import JOIN_TIMEOUT
 
 
 def emit(**obj: Any) -> None:
@@ -146,19 +156,77 @@ async def main_join() -> int:
     return 0
 
 
-async def main_many(target: str, n: int) -> int:
+async def main_many(target: str, n: int, timeout: float) -> int:
     async def one(i: int) -> None:
-        async with meshipc.connect(target) as conn:
-            with await conn.port.recv() as tx:
-                answer = await tx.call([os.getpid(), i])
-            if answer != [os.getpid(), i, "ok"]:
-                raise RuntimeError(f"client {i}: unexpected answer {answer!r}")
+        stage = "connect"
+        try:
+            async with asyncio.timeout(2 * timeout):  # a hang shows as an error, saying where
+                async with meshipc.connect(target, timeout=timeout) as conn:
+                    stage = "receive its sender"
+                    with await conn.port.recv() as tx:
+                        stage = "call"
+                        answer = await tx.call([os.getpid(), i])
+                    stage = "leave"
+        except TimeoutError:
+            raise TimeoutError(f"stuck at: {stage}") from None
+        if answer != [os.getpid(), i, "ok"]:
+            raise RuntimeError(f"client {i}: unexpected answer {answer!r}")
 
-    try:
-        await asyncio.gather(*(one(i) for i in range(n)))
-    except meshipc.JoinError as exc:
-        return join_failed(exc)
+    results = await asyncio.gather(*(one(i) for i in range(n)), return_exceptions=True)
+    errors: dict[str, int] = {}
+    for r in results:
+        if isinstance(r, BaseException):
+            why = f"{type(r).__name__}: {r}"
+            errors[why] = errors.get(why, 0) + 1
+    if errors:
+        emit(ok=n - sum(errors.values()), errors=errors)
+        return 3
     emit(ok=n)
+    return 0
+
+
+async def main_burst_service(runtime_dir: str, name: str, nofile: int, backlog: int) -> int:
+    import resource
+
+    import meshipc._sockets
+
+    if backlog:
+        meshipc._sockets.listen_private.__defaults__ = (backlog,)
+    if nofile:
+        _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, hard))
+    loop = asyncio.get_running_loop()
+    async with meshipc.Mesh(name=name, runtime_dir=runtime_dir) as mesh:
+        listener = await mesh.listen()
+        tx, rx = meshipc.channel()
+
+        async def answer() -> None:
+            while True:
+                try:
+                    call = await rx.recv()
+                except meshipc.PortFailed:
+                    continue  # one client's node left with its sender open
+                call.reply([*call.request, "ok"])
+
+        async def hand_out() -> None:
+            async for conn in listener:
+                conn.port.send(tx.clone())
+                conn.port.close()
+
+        tasks = [asyncio.create_task(answer()), asyncio.create_task(hand_out())]
+        emit(listener=os.fspath(listener.path))
+        reader = asyncio.StreamReader()
+        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+        node = mesh._node
+        while await reader.readline():
+            accs = [a for a in (node._acceptor, listener._acceptor) if a is not None]
+            emit(
+                attached=node.attached,
+                evicted=sum(a.evicted for a in accs),
+                out_of_fds=sum(a.out_of_fds for a in accs),
+            )
+        for t in tasks:
+            t.cancel()
     return 0
 
 
@@ -202,7 +270,10 @@ def main(argv: list[str]) -> int:
     if mode == "join":
         return asyncio.run(main_join())
     if mode == "many":
-        return asyncio.run(main_many(args[0], int(args[1])))
+        timeout = float(args[2]) if len(args) > 2 else JOIN_TIMEOUT
+        return asyncio.run(main_many(args[0], int(args[1]), timeout))
+    if mode == "burst-service":
+        return asyncio.run(main_burst_service(args[0], args[1], int(args[2]), int(args[3])))
     if mode == "cycles":
         return asyncio.run(main_cycles(args[0], int(args[1])))
     if mode == "connect-only":

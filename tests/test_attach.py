@@ -105,9 +105,11 @@ async def client(
     env: dict[str, str] | None = None,
     python: str = sys.executable,
     script: Path = CLIENT,
+    keep_stdin: bool = False,
     **kw: Any,
 ) -> AsyncIterator[Client]:
-    """Run ``attach_client.py ARGS``; killed and reaped on the way out."""
+    """Run ``attach_client.py ARGS``; killed and reaped on the way out.
+    Its stdin is closed after ``stdin`` unless ``keep_stdin``."""
     proc = await asyncio.create_subprocess_exec(
         python,
         os.fspath(script),
@@ -124,7 +126,8 @@ async def client(
         if stdin is not None:
             proc.stdin.write(stdin)
             await proc.stdin.drain()
-        proc.stdin.close()
+        if not keep_stdin:
+            proc.stdin.close()
         yield c
     finally:
         c.kill()
@@ -322,6 +325,64 @@ async def test_hundred_concurrent_clients(runtime_dir: Path) -> None:
         for pid, n in by_pid.items():
             assert sum(1 for conn in conns if conn.peer.pid == pid) == n
         assert mesh._node.attached == sum(sizes)
+
+
+# ------------------------------------------------------------------ bursts
+
+
+async def burst(
+    runtime_dir: Path, procs: int, each: int, *, nofile: int = 0, backlog: int = 0, timeout: float = 20.0
+) -> tuple[int, dict[str, Any]]:
+    """``procs`` client processes of ``each`` concurrent ``connect``s (each
+    bounded by ``timeout``) against a service process (``burst-service``,
+    with ``nofile``/``backlog`` if given). Returns how many clients attached
+    and made their call, and the service's figures. Reports every client's
+    errors on failure."""
+    name = f"burst{os.getpid()}"
+    async with client(
+        "burst-service", os.fspath(runtime_dir), name, str(nofile), str(backlog), keep_stdin=True
+    ) as svc:
+        ready = await svc.event()
+        async with contextlib.AsyncExitStack() as stack:
+            clients = [
+                await stack.enter_async_context(client("many", ready["listener"], str(each), str(timeout)))
+                for _ in range(procs)
+            ]
+            outcomes = [await c.event(timeout=2 * timeout + T) for c in clients]
+        assert svc.proc.stdin is not None
+        svc.proc.stdin.write(b"figures\n")
+        figures = await svc.event()
+    errors = [o["errors"] for o in outcomes if "errors" in o]
+    ok = sum(o["ok"] for o in outcomes)
+    print(f"burst {procs}x{each} nofile={nofile} backlog={backlog}: {ok} attached; service {figures}")
+    assert not errors, errors
+    return ok, figures
+
+
+async def test_a_burst_of_clients_from_many_processes_all_attach(runtime_dir: Path) -> None:
+    """More clients at once than the acceptors' cap (``MAX_PENDING``) from
+    several processes: none is evicted in the middle of its handshake (or
+    while its listener task waits for the loop), and all attach."""
+    ok, figures = await burst(runtime_dir, 10, 40)
+    assert ok == 400
+    assert figures["attached"] == 400
+
+
+async def test_a_burst_against_a_tiny_backlog_and_few_fds_all_attach(runtime_dir: Path) -> None:
+    """The service listens with a backlog of 4 (clients' connects fail with
+    ``EAGAIN`` and must be tried again, not taken for connected) and has
+    128 fds (fewer than the clients: accepts fail with ``EMFILE`` until
+    earlier clients leave); every client still attaches within its timeout."""
+    ok, figures = await burst(runtime_dir, 4, 40, nofile=128, backlog=4)
+    assert ok == 160
+    assert figures["attached"] == 160
+
+
+@pytest.mark.soak
+async def test_a_thousand_clients_from_twenty_processes_all_attach(runtime_dir: Path) -> None:
+    ok, figures = await burst(runtime_dir, 20, 50)
+    assert ok == 1000
+    assert figures["attached"] == 1000
 
 
 # -------------------------------------------------------- silent and stalling
@@ -834,16 +895,21 @@ async def test_inviter_from_other_threads(runtime_dir: Path) -> None:
         assert len({bytes(i.node) for i in invs}) == 20
 
 
+@pytest.mark.parametrize("withdraw_after", [0.0, None], ids=["withdrawn-at-once", "wait-for-a-slot"])
 async def test_more_clients_at_once_than_outstanding_invitations_all_attach(
-    runtime_dir: Path, monkeypatch: pytest.MonkeyPatch
+    runtime_dir: Path, monkeypatch: pytest.MonkeyPatch, withdraw_after: float | None
 ) -> None:
     """A burst of clients larger than the listener's cap on outstanding
-    invitations: the oldest invitations are withdrawn before their clients
-    use them, and ``connect`` takes a fresh one instead of failing with
-    ``InvitationExpired``."""
+    invitations. Withdrawn at once (``WITHDRAW_AFTER`` 0): the oldest
+    invitations go before their clients use them, and ``connect`` takes a
+    fresh one instead of failing with ``InvitationExpired``. By default,
+    invitations that young are not withdrawn: the next clients wait for a
+    slot."""
     import meshipc._listener
 
     monkeypatch.setattr(meshipc._listener, "MAX_OUTSTANDING", 2)
+    if withdraw_after is not None:
+        monkeypatch.setattr(meshipc._listener, "WITHDRAW_AFTER", withdraw_after)
     n = 8
     async with meshipc.Mesh(name="burst", runtime_dir=runtime_dir) as mesh:
         listener = await mesh.listen()
@@ -869,4 +935,7 @@ async def test_more_clients_at_once_than_outstanding_invitations_all_attach(
             srv.cancel()
             await asyncio.gather(srv, return_exceptions=True)
         assert sorted(got) == list(range(n))
-        assert listener.withdrawn > 0  # the burst did overflow the cap
+        if withdraw_after is None:
+            assert listener.withdrawn == 0  # each waited for a slot
+        else:
+            assert listener.withdrawn > 0  # the burst did overflow the cap

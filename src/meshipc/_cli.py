@@ -18,8 +18,10 @@ from ._names import (
     name_is_live,
     named_meshes,
     prune_stale,
+    prune_unnamed,
     runtime_location,
 )
+from ._sockets import is_socket_alive
 
 
 def _ls(runtime_dir: str | None, prune: bool = False) -> int:
@@ -27,6 +29,8 @@ def _ls(runtime_dir: str | None, prune: bool = False) -> int:
     if prune:
         for name in prune_stale(root):
             print(f"{name}\tpruned")
+        for directory in prune_unnamed(root, is_socket_alive):
+            print(f"{directory.name}\tpruned (unnamed)")
     found = False
     for name in named_meshes(root):
         state = "live" if name_is_live(root, name) else "stale"
@@ -53,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ls = sub.add_parser("ls", help="list this user's named meshes")
     ls.add_argument("--runtime-dir")
-    ls.add_argument("--prune", action="store_true", help="remove what dead named meshes left behind")
+    ls.add_argument("--prune", action="store_true", help="remove what dead meshes (named or not) left behind")
 
     add_commands(sub)  # status, inspect, call
     args = p.parse_args(argv)

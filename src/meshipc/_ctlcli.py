@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import math
 import os
 import sys
 import time
@@ -27,6 +28,77 @@ DEFAULT_TIMEOUT = 1.0
 CALL_TIMEOUT = 10.0
 #: Seconds to attach to the mesh before giving up (at least the -t timeout).
 ATTACH_TIMEOUT = 2.0
+#: Levels of nesting shown from a peer's answer (and taken from a JSON
+#: argument); deeper parts show as ``TOO_DEEP``: the terminal output stays
+#: readable and no recursion limit is reached on a hostile answer.
+MAX_DEPTH = 64
+TOO_DEEP = "<nested too deeply>"
+
+
+def term(text: Any) -> str:
+    """``text`` (anything a peer sent) safe for a terminal: every character
+    that is not printable (control characters, ESC, newlines, bidi overrides
+    and other format characters, lone surrogates) shows as a ``\\xNN`` /
+    ``\\uNNNN`` / ``\\UNNNNNNNN`` escape; a backslash shows doubled, so an
+    escape a peer typed out cannot pass for one of ours."""
+    s = text if isinstance(text, str) else str(text)
+    if s.isprintable() and "\\" not in s:
+        return s
+    out = []
+    for c in s:
+        if c == "\\":
+            out.append("\\\\")
+        elif c.isprintable():
+            out.append(c)
+        else:
+            o = ord(c)
+            out.append(f"\\x{o:02x}" if o < 0x100 else f"\\u{o:04x}" if o < 0x10000 else f"\\U{o:08x}")
+    return "".join(out)
+
+
+def plain(value: Any, depth: int = 0) -> Any:
+    """A peer's answer as JSON-ready data: keys made strings (a tuple key
+    shows as its repr), tuples as lists, nesting cut at ``MAX_DEPTH``."""
+    if depth >= MAX_DEPTH:
+        return TOO_DEEP
+    if isinstance(value, dict):
+        return {(k if isinstance(k, str) else repr(k)): plain(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v, depth + 1) for v in value]
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return repr(value)  # handles (ports, fds), bytes: no JSON form
+
+
+def _json(value: Any, **kw: Any) -> str:
+    """``value`` (already ``plain``) as JSON: strings escaped (``\\uNNNN``
+    for anything not ASCII), so it is terminal-safe too."""
+    return json.dumps(value, **kw)
+
+
+def _json_arg(text: str, what: str) -> Any:
+    """A JSON command-line argument, refused (``CliError``, status 2) when
+    malformed or nested deeper than ``MAX_DEPTH``."""
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        raise CliError(f"{what} is nested too deeply (at most {MAX_DEPTH} levels)", 2) from None
+    if _depth_over(value, MAX_DEPTH):
+        raise CliError(f"{what} is nested too deeply (at most {MAX_DEPTH} levels)", 2)
+    return value
+
+
+def _depth_over(value: Any, limit: int) -> bool:
+    stack = [(value, 0)]
+    while stack:
+        v, d = stack.pop()
+        if d > limit:
+            return True
+        if isinstance(v, dict):
+            stack.extend((x, d + 1) for x in v.values())
+        elif isinstance(v, list):
+            stack.extend((x, d + 1) for x in v)
+    return False
 
 
 class CliError(Exception):
@@ -112,14 +184,35 @@ COMMANDS = ("status", "inspect", "call")
 
 def run(args: argparse.Namespace) -> int:
     try:
+        _check_numbers(args)
         return asyncio.run(_run(args))
     except CliError as exc:
         if args.debug:
             raise
-        print(f"meshipc {args.cmd}: {exc}", file=sys.stderr)
+        print(f"meshipc {args.cmd}: {term(exc)}", file=sys.stderr)
         return exc.code
     except KeyboardInterrupt:
         return 130
+    except (MeshError, OSError, ValueError, TypeError, RecursionError) as exc:
+        # the last line of defence for what a peer's answer can still provoke
+        if args.debug:
+            raise
+        print(
+            f"meshipc {args.cmd}: failed: {type(exc).__name__}: {term(exc)} (--debug shows where)",
+            file=sys.stderr,
+        )
+        return 1
+
+
+def _check_numbers(args: argparse.Namespace) -> None:
+    """Seconds must be finite and positive, counts and levels not negative
+    (argparse takes ``nan``, ``inf`` and ``-1`` as numbers)."""
+    for flag, value in (("-t/--timeout", args.timeout), ("--period", getattr(args, "period", 1.0))):
+        if not (value > 0 and math.isfinite(value)):
+            raise CliError(f"{flag} must be a positive number of seconds, got {value!r}", 2)
+    for flag, n in (("-l/--limit", getattr(args, "limit", None)), ("--count", getattr(args, "count", None))):
+        if n is not None and n < 0:
+            raise CliError(f"{flag} must not be negative, got {n}", 2)
 
 
 async def _run(args: argparse.Namespace) -> int:
@@ -171,7 +264,7 @@ def _not_running(args: argparse.Namespace, exc: ConnectError) -> str:
 
 async def _call(conn: Any, args: argparse.Namespace) -> int:
     try:
-        request = json.loads(args.request)
+        request = _json_arg(args.request, "the request")
     except json.JSONDecodeError as exc:
         raise CliError(f"the request is not valid JSON: {exc}", 2) from None
     try:
@@ -189,12 +282,8 @@ async def _call(conn: Any, args: argparse.Namespace) -> int:
         raise CliError(f"service {args.service!r} did not answer within {args.timeout:g} s") from None
     except MeshError as exc:
         raise CliError(f"call to {args.service!r} failed: {exc}") from None
-    print(json.dumps(reply, indent=2, default=_default))
+    print(_json(plain(reply), indent=2))
     return 0
-
-
-def _default(o: Any) -> Any:
-    return repr(o)  # handles (ports, fds) have no JSON form
 
 
 # ------------------------------------------------------------------ inspect
@@ -202,7 +291,9 @@ def _default(o: Any) -> Any:
 
 async def _fetch(conn: Any, args: argparse.Namespace, path: str, depth: int | None) -> Any:
     try:
-        return await conn.inspect(path, depth, args.timeout, sensitive=getattr(args, "sensitive", False))
+        return plain(
+            await conn.inspect(path, depth, args.timeout, sensitive=getattr(args, "sensitive", False))
+        )
     except LookupError:
         raise CliError(f"no inspect entry {path!r} in mesh {args.name!r}") from None
     except MeshError as exc:
@@ -212,7 +303,7 @@ async def _fetch(conn: Any, args: argparse.Namespace, path: str, depth: int | No
 async def _inspect(conn: Any, args: argparse.Namespace) -> int:
     if args.update is not None:
         try:
-            value = json.loads(args.update)
+            value = _json_arg(args.update, "the value")
         except json.JSONDecodeError:
             value = args.update
         try:
@@ -223,7 +314,8 @@ async def _inspect(conn: Any, args: argparse.Namespace) -> int:
             raise CliError(f"cannot update {args.path!r}: {exc.message}") from None
         except MeshError as exc:
             raise CliError(f"cannot update {args.path!r}: {exc}") from None
-        print(json.dumps(new, indent=2) if args.json else render(new))
+        new = plain(new)
+        print(_json(new, indent=2) if args.json else render(new))
         return 0
     if args.limit is not None:
         depth: int | None = args.limit
@@ -234,7 +326,7 @@ async def _inspect(conn: Any, args: argparse.Namespace) -> int:
     if not args.poll:
         tree = await _fetch(conn, args, args.path, depth)
         if args.json:
-            print(json.dumps(tree, indent=2))
+            print(_json(tree, indent=2))
         else:
             print(render(tree))
         return 0
@@ -248,7 +340,7 @@ async def _inspect(conn: Any, args: argparse.Namespace) -> int:
         now = time.monotonic()
         rates = _rates(prev, tree, now - t_prev) if prev is not None else None
         if args.json:
-            print(json.dumps({"time": time.time(), "tree": tree, "rates": rates}), flush=True)
+            print(_json({"time": time.time(), "tree": tree, "rates": rates}), flush=True)
         else:
             print(f"--- {time.strftime('%H:%M:%S')}")
             print(render(tree, rates), flush=True)
@@ -270,7 +362,8 @@ def _rates(old: Any, new: Any, dt: float) -> Any:
 
 
 def render(tree: Any, rates: Any = None, indent: int = 0) -> str:
-    """The tree for a terminal: one ``key: value`` per line, nested by indent."""
+    """The tree (``plain`` data) for a terminal: one ``key: value`` per
+    line, nested by indent; every key and string escaped (``term``)."""
     lines: list[str] = []
     _render(tree, rates, indent, lines, None)
     return "\n".join(lines)
@@ -279,23 +372,24 @@ def render(tree: Any, rates: Any = None, indent: int = 0) -> str:
 def _leaf(value: Any, rate: Any) -> str | None:
     if isinstance(value, dict) and len(value) == 1:
         ((k, v),) = value.items()
-        if k == "$counter":
+        if k == "$counter" and isinstance(v, (int, float)):
             return f"{v}" + (f" ({rate:+.1f}/s)" if isinstance(rate, float) else "")
-        if k == "$more":
+        if k == "$more" and isinstance(v, int):
             return f"{{{v} more; -r or -l to expand}}" if v else "{...}"
         if k == "$unresolved":
-            return f"<unresolved: {v}>"
+            return f"<unresolved: {term(v)}>"
     if isinstance(value, dict):
         return "{}" if not value else None
     if isinstance(value, list):
-        return json.dumps(value) if all(not isinstance(x, (dict, list)) for x in value) else None
+        return _json(value) if all(not isinstance(x, (dict, list)) for x in value) else None
     if isinstance(value, float):
         return f"{value:.3f}" if abs(value) < 1e6 else f"{value:.1f}"
-    return json.dumps(value) if isinstance(value, str) and not value.isprintable() else str(value)
+    return term(value)
 
 
 def _render(value: Any, rate: Any, indent: int, lines: list[str], key: str | None) -> None:
     pad = "  " * indent
+    key = None if key is None else term(key)
     leaf = _leaf(value, rate)
     if leaf is not None:
         lines.append(f"{pad}{key}: {leaf}" if key is not None else f"{pad}{leaf}")
@@ -305,7 +399,7 @@ def _render(value: Any, rate: Any, indent: int, lines: list[str], key: str | Non
         indent += 1
     if isinstance(value, dict):
         if "$unresolved" in value:
-            lines.append(f"{'  ' * indent}<unresolved: {value['$unresolved']}>")
+            lines.append(f"{'  ' * indent}<unresolved: {term(value['$unresolved'])}>")
         for k, v in value.items():
             if k == "$unresolved":
                 continue
@@ -319,71 +413,120 @@ def _render(value: Any, rate: Any, indent: int, lines: list[str], key: str | Non
 # ------------------------------------------------------------------ status
 
 
+def _malformed(what: str, value: Any) -> str:
+    return f"<malformed answer: {what} is {type(value).__name__}>"
+
+
+def _text(d: dict[str, Any], key: str, default: str = "?") -> str:
+    """Field ``key`` of a peer's record, for a terminal."""
+    v = d.get(key, default)
+    return term(v) if isinstance(v, (str, int, float)) and not isinstance(v, bool) else _malformed(key, v)
+
+
+def _node_summary(nid: str, n: Any) -> tuple[str, dict[str, Any]]:
+    """One node's part of ``status``: its role and what it lists. A
+    malformed answer gives role ``"?"`` and an ``error`` in its place."""
+    if not isinstance(n, dict):
+        return "?", {"error": f"node {term(nid[:12])}: {_malformed('its answer', n)}"}
+    role = n.get("role", "?")
+    role = role if isinstance(role, str) else "?"
+    out: dict[str, Any] = {"name": _text(n, "name"), "pid": _text(n, "pid")}
+    if "$unresolved" in n:
+        out["unresolved"] = f"{term(nid[:12])} ({out['name']}, pid {out['pid']}): {term(n['$unresolved'])}"
+    workers = n.get("workers") or {}
+    if isinstance(workers, dict):
+        out["workers"] = [w for w in workers.values() if isinstance(w, dict)]
+        if len(out["workers"]) != len(workers):
+            out["error"] = f"node {term(nid[:12])}: a worker record is malformed"
+    else:
+        out["workers"] = []
+        out["error"] = f"node {term(nid[:12])}: {_malformed('workers', workers)}"
+    return role, out
+
+
 async def _status(conn: Any, args: argparse.Namespace) -> int:
     tree = await _fetch(conn, args, "", None)
     me = bytes(conn.mesh.node_id).hex()
-    mesh = tree["mesh"]
-    nodes = {k: v for k, v in tree["nodes"].items() if k != me}
+    mesh = tree.get("mesh") if isinstance(tree, dict) else None
+    all_nodes = tree.get("nodes") if isinstance(tree, dict) else None
+    services = tree.get("services") if isinstance(tree, dict) else None
+    if not isinstance(mesh, dict) or not isinstance(all_nodes, dict) or not isinstance(services, dict):
+        raise CliError("the mesh root sent a malformed answer (no mesh, nodes or services record)")
+    nodes = {k: v for k, v in all_nodes.items() if k != me}
     roles: dict[str, int] = {}
     workers: list[dict[str, Any]] = []
     clients: list[dict[str, Any]] = []
     unresolved: list[str] = []
+    errors: list[str] = []
+    shown: dict[str, dict[str, Any]] = {}
     for nid, n in nodes.items():
-        role = str(n.get("role", "?"))
+        role, info = _node_summary(nid, n)
+        shown[nid] = info
         roles[role] = roles.get(role, 0) + 1
-        if "$unresolved" in n:
-            unresolved.append(
-                f"{nid[:12]} ({n.get('name', '?')}, pid {n.get('pid', '?')}): {n['$unresolved']}"
-            )
+        if "unresolved" in info:
+            unresolved.append(info["unresolved"])
+        if "error" in info:
+            errors.append(info["error"])
         if role == "client":
-            clients.append({"node": nid, "pid": n.get("pid"), "name": n.get("name")})
-        for w in (n.get("workers") or {}).values():
-            workers.append(w)
+            clients.append({"node": nid, "pid": info["pid"], "name": info["name"]})
+        workers.extend(info["workers"])
     summary = {
-        "name": mesh["name"],
-        "pid": mesh["pid"],
-        "uid": mesh["uid"],
-        "executable": mesh["executable"],
-        "uptime": mesh["uptime"],
-        "directory": mesh["directory"],
+        "name": mesh.get("name"),
+        "pid": mesh.get("pid"),
+        "uid": mesh.get("uid"),
+        "executable": mesh.get("executable"),
+        "uptime": mesh.get("uptime"),
+        "directory": mesh.get("directory"),
         "nodes": len(nodes),
         "roles": roles,
         "workers": workers,
-        "services": tree["services"],
+        "services": services,
         "clients": clients,
         "unresolved": unresolved,
+        "errors": errors,
     }
     if args.json:
-        print(json.dumps(summary, indent=2))
+        print(_json(summary, indent=2))
         return 0
-    by_role = ", ".join(f"{v} {k}" for k, v in sorted(roles.items()))
+    by_role = ", ".join(f"{v} {term(k)}" for k, v in sorted(roles.items()))
+    uptime = mesh.get("uptime")
+    up = _duration(uptime) if isinstance(uptime, (int, float)) else _malformed("uptime", uptime)
     out = [
-        f"mesh       {mesh['name']}",
-        f"pid        {mesh['pid']} (uid {mesh['uid']})",
-        f"executable {mesh['executable']}",
-        f"uptime     {_duration(mesh['uptime'])}",
-        f"directory  {mesh['directory']}",
+        f"mesh       {_text(mesh, 'name')}",
+        f"pid        {_text(mesh, 'pid')} (uid {_text(mesh, 'uid')})",
+        f"executable {_text(mesh, 'executable')}",
+        f"uptime     {up}",
+        f"directory  {_text(mesh, 'directory')}",
         f"nodes      {len(nodes)} ({by_role})",
     ]
     out.append(f"workers    {len(workers)}")
     for w in workers:
-        state = w["state"] if w.get("returncode") is None else f"exited {w['returncode']}"
-        out.append(f"  {w['name']}  pid {w['pid']}  {state}")
-    out.append(f"services   {len(tree['services'])}")
-    for name, s in tree["services"].items():
-        where = nodes.get(s["node"], {})
-        types = f"  {s['request_type'] or 'any'} -> {s['reply_type'] or 'any'}"
-        out.append(f"  {name}  on {where.get('name', '?')} (pid {where.get('pid', '?')}){types}")
+        rc = w.get("returncode")
+        state = _text(w, "state") if rc is None else f"exited {term(rc)}"
+        out.append(f"  {_text(w, 'name')}  pid {_text(w, 'pid')}  {state}")
+    out.append(f"services   {len(services)}")
+    for name, sv in services.items():
+        if not isinstance(sv, dict):
+            out.append(f"  {term(name)}  {_malformed('its record', sv)}")
+            continue
+        node = sv.get("node")
+        where = shown.get(node, {}) if isinstance(node, str) else {}
+        types = f"{term(sv.get('request_type') or 'any')} -> {term(sv.get('reply_type') or 'any')}"
+        out.append(f"  {term(name)}  on {where.get('name', '?')} (pid {where.get('pid', '?')})  {types}")
     out.append(f"clients    {len(clients)} other than this one")
     for c in clients:
         out.append(f"  {c['name']}  pid {c['pid']}")
     for u in unresolved:
         out.append(f"unresolved {u}")
+    for e in errors:
+        out.append(f"error      {e}")
     print("\n".join(out))
     return 0
 
 
 def _duration(s: float) -> str:
+    if not math.isfinite(s):
+        return term(s)
     s = float(s)
     if s < 120:
         return f"{s:.1f} s"

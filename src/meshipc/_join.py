@@ -14,9 +14,9 @@ import errno
 import os
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from ._channel import Port, Sender
 from ._errors import (
@@ -34,19 +34,25 @@ from ._errors import (
 from ._handshake import V_DUPLICATE, Identity
 from ._invitation import FRAME, MAX_INVITATION, Invitation
 from ._names import listener_path, node_path, not_running_reason, runtime_location
-from ._node import HANDSHAKE_TIMEOUT, Node
+from ._node import HANDSHAKE_TIMEOUT, Node, _ClosedEarly
 from ._platform import PLATFORM
-from ._sockets import PeerCred, StreamEnded, recv_exact
+from ._sockets import Backoff, PeerCred, StreamEnded, connect_unix, recv_exact
 from ._wire import decode_port_desc
 
 if TYPE_CHECKING:
     from ._mesh import Mesh
+
+_T = TypeVar("_T")
 
 #: Default bound, in seconds, on ``connect``/``join`` reaching a mesh:
 #: connecting to the listener, reading the invitation and the handshake with
 #: the inviting node, all together. A live mesh answers in milliseconds; the
 #: bound is for a stopped, wedged or hostile one.
 JOIN_TIMEOUT: Final = 10.0
+#: Tries of a step whose connection the service shed (reset, or closed
+#: before answering: a flooded listener or node makes room) when the attach
+#: has no deadline; with one, the step is tried again until the deadline.
+MAX_SHED_TRIES: Final = 40
 
 
 class Attachment:
@@ -105,7 +111,7 @@ async def read_invitation(path: Path, expected_uid: int | None = None) -> Invita
     sock.setblocking(False)
     with sock:
         try:
-            await loop.sock_connect(sock, os.fspath(path))
+            await connect_unix(loop, sock, os.fspath(path))
         except OSError as exc:
             raise _connect_error(path, exc) from None
         want = os.getuid() if expected_uid is None else expected_uid
@@ -142,12 +148,35 @@ async def _read_exact(loop: asyncio.AbstractEventLoop, sock: socket.socket, n: i
     """Exactly ``n`` bytes from the listener at ``path`` (``InvitationReadError`` if it cannot give them)."""
     try:
         return await recv_exact(loop, sock, n)
+    except ConnectionResetError as exc:
+        raise _ListenerShed(os.fspath(path), f"connection reset: {exc}") from None
     except StreamEnded as exc:  # before OSError: it is a ConnectionError
         raise InvitationReadError(
             os.fspath(path), f"stream ended after {exc.received} of {exc.expected} bytes"
         ) from None
     except OSError as exc:
         raise InvitationReadError(os.fspath(path), f"read failed: {exc}") from None
+
+
+class _ListenerShed(InvitationReadError):
+    """The listener reset the connection before its invitation came: it
+    sheds load (or restarts); ``take_invitation`` tries again."""
+
+
+async def retry_shed(
+    step: Callable[[], Awaitable[_T]], shed: tuple[type[BaseException], ...], deadline: float | None
+) -> _T:
+    """``step()``, tried again after a ``Backoff`` while it fails with one of
+    ``shed`` (the service dropped the connection to make room). The caller
+    bounds it by ``deadline``; without one, ``MAX_SHED_TRIES`` tries."""
+    backoff = Backoff()
+    while True:
+        try:
+            return await step()
+        except shed:
+            if deadline is None and backoff.tries + 1 >= MAX_SHED_TRIES:
+                raise
+        await backoff.sleep()
 
 
 def deadline_after(timeout: float | None) -> float | None:
@@ -194,7 +223,13 @@ async def reach_inviter(
     inviter_path = node_path(Path(record.directory), record.inviter)
     async with within_deadline(deadline, timeout, inviter_path):
         try:
-            verdict = await node.connect_to(record.inviter)
+            verdict = await retry_shed(
+                lambda: node.connect_to(record.inviter),
+                (_ClosedEarly, ConnectionResetError, BrokenPipeError),
+                deadline,
+            )
+        except _ClosedEarly as exc:  # shed again and again, until we gave up
+            raise JoinError(f"the inviting node {inviter_path} kept dropping the connection: {exc}") from None
         except HandshakeError as exc:
             raise AuthenticationError(f"the inviting node rejected us: {exc}") from None
         except OSError as exc:
@@ -227,7 +262,7 @@ async def take_invitation(
         raise ConnectError(os.fspath(name_or_path), str(exc)) from None
     try:
         async with within_deadline(deadline, timeout, path):
-            return await read_invitation(path, expected_uid)
+            return await retry_shed(lambda: read_invitation(path, expected_uid), (_ListenerShed,), deadline)
     except ConnectError as exc:
         name = os.fspath(name_or_path)
         if "/" in name or exc.errno not in (errno.ENOENT, errno.ECONNREFUSED):

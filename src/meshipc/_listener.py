@@ -37,6 +37,14 @@ CLIENT_TIMEOUT: Final = 5.0
 #: invitation within milliseconds, so clients that take one and never join
 #: cannot pile up invitations (and their ports) faster than they expire.
 MAX_OUTSTANDING: Final = 256
+#: At ``MAX_OUTSTANDING``, the oldest invitation is withdrawn only once it is
+#: this many seconds old; until then the next client waits for a slot (one
+#: used, or the oldest aged). Withdrawing at once would, in a burst of real
+#: clients, take the invitations of those in the middle of their handshake.
+WITHDRAW_AFTER: Final = 5.0
+#: Seconds between two looks for a free slot while clients wait at
+#: ``MAX_OUTSTANDING`` (one waiter looks; the others queue behind it).
+SLOT_RECHECK: Final = 0.02
 
 
 class Admission:
@@ -75,7 +83,8 @@ class Listener:
         self.refused = 0
         #: invitations withdrawn to stay under MAX_OUTSTANDING
         self.withdrawn = 0
-        self._outstanding: dict[bytes, None] = {}  # invited node ids, oldest first
+        self._outstanding: dict[bytes, float] = {}  # invited node id -> loop time, oldest first
+        self._slot = asyncio.Lock()  # clients waiting for an invitation slot, in turn
 
     def start(self) -> None:
         """Bind the socket (replacing a stale one of ours) and start accepting."""
@@ -89,8 +98,15 @@ class Listener:
             os.unlink(path)  # stale socket of a dead mesh of ours
         s = listen_private(path, "listener")
         self._sock = s
+        # its clients never speak (they wait for their invitation), and each
+        # task ends as soon as it runs (an invitation fits in the socket's
+        # buffer): eviction would only ever drop real clients of a busy loop
         self._acceptor = Acceptor(
-            self._loop, s, lambda sock: self._tasks.spawn(self._serve(sock)), f"listener {self.path}"
+            self._loop,
+            s,
+            lambda sock: self._tasks.spawn(self._serve(sock)),
+            f"listener {self.path}",
+            evict_after=None,
         )
         self._acceptor.start()
 
@@ -111,6 +127,7 @@ class Listener:
                     cred.uid,
                 )
                 return
+            await self._room_for_one()
             mine, theirs = Port.pair()
             try:
                 inv = self._inviter.invite_now(theirs, None)
@@ -135,15 +152,23 @@ class Listener:
             self._queue.put_nowait(Admission(mine, cred))
 
     def _keep_outstanding(self, node_id: bytes) -> None:
-        self._outstanding[node_id] = None
-        if len(self._outstanding) <= MAX_OUTSTANDING:
-            return
-        invited = self._mesh._node._invited  # neither used nor expired yet
-        self._outstanding = {n: None for n in self._outstanding if n in invited}
-        while len(self._outstanding) > MAX_OUTSTANDING:
-            oldest = next(iter(self._outstanding))
-            del self._outstanding[oldest]
-            if oldest in invited:
+        self._outstanding[node_id] = self._loop.time()
+
+    async def _room_for_one(self) -> None:
+        """Wait until fewer than ``MAX_OUTSTANDING`` invitations are
+        outstanding; the oldest is withdrawn once ``WITHDRAW_AFTER`` old."""
+        async with self._slot:
+            while True:
+                invited = self._mesh._node._invited  # neither used nor expired yet
+                if len(self._outstanding) >= MAX_OUTSTANDING:
+                    self._outstanding = {n: t for n, t in self._outstanding.items() if n in invited}
+                if len(self._outstanding) < MAX_OUTSTANDING:
+                    return
+                oldest, since = next(iter(self._outstanding.items()))
+                if self._loop.time() - since < WITHDRAW_AFTER:
+                    await asyncio.sleep(SLOT_RECHECK)
+                    continue
+                del self._outstanding[oldest]
                 self.withdrawn += 1
                 self._log.warning(
                     "withdrawn",

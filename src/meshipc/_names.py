@@ -25,6 +25,7 @@ import re
 import shutil
 import stat
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Final
 
@@ -257,6 +258,61 @@ def prune_stale(root: Path) -> list[str]:
         release_name(root, name, fd)
         pruned.append(name)
     return pruned
+
+
+#: An unnamed mesh's directory (``mesh-`` + 16 hex, no lock file) is pruned
+#: only when nothing in it changed for this many seconds and no socket in it
+#: answers: a mesh being created has its folder a moment before its socket.
+UNNAMED_GRACE: Final = 10.0
+_UNNAMED: Final = re.compile(r"[0-9a-f]{16}")
+_NODE_SOCKET: Final = re.compile(f"[0-9a-f]{{{NODE_SOCKET_HEX}}}")
+
+
+def prune_unnamed(root: Path, alive: Callable[[Path], bool]) -> list[Path]:
+    """Remove the directories of dead unnamed meshes under ``root``: ours
+    (owned by us, a real directory, not a symlink), unchanged for
+    ``UNNAMED_GRACE`` seconds, with no socket in them that ``alive``
+    (``_sockets.is_socket_alive``) says answers. Returns what was removed."""
+    removed = []
+    uid = os.getuid()
+    now = time.time()
+    for entry in sorted(os.listdir(root)):
+        if not entry.startswith(_PREFIX) or not _UNNAMED.fullmatch(entry[len(_PREFIX) :]):
+            continue
+        directory = root / entry
+        try:
+            st = os.lstat(directory)
+            if not stat.S_ISDIR(st.st_mode) or st.st_uid != uid or now - st.st_mtime < UNNAMED_GRACE:
+                continue
+            if os.path.lexists(root / f"{entry}{_LOCK_SUFFIX}"):
+                continue  # a named mesh's
+            socks = [directory / n for n in os.listdir(directory)]
+            if any(stat.S_ISSOCK(os.lstat(p).st_mode) and alive(p) for p in socks):
+                continue
+        except OSError as exc:
+            log.debug("prune: keeping %s: %s", directory, exc)
+            continue
+        shutil.rmtree(directory, ignore_errors=True)
+        removed.append(directory)
+    return removed
+
+
+def remove_dead_socket(directory: Path, node: bytes, alive: Callable[[Path], bool]) -> bool:
+    """Unlink the socket node ``node`` left in its mesh ``directory`` if it
+    no longer answers (``alive`` says no: its process died without removing
+    it). Only a socket of ours named like a node's is touched; a live one
+    never. Returns whether it was removed."""
+    path = node_path(directory, node)
+    if not _NODE_SOCKET.fullmatch(path.name):
+        return False
+    try:
+        st = os.lstat(path)
+        if not stat.S_ISSOCK(st.st_mode) or st.st_uid != os.getuid() or alive(path):
+            return False
+        os.unlink(path)
+    except OSError:
+        return False
+    return True
 
 
 def lock_is_held(path: Path) -> bool | None:

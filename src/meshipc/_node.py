@@ -49,10 +49,19 @@ from ._handshake import (
     parse_verdict,
 )
 from ._ids import NodeId
-from ._names import node_path
+from ._names import node_path, remove_dead_socket
 from ._platform import PLATFORM
 from ._ports import DEFAULT_LIMITS, OWNED, PROXY, SENDING, Codec, Engine, Limits
-from ._sockets import Acceptor, PeerCred, RateLimitedLog, StreamEnded, listen_private, recv_exact
+from ._sockets import (
+    Acceptor,
+    PeerCred,
+    RateLimitedLog,
+    StreamEnded,
+    connect_unix,
+    is_socket_alive,
+    listen_private,
+    recv_exact,
+)
 from ._tasks import TaskSet
 from ._transport import Link, ReadBuffer
 from ._wire import Event, MsgEvent
@@ -309,6 +318,12 @@ class Node:
             del self._links[link.peer]
             self._peers.pop(link.peer, None)
         self._mark_dead(link.peer, reason)
+        if not self.closed:
+            # a peer killed without closing left its socket file behind; the
+            # probe (a connect) runs off the loop, in case it takes a while
+            self._tasks.spawn(
+                asyncio.to_thread(remove_dead_socket, self.directory, link.peer, is_socket_alive)
+            )
 
     def _mark_dead(self, peer: bytes, reason: str) -> None:
         if self.closed:
@@ -361,6 +376,8 @@ class Node:
                         data = await _recv_handshake(loop, sock, HELLO_LEN)
                 except TimeoutError:
                     raise HandshakeError(f"no handshake within {hello_timeout:g} s") from None
+                if self._acceptor is not None:
+                    self._acceptor.heard(sock)  # mid-handshake now: never evicted as silent
                 hello = parse_hello(data)
                 status = hello_status(hello)
                 nonce = new_nonce()
@@ -498,7 +515,7 @@ class Node:
         try:
             async with asyncio.timeout(HANDSHAKE_TIMEOUT):
                 if own:
-                    await loop.sock_connect(sock, os.fspath(node_path(self.directory, peer)))
+                    await connect_unix(loop, sock, os.fspath(node_path(self.directory, peer)))
                 hello = new_hello()
                 await loop.sock_sendall(sock, build_hello(hello))
                 challenge = parse_challenge(await _recv_handshake(loop, sock, CHALLENGE_LEN), peer)

@@ -1,6 +1,7 @@
 """Unix socket plumbing shared by every socket a node owns: read exactly n
-bytes (``recv_exact``), listen privately (``listen_private``), probe a socket
-path (``is_socket_alive``), read the kernel's peer credentials (``PeerCred``),
+bytes (``recv_exact``), connect through a full backlog (``connect_unix``,
+``Backoff``), listen privately (``listen_private``), probe a socket path
+(``is_socket_alive``), read the kernel's peer credentials (``PeerCred``),
 and accept connections under flood caps (``Acceptor``, with its
 ``RateLimitedLog``).
 
@@ -15,6 +16,7 @@ import asyncio
 import errno
 import logging
 import os
+import random
 import socket
 import time
 from collections.abc import Callable
@@ -31,9 +33,11 @@ log = logging.getLogger("meshipc")
 #: is sent). At the cap, accepting pauses and the rest wait in the kernel's
 #: backlog: silent or slow peers cost at most this many fds per socket.
 MAX_PENDING: Final = 128
-#: At the cap, a connection still unauthenticated after this many seconds
-#: gives its slot to the next one waiting (a real peer finishes in
-#: milliseconds): silent peers cannot keep real ones waiting in the backlog.
+#: At the cap, a connection whose peer has sent nothing for this many seconds
+#: gives its slot to the next one waiting (a real peer speaks first, the
+#: moment it connects): silent peers cannot keep real ones waiting in the
+#: backlog. A peer that has spoken (bytes wait unread, or the handler said
+#: ``Acceptor.heard``) is never evicted: its handshake has its own timeout.
 EVICT_AFTER: Final = 0.25
 #: Seconds between two log lines about the same kind of trouble on one
 #: socket (refused peers, failed accepts); the next line says how many
@@ -54,6 +58,11 @@ ACCEPT_BATCH: Final = 64
 LISTEN_BACKLOG: Final = 1024
 #: Mode of a listening socket's file: the owner only (the directory is 0700 too).
 SOCKET_MODE: Final = 0o600
+#: Waits between tries of ``Backoff``: from ``BACKOFF_FIRST`` doubling to
+#: ``BACKOFF_MAX`` seconds, each drawn at random from its upper half
+#: (jitter), so clients shed together do not come back together.
+BACKOFF_FIRST: Final = 0.01
+BACKOFF_MAX: Final = 0.5
 #: Seconds ``is_socket_alive`` waits for a connect (a live listener answers at
 #: once; a full backlog still counts as alive).
 PROBE_TIMEOUT: Final = 1.0
@@ -81,6 +90,46 @@ async def recv_exact(loop: asyncio.AbstractEventLoop, sock: socket.socket, n: in
             raise StreamEnded(len(buf), n)
         buf += chunk
     return bytes(buf)
+
+
+class Backoff:
+    """Growing, jittered waits between tries (``BACKOFF_FIRST`` ..
+    ``BACKOFF_MAX``); ``tries`` counts the waits so far."""
+
+    __slots__ = ("_wait", "tries")
+
+    def __init__(self) -> None:
+        self._wait = BACKOFF_FIRST
+        self.tries = 0
+
+    async def sleep(self) -> None:
+        self.tries += 1
+        await asyncio.sleep(random.uniform(self._wait / 2, self._wait))
+        self._wait = min(self._wait * 2, BACKOFF_MAX)
+
+
+async def connect_unix(loop: asyncio.AbstractEventLoop, sock: socket.socket, path: str) -> None:
+    """Connect the non-blocking Unix stream ``sock`` to ``path``.
+
+    A full backlog makes a non-blocking Unix ``connect`` fail with
+    ``EAGAIN``: nothing is in progress (unlike TCP), so waiting for the
+    socket to become writable, as ``loop.sock_connect`` does, would take an
+    unconnected socket for a connected one. Here it is tried again after a
+    ``Backoff`` until it goes through; the caller bounds the whole (its
+    timeout). Other ``OSError``s pass through."""
+    backoff = Backoff()
+    while True:
+        try:
+            sock.connect(path)
+            return
+        except BlockingIOError:
+            await backoff.sleep()
+        except InterruptedError:
+            continue
+        except OSError as exc:
+            if exc.errno == errno.EISCONN and backoff.tries:
+                return  # a platform where the first try did start it
+            raise
 
 
 def listen_private(path: Path, what: str, backlog: int = LISTEN_BACKLOG) -> socket.socket:
@@ -153,14 +202,27 @@ class RateLimitedLog:
         log.warning(msg, *args)
 
 
+def _has_spoken(sock: socket.socket) -> bool:
+    """Whether bytes from the peer of ``sock`` wait unread (a peer that hung
+    up, or a socket already closed, has not: it may go)."""
+    try:
+        return bool(sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+    except OSError:  # nothing to read (EAGAIN), or closed under us
+        return False
+
+
 class Acceptor:
     """Accepts the connections of one listening socket and hands each to
     ``handle``, which starts a task for it (and must not block).
 
-    At most ``limit`` of those tasks run at once. At the cap, the oldest one
-    still running after ``EVICT_AFTER`` seconds is cancelled to make room
-    (its peer is silent or too slow); if none is that old, accepting stops
-    until one ends or gets that old (the kernel's backlog holds the rest). Out of fds or
+    At most ``limit`` of those tasks run at once. At the cap, the oldest
+    connection whose peer has sent nothing for ``evict_after`` seconds is
+    cancelled to make room; a peer that has spoken (bytes wait unread, or
+    ``heard`` was called for its socket) is never taken, so a real peer in
+    the middle of its handshake keeps its slot however slow the loop is. If
+    no connection may be taken, accepting stops until one ends or may be
+    (the kernel's backlog holds the rest). ``evict_after=None``: never evict
+    (for a socket whose peers are not expected to speak). Out of fds or
     memory (``EMFILE``, ``ENFILE`` …), accepting pauses with a growing
     backoff instead of spinning on a socket that stays readable, and
     resumes as soon as one of its own connections ends. Failures are
@@ -173,13 +235,17 @@ class Acceptor:
         handle: Callable[[socket.socket], asyncio.Future[Any]],
         label: str,
         limit: int = MAX_PENDING,
+        evict_after: float | None = EVICT_AFTER,
     ) -> None:
         self.loop = loop
         self.lsock = lsock
         self.handle = handle
         self.label = label
         self.limit = limit
-        self._running: dict[asyncio.Future[Any], float] = {}  # task -> accepted at (loop time)
+        self.evict_after = evict_after
+        self._running: dict[asyncio.Future[Any], socket.socket] = {}
+        # connections whose peer has not been heard yet: sock -> (task, accepted at, loop time)
+        self._silent: dict[socket.socket, tuple[asyncio.Future[Any], float]] = {}
         #: times accepting paused for lack of fds or memory
         self.out_of_fds = 0
         #: connections cancelled at the cap to make room
@@ -205,6 +271,11 @@ class Acceptor:
         """Connections accepted and not yet done with."""
         return len(self._running)
 
+    def heard(self, sock: socket.socket) -> None:
+        """The peer of ``sock`` has spoken: never evict it (its handler's
+        own timeout bounds it from now on)."""
+        self._silent.pop(sock, None)
+
     def _resume(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
@@ -214,24 +285,33 @@ class Acceptor:
             self._watching = True
 
     def _evict_oldest(self) -> float:
-        """Cancel the oldest connection if it has had ``EVICT_AFTER`` seconds
-        (0.0); else the seconds until it has. Its fd is freed, and accepting
+        """Cancel the oldest connection whose peer has sent nothing for
+        ``evict_after`` seconds (0.0); else the seconds until one may be
+        (``PAUSE_MAX`` when none is silent). Its fd is freed, and accepting
         resumes, when its task ends."""
-        task, since = next(iter(self._running.items()))
-        wait = since + EVICT_AFTER - self.loop.time()
-        if wait > 0:
-            return wait
-        del self._running[task]
-        task.cancel()  # its _release resumes accepting once its fd is closed
-        self.evicted += 1
-        self._log.warning(
-            "evicted",
-            "%s: %d connections pending; dropped one silent for %.1f s",
-            self.label,
-            len(self._running) + 1,
-            EVICT_AFTER - wait,
-        )
-        return 0.0
+        if self.evict_after is None:
+            return PAUSE_MAX
+        now = self.loop.time()
+        for sock, (task, since) in list(self._silent.items()):
+            wait = since + self.evict_after - now
+            if wait > 0:
+                return wait  # the oldest silent one is not old enough yet
+            if _has_spoken(sock):
+                del self._silent[sock]
+                continue
+            del self._silent[sock]
+            self._running.pop(task, None)
+            task.cancel()  # its _release resumes accepting once its fd is closed
+            self.evicted += 1
+            self._log.warning(
+                "evicted",
+                "%s: %d connections pending; dropped one silent for %.1f s",
+                self.label,
+                len(self._running) + 1,
+                now - since,
+            )
+            return 0.0
+        return PAUSE_MAX
 
     def _make_room(self) -> bool:
         """At the cap: evict the oldest connection, or stop accepting until
@@ -283,9 +363,12 @@ class Acceptor:
             except BaseException:
                 sock.close()
                 raise
-            self._running[task] = self.loop.time()
+            self._running[task] = sock
+            self._silent[sock] = (task, self.loop.time())
             task.add_done_callback(self._release)
 
     def _release(self, task: asyncio.Future[Any]) -> None:
-        self._running.pop(task, None)
+        sock = self._running.pop(task, None)
+        if sock is not None:
+            self._silent.pop(sock, None)
         self._resume()  # also ends a pause for fds: one of ours was just freed
