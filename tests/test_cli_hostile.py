@@ -68,11 +68,18 @@ async def test_status_and_inspect_escape_what_peers_send(runtime_dir: Path) -> N
         async def handler(req: Any) -> Any:
             return {(1, 2): EVIL}  # a tuple-keyed reply
 
-        mesh.serve(EVIL, handler)
+        # service names are checked by the registry (a hostile one is refused
+        # there: test_hostile_control); the reply and the inspect tree carry it
+        mesh.serve("evil-svc", handler)
         mesh.inspect_add("k" + EVIL, lambda: {EVIL: EVIL, "deep": nested(300)})
-        async with meshipc.connect("evil", runtime_dir=runtime_dir) as conn:
-            # one node answers garbage for itself
-            conn.mesh._control.node_tree = lambda: {"role": [EVIL], "workers": [1], "name": {EVIL: 1}}
+        async with (
+            meshipc.connect("evil", runtime_dir=runtime_dir) as conn,
+            meshipc.connect("evil", runtime_dir=runtime_dir) as named,
+        ):
+            # one node answers garbage for itself, another a hostile name
+            conn.mesh._control.node_tree = lambda *_: {"role": [EVIL], "workers": [1], "name": {EVIL: 1}}
+            real = named.mesh._control.node_tree
+            named.mesh._control.node_tree = lambda *a: {**real(*a), "name": EVIL}
             code, out, err = await cli(runtime_dir, "status", "evil")
             assert code == 0, err
             assert_clean(out)
@@ -83,10 +90,13 @@ async def test_status_and_inspect_escape_what_peers_send(runtime_dir: Path) -> N
                 assert code == 0, err
                 assert_clean(out)
                 assert "attached" in out  # the tree is shown, not lost
-            code, out, err = await cli(runtime_dir, "call", "evil", EVIL)
+            code, out, err = await cli(runtime_dir, "call", "evil", "evil-svc")
             assert code == 0, err
             assert_clean(out)
             assert "(1, 2)" in out
+            code, out, err = await cli(runtime_dir, "call", "evil", EVIL)
+            assert code != 0 and len(err.strip().splitlines()) == 1, err
+            assert_clean(out + err)
 
 
 async def test_hostile_arguments_give_one_line(runtime_dir: Path) -> None:

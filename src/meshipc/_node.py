@@ -117,6 +117,11 @@ def _describe(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
+#: Seconds to wait before each probe of a lost peer's socket file (see
+#: ``Node._remove_dead_socket``): at once, then while its process finishes dying.
+DEAD_SOCKET_PROBES: Final = (0.0, 0.2, 1.0, 3.0)
+
+
 class Node:
     """One node: a port engine, a listening socket, links to peers.
 
@@ -319,11 +324,19 @@ class Node:
             self._peers.pop(link.peer, None)
         self._mark_dead(link.peer, reason)
         if not self.closed:
-            # a peer killed without closing left its socket file behind; the
-            # probe (a connect) runs off the loop, in case it takes a while
-            self._tasks.spawn(
-                asyncio.to_thread(remove_dead_socket, self.directory, link.peer, is_socket_alive)
-            )
+            self._tasks.spawn(self._remove_dead_socket(link.peer))
+
+    async def _remove_dead_socket(self, peer: bytes) -> None:
+        """A peer killed without closing left its socket file behind. Its
+        link can break before its process has closed its listening socket
+        (which then still takes connections): so the probe (a connect, off
+        the loop) is tried again a few times (``DEAD_SOCKET_PROBES``)."""
+        for delay in DEAD_SOCKET_PROBES:
+            await asyncio.sleep(delay)
+            if self.closed or peer in self._links or not node_path(self.directory, peer).exists():
+                return
+            if await asyncio.to_thread(remove_dead_socket, self.directory, peer, is_socket_alive):
+                return
 
     def _mark_dead(self, peer: bytes, reason: str) -> None:
         if self.closed:
