@@ -475,7 +475,7 @@ class FrameDecoder:
         self,
         data: bytes | bytearray | memoryview,
         on_data: Callable[[bytes, int, int, bytes], None],
-        on_event: Callable[[Event], None],
+        on_event: Callable[[Event], bool | None],
         on_run: Callable[[bytes, int, list[bytes]], None] | None = None,
     ) -> None:
         """Like ``feed``, but hands each event over as soon as it is decoded.
@@ -487,7 +487,13 @@ class FrameDecoder:
         numbers go as one ``on_run(port, first_seq, bodies)`` (a stream is
         delivered a read at a time, not a frame at a time); a run is handed
         over before any other frame, so the order is the wire's. An exception
-        from a callback leaves the decoder spent, like a ``ProtocolError``."""
+        from a callback leaves the decoder spent, like a ``ProtocolError``.
+
+        An ``on_event`` that returns True stops the feed after its frame:
+        the rest stays buffered until the next call (``feed_each(b"", ...)``
+        goes on with it). A reader that must finish something before the
+        next frame is handed over (an out-of-band body read in a thread)
+        keeps the link's order that way."""
         if self._broken:
             raise ProtocolError("decoder already failed")
         buf = self._buf
@@ -545,7 +551,8 @@ class FrameDecoder:
                 ev = _decode_frame(mv[start:end])
                 pos = end
                 frames += 1
-                on_event(ev)
+                if on_event(ev):
+                    break
             if run:
                 _hand_run(run_port, run_seq, run, on_data, on_run)
         except ProtocolError:
