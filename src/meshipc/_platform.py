@@ -176,7 +176,7 @@ class Platform:
         try:
             fd, path = tempfile.mkstemp(prefix=BODY_PREFIX, dir=folder)
         except OSError as exc:
-            raise _body_error(length, exc) from exc
+            raise body_error(length, exc) from exc
         try:
             os.unlink(path)
             fs = os.fstatvfs(fd)
@@ -184,7 +184,7 @@ class Platform:
                 raise OSError(errno.ENOSPC, f"{fs.f_bavail * fs.f_frsize} bytes free in {folder or path}")
         except OSError as exc:
             os.close(fd)
-            raise _body_error(length, exc) from exc
+            raise body_error(length, exc) from exc
         return fd
 
     def fill_body(self, fd: int, body: bytes | bytearray | memoryview) -> None:
@@ -202,7 +202,7 @@ class Platform:
             self.fill_body(fd, body)
         except OSError as exc:
             os.close(fd)
-            raise _body_error(n, exc) from exc
+            raise body_error(n, exc) from exc
         except BaseException:
             os.close(fd)
             raise
@@ -223,9 +223,8 @@ class Platform:
             if st.st_size != length:
                 raise ProtocolError(f"out-of-band body is {st.st_size} bytes, frame said {length}")
             if st.st_blocks * STAT_BLOCK < length:
-                raise ProtocolError(
-                    f"out-of-band body is a sparse file ({st.st_blocks * STAT_BLOCK} of {length} bytes allocated)"
-                )
+                used = st.st_blocks * STAT_BLOCK
+                raise ProtocolError(f"out-of-band body is a sparse file ({used} of {length} bytes in use)")
             return _pread_all(fd, length)
         except OSError as exc:
             raise ProtocolError(f"unreadable out-of-band body: {exc}") from exc
@@ -319,7 +318,7 @@ class Linux(Platform):
         try:
             return os.memfd_create("meshipc-msg", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         except OSError as exc:
-            raise _body_error(length, exc) from exc
+            raise body_error(length, exc) from exc
 
     def fill_body(self, fd: int, body: bytes | bytearray | memoryview) -> None:
         """Write, then seal: the receiver gets a file nobody can change."""
@@ -410,7 +409,8 @@ def select(system: str | None = None, environ: Mapping[str, str] | None = None) 
     return Platform()
 
 
-def _body_error(length: int, exc: OSError) -> MessageError:
+def body_error(length: int, exc: OSError) -> MessageError:
+    """What a send raises when a body cannot be made: ``MessageError`` with the cause."""
     return MessageError(f"could not make the out-of-band body of a {length}-byte message: {exc}")
 
 

@@ -41,7 +41,7 @@ from ._errors import BufferFull, DescriptorsTruncated, MeshError, MessageError, 
 from ._fd import Fd
 from ._ids import NodeId
 from ._names import body_directory, runtime_root
-from ._platform import PLATFORM
+from ._platform import PLATFORM, body_error
 from ._wire import (
     F_OOB,
     MAX_FDS_PER_MESSAGE,
@@ -177,8 +177,8 @@ class Link:
         self._received_fds: deque[Fd] = deque()
         # batches of (chunks, fds); a batch carries at most SCM_MAX_FD fds
         self._chunks: list[bytes] = []
-        self._batch_fds: list[Fd] = []
-        self._batches: deque[tuple[bytes | memoryview, list[Fd]]] = deque()
+        self._batch_fds: list[Fd | _Body] = []
+        self._batches: deque[tuple[bytes | memoryview, list[Fd | _Body]]] = deque()
         self._flush_scheduled = False
         self._writing = False  # a write is pending: later frames queue behind it
         self._watching_writable = False  # the loop watches the socket for room
@@ -259,7 +259,7 @@ class Link:
                 job.close()
                 for f in fds:
                     f.close()
-                raise MessageError(f"could not make the out-of-band body of a {n}-byte message: {exc}") from exc
+                raise body_error(n, exc) from exc
         self.oob_queued += n
         fds = [*fds, job]
         marker = oob_body_marker(n)
@@ -289,7 +289,7 @@ class Link:
             # its message has its sequence number: the stream cannot go on
             # without it, so the link (and what depends on it) fails, with the cause
             log.warning("could not make a large message's body for node %s: %s", NodeId(self.peer), exc)
-            self._lost(f"could not make the out-of-band body of a {job.size}-byte message: {exc or 'cancelled'}")
+            self._lost(str(body_error(job.size, OSError(str(exc or "cancelled")))))
             return
         if self._waiting_body is job:
             self._waiting_body = None
@@ -610,8 +610,8 @@ class Link:
             self._retry.cancel()
             self._retry = None
         self.sock.close()
-        for f in self._received_fds:
-            f.close()
+        for fd_ in self._received_fds:
+            fd_.close()
         self._received_fds.clear()
         for _, fds in self._batches:
             for f in fds:
