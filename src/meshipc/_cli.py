@@ -20,6 +20,7 @@ from ._names import (
     prune_stale,
     runtime_location,
 )
+from ._platform import PLATFORM
 
 
 def _ls(runtime_dir: str | None, prune: bool = False) -> int:
@@ -57,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
 
     add_commands(sub)  # status, inspect, call
     args = p.parse_args(argv)
+    PLATFORM.no_core_dumps()  # a control command holds an invitation, secret included
     if args.cmd in COMMANDS:
         return run_control(args)
     if args.cmd == "demo":

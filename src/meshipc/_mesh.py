@@ -50,6 +50,7 @@ from ._names import (
     runtime_root,
 )
 from ._node import Node
+from ._platform import PLATFORM
 from ._ports import DEFAULT_LIMITS, Limits
 from ._process import Process, spawn
 
@@ -204,6 +205,7 @@ class Mesh:
         self._owns_directory = True
         try:
             check_private_dir(directory)
+            PLATFORM.no_core_dumps()  # this process is about to hold the mesh secret
             self._node = Node(directory, MeshSecret(), codec=CODEC, limits=self.limits)
             self._node.start()
             self._start_control(root=True)
@@ -228,6 +230,7 @@ class Mesh:
         self._entered = True
         d = Path(directory)
         check_private_dir(d)
+        PLATFORM.no_core_dumps()  # the mesh secret is in this process now
         self._node = Node(d, MeshSecret(secret), node_id, codec=CODEC, limits=self.limits)
         self._node.start()
         self._start_control(root=False)
