@@ -13,6 +13,7 @@ import os
 from typing import Any
 
 from meshipc import Call, ChannelClosed, Fd, Port, Receiver, Sender
+from relutil import LagMeter
 
 
 async def echo(rx: Receiver[Call[Any]]) -> None:
@@ -232,3 +233,18 @@ async def report_imports(arg: Sender[Any]) -> None:
 def not_async(arg: Any) -> int:
     """A plain function: not something a worker can run."""
     return 1
+
+
+async def sizes(rx: Receiver[Call[Any]]) -> None:
+    """Serve calls on ``rx``: reply with the length of a bytes request, with
+    this process's worst event-loop delay so far (seconds, then reset) to
+    ``"lag"``, and with the request itself otherwise."""
+    async with LagMeter() as lag:
+        async for call in rx:
+            req = call.request
+            if isinstance(req, bytes):
+                call.reply(len(req))
+            elif req == "lag":
+                call.reply(lag.reset())
+            else:
+                call.reply(req)

@@ -21,7 +21,7 @@ import struct
 import threading
 import typing
 from collections.abc import Callable
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import msgspec
 
@@ -29,7 +29,7 @@ from ._errors import ChannelClosed, MessageError
 from ._fd import Fd
 from ._ids import ID_LEN, NodeId, PortId
 from ._ports import Engine, Message, PortState
-from ._wire import CALL_HEAD, MAX_OOB_BODY, OOB_THRESHOLD
+from ._wire import CALL_HEAD, MAX_OOB_BODY, OOB_THRESHOLD, THREAD_BODY_MIN, Gather, bin_header
 
 #: Extension type code of a file descriptor inside a message body; handle
 #: types register their own codes (``register_handle``). Part of the wire
@@ -400,9 +400,14 @@ class MsgpackCodec:
     def encode_plain(self, obj: Any) -> bytes | None:
         """The bytes of a value without ports or fds; None if it has any (or
         a type only the full encoder can judge). ``MessageError`` for a value
-        known to be too large (``check_size``), before any copy."""
+        known to be too large (``check_size``), before any copy. A ``bytes``
+        value of ``THREAD_BODY_MIN`` bytes or more is not copied: its body is
+        a ``Gather`` (msgpack's header, then the value), which the link
+        writes in a worker thread; it passes for bytes on the way there."""
         if type(obj) in _SIZED:
             check_size(obj)
+            if type(obj) is bytes and len(obj) >= THREAD_BODY_MIN:
+                return cast(bytes, Gather([bin_header(len(obj)), obj]))
         try:
             body = _plain_encoder.encode(obj)
         except BaseException:
@@ -422,6 +427,8 @@ class MsgpackCodec:
         if type(obj) not in _SIZED or _known_size(obj) < OOB_THRESHOLD:
             return self.encode_plain(obj)
         check_size(obj)
+        if type(obj) is bytes and len(obj) >= THREAD_BODY_MIN:  # not copied at all (see encode_plain)
+            return cast(bytes, Gather([bytearray(CALL_HEAD), bin_header(len(obj)), obj]))
         buf = bytearray(CALL_HEAD)
         _plain_encoder.encode_into(obj, buf, CALL_HEAD)  # a sized value never needs the full encoder
         return buf

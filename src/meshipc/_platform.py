@@ -53,6 +53,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from ._errors import MessageError, PeerCredentialsError, PlatformError, ProtocolError
+from ._wire import Gather
 
 #: Environment variable that selects the portable mode on Linux (``1``).
 ENV_PORTABLE: Final = "MESHIPC_PORTABLE"
@@ -187,16 +188,16 @@ class Platform:
             raise body_error(length, exc) from exc
         return fd
 
-    def fill_body(self, fd: int, body: bytes | bytearray | memoryview) -> None:
+    def fill_body(self, fd: int, body: bytes | bytearray | memoryview | Gather) -> None:
         """Write ``body`` into a descriptor from ``new_body`` (and seal it
         where the kernel can). Only system calls that release the GIL: safe
         and useful in a worker thread. Raises ``OSError``."""
         _write_all(fd, body)
 
-    def make_body(self, body: bytes | bytearray | memoryview, folder: Path | None = None) -> int:
+    def make_body(self, body: bytes | bytearray | memoryview | Gather, folder: Path | None = None) -> int:
         """``new_body`` and ``fill_body`` in one: a descriptor holding
         ``body`` (the caller owns it). Raises ``MessageError`` with the cause."""
-        n = memoryview(body).nbytes
+        n = len(body) if isinstance(body, (Gather, bytes, bytearray)) else body.nbytes
         fd = self.new_body(n, folder)
         try:
             self.fill_body(fd, body)
@@ -320,7 +321,7 @@ class Linux(Platform):
         except OSError as exc:
             raise body_error(length, exc) from exc
 
-    def fill_body(self, fd: int, body: bytes | bytearray | memoryview) -> None:
+    def fill_body(self, fd: int, body: bytes | bytearray | memoryview | Gather) -> None:
         """Write, then seal: the receiver gets a file nobody can change."""
         _write_all(fd, body)
         self._fcntl.fcntl(fd, self._fcntl.F_ADD_SEALS, self._seals)
@@ -414,11 +415,12 @@ def body_error(length: int, exc: OSError) -> MessageError:
     return MessageError(f"could not make the out-of-band body of a {length}-byte message: {exc}")
 
 
-def _write_all(fd: int, body: bytes | bytearray | memoryview) -> None:
-    view = memoryview(body).cast("B")
-    while view:
-        n = os.write(fd, view)
-        view = view[n:]
+def _write_all(fd: int, body: bytes | bytearray | memoryview | Gather) -> None:
+    for part in body.parts if isinstance(body, Gather) else (body,):
+        view = memoryview(part).cast("B")
+        while view:
+            n = os.write(fd, view)
+            view = view[n:]
 
 
 def _pread_all(fd: int, length: int) -> bytes:

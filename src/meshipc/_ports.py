@@ -116,6 +116,7 @@ from ._wire import (
     MAX_OOB_BODY,
     MAX_PORTS_PER_MESSAGE,
     MAX_REORDER,
+    OOB_THRESHOLD,
     ArrivedEvent,
     ChangePeerEvent,
     CloseEvent,
@@ -608,12 +609,12 @@ class Engine:
             return None
         reply_id, callee_end = random_id(), random_id()
         # the head names both reply ends; if the send raises, nothing is registered
-        if type(body) is bytearray:
+        if isinstance(body, bytes):
+            self._ship(st, node, K_CALL, callee_end + reply_id + body, False)
+        else:  # room at its front for the head (a bytearray, or a _wire.Gather)
             body[:CALL_HEAD] = callee_end + reply_id
             # it goes where bytes go (length, buffer protocol); nothing keeps or changes it
             self._ship(st, node, K_CALL, cast(bytes, body), False)
-        else:
-            self._ship(st, node, K_CALL, callee_end + reply_id + body, False)
         reply = PortState(self, reply_id, node, callee_end)
         reply.pinned = True
         self.ports[reply_id] = reply
@@ -628,7 +629,10 @@ class Engine:
             raise ProtocolError("RPC request reuses a live port id")
         reply = PortState(self, new_id, src, caller_port)
         self.ports[new_id] = reply
-        return Message(K_CALL, None, body[CALL_HEAD:], [reply])
+        # a large request is not copied again to drop its head: decoders and
+        # links take the view as they take bytes
+        rest = body[CALL_HEAD:] if len(body) < OOB_THRESHOLD else cast(bytes, memoryview(body)[CALL_HEAD:])
+        return Message(K_CALL, None, rest, [reply])
 
     def send_final(self, st: PortState, kind: int, obj: Any) -> None:
         """Send the last message of this end (a final kind, an RPC reply)

@@ -47,6 +47,7 @@ from ._wire import (
     MAX_FDS_PER_MESSAGE,
     MAX_OOB_BODY,
     OOB_THRESHOLD,
+    THREAD_BODY_MIN,
     Event,
     FrameDecoder,
     MsgEvent,
@@ -91,10 +92,6 @@ _CTRUNC = int(socket.MSG_CTRUNC)
 #: Seconds between retries of a write whose descriptors the receiver had no
 #: room for yet (``Platform.fd_send_retry``): doubling from the first to the last.
 RETRY_FIRST, RETRY_MAX = 0.001, 0.1
-#: Out-of-band bodies of this size or more are written and read in a worker
-#: thread (the loop would stall for about a millisecond per 2-4 MiB copied);
-#: smaller ones are copied at once, which costs less than the thread hop.
-THREAD_BODY_MIN: Final = 4 * 1024 * 1024
 #: Most bytes of out-of-band bodies one link holds made and not yet handed
 #: to the kernel (each pins its memory: a memfd, or a file's blocks). A
 #: message that would go beyond it is refused with ``BufferFull`` (nothing
