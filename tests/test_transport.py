@@ -5,20 +5,36 @@ written as their own chunk, and a peer hanging up."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
+import resource
 import socket
 import stat
+import threading
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import msgspec
+import pytest
+
 import meshipc
-from meshipc import Mesh
+from meshipc import BufferFull, Mesh, MessageError, _transport
+from meshipc._codec import encode_plain
 from meshipc._fd import Fd
 from meshipc._transport import SCM_MAX_FD, SEPARATE_BODY_MIN, Link
-from meshipc._wire import K_CALL, K_DATA, MAX_FDS_PER_MESSAGE, OOB_THRESHOLD, MsgEvent
+from meshipc._wire import (
+    K_CALL,
+    K_DATA,
+    MAX_FDS_PER_MESSAGE,
+    OOB_THRESHOLD,
+    THREAD_BODY_MIN,
+    CloseEvent,
+    Gather,
+    MsgEvent,
+)
 from relutil import LagMeter, reaped, wait_until, within
 
 PORT = b"P" * 16
@@ -32,16 +48,20 @@ class Inbox:
         self.seqs: list[int] = []
         self.events: list[tuple[MsgEvent, list[Any]]] = []
         self.lost: list[str] = []
+        self.order: list[int] = []  # sequence numbers of everything, in arrival order
 
     def on_data(self, port: bytes, seq: int, kind: int, body: bytes) -> None:
         self.seqs.append(seq)
+        self.order.append(seq)
         self.bodies.append(bytes(body))
 
     def on_run(self, port: bytes, first: int, bodies: list[bytes]) -> None:
         self.seqs.extend(range(first, first + len(bodies)))
+        self.order.extend(range(first, first + len(bodies)))
         self.bodies.extend(bytes(b) for b in bodies)
 
     def on_event(self, peer: bytes, ev: Any, fds: list[Any]) -> None:
+        self.order.append(getattr(ev, "seq", -1))
         self.events.append((ev, fds))
 
     def on_lost(self, link: Link, reason: str) -> None:
@@ -277,3 +297,96 @@ async def _big_call_beside_small_ones(
         assert await within(call, 60) == len(big)
         took = time.monotonic() - t0
     return here.worst, took, await within(tx.call("lag")), small
+
+
+async def test_frames_around_large_bodies_keep_the_link_order() -> None:
+    """Large bodies are written and read in worker threads; whatever was
+    queued behind one (plain messages, a small out-of-band body, other
+    events) reaches the peer after it, in order, with its own bytes."""
+    big = os.urandom(THREAD_BODY_MIN)
+    small_oob = os.urandom(OOB_THRESHOLD)
+    value = b"v" * THREAD_BODY_MIN  # a bytes value: sent without a copy (Gather)
+    gathered = encode_plain(value)
+    assert isinstance(gathered, Gather)
+    async with linked() as (a, b, _, got):
+        a.write_data(PORT, 0, K_DATA, b"before")
+        a.write_event(MsgEvent(PORT, 1, K_DATA, 0, [], 0, big), [])
+        a.write_data(PORT, 2, K_DATA, b"right behind")
+        a.write_event(MsgEvent(PORT, 3, K_DATA, 0, [], 0, small_oob), [])
+        assert a.oob_queued == len(big) + len(small_oob) and not a.idle
+        a.write_data(PORT, 4, K_DATA, gathered)
+        a.write_event(CloseEvent(PORT, 5), [])
+        a.write_data(PORT, 6, K_DATA, b"after")
+        await wait_until(lambda: len(got.order) == 7, "every frame")
+        assert got.order == list(range(7))
+        assert got.bodies == [b"before", b"right behind", b"after"]
+        bodies = [ev.body for ev, _ in got.events if isinstance(ev, MsgEvent)]
+        assert bodies == [big, small_oob, msgspec.msgpack.encode(value)]
+        await wait_until(lambda: a.idle, "the writer to finish")
+        assert a.oob_queued == 0 and not b._body_reading and not got.lost
+
+
+async def test_a_body_that_cannot_be_made_raises_message_error_and_queues_nothing() -> None:
+    """Out of descriptors (a real EMFILE): the send raises ``MessageError``
+    naming the cause, the message's own descriptors are closed, nothing is
+    queued, and the link goes on."""
+    r, w = os.pipe()
+    os.close(w)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    async with linked() as (a, _b, _, got):
+        carried = Fd(r)
+        try:
+            # room for nothing more: the next descriptor (the body's) is refused
+            lowest_free = os.dup(0)
+            os.close(lowest_free)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free, hard))
+            with pytest.raises(MessageError, match=r"could not make the out-of-band body.*Too many open"):
+                a.write_event(MsgEvent(PORT, 0, K_DATA, 0, [], 1, b"b" * OOB_THRESHOLD), [carried])
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        assert carried.closed and a.idle and a.oob_queued == 0
+        a.write_data(PORT, 0, K_DATA, b"still fine")
+        await wait_until(lambda: got.bodies == [b"still fine"], "the next message")
+
+
+async def test_a_large_body_that_fails_in_its_thread_loses_the_link_with_the_cause(monkeypatch: Any) -> None:
+    """The write of a large body fails after its send returned (the space
+    went between the check and the write): its message has its sequence
+    number, so the link is lost, naming the cause, and nothing after it goes."""
+
+    def no_room(fd: int, body: Any) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    async with linked() as (a, _b, mine, got):
+        monkeypatch.setattr(_transport.PLATFORM, "fill_body", no_room)
+        a.write_event(MsgEvent(PORT, 0, K_DATA, 0, [], 0, b"b" * THREAD_BODY_MIN), [])
+        a.write_data(PORT, 1, K_DATA, b"behind it")
+        await wait_until(lambda: bool(mine.lost), "the link to be lost")
+        assert "could not make the out-of-band body" in mine.lost[0] and "No space left" in mine.lost[0]
+        assert a.closed and got.order == []
+
+
+async def test_large_bodies_in_flight_are_capped_per_link(monkeypatch: Any) -> None:
+    """Bodies made and not yet written count against ``MAX_OOB_IN_FLIGHT``:
+    one beyond it is refused with ``BufferFull`` (nothing queued); the others
+    go in order once written."""
+    release = threading.Event()
+    fill = _transport.PLATFORM.fill_body
+
+    def held(fd: int, body: Any) -> None:
+        if not release.wait(10):
+            raise OSError(errno.ETIMEDOUT, "the test never released the body")
+        fill(fd, body)
+
+    monkeypatch.setattr(_transport, "MAX_OOB_IN_FLIGHT", 2 * THREAD_BODY_MIN)
+    async with linked() as (a, _b, _, got):
+        monkeypatch.setattr(_transport.PLATFORM, "fill_body", held)
+        for seq in (0, 1):
+            a.write_event(MsgEvent(PORT, seq, K_DATA, 0, [], 0, bytes([seq]) * THREAD_BODY_MIN), [])
+        with pytest.raises(BufferFull, match="would exceed"):
+            a.write_event(MsgEvent(PORT, 2, K_DATA, 0, [], 0, b"x" * OOB_THRESHOLD), [])
+        assert a.oob_queued == 2 * THREAD_BODY_MIN
+        release.set()
+        await wait_until(lambda: len(got.events) == 2, "both bodies")
+        assert [ev.body[:1] for ev, _ in got.events] == [b"\0", b"\1"]
+        await wait_until(lambda: a.oob_queued == 0, "the bodies to be written")
