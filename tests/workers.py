@@ -9,10 +9,13 @@ back to the test only through mesh messages, never through files or sleeps.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import os
+import resource
 from typing import Any
 
 from meshipc import Call, ChannelClosed, Fd, Port, Receiver, Sender
+from meshipc._platform import PR_GET_DUMPABLE
 from relutil import LagMeter
 
 
@@ -248,3 +251,10 @@ async def sizes(rx: Receiver[Call[Any]]) -> None:
                 call.reply(lag.reset())
             else:
                 call.reply(req)
+
+
+async def core_dumps(report: Sender[Any]) -> None:
+    """Report ``(PR_GET_DUMPABLE, RLIMIT_CORE soft limit)`` of this worker."""
+    with report:
+        libc = ctypes.CDLL(None)
+        report.send((libc.prctl(PR_GET_DUMPABLE, 0, 0, 0, 0), resource.getrlimit(resource.RLIMIT_CORE)[0]))

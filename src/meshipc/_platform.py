@@ -182,7 +182,8 @@ class Platform:
             os.unlink(path)
             fs = os.fstatvfs(fd)
             if fs.f_bavail * fs.f_frsize < length:
-                raise OSError(errno.ENOSPC, f"{fs.f_bavail * fs.f_frsize} bytes free in {folder or path}")
+                free = f"{fs.f_bavail * fs.f_frsize} bytes free in {folder or path}"
+                raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)}: {free}")
         except OSError as exc:
             os.close(fd)
             raise body_error(length, exc) from exc
