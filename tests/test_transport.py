@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import mmap
 import os
 import resource
 import socket
@@ -29,6 +30,7 @@ from meshipc._wire import (
     K_CALL,
     K_DATA,
     MAX_FDS_PER_MESSAGE,
+    MAX_OOB_BODY,
     OOB_THRESHOLD,
     THREAD_BODY_MIN,
     CloseEvent,
@@ -268,6 +270,11 @@ async def test_a_large_call_leaves_both_loops_free_and_small_calls_answer(runtim
             assert await within(tx.call("ping")) == "ping"  # linked
             await within(tx.call("lag"))
             here, took, there, small = await _big_call_beside_small_ones(tx, big)
+            # 1 GiB + 1 (no memory behind it): refused by its length, no copy
+            with mmap.mmap(-1, MAX_OOB_BODY + 1) as m, memoryview(m) as view:
+                with pytest.raises(MessageError, match="exceeds the limit"):
+                    await within(tx.call(view))
+            assert await within(tx.call("ping")) == "ping"  # the channel goes on
     print(
         f"\n256 MiB call: {took:.2f} s; worst loop delay here {here * 1000:.0f} ms, "
         f"in the worker {there * 1000:.0f} ms; {len(small)} small calls, slowest {max(small) * 1000:.0f} ms"
