@@ -15,7 +15,6 @@ import resource
 from typing import Any
 
 from meshipc import Call, ChannelClosed, Fd, Port, Receiver, Sender
-from meshipc._platform import PR_GET_DUMPABLE
 from relutil import LagMeter
 
 
@@ -257,4 +256,5 @@ async def core_dumps(report: Sender[Any]) -> None:
     """Report ``(PR_GET_DUMPABLE, RLIMIT_CORE soft limit)`` of this worker."""
     with report:
         libc = ctypes.CDLL(None)
-        report.send((libc.prctl(PR_GET_DUMPABLE, 0, 0, 0, 0), resource.getrlimit(resource.RLIMIT_CORE)[0]))
+        pr_get_dumpable = 3  # <linux/prctl.h>
+        report.send((libc.prctl(pr_get_dumpable, 0, 0, 0, 0), resource.getrlimit(resource.RLIMIT_CORE)[0]))
