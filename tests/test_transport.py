@@ -4,6 +4,7 @@ written as their own chunk, and a peer hanging up."""
 
 from __future__ import annotations
 
+import array
 import asyncio
 import errno
 import mmap
@@ -27,6 +28,7 @@ from meshipc._codec import encode_plain
 from meshipc._fd import Fd
 from meshipc._transport import SCM_MAX_FD, SEPARATE_BODY_MIN, Link
 from meshipc._wire import (
+    F_OOB,
     K_CALL,
     K_DATA,
     MAX_FDS_PER_MESSAGE,
@@ -36,6 +38,9 @@ from meshipc._wire import (
     CloseEvent,
     Gather,
     MsgEvent,
+    data_frame,
+    encode_msg_header,
+    oob_body_marker,
 )
 from relutil import LagMeter, reaped, wait_until, within
 
@@ -397,3 +402,27 @@ async def test_large_bodies_in_flight_are_capped_per_link(monkeypatch: Any) -> N
         await wait_until(lambda: len(got.events) == 2, "both bodies")
         assert [ev.body[:1] for ev, _ in got.events] == [b"\0", b"\1"]
         await wait_until(lambda: a.oob_queued == 0, "the bodies to be written")
+
+
+async def test_a_sparse_large_body_from_a_peer_costs_it_its_link() -> None:
+    """A peer announces a large body and hands over a sparse file: the
+    reading thread refuses it before reading, the link is dropped as a
+    protocol error and nothing is delivered."""
+    raw, theirs = socket.socketpair()
+    got = Inbox()
+    link = make_link(theirs, b"A" * 16, got)
+    fd = os.memfd_create("sparse")
+    try:
+        os.ftruncate(fd, THREAD_BODY_MIN)
+        marker = oob_body_marker(THREAD_BODY_MIN)
+        frame = encode_msg_header(PORT, 0, K_DATA, F_OOB, [], 1, len(marker)) + marker
+        raw.sendmsg(
+            [frame + data_frame(PORT, 1, K_DATA, b"behind")],
+            [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))],
+        )
+        await wait_until(lambda: bool(got.lost), "the link to be dropped")
+        assert "sparse file" in got.lost[0] and got.order == [] and link.closed
+    finally:
+        os.close(fd)
+        link.close()
+        raw.close()
