@@ -560,6 +560,7 @@ class Link:
         if self.closed or fut.cancelled():
             for f in fds:
                 f.close()
+            self._lost("reading an out-of-band body was cancelled")  # nothing if closed
             return
         try:
             ev.body = fut.result()
@@ -577,6 +578,10 @@ class Link:
         except MemoryError:
             self._lost("no memory to read an out-of-band body")
             return
+        except BaseException as exc:
+            # as if raised from a read (the decoder is spent): never left paused
+            self._lost(f"failed to deliver a frame: {exc!r}")
+            raise
         if self.closed or self._body_reading:
             return
         if self._flush_scheduled:
