@@ -404,9 +404,10 @@ class MsgpackCodec:
         value of ``THREAD_BODY_MIN`` bytes or more is not copied: its body is
         a ``Gather`` (msgpack's header, then the value), which the link
         writes in a worker thread; it passes for bytes on the way there."""
-        if type(obj) in _SIZED:
+        t = type(obj)
+        if t in _SIZED and (obj.nbytes if t is memoryview else len(obj)) >= THREAD_BODY_MIN:
             check_size(obj)
-            if type(obj) is bytes and len(obj) >= THREAD_BODY_MIN:
+            if type(obj) is bytes:
                 return cast(bytes, Gather([bin_header(len(obj)), obj]))
         try:
             body = _plain_encoder.encode(obj)

@@ -236,7 +236,7 @@ class Link:
             if self.oob_queued + n > MAX_OOB_IN_FLIGHT:
                 raise BufferFull(
                     f"{self.oob_queued} bytes of large messages to node {NodeId(self.peer)} are not "
-                    f"written yet; another {n} would exceed {MAX_OOB_IN_FLIGHT}: await drain() and retry"
+                    f"written yet; another {n} would exceed {MAX_OOB_IN_FLIGHT}: send it once they are"
                 )
             job = _Body(PLATFORM.new_body(n, self._folder_for_bodies()), n)
         except BaseException:
