@@ -426,3 +426,21 @@ async def test_a_sparse_large_body_from_a_peer_costs_it_its_link() -> None:
         os.close(fd)
         link.close()
         raw.close()
+
+
+async def test_a_send_whose_body_cannot_be_made_raises_message_error(runtime_dir: Path) -> None:
+    """Through the whole send path to a worker, out of descriptors: the
+    caller gets ``MessageError`` naming the cause, not ``OSError``."""
+    async with Mesh(runtime_dir=runtime_dir) as mesh, reaped(mesh) as procs:
+        tx, rx = meshipc.channel()
+        procs.append(await mesh.spawn("workers:sizes", rx))
+        assert await within(tx.call("ping")) == "ping"
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        lowest_free = os.dup(0)
+        os.close(lowest_free)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free, hard))
+            with pytest.raises(MessageError, match=r"out-of-band body.*Too many open files"):
+                tx.send(b"x" * OOB_THRESHOLD)
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
