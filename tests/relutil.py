@@ -13,6 +13,7 @@ import os
 import shutil
 import signal
 import tempfile
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -126,3 +127,47 @@ async def next_report(rx: meshipc.Receiver[Any], kind: str, timeout: float = STE
                 assert r[5], f"hop worker saw values out of order: {r}"
             if r[0] == kind:
                 return r
+
+
+class LagMeter:
+    """How long this thread's event loop was kept from running: a ticker task
+    asks for a wake-up every ``TICK`` seconds and keeps the largest delay
+    beyond it (``worst``, in seconds; a tick still waiting counts when it is
+    read). ``async with LagMeter() as m: ...``."""
+
+    TICK = 0.005
+
+    def __init__(self) -> None:
+        self._worst = 0.0
+        self._since = time.monotonic()  # when the pending tick started
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def worst(self) -> float:
+        return max(self._worst, time.monotonic() - self._since - self.TICK)
+
+    def reset(self) -> float:
+        """The worst delay so far, and start again from zero."""
+        worst = self.worst
+        self._worst, self._since = 0.0, time.monotonic()
+        return worst
+
+    async def _tick(self) -> None:
+        while True:
+            # time.monotonic(), not loop.time(): uvloop's is cached per loop turn
+            self._since = time.monotonic()
+            await asyncio.sleep(self.TICK)  # a measurement, not a synchronisation
+            self._worst = max(self._worst, time.monotonic() - self._since - self.TICK)
+
+    async def __aenter__(self) -> LagMeter:
+        self._task = asyncio.ensure_future(self._tick())
+        await asyncio.sleep(0)  # the ticker's first tick is timed from now on
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._worst = self.worst  # the tick under way counts
+        self._since = float("inf")
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task

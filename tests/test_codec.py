@@ -4,6 +4,7 @@ across engines are in ``test_channel.py``."""
 
 from __future__ import annotations
 
+import mmap
 import os
 from typing import Any
 
@@ -27,7 +28,8 @@ from meshipc._codec import (
     walk_resources,
 )
 from meshipc._ports import Engine, Message
-from meshipc._wire import K_DATA
+from meshipc._wire import CALL_HEAD, K_DATA, MAX_OOB_BODY, THREAD_BODY_MIN, Gather
+from relutil import vmrss_kb
 
 
 class Point(msgspec.Struct):
@@ -188,3 +190,45 @@ def test_codec_imports_nothing_above_ports_and_no_io() -> None:
     src = inspect.getsource(codec)
     for mod in ("socket", "asyncio", "selectors", "._channel", "._node", "._transport"):
         assert f"import {mod}" not in src and f"from {mod} import" not in src
+
+
+# ------------------------------------------------------------ large values
+
+
+def test_a_value_known_to_exceed_the_body_limit_is_refused_before_any_copy() -> None:
+    """A bytes-like value over ``MAX_OOB_BODY`` is refused by its length
+    alone: a 1 GiB + 1 anonymous mapping (no memory behind it until touched)
+    goes through every encoder's check without the process growing."""
+    with mmap.mmap(-1, MAX_OOB_BODY + 1) as m:
+        view = memoryview(m)
+        try:
+            rss = vmrss_kb()
+            engine = Engine(os.urandom(16))
+            for encode in (encode_plain, CODEC.encode_call, lambda v: CODEC.encode(engine, v)):
+                with pytest.raises(MessageError, match=f"at least {MAX_OOB_BODY + 1} bytes exceeds"):
+                    encode(view)
+            assert vmrss_kb() - rss < 64 * 1024, "the value was copied"
+        finally:
+            view.release()
+    with pytest.raises(MessageError, match="exceeds"):
+        encode_plain("x" * (MAX_OOB_BODY + 1))  # a str has at least as many bytes as characters
+
+
+def test_a_large_bytes_value_is_sent_without_a_copy() -> None:
+    """A ``bytes`` value of ``THREAD_BODY_MIN`` or more is encoded as a
+    ``Gather`` (msgpack's header, then the value itself), the same bytes
+    msgspec would make; as an RPC request it has room for the call's head."""
+    value = os.urandom(THREAD_BODY_MIN)
+    body = encode_plain(value)
+    assert isinstance(body, Gather) and body.parts[-1] is value
+    assert b"".join(body.parts) == msgspec.msgpack.encode(value) and len(body) == len(value) + 5
+    call = CODEC.encode_call(value)
+    assert isinstance(call, Gather) and call.parts[-1] is value
+    call[:CALL_HEAD] = b"h" * CALL_HEAD
+    assert b"".join(call.parts) == b"h" * CALL_HEAD + msgspec.msgpack.encode(value)
+    with pytest.raises(TypeError):
+        call[:3] = b"abc"
+    # smaller or mutable values are encoded (a bytearray may change after the send)
+    assert isinstance(encode_plain(value[:-1]), bytes)
+    mutable = CODEC.encode_call(bytearray(value))
+    assert isinstance(mutable, bytearray) and mutable[CALL_HEAD:] == msgspec.msgpack.encode(value)

@@ -12,6 +12,7 @@ import asyncio
 import errno
 import os
 import re
+import resource
 import signal
 import socket
 import stat
@@ -30,6 +31,7 @@ from meshipc import (
     DescriptorsTruncated,
     HandshakeError,
     Mesh,
+    MessageError,
     PeerCredentialsError,
     PlatformError,
     ProtocolError,
@@ -55,8 +57,8 @@ from meshipc._platform import (
     select,
 )
 from meshipc._transport import Link
-from meshipc._wire import MsgEvent
-from relutil import root_of_length
+from meshipc._wire import OOB_THRESHOLD, THREAD_BODY_MIN, MsgEvent
+from relutil import root_of_length, wait_until
 
 T = 10.0
 #: the implementations this kernel can run for real
@@ -475,3 +477,155 @@ async def test_large_messages_through_a_worker(runtime_dir: Path) -> None:
         tx.close()
         assert await asyncio.wait_for(proc.wait(), T) == 0
     assert _platform.PLATFORM.oob in ("memfd", "file")
+
+
+# ------------------------------------------------ body hardening, key material
+
+
+@pytest.mark.parametrize("plat", REAL, ids=lambda p: p.name)
+def test_sparse_bodies_are_refused_before_any_read(plat: Platform, tmp_path: Path) -> None:
+    """A body descriptor whose blocks are not there (a 1 GiB hole, or a file
+    written in part and then extended) is refused at once: reading it would
+    cost us its size in zeros for nothing on the sender's side."""
+    for make in (lambda: os.memfd_create("sparse"), lambda: os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT)):
+        fd = make()
+        try:
+            os.ftruncate(fd, 1 << 30)
+            with pytest.raises(ProtocolError, match="sparse file"):
+                plat.read_body(fd, 1 << 30)
+            os.ftruncate(fd, 0)
+            os.write(fd, b"x" * (1 << 20))
+            os.ftruncate(fd, 8 << 20)
+            with pytest.raises(ProtocolError, match=r"sparse file \(\d+ of 8388608 bytes in use\)"):
+                plat.read_body(fd, 8 << 20)
+        finally:
+            os.close(fd)
+    # what every platform makes passes the check (a memfd counts its pages)
+    body = os.urandom(THREAD_BODY_MIN)
+    for maker in REAL:
+        fd = maker.make_body(body, tmp_path)
+        try:
+            assert plat.read_body(fd, len(body)) == body
+        finally:
+            os.close(fd)
+
+
+def test_making_a_body_that_fails_raises_message_error_naming_the_cause(tmp_path: Path) -> None:
+    """A missing folder, a folder without room for the body, a write the
+    system refuses (here: beyond ``RLIMIT_FSIZE``): ``MessageError`` with the
+    cause, never a bare ``OSError``; no descriptor is left open."""
+    portable = Portable()
+    before = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(MessageError, match="No such file or directory"):
+        portable.new_body(OOB_THRESHOLD, tmp_path / "missing")
+    with pytest.raises(MessageError, match=r"No space left.*bytes free in"):
+        portable.new_body(1 << 62, tmp_path)  # more than the file system holds
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    try:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, hard))
+        for plat in REAL:
+            with pytest.raises(MessageError, match="File too large"):
+                plat.make_body(b"x" * (2 << 20), tmp_path)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, old_handler)
+    assert len(os.listdir("/proc/self/fd")) == before
+    assert os.listdir(tmp_path) == []  # file bodies are unlinked at once
+
+
+async def test_file_bodies_are_made_in_a_private_folder_under_the_runtime_root(
+    runtime_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where bodies are files (portable mode, macOS) they are made in
+    ``<runtime root>/bodies`` (0700), not in the world-visible temporary
+    folder; a folder there that is not private is refused, by name."""
+    portable = Portable()
+    made: list[str] = []
+    new_body = portable.new_body
+
+    def recording(length: int, folder: Path | None = None) -> int:
+        fd = new_body(length, folder)
+        made.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return fd
+
+    monkeypatch.setattr(portable, "new_body", recording)
+    monkeypatch.setattr(_transport, "PLATFORM", portable)
+    a, b = socket.socketpair()
+    got: list[bytes] = []
+    loop = asyncio.get_running_loop()
+    quiet: Any = lambda *_: None  # noqa: E731
+    sender = Link(loop, a, b"B" * 16, quiet, quiet, quiet, body_root=runtime_dir)
+    receiver = Link(loop, b, b"A" * 16, lambda _p, ev, _f: got.append(ev.body), quiet, quiet)
+    try:
+        body = os.urandom(OOB_THRESHOLD)
+        sender.write_event(MsgEvent(b"P" * 16, 0, 0, 0, [], 0, body), [])
+        await wait_until(lambda: got == [body], "the body")
+        folder = runtime_dir / "bodies"
+        assert made == [f"{folder}/{made[0].split('/')[-1]}"] and made[0].endswith(" (deleted)")
+        assert stat.S_IMODE(os.lstat(folder).st_mode) == 0o700 and os.listdir(folder) == []
+        # a folder someone made readable is refused, by name, before any body
+        other = root_of_length(runtime_dir, len(os.fsencode(runtime_dir)) + 8)
+        (other / "bodies").mkdir(mode=0o755)
+        (other / "bodies").chmod(0o755)
+        c, d = socket.socketpair()
+        with c, d:
+            loose = Link(loop, c, b"C" * 16, quiet, quiet, quiet, body_root=other)
+            with pytest.raises(MessageError, match=f"{other}/bodies has mode 755"):
+                loose.write_event(MsgEvent(b"P" * 16, 0, 0, 0, [], 0, body), [])
+            loose.close()
+    finally:
+        sender.close()
+        receiver.close()
+
+
+_DUMPABLE = """
+import ctypes, resource, sys
+from meshipc._platform import PR_GET_DUMPABLE, select
+{before}
+libc = ctypes.CDLL(None)
+print(libc.prctl(PR_GET_DUMPABLE, 0, 0, 0, 0), resource.getrlimit(resource.RLIMIT_CORE)[0])
+"""
+
+
+def _dumpable_after(before: str, env: dict[str, str] | None = None) -> tuple[int, int]:
+    """(``PR_GET_DUMPABLE``, ``RLIMIT_CORE`` soft) of a fresh interpreter after ``before`` ran."""
+    out = subprocess.run(
+        [sys.executable, "-c", _DUMPABLE.format(before=textwrap.dedent(before))],
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=T,
+        check=True,
+    ).stdout.split()
+    return int(out[-2]), int(out[-1])  # what it printed itself comes first
+
+
+def test_no_core_dumps_from_a_process_that_holds_key_material(runtime_dir: Path) -> None:
+    """``no_core_dumps``: Linux makes the process non-dumpable (no core, no
+    ptrace or /proc peeking by other same-uid processes) and zeroes the core
+    limit; elsewhere the core limit is zeroed. A process does it when it
+    starts or joins a mesh and when it runs the CLI; before, it is dumpable."""
+    assert _dumpable_after("")[0] == 1
+    assert _dumpable_after("select('linux', {}).no_core_dumps()") == (0, 0)
+    assert _dumpable_after("select('linux', {'MESHIPC_PORTABLE': '1'}).no_core_dumps()") == (1, 0)
+    linux_mode = PLATFORM.name == "linux"
+    mesh = f"""
+        import meshipc
+        async def main():
+            async with meshipc.Mesh(runtime_dir={str(runtime_dir)!r}):
+                pass
+        meshipc.run(main())
+    """
+    assert _dumpable_after(mesh) == (0 if linux_mode else 1, 0)
+    cli = f"from meshipc._cli import main; main(['ls', '--runtime-dir', {str(runtime_dir)!r}])"
+    assert _dumpable_after(cli) == (0 if linux_mode else 1, 0)
+
+
+async def test_a_spawned_worker_is_not_dumpable(runtime_dir: Path) -> None:
+    async with Mesh(runtime_dir=runtime_dir) as mesh:
+        tx, rx = meshipc.channel()
+        proc = await mesh.spawn("workers:core_dumps", tx)
+        dumpable, core = await asyncio.wait_for(rx.recv(), T)
+        assert await asyncio.wait_for(proc.wait(), T) == 0
+    assert (dumpable, core) == (0 if PLATFORM.name == "linux" else 1, 0)

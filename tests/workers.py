@@ -9,12 +9,15 @@ back to the test only through mesh messages, never through files or sleeps.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import inspect
 import os
+import resource
 from typing import Any
 
 import meshipc
 from meshipc import Call, ChannelClosed, Fd, Port, Receiver, Sender
+from relutil import LagMeter
 
 
 async def echo(rx: Receiver[Call[Any]]) -> None:
@@ -259,3 +262,26 @@ async def try_to_admit(report: Sender[Any]) -> None:
         except meshipc.MeshError as exc:
             errors.append(f"{type(exc).__name__}: {exc}")
     report.send(errors)
+
+
+async def sizes(rx: Receiver[Call[Any]]) -> None:
+    """Serve calls on ``rx``: reply with the length of a bytes request, with
+    this process's worst event-loop delay so far (seconds, then reset) to
+    ``"lag"``, and with the request itself otherwise."""
+    async with LagMeter() as lag:
+        async for call in rx:
+            req = call.request
+            if isinstance(req, bytes):
+                call.reply(len(req))
+            elif req == "lag":
+                call.reply(lag.reset())
+            else:
+                call.reply(req)
+
+
+async def core_dumps(report: Sender[Any]) -> None:
+    """Report ``(PR_GET_DUMPABLE, RLIMIT_CORE soft limit)`` of this worker."""
+    with report:
+        libc = ctypes.CDLL(None)
+        pr_get_dumpable = 3  # <linux/prctl.h>
+        report.send((libc.prctl(pr_get_dumpable, 0, 0, 0, 0), resource.getrlimit(resource.RLIMIT_CORE)[0]))

@@ -624,7 +624,7 @@ class Sender(_Handle, Generic[T]):
             # the common call: a plain request to another process, one frame
             # that names its reply port (no second port, no descriptor)
             try:
-                body = _codec.encode_plain(request)
+                body = _codec.encode_call(request)
             except RecursionError:
                 raise MessageError("this value cannot be sent to another process: nested too deep") from None
             if body is not None:

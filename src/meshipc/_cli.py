@@ -21,6 +21,7 @@ from ._names import (
     prune_unnamed,
     runtime_location,
 )
+from ._platform import PLATFORM
 from ._sockets import is_socket_alive
 
 
@@ -61,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
 
     add_commands(sub)  # status, inspect, call
     args = p.parse_args(argv)
+    PLATFORM.no_core_dumps()  # a control command holds an invitation, secret included
     if args.cmd in COMMANDS:
         return run_control(args)
     if args.cmd == "demo":

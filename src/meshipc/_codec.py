@@ -21,7 +21,7 @@ import struct
 import threading
 import typing
 from collections.abc import Callable
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import msgspec
 
@@ -29,6 +29,7 @@ from ._errors import ChannelClosed, MessageError
 from ._fd import Fd
 from ._ids import ID_LEN, NodeId, PortId
 from ._ports import Engine, Message, PortState
+from ._wire import CALL_HEAD, MAX_OOB_BODY, OOB_THRESHOLD, THREAD_BODY_MIN, Gather, bin_header
 
 #: Extension type code of a file descriptor inside a message body; handle
 #: types register their own codes (``register_handle``). Part of the wire
@@ -49,6 +50,12 @@ MAX_WALK_DEPTH: Final = 64
 
 #: What a decoder raises for bytes that do not decode or validate.
 DECODE_ERRORS: Final = (msgspec.DecodeError, msgspec.ValidationError, ValueError, RecursionError)
+
+#: Values whose size is known without encoding them: one larger than
+#: ``MAX_OOB_BODY`` is refused before any copy (msgspec cannot encode into
+#: a buffer that stops at a limit, so a container is judged once encoded).
+#: A ``str`` has at least as many bytes as characters.
+_SIZED: Final = frozenset({bytes, bytearray, memoryview, str})
 
 # which resource list a used index refers to
 _PORTS: Final = 0
@@ -223,6 +230,20 @@ def check_encodable(value: Any) -> None:
         raise MessageError(f"this value cannot be sent to another process: {exc}") from None
 
 
+def _known_size(obj: Any) -> int:
+    """Bytes ``obj`` takes at least, for a type in ``_SIZED``."""
+    return obj.nbytes if type(obj) is memoryview else len(obj)
+
+
+def check_size(obj: Any) -> None:
+    """``MessageError`` for a value whose known size exceeds ``MAX_OOB_BODY``
+    (see ``_SIZED``), before anything is copied."""
+    if type(obj) in _SIZED:
+        n = _known_size(obj)
+        if n > MAX_OOB_BODY:
+            raise MessageError(f"a message of at least {n} bytes exceeds the limit of {MAX_OOB_BODY}")
+
+
 def _ext_hook(code: int, data: memoryview) -> Any:
     ht = _by_code.get(code)
     if ht is not None:
@@ -352,6 +373,7 @@ class MsgpackCodec:
         self, engine: Engine, obj: Any, carrier: PortState | None = None
     ) -> tuple[bytes, list[PortState], list[Any]]:
         r = _res
+        check_size(obj)
         r.engine, r.ports, r.fds, r.carrier = engine, [], [], carrier
         try:
             split = _envelopes.get(type(obj))
@@ -377,7 +399,16 @@ class MsgpackCodec:
 
     def encode_plain(self, obj: Any) -> bytes | None:
         """The bytes of a value without ports or fds; None if it has any (or
-        a type only the full encoder can judge)."""
+        a type only the full encoder can judge). ``MessageError`` for a value
+        known to be too large (``check_size``), before any copy. A ``bytes``
+        value of ``THREAD_BODY_MIN`` bytes or more is not copied: its body is
+        a ``Gather`` (msgpack's header, then the value), which the link
+        writes in a worker thread; it passes for bytes on the way there."""
+        t = type(obj)
+        if t in _SIZED and (obj.nbytes if t is memoryview else len(obj)) >= THREAD_BODY_MIN:
+            check_size(obj)
+            if type(obj) is bytes:
+                return cast(bytes, Gather([bin_header(len(obj)), obj]))
         try:
             body = _plain_encoder.encode(obj)
         except BaseException:
@@ -386,6 +417,22 @@ class MsgpackCodec:
         if _needs_full and _needs_full.pop(_get_ident(), False):
             return None
         return body
+
+    def encode_call(self, obj: Any) -> bytes | bytearray | None:
+        """``encode_plain`` for an RPC request. A large request known to be
+        large (a ``_SIZED`` value of ``OOB_THRESHOLD`` bytes or more) comes
+        as a ``bytearray`` with ``CALL_HEAD`` bytes of room at its front,
+        which ``Engine.call_plain`` fills with the call's head in place: the
+        request is copied once (encoding), not twice. Smaller ones come as
+        ``bytes`` (prepending their head costs less than making room)."""
+        if type(obj) not in _SIZED or _known_size(obj) < OOB_THRESHOLD:
+            return self.encode_plain(obj)
+        check_size(obj)
+        if type(obj) is bytes and len(obj) >= THREAD_BODY_MIN:  # not copied at all (see encode_plain)
+            return cast(bytes, Gather([bytearray(CALL_HEAD), bin_header(len(obj)), obj]))
+        buf = bytearray(CALL_HEAD)
+        _plain_encoder.encode_into(obj, buf, CALL_HEAD)  # a sized value never needs the full encoder
+        return buf
 
     def encode_error(self, exc: BaseException) -> bytes:
         return _encoder.encode(("MessageError", f"message could not be encoded: {exc}", ""))
@@ -403,6 +450,7 @@ class MsgpackCodec:
 CODEC: Final = MsgpackCodec()
 #: a bound method, as the engine calls it (the hot path of every plain send)
 encode_plain: Final = CODEC.encode_plain
+encode_call: Final = CODEC.encode_call
 
 
 def check_sendable(states: list[PortState], what: str) -> Engine:

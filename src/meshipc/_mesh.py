@@ -50,6 +50,7 @@ from ._names import (
     runtime_root,
 )
 from ._node import Node
+from ._platform import PLATFORM
 from ._ports import DEFAULT_LIMITS, Limits
 from ._process import Process, spawn
 
@@ -215,6 +216,7 @@ class Mesh:
         self._owns_directory = True
         try:
             check_private_dir(directory)
+            PLATFORM.no_core_dumps()  # this process is about to hold the mesh's signing key
             self._authority = Authority()
             self._node = Node(directory, self._authority.issue(ROLE_ROOT), codec=CODEC, limits=self.limits)
             self._node.start()
@@ -246,6 +248,7 @@ class Mesh:
         self._entered = True
         d = Path(directory)
         check_private_dir(d)
+        PLATFORM.no_core_dumps()  # this node's private key is in this process now
         self._node = Node(d, identity, codec=CODEC, limits=self.limits)
         self._node.start()
         self._start_control(root=False, inviter=inviter)

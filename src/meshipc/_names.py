@@ -8,6 +8,9 @@ Layout, for the runtime folder ``<root>`` (``runtime_location``)::
     <root>/mesh-<name>/<12 hex>    a node's socket (``node_path``)
     <root>/mesh-<name>/listen.sock the listener (``LISTENER_NAME``)
     <root>/mesh-<name>/control.sock the control socket (``CONTROL_NAME``)
+    <root>/bodies/                 out-of-band body files while they are
+                                   made (``body_directory``; file-body
+                                   platforms only), mode 0700
 
 Every ``mesh-…`` path is built here and nowhere else. Nothing here opens a
 socket; the only I/O is on the file system (folders, lock files,
@@ -44,6 +47,10 @@ CONTROL_NAME: Final = "control.sock"
 #: Hex digits of a node id that name its socket: 48 bits of a random id,
 #: short so that any mesh name fits an AF_UNIX address.
 NODE_SOCKET_HEX: Final = 12
+
+#: Folder under the runtime root where file bodies are made (each is
+#: unlinked at once): private, unlike the system's temporary folder.
+BODY_FOLDER: Final = "bodies"
 
 _PREFIX: Final = "mesh-"
 _LOCK_SUFFIX: Final = ".lock"
@@ -129,6 +136,16 @@ def runtime_location(runtime_dir: str | os.PathLike[str] | None = None) -> tuple
 def runtime_root(runtime_dir: str | os.PathLike[str] | None = None) -> Path:
     """The folder holding this user's mesh directories (see ``runtime_location``)."""
     return runtime_location(runtime_dir)[0]
+
+
+def body_directory(root: Path) -> Path:
+    """``<root>/bodies``, created 0700 if missing; ``MeshError`` if it is
+    not a private folder of ours (see ``check_private_dir``)."""
+    folder = root / BODY_FOLDER
+    with contextlib.suppress(FileExistsError):
+        folder.mkdir(mode=0o700)
+    check_private_dir(folder)
+    return folder
 
 
 # ------------------------------------------------------------------ paths

@@ -306,6 +306,7 @@ class Node:
             functools.partial(self.engine.receive_data, peer),
             functools.partial(self.engine.receive_run, peer),
             self._reads,
+            body_root=self.directory.parent,
         )
         self._links[peer] = link
         self._peers[peer] = cert

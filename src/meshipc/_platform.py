@@ -23,15 +23,24 @@ import by :func:`select`:
     (credentials come from ``SO_PEERCRED``, through the same interface).
 
 Everything a peer hands us here is untrusted: credential records are
-length- and version-checked, body files are checked for type and size and
+length- and version-checked, body files are checked for type, size and
+allocated blocks (a sparse file is refused before it costs a read) and
 copied with ``pread`` (a file the sender truncates under us gives a short
 read, never a fault).
+
+Making a body has two steps so that the slow one can leave the event loop:
+``new_body`` (creating the descriptor: what fails on ``EMFILE``, a missing
+or full folder) runs where the message is sent and raises ``MessageError``
+with the cause; ``fill_body`` (the copy) may run in a worker thread: it only
+calls ``write``, which releases the GIL.
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
+import resource
 import signal
 import socket
 import stat
@@ -43,7 +52,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Final
 
-from ._errors import PeerCredentialsError, PlatformError, ProtocolError
+from ._errors import MessageError, PeerCredentialsError, PlatformError, ProtocolError
+from ._wire import Gather
 
 #: Environment variable that selects the portable mode on Linux (``1``).
 ENV_PORTABLE: Final = "MESHIPC_PORTABLE"
@@ -67,6 +77,15 @@ XUCRED: Final = struct.Struct("=IIh2x16I")
 _XUCRED_HEAD: Final = struct.Struct("=IIh2x")
 _PID: Final = struct.Struct("=i")
 _LINUX_CRED: Final = struct.Struct("=3i")
+
+#: ``st_blocks`` counts 512-byte units on Linux and macOS, whatever the
+#: file system's block size.
+STAT_BLOCK: Final = 512
+#: ``prctl`` options (<linux/prctl.h>)
+PR_SET_DUMPABLE: Final = 4
+PR_GET_DUMPABLE: Final = 3
+#: Prefix of a body file's name while it exists (it is unlinked at once).
+BODY_PREFIX: Final = "meshipc-body-"
 
 
 def parse_xucred(data: bytes) -> tuple[int, int]:
@@ -148,13 +167,44 @@ class Platform:
 
     # ------------------------------------------------- out-of-band bodies
 
-    def make_body(self, body: bytes | memoryview) -> int:
-        """A new descriptor holding ``body`` (the caller owns it): an
-        unlinked 0600 temporary file."""
-        fd, path = tempfile.mkstemp(prefix="meshipc-body-")
+    def new_body(self, length: int, folder: Path | None = None) -> int:
+        """A new, empty descriptor for a body of ``length`` bytes (the caller
+        owns it): an unlinked 0600 file in ``folder`` (a private folder the
+        caller made; default: the interpreter's temporary folder), refused
+        at once if that file system has no room for ``length`` bytes.
+        Raises ``MessageError`` naming the cause (``EMFILE``, a missing or
+        full folder, ...)."""
+        try:
+            fd, path = tempfile.mkstemp(prefix=BODY_PREFIX, dir=folder)
+        except OSError as exc:
+            raise body_error(length, exc) from exc
         try:
             os.unlink(path)
-            _write_all(fd, body)
+            fs = os.fstatvfs(fd)
+            if fs.f_bavail * fs.f_frsize < length:
+                free = f"{fs.f_bavail * fs.f_frsize} bytes free in {folder or path}"
+                raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)}: {free}")
+        except OSError as exc:
+            os.close(fd)
+            raise body_error(length, exc) from exc
+        return fd
+
+    def fill_body(self, fd: int, body: bytes | bytearray | memoryview | Gather) -> None:
+        """Write ``body`` into a descriptor from ``new_body`` (and seal it
+        where the kernel can). Only system calls that release the GIL: safe
+        and useful in a worker thread. Raises ``OSError``."""
+        _write_all(fd, body)
+
+    def make_body(self, body: bytes | bytearray | memoryview | Gather, folder: Path | None = None) -> int:
+        """``new_body`` and ``fill_body`` in one: a descriptor holding
+        ``body`` (the caller owns it). Raises ``MessageError`` with the cause."""
+        n = len(body) if isinstance(body, (Gather, bytes, bytearray)) else body.nbytes
+        fd = self.new_body(n, folder)
+        try:
+            self.fill_body(fd, body)
+        except OSError as exc:
+            os.close(fd)
+            raise body_error(n, exc) from exc
         except BaseException:
             os.close(fd)
             raise
@@ -163,17 +213,34 @@ class Platform:
     def read_body(self, fd: int, length: int) -> bytes:
         """The ``length`` bytes of a body descriptor from a peer (the caller
         closes it). ``ProtocolError`` unless it is a regular file of exactly
-        that size; read with ``pread``, so a sender that changes the file
-        meanwhile gets a short read refused, never a fault in this process."""
+        that size whose blocks are allocated (a sparse file would cost us
+        ``length`` bytes of zeros and the time to make them, for nothing on
+        the sender's side); read with ``pread``, so a sender that changes
+        the file meanwhile gets a short read refused, never a fault in this
+        process. Only system calls that release the GIL after the checks."""
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
                 raise ProtocolError("out-of-band body is not a regular file")
             if st.st_size != length:
                 raise ProtocolError(f"out-of-band body is {st.st_size} bytes, frame said {length}")
+            if st.st_blocks * STAT_BLOCK < length:
+                used = st.st_blocks * STAT_BLOCK
+                raise ProtocolError(f"out-of-band body is a sparse file ({used} of {length} bytes in use)")
             return _pread_all(fd, length)
         except OSError as exc:
             raise ProtocolError(f"unreadable out-of-band body: {exc}") from exc
+
+    # ---------------------------------------------------------- key material
+
+    def no_core_dumps(self) -> None:
+        """Keep this process's memory (the mesh secret, keys) out of core
+        files: ``RLIMIT_CORE`` 0. Best effort: a system that refuses leaves
+        the limit as it was."""
+        try:
+            resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        except (OSError, ValueError):
+            pass
 
     # -------------------------------------------------------- processes
 
@@ -246,22 +313,34 @@ class Linux(Platform):
     def peer_cred(self, sock: socket.socket) -> tuple[int, int, int]:
         return linux_peer_cred(sock)
 
-    def make_body(self, body: bytes | memoryview) -> int:
-        """A sealed memfd (no disk behind it; the receiver reads it with
-        ``pread`` like any body file: measured faster than mapping it)."""
-        fd = os.memfd_create("meshipc-msg", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    def new_body(self, length: int, folder: Path | None = None) -> int:
+        """A memfd (no disk behind it, no folder: ``folder`` is ignored; the
+        receiver reads it with ``pread`` like any body file: measured faster
+        than mapping it). Its memory is taken as it is written."""
         try:
-            _write_all(fd, body)
-            self._fcntl.fcntl(fd, self._fcntl.F_ADD_SEALS, self._seals)
-        except BaseException:
-            os.close(fd)
-            raise
-        return fd
+            return os.memfd_create("meshipc-msg", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        except OSError as exc:
+            raise body_error(length, exc) from exc
+
+    def fill_body(self, fd: int, body: bytes | bytearray | memoryview | Gather) -> None:
+        """Write, then seal: the receiver gets a file nobody can change."""
+        _write_all(fd, body)
+        self._fcntl.fcntl(fd, self._fcntl.F_ADD_SEALS, self._seals)
+
+    def no_core_dumps(self) -> None:
+        """``PR_SET_DUMPABLE`` 0: no core file, and no ``ptrace`` or
+        ``/proc/<pid>`` access to this process's memory for other processes
+        of our uid (a debugger needs ``CAP_SYS_PTRACE``). It lasts until the
+        next ``exec``; ``RLIMIT_CORE`` 0 as well, should prctl be refused."""
+        super().no_core_dumps()
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
+        except (OSError, AttributeError):
+            pass
 
     def die_with_parent(self, watch_fd: int) -> None:
         """``PR_SET_PDEATHSIG``: the kernel sends SIGTERM when the parent dies."""
-        import ctypes
-
         try:
             libc = ctypes.CDLL(None, use_errno=True)
             pr_set_pdeathsig = 1
@@ -332,11 +411,17 @@ def select(system: str | None = None, environ: Mapping[str, str] | None = None) 
     return Platform()
 
 
-def _write_all(fd: int, body: bytes | memoryview) -> None:
-    view = memoryview(body).cast("B")
-    while view:
-        n = os.write(fd, view)
-        view = view[n:]
+def body_error(length: int, exc: OSError) -> MessageError:
+    """What a send raises when a body cannot be made: ``MessageError`` with the cause."""
+    return MessageError(f"could not make the out-of-band body of a {length}-byte message: {exc}")
+
+
+def _write_all(fd: int, body: bytes | bytearray | memoryview | Gather) -> None:
+    for part in body.parts if isinstance(body, Gather) else (body,):
+        view = memoryview(part).cast("B")
+        while view:
+            n = os.write(fd, view)
+            view = view[n:]
 
 
 def _pread_all(fd: int, length: int) -> bytes:

@@ -91,7 +91,7 @@ import threading
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Final, Protocol
+from typing import Any, Final, Protocol, cast
 
 from ._errors import (
     BufferFull,
@@ -116,6 +116,7 @@ from ._wire import (
     MAX_OOB_BODY,
     MAX_PORTS_PER_MESSAGE,
     MAX_REORDER,
+    OOB_THRESHOLD,
     ArrivedEvent,
     ChangePeerEvent,
     CloseEvent,
@@ -595,10 +596,12 @@ class Engine:
         st.send_seq = seq + 1
         self._route(node, st.peer_port, seq, msg)
 
-    def call_plain(self, st: PortState, body: bytes) -> PortState | None:
+    def call_plain(self, st: PortState, body: bytes | bytearray) -> PortState | None:
         """Send an RPC request whose encoded value is ``body`` from ``st`` to
         its peer on another node, in one frame that names the reply port by
-        id (no port descriptor). Returns the caller's reply end (pinned: it
+        id (no port descriptor). A ``bytearray`` body has ``CALL_HEAD`` bytes
+        of room at its front for that head (``_codec.encode_call``: a large
+        request is not copied once more to prepend it). Returns the caller's reply end (pinned: it
         never moves), or None when this shortcut does not apply (the peer is
         local, moving, or gone; the caller then takes the general path)."""
         node = st.peer_node
@@ -612,7 +615,12 @@ class Engine:
             return None
         reply_id, callee_end = random_id(), random_id()
         # the head names both reply ends; if the send raises, nothing is registered
-        self._ship(st, node, K_CALL, callee_end + reply_id + body, False)
+        if isinstance(body, bytes):
+            self._ship(st, node, K_CALL, callee_end + reply_id + body, False)
+        else:  # room at its front for the head (a bytearray, or a _wire.Gather)
+            body[:CALL_HEAD] = callee_end + reply_id
+            # it goes where bytes go (length, buffer protocol); nothing keeps or changes it
+            self._ship(st, node, K_CALL, cast(bytes, body), False)
         reply = PortState(self, reply_id, node, callee_end)
         reply.pinned = True
         self.ports[reply_id] = reply
@@ -627,7 +635,10 @@ class Engine:
             raise ProtocolError("RPC request reuses a live port id")
         reply = PortState(self, new_id, src, caller_port)
         self.ports[new_id] = reply
-        return Message(K_CALL, None, body[CALL_HEAD:], [reply])
+        # a large request is not copied again to drop its head: decoders and
+        # links take the view as they take bytes
+        rest = body[CALL_HEAD:] if len(body) < OOB_THRESHOLD else cast(bytes, memoryview(body)[CALL_HEAD:])
+        return Message(K_CALL, None, rest, [reply])
 
     def send_final(self, st: PortState, kind: int, obj: Any) -> None:
         """Send the last message of this end (a final kind, an RPC reply)

@@ -11,8 +11,15 @@ Reads and writes go straight to a non-blocking AF_UNIX socket with
 * writes are coalesced: frames collect in a batch and are written once per
   loop iteration, with the batch's descriptors riding on the first byte;
 * bodies of ``OOB_THRESHOLD`` bytes or more travel out of band, in a
-  descriptor ``PLATFORM.make_body`` fills (a sealed memfd on Linux, an
-  unlinked temporary file elsewhere);
+  descriptor ``PLATFORM.new_body`` makes and ``PLATFORM.fill_body`` fills (a
+  sealed memfd on Linux, an unlinked file in the runtime root's private
+  ``bodies`` folder elsewhere);
+* bodies of ``THREAD_BODY_MIN`` bytes or more are copied in a worker thread,
+  both ways, so the loop keeps serving every other link and port meanwhile
+  (the copies are system calls that release the GIL). The link's order
+  holds: a frame queued behind a body being written waits for it; a link
+  that receives one stops reading until it is read, then goes on with what
+  it had already received;
 * a write whose descriptors the receiver has no room for yet
   (``PLATFORM.fd_send_retry``) is retried later, not taken as a failure.
 """
@@ -21,21 +28,26 @@ from __future__ import annotations
 
 import array
 import asyncio
+import functools
 import logging
 import socket
 import time
 from collections import deque
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Final
 
-from ._errors import DescriptorsTruncated, ProtocolError
+from ._errors import BufferFull, DescriptorsTruncated, MeshError, MessageError, ProtocolError
 from ._fd import Fd
 from ._ids import NodeId
-from ._platform import PLATFORM
+from ._names import body_directory, runtime_root
+from ._platform import PLATFORM, body_error
 from ._wire import (
     F_OOB,
     MAX_FDS_PER_MESSAGE,
+    MAX_OOB_BODY,
     OOB_THRESHOLD,
+    THREAD_BODY_MIN,
     Event,
     FrameDecoder,
     MsgEvent,
@@ -80,6 +92,11 @@ _CTRUNC = int(socket.MSG_CTRUNC)
 #: Seconds between retries of a write whose descriptors the receiver had no
 #: room for yet (``Platform.fd_send_retry``): doubling from the first to the last.
 RETRY_FIRST, RETRY_MAX = 0.001, 0.1
+#: Most bytes of out-of-band bodies one link holds made and not yet handed
+#: to the kernel (each pins its memory: a memfd, or a file's blocks). A
+#: message that would go beyond it is refused with ``BufferFull`` (nothing
+#: queued): two bodies of the largest size may wait at once.
+MAX_OOB_IN_FLIGHT: Final = 2 * MAX_OOB_BODY
 
 
 def _read_body(fd: Fd, length: int) -> bytes:
@@ -87,6 +104,29 @@ def _read_body(fd: Fd, length: int) -> bytes:
         return PLATFORM.read_body(fd.fileno(), length)
     finally:
         fd.close()
+
+
+class _Body:
+    """An out-of-band body on its way out: its descriptor, sent in the
+    message's place once filled (in a worker thread for a large one). It
+    stands in a batch's descriptors like an ``Fd``: ``fileno``, ``close``."""
+
+    __slots__ = ("closed", "fd", "filling", "size")
+
+    def __init__(self, fd: int, size: int) -> None:
+        self.fd = Fd(fd)
+        self.size = size
+        self.filling = False  # a worker thread is writing into it
+        self.closed = False
+
+    def fileno(self) -> int:
+        return self.fd.fileno()
+
+    def close(self) -> None:
+        # never under a thread still writing into it: that thread's end does it
+        self.closed = True
+        if not self.filling:
+            self.fd.close()
 
 
 class ReadBuffer:
@@ -117,7 +157,11 @@ class Link:
         on_data: Callable[[bytes, int, int, bytes], None],
         on_run: Callable[[bytes, int, list[bytes]], None] | None = None,
         reads: ReadBuffer | None = None,
+        body_root: Path | None = None,
     ) -> None:
+        """``body_root``: the runtime root whose private ``bodies`` folder
+        holds the files of large bodies where they are files (default: this
+        user's runtime root, ``_names.runtime_root``)."""
         self.loop = loop
         self.sock = sock
         self.peer = peer
@@ -130,8 +174,8 @@ class Link:
         self._received_fds: deque[Fd] = deque()
         # batches of (chunks, fds); a batch carries at most SCM_MAX_FD fds
         self._chunks: list[bytes] = []
-        self._batch_fds: list[Fd] = []
-        self._batches: deque[tuple[bytes | memoryview, list[Fd]]] = deque()
+        self._batch_fds: list[Fd | _Body] = []
+        self._batches: deque[tuple[bytes | memoryview, list[Fd | _Body]]] = deque()
         self._flush_scheduled = False
         self._writing = False  # a write is pending: later frames queue behind it
         self._watching_writable = False  # the loop watches the socket for room
@@ -140,6 +184,12 @@ class Link:
         self._in_read_batch = False  # in a read batch: replies coalesce until it ends
         self._streaming = False  # the last flush had several frames to write
         self._last_immediate = 0.0  # when the last message went out at once
+        self._body_root = body_root
+        self._body_folder: Path | None = None
+        self._waiting_body: _Body | None = None  # the head batch waits for this body to be filled
+        self._body_reading = False  # a body is read in a thread: reading paused
+        self._lose_after: str | None = None  # the link is lost once the body being read is delivered
+        self.oob_queued = 0  # bytes of out-of-band bodies made and not yet written
         self.closed = False
         self.frames_out = 0
         self.bytes_in = 0
@@ -164,10 +214,7 @@ class Link:
         if isinstance(ev, MsgEvent):
             body = ev.body
             if len(body) >= OOB_THRESHOLD:
-                fds = [*fds, Fd(PLATFORM.make_body(body))]
-                marker = oob_body_marker(len(body))
-                head = encode_msg_header(ev.port, ev.seq, ev.kind, F_OOB, ev.ports, len(fds), len(marker))
-                self._add(head + marker, fds)
+                self._write_oob(ev, fds)
             else:
                 head = encode_msg_header(ev.port, ev.seq, ev.kind, ev.flags, ev.ports, len(fds), len(body))
                 if len(body) < SEPARATE_BODY_MIN:
@@ -177,6 +224,73 @@ class Link:
                     self._chunks.append(body)
         else:
             self._add(encode_event(ev), fds)
+
+    def _write_oob(self, ev: MsgEvent, fds: list[Any]) -> None:
+        """A message whose body goes in a descriptor. Raises ``MessageError``
+        if the body cannot be made (the cause: no descriptor left, no room in
+        the folder, ...) or ``BufferFull`` beyond ``MAX_OOB_IN_FLIGHT``;
+        nothing is queued then and the message's descriptors are closed."""
+        body = ev.body
+        n = len(body)
+        try:
+            if self.oob_queued + n > MAX_OOB_IN_FLIGHT:
+                raise BufferFull(
+                    f"{self.oob_queued} bytes of large messages to node {NodeId(self.peer)} are not "
+                    f"written yet; another {n} would exceed {MAX_OOB_IN_FLIGHT}: send it once they are"
+                )
+            job = _Body(PLATFORM.new_body(n, self._folder_for_bodies()), n)
+        except BaseException:
+            for f in fds:
+                f.close()
+            raise
+        if n >= THREAD_BODY_MIN:
+            # the copy leaves the loop; frames queued from now on wait for it
+            job.filling = True
+            self._seal_batch()
+            fut = self.loop.run_in_executor(None, PLATFORM.fill_body, job.fd.fileno(), body)
+            fut.add_done_callback(functools.partial(self._body_filled, job))
+        else:
+            try:
+                PLATFORM.fill_body(job.fd.fileno(), body)
+            except OSError as exc:
+                job.close()
+                for f in fds:
+                    f.close()
+                raise body_error(n, exc) from exc
+        self.oob_queued += n
+        fds = [*fds, job]
+        marker = oob_body_marker(n)
+        head = encode_msg_header(ev.port, ev.seq, ev.kind, F_OOB, ev.ports, len(fds), len(marker))
+        self._add(head + marker, fds)
+
+    def _folder_for_bodies(self) -> Path | None:
+        """Where this link makes file bodies (None: the platform needs no folder)."""
+        if PLATFORM.oob != "file":
+            return None
+        if self._body_folder is None:
+            try:
+                root = self._body_root if self._body_root is not None else runtime_root()
+                self._body_folder = body_directory(root)
+            except (MeshError, OSError) as exc:
+                raise MessageError(f"no private folder for the bodies of large messages: {exc}") from exc
+        return self._body_folder
+
+    def _body_filled(self, job: _Body, fut: asyncio.Future[None]) -> None:
+        """A worker thread finished writing ``job`` (on the loop)."""
+        job.filling = False
+        exc = None if fut.cancelled() else fut.exception()
+        if job.closed or self.closed:
+            job.fd.close()
+            return
+        if fut.cancelled() or exc is not None:
+            # its message has its sequence number: the stream cannot go on
+            # without it, so the link (and what depends on it) fails, with the cause
+            log.warning("could not make a large message's body for node %s: %s", NodeId(self.peer), exc)
+            self._lost(str(body_error(job.size, OSError(str(exc or "cancelled")))))
+            return
+        if self._waiting_body is job:
+            self._waiting_body = None
+            self._write_batches()
 
     def write_data(self, port: bytes, seq: int, kind: int, body: bytes) -> None:
         """A plain message (no ports, no fds): the hot path of ``write_event``."""
@@ -249,6 +363,8 @@ class Link:
         batches = self._batches
         while batches:
             data, fds = batches[0]
+            if fds and self._body_not_ready(fds):
+                return
             try:
                 if fds:
                     arr = array.array("i", [f.fileno() for f in fds])
@@ -271,6 +387,8 @@ class Link:
             if fds and n > 0:
                 # delivered with the first byte: never send them again
                 for f in fds:
+                    if type(f) is _Body:
+                        self.oob_queued -= f.size
                     f.close()
                 fds = []
             self.bytes_out += n
@@ -289,6 +407,19 @@ class Link:
         if self._watching_writable:
             self._watching_writable = False
             self.loop.remove_writer(self.sock.fileno())
+
+    def _body_not_ready(self, fds: list[Any]) -> bool:
+        """Whether a body in ``fds`` is still being filled: then this batch
+        and everything behind it wait (``_body_filled`` writes them)."""
+        for f in fds:
+            if type(f) is _Body and f.filling:
+                self._waiting_body = f
+                self._writing = True
+                if self._watching_writable:  # the socket has room: it would wake us for nothing
+                    self._watching_writable = False
+                    self.loop.remove_writer(self.sock.fileno())
+                return True
+        return False
 
     def _retry_later(self) -> None:
         """Write the first batch again after a pause (doubling from
@@ -323,10 +454,13 @@ class Link:
 
     def _drain_then_lose(self, reason: str) -> None:
         for _ in range(DRAIN_READS_MAX):
-            if self.closed:
-                return
+            if self.closed or self._body_reading:
+                break
             if not self._read_once():
                 break
+        if self._body_reading:  # the rest is read once that body is delivered
+            self._lose_after = reason
+            return
         self._lost(reason)
 
     def _on_readable(self) -> None:
@@ -386,12 +520,17 @@ class Link:
             self.bytes_in += n
             self._decoder.feed_each(buf[:n], self._on_data, self._deliver_event, self._on_run)
         except ProtocolError as exc:
-            log.warning("dropping connection to node %s: protocol error: %s", NodeId(self.peer), exc)
-            self._lost(f"protocol error: {exc}")
+            self._protocol_error(exc)
             return False
-        return True
+        return not self._body_reading
 
-    def _deliver_event(self, ev: Event) -> None:
+    def _protocol_error(self, exc: ProtocolError) -> None:
+        log.warning("dropping connection to node %s: protocol error: %s", NodeId(self.peer), exc)
+        self._lost(f"protocol error: {exc}")
+
+    def _deliver_event(self, ev: Event) -> bool:
+        """Hand ``ev`` to the node; True (stop decoding) when its body is
+        being read in a thread (``_body_read`` goes on)."""
         fds: list[Any] = []
         if isinstance(ev, MsgEvent):
             if ev.nfds:
@@ -399,10 +538,58 @@ class Link:
                     raise ProtocolError("frame claims descriptors that did not arrive")
                 fds = [self._received_fds.popleft() for _ in range(ev.nfds)]
             if ev.flags & F_OOB:
-                ev.body = _read_body(fds.pop(), oob_body_length(ev.body))
+                length = oob_body_length(ev.body)
+                if length >= THREAD_BODY_MIN:
+                    # no frame after this one is handed over, and nothing more
+                    # is read from the socket, until the body is read
+                    self._body_reading = True
+                    self.loop.remove_reader(self.sock.fileno())
+                    fut = self.loop.run_in_executor(None, _read_body, fds.pop(), length)
+                    fut.add_done_callback(functools.partial(self._body_read, ev, fds))
+                    return True
+                ev.body = _read_body(fds.pop(), length)
                 ev.nfds -= 1
                 ev.flags = 0
         self._on_event(self.peer, ev, fds)
+        return False
+
+    def _body_read(self, ev: MsgEvent, fds: list[Any], fut: asyncio.Future[bytes]) -> None:
+        """A worker thread read ``ev``'s body (on the loop): deliver it, go on
+        with the frames received behind it, then read the socket again."""
+        self._body_reading = False
+        if self.closed or fut.cancelled():
+            for f in fds:
+                f.close()
+            self._lost("reading an out-of-band body was cancelled")  # nothing if closed
+            return
+        try:
+            ev.body = fut.result()
+            ev.nfds -= 1
+            ev.flags = 0
+            self._on_event(self.peer, ev, fds)
+            self._in_read_batch = True
+            try:
+                self._decoder.feed_each(b"", self._on_data, self._deliver_event, self._on_run)
+            finally:
+                self._in_read_batch = False
+        except ProtocolError as exc:
+            self._protocol_error(exc)
+            return
+        except MemoryError:
+            self._lost("no memory to read an out-of-band body")
+            return
+        except BaseException as exc:
+            # as if raised from a read (the decoder is spent): never left paused
+            self._lost(f"failed to deliver a frame: {exc!r}")
+            raise
+        if self.closed or self._body_reading:
+            return
+        if self._flush_scheduled:
+            self.flush()
+        if self._lose_after is not None:
+            self._drain_then_lose(self._lose_after)
+            return
+        self.loop.add_reader(self.sock.fileno(), self._on_readable)
 
     # ---------------------------------------------------------------- closing
 
@@ -425,8 +612,8 @@ class Link:
             self._retry.cancel()
             self._retry = None
         self.sock.close()
-        for f in self._received_fds:
-            f.close()
+        for fd_ in self._received_fds:
+            fd_.close()
         self._received_fds.clear()
         for _, fds in self._batches:
             for f in fds:
@@ -436,3 +623,5 @@ class Link:
         self._batches.clear()
         self._chunks = []
         self._batch_fds = []
+        self._waiting_body = None
+        self.oob_queued = 0

@@ -37,6 +37,12 @@ MAX_FRAME: Final = 4 * 1024 * 1024
 OOB_THRESHOLD: Final = 256 * 1024
 #: Largest out-of-band body accepted (the descriptor's size is checked before reading).
 MAX_OOB_BODY: Final = 1024 * 1024 * 1024
+#: Bodies of this size or more are large: written into their descriptor and
+#: read from it in a worker thread (the event loop would stall for about a
+#: millisecond per 2-4 MiB copied), and a ``bytes`` value this large is sent
+#: without being copied into an encoding (a ``Gather`` body). Smaller ones
+#: are copied at once, which costs less than the hop to a thread.
+THREAD_BODY_MIN: Final = 4 * 1024 * 1024
 #: Ports carried by one message; each costs a table entry at the receiver.
 MAX_PORTS_PER_MESSAGE: Final = 4096
 #: Descriptors owned by one message; a process has a limited fd table and
@@ -106,6 +112,7 @@ _FAIL = struct.Struct("<B16s")
 _DONE = struct.Struct("<B16s")
 _CONSUMED = struct.Struct("<B16sQ")
 _OOB = struct.Struct("<Q")
+_BIN32 = struct.Struct(">BI")
 #: the head of a compact RPC request's body: two port ids (see ``K_CALL``)
 CALL_HEAD: Final = 2 * ID_LEN
 
@@ -152,6 +159,36 @@ class PortDesc:
 
     def __repr__(self) -> str:
         return f"PortDesc({self.id.hex()[:8]} peer={self.peer_node.hex()[:8]}/{self.peer_port.hex()[:8]})"
+
+
+class Gather:
+    """An encoded body kept in pieces, for a large value that must not be
+    copied on the event loop: ``parts`` are buffers written one after the
+    other (a head, msgpack's header of a ``bin`` value, the value itself,
+    which is immutable). ``len`` is the body's length. It goes wherever
+    bytes of ``THREAD_BODY_MIN`` or more go: into an out-of-band body,
+    written in a worker thread. An RPC's head is written into its first
+    part in place (``body[:n] = head``, where that part has room)."""
+
+    __slots__ = ("parts", "size")
+
+    def __init__(self, parts: list[bytes | bytearray]) -> None:
+        self.parts = parts
+        self.size = sum(len(p) for p in parts)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __setitem__(self, key: slice, head: bytes) -> None:
+        first = self.parts[0]
+        if not (isinstance(first, bytearray) and key.start is None and key.stop == len(first) == len(head)):
+            raise TypeError("only the room at the front of a Gather body can be written")
+        first[:] = head
+
+
+def bin_header(n: int) -> bytes:
+    """msgpack's header of a ``bin 32`` value of ``n`` bytes (``n`` < 2**32)."""
+    return _BIN32.pack(0xC6, n)
 
 
 class MsgEvent:
@@ -476,7 +513,7 @@ class FrameDecoder:
         self,
         data: bytes | bytearray | memoryview,
         on_data: Callable[[bytes, int, int, bytes], None],
-        on_event: Callable[[Event], None],
+        on_event: Callable[[Event], bool | None],
         on_run: Callable[[bytes, int, list[bytes]], None] | None = None,
     ) -> None:
         """Like ``feed``, but hands each event over as soon as it is decoded.
@@ -488,7 +525,13 @@ class FrameDecoder:
         numbers go as one ``on_run(port, first_seq, bodies)`` (a stream is
         delivered a read at a time, not a frame at a time); a run is handed
         over before any other frame, so the order is the wire's. An exception
-        from a callback leaves the decoder spent, like a ``ProtocolError``."""
+        from a callback leaves the decoder spent, like a ``ProtocolError``.
+
+        An ``on_event`` that returns True stops the feed after its frame:
+        the rest stays buffered until the next call (``feed_each(b"", ...)``
+        goes on with it). A reader that must finish something before the
+        next frame is handed over (an out-of-band body read in a thread)
+        keeps the link's order that way."""
         if self._broken:
             raise ProtocolError("decoder already failed")
         buf = self._buf
@@ -546,7 +589,8 @@ class FrameDecoder:
                 ev = _decode_frame(mv[start:end])
                 pos = end
                 frames += 1
-                on_event(ev)
+                if on_event(ev):
+                    break
             if run:
                 _hand_run(run_port, run_seq, run, on_data, on_run)
         except ProtocolError:
