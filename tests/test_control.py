@@ -157,8 +157,17 @@ async def test_worker_service_reached_by_attached_client_then_node_dies(runtime_
             assert await asyncio.wait_for(proc2.wait(), T) == 0
             proc.kill()
             await asyncio.wait_for(proc.wait(), T)
-            with pytest.raises(meshipc.NodeFailure):
+            with pytest.raises(meshipc.NodeFailure) as ei:
                 await asyncio.wait_for(mesh.call("w", 1), T)
+            # the node and its cause are named once (not "node X failed: ... node X failed: ...")
+            assert str(ei.value).count("failed") == 1 and "'w'" in str(ei.value), ei.value
+            # a timeout says what did not answer in how long
+            async def hang(request: Any) -> Any:
+                await asyncio.Event().wait()
+
+            mesh.serve("hang", hang)
+            with pytest.raises(TimeoutError, match=r"no answer from service 'hang' within 0\.2 s"):
+                await mesh.call("hang", 1, timeout=0.2)
             out = await run_client(runtime_dir, "s4", "call", "w", "1")
             assert out["error"] == "NodeFailure", out
         finally:

@@ -374,6 +374,16 @@ def _accept_objects(tp: Any, obj: Any) -> Any:
     raise msgspec.ValidationError(f"Expected `{getattr(origin, '__name__', origin)}`")
 
 
+def _why(exc: BaseException) -> str:
+    """The cause of a failure, once: a ``NodeFailure``'s own reason (its text
+    already names the node, which the caller names again)."""
+    if isinstance(exc, NodeFailure):
+        return exc.reason
+    if isinstance(exc, PortFailed):
+        return exc.cause
+    return str(exc) or type(exc).__name__
+
+
 def _sender_dead(s: Sender[Any]) -> bool:
     states = s._states
     return not states or states[0].peer_closed or states[0].error is not None
@@ -954,7 +964,7 @@ class Control:
         except ChannelClosed:
             pass
         except PortFailed as exc:
-            reason = exc.cause
+            reason = _why(exc)
         except MeshError as exc:
             reason = str(exc) or type(exc).__name__
         finally:
@@ -1035,7 +1045,7 @@ class Control:
                     return {"status": "ok", "sender": e.sender.clone()}
                 err = e.sender._states[0].error if e.sender._states else None
                 if err is not None:  # its node died; the session has not noticed yet
-                    return {"status": "failed", "node": e.node.hex(), "reason": str(err)}
+                    return {"status": "failed", "node": e.node.hex(), "reason": _why(err)}
             dead = self._tombstones.get(req.name)
             if dead is not None:
                 return {"status": "failed", "node": dead[0], "reason": dead[1]}
@@ -1204,7 +1214,7 @@ class Control:
             if isinstance(sender, Sender):
                 return cast(ServiceSender, ServiceSender._wrap(sender._detach()))
         if status == "failed":
-            raise NodeFailure(str(result["node"]), f"service {service!r} was on it: {result['reason']}")
+            raise NodeFailure(str(result["node"]), f"{result['reason']} (service {service!r} was on it)")
         raise ServiceNotFound(service)
 
     async def call(self, service: str, request: Any, timeout: float | None = None) -> Any:
