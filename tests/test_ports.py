@@ -401,7 +401,12 @@ def check_failures(seed: int, moves: list[tuple[int, bool]], kill_at: int, victi
             p = ends[s]
             if p is not None and in_flight[s] is None and where[s] not in net.dead:
                 for _ in range(rng.randint(0, 3)):
-                    p.send((s, sent[s]))
+                    try:
+                        p.send((s, sent[s]))
+                    except PortFailed:
+                        # items of this stream were lost: the sender is told
+                        assert p._states[0].lost
+                        break
                     sent[s] += 1
                 read(s)
         p = ends[side]

@@ -174,25 +174,60 @@ class Limits:
     Bytes are encoded body bytes and count only towards another process (a
     local message is not serialized); messages count everywhere. The
     receiver reports consumption in batches of a quarter window, so the
-    credit traffic is one small frame per quarter window.
+    credit traffic is one small frame per quarter window. A port carried
+    inside a message counts ``PORT_BYTES`` plus the bytes of its unread
+    backlog (which travels with it).
+
+    Consumption reports are the peer's word; what we hold for one peer node
+    is also bounded by what we can see ourselves, its link's unsent write
+    buffer (a peer that stops reading cannot make us queue more, whatever
+    it reports):
+
+    * ``drain()`` also waits while that buffer holds more than
+      ``link_buffer_bytes``;
+    * ``send`` raises :class:`BufferFull` while it holds more than
+      ``link_max_bytes``.
+
+    A report of more than was sent on a port is a protocol error: the link
+    to that peer is dropped.
     """
 
     window_messages: int = 2048
     window_bytes: int = 2 * 1024 * 1024
     max_messages: int = 262144
     max_bytes: int = 64 * 1024 * 1024
+    #: unsent bytes on one peer's link above which ``drain()`` waits
+    link_buffer_bytes: int = 8 * 1024 * 1024
+    #: unsent bytes on one peer's link at which ``send`` raises ``BufferFull``
+    link_max_bytes: int = 128 * 1024 * 1024
 
     def __post_init__(self) -> None:
         if not 1 <= self.window_messages <= self.max_messages:
             raise ValueError("need 1 <= window_messages <= max_messages")
         if not 1 <= self.window_bytes <= self.max_bytes:
             raise ValueError("need 1 <= window_bytes <= max_bytes")
+        if not 1 <= self.link_buffer_bytes <= self.link_max_bytes:
+            raise ValueError("need 1 <= link_buffer_bytes <= link_max_bytes")
 
 
 DEFAULT_LIMITS: Final = Limits()
 #: A sender notes how many bytes it had sent every this many messages (or
 #: window/8 bytes): consumption reports are matched against these notes.
 CHECKPOINT_MESSAGES: Final = 64
+#: What a port carried inside a message counts towards the byte window (on
+#: top of its unread backlog): about what its state costs the receiver.
+PORT_BYTES: Final = 1024
+#: ``CONSUMED`` with this sequence number asks the receiver for an exact
+#: report (a sender holds a message larger than its window until every
+#: earlier one was consumed); no real report is 0 (it follows a read).
+CONSUMED_POLL: Final = 0
+#: in a failure's cause: items of the stream were lost, so the failure must
+#: reach the receiver (even a merged one) and the sender's next send
+LOST: Final = "messages in transit were lost"
+#: Ports that arrived failed (``D_DEAD | D_PEER_CLOSED``) whose cause may
+#: still come: the sender follows the carrying message with a ``FAIL`` naming
+#: it, on the same link, so this only needs to cover a few events.
+MAX_DEAD_CAUSES: Final = 256
 
 
 class Message:
@@ -283,6 +318,7 @@ class PortState:
         "error",
         "first_hop",
         "id",
+        "lost",
         "mode",
         "next_checkpoint_bytes",
         "next_checkpoint_seq",
@@ -292,11 +328,13 @@ class PortState:
         "pending",
         "pending_fail",
         "pinned",
+        "posted",
         "proxy_from",
         "proxy_last",
         "queue",
         "recv_seq",
         "relayed",
+        "report_all",
         "send_seq",
         "sent_bytes",
         "target_node",
@@ -304,6 +342,7 @@ class PortState:
         "unreported_bytes",
         "unreported_n",
         "waker",
+        "want_all",
     )
 
     def __init__(self, engine: Engine, id: bytes, peer_node: bytes, peer_port: bytes) -> None:
@@ -323,6 +362,9 @@ class PortState:
         self.close_sent = False  # our CLOSE is on its way to the peer
         self.peer_closed = False  # the peer's CLOSE was processed
         self.error: PortFailed | None = None
+        # the failure may have lost items of the stream (see LOST): a merged
+        # receiver reports it, a sender raises it
+        self.lost = False
         self.target_node = _NO_ID
         self.target_port = _NO_ID
         self.first_hop = _NO_ID
@@ -352,6 +394,16 @@ class PortState:
         self.unreported_bytes = 0
         # called when this end's window may have opened (or the port ended)
         self.credit: list[Callable[[], None]] | None = None
+        # a send was refused for a message larger than the window: drain()
+        # waits until everything sent before it was consumed (and asked the
+        # receiver for an exact report, which it also sends once its queue
+        # is empty: report_all)
+        self.want_all = False
+        self.report_all = False
+        # calls other threads accepted for this end (sends, close), run on
+        # the engine's thread in order, and always before this end closes or
+        # moves (Engine.run_posted); guarded by the engine's lock
+        self.posted: deque[tuple[Callable[..., None], tuple[Any, ...]]] | None = None
 
     @property
     def ended(self) -> bool:
@@ -383,6 +435,17 @@ class Outbox(Protocol):
         report its death through :meth:`Engine.node_failed`."""
         ...
 
+    def backlog(self, node: bytes) -> int:
+        """Bytes handed over for ``node`` that could not be written yet (the
+        peer is not reading): what flow control sees without trusting the
+        peer (``Limits.link_buffer_bytes``)."""
+        ...
+
+    def watch_backlog(self, node: bytes, below: int, fn: Callable[[], None]) -> None:
+        """Call ``fn`` once (later, never inside this call) when the backlog
+        of ``node`` is at most ``below`` bytes, or its link is gone."""
+        ...
+
 
 class _NoOutbox:
     """The outbox of an engine with no node: nothing can leave it."""
@@ -395,6 +458,12 @@ class _NoOutbox:
 
     def watch(self, node: bytes) -> None:
         pass
+
+    def backlog(self, node: bytes) -> int:
+        return 0
+
+    def watch_backlog(self, node: bytes, below: int, fn: Callable[[], None]) -> None:
+        fn()
 
 
 class _NullCodec:
@@ -434,6 +503,7 @@ class Engine:
         self.ack_every_bytes = max(1, limits.window_bytes // ACK_FRACTION)
         self._max_n = limits.max_messages  # read per checkpoint: plain attributes
         self._max_b = limits.max_bytes
+        self._link_max = limits.link_max_bytes
         self._checkpoint_every_bytes = max(1, limits.window_bytes // CHECKPOINT_FRACTION)
         #: the thread that drives this engine, and how to run a call there;
         #: None for an engine no event loop drives (then ``lock`` serializes
@@ -445,6 +515,10 @@ class Engine:
         self.codec: Codec = codec if codec is not None else _NullCodec()
         self.ports: dict[bytes, PortState] = {}
         self._work: deque[tuple[bytes, int, Item]] = deque()
+        # FAIL events naming the cause of failed ports in a message: sent
+        # right after it (see _send_port), and where they are awaited
+        self._after: list[tuple[bytes, FailEvent]] = []
+        self._dead_causes: dict[bytes, PortState] = {}
         self._running = False
         self._handlers: dict[type, Callable[[bytes, Any, list[Any] | None], None]] = {
             CloseEvent: self._close_in,
@@ -512,19 +586,24 @@ class Engine:
             return
         self.send(st, Message(kind, obj), force)
 
-    def _ship(self, st: PortState, node: bytes, kind: int, body: bytes, force: bool) -> None:
+    def _ship(self, st: PortState, node: bytes, kind: int, body: bytes, force: bool, extra: int = 0) -> None:
         """Send an encoded plain message from the owned, open end ``st`` to
-        its peer on ``node``: size limit, flow-control count, next sequence
-        number, the outbox."""
+        its peer on ``node``: size limit, flow-control count, the outbox, and
+        only then the sequence number (a message that could not be queued
+        leaves no gap). ``extra``: bytes it counts beyond its body."""
         n = len(body)
         if n > MAX_OOB_BODY:
             raise MessageError(f"a message of {n} bytes exceeds the limit of {MAX_OOB_BODY}")
+        n += extra
         seq = st.send_seq
         if seq >= st.next_checkpoint_seq or st.sent_bytes + n >= st.next_checkpoint_bytes:
             self._checkpoint(st, seq, n, force)  # may raise BufferFull
+        try:
+            self.out.send_data(node, st.peer_port, seq, kind, body)
+        except OSError as exc:  # making its out-of-band body, say: nothing was queued
+            raise MessageError(f"the message could not be queued: {exc}") from exc
         st.send_seq = seq + 1
         st.sent_bytes += n
-        self.out.send_data(node, st.peer_port, seq, kind, body)
 
     def send(self, st: PortState, msg: Message, force: bool = False) -> None:
         """Send ``msg`` from the end ``st``. Dropped silently once the peer is
@@ -537,6 +616,8 @@ class Engine:
             raise ChannelClosed("send on a port that was closed or sent away")
         if st.peer_closed or st.error is not None:
             self.dispose(msg, None if st.error is None else st.error.cause)
+            if st.lost and st.error is not None:
+                raise st.error  # what this end sent may not have arrived: say so
             return
         node = st.peer_node
         if node != self.node_id:
@@ -548,13 +629,21 @@ class Engine:
             seq = st.send_seq
             if msg.body is None:
                 msg = self.encode_message(msg, st)
-            ev, fds = self._event_for(node, st.peer_port, seq, msg, strict=True)
             n = len(msg.body or b"")
+            if msg.ports:
+                n += self._carried_bytes(msg.ports)
+            ev, fds = self._event_for(node, st.peer_port, seq, msg, strict=True)
             if seq >= st.next_checkpoint_seq or st.sent_bytes + n >= st.next_checkpoint_bytes:
                 self._checkpoint(st, seq, n, True)
+            try:
+                self.out.send_event(node, ev, fds)
+            except OSError as exc:
+                self._after.clear()
+                self._unsent(msg, exc)
             st.send_seq = seq + 1
             st.sent_bytes += n
-            self.out.send_event(node, ev, fds)
+            if self._after:
+                self._send_after()
             return
         target = self.ports.get(st.peer_port)
         if target is not None and target.mode is OWNED:
@@ -589,6 +678,31 @@ class Engine:
         st.send_seq = seq + 1
         self._route(node, st.peer_port, seq, msg)
 
+    @staticmethod
+    def _carried_bytes(states: list[PortState]) -> int:
+        """What the ports in a message count towards the byte window: each
+        ``PORT_BYTES`` plus the unread backlog that travels with it (so a
+        port that moves on at every hop re-sends a bounded backlog)."""
+        n = 0
+        for ps in states:
+            n += PORT_BYTES
+            for m in ps.queue:
+                n += len(m.body or b"")
+        return n
+
+    def _unsent(self, msg: Message, exc: OSError) -> None:
+        """The outbox refused a message whose ports were already turned into
+        descriptors (an out-of-band body could not be made): nothing was
+        queued, so fail those ports with the cause and raise ``MessageError``."""
+        reason = f"the message carrying this port could not be sent: {exc}"
+        for ps in msg.ports or ():
+            if ps.mode is SENDING and self.ports.get(ps.id) is ps:
+                self._fail_other_side(ps, _NO_ID, reason)
+                self._remove(ps)
+        for fd in msg.fds or ():
+            fd.close()
+        raise MessageError(f"the message could not be queued: {exc}") from exc
+
     def call_plain(self, st: PortState, body: bytes) -> PortState | None:
         """Send an RPC request whose encoded value is ``body`` from ``st`` to
         its peer on another node, in one frame that names the reply port by
@@ -606,7 +720,8 @@ class Engine:
             return None
         reply_id, callee_end = random_id(), random_id()
         # the head names both reply ends; if the send raises, nothing is registered
-        self._ship(st, node, K_CALL, callee_end + reply_id + body, False)
+        # the callee gets a port state for it: counted like a carried port
+        self._ship(st, node, K_CALL, callee_end + reply_id + body, False, PORT_BYTES)
         reply = PortState(self, reply_id, node, callee_end)
         reply.pinned = True
         self.ports[reply_id] = reply
@@ -629,6 +744,8 @@ class Engine:
         so no CLOSE is sent and none comes back."""
         try:
             self.send_value(st, kind, obj)
+        except PortFailed:
+            pass  # the caller is gone (it learnt why): an answer to nobody is a no-op
         except BaseException:
             self.close(st)  # the peer learns the end the usual way
             raise
@@ -695,6 +812,12 @@ class Engine:
                     ps.pending[seq] = self.encode_message(item, ps)
 
     def _full(self, st: PortState) -> BufferFull:
+        unsent = self.out.backlog(st.peer_node) if st.peer_node != self.node_id else 0
+        if unsent >= self._link_max:
+            return BufferFull(
+                f"{unsent} bytes for node {st.peer_node.hex()[:12]} are not written yet (limit "
+                f"{self._link_max}): it is not reading; await drain() before sending more"
+            )
         if st.checkpoints is None:
             t = self.ports.get(st.peer_port)
             n = len(t.queue) if t is not None else 0
@@ -723,6 +846,7 @@ class Engine:
         return (
             st.send_seq - 1 - st.acked_seq >= lim.max_messages
             or st.sent_bytes - st.acked_bytes >= lim.max_bytes
+            or self.out.backlog(st.peer_node) >= lim.link_max_bytes
         )
 
     def over_window(self, st: PortState) -> bool:
@@ -738,6 +862,8 @@ class Engine:
         return (
             st.send_seq - 1 - st.acked_seq > lim.window_messages
             or st.sent_bytes - st.acked_bytes > lim.window_bytes
+            or (st.want_all and st.acked_seq < st.send_seq - 1)
+            or self.out.backlog(st.peer_node) > lim.link_buffer_bytes
         )
 
     def in_flight(self, st: PortState) -> tuple[int, int]:
@@ -760,6 +886,14 @@ class Engine:
             out_n = seq - 1 - st.acked_seq
             out_b = st.sent_bytes - st.acked_bytes
             if out_n >= self._max_n or (out_b + n > self._max_b and out_n):
+                if out_n < self._max_n and not st.want_all:
+                    # this message alone is over the limit: it goes once every
+                    # earlier one was consumed; consumption is reported in
+                    # batches, so ask the receiver for an exact report now
+                    st.want_all = True
+                    self._poll_consumed(st)
+                raise self._full(st)
+            if self.out.backlog(st.peer_node) >= self._link_max:
                 raise self._full(st)
         ck.append((seq - 1, st.sent_bytes))
         st.next_checkpoint_seq = seq + CHECKPOINT_MESSAGES
@@ -775,6 +909,8 @@ class Engine:
             t = self.ports.get(st.peer_port)
             if t is not None and t.mode is OWNED:
                 holder = t
+        elif self.out.backlog(st.peer_node) > self.limits.link_buffer_bytes:
+            self.out.watch_backlog(st.peer_node, self.limits.link_buffer_bytes, fn)
         if holder.credit is None:
             holder.credit = []
         holder.credit.append(fn)
@@ -795,6 +931,17 @@ class Engine:
         if st.unreported_n >= self.ack_every_n or st.unreported_bytes >= self.ack_every_bytes:
             self._report_consumed(st)
 
+    def report_consumed(self, st: PortState) -> None:
+        """Report what was consumed now, if anything was since the last
+        report (the queue of ``st`` ran empty after a sender asked)."""
+        st.report_all = False
+        if st.unreported_n:
+            self._report_consumed(st)
+
+    def _poll_consumed(self, st: PortState) -> None:
+        if st.peer_node != self.node_id:
+            self.out.send_event(st.peer_node, ConsumedEvent(st.peer_port, CONSUMED_POLL), [])
+
     def _report_consumed(self, st: PortState) -> None:
         st.unreported_n = st.unreported_bytes = 0
         if (
@@ -810,16 +957,31 @@ class Engine:
         st = self.ports.get(port)
         if st is None or st.mode is not OWNED:
             return  # the sender moved on: its new end counts from its own first send
+        if seq == CONSUMED_POLL:
+            # our peer waits to send a message larger than its window: report
+            # now, and again once the queue is empty
+            if st.unreported_n:
+                self._report_consumed(st)
+            st.report_all = bool(st.queue)
+            return
+        if seq >= st.send_seq:
+            # credit for items never sent: a peer that forges it would make
+            # us queue without bound (Limits), so it is a broken peer
+            raise ProtocolError(
+                f"the peer reported item {seq} consumed on port {st.id.hex()[:8]}, "
+                f"which has sent only {st.send_seq - 1}"
+            )
         ck = st.checkpoints
         if ck is None or seq <= st.acked_seq:
             return
-        st.acked_seq = min(seq, st.send_seq - 1)
-        if st.acked_seq == st.send_seq - 1:
+        st.acked_seq = seq
+        if seq == st.send_seq - 1:
             # everything sent was consumed: so were all its bytes (the
             # checkpoints only know the bytes *before* the last one, which
             # would keep a message larger than the window counted forever)
             ck.clear()
             st.acked_bytes = st.sent_bytes
+            st.want_all = False
         else:
             b = st.acked_bytes
             while ck and ck[0][0] <= seq:
@@ -828,8 +990,22 @@ class Engine:
         if st.credit is not None and not self.over_window(st):
             self._fire_credit(st)
 
+    def run_posted(self, st: PortState) -> None:
+        """Run, in order, the calls other threads accepted for ``st``
+        (``PortState.posted``): when the loop gets to them, and before ``st``
+        closes or moves, so a close or a move never overtakes them."""
+        q = st.posted
+        while q:
+            with self.lock:
+                if not q:
+                    return
+                fn, args = q.popleft()
+            fn(*args)
+
     def close(self, st: PortState) -> None:
         """Close this end: the peer reads what is queued, then ``ChannelClosed``."""
+        if st.posted:
+            self.run_posted(st)
         if st.closed:
             return
         st.closed = True
@@ -1004,11 +1180,12 @@ class Engine:
             if st.proxy_from == node:
                 # items forwarded to this end through that node are lost: the
                 # stream has a hole that can never fill, so both sides fail
-                lost = f"messages in transit were lost: {err.cause}"
+                lost = f"{LOST}: {err.cause}"
                 if st.mode is OWNED:
                     if st.peer_node != node and not st.peer_closed:
                         self._unsequenced(st.peer_node, FailEvent(st.peer_port, lost))
-                    self._fail_local(st, NodeFailure(node.hex(), lost))
+                    st.lost = True
+                    self._fail_local(st, NodeFailure(node.hex(), f"{LOST}: {reason}"))
                 elif st.mode is SENDING:
                     self._fail_other_side(st, node, lost)
                     if st.first_hop == node:
@@ -1022,6 +1199,10 @@ class Engine:
                 continue
             if st.mode is OWNED:
                 if st.peer_node == node:
+                    # items waiting in the reorder buffer came another way: the
+                    # peer moved on (it is alive), and what it sent through the
+                    # dead node before is lost
+                    st.lost = bool(st.pending)
                     self._fail_local(st, err)
             elif st.mode is SENDING:
                 if st.first_hop == node:
@@ -1134,6 +1315,13 @@ class Engine:
             return
         ev, fds = self._event_for(node, port, seq, item, strict=False)
         self.out.send_event(node, ev, fds)
+        if self._after:
+            self._send_after()
+
+    def _send_after(self) -> None:
+        after, self._after = self._after, []
+        for node, ev in after:
+            self.out.send_event(node, ev, [])
 
     def _event_for(
         self, node: bytes, port: bytes, seq: int, item: Item, strict: bool
@@ -1207,10 +1395,11 @@ class Engine:
             "beyond what this end consumed (flow-control limit)"
         )
         if st.mode is OWNED:
-            self._unsequenced(st.peer_node, FailEvent(st.peer_port, reason))
+            self._unsequenced(st.peer_node, FailEvent(st.peer_port, f"{LOST}: {reason}"))
+            st.lost = True
             self._fail_local(st, PortFailed(reason))
         else:
-            self._fail_other_side(st, _NO_ID, reason)
+            self._fail_other_side(st, _NO_ID, f"{LOST}: {reason}")
             self._remove(st)
 
     def _process(self, st: PortState, seq: int, item: Item) -> None:
@@ -1240,6 +1429,8 @@ class Engine:
                 elif item.new_node == self.node_id:
                     st.checkpoints = None  # a local peer's queue is the count now
                     st.next_checkpoint_seq = 0
+                if st.want_all:
+                    self._poll_consumed(st)  # the old end's poll died with it
                 self._fire_credit(st)  # a drain() waiting on the old peer re-checks
                 return
             if st.waker is not None:
@@ -1269,11 +1460,14 @@ class Engine:
         """Turn the end ``ps`` into a descriptor bound for node ``dest``."""
         if ps.engine is not self:
             self.adopt(ps)
+        if ps.posted:
+            self.run_posted(ps)  # sends other threads made before it left go first
         new_id = random_id()
         if ps.mode is not OWNED or ps.closed:
             return PortDesc(new_id, _NO_ID, _NO_ID, _NO_ID, 0, 0, D_DEAD)
         if ps.error is not None:
             self._drop_queue(ps)
+            self._after.append((dest, FailEvent(new_id, ps.error.cause)))  # its real cause follows
             return PortDesc(new_id, _NO_ID, _NO_ID, _NO_ID, 0, 0, D_DEAD | D_PEER_CLOSED)
         ps.waker = None
         if ps.unreported_n:
@@ -1333,7 +1527,12 @@ class Engine:
             st.closed = False
             st.close_sent = True
             if d.flags & D_PEER_CLOSED:
-                st.error = PortFailed("the port was failed before it was sent")
+                st.error = PortFailed("the port had failed before it was sent")
+                # its cause follows the message (a FAIL for this id); bounded
+                causes = self._dead_causes
+                if len(causes) >= MAX_DEAD_CAUSES:
+                    del causes[next(iter(causes))]
+                causes[d.id] = st
             else:
                 st.peer_closed = True
             return st
@@ -1396,9 +1595,14 @@ class Engine:
     def _on_fail(self, port: bytes, err: PortFailed) -> None:
         st = self.ports.get(port)
         if st is None:
+            dead = self._dead_causes.pop(port, None)
+            if dead is not None:
+                dead.error = err  # the real cause of a port that arrived failed
             return
         if st.mode is OWNED:
             echo = not st.peer_closed
+            if LOST in err.cause or st.pending:
+                st.lost = True  # the sender's next send raises; a merged receiver reports it
             self._fail_local(st, err)  # first: out of the table, so an echo cannot come back
             if echo:
                 # echo it to where the peer lives now: a failure detected in
