@@ -16,7 +16,7 @@ from typing import Any
 from meshipc import ChannelClosed, Port, PortFailed
 from meshipc._codec import CODEC
 from meshipc._ids import NodeId, PortId
-from meshipc._ports import Engine
+from meshipc._ports import DEFAULT_LIMITS, Engine, Limits
 from meshipc._wire import Event, FrameDecoder, MsgEvent, encode_event
 
 
@@ -51,7 +51,7 @@ class _Outbox:
 
 
 class Net:
-    def __init__(self, n: int) -> None:
+    def __init__(self, n: int, limits: Limits = DEFAULT_LIMITS) -> None:
         self.engines: list[Engine] = []
         self.links: dict[tuple[int, int], deque[tuple[Event, list[Any]]]] = {}
         self.dead: set[int] = set()
@@ -59,7 +59,7 @@ class Net:
         self.backlog: dict[tuple[int, int], int] = {}
         self.backlog_waiters: list[tuple[int, int, int, Callable[[], None]]] = []
         for _ in range(n):
-            self.engines.append(Engine(NodeId.random(), codec=CODEC))
+            self.engines.append(Engine(NodeId.random(), codec=CODEC, limits=limits))
         self.index = {e.node_id: i for i, e in enumerate(self.engines)}
         for i, e in enumerate(self.engines):
             e.out = _Outbox(self, i)

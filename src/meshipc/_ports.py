@@ -1201,8 +1201,11 @@ class Engine:
                 if st.peer_node == node:
                     # items waiting in the reorder buffer came another way: the
                     # peer moved on (it is alive), and what it sent through the
-                    # dead node before is lost
-                    st.lost = bool(st.pending)
+                    # dead node before is lost; and what we sent there that
+                    # was not reported consumed may be lost too
+                    st.lost = bool(st.pending) or (
+                        st.checkpoints is not None and st.acked_seq < st.send_seq - 1
+                    )
                     self._fail_local(st, err)
             elif st.mode is SENDING:
                 if st.first_hop == node:
