@@ -897,7 +897,7 @@ def test_a_forged_consumption_report_is_a_protocol_error():
     from meshipc._wire import ConsumedEvent
 
     net = Net(2)
-    a, b = net.pair(0, 1)
+    a, _b = net.pair(0, 1)
     ea, st = net.engines[0], a._states[0]
     for i in range(3):
         a.send(i)
@@ -916,7 +916,7 @@ def test_drain_and_send_are_bounded_by_the_links_unwritten_bytes():
 
     limits = Limits(link_buffer_bytes=10_000, link_max_bytes=50_000)
     net = Net(2, limits)
-    a, b = net.pair(0, 1)
+    a, _b = net.pair(0, 1)
     ea, st = net.engines[0], a._states[0]
     a.send(b"x" * 100)
     assert not ea.over_window(st)
@@ -938,7 +938,7 @@ def test_ports_in_a_message_count_towards_the_window():
     """Issue 18 item 3: a message carrying ports counts PORT_BYTES each plus
     their unread backlog; a compact call counts one port."""
     net = Net(2)
-    a, b = net.pair(0, 1)
+    a, _b = net.pair(0, 1)
     ea, st = net.engines[0], a._states[0]
     p, q = Port.pair()
     p.send(b"b" * 1000)
@@ -953,7 +953,7 @@ def test_a_port_that_had_failed_carries_its_cause_when_sent():
     """Issue 17 item 8: a failed port sent on says why it failed, not "the
     port was failed before it was sent"."""
     net = Net(3)
-    x, y = net.pair(0, 2)
+    x, _y = net.pair(0, 2)
     c01 = net.pair(0, 1)
     net.kill(2, "it crashed")
     c01[0].send(x)

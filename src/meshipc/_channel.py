@@ -399,8 +399,6 @@ class _Inbox(_Handle):
                     if not st.ended:
                         ready.popleft()
                         self._sched.discard(st)
-                    if st.report_all:  # its sender waits for an exact report
-                        st.engine.report_consumed(st)
                 elif len(ready) > 1:
                     ready.rotate(-1)  # round-robin between merged senders
                 body = msg.body
@@ -412,6 +410,8 @@ class _Inbox(_Handle):
                     eng = st.engine
                     if st.unreported_n >= eng.ack_every_n or st.unreported_bytes >= eng.ack_every_bytes:
                         eng.consumed(st)
+                    elif st.report_all and not q:  # its sender waits for an exact report
+                        eng.report_consumed(st)
                 if st.credit is not None:
                     st.engine.consumed(st)  # a local sender waits in drain()
                 return msg
