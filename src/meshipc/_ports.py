@@ -76,6 +76,38 @@ receiver's queue length is the count itself. ``drain`` waits while over the
 window; ``send`` raises ``BufferFull`` at the hard limit. A reorder buffer
 beyond the hard limit plus ``MAX_REORDER`` fails that port, not the link.
 
+* A report of more than was sent is a ``ProtocolError`` (the link goes):
+  forged credit cannot open a window. Credit that is merely claimed early
+  cannot grow our memory either: ``drain`` also waits while the peer's link
+  holds more than ``link_buffer_bytes`` unwritten, and ``send`` raises
+  ``BufferFull`` past ``link_max_bytes`` (``Outbox.backlog``).
+* A message larger than the byte limit goes once everything before it was
+  consumed: the refused send asks the receiver for an exact report
+  (``CONSUMED`` with ``CONSUMED_POLL``); it answers now and again when its
+  queue runs empty, and ``drain`` waits for exactly that.
+* Ports inside a message count ``PORT_BYTES`` each plus their unread
+  backlog; a compact call counts the port it makes at the callee.
+* A moving port re-forwards its whole unread backlog at every hop (the old
+  end buffers it, then proxies it to the new end): n hops of a backlog of b
+  items cost n * b forwards. It is bounded, not avoided: b is at most what
+  its producer may leave unconsumed (``max_messages``/``max_bytes``; a
+  producer that drains keeps it under the window), and each carrying message
+  counts that backlog against its own sender's window, so holders that
+  drain before passing it on are paced by the consumer.
+* Every item is sent before it takes its sequence number (an outbox that
+  refuses it, say while making an out-of-band body, raises ``MessageError``
+  and leaves no gap).
+
+Losses are never silent: an end whose stream has a hole (a proxy feeding it
+died, items wait beyond a dead hop, the peer overran it, or it sent items
+not yet reported consumed to a node that died) is marked ``lost`` and its
+failure names it (``LOST``): a merged receiver raises it in order instead of
+dropping that sender quietly, and the sending side's next ``send`` raises.
+
+Calls other threads make on an end (sends, close) wait on that end
+(``PortState.posted``) until its engine's thread runs them; it runs them
+before the end closes or moves, so neither overtakes an accepted send.
+
 A shortcut: an end whose peer is *pinned* (an RPC reply port, which never
 moves) travels as ``D_DIRECT``: the peer is repointed at once and the new
 end needs no proxy, ``ARRIVED`` or ``CHANGE_PEER``. It is safe only because
