@@ -720,3 +720,26 @@ async def test_issue17_calling_a_receiver_that_is_gone_says_so(runtime_dir: Path
             await within(tx.call(1))
         assert "is closed" not in str(err.value)
         assert "gone" in str(err.value) or isinstance(err.value, NodeFailure), err.value
+
+
+async def test_issue17_a_failed_port_sent_on_carries_its_cause(runtime_dir: Path) -> None:
+    """Issue 17 item 8: a port whose peer's process was killed, sent on to
+    another worker, fails there with the real cause (the node that died),
+    not "the port was failed before it was sent"."""
+    async with meshipc.Mesh(runtime_dir=runtime_dir) as mesh, reaped(mesh) as procs:
+        rep_tx, rep_rx = meshipc.channel()
+        inbox = await spawn_ring(mesh, procs, 1, rep_tx)
+        keep_tx, keep_rx = meshipc.channel()
+        pid_tx, pid_rx = meshipc.channel()
+        holder = await mesh.spawn("rel_workers:hold_inbox", {"inbox": keep_rx, "report": pid_tx})
+        procs.append(holder)
+        assert await within(pid_rx.recv()) == holder.pid
+        a, b = Port.pair()
+        keep_tx.send(b)
+        a.send(0)  # b is in the holder once this is there
+        signal_proc(holder, signal.SIGKILL)
+        with pytest.raises(PortFailed) as died:
+            await within(a.recv())
+        inbox[0].send({"port": a, "seen": 0, "reads": [], "route": []})
+        _, _, _, seen, _, how = await next_report(rep_rx, "end")
+        assert how == f"PortFailed: {died.value.cause}", how
