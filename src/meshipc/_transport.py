@@ -149,6 +149,9 @@ class Link:
         #: bytes of sealed batches not written yet (the peer is not keeping
         #: up): the flow-control view of this link (``Limits.link_buffer_bytes``)
         self.backlog = 0
+        # out-of-band bodies queued (by the id of their Fd): counted in the
+        # backlog until their batch starts going
+        self._oob_sizes: dict[int, int] = {}
         self._backlog_waiters: list[tuple[int, Callable[[], None]]] = []
         sock.setblocking(False)
         loop.add_reader(sock.fileno(), self._on_readable)
@@ -168,7 +171,10 @@ class Link:
         if isinstance(ev, MsgEvent):
             body = ev.body
             if len(body) >= OOB_THRESHOLD:
-                fds = [*fds, Fd(PLATFORM.make_body(body))]
+                body_fd = Fd(PLATFORM.make_body(body))
+                self._oob_sizes[id(body_fd)] = len(body)
+                self.backlog += len(body)
+                fds = [*fds, body_fd]
                 marker = oob_body_marker(len(body))
                 head = encode_msg_header(ev.port, ev.seq, ev.kind, F_OOB, ev.ports, len(fds), len(marker))
                 self._add(head + marker, fds)
@@ -278,6 +284,8 @@ class Link:
             if fds and n > 0:
                 # delivered with the first byte: never send them again
                 for f in fds:
+                    if self._oob_sizes:
+                        self.backlog -= self._oob_sizes.pop(id(f), 0)
                     f.close()
                 fds = []
             self.bytes_out += n
@@ -466,4 +474,5 @@ class Link:
         self._chunks = []
         self._batch_fds = []
         self.backlog = 0
+        self._oob_sizes.clear()
         self._wake_backlog()
