@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from memnet import Net, drain, end_of
 from meshipc import BufferFull, ChannelClosed, MessageError, NodeFailure, Port, PortFailed, ProtocolError
 from meshipc._ports import CHECKPOINT_MESSAGES, PORT_BYTES
+from meshipc._ports import PROXY as PROXY_MODE
 
 
 def test_local_pair_delivers_and_leaves_nothing():
@@ -962,3 +963,34 @@ def test_a_port_that_had_failed_carries_its_cause_when_sent():
     with pytest.raises(PortFailed) as err:
         moved.try_recv()
     assert "it crashed" in str(err.value)
+
+
+def test_a_proxy_that_cannot_forward_fails_both_sides_saying_items_were_lost():
+    """Issue 17 item 5 at a forwarding node: its outbox refusing an item
+    (EMFILE making an out-of-band body) fails the port at both ends as a
+    loss, instead of an OSError escaping from the read path."""
+    import errno
+
+    net = Net(3)
+    c12 = net.pair(1, 2)
+    a, b = net.pair(0, 1)
+    c12[0].send(b)  # b: engine 1 -> 2; engine 1 proxies for it
+    net.deliver((1, 2), 10)
+    net.deliver((2, 1), 10)  # ARRIVED: engine 1 forwards from now on
+    (moved,) = drain(c12[1])
+    e1 = net.engines[1]
+    assert any(s.mode is PROXY_MODE for s in e1.ports.values())
+    real = e1.out.send_data
+
+    def refuse(*args: Any) -> None:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    a.send("refused on the way")  # a still sends to engine 1
+    e1.out.send_data = refuse  # type: ignore[method-assign]
+    net.deliver((0, 1), 10)
+    e1.out.send_data = real  # type: ignore[method-assign]
+    net.run()
+    with pytest.raises(PortFailed, match="lost"):
+        moved.try_recv()
+    with pytest.raises(PortFailed):
+        a.send("after")

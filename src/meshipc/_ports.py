@@ -1177,7 +1177,11 @@ class Engine:
                 return
             if mode is PROXY and st.target_node != self.node_id:
                 st.recv_seq = seq + 1
-                self.out.send_data(st.target_node, st.target_port, seq, kind, body)
+                try:
+                    self.out.send_data(st.target_node, st.target_port, seq, kind, body)
+                except OSError as exc:
+                    self._forward_failed(st, exc)
+                    return
                 if kind >= K_REPLY or (st.proxy_last is not None and seq >= st.proxy_last):
                     self._proxy_done(st)
                 return
@@ -1315,6 +1319,15 @@ class Engine:
         elif isinstance(item, _ChangePeer):
             # the proxy waiting for our acknowledgement would wait forever
             self._unsequenced(item.old_node, FailEvent(item.old_port, "the peer port is gone"))
+
+    def _forward_failed(self, st: PortState, exc: OSError) -> None:
+        """A proxy could not pass an item on (the outbox refused it: no
+        descriptor for an out-of-band body, say): the stream has a hole that
+        can never fill, so both sides fail, saying items were lost."""
+        reason = f"{LOST}: a node forwarding them could not pass one on: {exc}"
+        self._unsequenced(st.target_node, FailEvent(st.target_port, reason))
+        self._fail_other_side(st, _NO_ID, reason)
+        self._remove(st)
 
     def _proxy_done(self, st: PortState) -> None:
         """A proxy has forwarded all it owed: tell its target, and go."""
@@ -1483,7 +1496,12 @@ class Engine:
                 st.peer_node = item.new_node
                 st.peer_port = item.new_port
                 self._note_relayed(st, item)
-            self._route(st.target_node, st.target_port, seq, item)
+            try:
+                self._route(st.target_node, st.target_port, seq, item)
+            except OSError as exc:
+                self._abandon(item)
+                self._forward_failed(st, exc)
+                return
             if (
                 isinstance(item, _CloseItem)
                 or (isinstance(item, Message) and item.kind >= K_REPLY)
@@ -1603,12 +1621,18 @@ class Engine:
         buffer = st.buffer or []
         st.buffer = None
         data = self.out.send_data if src != self.node_id else None
-        for seq, item in buffer:
-            if data is not None and type(item) is Message and item.body is not None and not item.ports:
-                if not item.fds:
-                    data(src, new_port, seq, item.kind, item.body)  # no event object per item
-                    continue
-            self._route(src, new_port, seq, item)
+        for i, (seq, item) in enumerate(buffer):
+            try:
+                if data is not None and type(item) is Message and item.body is not None and not item.ports:
+                    if not item.fds:
+                        data(src, new_port, seq, item.kind, item.body)  # no event object per item
+                        continue
+                self._route(src, new_port, seq, item)
+            except OSError as exc:
+                for _, rest in buffer[i:]:
+                    self._abandon(rest)
+                self._forward_failed(st, exc)
+                return
             if isinstance(item, _CloseItem):
                 self._proxy_done(st)
                 return
