@@ -994,3 +994,97 @@ def test_a_proxy_that_cannot_forward_fails_both_sides_saying_items_were_lost():
         moved.try_recv()
     with pytest.raises(PortFailed):
         a.send("after")
+
+
+def check_merged_losses(seed: int, hops: list[int], kill_at: int, victim: int) -> None:
+    """A receiver merging three senders (on engine 0) wanders between
+    engines while they send; one other engine dies at a random moment,
+    events arrive in random order (the victim is the engine the receiver
+    last left, when there is one). If the receiver survives, each sender's
+    values reach it as an in-order prefix, and the stream never ends cleanly
+    (no PortFailed on the way) with any value missing."""
+    import meshipc
+
+    rng = random.Random(seed)
+    net = Net(4)
+    carriers = {(i, j): net.pair(i, j) for i in range(4) for j in range(4) if i != j}
+    tx, rx0 = meshipc.channel()
+    txs = [tx, tx.clone(), tx.clone()]
+    with pytest.raises(asyncio.QueueEmpty):
+        rx0.try_recv()
+    holder: Any = rx0
+    where, in_flight = 0, None
+    sent = [0, 0, 0]
+    refused = [False, False, False]
+    got: list[Any] = []
+
+    def pick_up() -> None:
+        nonlocal holder, where, in_flight
+        src, dst = in_flight  # type: ignore[misc]
+        if dst in net.dead:
+            holder, in_flight = None, None
+            return
+        arrived = drain(carriers[(src, dst)][1])
+        if arrived:
+            (holder,) = arrived
+            where, in_flight = dst, None
+
+    left: list[int] = []  # engines the receiver left, most recent last
+    for step, dest in enumerate(hops):
+        if step == kill_at:
+            # most telling: an engine the receiver just passed through
+            near = [e for e in left if e not in (0, where) and (in_flight is None or e != in_flight[1])]
+            net.kill(near[-1] if near else victim)
+        for k in range(3):
+            for _ in range(rng.randint(0, 3)):
+                if refused[k]:
+                    break
+                try:
+                    txs[k].send((k, sent[k]))
+                    sent[k] += 1
+                except PortFailed:
+                    refused[k] = True  # told: what it sent may be lost
+        if in_flight is not None:
+            pick_up()
+        if holder is not None and in_flight is None and where in net.dead:
+            holder = None
+        if holder is not None and in_flight is None:
+            got.extend(_read_all(holder))
+            if holder._states and dest != where and dest not in net.dead and rng.random() < 0.7:
+                carriers[(where, dest)][0].send(holder)
+                holder, in_flight = None, (where, dest)
+                left.append(where)
+        for _ in range(rng.randint(0, 4)):
+            keys = net.pending()
+            if keys:
+                net.deliver(rng.choice(keys), rng.choice((1, 2, 5, 40)))
+    for t in txs:
+        t.close()
+    net.run(rng)
+    if in_flight is not None:
+        pick_up()
+    if holder is None or where in net.dead:
+        return  # the receiver itself was lost with the dead engine
+    got.extend(_read_all(holder))
+    for k in range(3):
+        values = [v for v in got if isinstance(v, tuple) and v[0] == k]
+        assert values == [(k, i) for i in range(len(values))], f"sender {k}: {values}"
+    if PortFailed not in got and NodeFailure not in got:
+        assert got[-1] is ChannelClosed, got[-3:]
+        for k in range(3):
+            n = sum(1 for v in got if isinstance(v, tuple) and v[0] == k)
+            assert n == sent[k], f"a clean end, but sender {k}: {n} of {sent[k]} arrived"
+    holder.close()
+
+
+@_fast
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    hops=st.lists(st.integers(0, 3), min_size=2, max_size=6),
+    kill_at=st.integers(1, 6),
+    victim=st.integers(1, 3),
+)
+def test_a_merged_receiver_never_ends_cleanly_with_a_hole(
+    seed: int, hops: list[int], kill_at: int, victim: int
+) -> None:
+    check_merged_losses(seed, hops, kill_at, victim)

@@ -1248,7 +1248,7 @@ class Engine:
                     # the message carrying this port died with that node
                     self._fail_other_side(st, node, err.cause)
                     self._remove(st)
-                elif st.peer_node == node:
+                elif st.peer_node == node and st.pending_fail is None:
                     st.pending_fail = err.cause
             else:
                 if st.target_node == node:
@@ -1670,7 +1670,11 @@ class Engine:
                 # gone by the time its notice arrives; a dead peer ignores it
                 self._unsequenced(st.peer_node, FailEvent(st.peer_port, err.cause))
         elif st.mode is SENDING:
-            st.pending_fail = err.cause
+            if st.pending_fail is None or LOST in err.cause:
+                # the first cause is the root one; a later notice (say "the peer
+                # port is gone", which the first failure caused) must not hide
+                # that items were lost
+                st.pending_fail = err.cause
         else:
             self._unsequenced(st.target_node, FailEvent(st.target_port, err.cause))
             self._remove(st)
