@@ -257,8 +257,9 @@ CONSUMED_POLL: Final = 0
 #: reach the receiver (even a merged one) and the sender's next send
 LOST: Final = "messages in transit were lost"
 #: Ports that arrived failed (``D_DEAD | D_PEER_CLOSED``) whose cause may
-#: still come: the sender follows the carrying message with a ``FAIL`` naming
-#: it, on the same link, so this only needs to cover a few events.
+#: still come (the sender follows the carrying message with a ``FAIL`` naming
+#: it, on the same link), and causes of ends that failed lately (for a
+#: ``CHANGE_PEER`` still on its way to them): each kept for this many.
 MAX_DEAD_CAUSES: Final = 256
 
 
@@ -551,6 +552,9 @@ class Engine:
         # right after it (see _send_port), and where they are awaited
         self._after: list[tuple[bytes, FailEvent]] = []
         self._dead_causes: dict[bytes, PortState] = {}
+        # ends that failed here lately (bounded): a CHANGE_PEER that finds
+        # one gone answers with its cause, a later notice of a loss marks it
+        self._failed: dict[bytes, PortState] = {}
         self._running = False
         self._handlers: dict[type, Callable[[bytes, Any, list[Any] | None], None]] = {
             CloseEvent: self._close_in,
@@ -1312,13 +1316,17 @@ class Engine:
             if node != dead:
                 self._unsequenced(node, FailEvent(port, reason))
 
-    def _abandon(self, item: Item) -> None:
-        """Drop a sequenced item whose port is gone for good."""
+    def _abandon(self, item: Item, port: bytes = _NO_ID) -> None:
+        """Drop a sequenced item whose port (``port``, if known) is gone for good."""
         if isinstance(item, Message):
             self.dispose(item)
         elif isinstance(item, _ChangePeer):
-            # the proxy waiting for our acknowledgement would wait forever
-            self._unsequenced(item.old_node, FailEvent(item.old_port, "the peer port is gone"))
+            # the proxy waiting for our acknowledgement would wait forever;
+            # tell it why the port went, if it failed (a loss must reach the
+            # other side as a loss, not as "gone")
+            gone = self._failed.get(port)
+            reason = "the peer port is gone" if gone is None or gone.error is None else gone.error.cause
+            self._unsequenced(item.old_node, FailEvent(item.old_port, reason))
 
     def _forward_failed(self, st: PortState, exc: OSError) -> None:
         """A proxy could not pass an item on (the outbox refused it: no
@@ -1337,6 +1345,10 @@ class Engine:
     def _fail_local(self, st: PortState, err: PortFailed) -> None:
         if st.error is None and not st.peer_closed:
             st.error = err
+            failed = self._failed  # the cause, for a CHANGE_PEER still on its way here
+            if len(failed) >= MAX_DEAD_CAUSES:
+                del failed[next(iter(failed))]
+            failed[st.id] = st
         self._remove(st)
         if st.waker is not None:
             st.waker()
@@ -1404,7 +1416,7 @@ class Engine:
                 port, seq, item = work.popleft()
                 st = self.ports.get(port)
                 if st is None:
-                    self._abandon(item)
+                    self._abandon(item, port)
                     continue
                 self._receive_item(st, seq, item)
         finally:
@@ -1657,6 +1669,9 @@ class Engine:
             dead = self._dead_causes.pop(port, None)
             if dead is not None:
                 dead.error = err  # the real cause of a port that arrived failed
+            gone = self._failed.get(port)
+            if gone is not None and LOST in err.cause:
+                gone.lost = True  # it failed for another reason first: its items were lost too
             return
         if st.mode is OWNED:
             echo = not st.peer_closed
