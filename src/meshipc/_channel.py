@@ -546,7 +546,9 @@ class _Inbox(_Handle):
 
     async def recv(self) -> Any:
         """The next message. Raises ``ChannelClosed`` once every sender is
-        closed, ``PortFailed`` if one failed. A message from another process
+        closed, ``PortFailed`` if the last one failed, or (a merged receiver)
+        in its place in the stream when one sender's messages may have been
+        lost; the other senders' messages follow. A message from another process
         that does not decode or validate is dropped and logged (counted in
         ``bad_messages``); the channel goes on."""
         while True:
@@ -595,7 +597,8 @@ class Port(_Inbox):
     def send(self, value: Any) -> None:
         """Send ``value`` (any message value) to the peer port; safe from any
         thread. Raises ``MessageError`` for a value that cannot go to another
-        process, ``BufferFull`` at the flow-control hard limit."""
+        process, ``BufferFull`` at the flow-control hard limit, ``PortFailed``
+        once messages it sent may have been lost."""
         _send(self, K_DATA, value)
 
     def __repr__(self) -> str:
@@ -616,10 +619,14 @@ class Sender(_Handle, Generic[T]):
 
     def send(self, value: T) -> None:
         """Queue ``value`` for the receiver; safe from any thread (each
-        thread's messages keep their order). Raises ``ChannelClosed`` if this
-        sender was closed or sent away, ``MessageError`` for a value that
-        cannot go to another process (nothing is sent), ``BufferFull`` at the
-        flow-control hard limit (see ``drain``)."""
+        thread's messages keep their order; closing or sending this sender
+        away never overtakes a send another thread already made). Raises
+        ``ChannelClosed`` if this sender was closed or sent away,
+        ``MessageError`` for a value that cannot go to another process
+        (nothing is sent, the channel stays usable), ``BufferFull`` at the
+        flow-control hard limit (see ``drain``), ``PortFailed`` once messages
+        it sent may have been lost (the receiver failed with them in
+        transit); to a receiver that is merely gone, sends are dropped."""
         states = self._states
         if states:
             st = states[0]
