@@ -350,3 +350,43 @@ async def forge_credit(arg: dict[str, Any]) -> None:
     except MeshError as exc:
         how = f"{type(exc).__name__}: {exc}"
     report.send(["done", count, how])
+
+
+async def merged_hop(arg: dict[str, Any]) -> None:
+    """Issue 17 soak: one worker of a ring circulating a merged Receiver of
+    ``[k, i]`` values (``k`` a sender, ``i`` counting from 0 per sender).
+    A hop message is ``{"rx": Receiver, "next": {k: i}, "round": r,
+    "hops": n, "seed": s}``: read a random 0-200 values checking each sender's
+    order, then forward it to a random other worker (``hops`` times), then
+    read to the end. Reports ``["hop", round, idx, to]`` before forwarding
+    and ``["end", round, idx, next, ok, how]`` at the end."""
+    idx: int = arg["idx"]
+    peers: list[Sender[Any]] = arg["peers"]
+    report: Sender[Any] = arg["report"]
+    async for m in arg["inbox"]:
+        rx: Receiver[Any] = m["rx"]
+        nxt: dict[str, int] = m["next"]
+        rng = random.Random(m["seed"] * 7919 + m["hops"])
+        ok = True
+        n = rng.randint(0, 200) if m["hops"] > 0 else -1
+        how = None
+        try:
+            while n != 0:
+                k, i = await rx.recv()
+                ok = ok and nxt.get(str(k), 0) == i
+                nxt[str(k)] = i + 1
+                n -= 1
+        except ChannelClosed:
+            how = "closed"
+        except MeshError as exc:
+            how = f"{type(exc).__name__}: {exc}"
+        if how is None:
+            to = rng.choice([i for i in range(len(peers)) if i != idx])
+            report.send(["hop", m["round"], idx, to])
+            try:
+                peers[to].send({**m, "rx": rx, "next": nxt, "hops": m["hops"] - 1})
+                continue
+            except MeshError as exc:
+                how = f"{type(exc).__name__}: {exc}"
+        report.send(["end", m["round"], idx, nxt, ok, how])
+        rx.close()

@@ -746,3 +746,92 @@ async def test_issue17_a_failed_port_sent_on_carries_its_cause(runtime_dir: Path
         inbox[0].send({"port": a, "seen": 0, "reads": [], "route": []})
         how = (await next_report(rep_rx, "end"))[5]
         assert how == f"PortFailed: {died.value.cause}", how
+
+
+@pytest.mark.soak
+def test_soak_merged_receiver_hops_with_thread_producers_and_kills(runtime_dir: Path) -> None:
+    """Issue 17's chaos soak, smaller: a receiver merging three senders (one
+    on the loop, two in threads, each sending 20,000 then closing) hops
+    among five workers; in half the rounds one worker it has left is
+    SIGKILLed on the way. Every round either delivers everything in order
+    and ends cleanly, or fails visibly (PortFailed/NodeFailure, at the
+    holder or at a producer) after an in-order prefix: never a clean end
+    with anything missing."""
+    import threading
+
+    n, rounds, workers = 20_000, 6, 5
+
+    async def soak() -> None:
+        async with meshipc.Mesh(runtime_dir=runtime_dir) as mesh, reaped(mesh) as procs:
+            rep_tx, rep_rx = meshipc.channel()
+            inboxes = [meshipc.channel() for _ in range(workers)]
+            for i in range(workers):
+                peers = [tx.clone() for tx, _ in inboxes]
+                arg = {"idx": i, "inbox": inboxes[i][1], "peers": peers, "report": rep_tx.clone()}
+                procs.append(await mesh.spawn("rel_workers:merged_hop", arg, name=f"mh{i}"))
+            alive = set(range(workers))
+            for rnd in range(rounds):
+                start = min(alive)
+                (t0, t1, t2), rx = _merged(3)
+                told: list[str] = []
+
+                def produce(tx: meshipc.Sender[Any], k: int, told: list[str] = told) -> None:
+                    try:
+                        for i in range(n):
+                            tx.send([k, i])
+                    except (PortFailed, meshipc.BufferFull) as exc:
+                        told.append(f"{k}: {type(exc).__name__}")
+                    finally:
+                        tx.close()
+
+                kill = rnd % 2 == 1
+
+                async def follow(
+                    rnd: int = rnd, kill: bool = kill, start: int = start
+                ) -> tuple[Any, bool, str]:
+                    """Reports of this round, killing (in kill rounds) a worker
+                    the receiver left two hops ago while the data flows."""
+                    left = [start]
+                    while True:
+                        r = await rep_rx.recv()
+                        if r[1] != rnd:
+                            continue
+                        if r[0] == "end":
+                            return r[3], r[4], r[5]
+                        if r[3] not in alive:
+                            return {}, True, "sent to a killed worker"  # gone with it
+                        left.append(r[3])
+                        victims = [w for w in left[:-2] if w in alive and w != r[3]]
+                        if kill and victims:
+                            signal_proc(procs[victims[-1]], signal.SIGKILL)
+                            alive.discard(victims[-1])
+                            kill = False
+
+                follower = asyncio.ensure_future(follow())
+                inboxes[start][0].send({"rx": rx, "next": {}, "round": rnd, "hops": 6, "seed": rnd})
+                threads = [
+                    threading.Thread(target=produce, args=(t, k), daemon=True) for k, t in ((1, t1), (2, t2))
+                ]
+                for t in threads:
+                    t.start()
+                try:
+                    for i in range(n):
+                        t0.send([0, i])
+                        if i % 500 == 499:
+                            await within(t0.drain(), 60)
+                except PortFailed as exc:
+                    told.append(f"0: {type(exc).__name__}")
+                t0.close()
+                for t in threads:
+                    await asyncio.to_thread(t.join, 60)
+                nxt, ok, how = await within(follower, 60)
+                assert ok, f"round {rnd}: values out of order: {nxt}"
+                complete = all(nxt.get(str(k), 0) == n for k in range(3))
+                if how == "closed":
+                    assert complete, f"round {rnd}: a clean end with values missing: {nxt}"
+                elif how != "sent to a killed worker":
+                    assert how.startswith(("PortFailed", "NodeFailure")), how
+                if len(alive) < 3:
+                    break
+
+    asyncio.run(soak())
