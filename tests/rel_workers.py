@@ -356,8 +356,9 @@ async def merged_hop(arg: dict[str, Any]) -> None:
     """Issue 17 soak: one worker of a ring circulating a merged Receiver of
     ``[k, i]`` values (``k`` a sender, ``i`` counting from 0 per sender).
     A hop message is ``{"rx": Receiver, "next": {k: i}, "round": r,
-    "hops": n, "seed": s}``: read a random 0-200 values checking each sender's
-    order, then forward it to a random other worker (``hops`` times), then
+    "hops": n, "seed": s, "alive": [...]}``: read a random 0-200 values checking
+    each sender's order, then forward it to a random other worker of
+    ``alive`` (``hops`` times), then
     read to the end. Reports ``["hop", round, idx, to]`` before forwarding
     and ``["end", round, idx, next, ok, how]`` at the end."""
     idx: int = arg["idx"]
@@ -381,7 +382,7 @@ async def merged_hop(arg: dict[str, Any]) -> None:
         except MeshError as exc:
             how = f"{type(exc).__name__}: {exc}"
         if how is None:
-            to = rng.choice([i for i in range(len(peers)) if i != idx])
+            to = rng.choice([i for i in m.get("alive", range(len(peers))) if i != idx])
             report.send(["hop", m["round"], idx, to])
             try:
                 peers[to].send({**m, "rx": rx, "next": nxt, "hops": m["hops"] - 1})
