@@ -407,7 +407,7 @@ def check_failures(seed: int, moves: list[tuple[int, bool]], kill_at: int, victi
                         p.send((s, sent[s]))
                     except PortFailed:
                         # items of this stream were lost: the sender is told
-                        assert p._states[0].lost
+                        assert p._states[0].sent_lost
                         break
                     sent[s] += 1
                 read(s)
@@ -1095,4 +1095,16 @@ def check_merged_losses(seed: int, hops: list[int], kill_at: int, victim: int) -
 def test_a_merged_receiver_never_ends_cleanly_with_a_hole(
     seed: int, hops: list[int], kill_at: int, victim: int
 ) -> None:
+    check_merged_losses(seed, hops, kill_at, victim)
+
+
+@pytest.mark.soak
+@_soak
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    hops=st.lists(st.integers(0, 3), min_size=2, max_size=10),
+    kill_at=st.integers(1, 10),
+    victim=st.integers(1, 3),
+)
+def test_soak_merged_receiver_losses(seed: int, hops: list[int], kill_at: int, victim: int) -> None:
     check_merged_losses(seed, hops, kill_at, victim)

@@ -228,7 +228,7 @@ def _send(h: _Handle, kind: int, value: Any) -> None:
     else:
         # another thread: check what can be checked here, so the error is
         # raised to this caller, then hand the send to the loop (in order)
-        if st.lost and st.error is not None:
+        if st.sent_lost and st.error is not None:
             raise st.error
         if eng.over_hard_limit(st):
             raise eng._full(st)

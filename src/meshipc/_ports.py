@@ -98,11 +98,15 @@ beyond the hard limit plus ``MAX_REORDER`` fails that port, not the link.
   refuses it, say while making an out-of-band body, raises ``MessageError``
   and leaves no gap).
 
-Losses are never silent: an end whose stream has a hole (a proxy feeding it
-died, items wait beyond a dead hop, the peer overran it, or it sent items
-not yet reported consumed to a node that died) is marked ``lost`` and its
-failure names it (``LOST``): a merged receiver raises it in order instead of
-dropping that sender quietly, and the sending side's next ``send`` raises.
+Losses are never silent, and they have a direction. An end whose incoming
+stream has a hole (a proxy feeding it died, items wait beyond a dead hop, the
+peer overran it) is marked ``lost``: a merged receiver raises its failure in
+order instead of dropping that sender quietly. An end whose sent items may
+not have arrived (its peer says so, its peer's path through a dead node
+broke, or it sent items not yet reported consumed to a node that died) is
+marked ``sent_lost``: its next ``send`` raises. Failure causes carry the
+mark as seen by the end that gets them (``LOST``/``UNDELIVERED``), and an
+end passing a failure on to its peer swaps it.
 
 Calls other threads make on an end (sends, close) wait on that end
 (``PortState.posted``) until its engine's thread runs them; it runs them
@@ -253,9 +257,21 @@ PORT_BYTES: Final = 1024
 #: report (a sender holds a message larger than its window until every
 #: earlier one was consumed); no real report is 0 (it follows a read).
 CONSUMED_POLL: Final = 0
-#: in a failure's cause: items of the stream were lost, so the failure must
-#: reach the receiver (even a merged one) and the sender's next send
+#: A failure's cause starts with one of these when items were lost, as seen
+#: by the end that gets it: LOST, items on their way *to* it (a hole in what
+#: it receives: even a merged receiver must report it); UNDELIVERED, items it
+#: *sent* (its next send raises). An end passes a failure on to its peer
+#: with the other one.
 LOST: Final = "messages in transit were lost"
+UNDELIVERED: Final = "messages sent on this port were lost"
+
+
+def _unmarked(cause: str) -> str:
+    """``cause`` without a leading LOST/UNDELIVERED."""
+    for mark in (LOST, UNDELIVERED):
+        if cause.startswith(mark + ": "):
+            return cause[len(mark) + 2 :]
+    return cause
 #: Ports that arrived failed (``D_DEAD | D_PEER_CLOSED``) whose cause may
 #: still come (the sender follows the carrying message with a ``FAIL`` naming
 #: it, on the same link), and causes of ends that failed lately (for a
@@ -370,6 +386,7 @@ class PortState:
         "report_all",
         "send_seq",
         "sent_bytes",
+        "sent_lost",
         "target_node",
         "target_port",
         "unreported_bytes",
@@ -395,9 +412,11 @@ class PortState:
         self.close_sent = False  # our CLOSE is on its way to the peer
         self.peer_closed = False  # the peer's CLOSE was processed
         self.error: PortFailed | None = None
-        # the failure may have lost items of the stream (see LOST): a merged
-        # receiver reports it, a sender raises it
+        # the failure may have lost items of the stream towards this end (see
+        # LOST: a merged receiver reports it), or items this end sent (see
+        # UNDELIVERED: its next send raises)
         self.lost = False
+        self.sent_lost = False
         self.target_node = _NO_ID
         self.target_port = _NO_ID
         self.first_hop = _NO_ID
@@ -652,7 +671,7 @@ class Engine:
             raise ChannelClosed("send on a port that was closed or sent away")
         if st.peer_closed or st.error is not None:
             self.dispose(msg, None if st.error is None else st.error.cause)
-            if st.lost and st.error is not None:
+            if st.sent_lost and st.error is not None:
                 raise st.error  # what this end sent may not have arrived: say so
             return
         node = st.peer_node
@@ -1220,21 +1239,21 @@ class Engine:
             if st.proxy_from == node:
                 # items forwarded to this end through that node are lost: the
                 # stream has a hole that can never fill, so both sides fail
-                lost = f"{LOST}: {err.cause}"
+                lost, undelivered = f"{LOST}: {err.cause}", f"{UNDELIVERED}: {err.cause}"
                 if st.mode is OWNED:
                     if st.peer_node != node and not st.peer_closed:
-                        self._unsequenced(st.peer_node, FailEvent(st.peer_port, lost))
+                        self._unsequenced(st.peer_node, FailEvent(st.peer_port, undelivered))
                     st.lost = True
                     self._fail_local(st, NodeFailure(node.hex(), f"{LOST}: {reason}"))
                 elif st.mode is SENDING:
-                    self._fail_other_side(st, node, lost)
+                    self._fail_other_side(st, node, undelivered)
                     if st.first_hop == node:
                         self._remove(st)
                     else:
                         st.pending_fail = lost
                 else:
                     self._unsequenced(st.target_node, FailEvent(st.target_port, lost))
-                    self._fail_other_side(st, node, lost)
+                    self._fail_other_side(st, node, undelivered)
                     self._remove(st)
                 continue
             if st.mode is OWNED:
@@ -1243,20 +1262,20 @@ class Engine:
                     # peer moved on (it is alive), and what it sent through the
                     # dead node before is lost; and what we sent there that
                     # was not reported consumed may be lost too
-                    st.lost = bool(st.pending) or (
-                        st.checkpoints is not None and st.acked_seq < st.send_seq - 1
-                    )
+                    st.lost = bool(st.pending)
+                    st.sent_lost = st.checkpoints is not None and st.acked_seq < st.send_seq - 1
                     self._fail_local(st, err)
             elif st.mode is SENDING:
                 if st.first_hop == node:
-                    # the message carrying this port died with that node
-                    self._fail_other_side(st, node, err.cause)
+                    # the message carrying this port died with that node, and
+                    # what its peer sent to it with it
+                    self._fail_other_side(st, node, f"{UNDELIVERED}: {err.cause}")
                     self._remove(st)
                 elif st.peer_node == node and st.pending_fail is None:
                     st.pending_fail = err.cause
             else:
-                if st.target_node == node:
-                    self._fail_other_side(st, node, err.cause)
+                if st.target_node == node:  # what it forwarded there may be lost
+                    self._fail_other_side(st, node, f"{UNDELIVERED}: {err.cause}")
                     self._remove(st)
                 elif st.peer_node == node:
                     self._unsequenced(st.target_node, FailEvent(st.target_port, err.cause))
@@ -1325,17 +1344,28 @@ class Engine:
             # tell it why the port went, if it failed (a loss must reach the
             # other side as a loss, not as "gone")
             gone = self._failed.get(port)
-            reason = "the peer port is gone" if gone is None or gone.error is None else gone.error.cause
+            reason = "the peer port is gone" if gone is None else self._cause_for_peer(gone)
             self._unsequenced(item.old_node, FailEvent(item.old_port, reason))
 
     def _forward_failed(self, st: PortState, exc: OSError) -> None:
         """A proxy could not pass an item on (the outbox refused it: no
         descriptor for an out-of-band body, say): the stream has a hole that
         can never fill, so both sides fail, saying items were lost."""
-        reason = f"{LOST}: a node forwarding them could not pass one on: {exc}"
-        self._unsequenced(st.target_node, FailEvent(st.target_port, reason))
-        self._fail_other_side(st, _NO_ID, reason)
+        reason = f"a node forwarding them could not pass one on: {exc}"
+        self._unsequenced(st.target_node, FailEvent(st.target_port, f"{LOST}: {reason}"))
+        self._fail_other_side(st, _NO_ID, f"{UNDELIVERED}: {reason}")
         self._remove(st)
+
+    @staticmethod
+    def _cause_for_peer(st: PortState) -> str:
+        """The failure of ``st`` as its peer must see it: what ``st`` did not
+        receive, the peer sent (UNDELIVERED), and the other way round (LOST)."""
+        cause = _unmarked(st.error.cause) if st.error is not None else "the peer port is gone"
+        if st.lost:
+            return f"{UNDELIVERED}: {cause}"
+        if st.sent_lost:
+            return f"{LOST}: {cause}"
+        return cause
 
     def _proxy_done(self, st: PortState) -> None:
         """A proxy has forwarded all it owed: tell its target, and go."""
@@ -1455,11 +1485,11 @@ class Engine:
             "beyond what this end consumed (flow-control limit)"
         )
         if st.mode is OWNED:
-            self._unsequenced(st.peer_node, FailEvent(st.peer_port, f"{LOST}: {reason}"))
+            self._unsequenced(st.peer_node, FailEvent(st.peer_port, f"{UNDELIVERED}: {reason}"))
             st.lost = True
             self._fail_local(st, PortFailed(reason))
         else:
-            self._fail_other_side(st, _NO_ID, f"{LOST}: {reason}")
+            self._fail_other_side(st, _NO_ID, f"{UNDELIVERED}: {reason}")
             self._remove(st)
 
     def _process(self, st: PortState, seq: int, item: Item) -> None:
@@ -1670,22 +1700,23 @@ class Engine:
             if dead is not None:
                 dead.error = err  # the real cause of a port that arrived failed
             gone = self._failed.get(port)
-            if gone is not None and LOST in err.cause:
-                gone.lost = True  # it failed for another reason first: its items were lost too
+            if gone is not None:  # it failed for another reason first: were items lost too?
+                gone.lost = gone.lost or err.cause.startswith(LOST)
+                gone.sent_lost = gone.sent_lost or err.cause.startswith(UNDELIVERED)
             return
         if st.mode is OWNED:
             echo = not st.peer_closed
-            if LOST in err.cause or st.pending:
-                st.lost = True  # the sender's next send raises; a merged receiver reports it
+            st.lost = bool(st.pending) or err.cause.startswith(LOST)
+            st.sent_lost = err.cause.startswith(UNDELIVERED)
             self._fail_local(st, err)  # first: out of the table, so an echo cannot come back
             if echo:
                 # echo it to where the peer lives now: a failure detected in
                 # the middle of the path (items lost at a dead forwarder) must
                 # reach both ends, and the forwarder's own target may be long
-                # gone by the time its notice arrives; a dead peer ignores it
-                self._unsequenced(st.peer_node, FailEvent(st.peer_port, err.cause))
+                # gone by the time its notice arrives; a dead peer ignores it.
+                self._unsequenced(st.peer_node, FailEvent(st.peer_port, self._cause_for_peer(st)))
         elif st.mode is SENDING:
-            if st.pending_fail is None or LOST in err.cause:
+            if st.pending_fail is None or err.cause.startswith((LOST, UNDELIVERED)):
                 # the first cause is the root one; a later notice (say "the peer
                 # port is gone", which the first failure caused) must not hide
                 # that items were lost
