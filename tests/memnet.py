@@ -10,12 +10,13 @@ from __future__ import annotations
 import asyncio
 import random
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 from meshipc import ChannelClosed, Port, PortFailed
 from meshipc._codec import CODEC
 from meshipc._ids import NodeId, PortId
-from meshipc._ports import Engine
+from meshipc._ports import DEFAULT_LIMITS, Engine, Limits
 from meshipc._wire import Event, FrameDecoder, MsgEvent, encode_event
 
 
@@ -41,14 +42,24 @@ class _Outbox:
     def watch(self, node: bytes) -> None:
         pass
 
+    def backlog(self, node: bytes) -> int:
+        """What a test says is unwritten on this link (``Net.backlog``)."""
+        return self.net.backlog.get((self.src, self.net.index[node]), 0)
+
+    def watch_backlog(self, node: bytes, below: int, fn: Callable[[], None]) -> None:
+        self.net.backlog_waiters.append((self.src, self.net.index[node], below, fn))
+
 
 class Net:
-    def __init__(self, n: int) -> None:
+    def __init__(self, n: int, limits: Limits = DEFAULT_LIMITS) -> None:
         self.engines: list[Engine] = []
         self.links: dict[tuple[int, int], deque[tuple[Event, list[Any]]]] = {}
         self.dead: set[int] = set()
+        #: unwritten bytes a test pretends a link holds (a peer not reading)
+        self.backlog: dict[tuple[int, int], int] = {}
+        self.backlog_waiters: list[tuple[int, int, int, Callable[[], None]]] = []
         for _ in range(n):
-            self.engines.append(Engine(NodeId.random(), codec=CODEC))
+            self.engines.append(Engine(NodeId.random(), codec=CODEC, limits=limits))
         self.index = {e.node_id: i for i, e in enumerate(self.engines)}
         for i, e in enumerate(self.engines):
             e.out = _Outbox(self, i)
@@ -60,6 +71,18 @@ class Net:
         sa = ea.new_bound(pa, eb.node_id, pb)
         sb = eb.new_bound(pb, ea.node_id, pa)
         return Port._wrap([sa]), Port._wrap([sb])
+
+    def set_backlog(self, src: int, dst: int, n: int) -> None:
+        """Pretend the link src -> dst holds ``n`` unwritten bytes; wakes
+        whoever waits for it to shrink."""
+        self.backlog[(src, dst)] = n
+        keep = []
+        for w in self.backlog_waiters:
+            if (w[0], w[1]) == (src, dst) and n <= w[2]:
+                w[3]()
+            else:
+                keep.append(w)
+        self.backlog_waiters = keep
 
     def pending(self) -> list[tuple[int, int]]:
         return [k for k, q in self.links.items() if q]

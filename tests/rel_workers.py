@@ -127,7 +127,8 @@ async def hop(arg: dict[str, Any]) -> None:
 
 async def hold_then_move(arg: dict[str, Any]) -> None:
     """Receive a port on ``arg["ports"]`` and hold it unread; report
-    ``["have", pid]``; on ``"move"`` from ``arg["ctl"]``, forward it as a
+    ``["have", pid]``; on ``"warm"`` from ``arg["ctl"]`` send ``{"warm": True}``
+    to ``arg["to"]``; on ``"move"``, forward it as a
     hop message (read to the end) to ``arg["to"]`` and report ``["moved"]``.
     Stays until ``ctl`` closes (it may still be proxying)."""
     ports: Receiver[Any] = arg["ports"]
@@ -136,6 +137,8 @@ async def hold_then_move(arg: dict[str, Any]) -> None:
     port = await ports.recv()
     report.send(["have", os.getpid()])
     async for cmd in ctl:
+        if cmd == "warm":  # reach ``to`` once first, so the move needs no new connection
+            arg["to"].send({"warm": True})
         if cmd in ("move", "move-and-stop"):
             arg["to"].send({"port": port, "seen": 0, "reads": [], "route": [], "announce": True})
             report.send(["moved"])
@@ -276,3 +279,115 @@ async def hold_and_serve(arg: dict[str, Any]) -> None:
     async for call in arg["calls"]:
         call.reply(call.request)
     keeper.cancel()
+
+
+async def merged_reader(arg: dict[str, Any]) -> None:
+    """Issue 17: hold what ``arg["inbox"]`` brings (hop messages; ``port``
+    may be a merged Receiver), reporting ``["got"]`` on receipt; read it once
+    a ``"go"`` call came (at once unless the message says ``"gate"``): ``n``
+    values, or to the end; report ``["end", values, how]``. Meanwhile answer
+    calls on ``arg["calls"]``: ``"go"`` opens the gate, ``"proxied"`` answers
+    how many ports here are still fed by a proxy, anything else echoes."""
+    report: Sender[Any] = arg["report"]
+    gate = asyncio.Event()
+    engine: list[Any] = []
+
+    async def serve() -> None:
+        async for call in arg["calls"]:
+            if call.request == "go":
+                gate.set()
+            if call.request == "proxied" and engine:
+                call.reply(sum(1 for st in engine[0].ports.values() if st.proxy_from is not None))
+            else:
+                call.reply(call.request)
+
+    server = asyncio.ensure_future(serve())
+    async for m in arg["inbox"]:
+        if m.get("warm"):
+            report.send(["warm"])
+            continue
+        rx = m["port"]
+        engine.append(rx._states[0].engine)
+        report.send(["got"])
+        if m.get("gate"):
+            await gate.wait()
+        values: list[Any] = []
+        how = "complete"
+        try:
+            while m.get("n") is None or len(values) < m["n"]:
+                values.append(await rx.recv())
+        except ChannelClosed:
+            how = "closed"
+        except MeshError as exc:
+            how = f"{type(exc).__name__}: {exc}"
+        report.send(["end", values, how])
+    server.cancel()
+
+
+async def close_what_comes(rx: Receiver[Any]) -> None:
+    """Close every handle that arrives on ``rx``."""
+    async for h in rx:
+        h.close()
+
+
+async def forge_credit(arg: dict[str, Any]) -> None:
+    """Issue 18: a consumer whose consumption reports claim a billion items:
+    reads ``arg["rx"]``, reports ``["done", count, how]`` at the end."""
+    from meshipc._ports import Engine
+    from meshipc._wire import ConsumedEvent
+
+    def forged(self: Engine, st: Any) -> None:
+        st.unreported_n = st.unreported_bytes = 0
+        self.out.send_event(st.peer_node, ConsumedEvent(st.peer_port, 10**9), [])
+
+    Engine._report_consumed = forged  # type: ignore[method-assign]
+    report: Sender[Any] = arg["report"]
+    report.send(["ready"])
+    count, how = 0, "closed"
+    try:
+        async for _ in arg["rx"]:
+            count += 1
+    except MeshError as exc:
+        how = f"{type(exc).__name__}: {exc}"
+    report.send(["done", count, how])
+
+
+async def merged_hop(arg: dict[str, Any]) -> None:
+    """Issue 17 soak: one worker of a ring circulating a merged Receiver of
+    ``[k, i]`` values (``k`` a sender, ``i`` counting from 0 per sender).
+    A hop message is ``{"rx": Receiver, "next": {k: i}, "round": r,
+    "hops": n, "seed": s, "alive": [...]}``: read a random 0-200 values checking
+    each sender's order, then forward it to a random other worker of
+    ``alive`` (``hops`` times), then
+    read to the end. Reports ``["hop", round, idx, to]`` before forwarding
+    and ``["end", round, idx, next, ok, how]`` at the end."""
+    idx: int = arg["idx"]
+    peers: list[Sender[Any]] = arg["peers"]
+    report: Sender[Any] = arg["report"]
+    async for m in arg["inbox"]:
+        rx: Receiver[Any] = m["rx"]
+        nxt: dict[str, int] = m["next"]
+        rng = random.Random(m["seed"] * 7919 + m["hops"])
+        ok = True
+        n = rng.randint(0, 200) if m["hops"] > 0 else -1
+        how = None
+        try:
+            while n != 0:
+                k, i = await rx.recv()
+                ok = ok and nxt.get(str(k), 0) == i
+                nxt[str(k)] = i + 1
+                n -= 1
+        except ChannelClosed:
+            how = "closed"
+        except MeshError as exc:
+            how = f"{type(exc).__name__}: {exc}"
+        if how is None:
+            to = rng.choice([i for i in m.get("alive", range(len(peers))) if i != idx])
+            report.send(["hop", m["round"], idx, to])
+            try:
+                peers[to].send({**m, "rx": rx, "next": nxt, "hops": m["hops"] - 1})
+                continue
+            except MeshError as exc:
+                how = f"{type(exc).__name__}: {exc}"
+        report.send(["end", m["round"], idx, nxt, ok, how])
+        rx.close()

@@ -117,6 +117,12 @@ def autopump(net: Net) -> None:
         def watch(self, node: bytes) -> None:
             pass
 
+        def backlog(self, node: bytes) -> int:
+            return int(self.inner.backlog(node))
+
+        def watch_backlog(self, node: bytes, below: int, fn: Any) -> None:
+            self.inner.watch_backlog(node, below, fn)
+
     for e in net.engines:
         e.out = Outbox(e.out)
 

@@ -444,3 +444,27 @@ async def test_a_send_whose_body_cannot_be_made_raises_message_error(runtime_dir
                 tx.send(b"x" * OOB_THRESHOLD)
         finally:
             resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+async def test_backlog_counts_what_the_peer_has_not_taken_and_wakes_when_it_shrinks() -> None:
+    """Issue 18: ``Link.backlog`` (what flow control sees without trusting
+    the peer) counts the bytes a peer that stopped reading left unwritten,
+    and ``watch_backlog`` fires once it is back under the mark."""
+    async with linked() as (a, b, _, got):
+        fd = b.sock.fileno()
+        b.loop.remove_reader(fd)  # b stops reading
+        body = b"y" * 65536
+        for i in range(64):
+            a.write_data(PORT, i, K_DATA, body)
+            await asyncio.sleep(0)  # one write per turn
+        assert a.backlog > 1024 * 1024
+        assert a.backlog == a.queued_bytes
+        fired: list[int] = []
+        a.watch_backlog(64 * 1024, lambda: fired.append(a.backlog))
+        await asyncio.sleep(0)
+        assert not fired
+        b.loop.add_reader(fd, b._on_readable)  # b reads again
+        await wait_until(lambda: fired, "the backlog to shrink")
+        assert fired[0] <= 64 * 1024
+        await wait_until(lambda: len(got.bodies) == 64, "every message")
+        assert a.backlog == 0

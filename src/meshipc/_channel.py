@@ -48,6 +48,10 @@ EXT_RECEIVER: Final = 3
 
 _get_ident = threading.get_ident
 
+#: a sender's peer closed: its holder closed it, or its process (a service,
+#: the other side of an attachment) exited
+_RECEIVER_GONE: Final = "the receiver is gone (closed by its holder, or its process exited)"
+
 # the process's default engine: ports that never left this process
 _local_engine = Engine(NodeId.random(), codec=CODEC)
 
@@ -60,10 +64,14 @@ def _on_engine_thread(eng: Engine) -> bool:
     return eng.thread == threading.get_ident()
 
 
-def _from_thread(st: PortState, fn: Any, *args: Any) -> None:
+def _from_thread(st: PortState, fn: Any, *args: Any, handle: _Handle | None = None) -> None:
     """Run an engine call for ``st`` from a thread that does not drive its
     engine: under the engine's lock when no loop drives it, else on the
-    loop's thread (in order per calling thread)."""
+    loop's thread (in order per calling thread). There it is queued on the
+    state (``PortState.posted``), which the engine empties before the state
+    closes or moves: a close or a move on the loop never overtakes a call
+    accepted here. With ``handle``: accepted only while ``st`` is still the
+    handle's (it detaches under the same lock), else ``ChannelClosed``."""
     while True:
         eng = st.engine
         if eng.post is None:
@@ -75,10 +83,21 @@ def _from_thread(st: PortState, fn: Any, *args: Any) -> None:
         if _on_engine_thread(eng):
             fn(eng, *args)
             return
-        try:
-            eng.post(_run_posted, st, fn, args)
-        except RuntimeError:
-            raise ChannelClosed("the event loop of this port's mesh is closed") from None
+        with eng.lock:
+            if st.engine is not eng:
+                continue
+            if handle is not None and not (handle._states and handle._states[0] is st):
+                raise ChannelClosed(f"send on a closed or sent {type(handle).__name__}")
+            q = st.posted
+            if q is None:
+                q = st.posted = deque()
+            q.append((_run_posted, (st, fn, args)))
+            if len(q) == 1:  # else a run is already on its way
+                try:
+                    eng.post(eng.run_posted, st)
+                except RuntimeError:
+                    q.pop()
+                    raise ChannelClosed("the event loop of this port's mesh is closed") from None
         return
 
 
@@ -118,7 +137,14 @@ class _Handle:
         raise TypeError(f"use meshipc.channel() or Port.pair() to make a {type(self).__name__}")
 
     def _detach(self) -> list[PortState]:
-        states, self._states = self._states, []
+        states = self._states
+        if not states:
+            return []
+        # under the lock other threads' sends take (see _from_thread): once
+        # detached, none is accepted, and those accepted are queued on the
+        # state, ahead of whatever happens to it next
+        with states[0].engine.lock:
+            states, self._states = self._states, []
         for st in states:
             st.waker = None
         return states
@@ -171,7 +197,7 @@ class _Handle:
             if st.error is not None:
                 raise st.error
             if st.peer_closed:
-                raise ChannelClosed("the receiver is closed")
+                raise ChannelClosed(_RECEIVER_GONE)
             if not eng.over_window(st):
                 return
             fut = asyncio.get_running_loop().create_future()
@@ -202,6 +228,8 @@ def _send(h: _Handle, kind: int, value: Any) -> None:
     else:
         # another thread: check what can be checked here, so the error is
         # raised to this caller, then hand the send to the loop (in order)
+        if st.sent_lost and st.error is not None:
+            raise st.error
         if eng.over_hard_limit(st):
             raise eng._full(st)
         try:
@@ -212,9 +240,9 @@ def _send(h: _Handle, kind: int, value: Any) -> None:
         # ports or fds, goes straight to the full encoder)
         if plain is None:
             check_encodable(value)
-            _from_thread(st, _engine_send_message, st, kind, value)
+            _from_thread(st, _engine_send_message, st, kind, value, handle=h)
         else:
-            _from_thread(st, _engine_send_encoded, st, kind, value, plain)
+            _from_thread(st, _engine_send_encoded, st, kind, value, plain, handle=h)
 
 
 class _Inbox(_Handle):
@@ -367,9 +395,12 @@ class _Inbox(_Handle):
             q = st.queue
             if q:
                 msg = q.popleft()
-                if not q and not st.ended:
-                    ready.popleft()
-                    self._sched.discard(st)
+                if not q:
+                    if not st.ended:
+                        ready.popleft()
+                        self._sched.discard(st)
+                elif len(ready) > 1:
+                    ready.rotate(-1)  # round-robin between merged senders
                 body = msg.body
                 if body is not None:
                     # flow control: a remote sender counts this off its window
@@ -379,6 +410,8 @@ class _Inbox(_Handle):
                     eng = st.engine
                     if st.unreported_n >= eng.ack_every_n or st.unreported_bytes >= eng.ack_every_bytes:
                         eng.consumed(st)
+                    elif st.report_all and not q:  # its sender waits for an exact report
+                        eng.report_consumed(st)
                 if st.credit is not None:
                     st.engine.consumed(st)  # a local sender waits in drain()
                 return msg
@@ -386,12 +419,14 @@ class _Inbox(_Handle):
             self._sched.discard(st)
             if st.ended and st in self._states and self._merges:
                 # one of several senders is gone: drop it. A failure is
-                # reported only when it ends the stream (the last sender):
-                # one client dying must not end a server's loop over many
+                # reported when it ends the stream (the last sender), or at
+                # once when items of this sender may have been lost (the
+                # stream must not end cleanly with a hole in it); else one
+                # client dying must not end a server's loop over many
                 self._states.remove(st)
                 st.waker = None
                 self._error = st.error
-                if st.error is not None and not self._states:
+                if st.error is not None and (st.lost or not self._states):
                     raise st.error
         if not self._merges:
             # a single port keeps its state until closed: the end is sticky and
@@ -511,7 +546,9 @@ class _Inbox(_Handle):
 
     async def recv(self) -> Any:
         """The next message. Raises ``ChannelClosed`` once every sender is
-        closed, ``PortFailed`` if one failed. A message from another process
+        closed, ``PortFailed`` if the last one failed, or (a merged receiver)
+        in its place in the stream when one sender's messages may have been
+        lost; the other senders' messages follow. A message from another process
         that does not decode or validate is dropped and logged (counted in
         ``bad_messages``); the channel goes on."""
         while True:
@@ -560,7 +597,8 @@ class Port(_Inbox):
     def send(self, value: Any) -> None:
         """Send ``value`` (any message value) to the peer port; safe from any
         thread. Raises ``MessageError`` for a value that cannot go to another
-        process, ``BufferFull`` at the flow-control hard limit."""
+        process, ``BufferFull`` at the flow-control hard limit, ``PortFailed``
+        once messages it sent may have been lost."""
         _send(self, K_DATA, value)
 
     def __repr__(self) -> str:
@@ -581,10 +619,14 @@ class Sender(_Handle, Generic[T]):
 
     def send(self, value: T) -> None:
         """Queue ``value`` for the receiver; safe from any thread (each
-        thread's messages keep their order). Raises ``ChannelClosed`` if this
-        sender was closed or sent away, ``MessageError`` for a value that
-        cannot go to another process (nothing is sent), ``BufferFull`` at the
-        flow-control hard limit (see ``drain``)."""
+        thread's messages keep their order; closing or sending this sender
+        away never overtakes a send another thread already made). Raises
+        ``ChannelClosed`` if this sender was closed or sent away,
+        ``MessageError`` for a value that cannot go to another process
+        (nothing is sent, the channel stays usable), ``BufferFull`` at the
+        flow-control hard limit (see ``drain``), ``PortFailed`` once messages
+        it sent may have been lost (the receiver failed with them in
+        transit); to a receiver that is merely gone, sends are dropped."""
         states = self._states
         if states:
             st = states[0]
@@ -615,7 +657,7 @@ class Sender(_Handle, Generic[T]):
             raise ChannelClosed("call on a closed sender")
         st = self._states[0]
         if st.peer_closed:
-            raise ChannelClosed("the receiver is closed")
+            raise ChannelClosed(_RECEIVER_GONE)
         if st.error is not None:
             raise st.error
         eng = st.engine

@@ -20,7 +20,7 @@ import os
 import socket
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Final
 
@@ -291,6 +291,20 @@ class Node:
             self.loop.call_soon(self.engine.node_failed, node, self._dead[node])
             return
         self._connecting[node] = self._tasks.spawn(self._connect(node))
+
+    def backlog(self, node: bytes) -> int:
+        """Unsent bytes on the link to ``node`` (0 while not linked)."""
+        link = self._links.get(node)
+        return 0 if link is None else link.backlog
+
+    def watch_backlog(self, node: bytes, below: int, fn: Callable[[], None]) -> None:
+        """Call ``fn`` once the link to ``node`` is down to ``below`` unsent
+        bytes, or gone."""
+        link = self._links.get(node)
+        if link is None:
+            self.loop.call_soon(fn)
+        else:
+            link.watch_backlog(below, fn)
 
     def _on_event(self, src: bytes, ev: Event, fds: list[Any]) -> None:
         self.engine.receive(src, ev, fds)

@@ -76,6 +76,42 @@ receiver's queue length is the count itself. ``drain`` waits while over the
 window; ``send`` raises ``BufferFull`` at the hard limit. A reorder buffer
 beyond the hard limit plus ``MAX_REORDER`` fails that port, not the link.
 
+* A report of more than was sent is a ``ProtocolError`` (the link goes):
+  forged credit cannot open a window. Credit that is merely claimed early
+  cannot grow our memory either: ``drain`` also waits while the peer's link
+  holds more than ``link_buffer_bytes`` unwritten, and ``send`` raises
+  ``BufferFull`` past ``link_max_bytes`` (``Outbox.backlog``).
+* A message larger than the byte limit goes once everything before it was
+  consumed: the refused send asks the receiver for an exact report
+  (``CONSUMED`` with ``CONSUMED_POLL``); it answers now and again when its
+  queue runs empty, and ``drain`` waits for exactly that.
+* Ports inside a message count ``PORT_BYTES`` each plus their unread
+  backlog; a compact call counts the port it makes at the callee.
+* A moving port re-forwards its whole unread backlog at every hop (the old
+  end buffers it, then proxies it to the new end): n hops of a backlog of b
+  items cost n * b forwards. It is bounded, not avoided: b is at most what
+  its producer may leave unconsumed (``max_messages``/``max_bytes``; a
+  producer that drains keeps it under the window), and each carrying message
+  counts that backlog against its own sender's window, so holders that
+  drain before passing it on are paced by the consumer.
+* Every item is sent before it takes its sequence number (an outbox that
+  refuses it, say while making an out-of-band body, raises ``MessageError``
+  and leaves no gap).
+
+Losses are never silent, and they have a direction. An end whose incoming
+stream has a hole (a proxy feeding it died, items wait beyond a dead hop, the
+peer overran it) is marked ``lost``: a merged receiver raises its failure in
+order instead of dropping that sender quietly. An end whose sent items may
+not have arrived (its peer says so, its peer's path through a dead node
+broke, or it sent items not yet reported consumed to a node that died) is
+marked ``sent_lost``: its next ``send`` raises. Failure causes carry the
+mark as seen by the end that gets them (``LOST``/``UNDELIVERED``), and an
+end passing a failure on to its peer swaps it.
+
+Calls other threads make on an end (sends, close) wait on that end
+(``PortState.posted``) until its engine's thread runs them; it runs them
+before the end closes or moves, so neither overtakes an accepted send.
+
 A shortcut: an end whose peer is *pinned* (an RPC reply port, which never
 moves) travels as ``D_DIRECT``: the peer is repointed at once and the new
 end needs no proxy, ``ARRIVED`` or ``CHANGE_PEER``. It is safe only because
@@ -175,25 +211,73 @@ class Limits:
     Bytes are encoded body bytes and count only towards another process (a
     local message is not serialized); messages count everywhere. The
     receiver reports consumption in batches of a quarter window, so the
-    credit traffic is one small frame per quarter window.
+    credit traffic is one small frame per quarter window. A port carried
+    inside a message counts ``PORT_BYTES`` plus the bytes of its unread
+    backlog (which travels with it).
+
+    Consumption reports are the peer's word; what we hold for one peer node
+    is also bounded by what we can see ourselves, its link's unsent write
+    buffer (a peer that stops reading cannot make us queue more, whatever
+    it reports):
+
+    * ``drain()`` also waits while that buffer holds more than
+      ``link_buffer_bytes``;
+    * ``send`` raises :class:`BufferFull` while it holds more than
+      ``link_max_bytes``.
+
+    A report of more than was sent on a port is a protocol error: the link
+    to that peer is dropped.
     """
 
     window_messages: int = 2048
     window_bytes: int = 2 * 1024 * 1024
     max_messages: int = 262144
     max_bytes: int = 64 * 1024 * 1024
+    #: unsent bytes on one peer's link above which ``drain()`` waits
+    link_buffer_bytes: int = 8 * 1024 * 1024
+    #: unsent bytes on one peer's link at which ``send`` raises ``BufferFull``
+    link_max_bytes: int = 128 * 1024 * 1024
 
     def __post_init__(self) -> None:
         if not 1 <= self.window_messages <= self.max_messages:
             raise ValueError("need 1 <= window_messages <= max_messages")
         if not 1 <= self.window_bytes <= self.max_bytes:
             raise ValueError("need 1 <= window_bytes <= max_bytes")
+        if not 1 <= self.link_buffer_bytes <= self.link_max_bytes:
+            raise ValueError("need 1 <= link_buffer_bytes <= link_max_bytes")
 
 
 DEFAULT_LIMITS: Final = Limits()
 #: A sender notes how many bytes it had sent every this many messages (or
 #: window/8 bytes): consumption reports are matched against these notes.
 CHECKPOINT_MESSAGES: Final = 64
+#: What a port carried inside a message counts towards the byte window (on
+#: top of its unread backlog): about what its state costs the receiver.
+PORT_BYTES: Final = 1024
+#: ``CONSUMED`` with this sequence number asks the receiver for an exact
+#: report (a sender holds a message larger than its window until every
+#: earlier one was consumed); no real report is 0 (it follows a read).
+CONSUMED_POLL: Final = 0
+#: A failure's cause starts with one of these when items were lost, as seen
+#: by the end that gets it: LOST, items on their way *to* it (a hole in what
+#: it receives: even a merged receiver must report it); UNDELIVERED, items it
+#: *sent* (its next send raises). An end passes a failure on to its peer
+#: with the other one.
+LOST: Final = "messages in transit were lost"
+UNDELIVERED: Final = "messages sent on this port were lost"
+
+
+def _unmarked(cause: str) -> str:
+    """``cause`` without a leading LOST/UNDELIVERED."""
+    for mark in (LOST, UNDELIVERED):
+        if cause.startswith(mark + ": "):
+            return cause[len(mark) + 2 :]
+    return cause
+#: Ports that arrived failed (``D_DEAD | D_PEER_CLOSED``) whose cause may
+#: still come (the sender follows the carrying message with a ``FAIL`` naming
+#: it, on the same link), and causes of ends that failed lately (for a
+#: ``CHANGE_PEER`` still on its way to them): each kept for this many.
+MAX_DEAD_CAUSES: Final = 256
 
 
 class Message:
@@ -284,6 +368,7 @@ class PortState:
         "error",
         "first_hop",
         "id",
+        "lost",
         "mode",
         "next_checkpoint_bytes",
         "next_checkpoint_seq",
@@ -293,18 +378,22 @@ class PortState:
         "pending",
         "pending_fail",
         "pinned",
+        "posted",
         "proxy_from",
         "proxy_last",
         "queue",
         "recv_seq",
         "relayed",
+        "report_all",
         "send_seq",
         "sent_bytes",
+        "sent_lost",
         "target_node",
         "target_port",
         "unreported_bytes",
         "unreported_n",
         "waker",
+        "want_all",
     )
 
     def __init__(self, engine: Engine, id: bytes, peer_node: bytes, peer_port: bytes) -> None:
@@ -324,6 +413,11 @@ class PortState:
         self.close_sent = False  # our CLOSE is on its way to the peer
         self.peer_closed = False  # the peer's CLOSE was processed
         self.error: PortFailed | None = None
+        # the failure may have lost items of the stream towards this end (see
+        # LOST: a merged receiver reports it), or items this end sent (see
+        # UNDELIVERED: its next send raises)
+        self.lost = False
+        self.sent_lost = False
         self.target_node = _NO_ID
         self.target_port = _NO_ID
         self.first_hop = _NO_ID
@@ -353,6 +447,16 @@ class PortState:
         self.unreported_bytes = 0
         # called when this end's window may have opened (or the port ended)
         self.credit: list[Callable[[], None]] | None = None
+        # a send was refused for a message larger than the window: drain()
+        # waits until everything sent before it was consumed (and asked the
+        # receiver for an exact report, which it also sends once its queue
+        # is empty: report_all)
+        self.want_all = False
+        self.report_all = False
+        # calls other threads accepted for this end (sends, close), run on
+        # the engine's thread in order, and always before this end closes or
+        # moves (Engine.run_posted); guarded by the engine's lock
+        self.posted: deque[tuple[Callable[..., None], tuple[Any, ...]]] | None = None
 
     @property
     def ended(self) -> bool:
@@ -384,6 +488,17 @@ class Outbox(Protocol):
         report its death through :meth:`Engine.node_failed`."""
         ...
 
+    def backlog(self, node: bytes) -> int:
+        """Bytes handed over for ``node`` that could not be written yet (the
+        peer is not reading): what flow control sees without trusting the
+        peer (``Limits.link_buffer_bytes``)."""
+        ...
+
+    def watch_backlog(self, node: bytes, below: int, fn: Callable[[], None]) -> None:
+        """Call ``fn`` once (later, never inside this call) when the backlog
+        of ``node`` is at most ``below`` bytes, or its link is gone."""
+        ...
+
 
 class _NoOutbox:
     """The outbox of an engine with no node: nothing can leave it."""
@@ -396,6 +511,12 @@ class _NoOutbox:
 
     def watch(self, node: bytes) -> None:
         pass
+
+    def backlog(self, node: bytes) -> int:
+        return 0
+
+    def watch_backlog(self, node: bytes, below: int, fn: Callable[[], None]) -> None:
+        fn()
 
 
 class _NullCodec:
@@ -435,6 +556,7 @@ class Engine:
         self.ack_every_bytes = max(1, limits.window_bytes // ACK_FRACTION)
         self._max_n = limits.max_messages  # read per checkpoint: plain attributes
         self._max_b = limits.max_bytes
+        self._link_max = limits.link_max_bytes
         self._checkpoint_every_bytes = max(1, limits.window_bytes // CHECKPOINT_FRACTION)
         #: the thread that drives this engine, and how to run a call there;
         #: None for an engine no event loop drives (then ``lock`` serializes
@@ -446,6 +568,13 @@ class Engine:
         self.codec: Codec = codec if codec is not None else _NullCodec()
         self.ports: dict[bytes, PortState] = {}
         self._work: deque[tuple[bytes, int, Item]] = deque()
+        # FAIL events naming the cause of failed ports in a message: sent
+        # right after it (see _send_port), and where they are awaited
+        self._after: list[tuple[bytes, FailEvent]] = []
+        self._dead_causes: dict[bytes, PortState] = {}
+        # ends that failed here lately (bounded): a CHANGE_PEER that finds
+        # one gone answers with its cause, a later notice of a loss marks it
+        self._failed: dict[bytes, PortState] = {}
         self._running = False
         #: called as ``unknown_port(src, port, seq, msg)`` for a message from
         #: node ``src`` (authenticated by its link) to a port id this engine
@@ -519,19 +648,24 @@ class Engine:
             return
         self.send(st, Message(kind, obj), force)
 
-    def _ship(self, st: PortState, node: bytes, kind: int, body: bytes, force: bool) -> None:
+    def _ship(self, st: PortState, node: bytes, kind: int, body: bytes, force: bool, extra: int = 0) -> None:
         """Send an encoded plain message from the owned, open end ``st`` to
-        its peer on ``node``: size limit, flow-control count, next sequence
-        number, the outbox."""
+        its peer on ``node``: size limit, flow-control count, the outbox, and
+        only then the sequence number (a message that could not be queued
+        leaves no gap). ``extra``: bytes it counts beyond its body."""
         n = len(body)
         if n > MAX_OOB_BODY:
             raise MessageError(f"a message of {n} bytes exceeds the limit of {MAX_OOB_BODY}")
+        n += extra
         seq = st.send_seq
         if seq >= st.next_checkpoint_seq or st.sent_bytes + n >= st.next_checkpoint_bytes:
             self._checkpoint(st, seq, n, force)  # may raise BufferFull
+        try:
+            self.out.send_data(node, st.peer_port, seq, kind, body)
+        except OSError as exc:  # making its out-of-band body, say: nothing was queued
+            raise MessageError(f"the message could not be queued: {exc}") from exc
         st.send_seq = seq + 1
         st.sent_bytes += n
-        self.out.send_data(node, st.peer_port, seq, kind, body)
 
     def send(self, st: PortState, msg: Message, force: bool = False) -> None:
         """Send ``msg`` from the end ``st``. Dropped silently once the peer is
@@ -544,6 +678,8 @@ class Engine:
             raise ChannelClosed("send on a port that was closed or sent away")
         if st.peer_closed or st.error is not None:
             self.dispose(msg, None if st.error is None else st.error.cause)
+            if st.sent_lost and st.error is not None:
+                raise st.error  # what this end sent may not have arrived: say so
             return
         node = st.peer_node
         if node != self.node_id:
@@ -555,13 +691,21 @@ class Engine:
             seq = st.send_seq
             if msg.body is None:
                 msg = self.encode_message(msg, st)
-            ev, fds = self._event_for(node, st.peer_port, seq, msg, strict=True)
             n = len(msg.body or b"")
+            if msg.ports:
+                n += self._carried_bytes(msg.ports)
+            ev, fds = self._event_for(node, st.peer_port, seq, msg, strict=True)
             if seq >= st.next_checkpoint_seq or st.sent_bytes + n >= st.next_checkpoint_bytes:
                 self._checkpoint(st, seq, n, True)
+            try:
+                self.out.send_event(node, ev, fds)
+            except (OSError, MessageError, BufferFull) as exc:
+                self._after.clear()
+                self._unsent(msg, exc)
             st.send_seq = seq + 1
             st.sent_bytes += n
-            self.out.send_event(node, ev, fds)
+            if self._after:
+                self._send_after()
             return
         target = self.ports.get(st.peer_port)
         if target is not None and target.mode is OWNED:
@@ -596,6 +740,34 @@ class Engine:
         st.send_seq = seq + 1
         self._route(node, st.peer_port, seq, msg)
 
+    @staticmethod
+    def _carried_bytes(states: list[PortState]) -> int:
+        """What the ports in a message count towards the byte window: each
+        ``PORT_BYTES`` plus the unread backlog that travels with it (so a
+        port that moves on at every hop re-sends a bounded backlog)."""
+        n = 0
+        for ps in states:
+            n += PORT_BYTES
+            for m in ps.queue:
+                n += len(m.body or b"")
+        return n
+
+    def _unsent(self, msg: Message, exc: OSError | MessageError | BufferFull) -> None:
+        """The outbox refused a message whose ports were already turned into
+        descriptors (an out-of-band body could not be made, or too many are
+        in flight): nothing was queued, so fail those ports with the cause and
+        raise ``exc`` (an ``OSError`` as ``MessageError``)."""
+        reason = f"the message carrying this port could not be sent: {exc}"
+        for ps in msg.ports or ():
+            if ps.mode is SENDING and self.ports.get(ps.id) is ps:
+                self._fail_other_side(ps, _NO_ID, reason)
+                self._remove(ps)
+        for fd in msg.fds or ():
+            fd.close()
+        if not isinstance(exc, OSError):
+            raise exc
+        raise MessageError(f"the message could not be queued: {exc}") from exc
+
     def call_plain(self, st: PortState, body: bytes | bytearray) -> PortState | None:
         """Send an RPC request whose encoded value is ``body`` from ``st`` to
         its peer on another node, in one frame that names the reply port by
@@ -615,12 +787,13 @@ class Engine:
             return None
         reply_id, callee_end = random_id(), random_id()
         # the head names both reply ends; if the send raises, nothing is registered
+        # the callee gets a port state for it: counted like a carried port
         if isinstance(body, bytes):
-            self._ship(st, node, K_CALL, callee_end + reply_id + body, False)
+            self._ship(st, node, K_CALL, callee_end + reply_id + body, False, PORT_BYTES)
         else:  # room at its front for the head (a bytearray, or a _wire.Gather)
             body[:CALL_HEAD] = callee_end + reply_id
             # it goes where bytes go (length, buffer protocol); nothing keeps or changes it
-            self._ship(st, node, K_CALL, cast(bytes, body), False)
+            self._ship(st, node, K_CALL, cast(bytes, body), False, PORT_BYTES)
         reply = PortState(self, reply_id, node, callee_end)
         reply.pinned = True
         self.ports[reply_id] = reply
@@ -646,6 +819,8 @@ class Engine:
         so no CLOSE is sent and none comes back."""
         try:
             self.send_value(st, kind, obj)
+        except PortFailed:
+            pass  # the caller is gone (it learnt why): an answer to nobody is a no-op
         except BaseException:
             self.close(st)  # the peer learns the end the usual way
             raise
@@ -712,6 +887,12 @@ class Engine:
                     ps.pending[seq] = self.encode_message(item, ps)
 
     def _full(self, st: PortState) -> BufferFull:
+        unsent = self.out.backlog(st.peer_node) if st.peer_node != self.node_id else 0
+        if unsent >= self._link_max:
+            return BufferFull(
+                f"{unsent} bytes for node {st.peer_node.hex()[:12]} are not written yet (limit "
+                f"{self._link_max}): it is not reading; await drain() before sending more"
+            )
         if st.checkpoints is None:
             t = self.ports.get(st.peer_port)
             n = len(t.queue) if t is not None else 0
@@ -740,6 +921,7 @@ class Engine:
         return (
             st.send_seq - 1 - st.acked_seq >= lim.max_messages
             or st.sent_bytes - st.acked_bytes >= lim.max_bytes
+            or self.out.backlog(st.peer_node) >= lim.link_max_bytes
         )
 
     def over_window(self, st: PortState) -> bool:
@@ -755,6 +937,8 @@ class Engine:
         return (
             st.send_seq - 1 - st.acked_seq > lim.window_messages
             or st.sent_bytes - st.acked_bytes > lim.window_bytes
+            or (st.want_all and st.acked_seq < st.send_seq - 1)
+            or self.out.backlog(st.peer_node) > lim.link_buffer_bytes
         )
 
     def in_flight(self, st: PortState) -> tuple[int, int]:
@@ -777,6 +961,14 @@ class Engine:
             out_n = seq - 1 - st.acked_seq
             out_b = st.sent_bytes - st.acked_bytes
             if out_n >= self._max_n or (out_b + n > self._max_b and out_n):
+                if out_n < self._max_n and not st.want_all:
+                    # this message alone is over the limit: it goes once every
+                    # earlier one was consumed; consumption is reported in
+                    # batches, so ask the receiver for an exact report now
+                    st.want_all = True
+                    self._poll_consumed(st)
+                raise self._full(st)
+            if self.out.backlog(st.peer_node) >= self._link_max:
                 raise self._full(st)
         ck.append((seq - 1, st.sent_bytes))
         st.next_checkpoint_seq = seq + CHECKPOINT_MESSAGES
@@ -792,6 +984,8 @@ class Engine:
             t = self.ports.get(st.peer_port)
             if t is not None and t.mode is OWNED:
                 holder = t
+        elif self.out.backlog(st.peer_node) > self.limits.link_buffer_bytes:
+            self.out.watch_backlog(st.peer_node, self.limits.link_buffer_bytes, fn)
         if holder.credit is None:
             holder.credit = []
         holder.credit.append(fn)
@@ -812,6 +1006,17 @@ class Engine:
         if st.unreported_n >= self.ack_every_n or st.unreported_bytes >= self.ack_every_bytes:
             self._report_consumed(st)
 
+    def report_consumed(self, st: PortState) -> None:
+        """Report what was consumed now, if anything was since the last
+        report (the queue of ``st`` ran empty after a sender asked)."""
+        st.report_all = False
+        if st.unreported_n:
+            self._report_consumed(st)
+
+    def _poll_consumed(self, st: PortState) -> None:
+        if st.peer_node != self.node_id:
+            self.out.send_event(st.peer_node, ConsumedEvent(st.peer_port, CONSUMED_POLL), [])
+
     def _report_consumed(self, st: PortState) -> None:
         st.unreported_n = st.unreported_bytes = 0
         if (
@@ -827,16 +1032,31 @@ class Engine:
         st = self.ports.get(port)
         if st is None or st.mode is not OWNED:
             return  # the sender moved on: its new end counts from its own first send
+        if seq == CONSUMED_POLL:
+            # our peer waits to send a message larger than its window: report
+            # now, and again once the queue is empty
+            if st.unreported_n:
+                self._report_consumed(st)
+            st.report_all = bool(st.queue)
+            return
+        if seq >= st.send_seq:
+            # credit for items never sent: a peer that forges it would make
+            # us queue without bound (Limits), so it is a broken peer
+            raise ProtocolError(
+                f"the peer reported item {seq} consumed on port {st.id.hex()[:8]}, "
+                f"which has sent only {st.send_seq - 1}"
+            )
         ck = st.checkpoints
         if ck is None or seq <= st.acked_seq:
             return
-        st.acked_seq = min(seq, st.send_seq - 1)
-        if st.acked_seq == st.send_seq - 1:
+        st.acked_seq = seq
+        if seq == st.send_seq - 1:
             # everything sent was consumed: so were all its bytes (the
             # checkpoints only know the bytes *before* the last one, which
             # would keep a message larger than the window counted forever)
             ck.clear()
             st.acked_bytes = st.sent_bytes
+            st.want_all = False
         else:
             b = st.acked_bytes
             while ck and ck[0][0] <= seq:
@@ -845,8 +1065,22 @@ class Engine:
         if st.credit is not None and not self.over_window(st):
             self._fire_credit(st)
 
+    def run_posted(self, st: PortState) -> None:
+        """Run, in order, the calls other threads accepted for ``st``
+        (``PortState.posted``): when the loop gets to them, and before ``st``
+        closes or moves, so a close or a move never overtakes them."""
+        q = st.posted
+        while q:
+            with self.lock:
+                if not q:
+                    return
+                fn, args = q.popleft()
+            fn(*args)
+
     def close(self, st: PortState) -> None:
         """Close this end: the peer reads what is queued, then ``ChannelClosed``."""
+        if st.posted:
+            self.run_posted(st)
         if st.closed:
             return
         st.closed = True
@@ -988,7 +1222,11 @@ class Engine:
                 return
             if mode is PROXY and st.target_node != self.node_id:
                 st.recv_seq = seq + 1
-                self.out.send_data(st.target_node, st.target_port, seq, kind, body)
+                try:
+                    self.out.send_data(st.target_node, st.target_port, seq, kind, body)
+                except (OSError, MessageError, BufferFull) as exc:
+                    self._forward_failed(st, exc)
+                    return
                 if kind >= K_REPLY or (st.proxy_last is not None and seq >= st.proxy_last):
                     self._proxy_done(st)
                 return
@@ -1023,35 +1261,43 @@ class Engine:
             if st.proxy_from == node:
                 # items forwarded to this end through that node are lost: the
                 # stream has a hole that can never fill, so both sides fail
-                lost = f"messages in transit were lost: {err.cause}"
+                lost, undelivered = f"{LOST}: {err.cause}", f"{UNDELIVERED}: {err.cause}"
                 if st.mode is OWNED:
                     if st.peer_node != node and not st.peer_closed:
-                        self._unsequenced(st.peer_node, FailEvent(st.peer_port, lost))
-                    self._fail_local(st, NodeFailure(node.hex(), lost))
+                        self._unsequenced(st.peer_node, FailEvent(st.peer_port, undelivered))
+                    st.lost = True
+                    self._fail_local(st, NodeFailure(node.hex(), f"{LOST}: {reason}"))
                 elif st.mode is SENDING:
-                    self._fail_other_side(st, node, lost)
+                    self._fail_other_side(st, node, undelivered)
                     if st.first_hop == node:
                         self._remove(st)
                     else:
                         st.pending_fail = lost
                 else:
                     self._unsequenced(st.target_node, FailEvent(st.target_port, lost))
-                    self._fail_other_side(st, node, lost)
+                    self._fail_other_side(st, node, undelivered)
                     self._remove(st)
                 continue
             if st.mode is OWNED:
                 if st.peer_node == node:
+                    # items waiting in the reorder buffer came another way: the
+                    # peer moved on (it is alive), and what it sent through the
+                    # dead node before is lost; and what we sent there that
+                    # was not reported consumed may be lost too
+                    st.lost = bool(st.pending)
+                    st.sent_lost = st.checkpoints is not None and st.acked_seq < st.send_seq - 1
                     self._fail_local(st, err)
             elif st.mode is SENDING:
                 if st.first_hop == node:
-                    # the message carrying this port died with that node
-                    self._fail_other_side(st, node, err.cause)
+                    # the message carrying this port died with that node, and
+                    # what its peer sent to it with it
+                    self._fail_other_side(st, node, f"{UNDELIVERED}: {err.cause}")
                     self._remove(st)
-                elif st.peer_node == node:
+                elif st.peer_node == node and st.pending_fail is None:
                     st.pending_fail = err.cause
             else:
-                if st.target_node == node:
-                    self._fail_other_side(st, node, err.cause)
+                if st.target_node == node:  # what it forwarded there may be lost
+                    self._fail_other_side(st, node, f"{UNDELIVERED}: {err.cause}")
                     self._remove(st)
                 elif st.peer_node == node:
                     self._unsequenced(st.target_node, FailEvent(st.target_port, err.cause))
@@ -1111,13 +1357,37 @@ class Engine:
             if node != dead:
                 self._unsequenced(node, FailEvent(port, reason))
 
-    def _abandon(self, item: Item) -> None:
-        """Drop a sequenced item whose port is gone for good."""
+    def _abandon(self, item: Item, port: bytes = _NO_ID) -> None:
+        """Drop a sequenced item whose port (``port``, if known) is gone for good."""
         if isinstance(item, Message):
             self.dispose(item)
         elif isinstance(item, _ChangePeer):
-            # the proxy waiting for our acknowledgement would wait forever
-            self._unsequenced(item.old_node, FailEvent(item.old_port, "the peer port is gone"))
+            # the proxy waiting for our acknowledgement would wait forever;
+            # tell it why the port went, if it failed (a loss must reach the
+            # other side as a loss, not as "gone")
+            gone = self._failed.get(port)
+            reason = "the peer port is gone" if gone is None else self._cause_for_peer(gone)
+            self._unsequenced(item.old_node, FailEvent(item.old_port, reason))
+
+    def _forward_failed(self, st: PortState, exc: OSError | MessageError | BufferFull) -> None:
+        """A proxy could not pass an item on (the outbox refused it: no
+        descriptor for an out-of-band body, say): the stream has a hole that
+        can never fill, so both sides fail, saying items were lost."""
+        reason = f"a node forwarding them could not pass one on: {exc}"
+        self._unsequenced(st.target_node, FailEvent(st.target_port, f"{LOST}: {reason}"))
+        self._fail_other_side(st, _NO_ID, f"{UNDELIVERED}: {reason}")
+        self._remove(st)
+
+    @staticmethod
+    def _cause_for_peer(st: PortState) -> str:
+        """The failure of ``st`` as its peer must see it: what ``st`` did not
+        receive, the peer sent (UNDELIVERED), and the other way round (LOST)."""
+        cause = _unmarked(st.error.cause) if st.error is not None else "the peer port is gone"
+        if st.lost:
+            return f"{UNDELIVERED}: {cause}"
+        if st.sent_lost:
+            return f"{LOST}: {cause}"
+        return cause
 
     def _proxy_done(self, st: PortState) -> None:
         """A proxy has forwarded all it owed: tell its target, and go."""
@@ -1127,6 +1397,10 @@ class Engine:
     def _fail_local(self, st: PortState, err: PortFailed) -> None:
         if st.error is None and not st.peer_closed:
             st.error = err
+            failed = self._failed  # the cause, for a CHANGE_PEER still on its way here
+            if len(failed) >= MAX_DEAD_CAUSES:
+                del failed[next(iter(failed))]
+            failed[st.id] = st
         self._remove(st)
         if st.waker is not None:
             st.waker()
@@ -1153,6 +1427,13 @@ class Engine:
             return
         ev, fds = self._event_for(node, port, seq, item, strict=False)
         self.out.send_event(node, ev, fds)
+        if self._after:
+            self._send_after()
+
+    def _send_after(self) -> None:
+        after, self._after = self._after, []
+        for node, ev in after:
+            self.out.send_event(node, ev, [])
 
     def _event_for(
         self, node: bytes, port: bytes, seq: int, item: Item, strict: bool
@@ -1187,7 +1468,7 @@ class Engine:
                 port, seq, item = work.popleft()
                 st = self.ports.get(port)
                 if st is None:
-                    self._abandon(item)
+                    self._abandon(item, port)
                     continue
                 self._receive_item(st, seq, item)
         finally:
@@ -1226,10 +1507,11 @@ class Engine:
             "beyond what this end consumed (flow-control limit)"
         )
         if st.mode is OWNED:
-            self._unsequenced(st.peer_node, FailEvent(st.peer_port, reason))
+            self._unsequenced(st.peer_node, FailEvent(st.peer_port, f"{UNDELIVERED}: {reason}"))
+            st.lost = True
             self._fail_local(st, PortFailed(reason))
         else:
-            self._fail_other_side(st, _NO_ID, reason)
+            self._fail_other_side(st, _NO_ID, f"{UNDELIVERED}: {reason}")
             self._remove(st)
 
     def _process(self, st: PortState, seq: int, item: Item) -> None:
@@ -1259,6 +1541,8 @@ class Engine:
                 elif item.new_node == self.node_id:
                     st.checkpoints = None  # a local peer's queue is the count now
                     st.next_checkpoint_seq = 0
+                if st.want_all:
+                    self._poll_consumed(st)  # the old end's poll died with it
                 self._fire_credit(st)  # a drain() waiting on the old peer re-checks
                 return
             if st.waker is not None:
@@ -1276,7 +1560,12 @@ class Engine:
                 st.peer_node = item.new_node
                 st.peer_port = item.new_port
                 self._note_relayed(st, item)
-            self._route(st.target_node, st.target_port, seq, item)
+            try:
+                self._route(st.target_node, st.target_port, seq, item)
+            except (OSError, MessageError, BufferFull) as exc:
+                self._abandon(item)
+                self._forward_failed(st, exc)
+                return
             if (
                 isinstance(item, _CloseItem)
                 or (isinstance(item, Message) and item.kind >= K_REPLY)
@@ -1288,11 +1577,14 @@ class Engine:
         """Turn the end ``ps`` into a descriptor bound for node ``dest``."""
         if ps.engine is not self:
             self.adopt(ps)
+        if ps.posted:
+            self.run_posted(ps)  # sends other threads made before it left go first
         new_id = random_id()
         if ps.mode is not OWNED or ps.closed:
             return PortDesc(new_id, _NO_ID, _NO_ID, _NO_ID, 0, 0, D_DEAD)
         if ps.error is not None:
             self._drop_queue(ps)
+            self._after.append((dest, FailEvent(new_id, ps.error.cause)))  # its real cause follows
             return PortDesc(new_id, _NO_ID, _NO_ID, _NO_ID, 0, 0, D_DEAD | D_PEER_CLOSED)
         ps.waker = None
         if ps.unreported_n:
@@ -1352,7 +1644,12 @@ class Engine:
             st.closed = False
             st.close_sent = True
             if d.flags & D_PEER_CLOSED:
-                st.error = PortFailed("the port was failed before it was sent")
+                st.error = PortFailed("the port had failed before it was sent")
+                # its cause follows the message (a FAIL for this id); bounded
+                causes = self._dead_causes
+                if len(causes) >= MAX_DEAD_CAUSES:
+                    del causes[next(iter(causes))]
+                causes[d.id] = st
             else:
                 st.peer_closed = True
             return st
@@ -1388,12 +1685,18 @@ class Engine:
         buffer = st.buffer or []
         st.buffer = None
         data = self.out.send_data if src != self.node_id else None
-        for seq, item in buffer:
-            if data is not None and type(item) is Message and item.body is not None and not item.ports:
-                if not item.fds:
-                    data(src, new_port, seq, item.kind, item.body)  # no event object per item
-                    continue
-            self._route(src, new_port, seq, item)
+        for i, (seq, item) in enumerate(buffer):
+            try:
+                if data is not None and type(item) is Message and item.body is not None and not item.ports:
+                    if not item.fds:
+                        data(src, new_port, seq, item.kind, item.body)  # no event object per item
+                        continue
+                self._route(src, new_port, seq, item)
+            except (OSError, MessageError, BufferFull) as exc:
+                for _, rest in buffer[i:]:
+                    self._abandon(rest)
+                self._forward_failed(st, exc)
+                return
             if isinstance(item, _CloseItem):
                 self._proxy_done(st)
                 return
@@ -1415,18 +1718,31 @@ class Engine:
     def _on_fail(self, port: bytes, err: PortFailed) -> None:
         st = self.ports.get(port)
         if st is None:
+            dead = self._dead_causes.pop(port, None)
+            if dead is not None:
+                dead.error = err  # the real cause of a port that arrived failed
+            gone = self._failed.get(port)
+            if gone is not None:  # it failed for another reason first: were items lost too?
+                gone.lost = gone.lost or err.cause.startswith(LOST)
+                gone.sent_lost = gone.sent_lost or err.cause.startswith(UNDELIVERED)
             return
         if st.mode is OWNED:
             echo = not st.peer_closed
+            st.lost = bool(st.pending) or err.cause.startswith(LOST)
+            st.sent_lost = err.cause.startswith(UNDELIVERED)
             self._fail_local(st, err)  # first: out of the table, so an echo cannot come back
             if echo:
                 # echo it to where the peer lives now: a failure detected in
                 # the middle of the path (items lost at a dead forwarder) must
                 # reach both ends, and the forwarder's own target may be long
-                # gone by the time its notice arrives; a dead peer ignores it
-                self._unsequenced(st.peer_node, FailEvent(st.peer_port, err.cause))
+                # gone by the time its notice arrives; a dead peer ignores it.
+                self._unsequenced(st.peer_node, FailEvent(st.peer_port, self._cause_for_peer(st)))
         elif st.mode is SENDING:
-            st.pending_fail = err.cause
+            if st.pending_fail is None or err.cause.startswith((LOST, UNDELIVERED)):
+                # the first cause is the root one; a later notice (say "the peer
+                # port is gone", which the first failure caused) must not hide
+                # that items were lost
+                st.pending_fail = err.cause
         else:
             self._unsequenced(st.target_node, FailEvent(st.target_port, err.cause))
             self._remove(st)

@@ -78,7 +78,7 @@ class ChildInvitation(msgspec.Struct, frozen=True):
     target: str
     name: str
     #: the parent's flow-control limits (Limits fields, in order)
-    limits: tuple[int, int, int, int] | None = None
+    limits: tuple[int, ...] | None = None
     #: element types of the typed receivers in the argument: (index among the
     #: argument's handles, type reference); see ``type_ref``
     arg_types: list[tuple[int, Any]] = []

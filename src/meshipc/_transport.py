@@ -196,6 +196,10 @@ class Link:
         self.writes = 0  # send/sendmsg calls: coalescing keeps this far below frames_out
         self.bytes_out = 0
         self.retries = 0  # writes retried because the receiver had no room for descriptors
+        #: bytes of sealed batches not written yet (the peer is not keeping
+        #: up): the flow-control view of this link (``Limits.link_buffer_bytes``)
+        self.backlog = 0
+        self._backlog_waiters: list[tuple[int, Callable[[], None]]] = []
         sock.setblocking(False)
         loop.add_reader(sock.fileno(), self._on_readable)
 
@@ -258,6 +262,7 @@ class Link:
                     f.close()
                 raise body_error(n, exc) from exc
         self.oob_queued += n
+        self.backlog += n  # until its batch starts going
         fds = [*fds, job]
         marker = oob_body_marker(n)
         head = encode_msg_header(ev.port, ev.seq, ev.kind, F_OOB, ev.ports, len(fds), len(marker))
@@ -328,6 +333,7 @@ class Link:
         self.bytes_out += n
         if n < len(data):
             self._batches.append((memoryview(data)[n:], []))
+            self.backlog += len(data) - n
             self._writing = True
             self._watching_writable = True
             self.loop.add_writer(self.sock.fileno(), self._on_writable)
@@ -345,7 +351,9 @@ class Link:
 
     def _seal_batch(self) -> None:
         if self._chunks:
-            self._batches.append((b"".join(self._chunks), self._batch_fds))
+            data = b"".join(self._chunks)
+            self.backlog += len(data)
+            self._batches.append((data, self._batch_fds))
             self._chunks = []
             self._batch_fds = []
 
@@ -389,9 +397,11 @@ class Link:
                 for f in fds:
                     if type(f) is _Body:
                         self.oob_queued -= f.size
+                        self.backlog -= f.size
                     f.close()
                 fds = []
             self.bytes_out += n
+            self.backlog -= n
             self.writes += 1
             if n > 0:
                 self._retry_wait = 0.0
@@ -401,8 +411,12 @@ class Link:
                 if not self._watching_writable:
                     self._watching_writable = True
                     self.loop.add_writer(self.sock.fileno(), self._on_writable)
+                if self._backlog_waiters:
+                    self._wake_backlog()
                 return
             batches.popleft()
+        if self._backlog_waiters:
+            self._wake_backlog()
         self._writing = False
         if self._watching_writable:
             self._watching_writable = False
@@ -439,6 +453,23 @@ class Link:
 
     def _on_writable(self) -> None:
         self._write_batches()
+
+    def watch_backlog(self, below: int, fn: Callable[[], None]) -> None:
+        """Call ``fn`` once the backlog is at most ``below`` bytes (or the
+        link closed); later, from the loop, never inside this call."""
+        if self.closed or self.backlog <= below:
+            self.loop.call_soon(fn)
+        else:
+            self._backlog_waiters.append((below, fn))
+
+    def _wake_backlog(self) -> None:
+        keep = []
+        for below, fn in self._backlog_waiters:
+            if self.closed or self.backlog <= below:
+                fn()
+            else:
+                keep.append((below, fn))
+        self._backlog_waiters = keep
 
     @property
     def idle(self) -> bool:
@@ -625,3 +656,5 @@ class Link:
         self._batch_fds = []
         self._waiting_body = None
         self.oob_queued = 0
+        self.backlog = 0
+        self._wake_backlog()
