@@ -634,14 +634,14 @@ async def test_issue17_a_send_whose_body_cannot_be_made_leaves_the_channel_usabl
 
     from meshipc._platform import PLATFORM
 
-    def emfile(body: Any) -> int:
+    def emfile(size: int, folder: Any) -> int:
         raise OSError(errno.EMFILE, "Too many open files")
 
     async with meshipc.Mesh(runtime_dir=runtime_dir) as mesh, reaped(mesh) as procs:
         tx, rep = await _consumer(mesh, procs)
         tx.send([0, b""])
         with monkeypatch.context() as m:
-            m.setattr(PLATFORM, "make_body", emfile)
+            m.setattr(PLATFORM, "new_body", emfile)
             with pytest.raises(MessageError, match="Too many open files"):
                 tx.send([1, b"x" * (512 * 1024)])
         tx.send([1, b"y" * (512 * 1024)])
