@@ -394,6 +394,7 @@ async def test_clients_that_take_invitations_and_never_join_cannot_pile_them_up(
     runtime_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(meshipc._listener, "MAX_OUTSTANDING", 4)
+    monkeypatch.setattr(meshipc._listener, "WITHDRAW_AFTER", 0.0)  # withdrawn at once (the wait: test_attach)
     async with Mesh(runtime_dir=runtime_dir) as mesh:
         listener = await mesh.listen(invitation_ttl=60)
         taken = [await asyncio.wait_for(read_invitation(listener.path), T) for _ in range(10)]
