@@ -24,7 +24,7 @@ import pytest
 import meshipc
 from attachutil import key_material
 from meshipc import Mesh
-from relutil import wait_until
+from relutil import wait_until, within
 
 CLIENT = Path(__file__).with_name("ctl_client.py").resolve()
 T = 10.0
@@ -710,3 +710,46 @@ async def test_blocking_port_recv_with_timeout(runtime_dir: Path) -> None:
                 await asyncio.to_thread(conn.port.recv, T)
         finally:
             await asyncio.to_thread(conn.close)
+
+
+SERVICE_THAT_LEAVES = """
+import asyncio, sys, meshipc
+async def main():
+    async with meshipc.Mesh(name="gone", runtime_dir=sys.argv[1]) as mesh:
+        async def echo(request):
+            return request
+        mesh.serve("echo", echo)
+        listener = await mesh.listen()
+        print("ready", flush=True)
+        await listener.accept()
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+meshipc.run(main())
+"""
+
+
+async def test_a_call_on_an_attachment_whose_service_left_says_so(runtime_dir: Path) -> None:
+    """Issue 17 item 8: the service an attachment was on exited; the next
+    call says its process exited (before: "the receiver is closed")."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        SERVICE_THAT_LEAVES,
+        os.fspath(runtime_dir),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout is not None and proc.stdin is not None
+        assert await within(proc.stdout.readline()) == b"ready\n"
+        async with meshipc.connect("gone", runtime_dir=runtime_dir) as conn:
+            assert await within(conn.call("echo", 1, timeout=5)) == 1
+            proc.stdin.write(b"leave\n")
+            await within(proc.wait())
+            # ChannelClosed if the service's close of its port came first,
+            # NodeFailure if the link's end did: either says why
+            with pytest.raises((meshipc.ChannelClosed, meshipc.NodeFailure), match="exited"):
+                await within(conn.call("echo", 2, timeout=5))
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()

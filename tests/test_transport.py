@@ -26,7 +26,7 @@ import meshipc
 from meshipc import BufferFull, Mesh, MessageError, _transport
 from meshipc._codec import encode_plain
 from meshipc._fd import Fd
-from meshipc._transport import SCM_MAX_FD, SEPARATE_BODY_MIN, Link
+from meshipc._transport import PEER_CLOSED, SCM_MAX_FD, SEPARATE_BODY_MIN, Link
 from meshipc._wire import (
     F_OOB,
     K_CALL,
@@ -186,11 +186,11 @@ async def test_the_peer_hanging_up_is_reported_once() -> None:
     async with linked() as (a, b, mine, theirs):
         b.close()
         await wait_until(lambda: bool(mine.lost), "the link to be lost")
-        assert mine.lost == ["connection closed by peer"]
+        assert mine.lost == [PEER_CLOSED]
         assert a.closed
         a.write_data(PORT, 0, K_DATA, b"into the void")  # dropped, no error
         await asyncio.sleep(0)  # a loop turn for anything it might have scheduled
-        assert mine.lost == ["connection closed by peer"] and theirs.lost == []
+        assert mine.lost == [PEER_CLOSED] and theirs.lost == []
 
 
 async def test_links_of_one_node_share_one_read_buffer_even_when_a_read_reenters() -> None:

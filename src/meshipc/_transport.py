@@ -144,6 +144,10 @@ class ReadBuffer:
         self.busy = False
 
 
+#: Why a link ended when its peer closed the connection: in practice, the
+#: peer's process exited or closed its mesh (a service that went away).
+PEER_CLOSED: Final = "its process closed the connection (it exited or left the mesh)"
+
 class Link:
     """Framed, fd-carrying, coalescing I/O on one connected socket to node ``peer``."""
 
@@ -546,7 +550,7 @@ class Link:
             if len(self._received_fds) > MAX_QUEUED_FDS:
                 raise ProtocolError("peer sent descriptors that no frame claims")
             if n == 0:
-                self._lost("connection closed by peer")
+                self._lost(PEER_CLOSED)
                 return False
             self.bytes_in += n
             self._decoder.feed_each(buf[:n], self._on_data, self._deliver_event, self._on_run)
