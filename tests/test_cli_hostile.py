@@ -21,32 +21,12 @@ from typing import Any
 import meshipc
 from meshipc._names import node_path
 from relutil import wait_until
+from test_control import cli
 
 T = 10.0
 #: Strings a hostile peer puts where the CLI prints a name, a key or a value.
 EVIL = "x\x1b[2J\x1b]0;pwned\x07\nFAKE line\r\u202eevil\u2066"
 FORBIDDEN = ("\x1b", "\x07", "\r", "\u202e", "\u2066", "\nFAKE")
-
-
-async def cli(rd: Path, *args: str) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "meshipc",
-        *args,
-        "--runtime-dir",
-        os.fspath(rd),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), T)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
 
 
 def nested(n: int) -> Any:

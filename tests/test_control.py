@@ -34,14 +34,18 @@ PROC_T = 30.0
 
 
 @contextlib.asynccontextmanager
-async def client(rd: Path, name: str, *args: str) -> AsyncIterator[asyncio.subprocess.Process]:
-    """``ctl_client.py RD NAME ARGS``; killed and reaped on the way out."""
+async def client(
+    rd: Path, name: str, *args: str, script: Path = CLIENT
+) -> AsyncIterator[asyncio.subprocess.Process]:
+    """``SCRIPT RD NAME ARGS`` (by default ``ctl_client.py``); killed and
+    reaped on the way out."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
-        os.fspath(CLIENT),
+        os.fspath(script),
         os.fspath(rd),
         name,
         *args,
+        stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import math
 import os
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +21,7 @@ import meshipc
 from meshipc import Mesh
 from meshipc._control import InspectMesh, _Req
 from relutil import LagMeter, vmrss_kb, wait_until, within
-from test_control import run_client
+from test_control import client, line, run_client
 
 ATTACKER = Path(__file__).with_name("hostile_ctl_client.py").resolve()
 #: Bound on one answer of a child process (a Python start and an attach).
@@ -33,40 +31,20 @@ PROC_T = 30.0
 class Attacker:
     def __init__(self, proc: asyncio.subprocess.Process) -> None:
         self.proc = proc
+        self.node = ""
 
     async def line(self) -> dict[str, Any]:
-        assert self.proc.stdout is not None and self.proc.stderr is not None
-        raw = await within(self.proc.stdout.readline(), PROC_T)
-        if not raw:
-            err = await within(self.proc.stderr.read())
-            raise AssertionError(f"the attacker exited without output:\n{err.decode()}")
-        out: dict[str, Any] = json.loads(raw)
-        return out
+        return await line(self.proc)
 
 
 @contextlib.asynccontextmanager
 async def attacker(rd: Path, name: str, *args: str) -> AsyncIterator[Attacker]:
     """``hostile_ctl_client.py RD NAME ARGS``, attached (its node id read);
     killed and reaped on the way out, whatever happened."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        os.fspath(ATTACKER),
-        os.fspath(rd),
-        name,
-        *args,
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    try:
+    async with client(rd, name, *args, script=ATTACKER) as proc:
         a = Attacker(proc)
-        a.node = (await a.line())["node"]  # type: ignore[attr-defined]
+        a.node = (await a.line())["node"]
         yield a
-    finally:
-        if proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-        await proc.wait()
 
 
 async def double(request: Any) -> Any:
@@ -99,7 +77,7 @@ async def test_inspect_flood_from_one_client_is_bounded(runtime_dir: Path) -> No
             peak = root_tasks()
             # per running inspect: its task and one fan-out per node; a few per session
             assert peak - base < 20 + 3 * limits.client_inspects, (base, peak)
-            session = ctl._clients[bytes.fromhex(a.node)]  # type: ignore[attr-defined]
+            session = ctl._clients[bytes.fromhex(a.node)]
             assert session.inspects == limits.client_inspects
             # another client is served, its own inspect included (the silent node
             # shows as unresolved within that client's timeout)
@@ -220,7 +198,7 @@ async def test_registry_takes_identity_from_the_session(runtime_dir: Path) -> No
             assert escape["error"] == "RemoteError" and escape["type_name"] == "MessageError"
             services = await mesh.services()
             assert set(services) == {"vault"}
-            assert services["vault"]["node"] == a.node != root  # type: ignore[attr-defined]
+            assert services["vault"]["node"] == a.node != root
         await wait_until(lambda: "vault" not in mesh._control._services_reg, "the squatter's name released")
         svc = mesh.serve("vault", double)
         await within(svc)
@@ -252,7 +230,7 @@ async def test_control_sessions_cannot_be_squatted(runtime_dir: Path) -> None:
             out = await a.line()
             assert [x.get("error") for x in out["answers"]] == ["ChannelClosed", "ChannelClosed"]
             assert "ok" in out["still"]
-            assert list(mesh._control._clients) == [bytes.fromhex(a.node)]  # type: ignore[attr-defined]
+            assert list(mesh._control._clients) == [bytes.fromhex(a.node)]
             for _ in range(2):
                 assert await run_client(runtime_dir, "hs2", "call", "double", "4") == {"reply": 8}
 

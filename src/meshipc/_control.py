@@ -1316,11 +1316,8 @@ class Control:
         """Answer a session's inspect or update request; the request's
         timeout (a peer's number) is checked and cut to ``max_inspect_timeout``."""
         try:
-            try:
-                timeout = min(check_timeout(req.timeout), self.limits.max_inspect_timeout)
-            except ValueError as exc:
-                with contextlib.suppress(ChannelClosed):
-                    call.fail(exc)
+            timeout = self._granted(call, req.timeout)
+            if timeout is None:
                 return
             if isinstance(req, UpdateMesh):
                 await _answer(call, self._update_mesh(msgspec.structs.replace(req, timeout=timeout)))
@@ -1448,16 +1445,24 @@ class Control:
             if self._node_slot is not None and not self._node_slot.done():
                 self._node_slot.set_result(None)
 
+    def _granted(self, call: Call[Any], timeout: Any) -> float | None:
+        """The timeout an inspect request from a peer gets: its own, checked
+        (finite, not negative) and cut to ``max_inspect_timeout``; None once
+        the call was failed for a bad one."""
+        try:
+            return min(check_timeout(timeout), self.limits.max_inspect_timeout)
+        except ValueError as exc:
+            with contextlib.suppress(ChannelClosed):
+                call.fail(exc)
+            return None
+
     async def _answer_node_now(self, call: Call[Any]) -> None:
         req = call.request
         if isinstance(req, UpdateNode):
             await _answer(call, self._update_node(req))
             return
-        try:
-            timeout = min(check_timeout(req.timeout), self.limits.max_inspect_timeout)
-        except ValueError as exc:
-            with contextlib.suppress(ChannelClosed):
-                call.fail(exc)
+        timeout = self._granted(call, req.timeout)
+        if timeout is None:
             return
         await _answer(call, self._inspect_node(msgspec.structs.replace(req, timeout=timeout)))
 
