@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
 
     add_commands(sub)  # status, inspect, call
     args = p.parse_args(argv)
-    PLATFORM.no_core_dumps()  # a control command holds an invitation, secret included
+    PLATFORM.no_core_dumps()  # a control command holds an invitation: a private key
     if args.cmd in COMMANDS:
         return run_control(args)
     if args.cmd == "demo":

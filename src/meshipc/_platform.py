@@ -234,7 +234,7 @@ class Platform:
     # ---------------------------------------------------------- key material
 
     def no_core_dumps(self) -> None:
-        """Keep this process's memory (the mesh secret, keys) out of core
+        """Keep this process's memory (private keys, the root's signing key) out of core
         files: ``RLIMIT_CORE`` 0. Best effort: a system that refuses leaves
         the limit as it was."""
         try:
