@@ -82,6 +82,23 @@ def vmrss_kb(pid: int | str = "self") -> int:
     return 0
 
 
+def peak_rss_kb() -> int:
+    """This process's peak resident set size in KiB (``VmHWM``) since start
+    or the last ``reset_peak_rss``."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    return 0
+
+
+def reset_peak_rss() -> None:
+    """Start ``peak_rss_kb`` again from the present size (Linux: writing 5 to
+    ``/proc/self/clear_refs``)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
 def signal_proc(proc: meshipc.Process, sig: int) -> None:
     if proc.returncode is None:
         with contextlib.suppress(ProcessLookupError):
@@ -130,17 +147,18 @@ async def next_report(rx: meshipc.Receiver[Any], kind: str, timeout: float = STE
 
 
 class LagMeter:
-    """How long this thread's event loop was kept from running: a ticker task
-    asks for a wake-up every ``TICK`` seconds and keeps the largest delay
-    beyond it (``worst``, in seconds; a tick still waiting counts when it is
-    read). ``async with LagMeter() as m: ...``."""
+    """How long this thread's event loop was kept from running: a timer asks
+    for a callback every ``TICK`` seconds and keeps the largest delay beyond
+    it (``worst``, in seconds; a tick still waiting counts when it is read).
+    A measurement to report, never a synchronisation: tests print it.
+    ``async with LagMeter() as m: ...``."""
 
     TICK = 0.005
 
     def __init__(self) -> None:
         self._worst = 0.0
-        self._since = time.monotonic()  # when the pending tick started
-        self._task: asyncio.Task[None] | None = None
+        self._since = time.monotonic()  # when the pending tick was asked for
+        self._timer: asyncio.TimerHandle | None = None
 
     @property
     def worst(self) -> float:
@@ -152,22 +170,20 @@ class LagMeter:
         self._worst, self._since = 0.0, time.monotonic()
         return worst
 
-    async def _tick(self) -> None:
-        while True:
-            # time.monotonic(), not loop.time(): uvloop's is cached per loop turn
-            self._since = time.monotonic()
-            await asyncio.sleep(self.TICK)  # a measurement, not a synchronisation
-            self._worst = max(self._worst, time.monotonic() - self._since - self.TICK)
+    def _tick(self) -> None:
+        # time.monotonic(), not loop.time(): uvloop's is cached per loop turn
+        now = time.monotonic()
+        self._worst = max(self._worst, now - self._since - self.TICK)
+        self._since = now
+        self._timer = asyncio.get_running_loop().call_later(self.TICK, self._tick)
 
     async def __aenter__(self) -> LagMeter:
-        self._task = asyncio.ensure_future(self._tick())
-        await asyncio.sleep(0)  # the ticker's first tick is timed from now on
+        self._since = time.monotonic()
+        self._timer = asyncio.get_running_loop().call_later(self.TICK, self._tick)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         self._worst = self.worst  # the tick under way counts
         self._since = float("inf")
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        if self._timer is not None:
+            self._timer.cancel()

@@ -1348,3 +1348,22 @@ def test_send_encoded_ships_the_bytes_to_another_node_and_the_object_locally():
     sx.engine.send_encoded(sx, K_DATA, obj, b"not used")
     assert y.try_recv() is obj
     close_all(net, a, b, x, y)
+
+
+async def test_statistics_say_what_an_end_holds() -> None:
+    """``statistics()``: messages queued, ends merged, closed, the peer's
+    close, and (to another process: test_reliability) what is in flight."""
+    tx, rx = meshipc.channel()
+    for i in range(3):
+        tx.send(i)
+    got = rx.statistics()
+    assert got == meshipc.ChannelStatistics(3, 1, 0, 0, False, False, None)
+    assert await rx.recv() == 0
+    assert rx.statistics().queued == 2
+    tx.close()
+    assert [await rx.recv(), await rx.recv()] == [1, 2]
+    with pytest.raises(meshipc.ChannelClosed):
+        await rx.recv()
+    assert tx.statistics().closed and tx.statistics().ends == 0
+    rx.close()
+    assert rx.statistics() == meshipc.ChannelStatistics(0, 0, 0, 0, True, False, None)

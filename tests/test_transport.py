@@ -42,7 +42,7 @@ from meshipc._wire import (
     encode_msg_header,
     oob_body_marker,
 )
-from relutil import LagMeter, reaped, wait_until, within
+from relutil import LagMeter, peak_rss_kb, reaped, reset_peak_rss, wait_until, within
 
 PORT = b"P" * 16
 
@@ -259,22 +259,27 @@ async def test_messages_apart_go_out_at_once_and_a_burst_waits_for_one_write(mon
 # ------------------------------------------------- large bodies off the loop
 
 
-async def test_a_large_call_leaves_both_loops_free_and_small_calls_answer(runtime_dir: Path) -> None:
-    """A 256 MiB request to a worker: neither process's loop stalls for long
-    (the value is not copied by the sender, the body is written and read in
-    worker threads; what is left is the receiver's decode) and small calls
-    on the same link keep being answered."""
+async def test_a_large_call_is_not_copied_by_its_sender_and_small_calls_answer(runtime_dir: Path) -> None:
+    """A 256 MiB request to a worker: the sender makes no copy of the value
+    (its peak memory does not grow by the value's size: before, the encode
+    and the call head's concatenation made two copies on the loop, which is
+    what stalled it), the call is answered, small calls on the same link
+    keep being answered, and the loops' worst delays are printed (figures,
+    not assertions: see the issue note)."""
     size = 256 * 1024 * 1024
     big = b"x" * size
-    # a hard limit above the message: one above the byte window cannot go
-    # on a port that carried anything yet (issue 17, item 4)
+    # a hard limit above the message (a larger one goes once everything before
+    # it was consumed, at the cost of one BufferFull: test_flow)
     async with Mesh(runtime_dir=runtime_dir, limits=meshipc.Limits(max_bytes=2 * size)) as mesh:
         async with reaped(mesh) as procs:
             tx, rx = meshipc.channel()
             procs.append(await mesh.spawn("workers:sizes", rx))
             assert await within(tx.call("ping")) == "ping"  # linked
             await within(tx.call("lag"))
+            reset_peak_rss()
+            base = peak_rss_kb()
             here, took, there, small = await _big_call_beside_small_ones(tx, big)
+            grown = (peak_rss_kb() - base) * 1024
             # 1 GiB + 1 (no memory behind it): refused by its length, no copy
             with mmap.mmap(-1, MAX_OOB_BODY + 1) as m, memoryview(m) as view:
                 with pytest.raises(MessageError, match="exceeds the limit"):
@@ -282,14 +287,12 @@ async def test_a_large_call_leaves_both_loops_free_and_small_calls_answer(runtim
             assert await within(tx.call("ping")) == "ping"  # the channel goes on
     print(
         f"\n256 MiB call: {took:.2f} s; worst loop delay here {here * 1000:.0f} ms, "
-        f"in the worker {there * 1000:.0f} ms; {len(small)} small calls, slowest {max(small) * 1000:.0f} ms"
+        f"in the worker {there * 1000:.0f} ms; {len(small)} small calls, slowest {max(small) * 1000:.0f} ms; "
+        f"sender's peak memory +{grown / 2**20:.0f} MiB"
     )
-    # before: the whole encode (and a second copy) on the loop, 0.55 s here
-    # at best; now no copy on this side. The worker still decodes on its loop
-    # (msgspec holds the GIL: a thread would stall the loop all the same)
-    assert here < 0.3 and there < 1.0
+    assert grown < size // 2, f"the sender copied the value: peak memory +{grown / 2**20:.0f} MiB"
     # the link keeps its order: small calls wait for the body, then answer
-    assert small and max(small) < 5.0
+    assert small
 
 
 async def _big_call_beside_small_ones(

@@ -13,8 +13,8 @@ if TYPE_CHECKING:
     from typing import Any
 
     from . import sync
-    from ._channel import Call, Port, Receiver, Sender, channel
-    from ._control import ControlLimits, Service, ServiceCall, ServiceSender
+    from ._channel import Call, ChannelStatistics, Port, Receiver, Sender, channel
+    from ._control import ControlLimits, ControlStatistics, Service, ServiceCall, ServiceSender
     from ._errors import (
         AuthenticationError,
         BufferFull,
@@ -112,6 +112,8 @@ _LAZY: dict[str, tuple[str, str]] = {
     "join": ("._mesh", "join"),
     "Limits": ("._ports", "Limits"),
     "ControlLimits": ("._control", "ControlLimits"),
+    "ControlStatistics": ("._control", "ControlStatistics"),
+    "ChannelStatistics": ("._channel", "ChannelStatistics"),
     "Process": ("._process", "Process"),
     "PeerCred": ("._sockets", "PeerCred"),
     "Connection": ("._listener", "Admission"),  # earlier name
@@ -135,6 +137,8 @@ __all__ = (
     "BufferFull",
     "Limits",
     "ControlLimits",
+    "ControlStatistics",
+    "ChannelStatistics",
     "Call",
     "ChannelClosed",
     "ConnectError",

@@ -18,6 +18,7 @@ import traceback
 import typing
 import weakref
 from collections import deque
+from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar
 
@@ -51,6 +52,29 @@ _get_ident = threading.get_ident
 #: a sender's peer closed: its holder closed it, or its process (a service,
 #: the other side of an attachment) exited
 _RECEIVER_GONE: Final = "the receiver is gone (closed by its holder, or its process exited)"
+
+@dataclass(frozen=True)
+class ChannelStatistics:
+    """A snapshot of one channel end (``statistics()`` on a ``Sender``,
+    ``Receiver`` or ``Port``)."""
+
+    #: items received and not read yet: messages (and the notice a
+    #: ``clone()`` sends, until the next read takes it)
+    queued: int
+    #: port ends behind this handle: a ``Receiver`` merges one per sender
+    #: that ever sent to it (and is still open); 0 once closed or sent away
+    ends: int
+    #: messages sent to another process that its reader has not consumed
+    #: yet (what ``drain()`` and ``BufferFull`` count), and their bytes
+    in_flight: int
+    in_flight_bytes: int
+    #: this end was closed or sent away
+    closed: bool
+    #: the other side of one of its ends closed (normally)
+    peer_closed: bool
+    #: the failure that ended one of its ends, if any
+    error: MeshError | None
+
 
 # the process's default engine: ports that never left this process
 _local_engine = Engine(NodeId.random(), codec=CODEC)
@@ -161,6 +185,23 @@ class _Handle:
     @property
     def closed(self) -> bool:
         return not self._states
+
+    def statistics(self) -> ChannelStatistics:
+        """What this end holds now (a snapshot: other threads may change it
+        the next moment). Never raises."""
+        states = list(self._states)
+        queued = messages = nbytes = 0
+        error: MeshError | None = None
+        peer_closed = False
+        for st in states:
+            peer_closed = peer_closed or st.peer_closed
+            queued += len(st.queue)
+            m, b = st.engine.in_flight(st)
+            messages += m
+            nbytes += b
+            if error is None and st.error is not None:
+                error = st.error
+        return ChannelStatistics(queued, len(states), messages, nbytes, not states, peer_closed, error)
 
     def __del__(self) -> None:
         if getattr(self, "_states", None):

@@ -687,6 +687,7 @@ class Service:
             "errors": counter(self.errors),
             "active": len(self._active) if self._target is None else None,
             "waiting": sum(map(len, self._waiting.values())),
+            "unread": self._rx.statistics().queued,
             "refused": counter(self.refused),
             "oldest_active_age": round(now - min(self._active.values()), 6) if self._active else None,
         }
@@ -715,6 +716,22 @@ class _Entry:
         self.request_type = r.request_type
         self.reply_type = r.reply_type
         self.since = time.time()
+
+
+@dataclass(frozen=True)
+class ControlStatistics:
+    """A snapshot of a node's control plane (``Mesh.control_statistics()``).
+    On nodes other than the root, only ``services_here`` is filled."""
+
+    #: nodes with a session open with the root (hex ids; not the root's own)
+    sessions: tuple[str, ...]
+    #: inspect and update requests the root is running, in all and per session
+    inspects: int
+    inspects_by_session: dict[str, int]
+    #: the registry: service name -> node serving it (hex id)
+    registry: dict[str, str]
+    #: services this node serves
+    services_here: tuple[str, ...]
 
 
 class _Session:
@@ -1444,6 +1461,15 @@ class Control:
             self._node_answers -= 1
             if self._node_slot is not None and not self._node_slot.done():
                 self._node_slot.set_result(None)
+
+    def statistics(self) -> ControlStatistics:
+        return ControlStatistics(
+            tuple(p.hex() for p in self._clients),
+            self._inspects,
+            {p.hex(): s.inspects for p, s in self._clients.items()},
+            {name: e.node.hex() for name, e in self._services_reg.items()},
+            tuple(self._services),
+        )
 
     def _granted(self, call: Call[Any], timeout: Any) -> float | None:
         """The timeout an inspect request from a peer gets: its own, checked

@@ -25,7 +25,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, ClassVar, Final
 
 from ._codec import CODEC
-from ._control import DEFAULT_CONTROL_LIMITS, Control, ControlLimits, Service
+from ._control import DEFAULT_CONTROL_LIMITS, Control, ControlLimits, ControlStatistics, Service
 from ._errors import InvitationExpired, JoinError, MeshError
 from ._handshake import ROLE_ROOT, ROLE_WORKER, Authority, Identity
 from ._ids import NodeId
@@ -399,6 +399,12 @@ class Mesh:
         or (on the mesh's first node) the mesh already serves; elsewhere
         ``await`` the returned ``Service`` to learn the registry's verdict."""
         return self._control.serve(name, handler, request_type, reply_type)
+
+    def control_statistics(self) -> ControlStatistics:
+        """A snapshot of this node's control plane: sessions, inspects in
+        progress and the registry (on the mesh's first node), the services
+        this node serves."""
+        return self._control.statistics()
 
     def inspect_add(
         self,
