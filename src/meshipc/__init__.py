@@ -42,6 +42,7 @@ if TYPE_CHECKING:
         ServiceNotFound,
         SocketPathTooLong,
         SpawnError,
+        register_remote_error,
     )
     from ._fd import Fd
     from ._ids import NodeId, PortId
@@ -97,6 +98,7 @@ _LAZY: dict[str, tuple[str, str]] = {
     "RemoteError": ("._errors", "RemoteError"),
     "SocketPathTooLong": ("._errors", "SocketPathTooLong"),
     "SpawnError": ("._errors", "SpawnError"),
+    "register_remote_error": ("._errors", "register_remote_error"),
     "Fd": ("._fd", "Fd"),
     "NodeId": ("._ids", "NodeId"),
     "PortId": ("._ids", "PortId"),
@@ -170,6 +172,7 @@ __all__ = (
     "SocketPathTooLong",
     "SpawnError",
     "channel",
+    "register_remote_error",
     "run",
     "current_mesh",
     "sync",

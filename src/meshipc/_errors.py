@@ -48,16 +48,127 @@ class NodeFailure(PortFailed):
 
 class RemoteError(MeshError):
     """Raised by ``Sender.call`` when the callee failed the call
-    (``Call.fail`` or an exception in a served handler)."""
+    (``Call.fail`` or an exception in a served handler).
+
+    When the remote error's type is a built-in exception (``ValueError``,
+    ``KeyError``, ``OSError``...) or one registered with
+    ``register_remote_error``, the error raised is also an instance of that
+    type: ``except ValueError`` catches a ``ValueError`` raised in a worker,
+    and ``except RemoteError`` still catches every remote failure. Only
+    subclasses of ``Exception`` are mapped (never ``SystemExit``,
+    ``KeyboardInterrupt`` or ``StopIteration``: a peer cannot make the caller
+    exit or end a generator). The remote traceback is in ``traceback`` and
+    shown once, as a note under the error (at most
+    ``MAX_REMOTE_TRACEBACK_NOTE`` characters, its end kept)."""
+
+    type_name: str
+    message: str
+    traceback: str
+
+    def __new__(cls, type_name: str = "", message: str = "", traceback: str = "") -> RemoteError:
+        if cls is RemoteError:
+            cls = _remote_class(type_name)
+        return _new_exception(cls)
 
     def __init__(self, type_name: str, message: str, traceback: str = "") -> None:
         super().__init__(f"{type_name}: {message}")
+        self.args = (f"{type_name}: {message}",)  # also for OSError, which kept none
         self.type_name = type_name
         self.message = message
         self.traceback = traceback
+        if traceback:
+            note = traceback
+            if len(note) > MAX_REMOTE_TRACEBACK_NOTE:
+                note = "...\n" + note[-MAX_REMOTE_TRACEBACK_NOTE:]
+            self.__notes__ = ["remote traceback:\n" + note.rstrip("\n")]
+
+    def __str__(self) -> str:  # not the base type's (KeyError would repr it, OSError add an errno)
+        return f"{self.type_name}: {self.message}"
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.type_name, self.message, self.traceback))
+        return (RemoteError, (self.type_name, self.message, self.traceback))
+
+
+#: Longest remote traceback shown under a ``RemoteError`` (characters; the
+#: rest stays in ``RemoteError.traceback``).
+MAX_REMOTE_TRACEBACK_NOTE = 16 * 1024
+
+#: Built-in exception types never mapped: they end generators or processes.
+_NOT_MAPPED = (StopIteration, StopAsyncIteration)
+
+#: Remote type name -> the local class its errors are raised as.
+_remote_classes: dict[str, type[RemoteError]] = {}
+
+
+def remote_type_name(cls: type[BaseException]) -> str:
+    """The name a callee sends for an exception of type ``cls``: the bare
+    name of a built-in type, ``module.QualifiedName`` for any other."""
+    if cls.__module__ == "builtins":
+        return cls.__qualname__
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _new_exception(cls: type[RemoteError]) -> RemoteError:
+    # the base type's own constructor: OSError's refuses object.__new__-style
+    # construction for its subclasses, and would read our arguments as an errno
+    for base in cls.__mro__:
+        if base is not RemoteError and "__new__" in vars(base):
+            return base.__new__(cls)  # type: ignore[call-overload, no-any-return]
+    return Exception.__new__(cls)
+
+
+def _combine(base: type[Exception]) -> type[RemoteError]:
+    """The class of remote errors of type ``base``: both ``RemoteError`` and ``base``."""
+    name = f"Remote{base.__name__}"
+    return type(name, (RemoteError, base), {"__module__": "meshipc", "__qualname__": name})
+
+
+def _remote_class(type_name: str) -> type[RemoteError]:
+    cls = _remote_classes.get(type_name)
+    return cls if cls is not None else RemoteError
+
+
+def register_remote_error(cls: type[Exception]) -> type[Exception]:
+    """Raise remote errors of type ``cls`` as ``RemoteError`` instances that
+    are also ``cls`` instances (``except cls`` catches them). ``cls`` must be
+    importable under the same module and name on both sides (the callee sends
+    ``remote_type_name(cls)``); its constructor is not called (the remote
+    error's attributes are ``type_name``, ``message`` and ``traceback``).
+    Usable as a class decorator; returns ``cls``. Raises ``TypeError`` for a
+    class that is not an ``Exception`` subclass or cannot be combined."""
+    if not (isinstance(cls, type) and issubclass(cls, Exception)) or issubclass(
+        cls, (RemoteError, *_NOT_MAPPED)
+    ):
+        raise TypeError(f"register_remote_error takes an Exception subclass, got {cls!r}")
+    combined = _combine(cls)
+    combined("check", "check")  # TypeError now, not at the first remote error
+    _remote_classes[remote_type_name(cls)] = combined
+    return cls
+
+
+def _register_builtins() -> None:
+    import builtins
+
+    made: dict[type[Exception], type[RemoteError]] = {}
+    for value in vars(builtins).values():
+        if not (isinstance(value, type) and issubclass(value, Exception)) or issubclass(value, _NOT_MAPPED):
+            continue
+        # a type whose constructor needs more than a message (UnicodeDecodeError)
+        # is raised as its nearest base that takes one (UnicodeError)
+        for base in value.__mro__:
+            if base in made:
+                _remote_classes[value.__qualname__] = made[base]
+                break
+            try:
+                cls = _combine(base)
+                cls("check", "check")
+            except TypeError:
+                continue
+            made[base] = _remote_classes[value.__qualname__] = cls
+            break
+
+
+_register_builtins()
 
 
 class ProtocolError(MeshError):
