@@ -40,7 +40,8 @@ def emit(**obj: Any) -> None:
 
 def emit_error(exc: BaseException) -> None:
     emit(
-        error=type(exc).__name__,
+        # a remote error's class is also its remote type's (RemoteValueError)
+        error="RemoteError" if isinstance(exc, meshipc.RemoteError) else type(exc).__name__,
         message=str(exc),
         type_name=getattr(exc, "type_name", None),
         service=getattr(exc, "service", None),
