@@ -14,7 +14,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -80,9 +79,9 @@ def test_runtime_dir_comes_from_xdg_or_says_why_not(
 
 def test_squatted_tmp_folder_says_how_to_get_out(runtime_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
-    monkeypatch.setattr(tempfile, "tempdir", str(runtime_dir))
-    if PLATFORM.tmp_base is not None:  # /tmp, not the temporary folder
-        monkeypatch.setattr(PLATFORM, "tmp_base", str(runtime_dir))
+    monkeypatch.delenv("MESHIPC_RUNTIME_DIR", raising=False)
+    monkeypatch.setattr(PLATFORM, "tmp_base", str(runtime_dir))
+    monkeypatch.setattr(PLATFORM, "session_base", str(runtime_dir / "no-sessions"))
     squat = runtime_dir / f"meshipc-{os.getuid()}"
     squat.mkdir(mode=0o777)
     os.chmod(squat, 0o777)  # what another user could have made before us
@@ -92,10 +91,11 @@ def test_squatted_tmp_folder_says_how_to_get_out(runtime_dir: Path, monkeypatch:
         runtime_location()
     msg = str(ei.value)
     assert str(squat) in msg and "refusing to use it" in msg
-    assert "set XDG_RUNTIME_DIR to a private folder of yours (mode 0700) or pass runtime_dir=" in msg
+    assert "set MESHIPC_RUNTIME_DIR (or XDG_RUNTIME_DIR) to a private folder of yours (mode 0700)" in msg
+    assert "pass runtime_dir= or --runtime-dir" in msg
     assert list(squat.iterdir()) == []  # nothing created in it
     shutil.rmtree(squat)
-    assert runtime_location() == (squat, "XDG_RUNTIME_DIR is not set")  # now ours, 0700
+    assert runtime_location() == (squat, "no runtime folder is set and no login session folder exists")
 
 
 def test_ls_says_which_runtime_dir_and_why(runtime_dir: Path) -> None:

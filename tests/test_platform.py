@@ -456,12 +456,12 @@ async def test_longest_name_under_the_longest_root_that_has_room(runtime_dir: Pa
         pass
 
 
-def test_macos_runtime_root_ignores_a_long_tmpdir(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_fallback_runtime_root_ignores_tmpdir(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TMPDIR", "/var/folders/zz/zyxvpxvq6csfxvn_n0000000000000/T/")
     assert MacOS().default_runtime_root() == Path(f"/tmp/meshipc-{os.getuid()}")
     assert Portable().default_runtime_root() == Path(f"/tmp/meshipc-{os.getuid()}")
-    monkeypatch.setattr(tempfile, "tempdir", "/somewhere")
-    assert Linux().default_runtime_root() == Path(f"/somewhere/meshipc-{os.getuid()}")
+    monkeypatch.setattr(tempfile, "tempdir", "/somewhere")  # nor a Linux one: /tmp whatever the environment
+    assert Linux().default_runtime_root() == Path(f"/tmp/meshipc-{os.getuid()}")
 
 
 # --------------------------------------------------- big bodies end to end

@@ -113,7 +113,10 @@ def add_commands(sub: Any) -> None:
     """Add the control-plane subcommands to the ``meshipc`` parser."""
     common = argparse.ArgumentParser(add_help=False)  # every command
     common.add_argument(
-        "--runtime-dir", metavar="DIR", help="runtime folder holding the meshes (default: as Mesh)"
+        "--runtime-dir",
+        metavar="DIR",
+        help="runtime folder holding the meshes (default: $MESHIPC_RUNTIME_DIR, $XDG_RUNTIME_DIR, "
+        "/run/user/UID, else /tmp/meshipc-UID)",
     )
     common.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     common.add_argument("name", metavar="NAME", help="name of a running mesh (see `meshipc ls`)")

@@ -223,7 +223,7 @@ class SocketPathTooLong(MeshError):
     def __init__(self, path: str, length: int, limit: int) -> None:
         super().__init__(
             f"socket path {path} would be {length} bytes, over the AF_UNIX limit of {limit}: "
-            "use a shorter runtime folder (runtime_dir= or XDG_RUNTIME_DIR)"
+            "use a shorter runtime folder (runtime_dir= or MESHIPC_RUNTIME_DIR)"
         )
         self.path = path
         self.length = length

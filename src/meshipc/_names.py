@@ -71,7 +71,16 @@ MAX_ROOT_FOR_ANY_NAME: Final = MAX_SOCKET_PATH - (1 + MAX_DIRECTORY_NAME + 1 + M
 #: Times ``claim_name`` retries when the lock file it locked was replaced
 #: under it (its owner removed it as it closed); a real race ends in one.
 _CLAIM_ATTEMPTS: Final = 100
-_HOW_ELSEWHERE: Final = "set XDG_RUNTIME_DIR to a private folder of yours (mode 0700) or pass runtime_dir="
+#: The environment variable naming the runtime folder (before
+#: ``XDG_RUNTIME_DIR``): the way to point a service and its clients at the
+#: same folder whatever session each starts from.
+ENV_RUNTIME_DIR: Final = "MESHIPC_RUNTIME_DIR"
+#: ``runtime_location``'s reason for a folder the caller chose.
+GIVEN: Final = "given as runtime_dir"
+_HOW_ELSEWHERE: Final = (
+    f"set {ENV_RUNTIME_DIR} (or XDG_RUNTIME_DIR) to a private folder of yours (mode 0700), "
+    "pass runtime_dir= or --runtime-dir"
+)
 
 
 # ------------------------------------------------------------ the runtime folder
@@ -91,36 +100,26 @@ def check_private_dir(path: Path) -> None:
 def runtime_location(runtime_dir: str | os.PathLike[str] | None = None) -> tuple[Path, str]:
     """The folder holding this user's mesh directories, and why that one.
 
-    ``runtime_dir`` if given (created 0700 if missing), else
-    ``$XDG_RUNTIME_DIR`` if set, else ``<base>/meshipc-<uid>`` (created
-    0700; ``Platform.default_runtime_root``: the interpreter's temporary
-    folder on Linux, ``/tmp`` elsewhere, where ``$TMPDIR`` is too long).
-    The folder must be a real directory owned by us with mode 0700; one that
-    is not is refused with ``MeshError`` saying which folder and why, never
-    silently replaced by another (a service and its clients must look in the
-    same place)."""
+    The first of: ``runtime_dir`` if given, ``$MESHIPC_RUNTIME_DIR`` (both
+    created 0700 if missing); ``$XDG_RUNTIME_DIR``; the login session's
+    runtime folder ``/run/user/<uid>`` if it exists (what systemd and
+    ``platformdirs`` use: a client started from cron, ssh or sudo finds a
+    service started in a desktop or systemd session); else
+    ``/tmp/meshipc-<uid>`` (created 0700). The folder must be a real
+    directory owned by us with mode 0700; one that is not is refused with
+    ``MeshError`` saying which folder and why, never silently replaced by
+    another (a service and its clients must look in the same place)."""
     if runtime_dir is not None:
-        root = Path(runtime_dir)
-        if not os.path.lexists(root):
-            root.mkdir(mode=0o700, parents=True)
-        check_private_dir(root)  # lstat: a symlink, dangling or not, is refused
-        return root, "given as runtime_dir"
+        return _made_private(Path(runtime_dir)), GIVEN
+    env = os.environ.get(ENV_RUNTIME_DIR)
+    if env:
+        return _checked_env(ENV_RUNTIME_DIR, env, create=True), f"from {ENV_RUNTIME_DIR}"
     xdg = os.environ.get("XDG_RUNTIME_DIR")
     if xdg:
-        root = Path(xdg)
-        try:
-            if not root.is_absolute():
-                raise MeshError("it is not an absolute path")
-            check_private_dir(root)
-        except FileNotFoundError:
-            raise MeshError(
-                f"XDG_RUNTIME_DIR={xdg} does not exist; {_HOW_ELSEWHERE}, or unset XDG_RUNTIME_DIR"
-            ) from None
-        except MeshError as exc:
-            raise MeshError(
-                f"XDG_RUNTIME_DIR={xdg} cannot hold meshes: {exc}; {_HOW_ELSEWHERE}, or unset XDG_RUNTIME_DIR"
-            ) from None
-        return root, "from XDG_RUNTIME_DIR"
+        return _checked_env("XDG_RUNTIME_DIR", xdg, create=False), "from XDG_RUNTIME_DIR"
+    session = PLATFORM.session_runtime_dir()
+    if session is not None and _is_private_dir(session):
+        return session, "the login session's folder; XDG_RUNTIME_DIR is not set"
     root = PLATFORM.default_runtime_root()
     with contextlib.suppress(FileExistsError):
         root.mkdir(mode=0o700)
@@ -130,7 +129,59 @@ def runtime_location(runtime_dir: str | os.PathLike[str] | None = None) -> tuple
         raise MeshError(
             f"{exc}; someone else may have made it to block or watch your meshes: {_HOW_ELSEWHERE}"
         ) from None
-    return root, "XDG_RUNTIME_DIR is not set"
+    return root, "no runtime folder is set and no login session folder exists"
+
+
+def _made_private(root: Path) -> Path:
+    if not os.path.lexists(root):
+        root.mkdir(mode=0o700, parents=True)
+    check_private_dir(root)  # lstat: a symlink, dangling or not, is refused
+    return root
+
+
+def _checked_env(var: str, value: str, create: bool) -> Path:
+    """The runtime folder the environment variable ``var`` names, checked;
+    ``MeshError`` naming the variable and the fix otherwise."""
+    root = Path(value)
+    try:
+        if not root.is_absolute():
+            raise MeshError("it is not an absolute path")
+        if create:
+            return _made_private(root)
+        check_private_dir(root)
+    except FileNotFoundError:
+        raise MeshError(f"{var}={value} does not exist; {_HOW_ELSEWHERE}, or unset {var}") from None
+    except (MeshError, OSError) as exc:
+        why = f"{var}={value} cannot hold meshes: {exc}"
+        raise MeshError(f"{why}; {_HOW_ELSEWHERE}, or unset {var}") from None
+    return root
+
+
+def _is_private_dir(path: Path) -> bool:
+    try:
+        check_private_dir(path)
+    except (OSError, MeshError):
+        return False
+    return True
+
+
+def other_runtime_roots(chosen: Path) -> list[Path]:
+    """The runtime folders other than ``chosen`` that another process of
+    this user may have picked in another environment: the ones the
+    environment variables name, the login session's, the fallback."""
+    seen: list[Path] = []
+    for value in (os.environ.get(ENV_RUNTIME_DIR), os.environ.get("XDG_RUNTIME_DIR")):
+        if value and os.path.isabs(value):
+            seen.append(Path(value))
+    session = PLATFORM.session_runtime_dir()
+    if session is not None:
+        seen.append(session)
+    seen.append(PLATFORM.default_runtime_root())
+    out: list[Path] = []
+    for p in seen:
+        if p != chosen and p not in out and _is_private_dir(p):
+            out.append(p)
+    return out
 
 
 def runtime_root(runtime_dir: str | os.PathLike[str] | None = None) -> Path:
@@ -372,13 +423,25 @@ def name_is_live(root: Path, name: str) -> bool:
 
 
 def not_running_reason(root: Path, why: str, name: str) -> str:
-    """Why nothing answers at the listener of mesh ``name``, for an error."""
+    """Why nothing answers at the listener of mesh ``name``, for an error.
+    A mesh of that name found in another runtime folder of ours (another
+    process picked another one: a different environment) is named, with
+    the way to point at it."""
     lock = lock_path(root, name)
     directory = mesh_directory(root, name)
     if lock_is_held(lock):
         return f"mesh {name!r} is running but not listening (no listener at {directory / LISTENER_NAME})"
     if not os.path.lexists(directory):
-        return f"no mesh named {name!r} is running (runtime dir {root}, {why})"
+        others = other_runtime_roots(root) if why != GIVEN else []
+        for other in others:
+            if lock_is_held(lock_path(other, name)):
+                return (
+                    f"no mesh named {name!r} in the runtime folder {root} ({why}), but one runs in {other} "
+                    f"(started in another environment): set {ENV_RUNTIME_DIR}={other} or pass "
+                    f"--runtime-dir {other} (runtime_dir= in Python)"
+                )
+        also = f"; also looked in {', '.join(map(str, others))}" if others else ""
+        return f"no mesh named {name!r} is running (runtime dir {root}, {why}{also})"
     stamps = []
     for p in (directory, lock, directory / LISTENER_NAME):
         with contextlib.suppress(OSError):

@@ -138,9 +138,13 @@ class Platform:
     oob = "file"
     #: whether a spawned worker needs the parent-death pipe
     needs_parent_pipe = True
-    #: folder holding ``meshipc-<uid>`` when ``XDG_RUNTIME_DIR`` is unset;
-    #: None: the interpreter's temporary folder
-    tmp_base: str | None = "/tmp"
+    #: folder holding ``meshipc-<uid>`` when no runtime folder is set or
+    #: found (never ``$TMPDIR``: a service and its clients must agree
+    #: whatever their environment)
+    tmp_base: str = "/tmp"
+    #: folder holding the per-login-session runtime folders (``<it>/<uid>``,
+    #: made by systemd-logind); None where the system has none
+    session_base: str | None = None
 
     # ------------------------------------------------------------ sockets
 
@@ -278,10 +282,17 @@ class Platform:
     # ---------------------------------------------------- the runtime root
 
     def default_runtime_root(self) -> Path:
-        """``<base>/meshipc-<uid>``: where meshes live when neither
-        ``runtime_dir=`` nor ``XDG_RUNTIME_DIR`` says."""
-        base = self.tmp_base if self.tmp_base is not None else tempfile.gettempdir()
-        return Path(base) / f"meshipc-{os.getuid()}"
+        """``/tmp/meshipc-<uid>``: where meshes live when no runtime folder
+        is given, set or found (see ``_names.runtime_location``)."""
+        return Path(self.tmp_base) / f"meshipc-{os.getuid()}"
+
+    def session_runtime_dir(self) -> Path | None:
+        """``/run/user/<uid>`` (what ``XDG_RUNTIME_DIR`` names in a login
+        session) where the system has one, whether or not this process's
+        environment says so (cron, ssh without a session, sudo); else None."""
+        if self.session_base is None:
+            return None
+        return Path(self.session_base) / str(os.getuid())
 
     def __repr__(self) -> str:
         return f"<meshipc platform {self.name}>"
@@ -294,7 +305,7 @@ class Linux(Platform):
     fd_send_retry: frozenset[int] = frozenset()
     oob = "memfd"
     needs_parent_pipe = False
-    tmp_base: str | None = None
+    session_base: str | None = "/run/user"
 
     def __init__(self) -> None:
         import fcntl
