@@ -40,7 +40,20 @@ def want_uvloop(choice: bool | None = None) -> bool:
 
 def run(main: Coroutine[Any, Any, T], *, uvloop: bool | None = None) -> T:
     """``asyncio.run(main)`` on uvloop when installed (see ``want_uvloop``);
-    spawned workers make the same choice."""
+    spawned workers make the same choice. Raises ``RuntimeError`` saying what
+    to do instead when called where an event loop already runs (a Jupyter
+    cell, IPython's autoawait, async code): there, ``await main`` directly."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        pass
+    else:
+        main.close()  # never awaited: no "coroutine was never awaited" warning on top
+        raise RuntimeError(
+            "meshipc.run() starts an event loop, and one is already running in this thread "
+            "(a Jupyter notebook, IPython, or async code): await the coroutine instead, "
+            "e.g. `await main()`"
+        )
     if want_uvloop(uvloop):
         import uvloop as _uvloop
 
