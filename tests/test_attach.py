@@ -254,7 +254,7 @@ async def test_attach_by_name_rpc_both_ways_then_leave(runtime_dir: Path) -> Non
             # the client's own served channel closed with it
             with pytest.raises(ChannelClosed):
                 await asyncio.wait_for(client_tx.call("late"), T)
-        assert mesh.stats().node.stats().attached == 1
+        assert mesh.stats().node.attached == 1
 
 
 async def test_attach_by_path_to_unnamed_mesh_then_sigkill(runtime_dir: Path) -> None:
@@ -324,7 +324,7 @@ async def test_hundred_concurrent_clients(runtime_dir: Path) -> None:
         by_pid = {c.pid: n for c, n in zip(clients, sizes, strict=True)}
         for pid, n in by_pid.items():
             assert sum(1 for conn in conns if conn.peer.pid == pid) == n
-        assert mesh.stats().node.stats().attached == sum(sizes)
+        assert mesh.stats().node.attached == sum(sizes)
 
 
 # ------------------------------------------------------------------ bursts
@@ -635,7 +635,7 @@ async def test_client_of_another_uid_is_refused(runtime_dir: Path, other_user: d
                 conn.port.send({"op": "leave"})
                 assert await c.exit_code() == 0, c.stderr.decode()
             assert listener.stats().refused == 2
-            assert mesh.stats().node.stats().attached == 1
+            assert mesh.stats().node.attached == 1
     finally:
         shutil.rmtree(public, ignore_errors=True)
 
@@ -712,7 +712,7 @@ async def test_invitation_used_twice(runtime_dir: Path) -> None:
         with pytest.raises(InvitationExpired):
             async with meshipc.join(inv):
                 pass
-        assert mesh.stats().node.stats().attached == 1
+        assert mesh.stats().node.attached == 1
 
 
 async def test_unused_invitation_expires(runtime_dir: Path) -> None:
@@ -734,7 +734,7 @@ async def test_unused_invitation_expires(runtime_dir: Path) -> None:
         with pytest.raises(InvitationExpired):
             async with meshipc.join(late):
                 pass
-        assert mesh.stats().node.stats().attached == 0
+        assert mesh.stats().node.attached == 0
 
 
 async def test_private_keys_never_appear(runtime_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -875,7 +875,7 @@ async def test_inviter_from_other_threads(runtime_dir: Path) -> None:
                 with pytest.raises(ChannelClosed):
                     await asyncio.wait_for(mine.recv(), T)
                 assert await c.exit_code() == 0, c.stderr.decode()
-        assert mesh.stats().node.stats().attached == 2
+        assert mesh.stats().node.attached == 2
 
         # many threads at once: every invitation is for a distinct new node
         invs: list[Invitation] = []
