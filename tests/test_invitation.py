@@ -128,7 +128,7 @@ async def test_an_invitation_carries_its_port_as_a_wire_descriptor(runtime_dir: 
     async with Mesh(runtime_dir=runtime_dir) as mesh:
         mine, theirs = Port.pair()
         inv = await mesh.inviter(ttl=SHORT_TTL).invite(theirs)
-        d = decode_port_desc(inv.port)
+        d = decode_port_desc(inv.port_descriptor)
         assert not d.flags & D_DEAD
         assert d.peer_node == bytes(inv.inviter)
         mine.close()

@@ -117,6 +117,8 @@ async def test_stats_follow_invitations_from_given_to_used(runtime_dir: Path) ->
     """``Listener.stats()`` and ``Mesh.stats()``: an invitation given is
     outstanding until its client joins; a client that never joins keeps one
     outstanding (and the node still expects it)."""
+    with pytest.raises(MeshError, match="not entered"):
+        Mesh(runtime_dir=runtime_dir).stats()
     async with Mesh(runtime_dir=runtime_dir) as mesh:
         listener = await mesh.listen()
         assert listener.stats() == ListenerStats(

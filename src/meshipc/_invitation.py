@@ -101,7 +101,7 @@ class Invitation:
         return self._identity
 
     @property
-    def port(self) -> bytes:
+    def port_descriptor(self) -> bytes:
         """The packed descriptor of the port the new node receives first
         (``Node.import_port`` makes it there)."""
         return self._record.port

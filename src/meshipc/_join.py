@@ -282,7 +282,7 @@ async def _reach_inviter(
             raise JoinError(f"cannot reach the inviting node {inviter_path}: {exc}") from None
     if verdict == V_DUPLICATE:
         raise InvitationExpired("the inviting node refused us: invitation used or expired")
-    return Port._wrap([node.import_port(inviter, invitation.port)])
+    return Port._wrap([node.import_port(inviter, invitation.port_descriptor)])
 
 
 async def take_invitation(

@@ -389,7 +389,10 @@ class Mesh:
     def stats(self) -> MeshStats:
         """A snapshot of this mesh's node (its links and accept loop), its
         listeners and workers: counters for tests, ``inspect`` and
-        monitoring. Never raises."""
+        monitoring; also once closed. Raises ``MeshError`` before the mesh
+        was entered (it has no node yet)."""
+        if self._node is None:
+            raise MeshError("the mesh was not entered yet: no node to describe")
         return MeshStats(
             node=self._node.stats(),
             listeners=tuple(x.stats() for x in self._extras if isinstance(x, Listener)),
