@@ -100,9 +100,9 @@ def _ours(node: ast.Import | ast.ImportFrom, modules: set[str]) -> list[str]:
     return [a.name if a.name in modules else INIT for a in node.names]
 
 
-def _walk(tree: ast.AST) -> list[tuple[ast.stmt, bool]]:
+def _walk(tree: ast.AST) -> list[tuple[ast.Import | ast.ImportFrom, bool]]:
     """Every import statement, with whether it is inside a function."""
-    out: list[tuple[ast.stmt, bool]] = []
+    out: list[tuple[ast.Import | ast.ImportFrom, bool]] = []
 
     def visit(node: ast.AST, local: bool) -> None:
         for child in ast.iter_child_nodes(node):
@@ -131,14 +131,14 @@ def _io_problems(name: str, tree: ast.AST) -> list[str]:
                     problems.append(f"{name}:{node.lineno}: sans-IO core imports threading.{bad[0]}")
             elif top in IO_MODULES:
                 problems.append(f"{name}:{node.lineno}: sans-IO core imports from {node.module}")
-    for node in ast.walk(tree):
+    for use in ast.walk(tree):
         if (
-            isinstance(node, ast.Attribute)
-            and isinstance(node.value, ast.Name)
-            and node.value.id == "threading"
-            and node.attr not in THREAD_SAFE
+            isinstance(use, ast.Attribute)
+            and isinstance(use.value, ast.Name)
+            and use.value.id == "threading"
+            and use.attr not in THREAD_SAFE
         ):
-            problems.append(f"{name}:{node.lineno}: sans-IO core uses threading.{node.attr}")
+            problems.append(f"{name}:{use.lineno}: sans-IO core uses threading.{use.attr}")
     return problems
 
 
@@ -157,7 +157,6 @@ def layout_problems(package: Path, doc: Path) -> list[str]:
     for name, path in sources.items():
         tree = ast.parse(path.read_text(), str(path))
         for node, local in _walk(tree):
-            assert isinstance(node, (ast.Import, ast.ImportFrom))
             for target in _ours(node, modules):
                 where = f"{name}:{node.lineno}"
                 if local:
