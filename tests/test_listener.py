@@ -145,5 +145,12 @@ async def test_stats_follow_invitations_from_given_to_used(runtime_dir: Path) ->
         assert (stats.listeners[0].given, stats.listeners[0].outstanding) == (2, 1)
         assert stats.node.invited == 1 and stats.node.attached == 1
         assert mesh._node.is_invited(bytes(unused.node))
+        # a client that hangs up before its invitation is written: counted, and
+        # its invitation forgotten at once (nobody can use it)
+        with socket.socket(socket.AF_UNIX) as quitter:
+            quitter.connect(os.fspath(listener.path))
+        await wait_until(lambda: listener.stats().left_early == 1, "the listener to see the client go")
+        stats = listener.stats()
+        assert (stats.given, stats.outstanding, mesh.stats().node.invited) == (2, 1, 1)
     # closed: the admission not taken yet can still be (then accept() raises)
     assert listener.stats().closed and listener.stats().queued == 1

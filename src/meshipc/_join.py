@@ -39,7 +39,7 @@ from ._errors import (
 from ._handshake import V_DUPLICATE, Identity
 from ._invitation import FRAME, MAX_INVITATION, Invitation
 from ._names import check_private_dir, listener_path, node_path, not_running_reason, runtime_location
-from ._node import HANDSHAKE_TIMEOUT, Node, _ClosedEarly
+from ._node import HANDSHAKE_TIMEOUT, ClosedEarly, Node
 from ._platform import PLATFORM
 from ._ports import DEFAULT_LIMITS, Limits
 from ._sockets import Backoff, PeerCred, StreamEnded, connect_unix, recv_exact
@@ -267,10 +267,10 @@ async def _reach_inviter(
         try:
             verdict = await retry_shed(
                 lambda: node.connect_to(inviter),
-                (_ClosedEarly, ConnectionResetError, BrokenPipeError),
+                (ClosedEarly, ConnectionResetError, BrokenPipeError),
                 deadline,
             )
-        except _ClosedEarly as exc:  # shed again and again, until we gave up
+        except ClosedEarly as exc:  # shed again and again, until we gave up
             raise JoinError(f"the inviting node {inviter_path} kept dropping the connection: {exc}") from None
         except HandshakeError as exc:
             raise AuthenticationError(f"the inviting node rejected us: {exc}") from None

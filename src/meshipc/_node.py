@@ -97,17 +97,17 @@ CLOSE_POLL: Final = 0.005
 REFUSAL_KIND_LEN: Final = 40
 
 
-class _ClosedEarly(HandshakeError):
+class ClosedEarly(HandshakeError):
     """The other side hung up mid-handshake (a node under a flood of
     connections sheds the oldest; a dying one closes): worth a retry."""
 
 
 async def _recv_handshake(loop: asyncio.AbstractEventLoop, sock: socket.socket, n: int) -> bytes:
-    """One handshake message of ``n`` bytes; ``_ClosedEarly`` on a hang-up."""
+    """One handshake message of ``n`` bytes; ``ClosedEarly`` on a hang-up."""
     try:
         return await recv_exact(loop, sock, n)
     except StreamEnded as exc:
-        raise _ClosedEarly(
+        raise ClosedEarly(
             f"peer closed the connection after {exc.received} of {exc.expected} handshake bytes"
         ) from None
 
@@ -552,7 +552,7 @@ class Node:
             while True:
                 try:
                     verdict = await self.connect_to(peer, sock)
-                except (_ClosedEarly, ConnectionResetError, BrokenPipeError):
+                except (ClosedEarly, ConnectionResetError, BrokenPipeError):
                     early += 1
                     if sock is not None or self.closed or early >= MAX_EARLY_CLOSES:
                         raise
