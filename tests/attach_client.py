@@ -217,11 +217,11 @@ async def main_burst_service(runtime_dir: str, name: str, nofile: int, backlog: 
         emit(listener=os.fspath(listener.path))
         reader = asyncio.StreamReader()
         await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
-        node = mesh._node
         while await reader.readline():
-            accs = [a for a in (node._acceptor, listener._acceptor) if a is not None]
+            stats = mesh.stats()
+            accs = [a for a in (stats.node.acceptor, listener.stats().acceptor) if a is not None]
             emit(
-                attached=node.attached,
+                attached=stats.node.attached,
                 evicted=sum(a.evicted for a in accs),
                 out_of_fds=sum(a.out_of_fds for a in accs),
             )

@@ -55,7 +55,7 @@ def key_material(mesh: Mesh) -> list[bytes]:
 
 def invitation_key(inv: Invitation) -> bytes:
     """The private key an invitation carries for its new node."""
-    return inv._identity._key.private_bytes_raw()
+    return inv.identity._key.private_bytes_raw()
 
 
 def secret_needles(secret: bytes) -> list[str]:

@@ -254,7 +254,7 @@ async def test_attach_by_name_rpc_both_ways_then_leave(runtime_dir: Path) -> Non
             # the client's own served channel closed with it
             with pytest.raises(ChannelClosed):
                 await asyncio.wait_for(client_tx.call("late"), T)
-        assert mesh._node.attached == 1
+        assert mesh.stats().node.attached == 1
 
 
 async def test_attach_by_path_to_unnamed_mesh_then_sigkill(runtime_dir: Path) -> None:
@@ -324,7 +324,7 @@ async def test_hundred_concurrent_clients(runtime_dir: Path) -> None:
         by_pid = {c.pid: n for c, n in zip(clients, sizes, strict=True)}
         for pid, n in by_pid.items():
             assert sum(1 for conn in conns if conn.peer.pid == pid) == n
-        assert mesh._node.attached == sum(sizes)
+        assert mesh.stats().node.attached == sum(sizes)
 
 
 # ------------------------------------------------------------------ bursts
@@ -610,8 +610,9 @@ async def test_client_of_another_uid_is_refused(runtime_dir: Path, other_user: d
                 assert ev["error"] in ("InvitationReadError", "ConnectError"), ev
                 assert os.fspath(path) in ev["message"]
                 assert await c.exit_code() == 3
-            assert listener.refused == 1
-            assert mesh._node._invited == {}  # refused before any invitation existed
+            assert listener.stats().refused == 1
+            # refused before any invitation existed
+            assert listener.stats().given == 0 and mesh.stats().node.invited == 0
 
             # expecting its own uid (the default), the client distrusts the
             # listener before reading; the listener refuses it all the same
@@ -627,14 +628,14 @@ async def test_client_of_another_uid_is_refused(runtime_dir: Path, other_user: d
                 conn = await asyncio.wait_for(listener.accept(), T)
                 # the listener serves clients in the order they arrived, so
                 # the one that hung up on it was refused by now
-                assert listener.refused == 2
+                assert listener.stats().refused == 2
                 assert conn.peer.pid == c.pid
                 assert conn.peer.uid == os.getuid()
                 assert await ask(conn.port, {"op": "whoami"}) == {"pid": c.pid, "uid": os.getuid()}
                 conn.port.send({"op": "leave"})
                 assert await c.exit_code() == 0, c.stderr.decode()
-            assert listener.refused == 2
-            assert mesh._node.attached == 1
+            assert listener.stats().refused == 2
+            assert mesh.stats().node.attached == 1
     finally:
         shutil.rmtree(public, ignore_errors=True)
 
@@ -648,18 +649,18 @@ async def test_forged_credential_is_rejected_by_the_node(runtime_dir: Path) -> N
         refusals = hook_refusals(node)
         mine, theirs = Port.pair()
         inv = await mesh.inviter().invite(theirs)
-        assert msgspec.msgpack.decode(bytes(inv))[FIELD["credential"]] == inv._identity.to_bytes()
+        assert msgspec.msgpack.decode(bytes(inv))[FIELD["credential"]] == inv.identity.to_bytes()
         # the invited id, vouched for by a root the forger made itself
         forged = foreign_credential(bytes(inv.node))
         bad = reencode(inv, credential=forged)
 
-        rejected = node.rejected
+        rejected = node.stats().rejected
         with pytest.raises(AuthenticationError, match="refused our credential") as ei:
             async with meshipc.join(bad):
                 pass
         assert await asyncio.wait_for(refusals.get(), T) == "certificate of another mesh"
-        assert node.rejected == rejected + 1
-        assert node.attached == 0
+        assert node.stats().rejected == rejected + 1
+        assert node.stats().attached == 0
         for s in (*key_material(mesh), invitation_key(inv), forged[:32]):
             assert_no_secret(str(ei.value), s, "AuthenticationError")
 
@@ -667,7 +668,7 @@ async def test_forged_credential_is_rejected_by_the_node(runtime_dir: Path) -> N
         async with meshipc.join(inv) as cc:
             mine.send("hi")
             assert await asyncio.wait_for(cc.port.recv(), T) == "hi"
-        assert node.attached == 1
+        assert node.stats().attached == 1
 
         # and the mesh still serves fresh invitations, to another process
         mine2, theirs2 = Port.pair()
@@ -679,7 +680,7 @@ async def test_forged_credential_is_rejected_by_the_node(runtime_dir: Path) -> N
             with pytest.raises(ChannelClosed):
                 await asyncio.wait_for(mine2.recv(), T)
             assert await c.exit_code() == 0, c.stderr.decode()
-        assert node.attached == 2
+        assert node.stats().attached == 2
 
 
 async def test_invitation_used_twice(runtime_dir: Path) -> None:
@@ -711,7 +712,7 @@ async def test_invitation_used_twice(runtime_dir: Path) -> None:
         with pytest.raises(InvitationExpired):
             async with meshipc.join(inv):
                 pass
-        assert mesh._node.attached == 1
+        assert mesh.stats().node.attached == 1
 
 
 async def test_unused_invitation_expires(runtime_dir: Path) -> None:
@@ -733,7 +734,7 @@ async def test_unused_invitation_expires(runtime_dir: Path) -> None:
         with pytest.raises(InvitationExpired):
             async with meshipc.join(late):
                 pass
-        assert mesh._node.attached == 0
+        assert mesh.stats().node.attached == 0
 
 
 async def test_private_keys_never_appear(runtime_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -874,7 +875,7 @@ async def test_inviter_from_other_threads(runtime_dir: Path) -> None:
                 with pytest.raises(ChannelClosed):
                     await asyncio.wait_for(mine.recv(), T)
                 assert await c.exit_code() == 0, c.stderr.decode()
-        assert mesh._node.attached == 2
+        assert mesh.stats().node.attached == 2
 
         # many threads at once: every invitation is for a distinct new node
         invs: list[Invitation] = []
@@ -936,6 +937,6 @@ async def test_more_clients_at_once_than_outstanding_invitations_all_attach(
             await asyncio.gather(srv, return_exceptions=True)
         assert sorted(got) == list(range(n))
         if withdraw_after is None:
-            assert listener.withdrawn == 0  # each waited for a slot
+            assert listener.stats().withdrawn == 0  # each waited for a slot
         else:
-            assert listener.withdrawn > 0  # the burst did overflow the cap
+            assert listener.stats().withdrawn > 0  # the burst did overflow the cap

@@ -126,24 +126,30 @@ async def test_silent_flood_is_capped_and_a_real_client_gets_through(
     back once it stops."""
     async with Mesh(runtime_dir=runtime_dir) as mesh:
         listener = await mesh.listen()
-        acceptor = mesh._node._acceptor
-        assert acceptor is not None and acceptor.limit == meshipc._sockets.MAX_PENDING
-        acceptor.limit = 8  # the same logic as the default 128, with fewer sockets
+
+        def acceptor() -> meshipc._sockets.AcceptorStats:
+            stats = mesh.stats().node.acceptor
+            assert stats is not None
+            return stats
+
+        assert acceptor().limit == meshipc._sockets.MAX_PENDING
+        # the same logic as the default 128, with fewer sockets (no public knob: a test's own)
+        mesh._node._acceptor.limit = 8
         monkeypatch.setattr(meshipc._sockets, "EVICT_AFTER", 0.1)  # and less waiting
         # warm-up: the event loop opens some fds of its own at its first subprocess
         await serve_one_client(listener, os.fspath(listener.path))
         baseline = open_fds()
         held = silent(mesh._node.path, 60)
         try:
-            await wait_until(lambda: acceptor.pending == 8, "the cap to be reached")
+            await wait_until(lambda: acceptor().pending == 8, "the cap to be reached")
             await serve_one_client(listener, os.fspath(listener.path))
-            assert acceptor.pending <= 8
-            assert acceptor.evicted >= 1
+            assert acceptor().pending <= 8
+            assert acceptor().evicted >= 1
         finally:
             for s in held:
                 s.close()
         # once the noise stops, everything it held is given back
-        await wait_until(lambda: acceptor.pending == 0, "the silent connections to be dropped")
+        await wait_until(lambda: acceptor().pending == 0, "the silent connections to be dropped")
         await wait_until(lambda: open_fds() <= baseline, f"fds back to baseline {sorted(baseline)}")
         await serve_one_client(listener, os.fspath(listener.path))
 
@@ -159,7 +165,7 @@ async def main():
         print(json.dumps({"node": str(mesh._node.path)}), flush=True)
         async for conn in listener:
             conn.port.send("served")
-            acc = mesh._node._acceptor
+            acc = mesh.stats().node.acceptor
             print(json.dumps({"out_of_fds": acc.out_of_fds, "evicted": acc.evicted}), flush=True)
 asyncio.run(main())
 """
@@ -398,8 +404,8 @@ async def test_clients_that_take_invitations_and_never_join_cannot_pile_them_up(
     async with Mesh(runtime_dir=runtime_dir) as mesh:
         listener = await mesh.listen(invitation_ttl=60)
         taken = [await asyncio.wait_for(read_invitation(listener.path), T) for _ in range(10)]
-        assert len(mesh._node._invited) == 4
-        assert listener.withdrawn == 6
+        assert mesh.stats().node.invited == 4
+        assert listener.stats().outstanding == 4 and listener.stats().withdrawn == 6
         # the oldest were withdrawn: too late to use them
         with pytest.raises(meshipc.InvitationExpired):
             async with meshipc.join(taken[0]):

@@ -55,7 +55,7 @@ ACCEPTED_LEN = 1 + PROOF_LEN
 async def client_identity(listener: meshipc.Listener) -> Identity:
     """What an attached client holds: the credential of a real invitation."""
     inv = await within(read_invitation(listener.path))
-    return inv._identity
+    return inv.identity
 
 
 async def spawn_linked(mesh: Mesh, target: str, arg: Any) -> bytes:

@@ -128,7 +128,7 @@ async def test_an_invitation_carries_its_port_as_a_wire_descriptor(runtime_dir: 
     async with Mesh(runtime_dir=runtime_dir) as mesh:
         mine, theirs = Port.pair()
         inv = await mesh.inviter(ttl=SHORT_TTL).invite(theirs)
-        d = decode_port_desc(inv._record.port)
+        d = decode_port_desc(inv.port_descriptor)
         assert not d.flags & D_DEAD
         assert d.peer_node == bytes(inv.inviter)
         mine.close()
@@ -162,7 +162,7 @@ async def test_an_invitation_carries_a_client_credential_and_no_key_that_mints(r
         assert mesh._authority is not None
         mine, theirs = Port.pair()
         inv = await mesh.inviter(ttl=SHORT_TTL).invite(theirs)
-        identity = Invitation.from_bytes(bytes(inv))._identity
+        identity = Invitation.from_bytes(bytes(inv)).identity
         assert identity.node == inv.node and identity.role == ROLE_CLIENT
         assert identity.authority_key == mesh._authority.public
         data = bytes(inv)

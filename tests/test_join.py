@@ -22,21 +22,25 @@ import msgspec
 import pytest
 
 import meshipc
-from attachutil import FIELD, assert_no_secret, foreign_credential, key_material
+from attachutil import FIELD, assert_no_secret, foreign_credential, key_material, reencode
 from meshipc import (
     AuthenticationError,
     ConnectError,
     InvitationDecodeError,
+    InvitationExpired,
     InvitationReadError,
     InvitationTooLarge,
     JoinError,
     JoinTimeout,
     Mesh,
     MeshError,
+    Port,
 )
-from meshipc._handshake import CREDENTIAL_LEN
-from meshipc._invitation import _INVITATION_VERSION
-from meshipc._join import JOIN_TIMEOUT
+from meshipc._codec import CODEC
+from meshipc._handshake import CREDENTIAL_LEN, ROLE_ROOT, Authority
+from meshipc._invitation import _INVITATION_VERSION, Inviter
+from meshipc._join import JOIN_TIMEOUT, attach
+from meshipc._node import Node
 from meshipc._wire import PORT_DESC_SIZE
 
 #: Bound on any single step.
@@ -252,3 +256,47 @@ async def test_join_timeout_must_be_positive(runtime_dir: Path, bad: float) -> N
     with pytest.raises(ValueError, match="timeout"):
         async with meshipc.connect(runtime_dir / "x.sock", timeout=bad):
             pass  # pragma: no cover
+
+
+# ----------------------------------------------- attach over bare nodes
+
+
+async def test_attach_joins_a_bare_node_in_one_step(runtime_dir: Path) -> None:
+    """``attach``: invitation -> the new node -> linked to the inviter -> the
+    first port, with no ``Mesh`` on either side (the inviter is a ``Node``
+    and its authority's ``issue``)."""
+    authority = Authority()
+    server = Node(runtime_dir, authority.issue(ROLE_ROOT), codec=CODEC)
+    server.start()
+    try:
+        ours, theirs = Port.pair()
+        inv = await Inviter(server, authority.issue).invite(theirs)
+        assert server.is_invited(bytes(inv.node))
+        node, port = await asyncio.wait_for(attach(inv, None, None, None), T)
+        try:
+            assert node.id == inv.node and [link.peer for link in node.stats().links] == [server.id.hex()]
+            assert not server.is_invited(bytes(inv.node)) and server.stats().attached == 1
+            ours.send("hello")
+            assert await asyncio.wait_for(port.recv(), T) == "hello"
+            port.send("back")
+            assert await asyncio.wait_for(ours.recv(), T) == "back"
+        finally:
+            port.close()
+            await node.close(linger=1.0)
+        assert not node.path.exists()
+    finally:
+        await server.close(linger=1.0)
+
+
+async def test_a_failed_attach_leaves_no_node_behind(runtime_dir: Path) -> None:
+    authority = Authority()
+    server = Node(runtime_dir, authority.issue(ROLE_ROOT), codec=CODEC)
+    server.start()
+    _, theirs = Port.pair()
+    inv = await Inviter(server, authority.issue).invite(theirs)
+    await server.close(linger=0)  # the inviting node is gone
+    with pytest.raises(JoinError, match="is gone"):
+        await asyncio.wait_for(attach(inv, None, None, None), T)
+    assert list(runtime_dir.iterdir()) == []  # the new node's socket was removed with it
+    with pytest.raises(InvitationExpired):
+        await attach(reencode(inv, expires=time.time() - 1), None, None, None)

@@ -14,6 +14,9 @@ import pytest
 
 import meshipc
 from meshipc import ConnectError, Mesh, MeshError, MeshNameInUse
+from meshipc._join import read_invitation
+from meshipc._listener import ListenerStats
+from relutil import wait_until
 
 #: Bound on any single step.
 T = 10.0
@@ -108,3 +111,46 @@ async def test_listener_closed_while_accept_waits(runtime_dir: Path) -> None:
         with pytest.raises(MeshError):
             await asyncio.wait_for(waiting, T)
         assert await asyncio.wait_for(iterating, T) is None
+
+
+async def test_stats_follow_invitations_from_given_to_used(runtime_dir: Path) -> None:
+    """``Listener.stats()`` and ``Mesh.stats()``: an invitation given is
+    outstanding until its client joins; a client that never joins keeps one
+    outstanding (and the node still expects it)."""
+    with pytest.raises(MeshError, match="not entered"):
+        Mesh(runtime_dir=runtime_dir).stats()
+    async with Mesh(runtime_dir=runtime_dir) as mesh:
+        listener = await mesh.listen()
+        assert listener.stats() == ListenerStats(
+            given=0,
+            outstanding=0,
+            withdrawn=0,
+            refused=0,
+            left_early=0,
+            queued=0,
+            acceptor=listener.stats().acceptor,
+            closed=False,
+        )
+        async with meshipc.connect(listener.path, timeout=T) as conn:
+            admission = await asyncio.wait_for(listener.accept(), T)
+            admission.port.send("hi")
+            assert await asyncio.wait_for(conn.port.recv(), T) == "hi"
+            stats = listener.stats()
+            assert (stats.given, stats.outstanding, stats.queued) == (1, 0, 0)
+            assert stats.acceptor is not None and stats.acceptor.accepted == 1
+        unused = await asyncio.wait_for(read_invitation(listener.path), T)
+        await wait_until(lambda: listener.stats().queued == 1, "the admission to be queued")
+        stats = mesh.stats()
+        assert stats.listeners == (listener.stats(),) and stats.workers == 0
+        assert (stats.listeners[0].given, stats.listeners[0].outstanding) == (2, 1)
+        assert stats.node.invited == 1 and stats.node.attached == 1
+        assert mesh._node.is_invited(bytes(unused.node))
+        # a client that hangs up before its invitation is written: counted, and
+        # its invitation forgotten at once (nobody can use it)
+        with socket.socket(socket.AF_UNIX) as quitter:
+            quitter.connect(os.fspath(listener.path))
+        await wait_until(lambda: listener.stats().left_early == 1, "the listener to see the client go")
+        stats = listener.stats()
+        assert (stats.given, stats.outstanding, mesh.stats().node.invited) == (2, 1, 1)
+    # closed: the admission not taken yet can still be (then accept() raises)
+    assert listener.stats().closed and listener.stats().queued == 1

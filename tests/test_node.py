@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from meshipc._handshake import ROLE_WORKER, Authority
 from meshipc._ids import PortId
 from meshipc._node import Node
 from meshipc._wire import MAX_FDS_PER_MESSAGE
+from relutil import wait_until
 
 
 def nodes(d: Path, n: int, authority: Authority | None = None) -> list[Node]:
@@ -58,7 +60,7 @@ async def test_simultaneous_connects_resolve_to_one_connection(runtime_dir: Path
             # the two ends of one socket, not two sockets
             ca, cb = a.links[b.id], b.links[a.id]
             assert os.fstat(ca.sock.fileno()).st_ino != os.fstat(cb.sock.fileno()).st_ino
-            assert not a._connecting and not b._connecting
+            assert a.stats().connecting == b.stats().connecting == 0
             for i in range(100):
                 pa.send(i)
             assert [await asyncio.wait_for(pb.recv(), 10) for _ in range(100)] == list(range(100))
@@ -259,3 +261,72 @@ async def test_streams_on_interleaved_ports_arrive_whole_and_in_order(runtime_di
         assert got2 == [["x" * (i % 200), i] for i in range(0, n, 3)]
     finally:
         await close_all(a, b)
+
+
+# ------------------------------------------------------------ what the node offers the layers above
+
+
+async def test_stats_count_links_traffic_and_refusals(runtime_dir: Path):
+    a, b = nodes(runtime_dir, 2)
+    try:
+        before = a.stats()
+        assert before.node == a.id.hex() and before.links == () and before.rejected == 0
+        assert before.acceptor is not None and before.acceptor.accepted == 0
+        pa, pb = link(a, b)
+        for i in range(10):
+            pa.send(i)
+        assert [await asyncio.wait_for(pb.recv(), 10) for _ in range(10)] == list(range(10))
+        (la,) = a.stats().links
+        (lb,) = b.stats().links
+        assert la.peer == b.id.hex() and lb.peer == a.id.hex()
+        assert la.frames_out >= 10 and lb.frames_in >= 10 and lb.bytes_in == la.bytes_out > 0
+        assert la.writes <= la.frames_out and la.queued_bytes == la.backlog == la.oob_queued == 0
+        # both sides connect at once (``link``): one or two accepted, one link kept
+        accepted = sum(s.acceptor.accepted for s in (a.stats(), b.stats()) if s.acceptor is not None)
+        assert accepted in (1, 2)
+        # garbage on the node socket: refused and counted
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(os.fspath(a.path))
+            s.sendall(b"\x00" * 64)
+            await wait_until(lambda: a.stats().rejected == 1, "the node to count the refusal")
+        assert a.stats().ports == len(a.engine.ports) == 1
+    finally:
+        await close_all(a, b)
+    assert a.stats().closed and a.stats().links == ()
+
+
+async def test_an_exported_port_is_imported_on_the_other_node(runtime_dir: Path):
+    """``export_port``/``import_port``: a port handed over outside any
+    message (as an invitation carries one) keeps its peer and its queue."""
+    a, b = nodes(runtime_dir, 2)
+    try:
+        mine, theirs = Port.pair()
+        mine.send("queued before the move")
+        (st,) = theirs._detach()
+        packed = a.export_port(st, b.id)
+        moved = Port._wrap([b.import_port(a.id, packed)])
+        assert await asyncio.wait_for(moved.recv(), 10) == "queued before the move"
+        moved.send("back")
+        assert await asyncio.wait_for(mine.recv(), 10) == "back"
+        with pytest.raises(meshipc.ProtocolError, match="descriptor of 3 bytes"):
+            b.import_port(a.id, b"abc")
+        with pytest.raises(meshipc.ProtocolError, match="reuses a live port"):
+            b.import_port(a.id, packed)
+    finally:
+        await close_all(a, b)
+
+
+async def test_an_invited_node_is_expected_until_it_joins_or_expires(runtime_dir: Path):
+    authority = Authority()
+    (a,) = nodes(runtime_dir, 1, authority)
+    try:
+        late, soon = authority.issue(ROLE_WORKER), authority.issue(ROLE_WORKER)
+        a.expect_invited(late.node, 60)
+        a.expect_invited(soon.node, 0.01)
+        assert a.is_invited(late.node) and a.is_invited(soon.node)
+        await wait_until(lambda: not a.is_invited(soon.node), "the short invitation to expire")
+        assert a.is_invited(late.node) and a.stats().invited == 1 and a.stats().dead == 1
+        a.forget(late.node, "withdrawn")
+        assert not a.is_invited(late.node) and a.stats().invited == 0 and a.stats().dead == 2
+    finally:
+        await close_all(a)

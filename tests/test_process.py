@@ -82,7 +82,7 @@ async def read_to_eof(fd: int, timeout: float = STEP) -> bytes:
 
 def parent_bytes(mesh: meshipc.Mesh) -> int:
     """Bytes the parent node has sent and received on all its connections."""
-    return sum(c.bytes_in + c.bytes_out for c in mesh._node.links.values())
+    return sum(link.bytes_in + link.bytes_out for link in mesh.stats().node.links)
 
 
 def open_fds() -> dict[int, str]:
@@ -588,7 +588,7 @@ async def test_garbage_and_foreign_credentials_are_rejected(runtime_dir: Path) -
         tx, rx = meshipc.channel()
         proc = await mesh.spawn("workers:echo", rx)
         assert await within(tx.call("before")) == "before"
-        rejected = node.rejected
+        rejected = node.stats().rejected
 
         async def raw_connect() -> socket.socket:
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -620,7 +620,7 @@ async def test_garbage_and_foreign_credentials_are_rejected(runtime_dir: Path) -
             finally:
                 s.close()
             rejected += 1
-            assert node.rejected == rejected, garbage[:16]
+            assert node.stats().rejected == rejected, garbage[:16]
 
         # 4. a HELLO with an unknown protocol version
         s = await raw_connect()
@@ -631,7 +631,7 @@ async def test_garbage_and_foreign_credentials_are_rejected(runtime_dir: Path) -
         finally:
             s.close()
         rejected += 1
-        assert node.rejected == rejected
+        assert node.stats().rejected == rejected
 
         # 5. a real handshake with a credential of another mesh, from the
         #    acceptor's side: the AUTH is refused with V_DENIED
@@ -652,7 +652,7 @@ async def test_garbage_and_foreign_credentials_are_rejected(runtime_dir: Path) -
         finally:
             s.close()
         rejected += 1
-        assert node.rejected == rejected
+        assert node.stats().rejected == rejected
 
         # 6. a whole Node of another mesh connecting by path: the mesh node
         #    denies its certificate
@@ -663,8 +663,8 @@ async def test_garbage_and_foreign_credentials_are_rejected(runtime_dir: Path) -
         finally:
             await within(intruder.close())
         rejected += 1
-        await wait_until(lambda: node.rejected >= rejected, "the node to refuse the intruder")
-        assert node.rejected == rejected
+        await wait_until(lambda: node.stats().rejected >= rejected, "the node to refuse the intruder")
+        assert node.stats().rejected == rejected
         assert intruder.id not in node.links
 
         # the mesh still serves, old and new workers alike
@@ -763,15 +763,15 @@ async def test_no_fd_leak_over_spawn_cycles(runtime_dir: Path) -> None:
         await cycle(-1)  # warm-up: lazy imports, executor threads
         gc.collect()
         before = open_fds()
-        ports_before = len(mesh._node.engine.ports)
+        ports_before = mesh.stats().node.ports
         for i in range(20):
             await cycle(i)
         gc.collect()
-        assert mesh._children == []  # exited workers are not kept by the mesh
+        assert mesh.stats().workers == 0  # exited workers are not kept by the mesh
         after = open_fds()
         new = {fd: target for fd, target in after.items() if fd not in before}
         assert len(after) - len(before) <= 3, f"{len(after) - len(before)} more open fds: {new}"
-        assert len(mesh._node.engine.ports) <= ports_before + 3, mesh._node.engine.ports
+        assert mesh.stats().node.ports <= ports_before + 3, mesh.stats().node
 
 
 async def test_mesh_exit_reaps_children(runtime_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:

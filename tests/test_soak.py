@@ -88,19 +88,19 @@ async def attach_detach(rd: Path) -> None:
         try:
             await run_cycles(os.fspath(listener.path), 50)  # warm-up
             gc.collect()
-            fds0, rss0, ports0 = fds(), rss_kib(), len(mesh._node.engine.ports)
+            fds0, rss0, ports0 = fds(), rss_kib(), mesh.stats().node.ports
             for _ in range(4):  # four client processes in a row
                 await run_cycles(os.fspath(listener.path), ATTACH_CYCLES // 4)
             gc.collect()
-            fds1, rss1, ports1 = fds(), rss_kib(), len(mesh._node.engine.ports)
+            fds1, rss1, ports1 = fds(), rss_kib(), mesh.stats().node.ports
         finally:
             for t in tasks:
                 t.cancel()
         print(
             f"\nattach/detach x{ATTACH_CYCLES}: fds {fds0} -> {fds1}, RSS {rss0} -> {rss1} KiB, "
-            f"ports {ports0} -> {ports1}, dead-node table {len(mesh._node._dead)}"
+            f"ports {ports0} -> {ports1}, dead-node table {mesh.stats().node.dead}"
         )
-        assert mesh._node.attached == 50 + ATTACH_CYCLES // 4 * 4
+        assert mesh.stats().node.attached == 50 + ATTACH_CYCLES // 4 * 4
         assert fds1 <= fds0
         assert ports1 <= ports0 + 2
         assert rss1 - rss0 < RSS_SLACK_KIB
@@ -119,15 +119,15 @@ async def spawn_exit(rd: Path) -> None:
         for i in range(10):  # warm-up
             await cycle(i)
         gc.collect()
-        fds0, rss0, ports0 = fds(), rss_kib(), len(mesh._node.engine.ports)
+        fds0, rss0, ports0 = fds(), rss_kib(), mesh.stats().node.ports
         for i in range(SPAWN_CYCLES):
             await cycle(i)
         assert mesh._children == []  # exited workers are not kept
         gc.collect()
-        fds1, rss1, ports1 = fds(), rss_kib(), len(mesh._node.engine.ports)
+        fds1, rss1, ports1 = fds(), rss_kib(), mesh.stats().node.ports
         print(
             f"\nspawn/exit x{SPAWN_CYCLES}: fds {fds0} -> {fds1}, RSS {rss0} -> {rss1} KiB, "
-            f"ports {ports0} -> {ports1}, dead-node table {len(mesh._node._dead)}"
+            f"ports {ports0} -> {ports1}, dead-node table {mesh.stats().node.dead}"
         )
         assert fds1 <= fds0 + 2
         assert ports1 <= ports0 + 2

@@ -18,7 +18,9 @@ import pytest
 import meshipc._sockets
 from meshipc import MeshError
 from meshipc._sockets import (
+    MAX_PENDING,
     Acceptor,
+    AcceptorStats,
     PeerCred,
     RateLimitedLog,
     StreamEnded,
@@ -127,11 +129,15 @@ async def test_each_connection_is_handed_over_and_released(runtime_dir: Path) ->
         await wait_until(lambda: len(served) == 5, "every connection served")
         assert sorted(served) == [b"%02d" % i for i in range(5)]
         await wait_until(lambda: acceptor.pending == 0, "every task released")
+        assert acceptor.stats() == AcceptorStats(
+            accepted=5, pending=0, limit=MAX_PENDING, evicted=0, out_of_fds=0, closed=False
+        )
     finally:
         acceptor.close()
         lsock.close()
         for c in clients:
             c.close()
+    assert acceptor.stats().closed
 
 
 async def test_at_the_cap_the_oldest_silent_connection_gives_way(
@@ -155,8 +161,9 @@ async def test_at_the_cap_the_oldest_silent_connection_gives_way(
     clients = [await connect(runtime_dir / "s") for _ in range(5)]
     try:
         await wait_until(lambda: len(handed) == 5, "every connection accepted in turn")
-        assert acceptor.pending <= 2
-        assert acceptor.evicted >= 3
+        stats = acceptor.stats()
+        assert stats.accepted == 5 and stats.pending <= stats.limit == 2
+        assert stats.evicted >= 3 and stats.evicted == acceptor.evicted
         assert [t.cancelled() for t in handed[:3]] == [True, True, True]
     finally:
         acceptor.close()

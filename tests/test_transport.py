@@ -108,6 +108,24 @@ async def test_the_first_message_goes_out_at_once_and_the_rest_of_the_turn_coale
         assert a.idle and a.queued_bytes == 0
 
 
+async def test_stats_is_a_snapshot_of_the_counters() -> None:
+    async with linked() as (a, b, _, got):
+        a.write_data(PORT, 0, K_DATA, b"first")
+        for i in range(1, 100):
+            a.write_data(PORT, i, K_DATA, b"x%d" % i)
+        queued = a.stats()
+        assert queued.queued_bytes == a.queued_bytes > 0 and queued.frames_out == 100
+        await wait_until(lambda: len(got.bodies) == 100, "every message")
+        sa, sb = a.stats(), b.stats()
+        assert sa.peer == (b"B" * 16).hex() and sb.peer == (b"A" * 16).hex()
+        assert (sa.frames_out, sa.bytes_out, sa.queued_bytes, sa.backlog) == (100, sb.bytes_in, 0, 0)
+        assert sb.frames_in == 100 and 1 <= sa.writes <= 3 and sa.oob_queued == sa.retries == 0
+        assert not sa.closed and queued.bytes_out < sa.bytes_out  # a record: later writes do not change it
+        with pytest.raises(AttributeError):
+            sa.bytes_out = 0  # type: ignore[misc]
+    assert a.stats().closed
+
+
 async def test_a_stream_keeps_coalescing_one_write_per_turn() -> None:
     async with linked() as (a, _b, _, got):
         n = 0

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
-import os
 import random
 import struct
 import typing
@@ -489,15 +487,6 @@ def test_fuzz_mutated_frames(
         assert chunked[1]
     else:
         assert chunked == bytewise == (whole, False)
-
-
-def test_wire_module_is_sans_io():
-    import meshipc._wire as wire
-
-    src = inspect.getsource(wire)
-    for mod in ("socket", "asyncio", "selectors"):
-        assert f"import {mod}" not in src
-    assert os.path.basename(wire.__file__ or "") == "_wire.py"
 
 
 # ---------------------------------------------------------------- protocol 2: calls, replies, credit

@@ -18,9 +18,9 @@ from typing import Any
 
 import msgspec
 
-from ._channel import Port
 from ._errors import ChannelClosed, MeshError, PortFailed
 from ._handshake import CREDENTIAL_LEN, Identity
+from ._join import join_parent, node_from_credential
 from ._loop import run
 from ._mesh import Mesh
 from ._platform import PLATFORM
@@ -99,10 +99,9 @@ async def _run(inv: ChildInvitation) -> int:
     sock = socket.socket(fileno=inv.fd)
     identity = _read_credential(sock, inv.node)
     limits = Limits(*inv.limits) if inv.limits is not None else None
-    async with Mesh._joined(inv.directory, identity, limits, inviter=inv.parent) as mesh:
-        node = mesh._node
-        node.connect_via(inv.parent, sock)
-        port = Port._wrap([node.engine.new_bound(inv.port, inv.parent, inv.peer_port)])
+    node = node_from_credential(inv.directory, identity, limits)
+    port = join_parent(node, inv.parent, sock, inv.port, inv.peer_port)
+    async with Mesh._joined(node, inv.parent):
         try:
             func = _find(inv.target)
             # the argument is validated against the function's annotation (a

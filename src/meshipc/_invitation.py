@@ -20,7 +20,8 @@ import math
 import os
 import struct
 import time
-from typing import TYPE_CHECKING, Any, Final
+from collections.abc import Callable
+from typing import Any, Final
 
 import msgspec
 
@@ -28,11 +29,9 @@ from ._channel import Port
 from ._errors import HandshakeError, InvitationDecodeError, MeshError
 from ._handshake import CREDENTIAL_LEN, ROLE_CLIENT, Identity
 from ._ids import NodeId
+from ._node import Node
 from ._platform import MAX_SOCKET_PATH
-from ._wire import PORT_DESC_SIZE, encode_port_desc
-
-if TYPE_CHECKING:
-    from ._mesh import Mesh
+from ._wire import PORT_DESC_SIZE
 
 #: Largest invitation a client reads (checked before allocating). Real ones
 #: are a few hundred bytes; the cap is the reference design's.
@@ -96,6 +95,17 @@ class Invitation:
     def expires(self) -> float:
         return self._record.expires
 
+    @property
+    def identity(self) -> Identity:
+        """The new node's credential (its private key: never shown)."""
+        return self._identity
+
+    @property
+    def port_descriptor(self) -> bytes:
+        """The packed descriptor of the port the new node receives first
+        (``Node.import_port`` makes it there)."""
+        return self._record.port
+
     def __bytes__(self) -> bytes:
         return msgspec.msgpack.encode(self._record)
 
@@ -140,27 +150,30 @@ class Invitation:
 class Inviter:
     """Makes invitations for one mesh; safe to use from any task or thread.
 
-    The work runs on the mesh's own event loop, so holders need not own the
-    ``Mesh``."""
+    ``node`` is the inviting node (the new node connects to it), ``admit``
+    issues the credential of a new node of a role (the mesh root's
+    authority); the work runs on the node's own event loop, so holders need
+    not own the ``Mesh``."""
 
-    def __init__(self, mesh: Mesh, ttl: float = INVITATION_TTL) -> None:
-        self._mesh = mesh
-        self._loop = mesh._node.loop
+    def __init__(self, node: Node, admit: Callable[[int], Identity], ttl: float = INVITATION_TTL) -> None:
+        self._node = node
+        self._admit = admit
+        self._loop = node.loop
         self.ttl = ttl
 
     def invite_now(self, port: Port, ttl: float | None) -> Invitation:
         """The invitation, made at once: only on the mesh's own loop."""
-        node = self._mesh._node
+        node = self._node
         if node.closed:
             raise MeshError("the mesh is closed")
         if not isinstance(port, Port) or len(port._states) != 1:
             raise _uninvitable(port)
-        identity = self._mesh._admit(ROLE_CLIENT)
+        identity = self._admit(ROLE_CLIENT)
         (st,) = port._detach()
         new_node = identity.node
         ttl = self.ttl if ttl is None else ttl
         node.expect_invited(new_node, ttl)  # first: nothing may try to connect to it
-        packed = encode_port_desc(node.engine._send_port(st, new_node))
+        packed = node.export_port(st, new_node)
         return Invitation(
             _InvitationRecord(
                 _INVITATION_VERSION,

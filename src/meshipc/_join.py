@@ -2,8 +2,12 @@
 the mesh it is for as a new node, and ``Attachment``, what the client holds
 while attached.
 
-``_mesh.connect``/``_mesh.join`` put these steps together with the new
-node's ``Mesh``: this module never builds one.
+Joining is two steps over the ``Node``'s public methods, shared by an
+invited process and a spawned worker: ``node_from_credential`` (the new
+node, in the mesh directory, with the credential the mesh's root issued),
+then reaching the node that admitted it and taking the first port
+(``attach`` for an invitation, ``join_parent`` for a worker's inherited
+socket). ``_mesh`` wraps the node in a ``Mesh``: this module never builds one.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from ._channel import Port, Sender
+from ._codec import CODEC
 from ._errors import (
     AuthenticationError,
     ConnectError,
@@ -33,11 +38,11 @@ from ._errors import (
 )
 from ._handshake import V_DUPLICATE, Identity
 from ._invitation import FRAME, MAX_INVITATION, Invitation
-from ._names import listener_path, node_path, not_running_reason, runtime_location
-from ._node import HANDSHAKE_TIMEOUT, Node, _ClosedEarly
+from ._names import check_private_dir, listener_path, node_path, not_running_reason, runtime_location
+from ._node import HANDSHAKE_TIMEOUT, ClosedEarly, Node
 from ._platform import PLATFORM
+from ._ports import DEFAULT_LIMITS, Limits
 from ._sockets import Backoff, PeerCred, StreamEnded, connect_unix, recv_exact
-from ._wire import decode_port_desc
 
 if TYPE_CHECKING:
     from ._mesh import Mesh
@@ -202,33 +207,70 @@ async def within_deadline(deadline: float | None, timeout: float | None, path: P
         raise JoinTimeout(os.fspath(path), took) from None
 
 
-def admitted_node(invitation: Invitation) -> tuple[str, Identity]:
-    """The mesh directory and the credential of the node ``invitation``
-    admits. Raises ``InvitationExpired`` past its expiry."""
-    record = invitation._record
-    if not record.expires >= time.time():  # also refuses NaN
+def node_from_credential(
+    directory: str | os.PathLike[str], identity: Identity, limits: Limits | None
+) -> Node:
+    """The node ``identity`` (a credential the mesh's root issued) names,
+    in the mesh directory ``directory``, listening. Raises ``MeshError`` if
+    the directory is not ours and private, ``OSError`` if the node's socket
+    cannot be made."""
+    d = Path(directory)
+    check_private_dir(d)
+    PLATFORM.no_core_dumps()  # this node's private key is in this process now
+    node = Node(d, identity, codec=CODEC, limits=DEFAULT_LIMITS if limits is None else limits)
+    node.start()
+    return node
+
+
+def join_parent(node: Node, parent: bytes, sock: socket.socket, port: bytes, peer_port: bytes) -> Port:
+    """A spawned worker's ``node`` joins its ``parent`` over ``sock`` (its
+    end of the socket pair it inherited); the bootstrap port ``port``, peered
+    with ``peer_port`` there, is its first."""
+    node.connect_via(parent, sock)
+    return Port._wrap([node.engine.new_bound(port, parent, peer_port)])
+
+
+async def attach(
+    invitation: Invitation, limits: Limits | None, deadline: float | None, timeout: float | None
+) -> tuple[Node, Port]:
+    """Join the mesh ``invitation`` is for: the new node it admits, connected
+    to the inviting node, and the port the invitation carries (peered with
+    the server's ``Admission.port``). Raises ``InvitationExpired`` past its
+    expiry or if the inviting node refuses it (used or expired),
+    ``JoinTimeout`` past ``deadline``, ``AuthenticationError`` if the
+    inviting node rejects our credential or cannot prove its own,
+    ``JoinError`` if the node cannot be made or the inviting node reached."""
+    if not invitation.expires >= time.time():  # also refuses NaN
         raise InvitationExpired("the invitation has expired")
-    return record.directory, invitation._identity
+    try:
+        node = node_from_credential(invitation.directory, invitation.identity, limits)
+    except (OSError, MeshError) as exc:
+        if isinstance(exc, JoinError):
+            raise
+        raise JoinError(f"cannot join the mesh in {invitation.directory}: {exc}") from exc
+    try:
+        port = await _reach_inviter(node, invitation, deadline, timeout)
+    except BaseException:
+        await node.close()
+        raise
+    return node, port
 
 
-async def reach_inviter(
+async def _reach_inviter(
     node: Node, invitation: Invitation, deadline: float | None, timeout: float | None
 ) -> Port:
     """Connect the new ``node`` to the inviting node and take the port the
-    invitation carries (peered with the server's ``Admission.port``). Raises
-    ``JoinTimeout`` past ``deadline``, ``AuthenticationError`` if the inviting
-    node rejects our credential or cannot prove its own, ``InvitationExpired`` if it refuses the
-    invitation (used or expired), ``JoinError`` if it cannot be reached."""
-    record = invitation._record
-    inviter_path = node_path(Path(record.directory), record.inviter)
+    invitation carries (see ``attach``)."""
+    inviter = bytes(invitation.inviter)
+    inviter_path = node_path(Path(invitation.directory), inviter)
     async with within_deadline(deadline, timeout, inviter_path):
         try:
             verdict = await retry_shed(
-                lambda: node.connect_to(record.inviter),
-                (_ClosedEarly, ConnectionResetError, BrokenPipeError),
+                lambda: node.connect_to(inviter),
+                (ClosedEarly, ConnectionResetError, BrokenPipeError),
                 deadline,
             )
-        except _ClosedEarly as exc:  # shed again and again, until we gave up
+        except ClosedEarly as exc:  # shed again and again, until we gave up
             raise JoinError(f"the inviting node {inviter_path} kept dropping the connection: {exc}") from None
         except HandshakeError as exc:
             raise AuthenticationError(f"the inviting node rejected us: {exc}") from None
@@ -236,12 +278,11 @@ async def reach_inviter(
             if isinstance(exc, TimeoutError):
                 raise  # the handshake's own bound: reported by within_deadline
             if exc.errno in (errno.ENOENT, errno.ECONNREFUSED):
-                raise JoinError(f"the inviting node in {record.directory} is gone") from None
+                raise JoinError(f"the inviting node in {invitation.directory} is gone") from None
             raise JoinError(f"cannot reach the inviting node {inviter_path}: {exc}") from None
     if verdict == V_DUPLICATE:
         raise InvitationExpired("the inviting node refused us: invitation used or expired")
-    d = decode_port_desc(record.port)
-    return Port._wrap([node.engine._materialize(record.inviter, d)])
+    return Port._wrap([node.import_port(inviter, invitation.port_descriptor)])
 
 
 async def take_invitation(

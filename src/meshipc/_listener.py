@@ -15,18 +15,17 @@ import logging
 import os
 import socket
 import stat
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Final
+from typing import Final
 
 from ._channel import Port
 from ._errors import MeshError, MeshNameInUse
 from ._invitation import FRAME, Inviter
-from ._sockets import Acceptor, PeerCred, RateLimitedLog, is_socket_alive, listen_private
+from ._node import Node
+from ._sockets import Acceptor, AcceptorStats, PeerCred, RateLimitedLog, is_socket_alive, listen_private
 from ._tasks import TaskSet
-
-if TYPE_CHECKING:
-    from ._mesh import Mesh
 
 log = logging.getLogger("meshipc")
 
@@ -62,6 +61,27 @@ class Admission:
         return f"<Admission peer={self.peer!r}>"
 
 
+@dataclass(frozen=True, slots=True)
+class ListenerStats:
+    """A snapshot of one ``Listener`` (``Listener.stats()``)."""
+
+    #: invitations written to a client
+    given: int
+    #: invitations handed out and neither used nor expired (at most ``MAX_OUTSTANDING``)
+    outstanding: int
+    #: invitations withdrawn to stay under ``MAX_OUTSTANDING``
+    withdrawn: int
+    #: clients of another uid, closed before any invitation existed
+    refused: int
+    #: clients that left before taking their invitation
+    left_early: int
+    #: admissions not taken by ``accept()`` yet
+    queued: int
+    #: the accept loop of the listener's socket (None before ``start``)
+    acceptor: AcceptorStats | None
+    closed: bool
+
+
 class Listener:
     """Hands one invitation to each client that connects to ``path``.
 
@@ -69,11 +89,12 @@ class Listener:
     per client. Only clients running as our own uid get an invitation (no
     other uid could use one); others are closed and logged."""
 
-    def __init__(self, mesh: Mesh, path: Path, ttl: float) -> None:
-        self._mesh = mesh
+    def __init__(self, node: Node, path: Path, inviter: Inviter) -> None:
+        """``inviter`` makes the invitations, for clients to join ``node``."""
+        self._node = node
         self.path = path
-        self._inviter = Inviter(mesh, ttl)
-        self._loop = mesh._node.loop
+        self._inviter = inviter
+        self._loop = node.loop
         self._sock: socket.socket | None = None
         self._acceptor: Acceptor | None = None
         self._log = RateLimitedLog()
@@ -83,6 +104,8 @@ class Listener:
         self.refused = 0
         #: invitations withdrawn to stay under MAX_OUTSTANDING
         self.withdrawn = 0
+        self.given = 0
+        self.left_early = 0
         self._outstanding: dict[bytes, float] = {}  # invited node id -> loop time, oldest first
         self._slot = asyncio.Lock()  # clients waiting for an invitation slot, in turn
 
@@ -145,23 +168,43 @@ class Listener:
                 log.info(
                     "listener %s: client pid %d uid %d left early: %s", self.path, cred.pid, cred.uid, why
                 )
-                self._mesh._node.forget(bytes(inv.node), "the client left before taking its invitation")
+                self.left_early += 1
+                self._node.forget(bytes(inv.node), "the client left before taking its invitation")
                 mine.close()
                 return
+            self.given += 1
             log.info("listener %s: invitation sent to pid %d uid %d", self.path, cred.pid, cred.uid)
             self._queue.put_nowait(Admission(mine, cred))
 
     def _keep_outstanding(self, node_id: bytes) -> None:
         self._outstanding[node_id] = self._loop.time()
 
+    def _forget_used(self) -> None:
+        """Keep only the invitations neither used nor expired yet."""
+        is_invited = self._node.is_invited
+        self._outstanding = {n: t for n, t in self._outstanding.items() if is_invited(n)}
+
+    def stats(self) -> ListenerStats:
+        """What this listener has handed out (a snapshot; never raises)."""
+        self._forget_used()
+        return ListenerStats(
+            given=self.given,
+            outstanding=len(self._outstanding),
+            withdrawn=self.withdrawn,
+            refused=self.refused,
+            left_early=self.left_early,
+            queued=max(0, self._queue.qsize() - self.closed),  # less the end-of-queue mark once closed
+            acceptor=self._acceptor.stats() if self._acceptor is not None else None,
+            closed=self.closed,
+        )
+
     async def _room_for_one(self) -> None:
         """Wait until fewer than ``MAX_OUTSTANDING`` invitations are
         outstanding; the oldest is withdrawn once ``WITHDRAW_AFTER`` old."""
         async with self._slot:
             while True:
-                invited = self._mesh._node._invited  # neither used nor expired yet
                 if len(self._outstanding) >= MAX_OUTSTANDING:
-                    self._outstanding = {n: t for n, t in self._outstanding.items() if n in invited}
+                    self._forget_used()
                 if len(self._outstanding) < MAX_OUTSTANDING:
                     return
                 oldest, since = next(iter(self._outstanding.items()))
@@ -176,7 +219,7 @@ class Listener:
                     self.path,
                     MAX_OUTSTANDING,
                 )
-                self._mesh._node.forget(oldest, "invitation withdrawn: too many outstanding")
+                self._node.forget(oldest, "invitation withdrawn: too many outstanding")
 
     async def accept(self) -> Admission:
         """The next client. Raises ``MeshError`` once the listener is closed."""

@@ -3,10 +3,11 @@ pieces together around it: its directory and name, its workers, its
 listener and invitations, its control plane, and ``connect``/``join``
 (attaching this process to a running mesh as a new ``Mesh``).
 
-Every library module sits below this one and none imports it at run time
-(``TYPE_CHECKING`` only, for annotations); only what is built on top of it
-imports it: the package itself, ``sync``, the worker entry point
-``_child`` and the command line (``_ctlcli``).
+Every library module sits below this one and none imports it, not even for
+annotations: each subsystem is handed the ``Node`` and plain values (limits,
+a callable that issues credentials). Only what is built on top of it imports
+it: the package itself, ``sync``, the worker entry point ``_child`` and the
+command line (``_ctlcli``).
 """
 
 from __future__ import annotations
@@ -20,36 +21,35 @@ import shutil
 import signal
 import threading
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, ClassVar, Final
 
-from ._codec import CODEC
 from ._control import DEFAULT_CONTROL_LIMITS, Control, ControlLimits, ControlStatistics, Service
-from ._errors import InvitationExpired, JoinError, MeshError
+from ._errors import InvitationExpired, MeshError
 from ._handshake import ROLE_ROOT, ROLE_WORKER, Authority, Identity
 from ._ids import NodeId
 from ._invitation import INVITATION_TTL, Invitation, Inviter
 from ._join import (
     JOIN_TIMEOUT,
     Attachment,
-    admitted_node,
+    attach,
     deadline_after,
-    reach_inviter,
+    node_from_credential,
     take_invitation,
 )
-from ._listener import Listener
+from ._listener import Listener, ListenerStats
 from ._names import (
     LISTENER_NAME,
     NAME,
-    check_private_dir,
     check_socket_room,
     claim_name,
     mesh_directory,
     release_name,
     runtime_root,
 )
-from ._node import Node
+from ._node import Node, NodeStats
 from ._platform import PLATFORM
 from ._ports import DEFAULT_LIMITS, Limits
 from ._process import Process, spawn
@@ -148,6 +148,17 @@ class _Sigterm:
             os.kill(os.getpid(), signal.SIGTERM)
 
 
+@dataclass(frozen=True, slots=True)
+class MeshStats:
+    """A snapshot of a ``Mesh`` (``Mesh.stats()``): its node (with its
+    links and accept loop), its listeners, its workers."""
+
+    node: NodeStats
+    listeners: tuple[ListenerStats, ...]
+    #: spawned workers still running
+    workers: int
+
+
 class Mesh:
     """A node of a mesh, in this process. Use as ``async with Mesh() as mesh``.
 
@@ -215,11 +226,9 @@ class Mesh:
             directory.mkdir(mode=0o700)
         self._owns_directory = True
         try:
-            check_private_dir(directory)
             PLATFORM.no_core_dumps()  # this process is about to hold the mesh's signing key
             self._authority = Authority()
-            self._node = Node(directory, self._authority.issue(ROLE_ROOT), codec=CODEC, limits=self.limits)
-            self._node.start()
+            self._node = node_from_credential(directory, self._authority.issue(ROLE_ROOT), self.limits)
             self._start_control(root=True)
         except BaseException:
             # a failed start leaves nothing behind: directory, lock file, lock
@@ -234,24 +243,20 @@ class Mesh:
 
     @classmethod
     @contextlib.asynccontextmanager
-    async def _joined(
-        cls,
-        directory: str,
-        identity: Identity,
-        limits: Limits | None = None,
-        inviter: bytes | None = None,
-    ) -> AsyncIterator[Mesh]:
-        """A node joining an existing mesh (spawned child or invited process)
-        with the credential the mesh's root issued it, invited by node
-        ``inviter`` (whom its control plane first asks for the mesh root)."""
-        self = cls(limits=limits)
+    async def _joined(cls, node: Node, inviter: bytes) -> AsyncIterator[Mesh]:
+        """The ``Mesh`` around ``node``, a node that joined an existing mesh
+        (spawned worker or invited process; ``_join``), invited by node
+        ``inviter`` (whom its control plane first asks for the mesh root).
+        The node is closed when the block ends (or if this fails)."""
+        self = cls(limits=node.engine.limits)
         self._entered = True
-        d = Path(directory)
-        check_private_dir(d)
-        PLATFORM.no_core_dumps()  # this node's private key is in this process now
-        self._node = Node(d, identity, codec=CODEC, limits=self.limits)
-        self._node.start()
-        self._start_control(root=False, inviter=inviter)
+        self._node = node
+        try:
+            self._start_control(root=False, inviter=inviter)
+        except BaseException:
+            self._closed = True
+            await node.close()
+            raise
         try:
             yield self
         finally:
@@ -336,7 +341,8 @@ class Mesh:
             raise MeshError("the mesh is closed")
         self._check_root()
         p = Path(path) if path is not None else self.directory / LISTENER_NAME
-        listener = Listener(self, p, INVITATION_TTL if invitation_ttl is None else invitation_ttl)
+        ttl = INVITATION_TTL if invitation_ttl is None else invitation_ttl
+        listener = Listener(self._node, p, Inviter(self._node, self._admit, ttl))
         listener.start()
         self._extras.append(listener)
         return listener
@@ -346,7 +352,7 @@ class Mesh:
         usable from any task or thread. Raises ``MeshError`` on a node that
         is not the mesh's first (see ``spawn``)."""
         self._check_root()
-        return Inviter(self, INVITATION_TTL if ttl is None else ttl)
+        return Inviter(self._node, self._admit, INVITATION_TTL if ttl is None else ttl)
 
     async def spawn(self, target: str, arg: Any = None, *, name: str | None = None) -> Process:
         """Start a worker process running ``async def function(arg)`` from
@@ -363,7 +369,7 @@ class Mesh:
         Listening and inviting are the first node's alone."""
         if self._closed:
             raise MeshError("the mesh is closed")
-        proc = await spawn(self, target, arg, name)
+        proc = await spawn(self._node, self._admit_worker, self.limits, target, arg, name)
         # one of ours from now on (closing the mesh stops it even while it
         # starts); a long-lived mesh spawning many workers keeps only the
         # running ones
@@ -379,6 +385,19 @@ class Mesh:
     def _forget_child(self, proc: Process) -> None:
         if proc in self._children:
             self._children.remove(proc)
+
+    def stats(self) -> MeshStats:
+        """A snapshot of this mesh's node (its links and accept loop), its
+        listeners and workers: counters for tests, ``inspect`` and
+        monitoring; also once closed. Raises ``MeshError`` before the mesh
+        was entered (it has no node yet)."""
+        if self._node is None:
+            raise MeshError("the mesh was not entered yet: no node to describe")
+        return MeshStats(
+            node=self._node.stats(),
+            listeners=tuple(x.stats() for x in self._extras if isinstance(x, Listener)),
+            workers=len(self._children),
+        )
 
     # ------------------------------------------------------------ control plane
 
@@ -456,22 +475,18 @@ async def _attached(
     invitation: Invitation, deadline: float | None, timeout: float | None
 ) -> AsyncIterator[Attachment]:
     """This process as the new node ``invitation`` admits, attached until the block ends."""
-    directory, identity = admitted_node(invitation)
+    node, port = await attach(invitation, None, deadline, timeout)
     try:
-        ctx = Mesh._joined(directory, identity, inviter=bytes(invitation.inviter))
+        ctx = Mesh._joined(node, bytes(invitation.inviter))
         mesh = await ctx.__aenter__()
-        mesh._control.joining()  # its session waits until we have joined
-    except (OSError, MeshError) as exc:
-        if isinstance(exc, JoinError):
-            raise
-        raise JoinError(f"cannot join the mesh in {directory}: {exc}") from exc
-    try:
-        port = await reach_inviter(mesh._node, invitation, deadline, timeout)
-        mesh._control.joined()
-        conn = Attachment(port, mesh)
     except BaseException:
-        await ctx.__aexit__(None, None, None)
+        port.close()
         raise
+    # the control plane's join gate, in this one place: the node is linked
+    # to its inviter already, so the session may say hello at once
+    mesh._control.joining()
+    mesh._control.joined()
+    conn = Attachment(port, mesh)
     try:
         yield conn
     finally:

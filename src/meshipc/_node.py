@@ -21,10 +21,11 @@ import socket
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from ._errors import HandshakeError
+from ._errors import HandshakeError, ProtocolError
 from ._handshake import (
     AUTH_LEN,
     CHALLENGE_LEN,
@@ -51,9 +52,10 @@ from ._handshake import (
 from ._ids import NodeId
 from ._names import node_path, remove_dead_socket
 from ._platform import PLATFORM
-from ._ports import DEFAULT_LIMITS, OWNED, PROXY, SENDING, Codec, Engine, Limits
+from ._ports import DEFAULT_LIMITS, OWNED, PROXY, SENDING, Codec, Engine, Limits, PortState
 from ._sockets import (
     Acceptor,
+    AcceptorStats,
     PeerCred,
     RateLimitedLog,
     StreamEnded,
@@ -63,8 +65,8 @@ from ._sockets import (
     recv_exact,
 )
 from ._tasks import TaskSet
-from ._transport import Link, ReadBuffer
-from ._wire import Event, MsgEvent
+from ._transport import Link, LinkStats, ReadBuffer
+from ._wire import PORT_DESC_SIZE, Event, MsgEvent, decode_port_desc, encode_port_desc
 
 log = logging.getLogger("meshipc")
 
@@ -95,17 +97,17 @@ CLOSE_POLL: Final = 0.005
 REFUSAL_KIND_LEN: Final = 40
 
 
-class _ClosedEarly(HandshakeError):
+class ClosedEarly(HandshakeError):
     """The other side hung up mid-handshake (a node under a flood of
     connections sheds the oldest; a dying one closes): worth a retry."""
 
 
 async def _recv_handshake(loop: asyncio.AbstractEventLoop, sock: socket.socket, n: int) -> bytes:
-    """One handshake message of ``n`` bytes; ``_ClosedEarly`` on a hang-up."""
+    """One handshake message of ``n`` bytes; ``ClosedEarly`` on a hang-up."""
     try:
         return await recv_exact(loop, sock, n)
     except StreamEnded as exc:
-        raise _ClosedEarly(
+        raise ClosedEarly(
             f"peer closed the connection after {exc.received} of {exc.expected} handshake bytes"
         ) from None
 
@@ -120,6 +122,31 @@ def _describe(exc: BaseException) -> str:
 #: Seconds to wait before each probe of a lost peer's socket file (see
 #: ``Node._remove_dead_socket``): at once, then while its process finishes dying.
 DEAD_SOCKET_PROBES: Final = (0.0, 0.2, 1.0, 3.0)
+
+
+@dataclass(frozen=True, slots=True)
+class NodeStats:
+    """A snapshot of one ``Node`` (``Node.stats()``)."""
+
+    #: this node's id (hex)
+    node: str
+    #: port ends the engine holds (owned, in transit, proxies)
+    ports: int
+    #: nodes being connected to (handshake under way)
+    connecting: int
+    #: invited nodes expected to connect, neither joined nor expired yet
+    invited: int
+    #: invited nodes that joined
+    attached: int
+    #: connections refused (bad credential, uid, garbage, silence)
+    rejected: int
+    #: nodes remembered as dead (at most ``MAX_DEAD_NODES``)
+    dead: int
+    #: the accept loop of the node's socket (None before ``start``)
+    acceptor: AcceptorStats | None
+    #: one record per established link
+    links: tuple[LinkStats, ...]
+    closed: bool
 
 
 class Node:
@@ -172,6 +199,21 @@ class Node:
     def links(self) -> Mapping[bytes, Link]:
         """The established links, by peer node id."""
         return self._links
+
+    def stats(self) -> NodeStats:
+        """What this node holds and has done (a snapshot; never raises)."""
+        return NodeStats(
+            node=self.id.hex(),
+            ports=len(self.engine.ports),
+            connecting=len(self._connecting),
+            invited=len(self._invited),
+            attached=self.attached,
+            rejected=self.rejected,
+            dead=len(self._dead),
+            acceptor=self._acceptor.stats() if self._acceptor is not None else None,
+            links=tuple(link.stats() for link in self._links.values()),
+            closed=self.closed,
+        )
 
     def peer_certificate(self, peer: bytes) -> Certificate | None:
         """The certificate node ``peer`` proved when its link was made (its
@@ -461,6 +503,24 @@ class Node:
         seconds, it never will (its ports fail, a late join is refused)."""
         self._invited[node] = self.loop.call_later(ttl, self._invite_expired, node)
 
+    def is_invited(self, node: bytes) -> bool:
+        """Node ``node`` was invited and has neither joined nor expired."""
+        return node in self._invited
+
+    def export_port(self, st: PortState, dest: bytes) -> bytes:
+        """Send the end ``st`` (held by no handle any more) towards node
+        ``dest`` outside any message: the packed descriptor an invitation
+        carries, which ``dest`` turns back into the end (``import_port``)."""
+        return encode_port_desc(self.engine.send_port(st, dest))
+
+    def import_port(self, src: bytes, packed: bytes) -> PortState:
+        """The end node ``src`` sent us outside any message (``export_port``
+        there). Raises ``ProtocolError`` for a descriptor that is malformed
+        or names a port we hold."""
+        if len(packed) != PORT_DESC_SIZE:
+            raise ProtocolError(f"a port descriptor of {len(packed)} bytes, not {PORT_DESC_SIZE}")
+        return self.engine.materialize(src, decode_port_desc(packed))
+
     def _invite_expired(self, node: bytes) -> None:
         if self._invited.pop(node, None) is not None and node not in self._links:
             log.info("node %s: invitation for node %s expired unused", self.id, NodeId(node))
@@ -492,7 +552,7 @@ class Node:
             while True:
                 try:
                     verdict = await self.connect_to(peer, sock)
-                except (_ClosedEarly, ConnectionResetError, BrokenPipeError):
+                except (ClosedEarly, ConnectionResetError, BrokenPipeError):
                     early += 1
                     if sock is not None or self.closed or early >= MAX_EARLY_CLOSES:
                         raise

@@ -614,6 +614,16 @@ class Engine:
             self.out.watch(peer_node)
         return st
 
+    def send_port(self, ps: PortState, dest: bytes) -> PortDesc:
+        """Turn the end ``ps`` into a descriptor bound for node ``dest``,
+        outside any message (an invitation's port; see ``materialize``)."""
+        return self._send_port(ps, dest)
+
+    def materialize(self, src: bytes, d: PortDesc) -> PortState:
+        """The end the descriptor ``d`` from node ``src`` names, made here
+        (the other half of ``send_port``)."""
+        return self._materialize(src, d)
+
     def send_value(self, st: PortState, kind: int, obj: Any, force: bool = False) -> None:
         """``send(st, Message(kind, obj))``; a plain value to another node
         goes straight to the wire without a Message object. ``force`` skips

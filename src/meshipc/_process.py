@@ -43,18 +43,19 @@ import subprocess
 import sys
 import types
 import typing
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import msgspec
 
 from ._channel import Call, Port, Receiver
 from ._codec import walk_resources
 from ._errors import ChannelClosed, MeshError, PortFailed, RemoteError, SpawnError
+from ._handshake import Identity
 from ._ids import PortId
+from ._node import Node
 from ._platform import PLATFORM
-
-if TYPE_CHECKING:
-    from ._mesh import Mesh
+from ._ports import Limits
 
 log = logging.getLogger("meshipc")
 
@@ -325,12 +326,21 @@ def _is_error(status: Any, tag: str) -> bool:
     return isinstance(status, list) and len(status) == 4 and status[0] == tag
 
 
-async def spawn(mesh: Mesh, target: str, arg: Any, name: str | None) -> Process:
+async def spawn(
+    node: Node,
+    credential: Callable[[], Awaitable[Identity]],
+    limits: Limits,
+    target: str,
+    arg: Any,
+    name: str | None,
+) -> Process:
+    """Start the worker ``target`` (``"package.module:function"``) as a new
+    node joined to ``node``, with the credential ``credential()`` issues and
+    ``limits`` on its ports; ``arg`` goes first on its bootstrap port."""
     if not _TARGET.match(target):
         raise ValueError(f"target must look like 'package.module:function', got {target!r}")
-    node = mesh._node
     name = name or target.rsplit(":", 1)[1]
-    identity = await mesh._admit_worker()
+    identity = await credential()
     parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     pipe = PLATFORM.parent_pipe()
     child_id, pport, cport = identity.node, PortId.random(), PortId.random()
@@ -343,7 +353,7 @@ async def spawn(mesh: Mesh, target: str, arg: Any, name: str | None) -> Process:
         fd=child_sock.fileno(),
         target=target,
         name=name,
-        limits=dataclasses.astuple(mesh.limits),
+        limits=dataclasses.astuple(limits),
         arg_types=receiver_types(arg),
         watch_fd=pipe[0] if pipe else -1,
     )

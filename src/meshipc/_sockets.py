@@ -20,6 +20,7 @@ import random
 import socket
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
@@ -211,6 +212,23 @@ def _has_spoken(sock: socket.socket) -> bool:
         return False
 
 
+@dataclass(frozen=True, slots=True)
+class AcceptorStats:
+    """A snapshot of one ``Acceptor`` (``Acceptor.stats()``)."""
+
+    #: connections accepted and handed on since it started
+    accepted: int
+    #: connections accepted and not yet done with (at most ``limit``)
+    pending: int
+    #: the cap on ``pending`` (``MAX_PENDING`` unless told otherwise)
+    limit: int
+    #: silent connections cancelled at the cap to make room
+    evicted: int
+    #: times accepting paused for lack of fds or memory
+    out_of_fds: int
+    closed: bool
+
+
 class Acceptor:
     """Accepts the connections of one listening socket and hands each to
     ``handle``, which starts a task for it (and must not block).
@@ -250,6 +268,8 @@ class Acceptor:
         self.out_of_fds = 0
         #: connections cancelled at the cap to make room
         self.evicted = 0
+        #: connections accepted and handed on
+        self.accepted = 0
         self.closed = False
         self._watching = False  # the loop watches the listening socket
         self._timer: asyncio.TimerHandle | None = None
@@ -270,6 +290,17 @@ class Acceptor:
     def pending(self) -> int:
         """Connections accepted and not yet done with."""
         return len(self._running)
+
+    def stats(self) -> AcceptorStats:
+        """What this acceptor has done so far (a snapshot; never raises)."""
+        return AcceptorStats(
+            accepted=self.accepted,
+            pending=len(self._running),
+            limit=self.limit,
+            evicted=self.evicted,
+            out_of_fds=self.out_of_fds,
+            closed=self.closed,
+        )
 
     def heard(self, sock: socket.socket) -> None:
         """The peer of ``sock`` has spoken: never evict it (its handler's
@@ -363,6 +394,7 @@ class Acceptor:
             except BaseException:
                 sock.close()
                 raise
+            self.accepted += 1
             self._running[task] = sock
             self._silent[sock] = (task, self.loop.time())
             task.add_done_callback(self._release)

@@ -34,6 +34,7 @@ import socket
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
@@ -148,6 +149,29 @@ class ReadBuffer:
 #: peer's process exited or closed its mesh (a service that went away).
 PEER_CLOSED: Final = "its process closed the connection (it exited or left the mesh)"
 
+@dataclass(frozen=True, slots=True)
+class LinkStats:
+    """A snapshot of one ``Link`` (``Link.stats()``)."""
+
+    #: the peer node's id (hex)
+    peer: str
+    bytes_in: int
+    bytes_out: int
+    frames_in: int
+    frames_out: int
+    #: send/sendmsg calls: coalescing keeps this far below ``frames_out``
+    writes: int
+    #: writes retried because the receiver had no room for descriptors
+    retries: int
+    #: bytes handed to the link and not written yet (open and sealed batches)
+    queued_bytes: int
+    #: bytes of sealed batches not written yet (``Limits.link_buffer_bytes``)
+    backlog: int
+    #: bytes of out-of-band bodies made and not written yet (``MAX_OOB_IN_FLIGHT``)
+    oob_queued: int
+    closed: bool
+
+
 class Link:
     """Framed, fd-carrying, coalescing I/O on one connected socket to node ``peer``."""
 
@@ -213,6 +237,22 @@ class Link:
     def frames_in(self) -> int:
         """Frames received and decoded on this link."""
         return self._decoder.frames
+
+    def stats(self) -> LinkStats:
+        """What this link has carried and holds now (a snapshot; never raises)."""
+        return LinkStats(
+            peer=self.peer.hex(),
+            bytes_in=self.bytes_in,
+            bytes_out=self.bytes_out,
+            frames_in=self.frames_in,
+            frames_out=self.frames_out,
+            writes=self.writes,
+            retries=self.retries,
+            queued_bytes=self.queued_bytes,
+            backlog=self.backlog,
+            oob_queued=self.oob_queued,
+            closed=self.closed,
+        )
 
     def write_event(self, ev: Event, fds: list[Any]) -> None:
         if self.closed:
