@@ -23,25 +23,6 @@ once told that its link to its inviter is up (``start_session()``): a
 second connection to the inviter could beat the joining one. One session
 per node id: a second hello from the same node is refused. The session port breaking
 tells the root that the node is gone (its services go with it).
-
-The root keeps the registry of services: a name maps to a ``Sender`` whose
-receiver is on the serving node, and to the node of the session that
-registered it. A client asks the root once (``Lookup``) and then calls the
-service directly. Requests carry their deadline in an envelope (``_Req``);
-the serving side checks it and unwraps it into a ``ServiceCall``.
-
-``inspect`` asks the root, which answers for the mesh and fans out to the
-nodes in parallel, each answering for its own subtree, with a timeout: a
-node that does not answer in time shows as ``{"$unresolved": reason}``.
-Counters are ``{"$counter": n}``; subtrees cut by ``depth`` are
-``{"$more": number of entries}``.
-
-The work one client can make a service or the root do is bounded
-(``ControlLimits``): calls a service runs at once, per client and in all;
-inspect requests in progress, per client and in all; the timeouts and
-deadlines a server grants. Timeouts are checked on both sides: the API
-raises ``ValueError`` for a NaN, infinite or negative one; a server answers
-a malformed one from a peer with ``ValueError``/``MessageError``.
 """
 
 from __future__ import annotations
@@ -56,7 +37,7 @@ from typing import TYPE_CHECKING, Any, Final, cast
 
 import msgspec
 
-from ._channel import Port, Receiver, Sender, channel
+from ._channel import Port, Receiver, Sender
 from ._codec import decode
 from ._control_msgs import (
     CONTROL_PORT,
@@ -109,10 +90,10 @@ from ._errors import (
 )
 from ._handshake import ROLE_CLIENT, ROLE_ROOT, ROLE_WORKER, Identity
 from ._ids import PortId
-from ._inspect import NodeInspector, process_name, type_name
+from ._inspect import NodeInspector, process_name
 from ._ports import Message
 from ._registry import Registry, close_hello
-from ._service import Service, ServiceSender, busy_call, consume, sender_dead
+from ._service import Service, ServiceSender, busy_call, consume, sender_dead, split_handler
 from ._tasks import TaskSet, answer_within
 from ._wire import K_REPLY
 
@@ -123,10 +104,6 @@ log = logging.getLogger("meshipc")
 
 #: What a node's inspect subtree and its hello call its role.
 _ROLES: Final = {ROLE_ROOT: "service", ROLE_WORKER: "worker", ROLE_CLIENT: "client"}
-
-
-def _no_workers() -> tuple[WorkerStatus, ...]:
-    return ()
 
 
 class Control:
@@ -145,7 +122,7 @@ class Control:
         inviter: bytes | None = None,
         limits: ControlLimits | None = None,
         name: str | None = None,
-        workers: Callable[[], Iterable[WorkerStatus]] = _no_workers,
+        workers: Callable[[], Iterable[WorkerStatus]] = tuple,
         admit: Callable[[], Identity] | None = None,
     ) -> None:
         self.node = node
@@ -238,18 +215,9 @@ class Control:
             self._ready.set_exception(MeshError("the mesh is closed"))
 
     def statistics(self) -> ControlStatistics:
-        reg = self.registry
-        if reg is None:
+        if self.registry is None:
             return ControlStatistics((), 0, {}, {}, tuple(self._services))
-        return ControlStatistics(
-            tuple(p.hex() for p in reg.sessions),
-            reg.inspects,
-            {p.hex(): s.inspects for p, s in reg.sessions.items()},
-            {name: e.node.hex() for name, e in reg.entries.items()},
-            tuple(self._services),
-        )
-
-    # -------------------------------------------------------------- the control port (every node)
+        return self.registry.statistics(tuple(self._services))
 
     def _on_control_port(self, src: bytes, port: bytes, seq: int, msg: Message) -> bool:
         """The engine's ``unknown_port`` hook: a ``Hello`` from node ``src``
@@ -413,35 +381,11 @@ class Control:
         check_service_name(name)
         if name in self._services:
             raise ServiceNameInUse(name, self.node.id.hex())
-        target: Sender[Any] | None = None
-        fn: Callable[[Any], Awaitable[Any]] | None = None
-        if isinstance(handler, Receiver):
-            if not handler._states:
-                raise ChannelClosed("serve() was given a closed receiver")
-            if getattr(handler, "_calls_only", False):
-                # a Call[T] receiver takes only calls; ours arrive as local
-                # ServiceCall objects (with the deadline), validated against T here
-                if request_type is None and handler._type is not Any:
-                    request_type = handler._type
-                handler._calls_only = False
-            ftx, frx = channel()
-            for st in frx._detach():
-                handler._add(st)  # calls arrive on the application's receiver
-            target = ftx
-        elif callable(handler):
-            fn = handler
-        else:
-            raise TypeError("serve() takes an async function or a Receiver of meshipc.Call")
+        fn, target, request_type = split_handler(handler, request_type)
         svc = Service(
             name, fn, target, request_type, reply_type, limits=self.limits, on_close=self._service_closed
         )
-        reg = Register(
-            name,
-            svc.token,
-            svc._tx.clone(),
-            type_name(request_type),
-            type_name(reply_type),
-        )
+        reg = svc.registration()
         if self.registry is not None:
             if isinstance(taken := self.registry.op(reg, bytes(self.node.id)), NameInUse):
                 svc.close()
@@ -540,7 +484,6 @@ class Control:
             except KeyError as exc:
                 raise LookupError(f"no inspect entry {exc.args[0]!r}") from None
         return await self._ask_root(req, timeout, "the mesh root did not answer inspect")
-
 
 
 # ------------------------------------------------------------------ the façade

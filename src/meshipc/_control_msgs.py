@@ -10,6 +10,13 @@ envelope (``_Req``), and the records a node hands its control plane
 A reply from the root is checked against its type where it arrives
 (``as_reply``): a malformed one raises ``MessageError``, never reaches the
 application as a half-valid value.
+
+The work one client can make a service or the root do is bounded
+(``ControlLimits``): calls a service runs at once, per client and in all;
+inspect requests in progress, per client and in all; the timeouts and
+deadlines a server grants. Timeouts are checked on both sides: the API
+raises ``ValueError`` for a NaN, infinite or negative one; a server answers
+a malformed one from a peer with ``ValueError``/``MessageError``.
 """
 
 from __future__ import annotations
@@ -240,7 +247,6 @@ class UpdateNode(msgspec.Struct, tag=True):
 
 
 NodeMsg = InspectNode | UpdateNode
-
 
 
 # ------------------------------------------------------------------ registry replies

@@ -128,7 +128,6 @@ def type_name(tp: Any) -> str | None:
     return getattr(tp, "__name__", None) or repr(tp)
 
 
-
 def why(exc: BaseException) -> str:
     """The cause of a failure, once: a ``NodeFailure``'s own reason (its text
     already names the node, which the caller names again)."""
@@ -137,7 +136,6 @@ def why(exc: BaseException) -> str:
     if isinstance(exc, PortFailed):
         return exc.cause
     return str(exc) or type(exc).__name__
-
 
 
 def process_name() -> str:
@@ -385,4 +383,3 @@ class NodeInspector:
             "unconsumed_out_messages": unacked_msgs,
             "unconsumed_out_bytes": unacked_bytes,
         }
-

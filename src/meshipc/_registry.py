@@ -7,6 +7,18 @@ mesh's inspect tree (the root's own subtree and every node's, asked in
 parallel). A session's port breaking tells the root that the node is gone:
 its services go with it, remembered (``MAX_TOMBSTONES``) to answer
 ``NodeFailure`` rather than "unknown".
+
+The root keeps the registry of services: a name maps to a ``Sender`` whose
+receiver is on the serving node, and to the node of the session that
+registered it. A client asks the root once (``Lookup``) and then calls the
+service directly. Requests carry their deadline in an envelope (``_Req``);
+the serving side checks it and unwraps it into a ``ServiceCall``.
+
+``inspect`` asks the root, which answers for the mesh and fans out to the
+nodes in parallel, each answering for its own subtree, with a timeout: a
+node that does not answer in time shows as ``{"$unresolved": reason}``.
+Counters are ``{"$counter": n}``; subtrees cut by ``depth`` are
+``{"$more": number of entries}``.
 """
 
 from __future__ import annotations
@@ -27,6 +39,7 @@ from ._control_msgs import (
     MAX_REASON,
     MAX_TOMBSTONES,
     ControlLimits,
+    ControlStatistics,
     Credential,
     Done,
     Found,
@@ -120,6 +133,15 @@ class Registry:
         self.entries: dict[str, _Entry] = {}
         self._tombstones: dict[str, Gone] = {}
 
+    def statistics(self, services_here: tuple[str, ...]) -> ControlStatistics:
+        return ControlStatistics(
+            tuple(p.hex() for p in self.sessions),
+            self.inspects,
+            {p.hex(): s.inspects for p, s in self.sessions.items()},
+            {name: e.node.hex() for name, e in self.entries.items()},
+            services_here,
+        )
+
     def close(self) -> None:
         self._tasks.cancel_all()
         for s in self.sessions.values():
@@ -176,7 +198,6 @@ class Registry:
                     while len(self._tombstones) > MAX_TOMBSTONES:
                         del self._tombstones[next(iter(self._tombstones))]
 
-
     # -------------------------------------------------------------- registry
 
     async def _serve_registry(self, peer: bytes, s: _Session) -> None:
@@ -191,9 +212,7 @@ class Registry:
                     if self.inspects >= limits.total_inspects:
                         with contextlib.suppress(ChannelClosed):
                             msg.fail(
-                                ServiceBusy(
-                                    f"the mesh root has {self.inspects} inspect requests in progress"
-                                )
+                                ServiceBusy(f"the mesh root has {self.inspects} inspect requests in progress")
                             )
                         continue
                     s.inspects += 1
@@ -397,4 +416,3 @@ class Registry:
                 )
             elif isinstance(info, dict) and info.get("pid") in names:
                 info["name"] = names[info["pid"]]
-

@@ -21,8 +21,16 @@ from typing import Any
 
 import msgspec
 
-from ._channel import Call, Port, Sender, channel
-from ._control_msgs import WATCH_AFTER, ControlLimits, _Req, accept_objects, check_timeout
+from ._channel import Call, Port, Receiver, Sender, channel
+from ._control_msgs import (
+    TOKEN_LEN,
+    WATCH_AFTER,
+    ControlLimits,
+    Register,
+    _Req,
+    accept_objects,
+    check_timeout,
+)
 from ._errors import ChannelClosed, MeshError, MessageError, RemoteError, ServiceBusy
 from ._inspect import counter, type_name
 from ._tasks import TaskSet, answer_within
@@ -39,6 +47,31 @@ def consume(fut: asyncio.Future[None]) -> None:
     failure is logged where it happens)."""
     if not fut.cancelled():
         fut.exception()
+
+
+def split_handler(
+    handler: Callable[[Any], Awaitable[Any]] | Receiver[Any], request_type: Any
+) -> tuple[Callable[[Any], Awaitable[Any]] | None, Sender[Any] | None, Any]:
+    """What ``serve`` was given, as a service runs it: an async function,
+    or a ``Sender`` feeding the application's receiver (which from now on
+    also takes the service's ``ServiceCall`` objects); and the request type
+    (a ``Call[T]`` receiver's ``T`` unless one was given)."""
+    if isinstance(handler, Receiver):
+        if not handler._states:
+            raise ChannelClosed("serve() was given a closed receiver")
+        if getattr(handler, "_calls_only", False):
+            # a Call[T] receiver takes only calls; ours arrive as local
+            # ServiceCall objects (with the deadline), validated against T here
+            if request_type is None and handler._type is not Any:
+                request_type = handler._type
+            handler._calls_only = False
+        ftx, frx = channel()
+        for st in frx._detach():
+            handler._add(st)  # calls arrive on the application's receiver
+        return None, ftx, request_type
+    if callable(handler):
+        return handler, None, request_type
+    raise TypeError("serve() takes an async function or a Receiver of meshipc.Call")
 
 
 class ServiceCall(Call[Any]):
@@ -117,7 +150,7 @@ class Service:
         self._target = target  # Receiver mode: feeds the application's receiver
         self.request_type = request_type
         self.reply_type = reply_type
-        self.token = os.urandom(16)
+        self.token = os.urandom(TOKEN_LEN)
         self._tx, self._rx = channel()
         loop = asyncio.get_running_loop()
         self._registered: asyncio.Future[None] = loop.create_future()
@@ -140,6 +173,12 @@ class Service:
 
     def __await__(self) -> Any:
         return asyncio.shield(self._registered).__await__()
+
+    def registration(self) -> Register:
+        """The registry request that names this service."""
+        return Register(
+            self.name, self.token, self._tx.clone(), type_name(self.request_type), type_name(self.reply_type)
+        )
 
     async def wait_closed(self) -> None:
         await asyncio.shield(self._done)
@@ -345,4 +384,3 @@ class Service:
 
     def __repr__(self) -> str:
         return f"<Service {self.name!r}{' closed' if self.closed else ''}>"
-
