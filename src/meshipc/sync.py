@@ -205,9 +205,10 @@ class SyncConnection:
     inspect_update = _blocking(ControlPlane.inspect_update)
     _open = _blocking(ControlPlane.open)
 
-    @functools.wraps(ControlPlane.open, assigned=("__doc__",))
     def open(self, service: str) -> SyncSender:
         return SyncSender(self._portal, self._open(service))
+
+    open.__doc__ = ControlPlane.open.__doc__
 
     def close(self) -> None:
         """Detach from the mesh and stop the portal thread (idempotent)."""
