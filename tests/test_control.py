@@ -900,3 +900,34 @@ async def test_each_control_plane_method_on_all_three_holders(runtime_dir: Path)
             await within(use(conn), T)
         await within(asyncio.to_thread(use_blocking), T)
         assert knob["v"] == 4 and len(seen) == 3 * len(FACADE)
+
+
+async def test_an_attaching_node_says_hello_only_once_told_its_link_is_up() -> None:
+    """A client's control plane waits for ``start_session()`` (``_attached``
+    calls it once the inviter's link is up): used before it, it says no
+    hello, even while the link to the root carries other messages; told, it
+    opens its session and the waiting call completes."""
+    from meshipc._channel import Port
+    from meshipc._handshake import ROLE_CLIENT
+    from meshipc._ids import PortId
+
+    async with Mesh() as mesh:
+        root = bytes(mesh.node_id)
+        identity = mesh._admit(ROLE_CLIENT)
+        async with Mesh._joined(str(mesh.directory), identity, inviter=root) as client:
+            me = bytes(client.node_id)
+            pending = asyncio.ensure_future(client.services())
+            a, b = bytes(PortId.random()), bytes(PortId.random())
+            near = Port._wrap([client._node.engine.new_bound(a, root, b)])
+            far = Port._wrap([mesh._node.engine.new_bound(b, me, a)])
+            for i in range(2):  # the second ping follows any hello on the same link
+                near.send(i)
+                assert await within(far.recv()) == i
+                far.send(i)
+                assert await within(near.recv()) == i
+            assert mesh.control_statistics().sessions == () and not pending.done()
+            client._control.start_session()
+            assert await within(pending) == {}
+            assert mesh.control_statistics().sessions == (me.hex(),)
+            near.close()
+            far.close()
