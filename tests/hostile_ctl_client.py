@@ -33,7 +33,7 @@ import msgspec
 
 import meshipc
 from meshipc._channel import Port, Sender
-from meshipc._control import CONTROL_PORT, Hello, InspectMesh, Register
+from meshipc._control_msgs import CONTROL_PORT, Hello, InspectMesh, Register
 from meshipc._ids import PortId
 from meshipc._wire import K_DATA, K_REPLY
 
@@ -78,7 +78,7 @@ async def attack(conn: meshipc.Attachment, mode: str, args: list[str]) -> None:
         async def never(req: Any) -> Any:
             await asyncio.Event().wait()
 
-        ctl._inspect_node = never  # this node never answers the fan-out
+        ctl.inspector.inspect = never  # this node never answers the fan-out
         n = int(args[0])
         calls = [asyncio.ensure_future(ctl._registry.call(InspectMesh("", None, 3600.0))) for _ in range(n)]
         emit(started=n)  # the test waits for the root to run them
@@ -117,7 +117,7 @@ async def attack(conn: meshipc.Attachment, mode: str, args: list[str]) -> None:
         answers = []
         for kind in (K_REPLY, K_DATA):  # a second session; a hello that is not final
             mine, theirs = engine.new_pair()
-            hello = Hello(Port._wrap([theirs]), ctl._ctl_tx.clone(), 1, 0, "x", "y", 0.0)
+            hello = Hello(Port._wrap([theirs]), ctl.inspector.sender(), 1, 0, "x", "y", 0.0)
             st = engine.new_bound(bytes(PortId.random()), root, CONTROL_PORT)
             engine.send_value(st, kind, hello)
             try:

@@ -57,9 +57,10 @@ async def test_status_and_inspect_escape_what_peers_send(runtime_dir: Path) -> N
             meshipc.connect("evil", runtime_dir=runtime_dir) as named,
         ):
             # one node answers garbage for itself, another a hostile name
-            conn.mesh._control.node_tree = lambda *_: {"role": [EVIL], "workers": [1], "name": {EVIL: 1}}
-            real = named.mesh._control.node_tree
-            named.mesh._control.node_tree = lambda *a: {**real(*a), "name": EVIL}
+            garbage = {"role": [EVIL], "workers": [1], "name": {EVIL: 1}}
+            conn.mesh._control.inspector.node_tree = lambda *_: garbage
+            real = named.mesh._control.inspector.node_tree
+            named.mesh._control.inspector.node_tree = lambda *a: {**real(*a), "name": EVIL}
             code, out, err = await cli(runtime_dir, "status", "evil")
             assert code == 0, err
             assert_clean(out)

@@ -757,3 +757,148 @@ async def test_a_call_on_an_attachment_whose_service_left_says_so(runtime_dir: P
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+# ------------------------------------------------------------------ typed registry replies and the façade
+
+
+def test_registry_replies_are_checked_against_their_types() -> None:
+    """A reply the root sends is a typed record: plain data that is not one
+    (an untyped dict of the old protocol, a wrong field, an id that is not
+    hex, an oversized reason or credential) is a ``MessageError``."""
+    from meshipc._control_msgs import (
+        CREDENTIAL_LEN,
+        MAX_REASON,
+        Credential,
+        Gone,
+        LookupReply,
+        MintReply,
+        NameInUse,
+        RegisterReply,
+        ServiceList,
+        as_reply,
+    )
+
+    node = "ab" * 16
+    wire = msgspec.msgpack.decode(msgspec.msgpack.encode(Gone(node, "it died")))
+    assert as_reply(wire, LookupReply, "lookup") == Gone(node, "it died")
+    assert as_reply(NameInUse(node), RegisterReply, "registration") == NameInUse(node)
+    good = {
+        "type": "ServiceList",
+        "services": {"s": {"node": node, "request_type": None, "reply_type": "int", "since": 1.0}},
+    }
+    assert as_reply(good, ServiceList, "service list").services["s"].reply_type == "int"
+    bad = [
+        ({"status": "ok", "sender": 1}, LookupReply),
+        ({"type": "Found", "sender": 1}, LookupReply),
+        ({"type": "Gone", "node": "zz" * 16, "reason": "x"}, LookupReply),
+        ({"type": "Gone", "node": node, "reason": "x" * (MAX_REASON + 1)}, LookupReply),
+        ({"ok": True}, RegisterReply),
+        ({"type": "NameInUse", "node": 7}, RegisterReply),
+        ({"credential": b"k"}, MintReply),
+        ({"type": "Credential", "credential": b"k" * (CREDENTIAL_LEN + 1)}, MintReply),
+        ({"type": "ServiceList", "services": {"bad name/": good["services"]["s"]}}, ServiceList),
+        ([1, 2, 3], ServiceList),
+        (None, MintReply),
+    ]
+    for value, tp in bad:
+        with pytest.raises(meshipc.MessageError, match="malformed"):
+            as_reply(value, tp, "x")
+    assert isinstance(as_reply(Credential(b"k"), MintReply, "credential"), Credential)
+
+
+async def test_a_malformed_reply_from_the_root_raises_message_error(runtime_dir: Path) -> None:
+    """The root answers every registry request with plain data that is not
+    the reply's type (sent over the link): each client method raises
+    ``MessageError`` naming the reply, and the client and the root keep
+    working once the root answers properly again."""
+    async with Mesh(name="mr1", runtime_dir=runtime_dir) as mesh:
+        await mesh.listen()
+        async with meshipc.connect("mr1", runtime_dir=runtime_dir) as conn:
+            assert await within(conn.services()) == {}
+            registry = mesh._control.registry
+            assert registry is not None
+            junk: dict[str, Any] = {
+                "ListServices": {"double": {"node": "x"}},  # the old untyped list, and wrong
+                "Lookup": {"status": "ok", "sender": "not a sender"},
+                "Register": {"ok": True},
+                "Mint": {"credential": b"\0" * 8},
+            }
+            registry.op = lambda req, node: junk.get(type(req).__name__)  # type: ignore[method-assign]
+            with pytest.raises(meshipc.MessageError, match="malformed service list reply"):
+                await within(conn.services())
+            with pytest.raises(meshipc.MessageError, match="malformed lookup reply"):
+                await within(conn.open("double"))
+            with pytest.raises(meshipc.MessageError, match="malformed lookup reply"):
+                await within(conn.call("double", 1))
+            svc = conn.mesh.serve("mine", double)
+            with pytest.raises(meshipc.MessageError, match="malformed registration reply"):
+                await within(svc)
+            with pytest.raises(meshipc.MessageError, match="malformed credential reply"):
+                await within(conn.mesh._control.mint())
+            del registry.op  # the root's own again
+            mesh.serve("double", double)
+            assert await within(conn.call("double", 4)) == 8
+            assert set(await within(conn.services())) == {"double"}
+
+
+def test_the_control_plane_methods_are_declared_once() -> None:
+    """``Mesh``, ``Attachment`` and the blocking ``SyncConnection`` show the
+    same control-plane methods, declared once in ``ControlPlane`` (the
+    blocking ones with the same parameters and documentation)."""
+    import inspect as pyinspect
+
+    from meshipc._control import FACADE, ControlPlane
+    from meshipc.sync import SyncConnection
+
+    for name in FACADE:
+        fn = getattr(ControlPlane, name)
+        assert fn.__doc__ and "Raises" in fn.__doc__
+        assert getattr(Mesh, name) is fn and getattr(meshipc.Attachment, name) is fn
+        blocking = getattr(SyncConnection, name)
+        assert blocking.__doc__ == fn.__doc__
+        params = list(pyinspect.signature(fn).parameters)
+        assert list(pyinspect.signature(blocking).parameters) == params
+    assert meshipc.ClientConnection is meshipc.Attachment
+
+
+async def test_each_control_plane_method_on_all_three_holders(runtime_dir: Path) -> None:
+    """services, call, open, inspect and inspect_update work the same on the
+    root's ``Mesh``, an ``Attachment`` and a blocking ``SyncConnection``."""
+    from meshipc._control import FACADE
+
+    async with Mesh(name="fc1", runtime_dir=runtime_dir) as mesh:
+        await mesh.listen()
+        mesh.serve("double", double)
+        knob = {"v": 1}
+        mesh.inspect_add("knob", lambda: knob["v"], update=lambda v: knob.update(v=v))
+        entry = f"nodes/{bytes(mesh.node_id).hex()[:12]}/knob"
+        seen: list[str] = []
+
+        async def use(holder: Any) -> None:
+            assert set(await holder.services()) == {"double"}
+            assert await holder.call("double", 3, timeout=T) == 6
+            tx = await holder.open("double")
+            assert await tx.call(5, timeout=T) == 10
+            tx.close()
+            assert (await holder.inspect(entry, timeout=T)) == knob["v"]
+            assert await holder.inspect_update(entry, knob["v"] + 1, timeout=T) == knob["v"]
+            seen.extend(FACADE)
+
+        def use_blocking() -> None:
+            with meshipc.sync.connect("fc1", runtime_dir=runtime_dir) as conn:
+                assert set(conn.services()) == {"double"}
+                assert conn.call("double", 3, timeout=T) == 6
+                with conn.open("double") as tx:
+                    assert tx.call(5, timeout=T) == 10
+                assert conn.inspect(entry, timeout=T) == knob["v"]
+                assert conn.inspect_update(entry, knob["v"] + 1, timeout=T) == knob["v"]
+                seen.extend(FACADE)
+
+        await within(use(mesh), T)
+        async with meshipc.connect("fc1", runtime_dir=runtime_dir) as conn:
+            await within(use(conn), T)
+        await within(asyncio.to_thread(use_blocking), T)
+        assert knob["v"] == 4 and len(seen) == 3 * len(FACADE)
+
+

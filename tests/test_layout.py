@@ -36,10 +36,6 @@ IO_MODULES = frozenset({"asyncio", "socket", "selectors", "threading", "subproce
 #: identity (for sends from other threads), never a thread of its own
 THREAD_SAFE = frozenset({"RLock", "Lock", "local", "get_ident"})
 SECTION = "## Modules, bottom up"
-#: imports against the order that another slice of issue 19 removes (the
-#: control plane handed a ``Node``; ``Attachment`` moved into ``_mesh``):
-#: (importer, imported). Delete an entry with the import it excuses.
-PENDING = frozenset({("_control", "_mesh"), ("_join", "_mesh")})
 INIT = "__init__"
 
 
@@ -163,7 +159,7 @@ def layout_problems(package: Path, doc: Path) -> list[str]:
                     problems.append(f"{where}: function-local import of {target}")
                 if name == INIT or target == INIT or name not in order or target not in order:
                     continue
-                if order[target] > order[name] and (name, target) not in PENDING:
+                if order[target] > order[name]:
                     problems.append(f"{where}: {name} imports {target}, which is above it in the table")
         if name in SANS_IO:
             problems += _io_problems(name, tree)

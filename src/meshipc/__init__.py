@@ -14,7 +14,7 @@ if TYPE_CHECKING:
 
     from . import sync
     from ._channel import Call, ChannelStatistics, Port, Receiver, Sender, channel
-    from ._control import ControlLimits, ControlStatistics, Service, ServiceCall, ServiceSender
+    from ._control_msgs import ControlLimits, ControlStatistics
     from ._errors import (
         AuthenticationError,
         BufferFull,
@@ -47,12 +47,12 @@ if TYPE_CHECKING:
     from ._fd import Fd
     from ._ids import NodeId, PortId
     from ._invitation import Invitation, Inviter
-    from ._join import Attachment
     from ._listener import Admission, Listener
     from ._loop import run
-    from ._mesh import Mesh, connect, current_mesh, join
+    from ._mesh import Attachment, Mesh, connect, current_mesh, join
     from ._ports import Limits
     from ._process import Process
+    from ._service import Service, ServiceCall, ServiceSender
     from ._sockets import PeerCred
 
     Connection = Admission
@@ -69,12 +69,12 @@ _LAZY: dict[str, tuple[str, str]] = {
     "Receiver": ("._channel", "Receiver"),
     "Sender": ("._channel", "Sender"),
     "channel": ("._channel", "channel"),
-    "Service": ("._control", "Service"),
-    "ServiceCall": ("._control", "ServiceCall"),
+    "Service": ("._service", "Service"),
+    "ServiceCall": ("._service", "ServiceCall"),
     "ServiceBusy": ("._errors", "ServiceBusy"),
     "ServiceNameInUse": ("._errors", "ServiceNameInUse"),
     "ServiceNotFound": ("._errors", "ServiceNotFound"),
-    "ServiceSender": ("._control", "ServiceSender"),
+    "ServiceSender": ("._service", "ServiceSender"),
     "AuthenticationError": ("._errors", "AuthenticationError"),
     "BufferFull": ("._errors", "BufferFull"),
     "ChannelClosed": ("._errors", "ChannelClosed"),
@@ -104,7 +104,7 @@ _LAZY: dict[str, tuple[str, str]] = {
     "PortId": ("._ids", "PortId"),
     "Invitation": ("._invitation", "Invitation"),
     "Inviter": ("._invitation", "Inviter"),
-    "Attachment": ("._join", "Attachment"),
+    "Attachment": ("._mesh", "Attachment"),
     "Admission": ("._listener", "Admission"),
     "Listener": ("._listener", "Listener"),
     "run": ("._loop", "run"),
@@ -113,13 +113,13 @@ _LAZY: dict[str, tuple[str, str]] = {
     "current_mesh": ("._mesh", "current_mesh"),
     "join": ("._mesh", "join"),
     "Limits": ("._ports", "Limits"),
-    "ControlLimits": ("._control", "ControlLimits"),
-    "ControlStatistics": ("._control", "ControlStatistics"),
+    "ControlLimits": ("._control_msgs", "ControlLimits"),
+    "ControlStatistics": ("._control_msgs", "ControlStatistics"),
     "ChannelStatistics": ("._channel", "ChannelStatistics"),
     "Process": ("._process", "Process"),
     "PeerCred": ("._sockets", "PeerCred"),
     "Connection": ("._listener", "Admission"),  # earlier name
-    "ClientConnection": ("._join", "Attachment"),  # earlier name
+    "ClientConnection": ("._mesh", "Attachment"),  # earlier name
 }
 
 __version__ = "0.1.0"

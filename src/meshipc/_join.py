@@ -1,6 +1,6 @@
-"""The client side of attaching: read an invitation from a listener, join
-the mesh it is for as a new node, and ``Attachment``, what the client holds
-while attached.
+"""The client side of attaching: read an invitation from a listener and
+join the mesh it is for as a new node (what the client then holds,
+``Attachment``, is ``_mesh``'s).
 
 Joining is two steps over the ``Node``'s public methods, shared by an
 invited process and a spawned worker: ``node_from_credential`` (the new
@@ -20,9 +20,9 @@ import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final, TypeVar
+from typing import Final, TypeVar
 
-from ._channel import Port, Sender
+from ._channel import Port
 from ._codec import CODEC
 from ._errors import (
     AuthenticationError,
@@ -44,9 +44,6 @@ from ._platform import PLATFORM
 from ._ports import DEFAULT_LIMITS, Limits
 from ._sockets import Backoff, PeerCred, StreamEnded, connect_unix, recv_exact
 
-if TYPE_CHECKING:
-    from ._mesh import Mesh
-
 _T = TypeVar("_T")
 
 #: Default bound, in seconds, on ``connect``/``join`` reaching a mesh:
@@ -58,55 +55,6 @@ JOIN_TIMEOUT: Final = 10.0
 #: before answering: a flooded listener or node makes room) when the attach
 #: has no deadline; with one, the step is tried again until the deadline.
 MAX_SHED_TRIES: Final = 40
-
-
-class Attachment:
-    """This process attached to a running mesh: ``port`` is peered with the
-    server's ``Admission.port``; ``mesh`` is this process's new node."""
-
-    __slots__ = ("mesh", "port")
-
-    def __init__(self, port: Port, mesh: Mesh) -> None:
-        self.port = port
-        self.mesh = mesh
-
-    # the control plane (see ``_control``)
-
-    async def services(self) -> dict[str, Any]:
-        """The mesh's services: name -> ``{"node", "request_type", "reply_type", "since"}``."""
-        return await self.mesh._control.services()
-
-    async def call(self, service: str, request: Any, timeout: float | None = None) -> Any:
-        """Call the service ``service``; the callee sees the deadline
-        (``call.deadline``) and, if we give up, ``call.cancelled``. Raises
-        ``ServiceNotFound``, ``NodeFailure`` (its node died), ``RemoteError``
-        (the handler raised), ``TimeoutError`` (after ``timeout`` seconds)."""
-        return await self.mesh._control.call(service, request, timeout)
-
-    async def open(self, service: str) -> Sender[Any]:
-        """A ``Sender`` to the service for many calls (``await tx.call(r)``).
-        Raises ``ServiceNotFound`` or ``NodeFailure``."""
-        return await self.mesh._control.open(service)
-
-    async def inspect(
-        self, path: str = "", depth: int | None = None, timeout: float = 1.0, *, sensitive: bool = False
-    ) -> Any:
-        """The mesh's live inspect tree (plain data), or the part at
-        ``path`` (``"nodes/<id prefix>/connections"``), cut at ``depth``
-        levels. Each node answers for itself within ``timeout`` seconds; one
-        that does not shows as ``{"$unresolved": reason}``. Raises
-        ``LookupError`` for a path that does not exist."""
-        return await self.mesh._control.inspect(path, depth, timeout, sensitive)
-
-    async def inspect_update(self, path: str, value: Any, timeout: float = 1.0) -> Any:
-        """Set the entry at ``path`` (``"nodes/<id prefix>/<entry>"``) that
-        its node registered as updatable (``inspect_add(..., update=fn)``);
-        returns the entry's new value. Raises ``LookupError`` for a path that
-        is not updatable, ``RemoteError`` if the entry's setter raised."""
-        return await self.mesh._control.inspect_update(path, value, timeout)
-
-    def __repr__(self) -> str:
-        return f"<Attachment node={self.mesh.node_id!r}>"
 
 
 async def read_invitation(path: Path, expected_uid: int | None = None) -> Invitation:

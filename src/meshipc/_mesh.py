@@ -26,14 +26,15 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, ClassVar, Final
 
-from ._control import DEFAULT_CONTROL_LIMITS, Control, ControlLimits, ControlStatistics, Service
+from ._channel import Port
+from ._control import Control, ControlPlane
+from ._control_msgs import DEFAULT_CONTROL_LIMITS, ControlLimits, ControlStatistics, WorkerStatus
 from ._errors import InvitationExpired, MeshError
 from ._handshake import ROLE_ROOT, ROLE_WORKER, Authority, Identity
 from ._ids import NodeId
 from ._invitation import INVITATION_TTL, Invitation, Inviter
 from ._join import (
     JOIN_TIMEOUT,
-    Attachment,
     attach,
     deadline_after,
     node_from_credential,
@@ -53,11 +54,12 @@ from ._node import Node, NodeStats
 from ._platform import PLATFORM
 from ._ports import DEFAULT_LIMITS, Limits
 from ._process import Process, spawn
+from ._service import Service
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
-    from ._channel import Receiver, Sender
+    from ._channel import Receiver
 
 log = logging.getLogger("meshipc")
 
@@ -159,7 +161,7 @@ class MeshStats:
     workers: int
 
 
-class Mesh:
+class Mesh(ControlPlane):
     """A node of a mesh, in this process. Use as ``async with Mesh() as mesh``.
 
     ``Mesh()`` starts a new private mesh; ``Mesh(name="vmm")`` starts one that
@@ -199,10 +201,30 @@ class Mesh:
         self._outer: Mesh | None = None
 
     def _start_control(self, root: bool, inviter: bytes | None = None) -> None:
-        self._control = Control(self, root, inviter, self.control_limits)
+        """This node's control plane, its session with the root started: a
+        joining node (spawned worker or attached client) is linked to its
+        inviter already (``_join``), so it says hello at once."""
+        self._control = Control(
+            self._node,
+            root=root,
+            inviter=inviter,
+            limits=self.control_limits,
+            name=self.name,
+            workers=self._worker_status,
+            admit=(lambda: self._admit(ROLE_WORKER)) if root else None,
+        )
+        self._control.start_session()
         self._extras.append(self._control)
         self._outer = _current.get()
         _current.set(self)
+
+    def _plane(self) -> Control:
+        if self._control is None:
+            raise MeshError("this Mesh is not running (use it as `async with Mesh() as mesh`)")
+        return self._control
+
+    def _worker_status(self) -> list[WorkerStatus]:
+        return [WorkerStatus(p.name, p.pid, p.returncode) for p in self._children]
 
     @property
     def node_id(self) -> NodeId:
@@ -417,13 +439,13 @@ class Mesh:
         serving side. Raises ``ServiceNameInUse`` at once for a name this node
         or (on the mesh's first node) the mesh already serves; elsewhere
         ``await`` the returned ``Service`` to learn the registry's verdict."""
-        return self._control.serve(name, handler, request_type, reply_type)
+        return self._plane().serve(name, handler, request_type, reply_type)
 
     def control_statistics(self) -> ControlStatistics:
         """A snapshot of this node's control plane: sessions, inspects in
         progress and the registry (on the mesh's first node), the services
         this node serves."""
-        return self._control.statistics()
+        return self._plane().statistics()
 
     def inspect_add(
         self,
@@ -439,35 +461,31 @@ class Mesh:
         With ``update``, ``inspect_update("nodes/<id>/<name>", value)`` calls
         ``update(value)`` (may be async). Raises ``ValueError`` for a name
         that is taken or malformed."""
-        self._control.inspect_add(name, fn, sensitive, update)
-
-    async def inspect_update(self, path: str, value: Any, timeout: float = 1.0) -> Any:
-        """Update an updatable entry (see ``Attachment.inspect_update``)."""
-        return await self._control.inspect_update(path, value, timeout)
-
-    async def services(self) -> dict[str, Any]:
-        """The mesh's services: name -> node, request and reply type names."""
-        return await self._control.services()
-
-    async def call(self, service: str, request: Any, timeout: float | None = None) -> Any:
-        """Call a service by name (see ``Attachment.call``)."""
-        return await self._control.call(service, request, timeout)
-
-    async def open(self, service: str) -> Sender[Any]:
-        """A ``Sender`` to a service, for many calls (see ``Attachment.open``)."""
-        return await self._control.open(service)
-
-    async def inspect(
-        self, path: str = "", depth: int | None = None, timeout: float = 1.0, *, sensitive: bool = False
-    ) -> Any:
-        """The live inspect tree of the mesh (see ``Attachment.inspect``)."""
-        return await self._control.inspect(path, depth, timeout, sensitive)
+        self._plane().inspector.add(name, fn, sensitive, update)
 
     def __repr__(self) -> str:
         return f"<Mesh name={self.name!r} node={self._node.id if self._node else None}>"
 
 
 # ------------------------------------------------------------------ attaching
+
+
+class Attachment(ControlPlane):
+    """This process attached to a running mesh: ``port`` is peered with the
+    server's ``Admission.port``; ``mesh`` is this process's new node. The
+    control-plane methods are ``ControlPlane``'s."""
+
+    __slots__ = ("mesh", "port")
+
+    def __init__(self, port: Port, mesh: Mesh) -> None:
+        self.port = port
+        self.mesh = mesh
+
+    def _plane(self) -> Control:
+        return self.mesh._plane()
+
+    def __repr__(self) -> str:
+        return f"<Attachment node={self.mesh.node_id!r}>"
 
 
 @contextlib.asynccontextmanager
@@ -482,10 +500,6 @@ async def _attached(
     except BaseException:
         port.close()
         raise
-    # the control plane's join gate, in this one place: the node is linked
-    # to its inviter already, so the session may say hello at once
-    mesh._control.joining()
-    mesh._control.joined()
     conn = Attachment(port, mesh)
     try:
         yield conn

@@ -20,22 +20,25 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import os
 import threading
 from collections.abc import Callable, Coroutine
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from ._channel import Port, Sender
-from ._control import ServiceSender
+from ._control import ControlPlane
 from ._errors import MeshError
-from ._join import Attachment
+from ._mesh import Attachment
 from ._mesh import connect as _aconnect
+from ._service import ServiceSender
 from ._tasks import answer_within
 
 __all__ = ("Portal", "SyncConnection", "SyncPort", "SyncSender", "connect")
 
 R = TypeVar("R")
+P = ParamSpec("P")
 
 
 class Portal:
@@ -163,9 +166,26 @@ class SyncSender:
         self.close()
 
 
+def _blocking(
+    method: Callable[Concatenate[ControlPlane, P], Coroutine[Any, Any, R]],
+) -> Callable[Concatenate[SyncConnection, P], R]:
+    """The blocking form of a ``ControlPlane`` method: the same signature
+    and documentation (``help()`` shows them), run on the connection's portal."""
+    name = method.__name__
+
+    @functools.wraps(method)
+    def blocking(self: SyncConnection, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        bound: Callable[P, Coroutine[Any, Any, R]] = getattr(self._conn, name)
+        return self._portal.call(bound, *args, **kwargs)
+
+    return blocking
+
+
 class SyncConnection:
-    """A blocking attached client; see ``Attachment`` for the methods.
-    Use as a context manager, or call ``close()``."""
+    """A blocking attached client: the control-plane methods of
+    ``ControlPlane`` (``FACADE``: ``services``, ``call``, ``open``,
+    ``inspect``, ``inspect_update``), each blocking until done. Use as a
+    context manager, or call ``close()``."""
 
     def __init__(self, portal: Portal, cm: Any, conn: Attachment) -> None:
         self._portal = portal
@@ -178,22 +198,17 @@ class SyncConnection:
     def node_id(self) -> Any:
         return self._conn.mesh.node_id
 
-    def services(self) -> dict[str, Any]:
-        return self._portal.call(self._conn.services)
-
-    def call(self, service: str, request: Any, timeout: float | None = None) -> Any:
-        return self._portal.call(self._conn.call, service, request, timeout)
+    # the control plane: ``ControlPlane``'s methods (``FACADE``), blocking
+    services = _blocking(ControlPlane.services)
+    call = _blocking(ControlPlane.call)
+    inspect = _blocking(ControlPlane.inspect)
+    inspect_update = _blocking(ControlPlane.inspect_update)
+    _open = _blocking(ControlPlane.open)
 
     def open(self, service: str) -> SyncSender:
-        return SyncSender(self._portal, self._portal.call(self._conn.open, service))
+        return SyncSender(self._portal, self._open(service))
 
-    def inspect(
-        self, path: str = "", depth: int | None = None, timeout: float = 1.0, *, sensitive: bool = False
-    ) -> Any:
-        return self._portal.call(self._conn.inspect, path, depth, timeout, sensitive=sensitive)
-
-    def inspect_update(self, path: str, value: Any, timeout: float = 1.0) -> Any:
-        return self._portal.call(self._conn.inspect_update, path, value, timeout)
+    open.__doc__ = ControlPlane.open.__doc__
 
     def close(self) -> None:
         """Detach from the mesh and stop the portal thread (idempotent)."""

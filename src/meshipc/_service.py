@@ -1,0 +1,386 @@
+"""The service runtime: a ``Service`` (from ``serve``) reads its calls,
+checks their deadline envelope and types, and runs its handler within the
+bounds of ``ControlLimits`` (per client and in all); ``ServiceSender`` is the
+caller's end, whose calls carry a deadline; ``ServiceCall`` is what a handler
+or a receiver-mode application gets.
+
+A service knows nothing of the registry: whoever made it is told when it
+closes (``on_close``) and withdraws the name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import os
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import msgspec
+
+from ._channel import Call, Port, Receiver, Sender, channel
+from ._control_msgs import (
+    TOKEN_LEN,
+    WATCH_AFTER,
+    ControlLimits,
+    Register,
+    _Req,
+    accept_objects,
+    check_timeout,
+)
+from ._errors import ChannelClosed, MeshError, MessageError, RemoteError, ServiceBusy
+from ._inspect import counter, type_name
+from ._tasks import TaskSet, answer_within
+
+
+def sender_dead(s: Sender[Any]) -> bool:
+    """True once ``s`` can carry no call (closed, its receiver gone, or failed)."""
+    states = s._states
+    return not states or states[0].peer_closed or states[0].error is not None
+
+
+def consume(fut: asyncio.Future[None]) -> None:
+    """A done callback: the future's exception counts as retrieved (a
+    failure is logged where it happens)."""
+    if not fut.cancelled():
+        fut.exception()
+
+
+def split_handler(
+    handler: Callable[[Any], Awaitable[Any]] | Receiver[Any], request_type: Any
+) -> tuple[Callable[[Any], Awaitable[Any]] | None, Sender[Any] | None, Any]:
+    """What ``serve`` was given, as a service runs it: an async function,
+    or a ``Sender`` feeding the application's receiver (which from now on
+    also takes the service's ``ServiceCall`` objects); and the request type
+    (a ``Call[T]`` receiver's ``T`` unless one was given)."""
+    if isinstance(handler, Receiver):
+        if not handler._states:
+            raise ChannelClosed("serve() was given a closed receiver")
+        if getattr(handler, "_calls_only", False):
+            # a Call[T] receiver takes only calls; ours arrive as local
+            # ServiceCall objects (with the deadline), validated against T here
+            if request_type is None and handler._type is not Any:
+                request_type = handler._type
+            handler._calls_only = False
+        ftx, frx = channel()
+        for st in frx._detach():
+            handler._add(st)  # calls arrive on the application's receiver
+        return None, ftx, request_type
+    if callable(handler):
+        return handler, None, request_type
+    raise TypeError("serve() takes an async function or a Receiver of meshipc.Call")
+
+
+class ServiceCall(Call[Any]):
+    """A ``meshipc.Call`` made through a named service: also ``deadline``
+    (``time.monotonic()`` seconds, or None; the clock is system-wide on
+    Linux) and ``remaining`` (seconds left, or None)."""
+
+    __slots__ = ("deadline",)
+
+    def __init__(self, request: Any, port: Port, deadline: float | None) -> None:
+        super().__init__(request, port)
+        self.deadline = deadline
+
+    @property
+    def remaining(self) -> float | None:
+        return None if self.deadline is None else self.deadline - time.monotonic()
+
+
+class ServiceSender(Sender[Any]):
+    """A ``Sender`` to a named service (from ``open``): ``call`` also takes
+    ``timeout``, and the callee sees the deadline. Sent to another process,
+    it arrives as a plain ``Sender`` (its calls carry no deadline)."""
+
+    __slots__ = ()
+
+    async def call(self, request: Any, *, timeout: float | None = None) -> Any:
+        """As ``Sender.call``; ``TimeoutError`` after ``timeout`` seconds,
+        ``ValueError`` for a NaN, infinite or negative ``timeout``,
+        ``ServiceBusy`` if the service refused the call (this client has
+        too many waiting there)."""
+        if timeout is None:
+            return await busy_call(super().call(_Req(None, request)))
+        timeout = check_timeout(timeout)
+        async with answer_within(timeout, "the service"):
+            return await busy_call(super().call(_Req(time.monotonic() + timeout, request)))
+
+
+async def busy_call(work: Awaitable[Any]) -> Any:
+    """``await work``, a service's ``ServiceBusy`` refusal raised as itself."""
+    try:
+        return await work
+    except RemoteError as exc:
+        if exc.type_name == "ServiceBusy":
+            raise ServiceBusy(exc.message.removeprefix("busy: ")) from None
+        raise
+
+
+def _caller(call: Call[Any]) -> bytes:
+    """The node a call came from: its reply port's peer (for a call from
+    another node, the link's authenticated id that sent it)."""
+    states = call._port._states
+    return states[0].peer_node if states else b""
+
+
+class Service:
+    """A registered service (from ``mesh.serve``).
+
+    ``await service`` returns once the mesh's registry has confirmed the
+    name (raises ``ServiceNameInUse`` if another node holds it);
+    ``close()`` withdraws it; ``await wait_closed()`` waits for that."""
+
+    def __init__(
+        self,
+        name: str,
+        handler: Callable[[Any], Awaitable[Any]] | None,
+        target: Sender[Any] | None,
+        request_type: Any,
+        reply_type: Any,
+        *,
+        limits: ControlLimits,
+        on_close: Callable[[Service], None],
+    ) -> None:
+        self.name = name
+        self._on_close = on_close
+        self._handler = handler
+        self._target = target  # Receiver mode: feeds the application's receiver
+        self.request_type = request_type
+        self.reply_type = reply_type
+        self.token = os.urandom(TOKEN_LEN)
+        self._tx, self._rx = channel()
+        loop = asyncio.get_running_loop()
+        self._registered: asyncio.Future[None] = loop.create_future()
+        self._registered.add_done_callback(consume)
+        self._done: asyncio.Future[None] = loop.create_future()
+        self._tasks = TaskSet(loop)
+        self._active: dict[int, float] = {}
+        self._limits = limits
+        # handler calls running, in all and per client; calls of a client at
+        # its bound wait in its queue (see ControlLimits)
+        self._running = 0
+        self._per_client: dict[bytes, int] = {}
+        self._waiting: dict[bytes, deque[ServiceCall]] = {}
+        self._slot: asyncio.Future[None] | None = None
+        self.refused = 0
+        self.calls = 0
+        self.errors = 0
+        self.closed = False
+        self._pump = loop.create_task(self._run())
+
+    def __await__(self) -> Any:
+        return asyncio.shield(self._registered).__await__()
+
+    def registration(self) -> Register:
+        """The registry request that names this service."""
+        return Register(
+            self.name, self.token, self._tx.clone(), type_name(self.request_type), type_name(self.reply_type)
+        )
+
+    async def wait_closed(self) -> None:
+        await asyncio.shield(self._done)
+
+    def close(self) -> None:
+        """Withdraw the service (idempotent); calls in progress are cancelled."""
+        if self.closed:
+            return
+        self.closed = True
+        self._pump.cancel()
+        self._tasks.cancel_all()
+        for q in self._waiting.values():
+            for sc in q:
+                sc._port.close()  # the caller learns the call was dropped
+        self._waiting.clear()
+        self._rx.close()
+        self._tx.close()
+        if self._target is not None:
+            self._target.close()
+        if not self._registered.done():
+            self._registered.set_exception(MeshError(f"service {self.name!r} was closed"))
+        if not self._done.done():
+            self._done.set_result(None)
+        self._on_close(self)
+
+    def _unwrap(self, call: Call[Any]) -> ServiceCall | None:
+        """The ``ServiceCall`` of a call, or None once it was failed: a
+        deadline that is not a finite number (a peer's doing) or a request
+        of the wrong type. A deadline is cut to ``max_call_timeout`` from now."""
+        req = call.request
+        deadline: Any = None
+        if isinstance(req, _Req):
+            deadline, req = req.deadline, req.request
+        elif isinstance(req, list) and len(req) == 3 and req[0] == "meshipc.req":
+            deadline, req = req[1], req[2]
+        if deadline is not None:
+            try:
+                deadline = float(deadline) if not isinstance(deadline, bool) else math.nan
+            except (TypeError, ValueError, OverflowError):
+                deadline = math.nan
+            if not math.isfinite(deadline):
+                self.errors += 1
+                with contextlib.suppress(ChannelClosed):
+                    call.fail(
+                        MessageError(f"service {self.name!r}: the call's deadline is not a finite time")
+                    )
+                return None
+            deadline = min(deadline, time.monotonic() + self._limits.max_call_timeout)
+        sc = ServiceCall(req, call._port, deadline)
+        if self.request_type is not None:
+            try:
+                sc.request = msgspec.convert(req, self.request_type, dec_hook=accept_objects)
+            except (msgspec.ValidationError, TypeError) as exc:
+                self.errors += 1
+                sc.fail(MessageError(f"service {self.name!r}: invalid request: {exc}"))
+                return None
+        return sc
+
+    async def _run(self) -> None:
+        limits = self._limits
+        async for call in self._rx:
+            if not isinstance(call, Call):
+                continue
+            self.calls += 1
+            sc = self._unwrap(call)
+            if sc is None:
+                continue
+            if self._target is not None:
+                try:
+                    self._target.send(sc)
+                except ChannelClosed:
+                    self.close()
+                    return
+                except MeshError as exc:  # e.g. the application stopped draining (BufferFull)
+                    self.errors += 1
+                    with contextlib.suppress(ChannelClosed):
+                        sc.fail(exc)
+                continue
+            self._admit(_caller(call), sc)
+            while self._running >= limits.service_calls:
+                # stop reading: further calls wait in the port's queue, and
+                # flow control pushes back on their callers
+                self._slot = asyncio.get_running_loop().create_future()
+                await self._slot
+
+    def _admit(self, client: bytes, sc: ServiceCall) -> None:
+        """Run ``sc`` now, queue it behind its client's running calls, or
+        refuse it (``ServiceBusy``) when that queue is full."""
+        if self._per_client.get(client, 0) < self._limits.client_calls:
+            self._running += 1
+            self._per_client[client] = self._per_client.get(client, 0) + 1
+            self._tasks.spawn(self._handle(sc, client))
+            return
+        q = self._waiting.setdefault(client, deque())
+        if len(q) >= self._limits.client_queued:
+            self.refused += 1
+            with contextlib.suppress(ChannelClosed):
+                sc.fail(
+                    ServiceBusy(
+                        f"service {self.name!r} already has {self._limits.client_calls} calls running "
+                        f"and {len(q)} waiting from this client"
+                    )
+                )
+            return
+        q.append(sc)
+
+    def _call_done(self, client: bytes) -> None:
+        """A call of ``client`` ended: its next waiting call takes the slot."""
+        q = self._waiting.get(client)
+        while q:
+            sc = q.popleft()
+            if not q:
+                del self._waiting[client]
+            if sc.cancelled:
+                sc._port.close()
+                continue
+            self._tasks.spawn(self._handle(sc, client))
+            return
+        self._waiting.pop(client, None)
+        self._running -= 1
+        n = self._per_client.get(client, 1) - 1
+        if n > 0:
+            self._per_client[client] = n
+        else:
+            self._per_client.pop(client, None)
+        slot = self._slot
+        if slot is not None and not slot.done():
+            slot.set_result(None)
+
+    async def _handle(self, call: ServiceCall, client: bytes) -> None:
+        key = id(call)
+        self._active[key] = time.monotonic()
+        loop = asyncio.get_running_loop()
+        me = asyncio.current_task()
+        # most calls end quickly: a task that watches the caller is started
+        # only for a call still running after WATCH_AFTER seconds
+        watcher: list[asyncio.Task[None]] = []
+        timer = loop.call_later(WATCH_AFTER, self._watch_caller, call, me, watcher)
+        try:
+            result = await self._invoke(call)
+        except asyncio.CancelledError:
+            if self.closed or call.cancelled:
+                return  # the caller gave up (or the service closed): nobody to answer
+            raise
+        except Exception as exc:
+            self.errors += 1
+            with contextlib.suppress(ChannelClosed):
+                call.fail(exc)
+        else:
+            with contextlib.suppress(ChannelClosed):
+                call.reply(result)
+        finally:
+            timer.cancel()
+            for t in watcher:
+                t.cancel()
+            self._active.pop(key, None)
+            if not self.closed:
+                self._call_done(client)
+
+    def _watch_caller(
+        self, call: ServiceCall, work: asyncio.Task[Any] | None, watcher: list[asyncio.Task[None]]
+    ) -> None:
+        async def watch() -> None:
+            await call.wait_cancelled()
+            if work is not None and not work.done():
+                work.cancel()  # the caller gave up: stop working for it
+
+        watcher.append(asyncio.get_running_loop().create_task(watch()))
+
+    async def _invoke(self, call: ServiceCall) -> Any:
+        handler = self._handler
+        if handler is None:
+            raise MeshError("this service has no handler")
+        if call.deadline is not None:
+            loop = asyncio.get_running_loop()
+            async with asyncio.timeout_at(loop.time() + (call.deadline - time.monotonic())):
+                result = await handler(call.request)
+        else:
+            result = await handler(call.request)
+        if self.reply_type is not None:
+            try:
+                result = msgspec.convert(
+                    result, self.reply_type, dec_hook=accept_objects, from_attributes=True
+                )
+            except (msgspec.ValidationError, TypeError) as exc:
+                raise MessageError(f"service {self.name!r}: invalid reply: {exc}") from None
+        return result
+
+    def snapshot(self) -> dict[str, Any]:
+        now = time.monotonic()
+        return {
+            "request_type": type_name(self.request_type),
+            "reply_type": type_name(self.reply_type),
+            "mode": "receiver" if self._target is not None else "handler",
+            "calls": counter(self.calls),
+            "errors": counter(self.errors),
+            "active": len(self._active) if self._target is None else None,
+            "waiting": sum(map(len, self._waiting.values())),
+            "unread": self._rx.statistics().queued,
+            "refused": counter(self.refused),
+            "oldest_active_age": round(now - min(self._active.values()), 6) if self._active else None,
+        }
+
+    def __repr__(self) -> str:
+        return f"<Service {self.name!r}{' closed' if self.closed else ''}>"
