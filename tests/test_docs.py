@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 import meshipc
+import meshipc.sync
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
@@ -41,12 +42,15 @@ def test_every_public_name_has_a_reference_entry() -> None:
     missing = [n for n in meshipc.__all__ if f"meshipc.{n}" not in documented]
     assert not missing, f"names in meshipc.__all__ with no entry in docs/reference/: {missing}"
     assert "meshipc.sync" in documented
+    missing = [n for n in meshipc.sync.__all__ if f"meshipc.sync.{n}" not in documented]
+    assert not missing, f"names in meshipc.sync.__all__ with no entry in docs/reference/: {missing}"
 
 
 def test_reference_entries_use_public_paths_only() -> None:
     """Private modules move between versions; the reference names each
     object by the path users import it from, so a move cannot break it."""
     public = {f"meshipc.{n}" for n in meshipc.__all__}
+    public |= {f"meshipc.sync.{n}" for n in meshipc.sync.__all__}
     wrong = [d for d in _DIRECTIVE.findall(_reference_text()) if d not in public]
     assert not wrong, f"reference entries not under a public meshipc.X path: {wrong}"
     entries = _documented()
