@@ -1,13 +1,21 @@
 """What a user meets first: ``meshipc.run`` where a loop already runs (a
-notebook cell) says what to do instead."""
+notebook cell) says what to do instead; ``spawn`` takes a function object,
+and says how to fix one a worker cannot import."""
 
 from __future__ import annotations
 
+import asyncio
+import os
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 
 import meshipc
+import workers
+from relutil import STEP
 
 
 async def test_run_inside_a_running_loop_says_to_await_instead() -> None:
@@ -27,3 +35,85 @@ def test_run_outside_a_loop_runs() -> None:
         return 7
 
     assert meshipc.run(main()) == 7
+
+
+# ------------------------------------------------------- spawn a function
+
+
+async def test_spawn_takes_a_function_object(runtime_dir: Path) -> None:
+    async with meshipc.Mesh(runtime_dir=runtime_dir) as mesh:
+        tx, rx = meshipc.channel()
+        proc = await mesh.spawn(workers.echo, rx)
+        assert proc.target == "workers:echo" and proc.name == "echo"
+        assert await asyncio.wait_for(tx.call("hi"), STEP) == "hi"
+
+
+def plain(arg: object) -> None:
+    """Not async: refused at spawn."""
+
+
+def _bad_targets() -> list[tuple[object, type[Exception], str]]:
+    async def inner(arg: object) -> None:
+        pass
+
+    return [
+        (lambda arg: None, ValueError, "a lambda cannot be spawned"),
+        (inner, ValueError, "defined inside a function or class"),
+        (plain, TypeError, "not an async function"),
+        (42, TypeError, "spawn takes an async function"),
+    ]
+
+
+@pytest.mark.parametrize(("target", "error", "text"), _bad_targets())
+async def test_spawn_refuses_what_a_worker_cannot_import_and_says_why(
+    runtime_dir: Path, target: object, error: type[Exception], text: str
+) -> None:
+    async with meshipc.Mesh(runtime_dir=runtime_dir) as mesh:
+        with pytest.raises(error, match=text) as ei:
+            await mesh.spawn(target, None)  # type: ignore[arg-type]
+        assert "async def" in str(ei.value) or "async function" in str(ei.value)
+        assert mesh.stats().workers == 0  # nothing started
+
+
+def test_a_function_typed_into_a_repl_is_refused_with_the_fix() -> None:
+    # `python -c` has a __main__ with no file, as a REPL or a notebook kernel
+    code = (
+        "import meshipc._process as p\n"
+        "async def w(arg): pass\n"
+        "try:\n    p.target_of(w)\nexcept ValueError as e:\n    print(e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=STEP)
+    assert "typed into an interactive session" in out.stdout, out
+    assert "top level of a module file" in out.stdout
+
+
+SCRIPT = """
+import meshipc
+
+async def worker(rx):                       # runs in a child process
+    async for call in rx:
+        call.reply(call.request * 2)
+
+async def main():
+    async with meshipc.Mesh() as mesh:
+        tx, rx = meshipc.channel()
+        await mesh.spawn(worker, rx)
+        print(await tx.call(21), flush=True)
+
+if __name__ == "__main__":
+    print("main once", flush=True)
+    meshipc.run(main())
+"""
+
+
+def test_a_script_under_any_name_spawns_its_own_function(tmp_path: Path, runtime_dir: Path) -> None:
+    # the README's example, saved under a name no import would find, run
+    # from another folder: the worker loads the script as __mp_main__
+    script = tmp_path / "my service (copy).py"
+    script.write_text(SCRIPT)
+    env = {**os.environ, "MESHIPC_RUNTIME_DIR": str(runtime_dir)}
+    out = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=60, cwd="/", env=env
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["main", "once", "42"]  # the main block ran in the parent only

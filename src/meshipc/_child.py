@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import importlib
+import importlib.util
 import inspect
 import logging
 import os
@@ -69,13 +70,33 @@ def _format(exc: BaseException) -> str:
 
 
 def _find(target: str) -> Any:
-    """The function ``module:function`` names; raises whatever importing raises."""
-    mod_name, func_name = target.split(":")
-    module = importlib.import_module(mod_name)
+    """The function ``module:function`` names (``/path/script.py:function``:
+    the script loaded as ``__mp_main__``, its folder first on ``sys.path``
+    as for ``python script.py``); raises whatever importing raises."""
+    mod_name, func_name = target.rsplit(":", 1)
+    if mod_name.startswith("/"):
+        module = _load_script(mod_name)
+    else:
+        module = importlib.import_module(mod_name)
     try:
         return getattr(module, func_name)
     except AttributeError:
         raise AttributeError(f"module {mod_name!r} has no function {func_name!r}") from None
+
+
+def _load_script(path: str) -> Any:
+    spec = importlib.util.spec_from_file_location(_SCRIPT_MODULE, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, os.path.dirname(path))
+    sys.modules[_SCRIPT_MODULE] = module  # its functions pickle, its classes resolve, as multiprocessing's
+    spec.loader.exec_module(module)
+    return module
+
+
+#: The name a worker gives the parent's main script (as ``multiprocessing``).
+_SCRIPT_MODULE = "__mp_main__"
 
 
 def _call(target: str, func: Any, arg: Any) -> Awaitable[Any]:

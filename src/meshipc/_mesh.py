@@ -376,19 +376,28 @@ class Mesh(ControlPlane):
         self._check_root()
         return Inviter(self._node, self._admit, INVITATION_TTL if ttl is None else ttl)
 
-    async def spawn(self, target: str, arg: Any = None, *, name: str | None = None) -> Process:
-        """Start a worker process running ``async def function(arg)`` from
-        ``"package.module:function"``; ``arg`` is any message value (typically
-        a ``Receiver``, ``Sender`` or ``Port``). Returns once the function
-        runs in the worker. Raises ``ValueError`` for a malformed target and
-        ``SpawnError`` if the worker cannot start it (module or function
-        missing, an error while importing, the process dying first; the
-        worker's traceback attached). A later failure of the function is
-        reported by ``Process.wait()``'s exit code and ``Process.error``; a
-        worker whose link to this process broke exits with status 3.
-        Only the mesh's first node issues node identities: a worker asks it
-        for its child's; an attached client cannot spawn (``MeshError``).
-        Listening and inviting are the first node's alone."""
+    async def spawn(
+        self, target: str | Callable[..., Awaitable[Any]], arg: Any = None, *, name: str | None = None
+    ) -> Process:
+        """Start a worker process running ``async def function(arg)``: pass
+        the function itself (defined at the top level of a module, or of the
+        script you run: the worker loads it as ``__mp_main__``, like
+        ``multiprocessing``, so its ``if __name__ == "__main__":`` block does
+        not run there) or ``"package.module:function"``. ``arg`` is any
+        message value (typically a ``Receiver``, ``Sender`` or ``Port``).
+        Returns once the function runs in the worker. Raises ``TypeError``
+        for what is not an async function, ``ValueError`` for a malformed
+        target or a function a worker cannot import by name (a lambda, one
+        defined inside another function, one typed into a REPL or notebook;
+        the message says how to fix it) and ``SpawnError`` if the worker
+        cannot start it (module or function missing, an error while
+        importing, the process dying first; the worker's traceback
+        attached). A later failure of the function is reported by
+        ``Process.wait()``'s exit code and ``Process.error``; a worker whose
+        link to this process broke exits with status 3. Only the mesh's
+        first node issues node identities: a worker asks it for its child's;
+        an attached client cannot spawn (``MeshError``). Listening and
+        inviting are the first node's alone."""
         if self._closed:
             raise MeshError("the mesh is closed")
         proc = await spawn(self._node, self._admit_worker, self.limits, target, arg, name)

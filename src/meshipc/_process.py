@@ -33,6 +33,7 @@ import base64
 import dataclasses
 import functools
 import importlib
+import inspect
 import logging
 import operator
 import os
@@ -44,7 +45,7 @@ import sys
 import types
 import typing
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Final
 
 import msgspec
 
@@ -64,7 +65,52 @@ ENV_INVITATION = "MESHIPC_CHILD_INVITATION"
 _NO_REPORT = "no start report"
 #: Seconds the parent waits, after a worker exited, for its status message.
 STATUS_GRACE = 2.0
-_TARGET = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+_TARGET = re.compile(r"^(?:[A-Za-z_][\w.]*|/[^:\0]+\.py):[A-Za-z_]\w*$")
+#: How a worker fails to find a function, and what to do instead.
+_MOVE_IT: Final = (
+    "define it with `async def` at the top level of a module file and pass it (or 'module:function')"
+)
+
+
+def target_of(func: Callable[..., Any]) -> str:
+    """The target a worker finds ``func`` by: ``"module:function"``, or
+    ``"/path/to/script.py:function"`` for a function of a script run as
+    ``python script.py`` (the worker loads the script as ``__mp_main__``,
+    as ``multiprocessing`` does: its ``if __name__ == "__main__":`` block
+    does not run there). Raises ``TypeError`` for what is not an ``async``
+    function, ``ValueError`` for one the worker cannot import by name (a
+    lambda, a function defined inside another, or typed into a REPL or a
+    notebook), saying how to fix it."""
+    if not callable(func) or not hasattr(func, "__qualname__") or not hasattr(func, "__module__"):
+        raise TypeError(f"spawn takes an async function or 'module:function', got {func!r}")
+    qualname: str = func.__qualname__
+    if "<lambda>" in qualname:
+        raise ValueError(f"a lambda cannot be spawned (the worker imports its function by name): {_MOVE_IT}")
+    if "<locals>" in qualname or "." in qualname:
+        raise ValueError(
+            f"{qualname} is defined inside a function or class, so the worker cannot import it by name: "
+            + _MOVE_IT
+        )
+    if not inspect.iscoroutinefunction(inspect.unwrap(func)):
+        raise TypeError(f"{qualname} is not an async function: a worker runs `async def {qualname}(arg)`")
+    module = sys.modules.get(func.__module__)
+    if module is None or getattr(module, qualname, None) is not func:
+        where = f"{func.__module__}.{qualname}"
+        raise ValueError(f"{where} is not reachable by its name in its module: {_MOVE_IT}")
+    where = func.__module__
+    if where in ("__main__", "__mp_main__"):
+        spec = getattr(module, "__spec__", None)
+        path = getattr(module, "__file__", None)
+        if spec is not None and spec.name not in ("__main__", "__mp_main__"):
+            where = spec.name  # run as `python -m package.module`
+        elif isinstance(path, str) and path.endswith(".py") and ":" not in path:
+            where = os.path.abspath(path)  # run as `python any_name.py`
+        else:
+            raise ValueError(
+                f"{qualname} was typed into an interactive session (a REPL or a notebook), "
+                f"which a worker process cannot import: {_MOVE_IT}"
+            )
+    return f"{where}:{qualname}"
 
 
 class ChildInvitation(msgspec.Struct, frozen=True):
@@ -330,13 +376,16 @@ async def spawn(
     node: Node,
     credential: Callable[[], Awaitable[Identity]],
     limits: Limits,
-    target: str,
+    target: str | Callable[..., Any],
     arg: Any,
     name: str | None,
 ) -> Process:
-    """Start the worker ``target`` (``"package.module:function"``) as a new
-    node joined to ``node``, with the credential ``credential()`` issues and
-    ``limits`` on its ports; ``arg`` goes first on its bootstrap port."""
+    """Start the worker ``target`` (an async function, or
+    ``"package.module:function"``; see ``target_of``) as a new node joined
+    to ``node``, with the credential ``credential()`` issues and ``limits``
+    on its ports; ``arg`` goes first on its bootstrap port."""
+    if not isinstance(target, str):
+        target = target_of(target)
     if not _TARGET.match(target):
         raise ValueError(f"target must look like 'package.module:function', got {target!r}")
     name = name or target.rsplit(":", 1)[1]
