@@ -5,6 +5,7 @@ and says how to fix one a worker cannot import."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import pytest
 
 import meshipc
 import workers
-from relutil import STEP
+from relutil import STEP, wait_until
 
 
 async def test_run_inside_a_running_loop_says_to_await_instead() -> None:
@@ -117,3 +118,62 @@ def test_a_script_under_any_name_spawns_its_own_function(tmp_path: Path, runtime
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["main", "once", "42"]  # the main block ran in the parent only
+
+
+# ------------------------------------------ connections across notebook cells
+
+
+async def test_connect_without_async_with_lives_until_aclose(runtime_dir: Path) -> None:
+    async with meshipc.Mesh(name="cells", runtime_dir=runtime_dir) as mesh:
+        await mesh.listen()
+        mesh.serve("double", _double)
+        conn = await meshipc.connect("cells", runtime_dir=runtime_dir, timeout=STEP)  # cell 1
+        assert isinstance(conn, meshipc.Attachment) and not conn.closed
+        await asyncio.sleep(0)  # another cell, later
+        assert await conn.call("double", 4, timeout=STEP) == 8
+        me = bytes(conn.mesh.node_id).hex()
+        await wait_until(lambda: me in mesh.control_statistics().sessions, "the client's session")
+        await conn.aclose()
+        await conn.aclose()  # twice is fine
+        assert conn.closed
+        await wait_until(lambda: me not in mesh.control_statistics().sessions, "the session ends")
+        with pytest.raises(meshipc.MeshError):
+            await conn.call("double", 1)
+
+
+async def test_an_unclosed_connection_warns_and_is_closed(runtime_dir: Path) -> None:
+    async with meshipc.Mesh(name="dropped", runtime_dir=runtime_dir) as mesh:
+        await mesh.listen()
+        conn = await meshipc.connect("dropped", runtime_dir=runtime_dir, timeout=STEP)
+        client = conn.mesh
+        me = bytes(client.node_id).hex()
+        await wait_until(lambda: me in mesh.control_statistics().sessions, "the client's session")
+        with pytest.warns(ResourceWarning, match=r"unclosed <Attachment .*await conn\.aclose\(\)"):
+            del conn
+            gc.collect()
+        await wait_until(lambda: client._closed, "the dropped client's node closes")
+        await wait_until(lambda: me not in mesh.control_statistics().sessions, "the session ends")
+
+
+async def test_connect_in_async_with_and_entered_once(runtime_dir: Path) -> None:
+    async with meshipc.Mesh(name="block", runtime_dir=runtime_dir) as mesh:
+        await mesh.listen()
+        attaching = meshipc.connect("block", runtime_dir=runtime_dir, timeout=STEP)
+        async with attaching as conn:
+            assert await conn.services() == {}
+            with pytest.raises(meshipc.MeshError, match="entered already"):
+                await attaching.__aenter__()
+        assert conn.closed
+
+
+async def test_a_mesh_can_be_awaited_open(runtime_dir: Path) -> None:
+    mesh = await meshipc.Mesh(runtime_dir=runtime_dir)
+    try:
+        assert mesh.directory.is_dir()
+    finally:
+        await mesh.aclose()
+    assert not mesh.directory.exists()
+
+
+async def _double(x: int) -> int:
+    return x * 2

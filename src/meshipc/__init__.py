@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     from typing import Any
 
     from . import sync
+    from ._attach import Attaching, Attachment, connect, join
     from ._channel import Call, ChannelStatistics, Port, Receiver, Sender, channel
     from ._control_msgs import ControlLimits, ControlStatistics
     from ._errors import (
@@ -49,7 +50,7 @@ if TYPE_CHECKING:
     from ._invitation import Invitation, Inviter
     from ._listener import Admission, Listener
     from ._loop import run
-    from ._mesh import Attachment, Mesh, connect, current_mesh, join
+    from ._mesh import Mesh, current_mesh
     from ._ports import Limits
     from ._process import Process
     from ._service import Service, ServiceCall, ServiceSender
@@ -104,14 +105,15 @@ _LAZY: dict[str, tuple[str, str]] = {
     "PortId": ("._ids", "PortId"),
     "Invitation": ("._invitation", "Invitation"),
     "Inviter": ("._invitation", "Inviter"),
-    "Attachment": ("._mesh", "Attachment"),
+    "Attachment": ("._attach", "Attachment"),
+    "Attaching": ("._attach", "Attaching"),
     "Admission": ("._listener", "Admission"),
     "Listener": ("._listener", "Listener"),
     "run": ("._loop", "run"),
     "Mesh": ("._mesh", "Mesh"),
-    "connect": ("._mesh", "connect"),
+    "connect": ("._attach", "connect"),
     "current_mesh": ("._mesh", "current_mesh"),
-    "join": ("._mesh", "join"),
+    "join": ("._attach", "join"),
     "Limits": ("._ports", "Limits"),
     "ControlLimits": ("._control_msgs", "ControlLimits"),
     "ControlStatistics": ("._control_msgs", "ControlStatistics"),
@@ -119,7 +121,7 @@ _LAZY: dict[str, tuple[str, str]] = {
     "Process": ("._process", "Process"),
     "PeerCred": ("._sockets", "PeerCred"),
     "Connection": ("._listener", "Admission"),  # earlier name
-    "ClientConnection": ("._mesh", "Attachment"),  # earlier name
+    "ClientConnection": ("._attach", "Attachment"),  # earlier name
 }
 
 __version__ = "0.1.0"
@@ -132,6 +134,7 @@ __all__ = (
     "Inviter",
     "Invitation",
     "Admission",
+    "Attaching",
     "Attachment",
     "Connection",
     "ClientConnection",

@@ -18,8 +18,8 @@ import sys
 import time
 from typing import Any
 
+from ._attach import connect
 from ._errors import ConnectError, JoinError, MeshError, NodeFailure, RemoteError, ServiceNotFound
-from ._mesh import connect
 from ._names import mesh_directory, runtime_root
 
 #: Default seconds each node gets to answer ``status`` and ``inspect``.

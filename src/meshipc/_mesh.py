@@ -20,25 +20,20 @@ import os
 import shutil
 import signal
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, ClassVar, Final
 
-from ._channel import Port
 from ._control import Control, ControlPlane
 from ._control_msgs import DEFAULT_CONTROL_LIMITS, ControlLimits, ControlStatistics, WorkerStatus
-from ._errors import InvitationExpired, MeshError
+from ._errors import MeshError
 from ._handshake import ROLE_ROOT, ROLE_WORKER, Authority, Identity
 from ._ids import NodeId
-from ._invitation import INVITATION_TTL, Invitation, Inviter
+from ._invitation import INVITATION_TTL, Inviter
 from ._join import (
-    JOIN_TIMEOUT,
-    attach,
-    deadline_after,
     node_from_credential,
-    take_invitation,
 )
 from ._listener import Listener, ListenerStats
 from ._names import (
@@ -57,8 +52,6 @@ from ._process import Process, spawn
 from ._service import Service
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable
-
     from ._channel import Receiver
 
 log = logging.getLogger("meshipc")
@@ -264,12 +257,11 @@ class Mesh(ControlPlane):
         return self
 
     @classmethod
-    @contextlib.asynccontextmanager
-    async def _joined(cls, node: Node, inviter: bytes) -> AsyncIterator[Mesh]:
+    async def _around(cls, node: Node, inviter: bytes) -> Mesh:
         """The ``Mesh`` around ``node``, a node that joined an existing mesh
         (spawned worker or invited process; ``_join``), invited by node
         ``inviter`` (whom its control plane first asks for the mesh root).
-        The node is closed when the block ends (or if this fails)."""
+        Closing the mesh closes the node (so does a failure here)."""
         self = cls(limits=node.engine.limits)
         self._entered = True
         self._node = node
@@ -279,6 +271,13 @@ class Mesh(ControlPlane):
             self._closed = True
             await node.close()
             raise
+        return self
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def _joined(cls, node: Node, inviter: bytes) -> AsyncIterator[Mesh]:
+        """``_around``, closed when the block ends."""
+        self = await cls._around(node, inviter)
         try:
             yield self
         finally:
@@ -303,6 +302,11 @@ class Mesh(ControlPlane):
         if self._closed:
             raise MeshError("the mesh is closed")
         return await self._control.mint()
+
+    def __await__(self) -> Generator[Any, None, Mesh]:
+        """``mesh = await Mesh(...)``: started without ``async with`` (a
+        notebook, a REPL), until ``await mesh.aclose()``."""
+        return self.__aenter__().__await__()
 
     async def __aexit__(
         self, t: type[BaseException] | None, v: BaseException | None, tb: TracebackType | None
@@ -477,94 +481,3 @@ class Mesh(ControlPlane):
 
 
 # ------------------------------------------------------------------ attaching
-
-
-class Attachment(ControlPlane):
-    """This process attached to a running mesh: ``port`` is peered with the
-    server's ``Admission.port``; ``mesh`` is this process's new node. The
-    control-plane methods are ``ControlPlane``'s."""
-
-    __slots__ = ("mesh", "port")
-
-    def __init__(self, port: Port, mesh: Mesh) -> None:
-        self.port = port
-        self.mesh = mesh
-
-    def _plane(self) -> Control:
-        return self.mesh._plane()
-
-    def __repr__(self) -> str:
-        return f"<Attachment node={self.mesh.node_id!r}>"
-
-
-@contextlib.asynccontextmanager
-async def _attached(
-    invitation: Invitation, deadline: float | None, timeout: float | None
-) -> AsyncIterator[Attachment]:
-    """This process as the new node ``invitation`` admits, attached until the block ends."""
-    node, port = await attach(invitation, None, deadline, timeout)
-    try:
-        ctx = Mesh._joined(node, bytes(invitation.inviter))
-        mesh = await ctx.__aenter__()
-    except BaseException:
-        port.close()
-        raise
-    conn = Attachment(port, mesh)
-    try:
-        yield conn
-    finally:
-        conn.port.close()
-        await ctx.__aexit__(None, None, None)
-
-
-@contextlib.asynccontextmanager
-async def join(invitation: Invitation, *, timeout: float | None = JOIN_TIMEOUT) -> AsyncIterator[Attachment]:
-    """Join the mesh an invitation is for, as a new node of this process.
-
-    Raises ``JoinTimeout`` if the inviting node does not answer within
-    ``timeout`` seconds (default ``JOIN_TIMEOUT``, 10 s; ``None``: no bound
-    but the handshake's own), ``AuthenticationError`` if the inviting node
-    rejects the invitation's credential (or cannot prove its own),
-    ``InvitationExpired`` if the invitation was used or expired, and
-    ``JoinError`` for any other failure while joining."""
-    async with _attached(invitation, deadline_after(timeout), timeout) as conn:
-        yield conn
-
-
-#: Invitations ``connect`` takes before giving up when each is withdrawn
-#: before it is used (many clients attaching at once overflow a listener's
-#: outstanding invitations, oldest first).
-CONNECT_ATTEMPTS: Final = 5
-
-
-@contextlib.asynccontextmanager
-async def connect(
-    name_or_path: str | os.PathLike[str],
-    *,
-    runtime_dir: str | os.PathLike[str] | None = None,
-    expected_uid: int | None = None,
-    timeout: float | None = JOIN_TIMEOUT,
-) -> AsyncIterator[Attachment]:
-    """Attach this process to a running mesh by name or listener path.
-
-    ``timeout`` bounds everything up to the attached connection (reaching
-    the listener, its invitation, the handshake); default ``JOIN_TIMEOUT``
-    (10 s), ``None`` for no bound. Raises ``JoinTimeout`` (the mesh did not
-    answer in time), ``ConnectError`` (no such path, refused, permission
-    denied, an unusable runtime folder; for a name, the reason says whether
-    no such mesh runs, it is not listening, or it is stale), ``InvitationReadError``, ``InvitationTooLarge``,
-    ``InvitationDecodeError``, ``AuthenticationError`` (listener of an
-    unexpected uid, or a credential refused) or ``JoinError``."""
-    deadline = deadline_after(timeout)
-    async with contextlib.AsyncExitStack() as stack:
-        for attempt in range(1, CONNECT_ATTEMPTS + 1):
-            invitation = await take_invitation(name_or_path, runtime_dir, expected_uid, deadline, timeout)
-            try:
-                conn = await stack.enter_async_context(_attached(invitation, deadline, timeout))
-                break
-            except InvitationExpired:
-                # withdrawn before we used it (a listener keeps a bounded
-                # number outstanding, oldest first out): take a fresh one
-                if attempt == CONNECT_ATTEMPTS:
-                    raise
-        yield conn

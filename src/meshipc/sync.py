@@ -27,11 +27,11 @@ from collections.abc import Callable, Coroutine
 from types import TracebackType
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
+from ._attach import Attachment
+from ._attach import connect as _aconnect
 from ._channel import Port, Sender
 from ._control import ControlPlane
 from ._errors import MeshError
-from ._mesh import Attachment
-from ._mesh import connect as _aconnect
 from ._service import ServiceSender
 from ._tasks import answer_within
 
