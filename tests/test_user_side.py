@@ -1,6 +1,7 @@
 """What a user meets first: ``meshipc.run`` where a loop already runs (a
 notebook cell) says what to do instead; ``spawn`` takes a function object,
-and says how to fix one a worker cannot import."""
+and says how to fix one a worker cannot import; a connection kept across
+notebook cells; ``serve`` checks its handler's annotations."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import sys
 import warnings
 from pathlib import Path
 
+import msgspec
 import pytest
 
 import meshipc
@@ -177,3 +179,47 @@ async def test_a_mesh_can_be_awaited_open(runtime_dir: Path) -> None:
 
 async def _double(x: int) -> int:
     return x * 2
+
+
+# ------------------------------------------------ serve() and its handler
+
+
+class Rect(msgspec.Struct):
+    w: int
+    h: int
+
+
+async def area(req: Rect) -> int:
+    assert isinstance(req, Rect)  # converted before the handler runs
+    return req.w * req.h
+
+
+async def lies(req: int) -> int:
+    return "not an int"  # type: ignore[return-value]
+
+
+def blocking(req: int) -> int:
+    return req
+
+
+async def test_serve_checks_requests_and_replies_against_the_handlers_annotations(runtime_dir: Path) -> None:
+    async with meshipc.Mesh(name="typed", runtime_dir=runtime_dir) as mesh:
+        await mesh.listen()
+        mesh.serve("area", area)
+        mesh.serve("lies", lies)
+        services = await mesh.services()
+        assert services["area"]["request_type"] == "Rect" and services["area"]["reply_type"] == "int"
+        async with meshipc.connect("typed", runtime_dir=runtime_dir, timeout=STEP) as conn:
+            assert await conn.call("area", {"w": 2, "h": 3}, timeout=STEP) == 6
+            with pytest.raises(meshipc.RemoteError, match=r"invalid request: .*`\$\.w`") as ei:
+                await conn.call("area", {"w": "wide", "h": 3}, timeout=STEP)
+            assert ei.value.type_name == "MessageError"
+            with pytest.raises(meshipc.RemoteError, match="invalid reply: Expected `int`, got `str`"):
+                await conn.call("lies", 1, timeout=STEP)
+
+
+async def test_serve_refuses_a_plain_function_and_says_how(runtime_dir: Path) -> None:
+    async with meshipc.Mesh(runtime_dir=runtime_dir) as mesh:
+        with pytest.raises(TypeError, match=r"blocking is a plain function: make it async .*to_thread"):
+            mesh.serve("blocking", blocking)  # type: ignore[arg-type]
+        assert await mesh.services() == {}

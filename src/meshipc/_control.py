@@ -381,7 +381,7 @@ class Control:
         check_service_name(name)
         if name in self._services:
             raise ServiceNameInUse(name, self.node.id.hex())
-        fn, target, request_type = split_handler(handler, request_type)
+        fn, target, request_type, reply_type = split_handler(handler, request_type, reply_type)
         svc = Service(
             name, fn, target, request_type, reply_type, limits=self.limits, on_close=self._service_closed
         )

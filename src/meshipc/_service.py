@@ -12,14 +12,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import math
 import os
 import time
+import typing
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
+import msgspec.inspect
 
 from ._channel import Call, Port, Receiver, Sender, channel
 from ._control_msgs import (
@@ -50,12 +53,15 @@ def consume(fut: asyncio.Future[None]) -> None:
 
 
 def split_handler(
-    handler: Callable[[Any], Awaitable[Any]] | Receiver[Any], request_type: Any
-) -> tuple[Callable[[Any], Awaitable[Any]] | None, Sender[Any] | None, Any]:
+    handler: Callable[[Any], Awaitable[Any]] | Receiver[Any], request_type: Any, reply_type: Any
+) -> tuple[Callable[[Any], Awaitable[Any]] | None, Sender[Any] | None, Any, Any]:
     """What ``serve`` was given, as a service runs it: an async function,
     or a ``Sender`` feeding the application's receiver (which from now on
-    also takes the service's ``ServiceCall`` objects); and the request type
-    (a ``Call[T]`` receiver's ``T`` unless one was given)."""
+    also takes the service's ``ServiceCall`` objects); and the request and
+    reply types: the ones given, else a ``Call[T]`` receiver's ``T``, else
+    the handler's annotations (its first parameter's, its return's).
+    ``TypeError`` for a plain (not async) function, and for an annotation
+    msgspec cannot check."""
     if isinstance(handler, Receiver):
         if not handler._states:
             raise ChannelClosed("serve() was given a closed receiver")
@@ -68,10 +74,43 @@ def split_handler(
         ftx, frx = channel()
         for st in frx._detach():
             handler._add(st)  # calls arrive on the application's receiver
-        return None, ftx, request_type
-    if callable(handler):
-        return handler, None, request_type
-    raise TypeError("serve() takes an async function or a Receiver of meshipc.Call")
+        return None, ftx, request_type, reply_type
+    if not callable(handler):
+        raise TypeError("serve() takes an async function or a Receiver of meshipc.Call")
+    target = inspect.unwrap(handler)
+    if (inspect.isfunction(target) or inspect.ismethod(target)) and target.__name__ != "<lambda>":
+        if not inspect.iscoroutinefunction(target):
+            raise TypeError(
+                f"serve() runs `async def` handlers, and {target.__qualname__} is a plain function: "
+                "make it async (for blocking work, `return await asyncio.to_thread(work, request)`)"
+            )
+        wanted, returns = _annotations(target)
+        if request_type is None:
+            request_type = wanted
+        if reply_type is None:
+            reply_type = returns
+    return handler, None, request_type, reply_type
+
+
+def _annotations(fn: Callable[..., Any]) -> tuple[Any, Any]:
+    """The types ``fn``'s first parameter and its return are annotated
+    with (``None``: not annotated, or ``Any``: nothing to check)."""
+    try:
+        hints = typing.get_type_hints(fn)
+        params = list(inspect.signature(fn).parameters)
+    except Exception:  # annotations that do not resolve here: check nothing
+        return None, None
+    found = [hints.get(params[0]) if params else None, hints.get("return")]
+    for i, tp in enumerate(found):
+        if tp is Any:
+            found[i] = None
+        elif tp is not None:
+            try:
+                msgspec.inspect.type_info(tp)
+            except TypeError as exc:
+                what = f"serve(): {fn.__qualname__}'s annotation {tp!r}"
+                raise TypeError(f"{what} cannot be checked: {exc}") from None
+    return found[0], found[1]
 
 
 class ServiceCall(Call[Any]):
