@@ -10,6 +10,7 @@ import gc
 import os
 import subprocess
 import sys
+import traceback
 import warnings
 from pathlib import Path
 
@@ -223,3 +224,31 @@ async def test_serve_refuses_a_plain_function_and_says_how(runtime_dir: Path) ->
         with pytest.raises(TypeError, match=r"blocking is a plain function: make it async .*to_thread"):
             mesh.serve("blocking", blocking)  # type: ignore[arg-type]
         assert await mesh.services() == {}
+
+
+async def refuses(req: int) -> int:
+    raise ValueError(f"bad request {req}")
+
+
+async def test_a_blocking_call_raises_the_remote_type_without_internal_frames(runtime_dir: Path) -> None:
+    async with meshipc.Mesh(name="blocking", runtime_dir=runtime_dir) as mesh:
+        await mesh.listen()
+        mesh.serve("refuses", refuses)
+
+        def client() -> BaseException:
+            with meshipc.sync.connect("blocking", runtime_dir=runtime_dir, timeout=STEP) as conn:
+                try:
+                    conn.call("refuses", 7, timeout=STEP)
+                except ValueError as exc:  # the remote type
+                    return exc
+            raise AssertionError("the call did not fail")
+
+        err = await asyncio.wait_for(asyncio.to_thread(client), 3 * STEP)
+    assert isinstance(err, meshipc.RemoteError) and "bad request 7" in str(err)
+    frames = traceback.extract_tb(err.__traceback__)
+    files = {Path(f.filename).name for f in frames}
+    assert files <= {"test_user_side.py", "sync.py"}, frames  # no loop, control-plane or portal-thread frames
+    assert len(frames) <= 3, frames
+    shown = "".join(traceback.format_exception(err))
+    assert shown.count("bad request 7") == 2  # the error line, and the remote traceback's last line, once
+    assert "During handling" not in shown

@@ -78,9 +78,17 @@ class Portal:
         fut: concurrent.futures.Future[R] = asyncio.run_coroutine_threadsafe(fn(*args, **kwargs), self._loop)
         try:
             return fut.result()
+        except Exception as exc:
+            failed = exc
         except BaseException:
             fut.cancel()  # interrupted (Ctrl-C): the coroutine is cancelled too
             raise
+        # the error as the caller's own: without the portal loop's frames (a
+        # remote error's traceback is its note), and without "during handling"
+        try:
+            raise failed.with_traceback(None)
+        finally:
+            del failed
 
     def stop(self) -> None:
         """Stop the loop and join the thread (idempotent)."""
