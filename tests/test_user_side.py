@@ -252,3 +252,30 @@ async def test_a_blocking_call_raises_the_remote_type_without_internal_frames(ru
     shown = "".join(traceback.format_exception(err))
     assert shown.count("bad request 7") == 2  # the error line, and the remote traceback's last line, once
     assert "During handling" not in shown
+
+
+# ------------------------------------------------------------ the command
+
+
+def test_bare_meshipc_lists_the_commands(capsys: pytest.CaptureFixture[str]) -> None:
+    from meshipc._cli import main
+
+    assert main([]) == 0
+    out = capsys.readouterr().out
+    for cmd in ("demo", "ls", "status", "inspect", "call"):
+        assert f"\n    {cmd} " in out
+    assert "examples:" in out
+
+
+@pytest.mark.parametrize("cmd", ["demo", "ls", "status", "inspect", "call"])
+def test_every_command_has_a_description_and_examples(cmd: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from meshipc._cli import main
+
+    with pytest.raises(SystemExit) as ei:
+        main([cmd, "--help"])
+    assert ei.value.code == 0
+    out = capsys.readouterr().out
+    usage, description = out.split("\n\n")[:2]
+    assert usage.startswith(f"usage: meshipc {cmd}") and len(description.split()) >= 8
+    examples = out[out.index("examples:") :].splitlines()[1:]
+    assert examples and all(line.startswith(f"  meshipc {cmd}") for line in examples if line.strip())

@@ -109,15 +109,26 @@ class CliError(Exception):
         self.code = code
 
 
+class RawEpilog(argparse.HelpFormatter):
+    """Descriptions wrapped to the terminal; epilogs (examples) kept as written."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if text.startswith("examples:"):
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
+
+#: ``--runtime-dir``'s help, for every command.
+RUNTIME_DIR_HELP = (
+    "runtime folder holding the meshes (default: $MESHIPC_RUNTIME_DIR, $XDG_RUNTIME_DIR, "
+    "/run/user/UID, else /tmp/meshipc-UID)"
+)
+
+
 def add_commands(sub: Any) -> None:
     """Add the control-plane subcommands to the ``meshipc`` parser."""
     common = argparse.ArgumentParser(add_help=False)  # every command
-    common.add_argument(
-        "--runtime-dir",
-        metavar="DIR",
-        help="runtime folder holding the meshes (default: $MESHIPC_RUNTIME_DIR, $XDG_RUNTIME_DIR, "
-        "/run/user/UID, else /tmp/meshipc-UID)",
-    )
+    common.add_argument("--runtime-dir", metavar="DIR", help=RUNTIME_DIR_HELP)
     common.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     common.add_argument("name", metavar="NAME", help="name of a running mesh (see `meshipc ls`)")
     asks_nodes = argparse.ArgumentParser(add_help=False)  # status and inspect
@@ -134,7 +145,10 @@ def add_commands(sub: Any) -> None:
         "status",
         parents=[common, asks_nodes],
         help="one screen about a running mesh: pid, uptime, nodes, workers, services, clients",
-        description="Attach to the mesh NAME and summarize it.",
+        description="Attach to the mesh NAME and summarize it: pid, uptime, nodes, workers, services, "
+        "attached clients.",
+        epilog="examples:\n  meshipc status vmm\n  meshipc status vmm -j      # as JSON",
+        formatter_class=RawEpilog,
     )
     st.add_argument("-j", "--json", action="store_true", help="print the summary as JSON")
 
@@ -143,7 +157,12 @@ def add_commands(sub: Any) -> None:
         parents=[common, asks_nodes],
         help="show the live inspect tree of a running mesh",
         description="Attach to the mesh NAME and print its inspect tree (or the part at PATH, "
-        "e.g. nodes/<id prefix>/connections). Counters are marked; with -p they show as rates.",
+        "e.g. nodes/<id prefix>/connections). Counters (totals that only grow) show as numbers; "
+        "with -p, followed by their rate per second.",
+        epilog="examples:\n  meshipc inspect vmm\n  meshipc inspect vmm nodes -r\n"
+        "  meshipc inspect vmm nodes -p --count 5   # rates, five times\n"
+        "  meshipc inspect vmm nodes/3fa2/paused -u true   # an entry the node made updatable",
+        formatter_class=RawEpilog,
     )
     ins.add_argument("path", metavar="PATH", nargs="?", default="", help="part of the tree, '/'-separated")
     ins.add_argument("-r", "--recursive", action="store_true", help="the whole subtree (default: one level)")
@@ -167,6 +186,8 @@ def add_commands(sub: Any) -> None:
         parents=[common],
         help="call a service of a running mesh and print the reply as JSON",
         description="Attach to the mesh NAME, call SERVICE with the JSON request and print the reply.",
+        epilog="examples:\n  meshipc call vmm double 5\n  meshipc call jobs jobs '[\"list\"]' -t 30",
+        formatter_class=RawEpilog,
     )
     ca.add_argument("service", metavar="SERVICE", help="service name (see `meshipc status NAME`)")
     ca.add_argument(

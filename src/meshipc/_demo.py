@@ -84,9 +84,11 @@ class _Steps:
     def __init__(self) -> None:
         self.t = time.perf_counter()
 
-    def done(self, text: str) -> None:
+    def done(self, text: str, shows: str = "") -> None:
         now = time.perf_counter()
         print(f"  client: {text}  [{(now - self.t) * 1000:.1f} ms]", flush=True)
+        if shows:
+            print(f"          = {shows}", flush=True)
         self.t = now
 
 
@@ -94,20 +96,26 @@ async def client(name: str, runtime_dir: str) -> None:
     """The control client: attaches by name, uses services and inspect, detaches."""
     step = _Steps()
     async with meshipc.connect(name, runtime_dir=runtime_dir) as conn:
-        step.done(f"pid {os.getpid()} attached to mesh {name!r} as node {conn.mesh.node_id}")
+        step.done(
+            f"pid {os.getpid()} attached to mesh {name!r} as node {conn.mesh.node_id}",
+            "an already-running process joined by name, authenticated (listener, invitation, handshake)",
+        )
         services = await conn.services()
         if "ticker" not in services:
             raise RuntimeError(f"the ticker service is missing: {services}")
         listed = ", ".join(f"{n} (node {s['node'][:12]})" for n, s in services.items())
-        step.done(f"services: {listed}")
+        step.done(f"services: {listed}", "services are found by name, whichever process serves them")
         tree = await conn.inspect(timeout=1.0)
         nodes = tree["nodes"]
         roles = ", ".join(f"{n.get('role')} pid {n.get('pid')}" for n in nodes.values())
         worker_node = nodes[services["ticker"]["node"]]
-        step.done(f"inspect: {len(nodes)} nodes ({roles}); worker's own entry {worker_node['ticker']}")
+        step.done(
+            f"inspect: {len(nodes)} nodes ({roles}); worker's own entry {worker_node['ticker']}",
+            "every node answers for its own part of the live inspect tree",
+        )
 
         st = await conn.call("ticker", {"op": "status"}, timeout=5)
-        step.done(f"worker status {st}")
+        step.done(f"worker status {st}", "an RPC straight to the worker process that serves 'ticker'")
         print(f"  client: pause -> {await conn.call('ticker', {'op': 'pause'}, timeout=5)}")
         before = (await conn.call("ticker", {"op": "status"}))["ticks"]
         await asyncio.sleep(WATCH)  # the interval being demonstrated
@@ -123,11 +131,17 @@ async def client(name: str, runtime_dir: str) -> None:
         step.done(f"resumed: ticks {after} -> {moved} in {WATCH:.1f} s")
         sys.stdout.flush()
         await conn.call("ticker", {"op": "write", "fd": meshipc.Fd.dup(sys.stdout)}, timeout=5)
-        step.done("passed our stdout to the worker, which wrote the line above")
+        step.done(
+            "passed our stdout to the worker, which wrote the line above",
+            "file descriptors travel inside messages",
+        )
         try:
             await conn.call("ticker", {"op": "reboot"}, timeout=5)
         except meshipc.RemoteError as exc:
-            step.done(f"a bad request fails remotely: {exc.type_name}: {exc.message}")
+            step.done(
+                f"a bad request fails remotely: {exc.type_name}: {exc.message}",
+                "the worker's exception reaches the caller with its type (`except ValueError` works)",
+            )
         else:
             raise RuntimeError("the bad request did not fail")
         tree = await conn.inspect(f"nodes/{services['ticker']['node']}/services/ticker")
@@ -175,7 +189,16 @@ async def service(hold: bool = False) -> int:
             loop.remove_signal_handler(signal.SIGINT)
     print(f"service: worker exited with code {proc.returncode}")
     shutil.rmtree(runtime_dir, ignore_errors=True)
-    print("service: mesh closed, demo done" if code == 0 else f"service: client failed ({code})")
+    if code != 0:
+        print(f"service: client failed ({code})")
+        return code
+    print("service: mesh closed, demo done")
+    if not hold:
+        print(
+            "\nTry next: `meshipc demo --hold` keeps the mesh running so that, from another terminal,\n"
+            "`meshipc status`, `meshipc inspect` and `meshipc call` can attach to it; the code of\n"
+            "this demo is meshipc/_demo.py, and examples/ holds a service and its clients to copy."
+        )
     return code
 
 
