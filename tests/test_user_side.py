@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
+import signal
 import subprocess
 import sys
 import traceback
@@ -279,3 +280,59 @@ def test_every_command_has_a_description_and_examples(cmd: str, capsys: pytest.C
     assert usage.startswith(f"usage: meshipc {cmd}") and len(description.split()) >= 8
     examples = out[out.index("examples:") :].splitlines()[1:]
     assert examples and all(line.startswith(f"  meshipc {cmd}") for line in examples if line.strip())
+
+
+# ---------------------------------------------------------------- Ctrl-C
+
+
+def test_run_turns_an_interrupt_into_a_quiet_exit() -> None:
+    async def main() -> None:
+        raise KeyboardInterrupt  # as Ctrl-C arrives in asyncio.run
+
+    with pytest.raises(SystemExit) as ei:
+        meshipc.run(main())
+    assert ei.value.code == 130
+    with pytest.raises(KeyboardInterrupt):
+        meshipc.run(main(), exit_on_interrupt=False)
+
+
+CTRL_C = """
+import meshipc
+
+async def main():
+    async with meshipc.Mesh(name="ctrl-c") as mesh:
+        await mesh.listen()
+        print(mesh.directory, flush=True)
+        async for conn in await mesh.listen("extra.sock"):
+            pass
+
+if __name__ == "__main__":
+    meshipc.run(main())
+"""
+
+
+def test_ctrl_c_on_a_service_exits_130_cleanly_without_a_traceback(tmp_path: Path, runtime_dir: Path) -> None:
+    script = tmp_path / "service.py"
+    script.write_text(CTRL_C.replace('"extra.sock"', repr(str(tmp_path / "extra.sock"))))
+    proc = subprocess.Popen(
+        [sys.executable, str(script)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "MESHIPC_RUNTIME_DIR": str(runtime_dir)},
+        # a shell's background jobs start with SIGINT ignored
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    try:
+        assert proc.stdout is not None
+        directory = Path(proc.stdout.readline().strip())
+        assert directory.is_dir()
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=STEP)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130
+    assert err == ""  # no traceback, no "during handling"
+    assert not directory.exists()  # the mesh closed as on any exit

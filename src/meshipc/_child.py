@@ -19,7 +19,7 @@ from typing import Any
 
 import msgspec
 
-from ._errors import ChannelClosed, MeshError, PortFailed
+from ._errors import ChannelClosed, MeshError, PortFailed, remote_type_name
 from ._handshake import CREDENTIAL_LEN, Identity
 from ._join import join_parent, node_from_credential
 from ._loop import run
@@ -159,7 +159,7 @@ async def _run(inv: ChildInvitation) -> int:
         err = work.exception()
         if err is not None:
             # the parent logs it, with this traceback: not printed here too
-            port.send(["error", type(err).__qualname__, str(err), _format(err)])
+            port.send(["error", remote_type_name(type(err)), str(err), _format(err)])
             port.close()
             return 1
         port.send(["ok"])

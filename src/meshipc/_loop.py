@@ -38,11 +38,22 @@ def want_uvloop(choice: bool | None = None) -> bool:
     return True if choice is None else choice
 
 
-def run(main: Coroutine[Any, Any, T], *, uvloop: bool | None = None) -> T:
+#: Exit status of a program whose ``meshipc.run`` was interrupted (Ctrl-C):
+#: 128 + SIGINT, what a shell shows for it.
+EXIT_INTERRUPTED = 130
+
+
+def run(main: Coroutine[Any, Any, T], *, uvloop: bool | None = None, exit_on_interrupt: bool = True) -> T:
     """``asyncio.run(main)`` on uvloop when installed (see ``want_uvloop``);
-    spawned workers make the same choice. Raises ``RuntimeError`` saying what
-    to do instead when called where an event loop already runs (a Jupyter
-    cell, IPython's autoawait, async code): there, ``await main`` directly."""
+    spawned workers make the same choice.
+
+    Ctrl-C (SIGINT) cancels ``main``, so its ``async with`` blocks close
+    cleanly (a mesh stops its workers and removes its sockets), and then
+    ends the program with ``SystemExit(130)`` and no traceback;
+    ``exit_on_interrupt=False`` raises ``KeyboardInterrupt`` instead, as
+    ``asyncio.run`` does. Raises ``RuntimeError`` saying what to do instead
+    when called where an event loop already runs (a Jupyter cell, IPython's
+    autoawait, async code): there, ``await main`` directly."""
     try:
         asyncio.get_running_loop()
     except RuntimeError:
@@ -54,8 +65,14 @@ def run(main: Coroutine[Any, Any, T], *, uvloop: bool | None = None) -> T:
             "(a Jupyter notebook, IPython, or async code): await the coroutine instead, "
             "e.g. `await main()`"
         )
-    if want_uvloop(uvloop):
-        import uvloop as _uvloop
+    try:
+        if want_uvloop(uvloop):
+            import uvloop as _uvloop
 
-        return _uvloop.run(main)
-    return asyncio.run(main)
+            return _uvloop.run(main)
+        return asyncio.run(main)
+    except KeyboardInterrupt:
+        if not exit_on_interrupt:
+            raise
+    # outside the except block: no "during handling" chain
+    raise SystemExit(EXIT_INTERRUPTED)
