@@ -1329,9 +1329,10 @@ def test_backlog_beyond_any_reorder_window_moves_intact():
     close_all(net, a, moved, c1, c2)
 
 
-def test_send_encoded_ships_the_bytes_to_another_node_and_the_object_locally():
-    """``Engine.send_encoded`` (a send from another thread, encoded there):
-    the bytes go to a remote peer; a local peer gets the object itself."""
+def test_send_value_ships_the_bytes_to_another_node_and_the_object_locally():
+    """``Engine.send_value`` with the bytes its caller encoded (a send from
+    another thread is encoded there): the bytes go to a remote peer; a local
+    peer gets the object itself."""
     from meshipc._codec import CODEC
     from meshipc._wire import K_DATA
 
@@ -1339,13 +1340,13 @@ def test_send_encoded_ships_the_bytes_to_another_node_and_the_object_locally():
     a, b = net.pair(0, 1)
     st = a._states[0]
     value = {"n": [1, 2]}
-    st.engine.send_encoded(st, K_DATA, value, CODEC.encode_plain(value) or b"")
+    st.engine.send_value(st, K_DATA, value, CODEC.encode_plain(value) or b"")
     net.run()
     assert drain(b) == [value]
     x, y = Port.pair()
     sx = x._states[0]
     obj = Point(1, 2)
-    sx.engine.send_encoded(sx, K_DATA, obj, b"not used")
+    sx.engine.send_value(sx, K_DATA, obj, b"not used")
     assert y.try_recv() is obj
     close_all(net, a, b, x, y)
 

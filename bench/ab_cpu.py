@@ -1,0 +1,116 @@
+"""CPU per message, A against B, in one run: process CPU time, not wall.
+
+    python bench/ab_cpu.py SRC_A SRC_B [--rounds 5] [--rtt N] [--oneway N]
+
+Runs ``measure`` in a fresh interpreter with ``SRC_A`` (then ``SRC_B``, then
+A again ...) first on the path, ``--rounds`` times each, interleaved, and
+prints the median CPU µs per op of each side and the ratio B/A. One
+measurement: a mesh, the echo and sink workers of ``bench.paths``; ``rtt``
+is N 64-byte RPC round trips, ``oneway`` N 64-byte one-way sends; CPU is
+the driver's ``time.process_time()`` plus the worker's user+system time
+(``/proc/<pid>/stat``) over the ops, divided by N. Stock asyncio loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _proc_cpu(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _TICK
+
+
+async def _measure(n_rtt: int, n_oneway: int) -> dict[str, float]:
+    import meshipc
+    from bench.core import MSG, rmtree, short_tmp
+    from bench.paths import YIELD_EVERY, SinkArgs
+
+    tmp = short_tmp()
+    out: dict[str, float] = {}
+    try:
+        async with meshipc.Mesh(runtime_dir=os.path.join(tmp, "rt")) as mesh:
+            call_tx, call_rx = meshipc.channel()
+            data_tx, data_rx = meshipc.channel(bytes)
+            ctl_tx, ctl_rx = meshipc.channel(int)
+            done_tx, done_rx = meshipc.channel(int)
+            echo = await mesh.spawn("bench.paths:mesh_echo", call_rx, name="echo")
+            sink = await mesh.spawn("bench.paths:mesh_sink", SinkArgs(data_rx, ctl_rx, done_tx), name="sink")
+            for _ in range(500):  # warm up both paths
+                await call_tx.call(MSG)
+            ctl_tx.send(500)
+            for _ in range(500):
+                data_tx.send(MSG)
+            await done_rx.recv()
+
+            c0, w0 = time.process_time(), _proc_cpu(echo.pid)
+            for _ in range(n_rtt):
+                await call_tx.call(MSG)
+            out["rtt"] = (time.process_time() - c0 + _proc_cpu(echo.pid) - w0) / n_rtt * 1e6
+
+            c0, w0 = time.process_time(), _proc_cpu(sink.pid)
+            ctl_tx.send(n_oneway)
+            for i in range(n_oneway):
+                data_tx.send(MSG)
+                if i % YIELD_EVERY == YIELD_EVERY - 1:
+                    await asyncio.sleep(0)
+            got = await done_rx.recv()
+            out["oneway"] = (time.process_time() - c0 + _proc_cpu(sink.pid) - w0) / n_oneway * 1e6
+            if got != n_oneway:
+                raise RuntimeError(f"sink counted {got}")
+            for tx in (call_tx, data_tx, ctl_tx):
+                tx.close()
+    finally:
+        rmtree(tmp)
+    return out
+
+
+def _one(src: str, n_rtt: int, n_oneway: int) -> dict[str, float]:
+    env = dict(os.environ, PYTHONPATH=f"{src}{os.pathsep}{ROOT}", MESHIPC_UVLOOP="0")
+    code = (
+        "import asyncio, json, sys; from bench.ab_cpu import _measure; "
+        f"print(json.dumps(asyncio.run(_measure({n_rtt}, {n_oneway}))))"
+    )
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    if res.returncode:
+        raise RuntimeError(f"{src}: {res.stderr[-2000:]}")
+    return dict(json.loads(res.stdout.strip().splitlines()[-1]))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("a")
+    ap.add_argument("b")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--rtt", type=int, default=20000)
+    ap.add_argument("--oneway", type=int, default=200000)
+    args = ap.parse_args()
+    runs: dict[str, list[dict[str, float]]] = {"A": [], "B": []}
+    for r in range(args.rounds):
+        order = [("A", args.a), ("B", args.b)] if r % 2 == 0 else [("B", args.b), ("A", args.a)]
+        for side, src in order:
+            got = _one(src, args.rtt, args.oneway)
+            runs[side].append(got)
+            print(f"round {r} {side}: " + " ".join(f"{k}={v:.2f}" for k, v in got.items()), flush=True)
+    for key in ("rtt", "oneway"):
+        a = statistics.median(x[key] for x in runs["A"])
+        b = statistics.median(x[key] for x in runs["B"])
+        print(f"{key}: A {a:.2f} µs  B {b:.2f} µs  B/A {b / a:.3f}")
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        main()
