@@ -42,6 +42,31 @@ CLOSE         peer closed; close back    buffer               forward; remove
 CHANGE_PEER   repoint; PROXY_ACK old     buffer               forward
 ============  =========================  ===================  =================
 
+What a ``PortState`` holds, per mode (``st.mode`` and its record
+``st.move``, which ``Engine._process`` matches on) and per direction of
+flow control (``st.tx``, ``st.rx``, each made when first needed):
+
+============  =====================  ==========================================
+record        when                   fields
+============  =====================  ==========================================
+(PortState)   always                 ids, peer, seqs, queue, pending, waker,
+                                     closed/close_sent/peer_closed, error,
+                                     lost/sent_lost, pinned, proxy_from,
+                                     credit, posted; read by every send:
+                                     sent_bytes, next_checkpoint_seq/bytes
+None          OWNED                  (queued for the user)
+Transit       SENDING                first_hop, buffer, pending_fail,
+                                     proxy_last, relayed
+Proxy         PROXY                  target_node/port, proxy_last, relayed
+SendWindow    sent to another node   checkpoints, acked_seq, acked_bytes,
+                                     want_all (None: not tracking)
+RecvWindow    read from another one  unreported_n/bytes, report_all
+============  =====================  ==========================================
+
+Only this module assigns these fields (a test parses the other modules):
+handles call ``took``, ``set_waker``, ``add_posted``, ``new_pair(pinned=)``;
+the node and the control plane read ``stats()``.
+
 Unsequenced events: ``ARRIVED`` (SENDING -> PROXY, flush the buffer),
 ``PROXY_ACK`` (a proxy may go once it has forwarded up to the given seq),
 ``PROXY_DONE`` (to the new end: its proxy owes it nothing more), ``FAIL``
