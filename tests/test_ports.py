@@ -1171,7 +1171,9 @@ def test_only_the_engine_writes_port_state():
     assert checked >= 3
     assert bad == []
     # the check itself sees the ways a field is written
-    sample = "st.waker = f\nst.rx.unreported_n += 1\na, b.pinned = 1, 2\nx: int\nst.tx: Any = None\nself.closed = True\n"
+    sample = "\n".join(
+        ["st.waker = f", "st.rx.unreported_n += 1", "a, b.pinned = 1, 2", "x: int", "st.tx: Any = None", "self.closed = 1"]
+    )
     assert [w for _, w in _assigned_fields(ast.parse(sample), fields)] == [
         "st.waker",
         "st.rx.unreported_n",
