@@ -1172,7 +1172,14 @@ def test_only_the_engine_writes_port_state():
     assert bad == []
     # the check itself sees the ways a field is written
     sample = "\n".join(
-        ["st.waker = f", "st.rx.unreported_n += 1", "a, b.pinned = 1, 2", "x: int", "st.tx: Any = None", "self.closed = 1"]
+        [
+            "st.waker = f",
+            "st.rx.unreported_n += 1",
+            "a, b.pinned = 1, 2",
+            "x: int",
+            "st.tx: Any = None",
+            "self.closed = 1",
+        ]
     )
     assert [w for _, w in _assigned_fields(ast.parse(sample), fields)] == [
         "st.waker",
