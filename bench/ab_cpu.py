@@ -4,7 +4,9 @@
 
 Runs ``measure`` in a fresh interpreter with ``SRC_A`` (then ``SRC_B``, then
 A again ...) first on the path, ``--rounds`` times each, interleaved, and
-prints the median CPU µs per op of each side and the ratio B/A. One
+prints the median CPU µs per op of each side and the ratio B/A (also of
+the in-process ``_micro`` rows, which other load on the machine barely
+moves). One
 measurement: a mesh, the echo and sink workers of ``bench.paths``; ``rtt``
 is N 64-byte RPC round trips, ``oneway`` N 64-byte one-way sends; CPU is
 the driver's ``time.process_time()`` plus the worker's user+system time
@@ -78,11 +80,65 @@ async def _measure(n_rtt: int, n_oneway: int) -> dict[str, float]:
     return out
 
 
+class _Sink:
+    """An outbox that keeps nothing (the micro rows: the engine's own work)."""
+
+    def send_event(self, node: bytes, ev: object, fds: list[object]) -> None:
+        pass
+
+    def send_data(self, node: bytes, port: bytes, seq: int, kind: int, body: bytes) -> None:
+        pass
+
+    def watch(self, node: bytes) -> None:
+        pass
+
+    def backlog(self, node: bytes) -> int:
+        return 0
+
+    def watch_backlog(self, node: bytes, below: int, fn: object) -> None:
+        pass
+
+
+def _micro(n: int) -> dict[str, float]:
+    """In one process, no socket: ``send_us``, CPU µs of ``Sender.send`` of
+    64 bytes to a peer on another node (channel, codec, engine, outbox call);
+    ``recv_us``, of ``Engine.receive_data`` plus ``Receiver.try_recv`` of one."""
+    import threading
+
+    from bench.core import MSG
+    from meshipc._channel import Receiver, Sender
+    from meshipc._codec import CODEC
+    from meshipc._ids import NodeId, PortId
+    from meshipc._ports import Engine
+    from meshipc._wire import K_DATA
+
+    eng = Engine(NodeId.random(), _Sink(), CODEC)  # type: ignore[arg-type]
+    eng.thread = threading.get_ident()
+    other = NodeId.random()
+    out: dict[str, float] = {}
+    tx = Sender._wrap([eng.new_bound(PortId.random(), other, PortId.random())])
+    send = tx.send
+    t0 = time.process_time()
+    for _ in range(n):
+        send(MSG)
+    out["send_us"] = (time.process_time() - t0) / n * 1e6
+    port = PortId.random()
+    rx = Receiver._wrap([eng.new_bound(port, other, PortId.random())], bytes)
+    body = CODEC.encode_plain(MSG) or b""
+    receive, recv = eng.receive_data, rx.try_recv
+    t0 = time.process_time()
+    for seq in range(1, n + 1):
+        receive(other, port, seq, K_DATA, body)
+        recv()
+    out["recv_us"] = (time.process_time() - t0) / n * 1e6
+    return out
+
+
 def _one(src: str, n_rtt: int, n_oneway: int) -> dict[str, float]:
     env = dict(os.environ, PYTHONPATH=f"{src}{os.pathsep}{ROOT}", MESHIPC_UVLOOP="0")
     code = (
-        "import asyncio, json, sys; from bench.ab_cpu import _measure; "
-        f"print(json.dumps(asyncio.run(_measure({n_rtt}, {n_oneway}))))"
+        "import asyncio, json, sys; from bench.ab_cpu import _measure, _micro; "
+        f"r = _micro({n_oneway}); r.update(asyncio.run(_measure({n_rtt}, {n_oneway}))); print(json.dumps(r))"
     )
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     if res.returncode:
@@ -105,7 +161,7 @@ def main() -> None:
             got = _one(src, args.rtt, args.oneway)
             runs[side].append(got)
             print(f"round {r} {side}: " + " ".join(f"{k}={v:.2f}" for k, v in got.items()), flush=True)
-    for key in ("rtt", "oneway"):
+    for key in ("rtt", "oneway", "send_us", "recv_us"):
         a = statistics.median(x[key] for x in runs["A"])
         b = statistics.median(x[key] for x in runs["B"])
         print(f"{key}: A {a:.2f} µs  B {b:.2f} µs  B/A {b / a:.3f}")
