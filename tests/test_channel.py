@@ -1368,3 +1368,30 @@ async def test_statistics_say_what_an_end_holds() -> None:
     assert tx.statistics().closed and tx.statistics().ends == 0
     rx.close()
     assert rx.statistics() == meshipc.ChannelStatistics(0, 0, 0, 0, True, False, None)
+
+
+def test_a_value_the_encoder_refuses_is_a_message_error_on_every_send_path():
+    """Issue 19: every value is encoded in the channel, and what the encoder
+    refuses (an int beyond 64 bits: msgspec's ``OverflowError``) becomes
+    ``MessageError`` in one place, whether the send runs on the engine's
+    thread, under its lock (no loop), or as a call; nothing is sent and the
+    channel stays usable."""
+    import threading
+
+    net = Net(2)
+    a, b = net.pair(0, 1)
+    eng = a._states[0].engine
+    for thread in (threading.get_ident(), None):  # on the loop's thread; no loop (under the lock)
+        eng.thread = thread
+        for bad in (2**70, {"n": [2**70]}):
+            with pytest.raises(MessageError, match="cannot be sent to another process"):
+                a.send(bad)
+    eng.thread = threading.get_ident()
+    p, rx = net.pair(0, 1)
+    tx = meshipc.Sender._wrap(p._detach())  # a sender on an end bound to node 1
+    with pytest.raises(MessageError, match="cannot be sent to another process"):
+        asyncio.run(tx.call(2**70))
+    a.send("still usable")
+    net.run()
+    assert drain(b) == ["still usable"]
+    close_all(net, a, b, tx, rx)
