@@ -1,6 +1,7 @@
 """CPU per message, A against B, in one run: process CPU time, not wall.
 
     python bench/ab_cpu.py SRC_A SRC_B [--rounds 5] [--rtt N] [--oneway N]
+    python bench/ab_cpu.py SRC_A SRC_B --callgrind
 
 Runs ``measure`` in a fresh interpreter with ``SRC_A`` (then ``SRC_B``, then
 A again ...) first on the path, ``--rounds`` times each, interleaved, and
@@ -11,6 +12,10 @@ measurement: a mesh, the echo and sink workers of ``bench.paths``; ``rtt``
 is N 64-byte RPC round trips, ``oneway`` N 64-byte one-way sends; CPU is
 the driver's ``time.process_time()`` plus the worker's user+system time
 (``/proc/<pid>/stat``) over the ops, divided by N. Stock asyncio loop.
+
+On a shared machine CPU time moves by 2x from run to run; ``--callgrind``
+counts instructions per op instead (``_ops`` under valgrind), which other
+load does not move.
 """
 
 from __future__ import annotations
@@ -146,6 +151,89 @@ def _micro(n: int) -> dict[str, float]:
     return out
 
 
+def _ops(mode: str, n: int) -> None:
+    """n operations of one kind and nothing else, for ``--callgrind``:
+    ``send`` (as ``send_us``), ``recv`` (as ``recv_us``), ``run`` (runs of 64
+    received in one ``receive_run``, each read), ``rtt`` (a call and its reply
+    between two engines of ``tests/memnet.py``, frames through the decoder)."""
+    import threading
+
+    from bench.core import MSG
+    from meshipc._channel import Receiver, Sender
+    from meshipc._codec import CODEC
+    from meshipc._ids import NodeId, PortId
+    from meshipc._ports import Engine
+    from meshipc._wire import K_DATA
+
+    eng = Engine(NodeId.random(), _Sink(), CODEC)  # type: ignore[arg-type]
+    eng.thread = threading.get_ident()
+    other = NodeId.random()
+    body = CODEC.encode_plain(MSG) or b""
+    if mode == "send":
+        send = Sender._wrap([eng.new_bound(PortId.random(), other, PortId.random())]).send
+        for _ in range(n):
+            send(MSG)
+    elif mode in ("recv", "run"):
+        port = PortId.random()
+        rx = Receiver._wrap([eng.new_bound(port, other, PortId.random())], bytes)
+        recv = rx.try_recv
+        if mode == "recv":
+            for seq in range(1, n + 1):
+                eng.receive_data(other, port, seq, K_DATA, body)
+                recv()
+        else:
+            for seq in range(1, n + 1, 64):
+                eng.receive_run(other, port, seq, [body] * 64)
+                for _ in range(64):
+                    recv()
+    else:
+        sys.path.insert(0, str(ROOT / "tests"))
+        from memnet import Net
+
+        net = Net(2)
+        a, b = net.pair(0, 1)
+        tx, rx2 = Sender._wrap(a._detach()), Receiver._wrap(b._detach())
+
+        async def rtt() -> None:
+            for e in net.engines:
+                e.thread = threading.get_ident()
+            for _ in range(n):
+                t = asyncio.ensure_future(tx.call(MSG))
+                await asyncio.sleep(0)
+                net.run()
+                call = rx2.try_recv()
+                call.reply(call.request)
+                net.run()
+                await t
+
+        asyncio.run(rtt())
+
+
+def _instructions(src: str, mode: str, n: int) -> int:
+    env = dict(os.environ, PYTHONPATH=f"{src}{os.pathsep}{ROOT}", PYTHONHASHSEED="0")
+    code = f"from bench.ab_cpu import _ops; _ops({mode!r}, {n})"
+    res = subprocess.run(
+        ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable, "-c", code],
+        env=env, capture_output=True, text=True, timeout=1200,
+    )
+    for line in res.stderr.splitlines():
+        if "Collected :" in line:
+            return int(line.split(":")[-1])
+    raise RuntimeError(res.stderr[-2000:])
+
+
+def callgrind(a: str, b: str) -> None:
+    """Instructions per op (valgrind's count: the same on a busy machine),
+    the difference of a short and a long run of each mode."""
+    modes = (("send", 2048, 12288), ("recv", 2048, 12288), ("run", 2048, 12288), ("rtt", 500, 3500))
+    for mode, lo, hi in modes:
+        per = []
+        for src in (a, b):
+            per.append((_instructions(src, mode, hi) - _instructions(src, mode, lo)) / (hi - lo))
+        ratio = per[1] / per[0]
+        print(f"{mode}: A {per[0]:.0f}  B {per[1]:.0f} instructions/op  B/A {ratio:.3f}", flush=True)
+
+
 def _one(src: str, n_rtt: int, n_oneway: int) -> dict[str, float]:
     env = dict(os.environ, PYTHONPATH=f"{src}{os.pathsep}{ROOT}", MESHIPC_UVLOOP="0")
     mesh = f"r.update(asyncio.run(_measure({n_rtt}, {n_oneway}))); " if n_rtt else ""
@@ -166,7 +254,11 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--rtt", type=int, default=20000, help="0: the micro rows only")
     ap.add_argument("--oneway", type=int, default=200000)
+    ap.add_argument("--callgrind", action="store_true", help="count instructions (valgrind) instead")
     args = ap.parse_args()
+    if args.callgrind:
+        callgrind(args.a, args.b)
+        return
     runs: dict[str, list[dict[str, float]]] = {"A": [], "B": []}
     for r in range(args.rounds):
         order = [("A", args.a), ("B", args.b)] if r % 2 == 0 else [("B", args.b), ("A", args.a)]

@@ -571,6 +571,16 @@ class _Inbox(_Handle):
             msg = self._next_message()
             if msg is None:
                 return _EMPTY
+            body = msg.body
+            if msg.kind == K_DATA and body is not None and msg.ports is None and msg.fds is None:
+                # the common message (``_value_of``'s first case, one call less):
+                # decode inline with this end's decoder
+                if not self._calls_only:
+                    try:
+                        return self._plain_dec.decode(body)
+                    except DECODE_ERRORS as exc:
+                        self._drop_bad(MessageError(f"invalid message: {exc}"))
+                        continue
             value = self._value_of(msg)
             if value is not _SKIP:
                 return value
@@ -776,7 +786,8 @@ async def _reply_to(st: PortState) -> Message:
             raise st.error
         raise ChannelClosed("the call was dropped without a reply")
     finally:
-        st.engine.set_waker(st, None)
+        # the waker stays: a later wake finds its future done (a call is one
+        # future), and the closed end leaves the table with it
         st.engine.close(st)
 
 
@@ -833,11 +844,11 @@ def _engine_final(eng: Engine, st: PortState, kind: int, value: Any) -> None:
 
 def _answer(p: Port, kind: int, value: Any) -> None:
     """The one answer to a call: a final message (one frame, no CLOSE)."""
-    if p.closed:
+    if not p._states:
         raise ChannelClosed("this call was already answered")
     (st,) = p._detach()
     eng = st.engine
-    if _on_engine_thread(eng):
+    if eng.thread == _get_ident():
         eng.send_final(st, kind, value, _body(eng, st, value))
     else:
         _from_thread(st, _engine_final, st, kind, value)

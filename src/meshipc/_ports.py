@@ -775,7 +775,11 @@ class Engine:
             raise MessageError(f"a message of {n} bytes exceeds the limit of {MAX_OOB_BODY}")
         n += extra
         seq = st.send_seq
-        if seq >= st.next_checkpoint_seq or st.sent_bytes + n >= st.next_checkpoint_bytes:
+        if (seq >= st.next_checkpoint_seq or st.sent_bytes + n >= st.next_checkpoint_bytes) and (
+            kind < K_REPLY or st.tx is not None
+        ):
+            # (the first message of an end is never over a limit: a final one,
+            # an RPC reply, whose end goes with it, starts no tracking)
             self._checkpoint(st, seq, n, force)  # may raise BufferFull
         try:
             self.out.send_data(node, st.peer_port, seq, kind, body)
@@ -1376,10 +1380,16 @@ class Engine:
             return
         st = self.ports.get(port)
         if st is not None and seq == st.recv_seq and not st.pending:
-            mode = st.mode
-            if mode is OWNED and not st.closed:
+            if st.mode is OWNED and not st.closed:
                 st.recv_seq = seq + 1
-                self._enqueue(st, Message(kind, None, body))
+                if kind >= K_REPLY:
+                    self._enqueue(st, Message(kind, None, body))
+                    return
+                # _enqueue of a message that is not final, inlined (a lone frame)
+                q = st.queue
+                q.append(Message(kind, None, body))
+                if len(q) == 1 and st.waker is not None:
+                    st.waker()
                 return
             # a port on the move: buffer or forward without event objects (a
             # moving port's backlog comes through here item by item)
