@@ -1222,3 +1222,36 @@ def test_port_records_follow_the_mode():
         h.close()
     net.run()
     assert net.live_ports() == 0
+
+
+def test_engine_stats_count_ports_by_state_queue_and_flight():
+    """``Engine.stats()``: what the inspect tree and a node's shutdown read
+    instead of port fields: ends per state and per peer node, what is queued,
+    what is in flight, and where ports in transit and proxies lead."""
+    from meshipc._codec import CODEC
+
+    net = Net(2)
+    e0, e1 = net.engines
+    a, b = net.pair(0, 1)
+    a.send(b"xyz")
+    a.send(b"xyz")
+    s = e0.stats()
+    assert (s.total, s.by_state, s.by_peer) == (1, {"owned": 1}, {e1.node_id: 1})
+    assert (s.in_flight_messages, s.in_flight_bytes) == (2, 2 * len(CODEC.encode_plain(b"xyz") or b""))
+    net.run()
+    s1 = e1.stats()
+    assert (s1.queued_messages, s1.queued_bytes) == (2, s.in_flight_bytes)
+    x, y = Port.pair()
+    a.send(y)  # y in transit to node 1: its old end waits for ARRIVED
+    s = e0.stats()
+    assert s.by_state == {"owned": 2, "sending": 1} and s.transit_hops == {e1.node_id}
+    assert s.by_peer == {e1.node_id: 1, e0.node_id: 2}
+    net.deliver((0, 1))
+    net.deliver((1, 0))  # ARRIVED: a proxy now
+    s = e0.stats()
+    assert s.by_state == {"owned": 2, "proxy": 1} and s.proxy_targets == {e1.node_id} and not s.transit_hops
+    net.run()
+    assert e0.stats().by_state == {"owned": 2}
+    for h in (a, b, x):
+        h.close()
+    net.run()
