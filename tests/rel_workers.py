@@ -337,7 +337,8 @@ async def forge_credit(arg: dict[str, Any]) -> None:
     from meshipc._wire import ConsumedEvent
 
     def forged(self: Engine, st: Any) -> None:
-        st.unreported_n = st.unreported_bytes = 0
+        if st.rx is not None:
+            st.rx.unreported_n = st.rx.unreported_bytes = 0
         self.out.send_event(st.peer_node, ConsumedEvent(st.peer_port, 10**9), [])
 
     Engine._report_consumed = forged  # type: ignore[method-assign]

@@ -1329,9 +1329,10 @@ def test_backlog_beyond_any_reorder_window_moves_intact():
     close_all(net, a, moved, c1, c2)
 
 
-def test_send_encoded_ships_the_bytes_to_another_node_and_the_object_locally():
-    """``Engine.send_encoded`` (a send from another thread, encoded there):
-    the bytes go to a remote peer; a local peer gets the object itself."""
+def test_send_value_ships_the_bytes_to_another_node_and_the_object_locally():
+    """``Engine.send_value`` with the bytes its caller encoded (a send from
+    another thread is encoded there): the bytes go to a remote peer; a local
+    peer gets the object itself."""
     from meshipc._codec import CODEC
     from meshipc._wire import K_DATA
 
@@ -1339,13 +1340,13 @@ def test_send_encoded_ships_the_bytes_to_another_node_and_the_object_locally():
     a, b = net.pair(0, 1)
     st = a._states[0]
     value = {"n": [1, 2]}
-    st.engine.send_encoded(st, K_DATA, value, CODEC.encode_plain(value) or b"")
+    st.engine.send_value(st, K_DATA, value, CODEC.encode_plain(value) or b"")
     net.run()
     assert drain(b) == [value]
     x, y = Port.pair()
     sx = x._states[0]
     obj = Point(1, 2)
-    sx.engine.send_encoded(sx, K_DATA, obj, b"not used")
+    sx.engine.send_value(sx, K_DATA, obj, b"not used")
     assert y.try_recv() is obj
     close_all(net, a, b, x, y)
 
@@ -1367,3 +1368,30 @@ async def test_statistics_say_what_an_end_holds() -> None:
     assert tx.statistics().closed and tx.statistics().ends == 0
     rx.close()
     assert rx.statistics() == meshipc.ChannelStatistics(0, 0, 0, 0, True, False, None)
+
+
+def test_a_value_the_encoder_refuses_is_a_message_error_on_every_send_path():
+    """Issue 19: every value is encoded in the channel, and what the encoder
+    refuses (an int beyond 64 bits: msgspec's ``OverflowError``) becomes
+    ``MessageError`` in one place, whether the send runs on the engine's
+    thread, under its lock (no loop), or as a call; nothing is sent and the
+    channel stays usable."""
+    import threading
+
+    net = Net(2)
+    a, b = net.pair(0, 1)
+    eng = a._states[0].engine
+    for thread in (threading.get_ident(), None):  # on the loop's thread; no loop (under the lock)
+        eng.thread = thread
+        for bad in (2**70, {"n": [2**70]}):
+            with pytest.raises(MessageError, match="cannot be sent to another process"):
+                a.send(bad)
+    eng.thread = threading.get_ident()
+    p, rx = net.pair(0, 1)
+    tx = meshipc.Sender._wrap(p._detach())  # a sender on an end bound to node 1
+    with pytest.raises(MessageError, match="cannot be sent to another process"):
+        asyncio.run(tx.call(2**70))
+    a.send("still usable")
+    net.run()
+    assert drain(b) == ["still usable"]
+    close_all(net, a, b, tx, rx)

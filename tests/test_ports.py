@@ -1104,3 +1104,150 @@ def test_a_merged_receiver_never_ends_cleanly_with_a_hole(
 )
 def test_soak_merged_receiver_losses(seed: int, hops: list[int], kill_at: int, victim: int) -> None:
     check_merged_losses(seed, hops, kill_at, victim)
+
+
+# ------------------------------------------------------------------ layout
+
+
+def _state_fields() -> set[str]:
+    from meshipc import _ports
+
+    names: set[str] = set()
+    for cls in (_ports.PortState, _ports.Transit, _ports.Proxy, _ports.SendWindow, _ports.RecvWindow):
+        names.update(n for n in cls.__slots__ if not n.startswith("__"))
+    return names
+
+
+def _assigned_fields(tree: Any, fields: set[str]) -> list[tuple[int, str]]:
+    """(line, "x.field") for every assignment to ``x.<field>`` (plain,
+    augmented, annotated, inside tuples), ``x`` anything but ``self``."""
+    import ast
+
+    found: list[tuple[int, str]] = []
+
+    def check(target: ast.expr) -> None:
+        if isinstance(target, (ast.Tuple, ast.List)):
+            for t in target.elts:
+                check(t)
+        elif isinstance(target, ast.Starred):
+            check(target.value)
+        elif isinstance(target, ast.Attribute) and target.attr in fields:
+            if not (isinstance(target.value, ast.Name) and target.value.id == "self"):
+                found.append((target.lineno, f"{ast.unparse(target.value)}.{target.attr}"))
+
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign):
+            for t in node.targets:
+                check(t)
+        elif isinstance(node, (ast.AugAssign, ast.AnnAssign)):
+            check(node.target)
+    return found
+
+
+def test_only_the_engine_writes_port_state():
+    """Issue 19: no module but ``_ports`` assigns a field of a port state (or
+    of its per-mode and per-direction records): the handles, the node and
+    the control plane call engine methods and read ``Engine.stats()``."""
+    import ast
+    from pathlib import Path
+
+    import meshipc
+
+    src = Path(meshipc.__file__).parent
+    fields = _state_fields()
+    assert {"waker", "pinned", "posted", "mode", "move", "tx", "rx"} <= fields
+    checked = 0
+    bad: list[str] = []
+    for path in sorted(src.glob("*.py")):
+        if path.name in ("_ports.py", "_codec.py"):  # the engine; the codec's tables have an `engine`
+            continue
+        checked += 1
+        tree = ast.parse(path.read_text(), str(path))
+        bad += [f"{path.name}:{line}: {what}" for line, what in _assigned_fields(tree, fields)]
+    assert checked >= 20  # every module but the engine's
+    assert bad == []
+    # the check itself sees the ways a field is written
+    sample = "\n".join(
+        [
+            "st.waker = f",
+            "st.rx.unreported_n += 1",
+            "a, b.pinned = 1, 2",
+            "x: int",
+            "st.tx: Any = None",
+            "self.closed = 1",
+        ]
+    )
+    assert [w for _, w in _assigned_fields(ast.parse(sample), fields)] == [
+        "st.waker",
+        "st.rx.unreported_n",
+        "b.pinned",
+        "st.tx",
+    ]
+
+
+def test_port_records_follow_the_mode():
+    """Each mode's fields live in its own record: none while owned,
+    ``Transit`` while sending (its first hop), ``Proxy`` once arrived (its
+    target); send-side flow control appears with the first send to another
+    node, receive-side with the first message read from one."""
+    from meshipc._ports import OWNED, SENDING, Proxy, Transit
+
+    net = Net(3)
+    a, b = net.pair(0, 1)
+    sa, sb = a._states[0], b._states[0]
+    assert sa.move is None and sa.mode is OWNED and sa.tx is None and sb.rx is None
+    a.send(1)
+    assert sa.tx is not None
+    net.run()
+    assert b.try_recv() == 1
+    assert sb.rx is not None and sb.rx.unreported_n == 1
+    x, y = Port.pair()
+    sy = y._states[0]
+    a.send(y)  # y travels to node 1
+    assert sy.mode is SENDING and type(sy.move) is Transit and sy.move.first_hop == net.engines[1].node_id
+    net.deliver((0, 1))  # the carrying message: node 1 materializes y, answers ARRIVED
+    net.deliver((1, 0))  # ARRIVED: the old end proxies to the new one
+    assert sy.mode is PROXY_MODE and type(sy.move) is Proxy and sy.move.target_node == net.engines[1].node_id
+    net.run()
+    assert sy.move is not None and sy.id not in net.engines[0].ports  # the proxy went
+    y2 = b.try_recv()
+    x.send("hi")
+    net.run()
+    assert y2.try_recv() == "hi"
+    for h in (a, b, x, y2):
+        h.close()
+    net.run()
+    assert net.live_ports() == 0
+
+
+def test_engine_stats_count_ports_by_state_queue_and_flight():
+    """``Engine.stats()``: what the inspect tree and a node's shutdown read
+    instead of port fields: ends per state and per peer node, what is queued,
+    what is in flight, and where ports in transit and proxies lead."""
+    from meshipc._codec import CODEC
+
+    net = Net(2)
+    e0, e1 = net.engines
+    a, b = net.pair(0, 1)
+    a.send(b"xyz")
+    a.send(b"xyz")
+    s = e0.stats()
+    assert (s.total, s.by_state, s.by_peer) == (1, {"owned": 1}, {e1.node_id: 1})
+    assert (s.in_flight_messages, s.in_flight_bytes) == (2, 2 * len(CODEC.encode_plain(b"xyz") or b""))
+    net.run()
+    s1 = e1.stats()
+    assert (s1.queued_messages, s1.queued_bytes) == (2, s.in_flight_bytes)
+    x, y = Port.pair()
+    a.send(y)  # y in transit to node 1: its old end waits for ARRIVED
+    s = e0.stats()
+    assert s.by_state == {"owned": 2, "sending": 1} and s.transit_hops == {e1.node_id}
+    assert s.by_peer == {e1.node_id: 1, e0.node_id: 2}
+    net.deliver((0, 1))
+    net.deliver((1, 0))  # ARRIVED: a proxy now
+    s = e0.stats()
+    assert s.by_state == {"owned": 2, "proxy": 1} and s.proxy_targets == {e1.node_id} and not s.transit_hops
+    net.run()
+    assert e0.stats().by_state == {"owned": 2}
+    for h in (a, b, x):
+        h.close()
+    net.run()

@@ -30,7 +30,9 @@ from ._codec import (
     ResourceTables,
     check_encodable,
     decode,
+    encode_plain,
     plain_decoder,
+    refused,
 )
 from ._errors import ChannelClosed, MeshError, MessageError, RemoteError
 from ._ids import NodeId
@@ -112,15 +114,11 @@ def _from_thread(st: PortState, fn: Any, *args: Any, handle: _Handle | None = No
                 continue
             if handle is not None and not (handle._states and handle._states[0] is st):
                 raise ChannelClosed(f"send on a closed or sent {type(handle).__name__}")
-            q = st.posted
-            if q is None:
-                q = st.posted = deque()
-            q.append((_run_posted, (st, fn, args)))
-            if len(q) == 1:  # else a run is already on its way
+            if eng.add_posted(st, _run_posted, (st, fn, args)):  # else a run is already on its way
                 try:
                     eng.post(eng.run_posted, st)
                 except RuntimeError:
-                    q.pop()
+                    eng.drop_posted(st)
                     raise ChannelClosed("the event loop of this port's mesh is closed") from None
         return
 
@@ -132,19 +130,27 @@ def _run_posted(st: PortState, fn: Any, args: tuple[Any, ...]) -> None:
         log.warning("a send from another thread was dropped: %s", exc)
 
 
+def _body(eng: Engine, st: PortState, value: Any) -> bytes | None:
+    """The bytes ``value`` goes as when ``st`` sends it to another process
+    (None: its peer is here or gone, or it has ports or fds, which the full
+    encoder takes): every value is encoded by the sender, on its own thread,
+    here. ``MessageError`` for a value that cannot go."""
+    if st.peer_node == eng.node_id or st.peer_closed or st.error is not None:
+        return None
+    try:
+        return encode_plain(value)
+    except Exception as exc:
+        raise refused(exc) from None
+
+
 def _engine_send(eng: Engine, st: PortState, kind: int, value: Any) -> None:
-    eng.send_value(st, kind, value)
+    eng.send_value(st, kind, value, _body(eng, st, value))
 
 
-# sends from another thread, admitted there (``force``: past the hard limit)
-
-
-def _engine_send_encoded(eng: Engine, st: PortState, kind: int, value: Any, body: bytes) -> None:
-    eng.send_encoded(st, kind, value, body, force=True)
-
-
-def _engine_send_message(eng: Engine, st: PortState, kind: int, value: Any) -> None:
-    eng.send(st, Message(kind, value), force=True)
+def _engine_send_encoded(eng: Engine, st: PortState, kind: int, value: Any, body: bytes | None) -> None:
+    """A send from another thread, admitted and encoded there (``force``:
+    past the hard limit)."""
+    eng.send_value(st, kind, value, body, force=True)
 
 
 def _engine_close(eng: Engine, st: PortState) -> None:
@@ -170,7 +176,7 @@ class _Handle:
         with states[0].engine.lock:
             states, self._states = self._states, []
         for st in states:
-            st.waker = None
+            st.engine.set_waker(st, None)
         return states
 
     def close(self) -> None:
@@ -263,7 +269,7 @@ def _send(h: _Handle, kind: int, value: Any) -> None:
         raise MessageError(f"a {type(h).__name__} cannot be sent through itself")
     eng = st.engine
     if _on_engine_thread(eng):
-        eng.send_value(st, kind, value)
+        eng.send_value(st, kind, value, _body(eng, st, value))
     elif eng.post is None:
         _from_thread(st, _engine_send, st, kind, value)
     else:
@@ -274,16 +280,14 @@ def _send(h: _Handle, kind: int, value: Any) -> None:
         if eng.over_hard_limit(st):
             raise eng._full(st)
         try:
-            plain = _codec.encode_plain(value)
-        except RecursionError:
-            raise MessageError("this value cannot be sent to another process: nested too deep") from None
+            plain = encode_plain(value)
+        except Exception as exc:
+            raise refused(exc) from None
         # encoded once, here: the loop ships these bytes (or, for a value with
         # ports or fds, goes straight to the full encoder)
         if plain is None:
             check_encodable(value)
-            _from_thread(st, _engine_send_message, st, kind, value, handle=h)
-        else:
-            _from_thread(st, _engine_send_encoded, st, kind, value, plain, handle=h)
+        _from_thread(st, _engine_send_encoded, st, kind, value, plain, handle=h)
 
 
 class _Inbox(_Handle):
@@ -360,7 +364,7 @@ class _Inbox(_Handle):
                 except RuntimeError:
                     pass  # that loop is closed: a later wait rebinds and rescans
 
-        st.waker = waker
+        st.engine.set_waker(st, waker)
         if st.queue or st.ended:
             self._wake(st)
 
@@ -446,15 +450,9 @@ class _Inbox(_Handle):
                 if body is not None:
                     # flow control: a remote sender counts this off its window
                     self._last_node = st.peer_node
-                    st.unreported_n += 1
-                    st.unreported_bytes += len(body)
-                    eng = st.engine
-                    if st.unreported_n >= eng.ack_every_n or st.unreported_bytes >= eng.ack_every_bytes:
-                        eng.consumed(st)
-                    elif st.report_all and not q:  # its sender waits for an exact report
-                        eng.report_consumed(st)
-                if st.credit is not None:
-                    st.engine.consumed(st)  # a local sender waits in drain()
+                    st.engine.took(st, body)
+                elif st.credit is not None:
+                    st.engine.took(st, None)  # a local sender waits in drain()
                 return msg
             ready.popleft()
             self._sched.discard(st)
@@ -465,7 +463,7 @@ class _Inbox(_Handle):
                 # stream must not end cleanly with a hole in it); else one
                 # client dying must not end a server's loop over many
                 self._states.remove(st)
-                st.waker = None
+                st.engine.set_waker(st, None)
                 self._error = st.error
                 if st.error is not None and (st.lost or not self._states):
                     raise st.error
@@ -573,6 +571,16 @@ class _Inbox(_Handle):
             msg = self._next_message()
             if msg is None:
                 return _EMPTY
+            body = msg.body
+            if msg.kind == K_DATA and body is not None and msg.ports is None and msg.fds is None:
+                # the common message (``_value_of``'s first case, one call less):
+                # decode inline with this end's decoder
+                if not self._calls_only:
+                    try:
+                        return self._plain_dec.decode(body)
+                    except DECODE_ERRORS as exc:
+                        self._drop_bad(MessageError(f"invalid message: {exc}"))
+                        continue
             value = self._value_of(msg)
             if value is not _SKIP:
                 return value
@@ -672,8 +680,16 @@ class Sender(_Handle, Generic[T]):
         if states:
             st = states[0]
             eng = st.engine
-            if eng.thread == threading.get_ident() and value is not self:
-                eng.send_value(st, K_DATA, value)
+            if eng.thread == _get_ident() and value is not self:
+                if st.peer_node == eng.node_id or st.peer_closed or st.error is not None:
+                    eng.send_value(st, K_DATA, value)
+                    return
+                # encoded here, as every value sent (_body, inlined: the hot path)
+                try:
+                    body = encode_plain(value)
+                except Exception as exc:
+                    raise refused(exc) from None
+                eng.send_value(st, K_DATA, value, body)
                 return
         _send(self, K_DATA, value)
 
@@ -708,15 +724,14 @@ class Sender(_Handle, Generic[T]):
             # that names its reply port (no second port, no descriptor)
             try:
                 body = _codec.encode_call(request)
-            except RecursionError:
-                raise MessageError("this value cannot be sent to another process: nested too deep") from None
+            except Exception as exc:
+                raise refused(exc) from None
             if body is not None:
                 a = eng.call_plain(st, body)
         if a is not None:
             msg = await _reply_to(a)
         else:
-            a, b = eng.new_pair()
-            a.pinned = True  # never leaves this call: b may travel without a proxy
+            a, b = eng.new_pair(pinned=True)  # a never leaves this call: b may travel without a proxy
             reply = Port._wrap([a])
             try:
                 _send(self, K_CALL, _CallMsg(request, Port._wrap([b])))
@@ -763,7 +778,7 @@ async def _reply_to(st: PortState) -> Message:
                 if not fut.done():
                     fut.set_result(None)
 
-            st.waker = wake
+            st.engine.set_waker(st, wake)
             await fut
         if q:
             return q.popleft()
@@ -771,7 +786,8 @@ async def _reply_to(st: PortState) -> Message:
             raise st.error
         raise ChannelClosed("the call was dropped without a reply")
     finally:
-        st.waker = None
+        # the waker stays: a later wake finds its future done (a call is one
+        # future), and the closed end leaves the table with it
         st.engine.close(st)
 
 
@@ -823,16 +839,17 @@ class _CallMsg:
 
 
 def _engine_final(eng: Engine, st: PortState, kind: int, value: Any) -> None:
-    eng.send_final(st, kind, value)
+    eng.send_final(st, kind, value, _body(eng, st, value))
 
 
 def _answer(p: Port, kind: int, value: Any) -> None:
     """The one answer to a call: a final message (one frame, no CLOSE)."""
-    if p.closed:
+    if not p._states:
         raise ChannelClosed("this call was already answered")
     (st,) = p._detach()
-    if _on_engine_thread(st.engine):
-        st.engine.send_final(st, kind, value)
+    eng = st.engine
+    if eng.thread == _get_ident():
+        eng.send_final(st, kind, value, _body(eng, st, value))
     else:
         _from_thread(st, _engine_final, st, kind, value)
 

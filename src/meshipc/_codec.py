@@ -25,7 +25,7 @@ from typing import Any, Final, cast
 
 import msgspec
 
-from ._errors import ChannelClosed, MessageError
+from ._errors import ChannelClosed, MeshError, MessageError
 from ._fd import Fd
 from ._ids import ID_LEN, NodeId, PortId
 from ._ports import Engine, Message, PortState
@@ -218,6 +218,20 @@ def _plain_hook(obj: Any) -> None:
 _plain_encoder = msgspec.msgpack.Encoder(enc_hook=_plain_hook)
 
 
+#: what msgspec raises for a value it cannot encode
+ENCODE_ERRORS: Final = (TypeError, ValueError, OverflowError, NotImplementedError, RecursionError)
+
+
+def refused(exc: BaseException) -> MeshError:
+    """What a send raises for a value an encoder refused (``exc``): the one
+    place an encoding error becomes a ``MessageError`` (ours pass as they
+    are: a value too large, a port sent through itself)."""
+    if isinstance(exc, MeshError):
+        return exc
+    what = "nested too deep" if isinstance(exc, RecursionError) else str(exc)
+    return MessageError(f"this value cannot be sent to another process: {what}")
+
+
 def check_encodable(value: Any) -> None:
     """Raise ``MessageError`` for a value that has no handle or fd inside and
     that the encoder would still refuse (called where the real encode happens
@@ -226,8 +240,8 @@ def check_encodable(value: Any) -> None:
         return
     try:  # no handle inside: the full encoder only says what it cannot take
         _encoder.encode(value)
-    except (TypeError, ValueError, OverflowError, NotImplementedError) as exc:
-        raise MessageError(f"this value cannot be sent to another process: {exc}") from None
+    except ENCODE_ERRORS as exc:
+        raise refused(exc) from None
 
 
 def _known_size(obj: Any) -> int:
@@ -387,12 +401,14 @@ class MsgpackCodec:
             else:
                 body = _encoder.encode(obj)
             return body, r.ports, r.fds
-        except BaseException:
+        except BaseException as exc:
             # nothing leaves: close what was taken out of the value, re-raise
             for st in r.ports:
                 st.engine.close(st)
             for fd in r.fds:
                 fd.close()
+            if isinstance(exc, ENCODE_ERRORS):
+                raise refused(exc) from None
             raise
         finally:
             r.engine, r.ports, r.fds, r.carrier = None, [], [], None

@@ -25,7 +25,6 @@ import msgspec
 from ._channel import Call, Sender, channel
 from ._control_msgs import ControlLimits, InspectNode, NodeMsg, UpdateNode, WorkerStatus, check_timeout
 from ._errors import ChannelClosed, NodeFailure, PortFailed
-from ._ports import OWNED, PROXY, SENDING
 from ._tasks import TaskSet
 
 if TYPE_CHECKING:
@@ -348,38 +347,19 @@ class NodeInspector:
         }
 
     def _port_stats(self) -> dict[str, Any]:
-        """One walk over this node's ports."""
+        """This node's ports, from the engine's ``stats()``."""
         node = self.node
-        modes = {OWNED: "owned", SENDING: "sending", PROXY: "proxy"}
-        by_state: dict[str, int] = {}
+        s = node.engine.stats()
         by_peer: dict[str, int] = {}
-        queued_msgs = queued_bytes = unacked_msgs = unacked_bytes = 0
-        in_flight = getattr(node.engine, "in_flight", None)
-        for st in list(node.engine.ports.values()):
-            state = modes.get(st.mode, str(st.mode))
-            if st.mode == OWNED:
-                if st.error is not None:
-                    state = "failed"
-                elif st.closed:
-                    state = "closing"
-                elif st.peer_closed:
-                    state = "peer_closed"
-            by_state[state] = by_state.get(state, 0) + 1
-            where = "local" if st.peer_node == node.id else bytes(st.peer_node).hex()
-            by_peer[where] = by_peer.get(where, 0) + 1
-            queued_msgs += len(st.queue)
-            queued_bytes += sum(len(m.body) for m in st.queue if m.body is not None)
-            # flow control: sent to another node, not yet reported consumed
-            if in_flight is not None and st.mode == OWNED:
-                n_out, b_out = in_flight(st)
-                unacked_msgs += n_out
-                unacked_bytes += b_out
+        for peer, n in s.by_peer.items():
+            where = "local" if peer == node.id else bytes(peer).hex()
+            by_peer[where] = by_peer.get(where, 0) + n
         return {
-            "total": len(node.engine.ports),
-            "by_state": by_state,
+            "total": s.total,
+            "by_state": dict(s.by_state),
             "by_peer": by_peer,
-            "queued_messages": queued_msgs,
-            "queued_bytes": queued_bytes,
-            "unconsumed_out_messages": unacked_msgs,
-            "unconsumed_out_bytes": unacked_bytes,
+            "queued_messages": s.queued_messages,
+            "queued_bytes": s.queued_bytes,
+            "unconsumed_out_messages": s.in_flight_messages,
+            "unconsumed_out_bytes": s.in_flight_bytes,
         }

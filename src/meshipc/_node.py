@@ -52,7 +52,7 @@ from ._handshake import (
 from ._ids import NodeId
 from ._names import node_path, remove_dead_socket
 from ._platform import PLATFORM
-from ._ports import DEFAULT_LIMITS, OWNED, PROXY, SENDING, Codec, Engine, Limits, PortState
+from ._ports import DEFAULT_LIMITS, Codec, Engine, Limits, PortState
 from ._sockets import (
     Acceptor,
     AcceptorStats,
@@ -237,13 +237,13 @@ class Node:
     def busy(self) -> bool:
         """Ports in transit, or bytes not yet written."""
         live = self._links
-        for st in self.engine.ports.values():
-            # only ports in transit over a live link can still settle
-            # (not, say, the port of an invitation nobody has used yet)
-            if st.mode == SENDING and (st.first_hop in live or st.first_hop in self._connecting):
-                return True
-            if st.mode == PROXY and st.target_node in live:
-                return True
+        stats = self.engine.stats()
+        # only ports in transit over a live link can still settle
+        # (not, say, the port of an invitation nobody has used yet)
+        if any(n in live or n in self._connecting for n in stats.transit_hops):
+            return True
+        if any(n in live for n in stats.proxy_targets):
+            return True
         return bool(self._connecting) or not all(link.idle for link in self._links.values())
 
     async def close(self, linger: float = CLOSE_LINGER) -> None:
@@ -256,9 +256,7 @@ class Node:
         if self._acceptor is not None:
             self._acceptor.close()
         engine = self.engine
-        for st in list(engine.ports.values()):
-            if st.mode == OWNED and not st.closed and st.peer_node != self.id:
-                engine.close(st)
+        engine.close_remote()
         try:
             async with asyncio.timeout(linger):
                 while self.busy:

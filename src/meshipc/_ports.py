@@ -42,6 +42,31 @@ CLOSE         peer closed; close back    buffer               forward; remove
 CHANGE_PEER   repoint; PROXY_ACK old     buffer               forward
 ============  =========================  ===================  =================
 
+What a ``PortState`` holds, per mode (``st.mode`` and its record
+``st.move``, which ``Engine._process`` matches on) and per direction of
+flow control (``st.tx``, ``st.rx``, each made when first needed):
+
+============  =====================  ==========================================
+record        when                   fields
+============  =====================  ==========================================
+(PortState)   always                 ids, peer, seqs, queue, pending, waker,
+                                     closed/close_sent/peer_closed, error,
+                                     lost/sent_lost, pinned, proxy_from,
+                                     credit, posted; read by every send:
+                                     sent_bytes, next_checkpoint_seq/bytes
+None          OWNED                  (queued for the user)
+Transit       SENDING                first_hop, buffer, pending_fail,
+                                     proxy_last, relayed
+Proxy         PROXY                  target_node/port, proxy_last, relayed
+SendWindow    sent to another node   checkpoints, acked_seq, acked_bytes,
+                                     want_all (None: not tracking)
+RecvWindow    read from another one  unreported_n/bytes, report_all
+============  =====================  ==========================================
+
+Only this module assigns these fields (a test parses the other modules):
+handles call ``took``, ``set_waker``, ``add_posted``, ``new_pair(pinned=)``;
+the node and the control plane read ``stats()``.
+
 Unsequenced events: ``ARRIVED`` (SENDING -> PROXY, flush the buffer),
 ``PROXY_ACK`` (a proxy may go once it has forwarded up to the given seq),
 ``PROXY_DONE`` (to the new end: its proxy owes it nothing more), ``FAIL``
@@ -352,54 +377,117 @@ class Codec(Protocol):
         ...
 
 
+class Transit:
+    """What only a ``SENDING`` end holds (``PortState.move``): it was sent
+    inside a message and has not arrived yet."""
+
+    __slots__ = ("buffer", "first_hop", "pending_fail", "proxy_last", "relayed")
+
+    def __init__(self, first_hop: bytes, buffer: list[tuple[int, Item]] | None) -> None:
+        #: the node the carrying message went to (it fails the port if it dies)
+        self.first_hop = first_hop
+        #: sequenced items that arrived meanwhile, forwarded on ARRIVED
+        self.buffer = buffer
+        #: a failure that came meanwhile, passed on to the new end on ARRIVED
+        self.pending_fail: str | None = None
+        #: the peer's PROXY_ACK (the last seq it sent here), if it came first
+        self.proxy_last: int | None = None
+        #: proxies of the other side whose CHANGE_PEER this end passed on
+        #: (they wait for an acknowledgement that a failure may swallow)
+        self.relayed: list[tuple[bytes, bytes]] | None = None
+
+
+class Proxy:
+    """What only a ``PROXY`` end holds (``PortState.move``): it arrived
+    elsewhere and forwards what still comes here."""
+
+    __slots__ = ("proxy_last", "relayed", "target_node", "target_port")
+
+    def __init__(self, target_node: bytes, target_port: bytes, transit: Transit) -> None:
+        #: the new end
+        self.target_node = target_node
+        self.target_port = target_port
+        #: forward up to this seq, then go (None: no PROXY_ACK yet)
+        self.proxy_last = transit.proxy_last
+        #: as ``Transit.relayed``
+        self.relayed = transit.relayed
+
+
+class SendWindow:
+    """Flow control of the sending direction towards another node
+    (``PortState.tx``; None while not tracking: nothing sent to another node
+    yet, or the peer is local, whose queue is the count). Sequence numbers
+    count messages (``acked_seq``: the last one reported consumed); bytes are
+    cumulative (``PortState.sent_bytes``), known consumed at checkpoints
+    (``checkpoints``: (seq, sent_bytes before it)) taken every
+    ``CHECKPOINT_MESSAGES`` or window/8 bytes, so a send costs an addition
+    and a comparison (the fields each send reads stay on ``PortState``)."""
+
+    __slots__ = ("acked_bytes", "acked_seq", "checkpoints", "want_all")
+
+    def __init__(self, acked_seq: int, acked_bytes: int) -> None:
+        self.checkpoints: deque[tuple[int, int]] = deque()
+        self.acked_seq = acked_seq
+        self.acked_bytes = acked_bytes
+        #: a send was refused for a message larger than the window: drain()
+        #: waits until everything sent before it was consumed
+        self.want_all = False
+
+
+class RecvWindow:
+    """Flow control of the receiving direction from another node
+    (``PortState.rx``; made by the first report or poll): what was consumed
+    since the last ``CONSUMED`` report."""
+
+    __slots__ = ("report_all", "unreported_bytes", "unreported_n")
+
+    def __init__(self) -> None:
+        self.unreported_n = 0
+        self.unreported_bytes = 0
+        #: the sender asked for an exact report: one more once the queue is empty
+        self.report_all = False
+
+
 class PortState:
-    """One port end as its engine knows it."""
+    """One port end as its engine knows it (see the layout table at the top
+    of this module). Only this module assigns its fields."""
 
     __slots__ = (
         "__weakref__",
-        "acked_bytes",
-        "acked_seq",
-        "buffer",
-        "checkpoints",
         "close_sent",
         "closed",
         "credit",
         "engine",
         "error",
-        "first_hop",
         "id",
         "lost",
         "mode",
+        "move",
         "next_checkpoint_bytes",
         "next_checkpoint_seq",
         "peer_closed",
         "peer_node",
         "peer_port",
         "pending",
-        "pending_fail",
         "pinned",
         "posted",
         "proxy_from",
-        "proxy_last",
         "queue",
         "recv_seq",
-        "relayed",
-        "report_all",
+        "rx",
         "send_seq",
         "sent_bytes",
         "sent_lost",
-        "target_node",
-        "target_port",
-        "unreported_bytes",
-        "unreported_n",
+        "tx",
         "waker",
-        "want_all",
     )
 
     def __init__(self, engine: Engine, id: bytes, peer_node: bytes, peer_port: bytes) -> None:
         self.id = id
         self.engine = engine
         self.mode: PortMode = OWNED
+        #: the mode's own record: None (OWNED), Transit (SENDING), Proxy (PROXY)
+        self.move: Transit | Proxy | None = None
         self.peer_node = peer_node
         self.peer_port = peer_port
         self.send_seq = _FIRST_SEQ
@@ -418,41 +506,21 @@ class PortState:
         # UNDELIVERED: its next send raises)
         self.lost = False
         self.sent_lost = False
-        self.target_node = _NO_ID
-        self.target_port = _NO_ID
-        self.first_hop = _NO_ID
-        self.buffer: list[tuple[int, Item]] | None = None
-        self.proxy_last: int | None = None
-        self.pending_fail: str | None = None
         # an end the library never moves (RPC reply ports): see _send_port
         self.pinned = False
         # node of the proxy still forwarding items to this end (until PROXY_DONE)
         self.proxy_from: bytes | None = None
-        # proxies of the other side whose CHANGE_PEER this end passed on
-        # (they wait for an acknowledgement that a failure may swallow)
-        self.relayed: list[tuple[bytes, bytes]] | None = None
-        # flow control, sending side, towards another node: sequence numbers
-        # count messages (acked_seq: the last one reported consumed); bytes
-        # are cumulative (sent_bytes), known consumed at checkpoints (checkpoints: deque of
-        # (seq, sent_bytes before it)) taken every CHECKPOINT_MESSAGES or window/8 bytes,
-        # so a send costs an addition and a comparison. checkpoints None: not tracking.
-        self.checkpoints: deque[tuple[int, int]] | None = None
-        self.acked_seq = 0
+        # flow control, sending side: read by every send, so kept here (the
+        # rest is in ``tx``): bytes sent so far, and the next checkpoint at
+        # this seq... or once sent_bytes reaches this
+        self.tx: SendWindow | None = None
         self.sent_bytes = 0
-        self.acked_bytes = 0
-        self.next_checkpoint_seq = 0  # next checkpoint at this seq...
-        self.next_checkpoint_bytes = 0  # ...or once sent_bytes reaches this
-        # flow control, receiving side: consumed since the last CONSUMED report
-        self.unreported_n = 0
-        self.unreported_bytes = 0
+        self.next_checkpoint_seq = 0
+        self.next_checkpoint_bytes = 0
+        # flow control, receiving side
+        self.rx: RecvWindow | None = None
         # called when this end's window may have opened (or the port ended)
         self.credit: list[Callable[[], None]] | None = None
-        # a send was refused for a message larger than the window: drain()
-        # waits until everything sent before it was consumed (and asked the
-        # receiver for an exact report, which it also sends once its queue
-        # is empty: report_all)
-        self.want_all = False
-        self.report_all = False
         # calls other threads accepted for this end (sends, close), run on
         # the engine's thread in order, and always before this end closes or
         # moves (Engine.run_posted); guarded by the engine's lock
@@ -467,6 +535,31 @@ class PortState:
         mode = PortMode(self.mode).name
         peer = f"{self.peer_node.hex()[:6]}/{self.peer_port.hex()[:6]}"
         return f"<PortState {self.id.hex()[:8]} {mode} peer={peer}>"
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStats:
+    """A snapshot of an engine's ports (``Engine.stats()``): what a node's
+    inspect tree and its shutdown read, without touching port state."""
+
+    #: ends in the table
+    total: int
+    #: ends per state: "owned", "closing", "peer_closed", "failed" (owned
+    #: ends), "sending", "proxy"
+    by_state: dict[str, int]
+    #: ends per node their peer lives on
+    by_peer: dict[bytes, int]
+    #: messages queued for the application, and the bytes of those that came
+    #: from another process
+    queued_messages: int
+    queued_bytes: int
+    #: sent to another node and not reported consumed yet (``in_flight``)
+    in_flight_messages: int
+    in_flight_bytes: int
+    #: nodes the messages carrying ports in transit went to
+    transit_hops: frozenset[bytes]
+    #: nodes proxies forward to
+    proxy_targets: frozenset[bytes]
 
 
 class Outbox(Protocol):
@@ -594,13 +687,46 @@ class Engine:
 
     # ------------------------------------------------------------------ user side
 
-    def new_pair(self) -> tuple[PortState, PortState]:
+    def new_pair(self, pinned: bool = False) -> tuple[PortState, PortState]:
+        """Two ends peered with each other; ``pinned``: the first never
+        moves (an RPC's reply end), so the second may travel without a proxy."""
         a = PortState(self, PortId.random(), self.node_id, b"")
         b = PortState(self, PortId.random(), self.node_id, a.id)
         a.peer_port = b.id
+        a.pinned = pinned
         self.ports[a.id] = a
         self.ports[b.id] = b
         return a, b
+
+    @staticmethod
+    def set_waker(st: PortState, fn: Callable[[], None] | None) -> None:
+        """Who to call when the queue of ``st`` turns non-empty or its stream
+        ends (None: nobody)."""
+        st.waker = fn
+
+    @staticmethod
+    def add_posted(st: PortState, fn: Callable[..., None], args: tuple[Any, ...]) -> bool:
+        """Queue a call another thread accepted for ``st`` (under the engine's
+        lock); True if it is the first, so a run must be posted."""
+        q = st.posted
+        if q is None:
+            q = st.posted = deque()
+        q.append((fn, args))
+        return len(q) == 1
+
+    @staticmethod
+    def drop_posted(st: PortState) -> None:
+        """Take back the call ``add_posted`` just queued (its run could not
+        be posted; under the engine's lock)."""
+        if st.posted:
+            st.posted.pop()
+
+    def close_remote(self) -> None:
+        """Close every open owned end whose peer is on another node (a node
+        shutting down in order: those peers see ``ChannelClosed``)."""
+        for st in list(self.ports.values()):
+            if st.mode is OWNED and not st.closed and st.peer_node != self.node_id:
+                self.close(st)
 
     def new_bound(self, port_id: bytes, peer_node: bytes, peer_port: bytes) -> PortState:
         """One end of a pair whose other end another node creates with the
@@ -624,51 +750,46 @@ class Engine:
         (the other half of ``send_port``)."""
         return self._materialize(src, d)
 
-    def send_value(self, st: PortState, kind: int, obj: Any, force: bool = False) -> None:
-        """``send(st, Message(kind, obj))``; a plain value to another node
-        goes straight to the wire without a Message object. ``force`` skips
-        the hard limit (a send from another thread, admitted there)."""
+    def send_value(
+        self,
+        st: PortState,
+        kind: int,
+        obj: Any,
+        body: bytes | None = None,
+        force: bool = False,
+        extra: int = 0,
+    ) -> None:
+        """Send ``obj`` from ``st``: the one way in for a value. ``body`` is its
+        encoding without ports or fds, made by the caller (``Codec.encode_plain``,
+        on the caller's thread) when the peer was on another node, else None.
+        Shipped as it is when the peer is on another node and this end is
+        owned and open: size limit, flow-control count, the outbox, and only
+        then the sequence number (a message that could not be queued leaves
+        no gap); else ``obj`` goes as a message (``send``: a local peer gets
+        the object, a value with ports or fds takes the full encoder).
+        ``force`` skips the hard limit (a send from another thread, admitted
+        there); ``extra``: bytes it counts beyond its body."""
         node = st.peer_node
         if (
-            node != self.node_id
-            and st.mode is OWNED
-            and not (st.closed or st.peer_closed or st.error is not None)
+            body is None
+            or node == self.node_id
+            or st.mode is not OWNED
+            or st.closed
+            or st.peer_closed
+            or st.error is not None
         ):
-            try:
-                body = self.codec.encode_plain(obj)
-            except RecursionError:
-                raise MessageError("this value cannot be sent to another process: nested too deep") from None
-            if body is not None:  # else ports, fds or an unsupported type: the full path says which
-                self._ship(st, node, kind, body, force)
-                return
-        self.send(st, Message(kind, obj), force)
-
-    def send_encoded(self, st: PortState, kind: int, obj: Any, body: bytes, force: bool = False) -> None:
-        """``send_value`` for a value its caller already encoded without ports
-        or fds (``body``, from ``Codec.encode_plain``; a send from another
-        thread encodes there): shipped as it is when the peer is on another
-        node, else the object goes as a local message."""
-        node = st.peer_node
-        if (
-            node != self.node_id
-            and st.mode is OWNED
-            and not (st.closed or st.peer_closed or st.error is not None)
-        ):
-            self._ship(st, node, kind, body, force)
+            self.send(st, Message(kind, obj), force)
             return
-        self.send(st, Message(kind, obj), force)
-
-    def _ship(self, st: PortState, node: bytes, kind: int, body: bytes, force: bool, extra: int = 0) -> None:
-        """Send an encoded plain message from the owned, open end ``st`` to
-        its peer on ``node``: size limit, flow-control count, the outbox, and
-        only then the sequence number (a message that could not be queued
-        leaves no gap). ``extra``: bytes it counts beyond its body."""
         n = len(body)
         if n > MAX_OOB_BODY:
             raise MessageError(f"a message of {n} bytes exceeds the limit of {MAX_OOB_BODY}")
         n += extra
         seq = st.send_seq
-        if seq >= st.next_checkpoint_seq or st.sent_bytes + n >= st.next_checkpoint_bytes:
+        if (seq >= st.next_checkpoint_seq or st.sent_bytes + n >= st.next_checkpoint_bytes) and (
+            kind < K_REPLY or st.tx is not None
+        ):
+            # (the first message of an end is never over a limit: a final one,
+            # an RPC reply, whose end goes with it, starts no tracking)
             self._checkpoint(st, seq, n, force)  # may raise BufferFull
         try:
             self.out.send_data(node, st.peer_port, seq, kind, body)
@@ -769,8 +890,9 @@ class Engine:
         raise ``exc`` (an ``OSError`` as ``MessageError``)."""
         reason = f"the message carrying this port could not be sent: {exc}"
         for ps in msg.ports or ():
-            if ps.mode is SENDING and self.ports.get(ps.id) is ps:
-                self._fail_other_side(ps, _NO_ID, reason)
+            mv = ps.move
+            if type(mv) is Transit and self.ports.get(ps.id) is ps:
+                self._fail_other_side(ps, mv, _NO_ID, reason)
                 self._remove(ps)
         for fd in msg.fds or ():
             fd.close()
@@ -799,11 +921,11 @@ class Engine:
         # the head names both reply ends; if the send raises, nothing is registered
         # the callee gets a port state for it: counted like a carried port
         if isinstance(body, bytes):
-            self._ship(st, node, K_CALL, callee_end + reply_id + body, False, PORT_BYTES)
+            self.send_value(st, K_CALL, None, callee_end + reply_id + body, False, PORT_BYTES)
         else:  # room at its front for the head (a bytearray, or a _wire.Gather)
             body[:CALL_HEAD] = callee_end + reply_id
             # it goes where bytes go (length, buffer protocol); nothing keeps or changes it
-            self._ship(st, node, K_CALL, cast(bytes, body), False, PORT_BYTES)
+            self.send_value(st, K_CALL, None, cast(bytes, body), False, PORT_BYTES)
         reply = PortState(self, reply_id, node, callee_end)
         reply.pinned = True
         self.ports[reply_id] = reply
@@ -823,12 +945,13 @@ class Engine:
         rest = body[CALL_HEAD:] if len(body) < OOB_THRESHOLD else cast(bytes, memoryview(body)[CALL_HEAD:])
         return Message(K_CALL, None, rest, [reply])
 
-    def send_final(self, st: PortState, kind: int, obj: Any) -> None:
-        """Send the last message of this end (a final kind, an RPC reply)
-        and let the end go at once: the peer ends its stream on that message,
-        so no CLOSE is sent and none comes back."""
+    def send_final(self, st: PortState, kind: int, obj: Any, body: bytes | None = None) -> None:
+        """Send the last message of this end (a final kind, an RPC reply; its
+        ``body`` as for ``send_value``) and let the end go at once: the peer
+        ends its stream on that message, so no CLOSE is sent and none comes
+        back."""
         try:
-            self.send_value(st, kind, obj)
+            self.send_value(st, kind, obj, body)
         except PortFailed:
             pass  # the caller is gone (it learnt why): an answer to nobody is a no-op
         except BaseException:
@@ -903,7 +1026,7 @@ class Engine:
                 f"{unsent} bytes for node {st.peer_node.hex()[:12]} are not written yet (limit "
                 f"{self._link_max}): it is not reading; await drain() before sending more"
             )
-        if st.checkpoints is None:
+        if st.tx is None:
             t = self.ports.get(st.peer_port)
             n = len(t.queue) if t is not None else 0
             return BufferFull(
@@ -926,11 +1049,12 @@ class Engine:
             t = self.ports.get(st.peer_port)
             if t is not None and t.mode is OWNED:
                 return not t.closed and len(t.queue) >= lim.max_messages
-        if st.checkpoints is None:
+        tx = st.tx
+        if tx is None:
             return False
         return (
-            st.send_seq - 1 - st.acked_seq >= lim.max_messages
-            or st.sent_bytes - st.acked_bytes >= lim.max_bytes
+            st.send_seq - 1 - tx.acked_seq >= lim.max_messages
+            or st.sent_bytes - tx.acked_bytes >= lim.max_bytes
             or self.out.backlog(st.peer_node) >= lim.link_max_bytes
         )
 
@@ -942,45 +1066,45 @@ class Engine:
             t = self.ports.get(st.peer_port)
             if t is not None and t.mode is OWNED:
                 return len(t.queue) > lim.window_messages
-        if st.checkpoints is None:
+        tx = st.tx
+        if tx is None:
             return False
         return (
-            st.send_seq - 1 - st.acked_seq > lim.window_messages
-            or st.sent_bytes - st.acked_bytes > lim.window_bytes
-            or (st.want_all and st.acked_seq < st.send_seq - 1)
+            st.send_seq - 1 - tx.acked_seq > lim.window_messages
+            or st.sent_bytes - tx.acked_bytes > lim.window_bytes
+            or (tx.want_all and tx.acked_seq < st.send_seq - 1)
             or self.out.backlog(st.peer_node) > lim.link_buffer_bytes
         )
 
     def in_flight(self, st: PortState) -> tuple[int, int]:
         """Messages (sequenced items, to be exact) and bytes sent from ``st``
         to another node and not reported consumed yet."""
-        if st.checkpoints is None:
+        tx = st.tx
+        if tx is None:
             return 0, 0
-        return st.send_seq - 1 - st.acked_seq, st.sent_bytes - st.acked_bytes
+        return st.send_seq - 1 - tx.acked_seq, st.sent_bytes - tx.acked_bytes
 
     def _checkpoint(self, st: PortState, seq: int, n: int, force: bool) -> None:
         """Before sending item ``seq`` of ``n`` bytes: start tracking, check
         the hard limit, note what "consumed through seq - 1" will mean in
         bytes."""
-        ck = st.checkpoints
-        if ck is None:  # first send to another node (or first after a local spell)
-            ck = st.checkpoints = deque()
-            st.acked_seq = seq - 1
-            st.acked_bytes = st.sent_bytes
+        tx = st.tx
+        if tx is None:  # first send to another node (or first after a local spell)
+            tx = st.tx = SendWindow(seq - 1, st.sent_bytes)
         elif not force:
-            out_n = seq - 1 - st.acked_seq
-            out_b = st.sent_bytes - st.acked_bytes
+            out_n = seq - 1 - tx.acked_seq
+            out_b = st.sent_bytes - tx.acked_bytes
             if out_n >= self._max_n or (out_b + n > self._max_b and out_n):
-                if out_n < self._max_n and not st.want_all:
+                if out_n < self._max_n and not tx.want_all:
                     # this message alone is over the limit: it goes once every
                     # earlier one was consumed; consumption is reported in
                     # batches, so ask the receiver for an exact report now
-                    st.want_all = True
+                    tx.want_all = True
                     self._poll_consumed(st)
                 raise self._full(st)
             if self.out.backlog(st.peer_node) >= self._link_max:
                 raise self._full(st)
-        ck.append((seq - 1, st.sent_bytes))
+        tx.checkpoints.append((seq - 1, st.sent_bytes))
         st.next_checkpoint_seq = seq + CHECKPOINT_MESSAGES
         st.next_checkpoint_bytes = st.sent_bytes + n + self._checkpoint_every_bytes
 
@@ -1008,27 +1132,34 @@ class Engine:
             for fn in fns:
                 fn()
 
-    def consumed(self, st: PortState) -> None:
-        """The application took messages from ``st``'s queue: report it to a
-        remote sender once a quarter window has gone, wake a local one."""
+    def took(self, st: PortState, body: bytes | None) -> None:
+        """The application took a message (``body``: its bytes, None for a
+        local one) from ``st``'s queue: count it, report consumption to a
+        remote sender once a quarter window has gone (or at once, when it
+        asked for an exact report and the queue ran empty), wake a local
+        sender waiting in ``drain()``."""
+        if body is not None:
+            rx = st.rx
+            if rx is None:
+                rx = st.rx = RecvWindow()
+            n = rx.unreported_n = rx.unreported_n + 1
+            b = rx.unreported_bytes = rx.unreported_bytes + len(body)
+            if n >= self.ack_every_n or b >= self.ack_every_bytes:
+                self._report_consumed(st)
+            elif rx.report_all and not st.queue:  # its sender waits for an exact report
+                rx.report_all = False
+                self._report_consumed(st)
         if st.credit is not None and len(st.queue) <= self.limits.window_messages:
             self._fire_credit(st)
-        if st.unreported_n >= self.ack_every_n or st.unreported_bytes >= self.ack_every_bytes:
-            self._report_consumed(st)
-
-    def report_consumed(self, st: PortState) -> None:
-        """Report what was consumed now, if anything was since the last
-        report (the queue of ``st`` ran empty after a sender asked)."""
-        st.report_all = False
-        if st.unreported_n:
-            self._report_consumed(st)
 
     def _poll_consumed(self, st: PortState) -> None:
         if st.peer_node != self.node_id:
             self.out.send_event(st.peer_node, ConsumedEvent(st.peer_port, CONSUMED_POLL), [])
 
     def _report_consumed(self, st: PortState) -> None:
-        st.unreported_n = st.unreported_bytes = 0
+        rx = st.rx
+        if rx is not None:
+            rx.unreported_n = rx.unreported_bytes = 0
         if (
             st.peer_node != self.node_id
             and st.mode is OWNED
@@ -1045,9 +1176,12 @@ class Engine:
         if seq == CONSUMED_POLL:
             # our peer waits to send a message larger than its window: report
             # now, and again once the queue is empty
-            if st.unreported_n:
+            rx = st.rx
+            if rx is None:
+                rx = st.rx = RecvWindow()
+            if rx.unreported_n:
                 self._report_consumed(st)
-            st.report_all = bool(st.queue)
+            rx.report_all = bool(st.queue)
             return
         if seq >= st.send_seq:
             # credit for items never sent: a peer that forges it would make
@@ -1056,22 +1190,23 @@ class Engine:
                 f"the peer reported item {seq} consumed on port {st.id.hex()[:8]}, "
                 f"which has sent only {st.send_seq - 1}"
             )
-        ck = st.checkpoints
-        if ck is None or seq <= st.acked_seq:
+        tx = st.tx
+        if tx is None or seq <= tx.acked_seq:
             return
-        st.acked_seq = seq
+        tx.acked_seq = seq
+        ck = tx.checkpoints
         if seq == st.send_seq - 1:
             # everything sent was consumed: so were all its bytes (the
             # checkpoints only know the bytes *before* the last one, which
             # would keep a message larger than the window counted forever)
             ck.clear()
-            st.acked_bytes = st.sent_bytes
-            st.want_all = False
+            tx.acked_bytes = st.sent_bytes
+            tx.want_all = False
         else:
-            b = st.acked_bytes
+            b = tx.acked_bytes
             while ck and ck[0][0] <= seq:
                 b = ck.popleft()[1]
-            st.acked_bytes = b
+            tx.acked_bytes = b
         if st.credit is not None and not self.over_window(st):
             self._fire_credit(st)
 
@@ -1133,6 +1268,44 @@ class Engine:
                     s.peer_node = self.node_id
                 if old.ports.pop(s.id, None) is not None:
                     self.ports[s.id] = s
+
+    def stats(self) -> EngineStats:
+        """One walk over the table (see :class:`EngineStats`)."""
+        by_state: dict[str, int] = {}
+        by_peer: dict[bytes, int] = {}
+        queued = queued_bytes = out_n = out_b = 0
+        hops: set[bytes] = set()
+        targets: set[bytes] = set()
+        for st in list(self.ports.values()):
+            mv = st.move
+            if mv is None:
+                if st.error is not None:
+                    state = "failed"
+                elif st.closed:
+                    state = "closing"
+                elif st.peer_closed:
+                    state = "peer_closed"
+                else:
+                    state = "owned"
+                n, b = self.in_flight(st)
+                out_n += n
+                out_b += b
+            elif type(mv) is Transit:
+                state = "sending"
+                hops.add(mv.first_hop)
+            elif type(mv) is Proxy:
+                state = "proxy"
+                targets.add(mv.target_node)
+            else:
+                continue
+            by_state[state] = by_state.get(state, 0) + 1
+            by_peer[st.peer_node] = by_peer.get(st.peer_node, 0) + 1
+            queued += len(st.queue)
+            queued_bytes += sum(len(m.body) for m in st.queue if m.body is not None)
+        return EngineStats(
+            len(self.ports), by_state, by_peer, queued, queued_bytes, out_n, out_b,
+            frozenset(hops), frozenset(targets),
+        )
 
     # ------------------------------------------------------------------ wire side
 
@@ -1217,28 +1390,33 @@ class Engine:
             return
         st = self.ports.get(port)
         if st is not None and seq == st.recv_seq and not st.pending:
-            mode = st.mode
-            if mode is OWNED and not st.closed:
+            if st.mode is OWNED and not st.closed:
                 st.recv_seq = seq + 1
-                self._enqueue(st, Message(kind, None, body))
+                if kind >= K_REPLY:
+                    self._enqueue(st, Message(kind, None, body))
+                    return
+                # _enqueue of a message that is not final, inlined (a lone frame)
+                q = st.queue
+                q.append(Message(kind, None, body))
+                if len(q) == 1 and st.waker is not None:
+                    st.waker()
                 return
             # a port on the move: buffer or forward without event objects (a
             # moving port's backlog comes through here item by item)
-            if mode is SENDING:
+            mv = st.move
+            if type(mv) is Transit:
                 st.recv_seq = seq + 1
-                if st.buffer is None:
-                    st.buffer = []
-                st.buffer.append((seq, Message(kind, None, body)))
+                self._buffer(mv, seq, Message(kind, None, body))
                 return
-            if mode is PROXY and st.target_node != self.node_id:
+            if type(mv) is Proxy and mv.target_node != self.node_id:
                 st.recv_seq = seq + 1
                 try:
-                    self.out.send_data(st.target_node, st.target_port, seq, kind, body)
+                    self.out.send_data(mv.target_node, mv.target_port, seq, kind, body)
                 except (OSError, MessageError, BufferFull) as exc:
-                    self._forward_failed(st, exc)
+                    self._forward_failed(st, mv, exc)
                     return
-                if kind >= K_REPLY or (st.proxy_last is not None and seq >= st.proxy_last):
-                    self._proxy_done(st)
+                if kind >= K_REPLY or (mv.proxy_last is not None and seq >= mv.proxy_last):
+                    self._proxy_done(st, mv)
                 return
         self.receive(src, MsgEvent(port, seq, kind, 0, [], 0, body))
 
@@ -1268,50 +1446,53 @@ class Engine:
             return
         err = NodeFailure(node.hex(), reason)
         for st in list(self.ports.values()):
+            mv = st.move
             if st.proxy_from == node:
                 # items forwarded to this end through that node are lost: the
                 # stream has a hole that can never fill, so both sides fail
                 lost, undelivered = f"{LOST}: {err.cause}", f"{UNDELIVERED}: {err.cause}"
-                if st.mode is OWNED:
-                    if st.peer_node != node and not st.peer_closed:
-                        self._unsequenced(st.peer_node, FailEvent(st.peer_port, undelivered))
-                    st.lost = True
-                    self._fail_local(st, NodeFailure(node.hex(), f"{LOST}: {reason}"))
-                elif st.mode is SENDING:
-                    self._fail_other_side(st, node, undelivered)
-                    if st.first_hop == node:
+                match mv:
+                    case None:
+                        if st.peer_node != node and not st.peer_closed:
+                            self._unsequenced(st.peer_node, FailEvent(st.peer_port, undelivered))
+                        st.lost = True
+                        self._fail_local(st, NodeFailure(node.hex(), f"{LOST}: {reason}"))
+                    case Transit():
+                        self._fail_other_side(st, mv, node, undelivered)
+                        if mv.first_hop == node:
+                            self._remove(st)
+                        else:
+                            mv.pending_fail = lost
+                    case Proxy():
+                        self._unsequenced(mv.target_node, FailEvent(mv.target_port, lost))
+                        self._fail_other_side(st, mv, node, undelivered)
                         self._remove(st)
-                    else:
-                        st.pending_fail = lost
-                else:
-                    self._unsequenced(st.target_node, FailEvent(st.target_port, lost))
-                    self._fail_other_side(st, node, undelivered)
-                    self._remove(st)
                 continue
-            if st.mode is OWNED:
-                if st.peer_node == node:
-                    # items waiting in the reorder buffer came another way: the
-                    # peer moved on (it is alive), and what it sent through the
-                    # dead node before is lost; and what we sent there that
-                    # was not reported consumed may be lost too
-                    st.lost = bool(st.pending)
-                    st.sent_lost = st.checkpoints is not None and st.acked_seq < st.send_seq - 1
-                    self._fail_local(st, err)
-            elif st.mode is SENDING:
-                if st.first_hop == node:
-                    # the message carrying this port died with that node, and
-                    # what its peer sent to it with it
-                    self._fail_other_side(st, node, f"{UNDELIVERED}: {err.cause}")
-                    self._remove(st)
-                elif st.peer_node == node and st.pending_fail is None:
-                    st.pending_fail = err.cause
-            else:
-                if st.target_node == node:  # what it forwarded there may be lost
-                    self._fail_other_side(st, node, f"{UNDELIVERED}: {err.cause}")
-                    self._remove(st)
-                elif st.peer_node == node:
-                    self._unsequenced(st.target_node, FailEvent(st.target_port, err.cause))
-                    self._remove(st)
+            match mv:
+                case None:
+                    if st.peer_node == node:
+                        # items waiting in the reorder buffer came another way: the
+                        # peer moved on (it is alive), and what it sent through the
+                        # dead node before is lost; and what we sent there that
+                        # was not reported consumed may be lost too
+                        st.lost = bool(st.pending)
+                        st.sent_lost = st.tx is not None and st.tx.acked_seq < st.send_seq - 1
+                        self._fail_local(st, err)
+                case Transit():
+                    if mv.first_hop == node:
+                        # the message carrying this port died with that node, and
+                        # what its peer sent to it with it
+                        self._fail_other_side(st, mv, node, f"{UNDELIVERED}: {err.cause}")
+                        self._remove(st)
+                    elif st.peer_node == node and mv.pending_fail is None:
+                        mv.pending_fail = err.cause
+                case Proxy():
+                    if mv.target_node == node:  # what it forwarded there may be lost
+                        self._fail_other_side(st, mv, node, f"{UNDELIVERED}: {err.cause}")
+                        self._remove(st)
+                    elif st.peer_node == node:
+                        self._unsequenced(mv.target_node, FailEvent(mv.target_port, err.cause))
+                        self._remove(st)
         self._run()
 
     # ------------------------------------------------------------------ internals
@@ -1344,25 +1525,39 @@ class Engine:
         left: list[Item] = []
         if st.pending:
             left.extend(st.pending.values())
-        if st.buffer:
-            left.extend(item for _, item in st.buffer)
+        mv = st.move
+        if type(mv) is Transit and mv.buffer:
+            left.extend(item for _, item in mv.buffer)
+            mv.buffer = None
         st.pending = None
-        st.buffer = None
-        st.checkpoints = None
+        st.tx = None
         for item in left:
             self._abandon(item)
         self._fire_credit(st)
 
     @staticmethod
-    def _note_relayed(st: PortState, item: _ChangePeer) -> None:
-        if st.relayed is None:
-            st.relayed = []
-        st.relayed.append((item.old_node, item.old_port))
+    def _repoint(st: PortState, item: _ChangePeer) -> None:
+        """A ``CHANGE_PEER`` reached an end in transit or proxying: its peer
+        is now the new end, and the old one's proxy waits for an
+        acknowledgement (``relayed``) that a failure may swallow."""
+        st.peer_node = item.new_node
+        st.peer_port = item.new_port
+        mv = st.move
+        if mv is not None:
+            if mv.relayed is None:
+                mv.relayed = []
+            mv.relayed.append((item.old_node, item.old_port))
 
-    def _fail_other_side(self, st: PortState, dead: bytes, reason: str) -> None:
+    @staticmethod
+    def _buffer(mv: Transit, seq: int, item: Item) -> None:
+        if mv.buffer is None:
+            mv.buffer = []
+        mv.buffer.append((seq, item))
+
+    def _fail_other_side(self, st: PortState, mv: Transit | Proxy, dead: bytes, reason: str) -> None:
         """This end in transit or proxying broke: tell the peer, and every
         proxy of the peer's side still waiting on an acknowledgement."""
-        targets = [(st.peer_node, st.peer_port), *(st.relayed or ())]
+        targets = [(st.peer_node, st.peer_port), *(mv.relayed or ())]
         for node, port in dict.fromkeys(targets):
             if node != dead:
                 self._unsequenced(node, FailEvent(port, reason))
@@ -1379,13 +1574,13 @@ class Engine:
             reason = "the peer port is gone" if gone is None else self._cause_for_peer(gone)
             self._unsequenced(item.old_node, FailEvent(item.old_port, reason))
 
-    def _forward_failed(self, st: PortState, exc: OSError | MessageError | BufferFull) -> None:
+    def _forward_failed(self, st: PortState, mv: Proxy, exc: OSError | MessageError | BufferFull) -> None:
         """A proxy could not pass an item on (the outbox refused it: no
         descriptor for an out-of-band body, say): the stream has a hole that
         can never fill, so both sides fail, saying items were lost."""
         reason = f"a node forwarding them could not pass one on: {exc}"
-        self._unsequenced(st.target_node, FailEvent(st.target_port, f"{LOST}: {reason}"))
-        self._fail_other_side(st, _NO_ID, f"{UNDELIVERED}: {reason}")
+        self._unsequenced(mv.target_node, FailEvent(mv.target_port, f"{LOST}: {reason}"))
+        self._fail_other_side(st, mv, _NO_ID, f"{UNDELIVERED}: {reason}")
         self._remove(st)
 
     @staticmethod
@@ -1399,10 +1594,10 @@ class Engine:
             return f"{LOST}: {cause}"
         return cause
 
-    def _proxy_done(self, st: PortState) -> None:
+    def _proxy_done(self, st: PortState, mv: Proxy) -> None:
         """A proxy has forwarded all it owed: tell its target, and go."""
         self._remove(st)
-        self._unsequenced(st.target_node, ProxyDoneEvent(st.target_port))
+        self._unsequenced(mv.target_node, ProxyDoneEvent(mv.target_port))
 
     def _fail_local(self, st: PortState, err: PortFailed) -> None:
         if st.error is None and not st.peer_closed:
@@ -1516,72 +1711,66 @@ class Engine:
             f"the peer sent more than {self.limits.max_messages + MAX_REORDER} items "
             "beyond what this end consumed (flow-control limit)"
         )
-        if st.mode is OWNED:
+        mv = st.move
+        if mv is None:
             self._unsequenced(st.peer_node, FailEvent(st.peer_port, f"{UNDELIVERED}: {reason}"))
             st.lost = True
             self._fail_local(st, PortFailed(reason))
         else:
-            self._fail_other_side(st, _NO_ID, f"{UNDELIVERED}: {reason}")
+            self._fail_other_side(st, mv, _NO_ID, f"{UNDELIVERED}: {reason}")
             self._remove(st)
 
     def _process(self, st: PortState, seq: int, item: Item) -> None:
-        mode = st.mode
-        if mode is OWNED:
-            if isinstance(item, Message):
-                if st.closed or st.error is not None:
-                    self.dispose(item)
-                    if item.kind >= K_REPLY and st.error is None:
-                        self._finished(st)  # the peer let go: no tombstone left waiting
+        """One sequenced item, in order: the table at the top of this module."""
+        match st.move:
+            case None:  # OWNED
+                match item:
+                    case Message():
+                        if st.closed or st.error is not None:
+                            self.dispose(item)
+                            if item.kind >= K_REPLY and st.error is None:
+                                self._finished(st)  # the peer let go: no tombstone left waiting
+                            return
+                        self._enqueue(st, item)
+                    case _CloseItem():
+                        st.peer_closed = True
+                        if not st.close_sent:
+                            st.close_sent = True
+                            self._route(st.peer_node, st.peer_port, st.send_seq, _CLOSE)
+                            st.send_seq += 1
+                        self._remove(st)
+                        if st.waker is not None:
+                            st.waker()
+                    case _ChangePeer():
+                        self._repoint(st, item)
+                        self._unsequenced(item.old_node, ProxyAckEvent(item.old_port, st.send_seq - 1))
+                        if item.new_node != self.node_id:
+                            self.out.watch(item.new_node)
+                        else:
+                            st.tx = None  # a local peer's queue is the count now
+                            st.next_checkpoint_seq = 0
+                        if st.tx is not None and st.tx.want_all:
+                            self._poll_consumed(st)  # the old end's poll died with it
+                        self._fire_credit(st)  # a drain() waiting on the old peer re-checks
+            case Transit() as mv:  # SENDING: buffer
+                if type(item) is _ChangePeer:
+                    self._repoint(st, item)
+                self._buffer(mv, seq, item)
+            case Proxy() as mv:  # PROXY: forward
+                if type(item) is _ChangePeer:
+                    self._repoint(st, item)
+                try:
+                    self._route(mv.target_node, mv.target_port, seq, item)
+                except (OSError, MessageError, BufferFull) as exc:
+                    self._abandon(item)
+                    self._forward_failed(st, mv, exc)
                     return
-                self._enqueue(st, item)
-                return
-            elif isinstance(item, _CloseItem):
-                st.peer_closed = True
-                if not st.close_sent:
-                    st.close_sent = True
-                    self._route(st.peer_node, st.peer_port, st.send_seq, _CLOSE)
-                    st.send_seq += 1
-                self._remove(st)
-            else:
-                st.peer_node = item.new_node
-                st.peer_port = item.new_port
-                self._unsequenced(item.old_node, ProxyAckEvent(item.old_port, st.send_seq - 1))
-                if item.new_node != self.node_id:
-                    self.out.watch(item.new_node)
-                elif item.new_node == self.node_id:
-                    st.checkpoints = None  # a local peer's queue is the count now
-                    st.next_checkpoint_seq = 0
-                if st.want_all:
-                    self._poll_consumed(st)  # the old end's poll died with it
-                self._fire_credit(st)  # a drain() waiting on the old peer re-checks
-                return
-            if st.waker is not None:
-                st.waker()
-        elif mode is SENDING:
-            if isinstance(item, _ChangePeer):
-                st.peer_node = item.new_node
-                st.peer_port = item.new_port
-                self._note_relayed(st, item)
-            if st.buffer is None:
-                st.buffer = []
-            st.buffer.append((seq, item))
-        else:
-            if isinstance(item, _ChangePeer):
-                st.peer_node = item.new_node
-                st.peer_port = item.new_port
-                self._note_relayed(st, item)
-            try:
-                self._route(st.target_node, st.target_port, seq, item)
-            except (OSError, MessageError, BufferFull) as exc:
-                self._abandon(item)
-                self._forward_failed(st, exc)
-                return
-            if (
-                isinstance(item, _CloseItem)
-                or (isinstance(item, Message) and item.kind >= K_REPLY)
-                or (st.proxy_last is not None and seq >= st.proxy_last)
-            ):
-                self._proxy_done(st)
+                if (
+                    type(item) is _CloseItem
+                    or (type(item) is Message and item.kind >= K_REPLY)
+                    or (mv.proxy_last is not None and seq >= mv.proxy_last)
+                ):
+                    self._proxy_done(st, mv)
 
     def _send_port(self, ps: PortState, dest: bytes) -> PortDesc:
         """Turn the end ``ps`` into a descriptor bound for node ``dest``."""
@@ -1597,7 +1786,7 @@ class Engine:
             self._after.append((dest, FailEvent(new_id, ps.error.cause)))  # its real cause follows
             return PortDesc(new_id, _NO_ID, _NO_ID, _NO_ID, 0, 0, D_DEAD | D_PEER_CLOSED)
         ps.waker = None
-        if ps.unreported_n:
+        if ps.rx is not None and ps.rx.unreported_n:
             self._report_consumed(ps)  # the new end counts from zero
         self._fire_credit(ps)
         for i, m in enumerate(ps.queue):
@@ -1624,6 +1813,7 @@ class Engine:
             peer.peer_node = dest
             peer.peer_port = new_id
             ps.mode = SENDING  # gone from here; any stale use fails
+            ps.move = Transit(dest, None)
             self._remove(ps)
             return PortDesc(new_id, self.node_id, peer.id, ps.id, ps.send_seq, ps.recv_seq, D_DIRECT)
         unread = list(ps.queue)
@@ -1642,8 +1832,7 @@ class Engine:
             flags = D_PEER_CLOSED
         desc = PortDesc(new_id, ps.peer_node, ps.peer_port, ps.id, ps.send_seq, base, flags)
         ps.mode = SENDING
-        ps.first_hop = dest
-        ps.buffer = buffer
+        ps.move = Transit(dest, buffer)
         ps.send_seq += 1
         self.ports[ps.id] = ps
         return desc
@@ -1687,13 +1876,15 @@ class Engine:
 
     def _on_arrived(self, src: bytes, port: bytes, new_port: bytes) -> None:
         st = self.ports.get(port)
-        if st is None or st.mode is not SENDING:
+        if st is None:
+            return
+        tr = st.move
+        if type(tr) is not Transit:
             return
         st.mode = PROXY
-        st.target_node = src
-        st.target_port = new_port
-        buffer = st.buffer or []
-        st.buffer = None
+        mv = st.move = Proxy(src, new_port, tr)
+        buffer = tr.buffer or []
+        tr.buffer = None
         data = self.out.send_data if src != self.node_id else None
         for i, (seq, item) in enumerate(buffer):
             try:
@@ -1705,25 +1896,28 @@ class Engine:
             except (OSError, MessageError, BufferFull) as exc:
                 for _, rest in buffer[i:]:
                     self._abandon(rest)
-                self._forward_failed(st, exc)
+                self._forward_failed(st, mv, exc)
                 return
             if isinstance(item, _CloseItem):
-                self._proxy_done(st)
+                self._proxy_done(st, mv)
                 return
-        if st.pending_fail is not None:
-            self._unsequenced(src, FailEvent(new_port, st.pending_fail))
+        if tr.pending_fail is not None:
+            self._unsequenced(src, FailEvent(new_port, tr.pending_fail))
             self._remove(st)
-        elif st.proxy_last is not None and st.recv_seq - 1 >= st.proxy_last:
-            self._proxy_done(st)
+        elif mv.proxy_last is not None and st.recv_seq - 1 >= mv.proxy_last:
+            self._proxy_done(st, mv)
         self._run()
 
     def _on_proxy_ack(self, port: bytes, last: int) -> None:
         st = self.ports.get(port)
-        if st is None or st.mode is OWNED:
+        if st is None:
             return
-        st.proxy_last = last
-        if st.mode is PROXY and st.recv_seq - 1 >= last:
-            self._proxy_done(st)
+        mv = st.move
+        if mv is None:
+            return
+        mv.proxy_last = last
+        if type(mv) is Proxy and st.recv_seq - 1 >= last:
+            self._proxy_done(st, mv)
 
     def _on_fail(self, port: bytes, err: PortFailed) -> None:
         st = self.ports.get(port)
@@ -1747,12 +1941,12 @@ class Engine:
                 # reach both ends, and the forwarder's own target may be long
                 # gone by the time its notice arrives; a dead peer ignores it.
                 self._unsequenced(st.peer_node, FailEvent(st.peer_port, self._cause_for_peer(st)))
-        elif st.mode is SENDING:
-            if st.pending_fail is None or err.cause.startswith((LOST, UNDELIVERED)):
+        elif type(mv := st.move) is Transit:
+            if mv.pending_fail is None or err.cause.startswith((LOST, UNDELIVERED)):
                 # the first cause is the root one; a later notice (say "the peer
                 # port is gone", which the first failure caused) must not hide
                 # that items were lost
-                st.pending_fail = err.cause
-        else:
-            self._unsequenced(st.target_node, FailEvent(st.target_port, err.cause))
+                mv.pending_fail = err.cause
+        elif type(mv) is Proxy:
+            self._unsequenced(mv.target_node, FailEvent(mv.target_port, err.cause))
             self._remove(st)
