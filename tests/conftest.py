@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,6 +13,16 @@ import pytest
 import meshipc
 
 sys.path.insert(0, str(Path(__file__).parent))
+
+# Processes the tests start (examples, the CLI, clients) inherit PYTHONPATH;
+# a relative entry (``PYTHONPATH=src`` in a checkout) would name other code,
+# or none, in a process started in another directory (the examples' service
+# runs in examples/): it would import whatever meshipc is installed instead
+# of the one under test.
+if os.environ.get("PYTHONPATH"):
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        os.path.abspath(p) if p else p for p in os.environ["PYTHONPATH"].split(os.pathsep)
+    )
 
 from relutil import private_dir  # found through the path just set
 
