@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,7 +14,54 @@ import meshipc
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+# Processes the tests start (examples, the CLI, clients) inherit PYTHONPATH;
+# a relative entry (``PYTHONPATH=src`` in a checkout) would name other code,
+# or none, in a process started in another directory (the examples' service
+# runs in examples/): it would import whatever meshipc is installed instead
+# of the one under test.
+if os.environ.get("PYTHONPATH"):
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        os.path.abspath(p) if p else p for p in os.environ["PYTHONPATH"].split(os.pathsep)
+    )
+
 from relutil import private_dir  # found through the path just set
+
+#: Test modules of the sans-IO cores (``_wire``, ``_handshake``, ``_codec``,
+#: ``_ids``, the port engine on the in-memory net, the invitation decoder,
+#: the exception and name tables). Their plain (not ``async def``) tests run
+#: no event loop and open no socket and no process, so neither the loop nor
+#: the portable mode can change what they do: they are marked ``any_mode``,
+#: and CI runs them in its first mode only (``.ci/run``).
+SANS_IO_MODULES = frozenset(
+    {
+        "test_api.py",
+        "test_channel.py",
+        "test_codec.py",
+        "test_errors.py",
+        "test_handshake.py",
+        "test_ids.py",
+        "test_invitation.py",
+        "test_ports.py",
+        "test_wire.py",
+    }
+)
+#: ... except these plain tests, which do drive a loop, sockets or a process
+#: (``import meshipc`` in a fresh interpreter: the portable mode is read there)
+NOT_SANS_IO = frozenset(
+    {
+        "test_api.py::test_the_lazy_table_and_all_agree_and_import_loads_nothing_else",
+        "test_handshake.py::test_handshake_acceptor_any_bytes",
+    }
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if not isinstance(item, pytest.Function) or inspect.iscoroutinefunction(item.obj):
+            continue
+        where = item.path.name
+        if where in SANS_IO_MODULES and f"{where}::{item.originalname}" not in NOT_SANS_IO:
+            item.add_marker(pytest.mark.any_mode)
 
 
 @pytest.hookimpl(tryfirst=True)

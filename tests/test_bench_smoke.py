@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -37,12 +36,10 @@ def test_tiny_round_trip(tmp_path: Path) -> None:
     out = tmp_path / "r.json"
     paths = "meshipc (stock,multiprocessing.Pipe"
     argv = ["--only", "rtt", "--paths", paths, "--runs", "1", "--scale", "0.01", "--json", str(out)]
-    t0 = time.monotonic()
     r = subprocess.run(
         [sys.executable, "-m", "bench", *argv], cwd=ROOT, capture_output=True, text=True, timeout=60
     )
-    assert r.returncode == 0, r.stderr
-    assert time.monotonic() - t0 < 30
+    assert r.returncode == 0, r.stderr  # (the 60 s timeout only turns a hang into a failure)
     assert run.PIPE in r.stdout
     data = json.loads(out.read_text())
     rtt = data["benches"]["rtt"]

@@ -155,8 +155,11 @@ async def test_silent_flood_is_capped_and_a_real_client_gets_through(
 
 
 FD_SERVICE = """
-import asyncio, json, logging, resource, sys, meshipc
+import asyncio, json, logging, resource, sys, meshipc, meshipc._sockets
 logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+# one line per kind per interval: an interval longer than any run of the test
+# makes the count of lines independent of how fast the machine is
+meshipc._sockets.RateLimitedLog.__init__.__defaults__ = (3600.0,)
 async def main():
     async with meshipc.Mesh(name="fds", runtime_dir=sys.argv[1]) as mesh:
         listener = await mesh.listen()
@@ -207,9 +210,10 @@ async def test_out_of_fds_pauses_accepting_and_recovers(runtime_dir: Path) -> No
             svc.kill()
             await svc.wait()
     lines = err.splitlines()
-    # rate-limited: one line per kind per LOG_INTERVAL (10 s); the test takes
-    # a few seconds (a slow machine: some more), the old busy loop wrote megabytes
-    assert 1 <= sum("accept failed (Too many open files)" in line for line in lines) <= 3, err
+    # rate-limited: one line per kind per interval (an hour here), so at most
+    # one from each of the node's and the listener's acceptors however slow
+    # the machine; the old busy loop wrote megabytes
+    assert 1 <= sum("accept failed (Too many open files)" in line for line in lines) <= 2, err
     assert len(lines) <= 15, err
     assert list(runtime_dir.iterdir()) == []
 

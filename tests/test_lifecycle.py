@@ -282,7 +282,9 @@ logging.basicConfig(level=logging.INFO, stream=sys.stderr)
 async def main():
     async with meshipc.Mesh(runtime_dir=sys.argv[1]) as mesh:
         tx, rx = meshipc.channel()
-        await mesh.spawn("workers:stubborn", tx)  # ignores being stopped: closing waits 5 s
+        # ignores being stopped: closing waits CHILD_GRACE (5 s); once its
+        # parent is gone, it lives 1 s (its TERM_GRACE)
+        await mesh.spawn("workers:stubborn_brief", tx)
         print(await rx.recv(), flush=True)
         await asyncio.Event().wait()
 asyncio.run(main())
@@ -291,7 +293,7 @@ asyncio.run(main())
 
 async def test_second_sigterm_while_closing_ends_the_process_at_once(runtime_dir: Path, tmp_path: Path):
     """And the worker it leaves behind, which ignores being cancelled, still
-    exits (within the child's TERM_GRACE) when its parent is gone."""
+    exits (within the child's TERM_GRACE, 1 s here) when its parent is gone."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), *sys.path]))
     out, err = tmp_path / "out", tmp_path / "err"
     # files, not pipes: the orphaned worker inherits them, and a pipe it holds

@@ -110,9 +110,9 @@ async def test_item2_backlog_over_65536_moves_intact(runtime_dir: Path) -> None:
     ChannelClosed; a new port to Y's process still works. (Today Y
     rejects the 65,537th early item with ProtocolError and drops the link.)
 
-    The producer drains where ``drain`` exists: a window must be enforced by
-    waiting, so it may block while X is stopped; it is given 3 s to either
-    finish or block, then X resumes."""
+    The producer drains: a window must be enforced by waiting, so it blocks
+    while X is stopped; once it went over its window (or finished), X
+    resumes."""
     backlog = more = 70_000
     async with meshipc.Mesh(runtime_dir=runtime_dir) as mesh, reaped(mesh) as procs:
         rep_tx, rep_rx = meshipc.channel()
@@ -141,19 +141,24 @@ async def test_item2_backlog_over_65536_moves_intact(runtime_dir: Path) -> None:
         assert (await next_report(rep_rx, "got"))[0] == "got"
         await wait_until(lambda: _proc_state(x.pid) == "T", "X to stop itself")
 
+        over_window = asyncio.Event()
+
         async def produce() -> None:
             for i in range(backlog, backlog + more):
                 a.send(i)
                 if i % 1000 == 999:
+                    if a.statistics().in_flight > mesh.limits.window_messages:
+                        over_window.set()  # Y has read nothing: drain() waits for X
                     await _drain(a)
 
         producer = asyncio.ensure_future(produce())
+        blocked = asyncio.ensure_future(over_window.wait())
         try:
-            try:
-                await within(asyncio.shield(producer), 3.0)
-            except TimeoutError:
-                pass  # blocked in drain() while X is stopped: fine
+            # Y can consume nothing while X's backlog is stuck behind it: the
+            # producer either finishes or goes over its window and waits
+            await within(asyncio.wait({producer, blocked}, return_when=asyncio.FIRST_COMPLETED))
         finally:
+            blocked.cancel()
             signal_proc(x, signal.SIGCONT)
         await within(producer)
         a.close()

@@ -16,6 +16,7 @@ import resource
 from typing import Any
 
 import meshipc
+import meshipc._child
 from meshipc import Call, ChannelClosed, Fd, Port, Receiver, Sender
 from relutil import LagMeter
 
@@ -145,7 +146,9 @@ async def collect_port(arg: dict[str, Any]) -> None:
 
 
 async def stream_and_serve(arg: dict[str, Any]) -> None:
-    """Stream increasing ints on ``arg["out"]`` forever, paced, while serving
+    """Stream increasing ints on ``arg["out"]`` forever, paced by the
+    reader (``drain()``: what is unread stays within the window, so a test
+    that reads the rest after a kill has little to read), while serving
     calls on ``arg["calls"]``: ``"ping"`` is answered with ``"pong"``; any
     other request is held unanswered (and ``["held", request]`` is put in the
     stream so the caller knows it arrived)."""
@@ -168,7 +171,8 @@ async def stream_and_serve(arg: dict[str, Any]) -> None:
             for _ in range(100):
                 out.send(i)
                 i += 1
-            await asyncio.sleep(0.001)  # pacing, not synchronization
+            await out.drain()
+            await asyncio.sleep(0.001)  # pacing (and the calls' turn), not synchronization
     finally:
         server.cancel()
 
@@ -182,6 +186,13 @@ async def stubborn(arg: Sender[Any]) -> None:
             await asyncio.Event().wait()
         except asyncio.CancelledError:
             pass
+
+
+async def stubborn_brief(arg: Sender[Any]) -> None:
+    """``stubborn``, with a grace of 1 s instead of ``TERM_GRACE``'s 5 once
+    SIGTERM tells it to stop: the same alarm ends it, sooner."""
+    meshipc._child.TERM_GRACE = 1
+    await stubborn(arg)
 
 
 async def idle(arg: Sender[Any]) -> None:
