@@ -197,7 +197,7 @@ async def test_concurrent_recv_on_one_receiver():
     tx.send(1)
     tx.send(2)
     try:
-        done, _ = await asyncio.wait({t1, t2}, timeout=1.0)
+        done, _ = await asyncio.wait({t1, t2}, timeout=10.0)
         assert len(done) == 2
         assert sorted([t1.result(), t2.result()]) == [1, 2]
     finally:
@@ -217,7 +217,7 @@ async def test_cancelling_one_waiter_leaves_the_others_waiting():
     await asyncio.wait({first})
     tx.send("for the second")
     try:
-        done, _ = await asyncio.wait({second}, timeout=1.0)
+        done, _ = await asyncio.wait({second}, timeout=10.0)
         assert not second.cancelled(), "a recv() nobody cancelled raised CancelledError"
         assert done and second.result() == "for the second"
     finally:
@@ -232,7 +232,7 @@ async def test_close_wakes_waiting_recv():
     await asyncio.sleep(0)
     rx.close()  # e.g. another task shutting a server down
     try:
-        done, _ = await asyncio.wait({task}, timeout=1.0)
+        done, _ = await asyncio.wait({task}, timeout=10.0)
         assert done, "recv still blocked after its receiver was closed"
         assert isinstance(task.exception(), ChannelClosed)
     finally:

@@ -355,22 +355,19 @@ async def test_kill_9_mid_stream(runtime_dir: Path) -> None:
             assert not pending.done()
 
             streamer.kill()
-            loop = asyncio.get_running_loop()
-            t0 = loop.time()
             with pytest.raises(PortFailed):
-                async with asyncio.timeout(STEP):
+                async with asyncio.timeout(STEP):  # a hang fails (TimeoutError)
                     while True:
                         await next_item()
-            assert loop.time() - t0 < STEP
-            # the pending call fails at the same time as the stream
+            # the pending call fails with the stream
             with pytest.raises((PortFailed, ChannelClosed)):
-                await within(pending, 1.0)
-            # and a new one fails at once
+                await within(pending)
+            # and a new one fails
             with pytest.raises((PortFailed, ChannelClosed)):
-                await within(calls_tx.call("ping"), 1.0)
+                await within(calls_tx.call("ping"))
             # the stream stays failed
             with pytest.raises(PortFailed):
-                await within(out_rx.recv(), 1.0)
+                await within(out_rx.recv())
 
             assert await within(streamer.wait()) == -9
             for i in range(10):
@@ -764,7 +761,7 @@ async def test_no_fd_leak_over_spawn_cycles(runtime_dir: Path) -> None:
         gc.collect()
         before = open_fds()
         ports_before = mesh.stats().node.ports
-        for i in range(20):
+        for i in range(8):  # a leak of one fd or port per cycle shows as 8 > 3
             await cycle(i)
         gc.collect()
         assert mesh.stats().workers == 0  # exited workers are not kept by the mesh

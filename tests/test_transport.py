@@ -93,7 +93,19 @@ async def linked() -> AsyncIterator[tuple[Link, Link, Inbox, Inbox]]:
         lb.close()
 
 
-async def test_the_first_message_goes_out_at_once_and_the_rest_of_the_turn_coalesces() -> None:
+def _frozen_clock(monkeypatch: Any) -> None:
+    """The transport's clock stands still: every message after an immediate
+    one is "right behind it" (within ``BURST_GAP``) however slowly this
+    process runs, so what is coalesced does not depend on the machine."""
+    import meshipc._transport as transport
+
+    monkeypatch.setattr(transport, "_monotonic", lambda: 100.0)
+
+
+async def test_the_first_message_goes_out_at_once_and_the_rest_of_the_turn_coalesces(
+    monkeypatch: Any,
+) -> None:
+    _frozen_clock(monkeypatch)
     async with linked() as (a, _b, _, got):
         a.write_data(PORT, 0, K_DATA, b"first")
         assert a.writes == 1  # written inside the call, no loop turn
@@ -126,7 +138,8 @@ async def test_stats_is_a_snapshot_of_the_counters() -> None:
     assert a.stats().closed
 
 
-async def test_a_stream_keeps_coalescing_one_write_per_turn() -> None:
+async def test_a_stream_keeps_coalescing_one_write_per_turn(monkeypatch: Any) -> None:
+    _frozen_clock(monkeypatch)
     async with linked() as (a, _b, _, got):
         n = 0
         for _ in range(50):  # 50 loop turns of 100 frames each
