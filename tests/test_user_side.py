@@ -336,3 +336,37 @@ def test_ctrl_c_on_a_service_exits_130_cleanly_without_a_traceback(tmp_path: Pat
     assert proc.returncode == 130
     assert err == ""  # no traceback, no "during handling"
     assert not directory.exists()  # the mesh closed as on any exit
+
+
+# ------------------------------------------------------------- typed RPC
+
+
+async def test_an_rpc_channel_hands_the_server_rpc_objects() -> None:
+    tx, rx = meshipc.channel(meshipc.Rpc[Rect, int])
+
+    async def server() -> None:
+        async for call in rx:
+            assert isinstance(call, meshipc.Rpc) and isinstance(call, meshipc.Call)
+            call.reply(call.request.w * call.request.h)
+
+    task = asyncio.ensure_future(server())
+    try:
+        assert await asyncio.wait_for(tx.call(Rect(2, 3)), STEP) == 6
+    finally:
+        tx.close()
+        await asyncio.wait_for(task, STEP)
+
+
+async def test_conn_call_converts_the_reply_to_the_type_asked_for(runtime_dir: Path) -> None:
+    async with meshipc.Mesh(name="reply-type", runtime_dir=runtime_dir) as mesh:
+        await mesh.listen()
+        mesh.serve("rect", _rect)
+        async with meshipc.connect("reply-type", runtime_dir=runtime_dir, timeout=STEP) as conn:
+            got = await conn.call("rect", 3, timeout=STEP, reply_type=Rect)
+            assert got == Rect(3, 6)
+            with pytest.raises(meshipc.MessageError, match="not a <class 'int'>"):
+                await conn.call("rect", 3, timeout=STEP, reply_type=int)
+
+
+async def _rect(side: int) -> Rect:
+    return Rect(side, 2 * side)

@@ -14,7 +14,7 @@ if TYPE_CHECKING:
 
     from . import sync
     from ._attach import Attaching, Attachment, connect, join
-    from ._channel import Call, ChannelStatistics, Port, Receiver, Sender, channel
+    from ._channel import Call, ChannelStatistics, Port, Receiver, Rpc, Sender, channel
     from ._control_msgs import ControlLimits, ControlStatistics
     from ._errors import (
         AuthenticationError,
@@ -66,6 +66,7 @@ del TYPE_CHECKING
 #: public name -> (module, attribute)
 _LAZY: dict[str, tuple[str, str]] = {
     "Call": ("._channel", "Call"),
+    "Rpc": ("._channel", "Rpc"),
     "Port": ("._channel", "Port"),
     "Receiver": ("._channel", "Receiver"),
     "Sender": ("._channel", "Sender"),
@@ -145,6 +146,7 @@ __all__ = (
     "ControlStatistics",
     "ChannelStatistics",
     "Call",
+    "Rpc",
     "ChannelClosed",
     "ConnectError",
     "DescriptorsTruncated",

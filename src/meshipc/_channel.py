@@ -20,7 +20,7 @@ import weakref
 from collections import deque
 from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar, overload
 
 from . import _codec
 from ._codec import (
@@ -40,6 +40,8 @@ from ._ports import Engine, Message, PortState
 from ._wire import K_ADD_SENDER, K_CALL, K_DATA, K_ERROR, K_REPLY, K_REPLY_ERROR
 
 T = TypeVar("T")
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
 log = logging.getLogger("meshipc")
 
 # Extension type codes of the handles inside message bodies (registered with
@@ -297,6 +299,7 @@ class _Inbox(_Handle):
     _merges = True
 
     __slots__ = (
+        "_call",
         "_calls_only",
         "_error",
         "_foreign",
@@ -335,7 +338,9 @@ class _Inbox(_Handle):
     def _set_type(self, tp: Any) -> None:
         """What this end validates messages from other processes against; a
         ``Call[T]`` receiver (a server's) takes calls only, with ``T`` requests."""
-        self._calls_only = tp is Call or typing.get_origin(tp) is Call
+        origin = tp if isinstance(tp, type) else typing.get_origin(tp)
+        self._calls_only = isinstance(origin, type) and issubclass(origin, Call)
+        self._call = origin if self._calls_only else Call
         if self._calls_only:
             args = typing.get_args(tp)
             tp = args[0] if args else Any
@@ -522,7 +527,7 @@ class _Inbox(_Handle):
         if kind == K_CALL:
             if msg.body is None:
                 cm: _CallMsg = msg.obj
-                return Call(cm.request, cm.reply)
+                return self._call(cm.request, cm.reply)
             ports = msg.ports
             if not ports:
                 _local_engine.dispose(msg)
@@ -539,7 +544,7 @@ class _Inbox(_Handle):
             except MessageError as exc:
                 Call(None, reply).fail(exc)  # tell the caller why, instead of hanging up
                 return self._drop_bad(exc)
-            return Call(req, reply)
+            return self._call(req, reply)
         if kind == K_ADD_SENDER:
             if msg.body is None:
                 sender = msg.obj
@@ -702,8 +707,13 @@ class Sender(_Handle, Generic[T]):
         _send(self, K_ADD_SENDER, Sender._wrap([b]))
         return Sender._wrap([a])
 
+    @overload
+    async def call(self: Sender[Rpc[Req, Resp]], request: Req) -> Resp: ...
+    @overload
+    async def call(self: Sender[Call[Req]], request: Req) -> Any: ...
     async def call(self, request: Any) -> Any:
-        """Send ``request`` as a ``Call`` and wait for the reply.
+        """Send ``request`` as a ``Call`` and wait for the reply (a
+        ``Sender[Rpc[Req, Resp]]`` takes a ``Req`` and returns a ``Resp``).
 
         Raises ``RemoteError`` if the callee failed it, ``ChannelClosed`` if the
         call was dropped unanswered or the receiver is gone, ``PortFailed`` if
@@ -821,11 +831,21 @@ class Receiver(_Inbox, Generic[T]):
         return f"<Receiver ports={len(self._states)}>"
 
 
+@overload
+def channel() -> tuple[Sender[Any], Receiver[Any]]: ...
+@overload
+def channel(tp: type[T]) -> tuple[Sender[T], Receiver[T]]: ...
+@overload
+def channel(tp: Any) -> tuple[Sender[Any], Receiver[Any]]: ...
 def channel(tp: Any = Any) -> tuple[Sender[Any], Receiver[Any]]:
-    """A new channel: ``tx, rx = meshipc.channel(MyType)``.
+    """A new channel: ``tx, rx = meshipc.channel(MyType)`` gives
+    ``Sender[MyType], Receiver[MyType]`` (``channel()``: ``Any``).
 
     ``tp`` is what the receiver validates messages from other processes
-    against (messages within the process are passed as they are)."""
+    against (messages within the process are passed as they are). A
+    channel of calls is ``channel(Call[Req])`` or, typed both ways,
+    ``channel(Rpc[Req, Resp])``: ``await tx.call(req)`` returns ``Resp`` and
+    the server's ``call.reply(x)`` takes a ``Resp``."""
     a, b = _local_engine.new_pair()
     return Sender._wrap([a]), Receiver._wrap([b], tp)
 
@@ -897,6 +917,22 @@ class Call(Generic[T]):
 
     def __repr__(self) -> str:
         return f"<Call {self.request!r}>"
+
+
+class Rpc(Call[Req], Generic[Req, Resp]):
+    """A ``Call`` typed both ways: ``tx, rx = channel(Rpc[Req, Resp])``
+    gives a server ``Rpc[Req, Resp]`` objects whose ``reply`` takes a
+    ``Resp``, and a caller whose ``await tx.call(req)`` returns a ``Resp``.
+    The receiver validates requests from other processes against ``Req``
+    (as for ``Call[Req]``); ``Resp`` is for the type checker (a caller
+    that wants the reply checked at run time converts it itself, e.g.
+    ``msgspec.convert``)."""
+
+    __slots__ = ()
+
+    if TYPE_CHECKING:
+
+        def reply(self, value: Resp) -> None: ...
 
 
 # ------------------------------------------------ what handles are in a message

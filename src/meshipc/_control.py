@@ -33,7 +33,7 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from typing import TYPE_CHECKING, Any, Final, cast
+from typing import TYPE_CHECKING, Any, Final, TypeVar, cast, overload
 
 import msgspec
 
@@ -74,6 +74,7 @@ from ._control_msgs import (
     Welcome,
     WorkerStatus,
     _Req,
+    accept_objects,
     as_reply,
     check_service_name,
     check_timeout,
@@ -99,6 +100,8 @@ from ._wire import K_REPLY
 
 if TYPE_CHECKING:
     from ._node import Node
+
+R = TypeVar("R")
 
 log = logging.getLogger("meshipc")
 
@@ -512,15 +515,32 @@ class ControlPlane:
         something that is not a service list."""
         return await self._plane().services()
 
-    async def call(self, service: str, request: Any, timeout: float | None = None) -> Any:
+    @overload
+    async def call(self, service: str, request: Any, timeout: float | None = None) -> Any: ...
+    @overload
+    async def call(
+        self, service: str, request: Any, timeout: float | None = None, *, reply_type: type[R]
+    ) -> R: ...
+    async def call(
+        self, service: str, request: Any, timeout: float | None = None, *, reply_type: Any = None
+    ) -> Any:
         """Call the service ``service``; the callee sees the deadline
-        (``call.deadline``) and, if we give up, ``call.cancelled``. Raises
+        (``call.deadline``) and, if we give up, ``call.cancelled``. With
+        ``reply_type`` (a msgspec type) the reply is converted to it (and
+        typed so): ``MessageError`` if it does not fit. Raises
         ``ServiceNotFound``, ``NodeFailure`` (its node died), ``RemoteError``
         (the handler raised), ``ServiceBusy`` (it refused the call: this
         client has too many waiting there), ``TimeoutError`` (after
         ``timeout`` seconds, finding the service included), ``ValueError``
         for a NaN, infinite or negative ``timeout``."""
-        return await self._plane().call(service, request, timeout)
+        reply = await self._plane().call(service, request, timeout)
+        if reply_type is None:
+            return reply
+        try:
+            return msgspec.convert(reply, reply_type, dec_hook=accept_objects, from_attributes=True)
+        except (msgspec.ValidationError, TypeError) as exc:
+            what = f"service {service!r} replied with something that is not a {reply_type!r}"
+            raise MessageError(f"{what}: {exc}") from None
 
     async def open(self, service: str) -> Sender[Any]:
         """A ``Sender`` to the service for many calls (``await tx.call(r,
