@@ -112,4 +112,5 @@ def test_register_refuses_what_cannot_be_a_remote_error(bad: object) -> None:
 
 def test_builtin_names_are_bare_and_others_qualified() -> None:
     assert remote_type_name(ValueError) == "ValueError"
-    assert remote_type_name(meshipc.MeshError) == "meshipc._errors.MeshError"
+    assert remote_type_name(meshipc.MeshError) == "MeshError"  # meshipc's own: bare, never mapped
+    assert type(meshipc.RemoteError("MeshError", "x")) is meshipc.RemoteError

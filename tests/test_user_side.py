@@ -370,3 +370,17 @@ async def test_conn_call_converts_the_reply_to_the_type_asked_for(runtime_dir: P
 
 async def _rect(side: int) -> Rect:
     return Rect(side, 2 * side)
+
+
+async def test_remote_errors_from_a_worker_are_caught_by_their_types(runtime_dir: Path) -> None:
+    meshipc.register_remote_error(workers.AppError)
+    async with meshipc.Mesh(runtime_dir=runtime_dir) as mesh:
+        tx, rx = meshipc.channel(meshipc.Call[str])
+        await mesh.spawn(workers.raise_errors, rx)
+        with pytest.raises(KeyError) as key:
+            await asyncio.wait_for(tx.call("k"), STEP)
+        assert isinstance(key.value, meshipc.RemoteError) and key.value.type_name == "KeyError"
+        with pytest.raises(workers.AppError) as app:
+            await asyncio.wait_for(tx.call("app"), STEP)
+        assert app.value.type_name == "workers.AppError" and "app failed" in str(app.value)
+        assert "raise_errors" in app.value.traceback  # the worker's own traceback came along

@@ -296,3 +296,17 @@ async def core_dumps(report: Sender[Any]) -> None:
         libc = ctypes.CDLL(None)
         pr_get_dumpable = 3  # <linux/prctl.h>
         report.send((libc.prctl(pr_get_dumpable, 0, 0, 0, 0), resource.getrlimit(resource.RLIMIT_CORE)[0]))
+
+
+class AppError(Exception):
+    """An application's own error type (see test_user_side)."""
+
+
+async def raise_errors(rx: Receiver[Call[Any]]) -> None:
+    """Fails each call with the error its request names: ``"app"`` an
+    ``AppError``, anything else a ``KeyError``."""
+    async for call in rx:
+        try:
+            raise AppError("app failed") if call.request == "app" else KeyError(call.request)
+        except Exception as exc:
+            call.fail(exc)

@@ -27,6 +27,7 @@ from ._codec import (
     ANY_PLAIN_DECODER,
     CODEC,
     DECODE_ERRORS,
+    Failure,
     ResourceTables,
     check_encodable,
     decode,
@@ -34,7 +35,7 @@ from ._codec import (
     plain_decoder,
     refused,
 )
-from ._errors import ChannelClosed, MeshError, MessageError, RemoteError
+from ._errors import ChannelClosed, MeshError, MessageError, RemoteError, remote_type_name
 from ._ids import NodeId
 from ._ports import Engine, Message, PortState
 from ._wire import K_ADD_SENDER, K_CALL, K_DATA, K_ERROR, K_REPLY, K_REPLY_ERROR
@@ -560,15 +561,15 @@ class _Inbox(_Handle):
                 sender.close()  # a raw port has no use for it
             return _SKIP
         if msg.body is None:
-            tn, text, _ = msg.obj
-            raise MessageError(f"{tn}: {text}")
+            why: Failure = msg.obj
+            raise MessageError(f"{why.type_name}: {why.message}")
         # K_ERROR where data was expected: a value that could not be encoded
         # when its port moved, or a peer bug; this message only
         try:
-            tn, text, _ = decode(msg, tuple[str, str, str])
+            why = decode(msg, Failure)
         except MessageError as exc:
             return self._drop_bad(exc)
-        raise MessageError(f"{tn}: {text}")
+        raise MessageError(f"{why.type_name}: {why.message}")
 
     def _poll(self) -> Any:
         """The next value, or ``_EMPTY``; raises at the end of the stream."""
@@ -759,8 +760,8 @@ class Sender(_Handle, Generic[T]):
             finally:
                 reply.close()
         if msg.kind == K_REPLY_ERROR or msg.kind == K_ERROR:
-            tn, text, tb = msg.obj if msg.body is None else decode(msg, tuple[str, str, str])
-            raise RemoteError(tn, text, tb)
+            why: Failure = msg.obj if msg.body is None else decode(msg, Failure)
+            raise RemoteError(why.type_name, why.message, why.traceback)
         if msg.body is None:
             return msg.obj
         if msg.ports is None and msg.fds is None:
@@ -894,11 +895,11 @@ class Call(Generic[T]):
         if p.closed:
             raise ChannelClosed("this call was already answered")
         if isinstance(exc, RemoteError):
-            parts = (exc.type_name, exc.message, exc.traceback)
+            why = Failure(exc.type_name, exc.message, exc.traceback)
         else:
             tb = "".join(traceback.format_exception(exc))
-            parts = (type(exc).__qualname__, str(exc), tb)
-        _answer(p, K_REPLY_ERROR, parts)
+            why = Failure(remote_type_name(type(exc)), str(exc), tb)
+        _answer(p, K_REPLY_ERROR, why)
 
     @property
     def cancelled(self) -> bool:

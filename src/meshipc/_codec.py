@@ -62,6 +62,17 @@ _PORTS: Final = 0
 _FDS: Final = 1
 
 
+
+class Failure(msgspec.Struct, array_like=True, frozen=True):
+    """Why a call failed, as it travels (``K_REPLY_ERROR``, ``K_ERROR``): a
+    msgpack array of the remote type's name (``_errors.remote_type_name``),
+    its message and its traceback text; raised at the caller as
+    ``RemoteError``."""
+
+    type_name: str
+    message: str
+    traceback: str
+
 class ResourceTables(threading.local):
     """The resources of the message being encoded or decoded on this thread.
 
@@ -451,7 +462,7 @@ class MsgpackCodec:
         return buf
 
     def encode_error(self, exc: BaseException) -> bytes:
-        return _encoder.encode(("MessageError", f"message could not be encoded: {exc}", ""))
+        return _encoder.encode(Failure("MessageError", f"message could not be encoded: {exc}", ""))
 
     def dispose(self, obj: Any, reason: str | None = None) -> None:
         for res in walk_resources(obj):

@@ -102,8 +102,10 @@ _remote_classes: dict[str, type[RemoteError]] = {}
 
 def remote_type_name(cls: type[BaseException]) -> str:
     """The name a callee sends for an exception of type ``cls``: the bare
-    name of a built-in type, ``module.QualifiedName`` for any other."""
-    if cls.__module__ == "builtins":
+    name of a built-in or meshipc type (meshipc's own are never mapped back:
+    a handler's ``ServiceNotFound`` is not the caller's), ``module.QualifiedName``
+    for any other."""
+    if cls.__module__ == "builtins" or cls.__module__.startswith("meshipc."):
         return cls.__qualname__
     return f"{cls.__module__}.{cls.__qualname__}"
 
