@@ -21,7 +21,6 @@ import pytest
 import meshipc
 from meshipc import ConnectError, Mesh, MeshError, MeshNameInUse, SocketPathTooLong, _names
 from meshipc._names import (
-    CONTROL_NAME,
     LISTENER_NAME,
     MAX_DIRECTORY_NAME,
     check_private_dir,
@@ -408,9 +407,8 @@ def test_named_meshes_lists_lock_files_only(runtime_dir: Path) -> None:
 
 
 def test_socket_room_is_checked_against_the_longest_socket_name(runtime_dir: Path) -> None:
-    directory = runtime_dir / (
-        "d" * (MAX_SOCKET_PATH - len(os.fsencode(runtime_dir)) - 2 - len(CONTROL_NAME))
-    )  # two slashes
+    longest = len(node_path(Path("/x"), bytes(16)).name)  # a node socket's name
+    directory = runtime_dir / ("d" * (MAX_SOCKET_PATH - len(os.fsencode(runtime_dir)) - 2 - longest))  # 2 slashes
     check_socket_room(directory)  # exactly at the budget
     with pytest.raises(SocketPathTooLong):
         check_socket_room(Path(os.fspath(directory) + "d"))
@@ -436,10 +434,10 @@ async def test_name_is_live_without_proc_locks(runtime_dir: Path, monkeypatch: p
 
 def test_every_socket_name_fits_the_budget_check_socket_room_assumes() -> None:
     """``check_socket_room`` bounds every socket of a mesh by its longest
-    name: node sockets, the listener and the control socket must all stay
-    within ``MAX_SOCKET_NAME`` bytes."""
-    from meshipc._names import CONTROL_NAME, LISTENER_NAME, node_path
+    name: node sockets and the listener must all stay within
+    ``MAX_SOCKET_NAME`` bytes."""
+    from meshipc._names import LISTENER_NAME, node_path
     from meshipc._platform import MAX_SOCKET_NAME
 
-    names = [node_path(Path("/x"), bytes([i]) * 16).name for i in (0, 255)] + [LISTENER_NAME, CONTROL_NAME]
+    names = [node_path(Path("/x"), bytes([i]) * 16).name for i in (0, 255)] + [LISTENER_NAME]
     assert max(len(n.encode()) for n in names) <= MAX_SOCKET_NAME, names

@@ -7,7 +7,6 @@ Layout, for the runtime folder ``<root>`` (``runtime_location``)::
     <root>/mesh-<name>/            the mesh directory, mode 0700
     <root>/mesh-<name>/<12 hex>    a node's socket (``node_path``)
     <root>/mesh-<name>/listen.sock the listener (``LISTENER_NAME``)
-    <root>/mesh-<name>/control.sock the control socket (``CONTROL_NAME``)
     <root>/bodies/                 out-of-band body files while they are
                                    made (``body_directory``; file-body
                                    platforms only), mode 0700
@@ -42,8 +41,6 @@ log = logging.getLogger("meshipc")
 NAME: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 #: File name of a mesh's listener socket, in its directory (``connect(name)`` looks there).
 LISTENER_NAME: Final = "listen.sock"
-#: File name of a mesh's control socket, in its directory (see ``_control``).
-CONTROL_NAME: Final = "control.sock"
 #: Hex digits of a node id that name its socket: 48 bits of a random id,
 #: short so that any mesh name fits an AF_UNIX address.
 NODE_SOCKET_HEX: Final = 12
@@ -245,9 +242,9 @@ def check_socket_room(directory: Path) -> None:
     """Refuse (``SocketPathTooLong``) a mesh directory whose sockets' paths
     would exceed ``MAX_SOCKET_PATH``; checked before anything is created.
     Every socket of a mesh is ``<directory>/<name>`` with a name of at most
-    ``MAX_SOCKET_NAME`` bytes (node sockets, the listener, the control
-    socket), so this one check bounds them all."""
-    names = (node_path(directory, bytes(16)).name, LISTENER_NAME, CONTROL_NAME)
+    ``MAX_SOCKET_NAME`` bytes (node sockets, the listener), so this one
+    check bounds them all."""
+    names = (node_path(directory, bytes(16)).name, LISTENER_NAME)
     longest = directory / max(names, key=len)
     n = len(os.fsencode(longest))
     if n > MAX_SOCKET_PATH:
