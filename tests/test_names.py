@@ -408,7 +408,8 @@ def test_named_meshes_lists_lock_files_only(runtime_dir: Path) -> None:
 
 def test_socket_room_is_checked_against_the_longest_socket_name(runtime_dir: Path) -> None:
     longest = len(node_path(Path("/x"), bytes(16)).name)  # a node socket's name
-    directory = runtime_dir / ("d" * (MAX_SOCKET_PATH - len(os.fsencode(runtime_dir)) - 2 - longest))  # 2 slashes
+    budget = MAX_SOCKET_PATH - len(os.fsencode(runtime_dir)) - 2  # two slashes
+    directory = runtime_dir / ("d" * (budget - longest))
     check_socket_room(directory)  # exactly at the budget
     with pytest.raises(SocketPathTooLong):
         check_socket_room(Path(os.fspath(directory) + "d"))
