@@ -14,6 +14,7 @@ from memnet import Net, drain, end_of
 from meshipc import BufferFull, ChannelClosed, MessageError, NodeFailure, Port, PortFailed, ProtocolError
 from meshipc._ports import CHECKPOINT_MESSAGES, PORT_BYTES
 from meshipc._ports import PROXY as PROXY_MODE
+from meshipc._wire import FailEvent
 
 
 def test_local_pair_delivers_and_leaves_nothing():
@@ -496,7 +497,7 @@ def test_soak_failures(seed: int, moves: list[tuple[int, bool]], kill_at: int, v
 def test_explicit_fail_between_local_ports_terminates():
     a, b = Port.pair()
     st = a._states[0]
-    st.engine._on_fail(st.id, PortFailed("boom"))  # as if a Fail event arrived for a
+    st.engine.receive(st.engine.node_id, FailEvent(st.id, "boom"))  # as if a Fail event arrived for a
     with pytest.raises(PortFailed):
         a.try_recv()
     with pytest.raises(PortFailed):

@@ -252,14 +252,14 @@ class Acceptor:
         lsock: socket.socket,
         handle: Callable[[socket.socket], asyncio.Future[Any]],
         label: str,
-        limit: int = MAX_PENDING,
+        limit: int | None = None,
         evict_after: float | None = EVICT_AFTER,
     ) -> None:
         self.loop = loop
         self.lsock = lsock
         self.handle = handle
         self.label = label
-        self.limit = limit
+        self.limit = MAX_PENDING if limit is None else limit  # the cap when made
         self.evict_after = evict_after
         self._running: dict[asyncio.Future[Any], socket.socket] = {}
         # connections whose peer has not been heard yet: sock -> (task, accepted at, loop time)
