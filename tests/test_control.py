@@ -853,7 +853,8 @@ def test_the_control_plane_methods_are_declared_once() -> None:
         assert blocking.__doc__ == fn.__doc__
         params = list(pyinspect.signature(fn).parameters)
         assert list(pyinspect.signature(blocking).parameters) == params
-    assert meshipc.ClientConnection is meshipc.Attachment
+    with pytest.warns(DeprecationWarning, match="earlier name of meshipc.Attachment"):
+        assert meshipc.ClientConnection is meshipc.Attachment
 
 
 async def test_each_control_plane_method_on_all_three_holders(runtime_dir: Path) -> None:

@@ -25,8 +25,10 @@ SHORT_TTL = 1.0
 
 
 def test_earlier_names_still_work() -> None:
-    assert meshipc.Connection is meshipc.Admission
-    assert meshipc.ClientConnection is meshipc.Attachment
+    with pytest.warns(DeprecationWarning, match="use meshipc.Admission"):
+        assert meshipc.Connection is meshipc.Admission
+    with pytest.warns(DeprecationWarning, match="use meshipc.Attachment"):
+        assert meshipc.ClientConnection is meshipc.Attachment
 
 
 async def test_listen_has_no_option_to_invite_other_uids(runtime_dir: Path) -> None:

@@ -7,6 +7,7 @@ running mesh at runtime. See README.md.
 """
 
 import importlib
+import warnings
 
 TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing costs more than the rest
 if TYPE_CHECKING:
@@ -121,8 +122,6 @@ _LAZY: dict[str, tuple[str, str]] = {
     "ChannelStatistics": ("._channel", "ChannelStatistics"),
     "Process": ("._process", "Process"),
     "PeerCred": ("._sockets", "PeerCred"),
-    "Connection": ("._listener", "Admission"),  # earlier name
-    "ClientConnection": ("._attach", "Attachment"),  # earlier name
 }
 
 __version__ = "0.1.0"
@@ -137,8 +136,6 @@ __all__ = (
     "Admission",
     "Attaching",
     "Attachment",
-    "Connection",
-    "ClientConnection",
     "AuthenticationError",
     "BufferFull",
     "Limits",
@@ -190,7 +187,23 @@ __all__ = (
 )
 
 
+#: Earlier names, kept working until 1.0 with a ``DeprecationWarning``:
+#: earlier name -> (module, name, the name to use).
+_DEPRECATED = {
+    "Connection": ("._listener", "Admission"),
+    "ClientConnection": ("._attach", "Attachment"),
+}
+
+
 def __getattr__(name: str) -> "Any":
+    if name in _DEPRECATED:
+        module, new = _DEPRECATED[name]
+        warnings.warn(
+            f"meshipc.{name} is an earlier name of meshipc.{new}, removed in 1.0: use meshipc.{new}",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return getattr(importlib.import_module(module, __name__), new)  # not cached: warns every time
     if name == "sync":
         return importlib.import_module(".sync", __name__)
     where = _LAZY.get(name)
