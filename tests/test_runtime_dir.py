@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import subprocess
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -89,7 +90,7 @@ def test_no_session_folder_falls_back_to_tmp_and_a_shared_one_is_refused(env: di
     assert runtime_location()[0] == root
 
 
-def test_meshipc_runtime_dir_wins_and_is_made_private(
+def test_meshipc_runtime_dir_wins_and_is_never_made(
     env: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     xdg = env["base"] / "xdg"
@@ -97,8 +98,11 @@ def test_meshipc_runtime_dir_wins_and_is_made_private(
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(xdg))
     mine = env["base"] / "mine" / "meshes"
     monkeypatch.setenv(ENV_RUNTIME_DIR, str(mine))
+    with pytest.raises(meshipc.MeshError, match=f"{ENV_RUNTIME_DIR}=.* does not exist"):
+        runtime_location()  # a mistyped path is an error, not a new folder
+    assert not mine.exists()
+    mine.mkdir(mode=0o700, parents=True)
     assert runtime_location() == (mine, f"from {ENV_RUNTIME_DIR}")
-    assert os.stat(mine).st_mode & 0o777 == 0o700
     os.chmod(mine, 0o750)
     with pytest.raises(meshipc.MeshError, match=f"{ENV_RUNTIME_DIR}=.* cannot hold meshes"):
         runtime_location()
@@ -131,6 +135,14 @@ async def test_different_folders_are_named_with_the_fix(
         assert f"no mesh named 'rt-apart' in the runtime folder {elsewhere}" in reason
         assert f"one runs in {env['session']}" in reason
         assert f"{ENV_RUNTIME_DIR}={env['session']}" in reason and "--runtime-dir" in reason
+        cli = subprocess.run(  # the command says the same (its choice: MESHIPC_RUNTIME_DIR over XDG's)
+            [sys.executable, "-m", "meshipc", "status", "rt-apart"],
+            env={**os.environ, ENV_RUNTIME_DIR: str(elsewhere), "XDG_RUNTIME_DIR": str(env["session"])},
+            capture_output=True,
+            text=True,
+            timeout=STEP,
+        )
+        assert cli.returncode == 1 and f"one runs in {env['session']}" in cli.stderr, cli.stderr
         monkeypatch.setenv(ENV_RUNTIME_DIR, str(env["session"]))  # the fix the error gave
         async with meshipc.connect("rt-apart", timeout=STEP):
             pass

@@ -384,3 +384,27 @@ async def test_remote_errors_from_a_worker_are_caught_by_their_types(runtime_dir
             await asyncio.wait_for(tx.call("app"), STEP)
         assert app.value.type_name == "workers.AppError" and "app failed" in str(app.value)
         assert "raise_errors" in app.value.traceback  # the worker's own traceback came along
+
+
+def test_a_script_without_suffix_in_a_folder_with_a_colon_spawns_its_function(
+    tmp_path: Path, runtime_dir: Path
+) -> None:
+    folder = tmp_path / "a:b"
+    folder.mkdir()
+    script = folder / "service"  # no .py
+    script.write_text(SCRIPT)
+    env = {**os.environ, "MESHIPC_RUNTIME_DIR": str(runtime_dir)}
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["main", "once", "42"]
+
+
+def test_a_script_without_a_main_guard_is_told_so(tmp_path: Path, runtime_dir: Path) -> None:
+    unguarded = SCRIPT.replace('if __name__ == "__main__":\n    print("main once", flush=True)\n    ', "")
+    assert "__main__" not in unguarded
+    script = tmp_path / "unguarded.py"
+    script.write_text(unguarded)
+    env = {**os.environ, "MESHIPC_RUNTIME_DIR": str(runtime_dir)}
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60, env=env)
+    assert out.returncode != 0
+    assert "SpawnError" in out.stderr and 'if __name__ == "__main__":' in out.stderr, out.stderr

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import importlib
+import importlib.machinery
 import importlib.util
 import inspect
 import logging
@@ -22,7 +23,7 @@ import msgspec
 from ._errors import ChannelClosed, MeshError, PortFailed, remote_type_name
 from ._handshake import CREDENTIAL_LEN, Identity
 from ._join import join_parent, node_from_credential
-from ._loop import run
+from ._loop import loading_script, run
 from ._mesh import Mesh
 from ._platform import PLATFORM
 from ._ports import Limits
@@ -85,13 +86,17 @@ def _find(target: str) -> Any:
 
 
 def _load_script(path: str) -> Any:
-    spec = importlib.util.spec_from_file_location(_SCRIPT_MODULE, path)
-    if spec is None or spec.loader is None:
+    # a source loader of its own: the script may have any name, ".py" or not
+    loader = importlib.machinery.SourceFileLoader(_SCRIPT_MODULE, path)
+    spec = importlib.util.spec_from_loader(_SCRIPT_MODULE, loader)
+    if spec is None:
         raise ImportError(f"cannot load {path}")
     module = importlib.util.module_from_spec(spec)
+    module.__file__ = path
     sys.path.insert(0, os.path.dirname(path))
     sys.modules[_SCRIPT_MODULE] = module  # its functions pickle, its classes resolve, as multiprocessing's
-    spec.loader.exec_module(module)
+    with loading_script(path):  # meshipc.run at its top level says the main guard is missing
+        loader.exec_module(module)
     return module
 
 

@@ -20,7 +20,7 @@ from typing import Any
 
 from ._attach import connect
 from ._errors import ConnectError, JoinError, MeshError, NodeFailure, RemoteError, ServiceNotFound
-from ._names import mesh_directory, runtime_root
+from ._names import RUNS_ELSEWHERE, mesh_directory, runtime_root
 
 #: Default seconds each node gets to answer ``status`` and ``inspect``.
 DEFAULT_TIMEOUT = 1.0
@@ -274,8 +274,10 @@ def _not_running(args: argparse.Namespace, exc: ConnectError) -> str:
         root = None
     if "/" in args.name:
         return f"cannot reach the listener {args.name}: {exc.reason}"
-    where = f" (runtime dir {root})" if root is not None else ""
-    if root is not None and mesh_directory(root, args.name).exists():
+    if root is None or RUNS_ELSEWHERE in exc.reason:
+        return exc.reason  # an unusable runtime folder, or the mesh runs in another: it says how to fix it
+    where = f" (runtime dir {root})"
+    if mesh_directory(root, args.name).exists():
         return (
             f"mesh {args.name!r} is not accepting clients{where}: {exc.reason}; "
             "it may have died or have no listener (see `meshipc ls`)"

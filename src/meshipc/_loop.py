@@ -8,8 +8,9 @@ turns uvloop off; ``MESHIPC_UVLOOP=1`` insists on it (an error if missing).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterator
 from typing import Any, TypeVar
 
 from ._errors import MeshError
@@ -38,6 +39,22 @@ def want_uvloop(choice: bool | None = None) -> bool:
     return True if choice is None else choice
 
 
+#: The parent's script a spawned worker is loading (``loading_script``), or None.
+_loading: str | None = None
+
+
+@contextlib.contextmanager
+def loading_script(path: str) -> Iterator[None]:
+    """While a worker loads its parent's script: ``run`` refuses, naming the
+    missing ``if __name__ == "__main__":`` guard."""
+    global _loading
+    _loading = path
+    try:
+        yield
+    finally:
+        _loading = None
+
+
 #: Exit status of a program whose ``meshipc.run`` was interrupted (Ctrl-C):
 #: 128 + SIGINT, what a shell shows for it.
 EXIT_INTERRUPTED = 130
@@ -54,6 +71,13 @@ def run(main: Coroutine[Any, Any, T], *, uvloop: bool | None = None, exit_on_int
     ``asyncio.run`` does. Raises ``RuntimeError`` saying what to do instead
     when called where an event loop already runs (a Jupyter cell, IPython's
     autoawait, async code): there, ``await main`` directly."""
+    if _loading is not None:
+        main.close()
+        raise RuntimeError(
+            f"meshipc.run() was called while a worker loaded {_loading} for the function it runs: "
+            'start the script\'s main code under `if __name__ == "__main__":` (the worker loads it '
+            "as __mp_main__, as multiprocessing does)"
+        )
     try:
         asyncio.get_running_loop()
     except RuntimeError:

@@ -72,6 +72,8 @@ _CLAIM_ATTEMPTS: Final = 100
 #: ``XDG_RUNTIME_DIR``): the way to point a service and its clients at the
 #: same folder whatever session each starts from.
 ENV_RUNTIME_DIR: Final = "MESHIPC_RUNTIME_DIR"
+#: What ``not_running_reason`` says when the mesh runs in another runtime folder.
+RUNS_ELSEWHERE: Final = "but one runs in"
 #: ``runtime_location``'s reason for a folder the caller chose.
 GIVEN: Final = "given as runtime_dir"
 _HOW_ELSEWHERE: Final = (
@@ -97,8 +99,8 @@ def check_private_dir(path: Path) -> None:
 def runtime_location(runtime_dir: str | os.PathLike[str] | None = None) -> tuple[Path, str]:
     """The folder holding this user's mesh directories, and why that one.
 
-    The first of: ``runtime_dir`` if given, ``$MESHIPC_RUNTIME_DIR`` (both
-    created 0700 if missing); ``$XDG_RUNTIME_DIR``; the login session's
+    The first of: ``runtime_dir`` if given (created 0700 if missing);
+    ``$MESHIPC_RUNTIME_DIR``, ``$XDG_RUNTIME_DIR`` (never created); the login session's
     runtime folder ``/run/user/<uid>`` if it exists (what systemd and
     ``platformdirs`` use: a client started from cron, ssh or sudo finds a
     service started in a desktop or systemd session); else
@@ -110,10 +112,10 @@ def runtime_location(runtime_dir: str | os.PathLike[str] | None = None) -> tuple
         return _made_private(Path(runtime_dir)), GIVEN
     env = os.environ.get(ENV_RUNTIME_DIR)
     if env:
-        return _checked_env(ENV_RUNTIME_DIR, env, create=True), f"from {ENV_RUNTIME_DIR}"
+        return _checked_env(ENV_RUNTIME_DIR, env), f"from {ENV_RUNTIME_DIR}"
     xdg = os.environ.get("XDG_RUNTIME_DIR")
     if xdg:
-        return _checked_env("XDG_RUNTIME_DIR", xdg, create=False), "from XDG_RUNTIME_DIR"
+        return _checked_env("XDG_RUNTIME_DIR", xdg), "from XDG_RUNTIME_DIR"
     session = PLATFORM.session_runtime_dir()
     if session is not None and _is_private_dir(session):
         return session, "the login session's folder; XDG_RUNTIME_DIR is not set"
@@ -136,15 +138,14 @@ def _made_private(root: Path) -> Path:
     return root
 
 
-def _checked_env(var: str, value: str, create: bool) -> Path:
-    """The runtime folder the environment variable ``var`` names, checked;
+def _checked_env(var: str, value: str) -> Path:
+    """The runtime folder the environment variable ``var`` names, checked
+    (never created: a mistyped path is an error, not a new folder);
     ``MeshError`` naming the variable and the fix otherwise."""
     root = Path(value)
     try:
         if not root.is_absolute():
             raise MeshError("it is not an absolute path")
-        if create:
-            return _made_private(root)
         check_private_dir(root)
     except FileNotFoundError:
         raise MeshError(f"{var}={value} does not exist; {_HOW_ELSEWHERE}, or unset {var}") from None
@@ -433,7 +434,7 @@ def not_running_reason(root: Path, why: str, name: str) -> str:
         for other in others:
             if lock_is_held(lock_path(other, name)):
                 return (
-                    f"no mesh named {name!r} in the runtime folder {root} ({why}), but one runs in {other} "
+                    f"no mesh named {name!r} in the runtime folder {root} ({why}), {RUNS_ELSEWHERE} {other} "
                     f"(started in another environment): set {ENV_RUNTIME_DIR}={other} or pass "
                     f"--runtime-dir {other} (runtime_dir= in Python)"
                 )

@@ -65,7 +65,7 @@ ENV_INVITATION = "MESHIPC_CHILD_INVITATION"
 _NO_REPORT = "no start report"
 #: Seconds the parent waits, after a worker exited, for its status message.
 STATUS_GRACE = 2.0
-_TARGET = re.compile(r"^(?:[A-Za-z_][\w.]*|/[^:\0]+\.py):[A-Za-z_]\w*$")
+_TARGET = re.compile(r"^(?:[A-Za-z_][\w.]*|/[^\0]+):[A-Za-z_]\w*$")
 #: How a worker fails to find a function, and what to do instead.
 _MOVE_IT: Final = (
     "define it with `async def` at the top level of a module file and pass it (or 'module:function')"
@@ -74,8 +74,8 @@ _MOVE_IT: Final = (
 
 def target_of(func: Callable[..., Any]) -> str:
     """The target a worker finds ``func`` by: ``"module:function"``, or
-    ``"/path/to/script.py:function"`` for a function of a script run as
-    ``python script.py`` (the worker loads the script as ``__mp_main__``,
+    ``"/path/to/script:function"`` for a function of a script run as
+    ``python script.py`` (any file name; the worker loads the script as ``__mp_main__``,
     as ``multiprocessing`` does: its ``if __name__ == "__main__":`` block
     does not run there). Raises ``TypeError`` for what is not an ``async``
     function, ``ValueError`` for one the worker cannot import by name (a
@@ -103,8 +103,8 @@ def target_of(func: Callable[..., Any]) -> str:
         path = getattr(module, "__file__", None)
         if spec is not None and spec.name not in ("__main__", "__mp_main__"):
             where = spec.name  # run as `python -m package.module`
-        elif isinstance(path, str) and path.endswith(".py") and ":" not in path:
-            where = os.path.abspath(path)  # run as `python any_name.py`
+        elif isinstance(path, str) and os.path.isfile(path):
+            where = os.path.abspath(path)  # run as `python any/file` (any name, any suffix)
         else:
             raise ValueError(
                 f"{qualname} was typed into an interactive session (a REPL or a notebook), "
