@@ -102,6 +102,8 @@ if TYPE_CHECKING:
     from ._node import Node
 
 R = TypeVar("R")
+#: Said with a registration's failure, for code that did not await ``serve``.
+_AWAIT_IT: Final = " (`await mesh.serve(...)` raises this where it is called)"
 
 log = logging.getLogger("meshipc")
 
@@ -405,13 +407,13 @@ class Control:
         except MeshError as exc:
             if not svc._registered.done():
                 svc._registered.set_exception(exc)
-            log.warning("service %r could not be registered: %s", svc.name, exc)
+            log.error("service %r could not be registered: %s%s", svc.name, exc, _AWAIT_IT)
             return
         if isinstance(reply, NameInUse):
             err = ServiceNameInUse(svc.name, reply.node)
             if not svc._registered.done():
                 svc._registered.set_exception(err)
-            log.warning("%s", err)
+            log.error("%s%s", err, _AWAIT_IT)
             svc.close()
             return
         if not svc._registered.done():
