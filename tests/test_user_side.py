@@ -408,3 +408,14 @@ def test_a_script_without_a_main_guard_is_told_so(tmp_path: Path, runtime_dir: P
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60, env=env)
     assert out.returncode != 0
     assert "SpawnError" in out.stderr and 'if __name__ == "__main__":' in out.stderr, out.stderr
+
+
+async def test_sender_call_takes_a_timeout_like_conn_call() -> None:
+    tx, rx = meshipc.channel(meshipc.Call[int])
+    with pytest.raises(TimeoutError, match=r"no reply within 0\.05 s"):
+        await tx.call(1, timeout=0.05)  # nobody answers
+    pending = rx.try_recv()  # the call the timeout gave up on
+    assert isinstance(pending, meshipc.Call) and pending.cancelled
+    for bad in (0, -1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="positive finite"):
+            await tx.call(1, timeout=bad)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import threading
 import traceback
 import typing
@@ -709,18 +710,22 @@ class Sender(_Handle, Generic[T]):
         return Sender._wrap([a])
 
     @overload
-    async def call(self: Sender[Rpc[Req, Resp]], request: Req) -> Resp: ...
+    async def call(self: Sender[Rpc[Req, Resp]], request: Req, *, timeout: float | None = None) -> Resp: ...
     @overload
-    async def call(self: Sender[Call[Req]], request: Req) -> Any: ...
-    async def call(self, request: Any) -> Any:
+    async def call(self: Sender[Call[Req]], request: Req, *, timeout: float | None = None) -> Any: ...
+    async def call(self, request: Any, *, timeout: float | None = None) -> Any:
         """Send ``request`` as a ``Call`` and wait for the reply (a
         ``Sender[Rpc[Req, Resp]]`` takes a ``Req`` and returns a ``Resp``).
 
         Raises ``RemoteError`` if the callee failed it, ``ChannelClosed`` if the
         call was dropped unanswered or the receiver is gone, ``PortFailed`` if
         the callee's node died, ``MessageError`` (nothing sent) if the request
-        cannot go to the callee's process. Cancelling the caller closes the
-        reply port, which the callee sees as ``call.cancelled``."""
+        cannot go to the callee's process, ``TimeoutError`` after ``timeout``
+        seconds (``ValueError`` for one that is not a positive finite number).
+        Cancelling the caller (or the timeout) closes the reply port, which
+        the callee sees as ``call.cancelled``."""
+        if timeout is not None:
+            return await self._call_within(request, timeout)
         if not self._states:
             raise ChannelClosed("call on a closed sender")
         st = self._states[0]
@@ -770,6 +775,16 @@ class Sender(_Handle, Generic[T]):
             except DECODE_ERRORS as exc:
                 raise MessageError(f"invalid message: {exc}") from None
         return decode(msg, Any)
+
+    async def _call_within(self, request: Any, timeout: float) -> Any:
+        if not (isinstance(timeout, (int, float)) and 0 < timeout < math.inf):
+            raise ValueError(f"timeout must be a positive finite number of seconds or None, got {timeout!r}")
+        untyped: Any = self  # the overloads type a Sender of calls; this one may carry anything
+        try:
+            async with asyncio.timeout(timeout):
+                return await untyped.call(request)
+        except TimeoutError:
+            raise TimeoutError(f"no reply within {timeout:g} s") from None
 
     def __repr__(self) -> str:
         return f"<Sender {self._states[0].id.hex()[:8]}>" if self._states else "<Sender closed>"
