@@ -419,3 +419,9 @@ async def test_sender_call_takes_a_timeout_like_conn_call() -> None:
     for bad in (0, -1, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="positive finite"):
             await tx.call(1, timeout=bad)
+
+
+def test_a_missing_await_on_connect_says_so() -> None:
+    attaching = meshipc.connect("nowhere")
+    with pytest.raises(AttributeError, match=r"no attribute 'call'.*conn = await meshipc\.connect"):
+        attaching.call  # noqa: B018

@@ -116,6 +116,13 @@ class Attaching:
         self._make = make
         self._conn: Attachment | None = None
 
+    def __getattr__(self, name: str) -> Any:
+        # only for names it does not have: most likely a missing await
+        raise AttributeError(
+            f"{type(self).__name__!r} object has no attribute {name!r}: connect() and join() give an "
+            "Attaching; use `conn = await meshipc.connect(...)` or `async with meshipc.connect(...) as conn`"
+        )
+
     def __await__(self) -> Generator[Any, None, Attachment]:
         return self._make().__await__()
 
