@@ -425,3 +425,13 @@ def test_a_missing_await_on_connect_says_so() -> None:
     attaching = meshipc.connect("nowhere")
     with pytest.raises(AttributeError, match=r"no attribute 'call'.*conn = await meshipc\.connect"):
         attaching.call  # noqa: B018
+
+
+async def test_a_typed_port_pair_validates_what_another_process_sends(runtime_dir: Path) -> None:
+    async with meshipc.Mesh(runtime_dir=runtime_dir) as mesh:
+        ours, theirs = meshipc.Port.pair(int)
+        proc = await mesh.spawn(workers.send_on_port, theirs)
+        assert await asyncio.wait_for(ours.recv(), STEP) == 5  # the str was dropped
+        assert ours.bad_messages == 1
+        ours.send(0)
+        assert await asyncio.wait_for(proc.wait(), STEP) == 0

@@ -310,3 +310,10 @@ async def raise_errors(rx: Receiver[Call[Any]]) -> None:
             raise AppError("app failed") if call.request == "app" else KeyError(call.request)
         except Exception as exc:
             call.fail(exc)
+
+
+async def send_on_port(port: Port) -> None:
+    """Sends a str, then an int, on the port it got; returns once told to."""
+    port.send("not an int")
+    port.send(5)
+    await port.recv()

@@ -42,6 +42,12 @@ from ._ports import Engine, Message, PortState
 from ._wire import K_ADD_SENDER, K_CALL, K_DATA, K_ERROR, K_REPLY, K_REPLY_ERROR
 
 T = TypeVar("T")
+if TYPE_CHECKING:  # a default (PEP 696): a bare ``Port`` is a ``Port[Any]``
+    from typing_extensions import TypeVar as _DefaultingTypeVar
+
+    M = _DefaultingTypeVar("M", default=Any)
+else:
+    M = TypeVar("M")
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 log = logging.getLogger("meshipc")
@@ -632,25 +638,47 @@ _SKIP = object()
 _EMPTY = object()
 
 
-class Port(_Inbox):
-    """A raw bidirectional port: one end of a pair. ``send`` never blocks."""
+class Port(_Inbox, Generic[M]):
+    """A raw bidirectional port: one end of a pair. ``send`` never blocks.
+    ``Port[M]`` carries ``M`` both ways (a bare ``Port`` is ``Port[Any]``)."""
 
     __slots__ = ()
     _merges = False
 
+    @overload
     @staticmethod
-    def pair() -> tuple[Port, Port]:
-        """Two connected ports in this process."""
+    def pair() -> tuple[Port[Any], Port[Any]]: ...
+    @overload
+    @staticmethod
+    def pair(tp: type[M]) -> tuple[Port[M], Port[M]]: ...
+    @overload
+    @staticmethod
+    def pair(tp: Any) -> tuple[Port[Any], Port[Any]]: ...
+    @staticmethod
+    def pair(tp: Any = Any) -> tuple[Port[Any], Port[Any]]:
+        """Two connected ports in this process; ``Port.pair(M)`` gives
+        ``Port[M]`` ends that validate what comes from other processes
+        against ``M``."""
         a, b = _local_engine.new_pair()
-        return Port._wrap([a]), Port._wrap([b])
+        return Port._wrap([a], tp), Port._wrap([b], tp)
 
     @classmethod
-    def _wrap(cls, states: list[PortState], tp: Any = Any) -> Port:
+    def _wrap(cls, states: list[PortState], tp: Any = Any) -> Port[Any]:
         self = object.__new__(cls)
         self._init_inbox(states, tp)
         return self
 
-    def send(self, value: Any) -> None:
+    if TYPE_CHECKING:  # the inherited methods, typed for M (no wrapper at run time)
+
+        async def recv(self) -> M: ...
+
+        def try_recv(self) -> M: ...
+
+        def __aiter__(self) -> Port[M]: ...
+
+        async def __anext__(self) -> M: ...
+
+    def send(self, value: M) -> None:
         """Send ``value`` (any message value) to the peer port; safe from any
         thread. Raises ``MessageError`` for a value that cannot go to another
         process, ``BufferFull`` at the flow-control hard limit, ``PortFailed``

@@ -18,4 +18,6 @@ async def wrong() -> None:
     call.reply(42)  # error
     conn = await meshipc.connect("vmm")
     n: str = await conn.call("area", 1, reply_type=int)  # error
-    del text, doubled, n
+    a, b = meshipc.Port.pair(bytes)
+    a.send(1)  # error
+    del text, doubled, n, b

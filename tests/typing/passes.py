@@ -35,6 +35,18 @@ async def channels() -> None:
     stx.send(Rect(1, 2))
 
 
+async def ports(untyped: meshipc.Port) -> None:
+    a, b = meshipc.Port.pair(int)
+    assert_type(a, meshipc.Port[int])
+    a.send(1)
+    assert_type(await b.recv(), int)
+    async for value in b:
+        assert_type(value, int)
+    p, _ = meshipc.Port.pair()
+    assert_type(await p.recv(), Any)
+    assert_type(untyped, meshipc.Port[Any])  # a bare Port is a Port[Any]
+
+
 async def rpc() -> None:
     tx, rx = meshipc.channel(meshipc.Rpc[Rect, int])
     assert_type(await tx.call(Rect(2, 3)), int)
