@@ -402,7 +402,7 @@ async def test_silent_and_stalling_clients_do_not_block_a_real_one(runtime_dir: 
                     s.connect(os.fspath(listener.path))
             for i in range(10):  # the node socket itself: silent, or half a HELLO
                 s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                s.connect(os.fspath(mesh._node.path))
+                s.connect(mesh.stats().node.path)
                 if i % 2:
                     s.sendall(b"MSH1\x01")
                 held.append(s)
@@ -490,7 +490,7 @@ async def test_stale_directory_of_a_killed_mesh_is_replaced(runtime_dir: Path) -
 
     async with Mesh(name="y", runtime_dir=runtime_dir) as mesh:
         assert mesh.directory == directory
-        assert sorted(p.name for p in directory.iterdir()) == [mesh._node.path.name]
+        assert sorted(p.name for p in directory.iterdir()) == [Path(mesh.stats().node.path).name]
         listener = await mesh.listen()
         async with client("session", "y", os.fspath(runtime_dir)) as c:
             conn = await asyncio.wait_for(listener.accept(), T)

@@ -132,7 +132,7 @@ async def test_killed_clients_sockets_are_removed_by_the_service(runtime_dir: Pa
             await wait_until(
                 lambda: set(os.listdir(mesh.directory)) == before, "dead clients' sockets removed"
             )
-            assert os.path.exists(mesh._node.path)  # our own live one stays
+            assert os.path.exists(mesh.stats().node.path)  # our own live one stays
         finally:
             for p in procs:
                 if p.returncode is None:

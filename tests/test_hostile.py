@@ -139,7 +139,7 @@ async def test_silent_flood_is_capped_and_a_real_client_gets_through(
         # warm-up: the event loop opens some fds of its own at its first subprocess
         await serve_one_client(listener, os.fspath(listener.path))
         baseline = open_fds()
-        held = silent(mesh._node.path, 60)
+        held = silent(Path(mesh.stats().node.path), 60)
         try:
             await wait_until(lambda: acceptor().pending == 8, "the cap to be reached")
             await serve_one_client(listener, os.fspath(listener.path))
@@ -165,7 +165,7 @@ async def main():
         listener = await mesh.listen()
         # few fds: the silent peers exhaust them long before the cap
         resource.setrlimit(resource.RLIMIT_NOFILE, (40, 40))
-        print(json.dumps({"node": str(mesh._node.path)}), flush=True)
+        print(json.dumps({"node": mesh.stats().node.path}), flush=True)
         async for conn in listener:
             conn.port.send("served")
             acc = mesh.stats().node.acceptor
@@ -431,12 +431,11 @@ async def test_flood_of_tiny_frames_leaves_no_state_and_others_are_served(runtim
     talks: the client is served during the flood, the frames leave nothing
     behind, and the flooder's connection stays usable (they are valid)."""
     async with Mesh(runtime_dir=runtime_dir) as mesh:
-        node = mesh._node
         listener = await mesh.listen()
         me = os.urandom(16)
         s, _ = await handshake(mesh, me)
         loop = asyncio.get_running_loop()
-        ports_before = len(node.engine.ports)
+        ports_before = mesh.stats().node.ports
         frames = b"".join(
             encode_event(CloseEvent(os.urandom(16), i))
             + encode_event(MsgEvent(os.urandom(16), i, 0, 0, [], 0, b"x"))
@@ -449,6 +448,10 @@ async def test_flood_of_tiny_frames_leaves_no_state_and_others_are_served(runtim
                 await asyncio.wait_for(flood, T)
             finally:
                 flood.cancel()
-            await wait_until(lambda: node.links[me].bytes_in >= len(frames), "the flood to be read")
-            assert me in node.links
-        assert len(node.engine.ports) == ports_before
+            def read_in() -> int:
+                link = mesh.stats().node.link(me)
+                return link.bytes_in if link is not None else -1
+
+            await wait_until(lambda: read_in() >= len(frames), "the flood to be read")
+            assert mesh.stats().node.link(me) is not None  # the link lives
+        assert mesh.stats().node.ports == ports_before

@@ -229,7 +229,7 @@ async def test_control_sessions_cannot_be_squatted(runtime_dir: Path) -> None:
         await mesh.listen()
         mesh.serve("double", double)
         assert sorted(p.name for p in mesh.directory.iterdir()) == sorted(
-            [mesh._node.path.name, "listen.sock"]
+            [Path(mesh.stats().node.path).name, "listen.sock"]
         )
         async with attacker(runtime_dir, "hs2", "hellos") as a:
             out = await a.line()

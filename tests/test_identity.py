@@ -60,10 +60,10 @@ async def client_identity(listener: meshipc.Listener) -> Identity:
 
 async def spawn_linked(mesh: Mesh, target: str, arg: Any) -> bytes:
     """Spawn a worker; its node id (it links to us as it starts)."""
-    before = set(mesh._node.links)
+    before = {link.peer for link in mesh.stats().node.links}
     await mesh.spawn(target, arg)
-    (new,) = set(mesh._node.links) - before
-    return new
+    (new,) = {link.peer for link in mesh.stats().node.links} - before
+    return bytes.fromhex(new)
 
 
 async def learn_certificate(directory: Path, me: Identity, node: bytes) -> bytes:

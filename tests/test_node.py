@@ -191,7 +191,7 @@ async def test_a_call_is_one_frame_each_way(runtime_dir: Path):
         await barrier()
         # 10 requests and 10 replies, plus the barrier's own frame each way
         assert (ca.frames_out - before[0], cb.frames_out - before[1]) == (11, 11)
-        assert len(a.engine.ports) + len(b.engine.ports) == 4  # pa, pb, tx, rx: no reply port left
+        assert a.stats().ports + b.stats().ports == 4  # pa, pb, tx, rx: no reply port left
         server.cancel()
         tx.close()
     finally:
@@ -289,7 +289,11 @@ async def test_stats_count_links_traffic_and_refusals(runtime_dir: Path):
             s.connect(os.fspath(a.path))
             s.sendall(b"\x00" * 64)
             await wait_until(lambda: a.stats().rejected == 1, "the node to count the refusal")
-        assert a.stats().ports == len(a.engine.ports) == 1
+        assert a.stats().ports == len(a.engine.ports) == 1  # the record agrees with the engine
+        st = a.stats()
+        assert st.path == os.fspath(a.path)
+        assert st.link(bytes(b.id)) == next(link for link in st.links if link.peer == bytes(b.id).hex())
+        assert st.link(os.urandom(16)) is None
     finally:
         await close_all(a, b)
     assert a.stats().closed and a.stats().links == ()

@@ -685,7 +685,7 @@ async def test_directory_and_socket_modes(runtime_dir: Path) -> None:
         assert stat.S_ISDIR(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o700
         assert st.st_uid == os.getuid()
         assert stat.S_IMODE(os.lstat(runtime_dir).st_mode) == 0o700
-        node_st = os.lstat(mesh._node.path)
+        node_st = os.lstat(mesh.stats().node.path)
         assert stat.S_ISSOCK(node_st.st_mode) and stat.S_IMODE(node_st.st_mode) == 0o600
         socks = list(mesh.directory.iterdir())
         assert len(socks) == 2, socks  # parent and worker (no control socket)

@@ -130,6 +130,8 @@ class NodeStats:
 
     #: this node's id (hex)
     node: str
+    #: its socket in the mesh directory
+    path: str
     #: port ends the engine holds (owned, in transit, proxies)
     ports: int
     #: nodes being connected to (handshake under way)
@@ -147,6 +149,10 @@ class NodeStats:
     #: one record per established link
     links: tuple[LinkStats, ...]
     closed: bool
+
+    def link(self, peer: bytes) -> LinkStats | None:
+        """The record of the link to node ``peer``, if there is one."""
+        return next((s for s in self.links if s.peer == peer.hex()), None)
 
 
 class Node:
@@ -204,6 +210,7 @@ class Node:
         """What this node holds and has done (a snapshot; never raises)."""
         return NodeStats(
             node=self.id.hex(),
+            path=os.fspath(self.path),
             ports=len(self.engine.ports),
             connecting=len(self._connecting),
             invited=len(self._invited),
