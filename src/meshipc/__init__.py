@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from . import sync
     from ._attach import Attaching, Attachment, connect, join
     from ._channel import Call, ChannelStatistics, Port, Receiver, Rpc, Sender, channel
+    from ._child import restarting
     from ._control_msgs import ControlLimits, ControlStatistics
     from ._errors import (
         AuthenticationError,
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
         PortFailed,
         ProtocolError,
         RemoteError,
+        RestartError,
         ServiceBusy,
         ServiceNameInUse,
         ServiceNotFound,
@@ -53,7 +55,7 @@ if TYPE_CHECKING:
     from ._loop import run
     from ._mesh import Mesh, current_mesh
     from ._ports import Limits
-    from ._process import Process
+    from ._process import Process, RestartPolicy
     from ._service import Service, ServiceCall, ServiceSender
     from ._sockets import PeerCred
 
@@ -121,6 +123,9 @@ _LAZY: dict[str, tuple[str, str]] = {
     "ControlStatistics": ("._control_msgs", "ControlStatistics"),
     "ChannelStatistics": ("._channel", "ChannelStatistics"),
     "Process": ("._process", "Process"),
+    "RestartPolicy": ("._process", "RestartPolicy"),
+    "RestartError": ("._errors", "RestartError"),
+    "restarting": ("._child", "restarting"),
     "PeerCred": ("._sockets", "PeerCred"),
 }
 
@@ -184,6 +189,9 @@ __all__ = (
     "ServiceNameInUse",
     "ServiceNotFound",
     "ServiceSender",
+    "RestartError",
+    "RestartPolicy",
+    "restarting",
 )
 
 

@@ -121,7 +121,27 @@ def _arg_type(func: Any) -> Any:
     return hints.get(params[0], Any) if params else Any
 
 
+#: Set in a spawned worker once its parent asks for a restart (``restarting``).
+_restart_asked: asyncio.Event | None = None
+
+
+async def restarting() -> None:
+    """In a spawned worker: return once the parent asked for a restart
+    (``Process.restart``). The worker's function then returns its state (any
+    message value, ports included), and its successor, started from the code
+    now on disk, runs ``function(state)``. Wait on it beside the worker's own
+    work, e.g. ``asyncio.wait({work, asyncio.ensure_future(meshipc.restarting())},
+    return_when=asyncio.FIRST_COMPLETED)``; ``recv()`` is safe to cancel (a
+    message not returned stays queued and moves with its port). Raises
+    ``MeshError`` in a process that is not a spawned worker."""
+    event = _restart_asked
+    if event is None:
+        raise MeshError("meshipc.restarting() is for the function of a worker started by Mesh.spawn")
+    await event.wait()
+
+
 async def _run(inv: ChildInvitation) -> int:
+    global _restart_asked
     sock = socket.socket(fileno=inv.fd)
     identity = _read_credential(sock, inv.node)
     limits = Limits(*inv.limits) if inv.limits is not None else None
@@ -133,6 +153,8 @@ async def _run(inv: ChildInvitation) -> int:
             # the argument is validated against the function's annotation (a
             # `rx: Receiver[int]` validates what later arrives on rx)
             port._set_type(_arg_type(func))
+            if inv.handover:
+                port.send(["ready"])  # a successor: the parent sends the state now
             try:
                 arg = await port.recv()
             except (ChannelClosed, PortFailed) as exc:
@@ -146,9 +168,17 @@ async def _run(inv: ChildInvitation) -> int:
             port.close()
             return 1
         port.send(["started"])
-        # the bootstrap port says when the parent is gone or wants us to stop
+        port._set_type(Any)  # from now on the parent's requests, not the argument's type
+        _restart_asked = asyncio.Event()
+        # the bootstrap port says when the parent is gone, wants us to stop,
+        # or asks for a restart (then the function's value is our state)
         watch = asyncio.ensure_future(port.recv())
         done, _ = await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+        if work not in done and not watch.cancelled() and watch.exception() is None:
+            if watch.result() == ["restart"]:
+                _restart_asked.set()
+                watch = asyncio.ensure_future(port.recv())
+                done, _ = await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
         if work not in done:
             work.cancel()
             await asyncio.wait({work})  # let it unwind; its outcome no longer matters
@@ -162,6 +192,15 @@ async def _run(inv: ChildInvitation) -> int:
             return EXIT_PARENT_LOST
         watch.cancel()
         err = work.exception()
+        if err is None and _restart_asked.is_set():
+            try:
+                # the state goes to the parent, its ports with it (and what is
+                # queued at them); closing the node lets them settle first
+                port.send(["handover", work.result()])
+                port.close()
+                return 0
+            except (MeshError, TypeError, ValueError) as exc:
+                err = exc
         if err is not None:
             # the parent logs it, with this traceback: not printed here too
             port.send(["error", remote_type_name(type(err)), str(err), _format(err)])

@@ -356,6 +356,12 @@ class WorkerStatus(msgspec.Struct, frozen=True):
     pid: int
     #: its exit status, None while it runs
     returncode: int | None
+    #: successors started so far (``Process.restarts``)
+    restarts: int = 0
+    #: the latest restarts (``Process.restart_events``): at, kind, pid, reason, delay
+    events: tuple[dict[str, Any], ...] = ()
+    #: its entry in the inspect tree, the same across restarts (default: name-pid)
+    key: str = ""
 
     @property
     def state(self) -> str:

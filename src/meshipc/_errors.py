@@ -335,6 +335,22 @@ class SpawnError(MeshError):
         return (type(self), (self.name, self.target, self.reason, self.traceback))
 
 
+class RestartError(MeshError):
+    """``Process.restart``: the worker did not hand its state over (it did
+    not return within the deadline and was killed, raised, or exited
+    first); also ``Process.error`` once crash restarts stopped at their
+    limit. ``reason`` says why; ``__cause__`` is the worker's own error when
+    it had one. (A successor that cannot start raises ``SpawnError``.)"""
+
+    def __init__(self, name: str, reason: str) -> None:
+        super().__init__(f"worker {name!r}: {reason}")
+        self.name = name
+        self.reason = reason
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.name, self.reason))
+
+
 # ------------------------------------------------------------------ control plane
 
 

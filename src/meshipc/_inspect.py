@@ -308,11 +308,13 @@ class NodeInspector:
             "ports": self._port_stats,
             "services": self._services,
             "workers": lambda: {
-                f"{w.name}-{w.pid}": {
+                w.key or f"{w.name}-{w.pid}": {
                     "name": w.name,
                     "pid": w.pid,
                     "state": w.state,
                     "returncode": w.returncode,
+                    "restarts": w.restarts,
+                    "restart_events": list(w.events),
                 }
                 for w in self._workers()
             },

@@ -48,7 +48,7 @@ from ._names import (
 from ._node import Node, NodeStats
 from ._platform import PLATFORM
 from ._ports import DEFAULT_LIMITS, Limits
-from ._process import Process, spawn
+from ._process import Process, RestartPolicy, spawn
 from ._service import Service
 
 if TYPE_CHECKING:
@@ -217,7 +217,10 @@ class Mesh(ControlPlane):
         return self._control
 
     def _worker_status(self) -> list[WorkerStatus]:
-        return [WorkerStatus(p.name, p.pid, p.returncode) for p in self._children]
+        return [
+            WorkerStatus(p.name, p.pid, p.returncode, p.restarts, tuple(p.restart_events), p.key)
+            for p in self._children
+        ]
 
     @property
     def node_id(self) -> NodeId:
@@ -381,7 +384,12 @@ class Mesh(ControlPlane):
         return Inviter(self._node, self._admit, INVITATION_TTL if ttl is None else ttl)
 
     async def spawn(
-        self, target: str | Callable[..., Awaitable[Any]], arg: Any = None, *, name: str | None = None
+        self,
+        target: str | Callable[..., Awaitable[Any]],
+        arg: Any = None,
+        *,
+        name: str | None = None,
+        restart: str | RestartPolicy = "never",
     ) -> Process:
         """Start a worker process running ``async def function(arg)``: pass
         the function itself (defined at the top level of a module, or of the
@@ -401,10 +409,18 @@ class Mesh(ControlPlane):
         link to this process broke exits with status 3. Only the mesh's
         first node issues node identities: a worker asks it for its child's;
         an attached client cannot spawn (``MeshError``). Listening and
-        inviting are the first node's alone."""
+        inviting are the first node's alone.
+
+        ``restart``: "never" (the default), "on-failure" (an exit status
+        other than 0 or a signal) or "always", or a ``RestartPolicy`` (its
+        backoff and limits): the worker is started again from ``arg``, which
+        must then be plain data (``ValueError`` for a port or fd in it: the
+        ports a worker held fail with it, as they would without a restart).
+        ``kill()``, ``terminate()`` and closing the mesh end it for good.
+        ``await proc.restart()`` restarts it with a hand-over of its state."""
         if self._closed:
             raise MeshError("the mesh is closed")
-        proc = await spawn(self._node, self._admit_worker, self.limits, target, arg, name)
+        proc = await spawn(self._node, self._admit_worker, self.limits, target, arg, name, restart)
         # one of ours from now on (closing the mesh stops it even while it
         # starts); a long-lived mesh spawning many workers keeps only the
         # running ones

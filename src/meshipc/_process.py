@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
+import contextlib
 import dataclasses
 import functools
 import importlib
@@ -42,6 +44,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import types
 import typing
 from collections.abc import Awaitable, Callable
@@ -50,8 +53,8 @@ from typing import Any, Final
 import msgspec
 
 from ._channel import Call, Port, Receiver
-from ._codec import walk_resources
-from ._errors import ChannelClosed, MeshError, PortFailed, RemoteError, SpawnError
+from ._codec import CODEC, walk_resources
+from ._errors import ChannelClosed, MeshError, PortFailed, RemoteError, RestartError, SpawnError
 from ._handshake import Identity
 from ._ids import PortId
 from ._node import Node
@@ -131,6 +134,9 @@ class ChildInvitation(msgspec.Struct, frozen=True):
     arg_types: list[tuple[int, Any]] = []
     #: read end of the parent-death pipe (``Platform.parent_pipe``), or -1
     watch_fd: int = -1
+    #: a restart's successor: say "ready" once the function is imported,
+    #: then read the argument (the predecessor's state)
+    handover: bool = False
 
     def __repr__(self) -> str:
         return f"ChildInvitation(name={self.name!r}, target={self.target!r}, directory={self.directory!r})"
@@ -220,8 +226,10 @@ def _wait_exited(popen: subprocess.Popen[bytes]) -> None:
         pass  # reaped elsewhere: the caller's wait() settles it
 
 
-class Process:
-    """A worker process in the mesh. ``await wait()`` gives its exit code."""
+class _Run:
+    """One incarnation of a worker: its OS process, its bootstrap port and
+    what the child said on it. A ``Process`` holds one at a time (a restart
+    puts a successor in its place)."""
 
     def __init__(
         self, popen: subprocess.Popen[bytes], name: str, target: str, port: Port, watch_fd: int = -1
@@ -237,11 +245,18 @@ class Process:
         self.returncode: int | None = None
         #: the child's function raised: its error as ``RemoteError`` (also logged)
         self.error: RemoteError | None = None
+        #: called once the exit is final (its status read)
+        self.on_exit: Callable[[_Run, int], None] | None = None
         loop = asyncio.get_running_loop()
         self._exited: asyncio.Future[int] = loop.create_future()
         #: None once the target runs; else why it did not start (the
         #: child's own report, or None when it died without one)
         self._started: asyncio.Future[SpawnError | None] = loop.create_future()
+        #: a successor imported its function and waits for its argument
+        self._ready: asyncio.Future[None] = loop.create_future()
+        #: (True, state) once the function returned for a restart; else
+        #: (False, why it did not)
+        self._handover: asyncio.Future[tuple[bool, Any]] = loop.create_future()
         self._status_task = loop.create_task(self._read_status())
         self._watch_exit()
 
@@ -274,9 +289,12 @@ class Process:
         asyncio.get_running_loop().call_later(STATUS_GRACE, self._status_task.cancel)
 
     def _finish_exit(self, code: int) -> None:
-        if not self._exited.done():
-            self._exited.set_result(code)
+        if self._exited.done():
+            return
+        self._exited.set_result(code)
         self._port.close()
+        if self.on_exit is not None:
+            self.on_exit(self, code)
 
     async def _read_status(self) -> None:
         try:
@@ -284,10 +302,16 @@ class Process:
         finally:
             if not self._started.done():
                 self._started.set_result(SpawnError(self.name, self.target, _NO_REPORT))
+            if not self._handover.done():
+                why = "it raised" if self.error is not None else "it ended without returning its state"
+                self._handover.set_result((False, why))
 
     async def _read_statuses(self) -> None:
         try:
             status = await self._port.recv()
+            if status == ["ready"]:
+                self._ready.set_result(None)
+                status = await self._port.recv()
             if _is_error(status, "start_failed"):
                 why = f"{status[1]}: {status[2]}"
                 self._started.set_result(SpawnError(self.name, self.target, why, str(status[3])))
@@ -304,13 +328,24 @@ class Process:
         except MeshError as exc:
             log.warning("worker %s sent an unreadable status: %s", self.name, exc)
             return
-        if _is_error(status, "error"):
+        if isinstance(status, list) and len(status) == 2 and status[0] == "handover":
+            self._handover.set_result((True, status[1]))
+        elif _is_error(status, "error"):
             self.error = RemoteError(str(status[1]), str(status[2]), str(status[3]))
             log.error("worker %s (pid %d) failed: %s\n%s", self.name, self.pid, self.error, status[3])
 
-    async def _wait_started(self) -> None:
-        """Return once the target runs; else reap the process and raise
-        ``SpawnError``. Cancelled meanwhile, the process is killed."""
+    async def _wait_ready(self) -> SpawnError | None:
+        """A successor: None once it imported its function and waits for its
+        argument; else why it will not start (the process reaped)."""
+        waits: list[asyncio.Future[Any]] = [self._ready, self._started]
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        if self._ready.done():
+            return None
+        return await self._wait_started()
+
+    async def _wait_started(self) -> SpawnError | None:
+        """None once the target runs; else why not, the process reaped.
+        Cancelled meanwhile, the process is killed."""
         try:
             failed = await asyncio.shield(self._started)
         except asyncio.CancelledError:
@@ -318,28 +353,327 @@ class Process:
             self._port.close()
             raise
         if failed is None:
-            return
-        code = await self.wait()
+            return None
+        code = await asyncio.shield(self._exited)
         if failed.reason == _NO_REPORT:
             how = f"killed by signal {-code}" if code < 0 else f"exited with code {code}"
             failed = SpawnError(self.name, self.target, f"the worker process {how} before starting it")
-        raise failed
-
-    async def wait(self) -> int:
-        """Wait for the process to exit; its exit code (negative: killed by signal)."""
-        return await asyncio.shield(self._exited)
+        return failed
 
     def kill(self) -> None:
-        """SIGKILL the process (no-op once it has exited)."""
         if self.returncode is None:
             try:
                 os.kill(self.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
 
+
+#: Seconds ``Process.restart`` gives the worker, by default, to return its
+#: state once asked (its ``timeout``): past it the worker is killed.
+RESTART_TIMEOUT: Final = 10.0
+#: Restart events a ``Process`` keeps for ``inspect`` (the latest ones).
+RESTART_EVENTS_KEPT: Final = 8
+#: When a worker that exited is started again (``Mesh.spawn(restart=...)``).
+RESTART_WHEN: Final = ("never", "on-failure", "always")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RestartPolicy:
+    """When a worker that exited is started again, and how fast
+    (``Mesh.spawn(..., restart=RestartPolicy("on-failure", initial=0.5))``;
+    ``restart="on-failure"`` is this with the defaults). The delay before a
+    restart is ``initial`` doubled for each restart already made within the
+    last ``window`` seconds, at most ``cap``; once ``max_restarts`` were made
+    within ``window``, the next exit is final (one log line, and
+    ``Process.error`` says why). A failed start (an error at import) counts
+    as an exit."""
+
+    #: "never", "on-failure" (an exit status other than 0, or a signal), "always"
+    when: str = "on-failure"
+    #: seconds before the first restart
+    initial: float = 0.1
+    #: the longest delay between two restarts, in seconds
+    cap: float = 30.0
+    #: restarts allowed within ``window`` seconds
+    max_restarts: int = 5
+    window: float = 60.0
+
+    def __post_init__(self) -> None:
+        if self.when not in RESTART_WHEN:
+            raise ValueError(f"restart must be one of {', '.join(RESTART_WHEN)}, got {self.when!r}")
+        for what in ("initial", "cap", "window"):
+            v = getattr(self, what)
+            if not (isinstance(v, (int, float)) and 0 <= v < float("inf")):
+                raise ValueError(f"RestartPolicy.{what} must be a finite number of seconds >= 0, got {v!r}")
+        if not isinstance(self.max_restarts, int) or self.max_restarts < 0:
+            raise ValueError(f"RestartPolicy.max_restarts must be an int >= 0, got {self.max_restarts!r}")
+
+    def restarts_after(self, code: int) -> bool:
+        return self.when == "always" or (self.when == "on-failure" and code != 0)
+
+    def delay(self, recent: int) -> float:
+        """Seconds to wait before a restart, ``recent`` restarts made within the window."""
+        return float(min(self.cap, self.initial * 2 ** min(recent, 64)))
+
+
+def restart_policy(restart: str | RestartPolicy) -> RestartPolicy:
+    """``spawn``'s ``restart`` argument as a policy (``ValueError`` for anything else)."""
+    if isinstance(restart, RestartPolicy):
+        return restart
+    if not isinstance(restart, str):
+        raise TypeError(
+            f"restart takes {', '.join(map(repr, RESTART_WHEN))} or a RestartPolicy, got {restart!r}"
+        )
+    return RestartPolicy(restart)
+
+
+def _how_exited(code: int) -> str:
+    return f"killed by signal {-code}" if code < 0 else f"exited with code {code}"
+
+
+class Process:
+    """A worker process in the mesh. ``await wait()`` gives its exit code.
+
+    The object stays the same across restarts (``restart()``, or a restart
+    policy given to ``spawn``): ``name`` and its entry in ``inspect`` stay,
+    ``pid`` is the running incarnation's and ``restarts`` counts them."""
+
+    def __init__(
+        self,
+        run: _Run,
+        launch: Callable[[Any, bool], Awaitable[_Run]],
+        arg: Any = None,
+        policy: RestartPolicy | None = None,
+    ) -> None:
+        self.name = run.name
+        self.target = run.target
+        #: stable across restarts: the entry of this worker in ``inspect``
+        self.key = f"{run.name}-{run.pid}"
+        #: how many times a successor took over (hand-overs and crash restarts)
+        self.restarts = 0
+        #: why the worker is gone: ``RemoteError`` (its function raised; also
+        #: logged), ``RestartError`` (a restart failed, or crash restarts
+        #: stopped at their limit), ``SpawnError`` (a successor did not start)
+        self.error: MeshError | None = None
+        #: the latest restarts, oldest first (at most ``RESTART_EVENTS_KEPT``)
+        self.restart_events: collections.deque[dict[str, Any]] = collections.deque(maxlen=RESTART_EVENTS_KEPT)
+        self._launch = launch
+        self._arg = arg
+        self._policy = policy if policy is not None else RestartPolicy("never")
+        # loop times of the crash restarts within the policy's window
+        self._recent: collections.deque[float] = collections.deque()
+        self._stopping = False
+        self._handing_over = False
+        self._live = False  # the first start succeeded: exits may restart it
+        self._restarting: asyncio.Task[None] | None = None
+        loop = asyncio.get_running_loop()
+        #: the exit after which no successor follows
+        self._exited: asyncio.Future[int] = loop.create_future()
+        self._run = run
+        self._use(run)
+
+    @property
+    def pid(self) -> int:
+        """The process id of the running incarnation (the last one, once exited)."""
+        return self._run.pid
+
+    @property
+    def returncode(self) -> int | None:
+        """The exit code once the worker is gone for good (no restart follows); else None."""
+        return self._exited.result() if self._exited.done() else None
+
+    def _use(self, run: _Run) -> None:
+        self._run = run
+        run.on_exit = self._run_exited
+        if run._exited.done():
+            self._run_exited(run, run._exited.result())
+
+    def _event(self, kind: str, reason: str, delay: float = 0.0) -> None:
+        self.restart_events.append(
+            {"at": round(time.time(), 3), "kind": kind, "pid": self.pid, "reason": reason, "delay": delay}
+        )
+
+    def _run_exited(self, run: _Run, code: int) -> None:
+        if run is not self._run or self._handing_over:
+            return  # a predecessor's exit after its hand-over, or restart() decides
+        if run.error is not None:
+            self.error = run.error
+        self._after_exit(code, _how_exited(code))
+
+    async def _wait_started(self) -> None:
+        """``spawn``: return once the function runs; else raise ``SpawnError``
+        (no restart follows a failed first start)."""
+        failed = await self._run._wait_started()
+        if failed is not None:
+            raise failed
+        self._live = True
+
+    def _after_exit(self, code: int, why: str) -> None:
+        """The running incarnation is gone: start another (the policy) or stop here."""
+        if self._stopping or not self._live or not self._policy.restarts_after(code):
+            self._finish(code)
+            return
+        self._restarting = asyncio.get_running_loop().create_task(self._restart_after_exit(code, why))
+
+    def _finish(self, code: int) -> None:
+        if not self._exited.done():
+            self._exited.set_result(code)
+
+    async def _restart_after_exit(self, code: int, why: str) -> None:
+        policy = self._policy
+        loop = asyncio.get_running_loop()
+        cause: BaseException | None = self.error
+        try:
+            while True:
+                now = loop.time()
+                while self._recent and now - self._recent[0] > policy.window:
+                    self._recent.popleft()
+                if len(self._recent) >= policy.max_restarts:
+                    err = RestartError(
+                        self.name,
+                        f"stopped restarting after {len(self._recent)} restarts within "
+                        f"{policy.window:g} s; the last one {why}",
+                    )
+                    err.__cause__ = cause
+                    self.error = err
+                    self._event("gave-up", why)
+                    log.error("%s", err)  # the one line that says the loop stopped
+                    self._finish(code)
+                    return
+                delay = policy.delay(len(self._recent))
+                self._recent.append(now)
+                await asyncio.sleep(delay)
+                run = await self._launch(self._arg, False)
+                failed = await run._wait_started()
+                if failed is None:
+                    self.restarts += 1
+                    self._run = run
+                    self._event("crash-restart", why, delay)
+                    log.warning("worker %s %s; restarted as pid %d", self.name, why, run.pid)
+                    self._use(run)
+                    return
+                cause = failed
+                code = run._exited.result()
+                why = f"failed to start ({failed.reason})"
+        except asyncio.CancelledError:
+            self._finish(code)
+            raise
+        except MeshError as exc:  # the mesh closed, or no credential for a successor
+            self.error = exc
+            self._finish(code)
+        finally:
+            self._restarting = None
+
+    async def restart(self, *, timeout: float = RESTART_TIMEOUT) -> None:
+        """Restart the worker into the code now on disk, handing its state over.
+
+        The worker's ``await meshipc.restarting()`` returns; its function
+        returns a value (its state: any message value, ports included) that
+        comes here and starts the successor as ``function(value)``. Messages
+        sent to the ports in it meanwhile wait in those ports and follow them:
+        nothing is lost, duplicated or reordered. Returns once the successor
+        runs (``pid`` is its, ``restarts`` one more). Raises ``RestartError``
+        if the worker does not return within ``timeout`` seconds (it is
+        killed; the ports it held fail), raises or exits instead, and
+        ``SpawnError`` if the successor cannot start (the ports in the state
+        fail with that reason). After a failure the worker is gone, unless
+        its restart policy starts it again from its spawn argument.
+        ``MeshError`` if it already exited or a restart is under way."""
+        if not (isinstance(timeout, (int, float)) and 0 < timeout < float("inf")):
+            raise ValueError(f"timeout must be a finite number of seconds > 0, got {timeout!r}")
+        if self._exited.done() or self._stopping:
+            raise MeshError(f"worker {self.name!r} has exited: nothing to restart")
+        if self._handing_over or self._restarting is not None:
+            raise MeshError(f"worker {self.name!r} is restarting already")
+        self._handing_over = True
+        # once asked, the hand-over runs to its end even if the caller is
+        # cancelled: the worker's state is on its way and must land somewhere
+        task = asyncio.get_running_loop().create_task(self._hand_over(timeout))
+        await asyncio.shield(task)
+
+    async def _hand_over(self, timeout: float) -> None:
+        run = self._run
+        try:
+            with contextlib.suppress(MeshError):  # gone already: its outcome says so below
+                run._port.send(["restart"])
+            try:
+                async with asyncio.timeout(timeout):
+                    handed, value = await asyncio.shield(run._handover)
+            except TimeoutError:
+                run.kill()
+                handed, value = (
+                    False,
+                    (
+                        f"it did not return its state within {timeout:g} s of restart() (restart's timeout),"
+                        " so it was killed"
+                    ),
+                )
+            if not handed:
+                code = await asyncio.shield(run._exited)
+                err = RestartError(self.name, f"restart failed: {value}")
+                err.__cause__ = run.error
+                self._fail_restart(err, code, f"failed to restart: {value}")
+                raise err
+            # the predecessor exits once the ports it held have moved on; the
+            # successor imports its function now: the code on disk
+            try:
+                new = await self._launch(None, True)
+            except BaseException as exc:
+                CODEC.dispose(value, f"worker {self.name!r} could not be restarted: {exc}")
+                self._fail_restart(MeshError(str(exc)), await asyncio.shield(run._exited), str(exc))
+                raise
+            failed = await new._wait_ready()
+            if failed is None:
+                try:
+                    new._port.send(value)
+                except MeshError as exc:
+                    new.kill()
+                    failed = SpawnError(self.name, self.target, f"its state cannot be sent: {exc}")
+                else:
+                    failed = await new._wait_started()
+            if failed is not None:
+                # the ports in the state fail with the reason, not a bare "node died"
+                CODEC.dispose(value, str(failed))
+                self._fail_restart(
+                    failed, await asyncio.shield(new._exited), f"failed to start ({failed.reason})"
+                )
+                raise failed
+            self.restarts += 1
+            self._run = new
+            self._event("restart", "restart() with a hand-over")
+            self._handing_over = False
+            self._use(new)
+            if self._stopping:  # the mesh closed meanwhile
+                new._port.close()
+        finally:
+            self._handing_over = False
+
+    def _fail_restart(self, err: MeshError, code: int, why: str) -> None:
+        self.error = err
+        self._handing_over = False
+        self._event("restart-failed", why)
+        self._after_exit(code, why)
+
+    async def wait(self) -> int:
+        """Wait for the worker to exit for good (no restart follows); its
+        exit code (negative: killed by signal)."""
+        return await asyncio.shield(self._exited)
+
+    def _stop(self) -> None:
+        self._stopping = True
+        if self._restarting is not None:
+            self._restarting.cancel()  # it settles the exit with the last code
+
+    def kill(self) -> None:
+        """SIGKILL the process (no-op once it has exited); no restart follows."""
+        self._stop()
+        self._run.kill()
+
     def terminate(self) -> None:
-        """Ask the worker to stop: its function is cancelled and it exits."""
-        self._port.close()
+        """Ask the worker to stop: its function is cancelled and it exits;
+        no restart follows."""
+        self._stop()
+        self._run._port.close()
 
     def __repr__(self) -> str:
         state = "running" if self.returncode is None else f"exited {self.returncode}"
@@ -379,16 +713,43 @@ async def spawn(
     target: str | Callable[..., Any],
     arg: Any,
     name: str | None,
+    restart: str | RestartPolicy = "never",
 ) -> Process:
     """Start the worker ``target`` (an async function, or
     ``"package.module:function"``; see ``target_of``) as a new node joined
     to ``node``, with the credential ``credential()`` issues and ``limits``
-    on its ports; ``arg`` goes first on its bootstrap port."""
+    on its ports; ``arg`` goes first on its bootstrap port. With a
+    ``restart`` policy other than "never", ``arg`` is kept to start the
+    worker again: it must hold no port or fd (those go once, and failed with
+    the worker that held them), else ``ValueError``. The caller waits for
+    ``Process._run._wait_started()``."""
     if not isinstance(target, str):
         target = target_of(target)
     if not _TARGET.match(target):
         raise ValueError(f"target must look like 'package.module:function', got {target!r}")
-    name = name or target.rsplit(":", 1)[1]
+    policy = restart_policy(restart)
+    if policy.when != "never" and walk_resources(arg):
+        raise ValueError(
+            "a worker restarted after an exit starts again from its spawn argument, which therefore "
+            "holds no Port, Sender, Receiver or Fd (they move once, and fail with the worker that held "
+            "them): pass plain data, and let the worker serve() or find its channels by name"
+        )
+    launch = functools.partial(_launch, node, credential, limits, target, name or target.rsplit(":", 1)[1])
+    return Process(await launch(arg, False), launch, arg if policy.when != "never" else None, policy)
+
+
+async def _launch(
+    node: Node,
+    credential: Callable[[], Awaitable[Identity]],
+    limits: Limits,
+    target: str,
+    name: str,
+    arg: Any,
+    handover: bool,
+) -> _Run:
+    """One worker process for ``target``. ``arg`` goes first on its
+    bootstrap port; with ``handover`` nothing does: the child says "ready"
+    once its function is imported, and the caller sends the argument then."""
     identity = await credential()
     parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     pipe = PLATFORM.parent_pipe()
@@ -405,6 +766,7 @@ async def spawn(
         limits=dataclasses.astuple(limits),
         arg_types=receiver_types(arg),
         watch_fd=pipe[0] if pipe else -1,
+        handover=handover,
     )
     env = dict(os.environ)
     env[ENV_INVITATION] = base64.b64encode(msgspec.msgpack.encode(inv)).decode()
@@ -418,7 +780,8 @@ async def spawn(
     try:
         # encode the argument before a process exists: an unsendable value
         # raises here and leaves nothing behind
-        port.send(arg)
+        if not handover:
+            port.send(arg)
         popen = subprocess.Popen(
             worker_command(),
             env=env,
@@ -436,4 +799,4 @@ async def spawn(
         child_sock.close()
         if pipe:
             os.close(pipe[0])
-    return Process(popen, name, target, port, pipe[1] if pipe else -1)
+    return _Run(popen, name, target, port, pipe[1] if pipe else -1)
