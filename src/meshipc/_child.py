@@ -197,6 +197,7 @@ async def _run(inv: ChildInvitation) -> int:
                 # the state goes to the parent, its ports with it (and what is
                 # queued at them); closing the node lets them settle first
                 port.send(["handover", work.result()])
+                await node.settle()
                 port.close()
                 return 0
             except (MeshError, TypeError, ValueError) as exc:

@@ -529,7 +529,7 @@ async def _status(conn: Any, args: argparse.Namespace) -> int:
     for w in workers:
         rc = w.get("returncode")
         state = _text(w, "state") if rc is None else f"exited {term(rc)}"
-        out.append(f"  {_text(w, 'name')}  pid {_text(w, 'pid')}  {state}")
+        out.append(f"  {_text(w, 'name')}  pid {_text(w, 'pid')}  {state}{_restarts(w)}")
     out.append(f"services   {len(services)}")
     for name, sv in services.items():
         if not isinstance(sv, dict):
@@ -548,6 +548,18 @@ async def _status(conn: Any, args: argparse.Namespace) -> int:
         out.append(f"error      {e}")
     print("\n".join(out))
     return 0
+
+
+def _restarts(w: dict[str, Any]) -> str:
+    """A worker's restart count and its latest restart event, if any."""
+    n = w.get("restarts")
+    if not isinstance(n, int) or isinstance(n, bool) or (n <= 0 and not w.get("restart_events")):
+        return ""
+    text = f"  restarts {n}"
+    events = w.get("restart_events")
+    if isinstance(events, list) and events and isinstance(events[-1], dict):
+        text += f" (last: {_text(events[-1], 'kind')}, {_text(events[-1], 'reason')})"
+    return text
 
 
 def _duration(s: float) -> str:

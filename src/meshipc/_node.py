@@ -253,6 +253,20 @@ class Node:
             return True
         return bool(self._connecting) or not all(link.idle for link in self._links.values())
 
+    async def settle(self, linger: float = CLOSE_LINGER) -> bool:
+        """Wait (at most ``linger`` seconds) until no port is in transit over
+        a live link and every buffer is written: False if time ran out. A
+        worker that handed its ports over waits here before it closes: an
+        end still on its way (a call's reply end buffered behind a moving
+        port) is not an open end to close."""
+        try:
+            async with asyncio.timeout(linger):
+                while self.busy:
+                    await asyncio.sleep(CLOSE_POLL)
+        except TimeoutError:
+            return False
+        return True
+
     async def close(self, linger: float = CLOSE_LINGER) -> None:
         """Shut down in order: ends still open towards other nodes are closed
         (their peers see ``ChannelClosed``, not a failure), ports in transit
@@ -264,11 +278,7 @@ class Node:
             self._acceptor.close()
         engine = self.engine
         engine.close_remote()
-        try:
-            async with asyncio.timeout(linger):
-                while self.busy:
-                    await asyncio.sleep(CLOSE_POLL)
-        except TimeoutError:
+        if not await self.settle(linger):
             log.debug("node %s closing with work in flight", self.id)
         for link in list(self._links.values()):
             link.flush()
