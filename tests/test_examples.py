@@ -95,6 +95,8 @@ async def test_readme_demo_command_runs():
         "a bad request fails remotely: ValueError",
         "control client detached",
         "still running after the client left",
+        "into new code mid-stream",
+        "all 2000 numbers arrived once, in order",
         "demo done",
     ):
         assert expected in text, text
