@@ -257,6 +257,8 @@ class _Run:
         #: (True, state) once the function returned for a restart; else
         #: (False, why it did not)
         self._handover: asyncio.Future[tuple[bool, Any]] = loop.create_future()
+        #: a restart was asked of it: a hand-over is expected
+        self._asked = False
         self._status_task = loop.create_task(self._read_status())
         self._watch_exit()
 
@@ -329,7 +331,11 @@ class _Run:
             log.warning("worker %s sent an unreadable status: %s", self.name, exc)
             return
         if isinstance(status, list) and len(status) == 2 and status[0] == "handover":
-            self._handover.set_result((True, status[1]))
+            if self._asked:
+                self._handover.set_result((True, status[1]))
+            else:  # not asked for: nobody would take the ports in it
+                CODEC.dispose(status[1], f"worker {self.name!r} handed over a state nobody asked for")
+                log.warning("worker %s (pid %d) handed over a state without a restart", self.name, self.pid)
         elif _is_error(status, "error"):
             self.error = RemoteError(str(status[1]), str(status[2]), str(status[3]))
             log.error("worker %s (pid %d) failed: %s\n%s", self.name, self.pid, self.error, status[3])
@@ -594,6 +600,7 @@ class Process:
     async def _hand_over(self, timeout: float) -> None:
         run = self._run
         try:
+            run._asked = True
             with contextlib.suppress(MeshError):  # gone already: its outcome says so below
                 run._port.send(["restart"])
             try:
