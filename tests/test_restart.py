@@ -224,6 +224,31 @@ async def test_a_successor_that_fails_at_import_fails_the_ports(
         assert await within(proc.wait()) == 1 and proc.error is info.value
 
 
+async def test_a_cancelled_restart_still_hands_over(runtime_dir: Path, swappable: Swappable) -> None:
+    """Once asked, the state is on its way: cancelling the caller does not
+    strand it; a second restart meanwhile is refused."""
+    async with meshipc.Mesh(runtime_dir=runtime_dir) as mesh:
+        items_tx, items_rx = meshipc.channel(swappable.mod.Item)
+        _calls_tx, calls_rx = meshipc.channel(meshipc.Call[int])
+        out_tx, out_rx = meshipc.channel()
+        state = swappable.mod.State(items=items_rx, calls=calls_rx, out=out_tx)
+        proc = await mesh.spawn(swappable.target("stream"), state)
+        first = (await within(out_rx.recv()))[2]
+        items_tx.send(swappable.mod.Item(0))
+        restart = asyncio.ensure_future(proc.restart())
+        await wait_until(lambda: proc.restarting, "the restart under way")
+        with pytest.raises(meshipc.MeshError, match="restarting already"):
+            await proc.restart()
+        restart.cancel()
+        items_tx.send(swappable.mod.Item(1))
+        seen = [await within(out_rx.recv()) for _ in range(3)]
+        ups = [m for m in seen if m[0] == "up"]
+        assert [m for m in seen if m[0] != "up"] == [[1, 0], [1, 1]]  # once each, in order
+        assert len(ups) == 1 and ups[0][2] != first and ups[0][3] in (1, 2)
+        await wait_until(lambda: not proc.restarting, "the restart to end")
+        assert proc.restarts == 1 and proc.pid == ups[0][2] and restart.cancelled()
+
+
 async def test_restart_outside_a_worker_and_bad_arguments(runtime_dir: Path, swappable: Swappable) -> None:
     with pytest.raises(meshipc.MeshError, match=r"worker started by Mesh\.spawn"):
         await meshipc.restarting()

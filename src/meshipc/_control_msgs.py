@@ -362,10 +362,14 @@ class WorkerStatus(msgspec.Struct, frozen=True):
     events: tuple[dict[str, Any], ...] = ()
     #: its entry in the inspect tree, the same across restarts (default: name-pid)
     key: str = ""
+    #: between two incarnations (a restart under way)
+    restarting: bool = False
 
     @property
     def state(self) -> str:
-        return "running" if self.returncode is None else "exited"
+        if self.returncode is not None:
+            return "exited"
+        return "restarting" if self.restarting else "running"
 
 
 @dataclass(frozen=True)

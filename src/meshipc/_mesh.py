@@ -218,7 +218,9 @@ class Mesh(ControlPlane):
 
     def _worker_status(self) -> list[WorkerStatus]:
         return [
-            WorkerStatus(p.name, p.pid, p.returncode, p.restarts, tuple(p.restart_events), p.key)
+            WorkerStatus(
+                p.name, p.pid, p.returncode, p.restarts, tuple(p.restart_events), p.key, p.restarting
+            )
             for p in self._children
         ]
 

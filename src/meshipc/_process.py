@@ -484,6 +484,12 @@ class Process:
         return self._run.pid
 
     @property
+    def restarting(self) -> bool:
+        """A restart is under way: a hand-over, or a restart after an exit
+        (waiting out its delay, or its successor starting)."""
+        return self._handing_over or self._restarting is not None
+
+    @property
     def returncode(self) -> int | None:
         """The exit code once the worker is gone for good (no restart follows); else None."""
         return self._exited.result() if self._exited.done() else None
@@ -584,7 +590,11 @@ class Process:
         ``SpawnError`` if the successor cannot start (the ports in the state
         fail with that reason). After a failure the worker is gone, unless
         its restart policy starts it again from its spawn argument.
-        ``MeshError`` if it already exited or a restart is under way."""
+        ``MeshError`` if it already exited or a restart is under way. The
+        receivers in the state take their element types from the function's
+        annotation (``async def worker(state: State)``), as a spawn argument
+        does; once asked, the hand-over completes even if the caller is
+        cancelled."""
         if not (isinstance(timeout, (int, float)) and 0 < timeout < float("inf")):
             raise ValueError(f"timeout must be a finite number of seconds > 0, got {timeout!r}")
         if self._exited.done() or self._stopping:
