@@ -198,26 +198,53 @@ async def test_a_worker_that_raises_instead_of_handing_over(runtime_dir: Path, s
         assert await within(proc.wait()) == 1
 
 
-async def test_a_successor_that_fails_at_import_fails_the_ports(
+async def spawn_stream(mesh: meshipc.Mesh, sw: Swappable) -> tuple[meshipc.Process, Any, Any, Any]:
+    """A ``stream`` worker, up; its items and calls senders and its output."""
+    items_tx, items_rx = meshipc.channel(sw.mod.Item)
+    calls_tx, calls_rx = meshipc.channel(meshipc.Call[int])
+    out_tx, out_rx = meshipc.channel()
+    state = sw.mod.State(items=items_rx, calls=calls_rx, out=out_tx)
+    proc = await mesh.spawn(sw.target("stream"), state)
+    assert (await within(out_rx.recv()))[0] == "up"
+    return proc, items_tx, calls_tx, out_rx
+
+
+async def test_a_successor_that_fails_at_import_leaves_the_worker_running(
     runtime_dir: Path, swappable: Swappable
 ) -> None:
     async with meshipc.Mesh(runtime_dir=runtime_dir) as mesh:
-        items_tx, items_rx = meshipc.channel(swappable.mod.Item)
-        calls_tx, calls_rx = meshipc.channel(meshipc.Call[int])
-        out_tx, out_rx = meshipc.channel()
-        state = swappable.mod.State(items=items_rx, calls=calls_rx, out=out_tx)
-        proc = await mesh.spawn(swappable.target("stream"), state)
-        await within(out_rx.recv())
-        items_tx.send(swappable.mod.Item(0))
-        assert await within(out_rx.recv()) == [1, 0]
+        proc, items_tx, calls_tx, out_rx = await spawn_stream(mesh, swappable)
+        pid = proc.pid
         swappable.break_import()
         with pytest.raises(SpawnError, match="broken at import") as info:
             await within(proc.restart())
         assert "broken at import" in info.value.traceback
-        # the senders to the state's ports learn why, instead of hanging
-        with pytest.raises(PortFailed, match="broken at import"):
+        # the worker was not asked: it runs on, with its ports
+        assert proc.pid == pid and proc.restarts == 0 and not proc.restarting
+        items_tx.send(swappable.mod.Item(0))
+        assert await within(out_rx.recv()) == [1, 0]
+        assert await within(calls_tx.call(7)) == [1, 7]
+        swappable.set_version(3)  # fixed on disk: the next restart goes through
+        await within(proc.restart())
+        assert (await within(out_rx.recv()))[:2] == ["up", 3] and proc.restarts == 1
+        assert [e["kind"] for e in proc.restart_events] == ["restart-failed", "restart"]
+
+
+async def test_a_successor_that_rejects_the_state_ends_its_ports(
+    runtime_dir: Path, swappable: Swappable
+) -> None:
+    """The new code's annotation does not accept the old state: the restart
+    raises ``SpawnError`` saying so, and the senders to the state's ports
+    learn that their receiver is gone instead of hanging (the successor
+    refused the message that carried them)."""
+    async with meshipc.Mesh(runtime_dir=runtime_dir) as mesh:
+        proc, items_tx, calls_tx, _out_rx = await spawn_stream(mesh, swappable)
+        swappable.write(swappable.source.replace("    seen: int = 0\n", "    seen: str = ''\n"))
+        with pytest.raises(SpawnError, match="does not match the annotation of stream") as info:
+            await within(proc.restart())
+        with pytest.raises((PortFailed, meshipc.ChannelClosed)):
             await within(calls_tx.call(1))
-        with pytest.raises(PortFailed, match="broken at import"):
+        with pytest.raises((PortFailed, meshipc.ChannelClosed)):
             for _ in range(1000):
                 items_tx.send(swappable.mod.Item(1))
                 await within(items_tx.drain())

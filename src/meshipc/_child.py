@@ -20,7 +20,8 @@ from typing import Any
 
 import msgspec
 
-from ._errors import ChannelClosed, MeshError, PortFailed, remote_type_name
+from ._channel import Port
+from ._errors import ChannelClosed, MeshError, MessageError, PortFailed, remote_type_name
 from ._handshake import CREDENTIAL_LEN, Identity
 from ._join import join_parent, node_from_credential
 from ._loop import loading_script, run
@@ -121,6 +122,24 @@ def _arg_type(func: Any) -> Any:
     return hints.get(params[0], Any) if params else Any
 
 
+async def _argument(port: Port, func: Any) -> Any:
+    """The first message on ``port``: the function's argument, validated
+    against its annotation. Raises ``MessageError`` for one that does not
+    validate (a channel drops such a message and waits for the next: here
+    none would come)."""
+    while True:
+        bad = port.bad_messages
+        try:
+            return port.try_recv()
+        except asyncio.QueueEmpty:
+            if port.bad_messages != bad:
+                raise MessageError(
+                    f"the argument does not match the annotation of {getattr(func, '__qualname__', func)} "
+                    "(the worker logged why)"
+                ) from None
+            await port._wait()
+
+
 #: Set in a spawned worker once its parent asks for a restart (``restarting``).
 _restart_asked: asyncio.Event | None = None
 
@@ -156,8 +175,10 @@ async def _run(inv: ChildInvitation) -> int:
             if inv.handover:
                 port.send(["ready"])  # a successor: the parent sends the state now
             try:
-                arg = await port.recv()
+                arg = await _argument(port, func)
             except (ChannelClosed, PortFailed) as exc:
+                if inv.handover and isinstance(exc, ChannelClosed):
+                    return 0  # a successor whose restart was called off
                 print(f"meshipc worker {inv.name}: no start message: {exc}", file=sys.stderr)
                 return 1
             apply_receiver_types(arg, inv.arg_types)

@@ -472,6 +472,7 @@ class Process:
         self._handing_over = False
         self._live = False  # the first start succeeded: exits may restart it
         self._restarting: asyncio.Task[None] | None = None
+        self._last_code = 0  # the exit a restart after an exit follows
         loop = asyncio.get_running_loop()
         #: the exit after which no successor follows
         self._exited: asyncio.Future[int] = loop.create_future()
@@ -506,7 +507,7 @@ class Process:
         )
 
     def _run_exited(self, run: _Run, code: int) -> None:
-        if run is not self._run or self._handing_over:
+        if run is not self._run or run._asked:
             return  # a predecessor's exit after its hand-over, or restart() decides
         if run.error is not None:
             self.error = run.error
@@ -525,7 +526,11 @@ class Process:
         if self._stopping or not self._live or not self._policy.restarts_after(code):
             self._finish(code)
             return
-        self._restarting = asyncio.get_running_loop().create_task(self._restart_after_exit(code, why))
+        self._last_code = code
+        task = asyncio.get_running_loop().create_task(self._restart_after_exit(code, why))
+        # cancelled (kill, terminate, the mesh closing), even before it ran: that exit was the last
+        task.add_done_callback(lambda t: self._finish(self._last_code) if t.cancelled() else None)
+        self._restarting = task
 
     def _finish(self, code: int) -> None:
         if not self._exited.done():
@@ -565,11 +570,8 @@ class Process:
                     self._use(run)
                     return
                 cause = failed
-                code = run._exited.result()
+                code = self._last_code = run._exited.result()
                 why = f"failed to start ({failed.reason})"
-        except asyncio.CancelledError:
-            self._finish(code)
-            raise
         except MeshError as exc:  # the mesh closed, or no credential for a successor
             self.error = exc
             self._finish(code)
@@ -587,9 +589,14 @@ class Process:
         runs (``pid`` is its, ``restarts`` one more). Raises ``RestartError``
         if the worker does not return within ``timeout`` seconds (it is
         killed; the ports it held fail), raises or exits instead, and
-        ``SpawnError`` if the successor cannot start (the ports in the state
-        fail with that reason). After a failure the worker is gone, unless
-        its restart policy starts it again from its spawn argument.
+        ``SpawnError`` if the successor cannot start. The successor is
+        started first: if it cannot import its function, the worker was not
+        asked and runs on, untouched; if it fails once it has the state (the
+        state does not match its function's annotation, say), the ports in
+        the state end with it (their peers get ``PortFailed`` or
+        ``ChannelClosed``, never a hang). After any other failure the worker
+        is gone, unless its restart policy starts it again from its spawn
+        argument.
         ``MeshError`` if it already exited or a restart is under way. The
         receivers in the state take their element types from the function's
         annotation (``async def worker(state: State)``), as a spawn argument
@@ -610,6 +617,17 @@ class Process:
     async def _hand_over(self, timeout: float) -> None:
         run = self._run
         try:
+            # the successor first, from the code on disk: it imports its
+            # function while the worker still runs, and a successor that
+            # cannot start leaves the worker running, untouched
+            new = await self._launch(None, True)
+            failed = await new._wait_ready()
+            if failed is not None:
+                self._event("restart-failed", f"the successor did not start ({failed.reason})")
+                raise failed
+            if run._exited.done():  # it exited meanwhile (that exit was handled as any)
+                new._port.close()
+                raise RestartError(self.name, "restart failed: the worker exited before it was asked")
             run._asked = True
             with contextlib.suppress(MeshError):  # gone already: its outcome says so below
                 run._port.send(["restart"])
@@ -626,34 +644,25 @@ class Process:
                     ),
                 )
             if not handed:
+                new._port.close()  # the successor it would have had exits
                 code = await asyncio.shield(run._exited)
                 err = RestartError(self.name, f"restart failed: {value}")
                 err.__cause__ = run.error
                 self._fail_restart(err, code, f"failed to restart: {value}")
                 raise err
-            # the predecessor exits once the ports it held have moved on; the
-            # successor imports its function now: the code on disk
+            # the predecessor exits once the ports it held have moved on
             try:
-                new = await self._launch(None, True)
-            except BaseException as exc:
-                CODEC.dispose(value, f"worker {self.name!r} could not be restarted: {exc}")
-                self._fail_restart(MeshError(str(exc)), await asyncio.shield(run._exited), str(exc))
-                raise
-            failed = await new._wait_ready()
-            if failed is None:
-                try:
-                    new._port.send(value)
-                except MeshError as exc:
-                    new.kill()
-                    failed = SpawnError(self.name, self.target, f"its state cannot be sent: {exc}")
-                else:
-                    failed = await new._wait_started()
+                new._port.send(value)
+            except MeshError as exc:
+                new.kill()
+                failed = SpawnError(self.name, self.target, f"its state cannot be sent: {exc}")
+            else:
+                failed = await new._wait_started()
             if failed is not None:
                 # the ports in the state fail with the reason, not a bare "node died"
                 CODEC.dispose(value, str(failed))
-                self._fail_restart(
-                    failed, await asyncio.shield(new._exited), f"failed to start ({failed.reason})"
-                )
+                code = await asyncio.shield(new._exited)
+                self._fail_restart(failed, code, f"its successor failed to start ({failed.reason})")
                 raise failed
             self.restarts += 1
             self._run = new
