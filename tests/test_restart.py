@@ -289,6 +289,9 @@ async def test_restart_outside_a_worker_and_bad_arguments(runtime_dir: Path, swa
             await mesh.spawn(swappable.target("hang"), tx, restart="on-failure")
         with pytest.raises(ValueError, match="restart must be one of"):
             await mesh.spawn(swappable.target("exit_with"), 0, restart="sometimes")
+        # an argument its annotation refuses: a SpawnError, not a worker waiting for ever
+        with pytest.raises(SpawnError, match="does not match the annotation of stream"):
+            await within(mesh.spawn(swappable.target("stream"), "not a State"))
         proc = await mesh.spawn(swappable.target("hang"), tx)
         with pytest.raises(ValueError, match="timeout"):
             await proc.restart(timeout=0)
