@@ -48,7 +48,7 @@ from ._names import (
 from ._node import Node, NodeStats
 from ._platform import PLATFORM
 from ._ports import DEFAULT_LIMITS, Limits
-from ._process import Process, RestartPolicy, spawn
+from ._process import Process, RestartPolicy, RestartWhen, spawn
 from ._service import Service
 
 if TYPE_CHECKING:
@@ -391,7 +391,7 @@ class Mesh(ControlPlane):
         arg: Any = None,
         *,
         name: str | None = None,
-        restart: str | RestartPolicy = "never",
+        restart: RestartWhen | RestartPolicy = "never",
     ) -> Process:
         """Start a worker process running ``async def function(arg)``: pass
         the function itself (defined at the top level of a module, or of the

@@ -48,7 +48,7 @@ import time
 import types
 import typing
 from collections.abc import Awaitable, Callable
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 import msgspec
 
@@ -380,7 +380,8 @@ RESTART_TIMEOUT: Final = 10.0
 #: Restart events a ``Process`` keeps for ``inspect`` (the latest ones).
 RESTART_EVENTS_KEPT: Final = 8
 #: When a worker that exited is started again (``Mesh.spawn(restart=...)``).
-RESTART_WHEN: Final = ("never", "on-failure", "always")
+RestartWhen = Literal["never", "on-failure", "always"]
+RESTART_WHEN: Final = typing.get_args(RestartWhen)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -395,7 +396,7 @@ class RestartPolicy:
     as an exit."""
 
     #: "never", "on-failure" (an exit status other than 0, or a signal), "always"
-    when: str = "on-failure"
+    when: RestartWhen = "on-failure"
     #: seconds before the first restart
     initial: float = 0.1
     #: the longest delay between two restarts, in seconds
@@ -430,7 +431,7 @@ def restart_policy(restart: str | RestartPolicy) -> RestartPolicy:
         raise TypeError(
             f"restart takes {', '.join(map(repr, RESTART_WHEN))} or a RestartPolicy, got {restart!r}"
         )
-    return RestartPolicy(restart)
+    return RestartPolicy(typing.cast(RestartWhen, restart))
 
 
 def _how_exited(code: int) -> str:
