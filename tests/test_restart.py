@@ -413,3 +413,28 @@ async def test_closing_the_mesh_ends_a_worker_waiting_to_restart(
         t0 = loop.time()
     assert loop.time() - t0 < 20  # the mesh closed without waiting out the 30 s delay
     assert proc.returncode == -signal.SIGKILL and proc.restarts == 0
+
+
+async def test_closing_the_mesh_during_a_restart(runtime_dir: Path, swappable: Swappable) -> None:
+    """The mesh closes without waiting out the restart's deadline; the
+    restart says it failed; no worker is left behind."""
+    loop = asyncio.get_running_loop()
+    before = set(children())
+    async with meshipc.Mesh(runtime_dir=runtime_dir) as mesh:
+        out_tx, out_rx = meshipc.channel()
+        proc = await mesh.spawn(swappable.target("hang"), out_tx)
+        await within(out_rx.recv())
+        restart = asyncio.ensure_future(proc.restart(timeout=30))
+        await wait_until(lambda: proc._run._asked, "the worker asked to restart")
+        t0 = loop.time()
+    assert loop.time() - t0 < 20  # not the restart's 30 s
+    with pytest.raises(RestartError, match="restart failed"):
+        await within(restart)
+    assert proc.returncode is not None and proc.restarts == 0
+    await wait_until(lambda: set(children()) <= before, "the successor that never got a state to exit")
+
+
+def children() -> list[str]:
+    """This process's child processes (Linux)."""
+    with open(f"/proc/{os.getpid()}/task/{os.getpid()}/children") as f:
+        return f.read().split()
