@@ -24,6 +24,15 @@ What the child says on the bootstrap port, in order::
 ``spawn`` returns once "started" arrives and raises ``SpawnError`` for
 anything else (including the process dying first). A traceback travels once,
 on the port: the child does not print it as well.
+
+A restart (``Process.restart``) adds, in order::
+
+    successor -> parent  ["ready"]               imported; waits for its argument
+    parent -> worker     ["restart"]             meshipc.restarting() returns
+    worker -> parent     ["handover", state]     instead of "ok": the function's value
+    parent -> successor  state                   its argument; then "started" as above
+
+The parent accepts a hand-over only after asking for one.
 """
 
 from __future__ import annotations
