@@ -577,6 +577,7 @@ class Process:
                     self._run = run
                     self._event("crash-restart", why, delay)
                     log.warning("worker %s %s; restarted as pid %d", self.name, why, run.pid)
+                    self._restarting = None  # done: an exit from here on starts another
                     self._use(run)
                     return
                 cause = failed
@@ -586,7 +587,8 @@ class Process:
             self.error = exc
             self._finish(code)
         finally:
-            self._restarting = None
+            if self._restarting is asyncio.current_task():
+                self._restarting = None
 
     async def restart(self, *, timeout: float = RESTART_TIMEOUT) -> None:
         """Restart the worker into the code now on disk, handing its state over.
