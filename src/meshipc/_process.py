@@ -54,6 +54,7 @@ from ._codec import walk_resources
 from ._errors import ChannelClosed, MeshError, PortFailed, RemoteError, SpawnError
 from ._handshake import Identity
 from ._ids import PortId
+from ._logs import LogPump, level_number
 from ._node import Node
 from ._platform import PLATFORM
 from ._ports import Limits
@@ -131,6 +132,8 @@ class ChildInvitation(msgspec.Struct, frozen=True):
     arg_types: list[tuple[int, Any]] = []
     #: read end of the parent-death pipe (``Platform.parent_pipe``), or -1
     watch_fd: int = -1
+    #: the first message on the bootstrap port is the worker's log port (``_logs``)
+    logs: bool = False
 
     def __repr__(self) -> str:
         return f"ChildInvitation(name={self.name!r}, target={self.target!r}, directory={self.directory!r})"
@@ -224,7 +227,13 @@ class Process:
     """A worker process in the mesh. ``await wait()`` gives its exit code."""
 
     def __init__(
-        self, popen: subprocess.Popen[bytes], name: str, target: str, port: Port, watch_fd: int = -1
+        self,
+        popen: subprocess.Popen[bytes],
+        name: str,
+        target: str,
+        port: Port,
+        watch_fd: int = -1,
+        logs: LogPump | None = None,
     ) -> None:
         self._popen = popen
         # our end of the worker's parent-death pipe: open while the worker
@@ -243,6 +252,10 @@ class Process:
         #: child's own report, or None when it died without one)
         self._started: asyncio.Future[SpawnError | None] = loop.create_future()
         self._status_task = loop.create_task(self._read_status())
+        #: the worker's forwarded logging (None: ``forward_logs=False``)
+        self.logs = logs
+        if logs is not None:
+            logs.start(self.pid)
         self._watch_exit()
 
     def _watch_exit(self) -> None:
@@ -267,16 +280,23 @@ class Process:
         if self._watch_fd >= 0:
             os.close(self._watch_fd)
             self._watch_fd = -1
-        # the child's last words (its status) may still be in the socket: the
-        # status reader ends once they are read, or when the connection to the
-        # child breaks (EOF comes after the data); only then is the exit final
-        self._status_task.add_done_callback(lambda _: self._finish_exit(code))
-        asyncio.get_running_loop().call_later(STATUS_GRACE, self._status_task.cancel)
+        # the child's last words (its status, its last log records) may still
+        # be in the socket: the readers end once they are read, or when the
+        # connection to the child breaks (EOF comes after the data); only
+        # then is the exit final
+        readers = [self._status_task] + ([self.logs.task] if self.logs and self.logs.task else [])
+        done = asyncio.gather(*readers, return_exceptions=True)
+        done.add_done_callback(lambda _: self._finish_exit(code))
+        loop = asyncio.get_running_loop()
+        for task in readers:
+            loop.call_later(STATUS_GRACE, task.cancel)
 
     def _finish_exit(self, code: int) -> None:
         if not self._exited.done():
             self._exited.set_result(code)
         self._port.close()
+        if self.logs is not None:
+            self.logs.close()
 
     async def _read_status(self) -> None:
         try:
@@ -337,6 +357,17 @@ class Process:
             except ProcessLookupError:
                 pass
 
+    async def set_log_level(self, level: int | str, logger: str = "") -> None:
+        """Set the level of the worker's logger ``logger`` (its root logger
+        by default) to ``level`` (``logging.DEBUG``, or ``"debug"``); returns
+        once the worker's next record obeys it. Raises ``ValueError`` for an
+        unknown level, ``MeshError`` if the worker does not forward its logs
+        (``forward_logs=False``) or has exited."""
+        n = level_number(level)
+        if self.logs is None:
+            raise MeshError(f"worker {self.name} was spawned with forward_logs=False")
+        await self.logs.set_level(n, logger)
+
     def terminate(self) -> None:
         """Ask the worker to stop: its function is cancelled and it exits."""
         self._port.close()
@@ -379,11 +410,13 @@ async def spawn(
     target: str | Callable[..., Any],
     arg: Any,
     name: str | None,
+    forward_logs: bool = True,
 ) -> Process:
     """Start the worker ``target`` (an async function, or
     ``"package.module:function"``; see ``target_of``) as a new node joined
     to ``node``, with the credential ``credential()`` issues and ``limits``
-    on its ports; ``arg`` goes first on its bootstrap port."""
+    on its ports; ``arg`` goes first on its bootstrap port (after the
+    worker's log port, with ``forward_logs``: see ``_logs``)."""
     if not isinstance(target, str):
         target = target_of(target)
     if not _TARGET.match(target):
@@ -405,6 +438,7 @@ async def spawn(
         limits=dataclasses.astuple(limits),
         arg_types=receiver_types(arg),
         watch_fd=pipe[0] if pipe else -1,
+        logs=forward_logs,
     )
     env = dict(os.environ)
     env[ENV_INVITATION] = base64.b64encode(msgspec.msgpack.encode(inv)).decode()
@@ -415,7 +449,12 @@ async def spawn(
     # expect the child on our end of the pair before any port names it
     node.accept_via(child_id, parent_sock)
     port = Port._wrap([node.engine.new_bound(pport, child_id, cport)])
+    logs: LogPump | None = None
     try:
+        if forward_logs:
+            ours, theirs = Port.pair()
+            logs = LogPump(ours, name)
+            port.send(theirs)
         # encode the argument before a process exists: an unsendable value
         # raises here and leaves nothing behind
         port.send(arg)
@@ -428,6 +467,8 @@ async def spawn(
     except BaseException:
         node.forget(child_id, "the worker process was not started")
         port.close()
+        if logs is not None:
+            logs.close()
         parent_sock.close()
         if pipe:
             os.close(pipe[1])
@@ -436,4 +477,4 @@ async def spawn(
         child_sock.close()
         if pipe:
             os.close(pipe[0])
-    return Process(popen, name, target, port, pipe[1] if pipe else -1)
+    return Process(popen, name, target, port, pipe[1] if pipe else -1, logs)
