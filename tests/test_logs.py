@@ -19,6 +19,7 @@ import meshipc
 from meshipc import MeshError
 from meshipc._logs import LOG_MAX_NAME, LOG_MAX_TEXT, LOG_WINDOW, Ack, LogPump, Record, ToParent, level_number
 from relutil import vmrss_kb, wait_until, within
+from test_control import cli
 
 
 class Collect(logging.Handler):
@@ -210,3 +211,23 @@ async def test_unknown_logger_names_create_no_logger(collect: Collect) -> None:
 
 def test_ack_is_small() -> None:
     assert len(msgspec.msgpack.encode(Ack(64))) < 8
+
+
+async def test_meshipc_log_changes_a_workers_level(runtime_dir: Path, collect: Collect) -> None:
+    async with meshipc.Mesh(name="lg", runtime_dir=runtime_dir) as mesh:
+        await mesh.listen()
+        tx, rx = meshipc.channel()
+        proc = await mesh.spawn("log_workers:on_call", rx, name="oc")
+        code, out, err = await cli(runtime_dir, "log", "lg", "oc", "DEBUG")
+        assert code == 0, err
+        assert f"oc-{proc.pid}" in out and "DEBUG" in out
+        await within(tx.call(1))
+        assert [r.levelname for r in collect.of("oc")] == ["DEBUG", "WARNING"]
+        code, out, err = await cli(runtime_dir, "log", "lg", "ERROR")  # every worker
+        assert code == 0, err
+        await within(tx.call(2))
+        assert len(collect.of("oc")) == 2
+        code, _, err = await cli(runtime_dir, "log", "lg", "nobody", "INFO")
+        assert code == 1 and "no running worker named 'nobody'" in err
+        code, _, err = await cli(runtime_dir, "log", "lg", "oc", "LOUD")
+        assert code == 2 and "not a log level" in err

@@ -20,6 +20,7 @@ from typing import Any
 
 from ._attach import connect
 from ._errors import ConnectError, JoinError, MeshError, NodeFailure, RemoteError, ServiceNotFound
+from ._logs import level_number
 from ._names import RUNS_ELSEWHERE, mesh_directory, runtime_root
 
 #: Default seconds each node gets to answer ``status`` and ``inspect``.
@@ -202,8 +203,22 @@ def add_commands(sub: Any) -> None:
         help="seconds to wait for the reply (default: %(default)s)",
     )
 
+    lg = sub.add_parser(
+        "log",
+        parents=[common, asks_nodes],
+        help="change the log level of a running mesh's workers, live",
+        description="Attach to the mesh NAME and set the level of WORKER's root logger (of every worker "
+        "of the mesh's first node without WORKER) to LEVEL; the worker's next record obeys it. Workers' "
+        "records show in the mesh's own log, with the worker's name.",
+        epilog="examples:\n  meshipc log vmm DEBUG             # every worker\n"
+        "  meshipc log vmm ticker INFO\n  meshipc log vmm ticker DEBUG --logger app.db",
+        formatter_class=RawEpilog,
+    )
+    lg.add_argument("what", metavar="[WORKER] LEVEL", nargs="+", help="a worker name (optional) and a level")
+    lg.add_argument("--logger", default="", metavar="NAME", help="a logger of the worker (default: its root)")
 
-COMMANDS = ("status", "inspect", "call")
+
+COMMANDS = ("status", "inspect", "call", "log")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -256,6 +271,8 @@ async def _run(args: argparse.Namespace) -> int:
                 return await _status(conn, args)
             if args.cmd == "inspect":
                 return await _inspect(conn, args)
+            if args.cmd == "log":
+                return await _log(conn, args)
             return await _call(conn, args)
     except CliError:
         raise
@@ -309,6 +326,35 @@ async def _call(conn: Any, args: argparse.Namespace) -> int:
     except MeshError as exc:
         raise CliError(f"call to {args.service!r} failed: {exc}") from None
     print(_json(plain(reply), indent=2))
+    return 0
+
+
+# ------------------------------------------------------------------ log
+
+
+async def _log(conn: Any, args: argparse.Namespace) -> int:
+    if len(args.what) > 2:
+        raise CliError("give at most a worker and a level, e.g. `meshipc log vmm ticker DEBUG`", 2)
+    worker, level = ("*", args.what[0]) if len(args.what) == 1 else args.what
+    try:
+        level_number(level)
+    except ValueError as exc:
+        raise CliError(str(exc), 2) from None
+    mesh = await _fetch(conn, args, "mesh", None)
+    root = mesh.get("root") if isinstance(mesh, dict) else None
+    if not isinstance(root, str):
+        raise CliError("the mesh root sent a malformed answer (no root node id)")
+    try:
+        new = await conn.inspect_update(
+            f"nodes/{root}/log_levels",
+            {"worker": worker, "level": level, "logger": args.logger},
+            args.timeout,
+        )
+    except RemoteError as exc:
+        raise CliError(f"cannot set the log level: {exc.message}") from None
+    except (LookupError, MeshError) as exc:
+        raise CliError(f"cannot set the log level: {exc}") from None
+    print(render(plain(new)) or "(no workers)")
     return 0
 
 
