@@ -165,7 +165,6 @@ async def test_worker_service_reached_by_attached_client_then_node_dies(runtime_
                 await asyncio.wait_for(mesh.call("w", 1), T)
             # the node and its cause are named once (not "node X failed: ... node X failed: ...")
             assert str(ei.value).count("failed") == 1 and "'w'" in str(ei.value), ei.value
-
             # a timeout says what did not answer in how long
             async def hang(request: Any) -> Any:
                 await asyncio.Event().wait()
@@ -896,3 +895,5 @@ async def test_each_control_plane_method_on_all_three_holders(runtime_dir: Path)
             await within(use(conn), T)
         await within(asyncio.to_thread(use_blocking), T)
         assert knob["v"] == 4 and len(seen) == 3 * len(FACADE)
+
+

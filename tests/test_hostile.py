@@ -88,7 +88,6 @@ async def event(proc: asyncio.subprocess.Process) -> dict[str, Any]:
 async def serve_one_client(listener: meshipc.Listener, target: str) -> None:
     """A real client process attaches, answers a call and leaves."""
     async with real_client(target) as c:
-
         async def find() -> meshipc.Admission:
             async for conn in listener:
                 if conn.peer.pid == c.pid:
@@ -449,7 +448,6 @@ async def test_flood_of_tiny_frames_leaves_no_state_and_others_are_served(runtim
                 await asyncio.wait_for(flood, T)
             finally:
                 flood.cancel()
-
             def read_in() -> int:
                 link = mesh.stats().node.link(me)
                 return link.bytes_in if link is not None else -1

@@ -175,7 +175,6 @@ async def test_a_call_is_one_frame_each_way(runtime_dir: Path):
 
         server = asyncio.ensure_future(serve())
         assert await asyncio.wait_for(tx.call(1), 10) == 2  # warm up: the receiver settles
-
         async def barrier() -> None:
             # one frame each way on the same connection: whatever either side
             # owed before it (bookkeeping, a CLOSE, an echo) is written first

@@ -65,7 +65,6 @@ _get_ident = threading.get_ident
 #: the other side of an attachment) exited
 _RECEIVER_GONE: Final = "the receiver is gone (closed by its holder, or its process exited)"
 
-
 @dataclass(frozen=True)
 class ChannelStatistics:
     """A snapshot of one channel end (``statistics()`` on a ``Sender``,

@@ -62,6 +62,7 @@ _PORTS: Final = 0
 _FDS: Final = 1
 
 
+
 class Failure(msgspec.Struct, array_like=True, frozen=True):
     """Why a call failed, as it travels (``K_REPLY_ERROR``, ``K_ERROR``): a
     msgpack array of the remote type's name (``_errors.remote_type_name``),
@@ -71,7 +72,6 @@ class Failure(msgspec.Struct, array_like=True, frozen=True):
     type_name: str
     message: str
     traceback: str
-
 
 class ResourceTables(threading.local):
     """The resources of the message being encoded or decoded on this thread.

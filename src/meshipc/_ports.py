@@ -298,8 +298,6 @@ def _unmarked(cause: str) -> str:
         if cause.startswith(mark + ": "):
             return cause[len(mark) + 2 :]
     return cause
-
-
 #: Ports that arrived failed (``D_DEAD | D_PEER_CLOSED``) whose cause may
 #: still come (the sender follows the carrying message with a ``FAIL`` naming
 #: it, on the same link), and causes of ends that failed lately (for a
@@ -1305,15 +1303,8 @@ class Engine:
             queued += len(st.queue)
             queued_bytes += sum(len(m.body) for m in st.queue if m.body is not None)
         return EngineStats(
-            len(self.ports),
-            by_state,
-            by_peer,
-            queued,
-            queued_bytes,
-            out_n,
-            out_b,
-            frozenset(hops),
-            frozenset(targets),
+            len(self.ports), by_state, by_peer, queued, queued_bytes, out_n, out_b,
+            frozenset(hops), frozenset(targets),
         )
 
     # ------------------------------------------------------------------ wire side

@@ -149,7 +149,6 @@ class ReadBuffer:
 #: peer's process exited or closed its mesh (a service that went away).
 PEER_CLOSED: Final = "its process closed the connection (it exited or left the mesh)"
 
-
 @dataclass(frozen=True, slots=True)
 class LinkStats:
     """A snapshot of one ``Link`` (``Link.stats()``)."""
