@@ -22,6 +22,7 @@ from ._attach import connect
 from ._errors import ConnectError, JoinError, MeshError, NodeFailure, RemoteError, ServiceNotFound
 from ._logs import level_number
 from ._names import RUNS_ELSEWHERE, mesh_directory, runtime_root
+from ._top import SORT_KEYS, run_top
 
 #: Default seconds each node gets to answer ``status`` and ``inspect``.
 DEFAULT_TIMEOUT = 1.0
@@ -217,8 +218,29 @@ def add_commands(sub: Any) -> None:
     lg.add_argument("what", metavar="[WORKER] LEVEL", nargs="+", help="a worker name (optional) and a level")
     lg.add_argument("--logger", default="", metavar="NAME", help="a logger of the worker (default: its root)")
 
+    tp = sub.add_parser(
+        "top",
+        parents=[common, asks_nodes],
+        help="a live view of a running mesh: nodes, CPU, memory, message rates, queues, services",
+        description="Attach to the mesh NAME and show its nodes (workers, root, attached clients; not this "
+        "command's own) with pid, CPU, RSS, messages and bytes per second in and out, messages queued and "
+        "unconsumed, pending calls and services, refreshed in place. Keys: q quits, s changes the sort.",
+        epilog="examples:\n  meshipc top vmm\n  meshipc top vmm --sort in --period 0.5\n"
+        "  meshipc top vmm --count 1 | cat    # one table, no terminal control",
+        formatter_class=RawEpilog,
+    )
+    tp.add_argument("--sort", choices=SORT_KEYS, default="cpu", help="sort key (default: %(default)s)")
+    tp.add_argument(
+        "--period",
+        type=float,
+        default=1.0,
+        metavar="S",
+        help="seconds between refreshes (default: %(default)s)",
+    )
+    tp.add_argument("--count", type=int, metavar="N", help="stop after N refreshes (default: until q)")
 
-COMMANDS = ("status", "inspect", "call", "log")
+
+COMMANDS = ("status", "inspect", "call", "log", "top")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -273,6 +295,9 @@ async def _run(args: argparse.Namespace) -> int:
                 return await _inspect(conn, args)
             if args.cmd == "log":
                 return await _log(conn, args)
+            if args.cmd == "top":
+                me = bytes(conn.mesh.node_id).hex()
+                return await run_top(lambda: _fetch(conn, args, "", None), me, args, term)
             return await _call(conn, args)
     except CliError:
         raise
