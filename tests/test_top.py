@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -211,3 +212,57 @@ async def test_top_through_a_pipe_prints_plain_tables(runtime_dir: Path) -> None
         text = out.decode()
         assert text.count("MSG/s IN") == 2 and "\x1b" not in text
         assert any(line.startswith("echo ") for line in text.splitlines())
+
+
+async def test_inspect_poll_names_nodes_and_leaves_out_its_own(runtime_dir: Path) -> None:
+    async with meshipc.Mesh(name="insp", runtime_dir=runtime_dir) as mesh:
+        await mesh.listen()
+        tx, rx = meshipc.channel()
+        proc = await mesh.spawn("workers:echo", rx, name="echo")
+        await within(tx.call(1))
+        rd = os.fspath(runtime_dir)
+        argv = [
+            "inspect",
+            "insp",
+            "nodes",
+            "-p",
+            "-l",
+            "3",
+            "--count",
+            "2",
+            "--period",
+            "0.1",
+            "--runtime-dir",
+            rd,
+        ]
+        p = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "meshipc",
+            *argv,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await within(p.communicate())
+        text = out.decode()
+        assert p.returncode == 0, err
+        assert f"echo (pid {proc.pid}):" in text and f"insp (pid {os.getpid()}):" in text
+        # no node id as a key (the ids stay as the `id` fields); the command's own node is left out
+        assert not re.search(r"^ *[0-9a-f]{32}:", text, re.M), text
+        assert text.count("\n  id: ") == 2 * 2  # two polls of the mesh's node and the worker
+
+
+@needs_tmux
+async def test_inspect_poll_redraws_in_place_in_a_terminal(runtime_dir: Path) -> None:
+    async with meshipc.Mesh(name="inspt", runtime_dir=runtime_dir) as mesh:
+        await mesh.listen()
+        command = _top_command(runtime_dir, "inspt").replace(" top inspt ", " inspect inspt nodes -p -l 1 ")
+        command = command.replace(" --sort name", " --count 30")
+        with tmux_running(command) as t:
+            await wait_until(lambda: "inspt (pid" in t.screen(), "inspect -p to show the mesh's node")
+            await wait_until(
+                lambda: t.screen().count("meshipc inspect inspt") == 1 and "---" not in t.screen(), "a redraw"
+            )
+            t("send-keys", "-t", "t", "C-c")
+            await wait_until(lambda: "DONE" in t.screen(), "inspect -p to stop on Ctrl-C")
+            assert "EXIT=130\nicanon echo DONE" in t.screen()

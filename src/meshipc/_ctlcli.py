@@ -14,15 +14,17 @@ import contextlib
 import json
 import math
 import os
+import re
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from ._attach import connect
 from ._errors import ConnectError, JoinError, MeshError, NodeFailure, RemoteError, ServiceNotFound
 from ._logs import level_number
 from ._names import RUNS_ELSEWHERE, mesh_directory, runtime_root
-from ._top import SORT_KEYS, run_top
+from ._top import HOME, SORT_KEYS, run_top
 
 #: Default seconds each node gets to answer ``status`` and ``inspect``.
 DEFAULT_TIMEOUT = 1.0
@@ -430,6 +432,9 @@ async def _inspect(conn: Any, args: argparse.Namespace) -> int:
     prev: Any = None
     t_prev = 0.0
     n = 0
+    me = bytes(conn.mesh.node_id).hex()
+    labels: dict[str, str] = {}
+    in_place = sys.stdout.isatty()
     while args.count is None or n < args.count:
         if n:
             await asyncio.sleep(args.period)
@@ -439,11 +444,55 @@ async def _inspect(conn: Any, args: argparse.Namespace) -> int:
         if args.json:
             print(_json({"time": time.time(), "tree": tree, "rates": rates}), flush=True)
         else:
-            print(f"--- {time.strftime('%H:%M:%S')}")
-            print(render(tree, rates), flush=True)
+            # nodes by name, without this command's own node; redrawn in place on a terminal
+            labels.update(node_labels(tree if args.path.strip("/") == "nodes" else _dict(tree).get("nodes")))
+            if any(k not in labels for k in node_ids(tree)):  # new nodes, their names not in this part
+                labels.update(node_labels(await _fetch(conn, args, "nodes", 2)))
+            shown, shown_rates = named(tree, me, labels), named(rates, me, labels)
+            head = f"meshipc inspect {args.name} {args.path} - {time.strftime('%H:%M:%S')}"
+            print(f"{HOME}{term(head)}" if in_place else f"--- {time.strftime('%H:%M:%S')}")
+            print(render(shown, shown_rates), flush=True)
         prev, t_prev = tree, now
         n += 1
     return 0
+
+
+_NODE_ID = re.compile(r"[0-9a-f]{32}")
+
+
+def node_ids(value: Any, depth: int = 0) -> Iterator[str]:
+    """The keys of ``value`` (at any depth) that look like node ids."""
+    if isinstance(value, dict) and depth < MAX_DEPTH:
+        for k, v in value.items():
+            if isinstance(k, str) and _NODE_ID.fullmatch(k):
+                yield k
+            yield from node_ids(v, depth + 1)
+
+
+def _dict(value: Any) -> dict[Any, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def node_labels(nodes: Any) -> dict[str, str]:
+    """Node id -> ``"name (pid N)"`` for the nodes of an inspect answer's
+    ``nodes`` part (``#<id prefix>`` added where names repeat)."""
+    if not isinstance(nodes, dict):
+        return {}
+    out: dict[str, str] = {}
+    names = [n.get("name") for n in nodes.values() if isinstance(n, dict)]
+    for nid, n in nodes.items():
+        if isinstance(n, dict) and isinstance(n.get("name"), str) and isinstance(nid, str):
+            label = f"{n['name']} (pid {n.get('pid', '?')})"
+            out[nid] = label if names.count(n["name"]) == 1 else f"{label} #{nid[:6]}"
+    return out
+
+
+def named(value: Any, me: str, labels: dict[str, str], depth: int = 0) -> Any:
+    """``value`` with node ids as keys replaced by their labels, and this
+    command's own node (``me``) left out."""
+    if not isinstance(value, dict) or depth >= MAX_DEPTH:
+        return value
+    return {labels.get(k, k): named(v, me, labels, depth + 1) for k, v in value.items() if k != me}
 
 
 def _rates(old: Any, new: Any, dt: float) -> Any:
