@@ -56,6 +56,7 @@ if TYPE_CHECKING:
     from ._process import Process
     from ._service import Service, ServiceCall, ServiceSender
     from ._sockets import PeerCred
+    from ._trace import Trace, current_trace, start_trace
 
     Connection = Admission
     ClientConnection = Attachment
@@ -122,6 +123,9 @@ _LAZY: dict[str, tuple[str, str]] = {
     "ChannelStatistics": ("._channel", "ChannelStatistics"),
     "Process": ("._process", "Process"),
     "PeerCred": ("._sockets", "PeerCred"),
+    "Trace": ("._trace", "Trace"),
+    "current_trace": ("._trace", "current_trace"),
+    "start_trace": ("._trace", "start_trace"),
 }
 
 __version__ = "0.1.0"
@@ -184,6 +188,9 @@ __all__ = (
     "ServiceNameInUse",
     "ServiceNotFound",
     "ServiceSender",
+    "Trace",
+    "current_trace",
+    "start_trace",
 )
 
 
