@@ -162,8 +162,8 @@ class Forwarder(logging.Handler):
             if dropped:
                 self._port.send(Dropped(dropped))
             self._port.send(_record(record))
-        except MeshError:
-            self._dead = True  # the parent is gone: nobody to tell
+        except (MeshError, RuntimeError):
+            self._dead = True  # the parent (or our loop, at exit) is gone: nobody to tell
         finally:
             self._busy.on = False
 
