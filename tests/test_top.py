@@ -55,7 +55,7 @@ def test_rows_have_rates_and_exclude_our_own_node() -> None:
     rows = {r.name: r for r in s.rows(_tree(500), 100.5)}
     a = rows["alpha"]
     assert a.msgs_in == 1000 and a.bytes_in == 10_000
-    assert a.queued == 2 and a.unconsumed == 3 and a.pending == 2
+    assert a.queued == 2 and a.unconsumed == 3 and a.calls == 2
     assert a.services == ["sv 1000/s"] and a.rss is not None and a.rss > 0 and a.cpu is not None
     assert sort_rows(list(rows.values()), "in")[0].name == "alpha"
 

@@ -78,7 +78,7 @@ class Row:
     bytes_out: float = 0.0
     queued: int = 0
     unconsumed: int = 0
-    pending: int = 0
+    calls: int = 0
     services: list[str] = field(default_factory=list)
 
 
@@ -136,7 +136,7 @@ class Sampler:
             row.unconsumed = int(_num(_get(ports, "unconsumed_out_messages")))
             services = n.get("services")
             for s, sv in services.items() if isinstance(services, dict) else ():
-                row.pending += int(_num(_get(sv, "active")) + _num(_get(sv, "waiting")))
+                row.calls += int(_num(_get(sv, "active")) + _num(_get(sv, "waiting")))
                 calls, errs = rate.get(f"c:{s}"), rate.get(f"e:{s}")
                 extra = f" {calls:.0f}/s" if calls is not None else ""
                 extra += f" {errs:.0f} err/s" if errs else ""
@@ -200,7 +200,7 @@ def table(rows: list[Row], title: str, sort: str, width: int, term: Callable[[An
         lines.append(
             f"{term(r.name)[:16]:<16} {term(r.role)[:8]:<8} {r.pid:>7} {cpu:>6} {_mib(r.rss):>7} "
             f"{_si(r.msgs_in):>9} {_si(r.msgs_out):>7} {_si(r.bytes_in):>7} {_si(r.bytes_out):>7} "
-            f"{r.queued:>6} {r.unconsumed:>6} {r.pending:>5}  {term(', '.join(r.services))}"
+            f"{r.queued:>6} {r.unconsumed:>6} {r.calls:>5}  {term(', '.join(r.services))}"
         )
     if not rows:
         lines.append("(no other node in the mesh)")
