@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib.util
+import logging
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -49,7 +50,18 @@ async def chain(rd: Path, otel: bool = False) -> AsyncIterator[meshipc.Mesh]:
         yield mesh
 
 
+class Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.NOTSET)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
 async def test_a_trace_follows_a_call_root_to_a_to_b(runtime_dir: Path, no_otel: None) -> None:
+    seen = Collect()
+    logging.getLogger("tracew").addHandler(seen)
     async with chain(runtime_dir) as mesh:
         with meshipc.start_trace() as t:
             assert meshipc.current_trace() is t
@@ -61,6 +73,10 @@ async def test_a_trace_follows_a_call_root_to_a_to_b(runtime_dir: Path, no_otel:
         assert len({t.span_id.hex(), a_span, b_span}) == 3
         assert str(t) == f"{t.trace_id.hex()}-{t.span_id.hex()}"
         assert meshipc.current_trace() is None
+    logging.getLogger("tracew").removeHandler(seen)
+    # the workers' log lines, forwarded to the root, name the trace and span they were logged in
+    by_node = {r.meshipc_node: r.meshipc_trace for r in seen.records}  # type: ignore[attr-defined]
+    assert by_node == {"a": f"{a_trace}-{a_span}", "b": f"{b_trace}-{b_span}"}
 
 
 async def test_without_a_trace_a_handler_starts_one(runtime_dir: Path, no_otel: None) -> None:

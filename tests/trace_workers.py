@@ -4,6 +4,7 @@ context and deadline they run with, and call on down a chain."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import Any
 
@@ -47,6 +48,7 @@ async def chain(arg: dict[str, Any]) -> None:
     exporter = _otel(arg.get("otel", False))
 
     async def handle(req: Any) -> Any:
+        logging.getLogger("tracew").warning("handling %s", name)
         me = _me()
         inner = await mesh.call(nxt, req) if nxt else None
         return {"me": me, "next": inner}

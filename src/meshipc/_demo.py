@@ -180,7 +180,8 @@ async def service(hold: bool = False) -> int:
         print(f"service: still running after the client left: {st}")
         if hold:
             print("service: holding; try in another terminal (Ctrl-C to end):")
-            tries = (("top", ""), ("status", ""), ("inspect", " -r"), ("call", ' ticker \'{"op": "status"}\''))
+            call = ("call", ' ticker \'{"op": "status"}\'')
+            tries = (("top", ""), ("status", ""), ("inspect", " -r"), call)
             for cmd, extra in tries:
                 print(f"  meshipc {cmd} {name}{extra} --runtime-dir {runtime_dir}")
             stop = asyncio.Event()

@@ -24,10 +24,11 @@ every batch, so the parent's data path keeps running.
 
 Records reach the parent's handlers whatever the levels of the parent's
 loggers: the worker's levels (``set_log_level``) decide what is forwarded.
-A record goes to the parent's logger of the same name if one exists, else
-to its nearest existing ancestor (a worker cannot make the parent create
-loggers). Worker output that is not ``logging`` (print, stderr) is not
-touched.
+Each record carries the trace it was logged in (``record.meshipc_trace``:
+``str(meshipc.current_trace())``, or None). A record goes to the parent's
+logger of the same name if one exists, else to its nearest existing
+ancestor (a worker cannot make the parent create loggers). Worker output
+that is not ``logging`` (print, stderr) is not touched.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ import msgspec
 
 from ._channel import Port
 from ._errors import MeshError
+from ._trace import current_trace
 
 log = logging.getLogger("meshipc")
 
@@ -84,6 +86,8 @@ class Record(msgspec.Struct, tag="r", array_like=True, frozen=True):
     #: the node that logged it, below the sender ("" for the sender itself)
     node: _Name = ""
     pid: _Count = 0
+    #: ``str(meshipc.current_trace())`` where it was logged, or ""
+    trace: _Name = ""
 
 
 class Dropped(msgspec.Struct, tag="d", array_like=True, frozen=True):
@@ -218,7 +222,17 @@ def _record(record: logging.LogRecord) -> Record:
         _cut(exc, LOG_MAX_TEXT) if exc else None,
         _cut(str(getattr(record, "meshipc_node", "")), LOG_MAX_NAME),
         getattr(record, "meshipc_pid", 0) if isinstance(getattr(record, "meshipc_pid", 0), int) else 0,
+        _trace_of(record),
     )
+
+
+def _trace_of(record: logging.LogRecord) -> str:
+    """The trace a record was logged in: forwarded with it, or this task's."""
+    forwarded = getattr(record, "meshipc_trace", None)
+    if isinstance(forwarded, str):
+        return forwarded[:LOG_MAX_NAME]
+    t = current_trace()
+    return "" if t is None else str(t)
 
 
 def forward(port: Port) -> Forwarder:
@@ -325,6 +339,7 @@ class LogPump:
                 "processName": node,
                 "meshipc_node": node,
                 "meshipc_pid": pid,
+                "meshipc_trace": r.trace or None,
             }
         )
         rec.created = r.created
