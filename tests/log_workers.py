@@ -45,3 +45,19 @@ async def flood(rx: Receiver[Call[Any]]) -> None:
             if i % 1000 == 999:
                 await asyncio.sleep(0)
         call.reply(n)
+
+
+async def hostile(arg: Any) -> None:
+    """Send, on this worker's own log port, what no honest worker sends:
+    oversized and malformed records, an unasked level report, then one
+    good record."""
+    from meshipc._logs import LOG_MAX_TEXT, Forwarder, LevelSet
+
+    (fw,) = [h for h in logging.getLogger().handlers if isinstance(h, Forwarder)]
+    port = fw._port
+    port.send(["r", "n", 30, "y" * (LOG_MAX_TEXT + 1), 0.0, "p", 1, "f", "t"])
+    port.send(["r", "n", 5000, "m", 0.0, "p", 1, "f", "t"])
+    port.send(["junk", b"\x00" * 100])
+    port.send({"not": "a record"})
+    port.send(LevelSet(12345))
+    log.warning("still heard")

@@ -231,3 +231,15 @@ async def test_meshipc_log_changes_a_workers_level(runtime_dir: Path, collect: C
         assert code == 1 and "no running worker named 'nobody'" in err
         code, _, err = await cli(runtime_dir, "log", "lg", "oc", "LOUD")
         assert code == 2 and "not a log level" in err
+
+
+async def test_a_hostile_worker_cannot_break_its_parents_log(runtime_dir: Path, collect: Collect) -> None:
+    """What a worker sends on its log port is validated in the parent:
+    malformed records are dropped (and the drop logged), the stream goes on."""
+    async with meshipc.Mesh(runtime_dir=runtime_dir) as mesh:
+        proc = await mesh.spawn("log_workers:hostile", name="evil")
+        assert await within(proc.wait()) == 0
+        assert [r.getMessage() for r in collect.of("evil")] == ["still heard"]
+        bad = [r for r in collect.records if "dropped a bad message" in r.getMessage()]
+        assert len(bad) == 4 and {r.name for r in bad} == {"meshipc"}
+        assert proc.logs is not None and proc.logs.records == 1
