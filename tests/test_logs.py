@@ -117,7 +117,8 @@ class Numbers(logging.Handler):
             self.reports.append(record.getMessage())
 
 
-async def test_flooding_worker_is_bounded_and_another_worker_still_answers(runtime_dir: Path) -> None:
+@pytest.mark.parametrize("n", [100_000, pytest.param(1_000_000, marks=pytest.mark.soak)])
+async def test_flooding_worker_is_bounded_and_another_worker_still_answers(runtime_dir: Path, n: int) -> None:
     seen = Numbers()
     # the flood stays out of the root logger (pytest's capture would keep every record)
     flood_log = logging.getLogger("logw.flood")
@@ -133,7 +134,6 @@ async def test_flooding_worker_is_bounded_and_another_worker_still_answers(runti
             logs = flooder.logs
             assert logs is not None
             rss0 = vmrss_kb()
-            n = 1_000_000
             flooding = asyncio.ensure_future(ftx.call(n))
             await wait_until(lambda: logs.records > LOG_WINDOW, "records re-emitted")
             # the parent's loop is shared with the flood: a call to another worker answers within a second
