@@ -185,6 +185,9 @@ async def test_top_in_a_terminal_shows_rising_rates_and_quits_on_q(runtime_dir: 
             await wait_until(
                 lambda: (_echo_in_rate(t.screen()) or 0) > 100, "the rate to rise while calls stream"
             )
+            assert "sort: name" in t.screen()
+            t("send-keys", "-t", "t", "s")  # the next sort key
+            await wait_until(lambda: "sort: pid" in t.screen(), "s to change the sort key")
             t("send-keys", "-t", "t", "q")
             await wait_until(lambda: "DONE" in t.screen(), "top to quit on q")
             _left_clean(t, "0")
