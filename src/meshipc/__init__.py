@@ -58,6 +58,7 @@ if TYPE_CHECKING:
     from ._process import Process, RestartPolicy
     from ._service import Service, ServiceCall, ServiceSender
     from ._sockets import PeerCred
+    from ._trace import Trace, current_trace, start_trace
 
     Connection = Admission
     ClientConnection = Attachment
@@ -127,6 +128,9 @@ _LAZY: dict[str, tuple[str, str]] = {
     "RestartError": ("._errors", "RestartError"),
     "restarting": ("._child", "restarting"),
     "PeerCred": ("._sockets", "PeerCred"),
+    "Trace": ("._trace", "Trace"),
+    "current_trace": ("._trace", "current_trace"),
+    "start_trace": ("._trace", "start_trace"),
 }
 
 __version__ = "0.1.0"
@@ -192,6 +196,9 @@ __all__ = (
     "RestartError",
     "RestartPolicy",
     "restarting",
+    "Trace",
+    "current_trace",
+    "start_trace",
 )
 
 

@@ -24,6 +24,7 @@ from ._channel import Port
 from ._errors import ChannelClosed, MeshError, MessageError, PortFailed, remote_type_name
 from ._handshake import CREDENTIAL_LEN, Identity
 from ._join import join_parent, node_from_credential
+from ._logs import forward
 from ._loop import loading_script, run
 from ._mesh import Mesh
 from ._platform import PLATFORM
@@ -159,6 +160,25 @@ async def restarting() -> None:
     await event.wait()
 
 
+async def _forward_logs(inv: ChildInvitation, port: Port) -> bool:
+    """Our ``logging`` records go to the parent on the port that comes
+    first on the bootstrap port (``_logs``), from before the target is
+    imported; False if the parent went away first."""
+    try:
+        logs = await port.recv()
+    except (ChannelClosed, PortFailed) as exc:
+        print(f"meshipc worker {inv.name}: no log port: {exc}", file=sys.stderr)
+        return False
+    if isinstance(logs, Port):
+        handler = forward(logs)
+        _background.add(asyncio.get_running_loop().create_task(handler.serve()))
+    return True
+
+
+#: Tasks the worker keeps referenced while it runs.
+_background: set[asyncio.Task[Any]] = set()
+
+
 async def _run(inv: ChildInvitation) -> int:
     global _restart_asked
     sock = socket.socket(fileno=inv.fd)
@@ -167,6 +187,8 @@ async def _run(inv: ChildInvitation) -> int:
     node = node_from_credential(inv.directory, identity, limits)
     port = join_parent(node, inv.parent, sock, inv.port, inv.peer_port)
     async with Mesh._joined(node, inv.parent):
+        if inv.logs and not await _forward_logs(inv, port):
+            return 1
         try:
             func = _find(inv.target)
             # the argument is validated against the function's annotation (a

@@ -53,6 +53,8 @@ EPILOG = """examples:
   meshipc demo                  a service, a worker and an attaching client, end to end
   meshipc ls                    this user's named meshes
   meshipc status vmm            one screen about the running mesh 'vmm'
+  meshipc top vmm               its nodes live: CPU, memory, message rates, queues (q quits)
+  meshipc log vmm ticker DEBUG  its worker 'ticker' logs at DEBUG from now on
   meshipc inspect vmm nodes -r  its live inspect tree
   meshipc call vmm double 5     call its service 'double' with the request 5
 

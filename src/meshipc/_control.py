@@ -73,11 +73,11 @@ from ._control_msgs import (
     UpdateMesh,
     Welcome,
     WorkerStatus,
-    _Req,
     accept_objects,
     as_reply,
     check_service_name,
     check_timeout,
+    envelope,
 )
 from ._errors import (
     ChannelClosed,
@@ -96,6 +96,7 @@ from ._ports import Message
 from ._registry import Registry, close_hello
 from ._service import Service, ServiceSender, busy_call, consume, sender_dead, split_handler
 from ._tasks import TaskSet, answer_within
+from ._trace import outgoing
 from ._wire import K_REPLY
 
 if TYPE_CHECKING:
@@ -469,7 +470,8 @@ class Control:
                 sender = self._senders[service]
             else:
                 self._senders[service] = sender
-        return await busy_call(Sender.call(sender, _Req(deadline, request)))
+        deadline, trace = outgoing(deadline)
+        return await busy_call(Sender.call(sender, envelope(deadline, request, trace)))
 
     # -------------------------------------------------------------- inspect
 

@@ -165,6 +165,18 @@ class _Req(msgspec.Struct, array_like=True, tag="meshipc.req"):
     request: Any
 
 
+class _TracedReq(_Req, array_like=True, tag="meshipc.req"):
+    """A service request made with a trace context (``_trace``): one more
+    field, so that a request without one keeps its bytes."""
+
+    trace: bytes
+
+
+def envelope(deadline: float | None, request: Any, trace: bytes | None) -> _Req:
+    """A service request's envelope: its deadline and, if any, trace context."""
+    return _Req(deadline, request) if trace is None else _TracedReq(deadline, request, trace)
+
+
 class Hello(msgspec.Struct, tag=True):
     """A node's first message to its inviter's ``CONTROL_PORT`` (final: the
     port it left goes with it). Who it comes from is the link's business."""

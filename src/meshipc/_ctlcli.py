@@ -14,13 +14,17 @@ import contextlib
 import json
 import math
 import os
+import re
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from ._attach import connect
 from ._errors import ConnectError, JoinError, MeshError, NodeFailure, RemoteError, ServiceNotFound
+from ._logs import level_number
 from ._names import RUNS_ELSEWHERE, mesh_directory, runtime_root
+from ._top import HOME, SORT_KEYS, run_top
 
 #: Default seconds each node gets to answer ``status`` and ``inspect``.
 DEFAULT_TIMEOUT = 1.0
@@ -202,8 +206,43 @@ def add_commands(sub: Any) -> None:
         help="seconds to wait for the reply (default: %(default)s)",
     )
 
+    lg = sub.add_parser(
+        "log",
+        parents=[common, asks_nodes],
+        help="change the log level of a running mesh's workers, live",
+        description="Attach to the mesh NAME and set the level of WORKER's root logger (of every worker "
+        "of the mesh's first node without WORKER) to LEVEL; the worker's next record obeys it. Workers' "
+        "records show in the mesh's own log, with the worker's name.",
+        epilog="examples:\n  meshipc log vmm DEBUG             # every worker\n"
+        "  meshipc log vmm ticker INFO\n  meshipc log vmm ticker DEBUG --logger app.db",
+        formatter_class=RawEpilog,
+    )
+    lg.add_argument("what", metavar="[WORKER] LEVEL", nargs="+", help="a worker name (optional) and a level")
+    lg.add_argument("--logger", default="", metavar="NAME", help="a logger of the worker (default: its root)")
 
-COMMANDS = ("status", "inspect", "call")
+    tp = sub.add_parser(
+        "top",
+        parents=[common, asks_nodes],
+        help="a live view of a running mesh: nodes, CPU, memory, message rates, queues, services",
+        description="Attach to the mesh NAME and show its nodes (workers, root, attached clients; not this "
+        "command's own) with pid, CPU, RSS, messages and bytes per second in and out, messages queued and "
+        "unconsumed, pending calls and services, refreshed in place. Keys: q quits, s changes the sort.",
+        epilog="examples:\n  meshipc top vmm\n  meshipc top vmm --sort in --period 0.5\n"
+        "  meshipc top vmm --count 1 | cat    # one table, no terminal control",
+        formatter_class=RawEpilog,
+    )
+    tp.add_argument("--sort", choices=SORT_KEYS, default="cpu", help="sort key (default: %(default)s)")
+    tp.add_argument(
+        "--period",
+        type=float,
+        default=1.0,
+        metavar="S",
+        help="seconds between refreshes (default: %(default)s)",
+    )
+    tp.add_argument("--count", type=int, metavar="N", help="stop after N refreshes (default: until q)")
+
+
+COMMANDS = ("status", "inspect", "call", "log", "top")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -256,6 +295,11 @@ async def _run(args: argparse.Namespace) -> int:
                 return await _status(conn, args)
             if args.cmd == "inspect":
                 return await _inspect(conn, args)
+            if args.cmd == "log":
+                return await _log(conn, args)
+            if args.cmd == "top":
+                me = bytes(conn.mesh.node_id).hex()
+                return await run_top(lambda: _fetch(conn, args, "", None), me, args, term)
             return await _call(conn, args)
     except CliError:
         raise
@@ -312,6 +356,35 @@ async def _call(conn: Any, args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------ log
+
+
+async def _log(conn: Any, args: argparse.Namespace) -> int:
+    if len(args.what) > 2:
+        raise CliError("give at most a worker and a level, e.g. `meshipc log vmm ticker DEBUG`", 2)
+    worker, level = ("*", args.what[0]) if len(args.what) == 1 else args.what
+    try:
+        level_number(level)
+    except ValueError as exc:
+        raise CliError(str(exc), 2) from None
+    mesh = await _fetch(conn, args, "mesh", None)
+    root = mesh.get("root") if isinstance(mesh, dict) else None
+    if not isinstance(root, str):
+        raise CliError("the mesh root sent a malformed answer (no root node id)")
+    try:
+        new = await conn.inspect_update(
+            f"nodes/{root}/log_levels",
+            {"worker": worker, "level": level, "logger": args.logger},
+            args.timeout,
+        )
+    except RemoteError as exc:
+        raise CliError(f"cannot set the log level: {exc.message}") from None
+    except (LookupError, MeshError) as exc:
+        raise CliError(f"cannot set the log level: {exc}") from None
+    print(render(plain(new)) or "(no workers)")
+    return 0
+
+
 # ------------------------------------------------------------------ inspect
 
 
@@ -359,6 +432,9 @@ async def _inspect(conn: Any, args: argparse.Namespace) -> int:
     prev: Any = None
     t_prev = 0.0
     n = 0
+    me = bytes(conn.mesh.node_id).hex()
+    labels: dict[str, str] = {}
+    in_place = sys.stdout.isatty()
     while args.count is None or n < args.count:
         if n:
             await asyncio.sleep(args.period)
@@ -368,11 +444,55 @@ async def _inspect(conn: Any, args: argparse.Namespace) -> int:
         if args.json:
             print(_json({"time": time.time(), "tree": tree, "rates": rates}), flush=True)
         else:
-            print(f"--- {time.strftime('%H:%M:%S')}")
-            print(render(tree, rates), flush=True)
+            # nodes by name, without this command's own node; redrawn in place on a terminal
+            labels.update(node_labels(tree if args.path.strip("/") == "nodes" else _dict(tree).get("nodes")))
+            if any(k not in labels for k in node_ids(tree)):  # new nodes, their names not in this part
+                labels.update(node_labels(await _fetch(conn, args, "nodes", 2)))
+            shown, shown_rates = named(tree, me, labels), named(rates, me, labels)
+            head = f"meshipc inspect {args.name} {args.path} - {time.strftime('%H:%M:%S')}"
+            print(f"{HOME}{term(head)}" if in_place else f"--- {time.strftime('%H:%M:%S')}")
+            print(render(shown, shown_rates), flush=True)
         prev, t_prev = tree, now
         n += 1
     return 0
+
+
+_NODE_ID = re.compile(r"[0-9a-f]{32}")
+
+
+def node_ids(value: Any, depth: int = 0) -> Iterator[str]:
+    """The keys of ``value`` (at any depth) that look like node ids."""
+    if isinstance(value, dict) and depth < MAX_DEPTH:
+        for k, v in value.items():
+            if isinstance(k, str) and _NODE_ID.fullmatch(k):
+                yield k
+            yield from node_ids(v, depth + 1)
+
+
+def _dict(value: Any) -> dict[Any, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def node_labels(nodes: Any) -> dict[str, str]:
+    """Node id -> ``"name (pid N)"`` for the nodes of an inspect answer's
+    ``nodes`` part (``#<id prefix>`` added where names repeat)."""
+    if not isinstance(nodes, dict):
+        return {}
+    out: dict[str, str] = {}
+    names = [n.get("name") for n in nodes.values() if isinstance(n, dict)]
+    for nid, n in nodes.items():
+        if isinstance(n, dict) and isinstance(n.get("name"), str) and isinstance(nid, str):
+            label = f"{n['name']} (pid {n.get('pid', '?')})"
+            out[nid] = label if names.count(n["name"]) == 1 else f"{label} #{nid[:6]}"
+    return out
+
+
+def named(value: Any, me: str, labels: dict[str, str], depth: int = 0) -> Any:
+    """``value`` with node ids as keys replaced by their labels, and this
+    command's own node (``me``) left out."""
+    if not isinstance(value, dict) or depth >= MAX_DEPTH:
+        return value
+    return {labels.get(k, k): named(v, me, labels, depth + 1) for k, v in value.items() if k != me}
 
 
 def _rates(old: Any, new: Any, dt: float) -> Any:

@@ -254,7 +254,9 @@ async def service(hold: bool = False) -> int:
             await restart_into_new_code(mesh, runtime_dir)
         if hold:
             print("service: holding; try in another terminal (Ctrl-C to end):")
-            for cmd, extra in (("status", ""), ("inspect", " -r"), ("call", ' ticker \'{"op": "status"}\'')):
+            call = ("call", ' ticker \'{"op": "status"}\'')
+            tries = (("top", ""), ("status", ""), ("inspect", " -r"), call)
+            for cmd, extra in tries:
                 print(f"  meshipc {cmd} {name}{extra} --runtime-dir {runtime_dir}")
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()
@@ -270,7 +272,8 @@ async def service(hold: bool = False) -> int:
     if not hold:
         print(
             "\nTry next: `meshipc demo --hold` keeps the mesh running so that, from another terminal,\n"
-            "`meshipc status`, `meshipc inspect` and `meshipc call` can attach to it; the code of\n"
+            "`meshipc top` (a live view: q quits), `meshipc status`, `meshipc inspect` and\n"
+            "`meshipc call` can attach to it; the code of\n"
             "this demo is meshipc/_demo.py, and examples/ holds a service and its clients to copy."
         )
     return code

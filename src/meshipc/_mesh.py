@@ -36,6 +36,7 @@ from ._join import (
     node_from_credential,
 )
 from ._listener import Listener, ListenerStats
+from ._logs import level_number
 from ._names import (
     LISTENER_NAME,
     NAME,
@@ -250,6 +251,7 @@ class Mesh(ControlPlane):
             self._authority = Authority()
             self._node = node_from_credential(directory, self._authority.issue(ROLE_ROOT), self.limits)
             self._start_control(root=True)
+            self.inspect_add("log_levels", self._log_levels, update=self._update_log_levels)
         except BaseException:
             # a failed start leaves nothing behind: directory, lock file, lock
             shutil.rmtree(directory, ignore_errors=True)
@@ -392,6 +394,7 @@ class Mesh(ControlPlane):
         *,
         name: str | None = None,
         restart: RestartWhen | RestartPolicy = "never",
+        forward_logs: bool = True,
     ) -> Process:
         """Start a worker process running ``async def function(arg)``: pass
         the function itself (defined at the top level of a module, or of the
@@ -419,10 +422,17 @@ class Mesh(ControlPlane):
         must then be plain data (``ValueError`` for a port or fd in it: the
         ports a worker held fail with it, as they would without a restart).
         ``kill()``, ``terminate()`` and closing the mesh end it for good.
-        ``await proc.restart()`` restarts it with a hand-over of its state."""
+        ``await proc.restart()`` restarts it with a hand-over of its state.
+
+        What the worker logs with ``logging`` is re-emitted here, through
+        this process's ``logging``, with ``record.meshipc_node`` (its name)
+        and ``record.meshipc_pid``, unless ``forward_logs=False`` (see
+        ``set_log_level``)."""
         if self._closed:
             raise MeshError("the mesh is closed")
-        proc = await spawn(self._node, self._admit_worker, self.limits, target, arg, name, restart)
+        proc = await spawn(
+            self._node, self._admit_worker, self.limits, target, arg, name, restart, forward_logs
+        )
         # one of ours from now on (closing the mesh stops it even while it
         # starts); a long-lived mesh spawning many workers keeps only the
         # running ones
@@ -430,6 +440,47 @@ class Mesh(ControlPlane):
         proc._exited.add_done_callback(lambda _: self._forget_child(proc))
         await proc._wait_started()
         return proc
+
+    async def set_log_level(self, worker: str | Process, level: int | str, logger: str = "") -> int:
+        """Set the level of the logger ``logger`` (the root logger by
+        default) in the running worker(s) named ``worker`` (or in the
+        ``Process`` given) to ``level`` (``logging.DEBUG`` or ``"debug"``),
+        without a restart; returns how many workers obeyed, once each did
+        (their next record follows it). ``"*"`` means every worker of this
+        mesh node. Raises ``ValueError`` for an unknown level, ``MeshError``
+        if no such worker runs or one does not forward its logs."""
+        level_number(level)
+        if isinstance(worker, Process):
+            procs = [worker]
+        else:
+            procs = [p for p in self._children if worker in ("*", p.name) and p.returncode is None]
+            if not procs and worker != "*":
+                raise MeshError(f"no running worker named {worker!r}")
+        for p in procs:
+            await p.set_log_level(level, logger)
+        return len(procs)
+
+    def _log_levels(self) -> dict[str, Any]:
+        """The ``log_levels`` inspect entry: per worker, the levels set
+        through ``set_log_level`` (logger name, "" the root logger)."""
+        return {
+            f"{p.name}-{p.pid}": {k or "root": logging.getLevelName(v) for k, v in p.logs.levels.items()}
+            for p in self._children
+            if p.logs is not None
+        }
+
+    async def _update_log_levels(self, value: Any) -> None:
+        """``inspect_update(".../log_levels", {"worker": name or "*",
+        "level": level, "logger": name})`` (``meshipc log``)."""
+        if not isinstance(value, dict) or not isinstance(value.get("worker", "*"), str):
+            raise ValueError('log_levels takes {"worker": NAME or "*", "level": LEVEL, "logger": NAME}')
+        logger = value.get("logger", "")
+        if not isinstance(logger, str) or len(logger) > 1024:
+            raise ValueError("logger is a logger name")
+        level = value.get("level")
+        if not isinstance(level, (int, str)):
+            raise ValueError("level is a number or a level name")
+        await self.set_log_level(value.get("worker", "*"), level, logger)
 
     def _check_root(self) -> None:
         if self._authority is None:

@@ -66,6 +66,7 @@ from ._codec import CODEC, walk_resources
 from ._errors import ChannelClosed, MeshError, PortFailed, RemoteError, RestartError, SpawnError
 from ._handshake import Identity
 from ._ids import PortId
+from ._logs import LogPump, level_number
 from ._node import Node
 from ._platform import PLATFORM
 from ._ports import Limits
@@ -146,6 +147,8 @@ class ChildInvitation(msgspec.Struct, frozen=True):
     #: a restart's successor: say "ready" once the function is imported,
     #: then read the argument (the predecessor's state)
     handover: bool = False
+    #: the first message on the bootstrap port is the worker's log port (``_logs``)
+    logs: bool = False
 
     def __repr__(self) -> str:
         return f"ChildInvitation(name={self.name!r}, target={self.target!r}, directory={self.directory!r})"
@@ -241,7 +244,13 @@ class _Run:
     puts a successor in its place)."""
 
     def __init__(
-        self, popen: subprocess.Popen[bytes], name: str, target: str, port: Port, watch_fd: int = -1
+        self,
+        popen: subprocess.Popen[bytes],
+        name: str,
+        target: str,
+        port: Port,
+        watch_fd: int = -1,
+        logs: LogPump | None = None,
     ) -> None:
         self._popen = popen
         # our end of the worker's parent-death pipe: open while the worker
@@ -269,6 +278,10 @@ class _Run:
         #: a restart was asked of it: a hand-over is expected
         self._asked = False
         self._status_task = loop.create_task(self._read_status())
+        #: the worker's forwarded logging (None: ``forward_logs=False``)
+        self.logs = logs
+        if logs is not None:
+            logs.start(self.pid)
         self._watch_exit()
 
     def _watch_exit(self) -> None:
@@ -293,17 +306,24 @@ class _Run:
         if self._watch_fd >= 0:
             os.close(self._watch_fd)
             self._watch_fd = -1
-        # the child's last words (its status) may still be in the socket: the
-        # status reader ends once they are read, or when the connection to the
-        # child breaks (EOF comes after the data); only then is the exit final
-        self._status_task.add_done_callback(lambda _: self._finish_exit(code))
-        asyncio.get_running_loop().call_later(STATUS_GRACE, self._status_task.cancel)
+        # the child's last words (its status, its last log records) may still
+        # be in the socket: the readers end once they are read, or when the
+        # connection to the child breaks (EOF comes after the data); only
+        # then is the exit final
+        readers = [self._status_task] + ([self.logs.task] if self.logs and self.logs.task else [])
+        done = asyncio.gather(*readers, return_exceptions=True)
+        done.add_done_callback(lambda _: self._finish_exit(code))
+        loop = asyncio.get_running_loop()
+        for task in readers:
+            loop.call_later(STATUS_GRACE, task.cancel)
 
     def _finish_exit(self, code: int) -> None:
         if self._exited.done():
             return
         self._exited.set_result(code)
         self._port.close()
+        if self.logs is not None:
+            self.logs.close()
         if self.on_exit is not None:
             self.on_exit(self, code)
 
@@ -707,6 +727,24 @@ class Process:
         self._stop()
         self._run.kill()
 
+    @property
+    def logs(self) -> LogPump | None:
+        """The running worker's forwarded logging (``None``: ``forward_logs=False``)."""
+        return self._run.logs
+
+    async def set_log_level(self, level: int | str, logger: str = "") -> None:
+        """Set the level of the worker's logger ``logger`` (its root logger
+        by default) to ``level`` (``logging.DEBUG``, or ``"debug"``); returns
+        once the worker's next record obeys it. Raises ``ValueError`` for an
+        unknown level, ``MeshError`` if the worker does not forward its logs
+        (``forward_logs=False``) or has exited. A restarted worker starts
+        again at the levels its code sets."""
+        n = level_number(level)
+        logs = self.logs
+        if logs is None:
+            raise MeshError(f"worker {self.name} was spawned with forward_logs=False")
+        await logs.set_level(n, logger)
+
     def terminate(self) -> None:
         """Ask the worker to stop: its function is cancelled and it exits;
         no restart follows."""
@@ -752,11 +790,13 @@ async def spawn(
     arg: Any,
     name: str | None,
     restart: str | RestartPolicy = "never",
+    forward_logs: bool = True,
 ) -> Process:
     """Start the worker ``target`` (an async function, or
     ``"package.module:function"``; see ``target_of``) as a new node joined
     to ``node``, with the credential ``credential()`` issues and ``limits``
-    on its ports; ``arg`` goes first on its bootstrap port. With a
+    on its ports; ``arg`` goes first on its bootstrap port (after the
+    worker's log port, with ``forward_logs``: see ``_logs``). With a
     ``restart`` policy other than "never", ``arg`` is kept to start the
     worker again: it must hold no port or fd (those go once, and failed with
     the worker that held them), else ``ValueError``. The caller waits for
@@ -772,7 +812,9 @@ async def spawn(
             "holds no Port, Sender, Receiver or Fd (they move once, and fail with the worker that held "
             "them): pass plain data, and let the worker serve() or find its channels by name"
         )
-    launch = functools.partial(_launch, node, credential, limits, target, name or target.rsplit(":", 1)[1])
+    launch = functools.partial(
+        _launch, node, credential, limits, target, name or target.rsplit(":", 1)[1], forward_logs
+    )
     return Process(await launch(arg, False), launch, arg if policy.when != "never" else None, policy)
 
 
@@ -782,6 +824,7 @@ async def _launch(
     limits: Limits,
     target: str,
     name: str,
+    forward_logs: bool,
     arg: Any,
     handover: bool,
 ) -> _Run:
@@ -805,6 +848,7 @@ async def _launch(
         arg_types=receiver_types(arg),
         watch_fd=pipe[0] if pipe else -1,
         handover=handover,
+        logs=forward_logs,
     )
     env = dict(os.environ)
     env[ENV_INVITATION] = base64.b64encode(msgspec.msgpack.encode(inv)).decode()
@@ -815,7 +859,12 @@ async def _launch(
     # expect the child on our end of the pair before any port names it
     node.accept_via(child_id, parent_sock)
     port = Port._wrap([node.engine.new_bound(pport, child_id, cport)])
+    logs: LogPump | None = None
     try:
+        if forward_logs:
+            ours, theirs = Port.pair()
+            logs = LogPump(ours, name)
+            port.send(theirs)
         # encode the argument before a process exists: an unsendable value
         # raises here and leaves nothing behind
         if not handover:
@@ -829,6 +878,8 @@ async def _launch(
     except BaseException:
         node.forget(child_id, "the worker process was not started")
         port.close()
+        if logs is not None:
+            logs.close()
         parent_sock.close()
         if pipe:
             os.close(pipe[1])
@@ -837,4 +888,4 @@ async def _launch(
         child_sock.close()
         if pipe:
             os.close(pipe[0])
-    return _Run(popen, name, target, port, pipe[1] if pipe else -1)
+    return _Run(popen, name, target, port, pipe[1] if pipe else -1, logs)

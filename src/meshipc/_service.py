@@ -33,10 +33,12 @@ from ._control_msgs import (
     _Req,
     accept_objects,
     check_timeout,
+    envelope,
 )
 from ._errors import ChannelClosed, MeshError, MessageError, RemoteError, ServiceBusy
 from ._inspect import counter, type_name
 from ._tasks import TaskSet, answer_within
+from ._trace import Trace, handling, outgoing, parse
 
 
 def sender_dead(s: Sender[Any]) -> bool:
@@ -118,11 +120,13 @@ class ServiceCall(Call[Any]):
     (``time.monotonic()`` seconds, or None; the clock is system-wide on
     Linux) and ``remaining`` (seconds left, or None)."""
 
-    __slots__ = ("deadline",)
+    __slots__ = ("deadline", "trace")
 
-    def __init__(self, request: Any, port: Port, deadline: float | None) -> None:
+    def __init__(self, request: Any, port: Port, deadline: float | None, trace: Trace | None = None) -> None:
         super().__init__(request, port)
         self.deadline = deadline
+        #: the caller's trace context (its span the parent of the handler's), or None
+        self.trace = trace
 
     @property
     def remaining(self) -> float | None:
@@ -142,10 +146,12 @@ class ServiceSender(Sender[Any]):
         ``ServiceBusy`` if the service refused the call (this client has
         too many waiting there)."""
         if timeout is None:
-            return await busy_call(super().call(_Req(None, request)))
+            deadline, trace = outgoing(None)
+            return await busy_call(super().call(envelope(deadline, request, trace)))
         timeout = check_timeout(timeout)
         async with answer_within(timeout, "the service"):
-            return await busy_call(super().call(_Req(time.monotonic() + timeout, request)))
+            deadline, trace = outgoing(time.monotonic() + timeout)
+            return await busy_call(super().call(envelope(deadline, request, trace)))
 
 
 async def busy_call(work: Awaitable[Any]) -> Any:
@@ -249,10 +255,20 @@ class Service:
         of the wrong type. A deadline is cut to ``max_call_timeout`` from now."""
         req = call.request
         deadline: Any = None
+        wire: Any = None
         if isinstance(req, _Req):
-            deadline, req = req.deadline, req.request
-        elif isinstance(req, list) and len(req) == 3 and req[0] == "meshipc.req":
-            deadline, req = req[1], req[2]
+            deadline, wire, req = req.deadline, getattr(req, "trace", None), req.request
+        elif isinstance(req, list) and len(req) in (3, 4) and req[0] == "meshipc.req":
+            deadline, req, wire = req[1], req[2], (req[3] if len(req) == 4 else None)
+        trace = None
+        if wire is not None:
+            try:
+                trace = parse(wire)
+            except MessageError as exc:
+                self.errors += 1
+                with contextlib.suppress(ChannelClosed):
+                    call.fail(MessageError(f"service {self.name!r}: {exc}"))
+                return None
         if deadline is not None:
             try:
                 deadline = float(deadline) if not isinstance(deadline, bool) else math.nan
@@ -266,7 +282,7 @@ class Service:
                     )
                 return None
             deadline = min(deadline, time.monotonic() + self._limits.max_call_timeout)
-        sc = ServiceCall(req, call._port, deadline)
+        sc = ServiceCall(req, call._port, deadline, trace)
         if self.request_type is not None:
             try:
                 sc.request = msgspec.convert(req, self.request_type, dec_hook=accept_objects)
@@ -357,7 +373,8 @@ class Service:
         watcher: list[asyncio.Task[None]] = []
         timer = loop.call_later(WATCH_AFTER, self._watch_caller, call, me, watcher)
         try:
-            result = await self._invoke(call)
+            with handling(call.trace, call.deadline, self.name):
+                result = await self._invoke(call)
         except asyncio.CancelledError:
             if self.closed or call.cancelled:
                 return  # the caller gave up (or the service closed): nobody to answer

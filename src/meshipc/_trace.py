@@ -1,0 +1,201 @@
+"""One request followed across processes: the trace context and the
+deadline a service call carries, kept in ``contextvars`` on both sides.
+
+A call through a named service (``conn.call``, ``mesh.call``, a
+``ServiceSender`` from ``open``) carries, in its envelope (``_Req``), the
+caller's deadline and, when the caller has one, its trace context:
+``TRACE_LEN`` bytes (trace id, the caller's span id, a sampled flag) — no
+byte at all when there is none. The service runs each handler with
+``current_trace()`` set (the caller's trace, with a span of its own; a new
+trace when the call came without one) and with the call's deadline, so
+that calls the handler makes carry the same trace (their parent: the
+handler's span) and a deadline no later than its own: a nested call cannot
+outlive its caller, and when the outer call is cancelled (its caller gave
+up or its deadline passed) the handler is cancelled, which cancels the
+calls it is waiting on, down the chain.
+
+With ``opentelemetry-api`` installed (optional), the ids are
+OpenTelemetry's: a caller's current span is the parent of the handler's
+span, which the service starts (``meshipc.call <service>``, kind SERVER)
+and makes current while the handler runs; so spans from root → worker A →
+worker B form one trace in whatever exporter each process configured.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import importlib
+import importlib.util
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Final
+
+from ._errors import MessageError
+from ._ids import random_id
+
+#: Bytes of a trace context on the wire: trace id (16), parent span id (8), flags (1).
+TRACE_LEN: Final = 25
+
+
+@dataclass(frozen=True, slots=True)
+class Trace:
+    """The trace a task works for (``meshipc.current_trace()``): ids as
+    bytes (W3C sizes); ``str()`` gives ``"<trace id>-<span id>"`` in hex,
+    for log lines."""
+
+    #: 16 bytes, the same in every process the request reaches
+    trace_id: bytes
+    #: 8 bytes, this task's span (a handler's span: one per call handled)
+    span_id: bytes
+    #: 8 bytes: the caller's span, or None at the start of a trace
+    parent_id: bytes | None = None
+    sampled: bool = True
+
+    def __str__(self) -> str:
+        return f"{self.trace_id.hex()}-{self.span_id.hex()}"
+
+    def wire(self) -> bytes:
+        """The context a call made now carries (this span as the parent)."""
+        return self.trace_id + self.span_id + (b"\x01" if self.sampled else b"\x00")
+
+
+_trace: contextvars.ContextVar[Trace | None] = contextvars.ContextVar("meshipc_trace", default=None)
+_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("meshipc_deadline", default=None)
+
+
+def current_trace() -> Trace | None:
+    """The trace this task works for: in a service handler, the caller's
+    trace (or a new one) with the handler's own span; inside ``start_trace()``
+    that trace; with OpenTelemetry, the current span's ids; else None."""
+    t = _trace.get()
+    sc = _otel_span(t)
+    if sc is not None:
+        span = _b(sc.span_id, 8)
+        parent = t.parent_id if t is not None and t.span_id == span else None
+        return Trace(_b(sc.trace_id, 16), span, parent, bool(sc.trace_flags & 1))
+    return t
+
+
+def _otel_span(t: Trace | None) -> Any:
+    """OpenTelemetry's current span context when it names a span of this
+    process (not the no-op echo of a caller's span, which the API gives
+    when no SDK is configured), else None."""
+    otel = _otel()
+    if otel is None:
+        return None
+    sc = otel.get_current_span().get_span_context()
+    if not sc.is_valid or (t is not None and t.parent_id is not None and _b(sc.span_id, 8) == t.parent_id):
+        return None
+    return sc
+
+
+def current_deadline() -> float | None:
+    """The deadline (``time.monotonic()`` seconds) of the call this task
+    handles, or None: calls it makes end by then."""
+    return _deadline.get()
+
+
+@contextlib.contextmanager
+def start_trace() -> Iterator[Trace]:
+    """``with meshipc.start_trace() as t:`` — a new trace for the block:
+    the service calls made in it carry it (``str(t)`` for log lines).
+    With OpenTelemetry, start a span instead: its context is used."""
+    t = Trace(random_id(), random_id()[:8])
+    token = _trace.set(t)
+    try:
+        yield t
+    finally:
+        _trace.reset(token)
+
+
+def outgoing(deadline: float | None) -> tuple[float | None, bytes | None]:
+    """For a service call made now with ``deadline`` (or None): the
+    deadline it carries (no later than the one of the call this task
+    handles) and the trace context it carries (None: none is set)."""
+    inherited = _deadline.get()
+    if inherited is not None and (deadline is None or inherited < deadline):
+        deadline = inherited
+    t = _trace.get()
+    sc = _otel_span(t)
+    if sc is not None:
+        return deadline, _b(sc.trace_id, 16) + _b(sc.span_id, 8) + bytes((sc.trace_flags & 1,))
+    return deadline, (t.wire() if t is not None else None)
+
+
+def parse(wire: Any) -> Trace:
+    """A caller's trace context, checked (``MessageError`` if malformed);
+    the span is the caller's (``span_id``: parent of the handler's)."""
+    if not isinstance(wire, bytes) or len(wire) != TRACE_LEN or wire[24] > 1:
+        raise MessageError(f"a trace context is {TRACE_LEN} bytes (trace id, span id, flags)")
+    if not any(wire[:16]) or not any(wire[16:24]):
+        raise MessageError("a trace context with a zero trace or span id")
+    return Trace(wire[:16], wire[16:24], None, bool(wire[24]))
+
+
+@contextlib.contextmanager
+def handling(caller: Trace | None, deadline: float | None, service: str) -> Iterator[None]:
+    """Run a service handler's block as part of ``caller``'s trace (a new
+    trace if None) with a span of its own, and with ``deadline`` for the
+    calls it makes."""
+    otel = _otel()
+    dtoken = _deadline.set(deadline)
+    try:
+        if otel is None:
+            if caller is None:
+                t = Trace(random_id(), random_id()[:8])
+            else:
+                t = Trace(caller.trace_id, random_id()[:8], caller.span_id, caller.sampled)
+            ttoken = _trace.set(t)
+            try:
+                yield
+            finally:
+                _trace.reset(ttoken)
+            return
+        ctx = None
+        if caller is not None:
+            parent = otel.SpanContext(
+                int.from_bytes(caller.trace_id, "big"),
+                int.from_bytes(caller.span_id, "big"),
+                is_remote=True,
+                trace_flags=otel.TraceFlags(1 if caller.sampled else 0),
+            )
+            ctx = otel.set_span_in_context(otel.NonRecordingSpan(parent))
+        tracer = otel.get_tracer("meshipc")
+        with tracer.start_as_current_span(
+            f"meshipc.call {service}", context=ctx, kind=otel.SpanKind.SERVER
+        ) as sp:
+            sc = sp.get_span_context()
+            if sc.is_valid and (caller is None or _b(sc.span_id, 8) != caller.span_id):
+                t = Trace(_b(sc.trace_id, 16), _b(sc.span_id, 8), caller.span_id if caller else None)
+            elif caller is not None:  # no SDK: OpenTelemetry's no-op span keeps the caller's ids
+                t = Trace(caller.trace_id, random_id()[:8], caller.span_id, caller.sampled)
+            else:
+                t = Trace(random_id(), random_id()[:8])
+            ttoken = _trace.set(t)
+            try:
+                yield
+            finally:
+                _trace.reset(ttoken)
+    finally:
+        _deadline.reset(dtoken)
+
+
+def _b(n: int, size: int) -> bytes:
+    return n.to_bytes(size, "big")
+
+
+_OTEL: list[Any] = []
+
+
+def _otel() -> Any:
+    """``opentelemetry.trace`` if installed (looked up once), else None."""
+    if not _OTEL:
+        mod = None
+        if importlib.util.find_spec("opentelemetry") is not None:
+            try:
+                mod = importlib.import_module("opentelemetry.trace")  # optional: never required
+            except ImportError:
+                mod = None
+        _OTEL.append(mod)
+    return _OTEL[0]
