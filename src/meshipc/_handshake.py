@@ -213,7 +213,7 @@ def version_mismatch(ours: Versions, theirs: Versions, us: str, them: str) -> Ve
             if newer
             else f"upgrade {us} to a meshipc that speaks protocol {theirs.low}"
         )
-    return VersionMismatch(f"{said}: {advice}", tuple(ours), tuple(theirs))
+    return VersionMismatch(f"{said}: {advice}", (ours.low, ours.high), (theirs.low, theirs.high))
 
 
 def _unpack(layout: struct.Struct, data: bytes, what: str) -> tuple[Any, ...]:

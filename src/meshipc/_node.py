@@ -222,6 +222,8 @@ class Node:
         self.rejected = 0  # connections refused (bad credential, uid, garbage)
         self.attached = 0  # invited nodes that joined
         self._invited: dict[bytes, asyncio.TimerHandle] = {}
+        # futures told why a peer died (``when_gone``), one per watcher
+        self._watchers: dict[bytes, list[asyncio.Future[str]]] = {}
 
     @property
     def links(self) -> Mapping[bytes, Link]:
@@ -243,6 +245,20 @@ class Node:
             links=tuple(link.stats() for link in self._links.values()),
             closed=self.closed,
         )
+
+    def when_gone(self, peer: bytes) -> asyncio.Future[str]:
+        """A future that gets the reason once node ``peer`` is known dead
+        (at once if it is): its link broke, or it cannot be reached. Cancel
+        it to stop watching; it never completes once this node is closed."""
+        fut: asyncio.Future[str] = self.loop.create_future()
+        reason = self._dead.get(peer)
+        if reason is not None:
+            fut.set_result(reason)
+        else:
+            watchers = self._watchers.setdefault(peer, [])
+            watchers[:] = [f for f in watchers if not f.done()]
+            watchers.append(fut)
+        return fut
 
     def peer_certificate(self, peer: bytes) -> Certificate | None:
         """The certificate node ``peer`` proved when its link was made (its
@@ -430,6 +446,9 @@ class Node:
         while len(self._dead) > MAX_DEAD_NODES:
             self._dead.popitem(last=False)
         self._settle(peer)
+        for fut in self._watchers.pop(peer, ()):
+            if not fut.done():
+                fut.set_result(reason)
         for _, fds in self._queued.pop(peer, []):
             for f in fds:
                 f.close()
