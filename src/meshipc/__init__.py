@@ -44,6 +44,7 @@ if TYPE_CHECKING:
         ServiceNotFound,
         SocketPathTooLong,
         SpawnError,
+        VersionMismatch,
         register_remote_error,
     )
     from ._fd import Fd
@@ -93,6 +94,7 @@ _LAZY: dict[str, tuple[str, str]] = {
     "MeshError": ("._errors", "MeshError"),
     "MeshNameInUse": ("._errors", "MeshNameInUse"),
     "MessageError": ("._errors", "MessageError"),
+    "VersionMismatch": ("._errors", "VersionMismatch"),
     "NodeFailure": ("._errors", "NodeFailure"),
     "PeerCredentialsError": ("._errors", "PeerCredentialsError"),
     "PlatformError": ("._errors", "PlatformError"),
@@ -184,6 +186,7 @@ __all__ = (
     "ServiceNameInUse",
     "ServiceNotFound",
     "ServiceSender",
+    "VersionMismatch",
 )
 
 
