@@ -135,6 +135,8 @@ async def two_nodes(
     b = Node(directory, MESH.issue(ROLE_WORKER), codec=CODEC)
     a.versions, b.versions = initiator, acceptor
     sa, sb = socket.socketpair()
+    sa.setblocking(False)
+    sb.setblocking(False)
     task = asyncio.create_task(b.accept_connection(sb, hello_timeout=T))
     try:
         try:
@@ -191,6 +193,7 @@ async def test_a_node_of_meshipc_0_1_is_refused_with_an_answer_it_reads_whole(
     loop = asyncio.get_running_loop()
     node = Node(runtime_dir, MESH.issue(ROLE_WORKER), codec=CODEC)
     ours, theirs = socket.socketpair()
+    ours.setblocking(False)
     theirs.setblocking(False)
     task = asyncio.create_task(node.accept_connection(ours, hello_timeout=T))
     try:
