@@ -15,8 +15,9 @@ Modes:
     unanswered (printing ``{"held": true}``: a call is in flight). Prints
     ``{"ready": pid}`` once it takes clients, then runs until killed.
 ``call RUNTIME_DIR NAME``
-    ``connect``, one ``echo`` call; prints ``{"reply": ..., "protocol": V}``
-    (``V``: the version of its link to the service) or the error.
+    ``connect``, one ``echo`` call; prints ``{"reply": ..., "protocol": V,
+    "inspected": [V]}`` (``V``: the version of its link to the service, from
+    ``Mesh.stats()`` and from its inspect tree) or the error.
 ``loop RUNTIME_DIR NAME sync|async reconnect|once TIMEOUT``
     ``connect`` (``reconnect=True`` or not; ``meshipc.sync`` or asyncio),
     then calls ``echo`` in a loop (each call bounded by ``TIMEOUT``): ``LOOP``
@@ -88,7 +89,10 @@ async def call(rd: str, name: str) -> int:
         emit(**described(exc))
         return 3
     async with conn:
-        emit(reply=await conn.call("echo", "x", timeout=10), protocol=link_protocol(conn))
+        reply = await conn.call("echo", "x", timeout=10)
+        mine = bytes(conn.mesh.node_id).hex()[:12]
+        links = await conn.inspect(f"nodes/{mine}/connections", timeout=5)
+        emit(reply=reply, protocol=link_protocol(conn), inspected=[c["protocol"] for c in links.values()])
     return 0
 
 

@@ -340,8 +340,8 @@ async def test_processes_pinned_to_different_versions_interoperate(runtime_dir: 
         plain, ahead = await asyncio.gather(
             one_call(runtime_dir, "skew", None), one_call(runtime_dir, "skew", f"{V + 1}-{V + 2}")
         )
-    assert plain["reply"]["req"] == "x" and plain["protocol"] == V
-    assert ahead["reply"]["req"] == "x" and ahead["protocol"] == V + 1
+    assert plain["reply"]["req"] == "x" and plain["protocol"] == V and plain["inspected"] == [V]
+    assert ahead["reply"]["req"] == "x" and ahead["protocol"] == V + 1 and ahead["inspected"] == [V + 1]
 
 
 @pytest.mark.parametrize(
