@@ -125,19 +125,23 @@ class Attachment(ControlPlane):
             back = "join again with a new invitation once it runs"
         return NodeFailure(self._inviter.hex(), f"the service went away ({reason}): {back}")
 
-    async def _guard(self, step: Callable[[], Awaitable[R]], timeout: float | None) -> R:
+    async def _guard(self, step: Callable[[float], Awaitable[R]], timeout: float | None) -> R:
         """``step()``, a control-plane call: if the service's node went away,
         ``NodeFailure`` (or, with ``reconnect=True``, attach again first,
         within ``timeout``); a call that fails because it went away meanwhile
         raises ``NodeFailure`` too, and is not repeated."""
         gone = self._gone
+        spent = 0.0
         if gone is not None and gone.done() and not self._closed:
             if self._reattach is None:
                 raise self._went_away(gone.result())
+            loop = asyncio.get_running_loop()
+            start = loop.time()
             await self._reconnect(timeout)
+            spent = loop.time() - start
             gone = self._gone
         try:
-            return await step()
+            return await step(spent)
         except (ChannelClosed, PortFailed, MeshError) as exc:
             fell = isinstance(exc, ChannelClosed | PortFailed) or type(exc) is MeshError
             if gone is None or self._closed or not fell:
@@ -160,11 +164,11 @@ class Attachment(ControlPlane):
             if reattach is None or old is None or not old.done():
                 return  # another call attached again meanwhile
             bound = timeout if timeout is not None else self._timeout
-            deadline = deadline_after(bound)
+            loop = asyncio.get_running_loop()
+            deadline = None if bound is None else loop.time() + bound
             self.port.close()
             with contextlib.suppress(MeshError):
                 await self.mesh.aclose()
-            loop = asyncio.get_running_loop()
             backoff = Backoff()
             while True:
                 left = None if deadline is None else deadline - loop.time()
@@ -181,6 +185,10 @@ class Attachment(ControlPlane):
                 with contextlib.suppress(TimeoutError):  # past the deadline: reported above
                     async with asyncio.timeout_at(deadline):
                         await backoff.sleep()
+            if self._closed:  # closed by the application meanwhile
+                port.close()
+                await mesh.aclose()
+                raise MeshError("the connection is closed")
             self.port, self.mesh, self._inviter = port, mesh, inviter
             self._gone = mesh._node.when_gone(inviter)
             self.reconnects += 1

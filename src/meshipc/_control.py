@@ -511,9 +511,11 @@ class ControlPlane:
     def _plane(self) -> Control:
         raise NotImplementedError
 
-    async def _guard(self, step: Callable[[], Awaitable[R]], timeout: float | None) -> R:
-        """Run ``step()``, one call on ``_plane()`` bounded by ``timeout``."""
-        return await step()
+    async def _guard(self, step: Callable[[float], Awaitable[R]], timeout: float | None) -> R:
+        """Run ``step(spent)``, one call on ``_plane()``; ``timeout`` bounds
+        the whole (None: the call has no bound of its own), ``spent`` is the
+        part of it used before the step (none here)."""
+        return await step(0.0)
 
     async def services(self) -> dict[str, Any]:
         """The mesh's services: name -> ``{"node", "request_type",
@@ -521,7 +523,7 @@ class ControlPlane:
         ``time.time()`` of the registration). Raises ``MeshError`` if the
         mesh root cannot be reached, ``MessageError`` if it answers with
         something that is not a service list."""
-        return await self._guard(lambda: self._plane().services(), None)
+        return await self._guard(lambda _: self._plane().services(), None)
 
     @overload
     async def call(self, service: str, request: Any, timeout: float | None = None) -> Any: ...
@@ -541,7 +543,14 @@ class ControlPlane:
         client has too many waiting there), ``TimeoutError`` (after
         ``timeout`` seconds, finding the service included), ``ValueError``
         for a NaN, infinite or negative ``timeout``."""
-        reply = await self._guard(lambda: self._plane().call(service, request, timeout), timeout)
+        if timeout is not None:
+            timeout = check_timeout(timeout)
+
+        def step(spent: float) -> Awaitable[Any]:  # what the guard left of the timeout
+            left = None if timeout is None else max(0.0, timeout - spent)
+            return self._plane().call(service, request, left)
+
+        reply = await self._guard(step, timeout)
         if reply_type is None:
             return reply
         try:
@@ -554,7 +563,7 @@ class ControlPlane:
         """A ``Sender`` to the service for many calls (``await tx.call(r,
         timeout=...)``). Raises ``ServiceNotFound`` or ``NodeFailure``;
         ``MessageError`` if the mesh root's answer is malformed."""
-        return await self._guard(lambda: self._plane().open(service), None)
+        return await self._guard(lambda _: self._plane().open(service), None)
 
     async def inspect(
         self, path: str = "", depth: int | None = None, timeout: float = 1.0, *, sensitive: bool = False
@@ -566,11 +575,11 @@ class ControlPlane:
         ``sensitive`` show only with ``sensitive=True``. Raises
         ``LookupError`` for a path that does not exist, ``ServiceBusy`` if
         the root has too many requests in progress."""
-        return await self._guard(lambda: self._plane().inspect(path, depth, timeout, sensitive), timeout)
+        return await self._guard(lambda _: self._plane().inspect(path, depth, timeout, sensitive), None)
 
     async def inspect_update(self, path: str, value: Any, timeout: float = 1.0) -> Any:
         """Set the entry at ``path`` (``"nodes/<id prefix>/<entry>"``) that
         its node registered as updatable (``inspect_add(..., update=fn)``);
         returns the entry's new value. Raises ``LookupError`` for a path that
         is not updatable, ``RemoteError`` if the entry's setter raised."""
-        return await self._guard(lambda: self._plane().inspect_update(path, value, timeout), timeout)
+        return await self._guard(lambda _: self._plane().inspect_update(path, value, timeout), None)
