@@ -366,3 +366,16 @@ async def test_a_client_outside_the_service_s_range_is_refused_naming_both(
     async with service(runtime_dir, "far", service_range):
         out = await one_call(runtime_dir, "far", None)
     assert out["error"] == "VersionMismatch" and out["message"] == expected
+
+
+async def test_a_malformed_test_hook_stops_the_node_from_starting(
+    runtime_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(TEST_PROTOCOL_ENV, "5-4")
+    with pytest.raises(ValueError, match=r"\$MESHIPC_TEST_PROTOCOL: a protocol version range is"):
+        await Mesh(runtime_dir=runtime_dir)
+    monkeypatch.setenv(TEST_PROTOCOL_ENV, f"{V}-{V + 3}")
+    async with Mesh(runtime_dir=runtime_dir) as mesh:
+        mine, theirs = Port.pair()
+        assert (await mesh.inviter().invite(theirs)).protocol == Versions(V, V + 3)
+        mine.close()
