@@ -345,8 +345,9 @@ def connect(
 
     When the service's node goes away, each later control-plane call
     raises ``NodeFailure``; with ``reconnect=True`` the next call attaches
-    again instead, once a mesh of that name runs again (within the call's
-    ``timeout``, else this one). A call in flight when the service went away
+    again instead, once a mesh of that name runs again (within a ``call``'s
+    ``timeout``, which covers attaching and the call together; for the other
+    methods, or a call without one, within this ``timeout``). A call in flight when the service went away
     still fails with ``NodeFailure`` and is never repeated (it may have
     run); senders from ``open()`` and anything sent on ``port`` stay failed:
     the application reopens what it needs (what the old service held for
