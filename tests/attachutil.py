@@ -27,7 +27,17 @@ from meshipc._handshake import (
 from meshipc._sockets import recv_exact
 
 #: Index of each field in the array-like msgpack invitation (``_InvitationRecord``).
-_FIELDS = ("version", "directory", "inviter", "node", "port", "credential", "expires")
+_FIELDS = (
+    "version",
+    "directory",
+    "inviter",
+    "node",
+    "port",
+    "credential",
+    "expires",
+    "protocol_low",
+    "protocol_high",
+)
 FIELD = {name: i for i, name in enumerate(_FIELDS)}
 
 

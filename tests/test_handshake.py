@@ -27,6 +27,7 @@ import meshipc
 from meshipc import HandshakeError, Mesh, MeshError, Port
 from meshipc import _handshake as hs
 from meshipc._codec import CODEC
+from meshipc._errors import VersionMismatch
 from meshipc._handshake import (
     AUTH_LEN,
     CERT_LEN,
@@ -40,7 +41,7 @@ from meshipc._handshake import (
     ROLE_CLIENT,
     ROLE_ROOT,
     ROLE_WORKER,
-    S_BAD_VERSION,
+    S_NO_COMMON_VERSION,
     S_OK,
     V_ACCEPT,
     V_DENIED,
@@ -50,6 +51,7 @@ from meshipc._handshake import (
     Challenge,
     Hello,
     Identity,
+    Versions,
     build_challenge,
     build_hello,
     build_verdict,
@@ -65,7 +67,7 @@ from meshipc._handshake import (
 )
 from meshipc._node import Node
 from meshipc._sockets import recv_exact
-from meshipc._wire import PROTOCOL_VERSION
+from meshipc._wire import PROTOCOL_MIN, PROTOCOL_VERSION
 from relutil import wait_until
 
 T = 10.0
@@ -85,11 +87,14 @@ def test_the_module_does_no_io() -> None:
 
 def test_message_layouts_are_fixed() -> None:
     assert NONCE_LEN == 32 and CERT_LEN == 138
-    assert (HELLO_LEN, CHALLENGE_LEN, AUTH_LEN, VERDICT_LEN, PROOF_LEN) == (40, 40, 218, 1, 202)
+    # HELLO and CHALLENGE keep meshipc 0.1's sizes: each side reads the other's whole
+    assert (HELLO_LEN, CHALLENGE_LEN, AUTH_LEN, VERDICT_LEN, PROOF_LEN) == (72, 88, 218, 1, 202)
     assert CREDENTIAL_LEN == 32 + CERT_LEN + 32
     # HELLO and CHALLENGE carry no id: nothing about either side shows before AUTH
-    assert build_hello(Hello(1, b"n" * 32)) == MAGIC + b"\x01\x00" + b"\x00\x00" + b"n" * 32
-    assert build_challenge(S_BAD_VERSION, b"m" * 32, version=1) == MAGIC + b"\x01\x00\x02\x00" + b"m" * 32
+    hello = build_hello(Hello(4, b"n" * 32, 2))
+    assert hello == MAGIC + b"\x04\x00" + b"\x02\x00" + b"n" * 32 + bytes(32)
+    challenge = build_challenge(S_NO_COMMON_VERSION, b"m" * 32, 5, Versions(5, 6))
+    assert challenge == MAGIC + b"\x05\x00\x03\x00" + b"m" * 32 + b"\x05\x00\x06\x00" + bytes(44)
     assert [build_verdict(v) for v in (V_ACCEPT, V_DUPLICATE, V_DENIED)] == [b"\x01", b"\x02", b"\x03"]
     cert = A.cert_bytes
     assert cert[:2] == b"\x01\x02" and cert[2:18] == MESH.mesh and cert[18:34] == A.node
@@ -121,17 +126,19 @@ def test_a_hello_that_is_not_one_is_refused() -> None:
 
 def test_the_acceptor_judges_the_version() -> None:
     assert hello_status(new_hello()) == S_OK
-    old = Hello(PROTOCOL_VERSION + 1, new_nonce())
-    assert hello_status(old) == S_BAD_VERSION
-    check_status(old, S_OK)
-    with pytest.raises(HandshakeError, match=rf"handshake status 2 \(version {PROTOCOL_VERSION + 1}\)"):
-        check_status(old, S_BAD_VERSION)
+    newer = Hello(PROTOCOL_VERSION + 1, new_nonce())  # low 0: that version only, as 0.1 sent
+    assert newer.versions == Versions(PROTOCOL_VERSION + 1, PROTOCOL_VERSION + 1)
+    assert hello_status(newer) == S_NO_COMMON_VERSION
+    check_status(newer, S_OK)
+    with pytest.raises(VersionMismatch, match=rf"the connecting node speaks protocol {PROTOCOL_VERSION + 1}"):
+        check_status(newer, S_NO_COMMON_VERSION)
+    assert hello_status(Hello(PROTOCOL_VERSION + 1, new_nonce(), PROTOCOL_VERSION)) == S_OK
 
 
 @pytest.mark.parametrize(
     "data",
     [
-        build_challenge(S_BAD_VERSION, b"m" * 32),  # refused
+        build_challenge(S_OK, b"m" * 32)[:6] + b"\x01\x00" + build_challenge(S_OK, b"m" * 32)[8:],  # status 1
         b"XXXX" + build_challenge(S_OK, b"m" * 32)[4:],  # not a meshipc node
     ],
 )
@@ -376,7 +383,10 @@ async def test_each_refusal_says_what_was_wrong(runtime_dir: Path) -> None:
     assert await why(raw(b"GET / HTTP/1.1\r\n" * 200)) == "not a meshipc node"
     assert await why(raw(b""), eof=False) == "no handshake within 0.2 s"
     v = PROTOCOL_VERSION
-    assert await why(hello_of(v + 1)) == f"handshake status {S_BAD_VERSION} (version {v + 1})"
+    assert await why(hello_of(v + 1)) == (
+        f"the connecting node speaks protocol {v + 1}, this node {v}: "
+        f"upgrade this node to a meshipc that speaks protocol {v + 1}"
+    )
 
     def honest(node: Node, hello: Hello, challenge: Challenge) -> bytes:
         return A.build_auth(hello, challenge, node.id)
@@ -391,8 +401,11 @@ async def test_each_refusal_says_what_was_wrong(runtime_dir: Path) -> None:
 async def test_a_refused_hello_still_gets_a_challenge_saying_why(runtime_dir: Path) -> None:
     _, reply = await refusal(runtime_dir, hello_of(PROTOCOL_VERSION + 1))
     assert len(reply) == CHALLENGE_LEN
-    with pytest.raises(HandshakeError, match=rf"refused the handshake \(status {S_BAD_VERSION}\)"):
-        parse_challenge(reply, B.node)
+    with pytest.raises(
+        VersionMismatch, match=rf"speaks protocol {PROTOCOL_VERSION}, this node {PROTOCOL_VERSION + 1}"
+    ) as err:
+        parse_challenge(reply, B.node, Versions(PROTOCOL_VERSION + 1, PROTOCOL_VERSION + 1))
+    assert err.value.theirs == (PROTOCOL_MIN, PROTOCOL_VERSION)
 
 
 async def test_a_foreign_forged_or_replayed_auth_is_denied_with_one_byte(runtime_dir: Path) -> None:

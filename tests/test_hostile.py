@@ -298,8 +298,9 @@ async def test_hostile_handshakes_are_refused_and_the_node_serves_on(
         assert (await refused(os.urandom(7))).startswith("peer closed the connection after 7 of")
         assert await refused(b"GET / HTTP/1.1\r\n" * 200) == "not a meshipc node"
         assert (await refused(MAGIC + b"\x01")).startswith("peer closed the connection after 5 of")
-        old = build_hello(new_hello()._replace(version=PROTOCOL_VERSION - 1))
-        assert await refused(old) == f"handshake status 2 (version {PROTOCOL_VERSION - 1})"
+        old = build_hello(new_hello()._replace(version=PROTOCOL_VERSION - 1, low=0))
+        said = f"the connecting node speaks protocol {PROTOCOL_VERSION - 1}, this node {PROTOCOL_VERSION}"
+        assert (await refused(old)).startswith(said + ": upgrade the connecting node")
 
         # a valid HELLO, then an AUTH of random bytes
         s = await raw_connect(node.path)

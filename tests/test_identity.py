@@ -87,7 +87,8 @@ def claim(me: Identity, cert: bytes, target: bytes) -> Any:
 
     def auth(hello: Hello, challenge: Challenge) -> bytes:
         claimed = parse_certificate(cert).node
-        return cert + target + me._key.sign(_initiator_message(hello, challenge.nonce, claimed, target))
+        message = _initiator_message(hello, challenge.nonce, challenge.version, claimed, target)
+        return cert + target + me._key.sign(message)
 
     return auth
 

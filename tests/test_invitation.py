@@ -17,7 +17,7 @@ from attachutil import foreign_credential, key_material, reencode
 from meshipc import InvitationDecodeError, Mesh, MeshError, Port
 from meshipc._handshake import ROLE_CLIENT
 from meshipc._invitation import _INVITATION_VERSION, MAX_INVITATION, Invitation, _InvitationRecord
-from meshipc._wire import D_DEAD, PORT_DESC_SIZE, decode_port_desc
+from meshipc._wire import D_DEAD, PORT_DESC_SIZE, PROTOCOL_VERSION, decode_port_desc
 
 BOUNDED = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 #: Bound on any single step.
@@ -40,6 +40,8 @@ def valid_invitation() -> bytes:
             os.urandom(PORT_DESC_SIZE),
             foreign_credential(node),
             time.time() + 60,
+            PROTOCOL_VERSION,
+            PROTOCOL_VERSION,
         )
     )
 

@@ -41,7 +41,7 @@ from meshipc._handshake import CREDENTIAL_LEN, ROLE_ROOT, Authority
 from meshipc._invitation import _INVITATION_VERSION, Inviter
 from meshipc._join import JOIN_TIMEOUT, attach
 from meshipc._node import Node
-from meshipc._wire import PORT_DESC_SIZE
+from meshipc._wire import PORT_DESC_SIZE, PROTOCOL_VERSION
 
 #: Bound on any single step.
 T = 10.0
@@ -118,7 +118,8 @@ async def test_invitation_read_error(runtime_dir: Path, data: bytes) -> None:
 def _valid_fields() -> list[Any]:
     node = os.urandom(16)
     credential = foreign_credential(node)
-    return [_INVITATION_VERSION, "/tmp/x", os.urandom(16), node, bytes(PORT_DESC_SIZE), credential, 0.0]
+    fields = [_INVITATION_VERSION, "/tmp/x", os.urandom(16), node, bytes(PORT_DESC_SIZE), credential, 0.0]
+    return [*fields, PROTOCOL_VERSION, PROTOCOL_VERSION]
 
 
 def _wire(**changes: Any) -> bytes:
@@ -142,6 +143,8 @@ def _wire(**changes: Any) -> bytes:
         _wire(directory="/" + "d" * 200),
         _wire(directory="relative/dir"),
         _wire(directory="/nul\0byte"),
+        _wire(protocol_low=0),
+        _wire(protocol_low=PROTOCOL_VERSION + 1),
         _wire()[:-1],
     ],
     ids=[
@@ -156,6 +159,8 @@ def _wire(**changes: Any) -> bytes:
         "long-directory",
         "relative",
         "nul",
+        "protocol-zero",
+        "protocol-not-a-range",
         "truncated",
     ],
 )

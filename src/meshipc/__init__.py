@@ -46,6 +46,7 @@ if TYPE_CHECKING:
         ServiceNotFound,
         SocketPathTooLong,
         SpawnError,
+        VersionMismatch,
         register_remote_error,
     )
     from ._fd import Fd
@@ -96,6 +97,7 @@ _LAZY: dict[str, tuple[str, str]] = {
     "MeshError": ("._errors", "MeshError"),
     "MeshNameInUse": ("._errors", "MeshNameInUse"),
     "MessageError": ("._errors", "MessageError"),
+    "VersionMismatch": ("._errors", "VersionMismatch"),
     "NodeFailure": ("._errors", "NodeFailure"),
     "PeerCredentialsError": ("._errors", "PeerCredentialsError"),
     "PlatformError": ("._errors", "PlatformError"),
@@ -199,6 +201,7 @@ __all__ = (
     "Trace",
     "current_trace",
     "start_trace",
+    "VersionMismatch",
 )
 
 

@@ -504,12 +504,20 @@ FACADE: Final = ("services", "call", "open", "inspect", "inspect_update")
 class ControlPlane:
     """The control-plane methods of whatever holds a node (``Mesh``,
     ``Attachment``): declared once here, with their documentation; the
-    holder says where its node's ``Control`` is (``_plane``)."""
+    holder says where its node's ``Control`` is (``_plane``) and may run
+    each call through ``_guard`` (an ``Attachment`` notices the service
+    going away there)."""
 
     __slots__ = ()
 
     def _plane(self) -> Control:
         raise NotImplementedError
+
+    async def _guard(self, step: Callable[[float], Awaitable[R]], timeout: float | None) -> R:
+        """Run ``step(spent)``, one call on ``_plane()``; ``timeout`` bounds
+        the whole (None: the call has no bound of its own), ``spent`` is the
+        part of it used before the step (none here)."""
+        return await step(0.0)
 
     async def services(self) -> dict[str, Any]:
         """The mesh's services: name -> ``{"node", "request_type",
@@ -517,7 +525,7 @@ class ControlPlane:
         ``time.time()`` of the registration). Raises ``MeshError`` if the
         mesh root cannot be reached, ``MessageError`` if it answers with
         something that is not a service list."""
-        return await self._plane().services()
+        return await self._guard(lambda _: self._plane().services(), None)
 
     @overload
     async def call(self, service: str, request: Any, timeout: float | None = None) -> Any: ...
@@ -537,7 +545,14 @@ class ControlPlane:
         client has too many waiting there), ``TimeoutError`` (after
         ``timeout`` seconds, finding the service included), ``ValueError``
         for a NaN, infinite or negative ``timeout``."""
-        reply = await self._plane().call(service, request, timeout)
+        if timeout is not None:
+            timeout = check_timeout(timeout)
+
+        def step(spent: float) -> Awaitable[Any]:  # what the guard left of the timeout
+            left = None if timeout is None else max(0.0, timeout - spent)
+            return self._plane().call(service, request, left)
+
+        reply = await self._guard(step, timeout)
         if reply_type is None:
             return reply
         try:
@@ -550,7 +565,7 @@ class ControlPlane:
         """A ``Sender`` to the service for many calls (``await tx.call(r,
         timeout=...)``). Raises ``ServiceNotFound`` or ``NodeFailure``;
         ``MessageError`` if the mesh root's answer is malformed."""
-        return await self._plane().open(service)
+        return await self._guard(lambda _: self._plane().open(service), None)
 
     async def inspect(
         self, path: str = "", depth: int | None = None, timeout: float = 1.0, *, sensitive: bool = False
@@ -562,11 +577,11 @@ class ControlPlane:
         ``sensitive`` show only with ``sensitive=True``. Raises
         ``LookupError`` for a path that does not exist, ``ServiceBusy`` if
         the root has too many requests in progress."""
-        return await self._plane().inspect(path, depth, timeout, sensitive)
+        return await self._guard(lambda _: self._plane().inspect(path, depth, timeout, sensitive), None)
 
     async def inspect_update(self, path: str, value: Any, timeout: float = 1.0) -> Any:
         """Set the entry at ``path`` (``"nodes/<id prefix>/<entry>"``) that
         its node registered as updatable (``inspect_add(..., update=fn)``);
         returns the entry's new value. Raises ``LookupError`` for a path that
         is not updatable, ``RemoteError`` if the entry's setter raised."""
-        return await self._plane().inspect_update(path, value, timeout)
+        return await self._guard(lambda _: self._plane().inspect_update(path, value, timeout), None)

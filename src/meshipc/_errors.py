@@ -300,6 +300,23 @@ class InvitationExpired(JoinError):
     """The invitation was already used, or expired before it was used."""
 
 
+class VersionMismatch(JoinError, HandshakeError):
+    """Two meshipc releases that speak no protocol version in common: the
+    message names both ranges and what to upgrade ("the service speaks 2,
+    this client 3: upgrade the service or use meshipc<0.2"). ``ours`` and
+    ``theirs`` are the (lowest, highest) protocol versions of this process
+    and of the peer. Raised by ``connect``/``join`` (a ``JoinError``); a link
+    between two nodes refused for it is a ``HandshakeError``."""
+
+    def __init__(self, message: str, ours: tuple[int, int], theirs: tuple[int, int]) -> None:
+        super().__init__(message)
+        self.ours = ours
+        self.theirs = theirs
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (str(self), self.ours, self.theirs))
+
+
 class JoinTimeout(JoinError, TimeoutError):
     """``connect``/``join``: the mesh did not answer in time (a stopped or
     overloaded service, a listener that never speaks). ``path`` is the socket

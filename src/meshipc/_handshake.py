@@ -19,9 +19,11 @@ any service runs; the authority key dies with the mesh anyway).
 Every connection between nodes is authenticated before any port event is
 read (the acceptor has already checked the peer's uid from the kernel):
 
-1. HELLO (initiator): magic, version, a nonce — nothing else;
-2. CHALLENGE (acceptor): magic, version, a status (version accepted or
-   not), its own nonce — nothing about who it is;
+1. HELLO (initiator): magic, the protocol versions it speaks (highest,
+   lowest), a nonce — nothing else;
+2. CHALLENGE (acceptor): magic, the version chosen (the highest both
+   speak), a status (a version in common or not), its own nonce and the
+   versions it speaks — nothing about who it is;
 3. AUTH (initiator): its certificate, the full id of the node it wants,
    and its signature over both nonces, both ids and a direction label;
    the acceptor checks the certificate against the authority's key, the
@@ -43,7 +45,18 @@ prove nothing without the private key) only to whatever listens at the
 path of the node it wants — a socket in the 0700 mesh directory. Fresh
 nonces on both sides make every signature good for one connection only: a
 replayed AUTH or VERDICT fails. Every failure is a ``HandshakeError`` whose
-text says what was wrong.
+text says what was wrong; no version in common is a ``VersionMismatch``
+naming both ranges and which side to upgrade.
+
+Versions. Both signatures cover the initiator's range and the version
+chosen, so nobody can talk two nodes down to an older version. HELLO and
+CHALLENGE keep the sizes meshipc 0.1 read (72 and 88 bytes; the tail is
+reserved, zero when sent, ignored when read), so a node of 0.1 and a node of
+this release each read the other's first message whole and refuse it with a
+clear answer instead of waiting for bytes that never come: 0.1 puts zero
+where the lowest version is now (an exact version) and answers an unknown
+version with status ``S_BAD_VERSION`` and its version; this release answers
+``S_NO_COMMON_VERSION`` with its range. docs/compatibility.md has the policy.
 """
 
 from __future__ import annotations
@@ -58,9 +71,9 @@ from typing import Any, Final, NamedTuple
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from ._errors import HandshakeError
+from ._errors import HandshakeError, VersionMismatch
 from ._ids import ID_LEN, NodeId
-from ._wire import PROTOCOL_VERSION
+from ._wire import PROTOCOL_MIN, PROTOCOL_RELEASES, PROTOCOL_VERSION
 
 #: Bytes in each side's nonce: fresh per handshake, so no signature can be replayed.
 NONCE_LEN: Final = 32
@@ -88,8 +101,12 @@ ROLE_NAMES: Final = {ROLE_ROOT: "root", ROLE_WORKER: "worker", ROLE_CLIENT: "cli
 
 #: CHALLENGE status: the acceptor will go on.
 S_OK: Final = 0
-#: CHALLENGE status: the HELLO's protocol version is not ours.
+#: CHALLENGE status of meshipc 0.1: the HELLO's version is not its one
+#: version (the CHALLENGE's version field).
 S_BAD_VERSION: Final = 2
+#: CHALLENGE status: no protocol version in common (the CHALLENGE carries
+#: the acceptor's range).
+S_NO_COMMON_VERSION: Final = 3
 
 #: VERDICT: the link is established.
 V_ACCEPT: Final = 1
@@ -109,10 +126,15 @@ _ACCEPTOR_LABEL = b"meshipc-acceptor-v1"
 _CERT_BODY = struct.Struct("<BB16s16s32sQ")
 #: Bytes in a certificate.
 CERT_LEN: Final = _CERT_BODY.size + SIG_LEN
-# magic, version, flags (always 0), initiator nonce
-_HELLO = struct.Struct("<4sHH32s")
-# magic, version, status, acceptor nonce
-_CHALLENGE = struct.Struct("<4sHH32s")
+# magic, highest version, lowest version (0: only the highest; meshipc 0.1
+# sent 0 there), initiator nonce, reserved (meshipc 0.1's HELLO was 72 bytes)
+_HELLO = struct.Struct("<4sHH32s32x")
+# magic, version (chosen, or the acceptor's highest when refused), status,
+# acceptor nonce, acceptor's lowest and highest version, reserved (meshipc
+# 0.1's CHALLENGE was 88 bytes)
+_CHALLENGE = struct.Struct("<4sHH32sHH44x")
+# what the signatures say about versions: the initiator's range, the version chosen
+_SIGNED_VERSIONS = struct.Struct("<HHH")
 # initiator certificate, wanted node id, signature
 _AUTH = struct.Struct(f"<{CERT_LEN}s16s{SIG_LEN}s")
 _VERDICT = struct.Struct("<B")
@@ -129,6 +151,69 @@ VERDICT_LEN: Final = _VERDICT.size
 PROOF_LEN: Final = _PROOF.size
 #: Bytes in a serialized credential (``Identity.to_bytes``).
 CREDENTIAL_LEN: Final = _CREDENTIAL.size
+
+
+class Versions(NamedTuple):
+    """A range of protocol versions one side speaks, both ends included."""
+
+    low: int
+    high: int
+
+    def choose(self, other: Versions) -> int | None:
+        """The highest version both ranges hold; None if they do not meet."""
+        best = min(self.high, other.high)
+        return best if best >= max(self.low, other.low) else None
+
+    def __str__(self) -> str:
+        return str(self.high) if self.low == self.high else f"{self.low}\u2013{self.high}"
+
+
+#: The protocol versions this release speaks.
+SUPPORTED: Final = Versions(PROTOCOL_MIN, PROTOCOL_VERSION)
+#: Highest protocol version a range may name (a u16 on the wire).
+MAX_VERSION: Final = 0xFFFF
+
+
+def parse_versions(text: str) -> Versions:
+    """``"3"`` or ``"3-4"`` as a ``Versions``; ``ValueError`` otherwise
+    (the ``MESHIPC_TEST_PROTOCOL`` test hook's format)."""
+    low, sep, high = text.strip().partition("-")
+    try:
+        v = Versions(int(low), int(high if sep else low))
+    except ValueError:
+        raise ValueError(f"a protocol version range is N or LOW-HIGH, got {text!r}") from None
+    if not 1 <= v.low <= v.high <= MAX_VERSION:
+        raise ValueError(f"a protocol version range is 1 <= LOW <= HIGH <= {MAX_VERSION}, got {text!r}")
+    return v
+
+
+def _release_upto(version: int) -> str | None:
+    """The first release series that no longer speaks ``version`` (use an older one)."""
+    return next((name for name, low, _high in PROTOCOL_RELEASES if low > version), None)
+
+
+def _release_from(version: int) -> str | None:
+    """The first release series that speaks ``version``."""
+    return next((name for name, _low, high in PROTOCOL_RELEASES if high >= version), None)
+
+
+def version_mismatch(ours: Versions, theirs: Versions, us: str, them: str) -> VersionMismatch:
+    """The refusal of a peer (``them``: "the service", "node 1a2b…") whose
+    range ``theirs`` does not meet ours (``us``: "this client"): both ranges,
+    and which side to upgrade (or which release to use instead)."""
+    said = f"{them} speaks protocol {theirs}, {us} {ours}"
+    if theirs.high < ours.low:
+        older = _release_upto(theirs.high)
+        instead = f"use meshipc<{older}" if older else f"use a meshipc that speaks protocol {theirs.high}"
+        advice = f"upgrade {them} or {instead} for {us}"
+    else:
+        newer = _release_from(theirs.low)
+        advice = (
+            f"upgrade {us} (meshipc>={newer})"
+            if newer
+            else f"upgrade {us} to a meshipc that speaks protocol {theirs.low}"
+        )
+    return VersionMismatch(f"{said}: {advice}", (ours.low, ours.high), (theirs.low, theirs.high))
 
 
 def _unpack(layout: struct.Struct, data: bytes, what: str) -> tuple[Any, ...]:
@@ -259,18 +344,28 @@ def _remember(cache: OrderedDict[bytes, Certificate], raw: bytes, cert: Certific
 
 
 class Hello(NamedTuple):
-    """The initiator's opening: its version and nonce."""
+    """The initiator's opening: its highest version, nonce and lowest
+    version (0: the highest only, as meshipc 0.1 sent)."""
 
     version: int
     nonce: bytes
+    low: int = 0
+
+    @property
+    def versions(self) -> Versions:
+        """The versions the initiator speaks."""
+        return Versions(self.low or self.version, self.version)
 
 
 class Challenge(NamedTuple):
-    """The acceptor's answer: its status and nonce."""
+    """The acceptor's answer: the version chosen, its status and nonce, and
+    the versions it speaks."""
 
     version: int
     status: int
     nonce: bytes
+    low: int = PROTOCOL_MIN
+    high: int = PROTOCOL_VERSION
 
 
 class Auth(NamedTuple):
@@ -281,14 +376,25 @@ class Auth(NamedTuple):
     signature: bytes
 
 
-def _initiator_message(hello: Hello, acceptor_nonce: bytes, initiator: bytes, acceptor: bytes) -> bytes:
-    return b"".join((_INITIATOR_LABEL, hello.nonce, acceptor_nonce, initiator, acceptor))
+def _versions_signed(hello: Hello, version: int) -> bytes:
+    low, high = hello.versions
+    return _SIGNED_VERSIONS.pack(low, high, version)
+
+
+def _initiator_message(
+    hello: Hello, acceptor_nonce: bytes, version: int, initiator: bytes, acceptor: bytes
+) -> bytes:
+    versions = _versions_signed(hello, version)
+    return b"".join((_INITIATOR_LABEL, hello.nonce, acceptor_nonce, versions, initiator, acceptor))
 
 
 def _acceptor_message(
-    verdict: int, hello: Hello, acceptor_nonce: bytes, initiator: bytes, acceptor: bytes
+    verdict: int, hello: Hello, acceptor_nonce: bytes, version: int, initiator: bytes, acceptor: bytes
 ) -> bytes:
-    return b"".join((_ACCEPTOR_LABEL, bytes((verdict,)), hello.nonce, acceptor_nonce, initiator, acceptor))
+    versions = _versions_signed(hello, version)
+    return b"".join(
+        (_ACCEPTOR_LABEL, bytes((verdict,)), hello.nonce, acceptor_nonce, versions, initiator, acceptor)
+    )
 
 
 # ---------------------------------------------------------------- a node's credential
@@ -363,7 +469,9 @@ class Identity:
 
     def build_auth(self, hello: Hello, challenge: Challenge, want: bytes) -> bytes:
         """AUTH for node ``want``: our certificate and signature."""
-        sig = self._key.sign(_initiator_message(hello, challenge.nonce, self.cert.node, want))
+        sig = self._key.sign(
+            _initiator_message(hello, challenge.nonce, challenge.version, self.cert.node, want)
+        )
         return _AUTH.pack(self.cert_bytes, bytes(want), sig)
 
     def check_verdict(
@@ -382,7 +490,7 @@ class Identity:
         cert = self.verify_certificate(cert_bytes, now)
         if cert.node != want:
             raise HandshakeError(f"node {NodeId(cert.node)} answered for node {NodeId(want)}")
-        message = _acceptor_message(verdict, hello, challenge.nonce, self.cert.node, want)
+        message = _acceptor_message(verdict, hello, challenge.nonce, challenge.version, self.cert.node, want)
         if not _verify(_public(cert.key), sig, message):
             raise HandshakeError(f"node {NodeId(want)} did not prove its identity (bad signature)")
         return cert
@@ -396,25 +504,35 @@ class Identity:
         auth: Auth,
         expect: bytes | None = None,
         now: float | None = None,
+        version: int = PROTOCOL_VERSION,
     ) -> Certificate:
         """The initiator's certificate, once its AUTH proved it: a
         certificate of this mesh, asking for this node (and from ``expect``
-        when one is expected), signed over this handshake's nonces.
-        ``HandshakeError`` saying what was wrong."""
+        when one is expected), signed over this handshake's nonces and
+        ``version``, the one chosen. ``HandshakeError`` saying what was wrong."""
         cert = self.verify_certificate(auth.cert, now)
         me = self.cert.node
         if auth.want != me:
             raise HandshakeError(f"node {NodeId(cert.node)} asked for another node")
         if expect is not None and cert.node != expect:
             raise HandshakeError(f"node {NodeId(cert.node)} is not the node expected here")
-        message = _initiator_message(hello, acceptor_nonce, cert.node, me)
+        message = _initiator_message(hello, acceptor_nonce, version, cert.node, me)
         if not _verify(_public(cert.key), auth.signature, message):
             raise HandshakeError(f"bad signature from node {NodeId(cert.node)} (forged or replayed)")
         return cert
 
-    def build_proof(self, verdict: int, hello: Hello, acceptor_nonce: bytes, initiator: bytes) -> bytes:
-        """What follows an accept or duplicate VERDICT: our certificate and signature."""
-        sig = self._key.sign(_acceptor_message(verdict, hello, acceptor_nonce, initiator, self.cert.node))
+    def build_proof(
+        self,
+        verdict: int,
+        hello: Hello,
+        acceptor_nonce: bytes,
+        initiator: bytes,
+        version: int = PROTOCOL_VERSION,
+    ) -> bytes:
+        """What follows an accept or duplicate VERDICT: our certificate and
+        signature (over ``version``, the one chosen, too)."""
+        message = _acceptor_message(verdict, hello, acceptor_nonce, version, initiator, self.cert.node)
+        sig = self._key.sign(message)
         return _PROOF.pack(self.cert_bytes, sig)
 
     def __repr__(self) -> str:
@@ -429,51 +547,66 @@ class Identity:
 # ---------------------------------------------------------------- HELLO
 
 
-def new_hello() -> Hello:
-    """Initiator side: a HELLO with our protocol version and a fresh nonce."""
-    return Hello(PROTOCOL_VERSION, new_nonce())
+def new_hello(versions: Versions = SUPPORTED) -> Hello:
+    """Initiator side: a HELLO offering ``versions`` with a fresh nonce."""
+    return Hello(versions.high, new_nonce(), versions.low)
 
 
 def build_hello(hello: Hello) -> bytes:
     """The bytes of ``hello``."""
-    return _HELLO.pack(MAGIC, hello.version, 0, hello.nonce)
+    return _HELLO.pack(MAGIC, hello.version, hello.low, hello.nonce)
 
 
 def parse_hello(data: bytes) -> Hello:
     """A HELLO's fields; ``HandshakeError`` if it is not one (checks the magic
-    only: the version is judged by ``hello_status``)."""
-    magic, version, _flags, nonce = _unpack(_HELLO, data, "HELLO")
+    only: the versions are judged by ``hello_status``)."""
+    magic, version, low, nonce = _unpack(_HELLO, data, "HELLO")
     if magic != MAGIC:
         raise HandshakeError("not a meshipc node")
-    return Hello(version, nonce)
+    return Hello(version, nonce, low if low <= version else version)
 
 
-def hello_status(hello: Hello) -> int:
-    """The acceptor's status for ``hello``: ``S_BAD_VERSION`` or ``S_OK``."""
-    return S_OK if hello.version == PROTOCOL_VERSION else S_BAD_VERSION
+def hello_status(hello: Hello, ours: Versions = SUPPORTED) -> int:
+    """The acceptor's status for ``hello``: ``S_NO_COMMON_VERSION`` or ``S_OK``."""
+    return S_NO_COMMON_VERSION if ours.choose(hello.versions) is None else S_OK
 
 
-def check_status(hello: Hello, status: int) -> None:
-    """Acceptor side, after sending its CHALLENGE: ``HandshakeError`` unless ``S_OK``."""
+def check_status(hello: Hello, status: int, ours: Versions = SUPPORTED) -> None:
+    """Acceptor side, after sending its CHALLENGE: unless ``S_OK``, the
+    ``VersionMismatch`` to log (the connecting node's range and ours)."""
     if status != S_OK:
-        raise HandshakeError(f"handshake status {status} (version {hello.version})")
+        raise version_mismatch(ours, hello.versions, "this node", "the connecting node")
 
 
 # ---------------------------------------------------------------- CHALLENGE
 
 
-def build_challenge(status: int, nonce: bytes, version: int = PROTOCOL_VERSION) -> bytes:
-    """CHALLENGE: our status and nonce, nothing about who we are."""
-    return _CHALLENGE.pack(MAGIC, version, status, nonce)
+def build_challenge(
+    status: int, nonce: bytes, version: int = PROTOCOL_VERSION, ours: Versions = SUPPORTED
+) -> bytes:
+    """CHALLENGE: the version chosen (our highest when refusing), our status,
+    nonce and range, nothing about who we are."""
+    return _CHALLENGE.pack(MAGIC, version, status, nonce, ours.low, ours.high)
 
 
-def parse_challenge(data: bytes, peer: bytes) -> Challenge:
+def parse_challenge(data: bytes, peer: bytes, ours: Versions = SUPPORTED) -> Challenge:
     """Initiator side: the CHALLENGE from the socket of node ``peer``;
-    ``HandshakeError`` if it is not one or refuses (status)."""
-    magic, version, status, nonce = _unpack(_CHALLENGE, data, "CHALLENGE")
+    ``VersionMismatch`` if we speak no version in common (both ranges
+    named), ``HandshakeError`` if it is not one, refuses otherwise, or
+    chose a version we did not offer."""
+    magic, version, status, nonce, low, high = _unpack(_CHALLENGE, data, "CHALLENGE")
+    them = f"node {NodeId(peer)}"
+    if magic == MAGIC and status == S_NO_COMMON_VERSION and 1 <= low <= high:
+        raise version_mismatch(ours, Versions(low, high), "this node", them)
+    if magic == MAGIC and status == S_BAD_VERSION and version >= 1:  # meshipc 0.1: one version
+        raise version_mismatch(ours, Versions(version, version), "this node", them)
     if magic != MAGIC or status != S_OK:
-        raise HandshakeError(f"node {NodeId(peer)} refused the handshake (status {status})")
-    return Challenge(version, status, nonce)
+        raise HandshakeError(f"{them} refused the handshake (status {status})")
+    if not ours.low <= version <= ours.high:
+        raise HandshakeError(
+            f"{them} chose protocol version {version}, which this node did not offer ({ours})"
+        )
+    return Challenge(version, status, nonce, low, high)
 
 
 # ---------------------------------------------------------------- AUTH, VERDICT

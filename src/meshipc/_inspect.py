@@ -344,6 +344,7 @@ class NodeInspector:
                 "messages_out": counter(c.frames_out),
                 "writes": counter(c.writes),
                 "queued_bytes": c.queued_bytes,
+                "protocol": c.protocol,
             }
             for peer, c in list(self.node.links.items())
         }

@@ -7,10 +7,17 @@ port it receives first (a port descriptor: the port is in transit to the
 new node, exactly as if it had been sent in a message), and the new node's
 credential (``_handshake.Identity``: its own private key, the certificate
 the mesh's root issued for its id in the client role, and the root's public
-key) — nothing that lets its holder vouch for any other id. Serialized it
-is a msgpack array (``_InvitationRecord``); the listener (``_listener``)
-frames it as ``[u32 little-endian length][record]`` (``FRAME``) and the
-client (``_join``) reads it back and joins.
+key) — nothing that lets its holder vouch for any other id — and the
+protocol versions the inviting node speaks, so a client that speaks none of
+them says so before it connects. Serialized it is a msgpack array
+(``_InvitationRecord``) whose first element is its format version; the
+listener (``_listener``) frames it as ``[u32 little-endian length][record]``
+(``FRAME``) and the client (``_join``) reads it back and joins.
+
+Versioning (docs/compatibility.md): a reader reads the format version alone
+first and refuses one outside ``INVITATION_FORMATS`` naming both; fields
+appended at the end are ignored by older readers of the same format, so a
+new format is needed only for a change an older reader must not miss.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ import msgspec
 
 from ._channel import Port
 from ._errors import HandshakeError, InvitationDecodeError, MeshError
-from ._handshake import CREDENTIAL_LEN, ROLE_CLIENT, Identity
+from ._handshake import CREDENTIAL_LEN, MAX_VERSION, ROLE_CLIENT, Identity, Versions
 from ._ids import NodeId
 from ._node import Node
 from ._platform import MAX_SOCKET_PATH
@@ -43,9 +50,15 @@ INVITATION_TTL: Final = 10.0
 INVITE_BLOCKING_TIMEOUT: Final = 10.0
 #: The length prefix of an invitation on the listener socket.
 FRAME: Final = struct.Struct("<I")
-#: Format version inside every invitation; a reader refuses any other.
-#: 2: a credential issued by the mesh's root instead of the mesh secret.
+#: Format version of the invitations this release writes. 2: a credential
+#: issued by the mesh's root instead of the mesh secret; the inviting node's
+#: protocol versions.
 _INVITATION_VERSION: Final = 2
+#: The format versions this release reads (lowest, highest); any other is
+#: refused with both named.
+INVITATION_FORMATS: Final = (2, 2)
+#: The first release (MAJOR.MINOR series) that wrote each format, oldest first.
+INVITATION_RELEASES: Final = (("0.1", 1), ("0.2", 2))
 #: Size of the ids an invitation carries.
 _ID_SIZE: Final = 16
 #: Longest mesh directory an invitation names: every node socket in it must
@@ -53,8 +66,16 @@ _ID_SIZE: Final = 16
 MAX_DIRECTORY: Final = MAX_SOCKET_PATH
 
 
-class _InvitationRecord(msgspec.Struct, array_like=True, forbid_unknown_fields=True):
-    """An invitation as it travels: a msgpack array of these fields, in order."""
+class _InvitationHead(msgspec.Struct, array_like=True):
+    """The first field of every invitation, whatever its format."""
+
+    version: int
+
+
+class _InvitationRecord(msgspec.Struct, array_like=True):
+    """An invitation as it travels: a msgpack array of these fields, in
+    order; elements after the last are ignored (appended by a later
+    release: see ``INVITATION_FORMATS``)."""
 
     version: int
     directory: str
@@ -63,6 +84,28 @@ class _InvitationRecord(msgspec.Struct, array_like=True, forbid_unknown_fields=T
     port: bytes
     credential: bytes
     expires: float
+    #: the protocol versions the inviting node speaks
+    protocol_low: int
+    protocol_high: int
+
+
+def _format_refusal(version: int) -> str:
+    """Why an invitation of format ``version`` is not read, naming both formats."""
+    low, high = INVITATION_FORMATS
+    ours = str(high) if low == high else f"{low}\u2013{high}"
+    if version > high:
+        return (
+            f"the invitation is format {version}, this meshipc reads format {ours}: "
+            "the mesh that wrote it is newer; upgrade this client"
+        )
+    wrote = next((name for name, v in reversed(INVITATION_RELEASES) if v <= version), None)
+    after = next((name for name, v in INVITATION_RELEASES if v > version), None)
+    by = f" (written by meshipc {wrote})" if wrote else ""
+    instead = f" or use meshipc<{after} for this client" if after else ""
+    return (
+        f"the invitation is format {version}{by}, this meshipc reads format {ours}: "
+        f"the mesh that wrote it is older; upgrade it{instead}"
+    )
 
 
 class Invitation:
@@ -96,6 +139,11 @@ class Invitation:
         return self._record.expires
 
     @property
+    def protocol(self) -> Versions:
+        """The protocol versions the inviting node speaks."""
+        return Versions(self._record.protocol_low, self._record.protocol_high)
+
+    @property
     def identity(self) -> Identity:
         """The new node's credential (its private key: never shown)."""
         return self._identity
@@ -114,11 +162,14 @@ class Invitation:
         if len(data) > MAX_INVITATION:
             raise InvitationDecodeError(f"invitation of {len(data)} bytes exceeds {MAX_INVITATION}")
         try:
+            head = msgspec.msgpack.decode(data, type=_InvitationHead)
+            if not INVITATION_FORMATS[0] <= head.version <= INVITATION_FORMATS[1]:
+                raise InvitationDecodeError(_format_refusal(head.version))
             w = msgspec.msgpack.decode(data, type=_InvitationRecord)
         except (ValueError, RecursionError) as exc:  # msgspec's errors, and bad UTF-8 in a str
             raise InvitationDecodeError(f"not a meshipc invitation: {exc}") from None
-        if w.version != _INVITATION_VERSION:
-            raise InvitationDecodeError(f"unsupported invitation version {w.version}")
+        if not 1 <= w.protocol_low <= w.protocol_high <= MAX_VERSION:
+            raise InvitationDecodeError("the invitation's protocol versions are not a range")
         if not math.isfinite(w.expires):
             raise InvitationDecodeError("invitation expiry is not a finite time")
         if (
@@ -183,6 +234,8 @@ class Inviter:
                 packed,
                 identity.to_bytes(),
                 time.time() + ttl,
+                node.versions.low,
+                node.versions.high,
             ),
             identity,
         )

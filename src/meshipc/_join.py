@@ -35,11 +35,12 @@ from ._errors import (
     JoinError,
     JoinTimeout,
     MeshError,
+    VersionMismatch,
 )
-from ._handshake import V_DUPLICATE, Identity
+from ._handshake import V_DUPLICATE, Identity, Versions, version_mismatch
 from ._invitation import FRAME, MAX_INVITATION, Invitation
 from ._names import check_private_dir, listener_path, node_path, not_running_reason, runtime_location
-from ._node import HANDSHAKE_TIMEOUT, ClosedEarly, Node
+from ._node import HANDSHAKE_TIMEOUT, ClosedEarly, Node, advertised_versions
 from ._platform import PLATFORM
 from ._ports import DEFAULT_LIMITS, Limits
 from ._sockets import Backoff, PeerCred, StreamEnded, connect_unix, recv_exact
@@ -187,9 +188,14 @@ async def attach(
     expiry or if the inviting node refuses it (used or expired),
     ``JoinTimeout`` past ``deadline``, ``AuthenticationError`` if the
     inviting node rejects our credential or cannot prove its own,
-    ``JoinError`` if the node cannot be made or the inviting node reached."""
+    ``JoinError`` if the node cannot be made or the inviting node reached,
+    ``VersionMismatch`` if it speaks no protocol version this process does
+    (checked before connecting)."""
     if not invitation.expires >= time.time():  # also refuses NaN
         raise InvitationExpired("the invitation has expired")
+    ours = advertised_versions()
+    if ours.choose(invitation.protocol) is None:
+        raise _client_view(ours, invitation.protocol)
     try:
         node = node_from_credential(invitation.directory, invitation.identity, limits)
     except (OSError, MeshError) as exc:
@@ -220,6 +226,8 @@ async def _reach_inviter(
             )
         except ClosedEarly as exc:  # shed again and again, until we gave up
             raise JoinError(f"the inviting node {inviter_path} kept dropping the connection: {exc}") from None
+        except VersionMismatch as exc:  # the invitation named versions the node does not speak
+            raise _client_view(Versions(*exc.ours), Versions(*exc.theirs)) from None
         except HandshakeError as exc:
             raise AuthenticationError(f"the inviting node rejected us: {exc}") from None
         except OSError as exc:
@@ -231,6 +239,11 @@ async def _reach_inviter(
     if verdict == V_DUPLICATE:
         raise InvitationExpired("the inviting node refused us: invitation used or expired")
     return Port._wrap([node.import_port(inviter, invitation.port_descriptor)])
+
+
+def _client_view(ours: Versions, theirs: Versions) -> VersionMismatch:
+    """The refusal of a service that speaks ``theirs``, as this client says it."""
+    return version_mismatch(ours, theirs, "this client", "the service")
 
 
 async def take_invitation(

@@ -31,12 +31,14 @@ from ._handshake import (
     CHALLENGE_LEN,
     HELLO_LEN,
     PROOF_LEN,
+    SUPPORTED,
     V_ACCEPT,
     V_DENIED,
     V_DUPLICATE,
     VERDICT_LEN,
     Certificate,
     Identity,
+    Versions,
     build_challenge,
     build_hello,
     build_verdict,
@@ -48,6 +50,7 @@ from ._handshake import (
     parse_challenge,
     parse_hello,
     parse_verdict,
+    parse_versions,
 )
 from ._ids import NodeId
 from ._names import node_path, remove_dead_socket
@@ -95,6 +98,23 @@ CLOSE_LINGER: Final = 5.0
 CLOSE_POLL: Final = 0.005
 #: Characters of a refusal reason that make its kind, for rate-limited logging.
 REFUSAL_KIND_LEN: Final = 40
+#: Test hook, read when a node starts: the protocol versions it advertises
+#: ("N" or "LOW-HIGH") instead of the release's own (``SUPPORTED``), so
+#: tests can pin two processes to different ranges. Not for production: a
+#: node still speaks this release's protocol whatever version it names.
+TEST_PROTOCOL_ENV: Final = "MESHIPC_TEST_PROTOCOL"
+
+
+def advertised_versions() -> Versions:
+    """The protocol versions a node of this process offers: the release's,
+    or the ``MESHIPC_TEST_PROTOCOL`` test hook's (``ValueError`` if malformed)."""
+    hook = os.environ.get(TEST_PROTOCOL_ENV)
+    if not hook:
+        return SUPPORTED
+    try:
+        return parse_versions(hook)
+    except ValueError as exc:
+        raise ValueError(f"${TEST_PROTOCOL_ENV}: {exc}") from None
 
 
 class ClosedEarly(HandshakeError):
@@ -177,6 +197,8 @@ class Node:
         self.directory = Path(directory)
         self.identity = identity
         self.allowed_uids = set(allowed_uids) if allowed_uids is not None else {os.getuid()}
+        #: the protocol versions this node offers (``advertised_versions``)
+        self.versions = advertised_versions()
         self.engine = Engine(self.id, outbox=self, codec=codec, limits=limits)
         # handles used from other threads hand their sends to this loop
         self.engine.thread = threading.get_ident()
@@ -200,6 +222,8 @@ class Node:
         self.rejected = 0  # connections refused (bad credential, uid, garbage)
         self.attached = 0  # invited nodes that joined
         self._invited: dict[bytes, asyncio.TimerHandle] = {}
+        # futures told why a peer died (``when_gone``), one per watcher
+        self._watchers: dict[bytes, list[asyncio.Future[str]]] = {}
 
     @property
     def links(self) -> Mapping[bytes, Link]:
@@ -221,6 +245,20 @@ class Node:
             links=tuple(link.stats() for link in self._links.values()),
             closed=self.closed,
         )
+
+    def when_gone(self, peer: bytes) -> asyncio.Future[str]:
+        """A future that gets the reason once node ``peer`` is known dead
+        (at once if it is): its link broke, or it cannot be reached. Cancel
+        it to stop watching; it never completes once this node is closed."""
+        fut: asyncio.Future[str] = self.loop.create_future()
+        reason = self._dead.get(peer)
+        if reason is not None:
+            fut.set_result(reason)
+        else:
+            watchers = self._watchers.setdefault(peer, [])
+            watchers[:] = [f for f in watchers if not f.done()]
+            watchers.append(fut)
+        return fut
 
     def peer_certificate(self, peer: bytes) -> Certificate | None:
         """The certificate node ``peer`` proved when its link was made (its
@@ -366,7 +404,7 @@ class Node:
     def _on_event(self, src: bytes, ev: Event, fds: list[Any]) -> None:
         self.engine.receive(src, ev, fds)
 
-    def _established(self, sock: socket.socket, cert: Certificate) -> None:
+    def _established(self, sock: socket.socket, cert: Certificate, version: int) -> None:
         peer = cert.node
         link = Link(
             self.loop,
@@ -379,6 +417,7 @@ class Node:
             self._reads,
             body_root=self.directory.parent,
         )
+        link.protocol = version
         self._links[peer] = link
         self._peers[peer] = cert
         self._settle(peer)
@@ -417,6 +456,9 @@ class Node:
         while len(self._dead) > MAX_DEAD_NODES:
             self._dead.popitem(last=False)
         self._settle(peer)
+        for fut in self._watchers.pop(peer, ()):
+            if not fut.done():
+                fut.set_result(reason)
         for _, fds in self._queued.pop(peer, []):
             for f in fds:
                 f.close()
@@ -464,19 +506,20 @@ class Node:
                 if self._acceptor is not None:
                     self._acceptor.heard(sock)  # mid-handshake now: never evicted as silent
                 hello = parse_hello(data)
-                status = hello_status(hello)
                 nonce = new_nonce()
-                await loop.sock_sendall(sock, build_challenge(status, nonce))
-                check_status(hello, status)
+                status = hello_status(hello, self.versions)
+                version = self.versions.choose(hello.versions) or self.versions.high
+                await loop.sock_sendall(sock, build_challenge(status, nonce, version, self.versions))
+                check_status(hello, status, self.versions)
                 auth = parse_auth(await _recv_handshake(loop, sock, AUTH_LEN))
                 try:
-                    cert = self.identity.check_auth(hello, nonce, auth, expect)
+                    cert = self.identity.check_auth(hello, nonce, auth, expect, version=version)
                 except HandshakeError:
                     await loop.sock_sendall(sock, build_verdict(V_DENIED))
                     raise
                 peer = cert.node
                 verdict = self._verdict_for(peer, me)
-                proof = self.identity.build_proof(verdict, hello, nonce, peer)
+                proof = self.identity.build_proof(verdict, hello, nonce, peer, version)
                 await loop.sock_sendall(sock, build_verdict(verdict) + proof)
                 if verdict != V_ACCEPT:
                     log.info(
@@ -511,7 +554,7 @@ class Node:
         finally:
             if expect is not None and self._connecting.get(expect) is me:
                 del self._connecting[expect]
-        self._established(sock, cert)
+        self._established(sock, cert, version)
 
     def expect_invited(self, node: bytes, ttl: float) -> None:
         """Node ``node`` was invited: if it has not joined within ``ttl``
@@ -619,9 +662,10 @@ class Node:
             async with asyncio.timeout(HANDSHAKE_TIMEOUT):
                 if own:
                     await connect_unix(loop, sock, os.fspath(node_path(self.directory, peer)))
-                hello = new_hello()
+                hello = new_hello(self.versions)
                 await loop.sock_sendall(sock, build_hello(hello))
-                challenge = parse_challenge(await _recv_handshake(loop, sock, CHALLENGE_LEN), peer)
+                data = await _recv_handshake(loop, sock, CHALLENGE_LEN)
+                challenge = parse_challenge(data, peer, self.versions)
                 await loop.sock_sendall(sock, self.identity.build_auth(hello, challenge, peer))
                 verdict = parse_verdict(await _recv_handshake(loop, sock, VERDICT_LEN), peer)
                 proof = await _recv_handshake(loop, sock, PROOF_LEN)
@@ -630,7 +674,7 @@ class Node:
             sock.close()
             raise
         if verdict == V_ACCEPT and peer not in self._links:
-            self._established(sock, cert)
+            self._established(sock, cert, challenge.version)
             return V_ACCEPT
         # told "duplicate", or lost a race we could not see coming
         sock.close()

@@ -170,6 +170,9 @@ class LinkStats:
     #: bytes of out-of-band bodies made and not written yet (``MAX_OOB_IN_FLIGHT``)
     oob_queued: int
     closed: bool
+    #: the protocol version the handshake chose for this link (the highest
+    #: both nodes speak; docs/compatibility.md)
+    protocol: int = 0
 
 
 class Link:
@@ -219,6 +222,8 @@ class Link:
         self._lose_after: str | None = None  # the link is lost once the body being read is delivered
         self.oob_queued = 0  # bytes of out-of-band bodies made and not yet written
         self.closed = False
+        #: the protocol version the handshake chose (set by the node)
+        self.protocol = 0
         self.frames_out = 0
         self.bytes_in = 0
         self.writes = 0  # send/sendmsg calls: coalescing keeps this far below frames_out
@@ -252,6 +257,7 @@ class Link:
             backlog=self.backlog,
             oob_queued=self.oob_queued,
             closed=self.closed,
+            protocol=self.protocol,
         )
 
     def write_event(self, ev: Event, fds: list[Any]) -> None:

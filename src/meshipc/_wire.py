@@ -56,8 +56,16 @@ MAX_REASON: Final = 1024
 MAX_REORDER: Final = 65536
 
 #: 2: CONSUMED (flow-control credit), final message kinds. 3: the node
-#: handshake proves certificates the mesh's root issued (``_handshake``).
+#: handshake proves certificates the mesh's root issued (``_handshake``) and
+#: negotiates a version from each side's range. The highest version this
+#: release speaks (docs/compatibility.md says when a new one is needed).
 PROTOCOL_VERSION: Final = 3
+#: The lowest protocol version this release speaks: two nodes link at the
+#: highest version both speak, none if their ranges do not meet.
+PROTOCOL_MIN: Final = 3
+#: The releases (MAJOR.MINOR series) and the protocol versions each speaks
+#: (lowest, highest), oldest first: a refusal names the release to use.
+PROTOCOL_RELEASES: Final = (("0.1", 2, 2), ("0.2", PROTOCOL_MIN, PROTOCOL_VERSION))
 
 # --- frame types ---
 T_MSG: Final = 1

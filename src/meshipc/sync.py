@@ -199,8 +199,18 @@ class SyncConnection:
         self._portal = portal
         self._cm = cm
         self._conn = conn
-        self.port = SyncPort(portal, conn.port)
         self._lock = threading.Lock()
+
+    @property
+    def port(self) -> SyncPort:
+        """The connection's first port (the new attachment's after a reconnect)."""
+        return SyncPort(self._portal, self._conn.port)
+
+    @property
+    def reconnects(self) -> int:
+        """Times this connection attached again after the service went away
+        (``connect(name, reconnect=True)``)."""
+        return self._conn.reconnects
 
     @property
     def node_id(self) -> Any:
@@ -242,8 +252,10 @@ class SyncConnection:
 
 def connect(name_or_path: str | os.PathLike[str], **options: Any) -> SyncConnection:
     """Attach to a running mesh without ``async``: the same arguments as
-    ``meshipc.connect`` (``runtime_dir=``, ``expected_uid=`` …), and raises
-    what it raises."""
+    ``meshipc.connect`` (``runtime_dir=``, ``expected_uid=``,
+    ``reconnect=`` …), and raises what it raises (after the service went
+    away, each call raises ``NodeFailure``, or with ``reconnect=True``
+    attaches again first: see ``meshipc.connect``)."""
     portal = Portal()
     try:
         cm = _aconnect(name_or_path, **options)
