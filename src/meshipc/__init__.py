@@ -15,6 +15,7 @@ if TYPE_CHECKING:
 
     from . import sync
     from ._attach import Attaching, Attachment, connect, join
+    from ._carrier import Carrier, RemoteProcess, command, ssh
     from ._channel import Call, ChannelStatistics, Port, Receiver, Rpc, Sender, channel
     from ._control_msgs import ControlLimits, ControlStatistics
     from ._errors import (
@@ -122,6 +123,10 @@ _LAZY: dict[str, tuple[str, str]] = {
     "ChannelStatistics": ("._channel", "ChannelStatistics"),
     "Process": ("._process", "Process"),
     "PeerCred": ("._sockets", "PeerCred"),
+    "Carrier": ("._carrier", "Carrier"),
+    "RemoteProcess": ("._carrier", "RemoteProcess"),
+    "command": ("._carrier", "command"),
+    "ssh": ("._carrier", "ssh"),
 }
 
 __version__ = "0.1.0"
@@ -184,6 +189,10 @@ __all__ = (
     "ServiceNameInUse",
     "ServiceNotFound",
     "ServiceSender",
+    "Carrier",
+    "RemoteProcess",
+    "command",
+    "ssh",
 )
 
 

@@ -24,8 +24,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Generator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, ClassVar, Final
+from typing import TYPE_CHECKING, Any, ClassVar, Final, overload
 
+from ._carrier import Carrier, RemoteProcess, spawn_via
 from ._control import Control, ControlPlane
 from ._control_msgs import DEFAULT_CONTROL_LIMITS, ControlLimits, ControlStatistics, WorkerStatus
 from ._errors import MeshError
@@ -182,7 +183,7 @@ class Mesh(ControlPlane):
         self._runtime_dir = runtime_dir
         self._node: Node = None  # type: ignore[assignment]  # set on enter
         self._owns_directory = False
-        self._children: list[Process] = []
+        self._children: list[Process | RemoteProcess] = []
         self._closed = False
         self._entered = False
         self._terminated = False  # closed because of SIGTERM
@@ -380,9 +381,31 @@ class Mesh(ControlPlane):
         self._check_root()
         return Inviter(self._node, self._admit, INVITATION_TTL if ttl is None else ttl)
 
+    @overload
     async def spawn(
         self, target: str | Callable[..., Awaitable[Any]], arg: Any = None, *, name: str | None = None
-    ) -> Process:
+    ) -> Process: ...
+    @overload
+    async def spawn(
+        self, target: str | Callable[..., Awaitable[Any]], arg: Any = None, *, name: str | None = None, via: Carrier
+    ) -> RemoteProcess: ...
+    @overload
+    async def spawn(
+        self,
+        target: str | Callable[..., Awaitable[Any]],
+        arg: Any = None,
+        *,
+        name: str | None = None,
+        via: Carrier | None = None,
+    ) -> Process | RemoteProcess: ...
+    async def spawn(
+        self,
+        target: str | Callable[..., Awaitable[Any]],
+        arg: Any = None,
+        *,
+        name: str | None = None,
+        via: Carrier | None = None,
+    ) -> Process | RemoteProcess:
         """Start a worker process running ``async def function(arg)``: pass
         the function itself (defined at the top level of a module, or of the
         script you run: the worker loads it as ``__mp_main__``, like
@@ -401,10 +424,23 @@ class Mesh(ControlPlane):
         link to this process broke exits with status 3. Only the mesh's
         first node issues node identities: a worker asks it for its child's;
         an attached client cannot spawn (``MeshError``). Listening and
-        inviting are the first node's alone."""
+        inviting are the first node's alone.
+
+        With ``via=carrier`` (``meshipc.command``, ``meshipc.ssh``) the
+        worker runs in a mesh of its own at the far end of the carrier
+        (usually another host), joined to this one by a boundary link: its
+        ports in ``arg`` work across, the result is a ``RemoteProcess``
+        (``wait``, ``kill``, ``exitcode``), ``SpawnError`` carries the far
+        traceback or the carrier's last stderr lines, and an ``Fd`` in
+        ``arg`` raises ``MessageError`` (no descriptor crosses). Any node
+        may spawn this way (no identity of this mesh is issued)."""
         if self._closed:
             raise MeshError("the mesh is closed")
-        proc = await spawn(self._node, self._admit_worker, self.limits, target, arg, name)
+        proc: Process | RemoteProcess
+        if via is not None:
+            proc = await spawn_via(via, self._node, target, arg, name)
+        else:
+            proc = await spawn(self._node, self._admit_worker, self.limits, target, arg, name)
         # one of ours from now on (closing the mesh stops it even while it
         # starts); a long-lived mesh spawning many workers keeps only the
         # running ones
@@ -417,7 +453,7 @@ class Mesh(ControlPlane):
         if self._authority is None:
             raise MeshError(NOT_ROOT)
 
-    def _forget_child(self, proc: Process) -> None:
+    def _forget_child(self, proc: Process | RemoteProcess) -> None:
         if proc in self._children:
             self._children.remove(proc)
 

@@ -372,6 +372,17 @@ def _is_error(status: Any, tag: str) -> bool:
     return isinstance(status, list) and len(status) == 4 and status[0] == tag
 
 
+def check_target(target: str | Callable[..., Any], name: str | None) -> tuple[str, str]:
+    """``target`` as a string (see ``target_of``) and the worker's name
+    (``name``, else the function's). Raises ``ValueError`` for a malformed
+    target (and what ``target_of`` raises)."""
+    if not isinstance(target, str):
+        target = target_of(target)
+    if not _TARGET.match(target):
+        raise ValueError(f"target must look like 'package.module:function', got {target!r}")
+    return target, name or target.rsplit(":", 1)[1]
+
+
 async def spawn(
     node: Node,
     credential: Callable[[], Awaitable[Identity]],
@@ -384,11 +395,7 @@ async def spawn(
     ``"package.module:function"``; see ``target_of``) as a new node joined
     to ``node``, with the credential ``credential()`` issues and ``limits``
     on its ports; ``arg`` goes first on its bootstrap port."""
-    if not isinstance(target, str):
-        target = target_of(target)
-    if not _TARGET.match(target):
-        raise ValueError(f"target must look like 'package.module:function', got {target!r}")
-    name = name or target.rsplit(":", 1)[1]
+    target, name = check_target(target, name)
     identity = await credential()
     parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     pipe = PLATFORM.parent_pipe()
