@@ -200,14 +200,16 @@ class StderrLines:
                 del buf[: i + 1]
             if len(buf) > MAX_LOG_LINE:
                 if not dropping:
-                    self._emit(bytes(buf[:MAX_LOG_LINE]) + " [cut]".encode())
+                    self._emit(bytes(buf))
                 dropping = True
                 buf.clear()
         if buf and not dropping:
             self._emit(bytes(buf))
 
     def _emit(self, raw: bytes) -> None:
-        text = raw.decode("utf-8", "replace").rstrip("\r")
+        text = raw[:MAX_LOG_LINE].decode("utf-8", "replace").rstrip("\r")
+        if len(raw) > MAX_LOG_LINE:
+            text += " [cut]"
         self.tail.append(text)
         word = text.split(" ", 1)[0]
         remote_log.log(_LEVELS.get(word, logging.WARNING), "[%s] %s", self.label, text)

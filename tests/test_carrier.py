@@ -1,0 +1,217 @@
+"""The command carrier (``meshipc.command``, ``python -m meshipc.remote``,
+``Mesh.spawn(..., via=)``) with real processes: the far side runs in
+``unshare -Urn`` (its own user and network namespace, no network at all, and
+its own runtime folder), so nothing but the carrier's stdio can join the two
+meshes. Worker functions are in ``carrier_workers.py``."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from relutil import private_dir, wait_until, within
+
+import meshipc
+from meshipc import Fd, Mesh, MessageError, Port, RemoteError, SpawnError
+from meshipc._carrier import MAX_LOG_LINE, Carrier, SpawnRequest, StderrLines, Started
+from meshipc._tasks import TaskSet
+
+TESTS = Path(__file__).resolve().parent
+SRC = Path(meshipc.__file__).resolve().parent.parent
+
+
+def _unshare_refused() -> str | None:
+    if shutil.which("unshare") is None:
+        return "no unshare(1) on this machine"
+    got = subprocess.run(["unshare", "-Urn", "true"], capture_output=True, text=True)
+    if got.returncode != 0:
+        return f"unshare -Urn is refused here: {got.stderr.strip()[:200]}"
+    return None
+
+
+REFUSED = _unshare_refused()
+needs_unshare = pytest.mark.skipif(REFUSED is not None, reason=REFUSED or "")
+
+
+@pytest.fixture
+def far_dir() -> Iterator[Path]:
+    """The far mesh's runtime folder: not the near one's."""
+    with private_dir("far") as d:
+        yield d
+
+
+def isolated(far_dir: Path, *unshare_flags: str) -> Carrier:
+    """A carrier into ``unshare -Urn``: no network, another runtime folder."""
+    return meshipc.command(
+        [
+            "env",
+            f"PYTHONPATH={SRC}{os.pathsep}{TESTS}",
+            f"MESHIPC_RUNTIME_DIR={far_dir}",
+            "unshare",
+            "-Urn",
+            *unshare_flags,
+            sys.executable,
+            "-m",
+            "meshipc.remote",
+        ],
+        label="command:isolated",
+    )
+
+
+# ------------------------------------------------------------------ carriers, no process
+
+
+def test_ssh_builds_a_batch_command_that_quotes_python() -> None:
+    c = meshipc.ssh("me@gpu1", python="'/opt/my venv/bin/python' -X dev", options=["-p", "2222"])
+    assert c.label == "ssh:me@gpu1"
+    assert c.argv[:5] == ("ssh", "-T", "-o", "BatchMode=yes", "-o")
+    i = c.argv.index("me@gpu1")
+    assert c.argv[i - 2 : i] == ("-p", "2222")
+    # each word of python quoted for the far shell: nothing in it is shell syntax
+    assert c.argv[i + 1 :] == ("'/opt/my venv/bin/python'", "-X", "dev", "-m", "meshipc.remote")
+    assert "'python3;'" in meshipc.ssh("h", python="python3; rm -rf /").argv
+
+
+@pytest.mark.parametrize("dest", ["-oProxyCommand=sh", "", "a b"])
+def test_ssh_refuses_a_destination_that_reads_as_an_option(dest: str) -> None:
+    with pytest.raises(ValueError, match="destination"):
+        meshipc.ssh(dest)
+
+
+@pytest.mark.parametrize("argv", ["python -m meshipc.remote", [], [b"python"]])
+def test_command_takes_a_list_of_strings(argv: Any) -> None:
+    with pytest.raises(TypeError, match="list of strings"):
+        meshipc.command(argv)
+
+
+def test_records_are_capped_before_use() -> None:
+    import msgspec
+
+    dec = msgspec.msgpack.Decoder(SpawnRequest)
+    with pytest.raises(msgspec.ValidationError, match="length"):
+        dec.decode(msgspec.msgpack.encode({"type": "spawn", "target": "m:" + "f" * 5000, "name": "x"}))
+    with pytest.raises(msgspec.ValidationError, match="unknown field"):
+        dec.decode(msgspec.msgpack.encode({"type": "spawn", "target": "m:f", "name": "x", "more": 1}))
+    assert msgspec.msgpack.decode(msgspec.msgpack.encode(Started(7, "0.1.0")), type=Started).pid == 7
+
+
+async def test_far_stderr_is_reemitted_per_line_with_long_lines_cut(caplog: pytest.LogCaptureFixture) -> None:
+    reader = asyncio.StreamReader()
+    reader.feed_data(b"INFO meshipc: hello\nplain " + b"x" * (3 * MAX_LOG_LINE) + b"\nERROR a: b\nlast")
+    reader.feed_eof()
+    with caplog.at_level(logging.DEBUG, logger="meshipc.remote"):
+        lines = StderrLines(reader, "command:t", TaskSet(asyncio.get_running_loop()))
+        await within(lines.done)
+    got = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "meshipc.remote"]
+    assert [lvl for lvl, _ in got] == ["INFO", "WARNING", "ERROR", "WARNING"]
+    assert got[0][1] == "[command:t] INFO meshipc: hello"
+    assert len(got[1][1]) < MAX_LOG_LINE + 40 and got[1][1].endswith("[cut]")
+    assert lines.last().splitlines()[-1] == "last"
+
+
+# ------------------------------------------------------------------ spawn, start, exit
+
+
+@needs_unshare
+async def test_spawn_runs_in_an_isolated_far_mesh_and_stops(
+    runtime_dir: Path, far_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with Mesh(runtime_dir=runtime_dir) as mesh:
+        with caplog.at_level(logging.WARNING, logger="meshipc.remote"):
+            proc = await within(mesh.spawn("carrier_workers:idle", 7, via=isolated(far_dir)))
+            assert isinstance(proc, meshipc.RemoteProcess) and proc.remote_version == meshipc.__version__
+            assert proc.remote_pid == proc.pid  # unshare execs: the carrier is the far process
+            assert mesh.stats().workers == 1
+            # the far print went to stderr (not into the link) and was re-emitted here
+            await wait_until(
+                lambda: any("[command:isolated] a stray print on the far side 7" in r.getMessage() for r in caplog.records),
+                "the far print re-emitted",
+            )
+        # its mesh lives in its own runtime folder, not ours
+        assert any(far_dir.iterdir()) and not any(p.name.startswith("mesh-") and p != mesh.directory for p in runtime_dir.iterdir())
+        proc.terminate()
+        assert await within(proc.wait()) == 0 and proc.exitcode == 0
+        await wait_until(lambda: not any(far_dir.iterdir()), "the far mesh removed its folder")
+
+
+@needs_unshare
+async def test_closing_the_mesh_stops_remote_workers(runtime_dir: Path, far_dir: Path) -> None:
+    async with Mesh(runtime_dir=runtime_dir) as mesh:
+        proc = await within(mesh.spawn("carrier_workers:idle", None, via=isolated(far_dir)))
+    assert proc.returncode == 0
+
+
+@needs_unshare
+async def test_a_missing_function_is_a_spawn_error_with_the_far_traceback(runtime_dir: Path, far_dir: Path) -> None:
+    async with Mesh(runtime_dir=runtime_dir) as mesh:
+        with pytest.raises(SpawnError, match="has no function 'nope'") as info:
+            await within(mesh.spawn("carrier_workers:nope", None, via=isolated(far_dir)))
+        assert "Traceback" in info.value.traceback and "_find" in info.value.traceback
+        assert mesh.stats().workers == 0
+
+
+@needs_unshare
+async def test_a_failing_function_is_exit_1_and_its_error(runtime_dir: Path, far_dir: Path) -> None:
+    async with Mesh(runtime_dir=runtime_dir) as mesh:
+        proc = await within(mesh.spawn("carrier_workers:fails", 5, via=isolated(far_dir)))
+        assert await within(proc.wait()) == 1
+        assert isinstance(proc.error, RemoteError) and isinstance(proc.error, ValueError)
+        assert "far failure 5" in str(proc.error) and "carrier_workers.py" in proc.error.traceback
+
+
+async def test_a_command_that_is_not_meshipc_is_refused_with_its_stderr(runtime_dir: Path) -> None:
+    bad = meshipc.command([sys.executable, "-c", "import sys; print('no meshipc here', file=sys.stderr); sys.exit(4)"])
+    async with Mesh(runtime_dir=runtime_dir) as mesh:
+        with pytest.raises(SpawnError, match=r"(?s)exited with code 4.*no meshipc here"):
+            await within(mesh.spawn("carrier_workers:idle", None, via=bad))
+        # one that speaks garbage on stdout is refused too, and the node keeps running
+        noisy = meshipc.command([sys.executable, "-c", "print('hello, I am not a link'); import time; time.sleep(30)"])
+        with pytest.raises(SpawnError, match="command:python"):
+            await within(mesh.spawn("carrier_workers:idle", None, via=noisy))
+        assert mesh.stats().workers == 0
+
+
+async def test_a_missing_program_is_a_spawn_error(runtime_dir: Path) -> None:
+    async with Mesh(runtime_dir=runtime_dir) as mesh:
+        with pytest.raises(SpawnError, match="cannot run the carrier command:no-such-program"):
+            await mesh.spawn("carrier_workers:idle", None, via=meshipc.command(["no-such-program"]))
+
+
+async def test_an_fd_in_the_argument_is_refused_before_anything_starts(runtime_dir: Path) -> None:
+    r, w = os.pipe()
+    os.close(w)
+    with Fd(r) as fd:
+        async with Mesh(runtime_dir=runtime_dir) as mesh:
+            with pytest.raises(MessageError, match="cannot cross the carrier command:no-such-program"):
+                # the program does not exist: reaching it would raise SpawnError instead
+                await mesh.spawn("carrier_workers:idle", {"fd": fd}, via=meshipc.command(["no-such-program"]))
+
+
+@needs_unshare
+async def test_the_far_side_exits_when_its_carrier_dies(runtime_dir: Path, far_dir: Path) -> None:
+    # unshare --fork: the carrier is a process of its own, the far python its child
+    async with Mesh(runtime_dir=runtime_dir) as mesh:
+        proc = await within(mesh.spawn("carrier_workers:idle", None, via=isolated(far_dir, "--fork")))
+        assert proc.remote_pid is not None and proc.remote_pid != proc.pid
+        far = proc.remote_pid
+        os.kill(proc.pid, 9)
+        assert await within(proc.wait()) == -9
+        # its stdin closed: the orphaned far process leaves (and removes its mesh)
+        await wait_until(lambda: not os.path.exists(f"/proc/{far}") or _zombie(far), "the far process to exit")
+        await wait_until(lambda: not any(far_dir.iterdir()), "the far mesh removed its folder")
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
