@@ -62,7 +62,8 @@ MAX_LOG_LINE: Final = 4096
 #: Far stderr lines kept for a ``SpawnError`` (the last ones).
 TAIL_LINES: Final = 20
 #: Seconds the carrier command gets to exit by itself once the link ended
-#: cleanly (a GOODBYE) before it is killed.
+#: (the far side's GOODBYE, its stream closed, its heartbeats lost) before
+#: it is killed.
 CLOSE_GRACE: Final = 5.0
 
 _Text = Annotated[str, msgspec.Meta(max_length=MAX_TEXT)]
@@ -299,13 +300,11 @@ class RemoteProcess:
             log.error("remote worker %s (%s) failed: %s\n%s", self.name, self.label, self.error, answer.traceback)
 
     async def _watch_link(self) -> None:
-        cause = await self._gateway.wait_closed()
-        if self.returncode is not None:
-            return
-        if cause is not None:
-            log.warning("remote worker %s: the link %s ended: %s", self.name, self.label, cause)
-            self.kill()  # nothing more can cross it: the far side is gone or unreachable
-        else:
+        await self._gateway.wait_closed()
+        if self.returncode is None:
+            # nothing more can cross: the far side is leaving (its GOODBYE),
+            # gone, or unreachable; it gets a moment to exit cleanly (and
+            # remove its mesh), then the carrier is killed
             asyncio.get_running_loop().call_later(CLOSE_GRACE, self.kill)
 
     async def _watch_exit(self) -> None:
