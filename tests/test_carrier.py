@@ -17,12 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from relutil import private_dir, wait_until, within
 
 import meshipc
-from meshipc import Fd, Mesh, MessageError, Port, RemoteError, SpawnError
-from meshipc._carrier import MAX_LOG_LINE, Carrier, SpawnRequest, StderrLines, Started
+from meshipc import Fd, Mesh, MessageError, RemoteError, SpawnError
+from meshipc._carrier import MAX_LOG_LINE, Carrier, SpawnRequest, Started, StderrLines
 from meshipc._tasks import TaskSet
+from relutil import private_dir, wait_until, within
 
 TESTS = Path(__file__).resolve().parent
 SRC = Path(meshipc.__file__).resolve().parent.parent
@@ -132,11 +132,16 @@ async def test_spawn_runs_in_an_isolated_far_mesh_and_stops(
             assert mesh.stats().workers == 1
             # the far print went to stderr (not into the link) and was re-emitted here
             await wait_until(
-                lambda: any("[command:isolated] a stray print on the far side 7" in r.getMessage() for r in caplog.records),
+                lambda: any(
+                    "[command:isolated] a stray print on the far side 7" in r.getMessage()
+                    for r in caplog.records
+                ),
                 "the far print re-emitted",
             )
         # its mesh lives in its own runtime folder, not ours
-        assert any(far_dir.iterdir()) and not any(p.name.startswith("mesh-") and p != mesh.directory for p in runtime_dir.iterdir())
+        assert any(far_dir.iterdir()) and not any(
+            p.name.startswith("mesh-") and p != mesh.directory for p in runtime_dir.iterdir()
+        )
         proc.terminate()
         assert await within(proc.wait()) == 0 and proc.exitcode == 0
         await wait_until(lambda: not any(far_dir.iterdir()), "the far mesh removed its folder")
@@ -150,7 +155,9 @@ async def test_closing_the_mesh_stops_remote_workers(runtime_dir: Path, far_dir:
 
 
 @needs_unshare
-async def test_a_missing_function_is_a_spawn_error_with_the_far_traceback(runtime_dir: Path, far_dir: Path) -> None:
+async def test_a_missing_function_is_a_spawn_error_with_the_far_traceback(
+    runtime_dir: Path, far_dir: Path
+) -> None:
     async with Mesh(runtime_dir=runtime_dir) as mesh:
         with pytest.raises(SpawnError, match="has no function 'nope'") as info:
             await within(mesh.spawn("carrier_workers:nope", None, via=isolated(far_dir)))
@@ -168,12 +175,16 @@ async def test_a_failing_function_is_exit_1_and_its_error(runtime_dir: Path, far
 
 
 async def test_a_command_that_is_not_meshipc_is_refused_with_its_stderr(runtime_dir: Path) -> None:
-    bad = meshipc.command([sys.executable, "-c", "import sys; print('no meshipc here', file=sys.stderr); sys.exit(4)"])
+    bad = meshipc.command(
+        [sys.executable, "-c", "import sys; print('no meshipc here', file=sys.stderr); sys.exit(4)"]
+    )
     async with Mesh(runtime_dir=runtime_dir) as mesh:
         with pytest.raises(SpawnError, match=r"(?s)exited with code 4.*no meshipc here"):
             await within(mesh.spawn("carrier_workers:idle", None, via=bad))
         # one that speaks garbage on stdout is refused too, and the node keeps running
-        noisy = meshipc.command([sys.executable, "-c", "print('hello, I am not a link'); import time; time.sleep(30)"])
+        noisy = meshipc.command(
+            [sys.executable, "-c", "print('hello, I am not a link'); import time; time.sleep(30)"]
+        )
         with pytest.raises(SpawnError, match="command:python"):
             await within(mesh.spawn("carrier_workers:idle", None, via=noisy))
         assert mesh.stats().workers == 0
@@ -205,7 +216,9 @@ async def test_the_far_side_exits_when_its_carrier_dies(runtime_dir: Path, far_d
         os.kill(proc.pid, 9)
         assert await within(proc.wait()) == -9
         # its stdin closed: the orphaned far process leaves (and removes its mesh)
-        await wait_until(lambda: not os.path.exists(f"/proc/{far}") or _zombie(far), "the far process to exit")
+        await wait_until(
+            lambda: not os.path.exists(f"/proc/{far}") or _zombie(far), "the far process to exit"
+        )
         await wait_until(lambda: not any(far_dir.iterdir()), "the far mesh removed its folder")
 
 

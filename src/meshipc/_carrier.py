@@ -161,7 +161,9 @@ def ssh(destination: str, *, python: str = "python3", options: Iterable[str] = (
     key]``). Raises ``ValueError`` for a destination that would read as an
     option (it starts with ``-``) or is empty, and for an empty ``python``."""
     if not destination or destination.startswith("-") or any(c.isspace() for c in destination):
-        raise ValueError(f"ssh destination must be [user@]host without spaces or a leading '-', got {destination!r}")
+        raise ValueError(
+            f"ssh destination must be [user@]host without spaces or a leading '-', got {destination!r}"
+        )
     words = shlex.split(python)
     if not words:
         raise ValueError("ssh needs the far host's python command, got an empty one")
@@ -297,7 +299,9 @@ class RemoteProcess:
             self._port.close()  # the far side exits once its end closes
         if isinstance(answer, Finished) and answer.exc_type:
             self.error = RemoteError(answer.exc_type, answer.message, answer.traceback)
-            log.error("remote worker %s (%s) failed: %s\n%s", self.name, self.label, self.error, answer.traceback)
+            log.error(
+                "remote worker %s (%s) failed: %s\n%s", self.name, self.label, self.error, answer.traceback
+            )
 
     async def _watch_link(self) -> None:
         await self._gateway.wait_closed()

@@ -387,7 +387,12 @@ class Mesh(ControlPlane):
     ) -> Process: ...
     @overload
     async def spawn(
-        self, target: str | Callable[..., Awaitable[Any]], arg: Any = None, *, name: str | None = None, via: Carrier
+        self,
+        target: str | Callable[..., Awaitable[Any]],
+        arg: Any = None,
+        *,
+        name: str | None = None,
+        via: Carrier,
     ) -> RemoteProcess: ...
     @overload
     async def spawn(

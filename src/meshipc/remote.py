@@ -27,7 +27,7 @@ import sys
 from typing import Any
 
 from . import __version__
-from ._carrier import MAX_TEXT, MAX_TRACEBACK, Finished, SpawnRequest, StartFailed, Started, clip
+from ._carrier import MAX_TEXT, MAX_TRACEBACK, Finished, SpawnRequest, Started, StartFailed, clip
 from ._channel import Port
 from ._child import EXIT_PARENT_LOST, _arg_type, _call, _find, _format
 from ._errors import ChannelClosed, MeshError, PortFailed, remote_type_name
@@ -62,7 +62,9 @@ async def open_stdio(link_in: int, link_out: int) -> tuple[asyncio.StreamReader,
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(link_in, "rb", 0))
-    transport, protocol = await loop.connect_write_pipe(asyncio.streams.FlowControlMixin, os.fdopen(link_out, "wb", 0))
+    transport, protocol = await loop.connect_write_pipe(
+        asyncio.streams.FlowControlMixin, os.fdopen(link_out, "wb", 0)
+    )
     return reader, asyncio.StreamWriter(transport, protocol, None, loop)
 
 
@@ -148,7 +150,9 @@ def main() -> None:
         print("meshipc.remote is started by Mesh.spawn(..., via=carrier), not by hand", file=sys.stderr)
         sys.exit(2)
     link_in, link_out = take_stdio()
-    logging.basicConfig(stream=sys.stderr, level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        stream=sys.stderr, level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     # Ctrl-C on the far terminal (if any) is not ours to act on: the
     # spawning side stops us by closing the port or the link
     signal.signal(signal.SIGINT, signal.SIG_IGN)
