@@ -15,10 +15,13 @@ if TYPE_CHECKING:
 
     from . import sync
     from ._attach import Attaching, Attachment, connect, join
+    from ._boundary import BoundaryLimits
     from ._channel import Call, ChannelStatistics, Port, Receiver, Rpc, Sender, channel
     from ._control_msgs import ControlLimits, ControlStatistics
     from ._errors import (
         AuthenticationError,
+        BoundaryProtocolError,
+        BoundaryVersionError,
         BufferFull,
         ChannelClosed,
         ConnectError,
@@ -30,6 +33,7 @@ if TYPE_CHECKING:
         InvitationTooLarge,
         JoinError,
         JoinTimeout,
+        LinkFailure,
         MeshError,
         MeshNameInUse,
         MessageError,
@@ -47,6 +51,7 @@ if TYPE_CHECKING:
         register_remote_error,
     )
     from ._fd import Fd
+    from ._gateway import Gateway, GatewayStats
     from ._ids import NodeId, PortId
     from ._invitation import Invitation, Inviter
     from ._listener import Admission, Listener
@@ -122,6 +127,12 @@ _LAZY: dict[str, tuple[str, str]] = {
     "ChannelStatistics": ("._channel", "ChannelStatistics"),
     "Process": ("._process", "Process"),
     "PeerCred": ("._sockets", "PeerCred"),
+    "BoundaryLimits": ("._boundary", "BoundaryLimits"),
+    "BoundaryProtocolError": ("._errors", "BoundaryProtocolError"),
+    "BoundaryVersionError": ("._errors", "BoundaryVersionError"),
+    "LinkFailure": ("._errors", "LinkFailure"),
+    "Gateway": ("._gateway", "Gateway"),
+    "GatewayStats": ("._gateway", "GatewayStats"),
 }
 
 __version__ = "0.1.0"
@@ -184,6 +195,12 @@ __all__ = (
     "ServiceNameInUse",
     "ServiceNotFound",
     "ServiceSender",
+    "BoundaryLimits",
+    "BoundaryProtocolError",
+    "BoundaryVersionError",
+    "LinkFailure",
+    "Gateway",
+    "GatewayStats",
 )
 
 
