@@ -78,7 +78,7 @@ async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> i
     """Run one worker for the spawning side at the other end of the link."""
     async with Mesh() as mesh:
         mine, first = Port.pair()
-        gateway = await Gateway.open(mesh._node, reader, writer, first, label=LABEL)
+        gateway = await mesh.open_gateway(reader, writer, first, label=LABEL)
         try:
             return await _run(mine, gateway)
         finally:
