@@ -10,6 +10,8 @@ import asyncio
 import os
 from typing import Any
 
+import msgspec
+
 import meshipc
 from meshipc import Call, Port, Receiver, Sender
 
@@ -47,3 +49,87 @@ async def idle(arg: Any) -> None:
     """Print to stdout (which must land on stderr), then run until stopped."""
     print("a stray print on the far side", arg)
     await asyncio.Event().wait()
+
+
+class Duplex(msgspec.Struct):
+    """Both ways at once over the boundary: ``n`` typed values in and out,
+    ``k`` calls in and out; the outcome on ``report``."""
+
+    inbound: Receiver[int]
+    outbound: Sender[int]
+    calls_in: Receiver[Call[int]]
+    calls_out: Sender[Call[int]]
+    report: Sender[Any]
+    n: int
+    k: int
+
+
+async def duplex(arg: Duplex) -> None:
+    async def read() -> int:
+        for i in range(arg.n):
+            got = await arg.inbound.recv()
+            if got != i:
+                raise AssertionError(f"value {i} arrived as {got}")
+        return arg.n
+
+    async def write() -> int:
+        for i in range(arg.n):
+            arg.outbound.send(i)
+            if i % 256 == 255:
+                await arg.outbound.drain()
+        return arg.n
+
+    async def serve() -> int:
+        served = 0
+        async for call in arg.calls_in:
+            call.reply(call.request + 1)
+            served += 1
+            if served == arg.k:
+                break
+        return served
+
+    async def call() -> int:
+        for i in range(arg.k):
+            if await arg.calls_out.call(i) != 2 * i:
+                raise AssertionError(f"call {i} got a wrong answer")
+        return arg.k
+
+    arg.report.send(await asyncio.gather(read(), write(), serve(), call()))
+
+
+async def bounce(port: Port) -> None:
+    """For each ``[receiver, count]`` on ``port``: read ``count`` values
+    from the receiver, then send ``[receiver, the values]`` back."""
+    async for rx, count in port:
+        got = [await rx.recv() for _ in range(count)]
+        port.send([rx, got])
+
+
+async def call_through(arg: dict[str, Any]) -> None:
+    """Call ``arg["tx"]`` with ``0 .. arg["n"]-1``; send the answers to ``arg["back"]``."""
+    tx: Sender[Call[Any]] = arg["tx"]
+    arg["back"].send([await tx.call(i) for i in range(arg["n"])])
+
+
+async def hold_calls(arg: dict[str, Any]) -> None:
+    """Send ``0 .. arg["n"]-1`` on ``arg["out"]``, then take calls on
+    ``arg["rx"]`` and never answer them (the test cuts the link)."""
+    out: Sender[int] = arg["out"]
+    for i in range(arg["n"]):
+        out.send(i)
+        if i % 256 == 255:
+            await out.drain()
+    held = []
+    async for call in arg["rx"]:
+        held.append(call)
+
+
+async def relay_calls(arg: dict[str, Any]) -> None:
+    """A local worker: answer each call on ``arg["rx"]`` with ``arg["to"]``'s
+    answer; a failed call fails the same way (the relay lives on)."""
+    to: Sender[Call[Any]] = arg["to"]
+    async for call in arg["rx"]:
+        try:
+            call.reply(await to.call(call.request))
+        except meshipc.RemoteError as exc:
+            call.fail(exc)
