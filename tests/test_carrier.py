@@ -397,13 +397,12 @@ async def test_a_kill_fails_every_waiting_call_and_loses_nothing_before_it(
 async def test_a_far_side_of_another_protocol_version_is_refused_naming_both(runtime_dir: Path) -> None:
     fake = (
         "import sys; from meshipc._boundary import encode_hello, DEFAULT_BOUNDARY_LIMITS as L; "
-        "sys.stdout.buffer.write(encode_hello('9.9.9', 1, L, lo=7, hi=9)); sys.stdout.flush(); sys.stdin.read()"
+        "sys.stdout.buffer.write(encode_hello('9.9.9', 1, L, lo=7, hi=9)); sys.stdout.flush(); "
+        "sys.stdin.read()"
     )
     old = meshipc.command([sys.executable, "-c", fake], label="command:old")
     async with Mesh(runtime_dir=runtime_dir) as mesh:
-        with pytest.raises(
-            SpawnError,
-            match=rf"(?s)command:old.*9\.9\.9.*{meshipc.__version__}|{meshipc.__version__}.*9\.9\.9",
-        ) as info:
+        with pytest.raises(SpawnError, match="command:old") as info:
             await within(mesh.spawn("carrier_workers:idle", None, via=old))
         assert isinstance(info.value.__cause__, meshipc.BoundaryVersionError)
+        assert "9.9.9" in str(info.value) and meshipc.__version__ in str(info.value)
