@@ -133,3 +133,12 @@ async def relay_calls(arg: dict[str, Any]) -> None:
             call.reply(await to.call(call.request))
         except meshipc.RemoteError as exc:
             call.fail(exc)
+
+
+async def send_and_return(arg: dict[str, Any]) -> None:
+    """Send ``0 .. arg["n"]-1`` on ``arg["out"]`` (more than a window: most
+    wait on this side for credit), say so on ``arg["done"]`` and return at once."""
+    out: Sender[int] = arg["out"]
+    for i in range(arg["n"]):
+        out.send(i)
+    arg["done"].send(arg["n"])

@@ -406,3 +406,20 @@ async def test_a_far_side_of_another_protocol_version_is_refused_naming_both(run
             await within(mesh.spawn("carrier_workers:idle", None, via=old))
         assert isinstance(info.value.__cause__, meshipc.BoundaryVersionError)
         assert "9.9.9" in str(info.value) and meshipc.__version__ in str(info.value)
+
+
+@needs_unshare
+async def test_what_the_far_function_sent_before_returning_all_arrives(
+    runtime_dir: Path, far_dir: Path
+) -> None:
+    async with Mesh(runtime_dir=runtime_dir) as mesh:
+        out_tx, out_rx = channel(int)
+        done_tx, done_rx = channel(int)
+        n = 6_000  # several windows: most wait at the far gateway for credit when it returns
+        arg = {"out": out_tx, "done": done_tx, "n": n}
+        proc = await within(mesh.spawn("carrier_workers:send_and_return", arg, via=isolated(far_dir)))
+        assert await within(done_rx.recv()) == n  # it returned; we read only now
+        assert [await within(out_rx.recv()) for _ in range(n)] == list(range(n))
+        with pytest.raises(meshipc.ChannelClosed):
+            await within(out_rx.recv())
+        assert await within(proc.wait()) == 0
