@@ -113,13 +113,36 @@ async def send_fd_here(port: Port, report: Port) -> None:
     port.send("after")
 
 
+async def collect(port: Port, report: Port) -> None:
+    """Report each value ``port`` receives (or the error it raises), until it closes."""
+    while True:
+        try:
+            v = await port.recv()
+        except meshipc.MessageError as exc:
+            report.send(["error", str(exc)])
+            continue
+        except (ChannelClosed, PortFailed):
+            report.send(["ended"])
+            return
+        report.send(["item", v])
+
+
+async def send_fd(port: Port) -> None:
+    """(Spawned in the test's mesh) send an Fd, then a str, on ``port``."""
+    r, w = os.pipe()
+    os.close(w)
+    port.send(Fd(r))
+    port.send("after the fd")
+    await port.recv()  # until the test lets go
+
+
 async def stop(code: int, report: Port) -> None:
     sys.stdout.flush()
     os._exit(code)
 
 
 AGENT = {f.__name__: f for f in (echo, double, call, stream, count, back, size, hold, release, third,
-                                 send_fd_here, stop)}
+                                 send_fd_here, collect, stop)}
 
 
 async def main() -> None:

@@ -5,6 +5,9 @@ socketpair (``gateway_util.far_peer``)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -12,8 +15,8 @@ import pytest
 
 import meshipc
 from gateway_util import far_peer
-from meshipc import Call, LinkFailure, Mesh, NodeFailure, Port, Receiver, Sender
-from relutil import within
+from meshipc import Call, Fd, LinkFailure, Mesh, NodeFailure, Port, Receiver, Sender
+from relutil import wait_until, within
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -115,3 +118,144 @@ async def test_far_process_killed_fails_every_crossing_port(runtime_dir: Path) -
             await within(far.agent.recv())
         cause = await within(far.gw.wait_closed())
         assert isinstance(cause, LinkFailure)
+
+
+async def test_a_call_waiting_across_fails_when_the_far_process_dies(runtime_dir: Path) -> None:
+    async with Mesh(runtime_dir=runtime_dir) as mesh, far_peer(mesh, runtime_dir) as far:
+        tx, rx = meshipc.channel()
+        far.agent.send(["hold", rx])  # held, never answered
+        await far.report("holding")
+        before = far.gw.stats().messages_out
+        call = asyncio.ensure_future(tx.call("anyone?"))
+        await wait_until(lambda: far.gw.stats().messages_out > before, "the call to cross")
+        far.proc.kill()
+        with pytest.raises(LinkFailure, match="test:far"):
+            await within(call)
+
+
+async def test_nothing_lost_before_the_cut(runtime_dir: Path) -> None:
+    """The far side streams until it is killed: what arrived is 0..k-1, in
+    order, each once, then the failure."""
+    async with Mesh(runtime_dir=runtime_dir) as mesh, far_peer(mesh, runtime_dir) as far:
+        tx, rx = meshipc.channel(int)
+        far.agent.send(["stream", tx, 10**9])
+        got: list[int] = []
+        with pytest.raises(LinkFailure) as info:
+            async for v in rx:
+                got.append(v)
+                if len(got) == 5000:
+                    far.proc.kill()
+        assert got == list(range(len(got))) and len(got) >= 5000
+        assert "the stream ended" in str(info.value) or "the stream broke" in str(info.value)
+
+
+async def test_stream_eof_fails_every_crossing_port(runtime_dir: Path) -> None:
+    async with Mesh(runtime_dir=runtime_dir) as mesh, far_peer(mesh, runtime_dir) as far:
+        p, q = Port.pair()
+        far.agent.send(["hold", q])
+        await far.report("holding")
+        far.agent.send(["stop", 0])  # exits at once: its end of the stream closes
+        with pytest.raises(LinkFailure, match="the stream ended"):
+            await within(p.recv())
+        assert far.gw.stats().closed and far.gw.stats().relays == 0
+
+
+async def test_heartbeat_loss_fails_within_the_bound(runtime_dir: Path) -> None:
+    """A far side that stops (SIGSTOP: it neither reads nor writes) is
+    declared lost after ``heartbeat_timeout`` (+ half an interval)."""
+    limits = meshipc.BoundaryLimits(heartbeat_interval=0.1, heartbeat_timeout=1.0)
+    async with Mesh(runtime_dir=runtime_dir) as mesh, far_peer(mesh, runtime_dir, limits=limits) as far:
+        p, q = Port.pair()
+        far.agent.send(["echo", q])
+        p.send("ping")
+        assert await within(p.recv()) == "ping"
+        # an idle link stays up well past the bound: the far side pings us
+        # (its own interval is 2 s, but it follows our announced bound)
+        idle = asyncio.get_running_loop().time()
+        await asyncio.sleep(2.5)  # idle time under test, not synchronisation
+        assert not far.gw.closed
+        p.send("still there")
+        assert await within(p.recv()) == "still there"
+        os.kill(far.proc.pid, signal.SIGSTOP)
+        t0 = asyncio.get_running_loop().time()
+        with pytest.raises(LinkFailure, match="nothing heard"):
+            await within(p.recv())
+        took = asyncio.get_running_loop().time() - t0
+        assert 0.5 < took < 1.0 + 0.05 + 3.0, took  # the bound, generous for a loaded machine
+        assert idle < t0
+
+
+async def test_an_fd_sent_towards_a_boundary_is_refused_at_send(runtime_dir: Path) -> None:
+    async with Mesh(runtime_dir=runtime_dir) as mesh, far_peer(mesh, runtime_dir) as far:
+        p, q = Port.pair()
+        far.agent.send(["echo", q])
+        r, w = os.pipe()
+        os.close(w)
+        fd = Fd(r)
+        with pytest.raises(meshipc.MessageError, match="cannot cross"):
+            p.send(["with", fd])
+        p.send("after")  # the port lives on
+        assert await within(p.recv()) == "after"
+        # and the same on the far side, towards us
+        a, b = Port.pair()
+        far.agent.send(["send_fd_here", b])
+        _, why = await far.report("refused")
+        assert "cannot cross" in why
+        assert await within(a.recv()) == "after"
+
+
+async def test_an_fd_forwarded_from_a_local_hop_arrives_as_one_error(runtime_dir: Path) -> None:
+    async with Mesh(runtime_dir=runtime_dir) as mesh, far_peer(mesh, runtime_dir) as far:
+        p, q = Port.pair()
+        far.agent.send(["collect", q])
+        worker = await mesh.spawn("gateway_peer:send_fd", p)  # a third process sends the fd
+        _, why = await far.report("error")
+        assert "an Fd cannot cross" in why
+        assert await far.report("item") == ["item", "after the fd"]
+        worker.kill()  # its port fails: the far end learns it, in order
+        await worker.wait()
+        assert await far.report("ended") == ["ended"]
+
+
+async def test_a_64_mib_value_crosses_in_chunks_both_ways(runtime_dir: Path) -> None:
+    async with Mesh(runtime_dir=runtime_dir) as mesh, far_peer(mesh, runtime_dir) as far:
+        p, q = Port.pair()
+        far.agent.send(["size", q])
+        n = 64 * 1024 * 1024
+        frames = far.gw.stats().frames_out
+        p.send(b"x" * n)
+        assert await within(p.recv(), 60) == n
+        back = await within(p.recv(), 60)
+        assert back == b"y" * n
+        st = far.gw.stats()
+        assert st.frames_out - frames >= n // (256 * 1024)  # it went in chunks
+        assert st.buffered_bytes < 2 * 1024 * 1024
+
+
+async def test_a_far_side_that_does_not_read_cannot_grow_the_gateway(runtime_dir: Path) -> None:
+    async with Mesh(runtime_dir=runtime_dir) as mesh, far_peer(mesh, runtime_dir) as far:
+        p, q = Port.pair()
+        far.agent.send(["hold", q])  # held, never read
+        await far.report("holding")
+        payload = b"z" * 1000
+
+        async def produce() -> None:
+            for _ in range(100_000):
+                p.send(payload)
+                await p.drain()
+
+        producer = asyncio.ensure_future(produce())
+        window = meshipc.BoundaryLimits().window_messages
+        await wait_until(lambda: far.gw.stats().window_messages == window, "the far window to fill")
+        await wait_until(lambda: far.gw.stats().queued_messages > mesh.limits.window_messages,
+                         "our relay end to hold a window")
+        for _ in range(3):
+            st = far.gw.stats()
+            assert st.window_messages <= window and st.window_bytes <= window * (len(payload) + 8)
+            assert st.buffered_bytes < 1024 * 1024 + 300 * 1024, st
+            assert st.queued_messages <= mesh.limits.window_messages + 1, st
+            assert not producer.done()
+            await asyncio.sleep(0.2)  # time passes: nothing grows
+        producer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await producer

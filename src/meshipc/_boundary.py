@@ -51,7 +51,8 @@ PROTOCOL_MIN: Final = 1
 PROTOCOL_MAX: Final = 1
 #: a meshipc version string is at most this long on the wire
 MAX_VERSION_LEN: Final = 64
-_HELLO: Final = struct.Struct("!HHQIQQB")  # lo, hi, nonce, window msgs, window bytes, max body, vlen
+# lo, hi, nonce, window msgs, window bytes, max body, heartbeat timeout (ms), version length
+_HELLO: Final = struct.Struct("!HHQIQQIB")
 HELLO_FIXED: Final = len(MAGIC) + _HELLO.size
 
 _HEAD: Final = struct.Struct("!BBHII")  # type, flags, count, relay, payload length
@@ -141,6 +142,9 @@ class Hello:
     window_messages: int
     window_bytes: int
     max_body: int
+    #: the sender's loss bound: it fails the link after hearing nothing for
+    #: this long, so we must write at least a PING well within it
+    heartbeat_timeout: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,8 +200,9 @@ Event = Hello | Msg | Credit | Close | Fail | Ping | Pong | Goodbye
 def encode_hello(version: str, nonce: int, limits: BoundaryLimits,
                  lo: int = PROTOCOL_MIN, hi: int = PROTOCOL_MAX) -> bytes:
     v = version.encode()[:MAX_VERSION_LEN]
+    timeout_ms = min(2**32 - 1, max(1, round(limits.heartbeat_timeout * 1000)))
     return MAGIC + _HELLO.pack(lo, hi, nonce, limits.window_messages, limits.window_bytes,
-                               limits.max_body, len(v)) + v
+                               limits.max_body, timeout_ms, len(v)) + v
 
 
 def _frame(t: int, flags: int, count: int, relay: int, payload: bytes = b"") -> bytes:
@@ -303,8 +308,9 @@ class BoundaryDecoder:
         self._parts: bytearray | None = None
         self._part_total = 0
         self._events: deque[Event] = deque()
-        #: bytes fed so far (statistics)
+        #: bytes fed and frames read so far (statistics)
         self.fed = 0
+        self.frames = 0
 
     @property
     def buffered(self) -> int:
@@ -330,7 +336,7 @@ class BoundaryDecoder:
                 )
             if len(buf) < HELLO_FIXED:
                 return
-            lo, hi, nonce, wm, wb, mb, vlen = _HELLO.unpack_from(buf, len(MAGIC))
+            lo, hi, nonce, wm, wb, mb, hb, vlen = _HELLO.unpack_from(buf, len(MAGIC))
             if vlen > MAX_VERSION_LEN:
                 raise BoundaryProtocolError(f"HELLO version string of {vlen} bytes (limit {MAX_VERSION_LEN})")
             if len(buf) < HELLO_FIXED + vlen:
@@ -339,13 +345,13 @@ class BoundaryDecoder:
                 version = bytes(buf[HELLO_FIXED : HELLO_FIXED + vlen]).decode()
             except UnicodeDecodeError:
                 raise BoundaryProtocolError("HELLO version string is not UTF-8") from None
-            if not (1 <= lo <= hi) or wm < 1 or wb < 1 or mb < 1:
+            if not (1 <= lo <= hi) or wm < 1 or wb < 1 or mb < 1 or hb < 1:
                 raise BoundaryProtocolError(
                     f"HELLO with invalid fields (protocol {lo}-{hi}, window {wm}/{wb}, max body {mb})"
                 )
             del buf[: HELLO_FIXED + vlen]
             self._hello_done = True
-            self._events.append(Hello(lo, hi, version, nonce, wm, wb, mb))
+            self._events.append(Hello(lo, hi, version, nonce, wm, wb, mb, hb / 1000))
         at = 0
         n = len(buf)
         try:
@@ -356,6 +362,7 @@ class BoundaryDecoder:
                 if n - at - HEAD_LEN < length:
                     break
                 start = at + HEAD_LEN
+                self.frames += 1
                 self._frame(t, flags, count, relay, memoryview(buf)[start : start + length])
                 at = start + length
         finally:

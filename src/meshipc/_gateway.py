@@ -88,6 +88,8 @@ log = logging.getLogger("meshipc.gateway")
 READ_BYTES: Final = 256 * 1024
 #: messages one relay forwards before the next ready relay gets its turn
 TURN: Final = 64
+#: we PING at most this often, whatever loss bound the far side announces
+MIN_PING_INTERVAL: Final = 0.05
 #: how long ``open`` waits for the far side's HELLO by default (seconds)
 HELLO_TIMEOUT: Final = 30.0
 
@@ -173,7 +175,6 @@ class Gateway:
         self._last_written = self._loop.time()
         self._ping = 0
         self.bytes_out = 0
-        self.frames_in = 0
         self.frames_out = 0
         self.messages_in = 0
         self.messages_out = 0
@@ -241,8 +242,9 @@ class Gateway:
             raise BoundaryProtocolError(f"boundary link {self.label}: the stream broke: {exc}") from exc
         if not isinstance(ev, Hello):  # the decoder's first event is always a Hello
             raise BoundaryProtocolError("the far side did not start with HELLO")
+        lim = self.limits
         mine = Hello(PROTOCOL_MIN, PROTOCOL_MAX, meshipc.__version__, self._nonce,
-                     self.limits.window_messages, self.limits.window_bytes, self.limits.max_body)
+                     lim.window_messages, lim.window_bytes, lim.max_body, lim.heartbeat_timeout)
         negotiate(mine, ev)
         self._far = ev
         self._next = 2 if self._nonce < ev.nonce else 1
@@ -313,6 +315,12 @@ class Gateway:
 
     async def _pump(self) -> None:
         """Forward what relay ends receive, relay by relay in turn."""
+        try:
+            await self._pump_loop()
+        except (OSError, RuntimeError) as exc:  # the stream broke under a write
+            self._end(f"the stream broke: {exc!r}")
+
+    async def _pump_loop(self) -> None:
         while True:
             await self._wake.wait()
             self._wake.clear()
@@ -348,9 +356,10 @@ class Gateway:
                 eng.dispose(Message(kind, None, body, states or None), str(exc))
                 continue
             rel.tx.sent(len(body))
-            for part in encode_msg(rel.number, kind, numbers, body):
+            parts = encode_msg(rel.number, kind, numbers, body)
+            for part in parts:
                 self._write(part)
-            self.frames_out += 1
+            self.frames_out += len(parts) // 2  # a head and a payload each
             self.messages_out += 1
             if kind >= K_REPLY:
                 self._drop(rel)  # a final message: the relay goes with it, on both sides
@@ -428,7 +437,6 @@ class Gateway:
             ev = dec.next_event()
             if ev is None:
                 break
-            self.frames_in += 1
             self._on(ev)
         for rel in self._touched:
             self._give_credit(rel)
@@ -523,7 +531,13 @@ class Gateway:
 
     async def _heartbeat(self) -> None:
         lim = self.limits
-        period = lim.heartbeat_interval / 2
+        far = self._far
+        # we PING after this much silence: our own interval, or less when the
+        # far side's loss bound is shorter (a third of it)
+        interval = lim.heartbeat_interval
+        if far is not None:
+            interval = max(MIN_PING_INTERVAL, min(interval, far.heartbeat_timeout / 3))
+        period = min(lim.heartbeat_interval, interval) / 2
         while not self._closed:
             await asyncio.sleep(period)
             now = self._loop.time()
@@ -532,7 +546,7 @@ class Gateway:
                     f"nothing heard from the far side for {lim.heartbeat_timeout:g} s (heartbeats unanswered)"
                 )
                 return
-            if now - self._last_written >= lim.heartbeat_interval:
+            if now - self._last_written >= interval:
                 self._ping += 1
                 self._frame(encode_ping(self._ping))
 
@@ -600,7 +614,7 @@ class Gateway:
             relays=len(self._relays),
             bytes_in=self._decoder.fed,
             bytes_out=self.bytes_out,
-            frames_in=self.frames_in,
+            frames_in=self._decoder.frames,
             frames_out=self.frames_out,
             messages_in=self.messages_in,
             messages_out=self.messages_out,

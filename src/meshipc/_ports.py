@@ -1081,6 +1081,9 @@ class Engine:
             for ps in states:
                 ps.engine.close(ps)
             raise MessageError(problem)
+        if crossing:
+            for ps in states:
+                ps.relay = True  # it will be a relay end: sends to it cross too
         return Message(msg.kind, None, body, states or None, fds or None)
 
     def _encode_queued(self, ps: PortState) -> None:
