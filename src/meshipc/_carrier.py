@@ -235,6 +235,8 @@ class RemoteProcess:
     def __init__(
         self,
         proc: asyncio.subprocess.Process,
+        transport: asyncio.SubprocessTransport,
+        protocol: _Protocol,
         gateway: Gateway,
         port: Port,
         carrier: Carrier,
@@ -244,6 +246,8 @@ class RemoteProcess:
         tasks: TaskSet,
     ) -> None:
         self._proc = proc
+        self._transport = transport
+        self._protocol = protocol
         self._gateway = gateway
         self._port = port
         self._stderr = stderr
@@ -312,7 +316,7 @@ class RemoteProcess:
             asyncio.get_running_loop().call_later(CLOSE_GRACE, self.kill)
 
     async def _watch_exit(self) -> None:
-        code = await self._proc.wait()
+        code = await _exit_code(self._proc, self._protocol)
         self.returncode = code
         # the far side's last words may still be in the pipe: read until the
         # link ends (EOF comes after the data), for a bounded time
@@ -324,6 +328,7 @@ class RemoteProcess:
         self._answers.cancel()
         self._port.close()
         await self._gateway.aclose()
+        self._transport.close()  # the pipes, even if a child of the carrier holds them
         if not self._exited.done():
             self._exited.set_result(code)
 
@@ -368,6 +373,28 @@ class RemoteProcess:
         return f"<RemoteProcess {self.name!r} via {self.label} pid={self.pid} {state}>"
 
 
+class _Protocol(asyncio.subprocess.SubprocessStreamProtocol):
+    """asyncio's subprocess protocol, telling when the process exited:
+    ``Process.wait()`` of the stock loop waits for its pipes to close too,
+    and a carrier's child (``unshare --fork``, a proxy command) may hold
+    them after the carrier died."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(limit=2**16, loop=loop)
+        self.exited: asyncio.Future[None] = loop.create_future()
+
+    def process_exited(self) -> None:
+        super().process_exited()
+        if not self.exited.done():
+            self.exited.set_result(None)
+
+
+async def _exit_code(proc: asyncio.subprocess.Process, protocol: _Protocol) -> int:
+    await protocol.exited
+    code = proc.returncode  # set before process_exited is called
+    return code if code is not None else -1
+
+
 def _no_start(label: str, how: str, tail: str) -> str:
     said = f"; its last stderr lines:\n{tail}" if tail else " (nothing on its stderr)"
     return f"the carrier {label} {how} before the far side started it{said}"
@@ -396,8 +423,10 @@ async def spawn_via(
     mine.send(arg)
     mine._set_type(Answer)
     tasks = TaskSet(asyncio.get_running_loop())
+    loop = asyncio.get_running_loop()
     try:
-        proc = await asyncio.create_subprocess_exec(
+        transport, protocol = await loop.subprocess_exec(
+            lambda: _Protocol(loop),
             *carrier.argv,
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
@@ -408,6 +437,7 @@ async def spawn_via(
         mine.close()
         first.close()
         raise SpawnError(name, target, f"cannot run the carrier {carrier.label}: {exc}") from exc
+    proc = asyncio.subprocess.Process(transport, protocol, loop)
     into, out, err = proc.stdin, proc.stdout, proc.stderr
     if into is None or out is None or err is None:  # pragma: no cover - PIPE always gives them
         raise SpawnError(name, target, "the carrier's pipes are missing")
@@ -418,14 +448,15 @@ async def spawn_via(
         mine.close()
         if proc.returncode is None:
             proc.send_signal(signal.SIGKILL)
-        code = await proc.wait()
+        code = await _exit_code(proc, protocol)
         try:
             async with asyncio.timeout(STATUS_GRACE):
                 await stderr.done
         except TimeoutError:
             tasks.cancel_all()
+        transport.close()
         if isinstance(exc, (MeshError, OSError, TimeoutError)):
             how = f"failed to open the link ({exc}) and exited with code {code}"
             raise SpawnError(name, target, _no_start(carrier.label, how, stderr.last())) from exc
         raise
-    return RemoteProcess(proc, gateway, mine, carrier, name, target, stderr, tasks)
+    return RemoteProcess(proc, transport, protocol, gateway, mine, carrier, name, target, stderr, tasks)
