@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 import meshipc
+from attachutil import key_material
 from gateway_util import far_peer
 from meshipc import Call, Fd, LinkFailure, Mesh, NodeFailure, Port, Receiver, Sender
 from relutil import wait_until, within
@@ -259,3 +260,56 @@ async def test_a_far_side_that_does_not_read_cannot_grow_the_gateway(runtime_dir
         producer.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await producer
+
+
+async def test_nothing_that_identifies_either_mesh_crosses(runtime_dir: Path) -> None:
+    """Every byte that crossed, both ways, scanned for both meshes' node ids,
+    socket folders and paths, port ids and private keys (raw and hex)."""
+    async with Mesh(runtime_dir=runtime_dir) as mesh, far_peer(mesh, runtime_dir, record=True) as far:
+        ours_seen: set[bytes] = set()
+
+        def note() -> None:
+            ours_seen.update(mesh._node.engine.ports)
+
+        # traffic of every kind: values, calls both ways, ports both ways and back
+        tx, rx = meshipc.channel()
+        far.agent.send(["double", rx])
+        assert await within(tx.call(21)) == 42
+        stx, srx = meshipc.channel()
+
+        async def serve() -> None:
+            async for c in srx:
+                note()
+                c.reply(c.request)
+
+        server = asyncio.ensure_future(serve())
+        far.agent.send(["call", stx, 5, "t"])
+        await far.report("called")
+        a, b = Port.pair()
+        note()
+        far.agent.send(["back", b])
+        _, b2 = await far.report("back")
+        a.send(["x", Port.pair()[0]])
+        await within(b2.recv())
+        note()
+        far.agent.send(["dump"])
+        await far.report("dumped")
+        theirs = far.info()
+        server.cancel()
+        mine = {
+            "node": mesh.node_id.hex(),
+            "dir": str(mesh.directory),
+            "path": mesh.stats().node.path,
+            "ports": [p.hex() for p in ours_seen],
+            "keys": [k.hex() for k in key_material(mesh)],
+        }
+    wire = bytes(far.sent) + bytes(far.received)
+    assert len(far.sent) > 100 and len(far.received) > 100
+    for side in (mine, theirs):
+        needles = [side["node"], *side["ports"], *side["keys"]]
+        for h in needles:
+            raw = bytes.fromhex(h)
+            assert raw not in wire and h.encode() not in wire and h.upper().encode() not in wire
+        for text in (side["dir"], side["path"], os.path.basename(side["dir"])):
+            assert text.encode() not in wire, text
+    assert len(theirs["ports"]) >= 3 and len(mine["ports"]) >= 3
