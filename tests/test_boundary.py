@@ -324,7 +324,9 @@ _FRAMES = st.one_of(
 
 @settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow], deadline=None)
 @given(st.lists(_FRAMES, max_size=8), st.data())
-def test_fuzz_any_bytes_give_events_or_a_boundary_protocol_error(frames: list[bytes], data: st.DataObject) -> None:
+def test_fuzz_any_bytes_give_events_or_a_boundary_protocol_error(
+    frames: list[bytes], data: st.DataObject
+) -> None:
     """Valid frames, then mutated (bytes flipped, cut, spliced, garbage
     appended), fed in random pieces: the decoder yields events or raises
     ``BoundaryProtocolError``, nothing else, and holds no more than a frame
