@@ -27,6 +27,7 @@ from meshipc import BoundaryLimits, Call, ChannelClosed, Fd, Port, PortFailed, R
 held: list[Any] = []
 _mesh: list[meshipc.Mesh] = []
 _info: list[str] = []
+_gateway: list[meshipc.Gateway] = []
 
 
 def identifying(mesh: meshipc.Mesh) -> dict[str, Any]:
@@ -159,13 +160,20 @@ async def send_fd(port: Port) -> None:
     await port.recv()  # until the test lets go
 
 
+async def goodbye(tx: Sender[Any], n: int, report: Port) -> None:
+    """Send ``n`` values on ``tx`` (no waiting), then close the link in order."""
+    for i in range(n):
+        tx.send(i)
+    await _gateway[0].aclose()
+
+
 async def stop(code: int, report: Port) -> None:
     sys.stdout.flush()
     os._exit(code)
 
 
 AGENT = {f.__name__: f for f in (echo, double, call, stream, count, back, size, hold, release, third,
-                                 send_fd_here, collect, dump, stop)}
+                                 send_fd_here, collect, dump, goodbye, stop)}
 
 
 async def main() -> None:
@@ -179,6 +187,7 @@ async def main() -> None:
         agent, first = Port.pair()
         gw = await mesh.open_gateway(reader, writer, first, label="test:parent", limits=limits)
         _mesh.append(mesh)
+        _gateway.append(gw)
         _info.append(info)
         with open(info, "w") as f:
             json.dump(identifying(mesh), f)

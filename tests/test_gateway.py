@@ -455,3 +455,16 @@ async def test_open_refuses_a_stream_that_ends_before_hello(runtime_dir: Path) -
         r, w = await asyncio.open_connection(sock=ours)
         with pytest.raises(meshipc.BoundaryProtocolError, match="ended before|the stream broke"):
             await mesh.open_gateway(r, w, Port.pair()[1], label="gone")
+
+
+async def test_an_orderly_close_sends_what_was_sent_first(runtime_dir: Path) -> None:
+    """The far side sends 5,000 values (more than a window) and closes the
+    link at once: all arrive, in order, then the link's end (GOODBYE)."""
+    async with Mesh(runtime_dir=runtime_dir) as mesh, far_peer(mesh, runtime_dir) as far:
+        tx, rx = meshipc.channel(int)
+        far.agent.send(["goodbye", tx, 5000])
+        got: list[int] = []
+        with pytest.raises(LinkFailure, match="GOODBYE"):
+            async for v in rx:
+                got.append(v)
+        assert got == list(range(5000))
