@@ -301,6 +301,7 @@ class BoundaryDecoder:
         self._max_body = max_body
         self._max_ports = max_ports
         self._hello_done = False
+        self._broken = False
         # the message being assembled from chunks: relay, kind, ports, parts, total
         self._part_relay = -1
         self._part_kind = 0
@@ -318,6 +319,8 @@ class BoundaryDecoder:
         return len(self._buf) + (len(self._parts) if self._parts is not None else 0)
 
     def feed(self, data: bytes) -> None:
+        if self._broken:
+            raise BoundaryProtocolError("the link already broke the protocol")
         self.fed += len(data)
         self._buf += data
         self._parse()
@@ -354,6 +357,7 @@ class BoundaryDecoder:
             self._events.append(Hello(lo, hi, version, nonce, wm, wb, mb, hb / 1000))
         at = 0
         n = len(buf)
+        view = memoryview(buf)
         try:
             while n - at >= HEAD_LEN:
                 t, flags, count, relay, length = _HEAD.unpack_from(buf, at)
@@ -363,11 +367,14 @@ class BoundaryDecoder:
                     break
                 start = at + HEAD_LEN
                 self.frames += 1
-                self._frame(t, flags, count, relay, memoryview(buf)[start : start + length])
+                self._frame(t, flags, count, relay, view[start : start + length])
                 at = start + length
-        finally:
-            if at:
-                del buf[:at]
+        except BoundaryProtocolError:
+            self._broken = True  # views of the buffer may live on in the traceback: leave it be
+            raise
+        view.release()
+        if at:
+            del buf[:at]
 
     def _frame(self, t: int, flags: int, count: int, relay: int, p: memoryview) -> None:
         if flags & ~F_MORE or (flags and t not in (T_MSG, T_CHUNK)):

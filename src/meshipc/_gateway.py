@@ -167,6 +167,8 @@ class Gateway:
         self._next = 0  # the next relay number this side opens (parity set by HELLO)
         self._ready: deque[_Relay] = deque()
         self._wake = asyncio.Event()
+        self._flushed = asyncio.Event()  # set when the pump has nothing ready
+        self._credited = asyncio.Event()  # set when credit comes back
         self._touched: set[_Relay] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._done: asyncio.Future[BaseException | None] = self._loop.create_future()
@@ -319,9 +321,14 @@ class Gateway:
             await self._pump_loop()
         except (OSError, RuntimeError) as exc:  # the stream broke under a write
             self._end(f"the stream broke: {exc!r}")
+        except Exception as exc:  # a bug here must end the link loudly, not hang its ports
+            log.exception("boundary link %s: the gateway failed", self.label)
+            self._end(f"the gateway failed: {exc!r}")
 
     async def _pump_loop(self) -> None:
         while True:
+            if not self._ready:
+                self._flushed.set()
             await self._wake.wait()
             self._wake.clear()
             while self._ready and not self._closed:
@@ -386,8 +393,8 @@ class Gateway:
         if msg.body is None:
             try:
                 msg = eng.encode_message(msg)
-            except MessageError as exc:
-                return (K_ERROR, eng.codec.encode_error(exc), [])
+            except MeshError as exc:  # a value that cannot be encoded: this message only
+                return (K_ERROR if msg.kind < K_REPLY else K_REPLY_ERROR, eng.codec.encode_error(exc), [])
         raw = msg.body if msg.body is not None else b""
         body = raw if isinstance(raw, bytes) else bytes(raw)
         states = list(msg.ports or ())
@@ -429,6 +436,11 @@ class Gateway:
             cause = f"the stream broke: {exc!r}"
         except _Goodbye as bye:
             cause = f"the far side closed the link (GOODBYE: {bye.reason})"
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug here must end the link loudly, not hang its ports
+            log.exception("boundary link %s: the gateway failed", self.label)
+            cause = f"the gateway failed: {exc!r}"
         self._end(cause)
 
     def _events(self) -> None:
@@ -449,6 +461,7 @@ class Gateway:
             rel = self._relays.get(ev.relay)
             if rel is not None:
                 rel.tx.credited(ev.messages, ev.nbytes)
+                self._credited.set()
                 if rel.st.queue or rel.head is not None:
                     self._ready_up(rel)
         elif isinstance(ev, Close):
@@ -496,14 +509,17 @@ class Gateway:
             self._add(n, ours)
             ends.append(theirs)
         msg = Message(ev.kind, None, ev.body, ends or None)
-        if ev.kind >= K_REPLY:
+        final = ev.kind >= K_REPLY
+        if final:
             self._drop(rel)
-            eng.send_message(rel.st, msg, final=True)
-            return
         try:
-            eng.send_message(rel.st, msg)
+            eng.send_message(rel.st, msg, final)
         except ChannelClosed:
             pass  # our end is closed: disposed, as a send to a closed peer is
+        except MeshError as exc:  # it could not be handed on here: this message only
+            log.warning("boundary link %s: a message for relay %d was dropped: %s", self.label, ev.relay, exc)
+        if final:
+            return
         rel.rx.done(len(ev.body))
         self._touched.add(rel)
 
@@ -579,9 +595,27 @@ class Gateway:
             self._frame(encode_goodbye("closed"))
             self._end("closed by this side", ours=True)
 
-    async def aclose(self) -> None:
-        """Say GOODBYE and close the stream; every crossing port fails with
-        ``LinkFailure`` ("closed by this side"). Safe to call twice."""
+    async def aclose(self, *, flush: float = 5.0) -> None:
+        """Send what crossing ports hold (for up to ``flush`` seconds: the far
+        side's credit permitting), say GOODBYE and close the stream; every
+        crossing port fails with ``LinkFailure`` ("closed by this side").
+        Safe to call twice."""
+        if not self._closed and flush > 0:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(flush):
+                    while not self._closed:
+                        sendable, awaiting = self._pending()
+                        if sendable:
+                            self._flushed.clear()
+                            self._wake.set()
+                            await self._flushed.wait()
+                        elif awaiting:  # blocked until the far side gives credit back
+                            self._credited.clear()
+                            await self._credited.wait()
+                        else:
+                            break
+                    if not self._closed:
+                        await self._writer.drain()
         self.close()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self._writer.wait_closed(), 1.0)
@@ -593,6 +627,19 @@ class Gateway:
         """Wait for the link to end; its cause (a ``LinkFailure``), or None
         when this side closed it."""
         return await asyncio.shield(self._done)
+
+    def _pending(self) -> tuple[bool, bool]:
+        """Whether a relay has a message it may send now, and whether one
+        waits for credit the far side still owes."""
+        sendable = awaiting = bool(self._ready)
+        for r in self._relays.values():
+            if r.head is not None or r.st.queue:
+                n = len(r.head[1]) if r.head is not None else 0
+                if r.tx.can_send(n):
+                    sendable = True
+                elif r.tx.messages:
+                    awaiting = True
+        return sendable, awaiting
 
     @property
     def closed(self) -> bool:
