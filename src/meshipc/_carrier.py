@@ -327,7 +327,7 @@ class RemoteProcess:
             pass
         self._answers.cancel()
         self._port.close()
-        await self._gateway.aclose()
+        await self._gateway.aclose(flush=0)  # nobody is left to take more
         self._transport.close()  # the pipes, even if a child of the carrier holds them
         if not self._exited.done():
             self._exited.set_result(code)

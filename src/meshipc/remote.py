@@ -41,10 +41,8 @@ log = logging.getLogger("meshipc")
 #: The label this side gives its link (named in its errors and log lines).
 LABEL = "carrier:stdio"
 #: Most seconds the far side waits, once its function ended, for what its
-#: ports still hold to cross (``_drained``) before it says GOODBYE.
+#: ports still hold to cross before it says GOODBYE.
 DRAIN_LIMIT = 60.0
-#: Seconds between two looks at the gateway while it drains.
-DRAIN_POLL = 0.01
 #: Seconds the far side waits, after its last answer, for the spawning side
 #: to close the first port before it says goodbye regardless.
 GOODBYE_GRACE = 5.0
@@ -88,23 +86,10 @@ async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> i
             return await _run(mine, gateway)
         finally:
             mine.close()
-            await _drained(gateway)
-            await gateway.aclose()
-
-
-async def _drained(gateway: Gateway) -> None:
-    """Return once everything our relays hold has crossed (what the function
-    sent before it returned may wait here for the other side's credit: a
-    slow reader there), the link ended, or ``DRAIN_LIMIT`` passed; saying
-    GOODBYE before would fail those ports with their messages unsent. The
-    gateway has no event for it: polled."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + DRAIN_LIMIT
-    while not gateway.closed and loop.time() < deadline:
-        st = gateway.stats()
-        if st.queued_messages == 0 and st.buffered_bytes == 0:
-            return
-        await asyncio.sleep(DRAIN_POLL)
+            # what the function sent before it returned may still wait here
+            # for the other side's credit (a slow reader there): it crosses
+            # before the GOODBYE, which would fail those ports
+            await gateway.aclose(flush=DRAIN_LIMIT)
 
 
 async def _run(port: Port, gateway: Gateway) -> int:
