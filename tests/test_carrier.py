@@ -10,6 +10,7 @@ import asyncio
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -49,7 +50,7 @@ def far_dir() -> Iterator[Path]:
         yield d
 
 
-def isolated(far_dir: Path, *unshare_flags: str) -> Carrier:
+def isolated(far_dir: Path, *unshare_flags: str, limits: meshipc.BoundaryLimits | None = None) -> Carrier:
     """A carrier into ``unshare -Urn``: no network, another runtime folder."""
     return meshipc.command(
         [
@@ -64,6 +65,7 @@ def isolated(far_dir: Path, *unshare_flags: str) -> Carrier:
             "meshipc.remote",
         ],
         label="command:isolated",
+        limits=limits,
     )
 
 
@@ -423,3 +425,26 @@ async def test_what_the_far_function_sent_before_returning_all_arrives(
         with pytest.raises(meshipc.ChannelClosed):
             await within(out_rx.recv())
         assert await within(proc.wait()) == 0
+
+
+@needs_unshare
+async def test_a_stopped_far_side_fails_waiting_calls_within_the_heartbeat_bound(
+    runtime_dir: Path, far_dir: Path
+) -> None:
+    quick = meshipc.BoundaryLimits(heartbeat_interval=0.2, heartbeat_timeout=1.0)
+    async with Mesh(runtime_dir=runtime_dir) as mesh:
+        tx, rx = channel(Call[Any])
+        proc = await within(mesh.spawn("carrier_workers:echo", rx, via=isolated(far_dir, limits=quick)))
+        assert await within(tx.call("alive")) == "alive"
+        assert proc.remote_pid is not None
+        os.kill(proc.remote_pid, signal.SIGSTOP)  # alive, its pipes open, silent
+        try:
+            loop = asyncio.get_running_loop()
+            t0 = loop.time()
+            with pytest.raises(NodeFailure, match="command:isolated"):
+                await within(tx.call("never answered"))
+            # heartbeat_timeout + one interval, with room for a loaded machine
+            assert loop.time() - t0 < 5
+        finally:
+            os.kill(proc.remote_pid, signal.SIGCONT)
+        assert await within(proc.wait()) != 0

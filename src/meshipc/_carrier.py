@@ -38,6 +38,7 @@ from typing import Annotated, Any, Final
 
 import msgspec
 
+from ._boundary import BoundaryLimits
 from ._channel import Port
 from ._codec import walk_resources
 from ._errors import ChannelClosed, MeshError, MessageError, PortFailed, RemoteError, SpawnError
@@ -131,19 +132,26 @@ class Carrier:
 
     argv: tuple[str, ...]
     label: str
+    #: this side's caps on the link and its heartbeat (its loss bound), or
+    #: the defaults (``BoundaryLimits``)
+    limits: BoundaryLimits | None = None
 
     def __repr__(self) -> str:
         return f"<Carrier {self.label} {shlex.join(self.argv)!r}>"
 
 
-def command(argv: Sequence[str], *, label: str | None = None) -> Carrier:
+def command(
+    argv: Sequence[str], *, label: str | None = None, limits: BoundaryLimits | None = None
+) -> Carrier:
     """A carrier that runs ``argv`` (a list of strings, no shell) verbatim,
     e.g. ``["docker", "exec", "-i", "box", "python3", "-m", "meshipc.remote"]``.
-    ``label`` defaults to ``"command:<program>"``. Raises ``TypeError`` for
-    an argv that is not a non-empty sequence of strings."""
+    ``label`` defaults to ``"command:<program>"``; ``limits`` bound the
+    link (``BoundaryLimits``: windows, body size, how soon a silent far
+    side counts as lost). Raises ``TypeError`` for an argv that is not a
+    non-empty sequence of strings."""
     if isinstance(argv, (str, bytes)) or not argv or not all(isinstance(a, str) for a in argv):
         raise TypeError(f"command takes a non-empty list of strings (no shell), got {argv!r}")
-    return Carrier(tuple(argv), label or f"command:{os.path.basename(argv[0])}")
+    return Carrier(tuple(argv), label or f"command:{os.path.basename(argv[0])}", limits)
 
 
 #: What ``ssh`` always passes: no terminal (a clean byte stream), never a
@@ -151,14 +159,20 @@ def command(argv: Sequence[str], *, label: str | None = None) -> Carrier:
 SSH_OPTIONS: Final = ("-T", "-o", "BatchMode=yes", "-o", "ServerAliveInterval=15")
 
 
-def ssh(destination: str, *, python: str = "python3", options: Iterable[str] = ()) -> Carrier:
+def ssh(
+    destination: str,
+    *,
+    python: str = "python3",
+    options: Iterable[str] = (),
+    limits: BoundaryLimits | None = None,
+) -> Carrier:
     """A carrier over OpenSSH: ``ssh -T -o BatchMode=yes … [options]
     destination python3 -m meshipc.remote``. The far host needs meshipc and
     the worker's code installed for that ``python`` (no code is shipped);
     ``python`` may be several words (``"/opt/venv/bin/python -X dev"``),
     each quoted for the far shell, so nothing in it is shell syntax.
     ``options`` go to ssh before the destination (``["-p", "2222", "-i",
-    key]``). Raises ``ValueError`` for a destination that would read as an
+    key]``); ``limits`` as for ``command``. Raises ``ValueError`` for a destination that would read as an
     option (it starts with ``-``) or is empty, and for an empty ``python``."""
     if not destination or destination.startswith("-") or any(c.isspace() for c in destination):
         raise ValueError(
@@ -171,7 +185,7 @@ def ssh(destination: str, *, python: str = "python3", options: Iterable[str] = (
     if not all(isinstance(o, str) for o in opts):
         raise TypeError(f"ssh options are strings, got {opts!r}")
     remote = [*(shlex.quote(w) for w in words), "-m", "meshipc.remote"]
-    return Carrier(("ssh", *SSH_OPTIONS, *opts, destination, *remote), f"ssh:{destination}")
+    return Carrier(("ssh", *SSH_OPTIONS, *opts, destination, *remote), f"ssh:{destination}", limits)
 
 
 # ------------------------------------------------------------------ the far side's stderr
@@ -443,7 +457,7 @@ async def spawn_via(
         raise SpawnError(name, target, "the carrier's pipes are missing")
     stderr = StderrLines(err, carrier.label, tasks)
     try:
-        gateway = await Gateway.open(node, out, into, first, label=carrier.label)
+        gateway = await Gateway.open(node, out, into, first, label=carrier.label, limits=carrier.limits)
     except BaseException as exc:
         mine.close()
         if proc.returncode is None:
