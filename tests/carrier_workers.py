@@ -142,3 +142,14 @@ async def send_and_return(arg: dict[str, Any]) -> None:
     for i in range(arg["n"]):
         out.send(i)
     arg["done"].send(arg["n"])
+
+
+async def spawn_far(arg: dict[str, Any]) -> None:
+    """A local worker (not the mesh's root) that spawns a far echo through
+    the carrier ``argv`` and answers ``arg["back"]`` with the far answer."""
+    tx, rx = meshipc.channel(Call[Any])
+    carrier = meshipc.command(arg["argv"], label="command:from-a-worker")
+    proc = await meshipc.current_mesh().spawn("carrier_workers:echo", rx, via=carrier)
+    arg["back"].send([await tx.call("via a worker"), proc.remote_pid != os.getpid()])
+    tx.close()
+    await proc.wait()

@@ -448,3 +448,15 @@ async def test_a_stopped_far_side_fails_waiting_calls_within_the_heartbeat_bound
         finally:
             os.kill(proc.remote_pid, signal.SIGCONT)
         assert await within(proc.wait()) != 0
+
+
+@needs_unshare
+async def test_a_worker_that_is_not_the_root_spawns_through_a_carrier(
+    runtime_dir: Path, far_dir: Path
+) -> None:
+    async with Mesh(runtime_dir=runtime_dir) as mesh:
+        back_tx, back_rx = channel()
+        argv = list(isolated(far_dir).argv)
+        proc = await within(mesh.spawn("carrier_workers:spawn_far", {"argv": argv, "back": back_tx}))
+        assert await within(back_rx.recv()) == ["via a worker", True]
+        assert await within(proc.wait()) == 0
