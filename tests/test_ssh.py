@@ -67,18 +67,22 @@ async def user_sshd(d: Path) -> AsyncIterator[list[str]]:
     )
     host_key = (d / "host.pub").read_text().split()
     (d / "known_hosts").write_text(f"[127.0.0.1]:{port} {host_key[0]} {host_key[1]}\n")
-    sshd = await asyncio.create_subprocess_exec(SSHD, "-D", "-e", "-f", str(d / "sshd_config"))
+    log = d / "sshd.log"  # our readiness probe's hang-up is logged there, not on the test's output
+    sshd = await asyncio.create_subprocess_exec(SSHD, "-D", "-E", str(log), "-f", str(d / "sshd_config"))
     try:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 10
         while True:  # its port answers once it listens
             try:
-                _, w = await asyncio.open_connection("127.0.0.1", port)
+                r, w = await asyncio.open_connection("127.0.0.1", port)
+                banner = await within(r.readline())  # read: a silent hang-up is logged as an error
                 w.close()
-                break
+                if banner.startswith(b"SSH-"):
+                    break
             except OSError:
                 if loop.time() > deadline or sshd.returncode is not None:
-                    raise AssertionError("sshd did not start listening") from None
+                    said = log.read_text() if log.exists() else ""
+                    raise AssertionError(f"sshd did not start listening: {said}") from None
                 await asyncio.sleep(0.02)
         yield [
             "-F", "/dev/null", "-p", str(port), "-i", str(d / "user"),
