@@ -159,13 +159,15 @@ async def test_closing_the_mesh_stops_remote_workers(runtime_dir: Path, far_dir:
 
 @needs_unshare
 async def test_a_missing_function_is_a_spawn_error_with_the_far_traceback(
-    runtime_dir: Path, far_dir: Path
+    runtime_dir: Path, far_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     async with Mesh(runtime_dir=runtime_dir) as mesh:
         with pytest.raises(SpawnError, match="has no function 'nope'") as info:
             await within(mesh.spawn("carrier_workers:nope", None, via=isolated(far_dir)))
         assert "Traceback" in info.value.traceback and "_find" in info.value.traceback
         assert mesh.stats().workers == 0
+    # the argument that followed the request was dropped quietly on the far side
+    assert not [r for r in caplog.records if r.name == "meshipc.remote" and "bad message" in r.getMessage()]
 
 
 @needs_unshare

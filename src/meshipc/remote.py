@@ -106,6 +106,7 @@ async def _run(port: Port, gateway: Gateway) -> int:
         return EXIT_PARENT_LOST
     except Exception as exc:
         port.send(_failed(exc))
+        port._set_type(Any)  # the argument may follow: dropped, not refused as a bad request
         await _goodbye(port)
         return 1
     port.send(Started(os.getpid(), __version__))
