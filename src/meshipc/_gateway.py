@@ -222,6 +222,15 @@ class Gateway:
         return gw
 
     async def _hello(self, timeout: float | None) -> None:
+        try:
+            await self._exchange_hello(timeout)
+        except BoundaryProtocolError as exc:
+            text = str(exc)
+            if not text.startswith("boundary link "):
+                raise type(exc)(f"boundary link {self.label}: {text}") from None
+            raise
+
+    async def _exchange_hello(self, timeout: float | None) -> None:
         ours = encode_hello(meshipc.__version__, self._nonce, self.limits)
         self._write(ours)
         try:
