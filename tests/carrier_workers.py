@@ -153,3 +153,16 @@ async def spawn_far(arg: dict[str, Any]) -> None:
     arg["back"].send([await tx.call("via a worker"), proc.remote_pid != os.getpid()])
     tx.close()
     await proc.wait()
+
+
+async def far_identity(arg: dict[str, Any]) -> None:
+    """Send this far mesh's node id and socket path on ``arg["port"]`` (as
+    data: the test then knows what to look for elsewhere), then echo the
+    calls on ``arg["calls"]`` until the port closes."""
+    mesh = meshipc.current_mesh()
+    port: Port = arg["port"]
+    port.send({"node": bytes(mesh.node_id), "path": mesh.stats().node.path})
+    serving = asyncio.ensure_future(echo(arg["calls"]))
+    async for _ in port:
+        pass
+    serving.cancel()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -462,3 +463,44 @@ async def test_a_worker_that_is_not_the_root_spawns_through_a_carrier(
         proc = await within(mesh.spawn("carrier_workers:spawn_far", {"argv": argv, "back": back_tx}))
         assert await within(back_rx.recv()) == ["via a worker", True]
         assert await within(proc.wait()) == 0
+
+
+@needs_unshare
+async def test_no_id_or_path_of_the_near_mesh_crosses_the_carrier(
+    runtime_dir: Path, far_dir: Path, tmp_path: Path
+) -> None:
+    # the carrier's stdin and stdout, recorded on their way (tee)
+    seen_in, seen_out = tmp_path / "in", tmp_path / "out"
+    inner = shlex.join(isolated(far_dir).argv)
+    tapped = meshipc.command(
+        ["sh", "-c", f"tee {seen_in} | {inner} | tee {seen_out}"], label="command:tapped"
+    )
+    async with Mesh(runtime_dir=runtime_dir) as mesh:
+        third_tx, third_rx = channel(Call[Any])
+        await within(mesh.spawn("carrier_workers:echo", third_rx))  # a third process of our mesh
+        calls, far_calls = channel(Call[Any])
+        here, there = Port.pair()
+        proc = await within(
+            mesh.spawn("carrier_workers:far_identity", {"port": there, "calls": far_calls}, via=tapped)
+        )
+        far = await within(here.recv())
+        # ports cross both ways inside calls, one of them peered with the third process
+        a, b = Port.pair()
+        back = await within(calls.call({"port": b, "sender": third_tx.clone(), "text": "hello"}))
+        back["port"].send("round trip")
+        assert await within(a.recv()) == "round trip"
+        assert await within(back["sender"].call("to the third")) == "to the third"
+        here.close()
+        await within(proc.wait())
+    crossed_in, crossed_out = seen_in.read_bytes(), seen_out.read_bytes()
+    assert b"hello" in crossed_in and b"round trip" in crossed_in  # the tap saw the traffic
+    ours = [
+        bytes(mesh.node_id),
+        os.fsencode(mesh.directory),
+        os.fsencode(runtime_dir),
+        mesh.node_id.hex().encode(),
+    ]
+    for secret in ours:
+        assert secret not in crossed_in and secret not in crossed_out
+    for theirs in (far["node"], os.fsencode(far["path"])):
+        assert theirs not in crossed_in  # what we send never names the far mesh's ids either
