@@ -25,6 +25,7 @@ from carrier_workers import Duplex
 from meshipc import Call, Fd, Mesh, MessageError, NodeFailure, Port, RemoteError, SpawnError, channel
 from meshipc._carrier import MAX_LOG_LINE, Carrier, SpawnRequest, Started, StderrLines
 from meshipc._tasks import TaskSet
+from meshipc.remote import open_stdio
 from relutil import private_dir, wait_until, within
 
 TESTS = Path(__file__).resolve().parent
@@ -504,3 +505,34 @@ async def test_no_id_or_path_of_the_near_mesh_crosses_the_carrier(
         assert secret not in crossed_in and secret not in crossed_out
     for theirs in (far["node"], os.fsencode(far["path"])):
         assert theirs not in crossed_in  # what we send never names the far mesh's ids either
+
+
+def _read_all(fd: int) -> int:
+    total = 0
+    while chunk := os.read(fd, 1 << 16):
+        total += len(chunk)
+    return total
+
+
+async def test_the_far_sides_writer_is_closed_only_once_its_bytes_are_out() -> None:
+    # the far side waits on this before it exits: its last bytes (a GOODBYE)
+    # must not die in its buffer when the other side is slow to read
+    r_in, w_in = os.pipe()
+    r_out, w_out = os.pipe()
+    try:
+        reader, writer = await open_stdio(r_in, w_out)
+        writer.write(b"x" * (1 << 20))  # far more than a pipe holds
+        writer.close()
+        closed = asyncio.ensure_future(writer.wait_closed())
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert not closed.done()  # nobody read yet
+        assert await within(asyncio.to_thread(_read_all, r_out)) == 1 << 20
+        await within(closed)
+        os.close(w_in)
+        assert await within(reader.read()) == b""
+        reader._transport.close()  # type: ignore[attr-defined]  # (the far process just exits)
+        for _ in range(3):  # uvloop frees the handle on a later turn
+            await asyncio.sleep(0)
+    finally:
+        os.close(r_out)

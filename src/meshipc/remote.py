@@ -20,6 +20,7 @@ by hand on a terminal.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -61,12 +62,16 @@ def take_stdio() -> tuple[int, int]:
 
 
 async def open_stdio(link_in: int, link_out: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """Asyncio streams over the two descriptors (pipes or sockets)."""
+    """Asyncio streams over the two descriptors (pipes or sockets). The
+    writer's ``wait_closed()`` returns once what it buffered is written
+    (its protocol is a ``StreamReaderProtocol``, which keeps that promise;
+    the bare ``FlowControlMixin`` raises there, so a process could exit with
+    its last bytes, a GOODBYE among them, still buffered)."""
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(link_in, "rb", 0))
     transport, protocol = await loop.connect_write_pipe(
-        asyncio.streams.FlowControlMixin, os.fdopen(link_out, "wb", 0)
+        lambda: asyncio.StreamReaderProtocol(asyncio.StreamReader()), os.fdopen(link_out, "wb", 0)
     )
     return reader, asyncio.StreamWriter(transport, protocol, None, loop)
 
@@ -90,6 +95,10 @@ async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> i
             # for the other side's credit (a slow reader there): it crosses
             # before the GOODBYE, which would fail those ports
             await gateway.aclose(flush=DRAIN_LIMIT)
+            # and out of our pipe before the process exits (the other side
+            # may be slow to read it; the gateway waits a second at most)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(writer.wait_closed(), DRAIN_LIMIT)
 
 
 async def _run(port: Port, gateway: Gateway) -> int:
