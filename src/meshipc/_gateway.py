@@ -88,6 +88,10 @@ log = logging.getLogger("meshipc.gateway")
 READ_BYTES: Final = 256 * 1024
 #: messages one relay forwards before the next ready relay gets its turn
 TURN: Final = 64
+#: relay turns in one synchronous pass before the loop gets a turn
+PASS_TURNS: Final = 16
+#: message frames smaller than this are joined into writes of about this size
+COALESCE_BYTES: Final = 64 * 1024
 #: we PING at most this often, whatever loss bound the far side announces
 MIN_PING_INTERVAL: Final = 0.05
 #: how long ``open`` waits for the far side's HELLO by default (seconds)
@@ -166,7 +170,12 @@ class Gateway:
         self._relays: dict[int, _Relay] = {}
         self._next = 0  # the next relay number this side opens (parity set by HELLO)
         self._ready: deque[_Relay] = deque()
-        self._wake = asyncio.Event()
+        self._wake = asyncio.Event()  # the pump: wait for the stream to drain, then go on
+        self._in_pass = False
+        self._kicked = False
+        self._draining = False
+        self._out: list[bytes | memoryview] = []  # message frames of this pass, joined into one write
+        self._out_len = 0
         self._flushed = asyncio.Event()  # set when the pump has nothing ready
         self._credited = asyncio.Event()  # set when credit comes back
         self._touched: set[_Relay] = set()
@@ -294,10 +303,15 @@ class Gateway:
         return n
 
     def _ready_up(self, rel: _Relay) -> None:
+        """``rel`` has something to send (a relay end's waker, or credit came)."""
         if not rel.queued and self._relays.get(rel.number) is rel:
             rel.queued = True
             self._ready.append(rel)
-            self._wake.set()
+            if not self._in_pass and not self._kicked:
+                # forward at the end of this loop turn, everything that got
+                # ready in it at once (one write), without a task switch
+                self._kicked = True
+                self._loop.call_soon(self._kick)
 
     def _drop(self, rel: _Relay) -> None:
         if self._relays.get(rel.number) is rel:
@@ -315,44 +329,98 @@ class Gateway:
         self._last_written = self._loop.time()
 
     def _frame(self, data: bytes) -> None:
+        """A control frame, written at once (no message frame is ever held
+        back between passes, so order within a relay holds)."""
         if self._closed:
             return
         self.frames_out += 1
         self._write(data)
 
+    def _emit(self, part: bytes | memoryview) -> None:
+        """Part of a message frame: small ones are joined into one write."""
+        if len(part) >= COALESCE_BYTES:
+            self._flush_out()
+            self._write(part)
+            return
+        self._out.append(part)
+        self._out_len += len(part)
+        if self._out_len >= COALESCE_BYTES:
+            self._flush_out()
+
+    def _flush_out(self) -> None:
+        if self._out:
+            data = b"".join(self._out) if len(self._out) > 1 else self._out[0]
+            self._out.clear()
+            self._out_len = 0
+            self._write(data)
+
     def _unsent(self) -> int:
         transport = self._writer.transport
         return transport.get_write_buffer_size() if transport is not None else 0
 
-    async def _pump(self) -> None:
-        """Forward what relay ends receive, relay by relay in turn."""
+    def _kick(self) -> None:
+        self._kicked = False
+        if self._closed or self._draining:
+            return  # the pump goes on once the stream has drained
         try:
-            await self._pump_loop()
+            if self._pass():
+                self._wake.set()  # the stream's buffer is full: the pump waits for it
+        except (OSError, RuntimeError) as exc:  # the stream broke under a write
+            self._end(f"the stream broke: {exc!r}")
+
+    async def _pump(self) -> None:
+        """Forward what waits while the stream's buffer is full (the common
+        case is ``_kick``, with no task switch)."""
+        try:
+            while not self._closed:
+                await self._wake.wait()
+                self._wake.clear()
+                self._draining = True
+                try:
+                    await self._writer.drain()
+                finally:
+                    self._draining = False
+                if not self._closed and self._pass():
+                    self._wake.set()
         except (OSError, RuntimeError) as exc:  # the stream broke under a write
             self._end(f"the stream broke: {exc!r}")
         except Exception as exc:  # a bug here must end the link loudly, not hang its ports
             log.exception("boundary link %s: the gateway failed", self.label)
             self._end(f"the gateway failed: {exc!r}")
 
-    async def _pump_loop(self) -> None:
-        while True:
-            if not self._ready:
-                self._flushed.set()
-            await self._wake.wait()
-            self._wake.clear()
-            while self._ready and not self._closed:
+    def _pass(self) -> bool:
+        """Forward what ready relays hold, each up to ``TURN`` messages in
+        turn; True if it stopped because the stream's buffer is full."""
+        self._in_pass = True
+        limit = self.limits.write_buffer_bytes
+        try:
+            for _ in range(PASS_TURNS):
+                if not self._ready or self._closed:
+                    return False
                 rel = self._ready.popleft()
                 rel.queued = False
                 if self._relays.get(rel.number) is not rel:
                     continue
-                more = await self._forward(rel)
-                if more:
-                    self._ready_up(rel)
+                if self._forward(rel) and not rel.queued:
+                    rel.queued = True
+                    self._ready.append(rel)
+                if self._out_len + self._unsent() > limit:
+                    return True
+            if self._ready and not self._kicked:  # let the loop breathe, then go on
+                self._kicked = True
+                self._loop.call_soon(self._kick)
+            return False
+        finally:
+            self._flush_out()
+            self._in_pass = False
+            if not self._ready:
+                self._flushed.set()
 
-    async def _forward(self, rel: _Relay) -> bool:
+    def _forward(self, rel: _Relay) -> bool:
         """Send up to ``TURN`` messages of ``rel``; True if it has more to send now."""
         st = rel.st
         eng = self._engine
+        limit = self.limits.write_buffer_bytes
         for _ in range(TURN):
             if rel.head is None:
                 msg = eng.take(st)
@@ -374,23 +442,22 @@ class Gateway:
             rel.tx.sent(len(body))
             parts = encode_msg(rel.number, kind, numbers, body)
             for part in parts:
-                self._write(part)
+                self._emit(part)
             self.frames_out += len(parts) // 2  # a head and a payload each
             self.messages_out += 1
             if kind >= K_REPLY:
                 self._drop(rel)  # a final message: the relay goes with it, on both sides
                 return False
-            if self._unsent() > self.limits.write_buffer_bytes:
-                await self._writer.drain()
-                if self._closed or self._relays.get(rel.number) is not rel:
-                    return False
+            if self._out_len + self._unsent() > limit:
+                return True
         if st.queue or rel.head is not None:
             return rel.tx.can_send(len(rel.head[1])) if rel.head is not None else True
         if st.ended:
             if st.error is not None:
-                self._frame(encode_fail(rel.number, st.error.cause))
+                self._emit(encode_fail(rel.number, st.error.cause))
             else:
-                self._frame(encode_close(rel.number))
+                self._emit(encode_close(rel.number))
+            self.frames_out += 1
             self._drop(rel)
             eng.close(st)
         return False
@@ -616,7 +683,8 @@ class Gateway:
                         sendable, awaiting = self._pending()
                         if sendable:
                             self._flushed.clear()
-                            self._wake.set()
+                            if not self._draining and self._pass():
+                                self._wake.set()
                             await self._flushed.wait()
                         elif awaiting:  # blocked until the far side gives credit back
                             self._credited.clear()
