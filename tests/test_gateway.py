@@ -20,11 +20,12 @@ import pytest
 import meshipc
 from attachutil import key_material
 from gateway_util import far_peer
-from meshipc import Call, Fd, LinkFailure, Mesh, NodeFailure, Port, Receiver, Sender
+from meshipc import Call, ChannelClosed, Fd, LinkFailure, Mesh, NodeFailure, Port, Receiver, Sender
 from meshipc._boundary import (
     BoundaryDecoder,
     Close,
     Msg,
+    encode_close,
     encode_credit,
     encode_goodbye,
     encode_hello,
@@ -386,9 +387,11 @@ async def test_a_raw_far_side_can_talk(runtime_dir: Path) -> None:
         msg[1].send("to relay 3")
         seen = await read_frames(r, lambda ev: isinstance(ev, Msg) and ev.relay == 3)
         assert msgspec.msgpack.decode(seen[-1].body) == "to relay 3"
-        w.write(raw_msg(77, "late", ports=(5, 7)))  # no relay 77 (any more)
+        w.write(encode_close(3) + raw_msg(3, "late", ports=(5, 7)))  # relay 3 ended
         seen = await read_frames(r, lambda ev: isinstance(ev, Close) and ev.relay == 7)
         assert Close(5) in seen
+        with pytest.raises(ChannelClosed):
+            await within(msg[1].recv())
 
 
 @pytest.mark.parametrize(
@@ -396,6 +399,9 @@ async def test_a_raw_far_side_can_talk(runtime_dir: Path) -> None:
     [
         (raw_msg(0, "x", ports=(2,)), "relay 2, which is not its to open"),
         (raw_msg(0, "x", ports=(0,)), "relay 0, which is not its to open"),
+        (raw_msg(0, "a", ports=(3,)) + raw_msg(0, "b", ports=(3,)), "relay 3, which is not its to open"),
+        (raw_msg(99, "x"), "relay 99, which was never opened"),
+        (raw_msg(8, "x"), "relay 8, which was never opened"),
         (raw_msg(0, "a", ports=(1, 3, 5, 9)), "more than 3 relays"),
         (raw_msg(0, 1) * 5, "beyond its window"),
         (encode_credit(0, 1, 1), "exceeds what is in flight"),

@@ -88,6 +88,9 @@ log = logging.getLogger("meshipc.gateway")
 READ_BYTES: Final = 256 * 1024
 #: messages one relay forwards before the next ready relay gets its turn
 TURN: Final = 64
+#: control frames (credit, closes back) beyond the write buffer before a far
+#: side that does not read them is dropped
+CONTROL_SLACK: Final = 1024 * 1024
 #: relay turns in one synchronous pass before the loop gets a turn
 PASS_TURNS: Final = 16
 #: message frames smaller than this are joined into writes of about this size
@@ -127,7 +130,7 @@ class GatewayStats:
 
 
 class _Relay:
-    __slots__ = ("head", "held", "number", "queued", "rx", "st", "tx", "watching")
+    __slots__ = ("head", "number", "queued", "rx", "st", "tx", "watching")
 
     def __init__(self, number: int, st: PortState, far: Hello, ours: BoundaryLimits) -> None:
         self.number = number
@@ -137,7 +140,6 @@ class _Relay:
         #: the next message to send, taken and encoded, waiting for credit
         self.head: tuple[int, bytes, list[PortState]] | None = None
         self.queued = False  # in the gateway's ready queue
-        self.held = False  # received credit waits for the local peer's window
         self.watching = False
 
 
@@ -169,6 +171,7 @@ class Gateway:
         self._far: Hello | None = None
         self._relays: dict[int, _Relay] = {}
         self._next = 0  # the next relay number this side opens (parity set by HELLO)
+        self._far_max = 0  # the highest relay number the far side opened (they only grow)
         self._ready: deque[_Relay] = deque()
         self._wake = asyncio.Event()  # the pump: wait for the stream to drain, then go on
         self._in_pass = False
@@ -330,8 +333,13 @@ class Gateway:
 
     def _frame(self, data: bytes) -> None:
         """A control frame, written at once (no message frame is ever held
-        back between passes, so order within a relay holds)."""
+        back between passes, so order within a relay holds). Control frames
+        answer what the far side sends; one that does not read them cannot
+        make us hold more than ``CONTROL_SLACK`` beyond the write buffer."""
         if self._closed:
+            return
+        if self._unsent() > self.limits.write_buffer_bytes + CONTROL_SLACK:
+            self._end("the far side does not read what it asks us to write")
             return
         self.frames_out += 1
         self._write(data)
@@ -563,9 +571,15 @@ class Gateway:
     def _on_msg(self, ev: Msg) -> None:
         eng = self._engine
         far_parity = 1 - (self._next & 1)
+        r = ev.relay
+        if r and (r >= self._next if r & 1 != far_parity else r > self._far_max):
+            raise BoundaryProtocolError(f"a message for relay {r}, which was never opened")
         for n in ev.ports:
-            if n & 1 != far_parity or n == 0 or n in self._relays:
-                raise BoundaryProtocolError(f"the far side opened relay {n}, which is not its to open")
+            if n & 1 != far_parity or n <= self._far_max:
+                raise BoundaryProtocolError(
+                    f"the far side opened relay {n}, which is not its to open (or not a new one)"
+                )
+            self._far_max = n
         if len(self._relays) + len(ev.ports) > self.limits.max_relays:
             raise BoundaryProtocolError(
                 f"the far side opened more than {self.limits.max_relays} relays (the limit)"
