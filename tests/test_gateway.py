@@ -33,6 +33,7 @@ from meshipc._boundary import (
 )
 from meshipc._channel import EXT_PORT
 from meshipc._codec import pack_indices
+from meshipc._gateway import CONTROL_SLACK
 from relutil import wait_until, within
 
 pytestmark = pytest.mark.timeout(60)
@@ -491,3 +492,24 @@ async def test_a_waiter_in_a_third_process_learns_the_link_is_lost(runtime_dir: 
         assert kind in ("PortFailed", "NodeFailure", "LinkFailure")
         assert "boundary link test:far failed" in text and "may or may not" in text
         await within(worker.wait())
+
+
+async def test_a_far_side_that_never_reads_what_it_asks_for_is_dropped(runtime_dir: Path) -> None:
+    """Messages for a relay that ended make us close their ports back: a far
+    side that sends many and reads nothing cannot grow our write buffer past
+    ``write_buffer_bytes`` + ``CONTROL_SLACK``."""
+    limits = meshipc.BoundaryLimits(max_relays=8192, write_buffer_bytes=64 * 1024)
+    async with Mesh(runtime_dir=runtime_dir) as mesh, raw_far(mesh, limits) as (gw, agent, _, w):
+        w.write(raw_msg(0, "open 3", ports=(3,)) + encode_close(3))
+        assert await within(agent.recv()) == "open 3"
+        n = 5
+        with pytest.raises(LinkFailure, match="does not read"):
+            for _ in range(200):
+                ports = tuple(range(n, n + 2 * 4000, 2))
+                n += 2 * 4000
+                w.write(raw_msg(3, None, ports=ports))
+                await w.drain()
+                if gw.closed:
+                    break
+            await within(agent.recv())
+        assert gw.stats().buffered_bytes <= 64 * 1024 + CONTROL_SLACK + 64 * 1024
