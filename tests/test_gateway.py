@@ -196,9 +196,23 @@ async def test_heartbeat_loss_fails_within_the_bound(runtime_dir: Path) -> None:
         assert await within(p.recv()) == "still there"
         os.kill(far.proc.pid, signal.SIGSTOP)
         t0 = asyncio.get_running_loop().time()
+        most = 0
+
+        async def produce() -> None:  # towards a far side that reads nothing now
+            nonlocal most
+            with contextlib.suppress(LinkFailure):
+                for _ in range(100_000):
+                    p.send(b"s" * 1024)
+                    await p.drain()
+                    most = max(most, far.gw.stats().buffered_bytes)
+
+        producer = asyncio.ensure_future(produce())
         with pytest.raises(LinkFailure, match="nothing heard"):
-            await within(p.recv())
+            while True:
+                await within(p.recv())
         took = asyncio.get_running_loop().time() - t0
+        await within(producer)
+        assert 0 < most <= limits.write_buffer_bytes + 256 * 1024, most
         assert 1.0 < took < 1.5 + 0.05 + 3.0, took  # the bound, generous for a loaded machine
         assert idle < t0
 
