@@ -527,3 +527,25 @@ async def test_a_far_side_that_never_reads_what_it_asks_for_is_dropped(runtime_d
                     break
             await within(agent.recv())
         assert gw.stats().buffered_bytes <= 64 * 1024 + CONTROL_SLACK + 64 * 1024
+
+
+async def test_what_arrived_before_the_stream_broke_is_still_delivered(runtime_dir: Path) -> None:
+    """An asyncio ``StreamReader`` raises a failed write's error before the
+    bytes it holds: those messages had arrived, and are delivered before the
+    failure."""
+    async with Mesh(runtime_dir=runtime_dir) as mesh:
+        ours, theirs = socket.socketpair()
+        _, w = await asyncio.open_connection(sock=ours)
+        reader = asyncio.StreamReader()
+        reader.feed_data(encode_hello("0.0.1", 2**64 - 1, meshipc.BoundaryLimits()))
+        agent, first = Port.pair()
+        gw = await mesh.open_gateway(reader, w, first, label="held")
+        reader.feed_data(b"".join(raw_msg(0, i) for i in range(10)))
+        reader.set_exception(BrokenPipeError(32, "Broken pipe"))
+        got = []
+        with pytest.raises(LinkFailure, match="Broken pipe"):
+            while True:
+                got.append(await within(agent.recv()))
+        assert got == list(range(10))
+        await gw.aclose()
+        theirs.close()

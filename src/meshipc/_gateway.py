@@ -97,6 +97,8 @@ PASS_TURNS: Final = 16
 COALESCE_BYTES: Final = 64 * 1024
 #: we PING at most this often, whatever loss bound the far side announces
 MIN_PING_INTERVAL: Final = 0.05
+#: after our GOODBYE, how long we wait for the far side to close its half
+LINGER: Final = 2.0
 #: how long ``open`` waits for the far side's HELLO by default (seconds)
 HELLO_TIMEOUT: Final = 30.0
 
@@ -185,6 +187,7 @@ class Gateway:
         self._tasks: set[asyncio.Task[None]] = set()
         self._done: asyncio.Future[BaseException | None] = self._loop.create_future()
         self._closed = False
+        self._lingering: asyncio.Task[None] | None = None
         self._last_heard = self._loop.time()
         self._last_written = self._loop.time()
         self._ping = 0
@@ -518,6 +521,7 @@ class Gateway:
             cause = f"the far side broke the protocol: {exc}"
         except (OSError, EOFError) as exc:
             cause = f"the stream broke: {exc!r}"
+            cause = self._read_what_arrived() or cause
         except _Goodbye as bye:
             cause = f"the far side closed the link (GOODBYE: {bye.reason})"
         except asyncio.CancelledError:
@@ -526,6 +530,26 @@ class Gateway:
             log.exception("boundary link %s: the gateway failed", self.label)
             cause = f"the gateway failed: {exc!r}"
         self._end(cause)
+
+    def _read_what_arrived(self) -> str | None:
+        """What the stream had delivered when it broke, still to read: an
+        asyncio ``StreamReader`` raises its error before what it holds (a
+        failed *write* of ours sets that error), so the far side's last
+        messages would be lost though they had arrived. Processes them;
+        returns a better cause if they end the link in order."""
+        held = getattr(self._reader, "_buffer", None)
+        if not isinstance(held, bytearray) or not held:
+            return None
+        data = bytes(held)
+        held.clear()
+        try:
+            self._decoder.feed(data)
+            self._events()
+        except BoundaryProtocolError:
+            return None
+        except _Goodbye as bye:
+            return f"the far side closed the link (GOODBYE: {bye.reason})"
+        return None
 
     def _events(self) -> None:
         dec = self._decoder
@@ -671,12 +695,34 @@ class Gateway:
         for t in list(self._tasks):
             if t is not me:
                 t.cancel()
-        with contextlib.suppress(Exception):
-            self._writer.close()
+        if ours:
+            self._lingering = self._loop.create_task(self._linger())
+        else:
+            with contextlib.suppress(Exception):
+                self._writer.close()
         if not self._done.done():
             self._done.set_result(None if ours else err)
         if not ours:
             log.warning("%s", err)
+
+    async def _linger(self) -> None:
+        """After our GOODBYE: end our half of the stream and read (dropping
+        it) what the far side still sends until it closes its half, for at
+        most ``LINGER`` seconds, then close. Closing at once could make the
+        far side's next write fail, and a failed write can hide from its
+        reader what had arrived before our GOODBYE."""
+        w = self._writer
+        try:
+            with contextlib.suppress(OSError, RuntimeError, NotImplementedError):
+                if w.can_write_eof():
+                    w.write_eof()
+            with contextlib.suppress(OSError, TimeoutError, RuntimeError):
+                async with asyncio.timeout(LINGER):
+                    while await self._reader.read(READ_BYTES):
+                        pass
+        finally:
+            with contextlib.suppress(Exception):
+                w.close()
 
     def close(self) -> None:
         """``aclose`` without waiting for the stream to close (what a closing
@@ -708,6 +754,8 @@ class Gateway:
                     if not self._closed:
                         await self._writer.drain()
         self.close()
+        if self._lingering is not None:
+            await asyncio.shield(self._lingering)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self._writer.wait_closed(), 1.0)
         tasks = list(self._tasks)
