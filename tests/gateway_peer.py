@@ -167,6 +167,15 @@ async def goodbye(tx: Sender[Any], n: int, report: Port) -> None:
     await _gateway[0].aclose()
 
 
+async def wait_for_failure(arg: dict[str, Any]) -> None:
+    """(Spawned in the test's mesh) wait on ``arg["port"]`` and report how
+    it ended on ``arg["report"]``."""
+    try:
+        await arg["port"].recv()
+    except meshipc.MeshError as exc:
+        arg["report"].send([type(exc).__name__, str(exc)])
+
+
 async def stop(code: int, report: Port) -> None:
     sys.stdout.flush()
     os._exit(code)
@@ -174,6 +183,14 @@ async def stop(code: int, report: Port) -> None:
 
 AGENT = {f.__name__: f for f in (echo, double, call, stream, count, back, size, hold, release, third,
                                  send_fd_here, collect, dump, goodbye, stop)}
+
+
+async def quietly(coro: Any) -> None:
+    """A command, whose ports may end under it when the link goes."""
+    try:
+        await coro
+    except (ChannelClosed, PortFailed):
+        pass
 
 
 async def main() -> None:
@@ -195,7 +212,7 @@ async def main() -> None:
         try:
             async for cmd in agent:
                 op, *args = cmd
-                t = asyncio.ensure_future(AGENT[op](*args, agent))
+                t = asyncio.ensure_future(quietly(AGENT[op](*args, agent)))
                 tasks.add(t)
                 t.add_done_callback(tasks.discard)
         except (ChannelClosed, PortFailed):

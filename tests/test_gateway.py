@@ -20,11 +20,12 @@ import pytest
 import meshipc
 from attachutil import key_material
 from gateway_util import far_peer
-from meshipc import Call, Fd, LinkFailure, Mesh, NodeFailure, Port, Receiver, Sender
+from meshipc import Call, ChannelClosed, Fd, LinkFailure, Mesh, NodeFailure, Port, Receiver, Sender
 from meshipc._boundary import (
     BoundaryDecoder,
     Close,
     Msg,
+    encode_close,
     encode_credit,
     encode_goodbye,
     encode_hello,
@@ -32,6 +33,7 @@ from meshipc._boundary import (
 )
 from meshipc._channel import EXT_PORT
 from meshipc._codec import pack_indices
+from meshipc._gateway import CONTROL_SLACK
 from relutil import wait_until, within
 
 pytestmark = pytest.mark.timeout(60)
@@ -179,7 +181,7 @@ async def test_stream_eof_fails_every_crossing_port(runtime_dir: Path) -> None:
 async def test_heartbeat_loss_fails_within_the_bound(runtime_dir: Path) -> None:
     """A far side that stops (SIGSTOP: it neither reads nor writes) is
     declared lost after ``heartbeat_timeout`` (+ half an interval)."""
-    limits = meshipc.BoundaryLimits(heartbeat_interval=0.1, heartbeat_timeout=1.0)
+    limits = meshipc.BoundaryLimits(heartbeat_interval=0.1, heartbeat_timeout=1.5)
     async with Mesh(runtime_dir=runtime_dir) as mesh, far_peer(mesh, runtime_dir, limits=limits) as far:
         p, q = Port.pair()
         far.agent.send(["echo", q])
@@ -188,16 +190,30 @@ async def test_heartbeat_loss_fails_within_the_bound(runtime_dir: Path) -> None:
         # an idle link stays up well past the bound: the far side pings us
         # (its own interval is 2 s, but it follows our announced bound)
         idle = asyncio.get_running_loop().time()
-        await asyncio.sleep(2.5)  # idle time under test, not synchronisation
+        await asyncio.sleep(2.0)  # idle time under test, not synchronisation
         assert not far.gw.closed
         p.send("still there")
         assert await within(p.recv()) == "still there"
         os.kill(far.proc.pid, signal.SIGSTOP)
         t0 = asyncio.get_running_loop().time()
+        most = 0
+
+        async def produce() -> None:  # towards a far side that reads nothing now
+            nonlocal most
+            with contextlib.suppress(LinkFailure):
+                for _ in range(100_000):
+                    p.send(b"s" * 1024)
+                    await p.drain()
+                    most = max(most, far.gw.stats().buffered_bytes)
+
+        producer = asyncio.ensure_future(produce())
         with pytest.raises(LinkFailure, match="nothing heard"):
-            await within(p.recv())
+            while True:
+                await within(p.recv())
         took = asyncio.get_running_loop().time() - t0
-        assert 0.5 < took < 1.0 + 0.05 + 3.0, took  # the bound, generous for a loaded machine
+        await within(producer)
+        assert 0 < most <= limits.write_buffer_bytes + 256 * 1024, most
+        assert 1.0 < took < 1.5 + 0.05 + 3.0, took  # the bound, generous for a loaded machine
         assert idle < t0
 
 
@@ -386,9 +402,11 @@ async def test_a_raw_far_side_can_talk(runtime_dir: Path) -> None:
         msg[1].send("to relay 3")
         seen = await read_frames(r, lambda ev: isinstance(ev, Msg) and ev.relay == 3)
         assert msgspec.msgpack.decode(seen[-1].body) == "to relay 3"
-        w.write(raw_msg(77, "late", ports=(5, 7)))  # no relay 77 (any more)
+        w.write(encode_close(3) + raw_msg(3, "late", ports=(5, 7)))  # relay 3 ended
         seen = await read_frames(r, lambda ev: isinstance(ev, Close) and ev.relay == 7)
         assert Close(5) in seen
+        with pytest.raises(ChannelClosed):
+            await within(msg[1].recv())
 
 
 @pytest.mark.parametrize(
@@ -396,6 +414,9 @@ async def test_a_raw_far_side_can_talk(runtime_dir: Path) -> None:
     [
         (raw_msg(0, "x", ports=(2,)), "relay 2, which is not its to open"),
         (raw_msg(0, "x", ports=(0,)), "relay 0, which is not its to open"),
+        (raw_msg(0, "a", ports=(3,)) + raw_msg(0, "b", ports=(3,)), "relay 3, which is not its to open"),
+        (raw_msg(99, "x"), "relay 99, which was never opened"),
+        (raw_msg(8, "x"), "relay 8, which was never opened"),
         (raw_msg(0, "a", ports=(1, 3, 5, 9)), "more than 3 relays"),
         (raw_msg(0, 1) * 5, "beyond its window"),
         (encode_credit(0, 1, 1), "exceeds what is in flight"),
@@ -468,3 +489,63 @@ async def test_an_orderly_close_sends_what_was_sent_first(runtime_dir: Path) -> 
             async for v in rx:
                 got.append(v)
         assert got == list(range(5000))
+
+
+async def test_a_waiter_in_a_third_process_learns_the_link_is_lost(runtime_dir: Path) -> None:
+    """An end in another process of our mesh, whose peer crossed: it fails
+    too, with the link named (as a ``PortFailed``: failures that travel
+    between nodes carry their text)."""
+    async with Mesh(runtime_dir=runtime_dir) as mesh, far_peer(mesh, runtime_dir) as far:
+        p, q = Port.pair()
+        rtx, rrx = meshipc.channel()
+        worker = await mesh.spawn("gateway_peer:wait_for_failure", {"port": p, "report": rtx})
+        far.agent.send(["hold", q])
+        await far.report("holding")
+        far.proc.kill()
+        kind, text = await within(rrx.recv())
+        assert kind in ("PortFailed", "NodeFailure", "LinkFailure")
+        assert "boundary link test:far failed" in text and "may or may not" in text
+        await within(worker.wait())
+
+
+async def test_a_far_side_that_never_reads_what_it_asks_for_is_dropped(runtime_dir: Path) -> None:
+    """Messages for a relay that ended make us close their ports back: a far
+    side that sends many and reads nothing cannot grow our write buffer past
+    ``write_buffer_bytes`` + ``CONTROL_SLACK``."""
+    limits = meshipc.BoundaryLimits(max_relays=8192, write_buffer_bytes=64 * 1024)
+    async with Mesh(runtime_dir=runtime_dir) as mesh, raw_far(mesh, limits) as (gw, agent, _, w):
+        w.write(raw_msg(0, "open 3", ports=(3,)) + encode_close(3))
+        assert await within(agent.recv()) == "open 3"
+        n = 5
+        with pytest.raises(LinkFailure, match="does not read"):
+            for _ in range(200):
+                ports = tuple(range(n, n + 2 * 4000, 2))
+                n += 2 * 4000
+                w.write(raw_msg(3, None, ports=ports))
+                await w.drain()
+                if gw.closed:
+                    break
+            await within(agent.recv())
+        assert gw.stats().buffered_bytes <= 64 * 1024 + CONTROL_SLACK + 64 * 1024
+
+
+async def test_what_arrived_before_the_stream_broke_is_still_delivered(runtime_dir: Path) -> None:
+    """An asyncio ``StreamReader`` raises a failed write's error before the
+    bytes it holds: those messages had arrived, and are delivered before the
+    failure."""
+    async with Mesh(runtime_dir=runtime_dir) as mesh:
+        ours, theirs = socket.socketpair()
+        _, w = await asyncio.open_connection(sock=ours)
+        reader = asyncio.StreamReader()
+        reader.feed_data(encode_hello("0.0.1", 2**64 - 1, meshipc.BoundaryLimits()))
+        agent, first = Port.pair()
+        gw = await mesh.open_gateway(reader, w, first, label="held")
+        reader.feed_data(b"".join(raw_msg(0, i) for i in range(10)))
+        reader.set_exception(BrokenPipeError(32, "Broken pipe"))
+        got = []
+        with pytest.raises(LinkFailure, match="Broken pipe"):
+            while True:
+                got.append(await within(agent.recv()))
+        assert got == list(range(10))
+        await gw.aclose()
+        theirs.close()

@@ -10,7 +10,8 @@ Rules of this module:
   secret. A crossing port is a *relay*, a small number per link; relay 0 is
   the link's first port. Each side numbers the relays it opens: the side
   whose HELLO nonce is lower takes even numbers, the other odd ones
-  (``Hello.nonce``), so the two never collide.
+  (``Hello.nonce``), so the two never collide; each side's numbers only
+  grow (the gateway holds the far side to it).
 * Each side starts with ``HELLO``: ``MAGIC``, the protocol version *range*
   it speaks, its meshipc version, a random nonce and the caps it holds the
   far side to (per-relay window, largest body). Both use the highest common

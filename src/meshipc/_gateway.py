@@ -88,8 +88,17 @@ log = logging.getLogger("meshipc.gateway")
 READ_BYTES: Final = 256 * 1024
 #: messages one relay forwards before the next ready relay gets its turn
 TURN: Final = 64
+#: control frames (credit, closes back) beyond the write buffer before a far
+#: side that does not read them is dropped
+CONTROL_SLACK: Final = 1024 * 1024
+#: relay turns in one synchronous pass before the loop gets a turn
+PASS_TURNS: Final = 16
+#: message frames smaller than this are joined into writes of about this size
+COALESCE_BYTES: Final = 64 * 1024
 #: we PING at most this often, whatever loss bound the far side announces
 MIN_PING_INTERVAL: Final = 0.05
+#: after our GOODBYE, how long we wait for the far side to close its half
+LINGER: Final = 2.0
 #: how long ``open`` waits for the far side's HELLO by default (seconds)
 HELLO_TIMEOUT: Final = 30.0
 
@@ -123,7 +132,7 @@ class GatewayStats:
 
 
 class _Relay:
-    __slots__ = ("head", "held", "number", "queued", "rx", "st", "tx", "watching")
+    __slots__ = ("head", "number", "queued", "rx", "st", "tx", "watching")
 
     def __init__(self, number: int, st: PortState, far: Hello, ours: BoundaryLimits) -> None:
         self.number = number
@@ -133,7 +142,6 @@ class _Relay:
         #: the next message to send, taken and encoded, waiting for credit
         self.head: tuple[int, bytes, list[PortState]] | None = None
         self.queued = False  # in the gateway's ready queue
-        self.held = False  # received credit waits for the local peer's window
         self.watching = False
 
 
@@ -165,14 +173,21 @@ class Gateway:
         self._far: Hello | None = None
         self._relays: dict[int, _Relay] = {}
         self._next = 0  # the next relay number this side opens (parity set by HELLO)
+        self._far_max = 0  # the highest relay number the far side opened (they only grow)
         self._ready: deque[_Relay] = deque()
-        self._wake = asyncio.Event()
+        self._wake = asyncio.Event()  # the pump: wait for the stream to drain, then go on
+        self._in_pass = False
+        self._kicked = False
+        self._draining = False
+        self._out: list[bytes | memoryview] = []  # message frames of this pass, joined into one write
+        self._out_len = 0
         self._flushed = asyncio.Event()  # set when the pump has nothing ready
         self._credited = asyncio.Event()  # set when credit comes back
         self._touched: set[_Relay] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._done: asyncio.Future[BaseException | None] = self._loop.create_future()
         self._closed = False
+        self._lingering: asyncio.Task[None] | None = None
         self._last_heard = self._loop.time()
         self._last_written = self._loop.time()
         self._ping = 0
@@ -294,10 +309,15 @@ class Gateway:
         return n
 
     def _ready_up(self, rel: _Relay) -> None:
+        """``rel`` has something to send (a relay end's waker, or credit came)."""
         if not rel.queued and self._relays.get(rel.number) is rel:
             rel.queued = True
             self._ready.append(rel)
-            self._wake.set()
+            if not self._in_pass and not self._kicked:
+                # forward at the end of this loop turn, everything that got
+                # ready in it at once (one write), without a task switch
+                self._kicked = True
+                self._loop.call_soon(self._kick)
 
     def _drop(self, rel: _Relay) -> None:
         if self._relays.get(rel.number) is rel:
@@ -315,44 +335,103 @@ class Gateway:
         self._last_written = self._loop.time()
 
     def _frame(self, data: bytes) -> None:
+        """A control frame, written at once (no message frame is ever held
+        back between passes, so order within a relay holds). Control frames
+        answer what the far side sends; one that does not read them cannot
+        make us hold more than ``CONTROL_SLACK`` beyond the write buffer."""
         if self._closed:
+            return
+        if self._unsent() > self.limits.write_buffer_bytes + CONTROL_SLACK:
+            self._end("the far side does not read what it asks us to write")
             return
         self.frames_out += 1
         self._write(data)
+
+    def _emit(self, part: bytes | memoryview) -> None:
+        """Part of a message frame: small ones are joined into one write."""
+        if len(part) >= COALESCE_BYTES:
+            self._flush_out()
+            self._write(part)
+            return
+        self._out.append(part)
+        self._out_len += len(part)
+        if self._out_len >= COALESCE_BYTES:
+            self._flush_out()
+
+    def _flush_out(self) -> None:
+        if self._out:
+            data = b"".join(self._out) if len(self._out) > 1 else self._out[0]
+            self._out.clear()
+            self._out_len = 0
+            self._write(data)
 
     def _unsent(self) -> int:
         transport = self._writer.transport
         return transport.get_write_buffer_size() if transport is not None else 0
 
-    async def _pump(self) -> None:
-        """Forward what relay ends receive, relay by relay in turn."""
+    def _kick(self) -> None:
+        self._kicked = False
+        if self._closed or self._draining:
+            return  # the pump goes on once the stream has drained
         try:
-            await self._pump_loop()
+            if self._pass():
+                self._wake.set()  # the stream's buffer is full: the pump waits for it
+        except (OSError, RuntimeError) as exc:  # the stream broke under a write
+            self._end(f"the stream broke: {exc!r}")
+
+    async def _pump(self) -> None:
+        """Forward what waits while the stream's buffer is full (the common
+        case is ``_kick``, with no task switch)."""
+        try:
+            while not self._closed:
+                await self._wake.wait()
+                self._wake.clear()
+                self._draining = True
+                try:
+                    await self._writer.drain()
+                finally:
+                    self._draining = False
+                if not self._closed and self._pass():
+                    self._wake.set()
         except (OSError, RuntimeError) as exc:  # the stream broke under a write
             self._end(f"the stream broke: {exc!r}")
         except Exception as exc:  # a bug here must end the link loudly, not hang its ports
             log.exception("boundary link %s: the gateway failed", self.label)
             self._end(f"the gateway failed: {exc!r}")
 
-    async def _pump_loop(self) -> None:
-        while True:
-            if not self._ready:
-                self._flushed.set()
-            await self._wake.wait()
-            self._wake.clear()
-            while self._ready and not self._closed:
+    def _pass(self) -> bool:
+        """Forward what ready relays hold, each up to ``TURN`` messages in
+        turn; True if it stopped because the stream's buffer is full."""
+        self._in_pass = True
+        limit = self.limits.write_buffer_bytes
+        try:
+            for _ in range(PASS_TURNS):
+                if not self._ready or self._closed:
+                    return False
                 rel = self._ready.popleft()
                 rel.queued = False
                 if self._relays.get(rel.number) is not rel:
                     continue
-                more = await self._forward(rel)
-                if more:
-                    self._ready_up(rel)
+                if self._forward(rel) and not rel.queued:
+                    rel.queued = True
+                    self._ready.append(rel)
+                if self._out_len + self._unsent() > limit:
+                    return True
+            if self._ready and not self._kicked:  # let the loop breathe, then go on
+                self._kicked = True
+                self._loop.call_soon(self._kick)
+            return False
+        finally:
+            self._flush_out()
+            self._in_pass = False
+            if not self._ready:
+                self._flushed.set()
 
-    async def _forward(self, rel: _Relay) -> bool:
+    def _forward(self, rel: _Relay) -> bool:
         """Send up to ``TURN`` messages of ``rel``; True if it has more to send now."""
         st = rel.st
         eng = self._engine
+        limit = self.limits.write_buffer_bytes
         for _ in range(TURN):
             if rel.head is None:
                 msg = eng.take(st)
@@ -374,23 +453,22 @@ class Gateway:
             rel.tx.sent(len(body))
             parts = encode_msg(rel.number, kind, numbers, body)
             for part in parts:
-                self._write(part)
+                self._emit(part)
             self.frames_out += len(parts) // 2  # a head and a payload each
             self.messages_out += 1
             if kind >= K_REPLY:
                 self._drop(rel)  # a final message: the relay goes with it, on both sides
                 return False
-            if self._unsent() > self.limits.write_buffer_bytes:
-                await self._writer.drain()
-                if self._closed or self._relays.get(rel.number) is not rel:
-                    return False
+            if self._out_len + self._unsent() > limit:
+                return True
         if st.queue or rel.head is not None:
             return rel.tx.can_send(len(rel.head[1])) if rel.head is not None else True
         if st.ended:
             if st.error is not None:
-                self._frame(encode_fail(rel.number, st.error.cause))
+                self._emit(encode_fail(rel.number, st.error.cause))
             else:
-                self._frame(encode_close(rel.number))
+                self._emit(encode_close(rel.number))
+            self.frames_out += 1
             self._drop(rel)
             eng.close(st)
         return False
@@ -443,6 +521,7 @@ class Gateway:
             cause = f"the far side broke the protocol: {exc}"
         except (OSError, EOFError) as exc:
             cause = f"the stream broke: {exc!r}"
+            cause = self._read_what_arrived() or cause
         except _Goodbye as bye:
             cause = f"the far side closed the link (GOODBYE: {bye.reason})"
         except asyncio.CancelledError:
@@ -451,6 +530,26 @@ class Gateway:
             log.exception("boundary link %s: the gateway failed", self.label)
             cause = f"the gateway failed: {exc!r}"
         self._end(cause)
+
+    def _read_what_arrived(self) -> str | None:
+        """What the stream had delivered when it broke, still to read: an
+        asyncio ``StreamReader`` raises its error before what it holds (a
+        failed *write* of ours sets that error), so the far side's last
+        messages would be lost though they had arrived. Processes them;
+        returns a better cause if they end the link in order."""
+        held = getattr(self._reader, "_buffer", None)
+        if not isinstance(held, bytearray) or not held:
+            return None
+        data = bytes(held)
+        held.clear()
+        try:
+            self._decoder.feed(data)
+            self._events()
+        except BoundaryProtocolError:
+            return None
+        except _Goodbye as bye:
+            return f"the far side closed the link (GOODBYE: {bye.reason})"
+        return None
 
     def _events(self) -> None:
         dec = self._decoder
@@ -496,9 +595,15 @@ class Gateway:
     def _on_msg(self, ev: Msg) -> None:
         eng = self._engine
         far_parity = 1 - (self._next & 1)
+        r = ev.relay
+        if r and (r >= self._next if r & 1 != far_parity else r > self._far_max):
+            raise BoundaryProtocolError(f"a message for relay {r}, which was never opened")
         for n in ev.ports:
-            if n & 1 != far_parity or n == 0 or n in self._relays:
-                raise BoundaryProtocolError(f"the far side opened relay {n}, which is not its to open")
+            if n & 1 != far_parity or n <= self._far_max:
+                raise BoundaryProtocolError(
+                    f"the far side opened relay {n}, which is not its to open (or not a new one)"
+                )
+            self._far_max = n
         if len(self._relays) + len(ev.ports) > self.limits.max_relays:
             raise BoundaryProtocolError(
                 f"the far side opened more than {self.limits.max_relays} relays (the limit)"
@@ -590,12 +695,34 @@ class Gateway:
         for t in list(self._tasks):
             if t is not me:
                 t.cancel()
-        with contextlib.suppress(Exception):
-            self._writer.close()
+        if ours:
+            self._lingering = self._loop.create_task(self._linger())
+        else:
+            with contextlib.suppress(Exception):
+                self._writer.close()
         if not self._done.done():
             self._done.set_result(None if ours else err)
         if not ours:
             log.warning("%s", err)
+
+    async def _linger(self) -> None:
+        """After our GOODBYE: end our half of the stream and read (dropping
+        it) what the far side still sends until it closes its half, for at
+        most ``LINGER`` seconds, then close. Closing at once could make the
+        far side's next write fail, and a failed write can hide from its
+        reader what had arrived before our GOODBYE."""
+        w = self._writer
+        try:
+            with contextlib.suppress(OSError, RuntimeError, NotImplementedError):
+                if w.can_write_eof():
+                    w.write_eof()
+            with contextlib.suppress(OSError, TimeoutError, RuntimeError):
+                async with asyncio.timeout(LINGER):
+                    while await self._reader.read(READ_BYTES):
+                        pass
+        finally:
+            with contextlib.suppress(Exception):
+                w.close()
 
     def close(self) -> None:
         """``aclose`` without waiting for the stream to close (what a closing
@@ -616,7 +743,8 @@ class Gateway:
                         sendable, awaiting = self._pending()
                         if sendable:
                             self._flushed.clear()
-                            self._wake.set()
+                            if not self._draining and self._pass():
+                                self._wake.set()
                             await self._flushed.wait()
                         elif awaiting:  # blocked until the far side gives credit back
                             self._credited.clear()
@@ -626,6 +754,8 @@ class Gateway:
                     if not self._closed:
                         await self._writer.drain()
         self.close()
+        if self._lingering is not None:
+            await asyncio.shield(self._lingering)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self._writer.wait_closed(), 1.0)
         tasks = list(self._tasks)

@@ -848,7 +848,7 @@ class Engine:
                 self.dispose(msg)
                 raise self._full(st)
             if target.relay and msg.body is None:
-                msg = self.encode_message(msg, st, crossing=True)  # it leaves the host
+                msg = self._crossing(msg, st)  # it leaves the host: encoded now
             seq = st.send_seq
             if not target.closed and seq == target.recv_seq and not target.pending:
                 # hot path: a local peer waiting in order
@@ -978,6 +978,17 @@ class Engine:
         """Mark ``st`` as a gateway's relay end (``_gateway``): sends to it
         from this node are encoded at once and refuse fds (``MessageError``)."""
         st.relay = True
+
+    def _crossing(self, msg: Message, st: PortState) -> Message:
+        """``msg``, sent from ``st`` to a relay end, encoded: a plain value
+        at once, anything else by the full encoder, which refuses fds."""
+        try:
+            body = self.codec.encode_plain(msg.obj)
+        except Exception:  # the full encoder below says what is wrong
+            body = None
+        if type(body) is bytes:
+            return Message(msg.kind, None, body)
+        return self.encode_message(msg, st, crossing=True)
 
     def take(self, st: PortState) -> Message | None:
         """The next queued message of ``st`` as it is held (not decoded), counted
