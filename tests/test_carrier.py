@@ -394,7 +394,7 @@ async def test_a_kill_fails_every_waiting_call_and_loses_nothing_before_it(
         for w in waiting:
             with pytest.raises(NodeFailure, match="command:isolated"):
                 await within(w)
-        assert loop.time() - t0 < 8  # the bound: the stream's end, or the carrier's exit + STATUS_GRACE
+        assert loop.time() - t0 < 8  # the bound: the stream's end, or the carrier's exit + EXIT_GRACE
         with pytest.raises(NodeFailure):
             await within(out_rx.recv())
         await within(proc.wait())

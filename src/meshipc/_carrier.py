@@ -45,7 +45,7 @@ from ._errors import ChannelClosed, MeshError, MessageError, PortFailed, RemoteE
 from ._fd import Fd
 from ._gateway import Gateway
 from ._node import Node
-from ._process import _NO_REPORT, STATUS_GRACE, check_target, receiver_types
+from ._process import _NO_REPORT, check_target, receiver_types
 from ._tasks import TaskSet
 
 log = logging.getLogger("meshipc")
@@ -62,6 +62,11 @@ MAX_ARG_TYPES: Final = 1024
 MAX_LOG_LINE: Final = 4096
 #: Far stderr lines kept for a ``SpawnError`` (the last ones).
 TAIL_LINES: Final = 20
+#: Seconds the far side's last words (and stderr) get to arrive once the
+#: carrier command exited: they are in the pipes already unless a child of
+#: the carrier still holds them (``unshare --fork``, a proxy command), whose
+#: stdin is then closed (it exits).
+EXIT_GRACE: Final = 0.5
 #: Seconds the carrier command gets to exit by itself once the link ended
 #: (the far side's GOODBYE, its stream closed, its heartbeats lost) before
 #: it is killed.
@@ -335,7 +340,7 @@ class RemoteProcess:
         # the far side's last words may still be in the pipe: read until the
         # link ends (EOF comes after the data), for a bounded time
         try:
-            async with asyncio.timeout(STATUS_GRACE):
+            async with asyncio.timeout(EXIT_GRACE):
                 await asyncio.wait({self._answers, self._stderr.done})
         except TimeoutError:
             pass
@@ -464,7 +469,7 @@ async def spawn_via(
             proc.send_signal(signal.SIGKILL)
         code = await _exit_code(proc, protocol)
         try:
-            async with asyncio.timeout(STATUS_GRACE):
+            async with asyncio.timeout(EXIT_GRACE):
                 await stderr.done
         except TimeoutError:
             tasks.cancel_all()
