@@ -23,7 +23,7 @@ import pytest
 import meshipc
 from carrier_workers import Duplex
 from meshipc import Call, Fd, Mesh, MessageError, NodeFailure, Port, RemoteError, SpawnError, channel
-from meshipc._carrier import MAX_LOG_LINE, Carrier, SpawnRequest, Started, StderrLines
+from meshipc._carrier import MAX_LOG_LINE, MAX_LOG_RATE, Carrier, SpawnRequest, Started, StderrLines
 from meshipc._tasks import TaskSet
 from meshipc.remote import open_stdio
 from relutil import private_dir, wait_until, within
@@ -120,6 +120,22 @@ async def test_far_stderr_is_reemitted_per_line_with_long_lines_cut(caplog: pyte
     assert got[0][1] == "[command:t] INFO meshipc: hello"
     assert len(got[1][1]) < MAX_LOG_LINE + 40 and got[1][1].endswith("[cut]")
     assert lines.last().splitlines()[-1] == "last"
+
+
+async def test_a_chatty_far_side_does_not_flood_our_log(caplog: pytest.LogCaptureFixture) -> None:
+    reader = asyncio.StreamReader()
+    reader.feed_data(b"".join(b"line %d\n" % i for i in range(3 * MAX_LOG_RATE)))
+    reader.feed_eof()
+    with caplog.at_level(logging.DEBUG, logger="meshipc.remote"):
+        lines = StderrLines(reader, "command:t", TaskSet(asyncio.get_running_loop()))
+        await within(lines.done)
+    got = [r.getMessage() for r in caplog.records if r.name == "meshipc.remote"]
+    assert len(got) == MAX_LOG_RATE + 1  # one second's worth, then how many were held back
+    assert (
+        got[-1]
+        == f"[command:t] {2 * MAX_LOG_RATE} more stderr lines not shown (over {MAX_LOG_RATE} a second)"
+    )
+    assert lines.last().splitlines()[-1] == f"line {3 * MAX_LOG_RATE - 1}"  # kept for a SpawnError
 
 
 # ------------------------------------------------------------------ spawn, start, exit

@@ -32,6 +32,7 @@ import logging
 import os
 import shlex
 import signal
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Final
@@ -62,6 +63,9 @@ MAX_ARG_TYPES: Final = 1024
 MAX_LOG_LINE: Final = 4096
 #: Far stderr lines kept for a ``SpawnError`` (the last ones).
 TAIL_LINES: Final = 20
+#: Far stderr lines re-emitted per second at most (a chatty far side does
+#: not flood our log; the lines held back are counted, and said).
+MAX_LOG_RATE: Final = 200
 #: Seconds the far side's last words (and stderr) get to arrive once the
 #: carrier command exited: they are in the pipes already unless a child of
 #: the carrier still holds them (``unshare --fork``, a proxy command), whose
@@ -208,6 +212,9 @@ class StderrLines:
     def __init__(self, reader: asyncio.StreamReader, label: str, tasks: TaskSet) -> None:
         self.label = label
         self.tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
+        self._second = 0.0  # when the current second of MAX_LOG_RATE lines began
+        self._shown = 0
+        self._held = 0
         self.done = tasks.spawn(self._pump(reader))
 
     async def _pump(self, reader: asyncio.StreamReader) -> None:
@@ -227,14 +234,30 @@ class StderrLines:
                 buf.clear()
         if buf and not dropping:
             self._emit(bytes(buf))
+        self._say_held()
 
     def _emit(self, raw: bytes) -> None:
         text = raw[:MAX_LOG_LINE].decode("utf-8", "replace").rstrip("\r")
         if len(raw) > MAX_LOG_LINE:
             text += " [cut]"
         self.tail.append(text)
+        now = time.monotonic()
+        if now - self._second >= 1.0:
+            self._say_held()
+            self._second, self._shown = now, 0
+        if self._shown >= MAX_LOG_RATE:
+            self._held += 1
+            return
+        self._shown += 1
         word = text.split(" ", 1)[0]
         remote_log.log(_LEVELS.get(word, logging.WARNING), "[%s] %s", self.label, text)
+
+    def _say_held(self) -> None:
+        if self._held:
+            remote_log.warning(
+                "[%s] %d more stderr lines not shown (over %d a second)", self.label, self._held, MAX_LOG_RATE
+            )
+            self._held = 0
 
     def last(self) -> str:
         return "\n".join(self.tail)
