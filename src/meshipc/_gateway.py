@@ -270,7 +270,8 @@ class Gateway:
             raise BoundaryProtocolError("the far side did not start with HELLO")
         lim = self.limits
         mine = Hello(PROTOCOL_MIN, PROTOCOL_MAX, meshipc.__version__, self._nonce,
-                     lim.window_messages, lim.window_bytes, lim.max_body, lim.heartbeat_timeout)
+                     lim.window_messages, lim.window_bytes, lim.max_body, lim.heartbeat_timeout,
+                     lim.max_relays)
         negotiate(mine, ev)
         self._far = ev
         self._next = 2 if self._nonce < ev.nonce else 1
@@ -296,13 +297,13 @@ class Gateway:
             self._ready_up(rel)
         return rel
 
+    def _relay_cap(self) -> int:
+        """Relays we may hold open: ours and the far side's limit, the smaller."""
+        return min(self.limits.max_relays, self._far.max_relays if self._far is not None else 1)
+
     def _open_relay(self, st: PortState) -> int:
-        """A port state leaving in a message: a new relay of ours."""
-        if len(self._relays) >= self.limits.max_relays:
-            raise MessageError(
-                f"boundary link {self.label} has {len(self._relays)} ports crossing "
-                f"(limit {self.limits.max_relays})"
-            )
+        """A port state leaving in a message: a new relay of ours (the
+        caller checked ``_relay_cap``)."""
         n = self._next
         self._next += 2
         self._add(n, st)
@@ -444,12 +445,20 @@ class Gateway:
             if not rel.tx.can_send(len(body)):
                 return False  # a CREDIT wakes it
             rel.head = None
-            try:
-                numbers = [self._open_relay(ps) for ps in states]
-            except MessageError as exc:
-                log.warning("boundary link %s: %s; the message was dropped", self.label, exc)
-                eng.dispose(Message(kind, None, body, states or None), str(exc))
-                continue
+            if states and len(self._relays) + len(states) > self._relay_cap():
+                # too many ports crossing: the message crosses as an error
+                # (a call: the caller's reply port fails), its ports fail here
+                why = MessageError(
+                    f"boundary link {self.label}: {len(self._relays)} ports crossing and "
+                    f"{len(states)} more in this message exceed the limit of {self._relay_cap()}"
+                )
+                for ps in states:
+                    eng.fail_with(ps, PortFailed(str(why)))
+                if kind == K_CALL:
+                    continue
+                kind = K_REPLY_ERROR if kind >= K_REPLY else K_ERROR
+                body, states = eng.codec.encode_error(why), []
+            numbers = [self._open_relay(ps) for ps in states]
             rel.tx.sent(len(body))
             parts = encode_msg(rel.number, kind, numbers, body)
             for part in parts:
@@ -604,9 +613,10 @@ class Gateway:
                     f"the far side opened relay {n}, which is not its to open (or not a new one)"
                 )
             self._far_max = n
-        if len(self._relays) + len(ev.ports) > self.limits.max_relays:
+        if len(self._relays) + len(ev.ports) > 2 * self.limits.max_relays:
             raise BoundaryProtocolError(
-                f"the far side opened more than {self.limits.max_relays} relays (the limit)"
+                f"the far side opened more than {2 * self.limits.max_relays} relays "
+                f"(twice the limit of {self.limits.max_relays})"
             )
         self.messages_in += 1
         rel = self._relays.get(ev.relay)
