@@ -172,6 +172,9 @@ def main() -> None:
     # Ctrl-C on the far terminal (if any) is not ours to act on: the
     # spawning side stops us by closing the port or the link
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # nor is a hang-up: our stdin's end says the link is over, and a SIGHUP
+    # would end us without removing our mesh's folder
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
     async def go() -> int:
         reader, writer = await open_stdio(link_in, link_out)
