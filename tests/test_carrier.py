@@ -552,3 +552,17 @@ async def test_the_far_sides_writer_is_closed_only_once_its_bytes_are_out() -> N
             await asyncio.sleep(0)
     finally:
         os.close(r_out)
+
+
+@needs_unshare
+async def test_a_hang_up_does_not_end_the_far_side(runtime_dir: Path, far_dir: Path) -> None:
+    async with Mesh(runtime_dir=runtime_dir) as mesh:
+        tx, rx = channel(Call[Any])
+        proc = await within(mesh.spawn("carrier_workers:echo", rx, via=isolated(far_dir)))
+        assert proc.remote_pid is not None
+        os.kill(proc.remote_pid, signal.SIGHUP)  # what a dropped terminal sends: its stdin says instead
+        assert await within(tx.call("still here")) == "still here"
+        tx.close()
+        proc.terminate()
+        assert await within(proc.wait()) == 0
+        await wait_until(lambda: not any(far_dir.iterdir()), "the far mesh removed its folder")
