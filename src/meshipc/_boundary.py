@@ -92,7 +92,7 @@ class BoundaryLimits:
 
     Memory a far side can make a gateway hold is bounded by these: per relay
     at most one window of messages not given back, one partial message of
-    at most ``max_body`` at a time, at most ``max_relays`` relays."""
+    at most ``max_body`` at a time, at most twice ``max_relays`` relays."""
 
     #: relays open on one link at a time (each is a port end in the gateway):
     #: we open at most the smaller of ours and the far side's; a far side
