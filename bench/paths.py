@@ -389,24 +389,32 @@ def _frame(data: bytes) -> bytes:
     return _LEN.pack(len(data)) + data
 
 
+async def serve_frames(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """The raw streams' server side: ``echo:n`` (echo the next n frames) or
+    ``count:n`` (read n frames, answer ``done``), until the stream ends."""
+    try:
+        while True:
+            kind, n = (await _read_frame(reader)).split(b":")
+            if kind == b"echo":
+                for _ in range(int(n)):
+                    writer.write(_frame(await _read_frame(reader)))
+                    await writer.drain()
+            else:
+                for _ in range(int(n)):
+                    await _read_frame(reader)
+                writer.write(_frame(b"done"))
+                await writer.drain()
+    except (asyncio.IncompleteReadError, ConnectionError):
+        pass
+    finally:
+        writer.close()
+
+
 async def _stream_serve(path: str, ready: Any) -> None:
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            while True:
-                kind, n = (await _read_frame(reader)).split(b":")
-                if kind == b"echo":
-                    for _ in range(int(n)):
-                        writer.write(_frame(await _read_frame(reader)))
-                        await writer.drain()
-                else:
-                    for _ in range(int(n)):
-                        await _read_frame(reader)
-                    writer.write(_frame(b"done"))
-                    await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
+            await serve_frames(reader, writer)
         finally:
-            writer.close()
             stop.set()
 
     stop = asyncio.Event()

@@ -110,6 +110,8 @@ BENCHES = {
     "many_mem": "Service memory per idle attached client (RSS growth / N)",
     "workers": "RPC throughput with W worker processes",
     "inspect": "inspect time with W workers",
+    "carrier_rtt": "Command carrier: RPC round trip, 64 B",
+    "carrier_tp": "Command carrier: one-way throughput, 64 B typed messages",
 }
 UNITS = {
     "rtt": ("µs", "lower"),
@@ -126,6 +128,8 @@ UNITS = {
     "many_mem": ("KiB", "lower"),
     "workers": ("calls/s", "higher"),
     "inspect": ("ms", "lower"),
+    "carrier_rtt": ("µs", "lower"),
+    "carrier_tp": ("msg/s", "higher"),
 }
 GROUPS = {
     "ipc": ("rtt", "idle", "throughput", "large_1m", "large_16m", "fd"),
@@ -134,6 +138,7 @@ GROUPS = {
     "startup": ("startup",),
     "many": ("many_time", "many_mem"),
     "workers": ("workers", "inspect"),
+    "carrier": ("carrier_rtt", "carrier_tp"),
 }
 
 M_STOCK, M_UV, M_SYNC = "meshipc (stock loop)", "meshipc (uvloop)", "meshipc.sync"
@@ -211,6 +216,14 @@ TARGETS = [
     ("RPC round trip, uvloop <= 0.6x pyzmq REQ/REP", "rtt", M_UV, ZMQ, "<=", 0.6),
     ("one-way throughput >= 3.5x multiprocessing.Pipe", "throughput", M_STOCK, PIPE, ">=", 3.5),
     ("one-way throughput >= 1.0x pyzmq PUSH/PULL", "throughput", M_STOCK, ZMQ, ">=", 1.0),
+    (
+        "command carrier round trip <= 1.3x its raw echo",
+        "carrier_rtt",
+        "meshipc via command",
+        "raw echo",
+        "<=",
+        1.3,
+    ),
 ]
 
 
@@ -574,6 +587,43 @@ def group_workers(cfg: dict[str, Any], args: argparse.Namespace, res: Results, k
         )
 
 
+CARRIER_PATHS: dict[str, tuple[str, dict[str, Any], str | None, bool, str | None]] = {
+    "meshipc via command": ("bench.carrier:CarrierMeshPath", {}, "asyncio", True, None),
+    "raw echo": ("bench.carrier:CarrierRawPath", {}, "asyncio", False, None),
+}
+
+
+def group_carrier(cfg: dict[str, Any], args: argparse.Namespace, res: Results, keys: set[str]) -> None:
+    """meshipc over the command carrier (``python -m meshipc.remote`` on the
+    far end of a subprocess's pipes) against a raw stdio echo started the same way."""
+    names = _select(CARRIER_PATHS, list(CARRIER_PATHS), args, res)
+    drivers = _start(CARRIER_PATHS, names, res)
+    try:
+        for d in drivers.values():  # warm-up
+            d.call("rtt", 200)
+            d.call("throughput", 2000, 64)
+        live = [n for n in names if n in drivers]
+        rtt_n, tp_n = (max(10, int(cfg[k] * args.scale)) for k in ("rtt_n", "tp_n"))
+        plan: list[tuple[str, list[str], Callable[[str], float]]] = []
+        if "carrier_rtt" in keys:
+            plan.append(("carrier_rtt", live, lambda n: drivers[n].call("rtt", rtt_n)))
+        if "carrier_tp" in keys:
+            plan.append(("carrier_tp", live, lambda n: drivers[n].call("throughput", tp_n, 64)))
+        failed: dict[str, str] = {}
+        data = _rounds(plan, args.runs or cfg["runs"], failed, "carrier")
+    finally:
+        for d in drivers.values():
+            d.close()
+    _finish(res, CARRIER_PATHS, data, failed)
+    for key in keys:
+        res.pair(key, "meshipc via command", "raw echo")
+        res.bench(key)["notes"].append(
+            "both far sides are `env PYTHONPATH=… python -m …` children with pipes: meshipc spawns "
+            "bench.paths workers via meshipc.command(python -m meshipc.remote) (a boundary link, a mesh "
+            "on each side); the raw echo is bench.carrier speaking [u32 len][data] frames on its stdio"
+        )
+
+
 GROUP_FN = {
     "ipc": group_ipc,
     "failure": group_failure,
@@ -581,6 +631,7 @@ GROUP_FN = {
     "startup": group_startup,
     "many": group_many,
     "workers": group_workers,
+    "carrier": group_carrier,
 }
 
 

@@ -15,11 +15,15 @@ if TYPE_CHECKING:
 
     from . import sync
     from ._attach import Attaching, Attachment, connect, join
+    from ._boundary import BoundaryLimits
+    from ._carrier import Carrier, RemoteProcess, command, ssh
     from ._channel import Call, ChannelStatistics, Port, Receiver, Rpc, Sender, channel
     from ._child import restarting
     from ._control_msgs import ControlLimits, ControlStatistics
     from ._errors import (
         AuthenticationError,
+        BoundaryProtocolError,
+        BoundaryVersionError,
         BufferFull,
         ChannelClosed,
         ConnectError,
@@ -31,6 +35,7 @@ if TYPE_CHECKING:
         InvitationTooLarge,
         JoinError,
         JoinTimeout,
+        LinkFailure,
         MeshError,
         MeshNameInUse,
         MessageError,
@@ -50,6 +55,7 @@ if TYPE_CHECKING:
         register_remote_error,
     )
     from ._fd import Fd
+    from ._gateway import Gateway, GatewayStats
     from ._ids import NodeId, PortId
     from ._invitation import Invitation, Inviter
     from ._listener import Admission, Listener
@@ -133,6 +139,16 @@ _LAZY: dict[str, tuple[str, str]] = {
     "Trace": ("._trace", "Trace"),
     "current_trace": ("._trace", "current_trace"),
     "start_trace": ("._trace", "start_trace"),
+    "Carrier": ("._carrier", "Carrier"),
+    "RemoteProcess": ("._carrier", "RemoteProcess"),
+    "command": ("._carrier", "command"),
+    "ssh": ("._carrier", "ssh"),
+    "BoundaryLimits": ("._boundary", "BoundaryLimits"),
+    "BoundaryProtocolError": ("._errors", "BoundaryProtocolError"),
+    "BoundaryVersionError": ("._errors", "BoundaryVersionError"),
+    "LinkFailure": ("._errors", "LinkFailure"),
+    "Gateway": ("._gateway", "Gateway"),
+    "GatewayStats": ("._gateway", "GatewayStats"),
 }
 
 __version__ = "0.1.0"
@@ -202,6 +218,16 @@ __all__ = (
     "current_trace",
     "start_trace",
     "VersionMismatch",
+    "Carrier",
+    "RemoteProcess",
+    "command",
+    "ssh",
+    "BoundaryLimits",
+    "BoundaryProtocolError",
+    "BoundaryVersionError",
+    "LinkFailure",
+    "Gateway",
+    "GatewayStats",
 )
 
 

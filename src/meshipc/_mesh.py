@@ -24,11 +24,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Generator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, ClassVar, Final
+from typing import TYPE_CHECKING, Any, ClassVar, Final, overload
 
+from ._boundary import BoundaryLimits
+from ._carrier import Carrier, RemoteProcess, spawn_via
 from ._control import Control, ControlPlane
 from ._control_msgs import DEFAULT_CONTROL_LIMITS, ControlLimits, ControlStatistics, WorkerStatus
 from ._errors import MeshError
+from ._gateway import HELLO_TIMEOUT, Gateway
 from ._handshake import ROLE_ROOT, ROLE_WORKER, Authority, Identity
 from ._ids import NodeId
 from ._invitation import INVITATION_TTL, Inviter
@@ -53,7 +56,7 @@ from ._process import Process, RestartPolicy, RestartWhen, spawn
 from ._service import Service
 
 if TYPE_CHECKING:
-    from ._channel import Receiver
+    from ._channel import Port, Receiver
 
 log = logging.getLogger("meshipc")
 
@@ -183,7 +186,7 @@ class Mesh(ControlPlane):
         self._runtime_dir = runtime_dir
         self._node: Node = None  # type: ignore[assignment]  # set on enter
         self._owns_directory = False
-        self._children: list[Process] = []
+        self._children: list[Process | RemoteProcess] = []
         self._closed = False
         self._entered = False
         self._terminated = False  # closed because of SIGTERM
@@ -222,6 +225,8 @@ class Mesh(ControlPlane):
             WorkerStatus(
                 p.name, p.pid, p.returncode, p.restarts, tuple(p.restart_events), p.key, p.restarting
             )
+            if isinstance(p, Process)
+            else WorkerStatus(p.name, p.pid, p.returncode)  # a remote worker: never restarted
             for p in self._children
         ]
 
@@ -387,6 +392,7 @@ class Mesh(ControlPlane):
         self._check_root()
         return Inviter(self._node, self._admit, INVITATION_TTL if ttl is None else ttl)
 
+    @overload
     async def spawn(
         self,
         target: str | Callable[..., Awaitable[Any]],
@@ -395,7 +401,37 @@ class Mesh(ControlPlane):
         name: str | None = None,
         restart: RestartWhen | RestartPolicy = "never",
         forward_logs: bool = True,
-    ) -> Process:
+    ) -> Process: ...
+    @overload
+    async def spawn(
+        self,
+        target: str | Callable[..., Awaitable[Any]],
+        arg: Any = None,
+        *,
+        name: str | None = None,
+        via: Carrier,
+    ) -> RemoteProcess: ...
+    @overload
+    async def spawn(
+        self,
+        target: str | Callable[..., Awaitable[Any]],
+        arg: Any = None,
+        *,
+        name: str | None = None,
+        restart: RestartWhen | RestartPolicy = "never",
+        forward_logs: bool = True,
+        via: Carrier | None = None,
+    ) -> Process | RemoteProcess: ...
+    async def spawn(
+        self,
+        target: str | Callable[..., Awaitable[Any]],
+        arg: Any = None,
+        *,
+        name: str | None = None,
+        restart: RestartWhen | RestartPolicy = "never",
+        forward_logs: bool = True,
+        via: Carrier | None = None,
+    ) -> Process | RemoteProcess:
         """Start a worker process running ``async def function(arg)``: pass
         the function itself (defined at the top level of a module, or of the
         script you run: the worker loads it as ``__mp_main__``, like
@@ -427,12 +463,29 @@ class Mesh(ControlPlane):
         What the worker logs with ``logging`` is re-emitted here, through
         this process's ``logging``, with ``record.meshipc_node`` (its name)
         and ``record.meshipc_pid``, unless ``forward_logs=False`` (see
-        ``set_log_level``)."""
+        ``set_log_level``).
+
+        With ``via=carrier`` (``meshipc.command``, ``meshipc.ssh``) the
+        worker runs in a mesh of its own at the far end of the carrier
+        (usually another host), joined to this one by a boundary link: its
+        ports in ``arg`` work across, the result is a ``RemoteProcess``
+        (``wait``, ``kill``, ``exitcode``), ``SpawnError`` carries the far
+        traceback or the carrier's last stderr lines, and an ``Fd`` in
+        ``arg`` raises ``MessageError`` (no descriptor crosses). Any node
+        may spawn this way (no identity of this mesh is issued); ``restart``
+        is for local workers only (``ValueError``), and the far side's
+        stderr is re-emitted on the ``meshipc.remote`` logger."""
         if self._closed:
             raise MeshError("the mesh is closed")
-        proc = await spawn(
-            self._node, self._admit_worker, self.limits, target, arg, name, restart, forward_logs
-        )
+        proc: Process | RemoteProcess
+        if via is not None:
+            if restart != "never":
+                raise ValueError("restart= is for local workers; a worker spawned via a carrier is not restarted")
+            proc = await spawn_via(via, self._node, target, arg, name)
+        else:
+            proc = await spawn(
+                self._node, self._admit_worker, self.limits, target, arg, name, restart, forward_logs
+            )
         # one of ours from now on (closing the mesh stops it even while it
         # starts); a long-lived mesh spawning many workers keeps only the
         # running ones
@@ -453,7 +506,11 @@ class Mesh(ControlPlane):
         if isinstance(worker, Process):
             procs = [worker]
         else:
-            procs = [p for p in self._children if worker in ("*", p.name) and p.returncode is None]
+            procs = [
+                p
+                for p in self._children
+                if isinstance(p, Process) and worker in ("*", p.name) and p.returncode is None
+            ]
             if not procs and worker != "*":
                 raise MeshError(f"no running worker named {worker!r}")
         for p in procs:
@@ -466,7 +523,7 @@ class Mesh(ControlPlane):
         return {
             f"{p.name}-{p.pid}": {k or "root": logging.getLevelName(v) for k, v in p.logs.levels.items()}
             for p in self._children
-            if p.logs is not None
+            if isinstance(p, Process) and p.logs is not None
         }
 
     async def _update_log_levels(self, value: Any) -> None:
@@ -482,11 +539,35 @@ class Mesh(ControlPlane):
             raise ValueError("level is a number or a level name")
         await self.set_log_level(value.get("worker", "*"), level, logger)
 
+    async def open_gateway(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        first: Port[Any],
+        *,
+        label: str,
+        limits: BoundaryLimits | None = None,
+        timeout: float | None = HELLO_TIMEOUT,
+    ) -> Gateway:
+        """A boundary link from this mesh's node to another mesh over the
+        byte stream ``reader``/``writer`` (see ``Gateway.open``): ``first``
+        joins the far side's first port. Raises what ``Gateway.open`` does."""
+        if self._closed or self._node is None:
+            raise MeshError("the mesh is closed")
+        gw = await Gateway.open(
+            self._node, reader, writer, first, label=label, limits=limits, timeout=timeout
+        )
+        self._extras.append(gw)
+        # a link that ends leaves the list (a long-lived mesh may open many)
+        ended = asyncio.ensure_future(gw.wait_closed())
+        ended.add_done_callback(lambda _: self._extras.remove(gw) if gw in self._extras else None)
+        return gw
+
     def _check_root(self) -> None:
         if self._authority is None:
             raise MeshError(NOT_ROOT)
 
-    def _forget_child(self, proc: Process) -> None:
+    def _forget_child(self, proc: Process | RemoteProcess) -> None:
         if proc in self._children:
             self._children.remove(proc)
 

@@ -782,6 +782,17 @@ def _is_error(status: Any, tag: str) -> bool:
     return isinstance(status, list) and len(status) == 4 and status[0] == tag
 
 
+def check_target(target: str | Callable[..., Any], name: str | None) -> tuple[str, str]:
+    """``target`` as a string (see ``target_of``) and the worker's name
+    (``name``, else the function's). Raises ``ValueError`` for a malformed
+    target (and what ``target_of`` raises)."""
+    if not isinstance(target, str):
+        target = target_of(target)
+    if not _TARGET.match(target):
+        raise ValueError(f"target must look like 'package.module:function', got {target!r}")
+    return target, name or target.rsplit(":", 1)[1]
+
+
 async def spawn(
     node: Node,
     credential: Callable[[], Awaitable[Identity]],
@@ -801,10 +812,7 @@ async def spawn(
     worker again: it must hold no port or fd (those go once, and failed with
     the worker that held them), else ``ValueError``. The caller waits for
     ``Process._run._wait_started()``."""
-    if not isinstance(target, str):
-        target = target_of(target)
-    if not _TARGET.match(target):
-        raise ValueError(f"target must look like 'package.module:function', got {target!r}")
+    target, name = check_target(target, name)
     policy = restart_policy(restart)
     if policy.when != "never" and walk_resources(arg):
         raise ValueError(
@@ -812,9 +820,7 @@ async def spawn(
             "holds no Port, Sender, Receiver or Fd (they move once, and fail with the worker that held "
             "them): pass plain data, and let the worker serve() or find its channels by name"
         )
-    launch = functools.partial(
-        _launch, node, credential, limits, target, name or target.rsplit(":", 1)[1], forward_logs
-    )
+    launch = functools.partial(_launch, node, credential, limits, target, name, forward_logs)
     return Process(await launch(arg, False), launch, arg if policy.when != "never" else None, policy)
 
 
