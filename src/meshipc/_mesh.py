@@ -480,7 +480,9 @@ class Mesh(ControlPlane):
         proc: Process | RemoteProcess
         if via is not None:
             if restart != "never":
-                raise ValueError("restart= is for local workers; a worker spawned via a carrier is not restarted")
+                raise ValueError(
+                    "restart= is for local workers: a worker spawned via a carrier is not restarted"
+                )
             proc = await spawn_via(via, self._node, target, arg, name)
         else:
             proc = await spawn(
