@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from ._channel import Call, ChannelStatistics, Port, Receiver, Rpc, Sender, channel
     from ._control_msgs import ControlLimits, ControlStatistics
     from ._errors import (
+        AccessFileError,
         AuthenticationError,
         BufferFull,
         ChannelClosed,
@@ -56,6 +57,9 @@ if TYPE_CHECKING:
     from ._process import Process
     from ._service import Service, ServiceCall, ServiceSender
     from ._sockets import PeerCred
+    from ._tls import Grant
+    from ._tlsclient import TlsAttachment, connect_tls
+    from ._tlslisten import TlsListener
 
     Connection = Admission
     ClientConnection = Attachment
@@ -122,6 +126,11 @@ _LAZY: dict[str, tuple[str, str]] = {
     "ChannelStatistics": ("._channel", "ChannelStatistics"),
     "Process": ("._process", "Process"),
     "PeerCred": ("._sockets", "PeerCred"),
+    "AccessFileError": ("._errors", "AccessFileError"),
+    "Grant": ("._tls", "Grant"),
+    "TlsAttachment": ("._tlsclient", "TlsAttachment"),
+    "TlsListener": ("._tlslisten", "TlsListener"),
+    "connect_tls": ("._tlsclient", "connect_tls"),
 }
 
 __version__ = "0.1.0"
@@ -184,6 +193,11 @@ __all__ = (
     "ServiceNameInUse",
     "ServiceNotFound",
     "ServiceSender",
+    "AccessFileError",
+    "Grant",
+    "TlsAttachment",
+    "TlsListener",
+    "connect_tls",
 )
 
 
