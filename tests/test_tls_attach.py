@@ -21,11 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from relutil import STEP, private_dir, wait_until, within
 
 import meshipc
 from meshipc import AuthenticationError, PortFailed
 from meshipc._tls import TlsAuthority
+from relutil import STEP, private_dir, wait_until, within
 
 HERE = Path(__file__).parent
 

@@ -22,8 +22,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-import meshipc
 from meshipc._boundary import BoundaryLimits
+
+import meshipc
 
 HEARTBEAT = float(os.environ.get("TLS_TEST_HEARTBEAT", "0") or 0)
 
