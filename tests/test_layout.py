@@ -30,7 +30,7 @@ PACKAGE = Path(meshipc.__file__).parent
 DOC = Path(__file__).resolve().parent.parent / "docs" / "architecture.md"
 PACKAGE_NAME = "meshipc"
 #: the modules that must not do I/O: tested without sockets or loops
-SANS_IO = ("_wire", "_handshake", "_ports", "_codec")
+SANS_IO = ("_wire", "_handshake", "_ports", "_codec", "_boundary")
 IO_MODULES = frozenset({"asyncio", "socket", "selectors", "threading", "subprocess"})
 #: what a sans-IO core may take from ``threading``: locks and thread
 #: identity (for sends from other threads), never a thread of its own

@@ -15,11 +15,14 @@ if TYPE_CHECKING:
 
     from . import sync
     from ._attach import Attaching, Attachment, connect, join
+    from ._boundary import BoundaryLimits
     from ._channel import Call, ChannelStatistics, Port, Receiver, Rpc, Sender, channel
     from ._control_msgs import ControlLimits, ControlStatistics
     from ._errors import (
         AccessFileError,
         AuthenticationError,
+        BoundaryProtocolError,
+        BoundaryVersionError,
         BufferFull,
         ChannelClosed,
         ConnectError,
@@ -31,6 +34,7 @@ if TYPE_CHECKING:
         InvitationTooLarge,
         JoinError,
         JoinTimeout,
+        LinkFailure,
         MeshError,
         MeshNameInUse,
         MessageError,
@@ -48,6 +52,7 @@ if TYPE_CHECKING:
         register_remote_error,
     )
     from ._fd import Fd
+    from ._gateway import Gateway, GatewayStats
     from ._ids import NodeId, PortId
     from ._invitation import Invitation, Inviter
     from ._listener import Admission, Listener
@@ -126,6 +131,12 @@ _LAZY: dict[str, tuple[str, str]] = {
     "ChannelStatistics": ("._channel", "ChannelStatistics"),
     "Process": ("._process", "Process"),
     "PeerCred": ("._sockets", "PeerCred"),
+    "BoundaryLimits": ("._boundary", "BoundaryLimits"),
+    "BoundaryProtocolError": ("._errors", "BoundaryProtocolError"),
+    "BoundaryVersionError": ("._errors", "BoundaryVersionError"),
+    "LinkFailure": ("._errors", "LinkFailure"),
+    "Gateway": ("._gateway", "Gateway"),
+    "GatewayStats": ("._gateway", "GatewayStats"),
     "AccessFileError": ("._errors", "AccessFileError"),
     "Grant": ("._tls", "Grant"),
     "TlsAttachment": ("._tlsclient", "TlsAttachment"),
@@ -193,6 +204,12 @@ __all__ = (
     "ServiceNameInUse",
     "ServiceNotFound",
     "ServiceSender",
+    "BoundaryLimits",
+    "BoundaryProtocolError",
+    "BoundaryVersionError",
+    "LinkFailure",
+    "Gateway",
+    "GatewayStats",
     "AccessFileError",
     "Grant",
     "TlsAttachment",

@@ -46,6 +46,30 @@ class NodeFailure(PortFailed):
         return (type(self), (self.node, self.reason))
 
 
+class LinkFailure(NodeFailure):
+    """A boundary link (a gateway's byte stream to another mesh, see
+    ``_gateway``) was lost: its stream ended or broke, heartbeats went
+    unanswered past the bound, the far side broke the protocol, or it was
+    closed. Every port crossing it fails with this; ``label`` names the link
+    (``"ssh:host"``, ``"tls:1.2.3.4:5678"``), ``reason`` the cause. Messages in
+    flight at that moment may or may not have been processed: the text says
+    so. (An end in another process of the mesh, whose peer was a relay,
+    gets the same text as a ``PortFailed``.)"""
+
+    def __init__(self, label: str, reason: str) -> None:
+        PortFailed.__init__(
+            self,
+            f"boundary link {label} failed: {reason} "
+            "(messages in flight may or may not have been processed)",
+        )
+        self.node = label
+        self.label = label
+        self.reason = reason
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.label, self.reason))
+
+
 class RemoteError(MeshError):
     """Raised by ``Sender.call`` when the callee failed the call
     (``Call.fail`` or an exception in a served handler).
@@ -184,6 +208,16 @@ class MessageError(MeshError, ValueError):
     too deep or is too large; the channel stays usable. Messages from other
     processes that do not decode or validate are dropped and logged by the
     receiver instead (see ``Receiver.bad_messages``)."""
+
+
+class BoundaryProtocolError(ProtocolError):
+    """Malformed bytes on a boundary link (``_boundary``): the gateway drops
+    that link (every port crossing it fails) and the node keeps running."""
+
+
+class BoundaryVersionError(BoundaryProtocolError):
+    """The far side of a boundary link speaks no protocol version we do; the
+    message names both sides' meshipc versions and protocol ranges."""
 
 
 class BufferFull(MeshError):

@@ -26,9 +26,11 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, ClassVar, Final
 
+from ._boundary import BoundaryLimits
 from ._control import Control, ControlPlane
 from ._control_msgs import DEFAULT_CONTROL_LIMITS, ControlLimits, ControlStatistics, WorkerStatus
 from ._errors import MeshError
+from ._gateway import HELLO_TIMEOUT, Gateway
 from ._handshake import ROLE_ROOT, ROLE_WORKER, Authority, Identity
 from ._ids import NodeId
 from ._invitation import INVITATION_TTL, Inviter
@@ -52,7 +54,7 @@ from ._process import Process, spawn
 from ._service import Service
 
 if TYPE_CHECKING:
-    from ._channel import Receiver
+    from ._channel import Port, Receiver
 
 log = logging.getLogger("meshipc")
 
@@ -412,6 +414,27 @@ class Mesh(ControlPlane):
         proc._exited.add_done_callback(lambda _: self._forget_child(proc))
         await proc._wait_started()
         return proc
+
+    async def open_gateway(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        first: Port[Any],
+        *,
+        label: str,
+        limits: BoundaryLimits | None = None,
+        timeout: float | None = HELLO_TIMEOUT,
+    ) -> Gateway:
+        """A boundary link from this mesh's node to another mesh over the
+        byte stream ``reader``/``writer`` (see ``Gateway.open``): ``first``
+        joins the far side's first port. Raises what ``Gateway.open`` does."""
+        if self._closed or self._node is None:
+            raise MeshError("the mesh is closed")
+        gw = await Gateway.open(
+            self._node, reader, writer, first, label=label, limits=limits, timeout=timeout
+        )
+        self._extras.append(gw)
+        return gw
 
     def _check_root(self) -> None:
         if self._authority is None:

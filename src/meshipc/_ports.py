@@ -474,6 +474,7 @@ class PortState:
         "proxy_from",
         "queue",
         "recv_seq",
+        "relay",
         "rx",
         "send_seq",
         "sent_bytes",
@@ -508,6 +509,9 @@ class PortState:
         self.sent_lost = False
         # an end the library never moves (RPC reply ports): see _send_port
         self.pinned = False
+        # a gateway's relay end (``_gateway``): what is sent to it crosses a
+        # boundary link, so a local send is encoded at once and may carry no fd
+        self.relay = False
         # node of the proxy still forwarding items to this end (until PROXY_DONE)
         self.proxy_from: bytes | None = None
         # flow control, sending side: read by every send, so kept here (the
@@ -843,6 +847,8 @@ class Engine:
             if not force and len(target.queue) >= self.limits.max_messages and not target.closed:
                 self.dispose(msg)
                 raise self._full(st)
+            if target.relay and msg.body is None:
+                msg = self.encode_message(msg, st, crossing=True)  # it leaves the host
             seq = st.send_seq
             if not target.closed and seq == target.recv_seq and not target.pending:
                 # hot path: a local peer waiting in order
@@ -965,6 +971,68 @@ class Engine:
             if st.mode is OWNED:
                 self._remove(st)
 
+    # ------------------------------------------------------- a gateway's relays
+
+    @staticmethod
+    def set_relay(st: PortState) -> None:
+        """Mark ``st`` as a gateway's relay end (``_gateway``): sends to it
+        from this node are encoded at once and refuse fds (``MessageError``)."""
+        st.relay = True
+
+    def take(self, st: PortState) -> Message | None:
+        """The next queued message of ``st`` as it is held (not decoded), counted
+        as consumed like a read; None if none is queued (a gateway forwarding
+        what a relay end receives)."""
+        q = st.queue
+        if not q:
+            return None
+        msg = q.popleft()
+        body = msg.body
+        if body is not None:
+            self.took(st, body)
+        elif st.credit is not None:
+            self.took(st, None)
+        return msg
+
+    def send_message(self, st: PortState, msg: Message, final: bool = False) -> None:
+        """Send ``msg`` as it is held (encoded ``body`` and port states of this
+        engine, as ``take`` gives them) from ``st``, past the hard limit (the
+        caller bounds what it sends). ``final``: an RPC reply, the last item of
+        ``st``, which goes with it (as ``send_final``)."""
+        if not final:
+            self.send(st, msg, True)
+            return
+        try:
+            self.send(st, msg, True)
+        except PortFailed:
+            pass
+        except BaseException:
+            self.close(st)
+            raise
+        if not st.closed:
+            st.closed = True
+            st.close_sent = True
+            self._drop_queue(st)
+            self._fire_credit(st)
+            if st.mode is OWNED:
+                self._remove(st)
+
+    def fail_with(self, st: PortState, err: PortFailed) -> None:
+        """Close ``st`` abnormally: its peer fails with ``err`` itself when it
+        is an end of this engine, with ``err.cause`` when on another node."""
+        if st.closed or st.mode is not OWNED:
+            return
+        st.closed = True
+        self._drop_queue(st)
+        tell = st.error is None and not st.peer_closed
+        self._remove(st)
+        if tell:
+            if st.peer_node == self.node_id:
+                self._on_fail(st.peer_port, err)
+            else:
+                self.out.send_event(st.peer_node, FailEvent(st.peer_port, err.cause), [])
+        self._fire_credit(st)
+
     def _finished(self, st: PortState) -> None:
         """A final message was queued on ``st``: its peer is gone, in order."""
         st.peer_closed = True
@@ -973,11 +1041,14 @@ class Engine:
         if st.waker is not None:
             st.waker()
 
-    def encode_message(self, msg: Message, carrier: PortState | None = None) -> Message:
+    def encode_message(
+        self, msg: Message, carrier: PortState | None = None, crossing: bool = False
+    ) -> Message:
         """``msg`` with its value encoded for another process. Raises
         ``MessageError`` (the value's own resources are closed) for a value
         that cannot be encoded, is nested too deep, is too large, carries too
-        many resources or carries ``carrier``, the port it is sent on."""
+        many resources or carries ``carrier``, the port it is sent on; or,
+        ``crossing`` a boundary link (sent to a gateway's relay end), any fd."""
         try:
             body, states, fds = self.codec.encode(self, msg.obj, carrier)
         except MeshError:
@@ -986,7 +1057,12 @@ class Engine:
             what = "nested too deep" if isinstance(exc, RecursionError) else str(exc)
             raise MessageError(f"this value cannot be sent to another process: {what}") from None
         problem = None
-        if len(body) > MAX_OOB_BODY:
+        if crossing and fds:
+            problem = (
+                f"this message carries {len(fds)} fd(s) and its port's peer is across a boundary "
+                "link to another host's mesh: an Fd cannot cross (nothing was sent)"
+            )
+        elif len(body) > MAX_OOB_BODY:
             problem = f"a message of {len(body)} bytes exceeds the limit of {MAX_OOB_BODY}"
         elif len(fds) > MAX_FDS_PER_MESSAGE or len(states) > MAX_PORTS_PER_MESSAGE:
             problem = (

@@ -1,0 +1,622 @@
+"""A boundary link's gateway: one node's end of a link to another mesh.
+
+``Gateway.open`` joins a node of this mesh with a node of another mesh over
+one reliable byte stream (a command's pipes, a TLS socket, a socketpair):
+the bytes are ``_boundary``'s; this module drives them from asyncio and
+makes no protocol decision of its own.
+
+A port that crosses becomes a *relay*: a pinned port end of this node (it
+never moves; ``Engine.set_relay``) whose peer is the crossing port's local
+end, numbered per link. The gateway forwards what its relay ends receive
+(``Engine.take``: the bytes as they came, never decoded) and hands what the
+far side sends to them (``Engine.send_message``); the ports inside a message
+become new relays, both ways, recursively. The local end of a crossing port
+is an ordinary port: it moves freely inside its mesh.
+
+The promise, per relay: in order, exactly once, while the link lives. When
+the stream ends or breaks, the far side breaks the protocol or says
+GOODBYE, or nothing is heard from it for ``heartbeat_timeout`` (checked
+every ``heartbeat_interval / 2``), every relay's local peer fails with
+``LinkFailure`` (a ``NodeFailure``) naming the link, the cause and that
+messages in flight may or may not have been processed. What arrived before
+stays readable before the failure. No reconnect.
+
+Memory a far side can make us hold: per relay one window of messages
+(``BoundaryLimits``; credit goes back only while the relay's local peer is
+under its own window, so a slow reader on our side slows the far sender),
+one partial message, ``max_relays`` relays; what we send waits in the relay
+ends' queues, bounded by the local senders' own flow control, while the
+far side gives no credit or the stream's write buffer is over
+``write_buffer_bytes``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Final
+
+import meshipc
+
+from ._boundary import (
+    DEFAULT_BOUNDARY_LIMITS,
+    PROTOCOL_MAX,
+    PROTOCOL_MIN,
+    BoundaryDecoder,
+    BoundaryLimits,
+    Close,
+    Credit,
+    Event,
+    Fail,
+    Goodbye,
+    Hello,
+    Msg,
+    Ping,
+    Pong,
+    RecvCredit,
+    SendCredit,
+    encode_close,
+    encode_credit,
+    encode_fail,
+    encode_goodbye,
+    encode_hello,
+    encode_msg,
+    encode_ping,
+    encode_pong,
+    negotiate,
+)
+from ._channel import Port
+from ._errors import (
+    BoundaryProtocolError,
+    ChannelClosed,
+    LinkFailure,
+    MeshError,
+    MessageError,
+    PortFailed,
+)
+from ._node import Node
+from ._ports import Engine, Message, PortState
+from ._wire import K_CALL, K_ERROR, K_REPLY, K_REPLY_ERROR
+
+log = logging.getLogger("meshipc.gateway")
+
+#: bytes asked of the stream per read
+READ_BYTES: Final = 256 * 1024
+#: messages one relay forwards before the next ready relay gets its turn
+TURN: Final = 64
+#: how long ``open`` waits for the far side's HELLO by default (seconds)
+HELLO_TIMEOUT: Final = 30.0
+
+_FD_REFUSED: Final = "an Fd cannot cross a boundary link to another host's mesh: it was closed at the gateway"
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayStats:
+    """A snapshot of one link (``Gateway.stats()``)."""
+
+    label: str
+    #: relays open (crossing ports)
+    relays: int
+    bytes_in: int
+    bytes_out: int
+    frames_in: int
+    frames_out: int
+    messages_in: int
+    messages_out: int
+    #: bytes the gateway itself holds: unsent stream bytes, an incomplete
+    #: frame or message being read, messages taken and waiting for credit
+    buffered_bytes: int
+    #: messages and bytes waiting in relay ends' queues to be forwarded
+    #: (bounded by the local senders' flow control)
+    queued_messages: int
+    queued_bytes: int
+    #: sent to the far side and not credited back yet, over all relays
+    window_messages: int
+    window_bytes: int
+    closed: bool
+
+
+class _Relay:
+    __slots__ = ("head", "held", "number", "queued", "rx", "st", "tx", "watching")
+
+    def __init__(self, number: int, st: PortState, far: Hello, ours: BoundaryLimits) -> None:
+        self.number = number
+        self.st = st
+        self.tx = SendCredit(far.window_messages, far.window_bytes)
+        self.rx = RecvCredit(ours.window_messages, ours.window_bytes)
+        #: the next message to send, taken and encoded, waiting for credit
+        self.head: tuple[int, bytes, list[PortState]] | None = None
+        self.queued = False  # in the gateway's ready queue
+        self.held = False  # received credit waits for the local peer's window
+        self.watching = False
+
+
+def _take_port(engine: Engine, first: Port[Any]) -> PortState:
+    states = first._detach()
+    if len(states) != 1:
+        raise MeshError("the first port of a gateway must be an open Port")
+    st = states[0]
+    if st.engine is not engine:
+        engine.adopt(st)
+    return st
+
+
+class Gateway:
+    """One end of a boundary link (see the module's docstring). Made by
+    :meth:`open`; ``label`` names the link in every error."""
+
+    def __init__(self, node: Node, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 label: str, limits: BoundaryLimits) -> None:
+        self.label = label
+        self.limits = limits
+        self._node = node
+        self._engine = node.engine
+        self._loop = node.loop
+        self._reader = reader
+        self._writer = writer
+        self._decoder = BoundaryDecoder(limits.max_body)
+        self._nonce = int.from_bytes(os.urandom(8), "big")
+        self._far: Hello | None = None
+        self._relays: dict[int, _Relay] = {}
+        self._next = 0  # the next relay number this side opens (parity set by HELLO)
+        self._ready: deque[_Relay] = deque()
+        self._wake = asyncio.Event()
+        self._touched: set[_Relay] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._done: asyncio.Future[BaseException | None] = self._loop.create_future()
+        self._closed = False
+        self._last_heard = self._loop.time()
+        self._last_written = self._loop.time()
+        self._ping = 0
+        self.bytes_out = 0
+        self.frames_in = 0
+        self.frames_out = 0
+        self.messages_in = 0
+        self.messages_out = 0
+
+    # ------------------------------------------------------------ opening
+
+    @classmethod
+    async def open(
+        cls,
+        node: Node,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        first: Port[Any],
+        *,
+        label: str,
+        limits: BoundaryLimits | None = None,
+        timeout: float | None = HELLO_TIMEOUT,
+    ) -> Gateway:
+        """Say HELLO, check the far side's, then join ``first`` with the far
+        side's ``first``: the caller keeps ``first``'s peer end; what it sends
+        there arrives at the far caller's kept end, and back. Ports inside
+        messages cross as relays, both ways, recursively. A message with an
+        ``Fd`` sent from this process to a crossing port raises
+        ``MessageError``; one forwarded from another process of the mesh has
+        its fds closed here and arrives at the far end as an error (the port
+        lives on).
+
+        Raises ``BoundaryProtocolError`` if the far side does not speak the
+        boundary protocol (the text shows what it sent), ends the stream or
+        sends no HELLO within ``timeout`` seconds; ``BoundaryVersionError``
+        (naming both sides' versions) if it speaks no common version. The
+        stream is closed then, and ``first`` with it."""
+        gw = cls(node, reader, writer, label, limits or DEFAULT_BOUNDARY_LIMITS)
+        st = _take_port(node.engine, first)
+        try:
+            await gw._hello(timeout)
+        except BaseException:
+            node.engine.close(st)
+            writer.close()
+            raise
+        gw._add(0, st)
+        gw._start()
+        return gw
+
+    async def _hello(self, timeout: float | None) -> None:
+        ours = encode_hello(meshipc.__version__, self._nonce, self.limits)
+        self._write(ours)
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    ev = self._decoder.next_event()
+                    if ev is not None:
+                        break
+                    data = await self._reader.read(READ_BYTES)
+                    if not data:
+                        raise BoundaryProtocolError(
+                            f"boundary link {self.label}: the stream ended before the far side's HELLO"
+                        )
+                    self._decoder.feed(data)
+        except TimeoutError:
+            raise BoundaryProtocolError(
+                f"boundary link {self.label}: no HELLO from the far side within {timeout:g} s"
+            ) from None
+        except OSError as exc:
+            raise BoundaryProtocolError(f"boundary link {self.label}: the stream broke: {exc}") from exc
+        if not isinstance(ev, Hello):  # the decoder's first event is always a Hello
+            raise BoundaryProtocolError("the far side did not start with HELLO")
+        mine = Hello(PROTOCOL_MIN, PROTOCOL_MAX, meshipc.__version__, self._nonce,
+                     self.limits.window_messages, self.limits.window_bytes, self.limits.max_body)
+        negotiate(mine, ev)
+        self._far = ev
+        self._next = 2 if self._nonce < ev.nonce else 1
+        self._last_heard = self._loop.time()
+
+    def _start(self) -> None:
+        for coro in (self._read_loop(), self._pump(), self._heartbeat()):
+            t = self._loop.create_task(coro)
+            self._tasks.add(t)
+            t.add_done_callback(self._tasks.discard)
+
+    # ------------------------------------------------------------ relays
+
+    def _add(self, number: int, st: PortState) -> _Relay:
+        far = self._far
+        if far is None:
+            raise MeshError("gateway not open")
+        rel = _Relay(number, st, far, self.limits)
+        self._relays[number] = rel
+        self._engine.set_relay(st)
+        self._engine.set_waker(st, lambda: self._ready_up(rel))
+        if st.queue or st.ended:
+            self._ready_up(rel)
+        return rel
+
+    def _open_relay(self, st: PortState) -> int:
+        """A port state leaving in a message: a new relay of ours."""
+        if len(self._relays) >= self.limits.max_relays:
+            raise MessageError(
+                f"boundary link {self.label} has {len(self._relays)} ports crossing "
+                f"(limit {self.limits.max_relays})"
+            )
+        n = self._next
+        self._next += 2
+        self._add(n, st)
+        return n
+
+    def _ready_up(self, rel: _Relay) -> None:
+        if not rel.queued and self._relays.get(rel.number) is rel:
+            rel.queued = True
+            self._ready.append(rel)
+            self._wake.set()
+
+    def _drop(self, rel: _Relay) -> None:
+        if self._relays.get(rel.number) is rel:
+            del self._relays[rel.number]
+        self._engine.set_waker(rel.st, None)
+        head, rel.head = rel.head, None
+        if head is not None:
+            self._engine.dispose(Message(head[0], None, head[1], head[2] or None))
+
+    # ------------------------------------------------------------ writing
+
+    def _write(self, data: bytes | memoryview) -> None:
+        self._writer.write(data)
+        self.bytes_out += len(data)
+        self._last_written = self._loop.time()
+
+    def _frame(self, data: bytes) -> None:
+        if self._closed:
+            return
+        self.frames_out += 1
+        self._write(data)
+
+    def _unsent(self) -> int:
+        transport = self._writer.transport
+        return transport.get_write_buffer_size() if transport is not None else 0
+
+    async def _pump(self) -> None:
+        """Forward what relay ends receive, relay by relay in turn."""
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._ready and not self._closed:
+                rel = self._ready.popleft()
+                rel.queued = False
+                if self._relays.get(rel.number) is not rel:
+                    continue
+                more = await self._forward(rel)
+                if more:
+                    self._ready_up(rel)
+
+    async def _forward(self, rel: _Relay) -> bool:
+        """Send up to ``TURN`` messages of ``rel``; True if it has more to send now."""
+        st = rel.st
+        eng = self._engine
+        for _ in range(TURN):
+            if rel.head is None:
+                msg = eng.take(st)
+                if msg is None:
+                    break
+                rel.head = self._prepare(rel, msg)
+                if rel.head is None:
+                    continue
+            kind, body, states = rel.head
+            if not rel.tx.can_send(len(body)):
+                return False  # a CREDIT wakes it
+            rel.head = None
+            try:
+                numbers = [self._open_relay(ps) for ps in states]
+            except MessageError as exc:
+                log.warning("boundary link %s: %s; the message was dropped", self.label, exc)
+                eng.dispose(Message(kind, None, body, states or None), str(exc))
+                continue
+            rel.tx.sent(len(body))
+            for part in encode_msg(rel.number, kind, numbers, body):
+                self._write(part)
+            self.frames_out += 1
+            self.messages_out += 1
+            if kind >= K_REPLY:
+                self._drop(rel)  # a final message: the relay goes with it, on both sides
+                return False
+            if self._unsent() > self.limits.write_buffer_bytes:
+                await self._writer.drain()
+                if self._closed or self._relays.get(rel.number) is not rel:
+                    return False
+        if st.queue or rel.head is not None:
+            return rel.tx.can_send(len(rel.head[1])) if rel.head is not None else True
+        if st.ended:
+            if st.error is not None:
+                self._frame(encode_fail(rel.number, st.error.cause))
+            else:
+                self._frame(encode_close(rel.number))
+            self._drop(rel)
+            eng.close(st)
+        return False
+
+    def _prepare(self, rel: _Relay, msg: Message) -> tuple[int, bytes, list[PortState]] | None:
+        """``msg`` as it crosses: encoded, its fds closed (the message then
+        crosses as an error item, or a call is answered with the error)."""
+        eng = self._engine
+        if msg.body is None:
+            try:
+                msg = eng.encode_message(msg)
+            except MessageError as exc:
+                return (K_ERROR, eng.codec.encode_error(exc), [])
+        raw = msg.body if msg.body is not None else b""
+        body = raw if isinstance(raw, bytes) else bytes(raw)
+        states = list(msg.ports or ())
+        if msg.fds:
+            for fd in msg.fds:
+                fd.close()
+            refusal = MessageError(_FD_REFUSED)
+            if msg.kind == K_CALL and states:
+                reply = states.pop()
+                for ps in states:
+                    eng.close(ps)
+                answer = Message(K_REPLY_ERROR, None, eng.codec.encode_error(refusal))
+                eng.send_message(reply, answer, final=True)
+                return None
+            for ps in states:
+                eng.close(ps)
+            if msg.kind >= K_REPLY:
+                return (K_REPLY_ERROR, eng.codec.encode_error(refusal), [])
+            return (K_ERROR, eng.codec.encode_error(refusal), [])
+        return (msg.kind, body, states)
+
+    # ------------------------------------------------------------ reading
+
+    async def _read_loop(self) -> None:
+        cause = "the stream ended"
+        try:
+            self._events()  # what came with the far side's HELLO
+            while not self._closed:
+                data = await self._reader.read(READ_BYTES)
+                if not data:
+                    cause = "the stream ended (EOF)"
+                    break
+                self._last_heard = self._loop.time()
+                self._decoder.feed(data)
+                self._events()
+        except BoundaryProtocolError as exc:
+            cause = f"the far side broke the protocol: {exc}"
+        except (OSError, EOFError) as exc:
+            cause = f"the stream broke: {exc!r}"
+        except _Goodbye as bye:
+            cause = f"the far side closed the link (GOODBYE: {bye.reason})"
+        self._end(cause)
+
+    def _events(self) -> None:
+        dec = self._decoder
+        while True:
+            ev = dec.next_event()
+            if ev is None:
+                break
+            self.frames_in += 1
+            self._on(ev)
+        for rel in self._touched:
+            self._give_credit(rel)
+        self._touched.clear()
+
+    def _on(self, ev: Event) -> None:
+        if isinstance(ev, Msg):
+            self._on_msg(ev)
+        elif isinstance(ev, Credit):
+            rel = self._relays.get(ev.relay)
+            if rel is not None:
+                rel.tx.credited(ev.messages, ev.nbytes)
+                if rel.st.queue or rel.head is not None:
+                    self._ready_up(rel)
+        elif isinstance(ev, Close):
+            rel = self._relays.get(ev.relay)
+            if rel is not None:
+                self._drop(rel)
+                self._engine.close(rel.st)
+        elif isinstance(ev, Fail):
+            rel = self._relays.get(ev.relay)
+            if rel is not None:
+                self._drop(rel)
+                self._engine.fail_with(rel.st, PortFailed(ev.cause))
+        elif isinstance(ev, Ping):
+            if self._unsent() <= self.limits.write_buffer_bytes:
+                self._frame(encode_pong(ev.token))
+        elif isinstance(ev, Pong):
+            pass  # being heard is what counts
+        elif isinstance(ev, Goodbye):
+            raise _Goodbye(ev.reason)
+        else:
+            raise BoundaryProtocolError("a second HELLO")
+
+    def _on_msg(self, ev: Msg) -> None:
+        eng = self._engine
+        far_parity = 1 - (self._next & 1)
+        for n in ev.ports:
+            if n & 1 != far_parity or n == 0 or n in self._relays:
+                raise BoundaryProtocolError(f"the far side opened relay {n}, which is not its to open")
+        if len(self._relays) + len(ev.ports) > self.limits.max_relays:
+            raise BoundaryProtocolError(
+                f"the far side opened more than {self.limits.max_relays} relays (the limit)"
+            )
+        self.messages_in += 1
+        rel = self._relays.get(ev.relay)
+        if rel is None:
+            # the relay ended here (a CLOSE crossed this message): what it
+            # carries goes nowhere, so the ports in it are closed back
+            for n in ev.ports:
+                self._frame(encode_close(n))
+            return
+        rel.rx.received(len(ev.body))
+        ends: list[PortState] = []
+        for n in ev.ports:
+            ours, theirs = eng.new_pair()
+            self._add(n, ours)
+            ends.append(theirs)
+        msg = Message(ev.kind, None, ev.body, ends or None)
+        if ev.kind >= K_REPLY:
+            self._drop(rel)
+            eng.send_message(rel.st, msg, final=True)
+            return
+        try:
+            eng.send_message(rel.st, msg)
+        except ChannelClosed:
+            pass  # our end is closed: disposed, as a send to a closed peer is
+        rel.rx.done(len(ev.body))
+        self._touched.add(rel)
+
+    def _give_credit(self, rel: _Relay) -> None:
+        """Give back what ``rel`` received, while its local peer is under its
+        window; else once it is."""
+        if self._closed or self._relays.get(rel.number) is not rel:
+            return
+        eng = self._engine
+        if eng.over_window(rel.st):
+            if not rel.watching:
+                rel.watching = True
+
+                def later() -> None:
+                    rel.watching = False
+                    self._give_credit(rel)
+
+                eng.watch_credit(rel.st, later)
+            return
+        got = rel.rx.release(force=True)
+        if got is not None:
+            self._frame(encode_credit(rel.number, *got))
+
+    # ------------------------------------------------------------ liveness and the end
+
+    async def _heartbeat(self) -> None:
+        lim = self.limits
+        period = lim.heartbeat_interval / 2
+        while not self._closed:
+            await asyncio.sleep(period)
+            now = self._loop.time()
+            if now - self._last_heard > lim.heartbeat_timeout:
+                self._end(
+                    f"nothing heard from the far side for {lim.heartbeat_timeout:g} s (heartbeats unanswered)"
+                )
+                return
+            if now - self._last_written >= lim.heartbeat_interval:
+                self._ping += 1
+                self._frame(encode_ping(self._ping))
+
+    def _end(self, cause: str, *, ours: bool = False) -> None:
+        """The link is over: fail every relay, stop, close the stream."""
+        if self._closed:
+            return
+        self._closed = True
+        err = LinkFailure(self.label, cause)
+        relays = list(self._relays.values())
+        self._relays.clear()
+        for rel in relays:
+            self._drop(rel)
+            self._engine.fail_with(rel.st, err)
+        me = asyncio.current_task()
+        for t in list(self._tasks):
+            if t is not me:
+                t.cancel()
+        with contextlib.suppress(Exception):
+            self._writer.close()
+        if not self._done.done():
+            self._done.set_result(None if ours else err)
+        if not ours:
+            log.warning("%s", err)
+
+    def close(self) -> None:
+        """``aclose`` without waiting for the stream to close (what a closing
+        ``Mesh`` calls)."""
+        if not self._closed:
+            self._frame(encode_goodbye("closed"))
+            self._end("closed by this side", ours=True)
+
+    async def aclose(self) -> None:
+        """Say GOODBYE and close the stream; every crossing port fails with
+        ``LinkFailure`` ("closed by this side"). Safe to call twice."""
+        self.close()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._writer.wait_closed(), 1.0)
+        tasks = list(self._tasks)
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def wait_closed(self) -> BaseException | None:
+        """Wait for the link to end; its cause (a ``LinkFailure``), or None
+        when this side closed it."""
+        return await asyncio.shield(self._done)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def stats(self) -> GatewayStats:
+        qm = qb = wm = wb = held = 0
+        for rel in self._relays.values():
+            q = rel.st.queue
+            qm += len(q)
+            for m in q:
+                qb += len(m.body or b"")
+            wm += rel.tx.messages
+            wb += rel.tx.nbytes
+            if rel.head is not None:
+                held += len(rel.head[1])
+        return GatewayStats(
+            label=self.label,
+            relays=len(self._relays),
+            bytes_in=self._decoder.fed,
+            bytes_out=self.bytes_out,
+            frames_in=self.frames_in,
+            frames_out=self.frames_out,
+            messages_in=self.messages_in,
+            messages_out=self.messages_out,
+            buffered_bytes=self._unsent() + self._decoder.buffered + held,
+            queued_messages=qm,
+            queued_bytes=qb,
+            window_messages=wm,
+            window_bytes=wb,
+            closed=self._closed,
+        )
+
+    def __repr__(self) -> str:
+        return f"<Gateway {self.label} relays={len(self._relays)}{' closed' if self._closed else ''}>"
+
+
+class _Goodbye(Exception):
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
