@@ -16,9 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from meshipc._boundary import BoundaryLimits
-
 import meshipc
+from meshipc._boundary import BoundaryLimits
 
 HERE = Path(__file__).parent
 #: seconds: TCP_USER_TIMEOUT/keepalive of both ends, and the gateways' heartbeat
@@ -70,7 +69,7 @@ async def main() -> dict[str, Any]:
         info = json.loads(await asyncio.wait_for(server.stdout.readline(), 30))
         del info
         report: dict[str, Any] = {"bound": BOUND}
-        limits = BoundaryLimits(heartbeat=HEARTBEAT)
+        limits = BoundaryLimits(heartbeat_interval=HEARTBEAT, heartbeat_timeout=4 * HEARTBEAT)
         async with meshipc.connect_tls(
             folder / "good.access", limits=limits, tcp_timeout=TCP_TIMEOUT
         ) as conn:
@@ -87,13 +86,17 @@ async def main() -> dict[str, Any]:
                 await asyncio.wait_for(waiting, BOUND * 3)
                 report["failed"] = {"type": "none"}
             except BaseException as exc:
-                report["failed"] = {"type": type(exc).__name__, "text": str(exc)}
+                report["failed"] = {
+                    "type": type(exc).__name__,
+                    "text": str(exc),
+                    "node_failure": isinstance(exc, meshipc.NodeFailure),
+                }
             report["seconds"] = time.monotonic() - cut
             try:
                 await asyncio.wait_for(sender.call(3), BOUND * 3)
                 report["port_failed"] = "none"
             except BaseException as exc:
-                report["port_failed"] = type(exc).__name__
+                report["port_failed"] = isinstance(exc, meshipc.NodeFailure)
                 report["port_text"] = str(exc)
         return report
     finally:

@@ -22,9 +22,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from meshipc._boundary import BoundaryLimits
-
 import meshipc
+from meshipc._boundary import BoundaryLimits
 
 HEARTBEAT = float(os.environ.get("TLS_TEST_HEARTBEAT", "0") or 0)
 
@@ -72,7 +71,9 @@ async def main() -> None:
     if "--wait-link" in sys.argv:
         i = sys.argv.index("--wait-link")
         wait_link(sys.argv[i + 1], sys.argv[i + 2])
-    limits = BoundaryLimits(heartbeat=HEARTBEAT) if HEARTBEAT else None
+    limits = None
+    if HEARTBEAT:
+        limits = BoundaryLimits(heartbeat_interval=HEARTBEAT, heartbeat_timeout=4 * HEARTBEAT)
     tcp_timeout = float(os.environ.get("TLS_TEST_TCP_TIMEOUT", "10"))
     async with meshipc.Mesh() as mesh:
         mesh.serve("double", double, request_type=int)

@@ -513,14 +513,19 @@ class TlsServer:
     runs until that client is done."""
 
     def __init__(
-        self, authority: TlsAuthority, on_client: OnClient, tcp_timeout: float = TCP_TIMEOUT
+        self,
+        authority: TlsAuthority,
+        on_client: OnClient,
+        tcp_timeout: float = TCP_TIMEOUT,
+        handshake_timeout: float = HANDSHAKE_TIMEOUT,
     ) -> None:
         self.authority = authority
         self._on_client = on_client
         self._tcp_timeout = tcp_timeout
+        self._handshake_timeout = handshake_timeout
         self._server: asyncio.Server | None = None
         self._handshaking: dict[asyncio.StreamWriter, None] = {}  # oldest first
-        self._clients: set[asyncio.Task[Any]] = set()
+        self._clients: set[asyncio.StreamWriter] = set()
         self._log = RateLimitedLog()
         self._accepted = 0
         self._refused = 0
@@ -556,10 +561,10 @@ class TlsServer:
             )
         self._handshaking[writer] = None
         try:
-            async with asyncio.timeout(HANDSHAKE_TIMEOUT):
+            async with asyncio.timeout(self._handshake_timeout):
                 await writer.start_tls(self.authority.context())
         except TimeoutError:
-            self._refuse("timeout", peer, f"no TLS handshake within {HANDSHAKE_TIMEOUT:g} s")
+            self._refuse("timeout", peer, f"no TLS handshake within {self._handshake_timeout:g} s")
             writer.transport.abort()
             return
         except (ssl.SSLError, OSError, EOFError) as exc:
@@ -581,14 +586,11 @@ class TlsServer:
             return
         self._accepted += 1
         writer.write(ACCEPTED)
-        task = asyncio.current_task()
-        if task is not None:
-            self._clients.add(task)
+        self._clients.add(writer)
         try:
             await self._on_client(reader, writer, grant, peer)
         finally:
-            if task is not None:
-                self._clients.discard(task)
+            self._clients.discard(writer)
             writer.transport.abort()
 
     def close(self) -> None:
@@ -597,5 +599,5 @@ class TlsServer:
         for w in list(self._handshaking):
             w.transport.abort()
         self._handshaking.clear()
-        for t in list(self._clients):
-            t.cancel()
+        for w in list(self._clients):  # each client's task ends as its stream does
+            w.transport.abort()

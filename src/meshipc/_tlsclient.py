@@ -90,8 +90,8 @@ def connect_tls(
         try:
             kept, first = Port.pair()
             try:
-                gw = await Gateway.open(
-                    mesh._node, reader, writer, first, label=access.label, limits=limits, timeout=timeout
+                gw = await mesh.open_gateway(
+                    reader, writer, first, label=access.label, limits=limits, timeout=timeout
                 )
             except BaseException:
                 kept.close()

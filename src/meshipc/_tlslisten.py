@@ -87,7 +87,7 @@ class TlsListener:
         on, and its open links are closed. ``KeyError`` for an unknown id."""
         g = self._authority.revoke(grant_id)
         for gw in self._links.pop(grant_id, set()):
-            asyncio.get_running_loop().create_task(gw.aclose())
+            gw.close()
         return g
 
     def inspect(self) -> dict[str, Any]:
@@ -143,7 +143,7 @@ class TlsListener:
         self._server.close()
         for links in self._links.values():
             for gw in links:
-                asyncio.get_running_loop().create_task(gw.aclose())
+                gw.close()
         self._links.clear()
 
     def __repr__(self) -> str:
