@@ -24,7 +24,7 @@ import pytest
 
 import meshipc
 from meshipc import AuthenticationError, PortFailed
-from meshipc._tls import TlsAuthority
+from meshipc._tls import TlsAuthority, open_tls, read_access
 from relutil import STEP, private_dir, wait_until, within
 
 HERE = Path(__file__).parent
@@ -172,8 +172,15 @@ async def test_hostile_connections_do_not_stop_a_good_client(runtime_dir: Path) 
                             w.write(b"\x16\x03\x01\x02\x00" + os.urandom(40))
                     hostile.append(w)
 
+            async def granted_garbage() -> None:
+                # past TLS with a real grant, then not the link's HELLO: refused, one line
+                _, w = await open_tls(read_access(srv.access), STEP)
+                w.write(b"MESHIPC?" + os.urandom(200))
+                hostile.append(w)
+
             try:
                 await within(asyncio.gather(*(one(i) for i in range(200))), 30)
+                await within(asyncio.gather(*(granted_garbage() for _ in range(5))))
                 started = time.monotonic()
                 async with meshipc.connect_tls(srv.access) as conn:
                     assert await within(conn.call("double", 3)) == 6

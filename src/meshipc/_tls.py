@@ -563,19 +563,18 @@ class TlsServer:
         try:
             async with asyncio.timeout(self._handshake_timeout):
                 await writer.start_tls(self.authority.context())
-        except TimeoutError:
-            self._refuse("timeout", peer, f"no TLS handshake within {self._handshake_timeout:g} s")
-            writer.transport.abort()
-            return
-        except (ssl.SSLError, OSError, EOFError) as exc:
+        except Exception as exc:  # whatever a peer provokes in the handshake refuses it
             if writer in self._handshaking:  # else dropped at the cap, said already
-                self._refuse("handshake", peer, f"TLS handshake failed: {_reason(exc)}")
+                if isinstance(exc, TimeoutError):
+                    why = f"no TLS handshake within {self._handshake_timeout:g} s"
+                else:
+                    why = f"TLS handshake failed: {_reason(exc)}"
+                self._refuse("timeout" if isinstance(exc, TimeoutError) else "handshake", peer, why)
             writer.transport.abort()
             return
         finally:
             self._handshaking.pop(writer, None)
-        der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
-        grant = self.authority.check(x509.load_der_x509_certificate(der).serial_number) if der else None
+        grant = self._grant_of(writer)
         if grant is None:
             self._refuse("grant", peer, "no valid grant for its certificate")
             writer.transport.abort()
@@ -589,9 +588,24 @@ class TlsServer:
         self._clients.add(writer)
         try:
             await self._on_client(reader, writer, grant, peer)
+        except (MeshError, OSError) as exc:  # the link broke or never started: one line, others served
+            self._log.warning("link", "TLS listener %s: client %s: %s", self.address[1], peer, exc)
         finally:
             self._clients.discard(writer)
             writer.transport.abort()
+
+    def _grant_of(self, writer: asyncio.StreamWriter) -> Grant | None:
+        """The live grant of the certificate the peer showed (OpenSSL checked
+        it; this is a second look at our own table), or None."""
+        ssl_object = writer.get_extra_info("ssl_object")
+        der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+        if not der:
+            return None
+        try:
+            serial = x509.load_der_x509_certificate(der).serial_number
+        except ValueError:
+            return None
+        return self.authority.check(serial)
 
     def close(self) -> None:
         if self._server is not None:
