@@ -455,7 +455,7 @@ async def open_tls(
             if sock is not None:
                 PLATFORM.tcp_liveness(sock, tcp_timeout)
             try:
-                await writer.start_tls(ctx)
+                await start_tls(writer, ctx)
             except (ssl.SSLError, OSError, EOFError) as exc:
                 writer.close()
                 raise AuthenticationError(f"{access.label}: TLS handshake refused: {_reason(exc)}") from None
@@ -477,6 +477,22 @@ async def open_tls(
     except TimeoutError:
         raise JoinTimeout(access.label, timeout if timeout is not None else 0.0) from None
     return reader, writer
+
+
+async def start_tls(writer: asyncio.StreamWriter, ctx: ssl.SSLContext) -> None:
+    """``writer.start_tls(ctx)``; ``ConnectionResetError`` when the peer
+    closed during the handshake (CPython 3.11's asyncio then leaves the
+    writer with no transport, and may fail reading it: it is given its old
+    one back, to be closed)."""
+    raw = writer.transport
+    try:
+        await writer.start_tls(ctx)
+    except AttributeError:  # that case again: 3.11's start_tls reads the missing transport
+        if writer.transport is not None:
+            raise
+    if writer.transport is None:
+        writer._transport = raw
+        raise ConnectionResetError("the peer closed the connection during the TLS handshake")
 
 
 def _reason(exc: BaseException) -> str:
@@ -544,6 +560,13 @@ class TlsServer:
         self._log.warning(kind, "TLS listener %s: refused %s: %s", self.address[1], peer, why)
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await self._serve(reader, writer)
+        except asyncio.CancelledError:
+            # the loop is ending (asyncio's accept callback would log a cancelled task)
+            writer.transport.abort()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         name = writer.get_extra_info("peername")
         peer = f"{name[0]}:{name[1]}" if isinstance(name, tuple) else "?"
         sock = writer.get_extra_info("socket")
@@ -562,7 +585,7 @@ class TlsServer:
         self._handshaking[writer] = None
         try:
             async with asyncio.timeout(self._handshake_timeout):
-                await writer.start_tls(self.authority.context())
+                await start_tls(writer, self.authority.context())
         except Exception as exc:  # whatever a peer provokes in the handshake refuses it
             if writer in self._handshaking:  # else dropped at the cap, said already
                 if isinstance(exc, TimeoutError):
