@@ -98,7 +98,7 @@ def main() -> None:
     ap.add_argument("--serve", metavar="DIR")
     args = ap.parse_args()
     if args.serve:
-        asyncio.run(serve(Path(args.serve)))
+        meshipc.run(serve(Path(args.serve)))
         return
     with tempfile.TemporaryDirectory(prefix="bt", dir="/tmp") as d:
         import subprocess
@@ -110,7 +110,7 @@ def main() -> None:
                 if time.monotonic() > deadline or server.poll() is not None:
                     raise SystemExit("the server did not start")
                 time.sleep(0.05)
-            res = asyncio.run(client(Path(d), args.runs, args.n))
+            res = meshipc.run(client(Path(d), args.runs, args.n))
         finally:
             assert server.stdin is not None
             server.stdin.close()

@@ -33,6 +33,7 @@ import logging
 import os
 import re
 import secrets
+import socket
 import ssl
 import time
 from collections.abc import Awaitable, Callable
@@ -526,7 +527,12 @@ OnClient = Callable[[asyncio.StreamReader, asyncio.StreamWriter, Grant, str], Aw
 class TlsServer:
     """The accept loop: TCP, then the TLS handshake under the caps, then
     ``on_client(reader, writer, grant, peer)`` for a granted client, which
-    runs until that client is done."""
+    runs until that client is done.
+
+    Each accepted socket is handed to the loop's TLS layer from its first
+    byte (``connect_accepted_socket(ssl=...)``), never upgraded from a
+    plain stream: a ClientHello read before ``start_tls`` would be lost to
+    the handshake (measured: uvloop lost a third of them)."""
 
     def __init__(
         self,
@@ -539,18 +545,27 @@ class TlsServer:
         self._on_client = on_client
         self._tcp_timeout = tcp_timeout
         self._handshake_timeout = handshake_timeout
-        self._server: asyncio.Server | None = None
-        self._handshaking: dict[asyncio.StreamWriter, None] = {}  # oldest first
+        self._listening: socket.socket | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._acceptor: asyncio.Task[None] | None = None
+        self._handshaking: dict[asyncio.Task[None], socket.socket] = {}  # oldest first
+        self._evicted: set[asyncio.Task[None]] = set()
         self._clients: set[asyncio.StreamWriter] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
         self._log = RateLimitedLog()
         self._accepted = 0
         self._refused = 0
         self.address: tuple[str, int] = ("", 0)
 
     async def start(self, host: str, port: int) -> None:
-        self._server = await asyncio.start_server(self._accept, host, port, backlog=MAX_HANDSHAKING)
-        sockname = self._server.sockets[0].getsockname()
-        self.address = (str(sockname[0]), int(sockname[1]))
+        """Bind ``(host, port)`` and start accepting. ``OSError`` if it cannot be bound."""
+        self._loop = asyncio.get_running_loop()
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self._listening = socket.create_server((host, port), family=family, backlog=MAX_HANDSHAKING)
+        self._listening.setblocking(False)
+        name = self._listening.getsockname()
+        self.address = (str(name[0]), int(name[1]))
+        self._acceptor = self._loop.create_task(self._accept_loop())
 
     def stats(self) -> TlsServerStats:
         return TlsServerStats(self._accepted, self._refused, len(self._handshaking), len(self._clients))
@@ -559,44 +574,71 @@ class TlsServer:
         self._refused += 1
         self._log.warning(kind, "TLS listener %s: refused %s: %s", self.address[1], peer, why)
 
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            await self._serve(reader, writer)
-        except asyncio.CancelledError:
-            # the loop is ending (asyncio's accept callback would log a cancelled task)
-            writer.transport.abort()
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        name = writer.get_extra_info("peername")
-        peer = f"{name[0]}:{name[1]}" if isinstance(name, tuple) else "?"
-        sock = writer.get_extra_info("socket")
-        if sock is not None:
+    async def _accept_loop(self) -> None:
+        loop = self._loop
+        listening = self._listening
+        if loop is None or listening is None:
+            return
+        while True:
+            try:
+                sock, addr = await loop.sock_accept(listening)
+            except OSError as exc:  # out of descriptors, most likely: back off, keep the ones we hold
+                self._log.warning("accept", "TLS listener %s: accept failed: %s", self.address[1], exc)
+                await asyncio.sleep(0.1)
+                continue
+            peer = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else "?"
             with contextlib.suppress(OSError):
                 PLATFORM.tcp_liveness(sock, self._tcp_timeout)
-        if len(self._handshaking) >= MAX_HANDSHAKING:
-            oldest = next(iter(self._handshaking))
-            del self._handshaking[oldest]
-            oldest.transport.abort()
-            self._refuse(
-                "cap",
-                "the oldest connection in the handshake",
-                f"{MAX_HANDSHAKING} at once (MAX_HANDSHAKING)",
-            )
-        self._handshaking[writer] = None
+            if len(self._handshaking) >= MAX_HANDSHAKING:
+                oldest = next(iter(self._handshaking))
+                _drop(self._handshaking.pop(oldest))
+                self._evicted.add(oldest)
+                oldest.cancel()
+                self._refuse(
+                    "cap",
+                    "the oldest connection in the handshake",
+                    f"{MAX_HANDSHAKING} at once (MAX_HANDSHAKING)",
+                )
+            task = loop.create_task(self._handshake(sock, peer))
+            self._handshaking[task] = sock
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _handshake(self, sock: socket.socket, peer: str) -> None:
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(loop=loop)
+        protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
+        me = asyncio.current_task()
         try:
             async with asyncio.timeout(self._handshake_timeout):
-                await start_tls(writer, self.authority.context())
+                transport, _ = await loop.connect_accepted_socket(
+                    lambda: protocol,
+                    sock,
+                    ssl=self.authority.context(),
+                    ssl_handshake_timeout=self._handshake_timeout,
+                )
+        except asyncio.CancelledError:
+            _drop(sock)
+            if me in self._evicted:  # dropped at the cap (said so): not the loop ending
+                self._evicted.discard(me)
+                return
+            raise
         except Exception as exc:  # whatever a peer provokes in the handshake refuses it
-            if writer in self._handshaking:  # else dropped at the cap, said already
-                if isinstance(exc, TimeoutError):
-                    why = f"no TLS handshake within {self._handshake_timeout:g} s"
-                else:
-                    why = f"TLS handshake failed: {_reason(exc)}"
-                self._refuse("timeout" if isinstance(exc, TimeoutError) else "handshake", peer, why)
-            writer.transport.abort()
+            _drop(sock)
+            if isinstance(exc, TimeoutError):
+                self._refuse("timeout", peer, f"no TLS handshake within {self._handshake_timeout:g} s")
+            else:
+                self._refuse("handshake", peer, f"TLS handshake failed: {_reason(exc)}")
             return
         finally:
-            self._handshaking.pop(writer, None)
+            self._handshaking.pop(me, None)  # type: ignore[arg-type]
+        writer = asyncio.StreamWriter(transport, protocol, reader, loop)
+        try:
+            await self._serve(reader, writer, peer)
+        except asyncio.CancelledError:
+            writer.transport.abort()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: str) -> None:
         grant = self._grant_of(writer)
         if grant is None:
             self._refuse("grant", peer, "no valid grant for its certificate")
@@ -631,10 +673,22 @@ class TlsServer:
         return self.authority.check(serial)
 
     def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-        for w in list(self._handshaking):
-            w.transport.abort()
+        if self._acceptor is not None:
+            self._acceptor.cancel()
+        if self._listening is not None:
+            self._listening.close()
+        for t, sock in list(self._handshaking.items()):
+            _drop(sock)
+            self._evicted.add(t)
+            t.cancel()
         self._handshaking.clear()
         for w in list(self._clients):  # each client's task ends as its stream does
             w.transport.abort()
+
+
+def _drop(sock: socket.socket) -> None:
+    """End a connection whose handshake is given up, whoever holds its
+    descriptor now (the loop's transport may hold a duplicate)."""
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+    sock.close()
