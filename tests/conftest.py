@@ -35,6 +35,7 @@ from relutil import private_dir  # found through the path just set
 SANS_IO_MODULES = frozenset(
     {
         "test_api.py",
+        "test_boundary.py",
         "test_channel.py",
         "test_codec.py",
         "test_errors.py",

@@ -21,9 +21,33 @@ import sys
 from typing import Any
 
 import meshipc
+from attachutil import key_material
 from meshipc import BoundaryLimits, Call, ChannelClosed, Fd, Port, PortFailed, Receiver, Sender
 
 held: list[Any] = []
+_mesh: list[meshipc.Mesh] = []
+_info: list[str] = []
+_gateway: list[meshipc.Gateway] = []
+
+
+def identifying(mesh: meshipc.Mesh) -> dict[str, Any]:
+    """What must never cross a boundary, of ``mesh``: its node id, folder and
+    socket path, the ids of the ports its node holds, its private keys."""
+    return {
+        "node": mesh.node_id.hex(),
+        "dir": str(mesh.directory),
+        "path": mesh.stats().node.path,
+        "ports": [p.hex() for p in mesh._node.engine.ports],
+        "keys": [k.hex() for k in key_material(mesh)],
+        "pid": os.getpid(),
+    }
+
+
+async def dump(report: Port) -> None:
+    """Write what identifies this side to the info file (not onto the link)."""
+    with open(_info[0], "w") as f:
+        json.dump(identifying(_mesh[0]), f)
+    report.send(["dumped"])
 
 
 async def echo(port: Port, report: Port) -> None:
@@ -113,13 +137,60 @@ async def send_fd_here(port: Port, report: Port) -> None:
     port.send("after")
 
 
+async def collect(port: Port, report: Port) -> None:
+    """Report each value ``port`` receives (or the error it raises), until it closes."""
+    while True:
+        try:
+            v = await port.recv()
+        except meshipc.MessageError as exc:
+            report.send(["error", str(exc)])
+            continue
+        except (ChannelClosed, PortFailed):
+            report.send(["ended"])
+            return
+        report.send(["item", v])
+
+
+async def send_fd(port: Port) -> None:
+    """(Spawned in the test's mesh) send an Fd, then a str, on ``port``."""
+    r, w = os.pipe()
+    os.close(w)
+    port.send(Fd(r))
+    port.send("after the fd")
+    await port.recv()  # until the test lets go
+
+
+async def goodbye(tx: Sender[Any], n: int, report: Port) -> None:
+    """Send ``n`` values on ``tx`` (no waiting), then close the link in order."""
+    for i in range(n):
+        tx.send(i)
+    await _gateway[0].aclose()
+
+
+async def wait_for_failure(arg: dict[str, Any]) -> None:
+    """(Spawned in the test's mesh) wait on ``arg["port"]`` and report how
+    it ended on ``arg["report"]``."""
+    try:
+        await arg["port"].recv()
+    except meshipc.MeshError as exc:
+        arg["report"].send([type(exc).__name__, str(exc)])
+
+
 async def stop(code: int, report: Port) -> None:
     sys.stdout.flush()
     os._exit(code)
 
 
 AGENT = {f.__name__: f for f in (echo, double, call, stream, count, back, size, hold, release, third,
-                                 send_fd_here, stop)}
+                                 send_fd_here, collect, dump, goodbye, stop)}
+
+
+async def quietly(coro: Any) -> None:
+    """A command, whose ports may end under it when the link goes."""
+    try:
+        await coro
+    except (ChannelClosed, PortFailed):
+        pass
 
 
 async def main() -> None:
@@ -132,13 +203,16 @@ async def main() -> None:
         reader, writer = await asyncio.open_connection(sock=sock)
         agent, first = Port.pair()
         gw = await mesh.open_gateway(reader, writer, first, label="test:parent", limits=limits)
+        _mesh.append(mesh)
+        _gateway.append(gw)
+        _info.append(info)
         with open(info, "w") as f:
-            json.dump({"node": mesh.node_id.hex(), "dir": str(mesh.directory), "pid": os.getpid()}, f)
+            json.dump(identifying(mesh), f)
         tasks = set()
         try:
             async for cmd in agent:
                 op, *args = cmd
-                t = asyncio.ensure_future(AGENT[op](*args, agent))
+                t = asyncio.ensure_future(quietly(AGENT[op](*args, agent)))
                 tasks.add(t)
                 t.add_done_callback(tasks.discard)
         except (ChannelClosed, PortFailed):

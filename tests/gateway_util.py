@@ -70,18 +70,15 @@ async def far_peer(
     tasks: list[asyncio.Task[None]] = []
     sent, received = bytearray(), bytearray()
     if record:
+        # our gateway on `ours`; the recorder copies between `theirs` and `a`,
+        # keeping every byte; the child gets `b`
         a, b = socket.socketpair()
-        mine, far_end = ours, theirs
-        # mine <-> (a | b) <-> far_end: the test pumps a<->far_end... keep it simple:
-        # our gateway on `mine`; `theirs` is read/written by the recorder, which
-        # copies to `a`; the child gets `b`
         for s in (theirs, a):
             s.setblocking(False)
         tasks.append(asyncio.ensure_future(_pipe(theirs, a, sent)))
         tasks.append(asyncio.ensure_future(_pipe(a, theirs, received)))
         extra += [theirs, a]
         child_sock = b
-        _ = (mine, far_end)
     else:
         child_sock = theirs
     info = runtime / f"far-{os.urandom(4).hex()}.json"

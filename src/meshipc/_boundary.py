@@ -10,7 +10,8 @@ Rules of this module:
   secret. A crossing port is a *relay*, a small number per link; relay 0 is
   the link's first port. Each side numbers the relays it opens: the side
   whose HELLO nonce is lower takes even numbers, the other odd ones
-  (``Hello.nonce``), so the two never collide.
+  (``Hello.nonce``), so the two never collide; each side's numbers only
+  grow (the gateway holds the far side to it).
 * Each side starts with ``HELLO``: ``MAGIC``, the protocol version *range*
   it speaks, its meshipc version, a random nonce and the caps it holds the
   far side to (per-relay window, largest body). Both use the highest common
@@ -51,7 +52,8 @@ PROTOCOL_MIN: Final = 1
 PROTOCOL_MAX: Final = 1
 #: a meshipc version string is at most this long on the wire
 MAX_VERSION_LEN: Final = 64
-_HELLO: Final = struct.Struct("!HHQIQQB")  # lo, hi, nonce, window msgs, window bytes, max body, vlen
+# lo, hi, nonce, window msgs, window bytes, max body, heartbeat timeout (ms), version length
+_HELLO: Final = struct.Struct("!HHQIQQIB")
 HELLO_FIXED: Final = len(MAGIC) + _HELLO.size
 
 _HEAD: Final = struct.Struct("!BBHII")  # type, flags, count, relay, payload length
@@ -141,6 +143,9 @@ class Hello:
     window_messages: int
     window_bytes: int
     max_body: int
+    #: the sender's loss bound: it fails the link after hearing nothing for
+    #: this long, so we must write at least a PING well within it
+    heartbeat_timeout: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,8 +201,9 @@ Event = Hello | Msg | Credit | Close | Fail | Ping | Pong | Goodbye
 def encode_hello(version: str, nonce: int, limits: BoundaryLimits,
                  lo: int = PROTOCOL_MIN, hi: int = PROTOCOL_MAX) -> bytes:
     v = version.encode()[:MAX_VERSION_LEN]
+    timeout_ms = min(2**32 - 1, max(1, round(limits.heartbeat_timeout * 1000)))
     return MAGIC + _HELLO.pack(lo, hi, nonce, limits.window_messages, limits.window_bytes,
-                               limits.max_body, len(v)) + v
+                               limits.max_body, timeout_ms, len(v)) + v
 
 
 def _frame(t: int, flags: int, count: int, relay: int, payload: bytes = b"") -> bytes:
@@ -296,6 +302,7 @@ class BoundaryDecoder:
         self._max_body = max_body
         self._max_ports = max_ports
         self._hello_done = False
+        self._broken = False
         # the message being assembled from chunks: relay, kind, ports, parts, total
         self._part_relay = -1
         self._part_kind = 0
@@ -303,8 +310,9 @@ class BoundaryDecoder:
         self._parts: bytearray | None = None
         self._part_total = 0
         self._events: deque[Event] = deque()
-        #: bytes fed so far (statistics)
+        #: bytes fed and frames read so far (statistics)
         self.fed = 0
+        self.frames = 0
 
     @property
     def buffered(self) -> int:
@@ -312,6 +320,8 @@ class BoundaryDecoder:
         return len(self._buf) + (len(self._parts) if self._parts is not None else 0)
 
     def feed(self, data: bytes) -> None:
+        if self._broken:
+            raise BoundaryProtocolError("the link already broke the protocol")
         self.fed += len(data)
         self._buf += data
         self._parse()
@@ -330,7 +340,7 @@ class BoundaryDecoder:
                 )
             if len(buf) < HELLO_FIXED:
                 return
-            lo, hi, nonce, wm, wb, mb, vlen = _HELLO.unpack_from(buf, len(MAGIC))
+            lo, hi, nonce, wm, wb, mb, hb, vlen = _HELLO.unpack_from(buf, len(MAGIC))
             if vlen > MAX_VERSION_LEN:
                 raise BoundaryProtocolError(f"HELLO version string of {vlen} bytes (limit {MAX_VERSION_LEN})")
             if len(buf) < HELLO_FIXED + vlen:
@@ -339,15 +349,16 @@ class BoundaryDecoder:
                 version = bytes(buf[HELLO_FIXED : HELLO_FIXED + vlen]).decode()
             except UnicodeDecodeError:
                 raise BoundaryProtocolError("HELLO version string is not UTF-8") from None
-            if not (1 <= lo <= hi) or wm < 1 or wb < 1 or mb < 1:
+            if not (1 <= lo <= hi) or wm < 1 or wb < 1 or mb < 1 or hb < 1:
                 raise BoundaryProtocolError(
                     f"HELLO with invalid fields (protocol {lo}-{hi}, window {wm}/{wb}, max body {mb})"
                 )
             del buf[: HELLO_FIXED + vlen]
             self._hello_done = True
-            self._events.append(Hello(lo, hi, version, nonce, wm, wb, mb))
+            self._events.append(Hello(lo, hi, version, nonce, wm, wb, mb, hb / 1000))
         at = 0
         n = len(buf)
+        view = memoryview(buf)
         try:
             while n - at >= HEAD_LEN:
                 t, flags, count, relay, length = _HEAD.unpack_from(buf, at)
@@ -356,11 +367,15 @@ class BoundaryDecoder:
                 if n - at - HEAD_LEN < length:
                     break
                 start = at + HEAD_LEN
-                self._frame(t, flags, count, relay, memoryview(buf)[start : start + length])
+                self.frames += 1
+                self._frame(t, flags, count, relay, view[start : start + length])
                 at = start + length
-        finally:
-            if at:
-                del buf[:at]
+        except BoundaryProtocolError:
+            self._broken = True  # views of the buffer may live on in the traceback: leave it be
+            raise
+        view.release()
+        if at:
+            del buf[:at]
 
     def _frame(self, t: int, flags: int, count: int, relay: int, p: memoryview) -> None:
         if flags & ~F_MORE or (flags and t not in (T_MSG, T_CHUNK)):

@@ -88,6 +88,15 @@ log = logging.getLogger("meshipc.gateway")
 READ_BYTES: Final = 256 * 1024
 #: messages one relay forwards before the next ready relay gets its turn
 TURN: Final = 64
+#: control frames (credit, closes back) beyond the write buffer before a far
+#: side that does not read them is dropped
+CONTROL_SLACK: Final = 1024 * 1024
+#: relay turns in one synchronous pass before the loop gets a turn
+PASS_TURNS: Final = 16
+#: message frames smaller than this are joined into writes of about this size
+COALESCE_BYTES: Final = 64 * 1024
+#: we PING at most this often, whatever loss bound the far side announces
+MIN_PING_INTERVAL: Final = 0.05
 #: how long ``open`` waits for the far side's HELLO by default (seconds)
 HELLO_TIMEOUT: Final = 30.0
 
@@ -121,7 +130,7 @@ class GatewayStats:
 
 
 class _Relay:
-    __slots__ = ("head", "held", "number", "queued", "rx", "st", "tx", "watching")
+    __slots__ = ("head", "number", "queued", "rx", "st", "tx", "watching")
 
     def __init__(self, number: int, st: PortState, far: Hello, ours: BoundaryLimits) -> None:
         self.number = number
@@ -131,7 +140,6 @@ class _Relay:
         #: the next message to send, taken and encoded, waiting for credit
         self.head: tuple[int, bytes, list[PortState]] | None = None
         self.queued = False  # in the gateway's ready queue
-        self.held = False  # received credit waits for the local peer's window
         self.watching = False
 
 
@@ -163,8 +171,16 @@ class Gateway:
         self._far: Hello | None = None
         self._relays: dict[int, _Relay] = {}
         self._next = 0  # the next relay number this side opens (parity set by HELLO)
+        self._far_max = 0  # the highest relay number the far side opened (they only grow)
         self._ready: deque[_Relay] = deque()
-        self._wake = asyncio.Event()
+        self._wake = asyncio.Event()  # the pump: wait for the stream to drain, then go on
+        self._in_pass = False
+        self._kicked = False
+        self._draining = False
+        self._out: list[bytes | memoryview] = []  # message frames of this pass, joined into one write
+        self._out_len = 0
+        self._flushed = asyncio.Event()  # set when the pump has nothing ready
+        self._credited = asyncio.Event()  # set when credit comes back
         self._touched: set[_Relay] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._done: asyncio.Future[BaseException | None] = self._loop.create_future()
@@ -173,7 +189,6 @@ class Gateway:
         self._last_written = self._loop.time()
         self._ping = 0
         self.bytes_out = 0
-        self.frames_in = 0
         self.frames_out = 0
         self.messages_in = 0
         self.messages_out = 0
@@ -219,6 +234,15 @@ class Gateway:
         return gw
 
     async def _hello(self, timeout: float | None) -> None:
+        try:
+            await self._exchange_hello(timeout)
+        except BoundaryProtocolError as exc:
+            text = str(exc)
+            if not text.startswith("boundary link "):
+                raise type(exc)(f"boundary link {self.label}: {text}") from None
+            raise
+
+    async def _exchange_hello(self, timeout: float | None) -> None:
         ours = encode_hello(meshipc.__version__, self._nonce, self.limits)
         self._write(ours)
         try:
@@ -241,8 +265,9 @@ class Gateway:
             raise BoundaryProtocolError(f"boundary link {self.label}: the stream broke: {exc}") from exc
         if not isinstance(ev, Hello):  # the decoder's first event is always a Hello
             raise BoundaryProtocolError("the far side did not start with HELLO")
+        lim = self.limits
         mine = Hello(PROTOCOL_MIN, PROTOCOL_MAX, meshipc.__version__, self._nonce,
-                     self.limits.window_messages, self.limits.window_bytes, self.limits.max_body)
+                     lim.window_messages, lim.window_bytes, lim.max_body, lim.heartbeat_timeout)
         negotiate(mine, ev)
         self._far = ev
         self._next = 2 if self._nonce < ev.nonce else 1
@@ -281,10 +306,15 @@ class Gateway:
         return n
 
     def _ready_up(self, rel: _Relay) -> None:
+        """``rel`` has something to send (a relay end's waker, or credit came)."""
         if not rel.queued and self._relays.get(rel.number) is rel:
             rel.queued = True
             self._ready.append(rel)
-            self._wake.set()
+            if not self._in_pass and not self._kicked:
+                # forward at the end of this loop turn, everything that got
+                # ready in it at once (one write), without a task switch
+                self._kicked = True
+                self._loop.call_soon(self._kick)
 
     def _drop(self, rel: _Relay) -> None:
         if self._relays.get(rel.number) is rel:
@@ -302,33 +332,103 @@ class Gateway:
         self._last_written = self._loop.time()
 
     def _frame(self, data: bytes) -> None:
+        """A control frame, written at once (no message frame is ever held
+        back between passes, so order within a relay holds). Control frames
+        answer what the far side sends; one that does not read them cannot
+        make us hold more than ``CONTROL_SLACK`` beyond the write buffer."""
         if self._closed:
+            return
+        if self._unsent() > self.limits.write_buffer_bytes + CONTROL_SLACK:
+            self._end("the far side does not read what it asks us to write")
             return
         self.frames_out += 1
         self._write(data)
+
+    def _emit(self, part: bytes | memoryview) -> None:
+        """Part of a message frame: small ones are joined into one write."""
+        if len(part) >= COALESCE_BYTES:
+            self._flush_out()
+            self._write(part)
+            return
+        self._out.append(part)
+        self._out_len += len(part)
+        if self._out_len >= COALESCE_BYTES:
+            self._flush_out()
+
+    def _flush_out(self) -> None:
+        if self._out:
+            data = b"".join(self._out) if len(self._out) > 1 else self._out[0]
+            self._out.clear()
+            self._out_len = 0
+            self._write(data)
 
     def _unsent(self) -> int:
         transport = self._writer.transport
         return transport.get_write_buffer_size() if transport is not None else 0
 
+    def _kick(self) -> None:
+        self._kicked = False
+        if self._closed or self._draining:
+            return  # the pump goes on once the stream has drained
+        try:
+            if self._pass():
+                self._wake.set()  # the stream's buffer is full: the pump waits for it
+        except (OSError, RuntimeError) as exc:  # the stream broke under a write
+            self._end(f"the stream broke: {exc!r}")
+
     async def _pump(self) -> None:
-        """Forward what relay ends receive, relay by relay in turn."""
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            while self._ready and not self._closed:
+        """Forward what waits while the stream's buffer is full (the common
+        case is ``_kick``, with no task switch)."""
+        try:
+            while not self._closed:
+                await self._wake.wait()
+                self._wake.clear()
+                self._draining = True
+                try:
+                    await self._writer.drain()
+                finally:
+                    self._draining = False
+                if not self._closed and self._pass():
+                    self._wake.set()
+        except (OSError, RuntimeError) as exc:  # the stream broke under a write
+            self._end(f"the stream broke: {exc!r}")
+        except Exception as exc:  # a bug here must end the link loudly, not hang its ports
+            log.exception("boundary link %s: the gateway failed", self.label)
+            self._end(f"the gateway failed: {exc!r}")
+
+    def _pass(self) -> bool:
+        """Forward what ready relays hold, each up to ``TURN`` messages in
+        turn; True if it stopped because the stream's buffer is full."""
+        self._in_pass = True
+        limit = self.limits.write_buffer_bytes
+        try:
+            for _ in range(PASS_TURNS):
+                if not self._ready or self._closed:
+                    return False
                 rel = self._ready.popleft()
                 rel.queued = False
                 if self._relays.get(rel.number) is not rel:
                     continue
-                more = await self._forward(rel)
-                if more:
-                    self._ready_up(rel)
+                if self._forward(rel) and not rel.queued:
+                    rel.queued = True
+                    self._ready.append(rel)
+                if self._out_len + self._unsent() > limit:
+                    return True
+            if self._ready and not self._kicked:  # let the loop breathe, then go on
+                self._kicked = True
+                self._loop.call_soon(self._kick)
+            return False
+        finally:
+            self._flush_out()
+            self._in_pass = False
+            if not self._ready:
+                self._flushed.set()
 
-    async def _forward(self, rel: _Relay) -> bool:
+    def _forward(self, rel: _Relay) -> bool:
         """Send up to ``TURN`` messages of ``rel``; True if it has more to send now."""
         st = rel.st
         eng = self._engine
+        limit = self.limits.write_buffer_bytes
         for _ in range(TURN):
             if rel.head is None:
                 msg = eng.take(st)
@@ -348,24 +448,24 @@ class Gateway:
                 eng.dispose(Message(kind, None, body, states or None), str(exc))
                 continue
             rel.tx.sent(len(body))
-            for part in encode_msg(rel.number, kind, numbers, body):
-                self._write(part)
-            self.frames_out += 1
+            parts = encode_msg(rel.number, kind, numbers, body)
+            for part in parts:
+                self._emit(part)
+            self.frames_out += len(parts) // 2  # a head and a payload each
             self.messages_out += 1
             if kind >= K_REPLY:
                 self._drop(rel)  # a final message: the relay goes with it, on both sides
                 return False
-            if self._unsent() > self.limits.write_buffer_bytes:
-                await self._writer.drain()
-                if self._closed or self._relays.get(rel.number) is not rel:
-                    return False
+            if self._out_len + self._unsent() > limit:
+                return True
         if st.queue or rel.head is not None:
             return rel.tx.can_send(len(rel.head[1])) if rel.head is not None else True
         if st.ended:
             if st.error is not None:
-                self._frame(encode_fail(rel.number, st.error.cause))
+                self._emit(encode_fail(rel.number, st.error.cause))
             else:
-                self._frame(encode_close(rel.number))
+                self._emit(encode_close(rel.number))
+            self.frames_out += 1
             self._drop(rel)
             eng.close(st)
         return False
@@ -377,8 +477,8 @@ class Gateway:
         if msg.body is None:
             try:
                 msg = eng.encode_message(msg)
-            except MessageError as exc:
-                return (K_ERROR, eng.codec.encode_error(exc), [])
+            except MeshError as exc:  # a value that cannot be encoded: this message only
+                return (K_ERROR if msg.kind < K_REPLY else K_REPLY_ERROR, eng.codec.encode_error(exc), [])
         raw = msg.body if msg.body is not None else b""
         body = raw if isinstance(raw, bytes) else bytes(raw)
         states = list(msg.ports or ())
@@ -420,6 +520,11 @@ class Gateway:
             cause = f"the stream broke: {exc!r}"
         except _Goodbye as bye:
             cause = f"the far side closed the link (GOODBYE: {bye.reason})"
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug here must end the link loudly, not hang its ports
+            log.exception("boundary link %s: the gateway failed", self.label)
+            cause = f"the gateway failed: {exc!r}"
         self._end(cause)
 
     def _events(self) -> None:
@@ -428,7 +533,6 @@ class Gateway:
             ev = dec.next_event()
             if ev is None:
                 break
-            self.frames_in += 1
             self._on(ev)
         for rel in self._touched:
             self._give_credit(rel)
@@ -441,6 +545,7 @@ class Gateway:
             rel = self._relays.get(ev.relay)
             if rel is not None:
                 rel.tx.credited(ev.messages, ev.nbytes)
+                self._credited.set()
                 if rel.st.queue or rel.head is not None:
                     self._ready_up(rel)
         elif isinstance(ev, Close):
@@ -466,9 +571,15 @@ class Gateway:
     def _on_msg(self, ev: Msg) -> None:
         eng = self._engine
         far_parity = 1 - (self._next & 1)
+        r = ev.relay
+        if r and (r >= self._next if r & 1 != far_parity else r > self._far_max):
+            raise BoundaryProtocolError(f"a message for relay {r}, which was never opened")
         for n in ev.ports:
-            if n & 1 != far_parity or n == 0 or n in self._relays:
-                raise BoundaryProtocolError(f"the far side opened relay {n}, which is not its to open")
+            if n & 1 != far_parity or n <= self._far_max:
+                raise BoundaryProtocolError(
+                    f"the far side opened relay {n}, which is not its to open (or not a new one)"
+                )
+            self._far_max = n
         if len(self._relays) + len(ev.ports) > self.limits.max_relays:
             raise BoundaryProtocolError(
                 f"the far side opened more than {self.limits.max_relays} relays (the limit)"
@@ -488,14 +599,17 @@ class Gateway:
             self._add(n, ours)
             ends.append(theirs)
         msg = Message(ev.kind, None, ev.body, ends or None)
-        if ev.kind >= K_REPLY:
+        final = ev.kind >= K_REPLY
+        if final:
             self._drop(rel)
-            eng.send_message(rel.st, msg, final=True)
-            return
         try:
-            eng.send_message(rel.st, msg)
+            eng.send_message(rel.st, msg, final)
         except ChannelClosed:
             pass  # our end is closed: disposed, as a send to a closed peer is
+        except MeshError as exc:  # it could not be handed on here: this message only
+            log.warning("boundary link %s: a message for relay %d was dropped: %s", self.label, ev.relay, exc)
+        if final:
+            return
         rel.rx.done(len(ev.body))
         self._touched.add(rel)
 
@@ -523,7 +637,13 @@ class Gateway:
 
     async def _heartbeat(self) -> None:
         lim = self.limits
-        period = lim.heartbeat_interval / 2
+        far = self._far
+        # we PING after this much silence: our own interval, or less when the
+        # far side's loss bound is shorter (a third of it)
+        interval = lim.heartbeat_interval
+        if far is not None:
+            interval = max(MIN_PING_INTERVAL, min(interval, far.heartbeat_timeout / 3))
+        period = min(lim.heartbeat_interval, interval) / 2
         while not self._closed:
             await asyncio.sleep(period)
             now = self._loop.time()
@@ -532,7 +652,7 @@ class Gateway:
                     f"nothing heard from the far side for {lim.heartbeat_timeout:g} s (heartbeats unanswered)"
                 )
                 return
-            if now - self._last_written >= lim.heartbeat_interval:
+            if now - self._last_written >= interval:
                 self._ping += 1
                 self._frame(encode_ping(self._ping))
 
@@ -565,9 +685,28 @@ class Gateway:
             self._frame(encode_goodbye("closed"))
             self._end("closed by this side", ours=True)
 
-    async def aclose(self) -> None:
-        """Say GOODBYE and close the stream; every crossing port fails with
-        ``LinkFailure`` ("closed by this side"). Safe to call twice."""
+    async def aclose(self, *, flush: float = 5.0) -> None:
+        """Send what crossing ports hold (for up to ``flush`` seconds: the far
+        side's credit permitting), say GOODBYE and close the stream; every
+        crossing port fails with ``LinkFailure`` ("closed by this side").
+        Safe to call twice."""
+        if not self._closed and flush > 0:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(flush):
+                    while not self._closed:
+                        sendable, awaiting = self._pending()
+                        if sendable:
+                            self._flushed.clear()
+                            if not self._draining and self._pass():
+                                self._wake.set()
+                            await self._flushed.wait()
+                        elif awaiting:  # blocked until the far side gives credit back
+                            self._credited.clear()
+                            await self._credited.wait()
+                        else:
+                            break
+                    if not self._closed:
+                        await self._writer.drain()
         self.close()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self._writer.wait_closed(), 1.0)
@@ -579,6 +718,19 @@ class Gateway:
         """Wait for the link to end; its cause (a ``LinkFailure``), or None
         when this side closed it."""
         return await asyncio.shield(self._done)
+
+    def _pending(self) -> tuple[bool, bool]:
+        """Whether a relay has a message it may send now, and whether one
+        waits for credit the far side still owes."""
+        sendable = awaiting = bool(self._ready)
+        for r in self._relays.values():
+            if r.head is not None or r.st.queue:
+                n = len(r.head[1]) if r.head is not None else 0
+                if r.tx.can_send(n):
+                    sendable = True
+                elif r.tx.messages:
+                    awaiting = True
+        return sendable, awaiting
 
     @property
     def closed(self) -> bool:
@@ -600,7 +752,7 @@ class Gateway:
             relays=len(self._relays),
             bytes_in=self._decoder.fed,
             bytes_out=self.bytes_out,
-            frames_in=self.frames_in,
+            frames_in=self._decoder.frames,
             frames_out=self.frames_out,
             messages_in=self.messages_in,
             messages_out=self.messages_out,

@@ -461,6 +461,9 @@ class Mesh(ControlPlane):
             self._node, reader, writer, first, label=label, limits=limits, timeout=timeout
         )
         self._extras.append(gw)
+        # a link that ends leaves the list (a long-lived mesh may open many)
+        ended = asyncio.ensure_future(gw.wait_closed())
+        ended.add_done_callback(lambda _: self._extras.remove(gw) if gw in self._extras else None)
         return gw
 
     def _check_root(self) -> None:

@@ -848,7 +848,7 @@ class Engine:
                 self.dispose(msg)
                 raise self._full(st)
             if target.relay and msg.body is None:
-                msg = self.encode_message(msg, st, crossing=True)  # it leaves the host
+                msg = self._crossing(msg, st)  # it leaves the host: encoded now
             seq = st.send_seq
             if not target.closed and seq == target.recv_seq and not target.pending:
                 # hot path: a local peer waiting in order
@@ -979,6 +979,17 @@ class Engine:
         from this node are encoded at once and refuse fds (``MessageError``)."""
         st.relay = True
 
+    def _crossing(self, msg: Message, st: PortState) -> Message:
+        """``msg``, sent from ``st`` to a relay end, encoded: a plain value
+        at once, anything else by the full encoder, which refuses fds."""
+        try:
+            body = self.codec.encode_plain(msg.obj)
+        except Exception:  # the full encoder below says what is wrong
+            body = None
+        if type(body) is bytes:
+            return Message(msg.kind, None, body)
+        return self.encode_message(msg, st, crossing=True)
+
     def take(self, st: PortState) -> Message | None:
         """The next queued message of ``st`` as it is held (not decoded), counted
         as consumed like a read; None if none is queued (a gateway forwarding
@@ -1081,6 +1092,9 @@ class Engine:
             for ps in states:
                 ps.engine.close(ps)
             raise MessageError(problem)
+        if crossing:
+            for ps in states:
+                ps.relay = True  # it will be a relay end: sends to it cross too
         return Message(msg.kind, None, body, states or None, fds or None)
 
     def _encode_queued(self, ps: PortState) -> None:
