@@ -105,6 +105,24 @@ async def test_attach_call_stream_services_inspect(runtime_dir: Path) -> None:
             await within(conn.call("nope", 1))
 
 
+async def test_a_wildcard_listener_grants_with_the_host_clients_use(runtime_dir: Path) -> None:
+    with private_dir("tlsw") as folder:
+        async with meshipc.Mesh(runtime_dir=runtime_dir) as mesh:
+            mesh.serve("double", double_here)
+            tls = await mesh.listen_tls(("0.0.0.0", 0))
+            with pytest.raises(ValueError, match="host="):
+                tls.grant(folder / "a.access")
+            tls.grant(folder / "a.access", host="127.0.0.1")
+            assert f"address: 127.0.0.1 {tls.address[1]}" in (folder / "a.access").read_text()
+            async with meshipc.connect_tls(folder / "a.access", runtime_dir=runtime_dir) as conn:
+                assert await within(conn.call("double", 4)) == 8
+            assert [g.state() for g in tls.grants()] == ["valid"]
+
+
+async def double_here(x: int) -> int:
+    return 2 * x
+
+
 async def test_sync_connect_tls(runtime_dir: Path) -> None:
     async with tls_server(runtime_dir) as srv:
 

@@ -69,14 +69,25 @@ class TlsListener:
         """The bound ``(host, port)`` (the port the system picked for 0)."""
         return self._server.address
 
-    def grant(self, path: str | os.PathLike[str], *, expires: float = DEFAULT_GRANT_LIFETIME) -> Grant:
-        """Write one client's access file at ``path`` (mode 0600): this
-        listener's address, its certificate's pin and a client certificate
-        and key minted for this grant, valid ``expires`` seconds (default
-        30 days). Whoever reads the file can attach: keep it private.
-        Raises ``ValueError`` for a bad ``expires``, ``MeshError`` past
-        ``MAX_GRANTS``, ``OSError`` if the file cannot be written."""
-        return self._authority.grant(self.address, Path(path), expires)
+    def grant(
+        self, path: str | os.PathLike[str], *, expires: float = DEFAULT_GRANT_LIFETIME, host: str | None = None
+    ) -> Grant:
+        """Write one client's access file at ``path`` (mode 0600): the
+        address to reach this listener (``host``, default the bound one:
+        give it when listening on ``0.0.0.0`` or ``::``), its certificate's
+        pin and a client certificate and key minted for this grant, valid
+        ``expires`` seconds (default 30 days). Whoever reads the file can
+        attach: keep it private. Raises ``ValueError`` for a bad
+        ``expires`` or a wildcard address without ``host``, ``MeshError``
+        past ``MAX_GRANTS``, ``OSError`` if the file cannot be written."""
+        bound, port = self.address
+        if host is None:
+            if bound in ("0.0.0.0", "::"):
+                raise ValueError(f"listening on {bound}: say which address clients use (grant(..., host=...))")
+            host = bound
+        if not host or any(c.isspace() for c in host):
+            raise ValueError(f"not a host name or address: {host!r}")
+        return self._authority.grant((host, port), Path(path), expires)
 
     def grants(self) -> list[Grant]:
         """The grants not yet expired (revoked ones too), oldest first."""
