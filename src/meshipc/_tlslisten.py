@@ -70,7 +70,11 @@ class TlsListener:
         return self._server.address
 
     def grant(
-        self, path: str | os.PathLike[str], *, expires: float = DEFAULT_GRANT_LIFETIME, host: str | None = None
+        self,
+        path: str | os.PathLike[str],
+        *,
+        expires: float = DEFAULT_GRANT_LIFETIME,
+        host: str | None = None,
     ) -> Grant:
         """Write one client's access file at ``path`` (mode 0600): the
         address to reach this listener (``host``, default the bound one:
@@ -83,7 +87,9 @@ class TlsListener:
         bound, port = self.address
         if host is None:
             if bound in ("0.0.0.0", "::"):
-                raise ValueError(f"listening on {bound}: say which address clients use (grant(..., host=...))")
+                raise ValueError(
+                    f"listening on {bound}: say which address clients use (grant(..., host=...))"
+                )
             host = bound
         if not host or any(c.isspace() for c in host):
             raise ValueError(f"not a host name or address: {host!r}")
