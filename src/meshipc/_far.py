@@ -35,6 +35,7 @@ from ._control_msgs import accept_objects, check_service_name, check_timeout
 from ._errors import (
     ChannelClosed,
     MeshError,
+    MessageError,
     PortFailed,
     ProtocolError,
     RemoteError,
@@ -169,6 +170,10 @@ class FarServer:
                 await self._slots.acquire()
                 try:
                     raw = await self.port.recv()
+                except MessageError as exc:  # one undecodable request: dropped, the client served
+                    self._slots.release()
+                    log.info("%s: dropped an undecodable far-control request: %s", self.label, exc)
+                    continue
                 except BaseException:
                     self._slots.release()
                     raise
