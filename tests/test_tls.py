@@ -215,3 +215,19 @@ def test_grant_arguments_and_the_accepted_line() -> None:
         with pytest.raises(KeyError):
             auth.revoke("nope")
         assert ACCEPTED.endswith(b"\n")
+
+
+def test_no_switch_turns_a_check_off() -> None:
+    """TLS 1.3 only, certificates always checked: nothing in the library
+    lowers the version, turns verification off or skips the CRL."""
+    src = Path(__file__).parent.parent / "src" / "meshipc"
+    text = "\n".join(p.read_text() for p in src.glob("*.py"))
+    for needle in (
+        "CERT_NONE",
+        "CERT_OPTIONAL",
+        "TLSv1_2",
+        "_create_unverified_context",
+        "verify_mode = ssl.CERT_N",
+    ):
+        assert needle not in text, needle
+    assert text.count("minimum_version = ssl.TLSVersion.TLSv1_3") == 2  # server and client
