@@ -74,7 +74,7 @@ def test_hello_round_trip_and_negotiation() -> None:
     d = BoundaryDecoder(LIMITS.max_body)
     d.feed(encode_hello("1.2.3", 7, BoundaryLimits(window_messages=5, heartbeat_timeout=3.5)))
     ev = d.next_event()
-    assert ev == Hello(1, 1, "1.2.3", 7, 5, LIMITS.window_bytes, LIMITS.max_body, 3.5)
+    assert ev == Hello(1, 1, "1.2.3", 7, 5, LIMITS.window_bytes, LIMITS.max_body, 3.5, LIMITS.max_relays)
     ours = Hello(1, 3, "2.0", 8, 1, 1, 1, 1.0)
     assert negotiate(ours, ev) == 1
     assert negotiate(ours, Hello(2, 5, "3.0", 9, 1, 1, 1, 1.0)) == 3
@@ -125,7 +125,7 @@ def test_malformed_hello_fields_are_refused(patch: dict[str, object]) -> None:
     version = patch.get("version", b"1.0")
     assert isinstance(version, bytes)
     vlen = int(patch.get("vlen", len(version)))  # type: ignore[call-overload]
-    raw = MAGIC + struct.pack("!HHQIQQIB", lo, hi, 1, window, 10, 10, 1000, vlen) + version + b"\0" * 300
+    raw = MAGIC + struct.pack("!HHQIQQIIB", lo, hi, 1, window, 10, 10, 1000, 5, vlen) + version + b"\0" * 300
     with pytest.raises(BoundaryProtocolError):
         BoundaryDecoder(100).feed(raw)
 

@@ -20,7 +20,18 @@ import pytest
 import meshipc
 from attachutil import key_material
 from gateway_util import far_peer
-from meshipc import Call, ChannelClosed, Fd, LinkFailure, Mesh, NodeFailure, Port, Receiver, Sender
+from meshipc import (
+    Call,
+    ChannelClosed,
+    Fd,
+    LinkFailure,
+    Mesh,
+    NodeFailure,
+    Port,
+    PortFailed,
+    Receiver,
+    Sender,
+)
 from meshipc._boundary import (
     BoundaryDecoder,
     Close,
@@ -417,7 +428,7 @@ async def test_a_raw_far_side_can_talk(runtime_dir: Path) -> None:
         (raw_msg(0, "a", ports=(3,)) + raw_msg(0, "b", ports=(3,)), "relay 3, which is not its to open"),
         (raw_msg(99, "x"), "relay 99, which was never opened"),
         (raw_msg(8, "x"), "relay 8, which was never opened"),
-        (raw_msg(0, "a", ports=(1, 3, 5, 9)), "more than 3 relays"),
+        (raw_msg(0, "a", ports=(1, 3, 5, 9, 11, 13)), "more than 6 relays"),
         (raw_msg(0, 1) * 5, "beyond its window"),
         (encode_credit(0, 1, 1), "exceeds what is in flight"),
         (b"\x63" * 40, "broke the protocol"),
@@ -527,3 +538,48 @@ async def test_a_far_side_that_never_reads_what_it_asks_for_is_dropped(runtime_d
                     break
             await within(agent.recv())
         assert gw.stats().buffered_bytes <= 64 * 1024 + CONTROL_SLACK + 64 * 1024
+
+
+async def test_what_arrived_before_the_stream_broke_is_still_delivered(runtime_dir: Path) -> None:
+    """An asyncio ``StreamReader`` raises a failed write's error before the
+    bytes it holds: those messages had arrived, and are delivered before the
+    failure."""
+    async with Mesh(runtime_dir=runtime_dir) as mesh:
+        ours, theirs = socket.socketpair()
+        _, w = await asyncio.open_connection(sock=ours)
+        reader = asyncio.StreamReader()
+        reader.feed_data(encode_hello("0.0.1", 2**64 - 1, meshipc.BoundaryLimits()))
+        agent, first = Port.pair()
+        gw = await mesh.open_gateway(reader, w, first, label="held")
+        reader.feed_data(b"".join(raw_msg(0, i) for i in range(10)))
+        reader.set_exception(BrokenPipeError(32, "Broken pipe"))
+        got = []
+        with pytest.raises(LinkFailure, match="Broken pipe"):
+            while True:
+                got.append(await within(agent.recv()))
+        assert got == list(range(10))
+        await gw.aclose()
+        theirs.close()
+
+
+async def test_ports_beyond_the_far_sides_relay_limit_fail_and_the_message_says_so(runtime_dir: Path) -> None:
+    """The far side holds at most 2 relays (its HELLO says so): a message
+    carrying two more ports crosses as an error, its ports fail here, a call
+    carrying too many fails at the caller; the link lives on."""
+    hello = encode_hello("0.0.1", 2**64 - 1, meshipc.BoundaryLimits(max_relays=2))
+    async with Mesh(runtime_dir=runtime_dir) as mesh, raw_far(mesh, hello=hello) as (gw, agent, r, _w):
+        (a, b), (c, d) = Port.pair(), Port.pair()
+        agent.send(["two", b, d])
+        for end in (a, c):
+            with pytest.raises(PortFailed, match="exceed the limit of 2"):
+                await within(end.recv())
+        seen = await read_frames(r, lambda ev: isinstance(ev, Msg) and ev.relay == 0)
+        assert seen[-1].kind == 3 and b"exceed the limit" in seen[-1].body  # K_ERROR
+        agent.send("fine")
+        seen = await read_frames(r, lambda ev: isinstance(ev, Msg) and ev.relay == 0)
+        assert msgspec.msgpack.decode(seen[-1].body) == "fine"
+        tx, rx = meshipc.channel()
+        agent.send(rx)  # the second relay: a call's reply port would be a third
+        with pytest.raises(PortFailed, match="exceed the limit of 2"):
+            await within(tx.call("too many"))
+        assert not gw.closed

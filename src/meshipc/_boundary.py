@@ -52,8 +52,8 @@ PROTOCOL_MIN: Final = 1
 PROTOCOL_MAX: Final = 1
 #: a meshipc version string is at most this long on the wire
 MAX_VERSION_LEN: Final = 64
-# lo, hi, nonce, window msgs, window bytes, max body, heartbeat timeout (ms), version length
-_HELLO: Final = struct.Struct("!HHQIQQIB")
+# lo, hi, nonce, window msgs, window bytes, max body, heartbeat timeout (ms), max relays, version length
+_HELLO: Final = struct.Struct("!HHQIQQIIB")
 HELLO_FIXED: Final = len(MAGIC) + _HELLO.size
 
 _HEAD: Final = struct.Struct("!BBHII")  # type, flags, count, relay, payload length
@@ -92,9 +92,12 @@ class BoundaryLimits:
 
     Memory a far side can make a gateway hold is bounded by these: per relay
     at most one window of messages not given back, one partial message of
-    at most ``max_body`` at a time, at most ``max_relays`` relays."""
+    at most ``max_body`` at a time, at most twice ``max_relays`` relays."""
 
-    #: relays open on one link at a time (each is a port end in the gateway)
+    #: relays open on one link at a time (each is a port end in the gateway):
+    #: we open at most the smaller of ours and the far side's; a far side
+    #: that makes us hold more than twice ours (closes may be in flight) is
+    #: dropped
     max_relays: int = 4096
     #: largest message body accepted (checked on the announced total, before
     #: anything is kept); larger ones are refused at the sender
@@ -146,6 +149,9 @@ class Hello:
     #: the sender's loss bound: it fails the link after hearing nothing for
     #: this long, so we must write at least a PING well within it
     heartbeat_timeout: float
+    #: relays the sender holds open at most: we open no more than this
+    #: (it drops the link past twice as many: closes may be in flight)
+    max_relays: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,7 +209,7 @@ def encode_hello(version: str, nonce: int, limits: BoundaryLimits,
     v = version.encode()[:MAX_VERSION_LEN]
     timeout_ms = min(2**32 - 1, max(1, round(limits.heartbeat_timeout * 1000)))
     return MAGIC + _HELLO.pack(lo, hi, nonce, limits.window_messages, limits.window_bytes,
-                               limits.max_body, timeout_ms, len(v)) + v
+                               limits.max_body, timeout_ms, limits.max_relays, len(v)) + v
 
 
 def _frame(t: int, flags: int, count: int, relay: int, payload: bytes = b"") -> bytes:
@@ -340,7 +346,7 @@ class BoundaryDecoder:
                 )
             if len(buf) < HELLO_FIXED:
                 return
-            lo, hi, nonce, wm, wb, mb, hb, vlen = _HELLO.unpack_from(buf, len(MAGIC))
+            lo, hi, nonce, wm, wb, mb, hb, mr, vlen = _HELLO.unpack_from(buf, len(MAGIC))
             if vlen > MAX_VERSION_LEN:
                 raise BoundaryProtocolError(f"HELLO version string of {vlen} bytes (limit {MAX_VERSION_LEN})")
             if len(buf) < HELLO_FIXED + vlen:
@@ -349,13 +355,13 @@ class BoundaryDecoder:
                 version = bytes(buf[HELLO_FIXED : HELLO_FIXED + vlen]).decode()
             except UnicodeDecodeError:
                 raise BoundaryProtocolError("HELLO version string is not UTF-8") from None
-            if not (1 <= lo <= hi) or wm < 1 or wb < 1 or mb < 1 or hb < 1:
+            if not (1 <= lo <= hi) or wm < 1 or wb < 1 or mb < 1 or hb < 1 or mr < 1:
                 raise BoundaryProtocolError(
                     f"HELLO with invalid fields (protocol {lo}-{hi}, window {wm}/{wb}, max body {mb})"
                 )
             del buf[: HELLO_FIXED + vlen]
             self._hello_done = True
-            self._events.append(Hello(lo, hi, version, nonce, wm, wb, mb, hb / 1000))
+            self._events.append(Hello(lo, hi, version, nonce, wm, wb, mb, hb / 1000, mr))
         at = 0
         n = len(buf)
         view = memoryview(buf)

@@ -97,6 +97,8 @@ PASS_TURNS: Final = 16
 COALESCE_BYTES: Final = 64 * 1024
 #: we PING at most this often, whatever loss bound the far side announces
 MIN_PING_INTERVAL: Final = 0.05
+#: after our GOODBYE, how long we wait for the far side to close its half
+LINGER: Final = 2.0
 #: how long ``open`` waits for the far side's HELLO by default (seconds)
 HELLO_TIMEOUT: Final = 30.0
 
@@ -185,6 +187,7 @@ class Gateway:
         self._tasks: set[asyncio.Task[None]] = set()
         self._done: asyncio.Future[BaseException | None] = self._loop.create_future()
         self._closed = False
+        self._lingering: asyncio.Task[None] | None = None
         self._last_heard = self._loop.time()
         self._last_written = self._loop.time()
         self._ping = 0
@@ -267,7 +270,8 @@ class Gateway:
             raise BoundaryProtocolError("the far side did not start with HELLO")
         lim = self.limits
         mine = Hello(PROTOCOL_MIN, PROTOCOL_MAX, meshipc.__version__, self._nonce,
-                     lim.window_messages, lim.window_bytes, lim.max_body, lim.heartbeat_timeout)
+                     lim.window_messages, lim.window_bytes, lim.max_body, lim.heartbeat_timeout,
+                     lim.max_relays)
         negotiate(mine, ev)
         self._far = ev
         self._next = 2 if self._nonce < ev.nonce else 1
@@ -293,13 +297,13 @@ class Gateway:
             self._ready_up(rel)
         return rel
 
+    def _relay_cap(self) -> int:
+        """Relays we may hold open: ours and the far side's limit, the smaller."""
+        return min(self.limits.max_relays, self._far.max_relays if self._far is not None else 1)
+
     def _open_relay(self, st: PortState) -> int:
-        """A port state leaving in a message: a new relay of ours."""
-        if len(self._relays) >= self.limits.max_relays:
-            raise MessageError(
-                f"boundary link {self.label} has {len(self._relays)} ports crossing "
-                f"(limit {self.limits.max_relays})"
-            )
+        """A port state leaving in a message: a new relay of ours (the
+        caller checked ``_relay_cap``)."""
         n = self._next
         self._next += 2
         self._add(n, st)
@@ -441,12 +445,20 @@ class Gateway:
             if not rel.tx.can_send(len(body)):
                 return False  # a CREDIT wakes it
             rel.head = None
-            try:
-                numbers = [self._open_relay(ps) for ps in states]
-            except MessageError as exc:
-                log.warning("boundary link %s: %s; the message was dropped", self.label, exc)
-                eng.dispose(Message(kind, None, body, states or None), str(exc))
-                continue
+            if states and len(self._relays) + len(states) > self._relay_cap():
+                # too many ports crossing: the message crosses as an error
+                # (a call: the caller's reply port fails), its ports fail here
+                why = MessageError(
+                    f"boundary link {self.label}: {len(self._relays)} ports crossing and "
+                    f"{len(states)} more in this message exceed the limit of {self._relay_cap()}"
+                )
+                for ps in states:
+                    eng.fail_with(ps, PortFailed(str(why)))
+                if kind == K_CALL:
+                    continue
+                kind = K_REPLY_ERROR if kind >= K_REPLY else K_ERROR
+                body, states = eng.codec.encode_error(why), []
+            numbers = [self._open_relay(ps) for ps in states]
             rel.tx.sent(len(body))
             parts = encode_msg(rel.number, kind, numbers, body)
             for part in parts:
@@ -518,6 +530,7 @@ class Gateway:
             cause = f"the far side broke the protocol: {exc}"
         except (OSError, EOFError) as exc:
             cause = f"the stream broke: {exc!r}"
+            cause = self._read_what_arrived() or cause
         except _Goodbye as bye:
             cause = f"the far side closed the link (GOODBYE: {bye.reason})"
         except asyncio.CancelledError:
@@ -526,6 +539,26 @@ class Gateway:
             log.exception("boundary link %s: the gateway failed", self.label)
             cause = f"the gateway failed: {exc!r}"
         self._end(cause)
+
+    def _read_what_arrived(self) -> str | None:
+        """What the stream had delivered when it broke, still to read: an
+        asyncio ``StreamReader`` raises its error before what it holds (a
+        failed *write* of ours sets that error), so the far side's last
+        messages would be lost though they had arrived. Processes them;
+        returns a better cause if they end the link in order."""
+        held = getattr(self._reader, "_buffer", None)
+        if not isinstance(held, bytearray) or not held:
+            return None
+        data = bytes(held)
+        held.clear()
+        try:
+            self._decoder.feed(data)
+            self._events()
+        except BoundaryProtocolError:
+            return None
+        except _Goodbye as bye:
+            return f"the far side closed the link (GOODBYE: {bye.reason})"
+        return None
 
     def _events(self) -> None:
         dec = self._decoder
@@ -580,9 +613,10 @@ class Gateway:
                     f"the far side opened relay {n}, which is not its to open (or not a new one)"
                 )
             self._far_max = n
-        if len(self._relays) + len(ev.ports) > self.limits.max_relays:
+        if len(self._relays) + len(ev.ports) > 2 * self.limits.max_relays:
             raise BoundaryProtocolError(
-                f"the far side opened more than {self.limits.max_relays} relays (the limit)"
+                f"the far side opened more than {2 * self.limits.max_relays} relays "
+                f"(twice the limit of {self.limits.max_relays})"
             )
         self.messages_in += 1
         rel = self._relays.get(ev.relay)
@@ -671,12 +705,34 @@ class Gateway:
         for t in list(self._tasks):
             if t is not me:
                 t.cancel()
-        with contextlib.suppress(Exception):
-            self._writer.close()
+        if ours:
+            self._lingering = self._loop.create_task(self._linger())
+        else:
+            with contextlib.suppress(Exception):
+                self._writer.close()
         if not self._done.done():
             self._done.set_result(None if ours else err)
         if not ours:
             log.warning("%s", err)
+
+    async def _linger(self) -> None:
+        """After our GOODBYE: end our half of the stream and read (dropping
+        it) what the far side still sends until it closes its half, for at
+        most ``LINGER`` seconds, then close. Closing at once could make the
+        far side's next write fail, and a failed write can hide from its
+        reader what had arrived before our GOODBYE."""
+        w = self._writer
+        try:
+            with contextlib.suppress(OSError, RuntimeError, NotImplementedError):
+                if w.can_write_eof():
+                    w.write_eof()
+            with contextlib.suppress(OSError, TimeoutError, RuntimeError):
+                async with asyncio.timeout(LINGER):
+                    while await self._reader.read(READ_BYTES):
+                        pass
+        finally:
+            with contextlib.suppress(Exception):
+                w.close()
 
     def close(self) -> None:
         """``aclose`` without waiting for the stream to close (what a closing
@@ -708,6 +764,8 @@ class Gateway:
                     if not self._closed:
                         await self._writer.drain()
         self.close()
+        if self._lingering is not None:
+            await asyncio.shield(self._lingering)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self._writer.wait_closed(), 1.0)
         tasks = list(self._tasks)
