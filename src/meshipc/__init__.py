@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from ._child import restarting
     from ._control_msgs import ControlLimits, ControlStatistics
     from ._errors import (
+        AccessFileError,
         AuthenticationError,
         BoundaryProtocolError,
         BoundaryVersionError,
@@ -65,6 +66,9 @@ if TYPE_CHECKING:
     from ._process import Process, RestartPolicy
     from ._service import Service, ServiceCall, ServiceSender
     from ._sockets import PeerCred
+    from ._tls import Grant
+    from ._tlsclient import TlsAttachment, connect_tls
+    from ._tlslisten import TlsListener
     from ._trace import Trace, current_trace, start_trace
 
     Connection = Admission
@@ -149,6 +153,11 @@ _LAZY: dict[str, tuple[str, str]] = {
     "LinkFailure": ("._errors", "LinkFailure"),
     "Gateway": ("._gateway", "Gateway"),
     "GatewayStats": ("._gateway", "GatewayStats"),
+    "AccessFileError": ("._errors", "AccessFileError"),
+    "Grant": ("._tls", "Grant"),
+    "TlsAttachment": ("._tlsclient", "TlsAttachment"),
+    "TlsListener": ("._tlslisten", "TlsListener"),
+    "connect_tls": ("._tlsclient", "connect_tls"),
 }
 
 __version__ = "0.1.0"
@@ -228,6 +237,11 @@ __all__ = (
     "LinkFailure",
     "Gateway",
     "GatewayStats",
+    "AccessFileError",
+    "Grant",
+    "TlsAttachment",
+    "TlsListener",
+    "connect_tls",
 )
 
 

@@ -24,6 +24,7 @@ from ._attach import connect
 from ._errors import ConnectError, JoinError, MeshError, NodeFailure, RemoteError, ServiceNotFound
 from ._logs import level_number
 from ._names import RUNS_ELSEWHERE, mesh_directory, runtime_root
+from ._tlsclient import connect_tls
 from ._top import HOME, SORT_KEYS, run_top
 
 #: Default seconds each node gets to answer ``status`` and ``inspect``.
@@ -134,7 +135,14 @@ def add_commands(sub: Any) -> None:
     common = argparse.ArgumentParser(add_help=False)  # every command
     common.add_argument("--runtime-dir", metavar="DIR", help=RUNTIME_DIR_HELP)
     common.add_argument("--debug", action="store_true", help="show tracebacks on errors")
-    common.add_argument("name", metavar="NAME", help="name of a running mesh (see `meshipc ls`)")
+    common.add_argument(
+        "name", metavar="NAME", nargs="?", help="name of a running mesh (see `meshipc ls`); not with --access"
+    )
+    common.add_argument(
+        "--access",
+        metavar="PATH",
+        help="attach over TLS to a mesh on another host with this access file (from TlsListener.grant)",
+    )
     asks_nodes = argparse.ArgumentParser(add_help=False)  # status and inspect
     asks_nodes.add_argument(
         "-t",
@@ -193,7 +201,7 @@ def add_commands(sub: Any) -> None:
         epilog="examples:\n  meshipc call vmm double 5\n  meshipc call jobs jobs '[\"list\"]' -t 30",
         formatter_class=RawEpilog,
     )
-    ca.add_argument("service", metavar="SERVICE", help="service name (see `meshipc status NAME`)")
+    ca.add_argument("service", metavar="SERVICE", nargs="?", help="service name (see `meshipc status NAME`)")
     ca.add_argument(
         "request", metavar="JSON", nargs="?", default="null", help="the request as JSON (default: null)"
     )
@@ -245,8 +253,35 @@ def add_commands(sub: Any) -> None:
 COMMANDS = ("status", "inspect", "call", "log", "top")
 
 
+def _positionals(args: argparse.Namespace) -> None:
+    """With ``--access`` there is no NAME: the positionals shift left
+    (``call --access PATH SERVICE JSON``, ``inspect --access PATH PATH``).
+    ``args.name`` then names the access file in messages."""
+    if args.access is None:
+        if args.name is None:
+            raise CliError("NAME is required (or --access PATH for a mesh on another host)", 2)
+        if args.cmd == "call" and args.service is None:
+            raise CliError("SERVICE is required", 2)
+        return
+    given = args.name
+    if args.cmd == "call":
+        if given is None:
+            raise CliError("SERVICE is required", 2)
+        if args.request != "null":
+            raise CliError("too many arguments: with --access, give SERVICE [JSON]", 2)
+        args.service, args.request = given, args.service if args.service is not None else "null"
+    elif args.cmd == "inspect" and given is not None:
+        if args.path:
+            raise CliError("too many arguments: with --access, give [PATH]", 2)
+        args.path = given
+    elif given is not None:
+        raise CliError("with --access, give no NAME", 2)
+    args.name = f"at {args.access}"
+
+
 def run(args: argparse.Namespace) -> int:
     try:
+        _positionals(args)
         _check_numbers(args)
         return asyncio.run(_run(args))
     except CliError as exc:
@@ -285,7 +320,11 @@ async def _run(args: argparse.Namespace) -> int:
         async with contextlib.AsyncExitStack() as stack:
             try:
                 async with asyncio.timeout(bound):
-                    conn = await stack.enter_async_context(connect(args.name, runtime_dir=args.runtime_dir))
+                    if args.access is not None:
+                        attaching = connect_tls(args.access, runtime_dir=args.runtime_dir)
+                    else:
+                        attaching = connect(args.name, runtime_dir=args.runtime_dir)
+                    conn = await stack.enter_async_context(attaching)
             except TimeoutError:
                 raise CliError(
                     f"mesh {args.name!r} did not let us attach within {bound:g} s "
@@ -304,6 +343,8 @@ async def _run(args: argparse.Namespace) -> int:
     except CliError:
         raise
     except ConnectError as exc:
+        if args.access is not None:
+            raise CliError(str(exc)) from exc
         raise CliError(_not_running(args, exc)) from exc
     except JoinError as exc:
         raise CliError(f"cannot attach to mesh {args.name!r}: {exc}") from exc

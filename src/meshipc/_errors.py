@@ -326,6 +326,19 @@ class AuthenticationError(JoinError):
     our credential (or could not prove its own)."""
 
 
+class AccessFileError(JoinError):
+    """``connect_tls``: the access file is missing, unreadable, readable by
+    others, too large or malformed. ``path`` is the file."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"access file {path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.path, self.reason))
+
+
 class MeshNameInUse(JoinError):
     """``Mesh(name=...)``: a live mesh of this user already holds the name."""
 

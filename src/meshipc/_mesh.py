@@ -48,12 +48,15 @@ from ._names import (
     mesh_directory,
     release_name,
     runtime_root,
+    tls_directory,
 )
 from ._node import Node, NodeStats
 from ._platform import PLATFORM
 from ._ports import DEFAULT_LIMITS, Limits
 from ._process import Process, RestartPolicy, RestartWhen, spawn
 from ._service import Service
+from ._tls import TCP_TIMEOUT, TlsAuthority
+from ._tlslisten import TlsListener
 
 if TYPE_CHECKING:
     from ._channel import Port, Receiver
@@ -383,6 +386,30 @@ class Mesh(ControlPlane):
         listener = Listener(self._node, p, Inviter(self._node, self._admit, ttl))
         listener.start()
         self._extras.append(listener)
+        return listener
+
+    async def listen_tls(
+        self,
+        address: tuple[str, int] = ("127.0.0.1", 0),
+        *,
+        limits: BoundaryLimits | None = None,
+        tcp_timeout: float = TCP_TIMEOUT,
+    ) -> TlsListener:
+        """Accept clients on other hosts over TCP + TLS 1.3 (mutual, pinned)
+        at ``address`` (port 0: the system picks one; ``tls.address``).
+        Clients need an access file from ``tls.grant(path)``; each one is
+        served the mesh's control plane over a boundary link (``Gateway``,
+        ``limits``). The TLS keys are made at first use in the mesh's
+        private folder. Raises ``OSError`` if the address cannot be bound,
+        ``MeshError`` if the mesh is closed."""
+        if self._closed:
+            raise MeshError("the mesh is closed")
+        authority = TlsAuthority(tls_directory(self.directory))
+        listener = TlsListener(self._node, self, authority, limits=limits, tcp_timeout=tcp_timeout)
+        await listener.start(*address)
+        self._extras.append(listener)
+        with contextlib.suppress(ValueError):  # a second listener: the first one's entry stays
+            self.inspect_add("tls", listener.inspect)
         return listener
 
     def inviter(self, *, ttl: float | None = None) -> Inviter:

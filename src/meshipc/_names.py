@@ -48,6 +48,8 @@ NODE_SOCKET_HEX: Final = 12
 #: Folder under the runtime root where file bodies are made (each is
 #: unlinked at once): private, unlike the system's temporary folder.
 BODY_FOLDER: Final = "bodies"
+#: the folder in a mesh directory holding its TLS keys and grants (``_tls``)
+TLS_FOLDER: Final = "tls"
 
 _PREFIX: Final = "mesh-"
 _LOCK_SUFFIX: Final = ".lock"
@@ -207,6 +209,12 @@ def mesh_directory(root: Path, name: str) -> Path:
         return root / f"{_PREFIX}{name}"
     digest = hashlib.sha256(name.encode()).hexdigest()[:_DIGEST_HEX]
     return root / f"{_PREFIX}{name[:_CUT_NAME]}~{digest}"
+
+
+def tls_directory(directory: Path) -> Path:
+    """Where the mesh at ``directory`` keeps its TLS keys and grants
+    (``TlsAuthority`` makes it 0700 and checks it)."""
+    return directory / TLS_FOLDER
 
 
 def lock_path(root: Path, name: str) -> Path:

@@ -294,6 +294,18 @@ class Platform:
             return None
         return Path(self.session_base) / str(os.getuid())
 
+    def tcp_liveness(self, sock: socket.socket, bound: float) -> None:
+        """Make a TCP connection fail within about ``bound`` seconds once the
+        peer stops answering: keepalive probes on an idle one (where the
+        system lets us set their timing), ``TCP_USER_TIMEOUT`` on one with
+        unacknowledged data (Linux)."""
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        idle = max(1, int(bound / 2))
+        for opt, value in (("TCP_KEEPIDLE", idle), ("TCP_KEEPINTVL", max(1, idle // 3)), ("TCP_KEEPCNT", 3)):
+            if hasattr(socket, opt):
+                sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, opt), value)
+
     def __repr__(self) -> str:
         return f"<meshipc platform {self.name}>"
 
@@ -323,6 +335,10 @@ class Linux(Platform):
 
     def peer_cred(self, sock: socket.socket) -> tuple[int, int, int]:
         return linux_peer_cred(sock)
+
+    def tcp_liveness(self, sock: socket.socket, bound: float) -> None:
+        super().tcp_liveness(sock, bound)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, max(1, int(bound * 1000)))
 
     def new_body(self, length: int, folder: Path | None = None) -> int:
         """A memfd (no disk behind it, no folder: ``folder`` is ignored; the

@@ -34,8 +34,9 @@ from ._control import ControlPlane
 from ._errors import MeshError
 from ._service import ServiceSender
 from ._tasks import answer_within
+from ._tlsclient import connect_tls as _aconnect_tls
 
-__all__ = ("Portal", "SyncConnection", "SyncPort", "SyncSender", "connect")
+__all__ = ("Portal", "SyncConnection", "SyncPort", "SyncSender", "connect", "connect_tls")
 
 R = TypeVar("R")
 P = ParamSpec("P")
@@ -259,6 +260,20 @@ def connect(name_or_path: str | os.PathLike[str], **options: Any) -> SyncConnect
     portal = Portal()
     try:
         cm = _aconnect(name_or_path, **options)
+        conn = portal.call(cm.__aenter__)
+    except BaseException:
+        portal.stop()
+        raise
+    return SyncConnection(portal, cm, conn)
+
+
+def connect_tls(path: str | os.PathLike[str], **options: Any) -> SyncConnection:
+    """Attach to a mesh on another host without ``async``: the same
+    arguments as ``meshipc.connect_tls`` (an access file, ``timeout=`` …),
+    and raises what it raises."""
+    portal = Portal()
+    try:
+        cm = _aconnect_tls(path, **options)
         conn = portal.call(cm.__aenter__)
     except BaseException:
         portal.stop()
