@@ -20,7 +20,7 @@ import time
 from typing import Any
 
 import meshipc
-from bench.core import MSG, PathFailed, ctx, rmtree, rss_kib, short_tmp
+from bench.core import MSG, PathFailed, ctx, rmtree, rss_kib, short_tmp, timed_run_cpu
 from bench.paths import _stop_proc, _wait_ready, grpc_server, pyro_server
 
 # --------------------------------------------------------------- services
@@ -202,13 +202,10 @@ def attach_paths(s: Services) -> dict[str, Any]:
     return out
 
 
-def _wall(argv: list[str]) -> float:
-    t0 = time.perf_counter()
-    r = subprocess.run(argv, capture_output=True, timeout=60)
-    dt = time.perf_counter() - t0
-    if r.returncode != 0:
-        raise PathFailed(f"{argv[:3]} exited {r.returncode}: {r.stderr.decode(errors='replace')[-300:]}")
-    return dt * 1e3
+def _wall(argv: list[str]) -> tuple[float, float]:
+    """(wall ms, the command's CPU µs) of a whole command."""
+    dt, cpu = timed_run_cpu(argv)
+    return dt * 1e3, cpu * 1e6
 
 
 def cold_paths(s: Services) -> dict[str, Any]:
