@@ -1003,6 +1003,48 @@ async def test_rpc_dropped_call_gives_channel_closed(cross: bool):
     close_all(net, tx, rx)
 
 
+async def test_a_call_from_another_node_holds_its_reply_end_itself():
+    # issue 24: a call from another process costs no Port handle (with its
+    # inbox, waker closure and weak reference) on the callee: the Call holds
+    # the reply end's state; answered, dropped or waited on, it ends as before
+    net = Net(2)
+    autopump(net)
+    tx, rx = meshipc.channel()
+    rx = move(net, rx)
+
+    async def server() -> None:
+        call = await rx.recv()
+        assert call._port is None and call._reply_end() is not None
+        assert call._reply_end().waker is None  # nobody to wake: no handle
+        assert not call.cancelled
+        call.reply(call.request * 2)
+        assert call._reply_end() is None and not call.cancelled
+        with pytest.raises(ChannelClosed, match="already answered"):
+            call.reply(0)
+        with pytest.raises(ChannelClosed, match="already answered"):
+            call.fail(ValueError("late"))
+        dropped = await rx.recv()
+        assert dropped.request == 2
+        del dropped  # unanswered: the caller gets ChannelClosed
+        waited = await rx.recv()
+        await waited.wait_cancelled()  # a handle made on demand to wait on
+        assert waited.cancelled
+        waited.reply("nobody listens")  # a no-op
+
+    task = asyncio.create_task(server())
+    assert await within(tx.call(21)) == 42
+    with pytest.raises(ChannelClosed, match="dropped without a reply"):
+        await within(tx.call(2))
+    caller = asyncio.create_task(tx.call(3))
+    await asyncio.sleep(0)
+    net.run()
+    caller.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await caller
+    await within(task)
+    close_all(net, tx, rx)  # and no reply end is left behind in either engine
+
+
 @pytest.mark.parametrize("cross", [False, True], ids=["local", "cross"])
 async def test_rpc_caller_cancelled_reaches_callee(cross: bool):
     net = Net(2)

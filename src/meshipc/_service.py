@@ -25,6 +25,7 @@ import msgspec
 import msgspec.inspect
 
 from ._channel import Call, Port, Receiver, Sender, channel
+from ._ports import PortState
 from ._control_msgs import (
     TOKEN_LEN,
     WATCH_AFTER,
@@ -120,7 +121,7 @@ class ServiceCall(Call[Any]):
 
     __slots__ = ("deadline",)
 
-    def __init__(self, request: Any, port: Port, deadline: float | None) -> None:
+    def __init__(self, request: Any, port: Port | PortState, deadline: float | None) -> None:
         super().__init__(request, port)
         self.deadline = deadline
 
@@ -156,13 +157,6 @@ async def busy_call(work: Awaitable[Any]) -> Any:
         if exc.type_name == "ServiceBusy":
             raise ServiceBusy(exc.message.removeprefix("busy: ")) from None
         raise
-
-
-def _caller(call: Call[Any]) -> bytes:
-    """The node a call came from: its reply port's peer (for a call from
-    another node, the link's authenticated id that sent it)."""
-    states = call._port._states
-    return states[0].peer_node if states else b""
 
 
 class Service:
@@ -231,7 +225,7 @@ class Service:
         self._tasks.cancel_all()
         for q in self._waiting.values():
             for sc in q:
-                sc._port.close()  # the caller learns the call was dropped
+                sc._drop()  # the caller learns the call was dropped
         self._waiting.clear()
         self._rx.close()
         self._tx.close()
@@ -266,7 +260,7 @@ class Service:
                     )
                 return None
             deadline = min(deadline, time.monotonic() + self._limits.max_call_timeout)
-        sc = ServiceCall(req, call._port, deadline)
+        sc = ServiceCall(req, call._hand_over(), deadline)
         if self.request_type is not None:
             try:
                 sc.request = msgspec.convert(req, self.request_type, dec_hook=accept_objects)
@@ -296,7 +290,7 @@ class Service:
                     with contextlib.suppress(ChannelClosed):
                         sc.fail(exc)
                 continue
-            self._admit(_caller(call), sc)
+            self._admit(sc._caller(), sc)
             while self._running >= limits.service_calls:
                 # stop reading: further calls wait in the port's queue, and
                 # flow control pushes back on their callers
@@ -332,7 +326,7 @@ class Service:
             if not q:
                 del self._waiting[client]
             if sc.cancelled:
-                sc._port.close()
+                sc._drop()
                 continue
             self._tasks.spawn(self._handle(sc, client))
             return
