@@ -98,14 +98,21 @@ async def mesh_echo(rx: meshipc.Receiver[Any]) -> None:
 
 
 async def mesh_sink(arg: SinkArgs) -> None:
-    """Worker: read a count n on ``ctl``, then n messages; answer n on
-    ``done``. A negative count -n: answer 1 after each of the n messages."""
+    """Worker: read a count n on ``ctl``, then n messages (in batches:
+    ``recv_many``); answer n on ``done``. A negative count -n: answer 1
+    after each of the n messages (read one by one)."""
+    many = getattr(arg.rx, "recv_many", None)  # (an older meshipc, in an A/B, has none)
     with arg.done:
         async for n in arg.ctl:
-            for _ in range(abs(n)):
-                await arg.rx.recv()
-                if n < 0:
-                    arg.done.send(1)
+            if n > 0 and many is not None:
+                left = n
+                while left:
+                    left -= len(await many(left))
+            else:
+                for _ in range(abs(n)):
+                    await arg.rx.recv()
+                    if n < 0:
+                        arg.done.send(1)
             if n > 0:
                 arg.done.send(n)
 

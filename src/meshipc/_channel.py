@@ -611,6 +611,64 @@ class _Inbox(_Handle):
             raise asyncio.QueueEmpty
         return value
 
+    def _poll_many(self, limit: int) -> list[Any]:
+        """Up to ``limit`` values queued now (``[]``: none). The first as
+        ``_poll`` takes it (which raises at the end of the stream); then the
+        plain data messages queued behind it, sender by sender, decoded in
+        one loop with the flow-control bookkeeping once per sender
+        (``Engine.took_run``). It stops before anything else (a call, an
+        end, a message with ports or fds): the next poll takes that."""
+        first = self._poll()
+        if first is _EMPTY:
+            return []
+        out = [first]
+        if self._calls_only:
+            return out
+        ready, dec = self._ready, self._plain_dec.decode
+        while ready and len(out) < limit:
+            st = ready[0]
+            q = st.queue
+            n = nbytes = 0
+            try:
+                while q and len(out) < limit:
+                    msg = q[0]
+                    if msg.kind != K_DATA or msg.ports is not None or msg.fds is not None:
+                        break
+                    q.popleft()
+                    body = msg.body
+                    if body is None:  # from this process: the object itself
+                        out.append(msg.obj)
+                        continue
+                    n += 1
+                    nbytes += len(body)
+                    try:
+                        out.append(dec(body))
+                    except DECODE_ERRORS as exc:
+                        self._last_node = st.peer_node
+                        self._drop_bad(MessageError(f"invalid message: {exc}"))
+            finally:
+                st.engine.took_run(st, n, nbytes)
+            if q or st.ended:
+                break  # something else next, or the end: the next poll takes it
+            ready.popleft()
+            self._sched.discard(st)
+        return out
+
+    async def recv_many(self, max: int = 1024) -> list[Any]:
+        """Every message queued now, at most ``max`` (at least one: waits
+        for it, as ``recv``), in order per sender. Ends as ``recv`` does:
+        ``ChannelClosed``/``PortFailed`` once nothing is left before the end
+        (the messages before it come first). For a stream of small messages
+        this costs less per message than ``recv``: one wait, and one decode
+        loop and flow-control count per batch. ``ValueError`` for ``max`` < 1."""
+        if max < 1:
+            raise ValueError(f"recv_many(max) takes at least 1, got {max!r}")
+        while True:
+            out = self._poll_many(max)
+            if out:
+                return out
+            await self._wait()
+
     async def recv(self) -> Any:
         """The next message. Raises ``ChannelClosed`` once every sender is
         closed, ``PortFailed`` if the last one failed, or (a merged receiver)
@@ -676,6 +734,8 @@ class Port(_Inbox, Generic[M]):
     if TYPE_CHECKING:  # the inherited methods, typed for M (no wrapper at run time)
 
         async def recv(self) -> M: ...
+
+        async def recv_many(self, max: int = 1024) -> list[M]: ...
 
         def try_recv(self) -> M: ...
 
@@ -875,6 +935,8 @@ class Receiver(_Inbox, Generic[T]):
     if TYPE_CHECKING:  # the inherited methods, typed for T (no wrapper at run time)
 
         async def recv(self) -> T: ...
+
+        async def recv_many(self, max: int = 1024) -> list[T]: ...
 
         def try_recv(self) -> T: ...
 

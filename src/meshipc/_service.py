@@ -25,7 +25,6 @@ import msgspec
 import msgspec.inspect
 
 from ._channel import Call, Port, Receiver, Sender, channel
-from ._ports import PortState
 from ._control_msgs import (
     TOKEN_LEN,
     WATCH_AFTER,
@@ -37,6 +36,7 @@ from ._control_msgs import (
 )
 from ._errors import ChannelClosed, MeshError, MessageError, RemoteError, ServiceBusy
 from ._inspect import counter, type_name
+from ._ports import PortState
 from ._tasks import TaskSet, answer_within
 
 
@@ -159,6 +159,10 @@ async def busy_call(work: Awaitable[Any]) -> Any:
         raise
 
 
+#: a running handler call: the call, its task, the watcher once started
+_Running = tuple[ServiceCall, "asyncio.Task[Any] | None", list["asyncio.Task[None]"]]
+
+
 class Service:
     """A registered service (from ``mesh.serve``).
 
@@ -191,6 +195,12 @@ class Service:
         self._done: asyncio.Future[None] = loop.create_future()
         self._tasks = TaskSet(loop)
         self._active: dict[int, float] = {}
+        # calls running, and (in start order) those not yet watched: one
+        # timer for them all checks which still run WATCH_AFTER seconds in,
+        # instead of a timer per call (issue 24)
+        self._running_calls: dict[int, _Running] = {}
+        self._unwatched: deque[tuple[float, int]] = deque()
+        self._sweeper: asyncio.TimerHandle | None = None
         self._limits = limits
         # handler calls running, in all and per client; calls of a client at
         # its bound wait in its queue (see ControlLimits)
@@ -222,6 +232,9 @@ class Service:
             return
         self.closed = True
         self._pump.cancel()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         self._tasks.cancel_all()
         for q in self._waiting.values():
             for sc in q:
@@ -343,13 +356,14 @@ class Service:
 
     async def _handle(self, call: ServiceCall, client: bytes) -> None:
         key = id(call)
-        self._active[key] = time.monotonic()
-        loop = asyncio.get_running_loop()
-        me = asyncio.current_task()
+        now = self._active[key] = time.monotonic()
         # most calls end quickly: a task that watches the caller is started
-        # only for a call still running after WATCH_AFTER seconds
+        # only for a call still running after WATCH_AFTER seconds (_sweep)
         watcher: list[asyncio.Task[None]] = []
-        timer = loop.call_later(WATCH_AFTER, self._watch_caller, call, me, watcher)
+        self._running_calls[key] = (call, asyncio.current_task(), watcher)
+        self._unwatched.append((now, key))
+        if self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().call_later(WATCH_AFTER, self._sweep)
         try:
             result = await self._invoke(call)
         except asyncio.CancelledError:
@@ -364,12 +378,26 @@ class Service:
             with contextlib.suppress(ChannelClosed):
                 call.reply(result)
         finally:
-            timer.cancel()
             for t in watcher:
                 t.cancel()
             self._active.pop(key, None)
+            self._running_calls.pop(key, None)
             if not self.closed:
                 self._call_done(client)
+
+    def _sweep(self) -> None:
+        """The calls started WATCH_AFTER seconds ago or more that still run
+        get a watcher; the timer comes back for the next one to come due."""
+        self._sweeper = None
+        q, running = self._unwatched, self._running_calls
+        due = time.monotonic() - WATCH_AFTER
+        while q and q[0][0] <= due:
+            _, key = q.popleft()
+            entry = running.get(key)
+            if entry is not None and not entry[2]:
+                self._watch_caller(*entry)
+        if q and not self.closed:
+            self._sweeper = asyncio.get_running_loop().call_later(q[0][0] - due, self._sweep)
 
     def _watch_caller(
         self, call: ServiceCall, work: asyncio.Task[Any] | None, watcher: list[asyncio.Task[None]]
