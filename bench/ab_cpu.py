@@ -156,7 +156,8 @@ def _ops(mode: str, n: int) -> None:
     ``send`` (as ``send_us``), ``recv`` (as ``recv_us``), ``run`` (runs of 64
     received in one ``receive_run``, each read: by one ``recv_many`` batch
     where the side has it, else one ``try_recv`` each), ``rtt`` (a call and its reply
-    between two engines of ``tests/memnet.py``, frames through the decoder)."""
+    between two engines of ``tests/memnet.py``, frames through the decoder),
+    ``fd`` (a message of one ``Fd`` between two such engines, read and closed)."""
     import threading
 
     from bench.core import MSG
@@ -191,6 +192,22 @@ def _ops(mode: str, n: int) -> None:
                 else:
                     for _ in range(64):
                         recv()
+    elif mode == "fd":
+        sys.path.insert(0, str(ROOT / "tests"))
+        from memnet import Net
+        from meshipc import Fd
+
+        net = Net(2)
+        a, b = net.pair(0, 1)
+        ftx, frx = Sender._wrap(a._detach()), Receiver._wrap(b._detach())
+        null = os.open(os.devnull, os.O_RDONLY)
+        for e in net.engines:
+            e.thread = threading.get_ident()
+        for _ in range(n):
+            ftx.send(Fd(os.dup(null)))
+            net.run()
+            frx.try_recv().close()
+        os.close(null)
     else:
         sys.path.insert(0, str(ROOT / "tests"))
         from memnet import Net
@@ -230,7 +247,13 @@ def _instructions(src: str, mode: str, n: int) -> int:
 def callgrind(a: str, b: str) -> None:
     """Instructions per op (valgrind's count: the same on a busy machine),
     the difference of a short and a long run of each mode."""
-    modes = (("send", 2048, 12288), ("recv", 2048, 12288), ("run", 2048, 12288), ("rtt", 500, 3500))
+    modes = (
+        ("send", 2048, 12288),
+        ("recv", 2048, 12288),
+        ("run", 2048, 12288),
+        ("rtt", 500, 3500),
+        ("fd", 500, 3500),
+    )
     for mode, lo, hi in modes:
         per = []
         for src in (a, b):
