@@ -863,8 +863,10 @@ def markdown(data: dict[str, Any]) -> str:
         "Figures are medians over interleaved runs with the spread (min-max) in brackets; "
         "ratio = meshipc / peer. CPU µs/op: CPU time per operation of the measuring process and "
         "every process it started (servers, workers), all threads; for start-up and cold commands "
-        "the command's own process only. The floor: asyncio.Protocol both sides, msgspec msgpack "
-        "encode and decode both sides, length-prefixed frames.",
+        "the command's own process only; for attach the client's own, from connecting to the first "
+        "reply; none for failure detection and the N-clients rows (one-off events, not operations). "
+        "The floor: asyncio.Protocol both sides, msgspec msgpack encode and decode both sides, "
+        "length-prefixed frames.",
         "",
         "| " + " | ".join(HEAD) + " |",
         "|" + "---|" * len(HEAD),
