@@ -201,6 +201,7 @@ class Service:
         self._running_calls: dict[int, _Running] = {}
         self._unwatched: deque[tuple[float, int]] = deque()
         self._sweeper: asyncio.TimerHandle | None = None
+        self._seq = 0  # keys of _running_calls (an id() may be reused once a call ends)
         self._limits = limits
         # handler calls running, in all and per client; calls of a client at
         # its bound wait in its queue (see ControlLimits)
@@ -360,8 +361,9 @@ class Service:
         # most calls end quickly: a task that watches the caller is started
         # only for a call still running after WATCH_AFTER seconds (_sweep)
         watcher: list[asyncio.Task[None]] = []
-        self._running_calls[key] = (call, asyncio.current_task(), watcher)
-        self._unwatched.append((now, key))
+        seq = self._seq = self._seq + 1
+        self._running_calls[seq] = (call, asyncio.current_task(), watcher)
+        self._unwatched.append((now, seq))
         if self._sweeper is None:
             self._sweeper = asyncio.get_running_loop().call_later(WATCH_AFTER, self._sweep)
         try:
@@ -381,7 +383,7 @@ class Service:
             for t in watcher:
                 t.cancel()
             self._active.pop(key, None)
-            self._running_calls.pop(key, None)
+            self._running_calls.pop(seq, None)
             if not self.closed:
                 self._call_done(client)
 
@@ -391,11 +393,15 @@ class Service:
         self._sweeper = None
         q, running = self._unwatched, self._running_calls
         due = time.monotonic() - WATCH_AFTER
-        while q and q[0][0] <= due:
-            _, key = q.popleft()
-            entry = running.get(key)
-            if entry is not None and not entry[2]:
-                self._watch_caller(*entry)
+        while q:
+            start, seq = q[0]
+            entry = running.get(seq)
+            if entry is not None:  # still running
+                if start > due:
+                    break  # the next to come due
+                if not entry[2]:
+                    self._watch_caller(*entry)
+            q.popleft()  # watched now, or ended
         if q and not self.closed:
             self._sweeper = asyncio.get_running_loop().call_later(q[0][0] - due, self._sweep)
 
