@@ -285,8 +285,21 @@ class Service:
         return sc
 
     async def _run(self) -> None:
+        """The service's reader. A call admitted to run now runs right here,
+        in this task, and a fresh task takes the reading over: the handler
+        starts at once, with no task hop and loop turn before it (issue 24),
+        in a task of its own from then on (which the watcher cancels)."""
         limits = self._limits
-        async for call in self._rx:
+        while True:
+            while self._running >= limits.service_calls:
+                # stop reading: further calls wait in the port's queue, and
+                # flow control pushes back on their callers
+                self._slot = asyncio.get_running_loop().create_future()
+                await self._slot
+            try:
+                call = await self._rx.recv()
+            except ChannelClosed:
+                return
             if not isinstance(call, Call):
                 continue
             self.calls += 1
@@ -304,21 +317,23 @@ class Service:
                     with contextlib.suppress(ChannelClosed):
                         sc.fail(exc)
                 continue
-            self._admit(sc._caller(), sc)
-            while self._running >= limits.service_calls:
-                # stop reading: further calls wait in the port's queue, and
-                # flow control pushes back on their callers
-                self._slot = asyncio.get_running_loop().create_future()
-                await self._slot
+            client = sc._caller()
+            if self._admit(client, sc):
+                me = asyncio.current_task()
+                self._pump = asyncio.get_running_loop().create_task(self._run())
+                if me is not None:
+                    self._tasks.adopt(me)  # a handler's task now: cancelled on close
+                await self._handle(sc, client)
+                return
 
-    def _admit(self, client: bytes, sc: ServiceCall) -> None:
-        """Run ``sc`` now, queue it behind its client's running calls, or
-        refuse it (``ServiceBusy``) when that queue is full."""
+    def _admit(self, client: bytes, sc: ServiceCall) -> bool:
+        """True if ``sc`` may run now (counted as running: the caller runs
+        it); else it is queued behind its client's running calls, or refused
+        (``ServiceBusy``) when that queue is full."""
         if self._per_client.get(client, 0) < self._limits.client_calls:
             self._running += 1
             self._per_client[client] = self._per_client.get(client, 0) + 1
-            self._tasks.spawn(self._handle(sc, client))
-            return
+            return True
         q = self._waiting.setdefault(client, deque())
         if len(q) >= self._limits.client_queued:
             self.refused += 1
@@ -329,8 +344,9 @@ class Service:
                         f"and {len(q)} waiting from this client"
                     )
                 )
-            return
+            return False
         q.append(sc)
+        return False
 
     def _call_done(self, client: bytes) -> None:
         """A call of ``client`` ended: its next waiting call takes the slot."""
