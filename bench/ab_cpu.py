@@ -154,8 +154,10 @@ def _micro(n: int) -> dict[str, float]:
 def _ops(mode: str, n: int) -> None:
     """n operations of one kind and nothing else, for ``--callgrind``:
     ``send`` (as ``send_us``), ``recv`` (as ``recv_us``), ``run`` (runs of 64
-    received in one ``receive_run``, each read), ``rtt`` (a call and its reply
-    between two engines of ``tests/memnet.py``, frames through the decoder)."""
+    received in one ``receive_run``, each read: by one ``recv_many`` batch
+    where the side has it, else one ``try_recv`` each), ``rtt`` (a call and its reply
+    between two engines of ``tests/memnet.py``, frames through the decoder),
+    ``fd`` (a message of one ``Fd`` between two such engines, read and closed)."""
     import threading
 
     from bench.core import MSG
@@ -182,10 +184,30 @@ def _ops(mode: str, n: int) -> None:
                 eng.receive_data(other, port, seq, K_DATA, body)
                 recv()
         else:
+            many = getattr(rx, "_poll_many", None)  # recv_many's batch (issue 24), if this side has it
             for seq in range(1, n + 1, 64):
                 eng.receive_run(other, port, seq, [body] * 64)
-                for _ in range(64):
-                    recv()
+                if many is not None:
+                    many(64)
+                else:
+                    for _ in range(64):
+                        recv()
+    elif mode == "fd":
+        sys.path.insert(0, str(ROOT / "tests"))
+        from memnet import Net
+        from meshipc import Fd
+
+        net = Net(2)
+        a, b = net.pair(0, 1)
+        ftx, frx = Sender._wrap(a._detach()), Receiver._wrap(b._detach())
+        null = os.open(os.devnull, os.O_RDONLY)
+        for e in net.engines:
+            e.thread = threading.get_ident()
+        for _ in range(n):
+            ftx.send(Fd(os.dup(null)))
+            net.run()
+            frx.try_recv().close()
+        os.close(null)
     else:
         sys.path.insert(0, str(ROOT / "tests"))
         from memnet import Net
@@ -225,7 +247,13 @@ def _instructions(src: str, mode: str, n: int) -> int:
 def callgrind(a: str, b: str) -> None:
     """Instructions per op (valgrind's count: the same on a busy machine),
     the difference of a short and a long run of each mode."""
-    modes = (("send", 2048, 12288), ("recv", 2048, 12288), ("run", 2048, 12288), ("rtt", 500, 3500))
+    modes = (
+        ("send", 2048, 12288),
+        ("recv", 2048, 12288),
+        ("run", 2048, 12288),
+        ("rtt", 500, 3500),
+        ("fd", 500, 3500),
+    )
     for mode, lo, hi in modes:
         per = []
         for src in (a, b):

@@ -63,6 +63,75 @@ class PathFailed(Exception):
     pass
 
 
+# --------------------------------------------------------------- CPU time
+
+
+def _children() -> dict[int, list[int]]:
+    """ppid -> pids, from /proc (this kernel may lack /proc/PID/task/TID/children)."""
+    out: dict[int, list[int]] = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            out.setdefault(ppid, []).append(int(name))
+    return out
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live process below ``pid`` (children, theirs ...)."""
+    kids, out, todo = _children(), [], [pid]
+    while todo:
+        for c in kids.get(todo.pop(), ()):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def process_cpu(pid: int) -> float:
+    """Seconds on CPU of process ``pid``, all its threads (also those that
+    ended): the process's CPU-time clock (``clock_getcpuclockid``: ns, Linux
+    lets any process read another's); 0 for a process gone."""
+    try:
+        return time.clock_gettime(((~pid) << 3) | 2)  # MAKE_PROCESS_CPUCLOCK(pid, CPUCLOCK_SCHED)
+    except OSError:
+        return 0.0
+
+
+def _reaped_cpu() -> float:
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+class CpuMeter:
+    """CPU seconds, over ``start()`` .. ``stop()``, of this process (all threads,
+    ``time.process_time``: also threads that ended) plus every process below
+    it (the servers and workers a path starts, all their threads:
+    ``process_cpu``; a process started during the span counts from 0; one
+    that ended and was reaped through ``getrusage(RUSAGE_CHILDREN)``). The
+    scans of /proc happen outside the measured span."""
+
+    def _scan(self) -> dict[int, float]:
+        return {pid: process_cpu(pid) for pid in descendants(os.getpid())}
+
+    def start(self) -> None:
+        self.k0 = self._scan()
+        self.r0 = _reaped_cpu()
+        self.c0 = time.process_time()
+
+    def stop(self) -> float:
+        c1 = time.process_time()
+        r1 = _reaped_cpu()
+        k1 = self._scan()
+        gone = sum(v for pid, v in self.k0.items() if pid not in k1)  # counted again, whole, in r1
+        kids = sum(v - self.k0.get(pid, 0.0) for pid, v in k1.items())
+        return c1 - self.c0 + kids + max(0.0, r1 - self.r0 - gone)
+
+
 # --------------------------------------------------------------- driver side
 
 
@@ -90,13 +159,16 @@ async def _async_driver(conn: Connection, path: Any) -> None:
         conn.send(("err", traceback.format_exc()))
         return
     conn.send(("ok", None))
+    meter = CpuMeter()
     try:
         while True:
             method, args = await _arecv(conn)
             if method == "stop":
                 break
             try:
-                conn.send(("ok", await getattr(path, method)(*args)))
+                meter.start()
+                value = await getattr(path, method)(*args)
+                conn.send(("ok", (value, meter.stop())))
             except Exception:
                 conn.send(("err", traceback.format_exc()))
     finally:
@@ -113,13 +185,16 @@ def _sync_driver(conn: Connection, path: Any) -> None:
         conn.send(("err", traceback.format_exc()))
         return
     conn.send(("ok", None))
+    meter = CpuMeter()
     try:
         while True:
             method, args = conn.recv()
             if method == "stop":
                 break
             try:
-                conn.send(("ok", getattr(path, method)(*args)))
+                meter.start()
+                value = getattr(path, method)(*args)
+                conn.send(("ok", (value, meter.stop())))
             except Exception:
                 conn.send(("err", traceback.format_exc()))
     finally:
@@ -169,10 +244,18 @@ class Driver:
         return value
 
     def call(self, method: str, *args: Any, timeout: float = LIMIT) -> Any:
+        """The path's figure; ``self.cpu``: the CPU seconds it took (the driver
+        and everything it started, all threads: see ``CpuMeter``)."""
         if not self.proc.is_alive():
             raise PathFailed(f"{self.spec}: the driver process is gone")
         self.conn.send((method, args))
-        return self._result(timeout)
+        value, self.cpu = self._result(timeout)
+        return value
+
+    def measure(self, method: str, ops: int, *args: Any, scale: float = 1.0) -> tuple[float, float]:
+        """``(figure * scale, CPU µs per op)`` of ``call(method, *args)`` doing ``ops`` operations."""
+        value = self.call(method, *args)
+        return value * scale, self.cpu / ops * 1e6
 
     def close(self) -> None:
         if self.proc.is_alive():
@@ -229,14 +312,26 @@ def interleave(
 
 def timed_run(argv: list[str], timeout: float = 60.0, env: dict[str, str] | None = None) -> float:
     """Wall seconds of a whole command, from start to exit (which must be 0)."""
+    return timed_run_cpu(argv, timeout, env)[0]
+
+
+def timed_run_cpu(
+    argv: list[str], timeout: float = 60.0, env: dict[str, str] | None = None
+) -> tuple[float, float]:
+    """(wall, CPU) seconds of a whole command, from start to exit (which must
+    be 0); CPU is the command's and its waited-for children's user+system time
+    (``getrusage(RUSAGE_CHILDREN)``)."""
+    import resource
     import subprocess
 
+    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     r = subprocess.run(argv, capture_output=True, timeout=timeout, env=env)
     dt = time.perf_counter() - t0
+    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     if r.returncode != 0:
         raise PathFailed(f"{argv[:3]} exited {r.returncode}: {r.stderr.decode(errors='replace')[-300:]}")
-    return dt
+    return dt, r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime
 
 
 def rss_kib(pid: int) -> int:

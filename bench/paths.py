@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import multiprocessing.connection as mpc
 import os
 import secrets
@@ -40,7 +41,9 @@ LARGE_AHEAD = 2
 _LEN = struct.Struct("<I")
 
 
+@functools.lru_cache(maxsize=4)
 def _blob(size: int) -> bytes:
+    """The body of ``size`` bytes (made once: its making is not the path's CPU)."""
     return MSG if size == 64 else os.urandom(size)
 
 
@@ -95,14 +98,21 @@ async def mesh_echo(rx: meshipc.Receiver[Any]) -> None:
 
 
 async def mesh_sink(arg: SinkArgs) -> None:
-    """Worker: read a count n on ``ctl``, then n messages; answer n on
-    ``done``. A negative count -n: answer 1 after each of the n messages."""
+    """Worker: read a count n on ``ctl``, then n messages (in batches:
+    ``recv_many``); answer n on ``done``. A negative count -n: answer 1
+    after each of the n messages (read one by one)."""
+    many = getattr(arg.rx, "recv_many", None)  # (an older meshipc, in an A/B, has none)
     with arg.done:
         async for n in arg.ctl:
-            for _ in range(abs(n)):
-                await arg.rx.recv()
-                if n < 0:
-                    arg.done.send(1)
+            if n > 0 and many is not None:
+                left = n
+                while left:
+                    left -= len(await many(left))
+            else:
+                for _ in range(abs(n)):
+                    await arg.rx.recv()
+                    if n < 0:
+                        arg.done.send(1)
             if n > 0:
                 arg.done.send(n)
 
@@ -481,6 +491,155 @@ class StreamPath:
         self.writer.close()
         with contextlib.suppress(OSError):
             await self.writer.wait_closed()
+        await asyncio.to_thread(_stop_proc, self.proc)
+        rmtree(self.tmp)
+
+
+# --------------------------------------------------------------- the floor
+
+
+class _Framed(asyncio.Protocol):
+    """The floor's protocol: ``[u32 len][msgpack]`` frames, each decoded and
+    handed to ``on_msg``; nothing else."""
+
+    def __init__(self, dec: msgspec.msgpack.Decoder[Any]) -> None:
+        self.dec = dec
+        self.buf = b""
+        self.on_msg: Callable[[Any], None] = lambda m: None
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        if self.buf:
+            data = self.buf + data
+        pos, end, dec, on_msg = 0, len(data), self.dec.decode, self.on_msg
+        while end - pos >= 4:
+            n = _LEN.unpack_from(data, pos)[0]
+            if end - pos - 4 < n:
+                break
+            on_msg(dec(data[pos + 4 : pos + 4 + n]))
+            pos += 4 + n
+        self.buf = data[pos:]
+
+
+def _fframe(enc: msgspec.msgpack.Encoder, msg: Any) -> bytes:
+    b = enc.encode(msg)
+    return _LEN.pack(len(b)) + b
+
+
+async def _floor_serve(path: str, ready: Any) -> None:
+    enc = msgspec.msgpack.Encoder()
+    stop = asyncio.Event()
+
+    class Server(_Framed):
+        # the first message says what this connection is: "echo" (answer each
+        # message with itself) or "sink" (then per batch: a count n as ASCII
+        # bytes, n messages of bytes, answered with the int n)
+        def __init__(self) -> None:
+            super().__init__(msgspec.msgpack.Decoder())
+            self.on_msg = self.hello
+            self.left = 0
+
+        def hello(self, kind: Any) -> None:
+            if kind == "echo":
+                self.on_msg = lambda m: self.transport.write(_fframe(enc, m))
+            else:
+                self.dec = msgspec.msgpack.Decoder(bytes)  # typed, as meshipc's channel(bytes)
+                self.on_msg = self.count
+
+        def count(self, m: Any) -> None:
+            if self.left == 0:
+                self.left = self.total = int(m)
+                return
+            self.left -= 1
+            if self.left == 0:
+                self.transport.write(_fframe(enc, self.total))
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            stop.set()
+
+    loop = asyncio.get_running_loop()
+    server = await loop.create_unix_server(Server, path)
+    ready.set()
+    async with server:
+        await stop.wait()
+
+
+def floor_server(path: str, ready: Any, loop: str) -> None:
+    """Child: the floor's server (see ``FloorPath``)."""
+    run_loop(_floor_serve(path, ready), loop)
+
+
+class FloorPath:
+    """The floor: what an echo and a sink cost with the least a Python
+    program must do — ``asyncio.Protocol`` both sides, msgspec msgpack encode
+    and decode of every message both sides, ``[u32 len]`` frames — on the
+    loop named (stock or uvloop). meshipc's CPU per operation is measured
+    against it."""
+
+    is_async = True
+
+    def __init__(self, loop: str = "asyncio") -> None:
+        self.loop = loop
+
+    async def start(self) -> None:
+        self.tmp = short_tmp()
+        path, ready = os.path.join(self.tmp, "f.sock"), ctx().Event()
+        self.proc = ctx().Process(target=floor_server, args=(path, ready, self.loop), daemon=True)
+        self.proc.start()
+        await asyncio.to_thread(_wait_ready, ready, "floor")
+        self.enc = msgspec.msgpack.Encoder()
+        loop = asyncio.get_running_loop()
+        self.echo_t, self.echo = await loop.create_unix_connection(
+            lambda: _Framed(msgspec.msgpack.Decoder()), path
+        )
+        self.sink_t, self.sink = await loop.create_unix_connection(
+            lambda: _Framed(msgspec.msgpack.Decoder(int)), path
+        )
+        self.echo_t.write(_fframe(self.enc, "echo"))
+        self.sink_t.write(_fframe(self.enc, "sink"))
+
+    async def _one(self, proto: _Framed, write: Callable[[], None]) -> Any:
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        proto.on_msg = fut.set_result
+        write()
+        return await fut
+
+    async def rtt(self, n: int) -> float:
+        loop = asyncio.get_running_loop()
+        enc, t, proto = self.enc, self.echo_t, self.echo
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fut = loop.create_future()
+            proto.on_msg = fut.set_result
+            t.write(_fframe(enc, MSG))
+            await fut
+        return (time.perf_counter() - t0) / n * 1e6
+
+    async def idle(self, n: int, gap: float) -> float:
+        enc, t = self.enc, self.echo_t
+        return await idle_median_async(
+            lambda: self._one(self.echo, lambda: t.write(_fframe(enc, MSG))), n, gap
+        )
+
+    async def throughput(self, n: int, size: int) -> float:
+        enc, t, blob = self.enc, self.sink_t, _blob(size)
+        t0 = time.perf_counter()
+        done = asyncio.get_running_loop().create_future()
+        self.sink.on_msg = done.set_result
+        t.write(_fframe(enc, b"%d" % n))
+        for i in range(n):
+            t.write(_fframe(enc, blob))
+            if i % YIELD_EVERY == YIELD_EVERY - 1:
+                await asyncio.sleep(0)  # as meshipc's sender: let the loop write
+        got = await done
+        assert got == n, got
+        return n / (time.perf_counter() - t0)
+
+    async def stop(self) -> None:
+        self.echo_t.close()
+        self.sink_t.close()
         await asyncio.to_thread(_stop_proc, self.proc)
         rmtree(self.tmp)
 

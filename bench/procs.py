@@ -20,7 +20,7 @@ import time
 from typing import Any
 
 import meshipc
-from bench.core import MSG, PathFailed, ctx, rmtree, rss_kib, short_tmp
+from bench.core import MSG, PathFailed, ctx, rmtree, rss_kib, short_tmp, timed_run_cpu
 from bench.paths import _stop_proc, _wait_ready, grpc_server, pyro_server
 
 # --------------------------------------------------------------- services
@@ -120,42 +120,42 @@ ATTACH_MESH = r"""
 import asyncio, sys, time, meshipc
 [getattr(meshipc, n) for n in meshipc.__all__]
 async def main():
-    t = time.perf_counter()
+    t, c0 = time.perf_counter(), time.process_time()
     async with meshipc.connect(sys.argv[1], runtime_dir=sys.argv[2]) as conn:
         if sys.argv[3] == "call":
             await conn.call("echo", b"x", timeout=10)
         else:
             conn.port.send(b"x")
             await conn.port.recv()
-        print(time.perf_counter() - t)
+        print(time.perf_counter() - t, time.process_time() - c0)
 asyncio.run(main())
 """
 
 ATTACH_MPC = r"""
 import sys, time, multiprocessing.connection as mpc
-t = time.perf_counter()
+t, c0 = time.perf_counter(), time.process_time()
 c = mpc.Client(sys.argv[1], family="AF_UNIX", authkey=bytes.fromhex(sys.argv[2]))
 c.send_bytes(b"x"); c.recv_bytes()
-print(time.perf_counter() - t)
+print(time.perf_counter() - t, time.process_time() - c0)
 c.close()
 """
 
 ATTACH_PYRO = r"""
 import sys, time
 from Pyro5 import api
-t = time.perf_counter()
+t, c0 = time.perf_counter(), time.process_time()
 p = api.Proxy("PYRO:echo@./u:" + sys.argv[1])
 p.echo(b"x")
-print(time.perf_counter() - t)
+print(time.perf_counter() - t, time.process_time() - c0)
 p._pyroRelease()
 """
 
 ATTACH_GRPC = r"""
 import sys, time, grpc
-t = time.perf_counter()
+t, c0 = time.perf_counter(), time.process_time()
 ch = grpc.insecure_channel("unix:" + sys.argv[1])
 ch.unary_unary("/b.E/Echo")(b"x", timeout=10)
-print(time.perf_counter() - t)
+print(time.perf_counter() - t, time.process_time() - c0)
 ch.close()
 """
 
@@ -172,11 +172,13 @@ COLD_GRPC = (
 )
 
 
-def _inside(argv: list[str]) -> float:
+def _inside(argv: list[str]) -> tuple[float, float]:
+    """(ms, client CPU µs) a client reports for connecting to its first reply."""
     r = subprocess.run(argv, capture_output=True, timeout=60)
     if r.returncode != 0:
         raise PathFailed(f"client exited {r.returncode}: {r.stderr.decode(errors='replace')[-300:]}")
-    return float(r.stdout) * 1e3
+    wall, cpu = map(float, r.stdout.split())
+    return wall * 1e3, cpu * 1e6
 
 
 def meshipc_cli() -> list[str]:
@@ -202,13 +204,10 @@ def attach_paths(s: Services) -> dict[str, Any]:
     return out
 
 
-def _wall(argv: list[str]) -> float:
-    t0 = time.perf_counter()
-    r = subprocess.run(argv, capture_output=True, timeout=60)
-    dt = time.perf_counter() - t0
-    if r.returncode != 0:
-        raise PathFailed(f"{argv[:3]} exited {r.returncode}: {r.stderr.decode(errors='replace')[-300:]}")
-    return dt * 1e3
+def _wall(argv: list[str]) -> tuple[float, float]:
+    """(wall ms, the command's CPU µs) of a whole command."""
+    dt, cpu = timed_run_cpu(argv)
+    return dt * 1e3, cpu * 1e6
 
 
 def cold_paths(s: Services) -> dict[str, Any]:

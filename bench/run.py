@@ -146,6 +146,10 @@ M_SVC = "meshipc conn.call (service)"
 PIPE, MPC, RED = "multiprocessing.Pipe", "multiprocessing.connection (authkey)", "multiprocessing.reduction"
 ST_STOCK, ST_UV = "asyncio streams (stock loop)", "asyncio streams (uvloop)"
 ZMQ, PYRO, GRPC = "pyzmq ipc://", "Pyro5 (Unix socket)", "gRPC aio (Unix socket)"
+FLOOR, FLOOR_UV = (
+    "floor: asyncio.Protocol + msgspec (stock loop)",
+    "floor: asyncio.Protocol + msgspec (uvloop)",
+)
 
 # name -> (driver spec, kwargs, loop, is meshipc, needed module)
 IPC_PATHS: dict[str, tuple[str, dict[str, Any], str | None, bool, str | None]] = {
@@ -161,9 +165,15 @@ IPC_PATHS: dict[str, tuple[str, dict[str, Any], str | None, bool, str | None]] =
     PYRO: ("bench.paths:PyroPath", {}, None, False, "Pyro5"),
     GRPC: ("bench.paths:GrpcPath", {}, "asyncio", False, "grpc"),
     RED: ("bench.paths:ReductionPath", {}, None, False, None),
+    FLOOR: ("bench.paths:FloorPath", {"loop": "asyncio"}, "asyncio", False, None),
+    FLOOR_UV: ("bench.paths:FloorPath", {"loop": "uvloop"}, "uvloop", False, "uvloop"),
 }
-RPC_SET = [M_STOCK, M_UV, M_SYNC, M_SVC, PIPE, MPC, ST_STOCK, ST_UV, ZMQ, PYRO, GRPC]
+RPC_SET = [M_STOCK, M_UV, M_SYNC, M_SVC, PIPE, MPC, ST_STOCK, ST_UV, ZMQ, PYRO, GRPC, FLOOR, FLOOR_UV]
 RPC_PAIRS = [
+    (M_STOCK, FLOOR),
+    (M_UV, FLOOR_UV),
+    (M_SVC, M_STOCK),
+    (M_SYNC, M_STOCK),
     *((M_STOCK, p) for p in (PIPE, MPC, ST_STOCK, ZMQ, PYRO, GRPC)),
     (M_UV, ST_UV),
     (M_UV, ZMQ),
@@ -173,8 +183,16 @@ RPC_PAIRS = [
     (M_SVC, PIPE),
     (M_SVC, ST_STOCK),
 ]
-TP_SET = [M_STOCK, M_UV, PIPE, ZMQ, ST_STOCK, ST_UV]
-TP_PAIRS = [(M_STOCK, PIPE), (M_STOCK, ZMQ), (M_STOCK, ST_STOCK), (M_UV, ZMQ), (M_UV, ST_UV)]
+TP_SET = [M_STOCK, M_UV, PIPE, ZMQ, ST_STOCK, ST_UV, FLOOR, FLOOR_UV]
+TP_PAIRS = [
+    (M_STOCK, FLOOR),
+    (M_UV, FLOOR_UV),
+    (M_STOCK, PIPE),
+    (M_STOCK, ZMQ),
+    (M_STOCK, ST_STOCK),
+    (M_UV, ZMQ),
+    (M_UV, ST_UV),
+]
 LARGE_SET = [M_STOCK, PIPE, ST_STOCK, ZMQ]
 LARGE_PAIRS = [(M_STOCK, p) for p in (PIPE, ST_STOCK, ZMQ)]
 
@@ -188,8 +206,27 @@ FAIL_PATHS: dict[str, tuple[str, dict[str, Any], str | None, bool, str | None]] 
     GRPC: ("bench.failure:GrpcFail", {}, "asyncio", False, "grpc"),
 }
 
-#: (label, bench, meshipc path, peer path or None, "ratio"/"value", "<=" or ">=" or "<", threshold)
-TARGETS = [
+#: (label, bench, meshipc path, peer path or None, "<=" or ">=" or "<", threshold[, metric]):
+#: the ratio meshipc/peer (or meshipc's own figure without a peer) of the wall
+#: figure, or with metric "cpu" of the CPU time per operation (issue 24: the
+#: figure that travels from machine to machine; lower is better).
+TARGETS: list[tuple[Any, ...]] = [
+    ("CPU per round trip <= 1.3x the floor (stock loop)", "rtt", M_STOCK, FLOOR, "<=", 1.3, "cpu"),
+    ("CPU per round trip, uvloop <= 2.5x the uvloop floor", "rtt", M_UV, FLOOR_UV, "<=", 2.5, "cpu"),
+    ("CPU per service conn.call <= 1.2x a plain worker call", "rtt", M_SVC, M_STOCK, "<=", 1.2, "cpu"),
+    (
+        "CPU per one-way message <= 1.5x the floor (stock loop)",
+        "throughput",
+        M_STOCK,
+        FLOOR,
+        "<=",
+        1.5,
+        "cpu",
+    ),
+    ("CPU per meshipc.sync round trip <= 1.2x the async one", "rtt", M_SYNC, M_STOCK, "<=", 1.2, "cpu"),
+    ("meshipc.sync round trip <= 2.5x multiprocessing.Pipe (idle machine)", "rtt", M_SYNC, PIPE, "<=", 2.5),
+    ("fd passing >= 1.0x multiprocessing.reduction", "fd", M_STOCK, RED, ">=", 1.0),
+    ("16 MiB >= 1.0x multiprocessing.Pipe", "large_16m", M_STOCK, PIPE, ">=", 1.0),
     ("import meshipc no slower than import zmq", "startup", "import meshipc", "import zmq", "<=", 1.0),
     (
         "import meshipc <= 1.5x import multiprocessing.connection",
@@ -249,9 +286,14 @@ class Results:
             }
         return self.benches[key]
 
-    def add(self, key: str, name: str, values: list[float], meshipc: bool) -> None:
+    def add(self, key: str, name: str, values: list[Any], meshipc: bool) -> None:
+        """``values``: figures, or (figure, CPU µs per op) pairs (issue 24)."""
         b = self.bench(key)
-        b["paths"][name] = {"meshipc": meshipc, **summary(values)}
+        figs = [v[0] if isinstance(v, tuple | list) else v for v in values]
+        cpus = [v[1] for v in values if isinstance(v, tuple | list) and v[1] is not None]
+        b["paths"][name] = {"meshipc": meshipc, **summary(figs)}
+        if cpus:
+            b["paths"][name]["cpu"] = summary(cpus)
 
     def pair(self, key: str, m: str, p: str) -> None:
         b = self.bench(key)
@@ -294,14 +336,15 @@ def _start(
 
 
 def _rounds(
-    plan: list[tuple[str, list[str], Callable[[str], float]]],
+    plan: list[tuple[str, list[str], Callable[[str], Any]]],
     runs: int,
     failed: dict[str, str],
     label: str,
-) -> dict[tuple[str, str], list[float]]:
-    """``plan``: (bench key, paths, measure(path)). Per run, each bench's paths
-    in an order rotating by one per run."""
-    out: dict[tuple[str, str], list[float]] = {}
+) -> dict[tuple[str, str], list[Any]]:
+    """``plan``: (bench key, paths, measure(path)); a measure gives the figure
+    or (figure, CPU µs per op). Per run, each bench's paths in an order
+    rotating by one per run."""
+    out: dict[tuple[str, str], list[Any]] = {}
     for run in range(runs):
         t0 = time.perf_counter()
         for key, names, fn in plan:
@@ -321,7 +364,7 @@ def _rounds(
 def _finish(
     res: Results,
     table: dict[str, tuple[str, dict[str, Any], str | None, bool, str | None]],
-    data: dict[tuple[str, str], list[float]],
+    data: dict[tuple[str, str], list[Any]],
     failed: dict[str, str],
 ) -> None:
     for (key, name), values in data.items():
@@ -344,27 +387,38 @@ def group_ipc(cfg: dict[str, Any], args: argparse.Namespace, res: Results, keys:
     names = _select(IPC_PATHS, want, args, res)
     drivers = _start(IPC_PATHS, names, res)
     try:
-        for d in drivers.values():  # warm-up: imports, connections, caches
-            for method, a in (("rtt", (200,)), ("throughput", (2000, 64)), ("fds", (500,))):
+        # large bodies: made (and cached) in the warm-up, not in a measured call
+        big = [
+            ("throughput", (2, z)) for k, z in (("large_1m", 1 << 20), ("large_16m", 16 << 20)) if k in keys
+        ]
+        for name, d in drivers.items():  # warm-up: imports, connections, caches
+            warm = [("rtt", (200,)), ("throughput", (2000, 64)), ("fds", (500,))]
+            for method, a in warm + (big if name in LARGE_SET else []):
                 try:
                     d.call(method, *a)
                 except PathFailed:
                     pass
         live = [n for n in names if n in drivers]
-        plan: list[tuple[str, list[str], Callable[[str], float]]] = []
+        plan: list[tuple[str, list[str], Callable[[str], Any]]] = []
         rtt_n, idle_n, tp_n = (max(10, int(cfg[k] * args.scale)) for k in ("rtt_n", "idle_n", "tp_n"))
         if "rtt" in keys:
-            plan.append(("rtt", [n for n in RPC_SET if n in live], lambda n: drivers[n].call("rtt", rtt_n)))
+            plan.append(
+                ("rtt", [n for n in RPC_SET if n in live], lambda n: drivers[n].measure("rtt", rtt_n, rtt_n))
+            )
         if "idle" in keys:
             plan.append(
-                ("idle", [n for n in RPC_SET if n in live], lambda n: drivers[n].call("idle", idle_n, GAP))
+                (
+                    "idle",
+                    [n for n in RPC_SET if n in live],
+                    lambda n: drivers[n].measure("idle", idle_n, idle_n, GAP),
+                )
             )
         if "throughput" in keys:
             plan.append(
                 (
                     "throughput",
                     [n for n in TP_SET if n in live],
-                    lambda n: drivers[n].call("throughput", tp_n, 64),
+                    lambda n: drivers[n].measure("throughput", tp_n, tp_n, 64),
                 )
             )
         for key, size in (("large_1m", 1 << 20), ("large_16m", 16 << 20)):
@@ -374,13 +428,19 @@ def group_ipc(cfg: dict[str, Any], args: argparse.Namespace, res: Results, keys:
                     (
                         key,
                         [n for n in LARGE_SET if n in live],
-                        lambda n, cnt=cnt, size=size: drivers[n].call("throughput", cnt, size) * size / 1e6,
+                        lambda n, cnt=cnt, size=size: drivers[n].measure(
+                            "throughput", cnt, cnt, size, scale=size / 1e6
+                        ),
                     )
                 )
         if "fd" in keys:
             fd_n = max(10, int(cfg["fd_n"] * args.scale))
             plan.append(
-                ("fd", [n for n in (M_STOCK, RED) if n in live], lambda n: drivers[n].call("fds", fd_n))
+                (
+                    "fd",
+                    [n for n in (M_STOCK, RED) if n in live],
+                    lambda n: drivers[n].measure("fds", fd_n, fd_n),
+                )
             )
         failed: dict[str, str] = {}
         data = _rounds(plan, args.runs or cfg["runs"], failed, "ipc")
@@ -548,18 +608,20 @@ def group_workers(cfg: dict[str, Any], args: argparse.Namespace, res: Results, k
     from bench import procs
 
     d = Driver("bench.procs:ScalePath", {}, "asyncio")
-    data: dict[str, list[float]] = {}
+    data: dict[str, list[Any]] = {}
     try:
         n = max(100, int(cfg["workers_n"] * args.scale))
         for w in cfg["workers"]:
             ws = f"{w} worker{'s' if w > 1 else ''}"
             for _ in range(args.runs or cfg["workers_runs"]):
                 if "workers" in keys:
-                    data.setdefault(f"workers|meshipc, {ws}", []).append(d.call("rpc", w, n))
-                    data.setdefault(f"workers|ProcessPoolExecutor, {ws}", []).append(d.call("pool", w, n))
+                    data.setdefault(f"workers|meshipc, {ws}", []).append(d.measure("rpc", n, w, n))
+                    data.setdefault(f"workers|ProcessPoolExecutor, {ws}", []).append(
+                        d.measure("pool", n, w, n)
+                    )
                 if "inspect" in keys:
                     data.setdefault(f"inspect|mesh.inspect(), {ws}", []).append(
-                        d.call("inspect", w, cfg["inspect_k"])
+                        d.measure("inspect", cfg["inspect_k"], w, cfg["inspect_k"])
                     )
             if "inspect" in keys and w == max(cfg["workers"]):
                 name, rd = d.call("where")
@@ -707,8 +769,20 @@ def figure(p: dict[str, Any]) -> str:
     return f"{fmt(med)} ({fmt(p['min'])}-{fmt(p['max'])})"
 
 
-def ratio(b: dict[str, Any], m: str, p: str) -> float | None:
-    a, c = b["paths"][m]["median"], b["paths"][p]["median"]
+def cpu_figure(p: dict[str, Any]) -> str:
+    """The path's CPU µs per operation (median, spread), "—" if not measured."""
+    return figure(p["cpu"]) if "cpu" in p else "—"
+
+
+def ratio(b: dict[str, Any], m: str, p: str, metric: str = "wall") -> float | None:
+    """meshipc/peer of the medians: of the figure, or (``metric="cpu"``) of CPU per op."""
+    if metric == "cpu":
+        pm, pp = b["paths"][m].get("cpu"), b["paths"][p].get("cpu")
+        if pm is None or pp is None:
+            return None
+        a, c = pm["median"], pp["median"]
+    else:
+        a, c = b["paths"][m]["median"], b["paths"][p]["median"]
     if a is None or c is None or not (math.isfinite(a) and math.isfinite(c)) or c == 0:
         return None
     return float(a / c)
@@ -730,33 +804,48 @@ def rows(data: dict[str, Any]) -> list[list[str]]:
         title = f"{b['title']} [{b['unit']}, {b['better']} is better]"
         paired = {m for m, _ in b["pairs"]}
         for m, p in b["pairs"]:
-            r = ratio(b, m, p)
+            r, rc = ratio(b, m, p), ratio(b, m, p, "cpu")
             out.append(
                 [
                     title,
                     m,
                     figure(b["paths"][m]),
+                    cpu_figure(b["paths"][m]),
                     p,
                     figure(b["paths"][p]),
+                    cpu_figure(b["paths"][p]),
                     "—" if r is None else f"{r:.2f}",
+                    "—" if rc is None else f"{rc:.2f}",
                     verdict(b, r),
                 ]
             )
         peers = {p for _, p in b["pairs"]}
         for name, pth in b["paths"].items():
-            if pth["meshipc"] and name not in paired:
-                out.append([title, name, figure(pth), "", "", "", ""])
+            if pth["meshipc"] and name not in paired and name not in peers:
+                out.append([title, name, figure(pth), cpu_figure(pth), "", "", "", "", "", ""])
             elif not pth["meshipc"] and name not in peers:  # a reference (python -c pass)
-                out.append([title, "", "", name, figure(pth), "", ""])
+                out.append([title, "", "", "", name, figure(pth), cpu_figure(pth), "", "", ""])
     return out
 
 
-HEAD = ["benchmark", "meshipc", "figure", "peer", "figure", "ratio m/p", "meshipc is"]
+HEAD = [
+    "benchmark",
+    "meshipc",
+    "figure",
+    "CPU µs/op",
+    "peer",
+    "figure",
+    "CPU µs/op",
+    "ratio m/p",
+    "CPU m/p",
+    "meshipc is",
+]
 
 
 def targets(data: dict[str, Any]) -> list[dict[str, Any]]:
     out = []
-    for label, key, m, p, op, thr in TARGETS:
+    for label, key, m, p, op, thr, *more in TARGETS:
+        metric = more[0] if more else "wall"
         b = data["benches"].get(key)
         t: dict[str, Any] = {"target": label, "status": "not measured", "figure": None}
         if b is not None:
@@ -764,14 +853,14 @@ def targets(data: dict[str, Any]) -> list[dict[str, Any]]:
                 ms = [n for n, v in b["paths"].items() if v["meshipc"]]
                 m = max(ms, key=lambda n: int(n.split(", ")[1].split()[0])) if ms else ""
             if m in b["paths"] and (p is None or p in b["paths"]):
-                v = b["paths"][m]["median"] if p is None else ratio(b, m, p)
+                v = b["paths"][m]["median"] if p is None else ratio(b, m, p, metric)
                 if v is None and p is None:
                     v = INF
                 if v is not None:
                     ok = v <= thr if op == "<=" else v >= thr if op == ">=" else v < thr
                     t["status"] = "met" if ok else "missed"
                     t["figure"] = v
-                    unit = "x" if p is not None else f" {b['unit']}"
+                    unit = ("x CPU" if metric == "cpu" else "x") if p is not None else f" {b['unit']}"
                     t["detail"] = f"{fmt(v)}{unit}" + (f" ({m})" if p is None else f" ({m} / {p})")
         out.append(t)
     return out
@@ -823,7 +912,12 @@ def markdown(data: dict[str, Any]) -> str:
         f"{data['elapsed_s']:.0f} s in all.",
         "",
         "Figures are medians over interleaved runs with the spread (min-max) in brackets; "
-        "ratio = meshipc / peer.",
+        "ratio = meshipc / peer. CPU µs/op: CPU time per operation of the measuring process and "
+        "every process it started (servers, workers), all threads; for start-up and cold commands "
+        "the command's own process only; for attach the client's own, from connecting to the first "
+        "reply; none for failure detection and the N-clients rows (one-off events, not operations). "
+        "The floor: asyncio.Protocol both sides, msgspec msgpack encode and decode both sides, "
+        "length-prefixed frames.",
         "",
         "| " + " | ".join(HEAD) + " |",
         "|" + "---|" * len(HEAD),
@@ -844,7 +938,9 @@ def markdown(data: dict[str, Any]) -> str:
 
 #: The headline rows of ``--summary`` (the README's table): (label, bench, meshipc path, peer).
 SUMMARY = [
-    ("RPC round trip, 64 B (µs)", "rtt", M_STOCK, ST_STOCK),
+    ("RPC round trip, 64 B (µs)", "rtt", M_STOCK, FLOOR),
+    ("", "rtt", M_UV, FLOOR_UV),
+    ("", "rtt", M_STOCK, ST_STOCK),
     ("", "rtt", M_STOCK, ZMQ),
     ("", "rtt", M_STOCK, PIPE),
     ("", "rtt", M_STOCK, PYRO),
@@ -852,7 +948,8 @@ SUMMARY = [
     ("", "rtt", M_UV, ZMQ),
     ("", "rtt", M_SYNC, PIPE),
     ("round trip after 10 ms idle (µs)", "idle", M_STOCK, ZMQ),
-    ("one-way 64 B (msg/s)", "throughput", M_STOCK, PIPE),
+    ("one-way 64 B (msg/s)", "throughput", M_STOCK, FLOOR),
+    ("", "throughput", M_STOCK, PIPE),
     ("", "throughput", M_STOCK, ZMQ),
     ("16 MiB messages (MB/s)", "large_16m", M_STOCK, PIPE),
     ("fd passing (msg/s)", "fd", M_STOCK, RED),
@@ -875,8 +972,8 @@ def summary_md(data: dict[str, Any]) -> str:
         + ", ".join(f"{k} {v}" for k, v in m["libraries"].items() if v and k != "matplotlib")
         + f"; load average {m['loadavg_start'][0]:.1f}-{data.get('loadavg_end', [0])[0]:.1f}",
         "",
-        "| | meshipc | | peer | | meshipc / peer |",
-        "|---|---|---|---|---|---|",
+        "| | meshipc | | CPU µs/op | peer | | CPU µs/op | meshipc / peer | CPU |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for label, key, mname, pname in SUMMARY:
         b = data["benches"].get(key)
@@ -890,10 +987,12 @@ def summary_md(data: dict[str, Any]) -> str:
             pname = mname.replace("meshipc", "multiprocessing.connection")
         if mname not in b["paths"] or pname not in b["paths"]:
             continue
-        r = ratio(b, mname, pname)
+        r, rc = ratio(b, mname, pname), ratio(b, mname, pname, "cpu")
+        pm, pp = b["paths"][mname], b["paths"][pname]
+        rs, rcs = ("—" if x is None else f"{x:.2f}x" for x in (r, rc))
         lines.append(
-            f"| {label} | {mname} | {figure(b['paths'][mname])} | {pname} | {figure(b['paths'][pname])} "
-            f"| {'—' if r is None else f'{r:.2f}x'} |"
+            f"| {label} | {mname} | {figure(pm)} | {cpu_figure(pm)} | {pname} | {figure(pp)} "
+            f"| {cpu_figure(pp)} | {rs} | {rcs} |"
         )
     lines += ["", "| target | | |", "|---|---|---|"]
     for t in data["targets"]:

@@ -1,6 +1,7 @@
 """A smoke test of the benchmark runner (bench/run.py): its argument parsing,
-one tiny benchmark (meshipc and multiprocessing.Pipe round trips, a few
-dozen calls, one run) and rendering a saved run. The benchmarks themselves
+one tiny benchmark (meshipc, multiprocessing.Pipe and the floor's round
+trips, a few dozen calls, one run: wall and CPU per call) and rendering a
+saved run. The benchmarks themselves
 are run by hand: ``python -m bench``."""
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def test_tiny_round_trip(tmp_path: Path) -> None:
     # in a process of its own: the runner's multiprocessing helpers (the
     # resource tracker) must not become children of the test process
     out = tmp_path / "r.json"
-    paths = "meshipc (stock,multiprocessing.Pipe"
+    paths = "meshipc (stock,multiprocessing.Pipe,floor: asyncio.Protocol + msgspec (stock"
     argv = ["--only", "rtt", "--paths", paths, "--runs", "1", "--scale", "0.01", "--json", str(out)]
     r = subprocess.run(
         [sys.executable, "-m", "bench", *argv], cwd=ROOT, capture_output=True, text=True, timeout=60
@@ -43,10 +44,47 @@ def test_tiny_round_trip(tmp_path: Path) -> None:
     assert run.PIPE in r.stdout
     data = json.loads(out.read_text())
     rtt = data["benches"]["rtt"]
-    assert set(rtt["paths"]) == {run.M_STOCK, run.PIPE}
+    assert set(rtt["paths"]) == {run.M_STOCK, run.PIPE, run.FLOOR}
     assert all(p["median"] > 0 for p in rtt["paths"].values())
-    assert rtt["pairs"] == [[run.M_STOCK, run.PIPE]]
+    # CPU per round trip, client and server: at least some of the wall time
+    # (both sides are busy for part of each round trip), and never more than
+    # two CPUs' worth of it
+    for p in rtt["paths"].values():
+        assert 0 < p["cpu"]["median"] <= 2.5 * p["median"], p
+    assert rtt["pairs"] == [[run.M_STOCK, run.FLOOR], [run.M_STOCK, run.PIPE]]
+    (cpu_target,) = (t for t in data["targets"] if t["target"].startswith("CPU per round trip <="))
+    assert cpu_target["status"] in ("met", "missed") and cpu_target["figure"] > 0
     assert data["machine"]["cpus"] and data["machine"]["python"]
     md = tmp_path / "r.md"
     assert run.main(["--from-json", str(out), "--markdown", str(md)]) == 0
     assert f"| {run.M_STOCK} |" in md.read_text()
+
+
+def test_cpu_meter_counts_children_and_their_ended_threads() -> None:
+    # The CPU rows count the server side too: a child process's thread that
+    # burned CPU and ended before the span closed still counts (schedstat of
+    # the live threads would miss it), and so does a child reaped in the span.
+    from bench.core import CpuMeter
+
+    burn = (
+        "import threading, time\n"
+        "def b():\n"
+        "    t = time.thread_time()\n"
+        "    while time.thread_time() - t < 0.2: pass\n"
+        "th = threading.Thread(target=b); th.start(); th.join()\n"
+        "print('x', flush=True); input()\n"
+    )
+    meter = CpuMeter()
+    meter.start()
+    live = subprocess.Popen(
+        [sys.executable, "-c", burn], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert live.stdout is not None and live.stdout.readline() == "x\n"
+        reaped = subprocess.run([sys.executable, "-c", burn], input=b"\n", capture_output=True, timeout=60)
+        assert reaped.returncode == 0
+        cpu = meter.stop()
+    finally:
+        live.kill()
+        live.wait()
+    assert cpu >= 0.38, cpu  # two children x 0.2 s of a thread's CPU (and their start-up on top)

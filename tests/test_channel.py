@@ -1003,6 +1003,48 @@ async def test_rpc_dropped_call_gives_channel_closed(cross: bool):
     close_all(net, tx, rx)
 
 
+async def test_a_call_from_another_node_holds_its_reply_end_itself():
+    # issue 24: a call from another process costs no Port handle (with its
+    # inbox, waker closure and weak reference) on the callee: the Call holds
+    # the reply end's state; answered, dropped or waited on, it ends as before
+    net = Net(2)
+    autopump(net)
+    tx, rx = meshipc.channel()
+    rx = move(net, rx)
+
+    async def server() -> None:
+        call = await rx.recv()
+        assert call._port is None and call._reply_end() is not None
+        assert call._reply_end().waker is None  # nobody to wake: no handle
+        assert not call.cancelled
+        call.reply(call.request * 2)
+        assert call._reply_end() is None and not call.cancelled
+        with pytest.raises(ChannelClosed, match="already answered"):
+            call.reply(0)
+        with pytest.raises(ChannelClosed, match="already answered"):
+            call.fail(ValueError("late"))
+        dropped = await rx.recv()
+        assert dropped.request == 2
+        del dropped  # unanswered: the caller gets ChannelClosed
+        waited = await rx.recv()
+        await waited.wait_cancelled()  # a handle made on demand to wait on
+        assert waited.cancelled
+        waited.reply("nobody listens")  # a no-op
+
+    task = asyncio.create_task(server())
+    assert await within(tx.call(21)) == 42
+    with pytest.raises(ChannelClosed, match="dropped without a reply"):
+        await within(tx.call(2))
+    caller = asyncio.create_task(tx.call(3))
+    await asyncio.sleep(0)
+    net.run()
+    caller.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await caller
+    await within(task)
+    close_all(net, tx, rx)  # and no reply end is left behind in either engine
+
+
 @pytest.mark.parametrize("cross", [False, True], ids=["local", "cross"])
 async def test_rpc_caller_cancelled_reaches_callee(cross: bool):
     net = Net(2)
@@ -1395,3 +1437,87 @@ def test_a_value_the_encoder_refuses_is_a_message_error_on_every_send_path():
     net.run()
     assert drain(b) == ["still usable"]
     close_all(net, a, b, tx, rx)
+
+
+async def test_recv_many_takes_batches_in_order_and_reports_them_consumed():
+    # issue 24: a batch is decoded in one loop and counted off the sender's
+    # window once; a sender that keeps to a small window (drain()) goes on
+    # only if those counts reach it, so 300 messages through a window of 8
+    # prove the batches are reported
+    net = Net(2, limits=meshipc.Limits(window_messages=8, window_bytes=1 << 20))
+    autopump(net)
+    tx, rx = meshipc.channel(int)
+    rx = move(net, rx)
+    rx._set_type(int)  # (a handle that moves arrives untyped, unless received typed)
+
+    async def produce() -> None:
+        for i in range(300):
+            if i == 150:
+                tx.send("not an int")  # type: ignore[arg-type]  # dropped by the typed receiver
+            tx.send(i)
+            await tx.drain()
+        tx.close()
+
+    task = asyncio.create_task(produce())
+    got: list[int] = []
+    sizes = []
+    with pytest.raises(ChannelClosed):
+        while True:
+            batch = await within(rx.recv_many(max=5))
+            assert 1 <= len(batch) <= 5
+            sizes.append(len(batch))
+            got.extend(batch)
+    assert got == list(range(300))  # every message, in order, then the end
+    assert max(sizes) > 1  # batches, not one message a wait
+    assert rx.bad_messages == 1
+    await within(task)
+    with pytest.raises(ValueError):
+        await rx.recv_many(max=0)
+    close_all(net, tx, rx)
+
+
+async def test_recv_many_stops_before_what_is_not_a_plain_message():
+    # a call, a message with a port, or a sender's end in the queue: the
+    # batch ends before it, the next recv takes it; a merged receiver's
+    # batches keep each sender's order, and local messages come as objects
+    net = Net(2)
+    autopump(net)
+    tx, rx = meshipc.channel()
+    rx = move(net, rx)  # tx on engine 0, rx on engine 1
+    local = tx.clone()
+    local2 = move(net, local, 0, 1)  # a sender on the receiver's own engine
+    for i in range(3):
+        tx.send(i)
+    a, b = Port.pair()
+    tx.send(a)  # carries a port: not plain
+    tx.send(3)
+    net.run()
+    assert await within(rx.recv_many()) == [0, 1, 2]
+    port, three = await within(rx.recv_many())  # it starts a batch: anything may
+    assert isinstance(port, Port) and three == 3
+    local2.send({"x": 1})
+    local2.send({"x": 2})
+    assert await within(rx.recv_many()) == [{"x": 1}, {"x": 2}]
+    caller = asyncio.create_task(tx.call("ping"))
+    await asyncio.sleep(0)
+    tx.send(4)
+    net.run()
+    tx.send(5)
+    c, d = Port.pair()
+    tx.send(c)  # the batch stops before it (ports from another process)
+    call, four, five = await within(rx.recv_many())
+    assert isinstance(call, Call) and call.request == "ping" and (four, five) == (4, 5)
+    (other,) = await within(rx.recv_many())
+    assert isinstance(other, Port)
+    other.close()
+    d.close()
+    call.reply("pong")
+    assert await within(caller) == "pong"
+    tx.close()
+    local2.close()
+    net.run()
+    with pytest.raises(ChannelClosed):
+        await within(rx.recv_many())
+    for h in (port, b):
+        h.close()
+    close_all(net, rx)

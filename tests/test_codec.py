@@ -130,6 +130,40 @@ def test_unreferenced_fds_are_closed() -> None:
     assert fd.closed
 
 
+def test_a_lone_fd_takes_a_fast_path_with_the_same_bytes() -> None:
+    # issue 24: a message that is one Fd is encoded and decoded without the
+    # extension hooks; its bytes are the general encoder's (a peer of either
+    # kind reads the other), and a lone fd of the wrong type still fails
+    from meshipc import _codec
+
+    general = msgspec.msgpack.encode(msgspec.msgpack.Ext(EXT_FD, pack_indices([0])))
+    assert _codec._LONE_FD == general
+    r, w = os.pipe()
+    os.close(w)
+    sent = Fd(r)
+    assert encode_plain(sent) is None  # the full encoder's, at once
+    body, ports, fds = CODEC.encode(Engine(NodeId.random()), sent)
+    assert body == general and ports == [] and len(fds) == 1
+    assert sent.closed and not fds[0].closed  # handed over, as the hook does
+    for tp in (Any, Fd):
+        got = decode(message(body, fds=list(fds)), tp)
+        assert got is fds[0] and not got.closed
+    with pytest.raises(MessageError):
+        decode(message(body, fds=list(fds)), int)
+    assert fds[0].closed  # a refused message's fd is closed
+    r, w = os.pipe()
+    os.close(w)
+    in_list = Fd(r)
+    body, _, fds = CODEC.encode(Engine(NodeId.random()), [in_list])  # not lone: the general path
+    (back,) = decode(message(body, fds=list(fds)), list[Fd])
+    assert back is fds[0]
+    back.close()
+    done = Fd(os.dup(0))
+    done.close()
+    with pytest.raises(MessageError):
+        CODEC.encode(Engine(NodeId.random()), done)  # a closed Fd cannot go, as before
+
+
 def test_unknown_extension_type() -> None:
     r, w = os.pipe()
     os.close(w)

@@ -234,6 +234,38 @@ async def test_handler_is_cancelled_when_the_caller_gives_up(runtime_dir: Path) 
             await asyncio.wait_for(stopped.wait(), T)
 
 
+async def test_a_long_call_among_quick_ones_is_still_cancelled_when_its_caller_gives_up(
+    runtime_dir: Path,
+) -> None:
+    # one timer watches every running call (issue 24: not one per call): a
+    # call that starts while that timer waits for quick calls that ended is
+    # still watched, and its handler cancelled once its caller gives up
+    started, stopped = asyncio.Event(), asyncio.Event()
+
+    async def handler(request: Any) -> Any:
+        if request == "hang":
+            started.set()
+            try:
+                await asyncio.Event().wait()
+            finally:
+                stopped.set()
+        return request
+
+    async with Mesh(name="s6b", runtime_dir=runtime_dir) as mesh:
+        svc = mesh.serve("mixed", handler)
+        await asyncio.wait_for(svc, T)
+        tx = await mesh.open("mixed")
+        for i in range(20):
+            assert await asyncio.wait_for(tx.call(i), T) == i
+        caller = asyncio.create_task(tx.call("hang"))  # no timeout: no deadline to end it
+        await asyncio.wait_for(started.wait(), T)
+        caller.cancel()  # the caller gives up: only the watcher can tell the handler
+        await asyncio.wait_for(stopped.wait(), T)
+        assert await asyncio.wait_for(tx.call("after"), T) == "after"
+        assert svc.snapshot()["active"] == 0
+        tx.close()
+
+
 async def test_service_registered_by_attached_client_called_by_another(runtime_dir: Path) -> None:
     async with Mesh(name="s7", runtime_dir=runtime_dir) as mesh:
         await mesh.listen()

@@ -21,7 +21,7 @@ import weakref
 from collections import deque
 from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar, cast, overload
 
 from . import _codec
 from ._codec import (
@@ -418,7 +418,12 @@ class _Inbox(_Handle):
     async def _wait(self) -> None:
         """Wait until something may be readable. Several tasks may wait on one
         end; each has its own future, so cancelling one leaves the others."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        # the bound loop reused while it runs on this thread (only one loop
+        # runs per thread): asyncio.get_running_loop() makes a getpid()
+        # system call each time
+        if loop is None or self._thread != _get_ident() or not loop.is_running():
+            loop = asyncio.get_running_loop()
         if self._loop is not loop:
             old = self._loop
             if old is not None and old.is_running() and self._thread != threading.get_ident():
@@ -540,7 +545,7 @@ class _Inbox(_Handle):
             if not ports:
                 _local_engine.dispose(msg)
                 return self._drop_bad(MessageError("a call without its reply port"))
-            reply = Port._wrap([ports[-1]])  # the reply port comes last
+            reply = ports[-1]  # the reply port comes last (the Call holds its state)
             try:
                 if len(ports) == 1 and not msg.fds:
                     try:  # the common request: decode inline with this end's decoder
@@ -605,6 +610,64 @@ class _Inbox(_Handle):
         if value is _EMPTY:
             raise asyncio.QueueEmpty
         return value
+
+    def _poll_many(self, limit: int) -> list[Any]:
+        """Up to ``limit`` values queued now (``[]``: none). The first as
+        ``_poll`` takes it (which raises at the end of the stream); then the
+        plain data messages queued behind it, sender by sender, decoded in
+        one loop with the flow-control bookkeeping once per sender
+        (``Engine.took_run``). It stops before anything else (a call, an
+        end, a message with ports or fds): the next poll takes that."""
+        first = self._poll()
+        if first is _EMPTY:
+            return []
+        out = [first]
+        if self._calls_only:
+            return out
+        ready, dec = self._ready, self._plain_dec.decode
+        while ready and len(out) < limit:
+            st = ready[0]
+            q = st.queue
+            n = nbytes = 0
+            try:
+                while q and len(out) < limit:
+                    msg = q[0]
+                    if msg.kind != K_DATA or msg.ports is not None or msg.fds is not None:
+                        break
+                    q.popleft()
+                    body = msg.body
+                    if body is None:  # from this process: the object itself
+                        out.append(msg.obj)
+                        continue
+                    n += 1
+                    nbytes += len(body)
+                    try:
+                        out.append(dec(body))
+                    except DECODE_ERRORS as exc:
+                        self._last_node = st.peer_node
+                        self._drop_bad(MessageError(f"invalid message: {exc}"))
+            finally:
+                st.engine.took_run(st, n, nbytes)
+            if q or st.ended:
+                break  # something else next, or the end: the next poll takes it
+            ready.popleft()
+            self._sched.discard(st)
+        return out
+
+    async def recv_many(self, max: int = 1024) -> list[Any]:
+        """Every message queued now, at most ``max`` (at least one: waits
+        for it, as ``recv``), in order per sender. Ends as ``recv`` does:
+        ``ChannelClosed``/``PortFailed`` once nothing is left before the end
+        (the messages before it come first). For a stream of small messages
+        this costs less per message than ``recv``: one wait, and one decode
+        loop and flow-control count per batch. ``ValueError`` for ``max`` < 1."""
+        if max < 1:
+            raise ValueError(f"recv_many(max) takes at least 1, got {max!r}")
+        while True:
+            out = self._poll_many(max)
+            if out:
+                return out
+            await self._wait()
 
     async def recv(self) -> Any:
         """The next message. Raises ``ChannelClosed`` once every sender is
@@ -671,6 +734,8 @@ class Port(_Inbox, Generic[M]):
     if TYPE_CHECKING:  # the inherited methods, typed for M (no wrapper at run time)
 
         async def recv(self) -> M: ...
+
+        async def recv_many(self, max: int = 1024) -> list[M]: ...
 
         def try_recv(self) -> M: ...
 
@@ -818,6 +883,16 @@ class Sender(_Handle, Generic[T]):
         return f"<Sender {self._states[0].id.hex()[:8]}>" if self._states else "<Sender closed>"
 
 
+def _loop_of(eng: Engine) -> asyncio.AbstractEventLoop:
+    """The running loop, called on the thread that drives ``eng``: its node's
+    loop while that runs (``asyncio.get_running_loop()`` makes a getpid()
+    system call each time), else whatever runs here."""
+    loop: Any = getattr(eng.post, "__self__", None)  # post is loop.call_soon_threadsafe
+    if loop is not None and loop.is_running():
+        return cast(asyncio.AbstractEventLoop, loop)
+    return asyncio.get_running_loop()
+
+
 async def _reply_to(st: PortState) -> Message:
     """The answer on the reply end of a call this loop's thread made (see
     ``Engine.call_plain``): waited for on one future, with no handle object.
@@ -826,7 +901,7 @@ async def _reply_to(st: PortState) -> Message:
     q = st.queue
     try:
         if not q and not st.ended:
-            fut = asyncio.get_running_loop().create_future()
+            fut = _loop_of(st.engine).create_future()
 
             def wake() -> None:  # the engine runs on this thread (call_plain's rule)
                 if not fut.done():
@@ -860,6 +935,8 @@ class Receiver(_Inbox, Generic[T]):
     if TYPE_CHECKING:  # the inherited methods, typed for T (no wrapper at run time)
 
         async def recv(self) -> T: ...
+
+        async def recv_many(self, max: int = 1024) -> list[T]: ...
 
         def try_recv(self) -> T: ...
 
@@ -906,11 +983,9 @@ def _engine_final(eng: Engine, st: PortState, kind: int, value: Any) -> None:
     eng.send_final(st, kind, value, _body(eng, st, value))
 
 
-def _answer(p: Port, kind: int, value: Any) -> None:
+def _answer(c: Call[Any], kind: int, value: Any) -> None:
     """The one answer to a call: a final message (one frame, no CLOSE)."""
-    if not p._states:
-        raise ChannelClosed("this call was already answered")
-    (st,) = p._detach()
+    st = c._take()
     eng = st.engine
     if eng.thread == _get_ident():
         eng.send_final(st, kind, value, _body(eng, st, value))
@@ -922,42 +997,106 @@ class Call(Generic[T]):
     """One RPC request as the server sees it. Answer it once with ``reply`` or
     ``fail``; dropping it unanswered gives the caller ``ChannelClosed``."""
 
-    __slots__ = ("_port", "request")
+    # The reply end: a call from another process holds its port state itself
+    # (``_st``: no Port handle, waker or table entry per call, issue 24); a
+    # Port (``_port``) only for a call made in this process, or once
+    # ``wait_cancelled`` needs one to wait on. At most one of the two is set
+    # until answered; neither after.
+    __slots__ = ("_port", "_st", "request")
 
-    def __init__(self, request: T, port: Port) -> None:
+    def __init__(self, request: T, port: Port | PortState) -> None:
         self.request = request
-        self._port = port
+        if isinstance(port, PortState):
+            self._st: PortState | None = port
+            self._port: Port | None = None
+        else:
+            self._st = None
+            self._port = port
+
+    def _take(self) -> PortState:
+        """The reply end, given up by this call (answered once)."""
+        st = self._st
+        if st is not None:
+            self._st = None
+            return st
+        p = self._port
+        if p is None or not p._states:
+            raise ChannelClosed("this call was already answered")
+        (st,) = p._detach()
+        return st
+
+    def _reply_end(self) -> PortState | None:
+        if self._st is not None:
+            return self._st
+        p = self._port
+        return p._states[0] if p is not None and p._states else None
+
+    def _hand_over(self) -> Port | PortState:
+        """The reply end as it is held, given up to another ``Call`` (a
+        service's, which carries the deadline); this one is then answered."""
+        held: Port | PortState | None = self._st if self._st is not None else self._port
+        self._st = self._port = None
+        if held is None:
+            raise ChannelClosed("this call was already answered")
+        return held
+
+    def _caller(self) -> bytes:
+        """The node the call came from: its reply end's peer (for a call from
+        another node, the link's authenticated id that sent it); b"" once answered."""
+        st = self._reply_end()
+        return st.peer_node if st is not None else b""
+
+    def _drop(self) -> None:
+        """Let the call go unanswered: the caller gets ``ChannelClosed``."""
+        if self._st is not None:
+            self.__del__()
+        elif self._port is not None:
+            self._port.close()
 
     def reply(self, value: Any) -> None:
         """Send the result to the caller (no-op if it has gone away)."""
-        _answer(self._port, K_REPLY, value)
+        _answer(self, K_REPLY, value)
 
     def fail(self, exc: BaseException) -> None:
         """Answer with an error: the caller gets ``RemoteError``."""
-        p = self._port
-        if p.closed:
+        if self._reply_end() is None:
             raise ChannelClosed("this call was already answered")
         if isinstance(exc, RemoteError):
             why = Failure(exc.type_name, exc.message, exc.traceback)
         else:
             tb = "".join(traceback.format_exception(exc))
             why = Failure(remote_type_name(type(exc)), str(exc), tb)
-        _answer(p, K_REPLY_ERROR, why)
+        _answer(self, K_REPLY_ERROR, why)
 
     @property
     def cancelled(self) -> bool:
         """True once the caller stopped waiting (cancelled, or its node died)."""
-        p = self._port
-        if p.closed:
+        st = self._reply_end()
+        if st is None:
             return False
-        st = p._states[0]
         return st.peer_closed or st.error is not None
 
     async def wait_cancelled(self) -> None:
         """Return when the caller stops waiting (for servers doing long work)."""
+        if self._st is not None:  # a handle to wait on (its waker), made on first need
+            self._port, self._st = Port._wrap([self._st]), None
         p = self._port
-        while not self.cancelled and not p.closed:
+        while p is not None and not self.cancelled and not p.closed:
             await p._wait()
+
+    def __del__(self) -> None:
+        # dropped unanswered: the caller gets ChannelClosed (as a dropped
+        # Port handle would give it)
+        st = self._st
+        if st is not None:
+            self._st = None
+            try:
+                if _on_engine_thread(st.engine):
+                    st.engine.close(st)
+                else:
+                    _from_thread(st, _engine_close, st)
+            except (MeshError, RuntimeError):  # RuntimeError: its event loop is closed
+                pass
 
     def __repr__(self) -> str:
         return f"<Call {self.request!r}>"

@@ -210,6 +210,9 @@ def _enc_hook(obj: Any) -> Any:
 
 
 _encoder = msgspec.msgpack.Encoder(enc_hook=_enc_hook)
+#: The body of a message that is one ``Fd`` and nothing else (the fd fast
+#: path, issue 24: encoded and decoded without the extension hooks).
+_LONE_FD: Final = _encoder.encode(msgspec.msgpack.Ext(EXT_FD, _INDEX.pack(0)))
 
 
 # Values without ports or fds (the common case) need no per-message resource
@@ -326,11 +329,15 @@ def decode(msg: Message, tp: Any) -> Any:
 
     Raises ``MessageError`` (the resources of the message are closed)."""
     body = msg.body if msg.body is not None else b""
-    if not msg.ports and not msg.fds:
-        try:
-            return plain_decoder(tp).decode(body)
-        except DECODE_ERRORS as exc:
-            raise MessageError(f"invalid message: {exc}") from None
+    fds = msg.fds
+    if not msg.ports:
+        if not fds:
+            try:
+                return plain_decoder(tp).decode(body)
+            except DECODE_ERRORS as exc:
+                raise MessageError(f"invalid message: {exc}") from None
+        if len(fds) == 1 and body == _LONE_FD and (tp is Any or tp is Fd):
+            return fds[0]  # a lone fd (what _ext_hook gives, without msgspec and the hook)
     r = _res
     r.in_states = msg.ports or []
     r.in_fds = list(msg.fds or [])
@@ -401,6 +408,9 @@ class MsgpackCodec:
         check_size(obj)
         r.engine, r.ports, r.fds, r.carrier = engine, [], [], carrier
         try:
+            if type(obj) is Fd:  # a lone fd: _enc_hook's work, without msgspec and the hook
+                r.fds.append(Fd(obj.detach()))
+                return _LONE_FD, r.ports, r.fds
             split = _envelopes.get(type(obj))
             if split is not None:
                 # the contents first, then the trailing handle's ports (an RPC
@@ -432,6 +442,8 @@ class MsgpackCodec:
         a ``Gather`` (msgpack's header, then the value), which the link
         writes in a worker thread; it passes for bytes on the way there."""
         t = type(obj)
+        if t is Fd:
+            return None  # the full encoder's (without trying the plain one first)
         if t in _SIZED and (obj.nbytes if t is memoryview else len(obj)) >= THREAD_BODY_MIN:
             check_size(obj)
             if type(obj) is bytes:

@@ -1228,13 +1228,31 @@ class Engine:
         remote sender once a quarter window has gone (or at once, when it
         asked for an exact report and the queue ran empty), wake a local
         sender waiting in ``drain()``."""
-        if body is not None:
+        if body is not None:  # took_run(st, 1, len(body)), inlined: the per-message path
             rx = st.rx
             if rx is None:
                 rx = st.rx = RecvWindow()
             n = rx.unreported_n = rx.unreported_n + 1
             b = rx.unreported_bytes = rx.unreported_bytes + len(body)
             if n >= self.ack_every_n or b >= self.ack_every_bytes:
+                self._report_consumed(st)
+            elif rx.report_all and not st.queue:  # its sender waits for an exact report
+                rx.report_all = False
+                self._report_consumed(st)
+        if st.credit is not None and len(st.queue) <= self.limits.window_messages:
+            self._fire_credit(st)
+
+    def took_run(self, st: PortState, n: int, nbytes: int) -> None:
+        """``took`` for a batch the application took at once from ``st``'s
+        queue: ``n`` messages from another node, ``nbytes`` of bodies in all
+        (and any number of local ones): the flow-control bookkeeping once."""
+        if n:
+            rx = st.rx
+            if rx is None:
+                rx = st.rx = RecvWindow()
+            un = rx.unreported_n = rx.unreported_n + n
+            ub = rx.unreported_bytes = rx.unreported_bytes + nbytes
+            if un >= self.ack_every_n or ub >= self.ack_every_bytes:
                 self._report_consumed(st)
             elif rx.report_all and not st.queue:  # its sender waits for an exact report
                 rx.report_all = False

@@ -37,6 +37,7 @@ from ._control_msgs import (
 )
 from ._errors import ChannelClosed, MeshError, MessageError, RemoteError, ServiceBusy
 from ._inspect import counter, type_name
+from ._ports import PortState
 from ._tasks import TaskSet, answer_within
 from ._trace import Trace, handling, outgoing, parse
 
@@ -122,7 +123,9 @@ class ServiceCall(Call[Any]):
 
     __slots__ = ("deadline", "trace")
 
-    def __init__(self, request: Any, port: Port, deadline: float | None, trace: Trace | None = None) -> None:
+    def __init__(
+        self, request: Any, port: Port | PortState, deadline: float | None, trace: Trace | None = None
+    ) -> None:
         super().__init__(request, port)
         self.deadline = deadline
         #: the caller's trace context (its span the parent of the handler's), or None
@@ -164,11 +167,8 @@ async def busy_call(work: Awaitable[Any]) -> Any:
         raise
 
 
-def _caller(call: Call[Any]) -> bytes:
-    """The node a call came from: its reply port's peer (for a call from
-    another node, the link's authenticated id that sent it)."""
-    states = call._port._states
-    return states[0].peer_node if states else b""
+#: a running handler call: the call, its task, the watcher once started
+_Running = tuple[ServiceCall, "asyncio.Task[Any] | None", list["asyncio.Task[None]"]]
 
 
 class Service:
@@ -203,6 +203,13 @@ class Service:
         self._done: asyncio.Future[None] = loop.create_future()
         self._tasks = TaskSet(loop)
         self._active: dict[int, float] = {}
+        # calls running, and (in start order) those not yet watched: one
+        # timer for them all checks which still run WATCH_AFTER seconds in,
+        # instead of a timer per call (issue 24)
+        self._running_calls: dict[int, _Running] = {}
+        self._unwatched: deque[tuple[float, int]] = deque()
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._seq = 0  # keys of _running_calls (an id() may be reused once a call ends)
         self._limits = limits
         # handler calls running, in all and per client; calls of a client at
         # its bound wait in its queue (see ControlLimits)
@@ -234,10 +241,13 @@ class Service:
             return
         self.closed = True
         self._pump.cancel()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         self._tasks.cancel_all()
         for q in self._waiting.values():
             for sc in q:
-                sc._port.close()  # the caller learns the call was dropped
+                sc._drop()  # the caller learns the call was dropped
         self._waiting.clear()
         self._rx.close()
         self._tx.close()
@@ -282,7 +292,7 @@ class Service:
                     )
                 return None
             deadline = min(deadline, time.monotonic() + self._limits.max_call_timeout)
-        sc = ServiceCall(req, call._port, deadline, trace)
+        sc = ServiceCall(req, call._hand_over(), deadline, trace)
         if self.request_type is not None:
             try:
                 sc.request = msgspec.convert(req, self.request_type, dec_hook=accept_objects)
@@ -293,8 +303,21 @@ class Service:
         return sc
 
     async def _run(self) -> None:
+        """The service's reader. A call admitted to run now runs right here,
+        in this task, and a fresh task takes the reading over: the handler
+        starts at once, with no task hop and loop turn before it (issue 24),
+        in a task of its own from then on (which the watcher cancels)."""
         limits = self._limits
-        async for call in self._rx:
+        while True:
+            while self._running >= limits.service_calls:
+                # stop reading: further calls wait in the port's queue, and
+                # flow control pushes back on their callers
+                self._slot = asyncio.get_running_loop().create_future()
+                await self._slot
+            try:
+                call = await self._rx.recv()
+            except ChannelClosed:
+                return
             if not isinstance(call, Call):
                 continue
             self.calls += 1
@@ -312,21 +335,23 @@ class Service:
                     with contextlib.suppress(ChannelClosed):
                         sc.fail(exc)
                 continue
-            self._admit(_caller(call), sc)
-            while self._running >= limits.service_calls:
-                # stop reading: further calls wait in the port's queue, and
-                # flow control pushes back on their callers
-                self._slot = asyncio.get_running_loop().create_future()
-                await self._slot
+            client = sc._caller()
+            if self._admit(client, sc):
+                me = asyncio.current_task()
+                self._pump = asyncio.get_running_loop().create_task(self._run())
+                if me is not None:
+                    self._tasks.adopt(me)  # a handler's task now: cancelled on close
+                await self._handle(sc, client)
+                return
 
-    def _admit(self, client: bytes, sc: ServiceCall) -> None:
-        """Run ``sc`` now, queue it behind its client's running calls, or
-        refuse it (``ServiceBusy``) when that queue is full."""
+    def _admit(self, client: bytes, sc: ServiceCall) -> bool:
+        """True if ``sc`` may run now (counted as running: the caller runs
+        it); else it is queued behind its client's running calls, or refused
+        (``ServiceBusy``) when that queue is full."""
         if self._per_client.get(client, 0) < self._limits.client_calls:
             self._running += 1
             self._per_client[client] = self._per_client.get(client, 0) + 1
-            self._tasks.spawn(self._handle(sc, client))
-            return
+            return True
         q = self._waiting.setdefault(client, deque())
         if len(q) >= self._limits.client_queued:
             self.refused += 1
@@ -337,8 +362,9 @@ class Service:
                         f"and {len(q)} waiting from this client"
                     )
                 )
-            return
+            return False
         q.append(sc)
+        return False
 
     def _call_done(self, client: bytes) -> None:
         """A call of ``client`` ended: its next waiting call takes the slot."""
@@ -348,7 +374,7 @@ class Service:
             if not q:
                 del self._waiting[client]
             if sc.cancelled:
-                sc._port.close()
+                sc._drop()
                 continue
             self._tasks.spawn(self._handle(sc, client))
             return
@@ -365,13 +391,15 @@ class Service:
 
     async def _handle(self, call: ServiceCall, client: bytes) -> None:
         key = id(call)
-        self._active[key] = time.monotonic()
-        loop = asyncio.get_running_loop()
-        me = asyncio.current_task()
+        now = self._active[key] = time.monotonic()
         # most calls end quickly: a task that watches the caller is started
-        # only for a call still running after WATCH_AFTER seconds
+        # only for a call still running after WATCH_AFTER seconds (_sweep)
         watcher: list[asyncio.Task[None]] = []
-        timer = loop.call_later(WATCH_AFTER, self._watch_caller, call, me, watcher)
+        seq = self._seq = self._seq + 1
+        self._running_calls[seq] = (call, asyncio.current_task(), watcher)
+        self._unwatched.append((now, seq))
+        if self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().call_later(WATCH_AFTER, self._sweep)
         try:
             with handling(call.trace, call.deadline, self.name):
                 result = await self._invoke(call)
@@ -387,12 +415,30 @@ class Service:
             with contextlib.suppress(ChannelClosed):
                 call.reply(result)
         finally:
-            timer.cancel()
             for t in watcher:
                 t.cancel()
             self._active.pop(key, None)
+            self._running_calls.pop(seq, None)
             if not self.closed:
                 self._call_done(client)
+
+    def _sweep(self) -> None:
+        """The calls started WATCH_AFTER seconds ago or more that still run
+        get a watcher; the timer comes back for the next one to come due."""
+        self._sweeper = None
+        q, running = self._unwatched, self._running_calls
+        due = time.monotonic() - WATCH_AFTER
+        while q:
+            start, seq = q[0]
+            entry = running.get(seq)
+            if entry is not None:  # still running
+                if start > due:
+                    break  # the next to come due
+                if not entry[2]:
+                    self._watch_caller(*entry)
+            q.popleft()  # watched now, or ended
+        if q and not self.closed:
+            self._sweeper = asyncio.get_running_loop().call_later(q[0][0] - due, self._sweep)
 
     def _watch_caller(
         self, call: ServiceCall, work: asyncio.Task[Any] | None, watcher: list[asyncio.Task[None]]

@@ -29,6 +29,11 @@ class TaskSet:
         t.add_done_callback(self._tasks.discard)
         return t
 
+    def adopt(self, t: asyncio.Task[Any]) -> None:
+        """Keep ``t``, a task started elsewhere, here until it ends."""
+        self._tasks.add(t)
+        t.add_done_callback(self._tasks.discard)
+
     def running(self) -> set[asyncio.Task[Any]]:
         """The tasks still running (a copy)."""
         return set(self._tasks)
