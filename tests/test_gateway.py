@@ -583,3 +583,16 @@ async def test_ports_beyond_the_far_sides_relay_limit_fail_and_the_message_says_
         with pytest.raises(PortFailed, match="exceed the limit of 2"):
             await within(tx.call("too many"))
         assert not gw.closed
+
+
+async def test_sends_from_another_thread_cross_in_order(runtime_dir: Path) -> None:
+    async with Mesh(runtime_dir=runtime_dir) as mesh, far_peer(mesh, runtime_dir) as far:
+        p, q = Port.pair()
+        far.agent.send(["echo", q])
+
+        def produce() -> None:
+            for i in range(500):
+                p.send(i)
+
+        await asyncio.to_thread(produce)
+        assert [await within(p.recv()) for _ in range(500)] == list(range(500))

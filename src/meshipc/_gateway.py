@@ -379,6 +379,9 @@ class Gateway:
                 self._wake.set()  # the stream's buffer is full: the pump waits for it
         except (OSError, RuntimeError) as exc:  # the stream broke under a write
             self._end(f"the stream broke: {exc!r}")
+        except Exception as exc:  # a bug here must end the link loudly, not hang its ports
+            log.exception("boundary link %s: the gateway failed", self.label)
+            self._end(f"the gateway failed: {exc!r}")
 
     async def _pump(self) -> None:
         """Forward what waits while the stream's buffer is full (the common
