@@ -964,12 +964,17 @@ class Engine:
             self.close(st)  # the peer learns the end the usual way
             raise
         if not st.closed:
-            st.closed = True
-            st.close_sent = True
-            self._drop_queue(st)
-            self._fire_credit(st)
-            if st.mode is OWNED:
-                self._remove(st)
+            self._let_go(st)
+
+    def _let_go(self, st: PortState) -> None:
+        """``st`` sent its last item (a final kind): it goes now, and no
+        CLOSE is sent or expected."""
+        st.closed = True
+        st.close_sent = True
+        self._drop_queue(st)
+        self._fire_credit(st)
+        if st.mode is OWNED:
+            self._remove(st)
 
     # ------------------------------------------------------- a gateway's relays
 
@@ -1021,12 +1026,7 @@ class Engine:
             self.close(st)
             raise
         if not st.closed:
-            st.closed = True
-            st.close_sent = True
-            self._drop_queue(st)
-            self._fire_credit(st)
-            if st.mode is OWNED:
-                self._remove(st)
+            self._let_go(st)
 
     def fail_with(self, st: PortState, err: PortFailed) -> None:
         """Close ``st`` abnormally: its peer fails with ``err`` itself when it
