@@ -279,6 +279,11 @@ def _positionals(args: argparse.Namespace) -> None:
     args.name = f"at {args.access}"
 
 
+def _mesh(args: argparse.Namespace) -> str:
+    """How messages name the mesh: ``mesh 'vmm'`` or ``the mesh at PATH``."""
+    return f"mesh {args.name!r}" if args.access is None else f"the mesh at {args.access}"
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         _positionals(args)
@@ -327,7 +332,7 @@ async def _run(args: argparse.Namespace) -> int:
                     conn = await stack.enter_async_context(attaching)
             except TimeoutError:
                 raise CliError(
-                    f"mesh {args.name!r} did not let us attach within {bound:g} s "
+                    f"{_mesh(args)} did not let us attach within {bound:g} s "
                     "(is its process stopped or overloaded?)"
                 ) from None
             if args.cmd == "status":
@@ -347,7 +352,7 @@ async def _run(args: argparse.Namespace) -> int:
             raise CliError(str(exc)) from exc
         raise CliError(_not_running(args, exc)) from exc
     except JoinError as exc:
-        raise CliError(f"cannot attach to mesh {args.name!r}: {exc}") from exc
+        raise CliError(f"cannot attach to {_mesh(args)}: {exc}") from exc
     except ValueError as exc:  # a malformed name
         raise CliError(str(exc), 2) from exc
 
@@ -382,8 +387,8 @@ async def _call(conn: Any, args: argparse.Namespace) -> int:
         reply = await conn.call(args.service, request, timeout=args.timeout)
     except ServiceNotFound:
         raise CliError(
-            f"no service named {args.service!r} in mesh {args.name!r}; "
-            f"`meshipc status {args.name}` lists them"
+            f"no service named {args.service!r} in {_mesh(args)}; "
+            f"`meshipc status {args.name if args.access is None else '--access ' + args.access}` lists them"
         ) from None
     except RemoteError as exc:
         raise CliError(f"service {args.service!r} failed: {exc.type_name}: {exc.message}") from None
@@ -435,7 +440,7 @@ async def _fetch(conn: Any, args: argparse.Namespace, path: str, depth: int | No
             await conn.inspect(path, depth, args.timeout, sensitive=getattr(args, "sensitive", False))
         )
     except LookupError:
-        raise CliError(f"no inspect entry {path!r} in mesh {args.name!r}") from None
+        raise CliError(f"no inspect entry {path!r} in {_mesh(args)}") from None
     except MeshError as exc:
         raise CliError(f"inspect failed: {exc}") from None
 
