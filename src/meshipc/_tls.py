@@ -34,8 +34,8 @@ import os
 import re
 import secrets
 import socket
-import stat
 import ssl
+import stat
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
