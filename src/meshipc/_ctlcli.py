@@ -294,6 +294,11 @@ def run(args: argparse.Namespace) -> int:
             raise
         print(f"meshipc {args.cmd}: {term(exc)}", file=sys.stderr)
         return exc.code
+    except BrokenPipeError:
+        # the reader left (`meshipc top NAME | head`): end quietly, as a C tool
+        # killed by SIGPIPE would; stdout goes nowhere so the exit flush is silent
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except KeyboardInterrupt:
         return 130
     except (MeshError, OSError, ValueError, TypeError, RecursionError) as exc:
