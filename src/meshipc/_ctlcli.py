@@ -432,7 +432,7 @@ async def _log(conn: Any, args: argparse.Namespace) -> int:
         raise CliError(f"cannot set the log level: {exc.message}") from None
     except (LookupError, MeshError) as exc:
         raise CliError(f"cannot set the log level: {exc}") from None
-    print(render(plain(new)) or "(no workers)")
+    print(render(plain(new)) if new else "(no workers)")
     return 0
 
 
