@@ -213,6 +213,22 @@ async def test_a_command_that_is_not_meshipc_is_refused_with_its_stderr(runtime_
         assert mesh.stats().workers == 0
 
 
+@pytest.mark.stock_loop  # the stock loop's child watcher is the one that lost the race
+async def test_a_carrier_that_exits_at_once_is_reported_with_its_own_exit_code(
+    runtime_dir: Path, far_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Killing it must not reap it behind asyncio's back (``Popen.send_signal``
+    polls): that turned the code into 255 with "Unknown child process"."""
+    quits = meshipc.command(["sh", "-c", "exit 7"])  # gone before we can kill it
+    async with Mesh(runtime_dir=runtime_dir) as mesh:
+        with pytest.raises(SpawnError, match="has no function"):  # a far start that failed first
+            await within(mesh.spawn("carrier_workers:nope", None, via=isolated(far_dir)))
+        for _ in range(3):
+            with pytest.raises(SpawnError, match="exited with code 7 "):
+                await within(mesh.spawn("carrier_workers:idle", None, via=quits))
+    assert not [r for r in caplog.records if "Unknown child process" in r.getMessage()]
+
+
 async def test_a_missing_program_is_a_spawn_error(runtime_dir: Path) -> None:
     async with Mesh(runtime_dir=runtime_dir) as mesh:
         with pytest.raises(SpawnError, match="cannot run the carrier command:no-such-program"):

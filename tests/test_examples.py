@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import sys
 from pathlib import Path
@@ -100,6 +101,9 @@ async def test_readme_demo_command_runs():
         "demo done",
     ):
         assert expected in text, text
+    # mid-stream for real: the successor (new code) handled part of the stream
+    by_v2 = re.search(r"\((\d+) by version 1, (\d+) by version 2\)", text)
+    assert by_v2 and int(by_v2[2]) >= 500, text
 
 
 async def test_cli_version_and_ls(runtime_dir: Path):

@@ -216,6 +216,8 @@ def test_ack_is_small() -> None:
 async def test_meshipc_log_changes_a_workers_level(runtime_dir: Path, collect: Collect) -> None:
     async with meshipc.Mesh(name="lg", runtime_dir=runtime_dir) as mesh:
         await mesh.listen()
+        code, out, err = await cli(runtime_dir, "log", "lg", "DEBUG")  # no worker yet: said so
+        assert code == 0 and out.strip() == "(no workers)", (out, err)
         tx, rx = meshipc.channel()
         proc = await mesh.spawn("log_workers:on_call", rx, name="oc")
         code, out, err = await cli(runtime_dir, "log", "lg", "oc", "DEBUG")

@@ -174,6 +174,14 @@ def test_access_files_are_checked(tmp_path: Path) -> None:
         read_access(tmp_path / "missing")
     with pytest.raises(AccessFileError, match="lets others read the key"):
         read_access(write("meshipc-access: 1\n", 0o644))
+    # a folder or a FIFO in its place: a one-line error, no hang, no fd left open
+    fifo = tmp_path / "fifo.access"
+    os.mkfifo(fifo, 0o600)
+    fds = len(os.listdir("/proc/self/fd"))
+    for odd in (tmp_path, fifo):
+        with pytest.raises(AccessFileError, match="not a regular file"):
+            read_access(odd)
+    assert len(os.listdir("/proc/self/fd")) == fds
     with pytest.raises(AccessFileError, match="MAX_ACCESS_FILE"):
         read_access(write(b"#" * (MAX_ACCESS_FILE + 1)))
     with pytest.raises(AccessFileError, match="not an ASCII"):

@@ -233,6 +233,12 @@ async def test_cli_with_access(runtime_dir: Path) -> None:
         assert "double" in out.stdout
         out = await asyncio.to_thread(cli, "call", "--access", a, "nope", runtime_dir=runtime_dir)
         assert out.returncode == 1 and "nope" in out.stderr and "Traceback" not in out.stderr
+        # the hint is a command that works, and the mesh is named by its access file
+        assert f"in the mesh at {a}; `meshipc status --access {a}` lists them" in out.stderr, out.stderr
+        out = await asyncio.to_thread(
+            cli, "call", "--access", str(runtime_dir), "double", runtime_dir=runtime_dir
+        )
+        assert out.returncode == 1 and "not a regular file" in out.stderr and "Traceback" not in out.stderr
         out = await asyncio.to_thread(cli, "call", "double", runtime_dir=runtime_dir)
         assert out.returncode == 2 and "SERVICE is required" in out.stderr
 

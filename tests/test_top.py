@@ -217,6 +217,21 @@ async def test_top_through_a_pipe_prints_plain_tables(runtime_dir: Path) -> None
         assert any(line.startswith("echo ") for line in text.splitlines())
 
 
+async def test_top_ends_quietly_when_the_reader_of_its_pipe_leaves(runtime_dir: Path) -> None:
+    """`meshipc top NAME | head`: no traceback, no error line, SIGPIPE's status."""
+    async with streaming_mesh(runtime_dir, "toph"):
+        rd = os.fspath(runtime_dir)
+        argv = [sys.executable, "-m", "meshipc", "top", "toph", "--runtime-dir", rd, "--period", "0.05"]
+        top = shlex.join(argv)
+        proc = await asyncio.create_subprocess_exec(
+            "bash", "-c", f"set -o pipefail; {top} | head -n 2",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await within(proc.communicate())
+        assert "MSG/s IN" in out.decode()
+        assert err == b"" and proc.returncode == 141, err
+
+
 async def test_inspect_poll_names_nodes_and_leaves_out_its_own(runtime_dir: Path) -> None:
     async with meshipc.Mesh(name="insp", runtime_dir=runtime_dir) as mesh:
         await mesh.listen()

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import os
 import shlex
@@ -400,10 +401,7 @@ class RemoteProcess:
         """SIGKILL the local carrier command (no-op once it exited): the
         link ends and the far process, its stdin closed, exits."""
         if self.returncode is None:
-            try:
-                self._proc.send_signal(signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            _sigkill(self._proc)
 
     def terminate(self) -> None:
         """Ask the worker to stop: the far function is cancelled and the far
@@ -429,6 +427,16 @@ class _Protocol(asyncio.subprocess.SubprocessStreamProtocol):
         super().process_exited()
         if not self.exited.done():
             self.exited.set_result(None)
+
+
+def _sigkill(proc: asyncio.subprocess.Process) -> None:
+    """SIGKILL a carrier that has not been seen to exit. Not through
+    ``Process.send_signal``: on the stock loop that polls (``Popen.poll``), so
+    it may reap a carrier that just exited behind the loop's child watcher,
+    whose exit code then reads 255. Only the watcher reaps it: its pid is
+    ours until then (and for the loop turn until ``returncode`` is set)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(proc.pid, signal.SIGKILL)
 
 
 async def _exit_code(proc: asyncio.subprocess.Process, protocol: _Protocol) -> int:
@@ -489,7 +497,7 @@ async def spawn_via(
     except BaseException as exc:
         mine.close()
         if proc.returncode is None:
-            proc.send_signal(signal.SIGKILL)
+            _sigkill(proc)
         code = await _exit_code(proc, protocol)
         try:
             async with asyncio.timeout(EXIT_GRACE):

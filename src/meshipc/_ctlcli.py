@@ -279,6 +279,11 @@ def _positionals(args: argparse.Namespace) -> None:
     args.name = f"at {args.access}"
 
 
+def _mesh(args: argparse.Namespace) -> str:
+    """How messages name the mesh: ``mesh 'vmm'`` or ``the mesh at PATH``."""
+    return f"mesh {args.name!r}" if args.access is None else f"the mesh at {args.access}"
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         _positionals(args)
@@ -289,6 +294,11 @@ def run(args: argparse.Namespace) -> int:
             raise
         print(f"meshipc {args.cmd}: {term(exc)}", file=sys.stderr)
         return exc.code
+    except BrokenPipeError:
+        # the reader left (`meshipc top NAME | head`): end quietly, as a C tool
+        # killed by SIGPIPE would; stdout goes nowhere so the exit flush is silent
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except KeyboardInterrupt:
         return 130
     except (MeshError, OSError, ValueError, TypeError, RecursionError) as exc:
@@ -327,7 +337,7 @@ async def _run(args: argparse.Namespace) -> int:
                     conn = await stack.enter_async_context(attaching)
             except TimeoutError:
                 raise CliError(
-                    f"mesh {args.name!r} did not let us attach within {bound:g} s "
+                    f"{_mesh(args)} did not let us attach within {bound:g} s "
                     "(is its process stopped or overloaded?)"
                 ) from None
             if args.cmd == "status":
@@ -347,7 +357,7 @@ async def _run(args: argparse.Namespace) -> int:
             raise CliError(str(exc)) from exc
         raise CliError(_not_running(args, exc)) from exc
     except JoinError as exc:
-        raise CliError(f"cannot attach to mesh {args.name!r}: {exc}") from exc
+        raise CliError(f"cannot attach to {_mesh(args)}: {exc}") from exc
     except ValueError as exc:  # a malformed name
         raise CliError(str(exc), 2) from exc
 
@@ -382,8 +392,8 @@ async def _call(conn: Any, args: argparse.Namespace) -> int:
         reply = await conn.call(args.service, request, timeout=args.timeout)
     except ServiceNotFound:
         raise CliError(
-            f"no service named {args.service!r} in mesh {args.name!r}; "
-            f"`meshipc status {args.name}` lists them"
+            f"no service named {args.service!r} in {_mesh(args)}; "
+            f"`meshipc status {args.name if args.access is None else '--access ' + args.access}` lists them"
         ) from None
     except RemoteError as exc:
         raise CliError(f"service {args.service!r} failed: {exc.type_name}: {exc.message}") from None
@@ -422,7 +432,7 @@ async def _log(conn: Any, args: argparse.Namespace) -> int:
         raise CliError(f"cannot set the log level: {exc.message}") from None
     except (LookupError, MeshError) as exc:
         raise CliError(f"cannot set the log level: {exc}") from None
-    print(render(plain(new)) or "(no workers)")
+    print(render(plain(new)) if new else "(no workers)")
     return 0
 
 
@@ -435,7 +445,7 @@ async def _fetch(conn: Any, args: argparse.Namespace, path: str, depth: int | No
             await conn.inspect(path, depth, args.timeout, sensitive=getattr(args, "sensitive", False))
         )
     except LookupError:
-        raise CliError(f"no inspect entry {path!r} in mesh {args.name!r}") from None
+        raise CliError(f"no inspect entry {path!r} in {_mesh(args)}") from None
     except MeshError as exc:
         raise CliError(f"inspect failed: {exc}") from None
 

@@ -187,8 +187,12 @@ async def restart_into_new_code(mesh: meshipc.Mesh, folder: str) -> None:
         proc = await mesh.spawn("demo_relay:relay", {"numbers": numbers_rx, "out": out_tx}, name="relay")
         first = proc.pid
 
+        restarted = asyncio.Event()
+
         async def send() -> None:
             for n in range(STREAM):
+                if n == STREAM * 3 // 4:
+                    await restarted.wait()  # the last quarter is surely the new code's
                 numbers.send(n)
                 if n % 10 == 0:
                     await asyncio.sleep(0.001)  # a stream, not a burst: it goes on during the restart
@@ -202,6 +206,7 @@ async def restart_into_new_code(mesh: meshipc.Mesh, folder: str) -> None:
         t = time.perf_counter()
         await proc.restart()
         took = (time.perf_counter() - t) * 1000
+        restarted.set()
         while len(got) < STREAM:
             got.append(await asyncio.wait_for(out.recv(), 30))
         await sender

@@ -35,6 +35,7 @@ import re
 import secrets
 import socket
 import ssl
+import stat
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -373,11 +374,15 @@ def read_access(path: str | os.PathLike[str]) -> Access:
     malformed."""
     p = Path(path)
     try:
-        fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        # O_NONBLOCK: a FIFO put in its place does not hang us
+        fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError as exc:
         raise AccessFileError(str(p), exc.strerror or str(exc)) from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise AccessFileError(str(p), "not a regular file")
     with os.fdopen(fd, "rb") as f:
-        st = os.fstat(f.fileno())
         if st.st_mode & 0o077:
             raise AccessFileError(str(p), f"mode {st.st_mode & 0o777:o} lets others read the key (chmod 600)")
         data = f.read(MAX_ACCESS_FILE + 1)
