@@ -256,7 +256,8 @@ async def run_top(
             rows = sampler.rows(tree, time.monotonic())
             mesh = _get(tree, "mesh")
             name = _get(mesh, "name") or args.name
-            title = f"meshipc top {name} - {time.strftime('%H:%M:%S')} - {len(rows)} nodes - sort: {sort}" + (
+            nodes = f"{len(rows)} node" + ("" if len(rows) == 1 else "s")
+            title = f"meshipc top {name} - {time.strftime('%H:%M:%S')} - {nodes} - sort: {sort}" + (
                 " (s: sort, q: quit)" if live else ""
             )
             width = shutil.get_terminal_size().columns if live else 200
