@@ -12,9 +12,11 @@ registered here with the codec (``_codec.register_handle``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import threading
+import time
 import traceback
 import typing
 import weakref
@@ -38,7 +40,9 @@ from ._codec import (
 )
 from ._errors import ChannelClosed, MeshError, MessageError, RemoteError, remote_type_name
 from ._ids import NodeId
-from ._ports import Engine, Message, PortState
+from ._ports import Engine, Message, PortState, TracedMessage
+from ._trace import TRACING, Trace, current_deadline, parse_prefix, prefix
+from ._trace import handling as _handling
 from ._wire import K_ADD_SENDER, K_CALL, K_DATA, K_ERROR, K_REPLY, K_REPLY_ERROR
 
 T = TypeVar("T")
@@ -270,6 +274,25 @@ class _Handle:
 _H = TypeVar("_H", bound=_Handle)
 
 
+def _send_traced(st: PortState, kind: int, value: Any) -> bool:
+    """A send made on the engine's thread once a context may be set
+    (``TRACING``): with one set, the message carries it (``F_TRACE``) and
+    True; False when none is set or the value has ports or fds (it goes
+    the usual way, without one)."""
+    ctx = prefix()
+    if ctx is None:
+        return False
+    eng = st.engine
+    if st.peer_node == eng.node_id or st.peer_closed or st.error is not None:
+        eng.send_value(st, kind, value, None, trace=ctx)
+        return True
+    body = _body(eng, st, value)
+    if body is None:
+        return False
+    eng.send_value(st, kind, value, body, trace=ctx)
+    return True
+
+
 def _send(h: _Handle, kind: int, value: Any) -> None:
     if not h._states:
         CODEC.dispose(value)
@@ -279,6 +302,8 @@ def _send(h: _Handle, kind: int, value: Any) -> None:
         raise MessageError(f"a {type(h).__name__} cannot be sent through itself")
     eng = st.engine
     if _on_engine_thread(eng):
+        if TRACING[0] and kind != K_ADD_SENDER and _send_traced(st, kind, value):
+            return
         eng.send_value(st, kind, value, _body(eng, st, value))
     elif eng.post is None:
         _from_thread(st, _engine_send, st, kind, value)
@@ -540,6 +565,8 @@ class _Inbox(_Handle):
         if kind == K_CALL:
             if msg.body is None:
                 cm: _CallMsg = msg.obj
+                if type(msg) is TracedMessage:
+                    return self._traced(self._call(cm.request, cm.reply), msg.trace)
                 return self._call(cm.request, cm.reply)
             ports = msg.ports
             if not ports:
@@ -557,6 +584,8 @@ class _Inbox(_Handle):
             except MessageError as exc:
                 Call(None, reply).fail(exc)  # tell the caller why, instead of hanging up
                 return self._drop_bad(exc)
+            if type(msg) is TracedMessage:
+                return self._traced(self._call(req, reply), msg.trace)
             return self._call(req, reply)
         if kind == K_ADD_SENDER:
             if msg.body is None:
@@ -582,6 +611,16 @@ class _Inbox(_Handle):
         except MessageError as exc:
             return self._drop_bad(exc)
         raise MessageError(f"{why.type_name}: {why.message}")
+
+    def _traced(self, call: Call[Any], wire: bytes) -> Any:
+        """``call`` with the context its message carried, or, for a
+        malformed one, failed (the caller learns why) and dropped."""
+        try:
+            call._ctx = parse_prefix(wire)
+        except MessageError as exc:
+            call.fail(exc)
+            return self._drop_bad(exc)
+        return call
 
     def _poll(self) -> Any:
         """The next value, or ``_EMPTY``; raises at the end of the stream."""
@@ -682,6 +721,28 @@ class _Inbox(_Handle):
                 return value
             await self._wait()
 
+    async def recv_traced(self) -> tuple[Any, Trace | None]:
+        """As ``recv``, with the trace context the message carried: the
+        sender's trace (its span the ``span_id``), or None (it was sent with
+        none set, from another thread, or with ports or fds). A message
+        whose context is malformed is dropped as a bad one."""
+        while True:
+            msg = self._next_message()
+            if msg is None:
+                await self._wait()
+                continue
+            trace = None
+            if type(msg) is TracedMessage:
+                try:
+                    trace = parse_prefix(msg.trace)[0]
+                except MessageError as exc:
+                    _local_engine.dispose(msg)
+                    self._drop_bad(exc)
+                    continue
+            value = self._value_of(msg)
+            if value is not _SKIP:
+                return value, trace
+
     def __aiter__(self) -> _Inbox:
         return self
 
@@ -781,6 +842,8 @@ class Sender(_Handle, Generic[T]):
             st = states[0]
             eng = st.engine
             if eng.thread == _get_ident() and value is not self:
+                if TRACING[0] and _send_traced(st, K_DATA, value):
+                    return
                 if st.peer_node == eng.node_id or st.peer_closed or st.error is not None:
                     eng.send_value(st, K_DATA, value)
                     return
@@ -818,7 +881,10 @@ class Sender(_Handle, Generic[T]):
         Cancelling the caller (or the timeout) closes the reply port, which
         the callee sees as ``call.cancelled``."""
         if timeout is not None:
-            return await self._call_within(request, timeout)
+            if timeout is not _WITHIN:
+                return await self._call_within(request, timeout)
+        elif TRACING[0] and current_deadline() is not None:
+            return await self._call_within(request, None)  # no later than the call being handled
         if not self._states:
             raise ChannelClosed("call on a closed sender")
         st = self._states[0]
@@ -836,7 +902,7 @@ class Sender(_Handle, Generic[T]):
             except Exception as exc:
                 raise refused(exc) from None
             if body is not None:
-                a = eng.call_plain(st, body)
+                a = eng.call_plain(st, body, prefix() if TRACING[0] else None)
         if a is not None:
             msg = await _reply_to(a)
         else:
@@ -869,13 +935,25 @@ class Sender(_Handle, Generic[T]):
                 raise MessageError(f"invalid message: {exc}") from None
         return decode(msg, Any)
 
-    async def _call_within(self, request: Any, timeout: float) -> Any:
-        if not (isinstance(timeout, (int, float)) and 0 < timeout < math.inf):
+    async def _call_within(self, request: Any, timeout: float | None) -> Any:
+        """``call`` within ``timeout`` seconds and (a call made while
+        handling one: ``current_deadline``) by the handled call's deadline."""
+        if timeout is not None and not (isinstance(timeout, (int, float)) and 0 < timeout < math.inf):
             raise ValueError(f"timeout must be a positive finite number of seconds or None, got {timeout!r}")
+        deadline = current_deadline() if TRACING[0] else None
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("the deadline of the call being handled has passed")
+            if timeout is None or left < timeout:
+                timeout = left
+        if timeout is None:  # (no deadline after all: the caller's timeout was None)
+            timeout = math.inf
         untyped: Any = self  # the overloads type a Sender of calls; this one may carry anything
         try:
-            async with asyncio.timeout(timeout):
-                return await untyped.call(request)
+            async with asyncio.timeout(None if timeout == math.inf else timeout):
+                # Sender's own call (a subclass's wraps the request, which it has done)
+                return await Sender.call(untyped, request, timeout=_WITHIN)
         except TimeoutError:
             raise TimeoutError(f"no reply within {timeout:g} s") from None
 
@@ -918,6 +996,10 @@ async def _reply_to(st: PortState) -> Message:
         # the waker stays: a later wake finds its future done (a call is one
         # future), and the closed end leaves the table with it
         st.engine.close(st)
+
+
+#: ``Sender.call``'s timeout from ``_call_within``: the time limit is set
+_WITHIN: Final = -1.0
 
 
 class Receiver(_Inbox, Generic[T]):
@@ -1002,7 +1084,10 @@ class Call(Generic[T]):
     # Port (``_port``) only for a call made in this process, or once
     # ``wait_cancelled`` needs one to wait on. At most one of the two is set
     # until answered; neither after.
-    __slots__ = ("_port", "_st", "request")
+    # ``_ctx``: (the caller's Trace, the deadline) when the call carried a
+    # context; unset (not even None: no store per call) when it did not
+    __slots__ = ("_ctx", "_port", "_st", "request")
+    _ctx: tuple[Trace | None, float | None]
 
     def __init__(self, request: T, port: Port | PortState) -> None:
         self.request = request
@@ -1052,6 +1137,38 @@ class Call(Generic[T]):
             self.__del__()
         elif self._port is not None:
             self._port.close()
+
+    @property
+    def trace(self) -> Trace | None:
+        """The trace context the call carried: the caller's trace, its span
+        the ``span_id`` (the parent of the handler's), or None."""
+        ctx: tuple[Trace | None, float | None] | None = getattr(self, "_ctx", None)
+        return None if ctx is None else ctx[0]
+
+    @property
+    def deadline(self) -> float | None:
+        """When the caller stops waiting (``time.monotonic()`` seconds; the
+        clock is system-wide on Linux), or None: it set no deadline."""
+        ctx: tuple[Trace | None, float | None] | None = getattr(self, "_ctx", None)
+        return None if ctx is None else ctx[1]
+
+    @property
+    def remaining(self) -> float | None:
+        """Seconds left to ``deadline``, or None."""
+        d = self.deadline
+        return None if d is None else d - time.monotonic()
+
+    def handling(self) -> contextlib.AbstractContextManager[None]:
+        """``with call.handling():`` runs the block as this call's handler:
+        ``current_trace()`` is the caller's trace with a span of its own
+        (a new trace if the call carried none; with OpenTelemetry, a span
+        it starts), and the calls and sends it makes carry that context and
+        end by ``deadline``. A service's handler (``serve``) runs so already;
+        a server reading calls (``async for call in rx``) opts in."""
+        return _handling(self.trace, self.deadline, self._service_name())
+
+    def _service_name(self) -> str | None:
+        return None
 
     def reply(self, value: Any) -> None:
         """Send the result to the caller (no-op if it has gone away)."""

@@ -27,6 +27,10 @@ import contextlib
 import contextvars
 import importlib
 import importlib.util
+import math
+import struct
+import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Final
@@ -36,6 +40,19 @@ from ._ids import random_id
 
 #: Bytes of a trace context on the wire: trace id (16), parent span id (8), flags (1).
 TRACE_LEN: Final = 25
+#: A message's context prefix (``_wire.F_TRACE``, ``_wire.TRACE_PREFIX_LEN``
+#: bytes): trace id, the sender's span id, flags (``P_SAMPLED``,
+#: ``P_DEADLINE``), the seconds left to the sender's deadline (a float,
+#: relative: clocks of two hosts do not agree; 0 without a deadline).
+_PREFIX: Final = struct.Struct(">16s8sBd")
+P_SAMPLED: Final = 1
+P_DEADLINE: Final = 2
+
+#: ``TRACING[0]``: whether a context may be set in this process (a trace
+#: or handler was entered, or OpenTelemetry is loaded). Until then the data
+#: path skips even the ``contextvars`` lookup: a message costs what it cost
+#: before traces existed.
+TRACING: Final[list[bool]] = ["opentelemetry.trace" in sys.modules]
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +119,7 @@ def start_trace() -> Iterator[Trace]:
     the service calls made in it carry it (``str(t)`` for log lines).
     With OpenTelemetry, start a span instead: its context is used."""
     t = Trace(random_id(), random_id()[:8])
+    TRACING[0] = True
     token = _trace.set(t)
     try:
         yield t
@@ -123,6 +141,51 @@ def outgoing(deadline: float | None) -> tuple[float | None, bytes | None]:
     return deadline, (t.wire() if t is not None else None)
 
 
+def prefix() -> bytes | None:
+    """The context a message sent now carries (``_PREFIX``): this task's
+    trace, its span the parent, and the seconds left to the deadline of the
+    call it handles; None when no trace is set (nothing is carried)."""
+    t = _trace.get()
+    sc = _otel_span(t)
+    if sc is not None:
+        ids = (_b(sc.trace_id, 16), _b(sc.span_id, 8), sc.trace_flags & 1)
+    elif t is not None:
+        ids = (t.trace_id, t.span_id, P_SAMPLED if t.sampled else 0)
+    else:
+        return None
+    d = _deadline.get()
+    if d is None:
+        return _PREFIX.pack(*ids, 0.0)
+    return _PREFIX.pack(ids[0], ids[1], ids[2] | P_DEADLINE, max(d - time.monotonic(), 0.0))
+
+
+def parse_prefix(wire: bytes) -> tuple[Trace, float | None]:
+    """A message's context prefix, checked (``MessageError`` if malformed):
+    the sender's trace (its span the ``span_id``) and the deadline it set
+    (``time.monotonic()`` seconds, from the seconds left it carries; no
+    later than ``max_left`` from now), or None."""
+    if len(wire) != _PREFIX.size:
+        raise MessageError(f"a message's trace context is {_PREFIX.size} bytes")
+    trace_id, span_id, flags, left = _PREFIX.unpack(wire)
+    if flags & ~(P_SAMPLED | P_DEADLINE):
+        raise MessageError(f"a trace context with unknown flags {flags:#x}")
+    if not any(trace_id) or not any(span_id):
+        raise MessageError("a trace context with a zero trace or span id")
+    t = Trace(trace_id, span_id, None, bool(flags & P_SAMPLED))
+    if not flags & P_DEADLINE:
+        if left != 0.0:
+            raise MessageError("a trace context with time left but no deadline")
+        return t, None
+    if not (math.isfinite(left) and left >= 0.0):
+        raise MessageError("a trace context whose deadline is not a finite time")
+    return t, time.monotonic() + min(left, MAX_LEFT)
+
+
+#: The farthest deadline a message's context sets, seconds from now (a
+#: farther one is cut to it): a peer cannot pin a handler's calls open.
+MAX_LEFT: Final = 24 * 3600.0
+
+
 def parse(wire: Any) -> Trace:
     """A caller's trace context, checked (``MessageError`` if malformed);
     the span is the caller's (``span_id``: parent of the handler's)."""
@@ -134,10 +197,12 @@ def parse(wire: Any) -> Trace:
 
 
 @contextlib.contextmanager
-def handling(caller: Trace | None, deadline: float | None, service: str) -> Iterator[None]:
-    """Run a service handler's block as part of ``caller``'s trace (a new
-    trace if None) with a span of its own, and with ``deadline`` for the
-    calls it makes."""
+def handling(caller: Trace | None, deadline: float | None, service: str | None) -> Iterator[None]:
+    """Run a handler's block as part of ``caller``'s trace (a new trace if
+    None) with a span of its own (``meshipc.call <service>``, or
+    ``meshipc.call`` for a plain call), and with ``deadline`` for the calls
+    it makes."""
+    TRACING[0] = True
     otel = _otel()
     dtoken = _deadline.set(deadline)
     try:
@@ -162,9 +227,8 @@ def handling(caller: Trace | None, deadline: float | None, service: str) -> Iter
             )
             ctx = otel.set_span_in_context(otel.NonRecordingSpan(parent))
         tracer = otel.get_tracer("meshipc")
-        with tracer.start_as_current_span(
-            f"meshipc.call {service}", context=ctx, kind=otel.SpanKind.SERVER
-        ) as sp:
+        name = "meshipc.call" if service is None else f"meshipc.call {service}"
+        with tracer.start_as_current_span(name, context=ctx, kind=otel.SpanKind.SERVER) as sp:
             sc = sp.get_span_context()
             if sc.is_valid and (caller is None or _b(sc.span_id, 8) != caller.span_id):
                 t = Trace(_b(sc.trace_id, 16), _b(sc.span_id, 8), caller.span_id if caller else None)
@@ -197,5 +261,7 @@ def _otel() -> Any:
                 mod = importlib.import_module("opentelemetry.trace")  # optional: never required
             except ImportError:
                 mod = None
+        if mod is not None:
+            TRACING[0] = True
         _OTEL.append(mod)
     return _OTEL[0]
