@@ -21,6 +21,7 @@ import traceback
 import typing
 import weakref
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar, cast, overload
@@ -41,7 +42,7 @@ from ._codec import (
 from ._errors import ChannelClosed, MeshError, MessageError, RemoteError, remote_type_name
 from ._ids import NodeId
 from ._ports import Engine, Message, PortState, TracedMessage
-from ._trace import TRACING, Trace, current_deadline, parse_prefix, prefix
+from ._trace import TRACING, Trace, current_deadline, parse_prefix, prefix, with_deadline
 from ._trace import handling as _handling
 from ._wire import K_ADD_SENDER, K_CALL, K_DATA, K_ERROR, K_REPLY, K_REPLY_ERROR
 
@@ -158,6 +159,9 @@ def _body(eng: Engine, st: PortState, value: Any) -> bytes | None:
 
 
 def _engine_send(eng: Engine, st: PortState, kind: int, value: Any) -> None:
+    # (run now, on the caller's thread and in its context: an engine no loop drives)
+    if TRACING[0] and kind != K_ADD_SENDER and _send_traced(st, kind, value):
+        return
     eng.send_value(st, kind, value, _body(eng, st, value))
 
 
@@ -880,10 +884,12 @@ class Sender(_Handle, Generic[T]):
         seconds (``ValueError`` for one that is not a positive finite number).
         Cancelling the caller (or the timeout) closes the reply port, which
         the callee sees as ``call.cancelled``."""
+        traced = TRACING[0]
         if timeout is not None:
             if timeout is not _WITHIN:
                 return await self._call_within(request, timeout)
-        elif TRACING[0] and current_deadline() is not None:
+            traced = True  # the deadline goes with it
+        elif traced and current_deadline() is not None:
             return await self._call_within(request, None)  # no later than the call being handled
         if not self._states:
             raise ChannelClosed("call on a closed sender")
@@ -902,7 +908,7 @@ class Sender(_Handle, Generic[T]):
             except Exception as exc:
                 raise refused(exc) from None
             if body is not None:
-                a = eng.call_plain(st, body, prefix() if TRACING[0] else None)
+                a = eng.call_plain(st, body, prefix() if traced else None)
         if a is not None:
             msg = await _reply_to(a)
         else:
@@ -952,8 +958,10 @@ class Sender(_Handle, Generic[T]):
         untyped: Any = self  # the overloads type a Sender of calls; this one may carry anything
         try:
             async with asyncio.timeout(None if timeout == math.inf else timeout):
-                # Sender's own call (a subclass's wraps the request, which it has done)
-                return await Sender.call(untyped, request, timeout=_WITHIN)
+                # the callee sees the deadline (a finite one: none is math.inf)
+                with with_deadline(time.monotonic() + timeout) if timeout < math.inf else _NO_BLOCK:
+                    # Sender's own call (a subclass's wraps the request, which it has done)
+                    return await Sender.call(untyped, request, timeout=_WITHIN)
         except TimeoutError:
             raise TimeoutError(f"no reply within {timeout:g} s") from None
 
@@ -1000,6 +1008,7 @@ async def _reply_to(st: PortState) -> Message:
 
 #: ``Sender.call``'s timeout from ``_call_within``: the time limit is set
 _WITHIN: Final = -1.0
+_NO_BLOCK: Final = contextlib.nullcontext()
 
 
 class Receiver(_Inbox, Generic[T]):
@@ -1158,14 +1167,32 @@ class Call(Generic[T]):
         d = self.deadline
         return None if d is None else d - time.monotonic()
 
-    def handling(self) -> contextlib.AbstractContextManager[None]:
+    @contextlib.contextmanager
+    def handling(self) -> Iterator[None]:
         """``with call.handling():`` runs the block as this call's handler:
         ``current_trace()`` is the caller's trace with a span of its own
         (a new trace if the call carried none; with OpenTelemetry, a span
-        it starts), and the calls and sends it makes carry that context and
-        end by ``deadline``. A service's handler (``serve``) runs so already;
-        a server reading calls (``async for call in rx``) opts in."""
-        return _handling(self.trace, self.deadline, self._service_name())
+        it starts), the calls and sends it makes carry that context and end
+        by ``deadline``, and, in a task, the task is cancelled if the
+        caller gives up meanwhile (so are the calls it waits on, down the
+        chain). A service's handler (``serve``) runs so already; a server
+        reading calls (``async for call in rx``) opts in with this."""
+        watcher = None
+        with contextlib.suppress(RuntimeError):  # (no running loop: nothing to cancel)
+            task = asyncio.current_task()
+            if task is not None:
+                watcher = task.get_loop().create_task(self._cancel_when_given_up(task))
+        try:
+            with _handling(self.trace, self.deadline, self._service_name()):
+                yield
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+
+    async def _cancel_when_given_up(self, task: asyncio.Task[Any]) -> None:
+        await self.wait_cancelled()
+        if self.cancelled:
+            task.cancel()
 
     def _service_name(self) -> str | None:
         return None

@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import importlib
-import importlib.util
 import math
 import struct
 import sys
@@ -79,6 +77,13 @@ class Trace:
 
 _trace: contextvars.ContextVar[Trace | None] = contextvars.ContextVar("meshipc_trace", default=None)
 _deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("meshipc_deadline", default=None)
+
+
+def notice_otel() -> None:
+    """Set ``TRACING`` if the application has imported OpenTelemetry (its
+    spans may be current when it sends): a mesh calls this as it starts."""
+    if "opentelemetry.trace" in sys.modules:
+        TRACING[0] = True
 
 
 def current_trace() -> Trace | None:
@@ -144,34 +149,54 @@ def outgoing(deadline: float | None) -> tuple[float | None, bytes | None]:
 def prefix() -> bytes | None:
     """The context a message sent now carries (``_PREFIX``): this task's
     trace, its span the parent, and the seconds left to the deadline of the
-    call it handles; None when no trace is set (nothing is carried)."""
+    call it handles (or of a call made with a timeout: ``with_deadline``);
+    None when neither is set (nothing is carried). Without a trace the ids
+    are zero: a deadline alone."""
     t = _trace.get()
+    d = _deadline.get()
     sc = _otel_span(t)
     if sc is not None:
         ids = (_b(sc.trace_id, 16), _b(sc.span_id, 8), sc.trace_flags & 1)
     elif t is not None:
         ids = (t.trace_id, t.span_id, P_SAMPLED if t.sampled else 0)
+    elif d is not None:
+        ids = (_NO_TRACE, _NO_SPAN, 0)
     else:
         return None
-    d = _deadline.get()
     if d is None:
         return _PREFIX.pack(*ids, 0.0)
     return _PREFIX.pack(ids[0], ids[1], ids[2] | P_DEADLINE, max(d - time.monotonic(), 0.0))
 
 
-def parse_prefix(wire: bytes) -> tuple[Trace, float | None]:
+_NO_TRACE: Final = bytes(16)
+_NO_SPAN: Final = bytes(8)
+
+
+@contextlib.contextmanager
+def with_deadline(deadline: float) -> Iterator[None]:
+    """The block's calls carry ``deadline`` (a call made with a timeout)."""
+    token = _deadline.set(deadline)
+    try:
+        yield
+    finally:
+        _deadline.reset(token)
+
+
+def parse_prefix(wire: bytes) -> tuple[Trace | None, float | None]:
     """A message's context prefix, checked (``MessageError`` if malformed):
-    the sender's trace (its span the ``span_id``) and the deadline it set
-    (``time.monotonic()`` seconds, from the seconds left it carries; no
-    later than ``max_left`` from now), or None."""
+    the sender's trace (its span the ``span_id``; None: a deadline alone)
+    and the deadline it set (``time.monotonic()`` seconds, from the seconds
+    left it carries; no later than ``MAX_LEFT`` from now), or None."""
     if len(wire) != _PREFIX.size:
         raise MessageError(f"a message's trace context is {_PREFIX.size} bytes")
     trace_id, span_id, flags, left = _PREFIX.unpack(wire)
     if flags & ~(P_SAMPLED | P_DEADLINE):
         raise MessageError(f"a trace context with unknown flags {flags:#x}")
-    if not any(trace_id) or not any(span_id):
+    t: Trace | None = Trace(trace_id, span_id, None, bool(flags & P_SAMPLED))
+    if trace_id == _NO_TRACE and span_id == _NO_SPAN and flags == P_DEADLINE:
+        t = None  # a deadline alone
+    elif not any(trace_id) or not any(span_id):
         raise MessageError("a trace context with a zero trace or span id")
-    t = Trace(trace_id, span_id, None, bool(flags & P_SAMPLED))
     if not flags & P_DEADLINE:
         if left != 0.0:
             raise MessageError("a trace context with time left but no deadline")
@@ -249,19 +274,16 @@ def _b(n: int, size: int) -> bytes:
     return n.to_bytes(size, "big")
 
 
+#: a test's stand-in for ``opentelemetry.trace`` (``[None]``: as if absent)
 _OTEL: list[Any] = []
 
 
 def _otel() -> Any:
-    """``opentelemetry.trace`` if installed (looked up once), else None."""
-    if not _OTEL:
-        mod = None
-        if importlib.util.find_spec("opentelemetry") is not None:
-            try:
-                mod = importlib.import_module("opentelemetry.trace")  # optional: never required
-            except ImportError:
-                mod = None
-        if mod is not None:
-            TRACING[0] = True
-        _OTEL.append(mod)
-    return _OTEL[0]
+    """``opentelemetry.trace`` if the application imported it (else it has
+    configured no tracing that spans could come from), else None."""
+    if _OTEL:
+        return _OTEL[0]
+    mod = sys.modules.get("opentelemetry.trace")
+    if mod is not None:
+        TRACING[0] = True
+    return mod
