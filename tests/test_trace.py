@@ -350,3 +350,22 @@ def test_the_frame_of_a_traced_message_is_checked() -> None:
     oob = encode_msg_header(b"p" * 16, 0, K_DATA, F_TRACE | F_OOB, [], 1, 8) + bytes(8)
     with pytest.raises(ProtocolError, match="trace context"):
         FrameDecoder().feed(oob)
+
+
+@pytest.mark.skipif(not has_sdk, reason="opentelemetry-sdk is not installed (pip install opentelemetry-sdk)")
+async def test_opentelemetry_spans_over_plain_rpc_calls_form_one_trace(runtime_dir: Path) -> None:
+    from opentelemetry.sdk.trace import TracerProvider
+
+    tracer = TracerProvider().get_tracer("test")
+    async with rpc_chain(runtime_dir, otel=True) as (_, a, b, sink):
+        with tracer.start_as_current_span("root") as root:
+            got = await within(a.call("go"))
+        a_spans, b_spans = await within(a.call("spans")), await within(b.call("spans"))
+        _, note_trace = await within(sink.recv_traced())
+    rc = root.get_span_context()
+    (a_span,) = [s for s in a_spans if s[0] == "meshipc.call"]
+    (b_span,) = [s for s in b_spans if s[0] == "meshipc.call"]
+    assert a_span[1] == b_span[1] == f"{rc.trace_id:032x}"  # one trace
+    assert a_span[3] == f"{rc.span_id:016x}" and b_span[3] == a_span[2]  # root -> a -> b
+    assert got["me"][1] == a_span[2] and got["next"]["me"][1] == b_span[2]
+    assert note_trace is not None and note_trace.span_id.hex() == a_span[2]  # a's send: a's span

@@ -142,7 +142,8 @@ class ServiceCall(Call[Any]):
 class ServiceSender(Sender[Any]):
     """A ``Sender`` to a named service (from ``open``): ``call`` also takes
     ``timeout``, and the callee sees the deadline. Sent to another process,
-    it arrives as a plain ``Sender`` (its calls carry no deadline)."""
+    it arrives as a plain ``Sender`` (whose calls carry a deadline and a
+    trace as plain calls do: with a ``timeout``, or made in a handler)."""
 
     __slots__ = ()
 

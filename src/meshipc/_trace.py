@@ -14,6 +14,15 @@ outlive its caller, and when the outer call is cancelled (its caller gave
 up or its deadline passed) the handler is cancelled, which cancels the
 calls it is waiting on, down the chain.
 
+A plain channel message (``Sender.send``/``call``, ``Port.send``) sent
+while a context is set carries it too, in a prefix of its body flagged in
+its MSG header (``_wire.F_TRACE``, ``_PREFIX``: trace id, the sender's
+span, flags, seconds left to the deadline); a call made with a timeout
+carries its deadline alone. The receiver reads it as ``Call.trace`` and
+``Call.deadline`` (``with call.handling():`` runs a block as the handler),
+or ``recv_traced()``. Until a context may be set (``TRACING``) the data
+path does not even look: an untraced message costs and weighs what it did.
+
 With ``opentelemetry-api`` installed (optional), the ids are
 OpenTelemetry's: a caller's current span is the parent of the handler's
 span, which the service starts (``meshipc.call <service>``, kind SERVER)
