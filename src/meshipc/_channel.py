@@ -159,16 +159,13 @@ def _body(eng: Engine, st: PortState, value: Any) -> bytes | None:
 
 
 def _engine_send(eng: Engine, st: PortState, kind: int, value: Any) -> None:
-    # (run now, on the caller's thread and in its context: an engine no loop drives)
-    if TRACING[0] and kind != K_ADD_SENDER and _send_traced(st, kind, value):
-        return
     eng.send_value(st, kind, value, _body(eng, st, value))
 
 
 def _engine_send_encoded(eng: Engine, st: PortState, kind: int, value: Any, body: bytes | None) -> None:
     """A send from another thread, admitted and encoded there (``force``:
-    past the hard limit)."""
-    eng.send_value(st, kind, value, body, force=True)
+    past the hard limit; no trace context: this runs in the loop's)."""
+    eng._send_value(st, kind, value, body, force=True)
 
 
 def _engine_close(eng: Engine, st: PortState) -> None:
@@ -278,25 +275,6 @@ class _Handle:
 _H = TypeVar("_H", bound=_Handle)
 
 
-def _send_traced(st: PortState, kind: int, value: Any) -> bool:
-    """A send made on the engine's thread once a context may be set
-    (``TRACING``): with one set, the message carries it (``F_TRACE``) and
-    True; False when none is set or the value has ports or fds (it goes
-    the usual way, without one)."""
-    ctx = prefix()
-    if ctx is None:
-        return False
-    eng = st.engine
-    if st.peer_node == eng.node_id or st.peer_closed or st.error is not None:
-        eng.send_value(st, kind, value, None, trace=ctx)
-        return True
-    body = _body(eng, st, value)
-    if body is None:
-        return False
-    eng.send_value(st, kind, value, body, trace=ctx)
-    return True
-
-
 def _send(h: _Handle, kind: int, value: Any) -> None:
     if not h._states:
         CODEC.dispose(value)
@@ -306,8 +284,6 @@ def _send(h: _Handle, kind: int, value: Any) -> None:
         raise MessageError(f"a {type(h).__name__} cannot be sent through itself")
     eng = st.engine
     if _on_engine_thread(eng):
-        if TRACING[0] and kind != K_ADD_SENDER and _send_traced(st, kind, value):
-            return
         eng.send_value(st, kind, value, _body(eng, st, value))
     elif eng.post is None:
         _from_thread(st, _engine_send, st, kind, value)
@@ -846,8 +822,6 @@ class Sender(_Handle, Generic[T]):
             st = states[0]
             eng = st.engine
             if eng.thread == _get_ident() and value is not self:
-                if TRACING[0] and _send_traced(st, K_DATA, value):
-                    return
                 if st.peer_node == eng.node_id or st.peer_closed or st.error is not None:
                     eng.send_value(st, K_DATA, value)
                     return
@@ -884,12 +858,10 @@ class Sender(_Handle, Generic[T]):
         seconds (``ValueError`` for one that is not a positive finite number).
         Cancelling the caller (or the timeout) closes the reply port, which
         the callee sees as ``call.cancelled``."""
-        traced = TRACING[0]
         if timeout is not None:
             if timeout is not _WITHIN:
                 return await self._call_within(request, timeout)
-            traced = True  # the deadline goes with it
-        elif traced and current_deadline() is not None:
+        elif TRACING[0] and current_deadline() is not None:
             return await self._call_within(request, None)  # no later than the call being handled
         if not self._states:
             raise ChannelClosed("call on a closed sender")
@@ -908,7 +880,8 @@ class Sender(_Handle, Generic[T]):
             except Exception as exc:
                 raise refused(exc) from None
             if body is not None:
-                a = eng.call_plain(st, body, prefix() if traced else None)
+                # (the deadline of a timed call goes with it: _call_within)
+                a = eng.call_plain(st, body, None if timeout is None else prefix())
         if a is not None:
             msg = await _reply_to(a)
         else:

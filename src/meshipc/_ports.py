@@ -164,6 +164,7 @@ from ._errors import (
     ProtocolError,
 )
 from ._ids import ID_LEN, PortId, random_id
+from ._trace import prefix, when_tracing
 from ._wire import (
     CALL_HEAD,
     D_DEAD,
@@ -779,7 +780,7 @@ class Engine:
         (the other half of ``send_port``)."""
         return self._materialize(src, d)
 
-    def send_value(
+    def _send_value(
         self,
         st: PortState,
         kind: int,
@@ -834,6 +835,24 @@ class Engine:
             raise MessageError(f"the message could not be queued: {exc}") from exc
         st.send_seq = seq + 1
         st.sent_bytes += n
+
+    #: every message sent (``_send_value``); once a context may be set, the
+    #: one that looks for it (``_send_value_traced``: ``_trace.when_tracing``)
+    send_value = _send_value
+
+    def _send_value_traced(
+        self,
+        st: PortState,
+        kind: int,
+        obj: Any,
+        body: bytes | None = None,
+        force: bool = False,
+        extra: int = 0,
+        trace: bytes | None = None,
+    ) -> None:
+        """``send_value`` in a process where a context may be set: a message
+        sent while one is (``_trace.prefix``) carries it."""
+        self._send_value(st, kind, obj, body, force, extra, prefix() if trace is None else trace)
 
     def send(self, st: PortState, msg: Message, force: bool = False) -> None:
         """Send ``msg`` from the end ``st``. Dropped silently once the peer is
@@ -996,7 +1015,7 @@ class Engine:
         ends its stream on that message, so no CLOSE is sent and none comes
         back."""
         try:
-            self.send_value(st, kind, obj, body)
+            self._send_value(st, kind, obj, body)  # an answer carries no context
         except PortFailed:
             pass  # the caller is gone (it learnt why): an answer to nobody is a no-op
         except BaseException:
@@ -2102,3 +2121,12 @@ class Engine:
         elif type(mv) is Proxy:
             self._unsequenced(mv.target_node, FailEvent(mv.target_port, err.cause))
             self._remove(st)
+
+
+def _trace_sends() -> None:
+    """Once a context may be set in this process, every engine's sends look
+    for one (before that, not even a ``contextvars`` lookup per message)."""
+    Engine.send_value = Engine._send_value_traced
+
+
+when_tracing(_trace_sends)

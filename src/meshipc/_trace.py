@@ -38,7 +38,7 @@ import math
 import struct
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -56,10 +56,30 @@ P_SAMPLED: Final = 1
 P_DEADLINE: Final = 2
 
 #: ``TRACING[0]``: whether a context may be set in this process (a trace
-#: or handler was entered, or OpenTelemetry is loaded). Until then the data
-#: path skips even the ``contextvars`` lookup: a message costs what it cost
-#: before traces existed.
-TRACING: Final[list[bool]] = ["opentelemetry.trace" in sys.modules]
+#: or handler was entered, or the application imported OpenTelemetry).
+#: Until then the data path does not look for one: the engine's sends are
+#: the plain ones (``when_tracing`` swaps them), and a message costs what it
+#: cost before traces existed.
+TRACING: Final[list[bool]] = [False]
+_ON_TRACING: list[Callable[[], None]] = []
+
+
+def when_tracing(fn: Callable[[], None]) -> None:
+    """Run ``fn`` once ``TRACING`` is set (now, if it is): the data path
+    switches to the sends that look for a context (``_ports``)."""
+    if TRACING[0]:
+        fn()
+    else:
+        _ON_TRACING.append(fn)
+
+
+def _tracing() -> None:
+    """A context may be set from now on (``TRACING``)."""
+    if not TRACING[0]:
+        TRACING[0] = True
+        for fn in _ON_TRACING:
+            fn()
+        _ON_TRACING.clear()
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,7 +112,7 @@ def notice_otel() -> None:
     """Set ``TRACING`` if the application has imported OpenTelemetry (its
     spans may be current when it sends): a mesh calls this as it starts."""
     if "opentelemetry.trace" in sys.modules:
-        TRACING[0] = True
+        _tracing()
 
 
 def current_trace() -> Trace | None:
@@ -133,7 +153,7 @@ def start_trace() -> Iterator[Trace]:
     the service calls made in it carry it (``str(t)`` for log lines).
     With OpenTelemetry, start a span instead: its context is used."""
     t = Trace(random_id(), random_id()[:8])
-    TRACING[0] = True
+    _tracing()
     token = _trace.set(t)
     try:
         yield t
@@ -236,7 +256,7 @@ def handling(caller: Trace | None, deadline: float | None, service: str | None) 
     None) with a span of its own (``meshipc.call <service>``, or
     ``meshipc.call`` for a plain call), and with ``deadline`` for the calls
     it makes."""
-    TRACING[0] = True
+    _tracing()
     otel = _otel()
     dtoken = _deadline.set(deadline)
     try:
@@ -294,5 +314,5 @@ def _otel() -> Any:
         return _OTEL[0]
     mod = sys.modules.get("opentelemetry.trace")
     if mod is not None:
-        TRACING[0] = True
+        _tracing()
     return mod
