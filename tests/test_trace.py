@@ -369,3 +369,24 @@ async def test_opentelemetry_spans_over_plain_rpc_calls_form_one_trace(runtime_d
     assert a_span[3] == f"{rc.span_id:016x}" and b_span[3] == a_span[2]  # root -> a -> b
     assert got["me"][1] == a_span[2] and got["next"]["me"][1] == b_span[2]
     assert note_trace is not None and note_trace.span_id.hex() == a_span[2]  # a's send: a's span
+
+
+async def test_a_receiver_mode_service_handler_opts_in(runtime_dir: Path, no_otel: None) -> None:
+    async with meshipc.Mesh(runtime_dir=runtime_dir) as mesh:
+        _tx, rx = meshipc.channel(meshipc.Call[Any])
+        await mesh.serve("r", rx)
+
+        async def server() -> None:
+            async for call in rx:
+                with call.handling():
+                    t = meshipc.current_trace()
+                    assert t is not None
+                    call.reply([t.trace_id.hex(), t.parent_id.hex() if t.parent_id else None, call.remaining])
+
+        task = asyncio.ensure_future(server())
+        try:
+            with meshipc.start_trace() as t:
+                got = await within(mesh.call("r", None, timeout=5))
+            assert got[:2] == [t.trace_id.hex(), t.span_id.hex()] and 0 < got[2] <= 5
+        finally:
+            task.cancel()
