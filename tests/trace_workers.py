@@ -87,3 +87,57 @@ async def chain(arg: dict[str, Any]) -> None:
     ready: Sender[str] = arg["ready"]
     ready.send(name)
     await asyncio.Event().wait()
+
+
+async def rpc_chain(arg: dict[str, Any]) -> None:
+    """A plain ``Rpc`` server (no named service): its sender goes back on
+    ``arg["ready"]``; each call is handled in ``with call.handling()``
+    and, for ``"go"``, calls on to ``arg["next"]`` (a plain ``Sender``)
+    and sends a note to ``arg["sink"]`` while handling it. ``"hang"``
+    calls on, or waits until its caller gives up; ``"state"``/``"spans"``
+    report what this process saw."""
+    name, nxt, sink = arg["name"], arg.get("next"), arg.get("sink")
+    exporter = _otel(arg.get("otel", False))
+    tx, rx = meshipc.channel(meshipc.Rpc[Any, Any])
+
+    async def handle(call: meshipc.Rpc[Any, Any]) -> None:
+        if call.request == "state":
+            call.reply(dict(STATE))
+            return
+        if call.request == "spans":
+            call.reply(
+                [[s.name, f"{s.context.trace_id:032x}", f"{s.context.span_id:016x}",
+                  f"{s.parent.span_id:016x}" if s.parent else None]
+                 for s in exporter.get_finished_spans()]
+            )  # fmt: skip
+            return
+        with call.handling():
+            me = _me()
+            if call.request == "hang":
+                STATE["remaining"] = call.remaining
+                STATE["started"] = True
+                try:
+                    if nxt is not None:
+                        await nxt.call("hang")
+                    else:
+                        await call.wait_cancelled()
+                        STATE["cancelled"] = True
+                        return
+                except TimeoutError:
+                    STATE["timed_out"] = True
+                    return
+                except asyncio.CancelledError:
+                    STATE["cancelled"] = True
+                    raise
+            if sink is not None:
+                sink.send([name, *me])  # a send made while handling the call
+            inner = await nxt.call(call.request) if nxt is not None else None
+        call.reply({"me": me, "next": inner})
+
+    ready: Sender[Any] = arg["ready"]
+    ready.send(tx)
+    tasks = set()
+    async for call in rx:
+        t = asyncio.get_running_loop().create_task(handle(call))
+        tasks.add(t)
+        t.add_done_callback(tasks.discard)

@@ -12,13 +12,16 @@ registered here with the codec (``_codec.register_handle``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import threading
+import time
 import traceback
 import typing
 import weakref
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar, cast, overload
@@ -38,7 +41,9 @@ from ._codec import (
 )
 from ._errors import ChannelClosed, MeshError, MessageError, RemoteError, remote_type_name
 from ._ids import NodeId
-from ._ports import Engine, Message, PortState
+from ._ports import Engine, Message, PortState, TracedMessage
+from ._trace import TRACING, Trace, current_deadline, parse_prefix, prefix, with_deadline
+from ._trace import handling as _handling
 from ._wire import K_ADD_SENDER, K_CALL, K_DATA, K_ERROR, K_REPLY, K_REPLY_ERROR
 
 T = TypeVar("T")
@@ -159,8 +164,8 @@ def _engine_send(eng: Engine, st: PortState, kind: int, value: Any) -> None:
 
 def _engine_send_encoded(eng: Engine, st: PortState, kind: int, value: Any, body: bytes | None) -> None:
     """A send from another thread, admitted and encoded there (``force``:
-    past the hard limit)."""
-    eng.send_value(st, kind, value, body, force=True)
+    past the hard limit; no trace context: this runs in the loop's)."""
+    eng._send_value(st, kind, value, body, force=True)
 
 
 def _engine_close(eng: Engine, st: PortState) -> None:
@@ -540,6 +545,8 @@ class _Inbox(_Handle):
         if kind == K_CALL:
             if msg.body is None:
                 cm: _CallMsg = msg.obj
+                if type(msg) is TracedMessage:
+                    return self._traced(self._call(cm.request, cm.reply), msg.trace)
                 return self._call(cm.request, cm.reply)
             ports = msg.ports
             if not ports:
@@ -557,6 +564,8 @@ class _Inbox(_Handle):
             except MessageError as exc:
                 Call(None, reply).fail(exc)  # tell the caller why, instead of hanging up
                 return self._drop_bad(exc)
+            if type(msg) is TracedMessage:
+                return self._traced(self._call(req, reply), msg.trace)
             return self._call(req, reply)
         if kind == K_ADD_SENDER:
             if msg.body is None:
@@ -582,6 +591,16 @@ class _Inbox(_Handle):
         except MessageError as exc:
             return self._drop_bad(exc)
         raise MessageError(f"{why.type_name}: {why.message}")
+
+    def _traced(self, call: Call[Any], wire: bytes) -> Any:
+        """``call`` with the context its message carried, or, for a
+        malformed one, failed (the caller learns why) and dropped."""
+        try:
+            call._ctx = parse_prefix(wire)
+        except MessageError as exc:
+            call.fail(exc)
+            return self._drop_bad(exc)
+        return call
 
     def _poll(self) -> Any:
         """The next value, or ``_EMPTY``; raises at the end of the stream."""
@@ -681,6 +700,28 @@ class _Inbox(_Handle):
             if value is not _EMPTY:
                 return value
             await self._wait()
+
+    async def recv_traced(self) -> tuple[Any, Trace | None]:
+        """As ``recv``, with the trace context the message carried: the
+        sender's trace (its span the ``span_id``), or None (it was sent with
+        none set, from another thread, or with ports or fds). A message
+        whose context is malformed is dropped as a bad one."""
+        while True:
+            msg = self._next_message()
+            if msg is None:
+                await self._wait()
+                continue
+            trace = None
+            if type(msg) is TracedMessage:
+                try:
+                    trace = parse_prefix(msg.trace)[0]
+                except MessageError as exc:
+                    _local_engine.dispose(msg)
+                    self._drop_bad(exc)
+                    continue
+            value = self._value_of(msg)
+            if value is not _SKIP:
+                return value, trace
 
     def __aiter__(self) -> _Inbox:
         return self
@@ -818,7 +859,10 @@ class Sender(_Handle, Generic[T]):
         Cancelling the caller (or the timeout) closes the reply port, which
         the callee sees as ``call.cancelled``."""
         if timeout is not None:
-            return await self._call_within(request, timeout)
+            if timeout is not _WITHIN:
+                return await self._call_within(request, timeout)
+        elif TRACING[0] and current_deadline() is not None:
+            return await self._call_within(request, None)  # no later than the call being handled
         if not self._states:
             raise ChannelClosed("call on a closed sender")
         st = self._states[0]
@@ -836,7 +880,8 @@ class Sender(_Handle, Generic[T]):
             except Exception as exc:
                 raise refused(exc) from None
             if body is not None:
-                a = eng.call_plain(st, body)
+                # (the deadline of a timed call goes with it: _call_within)
+                a = eng.call_plain(st, body, None if timeout is None else prefix())
         if a is not None:
             msg = await _reply_to(a)
         else:
@@ -869,13 +914,27 @@ class Sender(_Handle, Generic[T]):
                 raise MessageError(f"invalid message: {exc}") from None
         return decode(msg, Any)
 
-    async def _call_within(self, request: Any, timeout: float) -> Any:
-        if not (isinstance(timeout, (int, float)) and 0 < timeout < math.inf):
+    async def _call_within(self, request: Any, timeout: float | None) -> Any:
+        """``call`` within ``timeout`` seconds and (a call made while
+        handling one: ``current_deadline``) by the handled call's deadline."""
+        if timeout is not None and not (isinstance(timeout, (int, float)) and 0 < timeout < math.inf):
             raise ValueError(f"timeout must be a positive finite number of seconds or None, got {timeout!r}")
+        deadline = current_deadline() if TRACING[0] else None
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("the deadline of the call being handled has passed")
+            if timeout is None or left < timeout:
+                timeout = left
+        if timeout is None:  # (no deadline after all: the caller's timeout was None)
+            timeout = math.inf
         untyped: Any = self  # the overloads type a Sender of calls; this one may carry anything
         try:
-            async with asyncio.timeout(timeout):
-                return await untyped.call(request)
+            async with asyncio.timeout(None if timeout == math.inf else timeout):
+                # the callee sees the deadline (a finite one: none is math.inf)
+                with with_deadline(time.monotonic() + timeout) if timeout < math.inf else _NO_BLOCK:
+                    # Sender's own call (a subclass's wraps the request, which it has done)
+                    return await Sender.call(untyped, request, timeout=_WITHIN)
         except TimeoutError:
             raise TimeoutError(f"no reply within {timeout:g} s") from None
 
@@ -918,6 +977,11 @@ async def _reply_to(st: PortState) -> Message:
         # the waker stays: a later wake finds its future done (a call is one
         # future), and the closed end leaves the table with it
         st.engine.close(st)
+
+
+#: ``Sender.call``'s timeout from ``_call_within``: the time limit is set
+_WITHIN: Final = -1.0
+_NO_BLOCK: Final = contextlib.nullcontext()
 
 
 class Receiver(_Inbox, Generic[T]):
@@ -1002,7 +1066,10 @@ class Call(Generic[T]):
     # Port (``_port``) only for a call made in this process, or once
     # ``wait_cancelled`` needs one to wait on. At most one of the two is set
     # until answered; neither after.
-    __slots__ = ("_port", "_st", "request")
+    # ``_ctx``: (the caller's Trace, the deadline) when the call carried a
+    # context; unset (not even None: no store per call) when it did not
+    __slots__ = ("_ctx", "_port", "_st", "request")
+    _ctx: tuple[Trace | None, float | None]
 
     def __init__(self, request: T, port: Port | PortState) -> None:
         self.request = request
@@ -1052,6 +1119,56 @@ class Call(Generic[T]):
             self.__del__()
         elif self._port is not None:
             self._port.close()
+
+    @property
+    def trace(self) -> Trace | None:
+        """The trace context the call carried: the caller's trace, its span
+        the ``span_id`` (the parent of the handler's), or None."""
+        ctx: tuple[Trace | None, float | None] | None = getattr(self, "_ctx", None)
+        return None if ctx is None else ctx[0]
+
+    @property
+    def deadline(self) -> float | None:
+        """When the caller stops waiting (``time.monotonic()`` seconds; the
+        clock is system-wide on Linux), or None: it set no deadline."""
+        ctx: tuple[Trace | None, float | None] | None = getattr(self, "_ctx", None)
+        return None if ctx is None else ctx[1]
+
+    @property
+    def remaining(self) -> float | None:
+        """Seconds left to ``deadline``, or None."""
+        d = self.deadline
+        return None if d is None else d - time.monotonic()
+
+    @contextlib.contextmanager
+    def handling(self) -> Iterator[None]:
+        """``with call.handling():`` runs the block as this call's handler:
+        ``current_trace()`` is the caller's trace with a span of its own
+        (a new trace if the call carried none; with OpenTelemetry, a span
+        it starts), the calls and sends it makes carry that context and end
+        by ``deadline``, and, in a task, the task is cancelled if the
+        caller gives up meanwhile (so are the calls it waits on, down the
+        chain). A service's handler (``serve``) runs so already; a server
+        reading calls (``async for call in rx``) opts in with this."""
+        watcher = None
+        with contextlib.suppress(RuntimeError):  # (no running loop: nothing to cancel)
+            task = asyncio.current_task()
+            if task is not None:
+                watcher = task.get_loop().create_task(self._cancel_when_given_up(task))
+        try:
+            with _handling(self.trace, self.deadline, self._service_name()):
+                yield
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+
+    async def _cancel_when_given_up(self, task: asyncio.Task[Any]) -> None:
+        await self.wait_cancelled()
+        if self.cancelled:
+            task.cancel()
+
+    def _service_name(self) -> str | None:
+        return None
 
     def reply(self, value: Any) -> None:
         """Send the result to the caller (no-op if it has gone away)."""

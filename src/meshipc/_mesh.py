@@ -57,6 +57,7 @@ from ._process import Process, RestartPolicy, RestartWhen, spawn
 from ._service import Service
 from ._tls import TCP_TIMEOUT, TlsAuthority
 from ._tlslisten import TlsListener
+from ._trace import notice_otel
 
 if TYPE_CHECKING:
     from ._channel import Port, Receiver
@@ -246,6 +247,7 @@ class Mesh(ControlPlane):
         if self._entered:
             raise MeshError("this Mesh was already entered; a Mesh is used once (make a new one)")
         self._entered = True
+        notice_otel()  # spans the application starts go with its plain calls too
         root = runtime_root(self._runtime_dir)
         check_socket_room(mesh_directory(root, self.name or "0" * 16))
         if self.name is not None:

@@ -164,11 +164,13 @@ from ._errors import (
     ProtocolError,
 )
 from ._ids import ID_LEN, PortId, random_id
+from ._trace import prefix, when_tracing
 from ._wire import (
     CALL_HEAD,
     D_DEAD,
     D_DIRECT,
     D_PEER_CLOSED,
+    F_TRACE,
     K_CALL,
     K_DATA,
     K_ERROR,
@@ -178,6 +180,7 @@ from ._wire import (
     MAX_PORTS_PER_MESSAGE,
     MAX_REORDER,
     OOB_THRESHOLD,
+    TRACE_PREFIX_LEN,
     ArrivedEvent,
     ChangePeerEvent,
     CloseEvent,
@@ -328,6 +331,29 @@ class Message:
         self.body = body
         self.ports = ports
         self.fds = fds
+
+
+class TracedMessage(Message):
+    """A message that carries a trace context (``_wire.F_TRACE``): its
+    ``TRACE_PREFIX_LEN`` bytes as they came (``_trace.parse_prefix`` checks
+    them where the message is read). A message without one is a plain
+    ``Message``: nothing per message is added to the common case. Only the
+    end a message is sent to reads it: forwarded on (a proxy, a gateway's
+    relay), a message goes without its context."""
+
+    __slots__ = ("trace",)
+
+    def __init__(
+        self,
+        kind: int,
+        obj: Any,
+        body: bytes | None,
+        ports: list[PortState] | None,
+        fds: list[Any] | None,
+        trace: bytes,
+    ) -> None:
+        super().__init__(kind, obj, body, ports, fds)
+        self.trace = trace
 
 
 #: a received plain K_DATA message (a C-level call per message in a run)
@@ -754,7 +780,7 @@ class Engine:
         (the other half of ``send_port``)."""
         return self._materialize(src, d)
 
-    def send_value(
+    def _send_value(
         self,
         st: PortState,
         kind: int,
@@ -762,6 +788,7 @@ class Engine:
         body: bytes | None = None,
         force: bool = False,
         extra: int = 0,
+        trace: bytes | None = None,
     ) -> None:
         """Send ``obj`` from ``st``: the one way in for a value. ``body`` is its
         encoding without ports or fds, made by the caller (``Codec.encode_plain``,
@@ -772,7 +799,9 @@ class Engine:
         no gap); else ``obj`` goes as a message (``send``: a local peer gets
         the object, a value with ports or fds takes the full encoder).
         ``force`` skips the hard limit (a send from another thread, admitted
-        there); ``extra``: bytes it counts beyond its body."""
+        there); ``extra``: bytes it counts beyond its body. ``trace``: a
+        context prefix (``_trace.prefix``) the message carries (``F_TRACE``)
+        to a peer here or on another node, unless its body goes out of band."""
         node = st.peer_node
         if (
             body is None
@@ -782,7 +811,8 @@ class Engine:
             or st.peer_closed
             or st.error is not None
         ):
-            self.send(st, Message(kind, obj), force)
+            msg = Message(kind, obj) if trace is None else TracedMessage(kind, obj, None, None, None, trace)
+            self.send(st, msg, force)
             return
         n = len(body)
         if n > MAX_OOB_BODY:
@@ -796,11 +826,33 @@ class Engine:
             # an RPC reply, whose end goes with it, starts no tracking)
             self._checkpoint(st, seq, n, force)  # may raise BufferFull
         try:
-            self.out.send_data(node, st.peer_port, seq, kind, body)
+            if trace is None or n + TRACE_PREFIX_LEN >= OOB_THRESHOLD:
+                self.out.send_data(node, st.peer_port, seq, kind, body)
+            else:
+                ev = MsgEvent(st.peer_port, seq, kind, F_TRACE, [], 0, trace + bytes(body))
+                self.out.send_event(node, ev, [])
         except OSError as exc:  # making its out-of-band body, say: nothing was queued
             raise MessageError(f"the message could not be queued: {exc}") from exc
         st.send_seq = seq + 1
         st.sent_bytes += n
+
+    #: every message sent (``_send_value``); once a context may be set, the
+    #: one that looks for it (``_send_value_traced``: ``_trace.when_tracing``)
+    send_value = _send_value
+
+    def _send_value_traced(
+        self,
+        st: PortState,
+        kind: int,
+        obj: Any,
+        body: bytes | None = None,
+        force: bool = False,
+        extra: int = 0,
+        trace: bytes | None = None,
+    ) -> None:
+        """``send_value`` in a process where a context may be set: a message
+        sent while one is (``_trace.prefix``) carries it."""
+        self._send_value(st, kind, obj, body, force, extra, prefix() if trace is None else trace)
 
     def send(self, st: PortState, msg: Message, force: bool = False) -> None:
         """Send ``msg`` from the end ``st``. Dropped silently once the peer is
@@ -906,14 +958,17 @@ class Engine:
             raise exc
         raise MessageError(f"the message could not be queued: {exc}") from exc
 
-    def call_plain(self, st: PortState, body: bytes | bytearray) -> PortState | None:
+    def call_plain(
+        self, st: PortState, body: bytes | bytearray, trace: bytes | None = None
+    ) -> PortState | None:
         """Send an RPC request whose encoded value is ``body`` from ``st`` to
         its peer on another node, in one frame that names the reply port by
         id (no port descriptor). A ``bytearray`` body has ``CALL_HEAD`` bytes
         of room at its front for that head (``_codec.encode_call``: a large
         request is not copied once more to prepend it). Returns the caller's reply end (pinned: it
         never moves), or None when this shortcut does not apply (the peer is
-        local, moving, or gone; the caller then takes the general path)."""
+        local, moving, or gone; the caller then takes the general path).
+        ``trace``: a context the request carries (``send_value``)."""
         node = st.peer_node
         if (
             node == self.node_id
@@ -927,18 +982,19 @@ class Engine:
         # the head names both reply ends; if the send raises, nothing is registered
         # the callee gets a port state for it: counted like a carried port
         if isinstance(body, bytes):
-            self.send_value(st, K_CALL, None, callee_end + reply_id + body, False, PORT_BYTES)
+            self.send_value(st, K_CALL, None, callee_end + reply_id + body, False, PORT_BYTES, trace)
         else:  # room at its front for the head (a bytearray, or a _wire.Gather)
             body[:CALL_HEAD] = callee_end + reply_id
             # it goes where bytes go (length, buffer protocol); nothing keeps or changes it
-            self.send_value(st, K_CALL, None, cast(bytes, body), False, PORT_BYTES)
+            self.send_value(st, K_CALL, None, cast(bytes, body), False, PORT_BYTES, trace)
         reply = PortState(self, reply_id, node, callee_end)
         reply.pinned = True
         self.ports[reply_id] = reply
         return reply
 
-    def _call_in(self, src: bytes, body: bytes) -> Message:
-        """A compact RPC request from ``src``: make the callee's reply end."""
+    def _call_in(self, src: bytes, body: bytes, trace: bytes | None = None) -> Message:
+        """A compact RPC request from ``src``: make the callee's reply end
+        (``trace``: the context it carried)."""
         if len(body) < CALL_HEAD:
             raise ProtocolError("RPC request without its reply port")
         new_id, caller_port = body[:ID_LEN], body[ID_LEN:CALL_HEAD]
@@ -949,6 +1005,8 @@ class Engine:
         # a large request is not copied again to drop its head: decoders and
         # links take the view as they take bytes
         rest = body[CALL_HEAD:] if len(body) < OOB_THRESHOLD else cast(bytes, memoryview(body)[CALL_HEAD:])
+        if trace is not None:
+            return TracedMessage(K_CALL, None, rest, [reply], None, trace)
         return Message(K_CALL, None, rest, [reply])
 
     def send_final(self, st: PortState, kind: int, obj: Any, body: bytes | None = None) -> None:
@@ -957,7 +1015,7 @@ class Engine:
         ends its stream on that message, so no CLOSE is sent and none comes
         back."""
         try:
-            self.send_value(st, kind, obj, body)
+            self._send_value(st, kind, obj, body)  # an answer carries no context
         except PortFailed:
             pass  # the caller is gone (it learnt why): an answer to nobody is a no-op
         except BaseException:
@@ -1435,10 +1493,15 @@ class Engine:
 
     def _msg_in(self, src: bytes, ev: MsgEvent, fds: list[Any] | None) -> None:
         ports = [self._materialize(src, d) for d in ev.ports] if ev.ports else None
+        body, trace = ev.body, None
+        if ev.flags & F_TRACE:  # (the decoder checked its length)
+            trace, body = body[:TRACE_PREFIX_LEN], body[TRACE_PREFIX_LEN:]
         if ev.kind == K_CALL and not ports and not fds:
-            msg = self._call_in(src, ev.body)
+            msg = self._call_in(src, body, trace)
+        elif trace is not None:
+            msg = TracedMessage(ev.kind, None, body, ports, fds, trace)
         else:
-            msg = Message(ev.kind, None, ev.body, ports, fds)
+            msg = Message(ev.kind, None, body, ports, fds)
         self._deliver(src, ev.port, ev.seq, msg)
 
     def _close_in(self, src: bytes, ev: CloseEvent, fds: list[Any] | None) -> None:
@@ -2058,3 +2121,12 @@ class Engine:
         elif type(mv) is Proxy:
             self._unsequenced(mv.target_node, FailEvent(mv.target_port, err.cause))
             self._remove(st)
+
+
+def _trace_sends() -> None:
+    """Once a context may be set in this process, every engine's sends look
+    for one (before that, not even a ``contextvars`` lookup per message)."""
+    Engine.send_value = Engine._send_value_traced
+
+
+when_tracing(_trace_sends)

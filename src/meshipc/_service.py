@@ -117,29 +117,33 @@ def _annotations(fn: Callable[..., Any]) -> tuple[Any, Any]:
 
 
 class ServiceCall(Call[Any]):
-    """A ``meshipc.Call`` made through a named service: also ``deadline``
-    (``time.monotonic()`` seconds, or None; the clock is system-wide on
-    Linux) and ``remaining`` (seconds left, or None)."""
+    """A ``meshipc.Call`` made through a named service: its ``deadline``
+    and ``trace`` are the ones its envelope carried (cut to the service's
+    ``max_call_timeout``); ``handling()`` names the service's span."""
 
-    __slots__ = ("deadline", "trace")
+    __slots__ = ("_service",)
 
     def __init__(
-        self, request: Any, port: Port | PortState, deadline: float | None, trace: Trace | None = None
+        self,
+        request: Any,
+        port: Port | PortState,
+        deadline: float | None,
+        trace: Trace | None = None,
+        service: str | None = None,
     ) -> None:
         super().__init__(request, port)
-        self.deadline = deadline
-        #: the caller's trace context (its span the parent of the handler's), or None
-        self.trace = trace
+        self._ctx = (trace, deadline)
+        self._service = service
 
-    @property
-    def remaining(self) -> float | None:
-        return None if self.deadline is None else self.deadline - time.monotonic()
+    def _service_name(self) -> str | None:
+        return self._service
 
 
 class ServiceSender(Sender[Any]):
     """A ``Sender`` to a named service (from ``open``): ``call`` also takes
     ``timeout``, and the callee sees the deadline. Sent to another process,
-    it arrives as a plain ``Sender`` (its calls carry no deadline)."""
+    it arrives as a plain ``Sender`` (whose calls carry a deadline and a
+    trace as plain calls do: with a ``timeout``, or made in a handler)."""
 
     __slots__ = ()
 
@@ -270,7 +274,9 @@ class Service:
             deadline, wire, req = req.deadline, getattr(req, "trace", None), req.request
         elif isinstance(req, list) and len(req) in (3, 4) and req[0] == "meshipc.req":
             deadline, req, wire = req[1], req[2], (req[3] if len(req) == 4 else None)
-        trace = None
+        trace = call.trace  # a context prefix, from a plain sender (the envelope's comes first)
+        if deadline is None:
+            deadline = call.deadline
         if wire is not None:
             try:
                 trace = parse(wire)
@@ -292,7 +298,7 @@ class Service:
                     )
                 return None
             deadline = min(deadline, time.monotonic() + self._limits.max_call_timeout)
-        sc = ServiceCall(req, call._hand_over(), deadline, trace)
+        sc = ServiceCall(req, call._hand_over(), deadline, trace, self.name)
         if self.request_type is not None:
             try:
                 sc.request = msgspec.convert(req, self.request_type, dec_hook=accept_objects)

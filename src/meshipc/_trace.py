@@ -14,6 +14,15 @@ outlive its caller, and when the outer call is cancelled (its caller gave
 up or its deadline passed) the handler is cancelled, which cancels the
 calls it is waiting on, down the chain.
 
+A plain channel message (``Sender.send``/``call``, ``Port.send``) sent
+while a context is set carries it too, in a prefix of its body flagged in
+its MSG header (``_wire.F_TRACE``, ``_PREFIX``: trace id, the sender's
+span, flags, seconds left to the deadline); a call made with a timeout
+carries its deadline alone. The receiver reads it as ``Call.trace`` and
+``Call.deadline`` (``with call.handling():`` runs a block as the handler),
+or ``recv_traced()``. Until a context may be set (``TRACING``) the data
+path does not even look: an untraced message costs and weighs what it did.
+
 With ``opentelemetry-api`` installed (optional), the ids are
 OpenTelemetry's: a caller's current span is the parent of the handler's
 span, which the service starts (``meshipc.call <service>``, kind SERVER)
@@ -25,9 +34,11 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import importlib
-import importlib.util
-from collections.abc import Iterator
+import math
+import struct
+import sys
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -36,6 +47,39 @@ from ._ids import random_id
 
 #: Bytes of a trace context on the wire: trace id (16), parent span id (8), flags (1).
 TRACE_LEN: Final = 25
+#: A message's context prefix (``_wire.F_TRACE``, ``_wire.TRACE_PREFIX_LEN``
+#: bytes): trace id, the sender's span id, flags (``P_SAMPLED``,
+#: ``P_DEADLINE``), the seconds left to the sender's deadline (a float,
+#: relative: clocks of two hosts do not agree; 0 without a deadline).
+_PREFIX: Final = struct.Struct(">16s8sBd")
+P_SAMPLED: Final = 1
+P_DEADLINE: Final = 2
+
+#: ``TRACING[0]``: whether a context may be set in this process (a trace
+#: or handler was entered, or the application imported OpenTelemetry).
+#: Until then the data path does not look for one: the engine's sends are
+#: the plain ones (``when_tracing`` swaps them), and a message costs what it
+#: cost before traces existed.
+TRACING: Final[list[bool]] = [False]
+_ON_TRACING: list[Callable[[], None]] = []
+
+
+def when_tracing(fn: Callable[[], None]) -> None:
+    """Run ``fn`` once ``TRACING`` is set (now, if it is): the data path
+    switches to the sends that look for a context (``_ports``)."""
+    if TRACING[0]:
+        fn()
+    else:
+        _ON_TRACING.append(fn)
+
+
+def _tracing() -> None:
+    """A context may be set from now on (``TRACING``)."""
+    if not TRACING[0]:
+        TRACING[0] = True
+        for fn in _ON_TRACING:
+            fn()
+        _ON_TRACING.clear()
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +106,13 @@ class Trace:
 
 _trace: contextvars.ContextVar[Trace | None] = contextvars.ContextVar("meshipc_trace", default=None)
 _deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("meshipc_deadline", default=None)
+
+
+def notice_otel() -> None:
+    """Set ``TRACING`` if the application has imported OpenTelemetry (its
+    spans may be current when it sends): a mesh calls this as it starts."""
+    if "opentelemetry.trace" in sys.modules:
+        _tracing()
 
 
 def current_trace() -> Trace | None:
@@ -102,6 +153,7 @@ def start_trace() -> Iterator[Trace]:
     the service calls made in it carry it (``str(t)`` for log lines).
     With OpenTelemetry, start a span instead: its context is used."""
     t = Trace(random_id(), random_id()[:8])
+    _tracing()
     token = _trace.set(t)
     try:
         yield t
@@ -123,6 +175,71 @@ def outgoing(deadline: float | None) -> tuple[float | None, bytes | None]:
     return deadline, (t.wire() if t is not None else None)
 
 
+def prefix() -> bytes | None:
+    """The context a message sent now carries (``_PREFIX``): this task's
+    trace, its span the parent, and the seconds left to the deadline of the
+    call it handles (or of a call made with a timeout: ``with_deadline``);
+    None when neither is set (nothing is carried). Without a trace the ids
+    are zero: a deadline alone."""
+    t = _trace.get()
+    d = _deadline.get()
+    sc = _otel_span(t)
+    if sc is not None:
+        ids = (_b(sc.trace_id, 16), _b(sc.span_id, 8), sc.trace_flags & 1)
+    elif t is not None:
+        ids = (t.trace_id, t.span_id, P_SAMPLED if t.sampled else 0)
+    elif d is not None:
+        ids = (_NO_TRACE, _NO_SPAN, 0)
+    else:
+        return None
+    if d is None:
+        return _PREFIX.pack(*ids, 0.0)
+    return _PREFIX.pack(ids[0], ids[1], ids[2] | P_DEADLINE, max(d - time.monotonic(), 0.0))
+
+
+_NO_TRACE: Final = bytes(16)
+_NO_SPAN: Final = bytes(8)
+
+
+@contextlib.contextmanager
+def with_deadline(deadline: float) -> Iterator[None]:
+    """The block's calls carry ``deadline`` (a call made with a timeout)."""
+    token = _deadline.set(deadline)
+    try:
+        yield
+    finally:
+        _deadline.reset(token)
+
+
+def parse_prefix(wire: bytes) -> tuple[Trace | None, float | None]:
+    """A message's context prefix, checked (``MessageError`` if malformed):
+    the sender's trace (its span the ``span_id``; None: a deadline alone)
+    and the deadline it set (``time.monotonic()`` seconds, from the seconds
+    left it carries; no later than ``MAX_LEFT`` from now), or None."""
+    if len(wire) != _PREFIX.size:
+        raise MessageError(f"a message's trace context is {_PREFIX.size} bytes")
+    trace_id, span_id, flags, left = _PREFIX.unpack(wire)
+    if flags & ~(P_SAMPLED | P_DEADLINE):
+        raise MessageError(f"a trace context with unknown flags {flags:#x}")
+    t: Trace | None = Trace(trace_id, span_id, None, bool(flags & P_SAMPLED))
+    if trace_id == _NO_TRACE and span_id == _NO_SPAN and flags == P_DEADLINE:
+        t = None  # a deadline alone
+    elif not any(trace_id) or not any(span_id):
+        raise MessageError("a trace context with a zero trace or span id")
+    if not flags & P_DEADLINE:
+        if left != 0.0:
+            raise MessageError("a trace context with time left but no deadline")
+        return t, None
+    if not (math.isfinite(left) and left >= 0.0):
+        raise MessageError("a trace context whose deadline is not a finite time")
+    return t, time.monotonic() + min(left, MAX_LEFT)
+
+
+#: The farthest deadline a message's context sets, seconds from now (a
+#: farther one is cut to it): a peer cannot pin a handler's calls open.
+MAX_LEFT: Final = 24 * 3600.0
+
+
 def parse(wire: Any) -> Trace:
     """A caller's trace context, checked (``MessageError`` if malformed);
     the span is the caller's (``span_id``: parent of the handler's)."""
@@ -134,10 +251,12 @@ def parse(wire: Any) -> Trace:
 
 
 @contextlib.contextmanager
-def handling(caller: Trace | None, deadline: float | None, service: str) -> Iterator[None]:
-    """Run a service handler's block as part of ``caller``'s trace (a new
-    trace if None) with a span of its own, and with ``deadline`` for the
-    calls it makes."""
+def handling(caller: Trace | None, deadline: float | None, service: str | None) -> Iterator[None]:
+    """Run a handler's block as part of ``caller``'s trace (a new trace if
+    None) with a span of its own (``meshipc.call <service>``, or
+    ``meshipc.call`` for a plain call), and with ``deadline`` for the calls
+    it makes."""
+    _tracing()
     otel = _otel()
     dtoken = _deadline.set(deadline)
     try:
@@ -162,9 +281,8 @@ def handling(caller: Trace | None, deadline: float | None, service: str) -> Iter
             )
             ctx = otel.set_span_in_context(otel.NonRecordingSpan(parent))
         tracer = otel.get_tracer("meshipc")
-        with tracer.start_as_current_span(
-            f"meshipc.call {service}", context=ctx, kind=otel.SpanKind.SERVER
-        ) as sp:
+        name = "meshipc.call" if service is None else f"meshipc.call {service}"
+        with tracer.start_as_current_span(name, context=ctx, kind=otel.SpanKind.SERVER) as sp:
             sc = sp.get_span_context()
             if sc.is_valid and (caller is None or _b(sc.span_id, 8) != caller.span_id):
                 t = Trace(_b(sc.trace_id, 16), _b(sc.span_id, 8), caller.span_id if caller else None)
@@ -185,17 +303,16 @@ def _b(n: int, size: int) -> bytes:
     return n.to_bytes(size, "big")
 
 
+#: a test's stand-in for ``opentelemetry.trace`` (``[None]``: as if absent)
 _OTEL: list[Any] = []
 
 
 def _otel() -> Any:
-    """``opentelemetry.trace`` if installed (looked up once), else None."""
-    if not _OTEL:
-        mod = None
-        if importlib.util.find_spec("opentelemetry") is not None:
-            try:
-                mod = importlib.import_module("opentelemetry.trace")  # optional: never required
-            except ImportError:
-                mod = None
-        _OTEL.append(mod)
-    return _OTEL[0]
+    """``opentelemetry.trace`` if the application imported it (else it has
+    configured no tracing that spans could come from), else None."""
+    if _OTEL:
+        return _OTEL[0]
+    mod = sys.modules.get("opentelemetry.trace")
+    if mod is not None:
+        _tracing()
+    return mod

@@ -79,6 +79,13 @@ T_CONSUMED: Final = 8
 
 #: MSG flag: the body is in the message's last fd (see _platform).
 F_OOB: Final = 1
+#: MSG flag: the body starts with ``TRACE_PREFIX_LEN`` bytes of trace
+#: context (``_trace``: trace id, the sender's span id, flags, the seconds
+#: left to the deadline of the call being handled). Set only when a
+#: context is; never with ``F_OOB`` (a large body goes without one).
+F_TRACE: Final = 2
+#: Bytes of a message's trace context prefix (``F_TRACE``).
+TRACE_PREFIX_LEN: Final = 33
 
 # MSG kinds (what the channel layer makes of the body)
 K_DATA: Final = 0
@@ -430,8 +437,10 @@ def _decode_frame(frame: memoryview) -> Event:
         _, port, seq, kind, flags, nports, nfds = _MSG.unpack_from(frame)
         if kind > K_MAX:
             raise ProtocolError(f"unknown message kind {kind}")
-        if flags & ~F_OOB:
+        if flags & ~(F_OOB | F_TRACE):
             raise ProtocolError(f"unknown message flags {flags:#x}")
+        if flags & F_TRACE and flags & F_OOB:
+            raise ProtocolError("an out-of-band message with a trace context")
         if nports > MAX_PORTS_PER_MESSAGE:
             raise ProtocolError(f"{nports} ports in one message (limit {MAX_PORTS_PER_MESSAGE})")
         if nfds > MAX_FDS_PER_MESSAGE + (1 if flags & F_OOB else 0):  # + the body's descriptor
@@ -449,6 +458,8 @@ def _decode_frame(frame: memoryview) -> Event:
                 raise ProtocolError(f"unknown port descriptor flags {d.flags:#x}")
             descs.append(d)
         body = bytes(frame[end:])
+        if flags & F_TRACE and len(body) < TRACE_PREFIX_LEN:
+            raise ProtocolError(f"a trace context is {TRACE_PREFIX_LEN} bytes, the body has {len(body)}")
         if flags & F_OOB:
             oob_body_length(body)
         return MsgEvent(port, seq, kind, flags, descs, nfds, body)
