@@ -335,18 +335,27 @@ class Gateway:
         self.bytes_out += len(data)
         self._last_written = self._loop.time()
 
-    def _frame(self, data: bytes) -> None:
-        """A control frame, written at once (no message frame is ever held
-        back between passes, so order within a relay holds). Control frames
-        answer what the far side sends; one that does not read them cannot
-        make us hold more than ``CONTROL_SLACK`` beyond the write buffer."""
+    def _frame(self, data: bytes, *, now: bool = False) -> None:
+        """A control frame. Credit, PONG and closes back join the batch the
+        next pass writes (at the end of this loop turn, with the replies the
+        messages just delivered make: one write, one wake-up of the far side);
+        ``now`` writes it at once. No message frame is ever held back between
+        passes, so order within a relay holds. Control frames answer what
+        the far side sends; one that does not read them cannot make us hold
+        more than ``CONTROL_SLACK`` beyond the write buffer."""
         if self._closed:
             return
-        if self._unsent() > self.limits.write_buffer_bytes + CONTROL_SLACK:
+        if self._out_len + self._unsent() > self.limits.write_buffer_bytes + CONTROL_SLACK:
             self._end("the far side does not read what it asks us to write")
             return
         self.frames_out += 1
-        self._write(data)
+        self._out.append(data)
+        self._out_len += len(data)
+        if now or self._out_len >= COALESCE_BYTES:
+            self._flush_out()
+        elif not self._in_pass and not self._kicked:
+            self._kicked = True
+            self._loop.call_soon(self._kick)
 
     def _emit(self, part: bytes | memoryview) -> None:
         """Part of a message frame: small ones are joined into one write."""
@@ -691,7 +700,7 @@ class Gateway:
                 return
             if now - self._last_written >= interval:
                 self._ping += 1
-                self._frame(encode_ping(self._ping))
+                self._frame(encode_ping(self._ping), now=True)
 
     def _end(self, cause: str, *, ours: bool = False) -> None:
         """The link is over: fail every relay, stop, close the stream."""
@@ -741,7 +750,7 @@ class Gateway:
         """``aclose`` without waiting for the stream to close (what a closing
         ``Mesh`` calls)."""
         if not self._closed:
-            self._frame(encode_goodbye("closed"))
+            self._frame(encode_goodbye("closed"), now=True)
             self._end("closed by this side", ours=True)
 
     async def aclose(self, *, flush: float = 5.0) -> None:
