@@ -102,6 +102,10 @@ LINGER: Final = 2.0
 #: how long ``open`` waits for the far side's HELLO by default (seconds)
 HELLO_TIMEOUT: Final = 30.0
 
+#: the cause of a link the far side ended in order (its GOODBYE): logged at
+#: INFO, every other end of a link at WARNING
+_BYE: Final = "the far side closed the link (GOODBYE: "
+
 _FD_REFUSED: Final = "an Fd cannot cross a boundary link to another host's mesh: it was closed at the gateway"
 
 
@@ -278,8 +282,12 @@ class Gateway:
         self._last_heard = self._loop.time()
 
     def _start(self) -> None:
-        for coro in (self._read_loop(), self._pump(), self._heartbeat()):
+        for coro in (self._pump(), self._heartbeat()):
             t = self._loop.create_task(coro)
+            self._tasks.add(t)
+            t.add_done_callback(self._tasks.discard)
+        if not self._tap():
+            t = self._loop.create_task(self._read_loop())
             self._tasks.add(t)
             t.add_done_callback(self._tasks.discard)
 
@@ -526,31 +534,77 @@ class Gateway:
 
     # ------------------------------------------------------------ reading
 
-    async def _read_loop(self) -> None:
-        cause = "the stream ended"
+    def _take_in(self, data: bytes) -> str | None:
+        """Handle what the stream delivered; the cause if it ends the link."""
         try:
-            self._events()  # what came with the far side's HELLO
-            while not self._closed:
+            if data:
+                self._last_heard = self._loop.time()
+                self._decoder.feed(data)
+            self._events()
+        except BoundaryProtocolError as exc:
+            return f"the far side broke the protocol: {exc}"
+        except _Goodbye as bye:
+            return f"{_BYE}{bye.reason})"
+        except (OSError, RuntimeError) as exc:  # the stream broke under a write
+            return f"the stream broke: {exc!r}"
+        except Exception as exc:  # a bug here must end the link loudly, not hang its ports
+            log.exception("boundary link %s: the gateway failed", self.label)
+            return f"the gateway failed: {exc!r}"
+        return None
+
+    def _tap(self) -> bool:
+        """Read in the stream's own callback: a plain ``StreamReader``'s
+        ``feed_data``/``feed_eof``/``set_exception`` (what its protocol
+        calls) hand the bytes to us as they arrive, so a message reaches its
+        port in the loop turn it arrived in, with no reading task to wake.
+        False (the reading task does it) for any other reader, or one that
+        has ended already."""
+        r = self._reader
+        held = getattr(r, "_buffer", None)
+        if (type(r) is not asyncio.StreamReader or not isinstance(held, bytearray)
+                or r.exception() is not None or getattr(r, "_eof", True)):
+            return False
+        data = bytes(held)
+        held.clear()
+        r.feed_data = self._on_data  # type: ignore[method-assign,assignment]
+        r.feed_eof = self._on_eof  # type: ignore[method-assign]
+        r.set_exception = self._on_broken  # type: ignore[method-assign]
+        resume = getattr(r, "_maybe_resume_transport", None)
+        if resume is not None:
+            resume()  # it may have paused its transport while it held more
+        self._on_data(data)
+        return True
+
+    def _untap(self) -> None:
+        for name in ("feed_data", "feed_eof", "set_exception"):
+            vars(self._reader).pop(name, None)
+
+    def _on_data(self, data: bytes) -> None:
+        if not self._closed:
+            cause = self._take_in(bytes(data))
+            if cause is not None:
+                self._end(cause)
+
+    def _on_eof(self) -> None:
+        self._end("the stream ended (EOF)")
+
+    def _on_broken(self, exc: BaseException) -> None:
+        self._end(f"the stream broke: {exc!r}")
+
+    async def _read_loop(self) -> None:
+        """Read with a task (a reader ``_tap`` cannot take)."""
+        cause = self._take_in(b"")  # what came with the far side's HELLO
+        try:
+            while cause is None and not self._closed:
                 data = await self._reader.read(READ_BYTES)
                 if not data:
                     cause = "the stream ended (EOF)"
                     break
-                self._last_heard = self._loop.time()
-                self._decoder.feed(data)
-                self._events()
-        except BoundaryProtocolError as exc:
-            cause = f"the far side broke the protocol: {exc}"
+                cause = self._take_in(data)
         except (OSError, EOFError) as exc:
-            cause = f"the stream broke: {exc!r}"
-            cause = self._read_what_arrived() or cause
-        except _Goodbye as bye:
-            cause = f"the far side closed the link (GOODBYE: {bye.reason})"
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # a bug here must end the link loudly, not hang its ports
-            log.exception("boundary link %s: the gateway failed", self.label)
-            cause = f"the gateway failed: {exc!r}"
-        self._end(cause)
+            cause = self._read_what_arrived() or f"the stream broke: {exc!r}"
+        if cause is not None:
+            self._end(cause)
 
     def _read_what_arrived(self) -> str | None:
         """What the stream had delivered when it broke, still to read: an
@@ -563,14 +617,8 @@ class Gateway:
             return None
         data = bytes(held)
         held.clear()
-        try:
-            self._decoder.feed(data)
-            self._events()
-        except BoundaryProtocolError:
-            return None
-        except _Goodbye as bye:
-            return f"the far side closed the link (GOODBYE: {bye.reason})"
-        return None
+        cause = self._take_in(data)
+        return cause if cause is not None and cause.startswith(_BYE) else None
 
     def _events(self) -> None:
         dec = self._decoder
@@ -707,6 +755,7 @@ class Gateway:
         if self._closed:
             return
         self._closed = True
+        self._untap()
         err = LinkFailure(self.label, cause)
         relays = list(self._relays.values())
         self._relays.clear()
@@ -724,7 +773,11 @@ class Gateway:
                 self._writer.close()
         if not self._done.done():
             self._done.set_result(None if ours else err)
-        if not ours:
+        if ours:
+            return
+        if cause.startswith(_BYE):  # an orderly end: a remote worker exited, a client left
+            log.info("boundary link %s closed by the far side (GOODBYE: %s", self.label, cause[len(_BYE) :])
+        else:  # a real loss
             log.warning("%s", err)
 
     async def _linger(self) -> None:
