@@ -142,7 +142,14 @@ def main() -> None:
     ap.add_argument("--serve", metavar="DIR")
     args = ap.parse_args()
     if args.serve:
-        meshipc.run(serve(Path(args.serve)))
+        if os.environ.get("BENCH_PROFILE"):  # bench/profile_targets.py-style: the server's profile
+            import cProfile
+
+            with cProfile.Profile() as pr:
+                meshipc.run(serve(Path(args.serve)))
+            pr.dump_stats(os.environ["BENCH_PROFILE"])
+        else:
+            meshipc.run(serve(Path(args.serve)))
         return
     res = meshipc.run(_client(args.runs, args.n))
     print(f"{'path':<28}{'median µs/round trip':>22}{'min-max':>20}")

@@ -67,6 +67,7 @@ from ._boundary import (
     encode_msg,
     encode_ping,
     encode_pong,
+    encode_small,
     negotiate,
 )
 from ._channel import Port
@@ -480,10 +481,18 @@ class Gateway:
                 body, states = eng.codec.encode_error(why), []
             numbers = [self._open_relay(ps) for ps in states]
             rel.tx.sent(len(body))
-            parts = encode_msg(rel.number, kind, numbers, body)
-            for part in parts:
-                self._emit(part)
-            self.frames_out += len(parts) // 2  # a head and a payload each
+            if numbers or len(body) >= COALESCE_BYTES:
+                parts = encode_msg(rel.number, kind, numbers, body)
+                for part in parts:
+                    self._emit(part)
+                self.frames_out += len(parts) // 2  # a head and a payload each
+            else:  # the common case: one small frame, joined into this pass's write
+                frame = encode_small(rel.number, kind, body)
+                self._out.append(frame)
+                self._out_len += len(frame)
+                self.frames_out += 1
+                if self._out_len >= COALESCE_BYTES:
+                    self._flush_out()
             self.messages_out += 1
             if kind >= K_REPLY:
                 self._drop(rel)  # a final message: the relay goes with it, on both sides
