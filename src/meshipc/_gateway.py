@@ -554,7 +554,7 @@ class Gateway:
             return f"the far side broke the protocol: {exc}"
         except _Goodbye as bye:
             return f"{_BYE}{bye.reason})"
-        except (OSError, RuntimeError) as exc:  # the stream broke under a write
+        except (OSError, EOFError) as exc:  # the stream broke under a write
             return f"the stream broke: {exc!r}"
         except Exception as exc:  # a bug here must end the link loudly, not hang its ports
             log.exception("boundary link %s: the gateway failed", self.label)
