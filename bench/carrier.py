@@ -13,6 +13,7 @@ import sys
 from typing import Any
 
 import meshipc
+from meshipc import _carrier
 from meshipc.remote import open_stdio, take_stdio
 
 from .core import rmtree, short_tmp
@@ -58,21 +59,20 @@ class CarrierMeshPath(MeshPath):
 
 class CarrierRawPath(StreamPath):
     """The same carrier's raw echo: ``StreamPath``'s measures over a
-    subprocess's pipes."""
+    subprocess's pipes, set up as the command carrier sets up its own
+    (``exec_piped``)."""
 
     async def start(self) -> None:
-        self.proc = await asyncio.create_subprocess_exec(
-            *far_command("bench.carrier"),
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            limit=2**26,
+        loop = asyncio.get_running_loop()
+        self.transport, protocol, self.reader, self.writer, self.rt = await _carrier.exec_piped(
+            far_command("bench.carrier"), lambda: asyncio.subprocess.SubprocessStreamProtocol(2**16, loop)
         )
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.reader, self.writer = self.proc.stdout, self.proc.stdin
+        self.proc = asyncio.subprocess.Process(self.transport, protocol, loop)
 
     async def stop(self) -> None:
         self.writer.close()
         await self.proc.wait()
+        self.rt.close()
 
 
 async def _echo() -> None:

@@ -5,6 +5,8 @@
     python bench/profile_targets.py throughput     cProfile of 64 B one-way sends (sender; sink worker)
     python bench/profile_targets.py large          16 MiB: the cost of each copy, and cProfile of both sides
     python bench/profile_targets.py fd             cProfile of fd-carrying sends (sender; sink worker)
+    python bench/profile_targets.py carrier [tp]   rtt (or throughput) with the worker spawned via
+                                                   meshipc.command (python -m meshipc.remote)
     python bench/profile_targets.py import         the biggest self times of loading all of meshipc
     python bench/profile_targets.py cold           the same for the `meshipc call` command
 
@@ -74,7 +76,7 @@ async def prof_fd_sink(arg: dict[str, Any]) -> None:
     await _profiled_worker(mesh_fd_sink, arg)
 
 
-async def profile_two_sides(what: str) -> None:
+async def profile_two_sides(what: str, via: Any = None) -> None:
     stats = tempfile.mktemp(suffix=".prof")
     os.environ["BENCH_PROFILE"] = stats
     os.environ["MESHIPC_UVLOOP"] = "0"
@@ -83,7 +85,7 @@ async def profile_two_sides(what: str) -> None:
         pr = cProfile.Profile()
         if what == "rtt":
             tx, rx = meshipc.channel()
-            proc = await mesh.spawn("bench.profile_targets:prof_echo", rx)
+            proc = await mesh.spawn("bench.profile_targets:prof_echo", rx, via=via)
             for _ in range(500):
                 await tx.call(MSG)
             n = 20_000
@@ -99,7 +101,9 @@ async def profile_two_sides(what: str) -> None:
             data_tx, data_rx = meshipc.channel(bytes)
             ctl_tx, ctl_rx = meshipc.channel(int)
             done_tx, done_rx = meshipc.channel(int)
-            proc = await mesh.spawn("bench.profile_targets:prof_sink", SinkArgs(data_rx, ctl_rx, done_tx))
+            proc = await mesh.spawn(
+                "bench.profile_targets:prof_sink", SinkArgs(data_rx, ctl_rx, done_tx), via=via
+            )
             blob = MSG if size == 64 else os.urandom(size)
             t0 = time.perf_counter()
             pr.enable()
@@ -285,6 +289,12 @@ def main() -> int:
         asyncio.run(profile_two_sides("large"))
     elif what in ("rtt", "throughput", "fd"):
         asyncio.run(profile_two_sides(what))
+    elif what == "carrier":
+        from bench.carrier import far_command
+
+        via = meshipc.command(far_command("meshipc.remote"), label="command:profile")
+        tp = len(sys.argv) > 2 and sys.argv[2] == "tp"
+        asyncio.run(profile_two_sides("throughput" if tp else "rtt", via))
     elif what == "import":
         everything = "import meshipc; [getattr(meshipc, n) for n in meshipc.__all__]"
         importtime(["-c", everything], "load all of meshipc")

@@ -112,6 +112,7 @@ BENCHES = {
     "inspect": "inspect time with W workers",
     "carrier_rtt": "Command carrier: RPC round trip, 64 B",
     "carrier_tp": "Command carrier: one-way throughput, 64 B typed messages",
+    "tls_rtt": "TLS (connect_tls): service call round trip, 64 B",
 }
 UNITS = {
     "rtt": ("µs", "lower"),
@@ -130,6 +131,7 @@ UNITS = {
     "inspect": ("ms", "lower"),
     "carrier_rtt": ("µs", "lower"),
     "carrier_tp": ("msg/s", "higher"),
+    "tls_rtt": ("µs", "lower"),
 }
 GROUPS = {
     "ipc": ("rtt", "idle", "throughput", "large_1m", "large_16m", "fd"),
@@ -139,6 +141,7 @@ GROUPS = {
     "many": ("many_time", "many_mem"),
     "workers": ("workers", "inspect"),
     "carrier": ("carrier_rtt", "carrier_tp"),
+    "tls": ("tls_rtt",),
 }
 
 M_STOCK, M_UV, M_SYNC = "meshipc (stock loop)", "meshipc (uvloop)", "meshipc.sync"
@@ -150,6 +153,9 @@ FLOOR, FLOOR_UV = (
     "floor: asyncio.Protocol + msgspec (stock loop)",
     "floor: asyncio.Protocol + msgspec (uvloop)",
 )
+
+TLS_STOCK, TLS_UV = "meshipc via connect_tls (stock loop)", "meshipc via connect_tls (uvloop)"
+TLS_RAW, TLS_RAW_UV = "raw TLS echo (stock loop)", "raw TLS echo (uvloop)"
 
 # name -> (driver spec, kwargs, loop, is meshipc, needed module)
 IPC_PATHS: dict[str, tuple[str, dict[str, Any], str | None, bool, str | None]] = {
@@ -261,6 +267,8 @@ TARGETS: list[tuple[Any, ...]] = [
         "<=",
         1.3,
     ),
+    ("TLS round trip, stock loop <= 1.3x a raw TLS echo", "tls_rtt", TLS_STOCK, TLS_RAW, "<=", 1.3),
+    ("TLS round trip, uvloop <= 1.3x a raw TLS echo (uvloop)", "tls_rtt", TLS_UV, TLS_RAW_UV, "<=", 1.3),
 ]
 
 
@@ -655,35 +663,85 @@ CARRIER_PATHS: dict[str, tuple[str, dict[str, Any], str | None, bool, str | None
 }
 
 
-def group_carrier(cfg: dict[str, Any], args: argparse.Namespace, res: Results, keys: set[str]) -> None:
-    """meshipc over the command carrier (``python -m meshipc.remote`` on the
-    far end of a subprocess's pipes) against a raw stdio echo started the same way."""
-    names = _select(CARRIER_PATHS, list(CARRIER_PATHS), args, res)
-    drivers = _start(CARRIER_PATHS, names, res)
+TLS_PATHS: dict[str, tuple[str, dict[str, Any], str | None, bool, str | None]] = {
+    TLS_STOCK: ("bench.bench_tls:TlsMeshPath", {}, "asyncio", True, None),
+    TLS_RAW: ("bench.bench_tls:TlsRawPath", {}, "asyncio", False, None),
+    TLS_UV: ("bench.bench_tls:TlsMeshPath", {}, "uvloop", True, "uvloop"),
+    TLS_RAW_UV: ("bench.bench_tls:TlsRawPath", {"loop": "uvloop"}, "uvloop", False, "uvloop"),
+}
+
+
+def _vs_raw(
+    cfg: dict[str, Any],
+    args: argparse.Namespace,
+    res: Results,
+    keys: set[str],
+    table: dict[str, tuple[str, dict[str, Any], str | None, bool, str | None]],
+    pairs: list[tuple[str, str]],
+    label: str,
+    note: str,
+) -> None:
+    """meshipc over a boundary link against the same carrier's raw echo:
+    rows ``<label>_rtt`` (round trip) and ``<label>_tp`` (one-way), CPU per op."""
+    names = _select(table, list(table), args, res)
+    drivers = _start(table, names, res)
     try:
         for d in drivers.values():  # warm-up
             d.call("rtt", 200)
-            d.call("throughput", 2000, 64)
+            if f"{label}_tp" in keys:
+                d.call("throughput", 2000, 64)
         live = [n for n in names if n in drivers]
         rtt_n, tp_n = (max(10, int(cfg[k] * args.scale)) for k in ("rtt_n", "tp_n"))
-        plan: list[tuple[str, list[str], Callable[[str], float]]] = []
-        if "carrier_rtt" in keys:
-            plan.append(("carrier_rtt", live, lambda n: drivers[n].call("rtt", rtt_n)))
-        if "carrier_tp" in keys:
-            plan.append(("carrier_tp", live, lambda n: drivers[n].call("throughput", tp_n, 64)))
+        plan: list[tuple[str, list[str], Callable[[str], Any]]] = []
+        if f"{label}_rtt" in keys:
+            plan.append((f"{label}_rtt", live, lambda n: drivers[n].measure("rtt", rtt_n, rtt_n)))
+        if f"{label}_tp" in keys:
+            plan.append((f"{label}_tp", live, lambda n: drivers[n].measure("throughput", tp_n, tp_n, 64)))
         failed: dict[str, str] = {}
-        data = _rounds(plan, args.runs or cfg["runs"], failed, "carrier")
+        data = _rounds(plan, args.runs or cfg["runs"], failed, label)
     finally:
         for d in drivers.values():
             d.close()
-    _finish(res, CARRIER_PATHS, data, failed)
+    _finish(res, table, data, failed)
     for key in keys:
-        res.pair(key, "meshipc via command", "raw echo")
-        res.bench(key)["notes"].append(
-            "both far sides are `env PYTHONPATH=… python -m …` children with pipes: meshipc spawns "
-            "bench.paths workers via meshipc.command(python -m meshipc.remote) (a boundary link, a mesh "
-            "on each side); the raw echo is bench.carrier speaking [u32 len][data] frames on its stdio"
-        )
+        for m, p in pairs:
+            res.pair(key, m, p)
+        res.bench(key)["notes"].append(note)
+
+
+def group_carrier(cfg: dict[str, Any], args: argparse.Namespace, res: Results, keys: set[str]) -> None:
+    """meshipc over the command carrier (``python -m meshipc.remote`` on the
+    far end of a subprocess's pipes) against a raw stdio echo started the same way."""
+    _vs_raw(
+        cfg,
+        args,
+        res,
+        keys,
+        CARRIER_PATHS,
+        [("meshipc via command", "raw echo")],
+        "carrier",
+        "both far sides are `env PYTHONPATH=… python -m …` children with pipes: meshipc spawns "
+        "bench.paths workers via meshipc.command(python -m meshipc.remote) (a boundary link, a mesh "
+        "on each side); the raw echo is bench.carrier speaking [u32 len][data] frames on its stdio",
+    )
+
+
+def group_tls(cfg: dict[str, Any], args: argparse.Namespace, res: Results, keys: set[str]) -> None:
+    """A service call through ``meshipc.connect_tls`` against a raw TLS echo
+    (bench/bench_tls.py), each loop."""
+    _vs_raw(
+        cfg,
+        args,
+        res,
+        keys,
+        TLS_PATHS,
+        [(TLS_STOCK, TLS_RAW), (TLS_UV, TLS_RAW_UV)],
+        "tls",
+        "a server process (python -m bench.bench_tls --serve) runs a mesh serving echo on "
+        "mesh.listen_tls and a raw TLS [u32 len][data] echo with the same authority; meshipc: "
+        "conn.open('echo').call(64 B) over connect_tls(grant) (one relay message each way over the "
+        "boundary link); raw: open_tls with the grant's certificate and pin",
+    )
 
 
 GROUP_FN = {
@@ -694,6 +752,7 @@ GROUP_FN = {
     "many": group_many,
     "workers": group_workers,
     "carrier": group_carrier,
+    "tls": group_tls,
 }
 
 

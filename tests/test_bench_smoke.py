@@ -60,6 +60,25 @@ def test_tiny_round_trip(tmp_path: Path) -> None:
     assert f"| {run.M_STOCK} |" in md.read_text()
 
 
+def test_tiny_tls_rows(tmp_path: Path) -> None:
+    """The TLS rows (bench/bench_tls.py's paths) run, pair meshipc with the
+    raw TLS echo and mark the <= 1.3x target met or missed."""
+    out = tmp_path / "t.json"
+    argv = ["--only", "tls_rtt", "--paths", "stock loop", "--runs", "1", "--scale", "0.01"]
+    argv += ["--json", str(out)]
+    r = subprocess.run(
+        [sys.executable, "-m", "bench", *argv], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert r.returncode == 0, r.stderr
+    data = json.loads(out.read_text())
+    tls = data["benches"]["tls_rtt"]
+    assert set(tls["paths"]) == {run.TLS_STOCK, run.TLS_RAW}
+    assert all(p["median"] > 0 and p["cpu"]["median"] > 0 for p in tls["paths"].values())
+    assert tls["pairs"] == [[run.TLS_STOCK, run.TLS_RAW]]
+    (target,) = (t for t in data["targets"] if t["target"].startswith("TLS round trip, stock loop"))
+    assert target["status"] in ("met", "missed") and target["figure"] > 0
+
+
 def test_cpu_meter_counts_children_and_their_ended_threads() -> None:
     # The CPU rows count the server side too: a child process's thread that
     # burned CPU and ended before the span closed still counts (schedstat of

@@ -37,6 +37,7 @@ from meshipc._boundary import (
     encode_msg,
     encode_ping,
     encode_pong,
+    encode_small,
     negotiate,
 )
 
@@ -61,6 +62,18 @@ def events(d: BoundaryDecoder) -> list[object]:
 
 def msg_bytes(relay: int, kind: int, ports: list[int], body: bytes) -> bytes:
     return b"".join(bytes(p) for p in encode_msg(relay, kind, ports, body))
+
+
+@given(st.integers(0, 2**32 - 1), st.integers(0, 4), st.binary(max_size=300))
+def test_encode_small_is_encode_msg_in_one_piece(relay: int, kind: int, body: bytes) -> None:
+    """The gateway's one-frame fast path writes exactly the bytes
+    ``encode_msg`` does (so the far side cannot tell them apart)."""
+    assert encode_small(relay, kind, body) == msg_bytes(relay, kind, [], body)
+
+
+def test_encode_small_refuses_a_body_that_needs_chunks() -> None:
+    with pytest.raises(ValueError, match="needs chunks"):
+        encode_small(1, 0, b"x" * (256 * 1024 + 1))
 
 
 def head(t: int, flags: int, count: int, relay: int, length: int) -> bytes:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import re
 import signal
@@ -500,6 +501,31 @@ async def test_an_orderly_close_sends_what_was_sent_first(runtime_dir: Path) -> 
             async for v in rx:
                 got.append(v)
         assert got == list(range(5000))
+
+
+@pytest.mark.parametrize("orderly", [True, False])
+async def test_an_orderly_end_is_logged_as_info_a_loss_as_a_warning(
+    runtime_dir: Path, caplog: pytest.LogCaptureFixture, orderly: bool
+) -> None:
+    """The far side's GOODBYE (a remote worker exiting, a TLS client leaving)
+    is no failure: one INFO line, no WARNING; a stream that just ends is."""
+    caplog.set_level(logging.INFO, logger="meshipc.gateway")
+    async with Mesh(runtime_dir=runtime_dir) as mesh, raw_far(mesh) as (gw, _agent, _r, w):
+        if orderly:
+            w.write(encode_goodbye("done"))
+        else:
+            w.close()
+        cause = await within(gw.wait_closed())
+        assert isinstance(cause, LinkFailure)
+    ours = [r for r in caplog.records if r.name == "meshipc.gateway"]
+    levels = [r.levelno for r in ours]
+    if orderly:
+        assert levels == [logging.INFO], caplog.text
+        assert "raw:far closed by the far side (GOODBYE: done)" in ours[0].getMessage()
+        assert "failed" not in ours[0].getMessage()
+    else:
+        assert levels == [logging.WARNING], caplog.text
+        assert "raw:far failed: the stream" in ours[0].getMessage()
 
 
 async def test_a_waiter_in_a_third_process_learns_the_link_is_lost(runtime_dir: Path) -> None:

@@ -241,6 +241,18 @@ def encode_msg(relay: int, kind: int, ports: list[int] | tuple[int, ...],
     return out
 
 
+#: a MSG frame's head and its message head, for one without ports
+_MSG_HEADS: Final = struct.Struct("!BBHIIBQ")
+
+
+def encode_small(relay: int, kind: int, body: bytes) -> bytes:
+    """``encode_msg`` of a message without ports whose body fits one frame,
+    as one ``bytes`` (the common case: no views, no list)."""
+    if len(body) > CHUNK_BYTES:
+        raise ValueError(f"a body of {len(body)} bytes needs chunks (encode_msg)")
+    return _MSG_HEADS.pack(T_MSG, 0, 0, relay, _MSG_HEAD.size + len(body), kind, len(body)) + body
+
+
 def encode_credit(relay: int, messages: int, nbytes: int) -> bytes:
     return _frame(T_CREDIT, 0, 0, relay, _CREDIT.pack(messages, nbytes))
 
@@ -439,9 +451,11 @@ class BoundaryDecoder:
             raise BoundaryProtocolError(f"unknown message kind {kind}")
         if total > self._max_body:
             raise BoundaryProtocolError(f"message of {total} bytes (limit {self._max_body})")
-        ports = struct.unpack_from(f"!{count}I", p, _MSG_HEAD.size) if count else ()
-        if len(set(ports)) != count:
-            raise BoundaryProtocolError("a message names one relay twice")
+        ports: tuple[int, ...] = ()
+        if count:
+            ports = struct.unpack_from(f"!{count}I", p, _MSG_HEAD.size)
+            if len(set(ports)) != count:
+                raise BoundaryProtocolError("a message names one relay twice")
         first = p[pre:]
         if len(first) > total or (flags & F_MORE) != (F_MORE if len(first) < total else 0):
             raise BoundaryProtocolError("MSG frame length does not match its total")

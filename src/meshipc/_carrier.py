@@ -278,7 +278,7 @@ class RemoteProcess:
     def __init__(
         self,
         proc: asyncio.subprocess.Process,
-        transport: asyncio.SubprocessTransport,
+        transports: tuple[asyncio.SubprocessTransport, asyncio.ReadTransport],
         protocol: _Protocol,
         gateway: Gateway,
         port: Port,
@@ -289,7 +289,7 @@ class RemoteProcess:
         tasks: TaskSet,
     ) -> None:
         self._proc = proc
-        self._transport = transport
+        self._transports = transports
         self._protocol = protocol
         self._gateway = gateway
         self._port = port
@@ -371,7 +371,8 @@ class RemoteProcess:
         self._answers.cancel()
         self._port.close()
         await self._gateway.aclose(flush=0)  # nobody is left to take more
-        self._transport.close()  # the pipes, even if a child of the carrier holds them
+        for t in self._transports:  # the pipes, even if a child of the carrier holds them
+            t.close()
         if not self._exited.done():
             self._exited.set_result(code)
 
@@ -450,6 +451,66 @@ def _no_start(label: str, how: str, tail: str) -> str:
     return f"the carrier {label} {how} before the far side started it{said}"
 
 
+async def open_pipes(
+    link_in: int, link_out: int
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, asyncio.ReadTransport]:
+    """Asyncio streams over two descriptors (pipes or sockets), taken over,
+    and the reading transport (closing it closes ``link_in``). Bytes reach
+    the reader in the loop turn they arrive in (a subprocess transport's
+    pipes hand them on one ``call_soon`` later). The writer's
+    ``wait_closed()`` returns once what it buffered is written (its protocol
+    is a ``StreamReaderProtocol``, which keeps that promise; the bare
+    ``FlowControlMixin`` raises there, so a process could exit with its last
+    bytes, a GOODBYE among them, still buffered)."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    rt, _ = await loop.connect_read_pipe(
+        lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(link_in, "rb", 0)
+    )
+    try:
+        transport, protocol = await loop.connect_write_pipe(
+            lambda: asyncio.StreamReaderProtocol(asyncio.StreamReader()), os.fdopen(link_out, "wb", 0)
+        )
+    except BaseException:
+        rt.close()
+        raise
+    return reader, asyncio.StreamWriter(transport, protocol, None, loop), rt
+
+
+_Piped = tuple[
+    asyncio.SubprocessTransport, Any, asyncio.StreamReader, asyncio.StreamWriter, asyncio.ReadTransport
+]
+
+
+async def exec_piped(
+    argv: Sequence[str], factory: Callable[[], asyncio.SubprocessProtocol], **kwargs: Any
+) -> _Piped:
+    """``loop.subprocess_exec(factory, *argv, **kwargs)`` with its stdin and
+    stdout on pipes of our own (``open_pipes``: no extra loop turn per read);
+    the transport, the protocol, the streams to and from the child and the
+    reading transport. Raises ``OSError`` as ``subprocess_exec``."""
+    loop = asyncio.get_running_loop()
+    link_in, child_out = os.pipe()
+    child_in, link_out = os.pipe()
+    try:
+        transport, protocol = await loop.subprocess_exec(
+            factory, *argv, stdin=child_in, stdout=child_out, **kwargs
+        )
+    except BaseException:
+        for fd in (link_in, link_out):
+            os.close(fd)
+        raise
+    finally:
+        os.close(child_in)
+        os.close(child_out)
+    try:
+        reader, writer, rt = await open_pipes(link_in, link_out)
+    except BaseException:
+        transport.close()
+        raise
+    return transport, protocol, reader, writer, rt
+
+
 async def spawn_via(
     carrier: Carrier,
     node: Node,
@@ -475,22 +536,17 @@ async def spawn_via(
     tasks = TaskSet(asyncio.get_running_loop())
     loop = asyncio.get_running_loop()
     try:
-        transport, protocol = await loop.subprocess_exec(
-            lambda: _Protocol(loop),
-            *carrier.argv,
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            start_new_session=True,
+        transport, protocol, out, into, rt = await exec_piped(
+            carrier.argv, lambda: _Protocol(loop), stderr=asyncio.subprocess.PIPE, start_new_session=True
         )
     except OSError as exc:
         mine.close()
         first.close()
         raise SpawnError(name, target, f"cannot run the carrier {carrier.label}: {exc}") from exc
     proc = asyncio.subprocess.Process(transport, protocol, loop)
-    into, out, err = proc.stdin, proc.stdout, proc.stderr
-    if into is None or out is None or err is None:  # pragma: no cover - PIPE always gives them
-        raise SpawnError(name, target, "the carrier's pipes are missing")
+    err = proc.stderr
+    if err is None:  # pragma: no cover - PIPE always gives it
+        raise SpawnError(name, target, "the carrier's stderr pipe is missing")
     stderr = StderrLines(err, carrier.label, tasks)
     try:
         gateway = await Gateway.open(node, out, into, first, label=carrier.label, limits=carrier.limits)
@@ -505,8 +561,10 @@ async def spawn_via(
         except TimeoutError:
             tasks.cancel_all()
         transport.close()
+        rt.close()
+        into.close()
         if isinstance(exc, (MeshError, OSError, TimeoutError)):
             how = f"failed to open the link ({exc}) and exited with code {code}"
             raise SpawnError(name, target, _no_start(carrier.label, how, stderr.last())) from exc
         raise
-    return RemoteProcess(proc, transport, protocol, gateway, mine, carrier, name, target, stderr, tasks)
+    return RemoteProcess(proc, (transport, rt), protocol, gateway, mine, carrier, name, target, stderr, tasks)

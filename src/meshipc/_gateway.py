@@ -67,6 +67,7 @@ from ._boundary import (
     encode_msg,
     encode_ping,
     encode_pong,
+    encode_small,
     negotiate,
 )
 from ._channel import Port
@@ -101,6 +102,10 @@ MIN_PING_INTERVAL: Final = 0.05
 LINGER: Final = 2.0
 #: how long ``open`` waits for the far side's HELLO by default (seconds)
 HELLO_TIMEOUT: Final = 30.0
+
+#: the cause of a link the far side ended in order (its GOODBYE): logged at
+#: INFO, every other end of a link at WARNING
+_BYE: Final = "the far side closed the link (GOODBYE: "
 
 _FD_REFUSED: Final = "an Fd cannot cross a boundary link to another host's mesh: it was closed at the gateway"
 
@@ -278,8 +283,12 @@ class Gateway:
         self._last_heard = self._loop.time()
 
     def _start(self) -> None:
-        for coro in (self._read_loop(), self._pump(), self._heartbeat()):
+        for coro in (self._pump(), self._heartbeat()):
             t = self._loop.create_task(coro)
+            self._tasks.add(t)
+            t.add_done_callback(self._tasks.discard)
+        if not self._tap():
+            t = self._loop.create_task(self._read_loop())
             self._tasks.add(t)
             t.add_done_callback(self._tasks.discard)
 
@@ -335,18 +344,27 @@ class Gateway:
         self.bytes_out += len(data)
         self._last_written = self._loop.time()
 
-    def _frame(self, data: bytes) -> None:
-        """A control frame, written at once (no message frame is ever held
-        back between passes, so order within a relay holds). Control frames
-        answer what the far side sends; one that does not read them cannot
-        make us hold more than ``CONTROL_SLACK`` beyond the write buffer."""
+    def _frame(self, data: bytes, *, now: bool = False) -> None:
+        """A control frame. Credit, PONG and closes back join the batch the
+        next pass writes (at the end of this loop turn, with the replies the
+        messages just delivered make: one write, one wake-up of the far side);
+        ``now`` writes it at once. No message frame is ever held back between
+        passes, so order within a relay holds. Control frames answer what
+        the far side sends; one that does not read them cannot make us hold
+        more than ``CONTROL_SLACK`` beyond the write buffer."""
         if self._closed:
             return
-        if self._unsent() > self.limits.write_buffer_bytes + CONTROL_SLACK:
+        if self._out_len + self._unsent() > self.limits.write_buffer_bytes + CONTROL_SLACK:
             self._end("the far side does not read what it asks us to write")
             return
         self.frames_out += 1
-        self._write(data)
+        self._out.append(data)
+        self._out_len += len(data)
+        if now or self._out_len >= COALESCE_BYTES:
+            self._flush_out()
+        elif not self._in_pass and not self._kicked:
+            self._kicked = True
+            self._loop.call_soon(self._kick)
 
     def _emit(self, part: bytes | memoryview) -> None:
         """Part of a message frame: small ones are joined into one write."""
@@ -463,10 +481,18 @@ class Gateway:
                 body, states = eng.codec.encode_error(why), []
             numbers = [self._open_relay(ps) for ps in states]
             rel.tx.sent(len(body))
-            parts = encode_msg(rel.number, kind, numbers, body)
-            for part in parts:
-                self._emit(part)
-            self.frames_out += len(parts) // 2  # a head and a payload each
+            if numbers or len(body) >= COALESCE_BYTES:
+                parts = encode_msg(rel.number, kind, numbers, body)
+                for part in parts:
+                    self._emit(part)
+                self.frames_out += len(parts) // 2  # a head and a payload each
+            else:  # the common case: one small frame, joined into this pass's write
+                frame = encode_small(rel.number, kind, body)
+                self._out.append(frame)
+                self._out_len += len(frame)
+                self.frames_out += 1
+                if self._out_len >= COALESCE_BYTES:
+                    self._flush_out()
             self.messages_out += 1
             if kind >= K_REPLY:
                 self._drop(rel)  # a final message: the relay goes with it, on both sides
@@ -517,31 +543,77 @@ class Gateway:
 
     # ------------------------------------------------------------ reading
 
-    async def _read_loop(self) -> None:
-        cause = "the stream ended"
+    def _take_in(self, data: bytes) -> str | None:
+        """Handle what the stream delivered; the cause if it ends the link."""
         try:
-            self._events()  # what came with the far side's HELLO
-            while not self._closed:
+            if data:
+                self._last_heard = self._loop.time()
+                self._decoder.feed(data)
+            self._events()
+        except BoundaryProtocolError as exc:
+            return f"the far side broke the protocol: {exc}"
+        except _Goodbye as bye:
+            return f"{_BYE}{bye.reason})"
+        except (OSError, EOFError) as exc:  # the stream broke under a write
+            return f"the stream broke: {exc!r}"
+        except Exception as exc:  # a bug here must end the link loudly, not hang its ports
+            log.exception("boundary link %s: the gateway failed", self.label)
+            return f"the gateway failed: {exc!r}"
+        return None
+
+    def _tap(self) -> bool:
+        """Read in the stream's own callback: a plain ``StreamReader``'s
+        ``feed_data``/``feed_eof``/``set_exception`` (what its protocol
+        calls) hand the bytes to us as they arrive, so a message reaches its
+        port in the loop turn it arrived in, with no reading task to wake.
+        False (the reading task does it) for any other reader, or one that
+        has ended already."""
+        r = self._reader
+        held = getattr(r, "_buffer", None)
+        if (type(r) is not asyncio.StreamReader or not isinstance(held, bytearray)
+                or r.exception() is not None or getattr(r, "_eof", True)):
+            return False
+        data = bytes(held)
+        held.clear()
+        r.feed_data = self._on_data  # type: ignore[method-assign,assignment]
+        r.feed_eof = self._on_eof  # type: ignore[method-assign]
+        r.set_exception = self._on_broken  # type: ignore[method-assign]
+        resume = getattr(r, "_maybe_resume_transport", None)
+        if resume is not None:
+            resume()  # it may have paused its transport while it held more
+        self._on_data(data)
+        return True
+
+    def _untap(self) -> None:
+        for name in ("feed_data", "feed_eof", "set_exception"):
+            vars(self._reader).pop(name, None)
+
+    def _on_data(self, data: bytes) -> None:
+        if not self._closed:
+            cause = self._take_in(bytes(data))
+            if cause is not None:
+                self._end(cause)
+
+    def _on_eof(self) -> None:
+        self._end("the stream ended (EOF)")
+
+    def _on_broken(self, exc: BaseException) -> None:
+        self._end(f"the stream broke: {exc!r}")
+
+    async def _read_loop(self) -> None:
+        """Read with a task (a reader ``_tap`` cannot take)."""
+        cause = self._take_in(b"")  # what came with the far side's HELLO
+        try:
+            while cause is None and not self._closed:
                 data = await self._reader.read(READ_BYTES)
                 if not data:
                     cause = "the stream ended (EOF)"
                     break
-                self._last_heard = self._loop.time()
-                self._decoder.feed(data)
-                self._events()
-        except BoundaryProtocolError as exc:
-            cause = f"the far side broke the protocol: {exc}"
+                cause = self._take_in(data)
         except (OSError, EOFError) as exc:
-            cause = f"the stream broke: {exc!r}"
-            cause = self._read_what_arrived() or cause
-        except _Goodbye as bye:
-            cause = f"the far side closed the link (GOODBYE: {bye.reason})"
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # a bug here must end the link loudly, not hang its ports
-            log.exception("boundary link %s: the gateway failed", self.label)
-            cause = f"the gateway failed: {exc!r}"
-        self._end(cause)
+            cause = self._read_what_arrived() or f"the stream broke: {exc!r}"
+        if cause is not None:
+            self._end(cause)
 
     def _read_what_arrived(self) -> str | None:
         """What the stream had delivered when it broke, still to read: an
@@ -554,14 +626,8 @@ class Gateway:
             return None
         data = bytes(held)
         held.clear()
-        try:
-            self._decoder.feed(data)
-            self._events()
-        except BoundaryProtocolError:
-            return None
-        except _Goodbye as bye:
-            return f"the far side closed the link (GOODBYE: {bye.reason})"
-        return None
+        cause = self._take_in(data)
+        return cause if cause is not None and cause.startswith(_BYE) else None
 
     def _events(self) -> None:
         dec = self._decoder
@@ -691,13 +757,14 @@ class Gateway:
                 return
             if now - self._last_written >= interval:
                 self._ping += 1
-                self._frame(encode_ping(self._ping))
+                self._frame(encode_ping(self._ping), now=True)
 
     def _end(self, cause: str, *, ours: bool = False) -> None:
         """The link is over: fail every relay, stop, close the stream."""
         if self._closed:
             return
         self._closed = True
+        self._untap()
         err = LinkFailure(self.label, cause)
         relays = list(self._relays.values())
         self._relays.clear()
@@ -715,7 +782,11 @@ class Gateway:
                 self._writer.close()
         if not self._done.done():
             self._done.set_result(None if ours else err)
-        if not ours:
+        if ours:
+            return
+        if cause.startswith(_BYE):  # an orderly end: a remote worker exited, a client left
+            log.info("boundary link %s closed by the far side (GOODBYE: %s", self.label, cause[len(_BYE) :])
+        else:  # a real loss
             log.warning("%s", err)
 
     async def _linger(self) -> None:
@@ -741,7 +812,7 @@ class Gateway:
         """``aclose`` without waiting for the stream to close (what a closing
         ``Mesh`` calls)."""
         if not self._closed:
-            self._frame(encode_goodbye("closed"))
+            self._frame(encode_goodbye("closed"), now=True)
             self._end("closed by this side", ours=True)
 
     async def aclose(self, *, flush: float = 5.0) -> None:

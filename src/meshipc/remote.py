@@ -28,7 +28,16 @@ import sys
 from typing import Any
 
 from . import __version__
-from ._carrier import MAX_TEXT, MAX_TRACEBACK, Finished, SpawnRequest, Started, StartFailed, clip
+from ._carrier import (
+    MAX_TEXT,
+    MAX_TRACEBACK,
+    Finished,
+    SpawnRequest,
+    Started,
+    StartFailed,
+    clip,
+    open_pipes,
+)
 from ._channel import Port
 from ._child import EXIT_PARENT_LOST, _arg_type, _call, _find, _format
 from ._errors import ChannelClosed, MeshError, PortFailed, remote_type_name
@@ -62,18 +71,9 @@ def take_stdio() -> tuple[int, int]:
 
 
 async def open_stdio(link_in: int, link_out: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """Asyncio streams over the two descriptors (pipes or sockets). The
-    writer's ``wait_closed()`` returns once what it buffered is written
-    (its protocol is a ``StreamReaderProtocol``, which keeps that promise;
-    the bare ``FlowControlMixin`` raises there, so a process could exit with
-    its last bytes, a GOODBYE among them, still buffered)."""
-    loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader()
-    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(link_in, "rb", 0))
-    transport, protocol = await loop.connect_write_pipe(
-        lambda: asyncio.StreamReaderProtocol(asyncio.StreamReader()), os.fdopen(link_out, "wb", 0)
-    )
-    return reader, asyncio.StreamWriter(transport, protocol, None, loop)
+    """Asyncio streams over the two descriptors (``open_pipes``)."""
+    reader, writer, _ = await open_pipes(link_in, link_out)
+    return reader, writer
 
 
 def _failed(exc: BaseException) -> StartFailed:
