@@ -203,6 +203,9 @@ async def restart_into_new_code(mesh: meshipc.Mesh, folder: str) -> None:
             got.append(await asyncio.wait_for(out.recv(), 30))
         with open(module, "w") as f:  # new code on disk, while the numbers keep coming
             f.write(COUNTER.format(version=2))
+        # Python's bytecode cache goes by the source's size and mtime in whole
+        # seconds: this rewrite (same size, same second) would load version 1 again
+        shutil.rmtree(os.path.join(folder, "__pycache__"), ignore_errors=True)
         t = time.perf_counter()
         await proc.restart()
         took = (time.perf_counter() - t) * 1000
