@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -112,16 +111,14 @@ async def test_reconnect_attaches_again_on_the_next_call_and_repeats_nothing(run
     with pytest.raises(NodeFailure, match="the next call attaches again"):
         await within(held)
     async with service(runtime_dir) as (second, echo2):
-        t = time.monotonic()
-        assert await within(conn.call("echo", 2, timeout=T)) == 2
-        took = time.monotonic() - t
+        # back within the call's timeout (a bounded wait, not a clock reading)
+        assert await within(conn.call("echo", 2, timeout=T), T) == 2
         assert conn.reconnects == 1 and conn.port is not old_port
         assert echo2.seen == [2]  # the held call was not repeated
         assert set(await within(conn.services())) == {"echo"}
         assert conn.mesh.stats().node.link(bytes(second.node_id)) is not None
         assert await within(conn.call("echo", 3)) == 3 and conn.reconnects == 1
         await conn.aclose()
-    assert took < T, took
 
 
 async def test_reconnect_is_bounded_by_the_call_s_timeout(runtime_dir: Path) -> None:
@@ -130,10 +127,8 @@ async def test_reconnect_is_bounded_by_the_call_s_timeout(runtime_dir: Path) -> 
         assert await within(conn.call("echo", 1)) == 1
     gone = bytes(mesh.node_id)
     await wait_until(lambda: conn.mesh.stats().node.link(gone) is None, "the client noticed")
-    t = time.monotonic()
     with pytest.raises(NodeFailure, match=r"no mesh 'svc' answered within 0.5 s"):
-        await conn.call("echo", 2, timeout=0.5)
-    assert time.monotonic() - t < T  # generous: the bound is 0.5 s
+        await within(conn.call("echo", 2, timeout=0.5), T)  # generous: the bound is 0.5 s
     async with service(runtime_dir) as (_mesh, _echo):
         assert await within(conn.call("echo", 3, timeout=T)) == 3
         assert conn.reconnects == 1

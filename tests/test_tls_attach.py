@@ -199,11 +199,13 @@ async def test_hostile_connections_do_not_stop_a_good_client(runtime_dir: Path) 
             try:
                 await within(asyncio.gather(*(one(i) for i in range(200))), 30)
                 await within(asyncio.gather(*(granted_garbage() for _ in range(5))))
-                started = time.monotonic()
-                async with meshipc.connect_tls(srv.access) as conn:
-                    assert await within(conn.call("double", 3)) == 6
-                elapsed = time.monotonic() - started
-                assert elapsed < STEP  # generous: served despite the flood
+
+                async def served() -> int:
+                    async with meshipc.connect_tls(srv.access) as conn:
+                        return await conn.call("double", 3)
+
+                # attached and answered within STEP despite the flood (a bounded wait)
+                assert await within(served(), STEP) == 6
                 stats = await srv.ask("stats")
                 assert stats["refused"] >= 50 and stats["accepted"] >= 1
             finally:
