@@ -46,6 +46,9 @@ SANS_IO_MODULES = frozenset(
         "test_wire.py",
     }
 )
+#: Test modules that only read the sources and docs (the import layout, the
+#: reference pages): no test in them runs a loop, a socket or a process
+STATIC_MODULES = frozenset({"test_docs.py", "test_layout.py"})
 #: ... except these plain tests, which do drive a loop, sockets or a process
 #: (``import meshipc`` in a fresh interpreter: the portable mode is read there)
 NOT_SANS_IO = frozenset(
@@ -61,7 +64,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         if not isinstance(item, pytest.Function) or inspect.iscoroutinefunction(item.obj):
             continue
         where = item.path.name
-        if where in SANS_IO_MODULES and f"{where}::{item.originalname}" not in NOT_SANS_IO:
+        if where in STATIC_MODULES or (
+            where in SANS_IO_MODULES and f"{where}::{item.originalname}" not in NOT_SANS_IO
+        ):
             item.add_marker(pytest.mark.any_mode)
 
 
