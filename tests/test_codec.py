@@ -29,7 +29,15 @@ from meshipc._codec import (
 )
 from meshipc._ports import Engine, Message
 from meshipc._trace import TRACING
-from meshipc._wire import CALL_HEAD, K_DATA, MAX_FDS_PER_MESSAGE, MAX_OOB_BODY, THREAD_BODY_MIN, FdBody, Gather
+from meshipc._wire import (
+    CALL_HEAD,
+    K_DATA,
+    MAX_FDS_PER_MESSAGE,
+    MAX_OOB_BODY,
+    THREAD_BODY_MIN,
+    FdBody,
+    Gather,
+)
 from relutil import vmrss_kb
 
 
@@ -277,7 +285,9 @@ def _fds(n: int) -> list[Fd]:
 
 
 @pytest.mark.parametrize("shape", ["lone", "dict", "nested", "struct"])
-def test_fds_and_plain_values_encode_in_one_plain_pass_as_the_full_encoder_would(shape: str, untraced: None) -> None:
+def test_fds_and_plain_values_encode_in_one_plain_pass_as_the_full_encoder_would(
+    shape: str, untraced: None
+) -> None:
     """``encode_plain(value, True)``: a value of ``Fd``s and plain values is
     an ``FdBody`` holding the ``Fd``s as they are (nothing detached yet),
     whose bytes are exactly the full encoder's (same wire format, the same

@@ -206,7 +206,9 @@ def _open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-async def test_messages_of_fds_go_on_the_plain_path_batched_in_order_and_nothing_leaks(untraced: None) -> None:
+async def test_messages_of_fds_go_on_the_plain_path_batched_in_order_and_nothing_leaks(
+    untraced: None,
+) -> None:
     """``write_data`` of an ``FdBody`` (``encode_plain(value, True)``): the
     link takes the ``Fd``s over in the call (the caller's are detached at
     once), frames keep their order with plain ones around them, a turn's

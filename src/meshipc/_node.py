@@ -414,7 +414,7 @@ class Node:
             self.loop,
             sock,
             peer,
-            self._on_event,
+            self.engine.receive,  # (every event but plain data: straight to the engine)
             self._on_lost,
             functools.partial(self.engine.receive_data, peer),
             functools.partial(self.engine.receive_run, peer),

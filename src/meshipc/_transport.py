@@ -596,8 +596,8 @@ class Link:
                 for level, kind, data in anc:
                     if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                         arr = array.array("i")
-                        arr.frombytes(data[: len(data) - (len(data) % arr.itemsize)])
-                        arrived.extend(Fd(x) for x in arr)
+                        arr.frombytes(data[: len(data) - (len(data) % FD_SIZE)])
+                        arrived.extend(map(Fd, arr))
                 PLATFORM.adopt_received(f.fileno() for f in arrived)
                 if flags & _CTRUNC:
                     # what did arrive is closed here: nothing leaks
@@ -633,7 +633,8 @@ class Link:
             if ev.nfds:
                 if ev.nfds > len(self._received_fds):
                     raise ProtocolError("frame claims descriptors that did not arrive")
-                fds = [self._received_fds.popleft() for _ in range(ev.nfds)]
+                take = self._received_fds.popleft
+                fds = [take()] if ev.nfds == 1 else [take() for _ in range(ev.nfds)]
             if ev.flags & F_OOB:
                 length = oob_body_length(ev.body)
                 if length >= THREAD_BODY_MIN:

@@ -629,6 +629,20 @@ class FrameDecoder:
                                 run = []
                             on_data(port, seq, kind, body)
                             continue
+                    elif t == T_MSG and nfds and not (flags or nports) and kind <= K_MAX:
+                        # a message of fds and plain values (the fd fast path):
+                        # what _decode_frame makes of it, without its general work
+                        end = pos + 4 + length
+                        if pos + head <= end <= total and length <= MAX_FRAME and nfds <= MAX_FDS_PER_MESSAGE:
+                            if run:
+                                _hand_run(run_port, run_seq, run, on_data, on_run)
+                                run = []
+                            with_fds = MsgEvent(port, seq, kind, 0, [], nfds, bytes(mv[pos + head : end]))
+                            pos = end
+                            frames += 1
+                            if on_event(with_fds):
+                                break
+                            continue
                 if run:
                     _hand_run(run_port, run_seq, run, on_data, on_run)
                     run = []
