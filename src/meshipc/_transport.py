@@ -378,7 +378,8 @@ class Link:
     def _write_fds(self, port: bytes, seq: int, kind: int, body: FdBody) -> None:
         """A message of fds and plain values (``Codec.encode_with_fds``): its
         ``Fd``s are taken over here and go with the turn's batch."""
-        fds = body.take()
+        mine = body.fds
+        fds = [Fd._take(mine[0])] if len(mine) == 1 else body.take()  # (a lone fd: no comprehension)
         raw = body.body
         if len(raw) >= SEPARATE_BODY_MIN or self.closed:
             self.write_event(MsgEvent(port, seq, kind, 0, [], len(fds), raw), fds)
