@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 import meshipc
+from meshipc._trace import TRACING
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -90,3 +91,15 @@ def runtime_dir() -> Iterator[Path]:
     limited), private (0700), removed afterwards."""
     with private_dir() as d:
         yield d
+
+
+@pytest.fixture
+def untraced() -> Iterator[None]:
+    """The data path as in a process where no trace context was ever set
+    (``_trace.TRACING`` off for the test, as it was after): an earlier
+    test that set one leaves it on for the rest of the run."""
+    was, TRACING[0] = TRACING[0], False
+    try:
+        yield
+    finally:
+        TRACING[0] = was

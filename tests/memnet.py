@@ -17,7 +17,7 @@ from meshipc import ChannelClosed, Port, PortFailed
 from meshipc._codec import CODEC
 from meshipc._ids import NodeId, PortId
 from meshipc._ports import DEFAULT_LIMITS, Engine, Limits
-from meshipc._wire import Event, FrameDecoder, MsgEvent, encode_event
+from meshipc._wire import Event, FdBody, FrameDecoder, MsgEvent, encode_event
 
 
 class _Outbox:
@@ -37,6 +37,10 @@ class _Outbox:
         net.links.setdefault((self.src, dst), deque()).append((ev, fds))
 
     def send_data(self, node: bytes, port: bytes, seq: int, kind: int, body: bytes) -> None:
+        if isinstance(body, FdBody):  # a message of fds (the fd fast path): taken over here, as a link does
+            fds = body.take()
+            self.send_event(node, MsgEvent(port, seq, kind, 0, [], len(fds), body.body), fds)
+            return
         self.send_event(node, MsgEvent(port, seq, kind, 0, [], 0, body), [])
 
     def watch(self, node: bytes) -> None:

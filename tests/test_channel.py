@@ -14,6 +14,7 @@ import os
 import pickle
 import random
 import sys
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -36,6 +37,8 @@ from meshipc import (
     Sender,
 )
 from meshipc._channel import default_engine
+from meshipc._codec import CODEC
+from meshipc._ports import DEFAULT_LIMITS, Limits
 from relutil import within
 
 
@@ -1243,6 +1246,71 @@ def test_fd_travels_across_engines():
     os.write(got.fileno(), b"through the mesh")
     assert os.read(r, 100) == b"through the mesh"
     got.close()
+    os.close(r)
+    close_all(net, tx, rx)
+
+
+def _fd_net(limits: Limits = DEFAULT_LIMITS) -> tuple[Net, Sender[Any], Receiver[Any]]:
+    """Two engines driven from this thread (a send there takes the fast
+    paths), a channel from engine 0 to engine 1."""
+    net = Net(2, limits)
+    for e in net.engines:
+        e.thread = threading.get_ident()
+    a, b = net.pair(0, 1)
+    return net, Sender._wrap(a._detach()), Receiver._wrap(b._detach())
+
+
+def test_messages_of_fds_and_plain_values_skip_the_full_encoder(monkeypatch: Any, untraced: None) -> None:
+    """The fd fast path (issue 24): a lone ``Fd``, or ``Fd``s among plain
+    values, goes without the full encoder (a spy counts it), handed over
+    at once, and arrives as the full encoder's would; an ``Fd`` beside a
+    port still takes the full encoder."""
+    net, tx, rx = _fd_net()
+    full: list[Any] = []
+    real = CODEC.encode
+    monkeypatch.setattr(CODEC, "encode", lambda *a: full.append(a) or real(*a))
+    r, w = os.pipe()
+    fds = [Fd.dup(w) for _ in range(4)]
+    tx.send(fds[0])
+    tx.send({"out": fds[1], "n": 1})
+    tx.send([fds[2], "x", (fds[3], None)])
+    assert all(f.closed for f in fds) and full == []
+    p, q = Port.pair()
+    beside = Fd.dup(w)
+    tx.send({"fd": beside, "port": p})
+    assert beside.closed and len(full) == 1
+    net.run()
+    one, two, three, four = drain(rx)
+    got = [one, two["out"], three[0], three[2][0], four["fd"]]
+    assert two["n"] == 1 and three[1] == "x" and isinstance(four["port"], Port)
+    for i, f in enumerate(got):
+        os.write(f.fileno(), b"%d" % i)
+        f.close()
+    assert os.read(r, 100) == b"01234"
+    os.close(r)
+    os.close(w)
+    close_all(net, tx, rx, q, four["port"])
+
+
+def test_a_message_of_fds_refused_at_the_hard_limit_closes_its_fds(untraced: None) -> None:
+    """``BufferFull`` on the fd fast path leaves nothing open, as a refused
+    send of the full encoder's does; the stream goes on once read."""
+    net, tx, rx = _fd_net(Limits(window_messages=2, max_messages=4))
+    r, w = os.pipe()
+    sent = []
+    with pytest.raises(meshipc.BufferFull):
+        for _ in range(300):  # (the limit is checked every CHECKPOINT_MESSAGES)
+            f = Fd.dup(w)
+            sent.append(f)
+            tx.send({"fd": f})
+    assert all(f.closed for f in sent)
+    net.run()
+    got = drain(rx)
+    assert len(got) == len(sent) - 1
+    for m in got:
+        m["fd"].close()
+    os.close(w)
+    assert os.read(r, 10) == b""  # every copy of the write end is closed
     os.close(r)
     close_all(net, tx, rx)
 

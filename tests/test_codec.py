@@ -28,7 +28,16 @@ from meshipc._codec import (
     walk_resources,
 )
 from meshipc._ports import Engine, Message
-from meshipc._wire import CALL_HEAD, K_DATA, MAX_OOB_BODY, THREAD_BODY_MIN, Gather
+from meshipc._trace import TRACING
+from meshipc._wire import (
+    CALL_HEAD,
+    K_DATA,
+    MAX_FDS_PER_MESSAGE,
+    MAX_OOB_BODY,
+    THREAD_BODY_MIN,
+    FdBody,
+    Gather,
+)
 from relutil import vmrss_kb
 
 
@@ -266,3 +275,66 @@ def test_a_large_bytes_value_is_sent_without_a_copy() -> None:
     assert isinstance(encode_plain(value[:-1]), bytes)
     mutable = CODEC.encode_call(bytearray(value))
     assert isinstance(mutable, bytearray) and mutable[CALL_HEAD:] == msgspec.msgpack.encode(value)
+
+
+# ---------------------------------------------------------------- the fd fast path (issue 24)
+
+
+def _fds(n: int) -> list[Fd]:
+    return [Fd(os.dup(0)) for _ in range(n)]
+
+
+@pytest.mark.parametrize("shape", ["lone", "dict", "nested", "struct"])
+def test_fds_and_plain_values_encode_in_one_plain_pass_as_the_full_encoder_would(
+    shape: str, untraced: None
+) -> None:
+    """``encode_plain(value, True)``: a value of ``Fd``s and plain values is
+    an ``FdBody`` holding the ``Fd``s as they are (nothing detached yet),
+    whose bytes are exactly the full encoder's (same wire format, the same
+    decoder at the other end)."""
+    a, b = _fds(2)
+    value: Any = {
+        "lone": a,
+        "dict": {"out": a, "n": 7, "s": "text"},
+        "nested": [1, (a, [b, None]), {"k": b"x"}],
+        "struct": Point(a, b),
+    }[shape]
+    got = encode_plain(value, True)
+    assert type(got) is FdBody
+    used = [a] if shape in ("lone", "dict") else [a, b]
+    assert [f is g for f, g in zip(got.fds, used, strict=True)] == [True] * len(used)
+    assert not a.closed and not b.closed  # the link takes them over, not the encoder
+    assert encode_plain(value) is None  # without fds=True: the full encoder's, as before
+    full, _, taken = CODEC.encode(Engine(NodeId.random()), value)
+    assert got.body == full and len(got) == len(full)
+    back = decode(message(got.body, fds=taken), Any)
+    assert isinstance(back, Fd) if shape == "lone" else True
+    for f in taken:
+        f.close()
+
+
+def test_what_the_fd_fast_path_leaves_to_the_full_encoder_and_detaches_nothing(untraced: None) -> None:
+    """A closed ``Fd``, the same one twice, one more than the cap, an ``Fd``
+    beside a port, or a process where a trace context may be set: None (the
+    full encoder says what is wrong, or carries the context), and every
+    ``Fd`` is still the caller's."""
+    fds = _fds(MAX_FDS_PER_MESSAGE + 1)
+    closed = Fd(os.dup(0))
+    closed.close()
+    a, b = Port.pair()
+    try:
+        assert encode_plain(closed, True) is None
+        assert encode_plain([closed], True) is None
+        assert encode_plain([fds[0], fds[0]], True) is None
+        assert encode_plain(fds, True) is None
+        assert type(encode_plain(fds[:MAX_FDS_PER_MESSAGE], True)) is FdBody  # the cap itself goes
+        assert encode_plain({"fd": fds[0], "port": a}, True) is None
+        assert encode_plain([fds[0], object()], True) is None
+        TRACING[0] = True  # (untraced puts it back)
+        assert encode_plain(fds[0], True) is None and encode_plain([fds[0]], True) is None
+        TRACING[0] = False
+        assert encode_plain("plain after all that", True) == msgspec.msgpack.encode("plain after all that")
+        assert not any(f.closed for f in fds)
+    finally:
+        for f in (*fds, a, b):
+            f.close()

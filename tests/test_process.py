@@ -30,7 +30,7 @@ import meshipc._mesh
 import meshipc._process
 from meshipc import ChannelClosed, Fd, HandshakeError, MeshError, PortFailed, RemoteError
 from meshipc._child import EXIT_PARENT_LOST
-from meshipc._codec import CODEC
+from meshipc._codec import CODEC, walk_resources
 from meshipc._handshake import (
     CHALLENGE_LEN,
     HELLO_LEN,
@@ -289,6 +289,53 @@ async def test_fd_passing_in_calls_small_and_out_of_band(runtime_dir: Path) -> N
                 assert got == data, f"size {size}: pipe contents differ"
             finally:
                 os.close(r)
+
+
+async def test_a_stream_of_fd_messages_to_a_worker_takes_the_fast_path_and_leaks_nothing(
+    runtime_dir: Path, monkeypatch: Any, untraced: None
+) -> None:
+    """Hundreds of messages of fds (lone ``Fd``s, ``Fd``s among plain values)
+    to a worker, more than one ``sendmsg`` carries: each arrives in order
+    with its own fds (the worker writes into each), the parent sends them
+    without the full encoder (a spy counts it), and neither process keeps a
+    descriptor it did not have before."""
+    n = 600
+    r, w = os.pipe()
+    async with meshipc.Mesh(runtime_dir=runtime_dir) as mesh:
+        tx, rx = meshipc.channel()
+        done_tx, done_rx = meshipc.channel()
+        await mesh.spawn("workers:fd_stream_writer", {"rx": rx, "done": done_tx, "n": n})
+        full: list[Any] = []
+        real = CODEC.encode
+
+
+        def spy(*a: Any) -> Any:
+            if any(isinstance(x, Fd) for x in walk_resources(a[1])):  # (not the control plane's own)
+                full.append(a[1])
+            return real(*a)
+
+        monkeypatch.setattr(CODEC, "encode", spy)
+        opened = await within(done_rx.recv())
+        before = len(os.listdir("/proc/self/fd"))
+        want = []
+        for i in range(n):
+            if i % 3 == 0:
+                tx.send(Fd.dup(w))
+                want.append(b"%d.0;" % i)
+            else:
+                tx.send({"i": i, "fds": [Fd.dup(w) for _ in range(i % 3)], "text": "x" * (i % 7)})
+                want.extend(b"%d.%d;" % (i, j) for j in range(i % 3))
+            if i % 64 == 63:
+                await within(tx.drain())
+        os.close(w)
+        left = await within(done_rx.recv())
+        assert left == opened, f"the worker kept {left - opened} descriptors"
+        assert full == [], "a message of fds took the full encoder"
+        assert await read_to_eof(r) == b"".join(want)
+        # the worker read every message: each was written, and its fds closed here
+        assert len(os.listdir("/proc/self/fd")) <= before
+        tx.close()
+    os.close(r)
 
 
 # ------------------------------------------------------------------ message sizes

@@ -36,6 +36,7 @@ from meshipc._wire import (
     OOB_THRESHOLD,
     THREAD_BODY_MIN,
     CloseEvent,
+    FdBody,
     Gather,
     MsgEvent,
     data_frame,
@@ -199,6 +200,55 @@ async def test_descriptors_beyond_one_sendmsg_go_in_batches_and_each_message_get
     finally:
         os.close(r)
         os.close(w)
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def test_messages_of_fds_go_on_the_plain_path_batched_in_order_and_nothing_leaks(
+    untraced: None,
+) -> None:
+    """``write_data`` of an ``FdBody`` (``encode_plain(value, True)``): the
+    link takes the ``Fd``s over in the call (the caller's are detached at
+    once), frames keep their order with plain ones around them, a turn's
+    descriptors share few ``sendmsg`` calls, a body of ``SEPARATE_BODY_MIN``
+    or ``OOB_THRESHOLD`` bytes still carries its fds, and once the receiver
+    closes what arrived no descriptor is left over on either side."""
+    before = _open_fds()
+    r, w = os.pipe()
+    async with linked() as (a, _b, _, got):
+        values: list[Any] = []
+        for i in range(300):  # more than one sendmsg can carry (SCM_MAX_FD)
+            values.append(Fd.dup(w) if i % 2 else {"fd": Fd.dup(w), "i": i, "more": [Fd.dup(w)]})
+        values.append({"fd": Fd.dup(w), "pad": b"m" * SEPARATE_BODY_MIN})
+        values.append({"fd": Fd.dup(w), "pad": b"o" * OOB_THRESHOLD})
+        writes = a.writes
+        for seq, v in enumerate(values):
+            body = encode_plain(v, True)
+            assert type(body) is FdBody
+            a.write_data(PORT, seq, K_DATA, body)
+            assert all(f.closed for f in body.fds)  # handed over in the call
+            if seq == 100:
+                a.write_data(PORT, 1000, K_DATA, b"plain in between")
+        await wait_until(lambda: len(got.events) == len(values), "every message")
+        assert a.writes - writes <= 6, f"{a.writes - writes} writes for {len(values)} messages"
+        assert got.bodies == [b"plain in between"] and got.order.index(1000) == 101
+        for seq, ((ev, fds), v) in enumerate(zip(got.events, values, strict=True)):
+            want = 1 if isinstance(v, Fd) else 1 + len(v.get("more", []))
+            assert (ev.seq, ev.nfds, len(fds)) == (seq, want, want)
+            for f in fds:
+                assert stat.S_ISFIFO(os.fstat(f.fileno()).st_mode)
+                f.close()
+        await wait_until(lambda: a.idle, "the writer to finish")
+        # a message of fds on a closed link: its fds are closed, nothing is queued
+        a.close()
+        late = Fd.dup(w)
+        a.write_data(PORT, 0, K_DATA, encode_plain(late, True) or b"")
+        assert late.closed
+    os.close(r)
+    os.close(w)
+    assert _open_fds() == before
 
 
 async def test_a_large_body_travels_out_of_band_and_a_medium_one_as_its_own_chunk() -> None:

@@ -39,10 +39,12 @@ from meshipc._wire import (
     MsgEvent,
     PortDesc,
     ProxyAckEvent,
+    _decode_frame,
     decode_port_desc,
     encode_event,
     encode_msg_header,
     encode_port_desc,
+    fd_frame,
     oob_body_length,
     oob_body_marker,
 )
@@ -647,3 +649,54 @@ def test_runs_keep_the_wire_order_whatever_the_chunking(
     chunks.append(raw[pos:])
     _, flat = _feed_each_log(chunks)
     assert flat == [(e.port, e.seq, e.kind, e.body) for e in evs if isinstance(e, MsgEvent)]
+
+
+def _fields(ev: Event) -> tuple[Any, ...]:
+    assert isinstance(ev, MsgEvent)
+    return (ev.port, ev.seq, ev.kind, ev.flags, ev.ports, ev.nfds, bytes(ev.body))
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 3), st.sampled_from([K_DATA, K_ERROR]), st.binary(max_size=30)), max_size=30
+    ),
+    st.lists(st.integers(1, 64), max_size=10),
+)
+def test_messages_of_fds_decode_as_the_general_decoder_does_whatever_the_chunking(
+    spec: list[tuple[int, int, bytes]], cuts: list[int]
+) -> None:
+    """A frame of a message of fds (``fd_frame``, what the fd fast path
+    writes) is the general frame of that message, and ``feed_each``'s fast
+    branch for it gives ``_decode_frame``'s event, in wire order among
+    plain frames, however the bytes are split."""
+    evs = [MsgEvent(rid(1), i + 1, kind, 0, [], nfds, body) for i, (nfds, kind, body) in enumerate(spec)]
+    frames = [encode_event(e) for e in evs]
+    for e, f in zip(evs, frames, strict=True):
+        if e.nfds:
+            assert fd_frame(e.port, e.seq, e.kind, e.nfds, e.body) == f
+    want = [_fields(_decode_frame(memoryview(f)[4:])) for f in frames]
+    raw = b"".join(frames)
+    chunks, pos = [], 0
+    for c in cuts:
+        chunks.append(raw[pos : pos + c])
+        pos += c
+    chunks.append(raw[pos:])
+    got: list[tuple[Any, ...]] = []
+    d = FrameDecoder()
+    for c in chunks:
+        d.feed_each(
+            c,
+            lambda port, seq, kind, body: got.append((port, seq, kind, 0, [], 0, bytes(body))),
+            lambda ev: got.append(_fields(ev)),
+            lambda port, seq, bodies: got.extend(
+                (port, seq + i, K_DATA, 0, [], 0, bytes(b)) for i, b in enumerate(bodies)
+            ),
+        )
+    assert got == want
+
+
+def test_a_frame_claiming_too_many_fds_is_a_protocol_error_on_the_fast_branch_too() -> None:
+    frame = fd_frame(rid(1), 1, K_DATA, MAX_FDS_PER_MESSAGE + 1, b"\xc0")
+    with pytest.raises(ProtocolError, match="fds in one message"):
+        FrameDecoder().feed_each(frame, lambda *a: None, lambda ev: None)

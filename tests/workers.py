@@ -61,6 +61,31 @@ async def fd_writer(rx: Receiver[Call[Any]]) -> None:
         call.reply(len(call.request["data"]))
 
 
+def _fds_in(value: Any) -> list[Fd]:
+    if isinstance(value, Fd):
+        return [value]
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        return [f for x in value for f in _fds_in(x)]
+    return []
+
+
+async def fd_stream_writer(arg: dict[str, Any]) -> None:
+    """Read ``arg["n"]`` messages of fds (a lone ``Fd``, or ``Fd``s among
+    plain values) from ``arg["rx"]``: write ``b"i.j;"`` into the j-th fd of
+    the i-th message and close it. Sends ``arg["done"]`` how many
+    descriptors this process has open first (before any message is sent:
+    the sender waits for it), then after the last message."""
+    rx, done = arg["rx"], arg["done"]
+    done.send(len(os.listdir("/proc/self/fd")))
+    for i in range(arg["n"]):
+        for j, fd in enumerate(_fds_in(await rx.recv())):
+            with fd:
+                os.write(fd.fileno(), b"%d.%d;" % (i, j))
+    done.send(len(os.listdir("/proc/self/fd")))
+
+
 async def noop(arg: Any) -> None:
     """Return at once, without touching ``arg``."""
 

@@ -44,7 +44,7 @@ from ._ids import NodeId
 from ._ports import Engine, Message, PortState, TracedMessage
 from ._trace import TRACING, Trace, current_deadline, parse_prefix, prefix, with_deadline
 from ._trace import handling as _handling
-from ._wire import K_ADD_SENDER, K_CALL, K_DATA, K_ERROR, K_REPLY, K_REPLY_ERROR
+from ._wire import FD_BODY, K_ADD_SENDER, K_CALL, K_DATA, K_ERROR, K_REPLY, K_REPLY_ERROR
 
 T = TypeVar("T")
 if TYPE_CHECKING:  # a default (PEP 696): a bare ``Port`` is a ``Port[Any]``
@@ -825,12 +825,20 @@ class Sender(_Handle, Generic[T]):
                 if st.peer_node == eng.node_id or st.peer_closed or st.error is not None:
                     eng.send_value(st, K_DATA, value)
                     return
-                # encoded here, as every value sent (_body, inlined: the hot path)
+                # encoded here, as every value sent (_body, inlined: the hot path);
+                # a value of fds and plain values too (the link takes the fds)
                 try:
-                    body = encode_plain(value)
+                    body = encode_plain(value, True)
                 except Exception as exc:
                     raise refused(exc) from None
-                eng.send_value(st, K_DATA, value, body)
+                if type(body) is not FD_BODY:
+                    eng.send_value(st, K_DATA, value, body)
+                    return
+                try:
+                    eng.send_value(st, K_DATA, value, body)
+                except BaseException:
+                    CODEC.dispose(value)  # as a failed send of the full encoder's: nothing stays open
+                    raise
                 return
         _send(self, K_DATA, value)
 

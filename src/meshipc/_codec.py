@@ -21,7 +21,7 @@ import struct
 import threading
 import typing
 from collections.abc import Callable
-from typing import Any, Final, cast
+from typing import Any, Final, Literal, cast
 
 import msgspec
 
@@ -29,7 +29,17 @@ from ._errors import ChannelClosed, MeshError, MessageError
 from ._fd import Fd
 from ._ids import ID_LEN, NodeId, PortId
 from ._ports import Engine, Message, PortState
-from ._wire import CALL_HEAD, MAX_OOB_BODY, OOB_THRESHOLD, THREAD_BODY_MIN, Gather, bin_header
+from ._trace import TRACING
+from ._wire import (
+    CALL_HEAD,
+    MAX_FDS_PER_MESSAGE,
+    MAX_OOB_BODY,
+    OOB_THRESHOLD,
+    THREAD_BODY_MIN,
+    FdBody,
+    Gather,
+    bin_header,
+)
 
 #: Extension type code of a file descriptor inside a message body; handle
 #: types register their own codes (``register_handle``). Part of the wire
@@ -220,13 +230,31 @@ _LONE_FD: Final = _encoder.encode(msgspec.msgpack.Ext(EXT_FD, _INDEX.pack(0)))
 # encode by itself (a handle, an fd, an unsupported type): it notes that the
 # full encoder must judge (no exception on the hot path). Only the threads
 # that drive engines use it, one encode at a time per thread; the note is a
-# per-thread slot keyed by thread id.
-_needs_full: dict[int, bool] = {}
+# per-thread slot keyed by thread id: True (the full encoder must judge) or,
+# while only ``Fd``s were met, the list of them (``encode_with_fds`` ships
+# those without the full encoder; ``encode_plain`` leaves them to it).
+_needs_full: dict[int, Literal[True] | list[Fd]] = {}
 _get_ident = threading.get_ident
+#: the extension payload of the i-th fd of a message, made once
+_FD_REFS: Final = tuple(msgspec.msgpack.Ext(EXT_FD, _INDEX.pack(i)) for i in range(MAX_FDS_PER_MESSAGE))
 
 
-def _plain_hook(obj: Any) -> None:
-    _needs_full[_get_ident()] = True
+def _plain_hook(obj: Any) -> Any:
+    ident = _get_ident()
+    if type(obj) is Fd:
+        found = _needs_full.get(ident)
+        if found is None:
+            found = _needs_full[ident] = []
+        if found is not True:
+            i = len(found)
+            if i < MAX_FDS_PER_MESSAGE and obj._fd >= 0 and all(f is not obj for f in found):
+                found.append(obj)
+                return _FD_REFS[i]
+            # too many, closed, twice: the full encoder says what is wrong
+        _needs_full[ident] = True
+        return None
+    _needs_full[ident] = True
+    return None
 
 
 _plain_encoder = msgspec.msgpack.Encoder(enc_hook=_plain_hook)
@@ -434,16 +462,30 @@ class MsgpackCodec:
         finally:
             r.engine, r.ports, r.fds, r.carrier = None, [], [], None
 
-    def encode_plain(self, obj: Any) -> bytes | None:
+    def encode_plain(self, obj: Any, fds: bool = False) -> bytes | None:
         """The bytes of a value without ports or fds; None if it has any (or
         a type only the full encoder can judge). ``MessageError`` for a value
         known to be too large (``check_size``), before any copy. A ``bytes``
         value of ``THREAD_BODY_MIN`` bytes or more is not copied: its body is
         a ``Gather`` (msgpack's header, then the value), which the link
-        writes in a worker thread; it passes for bytes on the way there."""
+        writes in a worker thread; it passes for bytes on the way there.
+
+        ``fds``: a value of ``Fd``s and plain values is encoded too (the fd
+        fast path, issue 24: the same one pass, no resource tables); its
+        body is an ``FdBody``, which also passes for bytes as far as the
+        link, and holds the ``Fd``s as they are: the link takes them over
+        when it queues the frame. Only for a send on the engine's thread,
+        where nothing runs between this and the link (elsewhere the ``Fd``s
+        could be closed in between), and not once a trace context may be
+        set (``TRACING``: the full encoder's frame carries it). A closed
+        ``Fd``, the same one twice or more than ``MAX_FDS_PER_MESSAGE``
+        still go to the full encoder, which says what is wrong."""
         t = type(obj)
         if t is Fd:
-            return None  # the full encoder's (without trying the plain one first)
+            # a lone fd: what the plain encoder would make, without msgspec
+            if fds and obj._fd >= 0 and not TRACING[0]:
+                return cast(bytes, FdBody(_LONE_FD, [obj]))
+            return None
         if t in _SIZED and (obj.nbytes if t is memoryview else len(obj)) >= THREAD_BODY_MIN:
             check_size(obj)
             if type(obj) is bytes:
@@ -453,8 +495,12 @@ class MsgpackCodec:
         except BaseException:
             _needs_full.pop(_get_ident(), None)  # forget the note, then re-raise
             raise
-        if _needs_full and _needs_full.pop(_get_ident(), False):
-            return None
+        if _needs_full:
+            found = _needs_full.pop(_get_ident(), None)
+            if found:
+                if fds and found is not True and not TRACING[0]:
+                    return cast(bytes, FdBody(body, found))
+                return None
         return body
 
     def encode_call(self, obj: Any) -> bytes | bytearray | None:

@@ -25,6 +25,19 @@ class Fd:
         self._fd = fd
 
     @classmethod
+    def _take(cls, other: Fd) -> Fd:
+        """A new ``Fd`` that owns ``other``'s descriptor (``other`` is left
+        detached): ``other.detach()`` then ``Fd(n)``, without re-checking a
+        number an ``Fd`` already holds. ``ValueError`` if ``other`` is closed."""
+        n = other._fd
+        if n < 0:
+            raise ValueError("Fd is closed or detached")
+        other._fd = -1
+        new = object.__new__(cls)
+        new._fd = n
+        return new
+
+    @classmethod
     def dup(cls, f: int | IO[Any] | Any) -> Fd:
         """A new owned duplicate of ``f`` (an int or anything with ``fileno()``)."""
         n = f if isinstance(f, int) else f.fileno()
@@ -61,8 +74,9 @@ class Fd:
     ) -> None:
         self.close()
 
-    def __del__(self) -> None:
-        self.close()
+    #: closed when dropped (``close`` itself: one call less per ``Fd``, and
+    #: every message of fds makes and drops a few)
+    __del__ = close
 
     def __repr__(self) -> str:
         return f"Fd({self._fd})" if self._fd >= 0 else "Fd(closed)"

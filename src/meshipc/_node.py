@@ -23,7 +23,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, cast
 
 from ._errors import HandshakeError, ProtocolError
 from ._handshake import (
@@ -69,7 +69,7 @@ from ._sockets import (
 )
 from ._tasks import TaskSet
 from ._transport import Link, LinkStats, ReadBuffer
-from ._wire import PORT_DESC_SIZE, Event, MsgEvent, decode_port_desc, encode_port_desc
+from ._wire import FD_BODY, PORT_DESC_SIZE, Event, FdBody, MsgEvent, decode_port_desc, encode_port_desc
 
 log = logging.getLogger("meshipc")
 
@@ -373,6 +373,10 @@ class Node:
         link = self._links.get(node)
         if link is not None:
             link.write_data(port, seq, kind, body)
+        elif type(body) is FD_BODY:  # a message of fds (Codec.encode_with_fds)
+            fb = cast(FdBody, body)
+            fds = fb.take()
+            self.send_event(node, MsgEvent(port, seq, kind, 0, [], len(fds), fb.body), fds)
         else:
             self.send_event(node, MsgEvent(port, seq, kind, 0, [], 0, body), [])
 
@@ -410,7 +414,7 @@ class Node:
             self.loop,
             sock,
             peer,
-            self._on_event,
+            self.engine.receive,  # (every event but plain data: straight to the engine)
             self._on_lost,
             functools.partial(self.engine.receive_data, peer),
             functools.partial(self.engine.receive_run, peer),

@@ -36,7 +36,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, cast
 
 from ._errors import BufferFull, DescriptorsTruncated, MeshError, MessageError, ProtocolError
 from ._fd import Fd
@@ -45,16 +45,19 @@ from ._names import body_directory, runtime_root
 from ._platform import PLATFORM, body_error
 from ._wire import (
     F_OOB,
+    FD_BODY,
     MAX_FDS_PER_MESSAGE,
     MAX_OOB_BODY,
     OOB_THRESHOLD,
     THREAD_BODY_MIN,
     Event,
+    FdBody,
     FrameDecoder,
     MsgEvent,
     data_frame,
     encode_event,
     encode_msg_header,
+    fd_frame,
     oob_body_length,
     oob_body_marker,
 )
@@ -350,8 +353,11 @@ class Link:
     def write_data(self, port: bytes, seq: int, kind: int, body: bytes) -> None:
         """A plain message (no ports, no fds): the hot path of ``write_event``."""
         n = len(body)
-        if n >= SEPARATE_BODY_MIN or self.closed:
-            self.write_event(MsgEvent(port, seq, kind, 0, [], 0, body), [])
+        if n >= SEPARATE_BODY_MIN or self.closed or type(body) is FD_BODY:
+            if type(body) is FD_BODY:
+                self._write_fds(port, seq, kind, cast(FdBody, body))
+            else:
+                self.write_event(MsgEvent(port, seq, kind, 0, [], 0, body), [])
             return
         frame = data_frame(port, seq, kind, body)
         self.frames_out += 1
@@ -368,6 +374,17 @@ class Link:
             self._flush_scheduled = True
             self.loop.call_soon(self.flush)
         self._chunks.append(frame)
+
+    def _write_fds(self, port: bytes, seq: int, kind: int, body: FdBody) -> None:
+        """A message of fds and plain values (``Codec.encode_with_fds``): its
+        ``Fd``s are taken over here and go with the turn's batch."""
+        mine = body.fds
+        fds = [Fd._take(mine[0])] if len(mine) == 1 else body.take()  # (a lone fd: no comprehension)
+        raw = body.body
+        if len(raw) >= SEPARATE_BODY_MIN or self.closed:
+            self.write_event(MsgEvent(port, seq, kind, 0, [], len(fds), raw), fds)
+            return
+        self._add(fd_frame(port, seq, kind, len(fds), raw), fds)
 
     def _send_now(self, data: bytes) -> None:
         try:
@@ -580,8 +597,8 @@ class Link:
                 for level, kind, data in anc:
                     if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                         arr = array.array("i")
-                        arr.frombytes(data[: len(data) - (len(data) % arr.itemsize)])
-                        arrived.extend(Fd(x) for x in arr)
+                        arr.frombytes(data[: len(data) - (len(data) % FD_SIZE)])
+                        arrived.extend(map(Fd, arr))
                 PLATFORM.adopt_received(f.fileno() for f in arrived)
                 if flags & _CTRUNC:
                     # what did arrive is closed here: nothing leaks
@@ -617,7 +634,8 @@ class Link:
             if ev.nfds:
                 if ev.nfds > len(self._received_fds):
                     raise ProtocolError("frame claims descriptors that did not arrive")
-                fds = [self._received_fds.popleft() for _ in range(ev.nfds)]
+                take = self._received_fds.popleft
+                fds = [take()] if ev.nfds == 1 else [take() for _ in range(ev.nfds)]
             if ev.flags & F_OOB:
                 length = oob_body_length(ev.body)
                 if length >= THREAD_BODY_MIN:

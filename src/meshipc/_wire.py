@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable
-from typing import Final
+from typing import Any, Final
 
 from ._errors import ProtocolError
+from ._fd import Fd
 from ._ids import ID_LEN
 
 # --- limits: every length read from a peer is checked against one of these ---
@@ -199,6 +200,34 @@ class Gather:
         if not (isinstance(first, bytearray) and key.start is None and key.stop == len(first) == len(head)):
             raise TypeError("only the room at the front of a Gather body can be written")
         first[:] = head
+
+
+class FdBody:
+    """The encoded body of a message of ``Fd``s and plain values (the fd
+    fast path, issue 24) and the ``Fd``s it refers to, in order (extension
+    references by index, as the full encoder writes them). It goes where a
+    plain body goes, as far as the link (``Link.write_data``), which takes
+    the descriptors over only then; ``len`` is the body's length. Anything
+    else that meets one (it is not ``bytes``) fails loudly."""
+
+    __slots__ = ("body", "fds")
+
+    def __init__(self, body: bytes, fds: list[Fd]) -> None:
+        self.body = body
+        self.fds = fds
+
+    def __len__(self) -> int:
+        return len(self.body)
+
+    def take(self) -> list[Fd]:
+        """The descriptors, taken over from the value's ``Fd``s (each is left
+        detached, as sending hands it over). ``ValueError`` if one was closed."""
+        return [Fd._take(f) for f in self.fds]
+
+
+#: ``FdBody`` as the type checks of a body typed ``bytes`` name it (it passes
+#: for bytes on the way to the link).
+FD_BODY: Final[Any] = FdBody
 
 
 def bin_header(n: int) -> bytes:
@@ -385,6 +414,11 @@ def data_frame(port: bytes, seq: int, kind: int, body: bytes) -> bytes:
     """The whole frame of a message without ports, fds or flags (the common
     frame; ``encode_msg_header`` builds the same head, one call slower)."""
     return _LEN_MSG.pack(len(body) + DATA_HEAD_LEN, T_MSG, port, seq, kind, 0, 0, 0) + body
+
+
+def fd_frame(port: bytes, seq: int, kind: int, nfds: int, body: bytes) -> bytes:
+    """``data_frame`` of a message that carries ``nfds`` fds (no ports, no flags)."""
+    return _LEN_MSG.pack(len(body) + DATA_HEAD_LEN, T_MSG, port, seq, kind, 0, 0, nfds) + body
 
 
 def encode_event(ev: Event) -> bytes:
@@ -594,6 +628,20 @@ class FrameDecoder:
                                 _hand_run(run_port, run_seq, run, on_data, on_run)
                                 run = []
                             on_data(port, seq, kind, body)
+                            continue
+                    elif t == T_MSG and nfds and not (flags or nports) and kind <= K_MAX:
+                        # a message of fds and plain values (the fd fast path):
+                        # what _decode_frame makes of it, without its general work
+                        end = pos + 4 + length
+                        if pos + head <= end <= total and length <= MAX_FRAME and nfds <= MAX_FDS_PER_MESSAGE:
+                            if run:
+                                _hand_run(run_port, run_seq, run, on_data, on_run)
+                                run = []
+                            with_fds = MsgEvent(port, seq, kind, 0, [], nfds, bytes(mv[pos + head : end]))
+                            pos = end
+                            frames += 1
+                            if on_event(with_fds):
+                                break
                             continue
                 if run:
                     _hand_run(run_port, run_seq, run, on_data, on_run)
