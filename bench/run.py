@@ -274,7 +274,15 @@ TARGETS: list[tuple[Any, ...]] = [
     ),
     ("TLS round trip, stock loop <= 1.3x a raw TLS echo", "tls_rtt", TLS_STOCK, TLS_RAW, "<=", 1.3),
     ("TLS round trip, uvloop <= 1.3x a raw TLS echo (uvloop)", "tls_rtt", TLS_UV, TLS_RAW_UV, "<=", 1.3),
-    ("CPU to spawn 16 workers <= 1.5x ProcessPoolExecutor (forkserver)", "spawn16", SP_Z, SP_POOL, "<=", 1.5, "cpu"),
+    (
+        "CPU to spawn 16 workers <= 1.5x ProcessPoolExecutor (forkserver)",
+        "spawn16",
+        SP_Z,
+        SP_POOL,
+        "<=",
+        1.5,
+        "cpu",
+    ),
     ("spawn 16 workers <= 1.5x ProcessPoolExecutor (forkserver)", "spawn16", SP_Z, SP_POOL, "<=", 1.5),
 ]
 
@@ -771,7 +779,9 @@ def group_spawn(cfg: dict[str, Any], args: argparse.Namespace, res: Results, key
         return value
 
     try:
-        data = _rounds([("spawn16", list(drivers), batch)], args.runs or (3 if args.quick else 7), failed, "spawn")
+        data = _rounds(
+            [("spawn16", list(drivers), batch)], args.runs or (3 if args.quick else 7), failed, "spawn"
+        )
     finally:
         for d in drivers.values():
             d.close()

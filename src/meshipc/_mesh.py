@@ -543,7 +543,9 @@ class Mesh(ControlPlane):
                 )
             proc = await spawn_via(via, self._node, target, arg, name)
         else:
-            zygote = self._zygote if start == "zygote" and self._zygote_mode != "off" and forks_safely() else None
+            zygote = (
+                self._zygote if start == "zygote" and self._zygote_mode != "off" and forks_safely() else None
+            )
             proc = await spawn(
                 self._node, self._admit_worker, self.limits, target, arg, name, restart, forward_logs, zygote
             )

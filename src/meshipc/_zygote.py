@@ -436,7 +436,9 @@ class Zygote:
         while self._out and sock is not None:
             data, fds = self._out[0]
             try:
-                anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))] if fds else []
+                anc = (
+                    [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))] if fds else []
+                )
                 n = sock.sendmsg([data], anc)
             except BlockingIOError:
                 n = 0
@@ -589,4 +591,3 @@ def forks_safely() -> bool:
     (macOS frameworks break in a child forked without exec, and the portable
     mode runs the macOS code paths)."""
     return PLATFORM.name == "linux" and hasattr(os, "fork")
-
