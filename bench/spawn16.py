@@ -14,24 +14,11 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import multiprocessing as mp
-import os
 import time
 from typing import Any
 
 import meshipc
-
-_barrier: Any = None
-
-
-def _set_barrier(barrier: Any) -> None:
-    global _barrier
-    _barrier = barrier
-
-
-def pool_task(_: int) -> int:
-    """Pool worker: wait until all N workers run a task, then answer."""
-    _barrier.wait(60)
-    return os.getpid()
+from bench.spawn_task import pool_task, set_barrier
 
 
 class SpawnPath:
@@ -66,7 +53,7 @@ class SpawnPath:
 
             async def one(i: int) -> Any:
                 tx, rx = meshipc.channel()
-                proc = await mesh.spawn("bench.paths:mesh_echo", rx, name=f"w{i}", start=self.start_method)
+                proc = await mesh.spawn("bench.spawn_task:echo", rx, name=f"w{i}", start=self.start_method)
                 await tx.call(b"x")
                 return proc
 
@@ -74,7 +61,7 @@ class SpawnPath:
         else:
             fctx = mp.get_context("forkserver")
             self.ex = concurrent.futures.ProcessPoolExecutor(
-                n, mp_context=fctx, initializer=_set_barrier, initargs=(fctx.Barrier(n),)
+                n, mp_context=fctx, initializer=set_barrier, initargs=(fctx.Barrier(n),)
             )
             loop = asyncio.get_running_loop()
             pids = await asyncio.gather(*(loop.run_in_executor(self.ex, pool_task, i) for i in range(n)))
