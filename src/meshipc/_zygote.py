@@ -224,6 +224,9 @@ def serve(fd: int, parent: int) -> Spawned | None:
     if os.getppid() != parent:
         return None  # the node died before we could watch it
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the node to handle
+    # the mask is inherited from the node's thread that started us: SIGCHLD
+    # must reach us (we reap), SIGTERM our workers (parent death)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD, signal.SIGTERM})
     zygote = os.getpid()
     sock = socket.socket(fileno=fd)
     sock.setblocking(True)
