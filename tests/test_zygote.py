@@ -22,7 +22,8 @@ from relutil import wait_until, within
 
 TESTS = Path(__file__).resolve().parent
 
-pytestmark = pytest.mark.skipif(not meshipc._zygote.forks_safely(), reason="workers are exec'd here")
+#: the zygote's tests; the rest run in every mode (the portable mode execs workers)
+needs_fork = pytest.mark.skipif(not meshipc._zygote.forks_safely(), reason="workers are exec'd here")
 
 
 def ppid(pid: int) -> int:
@@ -57,6 +58,7 @@ async def gone(pid: int, timeout: float = 30) -> None:
         os.close(pidfd)
 
 
+@needs_fork
 async def test_sixteen_workers_at_once_are_forked_by_one_zygote(runtime_dir: Path) -> None:
     async with meshipc.Mesh(runtime_dir=runtime_dir) as mesh:
         chans = [meshipc.channel() for _ in range(16)]
@@ -79,6 +81,7 @@ async def test_sixteen_workers_at_once_are_forked_by_one_zygote(runtime_dir: Pat
         assert await within(asyncio.gather(*(p.wait() for p in procs)), 60) == [0] * 16
 
 
+@needs_fork
 async def test_exit_codes_errors_and_kill_come_through_the_zygote(runtime_dir: Path) -> None:
     async with meshipc.Mesh(runtime_dir=runtime_dir) as mesh:
         failing = await mesh.spawn("workers:fail", None)
@@ -98,6 +101,7 @@ async def test_exit_codes_errors_and_kill_come_through_the_zygote(runtime_dir: P
         assert await within(other.wait(), 30) == -signal.SIGKILL
 
 
+@needs_fork
 async def test_the_worker_takes_the_callers_state_at_spawn_time(
     runtime_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -132,6 +136,7 @@ async def main(arg):
 """
 
 
+@needs_fork
 async def test_the_workers_module_is_imported_in_the_worker_not_the_zygote(
     runtime_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -152,6 +157,7 @@ async def test_the_workers_module_is_imported_in_the_worker_not_the_zygote(
         assert seen == ["one", "two"] and mesh._zygote.starts == 1
 
 
+@needs_fork
 async def test_no_descriptor_leaks_into_the_zygote_or_its_workers(runtime_dir: Path) -> None:
     r, w = os.pipe()
     os.set_inheritable(r, True)  # what a careless application leaves inheritable
@@ -186,6 +192,7 @@ async def test_no_descriptor_leaks_into_the_zygote_or_its_workers(runtime_dir: P
         os.close(w)
 
 
+@needs_fork
 async def test_a_killed_zygote_takes_its_workers_and_the_next_spawn_starts_another(
     runtime_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -207,6 +214,7 @@ async def test_a_killed_zygote_takes_its_workers_and_the_next_spawn_starts_anoth
         assert mesh._zygote.pid not in (None, old) and mesh._zygote.starts == 2
 
 
+@needs_fork
 async def test_after_too_many_zygote_deaths_workers_are_execd(
     runtime_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -267,6 +275,7 @@ asyncio.run(main())
 """
 
 
+@needs_fork
 async def test_root_sigkilled_its_zygote_and_workers_exit(runtime_dir: Path) -> None:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), *sys.path]))
     parent = await asyncio.create_subprocess_exec(
@@ -293,6 +302,7 @@ async def test_root_sigkilled_its_zygote_and_workers_exit(runtime_dir: Path) -> 
                 pass
 
 
+@needs_fork
 async def test_a_broken_zygote_reply_stops_it_and_fails_the_waiting_fork() -> None:
     """The node reads its zygote's replies as untrusted: an oversized frame
     ends that zygote; the fork waiting on it fails (the spawn then execs)."""
