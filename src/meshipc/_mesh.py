@@ -170,7 +170,13 @@ class Mesh(ControlPlane):
     other processes of this user can find by name. Raises ``MeshError`` if the
     runtime folder is not safe to use, ``MeshNameInUse`` if a live mesh holds
     the name. While it is open, SIGTERM closes it cleanly if the application
-    left SIGTERM at its default action (see ``_Sigterm``)."""
+    left SIGTERM at its default action (see ``_Sigterm``).
+
+    ``zygote``: when this node starts the fork server its workers start
+    from (see ``spawn``'s ``start``): "lazy" (the default: at its first
+    spawn), "eager" (on enter, so that the first spawn does not wait for
+    it), "off" (never: every worker is a fresh interpreter). ``ValueError``
+    for another value."""
 
     def __init__(
         self,
