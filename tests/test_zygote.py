@@ -17,7 +17,8 @@ import pytest
 import meshipc
 import meshipc._zygote
 from meshipc._platform import Portable
-from meshipc._zygote import LOST_STATUS, MAX_REPLY, Zygote, ZygoteUnavailable
+from meshipc._process import worker_command
+from meshipc._zygote import LOST_STATUS, MAX_REPLY, MAX_REQUEST, Zygote, ZygoteUnavailable
 from relutil import wait_until, within
 
 TESTS = Path(__file__).resolve().parent
@@ -322,4 +323,24 @@ async def test_a_broken_zygote_reply_stops_it_and_fails_the_waiting_fork() -> No
         assert zygote._sock is None and zygote.usable  # the next spawn may start another
     finally:
         theirs.close()
+        zygote.close()
+
+
+@needs_fork
+async def test_the_zygote_refuses_an_oversized_request_before_reading_it(
+    caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """The zygote caps what it reads (``MAX_REQUEST``): a larger frame ends
+    it, and the node sees it go (a warning)."""
+    caplog.set_level(logging.WARNING, logger="meshipc")
+    zygote = Zygote()
+    try:
+        zygote.start(worker_command())
+        assert zygote._sock is not None and zygote._popen is not None
+        zygote._sock.send((MAX_REQUEST + 1).to_bytes(4, "big"))
+        await wait_until(lambda: zygote._sock is None, "the node to see its zygote exit")
+        assert zygote._popen.returncode is not None
+        assert "the zygote (pid" in caplog.text
+        assert f"zygote: a {MAX_REQUEST + 1}-byte request (at most {MAX_REQUEST})" in capfd.readouterr().err
+    finally:
         zygote.close()
