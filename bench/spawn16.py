@@ -55,8 +55,10 @@ class SpawnPath:
                 tx, rx = meshipc.channel()
                 proc = await mesh.spawn("bench.spawn_task:echo", rx, name=f"w{i}", start=self.start_method)
                 await tx.call(b"x")
-                return proc
+                return proc, tx
 
+            # the senders are kept: a worker whose channel closed would exit, and
+            # be reaped by the zygote, before its CPU time is read
             self.procs = await asyncio.gather(*(one(i) for i in range(n)))
         else:
             fctx = mp.get_context("forkserver")
@@ -70,9 +72,9 @@ class SpawnPath:
         return (time.perf_counter() - t0) * 1e3
 
     async def reap(self) -> float:
-        for p in self.procs:
+        for p, _ in self.procs:
             p.terminate()
-        for p in self.procs:
+        for p, _ in self.procs:
             await p.wait()
         self.procs = []
         if self.ex is not None:
