@@ -2,13 +2,15 @@
 
 The parent makes a socket pair, passes one end to a fresh interpreter
 (``python -P -c <bootstrap> <parent's sys.path>``, see ``worker_command``)
-together with an invitation in the environment, and runs the acceptor side
-of the node handshake on its end.
+together with an invitation in the environment, or to a worker its zygote
+forks (``_zygote``: the invitation in the fork request), and runs the
+acceptor side of the node handshake on its end.
 The child's credential (its private key, the certificate the mesh's root
 issued it and the root's public key: ``_handshake.Identity``) is not in the
 environment (``/proc/<pid>/environ`` keeps the initial environment whatever
 the child does): it is the first ``CREDENTIAL_LEN`` bytes the parent writes
-on the socket pair. The child removes the invitation from its environment
+on the socket pair, once the process exists (a zygote has let go of the
+socket by then). The child removes the invitation from its environment
 first thing, reads its credential, creates its own node in the mesh
 directory, and receives the spawn argument as the first message on its
 bootstrap port. The bootstrap port stays open while the
@@ -882,9 +884,6 @@ async def _launch(
         handover=handover,
         logs=forward_logs,
     )
-    # a credential (a few hundred bytes) always fits in an empty socket
-    # buffer: this never blocks
-    parent_sock.sendall(identity.to_bytes())
     parent_sock.setblocking(False)
     # expect the child on our end of the pair before any port names it
     node.accept_via(child_id, parent_sock)
@@ -900,6 +899,13 @@ async def _launch(
         if not handover:
             port.send(arg)
         popen = await _start_worker(zygote, inv, child_sock, pipe, name)
+        # the credential once the process exists (a zygote has closed its copy
+        # of the worker's socket by then: it never holds the key). A few
+        # hundred bytes fit in the empty buffer (nothing is written to the
+        # worker before it sends its HELLO, after reading this): no blocking.
+        # A worker gone already is reported as any exit is (by _Run)
+        with contextlib.suppress(OSError):
+            parent_sock.sendall(identity.to_bytes())
     except BaseException:
         node.forget(child_id, "the worker process was not started")
         port.close()
