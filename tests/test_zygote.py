@@ -344,3 +344,22 @@ async def test_the_zygote_refuses_an_oversized_request_before_reading_it(
         assert f"zygote: a {MAX_REQUEST + 1}-byte request (at most {MAX_REQUEST})" in capfd.readouterr().err
     finally:
         zygote.close()
+
+
+@needs_fork
+async def test_a_zygote_that_never_gets_ready_is_stopped_and_the_worker_execd(
+    runtime_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The node waits for a new zygote's imports (``Ready``) before the
+    worker's handshake timer starts, at most ``READY_TIMEOUT``: past it the
+    zygote is stopped and the worker exec'd, with a warning."""
+    monkeypatch.setattr(meshipc._zygote, "READY_TIMEOUT", 0.5)
+    monkeypatch.setattr(meshipc._zygote, "_BOOTSTRAP", "import time; time.sleep(60)")  # never Ready
+    caplog.set_level(logging.WARNING, logger="meshipc")
+    async with meshipc.Mesh(runtime_dir=runtime_dir) as mesh:
+        tx, rx = meshipc.channel()
+        proc = await within(mesh.spawn("workers:whoami", rx), 60)
+        assert proc.start_method == "exec" and mesh._zygote.fallbacks == 1
+        assert (await within(tx.call(1), 30))[0] == proc.pid
+        assert "the zygote did not get ready within 0.5 s" in caplog.text
+        assert mesh._zygote.pid is None  # stopped

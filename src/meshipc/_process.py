@@ -866,6 +866,15 @@ async def _launch(
     bootstrap port; with ``handover`` nothing does: the child says "ready"
     once its function is imported, and the caller sends the argument then."""
     identity = await credential()
+    if zygote is not None and zygote.usable and not PLATFORM.needs_parent_pipe:
+        # a zygote that starts now imports first: before the worker's
+        # handshake timer starts (``accept_via``)
+        try:
+            await zygote.ready(worker_command())
+        except ZygoteUnavailable as exc:
+            zygote.fallbacks += 1
+            log.warning("worker %s: no zygote (%s): starting a fresh interpreter", name, exc)
+            zygote = None
     parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     pipe = PLATFORM.parent_pipe()
     child_id, pport, cport = identity.node, PortId.random(), PortId.random()

@@ -84,6 +84,11 @@ MAX_REPLY: Final = 256
 MAX_FDS: Final = 4
 #: Zygotes one node starts in its life; past that its workers are exec'd.
 ZYGOTE_STARTS: Final = 3
+#: Seconds a node waits for a new zygote's ``Ready`` (its imports) before
+#: stopping it and exec'ing the worker instead. The wait comes before the
+#: worker's own handshake timer starts, so a slow first start (a loaded
+#: machine) does not eat into the worker's ``HANDSHAKE_TIMEOUT``.
+READY_TIMEOUT: Final = 60.0
 #: The exit code reported for a worker whose zygote died before reaping it
 #: (the zygote's death sent it SIGTERM; nobody can read its real status).
 LOST_STATUS: Final = -int(signal.SIGTERM)
@@ -125,8 +130,12 @@ class Exited(msgspec.Struct, tag=True, frozen=True):
     code: int
 
 
+class Ready(msgspec.Struct, tag=True, frozen=True):
+    """The zygote imported what workers need: forks are quick from now on."""
+
+
 Request = Fork | Kill
-Reply = Forked | ForkFailed | Exited
+Reply = Forked | ForkFailed | Exited | Ready
 
 _request_decoder = msgspec.msgpack.Decoder(Request)
 _reply_decoder = msgspec.msgpack.Decoder(Reply)
@@ -238,6 +247,7 @@ def serve(fd: int, parent: int) -> Spawned | None:
     signal.signal(signal.SIGCHLD, _on_sigchld)
     signal.set_wakeup_fd(wake_w)
     children: set[int] = set()
+    sock.sendall(_frame(Ready()))
     poller = select.poll()
     poller.register(sock.fileno(), select.POLLIN)
     poller.register(wake_r, select.POLLIN)
@@ -348,6 +358,8 @@ class Zygote:
         self._children: dict[int, ZygoteChild] = {}
         self._out: collections.deque[tuple[memoryview, list[int]]] = collections.deque()
         self._inbuf = bytearray()
+        #: the running zygote said ``Ready`` (None: none runs)
+        self._ready: asyncio.Future[None] | None = None
         self._closed = False
         self.forks = 0
         self.starts = 0
@@ -384,7 +396,27 @@ class Zygote:
         ours.setblocking(False)
         self._sock = ours
         self._inbuf.clear()
-        asyncio.get_running_loop().add_reader(ours.fileno(), self._readable)
+        loop = asyncio.get_running_loop()
+        self._ready = loop.create_future()
+        self._ready.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved
+        loop.add_reader(ours.fileno(), self._readable)
+
+    async def ready(self, command: list[str]) -> None:
+        """Return once a zygote runs and has done its imports (started with
+        ``command`` if none runs). Raises ``ZygoteUnavailable`` if it cannot
+        start, dies, or is not ready within ``READY_TIMEOUT`` (it is stopped)."""
+        self.start(command)
+        ready = self._ready
+        if ready is None:
+            raise ZygoteUnavailable("no zygote")
+        try:
+            async with asyncio.timeout(READY_TIMEOUT):
+                await asyncio.shield(ready)
+        except TimeoutError:
+            if self._ready is ready:
+                log.warning("the zygote did not get ready within %g s: stopping it", READY_TIMEOUT)
+                self._died()
+            raise ZygoteUnavailable(f"the zygote was not ready within {READY_TIMEOUT:g} s") from None
 
     async def fork(self, command: list[str], invitation: bytes, bootstrap: int) -> ZygoteChild:
         """Ask the zygote (started if none runs) for a worker with the
@@ -406,7 +438,7 @@ class Zygote:
         )
         if len(_encoder.encode(req)) > MAX_REQUEST:
             raise ZygoteUnavailable(f"the environment and import path exceed {MAX_REQUEST} bytes")
-        self.start(command)
+        await self.ready(command)
         fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._pending.append(fut)
         self._send(req, [bootstrap, *stdio])
@@ -495,6 +527,18 @@ class Zygote:
             self._on_reply(reply)
 
     def _on_reply(self, reply: Reply) -> None:
+        if self._ready is not None and not self._ready.done():
+            if isinstance(reply, Ready):
+                self._ready.set_result(None)
+            else:  # it refused to serve (not single-threaded), or it is broken
+                why = reply.reason if isinstance(reply, ForkFailed) else f"{type(reply).__name__} first"
+                log.warning("the zygote cannot serve: %s", why)
+                self._died()
+            return
+        if isinstance(reply, Ready):
+            log.warning("the zygote said Ready twice: stopping it")
+            self._died()
+            return
         if isinstance(reply, Exited):
             child = self._children.pop(reply.pid, None)
             if child is not None and not child.exited.done():
@@ -536,6 +580,9 @@ class Zygote:
                 len(self._children),
                 "the next spawn starts another" if self.usable else "workers are exec'd from now on",
             )
+        if self._ready is not None and not self._ready.done():
+            self._ready.set_exception(ZygoteUnavailable("the zygote died before it was ready"))
+        self._ready = None
         while self._pending:
             fut = self._pending.popleft()
             if not fut.done():
