@@ -794,7 +794,10 @@ def group_spawn(cfg: dict[str, Any], args: argparse.Namespace, res: Results, key
         "forkserver and the 16 workers over that span, divided by 16. meshipc: 16 concurrent "
         "mesh.spawn of an echo worker + one tx.call each, one mesh (and zygote) kept across batches; "
         "peer: a new ProcessPoolExecutor(16, forkserver) per batch, 16 tasks that meet at a barrier "
-        "(16 distinct workers), the forkserver kept; workers stopped outside the span; one warm-up batch"
+        "(16 distinct workers), the forkserver kept; workers stopped outside the span; one warm-up batch. "
+        'The start="exec" row is the path before the zygote (a fresh interpreter per worker): on a '
+        "loaded machine its 16 concurrent imports can outlast the node's 10 s handshake timeout, and "
+        "the row then fails"
     )
 
 
