@@ -113,6 +113,7 @@ BENCHES = {
     "carrier_rtt": "Command carrier: RPC round trip, 64 B",
     "carrier_tp": "Command carrier: one-way throughput, 64 B typed messages",
     "tls_rtt": "TLS (connect_tls): service call round trip, 64 B",
+    "spawn16": "Spawn 16 workers at once, each ready to answer (CPU per worker)",
 }
 UNITS = {
     "rtt": ("µs", "lower"),
@@ -132,6 +133,7 @@ UNITS = {
     "carrier_rtt": ("µs", "lower"),
     "carrier_tp": ("msg/s", "higher"),
     "tls_rtt": ("µs", "lower"),
+    "spawn16": ("ms", "lower"),
 }
 GROUPS = {
     "ipc": ("rtt", "idle", "throughput", "large_1m", "large_16m", "fd"),
@@ -142,6 +144,7 @@ GROUPS = {
     "workers": ("workers", "inspect"),
     "carrier": ("carrier_rtt", "carrier_tp"),
     "tls": ("tls_rtt",),
+    "spawn": ("spawn16",),
 }
 
 M_STOCK, M_UV, M_SYNC = "meshipc (stock loop)", "meshipc (uvloop)", "meshipc.sync"
@@ -154,6 +157,8 @@ FLOOR, FLOOR_UV = (
     "floor: asyncio.Protocol + msgspec (uvloop)",
 )
 
+SP_Z, SP_EXEC = "meshipc spawn (zygote)", 'meshipc spawn (start="exec")'
+SP_POOL = "ProcessPoolExecutor (forkserver)"
 TLS_STOCK, TLS_UV = "meshipc via connect_tls (stock loop)", "meshipc via connect_tls (uvloop)"
 TLS_RAW, TLS_RAW_UV = "raw TLS echo (stock loop)", "raw TLS echo (uvloop)"
 
@@ -269,6 +274,16 @@ TARGETS: list[tuple[Any, ...]] = [
     ),
     ("TLS round trip, stock loop <= 1.3x a raw TLS echo", "tls_rtt", TLS_STOCK, TLS_RAW, "<=", 1.3),
     ("TLS round trip, uvloop <= 1.3x a raw TLS echo (uvloop)", "tls_rtt", TLS_UV, TLS_RAW_UV, "<=", 1.3),
+    (
+        "CPU to spawn 16 workers <= 1.5x ProcessPoolExecutor (forkserver)",
+        "spawn16",
+        SP_Z,
+        SP_POOL,
+        "<=",
+        1.5,
+        "cpu",
+    ),
+    ("spawn 16 workers <= 1.5x ProcessPoolExecutor (forkserver)", "spawn16", SP_Z, SP_POOL, "<=", 1.5),
 ]
 
 
@@ -744,6 +759,48 @@ def group_tls(cfg: dict[str, Any], args: argparse.Namespace, res: Results, keys:
     )
 
 
+SPAWN_PATHS: dict[str, tuple[str, dict[str, Any], str | None, bool, str | None]] = {
+    SP_Z: ("bench.spawn16:SpawnPath", {"kind": "meshipc"}, "asyncio", True, None),
+    SP_EXEC: ("bench.spawn16:SpawnPath", {"kind": "meshipc", "start": "exec"}, "asyncio", True, None),
+    SP_POOL: ("bench.spawn16:SpawnPath", {"kind": "pool"}, "asyncio", False, None),
+}
+
+
+def group_spawn(cfg: dict[str, Any], args: argparse.Namespace, res: Results, keys: set[str]) -> None:
+    names = _select(SPAWN_PATHS, list(SPAWN_PATHS), args, res)
+    drivers = _start(SPAWN_PATHS, names, res)
+    failed: dict[str, str] = {}
+    n = 16
+
+    def batch(name: str) -> tuple[float, float]:
+        d = drivers[name]
+        value = d.measure("batch", n, n)
+        d.call("reap")
+        return value
+
+    try:
+        data = _rounds(
+            [("spawn16", list(drivers), batch)], args.runs or (3 if args.quick else 7), failed, "spawn"
+        )
+    finally:
+        for d in drivers.values():
+            d.close()
+    _finish(res, SPAWN_PATHS, data, failed)
+    res.pair("spawn16", SP_Z, SP_POOL)
+    res.pair("spawn16", SP_EXEC, SP_POOL)
+    res.pair("spawn16", SP_Z, SP_EXEC)
+    res.bench("spawn16")["notes"].append(
+        "ms from the first spawn to the last of 16 answers; CPU per worker: the driver, the zygote or "
+        "forkserver and the 16 workers over that span, divided by 16. meshipc: 16 concurrent "
+        "mesh.spawn of an echo worker + one tx.call each, one mesh (and zygote) kept across batches; "
+        "peer: a new ProcessPoolExecutor(16, forkserver) per batch, 16 tasks that meet at a barrier "
+        "(16 distinct workers), the forkserver kept; workers stopped outside the span; one warm-up batch. "
+        'The start="exec" row is the path before the zygote (a fresh interpreter per worker): on a '
+        "loaded machine its 16 concurrent imports can outlast the node's 10 s handshake timeout, and "
+        "the row then fails"
+    )
+
+
 GROUP_FN = {
     "ipc": group_ipc,
     "failure": group_failure,
@@ -753,6 +810,7 @@ GROUP_FN = {
     "workers": group_workers,
     "carrier": group_carrier,
     "tls": group_tls,
+    "spawn": group_spawn,
 }
 
 

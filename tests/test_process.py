@@ -16,9 +16,9 @@ import asyncio
 import gc
 import os
 import secrets
+import select
 import socket
 import stat
-import time
 from pathlib import Path
 from typing import Any
 
@@ -97,28 +97,39 @@ def open_fds() -> dict[int, str]:
 
 def block_until_exited(proc: meshipc.Process) -> None:
     """Keep the event loop busy (blocked) until ``proc`` has exited, without
-    reaping it: whatever it sent and its exit are then all pending at once."""
-    deadline = time.monotonic() + STEP
-    while os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT | os.WNOHANG) is None:
-        assert time.monotonic() < deadline, f"{proc} did not exit"
-        time.sleep(0.005)  # blocking on purpose: the loop must not run
+    reaping it: whatever it sent and its exit are then all pending at once.
+    (A pidfd: the worker is our child, or our zygote's.)"""
+    pidfd = os.pidfd_open(proc.pid)
+    try:
+        # blocking on purpose: the loop must not run
+        assert select.select([pidfd], [], [], STEP)[0], f"{proc} did not exit"
+    finally:
+        os.close(pidfd)
 
 
 def child_processes() -> dict[int, str]:
-    """Our child processes, zombies included: pid -> state letter."""
-    out = {}
+    """Our worker processes, zombies included: pid -> state letter. A worker
+    is a child of ours, or (forked by a zygote: ``_zygote``) of a zygote of
+    ours; the zygote itself is not a worker (it outlives them, reaping them)."""
+    parents: dict[int, tuple[int, str]] = {}
     for name in os.listdir("/proc"):
         if not name.isdigit():
             continue
         try:
             with open(f"/proc/{name}/stat") as f:
                 data = f.read()
+            with open(f"/proc/{name}/cmdline", "rb") as f:
+                cmd = f.read()
         except OSError:
             continue
         state, ppid = data[data.rindex(")") + 2 :].split()[:2]
-        if int(ppid) == os.getpid():
-            out[int(name)] = state
-    return out
+        parents[int(name)] = (int(ppid), "zygote" if b"zygote_main" in cmd and state != "Z" else state)
+    zygotes = {pid for pid, (ppid, st) in parents.items() if ppid == os.getpid() and st == "zygote"}
+    return {
+        pid: st
+        for pid, (ppid, st) in parents.items()
+        if (ppid == os.getpid() and st != "zygote") or ppid in zygotes
+    }
 
 
 # --------------------------------------------------------------------------- RPC

@@ -342,3 +342,30 @@ async def send_on_port(port: Port) -> None:
     port.send("not an int")
     port.send(5)
     await port.recv()
+
+
+async def report_state(arg: Sender[Any]) -> None:
+    """Report what a worker takes from its parent at spawn time (``test_zygote``):
+    pid, parent pid, current directory, ``MESHIPC_TEST_MARK``, import path,
+    umask and open descriptors (fd -> what it is)."""
+    import sys
+
+    with open("/proc/self/status") as f:
+        umask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    fds = {}
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            fds[int(name)] = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:
+            pass  # the listing's own descriptor, closed by now
+    arg.send(
+        {
+            "pid": os.getpid(),
+            "ppid": os.getppid(),
+            "cwd": os.getcwd(),
+            "mark": os.environ.get("MESHIPC_TEST_MARK"),
+            "path": sys.path,
+            "umask": umask,
+            "fds": fds,
+        }
+    )

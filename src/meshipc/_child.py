@@ -1,9 +1,12 @@
-"""Entry point of a spawned worker (started by ``_process.worker_command``)."""
+"""Entry point of a spawned worker: ``main`` for a fresh interpreter
+(started by ``_process.worker_command``), ``zygote_main`` for the fork
+server (``_zygote``) and the workers it forks."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import importlib
 import importlib.machinery
 import importlib.util
@@ -25,11 +28,12 @@ from ._errors import ChannelClosed, MeshError, MessageError, PortFailed, remote_
 from ._handshake import CREDENTIAL_LEN, Identity
 from ._join import join_parent, node_from_credential
 from ._logs import forward
-from ._loop import loading_script, run
+from ._loop import loading_script, run, want_uvloop
 from ._mesh import Mesh
 from ._platform import PLATFORM
 from ._ports import Limits
 from ._process import ENV_INVITATION, ChildInvitation, apply_receiver_types
+from ._zygote import serve
 
 log = logging.getLogger("meshipc")
 
@@ -265,10 +269,32 @@ def main() -> None:
     except (ValueError, msgspec.DecodeError) as exc:
         print(f"meshipc worker: bad invitation: {exc}", file=sys.stderr)
         sys.exit(2)
+    _start(inv)
+
+
+def zygote_main(fd: int, parent: int) -> None:
+    """The zygote (``_zygote``): serve fork requests on ``fd`` for the node
+    ``parent``; in each forked child, run the worker it asked for."""
+    with contextlib.suppress(MeshError):
+        want_uvloop()  # imported here once, rather than in every worker
+    spawned = serve(fd, parent)
+    if spawned is None:
+        sys.exit(0)  # the node is gone
+    try:
+        inv = msgspec.msgpack.decode(spawned.invitation, type=ChildInvitation)
+    except (ValueError, msgspec.DecodeError) as exc:
+        print(f"meshipc worker: bad invitation: {exc}", file=sys.stderr)
+        sys.exit(2)
+    _start(msgspec.structs.replace(inv, fd=spawned.fd), spawned.parent)
+
+
+def _start(inv: ChildInvitation, parent: int | None = None) -> None:
     signal.signal(signal.SIGTERM, _on_sigterm)
     # SIGTERM when the parent dies (the kernel on Linux; elsewhere a thread
     # that sees the parent's end of the watch pipe close)
     PLATFORM.die_with_parent(inv.watch_fd)
+    if parent is not None and os.getppid() != parent:
+        sys.exit(EXIT_PARENT_LOST)  # forked by a zygote that died before we watched it
     # Ctrl-C in a terminal reaches the whole process group: the parent decides
     # when its workers stop (it closes their bootstrap port on mesh exit)
     signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -53,11 +53,12 @@ from ._names import (
 from ._node import Node, NodeStats
 from ._platform import PLATFORM
 from ._ports import DEFAULT_LIMITS, Limits
-from ._process import Process, RestartPolicy, RestartWhen, spawn
+from ._process import Process, RestartPolicy, RestartWhen, spawn, start_zygote
 from ._service import Service
 from ._tls import TCP_TIMEOUT, TlsAuthority
 from ._tlslisten import TlsListener
 from ._trace import notice_otel
+from ._zygote import ZYGOTE_MODES, StartMethod, Zygote, ZygoteMode, ZygoteUnavailable, forks_safely
 
 if TYPE_CHECKING:
     from ._channel import Port, Receiver
@@ -169,7 +170,13 @@ class Mesh(ControlPlane):
     other processes of this user can find by name. Raises ``MeshError`` if the
     runtime folder is not safe to use, ``MeshNameInUse`` if a live mesh holds
     the name. While it is open, SIGTERM closes it cleanly if the application
-    left SIGTERM at its default action (see ``_Sigterm``)."""
+    left SIGTERM at its default action (see ``_Sigterm``).
+
+    ``zygote``: when this node starts the fork server its workers start
+    from (see ``spawn``'s ``start``): "lazy" (the default: at its first
+    spawn), "eager" (on enter, so that the first spawn does not wait for
+    it), "off" (never: every worker is a fresh interpreter). ``ValueError``
+    for another value."""
 
     def __init__(
         self,
@@ -178,6 +185,7 @@ class Mesh(ControlPlane):
         runtime_dir: str | os.PathLike[str] | None = None,
         limits: Limits | None = None,
         control_limits: ControlLimits | None = None,
+        zygote: ZygoteMode = "lazy",
     ) -> None:
         if name is not None and not NAME.match(name):
             raise ValueError(f"mesh names are 1-64 letters, digits, '.', '_' or '-', got {name!r}")
@@ -200,6 +208,12 @@ class Mesh(ControlPlane):
         self._authority: Authority | None = None
         self._control: Control = None  # type: ignore[assignment]  # set on enter
         self._outer: Mesh | None = None
+        if zygote not in ZYGOTE_MODES:
+            raise ValueError(f"zygote must be one of {', '.join(map(repr, ZYGOTE_MODES))}, got {zygote!r}")
+        #: the fork server workers start from (``_zygote``): "lazy" starts it
+        #: at the first spawn, "eager" on enter, "off" never (workers exec'd)
+        self._zygote_mode = zygote
+        self._zygote = Zygote()
 
     def _start_control(self, root: bool, inviter: bytes | None = None) -> None:
         """This node's control plane, its session with the root started: a
@@ -262,6 +276,11 @@ class Mesh(ControlPlane):
             self._node = node_from_credential(directory, self._authority.issue(ROLE_ROOT), self.limits)
             self._start_control(root=True)
             self.inspect_add("log_levels", self._log_levels, update=self._update_log_levels)
+            if self._zygote_mode == "eager" and forks_safely():
+                try:
+                    start_zygote(self._zygote)
+                except ZygoteUnavailable as exc:
+                    log.warning("%s: workers will be exec'd", exc)
         except BaseException:
             # a failed start leaves nothing behind: directory, lock file, lock
             shutil.rmtree(directory, ignore_errors=True)
@@ -360,6 +379,7 @@ class Mesh(ControlPlane):
                 log.warning("worker %s (pid %d) did not exit; killing it", proc.name, proc.pid)
                 proc.kill()
                 await proc.wait()
+        self._zygote.close()  # after its workers: it reports their exits
         await self._node.close()
         if self._owns_directory:
             shutil.rmtree(self._node.directory, ignore_errors=True)
@@ -430,6 +450,7 @@ class Mesh(ControlPlane):
         name: str | None = None,
         restart: RestartWhen | RestartPolicy = "never",
         forward_logs: bool = True,
+        start: StartMethod = "zygote",
     ) -> Process: ...
     @overload
     async def spawn(
@@ -450,6 +471,7 @@ class Mesh(ControlPlane):
         restart: RestartWhen | RestartPolicy = "never",
         forward_logs: bool = True,
         via: Carrier | None = None,
+        start: StartMethod = "zygote",
     ) -> Process | RemoteProcess: ...
     async def spawn(
         self,
@@ -460,6 +482,7 @@ class Mesh(ControlPlane):
         restart: RestartWhen | RestartPolicy = "never",
         forward_logs: bool = True,
         via: Carrier | None = None,
+        start: StartMethod = "zygote",
     ) -> Process | RemoteProcess:
         """Start a worker process running ``async def function(arg)``: pass
         the function itself (defined at the top level of a module, or of the
@@ -503,9 +526,21 @@ class Mesh(ControlPlane):
         ``arg`` raises ``MessageError`` (no descriptor crosses). Any node
         may spawn this way (no identity of this mesh is issued); ``restart``
         is for local workers only (``ValueError``), and the far side's
-        stderr is re-emitted on the ``meshipc.remote`` logger."""
+        stderr is re-emitted on the ``meshipc.remote`` logger.
+
+        ``start``: "zygote" (the default) forks the worker from this node's
+        fork server, a process started once with meshipc imported (see
+        ``Mesh(zygote=...)``); the worker takes the caller's environment,
+        current directory, umask, import path and standard descriptors of
+        the moment, and imports its own module. "exec" starts a fresh
+        interpreter, as the zygote does where forking is unsafe (macOS,
+        ``MESHIPC_PORTABLE=1``) or when it cannot fork (a warning says why).
+        ``Process.start_method`` says which one ran. ``ValueError`` for
+        another value."""
         if self._closed:
             raise MeshError("the mesh is closed")
+        if start not in ("zygote", "exec"):
+            raise ValueError(f"start must be 'zygote' or 'exec', got {start!r}")
         proc: Process | RemoteProcess
         if via is not None:
             if restart != "never":
@@ -514,8 +549,11 @@ class Mesh(ControlPlane):
                 )
             proc = await spawn_via(via, self._node, target, arg, name)
         else:
+            zygote = (
+                self._zygote if start == "zygote" and self._zygote_mode != "off" and forks_safely() else None
+            )
             proc = await spawn(
-                self._node, self._admit_worker, self.limits, target, arg, name, restart, forward_logs
+                self._node, self._admit_worker, self.limits, target, arg, name, restart, forward_logs, zygote
             )
         # one of ours from now on (closing the mesh stops it even while it
         # starts); a long-lived mesh spawning many workers keeps only the

@@ -2,13 +2,15 @@
 
 The parent makes a socket pair, passes one end to a fresh interpreter
 (``python -P -c <bootstrap> <parent's sys.path>``, see ``worker_command``)
-together with an invitation in the environment, and runs the acceptor side
-of the node handshake on its end.
+together with an invitation in the environment, or to a worker its zygote
+forks (``_zygote``: the invitation in the fork request), and runs the
+acceptor side of the node handshake on its end.
 The child's credential (its private key, the certificate the mesh's root
 issued it and the root's public key: ``_handshake.Identity``) is not in the
 environment (``/proc/<pid>/environ`` keeps the initial environment whatever
 the child does): it is the first ``CREDENTIAL_LEN`` bytes the parent writes
-on the socket pair. The child removes the invitation from its environment
+on the socket pair, once the process exists (a zygote has let go of the
+socket by then). The child removes the invitation from its environment
 first thing, reads its credential, creates its own node in the mesh
 directory, and receives the spawn argument as the first message on its
 bootstrap port. The bootstrap port stays open while the
@@ -70,6 +72,7 @@ from ._logs import LogPump, level_number
 from ._node import Node
 from ._platform import PLATFORM
 from ._ports import Limits
+from ._zygote import StartMethod, Zygote, ZygoteChild, ZygoteUnavailable
 
 log = logging.getLogger("meshipc")
 
@@ -245,7 +248,7 @@ class _Run:
 
     def __init__(
         self,
-        popen: subprocess.Popen[bytes],
+        popen: subprocess.Popen[bytes] | ZygoteChild,
         name: str,
         target: str,
         port: Port,
@@ -257,6 +260,8 @@ class _Run:
         # lives (the kernel closes it if we die), closed once it exited
         self._watch_fd = watch_fd
         self.pid = popen.pid
+        #: "zygote" (forked by the node's zygote) or "exec" (a fresh interpreter)
+        self.start_method: StartMethod = "zygote" if isinstance(popen, ZygoteChild) else "exec"
         self.name = name
         self.target = target
         self._port = port
@@ -285,19 +290,23 @@ class _Run:
         self._watch_exit()
 
     def _watch_exit(self) -> None:
+        if isinstance(self._popen, ZygoteChild):  # the zygote reaps it and reports
+            self._popen.exited.add_done_callback(lambda f: self._set_exit(f.result()))
+            return
+        popen = self._popen
         loop = asyncio.get_running_loop()
         pidfd = PLATFORM.exit_fd(self.pid)
         if pidfd is None:
             # no pidfd (old kernel, macOS): wait in a thread, without reaping;
             # the loop's thread reaps, as with a pidfd
-            fut = loop.run_in_executor(None, _wait_exited, self._popen)
-            fut.add_done_callback(lambda _: self._set_exit(self._popen.wait()))
+            fut = loop.run_in_executor(None, _wait_exited, popen)
+            fut.add_done_callback(lambda _: self._set_exit(popen.wait()))
             return
 
         def on_exit() -> None:
             loop.remove_reader(pidfd)
             os.close(pidfd)
-            self._set_exit(self._popen.wait())
+            self._set_exit(popen.wait())
 
         loop.add_reader(pidfd, on_exit)
 
@@ -396,7 +405,9 @@ class _Run:
         return failed
 
     def kill(self) -> None:
-        if self.returncode is None:
+        if self.returncode is None and isinstance(self._popen, ZygoteChild):
+            self._popen.kill()
+        elif self.returncode is None:
             try:
                 os.kill(self.pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -513,6 +524,13 @@ class Process:
     def pid(self) -> int:
         """The process id of the running incarnation (the last one, once exited)."""
         return self._run.pid
+
+    @property
+    def start_method(self) -> StartMethod:
+        """How the running incarnation started: "zygote" (forked by the
+        node's fork server) or "exec" (a fresh interpreter: ``start="exec"``,
+        a system where forking is unsafe, or the zygote unavailable)."""
+        return self._run.start_method
 
     @property
     def restarting(self) -> bool:
@@ -778,6 +796,12 @@ def worker_command() -> list[str]:
     return [sys.executable, "-P", "-c", _BOOTSTRAP, *path]
 
 
+def start_zygote(zygote: Zygote) -> None:
+    """Start ``zygote`` now, with a worker's interpreter and import path
+    (``Mesh(zygote="eager")``). Raises ``ZygoteUnavailable``."""
+    zygote.start(worker_command())
+
+
 def _is_error(status: Any, tag: str) -> bool:
     return isinstance(status, list) and len(status) == 4 and status[0] == tag
 
@@ -802,12 +826,15 @@ async def spawn(
     name: str | None,
     restart: str | RestartPolicy = "never",
     forward_logs: bool = True,
+    zygote: Zygote | None = None,
 ) -> Process:
     """Start the worker ``target`` (an async function, or
     ``"package.module:function"``; see ``target_of``) as a new node joined
     to ``node``, with the credential ``credential()`` issues and ``limits``
     on its ports; ``arg`` goes first on its bootstrap port (after the
-    worker's log port, with ``forward_logs``: see ``_logs``). With a
+    worker's log port, with ``forward_logs``: see ``_logs``). The worker
+    (and each restart of it) is forked by ``zygote`` when given and
+    usable, else exec'd (``_zygote``). With a
     ``restart`` policy other than "never", ``arg`` is kept to start the
     worker again: it must hold no port or fd (those go once, and failed with
     the worker that held them), else ``ValueError``. The caller waits for
@@ -820,7 +847,7 @@ async def spawn(
             "holds no Port, Sender, Receiver or Fd (they move once, and fail with the worker that held "
             "them): pass plain data, and let the worker serve() or find its channels by name"
         )
-    launch = functools.partial(_launch, node, credential, limits, target, name, forward_logs)
+    launch = functools.partial(_launch, node, credential, limits, target, name, forward_logs, zygote)
     return Process(await launch(arg, False), launch, arg if policy.when != "never" else None, policy)
 
 
@@ -831,6 +858,7 @@ async def _launch(
     target: str,
     name: str,
     forward_logs: bool,
+    zygote: Zygote | None,
     arg: Any,
     handover: bool,
 ) -> _Run:
@@ -838,6 +866,15 @@ async def _launch(
     bootstrap port; with ``handover`` nothing does: the child says "ready"
     once its function is imported, and the caller sends the argument then."""
     identity = await credential()
+    if zygote is not None and zygote.usable and not PLATFORM.needs_parent_pipe:
+        # a zygote that starts now imports first: before the worker's
+        # handshake timer starts (``accept_via``)
+        try:
+            await zygote.ready(worker_command())
+        except ZygoteUnavailable as exc:
+            zygote.fallbacks += 1
+            log.warning("worker %s: no zygote (%s): starting a fresh interpreter", name, exc)
+            zygote = None
     parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     pipe = PLATFORM.parent_pipe()
     child_id, pport, cport = identity.node, PortId.random(), PortId.random()
@@ -856,11 +893,6 @@ async def _launch(
         handover=handover,
         logs=forward_logs,
     )
-    env = dict(os.environ)
-    env[ENV_INVITATION] = base64.b64encode(msgspec.msgpack.encode(inv)).decode()
-    # a credential (a few hundred bytes) always fits in an empty socket
-    # buffer: this never blocks
-    parent_sock.sendall(identity.to_bytes())
     parent_sock.setblocking(False)
     # expect the child on our end of the pair before any port names it
     node.accept_via(child_id, parent_sock)
@@ -875,12 +907,14 @@ async def _launch(
         # raises here and leaves nothing behind
         if not handover:
             port.send(arg)
-        popen = subprocess.Popen(
-            worker_command(),
-            env=env,
-            pass_fds=[child_sock.fileno(), *pipe[:1]] if pipe else [child_sock.fileno()],
-            close_fds=True,
-        )
+        popen = await _start_worker(zygote, inv, child_sock, pipe, name)
+        # the credential once the process exists (a zygote has closed its copy
+        # of the worker's socket by then: it never holds the key). A few
+        # hundred bytes fit in the empty buffer (nothing is written to the
+        # worker before it sends its HELLO, after reading this): no blocking.
+        # A worker gone already is reported as any exit is (by _Run)
+        with contextlib.suppress(OSError):
+            parent_sock.sendall(identity.to_bytes())
     except BaseException:
         node.forget(child_id, "the worker process was not started")
         port.close()
@@ -895,3 +929,29 @@ async def _launch(
         if pipe:
             os.close(pipe[0])
     return _Run(popen, name, target, port, pipe[1] if pipe else -1, logs)
+
+
+async def _start_worker(
+    zygote: Zygote | None,
+    inv: ChildInvitation,
+    child_sock: socket.socket,
+    pipe: tuple[int, int] | None,
+    name: str,
+) -> subprocess.Popen[bytes] | ZygoteChild:
+    """The worker's process: forked by ``zygote`` (its invitation in the
+    request), else a fresh interpreter (its invitation in its environment)."""
+    payload = msgspec.msgpack.encode(inv)
+    if zygote is not None and zygote.usable and pipe is None:
+        try:
+            return await zygote.fork(worker_command(), payload, child_sock.fileno())
+        except ZygoteUnavailable as exc:
+            zygote.fallbacks += 1
+            log.warning("worker %s: the zygote cannot fork it (%s): starting a fresh interpreter", name, exc)
+    env = dict(os.environ)
+    env[ENV_INVITATION] = base64.b64encode(payload).decode()
+    return subprocess.Popen(
+        worker_command(),
+        env=env,
+        pass_fds=[child_sock.fileno(), *pipe[:1]] if pipe else [child_sock.fileno()],
+        close_fds=True,
+    )
