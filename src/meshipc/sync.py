@@ -124,6 +124,15 @@ def _on_interrupt(signum: int, frame: FrameType | None) -> None:
     loop.call_soon_threadsafe(task.cancel)  # wakes the selector this thread waits in
 
 
+async def _then_stop(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, R]) -> R:
+    """``await coro``, then stop ``loop``: the run driving it ends in the
+    same loop iteration (a done callback would take one more)."""
+    try:
+        return await coro
+    finally:
+        loop.stop()
+
+
 class Portal:
     """An event loop for blocking callers; ``call`` runs a coroutine
     function on it and blocks until it is done.
@@ -295,9 +304,10 @@ class Portal:
         try:
             self._target(me)
             if fut is None:
-                task = loop.create_task(fn(*args, **kwargs))
-                return self._drive(me, task)
-            return self._drive(me, asyncio.wrap_future(fut, loop=loop))
+                return self._drive(me, loop.create_task(_then_stop(loop, fn(*args, **kwargs))))
+            theirs = asyncio.wrap_future(fut, loop=loop)
+            theirs.add_done_callback(lambda _: loop.stop())
+            return self._drive(me, theirs)
         finally:
             with cv:
                 self._driver = None
@@ -313,7 +323,9 @@ class Portal:
         if main:
             _Interrupts.hold(self._loop, task)
         try:
-            return self._loop.run_until_complete(task)
+            while not task.done():  # a stop meant for another run may end one early
+                self._loop.run_forever()
+            return task.result()
         except BaseException:
             if not task.done():
                 task.cancel()  # run by the next driver
