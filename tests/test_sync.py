@@ -16,15 +16,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from relutil import STEP, wait_until, within
-from test_control import client, line
-from test_reconnect import GONE, Echo, processes, service
-from test_versions import peer
 
 import meshipc
 import meshipc.sync
 from meshipc import NodeFailure
 from meshipc._wire import MAX_FRAME
+from relutil import STEP, wait_until, within
+from test_control import client, line
+from test_reconnect import GONE, processes, service
+from test_versions import peer
 
 CLIENT = Path(__file__).with_name("sync_client.py")
 
@@ -130,7 +130,7 @@ async def test_eight_threads_at_once_each_get_their_own_replies(runtime_dir: Pat
         assert await within(proc.wait(), STEP) == 0
 
 
-async def test_an_oversized_frame_length_from_the_service_fails_the_call_not_the_client(runtime_dir: Path) -> None:
+async def test_an_oversized_frame_length_fails_the_call_not_the_client(runtime_dir: Path) -> None:
     """The service's node writes a frame length beyond ``MAX_FRAME`` on its
     link while a blocking call is in flight: the call fails at once with
     ``NodeFailure`` naming the protocol error (nothing waits for, or
