@@ -119,9 +119,10 @@ async def test_a_timeout_leaves_the_connection_usable(runtime_dir: Path) -> None
 
 
 async def test_eight_threads_at_once_each_get_their_own_replies(runtime_dir: Path) -> None:
-    async with service(runtime_dir) as (_mesh, _echo), client(
-        runtime_dir, "svc", "threads", "8", "25", script=CLIENT
-    ) as proc:
+    async with (
+        service(runtime_dir) as (_mesh, _echo),
+        client(runtime_dir, "svc", "threads", "8", "25", script=CLIENT) as proc,
+    ):
         out = await line(proc)
         assert out == {"wrong": [], "errors": [], "calls": 200}
         stats = (await line(proc))["stats"]
@@ -135,9 +136,10 @@ async def test_an_oversized_frame_length_fails_the_call_not_the_client(runtime_d
     link while a blocking call is in flight: the call fails at once with
     ``NodeFailure`` naming the protocol error (nothing waits for, or
     allocates, the announced bytes); the client process goes on and exits cleanly."""
-    async with service(runtime_dir) as (mesh, echo), client(
-        runtime_dir, "svc", "hold", str(STEP * 3), script=CLIENT
-    ) as proc:
+    async with (
+        service(runtime_dir) as (mesh, echo),
+        client(runtime_dir, "svc", "hold", str(STEP * 3), script=CLIENT) as proc,
+    ):
         await within(echo.held.wait())
         (link,) = mesh._node._links.values()
         link.sock.send(struct.pack("<I", MAX_FRAME + 1) + bytes(64))
@@ -153,9 +155,10 @@ async def test_an_oversized_frame_length_fails_the_call_not_the_client(runtime_d
 async def test_ctrl_c_in_a_blocking_call_cancels_it_and_leaves_the_loop_whole(runtime_dir: Path) -> None:
     """SIGINT while the main thread drives the loop in a call: the call ends
     with ``KeyboardInterrupt``, and the next call on the connection works."""
-    async with service(runtime_dir) as (_mesh, echo), client(
-        runtime_dir, "svc", "interrupt", script=CLIENT
-    ) as proc:
+    async with (
+        service(runtime_dir) as (_mesh, echo),
+        client(runtime_dir, "svc", "interrupt", script=CLIENT) as proc,
+    ):
         await within(echo.held.wait())
         proc.send_signal(signal.SIGINT)
         assert await line(proc) == {"interrupted": True}
