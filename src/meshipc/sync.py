@@ -157,6 +157,7 @@ class Portal:
         self._waiting = 0  # callers waiting for the loop or for their coroutine
         self._served = 0  # callers the portal thread must drive the loop for
         self._stop_asked = False  # the portal thread's run was asked to stop
+        self._parked = False  # the portal thread waits for the loop to be let go of
         self._released = time.monotonic()  # when a caller last let go of the loop
         self._targeted: int | None = None  # the thread the engines were last told drives them
         #: the engines this loop drives (they run calls from the driving thread at once)
@@ -210,7 +211,11 @@ class Portal:
                         return True
                     cv.wait(left)
                     continue
-            cv.wait()
+            self._parked = True  # woken when the loop is let go of
+            try:
+                cv.wait()
+            finally:
+                self._parked = False
 
     def _shut(self, me: int) -> None:
         """Cancel what is left on the loop, run it to its end and close the loop."""
@@ -312,7 +317,7 @@ class Portal:
             with cv:
                 self._driver = None
                 self._released = time.monotonic()
-                if self._waiting or self._served or self.closed:
+                if self._waiting or self._served or self._parked or self.closed:
                     cv.notify_all()
 
     def _drive(self, me: int, task: asyncio.Future[R]) -> R:
