@@ -25,7 +25,6 @@ import functools
 import os
 import signal
 import threading
-import time
 from collections.abc import Callable, Coroutine, Iterable
 from types import FrameType, TracebackType
 from typing import Any, Concatenate, Final, ParamSpec, TypeVar
@@ -45,12 +44,13 @@ __all__ = ("Portal", "SyncConnection", "SyncPort", "SyncSender", "connect", "con
 R = TypeVar("R")
 P = ParamSpec("P")
 
-#: Seconds after a blocking call during which nobody drives the portal's
-#: loop: a call within them drives it in its own thread at once, with no
-#: hand-off between threads (calls in a loop, and calls 10 ms apart, never
-#: wait for the portal thread). After them the portal thread drives it
-#: (what the peer sends unasked, timers, a service going away) until the
-#: next call takes it back. What arrives meanwhile waits in the socket.
+#: Seconds the portal thread lets a blocking call's loop rest: once no call
+#: came for this long (it looks this often), it drives the loop (what the
+#: peer sends unasked, timers, a service going away) until the next call
+#: takes it back. Until then nobody does, and a call drives it in its own
+#: thread at once, with no hand-off between threads (calls in a loop, and
+#: calls 10 ms apart, never wait for the portal thread); what arrives
+#: meanwhile waits in the socket, at most twice this long.
 IDLE_HANDOVER: Final = 0.05
 
 _MAIN = threading.main_thread().ident
@@ -152,13 +152,15 @@ class Portal:
 
     def __init__(self, name: str = "meshipc-portal") -> None:
         self._loop = asyncio.new_event_loop()
-        self._cv = threading.Condition()  # reentrant: a future's callback may fire under it
+        # reentrant: a future's callback may fire under it; taken directly
+        # (C-level enter and exit) where nothing waits
+        self._lock = threading.RLock()
+        self._cv = threading.Condition(self._lock)
         self._driver: int | None = None  # the thread driving the loop
         self._waiting = 0  # callers waiting for the loop or for their coroutine
         self._served = 0  # callers the portal thread must drive the loop for
         self._stop_asked = False  # the portal thread's run was asked to stop
-        self._parked = False  # the portal thread waits for the loop to be let go of
-        self._released = time.monotonic()  # when a caller last let go of the loop
+        self._calls = 0  # calls so far: the portal thread drives once none came for a while
         self._targeted: int | None = None  # the thread the engines were last told drives them
         #: the engines this loop drives (they run calls from the driving thread at once)
         self.engines: Callable[[], Iterable[Engine]] = tuple
@@ -197,25 +199,19 @@ class Portal:
 
     def _wait_to_drive(self) -> bool:
         """(Under the lock, in the portal thread.) Wait until the portal
-        thread should drive the loop: True; False once closed."""
+        thread should drive the loop: True; False once closed. It looks
+        every ``IDLE_HANDOVER`` seconds whether a call came meanwhile (a
+        caller never wakes it: that would cost every call a thread switch)."""
         cv = self._cv
+        seen = -1
         while True:
             if self._driver is None:
                 if self.closed:
                     return False
-                if self._served:
+                if self._served or (not self._waiting and self._calls == seen):
                     return True
-                if not self._waiting:
-                    left = self._released + IDLE_HANDOVER - time.monotonic()
-                    if left <= 0:
-                        return True
-                    cv.wait(left)
-                    continue
-            self._parked = True  # woken when the loop is let go of
-            try:
-                cv.wait()
-            finally:
-                self._parked = False
+            seen = self._calls
+            cv.wait(IDLE_HANDOVER)
 
     def _shut(self, me: int) -> None:
         """Cancel what is left on the loop, run it to its end and close the loop."""
@@ -279,9 +275,10 @@ class Portal:
         cv = self._cv
         loop = self._loop
         fut: concurrent.futures.Future[R] | None = None
-        with cv:
+        with self._lock:
             if self.closed:
                 raise MeshError("the connection is closed")
+            self._calls += 1
             if self._driver is None:
                 self._driver = me
                 self._stats.driven += 1
@@ -307,17 +304,17 @@ class Portal:
                 self._driver = me  # the driver let go first: this thread goes on
                 self._stats.taken_over += 1
         try:
-            self._target(me)
+            if self._targeted != me:
+                self._target(me)
             if fut is None:
                 return self._drive(me, loop.create_task(_then_stop(loop, fn(*args, **kwargs))))
             theirs = asyncio.wrap_future(fut, loop=loop)
             theirs.add_done_callback(lambda _: loop.stop())
             return self._drive(me, theirs)
         finally:
-            with cv:
+            with self._lock:
                 self._driver = None
-                self._released = time.monotonic()
-                if self._waiting or self._served or self._parked or self.closed:
+                if self._waiting or self._served or self.closed:
                     cv.notify_all()
 
     def _drive(self, me: int, task: asyncio.Future[R]) -> R:
