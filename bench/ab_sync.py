@@ -125,7 +125,7 @@ def main() -> None:
         lo, hi = 300, 1300
         for which in ("sync", "async"):
             per = [(_instructions(s, which, hi) - _instructions(s, which, lo)) / (hi - lo) for s in sides]
-            print(f"{which}: A {per[0]:.0f}  B {per[1]:.0f} client instructions/call  B/A {per[1] / per[0]:.3f}")
+            print(f"{which}: A {per[0]:.0f}  B {per[1]:.0f} client instr/call  B/A {per[1] / per[0]:.3f}")
         return
     runs: dict[str, list[dict[str, Any]]] = {args.a: [], args.b: []}
     for _ in range(args.rounds):
