@@ -62,6 +62,21 @@ async def test_a_call_is_written_and_read_by_the_calling_thread(runtime_dir: Pat
             await asyncio.to_thread(conn.close)
 
 
+async def test_a_blocking_call_from_inside_the_loop_it_drives_is_refused(runtime_dir: Path) -> None:
+    async with service(runtime_dir) as (_mesh, _echo):
+        conn = await asyncio.to_thread(meshipc.sync.connect, "svc", runtime_dir=runtime_dir)
+        try:
+
+            async def nested() -> Any:
+                return conn.call("echo", 1, timeout=STEP)  # blocking, on the loop's own thread
+
+            with pytest.raises(meshipc.MeshError, match="would deadlock"):
+                await within(asyncio.to_thread(conn._portal.call, nested))
+            assert await within(asyncio.to_thread(conn.call, "echo", 2, STEP)) == 2
+        finally:
+            await asyncio.to_thread(conn.close)
+
+
 async def test_between_calls_the_portal_thread_drives_and_sees_the_service_go(runtime_dir: Path) -> None:
     """After a pause the portal thread drives the loop (the service leaving is
     noticed with no call made); a later call takes the loop back."""

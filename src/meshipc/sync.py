@@ -256,8 +256,11 @@ class Portal:
         me = threading.get_ident()
         if me == self._thread.ident:
             raise MeshError("a blocking meshipc.sync call from its own portal thread would deadlock")
+        running = asyncio.events._get_running_loop()
+        if running is self._loop:
+            raise MeshError("a blocking meshipc.sync call from inside its own event loop would deadlock")
         try:
-            if asyncio.events._get_running_loop() is not None:
+            if running is not None:
                 return self._served_call(fn(*args, **kwargs))
             return self._driven_call(me, fn, args, kwargs)
         except Exception as exc:
