@@ -286,9 +286,8 @@ class Portal:
                 self._driver = me
                 self._stats.driven += 1
             else:
+                self._ask_stop()  # before the coroutine goes: the portal thread lets go, this one runs it
                 fut = self._submit(fn(*args, **kwargs))
-                if self._driver == self._thread.ident:
-                    self._ask_stop()
                 self._waiting += 1
                 try:
                     while not fut.done() and self._driver is not None and not self._finished:
@@ -434,11 +433,13 @@ class SyncSender:
         """One call; raises ``RemoteError``, ``ChannelClosed``, ``PortFailed``,
         ``TimeoutError`` after ``timeout`` seconds."""
 
+        sender = self._sender
+        if isinstance(sender, ServiceSender):  # the deadline travels
+            return self._portal.call(sender.call, request, timeout=timeout)
+
         async def call() -> Any:
-            if isinstance(self._sender, ServiceSender):
-                return await self._sender.call(request, timeout=timeout)  # the deadline travels
             async with answer_within(timeout, "the service"):
-                return await self._sender.call(request)
+                return await sender.call(request)
 
         return self._portal.call(call)
 
