@@ -20,18 +20,21 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import functools
 import os
+import signal
 import threading
-from collections.abc import Callable, Coroutine
-from types import TracebackType
-from typing import Any, Concatenate, ParamSpec, TypeVar
+from collections.abc import Callable, Coroutine, Iterable
+from types import FrameType, TracebackType
+from typing import Any, Concatenate, Final, ParamSpec, TypeVar
 
 from ._attach import Attachment
 from ._attach import connect as _aconnect
 from ._channel import Port, Sender
 from ._control import ControlPlane
 from ._errors import MeshError
+from ._ports import Engine
 from ._service import ServiceSender
 from ._tasks import answer_within
 from ._tlsclient import connect_tls as _aconnect_tls
@@ -41,32 +44,208 @@ __all__ = ("Portal", "SyncConnection", "SyncPort", "SyncSender", "connect", "con
 R = TypeVar("R")
 P = ParamSpec("P")
 
+#: Seconds the portal thread lets a blocking call's loop rest: once no call
+#: came for this long (it looks this often), it drives the loop (what the
+#: peer sends unasked, timers, a service going away) until the next call
+#: takes it back. Until then nobody does, and a call drives it in its own
+#: thread at once, with no hand-off between threads (calls in a loop, and
+#: calls 10 ms apart, never wait for the portal thread); what arrives
+#: meanwhile waits in the socket, at most twice this long.
+IDLE_HANDOVER: Final = 0.05
+
+_MAIN = threading.main_thread().ident
+
+
+@dataclasses.dataclass(slots=True)
+class PortalStats:
+    """How a portal's calls were run (``SyncConnection.stats()``)."""
+
+    #: calls whose own thread drove the loop: it wrote the request and read the reply
+    driven: int = 0
+    #: calls another thread ran while it drove the loop (several threads
+    #: calling at once; a thread running an event loop of its own)
+    handed: int = 0
+    #: calls whose thread took the loop over from a caller that finished first
+    taken_over: int = 0
+    #: times the portal thread drove the loop (after ``IDLE_HANDOVER``, or for a caller with a loop)
+    portal_runs: int = 0
+
+
+class _Interrupts:
+    """Ctrl-C while the main thread drives a portal's loop: the call being
+    driven is cancelled and ``KeyboardInterrupt`` raised once it ended,
+    rather than the loop interrupted half-way through whatever it ran (what
+    ``asyncio.run`` does for its main task). The handler is installed while
+    portals are open, only over Python's default one, and behaves as that
+    one whenever no call is driven; the default comes back when the last
+    portal closes (from the main thread)."""
+
+    portals = 0
+    installed = False
+    loop: asyncio.AbstractEventLoop | None = None
+    task: asyncio.Future[Any] | None = None
+    hit = False
+
+    @classmethod
+    def join(cls) -> None:
+        cls.portals += 1
+
+    @classmethod
+    def leave(cls) -> None:
+        cls.portals -= 1
+        if cls.portals <= 0 and cls.installed and threading.get_ident() == _MAIN:
+            if signal.getsignal(signal.SIGINT) is _on_interrupt:
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+            cls.installed = False
+
+    @classmethod
+    def hold(cls, loop: asyncio.AbstractEventLoop, task: asyncio.Future[Any]) -> None:
+        """(Main thread.) ``task`` is driven now."""
+        if not cls.installed and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            signal.signal(signal.SIGINT, _on_interrupt)
+            cls.installed = True
+        cls.loop, cls.task, cls.hit = loop, task, False
+
+    @classmethod
+    def release(cls) -> bool:
+        """(Main thread.) The driven task is done: whether Ctrl-C came meanwhile."""
+        hit = cls.hit
+        cls.loop = cls.task = None
+        cls.hit = False
+        return hit
+
+
+def _on_interrupt(signum: int, frame: FrameType | None) -> None:
+    task, loop = _Interrupts.task, _Interrupts.loop
+    if task is None or loop is None or task.done():
+        signal.default_int_handler(signum, frame)  # raises KeyboardInterrupt
+        return
+    _Interrupts.hit = True
+    loop.call_soon_threadsafe(task.cancel)  # wakes the selector this thread waits in
+
+
+async def _then_stop(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, R]) -> R:
+    """``await coro``, then stop ``loop``: the run driving it ends in the
+    same loop iteration (a done callback would take one more)."""
+    try:
+        return await coro
+    finally:
+        loop.stop()
+
 
 class Portal:
-    """An event loop running in a daemon thread; ``call`` runs a coroutine
-    function on it and blocks until it is done."""
+    """An event loop for blocking callers; ``call`` runs a coroutine
+    function on it and blocks until it is done.
+
+    Whoever calls drives the loop in its own thread: ``call`` takes the loop
+    (nobody else is driving it), runs it until its coroutine is done and lets
+    go, so the request is written and the reply read by the calling thread,
+    with no hand-off between threads. A caller that finds the loop taken has
+    its coroutine run by the thread driving it, and drives it itself if that
+    one lets go first: several threads calling at once each get their own
+    result. The portal thread drives the loop whenever no caller has for
+    ``IDLE_HANDOVER`` seconds (what the peer sends unasked, timers, the
+    service going away), and lets go when a caller comes (one hand-off, for
+    the first call after a pause). A caller whose thread runs an event loop
+    of its own (a Jupyter cell) cannot drive this one: the portal thread
+    runs its coroutine (that caller's loop is blocked meanwhile)."""
 
     def __init__(self, name: str = "meshipc-portal") -> None:
         self._loop = asyncio.new_event_loop()
+        # reentrant: a future's callback may fire under it; taken directly
+        # (C-level enter and exit) where nothing waits
+        self._lock = threading.RLock()
+        self._cv = threading.Condition(self._lock)
+        self._driver: int | None = None  # the thread driving the loop
+        self._waiting = 0  # callers waiting for the loop or for their coroutine
+        self._served = 0  # callers the portal thread must drive the loop for
+        self._stop_asked = False  # the portal thread's run was asked to stop
+        self._calls = 0  # calls so far: the portal thread drives once none came for a while
+        self._targeted: int | None = None  # the thread the engines were last told drives them
+        #: the engines this loop drives (they run calls from the driving thread at once)
+        self.engines: Callable[[], Iterable[Engine]] = tuple
+        self._stats = PortalStats()
+        self.closed = False
+        self._finished = False  # the loop is closed
         self._ready = threading.Event()
+        _Interrupts.join()
         self._thread = threading.Thread(target=self._main, name=name, daemon=True)
         self._thread.start()
         self._ready.wait()
-        self.closed = False
+
+    # -------------------------------------------------------------- the portal thread
 
     def _main(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        self._loop.call_soon(self._ready.set)
+        me = threading.get_ident()
+        cv = self._cv
+        self._ready.set()
         try:
-            self._loop.run_forever()
+            while True:
+                with cv:
+                    if not self._wait_to_drive():
+                        break
+                    self._driver = me
+                    self._stats.portal_runs += 1
+                self._target(me)
+                try:
+                    self._loop.run_forever()
+                finally:
+                    with cv:
+                        self._driver = None
+                        self._stop_asked = False
+                        cv.notify_all()
         finally:
+            self._shut(me)
+
+    def _wait_to_drive(self) -> bool:
+        """(Under the lock, in the portal thread.) Wait until the portal
+        thread should drive the loop: True; False once closed. It looks
+        every ``IDLE_HANDOVER`` seconds whether a call came meanwhile (a
+        caller never wakes it: that would cost every call a thread switch)."""
+        cv = self._cv
+        seen = -1
+        while True:
+            if self._driver is None:
+                if self.closed:
+                    return False
+                if self._served or (not self._waiting and self._calls == seen):
+                    return True
+            seen = self._calls
+            cv.wait(IDLE_HANDOVER)
+
+    def _shut(self, me: int) -> None:
+        """Cancel what is left on the loop, run it to its end and close the loop."""
+        with self._cv:
+            while self._driver is not None:
+                self._cv.wait()
+            self._driver = me
+        loop = self._loop
+        self._target(me)
+        try:
             with contextlib.suppress(RuntimeError):
-                tasks = asyncio.all_tasks(self._loop)
+                tasks = asyncio.all_tasks(loop)
                 for t in tasks:
                     t.cancel()
                 if tasks:
-                    self._loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
-            self._loop.close()
+                    loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+            loop.close()
+        finally:
+            with self._cv:
+                self._finished = True
+                self._cv.notify_all()
+
+    def _target(self, me: int) -> None:
+        """Tell the engines on this loop that thread ``me`` drives it now."""
+        if self._targeted != me:
+            self._targeted = me
+            for engine in self.engines():
+                engine.thread = me
+
+    # -------------------------------------------------------------- callers
+
+    def stats(self) -> PortalStats:
+        """How calls were run so far (a copy)."""
+        return dataclasses.replace(self._stats)
 
     def call(self, fn: Callable[..., Coroutine[Any, Any, R]], *args: Any, **kwargs: Any) -> R:
         """``await fn(*args, **kwargs)`` on the portal's loop; its result or
@@ -74,29 +253,138 @@ class Portal:
         from the portal's own thread (that would wait for itself)."""
         if self.closed:
             raise MeshError("the connection is closed")
-        if threading.current_thread() is self._thread:
+        me = threading.get_ident()
+        if me == self._thread.ident:
             raise MeshError("a blocking meshipc.sync call from its own portal thread would deadlock")
-        fut: concurrent.futures.Future[R] = asyncio.run_coroutine_threadsafe(fn(*args, **kwargs), self._loop)
+        running = asyncio.events._get_running_loop()
+        if running is self._loop:
+            raise MeshError("a blocking meshipc.sync call from inside its own event loop would deadlock")
         try:
-            return fut.result()
+            if running is not None:
+                return self._served_call(fn(*args, **kwargs))
+            return self._driven_call(me, fn, args, kwargs)
         except Exception as exc:
             failed = exc
-        except BaseException:
-            fut.cancel()  # interrupted (Ctrl-C): the coroutine is cancelled too
-            raise
-        # the error as the caller's own: without the portal loop's frames (a
-        # remote error's traceback is its note), and without "during handling"
+        # the error as the caller's own: without the loop's frames (a remote
+        # error's traceback is its note), and without "during handling"
         try:
             raise failed.with_traceback(None)
         finally:
             del failed
 
+    def _driven_call(self, me: int, fn: Callable[..., Coroutine[Any, Any, R]], args: Any, kwargs: Any) -> R:
+        """A call from a thread that can drive the loop: it does, unless the
+        thread driving it finishes the call first."""
+        cv = self._cv
+        loop = self._loop
+        fut: concurrent.futures.Future[R] | None = None
+        with self._lock:
+            if self.closed:
+                raise MeshError("the connection is closed")
+            self._calls += 1
+            if self._driver is None:
+                self._driver = me
+                self._stats.driven += 1
+            else:
+                self._ask_stop()  # before the coroutine goes: the portal thread lets go, this one runs it
+                fut = self._submit(fn(*args, **kwargs))
+                self._waiting += 1
+                try:
+                    while not fut.done() and self._driver is not None and not self._finished:
+                        cv.wait()
+                except BaseException:
+                    fut.cancel()  # interrupted (Ctrl-C): the coroutine is cancelled too
+                    raise
+                finally:
+                    self._waiting -= 1
+                if fut.done():
+                    self._stats.handed += 1
+                    return fut.result()
+                if self._finished:
+                    fut.cancel()
+                    raise MeshError("the connection is closed")
+                self._driver = me  # the driver let go first: this thread goes on
+                self._stats.taken_over += 1
+        try:
+            if self._targeted != me:
+                self._target(me)
+            if fut is None:
+                return self._drive(me, loop.create_task(_then_stop(loop, fn(*args, **kwargs))))
+            theirs = asyncio.wrap_future(fut, loop=loop)
+            theirs.add_done_callback(lambda _: loop.stop())
+            return self._drive(me, theirs)
+        finally:
+            with self._lock:
+                self._driver = None
+                if self._waiting or self._served or self.closed:
+                    cv.notify_all()
+
+    def _drive(self, me: int, task: asyncio.Future[R]) -> R:
+        """Run the loop in this thread until ``task`` is done. Ctrl-C (in the
+        main thread) cancels the task rather than stop the loop wherever it
+        was; the ``KeyboardInterrupt`` is raised once the task has ended."""
+        main = me == _MAIN
+        if main:
+            _Interrupts.hold(self._loop, task)
+        try:
+            while not task.done():  # a stop meant for another run may end one early
+                self._loop.run_forever()
+            return task.result()
+        except BaseException:
+            if not task.done():
+                task.cancel()  # run by the next driver
+            raise
+        finally:
+            if main and _Interrupts.release():
+                raise KeyboardInterrupt from None
+
+    def _submit(self, coro: Coroutine[Any, Any, R]) -> concurrent.futures.Future[R]:
+        """(Under the lock.) ``coro`` run by whoever drives the loop; a
+        portal thread driving it is asked to let go (the caller takes over)."""
+        fut = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        fut.add_done_callback(self._notify)
+        return fut
+
+    def _ask_stop(self) -> None:
+        """(Under the lock.) Ask the portal thread to let go of the loop, if it drives it."""
+        if self._driver == self._thread.ident and not self._stop_asked:
+            self._stop_asked = True
+            self._loop.call_soon_threadsafe(self._loop.stop)
+
+    def _notify(self, _: object) -> None:
+        with self._cv:
+            self._cv.notify_all()
+
+    def _served_call(self, coro: Coroutine[Any, Any, R]) -> R:
+        """A call from a thread whose own loop runs: the portal thread (or
+        whoever drives) runs it; this thread waits."""
+        cv = self._cv
+        with cv:
+            if self.closed:
+                coro.close()
+                raise MeshError("the connection is closed")
+            fut = self._submit(coro)
+            self._served += 1
+            self._stats.handed += 1
+            cv.notify_all()
+        try:
+            return fut.result()
+        except BaseException:
+            fut.cancel()
+            raise
+        finally:
+            with cv:
+                self._served -= 1
+
     def stop(self) -> None:
         """Stop the loop and join the thread (idempotent)."""
-        if self.closed:
-            return
-        self.closed = True
-        self._loop.call_soon_threadsafe(self._loop.stop)
+        with self._cv:
+            if self.closed:
+                return
+            self.closed = True
+            self._ask_stop()
+            self._cv.notify_all()
+        _Interrupts.leave()
         if threading.current_thread() is not self._thread:
             self._thread.join()
 
@@ -145,11 +433,13 @@ class SyncSender:
         """One call; raises ``RemoteError``, ``ChannelClosed``, ``PortFailed``,
         ``TimeoutError`` after ``timeout`` seconds."""
 
+        sender = self._sender
+        if isinstance(sender, ServiceSender):  # the deadline travels
+            return self._portal.call(sender.call, request, timeout=timeout)
+
         async def call() -> Any:
-            if isinstance(self._sender, ServiceSender):
-                return await self._sender.call(request, timeout=timeout)  # the deadline travels
             async with answer_within(timeout, "the service"):
-                return await self._sender.call(request)
+                return await sender.call(request)
 
         return self._portal.call(call)
 
@@ -201,6 +491,19 @@ class SyncConnection:
         self._cm = cm
         self._conn = conn
         self._lock = threading.Lock()
+        portal.engines = self._engines
+        portal._targeted = None  # the engines made while connecting learn who drives next
+
+    def _engines(self) -> tuple[Engine, ...]:
+        """The engine of this process's node (the new one after a reconnect)."""
+        return (self._conn.mesh._node.engine,)
+
+    def stats(self) -> PortalStats:
+        """How this connection's blocking calls were run: ``driven`` in the
+        calling thread (the usual case), ``handed`` to another thread driving
+        the loop, ``taken_over`` from one; ``portal_runs``: times the portal
+        thread drove the loop between calls."""
+        return self._portal.stats()
 
     @property
     def port(self) -> SyncPort:
