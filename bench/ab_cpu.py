@@ -2,6 +2,7 @@
 
     python bench/ab_cpu.py SRC_A SRC_B [--rounds 5] [--rtt N] [--oneway N]
     python bench/ab_cpu.py SRC_A SRC_B --callgrind
+    python bench/ab_cpu.py SRC_A SRC_B --svc 5000
 
 Runs ``measure`` in a fresh interpreter with ``SRC_A`` (then ``SRC_B``, then
 A again ...) first on the path, ``--rounds`` times each, interleaved, and
@@ -9,7 +10,9 @@ prints the median CPU µs per op of each side and the ratio B/A (also of
 the in-process ``_micro`` rows, which other load on the machine barely
 moves). One
 measurement: a mesh, the echo and sink workers of ``bench.paths``; ``rtt``
-is N 64-byte RPC round trips, ``oneway`` N 64-byte one-way sends; CPU is
+is N 64-byte RPC round trips, ``oneway`` N 64-byte one-way sends (``svc``,
+with ``--svc N``: N ``conn.call`` of a service in another process, as the
+bench's ``conn.call`` path, and ``svc/rtt`` its ratio to ``rtt``); CPU is
 the driver's ``time.process_time()`` plus the worker's user+system time
 (``/proc/<pid>/stat``) over the ops, divided by N. Stock asyncio loop.
 
@@ -83,6 +86,26 @@ async def _measure(n_rtt: int, n_oneway: int) -> dict[str, float]:
     finally:
         rmtree(tmp)
     return out
+
+
+async def _measure_svc(n: int) -> dict[str, float]:
+    """CPU µs per ``await conn.call("echo", 64 B)`` to a service process
+    (``bench.paths.MeshServicePath``), both processes."""
+    from bench.core import MSG
+    from bench.paths import MeshServicePath
+
+    path = MeshServicePath()
+    await path.start()
+    try:
+        call = path.conn.call
+        for _ in range(500):
+            await call("echo", MSG)
+        c0, w0 = time.process_time(), _proc_cpu(path.proc.pid)
+        for _ in range(n):
+            await call("echo", MSG)
+        return {"svc": (time.process_time() - c0 + _proc_cpu(path.proc.pid) - w0) / n * 1e6}
+    finally:
+        await path.stop()
 
 
 class _Sink:
@@ -262,11 +285,15 @@ def callgrind(a: str, b: str) -> None:
         print(f"{mode}: A {per[0]:.0f}  B {per[1]:.0f} instructions/op  B/A {ratio:.3f}", flush=True)
 
 
-def _one(src: str, n_rtt: int, n_oneway: int) -> dict[str, float]:
+def _one(src: str, n_rtt: int, n_oneway: int, n_svc: int = 0) -> dict[str, float]:
     env = dict(os.environ, PYTHONPATH=f"{src}{os.pathsep}{ROOT}", MESHIPC_UVLOOP="0")
     mesh = f"r.update(asyncio.run(_measure({n_rtt}, {n_oneway}))); " if n_rtt else ""
+    if n_svc:
+        mesh += f"r.update(asyncio.run(_measure_svc({n_svc}))); "
+        if n_rtt:
+            mesh += "r['svc/rtt'] = r['svc'] / r['rtt']; "
     code = (
-        "import asyncio, json, sys; from bench.ab_cpu import _measure, _micro; "
+        "import asyncio, json, sys; from bench.ab_cpu import _measure, _measure_svc, _micro; "
         f"r = _micro({n_oneway}); {mesh}print(json.dumps(r))"
     )
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
@@ -282,6 +309,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--rtt", type=int, default=20000, help="0: the micro rows only")
     ap.add_argument("--oneway", type=int, default=200000)
+    ap.add_argument("--svc", type=int, default=0, help="N service conn.call too (0: none)")
     ap.add_argument("--callgrind", action="store_true", help="count instructions (valgrind) instead")
     args = ap.parse_args()
     if args.callgrind:
@@ -291,10 +319,13 @@ def main() -> None:
     for r in range(args.rounds):
         order = [("A", args.a), ("B", args.b)] if r % 2 == 0 else [("B", args.b), ("A", args.a)]
         for side, src in order:
-            got = _one(src, args.rtt, args.oneway)
+            got = _one(src, args.rtt, args.oneway, args.svc)
             runs[side].append(got)
             print(f"round {r} {side}: " + " ".join(f"{k}={v:.2f}" for k, v in got.items()), flush=True)
-    for key in ("rtt", "oneway", "send_us", "recv_us") if args.rtt else ("send_us", "recv_us"):
+    keys = ("rtt", "oneway", "send_us", "recv_us") if args.rtt else ("send_us", "recv_us")
+    if args.svc:
+        keys += ("svc", "svc/rtt") if args.rtt else ("svc",)
+    for key in keys:
         a = statistics.median(x[key] for x in runs["A"])
         b = statistics.median(x[key] for x in runs["B"])
         lo_a = min(x[key] for x in runs["A"])

@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import inspect
 import math
 import os
 import time
+import types
 import typing
 from collections import deque
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Awaitable, Callable, Coroutine, Generator
+from typing import Any, TypeVar
 
 import msgspec
 import msgspec.inspect
@@ -41,6 +43,8 @@ from ._ports import PortState
 from ._tasks import TaskSet, answer_within
 from ._trace import Trace, handling, outgoing, parse
 
+T = TypeVar("T")
+
 
 def sender_dead(s: Sender[Any]) -> bool:
     """True once ``s`` can carry no call (closed, its receiver gone, or failed)."""
@@ -53,6 +57,31 @@ def consume(fut: asyncio.Future[None]) -> None:
     failure is logged where it happens)."""
     if not fut.cancelled():
         fut.exception()
+
+
+@types.coroutine
+def carry_on(
+    work: Coroutine[Any, Any, T], waits_on: Any, ctx: contextvars.Context | None = None
+) -> Generator[Any, Any, T]:
+    """``await carry_on(work, waits_on)``: the rest of ``work``, a coroutine
+    whose first step was taken outside ``await`` (it yielded ``waits_on``),
+    run by the awaiting task as if it had awaited ``work`` from the start
+    (``ctx``: each step in that context)."""
+    while True:
+        try:
+            sent = yield waits_on
+        except GeneratorExit:
+            work.close()
+            raise
+        except BaseException as exc:
+            step: Callable[[Any], Any] = work.throw
+            arg: Any = exc
+        else:
+            step, arg = work.send, sent
+        try:
+            waits_on = step(arg) if ctx is None else ctx.run(step, arg)
+        except StopIteration as done:
+            return typing.cast(T, done.value)
 
 
 def split_handler(
@@ -121,7 +150,7 @@ class ServiceCall(Call[Any]):
     and ``trace`` are the ones its envelope carried (cut to the service's
     ``max_call_timeout``); ``handling()`` names the service's span."""
 
-    __slots__ = ("_service",)
+    __slots__ = ("_seq", "_service")
 
     def __init__(
         self,
@@ -134,6 +163,7 @@ class ServiceCall(Call[Any]):
         super().__init__(request, port)
         self._ctx = (trace, deadline)
         self._service = service
+        self._seq = 0  # the service's key of it while its handler waits (0: not waiting)
 
     def _service_name(self) -> str | None:
         return self._service
@@ -310,9 +340,11 @@ class Service:
 
     async def _run(self) -> None:
         """The service's reader. A call admitted to run now runs right here,
-        in this task, and a fresh task takes the reading over: the handler
-        starts at once, with no task hop and loop turn before it (issue 24),
-        in a task of its own from then on (which the watcher cancels)."""
+        in this task, up to where its handler first waits: one that returns
+        at once is answered with no task and no timer (issue 24) and this
+        task reads on; one that waits goes on in this task (its deadline
+        armed then), and a fresh task takes the reading over. Each handler
+        runs in a context of its own (as in a task of its own)."""
         limits = self._limits
         while True:
             while self._running >= limits.service_calls:
@@ -342,13 +374,27 @@ class Service:
                         sc.fail(exc)
                 continue
             client = sc._caller()
-            if self._admit(client, sc):
-                me = asyncio.current_task()
+            if not self._admit(client, sc):
+                continue
+            ctx = contextvars.copy_context()
+            work = self._handle(sc, client)
+            try:
+                waits_on = ctx.run(work.send, None)
+            except StopIteration:  # answered at once
+                if self.closed:
+                    return
+                continue
+            except asyncio.CancelledError:  # raised by the handler itself: ends unanswered
+                continue
+            # it waits: this task is the handler's from now on, a fresh one reads
+            me = asyncio.current_task()
+            if not self.closed:
                 self._pump = asyncio.get_running_loop().create_task(self._run())
-                if me is not None:
-                    self._tasks.adopt(me)  # a handler's task now: cancelled on close
-                await self._handle(sc, client)
-                return
+            if me is not None:
+                self._tasks.adopt(me)  # cancelled on close
+                self._watch(sc, me)
+            await carry_on(work, waits_on, ctx)
+            return
 
     def _admit(self, client: bytes, sc: ServiceCall) -> bool:
         """True if ``sc`` may run now (counted as running: the caller runs
@@ -382,7 +428,7 @@ class Service:
             if sc.cancelled:
                 sc._drop()
                 continue
-            self._tasks.spawn(self._handle(sc, client))
+            self._watch(sc, self._tasks.spawn(self._handle(sc, client)))
             return
         self._waiting.pop(client, None)
         self._running -= 1
@@ -397,18 +443,12 @@ class Service:
 
     async def _handle(self, call: ServiceCall, client: bytes) -> None:
         key = id(call)
-        now = self._active[key] = time.monotonic()
-        # most calls end quickly: a task that watches the caller is started
-        # only for a call still running after WATCH_AFTER seconds (_sweep)
-        watcher: list[asyncio.Task[None]] = []
-        seq = self._seq = self._seq + 1
-        self._running_calls[seq] = (call, asyncio.current_task(), watcher)
-        self._unwatched.append((now, seq))
-        if self._sweeper is None:
-            self._sweeper = asyncio.get_running_loop().call_later(WATCH_AFTER, self._sweep)
+        self._active[key] = time.monotonic()
+        ctx = getattr(call, "_ctx", None)
+        trace, deadline = (None, None) if ctx is None else ctx
         try:
-            with handling(call.trace, call.deadline, self.name):
-                result = await self._invoke(call)
+            with handling(trace, deadline, self.name):
+                result = await self._invoke(call, deadline)
         except asyncio.CancelledError:
             if self.closed or call.cancelled:
                 return  # the caller gave up (or the service closed): nobody to answer
@@ -421,12 +461,26 @@ class Service:
             with contextlib.suppress(ChannelClosed):
                 call.reply(result)
         finally:
-            for t in watcher:
-                t.cancel()
             self._active.pop(key, None)
-            self._running_calls.pop(seq, None)
+            if call._seq:
+                entry = self._running_calls.pop(call._seq, None)
+                if entry is not None:
+                    for t in entry[2]:
+                        t.cancel()
             if not self.closed:
                 self._call_done(client)
+
+    def _watch(self, call: ServiceCall, work: asyncio.Task[Any]) -> None:
+        """``call``'s handler, which ``work`` runs, did not end at once:
+        a task that watches the caller is started if it still runs
+        WATCH_AFTER seconds from now (``_sweep``: one timer for all, not a
+        timer per call; most calls end quickly)."""
+        seq = self._seq = self._seq + 1
+        call._seq = seq
+        self._running_calls[seq] = (call, work, [])
+        self._unwatched.append((time.monotonic(), seq))
+        if self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().call_later(WATCH_AFTER, self._sweep)
 
     def _sweep(self) -> None:
         """The calls started WATCH_AFTER seconds ago or more that still run
@@ -456,16 +510,28 @@ class Service:
 
         watcher.append(asyncio.get_running_loop().create_task(watch()))
 
-    async def _invoke(self, call: ServiceCall) -> Any:
+    async def _invoke(self, call: ServiceCall, deadline: float | None) -> Any:
         handler = self._handler
         if handler is None:
             raise MeshError("this service has no handler")
-        if call.deadline is not None:
+        work = handler(call.request)
+        if deadline is None:
+            result = await work
+        elif type(work) is not types.CoroutineType:
             loop = asyncio.get_running_loop()
-            async with asyncio.timeout_at(loop.time() + (call.deadline - time.monotonic())):
-                result = await handler(call.request)
+            async with asyncio.timeout_at(loop.time() + (deadline - time.monotonic())):
+                result = await work
         else:
-            result = await handler(call.request)
+            # its first step cannot time out (nothing interrupts it): the
+            # deadline's timer is armed only if the handler waits (issue 24)
+            try:
+                waits_on = work.send(None)
+            except StopIteration as done:
+                result = done.value
+            else:
+                loop = asyncio.get_running_loop()
+                async with asyncio.timeout_at(loop.time() + (deadline - time.monotonic())):
+                    result = await carry_on(work, waits_on)
         if self.reply_type is not None:
             try:
                 result = msgspec.convert(
