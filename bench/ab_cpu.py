@@ -1,7 +1,7 @@
 """CPU per message, A against B, in one run: process CPU time, not wall.
 
     python bench/ab_cpu.py SRC_A SRC_B [--rounds 5] [--rtt N] [--oneway N]
-    python bench/ab_cpu.py SRC_A SRC_B --callgrind
+    python bench/ab_cpu.py SRC_A SRC_B --callgrind [--modes svc,rtt]
     python bench/ab_cpu.py SRC_A SRC_B --svc 5000
 
 Runs ``measure`` in a fresh interpreter with ``SRC_A`` (then ``SRC_B``, then
@@ -180,7 +180,8 @@ def _ops(mode: str, n: int) -> None:
     received in one ``receive_run``, each read: by one ``recv_many`` batch
     where the side has it, else one ``try_recv`` each), ``rtt`` (a call and its reply
     between two engines of ``tests/memnet.py``, frames through the decoder),
-    ``fd`` (a message of one ``Fd`` between two such engines, read and closed)."""
+    ``fd`` (a message of one ``Fd`` between two such engines, read and closed),
+    ``svc`` (a service call between two such engines: ``_svc_ops``)."""
     import threading
 
     from bench.core import MSG
@@ -231,6 +232,8 @@ def _ops(mode: str, n: int) -> None:
             net.run()
             frx.try_recv().close()
         os.close(null)
+    elif mode == "svc":
+        asyncio.run(_svc_ops(n))
     else:
         sys.path.insert(0, str(ROOT / "tests"))
         from memnet import Net
@@ -254,6 +257,45 @@ def _ops(mode: str, n: int) -> None:
         asyncio.run(rtt())
 
 
+async def _svc_ops(n: int) -> None:
+    """``svc`` of ``_ops``: n calls of a ``serve``d echo handler from a
+    ``ServiceSender`` on another engine of ``tests/memnet.py`` (the service's
+    reading, dispatch and answer; the caller's envelope), each call driven
+    to its reply by loop turns."""
+    import threading
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from bench.core import MSG
+    from memnet import Net
+    from meshipc import _channel
+    from meshipc._control_msgs import DEFAULT_CONTROL_LIMITS
+    from meshipc._service import Service, ServiceSender
+
+    async def echo(req: object) -> object:
+        return req
+
+    net = Net(2)
+    for e in net.engines:
+        e.thread = threading.get_ident()
+    local, _channel._local_engine = _channel._local_engine, net.engines[1]
+    try:
+        svc = Service(
+            "echo", echo, None, None, None, limits=DEFAULT_CONTROL_LIMITS, on_close=lambda s: None
+        )
+    finally:
+        _channel._local_engine = local
+    a, b = net.pair(0, 1)
+    svc._rx._add(b._detach()[0])
+    tx = ServiceSender._wrap(a._detach())
+    for _ in range(n):
+        t = asyncio.ensure_future(tx.call(MSG))
+        while not t.done():
+            await asyncio.sleep(0)
+            net.run()
+        t.result()
+    svc.close()
+
+
 def _instructions(src: str, mode: str, n: int) -> int:
     env = dict(os.environ, PYTHONPATH=f"{src}{os.pathsep}{ROOT}", PYTHONHASHSEED="0")
     code = f"from bench.ab_cpu import _ops; _ops({mode!r}, {n})"
@@ -267,7 +309,7 @@ def _instructions(src: str, mode: str, n: int) -> int:
     raise RuntimeError(res.stderr[-2000:])
 
 
-def callgrind(a: str, b: str) -> None:
+def callgrind(a: str, b: str, only: str = "") -> None:
     """Instructions per op (valgrind's count: the same on a busy machine),
     the difference of a short and a long run of each mode."""
     modes = (
@@ -276,8 +318,11 @@ def callgrind(a: str, b: str) -> None:
         ("run", 2048, 12288),
         ("rtt", 500, 3500),
         ("fd", 500, 3500),
+        ("svc", 300, 2100),
     )
     for mode, lo, hi in modes:
+        if only and mode not in only.split(","):
+            continue
         per = []
         for src in (a, b):
             per.append((_instructions(src, mode, hi) - _instructions(src, mode, lo)) / (hi - lo))
@@ -311,9 +356,10 @@ def main() -> None:
     ap.add_argument("--oneway", type=int, default=200000)
     ap.add_argument("--svc", type=int, default=0, help="N service conn.call too (0: none)")
     ap.add_argument("--callgrind", action="store_true", help="count instructions (valgrind) instead")
+    ap.add_argument("--modes", default="", help="--callgrind: these modes only (e.g. svc,rtt)")
     args = ap.parse_args()
     if args.callgrind:
-        callgrind(args.a, args.b)
+        callgrind(args.a, args.b, args.modes)
         return
     runs: dict[str, list[dict[str, float]]] = {"A": [], "B": []}
     for r in range(args.rounds):

@@ -150,7 +150,7 @@ class ServiceCall(Call[Any]):
     and ``trace`` are the ones its envelope carried (cut to the service's
     ``max_call_timeout``); ``handling()`` names the service's span."""
 
-    __slots__ = ("_seq", "_service")
+    __slots__ = ("_service",)
 
     def __init__(
         self,
@@ -163,7 +163,6 @@ class ServiceCall(Call[Any]):
         super().__init__(request, port)
         self._ctx = (trace, deadline)
         self._service = service
-        self._seq = 0  # the service's key of it while its handler waits (0: not waiting)
 
     def _service_name(self) -> str | None:
         return self._service
@@ -183,12 +182,24 @@ class ServiceSender(Sender[Any]):
         ``ServiceBusy`` if the service refused the call (this client has
         too many waiting there)."""
         if timeout is None:
-            deadline, trace = outgoing(None)
-            return await busy_call(super().call(envelope(deadline, request, trace)))
+            return await call_service(self, request, None)
         timeout = check_timeout(timeout)
         async with answer_within(timeout, "the service"):
-            deadline, trace = outgoing(time.monotonic() + timeout)
-            return await busy_call(super().call(envelope(deadline, request, trace)))
+            return await call_service(self, request, time.monotonic() + timeout)
+
+
+async def call_service(sender: Sender[Any], request: Any, deadline: float | None) -> Any:
+    """``request`` called on ``sender``, a service's, in the envelope that
+    carries ``deadline`` (or the handled call's, if sooner) and the trace
+    context; a ``ServiceBusy`` refusal raised as itself (one frame: the
+    call path, issue 24)."""
+    deadline, trace = outgoing(deadline)
+    try:
+        return await Sender.call(sender, envelope(deadline, request, trace))
+    except RemoteError as exc:
+        if exc.type_name == "ServiceBusy":
+            raise ServiceBusy(exc.message.removeprefix("busy: ")) from None
+        raise
 
 
 async def busy_call(work: Awaitable[Any]) -> Any:
@@ -202,7 +213,7 @@ async def busy_call(work: Awaitable[Any]) -> Any:
 
 
 #: a running handler call: the call, its task, the watcher once started
-_Running = tuple[ServiceCall, "asyncio.Task[Any] | None", list["asyncio.Task[None]"]]
+_Running = tuple[Call[Any], "asyncio.Task[Any] | None", list["asyncio.Task[None]"]]
 
 
 class Service:
@@ -241,6 +252,7 @@ class Service:
         # timer for them all checks which still run WATCH_AFTER seconds in,
         # instead of a timer per call (issue 24)
         self._running_calls: dict[int, _Running] = {}
+        self._seqs: dict[int, int] = {}  # id() of a call whose handler waits -> its key there
         self._unwatched: deque[tuple[float, int]] = deque()
         self._sweeper: asyncio.TimerHandle | None = None
         self._seq = 0  # keys of _running_calls (an id() may be reused once a call ends)
@@ -249,7 +261,7 @@ class Service:
         # its bound wait in its queue (see ControlLimits)
         self._running = 0
         self._per_client: dict[bytes, int] = {}
-        self._waiting: dict[bytes, deque[ServiceCall]] = {}
+        self._waiting: dict[bytes, deque[Call[Any]]] = {}
         self._slot: asyncio.Future[None] | None = None
         self.refused = 0
         self.calls = 0
@@ -293,10 +305,13 @@ class Service:
             self._done.set_result(None)
         self._on_close(self)
 
-    def _unwrap(self, call: Call[Any]) -> ServiceCall | None:
-        """The ``ServiceCall`` of a call, or None once it was failed: a
+    def _unwrap(self, call: Call[Any]) -> Call[Any] | None:
+        """The call as the service runs it, or None once it was failed: a
         deadline that is not a finite number (a peer's doing) or a request
-        of the wrong type. A deadline is cut to ``max_call_timeout`` from now."""
+        of the wrong type. A deadline is cut to ``max_call_timeout`` from now.
+        For the application's receiver, a ``ServiceCall``; for a handler
+        (which sees only the request) the call itself, its request and
+        context replaced (no second object per call, issue 24)."""
         req = call.request
         deadline: Any = None
         wire: Any = None
@@ -304,9 +319,11 @@ class Service:
             deadline, wire, req = req.deadline, getattr(req, "trace", None), req.request
         elif isinstance(req, list) and len(req) in (3, 4) and req[0] == "meshipc.req":
             deadline, req, wire = req[1], req[2], (req[3] if len(req) == 4 else None)
-        trace = call.trace  # a context prefix, from a plain sender (the envelope's comes first)
-        if deadline is None:
-            deadline = call.deadline
+        # a context prefix, from a plain sender (the envelope's comes first)
+        ctx: tuple[Trace | None, float | None] | None = getattr(call, "_ctx", None)
+        trace = None if ctx is None else ctx[0]
+        if deadline is None and ctx is not None:
+            deadline = ctx[1]
         if wire is not None:
             try:
                 trace = parse(wire)
@@ -328,7 +345,11 @@ class Service:
                     )
                 return None
             deadline = min(deadline, time.monotonic() + self._limits.max_call_timeout)
-        sc = ServiceCall(req, call._hand_over(), deadline, trace, self.name)
+        if self._target is not None:
+            sc: Call[Any] = ServiceCall(req, call._hand_over(), deadline, trace, self.name)
+        else:
+            sc = call
+            sc.request, sc._ctx = req, (trace, deadline)
         if self.request_type is not None:
             try:
                 sc.request = msgspec.convert(req, self.request_type, dec_hook=accept_objects)
@@ -396,7 +417,7 @@ class Service:
             await carry_on(work, waits_on, ctx)
             return
 
-    def _admit(self, client: bytes, sc: ServiceCall) -> bool:
+    def _admit(self, client: bytes, sc: Call[Any]) -> bool:
         """True if ``sc`` may run now (counted as running: the caller runs
         it); else it is queued behind its client's running calls, or refused
         (``ServiceBusy``) when that queue is full."""
@@ -441,7 +462,7 @@ class Service:
         if slot is not None and not slot.done():
             slot.set_result(None)
 
-    async def _handle(self, call: ServiceCall, client: bytes) -> None:
+    async def _handle(self, call: Call[Any], client: bytes) -> None:
         key = id(call)
         self._active[key] = time.monotonic()
         ctx = getattr(call, "_ctx", None)
@@ -462,21 +483,22 @@ class Service:
                 call.reply(result)
         finally:
             self._active.pop(key, None)
-            if call._seq:
-                entry = self._running_calls.pop(call._seq, None)
+            seq = self._seqs.pop(key, 0)
+            if seq:
+                entry = self._running_calls.pop(seq, None)
                 if entry is not None:
                     for t in entry[2]:
                         t.cancel()
             if not self.closed:
                 self._call_done(client)
 
-    def _watch(self, call: ServiceCall, work: asyncio.Task[Any]) -> None:
+    def _watch(self, call: Call[Any], work: asyncio.Task[Any]) -> None:
         """``call``'s handler, which ``work`` runs, did not end at once:
         a task that watches the caller is started if it still runs
         WATCH_AFTER seconds from now (``_sweep``: one timer for all, not a
         timer per call; most calls end quickly)."""
         seq = self._seq = self._seq + 1
-        call._seq = seq
+        self._seqs[id(call)] = seq
         self._running_calls[seq] = (call, work, [])
         self._unwatched.append((time.monotonic(), seq))
         if self._sweeper is None:
@@ -501,7 +523,7 @@ class Service:
             self._sweeper = asyncio.get_running_loop().call_later(q[0][0] - due, self._sweep)
 
     def _watch_caller(
-        self, call: ServiceCall, work: asyncio.Task[Any] | None, watcher: list[asyncio.Task[None]]
+        self, call: Call[Any], work: asyncio.Task[Any] | None, watcher: list[asyncio.Task[None]]
     ) -> None:
         async def watch() -> None:
             await call.wait_cancelled()
@@ -510,7 +532,7 @@ class Service:
 
         watcher.append(asyncio.get_running_loop().create_task(watch()))
 
-    async def _invoke(self, call: ServiceCall, deadline: float | None) -> Any:
+    async def _invoke(self, call: Call[Any], deadline: float | None) -> Any:
         handler = self._handler
         if handler is None:
             raise MeshError("this service has no handler")
