@@ -469,18 +469,44 @@ class Service:
         trace, deadline = (None, None) if ctx is None else ctx
         try:
             with handling(trace, deadline, self.name):
-                result = await self._invoke(call, deadline)
+                handler = self._handler
+                if handler is None:
+                    raise MeshError("this service has no handler")
+                work = handler(call.request)
+                if deadline is None:
+                    result = await work
+                elif type(work) is not types.CoroutineType:
+                    loop = asyncio.get_running_loop()
+                    async with asyncio.timeout_at(loop.time() + (deadline - time.monotonic())):
+                        result = await work
+                else:
+                    # its first step cannot time out (nothing interrupts it): the
+                    # deadline's timer is armed only if the handler waits (issue 24)
+                    try:
+                        waits_on = work.send(None)
+                    except StopIteration as done:
+                        result = done.value
+                    else:
+                        loop = asyncio.get_running_loop()
+                        async with asyncio.timeout_at(loop.time() + (deadline - time.monotonic())):
+                            result = await carry_on(work, waits_on)
+                if self.reply_type is not None:
+                    result = self._checked_reply(result)
         except asyncio.CancelledError:
             if self.closed or call.cancelled:
                 return  # the caller gave up (or the service closed): nobody to answer
             raise
         except Exception as exc:
             self.errors += 1
-            with contextlib.suppress(ChannelClosed):
+            try:
                 call.fail(exc)
+            except ChannelClosed:
+                pass
         else:
-            with contextlib.suppress(ChannelClosed):
+            try:
                 call.reply(result)
+            except ChannelClosed:
+                pass
         finally:
             self._active.pop(key, None)
             seq = self._seqs.pop(key, 0)
@@ -532,36 +558,12 @@ class Service:
 
         watcher.append(asyncio.get_running_loop().create_task(watch()))
 
-    async def _invoke(self, call: Call[Any], deadline: float | None) -> Any:
-        handler = self._handler
-        if handler is None:
-            raise MeshError("this service has no handler")
-        work = handler(call.request)
-        if deadline is None:
-            result = await work
-        elif type(work) is not types.CoroutineType:
-            loop = asyncio.get_running_loop()
-            async with asyncio.timeout_at(loop.time() + (deadline - time.monotonic())):
-                result = await work
-        else:
-            # its first step cannot time out (nothing interrupts it): the
-            # deadline's timer is armed only if the handler waits (issue 24)
-            try:
-                waits_on = work.send(None)
-            except StopIteration as done:
-                result = done.value
-            else:
-                loop = asyncio.get_running_loop()
-                async with asyncio.timeout_at(loop.time() + (deadline - time.monotonic())):
-                    result = await carry_on(work, waits_on)
-        if self.reply_type is not None:
-            try:
-                result = msgspec.convert(
-                    result, self.reply_type, dec_hook=accept_objects, from_attributes=True
-                )
-            except (msgspec.ValidationError, TypeError) as exc:
-                raise MessageError(f"service {self.name!r}: invalid reply: {exc}") from None
-        return result
+    def _checked_reply(self, result: Any) -> Any:
+        """A handler's result as ``reply_type``; ``MessageError`` if it does not fit."""
+        try:
+            return msgspec.convert(result, self.reply_type, dec_hook=accept_objects, from_attributes=True)
+        except (msgspec.ValidationError, TypeError) as exc:
+            raise MessageError(f"service {self.name!r}: invalid reply: {exc}") from None
 
     def snapshot(self) -> dict[str, Any]:
         now = time.monotonic()
