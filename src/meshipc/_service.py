@@ -247,6 +247,8 @@ class Service:
         self._registered.add_done_callback(consume)
         self._done: asyncio.Future[None] = loop.create_future()
         self._tasks = TaskSet(loop)
+        # id() of a call whose handler waits -> when it started (a handler
+        # that answers at once is never seen waiting: none is kept for it)
         self._active: dict[int, float] = {}
         # calls running, and (in start order) those not yet watched: one
         # timer for them all checks which still run WATCH_AFTER seconds in,
@@ -464,7 +466,6 @@ class Service:
 
     async def _handle(self, call: Call[Any], client: bytes) -> None:
         key = id(call)
-        self._active[key] = time.monotonic()
         ctx = getattr(call, "_ctx", None)
         trace, deadline = (None, None) if ctx is None else ctx
         try:
@@ -508,9 +509,8 @@ class Service:
             except ChannelClosed:
                 pass
         finally:
-            self._active.pop(key, None)
-            seq = self._seqs.pop(key, 0)
-            if seq:
+            if self._active.pop(key, None) is not None:
+                seq = self._seqs.pop(key, 0)
                 entry = self._running_calls.pop(seq, None)
                 if entry is not None:
                     for t in entry[2]:
@@ -524,9 +524,11 @@ class Service:
         WATCH_AFTER seconds from now (``_sweep``: one timer for all, not a
         timer per call; most calls end quickly)."""
         seq = self._seq = self._seq + 1
-        self._seqs[id(call)] = seq
+        key = id(call)
+        self._seqs[key] = seq
         self._running_calls[seq] = (call, work, [])
-        self._unwatched.append((time.monotonic(), seq))
+        self._active[key] = now = time.monotonic()
+        self._unwatched.append((now, seq))
         if self._sweeper is None:
             self._sweeper = asyncio.get_running_loop().call_later(WATCH_AFTER, self._sweep)
 
