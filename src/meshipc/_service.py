@@ -1,8 +1,9 @@
 """The service runtime: a ``Service`` (from ``serve``) reads its calls,
 checks their deadline envelope and types, and runs its handler within the
 bounds of ``ControlLimits`` (per client and in all); ``ServiceSender`` is the
-caller's end, whose calls carry a deadline; ``ServiceCall`` is what a handler
-or a receiver-mode application gets.
+caller's end, whose calls carry a deadline; ``ServiceCall`` is what a
+receiver-mode application gets (a handler gets the request). A handler runs
+in the reader up to where it first waits (``carry_on`` drives the rest).
 
 A service knows nothing of the registry: whoever made it is told when it
 closes (``on_close``) and withdraws the name.
