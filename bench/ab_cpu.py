@@ -1,7 +1,8 @@
 """CPU per message, A against B, in one run: process CPU time, not wall.
 
     python bench/ab_cpu.py SRC_A SRC_B [--rounds 5] [--rtt N] [--oneway N]
-    python bench/ab_cpu.py SRC_A SRC_B --callgrind
+    python bench/ab_cpu.py SRC_A SRC_B --callgrind [--modes svc,rtt]
+    python bench/ab_cpu.py SRC_A SRC_B --svc 5000
 
 Runs ``measure`` in a fresh interpreter with ``SRC_A`` (then ``SRC_B``, then
 A again ...) first on the path, ``--rounds`` times each, interleaved, and
@@ -9,7 +10,9 @@ prints the median CPU µs per op of each side and the ratio B/A (also of
 the in-process ``_micro`` rows, which other load on the machine barely
 moves). One
 measurement: a mesh, the echo and sink workers of ``bench.paths``; ``rtt``
-is N 64-byte RPC round trips, ``oneway`` N 64-byte one-way sends; CPU is
+is N 64-byte RPC round trips, ``oneway`` N 64-byte one-way sends (``svc``,
+with ``--svc N``: N ``conn.call`` of a service in another process, as the
+bench's ``conn.call`` path, and ``svc/rtt`` its ratio to ``rtt``); CPU is
 the driver's ``time.process_time()`` plus the worker's user+system time
 (``/proc/<pid>/stat``) over the ops, divided by N. Stock asyncio loop.
 
@@ -85,6 +88,26 @@ async def _measure(n_rtt: int, n_oneway: int) -> dict[str, float]:
     return out
 
 
+async def _measure_svc(n: int) -> dict[str, float]:
+    """CPU µs per ``await conn.call("echo", 64 B)`` to a service process
+    (``bench.paths.MeshServicePath``), both processes."""
+    from bench.core import MSG
+    from bench.paths import MeshServicePath
+
+    path = MeshServicePath()
+    await path.start()
+    try:
+        call = path.conn.call
+        for _ in range(500):
+            await call("echo", MSG)
+        c0, w0 = time.process_time(), _proc_cpu(path.proc.pid)
+        for _ in range(n):
+            await call("echo", MSG)
+        return {"svc": (time.process_time() - c0 + _proc_cpu(path.proc.pid) - w0) / n * 1e6}
+    finally:
+        await path.stop()
+
+
 class _Sink:
     """An outbox that keeps nothing (the micro rows: the engine's own work)."""
 
@@ -157,7 +180,8 @@ def _ops(mode: str, n: int) -> None:
     received in one ``receive_run``, each read: by one ``recv_many`` batch
     where the side has it, else one ``try_recv`` each), ``rtt`` (a call and its reply
     between two engines of ``tests/memnet.py``, frames through the decoder),
-    ``fd`` (a message of one ``Fd`` between two such engines, read and closed)."""
+    ``fd`` (a message of one ``Fd`` between two such engines, read and closed),
+    ``svc`` (a service call between two such engines: ``_svc_ops``)."""
     import threading
 
     from bench.core import MSG
@@ -208,6 +232,8 @@ def _ops(mode: str, n: int) -> None:
             net.run()
             frx.try_recv().close()
         os.close(null)
+    elif mode == "svc":
+        asyncio.run(_svc_ops(n))
     else:
         sys.path.insert(0, str(ROOT / "tests"))
         from memnet import Net
@@ -231,6 +257,45 @@ def _ops(mode: str, n: int) -> None:
         asyncio.run(rtt())
 
 
+async def _svc_ops(n: int) -> None:
+    """``svc`` of ``_ops``: n calls of a ``serve``d echo handler from a
+    ``ServiceSender`` on another engine of ``tests/memnet.py`` (the service's
+    reading, dispatch and answer; the caller's envelope), each call driven
+    to its reply by loop turns."""
+    import threading
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from bench.core import MSG
+    from memnet import Net
+    from meshipc import _channel
+    from meshipc._control_msgs import DEFAULT_CONTROL_LIMITS
+    from meshipc._service import Service, ServiceSender
+
+    async def echo(req: object) -> object:
+        return req
+
+    net = Net(2)
+    for e in net.engines:
+        e.thread = threading.get_ident()
+    local, _channel._local_engine = _channel._local_engine, net.engines[1]
+    try:
+        svc = Service(
+            "echo", echo, None, None, None, limits=DEFAULT_CONTROL_LIMITS, on_close=lambda s: None
+        )
+    finally:
+        _channel._local_engine = local
+    a, b = net.pair(0, 1)
+    svc._rx._add(b._detach()[0])
+    tx = ServiceSender._wrap(a._detach())
+    for _ in range(n):
+        t = asyncio.ensure_future(tx.call(MSG))
+        while not t.done():
+            await asyncio.sleep(0)
+            net.run()
+        t.result()
+    svc.close()
+
+
 def _instructions(src: str, mode: str, n: int) -> int:
     env = dict(os.environ, PYTHONPATH=f"{src}{os.pathsep}{ROOT}", PYTHONHASHSEED="0")
     code = f"from bench.ab_cpu import _ops; _ops({mode!r}, {n})"
@@ -244,7 +309,7 @@ def _instructions(src: str, mode: str, n: int) -> int:
     raise RuntimeError(res.stderr[-2000:])
 
 
-def callgrind(a: str, b: str) -> None:
+def callgrind(a: str, b: str, only: str = "") -> None:
     """Instructions per op (valgrind's count: the same on a busy machine),
     the difference of a short and a long run of each mode."""
     modes = (
@@ -253,8 +318,11 @@ def callgrind(a: str, b: str) -> None:
         ("run", 2048, 12288),
         ("rtt", 500, 3500),
         ("fd", 500, 3500),
+        ("svc", 300, 2100),
     )
     for mode, lo, hi in modes:
+        if only and mode not in only.split(","):
+            continue
         per = []
         for src in (a, b):
             per.append((_instructions(src, mode, hi) - _instructions(src, mode, lo)) / (hi - lo))
@@ -262,11 +330,15 @@ def callgrind(a: str, b: str) -> None:
         print(f"{mode}: A {per[0]:.0f}  B {per[1]:.0f} instructions/op  B/A {ratio:.3f}", flush=True)
 
 
-def _one(src: str, n_rtt: int, n_oneway: int) -> dict[str, float]:
+def _one(src: str, n_rtt: int, n_oneway: int, n_svc: int = 0) -> dict[str, float]:
     env = dict(os.environ, PYTHONPATH=f"{src}{os.pathsep}{ROOT}", MESHIPC_UVLOOP="0")
     mesh = f"r.update(asyncio.run(_measure({n_rtt}, {n_oneway}))); " if n_rtt else ""
+    if n_svc:
+        mesh += f"r.update(asyncio.run(_measure_svc({n_svc}))); "
+        if n_rtt:
+            mesh += "r['svc/rtt'] = r['svc'] / r['rtt']; "
     code = (
-        "import asyncio, json, sys; from bench.ab_cpu import _measure, _micro; "
+        "import asyncio, json, sys; from bench.ab_cpu import _measure, _measure_svc, _micro; "
         f"r = _micro({n_oneway}); {mesh}print(json.dumps(r))"
     )
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
@@ -282,19 +354,24 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--rtt", type=int, default=20000, help="0: the micro rows only")
     ap.add_argument("--oneway", type=int, default=200000)
+    ap.add_argument("--svc", type=int, default=0, help="N service conn.call too (0: none)")
     ap.add_argument("--callgrind", action="store_true", help="count instructions (valgrind) instead")
+    ap.add_argument("--modes", default="", help="--callgrind: these modes only (e.g. svc,rtt)")
     args = ap.parse_args()
     if args.callgrind:
-        callgrind(args.a, args.b)
+        callgrind(args.a, args.b, args.modes)
         return
     runs: dict[str, list[dict[str, float]]] = {"A": [], "B": []}
     for r in range(args.rounds):
         order = [("A", args.a), ("B", args.b)] if r % 2 == 0 else [("B", args.b), ("A", args.a)]
         for side, src in order:
-            got = _one(src, args.rtt, args.oneway)
+            got = _one(src, args.rtt, args.oneway, args.svc)
             runs[side].append(got)
             print(f"round {r} {side}: " + " ".join(f"{k}={v:.2f}" for k, v in got.items()), flush=True)
-    for key in ("rtt", "oneway", "send_us", "recv_us") if args.rtt else ("send_us", "recv_us"):
+    keys = ("rtt", "oneway", "send_us", "recv_us") if args.rtt else ("send_us", "recv_us")
+    if args.svc:
+        keys += ("svc", "svc/rtt") if args.rtt else ("svc",)
+    for key in keys:
         a = statistics.median(x[key] for x in runs["A"])
         b = statistics.median(x[key] for x in runs["B"])
         lo_a = min(x[key] for x in runs["A"])

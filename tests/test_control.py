@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import json
 import os
 import signal
@@ -262,6 +263,56 @@ async def test_a_long_call_among_quick_ones_is_still_cancelled_when_its_caller_g
         caller.cancel()  # the caller gives up: only the watcher can tell the handler
         await asyncio.wait_for(stopped.wait(), T)
         assert await asyncio.wait_for(tx.call("after"), T) == "after"
+        assert svc.snapshot()["active"] == 0
+        tx.close()
+
+
+async def test_a_handler_that_answers_at_once_takes_no_task_and_one_that_waits_keeps_one(
+    runtime_dir: Path,
+) -> None:
+    # issue 24: the service's reader runs a handler up to where it first
+    # waits; one that returns then is answered with no task of its own. One
+    # that waits goes on in the task it started in (its asyncio.timeout,
+    # entered before it waited, cancels that task, not the reader), and
+    # every call runs in a context of its own
+    var: contextvars.ContextVar[Any] = contextvars.ContextVar("var", default=None)
+
+    async def handler(request: Any) -> Any:
+        leaked = var.get()
+        var.set(request)  # never reset: must not reach the next call
+        if request != "wait":
+            return [request, leaked]
+        first = asyncio.current_task()
+        try:
+            async with asyncio.timeout(0.05):
+                await asyncio.Event().wait()
+        except TimeoutError:
+            return [asyncio.current_task() is first, leaked, var.get()]
+        return "not timed out"
+
+    async with Mesh(name="s6c", runtime_dir=runtime_dir) as mesh:
+        svc = mesh.serve("quick", handler)
+        await asyncio.wait_for(svc, T)
+        tx = await mesh.open("quick")
+        assert await asyncio.wait_for(tx.call(0), T) == [0, None]
+        loop = asyncio.get_running_loop()
+        made: list[Any] = []
+
+        def factory(loop: asyncio.AbstractEventLoop, coro: Any, **kw: Any) -> asyncio.Task[Any]:
+            made.append(coro)
+            return asyncio.Task(coro, loop=loop, **kw)
+
+        loop.set_task_factory(factory)
+        try:
+            async with asyncio.timeout(T):  # (no task of its own, as wait_for's)
+                for i in range(1, 41):
+                    assert await tx.call(i) == [i, None]
+        finally:
+            loop.set_task_factory(None)
+        assert len(made) < 10, made  # (one a call before: the reader's)
+        assert await asyncio.wait_for(tx.call("wait"), T) == [True, None, "wait"]
+        assert await asyncio.wait_for(tx.call("wait", timeout=T), T) == [True, None, "wait"]
+        assert await asyncio.wait_for(tx.call(41), T) == [41, None]
         assert svc.snapshot()["active"] == 0
         tx.close()
 

@@ -32,7 +32,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import TYPE_CHECKING, Any, Final, TypeVar, cast, overload
 
 import msgspec
@@ -77,7 +77,6 @@ from ._control_msgs import (
     as_reply,
     check_service_name,
     check_timeout,
-    envelope,
 )
 from ._errors import (
     ChannelClosed,
@@ -94,9 +93,8 @@ from ._ids import PortId
 from ._inspect import NodeInspector, process_name
 from ._ports import Message
 from ._registry import Registry, close_hello
-from ._service import Service, ServiceSender, busy_call, consume, sender_dead, split_handler
+from ._service import Service, ServiceSender, busy_call, call_service, consume, sender_dead, split_handler
 from ._tasks import TaskSet, answer_within
-from ._trace import outgoing
 from ._wire import K_REPLY
 
 if TYPE_CHECKING:
@@ -449,9 +447,17 @@ class Control:
             raise NodeFailure(reply.node, f"{reply.reason} (service {service!r} was on it)")
         raise ServiceNotFound(service)
 
-    async def call(self, service: str, request: Any, timeout: float | None = None) -> Any:
+    def call(self, service: str, request: Any, timeout: float | None = None) -> Coroutine[Any, Any, Any]:
+        """The call to await (a coroutine: no frame of its own on the way,
+        and with the service's sender at hand, none to find it: issue 24)."""
         if timeout is None:
-            return await self._call(service, request, None)
+            sender = self._senders.get(service)
+            if sender is not None and not sender_dead(sender):
+                return call_service(sender, request, None)
+            return self._call(service, request, None)
+        return self._call_within(service, request, timeout)
+
+    async def _call_within(self, service: str, request: Any, timeout: float) -> Any:
         timeout = check_timeout(timeout)
         # the timeout covers finding the service too
         deadline = time.monotonic() + timeout
@@ -470,8 +476,7 @@ class Control:
                 sender = self._senders[service]
             else:
                 self._senders[service] = sender
-        deadline, trace = outgoing(deadline)
-        return await busy_call(Sender.call(sender, envelope(deadline, request, trace)))
+        return await call_service(sender, request, deadline)
 
     # -------------------------------------------------------------- inspect
 

@@ -1,8 +1,9 @@
 """The service runtime: a ``Service`` (from ``serve``) reads its calls,
 checks their deadline envelope and types, and runs its handler within the
 bounds of ``ControlLimits`` (per client and in all); ``ServiceSender`` is the
-caller's end, whose calls carry a deadline; ``ServiceCall`` is what a handler
-or a receiver-mode application gets.
+caller's end, whose calls carry a deadline; ``ServiceCall`` is what a
+receiver-mode application gets (a handler gets the request). A handler runs
+in the reader up to where it first waits (``carry_on`` drives the rest).
 
 A service knows nothing of the registry: whoever made it is told when it
 closes (``on_close``) and withdraws the name.
@@ -12,14 +13,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import inspect
 import math
 import os
 import time
+import types
 import typing
 from collections import deque
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Awaitable, Callable, Coroutine, Generator
+from typing import Any, TypeVar
 
 import msgspec
 import msgspec.inspect
@@ -41,6 +44,8 @@ from ._ports import PortState
 from ._tasks import TaskSet, answer_within
 from ._trace import Trace, handling, outgoing, parse
 
+T = TypeVar("T")
+
 
 def sender_dead(s: Sender[Any]) -> bool:
     """True once ``s`` can carry no call (closed, its receiver gone, or failed)."""
@@ -53,6 +58,31 @@ def consume(fut: asyncio.Future[None]) -> None:
     failure is logged where it happens)."""
     if not fut.cancelled():
         fut.exception()
+
+
+@types.coroutine
+def carry_on(
+    work: Coroutine[Any, Any, T], waits_on: Any, ctx: contextvars.Context | None = None
+) -> Generator[Any, Any, T]:
+    """``await carry_on(work, waits_on)``: the rest of ``work``, a coroutine
+    whose first step was taken outside ``await`` (it yielded ``waits_on``),
+    run by the awaiting task as if it had awaited ``work`` from the start
+    (``ctx``: each step in that context)."""
+    while True:
+        try:
+            sent = yield waits_on
+        except GeneratorExit:
+            work.close()
+            raise
+        except BaseException as exc:
+            step: Callable[[Any], Any] = work.throw
+            arg: Any = exc
+        else:
+            step, arg = work.send, sent
+        try:
+            waits_on = step(arg) if ctx is None else ctx.run(step, arg)
+        except StopIteration as done:
+            return typing.cast(T, done.value)
 
 
 def split_handler(
@@ -153,12 +183,24 @@ class ServiceSender(Sender[Any]):
         ``ServiceBusy`` if the service refused the call (this client has
         too many waiting there)."""
         if timeout is None:
-            deadline, trace = outgoing(None)
-            return await busy_call(super().call(envelope(deadline, request, trace)))
+            return await call_service(self, request, None)
         timeout = check_timeout(timeout)
         async with answer_within(timeout, "the service"):
-            deadline, trace = outgoing(time.monotonic() + timeout)
-            return await busy_call(super().call(envelope(deadline, request, trace)))
+            return await call_service(self, request, time.monotonic() + timeout)
+
+
+async def call_service(sender: Sender[Any], request: Any, deadline: float | None) -> Any:
+    """``request`` called on ``sender``, a service's, in the envelope that
+    carries ``deadline`` (or the handled call's, if sooner) and the trace
+    context; a ``ServiceBusy`` refusal raised as itself (one frame: the
+    call path, issue 24)."""
+    deadline, trace = outgoing(deadline)
+    try:
+        return await Sender.call(sender, envelope(deadline, request, trace))
+    except RemoteError as exc:
+        if exc.type_name == "ServiceBusy":
+            raise ServiceBusy(exc.message.removeprefix("busy: ")) from None
+        raise
 
 
 async def busy_call(work: Awaitable[Any]) -> Any:
@@ -172,7 +214,7 @@ async def busy_call(work: Awaitable[Any]) -> Any:
 
 
 #: a running handler call: the call, its task, the watcher once started
-_Running = tuple[ServiceCall, "asyncio.Task[Any] | None", list["asyncio.Task[None]"]]
+_Running = tuple[Call[Any], "asyncio.Task[Any] | None", list["asyncio.Task[None]"]]
 
 
 class Service:
@@ -206,11 +248,14 @@ class Service:
         self._registered.add_done_callback(consume)
         self._done: asyncio.Future[None] = loop.create_future()
         self._tasks = TaskSet(loop)
+        # id() of a call whose handler waits -> when it started (a handler
+        # that answers at once is never seen waiting: none is kept for it)
         self._active: dict[int, float] = {}
         # calls running, and (in start order) those not yet watched: one
         # timer for them all checks which still run WATCH_AFTER seconds in,
         # instead of a timer per call (issue 24)
         self._running_calls: dict[int, _Running] = {}
+        self._seqs: dict[int, int] = {}  # id() of a call whose handler waits -> its key there
         self._unwatched: deque[tuple[float, int]] = deque()
         self._sweeper: asyncio.TimerHandle | None = None
         self._seq = 0  # keys of _running_calls (an id() may be reused once a call ends)
@@ -219,7 +264,7 @@ class Service:
         # its bound wait in its queue (see ControlLimits)
         self._running = 0
         self._per_client: dict[bytes, int] = {}
-        self._waiting: dict[bytes, deque[ServiceCall]] = {}
+        self._waiting: dict[bytes, deque[Call[Any]]] = {}
         self._slot: asyncio.Future[None] | None = None
         self.refused = 0
         self.calls = 0
@@ -263,10 +308,13 @@ class Service:
             self._done.set_result(None)
         self._on_close(self)
 
-    def _unwrap(self, call: Call[Any]) -> ServiceCall | None:
-        """The ``ServiceCall`` of a call, or None once it was failed: a
+    def _unwrap(self, call: Call[Any]) -> Call[Any] | None:
+        """The call as the service runs it, or None once it was failed: a
         deadline that is not a finite number (a peer's doing) or a request
-        of the wrong type. A deadline is cut to ``max_call_timeout`` from now."""
+        of the wrong type. A deadline is cut to ``max_call_timeout`` from now.
+        For the application's receiver, a ``ServiceCall``; for a handler
+        (which sees only the request) the call itself, its request and
+        context replaced (no second object per call, issue 24)."""
         req = call.request
         deadline: Any = None
         wire: Any = None
@@ -274,9 +322,11 @@ class Service:
             deadline, wire, req = req.deadline, getattr(req, "trace", None), req.request
         elif isinstance(req, list) and len(req) in (3, 4) and req[0] == "meshipc.req":
             deadline, req, wire = req[1], req[2], (req[3] if len(req) == 4 else None)
-        trace = call.trace  # a context prefix, from a plain sender (the envelope's comes first)
-        if deadline is None:
-            deadline = call.deadline
+        # a context prefix, from a plain sender (the envelope's comes first)
+        ctx: tuple[Trace | None, float | None] | None = getattr(call, "_ctx", None)
+        trace = None if ctx is None else ctx[0]
+        if deadline is None and ctx is not None:
+            deadline = ctx[1]
         if wire is not None:
             try:
                 trace = parse(wire)
@@ -298,7 +348,11 @@ class Service:
                     )
                 return None
             deadline = min(deadline, time.monotonic() + self._limits.max_call_timeout)
-        sc = ServiceCall(req, call._hand_over(), deadline, trace, self.name)
+        if self._target is not None:
+            sc: Call[Any] = ServiceCall(req, call._hand_over(), deadline, trace, self.name)
+        else:
+            sc = call
+            sc.request, sc._ctx = req, (trace, deadline)
         if self.request_type is not None:
             try:
                 sc.request = msgspec.convert(req, self.request_type, dec_hook=accept_objects)
@@ -310,9 +364,11 @@ class Service:
 
     async def _run(self) -> None:
         """The service's reader. A call admitted to run now runs right here,
-        in this task, and a fresh task takes the reading over: the handler
-        starts at once, with no task hop and loop turn before it (issue 24),
-        in a task of its own from then on (which the watcher cancels)."""
+        in this task, up to where its handler first waits: one that returns
+        at once is answered with no task and no timer (issue 24) and this
+        task reads on; one that waits goes on in this task (its deadline
+        armed then), and a fresh task takes the reading over. Each handler
+        runs in a context of its own (as in a task of its own)."""
         limits = self._limits
         while True:
             while self._running >= limits.service_calls:
@@ -342,15 +398,29 @@ class Service:
                         sc.fail(exc)
                 continue
             client = sc._caller()
-            if self._admit(client, sc):
-                me = asyncio.current_task()
+            if not self._admit(client, sc):
+                continue
+            ctx = contextvars.copy_context()
+            work = self._handle(sc, client)
+            try:
+                waits_on = ctx.run(work.send, None)
+            except StopIteration:  # answered at once
+                if self.closed:
+                    return
+                continue
+            except asyncio.CancelledError:  # raised by the handler itself: ends unanswered
+                continue
+            # it waits: this task is the handler's from now on, a fresh one reads
+            me = asyncio.current_task()
+            if not self.closed:
                 self._pump = asyncio.get_running_loop().create_task(self._run())
-                if me is not None:
-                    self._tasks.adopt(me)  # a handler's task now: cancelled on close
-                await self._handle(sc, client)
-                return
+            if me is not None:
+                self._tasks.adopt(me)  # cancelled on close
+                self._watch(sc, me)
+            await carry_on(work, waits_on, ctx)
+            return
 
-    def _admit(self, client: bytes, sc: ServiceCall) -> bool:
+    def _admit(self, client: bytes, sc: Call[Any]) -> bool:
         """True if ``sc`` may run now (counted as running: the caller runs
         it); else it is queued behind its client's running calls, or refused
         (``ServiceBusy``) when that queue is full."""
@@ -382,7 +452,7 @@ class Service:
             if sc.cancelled:
                 sc._drop()
                 continue
-            self._tasks.spawn(self._handle(sc, client))
+            self._watch(sc, self._tasks.spawn(self._handle(sc, client)))
             return
         self._waiting.pop(client, None)
         self._running -= 1
@@ -395,38 +465,73 @@ class Service:
         if slot is not None and not slot.done():
             slot.set_result(None)
 
-    async def _handle(self, call: ServiceCall, client: bytes) -> None:
+    async def _handle(self, call: Call[Any], client: bytes) -> None:
         key = id(call)
-        now = self._active[key] = time.monotonic()
-        # most calls end quickly: a task that watches the caller is started
-        # only for a call still running after WATCH_AFTER seconds (_sweep)
-        watcher: list[asyncio.Task[None]] = []
-        seq = self._seq = self._seq + 1
-        self._running_calls[seq] = (call, asyncio.current_task(), watcher)
-        self._unwatched.append((now, seq))
-        if self._sweeper is None:
-            self._sweeper = asyncio.get_running_loop().call_later(WATCH_AFTER, self._sweep)
+        ctx = getattr(call, "_ctx", None)
+        trace, deadline = (None, None) if ctx is None else ctx
         try:
-            with handling(call.trace, call.deadline, self.name):
-                result = await self._invoke(call)
+            with handling(trace, deadline, self.name):
+                handler = self._handler
+                if handler is None:
+                    raise MeshError("this service has no handler")
+                work = handler(call.request)
+                if deadline is None:
+                    result = await work
+                elif type(work) is not types.CoroutineType:
+                    loop = asyncio.get_running_loop()
+                    async with asyncio.timeout_at(loop.time() + (deadline - time.monotonic())):
+                        result = await work
+                else:
+                    # its first step cannot time out (nothing interrupts it): the
+                    # deadline's timer is armed only if the handler waits (issue 24)
+                    try:
+                        waits_on = work.send(None)
+                    except StopIteration as done:
+                        result = done.value
+                    else:
+                        loop = asyncio.get_running_loop()
+                        async with asyncio.timeout_at(loop.time() + (deadline - time.monotonic())):
+                            result = await carry_on(work, waits_on)
+                if self.reply_type is not None:
+                    result = self._checked_reply(result)
         except asyncio.CancelledError:
             if self.closed or call.cancelled:
                 return  # the caller gave up (or the service closed): nobody to answer
             raise
         except Exception as exc:
             self.errors += 1
-            with contextlib.suppress(ChannelClosed):
+            try:
                 call.fail(exc)
+            except ChannelClosed:
+                pass
         else:
-            with contextlib.suppress(ChannelClosed):
+            try:
                 call.reply(result)
+            except ChannelClosed:
+                pass
         finally:
-            for t in watcher:
-                t.cancel()
-            self._active.pop(key, None)
-            self._running_calls.pop(seq, None)
+            if self._active.pop(key, None) is not None:
+                seq = self._seqs.pop(key, 0)
+                entry = self._running_calls.pop(seq, None)
+                if entry is not None:
+                    for t in entry[2]:
+                        t.cancel()
             if not self.closed:
                 self._call_done(client)
+
+    def _watch(self, call: Call[Any], work: asyncio.Task[Any]) -> None:
+        """``call``'s handler, which ``work`` runs, did not end at once:
+        a task that watches the caller is started if it still runs
+        WATCH_AFTER seconds from now (``_sweep``: one timer for all, not a
+        timer per call; most calls end quickly)."""
+        seq = self._seq = self._seq + 1
+        key = id(call)
+        self._seqs[key] = seq
+        self._running_calls[seq] = (call, work, [])
+        self._active[key] = now = time.monotonic()
+        self._unwatched.append((now, seq))
+        if self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().call_later(WATCH_AFTER, self._sweep)
 
     def _sweep(self) -> None:
         """The calls started WATCH_AFTER seconds ago or more that still run
@@ -447,7 +552,7 @@ class Service:
             self._sweeper = asyncio.get_running_loop().call_later(q[0][0] - due, self._sweep)
 
     def _watch_caller(
-        self, call: ServiceCall, work: asyncio.Task[Any] | None, watcher: list[asyncio.Task[None]]
+        self, call: Call[Any], work: asyncio.Task[Any] | None, watcher: list[asyncio.Task[None]]
     ) -> None:
         async def watch() -> None:
             await call.wait_cancelled()
@@ -456,24 +561,12 @@ class Service:
 
         watcher.append(asyncio.get_running_loop().create_task(watch()))
 
-    async def _invoke(self, call: ServiceCall) -> Any:
-        handler = self._handler
-        if handler is None:
-            raise MeshError("this service has no handler")
-        if call.deadline is not None:
-            loop = asyncio.get_running_loop()
-            async with asyncio.timeout_at(loop.time() + (call.deadline - time.monotonic())):
-                result = await handler(call.request)
-        else:
-            result = await handler(call.request)
-        if self.reply_type is not None:
-            try:
-                result = msgspec.convert(
-                    result, self.reply_type, dec_hook=accept_objects, from_attributes=True
-                )
-            except (msgspec.ValidationError, TypeError) as exc:
-                raise MessageError(f"service {self.name!r}: invalid reply: {exc}") from None
-        return result
+    def _checked_reply(self, result: Any) -> Any:
+        """A handler's result as ``reply_type``; ``MessageError`` if it does not fit."""
+        try:
+            return msgspec.convert(result, self.reply_type, dec_hook=accept_objects, from_attributes=True)
+        except (msgspec.ValidationError, TypeError) as exc:
+            raise MessageError(f"service {self.name!r}: invalid reply: {exc}") from None
 
     def snapshot(self) -> dict[str, Any]:
         now = time.monotonic()

@@ -250,27 +250,43 @@ def parse(wire: Any) -> Trace:
     return Trace(wire[:16], wire[16:24], None, bool(wire[24]))
 
 
-@contextlib.contextmanager
-def handling(caller: Trace | None, deadline: float | None, service: str | None) -> Iterator[None]:
-    """Run a handler's block as part of ``caller``'s trace (a new trace if
-    None) with a span of its own (``meshipc.call <service>``, or
-    ``meshipc.call`` for a plain call), and with ``deadline`` for the calls
-    it makes."""
-    _tracing()
-    otel = _otel()
-    dtoken = _deadline.set(deadline)
-    try:
+class handling:
+    """``with handling(caller, deadline, service):`` runs a handler's block
+    as part of ``caller``'s trace (a new trace if None) with a span of its
+    own (``meshipc.call <service>``, or ``meshipc.call`` for a plain call),
+    and with ``deadline`` for the calls it makes. A class, not a generator:
+    a service enters one per call (issue 24)."""
+
+    __slots__ = ("_caller", "_deadline", "_dtoken", "_service", "_span", "_ttoken")
+
+    def __init__(self, caller: Trace | None, deadline: float | None, service: str | None) -> None:
+        self._caller = caller
+        self._deadline = deadline
+        self._service = service
+        self._span: Any = None  # OpenTelemetry's span context manager, when in use
+
+    def __enter__(self) -> None:
+        _tracing()
+        otel = _otel()
+        caller = self._caller
+        self._dtoken = _deadline.set(self._deadline)
         if otel is None:
             if caller is None:
                 t = Trace(random_id(), random_id()[:8])
             else:
                 t = Trace(caller.trace_id, random_id()[:8], caller.span_id, caller.sampled)
-            ttoken = _trace.set(t)
-            try:
-                yield
-            finally:
-                _trace.reset(ttoken)
+            self._ttoken = _trace.set(t)
             return
+        try:
+            t = self._otel_span(otel, caller)
+        except BaseException:
+            _deadline.reset(self._dtoken)
+            raise
+        self._ttoken = _trace.set(t)
+
+    def _otel_span(self, otel: Any, caller: Trace | None) -> Trace:
+        """Start the handler's OpenTelemetry span (made current until
+        ``__exit__``): the Trace it gives."""
         ctx = None
         if caller is not None:
             parent = otel.SpanContext(
@@ -281,22 +297,29 @@ def handling(caller: Trace | None, deadline: float | None, service: str | None) 
             )
             ctx = otel.set_span_in_context(otel.NonRecordingSpan(parent))
         tracer = otel.get_tracer("meshipc")
-        name = "meshipc.call" if service is None else f"meshipc.call {service}"
-        with tracer.start_as_current_span(name, context=ctx, kind=otel.SpanKind.SERVER) as sp:
+        name = "meshipc.call" if self._service is None else f"meshipc.call {self._service}"
+        span_cm = tracer.start_as_current_span(name, context=ctx, kind=otel.SpanKind.SERVER)
+        sp = span_cm.__enter__()
+        try:
             sc = sp.get_span_context()
-            if sc.is_valid and (caller is None or _b(sc.span_id, 8) != caller.span_id):
-                t = Trace(_b(sc.trace_id, 16), _b(sc.span_id, 8), caller.span_id if caller else None)
-            elif caller is not None:  # no SDK: OpenTelemetry's no-op span keeps the caller's ids
-                t = Trace(caller.trace_id, random_id()[:8], caller.span_id, caller.sampled)
-            else:
-                t = Trace(random_id(), random_id()[:8])
-            ttoken = _trace.set(t)
-            try:
-                yield
-            finally:
-                _trace.reset(ttoken)
-    finally:
-        _deadline.reset(dtoken)
+        except BaseException:
+            span_cm.__exit__(*sys.exc_info())
+            raise
+        self._span = span_cm
+        if sc.is_valid and (caller is None or _b(sc.span_id, 8) != caller.span_id):
+            return Trace(_b(sc.trace_id, 16), _b(sc.span_id, 8), caller.span_id if caller else None)
+        if caller is not None:  # no SDK: OpenTelemetry's no-op span keeps the caller's ids
+            return Trace(caller.trace_id, random_id()[:8], caller.span_id, caller.sampled)
+        return Trace(random_id(), random_id()[:8])
+
+    def __exit__(self, *exc: Any) -> None:
+        _trace.reset(self._ttoken)
+        span, self._span = self._span, None
+        try:
+            if span is not None:
+                span.__exit__(*exc)
+        finally:
+            _deadline.reset(self._dtoken)
 
 
 def _b(n: int, size: int) -> bytes:
