@@ -56,7 +56,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from ._errors import MessageError, PeerCredentialsError, PlatformError, ProtocolError
-from ._wire import Gather
+from ._wire import OOB_THRESHOLD, Gather
 
 #: Environment variable that selects the portable mode on Linux (``1``).
 ENV_PORTABLE: Final = "MESHIPC_PORTABLE"
@@ -369,21 +369,23 @@ class Linux(Platform):
         exactly ``length``, no holes: a sparse memfd would cost us pages
         the sender never paid for). None for anything else (a file body
         from a peer in portable mode, an unsealed or partly sealed memfd:
-        ``read_body`` copies it), for an empty body, or when the mapping
-        cannot be made (``EMFILE``, ``ENOMEM``: ``read_body`` says why if
-        it fails too). ``ProtocolError`` for a sealed memfd that fails the
-        checks.
+        ``read_body`` copies it), for a body under ``OOB_THRESHOLD`` (no
+        meshipc sender makes one: a mapping would hold a descriptor and a
+        memory area per tiny message), or when the mapping cannot be made
+        (``EMFILE``, ``ENOMEM``: ``read_body`` says why if it fails too).
+        ``ProtocolError`` for a sealed memfd that fails the checks.
 
-        The view owns the mapping (it holds a duplicate of ``fd``): it, and
-        every view sliced from it or decoded out of it (a ``memoryview``
-        field, ``msgspec.Raw``), stays valid while referenced; the mapping
-        goes with the last of them. The caller still closes ``fd``."""
+        The view owns the mapping (it holds a duplicate of ``fd``, as a
+        message carrying an fd does): it, and every view sliced from it or
+        decoded out of it (a ``memoryview`` field, ``msgspec.Raw``), stays
+        valid while referenced; the mapping goes with the last of them. The
+        caller still closes ``fd``."""
         fcntl = self._fcntl
         try:
             seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
         except OSError:
             return None  # not a memfd
-        if seals & self.map_seals != self.map_seals or length <= 0:
+        if seals & self.map_seals != self.map_seals or length < OOB_THRESHOLD:
             return None
         try:
             check_body_file(fd, length)
