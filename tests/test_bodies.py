@@ -107,6 +107,23 @@ def test_only_a_fully_sealed_memfd_is_mapped() -> None:
             os.close(x)
 
 
+def test_mapped_bodies_are_capped_then_copied(monkeypatch: pytest.MonkeyPatch) -> None:
+    """At most ``MAX_MAPPED_BODIES`` are mapped at once (each holds a
+    descriptor); beyond, bodies are copied; a mapping released makes room."""
+    monkeypatch.setattr(_platform, "MAX_MAPPED_BODIES", 2)
+    linux, body = Linux(), os.urandom(OOB_THRESHOLD)
+    fd = linux.make_body(body)
+    try:
+        views = [linux.map_body(fd, len(body)) for _ in range(3)]
+        assert views[0] is not None and views[1] is not None and views[2] is None
+        views[0].release()
+        del views[0]
+        gc.collect()
+        assert linux.map_body(fd, len(body)) == body
+    finally:
+        os.close(fd)
+
+
 def test_a_sealed_memfd_that_fails_the_checks_is_refused_before_mapping() -> None:
     linux, body = Linux(), os.urandom(OOB_THRESHOLD)
     fd = memfd(body)

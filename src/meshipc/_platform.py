@@ -51,6 +51,7 @@ import struct
 import sys
 import tempfile
 import threading
+import weakref
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Final
@@ -89,6 +90,11 @@ PR_SET_DUMPABLE: Final = 4
 PR_GET_DUMPABLE: Final = 3
 #: Prefix of a body file's name while it exists (it is unlinked at once).
 BODY_PREFIX: Final = "meshipc-body-"
+#: Most received bodies mapped at once in this process (``Linux.map_body``):
+#: each holds a descriptor and a memory area until the last view of it goes
+#: (its message read and decoded). Beyond it bodies are copied, as files
+#: are: a peer whose messages pile up unread cannot use up our descriptors.
+MAX_MAPPED_BODIES: Final = 128
 
 
 def parse_xucred(data: bytes) -> tuple[int, int]:
@@ -332,6 +338,8 @@ class Linux(Platform):
         #: copied (``map_body``): no write (its bytes cannot change under a
         #: decode), no shrink (no ``SIGBUS`` reading the mapping), no growth
         self.map_seals = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
+        #: the mappings ``map_body`` made that are still alive (``MAX_MAPPED_BODIES``)
+        self.mapped: weakref.WeakSet[mmap.mmap] = weakref.WeakSet()
 
     def unix_socket(self) -> socket.socket:
         flags = socket.SOCK_STREAM | socket.SOCK_CLOEXEC
@@ -371,8 +379,9 @@ class Linux(Platform):
         from a peer in portable mode, an unsealed or partly sealed memfd:
         ``read_body`` copies it), for a body under ``OOB_THRESHOLD`` (no
         meshipc sender makes one: a mapping would hold a descriptor and a
-        memory area per tiny message), or when the mapping cannot be made
-        (``EMFILE``, ``ENOMEM``: ``read_body`` says why if it fails too).
+        memory area per tiny message), with ``MAX_MAPPED_BODIES`` mapped
+        already, or when the mapping cannot be made (``EMFILE``,
+        ``ENOMEM``: ``read_body`` says why if it fails too).
         ``ProtocolError`` for a sealed memfd that fails the checks.
 
         The view owns the mapping (it holds a duplicate of ``fd``, as a
@@ -387,6 +396,8 @@ class Linux(Platform):
             return None  # not a memfd
         if seals & self.map_seals != self.map_seals or length < OOB_THRESHOLD:
             return None
+        if len(self.mapped) >= MAX_MAPPED_BODIES:
+            return None
         try:
             check_body_file(fd, length)
         except OSError as exc:
@@ -395,6 +406,7 @@ class Linux(Platform):
             mapped = mmap.mmap(fd, length, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
         except (OSError, ValueError):
             return None
+        self.mapped.add(mapped)
         return memoryview(mapped)
 
     def no_core_dumps(self) -> None:
