@@ -279,14 +279,14 @@ async def test_a_hostile_process_sending_bad_bodies_loses_its_link_and_the_node_
             try:
                 if attack == "unsealed":
                     link = node.links[me]
-                    await wait_until(lambda: link.stats().bodies_copied == 1, "the body to be copied")
+                    await wait_until(lambda: link.stats().bodies_copied == 1, "the body to be copied", 30)
                     assert link.stats().bodies_mapped == 0 and not link.closed
                     assert child.stdin is not None
                     child.stdin.write(b"stop\n")
                     child.stdin.flush()
                 else:
-                    await wait_until(lambda: me not in node.links, "the hostile peer to be dropped")
-                assert await within(asyncio.to_thread(child.wait), 10) == 0
+                    await wait_until(lambda: me not in node.links, "the hostile peer to be dropped", 30)
+                assert await within(asyncio.to_thread(child.wait), 30) == 0
             finally:
                 if child.poll() is None:
                     child.kill()
