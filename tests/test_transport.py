@@ -396,10 +396,15 @@ async def _big_call_beside_small_ones(
     return here.worst, took, await within(tx.call("lag")), small
 
 
-async def test_frames_around_large_bodies_keep_the_link_order() -> None:
-    """Large bodies are written and read in worker threads; whatever was
-    queued behind one (plain messages, a small out-of-band body, other
-    events) reaches the peer after it, in order, with its own bytes."""
+@pytest.mark.parametrize("receipt", ["as the platform does", "copied"])
+async def test_frames_around_large_bodies_keep_the_link_order(receipt: str, monkeypatch: Any) -> None:
+    """Large bodies are written in worker threads, and read in them where
+    they are copied (files; "copied": memfds too, as if none could be
+    mapped); whatever was queued behind one (plain messages, a small
+    out-of-band body, other events) reaches the peer after it, in order,
+    with its own bytes."""
+    if receipt == "copied":
+        monkeypatch.setattr(_transport.PLATFORM, "map_body", lambda fd, length: None)
     big = os.urandom(THREAD_BODY_MIN)
     small_oob = os.urandom(OOB_THRESHOLD)
     value = b"v" * THREAD_BODY_MIN  # a bytes value: sent without a copy (Gather)
@@ -419,6 +424,8 @@ async def test_frames_around_large_bodies_keep_the_link_order() -> None:
         assert got.bodies == [b"before", b"right behind", b"after"]
         bodies = [ev.body for ev, _ in got.events if isinstance(ev, MsgEvent)]
         assert bodies == [big, small_oob, msgspec.msgpack.encode(value)]
+        mapped = 3 if receipt != "copied" and _transport.PLATFORM.oob == "memfd" else 0
+        assert b.stats().bodies_mapped == mapped and b.stats().bodies_copied == 3 - mapped
         await wait_until(lambda: a.idle, "the writer to finish")
         assert a.oob_queued == 0 and not b._body_reading and not got.lost
 

@@ -997,7 +997,8 @@ class Engine:
         (``trace``: the context it carried)."""
         if len(body) < CALL_HEAD:
             raise ProtocolError("RPC request without its reply port")
-        new_id, caller_port = body[:ID_LEN], body[ID_LEN:CALL_HEAD]
+        # bytes, never views: a large body may be a mapping (_transport._map_body)
+        new_id, caller_port = bytes(body[:ID_LEN]), bytes(body[ID_LEN:CALL_HEAD])
         if new_id in self.ports:
             raise ProtocolError("RPC request reuses a live port id")
         reply = PortState(self, new_id, src, caller_port)

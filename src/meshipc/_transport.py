@@ -110,6 +110,22 @@ def _read_body(fd: Fd, length: int) -> bytes:
         fd.close()
 
 
+def _map_body(fd: Fd, length: int) -> bytes | None:
+    """The body in ``fd`` mapped, not copied (``PLATFORM.map_body``: a
+    sealed memfd), or None (``fd`` left open: it must be read). It passes
+    for bytes where bodies go (a read-only ``memoryview``: length, slices,
+    the buffer protocol); decoders copy out of it, or keep views of it that
+    keep the mapping alive."""
+    try:
+        view = PLATFORM.map_body(fd.fileno(), length)
+    except ProtocolError:  # the caller drops the link
+        fd.close()
+        raise
+    if view is not None:
+        fd.close()
+    return cast(bytes, view)
+
+
 class _Body:
     """An out-of-band body on its way out: its descriptor, sent in the
     message's place once filled (in a worker thread for a large one). It
@@ -176,6 +192,11 @@ class LinkStats:
     #: the protocol version the handshake chose for this link (the highest
     #: both nodes speak; docs/compatibility.md)
     protocol: int = 0
+    #: out-of-band bodies received and mapped (sealed memfds: no copy)
+    bodies_mapped: int = 0
+    #: out-of-band bodies received and copied (``pread``: file bodies,
+    #: memfds without every seal)
+    bodies_copied: int = 0
 
 
 class Link:
@@ -232,6 +253,8 @@ class Link:
         self.writes = 0  # send/sendmsg calls: coalescing keeps this far below frames_out
         self.bytes_out = 0
         self.retries = 0  # writes retried because the receiver had no room for descriptors
+        self.bodies_mapped = 0  # out-of-band bodies received mapped (LinkStats)
+        self.bodies_copied = 0  # ... and copied
         #: bytes of sealed batches not written yet (the peer is not keeping
         #: up): the flow-control view of this link (``Limits.link_buffer_bytes``)
         self.backlog = 0
@@ -261,6 +284,8 @@ class Link:
             oob_queued=self.oob_queued,
             closed=self.closed,
             protocol=self.protocol,
+            bodies_mapped=self.bodies_mapped,
+            bodies_copied=self.bodies_copied,
         )
 
     def write_event(self, ev: Event, fds: list[Any]) -> None:
@@ -638,7 +663,15 @@ class Link:
                 fds = [take()] if ev.nfds == 1 else [take() for _ in range(ev.nfds)]
             if ev.flags & F_OOB:
                 length = oob_body_length(ev.body)
-                if length >= THREAD_BODY_MIN:
+                mapped = _map_body(fds[-1], length)
+                if mapped is not None:  # no copy, no thread
+                    fds.pop()
+                    self.bodies_mapped += 1
+                    ev.body = mapped
+                    ev.nfds -= 1
+                    ev.flags = 0
+                elif length >= THREAD_BODY_MIN:
+                    self.bodies_copied += 1
                     # no frame after this one is handed over, and nothing more
                     # is read from the socket, until the body is read
                     self._body_reading = True
@@ -646,9 +679,11 @@ class Link:
                     fut = self.loop.run_in_executor(None, _read_body, fds.pop(), length)
                     fut.add_done_callback(functools.partial(self._body_read, ev, fds))
                     return True
-                ev.body = _read_body(fds.pop(), length)
-                ev.nfds -= 1
-                ev.flags = 0
+                else:
+                    self.bodies_copied += 1
+                    ev.body = _read_body(fds.pop(), length)
+                    ev.nfds -= 1
+                    ev.flags = 0
         self._on_event(self.peer, ev, fds)
         return False
 
