@@ -125,7 +125,10 @@ def _build(comp: Path, modules: list[str]) -> None:
     size = sum(p.stat().st_size for p in libs)
     packed = sum(len(zlib.compress(p.read_bytes(), 6)) for p in libs)
     print(f"build: {len(modules)} modules, {wall:.1f} s wall, {cpu:.1f} s CPU (mypyc + gcc)")
-    print(f"extension modules: {len(libs)} files, {size / 1e6:.2f} MB, {packed / 1e6:.2f} MB deflated", flush=True)
+    print(
+        f"extension modules: {len(libs)} files, {size / 1e6:.2f} MB, {packed / 1e6:.2f} MB deflated",
+        flush=True,
+    )
 
 
 def _env(src: Path | None = None) -> dict[str, str]:
@@ -148,7 +151,10 @@ def _imports(pure: Path, comp: Path, modules: list[str]) -> None:
         for src in (pure, comp):
             times[src].append(_import_time(src, modules))
     a, b = (statistics.median(times[s]) * 1e3 for s in (pure, comp))
-    print(f"import of {', '.join(modules)}: pure {a:.2f} ms  compiled {b:.2f} ms  compiled/pure {b / a:.3f}", flush=True)
+    print(
+        f"import of {', '.join(modules)}: pure {a:.2f} ms  compiled {b:.2f} ms  compiled/pure {b / a:.3f}",
+        flush=True,
+    )
 
 
 def _mesh_rtt(n: int) -> None:
