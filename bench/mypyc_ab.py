@@ -105,6 +105,8 @@ def _prepare(work: Path, modules: list[str]) -> tuple[Path, Path]:
         if old not in text:
             raise SystemExit(f"{mod}.py no longer holds {old.strip()!r}: update PATCHES")
         path.write_text(text.replace(old, new, 1))
+    for src in (pure, comp):  # imports read bytecode, as from an installed wheel
+        subprocess.run([sys.executable, "-m", "compileall", "-q", str(src)], check=True)
     return pure, comp
 
 
