@@ -1,7 +1,7 @@
 """Would a mypyc-compiled hot path pay? (Issue 24, item 4.) The pure sources
 against the same sources compiled by mypyc, measured in one run.
 
-    python bench/mypyc_ab.py [--modules _wire _ports] [--rounds 5] [--callgrind] [--dir DIR]
+    python bench/mypyc_ab.py [--modules _wire _ports] [--rounds 5] [--callgrind [mesh]] [--dir DIR [--reuse]]
 
 Copies ``src`` twice under DIR (``pure/src``, ``compiled/src``), applies to
 the compiled copy the source changes mypyc needs (``PATCHES``, below),
@@ -92,7 +92,7 @@ PATCHES: tuple[tuple[str, str, str], ...] = (
 )
 
 
-def _prepare(work: Path, modules: list[str]) -> tuple[Path, Path]:
+def _prepare(work: Path, modules: list[str]) -> None:
     pure, comp = work / "pure" / "src", work / "compiled" / "src"
     for dst in (pure, comp):
         shutil.rmtree(dst.parent, ignore_errors=True)
@@ -107,7 +107,6 @@ def _prepare(work: Path, modules: list[str]) -> tuple[Path, Path]:
         path.write_text(text.replace(old, new, 1))
     for src in (pure, comp):  # imports read bytecode, as from an installed wheel
         subprocess.run([sys.executable, "-m", "compileall", "-q", str(src)], check=True)
-    return pure, comp
 
 
 def _build(comp: Path, modules: list[str]) -> None:
@@ -196,11 +195,14 @@ def main() -> None:
         help="count instructions (valgrind) instead; mesh: only mesh_rtt",
     )
     ap.add_argument("--dir", type=Path, help="keep the two copies here (default: a temporary folder)")
+    ap.add_argument("--reuse", action="store_true", help="measure the copies already in --dir")
     args = ap.parse_args()
     work = args.dir or Path(tempfile.mkdtemp(prefix="meshipc-mypyc-"))
     try:
-        pure, comp = _prepare(work, args.modules)
-        _build(comp, args.modules)
+        pure, comp = work / "pure" / "src", work / "compiled" / "src"
+        if not (args.reuse and any(comp.glob("meshipc/*.so"))):
+            _prepare(work, args.modules)
+            _build(comp, args.modules)
         _imports(pure, comp, args.modules)
         ab = [sys.executable, str(ROOT / "bench" / "ab_cpu.py"), str(pure), str(comp)]
         if args.callgrind:
