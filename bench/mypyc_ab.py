@@ -197,6 +197,8 @@ def main() -> None:
     ap.add_argument("--dir", type=Path, help="keep the two copies here (default: a temporary folder)")
     ap.add_argument("--reuse", action="store_true", help="measure the copies already in --dir")
     args = ap.parse_args()
+    if str(ROOT) not in sys.path:  # run as a script: ``bench.ab_cpu`` for the instruction counts
+        sys.path.insert(0, str(ROOT))
     work = args.dir or Path(tempfile.mkdtemp(prefix="meshipc-mypyc-"))
     try:
         pure, comp = work / "pure" / "src", work / "compiled" / "src"
