@@ -40,7 +40,15 @@ What mypyc (mypy 2.4.1) refuses or gets wrong in these sources:
   (``CPyModule__thread`` undeclared).
 - ``_channel`` (not sans-IO; asyncio): ``continue`` inside ``with`` (a
   try/finally) and ``if TYPE_CHECKING:`` in class bodies are unimplemented.
+- ``_handshake``: compiles, then the first certificate fails
+  (``Authority.issue`` -> ``Certificate.body``: ``struct.pack`` "returned a
+  result with an exception set", a ``KeyError: '__repr__'`` underneath).
+  Not on the per-message path anyway (once per link).
 - ``_transport`` and ``_trace`` (neither sans-IO) compile unchanged.
+- Tests that patch the engine stop working on a compiled one:
+  ``tests/rel_workers.py`` assigns ``Engine._report_consumed`` (a native
+  class refuses), ``tests/test_reliability.py`` patches
+  ``_ports.MAX_OOB_BODY`` (a ``Final`` mypyc inlines: the patch is not seen).
 """
 
 from __future__ import annotations
