@@ -297,8 +297,13 @@ async def _svc_ops(n: int) -> None:
 
 
 def _instructions(src: str, mode: str, n: int) -> int:
-    env = dict(os.environ, PYTHONPATH=f"{src}{os.pathsep}{ROOT}", PYTHONHASHSEED="0")
-    code = f"from bench.ab_cpu import _ops; _ops({mode!r}, {n})"
+    return _instructions_of(src, f"from bench.ab_cpu import _ops; _ops({mode!r}, {n})")
+
+
+def _instructions_of(src: str, code: str) -> int:
+    """The instructions valgrind counts in ``python -c code`` with ``src`` first
+    on the path (child processes run natively, uncounted; stock loop)."""
+    env = dict(os.environ, PYTHONPATH=f"{src}{os.pathsep}{ROOT}", PYTHONHASHSEED="0", MESHIPC_UVLOOP="0")
     res = subprocess.run(
         ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable, "-c", code],
         env=env, capture_output=True, text=True, timeout=1200,
