@@ -239,3 +239,19 @@ def test_no_switch_turns_a_check_off() -> None:
     ):
         assert needle not in text, needle
     assert text.count("minimum_version = ssl.TLSVersion.TLSv1_3") == 2  # server and client
+
+
+def test_the_cli_and_attach_load_x509_only_when_tls_is_used() -> None:
+    """``cryptography.x509`` is imported on first use: a cold ``meshipc call``
+    (which attaches over a Unix socket) does not pay for it; a grant does."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, meshipc._ctlcli, meshipc._attach, meshipc._tls as t\n"
+        "print('cryptography.x509' in sys.modules)\n"
+        "print(t.NameOID.COMMON_NAME.dotted_string, 'cryptography.x509' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "2.5.4.3", "True"]

@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import datetime
 import hashlib
+import importlib
 import logging
 import os
 import re
@@ -40,19 +41,42 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Any, Final
 
 import msgspec
-from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from ._errors import AccessFileError, AuthenticationError, ConnectError, JoinTimeout, MeshError
 from ._platform import PLATFORM
 from ._sockets import RateLimitedLog
 
 log = logging.getLogger("meshipc")
+
+
+class _OnFirstUse:
+    """A module (or a name in one) imported when first used: ``cryptography.x509``
+    costs a cold ``meshipc call`` about a sixth of its imports, and only a
+    TLS listener or client needs it."""
+
+    def __init__(self, module: str, name: str = "") -> None:
+        self._module = module
+        self._name = name
+
+    def __getattr__(self, attr: str) -> Any:
+        target: Any = importlib.import_module(self._module)
+        if self._name:
+            target = getattr(target, self._name)
+        return getattr(target, attr)
+
+
+if TYPE_CHECKING:
+    from cryptography import x509
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+else:
+    x509 = _OnFirstUse("cryptography.x509")
+    ExtendedKeyUsageOID = _OnFirstUse("cryptography.x509.oid", "ExtendedKeyUsageOID")
+    NameOID = _OnFirstUse("cryptography.x509.oid", "NameOID")
 
 #: Connections in the TLS handshake at once (unauthenticated peers); past
 #: it the oldest is dropped. Each costs a socket and an SSL object.
