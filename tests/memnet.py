@@ -54,6 +54,21 @@ class _Outbox:
         self.net.backlog_waiters.append((self.src, self.net.index[node], below, fn))
 
 
+class _DataLink:
+    """What ``Engine.links`` holds for a linked node (as a node shares its
+    socket links): plain messages from ``src`` to ``node`` take the engine's
+    direct path, then the source's current outbox (which a test may wrap)."""
+
+    def __init__(self, net: Net, src: int, node: bytes) -> None:
+        self.net = net
+        self.src = src
+        self.node = node
+
+    def write_data(self, port: bytes, seq: int, kind: int, body: bytes) -> None:
+        self.net.link_writes += 1
+        self.net.engines[self.src].out.send_data(self.node, port, seq, kind, body)
+
+
 class Net:
     def __init__(self, n: int, limits: Limits = DEFAULT_LIMITS) -> None:
         self.engines: list[Engine] = []
@@ -65,8 +80,11 @@ class Net:
         for _ in range(n):
             self.engines.append(Engine(NodeId.random(), codec=CODEC, limits=limits))
         self.index = {e.node_id: i for i, e in enumerate(self.engines)}
+        #: plain messages that went through an engine's ``links`` (its hot path)
+        self.link_writes = 0
         for i, e in enumerate(self.engines):
             e.out = _Outbox(self, i)
+            e.links = {o.node_id: _DataLink(self, i, o.node_id) for o in self.engines if o is not e}
 
     def pair(self, a: int, b: int) -> tuple[Port, Port]:
         """A port on engine a peered with a port on engine b."""

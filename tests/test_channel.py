@@ -36,9 +36,9 @@ from meshipc import (
     RemoteError,
     Sender,
 )
-from meshipc._channel import default_engine
+from meshipc._channel import _NO_READY, default_engine
 from meshipc._codec import CODEC
-from meshipc._ports import DEFAULT_LIMITS, Limits
+from meshipc._ports import DEFAULT_LIMITS, NO_QUEUE, Limits
 from relutil import within
 
 
@@ -910,6 +910,53 @@ async def test_rpc_across_engines():
     tx.close()
     await within(server)
     close_all(net, rx)
+
+
+async def test_rpc_compact_path_keeps_ends_lean():
+    """The compact call between engines this thread drives (``call_plain``,
+    ``_reply_to``; issue 24): the request and the reply take the engines'
+    direct link path (``Engine.links``); the callee's reply end never holds
+    a deque of its own, the caller's gets one for its reply (read after the
+    wait: the end it waited on had none); an idle receiver holds no ready
+    list."""
+    net = Net(2)
+    autopump(net)
+    for e in net.engines:
+        e.thread = threading.get_ident()
+    a, b = net.pair(0, 1)
+    tx, rx = Sender._wrap(a._detach()), Receiver._wrap(b._detach())
+    assert rx._ready is _NO_READY and b._ready is _NO_READY
+    lean: list[bool] = []
+
+    async def serve() -> None:
+        async for call in rx:
+            lean.append(call._st is not None and call._st.queue is NO_QUEUE)
+            call.reply(call.request * 2)
+
+    server = asyncio.create_task(serve())
+    before = net.link_writes
+    for i in range(3):
+        assert await within(tx.call(i)) == i * 2
+    assert net.link_writes - before == 6  # three requests, three replies
+    assert lean == [True, True, True]
+    assert rx._ready is not _NO_READY  # its own, since the first call
+    tx.close()
+    await within(server)
+    close_all(net, rx)
+
+
+async def test_a_receiver_swaps_in_its_ready_list_once():
+    """A wake from another thread may race the owner's first wake: the end
+    gets its own ready list once, and a second swap keeps what was scheduled."""
+    tx, rx = meshipc.channel()
+    tx.send(1)  # the first wake: its own list, the sender's end scheduled
+    ready = rx._ready
+    assert ready is not _NO_READY and len(ready) == 1
+    rx._own_ready()  # what a racing thread would do next
+    assert rx._ready is ready and len(rx._sched) == 1
+    assert await within(rx.recv()) == 1
+    tx.close()
+    rx.close()
 
 
 async def test_rpc_caller_on_other_engine():

@@ -198,6 +198,37 @@ async def test_a_call_is_one_frame_each_way(runtime_dir: Path):
         await close_all(a, b)
 
 
+async def test_plain_messages_go_from_the_engine_to_the_link(runtime_dir: Path, monkeypatch: Any):
+    """Over a real connection: once linked, a plain message goes from the
+    engine straight to the link (``Engine.links`` is the node's own table;
+    issue 24: no outbox call per message); before, the node's outbox takes
+    it (queued while connecting) and it still arrives, in order."""
+    via_outbox: list[bytes] = []
+    send_data = Node.send_data
+
+    def spy(self: Node, node: bytes, port: bytes, seq: int, kind: int, body: bytes) -> None:
+        via_outbox.append(node)
+        send_data(self, node, port, seq, kind, body)
+
+    monkeypatch.setattr(Node, "send_data", spy)
+    a, b = nodes(runtime_dir, 2)
+    try:
+        assert a.engine.links is a.links
+        pa, pb = link(a, b)
+        pa.send("first")  # not linked yet
+        assert via_outbox == [b.id]
+        assert await asyncio.wait_for(pb.recv(), 10) == "first"
+        ca = a.links[b.id]
+        before, outbox = ca.frames_out, len(via_outbox)
+        for i in range(5):
+            pa.send(i)
+        assert [await asyncio.wait_for(pb.recv(), 10) for _ in range(5)] == list(range(5))
+        assert ca.frames_out - before == 5
+        assert len(via_outbox) == outbox  # none through the outbox
+    finally:
+        await close_all(a, b)
+
+
 async def test_a_node_that_hangs_up_mid_handshake_is_retried_then_given_up(runtime_dir: Path):
     """A node under a flood sheds connections (EOF mid-handshake): that is
     retried; only a node that keeps hanging up is deemed gone."""

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from memnet import Net, drain, end_of
 from meshipc import BufferFull, ChannelClosed, MessageError, NodeFailure, Port, PortFailed, ProtocolError
-from meshipc._ports import CHECKPOINT_MESSAGES, PORT_BYTES
+from meshipc._ports import CHECKPOINT_MESSAGES, NO_QUEUE, PORT_BYTES
 from meshipc._ports import PROXY as PROXY_MODE
 from meshipc._wire import FailEvent
 
@@ -38,6 +38,31 @@ def test_two_engines_deliver_then_close():
     net.run()
     assert drain(b) == [{"i": i} for i in range(100)]
     assert end_of(b) is ChannelClosed
+    b.close()
+    net.run()
+    assert net.live_ports() == 0
+
+
+def test_plain_messages_take_the_link_and_idle_ends_hold_no_queue():
+    """A plain message to a node the engine has a link for goes straight to
+    that link's ``write_data`` (issue 24: no outbox call per send), else to
+    the outbox; an end nothing was queued on shares the empty ``NO_QUEUE``
+    (an idle end holds no deque) until its first message."""
+    net = Net(2)
+    a, b = net.pair(0, 1)
+    sa, sb = a._states[0], b._states[0]
+    assert sa.queue is NO_QUEUE and sb.queue is NO_QUEUE
+    for i in range(3):
+        a.send(i)
+    assert net.link_writes == 3
+    net.engines[0].links = {}  # not linked (connecting, say): the outbox takes it
+    a.send(3)
+    assert net.link_writes == 3
+    net.run()
+    assert sb.queue is not NO_QUEUE
+    assert drain(b) == [0, 1, 2, 3]
+    assert sa.queue is NO_QUEUE and len(NO_QUEUE) == 0
+    a.close()
     b.close()
     net.run()
     assert net.live_ports() == 0

@@ -19,7 +19,8 @@ def random_id() -> bytes:
         return _pool.popleft()  # atomic: safe from any thread
     except IndexError:
         raw = os.urandom(ID_LEN * _POOL_IDS)
-        _pool.extend(raw[i : i + ID_LEN] for i in range(ID_LEN, len(raw), ID_LEN))
+        # a list, not a generator: one Python frame per refill, not one per id
+        _pool.extend([raw[i : i + ID_LEN] for i in range(ID_LEN, len(raw), ID_LEN)])
         return raw[:ID_LEN]
 
 

@@ -205,6 +205,7 @@ class Node:
         self.engine.post = self.loop.call_soon_threadsafe
         self.path = node_path(self.directory, self.id)
         self._links: dict[bytes, Link] = {}
+        self.engine.links = self._links  # shared: plain messages skip send_data
         #: the certificate each linked peer proved in its handshake
         self._peers: dict[bytes, Certificate] = {}
         self._reads = ReadBuffer()  # one for all links: they read one at a time

@@ -44,17 +44,19 @@ from ._ids import NodeId
 from ._names import body_directory, runtime_root
 from ._platform import PLATFORM, body_error
 from ._wire import (
+    DATA_HEAD,
+    DATA_HEAD_LEN,
     F_OOB,
     FD_BODY,
     MAX_FDS_PER_MESSAGE,
     MAX_OOB_BODY,
     OOB_THRESHOLD,
+    T_MSG,
     THREAD_BODY_MIN,
     Event,
     FdBody,
     FrameDecoder,
     MsgEvent,
-    data_frame,
     encode_event,
     encode_msg_header,
     fd_frame,
@@ -73,6 +75,7 @@ SCM_MAX_FD = 253
 #: more), so they still go out at once, with no extra loop turn.
 BURST_GAP: Final = 10e-6
 _monotonic = time.monotonic
+_pack_data_head = DATA_HEAD.pack
 
 #: Size of the reused read buffer. Small enough to stay out of glibc's mmap
 #: threshold trap (a fresh 256 KiB allocation per read), big enough for
@@ -376,7 +379,10 @@ class Link:
             self._write_batches()
 
     def write_data(self, port: bytes, seq: int, kind: int, body: bytes) -> None:
-        """A plain message (no ports, no fds): the hot path of ``write_event``."""
+        """A plain message (no ports, no fds): the hot path of ``write_event``,
+        the one Python frame between the engine and the socket (the frame is
+        packed here, not by ``_wire.data_frame``, and a lone message is sent
+        here)."""
         n = len(body)
         if n >= SEPARATE_BODY_MIN or self.closed or type(body) is FD_BODY:
             if type(body) is FD_BODY:
@@ -384,7 +390,7 @@ class Link:
             else:
                 self.write_event(MsgEvent(port, seq, kind, 0, [], 0, body), [])
             return
-        frame = data_frame(port, seq, kind, body)
+        frame = _pack_data_head(n + DATA_HEAD_LEN, T_MSG, port, seq, kind, 0, 0, 0) + body
         self.frames_out += 1
         if not self._flush_scheduled:
             if not (self._streaming or self._batches or self._writing or self._in_read_batch):
@@ -393,7 +399,17 @@ class Link:
                     # nothing queued, no stream going, nothing sent just now:
                     # out at once, no loop turn (a call's request or reply)
                     self._last_immediate = now
-                    self._send_now(frame)
+                    try:
+                        sent = self.sock.send(frame)
+                    except (BlockingIOError, InterruptedError):
+                        sent = 0
+                    except OSError as exc:
+                        self._send_failed(exc)
+                        return
+                    self.writes += 1
+                    self.bytes_out += sent
+                    if sent < len(frame):
+                        self._send_rest(frame, sent)
                     return
             # a burst: this and what follows in the turn go out in one write
             self._flush_scheduled = True
@@ -411,24 +427,19 @@ class Link:
             return
         self._add(fd_frame(port, seq, kind, len(fds), raw), fds)
 
-    def _send_now(self, data: bytes) -> None:
-        try:
-            n = self.sock.send(data)
-        except (BlockingIOError, InterruptedError):
-            n = 0
-        except OSError as exc:
-            # not from here: this runs inside a send (or the engine's own
-            # processing), which must not see the peer fail under it
-            self.loop.call_soon(self._drain_then_lose, f"write failed: {exc}")
-            return
-        self.writes += 1
-        self.bytes_out += n
-        if n < len(data):
-            self._batches.append((memoryview(data)[n:], []))
-            self.backlog += len(data) - n
-            self._writing = True
-            self._watching_writable = True
-            self.loop.add_writer(self.sock.fileno(), self._on_writable)
+    def _send_failed(self, exc: OSError) -> None:
+        # not from here: this runs inside a send (or the engine's own
+        # processing), which must not see the peer fail under it
+        self.loop.call_soon(self._drain_then_lose, f"write failed: {exc}")
+
+    def _send_rest(self, data: bytes, n: int) -> None:
+        """The socket took ``n`` bytes of ``data`` written at once: the rest
+        waits for room, and what follows queues behind it."""
+        self._batches.append((memoryview(data)[n:], []))
+        self.backlog += len(data) - n
+        self._writing = True
+        self._watching_writable = True
+        self.loop.add_writer(self.sock.fileno(), self._on_writable)
 
     def _add(self, data: bytes, fds: list[Any]) -> None:
         if fds:
@@ -587,11 +598,16 @@ class Link:
         self._lost(reason)
 
     def _on_readable(self) -> None:
-        self._in_read_batch = True
+        # _read_once, inlined (a frame per read)
+        reads = self._reads
+        shared = not reads.busy  # (re-entered from a callback: a buffer of its own)
+        self._in_read_batch = reads.busy = True
         try:
-            self._read_once()
+            self._read_into(reads.view if shared else memoryview(bytearray(READ_SIZE)))
         finally:
             self._in_read_batch = False
+            if shared:
+                reads.busy = False
         # answer a batch of reads right away instead of waiting a loop turn
         if self._flush_scheduled and not self.closed:
             self.flush()
