@@ -20,13 +20,16 @@ from meshipc._wire import FailEvent
 def test_local_pair_delivers_and_leaves_nothing():
     a, b = Port.pair()
     eng = a._states[0].engine
+    ids = {a._states[0].id, b._states[0].id}
+    assert ids <= eng.ports.keys()
     a.send(1)
     a.send("two")
     assert drain(b) == [1, "two"]
     a.close()
     assert end_of(b) is ChannelClosed
     b.close()
-    assert not eng.ports
+    # the process's default engine: other tests in this process may hold ports in it
+    assert not ids & eng.ports.keys()
 
 
 def test_two_engines_deliver_then_close():
