@@ -163,10 +163,12 @@ async def _circulate(
                 except TimeoutError:
                     raise AssertionError(f"no progress for 30 s: {r.describe(kill)}") from None
                 continue
-            for i in range(sent, min(total, sent + BATCH)):
-                a.send(i)
-            sent = min(total, sent + BATCH)
             try:
+                # a send raises too once the port failed under values sent
+                # earlier (they may not have arrived), as drain reports it
+                for i in range(sent, min(total, sent + BATCH)):
+                    a.send(i)
+                sent = min(total, sent + BATCH)
                 await _drain(a)
             except (PortFailed, ChannelClosed) as exc:
                 if isinstance(exc, ChannelClosed) and sent >= total:
