@@ -9,9 +9,11 @@ Real processes: ``sync_client.py`` (a blocking client) and ``compat_peers.py``
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import struct
 import threading
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -43,38 +45,41 @@ def _calls(conn: meshipc.sync.SyncConnection, n: int) -> tuple[list[Any], set[in
     return replies, drivers
 
 
-async def test_a_call_is_written_and_read_by_the_calling_thread(runtime_dir: Path) -> None:
+@contextlib.asynccontextmanager
+async def attached(runtime_dir: Path) -> AsyncIterator[meshipc.sync.SyncConnection]:
+    """A blocking connection to ``test_reconnect.service``'s "svc", closed afterwards."""
     async with service(runtime_dir) as (_mesh, _echo):
         conn = await asyncio.to_thread(meshipc.sync.connect, "svc", runtime_dir=runtime_dir)
         try:
-            before = conn.stats()
-
-            def run() -> tuple[list[Any], set[int], int]:
-                replies, drivers = _calls(conn, 20)
-                return replies, drivers, threading.get_ident()
-
-            replies, drivers, me = await within(asyncio.to_thread(run))
-            assert replies == list(range(20))
-            assert drivers == {me}  # the loop ran in the calling thread, not the portal's
-            after = conn.stats()
-            assert after.driven - before.driven == 40 and after.handed == before.handed == 0
+            yield conn
         finally:
             await asyncio.to_thread(conn.close)
+
+
+async def test_a_call_is_written_and_read_by_the_calling_thread(runtime_dir: Path) -> None:
+    async with attached(runtime_dir) as conn:
+        before = conn.stats()
+
+        def run() -> tuple[list[Any], set[int], int]:
+            replies, drivers = _calls(conn, 20)
+            return replies, drivers, threading.get_ident()
+
+        replies, drivers, me = await within(asyncio.to_thread(run))
+        assert replies == list(range(20))
+        assert drivers == {me}  # the loop ran in the calling thread, not the portal's
+        after = conn.stats()
+        assert after.driven - before.driven == 40 and after.handed == before.handed == 0
 
 
 async def test_a_blocking_call_from_inside_the_loop_it_drives_is_refused(runtime_dir: Path) -> None:
-    async with service(runtime_dir) as (_mesh, _echo):
-        conn = await asyncio.to_thread(meshipc.sync.connect, "svc", runtime_dir=runtime_dir)
-        try:
+    async with attached(runtime_dir) as conn:
 
-            async def nested() -> Any:
-                return conn.call("echo", 1, timeout=STEP)  # blocking, on the loop's own thread
+        async def nested() -> Any:
+            return conn.call("echo", 1, timeout=STEP)  # blocking, on the loop's own thread
 
-            with pytest.raises(meshipc.MeshError, match="would deadlock"):
-                await within(asyncio.to_thread(conn._portal.call, nested))
-            assert await within(asyncio.to_thread(conn.call, "echo", 2, STEP)) == 2
-        finally:
-            await asyncio.to_thread(conn.close)
+        with pytest.raises(meshipc.MeshError, match="would deadlock"):
+            await within(asyncio.to_thread(conn._portal.call, nested))
+        assert await within(asyncio.to_thread(conn.call, "echo", 2, STEP)) == 2
 
 
 async def test_between_calls_the_portal_thread_drives_and_sees_the_service_go(runtime_dir: Path) -> None:
@@ -123,14 +128,10 @@ async def test_a_service_killed_mid_call_fails_the_call_with_node_failure(runtim
 
 
 async def test_a_timeout_leaves_the_connection_usable(runtime_dir: Path) -> None:
-    async with service(runtime_dir) as (_mesh, _echo):
-        conn = await asyncio.to_thread(meshipc.sync.connect, "svc", runtime_dir=runtime_dir)
-        try:
-            with pytest.raises(TimeoutError):
-                await within(asyncio.to_thread(conn.call, "echo", "hold", 0.2))
-            assert await within(asyncio.to_thread(conn.call, "echo", 5, STEP)) == 5
-        finally:
-            await asyncio.to_thread(conn.close)
+    async with attached(runtime_dir) as conn:
+        with pytest.raises(TimeoutError):
+            await within(asyncio.to_thread(conn.call, "echo", "hold", 0.2))
+        assert await within(asyncio.to_thread(conn.call, "echo", 5, STEP)) == 5
 
 
 async def test_eight_threads_at_once_each_get_their_own_replies(runtime_dir: Path) -> None:

@@ -110,7 +110,7 @@ async def test_the_worker_takes_the_callers_state_at_spawn_time(
     """The zygote runs already (eager); what the caller changes afterwards
     (environment, current directory, umask, import path) is the worker's."""
     async with meshipc.Mesh(runtime_dir=runtime_dir, zygote="eager") as mesh:
-        assert mesh._zygote.pid is not None  # started on enter
+        assert mesh.stats().zygote.pid is not None  # started on enter
         monkeypatch.setenv("MESHIPC_TEST_MARK", "set after the zygote started")
         monkeypatch.chdir(tmp_path)
         extra = tmp_path / "extra"
@@ -123,7 +123,7 @@ async def test_the_worker_takes_the_callers_state_at_spawn_time(
         finally:
             os.umask(old)
         report = await within(rx.recv(), 30)
-        assert proc.start_method == "zygote" and report["ppid"] == mesh._zygote.pid
+        assert proc.start_method == "zygote" and report["ppid"] == mesh.stats().zygote.pid
         assert report["mark"] == "set after the zygote started"
         assert report["cwd"] == str(tmp_path)
         assert report["umask"] == 0o027
@@ -160,7 +160,7 @@ async def test_the_workers_module_is_imported_in_the_worker_not_the_zygote(
             seen.append(await within(rx.recv(), 30))
             assert proc.start_method == "zygote"
             assert await within(proc.wait(), 30) == 0
-        assert seen == ["one", "two"] and mesh._zygote.starts == 1
+        assert seen == ["one", "two"] and mesh.stats().zygote.starts == 1
 
 
 @needs_fork
@@ -175,7 +175,7 @@ async def test_no_descriptor_leaks_into_the_zygote_or_its_workers(runtime_dir: P
             proc = await mesh.spawn("workers:report_state", tx)
             report = await within(rx.recv(), 30)
             assert await within(proc.wait(), 30) == 0
-            zfds = fds_of(mesh._zygote.pid)
+            zfds = fds_of(mesh.stats().zygote.pid)
             # the zygote: standard descriptors, its end of the pair, its wake-up pipe
             assert sorted(zfds) == [0, 1, 2, *sorted(set(zfds) - {0, 1, 2})] and len(zfds) == 6
             assert sum(v.startswith("socket:") for k, v in zfds.items() if k > 2) == 1
@@ -207,7 +207,7 @@ async def test_a_killed_zygote_takes_its_workers_and_the_next_spawn_starts_anoth
         tx, rx = meshipc.channel()
         first = await mesh.spawn("workers:idle", tx)
         assert await within(rx.recv(), 30) == first.pid
-        old = mesh._zygote.pid
+        old = mesh.stats().zygote.pid
         assert old is not None
         os.kill(old, signal.SIGKILL)
         assert await within(first.wait(), 30) == LOST_STATUS  # it ended with its zygote
@@ -217,7 +217,7 @@ async def test_a_killed_zygote_takes_its_workers_and_the_next_spawn_starts_anoth
         second = await mesh.spawn("workers:whoami", rx)
         assert (await within(tx.call("hi"), 30))[0] == second.pid
         assert second.start_method == "zygote"
-        assert mesh._zygote.pid not in (None, old) and mesh._zygote.starts == 2
+        assert mesh.stats().zygote.pid not in (None, old) and mesh.stats().zygote.starts == 2
 
 
 @needs_fork
@@ -230,8 +230,8 @@ async def test_after_too_many_zygote_deaths_workers_are_execd(
         tx, rx = meshipc.channel()
         proc = await mesh.spawn("workers:idle", tx)
         await within(rx.recv(), 30)
-        assert mesh._zygote.pid is not None
-        os.kill(mesh._zygote.pid, signal.SIGKILL)
+        assert mesh.stats().zygote.pid is not None
+        os.kill(mesh.stats().zygote.pid, signal.SIGKILL)
         await within(proc.wait(), 30)
         assert "workers are exec'd from now on" in caplog.text
         tx, rx = meshipc.channel()
@@ -247,17 +247,17 @@ async def test_opting_out_and_the_portable_mode_exec_workers(
         tx, rx = meshipc.channel()
         proc = await mesh.spawn("workers:whoami", rx, start="exec")
         assert proc.start_method == "exec" and ppid(proc.pid) == os.getpid()
-        assert mesh._zygote.starts == 0
+        assert mesh.stats().zygote.starts == 0
         with pytest.raises(ValueError, match="start must be"):
             await mesh.spawn("workers:whoami", rx, start="fork")  # type: ignore[call-overload]
     async with meshipc.Mesh(runtime_dir=runtime_dir, zygote="off") as mesh:
         tx, rx = meshipc.channel()
         proc = await mesh.spawn("workers:whoami", rx)
-        assert proc.start_method == "exec" and mesh._zygote.starts == 0
+        assert proc.start_method == "exec" and mesh.stats().zygote.starts == 0
     # where forking is not safe (the portable mode runs macOS's code paths)
     monkeypatch.setattr(meshipc._zygote, "PLATFORM", Portable())
     async with meshipc.Mesh(runtime_dir=runtime_dir, zygote="eager") as mesh:
-        assert mesh._zygote.starts == 0
+        assert mesh.stats().zygote.starts == 0
         tx, rx = meshipc.channel()
         proc = await mesh.spawn("workers:whoami", rx)
         assert proc.start_method == "exec"
@@ -275,7 +275,7 @@ async def main():
             tx, rx = meshipc.channel()
             await mesh.spawn("workers:idle", tx)
             pids.append(await rx.recv())
-        print(json.dumps({"zygote": mesh._zygote.pid, "workers": pids}), flush=True)
+        print(json.dumps({"zygote": mesh.stats().zygote.pid, "workers": pids}), flush=True)
         await asyncio.Event().wait()  # until killed
 asyncio.run(main())
 """
@@ -364,7 +364,7 @@ async def test_a_zygote_that_never_gets_ready_is_stopped_and_the_worker_execd(
     async with meshipc.Mesh(runtime_dir=runtime_dir) as mesh:
         tx, rx = meshipc.channel()
         proc = await within(mesh.spawn("workers:whoami", rx), 60)
-        assert proc.start_method == "exec" and mesh._zygote.fallbacks == 1
+        assert proc.start_method == "exec" and mesh.stats().zygote.fallbacks == 1
         assert (await within(tx.call(1), 30))[0] == proc.pid
         assert "the zygote did not get ready within 0.5 s" in caplog.text
-        assert mesh._zygote.pid is None  # stopped
+        assert mesh.stats().zygote.pid is None  # stopped

@@ -58,7 +58,15 @@ from ._service import Service
 from ._tls import TCP_TIMEOUT, TlsAuthority
 from ._tlslisten import TlsListener
 from ._trace import notice_otel
-from ._zygote import ZYGOTE_MODES, StartMethod, Zygote, ZygoteMode, ZygoteUnavailable, forks_safely
+from ._zygote import (
+    ZYGOTE_MODES,
+    StartMethod,
+    Zygote,
+    ZygoteMode,
+    ZygoteStats,
+    ZygoteUnavailable,
+    forks_safely,
+)
 
 if TYPE_CHECKING:
     from ._channel import Port, Receiver
@@ -161,6 +169,8 @@ class MeshStats:
     listeners: tuple[ListenerStats, ...]
     #: spawned workers still running
     workers: int
+    #: the fork server its workers start from (``Mesh(zygote=)``)
+    zygote: ZygoteStats
 
 
 class Mesh(ControlPlane):
@@ -651,6 +661,7 @@ class Mesh(ControlPlane):
             node=self._node.stats(),
             listeners=tuple(x.stats() for x in self._extras if isinstance(x, Listener)),
             workers=len(self._children),
+            zygote=self._zygote.stats(),
         )
 
     # ------------------------------------------------------------ control plane

@@ -49,6 +49,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import gc
 import logging
 import os
@@ -344,11 +345,25 @@ _BOOTSTRAP = (
 )
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class ZygoteStats:
+    """The fork server of a node (``MeshStats.zygote``)."""
+
+    #: the running zygote's pid (None: none runs)
+    pid: int | None
+    #: zygotes started (more than one: one died and was replaced)
+    starts: int
+    #: workers it forked
+    forks: int
+    #: spawns that asked for the zygote and were exec'd instead (it was unusable)
+    fallbacks: int
+
+
 class Zygote:
     """The node's handle on its zygote: started on first use (``fork``),
     restarted after it died (``ZYGOTE_STARTS`` in all), closed with the
-    node. ``stats()``-style counters: ``forks`` (workers it forked),
-    ``starts`` (zygotes started), ``fallbacks`` (spawns exec'd instead)."""
+    node. Counters: ``forks`` (workers it forked), ``starts`` (zygotes
+    started), ``fallbacks`` (spawns exec'd instead); ``stats()``."""
 
     def __init__(self) -> None:
         self._popen: subprocess.Popen[bytes] | None = None
@@ -364,6 +379,9 @@ class Zygote:
         self.forks = 0
         self.starts = 0
         self.fallbacks = 0
+
+    def stats(self) -> ZygoteStats:
+        return ZygoteStats(self.pid, self.starts, self.forks, self.fallbacks)
 
     @property
     def usable(self) -> bool:
